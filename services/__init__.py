@@ -1,0 +1,1 @@
+"""tandem's gRPC services: the styler (tokenizer, chat templates) and the model worker."""

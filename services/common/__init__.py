@@ -1,0 +1,1 @@
+"""Pieces every tandem service shares: config, gRPC bootstrap, logging."""

@@ -1,0 +1,166 @@
+"""The grpc.aio server bootstrap every tandem service uses.
+
+    server = GrpcServer("unix:/tmp/w.sock", grace_s=30)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server.server)
+    server.add_service_name("tandem.v1.Worker")
+    await server.start()                 # health SERVING, reflection on
+    await server.serve_until_signal()    # SIGTERM/SIGINT: drain, then return
+
+Addresses are `host:port` (port 0 picks a free one; `bound_address` tells which) or
+`unix:/path/to.sock`. On SIGTERM or SIGINT the server turns its health to NOT_SERVING (so
+routers and Kubernetes probes stop sending work), stops accepting new rpcs, lets in-flight ones
+(streams included) finish within the grace period, cancels what is left, and returns, so the
+process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Generous message size: FetchKV chunks and long prompts exceed gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+GRPC_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+
+def is_unix_address(address: str) -> bool:
+    return address.startswith("unix:")
+
+
+class GrpcServer:
+    """A grpc.aio server with health, reflection and graceful shutdown."""
+
+    def __init__(
+        self,
+        address: str,
+        grace_s: float = 30.0,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        server_credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.address = address
+        self.grace_s = grace_s
+        self.server = grpc.aio.server(interceptors=list(interceptors), options=list(GRPC_OPTIONS))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._credentials = server_credentials
+        self._service_names: list[str] = []
+        self._bound_port = 0
+        self._stop_event = asyncio.Event()
+        self._on_drain: list[Callable[[], Awaitable[None]]] = []
+
+    def add_service_name(self, full_name: str) -> None:
+        """Register a service name for health and reflection (call once per servicer added)."""
+        self._service_names.append(full_name)
+
+    def on_drain(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` after health turns NOT_SERVING and before the server stops."""
+        self._on_drain.append(callback)
+
+    @property
+    def bound_address(self) -> str:
+        """The address clients should use (the real port when 0 was asked)."""
+        if is_unix_address(self.address):
+            return self.address
+        host = self.address.rsplit(":", 1)[0]
+        if host in ("0.0.0.0", "[::]", "::", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self._bound_port}"
+
+    async def start(self) -> None:
+        if is_unix_address(self.address):
+            path = self.address.removeprefix("unix:").removeprefix("//")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        names = [*self._service_names, reflection.SERVICE_NAME, health.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        if self._credentials is not None:
+            self._bound_port = self.server.add_secure_port(self.address, self._credentials)
+        else:
+            self._bound_port = self.server.add_insecure_port(self.address)
+        if self._bound_port == 0 and not is_unix_address(self.address):
+            raise OSError(f"could not bind gRPC server to {self.address}")
+        await self.server.start()
+        await self.set_serving(True)
+        log.info("gRPC server listening on %s (%s)", self.bound_address, ", ".join(self._service_names))
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    def request_stop(self) -> None:
+        """Ask `serve_until_signal` to drain and return (what SIGTERM does)."""
+        self._stop_event.set()
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, run drain callbacks, refuse new rpcs, finish in-flight ones within grace."""
+        await self.set_serving(False)
+        for callback in self._on_drain:
+            await callback()
+        await self.server.stop(self.grace_s)
+        log.info("gRPC server on %s stopped", self.bound_address)
+
+    async def serve_until_signal(self) -> None:
+        """Serve until SIGTERM / SIGINT (or `request_stop`), then drain and return."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._stop_event.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.remove_signal_handler(sig)
+        await self.stop()
+
+
+def install_event_loop_policy() -> None:
+    """Use uvloop when it is installed (it is a dependency on Linux and macOS)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run(main: Callable[[], Awaitable[None]]) -> int:
+    """Run an async service main on uvloop and return exit status 0 after a graceful stop."""
+    install_event_loop_policy()
+    asyncio.run(main())
+    return 0
+
+
+async def wait_for_serving(address: str, timeout_s: float, service: str = "") -> None:
+    """Poll the standard health check of `address` until SERVING; raise TimeoutError otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    last_error = "no answer"
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last_error = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.aio.AioRpcError as exc:
+                last_error = f"{exc.code().name}: {exc.details()}"
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f}s ({last_error})")
+            await asyncio.sleep(0.1)

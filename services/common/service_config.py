@@ -1,0 +1,24 @@
+"""Options every gRPC service shares (listen address, logging, drain)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Options shared by every tandem gRPC service."""
+
+    address: str = "127.0.0.1:0"
+    """gRPC listen address: host:port (port 0 picks a free port) or unix:/path/to.sock."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level."""
+    log_format: Literal["text", "json"] = "text"
+    """Log line format: text for people, json (one object per line) for log pipelines."""
+    drain_timeout: float = 30.0
+    """Seconds in-flight requests get to finish after SIGTERM before the service exits."""
+
+    def __post_init__(self) -> None:
+        if self.drain_timeout < 0:
+            raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")

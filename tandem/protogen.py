@@ -1,0 +1,63 @@
+"""Generate the Python gRPC modules `tandem.v1.*_pb2` from `protos/tandem/v1/*.proto`.
+
+Run as `python -m tandem.protogen` (the set-up script and the container build do). The generated
+code targets grpcio 1.84 / protobuf >= 7.35, the versions pinned in pyproject.toml and present on
+the GPU machines. `ensure_generated()` regenerates when a .proto is newer than its module, so a
+checkout whose protos changed never imports stale code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "protos"
+OUT_PACKAGE = ROOT / "tandem" / "v1"
+
+
+def proto_files() -> list[Path]:
+    return sorted((PROTO_DIR / "tandem" / "v1").glob("*.proto"))
+
+
+def is_stale() -> bool:
+    for proto in proto_files():
+        module = OUT_PACKAGE / f"{proto.stem}_pb2.py"
+        if not module.exists() or module.stat().st_mtime < proto.stat().st_mtime:
+            return True
+    return False
+
+
+def generate() -> None:
+    from grpc_tools import protoc  # imported here: only set-up needs grpcio-tools
+
+    OUT_PACKAGE.mkdir(parents=True, exist_ok=True)
+    (OUT_PACKAGE / "__init__.py").write_text('"""Generated from protos/tandem/v1 by tandem.protogen."""\n')
+    include = str(Path(protoc.__file__).parent / "_proto")
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{include}",
+        f"--python_out={ROOT}",
+        f"--pyi_out={ROOT}",
+        f"--grpc_python_out={ROOT}",
+        *[str(p) for p in proto_files()],
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed on {PROTO_DIR}")
+
+
+def ensure_generated() -> None:
+    """Generate the modules when missing or older than their .proto files."""
+    if is_stale():
+        generate()
+
+
+def main() -> int:
+    generate()
+    print(f"generated {len(proto_files())} protos into {OUT_PACKAGE.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
