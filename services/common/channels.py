@@ -1,0 +1,36 @@
+"""Client channels to tandem services.
+
+Every gRPC client in tandem (the gateway's clients, a decode worker fetching KV, `tandem up`'s
+health checks) opens its channel here, so that message limits, keepalive, TLS and tracing
+interceptors are set in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+from services.common.server import GRPC_OPTIONS
+
+CLIENT_OPTIONS: Sequence[tuple[str, int | str]] = (
+    *GRPC_OPTIONS,
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Dead workers must be noticed quickly so the router can take them out of rotation.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+
+def make_channel(
+    address: str,
+    credentials: grpc.ChannelCredentials | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+) -> grpc.aio.Channel:
+    """An asyncio channel to `address` (host:port or unix:/path)."""
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options=list(CLIENT_OPTIONS), interceptors=list(interceptors))
+    return grpc.aio.insecure_channel(address, options=list(CLIENT_OPTIONS), interceptors=list(interceptors))
