@@ -32,5 +32,7 @@ def make_channel(
 ) -> grpc.aio.Channel:
     """An asyncio channel to `address` (host:port or unix:/path)."""
     if credentials is not None:
-        return grpc.aio.secure_channel(address, credentials, options=list(CLIENT_OPTIONS), interceptors=list(interceptors))
+        return grpc.aio.secure_channel(
+            address, credentials, options=list(CLIENT_OPTIONS), interceptors=list(interceptors)
+        )
     return grpc.aio.insecure_channel(address, options=list(CLIENT_OPTIONS), interceptors=list(interceptors))

@@ -20,6 +20,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import itertools
 import os
 import sys
 import textwrap
@@ -50,7 +51,7 @@ def field_docs(cls: type) -> dict[str, str]:
         body = ast.parse(source).body[0]
         assert isinstance(body, ast.ClassDef)
         statements = body.body
-        for stmt, following in zip(statements, statements[1:], strict=False):
+        for stmt, following in itertools.pairwise(statements):
             if (
                 isinstance(stmt, ast.AnnAssign)
                 and isinstance(stmt.target, ast.Name)
@@ -93,7 +94,9 @@ def convert(value: str, tp: Any, name: str) -> Any:
     if origin is Literal:
         choices = get_args(inner)
         if value not in choices:
-            raise ConfigError(f"{name}: invalid choice {value!r} (choose from {', '.join(map(str, choices))})")
+            raise ConfigError(
+                f"{name}: invalid choice {value!r} (choose from {', '.join(map(str, choices))})"
+            )
         return value
     if inner is bool:
         lowered = value.strip().lower()
@@ -152,7 +155,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 default=None,
                 metavar=f.name.upper().removesuffix("S"),
                 type=_argparse_type(item_tp, opt),
-                help=help_text + " (repeat the option, or comma-separate values in the env var)"
+                help=help_text
+                + " (repeat the option, or comma-separate values in the env var)"
                 + f" (default: {default!r})",
             )
         else:
@@ -189,14 +193,17 @@ def _default_of(f: dataclasses.Field[Any]) -> Any:
 
 
 def config_from_namespace(
-    cls: type[T], namespace: argparse.Namespace, env: Mapping[str, str] | None = None, given: set[str] | None = None
+    cls: type[T],
+    namespace: argparse.Namespace,
+    env: Mapping[str, str] | None = None,
+    given: set[str] | None = None,
 ) -> T:
     """Build the dataclass from parsed options, applying environment overrides to options not given."""
     env = os.environ if env is None else env
     given = given or set()
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         value = getattr(namespace, f.name)
         if f.name not in given and env_name(f.name) in env:
             value = convert(env[env_name(f.name)], hints[f.name], env_name(f.name))

@@ -8,9 +8,9 @@
 
 Addresses are `host:port` (port 0 picks a free one; `bound_address` tells which) or
 `unix:/path/to.sock`. On SIGTERM or SIGINT the server turns its health to NOT_SERVING (so
-routers and Kubernetes probes stop sending work), stops accepting new rpcs, lets in-flight ones
-(streams included) finish within the grace period, cancels what is left, and returns, so the
-process exits 0.
+routers and Kubernetes probes stop sending work), refuses new rpcs with UNAVAILABLE while health
+checks keep answering (services/common/drain.py), lets in-flight ones (streams included) finish
+within the grace period, cancels what is left, and returns, so the process exits 0.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.common.drain import DrainInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,8 @@ class GrpcServer:
     ) -> None:
         self.address = address
         self.grace_s = grace_s
-        self.server = grpc.aio.server(interceptors=list(interceptors), options=list(GRPC_OPTIONS))
+        self.drain = DrainInterceptor()
+        self.server = grpc.aio.server(interceptors=[self.drain, *interceptors], options=list(GRPC_OPTIONS))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._credentials = server_credentials
@@ -109,11 +113,23 @@ class GrpcServer:
         self._stop_event.set()
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, run drain callbacks, refuse new rpcs, finish in-flight ones within grace."""
+        """Drain: NOT_SERVING, refuse new rpcs, let in-flight ones finish within grace, then stop.
+
+        Health checks keep answering (NOT_SERVING) during the drain, so routers see it.
+        """
         await self.set_serving(False)
+        self.drain.start_draining()
         for callback in self._on_drain:
             await callback()
-        await self.server.stop(self.grace_s)
+        if self.drain.in_flight:
+            log.info("draining %d in-flight rpc(s) for up to %.1fs", self.drain.in_flight, self.grace_s)
+        if not await self.drain.wait_idle(self.grace_s):
+            log.warning(
+                "%d rpc(s) still running after the %.1fs grace period; cancelling them",
+                self.drain.in_flight,
+                self.grace_s,
+            )
+        await self.server.stop(0.5)
         log.info("gRPC server on %s stopped", self.bound_address)
 
     async def serve_until_signal(self) -> None:
@@ -140,7 +156,7 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run(main: Callable[[], Awaitable[None]]) -> int:
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     """Run an async service main on uvloop and return exit status 0 after a graceful stop."""
     install_event_loop_policy()
     asyncio.run(main())

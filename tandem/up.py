@@ -1,0 +1,387 @@
+"""`tandem up`: the whole stack on one machine as local child processes.
+
+    styler  ── unix:<run dir>/styler.sock
+    worker  ── unix:<run dir>/worker-<i>.sock     (N of them with --workers N)
+    gateway ── http://HOST:PORT                   (talks to the others over the unix sockets)
+
+Children start in dependency order; `up` waits until each reports SERVING (gRPC health for the
+styler and workers, HTTP `/health` for the gateway), then prints the URL. Every child gets
+PR_SET_PDEATHSIG, so none outlives `up` even if `up` is killed with SIGKILL. On SIGTERM / SIGINT
+`up` stops the gateway first, then the rest (each drains), and exits 0. A child that dies on its
+own is restarted with exponential backoff (`--max-restarts` times within `--restart-window`
+seconds); past that `up` stops the rest and exits 1, printing the child's last log lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from services.common.config import parse_config
+from services.common.logging import setup_logging
+from services.common.server import install_event_loop_policy, wait_for_serving
+
+log = logging.getLogger("tandem.up")
+
+DEFAULT_MODEL = "./models/default"
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    """Start styler, worker(s) and gateway on this machine and serve the OpenAI API."""
+
+    model: str = DEFAULT_MODEL
+    """Hugging Face model directory (config.json, *.safetensors, tokenizer files)."""
+    host: str = "127.0.0.1"
+    """Address the gateway's HTTP server binds to."""
+    port: int = 8000
+    """Port of the gateway's HTTP server (OpenAI API)."""
+    grpc_port: int = 0
+    """Port of the gateway's public gRPC Inference API (0 = off)."""
+    workers: int = 1
+    """Number of unified model workers behind the gateway."""
+    disaggregate: bool = False
+    """Start one prefill and one decode worker instead of unified workers."""
+    device: str = "auto"
+    """Device for the workers: auto, cpu, cuda or cuda:N."""
+    worker_args: str = ""
+    """Extra options passed to every worker, as one shell-quoted string (e.g. "--max-num-seqs 64")."""
+    styler_args: str = ""
+    """Extra options passed to the styler, as one shell-quoted string."""
+    gateway_args: str = ""
+    """Extra options passed to the gateway, as one shell-quoted string (e.g. "--api-key sk-1")."""
+    run_dir: str = ""
+    """Folder for the unix sockets between the services ("" = a new temporary folder)."""
+    startup_timeout: float = 300.0
+    """Seconds each service gets to report SERVING."""
+    max_restarts: int = 5
+    """Restarts allowed per child within --restart-window before `up` gives up and exits 1."""
+    restart_window: float = 60.0
+    """Seconds over which --max-restarts is counted."""
+    log_level: str = "info"
+    """Log level of `up` and its children."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        for name in ("worker_args", "styler_args", "gateway_args"):
+            try:
+                shlex.split(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"--{name.replace('_', '-')}: {exc}") from None
+
+
+def _set_pdeathsig() -> None:
+    """In the child, before exec: die with SIGTERM when the parent (`up`) dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    """One service process `up` supervises."""
+
+    name: str
+    argv: list[str]
+    ready_check: str  # "grpc:<address>" or "http:<url>"
+    process: asyncio.subprocess.Process | None = None
+    last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=40))
+    restarts: deque[float] = field(default_factory=deque)
+    pump: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            preexec_fn=_set_pdeathsig,
+        )
+        self.pump = asyncio.create_task(self._pump_output())
+
+    async def _pump_output(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        while True:
+            raw = await self.process.stdout.readline()
+            if not raw:
+                return
+            line = raw.decode(errors="replace").rstrip()
+            self.last_lines.append(line)
+            sys.stderr.write(f"[{self.name}] {line}\n")
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        assert self.process is not None
+        kind, target = self.ready_check.split(":", 1)
+        probe = wait_for_serving(target, timeout_s) if kind == "grpc" else _wait_http_ok(target, timeout_s)
+        probe_task = asyncio.ensure_future(probe)
+        exit_task = asyncio.ensure_future(self.process.wait())
+        done, _ = await asyncio.wait({probe_task, exit_task}, return_when=asyncio.FIRST_COMPLETED)
+        if exit_task in done:
+            probe_task.cancel()
+            await self._drain_pump()
+            raise ChildFailed(self, f"exited with status {exit_task.result()} during start-up")
+        exit_task.cancel()
+        try:
+            probe_task.result()
+        except TimeoutError as exc:
+            raise ChildFailed(self, str(exc)) from None
+
+    async def _drain_pump(self) -> None:
+        if self.pump is not None:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(self.pump, 2.0)
+
+    async def stop(self, timeout_s: float) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop within %.0fs; killing it", self.name, timeout_s)
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+        await self._drain_pump()
+
+
+class ChildFailed(Exception):
+    def __init__(self, child: Child, reason: str) -> None:
+        super().__init__(f"{child.name} {reason}")
+        self.child = child
+
+
+async def _wait_http_ok(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while True:
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+                    last = f"HTTP {response.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                last = type(exc).__name__
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} not healthy after {timeout_s:.0f}s ({last})")
+            await asyncio.sleep(0.1)
+
+
+def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
+    """The child processes in start order (styler, workers, gateway)."""
+    tandem = [sys.executable, "-m", "tandem"]
+    common = ["--log-level", config.log_level]
+    styler_addr = f"unix:{run_dir / 'styler.sock'}"
+    children = [
+        Child(
+            "styler",
+            [
+                *tandem,
+                "styler",
+                "--model",
+                config.model,
+                "--address",
+                styler_addr,
+                *common,
+                *shlex.split(config.styler_args),
+            ],
+            f"grpc:{styler_addr}",
+        )
+    ]
+    roles = ["prefill", "decode"] if config.disaggregate else ["unified"] * config.workers
+    gateway_worker_args: list[str] = []
+    for i, role in enumerate(roles):
+        name = f"worker-{i}" if role == "unified" else f"{role}-worker"
+        address = f"unix:{run_dir / (name + '.sock')}"
+        role_args = [] if role == "unified" else ["--role", role]
+        children.append(
+            Child(
+                name,
+                [
+                    *tandem,
+                    "worker",
+                    "--model",
+                    config.model,
+                    "--address",
+                    address,
+                    "--device",
+                    config.device,
+                    *role_args,
+                    *common,
+                    *shlex.split(config.worker_args),
+                ],
+                f"grpc:{address}",
+            )
+        )
+        flag = {"unified": "--worker", "prefill": "--prefill-worker", "decode": "--decode-worker"}[role]
+        gateway_worker_args += [flag, address]
+    url_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    children.append(
+        Child(
+            "gateway",
+            [
+                *tandem,
+                "gateway",
+                "--host",
+                config.host,
+                "--port",
+                str(config.port),
+                "--grpc-port",
+                str(config.grpc_port),
+                "--styler",
+                styler_addr,
+                *gateway_worker_args,
+                *common,
+                *shlex.split(config.gateway_args),
+            ],
+            f"http:http://{url_host}:{config.port}/health",
+        )
+    )
+    return children
+
+
+class Supervisor:
+    """Starts the children, restarts crashed ones with backoff, stops them all on a signal."""
+
+    def __init__(self, config: UpConfig, children: list[Child]) -> None:
+        self.config = config
+        self.children = children
+        self.stopping = asyncio.Event()
+
+    async def start_all(self) -> None:
+        for child in self.children:
+            log.info("starting %s", child.name)
+            await child.start()
+            await child.wait_ready(self.config.startup_timeout)
+            log.info("%s is serving", child.name)
+
+    async def stop_all(self) -> None:
+        # Gateway first (stop taking requests), then the services behind it.
+        for child in reversed(self.children):
+            await child.stop(timeout_s=45.0)
+
+    async def supervise(self) -> None:
+        """Return when stopping is requested; raise ChildFailed when a child keeps crashing."""
+        while not self.stopping.is_set():
+            waits = {asyncio.ensure_future(c.process.wait()): c for c in self.children if c.process}
+            stop_wait = asyncio.ensure_future(self.stopping.wait())
+            done, _ = await asyncio.wait({*waits, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()
+            if stop_wait in done:
+                return
+            stop_wait.cancel()
+            for task, child in waits.items():
+                if task in done and not task.cancelled():
+                    await self._restart(child, task.result())
+
+    async def _restart(self, child: Child, status: int) -> None:
+        await child._drain_pump()
+        now = time.monotonic()
+        while child.restarts and now - child.restarts[0] > self.config.restart_window:
+            child.restarts.popleft()
+        if len(child.restarts) >= self.config.max_restarts:
+            raise ChildFailed(
+                child,
+                f"exited with status {status} and was restarted {len(child.restarts)} times"
+                f" within {self.config.restart_window:.0f}s; giving up",
+            )
+        child.restarts.append(now)
+        delay = min(0.5 * 2 ** (len(child.restarts) - 1), 10.0)
+        log.error("%s exited with status %s; restarting in %.1fs", child.name, status, delay)
+        for line in list(child.last_lines)[-5:]:
+            log.error("  %s| %s", child.name, line)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), delay)
+        if self.stopping.is_set():
+            return
+        await child.start()
+        try:
+            await child.wait_ready(self.config.startup_timeout)
+            log.info("%s is serving again", child.name)
+        except ChildFailed as exc:
+            log.error("%s", exc)
+
+
+async def run_up(config: UpConfig) -> int:
+    if (
+        not (Path(config.model) / "config.json").exists()
+        and not (Path(config.model) / "tokenizer.json").exists()
+    ):
+        print(model_missing_message(config.model), file=sys.stderr)
+        return 2
+    run_dir = Path(config.run_dir) if config.run_dir else Path(tempfile.mkdtemp(prefix="tandem-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    children = build_children(config, run_dir)
+    supervisor = Supervisor(config, children)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, supervisor.stopping.set)
+    status = 0
+    try:
+        start = asyncio.ensure_future(supervisor.start_all())
+        stop_wait = asyncio.ensure_future(supervisor.stopping.wait())
+        await asyncio.wait({start, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            stop_wait.cancel()
+            start.result()
+            url_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+            print(f"tandem is serving {config.model} at http://{url_host}:{config.port}/v1", flush=True)
+            await supervisor.supervise()
+        else:
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ChildFailed):
+                await start
+    except ChildFailed as exc:
+        status = 1
+        print(f"tandem up: {exc}; last log lines of {exc.child.name}:", file=sys.stderr)
+        for line in exc.child.last_lines:
+            print(f"  | {line}", file=sys.stderr)
+    finally:
+        await supervisor.stop_all()
+        if not config.run_dir:
+            for sock in run_dir.glob("*.sock"):
+                sock.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+    return status
+
+
+def model_missing_message(model: str) -> str:
+    return (
+        f"tandem up: no model at {model!r} (no config.json or tokenizer.json there).\n"
+        "Point tandem at a Hugging Face model directory of a supported architecture (Llama, Mistral,\n"
+        "Qwen2/2.5, Qwen3) with config.json, *.safetensors and tokenizer files:\n"
+        "  tandem up --model /path/to/model      or      export TANDEM_MODEL=/path/to/model\n"
+        "For example: huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir models/default"
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "tandem up") -> int:
+    config = parse_config(UpConfig, argv, prog)
+    setup_logging(config.log_level)
+    install_event_loop_policy()
+    return asyncio.run(run_up(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
