@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run the test suite (setting up .venv first when needed). Extra arguments go to pytest.
+# pytest's exit code 5 (no tests collected) is a failure here, not a pass.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/tandem ] || [ ! -d tandem/v1 ]; then
+  bash scripts/setup.sh || exit 1
+else
+  .venv/bin/python -m tandem.protogen >/dev/null || exit 1
+fi
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/python -m pytest -q "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+  echo "test.sh: pytest collected no tests; failing" >&2
+  exit 1
+fi
+exit "$status"
