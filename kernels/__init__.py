@@ -1,0 +1,72 @@
+"""The kernel API the worker calls: a bundle of pure functions chosen once per worker.
+
+`get_ops("reference", cpu)` gives the PyTorch twins in `kernels/reference.py`; `get_ops("triton", cuda)`
+gives the Triton kernels in `kernels/triton/` (each falling back to the reference where a shape is
+unsupported, e.g. head_dim < 16). "auto" picks triton on CUDA and reference elsewhere.
+Layouts and semantics: notes/kernel_api.md (repeated in each function's docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference
+from kernels.reference import build_rope_cache
+
+__all__ = ["BACKENDS", "KernelOps", "build_rope_cache", "get_ops"]
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """A bundle of kernel implementations; see notes/kernel_api.md for each signature."""
+
+    name: str  # "reference" | "triton"
+    # (key [T, Hkv, D], value [T, Hkv, D], kv_cache_layer [2, NB, BS, Hkv, D], slot_mapping [T] int64, -1 = skip)
+    write_kv_cache: Callable[..., None]
+    # (q [T, Hq, D], kv_cache_layer, block_tables [B, max_blocks] int32, cu_seqlens_q [B+1] int32,
+    #  seq_lens [B] int32, scale, max_seqlen_q) -> [T, Hq, D]
+    paged_attention: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., torch.Tensor]  # (x [T, H], weight [H], eps) -> [T, H]
+    # (x [T, H], residual [T, H], weight [H], eps) -> (normed [T, H], x + residual [T, H])
+    fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # (q [T, Hq, D], k [T, Hkv, D], positions [T] int64, cos_sin_cache [max_pos, D]) -> (q, k)
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_and_mul: Callable[..., torch.Tensor]  # (x [T, 2*I]) -> [T, I]
+
+
+REFERENCE_OPS = KernelOps(
+    name="reference",
+    write_kv_cache=reference.write_kv_cache,
+    paged_attention=reference.paged_attention,
+    rms_norm=reference.rms_norm,
+    fused_add_rms_norm=reference.fused_add_rms_norm,
+    rotary=reference.rotary,
+    silu_and_mul=reference.silu_and_mul,
+)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_ops(backend: str, device: torch.device | str) -> KernelOps:
+    """The kernel bundle for `backend` ("auto" | "triton" | "reference") on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention/kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "reference" or (backend == "auto" and (device.type != "cuda" or not _triton_available())):
+        return REFERENCE_OPS
+    if backend == "triton" and not _triton_available():
+        raise ValueError("backend 'triton' needs the triton package, which is not installed")
+    from kernels.triton import TRITON_OPS
+
+    return TRITON_OPS

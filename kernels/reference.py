@@ -1,0 +1,182 @@
+"""PyTorch reference twins of every kernel in `kernels/`.
+
+These are the numerical ground truth the Triton kernels are tested against, and the
+implementation the worker uses on the CPU. They favour clarity over speed, but stay
+vectorised where it is free so a CPU worker serving a tiny model is usable.
+
+Conventions (see notes/kernel_api.md):
+- KV cache layer view: [2, num_blocks, block_size, num_kv_heads, head_dim]; index 0 = K, 1 = V.
+  A token's slot is `block_id * block_size + offset`.
+- Every function computes in its input dtype, accumulating in fp32 where it matters
+  (softmax, norms, rotary), and returns tensors of the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [T, Hkv, D]
+    value: torch.Tensor,  # [T, Hkv, D]
+    kv_cache_layer: torch.Tensor,  # [2, NB, BS, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] int64; -1 = skip (padding tokens)
+) -> None:
+    """Scatter each token's K and V into its slot of the paged cache, in place."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache_layer.shape
+    assert key.shape == value.shape and key.shape[1:] == (num_kv_heads, head_dim), (key.shape, value.shape)
+    assert slot_mapping.shape == (key.shape[0],), slot_mapping.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    flat = kv_cache_layer.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0, slots] = key[keep].to(kv_cache_layer.dtype)
+    flat[1, slots] = value[keep].to(kv_cache_layer.dtype)
+
+
+def gather_kv(
+    kv_cache_layer: torch.Tensor,  # [2, NB, BS, Hkv, D]
+    block_table: torch.Tensor,  # [max_blocks] int32
+    seq_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `seq_len` K and V rows of one sequence, gathered from its blocks: ([S, Hkv, D], [S, Hkv, D])."""
+    block_size = kv_cache_layer.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    k = kv_cache_layer[0, blocks].flatten(0, 1)[:seq_len]
+    v = kv_cache_layer[1, blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    kv_cache_layer: torch.Tensor,  # [2, NB, BS, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor,  # [B+1] int32
+    seq_lens: torch.Tensor,  # [B] int32: cached + new tokens of each sequence
+    scale: float,
+    max_seqlen_q: int,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Causal attention of each sequence's new queries over its whole (paged) context.
+
+    Query i of sequence b sits at position seq_lens[b] - q_len_b + i and attends to every kv
+    position <= its own. GQA: q head h reads kv head h // (Hq // Hkv).
+    """
+    del max_seqlen_q  # only a launch-size hint for the kernels
+    num_tokens, num_q_heads = q.shape[0], q.shape[1]
+    num_kv_heads = kv_cache_layer.shape[3]
+    assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        start, end = cu[b], cu[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        assert seq_len >= q_len, f"sequence {b}: seq_len {seq_len} < q_len {q_len}"
+        k, v = gather_kv(kv_cache_layer, block_tables[b], seq_len)  # [S, Hkv, D]
+        qb = q[start:end].float().transpose(0, 1)  # [Hq, q_len, D]
+        kb = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, S, D]
+        vb = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = torch.matmul(qb, kb.transpose(1, 2)) * scale  # [Hq, q_len, S]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        mask = k_pos[None, :] > q_pos[:, None]  # [q_len, S]: future positions
+        scores.masked_fill_(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
+    if num_tokens > cu[-1]:
+        out[cu[-1] :] = 0  # padding rows past the last sequence
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) * weight, normalised in fp32 and multiplied by the weight in the input dtype (as HF does)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the residual stream update and the next norm in one pass."""
+    new_residual = x + residual
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def rotary(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    positions: torch.Tensor,  # [T] int64
+    cos_sin_cache: torch.Tensor,  # [max_pos, D]: cos in [:, :D/2], sin in [:, D/2:]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX / HF-Llama rotary embedding (rotate_half), returning new tensors."""
+    half = cos_sin_cache.shape[1] // 2
+    assert q.shape[-1] == 2 * half and k.shape[-1] == 2 * half, (q.shape, k.shape, cos_sin_cache.shape)
+    cs = cos_sin_cache[positions.long()].float()
+    cos = cs[:, None, :half]  # [T, 1, D/2]
+    sin = cs[:, None, half:]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[:, :I]) * x[:, I:] for x of shape [T, 2*I]."""
+    inter = x.shape[-1] // 2
+    return F.silu(x[..., :inter]) * x[..., inter:]
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [D/2] in fp32, exactly as transformers' rope init functions compute them."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = "default"
+    if scaling:
+        rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])  # type: ignore[index]
+    if rope_type == "llama3":
+        assert scaling is not None
+        factor = float(scaling["factor"])
+        low_freq_factor = float(scaling["low_freq_factor"])
+        high_freq_factor = float(scaling["high_freq_factor"])
+        old_context_len = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, inv_freq_llama)
+    raise NotImplementedError(
+        f"rope scaling type {rope_type!r} is not supported (default, linear, llama3 are)"
+    )
+
+
+def build_rope_cache(
+    head_dim: int,
+    max_position: int,
+    base: float,
+    scaling: dict[str, Any] | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> torch.Tensor:  # [max_position, head_dim]: cos in [:, :D/2], sin in [:, D/2:]
+    """The cos/sin table for `rotary`, computed in fp32 like HF's rotary embedding, then cast to `dtype`."""
+    inv_freq = rope_inv_freq(head_dim, base, scaling)
+    positions = torch.arange(max_position, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # [max_pos, D/2]
+    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    return cache.to(dtype=dtype, device=device)
