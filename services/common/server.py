@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.drain import DrainInterceptor
+from services.common.service_config import ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,19 @@ class GrpcServer:
         self._bound_port = 0
         self._stop_event = asyncio.Event()
         self._on_drain: list[Callable[[], Awaitable[None]]] = []
+
+    @classmethod
+    def from_config(
+        cls, config: ServiceConfig, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+    ) -> GrpcServer:
+        """A server on `config.address` draining for `config.drain_timeout`, with mutual TLS when set."""
+        tls = config.tls
+        return cls(
+            config.address,
+            grace_s=config.drain_timeout,
+            interceptors=interceptors,
+            server_credentials=tls.server_credentials() if tls else None,
+        )
 
     def add_service_name(self, full_name: str) -> None:
         """Register a service name for health and reflection (call once per servicer added)."""
