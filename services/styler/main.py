@@ -1,0 +1,57 @@
+"""`tandem styler --model DIR`: the tokenizer / chat-template service over gRPC."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from services.common.config import parse_config
+from services.common.logging import setup_logging
+from services.common.server import GrpcServer, run
+from services.styler.config import StylerConfig
+from services.styler.model_files import ModelFilesError
+from services.styler.rpc import SERVICE_NAME, StylerServicer, add_to_server
+from services.styler.styler import Styler, StylerOptions
+
+log = logging.getLogger("tandem.styler")
+
+
+def options_from_config(config: StylerConfig) -> StylerOptions:
+    return StylerOptions(
+        model=config.model,
+        model_name=config.model_name,
+        tool_parser=config.tool_parser,
+        reasoning_parser=config.reasoning_parser,
+        chat_template=config.chat_template,
+        render_timeout_s=config.render_timeout,
+        max_prompt_chars=config.max_prompt_chars,
+    )
+
+
+async def serve(config: StylerConfig, styler: Styler) -> None:
+    server = GrpcServer(config.address, grace_s=config.drain_timeout)
+    with ThreadPoolExecutor(max_workers=config.num_threads, thread_name_prefix="styler") as executor:
+        add_to_server(StylerServicer(styler, executor), server.server)
+        server.add_service_name(SERVICE_NAME)
+        await server.start()
+        await server.serve_until_signal()
+
+
+def main(argv: list[str], prog: str = "tandem styler") -> int:
+    config = parse_config(StylerConfig, argv, prog)
+    setup_logging(config.log_level, config.log_format, service="tandem.styler")
+    try:
+        styler = Styler.load(options_from_config(config))
+    except (ModelFilesError, ValueError) as exc:
+        log.error("cannot load the model: %s", exc)
+        return 1
+    info = styler.info()
+    log.info(
+        "loaded %s: vocab %d, chat template %s, tool parser %s, reasoning parser %s",
+        info.model_name,
+        info.vocab_size,
+        "yes" if info.has_chat_template else "no",
+        info.tool_parser or "none",
+        info.reasoning_parser or "none",
+    )
+    return run(lambda: serve(config, styler))

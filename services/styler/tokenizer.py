@@ -1,0 +1,246 @@
+"""The tokenizer: `tokenizers` plus the bits of `transformers` that change its results.
+
+`transformers` (not imported here) wraps a fast tokenizer and, on load, may replace its
+post-processor (from `add_bos_token` / `add_eos_token`), add named special tokens missing from
+the vocabulary, and on decode clean up spaces for non-BPE models. We redo exactly those steps so
+ids and text match `AutoTokenizer` while the serving path stays free of `transformers`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from tokenizers import AddedToken, processors
+from tokenizers import Tokenizer as HFTokenizer
+
+from services.styler.model_files import ModelFiles, token_text
+
+# The named special tokens `transformers` exposes as attributes and passes to chat templates.
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+_BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in of each byte -> the byte."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _clean_up_tokenization(text: str) -> str:
+    # transformers' PreTrainedTokenizerBase.clean_up_tokenization, verbatim.
+    return (
+        text.replace(" .", ".")
+        .replace(" ?", "?")
+        .replace(" !", "!")
+        .replace(" ,", ",")
+        .replace(" ' ", "'")
+        .replace(" n't", "n't")
+        .replace(" 'm", "'m")
+        .replace(" 's", "'s")
+        .replace(" 've", "'ve")
+        .replace(" 're", "'re")
+    )
+
+
+def _as_id_list(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """Static facts about a loaded tokenizer."""
+
+    vocab_size: int  # including added tokens
+    bos_token: str | None
+    eos_token: str | None
+    eos_token_ids: tuple[int, ...]  # tokenizer, config.json and generation_config.json, in that order
+    special_tokens: tuple[str, ...]  # named + extra + every added token flagged special
+    max_model_len: int  # 0 when unknown
+
+
+class Tokenizer:
+    """A fast tokenizer loaded from a model directory, behaving like `AutoTokenizer`."""
+
+    def __init__(self, files: ModelFiles) -> None:
+        self.files = files
+        config = files.tokenizer_config
+        self._tok = HFTokenizer.from_file(files.tokenizer_json)
+        self.special_tokens_map = self._resolve_special_tokens(files)
+        self.extra_special_tokens = self._resolve_extra_special_tokens(files)
+        self._add_missing_special_tokens()
+        self._update_post_processor(config)
+        self._tok.encode_special_tokens = bool(config.get("split_special_tokens", False))
+        self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and (
+            type(self._tok.model).__name__ != "BPE"
+        )
+        self._byte_level = "ByteLevel" in repr(self._tok.decoder)
+        added = self._tok.get_added_tokens_decoder()
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
+
+    @classmethod
+    def from_dir(cls, directory: str) -> Tokenizer:
+        return cls(ModelFiles.load(directory))
+
+    @staticmethod
+    def _resolve_special_tokens(files: ModelFiles) -> dict[str, str]:
+        """The `special_tokens_map` of transformers: named tokens plus model-specific `*_token` keys."""
+        config = files.tokenizer_config
+        result: dict[str, str] = {}
+        for key, value in config.items():
+            text = token_text(value)
+            if text is not None and key.endswith("_token"):
+                result[key] = text
+        extra = config.get("extra_special_tokens")
+        if isinstance(extra, dict):
+            for key, value in extra.items():
+                text = token_text(value)
+                if text is not None:
+                    result[key] = text
+        for key, value in files.special_tokens_map.items():
+            text = token_text(value)
+            if text is not None and key.endswith("_token") and not result.get(key):
+                result[key] = text
+        return result
+
+    @staticmethod
+    def _resolve_extra_special_tokens(files: ModelFiles) -> list[str]:
+        extra: list[str] = []
+        for source in (files.tokenizer_config, files.special_tokens_map):
+            for key in ("extra_special_tokens", "additional_special_tokens"):
+                values = source.get(key)
+                if isinstance(values, list):
+                    for value in values:
+                        text = token_text(value)
+                        if text is not None and text not in extra:
+                            extra.append(text)
+        return extra
+
+    def _add_missing_special_tokens(self) -> None:
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        missing = [
+            t for t in [*self.special_tokens_map.values(), *self.extra_special_tokens] if t not in vocab
+        ]
+        if missing:
+            self._tok.add_special_tokens([AddedToken(t, special=True) for t in dict.fromkeys(missing)])
+
+    def _update_post_processor(self, config: dict[str, Any]) -> None:
+        explicit = "add_bos_token" in config or "add_eos_token" in config
+        if not explicit and self._tok.post_processor is not None:
+            return
+        bos, eos = self.special_tokens_map.get("bos_token"), self.special_tokens_map.get("eos_token")
+        add_bos = bool(config.get("add_bos_token", False)) and bos is not None
+        add_eos = bool(config.get("add_eos_token", False)) and eos is not None
+        single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
+        pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+        special: list[tuple[str, int]] = []
+        if add_bos and bos is not None:
+            special.append((bos, self._require_id(bos)))
+        if add_eos and eos is not None:
+            special.append((eos, self._require_id(eos)))
+        self._tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=pair, special_tokens=special
+        )
+
+    def _require_id(self, token: str) -> int:
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"special token {token!r} is not in the vocabulary")
+        return int(token_id)
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self._tok.token_to_id(token)
+        return None if token_id is None else int(token_id)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def has_token(self, token: str) -> bool:
+        return self._tok.token_to_id(token) is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        text = self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return _clean_up_tokenization(text) if self._clean_up_spaces else str(text)
+
+    def check_ids(self, token_ids: Sequence[int]) -> None:
+        """Raise ValueError naming the first id outside the vocabulary."""
+        size = self.vocab_size
+        for token_id in token_ids:
+            if token_id >= size:
+                raise ValueError(f"token id {token_id} is out of range (vocabulary size {size})")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (possibly part of a UTF-8 character)."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        added = self._tok.get_added_tokens_decoder().get(token_id)
+        if added is not None:
+            return piece.encode("utf-8")
+        if self._byte_level:
+            table = _byte_decoder()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+            return piece.encode("utf-8")
+        match = _BYTE_TOKEN.match(piece)
+        if match:
+            return bytes([int(match.group(1), 16)])
+        return piece.replace("▁", " ").encode("utf-8")
+
+    def info(self) -> TokenizerInfo:
+        eos_ids: list[int] = []
+        eos = self.special_tokens_map.get("eos_token")
+        if eos is not None and (eos_id := self.token_to_id(eos)) is not None:
+            eos_ids.append(eos_id)
+        for source in (self.files.model_config, self.files.generation_config):
+            for token_id in _as_id_list(source.get("eos_token_id")):
+                if token_id not in eos_ids:
+                    eos_ids.append(token_id)
+        special = [*self.special_tokens_map.values(), *self.extra_special_tokens]
+        for _, added in sorted(self._tok.get_added_tokens_decoder().items()):
+            if added.special:
+                special.append(added.content)
+        return TokenizerInfo(
+            vocab_size=self.vocab_size,
+            bos_token=self.special_tokens_map.get("bos_token"),
+            eos_token=eos,
+            eos_token_ids=tuple(eos_ids),
+            special_tokens=tuple(dict.fromkeys(special)),
+            max_model_len=self.files.max_model_len(),
+        )
