@@ -1,0 +1,156 @@
+"""The aiohttp application: middlewares (request id, auth, errors, metrics) and the route table."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway.appkeys import CONTEXT, FINISH_REASON, REQUEST_ID
+from gateway.config import GatewayConfig
+from gateway.context import GatewayContext
+from gateway.errors import APIError
+from gateway.routes import health
+from services.common.logging import request_id_var
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Routes that need no API key (probes and scrapers).
+_OPEN_PATHS = {"/health", "/metrics", "/ping"}
+
+
+def _client_request_id(request: web.Request) -> str:
+    """The caller's X-Request-Id when it is a sane token (it ends up in logs and worker ids)."""
+    value = request.headers.get("X-Request-Id", "")
+    if 0 < len(value) <= 128 and all(c.isalnum() or c in "-_.:" for c in value):
+        return value
+    return ""
+
+
+def error_response(err: APIError) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers=err.headers())
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as OpenAI's envelope; nothing unexpected leaks a trace to the client."""
+    ctx = request.app[CONTEXT]
+    started = time.monotonic()
+    route = "unmatched"
+    if request.match_info.route.resource is not None:
+        route = request.match_info.route.resource.canonical
+    request_id = _client_request_id(request) or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    request_id_var.set(request_id)
+    status = 500
+    try:
+        try:
+            response = await handler(request)
+        except APIError as err:
+            response = error_response(err)
+        except web.HTTPRequestEntityTooLarge:
+            response = error_response(
+                APIError(
+                    413, f"request body is larger than --max-request-bytes ({ctx.config.max_request_bytes})"
+                )
+            )
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = exc.reason if exc.status != 404 else f"no route {request.method} {request.path}"
+            if exc.status == 405:
+                message = f"method {request.method} not allowed on {request.path}"
+            response = error_response(APIError(exc.status, message))
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            response = error_response(APIError(500, "internal server error", code="internal_error"))
+        status = response.status
+        if not response.prepared:
+            response.headers["X-Request-Id"] = request_id
+        return response
+    finally:
+        if route.startswith("/v1/") or route in ("/tokenize", "/detokenize"):
+            ctx.metrics.count_request(route, status, request.get(FINISH_REASON, ""))
+        if route in ("/v1/chat/completions", "/v1/completions") and status == 200:
+            ctx.metrics.e2e.observe(time.monotonic() - started)
+
+
+def auth_middleware(api_keys: list[str]) -> Middleware:
+    keys = [k.encode() for k in api_keys if k]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if keys and request.path not in _OPEN_PATHS:
+            header = request.headers.get("Authorization", "")
+            token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+            if not any(hmac.compare_digest(token, k) for k in keys):
+                raise APIError(
+                    401,
+                    "invalid or missing API key (send Authorization: Bearer <key>)",
+                    code="invalid_api_key",
+                )
+        return await handler(request)
+
+    return check
+
+
+@web.middleware
+async def body_size_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    limit = request.app[CONTEXT].config.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise APIError(
+            413,
+            f"request body of {request.content_length} bytes is larger than --max-request-bytes ({limit})",
+        )
+    return await handler(request)
+
+
+async def read_json(request: web.Request) -> dict[str, object]:
+    """The request's JSON object body, or a 400 saying what is wrong with it."""
+    raw = await request.read()
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def build_app(config: GatewayConfig) -> web.Application:
+    ctx = GatewayContext.create(config)
+    app = web.Application(
+        client_max_size=config.max_request_bytes,
+        middlewares=[errors_middleware, auth_middleware(config.api_key), body_size_middleware],
+    )
+    app[CONTEXT] = ctx
+
+    async def on_startup(_: web.Application) -> None:
+        await ctx.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await ctx.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_get("/health", health.health)
+    app.router.add_get("/metrics", health.metrics)
+    _add_generation_routes(app)
+    return app
+
+
+def _add_generation_routes(app: web.Application) -> None:
+    """The OpenAI routes (imported lazily so that /health works while they are being built)."""
+    try:
+        from gateway.routes import openai_routes  # type: ignore[attr-defined]
+    except ImportError:
+        return
+    openai_routes.register(app)

@@ -1,0 +1,12 @@
+"""Typed keys of the aiohttp application and request storage."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.context import GatewayContext
+
+CONTEXT = web.AppKey("context", GatewayContext)
+REQUEST_ID = web.RequestKey("request_id", str)
+# Finish reason of a generation request, for the requests_total metric.
+FINISH_REASON = web.RequestKey("finish_reason", str)

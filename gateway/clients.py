@@ -1,0 +1,337 @@
+"""gRPC clients of the styler and the workers: the only gateway module that imports `*_pb2`.
+
+Every call converts protobuf to the dataclasses of `downstream.py` and back; gRPC errors
+(`grpc.aio.AioRpcError`) propagate and `errors.py` maps them to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.downstream import (
+    ChoiceDelta,
+    DetokenizeStart,
+    GenerateChunk,
+    Rendered,
+    Sampling,
+    StylerInfo,
+    TextDelta,
+    TokenLogprob,
+    TokenText,
+    ToolCallDelta,
+    TopLogprob,
+    Usage,
+    WorkerInfo,
+    WorkerLoad,
+)
+from services.common.channels import make_channel
+from tandem.v1 import common_pb2, styler_pb2, styler_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+_FINISH = {
+    common_pb2.FINISH_REASON_UNSPECIFIED: None,
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+}
+
+# Keys of an OpenAI chat message that map to ChatMessage fields; the rest go to extra_json.
+_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
+
+
+async def check_health(channel: grpc.aio.Channel, timeout_s: float) -> bool:
+    """Whether the standard gRPC health check of the server behind `channel` says SERVING."""
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+        )
+    except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _message_to_proto(message: dict[str, Any]) -> common_pb2.ChatMessage:
+    out = common_pb2.ChatMessage(role=str(message["role"]))
+    content = message.get("content")
+    if isinstance(content, str):
+        out.text = content
+    elif isinstance(content, list):
+        out.parts.SetInParent()
+        for part in content:
+            out.parts.parts.append(
+                common_pb2.ContentPart(type=part.get("type", ""), text=part.get("text", ""))
+            )
+    if message.get("name"):
+        out.name = str(message["name"])
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        arguments = function.get("arguments", "")
+        out.tool_calls.append(
+            common_pb2.ToolCall(
+                id=str(call.get("id", "")),
+                type=str(call.get("type", "function")),
+                name=str(function.get("name", "")),
+                arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
+            )
+        )
+    if message.get("tool_call_id"):
+        out.tool_call_id = str(message["tool_call_id"])
+    if message.get("reasoning_content") is not None:
+        out.reasoning_content = str(message["reasoning_content"])
+    extra = {k: v for k, v in message.items() if k not in _MESSAGE_KEYS}
+    if extra:
+        out.extra_json = json.dumps(extra)
+    return out
+
+
+def _logprob(entry: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(
+        token_id=entry.token_id,
+        logprob=entry.logprob,
+        top=tuple(TopLogprob(t.token_id, t.logprob) for t in entry.top_logprobs),
+    )
+
+
+def _sampling_to_proto(s: Sampling) -> common_pb2.SamplingParams:
+    out = common_pb2.SamplingParams(
+        min_tokens=s.min_tokens, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, n=s.n
+    )
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "max_tokens",
+        "logprobs",
+        "prompt_logprobs",
+    ):
+        value = getattr(s, name)
+        if value is not None:
+            setattr(out, name, value)
+    return out
+
+
+class DetokenizeSession:
+    """One styler DetokenizeStream: token deltas in (`send`), text deltas out (`responses`)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def send(self, deltas: Sequence[tuple[int, Sequence[int], bool]]) -> None:
+        """Send (choice index, new token ids, finished) for one or more choices."""
+        msg = styler_pb2.DetokenizeStreamRequest(
+            deltas=styler_pb2.TokenDeltas(
+                deltas=[
+                    styler_pb2.TokenDelta(index=i, token_ids=list(ids), finished=done)
+                    for i, ids, done in deltas
+                ]
+            )
+        )
+        await self._call.write(msg)
+
+    async def done_writing(self) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._call.done_writing()
+
+    async def responses(self) -> AsyncIterator[list[TextDelta]]:
+        async for reply in self._call:
+            yield [
+                TextDelta(
+                    index=d.index,
+                    text=d.text,
+                    reasoning_text=d.reasoning_text,
+                    tool_calls=tuple(ToolCallDelta(t.index, t.id, t.name, t.arguments) for t in d.tool_calls),
+                    stopped=d.stopped,
+                    finished=d.finished,
+                    num_tokens=d.num_tokens,
+                )
+                for d in reply.deltas
+            ]
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class StylerClient:
+    """The styler's Styler service (one replica)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = make_channel(address)
+        self._stub = styler_pb2_grpc.StylerStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def healthy(self, timeout_s: float = 1.0) -> bool:
+        return await check_health(self.channel, timeout_s)
+
+    async def info(self, timeout_s: float = 5.0) -> StylerInfo:
+        r = await self._stub.Info(styler_pb2.StylerInfoRequest(), timeout=timeout_s)
+        return StylerInfo(
+            model_name=r.model_name,
+            vocab_size=r.vocab_size,
+            eos_token_ids=tuple(r.eos_token_ids),
+            has_chat_template=r.has_chat_template,
+            max_model_len=r.max_model_len,
+            tool_parser=r.tool_parser,
+            reasoning_parser=r.reasoning_parser,
+        )
+
+    async def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: list[Any] | None,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        chat_template: str | None,
+        chat_template_kwargs: dict[str, Any] | None,
+        documents: list[Any] | None = None,
+    ) -> Rendered:
+        req = styler_pb2.RenderRequest(
+            messages=[_message_to_proto(m) for m in messages],
+            tools_json=json.dumps(tools) if tools else "",
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            chat_template_kwargs_json=json.dumps(chat_template_kwargs) if chat_template_kwargs else "",
+            documents_json=json.dumps(documents) if documents else "",
+        )
+        if chat_template is not None:
+            req.chat_template = chat_template
+        r = await self._stub.Render(req, timeout=30.0)
+        return Rendered(prompt=r.prompt, token_ids=tuple(r.token_ids))
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
+        r = await self._stub.Tokenize(
+            styler_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=30.0
+        )
+        return tuple(r.token_ids)
+
+    async def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        r = await self._stub.Detokenize(
+            styler_pb2.DetokenizeRequest(token_ids=list(token_ids), skip_special_tokens=skip_special_tokens),
+            timeout=30.0,
+        )
+        return str(r.text)
+
+    async def token_texts(self, token_ids: Sequence[int]) -> list[TokenText]:
+        """Each token's own text and bytes, special tokens included (for logprobs)."""
+        r = await self._stub.Detokenize(
+            styler_pb2.DetokenizeRequest(
+                token_ids=list(token_ids), skip_special_tokens=False, return_token_bytes=True
+            ),
+            timeout=30.0,
+        )
+        return [TokenText(text=b.decode("utf-8", errors="replace"), raw=bytes(b)) for b in r.token_bytes]
+
+    async def detokenize_stream(self, start: DetokenizeStart) -> DetokenizeSession:
+        call = self._stub.DetokenizeStream()
+        await call.write(
+            styler_pb2.DetokenizeStreamRequest(
+                start=styler_pb2.DetokenizeStreamStart(
+                    request_id=start.request_id,
+                    prompt_token_ids=list(start.prompt_token_ids),
+                    skip_special_tokens=start.skip_special_tokens,
+                    stop=list(start.stop),
+                    include_stop_str_in_output=start.include_stop_str_in_output,
+                    tool_parser=start.tool_parser,
+                    reasoning_parser=start.reasoning_parser,
+                    num_choices=start.num_choices,
+                    first_choice_index=start.first_choice_index,
+                    prompt_opens_reasoning=start.prompt_opens_reasoning,
+                )
+            )
+        )
+        return DetokenizeSession(call)
+
+
+class WorkerClient:
+    """One worker's Worker service."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = make_channel(address)
+        self._stub = worker_pb2_grpc.WorkerStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def healthy(self, timeout_s: float = 1.0) -> bool:
+        return await check_health(self.channel, timeout_s)
+
+    async def info(self, timeout_s: float = 5.0) -> WorkerInfo:
+        r = await self._stub.Info(worker_pb2.InfoRequest(), timeout=timeout_s)
+        return WorkerInfo(
+            model_name=r.model_name,
+            max_model_len=r.max_model_len,
+            vocab_size=r.vocab_size,
+            eos_token_ids=tuple(r.eos_token_ids),
+            device=r.device,
+            version=r.version,
+        )
+
+    async def load(self, timeout_s: float = 1.0) -> WorkerLoad:
+        r = await self._stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout_s)
+        return WorkerLoad(
+            num_running=r.num_running,
+            num_waiting=r.num_waiting,
+            num_kv_blocks_used=r.num_kv_blocks_used,
+            num_kv_blocks_total=r.num_kv_blocks_total,
+        )
+
+    async def abort(self, request_ids: Sequence[str], timeout_s: float = 1.0) -> int:
+        r = await self._stub.Abort(worker_pb2.AbortRequest(request_ids=list(request_ids)), timeout=timeout_s)
+        return int(r.num_aborted)
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: Sampling,
+        first_choice_index: int = 0,
+    ) -> AsyncIterator[GenerateChunk]:
+        """The worker's Generate stream; closing the iterator early cancels the rpc (= abort)."""
+        call = self._stub.Generate(
+            worker_pb2.GenerateRequest(
+                request_id=request_id,
+                prompt_token_ids=list(prompt_token_ids),
+                sampling=_sampling_to_proto(sampling),
+                first_choice_index=first_choice_index,
+            )
+        )
+        try:
+            async for r in call:
+                usage = None
+                if r.HasField("usage"):
+                    usage = Usage(
+                        prompt_tokens=r.usage.prompt_tokens,
+                        completion_tokens=r.usage.completion_tokens,
+                        cached_prompt_tokens=r.usage.cached_prompt_tokens,
+                    )
+                yield GenerateChunk(
+                    choices=tuple(
+                        ChoiceDelta(
+                            index=c.index,
+                            token_ids=tuple(c.token_ids),
+                            logprobs=tuple(_logprob(e) for e in c.logprobs),
+                            finish_reason=_FINISH.get(c.finish_reason),
+                        )
+                        for c in r.choices
+                    ),
+                    prompt_logprobs=tuple(_logprob(e) for e in r.prompt_logprobs),
+                    usage=usage,
+                )
+        finally:
+            # Covers client disconnects (task cancelled) and early stops (stop strings): the worker
+            # aborts a request whose stream is cancelled.
+            call.cancel()

@@ -1,0 +1,69 @@
+"""What every front end (HTTP routes, the gRPC Inference service) shares in one gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.router import Router
+from gateway.styler_pool import StylerPool
+
+
+@dataclass
+class GatewayContext:
+    config: GatewayConfig
+    router: Router
+    stylers: StylerPool
+    metrics: Metrics
+    started_at: int = field(default_factory=lambda: int(time.time()))
+    num_waiting: int = 0  # admitted requests without their first token yet
+    num_running: int = 0  # requests streaming tokens
+    _slots: asyncio.Semaphore | None = None
+
+    @classmethod
+    def create(cls, config: GatewayConfig) -> GatewayContext:
+        return cls(
+            config=config,
+            router=Router(config.worker, poll_interval_s=config.health_interval),
+            stylers=StylerPool(config.styler, poll_interval_s=config.health_interval),
+            metrics=Metrics(),
+            _slots=asyncio.Semaphore(config.max_running) if config.max_running > 0 else None,
+        )
+
+    async def start(self) -> None:
+        await asyncio.gather(self.router.start(), self.stylers.start())
+
+    async def close(self) -> None:
+        await asyncio.gather(self.router.close(), self.stylers.close())
+
+    @property
+    def model_name(self) -> str:
+        if self.config.served_model_name:
+            return self.config.served_model_name
+        info = self.router.info()
+        if info is not None and info.model_name:
+            return info.model_name
+        if self.stylers.info is not None and self.stylers.info.model_name:
+            return self.stylers.info.model_name
+        return "default"
+
+    @property
+    def max_model_len(self) -> int:
+        info = self.router.info()
+        if info is not None and info.max_model_len:
+            return info.max_model_len
+        if self.stylers.info is not None:
+            return self.stylers.info.max_model_len
+        return 0
+
+    async def health(self) -> dict[str, dict[str, bool]]:
+        """Live health of every downstream service (address -> SERVING)."""
+        stylers = await asyncio.gather(*(c.healthy(timeout_s=1.0) for c in self.stylers.clients))
+        workers = await asyncio.gather(*(w.client.healthy(timeout_s=1.0) for w in self.router.workers))
+        return {
+            "styler": {c.address: ok for c, ok in zip(self.stylers.clients, stylers, strict=True)},
+            "worker": {w.address: ok for w, ok in zip(self.router.workers, workers, strict=True)},
+        }

@@ -1,0 +1,150 @@
+"""Typed views of what the gateway sends to and gets from the styler and the workers.
+
+`clients.py` converts these to and from protobuf; nothing else in the gateway sees `*_pb2`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters of one worker request (None = the worker's default)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None  # top alternatives per sampled token; None = no logprobs
+    prompt_logprobs: int | None = None  # top alternatives per prompt token; None = none
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    """New tokens of one choice from one worker chunk."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...]  # parallel to token_ids when asked, else empty
+    finish_reason: str | None  # "stop" | "length" | "abort" | None (still running)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """One chunk of a worker's Generate stream."""
+
+    choices: tuple[ChoiceDelta, ...]
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # first chunk only, when asked
+    usage: Usage | None = None  # last chunk only
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    device: str
+    version: str
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_used: int
+    num_kv_blocks_total: int
+
+
+@dataclass(frozen=True)
+class StylerInfo:
+    model_name: str
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    has_chat_template: bool
+    max_model_len: int
+    tool_parser: str
+    reasoning_parser: str
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A chat conversation rendered by the template."""
+
+    prompt: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DetokenizeStart:
+    """What the styler's DetokenizeStream needs to know about a request."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    skip_special_tokens: bool
+    stop: tuple[str, ...]
+    include_stop_str_in_output: bool
+    tool_parser: str  # "" = off, "auto" = the model's parser
+    reasoning_parser: str  # "" = off, "auto" = the model's parser
+    num_choices: int
+    first_choice_index: int
+    prompt_opens_reasoning: bool
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Text the styler produced for one choice."""
+
+    index: int
+    text: str
+    reasoning_text: str
+    tool_calls: tuple[ToolCallDelta, ...]
+    stopped: bool  # a stop string matched: the choice is over
+    finished: bool  # the choice's text is complete
+    num_tokens: int  # token ids of the choice consumed so far
+
+
+@dataclass(frozen=True)
+class TokenText:
+    """A single token's own text and bytes (for logprobs)."""
+
+    text: str
+    raw: bytes = field(default=b"")

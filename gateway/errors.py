@@ -1,0 +1,85 @@
+"""Errors in OpenAI's envelope, and the mapping of downstream gRPC failures to HTTP statuses.
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
+
+No stack trace ever reaches a client: anything unexpected becomes a 500 with a generic message
+(the trace goes to the log with the request id).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable_error",
+    504: "timeout_error",
+}
+
+
+class APIError(Exception):
+    """An error a client should see, with its HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    @property
+    def type(self) -> str:
+        return _TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+
+
+def invalid(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+# gRPC status -> (HTTP status, retry-after seconds or None)
+_GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, int | None]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, None),
+    grpc.StatusCode.OUT_OF_RANGE: (400, None),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, None),
+    grpc.StatusCode.NOT_FOUND: (404, None),
+    grpc.StatusCode.ALREADY_EXISTS: (409, None),
+    grpc.StatusCode.UNAUTHENTICATED: (401, None),
+    grpc.StatusCode.PERMISSION_DENIED: (403, None),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, 1),
+    grpc.StatusCode.UNAVAILABLE: (503, 1),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, None),
+    grpc.StatusCode.CANCELLED: (503, 1),
+    grpc.StatusCode.ABORTED: (503, 1),
+    grpc.StatusCode.UNIMPLEMENTED: (501, None),
+}
+
+
+def from_grpc(exc: grpc.aio.AioRpcError, service: str) -> APIError:
+    """A downstream failure as the client should see it: client errors pass their message through."""
+    status, retry_after = _GRPC_TO_HTTP.get(exc.code(), (502, None))
+    if status < 500:
+        return APIError(status, exc.details() or exc.code().name, retry_after_s=retry_after)
+    return APIError(status, f"the {service} failed: {exc.code().name}", retry_after_s=retry_after)

@@ -1,0 +1,169 @@
+"""Which worker serves a request: least load, preferring the worker that served the same prefix.
+
+A background task polls every worker's health and `GetLoad`; a worker that stops answering (or
+whose stream fails with UNAVAILABLE) leaves the rotation and comes back once its health check
+says SERVING again. Load is the worker's last reported running + waiting requests plus the
+requests this gateway sent it since (so a burst between two polls still spreads out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gateway.clients import WorkerClient
+from gateway.downstream import WorkerInfo
+
+log = logging.getLogger(__name__)
+
+# Prompt prefixes are remembered at this granularity (a typical KV block size).
+PREFIX_CHUNK = 16
+# At most this many prefix chunks per prompt are hashed (long prompts share their head).
+MAX_PREFIX_CHUNKS = 64
+# A worker holding the prefix wins unless it carries this many more requests than the least loaded.
+AFFINITY_SLACK = 4
+PREFIX_TABLE_SIZE = 100_000
+
+
+class NoWorkerAvailable(Exception):
+    """No worker is in rotation."""
+
+
+@dataclass
+class WorkerState:
+    client: WorkerClient
+    healthy: bool = False
+    info: WorkerInfo | None = None
+    reported_load: int = 0  # running + waiting at the last poll
+    in_flight: int = 0  # requests this gateway has open on the worker
+    sent_since_poll: int = 0
+    num_served: int = 0
+    failures: int = field(default=0)
+
+    @property
+    def address(self) -> str:
+        return self.client.address
+
+    @property
+    def load(self) -> int:
+        return max(self.reported_load + self.sent_since_poll, self.in_flight)
+
+
+def prefix_keys(token_ids: Sequence[int]) -> list[bytes]:
+    """Hash chain over the prompt's full PREFIX_CHUNK-token chunks, shortest prefix first."""
+    keys: list[bytes] = []
+    h = hashlib.blake2b(digest_size=16)
+    num_chunks = min(len(token_ids) // PREFIX_CHUNK, MAX_PREFIX_CHUNKS)
+    for i in range(num_chunks):
+        chunk = token_ids[i * PREFIX_CHUNK : (i + 1) * PREFIX_CHUNK]
+        h.update(b"".join(int(t).to_bytes(4, "little") for t in chunk))
+        keys.append(h.copy().digest())
+    return keys
+
+
+class Router:
+    """The pool of workers and the choice of one per request."""
+
+    def __init__(self, addresses: Sequence[str], poll_interval_s: float = 1.0) -> None:
+        self.workers = [WorkerState(WorkerClient(a)) for a in addresses]
+        self.poll_interval_s = poll_interval_s
+        self._prefix_owner: OrderedDict[bytes, str] = OrderedDict()
+        self._round_robin = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+
+    def healthy_workers(self) -> list[WorkerState]:
+        return [w for w in self.workers if w.healthy]
+
+    def info(self) -> WorkerInfo | None:
+        """Info of any worker that answered (they serve the same model)."""
+        for w in self.workers:
+            if w.info is not None:
+                return w.info
+        return None
+
+    async def start(self) -> None:
+        await self.poll_once()
+        self._task = asyncio.create_task(self._poll_forever())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for w in self.workers:
+            await w.client.close()
+
+    async def poll_once(self) -> None:
+        await asyncio.gather(*(self._poll(w) for w in self.workers))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.poll_once()
+            except Exception:  # never let the poller die
+                log.exception("worker poll failed")
+
+    async def _poll(self, w: WorkerState) -> None:
+        healthy = await w.client.healthy(timeout_s=min(1.0, self.poll_interval_s * 2))
+        if healthy:
+            try:
+                if w.info is None:
+                    w.info = await w.client.info()
+                load = await w.client.load()
+                w.reported_load = load.num_running + load.num_waiting
+                w.sent_since_poll = 0
+            except Exception as exc:
+                log.warning("worker %s answered health but not Info/GetLoad: %s", w.address, exc)
+                healthy = False
+        if healthy != w.healthy:
+            log.info("worker %s %s rotation", w.address, "back in" if healthy else "taken out of")
+        w.healthy = healthy
+
+    def mark_failed(self, w: WorkerState) -> None:
+        """Take a worker out of rotation after a transport failure (the poller brings it back)."""
+        if w.healthy:
+            log.warning("worker %s failed; taken out of rotation", w.address)
+        w.healthy = False
+        w.failures += 1
+
+    def pick(self, prompt_token_ids: Sequence[int], exclude: Sequence[WorkerState] = ()) -> WorkerState:
+        """The worker for a prompt; raises NoWorkerAvailable when none is in rotation."""
+        candidates = [w for w in self.workers if w.healthy and w not in exclude]
+        if not candidates:
+            raise NoWorkerAvailable("no worker is available")
+        min_load = min(w.load for w in candidates)
+        keys = prefix_keys(prompt_token_ids)
+        chosen: WorkerState | None = None
+        by_address = {w.address: w for w in candidates}
+        for key in reversed(keys):  # longest shared prefix first
+            owner = by_address.get(self._prefix_owner.get(key, ""))
+            if owner is not None and owner.load <= min_load + AFFINITY_SLACK:
+                chosen = owner
+                break
+        if chosen is None:
+            least = [w for w in candidates if w.load == min_load]
+            chosen = least[next(self._round_robin) % len(least)]
+        for key in keys:
+            self._prefix_owner[key] = chosen.address
+            self._prefix_owner.move_to_end(key)
+        while len(self._prefix_owner) > PREFIX_TABLE_SIZE:
+            self._prefix_owner.popitem(last=False)
+        return chosen
+
+    @contextlib.contextmanager
+    def track(self, w: WorkerState):  # type: ignore[no-untyped-def]
+        """Count a request as in flight on `w` while the block runs."""
+        w.in_flight += 1
+        w.sent_since_poll += 1
+        w.num_served += 1
+        try:
+            yield w
+        finally:
+            w.in_flight -= 1

@@ -1,0 +1,24 @@
+"""`GET /health` and `GET /metrics`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.appkeys import CONTEXT
+from gateway.metrics import CONTENT_TYPE
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when a styler and at least one worker answer SERVING; 503 (with details) otherwise."""
+    ctx = request.app[CONTEXT]
+    status = await ctx.health()
+    ok = any(status["styler"].values()) and any(status["worker"].values())
+    body = {"status": "ok" if ok else "unavailable", **status}
+    return web.json_response(body, status=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    ctx.metrics.running.set(ctx.num_running)
+    ctx.metrics.waiting.set(ctx.num_waiting)
+    return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,72 @@
+"""The styler replicas: round-robin over those whose health check says SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Sequence
+
+from gateway.clients import StylerClient
+from gateway.downstream import StylerInfo
+
+log = logging.getLogger(__name__)
+
+
+class NoStylerAvailable(Exception):
+    """No styler replica is serving."""
+
+
+class StylerPool:
+    def __init__(self, addresses: Sequence[str], poll_interval_s: float = 1.0) -> None:
+        self.clients = [StylerClient(a) for a in addresses]
+        self.healthy = {c.address: False for c in self.clients}
+        self.info: StylerInfo | None = None
+        self.poll_interval_s = poll_interval_s
+        self._round_robin = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.poll_once()
+        self._task = asyncio.create_task(self._poll_forever())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for c in self.clients:
+            await c.close()
+
+    async def poll_once(self) -> None:
+        async def poll(c: StylerClient) -> None:
+            ok = await c.healthy(timeout_s=1.0)
+            if ok and self.info is None:
+                try:
+                    self.info = await c.info()
+                except Exception as exc:
+                    log.warning("styler %s answered health but not Info: %s", c.address, exc)
+                    ok = False
+            if ok != self.healthy[c.address]:
+                log.info("styler %s %s rotation", c.address, "back in" if ok else "taken out of")
+            self.healthy[c.address] = ok
+
+        await asyncio.gather(*(poll(c) for c in self.clients))
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("styler poll failed")
+
+    def pick(self) -> StylerClient:
+        candidates = [c for c in self.clients if self.healthy[c.address]]
+        if not candidates:
+            # The poller may lag a restart; try one anyway rather than refuse outright.
+            if not self.clients:
+                raise NoStylerAvailable("no styler is configured")
+            candidates = self.clients
+        return candidates[next(self._round_robin) % len(candidates)]
