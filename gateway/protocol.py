@@ -1,0 +1,84 @@
+"""Validated requests, as the execution path sees them (after `validation.py`).
+
+The HTTP routes and the gRPC Inference service both build these through `validation.py`, so
+both front ends share one set of OpenAI semantics and defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Options common to chat and completions (OpenAI fields plus vLLM's extensions)."""
+
+    max_tokens: int | None  # None: up to the context length
+    temperature: float | None
+    top_p: float | None
+    n: int
+    stop: tuple[str, ...]
+    seed: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    top_k: int | None
+    min_p: float | None
+    repetition_penalty: float | None
+    min_tokens: int
+    ignore_eos: bool
+    stop_token_ids: tuple[int, ...]
+    skip_special_tokens: bool
+    include_stop_str_in_output: bool
+    logprobs: int | None  # alternatives per sampled token; None = no logprobs
+    stream: bool
+    include_usage: bool
+    user: str
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str  # "" = the served model
+    messages: tuple[dict[str, Any], ...]
+    params: GenerationParams
+    tools: list[dict[str, Any]] | None
+    tool_choice: str  # "none" | "auto" (others are refused until guided decoding exists)
+    parallel_tool_calls: bool
+    chat_template: str | None
+    chat_template_kwargs: dict[str, Any] | None
+    add_generation_prompt: bool
+    continue_final_message: bool
+    documents: list[Any] | None
+
+
+# A completion prompt: text, or token ids.
+Prompt = str | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    model: str
+    prompts: tuple[Prompt, ...]  # one generation (with n choices) per prompt
+    params: GenerationParams
+    echo: bool
+    add_special_tokens: bool
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    model: str
+    prompt: str | None  # either prompt ...
+    messages: tuple[dict[str, Any], ...] | None  # ... or chat messages
+    tools: list[dict[str, Any]] | None
+    add_generation_prompt: bool
+    continue_final_message: bool
+    add_special_tokens: bool
+    chat_template: str | None
+    chat_template_kwargs: dict[str, Any] | None
+    return_token_strs: bool
+
+
+@dataclass(frozen=True)
+class DetokenizeRequest:
+    model: str
+    tokens: tuple[int, ...]

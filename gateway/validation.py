@@ -1,0 +1,447 @@
+"""One validation path for HTTP and gRPC: OpenAI request JSON -> `protocol.py` dataclasses.
+
+Every problem is a 400 naming the field. A field we know but do not support yet (e.g.
+`response_format` with a JSON schema, `logit_bias`) is refused with a message saying so, and an
+unknown field is refused too: nothing a client sends is silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gateway.errors import APIError, invalid
+from gateway.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerationParams,
+    Prompt,
+    TokenizeRequest,
+)
+
+MAX_LOGPROBS = 20
+
+# Fields OpenAI (or vLLM) define that we accept only at their neutral value.
+_NEUTRAL: dict[str, Any] = {
+    "logit_bias": ({}, None),
+    "response_format": ({"type": "text"}, None),
+    "suffix": ("", None),
+    "best_of": (1, None),
+    "store": (False, None),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+    "prompt_logprobs": (None,),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "functions": (None,),
+    "function_call": (None,),
+    "web_search_options": (None,),
+    "reasoning_effort": (None,),
+    "use_beam_search": (False, None),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+}
+
+
+class Fields:
+    """Reads and type-checks fields of a JSON object, remembering which were consumed."""
+
+    def __init__(self, body: dict[str, Any], prefix: str = "") -> None:
+        self.body = body
+        self.prefix = prefix
+        self.seen: set[str] = set()
+
+    def _name(self, key: str) -> str:
+        return self.prefix + key
+
+    def raw(self, key: str) -> Any:
+        self.seen.add(key)
+        return self.body.get(key)
+
+    def string(self, key: str, default: str | None = None, allow_empty: bool = True) -> str | None:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise invalid(f"'{self._name(key)}' must be a string", self._name(key))
+        if not allow_empty and not value:
+            raise invalid(f"'{self._name(key)}' must not be empty", self._name(key))
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise invalid(f"'{self._name(key)}' must be a boolean", self._name(key))
+        return value
+
+    def integer(self, key: str, lo: int | None = None, hi: int | None = None) -> int | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise invalid(f"'{self._name(key)}' must be an integer", self._name(key))
+        self._range(key, value, lo, hi)
+        return value
+
+    def number(
+        self, key: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+    ) -> float | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise invalid(f"'{self._name(key)}' must be a number", self._name(key))
+        if lo_open and lo is not None and value <= lo:
+            raise invalid(f"'{self._name(key)}' must be > {lo}, got {value}", self._name(key))
+        self._range(key, value, lo, hi)
+        return float(value)
+
+    def _range(self, key: str, value: float, lo: float | None, hi: float | None) -> None:
+        if lo is not None and value < lo:
+            raise invalid(f"'{self._name(key)}' must be >= {lo}, got {value}", self._name(key))
+        if hi is not None and value > hi:
+            raise invalid(f"'{self._name(key)}' must be <= {hi}, got {value}", self._name(key))
+
+    def obj(self, key: str) -> dict[str, Any] | None:
+        value = self.raw(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise invalid(f"'{self._name(key)}' must be an object", self._name(key))
+        return value
+
+    def int_list(self, key: str) -> tuple[int, ...]:
+        value = self.raw(key)
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(_is_token_id(v) for v in value):
+            raise invalid(f"'{self._name(key)}' must be a list of non-negative integers", self._name(key))
+        return tuple(value)
+
+    def reject_rest(self, allowed_extra: frozenset[str] = frozenset()) -> None:
+        """Refuse fields not consumed: known ones not supported yet, then unknown ones."""
+        for key, value in self.body.items():
+            if key in self.seen or key in allowed_extra:
+                continue
+            if key in _NEUTRAL:
+                if any(value == neutral for neutral in _NEUTRAL[key]):
+                    continue
+                raise invalid(
+                    f"'{self._name(key)}' is not supported yet (value {_short(value)})", self._name(key)
+                )
+            raise invalid(f"unknown or unsupported field '{self._name(key)}'", self._name(key))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _stop(f: Fields, max_stop_strings: int) -> tuple[str, ...]:
+    value = f.raw("stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise invalid("'stop' must be a string or a list of strings", "stop")
+    if len(value) > max_stop_strings:
+        raise invalid(f"'stop' has {len(value)} strings; at most {max_stop_strings} are allowed", "stop")
+    if any(not s for s in value):
+        raise invalid("'stop' strings must not be empty", "stop")
+    return tuple(value)
+
+
+def _params(f: Fields, *, chat: bool, max_n: int, max_stop_strings: int) -> GenerationParams:
+    max_tokens = f.integer("max_tokens", lo=1)
+    if chat:
+        max_completion_tokens = f.integer("max_completion_tokens", lo=1)
+        if max_completion_tokens is not None:
+            max_tokens = max_completion_tokens
+    n = f.integer("n", lo=1, hi=max_n)
+    min_tokens = f.integer("min_tokens", lo=0) or 0
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise invalid(f"'min_tokens' ({min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
+    top_k = f.integer("top_k", lo=-1)
+    stream = f.boolean("stream", False)
+    stream_options = f.obj("stream_options")
+    include_usage = False
+    if stream_options is not None:
+        if not stream:
+            raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
+        so = Fields(stream_options, "stream_options.")
+        include_usage = so.boolean("include_usage", False)
+        if so.boolean("continuous_usage_stats", False):
+            raise invalid("'stream_options.continuous_usage_stats' is not supported yet", "stream_options")
+        so.reject_rest()
+    if chat:
+        want_logprobs = f.boolean("logprobs", False)
+        top_logprobs = f.integer("top_logprobs", lo=0, hi=MAX_LOGPROBS)
+        if top_logprobs is not None and not want_logprobs:
+            raise invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
+        logprobs = (top_logprobs or 0) if want_logprobs else None
+    else:
+        logprobs = f.integer("logprobs", lo=0, hi=MAX_LOGPROBS)
+    return GenerationParams(
+        max_tokens=max_tokens,
+        temperature=f.number("temperature", lo=0.0, hi=2.0),
+        top_p=f.number("top_p", lo=0.0, hi=1.0, lo_open=True),
+        n=n or 1,
+        stop=_stop(f, max_stop_strings),
+        seed=f.integer("seed", lo=-(2**63), hi=2**64 - 1),
+        presence_penalty=f.number("presence_penalty", lo=-2.0, hi=2.0),
+        frequency_penalty=f.number("frequency_penalty", lo=-2.0, hi=2.0),
+        top_k=None if top_k in (None, 0, -1) else top_k,
+        min_p=f.number("min_p", lo=0.0, hi=1.0),
+        repetition_penalty=f.number("repetition_penalty", lo=0.0, lo_open=True),
+        min_tokens=min_tokens,
+        ignore_eos=f.boolean("ignore_eos", False),
+        stop_token_ids=f.int_list("stop_token_ids"),
+        skip_special_tokens=f.boolean("skip_special_tokens", True),
+        include_stop_str_in_output=f.boolean("include_stop_str_in_output", False),
+        logprobs=logprobs,
+        stream=stream,
+        include_usage=include_usage,
+        user=f.string("user", "") or "",
+    )
+
+
+_ROLES = {"system", "developer", "user", "assistant", "tool", "function", "ipython"}
+
+
+def _messages(value: Any, param: str = "messages") -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list) or not value:
+        raise invalid(f"'{param}' must be a non-empty list of messages", param)
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(value):
+        where = f"{param}[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(f"'{where}' must be an object", where)
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise invalid(f"'{where}.role' must be a non-empty string", f"{where}.role")
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                pwhere = f"{where}.content[{j}]"
+                if not isinstance(part, dict) or "type" not in part:
+                    raise invalid(f"'{pwhere}' must be an object with a 'type'", pwhere)
+                if part["type"] != "text":
+                    raise invalid(
+                        f"content part type {part['type']!r} is not supported yet (only 'text')", pwhere
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise invalid(f"'{pwhere}.text' must be a string", f"{pwhere}.text")
+        elif content is not None and not isinstance(content, str):
+            raise invalid(
+                f"'{where}.content' must be a string, a list of content parts or null", f"{where}.content"
+            )
+        tool_calls = message.get("tool_calls")
+        if tool_calls is not None:
+            if not isinstance(tool_calls, list):
+                raise invalid(f"'{where}.tool_calls' must be a list", f"{where}.tool_calls")
+            for j, call in enumerate(tool_calls):
+                cwhere = f"{where}.tool_calls[{j}]"
+                if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+                    raise invalid(f"'{cwhere}' must be an object with a 'function' object", cwhere)
+                if not isinstance(call["function"].get("name"), str):
+                    raise invalid(f"'{cwhere}.function.name' must be a string", f"{cwhere}.function.name")
+        out.append(message)
+    return tuple(out)
+
+
+def _tools(f: Fields) -> list[dict[str, Any]] | None:
+    tools = f.raw("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise invalid("'tools' must be a list", "tools")
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise invalid(f"'{where}' must be an object of type 'function'", where)
+        function = tool.get("function")
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not function["name"]
+        ):
+            raise invalid(f"'{where}.function.name' must be a non-empty string", f"{where}.function.name")
+        if "parameters" in function and not isinstance(function["parameters"], (dict, type(None))):
+            raise invalid(f"'{where}.function.parameters' must be an object", f"{where}.function.parameters")
+    return tools or None
+
+
+def _tool_choice(f: Fields, tools: list[dict[str, Any]] | None) -> str:
+    value = f.raw("tool_choice")
+    if value is None:
+        return "auto" if tools else "none"
+    if value in ("none", "auto"):
+        if value == "auto" and not tools:
+            raise invalid("'tool_choice' is 'auto' but no 'tools' were given", "tool_choice")
+        return str(value)
+    if value == "required" or isinstance(value, dict):
+        if isinstance(value, dict):
+            name = (
+                (value.get("function") or {}).get("name") if isinstance(value.get("function"), dict) else None
+            )
+            if value.get("type") != "function" or not isinstance(name, str):
+                raise invalid(
+                    "'tool_choice' object must be {'type': 'function', 'function': {'name': ...}}",
+                    "tool_choice",
+                )
+            if not any((t.get("function") or {}).get("name") == name for t in tools or []):
+                raise invalid(
+                    f"'tool_choice' names function {name!r}, which is not in 'tools'", "tool_choice"
+                )
+        if not tools:
+            raise invalid("'tool_choice' requires 'tools'", "tool_choice")
+        # Forcing a call needs guided decoding, which the workers do not have yet.
+        raise invalid(
+            "'tool_choice' 'required' or a named function is not supported yet (needs guided decoding); "
+            "use 'auto' or 'none'",
+            "tool_choice",
+        )
+    raise invalid(
+        "'tool_choice' must be 'none', 'auto', 'required' or a named function object", "tool_choice"
+    )
+
+
+def _template_options(f: Fields) -> tuple[str | None, dict[str, Any] | None, bool, bool]:
+    chat_template = f.string("chat_template")
+    kwargs = f.obj("chat_template_kwargs")
+    add_generation_prompt = f.boolean("add_generation_prompt", True)
+    continue_final_message = f.boolean("continue_final_message", False)
+    if continue_final_message and add_generation_prompt and "add_generation_prompt" in f.body:
+        raise invalid(
+            "'continue_final_message' and 'add_generation_prompt' cannot both be true",
+            "continue_final_message",
+        )
+    if continue_final_message:
+        add_generation_prompt = False
+    return chat_template, kwargs, add_generation_prompt, continue_final_message
+
+
+def _documents(f: Fields) -> list[Any] | None:
+    documents = f.raw("documents")
+    if documents is not None and not isinstance(documents, list):
+        raise invalid("'documents' must be a list", "documents")
+    return documents or None
+
+
+def parse_chat(body: dict[str, Any], max_n: int = 16, max_stop_strings: int = 16) -> ChatRequest:
+    f = Fields(body)
+    model = f.string("model", "") or ""
+    messages = _messages(f.raw("messages"))
+    params = _params(f, chat=True, max_n=max_n, max_stop_strings=max_stop_strings)
+    tools = _tools(f)
+    tool_choice = _tool_choice(f, tools)
+    parallel_tool_calls = f.boolean("parallel_tool_calls", True)
+    chat_template, kwargs, add_generation_prompt, continue_final_message = _template_options(f)
+    documents = _documents(f)
+    f.reject_rest()
+    if continue_final_message and messages[-1].get("role") != "assistant":
+        raise invalid(
+            "'continue_final_message' needs the last message to be an assistant message", "messages"
+        )
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        params=params,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel_tool_calls,
+        chat_template=chat_template,
+        chat_template_kwargs=kwargs,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        documents=documents,
+    )
+
+
+def _prompts(value: Any) -> tuple[Prompt, ...]:
+    """OpenAI's four prompt forms: string, list of strings, token ids, list of token-id lists."""
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return tuple(value)
+        if all(_is_token_id(v) for v in value):
+            return (tuple(value),)
+        if all(isinstance(v, list) and v and all(_is_token_id(t) for t in v) for v in value):
+            return tuple(tuple(v) for v in value)
+    raise invalid(
+        "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists "
+        "(non-empty)",
+        "prompt",
+    )
+
+
+def parse_completion(body: dict[str, Any], max_n: int = 16, max_stop_strings: int = 16) -> CompletionRequest:
+    f = Fields(body)
+    model = f.string("model", "") or ""
+    if "prompt" not in body:
+        raise invalid("'prompt' is required", "prompt")
+    prompts = _prompts(f.raw("prompt"))
+    params = _params(f, chat=False, max_n=max_n, max_stop_strings=max_stop_strings)
+    echo = f.boolean("echo", False)
+    add_special_tokens = f.boolean("add_special_tokens", True)
+    f.reject_rest()
+    if any(p == "" for p in prompts):
+        raise invalid("'prompt' must not be empty", "prompt")
+    return CompletionRequest(
+        model=model, prompts=prompts, params=params, echo=echo, add_special_tokens=add_special_tokens
+    )
+
+
+def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
+    f = Fields(body)
+    model = f.string("model", "") or ""
+    has_prompt, has_messages = "prompt" in body, "messages" in body
+    if has_prompt == has_messages:
+        raise invalid("give exactly one of 'prompt' or 'messages'", "prompt")
+    prompt = f.string("prompt") if has_prompt else None
+    messages = _messages(f.raw("messages")) if has_messages else None
+    tools = _tools(f)
+    chat_template, kwargs, add_generation_prompt, continue_final_message = _template_options(f)
+    # vLLM: chat prompts are already templated, so no extra special tokens by default.
+    add_special_tokens = f.boolean("add_special_tokens", not has_messages)
+    return_token_strs = f.boolean("return_token_strs", False)
+    f.reject_rest()
+    if has_prompt and (tools or chat_template is not None or kwargs):
+        raise APIError(400, "'tools' and chat template options need 'messages', not 'prompt'", param="prompt")
+    return TokenizeRequest(
+        model=model,
+        prompt=prompt,
+        messages=messages,
+        tools=tools,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+        add_special_tokens=add_special_tokens,
+        chat_template=chat_template,
+        chat_template_kwargs=kwargs,
+        return_token_strs=return_token_strs,
+    )
+
+
+def parse_detokenize(body: dict[str, Any]) -> DetokenizeRequest:
+    f = Fields(body)
+    model = f.string("model", "") or ""
+    if "tokens" not in body:
+        raise invalid("'tokens' is required", "tokens")
+    tokens = f.int_list("tokens")
+    f.reject_rest()
+    return DetokenizeRequest(model=model, tokens=tokens)
