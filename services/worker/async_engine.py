@@ -1,0 +1,157 @@
+"""The bridge between asyncio (the gRPC servicer) and the engine thread.
+
+The engine thread owns every torch call. The event loop talks to it only through a thread-safe
+command queue (add, abort) and receives each request's outputs on an asyncio.Queue, filled with
+`loop.call_soon_threadsafe`, one item per engine step that touched the request. The thread
+sleeps on the command queue while there is no work, so an idle worker uses no CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.worker.engine import Engine
+from services.worker.outputs import RequestOutput
+from services.worker.request import EngineRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadSnapshot:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks_used: int = 0
+    num_kv_blocks_total: int = 0
+    prefix_cache_hit_rate: float = 0.0
+    num_waiting_tokens: int = 0
+
+
+class _Stream:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed, nobody listens
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.load = self._snapshot()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    # ---- called from the event loop ------------------------------------------------------------
+    def submit(self, req: EngineRequest) -> asyncio.Queue[RequestOutput | BaseException]:
+        """Queue `req`; its outputs (or an exception) arrive on the returned queue."""
+        stream = _Stream(asyncio.get_running_loop())
+
+        def add() -> None:
+            try:
+                self.engine.add_request(req)
+            except Exception as exc:  # invalid (e.g. duplicate id): tell the caller, keep serving
+                stream.put(exc)
+                return
+            self._streams[req.request_id] = stream
+
+        self._commands.put(add)
+        return stream.queue
+
+    async def abort(self, request_ids: list[str]) -> int:
+        """Abort requests; returns how many were live. Their streams get a final abort output."""
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def run() -> None:
+            count = 0
+            for rid in request_ids:
+                out = self.engine.abort(rid)
+                if out is not None:
+                    count += 1
+                    self._deliver(out)
+            done.set_result(count)
+
+        self._commands.put(run)
+        return await asyncio.wrap_future(done)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Abort without waiting (a cancelled stream); the stream is dropped at once."""
+
+        def run() -> None:
+            self._streams.pop(request_id, None)
+            self.engine.abort(request_id)
+
+        self._commands.put(run)
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands(block=not self.engine.has_unfinished())
+            if self._stop.is_set():
+                break
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # a bug or device error: fail the live requests, keep serving
+                    log.exception("engine step failed; aborting %d requests", len(self.engine.requests))
+                    self._fail_all(exc)
+                    outputs = []
+                for out in outputs:
+                    self._deliver(out)
+            self.load = self._snapshot()
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = (
+            self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+        )
+        if stream is not None:
+            stream.put(out)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid in list(self.engine.requests):
+            self.engine.abort(rid)
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream.put(RuntimeError(f"engine step failed: {exc}"))
+
+    def _snapshot(self) -> LoadSnapshot:
+        e = self.engine
+        return LoadSnapshot(
+            num_running=e.num_running,
+            num_waiting=e.num_waiting,
+            num_kv_blocks_used=e.block_manager.num_used_blocks,
+            num_kv_blocks_total=e.block_manager.num_blocks,
+            prefix_cache_hit_rate=e.block_manager.hit_rate,
+            num_waiting_tokens=e.scheduler.num_waiting_tokens,
+        )

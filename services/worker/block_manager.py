@@ -1,0 +1,188 @@
+"""CPU bookkeeping of the paged KV cache's fixed-size blocks.
+
+Every block is either referenced (ref_count > 0, owned by one or more sequences) or free. Free
+blocks sit in one LRU-ordered pool: blocks without cached content at the front (reused first),
+then blocks that still hold a full, hashed prefix block, least recently freed first. Taking a
+free block that holds a cached prefix evicts its hash.
+
+Prefix caching: a full block's identity is a hash chain, hash(parent hash, its token ids), so
+equal hashes mean equal whole prefixes. A block is registered only once its KV has been
+computed, so a hit never reads KV that is still being written. A lookup always leaves at least
+the last token to compute, because the step that computes it produces the next-token logits.
+
+Sharing (n > 1 choices, prefix hits) is reference counting; the partial last block of a forked
+prompt is copied (copy-on-fork) so each choice appends its own tokens.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from services.worker.request import Sequence
+
+_ROOT_HASH = 0
+BlockKey = tuple[int, tuple[int, ...]]  # (parent chain hash, token ids of the block)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks <= 0:
+            raise ValueError("the KV cache needs at least one block")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_keys: list[BlockKey | None] = [None] * num_blocks
+        self.cached: dict[BlockKey, int] = {}
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
+        total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - len(seq.block_ids))
+
+    @staticmethod
+    def _key(parent: int, tokens: list[int]) -> tuple[int, BlockKey]:
+        key = (parent, tuple(tokens))
+        return hash(key), key
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached prefix of `seq` (not referenced yet)."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        hits: list[int] = []
+        parent = _ROOT_HASH
+        for i in range((seq.num_tokens - 1) // bs):
+            parent, key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            block = self.cached.get(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    # ---- allocation ----------------------------------------------------------------------------
+    def can_allocate(
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None, extra: int = 0
+    ) -> bool:
+        """Whether `seq` (after taking `cached_blocks`) can get blocks for `num_new_tokens` more
+        tokens plus `extra` single blocks; reviving a free cached block costs a free block too."""
+        cached_blocks = cached_blocks or []
+        revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
+        needed = self.blocks_needed_with_prefix(seq, num_new_tokens, len(cached_blocks))
+        return needed + revived + extra <= len(self.free)
+
+    def blocks_needed_with_prefix(self, seq: Sequence, num_new_tokens: int, num_cached_blocks: int) -> int:
+        computed = max(seq.num_computed_tokens, num_cached_blocks * self.block_size)
+        total = -(-(computed + num_new_tokens) // self.block_size)
+        return max(0, total - max(len(seq.block_ids), num_cached_blocks))
+
+    def use_cached_prefix(self, seq: Sequence, cached_blocks: list[int]) -> None:
+        """Give a not-yet-computed `seq` the cached blocks; they count as computed."""
+        assert not seq.block_ids and seq.num_computed_tokens == 0
+        parent = _ROOT_HASH
+        for block in cached_blocks:
+            self._ref(block)
+            seq.block_ids.append(block)
+            key = self.block_keys[block]
+            assert key is not None
+            parent = hash(key)
+            seq.block_hashes.append(parent)
+        seq.num_computed_tokens = len(cached_blocks) * self.block_size
+
+    def record_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        self.num_queried_tokens += num_query_tokens
+        self.num_hit_tokens += num_hit_tokens
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Append blocks so `seq` can hold `num_new_tokens` more computed tokens (checked first)."""
+        needed = self.blocks_needed(seq, num_new_tokens)
+        if needed > len(self.free):
+            raise RuntimeError("allocate without can_allocate")
+        for _ in range(needed):
+            seq.block_ids.append(self._take_free())
+
+    def allocate_block(self) -> int:
+        if not self.free:
+            raise RuntimeError("no free KV block")
+        return self._take_free()
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Drop `seq`'s references; its tail blocks become the first candidates for eviction."""
+        for block in reversed(seq.block_ids):
+            self._unref(block)
+        seq.block_ids = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def fork(self, parent: Sequence, child: Sequence, spare_block: int | None) -> tuple[int, int] | None:
+        """Share `parent`'s computed blocks with `child`; the partial last one is copied into
+        `spare_block` (allocated beforehand). Returns the (src, dst) block copy the device must do
+        before `child` computes, or None (then `spare_block` is returned to the pool)."""
+        num_full = parent.num_computed_tokens // self.block_size
+        child.block_ids = []
+        for block in parent.block_ids[:num_full]:
+            self._ref(block)
+            child.block_ids.append(block)
+        child.block_hashes = list(parent.block_hashes[:num_full])
+        child.num_computed_tokens = parent.num_computed_tokens
+        if parent.num_computed_tokens % self.block_size == 0:
+            if spare_block is not None:
+                self._unref(spare_block)
+            return None
+        assert spare_block is not None
+        child.block_ids.append(spare_block)
+        return parent.block_ids[num_full], spare_block
+
+    def release_block(self, block: int) -> None:
+        self._unref(block)
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Hash the blocks of `seq` that became full and computed, and offer them to the cache."""
+        bs = self.block_size
+        num_full = seq.num_computed_tokens // bs
+        for i in range(len(seq.block_hashes), num_full):
+            parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT_HASH
+            digest, key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            seq.block_hashes.append(digest)
+            block = seq.block_ids[i]
+            if self.enable_prefix_caching and self.block_keys[block] is None and key not in self.cached:
+                self.cached[key] = block
+                self.block_keys[block] = key
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _take_free(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        key = self.block_keys[block]
+        if key is not None:  # evict the cached prefix it held
+            del self.cached[key]
+            self.block_keys[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def _ref(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free[block]
+        self.ref_counts[block] += 1
+
+    def _unref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+        if self.ref_counts[block] == 0:
+            self.free[block] = None
+            if self.block_keys[block] is None:
+                self.free.move_to_end(block, last=False)

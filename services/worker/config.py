@@ -1,0 +1,84 @@
+"""Options of `tandem worker`: one frozen dataclass whose field docstrings are the --help text."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from services.common.service_config import ServiceConfig
+
+_SIZE_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "ki": 1024, "mi": 1024**2, "gi": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1073741824", "512MiB", "2GiB", "1.5G" (case-insensitive; a trailing B is optional)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?)?b?\s*", text.lower())
+    if not match:
+        raise ValueError(f"--kv-cache-memory: invalid size {text!r} (e.g. 2GiB, 512MiB or a byte count)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or ""])
+
+
+@dataclass(frozen=True)
+class WorkerConfig(ServiceConfig):
+    """A tandem model worker: one model replica, its paged KV cache, scheduler and kernels."""
+
+    model: str = ""
+    """Hugging Face model directory (config.json and *.safetensors)."""
+    served_model_name: str = ""
+    """Model name reported by Info; defaults to the model directory's name."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight and activation dtype; auto is float32 on CPU and bfloat16 on GPU."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """auto loads the safetensors weights; dummy fills random weights for the real config (benchmarks)."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    block_size: int = 16
+    """Tokens per KV cache block."""
+    kv_cache_memory: str = ""
+    """KV cache size in bytes (e.g. 2GiB, 512MiB, 1073741824); empty: a fraction of free device memory."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of the GPU's total memory this worker may use (weights, activations and KV cache)."""
+    cpu_kv_cache_fraction: float = 0.1
+    """Without --kv-cache-memory on CPU: fraction of available host memory for the KV cache."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one engine step (prefill chunks plus decodes)."""
+    max_num_seqs: int = 256
+    """Largest number of sequences (choices) computed in one step."""
+    max_model_len: int = 0
+    """Largest prompt + output length; 0: the model's max_position_embeddings."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks whose token prefix was seen before."""
+    attention_backend: Literal["auto", "triton", "reference"] = "auto"
+    """Kernel implementations: triton on CUDA when supported, reference (PyTorch) otherwise."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs (accepted now; graphs come with the GPU work)."""
+    seed: int = 0
+    """Seed of the random stream used by requests without their own seed, and of dummy weights."""
+    role: Literal["unified"] = "unified"
+    """Worker role; only unified (prefill and decode in one worker) exists today."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model:
+            raise ValueError("--model is required (a Hugging Face model directory)")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"--block-size must be a positive power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 0.0 < self.cpu_kv_cache_fraction <= 1.0:
+            raise ValueError(f"--cpu-kv-cache-fraction must be in (0, 1], got {self.cpu_kv_cache_fraction}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"--max-num-batched-tokens must be > 0, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"--max-num-seqs must be > 0, got {self.max_num_seqs}")
+        if self.max_model_len < 0:
+            raise ValueError(f"--max-model-len must be >= 0, got {self.max_model_len}")
+        if self.kv_cache_memory:
+            parse_size(self.kv_cache_memory)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        return parse_size(self.kv_cache_memory) if self.kv_cache_memory else None

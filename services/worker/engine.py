@@ -1,0 +1,222 @@
+"""The engine: requests in, one step at a time, outputs out. Synchronous; one thread owns it.
+
+    engine = Engine(WorkerConfig(model="../shared/models/stories260K"))
+    engine.add_request(EngineRequest("r1", (1, 403, 407), SamplingParams(temperature=0)))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+`generate(prompts, params)` runs a whole batch to completion (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kernels import get_ops
+from services.worker.block_manager import BlockManager
+from services.worker.config import WorkerConfig
+from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
+from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
+from services.worker.model_runner import ModelRunner
+from services.worker.outputs import ChoiceOutput, RequestOutput, Usage
+from services.worker.request import (
+    EngineRequest,
+    InvalidRequestError,
+    Request,
+    SamplingParams,
+    TokenLogprob,
+    validate_request,
+)
+from services.worker.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return DTYPES[name]
+
+
+def resolve_max_model_len(cfg: ModelConfig, requested: int) -> int:
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window is not None and cfg.sliding_window < limit:
+        limit = cfg.sliding_window  # within the window, full attention is exact
+        if requested > limit:
+            raise ModelConfigError(
+                f"--max-model-len {requested} exceeds the sliding window {limit}, which is not implemented"
+            )
+    return requested or limit
+
+
+@dataclass
+class GenerateResult:
+    """Everything one request produced (the `generate` helper's return)."""
+
+    request_id: str
+    token_ids: dict[int, list[int]] = field(default_factory=dict)  # choice index -> tokens
+    logprobs: dict[int, list[TokenLogprob]] = field(default_factory=dict)
+    finish_reasons: dict[int, str] = field(default_factory=dict)
+    stop_token_ids: dict[int, int | None] = field(default_factory=dict)
+    usage: Usage | None = None
+    num_outputs: int = 0  # engine outputs (stream chunks) it took
+
+
+class Engine:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.model_config = cfg = load_model_config(config.model)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.max_model_len = resolve_max_model_len(cfg, config.max_model_len)
+        self.served_model_name = config.served_model_name or Path(config.model).resolve().name
+        self.ops = get_ops(config.attention_backend, self.device)
+        self.runner = ModelRunner(
+            cfg,
+            self.ops,
+            self.device,
+            self.dtype,
+            self.max_model_len,
+            config.block_size,
+            config.load_format,
+            config.seed,
+        )
+        num_blocks = self._num_kv_blocks()
+        self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.dtype, self.device)
+        self.runner.bind_kv_cache(self.kv_cache)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _num_kv_blocks(self) -> int:
+        cfg, bs = self.model_config, self.config.block_size
+        per_block = block_bytes(cfg, bs, self.dtype)
+        blocks_per_seq = math.ceil(self.max_model_len / bs)
+        budget = self.config.kv_cache_bytes
+        if budget is None and self.device.type == "cuda":
+            peak = self.runner.profile_peak_bytes(
+                self.config.max_num_batched_tokens, self.config.max_num_seqs
+            )
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            budget = int(total * self.config.gpu_memory_utilization) - peak
+        elif budget is None:
+            budget = int(available_host_bytes() * self.config.cpu_kv_cache_fraction)
+        num_blocks = min(budget // per_block, blocks_per_seq * self.config.max_num_seqs + 1)
+        if num_blocks < blocks_per_seq:
+            raise ModelConfigError(
+                f"the KV cache ({num_blocks} blocks of {bs} tokens, {budget} bytes) cannot hold one sequence of "
+                f"--max-model-len {self.max_model_len}; give it more memory or lower --max-model-len"
+            )
+        return int(num_blocks)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request; raises InvalidRequestError for bad parameters or a duplicate id."""
+        max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
+        if req.request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
+        request = Request(req, max_tokens, self.model_config.eos_token_ids, next(self._arrivals))
+        self.requests[req.request_id] = request
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks; returns its final output, None if unknown."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        self.scheduler.abort(request)
+        return self._output(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        sampled = self.runner.execute(scheduled) if not scheduled.is_empty else []
+        touched = self.scheduler.update(scheduled, sampled)
+        return [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]
+
+    def _output(self, request: Request) -> RequestOutput:
+        choices = []
+        want_logprobs = request.sampling.logprobs is not None
+        for seq in request.sequences:
+            finishing = seq.finish_reason is not None and not seq.finish_reported
+            if not seq.new_token_ids and not finishing:
+                continue
+            choices.append(
+                ChoiceOutput(
+                    index=seq.choice_index,
+                    token_ids=tuple(seq.new_token_ids),
+                    logprobs=tuple(seq.new_logprobs) if want_logprobs else None,
+                    finish_reason=seq.finish_reason if finishing else None,
+                    stop_token_id=seq.stop_token_id if finishing else None,
+                )
+            )
+            seq.new_token_ids, seq.new_logprobs = [], []
+            seq.finish_reported = seq.finish_reported or finishing
+        finished = request.is_finished
+        usage = None
+        if finished:
+            self.requests.pop(request.request_id, None)
+            usage = Usage(
+                request.prompt_len, request.num_completion_tokens, request.num_cached_prompt_tokens or 0
+            )
+        return RequestOutput(request.request_id, tuple(choices), finished, usage)
+
+    # ---- stats ---------------------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], prefix: str = "gen"
+    ) -> list[GenerateResult]:
+        """Run `prompts` together to completion (tests and benchmarks)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        results = {}
+        for i, (prompt, sp) in enumerate(zip(prompts, params_list, strict=True)):
+            rid = f"{prefix}-{i}"
+            self.add_request(EngineRequest(rid, tuple(prompt), sp))
+            results[rid] = GenerateResult(rid)
+        while self.has_unfinished():
+            for out in self.step():
+                collect(results[out.request_id], out)
+        return list(results.values())
+
+
+def collect(result: GenerateResult, out: RequestOutput) -> None:
+    """Fold one engine output into a GenerateResult."""
+    result.num_outputs += 1
+    for choice in out.choices:
+        result.token_ids.setdefault(choice.index, []).extend(choice.token_ids)
+        if choice.logprobs is not None:
+            result.logprobs.setdefault(choice.index, []).extend(choice.logprobs)
+        if choice.finish_reason is not None:
+            result.finish_reasons[choice.index] = choice.finish_reason
+            result.stop_token_ids[choice.index] = choice.stop_token_id
+    if out.usage is not None:
+        result.usage = out.usage

@@ -1,0 +1,69 @@
+"""The paged KV cache tensor and how big it may be.
+
+Layout (the kernel API, notes/kernel_api.md): ONE tensor per worker
+
+    kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]   (index 0 = K, 1 = V)
+
+Layer l sees `kv_cache[l]`, shape [2, num_blocks, block_size, num_kv_heads, head_dim]. A token's
+slot is `block_id * block_size + offset`. Disaggregation ships slices `kv_cache[l0:l1, :, blocks]`.
+Block ids are handed out by the BlockManager; this file only owns the memory.
+
+Sizing: `--kv-cache-memory` bytes when given; else on CUDA `gpu_memory_utilization` of the
+device's memory minus what the weights and a profiling forward of a full token budget used; on
+the CPU a fraction of the available host memory. Never more than every sequence slot could use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from services.worker.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+KV_LAYOUT = "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]"
+
+
+def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block over all layers, K and V."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+
+def available_host_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - non-POSIX
+        return 4 << 30
+
+
+class KVCache:
+    def __init__(
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.dtype = dtype
+        shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        log.info(
+            "KV cache: %d blocks x %d tokens (%.1f MiB, %s)",
+            num_blocks,
+            block_size,
+            self.tensor.numel() * self.tensor.element_size() / 2**20,
+            dtype,
+        )
+
+    def layer(self, index: int) -> torch.Tensor:  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        return self.tensor[index]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst in every layer (copy-on-fork of a partial prompt block)."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.tensor.device)
+        dst = torch.tensor([d for _, d in copies], device=self.tensor.device)
+        self.tensor[:, :, dst] = self.tensor[:, :, src]

@@ -1,0 +1,70 @@
+"""Paged attention over the worker's KV cache, and the per-step metadata every layer reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels import KernelOps
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Flat description of one step's batch (prefill chunks and decodes mixed)."""
+
+    positions: torch.Tensor  # [T] int64: position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset where its K/V go
+    block_tables: torch.Tensor  # [B, max_blocks] int32: each sequence's blocks, padded with 0
+    cu_seqlens_q: torch.Tensor  # [B+1] int32: token offsets of each sequence's new tokens
+    seq_lens: torch.Tensor  # [B] int32: cached + new tokens of each sequence
+    max_seqlen_q: int
+    cos_sin_cache: torch.Tensor  # [max_pos, head_dim]: cos in [:, :D/2], sin in [:, D/2:]
+
+
+class PagedAttention(nn.Module):
+    """Writes the new tokens' K/V into the cache, then attends over each sequence's whole context."""
+
+    def __init__(self, ops: KernelOps, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.ops = ops
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
+        self.ops.write_kv_cache(k, v, self.kv_cache, meta.slot_mapping)
+        return self.ops.paged_attention(
+            q,
+            self.kv_cache,
+            meta.block_tables,
+            meta.cu_seqlens_q,
+            meta.seq_lens,
+            self.scale,
+            meta.max_seqlen_q,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, ops: KernelOps, size: int, eps: float) -> None:
+        super().__init__()
+        self.ops = ops
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual)."""
+        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)

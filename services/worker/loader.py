@@ -1,0 +1,170 @@
+"""Build a model on the meta device and stream its weights in, tensor by tensor.
+
+The module tree is created on `meta` (no memory), materialised empty on the target device in the
+target dtype, then each checkpoint tensor is read from safetensors (one file or many, listed by
+`model.safetensors.index.json`) and copied into its parameter, or into its shard of a fused
+parameter (q/k/v -> qkv_proj, gate/up -> gate_up_proj). Every parameter must be covered exactly;
+a tensor that maps nowhere, has the wrong shape or is missing is an error naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kernels import KernelOps
+from services.worker.model_config import ModelConfig, ModelConfigError
+from services.worker.models import model_class
+from services.worker.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+class WeightLoadError(ModelConfigError):
+    """A checkpoint tensor is missing, unexpected or of the wrong shape."""
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def safetensors_files(model_dir: str) -> list[Path]:
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({root / name for name in weight_map.values()})
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadError(
+            f"{model_dir}: no *.safetensors weights (use --load-format dummy for random ones)"
+        )
+    for f in files:
+        if not f.is_file():
+            raise WeightLoadError(f"{f}: listed in model.safetensors.index.json but missing")
+    return files
+
+
+def iter_checkpoint(model_dir: str) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(file name, tensor name, tensor on CPU) for every tensor, one at a time."""
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                yield path.name, name, f.get_tensor(name)
+
+
+def _shard_slice(model: LlamaForCausalLM, shard: str) -> tuple[int, int]:
+    cfg = model.config
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter), "up": (inter, inter)}[shard]
+
+
+def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    required: dict[str, set[str]] = {}
+    for name in params:
+        fused = next(
+            (
+                f
+                for f, _, _ in model.stacked_params
+                if name.endswith(f"{f}.weight") or name.endswith(f"{f}.bias")
+            ),
+            None,
+        )
+        required[name] = {s for f, _, s in model.stacked_params if f == fused} if fused else {""}
+    loaded: dict[str, set[str]] = {name: set() for name in params}
+    tied = model.config.tie_word_embeddings
+    for file_name, name, tensor in tensors:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        target, shard = name, ""
+        for fused, original, shard_id in model.stacked_params:
+            if f".{original}." in name:
+                target, shard = name.replace(f".{original}.", f".{fused}."), shard_id
+                break
+        param = params.get(target)
+        if param is None:
+            raise WeightLoadError(
+                f"{file_name}: unexpected tensor {name!r} (no such parameter in {type(model).__name__})"
+            )
+        dest = param.data
+        if shard:
+            start, size = _shard_slice(model, shard)
+            dest = dest.narrow(0, start, size)
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise WeightLoadError(
+                f"{file_name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+            )
+        dest.copy_(tensor)
+        loaded[target].add(shard)
+    for name, needed in required.items():
+        missing = needed - loaded[name]
+        if missing:
+            shown = [name] if missing == {""} else [_checkpoint_name(model, name, s) for s in sorted(missing)]
+            raise WeightLoadError(f"{model.config.path}: missing tensor(s) {', '.join(shown)}")
+
+
+def _checkpoint_name(model: LlamaForCausalLM, name: str, shard: str) -> str:
+    for fused, original, shard_id in model.stacked_params:
+        if shard_id == shard:
+            return name.replace(f".{fused}.", f".{original}.")
+    return name
+
+
+def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+    """Random weights of the right shapes: small normal matrices, unit norms, zero biases."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.data.zero_()
+        else:
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+            param.data.copy_(values)
+
+
+def build_model(
+    cfg: ModelConfig,
+    ops: KernelOps,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_format: str,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    cls = model_class(cfg.architecture)
+    with _default_dtype(dtype), torch.device("meta"):
+        model = cls(cfg, ops)
+    model = model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty keeps the tie, but be explicit
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, iter_checkpoint(cfg.path))
+    model.eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "loaded %s (%s, %.1fM parameters, %s) on %s",
+        cfg.path,
+        cfg.architecture,
+        num_params / 1e6,
+        dtype,
+        device,
+    )
+    return model

@@ -1,0 +1,55 @@
+"""`tandem worker`: load the model, size the KV cache, serve tandem.v1.Worker over gRPC."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from services.common.config import parse_config
+from services.common.logging import setup_logging
+from services.common.server import GrpcServer, run
+from services.worker.config import WorkerConfig
+
+log = logging.getLogger("tandem.worker")
+
+
+def main(argv: list[str], prog: str = "tandem worker") -> int:
+    config = parse_config(WorkerConfig, argv, prog)
+    setup_logging(config.log_level, config.log_format, "tandem.worker")
+    # torch is imported only now, so `tandem worker --help` and option errors stay instant
+    from services.worker.async_engine import AsyncEngine
+    from services.worker.engine import Engine
+    from services.worker.model_config import ModelConfigError
+    from services.worker.rpc import SERVICE_NAME, add_to_server
+
+    try:
+        engine = Engine(config)
+    except ModelConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    async_engine = AsyncEngine(engine)
+
+    async def serve() -> None:
+        server = GrpcServer(config.address, config.drain_timeout)
+        add_to_server(server.server, async_engine)
+        server.add_service_name(SERVICE_NAME)
+        async_engine.start()
+        await server.start()
+        log.info(
+            "worker serving %s (%s, %s, %s) on %s",
+            engine.served_model_name,
+            engine.model_config.architecture,
+            engine.dtype,
+            engine.device,
+            server.bound_address,
+        )
+        try:
+            await server.serve_until_signal()
+        finally:
+            async_engine.stop()
+
+    return run(serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], "tandem worker"))

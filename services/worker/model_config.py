@@ -1,0 +1,120 @@
+"""The facts the worker needs from a Hugging Face model directory, read without `transformers`.
+
+Handles both config spellings: `rope_scaling` + `rope_theta` (transformers 4.x) and
+`rope_parameters` (transformers 5.x). EOS ids are the union of config.json and
+generation_config.json, each an int or a list.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ModelConfigError(ValueError):
+    """The model directory or its config cannot be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    architecture: str  # e.g. "LlamaForCausalLM"
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None  # {"rope_type": "llama3", "factor": ...}; None: plain rope
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # bias on q, k, v (Qwen2 always; Llama / Qwen3 when attention_bias)
+    o_proj_bias: bool  # bias on o_proj (Llama / Qwen3 when attention_bias; never Qwen2)
+    mlp_bias: bool
+    qk_norm: bool  # RMSNorm over head_dim on q and k (Qwen3)
+    sliding_window: int | None  # None: full attention everywhere
+    eos_token_ids: tuple[int, ...] = field(default=())
+    torch_dtype: str = "float32"  # the checkpoint's dtype
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{path}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_model_config(model_dir: str) -> ModelConfig:
+    """Read config.json (and generation_config.json when present) of a model directory."""
+    root = Path(model_dir)
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise ModelConfigError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    cfg = _read_json(cfg_path)
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise ModelConfigError(f"{cfg_path}: no 'architectures' entry")
+    model_type = str(cfg.get("model_type", ""))
+    rope = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or None
+    rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    if scaling is None and rope:
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling is not None:
+        scaling = dict(scaling)
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling["rope_type"] = rope_type
+        if rope_type == "default":
+            scaling = None
+    num_heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    use_sw = cfg.get("use_sliding_window", True)
+    sliding_window = cfg.get("sliding_window") if use_sw else None
+    eos = _as_ids(cfg.get("eos_token_id"))
+    gen_path = root / "generation_config.json"
+    if gen_path.is_file():
+        eos += [i for i in _as_ids(_read_json(gen_path).get("eos_token_id")) if i not in eos]
+    try:
+        return ModelConfig(
+            path=str(root),
+            architecture=str(archs[0]),
+            model_type=model_type,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            o_proj_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            sliding_window=int(sliding_window) if sliding_window else None,
+            eos_token_ids=tuple(eos),
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        )
+    except KeyError as exc:
+        raise ModelConfigError(f"{cfg_path}: missing key {exc.args[0]!r}") from None

@@ -1,0 +1,180 @@
+"""Turns a SchedulerOutput into one forward pass and sampled tokens.
+
+Flat inputs (all sequences' new tokens back to back, prefill chunks and decodes alike):
+input_ids / positions / slot_mapping [T], block_tables [B, max_blocks], cu_seqlens_q [B+1],
+seq_lens [B]. Logits are computed only for the last token of sequences that sample; a sequence
+whose prompt forks into n choices contributes that row n times, one per choice.
+
+The model's device math goes through the KernelOps bundle given at construction: the PyTorch
+reference on CPU, Triton kernels on CUDA (`--attention-backend`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kernels import KernelOps, build_rope_cache
+from services.worker.kv_cache import KVCache
+from services.worker.layers.attention import AttentionMetadata
+from services.worker.loader import build_model
+from services.worker.model_config import ModelConfig
+from services.worker.request import Sequence
+from services.worker.sampler import Sampler, SamplingMetadata, row_seed
+from services.worker.scheduler import SampledToken, SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        ops: KernelOps,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_model_len: int,
+        block_size: int,
+        load_format: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        self.cfg = cfg
+        self.ops = ops
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.model = build_model(cfg, ops, device, dtype, load_format, seed)
+        rope_len = max(max_model_len, 1)
+        self.cos_sin_cache = build_rope_cache(
+            cfg.head_dim, rope_len, cfg.rope_theta, cfg.rope_scaling, dtype, device
+        )
+        self.sampler = Sampler(torch.Generator(device=device).manual_seed(seed))
+        self.kv_cache: KVCache | None = None
+
+    def bind_kv_cache(self, kv_cache: KVCache) -> None:
+        self.kv_cache = kv_cache
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.kv_cache = kv_cache.layer(i)
+
+    @torch.inference_mode()
+    def profile_peak_bytes(self, num_tokens: int, num_seqs: int) -> int:
+        """CUDA: peak memory of a forward over `num_tokens` prompt tokens plus `num_seqs` logits rows,
+        with the weights loaded, measured on a throwaway KV cache just big enough for it."""
+        bs = self.block_size
+        num_tokens = max(1, min(num_tokens, self.cos_sin_cache.shape[0]))
+        num_blocks = -(-num_tokens // bs)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        scratch = KVCache(self.cfg, num_blocks, bs, self.dtype, self.device)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.kv_cache = scratch.layer(i)
+        dev = self.device
+        positions = torch.arange(num_tokens, device=dev)
+        meta = AttentionMetadata(
+            positions=positions,
+            slot_mapping=positions.clone(),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=dev)[None, :],
+            cu_seqlens_q=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=dev),
+            max_seqlen_q=num_tokens,
+            cos_sin_cache=self.cos_sin_cache,
+        )
+        hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), meta)
+        logits = self.model.compute_logits(hidden[-1:].expand(num_seqs, -1))
+        torch.softmax(logits, dim=-1).sort(dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del scratch, hidden, logits, meta
+        for attn in self.model.attention_layers():
+            attn.kv_cache = None
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> list[list[SampledToken]]:
+        """One forward over the scheduled tokens; returns, per scheduled sequence, its sampled
+        token then one per forked child (empty when the sequence did not reach its end)."""
+        assert self.kv_cache is not None
+        self.kv_cache.copy_blocks(out.block_copies)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu_seqlens = [0]
+        seq_lens: list[int] = []
+        logits_rows: list[int] = []
+        rows: list[tuple[Sequence, int]] = []  # (sequence whose params apply, index of its scheduled entry)
+        max_blocks = max(len(item.seq.block_ids) for item in out.scheduled)
+        block_tables = torch.zeros(len(out.scheduled), max_blocks, dtype=torch.int32)
+        for i, item in enumerate(out.scheduled):
+            seq, start, end = item.seq, item.start, item.start + item.num_new_tokens
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            blocks = seq.block_ids
+            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            cu_seqlens.append(cu_seqlens[-1] + end - start)
+            seq_lens.append(end)
+            block_tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            if item.sample:
+                for s in (seq, *item.children):
+                    logits_rows.append(cu_seqlens[-1] - 1)
+                    rows.append((s, i))
+        dev = self.device
+        meta = AttentionMetadata(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=block_tables.to(dev),
+            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            max_seqlen_q=max(item.num_new_tokens for item in out.scheduled),
+            cos_sin_cache=self.cos_sin_cache,
+        )
+        hidden = self.model(torch.tensor(input_ids, dtype=torch.int64, device=dev), meta)
+        results: list[list[SampledToken]] = [[] for _ in out.scheduled]
+        if not rows:
+            return results
+        logits = self.model.compute_logits(hidden[torch.tensor(logits_rows, device=dev)])
+        sampled = self.sampler(logits, self._sampling_metadata([s for s, _ in rows]))
+        for (_, i), token, logprob in zip(rows, sampled.token_ids, sampled.logprobs, strict=True):
+            results[i].append(SampledToken(token, logprob))
+        return results
+
+    def _sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
+        dev = self.device
+        params = [s.request.sampling for s in seqs]
+        outputs = [s.output_token_ids for s in seqs]
+        need_penalties = any(
+            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            for p in params
+        )
+        banned = [
+            sorted(s.request.stop_token_ids) if len(out) < s.request.sampling.min_tokens else []
+            for s, out in zip(seqs, outputs, strict=True)
+        ]
+
+        def column(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        return SamplingMetadata(
+            temperature=column([p.temperature for p in params]),
+            top_k=column([max(p.top_k, 0) for p in params], torch.int64),
+            top_p=column([p.top_p for p in params]),
+            min_p=column([p.min_p for p in params]),
+            repetition_penalty=column([p.repetition_penalty for p in params]),
+            presence_penalty=column([p.presence_penalty for p in params]),
+            frequency_penalty=column([p.frequency_penalty for p in params]),
+            output_ids=outputs if need_penalties else [[] for _ in seqs],
+            prompt_ids=[list(s.request.req.prompt_token_ids) for s in seqs]
+            if need_penalties
+            else [[] for _ in seqs],
+            banned_ids=banned,
+            seeds=[
+                None if p.seed is None else row_seed(p.seed, s.choice_index, len(out))
+                for s, p, out in zip(seqs, params, outputs, strict=True)
+            ],
+            num_logprobs=[p.logprobs for p in params],
+            all_greedy=all(p.temperature == 0.0 for p in params),
+            need_filter=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
+            need_penalties=need_penalties,
+        )

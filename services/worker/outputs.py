@@ -1,0 +1,32 @@
+"""What the engine hands back after each step: per-request deltas, finish reasons and usage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.worker.request import TokenLogprob
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int  # over all choices, produced by this worker
+    cached_prompt_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass(frozen=True)
+class ChoiceOutput:
+    index: int  # choice index (first_choice_index + i)
+    token_ids: tuple[int, ...]  # new since the previous output
+    logprobs: tuple[TokenLogprob, ...] | None  # parallel to token_ids when requested
+    finish_reason: str | None = None  # "stop" | "length" | "abort" when this choice ended now
+    stop_token_id: int | None = None  # the EOS / stop id that ended it
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    choices: tuple[ChoiceOutput, ...]  # only choices with news
+    finished: bool = False
+    usage: Usage | None = None  # on the last output of a request only
+    error: str | None = None  # set when the engine failed this request (internal error)

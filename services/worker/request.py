@@ -1,0 +1,229 @@
+"""What a request is inside the engine: its parameters, validation, and the per-choice state.
+
+An `EngineRequest` (immutable, what a client asked) becomes a `Request` (mutable, engine-owned)
+with one `Sequence` per choice. Choice 0 computes the prompt; with n > 1 the other choices wait
+parked until the prompt is done and then fork from it, sharing the prompt's full KV blocks.
+A sequence's `token_ids` are prompt + output; `num_computed_tokens` of them have KV in the cache.
+A sequence samples when a step computes its last token.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from dataclasses import dataclass, field
+
+MAX_TOP_LOGPROBS = 20
+
+
+class InvalidRequestError(ValueError):
+    """A request parameter is out of range; `field` names it (gRPC INVALID_ARGUMENT)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = None  # None: up to max_model_len
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None  # None: no logprobs; k: sampled token's plus k top alternatives
+    prompt_logprobs: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    generated_token_ids: tuple[int, ...] = ()  # output produced elsewhere (resume / prefill worker)
+    first_choice_index: int = 0
+
+
+def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) -> int:
+    """Check `req` against the model; return the effective max_tokens. Raises InvalidRequestError."""
+    sp = req.sampling
+    if not req.request_id:
+        raise InvalidRequestError("request_id", "must be non-empty")
+    if not req.prompt_token_ids:
+        raise InvalidRequestError("prompt_token_ids", "the prompt is empty")
+    for name, ids in (
+        ("prompt_token_ids", req.prompt_token_ids),
+        ("generated_token_ids", req.generated_token_ids),
+    ):
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(name, f"token id {bad} is not below the vocabulary size {vocab_size}")
+    for stop in sp.stop_token_ids:
+        if not 0 <= stop < vocab_size:
+            raise InvalidRequestError("sampling.stop_token_ids", f"token id {stop} is not below {vocab_size}")
+    floats = {
+        "temperature": sp.temperature,
+        "top_p": sp.top_p,
+        "min_p": sp.min_p,
+        "repetition_penalty": sp.repetition_penalty,
+        "presence_penalty": sp.presence_penalty,
+        "frequency_penalty": sp.frequency_penalty,
+    }
+    for name, value in floats.items():
+        if not math.isfinite(value):
+            raise InvalidRequestError(f"sampling.{name}", f"must be a finite number, got {value}")
+    if sp.temperature < 0:
+        raise InvalidRequestError("sampling.temperature", f"must be >= 0, got {sp.temperature}")
+    if not 0 < sp.top_p <= 1:
+        raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {sp.top_p}")
+    if sp.top_k < -1:
+        raise InvalidRequestError("sampling.top_k", f"must be >= 0 (or -1 for off), got {sp.top_k}")
+    if not 0 <= sp.min_p <= 1:
+        raise InvalidRequestError("sampling.min_p", f"must be in [0, 1], got {sp.min_p}")
+    if sp.repetition_penalty <= 0:
+        raise InvalidRequestError("sampling.repetition_penalty", f"must be > 0, got {sp.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= floats[name] <= 2:
+            raise InvalidRequestError(f"sampling.{name}", f"must be in [-2, 2], got {floats[name]}")
+    if sp.n < 1:
+        raise InvalidRequestError("sampling.n", f"must be >= 1, got {sp.n}")
+    if sp.n > 1 and req.generated_token_ids:
+        raise InvalidRequestError("generated_token_ids", "requires n = 1")
+    for name, k in (("logprobs", sp.logprobs), ("prompt_logprobs", sp.prompt_logprobs)):
+        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"sampling.{name}", f"must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
+    if sp.min_tokens < 0:
+        raise InvalidRequestError("sampling.min_tokens", f"must be >= 0, got {sp.min_tokens}")
+    prompt_len = len(req.prompt_token_ids)
+    if prompt_len >= max_model_len:
+        raise InvalidRequestError(
+            "prompt_token_ids",
+            f"prompt of {prompt_len} tokens leaves no room in the context of {max_model_len}",
+        )
+    max_tokens = max_model_len - prompt_len if sp.max_tokens is None else sp.max_tokens
+    if max_tokens < 1:
+        raise InvalidRequestError("sampling.max_tokens", f"must be >= 1, got {max_tokens}")
+    if prompt_len + max_tokens > max_model_len:
+        raise InvalidRequestError(
+            "sampling.max_tokens",
+            f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds the context length {max_model_len}",
+        )
+    if len(req.generated_token_ids) >= max_tokens:
+        raise InvalidRequestError(
+            "generated_token_ids",
+            f"{len(req.generated_token_ids)} tokens already reach max_tokens {max_tokens}",
+        )
+    if sp.min_tokens > max_tokens:
+        raise InvalidRequestError("sampling.min_tokens", f"{sp.min_tokens} exceeds max_tokens {max_tokens}")
+    return max_tokens
+
+
+class SequenceStatus(enum.Enum):
+    PARKED = "parked"  # a choice of n > 1 waiting for the prompt to be computed by choice 0
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    rank: int  # 1 = most likely
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """One choice of a request: its tokens, computed prefix, blocks and fresh (unstreamed) output."""
+
+    def __init__(self, request: Request, choice_index: int, token_ids: list[int]) -> None:
+        self.seq_id = next(_seq_ids)
+        self.request = request
+        self.choice_index = choice_index
+        self.token_ids = token_ids
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # chain hashes of the leading full, computed blocks
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_token_id: int | None = None
+        self.finish_reported = False  # the finish reason went out in a RequestOutput
+        self.new_token_ids: list[int] = []
+        self.new_logprobs: list[TokenLogprob] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.request.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.request.prompt_len :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.request.request_id}#{self.choice_index}, {self.status.value}, "
+            f"computed {self.num_computed_tokens}/{self.num_tokens}, blocks {self.block_ids})"
+        )
+
+
+class Request:
+    """Engine-side state of one EngineRequest: its choices and counters."""
+
+    def __init__(
+        self, req: EngineRequest, max_tokens: int, eos_token_ids: tuple[int, ...], arrival: int
+    ) -> None:
+        self.req = req
+        self.request_id = req.request_id
+        self.sampling = req.sampling
+        self.max_tokens = max_tokens
+        self.prompt_len = len(req.prompt_token_ids)
+        self.arrival = arrival
+        stop = set(req.sampling.stop_token_ids)
+        self.stop_token_ids = frozenset(stop if req.sampling.ignore_eos else stop | set(eos_token_ids))
+        prompt = list(req.prompt_token_ids)
+        first = Sequence(self, req.first_choice_index, prompt + list(req.generated_token_ids))
+        self.sequences = [first]
+        for i in range(1, req.sampling.n):
+            child = Sequence(self, req.first_choice_index + i, list(prompt))
+            child.status = SequenceStatus.PARKED
+            self.sequences.append(child)
+        self.num_cached_prompt_tokens: int | None = None  # set when choice 0 is first scheduled
+        self.aborted = False
+
+    @property
+    def parked(self) -> list[Sequence]:
+        return [s for s in self.sequences if s.status is SequenceStatus.PARKED]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.sequences)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Tokens generated by this worker over all choices (generated_token_ids given in are not counted)."""
+        return sum(s.num_output_tokens for s in self.sequences) - len(self.req.generated_token_ids)

@@ -1,0 +1,153 @@
+"""Token choice from the last-position logits of each sampling row.
+
+Order (as vLLM): logprobs are taken from the raw model distribution (log_softmax of the fp32
+logits) first; then min_tokens masks the stop ids, penalties apply (repetition over prompt and
+output, presence / frequency over the output), greedy rows take the argmax, and the other rows
+divide by the temperature, keep top-k / top-p / min-p, and sample.
+
+Sampling is the exponential race `argmax(probs / q)`, q ~ Exp(1), which draws from `probs`.
+A seeded row draws its q on the CPU from a generator seeded by (seed, choice index, output
+position) alone, so its tokens do not depend on the batch, the step or the worker it runs on,
+and a request resumed elsewhere continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from services.worker.request import TokenLogprob
+
+
+def row_seed(seed: int, choice_index: int, position: int) -> int:
+    """The generator seed of one sampling draw: a function of these three numbers only."""
+    data = f"{seed}:{choice_index}:{position}".encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+@dataclass(frozen=True)
+class SamplingMetadata:
+    temperature: torch.Tensor  # [S] float32; 0 for greedy rows
+    top_k: torch.Tensor  # [S] int64; 0 = off
+    top_p: torch.Tensor  # [S] float32
+    min_p: torch.Tensor  # [S] float32
+    repetition_penalty: torch.Tensor  # [S] float32
+    presence_penalty: torch.Tensor  # [S] float32
+    frequency_penalty: torch.Tensor  # [S] float32
+    output_ids: list[list[int]]  # [S][*] output so far, for penalties
+    prompt_ids: list[list[int]]  # [S][*] prompt, for the repetition penalty
+    banned_ids: list[list[int]]  # [S][*] stop ids masked because min_tokens is not reached
+    seeds: list[int | None]  # [S] per-row draw seed (row_seed) or None for the shared stream
+    num_logprobs: list[int | None]  # [S] None: no logprobs; k: sampled + k top
+    all_greedy: bool
+    need_filter: bool  # some row uses top-k, top-p or min-p
+    need_penalties: bool
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]  # [S]
+    logprobs: list[TokenLogprob | None]  # [S]
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator  # the shared stream of unseeded rows (device of the logits)
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        """logits: [S, V] float32."""
+        logits = logits.float()
+        want_logprobs = any(k is not None for k in meta.num_logprobs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if any(meta.banned_ids) or meta.need_penalties:
+            logits = logits.clone()
+        for row, banned in enumerate(meta.banned_ids):
+            if banned:
+                logits[row, banned] = float("-inf")
+        if meta.need_penalties:
+            logits = self._apply_penalties(logits, meta)
+        token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
+        ids = token_ids.tolist()
+        return SamplerOutput(
+            ids,
+            self._logprobs(raw_logprobs, token_ids, meta) if raw_logprobs is not None else [None] * len(ids),
+        )
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        num_rows, vocab = logits.shape
+        device = logits.device
+        counts = torch.zeros(num_rows, vocab, device=device)
+        in_prompt = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
+        for row, (out, prompt) in enumerate(zip(meta.output_ids, meta.prompt_ids, strict=True)):
+            if out:
+                ids = torch.tensor(out, device=device)
+                counts[row].index_add_(0, ids, torch.ones(len(out), device=device))
+            if prompt:
+                in_prompt[row, torch.tensor(prompt, device=device)] = True
+        rep = meta.repetition_penalty[:, None]
+        seen = in_prompt | (counts > 0)
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+        logits = logits - meta.frequency_penalty[:, None] * counts
+        return logits - meta.presence_penalty[:, None] * (counts > 0).float()
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        greedy = meta.temperature == 0
+        temperature = torch.where(greedy, torch.ones_like(meta.temperature), meta.temperature)
+        scaled = logits / temperature[:, None]
+        if meta.need_filter:
+            scaled = self._filter(scaled, meta)
+        probs = torch.softmax(scaled, dim=-1)
+        q = torch.empty_like(probs)
+        unseeded = [row for row, s in enumerate(meta.seeds) if s is None]
+        if unseeded:
+            q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
+                generator=self.generator
+            )
+        for row, seed in enumerate(meta.seeds):
+            if seed is not None:
+                gen = torch.Generator().manual_seed(seed)
+                q[row] = torch.empty(probs.shape[1]).exponential_(generator=gen).to(probs.device)
+        sampled = (probs / q).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    @staticmethod
+    def _filter(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        vocab = logits.shape[1]
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=logits.device)[None, :]
+        top_k = torch.where(meta.top_k > 0, meta.top_k, torch.full_like(meta.top_k, vocab))
+        drop = ranks >= top_k[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # top-p: drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = drop | ((probs.cumsum(dim=-1) - probs) >= meta.top_p[:, None])
+        drop = drop | (probs < meta.min_p[:, None] * probs[:, :1])
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+    @staticmethod
+    def _logprobs(
+        raw: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetadata
+    ) -> list[TokenLogprob | None]:
+        chosen = raw.gather(1, token_ids[:, None])  # [S, 1]
+        ranks = ((raw > chosen).sum(dim=-1) + 1).tolist()
+        chosen_list = chosen[:, 0].tolist()
+        k_max = max((k for k in meta.num_logprobs if k), default=0)
+        top_vals, top_ids = raw.topk(k_max, dim=-1) if k_max else (None, None)
+        top_vals_l = top_vals.tolist() if top_vals is not None else None
+        top_ids_l = top_ids.tolist() if top_ids is not None else None
+        out: list[TokenLogprob | None] = []
+        for row, k in enumerate(meta.num_logprobs):
+            if k is None:
+                out.append(None)
+                continue
+            top: tuple[tuple[int, float], ...] = ()
+            if k and top_ids_l is not None and top_vals_l is not None:
+                top = tuple(zip(top_ids_l[row][:k], top_vals_l[row][:k], strict=True))
+            out.append(TokenLogprob(int(token_ids[row]), chosen_list[row], ranks[row], top))
+        return out

@@ -1,0 +1,205 @@
+"""Continuous batching with chunked prefill, token by token budget (pure Python, no device work).
+
+Each step hands out at most `max_num_batched_tokens` tokens. Running sequences go first, oldest
+first; a running sequence still prefilling gets only what is left after reserving one token for
+every decode behind it, so decodes are never starved by a long prompt. Waiting sequences are then
+admitted first come, first served, their prompts chunked to the remaining budget, while no
+running sequence had to be preempted this step.
+
+When the KV cache runs out, the newest running sequence is preempted by recompute: its blocks are
+freed and it goes back to the front of the queue with its tokens so far (prompt + output), to be
+prefilled again later (largely from the prefix cache when its blocks survived).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from services.worker.block_manager import BlockManager
+from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    start: int  # first position computed this step (= num_computed_tokens when scheduled)
+    num_new_tokens: int  # tokens [start, start + num_new_tokens) are computed this step
+    sample: bool  # this step computes the last token, so the next one is sampled
+    children: list[Sequence] = field(default_factory=list)  # parked choices sampled from the same row
+    spare_blocks: list[int] = field(default_factory=list)  # one per child, for the copied partial block
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]
+    block_copies: list[tuple[int, int]]  # (src, dst) block copies to do before the forward
+    num_batched_tokens: int
+    num_preempted: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self.bm = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._pending_copies: list[tuple[int, int]] = []
+        self.num_preemptions = 0
+
+    # ---- queue management ----------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request.sequences[0])
+
+    def abort(self, request: Request) -> None:
+        for seq in request.sequences:
+            if seq.is_finished:
+                continue
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+            elif seq.status is SequenceStatus.WAITING:
+                self.waiting.remove(seq)
+            self._finish(seq, "abort")
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
+
+    # ---- schedule ------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        num_preempted = 0
+        decodes_left = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            is_decode = remaining == 1
+            if is_decode:
+                decodes_left -= 1
+            num_new = min(remaining, budget - (0 if is_decode else decodes_left))
+            if num_new <= 0:
+                i += 1
+                continue
+            extra = self._fork_blocks_needed(seq, num_new)
+            while not self.bm.can_allocate(seq, num_new, extra=extra):
+                victim = self.running[-1]
+                self._preempt(victim)
+                num_preempted += 1
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break
+            scheduled.append(self._commit(seq, num_new, extra))
+            budget -= num_new
+            i += 1
+
+        while self.waiting and budget > 0 and not num_preempted:
+            seq = self.waiting[0]
+            n_parked = len(seq.request.parked)
+            if len(self.running) + 1 + n_parked > self.max_num_seqs:
+                break
+            cached = self.bm.find_cached_prefix(seq)
+            num_new = min(seq.num_tokens - len(cached) * self.bm.block_size, budget)
+            extra = self._fork_blocks_needed(seq, num_new, len(cached) * self.bm.block_size)
+            if not self.bm.can_allocate(seq, num_new, cached, extra):
+                break
+            self.waiting.popleft()
+            request = seq.request
+            if request.num_cached_prompt_tokens is None:
+                hit = min(len(cached) * self.bm.block_size, request.prompt_len)
+                request.num_cached_prompt_tokens = hit
+                self.bm.record_lookup(request.prompt_len, hit)
+            self.bm.use_cached_prefix(seq, cached)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(self._commit(seq, num_new, extra))
+            budget -= num_new
+
+        copies, self._pending_copies = self._pending_copies, []
+        return SchedulerOutput(scheduled, copies, self.max_num_batched_tokens - budget, num_preempted)
+
+    def _fork_blocks_needed(self, seq: Sequence, num_new: int, computed: int | None = None) -> int:
+        """Spare blocks the parked siblings of `seq` need when this chunk ends its prompt."""
+        computed = seq.num_computed_tokens if computed is None else computed
+        parked = seq.request.parked
+        if not parked or computed + num_new < seq.num_tokens or seq.num_tokens % self.bm.block_size == 0:
+            return 0
+        return len(parked)
+
+    def _commit(self, seq: Sequence, num_new: int, extra: int) -> ScheduledSequence:
+        self.bm.allocate(seq, num_new)
+        sample = seq.num_computed_tokens + num_new == seq.num_tokens
+        children = seq.request.parked if sample else []
+        spares = [self.bm.allocate_block() for _ in range(extra)]
+        return ScheduledSequence(seq, seq.num_computed_tokens, num_new, sample, children, spares)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.bm.free_sequence(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ---- update --------------------------------------------------------------------------------
+    def update(self, out: SchedulerOutput, sampled: list[list[SampledToken]]) -> set[Request]:
+        """Advance the scheduled sequences; `sampled[i]` holds the tokens of `out.scheduled[i]`
+        (empty when it did not sample; else its own then one per child). Returns touched requests."""
+        touched: set[Request] = set()
+        for item, tokens in zip(out.scheduled, sampled, strict=True):
+            seq = item.seq
+            touched.add(seq.request)
+            if seq.is_finished:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens = item.start + item.num_new_tokens
+            self.bm.register_computed_blocks(seq)
+            if not item.sample:
+                continue
+            spares: list[int | None] = list(item.spare_blocks) or [None] * len(item.children)
+            for child, spare, token in zip(item.children, spares, tokens[1:], strict=True):
+                copy = self.bm.fork(seq, child, spare)
+                if copy is not None:
+                    self._pending_copies.append(copy)
+                child.status = SequenceStatus.RUNNING
+                self.running.insert(self.running.index(seq) + 1, child)
+                self._append(child, token)
+            self._append(seq, tokens[0])
+        return touched
+
+    def _append(self, seq: Sequence, token: SampledToken) -> None:
+        seq.token_ids.append(token.token_id)
+        seq.new_token_ids.append(token.token_id)
+        if token.logprob is not None:
+            seq.new_logprobs.append(token.logprob)
+        request = seq.request
+        if token.token_id in request.stop_token_ids and seq.num_output_tokens >= request.sampling.min_tokens:
+            seq.stop_token_id = token.token_id
+            self._finish_running(seq, "stop")
+        elif seq.num_output_tokens >= request.max_tokens:
+            self._finish_running(seq, "length")
+
+    def _finish_running(self, seq: Sequence, reason: str) -> None:
+        self.running.remove(seq)
+        self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.bm.free_sequence(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
