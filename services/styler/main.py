@@ -29,7 +29,7 @@ def options_from_config(config: StylerConfig) -> StylerOptions:
 
 
 async def serve(config: StylerConfig, styler: Styler) -> None:
-    server = GrpcServer(config.address, grace_s=config.drain_timeout)
+    server = GrpcServer.from_config(config)
     with ThreadPoolExecutor(max_workers=config.num_threads, thread_name_prefix="styler") as executor:
         add_to_server(StylerServicer(styler, executor), server.server)
         server.add_service_name(SERVICE_NAME)

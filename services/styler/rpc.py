@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
 
+from services.common.logging import request_id_var
+from services.styler.chat_template import RenderInput
+from services.styler.messages import message_dict, parse_json_field, tool_call_dict
+from services.styler.stream import DetokenizeSession, StreamDelta, StreamOptions
 from services.styler.styler import Styler
-from tandem.v1 import styler_pb2, styler_pb2_grpc
+from tandem.v1 import common_pb2, styler_pb2, styler_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,6 +40,46 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # unreachable: abort raises
+
+    async def Render(
+        self, request: styler_pb2.RenderRequest, context: grpc.aio.ServicerContext
+    ) -> styler_pb2.RenderResponse:
+        def work() -> styler_pb2.RenderResponse:
+            rendered = self.styler.render(render_input(request))
+            return styler_pb2.RenderResponse(prompt=rendered.prompt, token_ids=rendered.token_ids)
+
+        return await self._call(context, work)
+
+    async def DetokenizeStream(
+        self,
+        request_iterator: AsyncIterator[styler_pb2.DetokenizeStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[styler_pb2.DetokenizeStreamResponse]:
+        session: DetokenizeSession | None = None
+        loop = asyncio.get_running_loop()
+        async for message in request_iterator:
+            kind = message.WhichOneof("kind")
+            if session is None:
+                if kind != "start":
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be `start`")
+                options = stream_options(message.start)
+                request_id_var.set(options.request_id or "-")
+                try:
+                    session = self.styler.open_stream(options)
+                except ValueError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                continue
+            if kind != "deltas":
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`start` may only be sent once")
+            deltas = [(d.index, list(d.token_ids), d.finished) for d in message.deltas.deltas]
+            try:
+                # Short windows of a few tokens: cheap, but still kept off the event loop.
+                out = await loop.run_in_executor(self.executor, _add_deltas, session, deltas)
+            except ValueError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            reply = [text_delta_proto(d) for d in out if not d.is_empty()]
+            if reply:
+                yield styler_pb2.DetokenizeStreamResponse(deltas=reply)
 
     async def Tokenize(
         self, request: styler_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -77,3 +121,77 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
 
 def add_to_server(servicer: StylerServicer, server: grpc.aio.Server) -> None:
     styler_pb2_grpc.add_StylerServicer_to_server(servicer, server)
+
+
+def _add_deltas(session: DetokenizeSession, deltas: list[tuple[int, list[int], bool]]) -> list[StreamDelta]:
+    return [session.add(index, ids, finished) for index, ids, finished in deltas]
+
+
+def render_input(request: styler_pb2.RenderRequest) -> RenderInput:
+    messages = []
+    for i, m in enumerate(request.messages):
+        which = m.WhichOneof("content")
+        content: str | list[dict[str, str]] | None
+        if which == "text":
+            content = m.text
+        elif which == "parts":
+            content = [{"type": p.type, "text": p.text} for p in m.parts.parts]
+        else:
+            content = None
+        extra = parse_json_field(m.extra_json, f"messages[{i}].extra_json", dict)
+        messages.append(
+            message_dict(
+                m.role,
+                content,
+                name=m.name,
+                tool_calls=[tool_call_dict(c.id, c.name, c.arguments, c.type) for c in m.tool_calls],
+                tool_call_id=m.tool_call_id,
+                reasoning_content=m.reasoning_content if m.HasField("reasoning_content") else None,
+                extra=extra,
+            )
+        )
+    return RenderInput(
+        messages=messages,
+        tools=parse_json_field(request.tools_json, "tools_json", list),
+        documents=parse_json_field(request.documents_json, "documents_json", list),
+        add_generation_prompt=(
+            request.add_generation_prompt
+            if request.HasField("add_generation_prompt")
+            else not request.continue_final_message
+        ),
+        continue_final_message=request.continue_final_message,
+        chat_template=request.chat_template if request.HasField("chat_template") else None,
+        template_kwargs=parse_json_field(request.chat_template_kwargs_json, "chat_template_kwargs_json", dict)
+        or {},
+    )
+
+
+def stream_options(start: styler_pb2.DetokenizeStreamStart) -> StreamOptions:
+    return StreamOptions(
+        request_id=start.request_id,
+        prompt_token_ids=tuple(start.prompt_token_ids),
+        skip_special_tokens=start.skip_special_tokens if start.HasField("skip_special_tokens") else True,
+        stop=tuple(start.stop),
+        include_stop_str_in_output=start.include_stop_str_in_output,
+        tool_parser=start.tool_parser,
+        reasoning_parser=start.reasoning_parser,
+        num_choices=start.num_choices or 1,
+        first_choice_index=start.first_choice_index,
+        prompt_opens_reasoning=start.prompt_opens_reasoning,
+    )
+
+
+def text_delta_proto(delta: StreamDelta) -> styler_pb2.TextDelta:
+    return styler_pb2.TextDelta(
+        index=delta.index,
+        text=delta.text,
+        reasoning_text=delta.reasoning_text,
+        tool_calls=[
+            common_pb2.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments)
+            for c in delta.tool_calls
+        ],
+        stopped=delta.stopped,
+        matched_stop=delta.matched_stop,
+        finished=delta.finished,
+        num_tokens=delta.num_tokens,
+    )

@@ -9,10 +9,22 @@ stream = styler.open_stream(StreamOptions(stop=("\\n\\n",)))   # one per request
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from services.styler.chat_template import ChatTemplateRenderer, RenderInput
+from services.styler.parsers.auto import (
+    REASONING_PARSER_NAMES,
+    TOOL_PARSER_NAMES,
+    detect_reasoning_parser,
+    detect_tool_parser,
+    resolve_parser,
+)
+from services.styler.render_guard import RenderGuard
+from services.styler.stream import DetokenizeSession, StreamOptions
 from services.styler.tokenizer import Tokenizer
+
+__all__ = ["RenderInput", "RenderedPrompt", "StreamOptions", "Styler", "StylerInfo", "StylerOptions"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,14 @@ class StylerInfo:
     reasoning_parser: str
 
 
+@dataclass(frozen=True)
+class RenderedPrompt:
+    """A rendered conversation."""
+
+    prompt: str
+    token_ids: list[int]  # [num_prompt_tokens], tokenized without extra special tokens
+
+
 class Styler:
     """Tokenizer, chat template, parsers of one model; thread-safe, stateless across requests."""
 
@@ -51,10 +71,61 @@ class Styler:
         self.options = options
         self.tokenizer = tokenizer
         self.model_name = options.model_name or Path(options.model).resolve().name
+        files = tokenizer.files
+        if options.chat_template:
+            try:
+                template: str | None = Path(options.chat_template).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"--chat-template: cannot read {options.chat_template}: {exc}") from exc
+        else:
+            template = files.default_chat_template()
+        self.chat_template = template
+        self.renderer = ChatTemplateRenderer(
+            template,
+            tokenizer.special_tokens_map,
+            RenderGuard(options.render_timeout_s, options.max_prompt_chars),
+        )
+        detect_text = "\n".join([*(files.chat_templates.values()), template or ""])
+        self.tool_parser = resolve_parser(
+            options.tool_parser,
+            detect_tool_parser(tokenizer.has_token, detect_text),
+            TOOL_PARSER_NAMES,
+            "--tool-parser",
+        )
+        self.reasoning_parser = resolve_parser(
+            options.reasoning_parser,
+            detect_reasoning_parser(tokenizer.has_token, detect_text),
+            REASONING_PARSER_NAMES,
+            "--reasoning-parser",
+        )
 
     @classmethod
     def load(cls, options: StylerOptions) -> Styler:
         return cls(options, Tokenizer.from_dir(options.model))
+
+    def render(self, request: RenderInput) -> RenderedPrompt:
+        """`apply_chat_template(..., tokenize=True)`; ValueError with the template's message."""
+        named = self.tokenizer.files.chat_templates
+        if request.chat_template is not None and request.chat_template in named:
+            # As in transformers, `chat_template` may name one of the model's templates.
+            request = replace(request, chat_template=named[request.chat_template])
+        elif (
+            request.chat_template is None
+            and request.tools is not None
+            and not self.options.chat_template
+            and "tool_use" in named
+        ):
+            request = replace(request, chat_template=named["tool_use"])
+        prompt = self.renderer.render(request)
+        return RenderedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def open_stream(self, options: StreamOptions) -> DetokenizeSession:
+        """State for one DetokenizeStream; "auto" parser names resolve to the model's parsers."""
+        tool = resolve_parser(options.tool_parser, self.tool_parser, TOOL_PARSER_NAMES, "start.tool_parser")
+        reasoning = resolve_parser(
+            options.reasoning_parser, self.reasoning_parser, REASONING_PARSER_NAMES, "start.reasoning_parser"
+        )
+        return DetokenizeSession(self.tokenizer, options, tool, reasoning)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -76,8 +147,8 @@ class Styler:
             eos_token=tok.eos_token or "",
             eos_token_ids=tok.eos_token_ids,
             special_tokens=tok.special_tokens,
-            has_chat_template=self.tokenizer.files.default_chat_template() is not None,
+            has_chat_template=self.chat_template is not None,
             max_model_len=tok.max_model_len,
-            tool_parser="",
-            reasoning_parser="",
+            tool_parser=self.tool_parser,
+            reasoning_parser=self.reasoning_parser,
         )

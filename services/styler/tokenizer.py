@@ -155,15 +155,16 @@ class Tokenizer:
         explicit = "add_bos_token" in config or "add_eos_token" in config
         if not explicit and self._tok.post_processor is not None:
             return
-        bos, eos = self.special_tokens_map.get("bos_token"), self.special_tokens_map.get("eos_token")
-        add_bos = bool(config.get("add_bos_token", False)) and bos is not None
-        add_eos = bool(config.get("add_eos_token", False)) and eos is not None
+        bos = self.special_tokens_map.get("bos_token") or ""
+        eos = self.special_tokens_map.get("eos_token") or ""
+        add_bos = bool(config.get("add_bos_token", False)) and bool(bos)
+        add_eos = bool(config.get("add_eos_token", False)) and bool(eos)
         single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
         pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
         special: list[tuple[str, int]] = []
-        if add_bos and bos is not None:
+        if add_bos:
             special.append((bos, self._require_id(bos)))
-        if add_eos and eos is not None:
+        if add_eos:
             special.append((eos, self._require_id(eos)))
         self._tok.post_processor = processors.TemplateProcessing(
             single=single, pair=pair, special_tokens=special

@@ -1,0 +1,1 @@
+"""Tool-call and reasoning parsers per model family, and how "auto" picks them."""

@@ -1,0 +1,171 @@
+"""One DetokenizeStream: token-id deltas of several choices in, text deltas out.
+
+Per choice, text flows  token ids -> IncrementalDetokenizer -> StopMatcher ->
+reasoning parser -> tool parser -> StreamDelta. Each stage holds back what it cannot decide
+yet and releases it at `finished` (or at a stop string, after which the choice ignores further
+tokens). Malformed tool calls become content; no model output raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from services.styler.detokenizer import IncrementalDetokenizer
+from services.styler.parsers.base import ParsedText, ToolParser
+from services.styler.parsers.reasoning import ThinkReasoningParser, make_reasoning_parser
+from services.styler.parsers.tool_formats import TOOL_MARKERS, TOOL_PARSERS
+from services.styler.stop_matcher import StopMatcher
+from services.styler.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Everything a stream needs to know about its request (DetokenizeStreamStart)."""
+
+    request_id: str = ""
+    prompt_token_ids: tuple[int, ...] = ()
+    skip_special_tokens: bool = True
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
+    tool_parser: str = ""  # "" = off, "auto" = the model's, or a parser name
+    reasoning_parser: str = ""  # "" = off, "auto" = the model's, or a parser name
+    num_choices: int = 1
+    first_choice_index: int = 0
+    prompt_opens_reasoning: bool = False
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A tool call as an OpenAI streaming delta (the styler sends each call whole)."""
+
+    index: int  # position of the call within the choice's message
+    id: str
+    name: str
+    arguments: str  # JSON text
+
+
+@dataclass
+class StreamDelta:
+    """New output of one choice."""
+
+    index: int
+    text: str = ""
+    reasoning_text: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    stopped: bool = False
+    matched_stop: str = ""
+    finished: bool = False
+    num_tokens: int = 0
+
+    def is_empty(self) -> bool:
+        return not (self.text or self.reasoning_text or self.tool_calls or self.stopped or self.finished)
+
+
+class ChoiceStream:
+    """The detokenizer, stop matcher and parsers of one choice."""
+
+    def __init__(
+        self,
+        index: int,
+        tokenizer: Tokenizer,
+        options: StreamOptions,
+        tool_parser: ToolParser | None,
+        reasoning_parser: ThinkReasoningParser | None,
+        keep_token_ids: frozenset[int],
+    ) -> None:
+        self.index = index
+        self._detok = IncrementalDetokenizer(
+            tokenizer, options.skip_special_tokens, keep_token_ids, options.prompt_token_ids
+        )
+        self._stop = StopMatcher(options.stop, options.include_stop_str_in_output)
+        self._tool = tool_parser
+        self._reasoning = reasoning_parser
+        self._num_tool_calls = 0
+        self.done = False
+
+    def add(self, token_ids: Sequence[int], finished: bool) -> StreamDelta:
+        delta = StreamDelta(index=self.index)
+        if self.done:  # after a stop string or `finished`, further tokens are ignored
+            delta.num_tokens = self._detok.num_tokens
+            return delta
+        text = self._detok.add(token_ids)
+        if finished:
+            text += self._detok.finish()
+        stop = self._stop.feed(text)
+        text = stop.text
+        if stop.matched is not None:
+            delta.stopped, delta.matched_stop = True, stop.matched
+            finished = True
+        elif finished:
+            text += self._stop.flush()
+        self._parse(delta, text, finished)
+        delta.finished = finished
+        delta.num_tokens = self._detok.num_tokens
+        self.done = finished
+        return delta
+
+    def _parse(self, delta: StreamDelta, text: str, finished: bool) -> None:
+        parsed = ParsedText(content=text)
+        if self._reasoning is not None:
+            parsed = self._reasoning.feed(text)
+            if finished:
+                parsed.extend(self._reasoning.finish())
+        if self._tool is not None:
+            content, parsed.content = parsed.content, ""
+            parsed.extend(self._tool.feed(content))
+            if finished:
+                parsed.extend(self._tool.finish())
+        delta.text, delta.reasoning_text = parsed.content, parsed.reasoning
+        for call in parsed.tool_calls:
+            delta.tool_calls.append(ToolCallDelta(self._num_tool_calls, call.id, call.name, call.arguments))
+            self._num_tool_calls += 1
+
+
+class DetokenizeSession:
+    """The state of one DetokenizeStream: one ChoiceStream per choice, created on first use."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, options: StreamOptions, tool_parser: str, reasoning_parser: str
+    ) -> None:
+        if tool_parser and tool_parser not in TOOL_PARSERS:
+            raise ValueError(f"start.tool_parser: unknown parser {tool_parser!r}")
+        if options.num_choices < 1:
+            raise ValueError("start.num_choices must be >= 1")
+        self._tokenizer = tokenizer
+        self.options = options
+        self.tool_parser = tool_parser
+        self.reasoning_parser = reasoning_parser
+        if reasoning_parser:
+            make_reasoning_parser(reasoning_parser, False)  # validates the name
+        markers = TOOL_MARKERS.get(tool_parser, ()) + (("<think>", "</think>") if reasoning_parser else ())
+        self._keep_ids = frozenset(
+            i for m in markers if (i := tokenizer.token_to_id(m)) is not None and i in tokenizer.special_ids
+        )
+        self._choices: dict[int, ChoiceStream] = {}
+
+    def _choice(self, index: int) -> ChoiceStream:
+        first = self.options.first_choice_index
+        if not first <= index < first + self.options.num_choices:
+            raise ValueError(
+                f"deltas[].index {index} is outside the stream's choices [{first}, {first + self.options.num_choices})"
+            )
+        choice = self._choices.get(index)
+        if choice is None:
+            tool = TOOL_PARSERS[self.tool_parser]() if self.tool_parser else None
+            reasoning = (
+                make_reasoning_parser(self.reasoning_parser, self.options.prompt_opens_reasoning)
+                if self.reasoning_parser
+                else None
+            )
+            choice = ChoiceStream(index, self._tokenizer, self.options, tool, reasoning, self._keep_ids)
+            self._choices[index] = choice
+        return choice
+
+    def add(self, index: int, token_ids: Sequence[int], finished: bool) -> StreamDelta:
+        """Feed one choice's new ids; the result may be empty (everything held back)."""
+        self._tokenizer.check_ids(token_ids)
+        return self._choice(index).add(token_ids, finished)
+
+    def all_done(self) -> bool:
+        return len(self._choices) == self.options.num_choices and all(c.done for c in self._choices.values())
