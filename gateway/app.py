@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -16,7 +15,7 @@ from gateway.appkeys import CONTEXT, FINISH_REASON, REQUEST_ID
 from gateway.config import GatewayConfig
 from gateway.context import GatewayContext
 from gateway.errors import APIError
-from gateway.routes import health
+from gateway.routes import health, openai_routes
 from services.common.logging import request_id_var
 
 log = logging.getLogger(__name__)
@@ -113,18 +112,6 @@ async def body_size_middleware(request: web.Request, handler: Handler) -> web.St
     return await handler(request)
 
 
-async def read_json(request: web.Request) -> dict[str, object]:
-    """The request's JSON object body, or a 400 saying what is wrong with it."""
-    raw = await request.read()
-    try:
-        body = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
-
-
 def build_app(config: GatewayConfig) -> web.Application:
     ctx = GatewayContext.create(config)
     app = web.Application(
@@ -143,14 +130,5 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.on_cleanup.append(on_cleanup)
     app.router.add_get("/health", health.health)
     app.router.add_get("/metrics", health.metrics)
-    _add_generation_routes(app)
-    return app
-
-
-def _add_generation_routes(app: web.Application) -> None:
-    """The OpenAI routes (imported lazily so that /health works while they are being built)."""
-    try:
-        from gateway.routes import openai_routes  # type: ignore[attr-defined]
-    except ImportError:
-        return
     openai_routes.register(app)
+    return app

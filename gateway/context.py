@@ -6,10 +6,12 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from gateway.admission import AdmissionGate
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.router import Router
 from gateway.styler_pool import StylerPool
+from gateway.token_texts import TokenTexts
 
 
 @dataclass
@@ -18,19 +20,20 @@ class GatewayContext:
     router: Router
     stylers: StylerPool
     metrics: Metrics
+    gate: AdmissionGate
+    token_texts: TokenTexts
     started_at: int = field(default_factory=lambda: int(time.time()))
-    num_waiting: int = 0  # admitted requests without their first token yet
-    num_running: int = 0  # requests streaming tokens
-    _slots: asyncio.Semaphore | None = None
 
     @classmethod
     def create(cls, config: GatewayConfig) -> GatewayContext:
+        stylers = StylerPool(config.styler, poll_interval_s=config.health_interval)
         return cls(
             config=config,
             router=Router(config.worker, poll_interval_s=config.health_interval),
-            stylers=StylerPool(config.styler, poll_interval_s=config.health_interval),
+            stylers=stylers,
             metrics=Metrics(),
-            _slots=asyncio.Semaphore(config.max_running) if config.max_running > 0 else None,
+            gate=AdmissionGate(config.max_waiting, config.max_running),
+            token_texts=TokenTexts(stylers),
         )
 
     async def start(self) -> None:

@@ -1,0 +1,454 @@
+"""The execution path every front end shares: prompt -> worker -> styler -> choice updates.
+
+    prepare   chat: styler Render; completions: styler Tokenize (text) or the ids as given
+    pick      router: least-loaded worker, preferring the one that served the same prefix
+    generate  worker Generate (server stream of token-id deltas per choice)
+       └─▶    styler DetokenizeStream (bidi): token deltas in, text / reasoning / tool-call deltas out
+    yield     `ChoiceUpdate`s; when every choice is done the worker stream is cancelled (= abort)
+
+Two tasks run per prompt: the writer pumps worker chunks into the styler stream, the reader pulls
+text deltas; both feed one queue the caller consumes, so an error on either side ends the
+request at once, and cancelling the caller (client disconnect) cancels both and the worker call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway.admission import Admission
+from gateway.context import GatewayContext
+from gateway.downstream import (
+    DetokenizeStart,
+    GenerateChunk,
+    Sampling,
+    TextDelta,
+    TokenLogprob,
+    ToolCallDelta,
+)
+from gateway.errors import APIError, from_grpc, invalid
+from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
+from gateway.router import NoWorkerAvailable, WorkerState
+from gateway.styler_pool import NoStylerAvailable
+
+log = logging.getLogger(__name__)
+
+SYSTEM_FINGERPRINT = "tandem-0.1.0"
+
+
+@dataclass(frozen=True)
+class LogprobItem:
+    """One position's logprob with token texts resolved (None logprob: the first prompt token)."""
+
+    token: str
+    raw: bytes
+    logprob: float | None
+    top: tuple[tuple[str, bytes, float], ...]
+
+
+@dataclass
+class PromptRun:
+    """One prompt of a request and what the worker said about it."""
+
+    token_ids: tuple[int, ...]
+    text: str | None  # the prompt text when known (chat render, text prompt, or detokenized for echo)
+    opens_reasoning: bool = False
+    first_choice_index: int = 0
+    prompt_logprobs: tuple[LogprobItem, ...] = ()
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ChoiceUpdate:
+    """New output of one choice."""
+
+    index: int
+    prompt: PromptRun
+    text: str = ""
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[LogprobItem, ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "abort" | None
+
+
+@dataclass
+class RequestRun:
+    """A whole request: its prompts, timing and usage."""
+
+    request_id: str
+    prompts: list[PromptRun]
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.token_ids) for p in self.prompts)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(p.completion_tokens for p in self.prompts)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(p.cached_tokens for p in self.prompts)
+
+
+@dataclass(frozen=True)
+class DetokenizeOptions:
+    skip_special_tokens: bool
+    stop: tuple[str, ...]
+    include_stop_str_in_output: bool
+    tool_parser: str
+    reasoning_parser: str
+
+
+def _grpc_error(exc: grpc.aio.AioRpcError, service: str) -> APIError:
+    return from_grpc(exc, service)
+
+
+class Executor:
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
+
+    # ---- model and prompt preparation -------------------------------------------------------
+
+    def check_model(self, model: str) -> str:
+        served = self.ctx.model_name
+        if model and model != served:
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist (served: '{served}')",
+                param="model",
+                code="model_not_found",
+            )
+        return served
+
+    async def render_chat(self, req: ChatRequest) -> PromptRun:
+        try:
+            rendered = await self.ctx.stylers.pick().render(
+                req.messages,
+                req.tools,
+                req.add_generation_prompt,
+                req.continue_final_message,
+                req.chat_template,
+                req.chat_template_kwargs,
+                req.documents,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _grpc_error(exc, "styler") from None
+        except NoStylerAvailable as exc:
+            raise APIError(503, str(exc), retry_after_s=1) from None
+        opens = rendered.prompt.rstrip().endswith("<think>")
+        return PromptRun(token_ids=rendered.token_ids, text=rendered.prompt, opens_reasoning=opens)
+
+    async def tokenize_prompts(self, req: CompletionRequest) -> list[PromptRun]:
+        async def one(prompt: str | tuple[int, ...]) -> PromptRun:
+            if isinstance(prompt, str):
+                ids = await self.ctx.stylers.pick().tokenize(prompt, req.add_special_tokens)
+                return PromptRun(token_ids=ids, text=prompt)
+            return PromptRun(token_ids=prompt, text=None)
+
+        try:
+            runs = list(await asyncio.gather(*(one(p) for p in req.prompts)))
+            if req.echo:
+                for run in runs:
+                    if run.text is None:
+                        run.text = await self.ctx.stylers.pick().detokenize(
+                            run.token_ids, skip_special_tokens=False
+                        )
+        except grpc.aio.AioRpcError as exc:
+            raise _grpc_error(exc, "styler") from None
+        except NoStylerAvailable as exc:
+            raise APIError(503, str(exc), retry_after_s=1) from None
+        for i, run in enumerate(runs):
+            run.first_choice_index = i * req.params.n
+        return runs
+
+    def sampling(
+        self, params: GenerationParams, prompt_len: int, prompt_logprobs: int | None = None
+    ) -> Sampling:
+        """Worker sampling parameters; checks the prompt and max_tokens fit in the context."""
+        max_model_len = self.ctx.max_model_len
+        vocab = self.ctx.router.info().vocab_size if self.ctx.router.info() is not None else 0  # type: ignore[union-attr]
+        if prompt_len == 0:
+            raise invalid("the prompt is empty", "prompt")
+        max_tokens = params.max_tokens
+        if max_model_len:
+            if prompt_len >= max_model_len:
+                raise invalid(
+                    f"this model's maximum context length is {max_model_len} tokens, and the prompt has "
+                    f"{prompt_len} tokens",
+                    "messages",
+                )
+            if max_tokens is None:
+                max_tokens = max_model_len - prompt_len
+            elif prompt_len + max_tokens > max_model_len:
+                raise invalid(
+                    f"this model's maximum context length is {max_model_len} tokens; you asked for "
+                    f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} for the completion)",
+                    "max_tokens",
+                )
+        if vocab and any(t >= vocab for t in params.stop_token_ids):
+            raise invalid(f"'stop_token_ids' must be below the vocabulary size {vocab}", "stop_token_ids")
+        return Sampling(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            seed=params.seed % 2**64 if params.seed is not None else None,
+            max_tokens=max_tokens,
+            min_tokens=params.min_tokens,
+            stop_token_ids=params.stop_token_ids,
+            ignore_eos=params.ignore_eos,
+            n=params.n,
+            logprobs=params.logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def check_token_ids(self, runs: Sequence[PromptRun]) -> None:
+        info = self.ctx.router.info()
+        if info is None or not info.vocab_size:
+            return
+        for run in runs:
+            if any(t >= info.vocab_size for t in run.token_ids):
+                raise invalid(
+                    f"prompt token ids must be below the vocabulary size {info.vocab_size}", "prompt"
+                )
+
+    # ---- generation -------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        run: RequestRun,
+        samplings: Sequence[Sampling],
+        detok: DetokenizeOptions,
+        admission: Admission,
+    ) -> AsyncIterator[ChoiceUpdate]:
+        """All choices of all prompts of `run`, as they come (one task per prompt)."""
+        queue: asyncio.Queue[ChoiceUpdate | BaseException | None] = asyncio.Queue()
+
+        async def pump(prompt: PromptRun, sampling: Sampling) -> None:
+            try:
+                async for update in self._generate_prompt(run, prompt, sampling, detok, admission):
+                    queue.put_nowait(update)
+                queue.put_nowait(None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(p, s)) for p, s in zip(run.prompts, samplings, strict=True)]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    async def _generate_prompt(
+        self,
+        run: RequestRun,
+        prompt: PromptRun,
+        sampling: Sampling,
+        detok: DetokenizeOptions,
+        admission: Admission,
+    ) -> AsyncIterator[ChoiceUpdate]:
+        ctx = self.ctx
+        metrics = ctx.metrics
+        n = sampling.n
+        indices = range(prompt.first_choice_index, prompt.first_choice_index + n)
+        worker_finish: dict[int, str] = {}
+        worker_logprobs: dict[int, list[TokenLogprob]] = {i: [] for i in indices}
+        sent_tokens: dict[int, int] = dict.fromkeys(indices, 0)
+        worker_usage: list[int] = []  # [completion_tokens, cached] from the final chunk
+        events: asyncio.Queue[list[TextDelta] | BaseException | None] = asyncio.Queue()
+        request_id = f"{run.request_id}-{len(run.prompts)}-{prompt.first_choice_index}-{uuid.uuid4().hex[:8]}"
+        try:
+            styler = ctx.stylers.pick()
+            session = await styler.detokenize_stream(
+                DetokenizeStart(
+                    request_id=request_id,
+                    prompt_token_ids=prompt.token_ids,
+                    skip_special_tokens=detok.skip_special_tokens,
+                    stop=detok.stop,
+                    include_stop_str_in_output=detok.include_stop_str_in_output,
+                    tool_parser=detok.tool_parser,
+                    reasoning_parser=detok.reasoning_parser,
+                    num_choices=n,
+                    first_choice_index=prompt.first_choice_index,
+                    prompt_opens_reasoning=prompt.opens_reasoning,
+                )
+            )
+        except NoStylerAvailable as exc:
+            raise APIError(503, str(exc), retry_after_s=1) from None
+        except grpc.aio.AioRpcError as exc:
+            raise _grpc_error(exc, "styler") from None
+
+        async def on_chunk(chunk: GenerateChunk, last_chunk_at: list[float]) -> None:
+            now = time.monotonic()
+            num_new = sum(len(c.token_ids) for c in chunk.choices)
+            if num_new:
+                if run.first_token_at is None:
+                    run.first_token_at = now
+                    metrics.ttft.observe(now - run.arrived)
+                    admission.started()
+                elif last_chunk_at:
+                    metrics.itl.observe(now - last_chunk_at[0])
+                last_chunk_at[:] = [now]
+                metrics.generation_tokens.inc(num_new)
+            if chunk.prompt_logprobs:
+                prompt.prompt_logprobs = await self._prompt_logprob_items(prompt, chunk.prompt_logprobs)
+            if chunk.usage is not None:
+                worker_usage[:] = [chunk.usage.completion_tokens, chunk.usage.cached_prompt_tokens]
+            deltas = []
+            for c in chunk.choices:
+                worker_logprobs.setdefault(c.index, []).extend(c.logprobs)
+                sent_tokens[c.index] = sent_tokens.get(c.index, 0) + len(c.token_ids)
+                if c.finish_reason is not None:
+                    worker_finish[c.index] = c.finish_reason
+                deltas.append((c.index, c.token_ids, c.finish_reason is not None))
+            if deltas:
+                await session.send(deltas)
+
+        async def write() -> None:
+            tried: list[WorkerState] = []
+            try:
+                while True:
+                    try:
+                        worker = ctx.router.pick(prompt.token_ids, exclude=tried)
+                    except NoWorkerAvailable as exc:
+                        raise APIError(503, str(exc), retry_after_s=1) from None
+                    tried.append(worker)
+                    metrics.worker_requests.labels(worker=worker.address).inc()
+                    last_chunk_at: list[float] = []
+                    try:
+                        with ctx.router.track(worker):
+                            async for chunk in worker.client.generate(
+                                request_id, prompt.token_ids, sampling, prompt.first_choice_index
+                            ):
+                                await on_chunk(chunk, last_chunk_at)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        # A worker that died before producing anything: try another one.
+                        if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(sent_tokens.values()):
+                            ctx.router.mark_failed(worker)
+                            log.warning("worker %s unavailable; retrying elsewhere", worker.address)
+                            continue
+                        raise _grpc_error(exc, "worker") from None
+                await session.done_writing()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                events.put_nowait(_grpc_error(exc, "styler"))
+            except BaseException as exc:
+                events.put_nowait(exc)
+
+        async def read() -> None:
+            try:
+                async for deltas in session.responses():
+                    events.put_nowait(deltas)
+                events.put_nowait(None)
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                events.put_nowait(_grpc_error(exc, "styler"))
+            except BaseException as exc:
+                events.put_nowait(exc)
+
+        writer = asyncio.create_task(write())
+        reader = asyncio.create_task(read())
+        consumed: dict[int, int] = dict.fromkeys(indices, 0)
+        done: set[int] = set()
+        try:
+            while len(done) < n:
+                item = await events.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                for d in item:
+                    if d.index in done:
+                        continue
+                    logprobs: tuple[LogprobItem, ...] = ()
+                    if sampling.logprobs is not None and d.num_tokens > consumed.get(d.index, 0):
+                        entries = worker_logprobs.get(d.index, [])[consumed.get(d.index, 0) : d.num_tokens]
+                        logprobs = await self._logprob_items(entries)
+                    if d.num_tokens:
+                        consumed[d.index] = max(consumed.get(d.index, 0), d.num_tokens)
+                    finish = None
+                    if d.finished or d.stopped:
+                        done.add(d.index)
+                        finish = "stop" if d.stopped else worker_finish.get(d.index, "stop")
+                    if d.text or d.reasoning_text or d.tool_calls or logprobs or finish:
+                        yield ChoiceUpdate(
+                            index=d.index,
+                            prompt=prompt,
+                            text=d.text,
+                            reasoning=d.reasoning_text,
+                            tool_calls=d.tool_calls,
+                            logprobs=logprobs,
+                            finish_reason=finish,
+                        )
+            for i in indices:  # the styler closed without finishing a choice (should not happen)
+                if i not in done:
+                    yield ChoiceUpdate(index=i, prompt=prompt, finish_reason=worker_finish.get(i, "stop"))
+        finally:
+            writer.cancel()
+            reader.cancel()
+            for task in (writer, reader):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            session.cancel()
+            stopped_early = any(worker_finish.get(i) is None for i in indices)
+            if worker_usage and not stopped_early:
+                prompt.completion_tokens = worker_usage[0]
+            else:
+                prompt.completion_tokens = sum(max(consumed[i], 0) or sent_tokens.get(i, 0) for i in indices)
+            if worker_usage:
+                prompt.cached_tokens = worker_usage[1]
+
+    async def _logprob_items(self, entries: Sequence[TokenLogprob]) -> tuple[LogprobItem, ...]:
+        ids = [e.token_id for e in entries] + [t.token_id for e in entries for t in e.top]
+        texts = await self.ctx.token_texts.get(ids)
+        by_id = dict(zip(ids, texts, strict=True))
+        return tuple(
+            LogprobItem(
+                token=by_id[e.token_id].text,
+                raw=by_id[e.token_id].raw,
+                logprob=e.logprob,
+                top=tuple((by_id[t.token_id].text, by_id[t.token_id].raw, t.logprob) for t in e.top),
+            )
+            for e in entries
+        )
+
+    async def _prompt_logprob_items(
+        self, prompt: PromptRun, entries: Sequence[TokenLogprob]
+    ) -> tuple[LogprobItem, ...]:
+        """Logprobs of every prompt token; the first position has none (the worker skips it)."""
+        items = list(await self._logprob_items(entries))
+        missing = len(prompt.token_ids) - len(items)
+        if missing > 0:
+            heads = await self.ctx.token_texts.get(prompt.token_ids[:missing])
+            items = [LogprobItem(h.text, h.raw, None, ()) for h in heads] + items
+        return tuple(items)

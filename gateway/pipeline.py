@@ -1,0 +1,132 @@
+"""A chat or completion request from validated input to a stream of OpenAI chunks.
+
+Both front ends (HTTP routes, gRPC Inference) call `chat` / `completion` here, so admission,
+prompt preparation, sampling defaults, metrics and response shapes are the same for both.
+
+    async with pipeline.chat(ctx, req, request_id) as job:
+        async for chunk in job.chunks():      # stream
+            ...
+        body = await job.collect()            # or the whole response
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.context import GatewayContext
+from gateway.execution import ChoiceUpdate, DetokenizeOptions, Executor, RequestRun
+from gateway.protocol import ChatRequest, CompletionRequest
+from gateway.responses import ChatResult, CompletionResult
+
+
+@dataclass
+class Job:
+    run: RequestRun
+    result: ChatResult | CompletionResult
+    updates: AsyncIterator[ChoiceUpdate]
+    include_usage: bool
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """OpenAI stream chunks (the usage chunk last when asked)."""
+        async for update in self.updates:
+            for chunk in self.result.add(update):
+                yield chunk
+        if self.include_usage:
+            yield self.result.usage_chunk(self.run)
+
+    async def collect(self) -> dict[str, Any]:
+        """The whole OpenAI response."""
+        async for update in self.updates:
+            self.result.add(update)
+        return self.result.response(self.run)
+
+    def finish_reason(self) -> str:
+        """The finish reason for metrics (the first choice's; requests rarely mix them)."""
+        reasons = self.result.finish_reasons()
+        return reasons[0] if reasons else ""
+
+
+def _record(ctx: GatewayContext, run: RequestRun) -> None:
+    ctx.metrics.prompt_tokens.inc(run.prompt_tokens)
+
+
+@asynccontextmanager
+async def chat(ctx: GatewayContext, req: ChatRequest, request_id: str) -> AsyncIterator[Job]:
+    executor = Executor(ctx)
+    model = executor.check_model(req.model)
+    async with ctx.gate.admit() as admission:
+        prompt = await executor.render_chat(req)
+        sampling = executor.sampling(req.params, len(prompt.token_ids))
+        run = RequestRun(request_id, [prompt])
+        _record(ctx, run)
+        info = ctx.stylers.info
+        use_tools = (
+            bool(req.tools) and req.tool_choice == "auto" and info is not None and bool(info.tool_parser)
+        )
+        use_reasoning = info is not None and bool(info.reasoning_parser)
+        detok = DetokenizeOptions(
+            skip_special_tokens=req.params.skip_special_tokens,
+            stop=req.params.stop,
+            include_stop_str_in_output=req.params.include_stop_str_in_output,
+            tool_parser="auto" if use_tools else "",
+            reasoning_parser="auto" if use_reasoning else "",
+        )
+        result = ChatResult(
+            request_id,
+            model,
+            int(time.time()),
+            req.params.n,
+            logprobs=req.params.logprobs is not None,
+            parallel_tool_calls=req.parallel_tool_calls,
+            include_usage=req.params.include_usage,
+        )
+        updates = executor.generate(run, [sampling], detok, admission)
+        try:
+            yield Job(run, result, updates, req.params.include_usage)
+        finally:
+            await updates.aclose()  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def completion(ctx: GatewayContext, req: CompletionRequest, request_id: str) -> AsyncIterator[Job]:
+    executor = Executor(ctx)
+    model = executor.check_model(req.model)
+    async with ctx.gate.admit() as admission:
+        prompts = await executor.tokenize_prompts(req)
+        executor.check_token_ids(prompts)
+        want_prompt_logprobs = req.echo and req.params.logprobs is not None
+        samplings = [
+            executor.sampling(
+                req.params,
+                len(p.token_ids),
+                prompt_logprobs=req.params.logprobs if want_prompt_logprobs else None,
+            )
+            for p in prompts
+        ]
+        run = RequestRun(request_id, prompts)
+        _record(ctx, run)
+        detok = DetokenizeOptions(
+            skip_special_tokens=req.params.skip_special_tokens,
+            stop=req.params.stop,
+            include_stop_str_in_output=req.params.include_stop_str_in_output,
+            tool_parser="",
+            reasoning_parser="",
+        )
+        result = CompletionResult(
+            request_id,
+            model,
+            int(time.time()),
+            req.params.n * len(prompts),
+            logprobs=req.params.logprobs,
+            echo=req.echo,
+            include_usage=req.params.include_usage,
+        )
+        updates = executor.generate(run, samplings, detok, admission)
+        try:
+            yield Job(run, result, updates, req.params.include_usage)
+        finally:
+            await updates.aclose()  # type: ignore[attr-defined]

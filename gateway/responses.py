@@ -1,0 +1,307 @@
+"""OpenAI response bodies and stream chunks built from `ChoiceUpdate`s (chat and completions).
+
+Both front ends use these dicts: HTTP serialises them as JSON / SSE, gRPC converts them to the
+Inference protos.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.execution import SYSTEM_FINGERPRINT, ChoiceUpdate, LogprobItem, RequestRun
+
+
+def usage(run: RequestRun) -> dict[str, Any]:
+    prompt, completion = run.prompt_tokens, run.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": run.cached_tokens},
+    }
+
+
+def _chat_logprob(item: LogprobItem) -> dict[str, Any]:
+    return {
+        "token": item.token,
+        "logprob": _finite(item.logprob),
+        "bytes": list(item.raw),
+        "top_logprobs": [{"token": t, "logprob": _finite(lp), "bytes": list(raw)} for t, raw, lp in item.top],
+    }
+
+
+def _finite(value: float | None) -> float | None:
+    # JSON has no -inf; OpenAI clients expect a number, so clamp like vLLM does.
+    if value is None:
+        return None
+    return max(value, -9999.0) if not math.isnan(value) else -9999.0
+
+
+@dataclass
+class _ToolCall:
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass
+class _ChatChoice:
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: dict[int, _ToolCall] = field(default_factory=dict)
+    logprobs: list[LogprobItem] = field(default_factory=list)
+    finish_reason: str | None = None
+    started: bool = False  # stream: role chunk sent
+
+
+def _finish(choice: _ChatChoice, reason: str | None) -> str | None:
+    if reason == "stop" and choice.tool_calls:
+        return "tool_calls"
+    return reason
+
+
+class ChatResult:
+    """Accumulates a chat completion; gives the whole response or the stream chunks."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        created: int,
+        num_choices: int,
+        logprobs: bool,
+        parallel_tool_calls: bool,
+        include_usage: bool = False,
+    ) -> None:
+        self.id = f"chatcmpl-{request_id}"
+        self.model = model
+        self.created = created
+        self.logprobs = logprobs
+        self.parallel_tool_calls = parallel_tool_calls
+        self.include_usage = include_usage
+        self.choices = [_ChatChoice() for _ in range(num_choices)]
+
+    def _envelope(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+    def _tool_deltas(self, choice: _ChatChoice, update: ChoiceUpdate) -> list[dict[str, Any]]:
+        out = []
+        for d in update.tool_calls:
+            if not self.parallel_tool_calls and d.index > 0:
+                continue  # parallel_tool_calls=false: only the first call is returned
+            call = choice.tool_calls.setdefault(d.index, _ToolCall())
+            delta: dict[str, Any] = {"index": d.index}
+            if d.id:
+                call.id = d.id
+                delta["id"] = d.id
+                delta["type"] = "function"
+            function: dict[str, str] = {}
+            if d.name:
+                call.name += d.name
+                function["name"] = d.name
+            if d.arguments:
+                call.arguments += d.arguments
+                function["arguments"] = d.arguments
+            if function:
+                delta["function"] = function
+            out.append(delta)
+        return out
+
+    def add(self, update: ChoiceUpdate) -> list[dict[str, Any]]:
+        """Record an update; return the stream chunks it makes."""
+        choice = self.choices[update.index]
+        chunks: list[dict[str, Any]] = []
+        if not choice.started:
+            choice.started = True
+            chunks.append(self._chunk(update.index, {"role": "assistant", "content": ""}, None, None))
+        choice.text.append(update.text)
+        choice.reasoning.append(update.reasoning)
+        choice.logprobs.extend(update.logprobs)
+        tool_deltas = self._tool_deltas(choice, update)
+        delta: dict[str, Any] = {}
+        if update.reasoning:
+            delta["reasoning_content"] = update.reasoning
+        if update.text:
+            delta["content"] = update.text
+        if tool_deltas:
+            delta["tool_calls"] = tool_deltas
+        finish = _finish(choice, update.finish_reason)
+        choice.finish_reason = finish
+        logprobs = (
+            {"content": [_chat_logprob(i) for i in update.logprobs], "refusal": None}
+            if self.logprobs
+            else None
+        )
+        if delta or finish or update.logprobs:
+            chunks.append(self._chunk(update.index, delta, finish, logprobs))
+        return chunks
+
+    def _chunk(
+        self, index: int, delta: dict[str, Any], finish: str | None, logprobs: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        chunk = self._envelope("chat.completion.chunk")
+        chunk["choices"] = [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def usage_chunk(self, run: RequestRun) -> dict[str, Any]:
+        chunk = self._envelope("chat.completion.chunk")
+        chunk["choices"] = []
+        chunk["usage"] = usage(run)
+        return chunk
+
+    def response(self, run: RequestRun) -> dict[str, Any]:
+        body = self._envelope("chat.completion")
+        choices = []
+        for i, c in enumerate(self.choices):
+            text = "".join(c.text)
+            reasoning = "".join(c.reasoning)
+            tool_calls = [
+                {"id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+                for _, t in sorted(c.tool_calls.items())
+            ]
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": text if text or not tool_calls else None,
+                "tool_calls": tool_calls,
+            }
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": {"content": [_chat_logprob(x) for x in c.logprobs], "refusal": None}
+                    if self.logprobs
+                    else None,
+                    "finish_reason": c.finish_reason or "stop",
+                }
+            )
+        body["choices"] = choices
+        body["usage"] = usage(run)
+        return body
+
+    def finish_reasons(self) -> list[str]:
+        return [c.finish_reason or "" for c in self.choices]
+
+
+@dataclass
+class _TextChoice:
+    text: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+    offset: int = 0
+    finish_reason: str | None = None
+    started: bool = False
+
+
+class CompletionResult:
+    """Accumulates a text completion; gives the whole response or the stream chunks."""
+
+    def __init__(
+        self,
+        request_id: str,
+        model: str,
+        created: int,
+        num_choices: int,
+        logprobs: int | None,
+        echo: bool,
+        include_usage: bool = False,
+    ) -> None:
+        self.id = f"cmpl-{request_id}"
+        self.model = model
+        self.created = created
+        self.logprobs = logprobs
+        self.echo = echo
+        self.include_usage = include_usage
+        self.choices = [_TextChoice() for _ in range(num_choices)]
+
+    def _envelope(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+
+    def _logprobs_piece(
+        self, choice: _TextChoice, items: tuple[LogprobItem, ...] | list[LogprobItem]
+    ) -> dict[str, Any]:
+        piece: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for item in items:
+            top = {t: _finite(lp) for t, _, lp in item.top} if item.logprob is not None else None
+            # OpenAI includes the sampled token among the alternatives.
+            if top is not None and item.token not in top and self.logprobs:
+                top[item.token] = _finite(item.logprob)
+            for key, value in (
+                ("tokens", item.token),
+                ("token_logprobs", _finite(item.logprob)),
+                ("top_logprobs", top),
+                ("text_offset", choice.offset),
+            ):
+                piece[key].append(value)
+                getattr(choice, key).append(value)
+            choice.offset += len(item.token)
+        return piece
+
+    def add(self, update: ChoiceUpdate) -> list[dict[str, Any]]:
+        choice = self.choices[update.index]
+        text = update.text
+        items: list[LogprobItem] = list(update.logprobs)
+        if not choice.started:
+            choice.started = True
+            if self.echo:
+                text = (update.prompt.text or "") + text
+                items = list(update.prompt.prompt_logprobs) + items
+        choice.text.append(text)
+        logprobs = self._logprobs_piece(choice, items) if self.logprobs is not None else None
+        choice.finish_reason = update.finish_reason
+        chunk = self._envelope()
+        chunk["choices"] = [
+            {"index": update.index, "text": text, "logprobs": logprobs, "finish_reason": update.finish_reason}
+        ]
+        if self.include_usage:
+            chunk["usage"] = None
+        return [chunk] if text or update.finish_reason or items else []
+
+    def usage_chunk(self, run: RequestRun) -> dict[str, Any]:
+        chunk = self._envelope()
+        chunk["choices"] = []
+        chunk["usage"] = usage(run)
+        return chunk
+
+    def response(self, run: RequestRun) -> dict[str, Any]:
+        body = self._envelope()
+        body["choices"] = [
+            {
+                "index": i,
+                "text": "".join(c.text),
+                "logprobs": {
+                    "tokens": c.tokens,
+                    "token_logprobs": c.token_logprobs,
+                    "top_logprobs": c.top_logprobs,
+                    "text_offset": c.text_offset,
+                }
+                if self.logprobs is not None
+                else None,
+                "finish_reason": c.finish_reason or "stop",
+            }
+            for i, c in enumerate(self.choices)
+        ]
+        body["usage"] = usage(run)
+        return body
+
+    def finish_reasons(self) -> list[str]:
+        return [c.finish_reason or "" for c in self.choices]

@@ -1,0 +1,125 @@
+"""The OpenAI routes (`/v1/...`) and vLLM's `/tokenize` and `/detokenize`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from gateway import pipeline
+from gateway.appkeys import CONTEXT, FINISH_REASON, REQUEST_ID
+from gateway.errors import APIError, from_grpc
+from gateway.execution import Executor
+from gateway.routes.body import read_json
+from gateway.streaming import sse
+from gateway.styler_pool import NoStylerAvailable
+from gateway.validation import parse_chat, parse_completion, parse_detokenize, parse_tokenize
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    req = parse_chat(await read_json(request), ctx.config.max_n, ctx.config.max_stop_strings)
+    async with pipeline.chat(ctx, req, request[REQUEST_ID]) as job:
+        if req.params.stream:
+            response = await sse(request, job.chunks())
+        else:
+            response = web.json_response(await job.collect())
+        request[FINISH_REASON] = job.finish_reason()
+        return response
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
+    req = parse_completion(await read_json(request), ctx.config.max_n, ctx.config.max_stop_strings)
+    async with pipeline.completion(ctx, req, request[REQUEST_ID]) as job:
+        if req.params.stream:
+            response = await sse(request, job.chunks())
+        else:
+            response = web.json_response(await job.collect())
+        request[FINISH_REASON] = job.finish_reason()
+        return response
+
+
+def _model_card(request: web.Request) -> dict[str, Any]:
+    ctx = request.app[CONTEXT]
+    return {
+        "id": ctx.model_name,
+        "object": "model",
+        "created": ctx.started_at,
+        "owned_by": "tandem",
+        "root": ctx.model_name,
+        "parent": None,
+        "max_model_len": ctx.max_model_len,
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    card = _model_card(request)
+    model_id = request.match_info["model_id"]
+    if model_id != card["id"]:
+        raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
+    return web.json_response(card)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    req = parse_tokenize(await read_json(request))
+    Executor(ctx).check_model(req.model)
+    try:
+        styler = ctx.stylers.pick()
+        if req.messages is not None:
+            rendered = await styler.render(
+                req.messages,
+                req.tools,
+                req.add_generation_prompt,
+                req.continue_final_message,
+                req.chat_template,
+                req.chat_template_kwargs,
+            )
+            tokens = rendered.token_ids
+            if req.add_special_tokens:
+                tokens = await styler.tokenize(rendered.prompt, add_special_tokens=True)
+        else:
+            tokens = await styler.tokenize(req.prompt or "", add_special_tokens=req.add_special_tokens)
+        body: dict[str, Any] = {
+            "count": len(tokens),
+            "max_model_len": ctx.max_model_len,
+            "tokens": list(tokens),
+        }
+        if req.return_token_strs:
+            body["token_strs"] = [t.text for t in await ctx.token_texts.get(tokens)]
+    except grpc.aio.AioRpcError as exc:
+        raise from_grpc(exc, "styler") from None
+    except NoStylerAvailable as exc:
+        raise APIError(503, str(exc), retry_after_s=1) from None
+    return web.json_response(body)
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT]
+    req = parse_detokenize(await read_json(request))
+    Executor(ctx).check_model(req.model)
+    info = ctx.router.info()
+    if info is not None and info.vocab_size and any(t >= info.vocab_size for t in req.tokens):
+        raise APIError(400, f"'tokens' must be below the vocabulary size {info.vocab_size}", param="tokens")
+    try:
+        text = await ctx.stylers.pick().detokenize(req.tokens)
+    except grpc.aio.AioRpcError as exc:
+        raise from_grpc(exc, "styler") from None
+    except NoStylerAvailable as exc:
+        raise APIError(503, str(exc), retry_after_s=1) from None
+    return web.json_response({"prompt": text})
+
+
+def register(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id:.+}", get_model)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)

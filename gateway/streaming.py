@@ -1,0 +1,49 @@
+"""Server-sent events in OpenAI's format: `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`.
+
+The first chunk is produced before the response is started, so an error that happens before
+any output (bad prompt, no worker) still gets its proper HTTP status; a later error is sent as
+an `error` event followed by `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import APIError
+
+log = logging.getLogger(__name__)
+
+DONE = b"data: [DONE]\n\n"
+
+
+def encode(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
+    first = await anext(chunks, None)
+    response = web.StreamResponse(
+        status=200,
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+    await response.prepare(request)
+    try:
+        if first is not None:
+            await response.write(encode(first))
+        async for chunk in chunks:
+            await response.write(encode(chunk))
+    except APIError as err:
+        await response.write(encode(err.body()))
+    except (ConnectionResetError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("error while streaming")
+        await response.write(encode(APIError(500, "internal server error").body()))
+    await response.write(DONE)
+    await response.write_eof()
+    return response
