@@ -36,6 +36,9 @@ class GatewayContext:
             token_texts=TokenTexts(stylers),
         )
 
+    def __post_init__(self) -> None:
+        self.metrics.track_queues(lambda: self.gate.num_running, lambda: self.gate.num_waiting)
+
     async def start(self) -> None:
         await asyncio.gather(self.router.start(), self.stylers.start())
 
@@ -63,10 +66,10 @@ class GatewayContext:
         return 0
 
     async def health(self) -> dict[str, dict[str, bool]]:
-        """Live health of every downstream service (address -> SERVING)."""
-        stylers = await asyncio.gather(*(c.healthy(timeout_s=1.0) for c in self.stylers.clients))
-        workers = await asyncio.gather(*(w.client.healthy(timeout_s=1.0) for w in self.router.workers))
+        """Poll every downstream service now (address -> in rotation), so that a 200 from /health
+        means requests are routable at once."""
+        await asyncio.gather(self.router.poll_once(), self.stylers.poll_once())
         return {
-            "styler": {c.address: ok for c, ok in zip(self.stylers.clients, stylers, strict=True)},
-            "worker": {w.address: ok for w, ok in zip(self.router.workers, workers, strict=True)},
+            "styler": dict(self.stylers.healthy),
+            "worker": {w.address: w.healthy for w in self.router.workers},
         }

@@ -1,17 +1,24 @@
-"""Prometheus metrics of one gateway (a per-app registry, so tests can run several apps).
+"""Prometheus metrics of one gateway, on a per-app registry (tests run several apps).
 
-Names are part of the deployment docs; change them only together with those.
+Names, labels and buckets come from `services/common/metrics.py`, which documents every
+tandem metric for the deployment docs and dashboards.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+from services.common import metrics as names
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def _help(name: str) -> str:
+    spec = names.SPECS.get(name)
+    return spec.help if spec else name
 
 
 class Metrics:
@@ -19,38 +26,42 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "tandem:requests",  # exposed as tandem:requests_total
-            "Requests by route, HTTP status and finish reason.",
+            names.REQUESTS.removesuffix("_total"),
+            _help(names.REQUESTS),
             ["route", "status", "finish_reason"],
             registry=r,
         )
         self.ttft = Histogram(
-            "tandem:time_to_first_token_seconds",
-            "Time from request arrival to the first generated token.",
-            buckets=_LATENCY_BUCKETS,
+            names.TIME_TO_FIRST_TOKEN,
+            _help(names.TIME_TO_FIRST_TOKEN),
+            buckets=names.TTFT_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
-            "tandem:inter_token_latency_seconds",
-            "Time between successive token chunks of a choice.",
-            buckets=_ITL_BUCKETS,
-            registry=r,
+            names.INTER_TOKEN_LATENCY, _help(names.INTER_TOKEN_LATENCY), buckets=names.ITL_BUCKETS, registry=r
         )
         self.e2e = Histogram(
-            "tandem:e2e_request_latency_seconds",
-            "Time from request arrival to its last byte.",
-            buckets=_LATENCY_BUCKETS,
+            names.E2E_REQUEST_LATENCY, _help(names.E2E_REQUEST_LATENCY), buckets=names.E2E_BUCKETS, registry=r
+        )
+        self.prompt_tokens = Counter(
+            names.PROMPT_TOKENS.removesuffix("_total"), _help(names.PROMPT_TOKENS), registry=r
+        )
+        self.generation_tokens = Counter(
+            names.GENERATION_TOKENS.removesuffix("_total"), _help(names.GENERATION_TOKENS), registry=r
+        )
+        self.running = Gauge(names.REQUESTS_RUNNING, _help(names.REQUESTS_RUNNING), registry=r)
+        self.waiting = Gauge(names.REQUESTS_WAITING, _help(names.REQUESTS_WAITING), registry=r)
+        self.worker_requests = Counter(
+            "tandem:gateway_worker_requests",
+            "Generate calls the gateway sent to each worker.",
+            ["worker"],
             registry=r,
         )
-        self.prompt_tokens = Counter("tandem:prompt_tokens", "Prompt tokens processed.", registry=r)
-        self.generation_tokens = Counter("tandem:generation_tokens", "Tokens generated.", registry=r)
-        self.running = Gauge("tandem:requests_running", "Requests generating tokens.", registry=r)
-        self.waiting = Gauge(
-            "tandem:requests_waiting", "Requests admitted but without their first token yet.", registry=r
-        )
-        self.worker_requests = Counter(
-            "tandem:worker_requests", "Generate calls sent to each worker.", ["worker"], registry=r
-        )
+
+    def track_queues(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
+        """Read the running / waiting gauges from the admission gate at each scrape."""
+        self.running.set_function(running)
+        self.waiting.set_function(waiting)
 
     def count_request(self, route: str, status: int, finish_reason: str = "") -> None:
         self.requests.labels(route=route, status=str(status), finish_reason=finish_reason).inc()

@@ -19,6 +19,4 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    ctx.metrics.running.set(ctx.gate.num_running)
-    ctx.metrics.waiting.set(ctx.gate.num_waiting)
     return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
