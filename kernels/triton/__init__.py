@@ -1,0 +1,25 @@
+"""Triton kernels, one per file; `TRITON_OPS` bundles them behind the `KernelOps` interface.
+
+Matmuls are not here: the worker uses cuBLAS through torch for those.
+"""
+
+from __future__ import annotations
+
+from kernels import KernelOps
+from kernels.triton.kv_cache_write import write_kv_cache
+from kernels.triton.paged_attention import paged_attention
+from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
+from kernels.triton.rotary import rotary
+from kernels.triton.silu_and_mul import silu_and_mul
+
+TRITON_OPS = KernelOps(
+    name="triton",
+    write_kv_cache=write_kv_cache,
+    paged_attention=paged_attention,
+    rms_norm=rms_norm,
+    fused_add_rms_norm=fused_add_rms_norm,
+    rotary=rotary,
+    silu_and_mul=silu_and_mul,
+)
+
+__all__ = ["TRITON_OPS"]

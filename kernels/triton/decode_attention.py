@@ -1,0 +1,229 @@
+"""Paged decode attention (one query token per sequence), GQA-aware and split along the KV length.
+
+Flash-decoding: program (b, kv_head, split) attends the `GROUP` query heads that share `kv_head`
+(padded to 16 rows so the scores are one tensor-core dot) over one slice of sequence b's context,
+reading K/V straight from the paged cache through the block table. A second kernel merges the
+splits by their log-sum-exp. Splits are sized on the device from each sequence's own length, so
+the launch (grid, buffers) depends only on the batch shape and is safe to capture in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [T, Hq, D]
+    k_cache_ptr,  # [NB, BS, Hkv, D]
+    v_cache_ptr,
+    block_tables_ptr,  # [B, max_blocks] int32
+    cu_seqlens_q_ptr,  # [B+1] int32
+    seq_lens_ptr,  # [B] int32
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, D_PAD] fp32
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, log2 domain
+    scale_log2,  # softmax scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    GROUP: tl.constexpr,
+    G_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # the cache's block size
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    MIN_SPLIT_LEN: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - tl.load(cu_seqlens_q_ptr + b)
+    # A padded batch entry (no query or no context) attends nothing; its outputs are merged to 0.
+    seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + b), 0)
+    token = tl.load(cu_seqlens_q_ptr + b).to(tl.int64)
+
+    num_splits = tl.maximum(tl.minimum(NUM_SPLITS, tl.cdiv(seq_len, MIN_SPLIT_LEN)), 1)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    kv_start = split * split_len
+    kv_end = tl.minimum(seq_len, kv_start + split_len)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    head = kv_head * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(
+        q_ptr + token * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+    n = tl.arange(0, BLOCK_N)
+    for start in range(kv_start, kv_end, BLOCK_N):
+        pos = start + n
+        n_mask = pos < kv_end
+        block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_kv = l_i > 0
+    out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
+    lse = tl.where(has_kv, m_i + tl.log2(tl.where(has_kv, l_i, 1.0)), float("-inf"))
+    row_ids = (b.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS + split  # [G_PAD]
+    tl.store(part_out_ptr + row_ids[:, None] * D_PAD + d[None, :], out, mask=g_mask[:, None])
+    tl.store(part_lse_ptr + row_ids, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, D_PAD] fp32
+    part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
+    cu_seqlens_q_ptr,
+    out_ptr,  # [T, Hq, D]
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    S_PAD: tl.constexpr,
+    NUM_Q_HEADS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(cu_seqlens_q_ptr + b)
+    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    base = (b.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # 0 for empty splits
+    parts = tl.load(
+        part_out_ptr + (base + s)[:, None] * D_PAD + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0
+    )
+    total = tl.sum(w, axis=0)
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(
+        out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=(d < HEAD_DIM) & (q_len > 0),
+    )
+
+
+def _num_splits(batch: int, num_kv_heads: int, max_context: int, min_split_len: int, num_sms: int) -> int:
+    """Enough (b, kv_head, split) programs to fill the GPU twice over, never slices shorter than min_split_len."""
+    want = triton.cdiv(2 * num_sms, max(1, batch * num_kv_heads))
+    return max(1, min(want, triton.cdiv(max_context, min_split_len), 64))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the CPU interpreter: a few splits exercise the merge path
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def decode_attention(
+    q: torch.Tensor,  # [T, Hq, D]: one row per sequence (padded entries have q_len 0)
+    kv_cache_layer: torch.Tensor,  # [2, NB, BS, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor,  # [B+1] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:  # [T, Hq, D]
+    """Attention of each sequence's single new token over its whole cached context."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, cache_head_dim = kv_cache_layer.shape
+    assert cache_head_dim == head_dim and num_q_heads % num_kv_heads == 0, (q.shape, kv_cache_layer.shape)
+    assert q.stride(2) == 1 and q.dtype == kv_cache_layer.dtype, (q.stride(), q.dtype, kv_cache_layer.dtype)
+    assert kv_cache_layer.stride(4) == 1 and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
+    assert cu_seqlens_q.dtype == torch.int32 and seq_lens.dtype == torch.int32
+    batch = block_tables.shape[0]
+    group = num_q_heads // num_kv_heads
+    d_pad = triton.next_power_of_2(head_dim)
+    on_gpu = q.device.type == "cuda"
+    # Small tiles on the CPU interpreter so that short test contexts still cross tiles and splits.
+    block_n = (64 if d_pad <= 128 else 32) if on_gpu else 16
+    min_split_len = 256 if on_gpu else 16
+    if num_splits is None:
+        max_context = block_tables.shape[1] * block_size
+        num_splits = _num_splits(batch, num_kv_heads, max_context, min_split_len, _sm_count(q.device))
+    out = torch.zeros_like(q)  # rows of no sequence (CUDA-graph padding) stay 0, as in the reference
+    if num_tokens == 0 or batch == 0:
+        return out
+    part_out = torch.empty((batch, num_q_heads, num_splits, d_pad), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens,
+        part_out,
+        part_lse,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        G_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        MIN_SPLIT_LEN=min_split_len,
+        NUM_Q_HEADS=num_q_heads,
+        num_warps=4,
+        num_stages=3,
+    )
+    _decode_merge_kernel[(batch, num_q_heads)](
+        part_out,
+        part_lse,
+        cu_seqlens_q,
+        out,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        D_PAD=d_pad,
+        NUM_SPLITS=num_splits,
+        S_PAD=max(2, triton.next_power_of_2(num_splits)),
+        NUM_Q_HEADS=num_q_heads,
+        num_warps=4,
+    )
+    return out

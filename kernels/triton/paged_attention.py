@@ -1,0 +1,41 @@
+"""The paged-attention entry point of the Triton bundle: picks the decode or the prefill kernel.
+
+A batch whose every sequence has one new token (max_seqlen_q == 1, a plain decode step, the
+shape captured in CUDA graphs) goes to the split-KV decode kernel; anything else (prefill,
+chunked prefill with a cached prefix, mixed prefill + decode steps) goes to the prefill kernel,
+which handles decode rows as sequences of length 1. Head dims the tensor cores cannot take
+(< 16, or > 256) fall back to the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import reference
+from kernels.triton.decode_attention import decode_attention
+from kernels.triton.prefill_attention import prefill_attention
+
+MIN_HEAD_DIM = 16
+MAX_HEAD_DIM = 256
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    return MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, Hq, D]
+    kv_cache_layer: torch.Tensor,  # [2, NB, BS, Hkv, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor,  # [B+1] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+    max_seqlen_q: int,
+) -> torch.Tensor:  # [T, Hq, D]
+    if not supports_head_dim(q.shape[-1]) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return reference.paged_attention(
+            q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q
+        )
+    if max_seqlen_q == 1:
+        return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
+    return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
