@@ -1,0 +1,120 @@
+"""Worker test helpers: tiny random Hugging Face models, and transformers as the reference."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.worker.config import WorkerConfig
+from services.worker.engine import Engine
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+    max_position_embeddings=256,
+    initializer_range=0.1,  # peaked enough that greedy choices are not near-ties
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _tiny_llama() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        **TINY,
+        num_hidden_layers=3,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        rope_theta=500000.0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny_qwen2() -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**TINY, num_hidden_layers=2, tie_word_embeddings=True))
+
+
+def _tiny_qwen3() -> Any:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(**TINY, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False))
+
+
+TINY_BUILDERS: dict[str, Callable[[], Any]] = {
+    "llama": _tiny_llama,
+    "qwen2": _tiny_qwen2,
+    "qwen3": _tiny_qwen3,
+}
+
+
+@dataclass
+class RefModel:
+    """A model directory and its transformers twin (fp32)."""
+
+    path: Path
+    hf: Any
+    eos_token_ids: list[int]
+    vocab_size: int
+
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        out = self.hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=0,
+        )
+        return out[0, len(prompt) :].tolist()
+
+    def greedy_with_logprobs(
+        self, prompt: list[int], max_new_tokens: int
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        out = self.hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        tokens = out.sequences[0, len(prompt) :].tolist()
+        return tokens, [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
+
+    def engine(self, **overrides: Any) -> Engine:
+        options: dict[str, Any] = {"model": str(self.path), "kv_cache_memory": "16MiB", "max_num_seqs": 64}
+        options.update(overrides)
+        return Engine(WorkerConfig(**options))
+
+
+def load_ref(path: Path) -> RefModel:
+    from transformers import AutoModelForCausalLM
+
+    from services.worker.model_config import load_model_config
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    cfg = load_model_config(str(path))
+    return RefModel(path, hf, list(cfg.eos_token_ids), cfg.vocab_size)
+
+
+def prompts_of_lengths(lengths: list[int], vocab_size: int, seed: int = 0, bos: int = 1) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[bos, *torch.randint(3, vocab_size, (n - 1,), generator=gen).tolist()] for n in lengths]
