@@ -29,7 +29,7 @@ async def serve(config: GatewayConfig) -> None:
     await site.start()
     grpc_server = None
     if config.grpc_port:
-        from gateway.grpc_api import start_grpc_server
+        from gateway.rpc import start_grpc_server
 
         grpc_server = await start_grpc_server(app, config)
     for sock in site._server.sockets if site._server is not None else []:  # type: ignore[attr-defined,union-attr]
@@ -43,7 +43,7 @@ async def serve(config: GatewayConfig) -> None:
     await stop.wait()
     log.info("gateway stopping")
     if grpc_server is not None:
-        await grpc_server.stop(5.0)
+        await grpc_server.stop()
     await runner.cleanup()
 
 
