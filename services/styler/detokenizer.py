@@ -50,6 +50,8 @@ class IncrementalDetokenizer:
     def add(self, token_ids: Sequence[int]) -> str:
         """Text newly complete after appending `token_ids` ("" while a character is incomplete)."""
         self._ids.extend(token_ids)
+        if self._ids and self._ids[-1] in self._tok.byte_fallback_ids:
+            return ""  # a run of byte tokens decodes as a whole: wait for its end
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):

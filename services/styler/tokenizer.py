@@ -104,6 +104,12 @@ class Tokenizer:
         self._byte_level = "ByteLevel" in repr(self._tok.decoder)
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        # ByteFallback turns a whole run of <0xXX> tokens into U+FFFDs when the run is not valid
+        # UTF-8, so the text of a byte token is only known once its run has ended.
+        self.byte_fallback_ids: frozenset[int] = frozenset()
+        if "ByteFallback" in repr(self._tok.decoder):
+            vocab = self._tok.get_vocab(with_added_tokens=False)
+            self.byte_fallback_ids = frozenset(i for piece, i in vocab.items() if _BYTE_TOKEN.match(piece))
 
     @classmethod
     def from_dir(cls, directory: str) -> Tokenizer:

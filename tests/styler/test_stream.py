@@ -1,0 +1,141 @@
+"""Streaming detokenization: UTF-8 safe, equal to a full decode, stop strings cut exactly."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from services.styler.stream import DetokenizeSession, StreamDelta, StreamOptions
+from services.styler.styler import Styler
+from tests.styler.conftest import load_styler, needs_shared, shared_dir, tokenizer_dirs
+
+ALPHABET = (
+    list("abcdefghijklmnopqrstuvwxyz ,.!?\n") * 4
+    + list("日本語中文한국어ÄÖÜßéñ")
+    + ["🤖", "👍🏽", "👨‍👩‍👧", "e\u0301", "🇨🇭", "  ", "\t"]
+)
+
+
+def _dirs() -> list[Path]:
+    stories = shared_dir() / "models" / "stories260K"
+    return tokenizer_dirs() + ([stories] if (stories / "tokenizer.json").is_file() else [])
+
+
+def _random_text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(n))
+
+
+def _feed(session: DetokenizeSession, ids: Sequence[int], rng: random.Random, index: int = 0) -> list[StreamDelta]:
+    deltas, pos = [], 0
+    while pos < len(ids):
+        step = rng.randint(1, 5)
+        chunk = ids[pos : pos + step]
+        pos += step
+        deltas.append(session.add(index, chunk, finished=pos >= len(ids)))
+    if not ids:
+        deltas.append(session.add(index, [], finished=True))
+    return deltas
+
+
+@needs_shared
+@pytest.mark.parametrize("tok_dir", _dirs(), ids=lambda p: p.name)
+def test_stream_concatenates_to_full_decode(tok_dir: Path) -> None:
+    styler = load_styler(str(tok_dir))
+    rng = random.Random(tok_dir.name)
+    for trial in range(30):
+        ids = styler.tokenize(_random_text(rng, rng.randint(0, 60)), add_special_tokens=trial % 2 == 0)
+        skip = trial % 3 != 0
+        session = styler.open_stream(StreamOptions(skip_special_tokens=skip))
+        deltas = _feed(session, ids, rng)
+        text = "".join(d.text for d in deltas)
+        assert text == styler.detokenize(ids, skip_special_tokens=skip)
+        assert all("\ufffd" not in d.text for d in deltas)
+        assert deltas[-1].finished and deltas[-1].num_tokens == len(ids)
+
+
+@needs_shared
+@pytest.mark.parametrize("tok_dir", _dirs(), ids=lambda p: p.name)
+def test_stream_of_arbitrary_ids_equals_full_decode(tok_dir: Path) -> None:
+    """Random ids may not even be valid UTF-8; the concatenation still equals the full decode."""
+    styler = load_styler(str(tok_dir))
+    rng = random.Random(1)
+    vocab = styler.info().vocab_size
+    for _ in range(20):
+        ids = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        deltas = _feed(styler.open_stream(StreamOptions()), ids, rng)
+        assert "".join(d.text for d in deltas) == styler.detokenize(ids)
+
+
+def _three_token_stop(styler: Styler, rng: random.Random) -> tuple[list[int], str] | None:
+    ids = styler.tokenize(_random_text(rng, 80), add_special_tokens=False)
+    for _ in range(20):
+        i = rng.randrange(1, max(2, len(ids) - 3))
+        stop = styler.detokenize(ids[i : i + 3])
+        pieces = [styler.detokenize([t]) for t in ids[i : i + 3]]
+        if len(stop) >= 3 and stop.strip() and "\ufffd" not in stop and all(pieces) and "\ufffd" not in "".join(pieces):
+            return ids, stop
+    return None
+
+
+@needs_shared
+@pytest.mark.parametrize("tok_dir", _dirs(), ids=lambda p: p.name)
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_spanning_three_tokens(tok_dir: Path, include: bool) -> None:
+    styler = load_styler(str(tok_dir))
+    rng = random.Random(tok_dir.name + str(include))
+    checked = 0
+    for _ in range(15):
+        found = _three_token_stop(styler, rng)
+        if found is None:
+            continue
+        ids, stop = found
+        full = styler.detokenize(ids)
+        at = full.find(stop)
+        assert at >= 0
+        session = styler.open_stream(StreamOptions(stop=("never-there", stop), include_stop_str_in_output=include))
+        deltas = _feed(session, ids, rng)
+        text = "".join(d.text for d in deltas)
+        assert text == full[: at + (len(stop) if include else 0)]
+        stopped = [d for d in deltas if d.stopped]
+        assert len(stopped) == 1 and stopped[0].matched_stop == stop and stopped[0].finished
+        assert all(not d.text for d in deltas[deltas.index(stopped[0]) + 1 :])  # later tokens ignored
+        checked += 1
+    assert checked >= 5
+
+
+@needs_shared
+def test_choices_interleave_and_are_validated() -> None:
+    styler = load_styler(str(tokenizer_dirs()[0]))
+    a, b = styler.tokenize("first choice 日本", False), styler.tokenize("second 👍🏽 choice", False)
+    session = styler.open_stream(StreamOptions(num_choices=2, first_choice_index=3))
+    out: dict[int, str] = {3: "", 4: ""}
+    for i in range(max(len(a), len(b))):
+        for index, ids in ((3, a), (4, b)):
+            if i < len(ids):
+                out[index] += session.add(index, ids[i : i + 1], finished=i == len(ids) - 1).text
+    assert out == {3: "first choice 日本", 4: "second 👍🏽 choice"}
+    assert session.all_done()
+    with pytest.raises(ValueError, match="outside"):
+        session.add(5, [1], finished=False)
+
+
+@needs_shared
+def test_stream_with_reasoning_and_tools_from_real_tokens() -> None:
+    """Qwen3 output (real token ids), fed token by token: reasoning, content and a tool call."""
+    styler = load_styler(str(shared_dir() / "tokenizers" / "qwen3"))
+    assert (styler.tool_parser, styler.reasoning_parser) == ("hermes", "qwen3")
+    output = (
+        "<think>\nThe user wants weather. 天气\n</think>\n\nLet me check.\n"
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call><|im_end|>'
+    )
+    ids = styler.tokenize(output, add_special_tokens=False)
+    session = styler.open_stream(StreamOptions(tool_parser="auto", reasoning_parser="auto"))
+    deltas = [session.add(0, [t], finished=i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert "".join(d.reasoning_text for d in deltas) == "The user wants weather. 天气\n"
+    assert "".join(d.text for d in deltas) == "Let me check.\n"
+    calls = [c for d in deltas for c in d.tool_calls]
+    assert [(c.index, c.name, c.arguments) for c in calls] == [(0, "get_weather", '{"city": "Zürich"}')]
+    assert calls[0].id.startswith("call_")
