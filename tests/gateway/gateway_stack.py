@@ -1,0 +1,136 @@
+"""Start the real stack (styler, workers, gateway) as processes on unix sockets, for the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("TANDEM_API_KEY", None)
+    return env
+
+
+class Stack:
+    """styler + N workers + gateway, started in a run directory; `stop()` ends them all."""
+
+    def __init__(
+        self, run_dir: Path, model: Path, num_workers: int = 1, gateway_args: Sequence[str] = ()
+    ) -> None:
+        self.run_dir = run_dir
+        self.model = model
+        self.styler_address = f"unix:{run_dir}/styler.sock"
+        self.worker_addresses = [f"unix:{run_dir}/worker-{i}.sock" for i in range(num_workers)]
+        self.gateway_args = list(gateway_args)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.port = 0
+        self.grpc_port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = open(self.run_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            cwd=REPO,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start(self, timeout_s: float = 180.0) -> Stack:
+        self._spawn("styler", ["styler", "--model", str(self.model), "--address", self.styler_address])
+        for i, address in enumerate(self.worker_addresses):
+            self._spawn(
+                f"worker-{i}", ["worker", "--model", str(self.model), "--address", address, "--device", "cpu"]
+            )
+        self.port, self.grpc_port = free_port(), free_port()
+        self.start_gateway("gateway", self.port, [*self.gateway_args, "--grpc-port", str(self.grpc_port)])
+        self.wait_healthy(self.port, timeout_s)
+        return self
+
+    def start_gateway(
+        self,
+        name: str,
+        port: int,
+        args: Sequence[str] = (),
+        styler: Sequence[str] | None = None,
+        workers: Sequence[str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        argv = ["gateway", "--port", str(port), "--health-interval", "0.2"]
+        for address in self.styler_address_list() if styler is None else styler:
+            argv += ["--styler", address]
+        for address in self.worker_addresses if workers is None else workers:
+            argv += ["--worker", address]
+        return self._spawn(name, [*argv, *args])
+
+    def styler_address_list(self) -> list[str]:
+        return [self.styler_address]
+
+    def wait_healthy(self, port: int, timeout_s: float, want: int = 200) -> None:
+        deadline = time.monotonic() + timeout_s
+        status = 0
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None and not name.startswith("worker"):
+                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log_tail(name)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                    status = reply.status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                status = 0
+            if status == want:
+                return
+            time.sleep(0.2)
+        tails = "\n".join(f"--- {n}\n{self.log_tail(n)}" for n in self.procs)
+        raise TimeoutError(f"gateway on port {port} not healthy ({status}) after {timeout_s}s\n{tails}")
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.run_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
