@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import grpc
 
+from services.common import telemetry
 from services.common.server import GRPC_OPTIONS
 
 CLIENT_OPTIONS: Sequence[tuple[str, int | str]] = (
@@ -31,6 +32,8 @@ def make_channel(
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """An asyncio channel to `address` (host:port or unix:/path)."""
+    # Tracing first (outermost), so the rpc's client span covers the caller's own interceptors.
+    interceptors = [*telemetry.grpc_client_interceptors(), *interceptors]
     if credentials is not None:
         return grpc.aio.secure_channel(
             address, credentials, options=list(CLIENT_OPTIONS), interceptors=list(interceptors)

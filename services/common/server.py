@@ -27,7 +27,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import telemetry
 from services.common.drain import DrainInterceptor
+from services.common.metrics import GrpcMetricsInterceptor, start_metrics_server
 from services.common.service_config import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,18 @@ class GrpcServer:
         grace_s: float = 30.0,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         server_credentials: grpc.ServerCredentials | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.address = address
         self.grace_s = grace_s
+        self.metrics_port = metrics_port
         self.drain = DrainInterceptor()
-        self.server = grpc.aio.server(interceptors=[self.drain, *interceptors], options=list(GRPC_OPTIONS))
+        # Tracing (empty unless OTEL_* / TANDEM_TRACE_FILE turned it on) and rpc / error counts
+        # for every service, so no servicer needs its own hooks.
+        observability = [*telemetry.grpc_server_interceptors(), GrpcMetricsInterceptor()]
+        self.server = grpc.aio.server(
+            interceptors=[self.drain, *observability, *interceptors], options=list(GRPC_OPTIONS)
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._credentials = server_credentials
@@ -78,6 +87,7 @@ class GrpcServer:
             grace_s=config.drain_timeout,
             interceptors=interceptors,
             server_credentials=tls.server_credentials() if tls else None,
+            metrics_port=config.metrics_port,
         )
 
     def add_service_name(self, full_name: str) -> None:
@@ -112,6 +122,9 @@ class GrpcServer:
         if self._bound_port == 0 and not is_unix_address(self.address):
             raise OSError(f"could not bind gRPC server to {self.address}")
         await self.server.start()
+        if self.metrics_port:
+            port = start_metrics_server(self.metrics_port)
+            log.info("Prometheus metrics on :%d/metrics", port)
         await self.set_serving(True)
         log.info("gRPC server listening on %s (%s)", self.bound_address, ", ".join(self._service_names))
 

@@ -1,8 +1,7 @@
 """A tiny traced client and server in one process, for test_telemetry.py (run as a script).
 
-A generic gRPC echo service on 127.0.0.1:0 (unary and server-streaming) behind
-`telemetry.grpc_server_interceptors()`, called through `make_channel` with
-`telemetry.grpc_client_interceptors()` under a parent span whose context comes from a W3C
+A generic gRPC echo service on 127.0.0.1:0 (unary and server-streaming) on a `GrpcServer`,
+called through `make_channel` (both install the tracing interceptors themselves) under a parent span whose context comes from a W3C
 `traceparent` given on the command line; then an engine-style timeline recorded under the
 server span's captured context. Spans go to TANDEM_TRACE_FILE.
 """
@@ -19,6 +18,7 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 
 from services.common import telemetry
+from services.common.channels import make_channel
 from services.common.server import GrpcServer
 
 
@@ -54,12 +54,10 @@ async def main(traceparent: str) -> None:
             "Stream": grpc.unary_stream_rpc_method_handler(stream, _decode, _encode),
         },
     )
-    server = GrpcServer("127.0.0.1:0", grace_s=1, interceptors=telemetry.grpc_server_interceptors())
+    server = GrpcServer("127.0.0.1:0", grace_s=1)  # adds the tracing interceptors itself
     server.server.add_generic_rpc_handlers((handler,))
     await server.start()
-    channel = grpc.aio.insecure_channel(
-        server.bound_address, interceptors=telemetry.grpc_client_interceptors()
-    )
+    channel = make_channel(server.bound_address)  # adds the client tracing interceptors itself
     parent = extract({"traceparent": traceparent})
     with trace.get_tracer("probe").start_as_current_span("client-root", context=parent):
         echo_call = channel.unary_unary(
