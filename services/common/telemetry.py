@@ -271,10 +271,17 @@ def aiohttp_middlewares() -> list[Callable[..., Any]]:
             return await handler(request)
 
         async def tagged(req: web.Request) -> web.StreamResponse:
-            response: web.StreamResponse = await handler(req)
-            request_id = response.headers.get("X-Request-Id")
-            if request_id:
-                set_request_id(request_id)
+            try:
+                response: web.StreamResponse = await handler(req)
+            finally:
+                # The gateway sets request_id_var in this same task (and X-Request-Id on replies).
+                from services.common.logging import request_id_var
+
+                request_id = request_id_var.get()
+                if request_id != "-":
+                    set_request_id(request_id)
+            if "X-Request-Id" in response.headers:
+                set_request_id(response.headers["X-Request-Id"])
             return response
 
         response: web.StreamResponse = await otel_middleware(request, tagged)
