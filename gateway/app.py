@@ -16,6 +16,7 @@ from gateway.config import GatewayConfig
 from gateway.context import GatewayContext
 from gateway.errors import APIError
 from gateway.routes import health, openai_routes
+from services.common import telemetry
 from services.common.logging import request_id_var
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,12 @@ def build_app(config: GatewayConfig) -> web.Application:
     ctx = GatewayContext.create(config)
     app = web.Application(
         client_max_size=config.max_request_bytes,
-        middlewares=[errors_middleware, auth_middleware(config.api_key), body_size_middleware],
+        middlewares=[
+            *telemetry.aiohttp_middlewares(),  # outermost: the HTTP span (empty when tracing is off)
+            errors_middleware,
+            auth_middleware(config.api_key),
+            body_size_middleware,
+        ],
     )
     app[CONTEXT] = ctx
 
