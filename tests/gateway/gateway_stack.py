@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -72,7 +73,7 @@ class Stack:
             )
         self.port, self.grpc_port = free_port(), free_port()
         self.start_gateway("gateway", self.port, [*self.gateway_args, "--grpc-port", str(self.grpc_port)])
-        self.wait_healthy(self.port, timeout_s)
+        self.wait_healthy(self.port, timeout_s, all_workers=True)
         return self
 
     def start_gateway(
@@ -93,7 +94,7 @@ class Stack:
     def styler_address_list(self) -> list[str]:
         return [self.styler_address]
 
-    def wait_healthy(self, port: int, timeout_s: float, want: int = 200) -> None:
+    def wait_healthy(self, port: int, timeout_s: float, want: int = 200, all_workers: bool = False) -> None:
         deadline = time.monotonic() + timeout_s
         status = 0
         while time.monotonic() < deadline:
@@ -103,6 +104,8 @@ class Stack:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
                     status = reply.status
+                    if all_workers and not all(json.loads(reply.read())["worker"].values()):
+                        status = 0
             except urllib.error.HTTPError as exc:
                 status = exc.code
             except OSError:

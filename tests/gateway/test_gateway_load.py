@@ -1,0 +1,127 @@
+"""Load on the real stack: client disconnects, 200 concurrent streams, two workers and a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from gateway_stack import Stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def worker_load(address: str) -> tuple[int, int]:
+    from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        load = worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
+    return load.num_running, load.num_waiting
+
+
+def test_client_disconnect_aborts_on_the_worker_within_a_second(stories_stack: Stack) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stream": True}
+    with (
+        httpx.Client(base_url=stories_stack.url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as reply,
+    ):
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        for _ in range(6):  # a few chunks: the request is running on the worker
+            next(lines)
+        assert worker_load(stories_stack.worker_addresses[0])[0] == 1
+    disconnected = time.monotonic()
+    while worker_load(stories_stack.worker_addresses[0]) != (0, 0):
+        assert time.monotonic() - disconnected < 1.0, (
+            "the worker still runs the request 1 s after the disconnect"
+        )
+        time.sleep(0.02)
+
+
+async def test_200_concurrent_streams_equal_whole_responses(stories_stack: Stack) -> None:
+    client = openai.AsyncOpenAI(base_url=stories_stack.base_url, api_key="unused", max_retries=0, timeout=300)
+
+    async def streamed(seed: int) -> str:
+        stream = await client.completions.create(
+            model="stories260K", prompt="Once upon a time", max_tokens=12, seed=seed, stream=True
+        )
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    async def whole(seed: int) -> str:
+        reply = await client.completions.create(
+            model="stories260K", prompt="Once upon a time", max_tokens=12, seed=seed
+        )
+        return reply.choices[0].text
+
+    seeds = range(200)
+    texts = await asyncio.gather(*(streamed(s) for s in seeds))
+    wholes = await asyncio.gather(*(whole(s) for s in seeds))
+    assert list(texts) == list(wholes)
+    assert len(set(texts)) > 10  # different seeds really sample differently
+    await client.close()
+
+
+@pytest.fixture(scope="module")
+def two_workers(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("two"), stories_dir, num_workers=2)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+def served_by_worker(stack: Stack) -> dict[str, float]:
+    text = httpx.get(stack.url + "/metrics", timeout=10).text
+    found = re.findall(r'tandem:gateway_worker_requests_total\{worker="([^"]+)"\} ([0-9.e+]+)', text)
+    return {worker: float(count) for worker, count in found}
+
+
+async def test_two_workers_share_the_load_and_survive_a_failure(two_workers: Stack) -> None:
+    client = openai.AsyncOpenAI(base_url=two_workers.base_url, api_key="unused", max_retries=0, timeout=120)
+
+    async def complete(i: int) -> str:
+        reply = await client.completions.create(
+            model="stories260K", prompt=f"Once upon a time {i}", max_tokens=20, seed=i
+        )
+        return reply.choices[0].finish_reason
+
+    await asyncio.gather(*(complete(i) for i in range(24)))
+    counts = served_by_worker(two_workers)
+    assert set(counts) == set(two_workers.worker_addresses)
+    assert min(counts.values()) >= 6, counts  # least-load routing spreads a burst
+
+    two_workers.kill("worker-0")
+    results = await asyncio.gather(*(complete(i) for i in range(24)))  # all succeed on the survivor
+    assert len(results) == 24
+    health = httpx.get(two_workers.url + "/health", timeout=10).json()
+    assert health["worker"] == {two_workers.worker_addresses[0]: False, two_workers.worker_addresses[1]: True}
+
+    # a restarted worker is put back in rotation once healthy
+    two_workers._spawn(
+        "worker-0",
+        [
+            "worker",
+            "--model",
+            str(two_workers.model),
+            "--address",
+            two_workers.worker_addresses[0],
+            "--device",
+            "cpu",
+        ],
+    )
+    deadline = time.monotonic() + 120
+    while not httpx.get(two_workers.url + "/health", timeout=10).json()["worker"][
+        two_workers.worker_addresses[0]
+    ]:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.3)
+    before = served_by_worker(two_workers)[two_workers.worker_addresses[0]]
+    await asyncio.gather(*(complete(100 + i) for i in range(12)))
+    assert served_by_worker(two_workers)[two_workers.worker_addresses[0]] > before
+    await client.close()
