@@ -1,0 +1,155 @@
+"""Tools and tool_choice on a tiny random Qwen3 (the real Qwen3 tokenizer and chat template)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import torch
+from gateway_stack import Stack
+
+pytestmark = [pytest.mark.e2e]
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the weather in Paris?"},
+]
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared_dir / "tokenizers" / "qwen3" / name, path / name)
+    vocab_size = len(AutoTokenizer.from_pretrained(str(path)))
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=151645,
+    )
+    Qwen3ForCausalLM(config).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen3_stack(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(tmp_path_factory.mktemp("qwen3-stack"), qwen3_dir)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(qwen3_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(qwen3_dir))
+
+
+def hf_ids(tok: Any, **kwargs: Any) -> list[int]:
+    out = tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_tools_reach_the_prompt_as_the_template_renders_them(qwen3_stack: Stack, reference: Any) -> None:
+    want = hf_ids(reference, tools=TOOLS)
+    got = httpx.post(
+        qwen3_stack.url + "/tokenize", json={"messages": MESSAGES, "tools": TOOLS}, timeout=60
+    ).json()
+    assert got["tokens"] == want
+    no_thinking = httpx.post(
+        qwen3_stack.url + "/tokenize",
+        json={"messages": MESSAGES, "tools": TOOLS, "chat_template_kwargs": {"enable_thinking": False}},
+        timeout=60,
+    ).json()
+    assert no_thinking["tokens"] == hf_ids(reference, tools=TOOLS, enable_thinking=False)
+
+    client = openai.OpenAI(base_url=qwen3_stack.base_url, api_key="unused", max_retries=0, timeout=60)
+    for tool_choice in ("auto", "none"):  # "none": tools are still rendered, only not parsed
+        reply = client.chat.completions.create(
+            model=qwen3_stack.model.name,
+            messages=MESSAGES,  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice=tool_choice,  # type: ignore[arg-type]
+            max_tokens=8,
+            temperature=0,
+        )
+        assert reply.usage is not None and reply.usage.prompt_tokens == len(want)
+        choice = reply.choices[0]
+        assert choice.message.role == "assistant"
+        assert choice.finish_reason in ("stop", "length", "tool_calls")
+        assert isinstance(choice.message.tool_calls or [], list)
+        dumped = reply.model_dump()
+        assert set(dumped) >= {"id", "object", "created", "model", "choices", "usage", "system_fingerprint"}
+        assert set(dumped["choices"][0]["message"]) >= {"role", "content", "tool_calls"}
+    without_tools = client.chat.completions.create(
+        model=qwen3_stack.model.name,
+        messages=MESSAGES,
+        max_tokens=2,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert without_tools.usage is not None and without_tools.usage.prompt_tokens == len(hf_ids(reference))
+
+
+def test_streamed_tool_request_has_openai_chunk_shape(qwen3_stack: Stack) -> None:
+    client = openai.OpenAI(base_url=qwen3_stack.base_url, api_key="unused", max_retries=0, timeout=60)
+    stream = client.chat.completions.create(
+        model=qwen3_stack.model.name,
+        messages=MESSAGES,  # type: ignore[arg-type]
+        tools=TOOLS,  # type: ignore[arg-type]
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1 and finishes[0] in ("stop", "length", "tool_calls")
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    for chunk in chunks:
+        json.loads(chunk.model_dump_json())
+
+
+def test_forced_tool_choice_is_refused_not_pretended(qwen3_stack: Stack) -> None:
+    for tool_choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = httpx.post(
+            qwen3_stack.base_url + "/chat/completions",
+            json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice},
+            timeout=60,
+        )
+        assert reply.status_code == 400
+        assert reply.json()["error"]["param"] == "tool_choice"
+        assert "not supported yet" in reply.json()["error"]["message"]
