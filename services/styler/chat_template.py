@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import operator
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,6 +30,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from services.styler.render_guard import RenderGuard, RenderTimeoutError
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+# A template that loops over a message's content (`for part in message['content']`) takes
+# OpenAI content parts; any other template expects a string.
+_ITERATES_CONTENT = re.compile(r"\{%-?\s*for\s+\w+\s+in\s+[\w.\[\]'\"]*(?:\.content|\[['\"]content['\"]\])")
 # Variables `render` passes itself; request kwargs may not replace them.
 RESERVED_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
 
@@ -105,6 +109,22 @@ def compile_template(source: str) -> jinja2.Template:
         raise TemplateRenderError(f"chat template syntax error (line {exc.lineno}): {exc.message}") from exc
 
 
+def content_format(template: str) -> str:
+    """ "openai" when the template iterates over content parts, else "string" (as vLLM detects it)."""
+    return "openai" if _ITERATES_CONTENT.search(template) else "string"
+
+
+def flatten_text_parts(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with list-of-text-parts content joined into one string ("\n" between parts, as vLLM)."""
+    out = []
+    for message in messages:
+        m = dict(message)
+        if isinstance(m.get("content"), list):
+            m["content"] = "\n".join(str(p.get("text", "")) for p in m["content"] if p.get("type") == "text")
+        out.append(m)
+    return out
+
+
 @dataclass(frozen=True)
 class RenderInput:
     """One conversation to render (the arguments of `apply_chat_template`)."""
@@ -152,6 +172,8 @@ class ChatTemplateRenderer:
             raise TemplateRenderError(f"chat_template_kwargs may not set {', '.join(sorted(reserved))}")
         template = compile_template(template_source)
         messages = [dict(m) for m in request.messages]
+        if content_format(template_source) == "string":
+            messages = flatten_text_parts(messages)
         final_message = ""
         if request.continue_final_message:
             messages = copy.deepcopy(messages)

@@ -9,9 +9,15 @@ from typing import Any
 
 import pytest
 
-from services.styler.chat_template import RenderInput, TemplateRenderError
+from services.styler.chat_template import RenderInput, TemplateRenderError, content_format, flatten_text_parts
 from services.styler.messages import message_dict, tool_call_dict
-from tests.styler.conftest import load_styler, needs_shared, reference_tokenizer, template_files, tokenizer_dirs
+from tests.styler.helpers import (
+    load_styler,
+    needs_shared,
+    reference_tokenizer,
+    template_files,
+    tokenizer_dirs,
+)
 
 TOOLS = [
     {
@@ -28,7 +34,11 @@ TOOLS = [
     },
     {
         "type": "function",
-        "function": {"name": "now", "description": "The time.", "parameters": {"type": "object", "properties": {}}},
+        "function": {
+            "name": "now",
+            "description": "The time.",
+            "parameters": {"type": "object", "properties": {}},
+        },
     },
 ]
 CALL = tool_call_dict("call_0a1b2c3d4", "get_weather", '{"city": "Zürich", "unit": "c"}')
@@ -96,11 +106,16 @@ def _templates() -> list[tuple[str, str | None]]:
     return [(p.stem, p.read_text(encoding="utf-8")) for p in template_files()] + [("own", None)]
 
 
-def _reference(tok_dir: Path, template: str | None, case: tuple[str, bool, bool]) -> tuple[str, list[int]] | str:
+def _reference(
+    tok_dir: Path, template: str | None, case: tuple[str, bool, bool]
+) -> tuple[str, list[int]] | str:
     """transformers' (prompt, ids), or the error message it raised."""
     name, agp, cont = case
     messages, tools, kwargs = CONVERSATIONS[name]
     ref = reference_tokenizer(str(tok_dir))
+    source = template if template is not None else ref.chat_template
+    if content_format(source) == "string":  # text parts are joined for templates that expect a string
+        messages = flatten_text_parts(messages)
     args: dict[str, Any] = dict(
         tools=copy.deepcopy(tools),
         chat_template=template,
@@ -161,7 +176,9 @@ def test_template_error_message_is_the_templates_own() -> None:
     with pytest.raises(TemplateRenderError) as ours:
         styler.render(RenderInput(messages=[message_dict("tool", "x")], chat_template=template))
     with pytest.raises(Exception) as ref:
-        reference_tokenizer(str(tok_dir)).apply_chat_template([{"role": "tool", "content": "x"}], chat_template=template, tokenize=False)
+        reference_tokenizer(str(tok_dir)).apply_chat_template(
+            [{"role": "tool", "content": "x"}], chat_template=template, tokenize=False
+        )
     assert str(ours.value) == str(ref.value) == "Only user and assistant roles are supported! got tool"
 
 
@@ -215,3 +232,16 @@ def test_model_without_template_gives_clear_error(tmp_path: Path) -> None:
     assert not styler.info().has_chat_template
     with pytest.raises(TemplateRenderError, match="no chat template"):
         styler.render(RenderInput(messages=[message_dict("user", "hi")]))
+
+
+@needs_shared
+def test_content_parts_reach_templates_that_iterate_them() -> None:
+    tok_dir = tokenizer_dirs()[0]
+    template = "{% for m in messages %}{% for p in m['content'] %}[{{ p.text }}]{% endfor %}{% endfor %}"
+    assert content_format(template) == "openai"
+    messages = [message_dict("user", [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}])]
+    ours = load_styler(str(tok_dir)).render(RenderInput(messages=messages, chat_template=template))
+    ref = reference_tokenizer(str(tok_dir)).apply_chat_template(
+        copy.deepcopy(messages), chat_template=template, tokenize=False
+    )
+    assert ours.prompt == ref == "[a][b]"

@@ -12,7 +12,7 @@ from services.styler.parsers.auto import detect_reasoning_parser, detect_tool_pa
 from services.styler.parsers.base import ParsedText
 from services.styler.parsers.reasoning import make_reasoning_parser
 from services.styler.parsers.tool_formats import TOOL_PARSERS
-from tests.styler.conftest import load_styler, needs_shared, shared_dir, template_files
+from tests.styler.helpers import load_styler, needs_shared, shared_dir, template_files
 
 ARGS = {"city": "Zürich", "query": "天気 🌦", "n": 3, "nested": {"a": [1, 2]}}
 A = json.dumps(ARGS, ensure_ascii=False)
@@ -29,27 +29,55 @@ CASES: dict[str, list[tuple[str, str, list[tuple[str, dict[str, Any]]]]]] = {
         (f"{HERMES_1}\n{HERMES_2}", "", [("get_weather", ARGS), ("now", {"tz": "UTC"})]),
         (f"Let me look that up.\n\n{HERMES_1}", "Let me look that up.\n\n", [("get_weather", ARGS)]),
         ("No tools needed: 1 < 2 and <tool is fine.", "No tools needed: 1 < 2 and <tool is fine.", []),
-        ('<tool_call>\n{"name": "x", "arguments": {"a": 1\n</tool_call>', '<tool_call>\n{"name": "x", "arguments": {"a": 1\n</tool_call>', []),
-        (f'{HERMES_1}<tool_call>{{"oops"}}</tool_call>', '<tool_call>{"oops"}</tool_call>', [("get_weather", ARGS)]),
+        (
+            '<tool_call>\n{"name": "x", "arguments": {"a": 1\n</tool_call>',
+            '<tool_call>\n{"name": "x", "arguments": {"a": 1\n</tool_call>',
+            [],
+        ),
+        (
+            f'{HERMES_1}<tool_call>{{"oops"}}</tool_call>',
+            '<tool_call>{"oops"}</tool_call>',
+            [("get_weather", ARGS)],
+        ),
         ('<tool_call>{"name": "now", "arguments": {}}', "", [("now", {})]),  # unclosed but complete
-        ("<tool_call>{\"name\": \"now\", \"argu", "<tool_call>{\"name\": \"now\", \"argu", []),  # cut off
+        ('<tool_call>{"name": "now", "argu', '<tool_call>{"name": "now", "argu', []),  # cut off
     ],
     "deepseek_v3": [
         (f"<｜tool▁calls▁begin｜>{DS_1}<｜tool▁calls▁end｜>", "", [("get_weather", ARGS)]),
-        (f"Checking.<｜tool▁calls▁begin｜>{DS_1}\n{DS_2}<｜tool▁calls▁end｜>", "Checking.", [("get_weather", ARGS), ("now", {"tz": "UTC"})]),
-        ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>x\n```json\n{bad\n```<｜tool▁call▁end｜>", "<｜tool▁call▁begin｜>function<｜tool▁sep｜>x\n```json\n{bad\n```<｜tool▁call▁end｜>", []),
+        (
+            f"Checking.<｜tool▁calls▁begin｜>{DS_1}\n{DS_2}<｜tool▁calls▁end｜>",
+            "Checking.",
+            [("get_weather", ARGS), ("now", {"tz": "UTC"})],
+        ),
+        (
+            "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>x\n```json\n{bad\n```<｜tool▁call▁end｜>",
+            "<｜tool▁call▁begin｜>function<｜tool▁sep｜>x\n```json\n{bad\n```<｜tool▁call▁end｜>",
+            [],
+        ),
         ("plain answer", "plain answer", []),
     ],
     "mistral": [
         (f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {A}}}]', "", [("get_weather", ARGS)]),
-        (f'Sure. [TOOL_CALLS][{{"name": "get_weather", "arguments": {A}}}, {{"name": "now", "arguments": {B}}}]', "Sure. ", [("get_weather", ARGS), ("now", {"tz": "UTC"})]),
-        (f"[TOOL_CALLS]get_weather[ARGS]{A}[TOOL_CALLS]now[ARGS]{B}", "", [("get_weather", ARGS), ("now", {"tz": "UTC"})]),
+        (
+            f'Sure. [TOOL_CALLS][{{"name": "get_weather", "arguments": {A}}}, {{"name": "now", "arguments": {B}}}]',
+            "Sure. ",
+            [("get_weather", ARGS), ("now", {"tz": "UTC"})],
+        ),
+        (
+            f"[TOOL_CALLS]get_weather[ARGS]{A}[TOOL_CALLS]now[ARGS]{B}",
+            "",
+            [("get_weather", ARGS), ("now", {"tz": "UTC"})],
+        ),
         ('[TOOL_CALLS][{"name": "x", "arguments": ', '[TOOL_CALLS][{"name": "x", "arguments": ', []),
         ("The [TOOLS] tag is not a call.", "The [TOOLS] tag is not a call.", []),
     ],
     "llama3_json": [
         (f'{{"name": "get_weather", "parameters": {A}}}', "", [("get_weather", ARGS)]),
-        (f'<|python_tag|>{{"name": "get_weather", "parameters": {A}}}; {{"name": "now", "parameters": {B}}}', "", [("get_weather", ARGS), ("now", {"tz": "UTC"})]),
+        (
+            f'<|python_tag|>{{"name": "get_weather", "parameters": {A}}}; {{"name": "now", "parameters": {B}}}',
+            "",
+            [("get_weather", ARGS), ("now", {"tz": "UTC"})],
+        ),
         ('The JSON {"name": "x"} is inline.', 'The JSON {"name": "x"} is inline.', []),
         ('{"name": "x", "parameters": {"a": ', '{"name": "x", "parameters": {"a": ', []),
         ('{"not": "a call"}', '{"not": "a call"}', []),
@@ -71,7 +99,11 @@ def _chunkings(text: str, seed: int) -> list[list[str]]:
     rng = random.Random(seed)
     random_cuts = []
     for _ in range(5):
-        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 12)))) if len(text) > 1 else []
+        cuts = (
+            sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(1, 12))))
+            if len(text) > 1
+            else []
+        )
         random_cuts.append([text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)])
     return [[text], list(text), *random_cuts]
 
@@ -115,7 +147,9 @@ def test_auto_detection_from_model_files_and_templates() -> None:
     assert load_styler(str(shared_dir() / "tokenizers" / "qwen2.5")).reasoning_parser == ""
     ds = load_styler(str(shared_dir() / "tokenizers" / "deepseek-v3"))
     assert ds.tool_parser == "deepseek_v3"
-    none = load_styler(str(shared_dir() / "tokenizers" / "qwen3"), tool_parser="none", reasoning_parser="deepseek_r1")
+    none = load_styler(
+        str(shared_dir() / "tokenizers" / "qwen3"), tool_parser="none", reasoning_parser="deepseek_r1"
+    )
     assert (none.tool_parser, none.reasoning_parser) == ("", "deepseek_r1")
     with pytest.raises(ValueError, match="unknown"):
         load_styler(str(shared_dir() / "tokenizers" / "qwen3"), tool_parser="nope")

@@ -10,7 +10,7 @@ import pytest
 
 from services.styler.stream import DetokenizeSession, StreamDelta, StreamOptions
 from services.styler.styler import Styler
-from tests.styler.conftest import load_styler, needs_shared, shared_dir, tokenizer_dirs
+from tests.styler.helpers import load_styler, needs_shared, shared_dir, tokenizer_dirs
 
 ALPHABET = (
     list("abcdefghijklmnopqrstuvwxyz ,.!?\n") * 4
@@ -28,7 +28,9 @@ def _random_text(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(ALPHABET) for _ in range(n))
 
 
-def _feed(session: DetokenizeSession, ids: Sequence[int], rng: random.Random, index: int = 0) -> list[StreamDelta]:
+def _feed(
+    session: DetokenizeSession, ids: Sequence[int], rng: random.Random, index: int = 0
+) -> list[StreamDelta]:
     deltas, pos = [], 0
     while pos < len(ids):
         step = rng.randint(1, 5)
@@ -75,7 +77,13 @@ def _three_token_stop(styler: Styler, rng: random.Random) -> tuple[list[int], st
         i = rng.randrange(1, max(2, len(ids) - 3))
         stop = styler.detokenize(ids[i : i + 3])
         pieces = [styler.detokenize([t]) for t in ids[i : i + 3]]
-        if len(stop) >= 3 and stop.strip() and "\ufffd" not in stop and all(pieces) and "\ufffd" not in "".join(pieces):
+        if (
+            len(stop) >= 3
+            and stop.strip()
+            and "\ufffd" not in stop
+            and all(pieces)
+            and "\ufffd" not in "".join(pieces)
+        ):
             return ids, stop
     return None
 
@@ -95,7 +103,9 @@ def test_stop_string_spanning_three_tokens(tok_dir: Path, include: bool) -> None
         full = styler.detokenize(ids)
         at = full.find(stop)
         assert at >= 0
-        session = styler.open_stream(StreamOptions(stop=("never-there", stop), include_stop_str_in_output=include))
+        session = styler.open_stream(
+            StreamOptions(stop=("never-there", stop), include_stop_str_in_output=include)
+        )
         deltas = _feed(session, ids, rng)
         text = "".join(d.text for d in deltas)
         assert text == full[: at + (len(stop) if include else 0)]

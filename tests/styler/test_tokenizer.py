@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.styler.conftest import load_styler, needs_shared, reference_tokenizer, shared_dir, tokenizer_dirs
+from tests.styler.helpers import load_styler, needs_shared, reference_tokenizer, shared_dir, tokenizer_dirs
 
 TEXTS = [
     "Hello, world!",
@@ -39,7 +39,9 @@ def test_tokenize_detokenize_match_transformers(tok_dir: Path) -> None:
             ids = ref.encode(text, add_special_tokens=add)
             assert styler.tokenize(text, add_special_tokens=add) == ids, (text, add)
             for skip in (True, False):
-                assert styler.detokenize(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+                assert styler.detokenize(ids, skip_special_tokens=skip) == ref.decode(
+                    ids, skip_special_tokens=skip
+                )
     info = styler.info()
     assert info.vocab_size == len(ref)
     assert info.eos_token == (ref.eos_token or "")

@@ -1,4 +1,4 @@
-"""Shared fixtures of the styler tests: the shared data, reference tokenizers, loaded stylers."""
+"""Shared helpers of the styler tests: the shared data, reference tokenizers, loaded stylers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from services.styler.styler import Styler, StylerOptions  # noqa: E402
+from services.styler.styler import Styler, StylerOptions
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +32,9 @@ def template_files() -> list[Path]:
     return sorted(root.glob("*.jinja")) if root.is_dir() else []
 
 
-needs_shared = pytest.mark.skipif(not tokenizer_dirs(), reason="../shared/tokenizers not found (set TANDEM_SHARED)")
+needs_shared = pytest.mark.skipif(
+    not tokenizer_dirs(), reason="../shared/tokenizers not found (set TANDEM_SHARED)"
+)
 
 
 @cache
