@@ -125,12 +125,12 @@ def test_completion_stream_equals_whole(client: openai.OpenAI) -> None:
 def test_chat_greedy_stream_and_whole_equal_transformers(
     stories_stack: Stack, client: openai.OpenAI, hf: tuple[Any, Any]
 ) -> None:
-    messages = [{"role": "user", "content": PROMPT}]
+    messages: list[Any] = [{"role": "user", "content": PROMPT}]
     tokenized = post(stories_stack, "/tokenize", {"messages": messages})
     _, ref_text = hf_greedy(hf, tokenized["tokens"], 30)
     whole = client.chat.completions.create(
         model="stories260K", messages=messages, max_tokens=30, temperature=0
-    )  # type: ignore[arg-type]
+    )
     assert whole.object == "chat.completion"
     assert whole.choices[0].message.role == "assistant"
     assert whole.choices[0].message.content == ref_text
@@ -140,7 +140,7 @@ def test_chat_greedy_stream_and_whole_equal_transformers(
     assert whole.usage.prompt_tokens_details.cached_tokens is not None
     stream = client.chat.completions.create(
         model="stories260K",
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=30,
         temperature=0,
         stream=True,
@@ -205,10 +205,10 @@ def test_stop_strings(client: openai.OpenAI) -> None:
 def test_chat_logprobs_match_transformers(
     stories_stack: Stack, client: openai.OpenAI, hf: tuple[Any, Any]
 ) -> None:
-    messages = [{"role": "user", "content": PROMPT}]
+    messages: list[Any] = [{"role": "user", "content": PROMPT}]
     reply = client.chat.completions.create(
         model="stories260K",
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=8,
         temperature=0,
         logprobs=True,

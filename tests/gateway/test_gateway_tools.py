@@ -16,7 +16,7 @@ from gateway_stack import Stack
 
 pytestmark = [pytest.mark.e2e]
 
-TOOLS = [
+TOOLS: list[Any] = [
     {
         "type": "function",
         "function": {
@@ -30,7 +30,7 @@ TOOLS = [
         },
     }
 ]
-MESSAGES = [
+MESSAGES: list[Any] = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "What is the weather in Paris?"},
 ]
@@ -100,9 +100,9 @@ def test_tools_reach_the_prompt_as_the_template_renders_them(qwen3_stack: Stack,
     for tool_choice in ("auto", "none"):  # "none": tools are still rendered, only not parsed
         reply = client.chat.completions.create(
             model=qwen3_stack.model.name,
-            messages=MESSAGES,  # type: ignore[arg-type]
-            tools=TOOLS,  # type: ignore[arg-type]
-            tool_choice=tool_choice,  # type: ignore[arg-type]
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice=tool_choice,
             max_tokens=8,
             temperature=0,
         )
@@ -118,7 +118,7 @@ def test_tools_reach_the_prompt_as_the_template_renders_them(qwen3_stack: Stack,
         model=qwen3_stack.model.name,
         messages=MESSAGES,
         max_tokens=2,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     assert without_tools.usage is not None and without_tools.usage.prompt_tokens == len(hf_ids(reference))
 
@@ -127,8 +127,8 @@ def test_streamed_tool_request_has_openai_chunk_shape(qwen3_stack: Stack) -> Non
     client = openai.OpenAI(base_url=qwen3_stack.base_url, api_key="unused", max_retries=0, timeout=60)
     stream = client.chat.completions.create(
         model=qwen3_stack.model.name,
-        messages=MESSAGES,  # type: ignore[arg-type]
-        tools=TOOLS,  # type: ignore[arg-type]
+        messages=MESSAGES,
+        tools=TOOLS,
         max_tokens=8,
         temperature=0,
         stream=True,

@@ -1,0 +1,155 @@
+"""Unit tests of the gateway's pure parts: validation, routing, response shapes, admission."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.admission import AdmissionGate
+from gateway.downstream import ToolCallDelta
+from gateway.errors import APIError
+from gateway.execution import ChoiceUpdate, PromptRun, RequestRun
+from gateway.responses import ChatResult, CompletionResult
+from gateway.router import PREFIX_CHUNK, Router
+from gateway.validation import parse_chat, parse_completion, parse_tokenize
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def test_chat_defaults_follow_openai() -> None:
+    req = parse_chat({"messages": MESSAGES})
+    p = req.params
+    assert (p.n, p.max_tokens, p.temperature, p.stream, p.logprobs, p.stop) == (
+        1,
+        None,
+        None,
+        False,
+        None,
+        (),
+    )
+    assert p.skip_special_tokens and req.add_generation_prompt and req.tool_choice == "none"
+    req = parse_chat({"messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 7, "stop": "x"})
+    assert req.params.max_tokens == 7 and req.params.stop == ("x",)
+    req = parse_chat({"messages": MESSAGES, "logprobs": True, "top_logprobs": 4, "top_k": -1})
+    assert req.params.logprobs == 4 and req.params.top_k is None
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert parse_chat({"messages": MESSAGES, "tools": tools}).tool_choice == "auto"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": MESSAGES, "top_p": 0}, "top_p"),
+        ({"messages": MESSAGES, "seed": 1.5}, "seed"),
+        ({"messages": MESSAGES, "stream": 1}, "stream"),
+        ({"messages": MESSAGES, "stop": ["a"] * 17}, "stop"),
+        ({"messages": MESSAGES, "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+        ({"messages": MESSAGES, "stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
+        ({"messages": MESSAGES, "continue_final_message": True}, "messages"),
+        ({"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
+    ],
+)
+def test_chat_rejections_name_the_field(body: dict[str, object], param: str) -> None:
+    with pytest.raises(APIError) as err:
+        parse_chat(body)
+    assert err.value.status == 400 and err.value.param == param
+
+
+def test_neutral_values_of_unsupported_fields_pass() -> None:
+    parse_chat({"messages": MESSAGES, "response_format": {"type": "text"}, "logit_bias": {}, "store": False})
+
+
+def test_completion_prompt_forms() -> None:
+    assert parse_completion({"prompt": "a"}).prompts == ("a",)
+    assert parse_completion({"prompt": ["a", "b"]}).prompts == ("a", "b")
+    assert parse_completion({"prompt": [1, 2]}).prompts == ((1, 2),)
+    assert parse_completion({"prompt": [[1], [2, 3]]}).prompts == ((1,), (2, 3))
+    assert parse_completion({"prompt": "a", "logprobs": 0}).params.logprobs == 0
+    for bad in ([], [1, "a"], [[1], []], 5, ""):
+        with pytest.raises(APIError):
+            parse_completion({"prompt": bad})
+
+
+def test_tokenize_needs_exactly_one_input() -> None:
+    assert parse_tokenize({"prompt": "x"}).add_special_tokens
+    assert not parse_tokenize({"messages": MESSAGES}).add_special_tokens
+    with pytest.raises(APIError):
+        parse_tokenize({})
+
+
+async def test_router_least_load_and_prefix_affinity() -> None:
+    router = Router(["unix:/tmp/a.sock", "unix:/tmp/b.sock"])
+    a, b = router.workers
+    a.healthy = b.healthy = True
+    prompt = list(range(PREFIX_CHUNK * 3))
+    first = router.pick(prompt)
+    other = b if first is a else a
+    assert router.pick([*prompt, 7, 8]) is first  # same prefix: same worker
+    first.reported_load = 50  # far busier: affinity gives way to load
+    assert router.pick(prompt) is other
+    first.reported_load = 0
+    assert router.pick([99] * PREFIX_CHUNK) in (a, b)
+    with router.track(a):
+        assert router.pick([5] * 3) is b  # short prompt, no affinity: least loaded
+    router.mark_failed(a)
+    router.mark_failed(b)
+    with pytest.raises(Exception, match="no worker"):
+        router.pick(prompt)
+    await router.close()
+
+
+def _run() -> tuple[RequestRun, PromptRun]:
+    prompt = PromptRun(token_ids=(1, 2, 3), text="abc")
+    prompt.completion_tokens = 4
+    return RequestRun("r1", [prompt]), prompt
+
+
+def test_chat_result_tool_calls_finish_and_shape() -> None:
+    run, prompt = _run()
+    result = ChatResult("r1", "m", 0, 1, logprobs=False, parallel_tool_calls=False, include_usage=True)
+    chunks = result.add(ChoiceUpdate(0, prompt, reasoning="hmm"))
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[1]["choices"][0]["delta"] == {"reasoning_content": "hmm"}
+    result.add(ChoiceUpdate(0, prompt, tool_calls=(ToolCallDelta(0, "call_1", "f", '{"a"'),)))
+    dropped = result.add(ChoiceUpdate(0, prompt, tool_calls=(ToolCallDelta(1, "call_2", "g", "{}"),)))
+    assert dropped == []  # parallel_tool_calls=false keeps only the first call
+    last = result.add(
+        ChoiceUpdate(0, prompt, tool_calls=(ToolCallDelta(0, "", "", ": 1}"),), finish_reason="stop")
+    )
+    assert last[0]["choices"][0]["finish_reason"] == "tool_calls"
+    body = result.response(run)
+    message = body["choices"][0]["message"]
+    assert message["content"] is None and message["reasoning_content"] == "hmm"
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    ]
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert result.usage_chunk(run)["choices"] == []
+
+
+def test_completion_result_echo() -> None:
+    run, prompt = _run()
+    result = CompletionResult("r1", "m", 0, 1, logprobs=None, echo=True)
+    assert result.add(ChoiceUpdate(0, prompt, text="d"))[0]["choices"][0]["text"] == "abcd"
+    result.add(ChoiceUpdate(0, prompt, text="e", finish_reason="length"))
+    body = result.response(run)
+    assert body["choices"][0]["text"] == "abcde" and body["choices"][0]["finish_reason"] == "length"
+
+
+async def test_admission_counts_and_refuses() -> None:
+    gate = AdmissionGate(max_waiting=1, max_running=0)
+    async with gate.admit() as admission:
+        assert (gate.num_waiting, gate.num_running) == (1, 0)
+        with pytest.raises(APIError) as err:
+            async with gate.admit():
+                pass
+        assert err.value.status == 429 and err.value.headers()["Retry-After"] == "1"
+        admission.started()
+        assert (gate.num_waiting, gate.num_running) == (0, 1)
+    assert (gate.num_waiting, gate.num_running) == (0, 0)
