@@ -11,7 +11,8 @@ import pytest
 
 from services.styler.chat_template import RenderInput, TemplateRenderError, content_format, flatten_text_parts
 from services.styler.messages import message_dict, tool_call_dict
-from tests.styler.helpers import (
+
+from .helpers import (
     load_styler,
     needs_shared,
     reference_tokenizer,

@@ -12,7 +12,8 @@ from services.styler.parsers.auto import detect_reasoning_parser, detect_tool_pa
 from services.styler.parsers.base import ParsedText
 from services.styler.parsers.reasoning import make_reasoning_parser
 from services.styler.parsers.tool_formats import TOOL_PARSERS
-from tests.styler.helpers import load_styler, needs_shared, shared_dir, template_files
+
+from .helpers import load_styler, needs_shared, shared_dir, template_files
 
 ARGS = {"city": "Zürich", "query": "天気 🌦", "n": 3, "nested": {"a": [1, 2]}}
 A = json.dumps(ARGS, ensure_ascii=False)

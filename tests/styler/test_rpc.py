@@ -20,7 +20,8 @@ from services.common.server import GrpcServer, wait_for_serving
 from services.styler.messages import message_dict, tool_call_dict
 from services.styler.rpc import SERVICE_NAME, StylerServicer, add_to_server
 from tandem.v1 import common_pb2, styler_pb2, styler_pb2_grpc
-from tests.styler.helpers import REPO, load_styler, needs_shared, reference_tokenizer, shared_dir
+
+from .helpers import REPO, load_styler, needs_shared, reference_tokenizer, shared_dir
 
 QWEN3 = shared_dir() / "tokenizers" / "qwen3"
 pytestmark = [needs_shared, pytest.mark.skipif(not QWEN3.is_dir(), reason="needs shared/tokenizers/qwen3")]

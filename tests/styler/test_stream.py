@@ -10,7 +10,8 @@ import pytest
 
 from services.styler.stream import DetokenizeSession, StreamDelta, StreamOptions
 from services.styler.styler import Styler
-from tests.styler.helpers import load_styler, needs_shared, shared_dir, tokenizer_dirs
+
+from .helpers import load_styler, needs_shared, shared_dir, tokenizer_dirs
 
 ALPHABET = (
     list("abcdefghijklmnopqrstuvwxyz ,.!?\n") * 4

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.styler.helpers import load_styler, needs_shared, reference_tokenizer, shared_dir, tokenizer_dirs
+from .helpers import load_styler, needs_shared, reference_tokenizer, shared_dir, tokenizer_dirs
 
 TEXTS = [
     "Hello, world!",
