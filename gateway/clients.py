@@ -165,9 +165,9 @@ class DetokenizeSession:
 class StylerClient:
     """The styler's Styler service (one replica)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = make_channel(address)
+        self.channel = make_channel(address, credentials)
         self._stub = styler_pb2_grpc.StylerStub(self.channel)
 
     async def close(self) -> None:
@@ -258,9 +258,9 @@ class StylerClient:
 class WorkerClient:
     """One worker's Worker service."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = make_channel(address)
+        self.channel = make_channel(address, credentials)
         self._stub = worker_pb2_grpc.WorkerStub(self.channel)
 
     async def close(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from services.common.tls import TlsFiles
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -36,6 +38,12 @@ class GatewayConfig:
     """Largest `n` (choices per request)."""
     health_interval: float = 1.0
     """Seconds between background health / load polls of each downstream service."""
+    tls_cert: str = ""
+    """PEM certificate the gateway presents to the styler and workers for mutual TLS ("" = plaintext)."""
+    tls_key: str = ""
+    """PEM private key matching --tls-cert."""
+    tls_ca: str = ""
+    """PEM CA bundle that signs the styler's and workers' certificates."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level."""
     log_format: Literal["text", "json"] = "text"
@@ -56,3 +64,9 @@ class GatewayConfig:
             raise ValueError(f"--max-n must be >= 1, got {self.max_n}")
         if self.health_interval <= 0:
             raise ValueError(f"--health-interval must be > 0, got {self.health_interval}")
+        TlsFiles.from_options(self.tls_cert, self.tls_key, self.tls_ca)
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The mutual-TLS identity towards the styler and workers (None = plaintext)."""
+        return TlsFiles.from_options(self.tls_cert, self.tls_key, self.tls_ca)

@@ -26,10 +26,12 @@ class GatewayContext:
 
     @classmethod
     def create(cls, config: GatewayConfig) -> GatewayContext:
-        stylers = StylerPool(config.styler, poll_interval_s=config.health_interval)
+        tls = config.tls
+        credentials = tls.channel_credentials() if tls is not None else None
+        stylers = StylerPool(config.styler, config.health_interval, credentials)
         return cls(
             config=config,
-            router=Router(config.worker, poll_interval_s=config.health_interval),
+            router=Router(config.worker, config.health_interval, credentials),
             stylers=stylers,
             metrics=Metrics(),
             gate=AdmissionGate(config.max_waiting, config.max_running),

@@ -17,6 +17,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import grpc
+
 from gateway.clients import WorkerClient
 from gateway.downstream import WorkerInfo
 
@@ -70,8 +72,13 @@ def prefix_keys(token_ids: Sequence[int]) -> list[bytes]:
 class Router:
     """The pool of workers and the choice of one per request."""
 
-    def __init__(self, addresses: Sequence[str], poll_interval_s: float = 1.0) -> None:
-        self.workers = [WorkerState(WorkerClient(a)) for a in addresses]
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        poll_interval_s: float = 1.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.workers = [WorkerState(WorkerClient(a, credentials)) for a in addresses]
         self.poll_interval_s = poll_interval_s
         self._prefix_owner: OrderedDict[bytes, str] = OrderedDict()
         self._round_robin = itertools.count()

@@ -8,6 +8,8 @@ import itertools
 import logging
 from collections.abc import Sequence
 
+import grpc
+
 from gateway.clients import StylerClient
 from gateway.downstream import StylerInfo
 
@@ -19,8 +21,13 @@ class NoStylerAvailable(Exception):
 
 
 class StylerPool:
-    def __init__(self, addresses: Sequence[str], poll_interval_s: float = 1.0) -> None:
-        self.clients = [StylerClient(a) for a in addresses]
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        poll_interval_s: float = 1.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.clients = [StylerClient(a, credentials) for a in addresses]
         self.healthy = {c.address: False for c in self.clients}
         self.info: StylerInfo | None = None
         self.poll_interval_s = poll_interval_s
