@@ -8,6 +8,10 @@ import pytest
 import torch
 from worker_testlib import TINY_BUILDERS, RefModel, load_ref
 
+# Tiny models on a shared 2-core machine: one intra-op thread is an order of magnitude faster
+# than two threads fighting other processes for the cores.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -42,10 +42,10 @@ def test_shared_prefix_hits_cache_and_matches(ref_models: dict[str, RefModel], m
     (prefix,) = prompts_of_lengths([37], ref.vocab_size, seed=7)
     tails = prompts_of_lengths([2, 5, 9, 1, 12, 4, 6, 3], ref.vocab_size, seed=8)
     params = SamplingParams(temperature=0.0, max_tokens=12)
-    first = engine.generate([prefix + [5]], params, prefix="first")
+    first = engine.generate([[*prefix, 5]], params, prefix="first")
     prompts = [prefix + tail[1:] + [7] for tail in tails]
     later = engine.generate(prompts, params, prefix="later")
-    _check_against_reference(ref, [prefix + [5]], first, 12)
+    _check_against_reference(ref, [[*prefix, 5]], first, 12)
     _check_against_reference(ref, prompts, later, 12)
     assert first[0].usage.cached_prompt_tokens == 0
     block = engine.config.block_size
