@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from services.common.telemetry import RequestTimeline
+
 # --- names (exactly as exported; counters get `_total`) ---------------------------------------
 REQUESTS = "tandem:requests_total"
 TIME_TO_FIRST_TOKEN = "tandem:time_to_first_token_seconds"
@@ -361,6 +363,21 @@ def observe_finished_request(
                 itl.observe(mean_gap)
     counter(PROMPT_TOKENS, registry=registry).inc(num_prompt_tokens)
     counter(GENERATION_TOKENS, registry=registry).inc(num_output_tokens)
+
+
+def observe_timeline(timeline: RequestTimeline, registry: CollectorRegistry = REGISTRY) -> None:
+    """`observe_finished_request` from a worker request's timeline, plus prefix-cache lookups."""
+    observe_finished_request(
+        arrival=timeline.arrival,
+        finished=timeline.finished,
+        scheduled=timeline.scheduled,
+        first_token=timeline.first_token,
+        num_prompt_tokens=timeline.num_prompt_tokens,
+        num_output_tokens=timeline.num_output_tokens,
+        registry=registry,
+    )
+    counter(PREFIX_CACHE_QUERIES, registry=registry).inc(timeline.num_prompt_tokens)
+    counter(PREFIX_CACHE_HITS, registry=registry).inc(timeline.num_cached_tokens)
 
 
 def observe_kv_transfer(
