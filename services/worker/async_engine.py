@@ -14,6 +14,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,6 +51,9 @@ class AsyncEngine:
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stop = threading.Event()
+        # request id -> time.monotonic() of the step that first scheduled it (queue wait ends);
+        # written by the engine thread, popped by the rpc when the request ends (telemetry).
+        self.scheduled_at: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.load = self._snapshot()
 
@@ -109,15 +113,26 @@ class AsyncEngine:
             if self._stop.is_set():
                 break
             if self.engine.has_unfinished():
+                step_start = time.monotonic()
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:  # a bug or device error: fail the live requests, keep serving
                     log.exception("engine step failed; aborting %d requests", len(self.engine.requests))
                     self._fail_all(exc)
                     outputs = []
+                self._note_scheduled(step_start, outputs)
                 for out in outputs:
                     self._deliver(out)
             self.load = self._snapshot()
+
+    def _note_scheduled(self, step_start: float, outputs: list[RequestOutput]) -> None:
+        """Remember when each request was first scheduled (its prompt-cache lookup is done then)."""
+        for rid, request in self.engine.requests.items():
+            if request.num_cached_prompt_tokens is not None and rid not in self.scheduled_at:
+                self.scheduled_at[rid] = step_start
+        for out in outputs:  # scheduled and finished within this one step
+            if out.finished and out.request_id not in self.scheduled_at:
+                self.scheduled_at[out.request_id] = step_start
 
     def _drain_commands(self, block: bool) -> None:
         try:

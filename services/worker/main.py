@@ -30,7 +30,7 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     async_engine = AsyncEngine(engine)
 
     async def serve() -> None:
-        server = GrpcServer(config.address, config.drain_timeout)
+        server = GrpcServer.from_config(config)  # drain, TLS and --metrics-port from the config
         add_to_server(server.server, async_engine)
         server.add_service_name(SERVICE_NAME)
         async_engine.start()

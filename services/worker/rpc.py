@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 import tandem
+from services.common import metrics, telemetry
 from services.common.logging import request_id_var
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
@@ -126,6 +128,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: AsyncEngine) -> None:
         self.async_engine = engine
         self.engine = engine.engine
+        _export_load_gauges(engine)
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -139,6 +142,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        arrival = time.monotonic()
+        trace_parent = telemetry.capture_context()  # the rpc span: parent of the engine-phase spans
+        first_token: float | None = None
         outputs = self.async_engine.submit(req)
         finished = False
         try:
@@ -149,9 +155,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
                 assert isinstance(item, RequestOutput)
+                if first_token is None and any(c.token_ids for c in item.choices):
+                    first_token = time.monotonic()
                 finished = item.finished
+                if finished and item.usage is not None:
+                    _observe_finished(
+                        req.request_id, item, arrival, first_token, self.async_engine, trace_parent
+                    )
                 yield output_to_pb(item)
         finally:
+            self.async_engine.scheduled_at.pop(req.request_id, None)
             if not finished:  # the client went away (or we failed): free the request's blocks now
                 self.async_engine.abort_nowait(req.request_id)
 
@@ -227,6 +240,43 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> worker_pb2.ReleaseKVResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "disaggregation is not implemented yet")
         raise AssertionError("unreachable")
+
+
+def _export_load_gauges(engine: AsyncEngine) -> None:
+    """Queue, running and KV-cache gauges read from the engine's load snapshot at each scrape."""
+    metrics.gauge_from(metrics.REQUESTS_RUNNING, lambda: engine.load.num_running)
+    metrics.gauge_from(metrics.REQUESTS_WAITING, lambda: engine.load.num_waiting)
+    metrics.gauge_from(
+        metrics.KV_CACHE_USAGE,
+        lambda: engine.load.num_kv_blocks_used / max(engine.load.num_kv_blocks_total, 1),
+    )
+    metrics.gauge_from(metrics.PREFIX_CACHE_HIT_RATE, lambda: engine.load.prefix_cache_hit_rate)
+
+
+def _observe_finished(
+    request_id: str,
+    final: RequestOutput,
+    arrival: float,
+    first_token: float | None,
+    engine: AsyncEngine,
+    trace_parent: telemetry.otel_context.Context | None,
+) -> None:
+    """Latency / token metrics and the engine-phase spans of a request that just finished."""
+    assert final.usage is not None
+    reasons = {c.finish_reason for c in final.choices if c.finish_reason}
+    timeline = telemetry.RequestTimeline(
+        request_id=request_id,
+        arrival=arrival,
+        finished=time.monotonic(),
+        scheduled=engine.scheduled_at.get(request_id),
+        first_token=first_token,
+        num_prompt_tokens=final.usage.prompt_tokens,
+        num_cached_tokens=final.usage.cached_prompt_tokens,
+        num_output_tokens=final.usage.completion_tokens,
+        finish_reason=",".join(sorted(reasons)),
+    )
+    metrics.observe_timeline(timeline)
+    telemetry.record_request_timeline(timeline, trace_parent)
 
 
 def add_to_server(server: grpc.aio.Server, engine: AsyncEngine) -> None:
