@@ -37,6 +37,9 @@ class KernelOps:
     # (q [T, Hq, D], k [T, Hkv, D], positions [T] int64, cos_sin_cache [max_pos, D]) -> (q, k)
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     silu_and_mul: Callable[..., torch.Tensor]  # (x [T, 2*I]) -> [T, I]
+    # (head_dim) -> whether a decode step built from these ops may be captured in a CUDA graph
+    # (no host synchronisation inside; the reference attention reads sequence lengths on the host)
+    graph_capturable: Callable[[int], bool] = lambda head_dim: False
 
 
 REFERENCE_OPS = KernelOps(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from kernels import KernelOps
 from kernels.triton.kv_cache_write import write_kv_cache
-from kernels.triton.paged_attention import paged_attention
+from kernels.triton.paged_attention import paged_attention, supports_head_dim
 from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.silu_and_mul import silu_and_mul
@@ -20,6 +20,7 @@ TRITON_OPS = KernelOps(
     fused_add_rms_norm=fused_add_rms_norm,
     rotary=rotary,
     silu_and_mul=silu_and_mul,
+    graph_capturable=supports_head_dim,
 )
 
 __all__ = ["TRITON_OPS"]
