@@ -52,7 +52,7 @@ class WorkerConfig(ServiceConfig):
     attention_backend: Literal["auto", "triton", "reference"] = "auto"
     """Kernel implementations: triton on CUDA when supported, reference (PyTorch) otherwise."""
     enforce_eager: bool = False
-    """Never capture CUDA graphs (accepted now; graphs come with the GPU work)."""
+    """Never capture CUDA graphs; by default decode steps replay graphs captured at start-up on CUDA."""
     seed: int = 0
     """Seed of the random stream used by requests without their own seed, and of dummy weights."""
     role: Literal["unified"] = "unified"

@@ -101,6 +101,8 @@ class Engine:
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, Request] = {}
