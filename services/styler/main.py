@@ -7,9 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from services.common.config import parse_config
 from services.common.logging import setup_logging
-from services.common.metrics import GrpcMetricsInterceptor, start_metrics_server
 from services.common.server import GrpcServer, run
-from services.common.telemetry import grpc_server_interceptors, setup_tracing, shutdown_tracing
+from services.common.telemetry import setup_tracing, shutdown_tracing
 from services.styler.config import StylerConfig
 from services.styler.model_files import ModelFilesError
 from services.styler.rpc import SERVICE_NAME, StylerServicer, add_to_server
@@ -31,10 +30,8 @@ def options_from_config(config: StylerConfig) -> StylerOptions:
 
 
 async def serve(config: StylerConfig, styler: Styler) -> None:
-    interceptors = [GrpcMetricsInterceptor(), *grpc_server_interceptors()]
-    server = GrpcServer.from_config(config, interceptors=interceptors)
-    if config.metrics_port:
-        start_metrics_server(config.metrics_port)
+    # GrpcServer adds the tracing and rpc-metrics interceptors and serves --metrics-port itself.
+    server = GrpcServer.from_config(config)
     with ThreadPoolExecutor(max_workers=config.num_threads, thread_name_prefix="styler") as executor:
         add_to_server(StylerServicer(styler, executor), server.server)
         server.add_service_name(SERVICE_NAME)
