@@ -9,6 +9,7 @@ OpenAI response dicts back into protobuf. So the two front ends cannot drift apa
 from __future__ import annotations
 
 import json
+import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,8 @@ from gateway.validation import parse_chat, parse_completion
 from services.common.logging import request_id_var
 from services.common.server import GrpcServer
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 _HTTP_TO_GRPC = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -322,7 +325,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request_id_var.set(request_id)
         return request_id
 
-    async def _abort(self, context: grpc.aio.ServicerContext, err: APIError) -> None:
+    async def _abort(self, context: grpc.aio.ServicerContext, err: Exception, method: str) -> None:
+        """End the rpc with a status a client can act on; never a trace."""
+        if not isinstance(err, APIError):
+            log.exception("unhandled error in %s", method)
+            err = APIError(500, "internal server error")
+        self.ctx.metrics.count_request(f"grpc:{method}", err.status)
         await context.abort(_HTTP_TO_GRPC.get(err.status, grpc.StatusCode.INTERNAL), err.message)
 
     async def ChatCompletion(
@@ -335,9 +343,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
             async with pipeline.chat(self.ctx, req, self._request_id()) as job:
                 body = await job.collect()
-        except APIError as err:
-            await self._abort(context, err)
+        except Exception as err:
+            await self._abort(context, err, "ChatCompletion")
             raise AssertionError("unreachable") from None
+        self.ctx.metrics.count_request("grpc:ChatCompletion", 200, job.finish_reason())
         return chat_response(body)
 
     async def ChatCompletionStream(
@@ -351,8 +360,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async with pipeline.chat(self.ctx, req, self._request_id()) as job:
                 async for chunk in job.chunks():
                     yield chat_chunk(chunk)
-        except APIError as err:
-            await self._abort(context, err)
+            self.ctx.metrics.count_request("grpc:ChatCompletionStream", 200, job.finish_reason())
+        except Exception as err:
+            await self._abort(context, err, "ChatCompletionStream")
 
     async def Completion(
         self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
@@ -364,9 +374,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
             async with pipeline.completion(self.ctx, req, self._request_id()) as job:
                 body = await job.collect()
-        except APIError as err:
-            await self._abort(context, err)
+        except Exception as err:
+            await self._abort(context, err, "Completion")
             raise AssertionError("unreachable") from None
+        self.ctx.metrics.count_request("grpc:Completion", 200, job.finish_reason())
         return completion_response(body)
 
     async def CompletionStream(
@@ -380,8 +391,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             async with pipeline.completion(self.ctx, req, self._request_id()) as job:
                 async for chunk in job.chunks():
                     yield completion_chunk(chunk)
-        except APIError as err:
-            await self._abort(context, err)
+            self.ctx.metrics.count_request("grpc:CompletionStream", 200, job.finish_reason())
+        except Exception as err:
+            await self._abort(context, err, "CompletionStream")
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -389,7 +401,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             self._check_auth(context)
         except APIError as err:
-            await self._abort(context, err)
+            await self._abort(context, err, "ListModels")
         return inference_pb2.ListModelsResponse(
             models=[
                 inference_pb2.Model(

@@ -25,12 +25,14 @@ def encode(chunk: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
+async def sse(
+    request: web.Request, chunks: AsyncIterator[dict[str, Any]], request_id: str = ""
+) -> web.StreamResponse:
     first = await anext(chunks, None)
-    response = web.StreamResponse(
-        status=200,
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    response = web.StreamResponse(status=200, headers=headers)
     await response.prepare(request)
     try:
         if first is not None:

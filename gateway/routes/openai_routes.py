@@ -22,7 +22,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse_chat(await read_json(request), ctx.config.max_n, ctx.config.max_stop_strings)
     async with pipeline.chat(ctx, req, request[REQUEST_ID]) as job:
         if req.params.stream:
-            response = await sse(request, job.chunks())
+            response = await sse(request, job.chunks(), request[REQUEST_ID])
         else:
             response = web.json_response(await job.collect())
         request[FINISH_REASON] = job.finish_reason()
@@ -34,7 +34,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req = parse_completion(await read_json(request), ctx.config.max_n, ctx.config.max_stop_strings)
     async with pipeline.completion(ctx, req, request[REQUEST_ID]) as job:
         if req.params.stream:
-            response = await sse(request, job.chunks())
+            response = await sse(request, job.chunks(), request[REQUEST_ID])
         else:
             response = web.json_response(await job.collect())
         request[FINISH_REASON] = job.finish_reason()
