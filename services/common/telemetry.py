@@ -261,8 +261,18 @@ def aiohttp_middlewares() -> list[Callable[..., Any]]:
     if not tracing_enabled():
         return []
     from aiohttp import web
-    from opentelemetry.instrumentation.aiohttp_server import create_aiohttp_middleware
+    from opentelemetry.instrumentation.aiohttp_server import (
+        AioHttpServerInstrumentor,
+        create_aiohttp_middleware,
+    )
 
+    # The package's middleware reads module state (excluded URLs, semantic-convention mode,
+    # meters) that only `instrument()` initialises; `instrument()` also swaps
+    # `web.Application` for a subclass that adds the middleware to every app in the process.
+    # Initialise, then undo the swap: the gateway adds the middleware to its own app only.
+    instrumentor = AioHttpServerInstrumentor()
+    instrumentor.instrument()
+    instrumentor.uninstrument()
     otel_middleware = create_aiohttp_middleware()
 
     @web.middleware
