@@ -317,6 +317,19 @@ def histogram(
     )
 
 
+def declare(service: str, registry: CollectorRegistry = REGISTRY) -> None:
+    """Create every documented metric of `service` ("gateway", "styler", "worker") now, so a
+    scrape lists each family (HELP / TYPE) before its first observation."""
+    for spec in METRICS:
+        if service in spec.services:
+            if spec.kind == "counter":
+                counter(spec.name, registry=registry)
+            elif spec.kind == "gauge":
+                gauge(spec.name, registry=registry)
+            else:
+                histogram(spec.name, registry=registry)
+
+
 def gauge_from(name: str, read: Callable[[], float], registry: CollectorRegistry = REGISTRY) -> Gauge:
     """The gauge `name`, its value read by calling `read()` at each scrape (for state a service
     already keeps, like the engine's queue lengths: nothing to update on the hot path)."""
