@@ -244,6 +244,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 def _export_load_gauges(engine: AsyncEngine) -> None:
     """Queue, running and KV-cache gauges read from the engine's load snapshot at each scrape."""
+    metrics.declare("worker")
     metrics.gauge_from(metrics.REQUESTS_RUNNING, lambda: engine.load.num_running)
     metrics.gauge_from(metrics.REQUESTS_WAITING, lambda: engine.load.num_waiting)
     metrics.gauge_from(
