@@ -3,8 +3,14 @@
 Flash-decoding: program (b, kv_head, split) attends the `GROUP` query heads that share `kv_head`
 (padded to 16 rows so the scores are one tensor-core dot) over one slice of sequence b's context,
 reading K/V straight from the paged cache through the block table. A second kernel merges the
-splits by their log-sum-exp. Splits are sized on the device from each sequence's own length, so
-the launch (grid, buffers) depends only on the batch shape and is safe to capture in a CUDA graph.
+splits by their log-sum-exp.
+
+Split sizing is done on the device from each sequence's own length: at most `max_splits` slices
+of at least MIN_SPLIT_LEN tokens. `max_splits` depends only on the power of two at or above the
+batch size (and the GPU and head counts), never on the block-table width: a batch run eagerly and
+the same batch padded to a CUDA-graph size (which never crosses a power of two) compute the
+same partition, so graphs on and off give bitwise-equal attention. The grid's split dimension
+only has to cover the splits the longest possible context needs; extra programs exit at once.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ def _decode_split_kernel(
     D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # the cache's block size
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,  # the grid's split dimension (also the stride of part_out)
+    MAX_SPLITS: tl.constexpr,  # the partition's split cap (numerics depend on this, not NUM_SPLITS)
     MIN_SPLIT_LEN: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
 ):
@@ -51,7 +58,7 @@ def _decode_split_kernel(
     seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + b), 0)
     token = tl.load(cu_seqlens_q_ptr + b).to(tl.int64)
 
-    num_splits = tl.maximum(tl.minimum(NUM_SPLITS, tl.cdiv(seq_len, MIN_SPLIT_LEN)), 1)
+    num_splits = tl.maximum(tl.minimum(MAX_SPLITS, tl.cdiv(seq_len, MIN_SPLIT_LEN)), 1)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     kv_start = split * split_len
     kv_end = tl.minimum(seq_len, kv_start + split_len)
@@ -134,10 +141,10 @@ def _decode_merge_kernel(
     )
 
 
-def _num_splits(batch: int, num_kv_heads: int, max_context: int, min_split_len: int, num_sms: int) -> int:
-    """Enough (b, kv_head, split) programs to fill the GPU twice over, never slices shorter than min_split_len."""
-    want = triton.cdiv(2 * num_sms, max(1, batch * num_kv_heads))
-    return max(1, min(want, triton.cdiv(max_context, min_split_len), 64))
+def max_splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """Split cap: enough (b, kv_head, split) programs to fill the GPU twice over. A function of
+    next_power_of_2(batch) so that CUDA-graph padding (never past that power) keeps the numerics."""
+    return max(1, min(64, triton.cdiv(2 * num_sms, triton.next_power_of_2(max(1, batch)) * num_kv_heads)))
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -159,7 +166,7 @@ def decode_attention(
     cu_seqlens_q: torch.Tensor,  # [B+1] int32
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
-    num_splits: int | None = None,
+    max_splits: int | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]
     """Attention of each sequence's single new token over its whole cached context."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -174,10 +181,11 @@ def decode_attention(
     on_gpu = q.device.type == "cuda"
     # Small tiles on the CPU interpreter so that short test contexts still cross tiles and splits.
     block_n = (64 if d_pad <= 128 else 32) if on_gpu else 16
-    min_split_len = 256 if on_gpu else 16
-    if num_splits is None:
-        max_context = block_tables.shape[1] * block_size
-        num_splits = _num_splits(batch, num_kv_heads, max_context, min_split_len, _sm_count(q.device))
+    min_split_len = 128 if on_gpu else 16
+    max_context = block_tables.shape[1] * block_size
+    if max_splits is None:
+        max_splits = max_splits_for(batch, num_kv_heads, _sm_count(q.device))
+    num_splits = max(1, min(max_splits, triton.cdiv(max_context, min_split_len)))
     out = torch.zeros_like(q)  # rows of no sequence (CUDA-graph padding) stay 0, as in the reference
     if num_tokens == 0 or batch == 0:
         return out
@@ -207,6 +215,7 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        MAX_SPLITS=max_splits,
         MIN_SPLIT_LEN=min_split_len,
         NUM_Q_HEADS=num_q_heads,
         num_warps=4,
