@@ -55,6 +55,8 @@ class WorkerConfig(ServiceConfig):
     """Never capture CUDA graphs; by default decode steps replay graphs captured at start-up on CUDA."""
     seed: int = 0
     """Seed of the random stream used by requests without their own seed, and of dummy weights."""
+    cpu_threads: int = 0
+    """Torch intra-op threads on the CPU; 0 keeps torch's default (tiny models run best with 1)."""
     role: Literal["unified"] = "unified"
     """Worker role; only unified (prefill and decode in one worker) exists today."""
 
@@ -72,6 +74,8 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--max-num-batched-tokens must be > 0, got {self.max_num_batched_tokens}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"--max-num-seqs must be > 0, got {self.max_num_seqs}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"--cpu-threads must be >= 0, got {self.cpu_threads}")
         if self.max_model_len < 0:
             raise ValueError(f"--max-model-len must be >= 0, got {self.max_model_len}")
         if self.kv_cache_memory:

@@ -85,6 +85,8 @@ class Engine:
         self.model_config = cfg = load_model_config(config.model)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu" and config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)  # process-wide: one engine per worker process
         self.max_model_len = resolve_max_model_len(cfg, config.max_model_len)
         self.served_model_name = config.served_model_name or Path(config.model).resolve().name
         self.ops = get_ops(config.attention_backend, self.device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from worker_testlib import RefModel, prompts_of_lengths
+from worker_testlib import RefModel, prompts_of_lengths, usage_of
 
 from services.worker.request import SamplingParams
 
@@ -18,8 +18,8 @@ def _check_against_reference(ref: RefModel, prompts: list[list[int]], results: l
         assert result.token_ids[0] == expected, f"prompt of {len(prompt)} tokens"
         finish = "stop" if expected and expected[-1] in ref.eos_token_ids else "length"
         assert result.finish_reasons[0] == finish
-        assert result.usage.prompt_tokens == len(prompt)
-        assert result.usage.completion_tokens == len(expected)
+        assert usage_of(result).prompt_tokens == len(prompt)
+        assert usage_of(result).completion_tokens == len(expected)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -47,10 +47,10 @@ def test_shared_prefix_hits_cache_and_matches(ref_models: dict[str, RefModel], m
     later = engine.generate(prompts, params, prefix="later")
     _check_against_reference(ref, [[*prefix, 5]], first, 12)
     _check_against_reference(ref, prompts, later, 12)
-    assert first[0].usage.cached_prompt_tokens == 0
+    assert usage_of(first[0]).cached_prompt_tokens == 0
     block = engine.config.block_size
     for result in later:
-        assert result.usage.cached_prompt_tokens == (len(prefix) // block) * block > 0
+        assert usage_of(result).cached_prompt_tokens == (len(prefix) // block) * block > 0
     assert engine.block_manager.hit_rate > 0
     assert engine.block_manager.num_used_blocks == 0
 

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -51,7 +52,7 @@ def stub(address: str) -> Iterator[worker_pb2_grpc.WorkerStub]:
         yield worker_pb2_grpc.WorkerStub(channel)
 
 
-def generate(stub: worker_pb2_grpc.WorkerStub, rid: str, prompt: list[int], **sampling: object) -> list:
+def generate(stub: worker_pb2_grpc.WorkerStub, rid: str, prompt: list[int], **sampling: Any) -> list:
     req = worker_pb2.GenerateRequest(
         request_id=rid, prompt_token_ids=prompt, sampling=common_pb2.SamplingParams(**sampling)
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from worker_testlib import RefModel, prompts_of_lengths
+from worker_testlib import RefModel, prompts_of_lengths, usage_of
 
 from services.worker.engine import Engine, GenerateResult, collect
 from services.worker.request import EngineRequest, SamplingParams
@@ -87,7 +87,7 @@ def test_resume_with_generated_tokens_continues_exactly(stories_engine: Engine) 
     full = run(stories_engine, [EngineRequest("full", prompt, sp)])["full"].token_ids[0]
     resumed = run(stories_engine, [EngineRequest("resumed", prompt, sp, generated_token_ids=tuple(full[:9]))])
     assert resumed["resumed"].token_ids[0] == full[9:]
-    assert resumed["resumed"].usage.completion_tokens == len(full) - 9
+    assert usage_of(resumed["resumed"]).completion_tokens == len(full) - 9
 
 
 def test_n_choices_share_the_prompt_and_match_split_requests(stories_engine: Engine) -> None:
@@ -95,7 +95,7 @@ def test_n_choices_share_the_prompt_and_match_split_requests(stories_engine: Eng
     sp = SamplingParams(temperature=1.0, seed=99, max_tokens=25, ignore_eos=True, n=4)
     together = run(stories_engine, [EngineRequest("n4", prompt, sp, first_choice_index=0)])["n4"]
     assert sorted(together.token_ids) == [0, 1, 2, 3]
-    assert together.usage.completion_tokens == 4 * 25
+    assert usage_of(together).completion_tokens == 4 * 25
     single = SamplingParams(temperature=1.0, seed=99, max_tokens=25, ignore_eos=True)
     for index in range(4):
         alone = run(stories_engine, [EngineRequest(f"c{index}", prompt, single, first_choice_index=index)])

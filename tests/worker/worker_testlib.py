@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine
+from services.worker.engine import Engine, GenerateResult
+from services.worker.outputs import Usage
 
-TINY = dict(
+TINY: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
     num_attention_heads=4,
@@ -28,19 +29,17 @@ TINY = dict(
 def _tiny_llama() -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        **TINY,
-        num_hidden_layers=3,
-        tie_word_embeddings=False,
-        rope_scaling={
+    rope: dict[str, Any] = {
+        "rope_theta": 500000.0,
+        "rope_scaling": {
             "rope_type": "llama3",
             "factor": 8.0,
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32,
         },
-        rope_theta=500000.0,
-    )
+    }
+    cfg = LlamaConfig(**TINY, **rope, num_hidden_layers=3, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg)
 
 
@@ -118,3 +117,9 @@ def load_ref(path: Path) -> RefModel:
 def prompts_of_lengths(lengths: list[int], vocab_size: int, seed: int = 0, bos: int = 1) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [[bos, *torch.randint(3, vocab_size, (n - 1,), generator=gen).tolist()] for n in lengths]
+
+
+def usage_of(result: GenerateResult) -> Usage:
+    """The usage of a finished request (set on its last output)."""
+    assert result.usage is not None, f"{result.request_id} did not finish"
+    return result.usage
