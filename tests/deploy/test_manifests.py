@@ -165,10 +165,25 @@ def _load_yaml_documents(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+def _resources_of(directory: Path, namespace: str | None = None) -> list[dict[str, Any]]:
+    """What kustomize would emit for the plain features used here (resources + namespace)."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    namespace = namespace or kustomization.get("namespace")
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        path = directory / resource
+        found = _resources_of(path, namespace) if path.is_dir() else _load_yaml_documents(path)
+        docs.extend(found)
+    for doc in docs:
+        if namespace and doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = namespace
+    return docs
+
+
 def _build_overlay(name: str) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl (for kustomize) not installed")
+    if kubectl is None:  # kustomize's own build when kubectl is there; a plain merge otherwise
+        return _resources_of(K8S / name)
     result = subprocess.run(
         [kubectl, "kustomize", str(K8S / name)], capture_output=True, text=True, timeout=120
     )
