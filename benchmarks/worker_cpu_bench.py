@@ -93,7 +93,9 @@ def main() -> int:
         rows.append(run_batch(engine, batch, args.prompt_len, args.max_tokens, seed=1))
 
     header = f"{'batch':>5} {'out tok/s':>10} {'decode tok/s':>13} {'TTFT ms':>8} {'step ms':>8}"
-    print(f"stories260K on CPU ({args.cpu_threads} thread(s)), prompt {args.prompt_len}, {args.max_tokens} tokens each")
+    print(
+        f"stories260K on CPU ({args.cpu_threads} thread(s)), prompt {args.prompt_len}, {args.max_tokens} tokens each"
+    )
     print(header)
     for r in rows:
         print(

@@ -156,6 +156,8 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:  # nothing to compute, but a pending copy-on-fork must not be lost
+            self.kv_cache.copy_blocks(scheduled.block_copies)
         sampled = self.runner.execute(scheduled) if not scheduled.is_empty else []
         touched = self.scheduler.update(scheduled, sampled)
         return [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]

@@ -55,10 +55,17 @@ def _tiny_qwen3() -> Any:
     return Qwen3ForCausalLM(Qwen3Config(**TINY, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False))
 
 
+def _tiny_mistral() -> Any:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**TINY, num_hidden_layers=2, sliding_window=None))
+
+
 TINY_BUILDERS: dict[str, Callable[[], Any]] = {
     "llama": _tiny_llama,
     "qwen2": _tiny_qwen2,
     "qwen3": _tiny_qwen3,
+    "mistral": _tiny_mistral,
 }
 
 
