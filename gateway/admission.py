@@ -1,4 +1,11 @@
-"""Admission control: how many requests wait for their first token, and the --max-waiting cap."""
+"""Admission control: bounded queues of requests (and of their prompt tokens) at the gateway.
+
+A request is *waiting* from admission until its first token, then *running*. Beyond
+`--max-waiting` waiting requests, or `--max-waiting-tokens` prompt tokens waiting, a new request
+is refused at once with 429 + Retry-After instead of joining an unbounded queue (so overload
+shows up as fast refusals, not as latency for everyone). `--max-running` caps the requests in
+flight; further admitted requests wait for a slot, at most until their deadline.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from gateway.deadline import time_left
 from gateway.errors import APIError
 
 
@@ -16,10 +24,37 @@ class Admission:
 
     gate: AdmissionGate
     running: bool = False
+    num_tokens: int = 0  # prompt tokens counted in the gate's waiting tokens
+
+    def add_tokens(self, num_tokens: int) -> None:
+        """Count the request's prompt tokens as waiting; 429 when that overflows the token queue."""
+        gate = self.gate
+        if self.running or num_tokens <= 0:
+            return
+        # A lone request is always let in, so one long prompt cannot be refused for ever.
+        if (
+            gate.max_waiting_tokens
+            and gate.num_waiting_tokens > 0
+            and gate.num_waiting_tokens + num_tokens > gate.max_waiting_tokens
+        ):
+            raise APIError(
+                429,
+                f"too many prompt tokens waiting ({gate.num_waiting_tokens} + {num_tokens} > "
+                f"--max-waiting-tokens {gate.max_waiting_tokens}); retry later",
+                code="queue_full",
+                retry_after_s=1,
+            )
+        self.num_tokens += num_tokens
+        gate.num_waiting_tokens += num_tokens
+
+    def _release_tokens(self) -> None:
+        self.gate.num_waiting_tokens -= self.num_tokens
+        self.num_tokens = 0
 
     def started(self) -> None:
         if not self.running:
             self.running = True
+            self._release_tokens()
             self.gate.num_waiting -= 1
             self.gate.num_running += 1
 
@@ -28,13 +63,19 @@ class Admission:
 class AdmissionGate:
     max_waiting: int
     max_running: int  # 0 = no gateway-side limit
+    max_waiting_tokens: int = 0  # 0 = no limit
     num_waiting: int = 0
     num_running: int = 0
+    num_waiting_tokens: int = 0
     _slots: asyncio.Semaphore | None = field(default=None)
 
     def __post_init__(self) -> None:
         if self.max_running > 0:
             self._slots = asyncio.Semaphore(self.max_running)
+
+    @property
+    def num_in_flight(self) -> int:
+        return self.num_waiting + self.num_running
 
     @asynccontextmanager
     async def admit(self) -> AsyncIterator[Admission]:
@@ -51,13 +92,19 @@ class AdmissionGate:
         acquired = False
         try:
             if self._slots is not None:
-                await self._slots.acquire()
+                try:
+                    await asyncio.wait_for(self._slots.acquire(), time_left())
+                except asyncio.TimeoutError:
+                    raise APIError(
+                        504, "the request timed out waiting for a free slot (--max-running)", code="timeout"
+                    ) from None
                 acquired = True
             yield admission
         finally:
             if admission.running:
                 self.num_running -= 1
             else:
+                admission._release_tokens()
                 self.num_waiting -= 1
             if acquired and self._slots is not None:
                 self._slots.release()

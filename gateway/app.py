@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 import uuid
@@ -11,11 +10,14 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from gateway.appkeys import CONTEXT, FINISH_REASON, REQUEST_ID
+from gateway import deadline
+from gateway.appkeys import API_KEY, CONTEXT, FINISH_REASON, REQUEST_ID
+from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
 from gateway.context import GatewayContext
 from gateway.errors import APIError
-from gateway.routes import health, openai_routes
+from gateway.rate_limit import RateLimiter
+from gateway.routes import health, openai_routes, openapi
 from services.common import telemetry
 from services.common.logging import request_id_var
 
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Routes that need no API key (probes and scrapers).
-_OPEN_PATHS = {"/health", "/metrics", "/ping"}
+_OPEN_PATHS = {"/health", "/metrics", "/ping", "/openapi.json"}
 
 
 def _client_request_id(request: web.Request) -> str:
@@ -53,6 +55,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     status = 500
     try:
         try:
+            deadline.start(
+                deadline.timeout_from_header(request.headers.get(deadline.HEADER), ctx.config.request_timeout)
+            )
             response = await handler(request)
         except APIError as err:
             response = error_response(err)
@@ -75,6 +80,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = response.status
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
+            if ctx.drain.draining:
+                response.force_close()  # clients reconnect elsewhere
         return response
     finally:
         if route.startswith("/v1/") or route in ("/tokenize", "/detokenize"):
@@ -83,20 +90,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             ctx.metrics.e2e.observe(time.monotonic() - started)
 
 
-def auth_middleware(api_keys: list[str]) -> Middleware:
-    keys = [k.encode() for k in api_keys if k]
+def auth_middleware(keys: KeyRing, limiter: RateLimiter) -> Middleware:
+    """401 without a valid key (when keys are configured); 429 past the key's request rate."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if keys and request.path not in _OPEN_PATHS:
-            header = request.headers.get("Authorization", "")
-            token = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
-            if not any(hmac.compare_digest(token, k) for k in keys):
-                raise APIError(
-                    401,
-                    "invalid or missing API key (send Authorization: Bearer <key>)",
-                    code="invalid_api_key",
-                )
+        if keys.enabled and request.path not in _OPEN_PATHS:
+            key = keys.authenticate(request.headers.get("Authorization", ""))
+            limiter.check(key)
+            if key is not None:
+                request[API_KEY] = key
         return await handler(request)
 
     return check
@@ -120,7 +123,8 @@ def build_app(config: GatewayConfig) -> web.Application:
         middlewares=[
             *telemetry.aiohttp_middlewares(),  # outermost: the HTTP span (empty when tracing is off)
             errors_middleware,
-            auth_middleware(config.api_key),
+            ctx.drain.middleware(),
+            auth_middleware(ctx.keys, ctx.rate_limiter),
             body_size_middleware,
         ],
     )
@@ -136,5 +140,6 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.on_cleanup.append(on_cleanup)
     app.router.add_get("/health", health.health)
     app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/openapi.json", openapi.openapi_json)
     openai_routes.register(app)
     return app

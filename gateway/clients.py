@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.deadline import time_left
 from gateway.downstream import (
     ChoiceDelta,
     DetokenizeStart,
@@ -40,6 +41,9 @@ _FINISH = {
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
 }
+
+# Unary styler calls (render, tokenize, detokenize) get at most this long, deadline or not.
+UNARY_TIMEOUT_S = 30.0
 
 # Keys of an OpenAI chat message that map to ChatMessage fields; the rest go to extra_json.
 _MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
@@ -208,19 +212,20 @@ class StylerClient:
         )
         if chat_template is not None:
             req.chat_template = chat_template
-        r = await self._stub.Render(req, timeout=30.0)
+        r = await self._stub.Render(req, timeout=time_left(UNARY_TIMEOUT_S))
         return Rendered(prompt=r.prompt, token_ids=tuple(r.token_ids))
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
         r = await self._stub.Tokenize(
-            styler_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=30.0
+            styler_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+            timeout=time_left(UNARY_TIMEOUT_S),
         )
         return tuple(r.token_ids)
 
     async def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         r = await self._stub.Detokenize(
             styler_pb2.DetokenizeRequest(token_ids=list(token_ids), skip_special_tokens=skip_special_tokens),
-            timeout=30.0,
+            timeout=time_left(UNARY_TIMEOUT_S),
         )
         return str(r.text)
 
@@ -230,12 +235,12 @@ class StylerClient:
             styler_pb2.DetokenizeRequest(
                 token_ids=list(token_ids), skip_special_tokens=False, return_token_bytes=True
             ),
-            timeout=30.0,
+            timeout=time_left(UNARY_TIMEOUT_S),
         )
         return [TokenText(text=b.decode("utf-8", errors="replace"), raw=bytes(b)) for b in r.token_bytes]
 
     async def detokenize_stream(self, start: DetokenizeStart) -> DetokenizeSession:
-        call = self._stub.DetokenizeStream()
+        call = self._stub.DetokenizeStream(timeout=time_left())
         await call.write(
             styler_pb2.DetokenizeStreamRequest(
                 start=styler_pb2.DetokenizeStreamStart(
@@ -307,7 +312,9 @@ class WorkerClient:
                 prompt_token_ids=list(prompt_token_ids),
                 sampling=_sampling_to_proto(sampling),
                 first_choice_index=first_choice_index,
-            )
+            ),
+            # The client's deadline reaches the worker, which drops the request when it passes.
+            timeout=time_left(),
         )
         try:
             async for r in call:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from services.common.tls import TlsFiles
@@ -24,12 +25,38 @@ class GatewayConfig:
     """gRPC address of a worker (host:port or unix:/path); repeat for several workers."""
     api_key: list[str] = field(default_factory=list)
     """Accepted bearer token(s); when any is set, requests without one of them get 401."""
+    api_key_file: str = ""
+    """File of accepted API keys, one per line (`KEY [rpm=N] [tpm=N]`; # starts a comment)."""
+    rate_limit_requests: int = 0
+    """Requests per minute each API key may send (0 = no limit; a key-file rpm= overrides it)."""
+    rate_limit_tokens: int = 0
+    """Prompt + completion tokens per minute each API key may use (0 = no limit; tpm= overrides)."""
+    ssl_certfile: str = ""
+    """PEM certificate (chain) for HTTPS on --port ("" = plain HTTP)."""
+    ssl_keyfile: str = ""
+    """PEM private key matching --ssl-certfile."""
     max_request_bytes: int = 16 * 1024 * 1024
     """Largest HTTP request body accepted; bigger bodies get 413."""
     max_waiting: int = 1024
     """Largest number of requests waiting for a worker; beyond it new requests get 429."""
     max_running: int = 0
     """Requests in flight at once before further ones wait (0 = no gateway-side limit)."""
+    max_waiting_tokens: int = 0
+    """Largest number of prompt tokens waiting for their first token; beyond it 429 (0 = no limit)."""
+    max_prompt_tokens: int = 0
+    """Largest prompt (tokens) a request may send; longer ones get 400 (0 = the model's context)."""
+    max_tokens: int = 0
+    """Largest max_tokens a request may ask for, and the default when it asks none (0 = the context)."""
+    max_logprobs: int = 20
+    """Largest top_logprobs (chat) / logprobs (completions) a request may ask for."""
+    max_tools: int = 128
+    """Largest number of tools in one chat request."""
+    request_timeout: float = 600.0
+    """Seconds a request may take end to end (0 = no limit); X-Request-Timeout / gRPC deadlines may lower it."""
+    drain_timeout: float = 30.0
+    """Seconds in-flight requests get to finish after SIGTERM (/health says 503 meanwhile)."""
+    log_requests: bool = False
+    """Log prompts and outputs (off by default: they may hold personal data)."""
     served_model_name: str = ""
     """Model name clients use ("" = the name the workers report)."""
     max_stop_strings: int = 16
@@ -64,6 +91,27 @@ class GatewayConfig:
             raise ValueError(f"--max-n must be >= 1, got {self.max_n}")
         if self.health_interval <= 0:
             raise ValueError(f"--health-interval must be > 0, got {self.health_interval}")
+        for name in (
+            "max_waiting_tokens",
+            "max_prompt_tokens",
+            "max_tokens",
+            "max_logprobs",
+            "max_tools",
+            "rate_limit_requests",
+            "rate_limit_tokens",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.request_timeout < 0:
+            raise ValueError(f"--request-timeout must be >= 0, got {self.request_timeout}")
+        if self.drain_timeout < 0:
+            raise ValueError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+        for name in ("ssl_certfile", "ssl_keyfile", "api_key_file"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ValueError(f"--{name.replace('_', '-')}: no such file {value!r}")
         TlsFiles.from_options(self.tls_cert, self.tls_key, self.tls_ca)
 
     @property

@@ -7,8 +7,12 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.admission import AdmissionGate
+from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
+from gateway.drain import HttpDrain
+from gateway.limits import Limits
 from gateway.metrics import Metrics
+from gateway.rate_limit import RateLimiter
 from gateway.router import Router
 from gateway.styler_pool import StylerPool
 from gateway.token_texts import TokenTexts
@@ -22,6 +26,10 @@ class GatewayContext:
     metrics: Metrics
     gate: AdmissionGate
     token_texts: TokenTexts
+    keys: KeyRing = field(default_factory=lambda: KeyRing([]))
+    rate_limiter: RateLimiter = field(default_factory=RateLimiter)
+    limits: Limits = field(default_factory=Limits)
+    drain: HttpDrain = field(default_factory=HttpDrain)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -34,8 +42,12 @@ class GatewayContext:
             router=Router(config.worker, config.health_interval, credentials),
             stylers=stylers,
             metrics=Metrics(),
-            gate=AdmissionGate(config.max_waiting, config.max_running),
+            gate=AdmissionGate(config.max_waiting, config.max_running, config.max_waiting_tokens),
             token_texts=TokenTexts(stylers),
+            keys=KeyRing.from_config(
+                config.api_key, config.api_key_file, config.rate_limit_requests, config.rate_limit_tokens
+            ),
+            limits=Limits.from_config(config),
         )
 
     def __post_init__(self) -> None:

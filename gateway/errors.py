@@ -80,6 +80,8 @@ _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, int | None]] = {
 def from_grpc(exc: grpc.aio.AioRpcError, service: str) -> APIError:
     """A downstream failure as the client should see it: client errors pass their message through."""
     status, retry_after = _GRPC_TO_HTTP.get(exc.code(), (502, None))
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return APIError(504, f"the request timed out waiting for the {service}", code="timeout")
     if status < 500:
         return APIError(status, exc.details() or exc.code().name, retry_after_s=retry_after)
     return APIError(status, f"the {service} failed: {exc.code().name}", retry_after_s=retry_after)

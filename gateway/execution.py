@@ -115,8 +115,9 @@ def _grpc_error(exc: grpc.aio.AioRpcError, service: str) -> APIError:
 
 
 class Executor:
-    def __init__(self, ctx: GatewayContext) -> None:
+    def __init__(self, ctx: GatewayContext, chat: bool = True) -> None:
         self.ctx = ctx
+        self._chat = chat  # names the field of a too-long prompt
 
     # ---- model and prompt preparation -------------------------------------------------------
 
@@ -133,14 +134,16 @@ class Executor:
 
     async def render_chat(self, req: ChatRequest) -> PromptRun:
         try:
-            rendered = await self.ctx.stylers.pick().render(
-                req.messages,
-                req.tools,
-                req.add_generation_prompt,
-                req.continue_final_message,
-                req.chat_template,
-                req.chat_template_kwargs,
-                req.documents,
+            rendered = await self.ctx.stylers.call(
+                lambda c: c.render(
+                    req.messages,
+                    req.tools,
+                    req.add_generation_prompt,
+                    req.continue_final_message,
+                    req.chat_template,
+                    req.chat_template_kwargs,
+                    req.documents,
+                )
             )
         except grpc.aio.AioRpcError as exc:
             raise _grpc_error(exc, "styler") from None
@@ -152,7 +155,7 @@ class Executor:
     async def tokenize_prompts(self, req: CompletionRequest) -> list[PromptRun]:
         async def one(prompt: str | tuple[int, ...]) -> PromptRun:
             if isinstance(prompt, str):
-                ids = await self.ctx.stylers.pick().tokenize(prompt, req.add_special_tokens)
+                ids = await self.ctx.stylers.call(lambda c: c.tokenize(prompt, req.add_special_tokens))
                 return PromptRun(token_ids=ids, text=prompt)
             return PromptRun(token_ids=prompt, text=None)
 
@@ -161,8 +164,8 @@ class Executor:
             if req.echo:
                 for run in runs:
                     if run.text is None:
-                        run.text = await self.ctx.stylers.pick().detokenize(
-                            run.token_ids, skip_special_tokens=False
+                        run.text = await self.ctx.stylers.call(
+                            lambda c, ids=run.token_ids: c.detokenize(ids, skip_special_tokens=False)  # type: ignore[misc]
                         )
         except grpc.aio.AioRpcError as exc:
             raise _grpc_error(exc, "styler") from None
@@ -181,12 +184,19 @@ class Executor:
         if prompt_len == 0:
             raise invalid("the prompt is empty", "prompt")
         max_tokens = params.max_tokens
+        limits = self.ctx.limits
+        if limits.max_prompt_tokens and prompt_len > limits.max_prompt_tokens:
+            raise invalid(
+                f"the prompt has {prompt_len} tokens; at most {limits.max_prompt_tokens} are allowed "
+                "(--max-prompt-tokens)",
+                "messages" if self._chat else "prompt",
+            )
         if max_model_len:
             if prompt_len >= max_model_len:
                 raise invalid(
                     f"this model's maximum context length is {max_model_len} tokens, and the prompt has "
                     f"{prompt_len} tokens",
-                    "messages",
+                    "messages" if self._chat else "prompt",
                 )
             if max_tokens is None:
                 max_tokens = max_model_len - prompt_len
@@ -196,6 +206,10 @@ class Executor:
                     f"{prompt_len + max_tokens} ({prompt_len} in the prompt, {max_tokens} for the completion)",
                     "max_tokens",
                 )
+        if max_tokens is None and limits.max_tokens:
+            max_tokens = limits.max_tokens  # the default, capped (it still fits: checked above)
+            if max_model_len:
+                max_tokens = min(max_tokens, max_model_len - prompt_len)
         if vocab and any(t >= vocab for t in params.stop_token_ids):
             raise invalid(f"'stop_token_ids' must be below the vocabulary size {vocab}", "stop_token_ids")
         return Sampling(

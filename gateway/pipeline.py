@@ -11,16 +11,20 @@ prompt preparation, sampling defaults, metrics and response shapes are the same 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.auth import ApiKey
 from gateway.context import GatewayContext
 from gateway.execution import ChoiceUpdate, DetokenizeOptions, Executor, RequestRun
 from gateway.protocol import ChatRequest, CompletionRequest
 from gateway.responses import ChatResult, CompletionResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,13 +58,25 @@ def _record(ctx: GatewayContext, run: RequestRun) -> None:
     ctx.metrics.prompt_tokens.inc(run.prompt_tokens)
 
 
+def _finish(ctx: GatewayContext, job: Job | None, run: RequestRun, api_key: ApiKey | None) -> None:
+    """Charge the key's token rate limit; log prompt and output only with --log-requests."""
+    ctx.rate_limiter.add_tokens(api_key, run.prompt_tokens + run.completion_tokens)
+    if ctx.config.log_requests:
+        outputs = ["".join(c.text) for c in job.result.choices] if job is not None else []
+        prompts = [p.text if p.text is not None else list(p.token_ids) for p in run.prompts]
+        log.info("request %s prompt=%r output=%r", run.request_id, prompts, outputs)
+
+
 @asynccontextmanager
-async def chat(ctx: GatewayContext, req: ChatRequest, request_id: str) -> AsyncIterator[Job]:
-    executor = Executor(ctx)
+async def chat(
+    ctx: GatewayContext, req: ChatRequest, request_id: str, api_key: ApiKey | None = None
+) -> AsyncIterator[Job]:
+    executor = Executor(ctx, chat=True)
     model = executor.check_model(req.model)
     async with ctx.gate.admit() as admission:
         prompt = await executor.render_chat(req)
         sampling = executor.sampling(req.params, len(prompt.token_ids))
+        admission.add_tokens(len(prompt.token_ids))
         run = RequestRun(request_id, [prompt])
         _record(ctx, run)
         info = ctx.stylers.info
@@ -85,15 +101,19 @@ async def chat(ctx: GatewayContext, req: ChatRequest, request_id: str) -> AsyncI
             include_usage=req.params.include_usage,
         )
         updates = executor.generate(run, [sampling], detok, admission)
+        job = Job(run, result, updates, req.params.include_usage)
         try:
-            yield Job(run, result, updates, req.params.include_usage)
+            yield job
         finally:
             await updates.aclose()  # type: ignore[attr-defined]
+            _finish(ctx, job, run, api_key)
 
 
 @asynccontextmanager
-async def completion(ctx: GatewayContext, req: CompletionRequest, request_id: str) -> AsyncIterator[Job]:
-    executor = Executor(ctx)
+async def completion(
+    ctx: GatewayContext, req: CompletionRequest, request_id: str, api_key: ApiKey | None = None
+) -> AsyncIterator[Job]:
+    executor = Executor(ctx, chat=False)
     model = executor.check_model(req.model)
     async with ctx.gate.admit() as admission:
         prompts = await executor.tokenize_prompts(req)
@@ -107,6 +127,7 @@ async def completion(ctx: GatewayContext, req: CompletionRequest, request_id: st
             )
             for p in prompts
         ]
+        admission.add_tokens(sum(len(p.token_ids) for p in prompts))
         run = RequestRun(request_id, prompts)
         _record(ctx, run)
         detok = DetokenizeOptions(
@@ -126,7 +147,9 @@ async def completion(ctx: GatewayContext, req: CompletionRequest, request_id: st
             include_usage=req.params.include_usage,
         )
         updates = executor.generate(run, samplings, detok, admission)
+        job = Job(run, result, updates, req.params.include_usage)
         try:
-            yield Job(run, result, updates, req.params.include_usage)
+            yield job
         finally:
             await updates.aclose()  # type: ignore[attr-defined]
+            _finish(ctx, job, run, api_key)

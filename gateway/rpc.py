@@ -13,13 +13,15 @@ import logging
 import math
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 from aiohttp import web
 
-from gateway import pipeline
+from gateway import deadline, pipeline
 from gateway.appkeys import CONTEXT
+from gateway.auth import ApiKey
 from gateway.config import GatewayConfig
 from gateway.context import GatewayContext
 from gateway.errors import APIError, invalid
@@ -310,15 +312,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
 
-    def _check_auth(self, context: grpc.aio.ServicerContext) -> None:
-        keys = self.ctx.config.api_key
-        if not keys:
-            return
+    def _enter(self, context: grpc.aio.ServicerContext) -> ApiKey | None:
+        """Authenticate (metadata `authorization: Bearer <key>`), rate-limit, and set the deadline."""
+        ctx = self.ctx
+        remaining = context.time_remaining()
+        limit = ctx.config.request_timeout or None
+        if remaining is not None and (limit is None or remaining < limit):
+            limit = max(remaining, 1e-3)
+        deadline.start(limit)
+        if not ctx.keys.enabled:
+            return None
         metadata = dict(context.invocation_metadata() or ())
-        header = str(metadata.get("authorization", ""))
-        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if token not in keys:
-            raise APIError(401, "invalid or missing API key (send metadata authorization: Bearer <key>)")
+        key = ctx.keys.authenticate(str(metadata.get("authorization", "")))
+        ctx.rate_limiter.check(key)
+        return key
 
     def _request_id(self) -> str:
         request_id = uuid.uuid4().hex
@@ -337,11 +344,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ChatCompletionResponse:
         try:
-            self._check_auth(context)
-            req = parse_chat(
-                chat_body(request, False), self.ctx.config.max_n, self.ctx.config.max_stop_strings
-            )
-            async with pipeline.chat(self.ctx, req, self._request_id()) as job:
+            key = self._enter(context)
+            req = parse_chat(chat_body(request, False), self.ctx.limits)
+            async with pipeline.chat(self.ctx, req, self._request_id(), key) as job:
                 body = await job.collect()
         except Exception as err:
             await self._abort(context, err, "ChatCompletion")
@@ -353,11 +358,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ChatCompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.ChatCompletionChunk]:
         try:
-            self._check_auth(context)
-            req = parse_chat(
-                chat_body(request, True), self.ctx.config.max_n, self.ctx.config.max_stop_strings
-            )
-            async with pipeline.chat(self.ctx, req, self._request_id()) as job:
+            key = self._enter(context)
+            req = parse_chat(chat_body(request, True), self.ctx.limits)
+            async with pipeline.chat(self.ctx, req, self._request_id(), key) as job:
                 async for chunk in job.chunks():
                     yield chat_chunk(chunk)
             self.ctx.metrics.count_request("grpc:ChatCompletionStream", 200, job.finish_reason())
@@ -368,11 +371,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.CompletionResponse:
         try:
-            self._check_auth(context)
-            req = parse_completion(
-                completion_body(request, False), self.ctx.config.max_n, self.ctx.config.max_stop_strings
-            )
-            async with pipeline.completion(self.ctx, req, self._request_id()) as job:
+            key = self._enter(context)
+            req = parse_completion(completion_body(request, False), self.ctx.limits)
+            async with pipeline.completion(self.ctx, req, self._request_id(), key) as job:
                 body = await job.collect()
         except Exception as err:
             await self._abort(context, err, "Completion")
@@ -384,11 +385,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.CompletionRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.CompletionChunk]:
         try:
-            self._check_auth(context)
-            req = parse_completion(
-                completion_body(request, True), self.ctx.config.max_n, self.ctx.config.max_stop_strings
-            )
-            async with pipeline.completion(self.ctx, req, self._request_id()) as job:
+            key = self._enter(context)
+            req = parse_completion(completion_body(request, True), self.ctx.limits)
+            async with pipeline.completion(self.ctx, req, self._request_id(), key) as job:
                 async for chunk in job.chunks():
                     yield completion_chunk(chunk)
             self.ctx.metrics.count_request("grpc:CompletionStream", 200, job.finish_reason())
@@ -399,7 +398,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
         try:
-            self._check_auth(context)
+            self._enter(context)
         except APIError as err:
             await self._abort(context, err, "ListModels")
         return inference_pb2.ListModelsResponse(
@@ -416,7 +415,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 async def start_grpc_server(app: web.Application, config: GatewayConfig) -> GrpcServer:
     """Serve the Inference API on host:--grpc-port with the HTTP app's context."""
-    server = GrpcServer(f"{config.host}:{config.grpc_port}", grace_s=5.0)
+    credentials = None
+    if config.ssl_certfile:  # the same certificate as HTTPS (server-side TLS, clients use API keys)
+        cert, key = Path(config.ssl_certfile).read_bytes(), Path(config.ssl_keyfile).read_bytes()
+        credentials = grpc.ssl_server_credentials([(key, cert)])
+    server = GrpcServer(
+        f"{config.host}:{config.grpc_port}", grace_s=config.drain_timeout, server_credentials=credentials
+    )
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(app[CONTEXT]), server.server)
     server.add_service_name("tandem.v1.Inference")
     await server.start()

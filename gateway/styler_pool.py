@@ -1,4 +1,9 @@
-"""The styler replicas: round-robin over those whose health check says SERVING."""
+"""The styler replicas: round-robin over those whose health check says SERVING.
+
+Styler calls other than DetokenizeStream are idempotent (render, tokenize, detokenize), so
+`call` retries one that failed with UNAVAILABLE (a replica that died or is draining) on another
+replica, taking the failed one out of rotation until its health check says SERVING again.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import grpc
 
@@ -14,6 +20,7 @@ from gateway.clients import StylerClient
 from gateway.downstream import StylerInfo
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class NoStylerAvailable(Exception):
@@ -69,11 +76,31 @@ class StylerPool:
             except Exception:
                 log.exception("styler poll failed")
 
-    def pick(self) -> StylerClient:
-        candidates = [c for c in self.clients if self.healthy[c.address]]
+    def mark_failed(self, client: StylerClient) -> None:
+        """Take a replica out of rotation after a transport failure (the poller brings it back)."""
+        if self.healthy.get(client.address):
+            log.warning("styler %s failed; taken out of rotation", client.address)
+        self.healthy[client.address] = False
+
+    async def call(self, fn: Callable[[StylerClient], Awaitable[T]]) -> T:
+        """`fn` on a healthy replica; on UNAVAILABLE, once more on each other replica."""
+        tried: list[StylerClient] = []
+        while True:
+            client = self.pick(exclude=tried)
+            tried.append(client)
+            try:
+                return await fn(client)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or len(tried) >= len(self.clients):
+                    raise
+                self.mark_failed(client)
+                log.warning("styler %s unavailable; retrying on another replica", client.address)
+
+    def pick(self, exclude: Sequence[StylerClient] = ()) -> StylerClient:
+        candidates = [c for c in self.clients if self.healthy[c.address] and c not in exclude]
         if not candidates:
             # The poller may lag a restart; try one anyway rather than refuse outright.
-            if not self.clients:
-                raise NoStylerAvailable("no styler is configured")
-            candidates = self.clients
+            candidates = [c for c in self.clients if c not in exclude] or self.clients
+        if not candidates:
+            raise NoStylerAvailable("no styler is configured")
         return candidates[next(self._round_robin) % len(candidates)]

@@ -19,6 +19,6 @@ class TokenTexts:
     async def get(self, token_ids: Sequence[int]) -> list[TokenText]:
         missing = sorted({t for t in token_ids if t not in self._cache})
         if missing:
-            texts = await self._stylers.pick().token_texts(missing)
+            texts = await self._stylers.call(lambda c: c.token_texts(missing))
             self._cache.update(zip(missing, texts, strict=True))
         return [self._cache[t] for t in token_ids]

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from gateway.errors import APIError, invalid
+from gateway.limits import DEFAULT_LIMITS, Limits
 from gateway.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -19,8 +20,6 @@ from gateway.protocol import (
     Prompt,
     TokenizeRequest,
 )
-
-MAX_LOGPROBS = 20
 
 # Fields OpenAI (or vLLM) define that we accept only at their neutral value.
 _NEUTRAL: dict[str, Any] = {
@@ -159,19 +158,34 @@ def _stop(f: Fields, max_stop_strings: int) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise invalid("'stop' must be a string or a list of strings", "stop")
     if len(value) > max_stop_strings:
-        raise invalid(f"'stop' has {len(value)} strings; at most {max_stop_strings} are allowed", "stop")
+        raise invalid(
+            f"'stop' has {len(value)} strings; at most {max_stop_strings} are allowed (--max-stop-strings)",
+            "stop",
+        )
     if any(not s for s in value):
         raise invalid("'stop' strings must not be empty", "stop")
     return tuple(value)
 
 
-def _params(f: Fields, *, chat: bool, max_n: int, max_stop_strings: int) -> GenerationParams:
-    max_tokens = f.integer("max_tokens", lo=1)
+def _limited(f: Fields, key: str, value: int | None, limit: int, option: str) -> int | None:
+    if value is not None and limit and value > limit:
+        raise invalid(f"'{key}' must be <= {limit}, got {value} ({option})", key)
+    return value
+
+
+def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
+    max_tokens = _limited(f, "max_tokens", f.integer("max_tokens", lo=1), limits.max_tokens, "--max-tokens")
     if chat:
-        max_completion_tokens = f.integer("max_completion_tokens", lo=1)
+        max_completion_tokens = _limited(
+            f,
+            "max_completion_tokens",
+            f.integer("max_completion_tokens", lo=1),
+            limits.max_tokens,
+            "--max-tokens",
+        )
         if max_completion_tokens is not None:
             max_tokens = max_completion_tokens
-    n = f.integer("n", lo=1, hi=max_n)
+    n = _limited(f, "n", f.integer("n", lo=1), limits.max_n, "--max-n")
     min_tokens = f.integer("min_tokens", lo=0) or 0
     if max_tokens is not None and min_tokens > max_tokens:
         raise invalid(f"'min_tokens' ({min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
@@ -189,18 +203,20 @@ def _params(f: Fields, *, chat: bool, max_n: int, max_stop_strings: int) -> Gene
         so.reject_rest()
     if chat:
         want_logprobs = f.boolean("logprobs", False)
-        top_logprobs = f.integer("top_logprobs", lo=0, hi=MAX_LOGPROBS)
+        top_logprobs = _limited(
+            f, "top_logprobs", f.integer("top_logprobs", lo=0), limits.max_logprobs, "--max-logprobs"
+        )
         if top_logprobs is not None and not want_logprobs:
             raise invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
         logprobs = (top_logprobs or 0) if want_logprobs else None
     else:
-        logprobs = f.integer("logprobs", lo=0, hi=MAX_LOGPROBS)
+        logprobs = _limited(f, "logprobs", f.integer("logprobs", lo=0), limits.max_logprobs, "--max-logprobs")
     return GenerationParams(
         max_tokens=max_tokens,
         temperature=f.number("temperature", lo=0.0, hi=2.0),
         top_p=f.number("top_p", lo=0.0, hi=1.0, lo_open=True),
         n=n or 1,
-        stop=_stop(f, max_stop_strings),
+        stop=_stop(f, limits.max_stop_strings),
         seed=f.integer("seed", lo=-(2**63), hi=2**64 - 1),
         presence_penalty=f.number("presence_penalty", lo=-2.0, hi=2.0),
         frequency_penalty=f.number("frequency_penalty", lo=-2.0, hi=2.0),
@@ -263,12 +279,16 @@ def _messages(value: Any, param: str = "messages") -> tuple[dict[str, Any], ...]
     return tuple(out)
 
 
-def _tools(f: Fields) -> list[dict[str, Any]] | None:
+def _tools(f: Fields, max_tools: int) -> list[dict[str, Any]] | None:
     tools = f.raw("tools")
     if tools is None:
         return None
     if not isinstance(tools, list):
         raise invalid("'tools' must be a list", "tools")
+    if max_tools and len(tools) > max_tools:
+        raise invalid(
+            f"'tools' has {len(tools)} tools; at most {max_tools} are allowed (--max-tools)", "tools"
+        )
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
@@ -342,12 +362,12 @@ def _documents(f: Fields) -> list[Any] | None:
     return documents or None
 
 
-def parse_chat(body: dict[str, Any], max_n: int = 16, max_stop_strings: int = 16) -> ChatRequest:
+def parse_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> ChatRequest:
     f = Fields(body)
     model = f.string("model", "") or ""
     messages = _messages(f.raw("messages"))
-    params = _params(f, chat=True, max_n=max_n, max_stop_strings=max_stop_strings)
-    tools = _tools(f)
+    params = _params(f, chat=True, limits=limits)
+    tools = _tools(f, limits.max_tools)
     tool_choice = _tool_choice(f, tools)
     parallel_tool_calls = f.boolean("parallel_tool_calls", True)
     chat_template, kwargs, add_generation_prompt, continue_final_message = _template_options(f)
@@ -390,13 +410,13 @@ def _prompts(value: Any) -> tuple[Prompt, ...]:
     )
 
 
-def parse_completion(body: dict[str, Any], max_n: int = 16, max_stop_strings: int = 16) -> CompletionRequest:
+def parse_completion(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> CompletionRequest:
     f = Fields(body)
     model = f.string("model", "") or ""
     if "prompt" not in body:
         raise invalid("'prompt' is required", "prompt")
     prompts = _prompts(f.raw("prompt"))
-    params = _params(f, chat=False, max_n=max_n, max_stop_strings=max_stop_strings)
+    params = _params(f, chat=False, limits=limits)
     echo = f.boolean("echo", False)
     add_special_tokens = f.boolean("add_special_tokens", True)
     f.reject_rest()
@@ -407,7 +427,7 @@ def parse_completion(body: dict[str, Any], max_n: int = 16, max_stop_strings: in
     )
 
 
-def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
+def parse_tokenize(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> TokenizeRequest:
     f = Fields(body)
     model = f.string("model", "") or ""
     has_prompt, has_messages = "prompt" in body, "messages" in body
@@ -415,7 +435,7 @@ def parse_tokenize(body: dict[str, Any]) -> TokenizeRequest:
         raise invalid("give exactly one of 'prompt' or 'messages'", "prompt")
     prompt = f.string("prompt") if has_prompt else None
     messages = _messages(f.raw("messages")) if has_messages else None
-    tools = _tools(f)
+    tools = _tools(f, limits.max_tools)
     chat_template, kwargs, add_generation_prompt, continue_final_message = _template_options(f)
     # vLLM: chat prompts are already templated, so no extra special tokens by default.
     add_special_tokens = f.boolean("add_special_tokens", not has_messages)

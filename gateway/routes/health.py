@@ -12,8 +12,9 @@ async def health(request: web.Request) -> web.Response:
     """200 when a styler and at least one worker answer SERVING; 503 (with details) otherwise."""
     ctx = request.app[CONTEXT]
     status = await ctx.health()
-    ok = any(status["styler"].values()) and any(status["worker"].values())
-    body = {"status": "ok" if ok else "unavailable", **status}
+    ok = any(status["styler"].values()) and any(status["worker"].values()) and not ctx.drain.draining
+    state = "draining" if ctx.drain.draining else "ok" if ok else "unavailable"
+    body = {"status": state, **status}
     return web.json_response(body, status=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
 
 

@@ -8,7 +8,7 @@ import grpc
 from aiohttp import web
 
 from gateway import pipeline
-from gateway.appkeys import CONTEXT, FINISH_REASON, REQUEST_ID
+from gateway.appkeys import API_KEY, CONTEXT, FINISH_REASON, REQUEST_ID
 from gateway.errors import APIError, from_grpc
 from gateway.execution import Executor
 from gateway.routes.body import read_json
@@ -19,8 +19,8 @@ from gateway.validation import parse_chat, parse_completion, parse_detokenize, p
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    req = parse_chat(await read_json(request), ctx.config.max_n, ctx.config.max_stop_strings)
-    async with pipeline.chat(ctx, req, request[REQUEST_ID]) as job:
+    req = parse_chat(await read_json(request), ctx.limits)
+    async with pipeline.chat(ctx, req, request[REQUEST_ID], request.get(API_KEY)) as job:
         if req.params.stream:
             response = await sse(request, job.chunks(), request[REQUEST_ID])
         else:
@@ -31,8 +31,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    req = parse_completion(await read_json(request), ctx.config.max_n, ctx.config.max_stop_strings)
-    async with pipeline.completion(ctx, req, request[REQUEST_ID]) as job:
+    req = parse_completion(await read_json(request), ctx.limits)
+    async with pipeline.completion(ctx, req, request[REQUEST_ID], request.get(API_KEY)) as job:
         if req.params.stream:
             response = await sse(request, job.chunks(), request[REQUEST_ID])
         else:
@@ -68,24 +68,29 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    req = parse_tokenize(await read_json(request))
+    req = parse_tokenize(await read_json(request), ctx.limits)
     Executor(ctx).check_model(req.model)
     try:
-        styler = ctx.stylers.pick()
+        stylers = ctx.stylers
         if req.messages is not None:
-            rendered = await styler.render(
-                req.messages,
-                req.tools,
-                req.add_generation_prompt,
-                req.continue_final_message,
-                req.chat_template,
-                req.chat_template_kwargs,
+            messages = req.messages
+            rendered = await stylers.call(
+                lambda c: c.render(
+                    messages,
+                    req.tools,
+                    req.add_generation_prompt,
+                    req.continue_final_message,
+                    req.chat_template,
+                    req.chat_template_kwargs,
+                )
             )
             tokens = rendered.token_ids
             if req.add_special_tokens:
-                tokens = await styler.tokenize(rendered.prompt, add_special_tokens=True)
+                tokens = await stylers.call(lambda c: c.tokenize(rendered.prompt, add_special_tokens=True))
         else:
-            tokens = await styler.tokenize(req.prompt or "", add_special_tokens=req.add_special_tokens)
+            tokens = await stylers.call(
+                lambda c: c.tokenize(req.prompt or "", add_special_tokens=req.add_special_tokens)
+            )
         body: dict[str, Any] = {
             "count": len(tokens),
             "max_model_len": ctx.max_model_len,
@@ -108,7 +113,7 @@ async def detokenize(request: web.Request) -> web.Response:
     if info is not None and info.vocab_size and any(t >= info.vocab_size for t in req.tokens):
         raise APIError(400, f"'tokens' must be below the vocabulary size {info.vocab_size}", param="tokens")
     try:
-        text = await ctx.stylers.pick().detokenize(req.tokens)
+        text = await ctx.stylers.call(lambda c: c.detokenize(req.tokens))
     except grpc.aio.AioRpcError as exc:
         raise from_grpc(exc, "styler") from None
     except NoStylerAvailable as exc:

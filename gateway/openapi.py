@@ -1,0 +1,299 @@
+"""The gateway's OpenAPI 3.1 description (`GET /openapi.json`), built from the same limits the
+validator enforces, so the document says exactly what a request may contain.
+
+Request bodies list every field `validation.py` accepts and set `additionalProperties: false`,
+because unknown fields are refused with a 400. Fields accepted only at a neutral value
+(`logit_bias: {}`, `response_format: {"type": "text"}`, ...) are left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.limits import Limits
+
+_STR = {"type": "string"}
+_BOOL = {"type": "boolean"}
+_INT = {"type": "integer"}
+
+
+def _num(lo: float | None = None, hi: float | None = None, exclusive_lo: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "number"}
+    if lo is not None:
+        out["exclusiveMinimum" if exclusive_lo else "minimum"] = lo
+    if hi is not None:
+        out["maximum"] = hi
+    return out
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "integer"}
+    if lo is not None:
+        out["minimum"] = lo
+    if hi:
+        out["maximum"] = hi
+    return out
+
+
+_TOKEN_IDS = {"type": "array", "items": _int(0)}
+
+
+def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
+    stop_list: dict[str, Any] = {"type": "array", "items": {"type": "string", "minLength": 1}}
+    if limits.max_stop_strings:
+        stop_list["maxItems"] = limits.max_stop_strings
+    props: dict[str, Any] = {
+        "model": {**_STR, "description": "the served model ('' or absent: the served model)"},
+        "max_tokens": _int(1, limits.max_tokens),
+        "temperature": _num(0.0, 2.0),
+        "top_p": _num(0.0, 1.0, exclusive_lo=True),
+        "n": _int(1, limits.max_n),
+        "stop": {"anyOf": [{"type": "string", "minLength": 1}, stop_list, {"type": "null"}]},
+        "seed": _int(-(2**63), 2**64 - 1),
+        "presence_penalty": _num(-2.0, 2.0),
+        "frequency_penalty": _num(-2.0, 2.0),
+        "top_k": _int(-1),
+        "min_p": _num(0.0, 1.0),
+        "repetition_penalty": _num(0.0, exclusive_lo=True),
+        "min_tokens": _int(0),
+        "ignore_eos": _BOOL,
+        "stop_token_ids": _TOKEN_IDS,
+        "skip_special_tokens": _BOOL,
+        "include_stop_str_in_output": _BOOL,
+        "stream": _BOOL,
+        "stream_options": {
+            "type": "object",
+            "properties": {"include_usage": _BOOL},
+            "additionalProperties": False,
+            "description": "only with stream: true",
+        },
+        "user": _STR,
+    }
+    if chat:
+        props["max_completion_tokens"] = _int(1, limits.max_tokens)
+        props["logprobs"] = _BOOL
+        props["top_logprobs"] = {**_int(0, limits.max_logprobs), "description": "needs logprobs: true"}
+    else:
+        props["logprobs"] = _int(0, limits.max_logprobs)
+    return props
+
+
+def _message() -> dict[str, Any]:
+    part = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": _STR},
+    }
+    call = {
+        "type": "object",
+        "required": ["function"],
+        "properties": {
+            "id": _STR,
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": _STR, "arguments": {"anyOf": [_STR, {"type": "object"}]}},
+            },
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["role"],
+        "description": "an OpenAI chat message; other keys are passed to the chat template",
+        "properties": {
+            "role": {"type": "string", "minLength": 1},
+            "content": {"anyOf": [_STR, {"type": "array", "items": part}, {"type": "null"}]},
+            "name": _STR,
+            "tool_calls": {"type": "array", "items": call},
+            "tool_call_id": _STR,
+            "reasoning_content": _STR,
+        },
+    }
+
+
+def _tools(limits: Limits) -> dict[str, Any]:
+    tool = {
+        "type": "object",
+        "required": ["function"],
+        "properties": {
+            "type": {"const": "function"},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "description": _STR,
+                    "parameters": {"type": ["object", "null"]},
+                },
+            },
+        },
+    }
+    out: dict[str, Any] = {"type": "array", "items": tool}
+    if limits.max_tools:
+        out["maxItems"] = limits.max_tools
+    return out
+
+
+def _template_options() -> dict[str, Any]:
+    return {
+        "chat_template": _STR,
+        "chat_template_kwargs": {"type": "object"},
+        "add_generation_prompt": _BOOL,
+        "continue_final_message": _BOOL,
+    }
+
+
+def _schemas(limits: Limits) -> dict[str, Any]:
+    prompt = {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+            {"type": "array", "minItems": 1, "items": _int(0)},
+            {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _int(0)}},
+        ]
+    }
+    messages = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/ChatMessage"}}
+    return {
+        "ChatMessage": _message(),
+        "ChatCompletionRequest": {
+            "type": "object",
+            "required": ["messages"],
+            "additionalProperties": False,
+            "properties": {
+                **_generation(limits, chat=True),
+                "messages": messages,
+                "tools": _tools(limits),
+                "tool_choice": {"enum": ["none", "auto"]},
+                "parallel_tool_calls": _BOOL,
+                "documents": {"type": "array"},
+                **_template_options(),
+            },
+        },
+        "CompletionRequest": {
+            "type": "object",
+            "required": ["prompt"],
+            "additionalProperties": False,
+            "properties": {
+                **_generation(limits, chat=False),
+                "prompt": prompt,
+                "echo": _BOOL,
+                "add_special_tokens": _BOOL,
+            },
+        },
+        "TokenizeRequest": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "exactly one of prompt or messages",
+            "properties": {
+                "model": _STR,
+                "prompt": _STR,
+                "messages": messages,
+                "tools": _tools(limits),
+                "add_special_tokens": _BOOL,
+                "return_token_strs": _BOOL,
+                **_template_options(),
+            },
+        },
+        "DetokenizeRequest": {
+            "type": "object",
+            "required": ["tokens"],
+            "additionalProperties": False,
+            "properties": {"model": _STR, "tokens": _TOKEN_IDS},
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type"],
+                    "properties": {
+                        "message": _STR,
+                        "type": _STR,
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        },
+    }
+
+
+_ERROR_CODES = {
+    "400": "invalid request (the message and `param` name the field)",
+    "401": "missing or wrong API key",
+    "404": "unknown model",
+    "413": "body larger than --max-request-bytes",
+    "429": "queue full or rate limit reached (see Retry-After)",
+    "503": "no worker or styler available, or the gateway is draining (see Retry-After)",
+    "504": "the request's deadline passed",
+}
+
+
+def _responses(ok: dict[str, Any], codes: tuple[str, ...] = tuple(_ERROR_CODES)) -> dict[str, Any]:
+    err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    out: dict[str, Any] = {"200": ok}
+    for code in codes:
+        out[code] = {"description": _ERROR_CODES[code], **err}
+    out["default"] = {"description": "another error, in the same envelope", **err}
+    return out
+
+
+def _post(schema: str, summary: str, streams: bool) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
+    if streams:
+        content["text/event-stream"] = {"schema": {"type": "string"}}
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+            },
+            "responses": _responses({"description": "the result", "content": content}),
+        }
+    }
+
+
+def openapi_document(limits: Limits) -> dict[str, Any]:
+    json_ok = {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tandem gateway",
+            "version": "0.1.0",
+            "description": "OpenAI-compatible API of tandem. Send `Authorization: Bearer <key>` when the "
+            "gateway has API keys, and optionally `X-Request-Timeout: <seconds>`.",
+        },
+        "components": {
+            "schemas": _schemas(limits),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/v1/chat/completions": _post("ChatCompletionRequest", "chat completion", streams=True),
+            "/v1/completions": _post("CompletionRequest", "text completion", streams=True),
+            "/tokenize": _post("TokenizeRequest", "tokenize a prompt or a chat", streams=False),
+            "/detokenize": _post("DetokenizeRequest", "token ids to text", streams=False),
+            "/v1/models": {
+                "get": {"summary": "the served model", "responses": _responses(json_ok, ("401",))}
+            },
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "one model",
+                    "parameters": [
+                        {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": _responses(json_ok, ("401", "404")),
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "200 when a styler and a worker are serving; 503 otherwise or while draining",
+                    "security": [],
+                    "responses": {"200": json_ok, "503": json_ok},
+                }
+            },
+        },
+    }
