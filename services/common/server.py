@@ -190,11 +190,21 @@ def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     return 0
 
 
-async def wait_for_serving(address: str, timeout_s: float, service: str = "") -> None:
-    """Poll the standard health check of `address` until SERVING; raise TimeoutError otherwise."""
+async def wait_for_serving(
+    address: str, timeout_s: float, service: str = "", credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    """Poll the standard health check of `address` until SERVING; raise TimeoutError otherwise.
+
+    Pass `credentials` (TlsFiles.channel_credentials()) for a server with mutual TLS.
+    """
     deadline = asyncio.get_running_loop().time() + timeout_s
     last_error = "no answer"
-    async with grpc.aio.insecure_channel(address) as channel:
+    channel_cm = (
+        grpc.aio.secure_channel(address, credentials)
+        if credentials is not None
+        else grpc.aio.insecure_channel(address)
+    )
+    async with channel_cm as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
