@@ -142,6 +142,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # Expired before it started: drop it. A deadline passing later cancels this rpc, and
+            # the `finally` below aborts the request, which frees its KV blocks.
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline has passed")
         arrival = time.monotonic()
         trace_parent = telemetry.capture_context()  # the rpc span: parent of the engine-phase spans
         first_token: float | None = None
