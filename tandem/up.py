@@ -33,6 +33,7 @@ import aiohttp
 from services.common.config import parse_config
 from services.common.logging import setup_logging
 from services.common.server import install_event_loop_policy, wait_for_serving
+from services.common.tls import TlsFiles
 
 log = logging.getLogger("tandem.up")
 
@@ -74,8 +75,21 @@ class UpConfig:
     """Seconds over which --max-restarts is counted."""
     log_level: str = "info"
     """Log level of `up` and its children."""
+    tls_cert: str = ""
+    """PEM certificate every service presents for mutual TLS between them (with --tls-key, --tls-ca)."""
+    tls_key: str = ""
+    """PEM private key matching --tls-cert."""
+    tls_ca: str = ""
+    """PEM CA bundle that signs the services' certificates; with it, plaintext and unknown peers are refused."""
+    ssl_certfile: str = ""
+    """PEM certificate for HTTPS on the gateway's --port (with --ssl-keyfile)."""
+    ssl_keyfile: str = ""
+    """PEM private key matching --ssl-certfile."""
 
     def __post_init__(self) -> None:
+        TlsFiles.from_options(self.tls_cert, self.tls_key, self.tls_ca)
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if not 0 < self.port < 65536:
@@ -85,6 +99,14 @@ class UpConfig:
                 shlex.split(getattr(self, name))
             except ValueError as exc:
                 raise ValueError(f"--{name.replace('_', '-')}: {exc}") from None
+
+
+def exit_reason(status: int) -> str:
+    """Why a child ended, for the log: "was killed by SIGKILL" or "exited with status 1"."""
+    if status < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-status).name}"
+    return f"exited with status {status}"
 
 
 def _set_pdeathsig() -> None:
@@ -100,7 +122,8 @@ class Child:
 
     name: str
     argv: list[str]
-    ready_check: str  # "grpc:<address>" or "http:<url>"
+    ready_check: str  # "grpc:<address>" or "http:<url>" (https URLs too)
+    tls: TlsFiles | None = None  # mutual TLS for the gRPC readiness check
     process: asyncio.subprocess.Process | None = None
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     restarts: deque[float] = field(default_factory=deque)
@@ -129,7 +152,12 @@ class Child:
     async def wait_ready(self, timeout_s: float) -> None:
         assert self.process is not None
         kind, target = self.ready_check.split(":", 1)
-        probe = wait_for_serving(target, timeout_s) if kind == "grpc" else _wait_http_ok(target, timeout_s)
+        credentials = self.tls.channel_credentials() if self.tls is not None else None
+        probe = (
+            wait_for_serving(target, timeout_s, credentials=credentials)
+            if kind == "grpc"
+            else _wait_http_ok(target, timeout_s)
+        )
         probe_task = asyncio.ensure_future(probe)
         exit_task = asyncio.ensure_future(self.process.wait())
         done, _ = await asyncio.wait({probe_task, exit_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -175,7 +203,8 @@ async def _wait_http_ok(url: str, timeout_s: float) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while True:
             try:
-                async with session.get(url) as response:
+                # The gateway's own certificate may be self-signed: readiness is all we check here.
+                async with session.get(url, ssl=False) as response:
                     if response.status == 200:
                         return
                     last = f"HTTP {response.status}"
@@ -190,6 +219,9 @@ def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
     """The child processes in start order (styler, workers, gateway)."""
     tandem = [sys.executable, "-m", "tandem"]
     common = ["--log-level", config.log_level]
+    tls = TlsFiles.from_options(config.tls_cert, config.tls_key, config.tls_ca)
+    if tls is not None:  # every service serves and calls with the same identity and CA
+        common += ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
     styler_addr = f"unix:{run_dir / 'styler.sock'}"
     children = [
         Child(
@@ -205,6 +237,7 @@ def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
                 *shlex.split(config.styler_args),
             ],
             f"grpc:{styler_addr}",
+            tls,
         )
     ]
     roles = ["prefill", "decode"] if config.disaggregate else ["unified"] * config.workers
@@ -230,11 +263,16 @@ def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
                     *shlex.split(config.worker_args),
                 ],
                 f"grpc:{address}",
+                tls,
             )
         )
         flag = {"unified": "--worker", "prefill": "--prefill-worker", "decode": "--decode-worker"}[role]
         gateway_worker_args += [flag, address]
     url_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    scheme = "https" if config.ssl_certfile else "http"
+    https_args = ["--ssl-certfile", config.ssl_certfile, "--ssl-keyfile", config.ssl_keyfile] * bool(
+        config.ssl_certfile
+    )
     children.append(
         Child(
             "gateway",
@@ -250,10 +288,11 @@ def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
                 "--styler",
                 styler_addr,
                 *gateway_worker_args,
+                *https_args,
                 *common,
                 *shlex.split(config.gateway_args),
             ],
-            f"http:http://{url_host}:{config.port}/health",
+            f"http:{scheme}://{url_host}:{config.port}/health",
         )
     )
     return children
@@ -302,12 +341,20 @@ class Supervisor:
         if len(child.restarts) >= self.config.max_restarts:
             raise ChildFailed(
                 child,
-                f"exited with status {status} and was restarted {len(child.restarts)} times"
+                f"{exit_reason(status)} and was restarted {len(child.restarts)} times"
                 f" within {self.config.restart_window:.0f}s; giving up",
             )
         child.restarts.append(now)
         delay = min(0.5 * 2 ** (len(child.restarts) - 1), 10.0)
-        log.error("%s exited with status %s; restarting in %.1fs", child.name, status, delay)
+        log.error(
+            "%s %s; restart %d of %d within %.0fs in %.1fs",
+            child.name,
+            exit_reason(status),
+            len(child.restarts),
+            self.config.max_restarts,
+            self.config.restart_window,
+            delay,
+        )
         for line in list(child.last_lines)[-5:]:
             log.error("  %s| %s", child.name, line)
         with contextlib.suppress(asyncio.TimeoutError):
@@ -345,7 +392,8 @@ async def run_up(config: UpConfig) -> int:
             stop_wait.cancel()
             start.result()
             url_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-            print(f"tandem is serving {config.model} at http://{url_host}:{config.port}/v1", flush=True)
+            scheme = "https" if config.ssl_certfile else "http"
+            print(f"tandem is serving {config.model} at {scheme}://{url_host}:{config.port}/v1", flush=True)
             await supervisor.supervise()
         else:
             start.cancel()
