@@ -1,0 +1,616 @@
+"""In-process engine benchmark (no gRPC): dummy weights in real shapes, BENCHMARKS.md scenarios 1, 2, 3, 5.
+
+    python benchmarks/engine_bench.py            # the GPU set, one device call (see docs/gpu.md)
+    python benchmarks/engine_bench.py --smoke    # CPU, tiny shapes, seconds: checks the script itself
+
+Measures the device's two ceilings in the same run (device-to-device copy bandwidth counting bytes
+read + written; a large bf16 matmul), then reports every result against them:
+- decode: MBU = (parameter bytes except an untied input embedding + KV bytes of the running
+  sequences) / (step time x bandwidth);
+- prefill: MFU = (2 x non-embedding params (no embedding, no LM head) x tokens + causal attention
+  FLOPs 2 x layers x heads x head_dim x tokens^2) / TTFT / matmul rate.
+Also Hugging Face `generate()` batch-1 decode on the same shapes as the baseline, and our prefill
+attention kernel against torch's F.scaled_dot_product_attention.
+
+Request counts of scenario 2 are scaled down so the whole set fits one device call (SCALED below
+says by how much); the per-request shapes are the scenario's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.worker.config import WorkerConfig  # noqa: E402
+from services.worker.engine import Engine  # noqa: E402
+from services.worker.request import EngineRequest, SamplingParams  # noqa: E402
+
+# Hugging Face configs of the benchmark shapes (BENCHMARKS.md "Model shapes").
+MODELS: dict[str, dict[str, Any]] = {
+    "Qwen2-0.5B": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "eos_token_id": 151643,
+        "hidden_act": "silu",
+    },
+    "Qwen2.5-1.5B": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "eos_token_id": 151643,
+        "hidden_act": "silu",
+    },
+    "Llama-3.1-8B": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "eos_token_id": 128001,
+        "hidden_act": "silu",
+    },
+    "Qwen3-8B": {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "tie_word_embeddings": False,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "eos_token_id": 151645,
+        "hidden_act": "silu",
+    },
+}
+
+
+def tiny(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The same family at CPU-smoke size (head_dim 16 so the Triton path would be taken on a GPU)."""
+    return {
+        **cfg,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 512,
+        "max_position_embeddings": 8192,
+    }
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Scenario sizes: the full GPU set or the CPU smoke set."""
+
+    decode_prompt: int = 128
+    decode_output: int = 1024
+    offline: tuple[tuple[int, int, int], ...] = ((1024, 128, 512), (128, 2048, 256), (1000, 1000, 256))
+    small_seqs: int = 256
+    small_len: tuple[int, int] = (100, 1024)
+    prefill_lens: tuple[int, ...] = (2048, 8192, 32768)
+    hf_output: int = 64
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    llama_max_model_len: int = 34816
+    copy_bytes: int = 4 << 30
+    matmul_n: int = 8192
+
+
+FULL = Plan()
+SMOKE = Plan(
+    decode_prompt=16,
+    decode_output=8,
+    offline=((32, 4, 3), (8, 16, 2)),
+    small_seqs=4,
+    small_len=(4, 12),
+    prefill_lens=(64,),
+    hf_output=4,
+    max_num_seqs=4,
+    max_num_batched_tokens=64,
+    llama_max_model_len=512,
+    copy_bytes=16 << 20,
+    matmul_n=256,
+)
+# What scenario 2 runs here versus BENCHMARKS.md (requests): scaled to fit one device call.
+SCALED = {"1024/128": (2000, 512), "128/2048": (1000, 256), "1000/1000": (1000, 256)}
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float  # GB/s, bytes read + written
+    matmul_tflops: float
+
+
+@dataclass
+class Row:
+    model: str
+    scenario: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    target: str = ""
+    met: bool | None = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of fn(), device-synchronised (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device, plan: Plan) -> Ceilings:
+    n = plan.copy_bytes // 2
+    src = torch.randn(n, device=device, dtype=torch.float32).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device)
+    copy_gbps = 2 * plan.copy_bytes / t / 1e9
+    m = plan.matmul_n
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mats = [
+        (torch.randn(m, m, device=device, dtype=dtype), torch.randn(m, m, device=device, dtype=dtype))
+        for _ in range(3)
+    ]
+    i = [0]
+
+    def mm() -> None:
+        a, b = mats[i[0] % 3]  # rotate inputs so caches do not flatter the rate
+        i[0] += 1
+        torch.mm(a, b)
+
+    t = median_time(mm, device)
+    return Ceilings(copy_gbps, 2 * m**3 / t / 1e12)
+
+
+def param_counts(cfg: dict[str, Any]) -> dict[str, int]:
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // heads
+    per_layer = h * (heads * d + 2 * kv_heads * d) + heads * d * h + 3 * h * inter + 2 * h
+    if cfg["model_type"] == "qwen2":
+        per_layer += heads * d + 2 * kv_heads * d  # qkv bias
+    if cfg["model_type"] == "qwen3":
+        per_layer += 2 * d  # q/k norms
+    embed = cfg["vocab_size"] * h
+    lm_head = 0 if cfg["tie_word_embeddings"] else embed
+    return {"layers": per_layer * layers + h, "embed": embed, "lm_head": lm_head, "head_dim": d}
+
+
+def decode_bytes_per_step(cfg: dict[str, Any], kv_tokens: int) -> float:
+    """Weights read by one decode step (the LM head reads the table when tied) + the KV read."""
+    p = param_counts(cfg)
+    weights = p["layers"] + (p["lm_head"] or p["embed"])
+    kv = kv_tokens * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * p["head_dim"]
+    return 2.0 * (weights + kv)
+
+
+def prefill_flops(cfg: dict[str, Any], tokens: int) -> float:
+    p = param_counts(cfg)
+    attn = 2.0 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * p["head_dim"] * tokens**2
+    return 2.0 * p["layers"] * tokens + attn
+
+
+def make_engine(
+    model_dir: Path,
+    device: str,
+    plan: Plan,
+    max_num_seqs: int,
+    max_model_len: int,
+    enforce_eager: bool = False,
+) -> Engine:
+    config = WorkerConfig(
+        model=str(model_dir),
+        load_format="dummy",
+        device=device,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=plan.max_num_batched_tokens,
+        max_model_len=max_model_len,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=False,
+    )
+    return Engine(config)
+
+
+def free_engine(engine: Engine | None) -> None:
+    del engine
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def random_prompt(gen: torch.Generator, length: int, vocab: int) -> list[int]:
+    return torch.randint(0, vocab, (length,), generator=gen).tolist()
+
+
+def scenario_decode(
+    engine: Engine, name: str, cfg: dict[str, Any], plan: Plan, ceil: Ceilings, gen: torch.Generator
+) -> Row:
+    """Scenario 1: one sequence, prompt 128, output 1024; median decode step time."""
+    params = SamplingParams(temperature=0.0, max_tokens=plan.decode_output, ignore_eos=True)
+    engine.add_request(
+        EngineRequest(f"s1-{name}", tuple(random_prompt(gen, plan.decode_prompt, cfg["vocab_size"])), params)
+    )
+    step_times = []
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - t0)
+    decode = step_times[1:]
+    tpot = statistics.median(decode)
+    mean_ctx = plan.decode_prompt + plan.decode_output // 2
+    mbu = decode_bytes_per_step(cfg, mean_ctx) / tpot / (ceil.copy_gbps * 1e9)
+    return Row(
+        name,
+        "1 batch-1 decode",
+        {
+            "ttft_ms": step_times[0] * 1e3,
+            "ms_per_token": tpot * 1e3,
+            "mean_ms_per_token": statistics.fmean(decode) * 1e3,
+            "tok_per_s": 1 / tpot,
+            "MBU": mbu,
+        },
+    )
+
+
+def run_offline(
+    engine: Engine, prompts: list[list[int]], params: list[SamplingParams]
+) -> tuple[float, int, int]:
+    preempted = engine.scheduler.num_preemptions
+    t0 = time.perf_counter()
+    results = engine.generate(prompts, params, prefix=f"off{time.monotonic_ns()}")
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(toks) for r in results for toks in r.token_ids.values())
+    return elapsed, out_tokens, engine.scheduler.num_preemptions - preempted
+
+
+def scenario_offline(
+    engine: Engine, name: str, cfg: dict[str, Any], plan: Plan, gen: torch.Generator
+) -> list[Row]:
+    """Scenario 2: all requests at once, fixed lengths, ignore_eos."""
+    rows = []
+    for in_len, out_len, count in plan.offline:
+        prompts = [random_prompt(gen, in_len, cfg["vocab_size"]) for _ in range(count)]
+        params = [SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)] * count
+        elapsed, out_tokens, preempted = run_offline(engine, prompts, params)
+        rows.append(
+            Row(
+                name,
+                f"2 offline {in_len}/{out_len} x{count}",
+                {
+                    "out_tok_per_s": out_tokens / elapsed,
+                    "total_tok_per_s": (in_len * count + out_tokens) / elapsed,
+                    "seconds": elapsed,
+                    "preemptions": preempted,
+                },
+            )
+        )
+    return rows
+
+
+def scenario_small(engine: Engine, name: str, cfg: dict[str, Any], plan: Plan) -> Row:
+    """Scenario 3 (nano-vllm's): 256 sequences, lengths uniform in [100, 1024], seed 0, temperature 0.6."""
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = plan.small_len
+    in_lens = torch.randint(lo, hi + 1, (plan.small_seqs,), generator=gen).tolist()
+    out_lens = torch.randint(lo, hi + 1, (plan.small_seqs,), generator=gen).tolist()
+    prompts = [random_prompt(gen, n, cfg["vocab_size"]) for n in in_lens]
+    params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in out_lens]
+    elapsed, out_tokens, preempted = run_offline(engine, prompts, params)
+    return Row(
+        name,
+        f"3 small offline x{plan.small_seqs}",
+        {"out_tok_per_s": out_tokens / elapsed, "seconds": elapsed, "preemptions": preempted},
+    )
+
+
+def scenario_prefill(
+    engine: Engine, name: str, cfg: dict[str, Any], plan: Plan, ceil: Ceilings, gen: torch.Generator
+) -> list[Row]:
+    """Scenario 5: one long prompt, 1 output token; TTFT (median of 2 after a warm-up) and MFU."""
+    rows = []
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    for length in plan.prefill_lens:
+        times = []
+        for rep in range(3):
+            prompt = random_prompt(gen, length, cfg["vocab_size"])  # fresh: no prefix-cache hits
+            engine.add_request(EngineRequest(f"s5-{length}-{rep}", tuple(prompt), params))
+            t0 = time.perf_counter()
+            while engine.has_unfinished():
+                engine.step()
+            times.append(time.perf_counter() - t0)
+        ttft = statistics.median(times[1:])
+        mfu = prefill_flops(cfg, length) / ttft / (ceil.matmul_tflops * 1e12)
+        rows.append(
+            Row(name, f"5 prefill {length}", {"ttft_ms": ttft * 1e3, "tok_per_s": length / ttft, "MFU": mfu})
+        )
+    return rows
+
+
+def hf_baseline(
+    model_dir: Path, name: str, cfg: dict[str, Any], plan: Plan, device: torch.device, gen: torch.Generator
+) -> Row | None:
+    """transformers generate(), eager, batch 1, prompt 128, greedy: ms per generated token."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        return None
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hf_cfg = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype).eval()
+    ids = torch.tensor([random_prompt(gen, plan.decode_prompt, cfg["vocab_size"])], device=device)
+    kwargs = {"max_new_tokens": plan.hf_output, "min_new_tokens": plan.hf_output, "do_sample": False}
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, **kwargs)
+        sync(device)
+        elapsed = time.perf_counter() - t0
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Row(
+        name,
+        "HF generate batch-1",
+        {"ms_per_token": elapsed / plan.hf_output * 1e3, "tok_per_s": plan.hf_output / elapsed},
+    )
+
+
+def attention_microbench(device: torch.device, plan: Plan) -> list[Row]:
+    """Our prefill kernel vs torch SDPA (flash) for one 8192-token causal prompt, Llama-8B heads."""
+    if device.type != "cuda":
+        return []
+    from kernels import get_ops
+
+    ops = get_ops("triton", device)
+    return [_attention_case(ops, tokens, device) for tokens in (2048, 8192)]
+
+
+def _attention_case(ops: Any, tokens: int, device: torch.device) -> Row:
+    import torch.nn.functional as F
+
+    hq, hkv, d, bs = 32, 8, 128, 16
+    nblocks = tokens // bs
+    q = torch.randn(tokens, hq, d, device=device, dtype=torch.bfloat16)
+    cache = torch.randn(2, nblocks, bs, hkv, d, device=device, dtype=torch.bfloat16)
+    tables = torch.randperm(nblocks, device=device).to(torch.int32)[None]  # scattered blocks
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    lens = torch.tensor([tokens], dtype=torch.int32, device=device)
+    t_ours = median_time(lambda: ops.paged_attention(q, cache, tables, cu, lens, d**-0.5, tokens), device)
+
+    def sdpa() -> torch.Tensor:
+        k = cache[0, tables[0].long()].reshape(tokens, hkv, d).transpose(0, 1)  # the gather it needs
+        v = cache[1, tables[0].long()].reshape(tokens, hkv, d).transpose(0, 1)
+        return F.scaled_dot_product_attention(q.transpose(0, 1), k, v, is_causal=True, enable_gqa=True)
+
+    t_sdpa = median_time(sdpa, device)
+    flops = 2.0 * hq * d * tokens**2  # causal: half of 4 * T^2 * D per head
+    return Row(
+        "attention",
+        f"prefill attn {tokens}",
+        {
+            "triton_ms": t_ours * 1e3,
+            "sdpa_ms": t_sdpa * 1e3,
+            "triton_tflops": flops / t_ours / 1e12,
+            "sdpa_tflops": flops / t_sdpa / 1e12,
+        },
+    )
+
+
+def write_model(root: Path, name: str, cfg: dict[str, Any]) -> Path:
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def check_targets(rows: list[Row]) -> None:
+    by = {(r.model, r.scenario): r for r in rows}
+
+    def find(model: str, prefix: str) -> Row | None:
+        return next((r for (m, s), r in by.items() if m == model and s.startswith(prefix)), None)
+
+    def mark(row: Row | None, target: str, ok: bool) -> None:
+        if row is not None:
+            row.target, row.met = target, ok
+
+    r = find("Llama-3.1-8B", "1 ")
+    mark(r, "MBU >= 0.85", bool(r and r.metrics["MBU"] >= 0.85))
+    r = find("Qwen2-0.5B", "1 ")
+    mark(r, "<= 1.0 ms/token", bool(r and r.metrics["ms_per_token"] <= 1.0))
+    r = find("Llama-3.1-8B", "2 offline 1024/128")
+    mark(r, ">= 3500 out tok/s", bool(r and r.metrics["out_tok_per_s"] >= 3500))
+    r = find("Llama-3.1-8B", "2 offline 128/2048")
+    mark(r, ">= 11000 out tok/s", bool(r and r.metrics["out_tok_per_s"] >= 11000))
+    r = find("Llama-3.1-8B", "5 prefill 8192")
+    mark(r, "MFU >= 0.60", bool(r and r.metrics["MFU"] >= 0.60))
+    for model in MODELS:
+        ours, hf = find(model, "1 "), find(model, "HF generate")
+        if ours and hf:
+            speedup = hf.metrics["ms_per_token"] / ours.metrics["ms_per_token"]
+            ours.metrics["x_HF"] = speedup
+            hf.target, hf.met = f"ours {speedup:.1f}x (>= 10x)", speedup >= 10
+
+
+def print_table(rows: list[Row], ceil: Ceilings, device_name: str) -> None:
+    print(
+        f"\n== {device_name}: copy {ceil.copy_gbps / 1e3:.2f} TB/s, bf16 matmul {ceil.matmul_tflops:.0f} TFLOP/s =="
+    )
+    print(f"{'model':<14} {'scenario':<30} {'result':<62} {'target':<22} met")
+    for r in rows:
+        result = "  ".join(f"{k}={v:.3g}" for k, v in r.metrics.items())
+        met = "" if r.met is None else ("yes" if r.met else "NO")
+        print(f"{r.model:<14} {r.scenario:<30} {result:<62} {r.target:<22} {met}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script in seconds")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS)
+    )
+    parser.add_argument("--skip-hf", action="store_true", help="skip the transformers generate() baseline")
+    parser.add_argument(
+        "--out", default="", help="JSON path (default benchmarks/results/engine_<gpu>_<date>.json)"
+    )
+    args = parser.parse_args(argv)
+    plan = SMOKE if args.smoke else FULL
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+        return 2
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
+    )
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    ceil = measure_ceilings(device, plan)
+    print(f"ceilings: copy {ceil.copy_gbps:.0f} GB/s, matmul {ceil.matmul_tflops:.1f} TFLOP/s", flush=True)
+    rows: list[Row] = attention_microbench(device, plan)
+    selected = [m for m in args.models.split(",") if m]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in selected:
+            cfg = tiny(MODELS[name]) if args.smoke else MODELS[name]
+            model_dir = write_model(Path(tmp), name, cfg)
+            llama = name == "Llama-3.1-8B"
+            small = name == "Qwen2-0.5B"
+            max_seqs = plan.max_num_seqs if (llama or small) else min(8, plan.max_num_seqs)
+            max_len = plan.llama_max_model_len if llama else 4096
+            t0 = time.perf_counter()
+            engine = make_engine(model_dir, device.type, plan, max_seqs, max_len)
+            graphs = engine.runner.graphs
+            setup = {
+                "engine_start_s": time.perf_counter() - t0,
+                "graph_capture_s": graphs.capture_seconds if graphs else 0.0,
+                "graph_MiB": graphs.capture_bytes / 2**20 if graphs else 0.0,
+                "kv_blocks": float(engine.kv_cache.num_blocks),
+            }
+            rows.append(Row(name, "engine start", setup))
+            print(f"{name}: engine up {setup}", flush=True)
+            rows.append(scenario_decode(engine, name, cfg, plan, ceil, gen))
+            print(rows[-1], flush=True)
+            if llama:
+                rows += scenario_prefill(engine, name, cfg, plan, ceil, gen)
+                print(rows[-len(plan.prefill_lens) :], flush=True)
+                rows += scenario_offline(engine, name, cfg, plan, gen)
+                print(rows[-len(plan.offline) :], flush=True)
+            if small:
+                rows.append(scenario_small(engine, name, cfg, plan))
+                print(rows[-1], flush=True)
+            graphs = None  # the graph runner holds the model: drop every reference before freeing
+            free_engine(engine)
+            engine = None  # type: ignore[assignment]
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not args.skip_hf and (llama or small or args.smoke):
+                row = hf_baseline(model_dir, name, cfg, plan, device, gen)
+                if row is not None:
+                    rows.append(row)
+                    print(row, flush=True)
+    check_targets(rows)
+    print_table(rows, ceil, device_name)
+    date = dt.date.today().isoformat()
+    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
+    default_dir = Path(tempfile.gettempdir()) if args.smoke else REPO / "benchmarks" / "results"
+    out = Path(args.out) if args.out else default_dir / f"engine_{slug}_{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": device_name,
+        "date": date,
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "ceilings": {"copy_GBps": ceil.copy_gbps, "bf16_matmul_TFLOPs": ceil.matmul_tflops},
+        "scaled_requests": {k: {"benchmarks_md": v[0], "here": v[1]} for k, v in SCALED.items()},
+        "plan": plan.__dict__,
+        "rows": [r.__dict__ for r in rows],
+    }
+    out.write_text(json.dumps(report, indent=1, default=str))
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
