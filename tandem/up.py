@@ -347,13 +347,13 @@ class Supervisor:
         child.restarts.append(now)
         delay = min(0.5 * 2 ** (len(child.restarts) - 1), 10.0)
         log.error(
-            "%s %s; restart %d of %d within %.0fs in %.1fs",
+            "%s %s; restarting in %.1fs (restart %d of %d within %.0fs)",
             child.name,
             exit_reason(status),
+            delay,
             len(child.restarts),
             self.config.max_restarts,
             self.config.restart_window,
-            delay,
         )
         for line in list(child.last_lines)[-5:]:
             log.error("  %s| %s", child.name, line)
