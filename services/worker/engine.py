@@ -138,6 +138,17 @@ class Engine:
         max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
         if req.request_id in self.requests:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
+        if req.sampling.n > self.config.max_num_seqs:
+            raise InvalidRequestError(
+                "sampling.n", f"{req.sampling.n} exceeds --max-num-seqs {self.config.max_num_seqs}"
+            )
+        prompt_blocks = math.ceil(
+            (len(req.prompt_token_ids) + len(req.generated_token_ids)) / self.config.block_size
+        )
+        if prompt_blocks + req.sampling.n - 1 > self.block_manager.num_blocks:
+            raise InvalidRequestError(
+                "sampling.n", f"{req.sampling.n} choices do not fit the KV cache of this worker"
+            )
         request = Request(req, max_tokens, self.model_config.eos_token_ids, next(self._arrivals))
         self.requests[req.request_id] = request
         self.scheduler.add(request)
@@ -160,7 +171,8 @@ class Engine:
             self.kv_cache.copy_blocks(scheduled.block_copies)
         sampled = self.runner.execute(scheduled) if not scheduled.is_empty else []
         touched = self.scheduler.update(scheduled, sampled)
-        return [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]
+        outputs = [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]
+        return [out for out in outputs if out.choices or out.finished]  # a prefill chunk: nothing to say
 
     def _output(self, request: Request) -> RequestOutput:
         choices = []
@@ -180,6 +192,10 @@ class Engine:
             )
             seq.new_token_ids, seq.new_logprobs = [], []
             seq.finish_reported = seq.finish_reported or finishing
+        prompt_logprobs = None
+        if request.sampling.prompt_logprobs is not None and choices and not request.prompt_logprobs_sent:
+            prompt_logprobs = tuple(request.prompt_logprobs)
+            request.prompt_logprobs_sent = True
         finished = request.is_finished
         usage = None
         if finished:
@@ -187,7 +203,9 @@ class Engine:
             usage = Usage(
                 request.prompt_len, request.num_completion_tokens, request.num_cached_prompt_tokens or 0
             )
-        return RequestOutput(request.request_id, tuple(choices), finished, usage)
+        return RequestOutput(
+            request.request_id, tuple(choices), finished, usage, prompt_logprobs=prompt_logprobs
+        )
 
     # ---- stats ---------------------------------------------------------------------------------
     @property

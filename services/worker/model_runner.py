@@ -23,7 +23,7 @@ from services.worker.layers.attention import AttentionMetadata
 from services.worker.loader import build_model
 from services.worker.model_config import ModelConfig
 from services.worker.request import Sequence
-from services.worker.sampler import Sampler, SamplingMetadata, row_seed
+from services.worker.sampler import Sampler, SamplingMetadata, row_seed, token_logprobs
 from services.worker.scheduler import SampledToken, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ class ModelRunner:
             hidden = self._forward_eager(
                 input_ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q
             )
+        self._prompt_logprobs(out, hidden, cu_seqlens)
         results: list[list[SampledToken]] = [[] for _ in out.scheduled]
         if not rows:
             return results
@@ -161,6 +162,30 @@ class ModelRunner:
         for (_, i), token, logprob in zip(rows, sampled.token_ids, sampled.logprobs, strict=True):
             results[i].append(SampledToken(token, logprob))
         return results
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, cu_seqlens: list[int]) -> None:
+        """Fill `prompt_logprobs` of the scheduled entries that asked for some positions."""
+        wanted = [(i, item) for i, item in enumerate(out.scheduled) if item.prompt_logprob_positions]
+        if not wanted:
+            return
+        flat_rows: list[int] = []
+        targets: list[int] = []
+        ks: list[int | None] = []
+        for i, item in wanted:
+            assert item.prompt_logprob_positions is not None
+            lo, hi = item.prompt_logprob_positions
+            flat_rows += range(cu_seqlens[i] + lo - item.start, cu_seqlens[i] + hi - item.start)
+            targets += item.seq.token_ids[lo + 1 : hi + 1]
+            ks += [item.seq.request.sampling.prompt_logprobs] * (hi - lo)
+        logits = self.model.compute_logits(hidden[torch.tensor(flat_rows, device=self.device)])
+        raw = torch.log_softmax(logits, dim=-1)
+        entries = token_logprobs(raw, torch.tensor(targets, device=self.device), ks)
+        offset = 0
+        for _, item in wanted:
+            assert item.prompt_logprob_positions is not None
+            lo, hi = item.prompt_logprob_positions
+            item.prompt_logprobs = [e for e in entries[offset : offset + hi - lo] if e is not None]
+            offset += hi - lo
 
     def _forward_eager(
         self,

@@ -30,3 +30,5 @@ class RequestOutput:
     finished: bool = False
     usage: Usage | None = None  # on the last output of a request only
     error: str | None = None  # set when the engine failed this request (internal error)
+    # with the first token only: logprobs of prompt tokens 1.. (the first prompt token has none)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None

@@ -213,7 +213,15 @@ class Request:
             child.status = SequenceStatus.PARKED
             self.sequences.append(child)
         self.num_cached_prompt_tokens: int | None = None  # set when choice 0 is first scheduled
+        # prompt_logprobs: entry j-1 is the logprob of prompt token j (token 0 has none)
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs_sent = False
         self.aborted = False
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and are not all computed yet (no prefix cache then)."""
+        return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len - 1
 
     @property
     def parked(self) -> list[Sequence]:

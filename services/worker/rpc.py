@@ -92,6 +92,8 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
             delta.finish_reason = _FINISH[choice.finish_reason]
         if choice.stop_token_id is not None:
             delta.stop_token_id = choice.stop_token_id
+    if out.prompt_logprobs is not None:
+        msg.prompt_logprobs.extend(logprob_to_pb(lp) for lp in out.prompt_logprobs)
     if out.usage is not None:
         msg.usage.CopyFrom(
             common_pb2.Usage(
@@ -137,8 +139,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             _check_floats(request.sampling)
             req = request_from_pb(request)
-            if req.sampling.prompt_logprobs is not None:
-                raise InvalidRequestError("sampling.prompt_logprobs", "prompt logprobs are not supported yet")
             validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -72,7 +72,9 @@ class Sampler:
         ids = token_ids.tolist()
         return SamplerOutput(
             ids,
-            self._logprobs(raw_logprobs, token_ids, meta) if raw_logprobs is not None else [None] * len(ids),
+            token_logprobs(raw_logprobs, token_ids, meta.num_logprobs)
+            if raw_logprobs is not None
+            else [None] * len(ids),
         )
 
     @staticmethod
@@ -134,20 +136,29 @@ class Sampler:
     def _logprobs(
         raw: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetadata
     ) -> list[TokenLogprob | None]:
-        chosen = raw.gather(1, token_ids[:, None])  # [S, 1]
-        ranks = ((raw > chosen).sum(dim=-1) + 1).tolist()
-        chosen_list = chosen[:, 0].tolist()
-        k_max = max((k for k in meta.num_logprobs if k), default=0)
-        top_vals, top_ids = raw.topk(k_max, dim=-1) if k_max else (None, None)
-        top_vals_l = top_vals.tolist() if top_vals is not None else None
-        top_ids_l = top_ids.tolist() if top_ids is not None else None
-        out: list[TokenLogprob | None] = []
-        for row, k in enumerate(meta.num_logprobs):
-            if k is None:
-                out.append(None)
-                continue
-            top: tuple[tuple[int, float], ...] = ()
-            if k and top_ids_l is not None and top_vals_l is not None:
-                top = tuple(zip(top_ids_l[row][:k], top_vals_l[row][:k], strict=True))
-            out.append(TokenLogprob(int(token_ids[row]), chosen_list[row], ranks[row], top))
-        return out
+        return token_logprobs(raw, token_ids, meta.num_logprobs)
+
+
+def token_logprobs(
+    raw: torch.Tensor,  # [R, V] log_softmax of the fp32 logits
+    token_ids: torch.Tensor,  # [R] int64: the token of each row (sampled, or the prompt's next token)
+    num_logprobs: list[int | None],  # [R] None: nothing for that row; k: the token's and k top ones
+) -> list[TokenLogprob | None]:
+    chosen = raw.gather(1, token_ids[:, None])  # [R, 1]
+    ranks = ((raw > chosen).sum(dim=-1) + 1).tolist()
+    chosen_list = chosen[:, 0].tolist()
+    ids = token_ids.tolist()
+    k_max = max((k for k in num_logprobs if k), default=0)
+    top_vals_l: list[list[float]] = []
+    top_ids_l: list[list[int]] = []
+    if k_max:
+        top_vals, top_ids = raw.topk(k_max, dim=-1)
+        top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
+    out: list[TokenLogprob | None] = []
+    for row, k in enumerate(num_logprobs):
+        if k is None:
+            out.append(None)
+            continue
+        top = tuple(zip(top_ids_l[row][:k], top_vals_l[row][:k], strict=True)) if k else ()
+        out.append(TokenLogprob(int(ids[row]), chosen_list[row], ranks[row], top))
+    return out

@@ -28,6 +28,9 @@ class ScheduledSequence:
     sample: bool  # this step computes the last token, so the next one is sampled
     children: list[Sequence] = field(default_factory=list)  # parked choices sampled from the same row
     spare_blocks: list[int] = field(default_factory=list)  # one per child, for the copied partial block
+    # positions [lo, hi) whose logits give prompt logprobs (of tokens lo+1 .. hi); filled by the runner:
+    prompt_logprob_positions: tuple[int, int] | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -115,7 +118,8 @@ class Scheduler:
             n_parked = len(seq.request.parked)
             if len(self.running) + 1 + n_parked > self.max_num_seqs:
                 break
-            cached = self.bm.find_cached_prefix(seq)
+            # prompt logprobs need the logits of every prompt position: compute, do not reuse
+            cached = [] if seq.request.wants_prompt_logprobs else self.bm.find_cached_prefix(seq)
             num_new = min(seq.num_tokens - len(cached) * self.bm.block_size, budget)
             extra = self._fork_blocks_needed(seq, num_new, len(cached) * self.bm.block_size)
             if not self.bm.can_allocate(seq, num_new, cached, extra):
@@ -148,7 +152,14 @@ class Scheduler:
         sample = seq.num_computed_tokens + num_new == seq.num_tokens
         children = seq.request.parked if sample else []
         spares = [self.bm.allocate_block() for _ in range(extra)]
-        return ScheduledSequence(seq, seq.num_computed_tokens, num_new, sample, children, spares)
+        item = ScheduledSequence(seq, seq.num_computed_tokens, num_new, sample, children, spares)
+        request = seq.request
+        if request.wants_prompt_logprobs and seq is request.sequences[0]:
+            lo = max(item.start, len(request.prompt_logprobs))
+            hi = min(item.start + num_new, request.prompt_len - 1)
+            if hi > lo:
+                item.prompt_logprob_positions = (lo, hi)
+        return item
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -169,6 +180,7 @@ class Scheduler:
             if seq.is_finished:  # aborted while the step ran
                 continue
             seq.num_computed_tokens = item.start + item.num_new_tokens
+            seq.request.prompt_logprobs += item.prompt_logprobs
             self.bm.register_computed_blocks(seq)
             if not item.sample:
                 continue

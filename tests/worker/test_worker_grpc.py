@@ -200,3 +200,11 @@ def test_disaggregation_rpcs_are_unimplemented(stub: worker_pb2_grpc.WorkerStub)
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_prompt_logprobs_on_the_first_chunk(stub: worker_pb2_grpc.WorkerStub) -> None:
+    prompt = [1, 403, 407, 261, 378]
+    chunks = generate(stub, "plp", prompt, temperature=0.0, max_tokens=3, prompt_logprobs=2)
+    assert [lp.token_id for lp in chunks[0].prompt_logprobs] == prompt[1:]
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in chunks[0].prompt_logprobs)
+    assert all(not c.prompt_logprobs for c in chunks[1:])

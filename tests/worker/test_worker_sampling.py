@@ -181,3 +181,31 @@ def test_min_tokens_stop_ids_and_ignore_eos(stories: RefModel, stories_engine: E
     first = greedy.index(stop_id)
     assert stopped.token_ids[0] == greedy[: first + 1]
     assert stopped.finish_reasons[0] == "stop" and stopped.stop_token_ids[0] == stop_id
+
+
+def test_prompt_logprobs_match_transformers_across_chunks_and_cache(stories: RefModel) -> None:
+    engine = stories.engine(max_num_batched_tokens=16)  # a 40-token prompt spans three steps
+    prompt = prompts_of_lengths([40], stories.vocab_size, seed=12)[0]
+    warm = run(engine, [EngineRequest("warm", tuple(prompt), SamplingParams(temperature=0.0, max_tokens=2))])
+    assert usage_of(warm["warm"]).completion_tokens == 2
+    sp = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=3)
+    engine.add_request(EngineRequest("plp", tuple(prompt), sp))
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert all(out.choices or out.finished for out in outputs)  # prefill chunks emit nothing
+    first, *rest = outputs
+    assert first.prompt_logprobs is not None and all(o.prompt_logprobs is None for o in rest)
+    assert (
+        outputs[-1].usage is not None and outputs[-1].usage.cached_prompt_tokens == 0
+    )  # computed, not cached
+    with torch.no_grad():
+        ref = torch.log_softmax(stories.hf(torch.tensor([prompt])).logits[0].float(), dim=-1)
+    assert len(first.prompt_logprobs) == len(prompt) - 1
+    for j, lp in enumerate(first.prompt_logprobs, start=1):
+        row = ref[j - 1]
+        assert lp.token_id == prompt[j]
+        assert lp.logprob == pytest.approx(row[prompt[j]].item(), abs=1e-4)
+        # rank among near-ties (many unlikely tokens sit within fp32 noise of each other)
+        assert int((row > lp.logprob + 1e-4).sum()) + 1 <= lp.rank <= int((row > lp.logprob - 1e-4).sum()) + 1
+        assert [v for _, v in lp.top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
