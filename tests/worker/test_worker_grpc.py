@@ -208,3 +208,30 @@ def test_prompt_logprobs_on_the_first_chunk(stub: worker_pb2_grpc.WorkerStub) ->
     assert [lp.token_id for lp in chunks[0].prompt_logprobs] == prompt[1:]
     assert all(len(lp.top_logprobs) == 2 and lp.logprob <= 0 for lp in chunks[0].prompt_logprobs)
     assert all(not c.prompt_logprobs for c in chunks[1:])
+
+
+async def test_concurrent_streams_are_batched_and_exact(
+    address: str, ref_models: dict[str, RefModel]
+) -> None:
+    from services.common.channels import make_channel
+
+    prompts = [[1, *range(30, 30 + 4 * i)] for i in range(8)]
+    async with make_channel(address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+
+        async def one(i: int) -> tuple[list[int], int]:
+            req = worker_pb2.GenerateRequest(
+                request_id=f"conc-{i}",
+                prompt_token_ids=prompts[i],
+                sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=16),
+            )
+            tokens, chunks = [], 0
+            async for chunk in stub.Generate(req, timeout=60):
+                chunks += 1
+                tokens += [t for c in chunk.choices for t in c.token_ids]
+            return tokens, chunks
+
+        results = await asyncio.gather(*(one(i) for i in range(8)))
+    for prompt, (tokens, chunks) in zip(prompts, results, strict=True):
+        assert tokens == ref_models["stories"].greedy(prompt, 16)
+        assert chunks == len(tokens)

@@ -106,3 +106,13 @@ def test_worker_options() -> None:
         WorkerConfig, parser.parse_args(["--model", "m", "--no-enable-prefix-caching"]), env={}
     )
     assert not cfg.enable_prefix_caching and cfg.block_size == 16
+
+
+def test_tandem_worker_reports_a_bad_model_dir_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.worker.main import main
+
+    assert main(["--model", str(tmp_path)], "tandem worker") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tandem worker: error:") and "no config.json" in err and "\n" not in err
