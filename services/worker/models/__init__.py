@@ -1,0 +1,23 @@
+"""Model families, looked up by the `architectures` entry of config.json."""
+
+from __future__ import annotations
+
+from services.worker.model_config import ModelConfigError
+from services.worker.models.llama import LlamaForCausalLM
+from services.worker.models.qwen2 import Qwen2ForCausalLM
+from services.worker.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[LlamaForCausalLM]:
+    try:
+        return MODEL_REGISTRY[architecture]
+    except KeyError:
+        supported = ", ".join(sorted(MODEL_REGISTRY))
+        raise ModelConfigError(f"unsupported architecture {architecture!r} (supported: {supported})") from None
