@@ -36,6 +36,10 @@ def address(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "16MiB",
         "--max-model-len",
         "256",
+        "--device",
+        "cpu",
+        "--cpu-threads",
+        "1",
     ]
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "worker", *args], cwd=REPO, env=env)
     try:

@@ -36,7 +36,9 @@ def test_sharded_checkpoint_and_llama3_rope_config(tiny_model_dirs: dict[str, Pa
 
 
 def test_dummy_weights_for_a_real_config(stories_dir: Path) -> None:
-    engine = Engine(WorkerConfig(model=str(stories_dir), load_format="dummy", kv_cache_memory="8MiB"))
+    engine = Engine(
+        WorkerConfig(model=str(stories_dir), load_format="dummy", kv_cache_memory="8MiB", device="cpu")
+    )
     (result,) = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
     assert len(result.token_ids[0]) == 5
 
@@ -55,7 +57,7 @@ def test_missing_tensor_is_named(stories_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(
         WeightLoadError, match=r"missing tensor\(s\) model\.layers\.2\.self_attn\.k_proj\.weight"
     ):
-        Engine(WorkerConfig(model=str(path), kv_cache_memory="8MiB"))
+        Engine(WorkerConfig(model=str(path), kv_cache_memory="8MiB", device="cpu"))
 
 
 def test_mismatched_and_unexpected_tensors_are_named(stories_dir: Path, tmp_path: Path) -> None:
@@ -64,14 +66,14 @@ def test_mismatched_and_unexpected_tensors_are_named(stories_dir: Path, tmp_path
 
     path = _mutate(stories_dir, tmp_path, widen)
     with pytest.raises(WeightLoadError, match=r"model\.layers\.0\.mlp\.up_proj\.weight' has shape \(3, 3\)"):
-        Engine(WorkerConfig(model=str(path), kv_cache_memory="8MiB"))
+        Engine(WorkerConfig(model=str(path), kv_cache_memory="8MiB", device="cpu"))
 
     def extra(t: dict[str, torch.Tensor]) -> None:
         t["model.layers.0.mystery.weight"] = torch.zeros(3)
 
     path2 = _mutate(stories_dir, tmp_path / "b", extra)
     with pytest.raises(WeightLoadError, match=r"unexpected tensor 'model\.layers\.0\.mystery\.weight'"):
-        Engine(WorkerConfig(model=str(path2), kv_cache_memory="8MiB"))
+        Engine(WorkerConfig(model=str(path2), kv_cache_memory="8MiB", device="cpu"))
 
 
 def test_unsupported_architecture_is_named(stories_dir: Path, tmp_path: Path) -> None:
@@ -82,7 +84,7 @@ def test_unsupported_architecture_is_named(stories_dir: Path, tmp_path: Path) ->
     cfg["architectures"] = ["GPTNeoXForCausalLM"]
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ModelConfigError, match="unsupported architecture 'GPTNeoXForCausalLM'"):
-        Engine(WorkerConfig(model=str(dst), kv_cache_memory="8MiB"))
+        Engine(WorkerConfig(model=str(dst), kv_cache_memory="8MiB", device="cpu"))
     with pytest.raises(ModelConfigError, match=r"no config\.json"):
         load_model_config(str(tmp_path))
 

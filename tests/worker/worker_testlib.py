@@ -106,7 +106,13 @@ class RefModel:
         return tokens, [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
 
     def engine(self, **overrides: Any) -> Engine:
-        options: dict[str, Any] = {"model": str(self.path), "kv_cache_memory": "16MiB", "max_num_seqs": 64}
+        # CPU fp32 unless a test asks otherwise: the reference is transformers on the CPU in fp32
+        options: dict[str, Any] = {
+            "model": str(self.path),
+            "device": "cpu",
+            "kv_cache_memory": "16MiB",
+            "max_num_seqs": 64,
+        }
         options.update(overrides)
         return Engine(WorkerConfig(**options))
 
