@@ -62,6 +62,22 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**"})
     max_repeat_chars = 4_000_000
 
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _refuse_dunder(obj, attribute)
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _refuse_dunder(obj, argument)
+        return super().getitem(obj, argument)
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
+        # Jinja returns an Undefined that fails only when used further (and renders as "" in
+        # str.format); a template reaching for internals (`__class__`, `__globals__`, ...) is
+        # refused at once instead, with the attribute named.
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
+        )
+
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
         if operator_name == "*":
             for seq, count in ((left, right), (right, left)):
@@ -77,6 +93,14 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
                 raise TemplateRenderError("chat template computes a power too large to render")
             return operator.pow(left, right)
         return super().call_binop(context, operator_name, left, right)
+
+
+def _refuse_dunder(obj: Any, name: Any) -> None:
+    """No chat template needs `__x__` names; hostile ones probe them (`__globals__`, `__class__`)."""
+    if isinstance(name, str) and name.startswith("__"):
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {name!r} of {type(obj).__name__!r} object is unsafe"
+        )
 
 
 def _raise_exception(message: str) -> None:
