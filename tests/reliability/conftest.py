@@ -13,7 +13,12 @@ from .rstack import LIMIT_ARGS, ReliabilityStack
 
 @pytest.fixture(scope="session")
 def limited_stack(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReliabilityStack]:
-    stack = ReliabilityStack(tmp_path_factory.mktemp("limited"), stories_dir, gateway_args=LIMIT_ARGS)
+    stack = ReliabilityStack(
+        tmp_path_factory.mktemp("limited"),
+        stories_dir,
+        gateway_args=LIMIT_ARGS,
+        styler_args=["--render-timeout", "1", "--max-prompt-chars", "200000"],
+    )
     try:
         yield stack.start()
     finally:

@@ -51,10 +51,12 @@ class ReliabilityStack(Stack):
         gateway_args: Sequence[str] = (),
         service_args: Sequence[str] = (),
         worker_args: Sequence[str] = (),
+        styler_args: Sequence[str] = (),
     ) -> None:
         super().__init__(run_dir, model, num_workers, gateway_args)
         self.service_args = list(service_args)
         self.worker_args = list(worker_args)
+        self.styler_args = list(styler_args)
 
     def start_worker(self, i: int) -> None:
         address = self.worker_addresses[i]
@@ -78,7 +80,15 @@ class ReliabilityStack(Stack):
     def start(self, timeout_s: float = 180.0) -> ReliabilityStack:
         self._spawn(
             "styler",
-            ["styler", "--model", str(self.model), "--address", self.styler_address, *self.service_args],
+            [
+                "styler",
+                "--model",
+                str(self.model),
+                "--address",
+                self.styler_address,
+                *self.service_args,
+                *self.styler_args,
+            ],
         )
         for i in range(len(self.worker_addresses)):
             self.start_worker(i)
