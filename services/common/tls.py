@@ -29,7 +29,9 @@ class TlsFiles:
             return None
         missing = [name for name, value in given.items() if not value]
         if missing:
-            raise ValueError(f"mutual TLS needs --tls-cert, --tls-key and --tls-ca; missing {', '.join(missing)}")
+            raise ValueError(
+                f"mutual TLS needs --tls-cert, --tls-key and --tls-ca; missing {', '.join(missing)}"
+            )
         for name, value in given.items():
             if not Path(value).is_file():
                 raise ValueError(f"{name}: no such file {value!r}")
