@@ -13,6 +13,7 @@ import grpc
 
 from services.common import telemetry
 from services.common.server import GRPC_OPTIONS
+from services.common.tls import secure_channel_options
 
 CLIENT_OPTIONS: Sequence[tuple[str, int | str]] = (
     *GRPC_OPTIONS,
@@ -35,7 +36,6 @@ def make_channel(
     # Tracing first (outermost), so the rpc's client span covers the caller's own interceptors.
     interceptors = [*telemetry.grpc_client_interceptors(), *interceptors]
     if credentials is not None:
-        return grpc.aio.secure_channel(
-            address, credentials, options=list(CLIENT_OPTIONS), interceptors=list(interceptors)
-        )
+        options = [*CLIENT_OPTIONS, *secure_channel_options(address)]
+        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=list(interceptors))
     return grpc.aio.insecure_channel(address, options=list(CLIENT_OPTIONS), interceptors=list(interceptors))

@@ -31,6 +31,7 @@ from services.common import telemetry
 from services.common.drain import DrainInterceptor
 from services.common.metrics import GrpcMetricsInterceptor, start_metrics_server
 from services.common.service_config import ServiceConfig
+from services.common.tls import secure_channel_options
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ async def wait_for_serving(
     deadline = asyncio.get_running_loop().time() + timeout_s
     last_error = "no answer"
     channel_cm = (
-        grpc.aio.secure_channel(address, credentials)
+        grpc.aio.secure_channel(address, credentials, options=secure_channel_options(address))
         if credentials is not None
         else grpc.aio.insecure_channel(address)
     )

@@ -7,10 +7,22 @@ gRPC clients present their own certificate and verify the peer against the same 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+# A unix socket has no host name, and gRPC would check the server's certificate against the
+# percent-encoded socket path; over unix sockets the certificate must name this host instead.
+UNIX_SOCKET_SERVER_NAME = "localhost"
+
+
+def secure_channel_options(address: str) -> Sequence[tuple[str, str]]:
+    """Extra channel options for a TLS channel to `address` (the server name over unix sockets)."""
+    if address.startswith("unix:"):
+        return (("grpc.ssl_target_name_override", UNIX_SOCKET_SERVER_NAME),)
+    return ()
 
 
 @dataclass(frozen=True)
