@@ -167,7 +167,7 @@ def decode_attention(
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
     max_splits: int | None = None,
-) -> torch.Tensor:  # [T, Hq, D]
+) -> torch.Tensor:  # [T, Hq, D]; rows of no sequence are left unwritten
     """Attention of each sequence's single new token over its whole cached context."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache_layer.shape
@@ -186,7 +186,8 @@ def decode_attention(
     if max_splits is None:
         max_splits = max_splits_for(batch, num_kv_heads, _sm_count(q.device))
     num_splits = max(1, min(max_splits, triton.cdiv(max_context, min_split_len)))
-    out = torch.zeros_like(q)  # rows of no sequence (CUDA-graph padding) stay 0, as in the reference
+    # Rows of no sequence (CUDA-graph padding) are left unwritten: a zero fill costs a launch per layer.
+    out = torch.empty_like(q)
     if num_tokens == 0 or batch == 0:
         return out
     part_out = torch.empty((batch, num_q_heads, num_splits, d_pad), dtype=torch.float32, device=q.device)

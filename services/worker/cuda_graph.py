@@ -2,13 +2,13 @@
 
 A decode step (every scheduled sequence computes exactly one token) of B sequences replays the
 graph of the smallest captured size >= B. The graphs read their inputs from static device
-buffers; each step packs the host inputs into pinned staging buffers and copies them in with
-three asynchronous copies, so a step launches one graph instead of hundreds of kernels and
+buffers; each step packs the host inputs into a pinned staging buffer and copies them in with
+one asynchronous copy, so a step launches one graph instead of hundreds of kernels and
 never waits on the device (the only synchronisation is the caller reading sampled tokens).
 
 Padding rows: input id 0, position 0, slot -1 (the KV write skips it), seq_len 0 and an empty
-query range in cu_seqlens_q (the attention kernel writes 0 for them). Their hidden rows are
-discarded. The graphs output hidden states, not logits: the [B, vocab] logits of every ladder
+query range in cu_seqlens_q (the attention kernel leaves their rows unwritten). Their hidden
+rows are discarded; every op of the model is row-independent, so they cannot leak. The graphs output hidden states, not logits: the [B, vocab] logits of every ladder
 size would cost gigabytes of graph memory, and the LM head is one GEMM outside the graph.
 """
 
@@ -49,26 +49,23 @@ class CudaGraphRunner:
         self.batch_sizes = batch_size_ladder(max_num_seqs)
         self.max_bs = max_bs = self.batch_sizes[-1]
         self.max_blocks = max_blocks_per_seq
-        # Static device inputs; the graphs read exactly these addresses.
-        self.ids_pack = torch.zeros(
-            3, max_bs, dtype=torch.int64, device=device
-        )  # input_ids, positions, slots
-        self.lens_pack = torch.zeros(
-            2 * max_bs + 1, dtype=torch.int32, device=device
-        )  # seq_lens | cu_seqlens_q
+        # Static device inputs; the graphs read exactly these addresses. Everything a step needs
+        # travels in ONE int32 host->device copy: [input_ids | positions | slots | seq_lens |
+        # cu_seqlens_q | block tables of the batch, flattened]; the kernels and the embedding take
+        # int32 indices. The flattened tables are then scattered into the [max_bs, max_blocks]
+        # table the graphs read (one device copy).
+        self.block_offset = 4 * max_bs + 1
+        pack_len = self.block_offset + max_bs * max_blocks_per_seq
+        self.pack = torch.zeros(pack_len, dtype=torch.int32, device=device)
+        self.stage = torch.zeros(pack_len, dtype=torch.int32, pin_memory=True)
         self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.block_scratch = torch.zeros(max_bs * max_blocks_per_seq, dtype=torch.int32, device=device)
-        # Pinned host staging, reused every step (the previous step's copies finished when its
-        # sampled tokens were read).
-        self.ids_stage = torch.zeros(3, max_bs, dtype=torch.int64, pin_memory=True)
-        self.lens_stage = torch.zeros(2 * max_bs + 1, dtype=torch.int32, pin_memory=True)
-        self.block_stage = torch.zeros(max_bs * max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        self.input_ids = self.pack[:max_bs]
         self.meta_template = AttentionMetadata(
-            positions=self.ids_pack[1],
-            slot_mapping=self.ids_pack[2],
+            positions=self.pack[max_bs : 2 * max_bs],
+            slot_mapping=self.pack[2 * max_bs : 3 * max_bs],
             block_tables=self.block_tables,
-            cu_seqlens_q=self.lens_pack[max_bs:],
-            seq_lens=self.lens_pack[:max_bs],
+            cu_seqlens_q=self.pack[4 * max_bs : 4 * max_bs + 1 + max_bs],
+            seq_lens=self.pack[3 * max_bs : 4 * max_bs],
             max_seqlen_q=1,
             cos_sin_cache=cos_sin_cache,
         )
@@ -94,13 +91,13 @@ class CudaGraphRunner:
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
         free_before, _ = torch.cuda.mem_get_info(self.device)
-        self.ids_pack[2].fill_(-1)  # capture-time inputs are all padding: nothing touches the KV cache
-        self.lens_pack.zero_()
+        self.pack.zero_()
+        self.meta_template.slot_mapping.fill_(-1)  # capture-time inputs are all padding: no KV writes
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         for bs in reversed(self.batch_sizes):
             meta = self._meta(bs)
-            ids = self.ids_pack[0, :bs]
+            ids = self.input_ids[:bs]
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):  # warm-up: compiles kernels, creates cuBLAS workspaces
                 self.forward(ids, meta)
@@ -138,26 +135,23 @@ class CudaGraphRunner:
         num_seqs = len(input_ids)
         bs = self.padded_size(num_seqs)
         width = block_tables.shape[1]
-        ids = self.ids_stage
-        ids[0, :num_seqs] = torch.tensor(input_ids, dtype=torch.int64)
-        ids[1, :num_seqs] = torch.tensor(positions, dtype=torch.int64)
-        ids[2, :num_seqs] = torch.tensor(slot_mapping, dtype=torch.int64)
-        ids[:, num_seqs:bs] = 0
-        ids[2, num_seqs:bs] = -1
-        lens = self.lens_stage
-        max_bs = self.max_bs
-        lens[:num_seqs] = torch.tensor(seq_lens, dtype=torch.int32)
-        lens[num_seqs:bs] = 0
-        cu = lens[max_bs : max_bs + bs + 1]
+        max_bs, stage = self.max_bs, self.stage
+        for field_index, values, pad in (
+            (0, input_ids, 0),
+            (1, positions, 0),
+            (2, slot_mapping, -1),  # padding rows write no KV
+            (3, seq_lens, 0),
+        ):
+            base = field_index * max_bs
+            stage[base : base + num_seqs] = torch.tensor(values, dtype=torch.int32)
+            stage[base + num_seqs : base + bs] = pad
+        cu = stage[4 * max_bs : 4 * max_bs + bs + 1]
         cu[: num_seqs + 1] = torch.arange(num_seqs + 1, dtype=torch.int32)
-        cu[num_seqs + 1 :] = num_seqs
-        self.block_stage[: num_seqs * width] = block_tables.reshape(-1)
-        # Whole buffers (a few KiB): contiguous pinned copies stay asynchronous.
-        self.ids_pack.copy_(ids, non_blocking=True)
-        self.lens_pack.copy_(lens, non_blocking=True)
-        scratch = self.block_scratch[: num_seqs * width]
-        scratch.copy_(self.block_stage[: num_seqs * width], non_blocking=True)
-        self.block_tables[:num_seqs, :width].copy_(scratch.view(num_seqs, width))
+        cu[num_seqs + 1 :] = num_seqs  # padding entries: empty query ranges
+        end = self.block_offset + num_seqs * width
+        stage[self.block_offset : end] = block_tables.reshape(-1)
+        self.pack[:end].copy_(stage[:end], non_blocking=True)
+        self.block_tables[:num_seqs, :width].copy_(self.pack[self.block_offset : end].view(num_seqs, width))
         self.graphs[bs].replay()
         return self.outputs[bs][:num_seqs]
 
