@@ -55,6 +55,7 @@ class ModelRunner:
         self.sampler = sampler_cls(torch.Generator(device=device).manual_seed(seed))
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
+        self._greedy_columns: dict[int, torch.Tensor] = {}  # [7, S] placeholders for all-greedy steps
 
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
@@ -222,19 +223,27 @@ class ModelRunner:
             for s, out in zip(seqs, outputs, strict=True)
         ]
 
-        # All per-row parameters in one host->device copy (seven copies cost ~0.1 ms per step on a GPU).
-        columns = torch.tensor(
-            [
-                [p.temperature for p in params],
-                [max(p.top_k, 0) for p in params],  # exact in float32 (< 2**24)
-                [p.top_p for p in params],
-                [p.min_p for p in params],
-                [p.repetition_penalty for p in params],
-                [p.presence_penalty for p in params],
-                [p.frequency_penalty for p in params],
-            ],
-            dtype=torch.float32,
-        ).to(dev)
+        all_greedy = all(p.temperature == 0.0 for p in params)
+        if all_greedy and not need_penalties and dev.type == "cuda":
+            # Greedy rows without penalties read none of the per-row columns: skip the host->device
+            # copy (it is a visible part of a batch-1 decode step on a GPU).
+            columns = self._greedy_columns.get(len(params))
+            if columns is None:
+                columns = self._greedy_columns[len(params)] = torch.zeros(7, len(params), device=dev)
+        else:
+            # All per-row parameters in one host->device copy (seven copies cost ~0.1 ms per step on a GPU).
+            columns = torch.tensor(
+                [
+                    [p.temperature for p in params],
+                    [max(p.top_k, 0) for p in params],  # exact in float32 (< 2**24)
+                    [p.top_p for p in params],
+                    [p.min_p for p in params],
+                    [p.repetition_penalty for p in params],
+                    [p.presence_penalty for p in params],
+                    [p.frequency_penalty for p in params],
+                ],
+                dtype=torch.float32,
+            ).to(dev)
 
         return SamplingMetadata(
             temperature=columns[0],
@@ -254,7 +263,7 @@ class ModelRunner:
                 for s, p, out in zip(seqs, params, outputs, strict=True)
             ],
             num_logprobs=[p.logprobs for p in params],
-            all_greedy=all(p.temperature == 0.0 for p in params),
+            all_greedy=all_greedy,
             need_filter=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
             need_penalties=need_penalties,
         )
