@@ -54,7 +54,7 @@ class CudaGraphRunner:
         # cu_seqlens_q | block tables of the batch, flattened]; the kernels and the embedding take
         # int32 indices. The flattened tables are then scattered into the [max_bs, max_blocks]
         # table the graphs read (one device copy).
-        self.block_offset = 4 * max_bs + 1
+        self.block_offset = 5 * max_bs + 1  # after cu_seqlens_q, which holds max_bs + 1 entries
         pack_len = self.block_offset + max_bs * max_blocks_per_seq
         self.pack = torch.zeros(pack_len, dtype=torch.int32, device=device)
         self.stage = torch.zeros(pack_len, dtype=torch.int32, pin_memory=True)
