@@ -20,4 +20,6 @@ def model_class(architecture: str) -> type[LlamaForCausalLM]:
         return MODEL_REGISTRY[architecture]
     except KeyError:
         supported = ", ".join(sorted(MODEL_REGISTRY))
-        raise ModelConfigError(f"unsupported architecture {architecture!r} (supported: {supported})") from None
+        raise ModelConfigError(
+            f"unsupported architecture {architecture!r} (supported: {supported})"
+        ) from None
