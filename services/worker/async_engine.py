@@ -17,12 +17,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from services.worker.engine import Engine
 from services.worker.outputs import RequestOutput
 from services.worker.request import EngineRequest
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,19 +69,23 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     # ---- called from the event loop ------------------------------------------------------------
-    def submit(self, req: EngineRequest) -> asyncio.Queue[RequestOutput | BaseException]:
-        """Queue `req`; its outputs (or an exception) arrive on the returned queue."""
+    def submit(
+        self, req: EngineRequest, add: Callable[[EngineRequest], object] | None = None
+    ) -> asyncio.Queue[RequestOutput | BaseException]:
+        """Queue `req` (through `add`, default `engine.add_request`, on the engine thread); its
+        outputs (or an exception) arrive on the returned queue."""
         stream = _Stream(asyncio.get_running_loop())
+        add_fn = add or self.engine.add_request
 
-        def add() -> None:
+        def add_request() -> None:
             try:
-                self.engine.add_request(req)
+                add_fn(req)
             except Exception as exc:  # invalid (e.g. duplicate id): tell the caller, keep serving
                 stream.put(exc)
                 return
             self._streams[req.request_id] = stream
 
-        self._commands.put(add)
+        self._commands.put(add_request)
         return stream.queue
 
     async def abort(self, request_ids: list[str]) -> int:
@@ -96,6 +103,19 @@ class AsyncEngine:
 
         self._commands.put(run)
         return await asyncio.wrap_future(done)
+
+    def call(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run `fn` on the engine thread (after the commands queued before it); await its result."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(fn())
+            except Exception as exc:
+                done.set_exception(exc)
+
+        self._commands.put(run)
+        return asyncio.wrap_future(done)
 
     def abort_nowait(self, request_id: str) -> None:
         """Abort without waiting (a cancelled stream); the stream is dropped at once."""

@@ -57,8 +57,14 @@ class WorkerConfig(ServiceConfig):
     """Seed of the random stream used by requests without their own seed, and of dummy weights."""
     cpu_threads: int = 0
     """Torch intra-op threads on the CPU; 0 keeps torch's default (tiny models run best with 1)."""
-    role: Literal["unified"] = "unified"
-    """Worker role; only unified (prefill and decode in one worker) exists today."""
+    role: Literal["unified", "prefill", "decode"] = "unified"
+    """Worker role: unified (prefill and decode), prefill (serves Prefill / FetchKV) or decode (Generate with a kv_source)."""
+    kv_handle_ttl: float = 30.0
+    """Prefill role: seconds a prefilled prompt's KV is kept for a decode worker to fetch before it is freed."""
+    kv_advertise_address: str = ""
+    """Address decode workers use to reach this worker's FetchKV ("" = the bound --address)."""
+    kv_chunk_bytes: int = 4 * 1024 * 1024
+    """Target size of one FetchKV chunk (a layer range x a block range) in bytes."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +86,10 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--max-model-len must be >= 0, got {self.max_model_len}")
         if self.kv_cache_memory:
             parse_size(self.kv_cache_memory)
+        if self.kv_handle_ttl <= 0:
+            raise ValueError(f"--kv-handle-ttl must be > 0, got {self.kv_handle_ttl}")
+        if self.kv_chunk_bytes <= 0:
+            raise ValueError(f"--kv-chunk-bytes must be > 0, got {self.kv_chunk_bytes}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -22,6 +22,7 @@ from kernels import get_ops
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
+from services.worker.kv_transfer import KVHandleStore
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
 from services.worker.outputs import ChoiceOutput, RequestOutput, Usage
@@ -110,6 +111,10 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, Request] = {}
+        # Disaggregation: decode-side requests whose prompt KV is being fetched (not scheduled yet),
+        # and prefill-side KV kept for decode workers.
+        self.fetching: dict[str, Request] = {}
+        self.kv_handles = KVHandleStore(self.block_manager, config.kv_handle_ttl)
         self._arrivals = itertools.count()
 
     # ---- setup ---------------------------------------------------------------------------------
@@ -135,10 +140,11 @@ class Engine:
         return int(num_blocks)
 
     # ---- requests ------------------------------------------------------------------------------
-    def add_request(self, req: EngineRequest) -> None:
-        """Queue a request; raises InvalidRequestError for bad parameters or a duplicate id."""
+    def add_request(self, req: EngineRequest, schedule: bool = True) -> Request:
+        """Queue a request (or only create it, `schedule=False`, for kv_transfer.reserve); raises
+        InvalidRequestError for bad parameters or a duplicate id."""
         max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
-        if req.request_id in self.requests:
+        if req.request_id in self.requests or req.request_id in self.fetching:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
         if req.sampling.n > self.config.max_num_seqs:
             raise InvalidRequestError(
@@ -152,14 +158,20 @@ class Engine:
                 "sampling.n", f"{req.sampling.n} choices do not fit the KV cache of this worker"
             )
         request = Request(req, max_tokens, self.model_config.eos_token_ids, next(self._arrivals))
-        self.requests[req.request_id] = request
+        if schedule:
+            self.schedule_request(request)
+        return request
+
+    def schedule_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output, None if unknown."""
-        request = self.requests.get(request_id)
+        request = self.requests.get(request_id) or self.fetching.pop(request_id, None)
         if request is None:
             return None
+        self.requests[request_id] = request  # _output pops it
         self.scheduler.abort(request)
         return self._output(request)
 
@@ -179,7 +191,12 @@ class Engine:
     def _output(self, request: Request) -> RequestOutput:
         choices = []
         want_logprobs = request.sampling.logprobs is not None
+        kv_handle = None
         for seq in request.sequences:
+            if seq.finish_reason == "prefilled" and not seq.finish_reported:
+                # The prompt's blocks (the sampled token has no KV yet) now belong to a KV handle.
+                kv_handle = self.kv_handles.hold(request.request_id, seq.block_ids, request.prompt_len)
+                seq.block_ids, seq.block_hashes = [], []
             finishing = seq.finish_reason is not None and not seq.finish_reported
             if not seq.new_token_ids and not finishing:
                 continue
@@ -188,7 +205,9 @@ class Engine:
                     index=seq.choice_index,
                     token_ids=tuple(seq.new_token_ids),
                     logprobs=tuple(seq.new_logprobs) if want_logprobs else None,
-                    finish_reason=seq.finish_reason if finishing else None,
+                    finish_reason=seq.finish_reason
+                    if finishing and seq.finish_reason != "prefilled"
+                    else None,
                     stop_token_id=seq.stop_token_id if finishing else None,
                 )
             )
@@ -206,7 +225,12 @@ class Engine:
                 request.prompt_len, request.num_completion_tokens, request.num_cached_prompt_tokens or 0
             )
         return RequestOutput(
-            request.request_id, tuple(choices), finished, usage, prompt_logprobs=prompt_logprobs
+            request.request_id,
+            tuple(choices),
+            finished,
+            usage,
+            prompt_logprobs=prompt_logprobs,
+            kv_handle=kv_handle,
         )
 
     # ---- stats ---------------------------------------------------------------------------------

@@ -31,10 +31,11 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
 
     async def serve() -> None:
         server = GrpcServer.from_config(config)  # drain, TLS and --metrics-port from the config
-        add_to_server(server.server, async_engine)
+        servicer = add_to_server(server.server, async_engine)
         server.add_service_name(SERVICE_NAME)
         async_engine.start()
         await server.start()
+        servicer.advertise_address = servicer.advertise_address or server.bound_address
         log.info(
             "worker serving %s (%s, %s, %s) on %s",
             engine.served_model_name,

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.worker.request import TokenLogprob
+
+if TYPE_CHECKING:
+    from services.worker.kv_transfer import HeldKV
 
 
 @dataclass(frozen=True)
@@ -32,3 +36,5 @@ class RequestOutput:
     error: str | None = None  # set when the engine failed this request (internal error)
     # with the first token only: logprobs of prompt tokens 1.. (the first prompt token has none)
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    # a Prefill (hold_kv) request that did not end with its first token: where its KV is kept
+    kv_handle: HeldKV | None = None

@@ -55,6 +55,9 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     generated_token_ids: tuple[int, ...] = ()  # output produced elsewhere (resume / prefill worker)
     first_choice_index: int = 0
+    # Disaggregated prefill: after the first token, keep the prompt's KV blocks under a handle for
+    # a decode worker (kv_transfer.py) instead of decoding on.
+    hold_kv: bool = False
 
 
 def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) -> int:
@@ -102,6 +105,8 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
         raise InvalidRequestError("sampling.n", f"must be >= 1, got {sp.n}")
     if sp.n > 1 and req.generated_token_ids:
         raise InvalidRequestError("generated_token_ids", "requires n = 1")
+    if sp.n > 1 and req.hold_kv:
+        raise InvalidRequestError("sampling.n", "Prefill takes one choice (n = 1)")
     for name, k in (("logprobs", sp.logprobs), ("prompt_logprobs", sp.prompt_logprobs)):
         if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"sampling.{name}", f"must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
@@ -136,6 +141,7 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+    FETCHING = "fetching"  # disaggregated decode: its blocks are being filled from a prefill worker
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ This is the only worker module that imports the generated `worker_pb2` / `common
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -15,7 +17,9 @@ import grpc
 
 import tandem
 from services.common import metrics, telemetry
+from services.common.channels import make_channel
 from services.common.logging import request_id_var
+from services.worker import kv_transfer
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
 from services.worker.kv_cache import KV_LAYOUT
@@ -38,6 +42,13 @@ _FINISH = {
     "abort": common_pb2.FINISH_REASON_ABORT,
 }
 _DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
+_ROLES = {
+    "unified": worker_pb2.WORKER_ROLE_UNIFIED,
+    "prefill": worker_pb2.WORKER_ROLE_PREFILL,
+    "decode": worker_pb2.WORKER_ROLE_DECODE,
+}
+# A decode worker gives a FetchKV stream this long before it computes the prompt itself.
+FETCH_TIMEOUT_S = 60.0
 
 
 def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams:
@@ -108,7 +119,7 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
 def fingerprint(engine: Engine) -> str:
     cfg = engine.model_config
     parts = [cfg.architecture, engine.served_model_name, str(engine.dtype), str(engine.config.block_size)]
-    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT]
+    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, "tp1"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -126,22 +137,78 @@ def _check_floats(sp: common_pb2.SamplingParams) -> None:
             raise InvalidRequestError(f"sampling.{name}", f"must be a finite number, got {getattr(sp, name)}")
 
 
+def kv_source_from_pb(msg: worker_pb2.GenerateRequest) -> kv_transfer.KVSource | None:
+    if not msg.HasField("kv_source"):
+        return None
+    h = msg.kv_source
+    return kv_transfer.KVSource(h.handle_id, h.address, h.num_tokens, h.fingerprint)
+
+
+def chunk_to_pb(chunk: kv_transfer.KVChunkData) -> worker_pb2.KVChunk:
+    return worker_pb2.KVChunk(
+        layer_start=chunk.layer_start,
+        layer_end=chunk.layer_end,
+        block_start=chunk.block_start,
+        block_end=chunk.block_end,
+        data=chunk.data,
+        dtype=chunk.dtype,
+        shape=chunk.shape,
+    )
+
+
+def chunk_from_pb(msg: worker_pb2.KVChunk) -> kv_transfer.KVChunkData:
+    return kv_transfer.KVChunkData(
+        msg.layer_start, msg.layer_end, msg.block_start, msg.block_end, msg.data, msg.dtype, tuple(msg.shape)
+    )
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, engine: AsyncEngine) -> None:
         self.async_engine = engine
         self.engine = engine.engine
+        self.fingerprint = fingerprint(self.engine)
+        # where decode workers reach this worker's FetchKV; main sets it once the server is bound
+        self.advertise_address = self.engine.config.kv_advertise_address
+        tls = self.engine.config.tls
+        self._credentials = tls.channel_credentials() if tls is not None else None
+        self._kv_channels: dict[str, grpc.aio.Channel] = {}  # prefill workers we fetch from
+        self._sweeper: asyncio.Task[None] | None = None
         _export_load_gauges(engine)
+
+    def _check_kv_source(self, source: kv_transfer.KVSource, req: EngineRequest) -> None:
+        if not source.handle_id or not source.address:
+            raise InvalidRequestError("kv_source", "handle_id and address are required")
+        if source.num_tokens != len(req.prompt_token_ids):
+            raise InvalidRequestError(
+                "kv_source.num_tokens",
+                f"the handle holds {source.num_tokens} tokens but the prompt has {len(req.prompt_token_ids)}",
+            )
+        if not req.generated_token_ids:
+            raise InvalidRequestError(
+                "kv_source", "needs generated_token_ids (at least the first token the prefill worker sampled)"
+            )
 
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         request_id_var.set(request.request_id or "-")
+        source = kv_source_from_pb(request)
         try:
             _check_floats(request.sampling)
             req = request_from_pb(request)
             validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
+            if source is not None:
+                self._check_kv_source(source, req)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if source is not None and source.fingerprint != self.fingerprint:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"kv_source.fingerprint: the handle comes from an incompatible worker ({source.fingerprint}; "
+                f"this worker is {self.fingerprint}: model, dtype, block size or KV layout differ)",
+            )
+        if source is not None and req.sampling.prompt_logprobs is not None:
+            source = None  # prompt logprobs need the prompt's logits: compute it here
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             # Expired before it started: drop it. A deadline passing later cancels this rpc, and
@@ -150,9 +217,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         arrival = time.monotonic()
         trace_parent = telemetry.capture_context()  # the rpc span: parent of the engine-phase spans
         first_token: float | None = None
-        outputs = self.async_engine.submit(req)
         finished = False
+        if source is None:
+            outputs = self.async_engine.submit(req)
+        else:
+            outputs = self.async_engine.submit(req, add=lambda r: kv_transfer.reserve(self.engine, r))
         try:
+            if source is not None:
+                await kv_transfer.receive(
+                    self.async_engine.call, self.engine, req.request_id, source, self._fetch_kv
+                )
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, InvalidRequestError):
@@ -195,7 +269,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             dtype=dtype,
             max_model_len=e.max_model_len,
             block_size=e.config.block_size,
-            role=worker_pb2.WORKER_ROLE_UNIFIED,
+            role=_ROLES[e.config.role],
             kv_layout=worker_pb2.KVLayout(
                 num_layers=cfg.num_layers,
                 num_kv_heads=cfg.num_kv_heads,
@@ -208,7 +282,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             eos_token_ids=cfg.eos_token_ids,
             tensor_parallel_size=1,
             device=device,
-            fingerprint=fingerprint(e),
+            fingerprint=self.fingerprint,
             num_kv_blocks=e.block_manager.num_blocks,
             max_num_seqs=e.config.max_num_seqs,
             version=tandem.__version__,
@@ -225,26 +299,151 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_kv_blocks_total=load.num_kv_blocks_total,
             prefix_cache_hit_rate=load.prefix_cache_hit_rate,
             num_waiting_tokens=load.num_waiting_tokens,
-            num_kv_handles=0,
+            num_kv_handles=len(self.engine.kv_handles),
         )
 
+    # ---- disaggregation (services/worker/kv_transfer.py holds the logic) ------------------------
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "disaggregation is not implemented yet")
-        raise AssertionError("unreachable")
+        request_id_var.set(request.request_id or "-")
+        try:
+            _check_floats(request.sampling)
+            if request.sampling.HasField("n") and request.sampling.n != 1:
+                raise InvalidRequestError(
+                    "sampling.n", f"Prefill takes one choice (n = 1), got {request.sampling.n}"
+                )
+            req = EngineRequest(
+                request_id=request.request_id,
+                prompt_token_ids=tuple(request.prompt_token_ids),
+                sampling=sampling_from_pb(request.sampling),
+                first_choice_index=request.first_choice_index,
+                hold_kv=True,
+            )
+            validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._start_sweeper()
+        outputs = self.async_engine.submit(req)
+        reply = worker_pb2.PrefillResponse(request_id=req.request_id)
+        held: kv_transfer.HeldKV | None = None
+        finished = False
+        try:
+            while not finished:
+                item = await outputs.get()
+                if isinstance(item, InvalidRequestError):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                if isinstance(item, BaseException):
+                    await context.abort(grpc.StatusCode.INTERNAL, str(item))
+                assert isinstance(item, RequestOutput)
+                finished = item.finished
+                chunk = output_to_pb(item)
+                for delta in chunk.choices:
+                    reply.first.index = delta.index
+                    reply.first.token_ids.extend(delta.token_ids)
+                    reply.first.logprobs.extend(delta.logprobs)
+                    reply.first.finish_reason = delta.finish_reason or reply.first.finish_reason
+                    if delta.HasField("stop_token_id"):
+                        reply.first.stop_token_id = delta.stop_token_id
+                reply.prompt_logprobs.extend(chunk.prompt_logprobs)
+                if chunk.HasField("usage"):
+                    reply.usage.CopyFrom(chunk.usage)
+                if item.kv_handle is not None:
+                    held = item.kv_handle
+                    reply.handle.CopyFrom(
+                        worker_pb2.KVHandle(
+                            handle_id=held.handle_id,
+                            address=self.advertise_address,
+                            num_tokens=held.num_tokens,
+                            expires_at_ms=held.expires_at_ms,
+                            fingerprint=self.fingerprint,
+                        )
+                    )
+        finally:
+            if not finished:  # cancelled by the caller: free the prompt's blocks now
+                self.async_engine.abort_nowait(req.request_id)
+        if held is None and not reply.first.finish_reason:  # aborted (e.g. shutting down)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill was aborted")
+        return reply
 
     async def FetchKV(
         self, request: worker_pb2.FetchKVRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.KVChunk]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "disaggregation is not implemented yet")
-        yield worker_pb2.KVChunk()  # pragma: no cover - makes this an async generator
+        handle_id = request.handle_id
+        store = self.engine.kv_handles
+        if not handle_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "handle_id: must be non-empty")
+        if request.fingerprint and request.fingerprint != self.fingerprint:
+            # A mismatch is a wiring mistake; the handle is single-use anyway, so free it now.
+            await self.async_engine.call(lambda: store.release(handle_id, only_idle=True))
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"fingerprint: the caller ({request.fingerprint}) cannot take KV from this worker "
+                f"({self.fingerprint}): model, dtype, block size or KV layout differ; the handle was released",
+            )
+        try:
+            held = await self.async_engine.call(lambda: store.take(handle_id))
+        except kv_transfer.KVHandleError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        block_size = self.engine.config.block_size
+        num_blocks_sent = 0
+        try:
+            if request.skip_tokens % block_size or request.skip_tokens > held.num_tokens:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"skip_tokens: {request.skip_tokens} must be a multiple of the block size {block_size} "
+                    f"and at most the handle's {held.num_tokens} tokens",
+                )
+            first_block = request.skip_tokens // block_size
+            async for chunk in kv_transfer.stream_chunks(
+                self.engine.kv_cache.tensor, held, first_block, self.engine.config.kv_chunk_bytes
+            ):
+                yield chunk_to_pb(chunk)
+            num_blocks_sent = len(held.block_ids) - first_block
+        finally:
+            # Fetched, failed or cancelled: the handle is single-use, its blocks go back now.
+            self.async_engine.call(lambda: store.release(handle_id, num_blocks_sent))
 
     async def ReleaseKV(
         self, request: worker_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReleaseKVResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "disaggregation is not implemented yet")
-        raise AssertionError("unreachable")
+        store = self.engine.kv_handles
+        released = await self.async_engine.call(lambda: store.release(request.handle_id, only_idle=True))
+        return worker_pb2.ReleaseKVResponse(released=released)
+
+    async def _fetch_kv(
+        self, source: kv_transfer.KVSource, skip_tokens: int
+    ) -> AsyncIterator[kv_transfer.KVChunkData]:
+        """Decode side: the FetchKV stream of `source` from its prefill worker."""
+        channel = self._kv_channels.get(source.address)
+        if channel is None:
+            channel = self._kv_channels[source.address] = make_channel(source.address, self._credentials)
+        call = worker_pb2_grpc.WorkerStub(channel).FetchKV(
+            worker_pb2.FetchKVRequest(
+                handle_id=source.handle_id, skip_tokens=skip_tokens, fingerprint=self.fingerprint
+            ),
+            timeout=FETCH_TIMEOUT_S,
+        )
+        try:
+            async for chunk in call:
+                yield chunk_from_pb(chunk)
+        finally:
+            call.cancel()
+
+    def _start_sweeper(self) -> None:
+        """Free expired KV handles in the background (started by the first Prefill)."""
+        if self._sweeper is not None:
+            return
+        store = self.engine.kv_handles
+        period = min(1.0, store.ttl_s / 4)
+
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(period)
+                with contextlib.suppress(Exception):
+                    await self.async_engine.call(lambda: store.expire(time.monotonic()))
+
+        self._sweeper = asyncio.create_task(sweep())
 
 
 def _export_load_gauges(engine: AsyncEngine) -> None:
@@ -285,5 +484,7 @@ def _observe_finished(
     telemetry.record_request_timeline(timeline, trace_parent)
 
 
-def add_to_server(server: grpc.aio.Server, engine: AsyncEngine) -> None:
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(engine), server)
+def add_to_server(server: grpc.aio.Server, engine: AsyncEngine) -> WorkerServicer:
+    servicer = WorkerServicer(engine)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    return servicer

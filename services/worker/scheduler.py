@@ -118,10 +118,14 @@ class Scheduler:
             n_parked = len(seq.request.parked)
             if len(self.running) + 1 + n_parked > self.max_num_seqs:
                 break
+            # A sequence whose prompt KV was fetched from a prefill worker already holds its blocks.
+            has_kv = bool(seq.block_ids)
             # prompt logprobs need the logits of every prompt position: compute, do not reuse
-            cached = [] if seq.request.wants_prompt_logprobs else self.bm.find_cached_prefix(seq)
-            num_new = min(seq.num_tokens - len(cached) * self.bm.block_size, budget)
-            extra = self._fork_blocks_needed(seq, num_new, len(cached) * self.bm.block_size)
+            reuse = not (has_kv or seq.request.wants_prompt_logprobs)
+            cached = self.bm.find_cached_prefix(seq) if reuse else []
+            computed = max(seq.num_computed_tokens, len(cached) * self.bm.block_size)
+            num_new = min(seq.num_tokens - computed, budget)
+            extra = self._fork_blocks_needed(seq, num_new, computed)
             if not self.bm.can_allocate(seq, num_new, cached, extra):
                 break
             self.waiting.popleft()
@@ -130,7 +134,8 @@ class Scheduler:
                 hit = min(len(cached) * self.bm.block_size, request.prompt_len)
                 request.num_cached_prompt_tokens = hit
                 self.bm.record_lookup(request.prompt_len, hit)
-            self.bm.use_cached_prefix(seq, cached)
+            if not has_kv:
+                self.bm.use_cached_prefix(seq, cached)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(self._commit(seq, num_new, extra))
@@ -206,6 +211,11 @@ class Scheduler:
             self._finish_running(seq, "stop")
         elif seq.num_output_tokens >= request.max_tokens:
             self._finish_running(seq, "length")
+        elif request.req.hold_kv:
+            # Prefill only: done after the first token; the engine hands the blocks to a KV handle.
+            self.running.remove(seq)
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = "prefilled"
 
     def _finish_running(self, seq: Sequence, reason: str) -> None:
         self.running.remove(seq)
