@@ -195,17 +195,6 @@ def test_cancelled_stream_frees_blocks(stub: worker_pb2_grpc.WorkerStub) -> None
     )
 
 
-def test_disaggregation_rpcs_are_unimplemented(stub: worker_pb2_grpc.WorkerStub) -> None:
-    for call in (
-        lambda: stub.Prefill(worker_pb2.PrefillRequest(request_id="x", prompt_token_ids=[1])),
-        lambda: list(stub.FetchKV(worker_pb2.FetchKVRequest(handle_id="h"))),
-        lambda: stub.ReleaseKV(worker_pb2.ReleaseKVRequest(handle_id="h")),
-    ):
-        with pytest.raises(grpc.RpcError) as info:
-            call()
-        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 def test_prompt_logprobs_on_the_first_chunk(stub: worker_pb2_grpc.WorkerStub) -> None:
     prompt = [1, 403, 407, 261, 378]
     chunks = generate(stub, "plp", prompt, temperature=0.0, max_tokens=3, prompt_logprobs=2)
