@@ -20,6 +20,8 @@ from gateway.downstream import (
     ChoiceDelta,
     DetokenizeStart,
     GenerateChunk,
+    KVSource,
+    PrefillResult,
     Rendered,
     Sampling,
     StylerInfo,
@@ -40,6 +42,12 @@ _FINISH = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
+}
+_ROLES = {
+    worker_pb2.WORKER_ROLE_UNSPECIFIED: "unified",
+    worker_pb2.WORKER_ROLE_UNIFIED: "unified",
+    worker_pb2.WORKER_ROLE_PREFILL: "prefill",
+    worker_pb2.WORKER_ROLE_DECODE: "decode",
 }
 
 # Unary styler calls (render, tokenize, detokenize) get at most this long, deadline or not.
@@ -283,6 +291,16 @@ class WorkerClient:
             eos_token_ids=tuple(r.eos_token_ids),
             device=r.device,
             version=r.version,
+            role=_ROLES.get(r.role, "unified"),
+            architecture=r.architecture,
+            dtype=r.dtype,
+            block_size=r.block_size,
+            kv_layout=(
+                f"{r.kv_layout.num_layers} layers x {r.kv_layout.num_kv_heads} kv heads x "
+                f"{r.kv_layout.head_dim}, block {r.kv_layout.block_size}, {r.kv_layout.dtype}, {r.kv_layout.layout}"
+            ),
+            tensor_parallel_size=r.tensor_parallel_size or 1,
+            fingerprint=r.fingerprint,
         )
 
     async def load(self, timeout_s: float = 1.0) -> WorkerLoad:
@@ -298,21 +316,71 @@ class WorkerClient:
         r = await self._stub.Abort(worker_pb2.AbortRequest(request_ids=list(request_ids)), timeout=timeout_s)
         return int(r.num_aborted)
 
+    async def prefill(
+        self, request_id: str, prompt_token_ids: Sequence[int], sampling: Sampling, first_choice_index: int = 0
+    ) -> PrefillResult:
+        """Disaggregation: compute the prompt here, get the first token and the KV handle."""
+        r = await self._stub.Prefill(
+            worker_pb2.PrefillRequest(
+                request_id=request_id,
+                prompt_token_ids=list(prompt_token_ids),
+                sampling=_sampling_to_proto(sampling),
+                first_choice_index=first_choice_index,
+            ),
+            timeout=time_left(),
+        )
+        handle = None
+        if r.HasField("handle") and r.handle.handle_id:
+            h = r.handle
+            handle = KVSource(h.handle_id, h.address, h.num_tokens, h.expires_at_ms, h.fingerprint)
+        return PrefillResult(
+            first=ChoiceDelta(
+                index=r.first.index,
+                token_ids=tuple(r.first.token_ids),
+                logprobs=tuple(_logprob(e) for e in r.first.logprobs),
+                finish_reason=_FINISH.get(r.first.finish_reason),
+            ),
+            stop_token_id=r.first.stop_token_id if r.first.HasField("stop_token_id") else None,
+            handle=handle,
+            prompt_logprobs=tuple(_logprob(e) for e in r.prompt_logprobs),
+            usage=Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_prompt_tokens),
+        )
+
+    async def release_kv(self, handle_id: str, timeout_s: float = 1.0) -> bool:
+        r = await self._stub.ReleaseKV(worker_pb2.ReleaseKVRequest(handle_id=handle_id), timeout=timeout_s)
+        return bool(r.released)
+
     async def generate(
         self,
         request_id: str,
         prompt_token_ids: Sequence[int],
         sampling: Sampling,
         first_choice_index: int = 0,
+        generated_token_ids: Sequence[int] = (),
+        kv_source: KVSource | None = None,
     ) -> AsyncIterator[GenerateChunk]:
-        """The worker's Generate stream; closing the iterator early cancels the rpc (= abort)."""
+        """The worker's Generate stream; closing the iterator early cancels the rpc (= abort).
+        `generated_token_ids` resumes a request (they are not streamed again); `kv_source` pulls
+        the prompt's KV from a prefill worker instead of computing it."""
+        message = worker_pb2.GenerateRequest(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling=_sampling_to_proto(sampling),
+            first_choice_index=first_choice_index,
+            generated_token_ids=list(generated_token_ids),
+        )
+        if kv_source is not None:
+            message.kv_source.CopyFrom(
+                worker_pb2.KVHandle(
+                    handle_id=kv_source.handle_id,
+                    address=kv_source.address,
+                    num_tokens=kv_source.num_tokens,
+                    expires_at_ms=kv_source.expires_at_ms,
+                    fingerprint=kv_source.fingerprint,
+                )
+            )
         call = self._stub.Generate(
-            worker_pb2.GenerateRequest(
-                request_id=request_id,
-                prompt_token_ids=list(prompt_token_ids),
-                sampling=_sampling_to_proto(sampling),
-                first_choice_index=first_choice_index,
-            ),
+            message,
             # The client's deadline reaches the worker, which drops the request when it passes.
             timeout=time_left(),
         )

@@ -23,6 +23,10 @@ class GatewayConfig:
     """gRPC address of a styler (host:port or unix:/path); repeat for several replicas."""
     worker: list[str] = field(default_factory=list)
     """gRPC address of a worker (host:port or unix:/path); repeat for several workers."""
+    prefill_worker: list[str] = field(default_factory=list)
+    """Disaggregated mode: gRPC address of a prefill worker (--role prefill); repeatable."""
+    decode_worker: list[str] = field(default_factory=list)
+    """Disaggregated mode: gRPC address of a decode worker (--role decode); repeatable."""
     api_key: list[str] = field(default_factory=list)
     """Accepted bearer token(s); when any is set, requests without one of them get 401."""
     api_key_file: str = ""
@@ -112,6 +116,8 @@ class GatewayConfig:
             value = getattr(self, name)
             if value and not Path(value).is_file():
                 raise ValueError(f"--{name.replace('_', '-')}: no such file {value!r}")
+        if self.prefill_worker and not (self.decode_worker or self.worker):
+            raise ValueError("--prefill-worker needs at least one --decode-worker (or --worker) to decode")
         TlsFiles.from_options(self.tls_cert, self.tls_key, self.tls_ca)
 
     @property

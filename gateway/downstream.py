@@ -76,6 +76,36 @@ class WorkerInfo:
     eos_token_ids: tuple[int, ...]
     device: str
     version: str
+    # what makes two workers able to exchange KV (disaggregation pairs only equal fingerprints)
+    role: str = "unified"  # "unified" | "prefill" | "decode"
+    architecture: str = ""
+    dtype: str = ""
+    block_size: int = 0
+    kv_layout: str = ""  # "layers x kv_heads x head_dim, block_size, dtype, layout name"
+    tensor_parallel_size: int = 1
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class KVSource:
+    """A prefill worker's KV handle, passed on to a decode worker's Generate."""
+
+    handle_id: str
+    address: str
+    num_tokens: int
+    expires_at_ms: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What a prefill worker returns: the first token and where the prompt's KV waits."""
+
+    first: ChoiceDelta
+    stop_token_id: int | None
+    handle: KVSource | None  # None when the first token already ended the choice
+    prompt_logprobs: tuple[TokenLogprob, ...]
+    usage: Usage
 
 
 @dataclass(frozen=True)

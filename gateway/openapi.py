@@ -35,7 +35,9 @@ def _int(lo: int | None = None, hi: int | None = None) -> dict[str, Any]:
     return out
 
 
-_TOKEN_IDS = {"type": "array", "items": _int(0)}
+_UINT32 = 2**32 - 1
+_TOKEN_ID = _int(0, _UINT32)
+_TOKEN_IDS = {"type": "array", "items": _TOKEN_ID}
 
 
 def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
@@ -44,7 +46,7 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
         stop_list["maxItems"] = limits.max_stop_strings
     props: dict[str, Any] = {
         "model": {**_STR, "description": "the served model ('' or absent: the served model)"},
-        "max_tokens": _int(1, limits.max_tokens),
+        "max_tokens": _int(1, limits.max_tokens or _UINT32),
         "temperature": _num(0.0, 2.0),
         "top_p": _num(0.0, 1.0, exclusive_lo=True),
         "n": _int(1, limits.max_n),
@@ -52,10 +54,10 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
         "seed": _int(-(2**63), 2**64 - 1),
         "presence_penalty": _num(-2.0, 2.0),
         "frequency_penalty": _num(-2.0, 2.0),
-        "top_k": _int(-1),
+        "top_k": _int(-1, 2**31 - 1),
         "min_p": _num(0.0, 1.0),
         "repetition_penalty": _num(0.0, exclusive_lo=True),
-        "min_tokens": _int(0),
+        "min_tokens": _int(0, _UINT32),
         "ignore_eos": _BOOL,
         "stop_token_ids": _TOKEN_IDS,
         "skip_special_tokens": _BOOL,
@@ -70,7 +72,7 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
         "user": _STR,
     }
     if chat:
-        props["max_completion_tokens"] = _int(1, limits.max_tokens)
+        props["max_completion_tokens"] = _int(1, limits.max_tokens or _UINT32)
         props["logprobs"] = _BOOL
         props["top_logprobs"] = {**_int(0, limits.max_logprobs), "description": "needs logprobs: true"}
     else:
@@ -149,8 +151,8 @@ def _schemas(limits: Limits) -> dict[str, Any]:
         "anyOf": [
             {"type": "string", "minLength": 1},
             {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
-            {"type": "array", "minItems": 1, "items": _int(0)},
-            {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _int(0)}},
+            {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+            {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID}},
         ]
     }
     messages = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/ChatMessage"}}
@@ -166,7 +168,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
                 "tools": _tools(limits),
                 "tool_choice": {"enum": ["none", "auto"]},
                 "parallel_tool_calls": _BOOL,
-                "documents": {"type": "array"},
+                "documents": {"type": "array", "items": {"type": "object"}},
                 **_template_options(),
             },
         },

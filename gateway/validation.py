@@ -145,8 +145,14 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# Token ids and counts travel as uint32 on the wire (top_k as int32): bigger values are a 400 here,
+# not an encoding failure later.
+MAX_UINT32 = 2**32 - 1
+MAX_INT32 = 2**31 - 1
+
+
 def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_UINT32
 
 
 def _stop(f: Fields, max_stop_strings: int) -> tuple[str, ...]:
@@ -174,22 +180,24 @@ def _limited(f: Fields, key: str, value: int | None, limit: int, option: str) ->
 
 
 def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
-    max_tokens = _limited(f, "max_tokens", f.integer("max_tokens", lo=1), limits.max_tokens, "--max-tokens")
+    max_tokens = _limited(
+        f, "max_tokens", f.integer("max_tokens", lo=1, hi=MAX_UINT32), limits.max_tokens, "--max-tokens"
+    )
     if chat:
         max_completion_tokens = _limited(
             f,
             "max_completion_tokens",
-            f.integer("max_completion_tokens", lo=1),
+            f.integer("max_completion_tokens", lo=1, hi=MAX_UINT32),
             limits.max_tokens,
             "--max-tokens",
         )
         if max_completion_tokens is not None:
             max_tokens = max_completion_tokens
     n = _limited(f, "n", f.integer("n", lo=1), limits.max_n, "--max-n")
-    min_tokens = f.integer("min_tokens", lo=0) or 0
+    min_tokens = f.integer("min_tokens", lo=0, hi=MAX_UINT32) or 0
     if max_tokens is not None and min_tokens > max_tokens:
         raise invalid(f"'min_tokens' ({min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
-    top_k = f.integer("top_k", lo=-1)
+    top_k = f.integer("top_k", lo=-1, hi=MAX_INT32)
     stream = f.boolean("stream", False)
     stream_options = f.obj("stream_options")
     include_usage = False
@@ -357,8 +365,10 @@ def _template_options(f: Fields) -> tuple[str | None, dict[str, Any] | None, boo
 
 def _documents(f: Fields) -> list[Any] | None:
     documents = f.raw("documents")
-    if documents is not None and not isinstance(documents, list):
-        raise invalid("'documents' must be a list", "documents")
+    if documents is not None and (
+        not isinstance(documents, list) or not all(isinstance(d, dict) for d in documents)
+    ):
+        raise invalid("'documents' must be a list of objects", "documents")
     return documents or None
 
 

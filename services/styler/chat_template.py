@@ -103,6 +103,16 @@ def _refuse_dunder(obj: Any, name: Any) -> None:
         )
 
 
+def _objects(items: Sequence[Any] | None, name: str) -> list[dict[str, Any]] | None:
+    """Copies of `tools` / `documents` entries, which must be JSON objects."""
+    if items is None:
+        return None
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise TemplateRenderError(f"{name}[{i}] must be an object, got {type(item).__name__}")
+    return [dict(item) for item in items]
+
+
 def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -203,8 +213,8 @@ class ChatTemplateRenderer:
             messages = copy.deepcopy(messages)
             final_message = self._tag_final_message(messages, template_source)
         variables = {**self.special_tokens, **request.template_kwargs}
-        tools = [dict(t) for t in request.tools] if request.tools is not None else None
-        documents = [dict(d) for d in request.documents] if request.documents is not None else None
+        tools = _objects(request.tools, "tools")
+        documents = _objects(request.documents, "documents")
 
         def work() -> str:
             return self._render_bounded(

@@ -1,0 +1,288 @@
+"""One prompt's token stream from the workers, across worker failures and disaggregation.
+
+    unified    Generate(prompt) on the router's pick
+    disagg     Prefill(prompt) on a compatible prefill worker  ── first token streamed at once
+               Generate(prompt, [first], kv_source=handle) on the decode worker
+    failures   a prefill worker that fails: another one, else the decode worker computes the prompt
+               (a handle that expires or whose worker died: the decode worker falls back itself);
+               a decode / unified worker that fails mid-stream: the same choice is resumed on
+               another worker with `generated_token_ids` = the tokens already streamed, so the
+               client sees each token once. Seeded sampling is a function of (seed, choice index,
+               output position), so the resumed tokens are the ones the first worker would have
+               drawn. With n > 1 each unfinished choice resumes as its own request
+               (first_choice_index keeps its index and seed stream).
+
+The usage of the legs is folded into one final chunk: completion tokens over every leg, cached
+prompt tokens from the leg that computed the prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway.context import GatewayContext
+from gateway.downstream import GenerateChunk, KVSource, Sampling, Usage
+from gateway.errors import APIError, from_grpc
+from gateway.router import NoWorkerAvailable, WorkerState
+
+log = logging.getLogger(__name__)
+
+# A worker that fails with these is treated as gone: its requests move to another worker.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+# ReleaseKV calls in flight (kept referenced until done).
+_background: set[asyncio.Task[None]] = set()
+
+
+@dataclass
+class _Choice:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+class PromptStream:
+    """The worker chunks of one prompt (all its choices); see the module docstring."""
+
+    def __init__(
+        self,
+        ctx: GatewayContext,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: Sampling,
+        first_choice_index: int = 0,
+    ) -> None:
+        self.ctx = ctx
+        self.request_id = request_id
+        self.prompt_token_ids = tuple(prompt_token_ids)
+        self.sampling = sampling
+        self.choices = {
+            i: _Choice(i) for i in range(first_choice_index, first_choice_index + sampling.n)
+        }
+        self.tried: list[WorkerState] = []  # workers that failed this request
+        self.cached_tokens: int | None = None
+        self.prompt_logprobs_sent = False
+        self.num_legs = 0
+        self.num_resumed = 0
+
+    async def chunks(self) -> AsyncIterator[GenerateChunk]:
+        try:
+            async for chunk in self._group(list(self.choices)):
+                yield chunk
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc, "worker") from None
+        completion = sum(len(c.token_ids) for c in self.choices.values())
+        yield GenerateChunk(
+            choices=(), usage=Usage(len(self.prompt_token_ids), completion, self.cached_tokens or 0)
+        )
+
+    # ---- groups of choices and their resumption ----------------------------------------------
+
+    async def _group(self, indices: list[int]) -> AsyncIterator[GenerateChunk]:
+        """Choices `indices` (n of them, or one resumed choice) until each has finished."""
+        while True:
+            try:
+                async for chunk in self._attempt(indices):
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                pending = [i for i in indices if not self.choices[i].finished]
+                if not pending:
+                    return
+                self.num_resumed += 1
+                log.warning(
+                    "request %s: worker failed (%s) after %s tokens; resuming elsewhere",
+                    self.request_id,
+                    exc.code().name,
+                    [len(self.choices[i].token_ids) for i in pending],
+                )
+                if len(pending) > 1 and any(self.choices[i].token_ids for i in pending):
+                    async for chunk in _merge([self._group([i]) for i in pending]):
+                        yield chunk
+                    return
+                indices = pending
+
+    async def _attempt(self, indices: list[int]) -> AsyncIterator[GenerateChunk]:
+        first = indices[0]
+        generated = tuple(self.choices[first].token_ids) if len(indices) == 1 else ()
+        sampling = dataclasses.replace(
+            self.sampling,
+            n=len(indices),
+            prompt_logprobs=None if self.prompt_logprobs_sent else self.sampling.prompt_logprobs,
+        )
+        disagg = self.ctx.disagg
+        if disagg is not None and len(indices) == 1 and not generated:
+            async for chunk in self._disaggregated(first, sampling):
+                yield chunk
+            return
+        worker = self._pick_decode()
+        async for chunk in self._generate(worker, first, sampling, generated, None):
+            yield chunk
+
+    def _leg_id(self) -> str:
+        """A request id per leg: a failed worker may still hold the previous one for a moment."""
+        self.num_legs += 1
+        return self.request_id if self.num_legs == 1 else f"{self.request_id}.{self.num_legs}"
+
+    def _pick_decode(self) -> WorkerState:
+        try:
+            return self.ctx.router.pick(self.prompt_token_ids, exclude=self.tried)
+        except NoWorkerAvailable as exc:
+            disagg = self.ctx.disagg
+            if disagg is not None:  # a prefill worker can decode too: better than failing
+                with contextlib.suppress(NoWorkerAvailable):
+                    return disagg.prefill.pick(self.prompt_token_ids, exclude=self.tried)
+            raise APIError(503, str(exc), retry_after_s=1) from None
+
+    def _failed(self, worker: WorkerState) -> None:
+        self.ctx.router.mark_failed(worker)
+        self.tried.append(worker)
+
+    def _note(self, chunk: GenerateChunk) -> GenerateChunk | None:
+        """Record what a chunk carries; strip the leg's usage (chunks() sends the total)."""
+        for c in chunk.choices:
+            choice = self.choices[c.index]
+            choice.token_ids.extend(c.token_ids)
+            choice.finished = choice.finished or c.finish_reason is not None
+        if chunk.prompt_logprobs:
+            self.prompt_logprobs_sent = True
+        if chunk.usage is not None and self.cached_tokens is None:
+            self.cached_tokens = chunk.usage.cached_prompt_tokens
+        if not chunk.choices and not chunk.prompt_logprobs:
+            return None
+        return dataclasses.replace(chunk, usage=None) if chunk.usage is not None else chunk
+
+    async def _generate(
+        self,
+        worker: WorkerState,
+        first_choice_index: int,
+        sampling: Sampling,
+        generated: tuple[int, ...],
+        kv_source: KVSource | None,
+    ) -> AsyncIterator[GenerateChunk]:
+        self.ctx.metrics.worker_requests.labels(worker=worker.address).inc()
+        try:
+            with self.ctx.router.track(worker):
+                async for chunk in worker.client.generate(
+                    self._leg_id(),
+                    self.prompt_token_ids,
+                    sampling,
+                    first_choice_index,
+                    generated_token_ids=generated,
+                    kv_source=kv_source,
+                ):
+                    noted = self._note(chunk)
+                    if noted is not None:
+                        yield noted
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in RETRYABLE:
+                self._failed(worker)
+            raise
+
+    # ---- disaggregated prefill + decode ------------------------------------------------------
+
+    async def _disaggregated(self, index: int, sampling: Sampling) -> AsyncIterator[GenerateChunk]:
+        disagg = self.ctx.disagg
+        assert disagg is not None
+        decode = self._pick_decode()
+        prefill = disagg.pick_prefill(self.prompt_token_ids, decode, exclude=self.tried)
+        result = None
+        while prefill is not None:
+            try:
+                with disagg.prefill.track(prefill):
+                    result = await prefill.client.prefill(
+                        self._leg_id(), self.prompt_token_ids, sampling, index
+                    )
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise
+                log.warning(
+                    "request %s: prefill worker %s failed (%s); trying another",
+                    self.request_id,
+                    prefill.address,
+                    exc.code().name,
+                )
+                self._failed(prefill)
+                prefill = disagg.pick_prefill(self.prompt_token_ids, decode, exclude=self.tried)
+        if prefill is None or result is None:  # no prefill worker: the decode worker computes it
+            async for chunk in self._generate(decode, index, sampling, (), None):
+                yield chunk
+            return
+        self.cached_tokens = result.usage.cached_prompt_tokens
+        noted = self._note(GenerateChunk(choices=(result.first,), prompt_logprobs=result.prompt_logprobs))
+        if noted is not None:
+            yield noted
+        if result.handle is None:  # the first token ended the choice
+            return
+        decode_sampling = dataclasses.replace(sampling, prompt_logprobs=None)
+        completed = False
+        try:
+            async for chunk in self._generate(
+                decode, index, decode_sampling, result.first.token_ids, result.handle
+            ):
+                yield chunk
+            completed = True
+        finally:
+            if not completed:  # cancelled or failed: free the KV now unless a fetch holds it
+                _release_later(prefill, result.handle.handle_id)
+
+
+def _release_later(worker: WorkerState, handle_id: str) -> None:
+    async def release() -> None:
+        with contextlib.suppress(Exception):
+            await worker.client.release_kv(handle_id)
+
+    task = asyncio.get_running_loop().create_task(release())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _merge(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[GenerateChunk]:
+    """Interleave several chunk streams as they produce; the first error ends them all."""
+    queue: asyncio.Queue[GenerateChunk | BaseException | None] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[GenerateChunk]) -> None:
+        try:
+            async for chunk in stream:
+                queue.put_nowait(chunk)
+            queue.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            queue.put_nowait(exc)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
