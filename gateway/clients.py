@@ -317,7 +317,11 @@ class WorkerClient:
         return int(r.num_aborted)
 
     async def prefill(
-        self, request_id: str, prompt_token_ids: Sequence[int], sampling: Sampling, first_choice_index: int = 0
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: Sampling,
+        first_choice_index: int = 0,
     ) -> PrefillResult:
         """Disaggregation: compute the prompt here, get the first token and the KV handle."""
         r = await self._stub.Prefill(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from gateway.admission import AdmissionGate
 from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
+from gateway.disaggregation import Disaggregation
 from gateway.drain import HttpDrain
 from gateway.limits import Limits
 from gateway.metrics import Metrics
@@ -30,6 +31,7 @@ class GatewayContext:
     rate_limiter: RateLimiter = field(default_factory=RateLimiter)
     limits: Limits = field(default_factory=Limits)
     drain: HttpDrain = field(default_factory=HttpDrain)
+    disagg: Disaggregation | None = None  # the prefill pool (--prefill-worker), when disaggregated
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -39,7 +41,11 @@ class GatewayContext:
         stylers = StylerPool(config.styler, config.health_interval, credentials)
         return cls(
             config=config,
-            router=Router(config.worker, config.health_interval, credentials),
+            # decode workers serve Generate like unified ones; prefill workers form their own pool
+            router=Router([*config.worker, *config.decode_worker], config.health_interval, credentials),
+            disagg=Disaggregation(config.prefill_worker, config.health_interval, credentials)
+            if config.prefill_worker
+            else None,
             stylers=stylers,
             metrics=Metrics(),
             gate=AdmissionGate(config.max_waiting, config.max_running, config.max_waiting_tokens),
@@ -55,9 +61,13 @@ class GatewayContext:
 
     async def start(self) -> None:
         await asyncio.gather(self.router.start(), self.stylers.start())
+        if self.disagg is not None:
+            await self.disagg.start(self.router)  # says at start-up which pairs cannot exchange KV
 
     async def close(self) -> None:
         await asyncio.gather(self.router.close(), self.stylers.close())
+        if self.disagg is not None:
+            await self.disagg.close()
 
     @property
     def model_name(self) -> str:
@@ -83,7 +93,11 @@ class GatewayContext:
         """Poll every downstream service now (address -> in rotation), so that a 200 from /health
         means requests are routable at once."""
         await asyncio.gather(self.router.poll_once(), self.stylers.poll_once())
-        return {
+        status = {
             "styler": dict(self.stylers.healthy),
             "worker": {w.address: w.healthy for w in self.router.workers},
         }
+        if self.disagg is not None:  # prefill workers are optional: decode workers can compute prompts
+            await self.disagg.prefill.poll_once()
+            status["prefill_worker"] = {w.address: w.healthy for w in self.disagg.prefill.workers}
+        return status

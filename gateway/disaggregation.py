@@ -68,7 +68,7 @@ class Disaggregation:
 
     def check_pairs(self, decode: Router) -> list[str]:
         """Log (once per pair) every prefill/decode pair that cannot exchange KV; return the lines."""
-        lines = []
+        lines: list[str] = []
         for p in self.prefill.workers:
             if p.info is not None and p.info.role == "decode":
                 self._report(p.address, "", f"prefill worker {p.address} reports role 'decode'", lines)

@@ -35,8 +35,8 @@ from gateway.downstream import (
 )
 from gateway.errors import APIError, from_grpc, invalid
 from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
-from gateway.router import NoWorkerAvailable, WorkerState
 from gateway.styler_pool import NoStylerAvailable
+from gateway.worker_stream import PromptStream
 
 log = logging.getLogger(__name__)
 
@@ -346,30 +346,12 @@ class Executor:
                 await session.send(deltas)
 
         async def write() -> None:
-            tried: list[WorkerState] = []
             try:
-                while True:
-                    try:
-                        worker = ctx.router.pick(prompt.token_ids, exclude=tried)
-                    except NoWorkerAvailable as exc:
-                        raise APIError(503, str(exc), retry_after_s=1) from None
-                    tried.append(worker)
-                    metrics.worker_requests.labels(worker=worker.address).inc()
-                    last_chunk_at: list[float] = []
-                    try:
-                        with ctx.router.track(worker):
-                            async for chunk in worker.client.generate(
-                                request_id, prompt.token_ids, sampling, prompt.first_choice_index
-                            ):
-                                await on_chunk(chunk, last_chunk_at)
-                        break
-                    except grpc.aio.AioRpcError as exc:
-                        # A worker that died before producing anything: try another one.
-                        if exc.code() == grpc.StatusCode.UNAVAILABLE and not any(sent_tokens.values()):
-                            ctx.router.mark_failed(worker)
-                            log.warning("worker %s unavailable; retrying elsewhere", worker.address)
-                            continue
-                        raise _grpc_error(exc, "worker") from None
+                # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
+                stream = PromptStream(ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index)
+                last_chunk_at: list[float] = []
+                async for chunk in stream.chunks():
+                    await on_chunk(chunk, last_chunk_at)
                 await session.done_writing()
             except asyncio.CancelledError:
                 raise

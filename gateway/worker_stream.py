@@ -71,9 +71,7 @@ class PromptStream:
         self.request_id = request_id
         self.prompt_token_ids = tuple(prompt_token_ids)
         self.sampling = sampling
-        self.choices = {
-            i: _Choice(i) for i in range(first_choice_index, first_choice_index + sampling.n)
-        }
+        self.choices = {i: _Choice(i) for i in range(first_choice_index, first_choice_index + sampling.n)}
         self.tried: list[WorkerState] = []  # workers that failed this request
         self.cached_tokens: int | None = None
         self.prompt_logprobs_sent = False
