@@ -215,6 +215,32 @@ async def _wait_http_ok(url: str, timeout_s: float) -> None:
             await asyncio.sleep(0.1)
 
 
+def count_gpus() -> int:
+    """CUDA devices visible to the workers (0 without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def worker_device_args(config: UpConfig, role: str, num_gpus: int | None = None) -> list[str]:
+    """`--device ...` of one worker. Disaggregated: prefill on cuda:0 and decode on cuda:1 when
+    two GPUs are visible; on one GPU both share it, each sized to under half of its memory."""
+    if not config.disaggregate:
+        return ["--device", config.device]
+    if config.device in ("auto", "cuda"):
+        num_gpus = count_gpus() if num_gpus is None else num_gpus
+        if num_gpus >= 2:
+            return ["--device", f"cuda:{0 if role == 'prefill' else 1}"]
+        if num_gpus == 0:
+            return ["--device", "cpu"]
+        return ["--device", "cuda:0", "--gpu-memory-utilization", "0.45"]
+    if config.device.startswith("cuda"):
+        return ["--device", config.device, "--gpu-memory-utilization", "0.45"]
+    return ["--device", config.device]
+
+
 def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
     """The child processes in start order (styler, workers, gateway)."""
     tandem = [sys.executable, "-m", "tandem"]
@@ -256,8 +282,7 @@ def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
                     config.model,
                     "--address",
                     address,
-                    "--device",
-                    config.device,
+                    *worker_device_args(config, role),
                     *role_args,
                     *common,
                     *shlex.split(config.worker_args),
