@@ -358,15 +358,15 @@ async def receive(
     num_bytes = 0
     writes: collections.deque[asyncio.Future[object]] = collections.deque()
     try:
-        if expected:
-            async for chunk in fetch(source, reservation.skip_tokens):
-                tensor = chunk_tensor(chunk, kv, reservation)
-                span = (chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end)
-                writes.append(call(lambda span=span, tensor=tensor: write(engine, request_id, span, tensor)))  # type: ignore[misc]
-                received += (span[1] - span[0]) * (span[3] - span[2])
-                num_bytes += len(chunk.data)
-                if len(writes) > WRITE_WINDOW:
-                    await writes.popleft()
+        # Fetched even when the local cache holds every block: the (empty) stream frees the handle.
+        async for chunk in fetch(source, reservation.skip_tokens):
+            tensor = chunk_tensor(chunk, kv, reservation)
+            span = (chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end)
+            writes.append(call(lambda span=span, tensor=tensor: write(engine, request_id, span, tensor)))  # type: ignore[misc]
+            received += (span[1] - span[0]) * (span[3] - span[2])
+            num_bytes += len(chunk.data)
+            if len(writes) > WRITE_WINDOW:
+                await writes.popleft()
         for pending in writes:
             await pending
         if received != expected:
