@@ -40,6 +40,16 @@ class KernelOps:
     # (head_dim) -> whether a decode step built from these ops may be captured in a CUDA graph
     # (no host synchronisation inside; the reference attention reads sequence lengths on the host)
     graph_capturable: Callable[[int], bool] = lambda head_dim: False
+    # Optional fusions (None: the model composes the ops above, exactly as before; the CPU path).
+    # (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], kv_cache_layer, slot_mapping [T], positions [T],
+    #  cos_sin_cache) -> rotated q [T, Hq, D]; rotated K and V written to their slots
+    rotary_write_kv_cache: Callable[..., torch.Tensor] | None = None
+    # (x [T, K], weight [N, K], bias [N] | None) -> [T, N]: F.linear, or a skinny-GEMM kernel for
+    # small T where `tune_linear` measured it faster on this GPU
+    linear: Callable[..., torch.Tensor] | None = None
+    # (weights: list of [N, K] tensors of one shape, bias or None, max_rows) -> report lines: times
+    # F.linear against the kernel for T = 1, 2, 4, ... max_rows and remembers the faster per shape
+    tune_linear: Callable[..., list[str]] | None = None
 
 
 REFERENCE_OPS = KernelOps(

@@ -131,6 +131,26 @@ def rotary(
     return rotate(q), rotate(k)
 
 
+def rotary_write_kv_cache(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    kv_cache_layer: torch.Tensor,  # [2, NB, BS, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T] int64; -1 = skip
+    positions: torch.Tensor,  # [T] int64
+    cos_sin_cache: torch.Tensor,  # [max_pos, D]
+) -> torch.Tensor:  # [T, Hq, D] rotated q
+    """`rotary` then `write_kv_cache` of the rotated K and V, returning the rotated q."""
+    q_rot, k_rot = rotary(q, k, positions, cos_sin_cache)
+    write_kv_cache(k_rot, v, kv_cache_layer, slot_mapping)
+    return q_rot
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T + bias [N] -> [T, N] (torch's F.linear)."""
+    return F.linear(x, weight, bias)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(x[:, :I]) * x[:, I:] for x of shape [T, 2*I]."""
     inter = x.shape[-1] // 2

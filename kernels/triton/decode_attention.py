@@ -2,8 +2,9 @@
 
 Flash-decoding: program (b, kv_head, split) attends the `GROUP` query heads that share `kv_head`
 (padded to 16 rows so the scores are one tensor-core dot) over one slice of sequence b's context,
-reading K/V straight from the paged cache through the block table. A second kernel merges the
-splits by their log-sum-exp.
+reading K/V straight from the paged cache through the block table. The last split of (b, kv_head)
+to finish (an arrival counter) merges the splits by their log-sum-exp in the same launch: one
+kernel per layer instead of two (a launch costs ~2-3 us inside a batch-1 decode graph).
 
 Split sizing is done on the device from each sequence's own length: at most `max_splits` slices
 of at least MIN_SPLIT_LEN tokens. `max_splits` depends only on the power of two at or above the
@@ -23,15 +24,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_split_kernel(
+def _decode_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [NB, BS, Hkv, D]
     v_cache_ptr,
     block_tables_ptr,  # [B, max_blocks] int32
     cu_seqlens_q_ptr,  # [B+1] int32
     seq_lens_ptr,  # [B] int32
-    part_out_ptr,  # [B, Hq, NUM_SPLITS, D_PAD] fp32
+    out_ptr,  # [T, Hq, D]
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, D_PAD] fp32 (unused when NUM_SPLITS == 1)
     part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, log2 domain
+    counter_ptr,  # [>= B * Hkv] int32, zero between launches: splits of (b, kv_head) that finished
     scale_log2,  # softmax scale * log2(e)
     stride_qt,
     stride_qh,
@@ -39,24 +42,30 @@ def _decode_split_kernel(
     stride_cs,
     stride_ch,
     stride_bt,
+    stride_ot,
+    stride_oh,
     GROUP: tl.constexpr,
-    G_PAD: tl.constexpr,
+    G_PAD: tl.constexpr,  # query rows of the tensor-core dot (>= 16)
+    G_MERGE: tl.constexpr,  # next_power_of_2(GROUP): rows of the merge
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # the cache's block size
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,  # the grid's split dimension (also the stride of part_out)
     MAX_SPLITS: tl.constexpr,  # the partition's split cap (numerics depend on this, not NUM_SPLITS)
+    S_PAD: tl.constexpr,  # next_power_of_2(MAX_SPLITS): the merge's width, a function of MAX_SPLITS only
     MIN_SPLIT_LEN: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - tl.load(cu_seqlens_q_ptr + b)
-    # A padded batch entry (no query or no context) attends nothing; its outputs are merged to 0.
+    q_start = tl.load(cu_seqlens_q_ptr + b)
+    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
+    # A padded batch entry (no query or no context) attends nothing and writes nothing.
     seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + b), 0)
-    token = tl.load(cu_seqlens_q_ptr + b).to(tl.int64)
+    token = q_start.to(tl.int64)
 
     num_splits = tl.maximum(tl.minimum(MAX_SPLITS, tl.cdiv(seq_len, MIN_SPLIT_LEN)), 1)
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
@@ -68,86 +77,104 @@ def _decode_split_kernel(
     head = kv_head * GROUP + g
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
-    q = tl.load(
-        q_ptr + token * stride_qt + head[:, None] * stride_qh + d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :],
-        other=0.0,
-    )
+    if split < num_splits:
+        q = tl.load(
+            q_ptr + token * stride_qt + head[:, None] * stride_qh + d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([G_PAD], dtype=tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
+        table = block_tables_ptr + b.to(tl.int64) * stride_bt
+        n = tl.arange(0, BLOCK_N)
+        for start in range(kv_start, kv_end, BLOCK_N):
+            pos = start + n
+            n_mask = pos < kv_end
+            block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N]
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
 
-    m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([G_PAD], dtype=tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
-    table = block_tables_ptr + b.to(tl.int64) * stride_bt
-    n = tl.arange(0, BLOCK_N)
-    for start in range(kv_start, kv_end, BLOCK_N):
-        pos = start + n
-        n_mask = pos < kv_end
-        block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        has_kv = l_i > 0
+        out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
+        if NUM_SPLITS == 1:  # the whole context in this program: no partials, no merge
+            tl.store(
+                out_ptr + token * stride_ot + head[:, None] * stride_oh + d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=g_mask[:, None] & d_mask[None, :] & (q_len > 0),
+            )
+        else:
+            lse = tl.where(has_kv, m_i + tl.log2(tl.where(has_kv, l_i, 1.0)), float("-inf"))
+            row_ids = (b.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS + split  # [G_PAD]
+            tl.store(part_out_ptr + row_ids[:, None] * D_PAD + d[None, :], out, mask=g_mask[:, None])
+            tl.store(part_lse_ptr + row_ids, lse, mask=g_mask)
 
-    has_kv = l_i > 0
-    out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
-    lse = tl.where(has_kv, m_i + tl.log2(tl.where(has_kv, l_i, 1.0)), float("-inf"))
-    row_ids = (b.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS + split  # [G_PAD]
-    tl.store(part_out_ptr + row_ids[:, None] * D_PAD + d[None, :], out, mask=g_mask[:, None])
-    tl.store(part_lse_ptr + row_ids, lse, mask=g_mask)
+    if NUM_SPLITS > 1:
+        # The last program of (b, kv_head) to finish merges the splits by their log-sum-exp: no
+        # second launch. Every thread's partial stores are ordered before the counter's release by
+        # the barrier (the pattern of CUDA's threadFenceReduction / cooperative grid sync); the
+        # acquire side reads the partials past L1 (.cg).
+        tl.debug_barrier()
+        counter = counter_ptr + b * NUM_KV_HEADS + kv_head
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == NUM_SPLITS - 1:
+            gm = tl.arange(0, G_MERGE)
+            sp = tl.arange(0, S_PAD)
+            m_heads = kv_head * GROUP + gm  # [G_MERGE]
+            base = (b.to(tl.int64) * NUM_Q_HEADS + m_heads) * NUM_SPLITS  # [G_MERGE]
+            valid = (gm < GROUP)[:, None] & (sp < num_splits)[None, :]  # [G_MERGE, S_PAD]
+            lse_all = tl.load(
+                part_lse_ptr + base[:, None] + sp[None, :],
+                mask=valid,
+                other=float("-inf"),
+                cache_modifier=".cg",
+            )
+            m = tl.max(lse_all, axis=1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            w = tl.exp2(lse_all - m[:, None])  # 0 for empty splits
+            parts = tl.load(
+                part_out_ptr + (base[:, None, None] + sp[None, :, None]) * D_PAD + d[None, None, :],
+                mask=valid[:, :, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )  # [G_MERGE, S_PAD, D_PAD]
+            total = tl.sum(w, axis=1)
+            merged = tl.sum(parts * w[:, :, None], axis=1) / tl.where(total > 0, total, 1.0)[:, None]
+            tl.store(
+                out_ptr + token * stride_ot + m_heads[:, None] * stride_oh + d[None, :],
+                merged.to(out_ptr.dtype.element_ty),
+                mask=(gm < GROUP)[:, None] & (d < HEAD_DIM)[None, :] & (q_len > 0),
+            )
+            tl.atomic_xchg(counter, 0)  # ready for the next launch (next layer, next step)
 
 
-@triton.jit
-def _decode_merge_kernel(
-    part_out_ptr,  # [B, Hq, NUM_SPLITS, D_PAD] fp32
-    part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32
-    cu_seqlens_q_ptr,
-    out_ptr,  # [T, Hq, D]
-    stride_ot,
-    stride_oh,
-    HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    S_PAD: tl.constexpr,
-    NUM_Q_HEADS: tl.constexpr,
-):
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(cu_seqlens_q_ptr + b)
-    q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
-    s = tl.arange(0, S_PAD)
-    d = tl.arange(0, D_PAD)
-    base = (b.to(tl.int64) * NUM_Q_HEADS + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + s, mask=s < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # 0 for empty splits
-    parts = tl.load(
-        part_out_ptr + (base + s)[:, None] * D_PAD + d[None, :], mask=(s < NUM_SPLITS)[:, None], other=0.0
-    )
-    total = tl.sum(w, axis=0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    tl.store(
-        out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + d,
-        out.to(out_ptr.dtype.element_ty),
-        mask=(d < HEAD_DIM) & (q_len > 0),
-    )
+# The merge runs inside the kernel over a [group, splits, head_dim] tile: 16 splits keep that tile
+# in registers (16 x 4 x 128 fp32 for Llama-8B heads). 16 splits x the KV heads is about one
+# wave of programs on an H100/H200 for 8 KV heads; models with 2 KV heads decoding one very long
+# sequence alone get fewer programs than SMs (docs/gpu.md).
+MAX_SPLITS = 16
 
 
 def max_splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:
-    """Split cap: enough (b, kv_head, split) programs to fill the GPU twice over. A function of
-    next_power_of_2(batch) so that CUDA-graph padding (never past that power) keeps the numerics."""
-    return max(1, min(64, triton.cdiv(2 * num_sms, triton.next_power_of_2(max(1, batch)) * num_kv_heads)))
+    """Split cap: enough (b, kv_head, split) programs to fill the GPU twice over, at most MAX_SPLITS.
+    A function of next_power_of_2(batch) so that CUDA-graph padding (never past that power) keeps
+    the numerics."""
+    fill = triton.cdiv(2 * num_sms, triton.next_power_of_2(max(1, batch)) * num_kv_heads)
+    return max(1, min(MAX_SPLITS, fill))
 
 
 _SM_COUNT: dict[int, int] = {}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -159,6 +186,22 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
+def _counters(device: torch.device, needed: int) -> torch.Tensor:
+    """The per-device arrival counters of the in-kernel merge: zeros, reset by the kernel itself.
+    Allocated once, outside any CUDA-graph capture (the graphs then read this same buffer)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < needed:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "decode attention needs its counter buffer before CUDA-graph capture (run one eager step first)"
+            )
+        buf = torch.zeros(max(needed, 1 << 16), dtype=torch.int32, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # zeroed before any stream uses it
+        _COUNTERS[device] = buf
+    return buf
+
+
 def decode_attention(
     q: torch.Tensor,  # [T, Hq, D]: one row per sequence (padded entries have q_len 0)
     kv_cache_layer: torch.Tensor,  # [2, NB, BS, Hkv, D]
@@ -168,7 +211,7 @@ def decode_attention(
     scale: float,
     max_splits: int | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]; rows of no sequence are left unwritten
-    """Attention of each sequence's single new token over its whole cached context."""
+    """Attention of each sequence's single new token over its whole cached context (one launch)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache_layer.shape
     assert cache_head_dim == head_dim and num_q_heads % num_kv_heads == 0, (q.shape, kv_cache_layer.shape)
@@ -185,23 +228,28 @@ def decode_attention(
     max_context = block_tables.shape[1] * block_size
     if max_splits is None:
         max_splits = max_splits_for(batch, num_kv_heads, _sm_count(q.device))
+    max_splits = max(1, min(MAX_SPLITS, max_splits))
     num_splits = max(1, min(max_splits, triton.cdiv(max_context, min_split_len)))
     # Rows of no sequence (CUDA-graph padding) are left unwritten: a zero fill costs a launch per layer.
     out = torch.empty_like(q)
     if num_tokens == 0 or batch == 0:
         return out
-    part_out = torch.empty((batch, num_q_heads, num_splits, d_pad), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    parts_shape = (batch, num_q_heads, num_splits) if num_splits > 1 else (1, 1, 1)
+    part_out = torch.empty((*parts_shape, d_pad), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(parts_shape, dtype=torch.float32, device=q.device)
+    counters = _counters(q.device, batch * num_kv_heads)
     k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         cu_seqlens_q,
         seq_lens,
+        out,
         part_out,
         part_lse,
+        counters,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -209,31 +257,22 @@ def decode_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
         GROUP=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
+        G_MERGE=triton.next_power_of_2(group),
         HEAD_DIM=head_dim,
         D_PAD=d_pad,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         MAX_SPLITS=max_splits,
+        S_PAD=max(2, triton.next_power_of_2(max_splits)),
         MIN_SPLIT_LEN=min_split_len,
         NUM_Q_HEADS=num_q_heads,
+        NUM_KV_HEADS=num_kv_heads,
         num_warps=4,
         num_stages=3,
-    )
-    _decode_merge_kernel[(batch, num_q_heads)](
-        part_out,
-        part_lse,
-        cu_seqlens_q,
-        out,
-        out.stride(0),
-        out.stride(1),
-        HEAD_DIM=head_dim,
-        D_PAD=d_pad,
-        NUM_SPLITS=num_splits,
-        S_PAD=max(2, triton.next_power_of_2(num_splits)),
-        NUM_Q_HEADS=num_q_heads,
-        num_warps=4,
     )
     return out

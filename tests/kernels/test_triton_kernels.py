@@ -96,6 +96,66 @@ def test_decode_attention_splits_and_padding(triton_ops, device: str, dtype: tor
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_decode_attention_in_kernel_merge(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    """Forced split counts (the CPU's default cap is 1 split): the last-arriving program merges the
+    splits in the same launch and resets its arrival counter, so a second launch gives equal output."""
+    _skip_without(device)
+    from kernels.triton import decode_attention as da
+
+    gen = torch.Generator().manual_seed(5)
+    # The interpreter runs every program of the grid in turn: one GQA-7 shape and short contexts there.
+    shapes = SHAPES + GPU_ONLY_SHAPES if device == "cuda" else [(14, 2, 64, 16)]
+    for num_q_heads, num_kv_heads, head_dim, block_size in shapes:
+        lens = [1, 20, 70, 3 * block_size + 1]
+        if device == "cuda":
+            lens += [200, 5000, 2049]
+        batch = make_paged_batch(
+            [(n - 1, 1) for n in lens], num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, gen
+        )
+        args = (batch.q, batch.kv_cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens)
+        scale = 1.0 / math.sqrt(head_dim)
+        ref = reference.paged_attention(*args, scale, 1)
+        for max_splits in (1, 3, 16) if device == "cuda" else (3, 16):
+            out = da.decode_attention(*args, scale, max_splits=max_splits)
+            again = da.decode_attention(*args, scale, max_splits=max_splits)
+            err = _rel_err(out, ref)
+            assert err < _tol(dtype), (num_q_heads, num_kv_heads, head_dim, max_splits, err)
+            assert torch.equal(out, again), "a second launch must see reset counters"
+        assert int(da._COUNTERS[batch.q.device].abs().sum()) == 0, "arrival counters left non-zero"
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_rotary_write_kv_cache(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    """The fused rotary + KV write equals `rotary` then `write_kv_cache` (bitwise on the cache)."""
+    _skip_without(device)
+    for num_q_heads, num_kv_heads, head_dim in [(4, 4, 64), (14, 2, 64), (32, 8, 128)]:
+        cos_sin = reference.build_rope_cache(head_dim, 4096, 10000.0, None, dtype, device)
+        tokens, num_blocks, block_size = 23, 5, 16
+        qkv = torch.randn(tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, device=device).to(dtype)
+        q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+        q = qkv[:, :q_size].view(tokens, num_q_heads, head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(tokens, num_kv_heads, head_dim)
+        v = qkv[:, q_size + kv_size :].view(tokens, num_kv_heads, head_dim)
+        positions = torch.randint(0, 4096, (tokens,), device=device)
+        slots = torch.randperm(num_blocks * block_size)[:tokens].to(device)
+        slots[::5] = -1  # padding rows write nothing
+        cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, device=device).to(dtype)
+        expected = cache.clone()
+        q_ref = reference.rotary_write_kv_cache(q, k, v, expected, slots, positions, cos_sin)
+        q_out = triton_ops.rotary_write_kv_cache(q, k, v, cache, slots, positions, cos_sin)
+        tol = _tol(dtype)
+        torch.testing.assert_close(q_out, q_ref, atol=tol * 4, rtol=tol)
+        torch.testing.assert_close(cache, expected, atol=tol * 4, rtol=tol)
+        untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+        untouched[slots[slots >= 0].cpu()] = False
+        flat = cache.view(2, -1, num_kv_heads, head_dim)
+        assert torch.equal(
+            flat[:, untouched.to(device)],
+            expected.view(2, -1, num_kv_heads, head_dim)[:, untouched.to(device)],
+        )
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_write_kv_cache(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     _skip_without(device)
     num_blocks, block_size, heads, dim, tokens = 9, 16, 2, 64, 40
@@ -180,3 +240,67 @@ def test_tiny_head_dim_falls_back_to_reference(triton_ops, device: str, dtype: t
     batch = make_paged_batch([(5, 7), (9, 1)], 8, 4, 8, 16, dtype, device, gen)  # stories260K: head_dim 8
     args = (batch.q, batch.kv_cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, 8**-0.5, 7)
     torch.testing.assert_close(triton_ops.paged_attention(*args), reference.paged_attention(*args))
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_skinny_gemm(device: str, dtype: torch.dtype) -> None:
+    """Every candidate config of the decode-sized GEMM against F.linear (odd N and K exercise the
+    masks), with and without bias."""
+    _skip_without(device)
+    pytest.importorskip("triton")
+    import torch.nn.functional as F
+
+    from kernels.triton.skinny_gemm import CANDIDATES, skinny_gemm
+
+    gen = torch.Generator().manual_seed(6)
+    n, k = 200, 300
+    weight = torch.randn(n, k, generator=gen).to(device, dtype)
+    bias = torch.randn(n, generator=gen).to(device, dtype)
+    configs = CANDIDATES if device == "cuda" else CANDIDATES[:2]
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, k, generator=gen).to(device, dtype)
+        for b in (None, bias):
+            ref = F.linear(x.float(), weight.float(), None if b is None else b.float())
+            for config in configs:
+                out = skinny_gemm(x, weight, b, config)
+                assert out.shape == (rows, n) and out.dtype == dtype
+                err = _rel_err(out, ref)
+                # fp32 on a GPU: tl.dot runs TF32 (why tune_linear leaves fp32 on cuBLAS)
+                tol = 2e-3 if (dtype == torch.float32 and device == "cuda") else _tol(dtype)
+                assert err < tol, (rows, config, b is None, err)
+
+
+def test_linear_without_tuning_is_f_linear() -> None:
+    """No measured choice (the CPU, fp32, or an untuned shape): `linear` is exactly F.linear."""
+    pytest.importorskip("triton")
+    import torch.nn.functional as F
+
+    from kernels.triton.skinny_gemm import linear, tune_linear
+
+    x, w, b = torch.randn(2, 24), torch.randn(40, 24), torch.randn(40)
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+    assert tune_linear([w], b) == []  # CPU: nothing timed, nothing chosen
+
+
+@pytest.mark.gpu
+def test_tune_linear_on_gpu_picks_a_correct_kernel() -> None:
+    """On CUDA: the tuner times cuBLAS and every config for 1, 2, 4, 8 rows, reports each, and
+    `linear` then matches F.linear whichever it chose."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import torch.nn.functional as F
+
+    from kernels.triton.skinny_gemm import chosen, linear, tune_linear
+
+    weights = [torch.randn(3072, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    bias = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
+    lines = tune_linear(weights, bias, 8, "test")
+    print("\n".join(lines))
+    assert len(lines) == 4 and all("cuBLAS" in line for line in lines)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        ref = F.linear(x.float(), weights[1].float(), bias.float())
+        assert _rel_err(linear(x, weights[1], bias), ref) < 1e-2, (
+            rows,
+            chosen(3072, 1024, torch.bfloat16, True, rows),
+        )

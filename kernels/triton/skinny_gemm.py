@@ -1,0 +1,248 @@
+"""Skinny GEMM for decode-sized inputs (T <= 8 rows): y = x @ W.T + b, and the per-shape choice
+between it and cuBLAS (F.linear), made by timing both on this GPU.
+
+A batch-1 decode step is a chain of GEMVs whose time is the weight bytes over the bandwidth they
+reach. Each program streams BLOCK_N full rows of W (K-contiguous, 16-byte loads, `num_stages`
+tiles in flight through shared memory) against the <= 16 input rows padded into one tensor-core
+dot; no split-K, so the sum order is fixed and the result deterministic (CUDA graphs on and off
+must agree bitwise). Whether this beats cuBLAS depends on the shape and the GPU, so nothing is
+assumed: `tune_linear` times both for each weight shape of the model and each row count 1, 2, 4,
+8 (weights rotated across layers and L2 flushed before every timed call, as in a real step), and
+`linear` then uses the faster. The report lines say what was measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 8  # row counts above this always take cuBLAS (GEMMs there are not bandwidth-bound GEMVs)
+# A kernel must beat cuBLAS by this factor to be chosen: smaller gaps are within timing noise.
+MIN_GAIN = 1.03
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"triton(n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages})"
+
+
+CANDIDATES = (
+    SkinnyConfig(16, 256, 4, 4),
+    SkinnyConfig(32, 256, 4, 4),
+    SkinnyConfig(64, 128, 4, 4),
+    SkinnyConfig(16, 512, 4, 3),
+)
+
+
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    bias_ptr,  # [N] (unused without HAS_BIAS)
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < M
+    col_mask = cols < N
+    kk = tl.arange(0, BLOCK_K)
+    x_base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+    w_base = w_ptr + cols[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        k_mask = k < K
+        x = tl.load(x_base + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_base + k[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+def skinny_gemm(
+    x: torch.Tensor,  # [M, K], M <= 16, rows contiguous
+    weight: torch.Tensor,  # [N, K] contiguous
+    bias: torch.Tensor | None,  # [N]
+    config: SkinnyConfig,
+) -> torch.Tensor:  # [M, N]
+    """x @ weight.T (+ bias) with fp32 accumulation, rounded once to x's dtype."""
+    num_rows, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape == (n, k) and weight.stride(1) == 1 and x.stride(1) == 1, (x.shape, weight.shape)
+    assert num_rows <= 16 and x.dtype == weight.dtype, (num_rows, x.dtype, weight.dtype)
+    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    if num_rows == 0:
+        return out
+    _skinny_gemm_kernel[(triton.cdiv(n, config.block_n),)](
+        x,
+        weight,
+        bias if bias is not None else weight,
+        out,
+        num_rows,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=16,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+# (N, K, dtype, has_bias, row bucket) -> the config to use; absent or None -> cuBLAS
+_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig | None] = {}
+
+
+def _bucket(rows: int) -> int:
+    return triton.next_power_of_2(max(rows, 1))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x [T, K], weight [N, K], bias) -> [T, N]; the skinny kernel where it was measured faster."""
+    if x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and x.is_cuda:
+        key = (weight.shape[0], weight.shape[1], weight.dtype, bias is not None, _bucket(x.shape[0]))
+        config = _CHOICE.get(key)
+        if config is not None and weight.stride(1) == 1:
+            return skinny_gemm(x, weight, bias, config)
+    return F.linear(x, weight, bias)
+
+
+def _graph_seconds(body, iters: int) -> float:  # type: ignore[no-untyped-def]
+    """Median device seconds of one replay of a CUDA graph of `body(i)` for i < iters. Timing graph
+    replays measures what a decode graph sees: no host launch latency between kernels."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body(0)  # compiles and warms up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(iters):
+            body(i)
+    graph.replay()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del graph
+    return statistics.median(times)
+
+
+def _time_calls(fn, weights: list[torch.Tensor], flush: torch.Tensor, flush_s: float, iters: int) -> float:  # type: ignore[no-untyped-def]
+    """Device seconds of one fn(weight) on a cold L2 (flushed before each call, the next layer's
+    weight each time), from a graph of iters (flush, call) pairs minus the flushes alone."""
+
+    def body(i: int) -> None:
+        flush.zero_()
+        fn(weights[i % len(weights)])
+
+    return max(_graph_seconds(body, iters) - flush_s * iters, 1e-9) / iters
+
+
+def tune_linear(
+    weights: list[torch.Tensor],  # [N, K] each, one shape: the same projection of every layer
+    bias: torch.Tensor | None,  # [N] of the first layer (its presence selects the kernel variant)
+    max_rows: int = MAX_ROWS,
+    name: str = "",
+    reps: int = 30,
+) -> list[str]:
+    """Time F.linear against each skinny config for 1, 2, 4, ... max_rows rows; remember the fastest.
+    Returns one report line per row count. A config whose output is off (relative error > 1e-2
+    against F.linear) is never chosen. CUDA and bf16/fp16 only: otherwise nothing is chosen and []
+    is returned."""
+    w0 = weights[0]
+    # fp32 stays on cuBLAS: tl.dot would run it in TF32, a different function from F.linear's.
+    if (
+        not w0.is_cuda
+        or w0.dim() != 2
+        or w0.stride(1) != 1
+        or w0.dtype not in (torch.bfloat16, torch.float16)
+    ):
+        return []
+    n, k = w0.shape
+    device = w0.device
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
+    flush = torch.empty(l2 // 4, dtype=torch.int32, device=device)  # writing L2's size evicts the weights
+    iters = reps
+    flush_s = _graph_seconds(lambda i: flush.zero_(), iters) / iters
+    lines = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = 1
+    while rows <= min(max_rows, MAX_ROWS):
+        x = torch.randn(rows, k, device=device, generator=gen).to(w0.dtype)
+        ref = F.linear(x, w0, bias).double()
+        t_cublas = _time_calls(lambda w, x=x: F.linear(x, w, bias), weights, flush, flush_s, iters)
+        best: SkinnyConfig | None = None
+        best_t = t_cublas / MIN_GAIN
+        results = [f"cuBLAS {t_cublas * 1e6:.1f} us"]
+        for config in CANDIDATES:
+            try:
+                out = skinny_gemm(x, w0, bias, config).double()
+                err = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+                if not err < 1e-2:
+                    results.append(f"{config} rejected (rel err {err:.2g})")
+                    continue
+                t = _time_calls(
+                    lambda w, x=x, c=config: skinny_gemm(x, w, bias, c), weights, flush, flush_s, iters
+                )
+            except Exception as exc:  # a config this GPU cannot compile or run is skipped, not fatal
+                results.append(f"{config} failed ({type(exc).__name__})")
+                continue
+            results.append(f"{config} {t * 1e6:.1f} us")
+            if t < best_t:
+                best, best_t = config, t
+        _CHOICE[(n, k, w0.dtype, bias is not None, rows)] = best
+        nbytes = (n * k + rows * (k + n)) * w0.element_size()
+        chosen_t = t_cublas if best is None else best_t
+        lines.append(
+            f"linear {name} {n}x{k} rows={rows}: "
+            + ", ".join(results)
+            + f" -> {'cuBLAS' if best is None else best} ({nbytes / chosen_t / 1e9:.0f} GB/s,"
+            f" cuBLAS {nbytes / t_cublas / 1e9:.0f} GB/s)"
+        )
+        rows *= 2
+    return lines
+
+
+def chosen(n: int, k: int, dtype: torch.dtype, has_bias: bool, rows: int) -> SkinnyConfig | None:
+    """The config `linear` uses for this shape and row count (None: cuBLAS)."""
+    return _CHOICE.get((n, k, dtype, has_bias, _bucket(rows)))
