@@ -1,0 +1,147 @@
+"""The gateway in disaggregated mode, with real processes: a styler, one prefill and two decode
+workers behind one gateway, two unified workers behind another (the reference).
+
+Workers are killed with SIGKILL in the middle of 32 requests; every request still completes with
+exactly the text an undisturbed run gives (seeded sampling continues where it stopped).
+The tests of this module run in order and share the stack (each kill is permanent).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from disagg_stack import Processes
+from openai import OpenAI
+
+pytestmark = pytest.mark.e2e
+
+NUM_REQUESTS = 32
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def stack(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    procs = Processes(tmp_path_factory.mktemp("disagg"), stories_dir)
+    try:
+        procs.styler()
+        procs.worker("prefill", "--role", "prefill")
+        procs.worker("decode-0", "--role", "decode")
+        procs.worker("decode-1", "--role", "decode")
+        procs.worker("unified-0")
+        procs.worker("unified-1")
+        procs.gateway(
+            "gw-disagg",
+            "--prefill-worker",
+            procs.address("prefill"),
+            "--decode-worker",
+            procs.address("decode-0"),
+            "--decode-worker",
+            procs.address("decode-1"),
+        )
+        procs.gateway(
+            "gw-unified", "--worker", procs.address("unified-0"), "--worker", procs.address("unified-1")
+        )
+        procs.wait_healthy("gw-disagg")
+        procs.wait_healthy("gw-unified")
+        yield procs
+    finally:
+        procs.stop()
+
+
+def client(stack: Processes, gateway: str) -> OpenAI:
+    return OpenAI(base_url=f"http://127.0.0.1:{stack.ports[gateway]}/v1", api_key="unused", max_retries=0)
+
+
+def request(i: int, max_tokens: int) -> dict[str, Any]:
+    """Token-id prompts (a shared 20-token head for half of them), seeded sampling or greedy."""
+    head = [1, *[(37 * k) % (VOCAB - 3) + 3 for k in range(19)]]
+    tail = [(i * 53 + k * 11) % (VOCAB - 3) + 3 for k in range(3 + i % 17)]
+    prompt = head + tail if i % 2 else [1, *tail]
+    sampling: dict[str, Any] = {"temperature": 0.0} if i % 4 == 0 else {"temperature": 1.0, "seed": 100 + i}
+    return dict(
+        model="stories260K", prompt=prompt, max_tokens=max_tokens, extra_body={"ignore_eos": True}, **sampling
+    )
+
+
+def complete_all(oai: OpenAI, max_tokens: int) -> list[str]:
+    def one(i: int) -> str:
+        reply = oai.completions.create(**request(i, max_tokens))
+        assert reply.choices[0].finish_reason == "length"
+        return reply.choices[0].text
+
+    with ThreadPoolExecutor(NUM_REQUESTS) as pool:
+        return list(pool.map(one, range(NUM_REQUESTS)))
+
+
+def stream_all(oai: OpenAI, max_tokens: int, kill: Any) -> list[str]:
+    """32 streams; `kill()` runs once most of them have produced text and none has finished."""
+    progress = [0] * NUM_REQUESTS
+    started = threading.Event()
+
+    def one(i: int) -> str:
+        parts = []
+        for chunk in oai.completions.create(**request(i, max_tokens), stream=True):
+            if chunk.choices:
+                parts.append(chunk.choices[0].text)
+                progress[i] += 1
+                if sum(p >= 2 for p in progress) >= NUM_REQUESTS // 2:
+                    started.set()
+        return "".join(parts)
+
+    with ThreadPoolExecutor(NUM_REQUESTS) as pool:
+        futures = [pool.submit(one, i) for i in range(NUM_REQUESTS)]
+        assert started.wait(60), "streams did not start"
+        assert not any(f.done() for f in futures), "a stream finished before the kill: make them longer"
+        kill()
+        return [f.result(timeout=120) for f in futures]
+
+
+def test_disaggregated_gateway_matches_unified(stack: Processes) -> None:
+    health = stack.wait_healthy("gw-disagg")
+    assert set(health["prefill_worker"]) == {stack.address("prefill")}
+    expected = complete_all(client(stack, "gw-unified"), 24)
+    assert complete_all(client(stack, "gw-disagg"), 24) == expected
+    assert "fetched KV" in stack.log("decode-0") + stack.log("decode-1")
+
+
+def test_decode_worker_killed_mid_stream(stack: Processes) -> None:
+    expected = complete_all(client(stack, "gw-unified"), 96)
+    texts = stream_all(client(stack, "gw-disagg"), 96, lambda: stack.kill("decode-0"))
+    assert texts == expected  # nothing lost, nothing repeated
+    assert "resuming elsewhere" in stack.log("gw-disagg")
+
+
+def test_prefill_worker_killed_mid_load(stack: Processes) -> None:
+    expected = complete_all(client(stack, "gw-unified"), 24)
+    oai = client(stack, "gw-disagg")
+    done = [False] * NUM_REQUESTS
+
+    def one(i: int) -> str:
+        time.sleep(0.04 * i)  # arrivals spread over ~1.3 s: the kill lands among them
+        reply = oai.completions.create(**request(i, 24))
+        done[i] = True
+        return reply.choices[0].text
+
+    with ThreadPoolExecutor(NUM_REQUESTS) as pool:
+        futures = [pool.submit(one, i) for i in range(NUM_REQUESTS)]
+        time.sleep(0.6)
+        stack.kill("prefill")
+        done_at_kill = sum(done)
+        texts = [f.result(timeout=120) for f in futures]
+    assert 0 < done_at_kill < NUM_REQUESTS // 2, done_at_kill
+    assert texts == expected
+    assert complete_all(oai, 8) == complete_all(client(stack, "gw-unified"), 8)  # still serving
+
+
+def test_unified_worker_killed_mid_stream(stack: Processes) -> None:
+    oai = client(stack, "gw-unified")
+    expected = complete_all(oai, 96)
+    texts = stream_all(oai, 96, lambda: stack.kill("unified-0"))
+    assert texts == expected
+    assert "resuming elsewhere" in stack.log("gw-unified")
