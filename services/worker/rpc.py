@@ -396,7 +396,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 )
             first_block = request.skip_tokens // block_size
             async for chunk in kv_transfer.stream_chunks(
-                self.engine.kv_cache.tensor, held, first_block, self.engine.config.kv_chunk_bytes
+                self.engine.kv_cache.tensor,
+                held,
+                first_block,
+                request.chunk_bytes or self.engine.config.kv_chunk_bytes,
             ):
                 yield chunk_to_pb(chunk)
             num_blocks_sent = len(held.block_ids) - first_block
