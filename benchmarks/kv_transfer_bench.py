@@ -1,0 +1,245 @@
+"""FetchKV speed: GB/s of a prefilled prompt's KV, over loopback TCP and between two worker processes.
+
+    python benchmarks/kv_transfer_bench.py --shape Qwen2-0.5B --device cuda --prompt-tokens 4096
+    python benchmarks/kv_transfer_bench.py --shape cpu-small --device cpu --prompt-tokens 1024
+
+Starts a prefill worker and a decode worker (dummy weights of the shape, TCP on 127.0.0.1) and:
+  loopback   this process Prefills a prompt, then pulls its KV with FetchKV (bytes only, no
+             device copy on this side), for several chunk sizes (FetchKVRequest.chunk_bytes);
+  worker     the decode worker's Generate with the handle as kv_source: its own log line
+             "fetched KV of ...: N bytes in T ms" (device->host on the prefill worker, gRPC,
+             host->device into the decode worker's cache, all included).
+Each point is the median of --repeats fetches of distinct prompts (no prefix-cache hit).
+JSON to --out; a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import grpc  # noqa: E402
+
+from services.common.server import GRPC_OPTIONS  # noqa: E402
+from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # BENCHMARKS.md "Model shapes"
+    "Qwen2-0.5B": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "use_sliding_window": False,
+        "eos_token_id": 151643,
+        "bos_token_id": 151643,
+        "hidden_act": "silu",
+    },
+    # a CPU-sized model with a KV of 16 KiB per token in fp32
+    "cpu-small": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6,
+        "eos_token_id": 151643,
+        "bos_token_id": 151643,
+        "hidden_act": "silu",
+    },
+}
+
+
+def write_model(root: Path, shape: str, tokenizer: Path | None = None) -> Path:
+    """A model directory of `shape` (config.json; tokenizer files copied when given)."""
+    path = root / shape
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(SHAPES[shape]))
+    if tokenizer is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (tokenizer / name).exists():
+                (path / name).write_bytes((tokenizer / name).read_bytes())
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_worker(
+    model: Path, role: str, device: str, log: Path, extra: list[str]
+) -> tuple[subprocess.Popen[bytes], str]:
+    address = f"127.0.0.1:{free_port()}"
+    args = [sys.executable, "-m", "tandem", "worker", "--model", str(model), "--load-format", "dummy"]
+    args += ["--role", role, "--address", address, "--device", device, "--max-model-len", "8192", *extra]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    return proc, address
+
+
+def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 300) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{log.read_text()[-3000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"worker at {address} not serving:\n{log.read_text()[-3000:]}")
+
+
+def prefill(stub: worker_pb2_grpc.WorkerStub, rid: str, prompt: list[int]) -> worker_pb2.PrefillResponse:
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    return stub.Prefill(worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prompt-tokens", type=int, default=1024)
+    ap.add_argument("--chunk-sizes", default="65536,262144,1048576,4194304,16777216")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--worker-args", default="", help="extra options for both workers")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    extra = args.worker_args.split()
+    if args.device.startswith("cuda"):
+        extra += ["--gpu-memory-utilization", "0.3", "--enforce-eager"]
+    else:
+        extra += ["--kv-cache-memory", "1GiB", "--cpu-threads", "1"]
+    sizes = [int(s) for s in args.chunk_sizes.split(",")]
+    vocab = SHAPES[args.shape]["vocab_size"]
+    results: dict[str, Any] = {
+        "shape": args.shape,
+        "device": args.device,
+        "prompt_tokens": args.prompt_tokens,
+        "loopback": [],
+        "worker_to_worker": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model = write_model(root, args.shape)
+        p_proc, p_addr = start_worker(model, "prefill", args.device, root / "prefill.log", extra)
+        d_proc, d_addr = start_worker(model, "decode", args.device, root / "decode.log", extra)
+        try:
+            wait_serving(p_addr, p_proc, root / "prefill.log")
+            wait_serving(d_addr, d_proc, root / "decode.log")
+            channel = grpc.insecure_channel(p_addr, options=list(GRPC_OPTIONS))
+            p_stub = worker_pb2_grpc.WorkerStub(channel)
+            d_stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(d_addr, options=list(GRPC_OPTIONS)))
+            info = p_stub.Info(worker_pb2.InfoRequest())
+            results["worker_device"] = info.device
+            results["dtype"] = info.dtype
+            counter = [0]
+
+            def prompt() -> list[int]:
+                counter[0] += 1
+                base = counter[0] * 7919
+                return [(base + i * 104729) % (vocab - 10) + 3 for i in range(args.prompt_tokens)]
+
+            prefill(p_stub, "warm", prompt())  # first-use costs (allocator, kernels)
+            for size in [0, *sizes]:  # 0 = the worker's default
+                speeds, nbytes = [], 0
+                for r in range(args.repeats + 1):
+                    reply = prefill(p_stub, f"lb-{size}-{r}", prompt())
+                    start = time.perf_counter()
+                    nbytes = 0
+                    request = worker_pb2.FetchKVRequest(handle_id=reply.handle.handle_id, chunk_bytes=size)
+                    for chunk in p_stub.FetchKV(request):
+                        nbytes += len(chunk.data)
+                    elapsed = time.perf_counter() - start
+                    if r:  # the first fetch of each size warms up
+                        speeds.append(nbytes / elapsed / 1e9)
+                point = {
+                    "chunk_bytes": size or "default",
+                    "bytes": nbytes,
+                    "gb_per_s": statistics.median(speeds),
+                }
+                results["loopback"].append(point)
+                print(
+                    f"loopback chunk {point['chunk_bytes']!s:>9}: {nbytes / 2**20:.1f} MiB at {point['gb_per_s']:.2f} GB/s",
+                    flush=True,
+                )
+            # worker to worker: the decode worker's own measurement (its log line per fetch)
+            for r in range(args.repeats + 1):
+                p = prompt()
+                reply = prefill(p_stub, f"w2w-{r}", p)
+                request = worker_pb2.GenerateRequest(
+                    request_id=f"w2w-{r}",
+                    prompt_token_ids=p,
+                    sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+                    generated_token_ids=list(reply.first.token_ids),
+                    kv_source=reply.handle,
+                )
+                for _ in d_stub.Generate(request):
+                    pass
+            time.sleep(0.5)
+            lines = re.findall(
+                r"fetched KV of (w2w-\d+): (\d+) bytes in ([\d.]+) ms", (root / "decode.log").read_text()
+            )
+            speeds = [int(b) / (float(ms) / 1e3) / 1e9 for rid, b, ms in lines if rid != "w2w-0"]
+            results["worker_to_worker"] = {
+                "bytes": int(lines[-1][1]) if lines else 0,
+                "gb_per_s": statistics.median(speeds) if speeds else None,
+                "samples": speeds,
+            }
+            print(
+                f"worker -> worker (decode's log): {results['worker_to_worker']['gb_per_s']} GB/s", flush=True
+            )
+        finally:
+            for proc in (p_proc, d_proc):
+                proc.send_signal(signal.SIGTERM)
+            for proc in (p_proc, d_proc):
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    out = args.out or str(
+        REPO / "benchmarks" / "results" / f"kv_transfer_{args.shape}_{args.device.split(':')[0]}.json"
+    )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
