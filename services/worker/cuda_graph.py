@@ -8,8 +8,12 @@ never waits on the device (the only synchronisation is the caller reading sample
 
 Padding rows: input id 0, position 0, slot -1 (the KV write skips it), seq_len 0 and an empty
 query range in cu_seqlens_q (the attention kernel leaves their rows unwritten). Their hidden
-rows are discarded; every op of the model is row-independent, so they cannot leak. The graphs output hidden states, not logits: the [B, vocab] logits of every ladder
-size would cost gigabytes of graph memory, and the LM head is one GEMM outside the graph.
+rows are discarded; every op of the model is row-independent, so they cannot leak.
+
+The graphs output hidden states and, for small batch sizes (the caller's forward decides, see
+ModelRunner._decode_forward), the logits and their argmax too: a batch-1 greedy step then
+replays one graph and reads back one token id. Logits for every ladder size would cost gigabytes
+of graph memory (each graph's outputs stay alive), so large batches run the LM head outside.
 """
 
 from __future__ import annotations
@@ -17,13 +21,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from services.worker.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeOutputs:
+    """What a decode graph produces (views of its static outputs: use them before the next step)."""
+
+    hidden: torch.Tensor  # [B, H]
+    logits: torch.Tensor | None  # [B, vocab] in the model dtype, small batch sizes only
+    greedy: torch.Tensor | None  # [B] int64 argmax of logits
+
+    def head(self, rows: int) -> DecodeOutputs:
+        return DecodeOutputs(
+            self.hidden[:rows],
+            None if self.logits is None else self.logits[:rows],
+            None if self.greedy is None else self.greedy[:rows],
+        )
 
 
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
@@ -34,11 +54,11 @@ def batch_size_ladder(max_num_seqs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    """Decode-step graphs of `forward(input_ids [B], meta) -> hidden [B, H]` for B in the ladder."""
+    """Decode-step graphs of `forward(input_ids [B], meta) -> DecodeOutputs` for B in the ladder."""
 
     def __init__(
         self,
-        forward: Callable[[torch.Tensor, AttentionMetadata], torch.Tensor],
+        forward: Callable[[torch.Tensor, AttentionMetadata], DecodeOutputs],
         cos_sin_cache: torch.Tensor,  # [max_pos, D]
         max_num_seqs: int,
         max_blocks_per_seq: int,
@@ -70,7 +90,7 @@ class CudaGraphRunner:
             cos_sin_cache=cos_sin_cache,
         )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, DecodeOutputs] = {}
         self.capture_seconds = 0.0
         self.capture_bytes = 0
 
@@ -131,7 +151,7 @@ class CudaGraphRunner:
         slot_mapping: list[int],  # [B]
         seq_lens: list[int],  # [B]
         block_tables: torch.Tensor,  # [B, w] int32 on the CPU, w <= max_blocks_per_seq
-    ) -> torch.Tensor:  # [B, H] hidden states (a view of the graph's output: use before the next step)
+    ) -> DecodeOutputs:  # rows [:B] of the graph's outputs (views: use them before the next step)
         num_seqs = len(input_ids)
         bs = self.padded_size(num_seqs)
         width = block_tables.shape[1]
@@ -153,7 +173,7 @@ class CudaGraphRunner:
         self.pack[:end].copy_(stage[:end], non_blocking=True)
         self.block_tables[:num_seqs, :width].copy_(self.pack[self.block_offset : end].view(num_seqs, width))
         self.graphs[bs].replay()
-        return self.outputs[bs][:num_seqs]
+        return self.outputs[bs].head(num_seqs)
 
 
 def _ladder_text(sizes: list[int]) -> str:

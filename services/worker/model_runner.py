@@ -14,19 +14,25 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
 from kernels import KernelOps, build_rope_cache
-from services.worker.cuda_graph import CudaGraphRunner
+from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.gpu_sampler import GpuSampler
 from services.worker.kv_cache import KVCache
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.loader import build_model
 from services.worker.model_config import ModelConfig
 from services.worker.request import Sequence
-from services.worker.sampler import Sampler, SamplingMetadata, row_seed, token_logprobs
+from services.worker.sampler import Sampler, SamplerOutput, SamplingMetadata, row_seed, token_logprobs
 from services.worker.scheduler import SampledToken, SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+# Decode graphs of up to this many rows also run the LM head and a greedy argmax, so an all-greedy
+# small-batch step replays one graph and reads back only the token ids. Their logits stay alive
+# as graph outputs ([rows, vocab] in the model dtype, 1 + 2 + 4 + 8 rows: ~4.6 MB for a 152k vocab).
+GRAPH_LOGITS_MAX_ROWS = 8
 
 
 class ModelRunner:
@@ -51,11 +57,44 @@ class ModelRunner:
         self.cos_sin_cache = build_rope_cache(
             cfg.head_dim, rope_len, cfg.rope_theta, cfg.rope_scaling, dtype, device
         )
+        # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
+        # (kernels/triton/skinny_gemm.py) before anything else takes the memory.
+        self.linear_report: list[str] = self._tune_linears() if device.type == "cuda" else []
         sampler_cls = GpuSampler if device.type == "cuda" else Sampler
         self.sampler = sampler_cls(torch.Generator(device=device).manual_seed(seed))
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
         self._greedy_columns: dict[int, torch.Tensor] = {}  # [7, S] placeholders for all-greedy steps
+
+    def _tune_linears(self) -> list[str]:
+        if self.ops.tune_linear is None:
+            return []
+        # Each projection of every layer by name (qkv_proj, o_proj, gate_up_proj, down_proj), then the LM head.
+        groups: dict[str, list[nn.Linear]] = {}
+        for name, module in self.model.model.layers.named_modules():
+            if isinstance(module, nn.Linear):
+                groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+        groups["lm_head"] = [self.model.lm_head]
+        report: list[str] = []
+        with torch.inference_mode():
+            for name, mods in groups.items():
+                shapes = {tuple(m.weight.shape) for m in mods}
+                assert len(shapes) == 1, (name, shapes)
+                report += self.ops.tune_linear(
+                    [m.weight for m in mods], mods[0].bias, GRAPH_LOGITS_MAX_ROWS, name
+                )
+        torch.cuda.empty_cache()
+        for line in report:
+            log.info("%s", line)
+        return report
+
+    def _decode_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:
+        """What a decode graph computes: hidden states, and for small batches the LM head + argmax."""
+        hidden = self.model(input_ids, meta)
+        if input_ids.shape[0] > GRAPH_LOGITS_MAX_ROWS:
+            return DecodeOutputs(hidden, None, None)
+        logits = self.model.lm_head(hidden)  # [B, vocab] in the model dtype (compute_logits casts)
+        return DecodeOutputs(hidden, logits, logits.argmax(dim=-1))
 
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
@@ -74,7 +113,9 @@ class ModelRunner:
             return False
         assert self.kv_cache is not None, "bind the KV cache before capturing"
         max_blocks = -(-max_model_len // self.block_size)
-        self.graphs = CudaGraphRunner(self.model, self.cos_sin_cache, max_num_seqs, max_blocks, self.device)
+        self.graphs = CudaGraphRunner(
+            self._decode_forward, self.cos_sin_cache, max_num_seqs, max_blocks, self.device
+        )
         self.graphs.capture()
         return True
 
@@ -146,8 +187,10 @@ class ModelRunner:
                     rows.append((s, i))
         dev = self.device
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
+        decoded: DecodeOutputs | None = None
         if self.graphs is not None and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks):
-            hidden = self.graphs.run(input_ids, positions, slots, seq_lens, block_tables)
+            decoded = self.graphs.run(input_ids, positions, slots, seq_lens, block_tables)
+            hidden = decoded.hidden
         else:
             hidden = self._forward_eager(
                 input_ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q
@@ -156,13 +199,32 @@ class ModelRunner:
         results: list[list[SampledToken]] = [[] for _ in out.scheduled]
         if not rows:
             return results
-        if logits_rows != list(range(hidden.shape[0])):  # decode steps sample every row: no gather
-            hidden = hidden[torch.tensor(logits_rows, device=dev)]
-        logits = self.model.compute_logits(hidden)
-        sampled = self.sampler(logits, self._sampling_metadata([s for s, _ in rows]))
+        every_row = logits_rows == list(range(hidden.shape[0]))  # decode steps sample every row
+        meta = self._sampling_metadata([s for s, _ in rows])
+        if decoded is not None and decoded.logits is not None and every_row:
+            sampled = self._sample_graph_outputs(decoded, meta)
+        else:
+            if not every_row:
+                hidden = hidden[torch.tensor(logits_rows, device=dev)]
+            sampled = self.sampler(self.model.compute_logits(hidden), meta)
         for (_, i), token, logprob in zip(rows, sampled.token_ids, sampled.logprobs, strict=True):
             results[i].append(SampledToken(token, logprob))
         return results
+
+    def _sample_graph_outputs(self, decoded: DecodeOutputs, meta: SamplingMetadata) -> SamplerOutput:
+        """Sample from logits the decode graph already computed; a plain greedy batch (no bans,
+        penalties or logprobs) takes the graph's argmax, which is what the sampler would return."""
+        assert decoded.logits is not None and decoded.greedy is not None
+        plain_greedy = (
+            meta.all_greedy
+            and not meta.need_penalties
+            and not any(meta.banned_ids)
+            and all(k is None for k in meta.num_logprobs)
+        )
+        if plain_greedy:
+            ids = decoded.greedy.tolist()  # the step's one synchronisation
+            return SamplerOutput(ids, [None] * len(ids))
+        return self.sampler(decoded.logits.float(), meta)
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, cu_seqlens: list[int]) -> None:
         """Fill `prompt_logprobs` of the scheduled entries that asked for some positions."""

@@ -171,11 +171,15 @@ def test_cuda_graphs_on_and_off_identical(model_dir: Path) -> None:
     seeded = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=32, ignore_eos=True, seed=7)
     params = [greedy, seeded, greedy, seeded]
     out_eager = [r.token_ids[0] for r in eager.generate(prompts, params)]
+    # All greedy, no logprobs, 3 rows padded to the size-4 graph: the graph's own LM head + argmax.
+    plain = eager.generate(prompts[:3], greedy, prefix="plain")
     del eager
     graphs = _engine(model_dir)
     assert graphs.runner.graphs is not None
     out_graphs = [r.token_ids[0] for r in graphs.generate(prompts, params)]
     assert out_graphs == out_eager
+    plain_graphs = graphs.generate(prompts[:3], greedy, prefix="plain")
+    assert [r.token_ids[0] for r in plain_graphs] == [r.token_ids[0] for r in plain]
     # A seeded request alone gives the tokens it gave inside the batch.
     alone = graphs.generate([prompts[1]], [seeded], prefix="alone")[0].token_ids[0]
     assert alone == out_eager[1]

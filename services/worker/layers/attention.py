@@ -44,6 +44,25 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:  # [T, Hq, D]
         assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
         self.ops.write_kv_cache(k, v, self.kv_cache, meta.slot_mapping)
+        return self._attend(q, meta)
+
+    def rotate_write_attend(
+        self,
+        q: torch.Tensor,  # [T, Hq, D] before rotary
+        k: torch.Tensor,  # [T, Hkv, D] before rotary
+        v: torch.Tensor,  # [T, Hkv, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Rotary and the KV write in one kernel (`ops.rotary_write_kv_cache`), then attention."""
+        assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
+        assert self.ops.rotary_write_kv_cache is not None
+        q = self.ops.rotary_write_kv_cache(
+            q, k, v, self.kv_cache, meta.slot_mapping, meta.positions, meta.cos_sin_cache
+        )
+        return self._attend(q, meta)
+
+    def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        assert self.kv_cache is not None
         return self.ops.paged_attention(
             q,
             self.kv_cache,
