@@ -1,0 +1,307 @@
+"""Scenario 4 of BENCHMARKS.md through the gateway, unified vs disaggregated (scenario 6).
+
+    python benchmarks/serving_bench.py --shape Qwen2-0.5B --tokenizer .benchmodel/qwen2.5 --device cuda
+    python benchmarks/serving_bench.py --shape cpu-small --tokenizer ../shared/tokenizers/qwen2.5 \
+        --device cpu --input-len 256 --output-len 32 --rates 1,2 --concurrency 1,4 --num-requests 16
+
+For each mode (`tandem up` with one unified worker; `tandem up --disaggregate`: one prefill and
+one decode worker, sharing one GPU when only one is visible) it sends random token-id prompts of
+--input-len tokens asking --output-len tokens (ignore_eos, streamed over SSE to
+/v1/completions): Poisson arrivals at each of --rates (requests/s), then a closed loop at each
+of --concurrency. Per point: TTFT and ITL (time between SSE chunks) p50 / p99, output tok/s, and
+goodput = requests/s that met TTFT <= 200 ms and a mean ITL <= 50 ms. JSON and a PNG of latency
+against load under benchmarks/results/ (the plot needs matplotlib: `pip install -e .[dev]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from kv_transfer_bench import SHAPES, write_model  # noqa: E402
+
+TTFT_SLO_S = 0.200
+ITL_SLO_S = 0.050
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    ttft: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    num_chunks: int = 0
+    tokens: int = 0
+    error: str = ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Result:
+    res = Result()
+    start = time.perf_counter()
+    last = start
+    try:
+        async with session.post(url, json=body) as resp:
+            if resp.status != 200:
+                res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return res
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    res.error = str(chunk["error"])
+                    return res
+                if chunk.get("usage"):
+                    res.tokens = chunk["usage"]["completion_tokens"]
+                if not chunk.get("choices"):
+                    continue
+                now = time.perf_counter()
+                if res.num_chunks == 0:
+                    res.ttft = now - start
+                else:
+                    res.itls.append(now - last)
+                last = now
+                res.num_chunks += 1
+        res.ok = True
+    except Exception as exc:  # a failed request is counted, not fatal
+        res.error = repr(exc)
+    return res
+
+
+def summarize(results: list[Result], duration: float) -> dict[str, Any]:
+    ok = [r for r in results if r.ok]
+    ttfts = [r.ttft for r in ok]
+    itls = [x for r in ok for x in r.itls]
+    good = [r for r in ok if r.ttft <= TTFT_SLO_S and (statistics.mean(r.itls) if r.itls else 0) <= ITL_SLO_S]
+    return {
+        "num_requests": len(results),
+        "num_failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:3],
+        "duration_s": duration,
+        "ttft_p50_ms": (pct(ttfts, 0.5) or 0) * 1e3,
+        "ttft_p99_ms": (pct(ttfts, 0.99) or 0) * 1e3,
+        "itl_p50_ms": (pct(itls, 0.5) or 0) * 1e3,
+        "itl_p99_ms": (pct(itls, 0.99) or 0) * 1e3,
+        "output_tok_per_s": sum(r.tokens for r in ok) / duration,
+        "goodput_req_per_s": len(good) / duration,
+        "slo_attainment": len(good) / max(len(results), 1),
+    }
+
+
+async def run_load(
+    url: str, model: str, args: argparse.Namespace, rate: float | None, concurrency: int | None, vocab: int
+) -> dict[str, Any]:
+    rng = random.Random(0)
+
+    def body() -> dict[str, Any]:
+        prompt = [rng.randrange(3, min(vocab, 150_000)) for _ in range(args.input_len)]
+        return {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": args.output_len,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = time.perf_counter()
+        if rate is not None:
+            tasks = []
+            for _ in range(args.num_requests):
+                tasks.append(asyncio.create_task(one_request(session, url, body())))
+                await asyncio.sleep(rng.expovariate(rate))
+            results = list(await asyncio.gather(*tasks))
+        else:
+            assert concurrency is not None
+            queue = [body() for _ in range(args.num_requests)]
+            results = []
+
+            async def loop() -> None:
+                while queue:
+                    results.append(await one_request(session, url, queue.pop()))
+
+            await asyncio.gather(*(loop() for _ in range(concurrency)))
+        duration = time.perf_counter() - start
+    point = summarize(results, duration)
+    point["rate"] = rate
+    point["concurrency"] = concurrency
+    return point
+
+
+def start_up(
+    model_dir: Path, mode: str, args: argparse.Namespace, log: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    worker_args = (
+        f"--load-format dummy --max-model-len {args.input_len + args.output_len + 64} {args.worker_args}"
+    )
+    argv = [sys.executable, "-m", "tandem", "up", "--model", str(model_dir), "--port", str(port)]
+    argv += ["--device", args.device, "--worker-args", worker_args, "--startup-timeout", "600"]
+    if mode == "disaggregated":
+        argv.append("--disaggregate")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tandem up exited:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
+                if reply.status == 200:
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(log.read_text()[-4000:])
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for col, (key, label) in enumerate(
+        (("rate", "offered load (req/s, Poisson)"), ("concurrency", "concurrency"))
+    ):
+        for mode, points in results["modes"].items():
+            pts = [p for p in points if p[key] is not None]
+            xs = [p[key] for p in pts]
+            for row, metric in enumerate(("ttft", "itl")):
+                ax = axes[row][col]
+                ax.plot(xs, [p[f"{metric}_p50_ms"] for p in pts], "o-", label=f"{mode} p50")
+                ax.plot(xs, [p[f"{metric}_p99_ms"] for p in pts], "x--", label=f"{mode} p99")
+                ax.set_xlabel(label)
+                ax.set_ylabel(f"{metric.upper()} (ms)")
+                ax.axhline((TTFT_SLO_S if metric == "ttft" else ITL_SLO_S) * 1e3, color="grey", lw=0.8)
+                ax.legend(fontsize=7)
+    fig.suptitle(
+        f"scenario 4: {results['shape']} {results['input_len']} in / {results['output_len']} out on {results['device']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
+    ap.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "tokenizers" / "qwen2.5"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--modes", default="unified,disaggregated")
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--rates", default="2,8,16,32")
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--worker-args", default="")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--plot-only", default="", help="redraw the PNG of an existing JSON")
+    args = ap.parse_args()
+    if args.plot_only:
+        path = Path(args.plot_only)
+        plot(json.loads(path.read_text()), path.with_suffix(".png"))
+        return 0
+    tag = args.tag or f"{args.shape}_{args.device.split(':')[0]}"
+    out = Path(args.out_dir) / f"serving_{tag}.json"
+    results: dict[str, Any] = {
+        "shape": args.shape,
+        "device": args.device,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "slo": {"ttft_ms": TTFT_SLO_S * 1e3, "mean_itl_ms": ITL_SLO_S * 1e3},
+        "modes": {},
+    }
+    vocab = SHAPES[args.shape]["vocab_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model(Path(tmp), args.shape, Path(args.tokenizer))
+        for mode in args.modes.split(","):
+            log = Path(tmp) / f"up-{mode}.log"
+            proc, url = start_up(model_dir, mode, args, log)
+            points = []
+            try:
+                model = args.shape
+                asyncio.run(
+                    run_load(
+                        url + "/v1/completions",
+                        model,
+                        argparse.Namespace(**{**vars(args), "num_requests": 4}),
+                        None,
+                        2,
+                        vocab,
+                    )
+                )  # warm-up
+                loads: list[tuple[float | None, int | None]] = [
+                    (float(r), None) for r in args.rates.split(",") if r
+                ]
+                loads += [(None, int(c)) for c in args.concurrency.split(",") if c]
+                for rate, conc in loads:
+                    point = asyncio.run(run_load(url + "/v1/completions", model, args, rate, conc, vocab))
+                    points.append(point)
+                    print(
+                        f"{mode:>13} rate={rate!s:>5} conc={conc!s:>4}: TTFT p50/p99 {point['ttft_p50_ms']:.1f}/"
+                        f"{point['ttft_p99_ms']:.1f} ms, ITL p50/p99 {point['itl_p50_ms']:.1f}/{point['itl_p99_ms']:.1f} ms, "
+                        f"{point['output_tok_per_s']:.0f} tok/s, goodput {point['goodput_req_per_s']:.2f} req/s, "
+                        f"failed {point['num_failed']}",
+                        flush=True,
+                    )
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                if "fetched KV" in log.read_text():
+                    fetch_lines = [ln for ln in log.read_text().splitlines() if "fetched KV" in ln]
+                    results.setdefault("fetch_samples", {})[mode] = fetch_lines[-3:]
+            results["modes"][mode] = points
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+    plot(results, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
