@@ -22,7 +22,7 @@ class GatewayConfig:
     styler: list[str] = field(default_factory=list)
     """gRPC address of a styler (host:port or unix:/path); repeat for several replicas."""
     worker: list[str] = field(default_factory=list)
-    """gRPC address of a worker (host:port or unix:/path); repeat for several workers."""
+    """gRPC address of a worker (host:port, unix:/path, or dns:HOST:PORT for every address HOST resolves to, e.g. a Kubernetes headless Service); repeat for several workers."""
     prefill_worker: list[str] = field(default_factory=list)
     """Disaggregated mode: gRPC address of a prefill worker (--role prefill); repeatable."""
     decode_worker: list[str] = field(default_factory=list)

@@ -4,6 +4,10 @@ A background task polls every worker's health and `GetLoad`; a worker that stops
 whose stream fails with UNAVAILABLE) leaves the rotation and comes back once its health check
 says SERVING again. Load is the worker's last reported running + waiting requests plus the
 requests this gateway sent it since (so a burst between two polls still spreads out).
+
+An address `dns:HOST:PORT` stands for every address HOST resolves to, re-resolved at each poll:
+behind a Kubernetes headless Service that is one worker per ready pod, so pods that scale in or
+out join and leave the rotation by themselves.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import socket
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +36,7 @@ MAX_PREFIX_CHUNKS = 64
 # A worker holding the prefix wins unless it carries this many more requests than the least loaded.
 AFFINITY_SLACK = 4
 PREFIX_TABLE_SIZE = 100_000
+DNS_PREFIX = "dns:"
 
 
 class NoWorkerAvailable(Exception):
@@ -78,7 +84,13 @@ class Router:
         poll_interval_s: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self.workers = [WorkerState(WorkerClient(a, credentials)) for a in addresses]
+        self._credentials = credentials
+        self._dns_names = [a.removeprefix(DNS_PREFIX) for a in addresses if a.startswith(DNS_PREFIX)]
+        self._dns_members: dict[str, set[str]] = {name: set() for name in self._dns_names}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.workers = [
+            WorkerState(WorkerClient(a, credentials)) for a in addresses if not a.startswith(DNS_PREFIX)
+        ]
         self.poll_interval_s = poll_interval_s
         self._prefix_owner: OrderedDict[bytes, str] = OrderedDict()
         self._round_robin = itertools.count()
@@ -103,11 +115,44 @@ class Router:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for task in self._retiring:
+            task.cancel()
         for w in self.workers:
             await w.client.close()
 
     async def poll_once(self) -> None:
+        await self._resolve_dns()
         await asyncio.gather(*(self._poll(w) for w in self.workers))
+
+    async def _resolve_dns(self) -> None:
+        """Make the workers behind each `dns:` name match what the name resolves to now."""
+        loop = asyncio.get_running_loop()
+        for name in self._dns_names:
+            host, _, port = name.rpartition(":")
+            try:
+                infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except (OSError, ValueError) as exc:
+                log.warning("cannot resolve workers at %s (keeping the last answer): %s", name, exc)
+                continue
+            resolved = {
+                f"[{info[4][0]}]:{port}" if info[0] == socket.AF_INET6 else f"{info[4][0]}:{port}"
+                for info in infos
+            }
+            for address in sorted(resolved - self._dns_members[name]):
+                log.info("worker %s joined (via %s)", address, name)
+                self.workers.append(WorkerState(WorkerClient(address, self._credentials)))
+            for address in self._dns_members[name] - resolved:
+                log.info("worker %s left (via %s)", address, name)
+                for w in [w for w in self.workers if w.address == address]:
+                    self.workers.remove(w)
+                    self._retiring.add(asyncio.create_task(self._close_when_idle(w)))
+            self._dns_members[name] = resolved
+
+    async def _close_when_idle(self, w: WorkerState) -> None:
+        """Close a departed worker's channel once its in-flight streams (a draining pod's) end."""
+        while w.in_flight > 0:
+            await asyncio.sleep(0.5)
+        await w.client.close()
 
     async def _poll_forever(self) -> None:
         while True:
