@@ -47,6 +47,7 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
         try:
             await server.serve_until_signal()
         finally:
+            await servicer.close()
             async_engine.stop()
 
     return run(serve)

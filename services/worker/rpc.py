@@ -433,6 +433,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             call.cancel()
 
+    async def close(self) -> None:
+        """Stop the handle sweeper and close the channels to prefill workers."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for channel in self._kv_channels.values():
+            await channel.close()
+
     def _start_sweeper(self) -> None:
         """Free expired KV handles in the background (started by the first Prefill)."""
         if self._sweeper is not None:

@@ -73,4 +73,5 @@ def start_worker(loop: LoopThread, sock_dir: Path, name: str, **options: Any) ->
 
 def stop_worker(loop: LoopThread, worker: InProcessWorker) -> None:
     loop.run(worker.server.server.stop(0.5))
+    loop.run(worker.servicer.close())
     worker.async_engine.stop()
