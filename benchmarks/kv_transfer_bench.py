@@ -102,7 +102,11 @@ def start_worker(
     address = f"127.0.0.1:{free_port()}"
     args = [sys.executable, "-m", "tandem", "worker", "--model", str(model), "--load-format", "dummy"]
     args += ["--role", role, "--address", address, "--device", device, "--max-model-len", "8192", *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONUNBUFFERED": "1",
+    }
     proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
     return proc, address
 
