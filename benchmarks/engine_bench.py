@@ -378,6 +378,40 @@ class StepTimer:
         return result
 
 
+def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[str]:
+    """Per-kernel device time of the batch-1 decode graph (torch.profiler over graph replays):
+    kernel name, calls per replay, mean us per call, us per replay; the top 12 by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = engine.runner.graphs
+    if graphs is None or 1 not in graphs.graphs:
+        return []
+    graph = graphs.graphs[1]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            entry = totals.setdefault(ev.name[:60], [0.0, 0.0])
+            entry[0] += 1
+            entry[1] += ev.device_time
+    rows = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    total = sum(v[1] for v in totals.values()) / replays
+    lines = [
+        f"{name} batch-1 graph: {sum(v[0] for v in totals.values()) / replays:.0f} kernels, {total:.0f} us busy per replay"
+    ]
+    for kname, (calls, us) in rows[:12]:
+        lines.append(
+            f"  {kname:<60} {calls / replays:5.0f}/replay {us / calls:7.2f} us/call {us / replays:8.1f} us/replay"
+        )
+    return lines
+
+
 def run_offline(
     engine: Engine, prompts: list[list[int]], params: list[SamplingParams]
 ) -> tuple[float, int, int, dict[str, float]]:
@@ -600,6 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers generate() baseline")
     parser.add_argument(
+        "--decode-only", action="store_true", help="scenario 1 only (no prefill / offline scenarios)"
+    )
+    parser.add_argument(
+        "--profile-decode", action="store_true", help="per-kernel device times of the batch-1 decode graph"
+    )
+    parser.add_argument(
         "--out", default="", help="JSON path (default benchmarks/results/engine_<gpu>_<date>.json)"
     )
     args = parser.parse_args(argv)
@@ -641,12 +681,19 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(linear_reports[name]), flush=True)
             rows.append(scenario_decode(engine, name, cfg, plan, ceil, gen))
             print(rows[-1], flush=True)
-            if llama:
+            if args.profile_decode and device.type == "cuda":
+                try:
+                    lines = profile_decode_graph(engine, name)
+                except Exception as exc:  # a diagnostic: never costs the run its other rows
+                    lines = [f"{name}: decode graph profile failed: {exc!r}"]
+                linear_reports[f"{name} decode graph profile"] = lines
+                print("\n".join(lines), flush=True)
+            if llama and not args.decode_only:
                 rows += scenario_prefill(engine, name, cfg, plan, ceil, gen)
                 print(rows[-len(plan.prefill_lens) :], flush=True)
                 rows += scenario_offline(engine, name, cfg, plan, gen)
                 print(rows[-len(plan.offline) :], flush=True)
-            if small:
+            if small and not args.decode_only:
                 rows.append(scenario_small(engine, name, cfg, plan))
                 print(rows[-1], flush=True)
             graphs = None  # the graph runner holds the model: drop every reference before freeing
@@ -655,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            if llama and plan.big_budget:
+            if llama and plan.big_budget and not args.decode_only:
                 # The prefill-bound 1024/128 scenario with a larger per-step token budget.
                 engine = make_engine(
                     model_dir, device.type, plan, max_seqs, max_len, max_num_batched_tokens=plan.big_budget
