@@ -121,7 +121,9 @@ def summarize(results: list[Result], duration: float) -> dict[str, Any]:
 async def run_load(
     url: str, model: str, args: argparse.Namespace, rate: float | None, concurrency: int | None, vocab: int
 ) -> dict[str, Any]:
-    rng = random.Random(0)
+    # Fresh prompts for every load point (no prefix-cache hit from an earlier point or the
+    # warm-up), the same ones in both modes.
+    rng = random.Random(f"{args.input_len}-{rate}-{concurrency}-{args.num_requests}")
 
     def body() -> dict[str, Any]:
         prompt = [rng.randrange(3, min(vocab, 150_000)) for _ in range(args.input_len)]
