@@ -263,3 +263,48 @@ def test_bad_handles_are_clear_errors_and_leak_nothing(
     finally:
         stop_worker(loop, short)
         stop_worker(loop, other)
+
+
+def test_gateway_refuses_to_pair_incompatible_workers(
+    loop: LoopThread,
+    pairs: dict[str, Pair],
+    stories_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from gateway.disaggregation import Disaggregation
+    from gateway.router import Router
+
+    pair = pairs["stories"]
+    other = start_worker(
+        loop,
+        tmp_path_factory.mktemp("pair"),
+        "p-block8",
+        role="prefill",
+        block_size=8,
+        model=str(stories_dir),
+        **COMMON,
+    )
+
+    async def check() -> tuple[list[str], list[str | None]]:
+        decode = Router([pair.decode.address])
+        disagg = Disaggregation([pair.prefill.address, other.address])
+        await decode.start()
+        await disagg.start(decode)  # logs the refusal at start-up
+        lines = disagg.check_pairs(decode)
+        picks = []
+        for _ in range(4):  # only the compatible prefill worker is ever chosen
+            chosen = disagg.pick_prefill([1, 2, 3], decode.workers[0])
+            picks.append(chosen.address if chosen else None)
+        await disagg.close()
+        await decode.close()
+        return lines, picks
+
+    try:
+        with caplog.at_level("ERROR", logger="gateway.disaggregation"):
+            lines, picks = loop.run(check())
+    finally:
+        stop_worker(loop, other)
+    assert len(lines) == 1 and other.address in lines[0] and "block size 8 != 16" in lines[0], lines
+    assert any("refusing to pair" in r.getMessage() for r in caplog.records)
+    assert picks == [pair.prefill.address] * 4
