@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -245,15 +246,17 @@ SPECS = {spec.name: spec for spec in METRICS}
 # --- registry helpers ---------------------------------------------------------------------------
 
 _create_lock = threading.Lock()
-_created: dict[tuple[int, str], Any] = {}
+# Keyed by the registry object itself (weakly): keying by id() handed a dead registry's metric to a
+# new registry that happened to reuse its address.
+_created: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _get_or_create(name: str, factory: Callable[[], Any], registry: CollectorRegistry) -> Any:
-    key = (id(registry), name)
     with _create_lock:
-        if key not in _created:
-            _created[key] = factory()
-        return _created[key]
+        made = _created.setdefault(registry, {})
+        if name not in made:
+            made[name] = factory()
+        return made[name]
 
 
 def _spec(name: str, labels: Sequence[str] | None, help_text: str | None) -> tuple[tuple[str, ...], str]:
