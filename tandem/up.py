@@ -149,7 +149,8 @@ class Child:
             self.last_lines.append(line)
             sys.stderr.write(f"[{self.name}] {line}\n")
 
-    async def wait_ready(self, timeout_s: float) -> None:
+    async def wait_ready(self, timeout_s: float, started: Sequence[Child] = ()) -> None:
+        """Wait until this child reports SERVING; ChildFailed if it, or any `started` child, exits first."""
         assert self.process is not None
         kind, target = self.ready_check.split(":", 1)
         credentials = self.tls.channel_credentials() if self.tls is not None else None
@@ -159,13 +160,20 @@ class Child:
             else _wait_http_ok(target, timeout_s)
         )
         probe_task = asyncio.ensure_future(probe)
-        exit_task = asyncio.ensure_future(self.process.wait())
-        done, _ = await asyncio.wait({probe_task, exit_task}, return_when=asyncio.FIRST_COMPLETED)
-        if exit_task in done:
-            probe_task.cancel()
-            await self._drain_pump()
-            raise ChildFailed(self, f"exited with status {exit_task.result()} during start-up")
-        exit_task.cancel()
+        exits = {
+            asyncio.ensure_future(child.process.wait()): child
+            for child in (self, *started)
+            if child.process is not None
+        }
+        done, _ = await asyncio.wait({probe_task, *exits}, return_when=asyncio.FIRST_COMPLETED)
+        for task in exits:
+            task.cancel()
+        for task, child in exits.items():
+            if task in done and not task.cancelled():
+                probe_task.cancel()
+                await child._drain_pump()
+                when = "during start-up" if child is self else f"while {self.name} was starting"
+                raise ChildFailed(child, f"exited with status {task.result()} {when}")
         try:
             probe_task.result()
         except TimeoutError as exc:
@@ -332,10 +340,10 @@ class Supervisor:
         self.stopping = asyncio.Event()
 
     async def start_all(self) -> None:
-        for child in self.children:
+        for i, child in enumerate(self.children):
             log.info("starting %s", child.name)
             await child.start()
-            await child.wait_ready(self.config.startup_timeout)
+            await child.wait_ready(self.config.startup_timeout, started=self.children[:i])
             log.info("%s is serving", child.name)
 
     async def stop_all(self) -> None:

@@ -82,7 +82,9 @@ class UpProcess:
                 raise RuntimeError(
                     f"tandem up exited with {self.process.returncode}:\n{self.output()[-3000:]}"
                 )
-            if http_status(self.url + "/health") == 200:
+            # `up` itself must have seen every child ready (the gateway's /health can turn 200 a
+            # moment before `up`'s own probe does).
+            if http_status(self.url + "/health") == 200 and "tandem is serving" in self.output():
                 return
             time.sleep(0.2)
         raise TimeoutError(f"tandem up not healthy after {timeout_s}s:\n{self.output()[-3000:]}")
