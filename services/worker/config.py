@@ -53,6 +53,8 @@ class WorkerConfig(ServiceConfig):
     """Kernel implementations: triton on CUDA when supported, reference (PyTorch) otherwise."""
     enforce_eager: bool = False
     """Never capture CUDA graphs; by default decode steps replay graphs captured at start-up on CUDA."""
+    async_scheduling: Literal["auto", "on", "off"] = "auto"
+    """Plan and launch decode step N+1 while step N runs on the device (its input ids come from N's sampled-token tensor); auto: on for CUDA, off on CPU."""
     seed: int = 0
     """Seed of the random stream used by requests without their own seed, and of dummy weights."""
     cpu_threads: int = 0

@@ -77,7 +77,12 @@ class CudaGraphRunner:
         self.block_offset = 5 * max_bs + 1  # after cu_seqlens_q, which holds max_bs + 1 entries
         pack_len = self.block_offset + max_bs * max_blocks_per_seq
         self.pack = torch.zeros(pack_len, dtype=torch.int32, device=device)
-        self.stage = torch.zeros(pack_len, dtype=torch.int32, pin_memory=True)
+        # Two pinned staging buffers used in turn: with async scheduling the next step is packed
+        # while the copy out of the previous staging buffer may still wait behind the running
+        # step. The event recorded after each copy guards the buffer's reuse.
+        self.stages = [torch.zeros(pack_len, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.stage_events = [torch.cuda.Event() for _ in range(2)]
+        self._stage_turn = 0
         self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.input_ids = self.pack[:max_bs]
         self.meta_template = AttentionMetadata(
@@ -146,18 +151,23 @@ class CudaGraphRunner:
 
     def run(
         self,
-        input_ids: list[int],  # [B]
+        input_ids: list[int] | torch.Tensor,  # [B] host ids, or [B] int64 already on the device
         positions: list[int],  # [B]
         slot_mapping: list[int],  # [B]
         seq_lens: list[int],  # [B]
         block_tables: torch.Tensor,  # [B, w] int32 on the CPU, w <= max_blocks_per_seq
     ) -> DecodeOutputs:  # rows [:B] of the graph's outputs (views: use them before the next step)
-        num_seqs = len(input_ids)
+        num_seqs = len(positions)
         bs = self.padded_size(num_seqs)
         width = block_tables.shape[1]
-        max_bs, stage = self.max_bs, self.stage
+        turn, self._stage_turn = self._stage_turn, self._stage_turn ^ 1
+        stage, stage_event = self.stages[turn], self.stage_events[turn]
+        stage_event.synchronize()  # its last copy (two steps ago) is done: returns at once in practice
+        max_bs = self.max_bs
+        device_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
+        host_ids = [0] * num_seqs if device_ids is not None else input_ids
         for field_index, values, pad in (
-            (0, input_ids, 0),
+            (0, host_ids, 0),
             (1, positions, 0),
             (2, slot_mapping, -1),  # padding rows write no KV
             (3, seq_lens, 0),
@@ -171,6 +181,9 @@ class CudaGraphRunner:
         end = self.block_offset + num_seqs * width
         stage[self.block_offset : end] = block_tables.reshape(-1)
         self.pack[:end].copy_(stage[:end], non_blocking=True)
+        stage_event.record()
+        if device_ids is not None:  # async scheduling: the previous step's sampled tokens, device to device
+            self.input_ids[:num_seqs].copy_(device_ids)
         self.block_tables[:num_seqs, :width].copy_(self.pack[self.block_offset : end].view(num_seqs, width))
         self.graphs[bs].replay()
         return self.outputs[bs].head(num_seqs)

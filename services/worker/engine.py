@@ -13,12 +13,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from kernels import get_ops
+from services.worker.async_step import StepHandle
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
@@ -34,7 +35,7 @@ from services.worker.request import (
     TokenLogprob,
     validate_request,
 )
-from services.worker.scheduler import Scheduler
+from services.worker.scheduler import SampledToken, Scheduler, SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,14 @@ def resolve_max_model_len(cfg: ModelConfig, requested: int) -> int:
                 f"--max-model-len {requested} exceeds the sliding window {limit}, which is not implemented"
             )
     return requested or limit
+
+
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step enqueued on the device whose tokens the host has not read yet (async scheduling)."""
+
+    out: SchedulerOutput
+    handle: StepHandle
 
 
 @dataclass
@@ -116,6 +125,13 @@ class Engine:
         self.fetching: dict[str, Request] = {}
         self.kv_handles = KVHandleStore(self.block_manager, config.kv_handle_ttl)
         self._arrivals = itertools.count()
+        # Async scheduling: the decode step launched ahead, read by the next step() call.
+        self.async_scheduling = config.async_scheduling == "on" or (
+            config.async_scheduling == "auto" and self.device.type == "cuda"
+        )
+        self._launched: LaunchedStep | None = None
+        self.num_continuations = 0  # steps launched before the previous one's tokens were read
+        self.num_discarded_rows = 0  # rows of those computed for sequences that had already finished
 
     # ---- setup ---------------------------------------------------------------------------------
     def _num_kv_blocks(self) -> int:
@@ -173,6 +189,7 @@ class Engine:
             return None
         self.requests[request_id] = request  # _output pops it
         self.scheduler.abort(request)
+        self._drop_dead_launch()
         return self._output(request)
 
     def has_unfinished(self) -> bool:
@@ -180,13 +197,53 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.async_scheduling:
+            return self._step_async()
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:  # nothing to compute, but a pending copy-on-fork must not be lost
             self.kv_cache.copy_blocks(scheduled.block_copies)
         sampled = self.runner.execute(scheduled) if not scheduled.is_empty else []
+        return self._apply(scheduled, sampled)
+
+    def _apply(self, scheduled: SchedulerOutput, sampled: list[list[SampledToken]]) -> list[RequestOutput]:
         touched = self.scheduler.update(scheduled, sampled)
         outputs = [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]
         return [out for out in outputs if out.choices or out.finished]  # a prefill chunk: nothing to say
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Async scheduling: step N is launched (now, or by the previous call); while it runs, step
+        N+1 is planned assuming every decode goes on and launched with its input ids taken from
+        N's sampled tokens on the device; only then are N's tokens read (the one wait) and applied.
+        Rows of N+1 whose sequence finished at N (stop token, abort) are discarded when N+1 is
+        read. Returns step N's outputs, like the synchronous step."""
+        current, self._launched = self._launched, None
+        if current is None:
+            scheduled = self.scheduler.schedule()
+            if scheduled.is_empty:
+                self.kv_cache.copy_blocks(scheduled.block_copies)
+                return self._apply(scheduled, [])
+            current = LaunchedStep(scheduled, self.runner.launch(scheduled))
+        following = self.scheduler.schedule_continuation(current.out)
+        if following is not None:
+            self._launched = LaunchedStep(following, self.runner.launch(following, current.handle))
+            self.num_continuations += 1
+        out, sampled = current.out, current.handle.result()
+        live = [i for i, item in enumerate(out.scheduled) if not item.seq.is_finished]
+        if len(live) < len(out.scheduled):  # finished at the step before (or aborted): discard
+            self.num_discarded_rows += len(out.scheduled) - len(live)
+            out = replace(out, scheduled=[out.scheduled[i] for i in live])
+            sampled = [sampled[i] for i in live]
+        outputs = self._apply(out, sampled)
+        self._drop_dead_launch()
+        return outputs
+
+    def _drop_dead_launch(self) -> None:
+        """Forget the launched step when every sequence in it has finished: nobody reads it (its
+        device work completes in stream order before anything reuses the freed blocks)."""
+        launched = self._launched
+        if launched is not None and all(item.seq.is_finished for item in launched.out.scheduled):
+            self.num_discarded_rows += len(launched.out.scheduled)
+            self._launched = None
 
     def _output(self, request: Request) -> RequestOutput:
         choices = []

@@ -61,6 +61,19 @@ def _flat_pairs(rows: list[list[int]], device: torch.device) -> tuple[torch.Tens
 class GpuSampler(Sampler):
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [S, V] float32 on the device."""
+        token_ids, raw_logprobs = self.sample_tensors(logits, meta)
+        ids = token_ids.tolist()  # the step's one synchronisation
+        return SamplerOutput(
+            ids,
+            self._logprobs(raw_logprobs, token_ids, meta) if raw_logprobs is not None else [None] * len(ids),
+        )
+
+    def sample_tensors(
+        self, logits: torch.Tensor, meta: SamplingMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sampled ids [S] int64 and, when a row wants logprobs, the raw log-softmax [S, V], both
+        left on the device: nothing here waits for the device (host->device copies are async), so
+        the caller can launch more work before reading them."""
         logits = logits.float()
         want_logprobs = any(k is not None for k in meta.num_logprobs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -68,15 +81,11 @@ class GpuSampler(Sampler):
         if banned is not None or meta.need_penalties:
             logits = logits.clone()
         if banned is not None:
-            logits.index_put_(banned, torch.tensor(float("-inf"), device=logits.device))
+            logits.index_put_(banned, torch.full((), float("-inf"), device=logits.device))
         if meta.need_penalties:
             logits = self._apply_penalties(logits, meta)
         token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
-        ids = token_ids.tolist()  # the step's one synchronisation
-        return SamplerOutput(
-            ids,
-            self._logprobs(raw_logprobs, token_ids, meta) if raw_logprobs is not None else [None] * len(ids),
-        )
+        return token_ids, raw_logprobs
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -89,7 +98,7 @@ class GpuSampler(Sampler):
             counts.index_put_(out_pairs, torch.ones(out_pairs[0].shape[0], device=device), accumulate=True)
         prompt_pairs = _flat_pairs(meta.prompt_ids, device)
         if prompt_pairs is not None:
-            in_prompt.index_put_(prompt_pairs, torch.tensor(True, device=device))
+            in_prompt.index_put_(prompt_pairs, torch.ones((), dtype=torch.bool, device=device))
         rep = meta.repetition_penalty[:, None]
         seen = in_prompt | (counts > 0)
         penalized = torch.where(logits > 0, logits / rep, logits * rep)
@@ -109,6 +118,10 @@ class GpuSampler(Sampler):
         if seeded_rows:
             seeds = torch.tensor([_i64(meta.seeds[r] or 0) for r in seeded_rows], dtype=torch.int64)
             rows = torch.tensor(seeded_rows, dtype=torch.int64)
-            q[rows.to(q.device)] = hashed_exponential(seeds.to(q.device), probs.shape[1])
+            # non_blocking: a pageable host->device copy is staged at once and does not wait for
+            # the device (a blocking one would stall on the step still running ahead of this one)
+            q[rows.to(q.device, non_blocking=True)] = hashed_exponential(
+                seeds.to(q.device, non_blocking=True), probs.shape[1]
+            )
         sampled = (probs / q).argmax(dim=-1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from kernels import KernelOps, build_rope_cache
+from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.gpu_sampler import GpuSampler
 from services.worker.kv_cache import KVCache
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.loader import build_model
 from services.worker.model_config import ModelConfig
-from services.worker.request import Sequence
-from services.worker.sampler import Sampler, SamplerOutput, SamplingMetadata, row_seed, token_logprobs
+from services.worker.request import Sequence, TokenLogprob
+from services.worker.sampler import Sampler, SamplingMetadata, row_seed, token_logprobs
 from services.worker.scheduler import SampledToken, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class ModelRunner:
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
         self._greedy_columns: dict[int, torch.Tensor] = {}  # [7, S] placeholders for all-greedy steps
+        self._readback: TokenReadback | None = None  # CUDA: pinned buffers the sampled ids come back through
 
     def _tune_linears(self) -> list[str]:
         if self.ops.tune_linear is None:
@@ -153,10 +155,16 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return int(peak)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[list[SampledToken]]:
         """One forward over the scheduled tokens; returns, per scheduled sequence, its sampled
         token then one per forked child (empty when the sequence did not reach its end)."""
+        return self.launch(out).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+        """Enqueue one forward over the scheduled tokens and the sampling; `result()` on the handle
+        reads the tokens. A continuation (`out.prev_rows`, async scheduling) takes its input ids
+        from `prev`'s sampled tokens on the device, so nothing here waits for `prev` to finish."""
         assert self.kv_cache is not None
         self.kv_cache.copy_blocks(out.block_copies)
         bs = self.block_size
@@ -175,7 +183,8 @@ class ModelRunner:
         )
         for i, item in enumerate(out.scheduled):
             seq, start, end = item.seq, item.start, item.start + item.num_new_tokens
-            input_ids += seq.token_ids[start:end]
+            if not item.pending_tokens:
+                input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             blocks = seq.block_ids
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
@@ -186,45 +195,88 @@ class ModelRunner:
                     logits_rows.append(cu_seqlens[-1] - 1)
                     rows.append((s, i))
         dev = self.device
+        ids: list[int] | torch.Tensor = input_ids
+        if out.prev_rows is not None:
+            assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
+            assert all(item.pending_tokens == 1 and item.num_new_tokens == 1 for item in out.scheduled)
+            ids = self._gather_rows(prev.token_ids, out.prev_rows)
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
         decoded: DecodeOutputs | None = None
         if self.graphs is not None and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks):
-            decoded = self.graphs.run(input_ids, positions, slots, seq_lens, block_tables)
+            decoded = self.graphs.run(ids, positions, slots, seq_lens, block_tables)
             hidden = decoded.hidden
         else:
             hidden = self._forward_eager(
-                input_ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q
+                ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q
             )
         self._prompt_logprobs(out, hidden, cu_seqlens)
-        results: list[list[SampledToken]] = [[] for _ in out.scheduled]
         if not rows:
-            return results
+            return StepHandle(len(out.scheduled), [], None, None)
         every_row = logits_rows == list(range(hidden.shape[0]))  # decode steps sample every row
-        meta = self._sampling_metadata([s for s, _ in rows])
+        meta = self._sampling_metadata(
+            [s for s, _ in rows], [out.scheduled[i].pending_tokens for _, i in rows]
+        )
+        entries = [i for _, i in rows]
         if decoded is not None and decoded.logits is not None and every_row:
-            sampled = self._sample_graph_outputs(decoded, meta)
+            if self._plain_greedy(meta):  # the graph's own argmax is what the sampler would return
+                assert decoded.greedy is not None
+                return self._handle(len(out.scheduled), entries, decoded.greedy, None, meta)
+            logits = decoded.logits.float()
         else:
             if not every_row:
                 hidden = hidden[torch.tensor(logits_rows, device=dev)]
-            sampled = self.sampler(self.model.compute_logits(hidden), meta)
-        for (_, i), token, logprob in zip(rows, sampled.token_ids, sampled.logprobs, strict=True):
-            results[i].append(SampledToken(token, logprob))
-        return results
+            logits = self.model.compute_logits(hidden)
+        if isinstance(self.sampler, GpuSampler):
+            token_ids, raw_logprobs = self.sampler.sample_tensors(logits, meta)
+            return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta)
+        sampled = self.sampler(logits, meta)  # the reference sampler reads the tokens itself (CPU)
+        return StepHandle(
+            len(out.scheduled),
+            entries,
+            torch.tensor(sampled.token_ids, dtype=torch.int64, device=dev),
+            lambda: (sampled.token_ids, sampled.logprobs),
+        )
 
-    def _sample_graph_outputs(self, decoded: DecodeOutputs, meta: SamplingMetadata) -> SamplerOutput:
-        """Sample from logits the decode graph already computed; a plain greedy batch (no bans,
-        penalties or logprobs) takes the graph's argmax, which is what the sampler would return."""
-        assert decoded.logits is not None and decoded.greedy is not None
-        plain_greedy = (
+    def _gather_rows(self, token_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """token_ids[rows] on the device ([R] int64), without waiting for the step that fills them."""
+        if rows == list(range(len(rows))):
+            return token_ids[: len(rows)]
+        index = torch.tensor(rows, dtype=torch.int64)
+        if self.device.type == "cuda":
+            index = index.pin_memory()
+        return token_ids.index_select(0, index.to(self.device, non_blocking=True))
+
+    def _handle(
+        self,
+        num_scheduled: int,
+        entries: list[int],  # [R] scheduled entry of each row
+        token_ids: torch.Tensor,  # [R] int64 on the device
+        raw_logprobs: torch.Tensor | None,  # [R, V] or None
+        meta: SamplingMetadata,
+    ) -> StepHandle:
+        """A handle whose tokens are read back only when asked (CUDA: async copy + event)."""
+        if self._readback is None and self.device.type == "cuda":
+            self._readback = TokenReadback(self.device)
+        read_ids = self._readback.start(token_ids) if self._readback is not None else token_ids.tolist
+
+        def read() -> tuple[list[int], list[TokenLogprob | None]]:
+            ids = read_ids()  # the step's one synchronisation
+            if raw_logprobs is None:
+                return ids, [None] * len(ids)
+            with torch.inference_mode():
+                return ids, token_logprobs(raw_logprobs, token_ids, meta.num_logprobs)
+
+        return StepHandle(num_scheduled, entries, token_ids, read)
+
+    @staticmethod
+    def _plain_greedy(meta: SamplingMetadata) -> bool:
+        """All-greedy rows with no bans, penalties or logprobs: the argmax is the sampler's answer."""
+        return (
             meta.all_greedy
             and not meta.need_penalties
             and not any(meta.banned_ids)
             and all(k is None for k in meta.num_logprobs)
         )
-        if plain_greedy:
-            ids = decoded.greedy.tolist()  # the step's one synchronisation
-            return SamplerOutput(ids, [None] * len(ids))
-        return self.sampler(decoded.logits.float(), meta)
 
     def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, cu_seqlens: list[int]) -> None:
         """Fill `prompt_logprobs` of the scheduled entries that asked for some positions."""
@@ -252,7 +304,7 @@ class ModelRunner:
 
     def _forward_eager(
         self,
-        input_ids: list[int],
+        input_ids: list[int] | torch.Tensor,  # [T] host ids, or [T] int64 on the device
         positions: list[int],
         slots: list[int],
         block_tables: torch.Tensor,
@@ -261,28 +313,40 @@ class ModelRunner:
         max_seqlen_q: int,
     ) -> torch.Tensor:
         dev = self.device
+
+        def put(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            # non_blocking: a pageable host->device copy is staged at once and does not wait for
+            # the device, where `torch.tensor(..., device=)` would wait for the step ahead of it.
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
         meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=block_tables.to(dev),
-            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            positions=put(positions, torch.int64),
+            slot_mapping=put(slots, torch.int64),
+            block_tables=block_tables.to(dev, non_blocking=True),
+            cu_seqlens_q=put(cu_seqlens, torch.int32),
+            seq_lens=put(seq_lens, torch.int32),
             max_seqlen_q=max_seqlen_q,
             cos_sin_cache=self.cos_sin_cache,
         )
-        return self.model(torch.tensor(input_ids, dtype=torch.int64, device=dev), meta)
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else put(input_ids, torch.int64)
+        return self.model(ids, meta)
 
-    def _sampling_metadata(self, seqs: list[Sequence]) -> SamplingMetadata:
+    def _sampling_metadata(self, seqs: list[Sequence], pending: list[int] | None = None) -> SamplingMetadata:
+        """`pending[i]`: sampled tokens of row i not on the host yet (async scheduling); they count
+        in the output length (seeds, min_tokens) but penalties, which need their values, are never
+        scheduled with them (Scheduler.schedule_continuation)."""
         dev = self.device
         params = [s.request.sampling for s in seqs]
         outputs = [s.output_token_ids for s in seqs]
+        lengths = [len(out) + (pending[i] if pending else 0) for i, out in enumerate(outputs)]
         need_penalties = any(
             p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
             for p in params
         )
+        assert not (need_penalties and any(pending or ())), "penalties need every output token on the host"
         banned = [
-            sorted(s.request.stop_token_ids) if len(out) < s.request.sampling.min_tokens else []
-            for s, out in zip(seqs, outputs, strict=True)
+            sorted(s.request.stop_token_ids) if n < s.request.sampling.min_tokens else []
+            for s, n in zip(seqs, lengths, strict=True)
         ]
 
         all_greedy = all(p.temperature == 0.0 for p in params)
@@ -305,7 +369,7 @@ class ModelRunner:
                     [p.frequency_penalty for p in params],
                 ],
                 dtype=torch.float32,
-            ).to(dev)
+            ).to(dev, non_blocking=True)  # pageable: staged at once, no wait for the device
 
         return SamplingMetadata(
             temperature=columns[0],
@@ -321,8 +385,8 @@ class ModelRunner:
             else [[] for _ in seqs],
             banned_ids=banned,
             seeds=[
-                None if p.seed is None else row_seed(p.seed, s.choice_index, len(out))
-                for s, p, out in zip(seqs, params, outputs, strict=True)
+                None if p.seed is None else row_seed(p.seed, s.choice_index, n)
+                for s, p, n in zip(seqs, params, lengths, strict=True)
             ],
             num_logprobs=[p.logprobs for p in params],
             all_greedy=all_greedy,

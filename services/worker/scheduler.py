@@ -31,6 +31,9 @@ class ScheduledSequence:
     # positions [lo, hi) whose logits give prompt logprobs (of tokens lo+1 .. hi); filled by the runner:
     prompt_logprob_positions: tuple[int, int] | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Async scheduling: sampled tokens of the previous step that the host has not read yet (0 or 1);
+    # the input id of this entry is then that step's sampled token, taken from the device.
+    pending_tokens: int = 0
 
 
 @dataclass
@@ -39,6 +42,9 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]]  # (src, dst) block copies to do before the forward
     num_batched_tokens: int
     num_preempted: int
+    # A continuation (schedule_continuation): for each entry, the row of the previous step's sampled
+    # tokens that is its input id. None for an ordinary step (input ids from the host).
+    prev_rows: list[int] | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -143,6 +149,52 @@ class Scheduler:
 
         copies, self._pending_copies = self._pending_copies, []
         return SchedulerOutput(scheduled, copies, self.max_num_batched_tokens - budget, num_preempted)
+
+    def schedule_continuation(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """Async scheduling: the step after `prev`, planned while `prev` still runs on the device and
+        before its tokens are known, assuming every sequence of `prev` decodes on. Returns None where
+        that step would not be exactly what `schedule()` gives once `prev`'s tokens are applied (a
+        prefill anywhere, waiting sequences, forks, prompt logprobs, penalties, which need the token
+        values on the host, or a KV cache that cannot take every sequence without preempting); the
+        caller then reads `prev` first and schedules as usual.
+
+        Sequences that `prev` finishes by length (or hands to a KV handle) are left out; those that
+        stop on the token `prev` samples (or are aborted meanwhile) are computed anyway and their
+        results discarded by the caller: their blocks, the one allocated here included, are freed
+        when they finish, and a finished sequence's update is skipped."""
+        if self.waiting or self._pending_copies or not prev.scheduled:
+            return None
+        for item in prev.scheduled:
+            if item.num_new_tokens != 1 or not item.sample or item.children or item.prompt_logprob_positions:
+                return None
+        live = [item.seq for item in prev.scheduled if not item.seq.is_finished]
+        if len(live) != len(self.running) or any(a is not b for a, b in zip(live, self.running, strict=True)):
+            return None
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        needed = 0
+        for row, item in enumerate(prev.scheduled):
+            seq = item.seq
+            if seq.is_finished:
+                continue
+            assert seq.num_computed_tokens == item.start, (seq, item.start)
+            request = seq.request
+            # `prev` appends one token: the host holds every earlier one (at most one step is unread).
+            if request.req.hold_kv or seq.num_output_tokens + 1 >= request.max_tokens:
+                continue
+            sp = request.sampling
+            if sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0:
+                return None
+            needed += self.bm.blocks_needed(seq, 2)  # prev's token and the one computed now
+            rows.append(row)
+            seqs.append(seq)
+        if not seqs or len(seqs) > self.max_num_batched_tokens or needed > self.bm.num_free_blocks:
+            return None
+        scheduled = []
+        for seq in seqs:
+            self.bm.allocate(seq, 2)
+            scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens + 1, 1, True, pending_tokens=1))
+        return SchedulerOutput(scheduled, [], len(scheduled), 0, prev_rows=rows)
 
     def _fork_blocks_needed(self, seq: Sequence, num_new: int, computed: int | None = None) -> int:
         """Spare blocks the parked siblings of `seq` need when this chunk ends its prompt."""
