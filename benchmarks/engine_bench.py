@@ -287,6 +287,8 @@ def make_engine(
         max_model_len=max_model_len,
         enforce_eager=enforce_eager,
         enable_prefix_caching=False,
+        # auto is on for CUDA; the CPU smoke run forces it on so the script's async path is checked too
+        async_scheduling="on" if device == "cpu" else "auto",
     )
     return Engine(config)
 
@@ -303,7 +305,13 @@ def random_prompt(gen: torch.Generator, length: int, vocab: int) -> list[int]:
 
 
 def scenario_decode(
-    engine: Engine, name: str, cfg: dict[str, Any], plan: Plan, ceil: Ceilings, gen: torch.Generator
+    engine: Engine,
+    name: str,
+    cfg: dict[str, Any],
+    plan: Plan,
+    ceil: Ceilings,
+    gen: torch.Generator,
+    label: str = "",
 ) -> Row:
     """Scenario 1: one sequence, prompt 128, output 1024; median decode step time."""
     params = SamplingParams(temperature=0.0, max_tokens=plan.decode_output, ignore_eos=True)
@@ -325,23 +333,26 @@ def scenario_decode(
         "mean_ms_per_token": statistics.fmean(decode) * 1e3,
         "tok_per_s": 1 / tpot,
         "MBU": mbu,
+        "async_scheduling": float(engine.async_scheduling),
     }
     graphs = engine.runner.graphs
     if graphs is not None and 1 in graphs.graphs:
         # Device time of the batch-1 decode graph alone (replaying rewrites the last token's K/V with
         # the same values); the rest of a step is the LM head, sampling and host work.
         metrics["graph_ms"] = median_time(graphs.graphs[1].replay, engine.device, warmup=5, iters=50) * 1e3
-    return Row(name, "1 batch-1 decode", metrics)
+    return Row(name, f"1 batch-1 decode{label}", metrics)
 
 
 class StepTimer:
-    """Where an offline run's time goes: wall time of each `runner.execute` (it ends by reading the
-    sampled tokens, so it covers the step's device work), split into steps that carry prompt
-    tokens and decode-only steps; the rest of the run is host work (scheduler, outputs)."""
+    """Where an offline run's time goes: wall time of each `runner.launch` plus the time the host
+    then waits in the handle's `result()` for the sampled tokens (together: the step's device work
+    as the host sees it; with async scheduling, the part not hidden behind host work), split into
+    steps that carry prompt tokens and decode-only steps; the rest of the run is host work
+    (scheduler, outputs) not overlapped with the device."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.execute = engine.runner.execute
+        self.launch = engine.runner.launch
         self.stats = {
             "prefill_steps": 0.0,
             "prefill_step_s": 0.0,
@@ -353,29 +364,38 @@ class StepTimer:
         }
 
     def __enter__(self) -> StepTimer:
-        self.engine.runner.execute = self._timed  # type: ignore[method-assign]
+        self.engine.runner.launch = self._timed  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self.engine.runner.execute  # back to the class's method
+        del self.engine.runner.launch  # back to the class's method
 
-    def _timed(self, out: Any) -> Any:
+    def _timed(self, out: Any, prev: Any = None) -> Any:
         t0 = time.perf_counter()
-        result = self.execute(out)
+        handle = self.launch(out, prev)
         dt = time.perf_counter() - t0
         prompt = sum(item.num_new_tokens for item in out.scheduled if item.num_new_tokens > 1)
         decodes = sum(1 for item in out.scheduled if item.num_new_tokens == 1)
         st = self.stats
+        key = "prefill_step_s" if prompt else "decode_step_s"
         if prompt:
             st["prefill_steps"] += 1
-            st["prefill_step_s"] += dt
             st["prompt_tokens"] += prompt
             st["decode_rows_in_prefill_steps"] += decodes
         else:
             st["decode_steps"] += 1
-            st["decode_step_s"] += dt
             st["decode_rows"] += decodes
-        return result
+        st[key] += dt
+        read = handle.result
+
+        def timed_result() -> Any:
+            t1 = time.perf_counter()
+            result = read()
+            st[key] += time.perf_counter() - t1
+            return result
+
+        handle.result = timed_result
+        return handle
 
 
 def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[str]:
@@ -416,6 +436,7 @@ def run_offline(
     engine: Engine, prompts: list[list[int]], params: list[SamplingParams]
 ) -> tuple[float, int, int, dict[str, float]]:
     preempted = engine.scheduler.num_preemptions
+    continuations = engine.num_continuations
     with StepTimer(engine) as timer:
         t0 = time.perf_counter()
         results = engine.generate(prompts, params, prefix=f"off{time.monotonic_ns()}")
@@ -431,6 +452,8 @@ def run_offline(
         "decode_ms_per_step": 1e3 * st["decode_step_s"] / max(st["decode_steps"], 1),
         "mean_decode_batch": st["decode_rows"] / max(st["decode_steps"], 1),
         "host_s": elapsed - st["prefill_step_s"] - st["decode_step_s"],
+        "async_scheduling": float(engine.async_scheduling),
+        "overlapped_steps": float(engine.num_continuations - continuations),
     }
     return elapsed, out_tokens, engine.scheduler.num_preemptions - preempted, phases
 
@@ -681,6 +704,12 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(linear_reports[name]), flush=True)
             rows.append(scenario_decode(engine, name, cfg, plan, ceil, gen))
             print(rows[-1], flush=True)
+            if engine.async_scheduling and (llama or small):
+                # The same decode with the host work not overlapped (--async-scheduling off), for comparison.
+                engine.async_scheduling = False  # nothing is in flight between requests
+                rows.append(scenario_decode(engine, name, cfg, plan, ceil, gen, " (async scheduling off)"))
+                engine.async_scheduling = True
+                print(rows[-1], flush=True)
             if args.profile_decode and device.type == "cuda":
                 try:
                     lines = profile_decode_graph(engine, name)
