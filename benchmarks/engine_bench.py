@@ -394,7 +394,7 @@ class StepTimer:
             st[key] += time.perf_counter() - t1
             return result
 
-        handle.result = timed_result
+        handle.result = timed_result  # type: ignore[method-assign]
         return handle
 
 
