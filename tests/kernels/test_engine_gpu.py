@@ -88,7 +88,7 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return path
 
 
-def _engine(model_dir: Path, enforce_eager: bool = False) -> Any:
+def _engine(model_dir: Path, enforce_eager: bool = False, async_scheduling: str = "auto") -> Any:
     from services.worker.config import WorkerConfig
     from services.worker.engine import Engine
 
@@ -101,6 +101,7 @@ def _engine(model_dir: Path, enforce_eager: bool = False) -> Any:
             max_model_len=512,
             kv_cache_memory="256MiB",
             enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling,  # type: ignore[arg-type]
         )
     )
 
@@ -183,3 +184,75 @@ def test_cuda_graphs_on_and_off_identical(model_dir: Path) -> None:
     # A seeded request alone gives the tokens it gave inside the batch.
     alone = graphs.generate([prompts[1]], [seeded], prefix="alone")[0].token_ids[0]
     assert alone == out_eager[1]
+
+
+def _drive(engine: Any, requests: list[Any], aborts: dict[int, list[str]]) -> tuple[list[Any], list[float]]:
+    """Every step's outputs (request id, choices, finished) and all logprobs, aborting between steps."""
+    for req in requests:
+        engine.add_request(req)
+    steps: list[Any] = []
+    logprobs: list[float] = []
+    while engine.has_unfinished():
+        outputs = [engine.abort(rid) for rid in aborts.get(len(steps), [])]
+        outputs += engine.step()
+        record = []
+        for out in outputs:
+            if out is None:
+                continue
+            record.append(
+                (
+                    out.request_id,
+                    tuple((c.index, c.token_ids, c.finish_reason) for c in out.choices),
+                    out.finished,
+                )
+            )
+            logprobs += [lp.logprob for c in out.choices for lp in c.logprobs or ()]
+        steps.append(record)
+    assert engine.block_manager.num_used_blocks == 0 and engine._launched is None
+    return steps, logprobs
+
+
+def test_async_scheduling_on_and_off_identical(model_dir: Path) -> None:
+    """Overlap on / off x CUDA graphs on / off: the same outputs in the same steps (greedy in-graph
+    argmax, seeded top-p with logprobs, a stop id met mid-run, ragged max_tokens, an abort while
+    the next step is in flight), and the overlap really ran."""
+    from dataclasses import replace
+
+    from services.worker.request import EngineRequest, SamplingParams
+
+    reference = _engine(model_dir, enforce_eager=True, async_scheduling="off")
+    prompts = _prompts(reference.model_config.vocab_size)
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=33, ignore_eos=True, logprobs=1)
+    # A token first drawn at output position >= 10 of a seeded run: stopping on it ends "stop" mid-run.
+    drawn = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
+    tokens = reference.generate([prompts[0]], drawn, prefix="ref")[0].token_ids[0]
+    stop = next(t for i, t in enumerate(tokens) if i >= 10 and t not in tokens[:i])
+
+    def requests() -> list[Any]:
+        return [
+            EngineRequest("greedy", tuple(prompts[0]), greedy),
+            EngineRequest("stop", tuple(prompts[0]), replace(drawn, stop_token_ids=(stop,))),
+            EngineRequest("seeded", tuple(prompts[1]), seeded),
+            EngineRequest(
+                "short", tuple(prompts[2]), SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+            ),
+            EngineRequest("aborted", tuple(prompts[3]), seeded),
+        ]
+
+    aborts = {12: ["aborted"]}
+    base = _drive(reference, requests(), aborts)
+    del reference
+    # All greedy, no logprobs: the in-graph argmax path, continuations reading its output tensor.
+    plain = [EngineRequest(f"p{i}", tuple(prompts[i]), greedy) for i in range(3)]
+    plain_ref = _drive(_engine(model_dir, enforce_eager=True, async_scheduling="off"), plain, {})
+    for eager, mode in ((True, "on"), (False, "off"), (False, "on")):
+        engine = _engine(model_dir, enforce_eager=eager, async_scheduling=mode)
+        assert (engine.runner.graphs is None) == eager and engine.async_scheduling == (mode == "on")
+        steps, logprobs = _drive(engine, requests(), aborts)
+        assert steps == base[0], (eager, mode)
+        assert logprobs == pytest.approx(base[1], abs=0.02), (eager, mode)
+        if mode == "on":
+            assert engine.num_continuations > 20 and engine.num_discarded_rows >= 2
+        assert _drive(engine, plain, {})[0] == plain_ref[0], (eager, mode)
+        del engine

@@ -239,3 +239,27 @@ def test_option() -> None:
 
 def test_auto_is_off_on_cpu(stories_dir: Path) -> None:
     assert not _engine(stories_dir, "auto").async_scheduling
+
+
+def test_deferred_gpu_sampler_path(stories_dir: Path) -> None:
+    """The CUDA sampler (tokens and logprobs left on the device, read through the step handle) on
+    the CPU: overlap on equals overlap off, including a stop mid-run and ragged max_tokens."""
+    import torch
+
+    from services.worker.gpu_sampler import GpuSampler
+
+    def drive(mode: str) -> Run:
+        engine = _engine(stories_dir, mode)
+        engine.runner.sampler = GpuSampler(torch.Generator().manual_seed(0))
+        p = [
+            SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1),
+            SamplingParams(temperature=0.9, seed=8, max_tokens=13, ignore_eos=True),
+            SamplingParams(temperature=0.0, max_tokens=16),
+        ]
+        reqs = [EngineRequest(f"r{i}", (1, 40 + i, 41), p[i % 3]) for i in range(5)]
+        return _drive(engine, Script(requests={0: reqs}, aborts={7: ["r3"]}))
+
+    sync, overlap = drive("off"), drive("on")
+    assert overlap.steps == sync.steps
+    assert overlap.logprobs == pytest.approx(sync.logprobs, abs=1e-5)
+    assert overlap.engine.num_continuations > 10 and overlap.engine.num_discarded_rows >= 1
