@@ -242,10 +242,10 @@ def test_async_scheduling_on_and_off_identical(model_dir: Path) -> None:
 
     aborts = {12: ["aborted"]}
     base = _drive(reference, requests(), aborts)
-    del reference
     # All greedy, no logprobs: the in-graph argmax path, continuations reading its output tensor.
     plain = [EngineRequest(f"p{i}", tuple(prompts[i]), greedy) for i in range(3)]
-    plain_ref = _drive(_engine(model_dir, enforce_eager=True, async_scheduling="off"), plain, {})
+    plain_ref = _drive(reference, plain, {})
+    del reference
     for eager, mode in ((True, "on"), (False, "off"), (False, "on")):
         engine = _engine(model_dir, enforce_eager=eager, async_scheduling=mode)
         assert (engine.runner.graphs is None) == eager and engine.async_scheduling == (mode == "on")
