@@ -34,6 +34,7 @@ from gateway.downstream import (
     ToolCallDelta,
 )
 from gateway.errors import APIError, from_grpc, invalid
+from gateway.merge import merge_streams
 from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
 from gateway.worker_stream import PromptStream
@@ -250,35 +251,12 @@ class Executor:
         admission: Admission,
     ) -> AsyncIterator[ChoiceUpdate]:
         """All choices of all prompts of `run`, as they come (one task per prompt)."""
-        queue: asyncio.Queue[ChoiceUpdate | BaseException | None] = asyncio.Queue()
-
-        async def pump(prompt: PromptRun, sampling: Sampling) -> None:
-            try:
-                async for update in self._generate_prompt(run, prompt, sampling, detok, admission):
-                    queue.put_nowait(update)
-                queue.put_nowait(None)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                queue.put_nowait(exc)
-
-        tasks = [asyncio.create_task(pump(p, s)) for p, s in zip(run.prompts, samplings, strict=True)]
-        remaining = len(tasks)
-        try:
-            while remaining:
-                item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        streams = [
+            self._generate_prompt(run, prompt, sampling, detok, admission)
+            for prompt, sampling in zip(run.prompts, samplings, strict=True)
+        ]
+        async for update in merge_streams(streams):
+            yield update
 
     async def _generate_prompt(
         self,

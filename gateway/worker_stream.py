@@ -30,6 +30,7 @@ import grpc
 from gateway.context import GatewayContext
 from gateway.downstream import GenerateChunk, KVSource, Sampling, Usage
 from gateway.errors import APIError, from_grpc
+from gateway.merge import merge_streams
 from gateway.router import NoWorkerAvailable, WorkerState
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class PromptStream:
                     [len(self.choices[i].token_ids) for i in pending],
                 )
                 if len(pending) > 1 and any(self.choices[i].token_ids for i in pending):
-                    async for chunk in _merge([self._group([i]) for i in pending]):
+                    async for chunk in merge_streams([self._group([i]) for i in pending]):
                         yield chunk
                     return
                 indices = pending
@@ -251,36 +252,3 @@ def _release_later(worker: WorkerState, handle_id: str) -> None:
     task = asyncio.get_running_loop().create_task(release())
     _background.add(task)
     task.add_done_callback(_background.discard)
-
-
-async def _merge(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncIterator[GenerateChunk]:
-    """Interleave several chunk streams as they produce; the first error ends them all."""
-    queue: asyncio.Queue[GenerateChunk | BaseException | None] = asyncio.Queue()
-
-    async def pump(stream: AsyncIterator[GenerateChunk]) -> None:
-        try:
-            async for chunk in stream:
-                queue.put_nowait(chunk)
-            queue.put_nowait(None)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            queue.put_nowait(exc)
-
-    tasks = [asyncio.create_task(pump(s)) for s in streams]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
