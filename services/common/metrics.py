@@ -3,7 +3,7 @@ port, and a gRPC server interceptor that counts rpcs and errors by status code.
 
 Every metric is named `tandem:<what>` (the gateway's, the styler's and the workers' alike, told
 apart by the scrape's `job` / `instance` labels). The names, their labels and meaning are listed
-in `METRICS` below and in docs/deploy.md; the Grafana dashboard in deploy/grafana/ plots them.
+in `METRICS` below and in the README's "Deploy" section; the Grafana dashboard in deploy/grafana/ plots them.
 
     start_metrics_server(9090)                           # /metrics on its own port (styler, worker)
     GrpcServer(addr, interceptors=[GrpcMetricsInterceptor()])  # rpcs / errors by code
