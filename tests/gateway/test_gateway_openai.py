@@ -234,7 +234,9 @@ def test_chat_logprobs_match_transformers(
         ]
 
 
-def test_completion_echo_and_logprobs(client: openai.OpenAI) -> None:
+def test_completion_echo_and_logprobs(
+    stories_stack: Stack, client: openai.OpenAI, hf: tuple[Any, Any]
+) -> None:
     plain = client.completions.create(model="stories260K", prompt=PROMPT, max_tokens=10, temperature=0)
     echoed = client.completions.create(
         model="stories260K", prompt=PROMPT, max_tokens=10, temperature=0, echo=True
@@ -255,16 +257,24 @@ def test_completion_echo_and_logprobs(client: openai.OpenAI) -> None:
         sum(len(t) for t in logprobs.tokens[:i]) for i in range(len(logprobs.tokens))
     ]
     assert all(len(alts) >= 2 for alts in logprobs.top_logprobs or [])
-    try:
-        with_prompt = client.completions.create(
-            model="stories260K", prompt=PROMPT, max_tokens=10, temperature=0, echo=True, logprobs=1
-        )
-    except openai.BadRequestError as exc:  # the workers may not compute prompt logprobs yet
-        assert "prompt logprobs" in str(exc)
-    else:
-        lp2 = with_prompt.choices[0].logprobs
-        assert lp2 is not None and lp2.token_logprobs is not None
-        assert lp2.token_logprobs[0] is None and len(lp2.token_logprobs) == with_prompt.usage.total_tokens  # type: ignore[union-attr]
+    # echo + logprobs: the prompt's tokens come back with their logprobs (the first has none).
+    with_prompt = client.completions.create(
+        model="stories260K", prompt=PROMPT, max_tokens=10, temperature=0, echo=True, logprobs=1
+    )
+    lp2 = with_prompt.choices[0].logprobs
+    assert lp2 is not None and lp2.token_logprobs is not None and lp2.tokens is not None
+    usage = with_prompt.usage
+    assert usage is not None and len(lp2.token_logprobs) == usage.total_tokens
+    assert lp2.token_logprobs[0] is None
+    assert len(lp2.tokens) == len(lp2.token_logprobs)
+    prompt_ids = post(stories_stack, "/tokenize", {"prompt": PROMPT})["tokens"]
+    model, _ = hf
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids])).logits[0].float()
+    reference = torch.log_softmax(logits, dim=-1)
+    for position in range(1, len(prompt_ids)):
+        want = reference[position - 1, prompt_ids[position]].item()
+        assert math.isclose(lp2.token_logprobs[position], want, abs_tol=1e-3), position
 
 
 def test_tokenize_with_chat_template_equals_transformers(
