@@ -58,7 +58,7 @@ class WorkerConfig(ServiceConfig):
     seed: int = 0
     """Seed of the random stream used by requests without their own seed, and of dummy weights."""
     cpu_threads: int = 0
-    """Torch intra-op threads on the CPU; 0 keeps torch's default (tiny models run best with 1)."""
+    """Torch intra-op threads on the CPU; 0 = auto: 1 for tiny models (hidden size <= 256, where threads only add synchronisation), else torch's default."""
     role: Literal["unified", "prefill", "decode"] = "unified"
     """Worker role: unified (prefill and decode), prefill (serves Prefill / FetchKV) or decode (Generate with a kv_source)."""
     kv_handle_ttl: float = 30.0

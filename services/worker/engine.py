@@ -91,14 +91,22 @@ class GenerateResult:
     num_outputs: int = 0  # engine outputs (stream chunks) it took
 
 
+TINY_HIDDEN_SIZE = 256
+
+
 class Engine:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.model_config = cfg = load_model_config(config.model)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        if self.device.type == "cpu" and config.cpu_threads:
-            torch.set_num_threads(config.cpu_threads)  # process-wide: one engine per worker process
+        if self.device.type == "cpu":
+            # Process-wide: one engine per worker process. A tiny model's matmuls are far too small
+            # to split, and extra threads only contend with the styler and gateway beside it
+            # (measured 13x slower under load with 2 threads for stories260K, docs/worker.md).
+            threads = config.cpu_threads or (1 if cfg.hidden_size <= TINY_HIDDEN_SIZE else 0)
+            if threads:
+                torch.set_num_threads(threads)
         self.max_model_len = resolve_max_model_len(cfg, config.max_model_len)
         self.served_model_name = config.served_model_name or Path(config.model).resolve().name
         self.ops = get_ops(config.attention_backend, self.device)
