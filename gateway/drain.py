@@ -8,13 +8,13 @@ closes the server, and the process exits 0.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from gateway.errors import APIError
+from services.common.drain import Drain
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -22,23 +22,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _UNCOUNTED = {"/health", "/metrics", "/ping", "/openapi.json"}
 
 
-class HttpDrain:
-    def __init__(self) -> None:
-        self.draining = False
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def start(self) -> None:
-        self.draining = True
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no counted request is in flight; False when `timeout_s` passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-            return True
-        except asyncio.TimeoutError:
-            return False
+class HttpDrain(Drain):
+    """The gateway's HTTP requests, counted for the drain (probes and scrapers excepted)."""
 
     def middleware(self) -> Middleware:
         @web.middleware
@@ -47,13 +32,10 @@ class HttpDrain:
                 return await handler(request)
             if self.draining:
                 raise APIError(503, "the gateway is shutting down; retry on another replica", retry_after_s=1)
-            self.in_flight += 1
-            self._idle.clear()
+            self._enter()
             try:
                 return await handler(request)
             finally:
-                self.in_flight -= 1
-                if self.in_flight == 0:
-                    self._idle.set()
+                self._exit()
 
         return count

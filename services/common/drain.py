@@ -17,18 +17,22 @@ import grpc
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-class DrainInterceptor(grpc.aio.ServerInterceptor):
+class Drain:
+    """In-flight work counted for a graceful drain: once `start()` is called, callers refuse new
+    work and `wait_idle` waits for what is running to end. Shared by the gRPC servers (below)
+    and the gateway's HTTP side (gateway/drain.py)."""
+
     def __init__(self) -> None:
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def start_draining(self) -> None:
+    def start(self) -> None:
         self.draining = True
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no counted rpc is in flight; False when the timeout passed first."""
+        """Wait until nothing counted is in flight; False when the timeout passed first."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True
@@ -43,6 +47,10 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
+
+
+class DrainInterceptor(Drain, grpc.aio.ServerInterceptor):
+    """Counts rpcs (health and reflection excepted) and refuses new ones while draining."""
 
     async def intercept_service(
         self,

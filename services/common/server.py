@@ -146,7 +146,7 @@ class GrpcServer:
         Health checks keep answering (NOT_SERVING) during the drain, so routers see it.
         """
         await self.set_serving(False)
-        self.drain.start_draining()
+        self.drain.start()
         for callback in self._on_drain:
             await callback()
         if self.drain.in_flight:
