@@ -78,7 +78,9 @@ async def test_overload_rejects_fast_and_recovers(limited_stack: ReliabilityStac
         # its own scheduling adds to the tail it measures).
         server_ms.sort()
         server_p99 = server_ms[int(0.99 * (len(server_ms) - 1))]
-        print(f"429 time inside the gateway: p50 {server_ms[len(server_ms) // 2]:.1f} ms, p99 {server_p99:.1f} ms")
+        print(
+            f"429 time inside the gateway: p50 {server_ms[len(server_ms) // 2]:.1f} ms, p99 {server_p99:.1f} ms"
+        )
         assert server_p99 < 50.0, f"429 p99 inside the gateway {server_p99:.1f} ms"
         p95 = rejected[int(0.95 * (len(rejected) - 1))]
         assert p95 < 0.050, f"429 p95 latency {p95 * 1000:.1f} ms"
