@@ -14,8 +14,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/disagg_gpu_info.txt"
 timeout "${KV_TIMEOUT:-170}" python3 benchmarks/kv_transfer_bench.py --shape Qwen2-0.5B --device cuda \
-  --prompt-tokens 4096 --repeats 5 --out "$OUT/kv_transfer_Qwen2-0.5B_cuda.json" 2>&1 | tee "$OUT/kv_transfer_cuda.log"
+  --decode-device "${DECODE_DEVICE:-cuda}" \
+  --prompt-tokens 4096 --repeats 5 --out "$OUT/kv_transfer_Qwen2-0.5B_cuda${TAG_SUFFIX:-}.json" 2>&1 | tee "$OUT/kv_transfer_cuda${TAG_SUFFIX:-}.log"
 timeout "${SERVING_TIMEOUT:-400}" python3 benchmarks/serving_bench.py --shape Qwen2-0.5B --tokenizer .benchmodel/qwen2.5 \
   --device cuda --input-len 1024 --output-len 128 --rates 4,16,32 --concurrency 1,16,64 --num-requests 48 \
-  --worker-args "--max-num-seqs 64" --tag Qwen2-0.5B_cuda --out-dir "$OUT" 2>&1 | tee "$OUT/serving_cuda.log"
+  --worker-args "--max-num-seqs 64" --unified-workers "${UNIFIED_WORKERS:-1}" \
+  --tag "Qwen2-0.5B_cuda${TAG_SUFFIX:-}" --out-dir "$OUT" 2>&1 | tee "$OUT/serving_cuda${TAG_SUFFIX:-}.log"
 echo "done"

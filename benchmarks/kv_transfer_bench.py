@@ -138,6 +138,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--decode-device", default="", help="the decode worker's device (default: --device)")
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--chunk-sizes", default="65536,262144,1048576,4194304,16777216")
     ap.add_argument("--repeats", type=int, default=5)
@@ -154,6 +155,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "shape": args.shape,
         "device": args.device,
+        "decode_device": args.decode_device or args.device,
         "prompt_tokens": args.prompt_tokens,
         "loopback": [],
         "worker_to_worker": {},
@@ -162,7 +164,9 @@ def main() -> int:
         root = Path(tmp)
         model = write_model(root, args.shape)
         p_proc, p_addr = start_worker(model, "prefill", args.device, root / "prefill.log", extra)
-        d_proc, d_addr = start_worker(model, "decode", args.device, root / "decode.log", extra)
+        d_proc, d_addr = start_worker(
+            model, "decode", args.decode_device or args.device, root / "decode.log", extra
+        )
         try:
             wait_serving(p_addr, p_proc, root / "prefill.log")
             wait_serving(d_addr, d_proc, root / "decode.log")

@@ -174,6 +174,8 @@ def start_up(
     argv += ["--device", args.device, "--worker-args", worker_args, "--startup-timeout", "600"]
     if mode == "disaggregated":
         argv.append("--disaggregate")
+    else:
+        argv += ["--workers", str(args.unified_workers)]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
@@ -242,6 +244,12 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--worker-args", default="")
+    ap.add_argument(
+        "--unified-workers",
+        type=int,
+        default=1,
+        help="unified workers (spread over the GPUs); 2 on a 2-GPU machine compares equal hardware",
+    )
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--plot-only", default="", help="redraw the PNG of an existing JSON")
@@ -255,6 +263,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "shape": args.shape,
         "device": args.device,
+        "unified_workers": args.unified_workers,
         "input_len": args.input_len,
         "output_len": args.output_len,
         "slo": {"ttft_ms": TTFT_SLO_S * 1e3, "mean_itl_ms": ITL_SLO_S * 1e3},

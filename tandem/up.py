@@ -232,11 +232,22 @@ def count_gpus() -> int:
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
-def worker_device_args(config: UpConfig, role: str, num_gpus: int | None = None) -> list[str]:
-    """`--device ...` of one worker. Disaggregated: prefill on cuda:0 and decode on cuda:1 when
-    two GPUs are visible; on one GPU both share it, each sized to under half of its memory."""
+def worker_device_args(config: UpConfig, role: str, num_gpus: int | None = None, index: int = 0) -> list[str]:
+    """`--device ...` of one worker. Unified workers (`--workers N`) are spread over the visible
+    GPUs, those sharing a GPU each sized to their share of its memory. Disaggregated: prefill on
+    cuda:0 and decode on cuda:1 when two GPUs are visible; on one GPU both share it, each sized to
+    under half of its memory."""
     if not config.disaggregate:
-        return ["--device", config.device]
+        if config.device not in ("auto", "cuda") or config.workers == 1:
+            return ["--device", config.device]
+        num_gpus = count_gpus() if num_gpus is None else num_gpus
+        if num_gpus == 0:
+            return ["--device", config.device]
+        sharing = -(-config.workers // num_gpus)  # workers on the busiest GPU
+        args = ["--device", f"cuda:{index % num_gpus}"]
+        if sharing > 1:
+            args += ["--gpu-memory-utilization", f"{0.9 / sharing:.2f}"]
+        return args
     if config.device in ("auto", "cuda"):
         num_gpus = count_gpus() if num_gpus is None else num_gpus
         if num_gpus >= 2:
@@ -290,7 +301,7 @@ def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
                     config.model,
                     "--address",
                     address,
-                    *worker_device_args(config, role),
+                    *worker_device_args(config, role, index=i),
                     *role_args,
                     *common,
                     *shlex.split(config.worker_args),
