@@ -128,6 +128,7 @@ class AsyncEngine:
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
+        self.engine.bind_device()
         while not self._stop.is_set():
             self._drain_commands(block=not self.engine.has_unfinished())
             if self._stop.is_set():

@@ -99,6 +99,7 @@ class Engine:
         self.config = config
         self.model_config = cfg = load_model_config(config.model)
         self.device = resolve_device(config.device)
+        self.bind_device()
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
             # Process-wide: one engine per worker process. A tiny model's matmuls are far too small
@@ -164,6 +165,13 @@ class Engine:
         return int(num_blocks)
 
     # ---- requests ------------------------------------------------------------------------------
+    def bind_device(self) -> None:
+        """Make this engine's GPU the calling thread's current device. Triton launches on the
+        current device, and torch's current device is per thread: a worker on cuda:1 must set it
+        in every thread that runs the model (here, and in the engine thread)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def add_request(self, req: EngineRequest, schedule: bool = True) -> Request:
         """Queue a request (or only create it, `schedule=False`, for kv_transfer.reserve); raises
         InvalidRequestError for bad parameters or a duplicate id."""
