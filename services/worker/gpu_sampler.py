@@ -12,11 +12,9 @@ Unseeded rows draw from the worker's shared device generator, as before.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
-from services.worker.sampler import Sampler, SamplerOutput, SamplingMetadata
+from services.worker.sampler import Sampler, SamplerOutput, SamplingMetadata, flat_pairs
 
 _MASK64 = (1 << 64) - 1
 
@@ -48,16 +46,6 @@ def hashed_exponential(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
     return -torch.log(uniform)
 
 
-def _flat_pairs(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(row index, id) index tensors for all ids of all rows, or None when there are none."""
-    lengths = [len(r) for r in rows]
-    if not any(lengths):
-        return None
-    ids = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.int64)
-    row_idx = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
-    return row_idx.to(device, non_blocking=True), ids.to(device, non_blocking=True)
-
-
 class GpuSampler(Sampler):
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [S, V] float32 on the device."""
@@ -77,7 +65,7 @@ class GpuSampler(Sampler):
         logits = logits.float()
         want_logprobs = any(k is not None for k in meta.num_logprobs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        banned = _flat_pairs(meta.banned_ids, logits.device)
+        banned = flat_pairs(meta.banned_ids, logits.device)
         if banned is not None or meta.need_penalties:
             logits = logits.clone()
         if banned is not None:
@@ -86,25 +74,6 @@ class GpuSampler(Sampler):
             logits = self._apply_penalties(logits, meta)
         token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
         return token_ids, raw_logprobs
-
-    @staticmethod
-    def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        num_rows, vocab = logits.shape
-        device = logits.device
-        counts = torch.zeros(num_rows, vocab, device=device)
-        in_prompt = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
-        out_pairs = _flat_pairs(meta.output_ids, device)
-        if out_pairs is not None:
-            counts.index_put_(out_pairs, torch.ones(out_pairs[0].shape[0], device=device), accumulate=True)
-        prompt_pairs = _flat_pairs(meta.prompt_ids, device)
-        if prompt_pairs is not None:
-            in_prompt.index_put_(prompt_pairs, torch.ones((), dtype=torch.bool, device=device))
-        rep = meta.repetition_penalty[:, None]
-        seen = in_prompt | (counts > 0)
-        penalized = torch.where(logits > 0, logits / rep, logits * rep)
-        logits = torch.where(seen, penalized, logits)
-        logits = logits - meta.frequency_penalty[:, None] * counts
-        return logits - meta.presence_penalty[:, None] * (counts > 0).float()
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         greedy = meta.temperature == 0

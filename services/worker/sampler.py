@@ -14,6 +14,7 @@ and a request resumed elsewhere continues exactly as the uninterrupted run would
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,16 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]  # [S]
 
 
+def flat_pairs(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row index, id) index tensors for all ids of all rows, or None when there are none."""
+    lengths = [len(r) for r in rows]
+    if not any(lengths):
+        return None
+    ids = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.int64)
+    row_idx = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths))
+    return row_idx.to(device, non_blocking=True), ids.to(device, non_blocking=True)
+
+
 class Sampler:
     def __init__(self, generator: torch.Generator) -> None:
         self.generator = generator  # the shared stream of unseeded rows (device of the logits)
@@ -83,12 +94,13 @@ class Sampler:
         device = logits.device
         counts = torch.zeros(num_rows, vocab, device=device)
         in_prompt = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
-        for row, (out, prompt) in enumerate(zip(meta.output_ids, meta.prompt_ids, strict=True)):
-            if out:
-                ids = torch.tensor(out, device=device)
-                counts[row].index_add_(0, ids, torch.ones(len(out), device=device))
-            if prompt:
-                in_prompt[row, torch.tensor(prompt, device=device)] = True
+        # All rows at once (no per-row device work): scatter (row, token) pairs.
+        out_pairs = flat_pairs(meta.output_ids, device)
+        if out_pairs is not None:
+            counts.index_put_(out_pairs, torch.ones(out_pairs[0].shape[0], device=device), accumulate=True)
+        prompt_pairs = flat_pairs(meta.prompt_ids, device)
+        if prompt_pairs is not None:
+            in_prompt.index_put_(prompt_pairs, torch.ones((), dtype=torch.bool, device=device))
         rep = meta.repetition_penalty[:, None]
         seen = in_prompt | (counts > 0)
         penalized = torch.where(logits > 0, logits / rep, logits * rep)
