@@ -26,6 +26,7 @@ import grpc
 
 from gateway.clients import WorkerClient
 from gateway.downstream import WorkerInfo
+from gateway.poller import Poller
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class Router:
         self.poll_interval_s = poll_interval_s
         self._prefix_owner: OrderedDict[bytes, str] = OrderedDict()
         self._round_robin = itertools.count()
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(self.poll_once, poll_interval_s, "worker")
 
     def healthy_workers(self) -> list[WorkerState]:
         return [w for w in self.workers if w.healthy]
@@ -107,14 +108,10 @@ class Router:
         return None
 
     async def start(self) -> None:
-        await self.poll_once()
-        self._task = asyncio.create_task(self._poll_forever())
+        await self._poller.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._poller.stop()
         for task in self._retiring:
             task.cancel()
         for w in self.workers:
@@ -153,14 +150,6 @@ class Router:
         while w.in_flight > 0:
             await asyncio.sleep(0.5)
         await w.client.close()
-
-    async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval_s)
-            try:
-                await self.poll_once()
-            except Exception:  # never let the poller die
-                log.exception("worker poll failed")
 
     async def _poll(self, w: WorkerState) -> None:
         healthy = await w.client.healthy(timeout_s=min(1.0, self.poll_interval_s * 2))

@@ -8,7 +8,6 @@ replica, taking the failed one out of rotation until its health check says SERVI
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,6 +17,7 @@ import grpc
 
 from gateway.clients import StylerClient
 from gateway.downstream import StylerInfo
+from gateway.poller import Poller
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,17 +39,13 @@ class StylerPool:
         self.info: StylerInfo | None = None
         self.poll_interval_s = poll_interval_s
         self._round_robin = itertools.count()
-        self._task: asyncio.Task[None] | None = None
+        self._poller = Poller(self.poll_once, poll_interval_s, "styler")
 
     async def start(self) -> None:
-        await self.poll_once()
-        self._task = asyncio.create_task(self._poll_forever())
+        await self._poller.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._poller.stop()
         for c in self.clients:
             await c.close()
 
@@ -67,14 +63,6 @@ class StylerPool:
             self.healthy[c.address] = ok
 
         await asyncio.gather(*(poll(c) for c in self.clients))
-
-    async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval_s)
-            try:
-                await self.poll_once()
-            except Exception:
-                log.exception("styler poll failed")
 
     def mark_failed(self, client: StylerClient) -> None:
         """Take a replica out of rotation after a transport failure (the poller brings it back)."""
