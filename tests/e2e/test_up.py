@@ -17,7 +17,10 @@ pytestmark = pytest.mark.e2e
 def _children_by_role(up: UpProcess) -> dict[str, int]:
     roles = {}
     for pid in child_pids(up.process.pid):
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # the child exited between listing and reading (e.g. just killed)
+            continue
         for role in ("styler", "worker", "gateway"):
             if role.encode() in cmdline:
                 roles[role] = pid
