@@ -38,6 +38,20 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def children_by_role(pid: int) -> dict[str, int]:
+    """`tandem up`'s children by the service they run (styler, worker, gateway)."""
+    roles = {}
+    for child in child_pids(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # the child exited between listing and reading (e.g. just killed)
+            continue
+        for role in ("styler", "worker", "gateway"):
+            if role.encode() in cmdline:
+                roles[role] = child
+    return roles
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

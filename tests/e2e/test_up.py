@@ -9,22 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.stack import UpProcess, alive, child_pids, http_status
+from tests.e2e.stack import UpProcess, alive, children_by_role, http_status
 
 pytestmark = pytest.mark.e2e
 
 
 def _children_by_role(up: UpProcess) -> dict[str, int]:
-    roles = {}
-    for pid in child_pids(up.process.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:  # the child exited between listing and reading (e.g. just killed)
-            continue
-        for role in ("styler", "worker", "gateway"):
-            if role.encode() in cmdline:
-                roles[role] = pid
-    return roles
+    return children_by_role(up.process.pid)
 
 
 def test_up_serves_health_and_stops_cleanly(stories_dir: Path) -> None:

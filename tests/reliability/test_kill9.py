@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.stack import UpProcess, child_pids, http_status
+from tests.e2e.stack import UpProcess, children_by_role, http_status
 
 from .load import Load
 
@@ -20,14 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _child(up: UpProcess, role: str) -> int | None:
-    for pid in child_pids(up.process.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if role.encode() in cmdline:
-            return pid
-    return None
+    return children_by_role(up.process.pid).get(role)
 
 
 async def test_kill_each_service_under_load(stories_dir: Path) -> None:
