@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import grpc
@@ -20,20 +21,23 @@ from gateway.validation import parse_chat, parse_completion, parse_detokenize, p
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     req = parse_chat(await read_json(request), ctx.limits)
-    async with pipeline.chat(ctx, req, request[REQUEST_ID], request.get(API_KEY)) as job:
-        if req.params.stream:
-            response = await sse(request, job.chunks(), request[REQUEST_ID])
-        else:
-            response = web.json_response(await job.collect())
-        request[FINISH_REASON] = job.finish_reason()
-        return response
+    job = pipeline.chat(ctx, req, request[REQUEST_ID], request.get(API_KEY))
+    return await _respond(request, job, req.params.stream)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
     req = parse_completion(await read_json(request), ctx.limits)
-    async with pipeline.completion(ctx, req, request[REQUEST_ID], request.get(API_KEY)) as job:
-        if req.params.stream:
+    job = pipeline.completion(ctx, req, request[REQUEST_ID], request.get(API_KEY))
+    return await _respond(request, job, req.params.stream)
+
+
+async def _respond(
+    request: web.Request, job_context: AbstractAsyncContextManager[pipeline.Job], stream: bool
+) -> web.StreamResponse:
+    """SSE chunks or one JSON body from a pipeline job; records the finish reason for metrics."""
+    async with job_context as job:
+        if stream:
             response = await sse(request, job.chunks(), request[REQUEST_ID])
         else:
             response = web.json_response(await job.collect())
