@@ -33,30 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
+from engine_bench import MODELS  # noqa: E402  (the benchmark shapes, BENCHMARKS.md)
 
 from services.common.server import GRPC_OPTIONS  # noqa: E402
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
-    # BENCHMARKS.md "Model shapes"
-    "Qwen2-0.5B": {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "hidden_size": 896,
-        "intermediate_size": 4864,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-        "rope_theta": 1000000.0,
-        "max_position_embeddings": 32768,
-        "rms_norm_eps": 1e-6,
-        "use_sliding_window": False,
-        "eos_token_id": 151643,
-        "bos_token_id": 151643,
-        "hidden_act": "silu",
-    },
+    "Qwen2-0.5B": {**MODELS["Qwen2-0.5B"], "bos_token_id": 151643},
     # a CPU-sized model with a KV of 16 KiB per token in fp32
     "cpu-small": {
         "architectures": ["LlamaForCausalLM"],
