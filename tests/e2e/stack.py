@@ -21,6 +21,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout_s: float = 10) -> None:
+    """SIGTERM every process, wait for them together, SIGKILL what is left after `timeout_s`."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def kill_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL (a crash, for failure tests) and reap."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of `pid`, from /proc."""
     children = []
