@@ -20,6 +20,7 @@ from gateway.downstream import (
     ChoiceDelta,
     DetokenizeStart,
     GenerateChunk,
+    Guided,
     KVSource,
     PrefillResult,
     Rendered,
@@ -130,6 +131,18 @@ def _sampling_to_proto(s: Sampling) -> common_pb2.SamplingParams:
         value = getattr(s, name)
         if value is not None:
             setattr(out, name, value)
+    if s.guided is not None:
+        out.guided.CopyFrom(_guided_to_proto(s.guided))
+    return out
+
+
+def _guided_to_proto(g: Guided) -> common_pb2.GuidedDecoding:
+    if g.kind == "json_object":
+        return common_pb2.GuidedDecoding(json_object=True)
+    if g.kind == "choice":
+        return common_pb2.GuidedDecoding(choice=common_pb2.StringList(values=list(g.choices)))
+    out = common_pb2.GuidedDecoding()
+    setattr(out, g.kind, g.value)  # json_schema | regex | lark_grammar: text
     return out
 
 

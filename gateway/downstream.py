@@ -9,6 +9,20 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class Guided:
+    """A structured-output constraint (the worker's `GuidedDecoding`), and where the request put it.
+
+    `kind` names the proto oneof field: "json_schema" (value: JSON text), "json_object", "regex"
+    (value: the pattern), "choice" (choices), "lark_grammar" (value: the grammar).
+    """
+
+    kind: str
+    value: str = ""
+    choices: tuple[str, ...] = ()
+    param: str = ""  # the request field it came from: a worker's complaint about it names this field
+
+
+@dataclass(frozen=True)
 class Sampling:
     """Sampling parameters of one worker request (None = the worker's default)."""
 
@@ -27,6 +41,7 @@ class Sampling:
     n: int = 1
     logprobs: int | None = None  # top alternatives per sampled token; None = no logprobs
     prompt_logprobs: int | None = None  # top alternatives per prompt token; None = none
+    guided: Guided | None = None  # structured output; None = free
 
 
 @dataclass(frozen=True)

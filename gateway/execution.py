@@ -229,6 +229,7 @@ class Executor:
             n=params.n,
             logprobs=params.logprobs,
             prompt_logprobs=prompt_logprobs,
+            guided=params.guided,
         )
 
     def check_token_ids(self, runs: Sequence[PromptRun]) -> None:

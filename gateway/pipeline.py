@@ -83,7 +83,9 @@ async def chat(
         use_tools = (
             bool(req.tools) and req.tool_choice == "auto" and info is not None and bool(info.tool_parser)
         )
-        use_reasoning = info is not None and bool(info.reasoning_parser)
+        # Guided output is the constrained text from its first token: there is no reasoning to
+        # split off (a parser would take a prompt-opened `<think>` as reasoning to the end).
+        use_reasoning = info is not None and bool(info.reasoning_parser) and req.params.guided is None
         detok = DetokenizeOptions(
             skip_special_tokens=req.params.skip_special_tokens,
             stop=req.params.stop,
@@ -99,6 +101,7 @@ async def chat(
             logprobs=req.params.logprobs is not None,
             parallel_tool_calls=req.parallel_tool_calls,
             include_usage=req.params.include_usage,
+            forced=req.forced_tool,
         )
         updates = executor.generate(run, [sampling], detok, admission)
         job = Job(run, result, updates, req.params.include_usage)

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.downstream import Guided
+from gateway.tool_schema import ForcedToolChoice
+
 
 @dataclass(frozen=True)
 class GenerationParams:
@@ -34,6 +37,7 @@ class GenerationParams:
     stream: bool
     include_usage: bool
     user: str
+    guided: Guided | None = None  # structured output (response_format, guided_*, a forced tool choice)
 
 
 @dataclass(frozen=True)
@@ -42,13 +46,14 @@ class ChatRequest:
     messages: tuple[dict[str, Any], ...]
     params: GenerationParams
     tools: list[dict[str, Any]] | None
-    tool_choice: str  # "none" | "auto" (others are refused until guided decoding exists)
+    tool_choice: str  # "none" | "auto" | "required" | "named"
     parallel_tool_calls: bool
     chat_template: str | None
     chat_template_kwargs: dict[str, Any] | None
     add_generation_prompt: bool
     continue_final_message: bool
     documents: list[Any] | None
+    forced_tool: ForcedToolChoice | None = None  # tool_choice "required" or named: the output is calls
 
 
 # A completion prompt: text, or token ids.

@@ -7,10 +7,13 @@ Inference protos.
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.execution import SYSTEM_FINGERPRINT, ChoiceUpdate, LogprobItem, RequestRun
+from gateway.forced_tool_calls import ForcedCalls
+from gateway.tool_schema import ForcedToolChoice
 
 
 def usage(run: RequestRun) -> dict[str, Any]:
@@ -54,12 +57,19 @@ class _ChatChoice:
     logprobs: list[LogprobItem] = field(default_factory=list)
     finish_reason: str | None = None
     started: bool = False  # stream: role chunk sent
+    forced: ForcedCalls | None = None  # a forced tool choice: the text becomes tool calls
 
 
 def _finish(choice: _ChatChoice, reason: str | None) -> str | None:
-    if reason == "stop" and choice.tool_calls:
+    # A forced tool choice decides its own finish reason (forced_tool_calls.py).
+    if reason == "stop" and choice.tool_calls and choice.forced is None:
         return "tool_calls"
     return reason
+
+
+def new_call_id() -> str:
+    """An OpenAI-style tool-call id: "call_" + 24 random hex digits."""
+    return "call_" + secrets.token_hex(12)
 
 
 class ChatResult:
@@ -74,6 +84,7 @@ class ChatResult:
         logprobs: bool,
         parallel_tool_calls: bool,
         include_usage: bool = False,
+        forced: ForcedToolChoice | None = None,
     ) -> None:
         self.id = f"chatcmpl-{request_id}"
         self.model = model
@@ -81,7 +92,11 @@ class ChatResult:
         self.logprobs = logprobs
         self.parallel_tool_calls = parallel_tool_calls
         self.include_usage = include_usage
-        self.choices = [_ChatChoice() for _ in range(num_choices)]
+        self.forced = forced
+        self.choices = [
+            _ChatChoice(forced=ForcedCalls(forced, new_call_id) if forced is not None else None)
+            for _ in range(num_choices)
+        ]
 
     def _envelope(self, obj: str) -> dict[str, Any]:
         return {
@@ -107,7 +122,7 @@ class ChatResult:
             if d.name:
                 call.name += d.name
                 function["name"] = d.name
-            if d.arguments:
+            if d.id or d.arguments:  # OpenAI's first delta of a call has "arguments", "" included
                 call.arguments += d.arguments
                 function["arguments"] = d.arguments
             if function:
@@ -118,6 +133,8 @@ class ChatResult:
     def add(self, update: ChoiceUpdate) -> list[dict[str, Any]]:
         """Record an update; return the stream chunks it makes."""
         choice = self.choices[update.index]
+        if choice.forced is not None:
+            update = choice.forced.convert(update)
         chunks: list[dict[str, Any]] = []
         if not choice.started:
             choice.started = True
@@ -171,7 +188,7 @@ class ChatResult:
             ]
             message: dict[str, Any] = {
                 "role": "assistant",
-                "content": text if text or not tool_calls else None,
+                "content": text if (text or not tool_calls) and self.forced is None else None,
                 "tool_calls": tool_calls,
             }
             if reasoning:

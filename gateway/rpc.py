@@ -89,12 +89,30 @@ def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]
         body["include_stop_str_in_output"] = True
     if o.user:
         body["user"] = o.user
+    if o.HasField("guided"):
+        body.update(_guided(o.guided))
     body["stream"] = stream
     if stream and o.include_usage:
         body["stream_options"] = {"include_usage": True}
     elif o.include_usage:
         raise invalid("'include_usage' is only allowed on a streaming rpc", "options.include_usage")
     return body
+
+
+def _guided(g: common_pb2.GuidedDecoding) -> dict[str, Any]:
+    """`options.guided` as the HTTP body field that means the same (validated there)."""
+    kind = g.WhichOneof("constraint")
+    if kind == "json_schema":
+        return {"guided_json": g.json_schema}
+    if kind == "json_object":
+        return {"response_format": {"type": "json_object"}} if g.json_object else {}
+    if kind == "regex":
+        return {"guided_regex": g.regex}
+    if kind == "choice":
+        return {"guided_choice": list(g.choice.values)}
+    if kind == "lark_grammar":
+        return {"guided_grammar": g.lark_grammar}
+    raise invalid("'options.guided' must set one constraint", "options.guided")
 
 
 def _message(m: common_pb2.ChatMessage) -> dict[str, Any]:

@@ -1,15 +1,18 @@
 """One validation path for HTTP and gRPC: OpenAI request JSON -> `protocol.py` dataclasses.
 
 Every problem is a 400 naming the field. A field we know but do not support yet (e.g.
-`response_format` with a JSON schema, `logit_bias`) is refused with a message saying so, and an
-unknown field is refused too: nothing a client sends is silently ignored.
+`logit_bias`) is refused with a message saying so, and an unknown field is refused too: nothing a
+client sends is silently ignored. Structured outputs (`response_format`, `guided_*`) are read by
+`structured_output.py`, forced tool choices become their JSON schema in `tool_schema.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
+from gateway import structured_output
 from gateway.errors import APIError, invalid
 from gateway.limits import DEFAULT_LIMITS, Limits
 from gateway.protocol import (
@@ -20,6 +23,7 @@ from gateway.protocol import (
     Prompt,
     TokenizeRequest,
 )
+from gateway.tool_schema import ForcedToolChoice, forced_guided
 
 # Fields OpenAI (or vLLM) define that we accept only at their neutral value.
 _NEUTRAL: dict[str, Any] = {
@@ -240,6 +244,7 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         stream=stream,
         include_usage=include_usage,
         user=f.string("user", "") or "",
+        guided=structured_output.parse({name: f.raw(name) for name in structured_output.FIELDS}),
     )
 
 
@@ -313,36 +318,31 @@ def _tools(f: Fields, max_tools: int) -> list[dict[str, Any]] | None:
     return tools or None
 
 
-def _tool_choice(f: Fields, tools: list[dict[str, Any]] | None) -> str:
+def _tool_choice(f: Fields, tools: list[dict[str, Any]] | None) -> tuple[str, ForcedToolChoice | None]:
+    """("none" | "auto" | "required" | "named", the forced choice for the last two)."""
     value = f.raw("tool_choice")
     if value is None:
-        return "auto" if tools else "none"
+        return ("auto" if tools else "none"), None
     if value in ("none", "auto"):
         if value == "auto" and not tools:
             raise invalid("'tool_choice' is 'auto' but no 'tools' were given", "tool_choice")
-        return str(value)
-    if value == "required" or isinstance(value, dict):
-        if isinstance(value, dict):
-            name = (
-                (value.get("function") or {}).get("name") if isinstance(value.get("function"), dict) else None
-            )
-            if value.get("type") != "function" or not isinstance(name, str):
-                raise invalid(
-                    "'tool_choice' object must be {'type': 'function', 'function': {'name': ...}}",
-                    "tool_choice",
-                )
-            if not any((t.get("function") or {}).get("name") == name for t in tools or []):
-                raise invalid(
-                    f"'tool_choice' names function {name!r}, which is not in 'tools'", "tool_choice"
-                )
+        return str(value), None
+    if value == "required":
         if not tools:
-            raise invalid("'tool_choice' requires 'tools'", "tool_choice")
-        # Forcing a call needs guided decoding, which the workers do not have yet.
-        raise invalid(
-            "'tool_choice' 'required' or a named function is not supported yet (needs guided decoding); "
-            "use 'auto' or 'none'",
-            "tool_choice",
-        )
+            raise invalid("'tool_choice' is 'required' but no 'tools' were given", "tool_choice")
+        return "required", ForcedToolChoice("required")
+    if isinstance(value, dict):
+        function = value.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if value.get("type") != "function" or not isinstance(name, str) or set(value) - {"type", "function"}:
+            raise invalid(
+                "'tool_choice' object must be {'type': 'function', 'function': {'name': ...}}", "tool_choice"
+            )
+        if not tools:
+            raise invalid("'tool_choice' names a function but no 'tools' were given", "tool_choice")
+        if not any((t.get("function") or {}).get("name") == name for t in tools):
+            raise invalid(f"'tool_choice' names function {name!r}, which is not in 'tools'", "tool_choice")
+        return "named", ForcedToolChoice("named", name)
     raise invalid(
         "'tool_choice' must be 'none', 'auto', 'required' or a named function object", "tool_choice"
     )
@@ -378,7 +378,7 @@ def parse_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> ChatReq
     messages = _messages(f.raw("messages"))
     params = _params(f, chat=True, limits=limits)
     tools = _tools(f, limits.max_tools)
-    tool_choice = _tool_choice(f, tools)
+    tool_choice, forced = _tool_choice(f, tools)
     parallel_tool_calls = f.boolean("parallel_tool_calls", True)
     chat_template, kwargs, add_generation_prompt, continue_final_message = _template_options(f)
     documents = _documents(f)
@@ -387,6 +387,15 @@ def parse_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> ChatReq
         raise invalid(
             "'continue_final_message' needs the last message to be an assistant message", "messages"
         )
+    if forced is not None:
+        assert tools is not None
+        if params.guided is not None:
+            raise invalid(
+                f"'tool_choice' {tool_choice!r} makes the output tool calls; it cannot be combined with "
+                f"'{params.guided.param}' (give at most one structured-output constraint)",
+                "tool_choice",
+            )
+        params = dataclasses.replace(params, guided=forced_guided(tools, forced, parallel_tool_calls))
     return ChatRequest(
         model=model,
         messages=messages,
@@ -399,6 +408,7 @@ def parse_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> ChatReq
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
         documents=documents,
+        forced_tool=forced,
     )
 
 

@@ -32,6 +32,7 @@ from gateway.downstream import GenerateChunk, KVSource, Sampling, Usage
 from gateway.errors import APIError, from_grpc
 from gateway.merge import merge_streams
 from gateway.router import NoWorkerAvailable, WorkerState
+from gateway.structured_output import worker_error
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class PromptStream:
             async for chunk in self._group(list(self.choices)):
                 yield chunk
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc, "worker") from None
+            raise worker_error(exc, self.sampling.guided) or from_grpc(exc, "worker") from None
         completion = sum(len(c.token_ids) for c in self.choices.values())
         yield GenerateChunk(
             choices=(), usage=Usage(len(self.prompt_token_ids), completion, self.cached_tokens or 0)

@@ -141,15 +141,3 @@ def test_streamed_tool_request_has_openai_chunk_shape(qwen3_stack: Stack) -> Non
     assert chunks[-1].usage is not None and chunks[-1].choices == []
     for chunk in chunks:
         json.loads(chunk.model_dump_json())
-
-
-def test_forced_tool_choice_is_refused_not_pretended(qwen3_stack: Stack) -> None:
-    for tool_choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        reply = httpx.post(
-            qwen3_stack.base_url + "/chat/completions",
-            json={"messages": MESSAGES, "tools": TOOLS, "tool_choice": tool_choice},
-            timeout=60,
-        )
-        assert reply.status_code == 400
-        assert reply.json()["error"]["param"] == "tool_choice"
-        assert "not supported yet" in reply.json()["error"]["message"]

@@ -1,0 +1,153 @@
+"""Structured-output request fields -> the worker's `GuidedDecoding` constraint (`Guided`).
+
+OpenAI: `response_format` = {"type": "text"} (free), {"type": "json_object"} (any JSON object) or
+{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}.
+vLLM's extensions: `guided_json` (a schema object or its JSON text), `guided_regex`,
+`guided_choice` (a non-empty list of strings) and `guided_grammar` (Lark).
+
+A request carries at most one constraint: two are a 400 naming both fields (vLLM refuses them
+too; silently picking one would give the client output it did not ask for). The schema itself is
+checked by the worker, whose INVALID_ARGUMENT comes back as a 400 naming the field the client
+sent (`Guided.param`, see `worker_error`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+
+from gateway.downstream import Guided
+from gateway.errors import APIError, invalid
+
+# The request fields that may carry a constraint, in the order they are named in errors.
+FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+# OpenAI's rule for `response_format.json_schema.name`.
+_SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def schema_text(schema: Any) -> str:
+    """A JSON schema as the JSON text the worker compiles."""
+    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+
+
+def _response_format(value: Any) -> Guided | None:
+    param = "response_format"
+    if not isinstance(value, dict):
+        raise invalid("'response_format' must be an object with a 'type'", param)
+    kind = value.get("type")
+    allowed: set[str] = {"type"}
+    guided: Guided | None
+    if kind == "text":
+        guided = None
+    elif kind == "json_object":
+        guided = Guided("json_object", param=param)
+    elif kind == "json_schema":
+        allowed.add("json_schema")
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise invalid(
+                "'response_format.json_schema' must be an object with a 'name' and a 'schema'", param
+            )
+        unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+        if unknown:
+            raise invalid(f"unknown field 'response_format.json_schema.{unknown[0]}'", param)
+        name = spec.get("name")
+        if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
+            raise invalid(
+                "'response_format.json_schema.name' must be 1-64 letters, digits, '_' or '-'", param
+            )
+        if "schema" not in spec:
+            raise invalid("'response_format.json_schema.schema' is required", param)
+        if not isinstance(spec["schema"], dict):
+            raise invalid("'response_format.json_schema.schema' must be a JSON schema object", param)
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise invalid("'response_format.json_schema.strict' must be a boolean", param)
+        if not isinstance(spec.get("description", ""), (str, type(None))):
+            raise invalid("'response_format.json_schema.description' must be a string", param)
+        # strict: the worker always enforces the schema, so strict true and false behave alike.
+        guided = Guided("json_schema", schema_text(spec["schema"]), param=param)
+    else:
+        raise invalid("'response_format.type' must be 'text', 'json_object' or 'json_schema'", param)
+    unknown = sorted(set(value) - allowed)
+    if unknown:
+        raise invalid(f"unknown field 'response_format.{unknown[0]}'", param)
+    return guided
+
+
+def _guided_json(value: Any) -> Guided:
+    param = "guided_json"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise invalid(f"'guided_json' is not valid JSON: {exc}", param) from None
+    if not isinstance(value, dict):
+        raise invalid("'guided_json' must be a JSON schema object (or its JSON text)", param)
+    return Guided("json_schema", schema_text(value), param=param)
+
+
+def _nonempty_string(value: Any, param: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise invalid(f"'{param}' must be a non-empty string", param)
+    return value
+
+
+def _guided_choice(value: Any) -> Guided:
+    param = "guided_choice"
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise invalid("'guided_choice' must be a non-empty list of strings", param)
+    return Guided("choice", choices=tuple(value), param=param)
+
+
+def parse(values: Mapping[str, Any]) -> Guided | None:
+    """The constraint of a request from its `FIELDS` values (None: absent), or None when free."""
+    given = [name for name in FIELDS if values.get(name) is not None]
+    if values.get("response_format") is not None and _response_format(values["response_format"]) is None:
+        given.remove("response_format")  # {"type": "text"}: no constraint
+    if len(given) > 1:
+        names = " and ".join(f"'{n}'" for n in given)
+        raise invalid(f"give at most one structured-output constraint; the request has {names}", given[1])
+    if not given:
+        return None
+    name = given[0]
+    value = values[name]
+    if name == "response_format":
+        return _response_format(value)
+    if name == "guided_json":
+        return _guided_json(value)
+    if name == "guided_regex":
+        return Guided("regex", _nonempty_string(value, name), param=name)
+    if name == "guided_choice":
+        return _guided_choice(value)
+    return Guided("lark_grammar", _nonempty_string(value, name), param=name)
+
+
+def worker_error(exc: grpc.aio.AioRpcError, guided: Guided | None) -> APIError | None:
+    """A worker's refusal of the constraint as the client should see it, or None if it is not one.
+
+    INVALID_ARGUMENT `guided.<field>: <why>` (a schema, regex or grammar the worker cannot compile)
+    is the client's mistake: a 400 naming the request field it sent. FAILED_PRECONDITION (a worker
+    without the model's tokenizer cannot guide) is a 400 too, not a 501: OpenAI answers a model
+    that cannot do structured outputs with a 400 invalid_request_error naming `response_format`,
+    vLLM answers an unusable guided-decoding backend with a 400, and the official clients retry
+    5xx answers, which would only repeat the refusal.
+    """
+    if guided is None:
+        return None
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("guided"):
+        why = details.split(":", 1)[1].strip() if ":" in details else details
+        return invalid(f"'{guided.param}' cannot be used for guided decoding: {why}", guided.param)
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and not details.startswith("kv_source"):
+        return APIError(
+            400,
+            f"'{guided.param}' needs guided decoding, which this deployment cannot do: {details}",
+            param=guided.param,
+            code="guided_decoding_unavailable",
+        )
+    return None
