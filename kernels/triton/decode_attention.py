@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kernels.triton import pdl
 
 LOG2E = 1.4426950408889634
 
@@ -57,7 +60,11 @@ def _decode_kernel(
     MIN_SPLIT_LEN: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # latency-bound: let the next kernel launch now, then wait for our inputs (pdl.py)
+        gdc_launch_dependents()
+        gdc_wait()
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -274,5 +281,7 @@ def decode_attention(
         NUM_KV_HEADS=num_kv_heads,
         num_warps=4,
         num_stages=3,
+        USE_PDL=pdl.enabled(q.device),
+        **pdl.launch_options(q.device),
     )
     return out

@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from kernels.triton import pdl
 
 
 @triton.jit
@@ -42,7 +45,11 @@ def _rotary_kv_write_kernel(
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:  # latency-bound: let the next kernel launch now, then wait for our inputs (pdl.py)
+        gdc_launch_dependents()
+        gdc_wait()
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -142,5 +149,7 @@ def rotary_write_kv_cache(
         HALF=half,
         HALF_PAD=triton.next_power_of_2(half),
         num_warps=4,
+        USE_PDL=pdl.enabled(q.device),
+        **pdl.launch_options(q.device),
     )
     return q_out
