@@ -25,6 +25,8 @@ class WorkerConfig(ServiceConfig):
 
     model: str = ""
     """Hugging Face model directory (config.json and *.safetensors)."""
+    tokenizer: str = ""
+    """tokenizer.json (or a directory holding one) for guided decoding; empty: the model directory (without one, guided requests are refused)."""
     served_model_name: str = ""
     """Model name reported by Info; defaults to the model directory's name."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -22,6 +22,7 @@ from kernels import get_ops
 from services.worker.async_step import StepHandle
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
+from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
 from services.worker.kv_transfer import KVHandleStore
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
@@ -89,6 +90,7 @@ class GenerateResult:
     stop_token_ids: dict[int, int | None] = field(default_factory=dict)
     usage: Usage | None = None
     num_outputs: int = 0  # engine outputs (stream chunks) it took
+    error: str | None = None  # the engine failed the request (e.g. guided decoding)
 
 
 TINY_HIDDEN_SIZE = 256
@@ -133,6 +135,7 @@ class Engine:
         # and prefill-side KV kept for decode workers.
         self.fetching: dict[str, Request] = {}
         self.kv_handles = KVHandleStore(self.block_manager, config.kv_handle_ttl)
+        self.grammars, self.guided_unavailable = self._load_grammar_compiler()
         self._arrivals = itertools.count()
         # Async scheduling: the decode step launched ahead, read by the next step() call.
         self.async_scheduling = config.async_scheduling == "on" or (
@@ -164,6 +167,33 @@ class Engine:
             )
         return int(num_blocks)
 
+    def _load_grammar_compiler(self) -> tuple[GrammarCompiler | None, str]:
+        """Guided decoding needs the model's tokenizer.json (--tokenizer, default the model
+        directory). Without one the worker serves unguided requests and refuses guided ones; an
+        explicit --tokenizer that cannot be loaded is a start-up error."""
+        path = self.config.tokenizer or self.config.model
+        cfg = self.model_config
+        try:
+            return GrammarCompiler.load(path, cfg.vocab_size, cfg.eos_token_ids), ""
+        except GuidedUnavailableError as exc:
+            if self.config.tokenizer:
+                raise ModelConfigError(f"--tokenizer {self.config.tokenizer}: {exc}") from None
+            log.info("guided decoding off: %s (give --tokenizer)", exc)
+            return (
+                None,
+                f"guided decoding needs the model's tokenizer; this worker has none ({exc}; see --tokenizer)",
+            )
+
+    def compile_grammar(self, req: EngineRequest) -> EngineRequest:
+        """`req` with its guided constraint compiled (cached); raises GuidedUnavailableError
+        without a tokenizer, InvalidRequestError for a bad constraint. Thread-safe."""
+        spec = req.sampling.guided
+        if spec is None or req.grammar is not None:
+            return req
+        if self.grammars is None:
+            raise GuidedUnavailableError(self.guided_unavailable)
+        return replace(req, grammar=self.grammars.compile(spec))
+
     # ---- requests ------------------------------------------------------------------------------
     def bind_device(self) -> None:
         """Make this engine's GPU the calling thread's current device. Triton launches on the
@@ -189,6 +219,7 @@ class Engine:
             raise InvalidRequestError(
                 "sampling.n", f"{req.sampling.n} choices do not fit the KV cache of this worker"
             )
+        req = self.compile_grammar(req)  # already done by the gRPC servicer, off this thread
         request = Request(req, max_tokens, self.model_config.eos_token_ids, next(self._arrivals))
         if schedule:
             self.schedule_request(request)
@@ -223,6 +254,9 @@ class Engine:
 
     def _apply(self, scheduled: SchedulerOutput, sampled: list[list[SampledToken]]) -> list[RequestOutput]:
         touched = self.scheduler.update(scheduled, sampled)
+        if self.scheduler.failed:  # guided decoding failed for a choice: end the whole request
+            for request in self.scheduler.take_failed():
+                self.scheduler.abort(request)
         outputs = [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]
         return [out for out in outputs if out.choices or out.finished]  # a prefill chunk: nothing to say
 
@@ -304,6 +338,7 @@ class Engine:
             usage,
             prompt_logprobs=prompt_logprobs,
             kv_handle=kv_handle,
+            error=request.error if finished else None,
         )
 
     # ---- stats ---------------------------------------------------------------------------------
@@ -343,3 +378,5 @@ def collect(result: GenerateResult, out: RequestOutput) -> None:
             result.stop_token_ids[choice.index] = choice.stop_token_id
     if out.usage is not None:
         result.usage = out.usage
+    if out.error is not None:
+        result.error = out.error

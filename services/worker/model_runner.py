@@ -20,6 +20,7 @@ from kernels import KernelOps, build_rope_cache
 from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.gpu_sampler import GpuSampler
+from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.loader import build_model
@@ -38,6 +39,7 @@ GRAPH_LOGITS_MAX_ROWS = 8
 
 # Projections whose input op the decoder layer folds into them where measured faster (models/llama.py).
 FUSED_PROLOGUES = {"qkv_proj": "rms_norm", "down_proj": "silu_mul"}
+
 
 class ModelRunner:
     def __init__(
@@ -223,12 +225,12 @@ class ModelRunner:
         if not rows:
             return StepHandle(len(out.scheduled), [], None, None)
         every_row = logits_rows == list(range(hidden.shape[0]))  # decode steps sample every row
-        meta = self._sampling_metadata(
-            [s for s, _ in rows], [out.scheduled[i].pending_tokens for _, i in rows]
-        )
+        seqs = [s for s, _ in rows]
+        meta = self._sampling_metadata(seqs, [out.scheduled[i].pending_tokens for _, i in rows])
+        guided = guided_rows(seqs)  # None unless some row is guided: then the logits path, masked
         entries = [i for _, i in rows]
         if decoded is not None and decoded.logits is not None and every_row:
-            if self._plain_greedy(meta):  # the graph's own argmax is what the sampler would return
+            if guided is None and self._plain_greedy(meta):  # the graph's argmax is the sampler's answer
                 assert decoded.greedy is not None
                 return self._handle(len(out.scheduled), entries, decoded.greedy, None, meta)
             logits = decoded.logits.float()
@@ -236,6 +238,8 @@ class ModelRunner:
             if not every_row:
                 hidden = hidden[torch.tensor(logits_rows, device=dev)]
             logits = self.model.compute_logits(hidden)
+        if guided is not None:  # before the sampler: penalties, temperature and logprobs see the mask
+            logits = apply_token_mask(logits.float(), guided)
         if isinstance(self.sampler, GpuSampler):
             token_ids, raw_logprobs = self.sampler.sample_tensors(logits, meta)
             return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta)

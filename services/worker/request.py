@@ -13,6 +13,10 @@ import enum
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
 
 MAX_TOP_LOGPROBS = 20
 
@@ -42,6 +46,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; k: sampled token's plus k top alternatives
     prompt_logprobs: int | None = None
+    guided: GuidedSpec | None = None  # constrain the output to a language (guided.py)
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +63,9 @@ class EngineRequest:
     # Disaggregated prefill: after the first token, keep the prompt's KV blocks under a handle for
     # a decode worker (kv_transfer.py) instead of decoding on.
     hold_kv: bool = False
+    # sampling.guided compiled for this worker's tokenizer (the gRPC servicer compiles it off the
+    # engine thread; Engine.add_request compiles it when missing)
+    grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
 
 
 def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) -> int:
@@ -173,6 +181,9 @@ class Sequence:
         self.new_token_ids: list[int] = []
         self.new_logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
+        # guided decoding: the matcher of this choice, advanced with every output token (so a
+        # preempted sequence keeps it: recompute changes the KV, not the output)
+        self.guided: GuidedState | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -218,11 +229,34 @@ class Request:
             child = Sequence(self, req.first_choice_index + i, list(prompt))
             child.status = SequenceStatus.PARKED
             self.sequences.append(child)
+        self.error: str | None = None  # set when the engine failed this request (guided decoding)
+        if req.grammar is not None:
+            self._start_guided(req.grammar)
         self.num_cached_prompt_tokens: int | None = None  # set when choice 0 is first scheduled
         # prompt_logprobs: entry j-1 is the logprob of prompt token j (token 0 has none)
         self.prompt_logprobs: list[TokenLogprob] = []
         self.prompt_logprobs_sent = False
         self.aborted = False
+
+    def _start_guided(self, grammar: CompiledGrammar) -> None:
+        """A matcher per choice; choice 0's consumes the tokens generated elsewhere (resume, or
+        the first token of a prefill worker), which must be a valid unfinished prefix."""
+        first = grammar.new_state(self.stop_token_ids)
+        for child in self.sequences[1:]:
+            child.guided = first.fork()
+        self.sequences[0].guided = first
+        for token in self.req.generated_token_ids:
+            first.consume(token)
+            if first.error is not None or first.complete:
+                break
+        if first.error is not None:
+            raise InvalidRequestError(
+                "generated_token_ids", f"not a valid output of sampling.guided: {first.error}"
+            )
+        if first.complete:
+            raise InvalidRequestError(
+                "generated_token_ids", "already a complete output of sampling.guided: nothing may follow"
+            )
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -22,6 +23,7 @@ from services.common.logging import request_id_var
 from services.worker import kv_transfer
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
+from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_LAYOUT
 from services.worker.outputs import RequestOutput
 from services.worker.request import (
@@ -49,6 +51,30 @@ _ROLES = {
 }
 # A decode worker gives a FetchKV stream this long before it computes the prompt itself.
 FETCH_TIMEOUT_S = 60.0
+# Guided requests admitted, by constraint kind (not in metrics.METRICS yet: the README table and
+# the dashboard list those).
+GUIDED_REQUESTS = "tandem:guided_requests_total"
+# Threads that compile guided grammars (llguidance releases the GIL while it builds one).
+GRAMMAR_THREADS = 2
+
+
+def guided_from_pb(sp: common_pb2.SamplingParams) -> GuidedSpec | None:
+    if not sp.HasField("guided"):
+        return None
+    g = sp.guided
+    kind = g.WhichOneof("constraint")
+    if kind is None:
+        raise InvalidRequestError("sampling.guided", f"set one constraint: {', '.join(GUIDED_KINDS)}")
+    if kind == "json_object":
+        if not g.json_object:
+            raise InvalidRequestError("sampling.guided.json_object", "must be true when set")
+        return GuidedSpec("json_object", "")
+    if kind == "choice":
+        return choice_spec(list(g.choice.values))
+    text = getattr(g, kind)
+    if not text:
+        raise InvalidRequestError(f"sampling.guided.{kind}", "must be non-empty")
+    return GuidedSpec(kind, text)
 
 
 def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams:
@@ -71,6 +97,7 @@ def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams:
         n=int(sp.n) if sp.HasField("n") else 1,
         logprobs=int(sp.logprobs) if sp.HasField("logprobs") else None,
         prompt_logprobs=int(sp.prompt_logprobs) if sp.HasField("prompt_logprobs") else None,
+        guided=guided_from_pb(sp),
     )
 
 
@@ -173,7 +200,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._credentials = tls.channel_credentials() if tls is not None else None
         self._kv_channels: dict[str, grpc.aio.Channel] = {}  # prefill workers we fetch from
         self._sweeper: asyncio.Task[None] | None = None
+        self._grammar_pool = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
         _export_load_gauges(engine)
+
+    async def _compile_grammar(self, req: EngineRequest, context: grpc.aio.ServicerContext) -> EngineRequest:
+        """Compile the request's guided constraint on the grammar threads (never on the event loop
+        or the engine thread: a big schema takes a while); refuse it with the right status."""
+        spec = req.sampling.guided
+        if spec is None:
+            return req
+        if self.engine.grammars is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"sampling.guided: {self.engine.guided_unavailable}"
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            req = await loop.run_in_executor(self._grammar_pool, self.engine.compile_grammar, req)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except GuidedUnavailableError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"sampling.guided: {exc}")
+        metrics.counter(GUIDED_REQUESTS, "Guided (structured-output) requests admitted.", ("kind",)).labels(
+            kind=spec.kind
+        ).inc()
+        return req
 
     def _check_kv_source(self, source: kv_transfer.KVSource, req: EngineRequest) -> None:
         if not source.handle_id or not source.address:
@@ -201,6 +251,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self._check_kv_source(source, req)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        req = await self._compile_grammar(req, context)
         if source is not None and source.fingerprint != self.fingerprint:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -234,6 +285,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
                 assert isinstance(item, RequestOutput)
+                if item.error is not None:  # the engine failed it (ended: nothing to abort)
+                    finished = True
+                    await context.abort(grpc.StatusCode.INTERNAL, item.error)
                 if first_token is None and any(c.token_ids for c in item.choices):
                     first_token = time.monotonic()
                 finished = item.finished
@@ -323,6 +377,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        req = await self._compile_grammar(req, context)
         self._start_sweeper()
         outputs = self.async_engine.submit(req)
         reply = worker_pb2.PrefillResponse(request_id=req.request_id)
@@ -337,6 +392,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
                 assert isinstance(item, RequestOutput)
                 finished = item.finished
+                if item.error is not None:
+                    await context.abort(grpc.StatusCode.INTERNAL, item.error)
                 chunk = output_to_pb(item)
                 for delta in chunk.choices:
                     reply.first.index = delta.index
@@ -441,6 +498,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await self._sweeper
         for channel in self._kv_channels.values():
             await channel.close()
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
 
     def _start_sweeper(self) -> None:
         """Free expired KV handles in the background (started by the first Prefill)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +172,13 @@ def token_logprobs(
         if k is None:
             out.append(None)
             continue
-        top = tuple(zip(top_ids_l[row][:k], top_vals_l[row][:k], strict=True)) if k else ()
+        # a guided row's masked tokens (-inf) are no alternatives: fewer than k may remain
+        top = (
+            tuple(
+                (t, v) for t, v in zip(top_ids_l[row][:k], top_vals_l[row][:k], strict=True) if v > -math.inf
+            )
+            if k
+            else ()
+        )
         out.append(TokenLogprob(int(ids[row]), chosen_list[row], ranks[row], top))
     return out

@@ -66,6 +66,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._pending_copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
+        # requests whose guided decoding failed in `update`; the engine aborts them (take_failed)
+        self.failed: list[Request] = []
 
     # ---- queue management ----------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -167,6 +169,11 @@ class Scheduler:
         for item in prev.scheduled:
             if item.num_new_tokens != 1 or not item.sample or item.children or item.prompt_logprob_positions:
                 return None
+            # Guided decoding: the next step's mask needs the token `prev` samples, so a step with a
+            # guided sequence is never launched ahead. Correctness first: the matcher must consume
+            # token N before mask N+1 exists, and llguidance runs on the host.
+            if item.seq.guided is not None:
+                return None
         live = [item.seq for item in prev.scheduled if not item.seq.is_finished]
         if len(live) != len(self.running) or any(a is not b for a, b in zip(live, self.running, strict=True)):
             return None
@@ -258,8 +265,21 @@ class Scheduler:
         if token.logprob is not None:
             seq.new_logprobs.append(token.logprob)
         request = seq.request
+        guided = seq.guided
         if token.token_id in request.stop_token_ids and seq.num_output_tokens >= request.sampling.min_tokens:
             seq.stop_token_id = token.token_id
+            self._finish_running(seq, "stop")
+            return
+        if guided is not None:
+            guided.consume(token.token_id)
+            if guided.error is not None:
+                request.error = f"guided decoding failed: {guided.error}"
+                self.failed.append(request)
+                self._finish_running(seq, "abort")
+                return
+        if guided is not None and guided.complete:
+            # The output is complete and nothing but an end token may follow: stop now (even on
+            # the max_tokens-th token, as an EOS there would).
             self._finish_running(seq, "stop")
         elif seq.num_output_tokens >= request.max_tokens:
             self._finish_running(seq, "length")
@@ -268,6 +288,10 @@ class Scheduler:
             self.running.remove(seq)
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "prefilled"
+
+    def take_failed(self) -> list[Request]:
+        failed, self.failed = self.failed, []
+        return failed
 
     def _finish_running(self, seq: Sequence, reason: str) -> None:
         self.running.remove(seq)
