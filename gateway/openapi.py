@@ -3,7 +3,7 @@ validator enforces, so the document says exactly what a request may contain.
 
 Request bodies list every field `validation.py` accepts and set `additionalProperties: false`,
 because unknown fields are refused with a 400. Fields accepted only at a neutral value
-(`logit_bias: {}`, `response_format: {"type": "text"}`, ...) are left out.
+(`logit_bias: {}`, `best_of: 1`, ...) are left out.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
             "description": "only with stream: true",
         },
         "user": _STR,
+        **_structured_output(),
     }
     if chat:
         props["max_completion_tokens"] = _int(1, limits.max_tokens or _UINT32)
@@ -78,6 +79,78 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
     else:
         props["logprobs"] = _int(0, limits.max_logprobs)
     return props
+
+
+def _structured_output() -> dict[str, Any]:
+    """`response_format` and vLLM's `guided_*` fields (at most one constraint per request)."""
+    json_schema = {
+        "type": "object",
+        "required": ["name", "schema"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "schema": {"type": "object", "description": "the JSON Schema the output matches"},
+            "strict": {"type": ["boolean", "null"], "description": "the schema is always enforced"},
+            "description": _STR,
+        },
+    }
+    one = "at most one of response_format (other than text) and the guided_* fields"
+    return {
+        "response_format": {
+            "description": f"structured output ({one})",
+            "anyOf": [
+                {
+                    "type": "object",
+                    "required": ["type"],
+                    "additionalProperties": False,
+                    "properties": {"type": {"enum": ["text", "json_object"]}},
+                },
+                {
+                    "type": "object",
+                    "required": ["type", "json_schema"],
+                    "additionalProperties": False,
+                    "properties": {"type": {"const": "json_schema"}, "json_schema": json_schema},
+                },
+            ],
+        },
+        "guided_json": {
+            "description": f"vLLM: the output matches this JSON Schema (an object or its JSON text; {one})",
+            "anyOf": [{"type": "object"}, _STR],
+        },
+        "guided_regex": {
+            "type": "string",
+            "minLength": 1,
+            "description": "vLLM: the output matches this regex",
+        },
+        "guided_choice": {
+            "type": "array",
+            "minItems": 1,
+            "items": _STR,
+            "description": "vLLM: the output is exactly one of these strings",
+        },
+        "guided_grammar": {
+            "type": "string",
+            "minLength": 1,
+            "description": "vLLM: the output is a sentence of this Lark grammar (llguidance's dialect)",
+        },
+    }
+
+
+def _tool_choice() -> dict[str, Any]:
+    named = {
+        "type": "object",
+        "required": ["type", "function"],
+        "additionalProperties": False,
+        "properties": {
+            "type": {"const": "function"},
+            "function": {"type": "object", "required": ["name"], "properties": {"name": _STR}},
+        },
+    }
+    return {
+        "description": "none | auto (default with tools) | required (at least one call) | a named function "
+        "(that call); required and named guide the output, so they exclude response_format and guided_*",
+        "anyOf": [{"enum": ["none", "auto", "required"]}, named],
+    }
 
 
 def _message() -> dict[str, Any]:
@@ -166,7 +239,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
                 **_generation(limits, chat=True),
                 "messages": messages,
                 "tools": _tools(limits),
-                "tool_choice": {"enum": ["none", "auto"]},
+                "tool_choice": _tool_choice(),
                 "parallel_tool_calls": _BOOL,
                 "documents": {"type": "array", "items": {"type": "object"}},
                 **_template_options(),

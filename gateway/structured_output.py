@@ -140,9 +140,10 @@ def worker_error(exc: grpc.aio.AioRpcError, guided: Guided | None) -> APIError |
     if guided is None:
         return None
     details = exc.details() or ""
-    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("guided"):
-        why = details.split(":", 1)[1].strip() if ":" in details else details
-        return invalid(f"'{guided.param}' cannot be used for guided decoding: {why}", guided.param)
+    field, _, why = details.partition(":")
+    # The worker names the field first: "guided.json_schema: ..." or "sampling.guided.regex: ...".
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "guided" in field.split("."):
+        return invalid(f"'{guided.param}' cannot be used for guided decoding: {why.strip()}", guided.param)
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and not details.startswith("kv_source"):
         return APIError(
             400,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import torch
 from gateway_stack import Stack
+from tiny_qwen3 import write_tiny_qwen3
 
 pytestmark = [pytest.mark.e2e]
 
@@ -38,28 +37,7 @@ MESSAGES: list[Any] = [
 
 @pytest.fixture(scope="module")
 def qwen3_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(shared_dir / "tokenizers" / "qwen3" / name, path / name)
-    vocab_size = len(AutoTokenizer.from_pretrained(str(path)))
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=151645,
-    )
-    Qwen3ForCausalLM(config).save_pretrained(str(path))
-    return path
+    return write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 @pytest.fixture(scope="module")

@@ -197,8 +197,8 @@ def test_required_schema_accepts_exactly_calls_of_the_tools() -> None:
 
 
 def test_required_schema_moves_defs_to_the_root() -> None:
-    point = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
-    tools = [
+    point: dict[str, Any] = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
+    tools: list[dict[str, Any]] = [
         {
             "type": "function",
             "function": {
@@ -468,6 +468,8 @@ def test_worker_refusals_name_the_request_field() -> None:
         "response_format",
         "guided_decoding_unavailable",
     )
+    err = worker_error(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "sampling.guided.regex: bad"), guided)
+    assert err is not None and err.param == "response_format" and err.message.endswith(": bad")
     # not about the constraint: the usual mapping applies
     assert worker_error(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens: too big"), guided) is None
     assert (
@@ -517,3 +519,44 @@ def test_grpc_options_guided_is_the_http_field() -> None:
     )
     with pytest.raises(APIError):
         chat(common_pb2.GuidedDecoding())
+
+
+def test_openapi_documents_the_new_fields() -> None:
+    from gateway.limits import DEFAULT_LIMITS
+    from gateway.openapi import openapi_document
+
+    components = openapi_document(DEFAULT_LIMITS)["components"]
+
+    def validator(name: str) -> jsonschema.Draft202012Validator:
+        return jsonschema.Draft202012Validator(
+            {"$ref": f"#/components/schemas/{name}", "components": components}
+        )
+
+    chat, completion = validator("ChatCompletionRequest"), validator("CompletionRequest")
+    rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}
+    bodies: list[dict[str, Any]] = [
+        {"messages": MESSAGES, "response_format": rf},
+        {"messages": MESSAGES, "response_format": {"type": "json_object"}},
+        {"messages": MESSAGES, "guided_json": PERSON},
+        {"messages": MESSAGES, "guided_json": json.dumps(PERSON)},
+        {"messages": MESSAGES, "guided_regex": "a+"},
+        {"messages": MESSAGES, "guided_choice": ["a", "b"]},
+        {"messages": MESSAGES, "guided_grammar": "start: x"},
+        {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
+        {
+            "messages": MESSAGES,
+            "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+        },
+    ]
+    for body in bodies:
+        chat.validate(body)
+        parse_chat(body)  # what the document accepts, the gateway accepts
+    completion.validate({"prompt": "x", "response_format": rf})
+    for bad in (
+        {"messages": MESSAGES, "response_format": {"type": "yaml"}},
+        {"messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "p"}}},
+        {"messages": MESSAGES, "guided_choice": []},
+        {"messages": MESSAGES, "tool_choice": "sometimes"},
+    ):
+        assert not chat.is_valid(bad), bad
