@@ -337,7 +337,11 @@ def test_grpc_tool_choice_required_and_guided(qwen3: UpProcess) -> None:
             "tool_choice",
             "nope",
         ),
-        ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_regex", "'guided_choice' and 'guided_regex'"),
+        (
+            {"guided_choice": ["a"], "guided_regex": "a"},
+            "guided_choice",
+            "'guided_regex' and 'guided_choice'",
+        ),
         (
             {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
             "tool_choice",
