@@ -9,6 +9,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ from services.worker.kv_cache import block_bytes
 from services.worker.model_config import ModelConfigError
 from services.worker.request import EngineRequest, InvalidRequestError, SamplingParams
 
-COMMON = dict(device="cpu", kv_cache_memory="16MiB", max_model_len=256, cpu_threads=1)
+COMMON: dict[str, Any] = dict(device="cpu", kv_cache_memory="16MiB", max_model_len=256, cpu_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_resume_outside_the_grammar_is_refused(
     sp = SamplingParams(temperature=0.0, max_tokens=50, guided=SCHEMA_SPEC)
     not_json = tuple(tokenizer.encode("Lily", add_special_tokens=False).ids)
     with pytest.raises(
-        InvalidRequestError, match="generated_token_ids: not a valid output of sampling.guided"
+        InvalidRequestError, match=r"generated_token_ids: not a valid output of sampling\.guided"
     ):
         engine.add_request(EngineRequest("bad-resume", tuple(prompt), sp, not_json))
     (done,) = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=20, guided=CHOICE_SPEC))
