@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 
 from services.worker.rpc import GUIDED_REQUESTS
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from tests.disagg.worker_servers import InProcessWorker, LoopThread, start_worker, stop_worker
+from tests.disagg.worker_servers import LoopThread, start_worker, stop_worker
 
 COMMON: dict[str, Any] = dict(device="cpu", kv_cache_memory="8MiB", max_model_len=256, cpu_threads=1)
 
@@ -30,7 +30,6 @@ class Workers:
     bare: worker_pb2_grpc.WorkerStub  # no tokenizer
     prefill: worker_pb2_grpc.WorkerStub
     decode: worker_pb2_grpc.WorkerStub
-    servers: list[InProcessWorker] = field(default_factory=list)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def workers(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     ]
     channels = [grpc.insecure_channel(s.address) for s in servers]
     stubs = [worker_pb2_grpc.WorkerStub(c) for c in channels]
-    yield Workers(*stubs, servers=servers)
+    yield Workers(*stubs)
     for channel in channels:
         channel.close()
     for server in servers:
