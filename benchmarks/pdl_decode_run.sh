@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# device: GPU kernel + engine tests, then batch-1 decode with PDL on / off / no-prefetch
+# Device A/B of the decode-step launch options (docs/gpu.md "PDL"): optional GPU tests, then the
+# batch-1 decode scenario of engine_bench once per variant. A variant is NAME or NAME:VAR=V,VAR=V
+# (environment for that run), e.g. VARIANTS="off:TANDEM_PDL=0 start end:TANDEM_PDL_TRIGGER=end".
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-PY=python3
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/info.txt 2>&1
-timeout 240 $PY -m pytest tests/kernels tests/worker/test_worker_gpu.py -m gpu -o addopts="" -p no:cacheprovider -q -x -W ignore::DeprecationWarning > $OUT/gpu_tests.log 2>&1
-echo "gpu tests exit $?" >> $OUT/gpu_tests.log; tail -5 $OUT/gpu_tests.log
-for v in on nopf off; do
-  case $v in on) E="";; nopf) E="TANDEM_PDL_PREFETCH=0";; off) E="TANDEM_PDL=0";; esac
-  env $E timeout 200 $PY benchmarks/engine_bench.py --models ${MODELS:-Llama-3.1-8B,Qwen2-0.5B} --decode-only --skip-hf ${PROF:---profile-decode} --out $OUT/decode_$v.json > $OUT/decode_$v.log 2>&1
-  echo "$v exit $?"; grep -E "batch-1 decode  |graph:|_kernel|nvjet" $OUT/decode_$v.log | head -30
+OUT=${OUT:-benchmarks/results}
+PY=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/info.txt" 2>&1
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout 200 "$PY" -m pytest tests/kernels tests/worker/test_worker_gpu.py -m gpu -o addopts="" -p no:cacheprovider \
+    -q -x -W ignore::DeprecationWarning > "$OUT/gpu_tests.log" 2>&1
+  tail -3 "$OUT/gpu_tests.log"
+fi
+for variant in ${VARIANTS:-off:TANDEM_PDL=0 on}; do
+  name=${variant%%:*}
+  envs=""
+  [ "$name" != "$variant" ] && envs=$(echo "${variant#*:}" | tr ',' ' ')
+  env $envs timeout 200 "$PY" benchmarks/engine_bench.py --models "${MODELS:-Llama-3.1-8B}" --decode-only --skip-hf \
+    ${BENCH_ARGS:-} --out "$OUT/decode_$name.json" > "$OUT/decode_$name.log" 2>&1
+  echo "== $name ($envs): exit $?"
+  grep -E "^[A-Za-z0-9.-]+ +1 batch-1 decode  " "$OUT/decode_$name.log"
 done

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton import pdl
 
@@ -28,11 +27,9 @@ def _argmax_chunks_kernel(
     stride_x,
     num_chunks,
     BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    if USE_PDL:  # latency-bound: let the next kernel launch now, then wait for our inputs (pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl.enter(PDL)  # latency-bound kernel: see pdl.py
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
@@ -41,6 +38,7 @@ def _argmax_chunks_kernel(
     idx = tl.min(tl.where(x == best, offs, vocab), axis=0)
     tl.store(part_val_ptr + row * num_chunks + chunk, best)
     tl.store(part_idx_ptr + row * num_chunks + chunk, idx)
+    pdl.leave(PDL)
 
 
 @triton.jit
@@ -51,11 +49,9 @@ def _argmax_merge_kernel(
     vocab,
     num_chunks,
     P_PAD: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    if USE_PDL:
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     p = tl.arange(0, P_PAD)
     mask = p < num_chunks
@@ -64,6 +60,7 @@ def _argmax_merge_kernel(
     best = tl.max(vals, axis=0)
     # chunks are in index order, so the smallest index among the chunks holding the max is the first
     tl.store(out_ptr + row, tl.min(tl.where(vals == best, idxs, vocab), axis=0).to(tl.int64))
+    pdl.leave(PDL)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R] int64
@@ -77,7 +74,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R] int64
     num_chunks = triton.cdiv(vocab, BLOCK)
     part_val = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
     part_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
-    use_pdl = pdl.enabled(logits.device)
+    pdl_mode = pdl.mode(logits.device)
     options = pdl.launch_options(logits.device)
     _argmax_chunks_kernel[(rows, num_chunks)](
         logits,
@@ -87,7 +84,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R] int64
         logits.stride(0),
         num_chunks,
         BLOCK=BLOCK,
-        USE_PDL=use_pdl,
+        PDL=pdl_mode,
         num_warps=4,
         **options,
     )
@@ -98,7 +95,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R] int64
         vocab,
         num_chunks,
         P_PAD=max(2, triton.next_power_of_2(num_chunks)),
-        USE_PDL=use_pdl,
+        PDL=pdl_mode,
         num_warps=4,
         **options,
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton import pdl
 
@@ -60,11 +59,9 @@ def _decode_kernel(
     MIN_SPLIT_LEN: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    if USE_PDL:  # latency-bound: let the next kernel launch now, then wait for our inputs (pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl.enter(PDL)  # latency-bound kernel: see pdl.py
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -163,6 +160,7 @@ def _decode_kernel(
                 mask=(gm < GROUP)[:, None] & (d < HEAD_DIM)[None, :] & (q_len > 0),
             )
             tl.atomic_xchg(counter, 0)  # ready for the next launch (next layer, next step)
+    pdl.leave(PDL)
 
 
 # The merge runs inside the kernel over a [group, splits, head_dim] tile: 16 splits keep that tile
@@ -281,7 +279,7 @@ def decode_attention(
         NUM_KV_HEADS=num_kv_heads,
         num_warps=4,
         num_stages=3,
-        USE_PDL=pdl.enabled(q.device),
+        PDL=pdl.mode(q.device),
         **pdl.launch_options(q.device),
     )
     return out

@@ -29,6 +29,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _ENABLED: dict[int, bool] = {}
 
@@ -43,14 +44,39 @@ def enabled(device: torch.device) -> bool:
     return _ENABLED[index]
 
 
+def mode(device: torch.device) -> int:
+    """The `PDL` constexpr of the small kernels: 0 off, 1 signal the next kernel at the start,
+    2 at the end (`TANDEM_PDL_TRIGGER=start|end`, default start)."""
+    if not enabled(device):
+        return 0
+    return 2 if os.environ.get("TANDEM_PDL_TRIGGER", "start") == "end" else 1
+
+
+@triton.jit
+def enter(PDL: tl.constexpr):
+    """Start of a small kernel: maybe let the next kernel launch, then wait for this one's inputs."""
+    if PDL == 1:
+        gdc_launch_dependents()
+    if PDL != 0:
+        gdc_wait()
+
+
+@triton.jit
+def leave(PDL: tl.constexpr):
+    """End of a small kernel (mode 2): let the next kernel launch."""
+    if PDL == 2:
+        gdc_launch_dependents()
+
+
 def launch_options(device: torch.device) -> dict[str, bool]:
     """Extra keyword arguments of a Triton launch: `launch_pdl=True` where PDL is enabled."""
     return {"launch_pdl": True} if enabled(device) else {}
 
 
-def prefetch_enabled() -> bool:
-    """The skinny GEMM's L2 weight prefetch before its wait (`TANDEM_PDL_PREFETCH=0`: off)."""
-    return os.environ.get("TANDEM_PDL_PREFETCH", "1") != "0"
+def prefetch_budget_bytes() -> int:
+    """Bytes of weights one skinny GEMM prefetches into L2 before its wait, in all
+    (`TANDEM_PDL_PREFETCH_MB`, default 24; 0: no prefetch)."""
+    return int(float(os.environ.get("TANDEM_PDL_PREFETCH_MB", "24")) * (1 << 20))
 
 
 @triton.jit

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton import pdl
 
@@ -25,11 +24,9 @@ def _rms_norm_kernel(
     HIDDEN: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    if USE_PDL:  # latency-bound: let the next kernel launch now, then wait for our inputs (pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl.enter(PDL)  # latency-bound kernel: see pdl.py
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -44,6 +41,7 @@ def _rms_norm_kernel(
     # HF multiplies the weight in the input dtype after casting the normalised row back.
     normed = (xf * inv_rms).to(x.dtype)
     tl.store(out_ptr + row * stride_o + offs, w * normed, mask=mask)
+    pdl.leave(PDL)
 
 
 def _launch(
@@ -78,7 +76,7 @@ def _launch(
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
         num_warps=min(16, max(1, block // 256)),
-        USE_PDL=pdl.enabled(x.device),
+        PDL=pdl.mode(x.device),
         **pdl.launch_options(x.device),
     )
     return out, new_residual

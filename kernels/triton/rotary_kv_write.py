@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton import pdl
 
@@ -45,11 +44,9 @@ def _rotary_kv_write_kernel(
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    if USE_PDL:  # latency-bound: let the next kernel launch now, then wait for our inputs (pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl.enter(PDL)  # latency-bound kernel: see pdl.py
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -88,6 +85,7 @@ def _rotary_kv_write_kernel(
     v2 = tl.load(v_src + HALF, mask=kv_mask, other=0.0)
     tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(v_dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+    pdl.leave(PDL)
 
 
 def rotary_write_kv_cache(
@@ -149,7 +147,7 @@ def rotary_write_kv_cache(
         HALF=half,
         HALF_PAD=triton.next_power_of_2(half),
         num_warps=4,
-        USE_PDL=pdl.enabled(q.device),
+        PDL=pdl.mode(q.device),
         **pdl.launch_options(q.device),
     )
     return q_out

@@ -5,18 +5,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton import pdl
 
 
 @triton.jit
 def _silu_and_mul_kernel(
-    x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+    x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
 ):
-    if USE_PDL:  # latency-bound: let the next kernel launch now, then wait for our inputs (pdl.py)
-        gdc_launch_dependents()
-        gdc_wait()
+    pdl.enter(PDL)  # latency-bound kernel: see pdl.py
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
@@ -25,6 +22,7 @@ def _silu_and_mul_kernel(
     # Same rounding as F.silu(gate) * up in the input dtype: silu computed in fp32, then cast.
     act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
     tl.store(out_ptr + row * stride_o + offs, act * up, mask=mask)
+    pdl.leave(PDL)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +40,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         out.stride(0),
         INTER=inter,
         BLOCK=block,
-        USE_PDL=pdl.enabled(x.device),
+        PDL=pdl.mode(x.device),
         num_warps=4,
         **pdl.launch_options(x.device),
     )

@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from kernels.triton import pdl
-from kernels.triton.pdl import prefetch_enabled, prefetch_l2
+from kernels.triton.pdl import prefetch_budget_bytes, prefetch_l2
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +153,14 @@ def _skinny_gemm_kernel(
     )
 
 
-# Bytes of each weight row prefetched into L2 before the PDL wait, capped so that one GEMM's
-# prefetch stays well inside L2 (50 MB on H100 / H200) while the previous GEMM may still stream.
-PREFETCH_TOTAL_BYTES = 24 << 20
-
-
 def _prefetch_bytes(n: int, k: int, element_size: int, num_threads: int, block_n: int) -> tuple[int, int]:
     """(bytes per row, chunks per row) of the L2 prefetch: 0 when off, else a multiple of 16 per chunk."""
-    if not prefetch_enabled():
+    # Capped so that one GEMM's prefetch stays well inside L2 (50 MB on H100 / H200).
+    budget = prefetch_budget_bytes()
+    if budget <= 0:
         return 0, 1
     row = k * element_size
-    per_row = min(row, PREFETCH_TOTAL_BYTES // max(n, 1))
+    per_row = min(row, budget // max(n, 1))
     chunks = max(1, num_threads // block_n)
     chunk = (per_row // chunks) // 16 * 16
     if chunk < 128 or row % 16:
@@ -366,6 +363,7 @@ def tune_linear(
     against F.linear) is never chosen. CUDA and bf16/fp16 only: otherwise nothing is chosen and []
     is returned. With a `prologue` ("silu_mul", "rms_norm"), the plain projection is tuned first,
     then the fused kernel is timed against the prologue's own kernel followed by that projection."""
+    lines: list[str] = []
     if prologue != "none":
         lines = tune_linear(weights, bias, max_rows, name, reps)
         if not lines:
@@ -379,8 +377,6 @@ def tune_linear(
         or w0.dtype not in (torch.bfloat16, torch.float16)
     ):
         return []
-    else:
-        lines = []
     n, k = w0.shape
     device = w0.device
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
