@@ -455,3 +455,28 @@ def test_completions_json_schema_and_grpc_guided(stories_stack: Stack) -> None:
             for c in chunk.choices:
                 texts[c.index] = texts.get(c.index, "") + c.text
         assert set(texts.values()) <= {"up", "down"} and len(texts) == 2
+
+
+def test_a_worker_that_cannot_guide_gives_a_clear_400(stories_dir: Path, tmp_path: Path) -> None:
+    # the worker's model directory has no tokenizer.json (the styler's has)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (tmp_path / name).symlink_to(stories_dir / name)
+    up = UpProcess(
+        stories_dir,
+        "--device",
+        "cpu",
+        "--worker-args",
+        f"--model {tmp_path}",
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        up.wait_healthy()
+        body = {"prompt": "Once", "max_tokens": 4}
+        reply = httpx.post(up.url + "/v1/completions", json={**body, "guided_choice": ["a", "b"]}, timeout=60)
+        assert reply.status_code == 400, reply.text
+        error = reply.json()["error"]
+        assert (error["param"], error["code"]) == ("guided_choice", "guided_decoding_unavailable")
+        assert "tokenizer" in error["message"]
+        assert httpx.post(up.url + "/v1/completions", json=body, timeout=60).status_code == 200
+    finally:
+        up.stop()
