@@ -138,7 +138,9 @@ class ChatResult:
         chunks: list[dict[str, Any]] = []
         if not choice.started:
             choice.started = True
-            chunks.append(self._chunk(update.index, {"role": "assistant", "content": ""}, None, None))
+            # A forced tool choice has no content at all (null, as in the whole response).
+            content = "" if self.forced is None else None
+            chunks.append(self._chunk(update.index, {"role": "assistant", "content": content}, None, None))
         choice.text.append(update.text)
         choice.reasoning.append(update.reasoning)
         choice.logprobs.extend(update.logprobs)

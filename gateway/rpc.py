@@ -266,7 +266,7 @@ def chat_chunk(chunk: dict[str, Any]) -> inference_pb2.ChatCompletionChunk:
                 for t in d.get("tool_calls", [])
             ],
         )
-        if "content" in d:
+        if d.get("content") is not None:
             choice.content = d["content"]
         if "reasoning_content" in d:
             choice.reasoning_content = d["reasoning_content"]

@@ -105,14 +105,16 @@ def _check_call(call: Any, names: tuple[str, ...] = tuple(SCHEMAS)) -> tuple[str
     return call.function.name, call.function.arguments
 
 
-def _stream_calls(stream: Any) -> dict[int, tuple[list[tuple[str, str]], str | None, str]]:
-    """Per choice: the (name, arguments) of its streamed calls, its finish reason, its content."""
+def _stream_calls(stream: Any) -> dict[int, tuple[list[tuple[str, str]], str | None, str | None]]:
+    """Per choice: the (name, arguments) of its streamed calls, its finish reason, its content
+    (None when no delta carried any, as with a forced tool choice)."""
     calls: dict[int, dict[int, list[str]]] = {}
     finish: dict[int, str | None] = {}
     content: dict[int, str] = {}
     for chunk in stream:
         for c in chunk.choices:
-            content[c.index] = content.get(c.index, "") + (c.delta.content or "")
+            if c.delta.content is not None:
+                content[c.index] = content.get(c.index, "") + c.delta.content
             for d in c.delta.tool_calls or []:
                 mine = calls.setdefault(c.index, {})
                 if d.index not in mine:  # OpenAI's first delta of a call: id, type, name, arguments
@@ -124,7 +126,7 @@ def _stream_calls(stream: Any) -> dict[int, tuple[list[tuple[str, str]], str | N
                 mine[d.index][1] += d.function.arguments or ""
             finish[c.index] = c.finish_reason or finish.get(c.index)
     return {
-        i: ([(n, a) for _, (n, a) in sorted(calls.get(i, {}).items())], finish.get(i), content.get(i, ""))
+        i: ([(n, a) for _, (n, a) in sorted(calls.get(i, {}).items())], finish.get(i), content.get(i))
         for i in finish
     }
 
@@ -185,7 +187,7 @@ def test_streamed_json_schema_equals_the_whole_response(client: openai.OpenAI) -
     for choice in whole.choices:
         calls, finish, content = streamed[choice.index]
         assert (calls, finish, content) == ([], choice.finish_reason, choice.message.content)
-        _valid(json.loads(content), PERSON)
+        _valid(json.loads(content or ""), PERSON)
 
 
 # ---- forced tool calls -----------------------------------------------------------------------
@@ -249,7 +251,7 @@ def test_streamed_tool_calls_equal_the_whole_response(client: openai.OpenAI, too
     assert set(streamed) == {0, 1}
     for choice in whole.choices:
         calls, finish, content = streamed[choice.index]
-        assert content == ""
+        assert content is None and choice.message.content is None
         assert finish == choice.finish_reason == ("stop" if tool_choice == "named" else "tool_calls")
         assert calls == [_check_call(c) for c in choice.message.tool_calls or []]
 

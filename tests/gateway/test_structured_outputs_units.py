@@ -395,7 +395,7 @@ def _streamed_calls(chunks: list[Any], index: int) -> tuple[list[dict[str, str]]
         for c in chunk["choices"]:
             if c["index"] != index:
                 continue
-            assert "content" not in c["delta"] or c["delta"]["content"] == ""
+            assert c["delta"].get("content") is None
             for d in c["delta"].get("tool_calls", []):
                 if d["index"] not in calls:  # OpenAI's first delta of a call
                     assert d["type"] == "function" and d["id"].startswith("call_")
