@@ -133,6 +133,20 @@ def _structured_output() -> dict[str, Any]:
             "minLength": 1,
             "description": "vLLM: the output is a sentence of this Lark grammar (llguidance's dialect)",
         },
+        "structured_outputs": {
+            "description": f"vLLM's newer form of the guided_* fields: exactly one key ({one})",
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": 1,
+            "additionalProperties": False,
+            "properties": {
+                "json": {"anyOf": [{"type": "object"}, _STR]},
+                "regex": {"type": "string", "minLength": 1},
+                "choice": {"type": "array", "minItems": 1, "items": _STR},
+                "grammar": {"type": "string", "minLength": 1},
+                "json_object": {"const": True},
+            },
+        },
     }
 
 

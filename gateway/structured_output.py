@@ -3,7 +3,8 @@
 OpenAI: `response_format` = {"type": "text"} (free), {"type": "json_object"} (any JSON object) or
 {"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}.
 vLLM's extensions: `guided_json` (a schema object or its JSON text), `guided_regex`,
-`guided_choice` (a non-empty list of strings) and `guided_grammar` (Lark).
+`guided_choice` (a non-empty list of strings) and `guided_grammar` (Lark), and their newer form
+`structured_outputs: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}`.
 
 A request carries at most one constraint: two are a 400 naming both fields (vLLM refuses them
 too; silently picking one would give the client output it did not ask for). The schema itself is
@@ -13,6 +14,7 @@ sent (`Guided.param`, see `worker_error`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -24,7 +26,23 @@ from gateway.downstream import Guided
 from gateway.errors import APIError, invalid
 
 # The request fields that may carry a constraint, in the order they are named in errors.
-FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+FIELDS = (
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+)
+
+# vLLM's `structured_outputs` keys and the guided_* field each one means.
+_STRUCTURED_OUTPUTS = {
+    "json": "guided_json",
+    "regex": "guided_regex",
+    "choice": "guided_choice",
+    "grammar": "guided_grammar",
+    "json_object": "json_object",
+}
 
 # OpenAI's rule for `response_format.json_schema.name`.
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -104,6 +122,38 @@ def _guided_choice(value: Any) -> Guided:
     return Guided("choice", choices=tuple(value), param=param)
 
 
+def _structured_outputs(value: Any) -> Guided:
+    param = "structured_outputs"
+    given = [k for k, v in value.items() if v is not None] if isinstance(value, dict) else []
+    if len(given) != 1 or given[0] not in _STRUCTURED_OUTPUTS:
+        keys = ", ".join(f"'{k}'" for k in _STRUCTURED_OUTPUTS)
+        raise invalid(f"'structured_outputs' must be an object with exactly one of {keys}", param)
+    key = given[0]
+    if key == "json_object":
+        if value[key] is not True:
+            raise invalid("'structured_outputs.json_object' must be true", param)
+        guided = Guided("json_object")
+    else:
+        inner = _one(_STRUCTURED_OUTPUTS[key], value[key])
+        assert inner is not None  # only a response_format of type text is no constraint
+        guided = inner
+    return dataclasses.replace(guided, param=param)
+
+
+def _one(name: str, value: Any) -> Guided | None:
+    if name == "response_format":
+        return _response_format(value)
+    if name == "guided_json":
+        return _guided_json(value)
+    if name == "guided_regex":
+        return Guided("regex", _nonempty_string(value, name), param=name)
+    if name == "guided_choice":
+        return _guided_choice(value)
+    if name == "guided_grammar":
+        return Guided("lark_grammar", _nonempty_string(value, name), param=name)
+    return _structured_outputs(value)
+
+
 def parse(values: Mapping[str, Any]) -> Guided | None:
     """The constraint of a request from its `FIELDS` values (None: absent), or None when free."""
     given = [name for name in FIELDS if values.get(name) is not None]
@@ -114,17 +164,7 @@ def parse(values: Mapping[str, Any]) -> Guided | None:
         raise invalid(f"give at most one structured-output constraint; the request has {names}", given[1])
     if not given:
         return None
-    name = given[0]
-    value = values[name]
-    if name == "response_format":
-        return _response_format(value)
-    if name == "guided_json":
-        return _guided_json(value)
-    if name == "guided_regex":
-        return Guided("regex", _nonempty_string(value, name), param=name)
-    if name == "guided_choice":
-        return _guided_choice(value)
-    return Guided("lark_grammar", _nonempty_string(value, name), param=name)
+    return _one(given[0], values[given[0]])
 
 
 def worker_error(exc: grpc.aio.AioRpcError, guided: Guided | None) -> APIError | None:

@@ -25,7 +25,8 @@ from gateway.protocol import (
 )
 from gateway.tool_schema import ForcedToolChoice, forced_guided
 
-# Fields OpenAI (or vLLM) define that we accept only at their neutral value.
+# Fields OpenAI (or vLLM) define that we accept only at their neutral value. (Chat and completions
+# read the structured-output fields themselves; the entries below still apply to /tokenize.)
 _NEUTRAL: dict[str, Any] = {
     "logit_bias": ({}, None),
     "response_format": ({"type": "text"}, None),

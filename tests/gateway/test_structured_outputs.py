@@ -400,6 +400,15 @@ def test_completions_guided_choice_and_regex(stories_stack: Stack) -> None:
     )
     for choice in reply.choices:
         assert choice.text in choices and choice.finish_reason == "stop"
+    newer = client.completions.create(  # vLLM's newer spelling, same seed: the same choices
+        model=stories_stack.model.name,
+        prompt="Once upon a time",
+        n=3,
+        seed=1,
+        max_tokens=20,
+        extra_body={"structured_outputs": {"choice": choices}},
+    )
+    assert [c.text for c in newer.choices] == [c.text for c in reply.choices]
     pattern = r"[a-z]{2,6} (cat|dog)\."
     reply = client.completions.create(
         model=stories_stack.model.name,

@@ -3,6 +3,7 @@ the tool-call JSON schema, the incremental JSON / tool-call parsers and the resp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from typing import Any
@@ -95,6 +96,23 @@ def test_vllm_guided_fields() -> None:
         "choice", choices=("yes", "no"), param="guided_choice"
     )
     assert guided(guided_grammar='start: "a"') == Guided("lark_grammar", 'start: "a"', param="guided_grammar")
+    # vLLM's newer spelling of the same constraints
+    so = {
+        "json": (PERSON, Guided("json_schema", json.dumps(PERSON, separators=(",", ":")))),
+        "regex": ("a+", Guided("regex", "a+")),
+        "choice": (["x"], Guided("choice", choices=("x",))),
+        "grammar": ("start: x", Guided("lark_grammar", "start: x")),
+        "json_object": (True, Guided("json_object")),
+    }
+    for key, (value, want) in so.items():
+        assert guided(structured_outputs={key: value}) == dataclasses.replace(
+            want, param="structured_outputs"
+        )
+    for bad in ({}, {"regex": "a", "choice": ["a"]}, {"json_object": False}, {"structural_tag": "x"}, ["a"]):
+        assert (
+            _error(parse_chat, {"messages": MESSAGES, "structured_outputs": bad}).param
+            == "structured_outputs"
+        )
     # the neutral values mean "no constraint"
     assert guided(guided_json=None, response_format={"type": "text"}) is None
     assert guided(response_format={"type": "text"}, guided_regex="a") == Guided(
@@ -542,6 +560,7 @@ def test_openapi_documents_the_new_fields() -> None:
         {"messages": MESSAGES, "guided_regex": "a+"},
         {"messages": MESSAGES, "guided_choice": ["a", "b"]},
         {"messages": MESSAGES, "guided_grammar": "start: x"},
+        {"messages": MESSAGES, "structured_outputs": {"choice": ["a", "b"]}},
         {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
         {
             "messages": MESSAGES,
