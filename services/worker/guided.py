@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -55,6 +56,9 @@ JSON_OPTIONS: JsonCompileOptions = {
     "key_separator": ": ",
 }
 GRAMMAR_CACHE_SIZE = 128
+# Threads computing the masks of one step's guided sequences: a mask over a 150k vocabulary takes
+# ~0.1-1 ms of CPU; half the cores, at most 8, leaves the rest to the engine, gRPC and tokenizers.
+MASK_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 MAX_ERROR_CHARS = 600
 
 
@@ -132,6 +136,8 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._cache: OrderedDict[GuidedSpec, CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
+        # computes a step's masks on several cores (llguidance's own thread pool, GIL released)
+        self.executor = llguidance.LLExecutor(num_threads=MASK_THREADS)
 
     @classmethod
     def load(cls, path: str, vocab_size: int, eos_token_ids: Sequence[int]) -> GrammarCompiler:
@@ -213,6 +219,30 @@ class GrammarCompiler:
         matcher.unsafe_compute_mask_ptr(target.data_ptr(), len(buf))
         return buf
 
+    def refresh_masks(self, states: Sequence[GuidedState]) -> None:
+        """Compute the next mask of every state whose mask is stale, all at once: one call into
+        llguidance's executor (parallel over matchers), then the cheap per-state bit surgery.
+        A state may turn `complete` (only an end token may follow) or `error` here."""
+        stale = [s for s in states if s.needs_mask]
+        if not stale:
+            return
+        size = self.num_words * 4
+        buf = bytearray(size * len(stale))
+        ptr = torch.frombuffer(buf, dtype=torch.uint8).data_ptr()
+        if len(stale) == 1:
+            stale[0].matcher.unsafe_compute_mask_ptr(ptr, size)
+        else:
+            self.executor.unsafe_compute_mask_ptr(
+                [(s.matcher, i) for i, s in enumerate(stale)], ptr, size, len(stale)
+            )
+        for i, state in enumerate(stale):
+            matcher = state.matcher
+            if matcher.is_error():
+                state.error, state.needs_mask = _short(matcher.get_error()), False
+                continue
+            raw = buf[i * size : (i + 1) * size]
+            state._set_mask(raw, self.strip_end_tokens(raw), matcher.is_accepting())
+
     def strip_end_tokens(self, raw: bytearray) -> bool:
         """Clear llguidance's EOS bits in `raw` (end tokens are the request's stop ids); return
         whether any other token is still allowed."""
@@ -239,6 +269,7 @@ class GuidedState:
         self.complete = False
         self.error: str | None = None
         self.mask = b""  # [W] int32 words: the allowed next tokens
+        self.needs_mask = False  # a token was consumed since `mask` was computed
         self._set_mask(bytearray(grammar.first_mask), grammar.first_has_tokens, grammar.first_accepting)
 
     def fork(self) -> GuidedState:
@@ -247,28 +278,25 @@ class GuidedState:
         twin.grammar, twin.stop_ids = self.grammar, self.stop_ids
         twin.matcher = self.matcher.deep_copy()
         twin.complete, twin.error, twin.mask = self.complete, self.error, self.mask
+        twin.needs_mask = self.needs_mask
         return twin
 
     def consume(self, token_id: int) -> None:
-        """Advance past a sampled (or resumed) token and compute the next mask."""
+        """Advance past a sampled (or resumed) token. Sets `complete` when nothing more may follow;
+        otherwise the next mask is stale (`needs_mask`) until `GrammarCompiler.refresh_masks`."""
         if self.error is not None or self.complete:
             return
         matcher = self.matcher
         if not matcher.consume_token(token_id) or matcher.is_error():
             self.error = _short(matcher.get_error()) or f"token {token_id} is not allowed here"
-            return
-        if matcher.is_stopped():  # nothing more may follow
+        elif matcher.is_stopped():  # nothing more may follow
             self.complete = True
-            return
-        compiler = self.grammar.compiler
-        raw = compiler.raw_mask(matcher)
-        if matcher.is_error():
-            self.error = _short(matcher.get_error())
-            return
-        self._set_mask(raw, compiler.strip_end_tokens(raw), matcher.is_accepting())
+        else:
+            self.needs_mask = True
 
     def _set_mask(self, raw: bytearray, has_tokens: bool, accepting: bool) -> None:
         """`raw`: the next-token mask without EOS bits; `has_tokens`: it allows some token."""
+        self.needs_mask = False
         if not has_tokens:
             if accepting:  # only an end token may follow: the output is complete
                 self.complete = True

@@ -249,6 +249,7 @@ class Request:
             first.consume(token)
             if first.error is not None or first.complete:
                 break
+        grammar.compiler.refresh_masks([first])  # one mask, after the last of them
         if first.error is not None:
             raise InvalidRequestError(
                 "generated_token_ids", f"not a valid output of sampling.guided: {first.error}"

@@ -68,6 +68,7 @@ class Scheduler:
         self.num_preemptions = 0
         # requests whose guided decoding failed in `update`; the engine aborts them (take_failed)
         self.failed: list[Request] = []
+        self._guided_pending: list[Sequence] = []  # guided sequences whose next mask is stale
 
     # ---- queue management ----------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -257,6 +258,8 @@ class Scheduler:
                 self.running.insert(self.running.index(seq) + 1, child)
                 self._append(child, token)
             self._append(seq, tokens[0])
+        if self._guided_pending:
+            self._refresh_guided()
         return touched
 
     def _append(self, seq: Sequence, token: SampledToken) -> None:
@@ -272,13 +275,29 @@ class Scheduler:
             return
         if guided is not None:
             guided.consume(token.token_id)
-            if guided.error is not None:
-                request.error = f"guided decoding failed: {guided.error}"
-                self.failed.append(request)
-                self._finish_running(seq, "abort")
+            if guided.needs_mask:  # finished or not once its next mask is known (end of update)
+                self._guided_pending.append(seq)
                 return
-        if guided is not None and guided.complete:
-            # The output is complete and nothing but an end token may follow: stop now (even on
+        self._finish_if_done(seq)
+
+    def _refresh_guided(self) -> None:
+        """The next masks of the guided sequences that took a token this update, computed together
+        (llguidance's executor uses several cores); then their finish checks."""
+        pending, self._guided_pending = self._guided_pending, []
+        guided = [seq.guided for seq in pending if seq.guided is not None]
+        guided[0].grammar.compiler.refresh_masks(guided)
+        for seq in pending:
+            self._finish_if_done(seq)
+
+    def _finish_if_done(self, seq: Sequence) -> None:
+        request = seq.request
+        guided = seq.guided
+        if guided is not None and guided.error is not None:
+            request.error = f"guided decoding failed: {guided.error}"
+            self.failed.append(request)
+            self._finish_running(seq, "abort")
+        elif guided is not None and guided.complete:
+            # The output is complete and nothing but an end token may follow: stop now (also on
             # the max_tokens-th token, as an EOS there would).
             self._finish_running(seq, "stop")
         elif seq.num_output_tokens >= request.max_tokens:
