@@ -4,8 +4,8 @@ and the token mask applied to the logits.
     compiler = GrammarCompiler.load("model_dir", vocab_size, eos_token_ids)   # once per worker
     grammar = compiler.compile(GuidedSpec("regex", r"\\d+"))  # gRPC thread pool; LRU-cached
     state = grammar.new_state(stop_token_ids)                  # per choice, engine thread
-    ... logits = apply_token_mask(logits, rows, stacked state.mask words) ...
-    state.consume(token_id)                                    # after each sampled token
+    logits = apply_token_mask(logits, guided_rows(seqs))        # ModelRunner, guided rows only
+    state.consume(token_id); compiler.refresh_masks(states)    # Scheduler.update, after sampling
 
 llguidance does the parsing: a grammar (JSON schema, regex, choice list or Lark) becomes an
 `LLMatcher` that tells, byte-exactly over the tokenizer's vocabulary, which next tokens keep the
@@ -13,11 +13,11 @@ output a prefix of the language. The compiled grammar is a template matcher that
 advanced; every choice gets a `deep_copy` of it.
 
 Each `GuidedState` keeps the mask of its *next* token, computed right after the previous token
-was consumed (or at compile time for the first one): that is when we learn whether the output is
-complete (nothing but an end token may follow), so the scheduler can finish the choice with
-"stop" on the token that completed it instead of sampling one more. End tokens: llguidance's EOS
-bits are cleared and the request's own stop ids (EOS unless ignore_eos, plus stop_token_ids) are
-allowed exactly where the grammar accepts.
+was consumed (for a whole step at once, on llguidance's threads; at compile time for the first
+token): that is when we learn whether the output is complete (nothing but an end token may
+follow), so the scheduler finishes the choice with "stop" on the token that completed it instead
+of sampling one more. End tokens: llguidance's EOS bits are cleared and the request's own stop
+ids (EOS unless ignore_eos, plus stop_token_ids) are allowed exactly where the grammar accepts.
 """
 
 from __future__ import annotations
@@ -241,7 +241,8 @@ class GrammarCompiler:
                 state.error, state.needs_mask = _short(matcher.get_error()), False
                 continue
             raw = buf[i * size : (i + 1) * size]
-            state._set_mask(raw, self.strip_end_tokens(raw), matcher.is_accepting())
+            self.strip_end_tokens(raw)
+            state._set_mask(raw, matcher.is_accepting())
 
     def strip_end_tokens(self, raw: bytearray) -> bool:
         """Clear llguidance's EOS bits in `raw` (end tokens are the request's stop ids); return
@@ -270,7 +271,7 @@ class GuidedState:
         self.error: str | None = None
         self.mask = b""  # [W] int32 words: the allowed next tokens
         self.needs_mask = False  # a token was consumed since `mask` was computed
-        self._set_mask(bytearray(grammar.first_mask), grammar.first_has_tokens, grammar.first_accepting)
+        self._set_mask(bytearray(grammar.first_mask), grammar.first_accepting)
 
     def fork(self) -> GuidedState:
         """A copy in the same state (a sibling choice before its first token)."""
@@ -294,21 +295,25 @@ class GuidedState:
         else:
             self.needs_mask = True
 
-    def _set_mask(self, raw: bytearray, has_tokens: bool, accepting: bool) -> None:
-        """`raw`: the next-token mask without EOS bits; `has_tokens`: it allows some token."""
+    def _set_mask(self, raw: bytearray, accepting: bool) -> None:
+        """`raw`: llguidance's next-token mask with its EOS bits cleared. The request's stop ids
+        (EOS, stop_token_ids) end the output, so they are allowed exactly where it may end, even
+        one the grammar would also take as text."""
         self.needs_mask = False
-        if not has_tokens:
-            if accepting:  # only an end token may follow: the output is complete
-                self.complete = True
-            else:
-                self.error = "the constraint allows no next token"
-            return
         words = memoryview(raw).cast("I")
-        if accepting:
+        for t in self.stop_ids:
+            words[t >> 5] &= ~(1 << (t & 31)) & 0xFFFFFFFF
+        has_tokens = raw.count(0) != len(raw)
+        if has_tokens and accepting:
             for t in self.stop_ids:
                 words[t >> 5] |= 1 << (t & 31)
         words.release()
-        self.mask = bytes(raw)
+        if has_tokens:
+            self.mask = bytes(raw)
+        elif accepting:  # only an end token may follow: the output is complete
+            self.complete = True
+        else:
+            self.error = "the constraint allows no next token"
 
 
 @dataclass(frozen=True)
