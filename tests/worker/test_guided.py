@@ -323,3 +323,22 @@ def test_apply_token_mask_matches_a_loop() -> None:
         expected[target, ~allowed[row]] = float("-inf")
     assert torch.equal(out, expected)
     assert torch.equal(logits, original)  # out of place: the input may be a CUDA graph's buffer
+
+
+def test_a_matcher_failure_ends_the_whole_request(engine: Engine, prompt: list[int]) -> None:
+    """llguidance failing mid-generation (here: a matcher put in its error state by hand, as a
+    resource limit would) ends every choice of the request with an error, and frees its blocks."""
+    engine.add_request(EngineRequest("fails", tuple(prompt), SamplingParams(n=2, seed=1, guided=SCHEMA_SPEC)))
+    result = GenerateResult("fails")
+    for out in engine.step():  # the prompt and each choice's first token
+        collect(result, out)
+    request = engine.requests["fails"]
+    state = request.sequences[0].guided
+    assert state is not None and not state.complete
+    state.matcher.consume_token(2)  # EOS inside an unfinished object: the matcher errs from now on
+    while engine.has_unfinished():
+        for out in engine.step():
+            collect(result, out)
+    assert result.error is not None and result.error.startswith("guided decoding failed: ")
+    assert result.finish_reasons == {0: "abort", 1: "abort"}
+    assert engine.block_manager.num_used_blocks == 0
