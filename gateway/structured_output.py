@@ -134,7 +134,11 @@ def _structured_outputs(value: Any) -> Guided:
             raise invalid("'structured_outputs.json_object' must be true", param)
         guided = Guided("json_object")
     else:
-        inner = _one(_STRUCTURED_OUTPUTS[key], value[key])
+        field = _STRUCTURED_OUTPUTS[key]
+        try:
+            inner = _one(field, value[key])
+        except APIError as err:  # name the key the client sent, not the guided_* field it means
+            raise invalid(err.message.replace(f"'{field}'", f"'structured_outputs.{key}'"), param) from None
         assert inner is not None  # only a response_format of type text is no constraint
         guided = inner
     return dataclasses.replace(guided, param=param)

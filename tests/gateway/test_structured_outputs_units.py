@@ -108,6 +108,8 @@ def test_vllm_guided_fields() -> None:
         assert guided(structured_outputs={key: value}) == dataclasses.replace(
             want, param="structured_outputs"
         )
+    err = _error(parse_chat, {"messages": MESSAGES, "structured_outputs": {"choice": []}})
+    assert err.param == "structured_outputs" and "'structured_outputs.choice'" in err.message
     for bad in ({}, {"regex": "a", "choice": ["a"]}, {"json_object": False}, {"structural_tag": "x"}, ["a"]):
         assert (
             _error(parse_chat, {"messages": MESSAGES, "structured_outputs": bad}).param
