@@ -50,12 +50,6 @@ class KernelOps:
     # (weights: list of [N, K] tensors of one shape, bias or None, max_rows) -> report lines: times
     # F.linear against the kernel for T = 1, 2, 4, ... max_rows and remembers the faster per shape
     tune_linear: Callable[..., list[str]] | None = None
-    # (x [T, 2K] gate | up, weight [N, K], bias) -> linear(silu_and_mul(x)) [T, N] in one kernel, or
-    # None where that was not measured faster (the caller then composes the two)
-    silu_mul_linear: Callable[..., torch.Tensor | None] | None = None
-    # (x [T, K], residual [T, K] | None, norm_weight [K], eps, weight [N, K], bias) ->
-    # (linear(rms_norm(x + residual)) [T, N], x + residual) in one kernel, or None (compose instead)
-    norm_linear: Callable[..., tuple[torch.Tensor, torch.Tensor] | None] | None = None
     # (logits [R, V]) -> [R] int64, torch.argmax(logits, -1) (greedy rows of a decode graph)
     argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
 

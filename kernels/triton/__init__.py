@@ -14,7 +14,7 @@ from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache
 from kernels.triton.silu_and_mul import silu_and_mul
-from kernels.triton.skinny_gemm import linear, norm_linear, silu_mul_linear, tune_linear
+from kernels.triton.skinny_gemm import linear, tune_linear
 
 TRITON_OPS = KernelOps(
     name="triton",
@@ -28,8 +28,6 @@ TRITON_OPS = KernelOps(
     rotary_write_kv_cache=rotary_write_kv_cache,
     linear=linear,
     tune_linear=tune_linear,
-    silu_mul_linear=silu_mul_linear,
-    norm_linear=norm_linear,
     argmax=argmax,
 )
 

@@ -61,7 +61,7 @@ def _decode_kernel(
     NUM_KV_HEADS: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.enter(PDL)  # latency-bound kernel: see pdl.py
+    pdl.enter(PDL)  # see pdl.py
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -279,7 +279,7 @@ def decode_attention(
         NUM_KV_HEADS=num_kv_heads,
         num_warps=4,
         num_stages=3,
-        PDL=pdl.mode(q.device),
+        PDL=pdl.enabled(q.device),
         **pdl.launch_options(q.device),
     )
     return out

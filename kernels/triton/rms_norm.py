@@ -26,7 +26,7 @@ def _rms_norm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.enter(PDL)  # latency-bound kernel: see pdl.py
+    pdl.enter(PDL)  # see pdl.py
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -76,7 +76,7 @@ def _launch(
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
         num_warps=min(16, max(1, block // 256)),
-        PDL=pdl.mode(x.device),
+        PDL=pdl.enabled(x.device),
         **pdl.launch_options(x.device),
     )
     return out, new_residual

@@ -46,7 +46,7 @@ def _rotary_kv_write_kernel(
     HALF_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.enter(PDL)  # latency-bound kernel: see pdl.py
+    pdl.enter(PDL)  # see pdl.py
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -147,7 +147,7 @@ def rotary_write_kv_cache(
         HALF=half,
         HALF_PAD=triton.next_power_of_2(half),
         num_warps=4,
-        PDL=pdl.mode(q.device),
+        PDL=pdl.enabled(q.device),
         **pdl.launch_options(q.device),
     )
     return q_out

@@ -13,7 +13,7 @@ from kernels.triton import pdl
 def _silu_and_mul_kernel(
     x_ptr, out_ptr, stride_x, stride_o, INTER: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
 ):
-    pdl.enter(PDL)  # latency-bound kernel: see pdl.py
+    pdl.enter(PDL)  # see pdl.py
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
@@ -40,7 +40,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         out.stride(0),
         INTER=inter,
         BLOCK=block,
-        PDL=pdl.mode(x.device),
+        PDL=pdl.enabled(x.device),
         num_warps=4,
         **pdl.launch_options(x.device),
     )

@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 GRAPH_LOGITS_MAX_ROWS = 8
 
 
-# Projections whose input op the decoder layer folds into them where measured faster (models/llama.py).
-FUSED_PROLOGUES = {"qkv_proj": "rms_norm", "down_proj": "silu_mul"}
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -74,8 +70,6 @@ class ModelRunner:
         self._readback: TokenReadback | None = None  # CUDA: pinned buffers the sampled ids come back through
 
     def _tune_linears(self) -> list[str]:
-        # The op that feeds a projection in the Llama-family decoder layer, which the bundle may fold
-        # into it (Linear.norm_and_project / silu_and_project): timed fused against unfused.
         if self.ops.tune_linear is None:
             return []
         # Each projection of every layer by name (qkv_proj, o_proj, gate_up_proj, down_proj), then the LM head.
@@ -90,11 +84,7 @@ class ModelRunner:
                 shapes = {tuple(m.weight.shape) for m in mods}
                 assert len(shapes) == 1, (name, shapes)
                 report += self.ops.tune_linear(
-                    [m.weight for m in mods],
-                    mods[0].bias,
-                    GRAPH_LOGITS_MAX_ROWS,
-                    name,
-                    prologue=FUSED_PROLOGUES.get(name, "none"),
+                    [m.weight for m in mods], mods[0].bias, GRAPH_LOGITS_MAX_ROWS, name
                 )
         torch.cuda.empty_cache()
         for line in report:

@@ -262,49 +262,12 @@ def test_skinny_gemm(device: str, dtype: torch.dtype) -> None:
         for b in (None, bias):
             ref = F.linear(x.float(), weight.float(), None if b is None else b.float())
             for config in configs:
-                out, _ = skinny_gemm(x, weight, b, config)
+                out = skinny_gemm(x, weight, b, config)
                 assert out.shape == (rows, n) and out.dtype == dtype
                 err = _rel_err(out, ref)
                 # fp32 on a GPU: tl.dot runs TF32 (why tune_linear leaves fp32 on cuBLAS)
                 tol = 2e-3 if (dtype == torch.float32 and device == "cuda") else _tol(dtype)
                 assert err < tol, (rows, config, b is None, err)
-
-
-@pytest.mark.parametrize(("device", "dtype"), CASES)
-def test_skinny_gemm_prologues(device: str, dtype: torch.dtype) -> None:
-    """The fused prologues against their stand-alone kernels' references: SiLU-and-mul of a
-    gate | up input, and residual add + RMSNorm (with and without a residual; the new residual
-    equals x + residual exactly). K spans several BLOCK_K tiles and is not a multiple of one."""
-    _skip_without(device)
-    pytest.importorskip("triton")
-    import torch.nn.functional as F
-
-    from kernels.triton.skinny_gemm import CANDIDATES, skinny_gemm
-
-    gen = torch.Generator().manual_seed(7)
-    n, k = 72, 600
-    weight = torch.randn(n, k, generator=gen).to(device, dtype) / k**0.5
-    bias = torch.randn(n, generator=gen).to(device, dtype)
-    norm_weight = (1 + 0.2 * torch.randn(k, generator=gen)).to(device, dtype)
-    configs = CANDIDATES if device == "cuda" else CANDIDATES[:1]
-    for rows in (1, 5):
-        gate_up = torch.randn(rows, 2 * k, generator=gen).to(device, dtype)
-        hidden = torch.randn(rows, k, generator=gen).to(device, dtype)
-        residual = torch.randn(rows, k, generator=gen).to(device, dtype)
-        ref_silu = F.linear(reference.silu_and_mul(gate_up).float(), weight.float(), bias.float())
-        ref_normed, ref_residual = reference.fused_add_rms_norm(hidden, residual, norm_weight, 1e-5)
-        ref_norm = F.linear(ref_normed.float(), weight.float(), None)
-        ref_plain_norm = F.linear(reference.rms_norm(hidden, norm_weight, 1e-5).float(), weight.float(), None)
-        for config in configs:
-            out, none = skinny_gemm(gate_up, weight, bias, config, "silu_mul")
-            assert none is None and _rel_err(out, ref_silu) < _tol(dtype), (rows, config)
-            out, new_residual = skinny_gemm(
-                hidden, weight, None, config, "rms_norm", residual, norm_weight, 1e-5
-            )
-            assert new_residual is not None and torch.equal(new_residual, ref_residual)
-            assert _rel_err(out, ref_norm) < _tol(dtype), (rows, config)
-            out, none = skinny_gemm(hidden, weight, None, config, "rms_norm", None, norm_weight, 1e-5)
-            assert none is None and _rel_err(out, ref_plain_norm) < _tol(dtype), (rows, config)
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
@@ -329,15 +292,11 @@ def test_linear_without_tuning_is_f_linear() -> None:
     pytest.importorskip("triton")
     import torch.nn.functional as F
 
-    from kernels.triton.skinny_gemm import linear, norm_linear, silu_mul_linear, tune_linear
+    from kernels.triton.skinny_gemm import linear, tune_linear
 
     x, w, b = torch.randn(2, 24), torch.randn(40, 24), torch.randn(40)
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
     assert tune_linear([w], b) == []  # CPU: nothing timed, nothing chosen
-    assert tune_linear([w], b, prologue="silu_mul") == []
-    # and the fused entry points decline, so the layer composes the unfused ops
-    assert silu_mul_linear(torch.randn(2, 48), w, b) is None
-    assert norm_linear(x, None, torch.ones(24), 1e-6, w, b) is None
 
 
 @pytest.mark.gpu
@@ -352,10 +311,9 @@ def test_tune_linear_on_gpu_picks_a_correct_kernel() -> None:
 
     weights = [torch.randn(3072, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     bias = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
-    lines = tune_linear(weights, bias, 8, "test", prologue="rms_norm")
+    lines = tune_linear(weights, bias, 8, "test")
     print("\n".join(lines))
-    assert len(lines) == 8 and all("cuBLAS" in line for line in lines[:4])
-    assert all("unfused" in line for line in lines[4:])
+    assert len(lines) == 4 and all("cuBLAS" in line for line in lines)
     for rows in (1, 3, 8):
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), weights[1].float(), bias.float())

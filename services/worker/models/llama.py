@@ -38,11 +38,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.attn = PagedAttention(ops, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
-    def forward(self, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # qkv: [T, q + 2 kv]
-        """Attention from the output of `qkv_proj` (the decoder layer calls the projection, so that it
-        can fold the input norm into it) -> [T, hidden]."""
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # x: [T, hidden]
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -65,7 +63,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(ops, cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.silu_and_project(self.gate_up_proj(x))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -79,8 +77,12 @@ class DecoderLayer(nn.Module):
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        qkv, residual = self.self_attn.qkv_proj.norm_and_project(hidden, residual, self.input_layernorm)
-        hidden = self.self_attn(qkv, meta)
+        if residual is None:
+            residual = hidden
+            x = self.input_layernorm(hidden)
+        else:
+            x, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(x, meta)
         x, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
         return self.mlp(x), residual
 
