@@ -10,8 +10,10 @@ export OUT PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu_info.txt"
 "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu_info.txt"
+# guided decoding needs llguidance, which the device image lacks: install the carried wheel (.whl/)
+"$PY" -c "import llguidance" 2>/dev/null || "$PY" -m pip install -q --no-index --no-deps .whl/llguidance-*.whl 2>&1 | grep -v WARNING
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-200}" "$PY" -m pytest tests/kernels -m gpu -o addopts="" -p no:cacheprovider -q -s \
+  timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest tests/kernels tests/worker -m gpu -o addopts="" -p no:cacheprovider -q -s \
     -W ignore::DeprecationWarning 2>&1 | tee "$OUT/gpu_tests.log"
   echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 fi
