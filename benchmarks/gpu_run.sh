@@ -10,8 +10,11 @@ export OUT PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu_info.txt"
 "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu_info.txt"
-# guided decoding needs llguidance, which the device image lacks: install the carried wheel (.whl/)
-"$PY" -c "import llguidance" 2>/dev/null || "$PY" -m pip install -q --no-index --no-deps .whl/llguidance-*.whl 2>&1 | grep -v WARNING
+# The worker's tests import what the device image lacks (llguidance, grpcio-health-checking,
+# opentelemetry): install the wheels carried in .whl/ (docs/gpu.md).
+if ! "$PY" -c "import llguidance, grpc_health, opentelemetry.sdk" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
+fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest tests/kernels tests/worker -m gpu -o addopts="" -p no:cacheprovider -q -s \
     -W ignore::DeprecationWarning 2>&1 | tee "$OUT/gpu_tests.log"
