@@ -342,3 +342,23 @@ def test_a_matcher_failure_ends_the_whole_request(engine: Engine, prompt: list[i
     assert result.error is not None and result.error.startswith("guided decoding failed: ")
     assert result.finish_reasons == {0: "abort", 1: "abort"}
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_a_stop_token_id_that_is_also_text_ends_only_a_complete_output(
+    engine: Engine, tokenizer: Tokenizer, prompt: list[int]
+) -> None:
+    """stop_token_ids are end tokens even when the grammar could read them as text: never first."""
+    spec = GuidedSpec("regex", "[0-9]{1,3}")
+    digits = [tokenizer.token_to_id(d) for d in "0123456789"]
+    params = [
+        SamplingParams(temperature=1.5, seed=s, max_tokens=10, stop_token_ids=tuple(digits), guided=spec)
+        for s in range(8)
+    ]
+    results = engine.generate([prompt] * len(params), params, prefix="digit-stops")
+    ended_by_digit = 0
+    for result in results:
+        tokens, stop = result.token_ids[0], result.stop_token_ids[0]
+        assert result.finish_reasons[0] == "stop" and tokens[0] not in digits
+        ended_by_digit += stop in digits
+        assert text_of(tokenizer, result).isdigit()  # at least one digit before any end token
+    assert ended_by_digit > 0
