@@ -349,7 +349,8 @@ def test_a_stop_token_id_that_is_also_text_ends_only_a_complete_output(
 ) -> None:
     """stop_token_ids are end tokens even when the grammar could read them as text: never first."""
     spec = GuidedSpec("regex", "[0-9]{1,3}")
-    digits = [int(tokenizer.token_to_id(d)) for d in "0123456789"]
+    digits = [tokenizer.token_to_id(d) or 0 for d in "0123456789"]
+    assert all(digits)
     params = [
         SamplingParams(temperature=1.5, seed=s, max_tokens=10, stop_token_ids=tuple(digits), guided=spec)
         for s in range(8)
