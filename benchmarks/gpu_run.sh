@@ -15,6 +15,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 if ! "$PY" -c "import llguidance, grpc_health, opentelemetry.sdk" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
 fi
+# The device copy has no ../shared: tests read the stories260K / tokenizer copies carried in
+# .benchmodel/shared when that exists (docs/gpu.md).
+[ -d .benchmodel/shared ] && [ ! -d ../shared ] && export TANDEM_SHARED=${TANDEM_SHARED:-$PWD/.benchmodel/shared}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest tests/kernels tests/worker -m gpu -o addopts="" -p no:cacheprovider -q -s \
     -W ignore::DeprecationWarning 2>&1 | tee "$OUT/gpu_tests.log"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device A/B of the decode-step launch options (docs/gpu.md "PDL"): optional GPU tests, then the
 # batch-1 decode scenario of engine_bench once per variant. A variant is NAME or NAME:VAR=V,VAR=V
-# (environment for that run), e.g. VARIANTS="off:TANDEM_PDL=0 start end:TANDEM_PDL_TRIGGER=end".
+# (environment for that run), e.g. VARIANTS="off:TANDEM_PDL=0 on" (the default).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-benchmarks/results}
