@@ -92,5 +92,9 @@ class GpuSampler(Sampler):
             q[rows.to(q.device, non_blocking=True)] = hashed_exponential(
                 seeds.to(q.device, non_blocking=True), probs.shape[1]
             )
+        # A draw of exactly 0 (the hash's top value rounds its uniform to 1.0 in float32; the
+        # device generator may give 0 too) made a filtered, banned or guided-masked token (p = 0)
+        # win through 0 / 0 = NaN; the smallest positive draw keeps every other choice as it was.
+        q.clamp_(min=torch.finfo(q.dtype).tiny)
         sampled = (probs / q).argmax(dim=-1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)

@@ -126,6 +126,7 @@ class Sampler:
             if seed is not None:
                 gen = torch.Generator().manual_seed(seed)
                 q[row] = torch.empty(probs.shape[1]).exponential_(generator=gen).to(probs.device)
+        q.clamp_(min=torch.finfo(q.dtype).tiny)  # a draw of 0 would let a p = 0 token win via NaN
         sampled = (probs / q).argmax(dim=-1)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 

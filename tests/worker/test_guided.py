@@ -363,3 +363,35 @@ def test_a_stop_token_id_that_is_also_text_ends_only_a_complete_output(
         ended_by_digit += stop in digits
         assert text_of(tokenizer, result).isdigit()  # at least one digit before any end token
     assert ended_by_digit > 0
+
+
+def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
+    """The GPU sampler's hashed Exp(1) noise is exactly 0 for about one vocabulary entry in 2**24
+    (its uniform rounds to 1.0); 0 / 0 = NaN then won the argmax for a masked token (seen on an
+    H200 with a 152k vocabulary: ~1% of guided steps). Row seed 99645 draws 0 at token 272."""
+    from services.worker.gpu_sampler import GpuSampler, hashed_exponential
+    from services.worker.sampler import SamplingMetadata
+
+    assert hashed_exponential(torch.tensor([99645]), 512)[0, 272] == 0
+    logits = torch.zeros(1, 512)
+    logits[0, 272] = float("-inf")  # masked (or filtered, or banned)
+    ones, zeros = torch.ones(1), torch.zeros(1)
+    meta = SamplingMetadata(
+        temperature=ones,
+        top_k=torch.zeros(1, dtype=torch.int64),
+        top_p=ones,
+        min_p=zeros,
+        repetition_penalty=ones,
+        presence_penalty=zeros,
+        frequency_penalty=zeros,
+        output_ids=[[]],
+        prompt_ids=[[]],
+        banned_ids=[[]],
+        seeds=[99645],
+        num_logprobs=[None],
+        all_greedy=False,
+        need_filter=False,
+        need_penalties=False,
+    )
+    token_ids, _ = GpuSampler(torch.Generator().manual_seed(0)).sample_tensors(logits, meta)
+    assert int(token_ids[0]) != 272
