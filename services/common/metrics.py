@@ -44,6 +44,7 @@ KV_TRANSFER_SECONDS = "tandem:kv_transfer_seconds"
 RPCS = "tandem:rpcs_total"
 RPC_ERRORS = "tandem:rpc_errors_total"
 RPC_DURATION = "tandem:rpc_duration_seconds"
+GUIDED_REQUESTS = "tandem:guided_requests_total"
 
 # Bucket edges: latency from 1 ms (tiny models on a GPU) to minutes (long generations on a CPU).
 TTFT_BUCKETS = (
@@ -239,6 +240,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "Seconds from rpc start to its last message.",
         ("styler", "worker"),
         RPC_BUCKETS,
+    ),
+    MetricSpec(
+        GUIDED_REQUESTS,
+        "counter",
+        ("kind",),
+        "Guided (structured-output) requests admitted, by constraint kind.",
+        ("worker",),
     ),
 )
 SPECS = {spec.name: spec for spec in METRICS}

@@ -51,9 +51,6 @@ _ROLES = {
 }
 # A decode worker gives a FetchKV stream this long before it computes the prompt itself.
 FETCH_TIMEOUT_S = 60.0
-# Guided requests admitted, by constraint kind (not in metrics.METRICS yet: the README table and
-# the dashboard list those).
-GUIDED_REQUESTS = "tandem:guided_requests_total"
 # Threads that compile guided grammars (llguidance releases the GIL while it builds one).
 GRAMMAR_THREADS = 2
 
@@ -220,9 +217,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except GuidedUnavailableError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"sampling.guided: {exc}")
-        metrics.counter(GUIDED_REQUESTS, "Guided (structured-output) requests admitted.", ("kind",)).labels(
-            kind=spec.kind
-        ).inc()
+        metrics.counter(metrics.GUIDED_REQUESTS).labels(kind=spec.kind).inc()
         return req
 
     def _check_kv_source(self, source: kv_transfer.KVSource, req: EngineRequest) -> None:

@@ -17,7 +17,7 @@ from guided_testlib import CHECKS, CHOICES, REGEX, SCHEMA, decode, load_tokenize
 from prometheus_client import REGISTRY
 from tokenizers import Tokenizer
 
-from services.worker.rpc import GUIDED_REQUESTS
+from services.common.metrics import GUIDED_REQUESTS
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.disagg.worker_servers import LoopThread, start_worker, stop_worker
 
