@@ -42,6 +42,9 @@ class SkinnyConfig:
         return f"triton(n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages})"
 
 
+# Triton does not software-pipeline this loop (the compiled kernel keeps one stage in shared memory
+# whatever num_stages says). Loading the next weight tile into registers before the current dot,
+# and 32 KB tiles (n32 k512 w8), were both measured slower on an H200 (docs/gpu.md, round 4).
 CANDIDATES = (
     SkinnyConfig(16, 256, 4, 4),
     SkinnyConfig(32, 256, 4, 4),
@@ -174,12 +177,12 @@ def _graph_seconds(body, iters: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
-def _time_calls(fn, weights: list[torch.Tensor], flush: torch.Tensor, flush_s: float, iters: int) -> float:  # type: ignore[no-untyped-def]
+def _time_calls(fn, weights: list[torch.Tensor], flush, flush_s: float, iters: int) -> float:  # type: ignore[no-untyped-def]
     """Device seconds of one fn(weight) on a cold L2 (flushed before each call, the next layer's
     weight each time), from a graph of iters (flush, call) pairs minus the flushes alone."""
 
     def body(i: int) -> None:
-        flush.zero_()
+        flush()
         fn(weights[i % len(weights)])
 
     return max(_graph_seconds(body, iters) - flush_s * iters, 1e-9) / iters
@@ -208,9 +211,16 @@ def tune_linear(
     n, k = w0.shape
     device = w0.device
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
-    flush = torch.empty(l2 // 4, dtype=torch.int32, device=device)  # writing L2's size evicts the weights
+    # Writing L2's size evicts the weights. (Evicting by reading twice L2's size instead, which
+    # avoids charging dirty-line write-back to the call under test, was tried on an H200: the same
+    # choices for Llama-8B, and noise that swamps the 4 us GEMMs of small models: docs/gpu.md.)
+    flush_buf = torch.empty(l2 // 4, dtype=torch.int32, device=device)
+
+    def flush() -> None:
+        flush_buf.zero_()
+
     iters = reps
-    flush_s = _graph_seconds(lambda i: flush.zero_(), iters) / iters
+    flush_s = _graph_seconds(lambda i: flush(), iters) / iters
     lines = []
     gen = torch.Generator(device=device).manual_seed(0)
     rows = 1
