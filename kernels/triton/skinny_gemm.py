@@ -42,9 +42,8 @@ class SkinnyConfig:
         return f"triton(n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages})"
 
 
-# Triton does not software-pipeline this loop (the compiled kernel keeps one stage in shared memory
-# whatever num_stages says). Loading the next weight tile into registers before the current dot,
-# and 32 KB tiles (n32 k512 w8), were both measured slower on an H200 (docs/gpu.md, round 4).
+# Also measured on an H200 and not kept (docs/gpu.md, round 4): loading the next weight tile into
+# registers before the current dot (it displaces Triton's cp.async pipeline), 32 KB tiles.
 CANDIDATES = (
     SkinnyConfig(16, 256, 4, 4),
     SkinnyConfig(32, 256, 4, 4),
