@@ -28,6 +28,7 @@ from guided_testlib import (
     save_tiny_llama,
 )
 from tokenizers import Tokenizer
+from worker_testlib import run_to_completion
 
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, GenerateResult, collect
@@ -54,17 +55,6 @@ def prompt(tokenizer: Tokenizer) -> list[int]:
     ids: list[int] = tokenizer.encode("Once upon a time, there was a girl named").ids  # <s> first
     assert ids[0] == 1
     return ids
-
-
-def run(engine: Engine, reqs: list[EngineRequest]) -> dict[str, GenerateResult]:
-    results = {r.request_id: GenerateResult(r.request_id) for r in reqs}
-    for r in reqs:
-        engine.add_request(r)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
-    assert engine.block_manager.num_used_blocks == 0
-    return results
 
 
 def text_of(tokenizer: Tokenizer, result: GenerateResult, index: int = 0) -> str:
@@ -119,14 +109,14 @@ def test_mixed_batch_leaves_unguided_requests_unchanged(
         "greedy", (1, 403, 407), SamplingParams(temperature=0.0, max_tokens=40, logprobs=2)
     )
     seeded = EngineRequest("seeded", (1, 306, 260), SamplingParams(temperature=0.8, seed=7, max_tokens=40))
-    alone = run(engine, [greedy, seeded])
+    alone = run_to_completion(engine, [greedy, seeded])
     guided = [
         EngineRequest(
             "regex-n2", tuple(prompt), SamplingParams(temperature=1.0, seed=3, n=2, guided=REGEX_SPEC)
         ),
         EngineRequest("schema", tuple(prompt), SamplingParams(temperature=1.0, seed=4, guided=SCHEMA_SPEC)),
     ]
-    mixed = run(engine, [guided[0], greedy, guided[1], seeded])
+    mixed = run_to_completion(engine, [guided[0], greedy, guided[1], seeded])
     for rid in ("greedy", "seeded"):
         assert mixed[rid].token_ids == alone[rid].token_ids
         assert mixed[rid].finish_reasons == alone[rid].finish_reasons
@@ -170,7 +160,9 @@ def test_resume_continues_inside_the_grammar(engine: Engine, tokenizer: Tokenize
         tokens = full.token_ids[0]
         assert full.finish_reasons[0] == "stop" and len(tokens) > 6
         for cut in (1, len(tokens) // 2, len(tokens) - 1):
-            resumed = run(engine, [EngineRequest(f"resume-{cut}", tuple(prompt), sp, tuple(tokens[:cut]))])
+            resumed = run_to_completion(
+                engine, [EngineRequest(f"resume-{cut}", tuple(prompt), sp, tuple(tokens[:cut]))]
+            )
             result = resumed[f"resume-{cut}"]
             assert tokens[:cut] + result.token_ids[0] == tokens
             assert result.finish_reasons[0] == "stop"
@@ -243,8 +235,8 @@ def test_preemption_keeps_the_matchers(stories_dir: Path, tokenizer: Tokenizer, 
         )
         for i in range(8)
     ]
-    reference = run(probe, reqs)
-    constrained = run(small, reqs)
+    reference = run_to_completion(probe, reqs)
+    constrained = run_to_completion(small, reqs)
     assert small.scheduler.num_preemptions > 0
     for rid, expected in reference.items():
         assert constrained[rid].token_ids == expected.token_ids, rid
@@ -262,11 +254,11 @@ def test_async_scheduling_gives_the_same_outputs(
             sp = SamplingParams(temperature=1.0, seed=i, max_tokens=120 if guided else 150, guided=guided)
             yield EngineRequest(f"r{i}", tuple(prompt[: 5 + i]), sp)
 
-    sync = run(
+    sync = run_to_completion(
         Engine(WorkerConfig(model=str(stories_dir), async_scheduling="off", **COMMON)), list(requests())
     )
     overlap_engine = Engine(WorkerConfig(model=str(stories_dir), async_scheduling="on", **COMMON))
-    overlap = run(overlap_engine, list(requests()))
+    overlap = run_to_completion(overlap_engine, list(requests()))
     assert overlap_engine.num_continuations > 0  # once the guided requests are done
     for rid, expected in sync.items():
         assert overlap[rid].token_ids == expected.token_ids, rid

@@ -19,9 +19,10 @@ from guided_testlib import (
     save_tiny_llama,
 )
 from tokenizers import Tokenizer
+from worker_testlib import run_to_completion
 
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine, GenerateResult, collect
+from services.worker.engine import Engine, GenerateResult
 from services.worker.request import EngineRequest, SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -54,17 +55,6 @@ def text_of(tokenizer: Tokenizer, result: GenerateResult, index: int = 0) -> str
     if result.stop_token_ids.get(index) is not None:
         ids = ids[:-1]
     return decode(tokenizer, ids)
-
-
-def run(engine: Engine, reqs: list[EngineRequest]) -> dict[str, GenerateResult]:
-    results = {r.request_id: GenerateResult(r.request_id) for r in reqs}
-    for r in reqs:
-        engine.add_request(r)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
-    assert engine.block_manager.num_used_blocks == 0
-    return results
 
 
 @pytest.mark.parametrize("model", ["stories", "tiny"])
@@ -119,14 +109,14 @@ def test_unguided_neighbours_keep_their_tokens_on_cuda(
         EngineRequest("greedy", (1, 403, 407), SamplingParams(temperature=0.0, max_tokens=40)),
         EngineRequest("seeded", (1, 306, 260), SamplingParams(temperature=0.8, seed=7, max_tokens=40)),
     ]
-    alone = run(engine, free)
+    alone = run_to_completion(engine, free)
     assert engine.num_continuations > 0  # the overlap is on for unguided steps
     prompt = tuple(tokenizer.encode("Once upon a time").ids)
     guided = [
         EngineRequest("regex", prompt, SamplingParams(temperature=1.0, seed=3, n=2, guided=SPECS["regex"])),
         EngineRequest("schema", prompt, SamplingParams(temperature=1.0, seed=4, guided=SPECS["json_schema"])),
     ]
-    mixed = run(engine, [guided[0], free[0], guided[1], free[1]])
+    mixed = run_to_completion(engine, [guided[0], free[0], guided[1], free[1]])
     for rid in ("greedy", "seeded"):
         assert mixed[rid].token_ids == alone[rid].token_ids, rid
     for index in (0, 1):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from worker_testlib import RefModel, prompts_of_lengths, usage_of
+from worker_testlib import RefModel, prompts_of_lengths, run_to_completion, usage_of
 
-from services.worker.engine import Engine, GenerateResult, collect
+from services.worker.engine import Engine
 from services.worker.request import EngineRequest, SamplingParams
 
 
@@ -18,17 +18,6 @@ def stories(ref_models: dict[str, RefModel]) -> RefModel:
 @pytest.fixture(scope="module")
 def stories_engine(stories: RefModel) -> Engine:
     return stories.engine(max_num_batched_tokens=64)
-
-
-def run(engine: Engine, requests: list[EngineRequest]) -> dict[str, GenerateResult]:
-    results = {r.request_id: GenerateResult(r.request_id) for r in requests}
-    for r in requests:
-        engine.add_request(r)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
-    assert engine.block_manager.num_used_blocks == 0
-    return results
 
 
 @pytest.mark.parametrize("model", ["stories", "qwen3"])
@@ -67,25 +56,31 @@ def test_logprobs_of_sampled_token_and_rank(stories: RefModel, stories_engine: E
 def test_seeded_request_is_batch_independent(stories: RefModel, stories_engine: Engine) -> None:
     prompt = [1, 403, 407, 261]
     sp = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=40, ignore_eos=True)
-    alone = run(stories_engine, [EngineRequest("alone", tuple(prompt), sp)])["alone"]
+    alone = run_to_completion(stories_engine, [EngineRequest("alone", tuple(prompt), sp)])["alone"]
     others = [
         EngineRequest(
             f"other-{i}", tuple(p), SamplingParams(temperature=0.8, seed=i if i % 2 else None, max_tokens=30)
         )
         for i, p in enumerate(prompts_of_lengths([3 + 5 * i for i in range(16)], stories.vocab_size, seed=11))
     ]
-    batched = run(stories_engine, [*others[:8], EngineRequest("in-batch", tuple(prompt), sp), *others[8:]])
+    batched = run_to_completion(
+        stories_engine, [*others[:8], EngineRequest("in-batch", tuple(prompt), sp), *others[8:]]
+    )
     assert batched["in-batch"].token_ids[0] == alone.token_ids[0]
     other_seed = SamplingParams(temperature=1.0, top_p=0.95, seed=4321, max_tokens=40, ignore_eos=True)
-    different = run(stories_engine, [EngineRequest("other-seed", tuple(prompt), other_seed)])["other-seed"]
+    different = run_to_completion(stories_engine, [EngineRequest("other-seed", tuple(prompt), other_seed)])[
+        "other-seed"
+    ]
     assert different.token_ids[0] != alone.token_ids[0]
 
 
 def test_resume_with_generated_tokens_continues_exactly(stories_engine: Engine) -> None:
     prompt = (1, 403, 407, 261, 378)
     sp = SamplingParams(temperature=1.0, seed=77, max_tokens=30, ignore_eos=True, presence_penalty=0.5)
-    full = run(stories_engine, [EngineRequest("full", prompt, sp)])["full"].token_ids[0]
-    resumed = run(stories_engine, [EngineRequest("resumed", prompt, sp, generated_token_ids=tuple(full[:9]))])
+    full = run_to_completion(stories_engine, [EngineRequest("full", prompt, sp)])["full"].token_ids[0]
+    resumed = run_to_completion(
+        stories_engine, [EngineRequest("resumed", prompt, sp, generated_token_ids=tuple(full[:9]))]
+    )
     assert resumed["resumed"].token_ids[0] == full[9:]
     assert usage_of(resumed["resumed"]).completion_tokens == len(full) - 9
 
@@ -93,19 +88,23 @@ def test_resume_with_generated_tokens_continues_exactly(stories_engine: Engine) 
 def test_n_choices_share_the_prompt_and_match_split_requests(stories_engine: Engine) -> None:
     prompt = tuple(prompts_of_lengths([21], 512, seed=4)[0])  # 21 % 16 != 0: the partial block is copied
     sp = SamplingParams(temperature=1.0, seed=99, max_tokens=25, ignore_eos=True, n=4)
-    together = run(stories_engine, [EngineRequest("n4", prompt, sp, first_choice_index=0)])["n4"]
+    together = run_to_completion(stories_engine, [EngineRequest("n4", prompt, sp, first_choice_index=0)])[
+        "n4"
+    ]
     assert sorted(together.token_ids) == [0, 1, 2, 3]
     assert usage_of(together).completion_tokens == 4 * 25
     single = SamplingParams(temperature=1.0, seed=99, max_tokens=25, ignore_eos=True)
     for index in range(4):
-        alone = run(stories_engine, [EngineRequest(f"c{index}", prompt, single, first_choice_index=index)])
+        alone = run_to_completion(
+            stories_engine, [EngineRequest(f"c{index}", prompt, single, first_choice_index=index)]
+        )
         assert alone[f"c{index}"].token_ids[index] == together.token_ids[index]
     assert len({tuple(t) for t in together.token_ids.values()}) == 4
 
 
 def test_n_greedy_choices_equal_reference(stories: RefModel, stories_engine: Engine) -> None:
     prompt = [1, 403, 407, 261, 378, 300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310]  # 16: no copy
-    out = run(
+    out = run_to_completion(
         stories_engine,
         [EngineRequest("g3", tuple(prompt), SamplingParams(temperature=0.0, max_tokens=20, n=3))],
     )
@@ -186,7 +185,9 @@ def test_min_tokens_stop_ids_and_ignore_eos(stories: RefModel, stories_engine: E
 def test_prompt_logprobs_match_transformers_across_chunks_and_cache(stories: RefModel) -> None:
     engine = stories.engine(max_num_batched_tokens=16)  # a 40-token prompt spans three steps
     prompt = prompts_of_lengths([40], stories.vocab_size, seed=12)[0]
-    warm = run(engine, [EngineRequest("warm", tuple(prompt), SamplingParams(temperature=0.0, max_tokens=2))])
+    warm = run_to_completion(
+        engine, [EngineRequest("warm", tuple(prompt), SamplingParams(temperature=0.0, max_tokens=2))]
+    )
     assert usage_of(warm["warm"]).completion_tokens == 2
     sp = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=3)
     engine.add_request(EngineRequest("plp", tuple(prompt), sp))

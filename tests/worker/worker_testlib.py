@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine, GenerateResult
+from services.worker.engine import Engine, GenerateResult, collect
 from services.worker.outputs import Usage
+from services.worker.request import EngineRequest
 
 TINY: dict[str, Any] = dict(
     hidden_size=64,
@@ -136,3 +137,19 @@ def usage_of(result: GenerateResult) -> Usage:
     """The usage of a finished request (set on its last output)."""
     assert result.usage is not None, f"{result.request_id} did not finish"
     return result.usage
+
+
+def run_to_completion(
+    engine: Engine, requests: list[EngineRequest], check_blocks_freed: bool = True
+) -> dict[str, GenerateResult]:
+    """Add the requests, step the engine until all finish, collect each request's result; by
+    default also check that every KV block was given back."""
+    results = {r.request_id: GenerateResult(r.request_id) for r in requests}
+    for r in requests:
+        engine.add_request(r)
+    while engine.has_unfinished():
+        for out in engine.step():
+            collect(results[out.request_id], out)
+    if check_blocks_freed:
+        assert engine.block_manager.num_used_blocks == 0
+    return results
