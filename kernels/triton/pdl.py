@@ -32,11 +32,12 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _ENABLED: dict[int, bool] = {}
+_OFF = os.environ.get("TANDEM_PDL", "1") == "0"  # read once: `enabled` runs on every launch
 
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` are launched with PDL: CUDA compute capability >= 9.0, not off."""
-    if device.type != "cuda" or os.environ.get("TANDEM_PDL", "1") == "0":
+    if _OFF or device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _ENABLED:
