@@ -74,7 +74,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R] int64
     num_chunks = triton.cdiv(vocab, BLOCK)
     part_val = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
     part_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
-    use_pdl = pdl.enabled(logits.device)
     options = pdl.launch_options(logits.device)
     _argmax_chunks_kernel[(rows, num_chunks)](
         logits,
@@ -84,7 +83,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R] int64
         logits.stride(0),
         num_chunks,
         BLOCK=BLOCK,
-        PDL=use_pdl,
         num_warps=4,
         **options,
     )
@@ -95,7 +93,6 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:  # [R, V] -> [R] int64
         vocab,
         num_chunks,
         P_PAD=max(2, triton.next_power_of_2(num_chunks)),
-        PDL=use_pdl,
         num_warps=4,
         **options,
     )

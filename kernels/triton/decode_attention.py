@@ -279,7 +279,6 @@ def decode_attention(
         NUM_KV_HEADS=num_kv_heads,
         num_warps=4,
         num_stages=3,
-        PDL=pdl.enabled(q.device),
         **pdl.launch_options(q.device),
     )
     return out

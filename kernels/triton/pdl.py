@@ -14,9 +14,9 @@ The rules every PDL kernel here follows (they keep the step's data dependencies 
 A kernel launched without PDL (cuBLAS, torch ops) still waits for full completion of what came
 before, so mixing is safe. `TANDEM_PDL=0` turns it off (kernels then run exactly as before).
 
-Measured on an H200, Llama-3.1-8B batch-1 decode graph (benchmarks/pdl_decode_run.sh, docs/gpu.md):
-4.60 ms off, 4.51 ms with the signal at the end. Two variants were slower and are not kept:
-signalling at the start of the small kernels (4.78 ms: the cascade of early launches parks the
+Measured on an H200 (benchmarks/pdl_decode_run.sh, docs/gpu.md): Qwen2-0.5B batch-1 decode
+0.974 -> 0.918 ms/token; the Llama-3.1-8B graph 4.60 ms off, 4.51-4.61 ms on (within run-to-run
+spread). Two variants were slower and are not kept: signalling at the start of the small kernels (4.78 ms: the cascade of early launches parks the
 next GEMM's programs on the SMs while cuBLAS still runs its second wave) and an L2 prefetch of the
 GEMM's weights before its wait (4.68-4.89 ms: it competes with the running GEMM for bandwidth
 and evicts its lines).
@@ -60,5 +60,6 @@ def leave(PDL: tl.constexpr):
 
 
 def launch_options(device: torch.device) -> dict[str, bool]:
-    """Extra keyword arguments of a Triton launch: `launch_pdl=True` where PDL is enabled."""
-    return {"launch_pdl": True} if enabled(device) else {}
+    """Keyword arguments of a launch of a kernel with a `PDL` constexpr: the constexpr, and
+    `launch_pdl=True` where PDL is enabled (one lookup per launch)."""
+    return {"PDL": True, "launch_pdl": True} if enabled(device) else {"PDL": False}

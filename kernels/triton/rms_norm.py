@@ -76,7 +76,6 @@ def _launch(
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
         num_warps=min(16, max(1, block // 256)),
-        PDL=pdl.enabled(x.device),
         **pdl.launch_options(x.device),
     )
     return out, new_residual

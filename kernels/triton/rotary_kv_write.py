@@ -147,7 +147,6 @@ def rotary_write_kv_cache(
         HALF=half,
         HALF_PAD=triton.next_power_of_2(half),
         num_warps=4,
-        PDL=pdl.enabled(q.device),
         **pdl.launch_options(q.device),
     )
     return q_out

@@ -40,7 +40,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         out.stride(0),
         INTER=inter,
         BLOCK=block,
-        PDL=pdl.enabled(x.device),
         num_warps=4,
         **pdl.launch_options(x.device),
     )

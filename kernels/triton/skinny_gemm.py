@@ -127,7 +127,6 @@ def skinny_gemm(
         BLOCK_K=config.block_k,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        PDL=pdl.enabled(x.device),
         **pdl.launch_options(x.device),
     )
     return out
