@@ -157,6 +157,53 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :inter]) * x[..., inter:]
 
 
+def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:  # x [T, H] -> [T, 1] fp32
+    xf = x.float()
+    return torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def _float_or_none(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def linear_rms_norm(
+    x: torch.Tensor,  # [T, K]: the raw residual stream
+    weight: torch.Tensor,  # [N, K]: the projection with the norm weight folded in (W * g[None, :])
+    bias: torch.Tensor | None,  # [N], added after the scale (Qwen2's qkv bias)
+    eps: float,
+) -> torch.Tensor:  # [T, N]
+    """F.linear(x * rsqrt(mean(x**2, -1) + eps), weight, bias): an RMSNorm without weight, then the
+    projection; fp32 math, rounded once to x's dtype."""
+    normed = x.float() * _inv_rms(x, eps)
+    return F.linear(normed, weight.float(), _float_or_none(bias)).to(x.dtype)
+
+
+def linear_add(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None,  # [N]
+    residual: torch.Tensor,  # [T, N]
+) -> torch.Tensor:  # [T, N], a new tensor
+    """residual + F.linear(x, weight, bias): a projection and the residual add; fp32 math, rounded
+    once to x's dtype (residual is not written)."""
+    out = F.linear(x.float(), weight.float(), _float_or_none(bias))
+    return (residual.float() + out).to(x.dtype)
+
+
+def silu_and_mul_rms(
+    gate_up: torch.Tensor,  # [T, 2*I]: the gate/up projection of the raw residual stream
+    x: torch.Tensor,  # [T, H]: that residual stream
+    eps: float,
+) -> torch.Tensor:  # [T, I]
+    """silu(s * gate) * (s * up) with s = rsqrt(mean(x**2, -1) + eps) per row: SiLU-and-mul after
+    a gate/up projection whose input norm was folded away; fp32 math, rounded once."""
+    inter = gate_up.shape[-1] // 2
+    s = _inv_rms(x, eps)
+    gf = gate_up.float()
+    gate, up = gf[..., :inter] * s, gf[..., inter:] * s
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
 def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies [D/2] in fp32, exactly as transformers' rope init functions compute them."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

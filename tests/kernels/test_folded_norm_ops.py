@@ -1,0 +1,177 @@
+"""The folded-RMSNorm ops (kernels/__init__.py): the reference twins against their definitions and
+the algebra the folding relies on, and the Triton kernels against the reference.
+
+On the CPU the Triton kernels run on the interpreter (conftest sets TRITON_INTERPRET=1) in fp32 and
+fp16; the `gpu` cases run them on CUDA in bf16.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import REFERENCE_OPS, reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+CPU_CASES = [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, id="cpu-fp16"),
+]
+GPU_CASES = [pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu)]
+CASES = CPU_CASES + GPU_CASES
+EPS = 1e-5
+
+
+def _skip_without(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+def _inv_rms64(x: torch.Tensor, eps: float) -> torch.Tensor:  # [T, H] -> [T, 1] float64
+    xd = x.double()
+    return torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _d(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.double()
+
+
+def _close_to_rounded(out: torch.Tensor, exact: torch.Tensor) -> None:
+    """out (low precision) is `exact` (float64) rounded once, up to a couple of ulps of fp32 math."""
+    assert out.dtype != torch.float64
+    expected = exact.to(out.dtype)
+    tol = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[out.dtype]
+    torch.testing.assert_close(out.double(), expected.double(), atol=tol, rtol=tol)
+
+
+def _rand(*shape: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+# --- reference twins against their definitions --------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_reference_linear_rms_norm(dtype: torch.dtype, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = _rand(5, 48, dtype=dtype, gen=gen, scale=3.0)
+    w = _rand(40, 48, dtype=dtype, gen=gen, scale=0.1)
+    b = _rand(40, dtype=dtype, gen=gen) if with_bias else None
+    out = reference.linear_rms_norm(x, w, b, EPS)
+    assert out.shape == (5, 40) and out.dtype == dtype
+    _close_to_rounded(out, F.linear(x.double() * _inv_rms64(x, EPS), w.double(), _d(b)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_reference_linear_add(dtype: torch.dtype, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = _rand(3, 32, dtype=dtype, gen=gen)
+    w = _rand(24, 32, dtype=dtype, gen=gen, scale=0.1)
+    b = _rand(24, dtype=dtype, gen=gen) if with_bias else None
+    residual = _rand(3, 24, dtype=dtype, gen=gen, scale=4.0)
+    before = residual.clone()
+    out = reference.linear_add(x, w, b, residual)
+    assert torch.equal(residual, before), "linear_add must not write its residual"
+    assert out.shape == (3, 24) and out.dtype == dtype
+    _close_to_rounded(out, residual.double() + F.linear(x.double(), w.double(), _d(b)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reference_silu_and_mul_rms(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    gate_up = _rand(4, 2 * 36, dtype=dtype, gen=gen, scale=5.0)
+    x = _rand(4, 20, dtype=dtype, gen=gen, scale=2.0)
+    out = reference.silu_and_mul_rms(gate_up, x, EPS)
+    assert out.shape == (4, 36) and out.dtype == dtype
+    s = _inv_rms64(x, EPS)
+    gate, up = gate_up.double()[:, :36] * s, gate_up.double()[:, 36:] * s
+    _close_to_rounded(out, F.silu(gate) * up)
+
+
+def test_folding_is_exact_algebra() -> None:
+    """A layer computed with the norm weights folded into the projections equals the unfolded one:
+    W (g * n) = (W * g[None, :]) n, for the qkv projection (bias after the scale) and gate/up."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, inter = 32, 48
+    h = torch.randn(6, hidden, generator=gen, dtype=torch.float64) * 3
+    g1 = torch.rand(hidden, generator=gen, dtype=torch.float64) + 0.5
+    g2 = torch.rand(hidden, generator=gen, dtype=torch.float64) + 0.5
+    w_qkv = torch.randn(40, hidden, generator=gen, dtype=torch.float64)
+    b_qkv = torch.randn(40, generator=gen, dtype=torch.float64)
+    w_gu = torch.randn(2 * inter, hidden, generator=gen, dtype=torch.float64)
+    unfolded_qkv = F.linear(reference.rms_norm(h, g1, EPS), w_qkv, b_qkv)
+    folded_qkv = reference.linear_rms_norm(h, w_qkv * g1[None, :], b_qkv, EPS)
+    # (the reference ops compute in fp32 whatever the input dtype, hence fp32 tolerances)
+    torch.testing.assert_close(folded_qkv.double(), unfolded_qkv, atol=1e-5, rtol=1e-5)
+    unfolded_act = reference.silu_and_mul(F.linear(reference.rms_norm(h, g2, EPS), w_gu))
+    folded_act = reference.silu_and_mul_rms(F.linear(h, w_gu * g2[None, :]), h, EPS)
+    torch.testing.assert_close(folded_act.double(), unfolded_act, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_bundle_folds_norms() -> None:
+    assert REFERENCE_OPS.folds_norms
+    assert REFERENCE_OPS.silu_and_mul_rms is reference.silu_and_mul_rms
+
+
+# --- the Triton SiLU-and-mul with the folded norm's 1/rms ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_silu():  # type: ignore[no-untyped-def]
+    pytest.importorskip("triton")
+    # The module (kernels.triton re-exports its `silu_and_mul` function under the same name).
+    return importlib.import_module("kernels.triton.silu_and_mul")
+
+
+# (T, H, I): I non-power-of-two and above one 1024 block; H above one 4096-element chunk (loop + mask)
+SILU_SHAPES = [(1, 64, 96), (3, 200, 1500), (8, 5000, 300), (20, 48, 1024)]
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize(("num_tokens", "hidden", "inter"), SILU_SHAPES)
+def test_triton_silu_and_mul_rms(  # type: ignore[no-untyped-def]
+    triton_silu, device: str, dtype: torch.dtype, num_tokens: int, hidden: int, inter: int
+) -> None:
+    _skip_without(device)
+    gen = torch.Generator().manual_seed(num_tokens * 7 + hidden)
+    gate_up = (torch.randn(num_tokens, 2 * inter, generator=gen) * 4).to(device=device, dtype=dtype)
+    x = (torch.randn(num_tokens, hidden, generator=gen) * 3).to(device=device, dtype=dtype)
+    out = triton_silu.silu_and_mul_rms(gate_up, x, EPS)
+    expected = reference.silu_and_mul_rms(gate_up, x, EPS)
+    assert out.shape == (num_tokens, inter) and out.dtype == dtype
+    tol = _tol(dtype)
+    torch.testing.assert_close(out, expected, atol=tol * 4, rtol=tol)
+    # The plain variant (RMS off) of the same kernel is unchanged.
+    torch.testing.assert_close(
+        triton_silu.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=tol * 4, rtol=tol
+    )
+
+
+@pytest.mark.parametrize(("device", "dtype"), CPU_CASES[:1] + GPU_CASES)
+def test_triton_silu_and_mul_rms_empty_and_strided(triton_silu, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    _skip_without(device)
+    empty = triton_silu.silu_and_mul_rms(
+        torch.empty(0, 64, device=device, dtype=dtype), torch.empty(0, 16, device=device, dtype=dtype), EPS
+    )
+    assert empty.shape == (0, 32)
+    # Rows of a wider buffer (row stride != width), as a slice of a larger activation would be.
+    gen = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(3, 2 * 40 + 8, generator=gen).to(device=device, dtype=dtype)[:, : 2 * 40]
+    x = torch.randn(3, 24 + 5, generator=gen).to(device=device, dtype=dtype)[:, :24]
+    tol = _tol(dtype)
+    torch.testing.assert_close(
+        triton_silu.silu_and_mul_rms(gate_up, x, EPS),
+        reference.silu_and_mul_rms(gate_up, x, EPS),
+        atol=tol * 4,
+        rtol=tol,
+    )
