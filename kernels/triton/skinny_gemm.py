@@ -14,6 +14,7 @@ assumed: `tune_linear` times both for each weight shape of the model and each ro
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 from dataclasses import dataclass
 
@@ -23,12 +24,19 @@ import triton
 import triton.language as tl
 
 from kernels.triton import pdl
+from kernels.triton.rms_norm import rms_norm
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 8  # row counts above this always take cuBLAS (GEMMs there are not bandwidth-bound GEMVs)
 # A kernel must beat cuBLAS by this factor to be chosen: smaller gaps are within timing noise.
 MIN_GAIN = 1.03
+# Weight tiles each program requests before its PDL wait (0-2): they overlap the previous
+# kernel's tail. TANDEM_SKINNY_PRELOAD overrides it (benchmarks/pdl_decode_run.sh A/Bs it).
+PRELOAD_TILES = int(os.environ.get("TANDEM_SKINNY_PRELOAD", "0"))
+# The RMS-norm variant saves the separate norm kernel (~2-3 us in a decode graph), so it takes the
+# kernel's best config unless cuBLAS was faster by more than this.
+RMS_NORM_SAVED_S = 2e-6
 
 
 @dataclass(frozen=True)
@@ -57,20 +65,25 @@ def _skinny_gemm_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K]
     bias_ptr,  # [N] (unused without HAS_BIAS)
+    residual_ptr,  # [M, N] (unused without HAS_RESIDUAL)
     out_ptr,  # [M, N]
     M,
     N,
     K,
     stride_xm,
     stride_wn,
+    stride_rm,
     stride_om,
+    eps,  # RMS_NORM only
     HAS_BIAS: tl.constexpr,
+    RMS_NORM: tl.constexpr,  # scale row m of the product by rsqrt(mean(x[m]^2) + eps)
+    HAS_RESIDUAL: tl.constexpr,  # add residual[m] to the result
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PRELOAD: tl.constexpr,  # weight tiles (0-2) requested before the PDL wait
     PDL: tl.constexpr,
 ):
-    pdl.enter(PDL)  # see pdl.py
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,20 +92,53 @@ def _skinny_gemm_kernel(
     kk = tl.arange(0, BLOCK_K)
     x_base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     w_base = w_ptr + cols[:, None].to(tl.int64) * stride_wn
+    # The weights are never written by the previous kernel, so with PDL the first tiles can be in
+    # flight while it finishes (pdl.py: it signals this launch at its end).
+    if PRELOAD >= 1:
+        w0 = tl.load(w_base + kk[None, :], mask=col_mask[:, None] & (kk < K)[None, :], other=0.0)
+    if PRELOAD >= 2:
+        w1 = tl.load(
+            w_base + (BLOCK_K + kk)[None, :], mask=col_mask[:, None] & (BLOCK_K + kk < K)[None, :], other=0.0
+        )
+    pdl.enter(PDL)  # see pdl.py
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)  # RMS_NORM: sum of x[m]^2 over K
+    if PRELOAD >= 1:
+        x = tl.load(x_base + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w0), acc)
+        if RMS_NORM:
+            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+    if PRELOAD >= 2:
+        k = BLOCK_K + kk
+        x = tl.load(x_base + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w1), acc)
+        if RMS_NORM:
+            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+    for k0 in range(PRELOAD * BLOCK_K, K, BLOCK_K):
         k = k0 + kk
         k_mask = k < K
         x = tl.load(x_base + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_base + k[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
+        if RMS_NORM:
+            # x's tile is loaded for the dot anyway; the extra use keeps the cp.async pipeline
+            # (checked in the sm_90 build: same stages and shared memory as without it).
+            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
     pdl.leave(PDL)  # the weights are read: the next kernel may launch and wait on this one
+    if RMS_NORM:
+        acc = acc * tl.rsqrt(sum_sq / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(
+            residual_ptr + rows[:, None].to(tl.int64) * stride_rm + cols[None, :], mask=out_mask, other=0.0
+        )
+        acc += residual.to(tl.float32)
     tl.store(
         out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :],
         acc.to(out_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & col_mask[None, :],
+        mask=out_mask,
     )
 
 
@@ -101,12 +147,22 @@ def skinny_gemm(
     weight: torch.Tensor,  # [N, K] contiguous
     bias: torch.Tensor | None,  # [N]
     config: SkinnyConfig,
+    rms_eps: float | None = None,
+    residual: torch.Tensor | None = None,  # [M, N], rows contiguous
+    preload: int | None = None,  # weight tiles requested before the PDL wait; None: PRELOAD_TILES
 ) -> torch.Tensor:  # [M, N]
-    """x @ weight.T (+ bias) with fp32 accumulation, rounded once to x's dtype."""
+    """x @ weight.T (+ bias) with fp32 accumulation, rounded once to x's dtype.
+
+    rms_eps: each row's product is first scaled by rsqrt(mean(x_row^2) + rms_eps), i.e. the GEMM of
+    the RMS-normalised x (a norm without weight: the model folds it into `weight`).
+    residual: added to the result (after the bias), in fp32 before the one rounding."""
     num_rows, k = x.shape
     n = weight.shape[0]
     assert weight.shape == (n, k) and weight.stride(1) == 1 and x.stride(1) == 1, (x.shape, weight.shape)
     assert num_rows <= 16 and x.dtype == weight.dtype, (num_rows, x.dtype, weight.dtype)
+    if residual is not None:
+        assert residual.shape == (num_rows, n) and residual.stride(1) == 1, (residual.shape, n)
+        assert residual.dtype == x.dtype, (residual.dtype, x.dtype)
     out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
@@ -114,17 +170,23 @@ def skinny_gemm(
         x,
         weight,
         bias if bias is not None else weight,
+        residual if residual is not None else out,
         out,
         num_rows,
         n,
         k,
         x.stride(0),
         weight.stride(0),
+        residual.stride(0) if residual is not None else 0,
         out.stride(0),
+        rms_eps if rms_eps is not None else 0.0,
         HAS_BIAS=bias is not None,
+        RMS_NORM=rms_eps is not None,
+        HAS_RESIDUAL=residual is not None,
         BLOCK_M=16,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
+        PRELOAD=PRELOAD_TILES if preload is None else preload,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl.launch_options(x.device),
@@ -134,20 +196,67 @@ def skinny_gemm(
 
 # (N, K, dtype, has_bias, row bucket) -> the config to use; absent or None -> cuBLAS
 _CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig | None] = {}
+# same key -> the config `linear_rms_norm` uses (absent: the norm kernel, then `linear`)
+_RMS_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
+_ONES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _bucket(rows: int) -> int:
     return triton.next_power_of_2(max(rows, 1))
 
 
+def _key(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[int, int, torch.dtype, bool, int] | None:
+    """The tuning key of a decode-sized product on CUDA, or None where only cuBLAS applies."""
+    if x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and x.is_cuda and weight.stride(1) == 1:
+        return (weight.shape[0], weight.shape[1], weight.dtype, bias is not None, _bucket(x.shape[0]))
+    return None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x [T, K], weight [N, K], bias) -> [T, N]; the skinny kernel where it was measured faster."""
-    if x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and x.is_cuda:
-        key = (weight.shape[0], weight.shape[1], weight.dtype, bias is not None, _bucket(x.shape[0]))
-        config = _CHOICE.get(key)
-        if config is not None and weight.stride(1) == 1:
-            return skinny_gemm(x, weight, bias, config)
+    key = _key(x, weight, bias)
+    config = _CHOICE.get(key) if key is not None else None
+    if config is not None:
+        return skinny_gemm(x, weight, bias, config)
     return F.linear(x, weight, bias)
+
+
+def linear_rms_norm(
+    x: torch.Tensor,  # [T, K]: the raw residual stream
+    weight: torch.Tensor,  # [N, K]: the projection with the norm's weight folded in (W * g[None, :])
+    bias: torch.Tensor | None,  # [N]
+    eps: float,
+) -> torch.Tensor:  # [T, N]
+    """F.linear(x * rsqrt(mean(x^2) + eps), weight, bias): RMSNorm (no weight) and the projection.
+    Decode-sized inputs take one skinny-GEMM launch that also sums x^2 (the norm's kernel is gone);
+    otherwise the norm kernel runs first."""
+    key = _key(x, weight, bias)
+    config = _RMS_CHOICE.get(key) if key is not None else None
+    if config is not None:
+        return skinny_gemm(x, weight, bias, config, rms_eps=eps)
+    ones_key = (x.shape[1], x.dtype, x.device)
+    if ones_key not in _ONES:
+        _ONES[ones_key] = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+    return linear(rms_norm(x, _ONES[ones_key], eps), weight, bias)
+
+
+def linear_add(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None,  # [N]
+    residual: torch.Tensor,  # [T, N]
+) -> torch.Tensor:  # [T, N], a new tensor
+    """residual + F.linear(x, weight, bias), summed in fp32 and rounded once: the projection and the
+    residual add in one launch (the skinny kernel's epilogue, or cuBLAS's with beta = 1)."""
+    key = _key(x, weight, bias)
+    config = _CHOICE.get(key) if key is not None else None
+    if config is not None and residual.stride(1) == 1:
+        return skinny_gemm(x, weight, bias, config, residual=residual)
+    if bias is None:
+        return torch.addmm(residual, x, weight.t())
+    return F.linear(x, weight, bias) + residual  # (two roundings; no model here has an o/down bias)
 
 
 def _graph_seconds(body, iters: int) -> float:  # type: ignore[no-untyped-def]
@@ -228,6 +337,8 @@ def tune_linear(
         t_cublas = _time_calls(lambda w, x=x: F.linear(x, w, bias), weights, flush, flush_s, iters)
         best: SkinnyConfig | None = None
         best_t = t_cublas / MIN_GAIN
+        fastest: SkinnyConfig | None = None  # the best kernel config, whatever cuBLAS did
+        fastest_t = float("inf")
         results = [f"cuBLAS {t_cublas * 1e6:.1f} us"]
         for config in CANDIDATES:
             try:
@@ -245,14 +356,23 @@ def tune_linear(
             results.append(f"{config} {t * 1e6:.1f} us")
             if t < best_t:
                 best, best_t = config, t
-        _CHOICE[(n, k, w0.dtype, bias is not None, rows)] = best
+            if t < fastest_t:
+                fastest, fastest_t = config, t
+        key = (n, k, w0.dtype, bias is not None, rows)
+        _CHOICE[key] = best
+        rms_note = ""
+        if fastest is not None and fastest_t <= t_cublas + RMS_NORM_SAVED_S:
+            _RMS_CHOICE[key] = fastest
+            rms_note = f"; with RMS norm {fastest}"
+        else:
+            _RMS_CHOICE.pop(key, None)
         nbytes = (n * k + rows * (k + n)) * w0.element_size()
         chosen_t = t_cublas if best is None else best_t
         lines.append(
             f"linear {name} {n}x{k} rows={rows}: "
             + ", ".join(results)
             + f" -> {'cuBLAS' if best is None else best} ({nbytes / chosen_t / 1e9:.0f} GB/s,"
-            f" cuBLAS {nbytes / t_cublas / 1e9:.0f} GB/s)"
+            f" cuBLAS {nbytes / t_cublas / 1e9:.0f} GB/s){rms_note}"
         )
         rows *= 2
     return lines
