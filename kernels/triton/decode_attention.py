@@ -59,12 +59,16 @@ def _decode_kernel(
     MIN_SPLIT_LEN: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
+    EARLY_SIGNAL: tl.constexpr,  # signal dependents right after the wait (pdl.signals_early)
     PDL: tl.constexpr,
 ):
-    pdl.enter(PDL)  # see pdl.py
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Before the PDL wait: everything no kernel of this forward writes. The step's metadata (H2D
+    # copies before the first kernel), the block table, and the first K/V tile's rows of tokens
+    # cached by earlier steps; only q and the new tokens' K/V come from the previous kernel
+    # (rotary + KV write). The chain seq_len -> table -> K/V then overlaps the previous kernel.
     q_start = tl.load(cu_seqlens_q_ptr + b)
     q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
     # A padded batch entry (no query or no context) attends nothing and writes nothing.
@@ -75,24 +79,44 @@ def _decode_kernel(
     split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     kv_start = split * split_len
     kv_end = tl.minimum(seq_len, kv_start + split_len)
+    cached_end = seq_len - q_len  # positions below this were written by earlier steps
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
     head = kv_head * GROUP + g
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
+    table = block_tables_ptr + b.to(tl.int64) * stride_bt
+    n = tl.arange(0, BLOCK_N)
+    pos0 = kv_start + n
+    n_mask0 = (pos0 < kv_end) & (split < num_splits)
+    block0 = tl.load(table + pos0 // BLOCK_SIZE, mask=n_mask0, other=0).to(tl.int64)
+    row0 = block0 * stride_cb + (pos0 % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+    old0 = (n_mask0 & (pos0 < cached_end))[:, None] & d_mask[None, :]
+    k0 = tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=old0, other=0.0)
+    v0 = tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=old0, other=0.0)
+
+    pdl.enter(PDL)  # see pdl.py
+    if EARLY_SIGNAL:
+        pdl.leave(PDL)
     if split < num_splits:
         q = tl.load(
             q_ptr + token * stride_qt + head[:, None] * stride_qh + d[None, :],
             mask=g_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        m_i = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([G_PAD], dtype=tl.float32)
-        acc = tl.zeros([G_PAD, D_PAD], dtype=tl.float32)
-        table = block_tables_ptr + b.to(tl.int64) * stride_bt
-        n = tl.arange(0, BLOCK_N)
-        for start in range(kv_start, kv_end, BLOCK_N):
+        # The first tile's rows of this step's tokens (written by the previous kernel).
+        new0 = (n_mask0 & (pos0 >= cached_end))[:, None] & d_mask[None, :]
+        k0 = tl.where(new0, tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), k0)
+        v0 = tl.where(new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), v0)
+        s = tl.dot(q, tl.trans(k0)) * scale_log2  # [G_PAD, BLOCK_N]
+        s = tl.where(n_mask0[None, :], s, float("-inf"))
+        m_i = tl.max(s, axis=1)
+        m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # a split past the context: all stays 0
+        p = tl.exp2(s - m_i[:, None])
+        l_i = tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v0.dtype), v0)
+        for start in range(kv_start + BLOCK_N, kv_end, BLOCK_N):
             pos = start + n
             n_mask = pos < kv_end
             block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -160,7 +184,8 @@ def _decode_kernel(
                 mask=(gm < GROUP)[:, None] & (d < HEAD_DIM)[None, :] & (q_len > 0),
             )
             tl.atomic_xchg(counter, 0)  # ready for the next launch (next layer, next step)
-    pdl.leave(PDL)
+    if not EARLY_SIGNAL:
+        pdl.leave(PDL)
 
 
 # The merge runs inside the kernel over a [group, splits, head_dim] tile: 16 splits keep that tile
@@ -277,6 +302,7 @@ def decode_attention(
         MIN_SPLIT_LEN=min_split_len,
         NUM_Q_HEADS=num_q_heads,
         NUM_KV_HEADS=num_kv_heads,
+        EARLY_SIGNAL=pdl.signals_early("decode_attention"),
         num_warps=4,
         num_stages=3,
         **pdl.launch_options(q.device),

@@ -33,6 +33,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _ENABLED: dict[int, bool] = {}
 _OFF = os.environ.get("TANDEM_PDL", "1") == "0"  # read once: `enabled` runs on every launch
+# Kernels (by name) that signal their dependents right after their wait instead of at their end,
+# so that the next kernel's pre-wait loads overlap all of this one (benchmarks/pdl_decode_run.sh).
+_EARLY = frozenset(name for name in os.environ.get("TANDEM_PDL_EARLY", "").split(",") if name)
 
 
 def enabled(device: torch.device) -> bool:
@@ -57,6 +60,11 @@ def leave(PDL: tl.constexpr):
     """End of a kernel: let the next kernel launch (it waits on this one in `enter`)."""
     if PDL:
         gdc_launch_dependents()
+
+
+def signals_early(kernel: str) -> bool:
+    """Whether `kernel` ("rotary_kv_write", "decode_attention") signals right after its wait."""
+    return kernel in _EARLY
 
 
 def launch_options(device: torch.device) -> dict[str, bool]:
