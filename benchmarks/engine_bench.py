@@ -400,7 +400,7 @@ class StepTimer:
 
 def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[str]:
     """Per-kernel device time of the batch-1 decode graph (torch.profiler over graph replays):
-    kernel name, calls per replay, mean us per call, us per replay; the top 12 by time."""
+    kernel name, calls per replay, mean us per call, us per replay; the top 16 by time."""
     from torch.profiler import ProfilerActivity, profile
 
     graphs = engine.runner.graphs
@@ -425,7 +425,7 @@ def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[s
     lines = [
         f"{name} batch-1 graph: {sum(v[0] for v in totals.values()) / replays:.0f} kernels, {total:.0f} us busy per replay"
     ]
-    for kname, (calls, us) in rows[:12]:
+    for kname, (calls, us) in rows[:16]:
         lines.append(
             f"  {kname:<60} {calls / replays:5.0f}/replay {us / calls:7.2f} us/call {us / replays:8.1f} us/replay"
         )
