@@ -12,9 +12,17 @@ batch size (and the GPU and head counts), never on the block-table width: a batc
 the same batch padded to a CUDA-graph size (which never crosses a power of two) compute the
 same partition, so graphs on and off give bitwise-equal attention. The grid's split dimension
 only has to cover the splits the longest possible context needs; extra programs exit at once.
+
+With PDL, everything the previous kernel does not write (metadata, block table, the first tile's
+K/V of tokens cached by earlier steps) is loaded before the wait. With `rotary` (a decode step's
+default, paged_attention.rotary_write_paged_attention) the kernel also does rotary + the KV write:
+every program rotates its query heads, the split holding the new position rotates the new K,
+writes K/V to their slot and uses them from registers (never reading them back).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -23,6 +31,17 @@ import triton.language as tl
 from kernels.triton import pdl
 
 LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class RotaryKV:
+    """The new tokens' unrotated K/V and what rotary + the KV write need (see `decode_attention`)."""
+
+    k: torch.Tensor  # [T, Hkv, D] before rotary, head dim contiguous
+    v: torch.Tensor  # [T, Hkv, D]
+    slot_mapping: torch.Tensor  # [T] int32/int64; -1 = write nothing
+    positions: torch.Tensor  # [T] int32/int64
+    cos_sin_cache: torch.Tensor  # [max_pos, D]: cos in [:, :D/2], sin in [:, D/2:]
 
 
 @triton.jit
@@ -37,6 +56,11 @@ def _decode_kernel(
     part_out_ptr,  # [B, Hq, NUM_SPLITS, D_PAD] fp32 (unused when NUM_SPLITS == 1)
     part_lse_ptr,  # [B, Hq, NUM_SPLITS] fp32, log2 domain
     counter_ptr,  # [>= B * Hkv] int32, zero between launches: splits of (b, kv_head) that finished
+    k_new_ptr,  # ROTARY: [T, Hkv, D] the new tokens' K before rotary (unused otherwise)
+    v_new_ptr,  # ROTARY: [T, Hkv, D]
+    slot_mapping_ptr,  # ROTARY: [T] cache slot of each new token (-1: none)
+    positions_ptr,  # ROTARY: [T] rotary position of each new token
+    cos_sin_ptr,  # ROTARY: [max_pos, D] cos in [:, :D/2], sin in [:, D/2:]
     scale_log2,  # softmax scale * log2(e)
     stride_qt,
     stride_qh,
@@ -46,6 +70,11 @@ def _decode_kernel(
     stride_bt,
     stride_ot,
     stride_oh,
+    stride_knt,
+    stride_knh,
+    stride_vnt,
+    stride_vnh,
+    stride_rope,
     GROUP: tl.constexpr,
     G_PAD: tl.constexpr,  # query rows of the tensor-core dot (>= 16)
     G_MERGE: tl.constexpr,  # next_power_of_2(GROUP): rows of the merge
@@ -60,6 +89,7 @@ def _decode_kernel(
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     EARLY_SIGNAL: tl.constexpr,  # signal dependents right after the wait (pdl.signals_early)
+    ROTARY: tl.constexpr,  # q is unrotated; rotate it, and rotate + write the new K/V (see module doc)
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -95,20 +125,54 @@ def _decode_kernel(
     old0 = (n_mask0 & (pos0 < cached_end))[:, None] & d_mask[None, :]
     k0 = tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=old0, other=0.0)
     v0 = tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=old0, other=0.0)
+    if ROTARY:
+        # rotate_half as a gather: element d pairs with (d + D/2) % D, the first half negated.
+        HALF: tl.constexpr = HEAD_DIM // 2
+        d_pair = tl.where(d < HALF, d + HALF, d - HALF)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        rope_pos = tl.load(positions_ptr + token, mask=q_len > 0, other=0).to(tl.int64)
+        slot = tl.load(slot_mapping_ptr + token, mask=q_len > 0, other=-1).to(tl.int64)
+        rope_row = cos_sin_ptr + rope_pos * stride_rope + tl.where(d < HALF, d, d - HALF)
+        cos = tl.load(rope_row, mask=d_mask, other=0.0).to(tl.float32)  # [D_PAD]
+        sin = tl.load(rope_row + HALF, mask=d_mask, other=0.0).to(tl.float32)
 
     pdl.enter(PDL)  # see pdl.py
     if EARLY_SIGNAL:
         pdl.leave(PDL)
     if split < num_splits:
-        q = tl.load(
-            q_ptr + token * stride_qt + head[:, None] * stride_qh + d[None, :],
-            mask=g_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        # The first tile's rows of this step's tokens (written by the previous kernel).
+        q_rows = q_ptr + token * stride_qt + head[:, None] * stride_qh
+        q_mask = g_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
         new0 = (n_mask0 & (pos0 >= cached_end))[:, None] & d_mask[None, :]
-        k0 = tl.where(new0, tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), k0)
-        v0 = tl.where(new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), v0)
+        if ROTARY:
+            # Same arithmetic and roundings as rotary_kv_write: fp32 rotation, rounded to q's / k's
+            # dtype (then the cache's). The split that holds the new position writes its K/V.
+            q_pair = tl.load(q_rows + d_pair[None, :], mask=q_mask, other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_pair * sin[None, :]).to(q.dtype)
+            holds_new = (q_len > 0) & (cached_end >= kv_start) & (cached_end < kv_end)
+            new_mask = d_mask & holds_new
+            k_src = k_new_ptr + token * stride_knt + kv_head * stride_knh
+            k_a = tl.load(k_src + d, mask=new_mask, other=0.0)
+            k_b = tl.load(k_src + d_pair, mask=new_mask, other=0.0).to(tl.float32)
+            k_new = (
+                (k_a.to(tl.float32) * cos + sign * k_b * sin).to(k_a.dtype).to(k_cache_ptr.dtype.element_ty)
+            )
+            v_new = tl.load(
+                v_new_ptr + token * stride_vnt + kv_head * stride_vnh + d, mask=new_mask, other=0.0
+            )
+            v_new = v_new.to(v_cache_ptr.dtype.element_ty)
+            slot_row = (
+                (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+            )
+            tl.store(k_cache_ptr + slot_row + d, k_new, mask=new_mask & (slot >= 0))
+            tl.store(v_cache_ptr + slot_row + d, v_new, mask=new_mask & (slot >= 0))
+            # The new rows come from registers, never read back from the cache.
+            k0 = tl.where(new0, k_new[None, :], k0)
+            v0 = tl.where(new0, v_new[None, :], v0)
+        else:
+            # The first tile's rows of this step's tokens (written by the previous kernel).
+            k0 = tl.where(new0, tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), k0)
+            v0 = tl.where(new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), v0)
         s = tl.dot(q, tl.trans(k0)) * scale_log2  # [G_PAD, BLOCK_N]
         s = tl.where(n_mask0[None, :], s, float("-inf"))
         m_i = tl.max(s, axis=1)
@@ -122,7 +186,12 @@ def _decode_kernel(
             block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
             row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
             kv_mask = n_mask[:, None] & d_mask[None, :]
+            if ROTARY:
+                is_new = (pos >= cached_end)[:, None]
+                kv_mask = kv_mask & ~is_new
             k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if ROTARY:
+                k = tl.where(is_new, k_new[None, :], k)
             s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N]
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -130,6 +199,8 @@ def _decode_kernel(
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if ROTARY:
+                v = tl.where(is_new, v_new[None, :], v)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
@@ -240,8 +311,13 @@ def decode_attention(
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
     max_splits: int | None = None,
+    rotary: RotaryKV | None = None,
 ) -> torch.Tensor:  # [T, Hq, D]; rows of no sequence are left unwritten
-    """Attention of each sequence's single new token over its whole cached context (one launch)."""
+    """Attention of each sequence's single new token over its whole cached context (one launch).
+
+    With `rotary`, q is the unrotated query and the new tokens' K/V are not in the cache yet: the
+    kernel rotates q and K (NeoX rotate_half) and writes the rotated K and V to their slots, i.e.
+    `rotary_write_kv_cache` and this attention in one launch."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache_layer.shape
     assert cache_head_dim == head_dim and num_q_heads % num_kv_heads == 0, (q.shape, kv_cache_layer.shape)
@@ -260,8 +336,14 @@ def decode_attention(
         max_splits = max_splits_for(batch, num_kv_heads, _sm_count(q.device))
     max_splits = max(1, min(MAX_SPLITS, max_splits))
     num_splits = max(1, min(max_splits, triton.cdiv(max_context, min_split_len)))
+    if rotary is not None:
+        k_new, v_new = rotary.k, rotary.v
+        assert k_new.shape == (num_tokens, num_kv_heads, head_dim) and v_new.shape == k_new.shape, k_new.shape
+        assert k_new.stride(2) == 1 and v_new.stride(2) == 1 and k_new.dtype == q.dtype and head_dim % 2 == 0
+        assert rotary.cos_sin_cache.shape[1] == head_dim and rotary.cos_sin_cache.stride(1) == 1
+        assert rotary.positions.shape == (num_tokens,) and rotary.slot_mapping.shape == (num_tokens,)
     # Rows of no sequence (CUDA-graph padding) are left unwritten: a zero fill costs a launch per layer.
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or batch == 0:
         return out
     parts_shape = (batch, num_q_heads, num_splits) if num_splits > 1 else (1, 1, 1)
@@ -280,6 +362,11 @@ def decode_attention(
         part_out,
         part_lse,
         counters,
+        rotary.k if rotary is not None else q,
+        rotary.v if rotary is not None else q,
+        rotary.slot_mapping if rotary is not None else cu_seqlens_q,
+        rotary.positions if rotary is not None else cu_seqlens_q,
+        rotary.cos_sin_cache if rotary is not None else q,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -289,6 +376,11 @@ def decode_attention(
         block_tables.stride(0),
         out.stride(0),
         out.stride(1),
+        rotary.k.stride(0) if rotary is not None else 0,
+        rotary.k.stride(1) if rotary is not None else 0,
+        rotary.v.stride(0) if rotary is not None else 0,
+        rotary.v.stride(1) if rotary is not None else 0,
+        rotary.cos_sin_cache.stride(0) if rotary is not None else 0,
         GROUP=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
         G_MERGE=triton.next_power_of_2(group),
@@ -303,6 +395,7 @@ def decode_attention(
         NUM_Q_HEADS=num_q_heads,
         NUM_KV_HEADS=num_kv_heads,
         EARLY_SIGNAL=pdl.signals_early("decode_attention"),
+        ROTARY=rotary is not None,
         num_warps=4,
         num_stages=3,
         **pdl.launch_options(q.device),

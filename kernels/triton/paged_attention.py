@@ -9,11 +9,17 @@ which handles decode rows as sequences of length 1. Head dims the tensor cores c
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import reference
-from kernels.triton.decode_attention import decode_attention
+from kernels.triton.decode_attention import RotaryKV, decode_attention
 from kernels.triton.prefill_attention import prefill_attention
+from kernels.triton.rotary_kv_write import rotary_write_kv_cache
+
+# TANDEM_FUSED_ROPE_ATTENTION=0: decode steps run rotary + KV write as their own kernel again (A/B).
+FUSED_ROPE_DECODE = os.environ.get("TANDEM_FUSED_ROPE_ATTENTION", "1") != "0"
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
@@ -39,3 +45,32 @@ def paged_attention(
     if max_seqlen_q == 1:
         return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
     return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
+
+
+def rotary_write_paged_attention(
+    q: torch.Tensor,  # [T, Hq, D] before rotary
+    k: torch.Tensor,  # [T, Hkv, D] before rotary
+    v: torch.Tensor,  # [T, Hkv, D]
+    kv_cache_layer: torch.Tensor,  # [2, NB, BS, Hkv, D]
+    slot_mapping: torch.Tensor,  # [T]; -1 = skip
+    positions: torch.Tensor,  # [T]
+    cos_sin_cache: torch.Tensor,  # [max_pos, D]
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor,  # [B+1] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+    max_seqlen_q: int,
+) -> torch.Tensor:  # [T, Hq, D]
+    """rotary_write_kv_cache, then paged_attention over the rotated q. A decode step does both in
+    the decode kernel (one launch a layer instead of two: ~2.5 us of a Llama-8B layer's ~140 on an
+    H200, docs/gpu.md); other steps launch the two kernels."""
+    if (
+        FUSED_ROPE_DECODE
+        and max_seqlen_q == 1
+        and supports_head_dim(q.shape[-1])
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    ):
+        rotary = RotaryKV(k, v, slot_mapping, positions, cos_sin_cache)
+        return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, rotary=rotary)
+    q_rot = rotary_write_kv_cache(q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache)
+    return paged_attention(q_rot, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
