@@ -161,14 +161,18 @@ def build_model(
         init_dummy_weights(model, seed)
     else:
         load_weights(model, iter_checkpoint(cfg.path))
+    # Once the weights are final (checkpoint or dummy): each layer's RMSNorm weights go into the
+    # next projection where the kernel bundle can run that path (models/llama.py `fold_norms`).
+    folded = model.fold_norms()
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     log.info(
-        "loaded %s (%s, %.1fM parameters, %s) on %s",
+        "loaded %s (%s, %.1fM parameters, %s) on %s; layer norms %s",
         cfg.path,
         cfg.architecture,
         num_params / 1e6,
         dtype,
         device,
+        "folded into qkv/gate_up" if folded else "separate",
     )
     return model

@@ -4,6 +4,9 @@ Same parameters and names as nn.Linear (the loader and checkpoints see no differ
 CPU (reference bundle, `linear` is None) it is exactly nn.Linear; on CUDA the Triton bundle sends
 decode-sized inputs to a skinny-GEMM kernel for the shapes where it measured faster than cuBLAS
 (kernels/triton/skinny_gemm.py), everything else to F.linear.
+
+With the model's norms folded (models/llama.py `fold_norms`), the projections that consume the
+raw residual stream or add into it go through `linear_rms_norm` and `linear_add` instead.
 """
 
 from __future__ import annotations
@@ -23,3 +26,13 @@ class Linear(nn.Linear):
         if self.ops.linear is None:
             return super().forward(x)
         return self.ops.linear(x, self.weight, self.bias)
+
+    def linear_rms_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:  # [T, in] -> [T, out]
+        """This projection of the RMS-normalised x (no norm weight: it is folded into this weight)."""
+        assert self.ops.linear_rms_norm is not None, f"kernel bundle {self.ops.name!r} has no linear_rms_norm"
+        return self.ops.linear_rms_norm(x, self.weight, self.bias, eps)
+
+    def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        """residual + this projection of x, in one op (residual [T, out] is not written)."""
+        assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
+        return self.ops.linear_add(x, self.weight, self.bias, residual)

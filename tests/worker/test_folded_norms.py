@@ -1,0 +1,162 @@
+"""Folded RMSNorms (models/llama.py `fold_norms`): the model with each layer's norm weights folded
+into qkv_proj / gate_up_proj gives the logits of the unfolded model and of transformers.
+
+Every model here gets random positive norm weights (and random biases) before it is saved, so the
+folding multiplies by something other than ones: stories260K's own trained weights, and tiny random
+Qwen2 (qkv bias, added after the norm's scale) and Qwen3 (q/k norms after qkv, not folded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from worker_testlib import TINY_BUILDERS
+
+from kernels import REFERENCE_OPS, KernelOps, build_rope_cache
+from services.worker.layers.attention import AttentionMetadata
+from services.worker.loader import build_model
+from services.worker.model_config import ModelConfig, load_model_config
+from services.worker.models.llama import LlamaForCausalLM
+
+# The reference bundle without the three folded-norm ops: the unfolded forward, as before.
+UNFOLDED_OPS = dataclasses.replace(
+    REFERENCE_OPS, linear_rms_norm=None, linear_add=None, silu_and_mul_rms=None
+)
+PROMPT = [1, 37, 5, 211, 90, 14, 301, 8, 77, 160, 3, 42, 250]  # prefill all but the last, then decode it
+BLOCK_SIZE = 4  # several blocks per sequence
+
+
+def _randomize(hf: Any, seed: int) -> None:
+    """Random positive norm weights (all of them: layer norms, final norm, Qwen3's q/k norms) and
+    random biases, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.rand(param.shape, generator=gen) * 1.5 + 0.25)
+            elif name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    """name -> (saved HF directory with non-trivial norms, its transformers model in fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    models = {
+        "stories": AutoModelForCausalLM.from_pretrained(str(stories_dir), dtype=torch.float32),
+        "qwen2": TINY_BUILDERS["qwen2"](),
+        "qwen3": TINY_BUILDERS["qwen3"](),
+    }
+    dirs = {}
+    for i, (name, hf) in enumerate(models.items()):
+        _randomize(hf, seed=i)
+        path = tmp_path_factory.mktemp(f"folded-{name}")
+        hf.save_pretrained(str(path))
+        dirs[name] = (path, hf.eval())
+    return dirs
+
+
+def _logits(model: LlamaForCausalLM, cfg: ModelConfig, prompt: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Logits [len(prompt), vocab] fp32: a prefill of prompt[:-1], then a decode step of prompt[-1]
+    against the cached prefix (both paths of the attention)."""
+    num_tokens = len(prompt)
+    num_blocks = -(-num_tokens // BLOCK_SIZE)
+    kv = torch.zeros(cfg.num_layers, 2, num_blocks, BLOCK_SIZE, cfg.num_kv_heads, cfg.head_dim, dtype=dtype)
+    for i, attn in enumerate(model.attention_layers()):
+        attn.kv_cache = kv[i]
+    cos_sin = build_rope_cache(cfg.head_dim, num_tokens, cfg.rope_theta, cfg.rope_scaling, dtype, "cpu")
+    block_table = torch.arange(num_blocks, dtype=torch.int32)[None, :]
+
+    def step(start: int, end: int) -> torch.Tensor:
+        positions = torch.arange(start, end)
+        meta = AttentionMetadata(
+            positions=positions,
+            slot_mapping=positions.clone(),
+            block_tables=block_table,
+            cu_seqlens_q=torch.tensor([0, end - start], dtype=torch.int32),
+            seq_lens=torch.tensor([end], dtype=torch.int32),
+            max_seqlen_q=end - start,
+            cos_sin_cache=cos_sin,
+        )
+        return model.compute_logits(model(torch.tensor(prompt[start:end]), meta))
+
+    with torch.inference_mode():
+        return torch.cat([step(0, num_tokens - 1), step(num_tokens - 1, num_tokens)])
+
+
+def _build(
+    path: Path, ops: KernelOps, dtype: torch.dtype = torch.float32
+) -> tuple[LlamaForCausalLM, ModelConfig]:
+    cfg = load_model_config(str(path))
+    return build_model(cfg, ops, torch.device("cpu"), dtype, "auto"), cfg
+
+
+@pytest.mark.parametrize("name", ["stories", "qwen2", "qwen3"])
+def test_folded_model_matches_unfolded_and_transformers(
+    model_dirs: dict[str, tuple[Path, Any]], name: str
+) -> None:
+    path, hf = model_dirs[name]
+    folded, cfg = _build(path, REFERENCE_OPS)
+    unfolded, _ = _build(path, UNFOLDED_OPS)
+    assert folded.norms_folded and not unfolded.norms_folded
+
+    # The folding itself: W' = W * g[None, :] (fp32, exact), the layer norms ones, the rest untouched.
+    ours, theirs = dict(folded.named_parameters()), dict(hf.named_parameters())
+    for i in range(cfg.num_layers):
+        layer = f"model.layers.{i}"
+        g_in = theirs[f"{layer}.input_layernorm.weight"]
+        g_post = theirs[f"{layer}.post_attention_layernorm.weight"]
+        q_rows, inter = cfg.num_heads * cfg.head_dim, cfg.intermediate_size
+        qkv, gate_up = ours[f"{layer}.self_attn.qkv_proj.weight"], ours[f"{layer}.mlp.gate_up_proj.weight"]
+        assert torch.equal(qkv[:q_rows], theirs[f"{layer}.self_attn.q_proj.weight"] * g_in)
+        assert torch.equal(gate_up[inter:], theirs[f"{layer}.mlp.up_proj.weight"] * g_post)
+        for unchanged in ("mlp.down_proj.weight", "self_attn.o_proj.weight"):
+            assert torch.equal(ours[f"{layer}.{unchanged}"], theirs[f"{layer}.{unchanged}"])
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            assert bool((ours[f"{layer}.{norm}.weight"] == 1).all())
+        if cfg.qk_norm:  # per head, after qkv: not folded
+            assert torch.equal(
+                ours[f"{layer}.self_attn.q_norm.weight"], theirs[f"{layer}.self_attn.q_norm.weight"]
+            )
+    assert torch.equal(ours["model.norm.weight"], theirs["model.norm.weight"])  # the final norm stays
+
+    got = _logits(folded, cfg, PROMPT, torch.float32)
+    torch.testing.assert_close(got, _logits(unfolded, cfg, PROMPT, torch.float32), atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        expected = hf(torch.tensor([PROMPT])).logits[0].float()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_folds_and_fp16_does_not(model_dirs: dict[str, tuple[Path, Any]]) -> None:
+    """bf16 folds (fp32's range) and is as close to the fp32 model as unfolded bf16 is; fp16 keeps
+    the separate norms (raw residual-stream values times the weights could overflow fp16)."""
+    path, _ = model_dirs["stories"]
+    fp32, cfg = _build(path, UNFOLDED_OPS)
+    expected = _logits(fp32, cfg, PROMPT, torch.float32)
+
+    def error(model: LlamaForCausalLM, dtype: torch.dtype) -> float:
+        return (_logits(model, cfg, PROMPT, dtype) - expected).abs().max().item()
+
+    bf16, _ = _build(path, REFERENCE_OPS, torch.bfloat16)
+    assert bf16.norms_folded
+    bf16_unfolded_error = error(_build(path, UNFOLDED_OPS, torch.bfloat16)[0], torch.bfloat16)
+    assert error(bf16, torch.bfloat16) <= 1.5 * bf16_unfolded_error + 1e-3
+    fp16, _ = _build(path, REFERENCE_OPS, torch.float16)
+    assert not fp16.norms_folded
+    assert not bool((dict(fp16.named_parameters())["model.layers.0.input_layernorm.weight"] == 1).all())
+    assert error(fp16, torch.float16) < 0.01 * expected.abs().max().item()
+
+
+def test_dummy_weights_fold_and_folding_happens_once(stories_dir: Path) -> None:
+    cfg = load_model_config(str(stories_dir))
+    model = build_model(cfg, REFERENCE_OPS, torch.device("cpu"), torch.float32, "dummy")
+    assert model.norms_folded
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    assert not model.fold_norms()  # a second call changes nothing
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
