@@ -1,7 +1,10 @@
 """Triton kernels, one per file; `TRITON_OPS` bundles them behind the `KernelOps` interface.
 
 Matmuls go to cuBLAS through torch, except decode-sized ones (<= 8 rows) of the weight shapes where
-`tune_linear` measured the skinny-GEMM kernel faster on this GPU (skinny_gemm.py).
+`tune_linear` measured the skinny-GEMM kernel faster on this GPU (skinny_gemm.py). The bundle has
+the folded-RMSNorm ops, so the models run with each layer's norm weights folded into qkv/gate_up
+(except in fp16): the norm's 1/rms is computed by the skinny GEMM (`linear_rms_norm`) and the SiLU
+kernel (`silu_and_mul_rms`), the residual adds by the o/down projections (`linear_add`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from kernels.triton.paged_attention import paged_attention, supports_head_dim
 from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache
-from kernels.triton.silu_and_mul import silu_and_mul
-from kernels.triton.skinny_gemm import linear, tune_linear
+from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
+from kernels.triton.skinny_gemm import linear, linear_add, linear_rms_norm, tune_linear
 
 TRITON_OPS = KernelOps(
     name="triton",
@@ -29,6 +32,10 @@ TRITON_OPS = KernelOps(
     linear=linear,
     tune_linear=tune_linear,
     argmax=argmax,
+    # The folded-RMSNorm decode path (kernels/__init__.py): the models fold their layer norms.
+    linear_rms_norm=linear_rms_norm,
+    linear_add=linear_add,
+    silu_and_mul_rms=silu_and_mul_rms,
 )
 
 __all__ = ["TRITON_OPS"]

@@ -175,3 +175,68 @@ def test_triton_silu_and_mul_rms_empty_and_strided(triton_silu, device: str, dty
         atol=tol * 4,
         rtol=tol,
     )
+
+
+# --- the skinny GEMM's RMS-norm and residual epilogues (kernels/triton/skinny_gemm.py) ----------
+
+
+@pytest.fixture(scope="module")
+def skinny():  # type: ignore[no-untyped-def]
+    pytest.importorskip("triton")
+    return importlib.import_module("kernels.triton.skinny_gemm")
+
+
+GEMM_ROWS = [1, 3, 8, 20]  # above 8 rows (MAX_ROWS) only the cuBLAS fallback applies
+GEMM_K, GEMM_N = 96, 80  # K over two 64-wide tiles and N over three 32-wide blocks, both masked
+
+
+def _gemm_inputs(
+    num_tokens: int, with_bias: bool, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    gen = torch.Generator().manual_seed(num_tokens * 2 + with_bias)
+
+    def make(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = make(num_tokens, GEMM_K, scale=3.0)  # residual-stream-like: not normalised
+    w = make(GEMM_N, GEMM_K, scale=0.1)
+    b = make(GEMM_N, scale=0.5) if with_bias else None
+    residual = make(num_tokens, GEMM_N, scale=2.0)
+    return x, w, b, residual
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("num_tokens", GEMM_ROWS)
+def test_skinny_linear_rms_norm(  # type: ignore[no-untyped-def]
+    skinny, device: str, dtype: torch.dtype, with_bias: bool, num_tokens: int
+) -> None:
+    _skip_without(device)
+    x, w, b, _ = _gemm_inputs(num_tokens, with_bias, device, dtype)
+    expected = reference.linear_rms_norm(x, w, b, EPS)
+    tol = _tol(dtype)
+    # The bundle's op (on the CPU, and untuned on CUDA: the norm kernel, then F.linear).
+    torch.testing.assert_close(skinny.linear_rms_norm(x, w, b, EPS), expected, atol=tol * 4, rtol=tol * 2)
+    if num_tokens <= skinny.MAX_ROWS:  # the kernel itself, with its sum of x^2 in the K loop
+        config = skinny.SkinnyConfig(32, 64, 4, 2)
+        for preload in (0, 2):
+            out = skinny.skinny_gemm(x, w, b, config, rms_eps=EPS, preload=preload)
+            torch.testing.assert_close(out, expected, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("num_tokens", GEMM_ROWS)
+def test_skinny_linear_add(  # type: ignore[no-untyped-def]
+    skinny, device: str, dtype: torch.dtype, with_bias: bool, num_tokens: int
+) -> None:
+    _skip_without(device)
+    x, w, b, residual = _gemm_inputs(num_tokens, with_bias, device, dtype)
+    before = residual.clone()
+    expected = reference.linear_add(x, w, b, residual)
+    tol = _tol(dtype)
+    torch.testing.assert_close(skinny.linear_add(x, w, b, residual), expected, atol=tol * 4, rtol=tol * 2)
+    if num_tokens <= skinny.MAX_ROWS:
+        out = skinny.skinny_gemm(x, w, b, skinny.SkinnyConfig(32, 64, 4, 2), residual=residual)
+        torch.testing.assert_close(out, expected, atol=tol * 4, rtol=tol)
+    assert torch.equal(residual, before), "linear_add must not write its residual"
