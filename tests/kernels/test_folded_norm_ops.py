@@ -7,7 +7,10 @@ fp16; the `gpu` cases run them on CUDA in bf16.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -240,3 +243,92 @@ def test_skinny_linear_add(  # type: ignore[no-untyped-def]
         out = skinny.skinny_gemm(x, w, b, skinny.SkinnyConfig(32, 64, 4, 2), residual=residual)
         torch.testing.assert_close(out, expected, atol=tol * 4, rtol=tol)
     assert torch.equal(residual, before), "linear_add must not write its residual"
+
+
+# --- a whole folded model on the Triton bundle ----------------------------------------------------
+
+
+def _tiny_hf(family: str, seed: int) -> Any:
+    """A tiny random HF model with head_dim 32 (the Triton attention's range), random positive norm
+    weights and random biases, so the folding multiplies by something other than ones."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common: dict[str, Any] = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_hidden_layers=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+    )
+    hf = (
+        tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+        if family == "qwen2"
+        else tf.Qwen3ForCausalLM(tf.Qwen3Config(**common))
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.rand(param.shape, generator=gen) * 1.5 + 0.25)
+            elif name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    return hf.eval()
+
+
+def _model_logits(model: Any, prompt: list[int], block_size: int = 4) -> torch.Tensor:
+    """Logits [len(prompt), vocab] fp32 of a prefill of prompt[:-1] and a decode step of prompt[-1]."""
+    from kernels import build_rope_cache
+    from services.worker.layers.attention import AttentionMetadata
+
+    cfg = model.config
+    num_tokens, num_blocks = len(prompt), -(-len(prompt) // block_size)
+    kv = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    for i, attn in enumerate(model.attention_layers()):
+        attn.kv_cache = kv[i]
+    cos_sin = build_rope_cache(
+        cfg.head_dim, num_tokens, cfg.rope_theta, cfg.rope_scaling, torch.float32, "cpu"
+    )
+    out = []
+    for start, end in ((0, num_tokens - 1), (num_tokens - 1, num_tokens)):
+        positions = torch.arange(start, end)
+        meta = AttentionMetadata(
+            positions=positions,
+            slot_mapping=positions.clone(),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32)[None, :],
+            cu_seqlens_q=torch.tensor([0, end - start], dtype=torch.int32),
+            seq_lens=torch.tensor([end], dtype=torch.int32),
+            max_seqlen_q=end - start,
+            cos_sin_cache=cos_sin,
+        )
+        with torch.inference_mode():
+            out.append(model.compute_logits(model(torch.tensor(prompt[start:end]), meta)))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_triton_bundle_folds_a_model(triton_silu, family: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The Triton bundle folds the norms (on the CPU its linear ops take their fallbacks; the SiLU
+    kernel runs on the interpreter) and gives the unfolded reference model's logits."""
+    from kernels.triton import TRITON_OPS
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    hf = _tiny_hf(family, seed=7)
+    hf.save_pretrained(str(tmp_path))
+    cfg = load_model_config(str(tmp_path))
+    unfolded_ops = dataclasses.replace(
+        REFERENCE_OPS, linear_rms_norm=None, linear_add=None, silu_and_mul_rms=None
+    )
+    folded = build_model(cfg, TRITON_OPS, torch.device("cpu"), torch.float32, "auto")
+    unfolded = build_model(cfg, unfolded_ops, torch.device("cpu"), torch.float32, "auto")
+    assert TRITON_OPS.folds_norms and folded.norms_folded and not unfolded.norms_folded
+    prompt = [1, 17, 99, 5, 64, 3, 120, 42, 8, 77]
+    got = _model_logits(folded, prompt)
+    torch.testing.assert_close(got, _model_logits(unfolded, prompt), atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(got, hf(torch.tensor([prompt])).logits[0], atol=1e-4, rtol=1e-4)
