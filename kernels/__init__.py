@@ -44,6 +44,10 @@ class KernelOps:
     # (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], kv_cache_layer, slot_mapping [T], positions [T],
     #  cos_sin_cache) -> rotated q [T, Hq, D]; rotated K and V written to their slots
     rotary_write_kv_cache: Callable[..., torch.Tensor] | None = None
+    # (q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache, block_tables, cu_seqlens_q,
+    #  seq_lens, scale, max_seqlen_q) -> [T, Hq, D]: `rotary_write_kv_cache` then `paged_attention`
+    #  (a decode step does all of it in one kernel)
+    rotary_write_attention: Callable[..., torch.Tensor] | None = None
     # (x [T, K], weight [N, K], bias [N] | None) -> [T, N]: F.linear, or a skinny-GEMM kernel for
     # small T where `tune_linear` measured it faster on this GPU
     linear: Callable[..., torch.Tensor] | None = None

@@ -236,10 +236,18 @@ def linear_rms_norm(
     config = _RMS_CHOICE.get(key) if key is not None else None
     if config is not None:
         return skinny_gemm(x, weight, bias, config, rms_eps=eps)
-    ones_key = (x.shape[1], x.dtype, x.device)
-    if ones_key not in _ONES:
-        _ONES[ones_key] = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
-    return linear(rms_norm(x, _ONES[ones_key], eps), weight, bias)
+    return linear(rms_norm(x, _ones(x.shape[1], x.dtype, x.device), eps), weight, bias)
+
+
+def _ones(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached weight of ones for the unweighted norm. Made by `tune_linear` (before any CUDA-graph
+    capture: a tensor first filled inside a capture holds nothing until the graph replays)."""
+    key = (size, dtype, device)
+    if key not in _ONES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("linear_rms_norm's fallback needs its ones vector before CUDA-graph capture")
+        _ONES[key] = torch.ones(size, dtype=dtype, device=device)
+    return _ONES[key]
 
 
 def linear_add(
@@ -317,6 +325,7 @@ def tune_linear(
         return []
     n, k = w0.shape
     device = w0.device
+    _ones(k, w0.dtype, device)  # linear_rms_norm's fallback may need it inside a graph capture
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
     # Writing L2's size evicts the weights. (Evicting by reading twice L2's size instead, which
     # avoids charging dirty-line write-back to the call under test, was tried on an H200: the same

@@ -55,6 +55,21 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:  # [T, Hq, D]
         """Rotary and the KV write in one kernel (`ops.rotary_write_kv_cache`), then attention."""
         assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
+        if self.ops.rotary_write_attention is not None:  # a decode step: all in the attention kernel
+            return self.ops.rotary_write_attention(
+                q,
+                k,
+                v,
+                self.kv_cache,
+                meta.slot_mapping,
+                meta.positions,
+                meta.cos_sin_cache,
+                meta.block_tables,
+                meta.cu_seqlens_q,
+                meta.seq_lens,
+                self.scale,
+                meta.max_seqlen_q,
+            )
         assert self.ops.rotary_write_kv_cache is not None
         q = self.ops.rotary_write_kv_cache(
             q, k, v, self.kv_cache, meta.slot_mapping, meta.positions, meta.cos_sin_cache

@@ -12,6 +12,7 @@ computed by the ops that read the raw residual stream; the two RMSNorm kernels o
 
 from __future__ import annotations
 
+import os
 from typing import cast
 
 import torch
@@ -187,7 +188,11 @@ class LlamaForCausalLM(nn.Module):
         weights are not fp16 (the folded projections see the raw residual stream, whose values
         grow to hundreds or thousands in deep models; their products with the weights can leave
         fp16's range where the normalised activations never do. bf16 and fp32 have fp32's range)."""
-        return self.ops.folds_norms and self.model.embed_tokens.weight.dtype != torch.float16
+        return (
+            self.ops.folds_norms
+            and self.model.embed_tokens.weight.dtype != torch.float16
+            and os.environ.get("TANDEM_FOLD_NORMS", "1") != "0"  # A/B switch (benchmarks/pdl_decode_run.sh)
+        )
 
     def fold_norms(self) -> bool:
         """Fold each layer's two RMSNorm weights into the projection after it (exact algebra:
