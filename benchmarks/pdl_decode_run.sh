@@ -18,7 +18,7 @@ for variant in ${VARIANTS:-off:TANDEM_PDL=0 on}; do
   envs=""
   [ "$name" != "$variant" ] && envs=$(echo "${variant#*:}" | tr ',' ' ')
   log=$(mktemp)
-  env $envs timeout "${VARIANT_TIMEOUT:-200}" "$PY" benchmarks/engine_bench.py --models "${MODELS:-Llama-3.1-8B}" \
+  env $envs OUT= timeout "${VARIANT_TIMEOUT:-200}" "$PY" benchmarks/engine_bench.py --models "${MODELS:-Llama-3.1-8B}" \
     --decode-only --skip-hf ${BENCH_ARGS:-} --out "/tmp/decode_$name.json" > "$log" 2>&1
   status=$?
   { echo "===== variant $name ($envs) models ${MODELS:-Llama-3.1-8B}: exit $status"; cat "$log"; } >> "$OUT/decode_ab.log"

@@ -37,6 +37,9 @@ PRELOAD_TILES = int(os.environ.get("TANDEM_SKINNY_PRELOAD", "0"))
 # The RMS-norm variant saves the separate norm kernel (~2-3 us in a decode graph), so it takes the
 # kernel's best config unless cuBLAS was faster by more than this.
 RMS_NORM_SAVED_S = 2e-6
+# Likewise for the residual-add variant: cuBLAS with beta = 1 (addmm) measured ~2 us slower than
+# without on an H200 (Llama-8B shapes, benchmarks/skinny_bench.py), the kernel's epilogue ~0.4 us.
+RESIDUAL_SAVED_S = 1.5e-6
 
 
 @dataclass(frozen=True)
@@ -102,18 +105,20 @@ def _skinny_gemm_kernel(
         )
     pdl.enter(PDL)  # see pdl.py
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)  # RMS_NORM: sum of x[m]^2 over K
+    # RMS_NORM: x^2 summed elementwise across the K tiles, reduced once after the loop (a reduction
+    # per tile costs shuffles and a block barrier per iteration: 2.5x slower on an H200)
+    sum_sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     if PRELOAD >= 1:
         x = tl.load(x_base + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w0), acc)
         if RMS_NORM:
-            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+            sum_sq += x.to(tl.float32) * x.to(tl.float32)
     if PRELOAD >= 2:
         k = BLOCK_K + kk
         x = tl.load(x_base + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w1), acc)
         if RMS_NORM:
-            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+            sum_sq += x.to(tl.float32) * x.to(tl.float32)
     for k0 in range(PRELOAD * BLOCK_K, K, BLOCK_K):
         k = k0 + kk
         k_mask = k < K
@@ -123,10 +128,10 @@ def _skinny_gemm_kernel(
         if RMS_NORM:
             # x's tile is loaded for the dot anyway; the extra use keeps the cp.async pipeline
             # (checked in the sm_90 build: same stages and shared memory as without it).
-            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+            sum_sq += x.to(tl.float32) * x.to(tl.float32)
     pdl.leave(PDL)  # the weights are read: the next kernel may launch and wait on this one
     if RMS_NORM:
-        acc = acc * tl.rsqrt(sum_sq / K + eps)[:, None]
+        acc = acc * tl.rsqrt(tl.sum(sum_sq, axis=1) / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -198,6 +203,8 @@ def skinny_gemm(
 _CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig | None] = {}
 # same key -> the config `linear_rms_norm` uses (absent: the norm kernel, then `linear`)
 _RMS_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
+# same key -> the config `linear_add` uses (absent: cuBLAS addmm)
+_ADD_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
 _ONES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -259,7 +266,7 @@ def linear_add(
     """residual + F.linear(x, weight, bias), summed in fp32 and rounded once: the projection and the
     residual add in one launch (the skinny kernel's epilogue, or cuBLAS's with beta = 1)."""
     key = _key(x, weight, bias)
-    config = _CHOICE.get(key) if key is not None else None
+    config = _ADD_CHOICE.get(key) if key is not None else None
     if config is not None and residual.stride(1) == 1:
         return skinny_gemm(x, weight, bias, config, residual=residual)
     if bias is None:
@@ -383,6 +390,11 @@ def tune_linear(
             rms_note = f"; with RMS norm {fastest}"
         else:
             _RMS_CHOICE.pop(key, None)
+        if fastest is not None and fastest_t <= t_cublas + RESIDUAL_SAVED_S:
+            _ADD_CHOICE[key] = fastest
+            rms_note += f"; with residual {fastest}"
+        else:
+            _ADD_CHOICE.pop(key, None)
         nbytes = (n * k + rows * (k + n)) * w0.element_size()
         chosen_t = t_cublas if best is None else best_t
         lines.append(
