@@ -1,5 +1,5 @@
-"""Skinny-GEMM epilogue variants on the GPU: plain, RMS-norm (sum of x^2 in the K loop) and residual
-add, timed the tuner's way (CUDA graph of cold-L2 calls) for Llama-3.1-8B's decode shapes, with the
+"""Skinny-GEMM epilogue variants on the GPU: plain and residual add (and cuBLAS with and without
+beta = 1), timed the tuner's way (CUDA graph of cold-L2 calls) for Llama-3.1-8B's decode shapes, with the
 compiled kernel's registers / shared memory / cp.async count, so a slow variant shows why.
 
     python benchmarks/skinny_bench.py [--rows 1] [--out benchmarks/results/skinny_<gpu>.json]
@@ -46,7 +46,6 @@ def _bench_shape(name, n, k, rows, gen, flush, flush_s, iters):  # type: ignore[
     }
     for c in sg.CANDIDATES[:3]:
         variants[f"{c} plain"] = lambda w, c=c: sg.skinny_gemm(x, w, None, c)
-        variants[f"{c} rms"] = lambda w, c=c: sg.skinny_gemm(x, w, None, c, rms_eps=1e-5)
         variants[f"{c} residual"] = lambda w, c=c: sg.skinny_gemm(x, w, None, c, residual=residual)
     out = []
     for variant, fn in variants.items():

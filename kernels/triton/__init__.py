@@ -12,7 +12,12 @@ from __future__ import annotations
 from kernels import KernelOps
 from kernels.triton.argmax import argmax
 from kernels.triton.kv_cache_write import write_kv_cache
-from kernels.triton.paged_attention import paged_attention, rotary_write_paged_attention, supports_head_dim
+from kernels.triton.paged_attention import (
+    decode_scales_rms,
+    paged_attention,
+    rotary_write_paged_attention,
+    supports_head_dim,
+)
 from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache
@@ -30,6 +35,7 @@ TRITON_OPS = KernelOps(
     graph_capturable=supports_head_dim,
     rotary_write_kv_cache=rotary_write_kv_cache,
     rotary_write_attention=rotary_write_paged_attention,
+    attention_scales_rms=decode_scales_rms,
     linear=linear,
     tune_linear=tune_linear,
     argmax=argmax,

@@ -42,6 +42,10 @@ class RotaryKV:
     slot_mapping: torch.Tensor  # [T] int32/int64; -1 = write nothing
     positions: torch.Tensor  # [T] int32/int64
     cos_sin_cache: torch.Tensor  # [max_pos, D]: cos in [:, :D/2], sin in [:, D/2:]
+    # q/k/v were projected from this raw residual stream h by a weight with the RMSNorm's weight
+    # folded in: each token's q/k/v are first scaled by rsqrt(mean(h^2) + rms_eps) (the norm)
+    rms_input: torch.Tensor | None = None  # [T, hidden], rows contiguous
+    rms_eps: float = 0.0
 
 
 @triton.jit
@@ -61,6 +65,8 @@ def _decode_kernel(
     slot_mapping_ptr,  # ROTARY: [T] cache slot of each new token (-1: none)
     positions_ptr,  # ROTARY: [T] rotary position of each new token
     cos_sin_ptr,  # ROTARY: [max_pos, D] cos in [:, :D/2], sin in [:, D/2:]
+    rms_input_ptr,  # RMS_SCALE: [T, HIDDEN] the residual stream the raw q/k/v were projected from
+    rms_eps,
     scale_log2,  # softmax scale * log2(e)
     stride_qt,
     stride_qh,
@@ -75,6 +81,7 @@ def _decode_kernel(
     stride_vnt,
     stride_vnh,
     stride_rope,
+    stride_rms,
     GROUP: tl.constexpr,
     G_PAD: tl.constexpr,  # query rows of the tensor-core dot (>= 16)
     G_MERGE: tl.constexpr,  # next_power_of_2(GROUP): rows of the merge
@@ -90,6 +97,9 @@ def _decode_kernel(
     NUM_KV_HEADS: tl.constexpr,
     EARLY_SIGNAL: tl.constexpr,  # signal dependents right after the wait (pdl.signals_early)
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and rotate + write the new K/V (see module doc)
+    RMS_SCALE: tl.constexpr,  # ROTARY only: q/k/v are W' @ h; scale them by h's 1/rms first
+    HIDDEN: tl.constexpr,
+    HIDDEN_PAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -135,6 +145,15 @@ def _decode_kernel(
         rope_row = cos_sin_ptr + rope_pos * stride_rope + tl.where(d < HALF, d, d - HALF)
         cos = tl.load(rope_row, mask=d_mask, other=0.0).to(tl.float32)  # [D_PAD]
         sin = tl.load(rope_row + HALF, mask=d_mask, other=0.0).to(tl.float32)
+        inv_rms = 1.0
+        if RMS_SCALE:
+            # h was written two kernels back (before the qkv projection), so it is complete once
+            # this program runs (pdl.py): its 1/rms is computed before the wait.
+            hh = tl.arange(0, HIDDEN_PAD)
+            h_row = tl.load(
+                rms_input_ptr + token * stride_rms + hh, mask=(hh < HIDDEN) & (q_len > 0), other=0.0
+            ).to(tl.float32)
+            inv_rms = tl.rsqrt(tl.sum(h_row * h_row, axis=0) / HIDDEN + rms_eps)
 
     pdl.enter(PDL)  # see pdl.py
     if EARLY_SIGNAL:
@@ -147,19 +166,21 @@ def _decode_kernel(
         if ROTARY:
             # Same arithmetic and roundings as rotary_kv_write: fp32 rotation, rounded to q's / k's
             # dtype (then the cache's). The split that holds the new position writes its K/V.
-            q_pair = tl.load(q_rows + d_pair[None, :], mask=q_mask, other=0.0).to(tl.float32)
-            q = (q.to(tl.float32) * cos[None, :] + sign[None, :] * q_pair * sin[None, :]).to(q.dtype)
+            q_pair = tl.load(q_rows + d_pair[None, :], mask=q_mask, other=0.0).to(tl.float32) * inv_rms
+            q_f = q.to(tl.float32) * inv_rms
+            q = (q_f * cos[None, :] + sign[None, :] * q_pair * sin[None, :]).to(q.dtype)
             holds_new = (q_len > 0) & (cached_end >= kv_start) & (cached_end < kv_end)
             new_mask = d_mask & holds_new
             k_src = k_new_ptr + token * stride_knt + kv_head * stride_knh
             k_a = tl.load(k_src + d, mask=new_mask, other=0.0)
-            k_b = tl.load(k_src + d_pair, mask=new_mask, other=0.0).to(tl.float32)
-            k_new = (
-                (k_a.to(tl.float32) * cos + sign * k_b * sin).to(k_a.dtype).to(k_cache_ptr.dtype.element_ty)
-            )
+            k_b = tl.load(k_src + d_pair, mask=new_mask, other=0.0).to(tl.float32) * inv_rms
+            k_new = (k_a.to(tl.float32) * inv_rms * cos + sign * k_b * sin).to(k_a.dtype)
+            k_new = k_new.to(k_cache_ptr.dtype.element_ty)
             v_new = tl.load(
                 v_new_ptr + token * stride_vnt + kv_head * stride_vnh + d, mask=new_mask, other=0.0
             )
+            if RMS_SCALE:
+                v_new = (v_new.to(tl.float32) * inv_rms).to(v_new.dtype)
             v_new = v_new.to(v_cache_ptr.dtype.element_ty)
             slot_row = (
                 (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
@@ -342,6 +363,11 @@ def decode_attention(
         assert k_new.stride(2) == 1 and v_new.stride(2) == 1 and k_new.dtype == q.dtype and head_dim % 2 == 0
         assert rotary.cos_sin_cache.shape[1] == head_dim and rotary.cos_sin_cache.stride(1) == 1
         assert rotary.positions.shape == (num_tokens,) and rotary.slot_mapping.shape == (num_tokens,)
+    rms_input = rotary.rms_input if rotary is not None else None
+    hidden = 1
+    if rms_input is not None:
+        assert rms_input.dim() == 2 and rms_input.shape[0] == num_tokens and rms_input.stride(1) == 1
+        hidden = rms_input.shape[1]
     # Rows of no sequence (CUDA-graph padding) are left unwritten: a zero fill costs a launch per layer.
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or batch == 0:
@@ -367,6 +393,8 @@ def decode_attention(
         rotary.slot_mapping if rotary is not None else cu_seqlens_q,
         rotary.positions if rotary is not None else cu_seqlens_q,
         rotary.cos_sin_cache if rotary is not None else q,
+        rms_input if rms_input is not None else q,
+        rotary.rms_eps if rotary is not None else 0.0,
         scale * LOG2E,
         q.stride(0),
         q.stride(1),
@@ -381,6 +409,7 @@ def decode_attention(
         rotary.v.stride(0) if rotary is not None else 0,
         rotary.v.stride(1) if rotary is not None else 0,
         rotary.cos_sin_cache.stride(0) if rotary is not None else 0,
+        rms_input.stride(0) if rms_input is not None else 0,
         GROUP=group,
         G_PAD=max(16, triton.next_power_of_2(group)),
         G_MERGE=triton.next_power_of_2(group),
@@ -396,6 +425,9 @@ def decode_attention(
         NUM_KV_HEADS=num_kv_heads,
         EARLY_SIGNAL=pdl.signals_early("decode_attention"),
         ROTARY=rotary is not None,
+        RMS_SCALE=rms_input is not None,
+        HIDDEN=hidden,
+        HIDDEN_PAD=triton.next_power_of_2(hidden),
         num_warps=4,
         num_stages=3,
         **pdl.launch_options(q.device),

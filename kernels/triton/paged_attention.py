@@ -20,6 +20,8 @@ from kernels.triton.rotary_kv_write import rotary_write_kv_cache
 
 # TANDEM_FUSED_ROPE_ATTENTION=0: decode steps run rotary + KV write as their own kernel again (A/B).
 FUSED_ROPE_DECODE = os.environ.get("TANDEM_FUSED_ROPE_ATTENTION", "1") != "0"
+# TANDEM_RMS_IN_ATTENTION=0: folded models keep the input norm's kernel in decode steps (A/B).
+RMS_IN_ATTENTION = os.environ.get("TANDEM_RMS_IN_ATTENTION", "1") != "0"
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
@@ -47,6 +49,18 @@ def paged_attention(
     return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
 
 
+def decode_scales_rms(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether `rotary_write_paged_attention` with `rms_input` runs as the one decode kernel (the
+    model then skips the norm before its qkv projection)."""
+    return (
+        FUSED_ROPE_DECODE
+        and RMS_IN_ATTENTION
+        and max_seqlen_q == 1
+        and supports_head_dim(head_dim)
+        and dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
 def rotary_write_paged_attention(
     q: torch.Tensor,  # [T, Hq, D] before rotary
     k: torch.Tensor,  # [T, Hkv, D] before rotary
@@ -60,17 +74,27 @@ def rotary_write_paged_attention(
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
     max_seqlen_q: int,
+    rms_input: torch.Tensor | None = None,  # [T, hidden]
+    rms_eps: float = 0.0,
 ) -> torch.Tensor:  # [T, Hq, D]
     """rotary_write_kv_cache, then paged_attention over the rotated q. A decode step does both in
-    the decode kernel (one launch a layer instead of two: ~2.5 us of a Llama-8B layer's ~140 on an
-    H200, docs/gpu.md); other steps launch the two kernels."""
+    the decode kernel (one launch a layer instead of two: ~1 us of a Llama-8B layer on an H200,
+    docs/gpu.md); other steps launch the two kernels.
+
+    rms_input: q/k/v are projections of this raw residual stream by weights with the RMSNorm's
+    weight folded in; each token's q/k/v are scaled by rsqrt(mean(h^2) + rms_eps) first (the
+    decode kernel does it before its PDL wait, which removes the norm's own launch)."""
     if (
         FUSED_ROPE_DECODE
         and max_seqlen_q == 1
         and supports_head_dim(q.shape[-1])
         and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     ):
-        rotary = RotaryKV(k, v, slot_mapping, positions, cos_sin_cache)
+        rotary = RotaryKV(k, v, slot_mapping, positions, cos_sin_cache, rms_input, rms_eps)
         return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, rotary=rotary)
+    if rms_input is not None:  # not a decode step: scale here (eager torch ops; the model avoids it)
+        hf = rms_input.float()
+        inv_rms = torch.rsqrt(hf.pow(2).mean(dim=-1) + rms_eps)[:, None, None]  # [T, 1, 1]
+        q, k, v = ((t.float() * inv_rms).to(t.dtype) for t in (q, k, v))
     q_rot = rotary_write_kv_cache(q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache)
     return paged_attention(q_rot, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)

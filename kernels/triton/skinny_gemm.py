@@ -14,7 +14,6 @@ assumed: `tune_linear` times both for each weight shape of the model and each ro
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 from dataclasses import dataclass
 
@@ -31,13 +30,8 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 8  # row counts above this always take cuBLAS (GEMMs there are not bandwidth-bound GEMVs)
 # A kernel must beat cuBLAS by this factor to be chosen: smaller gaps are within timing noise.
 MIN_GAIN = 1.03
-# Weight tiles each program requests before its PDL wait (0-2): they overlap the previous
-# kernel's tail. TANDEM_SKINNY_PRELOAD overrides it (benchmarks/pdl_decode_run.sh A/Bs it).
-PRELOAD_TILES = int(os.environ.get("TANDEM_SKINNY_PRELOAD", "0"))
-# The RMS-norm variant saves the separate norm kernel (~2-3 us in a decode graph), so it takes the
-# kernel's best config unless cuBLAS was faster by more than this.
-RMS_NORM_SAVED_S = 2e-6
-# Likewise for the residual-add variant: cuBLAS with beta = 1 (addmm) measured ~2 us slower than
+# The residual-add variant (`linear_add`) takes the kernel's best config unless cuBLAS was faster by
+# more than this: cuBLAS with beta = 1 (addmm, its fallback) measured ~2 us slower than
 # without on an H200 (Llama-8B shapes, benchmarks/skinny_bench.py), the kernel's epilogue ~0.4 us.
 RESIDUAL_SAVED_S = 1.5e-6
 
@@ -77,14 +71,11 @@ def _skinny_gemm_kernel(
     stride_wn,
     stride_rm,
     stride_om,
-    eps,  # RMS_NORM only
     HAS_BIAS: tl.constexpr,
-    RMS_NORM: tl.constexpr,  # scale row m of the product by rsqrt(mean(x[m]^2) + eps)
     HAS_RESIDUAL: tl.constexpr,  # add residual[m] to the result
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PRELOAD: tl.constexpr,  # weight tiles (0-2) requested before the PDL wait
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -95,43 +86,15 @@ def _skinny_gemm_kernel(
     kk = tl.arange(0, BLOCK_K)
     x_base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     w_base = w_ptr + cols[:, None].to(tl.int64) * stride_wn
-    # The weights are never written by the previous kernel, so with PDL the first tiles can be in
-    # flight while it finishes (pdl.py: it signals this launch at its end).
-    if PRELOAD >= 1:
-        w0 = tl.load(w_base + kk[None, :], mask=col_mask[:, None] & (kk < K)[None, :], other=0.0)
-    if PRELOAD >= 2:
-        w1 = tl.load(
-            w_base + (BLOCK_K + kk)[None, :], mask=col_mask[:, None] & (BLOCK_K + kk < K)[None, :], other=0.0
-        )
     pdl.enter(PDL)  # see pdl.py
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    # RMS_NORM: x^2 summed elementwise across the K tiles, reduced once after the loop (a reduction
-    # per tile costs shuffles and a block barrier per iteration: 2.5x slower on an H200)
-    sum_sq = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    if PRELOAD >= 1:
-        x = tl.load(x_base + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w0), acc)
-        if RMS_NORM:
-            sum_sq += x.to(tl.float32) * x.to(tl.float32)
-    if PRELOAD >= 2:
-        k = BLOCK_K + kk
-        x = tl.load(x_base + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w1), acc)
-        if RMS_NORM:
-            sum_sq += x.to(tl.float32) * x.to(tl.float32)
-    for k0 in range(PRELOAD * BLOCK_K, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         k_mask = k < K
         x = tl.load(x_base + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_base + k[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-        if RMS_NORM:
-            # x's tile is loaded for the dot anyway; the extra use keeps the cp.async pipeline
-            # (checked in the sm_90 build: same stages and shared memory as without it).
-            sum_sq += x.to(tl.float32) * x.to(tl.float32)
     pdl.leave(PDL)  # the weights are read: the next kernel may launch and wait on this one
-    if RMS_NORM:
-        acc = acc * tl.rsqrt(tl.sum(sum_sq, axis=1) / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -152,14 +115,10 @@ def skinny_gemm(
     weight: torch.Tensor,  # [N, K] contiguous
     bias: torch.Tensor | None,  # [N]
     config: SkinnyConfig,
-    rms_eps: float | None = None,
     residual: torch.Tensor | None = None,  # [M, N], rows contiguous
-    preload: int | None = None,  # weight tiles requested before the PDL wait; None: PRELOAD_TILES
 ) -> torch.Tensor:  # [M, N]
     """x @ weight.T (+ bias) with fp32 accumulation, rounded once to x's dtype.
 
-    rms_eps: each row's product is first scaled by rsqrt(mean(x_row^2) + rms_eps), i.e. the GEMM of
-    the RMS-normalised x (a norm without weight: the model folds it into `weight`).
     residual: added to the result (after the bias), in fp32 before the one rounding."""
     num_rows, k = x.shape
     n = weight.shape[0]
@@ -184,14 +143,11 @@ def skinny_gemm(
         weight.stride(0),
         residual.stride(0) if residual is not None else 0,
         out.stride(0),
-        rms_eps if rms_eps is not None else 0.0,
         HAS_BIAS=bias is not None,
-        RMS_NORM=rms_eps is not None,
         HAS_RESIDUAL=residual is not None,
         BLOCK_M=16,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
-        PRELOAD=PRELOAD_TILES if preload is None else preload,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl.launch_options(x.device),
@@ -201,8 +157,6 @@ def skinny_gemm(
 
 # (N, K, dtype, has_bias, row bucket) -> the config to use; absent or None -> cuBLAS
 _CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig | None] = {}
-# same key -> the config `linear_rms_norm` uses (absent: the norm kernel, then `linear`)
-_RMS_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
 # same key -> the config `linear_add` uses (absent: cuBLAS addmm)
 _ADD_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
 _ONES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
@@ -236,13 +190,11 @@ def linear_rms_norm(
     bias: torch.Tensor | None,  # [N]
     eps: float,
 ) -> torch.Tensor:  # [T, N]
-    """F.linear(x * rsqrt(mean(x^2) + eps), weight, bias): RMSNorm (no weight) and the projection.
-    Decode-sized inputs take one skinny-GEMM launch that also sums x^2 (the norm's kernel is gone);
-    otherwise the norm kernel runs first."""
-    key = _key(x, weight, bias)
-    config = _RMS_CHOICE.get(key) if key is not None else None
-    if config is not None:
-        return skinny_gemm(x, weight, bias, config, rms_eps=eps)
+    """F.linear(x * rsqrt(mean(x^2) + eps), weight, bias): RMSNorm (no weight) and the projection,
+    as the norm kernel then `linear`. (The sum of x^2 inside the skinny GEMM's K loop was measured
+    2.4x slower on an H200: 48 vs 20 us for Llama-8B's qkv, docs/gpu.md round 5. In decode steps
+    of models without qkv bias / q-k norms the decode attention kernel applies the scale instead:
+    paged_attention.decode_scales_rms.)"""
     return linear(rms_norm(x, _ones(x.shape[1], x.dtype, x.device), eps), weight, bias)
 
 
@@ -384,15 +336,10 @@ def tune_linear(
             if t < fastest_t:
                 fastest, fastest_t = config, t
         _CHOICE[key] = best
-        rms_note = ""
-        if fastest is not None and fastest_t <= t_cublas + RMS_NORM_SAVED_S:
-            _RMS_CHOICE[key] = fastest
-            rms_note = f"; with RMS norm {fastest}"
-        else:
-            _RMS_CHOICE.pop(key, None)
+        add_note = ""
         if fastest is not None and fastest_t <= t_cublas + RESIDUAL_SAVED_S:
             _ADD_CHOICE[key] = fastest
-            rms_note += f"; with residual {fastest}"
+            add_note = f"; with residual {fastest}"
         else:
             _ADD_CHOICE.pop(key, None)
         nbytes = (n * k + rows * (k + n)) * w0.element_size()
@@ -401,7 +348,7 @@ def tune_linear(
             f"linear {name} {n}x{k} rows={rows}: "
             + ", ".join(results)
             + f" -> {'cuBLAS' if best is None else best} ({nbytes / chosen_t / 1e9:.0f} GB/s,"
-            f" cuBLAS {nbytes / t_cublas / 1e9:.0f} GB/s){rms_note}"
+            f" cuBLAS {nbytes / t_cublas / 1e9:.0f} GB/s){add_note}"
         )
         rows *= 2
     return lines

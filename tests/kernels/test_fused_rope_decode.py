@@ -64,20 +64,39 @@ def test_fused_rotary_decode_attention(device: str, dtype: torch.dtype) -> None:
         cos_sin = reference.build_rope_cache(head_dim, 8192, 10000.0, None, dtype, device)
         scale = 1.0 / math.sqrt(head_dim)
 
-        expected_cache = batch.kv_cache.clone()
-        q_rot = reference.rotary_write_kv_cache(q, k, v, expected_cache, slots, positions, cos_sin)
-        ref = reference.paged_attention(q_rot, expected_cache, tables, cu, seq_lens, scale, 1)
         rows = tokens  # the padding row is left unwritten
-
-        for max_splits in (None, 3):
-            cache = batch.kv_cache.clone()
-            if max_splits is None:
-                out = rotary_write_paged_attention(
-                    q, k, v, cache, slots, positions, cos_sin, tables, cu, seq_lens, scale, 1
-                )
-            else:  # the new token in a later split than the first
-                rotary = da.RotaryKV(k, v, slots, positions, cos_sin)
-                out = da.decode_attention(q, cache, tables, cu, seq_lens, scale, max_splits=3, rotary=rotary)
-            err = _rel_err(out[:rows], ref[:rows])
-            assert err < tol, (num_q_heads, num_kv_heads, head_dim, max_splits, err)
-            torch.testing.assert_close(cache, expected_cache, atol=tol * 4, rtol=tol)
+        # The raw residual stream q/k/v were projected from (folded norms): its 1/rms scales them.
+        hidden = torch.randn(tokens + 1, 3 * head_dim, generator=gen).mul(4.0).to(dtype).to(device)
+        inv_rms = torch.rsqrt(hidden.float().pow(2).mean(-1) + 1e-5)[:, None, None]
+        for rms_input in (None, hidden):
+            qs, ks, vs = (q, k, v) if rms_input is None else ((t * inv_rms).to(dtype) for t in (q, k, v))
+            expected_cache = batch.kv_cache.clone()
+            q_rot = reference.rotary_write_kv_cache(qs, ks, vs, expected_cache, slots, positions, cos_sin)
+            ref = reference.paged_attention(q_rot, expected_cache, tables, cu, seq_lens, scale, 1)
+            for max_splits in (None, 3):
+                cache = batch.kv_cache.clone()
+                if max_splits is None:
+                    out = rotary_write_paged_attention(
+                        q,
+                        k,
+                        v,
+                        cache,
+                        slots,
+                        positions,
+                        cos_sin,
+                        tables,
+                        cu,
+                        seq_lens,
+                        scale,
+                        1,
+                        rms_input,
+                        1e-5,
+                    )
+                else:  # the new token in a later split than the first
+                    rotary = da.RotaryKV(k, v, slots, positions, cos_sin, rms_input, 1e-5)
+                    out = da.decode_attention(
+                        q, cache, tables, cu, seq_lens, scale, max_splits=3, rotary=rotary
+                    )
+                err = _rel_err(out[:rows], ref[:rows])
+                assert err < tol, (num_q_heads, num_kv_heads, head_dim, max_splits, rms_input is None, err)
+                torch.testing.assert_close(cache, expected_cache, atol=tol * 4, rtol=tol * 2)

@@ -52,8 +52,12 @@ class PagedAttention(nn.Module):
         k: torch.Tensor,  # [T, Hkv, D] before rotary
         v: torch.Tensor,  # [T, Hkv, D]
         meta: AttentionMetadata,
+        rms_input: torch.Tensor | None = None,  # [T, hidden]: scale q/k/v by its 1/rms first
+        rms_eps: float = 0.0,
     ) -> torch.Tensor:  # [T, Hq, D]
-        """Rotary and the KV write in one kernel (`ops.rotary_write_kv_cache`), then attention."""
+        """Rotary and the KV write in one kernel (`ops.rotary_write_kv_cache`), then attention; a
+        decode step on the GPU does all of it in the attention kernel (`ops.rotary_write_attention`).
+        `rms_input` only with `ops.rotary_write_attention` (folded models, `ops.attention_scales_rms`)."""
         assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
         if self.ops.rotary_write_attention is not None:  # a decode step: all in the attention kernel
             return self.ops.rotary_write_attention(
@@ -69,8 +73,10 @@ class PagedAttention(nn.Module):
                 meta.seq_lens,
                 self.scale,
                 meta.max_seqlen_q,
+                rms_input,
+                rms_eps,
             )
-        assert self.ops.rotary_write_kv_cache is not None
+        assert self.ops.rotary_write_kv_cache is not None and rms_input is None
         q = self.ops.rotary_write_kv_cache(
             q, k, v, self.kv_cache, meta.slot_mapping, meta.positions, meta.cos_sin_cache
         )

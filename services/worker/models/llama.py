@@ -55,10 +55,26 @@ class Attention(nn.Module):
     def forward_folded(self, h: torch.Tensor, eps: float, meta: AttentionMetadata) -> torch.Tensor:
         """h + attention(rms_norm(h)) for the raw residual stream h [T, hidden], the input norm's
         weight folded into qkv_proj: the norm is the qkv op's per-row scale, the add o_proj's."""
-        qkv = self.qkv_proj.linear_rms_norm(h, eps)
-        return self.o_proj.linear_add(self._attend(qkv, meta), residual=h)
+        if (
+            self.q_norm is None
+            and self.qkv_proj.bias is None
+            and self.ops.attention_scales_rms(meta.max_seqlen_q, self.head_dim, h.dtype)
+        ):
+            # A decode step: the attention kernel scales q/k/v by h's 1/rms (before its PDL wait),
+            # so the norm costs no launch at all. (With a qkv bias or q/k norms the scale would
+            # have to come before them: those models take the norm kernel.)
+            out = self._attend(self.qkv_proj(h), meta, rms_input=h, rms_eps=eps)
+        else:
+            out = self._attend(self.qkv_proj.linear_rms_norm(h, eps), meta)
+        return self.o_proj.linear_add(out, residual=h)
 
-    def _attend(self, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _attend(
+        self,
+        qkv: torch.Tensor,
+        meta: AttentionMetadata,
+        rms_input: torch.Tensor | None = None,
+        rms_eps: float = 0.0,
+    ) -> torch.Tensor:
         """qkv [T, q_size + 2 kv_size] -> attention output [T, q_size] (before o_proj)."""
         num_tokens = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -69,8 +85,9 @@ class Attention(nn.Module):
             q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
             k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
         if self.ops.rotary_write_kv_cache is not None:  # one kernel instead of two (GPU)
-            out = self.attn.rotate_write_attend(q, k, v, meta)  # [T, Hq, D]
+            out = self.attn.rotate_write_attend(q, k, v, meta, rms_input, rms_eps)  # [T, Hq, D]
         else:
+            assert rms_input is None
             q, k = self.ops.rotary(q, k, meta.positions, meta.cos_sin_cache)
             out = self.attn(q, k, v, meta)  # [T, Hq, D]
         return out.reshape(num_tokens, self.q_size)
