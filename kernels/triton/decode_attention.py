@@ -22,6 +22,7 @@ writes K/V to their slot and uses them from registers (never reading them back).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -285,6 +286,10 @@ def _decode_kernel(
 # wave of programs on an H100/H200 for 8 KV heads; models with 2 KV heads decoding one very long
 # sequence alone get fewer programs than SMs (docs/gpu.md).
 MAX_SPLITS = 16
+# Shortest context slice of one split on the GPU (a multiple of the 64-token tile); the split's
+# first tile is loaded before the PDL wait, so 64 makes every split of a short context one
+# preloaded tile. TANDEM_DECODE_SPLIT_LEN overrides it (A/B, docs/gpu.md round 5).
+GPU_MIN_SPLIT_LEN = int(os.environ.get("TANDEM_DECODE_SPLIT_LEN", "128"))
 
 
 def max_splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:
@@ -351,7 +356,7 @@ def decode_attention(
     on_gpu = q.device.type == "cuda"
     # Small tiles on the CPU interpreter so that short test contexts still cross tiles and splits.
     block_n = (64 if d_pad <= 128 else 32) if on_gpu else 16
-    min_split_len = 128 if on_gpu else 16
+    min_split_len = GPU_MIN_SPLIT_LEN if on_gpu else 16
     max_context = block_tables.shape[1] * block_size
     if max_splits is None:
         max_splits = max_splits_for(batch, num_kv_heads, _sm_count(q.device))
