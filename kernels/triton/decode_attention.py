@@ -188,32 +188,29 @@ def _decode_kernel(
             )
             tl.store(k_cache_ptr + slot_row + d, k_new, mask=new_mask & (slot >= 0))
             tl.store(v_cache_ptr + slot_row + d, v_new, mask=new_mask & (slot >= 0))
-            # The new rows come from registers, never read back from the cache.
-            k0 = tl.where(new0, k_new[None, :], k0)
-            v0 = tl.where(new0, v_new[None, :], v0)
+            # The tiles below leave the new position out (it is added from registers after the
+            # loop: a select between the load and the dot would stop Triton pipelining the loop's
+            # K/V loads, which long contexts at large batch depend on).
+            tile_end = tl.minimum(kv_end, cached_end)
         else:
+            tile_end = kv_end
             # The first tile's rows of this step's tokens (written by the previous kernel).
             k0 = tl.where(new0, tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), k0)
             v0 = tl.where(new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), v0)
         s = tl.dot(q, tl.trans(k0)) * scale_log2  # [G_PAD, BLOCK_N]
-        s = tl.where(n_mask0[None, :], s, float("-inf"))
+        s = tl.where((n_mask0 & (pos0 < tile_end))[None, :], s, float("-inf"))
         m_i = tl.max(s, axis=1)
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # a split past the context: all stays 0
         p = tl.exp2(s - m_i[:, None])
         l_i = tl.sum(p, axis=1)
         acc = tl.dot(p.to(v0.dtype), v0)
-        for start in range(kv_start + BLOCK_N, kv_end, BLOCK_N):
+        for start in range(kv_start + BLOCK_N, tile_end, BLOCK_N):
             pos = start + n
-            n_mask = pos < kv_end
+            n_mask = pos < tile_end
             block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
             row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            if ROTARY:
-                is_new = (pos >= cached_end)[:, None]
-                kv_mask = kv_mask & ~is_new
             k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if ROTARY:
-                k = tl.where(is_new, k_new[None, :], k)
             s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N]
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -221,10 +218,21 @@ def _decode_kernel(
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if ROTARY:
-                v = tl.where(is_new, v_new[None, :], v)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
+        if ROTARY:  # the new token, in the split that holds it: one more online-softmax column
+            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale_log2
+            seen = l_i > 0  # m_i is a real running max (else 0 and acc, l_i are 0)
+            m_new = tl.maximum(tl.where(seen, m_i, s_new), s_new)
+            alpha = tl.where(seen, tl.exp2(m_i - m_new), 0.0)
+            p_new = tl.exp2(s_new - m_new)
+            alpha = tl.where(holds_new, alpha, 1.0)
+            p_new = tl.where(holds_new, p_new, 0.0)
+            l_i = l_i * alpha + p_new
+            # p rounded to V's dtype as in the tiles' dot
+            p_v = p_new.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            acc = acc * alpha[:, None] + p_v
+            m_i = tl.where(holds_new, m_new, m_i)
 
         has_kv = l_i > 0
         out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
