@@ -48,11 +48,9 @@ class KernelOps:
     #  seq_lens, scale, max_seqlen_q) -> [T, Hq, D]: `rotary_write_kv_cache` then `paged_attention`
     #  (a decode step does all of it in one kernel)
     rotary_write_attention: Callable[..., torch.Tensor] | None = None
-    # (max_seqlen_q, head_dim, dtype) -> whether `rotary_write_attention(..., rms_input=h, rms_eps)`
-    # applies h's RMS scale inside its one decode kernel (a folded model then skips the input norm)
-    attention_scales_rms: Callable[[int, int, torch.dtype], bool] = lambda max_seqlen_q, head_dim, dtype: (
-        False
-    )
+    # (max_seqlen_q, head_dim, dtype, num_tokens) -> whether `rotary_write_attention(..., rms_input=h,
+    # rms_eps)` applies h's RMS scale inside its one decode kernel (a folded model then skips the norm)
+    attention_scales_rms: Callable[[int, int, torch.dtype, int], bool] = lambda *args: False
     # (x [T, K], weight [N, K], bias [N] | None) -> [T, N]: F.linear, or a skinny-GEMM kernel for
     # small T where `tune_linear` measured it faster on this GPU
     linear: Callable[..., torch.Tensor] | None = None

@@ -22,6 +22,7 @@ from kernels.triton.rotary_kv_write import rotary_write_kv_cache
 FUSED_ROPE_DECODE = os.environ.get("TANDEM_FUSED_ROPE_ATTENTION", "1") != "0"
 # TANDEM_RMS_IN_ATTENTION=0: folded models keep the input norm's kernel in decode steps (A/B).
 RMS_IN_ATTENTION = os.environ.get("TANDEM_RMS_IN_ATTENTION", "1") != "0"
+FUSED_ROPE_MAX_TOKENS = 8
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
@@ -49,16 +50,23 @@ def paged_attention(
     return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
 
 
-def decode_scales_rms(max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> bool:
-    """Whether `rotary_write_paged_attention` with `rms_input` runs as the one decode kernel (the
-    model then skips the norm before its qkv projection)."""
+def _fused_decode(num_tokens: int, max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Decode steps of at most FUSED_ROPE_MAX_TOKENS tokens run rotary + KV write in the attention
+    kernel. (Larger batches keep the two kernels: with the fused kernel batch-256 decode measured
+    slower on an H200, docs/gpu.md round 5; the launch it saves matters at small batch.)"""
     return (
         FUSED_ROPE_DECODE
-        and RMS_IN_ATTENTION
         and max_seqlen_q == 1
+        and num_tokens <= FUSED_ROPE_MAX_TOKENS
         and supports_head_dim(head_dim)
         and dtype in (torch.float16, torch.bfloat16, torch.float32)
     )
+
+
+def decode_scales_rms(max_seqlen_q: int, head_dim: int, dtype: torch.dtype, num_tokens: int = 1) -> bool:
+    """Whether `rotary_write_paged_attention` with `rms_input` runs as the one decode kernel (the
+    model then skips the norm before its qkv projection)."""
+    return RMS_IN_ATTENTION and _fused_decode(num_tokens, max_seqlen_q, head_dim, dtype)
 
 
 def rotary_write_paged_attention(
@@ -84,12 +92,7 @@ def rotary_write_paged_attention(
     rms_input: q/k/v are projections of this raw residual stream by weights with the RMSNorm's
     weight folded in; each token's q/k/v are scaled by rsqrt(mean(h^2) + rms_eps) first (the
     decode kernel does it before its PDL wait, which removes the norm's own launch)."""
-    if (
-        FUSED_ROPE_DECODE
-        and max_seqlen_q == 1
-        and supports_head_dim(q.shape[-1])
-        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    ):
+    if _fused_decode(q.shape[0], max_seqlen_q, q.shape[-1], q.dtype):
         rotary = RotaryKV(k, v, slot_mapping, positions, cos_sin_cache, rms_input, rms_eps)
         return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, rotary=rotary)
     if rms_input is not None:  # not a decode step: scale here (eager torch ops; the model avoids it)

@@ -23,6 +23,8 @@ from services.worker.layers.attention import AttentionMetadata, PagedAttention, 
 from services.worker.layers.linear import Linear
 from services.worker.model_config import ModelConfig
 
+# Steps of at most this many tokens take the folded forward (the CUDA-graph logits ladder's top).
+FOLDED_MAX_TOKENS = 8
 # Rows of a projection folded at a time (bounds the fp32 temporary of `DecoderLayer.fold_norms`).
 _FOLD_ROWS = 4096
 
@@ -58,7 +60,7 @@ class Attention(nn.Module):
         if (
             self.q_norm is None
             and self.qkv_proj.bias is None
-            and self.ops.attention_scales_rms(meta.max_seqlen_q, self.head_dim, h.dtype)
+            and self.ops.attention_scales_rms(meta.max_seqlen_q, self.head_dim, h.dtype, h.shape[0])
         ):
             # A decode step: the attention kernel scales q/k/v by h's 1/rms (before its PDL wait),
             # so the norm costs no launch at all. (With a qkv bias or q/k norms the scale would
@@ -159,12 +161,16 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
-        # gate_up_proj: the forward then runs the folded path (and must: the norms are ones).
+        # gate_up_proj (the layer norms' weights are then ones).
         self.norms_folded = False
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        if self.norms_folded:
+        # The folded forward is for decode-sized steps, where it removes launches. Larger steps run
+        # the unfolded forward, which is the same function here (its norms multiply by ones, the
+        # projections carry their weights): on an H200 the folded one measured slower for batch-256
+        # decode (cuBLAS with beta = 1, the SiLU op re-reading h per chunk; docs/gpu.md round 5).
+        if self.norms_folded and input_ids.shape[0] <= FOLDED_MAX_TOKENS:
             for layer in self.layers:
                 hidden = cast(DecoderLayer, layer).forward_folded(hidden, meta)
             return self.norm(hidden)  # the final norm is not folded (lm_head may be the embedding)
