@@ -97,7 +97,21 @@ def _build(
     return build_model(cfg, ops, torch.device("cpu"), dtype, "auto"), cfg
 
 
-@pytest.mark.parametrize("name", ["stories", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen3"])
+def test_models_with_qkv_bias_or_qk_norm_do_not_fold(
+    model_dirs: dict[str, tuple[Path, Any]], name: str
+) -> None:
+    """Qwen2 (qkv bias) and Qwen3 (q/k norms) keep their norms (`can_fold_norms`), and still match
+    transformers."""
+    path, hf = model_dirs[name]
+    model, cfg = _build(path, REFERENCE_OPS)
+    assert not model.norms_folded
+    with torch.inference_mode():
+        expected = hf(torch.tensor([PROMPT])).logits[0]
+    torch.testing.assert_close(_logits(model, cfg, PROMPT, torch.float32), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["stories"])
 def test_folded_model_matches_unfolded_and_transformers(
     model_dirs: dict[str, tuple[Path, Any]], name: str
 ) -> None:

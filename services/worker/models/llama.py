@@ -210,9 +210,17 @@ class LlamaForCausalLM(nn.Module):
         """Whether `fold_norms` applies: the kernel bundle has the three folded-norm ops, and the
         weights are not fp16 (the folded projections see the raw residual stream, whose values
         grow to hundreds or thousands in deep models; their products with the weights can leave
-        fp16's range where the normalised activations never do. bf16 and fp32 have fp32's range)."""
+        fp16's range where the normalised activations never do. bf16 and fp32 have fp32's range),
+        and the model has no qkv bias and no q/k norms: only then does a decode step lose both norm
+        launches (the input norm's scale moves into the attention kernel, which must apply it
+        before a bias or a q/k norm). Qwen2 / Qwen3 would keep one norm launch, and on an H200 the
+        fold's different bf16 rounding (W * g rounded once) made Qwen3's free-running greedy
+        output drift from transformers' more than the unfolded model's (tests/kernels/test_engine_gpu.py)."""
+        cfg = self.config
         return (
             self.ops.folds_norms
+            and not cfg.attention_bias
+            and not cfg.qk_norm
             and self.model.embed_tokens.weight.dtype != torch.float16
             and os.environ.get("TANDEM_FOLD_NORMS", "1") != "0"  # A/B switch (benchmarks/pdl_decode_run.sh)
         )
