@@ -10,7 +10,11 @@ The rules every PDL kernel here follows (they keep the step's data dependencies 
 - every program executes the wait unconditionally before it reads or writes any activation, cache
   or scratch buffer, and before it exits (a kernel that completed without waiting would let the
   next one run ahead of *its* predecessor);
-- it signals its dependents at its end (small kernels) or after its main loop (the skinny GEMM).
+- it signals its dependents at its end (small kernels) or after its main loop (the skinny GEMM);
+- before its wait it may load only what the previous kernel does not write: the step's inputs
+  (metadata, block tables, cos/sin) and anything written two or more kernels back (once a kernel
+  runs, its predecessor has passed its own wait, so everything before that is complete). The
+  decode attention kernel uses this for the residual stream's 1/rms and the cached K/V.
 A kernel launched without PDL (cuBLAS, torch ops) still waits for full completion of what came
 before, so mixing is safe. `TANDEM_PDL=0` turns it off (kernels then run exactly as before).
 
@@ -33,8 +37,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _ENABLED: dict[int, bool] = {}
 _OFF = os.environ.get("TANDEM_PDL", "1") == "0"  # read once: `enabled` runs on every launch
-# Kernels (by name) that signal their dependents right after their wait instead of at their end,
-# so that the next kernel's pre-wait loads overlap all of this one (benchmarks/pdl_decode_run.sh).
+# Kernels (by name) that signal their dependents right after their wait instead of at their end
+# (an A/B switch, benchmarks/pdl_decode_run.sh; for decode_attention it measured slower on an
+# H200: 4.49 vs 4.37 ms a Llama-8B step, docs/gpu.md round 5).
 _EARLY = frozenset(name for name in os.environ.get("TANDEM_PDL_EARLY", "").split(",") if name)
 
 
