@@ -96,7 +96,6 @@ def _decode_kernel(
     MIN_SPLIT_LEN: tl.constexpr,
     NUM_Q_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
-    EARLY_SIGNAL: tl.constexpr,  # signal dependents right after the wait (pdl.signals_early)
     ROTARY: tl.constexpr,  # q is unrotated; rotate it, and rotate + write the new K/V (see module doc)
     RMS_SCALE: tl.constexpr,  # ROTARY only: q/k/v are W' @ h; scale them by h's 1/rms first
     HIDDEN: tl.constexpr,
@@ -157,13 +156,10 @@ def _decode_kernel(
             inv_rms = tl.rsqrt(tl.sum(h_row * h_row, axis=0) / HIDDEN + rms_eps)
 
     pdl.enter(PDL)  # see pdl.py
-    if EARLY_SIGNAL:
-        pdl.leave(PDL)
     if split < num_splits:
         q_rows = q_ptr + token * stride_qt + head[:, None] * stride_qh
         q_mask = g_mask[:, None] & d_mask[None, :]
         q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)
-        new0 = (n_mask0 & (pos0 >= cached_end))[:, None] & d_mask[None, :]
         if ROTARY:
             # Same arithmetic and roundings as rotary_kv_write: fp32 rotation, rounded to q's / k's
             # dtype (then the cache's). The split that holds the new position writes its K/V.
@@ -195,6 +191,7 @@ def _decode_kernel(
         else:
             tile_end = kv_end
             # The first tile's rows of this step's tokens (written by the previous kernel).
+            new0 = (n_mask0 & (pos0 >= cached_end))[:, None] & d_mask[None, :]
             k0 = tl.where(new0, tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), k0)
             v0 = tl.where(new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), v0)
         s = tl.dot(q, tl.trans(k0)) * scale_log2  # [G_PAD, BLOCK_N]
@@ -285,8 +282,7 @@ def _decode_kernel(
                 mask=(gm < GROUP)[:, None] & (d < HEAD_DIM)[None, :] & (q_len > 0),
             )
             tl.atomic_xchg(counter, 0)  # ready for the next launch (next layer, next step)
-    if not EARLY_SIGNAL:
-        pdl.leave(PDL)
+    pdl.leave(PDL)
 
 
 # The merge runs inside the kernel over a [group, splits, head_dim] tile: 16 splits keep that tile
@@ -436,7 +432,6 @@ def decode_attention(
         MIN_SPLIT_LEN=min_split_len,
         NUM_Q_HEADS=num_q_heads,
         NUM_KV_HEADS=num_kv_heads,
-        EARLY_SIGNAL=pdl.signals_early("decode_attention"),
         ROTARY=rotary is not None,
         RMS_SCALE=rms_input is not None,
         HIDDEN=hidden,

@@ -23,7 +23,8 @@ Measured on an H200 (benchmarks/pdl_decode_run.sh, docs/gpu.md): Qwen2-0.5B batc
 spread). Two variants were slower and are not kept: signalling at the start of the small kernels (4.78 ms: the cascade of early launches parks the
 next GEMM's programs on the SMs while cuBLAS still runs its second wave) and an L2 prefetch of the
 GEMM's weights before its wait (4.68-4.89 ms: it competes with the running GEMM for bandwidth
-and evicts its lines).
+and evicts its lines), and (round 5) decode attention signalling right after its wait (4.49 vs 4.37
+ms).
 """
 
 from __future__ import annotations
@@ -37,10 +38,6 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _ENABLED: dict[int, bool] = {}
 _OFF = os.environ.get("TANDEM_PDL", "1") == "0"  # read once: `enabled` runs on every launch
-# Kernels (by name) that signal their dependents right after their wait instead of at their end
-# (an A/B switch, benchmarks/pdl_decode_run.sh; for decode_attention it measured slower on an
-# H200: 4.49 vs 4.37 ms a Llama-8B step, docs/gpu.md round 5).
-_EARLY = frozenset(name for name in os.environ.get("TANDEM_PDL_EARLY", "").split(",") if name)
 
 
 def enabled(device: torch.device) -> bool:
@@ -65,11 +62,6 @@ def leave(PDL: tl.constexpr):
     """End of a kernel: let the next kernel launch (it waits on this one in `enter`)."""
     if PDL:
         gdc_launch_dependents()
-
-
-def signals_early(kernel: str) -> bool:
-    """Whether `kernel` ("rotary_kv_write", "decode_attention") signals right after its wait."""
-    return kernel in _EARLY
 
 
 def launch_options(device: torch.device) -> dict[str, bool]:

@@ -44,7 +44,6 @@ def _rotary_kv_write_kernel(
     HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
-    EARLY_SIGNAL: tl.constexpr,  # signal dependents right after the wait (pdl.signals_early)
     PDL: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -57,8 +56,6 @@ def _rotary_kv_write_kernel(
     cos = tl.load(cos_sin_ptr + pos * stride_cs + dims, mask=d_mask, other=0.0).to(tl.float32)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + dims, mask=d_mask, other=0.0).to(tl.float32)
     pdl.enter(PDL)  # see pdl.py: q, k and v are the previous kernel's output
-    if EARLY_SIGNAL:
-        pdl.leave(PDL)
 
     # q: rotate into the new [T, Hq, D] tensor
     qh = tl.arange(0, Q_HEADS_PAD)[:, None]
@@ -90,8 +87,7 @@ def _rotary_kv_write_kernel(
     v2 = tl.load(v_src + HALF, mask=kv_mask, other=0.0)
     tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
     tl.store(v_dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
-    if not EARLY_SIGNAL:
-        pdl.leave(PDL)
+    pdl.leave(PDL)
 
 
 def rotary_write_kv_cache(
@@ -152,7 +148,6 @@ def rotary_write_kv_cache(
         HEAD_DIM=head_dim,
         HALF=half,
         HALF_PAD=triton.next_power_of_2(half),
-        EARLY_SIGNAL=pdl.signals_early("rotary_kv_write"),
         num_warps=4,
         **pdl.launch_options(q.device),
     )
