@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import REFERENCE_OPS, reference
+from tests.worker.worker_testlib import randomize_norms_and_biases
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -266,13 +267,7 @@ def _tiny_hf(family: str, seed: int) -> Any:
         # no qkv bias, no q/k norms: the decode step's input norm runs inside the attention kernel
         "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**common)),
     }[family]()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(torch.rand(param.shape, generator=gen) * 1.5 + 0.25)
-            elif name.endswith(".bias"):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    randomize_norms_and_biases(hf, seed)
     return hf.eval()
 
 

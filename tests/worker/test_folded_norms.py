@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from worker_testlib import TINY_BUILDERS
+from worker_testlib import TINY_BUILDERS, randomize_norms_and_biases
 
 from kernels import REFERENCE_OPS, KernelOps, build_rope_cache
 from services.worker.layers.attention import AttentionMetadata
@@ -30,18 +30,6 @@ PROMPT = [1, 37, 5, 211, 90, 14, 301, 8, 77, 160, 3, 42, 250]  # prefill all but
 BLOCK_SIZE = 4  # several blocks per sequence
 
 
-def _randomize(hf: Any, seed: int) -> None:
-    """Random positive norm weights (all of them: layer norms, final norm, Qwen3's q/k norms) and
-    random biases, in place."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(torch.rand(param.shape, generator=gen) * 1.5 + 0.25)
-            elif name.endswith(".bias"):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-
-
 @pytest.fixture(scope="module")
 def model_dirs(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
     """name -> (saved HF directory with non-trivial norms, its transformers model in fp32)."""
@@ -55,7 +43,7 @@ def model_dirs(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     }
     dirs = {}
     for i, (name, hf) in enumerate(models.items()):
-        _randomize(hf, seed=i)
+        randomize_norms_and_biases(hf, seed=i)
         path = tmp_path_factory.mktemp(f"folded-{name}")
         hf.save_pretrained(str(path))
         dirs[name] = (path, hf.eval())

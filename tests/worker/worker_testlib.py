@@ -14,6 +14,19 @@ from services.worker.engine import Engine, GenerateResult, collect
 from services.worker.outputs import Usage
 from services.worker.request import EngineRequest
 
+
+def randomize_norms_and_biases(hf: Any, seed: int) -> None:
+    """Random positive norm weights (layer norms, final norm, Qwen3's q/k norms) and random biases,
+    in place: a model whose norms are not ones (folded-norm tests)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(torch.rand(param.shape, generator=gen) * 1.5 + 0.25)
+            elif name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
 TINY: dict[str, Any] = dict(
     hidden_size=64,
     intermediate_size=128,
