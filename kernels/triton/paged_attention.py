@@ -63,7 +63,7 @@ def _fused_decode(num_tokens: int, max_seqlen_q: int, head_dim: int, dtype: torc
     )
 
 
-def decode_scales_rms(max_seqlen_q: int, head_dim: int, dtype: torch.dtype, num_tokens: int = 1) -> bool:
+def decode_scales_rms(max_seqlen_q: int, head_dim: int, dtype: torch.dtype, num_tokens: int) -> bool:
     """Whether `rotary_write_paged_attention` with `rms_input` runs as the one decode kernel (the
     model then skips the norm before its qkv projection)."""
     return RMS_IN_ATTENTION and _fused_decode(num_tokens, max_seqlen_q, head_dim, dtype)
