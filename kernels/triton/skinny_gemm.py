@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,14 @@ MIN_GAIN = 1.03
 # more than this: cuBLAS with beta = 1 (addmm, its fallback) measured ~2 us slower than
 # without on an H200 (Llama-8B shapes, benchmarks/skinny_bench.py), the kernel's epilogue ~0.4 us.
 RESIDUAL_SAVED_S = 1.5e-6
+# A/B switches (read once at import; docs/gpu.md round 6):
+# TANDEM_SKINNY_EARLY_SIGNAL=1: `linear(..., early_signal=True)` lets the next kernel launch right
+# after this one's PDL wait (for a latency-bound successor whose pre-wait loads then overlap the
+# whole GEMM) instead of after the main loop.
+EARLY_SIGNAL = os.environ.get("TANDEM_SKINNY_EARLY_SIGNAL", "0") == "1"
+# TANDEM_SKINNY_PREFER=name,name: projections (tune_linear's `name`) that take the fastest kernel
+# config even where cuBLAS timed faster (the kernel is PDL-launched; cuBLAS is not).
+PREFER_KERNEL = frozenset(filter(None, os.environ.get("TANDEM_SKINNY_PREFER", "").split(",")))
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ def _skinny_gemm_kernel(
     stride_om,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,  # add residual[m] to the result
+    EARLY_SIGNAL: tl.constexpr,  # let the next kernel launch right after the wait (pdl.py)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -87,6 +97,8 @@ def _skinny_gemm_kernel(
     x_base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     w_base = w_ptr + cols[:, None].to(tl.int64) * stride_wn
     pdl.enter(PDL)  # see pdl.py
+    if EARLY_SIGNAL:
+        pdl.leave(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
@@ -94,7 +106,8 @@ def _skinny_gemm_kernel(
         x = tl.load(x_base + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_base + k[None, :], mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
-    pdl.leave(PDL)  # the weights are read: the next kernel may launch and wait on this one
+    if not EARLY_SIGNAL:
+        pdl.leave(PDL)  # the weights are read: the next kernel may launch and wait on this one
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     out_mask = row_mask[:, None] & col_mask[None, :]
@@ -116,10 +129,12 @@ def skinny_gemm(
     bias: torch.Tensor | None,  # [N]
     config: SkinnyConfig,
     residual: torch.Tensor | None = None,  # [M, N], rows contiguous
+    early_signal: bool = False,
 ) -> torch.Tensor:  # [M, N]
     """x @ weight.T (+ bias) with fp32 accumulation, rounded once to x's dtype.
 
-    residual: added to the result (after the bias), in fp32 before the one rounding."""
+    residual: added to the result (after the bias), in fp32 before the one rounding.
+    early_signal: let the next PDL kernel launch as soon as this one passed its wait."""
     num_rows, k = x.shape
     n = weight.shape[0]
     assert weight.shape == (n, k) and weight.stride(1) == 1 and x.stride(1) == 1, (x.shape, weight.shape)
@@ -145,6 +160,7 @@ def skinny_gemm(
         out.stride(0),
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
+        EARLY_SIGNAL=early_signal,
         BLOCK_M=16,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -175,12 +191,17 @@ def _key(
     return None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x [T, K], weight [N, K], bias) -> [T, N]; the skinny kernel where it was measured faster."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, early_signal: bool = False
+) -> torch.Tensor:
+    """F.linear(x [T, K], weight [N, K], bias) -> [T, N]; the skinny kernel where it was measured faster.
+
+    early_signal: the next kernel is a short latency-bound one (decode attention) whose pre-wait
+    loads may overlap this whole GEMM (only with TANDEM_SKINNY_EARLY_SIGNAL=1)."""
     key = _key(x, weight, bias)
     config = _CHOICE.get(key) if key is not None else None
     if config is not None:
-        return skinny_gemm(x, weight, bias, config)
+        return skinny_gemm(x, weight, bias, config, early_signal=early_signal and EARLY_SIGNAL)
     return F.linear(x, weight, bias)
 
 
@@ -335,6 +356,9 @@ def tune_linear(
                 best, best_t = config, t
             if t < fastest_t:
                 fastest, fastest_t = config, t
+        if name in PREFER_KERNEL and fastest is not None and best is None:
+            best, best_t = fastest, fastest_t
+            results.append("kernel preferred (TANDEM_SKINNY_PREFER)")
         _CHOICE[key] = best
         add_note = ""
         if fastest is not None and fastest_t <= t_cublas + RESIDUAL_SAVED_S:

@@ -268,6 +268,9 @@ def test_skinny_gemm(device: str, dtype: torch.dtype) -> None:
                 # fp32 on a GPU: tl.dot runs TF32 (why tune_linear leaves fp32 on cuBLAS)
                 tol = 2e-3 if (dtype == torch.float32 and device == "cuda") else _tol(dtype)
                 assert err < tol, (rows, config, b is None, err)
+            # Signalling the next kernel early changes when it launches, never the result.
+            early = skinny_gemm(x, weight, b, configs[0], early_signal=True)
+            assert torch.equal(early, skinny_gemm(x, weight, b, configs[0])), rows
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)

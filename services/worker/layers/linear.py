@@ -22,9 +22,13 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+    def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:  # [T, in] -> [T, out]
+        """early_signal: the next kernel is a short latency-bound one that may launch (and do its
+        pre-wait loads) while this projection streams its weight (kernels/triton/pdl.py)."""
         if self.ops.linear is None:
             return super().forward(x)
+        if early_signal:
+            return self.ops.linear(x, self.weight, self.bias, early_signal=True)
         return self.ops.linear(x, self.weight, self.bias)
 
     def linear_rms_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:  # [T, in] -> [T, out]

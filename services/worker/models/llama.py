@@ -65,7 +65,9 @@ class Attention(nn.Module):
             # A decode step: the attention kernel scales q/k/v by h's 1/rms (before its PDL wait),
             # so the norm costs no launch at all. (With a qkv bias or q/k norms the scale would
             # have to come before them: those models take the norm kernel.)
-            out = self._attend(self.qkv_proj(h), meta, rms_input=h, rms_eps=eps)
+            # The attention kernel may launch as soon as the qkv GEMM runs: its pre-wait loads
+            # (block table, cached K/V, h's 1/rms) then overlap the weight stream.
+            out = self._attend(self.qkv_proj(h, early_signal=True), meta, rms_input=h, rms_eps=eps)
         else:
             out = self._attend(self.qkv_proj.linear_rms_norm(h, eps), meta)
         return self.o_proj.linear_add(out, residual=h)
