@@ -14,8 +14,8 @@ assumed: `tune_linear` times both for each weight shape of the model and each ro
 from __future__ import annotations
 
 import logging
-import statistics
 import os
+import statistics
 from dataclasses import dataclass
 
 import torch
