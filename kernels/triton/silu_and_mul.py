@@ -32,21 +32,25 @@ def _silu_and_mul_kernel(
     BLOCK_H: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.enter(PDL)  # see pdl.py
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
-    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + INTER + offs, mask=mask, other=0.0)
+    inv_rms = 1.0
     if RMS:
-        # The whole residual row, in every program of the row: it is small (H elements, from L2
-        # after the first program), and issued right after the gate/up loads so the latencies overlap.
+        # The whole residual row, in every program of the row (H elements, from L2 after the first
+        # program), before the PDL wait: gate/up were computed from h, so h's writer completed
+        # before the previous kernel got past its own wait (pdl.py). With the gate/up GEMM
+        # signalling early this overlaps the GEMM.
         sq = tl.zeros([BLOCK_H], dtype=tl.float32)
         for h0 in tl.static_range(0, HIDDEN, BLOCK_H):
             h_offs = h0 + tl.arange(0, BLOCK_H)
             h = tl.load(h_ptr + row * stride_h + h_offs, mask=h_offs < HIDDEN, other=0.0).to(tl.float32)
             sq += h * h
         inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / HIDDEN + eps)
+    pdl.enter(PDL)  # see pdl.py
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + INTER + offs, mask=mask, other=0.0)
+    if RMS:
         # fp32 throughout, rounded once (the reference's semantics).
         g = gate * inv_rms
         u = up.to(tl.float32) * inv_rms

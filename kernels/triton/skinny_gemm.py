@@ -35,11 +35,12 @@ MIN_GAIN = 1.03
 # more than this: cuBLAS with beta = 1 (addmm, its fallback) measured ~2 us slower than
 # without on an H200 (Llama-8B shapes, benchmarks/skinny_bench.py), the kernel's epilogue ~0.4 us.
 RESIDUAL_SAVED_S = 1.5e-6
-# A/B switches (read once at import; docs/gpu.md round 6):
-# TANDEM_SKINNY_EARLY_SIGNAL=1: `linear(..., early_signal=True)` lets the next kernel launch right
-# after this one's PDL wait (for a latency-bound successor whose pre-wait loads then overlap the
-# whole GEMM) instead of after the main loop.
-EARLY_SIGNAL = os.environ.get("TANDEM_SKINNY_EARLY_SIGNAL", "0") == "1"
+# `linear(..., early_signal=True)` lets the next kernel launch right after this one's PDL wait
+# instead of after its main loop: for a short latency-bound successor (decode attention, SiLU)
+# whose pre-wait loads then overlap the whole GEMM. Llama-3.1-8B batch-1 on an H200: 4.32 -> 4.22
+# ms/token for the qkv projection -> attention (docs/gpu.md round 6). TANDEM_SKINNY_EARLY_SIGNAL=0
+# turns it off (A/B switch, read once at import).
+EARLY_SIGNAL = os.environ.get("TANDEM_SKINNY_EARLY_SIGNAL", "1") == "1"
 # TANDEM_SKINNY_PREFER=name,name: projections (tune_linear's `name`) that take the fastest kernel
 # config even where cuBLAS timed faster (the kernel is PDL-launched; cuBLAS is not).
 PREFER_KERNEL = frozenset(filter(None, os.environ.get("TANDEM_SKINNY_PREFER", "").split(",")))
@@ -196,8 +197,8 @@ def linear(
 ) -> torch.Tensor:
     """F.linear(x [T, K], weight [N, K], bias) -> [T, N]; the skinny kernel where it was measured faster.
 
-    early_signal: the next kernel is a short latency-bound one (decode attention) whose pre-wait
-    loads may overlap this whole GEMM (only with TANDEM_SKINNY_EARLY_SIGNAL=1)."""
+    early_signal: the next kernel is a short latency-bound one (decode attention, SiLU) whose
+    pre-wait loads may overlap this whole GEMM (the kernel path only; cuBLAS cannot signal)."""
     key = _key(x, weight, bias)
     config = _CHOICE.get(key) if key is not None else None
     if config is not None:

@@ -52,7 +52,10 @@ class Attention(nn.Module):
         self.attn = PagedAttention(ops, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # x: [T, hidden] normed
-        return self.o_proj(self._attend(self.qkv_proj(x), meta))
+        # Without q/k norms the next kernel is the (rotary +) attention kernel: it may launch as
+        # soon as the qkv GEMM runs, its pre-wait loads (block table, cached K/V) overlapping it.
+        qkv = self.qkv_proj(x, early_signal=self.q_norm is None)
+        return self.o_proj(self._attend(qkv, meta))
 
     def forward_folded(self, h: torch.Tensor, eps: float, meta: AttentionMetadata) -> torch.Tensor:
         """h + attention(rms_norm(h)) for the raw residual stream h [T, hidden], the input norm's
@@ -105,13 +108,15 @@ class MLP(nn.Module):
         self.down_proj = Linear(ops, cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        # The SiLU kernel may launch while the gate/up GEMM runs (where that is the skinny kernel).
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x, early_signal=True)))
 
     def forward_folded(self, h: torch.Tensor, eps: float) -> torch.Tensor:
         """h + mlp(rms_norm(h)) for the raw residual stream h [T, hidden], the norm's weight folded
         into gate_up_proj: gate/up are computed from h and scaled by its 1/rms inside the SiLU op."""
         assert self.ops.silu_and_mul_rms is not None, f"kernel bundle {self.ops.name!r} cannot fold norms"
-        act = self.ops.silu_and_mul_rms(self.gate_up_proj(h), h, eps)
+        # The SiLU kernel may launch while the gate/up GEMM runs: it sums h's squares before its wait.
+        act = self.ops.silu_and_mul_rms(self.gate_up_proj(h, early_signal=True), h, eps)
         return self.down_proj.linear_add(act, residual=h)
 
 
