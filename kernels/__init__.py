@@ -73,6 +73,10 @@ class KernelOps:
     # (gate_up [T, 2*I], x [T, H], eps) -> [T, I]: with s = rsqrt(mean(x**2, -1) + eps) per row,
     #   silu(s * gate_up[:, :I]) * (s * gate_up[:, I:])
     silu_and_mul_rms: Callable[..., torch.Tensor] | None = None
+    # (x [T, K], weight [2*I, K], bias [2*I] | None, rms_eps: float | None) -> [T, I]: the gate/up
+    #   projection and SiLU-and-mul (`silu_and_mul`, or `silu_and_mul_rms(gate_up, x, rms_eps)`);
+    #   one kernel for decode-sized inputs where measured faster (fp32 gate/up, not rounded between)
+    linear_silu_and_mul: Callable[..., torch.Tensor] | None = None
 
     @property
     def folds_norms(self) -> bool:

@@ -204,6 +204,22 @@ def silu_and_mul_rms(
     return (F.silu(gate) * up).to(gate_up.dtype)
 
 
+def linear_silu_and_mul(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [2*I, K]: the fused [gate; up] projection
+    bias: torch.Tensor | None,  # [2*I]
+    rms_eps: float | None = None,
+) -> torch.Tensor:  # [T, I]
+    """silu(gate) * up of F.linear(x, weight, bias) = [gate, up], on the fp32 sums (not rounded in
+    between), rounded once; with rms_eps, gate and up are first scaled by rsqrt(mean(x**2) + rms_eps)
+    per row (x is the raw residual stream, the norm's weight folded into `weight`)."""
+    gate_up = F.linear(x.float(), weight.float(), _float_or_none(bias))
+    if rms_eps is not None:
+        gate_up = gate_up * _inv_rms(x, rms_eps)
+    inter = gate_up.shape[-1] // 2
+    return (F.silu(gate_up[..., :inter]) * gate_up[..., inter:]).to(x.dtype)
+
+
 def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies [D/2] in fp32, exactly as transformers' rope init functions compute them."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

@@ -4,7 +4,8 @@ Matmuls go to cuBLAS through torch, except decode-sized ones (<= 8 rows) of the 
 `tune_linear` measured the skinny-GEMM kernel faster on this GPU (skinny_gemm.py). The bundle has
 the folded-RMSNorm ops, so the models run with each layer's norm weights folded into qkv/gate_up
 (except in fp16): the norm's 1/rms is computed by the skinny GEMM (`linear_rms_norm`) and the SiLU
-kernel (`silu_and_mul_rms`), the residual adds by the o/down projections (`linear_add`).
+kernel (`silu_and_mul_rms`), the residual adds by the o/down projections (`linear_add`). A one-row
+gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_mul`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache
 from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
-from kernels.triton.skinny_gemm import linear, linear_add, linear_rms_norm, tune_linear
+from kernels.triton.skinny_gemm import (
+    linear,
+    linear_add,
+    linear_rms_norm,
+    linear_silu_and_mul,
+    tune_linear,
+)
 
 TRITON_OPS = KernelOps(
     name="triton",
@@ -43,6 +50,7 @@ TRITON_OPS = KernelOps(
     linear_rms_norm=linear_rms_norm,
     linear_add=linear_add,
     silu_and_mul_rms=silu_and_mul_rms,
+    linear_silu_and_mul=linear_silu_and_mul,
 )
 
 __all__ = ["TRITON_OPS"]

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from kernels.triton import pdl
 from kernels.triton.rms_norm import rms_norm
+from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ RESIDUAL_SAVED_S = 1.5e-6
 EARLY_SIGNAL = os.environ.get("TANDEM_SKINNY_EARLY_SIGNAL", "1") == "1"
 # TANDEM_SKINNY_PREFER=name,name: projections (tune_linear's `name`) that take the fastest kernel
 # config even where cuBLAS timed faster (the kernel is PDL-launched; cuBLAS is not).
+# TANDEM_FUSED_SILU=0: never fuse SiLU-and-mul into the gate/up GEMM (`linear_silu_and_mul`).
+FUSED_SILU = os.environ.get("TANDEM_FUSED_SILU", "1") == "1"
 PREFER_KERNEL = frozenset(filter(None, os.environ.get("TANDEM_SKINNY_PREFER", "").split(",")))
 
 
@@ -84,6 +87,9 @@ def _skinny_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,  # add residual[m] to the result
     EARLY_SIGNAL: tl.constexpr,  # let the next kernel launch right after the wait (pdl.py)
+    GATED: tl.constexpr,  # W is [gate; up] (N = 2*I rows): out[m, i] = silu(gate[m, i]) * up[m, i]
+    RMS_EPS: tl.constexpr,  # GATED, M == 1 only (None: off): gate/up scaled by x's rsqrt(mean(x^2) + eps)
+    K_PAD: tl.constexpr,  # next_power_of_2(K) (RMS_EPS only)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -91,15 +97,28 @@ def _skinny_gemm_kernel(
 ):
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
-    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < M
-    col_mask = cols < N
+    if GATED:
+        # BLOCK_N/2 outputs a program: their gate rows, then their up rows (I = N // 2 further down).
+        HALF: tl.constexpr = BLOCK_N // 2
+        j = tl.arange(0, BLOCK_N)
+        out_j = pid * HALF + j % HALF
+        col_mask = out_j < N // 2
+        cols = out_j + (j // HALF) * (N // 2)  # the W rows (and bias entries) of the tile
+    else:
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N
     kk = tl.arange(0, BLOCK_K)
     x_base = x_ptr + rows[:, None].to(tl.int64) * stride_xm
     w_base = w_ptr + cols[:, None].to(tl.int64) * stride_wn
     pdl.enter(PDL)  # see pdl.py
     if EARLY_SIGNAL:
         pdl.leave(PDL)
+    if RMS_EPS is not None:
+        # The one input row, loaded before the loop and reduced after it (its latency overlaps the
+        # weight stream; summing squares inside the loop stops its pipelining, docs/gpu.md round 5).
+        kr = tl.arange(0, K_PAD)
+        x_row = tl.load(x_ptr + kr, mask=kr < K, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
@@ -111,6 +130,18 @@ def _skinny_gemm_kernel(
         pdl.leave(PDL)  # the weights are read: the next kernel may launch and wait on this one
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        if RMS_EPS is not None:
+            xf = x_row.to(tl.float32)
+            acc = acc * tl.rsqrt(tl.sum(xf * xf, axis=0) / K + RMS_EPS)
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), (0, 2, 1)))  # [BLOCK_M, HALF]
+        out_cols = pid * HALF + tl.arange(0, HALF)
+        tl.store(
+            out_ptr + rows[:, None].to(tl.int64) * stride_om + out_cols[None, :],
+            (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & (out_cols < N // 2)[None, :],
+        )
+        return
     out_mask = row_mask[:, None] & col_mask[None, :]
     if HAS_RESIDUAL:
         residual = tl.load(
@@ -131,11 +162,16 @@ def skinny_gemm(
     config: SkinnyConfig,
     residual: torch.Tensor | None = None,  # [M, N], rows contiguous
     early_signal: bool = False,
-) -> torch.Tensor:  # [M, N]
+    gated: bool = False,
+    rms_eps: float | None = None,
+) -> torch.Tensor:  # [M, N], or [M, N/2] gated
     """x @ weight.T (+ bias) with fp32 accumulation, rounded once to x's dtype.
 
     residual: added to the result (after the bias), in fp32 before the one rounding.
-    early_signal: let the next PDL kernel launch as soon as this one passed its wait."""
+    early_signal: let the next PDL kernel launch as soon as this one passed its wait.
+    gated: weight is a fused [gate; up] projection and the result is silu(gate) * up [M, N/2]
+    (SiLU-and-mul in the epilogue, on the fp32 sums); rms_eps (one row only): gate and up are first
+    scaled by rsqrt(mean(x^2) + rms_eps) of the input row (the folded post-attention norm)."""
     num_rows, k = x.shape
     n = weight.shape[0]
     assert weight.shape == (n, k) and weight.stride(1) == 1 and x.stride(1) == 1, (x.shape, weight.shape)
@@ -143,10 +179,14 @@ def skinny_gemm(
     if residual is not None:
         assert residual.shape == (num_rows, n) and residual.stride(1) == 1, (residual.shape, n)
         assert residual.dtype == x.dtype, (residual.dtype, x.dtype)
-    out = torch.empty((num_rows, n), dtype=x.dtype, device=x.device)
+    assert not gated or (n % 2 == 0 and residual is None), (n, gated)
+    assert rms_eps is None or (gated and num_rows == 1), (rms_eps, gated, num_rows)
+    out = torch.empty((num_rows, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
-    _skinny_gemm_kernel[(triton.cdiv(n, config.block_n),)](
+    # A gated program computes block_n / 2 outputs from block_n weight rows (its gate and up rows).
+    grid = (triton.cdiv(n // 2, config.block_n // 2) if gated else triton.cdiv(n, config.block_n),)
+    _skinny_gemm_kernel[grid](
         x,
         weight,
         bias if bias is not None else weight,
@@ -162,6 +202,9 @@ def skinny_gemm(
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         EARLY_SIGNAL=early_signal,
+        GATED=gated,
+        RMS_EPS=rms_eps,
+        K_PAD=triton.next_power_of_2(k) if rms_eps is not None else 1,
         BLOCK_M=16,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -176,6 +219,9 @@ def skinny_gemm(
 _CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig | None] = {}
 # same key -> the config `linear_add` uses (absent: cuBLAS addmm)
 _ADD_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
+# same key (a gate/up weight, one row) -> the config `linear_silu_and_mul` runs fused (absent: unfused)
+_GATED_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
+_GATED_TUNED: set[tuple[int, int, torch.dtype, bool, int]] = set()  # timed (whatever won)
 _ONES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -248,6 +294,25 @@ def linear_add(
     return F.linear(x, weight, bias) + residual  # (two roundings; no model here has an o/down bias)
 
 
+def linear_silu_and_mul(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [2*I, K]: the fused [gate; up] projection
+    bias: torch.Tensor | None,  # [2*I]
+    rms_eps: float | None = None,
+) -> torch.Tensor:  # [T, I]
+    """silu(gate) * up of gate_up = F.linear(x, weight, bias); with rms_eps, gate and up are first
+    scaled by s = rsqrt(mean(x^2) + rms_eps) per row (x is the raw residual stream and the norm's
+    weight is folded into `weight`). One kernel (the SiLU in the skinny GEMM's epilogue, on its fp32
+    sums) for one row where `tune_linear(gated=True)` measured it faster than the GEMM + SiLU pair;
+    otherwise `linear` then `silu_and_mul` (`silu_and_mul_rms`), the GEMM letting SiLU launch early."""
+    key = _key(x, weight, bias)
+    config = _GATED_CHOICE.get(key) if key is not None and x.shape[0] == 1 else None
+    if config is not None:
+        return skinny_gemm(x, weight, bias, config, gated=True, rms_eps=rms_eps)
+    gate_up = linear(x, weight, bias, early_signal=True)
+    return silu_and_mul(gate_up) if rms_eps is None else silu_and_mul_rms(gate_up, x, rms_eps)
+
+
 def _graph_seconds(body, iters: int) -> float:  # type: ignore[no-untyped-def]
     """Median device seconds of one replay of a CUDA graph of `body(i)` for i < iters. Timing graph
     replays measures what a decode graph sees: no host launch latency between kernels."""
@@ -290,11 +355,13 @@ def tune_linear(
     max_rows: int = MAX_ROWS,
     name: str = "",
     reps: int = 30,
+    gated: bool = False,
 ) -> list[str]:
     """Time F.linear against each skinny config for 1, 2, 4, ... max_rows rows; remember the fastest.
     Returns one report line per row count. A config whose output is off (relative error > 1e-2
     against F.linear) is never chosen. CUDA and bf16/fp16 only: otherwise nothing is chosen and []
-    is returned."""
+    is returned. gated (a fused gate/up weight): also time, for one row, the SiLU-and-mul epilogue
+    kernel against the chosen GEMM + the SiLU kernel (`linear_silu_and_mul`)."""
     w0 = weights[0]
     # fp32 stays on cuBLAS: tl.dot would run it in TF32, a different function from F.linear's.
     if (
@@ -376,7 +443,44 @@ def tune_linear(
             f" cuBLAS {nbytes / t_cublas / 1e9:.0f} GB/s){add_note}"
         )
         rows *= 2
+    if gated and FUSED_SILU and n % 2 == 0:
+        lines.append(_tune_gated(weights, bias, name, flush, flush_s, iters, gen))
     return lines
+
+
+def _tune_gated(weights, bias, name, flush, flush_s, iters, gen) -> str:  # type: ignore[no-untyped-def]
+    """One row: the fused SiLU-epilogue kernel against `linear` + `silu_and_mul` (see tune_linear)."""
+    w0 = weights[0]
+    n, k = w0.shape
+    key = (n, k, w0.dtype, bias is not None, 1)
+    if key in _GATED_CHOICE or key in _GATED_TUNED:
+        return f"linear+silu {name} {n}x{k} rows=1: tuned before -> {_GATED_CHOICE.get(key) or 'unfused'}"
+    _GATED_TUNED.add(key)
+    x = torch.randn(1, k, device=w0.device, generator=gen).to(w0.dtype)
+    ref = F.silu(F.linear(x, w0, bias).double()[:, : n // 2]) * F.linear(x, w0, bias).double()[:, n // 2 :]
+    t_pair = _time_calls(lambda w: silu_and_mul(linear(x, w, bias)), weights, flush, flush_s, iters)
+    results = [f"GEMM + SiLU {t_pair * 1e6:.1f} us"]
+    best: SkinnyConfig | None = None
+    best_t = t_pair / MIN_GAIN
+    for config in CANDIDATES:
+        try:
+            out = skinny_gemm(x, w0, bias, config, gated=True).double()
+            err = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+            if not err < 1e-2:
+                results.append(f"{config} rejected (rel err {err:.2g})")
+                continue
+            t = _time_calls(
+                lambda w, c=config: skinny_gemm(x, w, bias, c, gated=True), weights, flush, flush_s, iters
+            )
+        except Exception as exc:  # a config this GPU cannot compile or run is skipped, not fatal
+            results.append(f"{config} failed ({type(exc).__name__})")
+            continue
+        results.append(f"{config} {t * 1e6:.1f} us")
+        if t < best_t:
+            best, best_t = config, t
+    if best is not None:
+        _GATED_CHOICE[key] = best
+    return f"linear+silu {name} {n}x{k} rows=1: " + ", ".join(results) + f" -> {best or 'unfused'}"
 
 
 def chosen(n: int, k: int, dtype: torch.dtype, has_bias: bool, rows: int) -> SkinnyConfig | None:

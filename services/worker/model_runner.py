@@ -83,8 +83,13 @@ class ModelRunner:
             for name, mods in groups.items():
                 shapes = {tuple(m.weight.shape) for m in mods}
                 assert len(shapes) == 1, (name, shapes)
+                # gate_up_proj is the models' fused [gate; up] projection (SiLU-and-mul follows it)
                 report += self.ops.tune_linear(
-                    [m.weight for m in mods], mods[0].bias, GRAPH_LOGITS_MAX_ROWS, name
+                    [m.weight for m in mods],
+                    mods[0].bias,
+                    GRAPH_LOGITS_MAX_ROWS,
+                    name,
+                    gated=name == "gate_up_proj",
                 )
         torch.cuda.empty_cache()
         for line in report:

@@ -241,6 +241,44 @@ def test_skinny_linear_add(  # type: ignore[no-untyped-def]
     assert torch.equal(residual, before), "linear_add must not write its residual"
 
 
+def test_reference_linear_silu_and_mul_is_the_composition() -> None:
+    """The twin equals silu_and_mul(_rms) of the projection, up to the one rounding it skips (fp32)."""
+    gen = torch.Generator().manual_seed(11)
+    x, w, b = (
+        _rand(3, 40, dtype=torch.float32, gen=gen, scale=3.0),
+        _rand(48, 40, dtype=torch.float32, gen=gen),
+        None,
+    )
+    gate_up = F.linear(x, w, b)
+    torch.testing.assert_close(reference.linear_silu_and_mul(x, w, b), reference.silu_and_mul(gate_up))
+    torch.testing.assert_close(
+        reference.linear_silu_and_mul(x, w, b, EPS), reference.silu_and_mul_rms(gate_up, x, EPS)
+    )
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("num_tokens", GEMM_ROWS)
+def test_skinny_linear_silu_and_mul(  # type: ignore[no-untyped-def]
+    skinny, device: str, dtype: torch.dtype, with_bias: bool, num_tokens: int
+) -> None:
+    """The SiLU-and-mul epilogue (gate and up rows of each output block from the two halves of W;
+    I = 40 leaves the last block partial) against the twin, with and without the folded norm's
+    scale (one row only), and the bundle op (untuned: GEMM then the SiLU kernel)."""
+    _skip_without(device)
+    x, w, b, _ = _gemm_inputs(num_tokens, with_bias, device, dtype)  # w: [80, K] = [gate; up], I = 40
+    tol = _tol(dtype)
+    for rms_eps in (None, EPS):
+        expected = reference.linear_silu_and_mul(x, w, b, rms_eps)
+        assert expected.shape == (num_tokens, GEMM_N // 2)
+        got = skinny.linear_silu_and_mul(x, w, b, rms_eps)
+        torch.testing.assert_close(got, expected, atol=tol * 8, rtol=tol * 4)
+        if num_tokens <= skinny.MAX_ROWS and (rms_eps is None or num_tokens == 1):
+            for config in (skinny.SkinnyConfig(32, 64, 4, 2), skinny.SkinnyConfig(16, 64, 4, 2)):
+                out = skinny.skinny_gemm(x, w, b, config, gated=True, rms_eps=rms_eps)
+                torch.testing.assert_close(out, expected, atol=tol * 4, rtol=tol * 2)
+
+
 # --- a whole folded model on the Triton bundle ----------------------------------------------------
 
 

@@ -314,9 +314,17 @@ def test_tune_linear_on_gpu_picks_a_correct_kernel() -> None:
 
     weights = [torch.randn(3072, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
     bias = torch.randn(3072, device="cuda", dtype=torch.bfloat16)
-    lines = tune_linear(weights, bias, 8, "test")
+    lines = tune_linear(weights, bias, 8, "test", gated=True)
     print("\n".join(lines))
-    assert len(lines) == 4 and all("cuBLAS" in line for line in lines)
+    assert len(lines) == 5 and all("cuBLAS" in line for line in lines[:4])
+    assert lines[4].startswith("linear+silu test 3072x1024 rows=1: GEMM + SiLU"), lines[4]
+    from kernels import reference
+    from kernels.triton.skinny_gemm import linear_silu_and_mul
+
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    for rms_eps in (None, 1e-5):  # fused or not (whichever won), against the twin
+        expected = reference.linear_silu_and_mul(x, weights[2], bias, rms_eps).float()
+        assert _rel_err(linear_silu_and_mul(x, weights[2], bias, rms_eps), expected) < 1e-2, rms_eps
     for rows in (1, 3, 8):
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), weights[1].float(), bias.float())

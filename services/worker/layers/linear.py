@@ -40,3 +40,11 @@ class Linear(nn.Linear):
         """residual + this projection of x, in one op (residual [T, out] is not written)."""
         assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
         return self.ops.linear_add(x, self.weight, self.bias, residual)
+
+    def linear_silu_and_mul(self, x: torch.Tensor, rms_eps: float | None = None) -> torch.Tensor:
+        """silu(gate) * up of this fused [gate; up] projection of x: [T, in] -> [T, out / 2]; with
+        rms_eps, x is the raw residual stream and gate/up are scaled by its 1/rms (folded norm)."""
+        assert self.ops.linear_silu_and_mul is not None, (
+            f"kernel bundle {self.ops.name!r} has no linear_silu_and_mul"
+        )
+        return self.ops.linear_silu_and_mul(x, self.weight, self.bias, rms_eps)

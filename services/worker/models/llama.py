@@ -108,15 +108,18 @@ class MLP(nn.Module):
         self.down_proj = Linear(ops, cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
-        # The SiLU kernel may launch while the gate/up GEMM runs (where that is the skinny kernel).
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x, early_signal=True)))
+        if self.ops.linear_silu_and_mul is not None:  # one kernel for a decode-sized x where faster
+            return self.down_proj(self.gate_up_proj.linear_silu_and_mul(x))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
     def forward_folded(self, h: torch.Tensor, eps: float) -> torch.Tensor:
         """h + mlp(rms_norm(h)) for the raw residual stream h [T, hidden], the norm's weight folded
         into gate_up_proj: gate/up are computed from h and scaled by its 1/rms inside the SiLU op."""
         assert self.ops.silu_and_mul_rms is not None, f"kernel bundle {self.ops.name!r} cannot fold norms"
-        # The SiLU kernel may launch while the gate/up GEMM runs: it sums h's squares before its wait.
-        act = self.ops.silu_and_mul_rms(self.gate_up_proj(h, early_signal=True), h, eps)
+        if self.ops.linear_silu_and_mul is not None:  # one kernel for one row where faster
+            act = self.gate_up_proj.linear_silu_and_mul(h, rms_eps=eps)
+        else:
+            act = self.ops.silu_and_mul_rms(self.gate_up_proj(h), h, eps)
         return self.down_proj.linear_add(act, residual=h)
 
 
