@@ -45,7 +45,9 @@ EARLY_SIGNAL = os.environ.get("TANDEM_SKINNY_EARLY_SIGNAL", "1") == "1"
 # TANDEM_SKINNY_PREFER=name,name: projections (tune_linear's `name`) that take the fastest kernel
 # config even where cuBLAS timed faster (the kernel is PDL-launched; cuBLAS is not).
 # TANDEM_FUSED_SILU=0: never fuse SiLU-and-mul into the gate/up GEMM (`linear_silu_and_mul`).
-FUSED_SILU = os.environ.get("TANDEM_FUSED_SILU", "1") == "1"
+FUSED_SILU = os.environ.get("TANDEM_FUSED_SILU", "1") != "0"
+FUSED_SILU_FORCE = os.environ.get("TANDEM_FUSED_SILU") == "force"  # A/B: fused even where not faster
+GEMV_PROBE = os.environ.get("TANDEM_GEMV_PROBE", "0") == "1"  # A/B: also time torch.mv (reported only)
 PREFER_KERNEL = frozenset(filter(None, os.environ.get("TANDEM_SKINNY_PREFER", "").split(",")))
 
 
@@ -406,6 +408,9 @@ def tune_linear(
         fastest: SkinnyConfig | None = None  # the best kernel config, whatever cuBLAS did
         fastest_t = float("inf")
         results = [f"cuBLAS {t_cublas * 1e6:.1f} us"]
+        if rows == 1 and GEMV_PROBE:  # measured only (A/B probe): cuBLAS's matrix-vector product
+            t_mv = _time_calls(lambda w, x=x: torch.mv(w, x[0]), weights, flush, flush_s, iters)
+            results.append(f"cuBLAS gemv {t_mv * 1e6:.1f} us")
         for config in CANDIDATES:
             try:
                 out = skinny_gemm(x, w0, bias, config).double()
@@ -462,6 +467,8 @@ def _tune_gated(weights, bias, name, flush, flush_s, iters, gen) -> str:  # type
     results = [f"GEMM + SiLU {t_pair * 1e6:.1f} us"]
     best: SkinnyConfig | None = None
     best_t = t_pair / MIN_GAIN
+    fastest: SkinnyConfig | None = None
+    fastest_t = float("inf")
     for config in CANDIDATES:
         try:
             out = skinny_gemm(x, w0, bias, config, gated=True).double()
@@ -478,6 +485,11 @@ def _tune_gated(weights, bias, name, flush, flush_s, iters, gen) -> str:  # type
         results.append(f"{config} {t * 1e6:.1f} us")
         if t < best_t:
             best, best_t = config, t
+        if t < fastest_t:
+            fastest, fastest_t = config, t
+    if best is None and FUSED_SILU_FORCE and fastest is not None:
+        best = fastest
+        results.append("fused forced (TANDEM_FUSED_SILU=force)")
     if best is not None:
         _GATED_CHOICE[key] = best
     return f"linear+silu {name} {n}x{k} rows=1: " + ", ".join(results) + f" -> {best or 'unfused'}"
