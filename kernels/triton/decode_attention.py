@@ -100,7 +100,6 @@ def _decode_kernel(
     RMS_SCALE: tl.constexpr,  # ROTARY only: q/k/v are W' @ h; scale them by h's 1/rms first
     HIDDEN: tl.constexpr,
     HIDDEN_PAD: tl.constexpr,
-    SIGNAL_BEFORE_MERGE: tl.constexpr,  # let the next kernel launch once every split stored its partial
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -254,8 +253,6 @@ def _decode_kernel(
         tl.debug_barrier()
         counter = counter_ptr + b * NUM_KV_HEADS + kv_head
         arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-        if SIGNAL_BEFORE_MERGE:
-            pdl.leave(PDL)
         if arrived == NUM_SPLITS - 1:
             gm = tl.arange(0, G_MERGE)
             sp = tl.arange(0, S_PAD)
@@ -285,8 +282,7 @@ def _decode_kernel(
                 mask=(gm < GROUP)[:, None] & (d < HEAD_DIM)[None, :] & (q_len > 0),
             )
             tl.atomic_xchg(counter, 0)  # ready for the next launch (next layer, next step)
-    if not (SIGNAL_BEFORE_MERGE and NUM_SPLITS > 1):
-        pdl.leave(PDL)
+    pdl.leave(PDL)
 
 
 # The merge runs inside the kernel over a [group, splits, head_dim] tile: 16 splits keep that tile
@@ -298,9 +294,6 @@ MAX_SPLITS = 16
 # first tile is loaded before the PDL wait, so 64 makes every split of a short context one
 # preloaded tile (Llama-8B batch-1 4.37 -> 4.31 ms/token on an H200). TANDEM_DECODE_SPLIT_LEN overrides it.
 GPU_MIN_SPLIT_LEN = int(os.environ.get("TANDEM_DECODE_SPLIT_LEN", "64"))
-# TANDEM_DECODE_SIGNAL_BEFORE_MERGE=1: the next kernel (o_proj) may launch once every split has
-# stored its partial, while the merging programs finish (A/B switch, docs/gpu.md round 6).
-SIGNAL_BEFORE_MERGE = os.environ.get("TANDEM_DECODE_SIGNAL_BEFORE_MERGE", "0") == "1"
 
 
 def max_splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:
@@ -443,7 +436,6 @@ def decode_attention(
         RMS_SCALE=rms_input is not None,
         HIDDEN=hidden,
         HIDDEN_PAD=triton.next_power_of_2(hidden),
-        SIGNAL_BEFORE_MERGE=SIGNAL_BEFORE_MERGE,
         num_warps=4,
         num_stages=3,
         **pdl.launch_options(q.device),

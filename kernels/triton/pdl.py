@@ -11,6 +11,10 @@ The rules every PDL kernel here follows (they keep the step's data dependencies 
   or scratch buffer, and before it exits (a kernel that completed without waiting would let the
   next one run ahead of *its* predecessor);
 - it signals its dependents at its end (small kernels) or after its main loop (the skinny GEMM);
+  a skinny GEMM followed by a short latency-bound kernel (qkv -> decode attention, gate/up -> SiLU)
+  signals right after its wait instead (`early_signal`), so that kernel's programs launch beside the
+  GEMM's and their pre-wait loads overlap the weight stream (Llama-3.1-8B batch-1 on an H200:
+  4.32 -> 4.22 ms/token; round 6 in docs/gpu.md);
 - before its wait it may load only what the previous kernel does not write: the step's inputs
   (metadata, block tables, cos/sin) and anything written two or more kernels back (once a kernel
   runs, its predecessor has passed its own wait, so everything before that is complete). The
@@ -24,7 +28,7 @@ spread). Two variants were slower and are not kept: signalling at the start of t
 next GEMM's programs on the SMs while cuBLAS still runs its second wave) and an L2 prefetch of the
 GEMM's weights before its wait (4.68-4.89 ms: it competes with the running GEMM for bandwidth
 and evicts its lines), and (round 5) decode attention signalling right after its wait (4.49 vs 4.37
-ms).
+ms) and, round 6, decode attention signalling after its partials, before the merge (4.36 vs 4.32).
 """
 
 from __future__ import annotations

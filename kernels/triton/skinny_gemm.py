@@ -42,13 +42,10 @@ RESIDUAL_SAVED_S = 1.5e-6
 # ms/token for the qkv projection -> attention (docs/gpu.md round 6). TANDEM_SKINNY_EARLY_SIGNAL=0
 # turns it off (A/B switch, read once at import).
 EARLY_SIGNAL = os.environ.get("TANDEM_SKINNY_EARLY_SIGNAL", "1") == "1"
-# TANDEM_SKINNY_PREFER=name,name: projections (tune_linear's `name`) that take the fastest kernel
-# config even where cuBLAS timed faster (the kernel is PDL-launched; cuBLAS is not).
-# TANDEM_FUSED_SILU=0: never fuse SiLU-and-mul into the gate/up GEMM (`linear_silu_and_mul`).
+# TANDEM_FUSED_SILU=0: never fuse SiLU-and-mul into the gate/up GEMM (`linear_silu_and_mul`);
+# =force: fuse even where the tuner timed the pair faster (A/B switches).
 FUSED_SILU = os.environ.get("TANDEM_FUSED_SILU", "1") != "0"
-FUSED_SILU_FORCE = os.environ.get("TANDEM_FUSED_SILU") == "force"  # A/B: fused even where not faster
-GEMV_PROBE = os.environ.get("TANDEM_GEMV_PROBE", "0") == "1"  # A/B: also time torch.mv (reported only)
-PREFER_KERNEL = frozenset(filter(None, os.environ.get("TANDEM_SKINNY_PREFER", "").split(",")))
+FUSED_SILU_FORCE = os.environ.get("TANDEM_FUSED_SILU") == "force"
 
 
 @dataclass(frozen=True)
@@ -408,9 +405,6 @@ def tune_linear(
         fastest: SkinnyConfig | None = None  # the best kernel config, whatever cuBLAS did
         fastest_t = float("inf")
         results = [f"cuBLAS {t_cublas * 1e6:.1f} us"]
-        if rows == 1 and GEMV_PROBE:  # measured only (A/B probe): cuBLAS's matrix-vector product
-            t_mv = _time_calls(lambda w, x=x: torch.mv(w, x[0]), weights, flush, flush_s, iters)
-            results.append(f"cuBLAS gemv {t_mv * 1e6:.1f} us")
         for config in CANDIDATES:
             try:
                 out = skinny_gemm(x, w0, bias, config).double()
@@ -429,9 +423,6 @@ def tune_linear(
                 best, best_t = config, t
             if t < fastest_t:
                 fastest, fastest_t = config, t
-        if name in PREFER_KERNEL and fastest is not None and best is None:
-            best, best_t = fastest, fastest_t
-            results.append("kernel preferred (TANDEM_SKINNY_PREFER)")
         _CHOICE[key] = best
         add_note = ""
         if fastest is not None and fastest_t <= t_cublas + RESIDUAL_SAVED_S:
