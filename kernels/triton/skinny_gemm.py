@@ -348,6 +348,26 @@ def _time_calls(fn, weights: list[torch.Tensor], flush, flush_s: float, iters: i
     return max(_graph_seconds(body, iters) - flush_s * iters, 1e-9) / iters
 
 
+def _time_configs(run, ref, weights, flush, flush_s, iters, results):  # type: ignore[no-untyped-def]
+    """(config, device seconds) of run(weight, config) for each candidate config whose output on
+    weights[0] is within 1e-2 (relative) of ref; appends one report entry a config to results."""
+    timed: list[tuple[SkinnyConfig, float]] = []
+    for config in CANDIDATES:
+        try:
+            out = run(weights[0], config).double()
+            err = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+            if not err < 1e-2:
+                results.append(f"{config} rejected (rel err {err:.2g})")
+                continue
+            t = _time_calls(lambda w, c=config: run(w, c), weights, flush, flush_s, iters)
+        except Exception as exc:  # a config this GPU cannot compile or run is skipped, not fatal
+            results.append(f"{config} failed ({type(exc).__name__})")
+            continue
+        results.append(f"{config} {t * 1e6:.1f} us")
+        timed.append((config, t))
+    return timed
+
+
 def tune_linear(
     weights: list[torch.Tensor],  # [N, K] each, one shape: the same projection of every layer
     bias: torch.Tensor | None,  # [N] of the first layer (its presence selects the kernel variant)
@@ -405,20 +425,10 @@ def tune_linear(
         fastest: SkinnyConfig | None = None  # the best kernel config, whatever cuBLAS did
         fastest_t = float("inf")
         results = [f"cuBLAS {t_cublas * 1e6:.1f} us"]
-        for config in CANDIDATES:
-            try:
-                out = skinny_gemm(x, w0, bias, config).double()
-                err = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
-                if not err < 1e-2:
-                    results.append(f"{config} rejected (rel err {err:.2g})")
-                    continue
-                t = _time_calls(
-                    lambda w, x=x, c=config: skinny_gemm(x, w, bias, c), weights, flush, flush_s, iters
-                )
-            except Exception as exc:  # a config this GPU cannot compile or run is skipped, not fatal
-                results.append(f"{config} failed ({type(exc).__name__})")
-                continue
-            results.append(f"{config} {t * 1e6:.1f} us")
+        timed = _time_configs(
+            lambda w, c, x=x: skinny_gemm(x, w, bias, c), ref, weights, flush, flush_s, iters, results
+        )
+        for config, t in timed:
             if t < best_t:
                 best, best_t = config, t
             if t < fastest_t:
@@ -463,20 +473,10 @@ def _tune_gated(weights, bias, name, flush, flush_s, iters, gen) -> str:  # type
     best_t = t_pair
     fastest: SkinnyConfig | None = None
     fastest_t = float("inf")
-    for config in CANDIDATES:
-        try:
-            out = skinny_gemm(x, w0, bias, config, gated=True).double()
-            err = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
-            if not err < 1e-2:
-                results.append(f"{config} rejected (rel err {err:.2g})")
-                continue
-            t = _time_calls(
-                lambda w, c=config: skinny_gemm(x, w, bias, c, gated=True), weights, flush, flush_s, iters
-            )
-        except Exception as exc:  # a config this GPU cannot compile or run is skipped, not fatal
-            results.append(f"{config} failed ({type(exc).__name__})")
-            continue
-        results.append(f"{config} {t * 1e6:.1f} us")
+    timed = _time_configs(
+        lambda w, c: skinny_gemm(x, w, bias, c, gated=True), ref, weights, flush, flush_s, iters, results
+    )
+    for config, t in timed:
         if t < best_t:
             best, best_t = config, t
         if t < fastest_t:
