@@ -15,28 +15,14 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import CASES, CPU_CASES, GPU_CASES, skip_without, tol_for
 
 from kernels import REFERENCE_OPS, reference
 from tests.worker.worker_testlib import randomize_norms_and_biases
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
-CPU_CASES = [
-    pytest.param("cpu", torch.float32, id="cpu-fp32"),
-    pytest.param("cpu", torch.float16, id="cpu-fp16"),
-]
-GPU_CASES = [pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu)]
-CASES = CPU_CASES + GPU_CASES
 EPS = 1e-5
-
-
-def _skip_without(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-
-
-def _tol(dtype: torch.dtype) -> float:
-    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
 
 
 def _inv_rms64(x: torch.Tensor, eps: float) -> torch.Tensor:  # [T, H] -> [T, 1] float64
@@ -146,14 +132,14 @@ SILU_SHAPES = [(1, 64, 96), (3, 200, 1500), (8, 5000, 300), (20, 48, 1024)]
 def test_triton_silu_and_mul_rms(  # type: ignore[no-untyped-def]
     triton_silu, device: str, dtype: torch.dtype, num_tokens: int, hidden: int, inter: int
 ) -> None:
-    _skip_without(device)
+    skip_without(device)
     gen = torch.Generator().manual_seed(num_tokens * 7 + hidden)
     gate_up = (torch.randn(num_tokens, 2 * inter, generator=gen) * 4).to(device=device, dtype=dtype)
     x = (torch.randn(num_tokens, hidden, generator=gen) * 3).to(device=device, dtype=dtype)
     out = triton_silu.silu_and_mul_rms(gate_up, x, EPS)
     expected = reference.silu_and_mul_rms(gate_up, x, EPS)
     assert out.shape == (num_tokens, inter) and out.dtype == dtype
-    tol = _tol(dtype)
+    tol = tol_for(dtype)
     torch.testing.assert_close(out, expected, atol=tol * 4, rtol=tol)
     # The plain variant (RMS off) of the same kernel is unchanged.
     torch.testing.assert_close(
@@ -163,7 +149,7 @@ def test_triton_silu_and_mul_rms(  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(("device", "dtype"), CPU_CASES[:1] + GPU_CASES)
 def test_triton_silu_and_mul_rms_empty_and_strided(triton_silu, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
-    _skip_without(device)
+    skip_without(device)
     empty = triton_silu.silu_and_mul_rms(
         torch.empty(0, 64, device=device, dtype=dtype), torch.empty(0, 16, device=device, dtype=dtype), EPS
     )
@@ -172,7 +158,7 @@ def test_triton_silu_and_mul_rms_empty_and_strided(triton_silu, device: str, dty
     gen = torch.Generator().manual_seed(5)
     gate_up = torch.randn(3, 2 * 40 + 8, generator=gen).to(device=device, dtype=dtype)[:, : 2 * 40]
     x = torch.randn(3, 24 + 5, generator=gen).to(device=device, dtype=dtype)[:, :24]
-    tol = _tol(dtype)
+    tol = tol_for(dtype)
     torch.testing.assert_close(
         triton_silu.silu_and_mul_rms(gate_up, x, EPS),
         reference.silu_and_mul_rms(gate_up, x, EPS),
@@ -215,10 +201,10 @@ def _gemm_inputs(
 def test_skinny_linear_rms_norm(  # type: ignore[no-untyped-def]
     skinny, device: str, dtype: torch.dtype, with_bias: bool, num_tokens: int
 ) -> None:
-    _skip_without(device)
+    skip_without(device)
     x, w, b, _ = _gemm_inputs(num_tokens, with_bias, device, dtype)
     expected = reference.linear_rms_norm(x, w, b, EPS)
-    tol = _tol(dtype)
+    tol = tol_for(dtype)
     # The bundle's op (on the CPU, and untuned on CUDA: the norm kernel, then F.linear).
     torch.testing.assert_close(skinny.linear_rms_norm(x, w, b, EPS), expected, atol=tol * 4, rtol=tol * 2)
 
@@ -229,11 +215,11 @@ def test_skinny_linear_rms_norm(  # type: ignore[no-untyped-def]
 def test_skinny_linear_add(  # type: ignore[no-untyped-def]
     skinny, device: str, dtype: torch.dtype, with_bias: bool, num_tokens: int
 ) -> None:
-    _skip_without(device)
+    skip_without(device)
     x, w, b, residual = _gemm_inputs(num_tokens, with_bias, device, dtype)
     before = residual.clone()
     expected = reference.linear_add(x, w, b, residual)
-    tol = _tol(dtype)
+    tol = tol_for(dtype)
     torch.testing.assert_close(skinny.linear_add(x, w, b, residual), expected, atol=tol * 4, rtol=tol * 2)
     if num_tokens <= skinny.MAX_ROWS:
         out = skinny.skinny_gemm(x, w, b, skinny.SkinnyConfig(32, 64, 4, 2), residual=residual)
@@ -265,9 +251,9 @@ def test_skinny_linear_silu_and_mul(  # type: ignore[no-untyped-def]
     """The SiLU-and-mul epilogue (gate and up rows of each output block from the two halves of W;
     I = 40 leaves the last block partial) against the twin, with and without the folded norm's
     scale (one row only), and the bundle op (untuned: GEMM then the SiLU kernel)."""
-    _skip_without(device)
+    skip_without(device)
     x, w, b, _ = _gemm_inputs(num_tokens, with_bias, device, dtype)  # w: [80, K] = [gate; up], I = 40
-    tol = _tol(dtype)
+    tol = tol_for(dtype)
     for rms_eps in (None, EPS):
         expected = reference.linear_silu_and_mul(x, w, b, rms_eps)
         assert expected.shape == (num_tokens, GEMM_N // 2)

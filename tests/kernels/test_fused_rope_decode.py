@@ -10,33 +10,22 @@ import math
 
 import pytest
 import torch
+from kernel_cases import CASES, rel_err, skip_without, tol_for
 from paged_inputs import make_paged_batch
 
 from kernels import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
-CASES = [
-    pytest.param("cpu", torch.float32, id="cpu-fp32"),
-    pytest.param("cpu", torch.float16, id="cpu-fp16"),
-    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu),
-]
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in kernel output"
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12))
-
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_fused_rotary_decode_attention(device: str, dtype: torch.dtype) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+    skip_without(device)
     pytest.importorskip("triton")
     from kernels.triton import decode_attention as da
     from kernels.triton.paged_attention import rotary_write_paged_attention
 
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    limit = tol_for(dtype)
     gen = torch.Generator().manual_seed(11)
     # (num_q_heads, num_kv_heads, head_dim, block_size): GQA 1, 4, 7
     shapes = [(4, 4, 64, 16), (8, 2, 128, 32), (14, 2, 64, 16)]
@@ -97,6 +86,6 @@ def test_fused_rotary_decode_attention(device: str, dtype: torch.dtype) -> None:
                     out = da.decode_attention(
                         q, cache, tables, cu, seq_lens, scale, max_splits=3, rotary=rotary
                     )
-                err = _rel_err(out[:rows], ref[:rows])
-                assert err < tol, (num_q_heads, num_kv_heads, head_dim, max_splits, rms_input is None, err)
-                torch.testing.assert_close(cache, expected_cache, atol=tol * 4, rtol=tol * 2)
+                err = rel_err(out[:rows], ref[:rows])
+                assert err < limit, (num_q_heads, num_kv_heads, head_dim, max_splits, rms_input is None, err)
+                torch.testing.assert_close(cache, expected_cache, atol=limit * 4, rtol=limit * 2)

@@ -11,18 +11,13 @@ import math
 
 import pytest
 import torch
+from kernel_cases import CASES, rel_err, skip_without, tol_for
 from paged_inputs import make_paged_batch
 
 from kernels import get_ops, reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
-CPU_CASES = [
-    pytest.param("cpu", torch.float32, id="cpu-fp32"),
-    pytest.param("cpu", torch.float16, id="cpu-fp16"),
-]
-GPU_CASES = [pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=pytest.mark.gpu)]
-CASES = CPU_CASES + GPU_CASES
 # (num_q_heads, num_kv_heads, head_dim, block_size): GQA ratios 1, 4 and 7.
 SHAPES = [(4, 4, 64, 16), (8, 2, 128, 32), (14, 2, 64, 16)]
 GPU_ONLY_SHAPES = [(32, 8, 128, 16), (14, 2, 64, 32), (12, 2, 128, 16)]
@@ -36,27 +31,13 @@ def triton_ops():  # type: ignore[no-untyped-def]
     return TRITON_OPS
 
 
-def _skip_without(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in kernel output"
-    return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12))
-
-
-def _tol(dtype: torch.dtype) -> float:
-    return {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
-
-
 def _shapes(device: str) -> list[tuple[int, int, int, int]]:
     return SHAPES + (GPU_ONLY_SHAPES if device == "cuda" else [])
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_prefill_attention_with_cached_prefix(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
-    _skip_without(device)
+    skip_without(device)
     gen = torch.Generator().manual_seed(1)
     for num_q_heads, num_kv_heads, head_dim, block_size in _shapes(device):
         # Fresh prompts, prompts crossing block boundaries with a cached prefix, and decode rows mixed in.
@@ -68,13 +49,13 @@ def test_prefill_attention_with_cached_prefix(triton_ops, device: str, dtype: to
         scale = 1.0 / math.sqrt(head_dim)
         out = triton_ops.paged_attention(*args, scale, batch.max_seqlen_q)
         ref = reference.paged_attention(*args, scale, batch.max_seqlen_q)
-        err = _rel_err(out, ref)
-        assert err < _tol(dtype), (num_q_heads, num_kv_heads, head_dim, block_size, err)
+        err = rel_err(out, ref)
+        assert err < tol_for(dtype), (num_q_heads, num_kv_heads, head_dim, block_size, err)
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_decode_attention_splits_and_padding(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
-    _skip_without(device)
+    skip_without(device)
     gen = torch.Generator().manual_seed(2)
     for num_q_heads, num_kv_heads, head_dim, block_size in _shapes(device):
         lens = [1, 17, 70, block_size, 3 * block_size + 1]
@@ -91,15 +72,15 @@ def test_decode_attention_splits_and_padding(triton_ops, device: str, dtype: tor
         out = triton_ops.paged_attention(q, batch.kv_cache, tables, cu, seq_lens, scale, 1)
         ref = reference.paged_attention(q, batch.kv_cache, tables, cu, seq_lens, scale, 1)
         rows = int(batch.cu_seqlens_q[-1])  # the extra padding row is left unwritten by the kernel
-        err = _rel_err(out[:rows], ref[:rows])
-        assert err < _tol(dtype), (num_q_heads, num_kv_heads, head_dim, block_size, err)
+        err = rel_err(out[:rows], ref[:rows])
+        assert err < tol_for(dtype), (num_q_heads, num_kv_heads, head_dim, block_size, err)
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_decode_attention_in_kernel_merge(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     """Forced split counts (the CPU's default cap is 1 split): the last-arriving program merges the
     splits in the same launch and resets its arrival counter, so a second launch gives equal output."""
-    _skip_without(device)
+    skip_without(device)
     from kernels.triton import decode_attention as da
 
     gen = torch.Generator().manual_seed(5)
@@ -118,8 +99,8 @@ def test_decode_attention_in_kernel_merge(triton_ops, device: str, dtype: torch.
         for max_splits in (1, 3, 16) if device == "cuda" else (3, 16):
             out = da.decode_attention(*args, scale, max_splits=max_splits)
             again = da.decode_attention(*args, scale, max_splits=max_splits)
-            err = _rel_err(out, ref)
-            assert err < _tol(dtype), (num_q_heads, num_kv_heads, head_dim, max_splits, err)
+            err = rel_err(out, ref)
+            assert err < tol_for(dtype), (num_q_heads, num_kv_heads, head_dim, max_splits, err)
             assert torch.equal(out, again), "a second launch must see reset counters"
         assert int(da._COUNTERS[batch.q.device].abs().sum()) == 0, "arrival counters left non-zero"
 
@@ -127,7 +108,7 @@ def test_decode_attention_in_kernel_merge(triton_ops, device: str, dtype: torch.
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_rotary_write_kv_cache(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     """The fused rotary + KV write equals `rotary` then `write_kv_cache` (bitwise on the cache)."""
-    _skip_without(device)
+    skip_without(device)
     for num_q_heads, num_kv_heads, head_dim in [(4, 4, 64), (14, 2, 64), (32, 8, 128)]:
         cos_sin = reference.build_rope_cache(head_dim, 4096, 10000.0, None, dtype, device)
         tokens, num_blocks, block_size = 23, 5, 16
@@ -143,7 +124,7 @@ def test_rotary_write_kv_cache(triton_ops, device: str, dtype: torch.dtype) -> N
         expected = cache.clone()
         q_ref = reference.rotary_write_kv_cache(q, k, v, expected, slots, positions, cos_sin)
         q_out = triton_ops.rotary_write_kv_cache(q, k, v, cache, slots, positions, cos_sin)
-        tol = _tol(dtype)
+        tol = tol_for(dtype)
         torch.testing.assert_close(q_out, q_ref, atol=tol * 4, rtol=tol)
         torch.testing.assert_close(cache, expected, atol=tol * 4, rtol=tol)
         untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
@@ -157,7 +138,7 @@ def test_rotary_write_kv_cache(triton_ops, device: str, dtype: torch.dtype) -> N
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_write_kv_cache(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
-    _skip_without(device)
+    skip_without(device)
     num_blocks, block_size, heads, dim, tokens = 9, 16, 2, 64, 40
     # K/V as strided views of a fused qkv row, the way the model produces them.
     qkv = torch.randn(tokens, (4 + 2 * heads) * dim, device=device).to(dtype)
@@ -175,11 +156,11 @@ def test_write_kv_cache(triton_ops, device: str, dtype: torch.dtype) -> None:  #
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 @pytest.mark.parametrize("hidden", [64, 896, 1000])
 def test_norms(triton_ops, device: str, dtype: torch.dtype, hidden: int) -> None:  # type: ignore[no-untyped-def]
-    _skip_without(device)
+    skip_without(device)
     x = torch.randn(13, hidden, device=device).to(dtype)
     residual = torch.randn(13, hidden, device=device).to(dtype)
     weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
-    tol = _tol(dtype)
+    tol = tol_for(dtype)
     torch.testing.assert_close(
         triton_ops.rms_norm(x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6), atol=tol * 4, rtol=tol
     )
@@ -194,7 +175,7 @@ def test_norms(triton_ops, device: str, dtype: torch.dtype, hidden: int) -> None
 def test_rotary(
     triton_ops, device: str, dtype: torch.dtype, num_q_heads: int, num_kv_heads: int, head_dim: int
 ) -> None:  # type: ignore[no-untyped-def]
-    _skip_without(device)
+    skip_without(device)
     scaling = {
         "rope_type": "llama3",
         "factor": 8.0,
@@ -213,7 +194,7 @@ def test_rotary(
     q_before = q.clone()
     q_out, k_out = triton_ops.rotary(q, k, positions, cache)
     q_ref, k_ref = reference.rotary(q, k, positions, cache)
-    tol = _tol(dtype)
+    tol = tol_for(dtype)
     torch.testing.assert_close(q_out, q_ref, atol=tol * 4, rtol=tol)
     torch.testing.assert_close(k_out, k_ref, atol=tol * 4, rtol=tol)
     assert torch.equal(q, q_before), "rotary must not modify its inputs"
@@ -221,9 +202,9 @@ def test_rotary(
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_silu_and_mul(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
-    _skip_without(device)
+    skip_without(device)
     x = torch.randn(7, 2 * 1500, device=device).to(dtype)
-    tol = _tol(dtype)
+    tol = tol_for(dtype)
     torch.testing.assert_close(triton_ops.silu_and_mul(x), reference.silu_and_mul(x), atol=tol * 4, rtol=tol)
 
 
@@ -235,7 +216,7 @@ def test_get_ops_picks_triton_on_cuda_only() -> None:
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_tiny_head_dim_falls_back_to_reference(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
-    _skip_without(device)
+    skip_without(device)
     gen = torch.Generator().manual_seed(3)
     batch = make_paged_batch([(5, 7), (9, 1)], 8, 4, 8, 16, dtype, device, gen)  # stories260K: head_dim 8
     args = (batch.q, batch.kv_cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, 8**-0.5, 7)
@@ -246,7 +227,7 @@ def test_tiny_head_dim_falls_back_to_reference(triton_ops, device: str, dtype: t
 def test_skinny_gemm(device: str, dtype: torch.dtype) -> None:
     """Every candidate config of the decode-sized GEMM against F.linear (odd N and K exercise the
     masks), with and without bias."""
-    _skip_without(device)
+    skip_without(device)
     pytest.importorskip("triton")
     import torch.nn.functional as F
 
@@ -264,9 +245,9 @@ def test_skinny_gemm(device: str, dtype: torch.dtype) -> None:
             for config in configs:
                 out = skinny_gemm(x, weight, b, config)
                 assert out.shape == (rows, n) and out.dtype == dtype
-                err = _rel_err(out, ref)
+                err = rel_err(out, ref)
                 # fp32 on a GPU: tl.dot runs TF32 (why tune_linear leaves fp32 on cuBLAS)
-                tol = 2e-3 if (dtype == torch.float32 and device == "cuda") else _tol(dtype)
+                tol = 2e-3 if (dtype == torch.float32 and device == "cuda") else tol_for(dtype)
                 assert err < tol, (rows, config, b is None, err)
             # Signalling the next kernel early changes when it launches, never the result.
             early = skinny_gemm(x, weight, b, configs[0], early_signal=True)
@@ -277,7 +258,7 @@ def test_skinny_gemm(device: str, dtype: torch.dtype) -> None:
 def test_argmax(device: str, dtype: torch.dtype) -> None:
     """The two-launch argmax equals torch.argmax, ties included (first index wins), for vocabularies
     that are and are not a multiple of the chunk."""
-    _skip_without(device)
+    skip_without(device)
     pytest.importorskip("triton")
     from kernels.triton.argmax import BLOCK, argmax
 
@@ -324,11 +305,11 @@ def test_tune_linear_on_gpu_picks_a_correct_kernel() -> None:
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
     for rms_eps in (None, 1e-5):  # fused or not (whichever won), against the twin
         expected = reference.linear_silu_and_mul(x, weights[2], bias, rms_eps).float()
-        assert _rel_err(linear_silu_and_mul(x, weights[2], bias, rms_eps), expected) < 1e-2, rms_eps
+        assert rel_err(linear_silu_and_mul(x, weights[2], bias, rms_eps), expected) < 1e-2, rms_eps
     for rows in (1, 3, 8):
         x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
         ref = F.linear(x.float(), weights[1].float(), bias.float())
-        assert _rel_err(linear(x, weights[1], bias), ref) < 1e-2, (
+        assert rel_err(linear(x, weights[1], bias), ref) < 1e-2, (
             rows,
             chosen(3072, 1024, torch.bfloat16, True, rows),
         )
