@@ -51,8 +51,9 @@ class KernelOps:
     # (max_seqlen_q, head_dim, dtype, num_tokens) -> whether `rotary_write_attention(..., rms_input=h,
     # rms_eps)` applies h's RMS scale inside its one decode kernel (a folded model then skips the norm)
     attention_scales_rms: Callable[[int, int, torch.dtype, int], bool] = lambda *args: False
-    # (x [T, K], weight [N, K], bias [N] | None) -> [T, N]: F.linear, or a skinny-GEMM kernel for
-    # small T where `tune_linear` measured it faster on this GPU
+    # (x [T, K], weight [N, K], bias [N] | None, early_signal=False) -> [T, N]: F.linear, or a
+    # skinny-GEMM kernel for small T where `tune_linear` measured it faster on this GPU (which, with
+    # early_signal, lets the next kernel launch while it runs: kernels/triton/pdl.py)
     linear: Callable[..., torch.Tensor] | None = None
     # (weights: list of [N, K] tensors of one shape, bias or None, max_rows) -> report lines: times
     # F.linear against the kernel for T = 1, 2, 4, ... max_rows and remembers the faster per shape

@@ -220,7 +220,7 @@ _CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig | None] = {}
 _ADD_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
 # same key (a gate/up weight, one row) -> the config `linear_silu_and_mul` runs fused (absent: unfused)
 _GATED_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
-_GATED_TUNED: set[tuple[int, int, torch.dtype, bool, int]] = set()  # timed (whatever won)
+_GATED_TUNED: set[tuple[int, int, torch.dtype, bool, int]] = set()  # timed, whatever won (a superset)
 _ONES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -459,11 +459,12 @@ def _tune_gated(weights, bias, name, flush, flush_s, iters, gen) -> str:  # type
     w0 = weights[0]
     n, k = w0.shape
     key = (n, k, w0.dtype, bias is not None, 1)
-    if key in _GATED_CHOICE or key in _GATED_TUNED:
+    if key in _GATED_TUNED:
         return f"linear+silu {name} {n}x{k} rows=1: tuned before -> {_GATED_CHOICE.get(key) or 'unfused'}"
     _GATED_TUNED.add(key)
     x = torch.randn(1, k, device=w0.device, generator=gen).to(w0.dtype)
-    ref = F.silu(F.linear(x, w0, bias).double()[:, : n // 2]) * F.linear(x, w0, bias).double()[:, n // 2 :]
+    gate_up = F.linear(x, w0, bias).double()
+    ref = F.silu(gate_up[:, : n // 2]) * gate_up[:, n // 2 :]
     t_pair = _time_calls(lambda w: silu_and_mul(linear(x, w, bias)), weights, flush, flush_s, iters)
     results = [f"GEMM + SiLU {t_pair * 1e6:.1f} us"]
     best: SkinnyConfig | None = None

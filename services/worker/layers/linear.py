@@ -27,9 +27,7 @@ class Linear(nn.Linear):
         pre-wait loads) while this projection streams its weight (kernels/triton/pdl.py)."""
         if self.ops.linear is None:
             return super().forward(x)
-        if early_signal:
-            return self.ops.linear(x, self.weight, self.bias, early_signal=True)
-        return self.ops.linear(x, self.weight, self.bias)
+        return self.ops.linear(x, self.weight, self.bias, early_signal=early_signal)
 
     def linear_rms_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:  # [T, in] -> [T, out]
         """This projection of the RMS-normalised x (no norm weight: it is folded into this weight)."""
