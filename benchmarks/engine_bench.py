@@ -348,11 +348,16 @@ class StepTimer:
     then waits in the handle's `result()` for the sampled tokens (together: the step's device work
     as the host sees it; with async scheduling, the part not hidden behind host work), split into
     steps that carry prompt tokens and decode-only steps; the rest of the run is host work
-    (scheduler, outputs) not overlapped with the device."""
+    (scheduler, outputs), overlapped with the device or not.
+
+    On CUDA it also records an event before and after each launch: the device time of each step
+    (from the point the device reached the step's first work to its last) and the gaps in between,
+    where the device had nothing queued and waited for the host (`device_stats`)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.launch = engine.runner.launch
+        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.stats = {
             "prefill_steps": 0.0,
             "prefill_step_s": 0.0,
@@ -371,6 +376,10 @@ class StepTimer:
         del self.engine.runner.launch  # back to the class's method
 
     def _timed(self, out: Any, prev: Any = None) -> Any:
+        cuda = self.engine.device.type == "cuda"
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         handle = self.launch(out, prev)
         dt = time.perf_counter() - t0
@@ -378,6 +387,9 @@ class StepTimer:
         decodes = sum(1 for item in out.scheduled if item.num_new_tokens == 1)
         st = self.stats
         key = "prefill_step_s" if prompt else "decode_step_s"
+        if cuda:
+            end.record()
+            self.events.append((key, start, end))
         if prompt:
             st["prefill_steps"] += 1
             st["prompt_tokens"] += prompt
@@ -396,6 +408,24 @@ class StepTimer:
 
         handle.result = timed_result  # type: ignore[method-assign]
         return handle
+
+    def device_stats(self) -> dict[str, float]:
+        """CUDA: device seconds of prefill-carrying and decode-only steps, and the device's idle
+        seconds between steps (first step's start to last step's end, minus the steps)."""
+        if not self.events:
+            return {}
+        self.events[-1][2].synchronize()
+        busy = {"prefill_step_s": 0.0, "decode_step_s": 0.0}
+        idle = 0.0
+        for i, (key, start, end) in enumerate(self.events):
+            busy[key] += start.elapsed_time(end) / 1e3
+            if i:
+                idle += max(0.0, self.events[i - 1][2].elapsed_time(start) / 1e3)
+        return {
+            "prefill_device_s": busy["prefill_step_s"],
+            "decode_device_s": busy["decode_step_s"],
+            "device_idle_s": idle,
+        }
 
 
 def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[str]:
@@ -454,6 +484,7 @@ def run_offline(
         "host_s": elapsed - st["prefill_step_s"] - st["decode_step_s"],
         "async_scheduling": float(engine.async_scheduling),
         "overlapped_steps": float(engine.num_continuations - continuations),
+        **timer.device_stats(),
     }
     return elapsed, out_tokens, engine.scheduler.num_preemptions - preempted, phases
 

@@ -23,13 +23,14 @@ BACKENDS = ("auto", "triton", "reference")
 
 @dataclass(frozen=True)
 class KernelOps:
-    """A bundle of kernel implementations; see notes/kernel_api.md for each signature."""
+    """A bundle of kernel implementations; the comments give each signature."""
 
     name: str  # "reference" | "triton"
     # (key [T, Hkv, D], value [T, Hkv, D], kv_cache_layer [2, NB, BS, Hkv, D], slot_mapping [T] int64, -1 = skip)
     write_kv_cache: Callable[..., None]
     # (q [T, Hq, D], kv_cache_layer, block_tables [B, max_blocks] int32, cu_seqlens_q [B+1] int32,
-    #  seq_lens [B] int32, scale, max_seqlen_q) -> [T, Hq, D]
+    #  seq_lens [B] int32, scale, max_seqlen_q, num_decode_rows=0) -> [T, Hq, D]; num_decode_rows:
+    #  sequences [0, k) have one new token each (token i = sequence i), a hint for mixed steps
     paged_attention: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]  # (x [T, H], weight [H], eps) -> [T, H]
     # (x [T, H], residual [T, H], weight [H], eps) -> (normed [T, H], x + residual [T, H])
@@ -45,7 +46,8 @@ class KernelOps:
     #  cos_sin_cache) -> rotated q [T, Hq, D]; rotated K and V written to their slots
     rotary_write_kv_cache: Callable[..., torch.Tensor] | None = None
     # (q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache, block_tables, cu_seqlens_q,
-    #  seq_lens, scale, max_seqlen_q) -> [T, Hq, D]: `rotary_write_kv_cache` then `paged_attention`
+    #  seq_lens, scale, max_seqlen_q, rms_input=None, rms_eps=0.0, num_decode_rows=0) -> [T, Hq, D]:
+    #  `rotary_write_kv_cache` then `paged_attention`
     #  (a decode step does all of it in one kernel)
     rotary_write_attention: Callable[..., torch.Tensor] | None = None
     # (max_seqlen_q, head_dim, dtype, num_tokens) -> whether `rotary_write_attention(..., rms_input=h,

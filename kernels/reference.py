@@ -59,6 +59,7 @@ def paged_attention(
     seq_lens: torch.Tensor,  # [B] int32: cached + new tokens of each sequence
     scale: float,
     max_seqlen_q: int,
+    num_decode_rows: int = 0,  # a hint for kernels (sequences [0, k) have one new token); unused here
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new queries over its whole (paged) context.
 

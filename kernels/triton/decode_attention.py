@@ -49,6 +49,16 @@ class RotaryKV:
     rms_eps: float = 0.0
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile and launch parameters (the defaults are picked in `decode_attention`; a benchmark
+    passes others to compare)."""
+
+    block_n: int  # context tokens per loop iteration (a multiple of 16)
+    num_warps: int
+    num_stages: int
+
+
 @triton.jit
 def _decode_kernel(
     q_ptr,  # [T, Hq, D]
@@ -342,6 +352,8 @@ def decode_attention(
     scale: float,
     max_splits: int | None = None,
     rotary: RotaryKV | None = None,
+    launch: LaunchConfig | None = None,
+    out: torch.Tensor | None = None,  # [T, Hq, D] to write into (default: a new tensor)
 ) -> torch.Tensor:  # [T, Hq, D]; rows of no sequence are left unwritten
     """Attention of each sequence's single new token over its whole cached context (one launch).
 
@@ -360,6 +372,9 @@ def decode_attention(
     on_gpu = q.device.type == "cuda"
     # Small tiles on the CPU interpreter so that short test contexts still cross tiles and splits.
     block_n = (64 if d_pad <= 128 else 32) if on_gpu else 16
+    num_warps, num_stages = 4, 3
+    if launch is not None:  # benchmarks/decode_attention_bench.py
+        block_n, num_warps, num_stages = launch.block_n, launch.num_warps, launch.num_stages
     min_split_len = GPU_MIN_SPLIT_LEN if on_gpu else 16
     max_context = block_tables.shape[1] * block_size
     if max_splits is None:
@@ -378,7 +393,9 @@ def decode_attention(
         assert rms_input.dim() == 2 and rms_input.shape[0] == num_tokens and rms_input.stride(1) == 1
         hidden = rms_input.shape[1]
     # Rows of no sequence (CUDA-graph padding) are left unwritten: a zero fill costs a launch per layer.
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, (out.shape, out.dtype)
     if num_tokens == 0 or batch == 0:
         return out
     parts_shape = (batch, num_q_heads, num_splits) if num_splits > 1 else (1, 1, 1)
@@ -436,8 +453,8 @@ def decode_attention(
         RMS_SCALE=rms_input is not None,
         HIDDEN=hidden,
         HIDDEN_PAD=triton.next_power_of_2(hidden),
-        num_warps=4,
-        num_stages=3,
+        num_warps=num_warps,
+        num_stages=num_stages,
         **pdl.launch_options(q.device),
     )
     return out

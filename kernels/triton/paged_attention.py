@@ -2,9 +2,12 @@
 
 A batch whose every sequence has one new token (max_seqlen_q == 1, a plain decode step, the
 shape captured in CUDA graphs) goes to the split-KV decode kernel; anything else (prefill,
-chunked prefill with a cached prefix, mixed prefill + decode steps) goes to the prefill kernel,
-which handles decode rows as sequences of length 1. Head dims the tensor cores cannot take
-(< 16, or > 256) fall back to the PyTorch reference.
+chunked prefill with a cached prefix) goes to the prefill kernel. A mixed step (decodes first,
+then prompt chunks: `num_decode_rows`) runs both, each over its own sequences, into one output:
+the prefill kernel would take a decode row as a 128-row query tile with 4 live rows and stream
+the row's whole context through it at one program per SM (Llama-3.1-8B, 1024/128 offline on an
+H100: a step of ~8k prompt tokens + ~200 decodes took 228 ms against 186 ms for the prompts
+alone). Head dims the tensor cores cannot take (< 16, or > 256) fall back to the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def paged_attention(
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
     max_seqlen_q: int,
+    num_decode_rows: int = 0,  # sequences [0, k) have one new token each (token i = sequence i)
 ) -> torch.Tensor:  # [T, Hq, D]
     if not supports_head_dim(q.shape[-1]) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return reference.paged_attention(
@@ -47,7 +51,18 @@ def paged_attention(
         )
     if max_seqlen_q == 1:
         return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
-    return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
+    k = num_decode_rows
+    if not 0 < k < block_tables.shape[0]:
+        return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
+    out = torch.empty_like(q)
+    decode_attention(
+        q[:k], kv_cache_layer, block_tables[:k], cu_seqlens_q[: k + 1], seq_lens[:k], scale, out=out[:k]
+    )
+    # cu_seqlens_q[k:] keeps absolute token offsets: the prefill kernel reads and writes rows >= k.
+    prefill_attention(
+        q, kv_cache_layer, block_tables[k:], cu_seqlens_q[k:], seq_lens[k:], scale, max_seqlen_q, out=out
+    )
+    return out
 
 
 def _fused_decode(num_tokens: int, max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> bool:
@@ -84,6 +99,7 @@ def rotary_write_paged_attention(
     max_seqlen_q: int,
     rms_input: torch.Tensor | None = None,  # [T, hidden]
     rms_eps: float = 0.0,
+    num_decode_rows: int = 0,  # see paged_attention
 ) -> torch.Tensor:  # [T, Hq, D]
     """rotary_write_kv_cache, then paged_attention over the rotated q. A decode step does both in
     the decode kernel (one launch a layer instead of two: ~1 us of a Llama-8B layer on an H200,
@@ -100,4 +116,6 @@ def rotary_write_paged_attention(
         inv_rms = torch.rsqrt(hf.pow(2).mean(dim=-1) + rms_eps)[:, None, None]  # [T, 1, 1]
         q, k, v = ((t.float() * inv_rms).to(t.dtype) for t in (q, k, v))
     q_rot = rotary_write_kv_cache(q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache)
-    return paged_attention(q_rot, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
+    return paged_attention(
+        q_rot, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q, num_decode_rows
+    )

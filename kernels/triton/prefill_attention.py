@@ -175,8 +175,11 @@ def prefill_attention(
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
     max_seqlen_q: int,
-) -> torch.Tensor:  # [T, Hq, D]; rows past cu_seqlens_q[-1] are left unwritten
-    """Causal attention of each sequence's new tokens over its cached prefix and themselves."""
+    out: torch.Tensor | None = None,  # [T, Hq, D] to write into (default: a new tensor)
+) -> torch.Tensor:  # [T, Hq, D]; rows of no sequence (outside cu_seqlens_q's ranges) are left unwritten
+    """Causal attention of each sequence's new tokens over its cached prefix and themselves.
+    cu_seqlens_q holds absolute token offsets into q: a slice of a batch's metadata (its later
+    sequences) attends just those, writing their rows of `out`."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache_layer.shape
     assert cache_head_dim == head_dim and num_q_heads % num_kv_heads == 0, (q.shape, kv_cache_layer.shape)
@@ -186,7 +189,9 @@ def prefill_attention(
     batch = block_tables.shape[0]
     group = num_q_heads // num_kv_heads
     d_pad = triton.next_power_of_2(head_dim)
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, (out.shape, out.dtype)
     if num_tokens == 0 or batch == 0:
         return out
     if q.device.type == "cuda":

@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 GRAPH_LOGITS_MAX_ROWS = 8
 
 
+def leading_single_tokens(cu_seqlens: list[int]) -> int:
+    """How many sequences at the front of the batch have one new token each (decodes: the scheduler
+    puts running sequences first)."""
+    k = 0
+    while k + 1 < len(cu_seqlens) and cu_seqlens[k + 1] - cu_seqlens[k] == 1:
+        k += 1
+    return k
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -336,6 +345,7 @@ class ModelRunner:
             seq_lens=put(seq_lens, torch.int32),
             max_seqlen_q=max_seqlen_q,
             cos_sin_cache=self.cos_sin_cache,
+            num_decode_rows=leading_single_tokens(cu_seqlens),
         )
         ids = input_ids if isinstance(input_ids, torch.Tensor) else put(input_ids, torch.int64)
         return self.model(ids, meta)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from services.worker.block_manager import BlockManager
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
@@ -34,6 +35,13 @@ class ScheduledSequence:
     # Async scheduling: sampled tokens of the previous step that the host has not read yet (0 or 1);
     # the input id of this entry is then that step's sampled token, taken from the device.
     pending_tokens: int = 0
+
+
+class _Admission(NamedTuple):
+    has_kv: bool  # the sequence holds its prompt's KV already (fetched from a prefill worker)
+    cached: list[int]  # prefix-cache blocks it takes
+    num_new: int  # tokens computed this step
+    extra: int  # spare blocks for its parked choices
 
 
 @dataclass
@@ -127,16 +135,10 @@ class Scheduler:
             n_parked = len(seq.request.parked)
             if len(self.running) + 1 + n_parked > self.max_num_seqs:
                 break
-            # A sequence whose prompt KV was fetched from a prefill worker already holds its blocks.
-            has_kv = bool(seq.block_ids)
-            # prompt logprobs need the logits of every prompt position: compute, do not reuse
-            reuse = not (has_kv or seq.request.wants_prompt_logprobs)
-            cached = self.bm.find_cached_prefix(seq) if reuse else []
-            computed = max(seq.num_computed_tokens, len(cached) * self.bm.block_size)
-            num_new = min(seq.num_tokens - computed, budget)
-            extra = self._fork_blocks_needed(seq, num_new, computed)
-            if not self.bm.can_allocate(seq, num_new, cached, extra):
+            admission = self._admission(seq, budget)
+            if admission is None:
                 break
+            has_kv, cached, num_new, extra = admission
             self.waiting.popleft()
             request = seq.request
             if request.num_cached_prompt_tokens is None:
@@ -156,16 +158,21 @@ class Scheduler:
     def schedule_continuation(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """Async scheduling: the step after `prev`, planned while `prev` still runs on the device and
         before its tokens are known, assuming every sequence of `prev` decodes on. Returns None where
-        that step would not be exactly what `schedule()` gives once `prev`'s tokens are applied (a
-        prefill anywhere, waiting sequences, forks, prompt logprobs, penalties, which need the token
-        values on the host, or a KV cache that cannot take every sequence without preempting); the
-        caller then reads `prev` first and schedules as usual.
+        that step would not be what `schedule()` gives once `prev`'s tokens are applied (a prefill
+        anywhere, a waiting sequence that `schedule()` would admit, forks, prompt logprobs,
+        penalties, which need the token values on the host, or a KV cache that cannot take every
+        sequence without preempting); the caller then reads `prev` first and schedules as usual.
+
+        Waiting sequences that cannot be admitted now (the cache is full: after a preemption, or at
+        --max-num-seqs) do not stop a continuation. (Blocks that `prev`'s finishing sequences free
+        are only counted by the next `schedule()`: an admission may come one step later than a
+        synchronous scheduler would make it.)
 
         Sequences that `prev` finishes by length (or hands to a KV handle) are left out; those that
         stop on the token `prev` samples (or are aborted meanwhile) are computed anyway and their
         results discarded by the caller: their blocks, the one allocated here included, are freed
         when they finish, and a finished sequence's update is skipped."""
-        if self.waiting or self._pending_copies or not prev.scheduled:
+        if self._pending_copies or not prev.scheduled:
             return None
         for item in prev.scheduled:
             if item.num_new_tokens != 1 or not item.sample or item.children or item.prompt_logprob_positions:
@@ -198,11 +205,32 @@ class Scheduler:
             seqs.append(seq)
         if not seqs or len(seqs) > self.max_num_batched_tokens or needed > self.bm.num_free_blocks:
             return None
+        if self.waiting:
+            head = self.waiting[0]
+            fits = len(seqs) + 1 + len(head.request.parked) <= self.max_num_seqs
+            budget = self.max_num_batched_tokens - len(seqs)
+            if fits and budget > 0 and self._admission(head, budget, reserved=needed) is not None:
+                return None  # schedule() would admit it: read `prev` first
         scheduled = []
         for seq in seqs:
             self.bm.allocate(seq, 2)
             scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens + 1, 1, True, pending_tokens=1))
         return SchedulerOutput(scheduled, [], len(scheduled), 0, prev_rows=rows)
+
+    def _admission(self, seq: Sequence, budget: int, reserved: int = 0) -> _Admission | None:
+        """How waiting `seq` would be admitted with `budget` tokens left, or None when the KV cache
+        (less `reserved` blocks) cannot take it."""
+        # A sequence whose prompt KV was fetched from a prefill worker already holds its blocks.
+        has_kv = bool(seq.block_ids)
+        # prompt logprobs need the logits of every prompt position: compute, do not reuse
+        reuse = not (has_kv or seq.request.wants_prompt_logprobs)
+        cached = self.bm.find_cached_prefix(seq) if reuse else []
+        computed = max(seq.num_computed_tokens, len(cached) * self.bm.block_size)
+        num_new = min(seq.num_tokens - computed, budget)
+        extra = self._fork_blocks_needed(seq, num_new, computed)
+        if not self.bm.can_allocate(seq, num_new, cached, extra, reserved):
+            return None
+        return _Admission(has_kv, cached, num_new, extra)
 
     def _fork_blocks_needed(self, seq: Sequence, num_new: int, computed: int | None = None) -> int:
         """Spare blocks the parked siblings of `seq` need when this chunk ends its prompt."""

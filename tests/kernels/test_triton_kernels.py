@@ -54,6 +54,35 @@ def test_prefill_attention_with_cached_prefix(triton_ops, device: str, dtype: to
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_mixed_step_decode_rows_take_the_decode_kernel(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    """A step with decodes first and prompt chunks after (`num_decode_rows`): the decode kernel
+    over the first sequences and the prefill kernel over the rest, into one output, equal to the
+    reference, and to the prefill kernel alone over the whole batch."""
+    skip_without(device)
+    gen = torch.Generator().manual_seed(7)
+    for num_q_heads, num_kv_heads, head_dim, block_size in _shapes(device):
+        decodes = [(40, 1), (2 * block_size - 1, 1), (0, 1), (3 * block_size, 1)]
+        prompts = [(0, 37), (block_size + 5, 2 * block_size + 1)]
+        if device == "cuda":
+            decodes += [(1500, 1), (4000, 1)]
+            prompts += [(0, 700), (2000, 300)]
+        batch = make_paged_batch(
+            decodes + prompts, num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, gen
+        )
+        args = (batch.q, batch.kv_cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens)
+        scale = 1.0 / math.sqrt(head_dim)
+        out = triton_ops.paged_attention(*args, scale, batch.max_seqlen_q, num_decode_rows=len(decodes))
+        ref = reference.paged_attention(*args, scale, batch.max_seqlen_q)
+        whole = triton_ops.paged_attention(*args, scale, batch.max_seqlen_q)
+        for got in (out, whole):
+            err = rel_err(got, ref)
+            assert err < tol_for(dtype), (num_q_heads, num_kv_heads, head_dim, block_size, err)
+        # decode rows and prompt rows each match the other kernel's answer for them
+        assert rel_err(out[: len(decodes)], whole[: len(decodes)]) < tol_for(dtype)
+        torch.testing.assert_close(out[len(decodes) :], whole[len(decodes) :], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
 def test_decode_attention_splits_and_padding(triton_ops, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     skip_without(device)
     gen = torch.Generator().manual_seed(2)

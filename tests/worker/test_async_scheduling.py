@@ -185,8 +185,10 @@ def test_aborts_between_steps(model: Path) -> None:
 
 
 def test_preemption(stories_dir: Path) -> None:
-    """A KV cache of 12 blocks for 4 sequences of up to 5 blocks: recompute preemption; the
-    continuation never preempts (it falls back), so both modes preempt at the same steps."""
+    """A KV cache of 12 blocks for 4 sequences of up to 5 blocks: recompute preemption. The
+    continuation never preempts (it falls back), and it goes on while the preempted sequence
+    waits for blocks that are not free: the same tokens per request, the re-admission possibly one
+    step later than the synchronous engine makes it."""
     p = [
         SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
         SamplingParams(temperature=0.8, seed=3, max_tokens=55, ignore_eos=True),
@@ -195,12 +197,27 @@ def test_preemption(stories_dir: Path) -> None:
         requests={0: [EngineRequest(f"r{i}", (1, 30 + i, 40, 50 + i), p[i % 2]) for i in range(4)]}
     )
     kv = f"{12 * STORIES_BLOCK_BYTES}"
-    sync, overlap = _compare(
-        stories_dir, script, kv_cache_memory=kv, max_model_len=128, enable_prefix_caching=False
-    )
-    assert sync.engine.scheduler.num_preemptions > 0
-    assert overlap.engine.scheduler.num_preemptions == sync.engine.scheduler.num_preemptions
+    options: dict[str, Any] = dict(kv_cache_memory=kv, max_model_len=128, enable_prefix_caching=False)
+    sync = _drive(_engine(stories_dir, "off", **options), script)
+    engine = _engine(stories_dir, "on", **options)
+    scheduler = engine.scheduler
+    plan = scheduler.schedule_continuation
+    beside_waiting = []
+
+    def recorded(prev: Any) -> Any:
+        out = plan(prev)
+        if out is not None and scheduler.waiting:
+            beside_waiting.append(len(scheduler.waiting))
+        return out
+
+    scheduler.schedule_continuation = recorded  # type: ignore[method-assign]
+    overlap = _drive(engine, script)
+    assert _per_request(overlap) == _per_request(sync)
+    assert sync.engine.scheduler.num_preemptions > 0 and scheduler.num_preemptions > 0
     assert overlap.engine.num_continuations > 0
+    assert beside_waiting, "no step was launched ahead while a preempted sequence waited"
+    for run in (sync, overlap):
+        assert run.engine.block_manager.num_used_blocks == 0 and run.engine._launched is None
 
 
 def test_penalties_fall_back(stories_dir: Path) -> None:

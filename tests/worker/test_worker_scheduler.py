@@ -55,3 +55,23 @@ def test_waiting_requests_start_in_arrival_order(ref_models: dict[str, RefModel]
         n += 1
     assert [first_step[f"r{i}"] for i in range(4)] == sorted(first_step[f"r{i}"] for i in range(4))
     assert first_step["r2"] > first_step["r1"]
+
+
+def test_continuation_beside_waiting_requests(ref_models: dict[str, RefModel]) -> None:
+    """Async scheduling plans the next decode step ahead while requests wait, as long as
+    `schedule()` would not admit the first of them (here: --max-num-seqs is reached); once a slot
+    frees, it falls back so that the waiting request is admitted."""
+    engine = ref_models["stories"].engine(max_num_batched_tokens=64, max_num_seqs=2)
+    sched = engine.scheduler
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    for i, prompt in enumerate(prompts_of_lengths([5, 5, 5], 512, seed=3)):
+        engine.add_request(EngineRequest(f"r{i}", tuple(prompt), sp))
+    step(engine)  # r0, r1 prefilled; r2 waits for a slot
+    prev = sched.schedule()  # a decode step, in flight (continuations follow decode steps only)
+    assert len(sched.running) == 2 and len(sched.waiting) == 1
+    sched.max_num_seqs = 3  # a free slot: schedule() would admit r2, so no continuation
+    assert sched.schedule_continuation(prev) is None
+    sched.max_num_seqs = 2
+    nxt = sched.schedule_continuation(prev)
+    assert nxt is not None and [i.seq.request.request_id for i in nxt.scheduled] == ["r0", "r1"]
+    assert nxt.prev_rows == [0, 1] and len(sched.waiting) == 1

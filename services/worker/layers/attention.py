@@ -21,6 +21,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32: cached + new tokens of each sequence
     max_seqlen_q: int
     cos_sin_cache: torch.Tensor  # [max_pos, head_dim]: cos in [:, :D/2], sin in [:, D/2:]
+    # Sequences [0, k) have one new token each (token i is sequence i): in a step that also carries
+    # prompt chunks, the GPU attends them with the decode kernel (paged_attention.py).
+    num_decode_rows: int = 0
 
 
 class PagedAttention(nn.Module):
@@ -75,6 +78,7 @@ class PagedAttention(nn.Module):
                 meta.max_seqlen_q,
                 rms_input,
                 rms_eps,
+                num_decode_rows=meta.num_decode_rows,
             )
         assert self.ops.rotary_write_kv_cache is not None and rms_input is None
         q = self.ops.rotary_write_kv_cache(
@@ -92,6 +96,7 @@ class PagedAttention(nn.Module):
             meta.seq_lens,
             self.scale,
             meta.max_seqlen_q,
+            num_decode_rows=meta.num_decode_rows,
         )
 
 

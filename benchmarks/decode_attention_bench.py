@@ -1,0 +1,118 @@
+"""Paged decode attention at serving batch sizes: achieved bandwidth of the kernel per tile /
+launch configuration, Llama-3.1-8B heads (32 query, 8 KV, head_dim 128, block size 16), the
+contexts scattered over a shuffled cache like a long-running server's.
+
+    python benchmarks/decode_attention_bench.py [--out benchmarks/results/decode_attention_<gpu>.json]
+
+GB/s counts the K/V bytes of every context plus q and the output, once; compare it with the copy
+bandwidth engine_bench.py measures on the same GPU. The first row of each shape is the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.triton.decode_attention import LaunchConfig, decode_attention
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+SHAPES = ((256, 1024), (256, 2048), (192, 2048), (128, 2048), (64, 1024), (32, 4096))
+CONFIGS = [
+    LaunchConfig(block_n, warps, stages)
+    for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
+]
+SPLITS = (None, 2, 4)  # None: the kernel's default for the batch
+
+
+def time_call(fn, iters: int = 20) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def bench_shape(batch: int, context: int, gen: torch.Generator) -> list[dict[str, float | str]]:
+    dev = gen.device
+    blocks_per_seq = context // BS
+    num_blocks = batch * blocks_per_seq
+    cache = torch.randn(2, num_blocks, BS, HKV, D, device=dev, generator=gen, dtype=torch.bfloat16)
+    perm = torch.randperm(num_blocks, device=dev, generator=gen).to(torch.int32)
+    block_tables = perm.view(batch, blocks_per_seq).contiguous()
+    q = torch.randn(batch, HQ, D, device=dev, generator=gen, dtype=torch.bfloat16)
+    cu = torch.arange(batch + 1, device=dev, dtype=torch.int32)
+    seq_lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
+    scale = D**-0.5
+    reference = decode_attention(q, cache, block_tables, cu, seq_lens, scale)
+    nbytes = 2 * batch * context * HKV * D * 2 + 2 * q.numel() * 2
+    rows: list[dict[str, float | str]] = []
+    for splits, config in itertools.product(SPLITS, [None, *CONFIGS]):
+        label = "default" if config is None else f"n{config.block_n} w{config.num_warps} s{config.num_stages}"
+
+        def call(config: LaunchConfig | None = config, splits: int | None = splits) -> torch.Tensor:
+            return decode_attention(
+                q, cache, block_tables, cu, seq_lens, scale, max_splits=splits, launch=config
+            )
+
+        try:
+            err = (call().float() - reference.float()).abs().max().item()
+            t = time_call(call)
+        except Exception as exc:  # a config that does not compile (shared memory): say so, go on
+            print(f"  {batch}x{context} splits={splits} {label}: {type(exc).__name__}", flush=True)
+            continue
+        rows.append(
+            {
+                "batch": batch,
+                "context": context,
+                "splits": splits or 0,
+                "config": label,
+                "us": t * 1e6,
+                "GB_per_s": nbytes / t / 1e9,
+                "max_abs_err": err,
+            }
+        )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    name = torch.cuda.get_device_name()
+    results = []
+    print(f"{name}: decode attention, Llama-3.1-8B heads ({HQ}q/{HKV}kv x {D}), block {BS}")
+    print(f"{'batch':>5} {'ctx':>5} {'splits':>6} {'config':<14} {'us':>8} {'GB/s':>7}")
+    for batch, context in SHAPES:
+        rows = bench_shape(batch, context, gen)
+        results += rows
+        default = rows[0]
+        best = sorted(rows, key=lambda r: float(r["us"]))[:5]
+        for r in [default, *best]:
+            print(
+                f"{r['batch']:>5} {r['context']:>5} {r['splits'] or 'auto':>6} {r['config']:<14}"
+                f" {float(r['us']):8.1f} {float(r['GB_per_s']):7.0f}"
+            )
+        torch.cuda.empty_cache()
+    out = args.out or f"benchmarks/results/decode_attention_{name.lower().replace(' ', '-')}.json"
+    Path(out).write_text(json.dumps({"gpu": name, "rows": results}, indent=1))
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
