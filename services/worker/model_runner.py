@@ -199,7 +199,9 @@ class ModelRunner:
         )
         for i, item in enumerate(out.scheduled):
             seq, start, end = item.seq, item.start, item.start + item.num_new_tokens
-            if not item.pending_tokens:
+            if item.pending_tokens:  # its input id is the previous step's sampled token, on the device
+                input_ids.append(0)
+            else:
                 input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             blocks = seq.block_ids
@@ -214,8 +216,7 @@ class ModelRunner:
         ids: list[int] | torch.Tensor = input_ids
         if out.prev_rows is not None:
             assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
-            assert all(item.pending_tokens == 1 and item.num_new_tokens == 1 for item in out.scheduled)
-            ids = self._gather_rows(prev.token_ids, out.prev_rows)
+            ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
         decoded: DecodeOutputs | None = None
         if self.graphs is not None and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks):
@@ -255,14 +256,36 @@ class ModelRunner:
             lambda: (sampled.token_ids, sampled.logprobs),
         )
 
+    def _continuation_ids(
+        self,
+        token_ids: torch.Tensor,  # [R] the previous step's sampled tokens, on the device
+        out: SchedulerOutput,
+        host_ids: list[int],  # [T] input ids, 0 where the token is the previous step's
+        cu_seqlens: list[int],
+    ) -> torch.Tensor:  # [T] int64 on the device
+        """A continuation's input ids, without waiting for the step that samples some of them:
+        entry i with prev_rows[i] >= 0 takes token_ids[prev_rows[i]] (one token), the rest the
+        host's ids (prompt chunks)."""
+        assert out.prev_rows is not None
+        pending = [(cu_seqlens[i], row) for i, row in enumerate(out.prev_rows) if row >= 0]
+        if len(pending) == len(host_ids):  # decodes only: the sampled tokens in the rows' order
+            return self._gather_rows(token_ids, [row for _, row in pending])
+        ids = self._to_device(host_ids)
+        flat = self._to_device([t for t, _ in pending])
+        return ids.index_copy_(0, flat, token_ids.index_select(0, self._to_device([r for _, r in pending])))
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """An int64 host list on the device without waiting for the device (pinned on CUDA)."""
+        host = torch.tensor(values, dtype=torch.int64)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
     def _gather_rows(self, token_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """token_ids[rows] on the device ([R] int64), without waiting for the step that fills them."""
         if rows == list(range(len(rows))):
             return token_ids[: len(rows)]
-        index = torch.tensor(rows, dtype=torch.int64)
-        if self.device.type == "cuda":
-            index = index.pin_memory()
-        return token_ids.index_select(0, index.to(self.device, non_blocking=True))
+        return token_ids.index_select(0, self._to_device(rows))
 
     def _handle(
         self,

@@ -42,6 +42,7 @@ class _Admission(NamedTuple):
     cached: list[int]  # prefix-cache blocks it takes
     num_new: int  # tokens computed this step
     extra: int  # spare blocks for its parked choices
+    blocks: int  # free blocks it takes (new, revived cached ones, spares)
 
 
 @dataclass
@@ -51,7 +52,8 @@ class SchedulerOutput:
     num_batched_tokens: int
     num_preempted: int
     # A continuation (schedule_continuation): for each entry, the row of the previous step's sampled
-    # tokens that is its input id. None for an ordinary step (input ids from the host).
+    # tokens that is its input id (one token), or -1 where the input ids come from the host (prompt
+    # chunks). None for an ordinary step (input ids from the host).
     prev_rows: list[int] | None = None
 
     @property
@@ -138,35 +140,24 @@ class Scheduler:
             admission = self._admission(seq, budget)
             if admission is None:
                 break
-            has_kv, cached, num_new, extra = admission
-            self.waiting.popleft()
-            request = seq.request
-            if request.num_cached_prompt_tokens is None:
-                hit = min(len(cached) * self.bm.block_size, request.prompt_len)
-                request.num_cached_prompt_tokens = hit
-                self.bm.record_lookup(request.prompt_len, hit)
-            if not has_kv:
-                self.bm.use_cached_prefix(seq, cached)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append(self._commit(seq, num_new, extra))
-            budget -= num_new
+            scheduled.append(self._admit(self.waiting.popleft(), admission))
+            budget -= admission.num_new
 
         copies, self._pending_copies = self._pending_copies, []
         return SchedulerOutput(scheduled, copies, self.max_num_batched_tokens - budget, num_preempted)
 
     def schedule_continuation(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """Async scheduling: the step after `prev`, planned while `prev` still runs on the device and
-        before its tokens are known, assuming every sequence of `prev` decodes on. Returns None where
-        that step would not be what `schedule()` gives once `prev`'s tokens are applied (a prefill
-        anywhere, a waiting sequence that `schedule()` would admit, forks, prompt logprobs,
-        penalties, which need the token values on the host, or a KV cache that cannot take every
-        sequence without preempting); the caller then reads `prev` first and schedules as usual.
+        before its tokens are known, assuming every sequence of `prev` goes on: what sampled decodes
+        on (its input id is the token `prev` samples, read on the device: `prev_rows`), what is in
+        the middle of its prompt gets its next chunk, and waiting sequences are admitted with the
+        budget left, exactly as `schedule()` would once `prev`'s tokens are applied. Returns None
+        where that is not known without the tokens (forks, prompt logprobs, guided decoding, and
+        penalties need the token values on the host) or would take a preemption (a KV cache that
+        cannot take every sequence); the caller then reads `prev` first and schedules as usual.
 
-        Waiting sequences that cannot be admitted now (the cache is full: after a preemption, or at
-        --max-num-seqs) do not stop a continuation. (Blocks that `prev`'s finishing sequences free
-        are only counted by the next `schedule()`: an admission may come one step later than a
-        synchronous scheduler would make it.)
+        Blocks that `prev`'s finishing sequences free are only counted by the next `schedule()`: an
+        admission may come one step later than a synchronous scheduler would make it.
 
         Sequences that `prev` finishes by length (or hands to a KV handle) are left out; those that
         stop on the token `prev` samples (or are aborted meanwhile) are computed anyway and their
@@ -175,7 +166,7 @@ class Scheduler:
         if self._pending_copies or not prev.scheduled:
             return None
         for item in prev.scheduled:
-            if item.num_new_tokens != 1 or not item.sample or item.children or item.prompt_logprob_positions:
+            if item.children or item.prompt_logprob_positions:
                 return None
             # Guided decoding: the next step's mask needs the token `prev` samples, so a step with a
             # guided sequence is never launched ahead. Correctness first: the matcher must consume
@@ -185,37 +176,74 @@ class Scheduler:
         live = [item.seq for item in prev.scheduled if not item.seq.is_finished]
         if len(live) != len(self.running) or any(a is not b for a, b in zip(live, self.running, strict=True)):
             return None
-        rows: list[int] = []
-        seqs: list[Sequence] = []
-        needed = 0
-        for row, item in enumerate(prev.scheduled):
+        # (prev entry, its row of prev's sampled tokens or -1, tokens it computes now)
+        plan: list[tuple[ScheduledSequence, int, int]] = []
+        sample_row = 0
+        for item in prev.scheduled:
+            row = sample_row if item.sample else -1
+            sample_row += item.sample
             seq = item.seq
             if seq.is_finished:
                 continue
             assert seq.num_computed_tokens == item.start, (seq, item.start)
             request = seq.request
-            # `prev` appends one token: the host holds every earlier one (at most one step is unread).
-            if request.req.hold_kv or seq.num_output_tokens + 1 >= request.max_tokens:
-                continue
-            sp = request.sampling
-            if sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0:
-                return None
-            needed += self.bm.blocks_needed(seq, 2)  # prev's token and the one computed now
-            rows.append(row)
-            seqs.append(seq)
-        if not seqs or len(seqs) > self.max_num_batched_tokens or needed > self.bm.num_free_blocks:
+            if item.sample:
+                # `prev` appends one token: the host holds every earlier one (one step is unread).
+                if request.req.hold_kv or seq.num_output_tokens + 1 >= request.max_tokens:
+                    continue
+                sp = request.sampling
+                if sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0:
+                    return None
+            plan.append((item, row, 1))
+        # The token budget, as `schedule()` hands it out: decodes one token each, in running order; a
+        # sequence in the middle of its prompt gets what is left after one token per decode behind it.
+        budget = self.max_num_batched_tokens
+        decodes_left = sum(1 for item, row, _ in plan if row >= 0)
+        needed = 0
+        for i, (item, row, _) in enumerate(plan):
+            done = item.start + item.num_new_tokens  # computed once `prev` completes
+            if row >= 0:
+                decodes_left -= 1
+                num_new = 1
+            else:
+                num_new = min(item.seq.num_tokens - done, budget - decodes_left)
+            if num_new <= 0:
+                return None  # schedule() would skip it this step: keep it simple, go synchronous
+            plan[i] = (item, row, num_new)
+            budget -= num_new
+            needed += self.bm.blocks_needed(item.seq, item.num_new_tokens + num_new)
+        if not plan or budget < 0 or needed > self.bm.num_free_blocks:
             return None
-        if self.waiting:
-            head = self.waiting[0]
-            fits = len(seqs) + 1 + len(head.request.parked) <= self.max_num_seqs
-            budget = self.max_num_batched_tokens - len(seqs)
-            if fits and budget > 0 and self._admission(head, budget, reserved=needed) is not None:
-                return None  # schedule() would admit it: read `prev` first
-        scheduled = []
-        for seq in seqs:
-            self.bm.allocate(seq, 2)
-            scheduled.append(ScheduledSequence(seq, seq.num_computed_tokens + 1, 1, True, pending_tokens=1))
-        return SchedulerOutput(scheduled, [], len(scheduled), 0, prev_rows=rows)
+        # How many waiting sequences schedule() would admit beside these (counted, nothing taken).
+        admits, reserved, left = 0, needed, budget
+        for seq in self.waiting:
+            if left <= 0 or len(self.running) + admits + 1 + len(seq.request.parked) > self.max_num_seqs:
+                break
+            admission = self._admission(seq, left, reserved)
+            if admission is None:
+                break
+            if seq.request.parked or seq.request.wants_prompt_logprobs or seq.guided is not None:
+                return None  # admitted with what a continuation does not do: go synchronous
+            admits, reserved, left = admits + 1, reserved + admission.blocks, left - admission.num_new
+        scheduled: list[ScheduledSequence] = []
+        rows: list[int] = []
+        for item, row, num_new in plan:
+            seq = item.seq
+            self.bm.allocate(seq, item.num_new_tokens + num_new)
+            start = item.start + item.num_new_tokens
+            pending = 1 if row >= 0 else 0
+            sample = start + num_new == seq.num_tokens + pending
+            scheduled.append(ScheduledSequence(seq, start, num_new, sample, pending_tokens=pending))
+            rows.append(row)
+        # Admit them (the lookups again: the allocations above may have reused free cached blocks).
+        for _ in range(admits):
+            admission = self._admission(self.waiting[0], budget)
+            if admission is None:
+                break
+            scheduled.append(self._admit(self.waiting.popleft(), admission))
+            rows.append(-1)
+            budget -= admission.num_new
+        return SchedulerOutput(scheduled, [], self.max_num_batched_tokens - budget, 0, prev_rows=rows)
 
     def _admission(self, seq: Sequence, budget: int, reserved: int = 0) -> _Admission | None:
         """How waiting `seq` would be admitted with `budget` tokens left, or None when the KV cache
@@ -230,7 +258,23 @@ class Scheduler:
         extra = self._fork_blocks_needed(seq, num_new, computed)
         if not self.bm.can_allocate(seq, num_new, cached, extra, reserved):
             return None
-        return _Admission(has_kv, cached, num_new, extra)
+        blocks = self.bm.blocks_needed_with_prefix(seq, num_new, len(cached)) + extra
+        blocks += sum(1 for b in cached if self.bm.ref_counts[b] == 0)
+        return _Admission(has_kv, cached, num_new, extra, blocks)
+
+    def _admit(self, seq: Sequence, admission: _Admission) -> ScheduledSequence:
+        """Waiting `seq` (just taken off the queue) starts running: its prefix-cache blocks, then
+        its first chunk."""
+        request = seq.request
+        if request.num_cached_prompt_tokens is None:
+            hit = min(len(admission.cached) * self.bm.block_size, request.prompt_len)
+            request.num_cached_prompt_tokens = hit
+            self.bm.record_lookup(request.prompt_len, hit)
+        if not admission.has_kv:
+            self.bm.use_cached_prefix(seq, admission.cached)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return self._commit(seq, admission.num_new, admission.extra)
 
     def _fork_blocks_needed(self, seq: Sequence, num_new: int, computed: int | None = None) -> int:
         """Spare blocks the parked siblings of `seq` need when this chunk ends its prompt."""

@@ -170,6 +170,43 @@ def test_mixed_batch_with_stops_and_late_arrivals(model: Path) -> None:
     assert overlap.engine.num_discarded_rows >= 1  # "stop" was computed once more, then dropped
 
 
+def test_prompt_chunks_and_admissions_are_launched_ahead(model: Path) -> None:
+    """With a 16-token budget, long prompts arrive while others decode: the step launched ahead
+    carries the decodes (ids from the device), the next chunk of a prompt being prefilled and
+    newly admitted prompts (ids from the host); every request's tokens equal the synchronous run's."""
+    long_prompt = tuple([1] + [100 + i for i in range(39)])
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=15, ignore_eos=True)
+    script = Script(
+        requests={
+            0: [EngineRequest("a", (1, 30, 40), greedy), EngineRequest("b", (1, 31, 41), seeded)],
+            3: [EngineRequest("long1", long_prompt, greedy)],
+            4: [EngineRequest("short", (1, 60, 61, 62), seeded)],
+            6: [EngineRequest("long2", long_prompt[::-1], seeded)],
+        }
+    )
+    sync = _drive(_engine(model, "off", max_num_batched_tokens=16), script)
+    engine = _engine(model, "on", max_num_batched_tokens=16)
+    plan = engine.scheduler.schedule_continuation
+    kinds: set[str] = set()
+
+    def recorded(prev: Any) -> Any:
+        out = plan(prev)
+        for item, row in zip(out.scheduled if out else [], out.prev_rows or [] if out else [], strict=True):
+            if row < 0:
+                kinds.add("chunk" if item.start > 0 else "admitted")
+            assert item.num_new_tokens == 1 or row < 0
+        if out is not None:
+            assert out.num_batched_tokens <= 16
+        return out
+
+    engine.scheduler.schedule_continuation = recorded  # type: ignore[method-assign]
+    overlap = _drive(engine, script)
+    assert _per_request(overlap) == _per_request(sync)
+    assert kinds == {"chunk", "admitted"}, kinds
+    assert engine.block_manager.num_used_blocks == 0 and engine._launched is None
+
+
 def test_aborts_between_steps(model: Path) -> None:
     """Aborted while its next step is already launched: that row is discarded; an abort of the
     last running request drops the launched step entirely."""

@@ -57,21 +57,33 @@ def test_waiting_requests_start_in_arrival_order(ref_models: dict[str, RefModel]
     assert first_step["r2"] > first_step["r1"]
 
 
-def test_continuation_beside_waiting_requests(ref_models: dict[str, RefModel]) -> None:
-    """Async scheduling plans the next decode step ahead while requests wait, as long as
-    `schedule()` would not admit the first of them (here: --max-num-seqs is reached); once a slot
-    frees, it falls back so that the waiting request is admitted."""
+def _decode_in_flight(ref_models: dict[str, RefModel], max_num_seqs: int) -> tuple[Engine, SchedulerOutput]:
+    """r0, r1 prefilled and a decode step of theirs scheduled (in flight, not applied); r2 waits."""
     engine = ref_models["stories"].engine(max_num_batched_tokens=64, max_num_seqs=2)
-    sched = engine.scheduler
     sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    for i, prompt in enumerate(prompts_of_lengths([5, 5, 5], 512, seed=3)):
+    for i, prompt in enumerate(prompts_of_lengths([5, 5, 7], 512, seed=3)):
         engine.add_request(EngineRequest(f"r{i}", tuple(prompt), sp))
-    step(engine)  # r0, r1 prefilled; r2 waits for a slot
-    prev = sched.schedule()  # a decode step, in flight (continuations follow decode steps only)
-    assert len(sched.running) == 2 and len(sched.waiting) == 1
-    sched.max_num_seqs = 3  # a free slot: schedule() would admit r2, so no continuation
-    assert sched.schedule_continuation(prev) is None
-    sched.max_num_seqs = 2
-    nxt = sched.schedule_continuation(prev)
+    step(engine)
+    prev = engine.scheduler.schedule()
+    assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 1
+    engine.scheduler.max_num_seqs = max_num_seqs
+    return engine, prev
+
+
+def test_continuation_beside_waiting_requests(ref_models: dict[str, RefModel]) -> None:
+    """Async scheduling plans the next step ahead while requests wait: decodes whose input ids are
+    the in-flight step's tokens (prev_rows), plus what `schedule()` would admit with the budget
+    left (a prompt chunk, ids from the host); nothing when it would admit nothing (no free slot)."""
+    engine, prev = _decode_in_flight(ref_models, max_num_seqs=2)
+    nxt = engine.scheduler.schedule_continuation(prev)
     assert nxt is not None and [i.seq.request.request_id for i in nxt.scheduled] == ["r0", "r1"]
-    assert nxt.prev_rows == [0, 1] and len(sched.waiting) == 1
+    assert nxt.prev_rows == [0, 1] and len(engine.scheduler.waiting) == 1
+
+    engine, prev = _decode_in_flight(ref_models, max_num_seqs=3)
+    nxt = engine.scheduler.schedule_continuation(prev)
+    assert nxt is not None and [i.seq.request.request_id for i in nxt.scheduled] == ["r0", "r1", "r2"]
+    assert nxt.prev_rows == [0, 1, -1] and not engine.scheduler.waiting
+    r2 = nxt.scheduled[2]
+    assert (r2.start, r2.num_new_tokens, r2.sample, r2.pending_tokens) == (0, 7, True, 0)
+    assert [(i.start, i.num_new_tokens, i.pending_tokens) for i in nxt.scheduled[:2]] == [(6, 1, 1)] * 2
+    assert nxt.num_batched_tokens == 9
