@@ -32,6 +32,7 @@ import triton.language as tl
 from kernels.triton import pdl
 
 LOG2E = 1.4426950408889634
+FP8 = torch.float8_e4m3fn  # the fp8 KV cache (--kv-cache-dtype fp8): plain casts, no scales
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,10 @@ def _decode_kernel(
     block0 = tl.load(table + pos0 // BLOCK_SIZE, mask=n_mask0, other=0).to(tl.int64)
     row0 = block0 * stride_cb + (pos0 % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
     old0 = (n_mask0 & (pos0 < cached_end))[:, None] & d_mask[None, :]
-    k0 = tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=old0, other=0.0)
-    v0 = tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=old0, other=0.0)
+    # An fp8 cache is widened to q's dtype as it is loaded (the dots run in q's dtype).
+    DT: tl.constexpr = q_ptr.dtype.element_ty
+    k0 = tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=old0, other=0.0).to(DT)
+    v0 = tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=old0, other=0.0).to(DT)
     if ROTARY:
         # rotate_half as a gather: element d pairs with (d + D/2) % D, the first half negated.
         HALF: tl.constexpr = HEAD_DIM // 2
@@ -202,8 +205,12 @@ def _decode_kernel(
             tile_end = kv_end
             # The first tile's rows of this step's tokens (written by the previous kernel).
             new0 = (n_mask0 & (pos0 >= cached_end))[:, None] & d_mask[None, :]
-            k0 = tl.where(new0, tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), k0)
-            v0 = tl.where(new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0), v0)
+            k0 = tl.where(
+                new0, tl.load(k_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0).to(DT), k0
+            )
+            v0 = tl.where(
+                new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0).to(DT), v0
+            )
         s = tl.dot(q, tl.trans(k0)) * scale_log2  # [G_PAD, BLOCK_N]
         s = tl.where((n_mask0 & (pos0 < tile_end))[None, :], s, float("-inf"))
         m_i = tl.max(s, axis=1)
@@ -217,14 +224,14 @@ def _decode_kernel(
             block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
             row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(DT)
             s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N]
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(DT)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         if ROTARY:  # the new token, in the split that holds it: one more online-softmax column
@@ -237,7 +244,7 @@ def _decode_kernel(
             p_new = tl.where(holds_new, p_new, 0.0)
             l_i = l_i * alpha + p_new
             # p rounded to V's dtype as in the tiles' dot
-            p_v = p_new.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+            p_v = p_new.to(DT).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
             acc = acc * alpha[:, None] + p_v
             m_i = tl.where(holds_new, m_new, m_i)
 
@@ -363,7 +370,11 @@ def decode_attention(
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache_layer.shape
     assert cache_head_dim == head_dim and num_q_heads % num_kv_heads == 0, (q.shape, kv_cache_layer.shape)
-    assert q.stride(2) == 1 and q.dtype == kv_cache_layer.dtype, (q.stride(), q.dtype, kv_cache_layer.dtype)
+    assert q.stride(2) == 1 and kv_cache_layer.dtype in (q.dtype, FP8), (
+        q.stride(),
+        q.dtype,
+        kv_cache_layer.dtype,
+    )
     assert kv_cache_layer.stride(4) == 1 and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
     assert cu_seqlens_q.dtype == torch.int32 and seq_lens.dtype == torch.int32
     batch = block_tables.shape[0]

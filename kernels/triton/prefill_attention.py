@@ -44,7 +44,9 @@ def _attend_tile(
     block = tl.load(table + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
     row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(
+        q.dtype
+    )  # fp8 cache: widened
     s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
     if CAUSAL:
         s = tl.where((pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
@@ -54,7 +56,7 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
@@ -183,7 +185,10 @@ def prefill_attention(
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache_layer.shape
     assert cache_head_dim == head_dim and num_q_heads % num_kv_heads == 0, (q.shape, kv_cache_layer.shape)
-    assert q.stride(2) == 1 and q.dtype == kv_cache_layer.dtype, (q.stride(), q.dtype, kv_cache_layer.dtype)
+    assert q.stride(2) == 1 and kv_cache_layer.dtype in (q.dtype, torch.float8_e4m3fn), (
+        q.dtype,
+        kv_cache_layer.dtype,
+    )
     assert kv_cache_layer.stride(4) == 1 and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
     assert cu_seqlens_q.dtype == torch.int32 and seq_lens.dtype == torch.int32
     batch = block_tables.shape[0]

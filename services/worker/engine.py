@@ -60,6 +60,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_kv_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: the model dtype, or float8 e4m3 (cast on write, widened on read)."""
+    return torch.float8_e4m3fn if name == "fp8" else dtype
+
+
 def resolve_max_model_len(cfg: ModelConfig, requested: int) -> int:
     limit = cfg.max_position_embeddings
     if cfg.sliding_window is not None and cfg.sliding_window < limit:
@@ -103,6 +108,7 @@ class Engine:
         self.device = resolve_device(config.device)
         self.bind_device()
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype)
         if self.device.type == "cpu":
             # Process-wide: one engine per worker process. A tiny model's matmuls are far too small
             # to split, and extra threads only contend with the styler and gateway beside it
@@ -124,7 +130,7 @@ class Engine:
             config.seed,
         )
         num_blocks = self._num_kv_blocks()
-        self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.dtype, self.device)
+        self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
@@ -148,7 +154,7 @@ class Engine:
     # ---- setup ---------------------------------------------------------------------------------
     def _num_kv_blocks(self) -> int:
         cfg, bs = self.model_config, self.config.block_size
-        per_block = block_bytes(cfg, bs, self.dtype)
+        per_block = block_bytes(cfg, bs, self.kv_dtype)
         blocks_per_seq = math.ceil(self.max_model_len / bs)
         budget = self.config.kv_cache_bytes
         if budget is None and self.device.type == "cuda":

@@ -39,7 +39,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float8_e4m3fn: "float8_e4m3fn",  # --kv-cache-dtype fp8
+}
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 # Chunks read ahead of the one being sent: overlaps the device->host copy with the network.
 READ_AHEAD = 2

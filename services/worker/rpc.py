@@ -144,6 +144,8 @@ def fingerprint(engine: Engine) -> str:
     cfg = engine.model_config
     parts = [cfg.architecture, engine.served_model_name, str(engine.dtype), str(engine.config.block_size)]
     parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, "tp1"]
+    if engine.kv_dtype != engine.dtype:  # (unchanged fingerprints for a cache in the model dtype)
+        parts.append(f"kv:{engine.kv_dtype}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

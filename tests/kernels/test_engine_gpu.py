@@ -88,7 +88,9 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return path
 
 
-def _engine(model_dir: Path, enforce_eager: bool = False, async_scheduling: str = "auto") -> Any:
+def _engine(
+    model_dir: Path, enforce_eager: bool = False, async_scheduling: str = "auto", kv_cache_dtype: str = "auto"
+) -> Any:
     from services.worker.config import WorkerConfig
     from services.worker.engine import Engine
 
@@ -102,6 +104,7 @@ def _engine(model_dir: Path, enforce_eager: bool = False, async_scheduling: str 
             kv_cache_memory="256MiB",
             enforce_eager=enforce_eager,
             async_scheduling=async_scheduling,  # type: ignore[arg-type]
+            kv_cache_dtype=kv_cache_dtype,  # type: ignore[arg-type]
         )
     )
 
@@ -111,12 +114,16 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-def test_logits_and_greedy_match_transformers(model_dir: Path) -> None:
+def _against_transformers(
+    model_dir: Path, kv_cache_dtype: str = "auto"
+) -> tuple[int, int, int, float, float]:
+    """The engine's greedy run against transformers: (teacher-forced agreement with HF bf16, total,
+    free-running agreement, mean |logprob - HF fp32| of the engine, the same of HF bf16)."""
     from transformers import AutoModelForCausalLM
 
     from services.worker.request import SamplingParams
 
-    engine = _engine(model_dir)
+    engine = _engine(model_dir, kv_cache_dtype=kv_cache_dtype)
     assert engine.ops.name == "triton" and engine.runner.graphs is not None
     vocab = engine.model_config.vocab_size
     prompts = _prompts(vocab)
@@ -151,15 +158,27 @@ def test_logits_and_greedy_match_transformers(model_dir: Path) -> None:
         total += NUM_TOKENS
     e_engine, e_hf16 = torch.cat(err_engine).mean().item(), torch.cat(err_hf16).mean().item()
     print(
-        f"{model_dir.name}: greedy agreement teacher-forced {agree}/{total}, free-running {free_agree}/{total}; "
-        f"mean |logprob - fp32| engine {e_engine:.4f}, HF bf16 {e_hf16:.4f}"
+        f"{model_dir.name} (KV {kv_cache_dtype}): greedy agreement teacher-forced {agree}/{total}, "
+        f"free-running {free_agree}/{total}; mean |logprob - fp32| engine {e_engine:.4f}, HF bf16 {e_hf16:.4f}"
     )
+    return agree, total, free_agree, e_engine, e_hf16
+
+
+def test_logits_and_greedy_match_transformers(model_dir: Path) -> None:
+    agree, total, free_agree, e_engine, e_hf16 = _against_transformers(model_dir)
     assert agree >= 0.99 * total, f"teacher-forced greedy agreement {agree}/{total} < 99%"
     # Free-running, one bf16 near-tie sends the two continuations apart for the rest of the 64 tokens
     # (seen once on Qwen3: 263/320 with 318/320 teacher-forced), so it gets a looser sanity bound.
     assert free_agree >= 0.75 * total, f"free-running greedy agreement {free_agree}/{total} < 75%"
     # The engine in bf16 is as close to the fp32 model as transformers in bf16 is (within 2x + noise).
     assert e_engine <= 2 * e_hf16 + 0.01, (e_engine, e_hf16)
+
+
+def test_fp8_kv_cache_stays_close_to_transformers(model_dir: Path) -> None:
+    """--kv-cache-dtype fp8 rounds every cached K/V to 1/16: looser than bf16, still the same model."""
+    agree, total, _, e_engine, e_hf16 = _against_transformers(model_dir, "fp8")
+    assert agree >= 0.95 * total, f"teacher-forced greedy agreement {agree}/{total} < 95%"
+    assert e_engine <= 6 * e_hf16 + 0.03, (e_engine, e_hf16)
 
 
 def test_cuda_graphs_on_and_off_identical(model_dir: Path) -> None:
