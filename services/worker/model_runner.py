@@ -214,7 +214,7 @@ class ModelRunner:
                     rows.append((s, i))
         dev = self.device
         ids: list[int] | torch.Tensor = input_ids
-        if out.prev_rows is not None:
+        if out.prev_rows is not None and any(row >= 0 for row in out.prev_rows):
             assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)

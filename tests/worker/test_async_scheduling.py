@@ -207,6 +207,15 @@ def test_prompt_chunks_and_admissions_are_launched_ahead(model: Path) -> None:
     assert engine.block_manager.num_used_blocks == 0 and engine._launched is None
 
 
+def test_a_long_prompt_alone_is_chunked_ahead(model: Path) -> None:
+    """A prompt of 3 budgets with nothing else running: each chunk is launched while the previous
+    one runs (a step that samples nothing: every input id comes from the host)."""
+    prompt = tuple([1] + [200 + i for i in range(44)])
+    script = Script(requests={0: [EngineRequest("long", prompt, SamplingParams(temperature=0.0, max_tokens=5))]})
+    sync, overlap = _compare(model, script, max_num_batched_tokens=16)
+    assert overlap.engine.num_continuations >= 2 + 4
+
+
 def test_aborts_between_steps(model: Path) -> None:
     """Aborted while its next step is already launched: that row is discarded; an abort of the
     last running request drops the launched step entirely."""
