@@ -1,6 +1,8 @@
 """Where the device time of a serving-sized engine step goes: torch.profiler kernel tables of one
-prefill step (8 prompts of 1,024 tokens, an 8,192-token budget) and of decode steps at batch 256
-(contexts ~1,100), Llama-3.1-8B shapes on dummy weights (the offline scenario 2 of engine_bench).
+prefill step (8 prompts of 1,024 tokens, an 8,192-token budget), of decode steps at batch 192
+(contexts ~1,100) and of the mixed steps when 8 prompts join them, and one layer's attention of
+such a mixed step with and without the decode kernel for its decode rows; Llama-3.1-8B shapes on
+dummy weights (the offline scenario 2 of engine_bench).
 
     python benchmarks/step_profile.py [--model Llama-3.1-8B] [--out benchmarks/results/step_profile_<gpu>.json]
 """
@@ -24,6 +26,8 @@ from engine_bench import FULL, MODELS, make_engine, random_prompt, write_model
 
 from services.worker.engine import Engine
 from services.worker.request import EngineRequest, SamplingParams
+
+DECODE_BATCH = 192  # leaves room (--max-num-seqs 256) for the mixed step's 8 new prompts
 
 
 def kernel_table(prof: profile, steps: int, top: int = 24) -> tuple[float, list[dict[str, float | str]]]:
@@ -63,6 +67,42 @@ def print_table(title: str, wall: float, busy: float, rows: list[dict[str, float
         )
 
 
+def mixed_attention_ab(engine: Engine) -> dict[str, float]:
+    """One layer's attention of a mixed step (the running decodes, contexts ~1,100, then 8 prompts of
+    1,024 new tokens), Llama-3.1-8B heads: the prefill kernel over all of it, or the decode kernel
+    over the decodes and the prefill kernel over the prompts (`num_decode_rows`)."""
+    cfg = engine.model_config
+    bs = engine.config.block_size
+    decodes, prompts, ctx, plen = DECODE_BATCH, 8, 1100, 1024
+    lens = [ctx] * decodes + [plen] * prompts
+    q_lens = [1] * decodes + [plen] * prompts
+    blocks = [-(-n // bs) for n in lens]
+    tables = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
+    start = 0
+    for i, n in enumerate(blocks):
+        tables[i, :n] = torch.arange(start, start + n, dtype=torch.int32)
+        start += n
+    dev, dtype = engine.device, engine.dtype
+    cache = torch.randn(2, start, bs, cfg.num_kv_heads, cfg.head_dim, device=dev, dtype=dtype)
+    q = torch.randn(sum(q_lens), cfg.num_heads, cfg.head_dim, device=dev, dtype=dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    args = (q, cache, tables.to(dev), cu, seq_lens, cfg.head_dim**-0.5, plen)
+    attend = engine.ops.paged_attention
+    out = {}
+    for label, k in (("prefill_kernel_only_us", 0), ("decode_plus_prefill_us", decodes)):
+        for _ in range(3):
+            attend(*args, num_decode_rows=k)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            attend(*args, num_decode_rows=k)
+        torch.cuda.synchronize()
+        out[label] = (time.perf_counter() - t0) / 20 * 1e6
+    print(f"\nmixed-step attention, one layer ({decodes} decodes + {prompts} x {plen}): {out}")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="Llama-3.1-8B")
@@ -90,7 +130,7 @@ def main() -> int:
         report["prefill"] = {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "kernels": rows}
 
         params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
-        for i in range(256):
+        for i in range(DECODE_BATCH):
             engine.add_request(EngineRequest(f"d{i}", tuple(random_prompt(gen, 1024, vocab)), params))
         while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running) or (
             engine.scheduler.waiting
@@ -102,6 +142,14 @@ def main() -> int:
         busy, rows = kernel_table(prof, 10)
         print_table(f"decode steps, batch {len(engine.scheduler.running)}, context ~1,100", wall, busy, rows)
         report["decode"] = {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "kernels": rows}
+        # Mixed steps: the running decodes plus 8 new 1,024-token prompts (one budget of 8,192).
+        for i in range(8):
+            engine.add_request(EngineRequest(f"m{i}", tuple(random_prompt(gen, 1024, vocab)), params))
+        wall, prof = profiled_steps(engine, 3)
+        busy, rows = kernel_table(prof, 3)
+        print_table(f"3 steps after adding 8 x 1024 prompts to {DECODE_BATCH} decodes", wall, busy, rows)
+        report["mixed"] = {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "kernels": rows}
+        report["mixed_attention"] = mixed_attention_ab(engine)
         for rid in list(engine.requests):
             engine.abort(rid)
     name = torch.cuda.get_device_name().lower().replace(" ", "-")

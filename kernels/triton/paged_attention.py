@@ -26,6 +26,8 @@ FUSED_ROPE_DECODE = os.environ.get("TANDEM_FUSED_ROPE_ATTENTION", "1") != "0"
 # TANDEM_RMS_IN_ATTENTION=0: folded models keep the input norm's kernel in decode steps (A/B).
 RMS_IN_ATTENTION = os.environ.get("TANDEM_RMS_IN_ATTENTION", "1") != "0"
 FUSED_ROPE_MAX_TOKENS = 8
+# TANDEM_MIXED_DECODE_KERNEL=0: a mixed step's decode rows go through the prefill kernel again (A/B).
+MIXED_DECODE_KERNEL = os.environ.get("TANDEM_MIXED_DECODE_KERNEL", "1") != "0"
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
@@ -51,7 +53,7 @@ def paged_attention(
         )
     if max_seqlen_q == 1:
         return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
-    k = num_decode_rows
+    k = num_decode_rows if MIXED_DECODE_KERNEL else 0
     if not 0 < k < block_tables.shape[0]:
         return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
     out = torch.empty_like(q)
