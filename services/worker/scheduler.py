@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from services.worker.block_manager import BlockManager
+from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
 
 # TANDEM_CONTINUE_PREFILL=0: async scheduling launches only decode steps ahead (A/B).
 CONTINUE_PREFILL = os.environ.get("TANDEM_CONTINUE_PREFILL", "1") != "0"
-from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
 
 
 @dataclass

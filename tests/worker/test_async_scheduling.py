@@ -211,8 +211,10 @@ def test_a_long_prompt_alone_is_chunked_ahead(model: Path) -> None:
     """A prompt of 3 budgets with nothing else running: each chunk is launched while the previous
     one runs (a step that samples nothing: every input id comes from the host)."""
     prompt = tuple([1] + [200 + i for i in range(44)])
-    script = Script(requests={0: [EngineRequest("long", prompt, SamplingParams(temperature=0.0, max_tokens=5))]})
-    sync, overlap = _compare(model, script, max_num_batched_tokens=16)
+    script = Script(
+        requests={0: [EngineRequest("long", prompt, SamplingParams(temperature=0.0, max_tokens=5))]}
+    )
+    _, overlap = _compare(model, script, max_num_batched_tokens=16)
     assert overlap.engine.num_continuations >= 2 + 4
 
 
