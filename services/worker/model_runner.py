@@ -241,7 +241,9 @@ class ModelRunner:
             logits = decoded.logits.float()
         else:
             if not every_row:
-                hidden = hidden[torch.tensor(logits_rows, device=dev)]
+                # (a pinned, non-blocking index: `torch.tensor(..., device=)` would make the host
+                # wait here for the whole forward, and with async scheduling for the step before)
+                hidden = hidden.index_select(0, self._to_device(logits_rows))
             logits = self.model.compute_logits(hidden)
         if guided is not None:  # before the sampler: penalties, temperature and logprobs see the mask
             logits = apply_token_mask(logits.float(), guided)
