@@ -361,6 +361,7 @@ def decode_attention(
     rotary: RotaryKV | None = None,
     launch: LaunchConfig | None = None,
     out: torch.Tensor | None = None,  # [T, Hq, D] to write into (default: a new tensor)
+    num_seqs: int | None = None,  # attend sequences [0, num_seqs) only (default: all of block_tables)
 ) -> torch.Tensor:  # [T, Hq, D]; rows of no sequence are left unwritten
     """Attention of each sequence's single new token over its whole cached context (one launch).
 
@@ -377,7 +378,8 @@ def decode_attention(
     )
     assert kv_cache_layer.stride(4) == 1 and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
     assert cu_seqlens_q.dtype == torch.int32 and seq_lens.dtype == torch.int32
-    batch = block_tables.shape[0]
+    batch = block_tables.shape[0] if num_seqs is None else num_seqs
+    assert 0 <= batch <= block_tables.shape[0], (num_seqs, block_tables.shape)
     group = num_q_heads // num_kv_heads
     d_pad = triton.next_power_of_2(head_dim)
     on_gpu = q.device.type == "cuda"

@@ -56,14 +56,13 @@ def paged_attention(
     k = num_decode_rows if MIXED_DECODE_KERNEL else 0
     if not 0 < k < block_tables.shape[0]:
         return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
+    # Both over the whole batch's metadata (no sliced pointers: each alignment would compile kernel
+    # variants of its own, seconds inside a serving step), one split per decode (one kernel variant
+    # whatever the number of decodes; the prompts' attention dominates such a step).
     out = torch.empty_like(q)
-    decode_attention(
-        q[:k], kv_cache_layer, block_tables[:k], cu_seqlens_q[: k + 1], seq_lens[:k], scale, out=out[:k]
-    )
-    # cu_seqlens_q[k:] keeps absolute token offsets: the prefill kernel reads and writes rows >= k.
-    prefill_attention(
-        q, kv_cache_layer, block_tables[k:], cu_seqlens_q[k:], seq_lens[k:], scale, max_seqlen_q, out=out
-    )
+    meta = (kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
+    decode_attention(q, *meta, max_splits=1, out=out, num_seqs=k)
+    prefill_attention(q, *meta, max_seqlen_q, out=out, first_seq=k)
     return out
 
 

@@ -61,7 +61,8 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# first_seq is a plain runtime int (a value of 1 would otherwise compile a variant of its own).
+@triton.jit(do_not_specialize=["first_seq"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [NB, BS, Hkv, D]
@@ -71,6 +72,7 @@ def _prefill_kernel(
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [T, Hq, D]
     scale_log2,
+    first_seq,  # program b attends sequence first_seq + b
     stride_qt,
     stride_qh,
     stride_ot,
@@ -87,7 +89,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
 ):
     m_block = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1) + first_seq
     kv_head = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + b)
     q_len = tl.load(cu_seqlens_q_ptr + b + 1) - q_start
@@ -178,10 +180,11 @@ def prefill_attention(
     scale: float,
     max_seqlen_q: int,
     out: torch.Tensor | None = None,  # [T, Hq, D] to write into (default: a new tensor)
-) -> torch.Tensor:  # [T, Hq, D]; rows of no sequence (outside cu_seqlens_q's ranges) are left unwritten
+    first_seq: int = 0,  # attend sequences [first_seq, B) only (their rows of `out`)
+) -> torch.Tensor:  # [T, Hq, D]; rows of no attended sequence are left unwritten
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
-    cu_seqlens_q holds absolute token offsets into q: a slice of a batch's metadata (its later
-    sequences) attends just those, writing their rows of `out`."""
+    `first_seq` > 0 leaves the batch's first sequences to another kernel (a mixed step's decodes)
+    without slicing the metadata (sliced pointers would compile kernel variants of their own)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, cache_head_dim = kv_cache_layer.shape
     assert cache_head_dim == head_dim and num_q_heads % num_kv_heads == 0, (q.shape, kv_cache_layer.shape)
@@ -191,7 +194,8 @@ def prefill_attention(
     )
     assert kv_cache_layer.stride(4) == 1 and block_tables.dtype == torch.int32 and block_tables.stride(1) == 1
     assert cu_seqlens_q.dtype == torch.int32 and seq_lens.dtype == torch.int32
-    batch = block_tables.shape[0]
+    batch = block_tables.shape[0] - first_seq
+    assert 0 <= first_seq <= block_tables.shape[0], (first_seq, block_tables.shape)
     group = num_q_heads // num_kv_heads
     d_pad = triton.next_power_of_2(head_dim)
     if out is None:
@@ -215,6 +219,7 @@ def prefill_attention(
         seq_lens,
         out,
         scale * LOG2E,
+        first_seq,
         q.stride(0),
         q.stride(1),
         out.stride(0),

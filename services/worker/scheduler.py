@@ -21,11 +21,10 @@ from typing import NamedTuple
 from services.worker.block_manager import BlockManager
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
 
-# TANDEM_CONTINUE_PREFILL=1: async scheduling also launches prompt chunks and admissions ahead.
-# Off by default: on an H100 (Llama-3.1-8B, 1024/128 x512, 8k budget) the prefill-carrying steps
-# measured 324 ms each with it against 203 ms without, for a reason not found yet (the kernels of
-# such a step profile the same; docs/gpu.md round 7). Decode steps are always launched ahead.
-CONTINUE_PREFILL = os.environ.get("TANDEM_CONTINUE_PREFILL", "0") == "1"
+# TANDEM_CONTINUE_PREFILL=0: async scheduling launches only decode steps ahead (prompt chunks and
+# admissions wait for the step before to be read), for A/B. On an H100 (Llama-3.1-8B, 1024/128
+# x512, 8k budget; docs/gpu.md round 7): 3,602 out tok/s with prompt continuations, 3,533 without.
+CONTINUE_PREFILL = os.environ.get("TANDEM_CONTINUE_PREFILL", "1") != "0"
 
 
 @dataclass

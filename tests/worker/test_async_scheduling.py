@@ -120,7 +120,8 @@ def _reference_run(model: Path, prompt: tuple[int, ...], params: SamplingParams)
 
 @pytest.fixture
 def continue_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TANDEM_CONTINUE_PREFILL=1: prompt chunks and admissions are launched ahead too."""
+    """Prompt chunks and admissions are launched ahead too (the default; TANDEM_CONTINUE_PREFILL=0
+    turns it off)."""
     monkeypatch.setattr(scheduler_module, "CONTINUE_PREFILL", True)
 
 

@@ -77,13 +77,14 @@ def test_continuation_beside_waiting_requests(
 ) -> None:
     """Async scheduling plans the next step ahead while requests wait: decodes whose input ids are
     the in-flight step's tokens (prev_rows), as long as `schedule()` would admit nothing (no free
-    slot). Where it would, the continuation admits the same (a prompt chunk, ids from the host)
-    with TANDEM_CONTINUE_PREFILL=1, and by default leaves the step to `schedule()`."""
+    slot). Where it would, the continuation admits the same (a prompt chunk, ids from the host),
+    or with TANDEM_CONTINUE_PREFILL=0 leaves the step to `schedule()`."""
     engine, prev = _decode_in_flight(ref_models, max_num_seqs=2)
     nxt = engine.scheduler.schedule_continuation(prev)
     assert nxt is not None and [i.seq.request.request_id for i in nxt.scheduled] == ["r0", "r1"]
     assert nxt.prev_rows == [0, 1] and len(engine.scheduler.waiting) == 1
 
+    monkeypatch.setattr(scheduler_module, "CONTINUE_PREFILL", False)
     engine, prev = _decode_in_flight(ref_models, max_num_seqs=3)
     assert engine.scheduler.schedule_continuation(prev) is None
 
