@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_bench import median_time
 
 from kernels.triton.decode_attention import LaunchConfig, decode_attention
 
@@ -30,20 +32,6 @@ CONFIGS = [
     for block_n, warps, stages in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))
 ]
 SPLITS = (None, 2, 4)  # None: the kernel's default for the batch
-
-
-def time_call(fn, iters: int = 20) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def bench_shape(batch: int, context: int, gen: torch.Generator) -> list[dict[str, float | str]]:
@@ -70,7 +58,7 @@ def bench_shape(batch: int, context: int, gen: torch.Generator) -> list[dict[str
 
         try:
             err = (call().float() - reference.float()).abs().max().item()
-            t = time_call(call)
+            t = median_time(call, q.device, iters=20)
         except Exception as exc:  # a config that does not compile (shared memory): say so, go on
             print(f"  {batch}x{context} splits={splits} {label}: {type(exc).__name__}", flush=True)
             continue

@@ -430,6 +430,17 @@ class StepTimer:
         }
 
 
+def kernel_totals(prof: Any, name_len: int) -> dict[str, list[float]]:
+    """[calls, device us] per kernel name (its first `name_len` characters) of a torch.profiler run."""
+    totals: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            entry = totals.setdefault(ev.name[:name_len], [0.0, 0.0])
+            entry[0] += 1
+            entry[1] += ev.device_time
+    return totals
+
+
 def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[str]:
     """Per-kernel device time of the batch-1 decode graph (torch.profiler over graph replays):
     kernel name, calls per replay, mean us per call, us per replay; the top 16 by time."""
@@ -446,12 +457,7 @@ def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[s
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    totals: dict[str, list[float]] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            entry = totals.setdefault(ev.name[:60], [0.0, 0.0])
-            entry[0] += 1
-            entry[1] += ev.device_time
+    totals = kernel_totals(prof, 60)
     rows = sorted(totals.items(), key=lambda kv: -kv[1][1])
     total = sum(v[1] for v in totals.values()) / replays
     lines = [

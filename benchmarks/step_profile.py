@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_bench import FULL, MODELS, make_engine, random_prompt, write_model
+from engine_bench import FULL, MODELS, kernel_totals, make_engine, random_prompt, write_model
 
 from services.worker.engine import Engine
 from services.worker.request import EngineRequest, SamplingParams
@@ -32,12 +32,7 @@ DECODE_BATCH = 192  # leaves room (--max-num-seqs 256) for the mixed step's 8 ne
 
 def kernel_table(prof: profile, steps: int, top: int = 24) -> tuple[float, list[dict[str, float | str]]]:
     """(device-busy us per step, the top kernels by time per step)."""
-    totals: dict[str, list[float]] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            entry = totals.setdefault(ev.name[:70], [0.0, 0.0])
-            entry[0] += 1
-            entry[1] += ev.device_time
+    totals = kernel_totals(prof, 70)
     busy = sum(v[1] for v in totals.values()) / steps
     rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
     return busy, [
