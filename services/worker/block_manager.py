@@ -77,20 +77,19 @@ class BlockManager:
 
     # ---- allocation ----------------------------------------------------------------------------
     def can_allocate(
-        self,
-        seq: Sequence,
-        num_new_tokens: int,
-        cached_blocks: list[int] | None = None,
-        extra: int = 0,
-        reserved: int = 0,
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | None = None, extra: int = 0
     ) -> bool:
         """Whether `seq` (after taking `cached_blocks`) can get blocks for `num_new_tokens` more
-        tokens plus `extra` single blocks, `reserved` free blocks being spoken for; reviving a free
-        cached block costs a free block too."""
-        cached_blocks = cached_blocks or []
+        tokens plus `extra` single blocks."""
+        return self.free_blocks_taken(seq, num_new_tokens, cached_blocks or [], extra) <= len(self.free)
+
+    def free_blocks_taken(
+        self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int], extra: int
+    ) -> int:
+        """Free blocks `seq` takes for `num_new_tokens` more tokens after taking `cached_blocks`,
+        plus `extra` single blocks; reviving a free cached block costs a free block too."""
         revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
-        needed = self.blocks_needed_with_prefix(seq, num_new_tokens, len(cached_blocks))
-        return needed + revived + extra + reserved <= len(self.free)
+        return self.blocks_needed_with_prefix(seq, num_new_tokens, len(cached_blocks)) + revived + extra
 
     def blocks_needed_with_prefix(self, seq: Sequence, num_new_tokens: int, num_cached_blocks: int) -> int:
         computed = max(seq.num_computed_tokens, num_cached_blocks * self.block_size)

@@ -266,10 +266,9 @@ class Scheduler:
         computed = max(seq.num_computed_tokens, len(cached) * self.bm.block_size)
         num_new = min(seq.num_tokens - computed, budget)
         extra = self._fork_blocks_needed(seq, num_new, computed)
-        if not self.bm.can_allocate(seq, num_new, cached, extra, reserved):
+        blocks = self.bm.free_blocks_taken(seq, num_new, cached, extra)
+        if blocks + reserved > self.bm.num_free_blocks:
             return None
-        blocks = self.bm.blocks_needed_with_prefix(seq, num_new, len(cached)) + extra
-        blocks += sum(1 for b in cached if self.bm.ref_counts[b] == 0)
         return _Admission(has_kv, cached, num_new, extra, blocks)
 
     def _admit(self, seq: Sequence, admission: _Admission) -> ScheduledSequence:
