@@ -162,7 +162,20 @@ class DetokenizeSession:
                 ]
             )
         )
-        await self._call.write(msg)
+        try:
+            await self._call.write(msg)
+        except asyncio.InvalidStateError:
+            # The stream had already ended (its deadline passed, or the styler failed): report
+            # why, as the reading side does, instead of grpcio's "RPC already finished".
+            code = await self._call.code()
+            if code == grpc.StatusCode.OK:
+                raise
+            raise grpc.aio.AioRpcError(
+                code,
+                await self._call.initial_metadata(),
+                await self._call.trailing_metadata(),
+                await self._call.details(),
+            ) from None
 
     async def done_writing(self) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):

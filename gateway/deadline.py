@@ -40,6 +40,12 @@ def timeout_from_header(value: str | None, configured_s: float) -> float | None:
     return asked if limit is None else min(asked, limit)
 
 
+def expired() -> bool:
+    """Whether the current request had a deadline and it has passed."""
+    deadline = deadline_var.get()
+    return deadline is not None and time.monotonic() >= deadline
+
+
 def time_left(cap_s: float | None = None) -> float | None:
     """Seconds left before the deadline (at most `cap_s`); None when neither bounds the call.
 

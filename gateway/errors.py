@@ -78,9 +78,16 @@ _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, int | None]] = {
 
 
 def from_grpc(exc: grpc.aio.AioRpcError, service: str) -> APIError:
-    """A downstream failure as the client should see it: client errors pass their message through."""
+    """A downstream failure as the client should see it: client errors pass their message through.
+
+    Any failure once the request's deadline has passed is the timeout: a stream write that races
+    the deadline fails in grpcio with INTERNAL ("the styler failed") rather than DEADLINE_EXCEEDED.
+    """
+    # Imported here: `deadline` raises `APIError`s, so it imports this module.
+    from gateway.deadline import expired
+
     status, retry_after = _GRPC_TO_HTTP.get(exc.code(), (502, None))
-    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (status >= 500 and expired()):
         return APIError(504, f"the request timed out waiting for the {service}", code="timeout")
     if status < 500:
         return APIError(status, exc.details() or exc.code().name, retry_after_s=retry_after)

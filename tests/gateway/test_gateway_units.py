@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextvars
+import time
+
+import grpc
 import pytest
 
+from gateway import deadline
 from gateway.admission import AdmissionGate
 from gateway.downstream import ToolCallDelta
-from gateway.errors import APIError
+from gateway.errors import APIError, from_grpc
 from gateway.execution import ChoiceUpdate, PromptRun, RequestRun
 from gateway.responses import ChatResult, CompletionResult
 from gateway.router import PREFIX_CHUNK, Router
@@ -153,3 +158,26 @@ async def test_admission_counts_and_refuses() -> None:
         admission.started()
         assert (gate.num_waiting, gate.num_running) == (0, 1)
     assert (gate.num_waiting, gate.num_running) == (0, 0)
+
+
+def test_downstream_failure_after_the_deadline_is_a_timeout() -> None:
+    """grpcio reports a stream write that races the deadline as INTERNAL; the client asked for a
+    timeout and gets 504, while the same failure inside the deadline stays a 502."""
+    internal = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), "x")
+    invalid = grpc.aio.AioRpcError(
+        grpc.StatusCode.INVALID_ARGUMENT, grpc.aio.Metadata(), grpc.aio.Metadata(), "bad 'n'"
+    )
+
+    def under(timeout_s: float | None, exc: grpc.aio.AioRpcError) -> APIError:
+        def convert() -> APIError:
+            deadline.start(timeout_s)
+            time.sleep(0.002)
+            return from_grpc(exc, "styler")
+
+        return contextvars.copy_context().run(convert)
+
+    assert under(0.001, internal).status == 504
+    assert under(0.001, internal).body()["error"]["code"] == "timeout"
+    assert under(60.0, internal).status == 502
+    assert under(None, internal).status == 502
+    assert under(0.001, invalid).status == 400  # the client's own mistake stays one

@@ -5,6 +5,7 @@ normally afterwards. Deadlines reach the worker, which frees the request's KV bl
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -127,3 +128,33 @@ async def test_deadline_reaches_the_worker_and_frees_blocks(limited_stack: Relia
             url + "/v1/completions", json=BODY, headers={"X-Request-Timeout": "60"}
         ) as reply:
             assert reply.status == 200
+
+
+async def test_deadlines_that_race_the_streams_are_timeouts(limited_stack: ReliabilityStack) -> None:
+    """Deadlines from 2 to 60 ms land anywhere in a request: before the styler, between its stream
+    writes, inside the worker. Each answer is a timeout (504, or a stream's `timeout` error event)
+    or a full completion; never a 500 / 502 from a write racing the deadline."""
+    url = limited_stack.url
+    seen: dict[tuple[int, str], int] = {}
+    async with aiohttp.ClientSession() as session:
+        for i in range(240):
+            body = {"prompt": "Once upon a time", "max_tokens": 24, "ignore_eos": True, "n": 2}
+            if i % 2:
+                body["stream"] = True
+            headers = {"X-Request-Timeout": f"{0.002 + (i // 2 % 60) * 0.001:.3f}"}
+            async with session.post(url + "/v1/completions", json=body, headers=headers) as reply:
+                text = await reply.text()
+                outcome = "ok"
+                if reply.status != 200:
+                    outcome = (await reply.json())["error"]["code"]
+                else:
+                    for line in text.splitlines():
+                        if line.startswith("data: {") and "error" in json.loads(line[6:]):
+                            outcome = json.loads(line[6:])["error"]["code"] or line
+                seen[reply.status, outcome] = seen.get((reply.status, outcome), 0) + 1
+    assert set(seen) <= {(504, "timeout"), (200, "timeout"), (200, "ok")}, seen
+    for _ in range(50):
+        if await kv_blocks_used(limited_stack.worker_addresses[0]) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await kv_blocks_used(limited_stack.worker_addresses[0]) == 0
