@@ -162,6 +162,9 @@ class DetokenizeSession:
                 ]
             )
         )
+        await self.write(msg)
+
+    async def write(self, msg: styler_pb2.DetokenizeStreamRequest) -> None:
         try:
             await self._call.write(msg)
         except asyncio.InvalidStateError:
@@ -274,8 +277,8 @@ class StylerClient:
         return [TokenText(text=b.decode("utf-8", errors="replace"), raw=bytes(b)) for b in r.token_bytes]
 
     async def detokenize_stream(self, start: DetokenizeStart) -> DetokenizeSession:
-        call = self._stub.DetokenizeStream(timeout=time_left())
-        await call.write(
+        session = DetokenizeSession(self._stub.DetokenizeStream(timeout=time_left()))
+        await session.write(
             styler_pb2.DetokenizeStreamRequest(
                 start=styler_pb2.DetokenizeStreamStart(
                     request_id=start.request_id,
@@ -291,7 +294,7 @@ class StylerClient:
                 )
             )
         )
-        return DetokenizeSession(call)
+        return session
 
 
 class WorkerClient:
