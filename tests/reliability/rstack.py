@@ -3,6 +3,7 @@ plus helpers that read a process's memory and a worker's load over gRPC."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "ReliabilityStack",
     "free_port",
     "kv_blocks_used",
+    "kv_blocks_used_once_settled",
     "rss_bytes",
 ]
 
@@ -114,3 +116,14 @@ async def kv_blocks_used(address: str, credentials: grpc.ChannelCredentials | No
     async with channel:
         load = await worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(), timeout=5)
         return int(load.num_kv_blocks_used)
+
+
+async def kv_blocks_used_once_settled(address: str, timeout_s: float = 5.0) -> int:
+    """`kv_blocks_used`, polled until it reaches 0 or `timeout_s` passes (aborted requests free
+    their blocks at the worker's next step, not at once)."""
+    for _ in range(int(timeout_s / 0.1)):
+        used = await kv_blocks_used(address)
+        if used == 0:
+            return 0
+        await asyncio.sleep(0.1)
+    return await kv_blocks_used(address)

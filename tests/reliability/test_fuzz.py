@@ -21,7 +21,7 @@ from schemathesis import GenerationMode
 
 from tandem.v1 import common_pb2, styler_pb2, styler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
-from .rstack import ReliabilityStack, kv_blocks_used
+from .rstack import ReliabilityStack, kv_blocks_used, kv_blocks_used_once_settled
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -171,12 +171,9 @@ def test_worker_proto_fuzz(limited_stack: ReliabilityStack) -> None:
     run()
 
     async def settle() -> int:
-        for _ in range(50):
-            if await kv_blocks_used(address) == 0:
-                break
-            await asyncio.sleep(0.1)
+        used = await kv_blocks_used_once_settled(address)
         assert await _serving(address)
-        return await kv_blocks_used(address)
+        return used
 
     assert asyncio.run(settle()) == 0
     assert grpc.StatusCode.OK in codes and grpc.StatusCode.INVALID_ARGUMENT in codes

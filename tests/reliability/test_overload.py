@@ -11,7 +11,14 @@ import time
 import aiohttp
 import pytest
 
-from .rstack import MAX_RUNNING, MAX_WAITING, ReliabilityStack, kv_blocks_used, rss_bytes
+from .rstack import (
+    MAX_RUNNING,
+    MAX_WAITING,
+    ReliabilityStack,
+    kv_blocks_used,
+    kv_blocks_used_once_settled,
+    rss_bytes,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -119,11 +126,7 @@ async def test_deadline_reaches_the_worker_and_frees_blocks(limited_stack: Relia
         ) as reply:
             assert reply.status == 400
             assert (await reply.json())["error"]["param"] == "X-Request-Timeout"
-        for _ in range(50):
-            if await kv_blocks_used(worker) == 0:
-                break
-            await asyncio.sleep(0.1)
-        assert await kv_blocks_used(worker) == 0
+        assert await kv_blocks_used_once_settled(worker) == 0
         async with session.post(
             url + "/v1/completions", json=BODY, headers={"X-Request-Timeout": "60"}
         ) as reply:
@@ -153,8 +156,4 @@ async def test_deadlines_that_race_the_streams_are_timeouts(limited_stack: Relia
                             outcome = json.loads(line[6:])["error"]["code"] or line
                 seen[reply.status, outcome] = seen.get((reply.status, outcome), 0) + 1
     assert set(seen) <= {(504, "timeout"), (200, "timeout"), (200, "ok")}, seen
-    for _ in range(50):
-        if await kv_blocks_used(limited_stack.worker_addresses[0]) == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert await kv_blocks_used(limited_stack.worker_addresses[0]) == 0
+    assert await kv_blocks_used_once_settled(limited_stack.worker_addresses[0]) == 0
