@@ -3,7 +3,7 @@
 `get_ops("reference", cpu)` gives the PyTorch twins in `kernels/reference.py`; `get_ops("triton", cuda)`
 gives the Triton kernels in `kernels/triton/` (each falling back to the reference where a shape is
 unsupported, e.g. head_dim < 16). "auto" picks triton on CUDA and reference elsewhere.
-Layouts and semantics: notes/kernel_api.md (repeated in each function's docstring).
+Layouts and semantics: each function's docstring in kernels/reference.py (the twins) and `KernelOps` below.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ These are the numerical ground truth the Triton kernels are tested against, and 
 implementation the worker uses on the CPU. They favour clarity over speed, but stay
 vectorised where it is free so a CPU worker serving a tiny model is usable.
 
-Conventions (see notes/kernel_api.md):
+Conventions (the kernel API; kernels/__init__.py bundles these as KernelOps):
 - KV cache layer view: [2, num_blocks, block_size, num_kv_heads, head_dim]; index 0 = K, 1 = V.
   A token's slot is `block_id * block_size + offset`.
 - Every function computes in its input dtype, accumulating in fp32 where it matters

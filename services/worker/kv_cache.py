@@ -1,6 +1,6 @@
 """The paged KV cache tensor and how big it may be.
 
-Layout (the kernel API, notes/kernel_api.md): ONE tensor per worker
+Layout (the kernel API, kernels/reference.py): ONE tensor per worker
 
     kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]   (index 0 = K, 1 = V)
 
