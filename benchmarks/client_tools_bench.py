@@ -101,10 +101,15 @@ def run_guidellm(base: str, model_name: str, tokenizer: str, args: argparse.Name
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=out)
     if done.returncode != 0 or not report.exists():
-        return {"tool": "guidellm", "ok": False, "command": cmd, "output": (done.stdout + done.stderr)[-4000:]}
+        return {
+            "tool": "guidellm",
+            "ok": False,
+            "command": cmd,
+            "output": (done.stdout + done.stderr)[-4000:],
+        }
     data = json.loads(report.read_text())
     bench = data["benchmarks"][0]
-    totals = bench["metrics"]["request_totals"] if "request_totals" in bench["metrics"] else {}
+    totals = bench["metrics"].get("request_totals", {})
     metrics = bench["metrics"]
 
     def stat(name: str, key: str) -> float:
@@ -127,7 +132,9 @@ def run_guidellm(base: str, model_name: str, tokenizer: str, args: argparse.Name
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=str(ROOT.parent / "shared/models/stories260K"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--requests", type=int, default=40)
@@ -155,7 +162,9 @@ def main() -> int:
         runners = {"guidellm": run_guidellm, "aiperf": run_aiperf}
         for tool in args.tools.split(","):
             if shutil.which(str(VENV_BIN / tool)) is None:
-                rows.append({"tool": tool, "ok": False, "output": f"{tool} is not installed (pip install {tool})"})
+                rows.append(
+                    {"tool": tool, "ok": False, "output": f"{tool} is not installed (pip install {tool})"}
+                )
                 continue
             rows.append(runners[tool](base, model_name, str(model), args, work))
     finally:
