@@ -37,6 +37,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from services.common.logging import request_id_var
+
 if TYPE_CHECKING:
     from aiohttp import web
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -285,8 +287,6 @@ def aiohttp_middlewares() -> list[Callable[..., Any]]:
                 response: web.StreamResponse = await handler(req)
             finally:
                 # The gateway sets request_id_var in this same task (and X-Request-Id on replies).
-                from services.common.logging import request_id_var
-
                 request_id = request_id_var.get()
                 if request_id != "-":
                     set_request_id(request_id)

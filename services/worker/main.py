@@ -8,6 +8,7 @@ import sys
 from services.common.config import parse_config
 from services.common.logging import setup_logging
 from services.common.server import GrpcServer, run
+from services.common.telemetry import setup_tracing
 from services.worker.config import WorkerConfig
 
 log = logging.getLogger("tandem.worker")
@@ -16,6 +17,7 @@ log = logging.getLogger("tandem.worker")
 def main(argv: list[str], prog: str = "tandem worker") -> int:
     config = parse_config(WorkerConfig, argv, prog)
     setup_logging(config.log_level, config.log_format, "tandem.worker")
+    setup_tracing("tandem-worker")  # from the OTEL_* environment; a no-op without it
     # torch is imported only now, so `tandem worker --help` and option errors stay instant
     from services.worker.async_engine import AsyncEngine
     from services.worker.engine import Engine

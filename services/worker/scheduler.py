@@ -389,6 +389,40 @@ class Scheduler:
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "prefilled"
 
+    # ---- disaggregated decode: prompts whose KV a prefill worker sends (kv_transfer.py) --------
+    def reserve_fetch(self, request: Request) -> bool:
+        """Give a new `request` blocks for its whole prompt (its own prefix cache first) to receive
+        the prompt's KV into; it then waits FETCHING, in no queue. False (nothing changed) when
+        the KV cache has too few free blocks."""
+        seq = request.sequences[0]
+        prompt_len = request.prompt_len
+        cached = self.bm.find_cached_prefix(seq)[: prompt_len // self.bm.block_size]
+        cached_tokens = len(cached) * self.bm.block_size
+        if not self.bm.can_allocate(seq, prompt_len - cached_tokens, cached):
+            return False
+        self.bm.use_cached_prefix(seq, cached)
+        self.bm.allocate(seq, prompt_len - cached_tokens)
+        seq.status = SequenceStatus.FETCHING
+        request.num_cached_prompt_tokens = cached_tokens
+        self.bm.record_lookup(prompt_len, cached_tokens)
+        return True
+
+    def add_fetched(self, request: Request) -> None:
+        """A FETCHING request's prompt KV is all in place: it waits to decode, its prompt computed."""
+        seq = request.sequences[0]
+        seq.num_computed_tokens = request.prompt_len
+        seq.status = SequenceStatus.WAITING
+        self.bm.register_computed_blocks(seq)
+        self.add(request)
+
+    def add_unfetched(self, request: Request) -> None:
+        """A FETCHING request's fetch failed: its blocks go back and it waits to compute its prompt."""
+        seq = request.sequences[0]
+        self.bm.free_sequence(seq)
+        seq.status = SequenceStatus.WAITING
+        request.num_cached_prompt_tokens = None
+        self.add(request)
+
     def take_failed(self) -> list[Request]:
         failed, self.failed = self.failed, []
         return failed
