@@ -24,7 +24,7 @@ from services.worker import kv_transfer
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
-from services.worker.kv_cache import KV_LAYOUT
+from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
 from services.worker.kv_handles import HeldKV, KVHandleError
 from services.worker.outputs import RequestOutput
 from services.worker.request import (
@@ -332,7 +332,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 num_kv_heads=cfg.num_kv_heads,
                 head_dim=cfg.head_dim,
                 block_size=e.config.block_size,
-                dtype=dtype,
+                dtype=KV_DTYPE_NAMES[e.kv_dtype],  # --kv-cache-dtype fp8: float8_e4m3fn, not the model's
                 layout=KV_LAYOUT,
             ),
             vocab_size=cfg.vocab_size,
