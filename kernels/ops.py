@@ -55,7 +55,7 @@ class KernelOps:
     argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
     # "Folded RMSNorm" decode path: with all three below (and a dtype other than fp16) the loader
     # folds each layer's two norm weights into the next projection (W' = W * g[None, :]) and the
-    # layer's two RMSNorm kernels disappear (~146 us of a 4.5 ms Llama-3.1-8B step on an H200);
+    # layer's two RMSNorm kernels disappear (launches that weigh in a batch-1 step; docs/gpu.md);
     # the per-row 1/rms is computed by the kernels that read the raw residual stream instead.
     # All fp32 math, one rounding to the input dtype at the end.
     # (x [T, K], weight [N, K], bias [N] | None, eps) -> [T, N]:

@@ -37,6 +37,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from services.common import switches
 from services.common.logging import request_id_var
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRACE_FILE_ENV = "TANDEM_TRACE_FILE"
+TRACE_FILE_ENV = switches.TRACE_FILE.name
 REQUEST_ID_ATTRIBUTE = "tandem.request_id"
 # Health checks and reflection are polled every few seconds by probes and `tandem up`: tracing
 # them would bury the request traces.

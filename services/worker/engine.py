@@ -113,7 +113,7 @@ class Engine:
         if self.device.type == "cpu":
             # Process-wide: one engine per worker process. A tiny model's matmuls are far too small
             # to split, and extra threads only contend with the styler and gateway beside it
-            # (measured 13x slower under load with 2 threads for stories260K, docs/worker.md).
+            # (measured far slower under load with 2 threads for stories260K, docs/worker.md).
             threads = config.cpu_threads or (1 if cfg.hidden_size <= TINY_HIDDEN_SIZE else 0)
             if threads:
                 torch.set_num_threads(threads)

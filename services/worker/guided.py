@@ -55,8 +55,8 @@ JSON_OPTIONS: JsonCompileOptions = {
     "key_separator": ": ",
 }
 GRAMMAR_CACHE_SIZE = 128
-# Threads computing the masks of one step's guided sequences: a mask over a 150k vocabulary takes
-# ~0.1-1 ms of CPU; half the cores, at most 8, leaves the rest to the engine, gRPC and tokenizers.
+# Threads computing the masks of one step's guided sequences: a mask over a large vocabulary is
+# real CPU work per token; half the cores, at most 8, leaves the rest to the engine, gRPC and tokenizers.
 MASK_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 MAX_ERROR_CHARS = 600
 
