@@ -80,7 +80,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         status = response.status
         if not response.prepared:
             response.headers["X-Request-Id"] = request_id
-            # W3C Server-Timing: time spent in the gateway (what overload tests hold to 50 ms).
+            # W3C Server-Timing: time spent in the gateway (what the overload tests bound).
             response.headers["Server-Timing"] = f"total;dur={(time.monotonic() - started) * 1000:.1f}"
             if ctx.drain.draining:
                 response.force_close()  # clients reconnect elsewhere

@@ -30,6 +30,7 @@ _COMPATIBILITY_FIELDS = (
     ("architecture", "architecture"),
     ("dtype", "dtype"),
     ("block_size", "block size"),
+    ("kv_dtype", "KV cache dtype"),
     ("kv_layout", "KV layout"),
     ("tensor_parallel_size", "tensor-parallel size"),
 )

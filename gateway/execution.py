@@ -33,7 +33,8 @@ from gateway.downstream import (
     TokenLogprob,
     ToolCallDelta,
 )
-from gateway.errors import APIError, from_grpc, invalid
+from gateway.errors import APIError, invalid
+from gateway.grpc_errors import from_grpc
 from gateway.merge import merge_streams
 from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable

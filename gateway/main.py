@@ -17,6 +17,7 @@ from gateway.config import GatewayConfig
 from services.common.config import parse_config
 from services.common.logging import setup_logging
 from services.common.server import run
+from services.common.telemetry import setup_tracing
 
 log = logging.getLogger("gateway")
 
@@ -76,4 +77,5 @@ async def serve(config: GatewayConfig) -> None:
 def main(argv: list[str], prog: str) -> int:
     config = parse_config(GatewayConfig, argv, prog)
     setup_logging(config.log_level, config.log_format, service="gateway")
+    setup_tracing("tandem-gateway")  # from the OTEL_* environment; a no-op without it
     return run(lambda: serve(config))

@@ -10,7 +10,7 @@ gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_m
 
 from __future__ import annotations
 
-from kernels import KernelOps
+from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.paged_attention import (

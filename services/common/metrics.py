@@ -46,7 +46,7 @@ RPC_ERRORS = "tandem:rpc_errors_total"
 RPC_DURATION = "tandem:rpc_duration_seconds"
 GUIDED_REQUESTS = "tandem:guided_requests_total"
 
-# Bucket edges: latency from 1 ms (tiny models on a GPU) to minutes (long generations on a CPU).
+# Bucket edges: latency from a millisecond (tiny models on a GPU) to minutes (long generations on a CPU).
 TTFT_BUCKETS = (
     0.001,
     0.005,

@@ -15,18 +15,12 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from services.worker.errors import InvalidRequestError
+
 if TYPE_CHECKING:
     from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
 
 MAX_TOP_LOGPROBS = 20
-
-
-class InvalidRequestError(ValueError):
-    """A request parameter is out of range; `field` names it (gRPC INVALID_ARGUMENT)."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass(frozen=True)

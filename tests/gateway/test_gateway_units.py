@@ -11,8 +11,9 @@ import pytest
 from gateway import deadline
 from gateway.admission import AdmissionGate
 from gateway.downstream import ToolCallDelta
-from gateway.errors import APIError, from_grpc
+from gateway.errors import APIError
 from gateway.execution import ChoiceUpdate, PromptRun, RequestRun
+from gateway.grpc_errors import from_grpc
 from gateway.responses import ChatResult, CompletionResult
 from gateway.router import PREFIX_CHUNK, Router
 from gateway.validation import parse_chat, parse_completion, parse_tokenize

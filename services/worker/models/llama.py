@@ -12,7 +12,7 @@ computed by the ops that read the raw residual stream; the two RMSNorm kernels o
 
 from __future__ import annotations
 
-import os
+from services.common import switches
 from typing import cast
 
 import torch
@@ -178,8 +178,8 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         # The folded forward is for decode-sized steps, where it removes launches. Larger steps run
         # the unfolded forward, which is the same function here (its norms multiply by ones, the
-        # projections carry their weights): on an H200 the folded one measured slower for batch-256
-        # decode (cuBLAS with beta = 1, the SiLU op re-reading h per chunk; docs/gpu.md round 5).
+        # projections carry their weights): the folded one measured slower for large-batch decode
+        # (cuBLAS with beta = 1, the SiLU op re-reading h per chunk; docs/gpu.md round 5).
         if self.norms_folded and input_ids.shape[0] <= FOLDED_MAX_TOKENS:
             for layer in self.layers:
                 hidden = cast(DecoderLayer, layer).forward_folded(hidden, meta)
@@ -223,7 +223,7 @@ class LlamaForCausalLM(nn.Module):
         fp16's range where the normalised activations never do. bf16 and fp32 have fp32's range),
         and the model has no qkv bias and no q/k norms: only then does a decode step lose both norm
         launches (the input norm's scale moves into the attention kernel, which must apply it
-        before a bias or a q/k norm). Qwen2 / Qwen3 would keep one norm launch, and on an H200 the
+        before a bias or a q/k norm). Qwen2 / Qwen3 would keep one norm launch, and on the GPU the
         fold's different bf16 rounding (W * g rounded once) made Qwen3's free-running greedy
         output drift from transformers' more than the unfolded model's (tests/kernels/test_engine_gpu.py)."""
         cfg = self.config
@@ -232,15 +232,15 @@ class LlamaForCausalLM(nn.Module):
             and not cfg.attention_bias
             and not cfg.qk_norm
             and self.model.embed_tokens.weight.dtype != torch.float16
-            and os.environ.get("TANDEM_FOLD_NORMS", "1") != "0"  # A/B switch (benchmarks/pdl_decode_run.sh)
+            and switches.FOLD_NORMS.value  # TANDEM_FOLD_NORMS=0: separate norms (services/common/switches.py)
         )
 
     def fold_norms(self) -> bool:
         """Fold each layer's two RMSNorm weights into the projection after it (exact algebra:
         W (g * n) = (W diag g) n), once, after the weights are loaded; True if it did.
 
-        Why: in a batch-1 decode step of Llama-3.1-8B on an H200 the two RMSNorm launches per
-        layer cost ~146 us of a 4.5 ms step (64 launches of ~2.3 us). Folded, the qkv projection
+        Why: in a batch-1 decode step the two RMSNorm launches per layer are a visible share of the
+        step (figures in docs/gpu.md, round 5). Folded, the qkv projection
         takes the raw residual stream and scales each row by its 1/rms (`linear_rms_norm`),
         o_proj and down_proj add into the residual stream (`linear_add`), and the SiLU op scales
         gate/up by the row's 1/rms (`silu_and_mul_rms`). The final `model.norm` stays (lm_head may
