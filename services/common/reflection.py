@@ -31,7 +31,8 @@ def _v1_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
     def rename(messages: Sequence[descriptor_pb2.DescriptorProto]) -> None:
         for message in messages:
             for f in message.field:
-                f.type_name = f.type_name.replace(_V1ALPHA, _V1)
+                if f.HasField("type_name"):  # message fields only: a set type_name on a scalar is invalid
+                    f.type_name = f.type_name.replace(_V1ALPHA, _V1)
             rename(message.nested_type)
 
     rename(proto.message_type)
