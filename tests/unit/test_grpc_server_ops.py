@@ -109,7 +109,7 @@ async def test_metrics_port_of_a_unix_socket_service_is_loopback_only(tmp_path: 
 
 
 def test_services_raise_the_open_file_soft_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 64:
         pytest.skip(f"hard open-file limit {hard} leaves nothing to raise")
     script = (

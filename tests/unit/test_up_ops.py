@@ -3,6 +3,7 @@ readiness check that must reach its own gateway."""
 
 from __future__ import annotations
 
+import re
 import socket
 import stat
 from pathlib import Path
@@ -83,7 +84,7 @@ def test_run_dir_is_private_and_not_shared_with_a_running_stack(tmp_path: Path) 
     with socket.socket(socket.AF_UNIX) as live:
         live.bind(str(given / "styler.sock"))
         live.listen()
-        with pytest.raises(UpError, match="is in use \\(styler.sock answers"):
+        with pytest.raises(UpError, match=re.escape("is in use (styler.sock answers")):
             prepare_run_dir(str(given))
 
 
