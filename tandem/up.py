@@ -4,12 +4,15 @@
     worker  ── unix:<run dir>/worker-<i>.sock     (N of them with --workers N)
     gateway ── http://HOST:PORT                   (talks to the others over the unix sockets)
 
-Children start in dependency order; `up` waits until each reports SERVING (gRPC health for the
-styler and workers, HTTP `/health` for the gateway), then prints the URL. Every child gets
-PR_SET_PDEATHSIG, so none outlives `up` even if `up` is killed with SIGKILL. On SIGTERM / SIGINT
-`up` stops the gateway first, then the rest (each drains), and exits 0. A child that dies on its
-own is restarted with exponential backoff (`--max-restarts` times within `--restart-window`
-seconds); past that `up` stops the rest and exits 1, printing the child's last log lines.
+Before starting anything, `up` checks that the gateway's ports are free (a one-line error naming
+the port and its flag otherwise) and that the run dir is private (0700) and not in use. Children
+start in dependency order; `up` waits until each reports SERVING (gRPC health for the styler and
+workers, HTTP `/health` showing this start's instance id for the gateway), then prints the URL.
+Every child gets PR_SET_PDEATHSIG, so none outlives `up` even if `up` is killed with SIGKILL. On
+SIGTERM / SIGINT `up` stops the gateway first, then the rest (each drains), and exits 0. A child
+that dies on its own is restarted with exponential backoff (`--max-restarts` times within
+`--restart-window` seconds), each dead child at once; past that `up` stops the rest and exits 1,
+printing the child's last log lines.
 """
 
 from __future__ import annotations
