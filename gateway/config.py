@@ -67,6 +67,10 @@ class GatewayConfig:
     """Largest number of stop strings in one request."""
     max_n: int = 16
     """Largest `n` (choices per request)."""
+    expose_internal_addresses: bool = False
+    """Name the styler and workers by their addresses (socket paths, host:port) in /health and /metrics; off: by name (styler-0, worker-1), since both routes need no API key."""
+    instance_id: str = ""
+    """Token /health reports as "instance" ("" = none): `tandem up` sets a new one per start, so its readiness probe knows it reached its own gateway."""
     health_interval: float = 1.0
     """Seconds between background health / load polls of each downstream service."""
     tls_cert: str = ""

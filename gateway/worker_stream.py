@@ -178,7 +178,7 @@ class PromptStream:
         generated: tuple[int, ...],
         kv_source: KVSource | None,
     ) -> AsyncIterator[GenerateChunk]:
-        self.ctx.metrics.worker_requests.labels(worker=worker.address).inc()
+        self.ctx.metrics.worker_requests.labels(worker=self.ctx.label(worker.name, worker.address)).inc()
         try:
             with self.ctx.router.track(worker):
                 async for chunk in worker.client.generate(

@@ -349,7 +349,7 @@ def gauge_from(name: str, read: Callable[[], float], registry: CollectorRegistry
     return g
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> int:
+def start_metrics_server(port: int, host: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> int:
     """Serve `GET /metrics` on `host:port` from a daemon thread; return the bound port (port 0
     picks a free one). A service calls this once, when `--metrics-port` is set."""
     server, _thread = start_http_server(port, addr=host, registry=registry)
