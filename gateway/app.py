@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -27,6 +28,24 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Routes that need no API key (probes and scrapers).
 _OPEN_PATHS = {"/health", "/metrics", "/ping", "/openapi.json"}
+
+# nginx's "client closed request": what a request whose client went away is counted as, so that
+# 5xx counts (and alerts on them) mean server faults.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _closed_by_client(request: web.Request, exc: BaseException) -> bool:
+    """Whether `exc` ended the handler because the client went away (logged at info if so)."""
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        return False
+    log.info(
+        "client closed the connection before the response ended: %s %s (%s)",
+        request.method,
+        request.path,
+        type(exc).__name__,
+    )
+    return True
 
 
 def _client_request_id(request: web.Request) -> str:
@@ -59,6 +78,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                 deadline.timeout_from_header(request.headers.get(deadline.HEADER), ctx.config.request_timeout)
             )
             response = await handler(request)
+        except asyncio.CancelledError as exc:
+            # A client that disconnects cancels its handler (handler_cancellation): not a server
+            # fault. A cancellation with the client still there (shutdown) stays a 500.
+            if _closed_by_client(request, exc):
+                status = CLIENT_CLOSED_REQUEST
+            raise
         except APIError as err:
             response = error_response(err)
         except web.HTTPRequestEntityTooLarge:
@@ -74,7 +99,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             if exc.status == 405:
                 message = f"method {request.method} not allowed on {request.path}"
             response = error_response(APIError(exc.status, message))
-        except Exception:
+        except Exception as exc:
+            # A write to a client that has gone (before its cancellation arrives) fails so.
+            if isinstance(exc, ConnectionError) and _closed_by_client(request, exc):
+                status = CLIENT_CLOSED_REQUEST
+                raise
             log.exception("unhandled error in %s %s", request.method, request.path)
             response = error_response(APIError(500, "internal server error", code="internal_error"))
         status = response.status

@@ -65,7 +65,8 @@ class PromptRun:
     first_choice_index: int = 0
     prompt_logprobs: tuple[LogprobItem, ...] = ()
     cached_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # the final count, set when the prompt's generation ends
+    generated_tokens: int = 0  # tokens received from the worker so far (continuous usage stats)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,11 @@ class RequestRun:
     @property
     def completion_tokens(self) -> int:
         return sum(p.completion_tokens for p in self.prompts)
+
+    @property
+    def completion_tokens_so_far(self) -> int:
+        """Output tokens up to now: each prompt's final count once it is done, else what arrived."""
+        return sum(p.completion_tokens or p.generated_tokens for p in self.prompts)
 
     @property
     def cached_tokens(self) -> int:
@@ -311,6 +317,7 @@ class Executor:
                     metrics.itl.observe(now - last_chunk_at[0])
                 last_chunk_at[:] = [now]
                 metrics.generation_tokens.inc(num_new)
+                prompt.generated_tokens += num_new
             if chunk.prompt_logprobs:
                 prompt.prompt_logprobs = await self._prompt_logprob_items(prompt, chunk.prompt_logprobs)
             if chunk.usage is not None:

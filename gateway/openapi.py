@@ -51,7 +51,7 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
         "top_p": _num(0.0, 1.0, exclusive_lo=True),
         "n": _int(1, limits.max_n),
         "stop": {"anyOf": [{"type": "string", "minLength": 1}, stop_list, {"type": "null"}]},
-        "seed": _int(-(2**63), 2**64 - 1),
+        "seed": _int(-(2**63), 2**63 - 1),
         "presence_penalty": _num(-2.0, 2.0),
         "frequency_penalty": _num(-2.0, 2.0),
         "top_k": _int(-1, 2**31 - 1),
@@ -65,7 +65,13 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
         "stream": _BOOL,
         "stream_options": {
             "type": "object",
-            "properties": {"include_usage": _BOOL},
+            "properties": {
+                "include_usage": {**_BOOL, "description": "a last chunk with the whole request's usage"},
+                "continuous_usage_stats": {
+                    **_BOOL,
+                    "description": "vLLM: every chunk carries the usage so far (completion tokens up to it)",
+                },
+            },
             "additionalProperties": False,
             "description": "only with stream: true",
         },

@@ -223,7 +223,7 @@ def chat_response(body: dict[str, Any]) -> inference_pb2.ChatCompletionResponse:
     for c in body["choices"]:
         m = c["message"]
         message = inference_pb2.AssistantMessage(
-            role="assistant", tool_calls=[_tool_call(t) for t in m["tool_calls"]]
+            role="assistant", tool_calls=[_tool_call(t) for t in m.get("tool_calls", [])]
         )
         if m["content"] is not None:
             message.content = m["content"]

@@ -205,14 +205,13 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
     top_k = f.integer("top_k", lo=-1, hi=MAX_INT32)
     stream = f.boolean("stream", False)
     stream_options = f.obj("stream_options")
-    include_usage = False
+    include_usage = continuous_usage = False
     if stream_options is not None:
         if not stream:
             raise invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
         so = Fields(stream_options, "stream_options.")
         include_usage = so.boolean("include_usage", False)
-        if so.boolean("continuous_usage_stats", False):
-            raise invalid("'stream_options.continuous_usage_stats' is not supported yet", "stream_options")
+        continuous_usage = so.boolean("continuous_usage_stats", False)
         so.reject_rest()
     if chat:
         want_logprobs = f.boolean("logprobs", False)
@@ -230,7 +229,7 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         top_p=f.number("top_p", lo=0.0, hi=1.0, lo_open=True),
         n=n or 1,
         stop=_stop(f, limits.max_stop_strings),
-        seed=f.integer("seed", lo=-(2**63), hi=2**64 - 1),
+        seed=f.integer("seed", lo=-(2**63), hi=2**63 - 1),  # int64, as OpenAI's schema says
         presence_penalty=f.number("presence_penalty", lo=-2.0, hi=2.0),
         frequency_penalty=f.number("frequency_penalty", lo=-2.0, hi=2.0),
         top_k=None if top_k in (None, 0, -1) else top_k,
@@ -246,6 +245,7 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         include_usage=include_usage,
         user=f.string("user", "") or "",
         guided=structured_output.parse({name: f.raw(name) for name in structured_output.FIELDS}),
+        continuous_usage=continuous_usage,
     )
 
 
