@@ -19,6 +19,7 @@ from gateway.anthropic import MessageBuilder, anthropic_param, error_body, to_ch
 from gateway.appkeys import API_KEY, CONTEXT, FINISH_REASON, REQUEST_ID
 from gateway.errors import APIError
 from gateway.execution import Executor
+from gateway.responses import ChatResult
 from gateway.routes.body import read_json
 from gateway.validation import parse_chat
 
@@ -48,6 +49,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
     req = _parse(await read_json(request), ctx)
     request_id = request[REQUEST_ID]
     async with pipeline.chat(ctx, req, request_id, request.get(API_KEY)) as job:
+        assert isinstance(job.result, ChatResult)  # pipeline.chat makes chat results
         builder = MessageBuilder(request_id, job.result.model, job.result)
         if not req.params.stream:
             async for update in job.updates:
