@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from gateway import deadline
 from gateway.anthropic import error_body as anthropic_error_body
-from gateway.appkeys import API_KEY, CONTEXT, FINISH_REASON, REQUEST_ID
+from gateway.appkeys import API_KEY, CONTEXT, FINISH_REASON, REQUEST_ID, RESPONSE_STORE
 from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
 from gateway.context import GatewayContext
 from gateway.errors import APIError
 from gateway.rate_limit import RateLimiter
-from gateway.routes import anthropic_routes, health, openai_routes, openapi
+from gateway.response_store import ResponseStore
+from gateway.routes import anthropic_routes, health, openai_routes, openapi, responses_routes
 from services.common import telemetry
 from services.common.logging import request_id_var
 
@@ -94,7 +97,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     finally:
         if route.startswith("/v1/") or route in ("/tokenize", "/detokenize"):
             ctx.metrics.count_request(route, status, request.get(FINISH_REASON, ""))
-        if route in ("/v1/chat/completions", "/v1/completions", "/v1/messages") and status == 200:
+        if (
+            route in ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses")
+            and status == 200
+        ):
             ctx.metrics.e2e.observe(time.monotonic() - started)
 
 
@@ -141,11 +147,25 @@ def build_app(config: GatewayConfig) -> web.Application:
     )
     app[CONTEXT] = ctx
 
+    store = None
+    if config.responses_db:
+        store = ResponseStore(str(Path(config.responses_db).expanduser()), config.responses_ttl)
+        app[RESPONSE_STORE] = store
+
     async def on_startup(_: web.Application) -> None:
+        if store is not None:
+            try:
+                await store.open()  # creates or migrates the file
+            except (OSError, sqlite3.Error) as exc:
+                if config.responses_db != GatewayConfig.responses_db:
+                    raise  # a path the operator chose must work
+                log.warning("storing Responses is off: %s: %s", store.path, exc)
         await ctx.start()
 
     async def on_cleanup(_: web.Application) -> None:
         await ctx.close()
+        if store is not None:
+            await store.close()
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
@@ -154,4 +174,5 @@ def build_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/openapi.json", openapi.openapi_json)
     openai_routes.register(app)
     anthropic_routes.register(app)
+    responses_routes.register(app)
     return app
