@@ -228,3 +228,42 @@ def test_api_key_from_x_api_key(shared_dir: Path, stories_dir: Path, tmp_path: P
         assert ok.usage.output_tokens >= 1
     finally:
         stack.stop()
+
+
+def _sse_events(text: str) -> list[dict[str, Any]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        data = json.loads(lines["data"])
+        assert lines["event"] == data["type"]  # the SSE event name is the payload's type
+        events.append(data)
+    return events
+
+
+def test_bodies_and_events_validate_against_the_sdk_types(stories_stack: Stack, qwen3_stack: Stack) -> None:
+    """Every body and stream event parses strictly (pydantic validation, not construct) into the
+    official SDK's types, which Anthropic generates from its API specification."""
+    from anthropic.types import Message, RawMessageStreamEvent
+    from pydantic import TypeAdapter
+
+    events = TypeAdapter(RawMessageStreamEvent)
+    cases = [
+        (stories_stack, {"messages": [{"role": "user", "content": "Once upon a time"}], "max_tokens": 16}),
+        (
+            qwen3_stack,
+            {
+                "messages": [{"role": "user", "content": "Weather in Paris?"}],
+                "max_tokens": 96,
+                "tools": [WEATHER],
+                "tool_choice": {"type": "any"},
+            },
+        ),
+    ]
+    for stack, body in cases:
+        body = {"model": stack.model.name, "temperature": 0, **body}
+        whole = httpx.post(stack.url + "/v1/messages", json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        Message.model_validate(whole.json(), strict=False)
+        streamed = httpx.post(stack.url + "/v1/messages", json={**body, "stream": True}, timeout=60)
+        parsed = [events.validate_python(e) for e in _sse_events(streamed.text)]
+        assert parsed[0].type == "message_start" and parsed[-1].type == "message_stop"

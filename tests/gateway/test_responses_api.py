@@ -282,3 +282,36 @@ def test_a_kill_mid_write_leaves_a_readable_database(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         ids = {row[0] for row in conn.execute("SELECT id FROM responses")}
     assert {f"resp_{i}" for i in range(committed + 1)} <= ids
+
+
+def test_bodies_and_events_validate_against_the_sdk_types(stack: Stack, qwen3_stack: Stack) -> None:
+    """Every Response and stream event parses strictly (pydantic validation) into the official SDK's
+    types, which OpenAI generates from its published OpenAPI specification."""
+    from openai.types.responses import Response, ResponseStreamEvent
+    from pydantic import TypeAdapter
+
+    events = TypeAdapter(ResponseStreamEvent)
+    cases: list[tuple[Stack, dict[str, Any]]] = [
+        (stack, {"input": "Once upon a time", "max_output_tokens": 16}),
+        (
+            qwen3_stack,
+            {
+                "input": "Weather in Paris?",
+                "max_output_tokens": 96,
+                "tools": [WEATHER],
+                "tool_choice": "required",
+            },
+        ),
+    ]
+    for target, body in cases:
+        body = {"model": target.model.name, "temperature": 0, "store": False, **body}
+        whole = httpx.post(target.base_url + "/responses", json=body, timeout=60)
+        assert whole.status_code == 200, whole.text
+        Response.model_validate(whole.json())
+        streamed = httpx.post(target.base_url + "/responses", json={**body, "stream": True}, timeout=60)
+        parsed = []
+        for block in streamed.text.strip().split("\n\n"):
+            lines = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+            parsed.append(events.validate_python(json.loads(lines["data"])))
+            assert lines["event"] == parsed[-1].type
+        assert parsed[0].type == "response.created"
