@@ -195,6 +195,7 @@ class DetokenizeSession:
                     stopped=d.stopped,
                     finished=d.finished,
                     num_tokens=d.num_tokens,
+                    matched_stop=d.matched_stop,
                 )
                 for d in reply.deltas
             ]

@@ -61,6 +61,10 @@ class GatewayConfig:
     """Seconds in-flight requests get to finish after SIGTERM (/health says 503 meanwhile)."""
     log_requests: bool = False
     """Log prompts and outputs (off by default: they may hold personal data)."""
+    responses_db: str = "~/.local/state/tandem/responses.sqlite3"
+    """SQLite file of stored Responses (`store: true`, `previous_response_id`); "" = storing off."""
+    responses_ttl: float = 30 * 24 * 3600.0
+    """Seconds a stored Response is kept (30 days, as OpenAI keeps them)."""
     served_model_name: str = ""
     """Model name clients use ("" = the name the workers report)."""
     max_stop_strings: int = 16

@@ -186,6 +186,7 @@ class TextDelta:
     stopped: bool  # a stop string matched: the choice is over
     finished: bool  # the choice's text is complete
     num_tokens: int  # token ids of the choice consumed so far
+    matched_stop: str = ""  # the stop string that matched (with `stopped`)
 
 
 @dataclass(frozen=True)

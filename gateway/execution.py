@@ -80,6 +80,7 @@ class ChoiceUpdate:
     tool_calls: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[LogprobItem, ...] = ()
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "abort" | None
+    matched_stop: str = ""  # the stop string that ended the choice (finish_reason "stop")
 
 
 @dataclass
@@ -392,6 +393,7 @@ class Executor:
                             tool_calls=d.tool_calls,
                             logprobs=logprobs,
                             finish_reason=finish,
+                            matched_stop=d.matched_stop if d.stopped else "",
                         )
             for i in indices:  # the styler closed without finishing a choice (should not happen)
                 if i not in done:
