@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import reference
+
 
 @dataclass(frozen=True)
 class KernelOps:
@@ -71,6 +73,9 @@ class KernelOps:
     #   projection and SiLU-and-mul (`silu_and_mul`, or `silu_and_mul_rms(gate_up, x, rms_eps)`);
     #   one kernel for decode-sized inputs where measured faster (fp32 gate/up, not rounded between)
     linear_silu_and_mul: Callable[..., torch.Tensor] | None = None
+    # (x [T, H], w13 [E, 2*I, H], w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k]) -> [T, H]:
+    #   a mixture-of-experts feed-forward over each token's routed experts (Qwen3-MoE, Mixtral)
+    fused_moe: Callable[..., torch.Tensor] = reference.fused_moe
 
     @property
     def folds_norms(self) -> bool:

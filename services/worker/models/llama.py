@@ -21,6 +21,7 @@ from torch import nn
 from kernels import KernelOps
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
 from services.worker.layers.linear import Linear
+from services.worker.layers.moe import SparseMoeBlock
 from services.worker.model_config import ModelConfig
 
 # Steps of at most this many tokens take the folded forward (the CUDA-graph logits ladder's top).
@@ -123,11 +124,16 @@ class MLP(nn.Module):
         return self.down_proj.linear_add(act, residual=h)
 
 
+def make_mlp(cfg: ModelConfig, ops: KernelOps, layer: int) -> MLP | SparseMoeBlock:
+    """The layer's feed-forward block: dense, or a sparse mixture of experts (Qwen3-MoE, Mixtral)."""
+    return SparseMoeBlock(cfg, ops) if cfg.is_moe_layer(layer) else MLP(cfg, ops)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int = 0) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, ops)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = make_mlp(cfg, ops, layer)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -146,6 +152,7 @@ class DecoderLayer(nn.Module):
     def forward_folded(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Residual stream in -> residual stream out, both norms folded (their weights are ones)."""
         h = self.self_attn.forward_folded(h, self.input_layernorm.eps, meta)
+        assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
         return self.mlp.forward_folded(h, self.post_attention_layernorm.eps)
 
     @torch.no_grad()
@@ -153,6 +160,7 @@ class DecoderLayer(nn.Module):
         """qkv_proj.weight *= input_layernorm.weight[None, :], gate_up_proj.weight *=
         post_attention_layernorm.weight[None, :] (fp32 products, rounded once), then both norm
         weights := 1 so that nothing can apply them twice."""
+        assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
         for norm, proj in (
             (self.input_layernorm, self.self_attn.qkv_proj),
             (self.post_attention_layernorm, self.mlp.gate_up_proj),
@@ -168,7 +176,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
         # gate_up_proj (the layer norms' weights are then ones).
@@ -196,6 +204,8 @@ class LlamaForCausalLM(nn.Module):
     """input ids [T] + metadata -> hidden states [T, hidden]; `compute_logits` on the rows to sample."""
 
     stacked_params = STACKED_PARAMS
+    # (checkpoint substring, parameter substring): names that differ only in a module's name
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
@@ -231,6 +241,7 @@ class LlamaForCausalLM(nn.Module):
             self.ops.folds_norms
             and not cfg.attention_bias
             and not cfg.qk_norm
+            and not cfg.num_experts  # the folded forward has no MoE path
             and self.model.embed_tokens.weight.dtype != torch.float16
             and switches.FOLD_NORMS.value  # TANDEM_FOLD_NORMS=0: separate norms (services/common/switches.py)
         )
