@@ -71,9 +71,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             if exc.status < 400:
                 raise
             message = exc.reason if exc.status != 404 else f"no route {request.method} {request.path}"
+            headers = {}
             if exc.status == 405:
                 message = f"method {request.method} not allowed on {request.path}"
-            response = error_response(APIError(exc.status, message))
+                headers["Allow"] = exc.headers.get("Allow", "")
+            response = error_response(APIError(exc.status, message, headers=headers))
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
             response = error_response(APIError(500, "internal server error", code="internal_error"))

@@ -8,6 +8,7 @@ No stack trace ever reaches a client: anything unexpected becomes a 500 with a g
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -19,6 +20,8 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable_error",
@@ -36,6 +39,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -43,6 +47,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.retry_after_s = retry_after_s
+        self.extra_headers = dict(headers or {})
 
     @property
     def type(self) -> str:
@@ -52,11 +57,23 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        headers = dict(self.extra_headers)
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
+        if self.status == 401:  # RFC 9110: a 401 says how to authenticate
+            headers.setdefault("WWW-Authenticate", "Bearer")
+        return headers
 
 
 def invalid(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def first_line(text: str, limit: int = 300) -> str:
+    """The first non-empty line of a downstream message, at most `limit` characters: what a client
+    sees of another component's error (a compiler's backtrace stays out)."""
+    line = next((s.strip() for s in text.strip().splitlines() if s.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # gRPC status -> (HTTP status, retry-after seconds or None)
@@ -90,5 +107,5 @@ def from_grpc(exc: grpc.aio.AioRpcError, service: str) -> APIError:
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (status >= 500 and expired()):
         return APIError(504, f"the request timed out waiting for the {service}", code="timeout")
     if status < 500:
-        return APIError(status, exc.details() or exc.code().name, retry_after_s=retry_after)
+        return APIError(status, first_line(exc.details() or "") or exc.code().name, retry_after_s=retry_after)
     return APIError(status, f"the {service} failed: {exc.code().name}", retry_after_s=retry_after)
