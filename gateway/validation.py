@@ -154,6 +154,9 @@ def _short(value: Any) -> str:
 # not an encoding failure later.
 MAX_UINT32 = 2**32 - 1
 MAX_INT32 = 2**31 - 1
+# Sampling floats travel as float32: a positive value below this becomes 0 there, which the worker
+# refuses for top_p and repetition_penalty (must be > 0) without naming the request field.
+MIN_POSITIVE_FLOAT32 = 2.0**-149
 
 
 def _is_token_id(value: Any) -> bool:
@@ -227,7 +230,7 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
     return GenerationParams(
         max_tokens=max_tokens,
         temperature=f.number("temperature", lo=0.0, hi=2.0),
-        top_p=f.number("top_p", lo=0.0, hi=1.0, lo_open=True),
+        top_p=f.number("top_p", lo=MIN_POSITIVE_FLOAT32, hi=1.0),
         n=n or 1,
         stop=_stop(f, limits.max_stop_strings),
         seed=f.integer("seed", lo=-(2**63), hi=2**64 - 1),
@@ -235,7 +238,7 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         frequency_penalty=f.number("frequency_penalty", lo=-2.0, hi=2.0),
         top_k=None if top_k in (None, 0, -1) else top_k,
         min_p=f.number("min_p", lo=0.0, hi=1.0),
-        repetition_penalty=f.number("repetition_penalty", lo=0.0, lo_open=True),
+        repetition_penalty=f.number("repetition_penalty", lo=MIN_POSITIVE_FLOAT32),
         min_tokens=min_tokens,
         ignore_eos=f.boolean("ignore_eos", False),
         stop_token_ids=f.int_list("stop_token_ids"),
