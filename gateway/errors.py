@@ -8,6 +8,7 @@ No stack trace ever reaches a client: anything unexpected becomes a 500 with a g
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,11 +70,21 @@ def invalid(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-def first_line(text: str, limit: int = 300) -> str:
-    """The first non-empty line of a downstream message, at most `limit` characters: what a client
-    sees of another component's error (a compiler's backtrace stays out)."""
-    line = next((s.strip() for s in text.strip().splitlines() if s.strip()), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def one_line(text: str, limit: int = 300) -> str:
+    """A downstream message as a client sees it: its lines up to any backtrace or traceback, joined
+    into one line of at most `limit` characters (a compiler's multi-line report keeps its gist)."""
+    kept: list[str] = []
+    for line in text.strip().splitlines():
+        if _TRACE_START.match(line):
+            break
+        kept.append(line.strip())
+    joined = " ".join(" ".join(kept).split())
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+
+
+_TRACE_START = re.compile(
+    r"\s*(stack backtrace:|note: run with `RUST_BACKTRACE|Traceback \(most recent call last\)|\d+: 0x)"
+)
 
 
 # gRPC status -> (HTTP status, retry-after seconds or None)
@@ -107,5 +118,5 @@ def from_grpc(exc: grpc.aio.AioRpcError, service: str) -> APIError:
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (status >= 500 and expired()):
         return APIError(504, f"the request timed out waiting for the {service}", code="timeout")
     if status < 500:
-        return APIError(status, first_line(exc.details() or "") or exc.code().name, retry_after_s=retry_after)
+        return APIError(status, one_line(exc.details() or "") or exc.code().name, retry_after_s=retry_after)
     return APIError(status, f"the {service} failed: {exc.code().name}", retry_after_s=retry_after)

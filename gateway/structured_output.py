@@ -24,7 +24,7 @@ import grpc
 
 from gateway import json_text
 from gateway.downstream import Guided
-from gateway.errors import APIError, first_line, invalid
+from gateway.errors import APIError, invalid, one_line
 
 # The request fields that may carry a constraint, in the order they are named in errors.
 FIELDS = (
@@ -205,14 +205,14 @@ def worker_error(exc: grpc.aio.AioRpcError, guided: Guided | None) -> APIError |
     # The worker names the field first: "guided.json_schema: ..." or "sampling.guided.regex: ...".
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "guided" in field.split("."):
         return invalid(
-            f"'{guided.param}' cannot be used for guided decoding: {first_line(why, MAX_WORKER_ERROR_CHARS)}",
+            f"'{guided.param}' cannot be used for guided decoding: {one_line(why, MAX_WORKER_ERROR_CHARS)}",
             guided.param,
         )
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and not details.startswith("kv_source"):
         return APIError(
             400,
             f"'{guided.param}' needs guided decoding, which this deployment cannot do: "
-            f"{first_line(details, MAX_WORKER_ERROR_CHARS)}",
+            f"{one_line(details, MAX_WORKER_ERROR_CHARS)}",
             param=guided.param,
             code="guided_decoding_unavailable",
         )
