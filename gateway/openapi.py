@@ -13,7 +13,7 @@ from typing import Any
 from gateway.limits import Limits
 from gateway.structured_output import FIELDS as CONSTRAINT_FIELDS
 from gateway.structured_output import MAX_GUIDED_CHOICES
-from gateway.validation import MIN_POSITIVE_FLOAT32
+from gateway.validation import MAX_FLOAT32, MIN_POSITIVE_FLOAT32
 
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
@@ -59,7 +59,7 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
         "frequency_penalty": _num(-2.0, 2.0),
         "top_k": _int(-1, 2**31 - 1),
         "min_p": _num(0.0, 1.0),
-        "repetition_penalty": _num(MIN_POSITIVE_FLOAT32),
+        "repetition_penalty": _num(MIN_POSITIVE_FLOAT32, MAX_FLOAT32),
         "min_tokens": _int(0, _UINT32),
         "ignore_eos": _BOOL,
         "stop_token_ids": _TOKEN_IDS,
@@ -154,8 +154,10 @@ def _structured_output() -> dict[str, Any]:
     }
 
 
-def _at_most_one_constraint() -> dict[str, Any]:
-    """`not` any two of the structured-output fields (`response_format` of type text is none)."""
+def _refused_combinations(chat: bool) -> dict[str, Any]:
+    """What validation refuses across fields: two structured-output constraints (`response_format`
+    of type text is none), `stream_options` without `stream: true`, and (chat) `top_logprobs`
+    without `logprobs: true`."""
     constraining = {
         "properties": {"response_format": {"properties": {"type": {"enum": ["json_object", "json_schema"]}}}}
     }
@@ -166,6 +168,9 @@ def _at_most_one_constraint() -> dict[str, Any]:
             if first == "response_format":
                 pair.update(constraining)
             pairs.append(pair)
+    needs_true = [("stream_options", "stream")] + ([("top_logprobs", "logprobs")] if chat else [])
+    for field, flag in needs_true:
+        pairs.append({"required": [field], "properties": {flag: {"not": {"const": True}}}})
     return {"not": {"anyOf": pairs}}
 
 
@@ -268,7 +273,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "type": "object",
             "required": ["messages"],
             "additionalProperties": False,
-            **_at_most_one_constraint(),
+            **_refused_combinations(chat=True),
             "properties": {
                 **_generation(limits, chat=True),
                 "messages": messages,
@@ -283,7 +288,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "type": "object",
             "required": ["prompt"],
             "additionalProperties": False,
-            **_at_most_one_constraint(),
+            **_refused_combinations(chat=False),
             "properties": {
                 **_generation(limits, chat=False),
                 "prompt": prompt,
@@ -305,7 +310,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
                         ]
                     },
                 },
-                {"required": ["messages"]},
+                {"required": ["messages"], "not": {"required": ["prompt"]}},
             ],
             "properties": {
                 "model": _STR,

@@ -38,6 +38,8 @@ async def _post(url: str, body: Any, *, raw: bytes | None = None) -> tuple[int, 
         if raw is None:
             kwargs = {"json": body}
         async with session.post(url, **kwargs) as reply:
+            if reply.content_type != "application/json":  # a stream
+                return reply.status, {"text": await reply.text()}, time.monotonic() - started
             return reply.status, await reply.json(), time.monotonic() - started
 
 
@@ -298,6 +300,10 @@ def _document_accepts(document: dict[str, Any], schema: str, body: dict[str, Any
         ("/v1/completions", "CompletionRequest", {**COMPLETION, "response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "guided_choice"),
         ("/v1/completions", "CompletionRequest", {**COMPLETION, "top_p": 1e-46}, "top_p"),
         ("/v1/chat/completions", "ChatCompletionRequest", {**CHAT, "repetition_penalty": 5e-324}, "repetition_penalty"),
+        ("/v1/completions", "CompletionRequest", {**COMPLETION, "repetition_penalty": 1e300}, "repetition_penalty"),
+        ("/tokenize", "TokenizeRequest", {"prompt": "a", "messages": CHAT["messages"]}, "prompt"),
+        ("/v1/completions", "CompletionRequest", {**COMPLETION, "stream_options": {"include_usage": True}}, "stream_options"),
+        ("/v1/chat/completions", "ChatCompletionRequest", {**CHAT, "top_logprobs": 2}, "top_logprobs"),
     ],
 )  # fmt: skip
 async def test_openapi_document_refuses_what_validation_refuses(
@@ -314,6 +320,8 @@ async def test_openapi_document_refuses_what_validation_refuses(
         fine = {"prompt": "a"}
     fine.update({"top_p": 2.0**-149} if "top_p" in body else {})
     fine.update({"repetition_penalty": 2.0**-149} if "repetition_penalty" in body else {})
+    fine.update({"stream": True} if "stream_options" in body else {})
+    fine.update({"logprobs": True} if "top_logprobs" in body else {})
     assert _document_accepts(document, schema, fine)
     status, reply, _ = await _post(limited_stack.url + route, fine)
     assert status == 200, reply
