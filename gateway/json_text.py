@@ -21,7 +21,7 @@ import json
 import re
 from typing import Any
 
-from gateway.errors import invalid
+from gateway.errors import invalid, one_line
 
 # Deep enough for any real JSON schema, tool list or message list; shallow enough that no
 # recursive code downstream comes near Python's recursion limit.
@@ -46,7 +46,7 @@ def loads(text: str | bytes, param: str | None = None) -> Any:
             f"{what} nests JSON deeper than {MAX_JSON_DEPTH} levels", param or _top_level_key(raw)
         ) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise invalid(f"{what} is not valid JSON: {_first_line(str(exc))}", param) from None
+        raise invalid(f"{what} is not valid JSON: {one_line(str(exc), 200)}", param) from None
     deep = raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH
     if deep or _SURROGATE_ESCAPE.search(raw) is not None:
         check(value, param or "")
@@ -110,8 +110,3 @@ def _top_level_key(raw: bytes) -> str | None:
         if depth > MAX_JSON_DEPTH:
             return key
     return key
-
-
-def _first_line(text: str, limit: int = 200) -> str:
-    line = text.strip().split("\n", 1)[0]
-    return line if len(line) <= limit else line[: limit - 3] + "..."
