@@ -5,6 +5,7 @@ the validator. Each is a 400 / INVALID_ARGUMENT naming the field, quickly, with 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -277,10 +278,18 @@ def keyed_gateway(limited_stack: ReliabilityStack) -> Iterator[str]:
 
 
 async def test_401_carries_www_authenticate(keyed_gateway: str) -> None:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(keyed_gateway + "/v1/completions", json=COMPLETION) as reply,
+    ):
+        assert reply.status == 401 and reply.headers["WWW-Authenticate"].startswith("Bearer")
+        assert (await reply.json())["error"]["type"] == "authentication_error"
+    # A key that is not UTF-8 (aiohttp keeps such header bytes as surrogate escapes) is just wrong.
+    port = int(keyed_gateway.rsplit(":", 1)[1])
+    request = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xed\r\nConnection: close\r\n\r\n"
+    status, headers, _ = await asyncio.to_thread(_raw_http, port, request)
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
     async with aiohttp.ClientSession() as session:
-        async with session.post(keyed_gateway + "/v1/completions", json=COMPLETION) as reply:
-            assert reply.status == 401 and reply.headers["WWW-Authenticate"].startswith("Bearer")
-            assert (await reply.json())["error"]["type"] == "authentication_error"
         headers = {"Authorization": "Bearer sk-hostile-test"}
         async with session.post(keyed_gateway + "/v1/completions", json=COMPLETION, headers=headers) as reply:
             assert reply.status == 200, await reply.text()
