@@ -6,6 +6,7 @@ the validator. Each is a 400 / INVALID_ARGUMENT naming the field, quickly, with 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -247,8 +248,6 @@ def _raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     ],
 )
 def test_parser_errors_use_the_envelope(limited_stack: ReliabilityStack, request_bytes: bytes) -> None:
-    import json
-
     status, headers, body = _raw_http(limited_stack.port, request_bytes)
     assert 400 <= status < 500 and headers["content-type"].startswith("application/json"), (status, body)
     error = json.loads(body)["error"]
@@ -334,3 +333,24 @@ async def test_openapi_document_refuses_what_validation_refuses(
     assert _document_accepts(document, schema, fine)
     status, reply, _ = await _post(limited_stack.url + route, fine)
     assert status == 200, reply
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /v1/models/\xff\xfe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Request-Id: \xff\xfe\r\nConnection: close\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Request-Timeout: \xff\xfe\r\nConnection: close\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json; charset=\xff\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 14\r\nConnection: close\r\n\r\n{"prompt":"\xff"}',
+    ],
+)
+def test_bytes_that_are_not_utf8_are_never_a_5xx(
+    limited_stack: ReliabilityStack, request_bytes: bytes
+) -> None:
+    status, _, body = _raw_http(limited_stack.port, request_bytes)
+    assert status < 500, (status, body)
+    if status >= 400:
+        assert json.loads(body)["error"]["message"]
