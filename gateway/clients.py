@@ -391,6 +391,7 @@ class WorkerClient:
         first_choice_index: int = 0,
         generated_token_ids: Sequence[int] = (),
         kv_source: KVSource | None = None,
+        group_id: str = "",
     ) -> AsyncIterator[GenerateChunk]:
         """The worker's Generate stream; closing the iterator early cancels the rpc (= abort).
         `generated_token_ids` resumes a request (they are not streamed again); `kv_source` pulls
@@ -401,6 +402,7 @@ class WorkerClient:
             sampling=_sampling_to_proto(sampling),
             first_choice_index=first_choice_index,
             generated_token_ids=list(generated_token_ids),
+            group_id=group_id,
         )
         if kv_source is not None:
             message.kv_source.CopyFrom(

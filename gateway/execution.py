@@ -327,7 +327,9 @@ class Executor:
         async def write() -> None:
             try:
                 # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
-                stream = PromptStream(ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index)
+                stream = PromptStream(
+                    ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index, run.request_id
+                )
                 last_chunk_at: list[float] = []
                 async for chunk in stream.chunks():
                     await on_chunk(chunk, last_chunk_at)

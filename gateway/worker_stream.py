@@ -68,9 +68,11 @@ class PromptStream:
         prompt_token_ids: Sequence[int],
         sampling: Sampling,
         first_choice_index: int = 0,
+        group_id: str = "",
     ) -> None:
         self.ctx = ctx
         self.request_id = request_id
+        self.group_id = group_id  # the worker scheduler's fairness group (the gateway request)
         self.prompt_token_ids = tuple(prompt_token_ids)
         self.sampling = sampling
         self.choices = {i: _Choice(i) for i in range(first_choice_index, first_choice_index + sampling.n)}
@@ -187,6 +189,7 @@ class PromptStream:
                     first_choice_index,
                     generated_token_ids=generated,
                     kv_source=kv_source,
+                    group_id=self.group_id,
                 ):
                     noted = self._note(chunk)
                     if noted is not None:

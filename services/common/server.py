@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import telemetry
+from services.common import heap_profile, telemetry
 from services.common.drain import DrainInterceptor
 from services.common.metrics import GrpcMetricsInterceptor, start_metrics_server
 from services.common.service_config import ServiceConfig
@@ -186,6 +186,7 @@ def install_event_loop_policy() -> None:
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     """Run an async service main on uvloop and return exit status 0 after a graceful stop."""
+    heap_profile.install_from_env()
     install_event_loop_policy()
     asyncio.run(main())
     return 0
