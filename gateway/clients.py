@@ -227,6 +227,7 @@ class StylerClient:
             max_model_len=r.max_model_len,
             tool_parser=r.tool_parser,
             reasoning_parser=r.reasoning_parser,
+            max_token_bytes=r.max_token_bytes,
         )
 
     async def render(

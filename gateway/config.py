@@ -42,7 +42,9 @@ class GatewayConfig:
     max_request_bytes: int = 16 * 1024 * 1024
     """Largest HTTP request body accepted; bigger bodies get 413."""
     max_waiting: int = 1024
-    """Largest number of requests waiting for a worker; beyond it new requests get 429."""
+    """Largest number of sequences (prompts x n of each request) waiting for their first token; beyond it new requests get 429."""
+    max_sequences_per_request: int = 256
+    """Largest prompts x n in one request (vLLM's default --max-num-seqs: one engine batch); more get 400."""
     max_running: int = 0
     """Requests in flight at once before further ones wait (0 = no gateway-side limit)."""
     max_waiting_tokens: int = 0
@@ -91,6 +93,10 @@ class GatewayConfig:
             raise ValueError(f"--max-waiting must be >= 0, got {self.max_waiting}")
         if self.max_running < 0:
             raise ValueError(f"--max-running must be >= 0, got {self.max_running}")
+        if self.max_sequences_per_request < 1:
+            raise ValueError(
+                f"--max-sequences-per-request must be >= 1, got {self.max_sequences_per_request}"
+            )
         if self.max_n < 1:
             raise ValueError(f"--max-n must be >= 1, got {self.max_n}")
         if self.health_interval <= 0:
