@@ -41,6 +41,12 @@ class GatewayConfig:
     """PEM private key matching --ssl-certfile."""
     max_request_bytes: int = 16 * 1024 * 1024
     """Largest HTTP request body accepted; bigger bodies get 413."""
+    max_connections: int = 4096
+    """Open HTTP connections at once; past it an idle one is closed for the newcomer, or 503 when none is idle (lowered to the descriptor limit less 256)."""
+    idle_timeout: float = 15.0
+    """Seconds a connection may take to send a complete request head, from its opening or the end of its previous response; then it is closed."""
+    body_timeout: float = 60.0
+    """Seconds a request may take to send its whole body once its head arrived; then 408."""
     max_waiting: int = 1024
     """Largest number of sequences (prompts x n of each request) waiting for their first token; beyond it new requests get 429."""
     max_sequences_per_request: int = 256
@@ -112,6 +118,11 @@ class GatewayConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_connections < 0:
+            raise ValueError(f"--max-connections must be >= 0, got {self.max_connections}")
+        for name in ("idle_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.request_timeout < 0:
             raise ValueError(f"--request-timeout must be >= 0, got {self.request_timeout}")
         if self.drain_timeout < 0:
