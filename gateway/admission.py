@@ -74,6 +74,7 @@ class AdmissionGate:
         queue; a lone request is always let in, so one long prompt cannot be refused for ever."""
         if (
             self.max_waiting_tokens
+            and num_tokens > 0
             and self.num_waiting_tokens > 0
             and self.num_waiting_tokens + num_tokens > self.max_waiting_tokens
         ):
