@@ -13,8 +13,8 @@ from .rstack import ReliabilityStack, rss_bytes
 from .slope import RSS_SLOPE_BOUND, generation_requests, slope_per_request
 
 WARM_UP = 1000
-PHASES = 4
-PER_PHASE = 750
+PHASES = 10  # many samples: the least-squares slope averages out RSS's noise of tens of KiB
+PER_PHASE = 300
 
 
 @pytest.fixture(scope="module")
