@@ -372,12 +372,13 @@ class Executor:
             if deltas:
                 await session.send(deltas)
 
+        # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
+        stream = PromptStream(
+            ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index, run.request_id
+        )
+
         async def write() -> None:
             try:
-                # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
-                stream = PromptStream(
-                    ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index, run.request_id
-                )
                 last_chunk_at: list[float] = []
                 async for chunk in stream.chunks():
                     await on_chunk(chunk, last_chunk_at)
@@ -405,6 +406,7 @@ class Executor:
         reader = asyncio.create_task(read())
         consumed: dict[int, int] = dict.fromkeys(indices, 0)
         done: set[int] = set()
+        stopped_early = False  # a stop string ended a choice the worker was still generating
         try:
             while len(done) < n:
                 item = await events.get()
@@ -438,14 +440,19 @@ class Executor:
             for i in indices:  # the styler closed without finishing a choice (should not happen)
                 if i not in done:
                     yield ChoiceUpdate(index=i, prompt=prompt, finish_reason=worker_finish.get(i, "stop"))
+            # Every choice is done: let the streams end on their own rather than cancel them.
+            # grpcio leaks the native op array of a read in flight when its call is cancelled, on
+            # both ends (grpc/grpc#43360): a slow leak per request otherwise.
             if all(i in worker_finish for i in indices):
-                # The worker finished every choice: let its stream and the styler's end on their
-                # own (the worker closes its stream, the writer half-closes the styler's, the
-                # styler ends it) rather than cancel them. grpcio leaks the native op array of a
-                # read in flight when its call is cancelled, on both ends (grpc/grpc#43360): a
-                # slow leak per request otherwise. (A choice stopped by a stop string still
-                # cancels the worker stream: that is how it is aborted.)
+                # The worker closes its stream, the writer then half-closes the styler's, and
+                # the styler ends it.
                 await asyncio.wait([writer, reader], timeout=STREAM_END_TIMEOUT_S)
+            else:
+                stopped_early = True
+                if await stream.abort():
+                    # A stop string ended them: the worker aborts the request and ends its
+                    # stream, then the writer half-closes the styler's as above.
+                    await asyncio.wait([writer, reader], timeout=STREAM_END_TIMEOUT_S)
         finally:
             writer.cancel()
             reader.cancel()
@@ -453,7 +460,7 @@ class Executor:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             session.cancel()
-            stopped_early = any(worker_finish.get(i) is None for i in indices)
+            stopped_early = stopped_early or any(worker_finish.get(i) is None for i in indices)
             if worker_usage and not stopped_early:
                 prompt.completion_tokens = worker_usage[0]
             else:

@@ -15,14 +15,17 @@ RSS_SLOPE_BOUND = 64
 
 
 async def generation_requests(url: str, num_requests: int, concurrency: int = 8) -> Counter[int]:
-    """`num_requests` small completions (streamed and not, alternately); their statuses."""
+    """`num_requests` small completions (streamed and not, alternately; every third one ended by
+    a stop string, which aborts it on the worker); their statuses."""
     statuses: Counter[int] = Counter()
     pending = iter(range(num_requests))
     async with aiohttp.ClientSession() as session:
 
         async def client() -> None:
             for i in pending:
-                body = {"prompt": "Once upon a time", "max_tokens": 4, "stream": i % 2 == 1}
+                body = {"prompt": "Once upon a time", "max_tokens": 8, "stream": i % 2 == 1}
+                if i % 3 == 2:
+                    body["stop"] = [" "]
                 async with session.post(url + "/v1/completions", json=body) as reply:
                     await reply.read()
                     statuses[reply.status] += 1
