@@ -40,6 +40,7 @@ from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "Qwen2-0.5B": {**MODELS["Qwen2-0.5B"], "bos_token_id": 151643},
+    "Llama-3.1-8B": {**MODELS["Llama-3.1-8B"], "bos_token_id": 128000},
     # a CPU-sized model with a KV of 16 KiB per token in fp32
     "cpu-small": {
         "architectures": ["LlamaForCausalLM"],

@@ -2,7 +2,7 @@
 each in a fresh process (the switches are read at import), for A/B comparisons of scheduling and
 kernel options:
 
-    python benchmarks/offline_ab.py --shape 1024,128,512 --variants "base:,nosplit:TANDEM_MIXED_DECODE_KERNEL=0"
+    python benchmarks/offline_ab.py --shape 1024,128,512 --variants "base:,nopdl:TANDEM_PDL=0"
 
 Prints one line per variant (output tok/s and the step breakdown of engine_bench's StepTimer).
 """

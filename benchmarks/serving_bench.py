@@ -4,12 +4,16 @@
     python benchmarks/serving_bench.py --shape cpu-small --tokenizer ../shared/tokenizers/qwen2.5 \
         --device cpu --input-len 256 --output-len 32 --rates 1,2 --concurrency 1,4 --num-requests 16
 
-For each mode (`tandem up` with one unified worker; `tandem up --disaggregate`: one prefill and
-one decode worker, sharing one GPU when only one is visible) it sends random token-id prompts of
+For each mode (`inprocess`: the worker's engine in this process behind its asyncio bridge, no
+gateway, styler or gRPC, the baseline of the split; `unified`: `tandem up` with one unified
+worker; `disaggregated`: `tandem up --disaggregate`, one prefill and one decode worker sharing one
+GPU when only one is visible) it sends random token-id prompts of
 --input-len tokens asking --output-len tokens (ignore_eos, streamed over SSE to
 /v1/completions): Poisson arrivals at each of --rates (requests/s), then a closed loop at each
 of --concurrency. Per point: TTFT and ITL (time between SSE chunks) p50 / p99, output tok/s, and
-goodput = requests/s that met TTFT <= 200 ms and a mean ITL <= 50 ms. JSON and a PNG of latency
+goodput = requests/s that met TTFT <= 200 ms and a mean ITL <= 50 ms. With `inprocess` among the
+modes, each other mode's points also carry the cost of the split: throughput as a fraction of
+in-process and the added TTFT / ITL p50 and p99 (ms) at the same load point. JSON and a PNG of latency
 against load under benchmarks/results/ (the plot needs matplotlib: `pip install -e .[dev]`).
 """
 
@@ -119,8 +123,14 @@ def summarize(results: list[Result], duration: float) -> dict[str, Any]:
 
 
 async def run_load(
-    url: str, model: str, args: argparse.Namespace, rate: float | None, concurrency: int | None, vocab: int
+    target: str | InProcessTarget,
+    model: str,
+    args: argparse.Namespace,
+    rate: float | None,
+    concurrency: int | None,
+    vocab: int,
 ) -> dict[str, Any]:
+    """One load point against a URL (through the gateway) or the in-process engine."""
     # Fresh prompts for every load point (no prefix-cache hit from an earlier point or the
     # warm-up), the same ones in both modes.
     rng = random.Random(f"{args.input_len}-{rate}-{concurrency}-{args.num_requests}")
@@ -139,11 +149,17 @@ async def run_load(
 
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one(body: dict[str, Any]) -> Result:
+            if isinstance(target, InProcessTarget):
+                return await target.one_request(body)
+            return await one_request(session, target, body)
+
         start = time.perf_counter()
         if rate is not None:
             tasks = []
             for _ in range(args.num_requests):
-                tasks.append(asyncio.create_task(one_request(session, url, body())))
+                tasks.append(asyncio.create_task(one(body())))
                 await asyncio.sleep(rng.expovariate(rate))
             results = list(await asyncio.gather(*tasks))
         else:
@@ -153,7 +169,7 @@ async def run_load(
 
             async def loop() -> None:
                 while queue:
-                    results.append(await one_request(session, url, queue.pop()))
+                    results.append(await one(queue.pop()))
 
             await asyncio.gather(*(loop() for _ in range(concurrency)))
         duration = time.perf_counter() - start
@@ -163,13 +179,68 @@ async def run_load(
     return point
 
 
+class InProcessTarget:
+    """The engine behind its asyncio bridge in this process: the same requests, no services."""
+
+    def __init__(self, model_dir: Path, args: argparse.Namespace) -> None:
+        import shlex
+
+        from services.common.config import parse_config
+        from services.worker.async_engine import AsyncEngine
+        from services.worker.config import WorkerConfig
+        from services.worker.engine import Engine
+
+        argv = ["--model", str(model_dir), "--device", args.device, *shlex.split(_worker_args(args))]
+        self.engine = AsyncEngine(Engine(parse_config(WorkerConfig, argv, "serving_bench")))
+        self.engine.start()
+        self.count = 0
+
+    async def one_request(self, body: dict[str, Any]) -> Result:
+        from services.worker.request import EngineRequest, SamplingParams
+
+        res = Result()
+        self.count += 1
+        req = EngineRequest(
+            request_id=f"bench-{self.count}",
+            prompt_token_ids=tuple(body["prompt"]),
+            sampling=SamplingParams(temperature=0.0, max_tokens=body["max_tokens"], ignore_eos=True),
+        )
+        start = last = time.perf_counter()
+        outputs = self.engine.submit(req)
+        while True:
+            out = await outputs.get()
+            if isinstance(out, BaseException):
+                res.error = repr(out)
+                return res
+            if out.error:
+                res.error = out.error
+                return res
+            if any(c.token_ids for c in out.choices):
+                now = time.perf_counter()
+                if res.num_chunks == 0:
+                    res.ttft = now - start
+                else:
+                    res.itls.append(now - last)
+                last = now
+                res.num_chunks += 1
+                res.tokens += sum(len(c.token_ids) for c in out.choices)
+            if out.finished:
+                res.ok = True
+                return res
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def _worker_args(args: argparse.Namespace) -> str:
+    return f"--load-format dummy --max-model-len {args.input_len + args.output_len + 64} {args.worker_args}"
+
+
 def start_up(
     model_dir: Path, mode: str, args: argparse.Namespace, log: Path
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    worker_args = (
-        f"--load-format dummy --max-model-len {args.input_len + args.output_len + 64} {args.worker_args}"
-    )
+    worker_args = _worker_args(args)
     argv = [sys.executable, "-m", "tandem", "up", "--model", str(model_dir), "--port", str(port)]
     argv += ["--device", args.device, "--worker-args", worker_args, "--startup-timeout", "600"]
     if mode == "disaggregated":
@@ -198,6 +269,35 @@ def start_up(
             pass
         time.sleep(0.5)
     raise TimeoutError(log.read_text()[-4000:])
+
+
+def split_cost(results: dict[str, Any]) -> None:
+    """What the services cost against the in-process engine, point by point (same load)."""
+    base = {(p["rate"], p["concurrency"]): p for p in results["modes"].get("inprocess", [])}
+    if not base:
+        return
+    print(f"{'mode':>13} {'load':>10} {'tok/s ratio':>11} {'+TTFT p50/p99 ms':>17} {'+ITL p50/p99 ms':>16}")
+    for mode, points in results["modes"].items():
+        if mode == "inprocess":
+            continue
+        for p in points:
+            b = base.get((p["rate"], p["concurrency"]))
+            if b is None or not b["output_tok_per_s"]:
+                continue
+            cost = {
+                "throughput_ratio": p["output_tok_per_s"] / b["output_tok_per_s"],
+                **{
+                    f"added_{k}": p[k] - b[k]
+                    for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
+                },
+            }
+            p["split_cost"] = cost
+            load = f"rate {p['rate']}" if p["rate"] is not None else f"conc {p['concurrency']}"
+            print(
+                f"{mode:>13} {load:>10} {cost['throughput_ratio']:>11.3f} "
+                f"{cost['added_ttft_p50_ms']:>8.2f}/{cost['added_ttft_p99_ms']:<8.2f} "
+                f"{cost['added_itl_p50_ms']:>7.2f}/{cost['added_itl_p99_ms']:<8.2f}"
+            )
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -274,13 +374,15 @@ def main() -> int:
         model_dir = write_model(Path(tmp), args.shape, Path(args.tokenizer))
         for mode in args.modes.split(","):
             log = Path(tmp) / f"up-{mode}.log"
-            proc, url = start_up(model_dir, mode, args, log)
+            inprocess = InProcessTarget(model_dir, args) if mode == "inprocess" else None
+            proc, url = (None, "") if inprocess else start_up(model_dir, mode, args, log)
+            target: str | InProcessTarget = inprocess or url + "/v1/completions"
             points = []
             try:
                 model = args.shape
                 asyncio.run(
                     run_load(
-                        url + "/v1/completions",
+                        target,
                         model,
                         argparse.Namespace(**{**vars(args), "num_requests": 4}),
                         None,
@@ -293,7 +395,7 @@ def main() -> int:
                 ]
                 loads += [(None, int(c)) for c in args.concurrency.split(",") if c]
                 for rate, conc in loads:
-                    point = asyncio.run(run_load(url + "/v1/completions", model, args, rate, conc, vocab))
+                    point = asyncio.run(run_load(target, model, args, rate, conc, vocab))
                     points.append(point)
                     print(
                         f"{mode:>13} rate={rate!s:>5} conc={conc!s:>4}: TTFT p50/p99 {point['ttft_p50_ms']:.1f}/"
@@ -303,15 +405,20 @@ def main() -> int:
                         flush=True,
                     )
             finally:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                if "fetched KV" in log.read_text():
+                if inprocess is not None:
+                    inprocess.close()
+                else:
+                    assert proc is not None
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(60)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                if log.exists() and "fetched KV" in log.read_text():
                     fetch_lines = [ln for ln in log.read_text().splitlines() if "fetched KV" in ln]
                     results.setdefault("fetch_samples", {})[mode] = fetch_lines[-3:]
             results["modes"][mode] = points
+    split_cost(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")

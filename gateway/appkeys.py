@@ -6,6 +6,7 @@ from aiohttp import web
 
 from gateway.auth import ApiKey
 from gateway.context import GatewayContext
+from gateway.response_store import ResponseStore
 
 CONTEXT = web.AppKey("context", GatewayContext)
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -13,3 +14,5 @@ REQUEST_ID = web.RequestKey("request_id", str)
 FINISH_REASON = web.RequestKey("finish_reason", str)
 # The API key that authenticated the request (None when keys are off), for its token rate limit.
 API_KEY = web.RequestKey("api_key", ApiKey)
+# Stored Responses (None when --responses-db is "").
+RESPONSE_STORE = web.AppKey("response_store", ResponseStore)

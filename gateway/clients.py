@@ -195,6 +195,7 @@ class DetokenizeSession:
                     stopped=d.stopped,
                     finished=d.finished,
                     num_tokens=d.num_tokens,
+                    matched_stop=d.matched_stop,
                 )
                 for d in reply.deltas
             ]
@@ -325,9 +326,10 @@ class WorkerClient:
             architecture=r.architecture,
             dtype=r.dtype,
             block_size=r.block_size,
+            kv_dtype=r.kv_layout.dtype,
             kv_layout=(
                 f"{r.kv_layout.num_layers} layers x {r.kv_layout.num_kv_heads} kv heads x "
-                f"{r.kv_layout.head_dim}, block {r.kv_layout.block_size}, {r.kv_layout.dtype}, {r.kv_layout.layout}"
+                f"{r.kv_layout.head_dim}, block {r.kv_layout.block_size}, {r.kv_layout.layout}"
             ),
             tensor_parallel_size=r.tensor_parallel_size or 1,
             fingerprint=r.fingerprint,

@@ -69,12 +69,20 @@ class GatewayConfig:
     """Seconds in-flight requests get to finish after SIGTERM (/health says 503 meanwhile)."""
     log_requests: bool = False
     """Log prompts and outputs (off by default: they may hold personal data)."""
+    responses_db: str = "~/.local/state/tandem/responses.sqlite3"
+    """SQLite file of stored Responses (`store: true`, `previous_response_id`); "" = storing off."""
+    responses_ttl: float = 30 * 24 * 3600.0
+    """Seconds a stored Response is kept (30 days, as OpenAI keeps them)."""
     served_model_name: str = ""
     """Model name clients use ("" = the name the workers report)."""
     max_stop_strings: int = 16
     """Largest number of stop strings in one request."""
     max_n: int = 16
     """Largest `n` (choices per request)."""
+    expose_internal_addresses: bool = False
+    """Name the styler and workers by their addresses (socket paths, host:port) in /health and /metrics; off: by name (styler-0, worker-1), since both routes need no API key."""
+    instance_id: str = ""
+    """Token /health reports as "instance" ("" = none): `tandem up` sets a new one per start, so its readiness probe knows it reached its own gateway."""
     health_interval: float = 1.0
     """Seconds between background health / load polls of each downstream service."""
     tls_cert: str = ""

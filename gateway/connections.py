@@ -1,4 +1,4 @@
-"""Bounded HTTP connections: an idle / slow-header timeout, a connection cap, the descriptor limit.
+"""Bounded HTTP connections: an idle / slow-header timeout and a connection cap.
 
 - `--idle-timeout`: a connection must deliver a complete request head within this many seconds
   of opening, or of the end of its previous response (aiohttp's keep-alive timer, which closes a
@@ -6,9 +6,9 @@
   senders alike). The body has `--body-timeout` (app.py).
 - `--max-connections`: at the cap, a new connection evicts the longest-open *idle* one (waiting
   for a request head), so idle connections can never lock clients out; when every connection is
-  busy with a request, the new one gets 503 + `Connection: close` at once.
-- At start-up the soft descriptor limit is raised to the hard one, and the cap is lowered to
-  what the descriptors allow (a reserve is kept for the gRPC channels, logs and sockets).
+  busy with a request, the new one gets 503 + `Connection: close` at once. The cap stays below
+  the descriptor limit (raised at start-up by services/common/server.run), with a reserve for
+  the gRPC channels, logs and listeners.
 """
 
 from __future__ import annotations
@@ -22,27 +22,18 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.http_server import GatewayRunner
+
 log = logging.getLogger(__name__)
 
 # Descriptors kept for everything but client connections (gRPC channels, files, listeners).
 RESERVED_DESCRIPTORS = 256
 
 
-def raise_descriptor_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit where allowed; return the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.warning("could not raise the descriptor limit from %d to %d: %s", soft, target, exc)
-    return soft
-
-
-def connection_cap(max_connections: int, descriptor_limit: int) -> int:
-    """--max-connections, lowered to what `descriptor_limit` allows."""
+def connection_cap(max_connections: int, descriptor_limit: int | None = None) -> int:
+    """--max-connections, lowered to what `descriptor_limit` (default: this process's) allows."""
+    if descriptor_limit is None:
+        descriptor_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     allowed = max(descriptor_limit - RESERVED_DESCRIPTORS, 16)
     if max_connections > allowed:
         log.warning(
@@ -79,8 +70,9 @@ def _is_idle(handler: RequestHandler) -> bool:
     return waiter is not None and not waiter.done()
 
 
-class GatewayRunner(web.AppRunner):
-    """web.AppRunner whose server caps its connections (see the module docstring)."""
+class BoundedRunner(GatewayRunner):
+    """The gateway's runner (errors of aiohttp's parser in OpenAI's envelope, http_server.py)
+    whose server times out idle connections and caps them (see the module docstring)."""
 
     def __init__(
         self, app: web.Application, max_connections: int, idle_timeout: float, **kwargs: Any

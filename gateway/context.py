@@ -89,15 +89,25 @@ class GatewayContext:
             return self.stylers.info.max_model_len
         return 0
 
+    def label(self, name: str, address: str) -> str:
+        """How /health and /metrics name a downstream service: by name, or by its address when
+        --expose-internal-addresses is on (both routes are open, and addresses are internal)."""
+        return address if self.config.expose_internal_addresses else name
+
     async def health(self) -> dict[str, dict[str, bool]]:
-        """Poll every downstream service now (address -> in rotation), so that a 200 from /health
+        """Poll every downstream service now (name -> in rotation), so that a 200 from /health
         means requests are routable at once."""
         await asyncio.gather(self.router.poll_once(), self.stylers.poll_once())
         status = {
-            "styler": dict(self.stylers.healthy),
-            "worker": {w.address: w.healthy for w in self.router.workers},
+            "styler": {
+                self.label(f"styler-{i}", address): ok
+                for i, (address, ok) in enumerate(self.stylers.healthy.items())
+            },
+            "worker": {self.label(w.name, w.address): w.healthy for w in self.router.workers},
         }
         if self.disagg is not None:  # prefill workers are optional: decode workers can compute prompts
             await self.disagg.prefill.poll_once()
-            status["prefill_worker"] = {w.address: w.healthy for w in self.disagg.prefill.workers}
+            status["prefill_worker"] = {
+                self.label(w.name, w.address): w.healthy for w in self.disagg.prefill.workers
+            }
         return status

@@ -30,6 +30,7 @@ _COMPATIBILITY_FIELDS = (
     ("architecture", "architecture"),
     ("dtype", "dtype"),
     ("block_size", "block size"),
+    ("kv_dtype", "KV cache dtype"),
     ("kv_layout", "KV layout"),
     ("tensor_parallel_size", "tensor-parallel size"),
 )
@@ -56,7 +57,7 @@ class Disaggregation:
         poll_interval_s: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self.prefill = Router(prefill_addresses, poll_interval_s, credentials)
+        self.prefill = Router(prefill_addresses, poll_interval_s, credentials, kind="prefill_worker")
         self._reported: set[tuple[str, str]] = set()  # (prefill, decode) pairs already explained
 
     async def start(self, decode: Router) -> None:

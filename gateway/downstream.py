@@ -96,7 +96,8 @@ class WorkerInfo:
     architecture: str = ""
     dtype: str = ""
     block_size: int = 0
-    kv_layout: str = ""  # "layers x kv_heads x head_dim, block_size, dtype, layout name"
+    kv_dtype: str = ""  # the KV cache's element type ("bfloat16", "float8_e4m3fn" under fp8, ...)
+    kv_layout: str = ""  # "layers x kv_heads x head_dim, block_size, layout name"
     tensor_parallel_size: int = 1
     fingerprint: str = ""
 
@@ -186,6 +187,7 @@ class TextDelta:
     stopped: bool  # a stop string matched: the choice is over
     finished: bool  # the choice's text is complete
     num_tokens: int  # token ids of the choice consumed so far
+    matched_stop: str = ""  # the stop string that matched (with `stopped`)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Errors in OpenAI's envelope, and the mapping of downstream gRPC failures to HTTP statuses.
+"""Errors in OpenAI's envelope (downstream gRPC failures map onto them in `grpc_errors.py`).
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
 
@@ -8,9 +8,9 @@ No stack trace ever reaches a client: anything unexpected becomes a 500 with a g
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Any
-
-import grpc
 
 _TYPES = {
     400: "invalid_request_error",
@@ -19,6 +19,8 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable_error",
@@ -36,6 +38,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         retry_after_s: int | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -43,6 +46,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.retry_after_s = retry_after_s
+        self.extra_headers = dict(headers or {})
 
     @property
     def type(self) -> str:
@@ -52,43 +56,30 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
+        headers = dict(self.extra_headers)
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
+        if self.status == 401:  # RFC 9110: a 401 says how to authenticate
+            headers.setdefault("WWW-Authenticate", "Bearer")
+        return headers
 
 
 def invalid(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
-# gRPC status -> (HTTP status, retry-after seconds or None)
-_GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, int | None]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, None),
-    grpc.StatusCode.OUT_OF_RANGE: (400, None),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, None),
-    grpc.StatusCode.NOT_FOUND: (404, None),
-    grpc.StatusCode.ALREADY_EXISTS: (409, None),
-    grpc.StatusCode.UNAUTHENTICATED: (401, None),
-    grpc.StatusCode.PERMISSION_DENIED: (403, None),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, 1),
-    grpc.StatusCode.UNAVAILABLE: (503, 1),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, None),
-    grpc.StatusCode.CANCELLED: (503, 1),
-    grpc.StatusCode.ABORTED: (503, 1),
-    grpc.StatusCode.UNIMPLEMENTED: (501, None),
-}
+def one_line(text: str, limit: int = 300) -> str:
+    """A downstream message as a client sees it: its lines up to any backtrace or traceback, joined
+    into one line of at most `limit` characters (a compiler's multi-line report keeps its gist)."""
+    kept: list[str] = []
+    for line in text.strip().splitlines():
+        if _TRACE_START.match(line):
+            break
+        kept.append(line.strip())
+    joined = " ".join(" ".join(kept).split())
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
 
 
-def from_grpc(exc: grpc.aio.AioRpcError, service: str) -> APIError:
-    """A downstream failure as the client should see it: client errors pass their message through.
-
-    Any failure once the request's deadline has passed is the timeout: a stream write that races
-    the deadline fails in grpcio with INTERNAL ("the styler failed") rather than DEADLINE_EXCEEDED.
-    """
-    # Imported here: `deadline` raises `APIError`s, so it imports this module.
-    from gateway.deadline import expired
-
-    status, retry_after = _GRPC_TO_HTTP.get(exc.code(), (502, None))
-    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (status >= 500 and expired()):
-        return APIError(504, f"the request timed out waiting for the {service}", code="timeout")
-    if status < 500:
-        return APIError(status, exc.details() or exc.code().name, retry_after_s=retry_after)
-    return APIError(status, f"the {service} failed: {exc.code().name}", retry_after_s=retry_after)
+_TRACE_START = re.compile(
+    r"\s*(stack backtrace:|note: run with `RUST_BACKTRACE|Traceback \(most recent call last\)|\d+: 0x)"
+)

@@ -33,7 +33,8 @@ from gateway.downstream import (
     TokenLogprob,
     ToolCallDelta,
 )
-from gateway.errors import APIError, from_grpc, invalid
+from gateway.errors import APIError, invalid
+from gateway.grpc_errors import from_grpc
 from gateway.merge import merge_streams
 from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
@@ -72,7 +73,8 @@ class PromptRun:
     first_choice_index: int = 0
     prompt_logprobs: tuple[LogprobItem, ...] = ()
     cached_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # the final count, set when the prompt's generation ends
+    generated_tokens: int = 0  # tokens received from the worker so far (continuous usage stats)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class ChoiceUpdate:
     tool_calls: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[LogprobItem, ...] = ()
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "abort" | None
+    matched_stop: str = ""  # the stop string that ended the choice (finish_reason "stop")
 
 
 @dataclass
@@ -104,6 +107,11 @@ class RequestRun:
     @property
     def completion_tokens(self) -> int:
         return sum(p.completion_tokens for p in self.prompts)
+
+    @property
+    def completion_tokens_so_far(self) -> int:
+        """Output tokens up to now: each prompt's final count once it is done, else what arrived."""
+        return sum(p.completion_tokens or p.generated_tokens for p in self.prompts)
 
     @property
     def cached_tokens(self) -> int:
@@ -358,6 +366,7 @@ class Executor:
                     metrics.itl.observe(now - last_chunk_at[0])
                 last_chunk_at[:] = [now]
                 metrics.generation_tokens.inc(num_new)
+                prompt.generated_tokens += num_new
             if chunk.prompt_logprobs:
                 prompt.prompt_logprobs = await self._prompt_logprob_items(prompt, chunk.prompt_logprobs)
             if chunk.usage is not None:
@@ -436,6 +445,7 @@ class Executor:
                             tool_calls=d.tool_calls,
                             logprobs=logprobs,
                             finish_reason=finish,
+                            matched_stop=d.matched_stop if d.stopped else "",
                         )
             for i in indices:  # the styler closed without finishing a choice (should not happen)
                 if i not in done:

@@ -14,10 +14,11 @@ from aiohttp import web
 from gateway.app import build_app
 from gateway.appkeys import CONTEXT
 from gateway.config import GatewayConfig
-from gateway.connections import GatewayRunner, connection_cap, raise_descriptor_limit
+from gateway.connections import BoundedRunner, connection_cap
 from services.common.config import parse_config
 from services.common.logging import setup_logging
 from services.common.server import run
+from services.common.telemetry import setup_tracing
 
 log = logging.getLogger("gateway")
 
@@ -39,10 +40,11 @@ async def serve(config: GatewayConfig) -> None:
     # handler_cancellation: a client that disconnects cancels its handler, which cancels the
     # worker's Generate stream (= abort on the worker). shutdown_timeout is short because the
     # drain below already waited for in-flight requests.
-    max_connections = connection_cap(config.max_connections, raise_descriptor_limit())
-    runner = GatewayRunner(
+    # Connection bounds (--max-connections, --idle-timeout): gateway/connections.py. run() has
+    # raised the descriptor limit already; the cap stays below it.
+    runner = BoundedRunner(
         app,
-        max_connections,
+        connection_cap(config.max_connections),
         config.idle_timeout,
         handler_cancellation=True,
         access_log=None,
@@ -85,4 +87,5 @@ async def serve(config: GatewayConfig) -> None:
 def main(argv: list[str], prog: str) -> int:
     config = parse_config(GatewayConfig, argv, prog)
     setup_logging(config.log_level, config.log_format, service="gateway")
+    setup_tracing("tandem-gateway")  # from the OTEL_* environment; a no-op without it
     return run(lambda: serve(config))

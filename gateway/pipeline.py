@@ -22,7 +22,7 @@ from gateway.auth import ApiKey
 from gateway.context import GatewayContext
 from gateway.execution import ChoiceUpdate, DetokenizeOptions, Executor, RequestRun
 from gateway.protocol import ChatRequest, CompletionRequest
-from gateway.responses import ChatResult, CompletionResult
+from gateway.responses import ChatResult, CompletionResult, usage
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,15 @@ class Job:
     result: ChatResult | CompletionResult
     updates: AsyncIterator[ChoiceUpdate]
     include_usage: bool
+    continuous_usage: bool = False
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        """OpenAI stream chunks (the usage chunk last when asked)."""
+        """OpenAI stream chunks (the usage chunk last when asked; with continuous usage stats, as
+        vLLM does, every chunk carries the usage up to it)."""
         async for update in self.updates:
             for chunk in self.result.add(update):
+                if self.continuous_usage:
+                    chunk["usage"] = usage(self.run, so_far=True)
                 yield chunk
         if self.include_usage:
             yield self.result.usage_chunk(self.run)
@@ -106,7 +110,7 @@ async def chat(
             forced=req.forced_tool,
         )
         updates = executor.generate(run, [sampling], detok, admission)
-        job = Job(run, result, updates, req.params.include_usage)
+        job = Job(run, result, updates, req.params.include_usage, req.params.continuous_usage)
         try:
             yield job
         finally:
@@ -156,7 +160,7 @@ async def completion(
             include_usage=req.params.include_usage,
         )
         updates = executor.generate(run, samplings, detok, admission)
-        job = Job(run, result, updates, req.params.include_usage)
+        job = Job(run, result, updates, req.params.include_usage, req.params.continuous_usage)
         try:
             yield job
         finally:

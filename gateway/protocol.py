@@ -38,6 +38,7 @@ class GenerationParams:
     include_usage: bool
     user: str
     guided: Guided | None = None  # structured output (response_format, guided_*, a forced tool choice)
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,10 @@ from gateway.forced_tool_calls import ForcedCalls
 from gateway.tool_schema import ForcedToolChoice
 
 
-def usage(run: RequestRun) -> dict[str, Any]:
-    prompt, completion = run.prompt_tokens, run.completion_tokens
+def usage(run: RequestRun, so_far: bool = False) -> dict[str, Any]:
+    """OpenAI's usage object; `so_far`: mid-stream, counting the output tokens received up to now."""
+    prompt = run.prompt_tokens
+    completion = run.completion_tokens_so_far if so_far else run.completion_tokens
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -65,6 +67,16 @@ def _finish(choice: _ChatChoice, reason: str | None) -> str | None:
     if reason == "stop" and choice.tool_calls and choice.forced is None:
         return "tool_calls"
     return reason
+
+
+def _content(text: str, reasoning: str, tool_calls: list[Any], forced: ForcedToolChoice | None) -> str | None:
+    """The whole message's `content`: null, as OpenAI gives it, when the answer is only tool calls
+    (always so for a forced tool choice) or only reasoning; "" for an answer that is empty."""
+    if forced is not None:
+        return None
+    if text:
+        return text
+    return None if tool_calls or reasoning else ""
 
 
 def new_call_id() -> str:
@@ -190,9 +202,11 @@ class ChatResult:
             ]
             message: dict[str, Any] = {
                 "role": "assistant",
-                "content": text if (text or not tool_calls) and self.forced is None else None,
-                "tool_calls": tool_calls,
+                "content": _content(text, reasoning, tool_calls, self.forced),
             }
+            message["refusal"] = None  # required by OpenAI's schema; tandem never refuses
+            if tool_calls:  # OpenAI sends no "tool_calls" key, rather than [], when there are none
+                message["tool_calls"] = tool_calls
             if reasoning:
                 message["reasoning_content"] = reasoning
             choices.append(

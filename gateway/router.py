@@ -47,6 +47,7 @@ class NoWorkerAvailable(Exception):
 @dataclass
 class WorkerState:
     client: WorkerClient
+    name: str = ""  # "worker-0": what /health and /metrics show unless --expose-internal-addresses
     healthy: bool = False
     info: WorkerInfo | None = None
     reported_load: int = 0  # running + waiting at the last poll
@@ -84,13 +85,18 @@ class Router:
         addresses: Sequence[str],
         poll_interval_s: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
+        kind: str = "worker",
     ) -> None:
         self._credentials = credentials
+        # Names are never reused, so a metric labelled by name counts one worker (DNS members come and go).
+        self._names = (f"{kind}-{i}" for i in itertools.count())
         self._dns_names = [a.removeprefix(DNS_PREFIX) for a in addresses if a.startswith(DNS_PREFIX)]
         self._dns_members: dict[str, set[str]] = {name: set() for name in self._dns_names}
         self._retiring: set[asyncio.Task[None]] = set()
         self.workers = [
-            WorkerState(WorkerClient(a, credentials)) for a in addresses if not a.startswith(DNS_PREFIX)
+            WorkerState(WorkerClient(a, credentials), next(self._names))
+            for a in addresses
+            if not a.startswith(DNS_PREFIX)
         ]
         self.poll_interval_s = poll_interval_s
         self._prefix_owner: OrderedDict[bytes, str] = OrderedDict()
@@ -137,7 +143,7 @@ class Router:
             }
             for address in sorted(resolved - self._dns_members[name]):
                 log.info("worker %s joined (via %s)", address, name)
-                self.workers.append(WorkerState(WorkerClient(address, self._credentials)))
+                self.workers.append(WorkerState(WorkerClient(address, self._credentials), next(self._names)))
             for address in self._dns_members[name] - resolved:
                 log.info("worker %s left (via %s)", address, name)
                 for w in [w for w in self.workers if w.address == address]:

@@ -29,7 +29,8 @@ import grpc
 
 from gateway.context import GatewayContext
 from gateway.downstream import GenerateChunk, KVSource, Sampling, Usage
-from gateway.errors import APIError, from_grpc
+from gateway.errors import APIError
+from gateway.grpc_errors import from_grpc
 from gateway.merge import merge_streams
 from gateway.router import NoWorkerAvailable, WorkerState
 from gateway.structured_output import worker_error
@@ -180,7 +181,7 @@ class PromptStream:
         generated: tuple[int, ...],
         kv_source: KVSource | None,
     ) -> AsyncIterator[GenerateChunk]:
-        self.ctx.metrics.worker_requests.labels(worker=worker.address).inc()
+        self.ctx.metrics.worker_requests.labels(worker=self.ctx.label(worker.name, worker.address)).inc()
         leg_id = self._leg_id()
         self._leg = (worker, leg_id)
         try:

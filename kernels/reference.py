@@ -4,7 +4,7 @@ These are the numerical ground truth the Triton kernels are tested against, and 
 implementation the worker uses on the CPU. They favour clarity over speed, but stay
 vectorised where it is free so a CPU worker serving a tiny model is usable.
 
-Conventions (see notes/kernel_api.md):
+Conventions (the kernel API; kernels/__init__.py bundles these as KernelOps):
 - KV cache layer view: [2, num_blocks, block_size, num_kv_heads, head_dim]; index 0 = K, 1 = V.
   A token's slot is `block_id * block_size + offset`.
 - Every function computes in its input dtype, accumulating in fp32 where it matters
@@ -264,3 +264,21 @@ def build_rope_cache(
     freqs = torch.outer(positions, inv_freq)  # [max_pos, D/2]
     cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
     return cache.to(dtype=dtype, device=device)
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2*I, H]: each expert's [gate; up] projection
+    w2: torch.Tensor,  # [E, H, I]: each expert's down projection
+    topk_weights: torch.Tensor,  # [T, k] fp32 routing weights
+    topk_ids: torch.Tensor,  # [T, k] int: the experts each token is routed to
+) -> torch.Tensor:  # [T, H] in x's dtype
+    """A mixture-of-experts feed-forward: sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
+    e = topk_ids[t, j]. Each expert runs once, on the tokens routed to it; fp32 accumulation."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for expert in topk_ids.unique().tolist():
+        rows, slots = (topk_ids == expert).nonzero(as_tuple=True)
+        h = x[rows] @ w13[expert].t()  # [n, 2I]
+        y = silu_and_mul(h) @ w2[expert].t()  # [n, H]
+        out.index_add_(0, rows, y.float() * topk_weights[rows, slots, None].float())
+    return out.to(x.dtype)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up tandem in ./.venv: torch (kept when the machine already has one), the package with its
-# development extras, the generated gRPC code, and ./models/default.
+# Set up tandem in ./.venv: torch (kept when the machine already has one; else the CPU build on a
+# machine without an NVIDIA driver, see scripts/install_torch.sh), the package with its development
+# extras, the generated gRPC code, and ./models/default.
 # Idempotent: a second run only checks. Usage: scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +17,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  # A plain `torch` would pull the newest CUDA build (several GB); 2.13.0 is the tested release.
-  "${PIP[@]}" install -q "torch==${TANDEM_TORCH_VERSION:-2.13.0}"
-fi
+scripts/install_torch.sh .venv/bin/python
 "${PIP[@]}" install -q -e ".[dev]"
 .venv/bin/python -m tandem.protogen
 

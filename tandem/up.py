@@ -4,12 +4,15 @@
     worker  ── unix:<run dir>/worker-<i>.sock     (N of them with --workers N)
     gateway ── http://HOST:PORT                   (talks to the others over the unix sockets)
 
-Children start in dependency order; `up` waits until each reports SERVING (gRPC health for the
-styler and workers, HTTP `/health` for the gateway), then prints the URL. Every child gets
-PR_SET_PDEATHSIG, so none outlives `up` even if `up` is killed with SIGKILL. On SIGTERM / SIGINT
-`up` stops the gateway first, then the rest (each drains), and exits 0. A child that dies on its
-own is restarted with exponential backoff (`--max-restarts` times within `--restart-window`
-seconds); past that `up` stops the rest and exits 1, printing the child's last log lines.
+Before starting anything, `up` checks that the gateway's ports are free (a one-line error naming
+the port and its flag otherwise) and that the run dir is private (0700) and not in use. Children
+start in dependency order; `up` waits until each reports SERVING (gRPC health for the styler and
+workers, HTTP `/health` showing this start's instance id for the gateway), then prints the URL.
+Every child gets PR_SET_PDEATHSIG, so none outlives `up` even if `up` is killed with SIGKILL. On
+SIGTERM / SIGINT `up` stops the gateway first, then the rest (each drains), and exits 0. A child
+that dies on its own is restarted with exponential backoff (`--max-restarts` times within
+`--restart-window` seconds), each dead child at once; past that `up` stops the rest and exits 1,
+printing the child's last log lines.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
+import secrets
 import shlex
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -27,6 +33,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 
@@ -59,6 +66,16 @@ class UpConfig:
     """Start one prefill and one decode worker instead of unified workers."""
     device: str = "auto"
     """Device for the workers: auto, cpu, cuda or cuda:N."""
+    served_model_name: str = ""
+    """Model id clients send and /v1/models lists ("" = the model directory's name); given to the workers and the gateway."""
+    api_key: list[str] = field(default_factory=list)
+    """Bearer token the gateway accepts (repeat for several); without any, the API is open."""
+    max_model_len: int = 0
+    """Largest prompt + output length per request, given to every worker (0 = the model's context)."""
+    max_num_seqs: int = 0
+    """Largest number of sequences a worker computes in one step (0 = the worker's default)."""
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    """KV cache element type of the workers: auto = the model dtype; fp8 = float8 e4m3."""
     worker_args: str = ""
     """Extra options passed to every worker, as one shell-quoted string (e.g. "--max-num-seqs 64")."""
     styler_args: str = ""
@@ -94,6 +111,12 @@ class UpConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if not 0 <= self.grpc_port < 65536:
+            raise ValueError(f"--grpc-port must be in 0..65535, got {self.grpc_port}")
+        if self.max_model_len < 0:
+            raise ValueError(f"--max-model-len must be >= 0, got {self.max_model_len}")
+        if self.max_num_seqs < 0:
+            raise ValueError(f"--max-num-seqs must be >= 0, got {self.max_num_seqs}")
         for name in ("worker_args", "styler_args", "gateway_args"):
             try:
                 shlex.split(getattr(self, name))
@@ -124,6 +147,7 @@ class Child:
     argv: list[str]
     ready_check: str  # "grpc:<address>" or "http:<url>" (https URLs too)
     tls: TlsFiles | None = None  # mutual TLS for the gRPC readiness check
+    instance_id: str = ""  # what an HTTP readiness check must find in /health's "instance"
     process: asyncio.subprocess.Process | None = None
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     restarts: deque[float] = field(default_factory=deque)
@@ -157,7 +181,7 @@ class Child:
         probe = (
             wait_for_serving(target, timeout_s, credentials=credentials)
             if kind == "grpc"
-            else _wait_http_ok(target, timeout_s)
+            else _wait_http_ok(target, timeout_s, self.instance_id)
         )
         probe_task = asyncio.ensure_future(probe)
         exits = {
@@ -165,9 +189,12 @@ class Child:
             for child in (self, *started)
             if child.process is not None
         }
-        done, _ = await asyncio.wait({probe_task, *exits}, return_when=asyncio.FIRST_COMPLETED)
-        for task in exits:
-            task.cancel()
+        try:
+            done, _ = await asyncio.wait({probe_task, *exits}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when `up` stops (cancels) a start-up in progress
+            for task in (probe_task, *exits):
+                if not task.done():
+                    task.cancel()
         for task, child in exits.items():
             if task in done and not task.cancelled():
                 probe_task.cancel()
@@ -205,7 +232,9 @@ class ChildFailed(Exception):
         self.child = child
 
 
-async def _wait_http_ok(url: str, timeout_s: float) -> None:
+async def _wait_http_ok(url: str, timeout_s: float, instance_id: str = "") -> None:
+    """Poll `url` until it answers 200 (and, with `instance_id`, reports that instance: a server
+    someone else runs on the port is not our gateway being ready)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
@@ -213,10 +242,16 @@ async def _wait_http_ok(url: str, timeout_s: float) -> None:
             try:
                 # The gateway's own certificate may be self-signed: readiness is all we check here.
                 async with session.get(url, ssl=False) as response:
-                    if response.status == 200:
+                    if response.status == 200 and not instance_id:
                         return
-                    last = f"HTTP {response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    if response.status == 200:
+                        body = await response.json(content_type=None)
+                        if isinstance(body, dict) and body.get("instance") == instance_id:
+                            return
+                        last = "HTTP 200 from another server (not this start's gateway)"
+                    else:
+                        last = f"HTTP {response.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
                 last = type(exc).__name__
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} not healthy after {timeout_s:.0f}s ({last})")
@@ -260,8 +295,33 @@ def worker_device_args(config: UpConfig, role: str, num_gpus: int | None = None,
     return ["--device", config.device]
 
 
-def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
-    """The child processes in start order (styler, workers, gateway)."""
+def forwarded_worker_args(config: UpConfig) -> list[str]:
+    """`vllm serve`-style options of `up` that belong to every worker (only those set)."""
+    args: list[str] = []
+    if config.served_model_name:
+        args += ["--served-model-name", config.served_model_name]
+    if config.max_model_len:
+        args += ["--max-model-len", str(config.max_model_len)]
+    if config.max_num_seqs:
+        args += ["--max-num-seqs", str(config.max_num_seqs)]
+    if config.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", config.kv_cache_dtype]
+    return args
+
+
+def forwarded_gateway_args(config: UpConfig) -> list[str]:
+    """`vllm serve`-style options of `up` that belong to the gateway (only those set)."""
+    args: list[str] = []
+    for key in config.api_key:
+        args += ["--api-key", key]
+    if config.served_model_name:
+        args += ["--served-model-name", config.served_model_name]
+    return args
+
+
+def build_children(config: UpConfig, run_dir: Path, instance_id: str = "") -> list[Child]:
+    """The child processes in start order (styler, workers, gateway). The gateway reports
+    `instance_id` in its /health, so `up`'s readiness check knows it reached its own gateway."""
     tandem = [sys.executable, "-m", "tandem"]
     common = ["--log-level", config.log_level]
     tls = TlsFiles.from_options(config.tls_cert, config.tls_key, config.tls_ca)
@@ -303,6 +363,7 @@ def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
                     address,
                     *worker_device_args(config, role, index=i),
                     *role_args,
+                    *forwarded_worker_args(config),
                     *common,
                     *shlex.split(config.worker_args),
                 ],
@@ -333,10 +394,13 @@ def build_children(config: UpConfig, run_dir: Path) -> list[Child]:
                 styler_addr,
                 *gateway_worker_args,
                 *https_args,
+                *forwarded_gateway_args(config),
+                *(["--instance-id", instance_id] if instance_id else []),
                 *common,
                 *shlex.split(config.gateway_args),
             ],
             f"http:{scheme}://{url_host}:{config.port}/health",
+            instance_id=instance_id,
         )
     )
     return children
@@ -363,19 +427,37 @@ class Supervisor:
             await child.stop(timeout_s=45.0)
 
     async def supervise(self) -> None:
-        """Return when stopping is requested; raise ChildFailed when a child keeps crashing."""
-        while not self.stopping.is_set():
-            waits = {asyncio.ensure_future(c.process.wait()): c for c in self.children if c.process}
-            stop_wait = asyncio.ensure_future(self.stopping.wait())
-            done, _ = await asyncio.wait({*waits, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            for task in waits:
-                task.cancel()
-            if stop_wait in done:
-                return
-            stop_wait.cancel()
-            for task, child in waits.items():
-                if task in done and not task.cancelled():
-                    await self._restart(child, task.result())
+        """Return when stopping is requested; raise ChildFailed when a child keeps crashing.
+
+        Each child that dies is restarted in a task of its own, so children that died together
+        come back together: none waits for another one's readiness."""
+        restarting: dict[asyncio.Task[None], Child] = {}
+        try:
+            while not self.stopping.is_set():
+                busy = {c.name for c in restarting.values()}
+                waits = {
+                    asyncio.ensure_future(c.process.wait()): c
+                    for c in self.children
+                    if c.process is not None and c.name not in busy
+                }
+                stop_wait = asyncio.ensure_future(self.stopping.wait())
+                done, _ = await asyncio.wait(
+                    {*waits, *restarting, stop_wait}, return_when=asyncio.FIRST_COMPLETED
+                )
+                for wait in (*waits, stop_wait):
+                    wait.cancel()
+                for finished in [t for t in restarting if t in done]:
+                    del restarting[finished]
+                    finished.result()  # ChildFailed: it crashed too often
+                if self.stopping.is_set():
+                    return
+                for task, child in waits.items():
+                    if task in done and not task.cancelled():
+                        restarting[asyncio.create_task(self._restart(child, task.result()))] = child
+        finally:
+            for pending in restarting:
+                pending.cancel()
+            await asyncio.gather(*restarting, return_exceptions=True)
 
     async def _restart(self, child: Child, status: int) -> None:
         await child._drain_pump()
@@ -405,6 +487,7 @@ class Supervisor:
             await asyncio.wait_for(self.stopping.wait(), delay)
         if self.stopping.is_set():
             return
+        log.info("starting %s again", child.name)
         await child.start()
         try:
             await child.wait_ready(self.config.startup_timeout)
@@ -420,9 +503,13 @@ async def run_up(config: UpConfig) -> int:
     ):
         print(model_missing_message(config.model), file=sys.stderr)
         return 2
-    run_dir = Path(config.run_dir) if config.run_dir else Path(tempfile.mkdtemp(prefix="tandem-"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    children = build_children(config, run_dir)
+    try:
+        check_ports(config)
+        run_dir = prepare_run_dir(config.run_dir)
+    except UpError as exc:
+        print(f"tandem up: {exc}", file=sys.stderr)
+        return 1
+    children = build_children(config, run_dir, instance_id=secrets.token_hex(8))
     supervisor = Supervisor(config, children)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -456,6 +543,75 @@ async def run_up(config: UpConfig) -> int:
             with contextlib.suppress(OSError):
                 run_dir.rmdir()
     return status
+
+
+class UpError(Exception):
+    """Something on this machine keeps `up` from starting; the message is one line for the user."""
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why `host:port` cannot be listened on (in use, no permission), or None when it can.
+    SO_REUSEADDR as the gateway's server sets it: a port in TIME_WAIT is free, a listener is not."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return None  # the gateway names a bad --host itself
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):  # e.g. IPv6 off
+                    return exc
+    return None
+
+
+def check_ports(config: UpConfig) -> None:
+    """UpError naming the port and its flag when the gateway could not listen on it: found before
+    any child starts, rather than as a child's traceback after the rest came up."""
+    for flag, port in (("--port", config.port), ("--grpc-port", config.grpc_port)):
+        if not port:
+            continue
+        error = bind_error(config.host, port)
+        if error is None:
+            continue
+        where = f"{config.host or '0.0.0.0'}:{port}"
+        if error.errno == errno.EADDRINUSE:
+            raise UpError(
+                f"port {port} is already in use on {config.host or '0.0.0.0'} ({flag}); stop what listens there or pick another {flag}"
+            )
+        raise UpError(f"cannot listen on {where} ({flag}): {error.strerror}")
+
+
+def prepare_run_dir(path: str) -> Path:
+    """The folder of the services' unix sockets, open to this user only (0700): anyone who can
+    reach a socket can call the styler or a worker directly, without an API key."""
+    if not path:
+        return Path(tempfile.mkdtemp(prefix="tandem-"))  # created 0700
+    run_dir = Path(path)
+    try:
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if run_dir.stat().st_mode & 0o077:
+            log.info("--run-dir %s: making it private (chmod 700)", run_dir)
+            run_dir.chmod(0o700)
+    except OSError as exc:
+        raise UpError(
+            f"--run-dir {run_dir}: {exc.strerror}; use a private folder or leave --run-dir out"
+        ) from None
+    for sock in sorted(run_dir.glob("*.sock")):
+        if _unix_socket_answers(sock):
+            raise UpError(f"--run-dir {run_dir} is in use ({sock.name} answers: another tandem up?)")
+    return run_dir
+
+
+def _unix_socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False  # a stale socket file: the service replaces it
+        return True
 
 
 def model_missing_message(model: str) -> str:

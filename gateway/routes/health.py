@@ -14,7 +14,9 @@ async def health(request: web.Request) -> web.Response:
     status = await ctx.health()
     ok = any(status["styler"].values()) and any(status["worker"].values()) and not ctx.drain.draining
     state = "draining" if ctx.drain.draining else "ok" if ok else "unavailable"
-    body = {"status": state, **status}
+    body: dict[str, object] = {"status": state, **status}
+    if ctx.config.instance_id:
+        body["instance"] = ctx.config.instance_id
     return web.json_response(body, status=200 if ok else 503, headers=None if ok else {"Retry-After": "1"})
 
 

@@ -10,8 +10,9 @@ from aiohttp import web
 
 from gateway import pipeline
 from gateway.appkeys import API_KEY, CONTEXT, FINISH_REASON, REQUEST_ID
-from gateway.errors import APIError, from_grpc
+from gateway.errors import APIError
 from gateway.execution import Executor
+from gateway.grpc_errors import from_grpc
 from gateway.routes.body import read_json
 from gateway.streaming import sse
 from gateway.styler_pool import NoStylerAvailable

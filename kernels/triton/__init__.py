@@ -10,8 +10,9 @@ gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_m
 
 from __future__ import annotations
 
-from kernels import KernelOps
+from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
+from kernels.triton.fused_moe import fused_moe
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.paged_attention import (
     decode_scales_rms,
@@ -51,6 +52,7 @@ TRITON_OPS = KernelOps(
     linear_add=linear_add,
     silu_and_mul_rms=silu_and_mul_rms,
     linear_silu_and_mul=linear_silu_and_mul,
+    fused_moe=fused_moe,
 )
 
 __all__ = ["TRITON_OPS"]

@@ -1,7 +1,7 @@
 """Row-wise argmax of the logits (greedy decoding inside the decode graph), in two short launches.
 
-`torch.argmax` over a 128k vocabulary runs as one reduction of a few programs per row: ~37 us on
-an H200 for one row, ~1% of a Llama-8B decode step. Here program (row, chunk) reduces BLOCK
+`torch.argmax` over a 128k vocabulary runs as one reduction of a few programs per row, a few
+SMs reading the whole row (a visible share of a batch-1 decode step; docs/gpu.md). Here program (row, chunk) reduces BLOCK
 logits to (max, first index of the max) and a second launch reduces the chunks' partials, so the
 whole GPU reads the row. Ties go to the lowest index, as in torch.argmax; NaN is not special-cased
 (logits of a working model have none).

@@ -4,7 +4,7 @@ Flash-decoding: program (b, kv_head, split) attends the `GROUP` query heads that
 (padded to 16 rows so the scores are one tensor-core dot) over one slice of sequence b's context,
 reading K/V straight from the paged cache through the block table. The last split of (b, kv_head)
 to finish (an arrival counter) merges the splits by their log-sum-exp in the same launch: one
-kernel per layer instead of two (a launch costs ~2-3 us inside a batch-1 decode graph).
+kernel per layer instead of two (launches weigh in a batch-1 decode graph; docs/gpu.md).
 
 Split sizing is done on the device from each sequence's own length: at most `max_splits` slices
 of at least MIN_SPLIT_LEN tokens. `max_splits` depends only on the power of two at or above the
@@ -22,7 +22,6 @@ writes K/V to their slot and uses them from registers (never reading them back).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -304,13 +303,13 @@ def _decode_kernel(
 
 # The merge runs inside the kernel over a [group, splits, head_dim] tile: 16 splits keep that tile
 # in registers (16 x 4 x 128 fp32 for Llama-8B heads). 16 splits x the KV heads is about one
-# wave of programs on an H100/H200 for 8 KV heads; models with 2 KV heads decoding one very long
+# wave of programs on a Hopper GPU for 8 KV heads; models with 2 KV heads decoding one very long
 # sequence alone get fewer programs than SMs (docs/gpu.md).
 MAX_SPLITS = 16
 # Shortest context slice of one split on the GPU (a multiple of the 64-token tile); the split's
 # first tile is loaded before the PDL wait, so 64 makes every split of a short context one
-# preloaded tile (Llama-8B batch-1 4.37 -> 4.31 ms/token on an H200). TANDEM_DECODE_SPLIT_LEN overrides it.
-GPU_MIN_SPLIT_LEN = int(os.environ.get("TANDEM_DECODE_SPLIT_LEN", "64"))
+# preloaded tile, which measured faster than longer splits (docs/gpu.md, round 5 and 6).
+GPU_MIN_SPLIT_LEN = 64
 
 
 def max_splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:

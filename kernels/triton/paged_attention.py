@@ -5,14 +5,12 @@ shape captured in CUDA graphs) goes to the split-KV decode kernel; anything else
 chunked prefill with a cached prefix) goes to the prefill kernel. A mixed step (decodes first,
 then prompt chunks: `num_decode_rows`) runs both, each over its own sequences, into one output:
 the prefill kernel would take a decode row as a 128-row query tile with 4 live rows and stream
-the row's whole context through it at one program per SM (Llama-3.1-8B, 1024/128 offline on an
-H100: a step of ~8k prompt tokens + ~200 decodes took 228 ms against 186 ms for the prompts
-alone). Head dims the tensor cores cannot take (< 16, or > 256) fall back to the PyTorch reference.
+the row's whole context through it at one program per SM (a mixed step's decodes then cost
+nearly as much as its prompts; figures in docs/gpu.md, round 7). Head dims the tensor cores
+cannot take (< 16, or > 256) fall back to the PyTorch reference.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -21,13 +19,7 @@ from kernels.triton.decode_attention import RotaryKV, decode_attention
 from kernels.triton.prefill_attention import prefill_attention
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache
 
-# TANDEM_FUSED_ROPE_ATTENTION=0: decode steps run rotary + KV write as their own kernel again (A/B).
-FUSED_ROPE_DECODE = os.environ.get("TANDEM_FUSED_ROPE_ATTENTION", "1") != "0"
-# TANDEM_RMS_IN_ATTENTION=0: folded models keep the input norm's kernel in decode steps (A/B).
-RMS_IN_ATTENTION = os.environ.get("TANDEM_RMS_IN_ATTENTION", "1") != "0"
 FUSED_ROPE_MAX_TOKENS = 8
-# TANDEM_MIXED_DECODE_KERNEL=0: a mixed step's decode rows go through the prefill kernel again (A/B).
-MIXED_DECODE_KERNEL = os.environ.get("TANDEM_MIXED_DECODE_KERNEL", "1") != "0"
 
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 256
@@ -53,7 +45,9 @@ def paged_attention(
         )
     if max_seqlen_q == 1:
         return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
-    k = num_decode_rows if MIXED_DECODE_KERNEL else 0
+    # A mixed step's decode rows go to the decode kernel (split-K over their contexts) and the
+    # prompts' chunks to the prefill kernel: faster than the prefill kernel for all (docs/gpu.md).
+    k = num_decode_rows
     if not 0 < k < block_tables.shape[0]:
         return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
     # Both over the whole batch's metadata (no sliced pointers: each alignment would compile kernel
@@ -68,11 +62,10 @@ def paged_attention(
 
 def _fused_decode(num_tokens: int, max_seqlen_q: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Decode steps of at most FUSED_ROPE_MAX_TOKENS tokens run rotary + KV write in the attention
-    kernel. (Larger batches keep the two kernels: with the fused kernel batch-256 decode measured
-    slower on an H200, docs/gpu.md round 5; the launch it saves matters at small batch.)"""
+    kernel. (Larger batches keep the two kernels: with the fused kernel large-batch decode measured
+    slower, docs/gpu.md round 5; the launch it saves matters at small batch.)"""
     return (
-        FUSED_ROPE_DECODE
-        and max_seqlen_q == 1
+        max_seqlen_q == 1
         and num_tokens <= FUSED_ROPE_MAX_TOKENS
         and supports_head_dim(head_dim)
         and dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -82,7 +75,7 @@ def _fused_decode(num_tokens: int, max_seqlen_q: int, head_dim: int, dtype: torc
 def decode_scales_rms(max_seqlen_q: int, head_dim: int, dtype: torch.dtype, num_tokens: int) -> bool:
     """Whether `rotary_write_paged_attention` with `rms_input` runs as the one decode kernel (the
     model then skips the norm before its qkv projection)."""
-    return RMS_IN_ATTENTION and _fused_decode(num_tokens, max_seqlen_q, head_dim, dtype)
+    return _fused_decode(num_tokens, max_seqlen_q, head_dim, dtype)
 
 
 def rotary_write_paged_attention(
@@ -103,8 +96,8 @@ def rotary_write_paged_attention(
     num_decode_rows: int = 0,  # see paged_attention
 ) -> torch.Tensor:  # [T, Hq, D]
     """rotary_write_kv_cache, then paged_attention over the rotated q. A decode step does both in
-    the decode kernel (one launch a layer instead of two: ~1 us of a Llama-8B layer on an H200,
-    docs/gpu.md); other steps launch the two kernels.
+    the decode kernel (one launch a layer instead of two, docs/gpu.md); other steps launch the two
+    kernels.
 
     rms_input: q/k/v are projections of this raw residual stream by weights with the RMSNorm's
     weight folded in; each token's q/k/v are scaled by rsqrt(mean(h^2) + rms_eps) first (the

@@ -13,8 +13,8 @@ The rules every PDL kernel here follows (they keep the step's data dependencies 
 - it signals its dependents at its end (small kernels) or after its main loop (the skinny GEMM);
   a skinny GEMM followed by a short latency-bound kernel (qkv -> decode attention, gate/up -> SiLU)
   signals right after its wait instead (`early_signal`), so that kernel's programs launch beside the
-  GEMM's and their pre-wait loads overlap the weight stream (Llama-3.1-8B batch-1 on an H200:
-  4.32 -> 4.22 ms/token; round 6 in docs/gpu.md);
+  GEMM's and their pre-wait loads overlap the weight stream (measured faster: round 6 in
+  docs/gpu.md);
 - before its wait it may load only what the previous kernel does not write: the step's inputs
   (metadata, block tables, cos/sin) and anything written two or more kernels back (once a kernel
   runs, its predecessor has passed its own wait, so everything before that is complete). The
@@ -22,26 +22,26 @@ The rules every PDL kernel here follows (they keep the step's data dependencies 
 A kernel launched without PDL (cuBLAS, torch ops) still waits for full completion of what came
 before, so mixing is safe. `TANDEM_PDL=0` turns it off (kernels then run exactly as before).
 
-Measured on an H200 (benchmarks/pdl_decode_run.sh, docs/gpu.md): Qwen2-0.5B batch-1 decode
-0.974 -> 0.918 ms/token; the Llama-3.1-8B graph 4.60 ms off, 4.51-4.61 ms on (within run-to-run
-spread). Two variants were slower and are not kept: signalling at the start of the small kernels (4.78 ms: the cascade of early launches parks the
-next GEMM's programs on the SMs while cuBLAS still runs its second wave) and an L2 prefetch of the
-GEMM's weights before its wait (4.68-4.89 ms: it competes with the running GEMM for bandwidth
-and evicts its lines), and (round 5) decode attention signalling right after its wait (4.49 vs 4.37
-ms) and, round 6, decode attention signalling after its partials, before the merge (4.36 vs 4.32).
+PDL pays where launches dominate a step (small models at batch 1) and is within run-to-run spread
+where weight streaming does (benchmarks/pdl_decode_run.sh; figures in docs/gpu.md). Variants
+measured slower and not kept: signalling at the start of the small kernels (the cascade of early
+launches parks the next GEMM's programs on the SMs while cuBLAS still runs its second wave), an L2
+prefetch of the GEMM's weights before its wait (it competes with the running GEMM for bandwidth
+and evicts its lines), and decode attention signalling right after its wait (round 5) or after
+its partials, before the merge (round 6): early signals go only towards short kernels.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from services.common import switches
+
 _ENABLED: dict[int, bool] = {}
-_OFF = os.environ.get("TANDEM_PDL", "1") == "0"  # read once: `enabled` runs on every launch
+_OFF = not switches.PDL.value  # read once: `enabled` runs on every launch
 
 
 def enabled(device: torch.device) -> bool:

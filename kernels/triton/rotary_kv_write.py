@@ -2,8 +2,8 @@
 and writes the rotated K and the V row straight into the token's cache slot.
 
 Separately, `rotary` and `write_kv_cache` are two launches per layer and K makes a round trip
-through memory between them; in a batch-1 decode step each launch costs ~2-3 us inside the CUDA
-graph (docs/gpu.md), which is what this saves. Same arithmetic as the two kernels (fp32 rotation,
+through memory between them; in a batch-1 decode step each launch weighs inside the CUDA graph
+(docs/gpu.md), which is what this saves. Same arithmetic as the two kernels (fp32 rotation,
 rounded to the input dtype), so the cache holds bit-identical K.
 """
 

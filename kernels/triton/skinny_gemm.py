@@ -14,7 +14,6 @@ assumed: `tune_linear` times both for each weight shape of the model and each ro
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 from dataclasses import dataclass
 
@@ -33,19 +32,12 @@ MAX_ROWS = 8  # row counts above this always take cuBLAS (GEMMs there are not ba
 # A kernel must beat cuBLAS by this factor to be chosen: smaller gaps are within timing noise.
 MIN_GAIN = 1.03
 # The residual-add variant (`linear_add`) takes the kernel's best config unless cuBLAS was faster by
-# more than this: cuBLAS with beta = 1 (addmm, its fallback) measured ~2 us slower than
-# without on an H200 (Llama-8B shapes, benchmarks/skinny_bench.py), the kernel's epilogue ~0.4 us.
+# more than this: cuBLAS with beta = 1 (addmm, its fallback) costs more than the kernel's add in
+# its epilogue (measured with benchmarks/skinny_bench.py; figures in docs/gpu.md).
 RESIDUAL_SAVED_S = 1.5e-6
 # `linear(..., early_signal=True)` lets the next kernel launch right after this one's PDL wait
 # instead of after its main loop: for a short latency-bound successor (decode attention, SiLU)
-# whose pre-wait loads then overlap the whole GEMM. Llama-3.1-8B batch-1 on an H200: 4.32 -> 4.22
-# ms/token for the qkv projection -> attention (docs/gpu.md round 6). TANDEM_SKINNY_EARLY_SIGNAL=0
-# turns it off (A/B switch, read once at import).
-EARLY_SIGNAL = os.environ.get("TANDEM_SKINNY_EARLY_SIGNAL", "1") == "1"
-# TANDEM_FUSED_SILU=0: never fuse SiLU-and-mul into the gate/up GEMM (`linear_silu_and_mul`);
-# =force: fuse even where the tuner timed the pair faster (A/B switches).
-FUSED_SILU = os.environ.get("TANDEM_FUSED_SILU", "1") != "0"
-FUSED_SILU_FORCE = os.environ.get("TANDEM_FUSED_SILU") == "force"
+# whose pre-wait loads then overlap the whole GEMM (measured faster, docs/gpu.md round 6).
 
 
 @dataclass(frozen=True)
@@ -59,7 +51,7 @@ class SkinnyConfig:
         return f"triton(n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages})"
 
 
-# Also measured on an H200 and not kept (docs/gpu.md, round 4): loading the next weight tile into
+# Also measured and not kept (docs/gpu.md, round 4): loading the next weight tile into
 # registers before the current dot (it displaces Triton's cp.async pipeline), 32 KB tiles.
 CANDIDATES = (
     SkinnyConfig(16, 256, 4, 4),
@@ -247,7 +239,7 @@ def linear(
     key = _key(x, weight, bias)
     config = _CHOICE.get(key) if key is not None else None
     if config is not None:
-        return skinny_gemm(x, weight, bias, config, early_signal=early_signal and EARLY_SIGNAL)
+        return skinny_gemm(x, weight, bias, config, early_signal=early_signal)
     return F.linear(x, weight, bias)
 
 
@@ -258,8 +250,8 @@ def linear_rms_norm(
     eps: float,
 ) -> torch.Tensor:  # [T, N]
     """F.linear(x * rsqrt(mean(x^2) + eps), weight, bias): RMSNorm (no weight) and the projection,
-    as the norm kernel then `linear`. (The sum of x^2 inside the skinny GEMM's K loop was measured
-    2.4x slower on an H200: 48 vs 20 us for Llama-8B's qkv, docs/gpu.md round 5. In decode steps
+    as the norm kernel then `linear`. (The sum of x^2 inside the skinny GEMM's K loop measured
+    slower: it stalls the weight stream, docs/gpu.md round 5. In decode steps
     of models without qkv bias / q-k norms the decode attention kernel applies the scale instead:
     paged_attention.decode_scales_rms.)"""
     return linear(rms_norm(x, _ones(x.shape[1], x.dtype, x.device), eps), weight, bias)
@@ -395,8 +387,8 @@ def tune_linear(
     _ones(k, w0.dtype, device)  # linear_rms_norm's fallback may need it inside a graph capture
     l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
     # Writing L2's size evicts the weights. (Evicting by reading twice L2's size instead, which
-    # avoids charging dirty-line write-back to the call under test, was tried on an H200: the same
-    # choices for Llama-8B, and noise that swamps the 4 us GEMMs of small models: docs/gpu.md.)
+    # avoids charging dirty-line write-back to the call under test, was tried: the same choices for
+    # large models, and noise that swamps the short GEMMs of small models: docs/gpu.md.)
     flush_buf = torch.empty(l2 // 4, dtype=torch.int32, device=device)
 
     def flush() -> None:
@@ -449,7 +441,7 @@ def tune_linear(
             f" cuBLAS {nbytes / t_cublas / 1e9:.0f} GB/s){add_note}"
         )
         rows *= 2
-    if gated and FUSED_SILU and n % 2 == 0:
+    if gated and n % 2 == 0:
         lines.append(_tune_gated(weights, bias, name, flush, flush_s, iters, gen))
     return lines
 
@@ -469,22 +461,14 @@ def _tune_gated(weights, bias, name, flush, flush_s, iters, gen) -> str:  # type
     results = [f"GEMM + SiLU {t_pair * 1e6:.1f} us"]
     best: SkinnyConfig | None = None
     # No noise margin here: the fused kernel saves the SiLU launch, which inside a decode graph is
-    # worth more than the tuner sees. Llama-3.1-8B on an H200 timed it at par (68.7-69.0 vs 69.0-69.3
-    # us) and the forced fused step ran 4.26 / 4.26 vs 4.28 / 4.27 ms (docs/gpu.md round 6).
+    # worth more than the tuner sees (a fused step timed at par ran no slower, docs/gpu.md round 6).
     best_t = t_pair
-    fastest: SkinnyConfig | None = None
-    fastest_t = float("inf")
     timed = _time_configs(
         lambda w, c: skinny_gemm(x, w, bias, c, gated=True), ref, weights, flush, flush_s, iters, results
     )
     for config, t in timed:
         if t < best_t:
             best, best_t = config, t
-        if t < fastest_t:
-            fastest, fastest_t = config, t
-    if best is None and FUSED_SILU_FORCE and fastest is not None:
-        best = fastest
-        results.append("fused forced (TANDEM_FUSED_SILU=force)")
     if best is not None:
         _GATED_CHOICE[key] = best
     return f"linear+silu {name} {n}x{k} rows=1: " + ", ".join(results) + f" -> {best or 'unfused'}"

@@ -11,7 +11,6 @@ service and its `--address` / `--port`, so one image-wide HEALTHCHECK serves eve
 
 from __future__ import annotations
 
-import os
 import sys
 import urllib.error
 import urllib.request
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import switches
 
 GRPC_SERVICES = ("styler", "worker")
 
@@ -102,8 +103,8 @@ def _process_commands() -> list[tuple[list[str], dict[str, str]]]:
 
 
 def discover_target() -> str | None:
-    if os.environ.get("TANDEM_HEALTHCHECK_TARGET"):
-        return os.environ["TANDEM_HEALTHCHECK_TARGET"]
+    if switches.HEALTHCHECK_TARGET.value:
+        return switches.HEALTHCHECK_TARGET.value
     for argv, env in _process_commands():
         if any(Path(a).name == "tandem" or a == "tandem" for a in argv[:3]):
             target = target_from_command(argv, env)
@@ -117,7 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] in ("-h", "--help"):
         print(__doc__)
         return 0
-    timeout_s = float(os.environ.get("TANDEM_HEALTHCHECK_TIMEOUT", "3"))
+    try:
+        timeout_s = switches.HEALTHCHECK_TIMEOUT.value
+    except switches.SwitchError as exc:
+        print(f"healthcheck: {exc}", file=sys.stderr)
+        return 1
     target = args[0] if args else discover_target()
     if not target:
         print("healthcheck: no target given and no tandem service found in this container", file=sys.stderr)

@@ -70,11 +70,4 @@ def setup_logging(level: str = "info", log_format: str = "text", service: str = 
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     if service:
-        # Every service sets up logging first thing, before it builds servers and channels:
-        # the one place to turn tracing on from the OTEL_* environment (a no-op without it).
-        from services.common.telemetry import setup_tracing
-
-        setup_tracing(
-            "tandem-" + service.removeprefix("tandem").lstrip(".-_")
-        )  # tandem.worker -> tandem-worker
         logging.getLogger(service).debug("logging configured")

@@ -46,7 +46,7 @@ RPC_ERRORS = "tandem:rpc_errors_total"
 RPC_DURATION = "tandem:rpc_duration_seconds"
 GUIDED_REQUESTS = "tandem:guided_requests_total"
 
-# Bucket edges: latency from 1 ms (tiny models on a GPU) to minutes (long generations on a CPU).
+# Bucket edges: latency from a millisecond (tiny models on a GPU) to minutes (long generations on a CPU).
 TTFT_BUCKETS = (
     0.001,
     0.005,
@@ -349,7 +349,7 @@ def gauge_from(name: str, read: Callable[[], float], registry: CollectorRegistry
     return g
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> int:
+def start_metrics_server(port: int, host: str = "127.0.0.1", registry: CollectorRegistry = REGISTRY) -> int:
     """Serve `GET /metrics` on `host:port` from a daemon thread; return the bound port (port 0
     picks a free one). A service calls this once, when `--metrics-port` is set."""
     server, _thread = start_http_server(port, addr=host, registry=registry)

@@ -19,19 +19,22 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from services.common import heap_profile, telemetry
 from services.common.drain import DrainInterceptor
 from services.common.metrics import GrpcMetricsInterceptor, start_metrics_server
+from services.common.reflection import enable_server_reflection
 from services.common.service_config import ServiceConfig
 from services.common.tls import secure_channel_options
+from services.common.undecodable import UndecodableRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,15 @@ GRPC_OPTIONS: Sequence[tuple[str, int]] = (
 
 def is_unix_address(address: str) -> bool:
     return address.startswith("unix:")
+
+
+def metrics_host(address: str) -> str:
+    """Where --metrics-port listens: the gRPC address's host (a service kept on loopback keeps its
+    metrics there too), loopback for a unix socket."""
+    if is_unix_address(address):
+        return "127.0.0.1"
+    host = address.rsplit(":", 1)[0]
+    return host.removeprefix("[").removesuffix("]") or "0.0.0.0"
 
 
 class GrpcServer:
@@ -66,8 +78,10 @@ class GrpcServer:
         # Tracing (empty unless OTEL_* / TANDEM_TRACE_FILE turned it on) and rpc / error counts
         # for every service, so no servicer needs its own hooks.
         observability = [*telemetry.grpc_server_interceptors(), GrpcMetricsInterceptor()]
+        # Innermost: the outer interceptors see its INVALID_ARGUMENT like any other refusal.
         self.server = grpc.aio.server(
-            interceptors=[self.drain, *observability, *interceptors], options=list(GRPC_OPTIONS)
+            interceptors=[self.drain, *observability, *interceptors, UndecodableRequestInterceptor()],
+            options=list(GRPC_OPTIONS),
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -114,8 +128,7 @@ class GrpcServer:
             path = self.address.removeprefix("unix:").removeprefix("//")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-        names = [*self._service_names, reflection.SERVICE_NAME, health.SERVICE_NAME]
-        reflection.enable_server_reflection(names, self.server)
+        enable_server_reflection([*self._service_names, health.SERVICE_NAME], self.server)
         if self._credentials is not None:
             self._bound_port = self.server.add_secure_port(self.address, self._credentials)
         else:
@@ -124,8 +137,9 @@ class GrpcServer:
             raise OSError(f"could not bind gRPC server to {self.address}")
         await self.server.start()
         if self.metrics_port:
-            port = start_metrics_server(self.metrics_port)
-            log.info("Prometheus metrics on :%d/metrics", port)
+            host = metrics_host(self.address)
+            port = start_metrics_server(self.metrics_port, host)
+            log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
         await self.set_serving(True)
         log.info("gRPC server listening on %s (%s)", self.bound_address, ", ".join(self._service_names))
 
@@ -184,9 +198,27 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def raise_open_file_limit() -> None:
+    """Raise this process's open-descriptor soft limit to its hard limit, where allowed: every
+    connection, stream and socket is a descriptor, and distributions set the soft limit to 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # the kernel refuses "infinite" descriptors: use its cap
+        try:
+            hard = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            hard = 1024 * 1024
+    if soft != resource.RLIM_INFINITY and soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+
+
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     """Run an async service main on uvloop and return exit status 0 after a graceful stop."""
     heap_profile.install_from_env()
+    raise_open_file_limit()
     install_event_loop_policy()
     asyncio.run(main())
     return 0

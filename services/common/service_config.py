@@ -27,7 +27,7 @@ class ServiceConfig:
     tls_ca: str = ""
     """PEM CA bundle that signs the other services' certificates; clients without one are refused."""
     metrics_port: int = 0
-    """Port of a Prometheus /metrics HTTP endpoint (0 = off)."""
+    """Port of a Prometheus /metrics HTTP endpoint on the --address host (127.0.0.1 for a unix socket; 0 = off)."""
 
     def __post_init__(self) -> None:
         if self.drain_timeout < 0:

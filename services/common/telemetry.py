@@ -37,13 +37,16 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from services.common import switches
+from services.common.logging import request_id_var
+
 if TYPE_CHECKING:
     from aiohttp import web
     from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 
 log = logging.getLogger(__name__)
 
-TRACE_FILE_ENV = "TANDEM_TRACE_FILE"
+TRACE_FILE_ENV = switches.TRACE_FILE.name
 REQUEST_ID_ATTRIBUTE = "tandem.request_id"
 # Health checks and reflection are polled every few seconds by probes and `tandem up`: tracing
 # them would bury the request traces.
@@ -285,8 +288,6 @@ def aiohttp_middlewares() -> list[Callable[..., Any]]:
                 response: web.StreamResponse = await handler(req)
             finally:
                 # The gateway sets request_id_var in this same task (and X-Request-Id on replies).
-                from services.common.logging import request_id_var
-
                 request_id = request_id_var.get()
                 if request_id != "-":
                     set_request_id(request_id)

@@ -42,6 +42,7 @@ async def serve(config: StylerConfig, styler: Styler) -> None:
 def main(argv: list[str], prog: str = "tandem styler") -> int:
     config = parse_config(StylerConfig, argv, prog)
     setup_logging(config.log_level, config.log_format, service="tandem.styler")
+    setup_tracing("tandem-styler")  # from the OTEL_* environment; a no-op without it
     try:
         styler = Styler.load(options_from_config(config))
     except (ModelFilesError, ValueError) as exc:
@@ -56,7 +57,6 @@ def main(argv: list[str], prog: str = "tandem styler") -> int:
         info.tool_parser or "none",
         info.reasoning_parser or "none",
     )
-    setup_tracing("tandem-styler")
     try:
         return run(lambda: serve(config, styler))
     finally:

@@ -21,7 +21,7 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class WorkerConfig(ServiceConfig):
-    """A tandem model worker: one model replica, its paged KV cache, scheduler and kernels."""
+    """A tandem model worker: one model replica, its paged KV cache, scheduler and kernels. Besides these options (each also read from TANDEM_<OPTION>), a few environment switches exist (TANDEM_PDL, TANDEM_FOLD_NORMS, ...): `tandem worker --list-switches` prints them with their defaults and reasons."""
 
     model: str = ""
     """Hugging Face model directory (config.json and *.safetensors)."""

@@ -24,7 +24,8 @@ from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
 from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
-from services.worker.kv_transfer import KVHandleStore
+from services.worker.kv_handles import KVHandleStore
+from services.worker.kv_transfer import KVReservation, Span
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
 from services.worker.outputs import ChoiceOutput, RequestOutput, Usage
@@ -112,7 +113,7 @@ class Engine:
         if self.device.type == "cpu":
             # Process-wide: one engine per worker process. A tiny model's matmuls are far too small
             # to split, and extra threads only contend with the styler and gateway beside it
-            # (measured 13x slower under load with 2 threads for stories260K, docs/worker.md).
+            # (measured far slower under load with 2 threads for stories260K, docs/worker.md).
             threads = config.cpu_threads or (1 if cfg.hidden_size <= TINY_HIDDEN_SIZE else 0)
             if threads:
                 torch.set_num_threads(threads)
@@ -209,7 +210,7 @@ class Engine:
             torch.cuda.set_device(self.device)
 
     def add_request(self, req: EngineRequest, schedule: bool = True) -> Request:
-        """Queue a request (or only create it, `schedule=False`, for kv_transfer.reserve); raises
+        """Queue a request (or only create it, `schedule=False`, for add_fetching_request); raises
         InvalidRequestError for bad parameters or a duplicate id."""
         max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
         if req.request_id in self.requests or req.request_id in self.fetching:
@@ -234,6 +235,50 @@ class Engine:
     def schedule_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.scheduler.add(request)
+
+    # ---- disaggregated decode: the prompt's KV comes from a prefill worker (kv_transfer.py) ----
+    def add_fetching_request(self, req: EngineRequest) -> Request:
+        """Accept a request whose prompt KV will be fetched: it gets blocks for its prompt and
+        waits, unscheduled, for `kv_fetched` or `kv_fetch_failed`. With too few free blocks it is
+        simply scheduled to compute its prompt here. Raises InvalidRequestError as add_request."""
+        request = self.add_request(req, schedule=False)
+        if self.scheduler.reserve_fetch(request):
+            self.fetching[request.request_id] = request
+        else:
+            self.schedule_request(request)
+        return request
+
+    def fetch_reservation(self, request_id: str) -> KVReservation | None:
+        """What `add_fetching_request` reserved (None: the request computes its prompt itself)."""
+        request = self.fetching.get(request_id)
+        if request is None:
+            return None
+        seq = request.sequences[0]
+        return KVReservation(seq.num_computed_tokens, len(seq.block_ids))
+
+    def write_fetched_kv(self, request_id: str, span: Span, tensor: torch.Tensor) -> bool:
+        """Copy a received KV chunk (layers [l0, l1) x the prompt's blocks [b0, b1)) into the
+        request's blocks; False when the request is gone (aborted meanwhile)."""
+        request = self.fetching.get(request_id)
+        if request is None:
+            return False
+        l0, l1, b0, b1 = span
+        self.kv_cache.write_blocks(l0, l1, request.sequences[0].block_ids[b0:b1], tensor)
+        return True
+
+    def kv_fetched(self, request_id: str) -> None:
+        """The whole prompt's KV is in place: the request is scheduled to decode."""
+        request = self.fetching.pop(request_id, None)
+        if request is not None:
+            self.requests[request_id] = request
+            self.scheduler.add_fetched(request)
+
+    def kv_fetch_failed(self, request_id: str) -> None:
+        """The fetch failed: the request is scheduled to compute its prompt here."""
+        request = self.fetching.pop(request_id, None)
+        if request is not None:
+            self.requests[request_id] = request
+            self.scheduler.add_unfetched(request)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output, None if unknown."""

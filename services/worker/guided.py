@@ -30,17 +30,16 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import llguidance
 import torch
 
-from services.worker.request import InvalidRequestError
+from services.worker.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-    from services.worker.request import Sequence as EngineSequence
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,8 @@ JSON_OPTIONS: JsonCompileOptions = {
     "key_separator": ": ",
 }
 GRAMMAR_CACHE_SIZE = 128
-# Threads computing the masks of one step's guided sequences: a mask over a 150k vocabulary takes
-# ~0.1-1 ms of CPU; half the cores, at most 8, leaves the rest to the engine, gRPC and tokenizers.
+# Threads computing the masks of one step's guided sequences: a mask over a large vocabulary is
+# real CPU work per token; half the cores, at most 8, leaves the rest to the engine, gRPC and tokenizers.
 MASK_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 MAX_ERROR_CHARS = 600
 
@@ -324,7 +323,14 @@ class GuidedRows:
     masks: torch.Tensor  # [G, W] int32 on the CPU: bit t of word t // 32 allows token t
 
 
-def guided_rows(seqs: Sequence[EngineSequence]) -> GuidedRows | None:
+class GuidedSequence(Protocol):
+    """What `guided_rows` reads of an engine sequence (request.py's `Sequence`)."""
+
+    @property
+    def guided(self) -> GuidedState | None: ...
+
+
+def guided_rows(seqs: Sequence[GuidedSequence]) -> GuidedRows | None:
     """The rows of `seqs` (one per logits row) that are guided, with their masks; None when none
     is (the unguided path does nothing more than this one scan)."""
     rows = [i for i, s in enumerate(seqs) if s.guided is not None]

@@ -1,6 +1,6 @@
 """The paged KV cache tensor and how big it may be.
 
-Layout (the kernel API, notes/kernel_api.md): ONE tensor per worker
+Layout (the kernel API, kernels/reference.py): ONE tensor per worker
 
     kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]   (index 0 = K, 1 = V)
 
@@ -25,6 +25,13 @@ from services.worker.model_config import ModelConfig
 log = logging.getLogger(__name__)
 
 KV_LAYOUT = "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]"
+# The cache's element types by the names Info's kv_layout.dtype and FetchKV chunks give them.
+KV_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float8_e4m3fn: "float8_e4m3fn",  # --kv-cache-dtype fp8
+}
 
 
 def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -67,3 +74,14 @@ class KVCache:
         src = torch.tensor([s for s, _ in copies], device=self.tensor.device)
         dst = torch.tensor([d for _, d in copies], device=self.tensor.device)
         self.tensor[:, :, dst] = self.tensor[:, :, src]
+
+    def write_blocks(self, layer_start: int, layer_end: int, block_ids: list[int], src: torch.Tensor) -> None:
+        """kv[layer_start:layer_end, :, block_ids] = src, src [layers, 2, blocks, block_size,
+        num_kv_heads, head_dim] on any device (a KV chunk fetched from a prefill worker)."""
+        kv = self.tensor
+        src = src.to(kv.device)  # synchronous from pageable memory: the caller may drop it after
+        first = block_ids[0]
+        if block_ids == list(range(first, first + len(block_ids))):  # contiguous: a plain slice
+            kv[layer_start:layer_end, :, first : first + len(block_ids)] = src
+        else:
+            kv[layer_start:layer_end, :, torch.tensor(block_ids, device=kv.device)] = src

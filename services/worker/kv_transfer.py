@@ -1,78 +1,49 @@
-"""Disaggregated prefill/decode: KV handles on the prefill side, KV reception on the decode side.
+"""Disaggregated prefill/decode: the KV's wire side, streaming a prompt's KV between workers.
 
     prefill worker                                         decode worker
-    Prefill(prompt) ─ engine computes the prompt,           Generate(prompt, [first], kv_source)
-      samples the first token; its blocks move to a          reserve(): blocks for the prompt, its own
-      KV handle (KVHandleStore, TTL --kv-handle-ttl)          prefix cache first (skip_tokens)
-                                              ◀── FetchKV(handle, skip_tokens, fingerprint) ──
-    stream_chunks(): kv_cache[l0:l1, :, blocks[b0:b1]] ──▶   write(): into the reserved blocks
-      as raw bytes, read ahead on a thread                    as they arrive (engine thread)
-    release(): the handle's blocks back to the pool         commit(): computed, decode from [first]
-      when the stream ends (or the TTL passes)                (any failure: fallback() computes the
-                                                               prompt itself)
+    Prefill(prompt) -> the prompt's blocks are kept         Generate(prompt, [first], kv_source)
+      under a KV handle (kv_handles.py)                      Engine.add_fetching_request: blocks
+                                                              for the prompt, its own prefix cache
+                                                              first (skip_tokens)
+                                              <-- FetchKV(handle, skip_tokens, fingerprint) --
+    stream_chunks(): kv_cache[l0:l1, :, blocks[b0:b1]] -->   receive(): each chunk checked and
+      as raw bytes, read ahead on a thread                    written into the reserved blocks
+    the handle's blocks go back when the stream ends         (Engine.write_fetched_kv); then
+                                                              Engine.kv_fetched, or on any failure
+                                                              Engine.kv_fetch_failed (the prompt
+                                                              is computed here)
 
-Everything that touches the BlockManager runs on the engine thread (through `AsyncEngine.call`).
-Reading held blocks off that thread is safe: a held block has a reference, so nobody writes it
-until `release`, and `release` only runs after the stream that reads it ended.
+This module only moves bytes: every state change of a request (reserving blocks, FETCHING, ready
+to decode, computing the prompt after all) belongs to the engine and its scheduler, reached here
+through the `KVReceiver` methods, each run on the engine thread (through `AsyncEngine.call`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import math
 import time
-import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from services.worker.request import EngineRequest, SequenceStatus
-
-if TYPE_CHECKING:
-    from services.worker.block_manager import BlockManager
-    from services.worker.engine import Engine
+from services.worker.kv_cache import KV_DTYPE_NAMES
 
 log = logging.getLogger(__name__)
 
-DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.float8_e4m3fn: "float8_e4m3fn",  # --kv-cache-dtype fp8
-}
-DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 # Chunks read ahead of the one being sent: overlaps the device->host copy with the network.
 READ_AHEAD = 2
 # Writes in flight on the engine thread before the receiver waits for the oldest one.
 WRITE_WINDOW = 4
-# Expired handle ids remembered, so that a late fetch hears "expired" rather than "unknown".
-EXPIRED_MEMORY = 4096
 
-
-class KVHandleError(Exception):
-    """A FetchKV / ReleaseKV problem; `code` is the gRPC status name (NOT_FOUND, ...)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class HeldKV:
-    """A prefilled prompt's KV kept for a decode worker."""
-
-    handle_id: str
-    request_id: str
-    block_ids: tuple[int, ...]  # the prompt's blocks, in order; ceil(num_tokens / block_size)
-    num_tokens: int  # prompt tokens whose KV the blocks hold
-    expires_at: float  # time.monotonic()
-    expires_at_ms: int  # unix time in milliseconds (what the handle says)
-    fetching: bool = False
+# (layer_start, layer_end, block_start, block_end): layers [l0, l1) x the prompt's blocks [b0, b1)
+Span = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -98,77 +69,24 @@ class KVSource:
     fingerprint: str
 
 
-class KVHandleStore:
-    """The prefill side's handles. Engine thread only (it references and frees blocks)."""
+@dataclass(frozen=True)
+class KVReservation:
+    """What the decode worker reserved for a prompt whose KV it fetches."""
 
-    def __init__(self, block_manager: BlockManager, ttl_s: float) -> None:
-        self.bm = block_manager
-        self.ttl_s = ttl_s
-        self.handles: dict[str, HeldKV] = {}
-        self._expired: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.num_expired = 0
-        self.num_fetched = 0
-        self.num_blocks_sent = 0  # blocks streamed (skipped ones not counted), for tests and stats
+    skip_tokens: int  # prompt tokens the decode worker's own prefix cache holds (whole blocks)
+    num_blocks: int  # blocks of the prompt
 
-    def __len__(self) -> int:
-        return len(self.handles)
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> HeldKV:
-        """Take over the references of a finished prefill's blocks."""
-        handle = HeldKV(
-            handle_id=uuid.uuid4().hex,
-            request_id=request_id,
-            block_ids=tuple(block_ids),
-            num_tokens=num_tokens,
-            expires_at=time.monotonic() + self.ttl_s,
-            expires_at_ms=int((time.time() + self.ttl_s) * 1000),
-        )
-        self.handles[handle.handle_id] = handle
-        return handle
+class KVReceiver(Protocol):
+    """The engine's side of a fetch (services/worker/engine.py); each runs on the engine thread."""
 
-    def take(self, handle_id: str) -> HeldKV:
-        """Claim a handle for one fetch (a handle is fetched once)."""
-        handle = self.handles.get(handle_id)
-        if handle is None:
-            if handle_id in self._expired:
-                raise KVHandleError(
-                    "NOT_FOUND", f"KV handle {handle_id!r} expired (--kv-handle-ttl {self.ttl_s:g}s)"
-                )
-            raise KVHandleError(
-                "NOT_FOUND",
-                f"KV handle {handle_id!r} is unknown to this worker (never issued, already fetched or released)",
-            )
-        if handle.fetching:
-            raise KVHandleError("FAILED_PRECONDITION", f"KV handle {handle_id!r} is already being fetched")
-        handle.fetching = True
-        return handle
+    def fetch_reservation(self, request_id: str) -> KVReservation | None: ...
 
-    def release(self, handle_id: str, num_blocks_sent: int = 0, only_idle: bool = False) -> bool:
-        """Free a handle's blocks (after its fetch, on ReleaseKV); False when it did not exist.
-        `only_idle` (ReleaseKV) leaves a handle alone while a fetch reads it: that fetch frees it."""
-        handle = self.handles.get(handle_id)
-        if handle is None or (only_idle and handle.fetching):
-            return False
-        del self.handles[handle_id]
-        if handle.fetching:
-            self.num_fetched += 1
-            self.num_blocks_sent += num_blocks_sent
-        for block in handle.block_ids:
-            self.bm.release_block(block)
-        return True
+    def write_fetched_kv(self, request_id: str, span: Span, tensor: torch.Tensor) -> bool: ...
 
-    def expire(self, now: float) -> int:
-        """Free the handles whose TTL passed and nobody is fetching; returns how many."""
-        stale = [h.handle_id for h in self.handles.values() if h.expires_at <= now and not h.fetching]
-        for handle_id in stale:
-            self.release(handle_id)
-            self._expired[handle_id] = None
-        while len(self._expired) > EXPIRED_MEMORY:
-            self._expired.popitem(last=False)
-        if stale:
-            self.num_expired += len(stale)
-            log.info("freed %d expired KV handle(s)", len(stale))
-        return len(stale)
+    def kv_fetched(self, request_id: str) -> None: ...
+
+    def kv_fetch_failed(self, request_id: str) -> None: ...
 
 
 # ---- the prefill side: reading chunks ------------------------------------------------------------
@@ -194,7 +112,7 @@ def chunk_plan(
     ]
 
 
-def read_chunk(kv: torch.Tensor, block_ids: tuple[int, ...], span: tuple[int, int, int, int]) -> KVChunkData:
+def read_chunk(kv: torch.Tensor, block_ids: tuple[int, ...], span: Span) -> KVChunkData:
     """Copy kv[l0:l1, :, block_ids[b0:b1]] to host bytes. `kv` is the whole cache tensor
     [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
     l0, l1, b0, b1 = span
@@ -205,22 +123,23 @@ def read_chunk(kv: torch.Tensor, block_ids: tuple[int, ...], span: tuple[int, in
         part = kv[l0:l1].index_select(2, torch.tensor(ids, device=kv.device))
     host = part.contiguous().cpu() if kv.device.type != "cpu" else part.contiguous()
     data = host.view(torch.uint8).numpy().tobytes()
-    return KVChunkData(l0, l1, b0, b1, data, DTYPE_NAMES[kv.dtype], tuple(part.shape))
+    return KVChunkData(l0, l1, b0, b1, data, KV_DTYPE_NAMES[kv.dtype], tuple(part.shape))
 
 
 async def stream_chunks(
-    kv: torch.Tensor, handle: HeldKV, first_block: int, target_bytes: int
+    kv: torch.Tensor, block_ids: tuple[int, ...], first_block: int, target_bytes: int
 ) -> AsyncIterator[KVChunkData]:
-    """The chunks of a handle from `first_block` on, read on a worker thread READ_AHEAD ahead."""
+    """The chunks of a held prompt's blocks from `first_block` on, read on a worker thread
+    READ_AHEAD ahead. The blocks are held (kv_handles.py): nobody writes them meanwhile."""
     num_layers = kv.shape[0]
     layer_block_bytes = kv[0, :, 0].numel() * kv.element_size()
-    plan = chunk_plan(num_layers, len(handle.block_ids), first_block, layer_block_bytes, target_bytes)
+    plan = chunk_plan(num_layers, len(block_ids), first_block, layer_block_bytes, target_bytes)
     pending: collections.deque[asyncio.Future[KVChunkData]] = collections.deque()
     loop = asyncio.get_running_loop()
     spans = iter(plan)
     try:
         for span in spans:
-            pending.append(loop.run_in_executor(None, read_chunk, kv, handle.block_ids, span))
+            pending.append(loop.run_in_executor(None, read_chunk, kv, block_ids, span))
             if len(pending) > READ_AHEAD:
                 yield await pending.popleft()
         while pending:
@@ -233,43 +152,7 @@ async def stream_chunks(
 # ---- the decode side: receiving chunks -----------------------------------------------------------
 
 
-def reserve(engine: Engine, req: EngineRequest) -> None:
-    """Engine thread: accept a request whose prompt KV will be fetched. It gets blocks for the whole
-    prompt (its own prefix cache first) and waits in `engine.fetching`; with too few free blocks
-    it is simply scheduled to compute the prompt itself."""
-    request = engine.add_request(req, schedule=False)
-    seq = request.sequences[0]
-    bm = engine.block_manager
-    prompt_len = request.prompt_len
-    cached = bm.find_cached_prefix(seq)[: prompt_len // bm.block_size]
-    cached_tokens = len(cached) * bm.block_size
-    if not bm.can_allocate(seq, prompt_len - cached_tokens, cached):
-        engine.schedule_request(request)
-        return
-    bm.use_cached_prefix(seq, cached)
-    bm.allocate(seq, prompt_len - cached_tokens)
-    seq.status = SequenceStatus.FETCHING
-    request.num_cached_prompt_tokens = cached_tokens
-    bm.record_lookup(prompt_len, cached_tokens)
-    engine.fetching[request.request_id] = request
-
-
-@dataclass(frozen=True)
-class Reservation:
-    skip_tokens: int  # prompt tokens the decode worker's own prefix cache holds (whole blocks)
-    num_blocks: int  # blocks of the prompt
-
-
-def reservation_of(engine: Engine, request_id: str) -> Reservation | None:
-    """Engine thread: what `reserve` set up for a request (None: it computes the prompt itself)."""
-    request = engine.fetching.get(request_id)
-    if request is None:
-        return None
-    seq = request.sequences[0]
-    return Reservation(seq.num_computed_tokens, len(seq.block_ids))
-
-
-def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: Reservation) -> torch.Tensor:
+def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: KVReservation) -> torch.Tensor:
     """Check a received chunk against this worker's cache and the reservation; view it as a
     tensor [layers, 2, blocks, block_size, num_kv_heads, head_dim] (no copy)."""
     num_layers, _, _, block_size, num_kv_heads, head_dim = kv.shape
@@ -277,8 +160,8 @@ def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: Reservation)
     skip_blocks = reservation.skip_tokens // block_size
     if not (0 <= l0 < l1 <= num_layers and skip_blocks <= b0 < b1 <= reservation.num_blocks):
         raise ValueError(f"chunk layers [{l0}, {l1}) x blocks [{b0}, {b1}) out of range")
-    if chunk.dtype != DTYPE_NAMES[kv.dtype]:
-        raise ValueError(f"chunk dtype {chunk.dtype} != cache dtype {DTYPE_NAMES[kv.dtype]}")
+    if chunk.dtype != KV_DTYPE_NAMES[kv.dtype]:
+        raise ValueError(f"chunk dtype {chunk.dtype} != cache dtype {KV_DTYPE_NAMES[kv.dtype]}")
     shape = (l1 - l0, 2, b1 - b0, block_size, num_kv_heads, head_dim)
     if tuple(chunk.shape) != shape or len(chunk.data) != math.prod(shape) * kv.element_size():
         raise ValueError(f"chunk shape {tuple(chunk.shape)} ({len(chunk.data)} bytes) != expected {shape}")
@@ -286,47 +169,6 @@ def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: Reservation)
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(chunk.data, dtype=torch.uint8)
     return flat.view(kv.dtype).view(shape)
-
-
-def write(engine: Engine, request_id: str, span: tuple[int, int, int, int], tensor: torch.Tensor) -> bool:
-    """Engine thread: copy a received chunk into the request's blocks; False when the request
-    is gone (aborted meanwhile)."""
-    request = engine.fetching.get(request_id)
-    if request is None:
-        return False
-    l0, l1, b0, b1 = span
-    kv = engine.kv_cache.tensor
-    ids = request.sequences[0].block_ids[b0:b1]
-    src = tensor.to(kv.device)  # synchronous from pageable memory: the chunk's bytes can go
-    if ids == list(range(ids[0], ids[0] + len(ids))):
-        kv[l0:l1, :, ids[0] : ids[0] + len(ids)] = src
-    else:
-        kv[l0:l1, :, torch.tensor(ids, device=kv.device)] = src
-    return True
-
-
-def commit(engine: Engine, request_id: str) -> None:
-    """Engine thread: the whole prompt's KV is in place; schedule the request to decode."""
-    request = engine.fetching.pop(request_id, None)
-    if request is None:
-        return
-    seq = request.sequences[0]
-    seq.num_computed_tokens = request.prompt_len
-    seq.status = SequenceStatus.WAITING
-    engine.block_manager.register_computed_blocks(seq)
-    engine.schedule_request(request)
-
-
-def fallback(engine: Engine, request_id: str) -> None:
-    """Engine thread: the fetch failed; free the blocks and compute the prompt here."""
-    request = engine.fetching.pop(request_id, None)
-    if request is None:
-        return
-    seq = request.sequences[0]
-    engine.block_manager.free_sequence(seq)
-    seq.status = SequenceStatus.WAITING
-    request.num_cached_prompt_tokens = None
-    engine.schedule_request(request)
 
 
 FetchStream = Callable[[KVSource, int], AsyncIterator[KVChunkData]]
@@ -343,21 +185,23 @@ class FetchStats:
 
 async def receive(
     call: Callable[[Callable[[], object]], asyncio.Future[object]],
-    engine: Engine,
+    engine: KVReceiver,
+    kv: torch.Tensor,
     request_id: str,
     source: KVSource,
     fetch: FetchStream,
 ) -> FetchStats:
-    """Decode side, after `reserve`: pull the KV and commit, or fall back to computing the prompt.
-    `call(fn)` runs fn on the engine thread; `fetch(source, skip_tokens)` streams the chunks."""
+    """Decode side, after `Engine.add_fetching_request`: pull the KV, then tell the engine it
+    arrived, or that the fetch failed (it computes the prompt itself). `call(fn)` runs fn on the
+    engine thread; `kv` is the whole cache tensor (shape and dtype checks); `fetch(source,
+    skip_tokens)` streams the chunks."""
     started = time.monotonic()
-    reservation = await call(lambda: reservation_of(engine, request_id))
+    reservation = await call(lambda: engine.fetch_reservation(request_id))
     if reservation is None:  # no room for it: it is already scheduled to compute the prompt
         return FetchStats(False, 0, 0.0, 0, "no free blocks; computing the prompt here")
-    assert isinstance(reservation, Reservation)
-    kv = engine.kv_cache.tensor
-    num_layers = kv.shape[0]
-    skip_blocks = reservation.skip_tokens // engine.config.block_size
+    assert isinstance(reservation, KVReservation)
+    num_layers, block_size = kv.shape[0], kv.shape[3]
+    skip_blocks = reservation.skip_tokens // block_size
     expected = num_layers * (reservation.num_blocks - skip_blocks)
     received = 0
     num_bytes = 0
@@ -367,7 +211,7 @@ async def receive(
         async for chunk in fetch(source, reservation.skip_tokens):
             tensor = chunk_tensor(chunk, kv, reservation)
             span = (chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end)
-            writes.append(call(lambda span=span, tensor=tensor: write(engine, request_id, span, tensor)))  # type: ignore[misc]
+            writes.append(call(functools.partial(engine.write_fetched_kv, request_id, span, tensor)))
             received += (span[1] - span[0]) * (span[3] - span[2])
             num_bytes += len(chunk.data)
             if len(writes) > WRITE_WINDOW:
@@ -382,9 +226,9 @@ async def receive(
         log.warning(
             "KV fetch of %s from %s failed (%s); computing the prompt here", request_id, source.address, exc
         )
-        await call(lambda: fallback(engine, request_id))
+        await call(lambda: engine.kv_fetch_failed(request_id))
         return FetchStats(False, num_bytes, time.monotonic() - started, reservation.skip_tokens, str(exc))
-    await call(lambda: commit(engine, request_id))
+    await call(lambda: engine.kv_fetched(request_id))
     seconds = time.monotonic() - started
     log.info(
         "fetched KV of %s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,16 @@ from services.worker.models.llama import LlamaForCausalLM
 log = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# One expert's projection in a mixture-of-experts block -> (stacked parameter, shard of its rows)
+_EXPERT = re.compile(r"^(?P<block>.*\.mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
+_EXPERT_PROJS = {
+    "gate_proj": ("w13", "gate"),
+    "w1": ("w13", "gate"),
+    "up_proj": ("w13", "up"),
+    "w3": ("w13", "up"),
+    "down_proj": ("w2", ""),
+    "w2": ("w2", ""),
+}
 
 
 class WeightLoadError(ModelConfigError):
@@ -74,10 +85,35 @@ def _shard_slice(model: LlamaForCausalLM, shard: str) -> tuple[int, int]:
     return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter), "up": (inter, inter)}[shard]
 
 
+def _expert_dest(
+    model: LlamaForCausalLM, params: dict[str, torch.nn.Parameter], name: str
+) -> tuple[str, str, torch.Tensor] | None:
+    """(parameter, shard key, destination view) of an expert tensor; None for any other tensor."""
+    match = _EXPERT.match(name)
+    if match is None or match["proj"] not in _EXPERT_PROJS:
+        return None
+    stacked, part = _EXPERT_PROJS[match["proj"]]
+    target, expert = f"{match['block']}.{stacked}", int(match["expert"])
+    param = params.get(target)
+    if param is None or expert >= param.shape[0]:
+        return None
+    dest = param.data[expert]
+    if part:
+        inter = model.config.moe_intermediate_size
+        dest = dest.narrow(0, 0 if part == "gate" else inter, inter)
+    return target, f"{expert}/{part}" if part else str(expert), dest
+
+
 def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torch.Tensor]]) -> None:
     params = dict(model.named_parameters())
     required: dict[str, set[str]] = {}
-    for name in params:
+    for name, stacked in params.items():
+        if name.endswith(".mlp.w13"):
+            required[name] = {f"{e}/{part}" for e in range(stacked.shape[0]) for part in ("gate", "up")}
+            continue
+        if name.endswith(".mlp.w2"):
+            required[name] = {str(e) for e in range(stacked.shape[0])}
+            continue
         fused = next(
             (
                 f
@@ -92,6 +128,20 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
     for file_name, name, tensor in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
+        checkpoint_name = name
+        for old, new in model.checkpoint_renames:
+            name = name.replace(old, new)
+        expert = _expert_dest(model, params, name)
+        if expert is not None:
+            target, shard, dest = expert
+            if tuple(tensor.shape) != tuple(dest.shape):
+                raise WeightLoadError(
+                    f"{file_name}: tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            loaded[target].add(shard)
+            continue
         target, shard = name, ""
         for fused, original, shard_id in model.stacked_params:
             if f".{original}." in name:
@@ -100,7 +150,7 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
         param = params.get(target)
         if param is None:
             raise WeightLoadError(
-                f"{file_name}: unexpected tensor {name!r} (no such parameter in {type(model).__name__})"
+                f"{file_name}: unexpected tensor {checkpoint_name!r} (no such parameter in {type(model).__name__})"
             )
         dest = param.data
         if shard:
@@ -108,13 +158,17 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
             dest = dest.narrow(0, start, size)
         if tuple(tensor.shape) != tuple(dest.shape):
             raise WeightLoadError(
-                f"{file_name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
+                f"{file_name}: tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
             )
         dest.copy_(tensor)
         loaded[target].add(shard)
     for name, needed in required.items():
         missing = needed - loaded[name]
         if missing:
+            if name.endswith((".mlp.w13", ".mlp.w2")):
+                block = name.rsplit(".", 1)[0]
+                shown = [f"{block}.experts.{s.replace('/', ' ')}" for s in sorted(missing)[:4]]
+                raise WeightLoadError(f"{model.config.path}: missing expert tensor(s) {', '.join(shown)}")
             shown = [name] if missing == {""} else [_checkpoint_name(model, name, s) for s in sorted(missing)]
             raise WeightLoadError(f"{model.config.path}: missing tensor(s) {', '.join(shown)}")
 

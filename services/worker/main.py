@@ -5,17 +5,28 @@ from __future__ import annotations
 import logging
 import sys
 
+from services.common import switches
 from services.common.config import parse_config
 from services.common.logging import setup_logging
 from services.common.server import GrpcServer, run
+from services.common.telemetry import setup_tracing
 from services.worker.config import WorkerConfig
 
 log = logging.getLogger("tandem.worker")
 
 
 def main(argv: list[str], prog: str = "tandem worker") -> int:
+    if "--list-switches" in argv:  # the environment switches (services/common/switches.py), then exit
+        print(switches.table())
+        return 0
     config = parse_config(WorkerConfig, argv, prog)
+    try:  # read every switch now: a bad value is one line here, not a traceback from a kernel import
+        switches.read_all()
+    except switches.SwitchError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     setup_logging(config.log_level, config.log_format, "tandem.worker")
+    setup_tracing("tandem-worker")  # from the OTEL_* environment; a no-op without it
     # torch is imported only now, so `tandem worker --help` and option errors stay instant
     from services.worker.async_engine import AsyncEngine
     from services.worker.engine import Engine

@@ -41,6 +41,15 @@ class ModelConfig:
     sliding_window: int | None  # None: full attention everywhere
     eos_token_ids: tuple[int, ...] = field(default=())
     torch_dtype: str = "float32"  # the checkpoint's dtype
+    # Mixture of experts (Qwen3-MoE, Mixtral); num_experts 0: every layer's MLP is dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's intermediate size
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model whose MLP is dense anyway
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
 
 def _as_ids(value: Any) -> list[int]:
@@ -59,6 +68,31 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelConfigError(f"{path}: expected a JSON object")
     return data
+
+
+def _moe_fields(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of Qwen3-MoE and Mixtral configs (both spellings of the
+    expert count: `num_experts` in Qwen's checkpoints, `num_local_experts` in Mixtral's and in
+    transformers 5's Qwen3-MoE configs)."""
+    if model_type not in ("qwen3_moe", "mixtral"):
+        return {}
+    num_layers = int(cfg["num_hidden_layers"])
+    if model_type == "mixtral":
+        return {
+            "num_experts": int(cfg["num_local_experts"]),
+            "num_experts_per_tok": int(cfg["num_experts_per_tok"]),
+            "moe_intermediate_size": int(cfg["intermediate_size"]),
+            "norm_topk_prob": True,  # softmax over the top-k logits = renormalised top-k of the softmax
+        }
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    only_mlp = {int(i) for i in cfg.get("mlp_only_layers") or []}
+    return {
+        "num_experts": int(cfg.get("num_experts") or cfg["num_local_experts"]),
+        "num_experts_per_tok": int(cfg["num_experts_per_tok"]),
+        "moe_intermediate_size": int(cfg["moe_intermediate_size"]),
+        "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)),
+        "dense_layers": tuple(i for i in range(num_layers) if i in only_mlp or (i + 1) % step != 0),
+    }
 
 
 def load_model_config(model_dir: str) -> ModelConfig:
@@ -111,10 +145,11 @@ def load_model_config(model_dir: str) -> ModelConfig:
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             o_proj_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=int(sliding_window) if sliding_window else None,
             eos_token_ids=tuple(eos),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            **_moe_fields(cfg, model_type),
         )
     except KeyError as exc:
         raise ModelConfigError(f"{cfg_path}: missing key {exc.args[0]!r}") from None

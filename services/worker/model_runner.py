@@ -192,7 +192,7 @@ class ModelRunner:
         logits_rows: list[int] = []
         rows: list[tuple[Sequence, int]] = []  # (sequence whose params apply, index of its scheduled entry)
         max_blocks = max(len(item.seq.block_ids) for item in out.scheduled)
-        # One tensor from padded lists: a torch call per sequence costs ~2 us each at batch 256.
+        # One tensor from padded lists: a torch call per sequence adds up at large batches.
         block_tables = torch.tensor(
             [item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids)) for item in out.scheduled],
             dtype=torch.int32,
@@ -401,7 +401,7 @@ class ModelRunner:
             if columns is None:
                 columns = self._greedy_columns[len(params)] = torch.zeros(7, len(params), device=dev)
         else:
-            # All per-row parameters in one host->device copy (seven copies cost ~0.1 ms per step on a GPU).
+            # All per-row parameters in one host->device copy: each copy is a synchronising launch.
             columns = torch.tensor(
                 [
                     [p.temperature for p in params],

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from services.worker.request import TokenLogprob
 
 if TYPE_CHECKING:
-    from services.worker.kv_transfer import HeldKV
+    from services.worker.kv_handles import HeldKV
 
 
 @dataclass(frozen=True)

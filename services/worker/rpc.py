@@ -24,7 +24,8 @@ from services.worker import kv_transfer
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
-from services.worker.kv_cache import KV_LAYOUT
+from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
+from services.worker.kv_handles import HeldKV, KVHandleError
 from services.worker.outputs import RequestOutput
 from services.worker.request import (
     EngineRequest,
@@ -270,11 +271,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if source is None:
             outputs = self.async_engine.submit(req)
         else:
-            outputs = self.async_engine.submit(req, add=lambda r: kv_transfer.reserve(self.engine, r))
+            outputs = self.async_engine.submit(req, add=self.engine.add_fetching_request)
         try:
             if source is not None:
                 await kv_transfer.receive(
-                    self.async_engine.call, self.engine, req.request_id, source, self._fetch_kv
+                    self.async_engine.call,
+                    self.engine,
+                    self.engine.kv_cache.tensor,
+                    req.request_id,
+                    source,
+                    self._fetch_kv,
                 )
             while not finished:
                 item = await outputs.get()
@@ -327,7 +333,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 num_kv_heads=cfg.num_kv_heads,
                 head_dim=cfg.head_dim,
                 block_size=e.config.block_size,
-                dtype=dtype,
+                dtype=KV_DTYPE_NAMES[e.kv_dtype],  # --kv-cache-dtype fp8: float8_e4m3fn, not the model's
                 layout=KV_LAYOUT,
             ),
             vocab_size=cfg.vocab_size,
@@ -354,7 +360,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_kv_handles=len(self.engine.kv_handles),
         )
 
-    # ---- disaggregation (services/worker/kv_transfer.py holds the logic) ------------------------
+    # ---- disaggregation (handles: kv_handles.py; the wire: kv_transfer.py; state: engine.py) ------------------------
     async def Prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
@@ -379,7 +385,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._start_sweeper()
         outputs = self.async_engine.submit(req)
         reply = worker_pb2.PrefillResponse(request_id=req.request_id)
-        held: kv_transfer.HeldKV | None = None
+        held: HeldKV | None = None
         finished = False
         try:
             while not finished:
@@ -438,7 +444,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             )
         try:
             held = await self.async_engine.call(lambda: store.take(handle_id))
-        except kv_transfer.KVHandleError as exc:
+        except KVHandleError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         block_size = self.engine.config.block_size
         num_blocks_sent = 0
@@ -452,7 +458,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             first_block = request.skip_tokens // block_size
             async for chunk in kv_transfer.stream_chunks(
                 self.engine.kv_cache.tensor,
-                held,
+                held.block_ids,
                 first_block,
                 request.chunk_bytes or self.engine.config.kv_chunk_bytes,
             ):

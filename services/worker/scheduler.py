@@ -20,18 +20,12 @@ prefilled again later (largely from the prefix cache when its blocks survived).
 
 from __future__ import annotations
 
-import os
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from services.worker.block_manager import BlockManager
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
-
-# TANDEM_CONTINUE_PREFILL=0: async scheduling launches only decode steps ahead (prompt chunks and
-# admissions wait for the step before to be read), for A/B. On an H100 (Llama-3.1-8B, 1024/128
-# x512, 8k budget; docs/gpu.md round 7): 3,602 out tok/s with prompt continuations, 3,533 without.
-CONTINUE_PREFILL = os.environ.get("TANDEM_CONTINUE_PREFILL", "1") != "0"
 
 # A group holding more than max_num_seqs // LARGE_GROUP_DIVISOR running sequences is preempted
 # to admit a group with nothing running that does not fit.
@@ -235,8 +229,6 @@ class Scheduler:
                 num_new = min(item.seq.num_tokens - done, budget - decodes_left)
             if num_new <= 0:
                 return None  # schedule() would skip it this step: keep it simple, go synchronous
-            if row < 0 and not CONTINUE_PREFILL:
-                return None
             plan[i] = (item, row, num_new)
             budget -= num_new
             needed += self.bm.blocks_needed(item.seq, item.num_new_tokens + num_new)
@@ -258,8 +250,6 @@ class Scheduler:
                 break
             if seq.request.parked or seq.request.wants_prompt_logprobs or seq.guided is not None:
                 return None  # admitted with what a continuation does not do: go synchronous
-            if not CONTINUE_PREFILL:
-                return None
             admits, reserved, left = admits + 1, reserved + admission.blocks, left - admission.num_new
         scheduled: list[ScheduledSequence] = []
         rows: list[int] = []
@@ -470,6 +460,40 @@ class Scheduler:
             self.running.remove(seq)
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = "prefilled"
+
+    # ---- disaggregated decode: prompts whose KV a prefill worker sends (kv_transfer.py) --------
+    def reserve_fetch(self, request: Request) -> bool:
+        """Give a new `request` blocks for its whole prompt (its own prefix cache first) to receive
+        the prompt's KV into; it then waits FETCHING, in no queue. False (nothing changed) when
+        the KV cache has too few free blocks."""
+        seq = request.sequences[0]
+        prompt_len = request.prompt_len
+        cached = self.bm.find_cached_prefix(seq)[: prompt_len // self.bm.block_size]
+        cached_tokens = len(cached) * self.bm.block_size
+        if not self.bm.can_allocate(seq, prompt_len - cached_tokens, cached):
+            return False
+        self.bm.use_cached_prefix(seq, cached)
+        self.bm.allocate(seq, prompt_len - cached_tokens)
+        seq.status = SequenceStatus.FETCHING
+        request.num_cached_prompt_tokens = cached_tokens
+        self.bm.record_lookup(prompt_len, cached_tokens)
+        return True
+
+    def add_fetched(self, request: Request) -> None:
+        """A FETCHING request's prompt KV is all in place: it waits to decode, its prompt computed."""
+        seq = request.sequences[0]
+        seq.num_computed_tokens = request.prompt_len
+        seq.status = SequenceStatus.WAITING
+        self.bm.register_computed_blocks(seq)
+        self.add(request)
+
+    def add_unfetched(self, request: Request) -> None:
+        """A FETCHING request's fetch failed: its blocks go back and it waits to compute its prompt."""
+        seq = request.sequences[0]
+        self.bm.free_sequence(seq)
+        seq.status = SequenceStatus.WAITING
+        request.num_cached_prompt_tokens = None
+        self.add(request)
 
     def take_failed(self) -> list[Request]:
         failed, self.failed = self.failed, []

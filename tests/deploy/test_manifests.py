@@ -85,6 +85,7 @@ def test_compose_default_is_the_cpu_stack(compose_default: dict[str, Any]) -> No
     assert services["worker"]["command"][:5] == ["worker", "--model", "/model", "--address", "0.0.0.0:50052"]
     assert services["gateway"]["command"] == [
         "gateway", "--host", "0.0.0.0", "--port", "8000", "--styler", "styler:50051", "--worker", "worker:50052",
+        "--served-model-name", "default",
     ]  # fmt: skip
     for name in ("styler", "worker"):
         assert services[name]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
@@ -106,21 +107,75 @@ def test_compose_health_checks_use_grpc_health(compose_all: dict[str, Any]) -> N
         assert test[:4] == ["CMD", "python", "-m", "services.common.healthcheck"], name
         port = test[4].rsplit(":", 1)[1]
         assert f"0.0.0.0:{port}" in services[name]["command"], f"{name} probes the port it listens on"
-    assert services["gateway"]["healthcheck"]["test"][-1] == "http://127.0.0.1:8000/health"
+    for gateway in ("gateway", "gateway-disagg"):
+        assert services[gateway]["healthcheck"]["test"][-1] == "http://127.0.0.1:8000/health"
 
 
 def test_compose_gateway_waits_for_healthy_backends(compose_all: dict[str, Any]) -> None:
-    depends = compose_all["services"]["gateway"]["depends_on"]
-    assert depends["styler"]["condition"] == "service_healthy"
-    assert depends["styler"].get("required", True) is True
-    for worker in ("worker", "worker-gpu", "prefill", "decode"):
-        assert depends[worker]["condition"] == "service_healthy"
+    services = compose_all["services"]
+    for gateway, workers in (
+        ("gateway", ("worker", "worker-gpu")),
+        ("gateway-disagg", ("prefill", "decode")),
+    ):
+        depends = services[gateway]["depends_on"]
+        assert depends["styler"]["condition"] == "service_healthy"
+        assert depends["styler"].get("required", True) is True
+        for worker in workers:
+            assert depends[worker]["condition"] == "service_healthy"
+
+
+def _option(command: list[str], flag: str) -> list[str]:
+    return [command[i + 1] for i, arg in enumerate(command) if arg == flag]
+
+
+def test_compose_disagg_profile_routes_to_its_workers() -> None:
+    """The disagg profile's prefill and decode workers have a gateway that routes to them (they
+    used to start with nothing sending them a request), and decode can reach prefill's FetchKV."""
+    services = compose_config("disagg")["services"]
+    routed = {
+        address.split(":")[0]: flag
+        for name, service in services.items()
+        if name.startswith("gateway")
+        for flag in ("--worker", "--prefill-worker", "--decode-worker")
+        for address in _option(service["command"], flag)
+    }
+    assert routed == {"worker": "--worker", "prefill": "--prefill-worker", "decode": "--decode-worker"}
+    gateway = services["gateway-disagg"]
+    assert _option(gateway["command"], "--prefill-worker") == ["prefill:50053"]
+    assert _option(gateway["command"], "--decode-worker") == ["decode:50054"]
+    assert gateway["profiles"] == ["disagg"]
+    assert [(p["published"], p["target"]) for p in gateway["ports"]] == [("8001", 8000)]
+    assert _option(services["prefill"]["command"], "--kv-advertise-address") == ["prefill:50053"]
+
+
+def test_compose_serves_the_model_name_the_examples_send(compose_all: dict[str, Any]) -> None:
+    """Every worker reports, and every gateway serves, the name README's compose example sends
+    (without --served-model-name the id would be the mount point's name, `model`)."""
+    names = {
+        name: _option(service["command"], "--served-model-name")
+        for name, service in compose_all["services"].items()
+        if (service.get("command") or [""])[0] in ("worker", "gateway")
+    }
+    assert set(names) == {"worker", "worker-gpu", "prefill", "decode", "gateway", "gateway-disagg"}
+    assert all(value == ["default"] for value in names.values()), names
+    examples = re.findall(r'"model" ?: ?"([^"]+)"', _compose_section(REPO_ROOT / "README.md"))
+    assert examples and set(examples) == {"default"}
+    renamed = compose_config(env={"TANDEM_SERVED_MODEL_NAME": "qwen"})["services"]
+    assert _option(renamed["gateway"]["command"], "--served-model-name") == ["qwen"]
+
+
+def _compose_section(readme: Path) -> str:
+    """The README's "Docker Compose" and `docker run` text (to the next heading of its level)."""
+    text = readme.read_text()
+    start = text.index("### Docker Compose")
+    end = text.find("\n### ", start + 1)
+    return text[start : end if end != -1 else None]
 
 
 def test_compose_only_the_gateway_is_published(compose_all: dict[str, Any]) -> None:
     published = {name for name, s in compose_all["services"].items() if s.get("ports")}
     # Grafana (monitoring profile only) is bound to 127.0.0.1 for the operator's browser.
-    assert published == {"gateway", "grafana"}
+    assert published == {"gateway", "gateway-disagg", "grafana"}
     (grafana_port,) = compose_all["services"]["grafana"]["ports"]
     assert grafana_port["host_ip"] == "127.0.0.1"
     assert [p["target"] for p in compose_all["services"]["gateway"]["ports"]] == [8000]
@@ -365,3 +420,12 @@ def test_prometheus_config_scrapes_every_service() -> None:
     config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     assert {"gateway:8000", "styler:9090", "worker:9090"} <= targets
+
+
+def test_prefill_pods_advertise_their_own_ip_for_fetchkv() -> None:
+    """A handle names where decode pods fetch the KV: 0.0.0.0 would become 127.0.0.1 (their own pod)."""
+    prefill = _deployments(_build_overlay("disaggregated"))["tandem-prefill"]
+    (container,) = prefill["spec"]["template"]["spec"]["containers"]
+    assert _arg(container["args"], "--kv-advertise-address") == "$(POD_IP):50053"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}

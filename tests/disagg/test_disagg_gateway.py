@@ -104,7 +104,7 @@ def stream_all(oai: OpenAI, max_tokens: int, kill: Any) -> list[str]:
 
 def test_disaggregated_gateway_matches_unified(stack: Processes) -> None:
     health = stack.wait_healthy("gw-disagg")
-    assert set(health["prefill_worker"]) == {stack.address("prefill")}
+    assert set(health["prefill_worker"]) == {"prefill_worker-0"}
     expected = complete_all(client(stack, "gw-unified"), 24)
     assert complete_all(client(stack, "gw-disagg"), 24) == expected
     assert "fetched KV" in stack.log("decode-0") + stack.log("decode-1")

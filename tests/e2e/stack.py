@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +95,14 @@ def http_status(url: str) -> int:
 class UpProcess:
     """`tandem up` in a subprocess; `wait_healthy` polls the gateway's /health."""
 
-    def __init__(self, model: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model: Path,
+        *args: str,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ):
         self.port = port or free_port()
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tandem-up-{self.port}.log"
         self.log = self.log_path.open("wb")
@@ -104,6 +112,7 @@ class UpProcess:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec_fn,
         )
         self.url = f"http://127.0.0.1:{self.port}"
 

@@ -117,5 +117,11 @@ class Stack:
     def kill(self, name: str) -> None:
         kill_process(self.procs[name])
 
+    def restart_gateway(self, timeout_s: float = 120.0) -> None:
+        """Stops the gateway (SIGTERM, drained) and starts it again on the same ports."""
+        stop_processes([self.procs.pop("gateway")])
+        self.start_gateway("gateway", self.port, [*self.gateway_args, "--grpc-port", str(self.grpc_port)])
+        self.wait_healthy(self.port, timeout_s, all_workers=True)
+
     def stop(self) -> None:
         stop_processes(list(self.procs.values()))

@@ -11,8 +11,9 @@ import pytest
 from gateway import deadline
 from gateway.admission import AdmissionGate
 from gateway.downstream import ToolCallDelta
-from gateway.errors import APIError, from_grpc
+from gateway.errors import APIError
 from gateway.execution import ChoiceUpdate, PromptRun, RequestRun
+from gateway.grpc_errors import from_grpc
 from gateway.responses import ChatResult, CompletionResult
 from gateway.router import PREFIX_CHUNK, Router
 from gateway.validation import parse_chat, parse_completion, parse_tokenize
@@ -181,3 +182,28 @@ def test_downstream_failure_after_the_deadline_is_a_timeout() -> None:
     assert under(60.0, internal).status == 502
     assert under(None, internal).status == 502
     assert under(0.001, invalid).status == 400  # the client's own mistake stays one
+
+
+def test_chat_message_shape_is_openais() -> None:
+    """No `tool_calls` key without calls, `refusal: null`, and `content: null` for an answer that is
+    all reasoning ("" only for an empty answer), as OpenAI sends them (issue 27)."""
+    run, prompt = _run()
+    for update, content in (
+        (ChoiceUpdate(0, prompt, reasoning="hmm", finish_reason="length"), None),
+        (ChoiceUpdate(0, prompt, finish_reason="stop"), ""),
+    ):
+        result = ChatResult("r1", "m", 0, 1, logprobs=False, parallel_tool_calls=True)
+        result.add(update)
+        message = result.response(run)["choices"][0]["message"]
+        assert message["content"] == content and message["refusal"] is None
+        assert "tool_calls" not in message
+
+
+def test_continuous_usage_stats_is_accepted() -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    params = parse_chat({"messages": MESSAGES, "stream": True, "stream_options": options}).params
+    assert params.continuous_usage and params.include_usage
+    assert not parse_chat({"messages": MESSAGES, "stream": True}).params.continuous_usage
+    with pytest.raises(APIError) as err:
+        parse_chat({"messages": MESSAGES, "stream": True, "stream_options": {"continuous_usage_stats": 1}})
+    assert err.value.param == "stream_options.continuous_usage_stats"

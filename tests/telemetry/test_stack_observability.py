@@ -13,7 +13,7 @@ import json
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -145,14 +145,26 @@ def test_one_trace_across_gateway_styler_and_worker(stack: Stack) -> None:
 def test_a_request_without_traceparent_starts_its_own_trace(stack: Stack) -> None:
     before = {s["trace_id"] for s in stack.spans()}
     stack.chat("Once upon a time")
-    time.sleep(0.5)
+
+    def complete() -> bool:
+        """The new trace's root and its styler and worker spans have all been exported."""
+        new = [s for s in stack.spans() if s["trace_id"] not in before]
+        roots = [s for s in new if s["service"] == "tandem-gateway" and s["kind"] == "SERVER"]
+        services = {s["service"] for s in new if roots and s["trace_id"] == roots[0]["trace_id"]}
+        return len(roots) >= 1 and services >= {"tandem-styler", "tandem-worker"}
+
+    _wait_until(complete, "the new trace's spans")
     new = [s for s in stack.spans() if s["trace_id"] not in before]
     roots = [s for s in new if s["service"] == "tandem-gateway" and s["kind"] == "SERVER"]
     assert len(roots) == 1 and roots[0]["parent_span_id"] is None
-    assert {s["service"] for s in new if s["trace_id"] == roots[0]["trace_id"]} >= {
-        "tandem-styler",
-        "tandem-worker",
-    }
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    """Polls a condition (exporters and interceptors record after the reply is sent)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def _families(url: str) -> set[str]:
@@ -250,6 +262,9 @@ def test_errors_are_counted_by_code(stack: Stack) -> None:
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Generate(worker_pb2.GenerateRequest(request_id="bad", prompt_token_ids=[])))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    after = _scrape(f"http://127.0.0.1:{stack.worker_metrics}/metrics")
     key = metrics.RPC_ERRORS + '{code="INVALID_ARGUMENT",method="Worker/Generate"}'
+    url = f"http://127.0.0.1:{stack.worker_metrics}/metrics"
+    # The server-side interceptor records the rpc after its status reached the client: wait for it.
+    _wait_until(lambda: _scrape(url).get(key, 0) >= before.get(key, 0) + 1, key)
+    after = _scrape(url)
     assert after.get(key, 0) == before.get(key, 0) + 1, [k for k in after if "error" in k]

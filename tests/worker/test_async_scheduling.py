@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from services.common.config import parse_config
-from services.worker import scheduler as scheduler_module
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.request import EngineRequest, SamplingParams
@@ -118,13 +117,6 @@ def _reference_run(model: Path, prompt: tuple[int, ...], params: SamplingParams)
     return _engine(model, "off").generate([list(prompt)], params)[0].token_ids[0]
 
 
-@pytest.fixture
-def continue_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prompt chunks and admissions are launched ahead too (the default; TANDEM_CONTINUE_PREFILL=0
-    turns it off)."""
-    monkeypatch.setattr(scheduler_module, "CONTINUE_PREFILL", True)
-
-
 @pytest.fixture(scope="module", params=["stories", "qwen2"])
 def model(request: pytest.FixtureRequest, stories_dir: Path, tiny_model_dirs: dict[str, Path]) -> Path:
     return stories_dir if request.param == "stories" else tiny_model_dirs["qwen2"]
@@ -178,7 +170,6 @@ def test_mixed_batch_with_stops_and_late_arrivals(model: Path) -> None:
     assert overlap.engine.num_discarded_rows >= 1  # "stop" was computed once more, then dropped
 
 
-@pytest.mark.usefixtures("continue_prefill")
 def test_prompt_chunks_and_admissions_are_launched_ahead(model: Path) -> None:
     """With a 16-token budget, long prompts arrive while others decode: the step launched ahead
     carries the decodes (ids from the device), the next chunk of a prompt being prefilled and
@@ -216,7 +207,6 @@ def test_prompt_chunks_and_admissions_are_launched_ahead(model: Path) -> None:
     assert engine.block_manager.num_used_blocks == 0 and engine._launched is None
 
 
-@pytest.mark.usefixtures("continue_prefill")
 def test_a_long_prompt_alone_is_chunked_ahead(model: Path) -> None:
     """A prompt of 3 budgets with nothing else running: each chunk is launched while the previous
     one runs (a step that samples nothing: every input id comes from the host)."""

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
 from worker_testlib import RefModel, prompts_of_lengths
 
-from services.worker import scheduler as scheduler_module
 from services.worker.engine import Engine
 from services.worker.request import EngineRequest, SamplingParams
 from services.worker.scheduler import SchedulerOutput
@@ -72,23 +70,15 @@ def _decode_in_flight(ref_models: dict[str, RefModel], max_num_seqs: int) -> tup
     return engine, prev
 
 
-def test_continuation_beside_waiting_requests(
-    ref_models: dict[str, RefModel], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_continuation_beside_waiting_requests(ref_models: dict[str, RefModel]) -> None:
     """Async scheduling plans the next step ahead while requests wait: decodes whose input ids are
     the in-flight step's tokens (prev_rows), as long as `schedule()` would admit nothing (no free
-    slot). Where it would, the continuation admits the same (a prompt chunk, ids from the host),
-    or with TANDEM_CONTINUE_PREFILL=0 leaves the step to `schedule()`."""
+    slot). Where it would, the continuation admits the same (a prompt chunk, ids from the host)."""
     engine, prev = _decode_in_flight(ref_models, max_num_seqs=2)
     nxt = engine.scheduler.schedule_continuation(prev)
     assert nxt is not None and [i.seq.request.request_id for i in nxt.scheduled] == ["r0", "r1"]
     assert nxt.prev_rows == [0, 1] and len(engine.scheduler.waiting) == 1
 
-    monkeypatch.setattr(scheduler_module, "CONTINUE_PREFILL", False)
-    engine, prev = _decode_in_flight(ref_models, max_num_seqs=3)
-    assert engine.scheduler.schedule_continuation(prev) is None
-
-    monkeypatch.setattr(scheduler_module, "CONTINUE_PREFILL", True)
     engine, prev = _decode_in_flight(ref_models, max_num_seqs=3)
     nxt = engine.scheduler.schedule_continuation(prev)
     assert nxt is not None and [i.seq.request.request_id for i in nxt.scheduled] == ["r0", "r1", "r2"]

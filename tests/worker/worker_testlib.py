@@ -75,11 +75,40 @@ def _tiny_mistral() -> Any:
     return MistralForCausalLM(MistralConfig(**TINY, num_hidden_layers=2, sliding_window=None))
 
 
+def _tiny_qwen3_moe() -> Any:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    # 3 layers, the middle one dense (mlp_only_layers): both feed-forward kinds in one model
+    cfg = Qwen3MoeConfig(
+        **TINY,
+        num_hidden_layers=3,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+    )
+    return Qwen3MoeForCausalLM(cfg)
+
+
+def _tiny_mixtral() -> Any:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        **TINY, num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=None
+    )
+    return MixtralForCausalLM(cfg)
+
+
 TINY_BUILDERS: dict[str, Callable[[], Any]] = {
     "llama": _tiny_llama,
     "qwen2": _tiny_qwen2,
     "qwen3": _tiny_qwen3,
     "mistral": _tiny_mistral,
+    "qwen3_moe": _tiny_qwen3_moe,
+    "mixtral": _tiny_mixtral,
 }
 
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from services.worker.model_config import ModelConfigError
 from services.worker.models.llama import LlamaForCausalLM
+from services.worker.models.mixtral import MixtralForCausalLM
 from services.worker.models.qwen2 import Qwen2ForCausalLM
 from services.worker.models.qwen3 import Qwen3ForCausalLM
+from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -12,7 +12,7 @@ computed by the ops that read the raw residual stream; the two RMSNorm kernels o
 
 from __future__ import annotations
 
-import os
+from services.common import switches
 from typing import cast
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from kernels import KernelOps
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
 from services.worker.layers.linear import Linear
+from services.worker.layers.moe import SparseMoeBlock
 from services.worker.model_config import ModelConfig
 
 # Steps of at most this many tokens take the folded forward (the CUDA-graph logits ladder's top).
@@ -123,11 +124,16 @@ class MLP(nn.Module):
         return self.down_proj.linear_add(act, residual=h)
 
 
+def make_mlp(cfg: ModelConfig, ops: KernelOps, layer: int) -> MLP | SparseMoeBlock:
+    """The layer's feed-forward block: dense, or a sparse mixture of experts (Qwen3-MoE, Mixtral)."""
+    return SparseMoeBlock(cfg, ops) if cfg.is_moe_layer(layer) else MLP(cfg, ops)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int = 0) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, ops)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = make_mlp(cfg, ops, layer)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -146,6 +152,7 @@ class DecoderLayer(nn.Module):
     def forward_folded(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Residual stream in -> residual stream out, both norms folded (their weights are ones)."""
         h = self.self_attn.forward_folded(h, self.input_layernorm.eps, meta)
+        assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
         return self.mlp.forward_folded(h, self.post_attention_layernorm.eps)
 
     @torch.no_grad()
@@ -153,6 +160,7 @@ class DecoderLayer(nn.Module):
         """qkv_proj.weight *= input_layernorm.weight[None, :], gate_up_proj.weight *=
         post_attention_layernorm.weight[None, :] (fp32 products, rounded once), then both norm
         weights := 1 so that nothing can apply them twice."""
+        assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
         for norm, proj in (
             (self.input_layernorm, self.self_attn.qkv_proj),
             (self.post_attention_layernorm, self.mlp.gate_up_proj),
@@ -168,7 +176,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
         # gate_up_proj (the layer norms' weights are then ones).
@@ -178,8 +186,8 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(input_ids)
         # The folded forward is for decode-sized steps, where it removes launches. Larger steps run
         # the unfolded forward, which is the same function here (its norms multiply by ones, the
-        # projections carry their weights): on an H200 the folded one measured slower for batch-256
-        # decode (cuBLAS with beta = 1, the SiLU op re-reading h per chunk; docs/gpu.md round 5).
+        # projections carry their weights): the folded one measured slower for large-batch decode
+        # (cuBLAS with beta = 1, the SiLU op re-reading h per chunk; docs/gpu.md round 5).
         if self.norms_folded and input_ids.shape[0] <= FOLDED_MAX_TOKENS:
             for layer in self.layers:
                 hidden = cast(DecoderLayer, layer).forward_folded(hidden, meta)
@@ -196,6 +204,8 @@ class LlamaForCausalLM(nn.Module):
     """input ids [T] + metadata -> hidden states [T, hidden]; `compute_logits` on the rows to sample."""
 
     stacked_params = STACKED_PARAMS
+    # (checkpoint substring, parameter substring): names that differ only in a module's name
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
@@ -223,7 +233,7 @@ class LlamaForCausalLM(nn.Module):
         fp16's range where the normalised activations never do. bf16 and fp32 have fp32's range),
         and the model has no qkv bias and no q/k norms: only then does a decode step lose both norm
         launches (the input norm's scale moves into the attention kernel, which must apply it
-        before a bias or a q/k norm). Qwen2 / Qwen3 would keep one norm launch, and on an H200 the
+        before a bias or a q/k norm). Qwen2 / Qwen3 would keep one norm launch, and on the GPU the
         fold's different bf16 rounding (W * g rounded once) made Qwen3's free-running greedy
         output drift from transformers' more than the unfolded model's (tests/kernels/test_engine_gpu.py)."""
         cfg = self.config
@@ -231,16 +241,17 @@ class LlamaForCausalLM(nn.Module):
             self.ops.folds_norms
             and not cfg.attention_bias
             and not cfg.qk_norm
+            and not cfg.num_experts  # the folded forward has no MoE path
             and self.model.embed_tokens.weight.dtype != torch.float16
-            and os.environ.get("TANDEM_FOLD_NORMS", "1") != "0"  # A/B switch (benchmarks/pdl_decode_run.sh)
+            and switches.FOLD_NORMS.value  # TANDEM_FOLD_NORMS=0: separate norms (services/common/switches.py)
         )
 
     def fold_norms(self) -> bool:
         """Fold each layer's two RMSNorm weights into the projection after it (exact algebra:
         W (g * n) = (W diag g) n), once, after the weights are loaded; True if it did.
 
-        Why: in a batch-1 decode step of Llama-3.1-8B on an H200 the two RMSNorm launches per
-        layer cost ~146 us of a 4.5 ms step (64 launches of ~2.3 us). Folded, the qkv projection
+        Why: in a batch-1 decode step the two RMSNorm launches per layer are a visible share of the
+        step (figures in docs/gpu.md, round 5). Folded, the qkv projection
         takes the raw residual stream and scales each row by its 1/rms (`linear_rms_norm`),
         o_proj and down_proj add into the residual stream (`linear_add`), and the SiLU op scales
         gate/up by the row's 1/rms (`silu_and_mul_rms`). The final `model.norm` stays (lm_head may

@@ -1,0 +1,87 @@
+"""`KernelOps`: the interface of a kernel bundle (one implementation per backend).
+
+Its own module so that a backend package (`kernels/triton/`) can build a bundle without importing
+`kernels/__init__.py`, which picks the backend and so imports the backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kernels import reference
+
+
+@dataclass(frozen=True)
+class KernelOps:
+    """A bundle of kernel implementations; the comments give each signature."""
+
+    name: str  # "reference" | "triton"
+    # (key [T, Hkv, D], value [T, Hkv, D], kv_cache_layer [2, NB, BS, Hkv, D], slot_mapping [T] int64, -1 = skip)
+    write_kv_cache: Callable[..., None]
+    # (q [T, Hq, D], kv_cache_layer, block_tables [B, max_blocks] int32, cu_seqlens_q [B+1] int32,
+    #  seq_lens [B] int32, scale, max_seqlen_q, num_decode_rows=0) -> [T, Hq, D]; num_decode_rows:
+    #  sequences [0, k) have one new token each (token i = sequence i), a hint for mixed steps
+    paged_attention: Callable[..., torch.Tensor]
+    rms_norm: Callable[..., torch.Tensor]  # (x [T, H], weight [H], eps) -> [T, H]
+    # (x [T, H], residual [T, H], weight [H], eps) -> (normed [T, H], x + residual [T, H])
+    fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # (q [T, Hq, D], k [T, Hkv, D], positions [T] int64, cos_sin_cache [max_pos, D]) -> (q, k)
+    rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_and_mul: Callable[..., torch.Tensor]  # (x [T, 2*I]) -> [T, I]
+    # (head_dim) -> whether a decode step built from these ops may be captured in a CUDA graph
+    # (no host synchronisation inside; the reference attention reads sequence lengths on the host)
+    graph_capturable: Callable[[int], bool] = lambda head_dim: False
+    # Optional fusions (None: the model composes the ops above, exactly as before; the CPU path).
+    # (q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D], kv_cache_layer, slot_mapping [T], positions [T],
+    #  cos_sin_cache) -> rotated q [T, Hq, D]; rotated K and V written to their slots
+    rotary_write_kv_cache: Callable[..., torch.Tensor] | None = None
+    # (q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache, block_tables, cu_seqlens_q,
+    #  seq_lens, scale, max_seqlen_q, rms_input=None, rms_eps=0.0, num_decode_rows=0) -> [T, Hq, D]:
+    #  `rotary_write_kv_cache` then `paged_attention`
+    #  (a decode step does all of it in one kernel)
+    rotary_write_attention: Callable[..., torch.Tensor] | None = None
+    # (max_seqlen_q, head_dim, dtype, num_tokens) -> whether `rotary_write_attention(..., rms_input=h,
+    # rms_eps)` applies h's RMS scale inside its one decode kernel (a folded model then skips the norm)
+    attention_scales_rms: Callable[[int, int, torch.dtype, int], bool] = lambda *args: False
+    # (x [T, K], weight [N, K], bias [N] | None, early_signal=False) -> [T, N]: F.linear, or a
+    # skinny-GEMM kernel for small T where `tune_linear` measured it faster on this GPU (which, with
+    # early_signal, lets the next kernel launch while it runs: kernels/triton/pdl.py)
+    linear: Callable[..., torch.Tensor] | None = None
+    # (weights: list of [N, K] tensors of one shape, bias or None, max_rows) -> report lines: times
+    # F.linear against the kernel for T = 1, 2, 4, ... max_rows and remembers the faster per shape
+    tune_linear: Callable[..., list[str]] | None = None
+    # (logits [R, V]) -> [R] int64, torch.argmax(logits, -1) (greedy rows of a decode graph)
+    argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # "Folded RMSNorm" decode path: with all three below (and a dtype other than fp16) the loader
+    # folds each layer's two norm weights into the next projection (W' = W * g[None, :]) and the
+    # layer's two RMSNorm kernels disappear (launches that weigh in a batch-1 step; docs/gpu.md);
+    # the per-row 1/rms is computed by the kernels that read the raw residual stream instead.
+    # All fp32 math, one rounding to the input dtype at the end.
+    # (x [T, K], weight [N, K], bias [N] | None, eps) -> [T, N]:
+    #   F.linear(x * rsqrt(mean(x**2, -1) + eps), weight, bias) (an RMSNorm with no weight, then linear)
+    linear_rms_norm: Callable[..., torch.Tensor] | None = None
+    # (x [T, K], weight [N, K], bias [N] | None, residual [T, N]) -> [T, N]:
+    #   residual + F.linear(x, weight, bias), a new tensor (residual is not written)
+    linear_add: Callable[..., torch.Tensor] | None = None
+    # (gate_up [T, 2*I], x [T, H], eps) -> [T, I]: with s = rsqrt(mean(x**2, -1) + eps) per row,
+    #   silu(s * gate_up[:, :I]) * (s * gate_up[:, I:])
+    silu_and_mul_rms: Callable[..., torch.Tensor] | None = None
+    # (x [T, K], weight [2*I, K], bias [2*I] | None, rms_eps: float | None) -> [T, I]: the gate/up
+    #   projection and SiLU-and-mul (`silu_and_mul`, or `silu_and_mul_rms(gate_up, x, rms_eps)`);
+    #   one kernel for decode-sized inputs where measured faster (fp32 gate/up, not rounded between)
+    linear_silu_and_mul: Callable[..., torch.Tensor] | None = None
+    # (x [T, H], w13 [E, 2*I, H], w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k]) -> [T, H]:
+    #   a mixture-of-experts feed-forward over each token's routed experts (Qwen3-MoE, Mixtral)
+    fused_moe: Callable[..., torch.Tensor] = reference.fused_moe
+
+    @property
+    def folds_norms(self) -> bool:
+        """Whether the bundle has the three ops of the folded-RMSNorm decode path."""
+        return (
+            self.linear_rms_norm is not None
+            and self.linear_add is not None
+            and self.silu_and_mul_rms is not None
+        )

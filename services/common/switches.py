@@ -1,0 +1,147 @@
+"""Environment switches: the `TANDEM_*` variables that are not command-line options.
+
+Options (`--model`, `--kv-cache-dtype`, ...) each read `TANDEM_<OPTION>` through the config system
+(config.py); those are not switches. A switch is for what has no option because it is read where
+no config reaches (a kernel module at import, the healthcheck command of an image) or is a
+kill switch for an operator. Every one is declared here, once, with its type, default and why it
+exists; `tandem worker --list-switches` prints this table, and docs/worker.md repeats it.
+
+A switch's `value` is read from the environment once per process (on first use). Kernels import
+this module too: it imports nothing of tandem's.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+_TRUE = ("1", "true", "on", "yes")
+_FALSE = ("0", "false", "off", "no")
+
+
+class SwitchError(ValueError):
+    """A switch set to a value its type does not take."""
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
+
+
+def _parse_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("expected a positive number of seconds")
+    return value
+
+
+@dataclass(frozen=True)
+class Switch(Generic[T]):
+    name: str  # the environment variable
+    type_name: str  # "bool", "path", ... as the table shows it
+    default: T
+    reason: str  # one line: why this is a switch (and why it stays)
+    parse: Callable[[str], T]
+
+    def read(self, env: Mapping[str, str] | None = None) -> T:
+        """The value in `env` (default os.environ); unset or empty: the default."""
+        raw = (os.environ if env is None else env).get(self.name, "")
+        if raw == "":
+            return self.default
+        try:
+            return self.parse(raw)
+        except ValueError as exc:
+            raise SwitchError(f"{self.name}={raw!r}: {exc}") from None
+
+    @functools.cached_property
+    def value(self) -> T:
+        """The process's value, read from os.environ once."""
+        return self.read()
+
+
+PDL: Switch[bool] = Switch(
+    "TANDEM_PDL",
+    "bool",
+    True,
+    "kill switch for programmatic dependent launch (kernels/triton/pdl.py), a Hopper feature that "
+    "depends on driver and Triton; 0 runs every kernel as a plain launch (and is the A/B baseline "
+    "of benchmarks/pdl_decode_run.sh)",
+    _parse_bool,
+)
+FOLD_NORMS: Switch[bool] = Switch(
+    "TANDEM_FOLD_NORMS",
+    "bool",
+    True,
+    "folding the layer norms into qkv/gate_up rounds W*g once, so logits differ slightly from the "
+    "checkpoint's own forward; 0 keeps the norms separate (exact comparisons, numerics bisection)",
+    _parse_bool,
+)
+TRACE_FILE: Switch[str] = Switch(
+    "TANDEM_TRACE_FILE",
+    "path",
+    "",
+    "debugging and tests: also append every finished span as one JSON line to this file (the "
+    "OTEL_* variables, read by the OpenTelemetry SDK, choose the real exporters)",
+    str,
+)
+HEALTHCHECK_TARGET: Switch[str] = Switch(
+    "TANDEM_HEALTHCHECK_TARGET",
+    "address",
+    "",
+    "what `python -m services.common.healthcheck` probes when run by an image's HEALTHCHECK, which "
+    "passes no arguments; empty: found from the service's own command line",
+    str,
+)
+HEALTHCHECK_TIMEOUT: Switch[float] = Switch(
+    "TANDEM_HEALTHCHECK_TIMEOUT",
+    "seconds",
+    3.0,
+    "how long that healthcheck waits for an answer (an image's HEALTHCHECK passes no arguments)",
+    _parse_seconds,
+)
+
+SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
+    PDL,
+    FOLD_NORMS,
+    TRACE_FILE,
+    HEALTHCHECK_TARGET,
+    HEALTHCHECK_TIMEOUT,
+)
+
+
+def read_all() -> None:
+    """Read every switch of this process now; raises SwitchError naming the first bad one."""
+    for switch in SWITCHES:
+        _ = switch.value
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value) if value != "" else "(unset)"
+
+
+def table(env: Mapping[str, str] | None = None) -> str:
+    """The switches as a plain-text table: name, type, default, the value in `env`, and why."""
+    env = os.environ if env is None else env
+    rows = [("switch", "type", "default", "now", "why")]
+    for switch in SWITCHES:
+        try:
+            now = _shown(switch.read(env))
+        except SwitchError as exc:
+            now = f"invalid ({exc})"
+        rows.append((switch.name, switch.type_name, _shown(switch.default), now, switch.reason))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        for row in rows
+    )

@@ -1,0 +1,44 @@
+"""A sparse mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral).
+
+    router logits = x @ gate.T                       [T, E]
+    weights, ids  = top-k of softmax(logits) (fp32)  [T, k]  (renormalised when norm_topk_prob)
+    out           = ops.fused_moe(x, w13, w2, weights, ids)
+
+The experts' weights are stacked per projection: `w13` [E, 2*I, H] holds each expert's gate and
+up rows (as the dense MLP's fused gate_up_proj), `w2` [E, H, I] its down projection. The loader
+maps the checkpoint's per-expert tensors into them (`experts.{e}.gate_proj` / `w1` -> w13[e, :I],
+`up_proj` / `w3` -> w13[e, I:], `down_proj` / `w2` -> w2[e]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import KernelOps
+from services.worker.layers.linear import Linear
+from services.worker.model_config import ModelConfig
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+        super().__init__()
+        self.ops = ops
+        self.top_k = cfg.num_experts_per_tok
+        self.norm_topk_prob = cfg.norm_topk_prob
+        inter = cfg.moe_intermediate_size
+        self.gate = Linear(ops, cfg.hidden_size, cfg.num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(cfg.num_experts, 2 * inter, cfg.hidden_size))
+        self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, inter))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] fp32, expert ids [T, k]) of each token."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
+        weights, ids = self.route(x)
+        return self.ops.fused_moe(x, self.w13, self.w2, weights, ids)
