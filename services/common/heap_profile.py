@@ -18,12 +18,12 @@ import tracemalloc
 from pathlib import Path
 from types import FrameType
 
-ENV = "TANDEM_HEAP_PROFILE"
+from services.common.switches import HEAP_PROFILE
 
 
 def install_from_env() -> None:
     """Start tracing and snapshot on SIGUSR2 when TANDEM_HEAP_PROFILE names a directory."""
-    directory = os.environ.get(ENV, "")
+    directory = HEAP_PROFILE.value
     if not directory or not hasattr(signal, "SIGUSR2"):
         return
     out = Path(directory)
