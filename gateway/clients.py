@@ -228,6 +228,7 @@ class StylerClient:
             max_model_len=r.max_model_len,
             tool_parser=r.tool_parser,
             reasoning_parser=r.reasoning_parser,
+            max_token_bytes=r.max_token_bytes,
         )
 
     async def render(
@@ -393,6 +394,7 @@ class WorkerClient:
         first_choice_index: int = 0,
         generated_token_ids: Sequence[int] = (),
         kv_source: KVSource | None = None,
+        group_id: str = "",
     ) -> AsyncIterator[GenerateChunk]:
         """The worker's Generate stream; closing the iterator early cancels the rpc (= abort).
         `generated_token_ids` resumes a request (they are not streamed again); `kv_source` pulls
@@ -403,6 +405,7 @@ class WorkerClient:
             sampling=_sampling_to_proto(sampling),
             first_choice_index=first_choice_index,
             generated_token_ids=list(generated_token_ids),
+            group_id=group_id,
         )
         if kv_source is not None:
             message.kv_source.CopyFrom(

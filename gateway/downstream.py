@@ -141,6 +141,7 @@ class StylerInfo:
     max_model_len: int
     tool_parser: str
     reasoning_parser: str
+    max_token_bytes: int = 0  # most prompt-text bytes one token stands for (0 = no bound)
 
 
 @dataclass(frozen=True)

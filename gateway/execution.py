@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 
 SYSTEM_FINGERPRINT = "tandem-0.1.0"
 
+# Styler calls one request makes at once while tokenizing its prompts (a long prompt list is
+# fanned out this many at a time, not all at once).
+TOKENIZE_CONCURRENCY = 8
+
+# How long a request whose choices are all done waits for its worker and styler streams to end
+# by themselves before cancelling them.
+STREAM_END_TIMEOUT_S = 5.0
+
 
 @dataclass(frozen=True)
 class LogprobItem:
@@ -141,6 +149,43 @@ class Executor:
             )
         return served
 
+    def check_num_sequences(self, num_prompts: int, n: int) -> int:
+        """prompts x n (the sequences the workers schedule); 400 past --max-sequences-per-request."""
+        cap = self.ctx.limits.max_sequences_per_request
+        if num_prompts * n > cap:
+            raise invalid(
+                f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences; at "
+                f"most {cap} are allowed (--max-sequences-per-request)",
+                "prompt" if num_prompts > 1 else "n",
+            )
+        return num_prompts * n
+
+    def min_prompt_tokens(self, prompt: str | tuple[int, ...]) -> int:
+        """The fewest tokens `prompt` can have, known without tokenizing it: a text of B bytes has
+        at least B / (the most bytes a token stands for, from the styler's Info). 400 when that
+        is already too long for the context or --max-prompt-tokens."""
+        if not isinstance(prompt, str):
+            fewest = len(prompt)
+        else:
+            info = self.ctx.stylers.info
+            per_token = info.max_token_bytes if info is not None else 0
+            num_bytes = len(prompt.encode("utf-8", "surrogatepass"))
+            fewest = -(-num_bytes // per_token) if per_token else min(num_bytes, 1)
+        limit = self.ctx.limits.max_prompt_tokens
+        context = self.ctx.max_model_len
+        if limit and fewest > limit:
+            raise invalid(
+                f"the prompt has at least {fewest} tokens; at most {limit} are allowed (--max-prompt-tokens)",
+                "prompt",
+            )
+        if context and fewest >= context:
+            raise invalid(
+                f"this model's maximum context length is {context} tokens, and the prompt has at least "
+                f"{fewest} tokens",
+                "prompt",
+            )
+        return fewest
+
     async def render_chat(self, req: ChatRequest) -> PromptRun:
         try:
             rendered = await self.ctx.stylers.call(
@@ -162,9 +207,12 @@ class Executor:
         return PromptRun(token_ids=rendered.token_ids, text=rendered.prompt, opens_reasoning=opens)
 
     async def tokenize_prompts(self, req: CompletionRequest) -> list[PromptRun]:
+        slots = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
+
         async def one(prompt: str | tuple[int, ...]) -> PromptRun:
             if isinstance(prompt, str):
-                ids = await self.ctx.stylers.call(lambda c: c.tokenize(prompt, req.add_special_tokens))
+                async with slots:
+                    ids = await self.ctx.stylers.call(lambda c: c.tokenize(prompt, req.add_special_tokens))
                 return PromptRun(token_ids=ids, text=prompt)
             return PromptRun(token_ids=prompt, text=None)
 
@@ -333,10 +381,13 @@ class Executor:
             if deltas:
                 await session.send(deltas)
 
+        # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
+        stream = PromptStream(
+            ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index, run.request_id
+        )
+
         async def write() -> None:
             try:
-                # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
-                stream = PromptStream(ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index)
                 last_chunk_at: list[float] = []
                 async for chunk in stream.chunks():
                     await on_chunk(chunk, last_chunk_at)
@@ -364,6 +415,7 @@ class Executor:
         reader = asyncio.create_task(read())
         consumed: dict[int, int] = dict.fromkeys(indices, 0)
         done: set[int] = set()
+        stopped_early = False  # a stop string ended a choice the worker was still generating
         try:
             while len(done) < n:
                 item = await events.get()
@@ -398,6 +450,19 @@ class Executor:
             for i in indices:  # the styler closed without finishing a choice (should not happen)
                 if i not in done:
                     yield ChoiceUpdate(index=i, prompt=prompt, finish_reason=worker_finish.get(i, "stop"))
+            # Every choice is done: let the streams end on their own rather than cancel them.
+            # grpcio leaks the native op array of a read in flight when its call is cancelled, on
+            # both ends (grpc/grpc#43360): a slow leak per request otherwise.
+            if all(i in worker_finish for i in indices):
+                # The worker closes its stream, the writer then half-closes the styler's, and
+                # the styler ends it.
+                await asyncio.wait([writer, reader], timeout=STREAM_END_TIMEOUT_S)
+            else:
+                stopped_early = True
+                if await stream.abort():
+                    # A stop string ended them: the worker aborts the request and ends its
+                    # stream, then the writer half-closes the styler's as above.
+                    await asyncio.wait([writer, reader], timeout=STREAM_END_TIMEOUT_S)
         finally:
             writer.cancel()
             reader.cancel()
@@ -405,7 +470,7 @@ class Executor:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             session.cancel()
-            stopped_early = any(worker_finish.get(i) is None for i in indices)
+            stopped_early = stopped_early or any(worker_finish.get(i) is None for i in indices)
             if worker_usage and not stopped_early:
                 prompt.completion_tokens = worker_usage[0]
             else:

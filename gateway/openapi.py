@@ -264,12 +264,18 @@ def _template_options() -> dict[str, Any]:
 
 
 def _schemas(limits: Limits) -> dict[str, Any]:
+    most = limits.max_sequences_per_request  # prompts x n: the prompts alone at n = 1
     prompt = {
         "anyOf": [
             {"type": "string", "minLength": 1},
-            {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+            {"type": "array", "minItems": 1, "maxItems": most, "items": {"type": "string", "minLength": 1}},
             {"type": "array", "minItems": 1, "items": _TOKEN_ID},
-            {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID}},
+            {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": most,
+                "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+            },
         ]
     }
     messages = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/ChatMessage"}}

@@ -77,7 +77,9 @@ async def chat(
 ) -> AsyncIterator[Job]:
     executor = Executor(ctx, chat=True)
     model = executor.check_model(req.model)
-    async with ctx.gate.admit() as admission:
+    executor.check_num_sequences(1, req.params.n)
+    # Admission before rendering: a full queue refuses at once (the prompt has at least a token).
+    async with ctx.gate.admit(req.params.n, min_tokens=1) as admission:
         prompt = await executor.render_chat(req)
         sampling = executor.sampling(req.params, len(prompt.token_ids))
         admission.add_tokens(len(prompt.token_ids))
@@ -122,7 +124,11 @@ async def completion(
 ) -> AsyncIterator[Job]:
     executor = Executor(ctx, chat=False)
     model = executor.check_model(req.model)
-    async with ctx.gate.admit() as admission:
+    num_sequences = executor.check_num_sequences(len(req.prompts), req.params.n)
+    # What needs no tokens is refused before tokenizing: too many sequences, a prompt too long
+    # by its bytes alone, a token queue that its fewest possible tokens overflow.
+    min_tokens = sum(executor.min_prompt_tokens(p) for p in req.prompts)
+    async with ctx.gate.admit(num_sequences, min_tokens) as admission:
         prompts = await executor.tokenize_prompts(req)
         executor.check_token_ids(prompts)
         want_prompt_logprobs = req.echo and req.params.logprobs is not None

@@ -69,9 +69,11 @@ class PromptStream:
         prompt_token_ids: Sequence[int],
         sampling: Sampling,
         first_choice_index: int = 0,
+        group_id: str = "",
     ) -> None:
         self.ctx = ctx
         self.request_id = request_id
+        self.group_id = group_id  # the worker scheduler's fairness group (the gateway request)
         self.prompt_token_ids = tuple(prompt_token_ids)
         self.sampling = sampling
         self.choices = {i: _Choice(i) for i in range(first_choice_index, first_choice_index + sampling.n)}
@@ -80,6 +82,7 @@ class PromptStream:
         self.prompt_logprobs_sent = False
         self.num_legs = 0
         self.num_resumed = 0
+        self._leg: tuple[WorkerState, str] | None = None  # the Generate stream now open: worker, id
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
         try:
@@ -179,15 +182,18 @@ class PromptStream:
         kv_source: KVSource | None,
     ) -> AsyncIterator[GenerateChunk]:
         self.ctx.metrics.worker_requests.labels(worker=self.ctx.label(worker.name, worker.address)).inc()
+        leg_id = self._leg_id()
+        self._leg = (worker, leg_id)
         try:
             with self.ctx.router.track(worker):
                 async for chunk in worker.client.generate(
-                    self._leg_id(),
+                    leg_id,
                     self.prompt_token_ids,
                     sampling,
                     first_choice_index,
                     generated_token_ids=generated,
                     kv_source=kv_source,
+                    group_id=self.group_id,
                 ):
                     noted = self._note(chunk)
                     if noted is not None:
@@ -196,6 +202,21 @@ class PromptStream:
             if exc.code() in RETRYABLE:
                 self._failed(worker)
             raise
+        finally:
+            self._leg = None
+
+    async def abort(self) -> bool:
+        """Ask the worker to abort the open Generate stream (which then ends by itself, its
+        choices finished "abort") instead of cancelling the call; False when there is none or
+        the Abort rpc failed (the caller cancels then)."""
+        if self._leg is None:
+            return False
+        worker, leg_id = self._leg
+        try:
+            await worker.client.abort([leg_id])
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     # ---- disaggregated prefill + decode ------------------------------------------------------
 

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common import telemetry
+from services.common import heap_profile, telemetry
 from services.common.drain import DrainInterceptor
 from services.common.metrics import GrpcMetricsInterceptor, start_metrics_server
 from services.common.reflection import enable_server_reflection
@@ -217,6 +217,7 @@ def raise_open_file_limit() -> None:
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     """Run an async service main on uvloop and return exit status 0 after a graceful stop."""
+    heap_profile.install_from_env()
     raise_open_file_limit()
     install_event_loop_policy()
     asyncio.run(main())

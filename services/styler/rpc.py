@@ -116,6 +116,7 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
             max_model_len=info.max_model_len,
             tool_parser=info.tool_parser,
             reasoning_parser=info.reasoning_parser,
+            max_token_bytes=info.max_token_bytes,
         )
 
 

@@ -54,6 +54,7 @@ class StylerInfo:
     max_model_len: int
     tool_parser: str
     reasoning_parser: str
+    max_token_bytes: int = 0  # most input-text bytes per token (0 = no bound)
 
 
 @dataclass(frozen=True)
@@ -151,4 +152,5 @@ class Styler:
             max_model_len=tok.max_model_len,
             tool_parser=self.tool_parser,
             reasoning_parser=self.reasoning_parser,
+            max_token_bytes=tok.max_token_bytes,
         )

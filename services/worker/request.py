@@ -57,6 +57,8 @@ class EngineRequest:
     # Disaggregated prefill: after the first token, keep the prompt's KV blocks under a handle for
     # a decode worker (kv_transfer.py) instead of decoding on.
     hold_kv: bool = False
+    # Fairness group of the scheduler (the prompts of one gateway request share one); "" = its own.
+    group_id: str = ""
     # sampling.guided compiled for this worker's tokenizer (the gRPC servicer compiles it off the
     # engine thread; Engine.add_request compiles it when missing)
     grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
@@ -262,6 +264,11 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         """Prompt logprobs were asked for and are not all computed yet (no prefix cache then)."""
         return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len - 1
+
+    @property
+    def group(self) -> str:
+        """The scheduler's fairness group: requests sharing one take turns with the others."""
+        return self.req.group_id or self.req.request_id
 
     @property
     def parked(self) -> list[Sequence]:

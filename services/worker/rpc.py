@@ -106,6 +106,7 @@ def request_from_pb(msg: worker_pb2.GenerateRequest) -> EngineRequest:
         sampling=sampling_from_pb(msg.sampling),
         generated_token_ids=tuple(msg.generated_token_ids),
         first_choice_index=msg.first_choice_index,
+        group_id=msg.group_id,
     )
 
 
