@@ -25,8 +25,8 @@ import aiohttp
 import grpc
 import pytest
 
-from tests.gateway.tiny_qwen3 import write_tiny_qwen3
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.gateway.tiny_qwen3 import write_tiny_qwen3
 
 from .rstack import ReliabilityStack
 
