@@ -102,8 +102,10 @@ def llg_tokenizer(tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]
     """
     data = json.loads(tokenizer_json)
     keep = set(eos_token_ids)
+    vocab = (data.get("model") or {}).get("vocab")
+    in_model = set(vocab) if isinstance(vocab, dict) else set()  # renaming these would add a token
     for token in data.get("added_tokens") or ():
-        if token.get("id") not in keep:
+        if token.get("id") not in keep and token.get("content") not in in_model:
             token["content"] = f"\ufffe<tandem-unreachable-{token.get('id')}>\ufffe"
     return llguidance.LLTokenizer(json.dumps(data), n_vocab=vocab_size, eos_token=eos_token_ids or None)
 
