@@ -10,7 +10,11 @@
                client sees each token once. Seeded sampling is a function of (seed, choice index,
                output position), so the resumed tokens are the ones the first worker would have
                drawn. With n > 1 each unfinished choice resumes as its own request
-               (first_choice_index keeps its index and seed stream).
+               (first_choice_index keeps its index and seed stream). A request moves at most
+               MAX_RESUMES times: one that kills its workers costs two, not the fleet.
+    statuses   only a worker that is gone (UNAVAILABLE) leaves the rotation; a full worker
+               (RESOURCE_EXHAUSTED) is skipped for this request (none left: 429); any other
+               status describes this request and fails it alone (see WORKER_GONE below).
 
 The usage of the legs is folded into one final chunk: completion tokens over every leg, cached
 prompt tokens from the leg that computed the prompt.
