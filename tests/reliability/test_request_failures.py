@@ -28,7 +28,7 @@ import pytest
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.gateway.tiny_qwen3 import write_tiny_qwen3
 
-from .rstack import ReliabilityStack
+from .rstack import ReliabilityStack, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -154,3 +154,28 @@ async def test_worker_refuses_past_its_admission_limit(qwen3_stack: ReliabilityS
     assert codes.count("OK") >= 4 and "RESOURCE_EXHAUSTED" in codes, codes
     assert all("--max-pending-requests 4" in details for code, details in results if code != "OK")
     print(json.dumps({c: codes.count(c) for c in set(codes)}))
+
+
+async def test_gateway_takes_a_full_worker_as_back_pressure(qwen3_stack: ReliabilityStack) -> None:
+    """A gateway whose only worker is the limited one: past its limit the clients get 429 (not
+    503 or 500) and the worker is never taken out of rotation. Runs after the test above."""
+    address = f"unix:{qwen3_stack.run_dir}/worker-limited.sock"
+    assert "worker-limited" in qwen3_stack.procs, "needs test_worker_refuses_past_its_admission_limit"
+    port = free_port()
+    qwen3_stack.start_gateway("gateway-limited", port, workers=[address])
+    qwen3_stack.wait_healthy(port, 120, all_workers=True)
+    body = {"prompt": "Hello there", "max_tokens": 16, "ignore_eos": True, "temperature": 0}
+
+    async def one(session: aiohttp.ClientSession) -> int:
+        async with session.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as reply:
+            answer = await reply.json()
+            if reply.status == 429:  # the worker's refusal, not the gateway's own --max-waiting
+                assert reply.headers.get("Retry-After") == "1"
+                assert answer["error"]["message"] == "every worker is at capacity; retry shortly", answer
+            return reply.status
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        statuses = await asyncio.gather(*(one(session) for _ in range(24)))
+    assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
+    log = (qwen3_stack.run_dir / "gateway-limited.log").read_text()
+    assert "failed; taken out of rotation" not in log
