@@ -69,6 +69,8 @@ class WorkerConfig(ServiceConfig):
     """Prefill role: seconds a prefilled prompt's KV is kept for a decode worker to fetch before it is freed."""
     kv_advertise_address: str = ""
     """Address decode workers use to reach this worker's FetchKV ("" = the bound --address)."""
+    max_pending_requests: int = 1024
+    """Generate / Prefill calls this worker holds at once (running, queued or compiling); one more is refused with RESOURCE_EXHAUSTED, which a gateway takes as back-pressure (another worker, else 429). 0: no limit."""
     kv_chunk_bytes: int = 1024 * 1024
     """Target size of one FetchKV chunk (a layer range x a block range) in bytes (1 MiB was fastest, docs/disaggregation.md)."""
 
@@ -94,6 +96,8 @@ class WorkerConfig(ServiceConfig):
             parse_size(self.kv_cache_memory)
         if self.kv_handle_ttl <= 0:
             raise ValueError(f"--kv-handle-ttl must be > 0, got {self.kv_handle_ttl}")
+        if self.max_pending_requests < 0:
+            raise ValueError(f"--max-pending-requests must be >= 0, got {self.max_pending_requests}")
         if self.kv_chunk_bytes <= 0:
             raise ValueError(f"--kv-chunk-bytes must be > 0, got {self.kv_chunk_bytes}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +25,7 @@ from services.common.logging import request_id_var
 from services.worker import kv_transfer
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
+from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WORKER_STACK_FACTOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
 from services.worker.kv_handles import HeldKV, KVHandleError
@@ -201,8 +204,39 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._credentials = tls.channel_credentials() if tls is not None else None
         self._kv_channels: dict[str, grpc.aio.Channel] = {}  # prefill workers we fetch from
         self._sweeper: asyncio.Task[None] | None = None
-        self._grammar_pool = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
+        self._grammar_pool = _grammar_pool(CHECK_STACK_BYTES * WORKER_STACK_FACTOR)
+        self.max_pending = self.engine.config.max_pending_requests
+        self.num_pending = 0  # Generate / Prefill calls held now (admission, `_admit`)
         _export_load_gauges(engine)
+
+    @contextlib.contextmanager
+    def _admit(self):  # type: ignore[no-untyped-def]
+        """Count a Generate / Prefill call while it runs; the caller refuses it first when full."""
+        self.num_pending += 1
+        try:
+            yield
+        finally:
+            self.num_pending -= 1
+
+    async def _refuse_when_full(self, context: grpc.aio.ServicerContext) -> None:
+        """RESOURCE_EXHAUSTED past --max-pending-requests: the caller's back-pressure (another
+        worker or a 429), never a sign that this worker is broken."""
+        if self.max_pending and self.num_pending >= self.max_pending:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this worker holds {self.num_pending} requests (--max-pending-requests "
+                f"{self.max_pending}); retry later or on another worker",
+            )
+
+    def _request_failed(self, req: EngineRequest, error: str) -> tuple[grpc.StatusCode, str]:
+        """The status of a request the engine failed: guided decoding failing is the request's
+        constraint (INVALID_ARGUMENT naming its field); anything else is ours (INTERNAL)."""
+        spec = req.sampling.guided
+        if spec is not None and error.startswith("guided decoding failed"):
+            log.warning("request %s failed: %s: %s", req.request_id, spec.field, error)
+            return grpc.StatusCode.INVALID_ARGUMENT, f"{spec.field}: {error}"
+        log.error("request %s failed: %s", req.request_id, error)
+        return grpc.StatusCode.INTERNAL, error
 
     async def _compile_grammar(self, req: EngineRequest, context: grpc.aio.ServicerContext) -> EngineRequest:
         """Compile the request's guided constraint on the grammar threads (never on the event loop
@@ -241,6 +275,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         request_id_var.set(request.request_id or "-")
+        await self._refuse_when_full(context)
+        with self._admit():
+            async for chunk in self._generate(request, context):
+                yield chunk
+
+    async def _generate(
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         source = kv_source_from_pb(request)
         try:
             _check_floats(request.sampling)
@@ -291,7 +333,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 assert isinstance(item, RequestOutput)
                 if item.error is not None:  # the engine failed it (ended: nothing to abort)
                     finished = True
-                    await context.abort(grpc.StatusCode.INTERNAL, item.error)
+                    await context.abort(*self._request_failed(req, item.error))
                 if first_token is None and any(c.token_ids for c in item.choices):
                     first_token = time.monotonic()
                 finished = item.finished
@@ -365,6 +407,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
         request_id_var.set(request.request_id or "-")
+        await self._refuse_when_full(context)
+        with self._admit():
+            return await self._prefill(request, context)
+
+    async def _prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
         try:
             _check_floats(request.sampling)
             if request.sampling.HasField("n") and request.sampling.n != 1:
@@ -397,7 +446,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 assert isinstance(item, RequestOutput)
                 finished = item.finished
                 if item.error is not None:
-                    await context.abort(grpc.StatusCode.INTERNAL, item.error)
+                    await context.abort(*self._request_failed(req, item.error))
                 chunk = output_to_pb(item)
                 for delta in chunk.choices:
                     reply.first.index = delta.index
@@ -503,6 +552,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         for channel in self._kv_channels.values():
             await channel.close()
         self._grammar_pool.shutdown(wait=False, cancel_futures=True)
+        grammars = self.engine.grammars
+        if grammars is not None and grammars.checker is not None:
+            grammars.checker.close()
 
     def _start_sweeper(self) -> None:
         """Free expired KV handles in the background (started by the first Prefill)."""
@@ -518,6 +570,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     await self.async_engine.call(lambda: store.expire(time.monotonic()))
 
         self._sweeper = asyncio.create_task(sweep())
+
+
+def _lower_priority() -> None:
+    """This thread yields the CPU to serving (Linux: the niceness of one thread)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECK_NICENESS)
+
+
+def _grammar_pool(stack_bytes: int) -> ThreadPoolExecutor:
+    """The grammar threads, started now with `stack_bytes` of stack each: a constraint compiles
+    here only after it compiled in a checking child with a fraction of that (grammar_check.py)."""
+    pool = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar", initializer=_lower_priority)
+    barrier = threading.Barrier(GRAMMAR_THREADS)  # each task waits for the others: N threads
+    previous = threading.stack_size(stack_bytes)  # read by thread creation, inside submit
+    try:
+        started = [pool.submit(barrier.wait) for _ in range(GRAMMAR_THREADS)]
+    finally:
+        threading.stack_size(previous)
+    for future in started:
+        future.result()
+    return pool
 
 
 def _export_load_gauges(engine: AsyncEngine) -> None:

@@ -207,3 +207,26 @@ def test_continuous_usage_stats_is_accepted() -> None:
     with pytest.raises(APIError) as err:
         parse_chat({"messages": MESSAGES, "stream": True, "stream_options": {"continuous_usage_stats": 1}})
     assert err.value.param == "stream_options.continuous_usage_stats"
+
+
+def test_worker_statuses_fail_the_request_not_the_worker() -> None:
+    """The failure contract (docs/gateway.md): a status that describes one request is that
+    request's answer; only UNAVAILABLE takes a worker out of rotation."""
+    from gateway.downstream import Guided, Sampling
+    from gateway.worker_stream import BACK_PRESSURE, WORKER_GONE, _client_error
+
+    def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    assert set(WORKER_GONE) == {grpc.StatusCode.UNAVAILABLE}
+    assert set(BACK_PRESSURE) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert _client_error(rpc_error(grpc.StatusCode.INTERNAL, "boom"), Sampling()).status == 500
+    assert _client_error(rpc_error(grpc.StatusCode.UNKNOWN, "boom"), Sampling()).status == 500
+    full = _client_error(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "full"), Sampling())
+    assert (full.status, full.retry_after_s) == (429, 1)
+    guided = Sampling(guided=Guided("regex", "a{1000000}", param="guided_regex"))
+    error = _client_error(
+        rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "sampling.guided.regex: guided decoding failed: x"),
+        guided,
+    )
+    assert (error.status, error.param) == (400, "guided_regex")
