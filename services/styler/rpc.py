@@ -16,7 +16,7 @@ from typing import TypeVar
 import grpc
 
 from services.common.logging import request_id_var
-from services.styler.chat_template import RenderInput
+from services.styler.chat_template import RenderInput, TemplateRenderError
 from services.styler.messages import message_dict, parse_json_field, tool_call_dict
 from services.styler.stream import DetokenizeSession, StreamDelta, StreamOptions
 from services.styler.styler import Styler
@@ -37,6 +37,9 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        except TemplateRenderError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.describe())
+            raise  # unreachable: abort raises
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # unreachable: abort raises

@@ -20,7 +20,7 @@ from services.styler.parsers.auto import (
     detect_tool_parser,
     resolve_parser,
 )
-from services.styler.render_guard import RenderGuard
+from services.styler.render_pool import RenderLimits, RenderPool
 from services.styler.stream import DetokenizeSession, StreamOptions
 from services.styler.tokenizer import Tokenizer
 
@@ -38,6 +38,8 @@ class StylerOptions:
     chat_template: str = ""  # a template file replacing the model's
     render_timeout_s: float = 10.0
     max_prompt_chars: int = 4_000_000
+    render_memory_mb: int = 1024  # address-space limit of each render process
+    render_processes: int = 2
 
 
 @dataclass(frozen=True)
@@ -80,11 +82,15 @@ class Styler:
         else:
             template = files.default_chat_template()
         self.chat_template = template
-        self.renderer = ChatTemplateRenderer(
-            template,
-            tokenizer.special_tokens_map,
-            RenderGuard(options.render_timeout_s, options.max_prompt_chars),
+        self.render_pool = RenderPool(
+            RenderLimits(
+                timeout_s=options.render_timeout_s,
+                max_output_chars=options.max_prompt_chars,
+                memory_mb=options.render_memory_mb,
+                num_processes=options.render_processes,
+            )
         )
+        self.renderer = ChatTemplateRenderer(template, tokenizer.special_tokens_map, self.render_pool)
         detect_text = "\n".join([*(files.chat_templates.values()), template or ""])
         self.tool_parser = resolve_parser(
             options.tool_parser,
@@ -137,6 +143,10 @@ class Styler:
     def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
         self.tokenizer.check_ids(token_ids)
         return [self.tokenizer.token_bytes(t) for t in token_ids]
+
+    def close(self) -> None:
+        """Stop the render processes."""
+        self.render_pool.close()
 
     def info(self) -> StylerInfo:
         tok = self.tokenizer.info()
