@@ -25,7 +25,6 @@ from typing import Any
 
 from services.styler.render_worker import HEADER
 
-
 _ROOT = str(Path(__file__).resolve().parents[2])  # where `services` is importable from
 
 
@@ -120,7 +119,11 @@ class RenderPool:
 
     def render(self, template: str, variables: dict[str, Any]) -> str:
         """The rendered text; RenderFailure or RenderTimeoutError otherwise."""
-        request = {"template": template, "variables": variables, "max_output_chars": self.limits.max_output_chars}
+        request = {
+            "template": template,
+            "variables": variables,
+            "max_output_chars": self.limits.max_output_chars,
+        }
         process = self._acquire()
         deadline = time.monotonic() + self.limits.timeout_s
         try:
@@ -140,7 +143,9 @@ class RenderPool:
             raise RenderFailure("chat template ran out of memory", "chat_template")
         self._release(process)
         if "error" in reply:
-            raise RenderFailure(str(reply["error"]), str(reply.get("field") or "chat_template"), reply.get("line"))
+            raise RenderFailure(
+                str(reply["error"]), str(reply.get("field") or "chat_template"), reply.get("line")
+            )
         return str(reply["prompt"])
 
     def close(self) -> None:

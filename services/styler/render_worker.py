@@ -13,6 +13,7 @@ Reply:   {"prompt": str} or {"error": str, "field": str, "line": int | null}
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -112,10 +113,8 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
 
 def _die_with_parent() -> None:
     # The styler kills a late render itself; this covers the styler dying (SIGKILL included).
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str]) -> int:

@@ -125,7 +125,7 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
             _check_str_format(value.__self__)
         return wrapped
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - jinja's signature
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(__obj, "__name__", None) in _PADDING_METHODS and isinstance(
             getattr(__obj, "__self__", None), str
         ):
