@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.styler.chat_template import ChatTemplateRenderer, RenderInput
+from services.styler.messages import check_text
 from services.styler.parsers.auto import (
     REASONING_PARSER_NAMES,
     TOOL_PARSER_NAMES,
@@ -123,10 +124,13 @@ class Styler:
         ):
             request = replace(request, chat_template=named["tool_use"])
         prompt = self.renderer.render(request)
+        # Surrogates reach a prompt only through JSON-escaped input; the tokenizer takes UTF-8 text.
+        check_text(prompt, "messages")
         return RenderedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=False))
 
     def open_stream(self, options: StreamOptions) -> DetokenizeSession:
         """State for one DetokenizeStream; "auto" parser names resolve to the model's parsers."""
+        check_text(options.stop, "start.stop")
         tool = resolve_parser(options.tool_parser, self.tool_parser, TOOL_PARSER_NAMES, "start.tool_parser")
         reasoning = resolve_parser(
             options.reasoning_parser, self.reasoning_parser, REASONING_PARSER_NAMES, "start.reasoning_parser"
@@ -134,6 +138,7 @@ class Styler:
         return DetokenizeSession(self.tokenizer, options, tool, reasoning)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text, "text")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
