@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.styler.render_worker import HEADER
+from services.styler.render_worker import HEADER, READY
 
+_START_TIMEOUT_S = 60.0  # an interpreter start on a loaded machine
 _ROOT = str(Path(__file__).resolve().parents[2])  # where `services` is importable from
 
 
@@ -67,6 +68,16 @@ class _Process:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin = self.proc.stdin
         self.stdout_fd = self.proc.stdout.fileno()
+        self.ready = False
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait for the interpreter to start (not part of any render's deadline)."""
+        if not self.ready:
+            try:
+                self.ready = self._read(len(READY), time.monotonic() + timeout_s) == READY
+            except RenderTimeoutError:
+                return False
+        return self.ready
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -125,6 +136,9 @@ class RenderPool:
             "max_output_chars": self.limits.max_output_chars,
         }
         process = self._acquire()
+        if not process.wait_ready(_START_TIMEOUT_S):
+            self._discard(process)
+            raise RuntimeError("a chat-template render process did not start")
         deadline = time.monotonic() + self.limits.timeout_s
         try:
             reply = process.call(request, deadline)
@@ -181,7 +195,17 @@ class RenderPool:
         process.kill()
 
     def _discard(self, process: _Process) -> None:
+        """Kill a process and start its replacement now, so that it is warm when needed."""
         process.kill()
         with self._cond:
-            self._started -= 1
-            self._cond.notify()
+            if self._closed:
+                self._started -= 1
+                return
+        try:
+            replacement = _Process(self.limits.memory_mb)
+        except OSError:
+            with self._cond:
+                self._started -= 1
+                self._cond.notify()
+            raise
+        self._release(replacement)

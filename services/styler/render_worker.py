@@ -7,6 +7,7 @@ at MEMORY_MB (RLIMIT_AS), so a template that allocates without bound gets a Memo
 instead of exhausting the styler; a template that runs too long is killed by the styler
 (render_pool.py). Compiled templates stay cached in the process across requests.
 
+Once ready it writes one byte, READY.
 Request: {"template": str, "variables": {...}, "max_output_chars": int}
 Reply:   {"prompt": str} or {"error": str, "field": str, "line": int | null}
 """
@@ -30,6 +31,7 @@ import jinja2
 from services.styler.template_sandbox import TemplateLimitError, TemplateSyntaxError, compile_template
 
 HEADER = struct.Struct("!I")
+READY = b"R"  # written once, when the process is ready for requests
 _TEMPLATE_FILENAME = "<template>"  # what Jinja names a string template's frames
 
 
@@ -124,6 +126,8 @@ def main(argv: list[str]) -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    replies.write(READY)
+    replies.flush()
     requests = sys.stdin.buffer
     while True:
         header = _read_exact(requests, HEADER.size)
