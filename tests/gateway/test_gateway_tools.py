@@ -143,11 +143,15 @@ def test_the_sdk_tool_loop_works_as_written(qwen3_stack: Stack) -> None:
         model=qwen3_stack.model.name, messages=messages, tools=TOOLS, max_tokens=4, temperature=0
     )
     assert again.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    assert again.usage is not None and again.usage.prompt_tokens > (reply.usage.prompt_tokens if reply.usage else 0)
+    assert again.usage is not None and again.usage.prompt_tokens > (
+        reply.usage.prompt_tokens if reply.usage else 0
+    )
 
 
 def test_a_template_error_names_the_message_and_the_line(qwen3_stack: Stack) -> None:
-    template = "{% for m in messages %}\n{{ raise_exception('no ' + m.role) if m.role == 'tool' }}{% endfor %}"
+    template = (
+        "{% for m in messages %}\n{{ raise_exception('no ' + m.role) if m.role == 'tool' }}{% endfor %}"
+    )
     body = {
         "messages": [*MESSAGES, {"role": "tool", "tool_call_id": "x", "content": "1"}],
         "chat_template": template,

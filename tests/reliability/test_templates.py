@@ -104,8 +104,12 @@ async def test_hostile_templates_through_the_gateway_are_400(limited_stack: Reli
             assert reply.status == 200
 
 
-@pytest.mark.parametrize("name", ["percent_width", "center", "format_width", "indent", "grow_in_loop", "huge_loop"])
-async def test_hostile_template_costs_other_requests_nothing(limited_stack: ReliabilityStack, name: str) -> None:
+@pytest.mark.parametrize(
+    "name", ["percent_width", "center", "format_width", "indent", "grow_in_loop", "huge_loop"]
+)
+async def test_hostile_template_costs_other_requests_nothing(
+    limited_stack: ReliabilityStack, name: str
+) -> None:
     """While a hostile render is refused or stopped, a normal render and the health check are
     answered at once, and the styler's own memory does not grow."""
     styler_pid = limited_stack.procs["styler"].pid

@@ -123,7 +123,10 @@ async def test_render_converts_messages_like_the_reference(stub: styler_pb2_grpc
     )
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await stub.Render(refuse)
-    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.value.details() == "messages: no way (chat template line 1)"
+    assert (
+        exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and exc.value.details() == "messages: no way (chat template line 1)"
+    )
 
 
 async def test_detokenize_stream(stub: styler_pb2_grpc.StylerStub) -> None:
