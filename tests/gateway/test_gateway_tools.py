@@ -162,3 +162,20 @@ def test_a_template_error_names_the_message_and_the_line(qwen3_stack: Stack) -> 
     assert reply.status_code == 400, error
     assert error["param"] == "messages[2]"
     assert error["message"] == "messages[2]: no tool (chat template line 2)"
+
+
+def test_a_continued_thought_is_reported_as_reasoning(qwen3_stack: Stack) -> None:
+    """The prompt ends inside `<think>` without ending in `<think>`: the output is reasoning."""
+    body = {
+        "messages": [*MESSAGES, {"role": "assistant", "content": "<think>\nLet me think"}],
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    reply = httpx.post(qwen3_stack.url + "/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    message = reply.json()["choices"][0]["message"]
+    assert message.get("reasoning_content"), message
+    assert not message["content"], message
