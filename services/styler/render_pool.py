@@ -12,6 +12,7 @@ processes keep their compiled templates cached, so a normal render costs one pip
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -57,6 +58,7 @@ class _Process:
     def __init__(self, memory_mb: int) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
+        env["MALLOC_ARENA_MAX"] = "2"  # per-thread malloc arenas would count against RLIMIT_AS
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.styler.render_worker", str(memory_mb)],
             env=env,
@@ -82,8 +84,12 @@ class _Process:
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
+        self.close()
+
+    def close(self) -> None:
         self.proc.wait()
-        self.stdin.close()
+        with contextlib.suppress(OSError):
+            self.stdin.close()
         assert self.proc.stdout is not None
         self.proc.stdout.close()
 
@@ -172,8 +178,12 @@ class RenderPool:
     def _acquire(self) -> _Process:
         with self._cond:
             while True:
-                if self._idle:
-                    return self._idle.pop()
+                while self._idle:
+                    process = self._idle.pop()
+                    if process.proc.poll() is None:
+                        return process
+                    self._started -= 1  # died while idle (killed from outside): start another
+                    process.close()
                 if self._started < self.limits.num_processes:
                     self._started += 1
                     break

@@ -14,14 +14,13 @@ Reply:   {"prompt": str} or {"error": str, "field": str, "line": int | null}
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import resource
-import signal
 import struct
 import sys
+import threading
+import time
 import types
 from collections.abc import Sequence
 from typing import Any, BinaryIO
@@ -113,15 +112,23 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
     return data
 
 
-def _die_with_parent() -> None:
-    # The styler kills a late render itself; this covers the styler dying (SIGKILL included).
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+def _exit_with_parent() -> None:
+    """Exit when the styler is gone, even in the middle of a render (the styler kills a late
+    render itself; this covers the styler being killed). PR_SET_PDEATHSIG would follow the
+    styler thread that started this process, not the styler, so a watchdog thread polls."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
     memory_bytes = int(argv[0]) * 1024 * 1024
-    _die_with_parent()
+    _exit_with_parent()
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
