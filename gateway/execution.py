@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -39,6 +40,7 @@ from gateway.merge import merge_streams
 from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
 from gateway.worker_stream import PromptStream
+from services.styler.parsers.reasoning import prompt_opens_reasoning
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,20 @@ def _grpc_error(exc: grpc.aio.AioRpcError, service: str) -> APIError:
     return from_grpc(exc, service)
 
 
+# The styler's Render errors start with the request field they blame ("messages[2]: ...").
+_RENDER_FIELD = re.compile(
+    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\]|messages|tools|documents)(?=: )"
+)
+
+
+def _render_error(exc: grpc.aio.AioRpcError) -> APIError:
+    error = from_grpc(exc, "styler")
+    match = _RENDER_FIELD.match(error.message) if error.status == 400 else None
+    if match is not None:
+        error.param = match.group(1)
+    return error
+
+
 class Executor:
     def __init__(self, ctx: GatewayContext, chat: bool = True) -> None:
         self.ctx = ctx
@@ -200,10 +216,10 @@ class Executor:
                 )
             )
         except grpc.aio.AioRpcError as exc:
-            raise _grpc_error(exc, "styler") from None
+            raise _render_error(exc) from None
         except NoStylerAvailable as exc:
             raise APIError(503, str(exc), retry_after_s=1) from None
-        opens = rendered.prompt.rstrip().endswith("<think>")
+        opens = prompt_opens_reasoning(rendered.prompt)
         return PromptRun(token_ids=rendered.token_ids, text=rendered.prompt, opens_reasoning=opens)
 
     async def tokenize_prompts(self, req: CompletionRequest) -> list[PromptRun]:

@@ -250,12 +250,12 @@ class Tokenizer:
         text = self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up_spaces else str(text)
 
-    def check_ids(self, token_ids: Sequence[int]) -> None:
-        """Raise ValueError naming the first id outside the vocabulary."""
+    def check_ids(self, token_ids: Sequence[int], field: str = "token_ids") -> None:
+        """Raise ValueError naming `field` and the first id outside the vocabulary."""
         size = self.vocab_size
         for token_id in token_ids:
-            if token_id >= size:
-                raise ValueError(f"token id {token_id} is out of range (vocabulary size {size})")
+            if not 0 <= token_id < size:
+                raise ValueError(f"{field}: token id {token_id} is out of range (vocabulary size {size})")
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (possibly part of a UTF-8 character)."""
