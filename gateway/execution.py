@@ -40,7 +40,7 @@ from gateway.merge import merge_streams
 from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
 from gateway.worker_stream import PromptStream
-from services.styler.parsers.reasoning import prompt_opens_reasoning
+from services.common.reasoning import prompt_opens_reasoning
 
 log = logging.getLogger(__name__)
 

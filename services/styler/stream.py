@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from services.common.reasoning import prompt_opens_reasoning
 from services.styler.detokenizer import IncrementalDetokenizer
 from services.styler.parsers.base import ParsedText, ToolParser
 from services.styler.parsers.reasoning import (
@@ -19,7 +20,6 @@ from services.styler.parsers.reasoning import (
     ThinkReasoningParser,
     ids_open_reasoning,
     make_reasoning_parser,
-    prompt_opens_reasoning,
 )
 from services.styler.parsers.tool_formats import TOOL_MARKERS, TOOL_PARSERS
 from services.styler.stop_matcher import StopMatcher

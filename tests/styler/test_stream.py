@@ -180,7 +180,7 @@ def test_reasoning_opens_when_the_prompt_leaves_a_think_open(prompt_end: str, op
 
 
 def test_prompt_opens_reasoning_on_text() -> None:
-    from services.styler.parsers.reasoning import prompt_opens_reasoning
+    from services.common.reasoning import prompt_opens_reasoning
 
     assert prompt_opens_reasoning("x<think>\nLet me think")
     assert prompt_opens_reasoning("<think>a</think> b <think>")

@@ -13,14 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from services.common.reasoning import THINK_END, THINK_START
 from services.styler.parsers.base import ParsedText, longest_marker_prefix_suffix
-
-THINK_START, THINK_END = "<think>", "</think>"
-
-
-def prompt_opens_reasoning(prompt: str) -> bool:
-    """Whether the prompt leaves a thought open: its last `<think>` comes after its last `</think>`."""
-    return prompt.rfind(THINK_START) > prompt.rfind(THINK_END)
 
 
 def ids_open_reasoning(prompt_ids: Sequence[int], start_id: int, end_id: int) -> bool:
