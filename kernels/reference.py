@@ -60,11 +60,15 @@ def paged_attention(
     scale: float,
     max_seqlen_q: int,
     num_decode_rows: int = 0,  # a hint for kernels (sequences [0, k) have one new token); unused here
+    sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - sliding_window
+    soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new queries over its whole (paged) context.
 
     Query i of sequence b sits at position seq_lens[b] - q_len_b + i and attends to every kv
-    position <= its own. GQA: q head h reads kv head h // (Hq // Hkv).
+    position <= its own (and, with a sliding window W, > its own - W: W keys including itself,
+    as transformers' sliding-window mask). GQA: q head h reads kv head h // (Hq // Hkv).
+    Soft-capping applies to the scaled scores, before the mask and the softmax.
     """
     del max_seqlen_q  # only a launch-size hint for the kernels
     num_tokens, num_q_heads = q.shape[0], q.shape[1]
@@ -85,9 +89,13 @@ def paged_attention(
         kb = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, S, D]
         vb = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
         scores = torch.matmul(qb, kb.transpose(1, 2)) * scale  # [Hq, q_len, S]
+        if soft_cap > 0:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
         mask = k_pos[None, :] > q_pos[:, None]  # [q_len, S]: future positions
+        if sliding_window > 0:  # and positions that fell out of the window
+            mask |= k_pos[None, :] <= q_pos[:, None] - sliding_window
         scores.masked_fill_(mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
