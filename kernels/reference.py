@@ -330,25 +330,23 @@ def build_rope_cache(
     """The cos/sin table for `rotary`, computed in fp32 like HF's rotary embedding, then cast to `dtype`.
 
     One table serves every sequence, so the two scalings whose frequencies transformers picks by
-    the current sequence length are laid out by position instead: `longrope` uses the short factors
-    below `original_max_position_embeddings` and the long ones from there on (what a sequence
-    decoding past that length sees in transformers: its earlier keys keep the short rotation);
-    `dynamic` NTK is the plain rope within the original context (exact) and, past it, the NTK base
-    for a sequence of the table's length."""
+    the current sequence length are chosen once, by the table's length (the served context):
+    `longrope` uses its short factors when the table fits `original_max_position_embeddings` and
+    its long ones everywhere otherwise (transformers recomputes a sequence that outgrows the
+    original context with the long factors: the same rotation from then on); `dynamic` NTK is the
+    plain rope within the original context and the NTK base for the table's length beyond it."""
     inv_freq = rope_inv_freq(head_dim, base, scaling)
-    positions = torch.arange(max_position, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)  # [max_pos, D/2]
     rope_type = rope_type_of(scaling)
     if rope_type in ("longrope", "su", "dynamic") and scaling is not None:
         original = int(scaling["original_max_position_embeddings"])
-        if max_position > original:
-            if rope_type == "dynamic":
-                factor = float(scaling["factor"])
-                ntk_base = base * ((factor * max_position / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
-                far = rope_inv_freq(head_dim, ntk_base, None)
-            else:
-                far = _longrope_inv_freq(head_dim, base, scaling["long_factor"])
-            freqs[original:] = torch.outer(positions[original:], far)
+        if max_position > original and rope_type == "dynamic":
+            factor = float(scaling["factor"])
+            ntk_base = base * ((factor * max_position / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+            inv_freq = rope_inv_freq(head_dim, ntk_base, None)
+        elif max_position > original:
+            inv_freq = _longrope_inv_freq(head_dim, base, scaling["long_factor"])
+    positions = torch.arange(max_position, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq)  # [max_pos, D/2]
     cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * rope_attention_factor(scaling)
     return cache.to(dtype=dtype, device=device)
 
