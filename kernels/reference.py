@@ -229,7 +229,9 @@ def linear_silu_and_mul(
     return (F.silu(gate_up[..., :inter]) * gate_up[..., inter:]).to(x.dtype)
 
 
-def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, base: float, scaling: dict[str, Any]) -> torch.Tensor:
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor, head_dim: int, base: float, scaling: dict[str, Any]
+) -> torch.Tensor:
     """YaRN's blend of interpolated and extrapolated frequencies (transformers' `_compute_yarn_parameters`)."""
     factor = float(scaling["factor"])
     original = scaling["original_max_position_embeddings"]
@@ -341,7 +343,9 @@ def build_rope_cache(
         original = int(scaling["original_max_position_embeddings"])
         if max_position > original and rope_type == "dynamic":
             factor = float(scaling["factor"])
-            ntk_base = base * ((factor * max_position / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
+            ntk_base = base * ((factor * max_position / original) - (factor - 1)) ** (
+                head_dim / (head_dim - 2)
+            )
             inv_freq = rope_inv_freq(head_dim, ntk_base, None)
         elif max_position > original:
             inv_freq = _longrope_inv_freq(head_dim, base, scaling["long_factor"])

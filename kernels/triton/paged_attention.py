@@ -41,27 +41,55 @@ def paged_attention(
     sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - sliding_window
     soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
 ) -> torch.Tensor:  # [T, Hq, D]
-    masks = {"sliding_window": sliding_window, "soft_cap": soft_cap}
     if not supports_head_dim(q.shape[-1]) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return reference.paged_attention(
-            q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q, **masks
+            q,
+            kv_cache_layer,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            scale,
+            max_seqlen_q,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
         )
     if max_seqlen_q == 1:
-        return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, **masks)
+        return decode_attention(
+            q,
+            kv_cache_layer,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+        )
     # A mixed step's decode rows go to the decode kernel (split-K over their contexts) and the
     # prompts' chunks to the prefill kernel: faster than the prefill kernel for all (docs/gpu.md).
     k = num_decode_rows
     if not 0 < k < block_tables.shape[0]:
         return prefill_attention(
-            q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q, **masks
+            q,
+            kv_cache_layer,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            scale,
+            max_seqlen_q,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
         )
     # Both over the whole batch's metadata (no sliced pointers: each alignment would compile kernel
     # variants of its own, seconds inside a serving step), one split per decode (one kernel variant
     # whatever the number of decodes; the prompts' attention dominates such a step).
     out = torch.empty_like(q)
     meta = (kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
-    decode_attention(q, *meta, max_splits=1, out=out, num_seqs=k, **masks)
-    prefill_attention(q, *meta, max_seqlen_q, out=out, first_seq=k, **masks)
+    decode_attention(
+        q, *meta, max_splits=1, out=out, num_seqs=k, sliding_window=sliding_window, soft_cap=soft_cap
+    )
+    prefill_attention(
+        q, *meta, max_seqlen_q, out=out, first_seq=k, sliding_window=sliding_window, soft_cap=soft_cap
+    )
     return out
 
 

@@ -164,8 +164,16 @@ SCALED_ROPES = [
         "factor": 4.0,
         "original_max_position_embeddings": 4096,
     },
-    {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 2048,
-     "beta_fast": 16, "beta_slow": 2, "mscale": 1.0, "mscale_all_dim": 0.5},  # fmt: skip
+    {
+        "rope_theta": 10000.0,
+        "rope_type": "yarn",
+        "factor": 8.0,
+        "original_max_position_embeddings": 2048,
+        "beta_fast": 16,
+        "beta_slow": 2,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.5,
+    },
     {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16384},
 ]
 
@@ -191,8 +199,12 @@ def test_scaled_ropes_match_transformers(rope_parameters: dict) -> None:
     )
     positions = torch.tensor([0, 1, 5, 127, 4097, 8191])
     cos, sin = rope(torch.zeros(1, 1, head_dim), positions[None])
-    torch.testing.assert_close(cache[positions, : head_dim // 2], cos[0, :, : head_dim // 2], atol=1e-5, rtol=0)
-    torch.testing.assert_close(cache[positions, head_dim // 2 :], sin[0, :, : head_dim // 2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        cache[positions, : head_dim // 2], cos[0, :, : head_dim // 2], atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        cache[positions, head_dim // 2 :], sin[0, :, : head_dim // 2], atol=1e-5, rtol=0
+    )
 
 
 def test_longrope_picks_its_factors_by_the_served_context() -> None:

@@ -10,7 +10,7 @@ import torch
 
 from kernels import KernelOps, build_rope_cache
 from services.worker.model_config import ModelConfig
-from services.worker.models.gemma2 import GemmaAttention, Gemma2ForCausalLM
+from services.worker.models.gemma2 import Gemma2ForCausalLM, GemmaAttention
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):

@@ -12,13 +12,13 @@ computed by the ops that read the raw residual stream; the two RMSNorm kernels o
 
 from __future__ import annotations
 
-from services.common import switches
 from typing import cast
 
 import torch
 from torch import nn
 
 from kernels import KernelOps, build_rope_cache
+from services.common import switches
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
 from services.worker.layers.linear import Linear
 from services.worker.layers.moe import SparseMoeBlock
