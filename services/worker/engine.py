@@ -67,14 +67,9 @@ def resolve_kv_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def resolve_max_model_len(cfg: ModelConfig, requested: int) -> int:
-    limit = cfg.max_position_embeddings
-    if cfg.sliding_window is not None and cfg.sliding_window < limit:
-        limit = cfg.sliding_window  # within the window, full attention is exact
-        if requested > limit:
-            raise ModelConfigError(
-                f"--max-model-len {requested} exceeds the sliding window {limit}, which is not implemented"
-            )
-    return requested or limit
+    # Sliding-window layers mask the keys that left their window (the attention ops), so the
+    # window does not bound the context; the KV of those keys stays allocated (docs/worker.md).
+    return requested or cfg.max_position_embeddings
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import logging
 import torch
 from torch import nn
 
-from kernels import KernelOps, build_rope_cache
+from kernels import KernelOps
 from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.gpu_sampler import GpuSampler
@@ -65,9 +65,7 @@ class ModelRunner:
         self.block_size = block_size
         self.model = build_model(cfg, ops, device, dtype, load_format, seed)
         rope_len = max(max_model_len, 1)
-        self.cos_sin_cache = build_rope_cache(
-            cfg.head_dim, rope_len, cfg.rope_theta, cfg.rope_scaling, dtype, device
-        )
+        self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)
         # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
         # (kernels/triton/skinny_gemm.py) before anything else takes the memory.
         self.linear_report: list[str] = self._tune_linears() if device.type == "cuda" else []
