@@ -25,6 +25,10 @@ MAX_TOP_LOGPROBS = 20
 MAX_UINT32 = 2**32 - 1
 MAX_INT32 = 2**31 - 1
 MAX_UINT64 = 2**64 - 1
+# Sampling floats travel as float32: a positive value below the smallest float32 would arrive as 0
+# (which top_p and repetition_penalty refuse), a larger one than the largest as inf.
+MIN_POSITIVE_FLOAT32 = 2.0**-149
+MAX_FLOAT32 = 3.4028234663852886e38
 
 
 class SamplingError(ValueError):
@@ -72,30 +76,35 @@ class SamplingParams(Generic[G]):
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 
 
+def _bound(value: float) -> str:
+    if value == MIN_POSITIVE_FLOAT32:
+        return "2**-149 (> 0, as a float32)"
+    if value == MAX_FLOAT32:
+        return "3.4e38 (the largest float32)"
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Range:
-    """Allowed values of one numeric field: [lo, hi], or (lo, hi] with `lo_open`; hi None: no bound."""
+    """Allowed values of one numeric field: [lo, hi] (hi None: no upper bound)."""
 
     lo: float
     hi: float | None = None
-    lo_open: bool = False
 
     def check(self, name: str, value: float) -> None:
-        if self.lo_open and value <= self.lo:
-            raise SamplingError(name, f"must be > {self.lo}, got {value}")
-        if not self.lo_open and value < self.lo:
-            raise SamplingError(name, f"must be >= {self.lo}, got {value}")
+        if value < self.lo:
+            raise SamplingError(name, f"must be >= {_bound(self.lo)}, got {value}")
         if self.hi is not None and value > self.hi:
-            raise SamplingError(name, f"must be <= {self.hi}, got {value}")
+            raise SamplingError(name, f"must be <= {_bound(self.hi)}, got {value}")
 
 
-# Temperature and penalties follow OpenAI; the rest is what the sampler can do.
+# Temperature and penalties follow OpenAI; the rest is what the sampler and the wire can carry.
 RANGES: dict[str, Range] = {
     "temperature": Range(0.0, 2.0),
-    "top_p": Range(0.0, 1.0, lo_open=True),
+    "top_p": Range(MIN_POSITIVE_FLOAT32, 1.0),  # > 0
     "top_k": Range(-1, MAX_INT32),
     "min_p": Range(0.0, 1.0),
-    "repetition_penalty": Range(0.0, None, lo_open=True),
+    "repetition_penalty": Range(MIN_POSITIVE_FLOAT32, MAX_FLOAT32),  # > 0
     "presence_penalty": Range(-2.0, 2.0),
     "frequency_penalty": Range(-2.0, 2.0),
     "seed": Range(0, MAX_UINT64),

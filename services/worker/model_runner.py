@@ -404,7 +404,9 @@ class ModelRunner:
             ).to(dev, non_blocking=True)  # pageable: staged at once, no wait for the device
         keys = None
         if not all_greedy:  # the draws of choice c at output position n (sampling_rng.py)
-            draws = [(_seed(p.seed), s.choice_index, n) for s, p, n in zip(seqs, params, lengths, strict=True)]
+            draws = [
+                (_seed(p.seed), s.choice_index, n) for s, p, n in zip(seqs, params, lengths, strict=True)
+            ]
             keys = row_keys_of(draws).to(dev, non_blocking=True)
 
         return SamplingMetadata(

@@ -87,7 +87,9 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
             f"{len(req.generated_token_ids)} tokens already reach max_tokens {max_tokens}",
         )
     if sp.min_tokens > max_tokens:
-        raise InvalidRequestError("sampling.min_tokens", f"must be <= max_tokens ({max_tokens}), got {sp.min_tokens}")
+        raise InvalidRequestError(
+            "sampling.min_tokens", f"must be <= max_tokens ({max_tokens}), got {sp.min_tokens}"
+        )
     return max_tokens
 
 
