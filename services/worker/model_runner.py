@@ -71,7 +71,7 @@ class ModelRunner:
         # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
         # (kernels/triton/skinny_gemm.py) before anything else takes the memory.
         self.linear_report: list[str] = self._tune_linears() if device.type == "cuda" else []
-        self.sampler = Sampler()
+        self.sampler = Sampler(ops.exponential_race)
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
         self._greedy_columns: dict[int, torch.Tensor] = {}  # [8, S] placeholders for all-greedy steps

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,10 @@ def flat_pairs(rows: list[list[int]], device: torch.device) -> tuple[torch.Tenso
 
 
 class Sampler:
+    def __init__(self, race: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        # the exponential race: sampling_rng's (the definition), or a kernel bundle's one-pass twin
+        self.race = race or exponential_race
+
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [S, V]; the ids and logprobs read back to the host."""
         token_ids, raw_logprobs = self.sample_tensors(logits, meta)
@@ -116,7 +121,7 @@ class Sampler:
         scaled = logits / meta.temperature[:, None]
         if meta.need_filter:
             scaled = self._filter(scaled, meta)
-        sampled = exponential_race(torch.softmax(scaled, dim=-1), meta.keys)
+        sampled = self.race(torch.softmax(scaled, dim=-1), meta.keys)
         return torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
 
     @staticmethod

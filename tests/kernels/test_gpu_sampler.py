@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from services.worker.sampler import Sampler, SamplingMetadata
-from services.worker.sampling_rng import exponential, row_keys_of, uniform
+from services.worker.sampling_rng import exponential, exponential_race, row_keys_of, uniform
 
 M64 = (1 << 64) - 1
 GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -175,20 +175,43 @@ def _mixed_rows(rows: int, vocab: int, seed: int) -> tuple[torch.Tensor, dict[st
     return logits, dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, draws=draws)
 
 
+def test_triton_race_is_the_definition() -> None:
+    """The one-pass Triton race (the CUDA bundle's, here on the interpreter) picks what
+    sampling_rng.exponential_race picks: zeros, a tie across chunks, vocabularies off the chunk."""
+    pytest.importorskip("triton")
+    from kernels.triton.exponential_race import BLOCK
+    from kernels.triton.exponential_race import exponential_race as triton_race
+
+    gen = torch.Generator().manual_seed(3)
+    for rows, vocab in ((3, 7), (4, BLOCK), (5, 2 * BLOCK + 9)):
+        probs = torch.softmax(torch.randn(rows, vocab, generator=gen) * 3, dim=-1)
+        probs[0] = 0.0
+        probs[0, vocab - 1] = 1.0  # one possible token
+        probs[1, ::2] = 0.0
+        keys = row_keys_of([(2**64 - 1 - r, r, 3 * r) for r in range(rows)])
+        assert torch.equal(triton_race(probs, keys), exponential_race(probs, keys)), (rows, vocab)
+
+
 @pytest.mark.gpu
 def test_cpu_reference_and_gpu_sampler_pick_the_same_tokens() -> None:
-    """The same logits and seeds on the CPU and on CUDA: the same token ids, row for row, with
-    greedy, temperature, top-k, top-p and min-p mixed in one batch."""
+    """The same logits and seeds on the CPU (the reference sampler) and on CUDA (the sampler as
+    the model runner builds it there, with the Triton race; and with the torch race): the same
+    token ids, row for row, with greedy, temperature, top-k, top-p and min-p mixed in one batch."""
+    from kernels import get_ops
+
     assert torch.cuda.is_available(), "marker gpu: run on the device"
     cuda = torch.device("cuda")
+    gpu_race = get_ops("auto", cuda).exponential_race
+    assert gpu_race is not None
     for seed, (rows, vocab) in enumerate([(512, 1000), (256, 32000), (64, 151936)]):
         logits, p = _mixed_rows(rows, vocab, seed)
         args = (p["draws"], p["temperature"], p["top_k"], p["top_p"], p["min_p"])
         cpu = Sampler()(logits, _meta(logits, *args)).token_ids
         gpu_logits = logits.to(cuda)
-        token_ids, _ = Sampler().sample_tensors(gpu_logits, _meta(gpu_logits, *args))
-        gpu = token_ids.tolist()
-        assert gpu == cpu, [(r, cpu[r], gpu[r]) for r in range(rows) if cpu[r] != gpu[r]][:10]
+        for sampler in (Sampler(gpu_race), Sampler()):
+            token_ids, _ = sampler.sample_tensors(gpu_logits, _meta(gpu_logits, *args))
+            gpu = token_ids.tolist()
+            assert gpu == cpu, [(r, cpu[r], gpu[r]) for r in range(rows) if cpu[r] != gpu[r]][:10]
         assert torch.equal(
             uniform(row_keys_of(p["draws"]).to(cuda), vocab).cpu(), uniform(row_keys_of(p["draws"]), vocab)
         )
