@@ -31,7 +31,7 @@ def _mix(x):
 @triton.jit
 def _race_kernel(
     probs_ptr,  # [R, V] fp32
-    keys_ptr,  # [R] int64 row keys (sampling_rng.row_keys)
+    draws_ptr,  # [R, 3] int64 (seed, choice index, output position): sampling_rng.draw_table
     out_ptr,  # [R] int64
     vocab,
     stride_p,
@@ -41,7 +41,10 @@ def _race_kernel(
 ):
     pdl.enter(PDL)  # see pdl.py
     row = tl.program_id(0).to(tl.int64)
-    key = tl.load(keys_ptr + row).to(tl.uint64, bitcast=True)
+    seed = tl.load(draws_ptr + row * 3).to(tl.uint64, bitcast=True)
+    choice = tl.load(draws_ptr + row * 3 + 1).to(tl.uint64, bitcast=True)
+    position = tl.load(draws_ptr + row * 3 + 2).to(tl.uint64, bitcast=True)
+    key = _mix(_mix(seed ^ _mix(choice * 0x9E3779B97F4A7C15)) ^ position)  # sampling_rng.row_keys
     lanes = tl.arange(0, BLOCK)
     best = tl.full((BLOCK,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK,), tl.int32)
@@ -61,21 +64,21 @@ def _race_kernel(
     pdl.leave(PDL)
 
 
-def exponential_race(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:  # [R, V], [R] -> [R]
-    """argmax over v of probs[r, v] / -log(u(keys[r], v)): each row's token drawn from probs."""
+def exponential_race(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:  # [R, V], [R, 3] -> [R]
+    """argmax over v of probs[r, v] / -log(u(draws[r], v)): each row's token drawn from probs."""
     assert probs.dim() == 2 and probs.stride(1) == 1 and probs.dtype == torch.float32, (
         probs.shape,
         probs.stride(),
         probs.dtype,
     )
-    assert keys.shape == probs.shape[:1] and keys.dtype == torch.int64, (keys.shape, keys.dtype)
+    assert draws.shape == (probs.shape[0], 3) and draws.dtype == torch.int64, (draws.shape, draws.dtype)
     rows, vocab = probs.shape
     out = torch.empty(rows, dtype=torch.int64, device=probs.device)
     if rows == 0:
         return out
     _race_kernel[(rows,)](
         probs,
-        keys.contiguous(),
+        draws.contiguous(),
         out,
         vocab,
         probs.stride(0),

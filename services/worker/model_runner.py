@@ -26,7 +26,7 @@ from services.worker.loader import build_model
 from services.worker.model_config import ModelConfig
 from services.worker.request import Sequence, TokenLogprob
 from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
-from services.worker.sampling_rng import row_keys_of
+from services.worker.sampling_rng import draw_table
 from services.worker.scheduler import SampledToken, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -402,12 +402,10 @@ class ModelRunner:
                 ],
                 dtype=torch.float32,
             ).to(dev, non_blocking=True)  # pageable: staged at once, no wait for the device
-        keys = None
+        draws = None
         if not all_greedy:  # the draws of choice c at output position n (sampling_rng.py)
-            draws = [
-                (_seed(p.seed), s.choice_index, n) for s, p, n in zip(seqs, params, lengths, strict=True)
-            ]
-            keys = row_keys_of(draws).to(dev, non_blocking=True)
+            rows = [(_seed(p.seed), s.choice_index, n) for s, p, n in zip(seqs, params, lengths, strict=True)]
+            draws = draw_table(rows).to(dev, non_blocking=True)
 
         return SamplingMetadata(
             greedy=columns[0] != 0,
@@ -423,7 +421,7 @@ class ModelRunner:
             if need_penalties
             else [[] for _ in seqs],
             banned_ids=banned,
-            keys=keys,
+            draws=draws,
             num_logprobs=[p.logprobs for p in params],
             all_greedy=all_greedy,
             need_filter=any(p.has_filter for p in params),

@@ -39,7 +39,9 @@ class SamplingMetadata:
     output_ids: list[list[int]]  # [S][*] output so far, for penalties
     prompt_ids: list[list[int]]  # [S][*] prompt, for the repetition penalty
     banned_ids: list[list[int]]  # [S][*] stop ids masked because min_tokens is not reached
-    keys: torch.Tensor | None  # [S] int64 draw keys (sampling_rng.row_keys); None when all greedy
+    # [S, 3] int64 (seed, choice index, output position) keying the draws (sampling_rng.py); None
+    # when all rows are greedy
+    draws: torch.Tensor | None
     num_logprobs: list[int | None]  # [S] None: no logprobs; k: sampled + k top
     all_greedy: bool
     need_filter: bool  # some row uses top-k, top-p or min-p
@@ -117,11 +119,11 @@ class Sampler:
         return logits - meta.presence_penalty[:, None] * (counts > 0).float()
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        assert meta.keys is not None, "rows that sample need their draw keys"
+        assert meta.draws is not None, "rows that sample need their draw table"
         scaled = logits / meta.temperature[:, None]
         if meta.need_filter:
             scaled = self._filter(scaled, meta)
-        sampled = self.race(torch.softmax(scaled, dim=-1), meta.keys)
+        sampled = self.race(torch.softmax(scaled, dim=-1), meta.draws)
         return torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
 
     @staticmethod

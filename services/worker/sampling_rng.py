@@ -52,16 +52,15 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def row_keys(seeds: torch.Tensor, choices: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[S] int64 keys of the rows' draws from their seeds (uint64 as int64), choice indices and
-    output positions ([S] int64 each)."""
+def draw_table(rows: list[tuple[int, int, int]]) -> torch.Tensor:
+    """[S, 3] int64 (seed as int64 bits, choice index, output position) of each row, on the CPU."""
+    return torch.tensor([[as_int64(s), c, p] for s, c, p in rows], dtype=torch.int64).reshape(-1, 3)
+
+
+def row_keys(draws: torch.Tensor) -> torch.Tensor:
+    """[S] int64 keys of the rows' draws from their draw table [S, 3] (draw_table)."""
+    seeds, choices, positions = draws.unbind(dim=1)
     return _mix(_mix(seeds ^ _mix(choices * _GOLDEN)) ^ positions)
-
-
-def row_keys_of(rows: list[tuple[int, int, int]]) -> torch.Tensor:
-    """row_keys of (seed, choice index, output position) triples, on the CPU."""
-    table = torch.tensor([[as_int64(s), c, p] for s, c, p in rows], dtype=torch.int64).reshape(-1, 3)
-    return row_keys(table[:, 0], table[:, 1], table[:, 2])
 
 
 _token_keys: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -77,19 +76,19 @@ def token_keys(vocab: int, device: torch.device) -> torch.Tensor:
     return keys
 
 
-def uniform(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[S, V] float32 in (0, 1): the draw of every (row, token) from the rows' keys [S] int64."""
-    x = keys[:, None] ^ token_keys(vocab, keys.device)[None, :]
+def uniform(draws: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[S, V] float32 in (0, 1): the draw of every (row, token) from the draw table [S, 3]."""
+    x = row_keys(draws)[:, None] ^ token_keys(vocab, draws.device)[None, :]
     x = _shr(x.mul_(_MIX2), 64 - UNIFORM_BITS)
     return x.float().add_(0.5).mul_(1.0 / (1 << UNIFORM_BITS))
 
 
-def exponential(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+def exponential(draws: torch.Tensor, vocab: int) -> torch.Tensor:
     """[S, V] float32 Exp(1) noise, strictly positive: -log(uniform)."""
-    return uniform(keys, vocab).log_().neg_()
+    return uniform(draws, vocab).log_().neg_()
 
 
-def exponential_race(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """[S] int64: each row's token drawn from probs [S, V] (float32, rows summing to 1, zeros allowed)
-    with the rows' keys [S] int64."""
-    return (probs / exponential(keys, probs.shape[1])).argmax(dim=-1)
+def exponential_race(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """[S] int64: each row's token drawn from probs [S, V] (float32, rows summing to 1, zeros
+    allowed) with the rows' draw table [S, 3] int64."""
+    return (probs / exponential(draws, probs.shape[1])).argmax(dim=-1)

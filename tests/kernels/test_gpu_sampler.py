@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from services.worker.sampler import Sampler, SamplingMetadata
-from services.worker.sampling_rng import exponential, exponential_race, row_keys_of, uniform
+from services.worker.sampling_rng import draw_table, exponential, exponential_race, uniform
 
 M64 = (1 << 64) - 1
 GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -59,7 +59,7 @@ def _meta(
         output_ids=[[] for _ in range(rows)],
         prompt_ids=[[] for _ in range(rows)],
         banned_ids=[[] for _ in range(rows)],
-        keys=row_keys_of(draws).to(device),
+        draws=draw_table(draws).to(device),
         num_logprobs=[None] * rows,
         all_greedy=all(greedy),
         need_filter=top_k is not None or top_p is not None or min_p is not None,
@@ -72,7 +72,7 @@ def _meta(
 def test_draws_are_the_documented_definition() -> None:
     draws = [(0, 0, 0), (1234, 0, 7), (2**64 - 1, 3, 100), (2**63, 1, 2**20), (99, 2**31 - 1, 5)]
     vocab = 300
-    got = uniform(row_keys_of(draws), vocab)
+    got = uniform(draw_table(draws), vocab)
     want = torch.tensor([[_uniform(*d, t) for t in range(vocab)] for d in draws], dtype=torch.float32)
     assert torch.equal(got, want)  # bit for bit: (bits + 0.5) / 2**23 is exact in float32
     assert (got > 0).all() and (got < 1).all()
@@ -93,11 +93,11 @@ def test_cpu_sampler_draws_match_the_definition() -> None:
 
 
 def test_noise_is_exponential_and_row_local() -> None:
-    keys = row_keys_of([(s, 0, 0) for s in range(4)])
-    noise = exponential(keys, 50000)
+    draws = draw_table([(s, 0, 0) for s in range(4)])
+    noise = exponential(draws, 50000)
     assert (noise > 0).all() and torch.isfinite(noise).all()
     assert abs(noise.mean().item() - 1.0) < 0.02 and abs(noise.var().item() - 1.0) < 0.05
-    assert torch.equal(exponential(keys[2:3], 50000), noise[2:3])  # independent of the other rows
+    assert torch.equal(exponential(draws[2:3], 50000), noise[2:3])  # independent of the other rows
     assert not torch.equal(noise[0], noise[1])
 
 
@@ -188,8 +188,8 @@ def test_triton_race_is_the_definition() -> None:
         probs[0] = 0.0
         probs[0, vocab - 1] = 1.0  # one possible token
         probs[1, ::2] = 0.0
-        keys = row_keys_of([(2**64 - 1 - r, r, 3 * r) for r in range(rows)])
-        assert torch.equal(triton_race(probs, keys), exponential_race(probs, keys)), (rows, vocab)
+        draws = draw_table([(2**64 - 1 - r, r, 3 * r) for r in range(rows)])
+        assert torch.equal(triton_race(probs, draws), exponential_race(probs, draws)), (rows, vocab)
 
 
 @pytest.mark.gpu
@@ -213,5 +213,5 @@ def test_cpu_reference_and_gpu_sampler_pick_the_same_tokens() -> None:
             gpu = token_ids.tolist()
             assert gpu == cpu, [(r, cpu[r], gpu[r]) for r in range(rows) if cpu[r] != gpu[r]][:10]
         assert torch.equal(
-            uniform(row_keys_of(p["draws"]).to(cuda), vocab).cpu(), uniform(row_keys_of(p["draws"]), vocab)
+            uniform(draw_table(p["draws"]).to(cuda), vocab).cpu(), uniform(draw_table(p["draws"]), vocab)
         )

@@ -363,11 +363,11 @@ def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
     152k vocabulary: ~1% of guided steps). The draws of sampling_rng.py stay strictly inside
     (0, 1): over a 152k vocabulary and many rows no noise is 0 and a masked token never wins."""
     from services.worker.sampler import Sampler, SamplingMetadata
-    from services.worker.sampling_rng import exponential, row_keys_of
+    from services.worker.sampling_rng import draw_table, exponential
 
     rows, vocab = 16, 151936
-    keys = row_keys_of([(99645 + r, 0, r) for r in range(rows)])
-    assert (exponential(keys, vocab) > 0).all()
+    draws = draw_table([(99645 + r, 0, r) for r in range(rows)])
+    assert (exponential(draws, vocab) > 0).all()
     logits = torch.zeros(rows, vocab)
     logits[:, 1::2] = float("-inf")  # masked (or filtered, or banned)
     ones, zeros = torch.ones(rows), torch.zeros(rows)
@@ -383,7 +383,7 @@ def test_a_zero_noise_draw_never_picks_a_masked_token() -> None:
         output_ids=[[]] * rows,
         prompt_ids=[[]] * rows,
         banned_ids=[[]] * rows,
-        keys=keys,
+        draws=draws,
         num_logprobs=[None] * rows,
         all_greedy=False,
         need_filter=False,
