@@ -22,7 +22,14 @@ from services.worker.errors import InvalidRequestError
 if TYPE_CHECKING:
     from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
 
-__all__ = ["EngineRequest", "InvalidRequestError", "Request", "SamplingParams", "Sequence", "validate_request"]
+__all__ = [
+    "EngineRequest",
+    "InvalidRequestError",
+    "Request",
+    "SamplingParams",
+    "Sequence",
+    "validate_request",
+]
 
 
 @dataclass(frozen=True)
