@@ -21,12 +21,14 @@ BAD = [
     ({"temperature": -0.1}, "temperature", ">= 0.0"),
     ({"temperature": 2.5}, "temperature", "<= 2.0"),
     ({"temperature": math.nan}, "temperature", "finite"),
-    ({"top_p": 0.0}, "top_p", "> 0.0"),
+    ({"top_p": 0.0}, "top_p", "> 0"),
+    ({"top_p": 1e-46}, "top_p", "float32"),
     ({"top_p": 1.5}, "top_p", "<= 1.0"),
     ({"top_k": -2}, "top_k", ">= -1"),
     ({"top_k": 2**31}, "top_k", "<="),
     ({"min_p": -0.5}, "min_p", ">= 0.0"),
-    ({"repetition_penalty": 0.0}, "repetition_penalty", "> 0.0"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty", "> 0"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty", "largest float32"),
     ({"repetition_penalty": math.inf}, "repetition_penalty", "finite"),
     ({"presence_penalty": 2.5}, "presence_penalty", "<= 2.0"),
     ({"frequency_penalty": -3.0}, "frequency_penalty", ">= -2.0"),
@@ -76,7 +78,9 @@ def test_the_worker_names_the_field_under_sampling() -> None:
     req = EngineRequest("r", (1, 2, 3), SamplingParams(top_p=0.0))
     with pytest.raises(InvalidRequestError) as err:
         validate_request(req, vocab_size=512, max_model_len=64)
-    assert err.value.field == "sampling.top_p" and str(err.value) == "sampling.top_p: must be > 0.0, got 0.0"
+    assert err.value.field == "sampling.top_p" and str(err.value).startswith(
+        "sampling.top_p: must be >= 2**-149 (> 0"
+    )
 
 
 @pytest.mark.parametrize(
@@ -87,7 +91,7 @@ def test_the_worker_names_the_field_under_sampling() -> None:
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
         ({"min_p": 1.5}, "min_p", "<= 1.0"),
         ({"top_k": -3}, "top_k", ">= -1"),
-        ({"repetition_penalty": 0}, "repetition_penalty", "> 0.0"),
+        ({"repetition_penalty": 0}, "repetition_penalty", "> 0"),
     ],
 )
 def test_the_gateway_names_the_request_field(body: dict[str, Any], param: str, words: str) -> None:
