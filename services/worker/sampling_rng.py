@@ -23,6 +23,7 @@ it (`Engine.add_request`).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -53,8 +54,10 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def draw_table(rows: list[tuple[int, int, int]]) -> torch.Tensor:
-    """[S, 3] int64 (seed as int64 bits, choice index, output position) of each row, on the CPU."""
-    return torch.tensor([[as_int64(s), c, p] for s, c, p in rows], dtype=torch.int64).reshape(-1, 3)
+    """[S, 3] int64 (seed as int64 bits, choice index, output position) of each row, on the CPU.
+    (numpy takes the uint64 seeds as they are and builds the table in one call, per step.)"""
+    table = np.array(rows, dtype=np.uint64).reshape(-1, 3).view(np.int64)
+    return torch.from_numpy(table)
 
 
 def row_keys(draws: torch.Tensor) -> torch.Tensor:
