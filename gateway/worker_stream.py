@@ -318,7 +318,7 @@ def _refused_at_door(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.UNAVAILABLE and "draining" in (exc.details() or "")
 
 
-def _client_error(exc: grpc.aio.AioRpcError, sampling: Sampling) -> APIError:
+def _client_error(exc: grpc.aio.AioRpcError, sampling: SamplingParams[Guided]) -> APIError:
     """A worker's final failure of this request as the client sees it."""
     guided = worker_error(exc, sampling.guided)
     if guided is not None:

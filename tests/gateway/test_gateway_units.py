@@ -212,19 +212,20 @@ def test_continuous_usage_stats_is_accepted() -> None:
 def test_worker_statuses_fail_the_request_not_the_worker() -> None:
     """The failure contract (docs/gateway.md): a status that describes one request is that
     request's answer; only UNAVAILABLE takes a worker out of rotation."""
-    from gateway.downstream import Guided, Sampling
+    from gateway.downstream import Guided
     from gateway.worker_stream import BACK_PRESSURE, WORKER_GONE, _client_error
+    from services.common.sampling import SamplingParams
 
     def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
         return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
     assert set(WORKER_GONE) == {grpc.StatusCode.UNAVAILABLE}
     assert set(BACK_PRESSURE) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert _client_error(rpc_error(grpc.StatusCode.INTERNAL, "boom"), Sampling()).status == 500
-    assert _client_error(rpc_error(grpc.StatusCode.UNKNOWN, "boom"), Sampling()).status == 500
-    full = _client_error(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "full"), Sampling())
+    assert _client_error(rpc_error(grpc.StatusCode.INTERNAL, "boom"), SamplingParams()).status == 500
+    assert _client_error(rpc_error(grpc.StatusCode.UNKNOWN, "boom"), SamplingParams()).status == 500
+    full = _client_error(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "full"), SamplingParams())
     assert (full.status, full.retry_after_s) == (429, 1)
-    guided = Sampling(guided=Guided("regex", "a{1000000}", param="guided_regex"))
+    guided = SamplingParams(guided=Guided("regex", "a{1000000}", param="guided_regex"))
     error = _client_error(
         rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "sampling.guided.regex: guided decoding failed: x"),
         guided,
