@@ -24,7 +24,6 @@ from gateway.downstream import (
     KVSource,
     PrefillResult,
     Rendered,
-    Sampling,
     StylerInfo,
     TextDelta,
     TokenLogprob,
@@ -36,6 +35,7 @@ from gateway.downstream import (
     WorkerLoad,
 )
 from services.common.channels import make_channel
+from services.common.sampling import SamplingParams
 from tandem.v1 import common_pb2, styler_pb2, styler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 _FINISH = {
@@ -111,23 +111,22 @@ def _logprob(entry: common_pb2.TokenLogprob) -> TokenLogprob:
     )
 
 
-def _sampling_to_proto(s: Sampling) -> common_pb2.SamplingParams:
+def _sampling_to_proto(s: SamplingParams[Guided]) -> common_pb2.SamplingParams:
+    """The one conversion to the wire (the worker's `rpc.sampling_from_pb` is its inverse)."""
     out = common_pb2.SamplingParams(
-        min_tokens=s.min_tokens, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, n=s.n
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        min_tokens=s.min_tokens,
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        n=s.n,
     )
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-        "max_tokens",
-        "logprobs",
-        "prompt_logprobs",
-    ):
+    for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):  # None: unset
         value = getattr(s, name)
         if value is not None:
             setattr(out, name, value)
@@ -352,7 +351,7 @@ class WorkerClient:
         self,
         request_id: str,
         prompt_token_ids: Sequence[int],
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
     ) -> PrefillResult:
         """Disaggregation: compute the prompt here, get the first token and the KV handle."""
@@ -390,7 +389,7 @@ class WorkerClient:
         self,
         request_id: str,
         prompt_token_ids: Sequence[int],
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
         generated_token_ids: Sequence[int] = (),
         kv_source: KVSource | None = None,

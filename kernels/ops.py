@@ -58,6 +58,9 @@ class KernelOps:
     tune_linear: Callable[..., list[str]] | None = None
     # (logits [R, V]) -> [R] int64, torch.argmax(logits, -1) (greedy rows of a decode graph)
     argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (probs [R, V] fp32, draws [R, 3] int64) -> [R] int64: the sampler's exponential race,
+    #   services/worker/sampling_rng.exponential_race (its definition) in one pass
+    exponential_race: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # "Folded RMSNorm" decode path: with all three below (and a dtype other than fp16) the loader
     # folds each layer's two norm weights into the next projection (W' = W * g[None, :]) and the
     # layer's two RMSNorm kernels disappear (launches that weigh in a batch-1 step; docs/gpu.md);

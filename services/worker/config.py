@@ -60,7 +60,7 @@ class WorkerConfig(ServiceConfig):
     async_scheduling: Literal["auto", "on", "off"] = "auto"
     """Plan and launch decode step N+1 while step N runs on the device (its input ids come from N's sampled-token tensor); auto: on for CUDA, off on CPU."""
     seed: int = 0
-    """Seed of the random stream used by requests without their own seed, and of dummy weights."""
+    """Seed of the seeds drawn for requests that come without one, and of dummy weights."""
     cpu_threads: int = 0
     """Torch intra-op threads on the CPU; 0 = auto: 1 for tiny models (hidden size <= 256, where threads only add synchronisation), else torch's default."""
     role: Literal["unified", "prefill", "decode"] = "unified"

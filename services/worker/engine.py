@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -139,6 +140,8 @@ class Engine:
         self.kv_handles = KVHandleStore(self.block_manager, config.kv_handle_ttl)
         self.grammars, self.guided_unavailable = self._load_grammar_compiler()
         self._arrivals = itertools.count()
+        # the seeds of requests that come without one (--seed makes a worker's run reproducible)
+        self._seeds = random.Random(config.seed)
         # Async scheduling: the decode step launched ahead, read by the next step() call.
         self.async_scheduling = config.async_scheduling == "on" or (
             config.async_scheduling == "auto" and self.device.type == "cuda"
@@ -206,8 +209,11 @@ class Engine:
 
     def add_request(self, req: EngineRequest, schedule: bool = True) -> Request:
         """Queue a request (or only create it, `schedule=False`, for add_fetching_request); raises
-        InvalidRequestError for bad parameters or a duplicate id."""
+        InvalidRequestError for bad parameters or a duplicate id. The one validation of a request
+        on the worker (the gRPC servicer only converts it)."""
         max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
+        if req.sampling.seed is None:  # drawn once: all sampling draws are keyed by a seed (sampling_rng.py)
+            req = replace(req, sampling=replace(req.sampling, seed=self._seeds.getrandbits(64)))
         if req.request_id in self.requests or req.request_id in self.fetching:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
         if req.sampling.n > self.config.max_num_seqs:

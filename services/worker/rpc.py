@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import threading
 import time
@@ -35,7 +34,6 @@ from services.worker.request import (
     InvalidRequestError,
     SamplingParams,
     TokenLogprob,
-    validate_request,
 )
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -78,26 +76,31 @@ def guided_from_pb(sp: common_pb2.SamplingParams) -> GuidedSpec | None:
     return GuidedSpec(kind, text)
 
 
-def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams:
-    def opt(name: str, default: float) -> float:
-        return float(getattr(sp, name)) if sp.HasField(name) else default
+# Fields whose unset value means the dataclass default (services/common/sampling.py decides it).
+_OPTIONAL_SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "max_tokens",
+    "n",
+    "logprobs",
+    "prompt_logprobs",
+)
 
+
+def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams[GuidedSpec]:
+    """The proto as the dataclass, unchecked: the engine validates it when it admits the request."""
+    given = {name: getattr(sp, name) for name in _OPTIONAL_SAMPLING if sp.HasField(name)}
     return SamplingParams(
-        temperature=opt("temperature", 1.0),
-        top_p=opt("top_p", 1.0),
-        top_k=int(sp.top_k) if sp.HasField("top_k") else 0,
-        min_p=opt("min_p", 0.0),
-        repetition_penalty=opt("repetition_penalty", 1.0),
-        presence_penalty=opt("presence_penalty", 0.0),
-        frequency_penalty=opt("frequency_penalty", 0.0),
-        seed=int(sp.seed) if sp.HasField("seed") else None,
-        max_tokens=int(sp.max_tokens) if sp.HasField("max_tokens") else None,
-        min_tokens=int(sp.min_tokens),
+        **given,
+        min_tokens=sp.min_tokens,
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
-        n=int(sp.n) if sp.HasField("n") else 1,
-        logprobs=int(sp.logprobs) if sp.HasField("logprobs") else None,
-        prompt_logprobs=int(sp.prompt_logprobs) if sp.HasField("prompt_logprobs") else None,
         guided=guided_from_pb(sp),
     )
 
@@ -152,20 +155,6 @@ def fingerprint(engine: Engine) -> str:
     if engine.kv_dtype != engine.dtype:  # (unchanged fingerprints for a cache in the model dtype)
         parts.append(f"kv:{engine.kv_dtype}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def _check_floats(sp: common_pb2.SamplingParams) -> None:
-    """NaN must be refused before any comparison treats it as in range."""
-    for name in (
-        "temperature",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    ):
-        if sp.HasField(name) and not math.isfinite(getattr(sp, name)):
-            raise InvalidRequestError(f"sampling.{name}", f"must be a finite number, got {getattr(sp, name)}")
 
 
 def kv_source_from_pb(msg: worker_pb2.GenerateRequest) -> kv_transfer.KVSource | None:
@@ -285,9 +274,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         source = kv_source_from_pb(request)
         try:
-            _check_floats(request.sampling)
-            req = request_from_pb(request)
-            validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
+            req = request_from_pb(request)  # validated once, by the engine when it admits it
             if source is not None:
                 self._check_kv_source(source, req)
         except InvalidRequestError as exc:
@@ -415,19 +402,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
         try:
-            _check_floats(request.sampling)
-            if request.sampling.HasField("n") and request.sampling.n != 1:
-                raise InvalidRequestError(
-                    "sampling.n", f"Prefill takes one choice (n = 1), got {request.sampling.n}"
-                )
             req = EngineRequest(
                 request_id=request.request_id,
                 prompt_token_ids=tuple(request.prompt_token_ids),
                 sampling=sampling_from_pb(request.sampling),
                 first_choice_index=request.first_choice_index,
                 hold_kv=True,
-            )
-            validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
+            )  # validated once, by the engine when it admits it
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         req = await self._compile_grammar(req, context)
