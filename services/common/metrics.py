@@ -207,14 +207,14 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         KV_TRANSFER_BYTES,
         "counter",
-        ("direction",),
+        ("direction", "transport"),
         "KV-cache bytes sent (prefill side) or received (decode side).",
         ("worker",),
     ),
     MetricSpec(
         KV_TRANSFER_SECONDS,
         "histogram",
-        ("direction",),
+        ("direction", "transport"),
         "Seconds one KV transfer (FetchKV stream) took.",
         ("worker",),
         TRANSFER_BUCKETS,
@@ -405,11 +405,17 @@ def observe_timeline(timeline: RequestTimeline, registry: CollectorRegistry = RE
 
 
 def observe_kv_transfer(
-    direction: str, num_bytes: int, seconds: float, registry: CollectorRegistry = REGISTRY
+    direction: str,
+    num_bytes: int,
+    seconds: float,
+    transport: str = "grpc",
+    registry: CollectorRegistry = REGISTRY,
 ) -> None:
-    """Record one KV transfer: `direction` is "send" (prefill worker) or "receive" (decode worker)."""
-    counter(KV_TRANSFER_BYTES, registry=registry).labels(direction=direction).inc(num_bytes)
-    histogram(KV_TRANSFER_SECONDS, registry=registry).labels(direction=direction).observe(max(seconds, 0.0))
+    """Record one KV transfer: `direction` is "send" (prefill worker) or "receive" (decode worker),
+    `transport` "grpc", "cuda-ipc" or "nixl" (bytes / seconds per transport = its GB/s)."""
+    labels = {"direction": direction, "transport": transport}
+    counter(KV_TRANSFER_BYTES, registry=registry).labels(**labels).inc(num_bytes)
+    histogram(KV_TRANSFER_SECONDS, registry=registry).labels(**labels).observe(max(seconds, 0.0))
 
 
 # --- gRPC server interceptor -----------------------------------------------------------------

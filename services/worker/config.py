@@ -71,6 +71,12 @@ class WorkerConfig(ServiceConfig):
     """Address decode workers use to reach this worker's FetchKV ("" = the bound --address)."""
     kv_chunk_bytes: int = 1024 * 1024
     """Target size of one FetchKV chunk (a layer range x a block range) in bytes (1 MiB was fastest, docs/disaggregation.md)."""
+    kv_transport: Literal["auto", "cuda-ipc", "nixl", "grpc"] = "auto"
+    """How KV moves between prefill and decode workers: auto = the fastest both ends support (CUDA IPC on one host, then NIXL, then gRPC); a named one is tried first, then gRPC."""
+    kv_fetch_stall_timeout: float = 10.0
+    """Decode role: seconds a KV fetch may go without progress before it is abandoned and the prompt computed here."""
+    kv_events_buffer: int = 4096
+    """Prefix-cache events (SubscribeKvEvents) kept for subscribers that reconnect; one further behind gets a snapshot."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,6 +102,10 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--kv-handle-ttl must be > 0, got {self.kv_handle_ttl}")
         if self.kv_chunk_bytes <= 0:
             raise ValueError(f"--kv-chunk-bytes must be > 0, got {self.kv_chunk_bytes}")
+        if self.kv_fetch_stall_timeout <= 0:
+            raise ValueError(f"--kv-fetch-stall-timeout must be > 0, got {self.kv_fetch_stall_timeout}")
+        if self.kv_events_buffer <= 0:
+            raise ValueError(f"--kv-events-buffer must be > 0, got {self.kv_events_buffer}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
