@@ -93,11 +93,11 @@ def run_guidellm(base: str, model_name: str, tokenizer: str, args: argparse.Name
         str(VENV_BIN / "guidellm"), "run",
         "--backend", f"kind=openai_http,target={base},model={model_name}",
         "--profile", f"kind=concurrent,streams={args.concurrency}",
-        "--constraint", f"kind=max_requests,max_requests={args.requests}",
-        "--tokenizer", f"kind=huggingface_auto,name={tokenizer}",
+        "--constraint", f"kind=max_requests,count={args.requests}",
+        "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
         "--data", f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},output_tokens={args.output_tokens}",
         "--output", f"kind=json,path={report}",
-        "--disable-progress",
+        "--disable-console-interactive",
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=out)
     if done.returncode != 0 or not report.exists():

@@ -103,9 +103,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             if exc.status < 400:
                 raise
             message = exc.reason if exc.status != 404 else f"no route {request.method} {request.path}"
+            headers = {}
             if exc.status == 405:
                 message = f"method {request.method} not allowed on {request.path}"
-            response = error_response(APIError(exc.status, message), request.path)
+                headers["Allow"] = exc.headers.get("Allow", "")
+            response = error_response(APIError(exc.status, message, headers=headers), request.path)
         except Exception as exc:
             # A write to a client that has gone (before its cancellation arrives) fails so.
             if isinstance(exc, ConnectionError) and _closed_by_client(request, exc):

@@ -86,7 +86,10 @@ class KeyRing:
         """
         if not self.keys:
             return None
-        token = authorization[7:].strip().encode() if authorization[:7].lower() == "bearer " else b""
+        # surrogateescape: aiohttp keeps header bytes that are not UTF-8 as surrogate escapes; such
+        # a key is wrong (401), not an encoding failure (500).
+        raw = authorization[7:].strip() if authorization[:7].lower() == "bearer " else ""
+        token = raw.encode("utf-8", "surrogateescape")
         match: ApiKey | None = None
         for key in self.keys:
             if hmac.compare_digest(token, key.secret) and match is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import grpc
 
 from gateway.deadline import expired
-from gateway.errors import APIError
+from gateway.errors import APIError, one_line
 
 # gRPC status -> (HTTP status, retry-after seconds or None)
 _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, int | None]] = {
@@ -39,5 +39,5 @@ def from_grpc(exc: grpc.aio.AioRpcError, service: str) -> APIError:
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or (status >= 500 and expired()):
         return APIError(504, f"the request timed out waiting for the {service}", code="timeout")
     if status < 500:
-        return APIError(status, exc.details() or exc.code().name, retry_after_s=retry_after)
+        return APIError(status, one_line(exc.details() or "") or exc.code().name, retry_after_s=retry_after)
     return APIError(status, f"the {service} failed: {exc.code().name}", retry_after_s=retry_after)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.limits import Limits
+from gateway.structured_output import FIELDS as CONSTRAINT_FIELDS
+from gateway.structured_output import MAX_GUIDED_CHOICES
+from gateway.validation import MAX_FLOAT32, MIN_POSITIVE_FLOAT32
 
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
@@ -48,7 +51,7 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
         "model": {**_STR, "description": "the served model ('' or absent: the served model)"},
         "max_tokens": _int(1, limits.max_tokens or _UINT32),
         "temperature": _num(0.0, 2.0),
-        "top_p": _num(0.0, 1.0, exclusive_lo=True),
+        "top_p": _num(MIN_POSITIVE_FLOAT32, 1.0),
         "n": _int(1, limits.max_n),
         "stop": {"anyOf": [{"type": "string", "minLength": 1}, stop_list, {"type": "null"}]},
         "seed": _int(-(2**63), 2**63 - 1),
@@ -56,7 +59,7 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
         "frequency_penalty": _num(-2.0, 2.0),
         "top_k": _int(-1, 2**31 - 1),
         "min_p": _num(0.0, 1.0),
-        "repetition_penalty": _num(0.0, exclusive_lo=True),
+        "repetition_penalty": _num(MIN_POSITIVE_FLOAT32, MAX_FLOAT32),
         "min_tokens": _int(0, _UINT32),
         "ignore_eos": _BOOL,
         "stop_token_ids": _TOKEN_IDS,
@@ -131,6 +134,7 @@ def _structured_output() -> dict[str, Any]:
         "guided_choice": {
             "type": "array",
             "minItems": 1,
+            "maxItems": MAX_GUIDED_CHOICES,
             "items": _STR,
             "description": "vLLM: the output is exactly one of these strings",
         },
@@ -148,12 +152,32 @@ def _structured_output() -> dict[str, Any]:
             "properties": {
                 "json": {"anyOf": [{"type": "object"}, _STR]},
                 "regex": {"type": "string", "minLength": 1},
-                "choice": {"type": "array", "minItems": 1, "items": _STR},
+                "choice": {"type": "array", "minItems": 1, "maxItems": MAX_GUIDED_CHOICES, "items": _STR},
                 "grammar": {"type": "string", "minLength": 1},
                 "json_object": {"const": True},
             },
         },
     }
+
+
+def _refused_combinations(chat: bool) -> dict[str, Any]:
+    """What validation refuses across fields: two structured-output constraints (`response_format`
+    of type text is none), `stream_options` without `stream: true`, and (chat) `top_logprobs`
+    without `logprobs: true`."""
+    constraining = {
+        "properties": {"response_format": {"properties": {"type": {"enum": ["json_object", "json_schema"]}}}}
+    }
+    pairs = []
+    for i, first in enumerate(CONSTRAINT_FIELDS):
+        for second in CONSTRAINT_FIELDS[i + 1 :]:
+            pair: dict[str, Any] = {"required": [first, second]}
+            if first == "response_format":
+                pair.update(constraining)
+            pairs.append(pair)
+    needs_true = [("stream_options", "stream")] + ([("top_logprobs", "logprobs")] if chat else [])
+    for field, flag in needs_true:
+        pairs.append({"required": [field], "properties": {flag: {"not": {"const": True}}}})
+    return {"not": {"anyOf": pairs}}
 
 
 def _tool_choice() -> dict[str, Any]:
@@ -255,6 +279,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "type": "object",
             "required": ["messages"],
             "additionalProperties": False,
+            **_refused_combinations(chat=True),
             "properties": {
                 **_generation(limits, chat=True),
                 "messages": messages,
@@ -269,6 +294,7 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "type": "object",
             "required": ["prompt"],
             "additionalProperties": False,
+            **_refused_combinations(chat=False),
             "properties": {
                 **_generation(limits, chat=False),
                 "prompt": prompt,
@@ -279,7 +305,19 @@ def _schemas(limits: Limits) -> dict[str, Any]:
         "TokenizeRequest": {
             "type": "object",
             "additionalProperties": False,
-            "description": "exactly one of prompt or messages",
+            "description": "exactly one of prompt or messages; tools and template options need messages",
+            "oneOf": [
+                {
+                    "required": ["prompt"],
+                    "not": {
+                        "anyOf": [
+                            {"required": [name]}
+                            for name in ("messages", "tools", "chat_template", "chat_template_kwargs")
+                        ]
+                    },
+                },
+                {"required": ["messages"], "not": {"required": ["prompt"]}},
+            ],
             "properties": {
                 "model": _STR,
                 "prompt": _STR,

@@ -8,7 +8,6 @@ OpenAI response dicts back into protobuf. So the two front ends cannot drift apa
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import uuid
@@ -19,7 +18,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from gateway import deadline, pipeline
+from gateway import deadline, json_text, pipeline
 from gateway.appkeys import CONTEXT
 from gateway.auth import ApiKey
 from gateway.config import GatewayConfig
@@ -61,10 +60,7 @@ _OPTIONAL_OPTIONS = (
 
 
 def _json_field(text: str, name: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise invalid(f"'{name}' is not valid JSON: {exc}", name) from None
+    return json_text.loads(text, name)
 
 
 def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from typing import Any
 
 import grpc
 
+from gateway import json_text
 from gateway.downstream import Guided
-from gateway.errors import APIError, invalid
+from gateway.errors import APIError, invalid, one_line
 
 # The request fields that may carry a constraint, in the order they are named in errors.
 FIELDS = (
@@ -44,13 +45,27 @@ _STRUCTURED_OUTPUTS = {
     "json_object": "json_object",
 }
 
+# Cheap bounds checked before a worker compiles anything: compiling a grammar costs time and
+# memory that grow with its text (100,000 choices took the compiler 17 s).
+MAX_GUIDED_CHOICES = 1024  # strings in `guided_choice`
+MAX_GUIDED_BYTES = 128 * 1024  # UTF-8 bytes of a schema, regex or grammar, or of all choices together
+# A compiler's refusal is cut to its first line, at most this long (never a backtrace).
+MAX_WORKER_ERROR_CHARS = 300
+
 # OpenAI's rule for `response_format.json_schema.name`.
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-def schema_text(schema: Any) -> str:
-    """A JSON schema as the JSON text the worker compiles."""
-    return json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+def schema_text(schema: Any, param: str) -> str:
+    """A JSON schema as the JSON text the worker compiles (at most `MAX_GUIDED_BYTES`)."""
+    return _bounded(json.dumps(schema, ensure_ascii=False, separators=(",", ":")), param, "its JSON schema")
+
+
+def _bounded(text: str, param: str, what: str) -> str:
+    size = len(text.encode("utf-8"))
+    if size > MAX_GUIDED_BYTES:
+        raise invalid(f"'{param}': {what} is {size} bytes; at most {MAX_GUIDED_BYTES} are allowed", param)
+    return text
 
 
 def _response_format(value: Any) -> Guided | None:
@@ -88,7 +103,7 @@ def _response_format(value: Any) -> Guided | None:
         if not isinstance(spec.get("description", ""), (str, type(None))):
             raise invalid("'response_format.json_schema.description' must be a string", param)
         # strict: the worker always enforces the schema, so strict true and false behave alike.
-        guided = Guided("json_schema", schema_text(spec["schema"]), param=param)
+        guided = Guided("json_schema", schema_text(spec["schema"], param), param=param)
     else:
         raise invalid("'response_format.type' must be 'text', 'json_object' or 'json_schema'", param)
     unknown = sorted(set(value) - allowed)
@@ -100,25 +115,27 @@ def _response_format(value: Any) -> Guided | None:
 def _guided_json(value: Any) -> Guided:
     param = "guided_json"
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as exc:
-            raise invalid(f"'guided_json' is not valid JSON: {exc}", param) from None
+        value = json_text.loads(value, param)
     if not isinstance(value, dict):
         raise invalid("'guided_json' must be a JSON schema object (or its JSON text)", param)
-    return Guided("json_schema", schema_text(value), param=param)
+    return Guided("json_schema", schema_text(value, param), param=param)
 
 
 def _nonempty_string(value: Any, param: str) -> str:
     if not isinstance(value, str) or not value:
         raise invalid(f"'{param}' must be a non-empty string", param)
-    return value
+    return _bounded(value, param, "the text")
 
 
 def _guided_choice(value: Any) -> Guided:
     param = "guided_choice"
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise invalid("'guided_choice' must be a non-empty list of strings", param)
+    if len(value) > MAX_GUIDED_CHOICES:
+        raise invalid(
+            f"'guided_choice' has {len(value)} strings; at most {MAX_GUIDED_CHOICES} are allowed", param
+        )
+    _bounded("".join(value), param, "the choices together")
     return Guided("choice", choices=tuple(value), param=param)
 
 
@@ -187,11 +204,15 @@ def worker_error(exc: grpc.aio.AioRpcError, guided: Guided | None) -> APIError |
     field, _, why = details.partition(":")
     # The worker names the field first: "guided.json_schema: ..." or "sampling.guided.regex: ...".
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "guided" in field.split("."):
-        return invalid(f"'{guided.param}' cannot be used for guided decoding: {why.strip()}", guided.param)
+        return invalid(
+            f"'{guided.param}' cannot be used for guided decoding: {one_line(why, MAX_WORKER_ERROR_CHARS)}",
+            guided.param,
+        )
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and not details.startswith("kv_source"):
         return APIError(
             400,
-            f"'{guided.param}' needs guided decoding, which this deployment cannot do: {details}",
+            f"'{guided.param}' needs guided decoding, which this deployment cannot do: "
+            f"{one_line(details, MAX_WORKER_ERROR_CHARS)}",
             param=guided.param,
             code="guided_decoding_unavailable",
         )

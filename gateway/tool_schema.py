@@ -48,7 +48,11 @@ def _find(tools: list[dict[str, Any]], name: str) -> int:
 
 def named_schema(tools: list[dict[str, Any]], name: str) -> Guided:
     i = _find(tools, name)
-    return Guided("json_schema", schema_text(_parameters(tools[i])), param=f"tools[{i}].function.parameters")
+    return Guided(
+        "json_schema",
+        schema_text(_parameters(tools[i]), f"tools[{i}].function.parameters"),
+        param=f"tools[{i}].function.parameters",
+    )
 
 
 def required_schema(tools: list[dict[str, Any]], parallel_tool_calls: bool) -> dict[str, Any]:
@@ -92,4 +96,6 @@ def forced_guided(tools: list[dict[str, Any]], choice: ForcedToolChoice, paralle
     """The constraint that makes the output the forced call(s)."""
     if choice.mode == "named":
         return named_schema(tools, choice.name)
-    return Guided("json_schema", schema_text(required_schema(tools, parallel_tool_calls)), param="tools")
+    return Guided(
+        "json_schema", schema_text(required_schema(tools, parallel_tool_calls), "tools"), param="tools"
+    )

@@ -129,7 +129,7 @@ class Fields:
             return ()
         if not isinstance(value, list) or not all(_is_token_id(v) for v in value):
             raise invalid(f"'{self._name(key)}' must be a list of non-negative integers", self._name(key))
-        return tuple(value)
+        return _ids(value)
 
     def reject_rest(self, allowed_extra: frozenset[str] = frozenset()) -> None:
         """Refuse fields not consumed: known ones not supported yet, then unknown ones."""
@@ -154,10 +154,21 @@ def _short(value: Any) -> str:
 # not an encoding failure later.
 MAX_UINT32 = 2**32 - 1
 MAX_INT32 = 2**31 - 1
+# Sampling floats travel as float32: a positive value below this becomes 0 there, which the worker
+# refuses for top_p and repetition_penalty (must be > 0) without naming the request field.
+MIN_POSITIVE_FLOAT32 = 2.0**-149
+MAX_FLOAT32 = 3.4028234663852886e38  # and a larger one becomes inf
 
 
 def _is_token_id(value: Any) -> bool:
+    # 7.0 is an integer in JSON Schema (and in `Fields.integer`), so a token id too.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_UINT32
+
+
+def _ids(values: list[Any]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)
 
 
 def _stop(f: Fields, max_stop_strings: int) -> tuple[str, ...]:
@@ -226,7 +237,7 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
     return GenerationParams(
         max_tokens=max_tokens,
         temperature=f.number("temperature", lo=0.0, hi=2.0),
-        top_p=f.number("top_p", lo=0.0, hi=1.0, lo_open=True),
+        top_p=f.number("top_p", lo=MIN_POSITIVE_FLOAT32, hi=1.0),
         n=n or 1,
         stop=_stop(f, limits.max_stop_strings),
         seed=f.integer("seed", lo=-(2**63), hi=2**63 - 1),  # int64, as OpenAI's schema says
@@ -234,7 +245,7 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         frequency_penalty=f.number("frequency_penalty", lo=-2.0, hi=2.0),
         top_k=None if top_k in (None, 0, -1) else top_k,
         min_p=f.number("min_p", lo=0.0, hi=1.0),
-        repetition_penalty=f.number("repetition_penalty", lo=0.0, lo_open=True),
+        repetition_penalty=f.number("repetition_penalty", lo=MIN_POSITIVE_FLOAT32, hi=MAX_FLOAT32),
         min_tokens=min_tokens,
         ignore_eos=f.boolean("ignore_eos", False),
         stop_token_ids=f.int_list("stop_token_ids"),
@@ -421,9 +432,9 @@ def _prompts(value: Any) -> tuple[Prompt, ...]:
         if all(isinstance(v, str) for v in value):
             return tuple(value)
         if all(_is_token_id(v) for v in value):
-            return (tuple(value),)
+            return (_ids(value),)
         if all(isinstance(v, list) and v and all(_is_token_id(t) for t in v) for v in value):
-            return tuple(tuple(v) for v in value)
+            return tuple(_ids(v) for v in value)
     raise invalid(
         "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists "
         "(non-empty)",

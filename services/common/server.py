@@ -34,6 +34,7 @@ from services.common.metrics import GrpcMetricsInterceptor, start_metrics_server
 from services.common.reflection import enable_server_reflection
 from services.common.service_config import ServiceConfig
 from services.common.tls import secure_channel_options
+from services.common.undecodable import UndecodableRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,10 @@ class GrpcServer:
         # Tracing (empty unless OTEL_* / TANDEM_TRACE_FILE turned it on) and rpc / error counts
         # for every service, so no servicer needs its own hooks.
         observability = [*telemetry.grpc_server_interceptors(), GrpcMetricsInterceptor()]
+        # Innermost: the outer interceptors see its INVALID_ARGUMENT like any other refusal.
         self.server = grpc.aio.server(
-            interceptors=[self.drain, *observability, *interceptors], options=list(GRPC_OPTIONS)
+            interceptors=[self.drain, *observability, *interceptors, UndecodableRequestInterceptor()],
+            options=list(GRPC_OPTIONS),
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -69,6 +69,11 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
         raise InvalidRequestError("request_id", "must be non-empty")
     if not req.prompt_token_ids:
         raise InvalidRequestError("prompt_token_ids", "the prompt is empty")
+    # Choice indices travel as uint32: the last one, first_choice_index + n - 1, must fit too.
+    if req.first_choice_index + max(sp.n, 1) - 1 > 2**32 - 1:
+        raise InvalidRequestError(
+            "first_choice_index", f"first_choice_index + n must be at most 2**32 (n is {sp.n})"
+        )
     for name, ids in (
         ("prompt_token_ids", req.prompt_token_ids),
         ("generated_token_ids", req.generated_token_ids),
