@@ -140,7 +140,7 @@ def read_chunk(kv: torch.Tensor, block_ids: tuple[int, ...], span: Span) -> KVCh
     else:
         host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
         host.copy_(part)
-    data = memoryview(host.reshape(-1).view(torch.uint8).numpy())
+    data = host.reshape(-1).view(torch.uint8).numpy().data
     return KVChunkData(l0, l1, b0, b1, data, KV_DTYPE_NAMES[kv.dtype], tuple(part.shape))
 
 

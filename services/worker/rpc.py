@@ -58,7 +58,11 @@ _TRANSPORTS_PB = {
     "cuda-ipc": worker_pb2.KV_TRANSPORT_CUDA_IPC,
     "nixl": worker_pb2.KV_TRANSPORT_NIXL,
 }
-_TRANSPORTS = {v: k for k, v in _TRANSPORTS_PB.items()}
+_TRANSPORTS: dict[int, kv_transports.Transport] = {
+    worker_pb2.KV_TRANSPORT_GRPC: "grpc",
+    worker_pb2.KV_TRANSPORT_CUDA_IPC: "cuda-ipc",
+    worker_pb2.KV_TRANSPORT_NIXL: "nixl",
+}
 _EVENT_KINDS = {
     "stored": worker_pb2.KV_EVENT_KIND_STORED,
     "evicted": worker_pb2.KV_EVENT_KIND_EVICTED,
@@ -182,24 +186,6 @@ def kv_source_from_pb(msg: worker_pb2.GenerateRequest) -> kv_transfer.KVSource |
         return None
     h = msg.kv_source
     return kv_transfer.KVSource(h.handle_id, h.address, h.num_tokens, h.fingerprint)
-
-
-def chunk_to_pb(chunk: kv_transfer.KVChunkData) -> worker_pb2.KVChunk:
-    return worker_pb2.KVChunk(
-        layer_start=chunk.layer_start,
-        layer_end=chunk.layer_end,
-        block_start=chunk.block_start,
-        block_end=chunk.block_end,
-        data=chunk.data,
-        dtype=chunk.dtype,
-        shape=chunk.shape,
-    )
-
-
-def chunk_from_pb(msg: worker_pb2.KVChunk) -> kv_transfer.KVChunkData:
-    return kv_transfer.KVChunkData(
-        msg.layer_start, msg.layer_end, msg.block_start, msg.block_end, msg.data, msg.dtype, tuple(msg.shape)
-    )
 
 
 def encode_chunk(chunk: kv_transfer.KVChunkData) -> bytes:
@@ -603,10 +589,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         assert events is not None
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
-        unsubscribe = events.listen(lambda: loop.call_soon_threadsafe(wake.set))
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        unsubscribe = events.listen(notify)
         after, epoch = request.after_sequence, request.epoch
         block_size = self.engine.config.block_size
         try:
+            await context.send_initial_metadata(())  # tells the subscriber it is subscribed
             while True:
                 wake.clear()
                 batch = events.since(after, epoch)
@@ -705,7 +696,9 @@ class _HandlerCapture:
     def add_generic_rpc_handlers(self, handlers: object) -> None:
         pass
 
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
         self.handlers.update(handlers)
 
 
