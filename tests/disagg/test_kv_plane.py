@@ -137,7 +137,7 @@ def test_a_cuda_ipc_handle_may_only_name_torch_tensor_parts() -> None:
     import pickle
 
     evil = pickle.dumps(("rebuild_cuda_tensor", (print, ("pwned",))))
-    with pytest.raises(pickle.UnpicklingError, match="may not name builtins.print"):
+    with pytest.raises(pickle.UnpicklingError, match=r"may not name builtins\.print"):
         kv_transports.import_tensor(kv_transports.SharedTensor("elsewhere", evil))
 
 
