@@ -65,11 +65,11 @@ class KvEventLog:
 
     def since(self, after: int, epoch: str = "") -> list[KvEvent]:
         """The events after sequence number `after` of `epoch`; a snapshot (numbered as the newest
-        event, so the reader resumes after it) when they are no longer all buffered, when `after`
-        is 0 or when `epoch` is not this log's."""
+        event, so the reader resumes after it) when they are no longer all buffered or when
+        `epoch` is not this log's (a new subscriber passes "")."""
         with self._lock:
             oldest = self._events[0].sequence if self._events else self._last + 1
-            if after == 0 or epoch != self.epoch or after > self._last or after < oldest - 1:
+            if epoch != self.epoch or after > self._last or after < oldest - 1:
                 return [KvEvent(self._last, "snapshot", tuple(sorted(self._cached)))]
             return list(itertools.islice(self._events, after - oldest + 1, None))
 
