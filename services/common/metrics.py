@@ -37,6 +37,7 @@ REQUESTS_RUNNING = "tandem:requests_running"
 REQUESTS_WAITING = "tandem:requests_waiting"
 KV_CACHE_USAGE = "tandem:kv_cache_usage_ratio"
 PREFIX_CACHE_HIT_RATE = "tandem:prefix_cache_hit_rate"
+PREFIX_CACHE_HOST_HITS = "tandem:prefix_cache_host_hit_tokens"
 PREFIX_CACHE_QUERIES = "tandem:prefix_cache_queries_total"
 PREFIX_CACHE_HITS = "tandem:prefix_cache_hits_total"
 KV_TRANSFER_BYTES = "tandem:kv_transfer_bytes_total"
@@ -198,6 +199,13 @@ METRICS: tuple[MetricSpec, ...] = (
         "gauge",
         (),
         "Fraction of prompt tokens served from the prefix cache (0..1, since start).",
+        ("worker",),
+    ),
+    MetricSpec(
+        PREFIX_CACHE_HOST_HITS,
+        "gauge",
+        (),
+        "Prompt tokens whose KV came back from the host-memory tier (--kv-offload-memory), since start.",
         ("worker",),
     ),
     MetricSpec(

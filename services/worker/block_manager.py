@@ -21,6 +21,7 @@ from collections import OrderedDict
 
 from services.common.block_hash import ROOT_HASH, chain_hash
 from services.worker.kv_events import KvEventLog
+from services.worker.kv_offload import HostKVTier
 from services.worker.request import Sequence
 
 _ROOT_HASH = ROOT_HASH
@@ -34,6 +35,7 @@ class BlockManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         events: KvEventLog | None = None,
+        offload: HostKVTier | None = None,
     ) -> None:
         if num_blocks <= 0:
             raise ValueError("the KV cache needs at least one block")
@@ -45,6 +47,8 @@ class BlockManager:
         self.cached: dict[BlockKey, int] = {}
         self.block_digests: list[int] = [0] * num_blocks  # chain hash of a cached block
         self.events = events
+        self.offload = offload if enable_prefix_caching else None
+        self.num_host_hit_tokens = 0  # prefix tokens brought back from the host tier
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
@@ -77,14 +81,39 @@ class BlockManager:
             return []
         bs = self.block_size
         hits: list[int] = []
+        free_hits = 0  # hits in the free pool, moved to its end so that a host load cannot take them
         parent = _ROOT_HASH
         for i in range((seq.num_tokens - 1) // bs):
             parent, key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs])
             block = self.cached.get(key)
+            if block is None and self.offload is not None and key in self.offload:
+                block = self._load_from_host(key, parent, free_hits)
             if block is None:
                 break
+            if self.ref_counts[block] == 0:
+                self.free.move_to_end(block)
+                free_hits += 1
             hits.append(block)
         return hits
+
+    def _load_from_host(self, key: BlockKey, digest: int, protected: int) -> int | None:
+        """Bring a host-tier block back into a free device block, cached again (unreferenced, most
+        recently used); None when every free block is one of the `protected` hits before it."""
+        assert self.offload is not None
+        if len(self.free) <= protected:
+            return None
+        self.offload.touch(key)  # the eviction below may push a host block out: not this one
+        block = self._take_free()
+        if key not in self.offload:  # (a tier of one block)
+            self._unref(block)
+            return None
+        self.offload.load(key, block)
+        self.cached[key] = block
+        self.block_keys[block] = key
+        self.block_digests[block] = digest
+        self._unref(block)
+        self.num_host_hit_tokens += self.block_size
+        return block
 
     # ---- allocation ----------------------------------------------------------------------------
     def can_allocate(
@@ -188,11 +217,16 @@ class BlockManager:
     def _take_free(self) -> int:
         block, _ = self.free.popitem(last=False)
         key = self.block_keys[block]
-        if key is not None:  # evict the cached prefix it held
+        if key is not None:  # evict the cached prefix it held (to the host tier when there is one)
             del self.cached[key]
             self.block_keys[block] = None
-            if self.events is not None:
-                self.events.evicted([self.block_digests[block]])
+            gone = [self.block_digests[block]]
+            if self.offload is not None:
+                dropped = self.offload.save(key, self.block_digests[block], block)
+                # still cached, on the host; what the host tier dropped is gone unless on the device
+                gone = [dropped[1]] if dropped is not None and dropped[0] not in self.cached else []
+            if gone and self.events is not None:
+                self.events.evicted(gone)
         self.ref_counts[block] = 1
         return block
 

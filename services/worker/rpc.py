@@ -651,6 +651,8 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
         lambda: engine.load.num_kv_blocks_used / max(engine.load.num_kv_blocks_total, 1),
     )
     metrics.gauge_from(metrics.PREFIX_CACHE_HIT_RATE, lambda: engine.load.prefix_cache_hit_rate)
+    bm = engine.engine.block_manager
+    metrics.gauge_from(metrics.PREFIX_CACHE_HOST_HITS, lambda: bm.num_host_hit_tokens)
 
 
 def _observe_finished(
