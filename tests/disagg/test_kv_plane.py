@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 import torch
-from test_kv_transfer import COMMON, Pair, disaggregated, made_vocab, make_prompts, wait_no_blocks
+from test_kv_transfer import (
+    COMMON,
+    Pair,
+    disaggregated,
+    made_vocab,
+    make_prompts,
+    sampling_pb,
+    wait_no_blocks,
+)
 from worker_servers import LoopThread, start_worker, stop_worker
 
 from services.worker import kv_transfer, kv_transports, kv_wire
@@ -242,7 +250,6 @@ def test_fetch_of_a_dead_peer_fails_fast_and_recomputes(ipc_pair: Pair) -> None:
     prompt = make_prompts(pair.vocab_size)[1][5]
     sp = SamplingParams(temperature=0.0, max_tokens=6)
     expected = pair.reference.generate([prompt], sp, prefix="dead")[0].token_ids[0]
-    from test_kv_transfer import sampling_pb
 
     request = worker_pb2.GenerateRequest(
         request_id="dead-peer",
@@ -263,3 +270,37 @@ def test_fetch_of_a_dead_peer_fails_fast_and_recomputes(ipc_pair: Pair) -> None:
     assert tokens == expected
     assert not pair.decode.servicer.fetch_stats[-1].ok
     wait_no_blocks(pair.stub(pair.decode))
+
+
+@pytest.mark.parametrize("transport", ["grpc", "cuda-ipc"])
+def test_reader_that_dies_mid_transfer_leaves_no_block_on_the_prefill_side(
+    ipc_pair: Pair, transport: str
+) -> None:
+    """A decode worker that takes the first chunk (gRPC) or the CUDA IPC chunk and then goes away
+    (its stream cancelled, as when its process dies): the prefill worker frees the handle's blocks."""
+    pair = ipc_pair
+    prompt = make_prompts(pair.vocab_size)[1][7]
+    p = pair.stub(pair.prefill)
+    reply = p.Prefill(
+        worker_pb2.PrefillRequest(
+            request_id=f"dies-{transport}",
+            prompt_token_ids=prompt,
+            sampling=sampling_pb(SamplingParams(temperature=0.0, max_tokens=4)),
+        ),
+        timeout=60,
+    )
+    assert p.GetLoad(worker_pb2.GetLoadRequest()).num_kv_handles == 1
+    wanted = worker_pb2.KV_TRANSPORT_CUDA_IPC if transport == "cuda-ipc" else worker_pb2.KV_TRANSPORT_GRPC
+    call = p.FetchKV(
+        worker_pb2.FetchKVRequest(
+            handle_id=reply.handle.handle_id,
+            chunk_bytes=1024,  # several chunks over gRPC
+            transports=[wanted],
+            host_id=kv_transports.host_id(),
+        ),
+        timeout=30,
+    )
+    first = next(call)
+    assert first.transport == (wanted if transport == "cuda-ipc" else worker_pb2.KV_TRANSPORT_UNSPECIFIED)
+    call.cancel()
+    wait_no_blocks(p)
