@@ -230,6 +230,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.engine.config.kv_transport, self.kv_transports, self.engine.device
         )
         self.fetch_stats: list[kv_transfer.FetchStats] = []  # the last few, for tests and logs
+        # Prefill workers whose CUDA IPC fetch failed here (e.g. no shared /dev/shm between
+        # containers): later fetches from them skip it rather than fail and recompute every time.
+        self._ipc_failed: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._grammar_pool = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
         _export_load_gauges(engine)
@@ -313,7 +316,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     self._fetch_kv,
                     self.engine.config.kv_fetch_stall_timeout,
                 )
-                self._record_fetch(stats)
+                self._record_fetch(source.address, stats)
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, InvalidRequestError):
@@ -561,7 +564,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 handle_id=source.handle_id,
                 skip_tokens=skip_tokens,
                 fingerprint=self.fingerprint,
-                transports=[_TRANSPORTS_PB[t] for t in self.kv_preferences],
+                transports=[
+                    _TRANSPORTS_PB[t]
+                    for t in self.kv_preferences
+                    if not (t == "cuda-ipc" and source.address in self._ipc_failed)
+                ],
                 host_id=kv_transports.host_id(),
             ),
             timeout=FETCH_TIMEOUT_S,
@@ -573,8 +580,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             call.cancel()
 
-    def _record_fetch(self, stats: kv_transfer.FetchStats) -> None:
+    def _record_fetch(self, address: str, stats: kv_transfer.FetchStats) -> None:
         self.fetch_stats = [*self.fetch_stats[-63:], stats]
+        if not stats.ok and stats.transport == "cuda-ipc" and address not in self._ipc_failed:
+            log.warning(
+                "CUDA IPC from %s failed (%s); using the next transport from now on", address, stats.error
+            )
+            self._ipc_failed.add(address)
         if stats.ok:
             metrics.observe_kv_transfer("receive", stats.num_bytes, stats.seconds, stats.transport)
 

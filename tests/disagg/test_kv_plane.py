@@ -142,8 +142,33 @@ def test_preferences_follow_the_flag_and_say_why_not() -> None:
 
 
 def test_a_cuda_ipc_handle_may_only_name_torch_tensor_parts() -> None:
+    import io
     import pickle
 
+    # what torch's reduce_tensor gives for a CUDA tensor (rebuild_cuda_tensor's arguments) passes
+    t = torch.zeros(2, 3, dtype=torch.bfloat16)
+    storage_cls = type(t._typed_storage())
+    for dtype in KV_DTYPE_NAMES:
+        args = (
+            type(t),
+            t.size(),
+            t.stride(),
+            0,
+            storage_cls,
+            dtype,
+            0,
+            b"h" * 64,
+            96,
+            0,
+            False,
+            b"r",
+            0,
+            b"e",
+            True,
+        )
+        blob = pickle.dumps(("rebuild_cuda_tensor", args))
+        name, got = kv_transports._HandleUnpickler(io.BytesIO(blob)).load()
+        assert (name, got[0], got[4], got[5]) == ("rebuild_cuda_tensor", torch.Tensor, storage_cls, dtype)
     evil = pickle.dumps(("rebuild_cuda_tensor", (print, ("pwned",))))
     with pytest.raises(pickle.UnpicklingError, match=r"may not name builtins\.print"):
         kv_transports.import_tensor(kv_transports.SharedTensor("elsewhere", evil))
@@ -270,6 +295,32 @@ def test_fetch_of_a_dead_peer_fails_fast_and_recomputes(ipc_pair: Pair) -> None:
     assert tokens == expected
     assert not pair.decode.servicer.fetch_stats[-1].ok
     wait_no_blocks(pair.stub(pair.decode))
+
+
+def test_a_failed_cuda_ipc_mapping_recomputes_then_uses_grpc(
+    ipc_pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer's tensor cannot be mapped (as when two containers share no /dev/shm): that fetch
+    recomputes the prompt; later fetches from that peer ask for gRPC and succeed."""
+    pair = ipc_pair
+
+    def cannot_map(shared: kv_transports.SharedTensor) -> torch.Tensor:
+        raise ValueError("cudaIpcOpenMemHandle: invalid argument")
+
+    monkeypatch.setattr(kv_transports, "import_tensor", cannot_map)
+    prompts = make_prompts(pair.vocab_size)[1][10:12]
+    sp = SamplingParams(temperature=0.0, max_tokens=6)
+    expected = pair.reference.generate(prompts, sp, prefix="nomap")
+    try:
+        for i, prompt in enumerate(prompts):
+            tokens, _ = disaggregated(pair, f"nomap-{i}", prompt, sp)
+            assert tokens == expected[i].token_ids[0]
+        first, second = pair.decode.servicer.fetch_stats[-2:]
+        assert (first.ok, first.transport) == (False, "cuda-ipc") and "cudaIpcOpenMemHandle" in first.error
+        assert (second.ok, second.transport) == (True, "grpc")
+        wait_no_blocks(pair.stub(pair.prefill), pair.stub(pair.decode))
+    finally:
+        pair.decode.servicer._ipc_failed.clear()
 
 
 @pytest.mark.parametrize("transport", ["grpc", "cuda-ipc"])
