@@ -174,6 +174,18 @@ def test_subscription_streams_stores_and_resumes_by_sequence(
     assert {*block_hashes(first, BLOCK), *block_hashes(second, BLOCK)} <= set(fresh.block_hashes)
 
 
+def test_a_subscription_does_not_hold_up_a_drain(workers: list[InProcessWorker]) -> None:
+    """Gateways stay subscribed for good: a worker's drain must not wait for their streams."""
+    w = workers[1]
+    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(w.address))
+    call = stub.SubscribeKvEvents(worker_pb2.SubscribeKvEventsRequest(), timeout=30)
+    assert next(call).kind == worker_pb2.KV_EVENT_KIND_SNAPSHOT  # the stream is open
+    try:
+        assert w.server.drain.in_flight == 0
+    finally:
+        call.cancel()
+
+
 def wait_for(condition: Any, what: str, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
