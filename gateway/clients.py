@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.deadline import time_left
 from gateway.downstream import (
+    CacheEvent,
     ChoiceDelta,
     DetokenizeStart,
     GenerateChunk,
@@ -49,6 +50,11 @@ _ROLES = {
     worker_pb2.WORKER_ROLE_UNIFIED: "unified",
     worker_pb2.WORKER_ROLE_PREFILL: "prefill",
     worker_pb2.WORKER_ROLE_DECODE: "decode",
+}
+_EVENT_KINDS = {
+    worker_pb2.KV_EVENT_KIND_STORED: "stored",
+    worker_pb2.KV_EVENT_KIND_EVICTED: "evicted",
+    worker_pb2.KV_EVENT_KIND_SNAPSHOT: "snapshot",
 }
 
 # Unary styler calls (render, tokenize, detokenize) get at most this long, deadline or not.
@@ -332,7 +338,25 @@ class WorkerClient:
             ),
             tensor_parallel_size=r.tensor_parallel_size or 1,
             fingerprint=r.fingerprint,
+            kv_events=r.kv_events,
         )
+
+    async def kv_events(self, after_sequence: int, epoch: str) -> AsyncIterator[CacheEvent]:
+        """The worker's prefix-cache changes after `after_sequence` of `epoch` (a snapshot first
+        when it cannot resume there), after a "subscribed" event once the worker has taken the
+        subscription; runs until the stream breaks or the iterator is closed."""
+        call = self._stub.SubscribeKvEvents(
+            worker_pb2.SubscribeKvEventsRequest(after_sequence=after_sequence, epoch=epoch)
+        )
+        try:
+            await call.initial_metadata()  # the worker took the subscription: it is up from here
+            yield CacheEvent(after_sequence, "subscribed", (), 0, epoch)
+            async for e in call:
+                yield CacheEvent(
+                    e.sequence, _EVENT_KINDS.get(e.kind, ""), tuple(e.block_hashes), e.block_size, e.epoch
+                )
+        finally:
+            call.cancel()
 
     async def load(self, timeout_s: float = 1.0) -> WorkerLoad:
         r = await self._stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout_s)

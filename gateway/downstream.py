@@ -79,6 +79,18 @@ class WorkerInfo:
     kv_layout: str = ""  # "layers x kv_heads x head_dim, block_size, layout name"
     tensor_parallel_size: int = 1
     fingerprint: str = ""
+    kv_events: bool = False  # SubscribeKvEvents streams its prefix-cache changes (exact routing)
+
+
+@dataclass(frozen=True)
+class CacheEvent:
+    """One change of a worker's prefix cache (SubscribeKvEvents)."""
+
+    sequence: int
+    kind: str  # "stored" | "evicted" | "snapshot"
+    block_hashes: tuple[int, ...]
+    block_size: int
+    epoch: str
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,9 @@ from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
 from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
+from services.worker.kv_events import KvEventLog
 from services.worker.kv_handles import KVHandleStore
+from services.worker.kv_offload import HostKVTier
 from services.worker.kv_transfer import KVReservation, Span
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
@@ -131,7 +133,12 @@ class Engine:
         self.runner.bind_kv_cache(self.kv_cache)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
+        offload_blocks = HostKVTier.blocks_for(self.kv_cache.tensor, config.kv_offload_bytes)
+        self.kv_offload = HostKVTier(self.kv_cache.tensor, offload_blocks) if offload_blocks > 0 else None
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, self.kv_events, self.kv_offload
+        )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, Request] = {}
         # Disaggregation: decode-side requests whose prompt KV is being fetched (not scheduled yet),
