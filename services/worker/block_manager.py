@@ -68,7 +68,7 @@ class BlockManager:
         hits: list[int] = []
         parent = _ROOT_HASH
         for i in range((seq.num_tokens - 1) // bs):
-            parent, key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            parent, key = self._key(parent, seq.key_tokens(i * bs, (i + 1) * bs))
             block = self.cached.get(key)
             if block is None:
                 break
@@ -162,7 +162,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // bs
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT_HASH
-            digest, key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            digest, key = self._key(parent, seq.key_tokens(i * bs, (i + 1) * bs))
             seq.block_hashes.append(digest)
             block = seq.block_ids[i]
             if self.enable_prefix_caching and self.block_keys[block] is None and key not in self.cached:

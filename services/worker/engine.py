@@ -215,6 +215,8 @@ class Engine:
         max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
         if req.request_id in self.requests or req.request_id in self.fetching:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
+        if req.images and self.model_config.multimodal is None:
+            raise InvalidRequestError("images", f"{self.model_config.path} takes no images")
         if req.sampling.n > self.config.max_num_seqs:
             raise InvalidRequestError(
                 "sampling.n", f"{req.sampling.n} exceeds --max-num-seqs {self.config.max_num_seqs}"

@@ -47,6 +47,9 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # each expert's intermediate size
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     dense_layers: tuple[int, ...] = ()  # layers of an MoE model whose MLP is dense anyway
+    # Image-in models (LLaVA): the top-level config.json (vision_config, image_token_index, ...);
+    # the fields above then describe its text_config's language model. None: a text-only model.
+    multimodal: dict[str, Any] | None = None
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -105,6 +108,11 @@ def load_model_config(model_dir: str) -> ModelConfig:
     archs = cfg.get("architectures") or []
     if not archs:
         raise ModelConfigError(f"{cfg_path}: no 'architectures' entry")
+    multimodal: dict[str, Any] | None = None
+    if isinstance(cfg.get("text_config"), dict) and isinstance(cfg.get("vision_config"), dict):
+        # LLaVA-style: the language model's fields come from text_config (see models/llava.py)
+        multimodal, cfg = cfg, {**cfg["text_config"], "eos_token_id": cfg["text_config"].get("eos_token_id")}
+        cfg.setdefault("tie_word_embeddings", multimodal.get("tie_word_embeddings", False))
     model_type = str(cfg.get("model_type", ""))
     rope = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or None
@@ -150,6 +158,7 @@ def load_model_config(model_dir: str) -> ModelConfig:
             eos_token_ids=tuple(eos),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             **_moe_fields(cfg, model_type),
+            multimodal=multimodal,
         )
     except KeyError as exc:
         raise ModelConfigError(f"{cfg_path}: missing key {exc.args[0]!r}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.worker.model_config import ModelConfigError
 from services.worker.models.llama import LlamaForCausalLM
+from services.worker.models.llava import LlavaForConditionalGeneration
 from services.worker.models.mixtral import MixtralForCausalLM
 from services.worker.models.qwen2 import Qwen2ForCausalLM
 from services.worker.models.qwen3 import Qwen3ForCausalLM
@@ -11,6 +12,7 @@ from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,

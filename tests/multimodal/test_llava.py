@@ -1,0 +1,203 @@
+"""LLaVA end to end below the gateway: the styler's pixels equal transformers' processor's, and the
+worker's greedy tokens for prompts with zero, one and two images (one batch, mixed with text-only
+requests) equal transformers' generate in fp32 on the CPU; different images never share KV."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from services.styler.images import ClipPreprocessor, ImageError, decode_image
+from services.worker.config import WorkerConfig
+from services.worker.engine import Engine, GenerateResult, collect
+from services.worker.errors import InvalidRequestError
+from services.worker.mm_inputs import ImageInput
+from services.worker.request import EngineRequest, SamplingParams
+
+torch.set_num_threads(1)
+
+IMAGE_TOKEN = 250
+VOCAB = 256
+IMAGE_SIZE = 42  # 3 x 3 patches of 14: 9 image tokens per image ("default": the CLS row dropped)
+TOKENS_PER_IMAGE = 9
+MAX_TOKENS = 10
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=14, projection_dim=16,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
+    )  # fmt: skip
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random norms so that a wrong layer order shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model.save_pretrained(str(path))
+    CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    ).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_llava(llava_dir: Path) -> Any:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(str(llava_dir), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize(("width", "height"), [(42, 42), (64, 48), (30, 100), (333, 17)])
+def test_pixels_equal_transformers_processor(llava_dir: Path, width: int, height: int) -> None:
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    hf = CLIPImageProcessorPil.from_pretrained(str(llava_dir))
+    image = decode_image(_png(width, height, seed=width))
+    expected = hf(images=[image], return_tensors="np")["pixel_values"][0]
+    ours = ClipPreprocessor.from_model_dir(str(llava_dir))(image)
+    assert ours.array.dtype == np.float32 and ours.array.shape == expected.shape
+    assert np.array_equal(ours.array, expected)
+
+
+def test_bad_images_are_refused() -> None:
+    png = _png(20, 20, seed=1)
+    with pytest.raises(ImageError, match="not a decodable image"):
+        decode_image(png[: len(png) // 2])  # truncated
+    with pytest.raises(ImageError, match="not a decodable image"):
+        decode_image(b"plain text, not an image")
+    big = io.BytesIO()
+    Image.new("L", (10_000, 10_000)).save(big, format="PNG")  # 100 megapixels, a small file
+    with pytest.raises(ImageError, match="more than"):
+        decode_image(big.getvalue())
+
+
+def _prompt(images: int, seed: int, tail: int = 6) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    out = [1, *torch.randint(3, IMAGE_TOKEN, (3,), generator=gen).tolist()]
+    for _ in range(images):
+        out += [IMAGE_TOKEN] * TOKENS_PER_IMAGE + torch.randint(3, IMAGE_TOKEN, (2,), generator=gen).tolist()
+    return out + torch.randint(3, IMAGE_TOKEN, (tail,), generator=gen).tolist()
+
+
+def _images(prompt: list[int], pixels: list[torch.Tensor], hashes: list[str]) -> tuple[ImageInput, ...]:
+    offsets = [i for i, t in enumerate(prompt) if t == IMAGE_TOKEN and (i == 0 or prompt[i - 1] != IMAGE_TOKEN)]
+    return tuple(
+        ImageInput(h, off, TOKENS_PER_IMAGE, px) for off, px, h in zip(offsets, pixels, hashes, strict=True)
+    )
+
+
+def _hf_greedy(hf: Any, prompt: list[int], pixels: list[torch.Tensor]) -> list[int]:
+    kwargs = {"pixel_values": torch.stack(pixels)} if pixels else {}
+    out = hf.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=MAX_TOKENS,
+        do_sample=False,
+        eos_token_id=2,
+        pad_token_id=0,
+        **kwargs,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def _run(engine: Engine, requests: list[EngineRequest]) -> list[GenerateResult]:
+    results = {}
+    for req in requests:
+        engine.add_request(req)
+        results[req.request_id] = GenerateResult(req.request_id)
+    while engine.has_unfinished():
+        for out in engine.step():
+            collect(results[out.request_id], out)
+    return list(results.values())
+
+
+@pytest.mark.parametrize("budget", [2048, 16])
+def test_greedy_with_images_matches_transformers(llava_dir: Path, hf_llava: Any, budget: int) -> None:
+    pre = ClipPreprocessor.from_model_dir(str(llava_dir))
+    sizes = [(42, 42), (64, 48), (30, 100), (50, 70)]
+    pvs = [pre(decode_image(_png(w, h, seed=i))) for i, (w, h) in enumerate(sizes)]
+    pixels = [torch.from_numpy(p.array) for p in pvs]
+    hashes = [p.hash for p in pvs]
+    cases = [  # (prompt, image indices): text-only requests in the same batch as image ones
+        (_prompt(1, seed=1), [0]),
+        (_prompt(0, seed=2), []),
+        (_prompt(2, seed=3), [1, 2]),
+        (_prompt(1, seed=4, tail=20), [3]),
+        (_prompt(0, seed=5, tail=30), []),
+    ]
+    engine = Engine(
+        WorkerConfig(
+            model=str(llava_dir), device="cpu", kv_cache_memory="4MiB", max_num_seqs=8,
+            max_num_batched_tokens=budget,
+        )  # fmt: skip
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    requests = [
+        EngineRequest(
+            f"r{k}",
+            tuple(prompt),
+            params,
+            images=_images(prompt, [pixels[i] for i in idx], [hashes[i] for i in idx]),
+        )
+        for k, (prompt, idx) in enumerate(cases)
+    ]
+    results = _run(engine, requests)
+    for (prompt, idx), result in zip(cases, results, strict=True):
+        assert result.error is None
+        assert result.token_ids[0] == _hf_greedy(hf_llava, prompt, [pixels[i] for i in idx])
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_same_tokens_different_images_never_share_kv(llava_dir: Path, hf_llava: Any) -> None:
+    """Two prompts with equal token ids and different images: the second must not reuse the
+    first's cached blocks (they hold the first image's KV); the same image again does."""
+    pre = ClipPreprocessor.from_model_dir(str(llava_dir))
+    a, b = (pre(decode_image(_png(48, 48, seed=s))) for s in (10, 11))
+    prompt = _prompt(1, seed=9, tail=24)
+    engine = Engine(WorkerConfig(model=str(llava_dir), device="cpu", kv_cache_memory="4MiB", max_num_seqs=4))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    runner = engine.runner
+    for k, pv in enumerate((a, b, a)):
+        px = torch.from_numpy(pv.array)
+        req = EngineRequest(f"s{k}", tuple(prompt), params, images=_images(prompt, [px], [pv.hash]))
+        (result,) = _run(engine, [req])
+        assert result.token_ids[0] == _hf_greedy(hf_llava, prompt, [px])
+        cached = result.usage.cached_prompt_tokens if result.usage else -1
+        assert cached == (0 if k < 2 else (len(prompt) - 1) // engine.config.block_size * engine.config.block_size)
+    assert runner.encoder_cache.misses == 2  # the third request's image came from the encoder cache
+
+
+def test_images_for_a_text_model_or_out_of_range_are_refused(llava_dir: Path, stories_dir: Path) -> None:
+    pv = ClipPreprocessor.from_model_dir(str(llava_dir))(decode_image(_png(42, 42, seed=0)))
+    image = ImageInput(pv.hash, 2, TOKENS_PER_IMAGE, torch.from_numpy(pv.array))
+    text_engine = Engine(WorkerConfig(model=str(stories_dir), device="cpu", kv_cache_memory="4MiB"))
+    with pytest.raises(InvalidRequestError, match="takes no images"):
+        text_engine.add_request(EngineRequest("t", tuple(range(1, 20)), images=(image,)))
+    engine = Engine(WorkerConfig(model=str(llava_dir), device="cpu", kv_cache_memory="4MiB"))
+    with pytest.raises(InvalidRequestError, match="lie in the prompt"):
+        engine.add_request(EngineRequest("u", (1, 5, 6), images=(image,)))
