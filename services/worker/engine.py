@@ -28,6 +28,7 @@ from services.worker.kv_handles import KVHandleStore
 from services.worker.kv_transfer import KVReservation, Span
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
+from services.worker.models.llava import LlavaForConditionalGeneration
 from services.worker.outputs import ChoiceOutput, RequestOutput, Usage
 from services.worker.request import (
     EngineRequest,
@@ -215,8 +216,11 @@ class Engine:
         max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
         if req.request_id in self.requests or req.request_id in self.fetching:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
-        if req.images and self.model_config.multimodal is None:
-            raise InvalidRequestError("images", f"{self.model_config.path} takes no images")
+        if req.images:
+            if not isinstance(self.runner.model, LlavaForConditionalGeneration):
+                raise InvalidRequestError("images", f"{self.model_config.path} takes no images")
+            for i, image in enumerate(req.images):
+                self.runner.model.check_image(i, image)
         if req.sampling.n > self.config.max_num_seqs:
             raise InvalidRequestError(
                 "sampling.n", f"{req.sampling.n} exceeds --max-num-seqs {self.config.max_num_seqs}"

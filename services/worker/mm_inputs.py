@@ -10,11 +10,15 @@ with the same token ids but different images never share KV blocks.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+
+from services.worker.errors import InvalidRequestError
+from tandem.v1 import common_pb2
 
 
 @dataclass(frozen=True)
@@ -62,3 +66,25 @@ class EncoderCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return embeds
+
+
+def images_from_pb(images: Iterable[common_pb2.ImageInput]) -> tuple[ImageInput, ...]:
+    """The wire form (GenerateRequest.images) -> ImageInputs; a malformed one names its field."""
+    out = []
+    for i, msg in enumerate(images):
+        where = f"images[{i}]"
+        if msg.dtype != "float32":
+            raise InvalidRequestError(
+                f"{where}.dtype", f"only float32 pixels are supported, got {msg.dtype!r}"
+            )
+        shape = tuple(msg.shape)
+        if len(shape) != 3 or len(msg.pixel_values) != 4 * math.prod(shape):
+            raise InvalidRequestError(
+                f"{where}.pixel_values",
+                f"{len(msg.pixel_values)} bytes do not make float32 [C, H, W] {list(shape)}",
+            )
+        if not msg.hash:
+            raise InvalidRequestError(f"{where}.hash", "must be non-empty")
+        pixels = torch.frombuffer(bytearray(msg.pixel_values), dtype=torch.float32).view(shape)
+        out.append(ImageInput(msg.hash, msg.offset, msg.length, pixels))
+    return tuple(out)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 from services.worker.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from services.worker.mm_inputs import ImageInput
     from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
+    from services.worker.mm_inputs import ImageInput
 
 MAX_TOP_LOGPROBS = 20
 

@@ -105,7 +105,9 @@ def _prompt(images: int, seed: int, tail: int = 6) -> list[int]:
 
 
 def _images(prompt: list[int], pixels: list[torch.Tensor], hashes: list[str]) -> tuple[ImageInput, ...]:
-    offsets = [i for i, t in enumerate(prompt) if t == IMAGE_TOKEN and (i == 0 or prompt[i - 1] != IMAGE_TOKEN)]
+    offsets = [
+        i for i, t in enumerate(prompt) if t == IMAGE_TOKEN and (i == 0 or prompt[i - 1] != IMAGE_TOKEN)
+    ]
     return tuple(
         ImageInput(h, off, TOKENS_PER_IMAGE, px) for off, px, h in zip(offsets, pixels, hashes, strict=True)
     )
@@ -152,9 +154,12 @@ def test_greedy_with_images_matches_transformers(llava_dir: Path, hf_llava: Any,
     ]
     engine = Engine(
         WorkerConfig(
-            model=str(llava_dir), device="cpu", kv_cache_memory="4MiB", max_num_seqs=8,
+            model=str(llava_dir),
+            device="cpu",
+            kv_cache_memory="4MiB",
+            max_num_seqs=8,
             max_num_batched_tokens=budget,
-        )  # fmt: skip
+        )
     )
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     requests = [
@@ -188,7 +193,9 @@ def test_same_tokens_different_images_never_share_kv(llava_dir: Path, hf_llava: 
         (result,) = _run(engine, [req])
         assert result.token_ids[0] == _hf_greedy(hf_llava, prompt, [px])
         cached = result.usage.cached_prompt_tokens if result.usage else -1
-        assert cached == (0 if k < 2 else (len(prompt) - 1) // engine.config.block_size * engine.config.block_size)
+        assert cached == (
+            0 if k < 2 else (len(prompt) - 1) // engine.config.block_size * engine.config.block_size
+        )
     assert runner.encoder_cache.misses == 2  # the third request's image came from the encoder cache
 
 
@@ -201,3 +208,10 @@ def test_images_for_a_text_model_or_out_of_range_are_refused(llava_dir: Path, st
     engine = Engine(WorkerConfig(model=str(llava_dir), device="cpu", kv_cache_memory="4MiB"))
     with pytest.raises(InvalidRequestError, match="lie in the prompt"):
         engine.add_request(EngineRequest("u", (1, 5, 6), images=(image,)))
+    short = ImageInput(pv.hash, 2, TOKENS_PER_IMAGE - 1, image.pixel_values)
+    with pytest.raises(InvalidRequestError, match=r"images\[0\]\.length"):
+        engine.add_request(EngineRequest("v", tuple(range(1, 20)), images=(short,)))
+    small = ImageInput(pv.hash, 2, TOKENS_PER_IMAGE, torch.zeros(3, 28, 28))
+    with pytest.raises(InvalidRequestError, match=r"images\[0\]\.shape"):
+        engine.add_request(EngineRequest("w", tuple(range(1, 20)), images=(small,)))
+    assert not engine.has_unfinished()

@@ -21,7 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from kernels import KernelOps
+from services.worker.errors import InvalidRequestError
 from services.worker.layers.attention import AttentionMetadata
+from services.worker.mm_inputs import ImageInput
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models.llama import LlamaForCausalLM
 
@@ -65,7 +67,9 @@ class ClipAttention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, s, self.heads, h // self.heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        out = F.scaled_dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        )
         return self.out_proj(out.transpose(1, 2).reshape(b, s, h))
 
 
@@ -94,17 +98,28 @@ class ClipEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+class ClipEncoder(nn.Module):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ClipEncoderLayer(vc) for _ in range(int(vc["num_hidden_layers"])))
+
+
 class ClipEmbeddings(nn.Module):
     def __init__(self, vc: dict[str, Any]) -> None:
         super().__init__()
         hidden, patch, size = int(vc["hidden_size"]), int(vc["patch_size"]), int(vc["image_size"])
         self.class_embedding = nn.Parameter(torch.empty(hidden))
-        self.patch_embedding = nn.Conv2d(int(vc.get("num_channels", 3)), hidden, patch, stride=patch, bias=False)
+        self.patch_embedding = nn.Conv2d(
+            int(vc.get("num_channels", 3)), hidden, patch, stride=patch, bias=False
+        )
+        self.image_size = size
         self.num_positions = (size // patch) ** 2 + 1
         self.position_embedding = nn.Embedding(self.num_positions, hidden)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, 1 + patches, hidden]
-        patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        patches = (
+            self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        )
         cls = self.class_embedding.expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight[None]
 
@@ -117,18 +132,17 @@ class ClipVisionTower(nn.Module):
         hidden, eps = int(vc["hidden_size"]), float(vc.get("layer_norm_eps", 1e-5))
         self.embeddings = ClipEmbeddings(vc)
         self.pre_layrnorm = nn.LayerNorm(hidden, eps=eps)  # (sic: HF's name)
-        self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList(ClipEncoderLayer(vc) for _ in range(int(vc["num_hidden_layers"])))
+        self.encoder = ClipEncoder(vc)
         # Unused by LLaVA (it reads a hidden state before it) but part of the checkpoint.
         self.post_layernorm = nn.LayerNorm(hidden, eps=eps)
 
     def forward(self, pixels: torch.Tensor, feature_layer: int) -> torch.Tensor:
         """hidden_states[feature_layer] in HF's numbering: 0 is the embeddings after the pre-norm,
         k the output of layer k, negative indexes count from the last."""
-        layers = self.encoder.layers
+        layers = list(self.encoder.layers)
         stop = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
         x = self.pre_layrnorm(self.embeddings(pixels))
-        for layer in list(layers)[:stop]:
+        for layer in layers[:stop]:
             x = layer(x)
         return x
 
@@ -165,7 +179,9 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
             raise ModelConfigError(f"{cfg.path}: a LLaVA config needs text_config and vision_config")
         vc = dict(mm["vision_config"])
         if vc.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise ModelConfigError(f"{cfg.path}: vision tower {vc.get('model_type')!r} is not supported (only CLIP)")
+            raise ModelConfigError(
+                f"{cfg.path}: vision tower {vc.get('model_type')!r} is not supported (only CLIP)"
+            )
         feature_layer = mm.get("vision_feature_layer", -2)
         if not isinstance(feature_layer, int):
             raise ModelConfigError(f"{cfg.path}: a list of vision_feature_layer is not supported")
@@ -183,10 +199,28 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
             bool(mm.get("multimodal_projector_bias", True)),
         )
 
+    def check_image(self, index: int, image: ImageInput) -> None:
+        """Refuse pixels of another shape than the vision tower's, or a placeholder run of another
+        length than its rows (either would fail inside a forward, costing the whole batch)."""
+        emb = self.vision_tower.embeddings
+        size = emb.image_size
+        want = (emb.patch_embedding.in_channels, size, size)
+        if tuple(image.pixel_values.shape) != want:
+            raise InvalidRequestError(
+                f"images[{index}].shape", f"{list(image.pixel_values.shape)}; this model takes {list(want)}"
+            )
+        rows = emb.num_positions - (1 if self.select_strategy == "default" else 0)
+        if image.length != rows:
+            raise InvalidRequestError(
+                f"images[{index}].length", f"{image.length}; this model's images are {rows} tokens"
+            )
+
     @torch.no_grad()
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[C, H, W] pixels (the processor's output for one image) -> [tokens, text hidden]."""
-        feats = self.vision_tower(pixel_values[None].to(self.vision_tower.pre_layrnorm.weight.device), self.feature_layer)
+        feats = self.vision_tower(
+            pixel_values[None].to(self.vision_tower.pre_layrnorm.weight.device), self.feature_layer
+        )
         if self.select_strategy == "default":
             feats = feats[:, 1:]
         return self.multi_modal_projector(feats)[0].to(self.model.embed_tokens.weight.dtype)
