@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Rendered:
 
     prompt: str
     token_ids: tuple[int, ...]
+    images: tuple[Any, ...] = ()  # common_pb2.ImageInput of an image-in model, passed to the worker
 
 
 @dataclass(frozen=True)

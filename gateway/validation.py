@@ -15,6 +15,7 @@ from typing import Any
 from gateway import structured_output
 from gateway.errors import APIError, invalid
 from gateway.limits import DEFAULT_LIMITS, Limits
+from gateway.media import check_image_part
 from gateway.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -260,6 +261,7 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
     )
 
 
+
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function", "ipython"}
 
 
@@ -280,9 +282,12 @@ def _messages(value: Any, param: str = "messages") -> tuple[dict[str, Any], ...]
                 pwhere = f"{where}.content[{j}]"
                 if not isinstance(part, dict) or "type" not in part:
                     raise invalid(f"'{pwhere}' must be an object with a 'type'", pwhere)
+                if part["type"] == "image_url":
+                    check_image_part(part, pwhere)
+                    continue
                 if part["type"] != "text":
                     raise invalid(
-                        f"content part type {part['type']!r} is not supported yet (only 'text')", pwhere
+                        f"content part type {part['type']!r} is not supported (only 'text' and 'image_url')", pwhere
                     )
                 if not isinstance(part.get("text"), str):
                     raise invalid(f"'{pwhere}.text' must be a string", f"{pwhere}.text")

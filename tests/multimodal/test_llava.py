@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from llava_testlib import IMAGE_TOKEN, TOKENS_PER_IMAGE, png
 from PIL import Image
 
 from services.styler.images import ClipPreprocessor, ImageError, decode_image
@@ -20,49 +21,7 @@ from services.worker.errors import InvalidRequestError
 from services.worker.mm_inputs import ImageInput
 from services.worker.request import EngineRequest, SamplingParams
 
-torch.set_num_threads(1)
-
-IMAGE_TOKEN = 250
-VOCAB = 256
-IMAGE_SIZE = 42  # 3 x 3 patches of 14: 9 image tokens per image ("default": the CLS row dropped)
-TOKENS_PER_IMAGE = 9
 MAX_TOKENS = 10
-
-
-def _png(width: int, height: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=IMAGE_SIZE, patch_size=14, projection_dim=16,
-    )  # fmt: skip
-    text = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
-    )  # fmt: skip
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # random norms so that a wrong layer order shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model.save_pretrained(str(path))
-    CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    ).save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +36,7 @@ def test_pixels_equal_transformers_processor(llava_dir: Path, width: int, height
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     hf = CLIPImageProcessorPil.from_pretrained(str(llava_dir))
-    image = decode_image(_png(width, height, seed=width))
+    image = decode_image(png(width, height, seed=width))
     expected = hf(images=[image], return_tensors="np")["pixel_values"][0]
     ours = ClipPreprocessor.from_model_dir(str(llava_dir))(image)
     assert ours.array.dtype == np.float32 and ours.array.shape == expected.shape
@@ -85,9 +44,9 @@ def test_pixels_equal_transformers_processor(llava_dir: Path, width: int, height
 
 
 def test_bad_images_are_refused() -> None:
-    png = _png(20, 20, seed=1)
+    data = png(20, 20, seed=1)
     with pytest.raises(ImageError, match="not a decodable image"):
-        decode_image(png[: len(png) // 2])  # truncated
+        decode_image(data[: len(data) // 2])  # truncated
     with pytest.raises(ImageError, match="not a decodable image"):
         decode_image(b"plain text, not an image")
     big = io.BytesIO()
@@ -142,7 +101,7 @@ def _run(engine: Engine, requests: list[EngineRequest]) -> list[GenerateResult]:
 def test_greedy_with_images_matches_transformers(llava_dir: Path, hf_llava: Any, budget: int) -> None:
     pre = ClipPreprocessor.from_model_dir(str(llava_dir))
     sizes = [(42, 42), (64, 48), (30, 100), (50, 70)]
-    pvs = [pre(decode_image(_png(w, h, seed=i))) for i, (w, h) in enumerate(sizes)]
+    pvs = [pre(decode_image(png(w, h, seed=i))) for i, (w, h) in enumerate(sizes)]
     pixels = [torch.from_numpy(p.array) for p in pvs]
     hashes = [p.hash for p in pvs]
     cases = [  # (prompt, image indices): text-only requests in the same batch as image ones
@@ -182,7 +141,7 @@ def test_same_tokens_different_images_never_share_kv(llava_dir: Path, hf_llava: 
     """Two prompts with equal token ids and different images: the second must not reuse the
     first's cached blocks (they hold the first image's KV); the same image again does."""
     pre = ClipPreprocessor.from_model_dir(str(llava_dir))
-    a, b = (pre(decode_image(_png(48, 48, seed=s))) for s in (10, 11))
+    a, b = (pre(decode_image(png(48, 48, seed=s))) for s in (10, 11))
     prompt = _prompt(1, seed=9, tail=24)
     engine = Engine(WorkerConfig(model=str(llava_dir), device="cpu", kv_cache_memory="4MiB", max_num_seqs=4))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
@@ -200,7 +159,7 @@ def test_same_tokens_different_images_never_share_kv(llava_dir: Path, hf_llava: 
 
 
 def test_images_for_a_text_model_or_out_of_range_are_refused(llava_dir: Path, stories_dir: Path) -> None:
-    pv = ClipPreprocessor.from_model_dir(str(llava_dir))(decode_image(_png(42, 42, seed=0)))
+    pv = ClipPreprocessor.from_model_dir(str(llava_dir))(decode_image(png(42, 42, seed=0)))
     image = ImageInput(pv.hash, 2, TOKENS_PER_IMAGE, torch.from_numpy(pv.array))
     text_engine = Engine(WorkerConfig(model=str(stories_dir), device="cpu", kv_cache_memory="4MiB"))
     with pytest.raises(InvalidRequestError, match="takes no images"):
