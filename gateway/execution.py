@@ -407,7 +407,13 @@ class Executor:
 
         # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
         stream = PromptStream(
-            ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index, run.request_id, prompt.images
+            ctx,
+            request_id,
+            prompt.token_ids,
+            sampling,
+            prompt.first_choice_index,
+            run.request_id,
+            prompt.images,
         )
 
         async def write() -> None:

@@ -261,7 +261,6 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
     )
 
 
-
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function", "ipython"}
 
 
@@ -287,7 +286,8 @@ def _messages(value: Any, param: str = "messages") -> tuple[dict[str, Any], ...]
                     continue
                 if part["type"] != "text":
                     raise invalid(
-                        f"content part type {part['type']!r} is not supported (only 'text' and 'image_url')", pwhere
+                        f"content part type {part['type']!r} is not supported (only 'text' and 'image_url')",
+                        pwhere,
                     )
                 if not isinstance(part.get("text"), str):
                     raise invalid(f"'{pwhere}.text' must be a string", f"{pwhere}.text")

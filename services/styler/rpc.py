@@ -194,7 +194,10 @@ def render_input(request: styler_pb2.RenderRequest) -> RenderInput:
 
 def content_part(part: common_pb2.ContentPart) -> dict[str, Any]:
     if part.type == "image_url":
-        return {"type": "image_url", "image_url": {"url": part.image_url.url, "detail": part.image_url.detail}}
+        return {
+            "type": "image_url",
+            "image_url": {"url": part.image_url.url, "detail": part.image_url.detail},
+        }
     return {"type": part.type, "text": part.text}
 
 

@@ -144,7 +144,9 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
             continue
         target, shard = name, ""
         # (a multimodal model's vision tower keeps separate q/k/v: models/llava.py)
-        for fused, original, shard_id in () if name.startswith(getattr(model, "unfused_prefixes", ())) else model.stacked_params:
+        for fused, original, shard_id in (
+            () if name.startswith(getattr(model, "unfused_prefixes", ())) else model.stacked_params
+        ):
             if f".{original}." in name:
                 target, shard = name.replace(f".{original}.", f".{fused}."), shard_id
                 break

@@ -223,7 +223,11 @@ class ModelRunner:
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
         mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
         decoded: DecodeOutputs | None = None
-        if mm is None and self.graphs is not None and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks):
+        if (
+            mm is None
+            and self.graphs is not None
+            and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks)
+        ):
             decoded = self.graphs.run(ids, positions, slots, seq_lens, block_tables)
             hidden = decoded.hidden
         else:

@@ -93,7 +93,7 @@ def still_serves(http: httpx.Client) -> None:
             CHAT,
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages[0].content[0]",
-            "not supported yet",
+            "data: URL or an http(s) URL",
         ),
         (
             CHAT,
