@@ -131,6 +131,8 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
         checkpoint_name = name
         for old, new in model.checkpoint_renames:
             name = name.replace(old, new)
+        if tied and name == "lm_head.weight":  # (a renamed one: LLaVA's language_model.lm_head)
+            continue
         expert = _expert_dest(model, params, name)
         if expert is not None:
             target, shard, dest = expert
