@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -167,3 +168,75 @@ def _center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
         arr, h, w = padded, new_h, new_w
     top, left = (h - height) // 2, (w - width) // 2
     return arr[top : top + height, left : left + width]
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of `factor`, the area within
+    [min_pixels, max_pixels], the aspect ratio kept as closely as possible (transformers' own)."""
+    if max(height, width) / min(height, width) > 200:
+        raise ImageError(
+            f"the image's aspect ratio {max(height, width) / min(height, width):.0f} is over 200"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+@dataclass(frozen=True)
+class QwenVLPreprocessor:
+    """transformers' Qwen2VLImageProcessor (PIL backend; Qwen2.5-VL uses it too): dynamic
+    resolution (`smart_resize` between min_pixels and max_pixels), rescale, normalise, then the
+    flat patch layout [grid_h * grid_w, C * temporal_patch * patch * patch], patches ordered by
+    merge window. The image then takes grid_h * grid_w / merge_size² placeholder tokens.
+    (The worker-side Qwen2.5-VL model is not implemented yet: docs/multimodal.md.)"""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    resample: int = 3
+    rescale_factor: float = 1 / 255
+    image_mean: tuple[float, ...] = _OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = _OPENAI_CLIP_STD
+
+    @staticmethod
+    def from_config(cfg: dict[str, Any]) -> QwenVLPreprocessor:
+        size = cfg.get("size") or {}
+        default = QwenVLPreprocessor()
+        return QwenVLPreprocessor(
+            min_pixels=int(cfg.get("min_pixels") or size.get("shortest_edge") or default.min_pixels),
+            max_pixels=int(cfg.get("max_pixels") or size.get("longest_edge") or default.max_pixels),
+            patch_size=int(cfg.get("patch_size", default.patch_size)),
+            temporal_patch_size=int(cfg.get("temporal_patch_size", default.temporal_patch_size)),
+            merge_size=int(cfg.get("merge_size", default.merge_size)),
+            resample=int(cfg.get("resample", default.resample)),
+            rescale_factor=float(cfg.get("rescale_factor", default.rescale_factor)),
+            image_mean=tuple(float(v) for v in cfg.get("image_mean", default.image_mean)),
+            image_std=tuple(float(v) for v in cfg.get("image_std", default.image_std)),
+        )
+
+    def __call__(self, image: Image.Image) -> tuple[PixelValues, tuple[int, int, int]]:
+        """-> (flat patches, (t, grid_h, grid_w))."""
+        image = image.convert("RGB")
+        width, height = image.size
+        new_h, new_w = smart_resize(
+            height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels
+        )
+        image = image.resize((new_w, new_h), resample=Image.Resampling(self.resample))
+        arr = (np.asarray(image).astype(np.float64) * self.rescale_factor).astype(np.float32)
+        arr = (arr - np.array(self.image_mean, dtype=np.float32)) / np.array(self.image_std, dtype=np.float32)
+        chw = arr.transpose(2, 0, 1)
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        grid_h, grid_w = new_h // p, new_w // p
+        patches = chw.reshape(3, grid_h // m, m, p, grid_w // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+        patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
+        return PixelValues.of(patches.reshape(grid_h * grid_w, 3 * t * p * p)), (1, grid_h, grid_w)

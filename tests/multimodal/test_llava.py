@@ -5,6 +5,7 @@ requests) equal transformers' generate in fp32 on the CPU; different images neve
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from llava_testlib import IMAGE_TOKEN, TOKENS_PER_IMAGE, png
 from PIL import Image
 
-from services.styler.images import ClipPreprocessor, ImageError, decode_image
+from services.styler.images import ClipPreprocessor, ImageError, QwenVLPreprocessor, decode_image
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, GenerateResult, collect
 from services.worker.errors import InvalidRequestError
@@ -174,3 +175,30 @@ def test_images_for_a_text_model_or_out_of_range_are_refused(llava_dir: Path, st
     with pytest.raises(InvalidRequestError, match=r"images\[0\]\.shape"):
         engine.add_request(EngineRequest("w", tuple(range(1, 20)), images=(small,)))
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "limits"),
+    [
+        (64, 48, {}),
+        (30, 100, {}),
+        (333, 17, {}),
+        (500, 400, {"max_pixels": 28 * 28 * 16}),
+        (20, 20, {"min_pixels": 56 * 56 * 4}),
+    ],
+)
+def test_qwen_vl_pixels_equal_transformers_processor(
+    tmp_path: Path, width: int, height: int, limits: dict[str, int]
+) -> None:
+    """Qwen2.5-VL's dynamic resolution (min_pixels / max_pixels) and patch layout, exactly."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil(**limits).save_pretrained(str(tmp_path))  # type: ignore[arg-type]
+    hf = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))
+    image = decode_image(png(width, height, seed=height))
+    expected = hf(images=[image], return_tensors="np")
+    cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    ours, grid = QwenVLPreprocessor.from_config(cfg)(image)
+    assert list(grid) == expected["image_grid_thw"][0].tolist()
+    assert ours.array.shape == expected["pixel_values"].shape
+    assert np.array_equal(ours.array, expected["pixel_values"])
