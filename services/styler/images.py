@@ -232,9 +232,10 @@ class QwenVLPreprocessor:
             height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels
         )
         image = image.resize((new_w, new_h), resample=Image.Resampling(self.resample))
-        arr = (np.asarray(image).astype(np.float64) * self.rescale_factor).astype(np.float32)
-        arr = (arr - np.array(self.image_mean, dtype=np.float32)) / np.array(self.image_std, dtype=np.float32)
-        chw = arr.transpose(2, 0, 1)
+        scaled = (np.asarray(image).astype(np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.array(self.image_mean, dtype=np.float32)
+        normed: np.ndarray = (scaled - mean) / np.array(self.image_std, dtype=np.float32)
+        chw = normed.transpose(2, 0, 1)
         p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
         grid_h, grid_w = new_h // p, new_w // p
         patches = chw.reshape(3, grid_h // m, m, p, grid_w // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
