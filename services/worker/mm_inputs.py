@@ -10,6 +10,7 @@ with the same token ids but different images never share KV blocks.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -83,8 +84,11 @@ def images_from_pb(images: Iterable[common_pb2.ImageInput]) -> tuple[ImageInput,
                 f"{where}.pixel_values",
                 f"{len(msg.pixel_values)} bytes do not make float32 [C, H, W] {list(shape)}",
             )
-        if not msg.hash:
-            raise InvalidRequestError(f"{where}.hash", "must be non-empty")
+        # The hash keys the encoder cache and the prefix cache, shared by all requests: recompute
+        # it (the styler's formula, services/styler/images.py PixelValues) rather than trust it.
+        digest = hashlib.sha256(repr(shape).encode() + msg.pixel_values).hexdigest()
+        if msg.hash != digest:
+            raise InvalidRequestError(f"{where}.hash", "is not the sha256 of the image's shape and pixels")
         pixels = torch.frombuffer(bytearray(msg.pixel_values), dtype=torch.float32).view(shape)
         out.append(ImageInput(msg.hash, msg.offset, msg.length, pixels))
     return tuple(out)

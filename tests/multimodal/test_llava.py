@@ -202,3 +202,28 @@ def test_qwen_vl_pixels_equal_transformers_processor(
     assert list(grid) == expected["image_grid_thw"][0].tolist()
     assert ours.array.shape == expected["pixel_values"].shape
     assert np.array_equal(ours.array, expected["pixel_values"])
+
+
+def test_wire_images_are_checked() -> None:
+    """GenerateRequest.images: the hash must be the pixels' own (it keys caches shared by every
+    request), and the bytes must match the shape."""
+    from services.styler.images import PixelValues
+    from services.worker.mm_inputs import images_from_pb
+    from tandem.v1 import common_pb2
+
+    pv = PixelValues.of(np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4))
+    good = common_pb2.ImageInput(
+        hash=pv.hash, offset=1, length=2, pixel_values=pv.array.tobytes(), shape=[3, 4, 4], dtype="float32"
+    )
+    (image,) = images_from_pb([good])
+    assert torch.equal(image.pixel_values, torch.from_numpy(pv.array))
+    forged = common_pb2.ImageInput()
+    forged.CopyFrom(good)
+    forged.hash = "0" * 64
+    with pytest.raises(InvalidRequestError, match=r"images\[0\]\.hash"):
+        images_from_pb([forged])
+    short = common_pb2.ImageInput()
+    short.CopyFrom(good)
+    short.pixel_values = good.pixel_values[:-4]
+    with pytest.raises(InvalidRequestError, match=r"images\[0\]\.pixel_values"):
+        images_from_pb([short])
