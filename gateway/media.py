@@ -21,6 +21,9 @@ from gateway.errors import APIError, invalid
 
 MAX_MEDIA_BYTES = 20 * 1024 * 1024  # one fetched image (the styler's decode limit too)
 MEDIA_FETCH_TIMEOUT_S = 10.0
+# Images of one request: each costs the styler a decode and the worker an encode, and fetched
+# ones are not bounded by --max-request-bytes.
+MAX_IMAGES_PER_REQUEST = 16
 _DETAILS = ("auto", "low", "high")
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+(;[A-Za-z0-9=.+-]+)*;base64,", re.ASCII)
 

@@ -15,7 +15,7 @@ from typing import Any
 from gateway import structured_output
 from gateway.errors import APIError, invalid
 from gateway.limits import DEFAULT_LIMITS, Limits
-from gateway.media import check_image_part
+from gateway.media import MAX_IMAGES_PER_REQUEST, check_image_part
 from gateway.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -268,6 +268,7 @@ def _messages(value: Any, param: str = "messages") -> tuple[dict[str, Any], ...]
     if not isinstance(value, list) or not value:
         raise invalid(f"'{param}' must be a non-empty list of messages", param)
     out: list[dict[str, Any]] = []
+    num_images = 0
     for i, message in enumerate(value):
         where = f"{param}[{i}]"
         if not isinstance(message, dict):
@@ -283,6 +284,9 @@ def _messages(value: Any, param: str = "messages") -> tuple[dict[str, Any], ...]
                     raise invalid(f"'{pwhere}' must be an object with a 'type'", pwhere)
                 if part["type"] == "image_url":
                     check_image_part(part, pwhere)
+                    num_images += 1
+                    if num_images > MAX_IMAGES_PER_REQUEST:
+                        raise invalid(f"at most {MAX_IMAGES_PER_REQUEST} images per request", pwhere)
                     continue
                 if part["type"] != "text":
                     raise invalid(

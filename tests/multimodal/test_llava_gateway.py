@@ -129,6 +129,13 @@ def test_bad_images_are_400s_naming_the_part(
     assert _chat(client, none) == _expected(hf, ["still fine"], [])
 
 
+def test_too_many_images_is_a_400(client: openai.OpenAI) -> None:
+    tiny = _image(png(4, 4, seed=0))
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, [tiny] * 17)
+    assert info.value.body["param"] == "messages[0].content[16]"  # type: ignore[index]
+
+
 def test_hundred_megapixel_image_is_a_400(client: openai.OpenAI) -> None:
     import io
 
