@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from llava_testlib import IMAGE_TOKEN, TOKENS_PER_IMAGE, png
+from llava_testlib import IMAGE_TOKEN, TOKENS_PER_IMAGE, VOCAB, png
 from PIL import Image
 
 from services.styler.images import ClipPreprocessor, ImageError, QwenVLPreprocessor, decode_image
@@ -227,3 +227,41 @@ def test_wire_images_are_checked() -> None:
     short.pixel_values = good.pixel_values[:-4]
     with pytest.raises(InvalidRequestError, match=r"images\[0\]\.pixel_values"):
         images_from_pb([short])
+
+
+def test_qwen2_language_model(tmp_path: Path) -> None:
+    """The language model may be any text family: a Qwen2 one (qkv bias, tied embeddings)."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+
+    torch.manual_seed(1)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=28, patch_size=14, projection_dim=16, hidden_act="gelu",
+    )  # fmt: skip
+    text = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    cfg = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=True,
+    )  # fmt: skip
+    hf = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "bias" in name or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    hf.save_pretrained(str(tmp_path))
+    tokens = 5  # 2 x 2 patches + the CLS row ("full")
+    pixels = torch.randn(3, 28, 28)
+    prompt = [1, 7, 8, *[IMAGE_TOKEN] * tokens, 9, 10, 11]
+    engine = Engine(WorkerConfig(model=str(tmp_path), device="cpu", kv_cache_memory="4MiB", max_num_seqs=4))
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    image = ImageInput("ab" * 32, 3, tokens, pixels)
+    results = _run(
+        engine,
+        [EngineRequest("a", tuple(prompt), params, images=(image,)), EngineRequest("b", (1, 5, 6), params)],
+    )
+    assert results[0].token_ids[0] == _hf_greedy(hf, prompt, [pixels])
+    assert results[1].token_ids[0] == _hf_greedy(hf, [1, 5, 6], [])
