@@ -83,8 +83,15 @@ def _message_to_proto(message: dict[str, Any]) -> common_pb2.ChatMessage:
     elif isinstance(content, list):
         out.parts.SetInParent()
         for part in content:
+            image = part.get("image_url") if part.get("type") == "image_url" else None
             out.parts.parts.append(
-                common_pb2.ContentPart(type=part.get("type", ""), text=part.get("text", ""))
+                common_pb2.ContentPart(
+                    type=part.get("type", ""),
+                    text=part.get("text", ""),
+                    image_url=common_pb2.ImageUrl(url=image["url"], detail=image.get("detail") or "")
+                    if image
+                    else None,
+                )
             )
     if message.get("name"):
         out.name = str(message["name"])
@@ -257,7 +264,7 @@ class StylerClient:
         if chat_template is not None:
             req.chat_template = chat_template
         r = await self._stub.Render(req, timeout=time_left(UNARY_TIMEOUT_S))
-        return Rendered(prompt=r.prompt, token_ids=tuple(r.token_ids))
+        return Rendered(prompt=r.prompt, token_ids=tuple(r.token_ids), images=tuple(r.images))
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
         r = await self._stub.Tokenize(
@@ -418,6 +425,7 @@ class WorkerClient:
         generated_token_ids: Sequence[int] = (),
         kv_source: KVSource | None = None,
         group_id: str = "",
+        images: Sequence[common_pb2.ImageInput] = (),
     ) -> AsyncIterator[GenerateChunk]:
         """The worker's Generate stream; closing the iterator early cancels the rpc (= abort).
         `generated_token_ids` resumes a request (they are not streamed again); `kv_source` pulls
@@ -429,6 +437,7 @@ class WorkerClient:
             first_choice_index=first_choice_index,
             generated_token_ids=list(generated_token_ids),
             group_id=group_id,
+            images=list(images),
         )
         if kv_source is not None:
             message.kv_source.CopyFrom(

@@ -39,6 +39,8 @@ class GatewayConfig:
     """PEM certificate (chain) for HTTPS on --port ("" = plain HTTP)."""
     ssl_keyfile: str = ""
     """PEM private key matching --ssl-certfile."""
+    allowed_media_domains: list[str] = field(default_factory=list)
+    """Hosts whose http(s) image URLs the gateway fetches (and their subdomains); others are 400s. data: URLs always work."""
     max_request_bytes: int = 16 * 1024 * 1024
     """Largest HTTP request body accepted; bigger bodies get 413."""
     max_connections: int = 4096

@@ -7,6 +7,7 @@ A worker request's sampling parameters are `services/common/sampling.py`'s `Samp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class Rendered:
 
     prompt: str
     token_ids: tuple[int, ...]
+    images: tuple[Any, ...] = ()  # common_pb2.ImageInput of an image-in model, passed to the worker
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -37,6 +38,7 @@ from gateway.downstream import (
 )
 from gateway.errors import APIError, invalid
 from gateway.grpc_errors import from_grpc
+from gateway.media import has_image_urls, inline_image_urls
 from gateway.merge import merge_streams
 from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
@@ -79,6 +81,7 @@ class PromptRun:
     cached_tokens: int = 0
     completion_tokens: int = 0  # the final count, set when the prompt's generation ends
     generated_tokens: int = 0  # tokens received from the worker so far (continuous usage stats)
+    images: tuple[Any, ...] = ()  # the styler's common_pb2.ImageInput (image-in models)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def _grpc_error(exc: grpc.aio.AioRpcError, service: str) -> APIError:
 
 # The styler's Render errors start with the request field they blame ("messages[2]: ...").
 _RENDER_FIELD = re.compile(
-    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\]|messages|tools|documents)(?=: )"
+    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\](?:\.content\[\d+\])?|messages|tools|documents)(?=: )"
 )
 
 
@@ -205,10 +208,13 @@ class Executor:
         return fewest
 
     async def render_chat(self, req: ChatRequest) -> PromptRun:
+        messages: Sequence[dict[str, Any]] = req.messages
+        if has_image_urls(messages):  # http(s) image URLs of allowed hosts -> data: URLs
+            messages = await inline_image_urls(messages, self.ctx.config.allowed_media_domains)
         try:
             rendered = await self.ctx.stylers.call(
                 lambda c: c.render(
-                    req.messages,
+                    messages,
                     req.tools,
                     req.add_generation_prompt,
                     req.continue_final_message,
@@ -222,7 +228,9 @@ class Executor:
         except NoStylerAvailable as exc:
             raise APIError(503, str(exc), retry_after_s=1) from None
         opens = prompt_opens_reasoning(rendered.prompt)
-        return PromptRun(token_ids=rendered.token_ids, text=rendered.prompt, opens_reasoning=opens)
+        return PromptRun(
+            token_ids=rendered.token_ids, text=rendered.prompt, opens_reasoning=opens, images=rendered.images
+        )
 
     async def tokenize_prompts(self, req: CompletionRequest) -> list[PromptRun]:
         slots = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
@@ -387,7 +395,13 @@ class Executor:
 
         # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
         stream = PromptStream(
-            ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index, run.request_id
+            ctx,
+            request_id,
+            prompt.token_ids,
+            sampling,
+            prompt.first_choice_index,
+            run.request_id,
+            prompt.images,
         )
 
         async def write() -> None:

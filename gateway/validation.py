@@ -16,6 +16,7 @@ from gateway import structured_output
 from gateway.downstream import Guided
 from gateway.errors import APIError, invalid
 from gateway.limits import DEFAULT_LIMITS, Limits
+from gateway.media import MAX_IMAGES_PER_REQUEST, check_image_part
 from gateway.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -273,6 +274,7 @@ def _messages(value: Any, param: str = "messages") -> tuple[dict[str, Any], ...]
     if not isinstance(value, list) or not value:
         raise invalid(f"'{param}' must be a non-empty list of messages", param)
     out: list[dict[str, Any]] = []
+    num_images = 0
     for i, message in enumerate(value):
         where = f"{param}[{i}]"
         if not isinstance(message, dict):
@@ -286,9 +288,16 @@ def _messages(value: Any, param: str = "messages") -> tuple[dict[str, Any], ...]
                 pwhere = f"{where}.content[{j}]"
                 if not isinstance(part, dict) or "type" not in part:
                     raise invalid(f"'{pwhere}' must be an object with a 'type'", pwhere)
+                if part["type"] == "image_url":
+                    check_image_part(part, pwhere)
+                    num_images += 1
+                    if num_images > MAX_IMAGES_PER_REQUEST:
+                        raise invalid(f"at most {MAX_IMAGES_PER_REQUEST} images per request", pwhere)
+                    continue
                 if part["type"] != "text":
                     raise invalid(
-                        f"content part type {part['type']!r} is not supported yet (only 'text')", pwhere
+                        f"content part type {part['type']!r} is not supported (only 'text' and 'image_url')",
+                        pwhere,
                     )
                 if not isinstance(part.get("text"), str):
                     raise invalid(f"'{pwhere}.text' must be a string", f"{pwhere}.text")

@@ -28,6 +28,7 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -82,8 +83,10 @@ class PromptStream:
         sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
         group_id: str = "",
+        images: Sequence[Any] = (),
     ) -> None:
         self.ctx = ctx
+        self.images = tuple(images)  # common_pb2.ImageInput: sent with every Generate leg
         self.request_id = request_id
         self.group_id = group_id  # the worker scheduler's fairness group (the gateway request)
         self.prompt_token_ids = tuple(prompt_token_ids)
@@ -148,7 +151,8 @@ class PromptStream:
             prompt_logprobs=None if self.prompt_logprobs_sent else self.sampling.prompt_logprobs,
         )
         disagg = self.ctx.disagg
-        if disagg is not None and len(indices) == 1 and not generated:
+        # (image prompts are not disaggregated: Prefill carries no images yet)
+        if disagg is not None and len(indices) == 1 and not generated and not self.images:
             async for chunk in self._disaggregated(first, sampling):
                 yield chunk
             return
@@ -234,6 +238,7 @@ class PromptStream:
                     generated_token_ids=generated,
                     kv_source=kv_source,
                     group_id=self.group_id,
+                    images=self.images,
                 ):
                     noted = self._note(chunk)
                     if noted is not None:

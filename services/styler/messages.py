@@ -66,9 +66,12 @@ def message_dict(
     else:
         parts = []
         for i, part in enumerate(content):
+            if part.get("type") == "image_url":  # decoded by the styler (multimodal.py)
+                parts.append({"type": "image_url", "image_url": dict(part.get("image_url") or {})})
+                continue
             if part.get("type") != "text":
                 raise ValueError(
-                    f"messages[].content[{i}].type {part.get('type')!r} is not supported (only 'text')"
+                    f"messages[].content[{i}].type {part.get('type')!r} is not supported (only 'text', 'image_url')"
                 )
             parts.append({"type": "text", "text": part.get("text", "")})
         message["content"] = parts

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -55,7 +55,21 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
     ) -> styler_pb2.RenderResponse:
         def work() -> styler_pb2.RenderResponse:
             rendered = self.styler.render(render_input(request))
-            return styler_pb2.RenderResponse(prompt=rendered.prompt, token_ids=rendered.token_ids)
+            return styler_pb2.RenderResponse(
+                prompt=rendered.prompt,
+                token_ids=rendered.token_ids,
+                images=[
+                    common_pb2.ImageInput(
+                        hash=image.pixels.hash,
+                        offset=image.offset,
+                        length=image.length,
+                        pixel_values=image.pixels.array.astype("<f4").tobytes(),
+                        shape=list(image.pixels.array.shape),
+                        dtype="float32",
+                    )
+                    for image in rendered.images
+                ],
+            )
 
         return await self._call(context, work)
 
@@ -141,11 +155,11 @@ def render_input(request: styler_pb2.RenderRequest) -> RenderInput:
     messages = []
     for i, m in enumerate(request.messages):
         which = m.WhichOneof("content")
-        content: str | list[dict[str, str]] | None
+        content: str | list[dict[str, Any]] | None
         if which == "text":
             content = m.text
         elif which == "parts":
-            content = [{"type": p.type, "text": p.text} for p in m.parts.parts]
+            content = [content_part(p) for p in m.parts.parts]
         else:
             content = None
         extra = parse_json_field(m.extra_json, f"messages[{i}].extra_json", dict)
@@ -176,6 +190,15 @@ def render_input(request: styler_pb2.RenderRequest) -> RenderInput:
         template_kwargs=parse_json_field(request.chat_template_kwargs_json, "chat_template_kwargs_json", dict)
         or {},
     )
+
+
+def content_part(part: common_pb2.ContentPart) -> dict[str, Any]:
+    if part.type == "image_url":
+        return {
+            "type": "image_url",
+            "image_url": {"url": part.image_url.url, "detail": part.image_url.detail},
+        }
+    return {"type": part.type, "text": part.text}
 
 
 def stream_options(start: styler_pb2.DetokenizeStreamStart) -> StreamOptions:

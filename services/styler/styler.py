@@ -13,7 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.styler.chat_template import ChatTemplateRenderer, RenderInput
+from services.styler.images import ImageError, PixelValues
 from services.styler.messages import check_text
+from services.styler.multimodal import ImageSupport, PromptImage, has_images
 from services.styler.parsers.auto import (
     REASONING_PARSER_NAMES,
     TOOL_PARSER_NAMES,
@@ -66,6 +68,7 @@ class RenderedPrompt:
 
     prompt: str
     token_ids: list[int]  # [num_prompt_tokens], tokenized without extra special tokens
+    images: tuple[PromptImage, ...] = ()  # image-in models: pixels and placeholder spans
 
 
 class Styler:
@@ -92,6 +95,7 @@ class Styler:
                 num_processes=options.render_processes,
             )
         )
+        self.images = ImageSupport.from_model_dir(options.model, tokenizer)  # None: text only
         self.renderer = ChatTemplateRenderer(template, tokenizer.special_tokens_map, self.render_pool)
         detect_text = "\n".join([*(files.chat_templates.values()), template or ""])
         self.tool_parser = resolve_parser(
@@ -124,10 +128,20 @@ class Styler:
             and "tool_use" in named
         ):
             request = replace(request, chat_template=named["tool_use"])
+        pixels: list[PixelValues] = []
+        if has_images(request.messages):
+            if self.images is None:
+                raise ImageError(f"messages: {self.model_name} takes no images")
+            messages, pixels = self.images.prepare(request.messages)
+            request = replace(request, messages=messages)
         prompt = self.renderer.render(request)
         # Surrogates reach a prompt only through JSON-escaped input; the tokenizer takes UTF-8 text.
         check_text(prompt, "messages")
-        return RenderedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=False))
+        token_ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if self.images is None:
+            return RenderedPrompt(prompt, token_ids)
+        token_ids, images = self.images.expand(token_ids, pixels)
+        return RenderedPrompt(prompt, token_ids, tuple(images))
 
     def open_stream(self, options: StreamOptions) -> DetokenizeSession:
         """State for one DetokenizeStream; "auto" parser names resolve to the model's parsers."""

@@ -84,7 +84,7 @@ class BlockManager:
         free_hits = 0  # hits in the free pool, moved to its end so that a host load cannot take them
         parent = _ROOT_HASH
         for i in range((seq.num_tokens - 1) // bs):
-            parent, key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            parent, key = self._key(parent, seq.key_tokens(i * bs, (i + 1) * bs))
             block = self.cached.get(key)
             if block is None and self.offload is not None and key in self.offload:
                 block = self._load_from_host(key, parent, free_hits)
@@ -202,7 +202,7 @@ class BlockManager:
         stored: list[int] = []
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT_HASH
-            digest, key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            digest, key = self._key(parent, seq.key_tokens(i * bs, (i + 1) * bs))
             seq.block_hashes.append(digest)
             block = seq.block_ids[i]
             if self.enable_prefix_caching and self.block_keys[block] is None and key not in self.cached:

@@ -31,6 +31,7 @@ from services.worker.kv_offload import HostKVTier
 from services.worker.kv_transfer import KVReservation, Span
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
+from services.worker.models.llava import LlavaForConditionalGeneration
 from services.worker.outputs import ChoiceOutput, RequestOutput, Usage
 from services.worker.request import (
     EngineRequest,
@@ -223,6 +224,11 @@ class Engine:
             req = replace(req, sampling=replace(req.sampling, seed=self._seeds.getrandbits(64)))
         if req.request_id in self.requests or req.request_id in self.fetching:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
+        if req.images:
+            if not isinstance(self.runner.model, LlavaForConditionalGeneration):
+                raise InvalidRequestError("images", f"{self.model_config.path} takes no images")
+            for i, image in enumerate(req.images):
+                self.runner.model.check_image(i, image)
         if req.sampling.n > self.config.max_num_seqs:
             raise InvalidRequestError(
                 "sampling.n", f"{req.sampling.n} exceeds --max-num-seqs {self.config.max_num_seqs}"

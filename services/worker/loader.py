@@ -131,6 +131,8 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
         checkpoint_name = name
         for old, new in model.checkpoint_renames:
             name = name.replace(old, new)
+        if tied and name == "lm_head.weight":  # (a renamed one: LLaVA's language_model.lm_head)
+            continue
         expert = _expert_dest(model, params, name)
         if expert is not None:
             target, shard, dest = expert
@@ -143,7 +145,10 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
             loaded[target].add(shard)
             continue
         target, shard = name, ""
-        for fused, original, shard_id in model.stacked_params:
+        # (a multimodal model's vision tower keeps separate q/k/v: models/llava.py)
+        for fused, original, shard_id in (
+            () if name.startswith(getattr(model, "unfused_prefixes", ())) else model.stacked_params
+        ):
             if f".{original}." in name:
                 target, shard = name.replace(f".{original}.", f".{fused}."), shard_id
                 break

@@ -57,6 +57,9 @@ class ModelConfig:
     rope_local_theta: float = 0.0  # 0: the sliding layers use the global rope
     rope_local_scaling: dict[str, Any] | None = None
     hidden_act: str = "silu"
+    # Image-in models (LLaVA): the top-level config.json (vision_config, image_token_index, ...);
+    # the fields above then describe its text_config's language model. None: a text-only model.
+    multimodal: dict[str, Any] | None = None
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -193,6 +196,11 @@ def load_model_config(model_dir: str) -> ModelConfig:
     archs = cfg.get("architectures") or []
     if not archs:
         raise ModelConfigError(f"{cfg_path}: no 'architectures' entry")
+    multimodal: dict[str, Any] | None = None
+    if isinstance(cfg.get("text_config"), dict) and isinstance(cfg.get("vision_config"), dict):
+        # LLaVA-style: the language model's fields come from text_config (see models/llava.py)
+        multimodal, cfg = cfg, {**cfg["text_config"], "eos_token_id": cfg["text_config"].get("eos_token_id")}
+        cfg.setdefault("tie_word_embeddings", multimodal.get("tie_word_embeddings", False))
     model_type = str(cfg.get("model_type", ""))
     if model_type == "gemma3":  # a multimodal Gemma 3 config: its text model
         raise ModelConfigError(
@@ -236,6 +244,7 @@ def load_model_config(model_dir: str) -> ModelConfig:
             hidden_act=str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"),
             **_rope_fields(cfg),
             **_moe_fields(cfg, model_type),
+            multimodal=multimodal,
         )
     except KeyError as exc:
         raise ModelConfigError(f"{cfg_path}: missing key {exc.args[0]!r}") from None

@@ -23,7 +23,9 @@ from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.loader import build_model
+from services.worker.mm_inputs import EncoderCache
 from services.worker.model_config import ModelConfig
+from services.worker.models.llava import ImageEmbeddingRows, LlavaForConditionalGeneration
 from services.worker.request import Sequence, TokenLogprob
 from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
 from services.worker.sampling_rng import draw_table
@@ -64,6 +66,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.model = build_model(cfg, ops, device, dtype, load_format, seed)
+        self.encoder_cache = EncoderCache()  # image embeddings by hash (multimodal models)
         rope_len = max(max_model_len, 1)
         self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)
         # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
@@ -214,13 +217,18 @@ class ModelRunner:
             assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
+        mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
         decoded: DecodeOutputs | None = None
-        if self.graphs is not None and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks):
+        if (
+            mm is None
+            and self.graphs is not None
+            and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks)
+        ):
             decoded = self.graphs.run(ids, positions, slots, seq_lens, block_tables)
             hidden = decoded.hidden
         else:
             hidden = self._forward_eager(
-                ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q
+                ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q, mm
             )
         self._prompt_logprobs(out, hidden, cu_seqlens)
         if not rows:
@@ -342,6 +350,7 @@ class ModelRunner:
         cu_seqlens: list[int],
         seq_lens: list[int],
         max_seqlen_q: int,
+        mm: ImageEmbeddingRows | None = None,
     ) -> torch.Tensor:
         dev = self.device
 
@@ -361,7 +370,28 @@ class ModelRunner:
             num_decode_rows=leading_single_tokens(cu_seqlens),
         )
         ids = input_ids if isinstance(input_ids, torch.Tensor) else put(input_ids, torch.int64)
-        return self.model(ids, meta)
+        return self.model(ids, meta) if mm is None else self.model(ids, meta, mm)
+
+    def _image_rows(self, out: SchedulerOutput, cu_seqlens: list[int]) -> ImageEmbeddingRows | None:
+        """The image embedding rows of this step: for each scheduled prompt chunk, the part of
+        each of its images that the chunk covers (encoded once per image hash, mm_inputs.py)."""
+        rows: list[int] = []
+        embeds: list[torch.Tensor] = []
+        for i, item in enumerate(out.scheduled):
+            images = item.seq.request.req.images
+            if not images or item.pending_tokens:
+                continue
+            start, end = item.start, item.start + item.num_new_tokens
+            for image in images:
+                lo, hi = max(start, image.offset), min(end, image.end)
+                if lo < hi:
+                    assert isinstance(self.model, LlavaForConditionalGeneration), "validated at admission"
+                    full = self.encoder_cache.get(image, self.model.encode_image)
+                    embeds.append(full[lo - image.offset : hi - image.offset])
+                    rows += range(cu_seqlens[i] + lo - start, cu_seqlens[i] + hi - start)
+        if not rows:
+            return None
+        return ImageEmbeddingRows(self._to_device(rows), torch.cat(embeds))
 
     def _sampling_metadata(self, seqs: list[Sequence], pending: list[int] | None = None) -> SamplingMetadata:
         """`pending[i]`: sampled tokens of row i not on the host yet (async scheduling); they count

@@ -21,6 +21,7 @@ from services.worker.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
+    from services.worker.mm_inputs import ImageInput
 
 __all__ = [
     "EngineRequest",
@@ -47,6 +48,8 @@ class EngineRequest:
     # sampling.guided compiled for this worker's tokenizer (the gRPC servicer compiles it off the
     # engine thread; Engine.add_request compiles it when missing)
     grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
+    # Images whose embeddings replace placeholder tokens of the prompt (mm_inputs.py)
+    images: tuple[ImageInput, ...] = field(default=(), compare=False, repr=False)
 
 
 def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) -> int:
@@ -56,6 +59,13 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
         raise InvalidRequestError("request_id", "must be non-empty")
     if not req.prompt_token_ids:
         raise InvalidRequestError("prompt_token_ids", "the prompt is empty")
+    end = 0
+    for i, image in enumerate(req.images):
+        if image.offset < end or image.length <= 0 or image.end > len(req.prompt_token_ids):
+            raise InvalidRequestError(
+                f"images[{i}]", "image positions must be in order, not overlap, and lie in the prompt"
+            )
+        end = image.end
     # Choice indices travel as uint32: the last one, first_choice_index + n - 1, must fit too.
     if req.first_choice_index + max(sp.n, 1) - 1 > 2**32 - 1:
         raise InvalidRequestError(
@@ -145,6 +155,13 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    def key_tokens(self, start: int, end: int) -> list[int]:
+        """token_ids[start:end] as the prefix cache keys them (image positions by image hash)."""
+        keys = self.request.cache_key_ids
+        if keys is None or start >= len(keys):
+            return self.token_ids[start:end]
+        return keys[start : min(end, len(keys))] + self.token_ids[len(keys) : end]
+
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.request.prompt_len
@@ -179,6 +196,11 @@ class Request:
         stop = set(req.sampling.stop_token_ids)
         self.stop_token_ids = frozenset(stop if req.sampling.ignore_eos else stop | set(eos_token_ids))
         prompt = list(req.prompt_token_ids)
+        self.cache_key_ids: list[int] | None = None
+        if req.images:
+            from services.worker.mm_inputs import cache_key_ids
+
+            self.cache_key_ids = cache_key_ids(prompt, req.images)
         first = Sequence(self, req.first_choice_index, prompt + list(req.generated_token_ids))
         self.sequences = [first]
         for i in range(1, req.sampling.n):

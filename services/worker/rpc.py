@@ -29,6 +29,7 @@ from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
 from services.worker.kv_handles import HeldKV, KVHandleError
+from services.worker.mm_inputs import images_from_pb
 from services.worker.outputs import RequestOutput
 from services.worker.request import (
     EngineRequest,
@@ -130,6 +131,7 @@ def request_from_pb(msg: worker_pb2.GenerateRequest) -> EngineRequest:
         generated_token_ids=tuple(msg.generated_token_ids),
         first_choice_index=msg.first_choice_index,
         group_id=msg.group_id,
+        images=images_from_pb(msg.images),
     )
 
 

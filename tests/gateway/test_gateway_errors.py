@@ -13,6 +13,10 @@ from gateway_stack import Stack, free_port
 pytestmark = [pytest.mark.e2e]
 
 CHAT = "/v1/chat/completions"
+PNG_1X1 = (
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "Once upon a time"}]
 
@@ -93,7 +97,17 @@ def still_serves(http: httpx.Client) -> None:
             CHAT,
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages[0].content[0]",
-            "not supported yet",
+            "data: URL or an http(s) URL",
+        ),
+        (  # a valid image for a text-only model: the styler refuses it
+            CHAT,
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG_1X1}}]}
+                ]
+            },
+            "messages",
+            "takes no images",
         ),
         (
             CHAT,

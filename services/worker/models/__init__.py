@@ -6,6 +6,7 @@ from services.worker.model_config import ModelConfigError
 from services.worker.models.gemma2 import Gemma2ForCausalLM
 from services.worker.models.gemma3 import Gemma3ForCausalLM
 from services.worker.models.llama import LlamaForCausalLM
+from services.worker.models.llava import LlavaForConditionalGeneration
 from services.worker.models.mixtral import MixtralForCausalLM
 from services.worker.models.phi3 import Phi3ForCausalLM
 from services.worker.models.qwen2 import Qwen2ForCausalLM
@@ -16,6 +17,7 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,

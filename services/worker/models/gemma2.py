@@ -97,7 +97,10 @@ class GemmaModel(LlamaModel):
         self.norms_folded = False
         self.embed_scale = cfg.hidden_size**0.5
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        assert inputs_embeds is None, "Gemma 2/3 here are text-only models"
         h = self.embed_tokens(input_ids)
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)  # the scale rounded to the dtype first
         for layer in self.layers:

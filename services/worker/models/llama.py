@@ -190,8 +190,11 @@ class LlamaModel(nn.Module):
         # gate_up_proj (the layer norms' weights are then ones).
         self.norms_folded = False
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # inputs_embeds: the token embeddings with some rows replaced (image rows, models/llava.py)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         # The folded forward is for decode-sized steps, where it removes launches. Larger steps run
         # the unfolded forward, which is the same function here (its norms multiply by ones, the
         # projections carry their weights): the folded one measured slower for large-batch decode

@@ -1,0 +1,234 @@
+"""LLaVA-1.5 style image-in models: a CLIP vision tower, a two-layer MLP projector, and a language
+model of an existing text family (Llama / Mistral / Qwen2 / Qwen3, from config.json's text_config).
+
+The language model is this class itself (a `LlamaForCausalLM` subclass, so the loader, norm
+folding and the model runner treat it as any text model); the vision tower and projector are
+plain torch modules run once per image, outside the paged-attention path. An image becomes
+`num_image_tokens` embedding rows which replace the input embeddings of its placeholder tokens
+during prefill (`forward(..., mm=)`, filled by the model runner from the request's images).
+
+Matches transformers' `LlavaForConditionalGeneration` with `vision_feature_select_strategy`
+"default" (the CLS row dropped) or "full", one integer `vision_feature_layer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kernels import KernelOps
+from services.worker.errors import InvalidRequestError
+from services.worker.layers.attention import AttentionMetadata
+from services.worker.mm_inputs import ImageInput
+from services.worker.model_config import ModelConfig, ModelConfigError
+from services.worker.models.llama import LlamaForCausalLM
+
+_ACTS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def _act(name: str) -> Any:
+    try:
+        return _ACTS[name]
+    except KeyError:
+        raise ModelConfigError(f"unsupported activation {name!r} in a LLaVA config") from None
+
+
+@dataclass(frozen=True)
+class ImageEmbeddingRows:
+    """Embedding rows to put in place of token embeddings in one forward: `rows[i]` of the
+    flattened step takes `embeds[i]`."""
+
+    rows: torch.Tensor  # [N] int64, on the model's device
+    embeds: torch.Tensor  # [N, hidden]
+
+
+class ClipAttention(nn.Module):
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, hidden)
+        self.v_proj = nn.Linear(hidden, hidden)
+        self.out_proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, S, hidden], full (non-causal) attention
+        b, s, h = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, self.heads, h // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, h))
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, act: str) -> None:
+        super().__init__()
+        self.act = _act(act)
+        self.fc1 = nn.Linear(hidden, intermediate)
+        self.fc2 = nn.Linear(intermediate, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ClipEncoderLayer(nn.Module):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        hidden, eps = int(vc["hidden_size"]), float(vc.get("layer_norm_eps", 1e-5))
+        self.self_attn = ClipAttention(hidden, int(vc["num_attention_heads"]))
+        self.layer_norm1 = nn.LayerNorm(hidden, eps=eps)
+        self.mlp = ClipMLP(hidden, int(vc["intermediate_size"]), str(vc.get("hidden_act", "quick_gelu")))
+        self.layer_norm2 = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class ClipEncoder(nn.Module):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ClipEncoderLayer(vc) for _ in range(int(vc["num_hidden_layers"])))
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        hidden, patch, size = int(vc["hidden_size"]), int(vc["patch_size"]), int(vc["image_size"])
+        self.class_embedding = nn.Parameter(torch.empty(hidden))
+        self.patch_embedding = nn.Conv2d(
+            int(vc.get("num_channels", 3)), hidden, patch, stride=patch, bias=False
+        )
+        self.image_size = size
+        self.num_positions = (size // patch) ** 2 + 1
+        self.position_embedding = nn.Embedding(self.num_positions, hidden)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, 1 + patches, hidden]
+        patches = (
+            self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        )
+        cls = self.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight[None]
+
+
+class ClipVisionTower(nn.Module):
+    """CLIP's vision transformer up to the hidden states of layer `feature_layer`."""
+
+    def __init__(self, vc: dict[str, Any]) -> None:
+        super().__init__()
+        hidden, eps = int(vc["hidden_size"]), float(vc.get("layer_norm_eps", 1e-5))
+        self.embeddings = ClipEmbeddings(vc)
+        self.pre_layrnorm = nn.LayerNorm(hidden, eps=eps)  # (sic: HF's name)
+        self.encoder = ClipEncoder(vc)
+        # Unused by LLaVA (it reads a hidden state before it) but part of the checkpoint.
+        self.post_layernorm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, pixels: torch.Tensor, feature_layer: int) -> torch.Tensor:
+        """hidden_states[feature_layer] in HF's numbering: 0 is the embeddings after the pre-norm,
+        k the output of layer k, negative indexes count from the last."""
+        layers = list(self.encoder.layers)
+        stop = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in layers[:stop]:
+            x = layer(x)
+        return x
+
+
+class MultiModalProjector(nn.Module):
+    def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
+        self.act = _act(act)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaForConditionalGeneration(LlamaForCausalLM):
+    # HF's checkpoint names -> ours: the language model is this module itself
+    # (both layouts: transformers 5's in-memory names and the saved / llava-hf hub names)
+    checkpoint_renames = (
+        ("model.language_model.", "model."),
+        ("language_model.model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.vision_model.", "vision_tower."),
+        ("model.vision_tower.vision_model.", "vision_tower."),
+        ("model.vision_tower.", "vision_tower."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+    )
+    # Parameters the loader copies as they are (CLIP's q/k/v are not fused like the text layers')
+    unfused_prefixes = ("vision_tower.", "multi_modal_projector.")
+
+    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+        mm = cfg.multimodal
+        if mm is None:
+            raise ModelConfigError(f"{cfg.path}: a LLaVA config needs text_config and vision_config")
+        vc = dict(mm["vision_config"])
+        if vc.get("model_type", "clip_vision_model") != "clip_vision_model":
+            raise ModelConfigError(
+                f"{cfg.path}: vision tower {vc.get('model_type')!r} is not supported (only CLIP)"
+            )
+        feature_layer = mm.get("vision_feature_layer", -2)
+        if not isinstance(feature_layer, int):
+            raise ModelConfigError(f"{cfg.path}: a list of vision_feature_layer is not supported")
+        self.feature_layer = feature_layer
+        self.select_strategy = str(mm.get("vision_feature_select_strategy", "default"))
+        if self.select_strategy not in ("default", "full"):
+            raise ModelConfigError(f"{cfg.path}: vision_feature_select_strategy {self.select_strategy!r}")
+        self.image_token_id = int(mm.get("image_token_index", mm.get("image_token_id", 32000)))
+        super().__init__(cfg, ops)
+        self.vision_tower = ClipVisionTower(vc)
+        self.multi_modal_projector = MultiModalProjector(
+            int(vc["hidden_size"]),
+            cfg.hidden_size,
+            str(mm.get("projector_hidden_act", "gelu")),
+            bool(mm.get("multimodal_projector_bias", True)),
+        )
+
+    def check_image(self, index: int, image: ImageInput) -> None:
+        """Refuse pixels of another shape than the vision tower's, or a placeholder run of another
+        length than its rows (either would fail inside a forward, costing the whole batch)."""
+        emb = self.vision_tower.embeddings
+        size = emb.image_size
+        want = (emb.patch_embedding.in_channels, size, size)
+        if tuple(image.pixel_values.shape) != want:
+            raise InvalidRequestError(
+                f"images[{index}].shape", f"{list(image.pixel_values.shape)}; this model takes {list(want)}"
+            )
+        rows = emb.num_positions - (1 if self.select_strategy == "default" else 0)
+        if image.length != rows:
+            raise InvalidRequestError(
+                f"images[{index}].length", f"{image.length}; this model's images are {rows} tokens"
+            )
+
+    @torch.no_grad()
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[C, H, W] pixels (the processor's output for one image) -> [tokens, text hidden]."""
+        feats = self.vision_tower(
+            pixel_values[None].to(self.vision_tower.pre_layrnorm.weight.device), self.feature_layer
+        )
+        if self.select_strategy == "default":
+            feats = feats[:, 1:]
+        return self.multi_modal_projector(feats)[0].to(self.model.embed_tokens.weight.dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, mm: ImageEmbeddingRows | None = None
+    ) -> torch.Tensor:
+        if mm is None:
+            return self.model(input_ids, meta)
+        embeds = self.model.embed_tokens(input_ids).index_copy(0, mm.rows, mm.embeds)
+        return self.model(input_ids, meta, inputs_embeds=embeds)

@@ -1,0 +1,65 @@
+"""Multimodal test fixtures: a tiny random LLaVA (CLIP tower + Llama) saved as a real HF model
+directory with its image processor, a chat template and the stories260K tokenizer plus an
+"<image>" token."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gateway"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from llava_testlib import IMAGE_SIZE, IMAGE_TOKEN, VOCAB
+
+torch.set_num_threads(1)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> Path:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=14, projection_dim=16,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
+    )  # fmt: skip
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # random norms so that a wrong layer order shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model.save_pretrained(str(path))
+    CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    ).save_pretrained(str(path))
+    tok = json.loads((stories_dir / "tokenizer.json").read_text())
+    tok["added_tokens"].append(
+        {"id": IMAGE_TOKEN, "content": "<image>", "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": True}
+    )  # fmt: skip
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    tok_cfg = json.loads((stories_dir / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = CHAT_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    shutil.copy(stories_dir / "special_tokens_map.json", path / "special_tokens_map.json")
+    (path / "processor_config.json").write_text(json.dumps({"image_token": "<image>"}))
+    return path
