@@ -26,6 +26,8 @@ import grpc
 
 from gateway.clients import WorkerClient
 from gateway.downstream import WorkerInfo
+from gateway.openengine_client import PREFIX as OPENENGINE_PREFIX
+from gateway.openengine_client import OpenEngineWorkerClient
 from gateway.poller import Poller
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class NoWorkerAvailable(Exception):
 
 @dataclass
 class WorkerState:
-    client: WorkerClient
+    client: WorkerClient | OpenEngineWorkerClient
     name: str = ""  # "worker-0": what /health and /metrics show unless --expose-internal-addresses
     healthy: bool = False
     info: WorkerInfo | None = None
@@ -77,6 +79,15 @@ def prefix_keys(token_ids: Sequence[int]) -> list[bytes]:
     return keys
 
 
+def worker_client(
+    address: str, credentials: grpc.ChannelCredentials | None
+) -> WorkerClient | OpenEngineWorkerClient:
+    """tandem's Worker service, or OpenEngine for an `openengine:HOST:PORT` address."""
+    if address.startswith(OPENENGINE_PREFIX):
+        return OpenEngineWorkerClient(address, credentials)
+    return WorkerClient(address, credentials)
+
+
 class Router:
     """The pool of workers and the choice of one per request."""
 
@@ -94,7 +105,7 @@ class Router:
         self._dns_members: dict[str, set[str]] = {name: set() for name in self._dns_names}
         self._retiring: set[asyncio.Task[None]] = set()
         self.workers = [
-            WorkerState(WorkerClient(a, credentials), next(self._names))
+            WorkerState(worker_client(a, credentials), next(self._names))
             for a in addresses
             if not a.startswith(DNS_PREFIX)
         ]
