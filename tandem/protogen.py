@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 OUT_PACKAGE = ROOT / "tandem" / "v1"
 # Vendored protocol packages: each generates a git-ignored top-level package at its proto path.
-VENDORED = ("openengine/v1",)
+VENDORED = ("openengine/v1", "tandem/smg")
 
 
 def proto_files() -> list[Path]:
@@ -50,7 +50,9 @@ def generate() -> None:
         for i in range(1, len(parts) + 1):
             package = ROOT.joinpath(*parts[:i])
             package.mkdir(parents=True, exist_ok=True)
-            (package / "__init__.py").write_text(f'"""Generated from protos/{sub} by tandem.protogen."""\n')
+            init = package / "__init__.py"
+            if not init.exists():  # never over a real package's (tandem/__init__.py)
+                init.write_text(f'"""Generated from protos/{sub} by tandem.protogen."""\n')
     include = str(Path(protoc.__file__).parent / "_proto")
     args = [
         "grpc_tools.protoc",
