@@ -8,8 +8,13 @@ proto asks for and tandem does not do answers UNIMPLEMENTED naming the field (do
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import io
 import time
+import zipfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 
@@ -26,6 +31,17 @@ _FINISH = {
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
 }
+# GetTokenizer: what a router needs to tokenize and render for this model (besides tokenizer*)
+TOKENIZER_FILES = {
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+    "config.json",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+}
+TOKENIZER_CHUNK_BYTES = 1 << 20
 _GUIDES = {"json_schema": "json_schema", "regex": "regex", "grammar": "lark_grammar"}
 
 
@@ -113,6 +129,24 @@ def _output_logprobs(deltas: list[common_pb2.TokenLogprob]) -> pb.OutputLogProbs
             for lp in deltas
         ],
     )
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (the router runs elsewhere); a hub id stays as it is."""
+    local = Path(path)
+    return str(local.resolve()) if local.exists() else path
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    return name in TOKENIZER_FILES or name.endswith(".jinja") or name.startswith("tokenizer")
+
+
+def _zip(files: list[Path]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in files:
+            archive.write(path, path.name)
+    return buffer.getvalue()
 
 
 class _Choice:
@@ -235,13 +269,13 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         e = self.engine
         cfg = e.model_config
         return pb.GetModelInfoResponse(
-            model_path=str(e.config.model),
+            model_path=_absolute(e.config.model),  # SMG loads the tokenizer from here
             is_generation=True,
             max_context_length=e.max_model_len,
             vocab_size=cfg.vocab_size,
             supports_vision=False,
             served_model_name=e.served_model_name,
-            tokenizer_path=str(e.config.tokenizer or e.config.model),
+            tokenizer_path=_absolute(e.config.tokenizer or e.config.model),
             architectures=[cfg.architecture],
             eos_token_ids=list(cfg.eos_token_ids),
             max_req_input_len=e.max_model_len,
@@ -291,11 +325,19 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
     async def GetTokenizer(
         self, request: smg_common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[smg_common_pb2.GetTokenizerChunk]:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "GetTokenizer: tandem workers do not ship their tokenizer; give SMG the model path",
-        )
-        yield smg_common_pb2.GetTokenizerChunk()  # unreachable: makes this a generator
+        """The model directory's tokenizer files as one zip, in chunks; sha256 on the last."""
+        folder = Path(self.engine.config.tokenizer or self.engine.config.model)
+        folder = folder if folder.is_dir() else folder.parent
+        files = sorted(p for p in folder.iterdir() if p.is_file() and _is_tokenizer_file(p.name))
+        if not any(p.name == "tokenizer.json" for p in files):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"GetTokenizer: no tokenizer.json in {_absolute(str(folder))}",
+            )
+        data = await asyncio.to_thread(_zip, files)
+        for start in range(0, len(data), TOKENIZER_CHUNK_BYTES):
+            yield smg_common_pb2.GetTokenizerChunk(data=data[start : start + TOKENIZER_CHUNK_BYTES])
+        yield smg_common_pb2.GetTokenizerChunk(sha256=hashlib.sha256(data).hexdigest())
 
     async def SubscribeKvEvents(
         self, request: smg_common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext

@@ -3,7 +3,11 @@ drives another engine; tandem-only checks are skipped there)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import time
+import zipfile
 from typing import Any
 
 import grpc
@@ -153,11 +157,20 @@ def test_bad_requests(stub: vllm_engine_pb2_grpc.VllmEngineStub, own_worker: boo
         )
 
 
-def test_tokenizer_kv_events_and_embed(stub: vllm_engine_pb2_grpc.VllmEngineStub, own_worker: bool) -> None:
+def test_get_tokenizer_is_a_zip_with_its_sha256(stub: vllm_engine_pb2_grpc.VllmEngineStub) -> None:
+    chunks = list(stub.GetTokenizer(smg_common_pb2.GetTokenizerRequest(), timeout=30))
+    data = b"".join(c.data for c in chunks)
+    assert chunks[-1].sha256 == hashlib.sha256(data).hexdigest()
+    assert all(not c.sha256 for c in chunks[:-1])
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        assert "tokenizer.json" in archive.namelist()
+        json.loads(archive.read("tokenizer.json"))
+
+
+def test_kv_events_and_embed(stub: vllm_engine_pb2_grpc.VllmEngineStub, own_worker: bool) -> None:
     if not own_worker:
         pytest.skip("what an engine leaves out is its own")
     calls = [
-        lambda: list(stub.GetTokenizer(smg_common_pb2.GetTokenizerRequest(), timeout=10)),
         lambda: next(stub.SubscribeKvEvents(smg_common_pb2.SubscribeKvEventsRequest(), timeout=10)),
         lambda: stub.Embed(
             pb.EmbedRequest(request_id="e", tokenized=pb.TokenizedInput(input_ids=[1])), timeout=10
