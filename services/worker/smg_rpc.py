@@ -9,17 +9,20 @@ proto asks for and tandem does not do answers UNIMPLEMENTED naming the field (do
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import time
 import zipfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 
 from services.worker.openengine_rpc import Invalid, Unsupported
 from services.worker.rpc import WorkerServicer
+from services.worker.stop_text import StopText
 from tandem.smg import common_pb2 as smg_common_pb2
 from tandem.smg import vllm_engine_pb2 as pb
 from tandem.smg import vllm_engine_pb2_grpc
@@ -66,11 +69,6 @@ def sampling_to_tandem(sp: pb.SamplingParams) -> common_pb2.SamplingParams:
     if sp.HasField("max_tokens"):
         out.max_tokens = sp.max_tokens
     out.min_tokens = sp.min_tokens
-    if sp.stop:
-        raise Unsupported(
-            "sampling_params.stop",
-            "tandem workers stop on token ids only (stop strings: the router's); send stop_token_ids",
-        )
     if sp.include_stop_str_in_output:
         raise Unsupported(
             "sampling_params.include_stop_str_in_output", "tandem workers match no stop strings"
@@ -184,6 +182,7 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
             else:
                 token_ids = list(request.tokenized.input_ids)
             sampling = sampling_to_tandem(request.sampling_params)
+            stop_text = self._stop_text(request.sampling_params)
         except Unsupported as exc:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
         except Invalid as exc:
@@ -196,55 +195,82 @@ class VllmEngineServicer(vllm_engine_pb2_grpc.VllmEngineServicer):
         num_prompt = len(token_ids)
         await self.worker._refuse_when_full(context)
         with self.worker._admit():
-            async for chunk in self.worker._generate(tandem_req, context):
-                if chunk.prompt_logprobs:
-                    entries = [pb.InputTokenLogProb()]  # the first prompt token has none
-                    entries += [pb.InputTokenLogProb(value=lp.logprob) for lp in chunk.prompt_logprobs]
-                    tops = [pb.TopLogProbs()]
-                    tops += [
-                        pb.TopLogProbs(
-                            values=[t.logprob for t in lp.top_logprobs],
-                            token_ids=[t.token_id for t in lp.top_logprobs],
+            # aclosing: leaving early (a stop string matched) aborts the engine request now
+            generated = cast(
+                AsyncGenerator[worker_pb2.GenerateResponse], self.worker._generate(tandem_req, context)
+            )
+            async with contextlib.aclosing(generated) as chunks:
+                async for chunk in chunks:
+                    if chunk.prompt_logprobs:
+                        entries = [pb.InputTokenLogProb()]  # the first prompt token has none
+                        entries += [pb.InputTokenLogProb(value=lp.logprob) for lp in chunk.prompt_logprobs]
+                        tops = [pb.TopLogProbs()]
+                        tops += [
+                            pb.TopLogProbs(
+                                values=[t.logprob for t in lp.top_logprobs],
+                                token_ids=[t.token_id for t in lp.top_logprobs],
+                            )
+                            for lp in chunk.prompt_logprobs
+                        ]
+                        prompt_lp = pb.InputLogProbs(
+                            token_logprobs=entries, token_ids=token_ids, top_logprobs=tops
                         )
-                        for lp in chunk.prompt_logprobs
-                    ]
-                    prompt_lp = pb.InputLogProbs(
-                        token_logprobs=entries, token_ids=token_ids, top_logprobs=tops
-                    )
-                cached = chunk.usage.cached_prompt_tokens if chunk.HasField("usage") else 0
-                for delta in chunk.choices:
-                    c = choices.setdefault(delta.index, _Choice())
-                    c.token_ids.extend(delta.token_ids)
-                    c.logprobs.extend(delta.logprobs)
-                    if request.stream and delta.token_ids:
-                        out = pb.GenerateStreamChunk(
-                            token_ids=delta.token_ids,
-                            prompt_tokens=num_prompt,
-                            completion_tokens=len(c.token_ids),
-                            index=delta.index,
-                        )
-                        if delta.logprobs:
-                            out.output_logprobs.CopyFrom(_output_logprobs(list(delta.logprobs)))
-                        if prompt_lp is not None:
-                            out.input_logprobs.CopyFrom(prompt_lp)
-                            prompt_lp = None
-                        yield pb.GenerateResponse(chunk=out)
-                    if delta.finish_reason:
-                        done = pb.GenerateComplete(
-                            output_ids=[] if request.stream else c.token_ids,  # streamed already
-                            finish_reason=_FINISH[delta.finish_reason],
-                            prompt_tokens=num_prompt,
-                            completion_tokens=len(c.token_ids),
-                            cached_tokens=cached,
-                            index=delta.index,
-                        )
-                        if c.logprobs and not request.stream:
-                            done.output_logprobs.CopyFrom(_output_logprobs(c.logprobs))
-                        if prompt_lp is not None:
-                            done.input_logprobs.CopyFrom(prompt_lp)
-                        if delta.HasField("stop_token_id"):
-                            done.matched_token_id = delta.stop_token_id
-                        yield pb.GenerateResponse(complete=done)
+                    cached = chunk.usage.cached_prompt_tokens if chunk.HasField("usage") else 0
+                    for delta in chunk.choices:
+                        c = choices.setdefault(delta.index, _Choice())
+                        new_ids, new_lps = list(delta.token_ids), list(delta.logprobs)
+                        matched = None
+                        if stop_text is not None:
+                            keep, matched = stop_text.feed(new_ids)
+                            new_ids, new_lps = new_ids[:keep], new_lps[:keep]
+                        c.token_ids.extend(new_ids)
+                        c.logprobs.extend(new_lps)
+                        if request.stream and new_ids:
+                            out = pb.GenerateStreamChunk(
+                                token_ids=new_ids,
+                                prompt_tokens=num_prompt,
+                                completion_tokens=len(c.token_ids),
+                                index=delta.index,
+                            )
+                            if new_lps:
+                                out.output_logprobs.CopyFrom(_output_logprobs(new_lps))
+                            if prompt_lp is not None:
+                                out.input_logprobs.CopyFrom(prompt_lp)
+                                prompt_lp = None
+                            yield pb.GenerateResponse(chunk=out)
+                        if delta.finish_reason or matched is not None:
+                            done = pb.GenerateComplete(
+                                output_ids=[] if request.stream else c.token_ids,  # streamed already
+                                finish_reason="stop" if matched is not None else _FINISH[delta.finish_reason],
+                                prompt_tokens=num_prompt,
+                                completion_tokens=len(c.token_ids),
+                                cached_tokens=cached,
+                                index=delta.index,
+                            )
+                            if c.logprobs and not request.stream:
+                                done.output_logprobs.CopyFrom(_output_logprobs(c.logprobs))
+                            if prompt_lp is not None:
+                                done.input_logprobs.CopyFrom(prompt_lp)
+                            if matched is not None:
+                                done.matched_stop_str = matched
+                            elif delta.HasField("stop_token_id"):
+                                done.matched_token_id = delta.stop_token_id
+                            yield pb.GenerateResponse(complete=done)
+                            if matched is not None:
+                                return  # one choice only (_stop_text): the request is done
+
+    def _stop_text(self, sp: pb.SamplingParams) -> StopText | None:
+        """Stop strings, matched here on the worker tokenizer's bytes (stop_text.py)."""
+        if not sp.stop:
+            return None
+        if self.engine.grammars is None:
+            raise Unsupported(
+                "sampling_params.stop",
+                "stop strings need the worker's tokenizer (see `tandem worker --tokenizer`)",
+            )
+        if sp.n > 1:
+            raise Unsupported("sampling_params.stop", "stop strings with n > 1: one request per choice")
+        return StopText(self.engine.grammars.tokenizer, list(sp.stop))
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         await context.abort(

@@ -129,6 +129,43 @@ def test_stop_token_n_and_logprobs(stub: vllm_engine_pb2_grpc.VllmEngineStub) ->
     )
 
 
+def test_stop_string_ends_the_choice_where_it_completes(stub: vllm_engine_pb2_grpc.VllmEngineStub) -> None:
+    """A stop string that spans tokens: the choice ends with the token that completes it, and
+    the engine request is gone (load back to idle)."""
+    text = pb.GenerateRequest(
+        request_id="smg-text",
+        text="Once upon a time",
+        sampling_params=pb.SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True),
+        stream=False,
+    )
+    [full] = completes(list(stub.Generate(text, timeout=60)))
+    stop_request = pb.GenerateRequest()
+    stop_request.CopyFrom(text)
+    stop_request.request_id = "smg-stopstr"
+    stop_request.sampling_params.stop.append("STOP-NEVER-SEEN")
+    [unstopped] = completes(list(stub.Generate(stop_request, timeout=60)))
+    assert list(unstopped.output_ids) == list(full.output_ids) and unstopped.finish_reason == "length"
+    model_path = stub.GetModelInfo(pb.GetModelInfoRequest()).tokenizer_path
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ids = list(full.output_ids)
+    upto = tok.decode(ids[:6])
+    stop = upto[-4:]
+    assert stop.strip() and stop not in tok.decode(ids[:5])
+    stop_request.request_id = "smg-stopstr2"
+    stop_request.sampling_params.stop[:] = [stop]
+    for stream in (False, True):
+        stop_request.stream = stream
+        responses = list(stub.Generate(stop_request, timeout=60))
+        [done] = completes(responses)
+        output = streamed(responses) if stream else list(done.output_ids)
+        assert done.finish_reason == "stop" and done.matched_stop_str == stop
+        first_match = next(i for i in range(1, len(ids) + 1) if stop in tok.decode(ids[:i]))
+        assert output == ids[:first_match] and done.completion_tokens == first_match
+    idle(stub)
+
+
 def test_abort_mid_stream_frees_the_engine(stub: vllm_engine_pb2_grpc.VllmEngineStub) -> None:
     call = stub.Generate(request("smg-abort", max_tokens=240, ignore_eos=True, temperature=1.0), timeout=60)
     assert next(call).WhichOneof("response") == "chunk"
@@ -146,7 +183,7 @@ def test_bad_requests(stub: vllm_engine_pb2_grpc.VllmEngineStub, own_worker: boo
     if not own_worker:
         return
     for field, sampling in [
-        ("sampling_params.stop", {"stop": ["."]}),
+        ("sampling_params.stop", {"stop": ["."], "n": 2}),
         ("sampling_params.logit_bias", {"logit_bias": {5: 1.0}}),
         ("sampling_params.structural_tag", {"structural_tag": "{}"}),
     ]:
