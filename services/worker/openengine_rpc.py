@@ -9,8 +9,10 @@ and tandem does not do answers UNIMPLEMENTED naming the field, never silently (d
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 
 import grpc
 
@@ -25,6 +27,7 @@ from openengine.v1 import (
     server_pb2,
 )
 from services.worker.rpc import WorkerServicer
+from services.worker.stop_text import StopText
 from tandem.v1 import common_pb2, worker_pb2
 
 INFERENCE_SERVICE = "openengine.v1.Inference"
@@ -99,11 +102,7 @@ def sampling_to_tandem(msg: generation_pb2.GenerateRequest) -> common_pb2.Sampli
         if kind == "stop_token_id":
             out.stop_token_ids.append(cond.stop_token_id)
         elif kind == "stop_text":
-            raise Unsupported(
-                f"stopping.conditions[{i}].stop_text",
-                "tandem workers stop on token ids only (stop strings are matched by tandem's styler, "
-                "which detokenizes); send stop_token_id",
-            )
+            pass  # matched on the engine's output bytes by the servicer (stop_text.py)
         else:
             raise Invalid(f"stopping.conditions[{i}]", "set stop_text or stop_token_id")
     if stop.include_stop_in_output:
@@ -206,33 +205,79 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
                 grpc.StatusCode.NOT_FOUND,
                 f"model: this worker serves {self.engine.served_model_name!r}, not {request.model!r}",
             )
+        try:
+            stop_text = self._stop_text(request)
+        except Unsupported as exc:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, str(exc))
         stop_ids = set(tandem_req.sampling.stop_token_ids)
         prompt = list(tandem_req.prompt_token_ids)
+        num_output = 0
         await self.worker._refuse_when_full(context)
         with self.worker._admit():
-            async for chunk in self.worker._generate(tandem_req, context):
-                if chunk.prompt_logprobs:
-                    # tandem has no logprob for the first prompt token: it comes without one
-                    tokens = [generation_pb2.TokenInfo(token_id=prompt[0])]
-                    tokens += [_token_info(lp) for lp in chunk.prompt_logprobs]
-                    yield generation_pb2.GenerateResponse(
-                        request_id=request.request_id, prompt=generation_pb2.PromptOutput(tokens=tokens)
-                    )
-                for i, delta in enumerate(chunk.choices):
-                    if delta.token_ids:
-                        if delta.logprobs:
-                            tokens = [_token_info(lp) for lp in delta.logprobs]
-                        else:
-                            tokens = [generation_pb2.TokenInfo(token_id=t) for t in delta.token_ids]
+            # aclosing: leaving early (a stop string matched) aborts the engine request now
+            generated = cast(
+                AsyncGenerator[worker_pb2.GenerateResponse], self.worker._generate(tandem_req, context)
+            )
+            async with contextlib.aclosing(generated) as chunks:
+                async for chunk in chunks:
+                    if chunk.prompt_logprobs:
+                        # tandem has no logprob for the first prompt token: it comes without one
+                        tokens = [generation_pb2.TokenInfo(token_id=prompt[0])]
+                        tokens += [_token_info(lp) for lp in chunk.prompt_logprobs]
                         yield generation_pb2.GenerateResponse(
-                            request_id=request.request_id,
-                            token=generation_pb2.TokenOutput(output_index=delta.index, tokens=tokens),
+                            request_id=request.request_id, prompt=generation_pb2.PromptOutput(tokens=tokens)
                         )
-                    if delta.finish_reason:
-                        last = chunk.HasField("usage") and i == len(chunk.choices) - 1
-                        yield self._finished(
-                            request.request_id, delta, stop_ids, chunk.usage if last else None
-                        )
+                    for i, delta in enumerate(chunk.choices):
+                        new_ids, new_lps = list(delta.token_ids), list(delta.logprobs)
+                        matched = None
+                        if stop_text is not None:
+                            keep, matched = stop_text.feed(new_ids)
+                            new_ids, new_lps = new_ids[:keep], new_lps[:keep]
+                        num_output += len(new_ids)
+                        if new_ids:
+                            if new_lps:
+                                tokens = [_token_info(lp) for lp in new_lps]
+                            else:
+                                tokens = [generation_pb2.TokenInfo(token_id=t) for t in new_ids]
+                            yield generation_pb2.GenerateResponse(
+                                request_id=request.request_id,
+                                token=generation_pb2.TokenOutput(output_index=delta.index, tokens=tokens),
+                            )
+                        if matched is not None:  # one choice only (_stop_text): the request is done
+                            done = generation_pb2.GenerationFinished(
+                                output_index=delta.index, reason=generation_pb2.FINISH_REASON_STOP
+                            )
+                            done.stop_match.stop_text = matched
+                            usage = generation_pb2.Usage(
+                                prompt_tokens=len(prompt),
+                                completion_tokens=num_output,
+                                total_tokens=len(prompt) + num_output,
+                            )
+                            yield generation_pb2.GenerateResponse(
+                                request_id=request.request_id, finished=done, usage=usage
+                            )
+                            return
+                        if delta.finish_reason:
+                            last = chunk.HasField("usage") and i == len(chunk.choices) - 1
+                            yield self._finished(
+                                request.request_id, delta, stop_ids, chunk.usage if last else None
+                            )
+
+    def _stop_text(self, msg: generation_pb2.GenerateRequest) -> StopText | None:
+        """Stop strings, matched here on the worker tokenizer's bytes (stop_text.py)."""
+        stops = [c.stop_text for c in msg.stopping.conditions if c.WhichOneof("condition") == "stop_text"]
+        if not stops:
+            return None
+        if self.engine.grammars is None:
+            raise Unsupported(
+                "stopping.conditions.stop_text",
+                "stop strings need the worker's tokenizer (see `tandem worker --tokenizer`); send stop_token_id",
+            )
+        if msg.sampling.num_sequences > 1:
+            raise Unsupported(
+                "stopping.conditions.stop_text", "stop strings with num_sequences > 1: one request each"
+            )
+        return StopText(self.engine.grammars.tokenizer, stops)
 
     def _to_tandem(self, msg: generation_pb2.GenerateRequest) -> worker_pb2.GenerateRequest:
         _check_unsupported(msg)

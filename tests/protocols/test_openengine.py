@@ -145,6 +145,34 @@ def test_stop_token_id_ends_with_a_stop_match(inference: openengine_pb2_grpc.Inf
     assert tokens_of(events) == first[: first.index(stop_id) + 1]  # the stop token is in the output
 
 
+def test_stop_text_ends_the_output_where_it_completes(
+    inference: openengine_pb2_grpc.InferenceStub,
+    control: openengine_pb2_grpc.ControlStub,
+    channel: grpc.Channel,
+    own_worker: bool,
+) -> None:
+    if not own_worker:
+        pytest.skip("needs the model's tokenizer here to choose a stop string")
+    from transformers import AutoTokenizer
+
+    from tandem.smg import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+    path = vllm_engine_pb2_grpc.VllmEngineStub(channel).GetModelInfo(vllm_engine_pb2.GetModelInfoRequest())
+    tok = AutoTokenizer.from_pretrained(path.tokenizer_path)
+    ids = tokens_of(list(inference.Generate(request("oe-full", stopping=stopping(30, ignore_eos=True)))))
+    stop = tok.decode(ids[:6])[-4:]
+    assert stop.strip() and stop not in tok.decode(ids[:5])
+    cond = generation_pb2.StopCondition(stop_text=stop)
+    events = list(
+        inference.Generate(request("oe-stoptext", stopping=stopping(30, ignore_eos=True, conditions=[cond])))
+    )
+    [done] = finished(events)
+    first_match = next(i for i in range(1, len(ids) + 1) if stop in tok.decode(ids[:i]))
+    assert done.reason == generation_pb2.FINISH_REASON_STOP and done.stop_match.stop_text == stop
+    assert tokens_of(events) == ids[:first_match] and events[-1].usage.completion_tokens == first_match
+    assert wait_idle(control).used_kv_blocks == 0
+
+
 def test_num_sequences(inference: openengine_pb2_grpc.InferenceStub) -> None:
     sampling = generation_pb2.SamplingParams(temperature=1.0, seed=7, num_sequences=3)
     events = list(
@@ -259,8 +287,11 @@ def test_unknown_model_is_not_found(inference: openengine_pb2_grpc.InferenceStub
 
 UNSUPPORTED_BY_TANDEM = [
     (
-        "stopping.conditions[0].stop_text",
-        {"stopping": stopping(4, conditions=[generation_pb2.StopCondition(stop_text="x")])},
+        "stopping.conditions.stop_text",
+        {
+            "sampling": generation_pb2.SamplingParams(num_sequences=2),
+            "stopping": stopping(4, conditions=[generation_pb2.StopCondition(stop_text="x")]),
+        },
     ),
     (
         "media",
