@@ -57,6 +57,8 @@ def sampling_to_tandem(sp: pb.SamplingParams) -> common_pb2.SamplingParams:
     if sp.top_p:
         out.top_p = sp.top_p
     if sp.top_k:
+        if sp.top_k >= 2**31:
+            raise Invalid("sampling_params.top_k", f"must be below 2^31, got {sp.top_k}")
         out.top_k = sp.top_k
     if sp.min_p:
         out.min_p = sp.min_p
@@ -88,6 +90,8 @@ def sampling_to_tandem(sp: pb.SamplingParams) -> common_pb2.SamplingParams:
             )
         out.prompt_logprobs = sp.prompt_logprobs
     if sp.HasField("seed"):
+        if sp.seed < 0:
+            raise Invalid("sampling_params.seed", f"must be >= 0, got {sp.seed}")
         out.seed = sp.seed
     if sp.logit_bias:
         raise Unsupported("sampling_params.logit_bias", "tandem has no logit bias")

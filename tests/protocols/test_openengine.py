@@ -240,6 +240,24 @@ def test_abort_mid_stream(
     assert wait_idle(control).used_kv_blocks == 0
 
 
+def test_abort_all_requests(
+    inference: openengine_pb2_grpc.InferenceStub, control: openengine_pb2_grpc.ControlStub
+) -> None:
+    sampling = generation_pb2.SamplingParams(temperature=1.0)
+    calls = [
+        inference.Generate(request(f"oe-all-{i}", sampling=sampling, stopping=stopping(240, ignore_eos=True)))
+        for i in range(2)
+    ]
+    for call in calls:
+        next(call)  # both running
+    reply = control.Abort(lifecycle_pb2.AbortRequest(all_requests=lifecycle_pb2.AllRequests()))
+    assert reply.status == lifecycle_pb2.ABORT_STATUS_ABORTED
+    for call in calls:
+        [done] = finished(list(call))
+        assert done.reason == generation_pb2.FINISH_REASON_CANCELLED
+    assert wait_idle(control).used_kv_blocks == 0
+
+
 def test_client_cancel_frees_the_engine(
     inference: openengine_pb2_grpc.InferenceStub, control: openengine_pb2_grpc.ControlStub
 ) -> None:

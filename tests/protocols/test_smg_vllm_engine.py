@@ -176,7 +176,14 @@ def test_abort_mid_stream_frees_the_engine(stub: vllm_engine_pb2_grpc.VllmEngine
 
 
 def test_bad_requests(stub: vllm_engine_pb2_grpc.VllmEngineStub, own_worker: bool) -> None:
-    for msg in (pb.GenerateRequest(request_id="smg-none"), request("smg-vocab", prompt=[1, 10_000_000])):
+    bad = [
+        pb.GenerateRequest(request_id="smg-none"),
+        request("smg-vocab", prompt=[1, 10_000_000]),
+        request("smg-seed", seed=-1),
+        request("smg-topk", top_k=2**31),
+        request("smg-temp", temperature=float("nan")),
+    ]
+    for msg in bad:
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Generate(msg, timeout=30))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
