@@ -29,6 +29,8 @@ from gateway.downstream import WorkerInfo
 from gateway.openengine_client import PREFIX as OPENENGINE_PREFIX
 from gateway.openengine_client import OpenEngineWorkerClient
 from gateway.poller import Poller
+from gateway.smg_client import PREFIX as SMG_PREFIX
+from gateway.smg_client import SmgWorkerClient
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class NoWorkerAvailable(Exception):
 
 @dataclass
 class WorkerState:
-    client: WorkerClient | OpenEngineWorkerClient
+    client: WorkerClient | OpenEngineWorkerClient | SmgWorkerClient
     name: str = ""  # "worker-0": what /health and /metrics show unless --expose-internal-addresses
     healthy: bool = False
     info: WorkerInfo | None = None
@@ -81,10 +83,13 @@ def prefix_keys(token_ids: Sequence[int]) -> list[bytes]:
 
 def worker_client(
     address: str, credentials: grpc.ChannelCredentials | None
-) -> WorkerClient | OpenEngineWorkerClient:
-    """tandem's Worker service, or OpenEngine for an `openengine:HOST:PORT` address."""
+) -> WorkerClient | OpenEngineWorkerClient | SmgWorkerClient:
+    """tandem's Worker service, OpenEngine for `openengine:HOST:PORT`, SMG's vllm_engine for
+    `smg:HOST:PORT` (docs/protocols.md)."""
     if address.startswith(OPENENGINE_PREFIX):
         return OpenEngineWorkerClient(address, credentials)
+    if address.startswith(SMG_PREFIX):
+        return SmgWorkerClient(address, credentials)
     return WorkerClient(address, credentials)
 
 

@@ -1,5 +1,6 @@
 """tandem's gateway in front of a worker reached through OpenEngine (`--worker openengine:ADDR`)
-serves the openai client exactly as it does through tandem's own proto."""
+or SMG's vllm_engine proto (`--worker smg:ADDR`) serves the openai client exactly as it does
+through tandem's own proto."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def stack(
         stack.start_gateway("gateway-openengine", port, workers=workers)
         stack.wait_healthy(port, 120, all_workers=True)
         stack.openengine_port = port  # type: ignore[attr-defined]
+        smg_port = free_port()
+        stack.start_gateway("gateway-smg", smg_port, workers=[f"smg:{a}" for a in stack.worker_addresses])
+        stack.wait_healthy(smg_port, 120, all_workers=True)
+        stack.smg_port = smg_port  # type: ignore[attr-defined]
         yield stack
     finally:
         stack.stop()
@@ -44,9 +49,10 @@ def native(stack: Stack) -> openai.OpenAI:
     return client(stack.port)
 
 
-@pytest.fixture(scope="module")
-def via_openengine(stack: Stack) -> openai.OpenAI:
-    return client(stack.openengine_port)  # type: ignore[attr-defined]
+@pytest.fixture(scope="module", params=["openengine", "smg"])
+def via_openengine(stack: Stack, request: pytest.FixtureRequest) -> openai.OpenAI:
+    """The gateway that reaches the worker through OpenEngine, then the one through SMG's proto."""
+    return client(getattr(stack, f"{request.param}_port"))
 
 
 def test_models_lists_the_engines_model(via_openengine: openai.OpenAI) -> None:
@@ -114,7 +120,7 @@ def test_guided_choice(via_openengine: openai.OpenAI) -> None:
 
 
 def test_openengine_is_refused_for_disaggregation() -> None:
-    with pytest.raises(ValueError, match="an OpenEngine engine goes in --worker"):
+    with pytest.raises(ValueError, match="an OpenEngine or SMG engine goes in --worker"):
         GatewayConfig(styler=["unix:/s"], worker=[], prefill_worker=["openengine:h:1"], decode_worker=["h:2"])
     with pytest.raises(ValueError, match="needs the engine's address"):
         GatewayConfig(styler=["unix:/s"], worker=["openengine:"])
