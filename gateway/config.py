@@ -22,7 +22,7 @@ class GatewayConfig:
     styler: list[str] = field(default_factory=list)
     """gRPC address of a styler (host:port or unix:/path); repeat for several replicas."""
     worker: list[str] = field(default_factory=list)
-    """gRPC address of a worker (host:port, unix:/path, or dns:HOST:PORT for every address HOST resolves to, e.g. a Kubernetes headless Service); repeat for several workers."""
+    """gRPC address of a worker (host:port, unix:/path, or dns:HOST:PORT for every address HOST resolves to, e.g. a Kubernetes headless Service, openengine:HOST:PORT for any engine that serves OpenEngine, or smg:HOST:PORT for one that serves SMG's vllm_engine proto, see docs/protocols.md); repeat for several workers."""
     prefill_worker: list[str] = field(default_factory=list)
     """Disaggregated mode: gRPC address of a prefill worker (--role prefill); repeatable."""
     decode_worker: list[str] = field(default_factory=list)
@@ -145,6 +145,17 @@ class GatewayConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: no such file {value!r}")
         if self.prefill_worker and not (self.decode_worker or self.worker):
             raise ValueError("--prefill-worker needs at least one --decode-worker (or --worker) to decode")
+        for name in ("prefill_worker", "decode_worker"):
+            for address in getattr(self, name):
+                if address.startswith(("openengine:", "smg:")):
+                    raise ValueError(
+                        f"--{name.replace('_', '-')} {address}: disaggregation needs tandem's worker proto; "
+                        "an OpenEngine or SMG engine goes in --worker"
+                    )
+        for address in self.worker:
+            for prefix in ("openengine:", "smg:"):
+                if address.startswith(prefix) and not address.removeprefix(prefix):
+                    raise ValueError(f"--worker {prefix}HOST:PORT needs the engine's address")
         TlsFiles.from_options(self.tls_cert, self.tls_key, self.tls_ca)
 
     @property

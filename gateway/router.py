@@ -29,7 +29,11 @@ import grpc
 from gateway.clients import WorkerClient
 from gateway.downstream import WorkerInfo
 from gateway.kv_index import KvEventFollower, KvIndex
+from gateway.openengine_client import PREFIX as OPENENGINE_PREFIX
+from gateway.openengine_client import OpenEngineWorkerClient
 from gateway.poller import Poller
+from gateway.smg_client import PREFIX as SMG_PREFIX
+from gateway.smg_client import SmgWorkerClient
 from services.common.block_hash import block_hashes
 
 log = logging.getLogger(__name__)
@@ -53,7 +57,7 @@ class NoWorkerAvailable(Exception):
 
 @dataclass
 class WorkerState:
-    client: WorkerClient
+    client: WorkerClient | OpenEngineWorkerClient | SmgWorkerClient
     name: str = ""  # "worker-0": what /health and /metrics show unless --expose-internal-addresses
     healthy: bool = False
     info: WorkerInfo | None = None
@@ -84,6 +88,18 @@ def prefix_keys(token_ids: Sequence[int]) -> list[bytes]:
     return keys
 
 
+def worker_client(
+    address: str, credentials: grpc.ChannelCredentials | None
+) -> WorkerClient | OpenEngineWorkerClient | SmgWorkerClient:
+    """tandem's Worker service, OpenEngine for `openengine:HOST:PORT`, SMG's vllm_engine for
+    `smg:HOST:PORT` (docs/protocols.md)."""
+    if address.startswith(OPENENGINE_PREFIX):
+        return OpenEngineWorkerClient(address, credentials)
+    if address.startswith(SMG_PREFIX):
+        return SmgWorkerClient(address, credentials)
+    return WorkerClient(address, credentials)
+
+
 class Router:
     """The pool of workers and the choice of one per request."""
 
@@ -101,7 +117,7 @@ class Router:
         self._dns_members: dict[str, set[str]] = {name: set() for name in self._dns_names}
         self._retiring: set[asyncio.Task[None]] = set()
         self.workers = [
-            WorkerState(WorkerClient(a, credentials), next(self._names))
+            WorkerState(worker_client(a, credentials), next(self._names))
             for a in addresses
             if not a.startswith(DNS_PREFIX)
         ]
@@ -187,7 +203,13 @@ class Router:
         if healthy != w.healthy:
             log.info("worker %s %s rotation", w.address, "back in" if healthy else "taken out of")
         w.healthy = healthy
-        if healthy and w.info is not None and w.info.kv_events and w.address not in self._followers:
+        if (
+            healthy
+            and isinstance(w.client, WorkerClient)  # engines behind other protocols publish no events here
+            and w.info is not None
+            and w.info.kv_events
+            and w.address not in self._followers
+        ):
             follower = KvEventFollower(self.kv_index, w.address, w.client.kv_events)
             self._followers[w.address] = follower
             follower.start()

@@ -1,4 +1,6 @@
-"""Generate the Python gRPC modules `tandem.v1.*_pb2` from `protos/tandem/v1/*.proto`.
+"""Generate the Python gRPC modules `tandem.v1.*_pb2` from `protos/tandem/v1/*.proto`, and the
+vendored industry protocols the worker also serves (`openengine.v1.*_pb2` from
+`protos/openengine/v1/`, unmodified upstream files: their imports fix the package name).
 
 Run as `python -m tandem.protogen` (the set-up script and the container build do). The generated
 code targets grpcio 1.84 / protobuf >= 7.35, the versions pinned in pyproject.toml and present on
@@ -14,15 +16,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
 OUT_PACKAGE = ROOT / "tandem" / "v1"
+# Vendored protocol packages: each generates a git-ignored top-level package at its proto path.
+VENDORED = ("openengine/v1", "tandem/smg")
 
 
 def proto_files() -> list[Path]:
     return sorted((PROTO_DIR / "tandem" / "v1").glob("*.proto"))
 
 
+def vendored_proto_files() -> list[Path]:
+    return [p for sub in VENDORED for p in sorted((PROTO_DIR / sub).glob("*.proto"))]
+
+
+def _module(proto: Path) -> Path:
+    return ROOT / proto.parent.relative_to(PROTO_DIR) / f"{proto.stem}_pb2.py"
+
+
 def is_stale() -> bool:
-    for proto in proto_files():
-        module = OUT_PACKAGE / f"{proto.stem}_pb2.py"
+    for proto in proto_files() + vendored_proto_files():
+        module = _module(proto)
         if not module.exists() or module.stat().st_mtime < proto.stat().st_mtime:
             return True
     return False
@@ -33,6 +45,14 @@ def generate() -> None:
 
     OUT_PACKAGE.mkdir(parents=True, exist_ok=True)
     (OUT_PACKAGE / "__init__.py").write_text('"""Generated from protos/tandem/v1 by tandem.protogen."""\n')
+    for sub in VENDORED:  # the package and its parents (`openengine`, `openengine/v1`)
+        parts = Path(sub).parts
+        for i in range(1, len(parts) + 1):
+            package = ROOT.joinpath(*parts[:i])
+            package.mkdir(parents=True, exist_ok=True)
+            init = package / "__init__.py"
+            if not init.exists():  # never over a real package's (tandem/__init__.py)
+                init.write_text(f'"""Generated from protos/{sub} by tandem.protogen."""\n')
     include = str(Path(protoc.__file__).parent / "_proto")
     args = [
         "grpc_tools.protoc",
@@ -41,7 +61,7 @@ def generate() -> None:
         f"--python_out={ROOT}",
         f"--pyi_out={ROOT}",
         f"--grpc_python_out={ROOT}",
-        *[str(p) for p in proto_files()],
+        *[str(p) for p in proto_files() + vendored_proto_files()],
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO_DIR}")
@@ -56,6 +76,7 @@ def ensure_generated() -> None:
 def main() -> int:
     generate()
     print(f"generated {len(proto_files())} protos into {OUT_PACKAGE.relative_to(ROOT)}")
+    print(f"generated {len(vendored_proto_files())} vendored protos into {', '.join(VENDORED)}")
     return 0
 
 

@@ -25,3 +25,13 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def stories_dir(shared_dir: Path) -> Path:
     return shared_dir / "models" / "stories260K"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # tests/protocols: run the conformance suite against another engine instead of a tandem worker
+    parser.addoption(
+        "--target",
+        default=None,
+        metavar="HOST:PORT",
+        help="tests/protocols: the engine to drive (default: start a tandem worker on stories260K)",
+    )

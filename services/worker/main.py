@@ -28,6 +28,7 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     setup_logging(config.log_level, config.log_format, "tandem.worker")
     setup_tracing("tandem-worker")  # from the OTEL_* environment; a no-op without it
     # torch is imported only now, so `tandem worker --help` and option errors stay instant
+    from services.worker import openengine_rpc, smg_rpc
     from services.worker.async_engine import AsyncEngine
     from services.worker.engine import Engine
     from services.worker.model_config import ModelConfigError
@@ -44,6 +45,17 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
         server = GrpcServer.from_config(config)  # drain, TLS and --metrics-port from the config
         servicer = add_to_server(server.server, async_engine)
         server.add_service_name(SERVICE_NAME)
+        # OpenEngine (ai-dynamo/openengine) on the same port: docs/protocols.md
+        openengine = openengine_rpc.add_to_server(server.server, servicer, config.address)
+        server.add_service_name(openengine_rpc.INFERENCE_SERVICE)
+        server.add_service_name(openengine_rpc.CONTROL_SERVICE)
+        smg = smg_rpc.add_to_server(server.server, servicer)  # SMG's vllm_engine.proto, same port
+        server.add_service_name(smg_rpc.SERVICE_NAME)
+
+        async def mark_draining() -> None:
+            openengine.draining = smg.draining = True
+
+        server.on_drain(mark_draining)
         async_engine.start()
         await server.start()
         servicer.advertise_address = servicer.advertise_address or server.bound_address

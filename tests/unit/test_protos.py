@@ -54,3 +54,24 @@ def test_every_rpc_and_field_is_commented(name: str) -> None:
         )
         if is_rpc or is_field:
             assert lines[i - 1].strip().startswith("//"), f"{name}.proto:{i + 1} has no comment: {stripped}"
+
+
+VENDORED = [
+    p.parent.relative_to(protogen.PROTO_DIR).as_posix() + "/" + p.stem
+    for p in protogen.vendored_proto_files()
+]
+
+
+@pytest.mark.parametrize("folder", ["openengine", "tandem/smg"])
+def test_vendored_protos_carry_their_license(folder: str) -> None:
+    assert "Apache License" in (protogen.PROTO_DIR / folder / "LICENSE").read_text()
+    assert (protogen.PROTO_DIR / folder / "SOURCE").is_file(), "where they came from, and what changed"
+
+
+@pytest.mark.parametrize("path", VENDORED)
+def test_vendored_module_imports(path: str) -> None:
+    """The vendored protocols generate importable modules under the pinned grpcio/protobuf."""
+    protogen.ensure_generated()
+    module = importlib.import_module(path.replace("/", ".") + "_pb2")
+    assert module.DESCRIPTOR.package in ("openengine.v1", "vllm.grpc.engine", "smg.grpc.common")
+    importlib.import_module(path.replace("/", ".") + "_pb2_grpc")
