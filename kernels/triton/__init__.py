@@ -14,6 +14,7 @@ from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
 from kernels.triton.fused_moe import fused_moe
 from kernels.triton.kv_cache_write import write_kv_cache
+from kernels.triton.quant_gemm import quant_linear
 from kernels.triton.paged_attention import (
     decode_scales_rms,
     paged_attention,
@@ -53,6 +54,7 @@ TRITON_OPS = KernelOps(
     silu_and_mul_rms=silu_and_mul_rms,
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
+    quant_linear=quant_linear,
 )
 
 __all__ = ["TRITON_OPS"]
