@@ -21,6 +21,7 @@ import torch
 from kernels import get_ops
 from services.worker.async_step import StepHandle
 from services.worker.block_manager import BlockManager
+from services.worker.layers.quantization import weight_bytes
 from services.worker.config import WorkerConfig
 from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
@@ -129,7 +130,12 @@ class Engine:
             config.block_size,
             config.load_format,
             config.seed,
+            config.quantization,
+            config.quantization_group_size,
         )
+        # Bytes of the weights as stored (quantized ones at their size; Info reports it). On CUDA
+        # the KV cache is what is left after the profiled peak, so it grows into what quantization freed.
+        self.weight_bytes = weight_bytes(self.runner.model)
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
