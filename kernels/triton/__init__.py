@@ -14,13 +14,13 @@ from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
 from kernels.triton.fused_moe import fused_moe
 from kernels.triton.kv_cache_write import write_kv_cache
-from kernels.triton.quant_gemm import quant_linear
 from kernels.triton.paged_attention import (
     decode_scales_rms,
     paged_attention,
     rotary_write_paged_attention,
     supports_head_dim,
 )
+from kernels.triton.quant_gemm import quant_linear
 from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache

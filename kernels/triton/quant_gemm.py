@@ -66,7 +66,9 @@ def _quant_gemm_kernel(
             q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0)
             q = q.to(tl.float32)
         else:
-            packed = tl.load(w_ptr + offs_n[:, None] * stride_wn + (offs_k // 2)[None, :], mask=wmask, other=0)
+            packed = tl.load(
+                w_ptr + offs_n[:, None] * stride_wn + (offs_k // 2)[None, :], mask=wmask, other=0
+            )
             shift = ((offs_k % 2) * 4)[None, :]
             q = ((packed.to(tl.int32) >> shift) & 0xF).to(tl.float32)
         groups = offs_k // group_size

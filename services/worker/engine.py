@@ -21,12 +21,12 @@ import torch
 from kernels import get_ops
 from services.worker.async_step import StepHandle
 from services.worker.block_manager import BlockManager
-from services.worker.layers.quantization import weight_bytes
 from services.worker.config import WorkerConfig
 from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
 from services.worker.kv_handles import KVHandleStore
 from services.worker.kv_transfer import KVReservation, Span
+from services.worker.layers.quantization import weight_bytes
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
 from services.worker.outputs import ChoiceOutput, RequestOutput, Usage

@@ -127,8 +127,10 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
     # A quantized layer's own parameters (qweight, scales) are filled from its `.weight` tensor
     owned = {f"{q.rsplit('.', 1)[0]}.{p}" for q, m in quantized.items() for p, _ in m.named_parameters()}
     owned -= {f"{q.rsplit('.', 1)[0]}.bias" for q in quantized}
-    targets = {n: p.shape for n, p in params.items() if n not in owned}
-    targets.update({n: torch.Size((m.out_features, m.in_features)) for n, m in quantized.items()})
+    targets: dict[str, torch.Tensor] = {n: p for n, p in params.items() if n not in owned}
+    targets.update(
+        {n: torch.empty(m.out_features, m.in_features, device="meta") for n, m in quantized.items()}
+    )
     required: dict[str, set[str]] = {}
     for name, stacked in targets.items():
         if name.endswith(".mlp.w13"):

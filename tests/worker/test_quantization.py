@@ -78,7 +78,10 @@ def test_weights_are_our_quantization_of_the_checkpoint(
     if quantization == "int8":
         q, s = quantize_int8(source, group_size)
         assert o_proj.qweight.dtype == torch.int8 and torch.equal(o_proj.qweight, q)
-        assert o_proj.weight_scale.shape == (source.shape[0], source.shape[1] // (group_size or source.shape[1]))
+        assert o_proj.weight_scale.shape == (
+            source.shape[0],
+            source.shape[1] // (group_size or source.shape[1]),
+        )
     else:
         q, s = quantize_fp8(source)
         assert o_proj.qweight.dtype == torch.float8_e4m3fn and torch.equal(o_proj.qweight.float(), q.float())
@@ -140,9 +143,7 @@ def _mean_abs_logprob_delta(path: Path, quantization: str, group_size: int, prom
     return float(((logprobs[0] - logprobs[1]).abs() * logprobs[0].exp()).sum(-1).mean())
 
 
-@pytest.mark.parametrize(
-    ("quantization", "group_size", "tolerance"), [("int8", 0, 0.04), ("fp8", 0, 0.15)]
-)
+@pytest.mark.parametrize(("quantization", "group_size", "tolerance"), [("int8", 0, 0.04), ("fp8", 0, 0.15)])
 def test_stories_logprobs_near_full_precision(
     stories_dir: Path, quantization: str, group_size: int, tolerance: float
 ) -> None:
@@ -171,13 +172,23 @@ def test_group_size_must_divide_and_is_int8_only(tiny_llama: tuple[Path, Any]) -
     with pytest.raises(ValueError, match="--quantization-group-size"):
         WorkerConfig(model=str(path), quantization="fp8", quantization_group_size=32)
     with pytest.raises(ValueError, match="does not divide"):
-        Engine(WorkerConfig(model=str(path), device="cpu", kv_cache_memory="16MiB", quantization="int8", quantization_group_size=48))
+        Engine(
+            WorkerConfig(
+                model=str(path),
+                device="cpu",
+                kv_cache_memory="16MiB",
+                quantization="int8",
+                quantization_group_size=48,
+            )
+        )
 
 
 def test_dummy_weights_quantize(tiny_llama: tuple[Path, Any]) -> None:
     path, _ = tiny_llama
     engine = Engine(
-        WorkerConfig(model=str(path), device="cpu", kv_cache_memory="16MiB", load_format="dummy", quantization="int8")
+        WorkerConfig(
+            model=str(path), device="cpu", kv_cache_memory="16MiB", load_format="dummy", quantization="int8"
+        )
     )
     qkv = engine.runner.model.model.layers[0].self_attn.qkv_proj
     assert qkv.qweight.dtype == torch.int8 and int(qkv.qweight.abs().max()) == 127

@@ -15,9 +15,9 @@ quantized model (build_model), so only `forward` and `linear_silu_and_mul` need 
 
 from __future__ import annotations
 
-import torch
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from kernels import KernelOps
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 
 class Linear(nn.Linear):
+    # A quantized layer's parameters in place of `weight` (set by its QuantMethod's create_weights)
+    qweight: torch.Tensor
+    weight_scale: torch.Tensor
+
     def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.ops = ops

@@ -47,9 +47,13 @@ def make_quant_method(name: str, group_size: int = 0) -> QuantMethod | None:
         return Int8Method(group_size)
     if name == "fp8":
         if group_size:
-            raise UnsupportedQuantizationError("--quantization fp8 is per channel; --quantization-group-size is int8 only")
+            raise UnsupportedQuantizationError(
+                "--quantization fp8 is per channel; --quantization-group-size is int8 only"
+            )
         return Fp8Method()
-    raise UnsupportedQuantizationError(f"unknown --quantization {name!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    raise UnsupportedQuantizationError(
+        f"unknown --quantization {name!r}; choose one of {', '.join(QUANTIZATIONS)}"
+    )
 
 
 def quantize_linears(model: nn.Module, method: QuantMethod) -> int:

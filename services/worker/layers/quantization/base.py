@@ -39,11 +39,11 @@ class QuantMethod:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer of the model (quantized ones at their stored size;
-    a tied embedding / LM head counted once)."""
+    """Bytes of every parameter of the model (quantized ones at their stored size; a tied
+    embedding / LM head counted once)."""
     seen: set[int] = set()
     total = 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    for tensor in model.parameters():
         if tensor.data_ptr() in seen or tensor.device.type == "meta":
             continue
         seen.add(tensor.data_ptr())

@@ -52,7 +52,9 @@ class Fp8Method(QuantMethod):
         device = layer.weight.device
         del layer.weight
         layer.qweight = nn.Parameter(torch.empty(n, k, dtype=FP8, device=device), requires_grad=False)
-        layer.weight_scale = nn.Parameter(torch.empty(n, 1, dtype=torch.float32, device=device), requires_grad=False)
+        layer.weight_scale = nn.Parameter(
+            torch.empty(n, 1, dtype=torch.float32, device=device), requires_grad=False
+        )
 
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_start: int) -> None:
         rows = weight.shape[0]

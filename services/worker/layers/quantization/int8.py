@@ -34,9 +34,7 @@ class Int8Method(QuantMethod):
     def _groups(self, layer: Linear) -> int:
         k = layer.in_features
         if self.group_size and k % self.group_size:
-            raise ValueError(
-                f"--quantization-group-size {self.group_size} does not divide in_features {k}"
-            )
+            raise ValueError(f"--quantization-group-size {self.group_size} does not divide in_features {k}")
         return k // self.group_size if self.group_size else 1
 
     def create_weights(self, layer: Linear) -> None:
