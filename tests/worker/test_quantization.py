@@ -24,13 +24,14 @@ from services.worker.engine import Engine
 from services.worker.layers.linear import Linear
 from services.worker.layers.quantization import UnsupportedQuantizationError, weight_bytes
 from services.worker.layers.quantization.fp8 import quantize_fp8
+from services.worker.layers.quantization.int4 import quantize_int4
 from services.worker.layers.quantization.int8 import quantize_int8
 from services.worker.loader import build_model
 from services.worker.model_config import load_model_config
 from services.worker.request import EngineRequest, SamplingParams
 
 # (--quantization, --quantization-group-size)
-FORMATS = [("int8", 0), ("int8", 32), ("fp8", 0)]
+FORMATS = [("int8", 0), ("int8", 32), ("fp8", 0), ("int4", 32)]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,9 @@ def test_weights_are_our_quantization_of_the_checkpoint(
             source.shape[0],
             source.shape[1] // (group_size or source.shape[1]),
         )
+    elif quantization == "int4":
+        q, s = quantize_int4(source, group_size)
+        assert o_proj.qweight.dtype == torch.uint8 and torch.equal(o_proj.qweight, q)
     else:
         q, s = quantize_fp8(source)
         assert o_proj.qweight.dtype == torch.float8_e4m3fn and torch.equal(o_proj.qweight.float(), q.float())
@@ -91,7 +95,9 @@ def test_weights_are_our_quantization_of_the_checkpoint(
     qkv = model.model.layers[0].self_attn.qkv_proj
     start = cfg.num_heads * cfg.head_dim
     deq = qkv.quant_method.dequantized_weight(qkv)[start : start + k_rows.shape[0]]
-    torch.testing.assert_close(deq, k_rows, atol=0.02 * float(k_rows.abs().max()), rtol=0.1)
+    # half a quantization step (of the row's largest value; fp8: of the value itself)
+    atol, rtol = {"int8": (0.5 / 127, 0.0), "int4": (0.5 / 7, 0.0), "fp8": (1e-3, 1 / 16)}[quantization]
+    torch.testing.assert_close(deq, k_rows, atol=atol * 1.01 * float(k_rows.abs().max()), rtol=rtol)
     # embedding and LM head stay full precision; no projection keeps a full-precision weight
     assert model.lm_head.quant_method is None and model.lm_head.weight.dtype == torch.float32
     assert all(not hasattr(m, "weight") for m in model.model.layers.modules() if isinstance(m, Linear))

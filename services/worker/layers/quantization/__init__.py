@@ -1,6 +1,6 @@
 """Weight formats of `Linear` layers: a `QuantMethod` per format (base.py).
 
-`--quantization int8 | fp8` quantizes a full-precision checkpoint at load time (int8.py, fp8.py).
+`--quantization int8 | fp8 | int4` quantizes a full-precision checkpoint at load time (int8.py, fp8.py).
 Every projection of the decoder layers is quantized; the embedding and the LM head stay in the
 model dtype, and so do MoE experts (their fused kernel reads full-precision weights).
 Pre-quantized checkpoints (config.json `quantization_config`) are detected by
@@ -18,6 +18,7 @@ from torch import nn
 from services.worker.layers.linear import Linear
 from services.worker.layers.quantization.base import QuantMethod, weight_bytes
 from services.worker.layers.quantization.fp8 import Fp8Method
+from services.worker.layers.quantization.int4 import Int4Method
 from services.worker.layers.quantization.int8 import Int8Method
 
 __all__ = [
@@ -30,7 +31,7 @@ __all__ = [
     "weight_bytes",
 ]
 
-QUANTIZATIONS = ("none", "int8", "fp8")
+QUANTIZATIONS = ("none", "int8", "fp8", "int4")
 # Modules kept in the model dtype: the LM head (often tied to the embedding, and the logits'
 # precision matters most for sampling).
 _KEEP_FULL_PRECISION = ("lm_head",)
@@ -45,10 +46,12 @@ def make_quant_method(name: str, group_size: int = 0) -> QuantMethod | None:
         return None
     if name == "int8":
         return Int8Method(group_size)
+    if name == "int4":
+        return Int4Method(group_size)
     if name == "fp8":
         if group_size:
             raise UnsupportedQuantizationError(
-                "--quantization fp8 is per channel; --quantization-group-size is int8 only"
+                "--quantization fp8 is per channel; --quantization-group-size is for int8 / int4"
             )
         return Fp8Method()
     raise UnsupportedQuantizationError(
