@@ -42,6 +42,7 @@ def _quant_gemm_kernel(
     BITS: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GROUP_PER_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -71,13 +72,17 @@ def _quant_gemm_kernel(
             )
             shift = ((offs_k % 2) * 4)[None, :]
             q = ((packed.to(tl.int32) >> shift) & 0xF).to(tl.float32)
-        groups = offs_k // group_size
-        sg = offs_n[:, None] * num_groups + groups[None, :]
-        scale = tl.load(s_ptr + sg, mask=wmask, other=0.0)
-        if HAS_ZEROS:
-            zero = tl.load(z_ptr + sg, mask=wmask, other=0.0)
-            q = q - zero
-        elif BITS == 4:
+        if GROUP_PER_TILE:  # the tile lies in one group: one scale (and zero) per row
+            sg1 = offs_n * num_groups + k0 // group_size
+            scale = tl.load(s_ptr + sg1, mask=mask_n, other=0.0)[:, None]
+            if HAS_ZEROS:
+                q = q - tl.load(z_ptr + sg1, mask=mask_n, other=0.0)[:, None]
+        else:
+            sg = offs_n[:, None] * num_groups + (offs_k // group_size)[None, :]
+            scale = tl.load(s_ptr + sg, mask=wmask, other=0.0)
+            if HAS_ZEROS:
+                q = q - tl.load(z_ptr + sg, mask=wmask, other=0.0)
+        if not HAS_ZEROS and BITS == 4:
             q = q - 8.0
         w = (q * scale).to(x.dtype)
         acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
@@ -116,6 +121,9 @@ def quant_linear(
     if m == 0:
         return y
     block_m, block_n, block_k, num_warps = _tiles(m)
+    group_size = k // num_groups
+    if group_size % block_k and block_k % 32 == 0 and group_size % 32 == 0:
+        block_k = 32  # keep each K tile inside one group (one scale load per row and tile)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     scales = scales.float().contiguous()
     zeros_f = zeros.float().contiguous() if zeros is not None else scales
@@ -129,7 +137,7 @@ def quant_linear(
         m,
         n,
         k,
-        k // num_groups,
+        group_size,
         num_groups,
         x.stride(0),
         qweight.stride(0),
@@ -137,6 +145,7 @@ def quant_linear(
         BITS=bits,
         HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,
+        GROUP_PER_TILE=group_size % block_k == 0,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
