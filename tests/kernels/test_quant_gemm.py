@@ -86,3 +86,47 @@ def test_quant_gemm_bf16_gpu(
     args = [t.cuda() if t is not None else None for t in (x, packed, scales, zeros, bias)]
     out = quant_linear(args[0], args[1], args[2], bits, args[3], args[4]).cpu()
     torch.testing.assert_close(out.float(), expected.float(), atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 300])
+def test_fp8_scaled_mm_w8a8_gpu(m: int) -> None:
+    """W8A8 through torch._scaled_mm (dynamic per-token activation scales) against the weight-only
+    FP8 twin: the activations' e4m3 rounding (1/16 relative) is the difference."""
+    from services.worker.layers.quantization.fp8 import device_has_fp8, quantize_fp8, scaled_mm_fp8
+
+    if not torch.cuda.is_available() or not device_has_fp8(torch.device("cuda")):
+        pytest.skip("needs a GPU with FP8 (compute capability >= 8.9)")
+    gen = torch.Generator().manual_seed(m)
+    w, s = quantize_fp8(torch.randn(4096, 1024, generator=gen) * 0.02)
+    x = torch.randn(m, 1024, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(4096, generator=gen).to(torch.bfloat16)
+    expected = reference.fp8_linear(x, w, s, bias).float()
+    out = scaled_mm_fp8(x.cuda(), w.cuda(), s.cuda(), bias.cuda()).cpu().float()
+    assert out.shape == (m, 4096)
+    err = (out - expected).norm() / expected.norm()
+    assert err < 0.05, err
+
+
+def test_quant_bench_smoke() -> None:
+    """benchmarks/quant_bench.py --smoke runs every format on the CPU and writes its JSON."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "quant.json"
+        subprocess.run(
+            [sys.executable, str(repo / "benchmarks" / "quant_bench.py"), "--smoke", "--out", str(out)],
+            check=True,
+            cwd=repo,
+            timeout=300,
+        )
+        report = json.loads(out.read_text())
+    formats = [r["format"] for r in report["decode"]]
+    assert formats == ["bf16", "int8", "fp8", "int4"]
+    weights = {r["format"]: r["weight_GB"] for r in report["decode"]}
+    assert weights["int4"] < weights["int8"] < weights["bf16"] and weights["fp8"] == weights["int8"]
