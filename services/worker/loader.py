@@ -149,6 +149,7 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
         )
         required[name] = {s for f, _, s in model.stacked_params if f == fused} if fused else {""}
     loaded: dict[str, set[str]] = {name: set() for name in targets}
+    pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     tied = model.config.tie_word_embeddings
     for file_name, name, tensor in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -172,17 +173,28 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
             if f".{original}." in name:
                 target, shard = name.replace(f".{original}.", f".{fused}."), shard_id
                 break
-        if target in quantized:
-            layer = quantized[target]
-            start, size = _shard_slice(model, shard) if shard else (0, layer.out_features)
-            if tuple(tensor.shape) != (size, layer.in_features):
+        module_path, _, suffix = target.rpartition(".")
+        layer = quantized.get(f"{module_path}.weight")
+        if layer is not None and suffix != "bias":
+            # A quantized layer's tensors (`weight`, or a packed format's qweight / scales / ...)
+            # are gathered per shard and handed to its QuantMethod once all have arrived.
+            method = layer.quant_method
+            assert method is not None
+            if suffix not in method.checkpoint_suffixes:
                 raise WeightLoadError(
-                    f"{file_name}: tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {(size, layer.in_features)}"
+                    f"{file_name}: unexpected tensor {checkpoint_name!r} for {method.name} weights "
+                    f"(expected {', '.join(method.checkpoint_suffixes)})"
                 )
-            assert layer.quant_method is not None
-            layer.quant_method.load_weight(layer, tensor, start)
-            loaded[target].add(shard)
+            start, size = _shard_slice(model, shard) if shard else (0, layer.out_features)
+            parts = pending.setdefault((module_path, shard), {})
+            parts[suffix] = tensor
+            if len(parts) == len(method.checkpoint_suffixes):
+                del pending[(module_path, shard)]
+                try:
+                    method.load_checkpoint(layer, parts, start, size)
+                except ValueError as exc:
+                    raise WeightLoadError(f"{file_name}: tensor {checkpoint_name!r}: {exc}") from exc
+                loaded[f"{module_path}.weight"].add(shard)
             continue
         param = params.get(target)
         if param is None:
@@ -199,6 +211,14 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
             )
         dest.copy_(tensor)
         loaded[target].add(shard)
+    for (module_path, shard), parts in pending.items():
+        layer = quantized[f"{module_path}.weight"]
+        assert layer.quant_method is not None
+        missing_parts = sorted(set(layer.quant_method.checkpoint_suffixes) - set(parts))
+        name = _checkpoint_name(model, f"{module_path}.weight", shard).rsplit(".", 1)[0]
+        raise WeightLoadError(
+            f"{model.config.path}: missing tensor(s) {', '.join(f'{name}.{p}' for p in missing_parts)}"
+        )
     for name, needed in required.items():
         missing = needed - loaded[name]
         if missing:

@@ -19,6 +19,17 @@ if TYPE_CHECKING:
 
 class QuantMethod:
     name = "none"
+    # The checkpoint tensors of one projection (`<module>.<suffix>`) this format reads
+    checkpoint_suffixes: tuple[str, ...] = ("weight",)
+
+    def load_checkpoint(self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int) -> None:
+        """All of one projection's checkpoint tensors (by suffix), for output rows
+        [row_start, row_start + rows) of the layer; ValueError for a wrong shape or content.
+        By default: a full-precision `weight`, quantized by `load_weight`."""
+        weight = parts["weight"]
+        if tuple(weight.shape) != (rows, layer.in_features):
+            raise ValueError(f"shape {tuple(weight.shape)}, expected {(rows, layer.in_features)}")
+        self.load_weight(layer, weight, row_start)
 
     def create_weights(self, layer: Linear) -> None:
         """Replace `layer.weight` by this format's parameters (called on the meta device)."""
