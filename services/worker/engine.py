@@ -26,7 +26,7 @@ from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
 from services.worker.kv_handles import KVHandleStore
 from services.worker.kv_transfer import KVReservation, Span
-from services.worker.layers.quantization import weight_bytes
+from services.worker.layers.quantization import model_quantization, weight_bytes
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
 from services.worker.outputs import ChoiceOutput, RequestOutput, Usage
@@ -136,6 +136,7 @@ class Engine:
         # Bytes of the weights as stored (quantized ones at their size; Info reports it). On CUDA
         # the KV cache is what is left after the profiled peak, so it grows into what quantization freed.
         self.weight_bytes = weight_bytes(self.runner.model)
+        self.quantization = model_quantization(self.runner.model)  # --quantization or the checkpoint's
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)

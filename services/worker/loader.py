@@ -22,9 +22,9 @@ from safetensors import safe_open
 from kernels import KernelOps
 from services.worker.layers.linear import Linear
 from services.worker.layers.quantization import (
+    checkpoint_quant_method,
     make_quant_method,
     quantize_linears,
-    reject_prequantized,
     weight_bytes,
 )
 from services.worker.model_config import ModelConfig, ModelConfigError
@@ -275,9 +275,9 @@ def build_model(
     quantization_group_size: int = 0,
 ) -> LlamaForCausalLM:
     cls = model_class(cfg.architecture)
-    if load_format != "dummy":
-        reject_prequantized(cfg.path)
-    method = make_quant_method(quantization, quantization_group_size)
+    method = checkpoint_quant_method(cfg.path, quantization) if load_format != "dummy" else None
+    if method is None:
+        method = make_quant_method(quantization, quantization_group_size)
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(cfg, ops)
         if method is not None:  # the layers' quantized parameters replace their weights, still on meta

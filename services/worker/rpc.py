@@ -151,8 +151,8 @@ def fingerprint(engine: Engine) -> str:
     parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, "tp1"]
     if engine.kv_dtype != engine.dtype:  # (unchanged fingerprints for a cache in the model dtype)
         parts.append(f"kv:{engine.kv_dtype}")
-    if engine.config.quantization != "none":  # quantized weights compute a different KV
-        parts.append(f"weights:{engine.config.quantization}{engine.config.quantization_group_size or ''}")
+    if engine.quantization != "none":  # quantized weights compute a different KV
+        parts.append(f"weights:{engine.quantization}{engine.config.quantization_group_size or ''}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -373,7 +373,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             block_size=e.config.block_size,
             role=_ROLES[e.config.role],
             weight_bytes=e.weight_bytes,
-            quantization=e.config.quantization,
+            quantization=e.quantization,
             kv_layout=worker_pb2.KVLayout(
                 num_layers=cfg.num_layers,
                 num_kv_heads=cfg.num_kv_heads,

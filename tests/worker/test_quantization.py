@@ -160,7 +160,7 @@ def test_stories_logprobs_near_full_precision(
     assert _mean_abs_logprob_delta(stories_dir, quantization, group_size, prompt) < tolerance
 
 
-def test_prequantized_checkpoint_is_refused_naming_its_scheme(
+def test_checkpoint_group_size_that_does_not_fit_is_a_clear_error(
     tiny_llama: tuple[Path, Any], tmp_path: Path
 ) -> None:
     path, _ = tiny_llama
@@ -169,7 +169,9 @@ def test_prequantized_checkpoint_is_refused_naming_its_scheme(
     config = json.loads((tmp_path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedQuantizationError, match=r"awq \(4-bit, group 128\)"):
+    with pytest.raises(
+        UnsupportedQuantizationError, match=r"qkv_proj: awq: group size 128 does not divide in_features 64"
+    ):
         Engine(WorkerConfig(model=str(tmp_path), device="cpu", kv_cache_memory="16MiB"))
 
 

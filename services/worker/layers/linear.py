@@ -30,6 +30,8 @@ class Linear(nn.Linear):
     # A quantized layer's parameters in place of `weight` (set by its QuantMethod's create_weights)
     qweight: torch.Tensor
     weight_scale: torch.Tensor
+    weight_zero: torch.Tensor  # packed checkpoint formats with zero points
+    input_perm: torch.Tensor  # GPTQ act-order: x's columns in group order
 
     def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)

@@ -3,8 +3,9 @@
 `--quantization int8 | fp8 | int4` quantizes a full-precision checkpoint at load time (int8.py, fp8.py).
 Every projection of the decoder layers is quantized; the embedding and the LM head stay in the
 model dtype, and so do MoE experts (their fused kernel reads full-precision weights).
-Pre-quantized checkpoints (config.json `quantization_config`) are detected by
-`checkpoint_quantization` and, until their formats land, refused with an error naming the scheme.
+Pre-quantized checkpoints (config.json `quantization_config`) load through their own methods
+(checkpoint_formats.py: AWQ, GPTQ, compressed-tensors, FP8); an unsupported scheme is an error
+naming it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ __all__ = [
     "QUANTIZATIONS",
     "QuantMethod",
     "UnsupportedQuantizationError",
+    "checkpoint_quant_method",
     "checkpoint_quantization",
     "make_quant_method",
+    "model_quantization",
     "quantize_linears",
     "weight_bytes",
 ]
@@ -65,9 +68,20 @@ def quantize_linears(model: nn.Module, method: QuantMethod) -> int:
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, Linear) and name.split(".")[-1] not in _KEEP_FULL_PRECISION:
-            module.set_quant_method(method)
+            try:
+                module.set_quant_method(method)
+            except ValueError as exc:
+                raise UnsupportedQuantizationError(f"{name}: {exc}") from exc
             count += 1
     return count
+
+
+def model_quantization(model: nn.Module) -> str:
+    """The weight format of a model's projections: "none" or its QuantMethod's name."""
+    for module in model.modules():
+        if isinstance(module, Linear) and module.quant_method is not None:
+            return module.quant_method.name
+    return "none"
 
 
 def checkpoint_quantization(model_dir: str) -> dict[str, Any] | None:
@@ -92,11 +106,24 @@ def describe_scheme(qcfg: dict[str, Any]) -> str:
     return f"{method} ({', '.join(details)})" if details else method
 
 
-def reject_prequantized(model_dir: str) -> None:
+def checkpoint_quant_method(model_dir: str, flag: str) -> QuantMethod | None:
+    """The QuantMethod of a pre-quantized checkpoint (config.json `quantization_config`), None
+    for a full-precision one; an unsupported scheme is an error naming it."""
+    from services.worker.layers.quantization.checkpoint_formats import checkpoint_method
+
     qcfg = checkpoint_quantization(model_dir)
-    if qcfg is not None:
+    if qcfg is None:
+        return None
+    scheme = describe_scheme(qcfg)
+    if flag != "none":
         raise UnsupportedQuantizationError(
-            f"{model_dir}: pre-quantized checkpoint with quantization_config {describe_scheme(qcfg)} "
-            "is not supported by this worker (supported: full-precision checkpoints, quantized at load "
-            "with --quantization int8 | fp8)"
+            f"{model_dir}: the checkpoint is already quantized ({scheme}); drop --quantization {flag}"
         )
+    try:
+        return checkpoint_method(qcfg, scheme)
+    except ValueError as exc:
+        raise UnsupportedQuantizationError(
+            f"{model_dir}: unsupported quantization_config {scheme}: {exc} "
+            "(supported: awq gemm 4-bit, gptq 4/8-bit, compressed-tensors fp8 / int8 / pack-quantized, "
+            "fp8 per-channel or block-wise)"
+        ) from exc

@@ -22,7 +22,9 @@ class QuantMethod:
     # The checkpoint tensors of one projection (`<module>.<suffix>`) this format reads
     checkpoint_suffixes: tuple[str, ...] = ("weight",)
 
-    def load_checkpoint(self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int) -> None:
+    def load_checkpoint(
+        self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int
+    ) -> None:
         """All of one projection's checkpoint tensors (by suffix), for output rows
         [row_start, row_start + rows) of the layer; ValueError for a wrong shape or content.
         By default: a full-precision `weight`, quantized by `load_weight`."""
