@@ -130,3 +130,29 @@ def test_quant_bench_smoke() -> None:
     assert formats == ["bf16", "int8", "fp8", "int4"]
     weights = {r["format"]: r["weight_GB"] for r in report["decode"]}
     assert weights["int4"] < weights["int8"] < weights["bf16"] and weights["fp8"] == weights["int8"]
+
+
+@pytest.mark.parametrize(("quantization", "group_size"), [("int8", 0), ("int4", 32)])
+def test_quantized_model_on_the_triton_gemm(quantization: str, group_size: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A quantized model whose Linear layers call the Triton GEMM (interpreter on the CPU) gives
+    the logits of the same model on the reference twin: the QuantMethod -> KernelOps wiring."""
+    import dataclasses
+
+    from test_folded_norm_ops import _model_logits, _tiny_hf
+
+    from kernels import REFERENCE_OPS
+    from kernels.triton.quant_gemm import quant_linear
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    hf = _tiny_hf("llama", seed=3)
+    hf.save_pretrained(str(tmp_path))
+    cfg = load_model_config(str(tmp_path))
+    triton_ops = dataclasses.replace(REFERENCE_OPS, quant_linear=quant_linear)
+    cpu = torch.device("cpu")
+    on_triton = build_model(cfg, triton_ops, cpu, torch.float32, "auto", 0, quantization, group_size)
+    on_reference = build_model(cfg, REFERENCE_OPS, cpu, torch.float32, "auto", 0, quantization, group_size)
+    prompt = [1, 17, 99, 5, 64, 3, 120, 42]
+    torch.testing.assert_close(
+        _model_logits(on_triton, prompt), _model_logits(on_reference, prompt), atol=1e-4, rtol=1e-4
+    )
