@@ -607,6 +607,7 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
         lambda: engine.load.num_kv_blocks_used / max(engine.load.num_kv_blocks_total, 1),
     )
     metrics.gauge_from(metrics.PREFIX_CACHE_HIT_RATE, lambda: engine.load.prefix_cache_hit_rate)
+    metrics.gauge_from(metrics.WEIGHT_BYTES, lambda: engine.engine.weight_bytes)
 
 
 def _observe_finished(
