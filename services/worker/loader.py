@@ -24,6 +24,7 @@ from services.worker.layers.linear import Linear
 from services.worker.layers.quantization import (
     checkpoint_quant_method,
     make_quant_method,
+    model_quantization,
     quantize_linears,
     weight_bytes,
 )
@@ -301,7 +302,7 @@ def build_model(
         cfg.architecture,
         num_params / 1e6,
         dtype,
-        quantization,
+        model_quantization(model),
         weight_bytes(model) / 1e6,
         device,
         "folded into qkv/gate_up" if folded else "separate",
