@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -29,7 +30,7 @@ from gateway.context import GatewayContext
 from gateway.downstream import (
     DetokenizeStart,
     GenerateChunk,
-    Sampling,
+    Guided,
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
@@ -41,6 +42,7 @@ from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
 from gateway.worker_stream import PromptStream
 from services.common.reasoning import prompt_opens_reasoning
+from services.common.sampling import SamplingError, SamplingParams, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -245,18 +247,19 @@ class Executor:
         except NoStylerAvailable as exc:
             raise APIError(503, str(exc), retry_after_s=1) from None
         for i, run in enumerate(runs):
-            run.first_choice_index = i * req.params.n
+            run.first_choice_index = i * req.params.sampling.n
         return runs
 
     def sampling(
         self, params: GenerationParams, prompt_len: int, prompt_logprobs: int | None = None
-    ) -> Sampling:
-        """Worker sampling parameters; checks the prompt and max_tokens fit in the context."""
+    ) -> SamplingParams[Guided]:
+        """The request's (validated) sampling parameters for one prompt: max_tokens resolved
+        against the context and --max-tokens, the stop ids checked against the vocabulary."""
         max_model_len = self.ctx.max_model_len
         vocab = self.ctx.router.info().vocab_size if self.ctx.router.info() is not None else 0  # type: ignore[union-attr]
         if prompt_len == 0:
             raise invalid("the prompt is empty", "prompt")
-        max_tokens = params.max_tokens
+        max_tokens = params.sampling.max_tokens
         limits = self.ctx.limits
         if limits.max_prompt_tokens and prompt_len > limits.max_prompt_tokens:
             raise invalid(
@@ -283,26 +286,11 @@ class Executor:
             max_tokens = limits.max_tokens  # the default, capped (it still fits: checked above)
             if max_model_len:
                 max_tokens = min(max_tokens, max_model_len - prompt_len)
-        if vocab and any(t >= vocab for t in params.stop_token_ids):
-            raise invalid(f"'stop_token_ids' must be below the vocabulary size {vocab}", "stop_token_ids")
-        return Sampling(
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            repetition_penalty=params.repetition_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            seed=params.seed % 2**64 if params.seed is not None else None,
-            max_tokens=max_tokens,
-            min_tokens=params.min_tokens,
-            stop_token_ids=params.stop_token_ids,
-            ignore_eos=params.ignore_eos,
-            n=params.n,
-            logprobs=params.logprobs,
-            prompt_logprobs=prompt_logprobs,
-            guided=params.guided,
-        )
+        try:
+            check_token_ids("stop_token_ids", params.sampling.stop_token_ids, vocab)
+        except SamplingError as exc:
+            raise invalid(f"'{exc.field}' {exc.message}", exc.field) from None
+        return dataclasses.replace(params.sampling, max_tokens=max_tokens, prompt_logprobs=prompt_logprobs)
 
     def check_token_ids(self, runs: Sequence[PromptRun]) -> None:
         info = self.ctx.router.info()
@@ -319,7 +307,7 @@ class Executor:
     async def generate(
         self,
         run: RequestRun,
-        samplings: Sequence[Sampling],
+        samplings: Sequence[SamplingParams[Guided]],
         detok: DetokenizeOptions,
         admission: Admission,
     ) -> AsyncIterator[ChoiceUpdate]:
@@ -335,7 +323,7 @@ class Executor:
         self,
         run: RequestRun,
         prompt: PromptRun,
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         detok: DetokenizeOptions,
         admission: Admission,
     ) -> AsyncIterator[ChoiceUpdate]:

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.context import GatewayContext
-from gateway.downstream import GenerateChunk, KVSource, Sampling, Usage
+from gateway.downstream import GenerateChunk, Guided, KVSource, Usage
 from gateway.errors import APIError
 from gateway.grpc_errors import from_grpc
 from gateway.merge import merge_streams
 from gateway.router import NoWorkerAvailable, WorkerState
 from gateway.structured_output import worker_error
+from services.common.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class PromptStream:
         ctx: GatewayContext,
         request_id: str,
         prompt_token_ids: Sequence[int],
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
         group_id: str = "",
     ) -> None:
@@ -216,7 +217,7 @@ class PromptStream:
         self,
         worker: WorkerState,
         first_choice_index: int,
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         generated: tuple[int, ...],
         kv_source: KVSource | None,
     ) -> AsyncIterator[GenerateChunk]:
@@ -258,7 +259,9 @@ class PromptStream:
 
     # ---- disaggregated prefill + decode ------------------------------------------------------
 
-    async def _disaggregated(self, index: int, sampling: Sampling) -> AsyncIterator[GenerateChunk]:
+    async def _disaggregated(
+        self, index: int, sampling: SamplingParams[Guided]
+    ) -> AsyncIterator[GenerateChunk]:
         disagg = self.ctx.disagg
         assert disagg is not None
         decode = self._pick_decode()
@@ -315,7 +318,7 @@ def _refused_at_door(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.UNAVAILABLE and "draining" in (exc.details() or "")
 
 
-def _client_error(exc: grpc.aio.AioRpcError, sampling: Sampling) -> APIError:
+def _client_error(exc: grpc.aio.AioRpcError, sampling: SamplingParams[Guided]) -> APIError:
     """A worker's final failure of this request as the client sees it."""
     guided = worker_error(exc, sampling.guided)
     if guided is not None:

@@ -1,8 +1,8 @@
 """Every `WorkerInfo` field against a running `tandem worker` (stories260K, CPU, real gRPC).
 
 Four workers: the CPU default (float32 weights and cache), bfloat16 weights with a cache in the
-model dtype, and bfloat16 weights with `--kv-cache-dtype fp8`, and `--quantization int8` (weight_bytes shrinks). `kv_layout.dtype` is the cache's
-element type (float8_e4m3fn under fp8), `dtype` the model's. The gateway, reading those Infos,
+model dtype, bfloat16 weights with `--kv-cache-dtype fp8`, and `--quantization int8` (its
+weight_bytes shrink). `kv_layout.dtype` is the cache's element type (float8_e4m3fn under fp8), `dtype` the model's. The gateway, reading those Infos,
 names the two cache dtypes when it refuses to pair an fp8 prefill worker with a bfloat16 decode one.
 """
 
@@ -24,6 +24,7 @@ import pytest
 
 import tandem
 from services.common.server import wait_for_serving
+from services.worker import kv_transports
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,6 +163,9 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         "num_kv_blocks": min(KV_MEMORY // block_bytes, blocks_per_seq * MAX_NUM_SEQS + 1),
         "max_num_seqs": MAX_NUM_SEQS,
         "version": tandem.__version__,
+        "kv_transports": [worker_pb2.KV_TRANSPORT_GRPC],  # no CUDA here, NIXL not available
+        "host_id": kv_transports.host_id(),
+        "kv_events": True,  # prefix caching is on
     }
 
 

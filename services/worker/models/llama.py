@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2 / 3.x, Mistral without sliding window), parametrised so that Qwen2
+"""The Llama family (Llama 2 / 3.x, Mistral), parametrised so that Qwen2
 (qkv bias) and Qwen3 (q/k RMSNorm) are the same module with a flag.
 
 Parameter names follow Hugging Face's, except that q/k/v are one fused `qkv_proj` and gate/up
@@ -17,7 +17,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from kernels import KernelOps
+from kernels import KernelOps, build_rope_cache
 from services.common import switches
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
 from services.worker.layers.linear import Linear
@@ -40,7 +40,7 @@ STACKED_PARAMS: tuple[tuple[str, str, str], ...] = (
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int = 0) -> None:
         super().__init__()
         self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -50,7 +50,15 @@ class Attention(nn.Module):
         self.o_proj = Linear(ops, self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.q_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.attn = PagedAttention(ops, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.attn = PagedAttention(
+            ops,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            scale=cfg.attention_scale,
+            sliding_window=cfg.layer_window(layer),
+            soft_cap=cfg.attn_logit_softcapping,
+        )
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # x: [T, hidden] normed
         # Without q/k norms the next kernel is the (rotary +) attention kernel: it may launch as
@@ -132,7 +140,7 @@ def make_mlp(cfg: ModelConfig, ops: KernelOps, layer: int) -> MLP | SparseMoeBlo
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, ops)
+        self.self_attn = Attention(cfg, ops, layer)
         self.mlp = make_mlp(cfg, ops, layer)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
@@ -263,6 +271,12 @@ class LlamaForCausalLM(nn.Module):
             cast(DecoderLayer, layer).fold_norms()
         self.model.norms_folded = True
         return True
+
+    def build_rope_cache(self, max_position: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The cos/sin table every layer's rotary reads (AttentionMetadata.cos_sin_cache); a family
+        with per-layer ropes (Gemma 3) also builds its other tables here."""
+        cfg = self.config
+        return build_rope_cache(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, dtype, device)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [m for m in self.modules() if isinstance(m, PagedAttention)]
