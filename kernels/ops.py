@@ -82,6 +82,10 @@ class KernelOps:
     # (x [T, H], w13 [E, 2*I, H], w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k]) -> [T, H]:
     #   a mixture-of-experts feed-forward over each token's routed experts (Qwen3-MoE, Mixtral)
     fused_moe: Callable[..., torch.Tensor] = reference.fused_moe
+    # (x [M, K], qweight, scales [N, G] fp32, bits 8 | 4, zeros [N, G] | None, bias [N] | None) ->
+    #   [M, N] in x's dtype: a GEMM with int8 or packed 4-bit weights dequantized per group
+    #   (layouts: reference.dequantize_weight; services/worker/layers/quantization/)
+    quant_linear: Callable[..., torch.Tensor] = reference.quant_linear
 
     @property
     def folds_norms(self) -> bool:

@@ -371,3 +371,56 @@ def fused_moe(
         y = silu_and_mul(h) @ w2[expert].t()  # [n, H]
         out.index_add_(0, rows, y.float() * topk_weights[rows, slots, None].float())
     return out.to(x.dtype)
+
+
+def dequantize_weight(
+    qweight: torch.Tensor, scales: torch.Tensor, bits: int, zeros: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 [N, K] weight of a quantized one (the layout of `quant_linear`).
+
+    qweight: int8 [N, K] (bits=8, symmetric) or uint8 [N, K // 2] (bits=4, two values a byte,
+    the even k in the low nibble); scales [N, G] fp32 with G groups of K // G consecutive
+    columns (G = 1: per output channel); zeros [N, G] fp32 or None (0 for int8, 8 for 4-bit).
+    w[n, k] = (q[n, k] - zero[n, g]) * scale[n, g], g = k // (K // G)."""
+    if bits == 8:
+        q = qweight.float()
+    elif bits == 4:
+        packed = qweight.to(torch.int32)
+        q = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(qweight.shape[0], -1).float()
+    else:
+        raise ValueError(f"quant_linear: unsupported bits={bits} (8 or 4)")
+    group_size = q.shape[1] // scales.shape[1]
+    s = scales.float().repeat_interleave(group_size, dim=1)
+    if zeros is not None:
+        q = q - zeros.float().repeat_interleave(group_size, dim=1)
+    elif bits == 4:
+        q = q - 8.0
+    return q * s
+
+
+def quant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ dequantize_weight(...).T (+ bias) -> [M, N] in x's dtype, fp32 math (W8A16 / W4A16)."""
+    w = dequantize_weight(qweight, scales, bits, zeros)
+    out = x.float() @ w.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight-only FP8: x [M, K] @ (weight [N, K] float8_e4m3fn * weight_scale [N, 1] fp32).T (+ bias),
+    fp32 math, x's dtype out (the path where the device has no FP8 tensor cores)."""
+    w = weight.float() * weight_scale.float().reshape(-1, 1)
+    out = x.float() @ w.t()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

@@ -76,6 +76,8 @@ class UpConfig:
     """Largest number of sequences a worker computes in one step (0 = the worker's default)."""
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     """KV cache element type of the workers: auto = the model dtype; fp8 = float8 e4m3."""
+    quantization: Literal["none", "int8", "fp8", "int4"] = "none"
+    """Quantize a full-precision checkpoint's weights at load time in every worker (int8: W8A16; fp8: e4m3, W8A8 where the GPU has FP8; int4: W4A16 group 128); pre-quantized checkpoints need no flag (docs/quantization.md)."""
     worker_args: str = ""
     """Extra options passed to every worker, as one shell-quoted string (e.g. "--max-num-seqs 64")."""
     styler_args: str = ""
@@ -306,6 +308,8 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
         args += ["--max-num-seqs", str(config.max_num_seqs)]
     if config.kv_cache_dtype != "auto":
         args += ["--kv-cache-dtype", config.kv_cache_dtype]
+    if config.quantization != "none":
+        args += ["--quantization", config.quantization]
     return args
 
 

@@ -21,6 +21,7 @@ from kernels.triton.paged_attention import (
     rotary_write_paged_attention,
     supports_head_dim,
 )
+from kernels.triton.quant_gemm import quant_linear
 from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache
@@ -55,6 +56,7 @@ TRITON_OPS = KernelOps(
     silu_and_mul_rms=silu_and_mul_rms,
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
+    quant_linear=quant_linear,
 )
 
 __all__ = ["TRITON_OPS"]

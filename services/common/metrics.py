@@ -36,6 +36,7 @@ GENERATION_TOKENS = "tandem:generation_tokens_total"
 REQUESTS_RUNNING = "tandem:requests_running"
 REQUESTS_WAITING = "tandem:requests_waiting"
 KV_CACHE_USAGE = "tandem:kv_cache_usage_ratio"
+WEIGHT_BYTES = "tandem:model_weight_bytes"
 PREFIX_CACHE_HIT_RATE = "tandem:prefix_cache_hit_rate"
 PREFIX_CACHE_HOST_HITS = "tandem:prefix_cache_host_hit_tokens"
 PREFIX_CACHE_QUERIES = "tandem:prefix_cache_queries_total"
@@ -194,6 +195,13 @@ METRICS: tuple[MetricSpec, ...] = (
         ("gateway", "worker"),
     ),
     MetricSpec(KV_CACHE_USAGE, "gauge", (), "Fraction of KV-cache blocks in use (0..1).", ("worker",)),
+    MetricSpec(
+        WEIGHT_BYTES,
+        "gauge",
+        (),
+        "Bytes of the model's weights on the device (quantized layers at their stored size).",
+        ("worker",),
+    ),
     MetricSpec(
         PREFIX_CACHE_HIT_RATE,
         "gauge",

@@ -39,6 +39,10 @@ class WorkerConfig(ServiceConfig):
     """Tokens per KV cache block."""
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     """KV cache element type: auto = the model dtype; fp8 = float8 e4m3 (a plain cast, no scales): twice the tokens in the same memory and half the bytes decode attention reads, at a K/V rounding of 1/16."""
+    quantization: Literal["none", "int8", "fp8", "int4"] = "none"
+    """Quantize the full-precision checkpoint's decoder projections at load time, layer by layer: int8 = weight-only INT8 with per-channel scales (W8A16); fp8 = float8 e4m3 weights with per-channel scales, W8A8 with dynamic per-token activation scales on GPUs with FP8 (compute capability >= 8.9), weight-only elsewhere; int4 = 4-bit round-to-nearest, group 128 (W4A16, uncalibrated). The embedding and LM head stay in --dtype. Pre-quantized checkpoints are detected from config.json (docs/quantization.md)."""
+    quantization_group_size: int = 0
+    """With --quantization int8: one scale per group of this many input columns (e.g. 128) instead of per output channel (0); with int4 the group size (0 = 128)."""
     kv_cache_memory: str = ""
     """KV cache size in bytes (e.g. 2GiB, 512MiB, 1073741824); empty: a fraction of free device memory."""
     gpu_memory_utilization: float = 0.9
@@ -100,6 +104,12 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--cpu-threads must be >= 0, got {self.cpu_threads}")
         if self.max_model_len < 0:
             raise ValueError(f"--max-model-len must be >= 0, got {self.max_model_len}")
+        if self.quantization_group_size < 0 or (
+            self.quantization_group_size and self.quantization not in ("int8", "int4")
+        ):
+            raise ValueError(
+                f"--quantization-group-size must be >= 0 and is for --quantization int8 / int4, got {self.quantization_group_size}"
+            )
         if self.kv_cache_memory:
             parse_size(self.kv_cache_memory)
         if self.kv_handle_ttl <= 0:

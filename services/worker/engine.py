@@ -29,6 +29,7 @@ from services.worker.kv_events import KvEventLog
 from services.worker.kv_handles import KVHandleStore
 from services.worker.kv_offload import HostKVTier
 from services.worker.kv_transfer import KVReservation, Span
+from services.worker.layers.quantization import model_quantization, weight_bytes
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
 from services.worker.models.llava import LlavaForConditionalGeneration
@@ -128,7 +129,13 @@ class Engine:
             config.block_size,
             config.load_format,
             config.seed,
+            config.quantization,
+            config.quantization_group_size,
         )
+        # Bytes of the weights as stored (quantized ones at their size; Info reports it). On CUDA
+        # the KV cache is what is left after the profiled peak, so it grows into what quantization freed.
+        self.weight_bytes = weight_bytes(self.runner.model)
+        self.quantization = model_quantization(self.runner.model)  # --quantization or the checkpoint's
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)

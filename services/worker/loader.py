@@ -20,6 +20,14 @@ import torch
 from safetensors import safe_open
 
 from kernels import KernelOps
+from services.worker.layers.linear import Linear
+from services.worker.layers.quantization import (
+    checkpoint_quant_method,
+    make_quant_method,
+    model_quantization,
+    quantize_linears,
+    weight_bytes,
+)
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models import model_class
 from services.worker.models.llama import LlamaForCausalLM
@@ -104,10 +112,28 @@ def _expert_dest(
     return target, f"{expert}/{part}" if part else str(expert), dest
 
 
+def _quantized_linears(model: LlamaForCausalLM) -> dict[str, Linear]:
+    """Checkpoint weight name ("....qkv_proj.weight") -> its Linear, for layers whose QuantMethod
+    quantizes the full-precision tensor as it is loaded (layers/quantization/)."""
+    return {
+        f"{name}.weight": m
+        for name, m in model.named_modules()
+        if isinstance(m, Linear) and m.quant_method is not None
+    }
+
+
 def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torch.Tensor]]) -> None:
+    quantized = _quantized_linears(model)
     params = dict(model.named_parameters())
+    # A quantized layer's own parameters (qweight, scales) are filled from its `.weight` tensor
+    owned = {f"{q.rsplit('.', 1)[0]}.{p}" for q, m in quantized.items() for p, _ in m.named_parameters()}
+    owned -= {f"{q.rsplit('.', 1)[0]}.bias" for q in quantized}
+    targets: dict[str, torch.Tensor] = {n: p for n, p in params.items() if n not in owned}
+    targets.update(
+        {n: torch.empty(m.out_features, m.in_features, device="meta") for n, m in quantized.items()}
+    )
     required: dict[str, set[str]] = {}
-    for name, stacked in params.items():
+    for name, stacked in targets.items():
         if name.endswith(".mlp.w13"):
             required[name] = {f"{e}/{part}" for e in range(stacked.shape[0]) for part in ("gate", "up")}
             continue
@@ -123,7 +149,8 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
             None,
         )
         required[name] = {s for f, _, s in model.stacked_params if f == fused} if fused else {""}
-    loaded: dict[str, set[str]] = {name: set() for name in params}
+    loaded: dict[str, set[str]] = {name: set() for name in targets}
+    pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     tied = model.config.tie_word_embeddings
     for file_name, name, tensor in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
@@ -152,6 +179,29 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
             if f".{original}." in name:
                 target, shard = name.replace(f".{original}.", f".{fused}."), shard_id
                 break
+        module_path, _, suffix = target.rpartition(".")
+        layer = quantized.get(f"{module_path}.weight")
+        if layer is not None and suffix != "bias":
+            # A quantized layer's tensors (`weight`, or a packed format's qweight / scales / ...)
+            # are gathered per shard and handed to its QuantMethod once all have arrived.
+            method = layer.quant_method
+            assert method is not None
+            if suffix not in method.checkpoint_suffixes:
+                raise WeightLoadError(
+                    f"{file_name}: unexpected tensor {checkpoint_name!r} for {method.name} weights "
+                    f"(expected {', '.join(method.checkpoint_suffixes)})"
+                )
+            start, size = _shard_slice(model, shard) if shard else (0, layer.out_features)
+            parts = pending.setdefault((module_path, shard), {})
+            parts[suffix] = tensor
+            if len(parts) == len(method.checkpoint_suffixes):
+                del pending[(module_path, shard)]
+                try:
+                    method.load_checkpoint(layer, parts, start, size)
+                except ValueError as exc:
+                    raise WeightLoadError(f"{file_name}: tensor {checkpoint_name!r}: {exc}") from exc
+                loaded[f"{module_path}.weight"].add(shard)
+            continue
         param = params.get(target)
         if param is None:
             raise WeightLoadError(
@@ -167,6 +217,14 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
             )
         dest.copy_(tensor)
         loaded[target].add(shard)
+    for (module_path, shard), parts in pending.items():
+        layer = quantized[f"{module_path}.weight"]
+        assert layer.quant_method is not None
+        missing_parts = sorted(set(layer.quant_method.checkpoint_suffixes) - set(parts))
+        name = _checkpoint_name(model, f"{module_path}.weight", shard).rsplit(".", 1)[0]
+        raise WeightLoadError(
+            f"{model.config.path}: missing tensor(s) {', '.join(f'{name}.{p}' for p in missing_parts)}"
+        )
     for name, needed in required.items():
         missing = needed - loaded[name]
         if missing:
@@ -192,7 +250,17 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     on a GPU well under a second (the values then differ between CPU and GPU, both seeded)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
+    quantized = _quantized_linears(model)
+    owned = {f"{q.rsplit('.', 1)[0]}.{p}" for q, m in quantized.items() for p, _ in m.named_parameters()}
+    for layer in quantized.values():  # drawn in full precision, quantized as a checkpoint would be
+        assert layer.quant_method is not None
+        values = torch.randn(layer.out_features, layer.in_features, generator=gen, device=device) * 0.02
+        layer.quant_method.load_weight(layer, values, 0)
+        if layer.bias is not None:
+            layer.bias.data.zero_()
     for name, param in model.named_parameters():
+        if name in owned:
+            continue
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         elif name.endswith(".bias"):
@@ -209,10 +277,17 @@ def build_model(
     dtype: torch.dtype,
     load_format: str,
     seed: int = 0,
+    quantization: str = "none",
+    quantization_group_size: int = 0,
 ) -> LlamaForCausalLM:
     cls = model_class(cfg.architecture)
+    method = checkpoint_quant_method(cfg.path, quantization) if load_format != "dummy" else None
+    if method is None:
+        method = make_quant_method(quantization, quantization_group_size)
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(cfg, ops)
+        if method is not None:  # the layers' quantized parameters replace their weights, still on meta
+            quantize_linears(model, method)
     model = model.to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty keeps the tie, but be explicit
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -222,15 +297,18 @@ def build_model(
         load_weights(model, iter_checkpoint(cfg.path))
     # Once the weights are final (checkpoint or dummy): each layer's RMSNorm weights go into the
     # next projection where the kernel bundle can run that path (models/llama.py `fold_norms`).
-    folded = model.fold_norms()
+    # (Not for a quantized model: the fold would scale the quantized weights' columns.)
+    folded = model.fold_norms() if method is None else False
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     log.info(
-        "loaded %s (%s, %.1fM parameters, %s) on %s; layer norms %s",
+        "loaded %s (%s, %.1fM parameters, %s, weights %s: %.1f MB) on %s; layer norms %s",
         cfg.path,
         cfg.architecture,
         num_params / 1e6,
         dtype,
+        model_quantization(model),
+        weight_bytes(model) / 1e6,
         device,
         "folded into qkv/gate_up" if folded else "separate",
     )

@@ -59,13 +59,17 @@ class ModelRunner:
         block_size: int,
         load_format: str = "auto",
         seed: int = 0,
+        quantization: str = "none",
+        quantization_group_size: int = 0,
     ) -> None:
         self.cfg = cfg
         self.ops = ops
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        self.model = build_model(cfg, ops, device, dtype, load_format, seed)
+        self.model = build_model(
+            cfg, ops, device, dtype, load_format, seed, quantization, quantization_group_size
+        )
         self.encoder_cache = EncoderCache()  # image embeddings by hash (multimodal models)
         rope_len = max(max_model_len, 1)
         self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)
@@ -84,7 +88,8 @@ class ModelRunner:
         # Each projection of every layer by name (qkv_proj, o_proj, gate_up_proj, down_proj), then the LM head.
         groups: dict[str, list[nn.Linear]] = {}
         for name, module in self.model.model.layers.named_modules():
-            if isinstance(module, nn.Linear):
+            # quantized projections run their own GEMM (layers/quantization/), nothing to tune
+            if isinstance(module, nn.Linear) and getattr(module, "quant_method", None) is None:
                 groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
         groups["lm_head"] = [self.model.lm_head]
         report: list[str] = []

@@ -173,6 +173,8 @@ def fingerprint(engine: Engine) -> str:
     parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, "tp1"]
     if engine.kv_dtype != engine.dtype:  # (unchanged fingerprints for a cache in the model dtype)
         parts.append(f"kv:{engine.kv_dtype}")
+    if engine.quantization != "none":  # quantized weights compute a different KV
+        parts.append(f"weights:{engine.quantization}{engine.config.quantization_group_size or ''}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -395,6 +397,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             max_model_len=e.max_model_len,
             block_size=e.config.block_size,
             role=_ROLES[e.config.role],
+            weight_bytes=e.weight_bytes,
+            quantization=e.quantization,
             kv_layout=worker_pb2.KVLayout(
                 num_layers=cfg.num_layers,
                 num_kv_heads=cfg.num_kv_heads,
@@ -720,6 +724,7 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
         lambda: engine.load.num_kv_blocks_used / max(engine.load.num_kv_blocks_total, 1),
     )
     metrics.gauge_from(metrics.PREFIX_CACHE_HIT_RATE, lambda: engine.load.prefix_cache_hit_rate)
+    metrics.gauge_from(metrics.WEIGHT_BYTES, lambda: engine.engine.weight_bytes)
     bm = engine.engine.block_manager
     metrics.gauge_from(metrics.PREFIX_CACHE_HOST_HITS, lambda: bm.num_host_hit_tokens)
 

@@ -232,6 +232,7 @@ def test_metrics_move_under_load(stack: Stack) -> None:
     for name in (metrics.REQUESTS_RUNNING, metrics.REQUESTS_WAITING):
         assert name in gateway and name in worker, name
     assert worker[metrics.KV_CACHE_USAGE] >= 0.0
+    assert worker[metrics.WEIGHT_BYTES] > 0  # stories260K's weights as loaded
     assert 0.0 <= worker[metrics.PREFIX_CACHE_HIT_RATE] <= 1.0
     # Eight requests whose prompts share the chat template's prefix: the cache saw hits.
     assert _total(worker, metrics.PREFIX_CACHE_HITS) >= 0.0

@@ -27,6 +27,7 @@ def test_vllm_serve_options_reach_the_right_children(tmp_path: Path) -> None:
         max_model_len=64,
         max_num_seqs=4,
         kv_cache_dtype="fp8",
+        quantization="int8",
         worker_args="--block-size 32",
     )
     styler, *workers, gateway = build_children(config, tmp_path, instance_id="start-1")
@@ -37,6 +38,7 @@ def test_vllm_serve_options_reach_the_right_children(tmp_path: Path) -> None:
         )
         assert (parsed.served_model_name, parsed.max_model_len, parsed.max_num_seqs) == ("tiny", 64, 4)
         assert parsed.kv_cache_dtype == "fp8" and parsed.block_size == 32
+        assert parsed.quantization == "int8"
         assert "--api-key" not in worker.argv
     options = parse_config(
         GatewayConfig, gateway.argv[gateway.argv.index("gateway") + 1 :], "tandem gateway", env={}
@@ -44,12 +46,20 @@ def test_vllm_serve_options_reach_the_right_children(tmp_path: Path) -> None:
     assert options.api_key == ["sk-a", "sk-b"]
     assert options.served_model_name == "tiny" and options.instance_id == "start-1"
     assert gateway.instance_id == "start-1"
-    assert not {"--api-key", "--max-model-len", "--max-num-seqs", "--kv-cache-dtype"} & set(styler.argv)
+    assert not {"--api-key", "--max-model-len", "--max-num-seqs", "--kv-cache-dtype", "--quantization"} & set(
+        styler.argv
+    )
 
 
 def test_defaults_forward_nothing(tmp_path: Path) -> None:
     _styler, worker, gateway = build_children(UpConfig(model=str(tmp_path)), tmp_path)
-    for flag in ("--served-model-name", "--max-model-len", "--max-num-seqs", "--kv-cache-dtype"):
+    for flag in (
+        "--served-model-name",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--kv-cache-dtype",
+        "--quantization",
+    ):
         assert flag not in worker.argv
     assert "--api-key" not in gateway.argv and "--instance-id" not in gateway.argv
 

@@ -1,8 +1,8 @@
 """Every `WorkerInfo` field against a running `tandem worker` (stories260K, CPU, real gRPC).
 
-Three workers: the CPU default (float32 weights and cache), bfloat16 weights with a cache in the
-model dtype, and bfloat16 weights with `--kv-cache-dtype fp8`. `kv_layout.dtype` is the cache's
-element type (float8_e4m3fn under fp8), `dtype` the model's. The gateway, reading those Infos,
+Four workers: the CPU default (float32 weights and cache), bfloat16 weights with a cache in the
+model dtype, bfloat16 weights with `--kv-cache-dtype fp8`, and `--quantization int8` (its
+weight_bytes shrink). `kv_layout.dtype` is the cache's element type (float8_e4m3fn under fp8), `dtype` the model's. The gateway, reading those Infos,
 names the two cache dtypes when it refuses to pair an fp8 prefill worker with a bfloat16 decode one.
 """
 
@@ -60,6 +60,7 @@ VARIANTS = (
         "float8_e4m3fn",
         worker_pb2.WORKER_ROLE_PREFILL,
     ),
+    Variant("int8", ("--quantization", "int8"), "float32", "float32", worker_pb2.WORKER_ROLE_UNIFIED),
 )
 
 
@@ -138,6 +139,8 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         else None
     )
     return {
+        "weight_bytes": expected_weight_bytes(variant, stories_dir),
+        "quantization": "int8" if "--quantization" in variant.args else "none",
         "model_name": served or stories_dir.resolve().name,
         "architecture": cfg["architectures"][0],
         "dtype": variant.dtype,
@@ -164,6 +167,24 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         "host_id": kv_transports.host_id(),
         "kv_events": True,  # prefix caching is on
     }
+
+
+def expected_weight_bytes(variant: Variant, stories_dir: Path) -> int:
+    """The checkpoint's tensors in the model dtype; under int8 each projection [N, K] is N * K
+    bytes plus N fp32 scales (the tied LM head is the embedding, counted once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in stories_dir.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                rows, *rest = f.get_slice(name).get_shape()
+                numel = rows * (rest[0] if rest else 1)
+                if "--quantization" in variant.args and name.endswith("_proj.weight"):
+                    total += numel + 4 * rows
+                else:
+                    total += numel * ELEMENT_BYTES[variant.dtype]
+    return total
 
 
 def as_dict(info: worker_pb2.WorkerInfo) -> dict[str, object]:

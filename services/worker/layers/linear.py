@@ -7,41 +7,68 @@ decode-sized inputs to a skinny-GEMM kernel for the shapes where it measured fas
 
 With the model's norms folded (models/llama.py `fold_norms`), the projections that consume the
 raw residual stream or add into it go through `linear_rms_norm` and `linear_add` instead.
+
+A quantized layer holds a `QuantMethod` (layers/quantization/): it owns the layer's weight
+parameters (in place of `weight`), their loading and the GEMM; the norms are never folded into a
+quantized model (build_model), so only `forward` and `linear_silu_and_mul` need its path.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from kernels import KernelOps
 
+if TYPE_CHECKING:
+    from services.worker.layers.quantization.base import QuantMethod
+
 
 class Linear(nn.Linear):
+    # A quantized layer's parameters in place of `weight` (set by its QuantMethod's create_weights)
+    qweight: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_zero: torch.Tensor  # packed checkpoint formats with zero points
+    input_perm: torch.Tensor  # GPTQ act-order: x's columns in group order
+
     def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.ops = ops
+        self.quant_method: QuantMethod | None = None
+
+    def set_quant_method(self, method: QuantMethod) -> None:
+        """Store this layer's weight in `method`'s format (before the weights are loaded)."""
+        self.quant_method = method
+        method.create_weights(self)
 
     def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:  # [T, in] -> [T, out]
         """early_signal: the next kernel is a short latency-bound one that may launch (and do its
         pre-wait loads) while this projection streams its weight (kernels/triton/pdl.py)."""
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x)
         if self.ops.linear is None:
             return super().forward(x)
         return self.ops.linear(x, self.weight, self.bias, early_signal=early_signal)
 
     def linear_rms_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:  # [T, in] -> [T, out]
         """This projection of the RMS-normalised x (no norm weight: it is folded into this weight)."""
+        assert self.quant_method is None, "a quantized model's norms are never folded"
         assert self.ops.linear_rms_norm is not None, f"kernel bundle {self.ops.name!r} has no linear_rms_norm"
         return self.ops.linear_rms_norm(x, self.weight, self.bias, eps)
 
     def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         """residual + this projection of x, in one op (residual [T, out] is not written)."""
+        assert self.quant_method is None, "a quantized model's norms are never folded"
         assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
         return self.ops.linear_add(x, self.weight, self.bias, residual)
 
     def linear_silu_and_mul(self, x: torch.Tensor, rms_eps: float | None = None) -> torch.Tensor:
         """silu(gate) * up of this fused [gate; up] projection of x: [T, in] -> [T, out / 2]; with
         rms_eps, x is the raw residual stream and gate/up are scaled by its 1/rms (folded norm)."""
+        if self.quant_method is not None and rms_eps is None:
+            return self.ops.silu_and_mul(self.quant_method.apply(self, x))
         assert self.ops.linear_silu_and_mul is not None, (
             f"kernel bundle {self.ops.name!r} has no linear_silu_and_mul"
         )

@@ -1,0 +1,73 @@
+"""`--quantization fp8`: float8 e4m3 weights with one fp32 scale per output channel.
+
+On a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper) the GEMM is W8A8: each
+row of the activations gets its own scale (max |x| / 448, computed per call: dynamic per-token) and
+`torch._scaled_mm` multiplies the two FP8 operands with the row and column scales applied in its
+epilogue. Elsewhere (CPU, Ampere) and for shapes `_scaled_mm` refuses (K or N not a multiple of
+16) it is weight-only: the weight is dequantized and multiplied in fp32 (`reference.fp8_linear`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kernels import reference
+from services.worker.layers.linear import Linear
+from services.worker.layers.quantization.base import QuantMethod
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn [N, K], fp32 scales [N, 1]) of a [N, K] weight, one scale per row."""
+    w = weight.float()
+    scales = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (w / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8), scales
+
+
+def device_has_fp8(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def scaled_mm_fp8(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """W8A8: x quantized per token (dynamic scales) to e4m3, then `torch._scaled_mm` with row-wise
+    scales, out in x's dtype."""
+    x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+    xq = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    out = torch._scaled_mm(
+        xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1), out_dtype=x.dtype
+    )
+    return out if bias is None else out + bias
+
+
+class Fp8Method(QuantMethod):
+    name = "fp8"
+
+    def create_weights(self, layer: Linear) -> None:
+        n, k = layer.out_features, layer.in_features
+        device = layer.weight.device
+        del layer.weight
+        layer.qweight = nn.Parameter(torch.empty(n, k, dtype=FP8, device=device), requires_grad=False)
+        layer.weight_scale = nn.Parameter(
+            torch.empty(n, 1, dtype=torch.float32, device=device), requires_grad=False
+        )
+
+    def load_weight(self, layer: Linear, weight: torch.Tensor, row_start: int) -> None:
+        rows = weight.shape[0]
+        q, scales = quantize_fp8(weight.to(layer.qweight.device))
+        layer.qweight.data[row_start : row_start + rows].copy_(q)
+        layer.weight_scale.data[row_start : row_start + rows].copy_(scales)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        w, s = layer.qweight, layer.weight_scale
+        n, k = w.shape
+        if device_has_fp8(x.device) and x.dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0:
+            return scaled_mm_fp8(x, w, s, layer.bias)
+        return reference.fp8_linear(x, w, s, layer.bias)
+
+    def dequantized_weight(self, layer: Linear) -> torch.Tensor:
+        return layer.qweight.float() * layer.weight_scale.float()
