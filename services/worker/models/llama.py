@@ -13,16 +13,21 @@ computed by the ops that read the raw residual stream; the two RMSNorm kernels o
 from __future__ import annotations
 
 from services.common import switches
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from kernels import KernelOps
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
-from services.worker.layers.linear import Linear
+from services.worker.layers.linear import Linear, RowParallelLinear
+from services.worker.layers.vocab_parallel import VocabParallelEmbedding
 from services.worker.layers.moe import SparseMoeBlock
 from services.worker.model_config import ModelConfig
+from services.worker.parallel import ShardLayout, all_gather_last_dim, shard_layout
+
+if TYPE_CHECKING:
+    from services.worker.tp_group import StepDriver
 
 # Steps of at most this many tokens take the folded forward (the CUDA-graph logits ladder's top).
 FOLDED_MAX_TOKENS = 8
@@ -40,17 +45,18 @@ STACKED_PARAMS: tuple[tuple[str, str, str], ...] = (
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
         self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # This rank's heads (all of them with T = 1): qkv is column-parallel, o_proj row-parallel.
+        self.num_heads, self.num_kv_heads, self.head_dim = layout.num_heads, layout.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(ops, cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(ops, self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.o_proj = RowParallelLinear(ops, self.q_size, cfg.hidden_size, cfg.o_proj_bias, layout.tp_size)
         self.q_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.attn = PagedAttention(ops, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.attn = PagedAttention(ops, self.num_heads, self.num_kv_heads, cfg.head_dim)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # x: [T, hidden] normed
         # Without q/k norms the next kernel is the (rotary +) attention kernel: it may launch as
@@ -102,11 +108,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = Linear(ops, cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(ops, cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        inter = layout.intermediate_size  # this rank's slice: gate/up column-, down row-parallel
+        self.gate_up_proj = Linear(ops, cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(ops, inter, cfg.hidden_size, cfg.mlp_bias, layout.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
         if self.ops.linear_silu_and_mul is not None:  # one kernel for a decode-sized x where faster
@@ -124,16 +131,16 @@ class MLP(nn.Module):
         return self.down_proj.linear_add(act, residual=h)
 
 
-def make_mlp(cfg: ModelConfig, ops: KernelOps, layer: int) -> MLP | SparseMoeBlock:
+def make_mlp(cfg: ModelConfig, ops: KernelOps, layer: int, layout: ShardLayout) -> MLP | SparseMoeBlock:
     """The layer's feed-forward block: dense, or a sparse mixture of experts (Qwen3-MoE, Mixtral)."""
-    return SparseMoeBlock(cfg, ops) if cfg.is_moe_layer(layer) else MLP(cfg, ops)
+    return SparseMoeBlock(cfg, ops, layout) if cfg.is_moe_layer(layer) else MLP(cfg, ops, layout)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int, layout: ShardLayout) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, ops)
-        self.mlp = make_mlp(cfg, ops, layer)
+        self.self_attn = Attention(cfg, ops, layout)
+        self.mlp = make_mlp(cfg, ops, layer, layout)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -173,10 +180,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(layout, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i, layout) for i in range(cfg.num_layers))
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
         # gate_up_proj (the layer norms' weights are then ones).
@@ -211,16 +218,30 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.ops = ops
-        self.model = LlamaModel(cfg, ops)
-        self.lm_head = Linear(ops, cfg.hidden_size, cfg.vocab_size, bias=False)
+        # This rank's slice of every sharded dimension (services/worker/parallel.py); the whole
+        # model with T = 1.
+        self.layout = shard_layout(cfg)
+        self.model = LlamaModel(cfg, ops, self.layout)
+        self.lm_head = Linear(ops, cfg.hidden_size, self.layout.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Rank 0 of a tensor-parallel group: sends each forward's inputs to the other ranks first
+        # (services/worker/tp_group.py); None on the other ranks and with T = 1.
+        self.driver: StepDriver | None = None
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.driver is not None:
+            self.driver.forward(input_ids, meta)
         return self.model(input_ids, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab] fp32
-        return self.lm_head(hidden).float()
+        if self.layout.tp_size == 1:
+            return self.lm_head(hidden).float()
+        if self.driver is not None:
+            self.driver.compute_logits(hidden)
+        # Each rank's vocabulary slice, gathered in rank order; the last rank's padding rows dropped.
+        logits = all_gather_last_dim(self.lm_head(hidden))
+        return logits[:, : self.config.vocab_size].float()
 
     @property
     def norms_folded(self) -> bool:
@@ -243,6 +264,9 @@ class LlamaForCausalLM(nn.Module):
             and not cfg.qk_norm
             and not cfg.num_experts  # the folded forward has no MoE path
             and self.model.embed_tokens.weight.dtype != torch.float16
+            # The folded o_proj / down_proj add the residual inside the projection, which a
+            # row-parallel projection would add once per rank before its all-reduce.
+            and self.layout.tp_size == 1
             and switches.FOLD_NORMS.value  # TANDEM_FOLD_NORMS=0: separate norms (services/common/switches.py)
         )
 
