@@ -71,6 +71,10 @@ class WorkerConfig(ServiceConfig):
     """Address decode workers use to reach this worker's FetchKV ("" = the bound --address)."""
     kv_chunk_bytes: int = 1024 * 1024
     """Target size of one FetchKV chunk (a layer range x a block range) in bytes (1 MiB was fastest, docs/disaggregation.md)."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
+    distributed_timeout: float = 300.0
+    """Seconds a tensor-parallel collective may wait for the other ranks before the group gives up and exits (a dead or stuck rank never hangs the worker)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,6 +100,15 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--kv-handle-ttl must be > 0, got {self.kv_handle_ttl}")
         if self.kv_chunk_bytes <= 0:
             raise ValueError(f"--kv-chunk-bytes must be > 0, got {self.kv_chunk_bytes}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.role != "unified":
+            raise ValueError(
+                f"--tensor-parallel-size {self.tensor_parallel_size} with --role {self.role}: "
+                "disaggregation with tensor-parallel workers is not implemented yet (docs/parallel.md)"
+            )
+        if self.distributed_timeout <= 0:
+            raise ValueError(f"--distributed-timeout must be > 0, got {self.distributed_timeout}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from kernels import get_ops
+from services.worker import parallel
 from services.worker.async_step import StepHandle
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
@@ -38,6 +39,7 @@ from services.worker.request import (
     validate_request,
 )
 from services.worker.scheduler import SampledToken, Scheduler, SchedulerOutput
+from services.worker.tp_group import BindKV, DrivenKVCache, Profile, StepDriver
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +132,20 @@ class Engine:
             config.load_format,
             config.seed,
         )
+        # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
+        self.tp_size = parallel.current().tp_size
+        self.driver = StepDriver(config.distributed_timeout) if self.tp_size > 1 else None
+        self.runner.model.driver = self.driver
         num_blocks = self._num_kv_blocks()
-        self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
+        if self.driver is not None:
+            self.driver.send(BindKV(num_blocks))
+            self.kv_cache: KVCache = DrivenKVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
+            self.kv_cache.driver = self.driver
+        else:
+            self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # (not with T > 1 yet: the graphs would capture rank 0's broadcasts; docs/parallel.md)
+        if self.device.type == "cuda" and not config.enforce_eager and self.tp_size == 1:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
@@ -159,9 +171,7 @@ class Engine:
         blocks_per_seq = math.ceil(self.max_model_len / bs)
         budget = self.config.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
-            peak = self.runner.profile_peak_bytes(
-                self.config.max_num_batched_tokens, self.config.max_num_seqs
-            )
+            peak = self._profile_peak_bytes()
             total = torch.cuda.get_device_properties(self.device).total_memory
             budget = int(total * self.config.gpu_memory_utilization) - peak
         elif budget is None:
@@ -173,6 +183,14 @@ class Engine:
                 f"--max-model-len {self.max_model_len}; give it more memory or lower --max-model-len"
             )
         return int(num_blocks)
+
+    def _profile_peak_bytes(self) -> int:
+        tokens, seqs = self.config.max_num_batched_tokens, self.config.max_num_seqs
+        if self.driver is None:
+            return self.runner.profile_peak_bytes(tokens, seqs)
+        self.driver.send(Profile(tokens, seqs))  # every rank runs the same profiling forward
+        with self.driver.detached():
+            return self.runner.profile_peak_bytes(tokens, seqs)
 
     def _load_grammar_compiler(self) -> tuple[GrammarCompiler | None, str]:
         """Guided decoding needs the model's tokenizer.json (--tokenizer, default the model

@@ -21,6 +21,7 @@ import os
 import torch
 
 from services.worker.model_config import ModelConfig
+from services.worker.parallel import shard_layout
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ KV_DTYPE_NAMES = {
 def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block over all layers, K and V."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return cfg.num_layers * 2 * block_size * shard_layout(cfg).num_kv_heads * cfg.head_dim * elem
 
 
 def available_host_bytes() -> int:
@@ -54,7 +55,8 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # This rank's KV heads (all of them with T = 1; services/worker/parallel.py)
+        shape = (cfg.num_layers, 2, num_blocks, block_size, shard_layout(cfg).num_kv_heads, cfg.head_dim)
         self.tensor = torch.zeros(shape, dtype=dtype, device=device)
         log.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB, %s)",

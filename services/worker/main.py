@@ -32,8 +32,14 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     from services.worker.engine import Engine
     from services.worker.model_config import ModelConfigError
     from services.worker.rpc import SERVICE_NAME, add_to_server
+    from services.worker.tp_group import RankProcesses, follow, start_group
 
+    group: RankProcesses | None = None
     try:
+        if config.tensor_parallel_size > 1:
+            group = start_group(config, argv)
+            if group is None:  # ranks 1..T-1 run rank 0's commands until the group goes down
+                return follow(config)
         engine = Engine(config)
     except ModelConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -60,6 +66,8 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
         finally:
             await servicer.close()
             async_engine.stop()
+            if group is not None:
+                group.terminate()
 
     return run(serve)
 

@@ -75,7 +75,9 @@ def init_process_group(
         timeout=timeout,
     )
     group = dist.group.WORLD
-    ctrl = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else group
+    # Its own group even on gloo: rank 0's idle pings (tp_group.py) must never interleave with a
+    # model collective of the engine thread on the same group.
+    ctrl = dist.new_group(backend="gloo", timeout=timeout)
     _STATE = ParallelState(world_size, rank, group, ctrl)
     return _STATE
 

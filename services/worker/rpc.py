@@ -144,7 +144,7 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
 def fingerprint(engine: Engine) -> str:
     cfg = engine.model_config
     parts = [cfg.architecture, engine.served_model_name, str(engine.dtype), str(engine.config.block_size)]
-    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, "tp1"]
+    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, f"tp{engine.tp_size}"]
     if engine.kv_dtype != engine.dtype:  # (unchanged fingerprints for a cache in the model dtype)
         parts.append(f"kv:{engine.kv_dtype}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -329,7 +329,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             role=_ROLES[e.config.role],
             kv_layout=worker_pb2.KVLayout(
                 num_layers=cfg.num_layers,
-                num_kv_heads=cfg.num_kv_heads,
+                num_kv_heads=e.kv_cache.tensor.shape[4],  # this rank's (tensor parallelism)
                 head_dim=cfg.head_dim,
                 block_size=e.config.block_size,
                 dtype=KV_DTYPE_NAMES[e.kv_dtype],  # --kv-cache-dtype fp8: float8_e4m3fn, not the model's
@@ -337,7 +337,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             ),
             vocab_size=cfg.vocab_size,
             eos_token_ids=cfg.eos_token_ids,
-            tensor_parallel_size=1,
+            tensor_parallel_size=e.tp_size,
             device=device,
             fingerprint=self.fingerprint,
             num_kv_blocks=e.block_manager.num_blocks,
