@@ -139,7 +139,9 @@ class Engine:
         num_blocks = self._num_kv_blocks()
         if self.driver is not None:
             self.driver.send(BindKV(num_blocks))
-            self.kv_cache: KVCache = DrivenKVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
+            self.kv_cache: KVCache = DrivenKVCache(
+                cfg, num_blocks, config.block_size, self.kv_dtype, self.device
+            )
             self.kv_cache.driver = self.driver
         else:
             self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)

@@ -19,8 +19,8 @@ import json
 import logging
 import re
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -95,7 +95,7 @@ class CheckpointTensor:
             return self._whole()  # type: ignore[no-any-return]
         if isinstance(self._source, torch.Tensor):
             return self._source.narrow(dim, start, size)
-        index = tuple(slice(None) for _ in range(dim)) + (slice(start, start + size),)
+        index = (*(slice(None) for _ in range(dim)), slice(start, start + size))
         return self._source[index]  # type: ignore[no-any-return]
 
 
@@ -105,7 +105,11 @@ def iter_checkpoint(model_dir: str) -> Iterator[tuple[str, str, CheckpointTensor
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
                 sl = f.get_slice(name)
-                yield path.name, name, CheckpointTensor(sl, tuple(sl.get_shape()), lambda f=f, n=name: f.get_tensor(n))
+                yield (
+                    path.name,
+                    name,
+                    CheckpointTensor(sl, tuple(sl.get_shape()), lambda f=f, n=name: f.get_tensor(n)),
+                )
 
 
 def _shard_slice(model: LlamaForCausalLM, shard: str) -> tuple[int, int]:
@@ -115,7 +119,9 @@ def _shard_slice(model: LlamaForCausalLM, shard: str) -> tuple[int, int]:
     return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter), "up": (inter, inter)}[shard]
 
 
-def _checkpoint_slice(model: LlamaForCausalLM, name: str, shard: str, shape: tuple[int, ...]) -> tuple[int, int, int]:
+def _checkpoint_slice(
+    model: LlamaForCausalLM, name: str, shard: str, shape: tuple[int, ...]
+) -> tuple[int, int, int]:
     """(dim, start, size) of the checkpoint tensor `name` (a parameter name, after renames and
     fusing) that this rank holds; the whole tensor with T = 1 and for replicated tensors."""
     layout, d = model.layout, model.config.head_dim

@@ -233,17 +233,17 @@ class RankProcesses:
         for rank in range(1, tp_size):
             env = dict(os.environ, **{RANK_ENV: str(rank), MASTER_ENV: master})
             cmd = [sys.executable, "-m", "services.worker.main", *argv]
-            self.procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))  # noqa: PLW1509
+            self.procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
         for rank, proc in enumerate(self.procs, start=1):
-            threading.Thread(target=self._watch, args=(rank, proc), name=f"tp-watch-{rank}", daemon=True).start()
+            threading.Thread(
+                target=self._watch, args=(rank, proc), name=f"tp-watch-{rank}", daemon=True
+            ).start()
 
     def _watch(self, rank: int, proc: subprocess.Popen[bytes]) -> None:
         code = proc.wait()
         if self._closing:
             return
-        log.error(
-            "tensor-parallel rank %d exited (code %s): taking the worker group down", rank, code
-        )
+        log.error("tensor-parallel rank %d exited (code %s): taking the worker group down", rank, code)
         self.terminate()
         logging.shutdown()
         os._exit(1)  # the engine thread may be inside a collective with the dead rank
@@ -294,7 +294,11 @@ def start_group(config: object, argv: list[str]) -> RankProcesses | None:
         group = RankProcesses(argv, t, master)
     else:
         master = os.environ[MASTER_ENV]
-    device = torch.device("cuda", rank) if config.device != "cpu" and torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", rank)
+        if config.device != "cpu" and torch.cuda.is_available()
+        else torch.device("cpu")
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     host, _, port = master.rpartition(":")

@@ -78,7 +78,9 @@ def tp_refs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RefModel]:
     return refs
 
 
-def run_group(tmp_path: Path, spec: dict[str, Any], *worker_args: str, timeout_s: float = 240) -> dict[str, Any]:
+def run_group(
+    tmp_path: Path, spec: dict[str, Any], *worker_args: str, timeout_s: float = 240
+) -> dict[str, Any]:
     """tests/parallel/tp_generate.py: one worker group's engine over `spec`'s prompts."""
     prompts, out = tmp_path / "prompts.json", tmp_path / "out.json"
     prompts.write_text(json.dumps(spec))

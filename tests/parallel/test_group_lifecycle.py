@@ -26,7 +26,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _start(model: Path, sock: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    args = ["--model", str(model), "--address", f"unix:{sock}", "--device", "cpu", "--kv-cache-memory", "4MiB"]
+    args = [
+        "--model",
+        str(model),
+        "--address",
+        f"unix:{sock}",
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "4MiB",
+    ]
     args += ["--cpu-threads", "1", "--distributed-timeout", "60", *extra]
     return subprocess.Popen([sys.executable, "-m", "tandem.cli", "worker", *args], cwd=REPO, env=env)
 
@@ -65,7 +74,9 @@ def test_serves_reports_and_goes_down_with_a_killed_rank(
         assert info.kv_layout.num_kv_heads == 1  # this rank's share of the 2 KV heads
         prompt = [1, 17, 99, 203, 4]
         req = worker_pb2.GenerateRequest(
-            request_id="r", prompt_token_ids=prompt, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=8)
+            request_id="r",
+            prompt_token_ids=prompt,
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=8),
         )
         tokens = [t for chunk in stub.Generate(req, timeout=60) for c in chunk.choices for t in c.token_ids]
         assert tokens == ref.greedy(prompt, 8)
@@ -88,7 +99,11 @@ def test_bad_layout_is_a_one_line_error_before_loading(tp_refs: dict[str, RefMod
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tandem.cli", "worker", "--model", str(tp_refs["llama_gqa"].path)]
     proc = subprocess.run(
-        [*cmd, "--device", "cpu", "--tensor-parallel-size", "3"], env=env, capture_output=True, text=True, timeout=120
+        [*cmd, "--device", "cpu", "--tensor-parallel-size", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

@@ -51,5 +51,7 @@ def test_llama_gqa_t2_equals_t1_and_transformers(tp_refs: dict[str, RefModel], t
     ("name", "tp"),
     [("llama_gqa", 4), ("llama_mha", 2), ("qwen2", 2), ("qwen3", 2), ("qwen3", 4), ("qwen3_moe", 2)],
 )
-def test_tp_equals_t1_and_transformers(tp_refs: dict[str, RefModel], name: str, tp: int, tmp_path: Path) -> None:
+def test_tp_equals_t1_and_transformers(
+    tp_refs: dict[str, RefModel], name: str, tp: int, tmp_path: Path
+) -> None:
     _check(tp_refs[name], name, tp, tmp_path)

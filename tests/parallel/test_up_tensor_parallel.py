@@ -8,7 +8,7 @@ import pytest
 from openai import OpenAI
 from tokenizers import Tokenizer
 
-from tests.e2e.stack import UpProcess, children_by_role, child_pids
+from tests.e2e.stack import UpProcess, child_pids, children_by_role
 from tests.worker.worker_testlib import load_ref
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

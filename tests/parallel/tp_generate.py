@@ -40,9 +40,7 @@ def main(argv: list[str]) -> int:
             json.dumps(
                 {
                     "tokens": [{str(k): v for k, v in r.token_ids.items()} for r in results],
-                    "logprobs": [
-                        [lp.logprob for lp in r.logprobs.get(0, [])] for r in results
-                    ],
+                    "logprobs": [[lp.logprob for lp in r.logprobs.get(0, [])] for r in results],
                     "top": [[list(map(list, lp.top)) for lp in r.logprobs.get(0, [])] for r in results],
                     "used_blocks": engine.block_manager.num_used_blocks,
                     "num_kv_heads": int(engine.kv_cache.tensor.shape[4]),

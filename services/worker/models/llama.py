@@ -12,17 +12,17 @@ computed by the ops that read the raw residual stream; the two RMSNorm kernels o
 
 from __future__ import annotations
 
-from services.common import switches
 from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from kernels import KernelOps
+from services.common import switches
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
 from services.worker.layers.linear import Linear, RowParallelLinear
-from services.worker.layers.vocab_parallel import VocabParallelEmbedding
 from services.worker.layers.moe import SparseMoeBlock
+from services.worker.layers.vocab_parallel import VocabParallelEmbedding
 from services.worker.model_config import ModelConfig
 from services.worker.parallel import ShardLayout, all_gather_last_dim, shard_layout
 
