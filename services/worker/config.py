@@ -73,6 +73,14 @@ class WorkerConfig(ServiceConfig):
     """Target size of one FetchKV chunk (a layer range x a block range) in bytes (1 MiB was fastest, docs/disaggregation.md)."""
     tensor_parallel_size: int = 1
     """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
+    nnodes: int = 1
+    """Hosts the tensor-parallel group spans (each runs `tandem worker` with the same options and its --node-rank; --tensor-parallel-size / --nnodes ranks per host)."""
+    node_rank: int = 0
+    """This host's index in the group: 0 runs rank 0 and serves gRPC; the others run headless."""
+    master_addr: str = "127.0.0.1"
+    """Address of node 0 that every rank meets at (--nnodes > 1)."""
+    master_port: int = 0
+    """Port on --master-addr for the group's rendezvous (required with --nnodes > 1; 0 = a free port on one host)."""
     distributed_timeout: float = 300.0
     """Seconds a tensor-parallel collective may wait for the other ranks before the group gives up and exits (a dead or stuck rank never hangs the worker)."""
 
@@ -107,6 +115,16 @@ class WorkerConfig(ServiceConfig):
                 f"--tensor-parallel-size {self.tensor_parallel_size} with --role {self.role}: "
                 "disaggregation with tensor-parallel workers is not implemented yet (docs/parallel.md)"
             )
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"--node-rank must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), got {self.node_rank}"
+            )
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(
+                f"--tensor-parallel-size {self.tensor_parallel_size} must be a multiple of --nnodes {self.nnodes}"
+            )
+        if self.nnodes > 1 and not 0 < self.master_port < 65536:
+            raise ValueError(f"--nnodes {self.nnodes} needs --master-port (node 0's rendezvous port)")
         if self.distributed_timeout <= 0:
             raise ValueError(f"--distributed-timeout must be > 0, got {self.distributed_timeout}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -32,14 +32,15 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     from services.worker.engine import Engine
     from services.worker.model_config import ModelConfigError
     from services.worker.rpc import SERVICE_NAME, add_to_server
-    from services.worker.tp_group import RankProcesses, follow, start_group
+    from services.worker.tp_group import RankProcesses, follow_until_down, start_group
 
     group: RankProcesses | None = None
     try:
         if config.tensor_parallel_size > 1:
-            group = start_group(config, argv)
-            if group is None:  # ranks 1..T-1 run rank 0's commands until the group goes down
-                return follow(config)
+            member = start_group(config, argv)
+            group = member.local
+            if not member.driver:  # ranks 1..T-1 run rank 0's commands until the group goes down
+                return follow_until_down(config, group)
         engine = Engine(config)
     except ModelConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -137,8 +137,8 @@ class StepDriver:
                 try:
                     parallel.broadcast_object(Ping())
                     self._last = time.monotonic()
-                except Exception:  # the group is going down; the watchdog reports it
-                    log.exception("tensor-parallel ping failed")
+                except Exception as exc:  # a rank is gone (on another host no watcher sees it)
+                    group_failed(exc)
                     return
                 finally:
                     self._lock.release()
@@ -266,6 +266,7 @@ def check_group(config: object) -> None:
     assert isinstance(config, WorkerConfig)
     t = config.tensor_parallel_size
     parallel.check_tp_size(load_model_config(config.model), t)
+    per_node = t // config.nnodes
     device = resolve_device(config.device)
     if device.type == "cuda":
         if device.index not in (None, 0) and config.device != "cuda":
@@ -273,29 +274,50 @@ def check_group(config: object) -> None:
                 f"--device {config.device} with --tensor-parallel-size {t}: rank r uses cuda:r; "
                 "give --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES"
             )
-        if torch.cuda.device_count() < t:
+        if torch.cuda.device_count() < per_node:
             raise ModelConfigError(
-                f"--tensor-parallel-size {t} needs {t} GPUs, this host shows {torch.cuda.device_count()}"
+                f"--tensor-parallel-size {t} over {config.nnodes} node(s) needs {per_node} GPUs per host, "
+                f"this host shows {torch.cuda.device_count()}"
             )
 
 
-def start_group(config: object, argv: list[str]) -> RankProcesses | None:
-    """Join this process's tensor-parallel group: rank 0 (no TANDEM_TP_RANK) checks the layout,
-    starts ranks 1..T-1 and returns their handle; another rank returns None (then `follow`)."""
+def group_failed(exc: BaseException) -> None:
+    """A step of a tensor-parallel group raised (a collective with a dead or stuck rank): the group
+    cannot go on, so this process exits and its ranks with it; `tandem up` restarts the worker."""
+    log.error("tensor-parallel step failed (%s): taking the worker group down", exc)
+    logging.shutdown()
+    os._exit(1)
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """This process in its group: `local` = the ranks it started (their handle), `driver` = rank 0."""
+
+    local: RankProcesses | None
+    driver: bool
+
+
+def start_group(config: object, argv: list[str]) -> GroupMember:
+    """Join this process's tensor-parallel group. The first process of a node (no TANDEM_TP_RANK)
+    checks the layout and starts the node's other ranks; global rank 0 serves, the rest `follow`.
+    Node n holds ranks n * T / nnodes .. (n + 1) * T / nnodes - 1 (cuda:0.. in that order)."""
     from services.worker.config import WorkerConfig
 
     assert isinstance(config, WorkerConfig)
     t = config.tensor_parallel_size
-    rank = int(os.environ.get(RANK_ENV, "0"))
-    group: RankProcesses | None = None
-    if rank == 0:
+    per_node = t // config.nnodes
+    local_rank = int(os.environ.get(RANK_ENV, "0"))
+    rank = config.node_rank * per_node + local_rank
+    local: RankProcesses | None = None
+    if local_rank == 0:
         check_group(config)
-        master = f"127.0.0.1:{parallel.free_port()}"
-        group = RankProcesses(argv, t, master)
+        port = config.master_port or parallel.free_port()
+        master = f"{config.master_addr}:{port}"
+        local = RankProcesses(argv, per_node, master)
     else:
         master = os.environ[MASTER_ENV]
     device = (
-        torch.device("cuda", rank)
+        torch.device("cuda", local_rank)
         if config.device != "cpu" and torch.cuda.is_available()
         else torch.device("cpu")
     )
@@ -304,4 +326,17 @@ def start_group(config: object, argv: list[str]) -> RankProcesses | None:
     host, _, port = master.rpartition(":")
     parallel.init_process_group(rank, t, host, int(port), device, config.distributed_timeout)
     log.info("tensor-parallel rank %d of %d joined (%s)", rank, t, device)
-    return group
+    return GroupMember(local, rank == 0)
+
+
+def follow_until_down(config: object, local: RankProcesses | None) -> int:
+    """A non-zero rank's life: `follow` until a collective fails (rank 0 gone), then exit non-zero
+    with the ranks this process started (the first process of a headless node)."""
+    try:
+        follow(config)
+    except Exception as exc:  # the group is gone; nothing here can recover it
+        log.error("tensor-parallel rank left its group: %s", exc)
+    finally:
+        if local is not None:
+            local.terminate()
+    return 1

@@ -109,3 +109,48 @@ def test_bad_layout_is_a_one_line_error_before_loading(tp_refs: dict[str, RefMod
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "--tensor-parallel-size 3 does not divide the 4 attention heads" in lines[0]
+
+
+def test_two_nodes_on_one_machine_serve_and_go_down_together(
+    tp_refs: dict[str, RefModel], tmp_path: Path
+) -> None:
+    """--nnodes 2: node 0 serves gRPC, node 1 runs headless; both meet at --master-addr/port."""
+    from tests.e2e.stack import free_port
+
+    ref, sock, port = tp_refs["llama_gqa"], tmp_path / "w.sock", str(free_port())
+    common = [
+        "--tensor-parallel-size",
+        "2",
+        "--nnodes",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        port,
+    ]
+    node0 = _start(ref.path, sock, *common, "--node-rank", "0")
+    node1 = _start(ref.path, tmp_path / "unused.sock", *common, "--node-rank", "1")
+    try:
+        asyncio.run(wait_for_serving(f"unix:{sock}", timeout_s=180))
+        assert not (tmp_path / "unused.sock").exists()  # headless: no gRPC server on node 1
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            assert stub.Info(worker_pb2.InfoRequest()).tensor_parallel_size == 2
+            prompt = [1, 8, 77, 150]
+            req = worker_pb2.GenerateRequest(
+                request_id="r",
+                prompt_token_ids=prompt,
+                sampling=common_pb2.SamplingParams(temperature=0, max_tokens=6),
+            )
+            tokens = [
+                t for chunk in stub.Generate(req, timeout=60) for c in chunk.choices for t in c.token_ids
+            ]
+            assert tokens == ref.greedy(prompt, 6)
+        node1.kill()  # no parent watches a rank on another host: the group's next collective fails
+        _wait_exit(node0, 60)
+        assert node0.returncode != 0
+    finally:
+        for proc in (node0, node1):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
