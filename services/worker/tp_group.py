@@ -311,8 +311,8 @@ def start_group(config: object, argv: list[str]) -> GroupMember:
     local: RankProcesses | None = None
     if local_rank == 0:
         check_group(config)
-        port = config.master_port or parallel.free_port()
-        master = f"{config.master_addr}:{port}"
+        rdv_port = config.master_port or parallel.free_port()
+        master = f"{config.master_addr}:{rdv_port}"
         local = RankProcesses(argv, per_node, master)
     else:
         master = os.environ[MASTER_ENV]
