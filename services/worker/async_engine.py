@@ -139,7 +139,7 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:  # a bug or device error: fail the live requests, keep serving
-                    if self.engine.tp_size > 1:  # unless a collective failed: the group is broken
+                    if self.engine.driver is not None:  # unless a collective failed: the group is broken
                         group_failed(exc)
                     log.exception("engine step failed; aborting %d requests", len(self.engine.requests))
                     self._fail_all(exc)

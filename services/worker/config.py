@@ -73,6 +73,8 @@ class WorkerConfig(ServiceConfig):
     """Target size of one FetchKV chunk (a layer range x a block range) in bytes (1 MiB was fastest, docs/disaggregation.md)."""
     tensor_parallel_size: int = 1
     """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages the layers are split into (each stage T ranks; --tensor-parallel-size x this = ranks in all, docs/parallel.md)."""
     nnodes: int = 1
     """Hosts the tensor-parallel group spans (each runs `tandem worker` with the same options and its --node-rank; --tensor-parallel-size / --nnodes ranks per host)."""
     node_rank: int = 0
@@ -110,18 +112,21 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--kv-chunk-bytes must be > 0, got {self.kv_chunk_bytes}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tensor_parallel_size > 1 and self.role != "unified":
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.world_size > 1 and self.role != "unified":
             raise ValueError(
-                f"--tensor-parallel-size {self.tensor_parallel_size} with --role {self.role}: "
-                "disaggregation with tensor-parallel workers is not implemented yet (docs/parallel.md)"
+                f"--tensor-parallel-size / --pipeline-parallel-size with --role {self.role}: "
+                "disaggregation with parallel workers is not implemented yet (docs/parallel.md)"
             )
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(
                 f"--node-rank must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), got {self.node_rank}"
             )
-        if self.tensor_parallel_size % self.nnodes:
+        if self.world_size % self.nnodes:
             raise ValueError(
-                f"--tensor-parallel-size {self.tensor_parallel_size} must be a multiple of --nnodes {self.nnodes}"
+                f"the group's {self.world_size} ranks (--tensor-parallel-size x --pipeline-parallel-size) "
+                f"must be a multiple of --nnodes {self.nnodes}"
             )
         if self.nnodes > 1 and not 0 < self.master_port < 65536:
             raise ValueError(f"--nnodes {self.nnodes} needs --master-port (node 0's rendezvous port)")
@@ -129,6 +134,11 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--distributed-timeout must be > 0, got {self.distributed_timeout}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in this worker's group."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def kv_cache_bytes(self) -> int | None:

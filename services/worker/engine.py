@@ -133,8 +133,9 @@ class Engine:
             config.seed,
         )
         # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
-        self.tp_size = parallel.current().tp_size
-        self.driver = StepDriver(config.distributed_timeout) if self.tp_size > 1 else None
+        state = parallel.current()
+        self.tp_size, self.pp_size = state.tp_size, state.pp_size
+        self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
         self.runner.model.driver = self.driver
         num_blocks = self._num_kv_blocks()
         if self.driver is not None:
@@ -146,8 +147,8 @@ class Engine:
         else:
             self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
-        # (not with T > 1 yet: the graphs would capture rank 0's broadcasts; docs/parallel.md)
-        if self.device.type == "cuda" and not config.enforce_eager and self.tp_size == 1:
+        # (not in a group yet: the graphs would capture rank 0's broadcasts; docs/parallel.md)
+        if self.device.type == "cuda" and not config.enforce_eager and self.driver is None:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)

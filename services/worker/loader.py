@@ -33,6 +33,8 @@ from services.worker.models.llama import LlamaForCausalLM
 log = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# A decoder layer's tensor: held by one pipeline stage
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # One expert's projection in a mixture-of-experts block -> (stacked parameter, shard of its rows)
 _EXPERT = re.compile(r"^(?P<block>.*\.mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 _EXPERT_PROJS = {
@@ -197,6 +199,9 @@ def load_weights(
     for file_name, name, item in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
+        layer = _LAYER.match(name)
+        if layer is not None and not model.layout.holds_layer(int(layer[1])):
+            continue  # another pipeline stage's layer
         source = item if isinstance(item, CheckpointTensor) else CheckpointTensor.of(item)
         checkpoint_name = name
         for old, new in model.checkpoint_renames:

@@ -36,7 +36,7 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
 
     group: RankProcesses | None = None
     try:
-        if config.tensor_parallel_size > 1:
+        if config.world_size > 1:
             member = start_group(config, argv)
             group = member.local
             if not member.driver:  # ranks 1..T-1 run rank 0's commands until the group goes down

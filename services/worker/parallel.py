@@ -13,7 +13,13 @@ KV heads are split like the attention heads; with T > num_kv_heads each KV head 
 T / num_kv_heads ranks (rank r holds KV head r * num_kv_heads // T). Norms, the MoE router and
 the rotary cache are replicated.
 
-With T = 1 the layout is the whole model and no collective runs: `current()` is the trivial
+Pipeline parallelism (P stages) splits the layers: stage s holds layers [s*L/P, (s+1)*L/P) (the
+first stages take one more when P does not divide L) and its slice of the KV cache; the hidden
+states (and the residual stream) go from stage to stage by point-to-point sends, and the last
+stage sends its output back to stage 0, which holds the final norm and the LM head (the embedding
+too: every stage keeps a copy of those three for now). Rank = stage * T + tensor-parallel rank.
+
+With T = P = 1 the layout is the whole model and no collective runs: `current()` is the trivial
 state unless `init_process_group` was called.
 """
 
@@ -35,6 +41,8 @@ class ParallelState:
 
     tp_size: int = 1
     tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0  # the stage
     # The group the model's collectives run on (NCCL on CUDA, gloo on CPU) and a gloo group for the
     # control plane (rank 0 -> others: the step inputs, pickled host objects).
     group: dist.ProcessGroup | None = None
@@ -42,7 +50,15 @@ class ParallelState:
 
     @property
     def is_driver(self) -> bool:
-        return self.tp_rank == 0
+        return self.tp_rank == 0 and self.pp_rank == 0
+
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.pp_size * self.tp_size
 
 
 _STATE = ParallelState()
@@ -60,7 +76,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def init_process_group(
-    rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device, timeout_s: float
+    rank: int,
+    tp_size: int,
+    pp_size: int,
+    master_addr: str,
+    master_port: int,
+    device: torch.device,
+    timeout_s: float,
 ) -> ParallelState:
     """Join the worker group (blocks until every rank joined). `timeout_s` bounds every collective:
     a rank that stops answering turns into an error on the others, never a hang."""
@@ -71,14 +93,19 @@ def init_process_group(
         backend,
         init_method=f"tcp://{master_addr}:{master_port}",
         rank=rank,
-        world_size=world_size,
+        world_size=tp_size * pp_size,
         timeout=timeout,
     )
     group = dist.group.WORLD
+    if pp_size > 1:  # one tensor-parallel group per stage (every rank creates every group)
+        for stage in range(pp_size):
+            stage_group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)), timeout=timeout)
+            if stage == rank // tp_size:
+                group = stage_group
     # Its own group even on gloo: rank 0's idle pings (tp_group.py) must never interleave with a
     # model collective of the engine thread on the same group.
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
-    _STATE = ParallelState(world_size, rank, group, ctrl)
+    _STATE = ParallelState(tp_size, rank % tp_size, pp_size, rank // tp_size, group, ctrl)
     return _STATE
 
 
@@ -108,6 +135,24 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
+def send_to_stage(stage: int, *tensors: torch.Tensor) -> None:
+    """Send tensors to this tensor-parallel rank's counterpart in `stage` (pipeline parallelism)."""
+    state = _STATE
+    for t in tensors:
+        dist.send(t.contiguous(), dst=stage * state.tp_size + state.tp_rank)
+
+
+def recv_from_stage(stage: int, *like: torch.Tensor) -> list[torch.Tensor]:
+    """Receive tensors shaped like `like` from this rank's counterpart in `stage`."""
+    state = _STATE
+    out = []
+    for t in like:
+        buf = torch.empty_like(t)
+        dist.recv(buf, src=stage * state.tp_size + state.tp_rank)
+        out.append(buf)
+    return out
+
+
 def broadcast_object(obj: object = None) -> object:
     """Rank 0's `obj` on every rank (pickled over the gloo control group)."""
     state = _STATE
@@ -130,6 +175,13 @@ class ShardLayout:
     moe_intermediate_size: int  # each expert
     vocab_size: int  # vocabulary rows of this rank (the last rank's may be padding)
     vocab_start: int
+    pp_size: int = 1
+    pp_rank: int = 0
+    layer_start: int = 0  # this stage's layers: [layer_start, layer_end)
+    layer_end: int = 0
+
+    def holds_layer(self, layer: int) -> bool:
+        return self.layer_start <= layer < self.layer_end
 
     @property
     def q_head_start(self) -> int:
@@ -158,10 +210,28 @@ def check_tp_size(cfg: ModelConfig, tp_size: int) -> None:
         )
 
 
+def check_pp_size(cfg: ModelConfig, pp_size: int) -> None:
+    if pp_size < 1:
+        raise ModelConfigError(f"--pipeline-parallel-size must be >= 1, got {pp_size}")
+    if pp_size > cfg.num_layers:
+        raise ModelConfigError(
+            f"--pipeline-parallel-size {pp_size} is larger than the {cfg.num_layers} layers of {cfg.path}"
+        )
+
+
+def stage_layers(num_layers: int, pp_size: int, stage: int) -> tuple[int, int]:
+    """[start, end) of a stage's layers: even shares, the first stages one more for a remainder."""
+    base, extra = divmod(num_layers, pp_size)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (1 if stage < extra else 0)
+
+
 def shard_layout(cfg: ModelConfig, state: ParallelState | None = None) -> ShardLayout:
     state = state or _STATE
     t, r = state.tp_size, state.tp_rank
     check_tp_size(cfg, t)
+    check_pp_size(cfg, state.pp_size)
+    layer_start, layer_end = stage_layers(cfg.num_layers, state.pp_size, state.pp_rank)
     kv = cfg.num_kv_heads
     kv_local = kv // t if kv >= t else 1
     kv_start = r * kv_local if kv >= t else r * kv // t
@@ -176,4 +246,8 @@ def shard_layout(cfg: ModelConfig, state: ParallelState | None = None) -> ShardL
         moe_intermediate_size=cfg.moe_intermediate_size // t if cfg.num_experts else 0,
         vocab_size=vocab_local,
         vocab_start=r * vocab_local,
+        pp_size=state.pp_size,
+        pp_rank=state.pp_rank,
+        layer_start=layer_start,
+        layer_end=layer_end,
     )

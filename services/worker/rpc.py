@@ -145,6 +145,8 @@ def fingerprint(engine: Engine) -> str:
     cfg = engine.model_config
     parts = [cfg.architecture, engine.served_model_name, str(engine.dtype), str(engine.config.block_size)]
     parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, f"tp{engine.tp_size}"]
+    if engine.pp_size > 1:
+        parts.append(f"pp{engine.pp_size}")
     if engine.kv_dtype != engine.dtype:  # (unchanged fingerprints for a cache in the model dtype)
         parts.append(f"kv:{engine.kv_dtype}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
@@ -328,7 +330,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             block_size=e.config.block_size,
             role=_ROLES[e.config.role],
             kv_layout=worker_pb2.KVLayout(
-                num_layers=cfg.num_layers,
+                num_layers=e.kv_cache.tensor.shape[0],  # rank 0's (its pipeline stage's)
                 num_kv_heads=e.kv_cache.tensor.shape[4],  # this rank's (tensor parallelism)
                 head_dim=cfg.head_dim,
                 block_size=e.config.block_size,
@@ -338,6 +340,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             vocab_size=cfg.vocab_size,
             eos_token_ids=cfg.eos_token_ids,
             tensor_parallel_size=e.tp_size,
+            pipeline_parallel_size=e.pp_size,
             device=device,
             fingerprint=self.fingerprint,
             num_kv_blocks=e.block_manager.num_blocks,

@@ -205,7 +205,8 @@ def follow(config: object) -> int:
                 )
                 model(cmd.input_ids.to(device), meta)
             elif isinstance(cmd, Logits):
-                model.compute_logits(cmd.hidden.to(device))
+                if parallel.current().pp_rank == 0:  # stage 0 holds the LM head
+                    model.compute_logits(cmd.hidden.to(device))
             elif isinstance(cmd, CopyBlocks):
                 assert kv is not None
                 kv.copy_blocks(cmd.copies)
@@ -227,10 +228,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 class RankProcesses:
     """Ranks 1..T-1 as child processes of rank 0, watched: one that exits takes the group down."""
 
-    def __init__(self, argv: list[str], tp_size: int, master: str) -> None:
+    def __init__(self, argv: list[str], num_local: int, master: str) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         self._closing = False
-        for rank in range(1, tp_size):
+        for rank in range(1, num_local):
             env = dict(os.environ, **{RANK_ENV: str(rank), MASTER_ENV: master})
             cmd = [sys.executable, "-m", "services.worker.main", *argv]
             self.procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
@@ -265,8 +266,10 @@ def check_group(config: object) -> None:
 
     assert isinstance(config, WorkerConfig)
     t = config.tensor_parallel_size
-    parallel.check_tp_size(load_model_config(config.model), t)
-    per_node = t // config.nnodes
+    cfg = load_model_config(config.model)
+    parallel.check_tp_size(cfg, t)
+    parallel.check_pp_size(cfg, config.pipeline_parallel_size)
+    per_node = config.world_size // config.nnodes
     device = resolve_device(config.device)
     if device.type == "cuda":
         if device.index not in (None, 0) and config.device != "cuda":
@@ -276,7 +279,7 @@ def check_group(config: object) -> None:
             )
         if torch.cuda.device_count() < per_node:
             raise ModelConfigError(
-                f"--tensor-parallel-size {t} over {config.nnodes} node(s) needs {per_node} GPUs per host, "
+                f"{config.world_size} ranks over {config.nnodes} node(s) need {per_node} GPUs per host, "
                 f"this host shows {torch.cuda.device_count()}"
             )
 
@@ -304,8 +307,8 @@ def start_group(config: object, argv: list[str]) -> GroupMember:
     from services.worker.config import WorkerConfig
 
     assert isinstance(config, WorkerConfig)
-    t = config.tensor_parallel_size
-    per_node = t // config.nnodes
+    t, p = config.tensor_parallel_size, config.pipeline_parallel_size
+    per_node = config.world_size // config.nnodes
     local_rank = int(os.environ.get(RANK_ENV, "0"))
     rank = config.node_rank * per_node + local_rank
     local: RankProcesses | None = None
@@ -324,8 +327,8 @@ def start_group(config: object, argv: list[str]) -> GroupMember:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     host, _, port = master.rpartition(":")
-    parallel.init_process_group(rank, t, host, int(port), device, config.distributed_timeout)
-    log.info("tensor-parallel rank %d of %d joined (%s)", rank, t, device)
+    parallel.init_process_group(rank, t, p, host, int(port), device, config.distributed_timeout)
+    log.info("rank %d of %d (T=%d x P=%d) joined (%s)", rank, t * p, t, p, device)
     return GroupMember(local, rank == 0)
 
 

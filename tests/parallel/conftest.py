@@ -19,11 +19,13 @@ REPO = Path(__file__).resolve().parents[2]
 torch.set_num_threads(1)
 
 
-def _llama(**over: Any) -> Any:
+def _llama(layers: int = 2, **over: Any) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     # 4 query heads: T = 2 and T = 4 both divide them
-    return LlamaForCausalLM(LlamaConfig(**{**TINY, **over}, num_hidden_layers=2, tie_word_embeddings=False))
+    return LlamaForCausalLM(
+        LlamaConfig(**{**TINY, **over}, num_hidden_layers=layers, tie_word_embeddings=False)
+    )
 
 
 def _qwen2() -> Any:
@@ -60,6 +62,7 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     # does not split evenly (the last rank's rows are padding)
     "llama_gqa": lambda: _llama(vocab_size=321),
     "llama_mha": lambda: _llama(num_key_value_heads=4),  # 4 KV heads: two per rank with T = 2
+    "llama_three_layers": lambda: _llama(layers=3),  # P = 2: stages of 2 and 1 layers
     "qwen2": _qwen2,  # qkv bias, tied embeddings
     "qwen3": _qwen3,  # q/k norms
     "qwen3_moe": _qwen3_moe,  # experts split on their intermediate dimension

@@ -95,20 +95,25 @@ def test_killed_rank_0_takes_the_other_ranks_down(group: tuple[subprocess.Popen[
     _wait_exit(rank1, 30)
 
 
-def test_bad_layout_is_a_one_line_error_before_loading(tp_refs: dict[str, RefModel], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--tensor-parallel-size", "3"), "--tensor-parallel-size 3 does not divide the 4 attention heads"),
+        (("--pipeline-parallel-size", "3"), "--pipeline-parallel-size 3 is larger than the 2 layers"),
+    ],
+)
+def test_bad_layout_is_a_one_line_error_before_loading(
+    tp_refs: dict[str, RefModel], option: tuple[str, str], message: str
+) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "tandem.cli", "worker", "--model", str(tp_refs["llama_gqa"].path)]
     proc = subprocess.run(
-        [*cmd, "--device", "cpu", "--tensor-parallel-size", "3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [*cmd, "--device", "cpu", *option], env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert "--tensor-parallel-size 3 does not divide the 4 attention heads" in lines[0]
+    assert message in lines[0]
 
 
 def test_two_nodes_on_one_machine_serve_and_go_down_together(

@@ -1,5 +1,6 @@
-"""Tensor parallelism on the CPU (gloo): greedy tokens of T = 2 and T = 4 groups equal T = 1 and
-transformers, logprobs within 1e-4, with 8 requests in flight, chunked prefill and forks."""
+"""Tensor and pipeline parallelism on the CPU (gloo): greedy tokens of T = 2, T = 4, P = 2 and
+T = 2 x P = 2 groups equal T = P = 1 and transformers, logprobs within 1e-4, with 8 requests in
+flight, chunked prefill and forks."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ LENGTHS = [1, 3, 7, 12, 17, 29, 40, 5]  # 8 requests in flight; the long ones ar
 MAX_TOKENS = 10
 
 
-def _check(ref: RefModel, name: str, tp: int, tmp_path: Path, n: int = 1) -> None:
+def _check(ref: RefModel, name: str, tp: int, tmp_path: Path, n: int = 1, pp: int = 1) -> None:
     prompts = prompts_of_lengths(LENGTHS, ref.vocab_size, seed=3)
     options = ["--model", str(ref.path), "--device", "cpu", "--kv-cache-memory", "4MiB"]
     options += ["--max-num-batched-tokens", "16", "--cpu-threads", "1"]
@@ -25,6 +26,8 @@ def _check(ref: RefModel, name: str, tp: int, tmp_path: Path, n: int = 1) -> Non
         *options,
         "--tensor-parallel-size",
         str(tp),
+        "--pipeline-parallel-size",
+        str(pp),
     )
     single = ref.engine(kv_cache_memory="4MiB", max_num_batched_tokens=16)
     base = single.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=3, n=n))
@@ -33,7 +36,7 @@ def _check(ref: RefModel, name: str, tp: int, tmp_path: Path, n: int = 1) -> Non
         expected = ref.greedy(prompt, MAX_TOKENS)
         assert result.token_ids[0] == expected  # T = 1 (the baseline itself)
         for choice in range(n):  # forks share the prompt's blocks (copy-on-fork on every rank)
-            assert got["tokens"][i][str(choice)] == expected, f"{name} T={tp}: prompt of {len(prompt)} tokens"
+            assert got["tokens"][i][str(choice)] == expected, f"{name} T={tp} P={pp}: prompt of {len(prompt)}"
         ours = got["logprobs"][i]
         theirs = [lp.logprob for lp in result.logprobs[0]]
         assert len(ours) == len(theirs)
@@ -44,6 +47,20 @@ def _check(ref: RefModel, name: str, tp: int, tmp_path: Path, n: int = 1) -> Non
 
 def test_llama_gqa_t2_equals_t1_and_transformers(tp_refs: dict[str, RefModel], tmp_path: Path) -> None:
     _check(tp_refs["llama_gqa"], "llama_gqa", 2, tmp_path, n=2)
+
+
+def test_llama_pipeline_p2_equals_t1_and_transformers(tp_refs: dict[str, RefModel], tmp_path: Path) -> None:
+    _check(tp_refs["llama_gqa"], "llama_gqa", 1, tmp_path, pp=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "tp", "pp"), [("qwen2", 2, 2), ("qwen3_moe", 1, 2), ("llama_three_layers", 1, 2)]
+)
+def test_tp_times_pp_equals_t1(
+    tp_refs: dict[str, RefModel], name: str, tp: int, pp: int, tmp_path: Path
+) -> None:
+    _check(tp_refs[name], name, tp, tmp_path, pp=pp)
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     spec = json.loads(Path(prompts_path).read_text())
     config = parse_config(WorkerConfig, worker_argv, "tp_generate")
-    group = start_group(config, worker_argv).local if config.tensor_parallel_size > 1 else None
+    group = start_group(config, worker_argv).local if config.world_size > 1 else None
     try:
         engine = Engine(config)
         params = SamplingParams(

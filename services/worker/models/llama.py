@@ -24,7 +24,13 @@ from services.worker.layers.linear import Linear, RowParallelLinear
 from services.worker.layers.moe import SparseMoeBlock
 from services.worker.layers.vocab_parallel import VocabParallelEmbedding
 from services.worker.model_config import ModelConfig
-from services.worker.parallel import ShardLayout, all_gather_last_dim, shard_layout
+from services.worker.parallel import (
+    ShardLayout,
+    all_gather_last_dim,
+    recv_from_stage,
+    send_to_stage,
+    shard_layout,
+)
 
 if TYPE_CHECKING:
     from services.worker.tp_group import StepDriver
@@ -179,17 +185,27 @@ class DecoderLayer(nn.Module):
             norm.weight.fill_(1.0)
 
 
+class MissingLayer(nn.Module):
+    """A layer held by another pipeline stage (keeps the layers' indices): no parameters."""
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
+        self.layout = layout
         self.embed_tokens = VocabParallelEmbedding(layout, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i, layout) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, ops, i, layout) if layout.holds_layer(i) else MissingLayer()
+            for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
         # gate_up_proj (the layer norms' weights are then ones).
         self.norms_folded = False
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.layout.pp_size > 1:
+            return self._forward_stage(input_ids, meta)
         hidden = self.embed_tokens(input_ids)
         # The folded forward is for decode-sized steps, where it removes launches. Larger steps run
         # the unfolded forward, which is the same function here (its norms multiply by ones, the
@@ -203,6 +219,32 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, meta)
         assert residual is not None
+        normed, _ = self.norm.add_and_norm(hidden, residual)
+        return normed
+
+    def _forward_stage(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Pipeline parallelism: this stage's layers between a receive from the stage before and
+        a send to the one after; the last stage sends back to stage 0, which applies the final
+        norm and returns the hidden states (the other stages' return value is not used)."""
+        layout = self.layout
+        stage, first = layout.pp_rank, layout.pp_rank == 0
+        if first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            like = torch.empty(
+                input_ids.shape[0],
+                self.norm.weight.shape[0],
+                dtype=self.norm.weight.dtype,
+                device=input_ids.device,
+            )
+            hidden, residual = recv_from_stage(stage - 1, like, like)
+        for i in range(layout.layer_start, layout.layer_end):
+            hidden, residual = self.layers[i](hidden, residual, meta)
+        assert residual is not None  # every stage holds at least one layer (P <= layers)
+        send_to_stage((stage + 1) % layout.pp_size, hidden, residual)
+        if not first:
+            return hidden
+        hidden, residual = recv_from_stage(layout.pp_size - 1, hidden, residual)
         normed, _ = self.norm.add_and_norm(hidden, residual)
         return normed
 
@@ -267,6 +309,7 @@ class LlamaForCausalLM(nn.Module):
             # The folded o_proj / down_proj add the residual inside the projection, which a
             # row-parallel projection would add once per rank before its all-reduce.
             and self.layout.tp_size == 1
+            and self.layout.pp_size == 1  # (the folded forward has no stages)
             and switches.FOLD_NORMS.value  # TANDEM_FOLD_NORMS=0: separate norms (services/common/switches.py)
         )
 
