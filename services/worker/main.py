@@ -32,7 +32,8 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     from services.worker.engine import Engine
     from services.worker.model_config import ModelConfigError
     from services.worker.rpc import SERVICE_NAME, add_to_server
-    from services.worker.tp_group import RankProcesses, follow_until_down, start_group
+    from services.worker.tp_group import RankProcesses
+    from services.worker.tp_launch import follow_until_down, start_group
 
     group: RankProcesses | None = None
     try:

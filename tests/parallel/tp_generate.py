@@ -4,7 +4,7 @@
     python tests/parallel/tp_generate.py OUT.json PROMPTS.json -- <tandem worker options>
 
 PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n}. The same code path
-as `tandem worker --tensor-parallel-size T` (tp_group.start_group, Engine with its StepDriver)
+as `tandem worker --tensor-parallel-size T` (tp_launch.start_group, Engine with its StepDriver)
 without gRPC, so the tests can compare tokens and logprobs exactly.
 """
 
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     from services.worker.config import WorkerConfig
     from services.worker.engine import Engine
     from services.worker.request import SamplingParams
-    from services.worker.tp_group import start_group
+    from services.worker.tp_launch import start_group
 
     torch.set_num_threads(1)
     spec = json.loads(Path(prompts_path).read_text())
