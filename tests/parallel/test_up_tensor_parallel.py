@@ -1,14 +1,20 @@
-"""`tandem up --tensor-parallel-size 2` serves the OpenAI API; its greedy text is the T = 1 model's."""
+"""`tandem up --tensor-parallel-size 2` serves the OpenAI API; its greedy text is the T = 1 model's;
+kill -9 of rank 1 under load takes the worker down, no stream hangs, `up` restarts the group and
+later requests all succeed."""
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 from tokenizers import Tokenizer
 
-from tests.e2e.stack import UpProcess, child_pids, children_by_role
+from tests.e2e.stack import UpProcess, child_pids, children_by_role, http_status
 from tests.worker.worker_testlib import load_ref
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -44,5 +50,41 @@ def test_up_tensor_parallel_serves_openai(stories_dir: Path) -> None:
             if c.choices
         )
         assert streamed == whole.choices[0].text
+
+        # kill -9 of rank 1 while streams run: each ends (tokens or an error), none hangs
+        ended: list[str] = []
+
+        def stream(i: int) -> None:
+            try:
+                for _ in oai.with_options(timeout=60).completions.create(
+                    model="stories260K", prompt=prompt, max_tokens=200, temperature=0, stream=True
+                ):
+                    pass
+                ended.append("done")
+            except Exception as exc:
+                ended.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        (rank1,) = child_pids(worker)
+        os.kill(rank1, signal.SIGKILL)
+        for t in threads:
+            t.join(90)
+        assert not any(t.is_alive() for t in threads) and len(ended) == 4, ended
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            now = children_by_role(up.process.pid).get("worker")
+            if now not in (None, worker) and http_status(up.url + "/health") == 200 and child_pids(now):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the worker group was not restarted:\n" + up.output()[-3000:])
+        assert "restarting" in up.output()
+        for _ in range(3):
+            again = oai.with_options(timeout=60).completions.create(
+                model="stories260K", prompt=prompt, max_tokens=16, temperature=0
+            )
+            assert again.choices[0].text == whole.choices[0].text
     finally:
         assert up.stop() == 0
