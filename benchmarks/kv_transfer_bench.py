@@ -1,14 +1,20 @@
-"""FetchKV speed: GB/s of a prefilled prompt's KV, over loopback TCP and between two worker processes.
+"""FetchKV speed per transport: GB/s of a prefilled prompt's KV, over loopback TCP and between two
+worker processes.
 
-    python benchmarks/kv_transfer_bench.py --shape Qwen2-0.5B --device cuda --prompt-tokens 4096
+    python benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda --prompt-tokens 4096
     python benchmarks/kv_transfer_bench.py --shape cpu-small --device cpu --prompt-tokens 1024
 
 Starts a prefill worker and a decode worker (dummy weights of the shape, TCP on 127.0.0.1) and:
-  loopback   this process Prefills a prompt, then pulls its KV with FetchKV (bytes only, no
-             device copy on this side), for several chunk sizes (FetchKVRequest.chunk_bytes);
-  worker     the decode worker's Generate with the handle as kv_source: its own log line
-             "fetched KV of ...: N bytes in T ms" (device->host on the prefill worker, gRPC,
-             host->device into the decode worker's cache, all included).
+  device     (CUDA) the device-to-device copy bandwidth of a tensor of the prompt's KV size, the
+             ceiling CUDA IPC is judged against;
+  loopback   this process Prefills a prompt, then pulls its KV with FetchKV over gRPC, decoding
+             the chunks as the decode worker does (kv_wire.py: data viewed, not copied; no device
+             copy on this side), for several chunk sizes (FetchKVRequest.chunk_bytes);
+  worker     for each of --transports (a decode worker started with --kv-transport T): the
+             decode worker's Generate with the handle as kv_source, timed by its own log line
+             "fetched KV of ... over T: N bytes in T ms" (everything from its FetchKV to the KV in
+             its cache: for gRPC device->host, the stream, host->device; for CUDA IPC the
+             mapping and the device copy).
 Each point is the median of --repeats fetches of distinct prompts (no prefix-cache hit).
 JSON to --out; a table last.
 """
@@ -36,6 +42,7 @@ import grpc  # noqa: E402
 from engine_bench import MODELS  # noqa: E402  (the benchmark shapes, BENCHMARKS.md)
 
 from services.common.server import GRPC_OPTIONS  # noqa: E402
+from services.worker import kv_wire  # noqa: E402
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -118,6 +125,50 @@ def prefill(stub: worker_pb2_grpc.WorkerStub, rid: str, prompt: list[int]) -> wo
     return stub.Prefill(worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling))
 
 
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def wait_fetch_lines(log: Path, count: int, timeout_s: float = 10.0) -> list[tuple[str, str, str, str]]:
+    """The decode worker's "fetched KV of <id> over <transport>: N bytes in T ms" lines."""
+    pattern = re.compile(r"fetched KV of (w2w-\d+) over (\S+): (\d+) bytes in ([\d.]+) ms")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = pattern.findall(log.read_text())
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
+
+
+def device_copy_speed(device: str, shape: dict[str, Any], prompt_tokens: int) -> float:
+    """GB/s of a device-to-device copy of one prompt's KV (read + write counted once, as a
+    transfer's bytes are)."""
+    import torch
+
+    heads = shape["num_key_value_heads"]
+    head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    numel = shape["num_hidden_layers"] * 2 * prompt_tokens * heads * head_dim
+    src = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return numel * 2 / statistics.median(times) / 1e9
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="cpu-small", choices=sorted(SHAPES))
@@ -127,6 +178,12 @@ def main() -> int:
     ap.add_argument("--chunk-sizes", default="65536,262144,1048576,4194304,16777216")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--worker-args", default="", help="extra options for both workers")
+    ap.add_argument(
+        "--transports",
+        default="",
+        help="decode-side --kv-transport values to measure, comma-separated (default: grpc,cuda-ipc on "
+        "CUDA, grpc on the CPU; one that cannot run falls back to gRPC, which the log line shows)",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     extra = args.worker_args.split()
@@ -135,6 +192,9 @@ def main() -> int:
     else:
         extra += ["--kv-cache-memory", "1GiB", "--cpu-threads", "1"]
     sizes = [int(s) for s in args.chunk_sizes.split(",")]
+    transports = [t for t in args.transports.split(",") if t] or (
+        ["grpc", "cuda-ipc"] if args.device.startswith("cuda") else ["grpc"]
+    )
     vocab = SHAPES[args.shape]["vocab_size"]
     results: dict[str, Any] = {
         "shape": args.shape,
@@ -144,19 +204,25 @@ def main() -> int:
         "loopback": [],
         "worker_to_worker": {},
     }
+    if args.device.startswith("cuda"):
+        results["device_copy_gb_per_s"] = device_copy_speed(
+            args.device, SHAPES[args.shape], args.prompt_tokens
+        )
+        print(f"device copy: {results['device_copy_gb_per_s']:.1f} GB/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = write_model(root, args.shape)
         p_proc, p_addr = start_worker(model, "prefill", args.device, root / "prefill.log", extra)
-        d_proc, d_addr = start_worker(
-            model, "decode", args.decode_device or args.device, root / "decode.log", extra
-        )
+        procs = [p_proc]
         try:
             wait_serving(p_addr, p_proc, root / "prefill.log")
-            wait_serving(d_addr, d_proc, root / "decode.log")
             channel = grpc.insecure_channel(p_addr, options=list(GRPC_OPTIONS))
             p_stub = worker_pb2_grpc.WorkerStub(channel)
-            d_stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(d_addr, options=list(GRPC_OPTIONS)))
+            fetch_kv = channel.unary_stream(
+                "/tandem.v1.Worker/FetchKV",
+                request_serializer=worker_pb2.FetchKVRequest.SerializeToString,
+                response_deserializer=kv_wire.decode_chunk,
+            )
             info = p_stub.Info(worker_pb2.InfoRequest())
             results["worker_device"] = info.device
             results["dtype"] = info.dtype
@@ -175,7 +241,7 @@ def main() -> int:
                     start = time.perf_counter()
                     nbytes = 0
                     request = worker_pb2.FetchKVRequest(handle_id=reply.handle.handle_id, chunk_bytes=size)
-                    for chunk in p_stub.FetchKV(request):
+                    for chunk in fetch_kv(request):
                         nbytes += len(chunk.data)
                     elapsed = time.perf_counter() - start
                     if r:  # the first fetch of each size warms up
@@ -191,39 +257,47 @@ def main() -> int:
                     flush=True,
                 )
             # worker to worker: the decode worker's own measurement (its log line per fetch)
-            for r in range(args.repeats + 1):
-                p = prompt()
-                reply = prefill(p_stub, f"w2w-{r}", p)
-                request = worker_pb2.GenerateRequest(
-                    request_id=f"w2w-{r}",
-                    prompt_token_ids=p,
-                    sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
-                    generated_token_ids=list(reply.first.token_ids),
-                    kv_source=reply.handle,
+            for transport in transports:
+                log = root / f"decode-{transport}.log"
+                d_proc, d_addr = start_worker(
+                    model,
+                    "decode",
+                    args.decode_device or args.device,
+                    log,
+                    [*extra, "--kv-transport", transport],
                 )
-                for _ in d_stub.Generate(request):
-                    pass
-            time.sleep(0.5)
-            lines = re.findall(
-                r"fetched KV of (w2w-\d+): (\d+) bytes in ([\d.]+) ms", (root / "decode.log").read_text()
-            )
-            speeds = [int(b) / (float(ms) / 1e3) / 1e9 for rid, b, ms in lines if rid != "w2w-0"]
-            results["worker_to_worker"] = {
-                "bytes": int(lines[-1][1]) if lines else 0,
-                "gb_per_s": statistics.median(speeds) if speeds else None,
-                "samples": speeds,
-            }
-            print(
-                f"worker -> worker (decode's log): {results['worker_to_worker']['gb_per_s']} GB/s", flush=True
-            )
+                procs.append(d_proc)
+                wait_serving(d_addr, d_proc, log)
+                d_stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(d_addr, options=list(GRPC_OPTIONS)))
+                for r in range(args.repeats + 1):
+                    p = prompt()
+                    reply = prefill(p_stub, f"w2w-{r}", p)
+                    request = worker_pb2.GenerateRequest(
+                        request_id=f"w2w-{r}",
+                        prompt_token_ids=p,
+                        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True),
+                        generated_token_ids=list(reply.first.token_ids),
+                        kv_source=reply.handle,
+                    )
+                    for _ in d_stub.Generate(request):
+                        pass
+                lines = wait_fetch_lines(log, args.repeats + 1)
+                speeds = [int(b) / (float(ms) / 1e3) / 1e9 for rid, _, b, ms in lines if rid != "w2w-0"]
+                used = sorted({used for _, used, _, _ in lines})
+                results["worker_to_worker"][transport] = {
+                    "transport_used": used,
+                    "bytes": int(lines[-1][2]) if lines else 0,
+                    "gb_per_s": statistics.median(speeds) if speeds else None,
+                    "samples": speeds,
+                }
+                print(
+                    f"worker -> worker, --kv-transport {transport} (used {','.join(used)}): "
+                    f"{results['worker_to_worker'][transport]['gb_per_s']} GB/s",
+                    flush=True,
+                )
+                stop([d_proc])
         finally:
-            for proc in (p_proc, d_proc):
-                proc.send_signal(signal.SIGTERM)
-            for proc in (p_proc, d_proc):
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop(procs)
     out = args.out or str(
         REPO / "benchmarks" / "results" / f"kv_transfer_{args.shape}_{args.device.split(':')[0]}.json"
     )

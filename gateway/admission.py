@@ -1,10 +1,13 @@
 """Admission control: bounded queues of requests (and of their prompt tokens) at the gateway.
 
-A request is *waiting* from admission until its first token, then *running*. Beyond
-`--max-waiting` waiting requests, or `--max-waiting-tokens` prompt tokens waiting, a new request
-is refused at once with 429 + Retry-After instead of joining an unbounded queue (so overload
-shows up as fast refusals, not as latency for everyone). `--max-running` caps the requests in
-flight; further admitted requests wait for a slot, at most until their deadline.
+A request is *waiting* from admission until its first token, then *running*. It counts as its
+sequences (prompts x n: what the workers schedule) in the waiting queue. Beyond `--max-waiting`
+waiting sequences, or `--max-waiting-tokens` prompt tokens waiting, a new request is refused at
+once with 429 + Retry-After instead of joining an unbounded queue (so overload shows up as fast
+refusals, not as latency for everyone). A lone request is always let in (its size is bounded by
+`--max-sequences-per-request` and the context length), so a big one cannot be refused for ever.
+`--max-running` caps the requests in flight; further admitted requests wait for a slot, at most
+until their deadline.
 """
 
 from __future__ import annotations
@@ -23,27 +26,16 @@ class Admission:
     """One admitted request: waiting until `started()`, then running until it ends."""
 
     gate: AdmissionGate
+    num_sequences: int = 1  # counted in the gate's waiting sequences until started
     running: bool = False
     num_tokens: int = 0  # prompt tokens counted in the gate's waiting tokens
 
     def add_tokens(self, num_tokens: int) -> None:
         """Count the request's prompt tokens as waiting; 429 when that overflows the token queue."""
-        gate = self.gate
         if self.running or num_tokens <= 0:
             return
-        # A lone request is always let in, so one long prompt cannot be refused for ever.
-        if (
-            gate.max_waiting_tokens
-            and gate.num_waiting_tokens > 0
-            and gate.num_waiting_tokens + num_tokens > gate.max_waiting_tokens
-        ):
-            raise APIError(
-                429,
-                f"too many prompt tokens waiting ({gate.num_waiting_tokens} + {num_tokens} > "
-                f"--max-waiting-tokens {gate.max_waiting_tokens}); retry later",
-                code="queue_full",
-                retry_after_s=1,
-            )
+        self.gate.check_tokens(num_tokens)
+        gate = self.gate
         self.num_tokens += num_tokens
         gate.num_waiting_tokens += num_tokens
 
@@ -55,7 +47,7 @@ class Admission:
         if not self.running:
             self.running = True
             self._release_tokens()
-            self.gate.num_waiting -= 1
+            self.gate.num_waiting -= self.num_sequences
             self.gate.num_running += 1
 
 
@@ -77,18 +69,41 @@ class AdmissionGate:
     def num_in_flight(self) -> int:
         return self.num_waiting + self.num_running
 
-    @asynccontextmanager
-    async def admit(self) -> AsyncIterator[Admission]:
-        """Admit a request or refuse it with 429 + Retry-After when the waiting queue is full."""
-        if self.num_waiting >= self.max_waiting:
+    def check_tokens(self, num_tokens: int) -> None:
+        """429 when `num_tokens` more prompt tokens (known or a lower bound) overflow the token
+        queue; a lone request is always let in, so one long prompt cannot be refused for ever."""
+        if (
+            self.max_waiting_tokens
+            and num_tokens > 0
+            and self.num_waiting_tokens > 0
+            and self.num_waiting_tokens + num_tokens > self.max_waiting_tokens
+        ):
             raise APIError(
                 429,
-                f"too many requests waiting ({self.num_waiting} >= --max-waiting {self.max_waiting}); retry later",
+                f"too many prompt tokens waiting ({self.num_waiting_tokens} + {num_tokens} > "
+                f"--max-waiting-tokens {self.max_waiting_tokens}); retry later",
                 code="queue_full",
                 retry_after_s=1,
             )
-        admission = Admission(self)
-        self.num_waiting += 1
+
+    @asynccontextmanager
+    async def admit(self, num_sequences: int = 1, min_tokens: int = 0) -> AsyncIterator[Admission]:
+        """Admit a request of `num_sequences` sequences (prompts x n) and at least `min_tokens`
+        prompt tokens (a bound known before tokenizing), or refuse it with 429 + Retry-After when
+        the waiting queue is full."""
+        if self.num_waiting >= self.max_waiting or (
+            self.num_waiting and self.num_waiting + num_sequences > self.max_waiting
+        ):
+            raise APIError(
+                429,
+                f"too many sequences waiting ({self.num_waiting} + {num_sequences} > --max-waiting "
+                f"{self.max_waiting}); retry later",
+                code="queue_full",
+                retry_after_s=1,
+            )
+        self.check_tokens(min_tokens)
+        admission = Admission(self, num_sequences)
+        self.num_waiting += num_sequences
         acquired = False
         try:
             if self._slots is not None:
@@ -105,6 +120,6 @@ class AdmissionGate:
                 self.num_running -= 1
             else:
                 admission._release_tokens()
-                self.num_waiting -= 1
+                self.num_waiting -= num_sequences
             if acquired and self._slots is not None:
                 self._slots.release()

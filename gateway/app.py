@@ -155,12 +155,22 @@ def auth_middleware(keys: KeyRing, limiter: RateLimiter) -> Middleware:
 
 @web.middleware
 async def body_size_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    limit = request.app[CONTEXT].config.max_request_bytes
+    config = request.app[CONTEXT].config
+    limit = config.max_request_bytes
     if request.content_length is not None and request.content_length > limit:
         raise APIError(
             413,
             f"request body of {request.content_length} bytes is larger than --max-request-bytes ({limit})",
         )
+    if request.body_exists:
+        # The whole body within --body-timeout: a client trickling it cannot hold a handler (and
+        # its connection) for ever. read() keeps the bytes for the handler's json().
+        try:
+            await asyncio.wait_for(request.read(), config.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(
+                408, f"the request body did not arrive within --body-timeout ({config.body_timeout:g}s)"
+            ) from None
     return await handler(request)
 
 

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.deadline import time_left
 from gateway.downstream import (
+    CacheEvent,
     ChoiceDelta,
     DetokenizeStart,
     GenerateChunk,
@@ -24,7 +25,6 @@ from gateway.downstream import (
     KVSource,
     PrefillResult,
     Rendered,
-    Sampling,
     StylerInfo,
     TextDelta,
     TokenLogprob,
@@ -36,6 +36,7 @@ from gateway.downstream import (
     WorkerLoad,
 )
 from services.common.channels import make_channel
+from services.common.sampling import SamplingParams
 from tandem.v1 import common_pb2, styler_pb2, styler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 _FINISH = {
@@ -49,6 +50,11 @@ _ROLES = {
     worker_pb2.WORKER_ROLE_UNIFIED: "unified",
     worker_pb2.WORKER_ROLE_PREFILL: "prefill",
     worker_pb2.WORKER_ROLE_DECODE: "decode",
+}
+_EVENT_KINDS = {
+    worker_pb2.KV_EVENT_KIND_STORED: "stored",
+    worker_pb2.KV_EVENT_KIND_EVICTED: "evicted",
+    worker_pb2.KV_EVENT_KIND_SNAPSHOT: "snapshot",
 }
 
 # Unary styler calls (render, tokenize, detokenize) get at most this long, deadline or not.
@@ -111,23 +117,22 @@ def _logprob(entry: common_pb2.TokenLogprob) -> TokenLogprob:
     )
 
 
-def _sampling_to_proto(s: Sampling) -> common_pb2.SamplingParams:
+def _sampling_to_proto(s: SamplingParams[Guided]) -> common_pb2.SamplingParams:
+    """The one conversion to the wire (the worker's `rpc.sampling_from_pb` is its inverse)."""
     out = common_pb2.SamplingParams(
-        min_tokens=s.min_tokens, stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos, n=s.n
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_p=s.min_p,
+        repetition_penalty=s.repetition_penalty,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        min_tokens=s.min_tokens,
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        n=s.n,
     )
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-        "max_tokens",
-        "logprobs",
-        "prompt_logprobs",
-    ):
+    for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):  # None: unset
         value = getattr(s, name)
         if value is not None:
             setattr(out, name, value)
@@ -228,6 +233,7 @@ class StylerClient:
             max_model_len=r.max_model_len,
             tool_parser=r.tool_parser,
             reasoning_parser=r.reasoning_parser,
+            max_token_bytes=r.max_token_bytes,
         )
 
     async def render(
@@ -332,7 +338,25 @@ class WorkerClient:
             ),
             tensor_parallel_size=r.tensor_parallel_size or 1,
             fingerprint=r.fingerprint,
+            kv_events=r.kv_events,
         )
+
+    async def kv_events(self, after_sequence: int, epoch: str) -> AsyncIterator[CacheEvent]:
+        """The worker's prefix-cache changes after `after_sequence` of `epoch` (a snapshot first
+        when it cannot resume there), after a "subscribed" event once the worker has taken the
+        subscription; runs until the stream breaks or the iterator is closed."""
+        call = self._stub.SubscribeKvEvents(
+            worker_pb2.SubscribeKvEventsRequest(after_sequence=after_sequence, epoch=epoch)
+        )
+        try:
+            await call.initial_metadata()  # the worker took the subscription: it is up from here
+            yield CacheEvent(after_sequence, "subscribed", (), 0, epoch)
+            async for e in call:
+                yield CacheEvent(
+                    e.sequence, _EVENT_KINDS.get(e.kind, ""), tuple(e.block_hashes), e.block_size, e.epoch
+                )
+        finally:
+            call.cancel()
 
     async def load(self, timeout_s: float = 1.0) -> WorkerLoad:
         r = await self._stub.GetLoad(worker_pb2.GetLoadRequest(), timeout=timeout_s)
@@ -351,7 +375,7 @@ class WorkerClient:
         self,
         request_id: str,
         prompt_token_ids: Sequence[int],
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
     ) -> PrefillResult:
         """Disaggregation: compute the prompt here, get the first token and the KV handle."""
@@ -389,10 +413,11 @@ class WorkerClient:
         self,
         request_id: str,
         prompt_token_ids: Sequence[int],
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
         generated_token_ids: Sequence[int] = (),
         kv_source: KVSource | None = None,
+        group_id: str = "",
     ) -> AsyncIterator[GenerateChunk]:
         """The worker's Generate stream; closing the iterator early cancels the rpc (= abort).
         `generated_token_ids` resumes a request (they are not streamed again); `kv_source` pulls
@@ -403,6 +428,7 @@ class WorkerClient:
             sampling=_sampling_to_proto(sampling),
             first_choice_index=first_choice_index,
             generated_token_ids=list(generated_token_ids),
+            group_id=group_id,
         )
         if kv_source is not None:
             message.kv_source.CopyFrom(

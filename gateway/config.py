@@ -41,8 +41,16 @@ class GatewayConfig:
     """PEM private key matching --ssl-certfile."""
     max_request_bytes: int = 16 * 1024 * 1024
     """Largest HTTP request body accepted; bigger bodies get 413."""
+    max_connections: int = 4096
+    """Open HTTP connections at once; past it an idle one is closed for the newcomer, or 503 when none is idle (lowered to the descriptor limit less 256)."""
+    idle_timeout: float = 15.0
+    """Seconds a connection may take to send a complete request head, from its opening or the end of its previous response; then it is closed."""
+    body_timeout: float = 60.0
+    """Seconds a request may take to send its whole body once its head arrived; then 408."""
     max_waiting: int = 1024
-    """Largest number of requests waiting for a worker; beyond it new requests get 429."""
+    """Largest number of sequences (prompts x n of each request) waiting for their first token; beyond it new requests get 429."""
+    max_sequences_per_request: int = 256
+    """Largest prompts x n in one request (vLLM's default --max-num-seqs: one engine batch); more get 400."""
     max_running: int = 0
     """Requests in flight at once before further ones wait (0 = no gateway-side limit)."""
     max_waiting_tokens: int = 0
@@ -99,6 +107,10 @@ class GatewayConfig:
             raise ValueError(f"--max-waiting must be >= 0, got {self.max_waiting}")
         if self.max_running < 0:
             raise ValueError(f"--max-running must be >= 0, got {self.max_running}")
+        if self.max_sequences_per_request < 1:
+            raise ValueError(
+                f"--max-sequences-per-request must be >= 1, got {self.max_sequences_per_request}"
+            )
         if self.max_n < 1:
             raise ValueError(f"--max-n must be >= 1, got {self.max_n}")
         if self.health_interval <= 0:
@@ -114,6 +126,11 @@ class GatewayConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_connections < 0:
+            raise ValueError(f"--max-connections must be >= 0, got {self.max_connections}")
+        for name in ("idle_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.request_timeout < 0:
             raise ValueError(f"--request-timeout must be >= 0, got {self.request_timeout}")
         if self.drain_timeout < 0:

@@ -1,6 +1,7 @@
 """Typed views of what the gateway sends to and gets from the styler and the workers.
 
 `clients.py` converts these to and from protobuf; nothing else in the gateway sees `*_pb2`.
+A worker request's sampling parameters are `services/common/sampling.py`'s `SamplingParams[Guided]`.
 """
 
 from __future__ import annotations
@@ -20,28 +21,6 @@ class Guided:
     value: str = ""
     choices: tuple[str, ...] = ()
     param: str = ""  # the request field it came from: a worker's complaint about it names this field
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling parameters of one worker request (None = the worker's default)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    max_tokens: int | None = None
-    min_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    n: int = 1
-    logprobs: int | None = None  # top alternatives per sampled token; None = no logprobs
-    prompt_logprobs: int | None = None  # top alternatives per prompt token; None = none
-    guided: Guided | None = None  # structured output; None = free
 
 
 @dataclass(frozen=True)
@@ -100,6 +79,18 @@ class WorkerInfo:
     kv_layout: str = ""  # "layers x kv_heads x head_dim, block_size, layout name"
     tensor_parallel_size: int = 1
     fingerprint: str = ""
+    kv_events: bool = False  # SubscribeKvEvents streams its prefix-cache changes (exact routing)
+
+
+@dataclass(frozen=True)
+class CacheEvent:
+    """One change of a worker's prefix cache (SubscribeKvEvents)."""
+
+    sequence: int
+    kind: str  # "stored" | "evicted" | "snapshot"
+    block_hashes: tuple[int, ...]
+    block_size: int
+    epoch: str
 
 
 @dataclass(frozen=True)
@@ -141,6 +132,7 @@ class StylerInfo:
     max_model_len: int
     tool_parser: str
     reasoning_parser: str
+    max_token_bytes: int = 0  # most prompt-text bytes one token stands for (0 = no bound)
 
 
 @dataclass(frozen=True)

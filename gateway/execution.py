@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -28,7 +30,7 @@ from gateway.context import GatewayContext
 from gateway.downstream import (
     DetokenizeStart,
     GenerateChunk,
-    Sampling,
+    Guided,
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
@@ -39,10 +41,20 @@ from gateway.merge import merge_streams
 from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
 from gateway.worker_stream import PromptStream
+from services.common.reasoning import prompt_opens_reasoning
+from services.common.sampling import SamplingError, SamplingParams, check_token_ids
 
 log = logging.getLogger(__name__)
 
 SYSTEM_FINGERPRINT = "tandem-0.1.0"
+
+# Styler calls one request makes at once while tokenizing its prompts (a long prompt list is
+# fanned out this many at a time, not all at once).
+TOKENIZE_CONCURRENCY = 8
+
+# How long a request whose choices are all done waits for its worker and styler streams to end
+# by themselves before cancelling them.
+STREAM_END_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,20 @@ def _grpc_error(exc: grpc.aio.AioRpcError, service: str) -> APIError:
     return from_grpc(exc, service)
 
 
+# The styler's Render errors start with the request field they blame ("messages[2]: ...").
+_RENDER_FIELD = re.compile(
+    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\]|messages|tools|documents)(?=: )"
+)
+
+
+def _render_error(exc: grpc.aio.AioRpcError) -> APIError:
+    error = from_grpc(exc, "styler")
+    match = _RENDER_FIELD.match(error.message) if error.status == 400 else None
+    if match is not None:
+        error.param = match.group(1)
+    return error
+
+
 class Executor:
     def __init__(self, ctx: GatewayContext, chat: bool = True) -> None:
         self.ctx = ctx
@@ -141,6 +167,43 @@ class Executor:
             )
         return served
 
+    def check_num_sequences(self, num_prompts: int, n: int) -> int:
+        """prompts x n (the sequences the workers schedule); 400 past --max-sequences-per-request."""
+        cap = self.ctx.limits.max_sequences_per_request
+        if num_prompts * n > cap:
+            raise invalid(
+                f"this request asks for {num_prompts} prompt(s) x n={n} = {num_prompts * n} sequences; at "
+                f"most {cap} are allowed (--max-sequences-per-request)",
+                "prompt" if num_prompts > 1 else "n",
+            )
+        return num_prompts * n
+
+    def min_prompt_tokens(self, prompt: str | tuple[int, ...]) -> int:
+        """The fewest tokens `prompt` can have, known without tokenizing it: a text of B bytes has
+        at least B / (the most bytes a token stands for, from the styler's Info). 400 when that
+        is already too long for the context or --max-prompt-tokens."""
+        if not isinstance(prompt, str):
+            fewest = len(prompt)
+        else:
+            info = self.ctx.stylers.info
+            per_token = info.max_token_bytes if info is not None else 0
+            num_bytes = len(prompt.encode("utf-8", "surrogatepass"))
+            fewest = -(-num_bytes // per_token) if per_token else min(num_bytes, 1)
+        limit = self.ctx.limits.max_prompt_tokens
+        context = self.ctx.max_model_len
+        if limit and fewest > limit:
+            raise invalid(
+                f"the prompt has at least {fewest} tokens; at most {limit} are allowed (--max-prompt-tokens)",
+                "prompt",
+            )
+        if context and fewest >= context:
+            raise invalid(
+                f"this model's maximum context length is {context} tokens, and the prompt has at least "
+                f"{fewest} tokens",
+                "prompt",
+            )
+        return fewest
+
     async def render_chat(self, req: ChatRequest) -> PromptRun:
         try:
             rendered = await self.ctx.stylers.call(
@@ -155,16 +218,19 @@ class Executor:
                 )
             )
         except grpc.aio.AioRpcError as exc:
-            raise _grpc_error(exc, "styler") from None
+            raise _render_error(exc) from None
         except NoStylerAvailable as exc:
             raise APIError(503, str(exc), retry_after_s=1) from None
-        opens = rendered.prompt.rstrip().endswith("<think>")
+        opens = prompt_opens_reasoning(rendered.prompt)
         return PromptRun(token_ids=rendered.token_ids, text=rendered.prompt, opens_reasoning=opens)
 
     async def tokenize_prompts(self, req: CompletionRequest) -> list[PromptRun]:
+        slots = asyncio.Semaphore(TOKENIZE_CONCURRENCY)
+
         async def one(prompt: str | tuple[int, ...]) -> PromptRun:
             if isinstance(prompt, str):
-                ids = await self.ctx.stylers.call(lambda c: c.tokenize(prompt, req.add_special_tokens))
+                async with slots:
+                    ids = await self.ctx.stylers.call(lambda c: c.tokenize(prompt, req.add_special_tokens))
                 return PromptRun(token_ids=ids, text=prompt)
             return PromptRun(token_ids=prompt, text=None)
 
@@ -181,18 +247,19 @@ class Executor:
         except NoStylerAvailable as exc:
             raise APIError(503, str(exc), retry_after_s=1) from None
         for i, run in enumerate(runs):
-            run.first_choice_index = i * req.params.n
+            run.first_choice_index = i * req.params.sampling.n
         return runs
 
     def sampling(
         self, params: GenerationParams, prompt_len: int, prompt_logprobs: int | None = None
-    ) -> Sampling:
-        """Worker sampling parameters; checks the prompt and max_tokens fit in the context."""
+    ) -> SamplingParams[Guided]:
+        """The request's (validated) sampling parameters for one prompt: max_tokens resolved
+        against the context and --max-tokens, the stop ids checked against the vocabulary."""
         max_model_len = self.ctx.max_model_len
         vocab = self.ctx.router.info().vocab_size if self.ctx.router.info() is not None else 0  # type: ignore[union-attr]
         if prompt_len == 0:
             raise invalid("the prompt is empty", "prompt")
-        max_tokens = params.max_tokens
+        max_tokens = params.sampling.max_tokens
         limits = self.ctx.limits
         if limits.max_prompt_tokens and prompt_len > limits.max_prompt_tokens:
             raise invalid(
@@ -219,26 +286,11 @@ class Executor:
             max_tokens = limits.max_tokens  # the default, capped (it still fits: checked above)
             if max_model_len:
                 max_tokens = min(max_tokens, max_model_len - prompt_len)
-        if vocab and any(t >= vocab for t in params.stop_token_ids):
-            raise invalid(f"'stop_token_ids' must be below the vocabulary size {vocab}", "stop_token_ids")
-        return Sampling(
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            repetition_penalty=params.repetition_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            seed=params.seed % 2**64 if params.seed is not None else None,
-            max_tokens=max_tokens,
-            min_tokens=params.min_tokens,
-            stop_token_ids=params.stop_token_ids,
-            ignore_eos=params.ignore_eos,
-            n=params.n,
-            logprobs=params.logprobs,
-            prompt_logprobs=prompt_logprobs,
-            guided=params.guided,
-        )
+        try:
+            check_token_ids("stop_token_ids", params.sampling.stop_token_ids, vocab)
+        except SamplingError as exc:
+            raise invalid(f"'{exc.field}' {exc.message}", exc.field) from None
+        return dataclasses.replace(params.sampling, max_tokens=max_tokens, prompt_logprobs=prompt_logprobs)
 
     def check_token_ids(self, runs: Sequence[PromptRun]) -> None:
         info = self.ctx.router.info()
@@ -255,7 +307,7 @@ class Executor:
     async def generate(
         self,
         run: RequestRun,
-        samplings: Sequence[Sampling],
+        samplings: Sequence[SamplingParams[Guided]],
         detok: DetokenizeOptions,
         admission: Admission,
     ) -> AsyncIterator[ChoiceUpdate]:
@@ -271,7 +323,7 @@ class Executor:
         self,
         run: RequestRun,
         prompt: PromptRun,
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         detok: DetokenizeOptions,
         admission: Admission,
     ) -> AsyncIterator[ChoiceUpdate]:
@@ -333,10 +385,13 @@ class Executor:
             if deltas:
                 await session.send(deltas)
 
+        # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
+        stream = PromptStream(
+            ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index, run.request_id
+        )
+
         async def write() -> None:
             try:
-                # Worker choice, disaggregation and resumption after a worker failure: worker_stream.py
-                stream = PromptStream(ctx, request_id, prompt.token_ids, sampling, prompt.first_choice_index)
                 last_chunk_at: list[float] = []
                 async for chunk in stream.chunks():
                     await on_chunk(chunk, last_chunk_at)
@@ -364,6 +419,7 @@ class Executor:
         reader = asyncio.create_task(read())
         consumed: dict[int, int] = dict.fromkeys(indices, 0)
         done: set[int] = set()
+        stopped_early = False  # a stop string ended a choice the worker was still generating
         try:
             while len(done) < n:
                 item = await events.get()
@@ -398,6 +454,19 @@ class Executor:
             for i in indices:  # the styler closed without finishing a choice (should not happen)
                 if i not in done:
                     yield ChoiceUpdate(index=i, prompt=prompt, finish_reason=worker_finish.get(i, "stop"))
+            # Every choice is done: let the streams end on their own rather than cancel them.
+            # grpcio leaks the native op array of a read in flight when its call is cancelled, on
+            # both ends (grpc/grpc#43360): a slow leak per request otherwise.
+            if all(i in worker_finish for i in indices):
+                # The worker closes its stream, the writer then half-closes the styler's, and
+                # the styler ends it.
+                await asyncio.wait([writer, reader], timeout=STREAM_END_TIMEOUT_S)
+            else:
+                stopped_early = True
+                if await stream.abort():
+                    # A stop string ended them: the worker aborts the request and ends its
+                    # stream, then the writer half-closes the styler's as above.
+                    await asyncio.wait([writer, reader], timeout=STREAM_END_TIMEOUT_S)
         finally:
             writer.cancel()
             reader.cancel()
@@ -405,7 +474,7 @@ class Executor:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             session.cancel()
-            stopped_early = any(worker_finish.get(i) is None for i in indices)
+            stopped_early = stopped_early or any(worker_finish.get(i) is None for i in indices)
             if worker_usage and not stopped_early:
                 prompt.completion_tokens = worker_usage[0]
             else:

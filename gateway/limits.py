@@ -15,6 +15,7 @@ class Limits:
     max_tools: int = 128
     max_tokens: int = 0  # largest max_tokens; 0 = up to the context length
     max_prompt_tokens: int = 0  # 0 = up to the context length
+    max_sequences_per_request: int = 256  # prompts x n
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> Limits:
@@ -25,6 +26,7 @@ class Limits:
             max_tools=config.max_tools,
             max_tokens=config.max_tokens,
             max_prompt_tokens=config.max_prompt_tokens,
+            max_sequences_per_request=config.max_sequences_per_request,
         )
 
 

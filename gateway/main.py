@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.app import build_app
 from gateway.appkeys import CONTEXT
 from gateway.config import GatewayConfig
-from gateway.http_server import GatewayRunner
+from gateway.connections import BoundedRunner, connection_cap
 from services.common.config import parse_config
 from services.common.logging import setup_logging
 from services.common.server import run
@@ -40,7 +40,16 @@ async def serve(config: GatewayConfig) -> None:
     # handler_cancellation: a client that disconnects cancels its handler, which cancels the
     # worker's Generate stream (= abort on the worker). shutdown_timeout is short because the
     # drain below already waited for in-flight requests.
-    runner = GatewayRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    # Connection bounds (--max-connections, --idle-timeout): gateway/connections.py. run() has
+    # raised the descriptor limit already; the cap stays below it.
+    runner = BoundedRunner(
+        app,
+        connection_cap(config.max_connections),
+        config.idle_timeout,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context(config))
     await site.start()

@@ -13,7 +13,7 @@ from typing import Any
 from gateway.limits import Limits
 from gateway.structured_output import FIELDS as CONSTRAINT_FIELDS
 from gateway.structured_output import MAX_GUIDED_CHOICES
-from gateway.validation import MAX_FLOAT32, MIN_POSITIVE_FLOAT32
+from services.common.sampling import RANGES
 
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
@@ -38,6 +38,14 @@ def _int(lo: int | None = None, hi: int | None = None) -> dict[str, Any]:
     return out
 
 
+def _sampling(name: str) -> dict[str, Any]:
+    """A sampling field's schema from its range in services/common/sampling.py (the validator's)."""
+    r = RANGES[name]
+    if isinstance(r.lo, int) and isinstance(r.hi, int):
+        return _int(r.lo, r.hi)
+    return _num(r.lo, r.hi)
+
+
 _UINT32 = 2**32 - 1
 _TOKEN_ID = _int(0, _UINT32)
 _TOKEN_IDS = {"type": "array", "items": _TOKEN_ID}
@@ -50,17 +58,17 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
     props: dict[str, Any] = {
         "model": {**_STR, "description": "the served model ('' or absent: the served model)"},
         "max_tokens": _int(1, limits.max_tokens or _UINT32),
-        "temperature": _num(0.0, 2.0),
-        "top_p": _num(MIN_POSITIVE_FLOAT32, 1.0),
+        "temperature": _sampling("temperature"),
+        "top_p": _sampling("top_p"),
         "n": _int(1, limits.max_n),
         "stop": {"anyOf": [{"type": "string", "minLength": 1}, stop_list, {"type": "null"}]},
         "seed": _int(-(2**63), 2**63 - 1),
-        "presence_penalty": _num(-2.0, 2.0),
-        "frequency_penalty": _num(-2.0, 2.0),
-        "top_k": _int(-1, 2**31 - 1),
-        "min_p": _num(0.0, 1.0),
-        "repetition_penalty": _num(MIN_POSITIVE_FLOAT32, MAX_FLOAT32),
-        "min_tokens": _int(0, _UINT32),
+        "presence_penalty": _sampling("presence_penalty"),
+        "frequency_penalty": _sampling("frequency_penalty"),
+        "top_k": _sampling("top_k"),
+        "min_p": _sampling("min_p"),
+        "repetition_penalty": _sampling("repetition_penalty"),
+        "min_tokens": _sampling("min_tokens"),
         "ignore_eos": _BOOL,
         "stop_token_ids": _TOKEN_IDS,
         "skip_special_tokens": _BOOL,
@@ -264,12 +272,18 @@ def _template_options() -> dict[str, Any]:
 
 
 def _schemas(limits: Limits) -> dict[str, Any]:
+    most = limits.max_sequences_per_request  # prompts x n: the prompts alone at n = 1
     prompt = {
         "anyOf": [
             {"type": "string", "minLength": 1},
-            {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+            {"type": "array", "minItems": 1, "maxItems": most, "items": {"type": "string", "minLength": 1}},
             {"type": "array", "minItems": 1, "items": _TOKEN_ID},
-            {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID}},
+            {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": most,
+                "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+            },
         ]
     }
     messages = {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/ChatMessage"}}

@@ -77,7 +77,9 @@ async def chat(
 ) -> AsyncIterator[Job]:
     executor = Executor(ctx, chat=True)
     model = executor.check_model(req.model)
-    async with ctx.gate.admit() as admission:
+    executor.check_num_sequences(1, req.params.sampling.n)
+    # Admission before rendering: a full queue refuses at once (the prompt has at least a token).
+    async with ctx.gate.admit(req.params.sampling.n, min_tokens=1) as admission:
         prompt = await executor.render_chat(req)
         sampling = executor.sampling(req.params, len(prompt.token_ids))
         admission.add_tokens(len(prompt.token_ids))
@@ -89,7 +91,9 @@ async def chat(
         )
         # Guided output is the constrained text from its first token: there is no reasoning to
         # split off (a parser would take a prompt-opened `<think>` as reasoning to the end).
-        use_reasoning = info is not None and bool(info.reasoning_parser) and req.params.guided is None
+        use_reasoning = (
+            info is not None and bool(info.reasoning_parser) and req.params.sampling.guided is None
+        )
         detok = DetokenizeOptions(
             skip_special_tokens=req.params.skip_special_tokens,
             stop=req.params.stop,
@@ -101,8 +105,8 @@ async def chat(
             request_id,
             model,
             int(time.time()),
-            req.params.n,
-            logprobs=req.params.logprobs is not None,
+            req.params.sampling.n,
+            logprobs=req.params.sampling.logprobs is not None,
             parallel_tool_calls=req.parallel_tool_calls,
             include_usage=req.params.include_usage,
             forced=req.forced_tool,
@@ -122,15 +126,19 @@ async def completion(
 ) -> AsyncIterator[Job]:
     executor = Executor(ctx, chat=False)
     model = executor.check_model(req.model)
-    async with ctx.gate.admit() as admission:
+    num_sequences = executor.check_num_sequences(len(req.prompts), req.params.sampling.n)
+    # What needs no tokens is refused before tokenizing: too many sequences, a prompt too long
+    # by its bytes alone, a token queue that its fewest possible tokens overflow.
+    min_tokens = sum(executor.min_prompt_tokens(p) for p in req.prompts)
+    async with ctx.gate.admit(num_sequences, min_tokens) as admission:
         prompts = await executor.tokenize_prompts(req)
         executor.check_token_ids(prompts)
-        want_prompt_logprobs = req.echo and req.params.logprobs is not None
+        want_prompt_logprobs = req.echo and req.params.sampling.logprobs is not None
         samplings = [
             executor.sampling(
                 req.params,
                 len(p.token_ids),
-                prompt_logprobs=req.params.logprobs if want_prompt_logprobs else None,
+                prompt_logprobs=req.params.sampling.logprobs if want_prompt_logprobs else None,
             )
             for p in prompts
         ]
@@ -148,8 +156,8 @@ async def completion(
             request_id,
             model,
             int(time.time()),
-            req.params.n * len(prompts),
-            logprobs=req.params.logprobs,
+            req.params.sampling.n * len(prompts),
+            logprobs=req.params.sampling.logprobs,
             echo=req.echo,
             include_usage=req.params.include_usage,
         )

@@ -11,33 +11,22 @@ from typing import Any
 
 from gateway.downstream import Guided
 from gateway.tool_schema import ForcedToolChoice
+from services.common.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
 class GenerationParams:
     """Options common to chat and completions (OpenAI fields plus vLLM's extensions)."""
 
-    max_tokens: int | None  # None: up to the context length
-    temperature: float | None
-    top_p: float | None
-    n: int
+    # validated (services/common/sampling.py); max_tokens None: up to the context length; guided:
+    # structured output (response_format, guided_*, a forced tool choice)
+    sampling: SamplingParams[Guided]
     stop: tuple[str, ...]
-    seed: int | None
-    presence_penalty: float | None
-    frequency_penalty: float | None
-    top_k: int | None
-    min_p: float | None
-    repetition_penalty: float | None
-    min_tokens: int
-    ignore_eos: bool
-    stop_token_ids: tuple[int, ...]
     skip_special_tokens: bool
     include_stop_str_in_output: bool
-    logprobs: int | None  # alternatives per sampled token; None = no logprobs
     stream: bool
     include_usage: bool
     user: str
-    guided: Guided | None = None  # structured output (response_format, guided_*, a forced tool choice)
     continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
 
 

@@ -1,4 +1,6 @@
-"""Which worker serves a request: least load, preferring the worker that served the same prefix.
+"""Which worker serves a request: the fewest new prefill blocks plus load, by exact knowledge of
+each worker's prefix cache where the workers stream KV events (kv_index.py); otherwise least load,
+preferring the worker that served the same prefix (a guess from this gateway's own history).
 
 A background task polls every worker's health and `GetLoad`; a worker that stops answering (or
 whose stream fails with UNAVAILABLE) leaves the rotation and comes back once its health check
@@ -26,7 +28,9 @@ import grpc
 
 from gateway.clients import WorkerClient
 from gateway.downstream import WorkerInfo
+from gateway.kv_index import KvEventFollower, KvIndex
 from gateway.poller import Poller
+from services.common.block_hash import block_hashes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,9 @@ MAX_PREFIX_CHUNKS = 64
 # A worker holding the prefix wins unless it carries this many more requests than the least loaded.
 AFFINITY_SLACK = 4
 PREFIX_TABLE_SIZE = 100_000
+# Exact routing: a request already on a worker costs as much as prefilling this many blocks, so a
+# long cached prefix outweighs a little load and a busy worker loses to an idle one for short ones.
+LOAD_COST_BLOCKS = 4
 DNS_PREFIX = "dns:"
 
 
@@ -102,6 +109,9 @@ class Router:
         self._prefix_owner: OrderedDict[bytes, str] = OrderedDict()
         self._round_robin = itertools.count()
         self._poller = Poller(self.poll_once, poll_interval_s, "worker")
+        self.kv_index = KvIndex()
+        self._followers: dict[str, KvEventFollower] = {}
+        self.num_exact_routes = 0  # picks decided by the KV index (tests, logs)
 
     def healthy_workers(self) -> list[WorkerState]:
         return [w for w in self.workers if w.healthy]
@@ -118,6 +128,8 @@ class Router:
 
     async def close(self) -> None:
         await self._poller.stop()
+        for follower in self._followers.values():
+            await follower.stop()
         for task in self._retiring:
             task.cancel()
         for w in self.workers:
@@ -146,6 +158,9 @@ class Router:
                 self.workers.append(WorkerState(WorkerClient(address, self._credentials), next(self._names)))
             for address in self._dns_members[name] - resolved:
                 log.info("worker %s left (via %s)", address, name)
+                follower = self._followers.pop(address, None)
+                if follower is not None:
+                    await follower.stop()
                 for w in [w for w in self.workers if w.address == address]:
                     self.workers.remove(w)
                     self._retiring.add(asyncio.create_task(self._close_when_idle(w)))
@@ -172,6 +187,10 @@ class Router:
         if healthy != w.healthy:
             log.info("worker %s %s rotation", w.address, "back in" if healthy else "taken out of")
         w.healthy = healthy
+        if healthy and w.info is not None and w.info.kv_events and w.address not in self._followers:
+            follower = KvEventFollower(self.kv_index, w.address, w.client.kv_events)
+            self._followers[w.address] = follower
+            follower.start()
 
     def mark_failed(self, w: WorkerState) -> None:
         """Take a worker out of rotation after a transport failure (the poller brings it back)."""
@@ -187,9 +206,9 @@ class Router:
             raise NoWorkerAvailable("no worker is available")
         min_load = min(w.load for w in candidates)
         keys = prefix_keys(prompt_token_ids)
-        chosen: WorkerState | None = None
+        chosen = self._pick_exact(prompt_token_ids, candidates)
         by_address = {w.address: w for w in candidates}
-        for key in reversed(keys):  # longest shared prefix first
+        for key in reversed(keys if chosen is None else []):  # longest shared prefix first
             owner = by_address.get(self._prefix_owner.get(key, ""))
             if owner is not None and owner.load <= min_load + AFFINITY_SLACK:
                 chosen = owner
@@ -203,6 +222,29 @@ class Router:
         while len(self._prefix_owner) > PREFIX_TABLE_SIZE:
             self._prefix_owner.popitem(last=False)
         return chosen
+
+    def _pick_exact(
+        self, prompt_token_ids: Sequence[int], candidates: list[WorkerState]
+    ) -> WorkerState | None:
+        """The candidate with the least (prompt blocks it would prefill + LOAD_COST_BLOCKS x load),
+        when every candidate's cache is known from its events and one holds part of the prompt;
+        None otherwise (the caller guesses by affinity)."""
+        caches = [self.kv_index.live(w.address) for w in candidates]
+        block_size = caches[0].block_size if caches[0] is not None else 0
+        if not block_size or any(c is None or c.block_size != block_size for c in caches):
+            return None
+        # A worker computes at least the prompt's last token, so at most this many blocks hit.
+        hashes = block_hashes(prompt_token_ids, block_size, max((len(prompt_token_ids) - 1) // block_size, 0))
+        hits = [self.kv_index.cached_blocks(w.address, hashes) for w in candidates]
+        if not any(hits):
+            return None
+        costs = [
+            len(hashes) - hit + LOAD_COST_BLOCKS * w.load for w, hit in zip(candidates, hits, strict=True)
+        ]
+        best = min(costs)
+        tied = [w for w, cost in zip(candidates, costs, strict=True) if cost == best]
+        self.num_exact_routes += 1
+        return tied[next(self._round_robin) % len(tied)]
 
     @contextlib.contextmanager
     def track(self, w: WorkerState):  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from gateway import structured_output
+from gateway.downstream import Guided
 from gateway.errors import APIError, invalid
 from gateway.limits import DEFAULT_LIMITS, Limits
 from gateway.protocol import (
@@ -24,6 +25,7 @@ from gateway.protocol import (
     TokenizeRequest,
 )
 from gateway.tool_schema import ForcedToolChoice, forced_guided
+from services.common.sampling import MAX_UINT32, SamplingError, SamplingParams, validate_sampling
 
 # Fields OpenAI (or vLLM) define that we accept only at their neutral value. (Chat and completions
 # read the structured-output fields themselves; the entries below still apply to /tokenize.)
@@ -150,16 +152,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-# Token ids and counts travel as uint32 on the wire (top_k as int32): bigger values are a 400 here,
-# not an encoding failure later.
-MAX_UINT32 = 2**32 - 1
-MAX_INT32 = 2**31 - 1
-# Sampling floats travel as float32: a positive value below this becomes 0 there, which the worker
-# refuses for top_p and repetition_penalty (must be > 0) without naming the request field.
-MIN_POSITIVE_FLOAT32 = 2.0**-149
-MAX_FLOAT32 = 3.4028234663852886e38  # and a larger one becomes inf
-
-
 def _is_token_id(value: Any) -> bool:
     # 7.0 is an integer in JSON Schema (and in `Fields.integer`), so a token id too.
     if isinstance(value, float) and value.is_integer():
@@ -196,24 +188,23 @@ def _limited(f: Fields, key: str, value: int | None, limit: int, option: str) ->
 
 
 def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
-    max_tokens = _limited(
-        f, "max_tokens", f.integer("max_tokens", lo=1, hi=MAX_UINT32), limits.max_tokens, "--max-tokens"
-    )
+    """Types and this gateway's limits here; the ranges are `validate_sampling`'s (one home, shared
+    with the worker), its complaints named by the request's own field."""
+    max_tokens_key = "max_tokens"
+    max_tokens = _limited(f, "max_tokens", f.integer("max_tokens"), limits.max_tokens, "--max-tokens")
     if chat:
         max_completion_tokens = _limited(
             f,
             "max_completion_tokens",
-            f.integer("max_completion_tokens", lo=1, hi=MAX_UINT32),
+            f.integer("max_completion_tokens"),
             limits.max_tokens,
             "--max-tokens",
         )
         if max_completion_tokens is not None:
-            max_tokens = max_completion_tokens
-    n = _limited(f, "n", f.integer("n", lo=1), limits.max_n, "--max-n")
-    min_tokens = f.integer("min_tokens", lo=0, hi=MAX_UINT32) or 0
-    if max_tokens is not None and min_tokens > max_tokens:
-        raise invalid(f"'min_tokens' ({min_tokens}) must be <= max_tokens ({max_tokens})", "min_tokens")
-    top_k = f.integer("top_k", lo=-1, hi=MAX_INT32)
+            max_tokens, max_tokens_key = max_completion_tokens, "max_completion_tokens"
+    n = _limited(f, "n", f.integer("n"), limits.max_n, "--max-n")
+    min_tokens = f.integer("min_tokens")
+    top_k = f.integer("top_k")
     stream = f.boolean("stream", False)
     stream_options = f.obj("stream_options")
     include_usage = continuous_usage = False
@@ -224,38 +215,53 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         include_usage = so.boolean("include_usage", False)
         continuous_usage = so.boolean("continuous_usage_stats", False)
         so.reject_rest()
+    logprobs_key = "logprobs"
     if chat:
         want_logprobs = f.boolean("logprobs", False)
         top_logprobs = _limited(
-            f, "top_logprobs", f.integer("top_logprobs", lo=0), limits.max_logprobs, "--max-logprobs"
+            f, "top_logprobs", f.integer("top_logprobs"), limits.max_logprobs, "--max-logprobs"
         )
         if top_logprobs is not None and not want_logprobs:
             raise invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
         logprobs = (top_logprobs or 0) if want_logprobs else None
+        logprobs_key = "top_logprobs"
     else:
-        logprobs = _limited(f, "logprobs", f.integer("logprobs", lo=0), limits.max_logprobs, "--max-logprobs")
-    return GenerationParams(
-        max_tokens=max_tokens,
-        temperature=f.number("temperature", lo=0.0, hi=2.0),
-        top_p=f.number("top_p", lo=MIN_POSITIVE_FLOAT32, hi=1.0),
-        n=n or 1,
-        stop=_stop(f, limits.max_stop_strings),
-        seed=f.integer("seed", lo=-(2**63), hi=2**63 - 1),  # int64, as OpenAI's schema says
-        presence_penalty=f.number("presence_penalty", lo=-2.0, hi=2.0),
-        frequency_penalty=f.number("frequency_penalty", lo=-2.0, hi=2.0),
-        top_k=None if top_k in (None, 0, -1) else top_k,
-        min_p=f.number("min_p", lo=0.0, hi=1.0),
-        repetition_penalty=f.number("repetition_penalty", lo=MIN_POSITIVE_FLOAT32, hi=MAX_FLOAT32),
-        min_tokens=min_tokens,
+        logprobs = _limited(f, "logprobs", f.integer("logprobs"), limits.max_logprobs, "--max-logprobs")
+    # an int64, as OpenAI's schema says; the worker's seed is the uint64 of the same bits
+    seed = f.integer("seed", lo=-(2**63), hi=2**63 - 1)
+    given: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": f.number("temperature"),
+        "top_p": f.number("top_p"),
+        "n": n,
+        "seed": None if seed is None else seed % 2**64,
+        "presence_penalty": f.number("presence_penalty"),
+        "frequency_penalty": f.number("frequency_penalty"),
+        "top_k": None if top_k == -1 else top_k,  # -1 (vLLM's "off") is the dataclass's 0
+        "min_p": f.number("min_p"),
+        "repetition_penalty": f.number("repetition_penalty"),
+        "min_tokens": min_tokens,
+        "logprobs": logprobs,
+    }
+    sampling: SamplingParams[Guided] = SamplingParams(
+        **{name: value for name, value in given.items() if value is not None},
         ignore_eos=f.boolean("ignore_eos", False),
         stop_token_ids=f.int_list("stop_token_ids"),
+        guided=structured_output.parse({name: f.raw(name) for name in structured_output.FIELDS}),
+    )
+    try:
+        validate_sampling(sampling)
+    except SamplingError as exc:
+        param = {"max_tokens": max_tokens_key, "logprobs": logprobs_key}.get(exc.field, exc.field)
+        raise invalid(f"'{param}' {exc.message}", param) from None
+    return GenerationParams(
+        sampling=sampling,
+        stop=_stop(f, limits.max_stop_strings),
         skip_special_tokens=f.boolean("skip_special_tokens", True),
         include_stop_str_in_output=f.boolean("include_stop_str_in_output", False),
-        logprobs=logprobs,
         stream=stream,
         include_usage=include_usage,
         user=f.string("user", "") or "",
-        guided=structured_output.parse({name: f.raw(name) for name in structured_output.FIELDS}),
         continuous_usage=continuous_usage,
     )
 
@@ -401,13 +407,14 @@ def parse_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> ChatReq
         )
     if forced is not None:
         assert tools is not None
-        if params.guided is not None:
+        if params.sampling.guided is not None:
             raise invalid(
                 f"'tool_choice' {tool_choice!r} makes the output tool calls; it cannot be combined with "
-                f"'{params.guided.param}' (give at most one structured-output constraint)",
+                f"'{params.sampling.guided.param}' (give at most one structured-output constraint)",
                 "tool_choice",
             )
-        params = dataclasses.replace(params, guided=forced_guided(tools, forced, parallel_tool_calls))
+        guided = forced_guided(tools, forced, parallel_tool_calls)
+        params = dataclasses.replace(params, sampling=dataclasses.replace(params.sampling, guided=guided))
     return ChatRequest(
         model=model,
         messages=messages,

@@ -10,7 +10,11 @@
                client sees each token once. Seeded sampling is a function of (seed, choice index,
                output position), so the resumed tokens are the ones the first worker would have
                drawn. With n > 1 each unfinished choice resumes as its own request
-               (first_choice_index keeps its index and seed stream).
+               (first_choice_index keeps its index and seed stream). A request moves at most
+               MAX_RESUMES times: one that kills its workers costs two, not the fleet.
+    statuses   only a worker that is gone (UNAVAILABLE) leaves the rotation; a full worker
+               (RESOURCE_EXHAUSTED) is skipped for this request (none left: 429); any other
+               status describes this request and fails it alone (see WORKER_GONE below).
 
 The usage of the legs is folded into one final chunk: completion tokens over every leg, cached
 prompt tokens from the leg that computed the prompt.
@@ -28,25 +32,33 @@ from dataclasses import dataclass, field
 import grpc
 
 from gateway.context import GatewayContext
-from gateway.downstream import GenerateChunk, KVSource, Sampling, Usage
+from gateway.downstream import GenerateChunk, Guided, KVSource, Usage
 from gateway.errors import APIError
 from gateway.grpc_errors import from_grpc
 from gateway.merge import merge_streams
 from gateway.router import NoWorkerAvailable, WorkerState
 from gateway.structured_output import worker_error
+from services.common.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-# A worker that fails with these is treated as gone: its requests move to another worker.
-RETRYABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
+# The failure contract (docs/gateway.md, "Request failures vs worker failures"):
+# - WORKER_GONE: a transport failure (grpc reports it as UNAVAILABLE) or the worker saying it is
+#   unavailable. The worker leaves the rotation until its health check passes again, and the
+#   request moves to another worker (resumed after the tokens already streamed).
+# - WORKER_STOPPED: the worker cancelled or aborted the call (it is shutting down): the request
+#   moves, the worker stays in rotation for the health check to judge.
+# - BACK_PRESSURE: the worker is full (--max-pending-requests): another worker, else a 429.
+# - anything else (INVALID_ARGUMENT, FAILED_PRECONDITION, INTERNAL, ...) describes this request:
+#   it fails alone (4xx, or a 500 for INTERNAL / UNKNOWN) and the worker keeps serving.
+WORKER_GONE = frozenset({grpc.StatusCode.UNAVAILABLE})
+WORKER_STOPPED = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+BACK_PRESSURE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
+# A request moves at most this many times after its worker failed under it: a request that
+# kills the worker running it (a poison request) costs at most two workers, never the fleet.
+MAX_RESUMES = 1
+# A worker's own failure of one request: a 500 for that request alone (not a 502 "bad gateway").
+_REQUEST_INTERNAL = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
 # ReleaseKV calls in flight (kept referenced until done).
 _background: set[asyncio.Task[None]] = set()
@@ -67,26 +79,30 @@ class PromptStream:
         ctx: GatewayContext,
         request_id: str,
         prompt_token_ids: Sequence[int],
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
+        group_id: str = "",
     ) -> None:
         self.ctx = ctx
         self.request_id = request_id
+        self.group_id = group_id  # the worker scheduler's fairness group (the gateway request)
         self.prompt_token_ids = tuple(prompt_token_ids)
         self.sampling = sampling
         self.choices = {i: _Choice(i) for i in range(first_choice_index, first_choice_index + sampling.n)}
         self.tried: list[WorkerState] = []  # workers that failed this request
+        self.full: list[WorkerState] = []  # workers that refused it as full (RESOURCE_EXHAUSTED)
         self.cached_tokens: int | None = None
         self.prompt_logprobs_sent = False
         self.num_legs = 0
         self.num_resumed = 0
+        self._leg: tuple[WorkerState, str] | None = None  # the Generate stream now open: worker, id
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
         try:
             async for chunk in self._group(list(self.choices)):
                 yield chunk
         except grpc.aio.AioRpcError as exc:
-            raise worker_error(exc, self.sampling.guided) or from_grpc(exc, "worker") from None
+            raise _client_error(exc, self.sampling) from None
         completion = sum(len(c.token_ids) for c in self.choices.values())
         yield GenerateChunk(
             choices=(), usage=Usage(len(self.prompt_token_ids), completion, self.cached_tokens or 0)
@@ -102,12 +118,15 @@ class PromptStream:
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE:
+                if exc.code() in BACK_PRESSURE:  # refused before it started: another worker
+                    continue
+                if not self._may_resume(exc):
                     raise
                 pending = [i for i in indices if not self.choices[i].finished]
                 if not pending:
                     return
-                self.num_resumed += 1
+                if not _refused_at_door(exc):
+                    self.num_resumed += 1
                 log.warning(
                     "request %s: worker failed (%s) after %s tokens; resuming elsewhere",
                     self.request_id,
@@ -142,19 +161,43 @@ class PromptStream:
         self.num_legs += 1
         return self.request_id if self.num_legs == 1 else f"{self.request_id}.{self.num_legs}"
 
+    def _may_resume(self, exc: grpc.aio.AioRpcError) -> bool:
+        """Whether a request whose worker failed with `exc` moves to another worker."""
+        if exc.code() not in WORKER_GONE | WORKER_STOPPED:
+            return False
+        if _refused_at_door(exc) or self.num_resumed < MAX_RESUMES:
+            return True
+        log.warning(
+            "request %s: a second worker failed under it (%s); not sending it to a third",
+            self.request_id,
+            exc.code().name,
+        )
+        return False
+
     def _pick_decode(self) -> WorkerState:
+        exclude = [*self.tried, *self.full]
         try:
-            return self.ctx.router.pick(self.prompt_token_ids, exclude=self.tried)
+            return self.ctx.router.pick(self.prompt_token_ids, exclude=exclude)
         except NoWorkerAvailable as exc:
             disagg = self.ctx.disagg
             if disagg is not None:  # a prefill worker can decode too: better than failing
                 with contextlib.suppress(NoWorkerAvailable):
-                    return disagg.prefill.pick(self.prompt_token_ids, exclude=self.tried)
+                    return disagg.prefill.pick(self.prompt_token_ids, exclude=exclude)
+            if self.full:
+                raise APIError(
+                    429, "every worker is at capacity; retry shortly", code="overloaded", retry_after_s=1
+                ) from None
             raise APIError(503, str(exc), retry_after_s=1) from None
 
-    def _failed(self, worker: WorkerState) -> None:
-        self.ctx.router.mark_failed(worker)
-        self.tried.append(worker)
+    def _failed(self, worker: WorkerState, exc: grpc.aio.AioRpcError) -> None:
+        """Note how `worker` failed this request; only a worker that is gone leaves the rotation."""
+        code = exc.code()
+        if code in BACK_PRESSURE:
+            self.full.append(worker)
+        elif code in WORKER_GONE | WORKER_STOPPED:
+            if code in WORKER_GONE:
+                self.ctx.router.mark_failed(worker)
+            self.tried.append(worker)
 
     def _note(self, chunk: GenerateChunk) -> GenerateChunk | None:
         """Record what a chunk carries; strip the leg's usage (chunks() sends the total)."""
@@ -174,32 +217,51 @@ class PromptStream:
         self,
         worker: WorkerState,
         first_choice_index: int,
-        sampling: Sampling,
+        sampling: SamplingParams[Guided],
         generated: tuple[int, ...],
         kv_source: KVSource | None,
     ) -> AsyncIterator[GenerateChunk]:
         self.ctx.metrics.worker_requests.labels(worker=self.ctx.label(worker.name, worker.address)).inc()
+        leg_id = self._leg_id()
+        self._leg = (worker, leg_id)
         try:
             with self.ctx.router.track(worker):
                 async for chunk in worker.client.generate(
-                    self._leg_id(),
+                    leg_id,
                     self.prompt_token_ids,
                     sampling,
                     first_choice_index,
                     generated_token_ids=generated,
                     kv_source=kv_source,
+                    group_id=self.group_id,
                 ):
                     noted = self._note(chunk)
                     if noted is not None:
                         yield noted
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in RETRYABLE:
-                self._failed(worker)
+            self._failed(worker, exc)
             raise
+        finally:
+            self._leg = None
+
+    async def abort(self) -> bool:
+        """Ask the worker to abort the open Generate stream (which then ends by itself, its
+        choices finished "abort") instead of cancelling the call; False when there is none or
+        the Abort rpc failed (the caller cancels then)."""
+        if self._leg is None:
+            return False
+        worker, leg_id = self._leg
+        try:
+            await worker.client.abort([leg_id])
+        except grpc.aio.AioRpcError:
+            return False
+        return True
 
     # ---- disaggregated prefill + decode ------------------------------------------------------
 
-    async def _disaggregated(self, index: int, sampling: Sampling) -> AsyncIterator[GenerateChunk]:
+    async def _disaggregated(
+        self, index: int, sampling: SamplingParams[Guided]
+    ) -> AsyncIterator[GenerateChunk]:
         disagg = self.ctx.disagg
         assert disagg is not None
         decode = self._pick_decode()
@@ -213,7 +275,7 @@ class PromptStream:
                     )
                 break
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE:
+                if exc.code() not in BACK_PRESSURE and not self._may_resume(exc):
                     raise
                 log.warning(
                     "request %s: prefill worker %s failed (%s); trying another",
@@ -221,8 +283,12 @@ class PromptStream:
                     prefill.address,
                     exc.code().name,
                 )
-                self._failed(prefill)
-                prefill = disagg.pick_prefill(self.prompt_token_ids, decode, exclude=self.tried)
+                self._failed(prefill, exc)
+                if exc.code() not in BACK_PRESSURE and not _refused_at_door(exc):
+                    self.num_resumed += 1
+                prefill = disagg.pick_prefill(
+                    self.prompt_token_ids, decode, exclude=[*self.tried, *self.full]
+                )
         if prefill is None or result is None:  # no prefill worker: the decode worker computes it
             async for chunk in self._generate(decode, index, sampling, (), None):
                 yield chunk
@@ -244,6 +310,28 @@ class PromptStream:
         finally:
             if not completed:  # cancelled or failed: free the KV now unless a fetch holds it
                 _release_later(prefill, result.handle.handle_id)
+
+
+def _refused_at_door(exc: grpc.aio.AioRpcError) -> bool:
+    """A draining worker refused the call before taking it (services/common/drain.py): moving it
+    elsewhere costs nothing and says nothing about the request."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and "draining" in (exc.details() or "")
+
+
+def _client_error(exc: grpc.aio.AioRpcError, sampling: SamplingParams[Guided]) -> APIError:
+    """A worker's final failure of this request as the client sees it."""
+    guided = worker_error(exc, sampling.guided)
+    if guided is not None:
+        return guided
+    if exc.code() in _REQUEST_INTERNAL:
+        error = from_grpc(exc, "worker")
+        if error.status == 504:  # the deadline had passed: a timeout
+            return error
+        log.error("the worker failed a request: %s: %s", exc.code().name, exc.details())
+        return APIError(500, f"the worker failed this request: {exc.code().name}")
+    if exc.code() in BACK_PRESSURE:
+        return APIError(429, "every worker is at capacity; retry shortly", code="overloaded", retry_after_s=1)
+    return from_grpc(exc, "worker")
 
 
 def _release_later(worker: WorkerState, handle_id: str) -> None:

@@ -22,8 +22,10 @@ class KernelOps:
     # (key [T, Hkv, D], value [T, Hkv, D], kv_cache_layer [2, NB, BS, Hkv, D], slot_mapping [T] int64, -1 = skip)
     write_kv_cache: Callable[..., None]
     # (q [T, Hq, D], kv_cache_layer, block_tables [B, max_blocks] int32, cu_seqlens_q [B+1] int32,
-    #  seq_lens [B] int32, scale, max_seqlen_q, num_decode_rows=0) -> [T, Hq, D]; num_decode_rows:
-    #  sequences [0, k) have one new token each (token i = sequence i), a hint for mixed steps
+    #  seq_lens [B] int32, scale, max_seqlen_q, num_decode_rows=0, sliding_window=0, soft_cap=0.0)
+    #  -> [T, Hq, D]; num_decode_rows: sequences [0, k) have one new token each (token i = sequence
+    #  i), a hint for mixed steps; sliding_window W > 0: a query at p sees keys p - W < k <= p;
+    #  soft_cap > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2)
     paged_attention: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]  # (x [T, H], weight [H], eps) -> [T, H]
     # (x [T, H], residual [T, H], weight [H], eps) -> (normed [T, H], x + residual [T, H])
@@ -39,7 +41,8 @@ class KernelOps:
     #  cos_sin_cache) -> rotated q [T, Hq, D]; rotated K and V written to their slots
     rotary_write_kv_cache: Callable[..., torch.Tensor] | None = None
     # (q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache, block_tables, cu_seqlens_q,
-    #  seq_lens, scale, max_seqlen_q, rms_input=None, rms_eps=0.0, num_decode_rows=0) -> [T, Hq, D]:
+    #  seq_lens, scale, max_seqlen_q, rms_input=None, rms_eps=0.0, num_decode_rows=0,
+    #  sliding_window=0, soft_cap=0.0) -> [T, Hq, D]:
     #  `rotary_write_kv_cache` then `paged_attention`
     #  (a decode step does all of it in one kernel)
     rotary_write_attention: Callable[..., torch.Tensor] | None = None
@@ -55,6 +58,9 @@ class KernelOps:
     tune_linear: Callable[..., list[str]] | None = None
     # (logits [R, V]) -> [R] int64, torch.argmax(logits, -1) (greedy rows of a decode graph)
     argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (probs [R, V] fp32, draws [R, 3] int64) -> [R] int64: the sampler's exponential race,
+    #   services/worker/sampling_rng.exponential_race (its definition) in one pass
+    exponential_race: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # "Folded RMSNorm" decode path: with all three below (and a dtype other than fp16) the loader
     # folds each layer's two norm weights into the next projection (W' = W * g[None, :]) and the
     # layer's two RMSNorm kernels disappear (launches that weigh in a batch-1 step; docs/gpu.md);

@@ -60,11 +60,15 @@ def paged_attention(
     scale: float,
     max_seqlen_q: int,
     num_decode_rows: int = 0,  # a hint for kernels (sequences [0, k) have one new token); unused here
+    sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - sliding_window
+    soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new queries over its whole (paged) context.
 
     Query i of sequence b sits at position seq_lens[b] - q_len_b + i and attends to every kv
-    position <= its own. GQA: q head h reads kv head h // (Hq // Hkv).
+    position <= its own (and, with a sliding window W, > its own - W: W keys including itself,
+    as transformers' sliding-window mask). GQA: q head h reads kv head h // (Hq // Hkv).
+    Soft-capping applies to the scaled scores, before the mask and the softmax.
     """
     del max_seqlen_q  # only a launch-size hint for the kernels
     num_tokens, num_q_heads = q.shape[0], q.shape[1]
@@ -85,9 +89,13 @@ def paged_attention(
         kb = k.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, S, D]
         vb = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
         scores = torch.matmul(qb, kb.transpose(1, 2)) * scale  # [Hq, q_len, S]
+        if soft_cap > 0:
+            scores = soft_cap * torch.tanh(scores / soft_cap)
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
         mask = k_pos[None, :] > q_pos[:, None]  # [q_len, S]: future positions
+        if sliding_window > 0:  # and positions that fell out of the window
+            mask |= k_pos[None, :] <= q_pos[:, None] - sliding_window
         scores.masked_fill_(mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
@@ -221,18 +229,51 @@ def linear_silu_and_mul(
     return (F.silu(gate_up[..., :inter]) * gate_up[..., inter:]).to(x.dtype)
 
 
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor, head_dim: int, base: float, scaling: dict[str, Any]
+) -> torch.Tensor:
+    """YaRN's blend of interpolated and extrapolated frequencies (transformers' `_compute_yarn_parameters`)."""
+    factor = float(scaling["factor"])
+    original = scaling["original_max_position_embeddings"]
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+
+
+def rope_type_of(scaling: dict[str, Any] | None) -> str:
+    if not scaling:
+        return "default"
+    return str(scaling.get("rope_type", scaling.get("type", "default")))
+
+
 def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies [D/2] in fp32, exactly as transformers' rope init functions compute them."""
+    """Inverse frequencies [D/2] in fp32, exactly as transformers' rope init functions compute them
+    (for `longrope` the short factors, for `dynamic` the unscaled ones: positions within the
+    original context; `build_rope_cache` handles the positions past it)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = "default"
-    if scaling:
-        rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
-    if rope_type == "default":
+    rope_type = rope_type_of(scaling)
+    if rope_type in ("default", "dynamic"):
         return inv_freq
+    assert scaling is not None
     if rope_type == "linear":
-        return inv_freq / float(scaling["factor"])  # type: ignore[index]
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, base, scaling)
+    if rope_type in ("longrope", "su"):
+        return _longrope_inv_freq(head_dim, base, scaling["short_factor"])
     if rope_type == "llama3":
-        assert scaling is not None
         factor = float(scaling["factor"])
         low_freq_factor = float(scaling["low_freq_factor"])
         high_freq_factor = float(scaling["high_freq_factor"])
@@ -246,8 +287,38 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, Any] | None) ->
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         return torch.where(is_medium, smoothed, inv_freq_llama)
     raise NotImplementedError(
-        f"rope scaling type {rope_type!r} is not supported (default, linear, llama3 are)"
+        f"rope scaling type {rope_type!r} is not supported "
+        "(default, linear, llama3, yarn, dynamic, longrope are)"
     )
+
+
+def _longrope_inv_freq(head_dim: int, base: float, factors: list[float]) -> torch.Tensor:
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * base**exponent)
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None) -> float:
+    """The factor transformers multiplies cos and sin by (YaRN, LongRoPE; 1 for the others).
+    `factor` must be set (model_config derives it from the context lengths where a config omits it)."""
+    rope_type = rope_type_of(scaling)
+    if rope_type not in ("yarn", "longrope", "su"):
+        return 1.0
+    assert scaling is not None
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+    if rope_type == "yarn":
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if mscale and mscale_all_dim:
+            return float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+        return get_mscale(factor)
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(scaling["original_max_position_embeddings"]))
 
 
 def build_rope_cache(
@@ -258,11 +329,29 @@ def build_rope_cache(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> torch.Tensor:  # [max_position, head_dim]: cos in [:, :D/2], sin in [:, D/2:]
-    """The cos/sin table for `rotary`, computed in fp32 like HF's rotary embedding, then cast to `dtype`."""
+    """The cos/sin table for `rotary`, computed in fp32 like HF's rotary embedding, then cast to `dtype`.
+
+    One table serves every sequence, so the two scalings whose frequencies transformers picks by
+    the current sequence length are chosen once, by the table's length (the served context):
+    `longrope` uses its short factors when the table fits `original_max_position_embeddings` and
+    its long ones everywhere otherwise (transformers recomputes a sequence that outgrows the
+    original context with the long factors: the same rotation from then on); `dynamic` NTK is the
+    plain rope within the original context and the NTK base for the table's length beyond it."""
     inv_freq = rope_inv_freq(head_dim, base, scaling)
+    rope_type = rope_type_of(scaling)
+    if rope_type in ("longrope", "su", "dynamic") and scaling is not None:
+        original = int(scaling["original_max_position_embeddings"])
+        if max_position > original and rope_type == "dynamic":
+            factor = float(scaling["factor"])
+            ntk_base = base * ((factor * max_position / original) - (factor - 1)) ** (
+                head_dim / (head_dim - 2)
+            )
+            inv_freq = rope_inv_freq(head_dim, ntk_base, None)
+        elif max_position > original:
+            inv_freq = _longrope_inv_freq(head_dim, base, scaling["long_factor"])
     positions = torch.arange(max_position, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)  # [max_pos, D/2]
-    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * rope_attention_factor(scaling)
     return cache.to(dtype=dtype, device=device)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
+from kernels.triton.exponential_race import exponential_race
 from kernels.triton.fused_moe import fused_moe
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.paged_attention import (
@@ -47,6 +48,7 @@ TRITON_OPS = KernelOps(
     linear=linear,
     tune_linear=tune_linear,
     argmax=argmax,
+    exponential_race=exponential_race,
     # The folded-RMSNorm decode path (kernels/__init__.py): the models fold their layer norms.
     linear_rms_norm=linear_rms_norm,
     linear_add=linear_add,

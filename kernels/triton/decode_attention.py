@@ -18,6 +18,10 @@ K/V of tokens cached by earlier steps) is loaded before the wait. With `rotary` 
 default, paged_attention.rotary_write_paged_attention) the kernel also does rotary + the KV write:
 every program rotates its query heads, the split holding the new position rotates the new K,
 writes K/V to their slot and uses them from registers (never reading them back).
+
+A sliding window W (Mistral, Gemma's local layers) shrinks the context to its last W positions
+before the split partition (the window's keys, never more, are read); soft-capping (Gemma 2)
+replaces each scaled score s by cap * tanh(s / cap).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton import pdl
+from kernels.triton.prefill_attention import soft_cap
 
 LOG2E = 1.4426950408889634
 FP8 = torch.float8_e4m3fn  # the fp8 KV cache (--kv-cache-dtype fp8): plain casts, no scales
@@ -79,6 +84,8 @@ def _decode_kernel(
     rms_input_ptr,  # RMS_SCALE: [T, HIDDEN] the residual stream the raw q/k/v were projected from
     rms_eps,
     scale_log2,  # softmax scale * log2(e)
+    window,  # WINDOW: the query at position p sees keys at positions > p - window
+    cap_log2,  # SOFTCAP: the soft cap * log2(e)
     stride_qt,
     stride_qh,
     stride_cb,
@@ -111,6 +118,8 @@ def _decode_kernel(
     HIDDEN: tl.constexpr,
     HIDDEN_PAD: tl.constexpr,
     PDL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -125,9 +134,13 @@ def _decode_kernel(
     seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + b), 0)
     token = q_start.to(tl.int64)
 
-    num_splits = tl.maximum(tl.minimum(MAX_SPLITS, tl.cdiv(seq_len, MIN_SPLIT_LEN)), 1)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    kv_start = split * split_len
+    ctx_start = 0
+    if WINDOW:  # the one query sits at seq_len - 1: only the last `window` keys are in its window
+        ctx_start = tl.maximum(seq_len - window, 0)
+    ctx_len = seq_len - ctx_start
+    num_splits = tl.maximum(tl.minimum(MAX_SPLITS, tl.cdiv(ctx_len, MIN_SPLIT_LEN)), 1)
+    split_len = tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N
+    kv_start = ctx_start + split * split_len
     kv_end = tl.minimum(seq_len, kv_start + split_len)
     cached_end = seq_len - q_len  # positions below this were written by earlier steps
 
@@ -211,6 +224,8 @@ def _decode_kernel(
                 new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0).to(DT), v0
             )
         s = tl.dot(q, tl.trans(k0)) * scale_log2  # [G_PAD, BLOCK_N]
+        if SOFTCAP:
+            s = soft_cap(s, cap_log2)
         s = tl.where((n_mask0 & (pos0 < tile_end))[None, :], s, float("-inf"))
         m_i = tl.max(s, axis=1)
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # a split past the context: all stays 0
@@ -225,6 +240,8 @@ def _decode_kernel(
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(DT)
             s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N]
+            if SOFTCAP:
+                s = soft_cap(s, cap_log2)
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -235,6 +252,8 @@ def _decode_kernel(
             m_i = m_new
         if ROTARY:  # the new token, in the split that holds it: one more online-softmax column
             s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale_log2
+            if SOFTCAP:
+                s_new = soft_cap(s_new, cap_log2)
             seen = l_i > 0  # m_i is a real running max (else 0 and acc, l_i are 0)
             m_new = tl.maximum(tl.where(seen, m_i, s_new), s_new)
             alpha = tl.where(seen, tl.exp2(m_i - m_new), 0.0)
@@ -361,6 +380,8 @@ def decode_attention(
     launch: LaunchConfig | None = None,
     out: torch.Tensor | None = None,  # [T, Hq, D] to write into (default: a new tensor)
     num_seqs: int | None = None,  # attend sequences [0, num_seqs) only (default: all of block_tables)
+    sliding_window: int = 0,  # > 0: keys at positions <= p - sliding_window are not read
+    soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
 ) -> torch.Tensor:  # [T, Hq, D]; rows of no sequence are left unwritten
     """Attention of each sequence's single new token over its whole cached context (one launch).
 
@@ -389,6 +410,8 @@ def decode_attention(
         block_n, num_warps, num_stages = launch.block_n, launch.num_warps, launch.num_stages
     min_split_len = GPU_MIN_SPLIT_LEN if on_gpu else 16
     max_context = block_tables.shape[1] * block_size
+    if sliding_window > 0:  # no split ever starts before the window
+        max_context = min(max_context, sliding_window)
     if max_splits is None:
         max_splits = max_splits_for(batch, num_kv_heads, _sm_count(q.device))
     max_splits = max(1, min(MAX_SPLITS, max_splits))
@@ -434,6 +457,8 @@ def decode_attention(
         rms_input if rms_input is not None else q,
         rotary.rms_eps if rotary is not None else 0.0,
         scale * LOG2E,
+        sliding_window,
+        soft_cap * LOG2E,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -465,6 +490,8 @@ def decode_attention(
         RMS_SCALE=rms_input is not None,
         HIDDEN=hidden,
         HIDDEN_PAD=triton.next_power_of_2(hidden),
+        WINDOW=sliding_window > 0,
+        SOFTCAP=soft_cap > 0,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl.launch_options(q.device),

@@ -38,25 +38,58 @@ def paged_attention(
     scale: float,
     max_seqlen_q: int,
     num_decode_rows: int = 0,  # sequences [0, k) have one new token each (token i = sequence i)
+    sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - sliding_window
+    soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
 ) -> torch.Tensor:  # [T, Hq, D]
     if not supports_head_dim(q.shape[-1]) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return reference.paged_attention(
-            q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q
+            q,
+            kv_cache_layer,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            scale,
+            max_seqlen_q,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
         )
     if max_seqlen_q == 1:
-        return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
+        return decode_attention(
+            q,
+            kv_cache_layer,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            scale,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+        )
     # A mixed step's decode rows go to the decode kernel (split-K over their contexts) and the
     # prompts' chunks to the prefill kernel: faster than the prefill kernel for all (docs/gpu.md).
     k = num_decode_rows
     if not 0 < k < block_tables.shape[0]:
-        return prefill_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q)
+        return prefill_attention(
+            q,
+            kv_cache_layer,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            scale,
+            max_seqlen_q,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+        )
     # Both over the whole batch's metadata (no sliced pointers: each alignment would compile kernel
     # variants of its own, seconds inside a serving step), one split per decode (one kernel variant
     # whatever the number of decodes; the prompts' attention dominates such a step).
     out = torch.empty_like(q)
     meta = (kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
-    decode_attention(q, *meta, max_splits=1, out=out, num_seqs=k)
-    prefill_attention(q, *meta, max_seqlen_q, out=out, first_seq=k)
+    decode_attention(
+        q, *meta, max_splits=1, out=out, num_seqs=k, sliding_window=sliding_window, soft_cap=soft_cap
+    )
+    prefill_attention(
+        q, *meta, max_seqlen_q, out=out, first_seq=k, sliding_window=sliding_window, soft_cap=soft_cap
+    )
     return out
 
 
@@ -94,6 +127,8 @@ def rotary_write_paged_attention(
     rms_input: torch.Tensor | None = None,  # [T, hidden]
     rms_eps: float = 0.0,
     num_decode_rows: int = 0,  # see paged_attention
+    sliding_window: int = 0,  # see paged_attention
+    soft_cap: float = 0.0,
 ) -> torch.Tensor:  # [T, Hq, D]
     """rotary_write_kv_cache, then paged_attention over the rotated q. A decode step does both in
     the decode kernel (one launch a layer instead of two, docs/gpu.md); other steps launch the two
@@ -104,12 +139,31 @@ def rotary_write_paged_attention(
     decode kernel does it before its PDL wait, which removes the norm's own launch)."""
     if _fused_decode(q.shape[0], max_seqlen_q, q.shape[-1], q.dtype):
         rotary = RotaryKV(k, v, slot_mapping, positions, cos_sin_cache, rms_input, rms_eps)
-        return decode_attention(q, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, rotary=rotary)
+        return decode_attention(
+            q,
+            kv_cache_layer,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
+            scale,
+            rotary=rotary,
+            sliding_window=sliding_window,
+            soft_cap=soft_cap,
+        )
     if rms_input is not None:  # not a decode step: scale here (eager torch ops; the model avoids it)
         hf = rms_input.float()
         inv_rms = torch.rsqrt(hf.pow(2).mean(dim=-1) + rms_eps)[:, None, None]  # [T, 1, 1]
         q, k, v = ((t.float() * inv_rms).to(t.dtype) for t in (q, k, v))
     q_rot = rotary_write_kv_cache(q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache)
     return paged_attention(
-        q_rot, kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale, max_seqlen_q, num_decode_rows
+        q_rot,
+        kv_cache_layer,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens,
+        scale,
+        max_seqlen_q,
+        num_decode_rows,
+        sliding_window=sliding_window,
+        soft_cap=soft_cap,
     )

@@ -6,6 +6,9 @@ read from the cache serves all heads of the group (GQA-aware). Query token i of 
 q_len new tokens and seq_len total sits at position seq_len - q_len + i; K/V positions are read
 through the block table, so the cached prefix and the new tokens (written first) look the same.
 The KV loop is split into a part every row may see in full (no mask) and the causal diagonal.
+With a sliding window W the loop starts at the tile holding the block's first row's oldest key
+(position > q_pos - W) and every tile masks keys that fell out of a row's window; soft-capping
+(Gemma 2) replaces each scaled score s by cap * tanh(s / cap) before the mask.
 """
 
 from __future__ import annotations
@@ -15,6 +18,13 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def soft_cap(s, cap):
+    """cap * tanh(s / cap) (the scores may be in the log2 domain: pass cap * log2(e) then),
+    tanh written with exp, which every Triton backend (and the interpreter) has."""
+    return cap * (2.0 / (1.0 + tl.exp(-2.0 * (s / cap))) - 1.0)
 
 
 @triton.jit
@@ -35,9 +45,13 @@ def _attend_tile(
     d,
     d_mask,
     scale_log2,
+    window,
+    cap_log2,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     pos = start + tl.arange(0, BLOCK_N)
     n_mask = pos < seq_len
@@ -48,8 +62,12 @@ def _attend_tile(
         q.dtype
     )  # fp8 cache: widened
     s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
+    if SOFTCAP:
+        s = soft_cap(s, cap_log2)
     if CAUSAL:
         s = tl.where((pos[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
+    if WINDOW:
+        s = tl.where(pos[None, :] > q_pos[:, None] - window, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # Rows that have seen nothing yet keep m = -inf; shift by 0 then so exp2 stays finite.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -72,6 +90,8 @@ def _prefill_kernel(
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [T, Hq, D]
     scale_log2,
+    window,  # WINDOW: a row at position p sees keys at positions > p - window
+    cap_log2,  # SOFTCAP: the soft cap * log2(e)
     first_seq,  # program b attends sequence first_seq + b
     stride_qt,
     stride_qh,
@@ -87,6 +107,8 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     b = tl.program_id(1) + first_seq
@@ -111,13 +133,17 @@ def _prefill_kernel(
     # Keys every row of this block may see (positions <= the first row's) need no causal mask.
     full_end = tl.where(first_tok < q_len, ((ctx_len + first_tok + 1) // BLOCK_N) * BLOCK_N, 0)
     kv_end = tl.where(first_tok < q_len, ctx_len + last_tok + 1, 0)
+    kv_begin = 0
+    if WINDOW:  # the first tile any row of the block still sees
+        kv_begin = (tl.maximum(ctx_len + first_tok + 1 - window, 0) // BLOCK_N) * BLOCK_N
+        full_end = tl.maximum(full_end, kv_begin)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     table = block_tables_ptr + b.to(tl.int64) * stride_bt
     kv_head_off = kv_head * stride_ch
-    for start in range(0, full_end, BLOCK_N):
+    for start in range(kv_begin, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc,
             m_i,
@@ -135,9 +161,13 @@ def _prefill_kernel(
             d,
             d_mask,
             scale_log2,
+            window,
+            cap_log2,
             BLOCK_SIZE,
             BLOCK_N,
             False,
+            WINDOW,
+            SOFTCAP,
         )
     for start in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
@@ -157,9 +187,13 @@ def _prefill_kernel(
             d,
             d_mask,
             scale_log2,
+            window,
+            cap_log2,
             BLOCK_SIZE,
             BLOCK_N,
             True,
+            WINDOW,
+            SOFTCAP,
         )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -181,6 +215,8 @@ def prefill_attention(
     max_seqlen_q: int,
     out: torch.Tensor | None = None,  # [T, Hq, D] to write into (default: a new tensor)
     first_seq: int = 0,  # attend sequences [first_seq, B) only (their rows of `out`)
+    sliding_window: int = 0,  # > 0: keys at positions <= p - sliding_window are masked
+    soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
 ) -> torch.Tensor:  # [T, Hq, D]; rows of no attended sequence are left unwritten
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
     `first_seq` > 0 leaves the batch's first sequences to another kernel (a mixed step's decodes)
@@ -219,6 +255,8 @@ def prefill_attention(
         seq_lens,
         out,
         scale * LOG2E,
+        sliding_window,
+        soft_cap * LOG2E,
         first_seq,
         q.stride(0),
         q.stride(1),
@@ -234,6 +272,8 @@ def prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        WINDOW=sliding_window > 0,
+        SOFTCAP=soft_cap > 0,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 
-EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# KV-event subscriptions last as long as their subscriber (a gateway): a drain must not wait for them.
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/tandem.v1.Worker/SubscribeKvEvents")
 
 
 class Drain:

@@ -37,6 +37,7 @@ REQUESTS_RUNNING = "tandem:requests_running"
 REQUESTS_WAITING = "tandem:requests_waiting"
 KV_CACHE_USAGE = "tandem:kv_cache_usage_ratio"
 PREFIX_CACHE_HIT_RATE = "tandem:prefix_cache_hit_rate"
+PREFIX_CACHE_HOST_HITS = "tandem:prefix_cache_host_hit_tokens"
 PREFIX_CACHE_QUERIES = "tandem:prefix_cache_queries_total"
 PREFIX_CACHE_HITS = "tandem:prefix_cache_hits_total"
 KV_TRANSFER_BYTES = "tandem:kv_transfer_bytes_total"
@@ -201,20 +202,27 @@ METRICS: tuple[MetricSpec, ...] = (
         ("worker",),
     ),
     MetricSpec(
+        PREFIX_CACHE_HOST_HITS,
+        "gauge",
+        (),
+        "Prompt tokens whose KV came back from the host-memory tier (--kv-offload-memory), since start.",
+        ("worker",),
+    ),
+    MetricSpec(
         PREFIX_CACHE_QUERIES, "counter", (), "Prompt tokens looked up in the prefix cache.", ("worker",)
     ),
     MetricSpec(PREFIX_CACHE_HITS, "counter", (), "Prompt tokens found in the prefix cache.", ("worker",)),
     MetricSpec(
         KV_TRANSFER_BYTES,
         "counter",
-        ("direction",),
+        ("direction", "transport"),
         "KV-cache bytes sent (prefill side) or received (decode side).",
         ("worker",),
     ),
     MetricSpec(
         KV_TRANSFER_SECONDS,
         "histogram",
-        ("direction",),
+        ("direction", "transport"),
         "Seconds one KV transfer (FetchKV stream) took.",
         ("worker",),
         TRANSFER_BUCKETS,
@@ -405,11 +413,17 @@ def observe_timeline(timeline: RequestTimeline, registry: CollectorRegistry = RE
 
 
 def observe_kv_transfer(
-    direction: str, num_bytes: int, seconds: float, registry: CollectorRegistry = REGISTRY
+    direction: str,
+    num_bytes: int,
+    seconds: float,
+    transport: str = "grpc",
+    registry: CollectorRegistry = REGISTRY,
 ) -> None:
-    """Record one KV transfer: `direction` is "send" (prefill worker) or "receive" (decode worker)."""
-    counter(KV_TRANSFER_BYTES, registry=registry).labels(direction=direction).inc(num_bytes)
-    histogram(KV_TRANSFER_SECONDS, registry=registry).labels(direction=direction).observe(max(seconds, 0.0))
+    """Record one KV transfer: `direction` is "send" (prefill worker) or "receive" (decode worker),
+    `transport` "grpc", "cuda-ipc" or "nixl" (bytes / seconds per transport = its GB/s)."""
+    labels = {"direction": direction, "transport": transport}
+    counter(KV_TRANSFER_BYTES, registry=registry).labels(**labels).inc(num_bytes)
+    histogram(KV_TRANSFER_SECONDS, registry=registry).labels(**labels).observe(max(seconds, 0.0))
 
 
 # --- gRPC server interceptor -----------------------------------------------------------------

@@ -108,6 +108,14 @@ HEALTHCHECK_TIMEOUT: Switch[float] = Switch(
     "how long that healthcheck waits for an answer (an image's HEALTHCHECK passes no arguments)",
     _parse_seconds,
 )
+HEAP_PROFILE: Switch[str] = Switch(
+    "TANDEM_HEAP_PROFILE",
+    "path",
+    "",
+    "debugging slow leaks: trace allocations (tracemalloc) and write a heap snapshot to this "
+    "directory on each SIGUSR2 (services/common/heap_profile.py); it slows a service severalfold",
+    str,
+)
 
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
@@ -115,6 +123,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     TRACE_FILE,
     HEALTHCHECK_TARGET,
     HEALTHCHECK_TIMEOUT,
+    HEAP_PROFILE,
 )
 
 

@@ -25,6 +25,10 @@ class StylerConfig(ServiceConfig):
     """Seconds a chat-template rendering may run before it is abandoned with an error."""
     max_prompt_chars: int = 4_000_000
     """Largest rendered prompt (characters) a chat template may produce."""
+    render_memory_mb: int = 1024
+    """Address-space limit (MiB) of each chat-template render process; a template past it is refused."""
+    render_processes: int = 2
+    """Chat-template render processes (a render past --render-timeout is killed and replaced)."""
     num_threads: int = 4
     """Threads that tokenize and render (the event loop never does)."""
 
@@ -36,5 +40,9 @@ class StylerConfig(ServiceConfig):
             raise ValueError(f"--render-timeout must be > 0, got {self.render_timeout}")
         if self.max_prompt_chars <= 0:
             raise ValueError(f"--max-prompt-chars must be > 0, got {self.max_prompt_chars}")
+        if self.render_memory_mb < 256:
+            raise ValueError(f"--render-memory-mb must be >= 256, got {self.render_memory_mb}")
+        if self.render_processes < 1:
+            raise ValueError(f"--render-processes must be >= 1, got {self.render_processes}")
         if self.num_threads < 1:
             raise ValueError(f"--num-threads must be >= 1, got {self.num_threads}")

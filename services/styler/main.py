@@ -26,6 +26,8 @@ def options_from_config(config: StylerConfig) -> StylerOptions:
         chat_template=config.chat_template,
         render_timeout_s=config.render_timeout,
         max_prompt_chars=config.max_prompt_chars,
+        render_memory_mb=config.render_memory_mb,
+        render_processes=config.render_processes,
     )
 
 
@@ -60,4 +62,5 @@ def main(argv: list[str], prog: str = "tandem styler") -> int:
     try:
         return run(lambda: serve(config, styler))
     finally:
+        styler.close()
         shutdown_tracing()

@@ -8,8 +8,26 @@ into a dict, because templates such as Qwen's write `arguments | tojson` (vLLM d
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+# JSON text may escape a lone UTF-16 surrogate ("\\ud800"), which no UTF-8 text can carry.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: Any, field: str) -> None:
+    """ValueError naming `field` when a string in `value` (keys included) holds a lone surrogate."""
+    if isinstance(value, str):
+        if _SURROGATE.search(value):
+            raise ValueError(f"{field} contains a lone UTF-16 surrogate, which is not valid text")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            check_text(key, field)
+            check_text(item, field)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_text(item, field)
 
 
 def parse_arguments(arguments: str) -> Any:
@@ -77,4 +95,5 @@ def parse_json_field(text: str, field: str, expected: type) -> Any:
         raise ValueError(f"{field} is not valid JSON: {exc}") from exc
     if not isinstance(value, expected):
         raise ValueError(f"{field} must be a JSON {'object' if expected is dict else 'array'}")
+    check_text(value, field)
     return value

@@ -16,8 +16,14 @@ from typing import TypeVar
 import grpc
 
 from services.common.logging import request_id_var
-from services.styler.chat_template import RenderInput
-from services.styler.messages import message_dict, parse_json_field, tool_call_dict
+from services.styler.chat_template import RenderInput, TemplateRenderError
+from services.styler.messages import (
+    check_text,
+    message_dict,
+    parse_arguments,
+    parse_json_field,
+    tool_call_dict,
+)
 from services.styler.stream import DetokenizeSession, StreamDelta, StreamOptions
 from services.styler.styler import Styler
 from tandem.v1 import common_pb2, styler_pb2, styler_pb2_grpc
@@ -37,6 +43,9 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+        except TemplateRenderError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.describe())
+            raise  # unreachable: abort raises
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # unreachable: abort raises
@@ -116,6 +125,7 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
             max_model_len=info.max_model_len,
             tool_parser=info.tool_parser,
             reasoning_parser=info.reasoning_parser,
+            max_token_bytes=info.max_token_bytes,
         )
 
 
@@ -139,6 +149,8 @@ def render_input(request: styler_pb2.RenderRequest) -> RenderInput:
         else:
             content = None
         extra = parse_json_field(m.extra_json, f"messages[{i}].extra_json", dict)
+        for j, c in enumerate(m.tool_calls):
+            check_text(parse_arguments(c.arguments), f"messages[{i}].tool_calls[{j}].arguments")
         messages.append(
             message_dict(
                 m.role,

@@ -11,9 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from services.common.reasoning import prompt_opens_reasoning
 from services.styler.detokenizer import IncrementalDetokenizer
 from services.styler.parsers.base import ParsedText, ToolParser
-from services.styler.parsers.reasoning import ThinkReasoningParser, make_reasoning_parser
+from services.styler.parsers.reasoning import (
+    THINK_END,
+    THINK_START,
+    ThinkReasoningParser,
+    ids_open_reasoning,
+    make_reasoning_parser,
+)
 from services.styler.parsers.tool_formats import TOOL_MARKERS, TOOL_PARSERS
 from services.styler.stop_matcher import StopMatcher
 from services.styler.tokenizer import Tokenizer
@@ -132,6 +139,10 @@ class DetokenizeSession:
             raise ValueError(f"start.tool_parser: unknown parser {tool_parser!r}")
         if options.num_choices < 1:
             raise ValueError("start.num_choices must be >= 1")
+        tokenizer.check_ids(options.prompt_token_ids, "start.prompt_token_ids")
+        self._prompt_opens_reasoning = options.prompt_opens_reasoning or (
+            bool(reasoning_parser) and _prompt_ids_open_reasoning(tokenizer, options.prompt_token_ids)
+        )
         self._tokenizer = tokenizer
         self.options = options
         self.tool_parser = tool_parser
@@ -154,7 +165,7 @@ class DetokenizeSession:
         if choice is None:
             tool = TOOL_PARSERS[self.tool_parser]() if self.tool_parser else None
             reasoning = (
-                make_reasoning_parser(self.reasoning_parser, self.options.prompt_opens_reasoning)
+                make_reasoning_parser(self.reasoning_parser, self._prompt_opens_reasoning)
                 if self.reasoning_parser
                 else None
             )
@@ -164,8 +175,22 @@ class DetokenizeSession:
 
     def add(self, index: int, token_ids: Sequence[int], finished: bool) -> StreamDelta:
         """Feed one choice's new ids; the result may be empty (everything held back)."""
-        self._tokenizer.check_ids(token_ids)
+        self._tokenizer.check_ids(token_ids, "deltas[].token_ids")
         return self._choice(index).add(token_ids, finished)
 
     def all_done(self) -> bool:
         return len(self._choices) == self.options.num_choices and all(c.done for c in self._choices.values())
+
+
+# Enough of a prompt's end to hold the last message's open thought, where `<think>` is not one token.
+_REASONING_TAIL_TOKENS = 4096
+
+
+def _prompt_ids_open_reasoning(tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> bool:
+    """Whether the prompt leaves a `<think>` open (also a continued thought, not only a prompt
+    that ends in `<think>`): decided here, from the ids, so every client of the stream gets it."""
+    start, end = tokenizer.token_to_id(THINK_START), tokenizer.token_to_id(THINK_END)
+    if start is not None and end is not None:
+        return ids_open_reasoning(prompt_ids, start, end)
+    tail = tokenizer.decode(list(prompt_ids[-_REASONING_TAIL_TOKENS:]), skip_special_tokens=False)
+    return prompt_opens_reasoning(tail)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from services.styler.chat_template import ChatTemplateRenderer, RenderInput
+from services.styler.messages import check_text
 from services.styler.parsers.auto import (
     REASONING_PARSER_NAMES,
     TOOL_PARSER_NAMES,
@@ -20,7 +21,7 @@ from services.styler.parsers.auto import (
     detect_tool_parser,
     resolve_parser,
 )
-from services.styler.render_guard import RenderGuard
+from services.styler.render_pool import RenderLimits, RenderPool
 from services.styler.stream import DetokenizeSession, StreamOptions
 from services.styler.tokenizer import Tokenizer
 
@@ -38,6 +39,8 @@ class StylerOptions:
     chat_template: str = ""  # a template file replacing the model's
     render_timeout_s: float = 10.0
     max_prompt_chars: int = 4_000_000
+    render_memory_mb: int = 1024  # address-space limit of each render process
+    render_processes: int = 2
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class StylerInfo:
     max_model_len: int
     tool_parser: str
     reasoning_parser: str
+    max_token_bytes: int = 0  # most input-text bytes per token (0 = no bound)
 
 
 @dataclass(frozen=True)
@@ -80,11 +84,15 @@ class Styler:
         else:
             template = files.default_chat_template()
         self.chat_template = template
-        self.renderer = ChatTemplateRenderer(
-            template,
-            tokenizer.special_tokens_map,
-            RenderGuard(options.render_timeout_s, options.max_prompt_chars),
+        self.render_pool = RenderPool(
+            RenderLimits(
+                timeout_s=options.render_timeout_s,
+                max_output_chars=options.max_prompt_chars,
+                memory_mb=options.render_memory_mb,
+                num_processes=options.render_processes,
+            )
         )
+        self.renderer = ChatTemplateRenderer(template, tokenizer.special_tokens_map, self.render_pool)
         detect_text = "\n".join([*(files.chat_templates.values()), template or ""])
         self.tool_parser = resolve_parser(
             options.tool_parser,
@@ -117,10 +125,13 @@ class Styler:
         ):
             request = replace(request, chat_template=named["tool_use"])
         prompt = self.renderer.render(request)
+        # Surrogates reach a prompt only through JSON-escaped input; the tokenizer takes UTF-8 text.
+        check_text(prompt, "messages")
         return RenderedPrompt(prompt, self.tokenizer.encode(prompt, add_special_tokens=False))
 
     def open_stream(self, options: StreamOptions) -> DetokenizeSession:
         """State for one DetokenizeStream; "auto" parser names resolve to the model's parsers."""
+        check_text(options.stop, "start.stop")
         tool = resolve_parser(options.tool_parser, self.tool_parser, TOOL_PARSER_NAMES, "start.tool_parser")
         reasoning = resolve_parser(
             options.reasoning_parser, self.reasoning_parser, REASONING_PARSER_NAMES, "start.reasoning_parser"
@@ -128,6 +139,7 @@ class Styler:
         return DetokenizeSession(self.tokenizer, options, tool, reasoning)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text, "text")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -137,6 +149,10 @@ class Styler:
     def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
         self.tokenizer.check_ids(token_ids)
         return [self.tokenizer.token_bytes(t) for t in token_ids]
+
+    def close(self) -> None:
+        """Stop the render processes."""
+        self.render_pool.close()
 
     def info(self) -> StylerInfo:
         tok = self.tokenizer.info()
@@ -151,4 +167,5 @@ class Styler:
             max_model_len=tok.max_model_len,
             tool_parser=self.tool_parser,
             reasoning_parser=self.reasoning_parser,
+            max_token_bytes=tok.max_token_bytes,
         )

@@ -8,6 +8,7 @@ ids and text match `AutoTokenizer` while the serving path stays free of `transfo
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +67,45 @@ def _clean_up_tokenization(text: str) -> str:
     )
 
 
+def _normalizer_shrink(spec: dict[str, Any] | None) -> int:
+    """How many times fewer bytes a normalizer can make of a text (0: no bound). Unicode
+    normalization composes at most three code points into one (Hangul jamo: 9 bytes to 3);
+    lowercasing shortens a few characters (the ohm sign: 3 bytes to 2)."""
+    if spec is None:
+        return 1
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for member in spec.get("normalizers", []):
+            factor *= _normalizer_shrink(member)
+        return factor
+    if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+        return 3
+    if kind == "Lowercase":
+        return 2
+    if kind == "Prepend":
+        return 1
+    if kind == "Replace":
+        pattern = (spec.get("pattern") or {}).get("String")
+        content = spec.get("content", "")
+        if pattern is not None and len(content.encode()) >= len(pattern.encode()):
+            return 1
+    return 0  # Strip, BertNormalizer, regex replacements, ...: text may vanish
+
+
+def _drops_text(spec: Any) -> bool:
+    """Whether a pre-tokenizer may delete input text (whitespace splitters, removed splits)."""
+    if isinstance(spec, dict):
+        if spec.get("type") in ("Whitespace", "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit"):
+            return True
+        if spec.get("behavior") == "Removed":
+            return True
+        return any(_drops_text(v) for v in spec.values())
+    if isinstance(spec, list):
+        return any(_drops_text(v) for v in spec)
+    return False
+
+
 def _as_id_list(value: Any) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]
@@ -84,6 +124,7 @@ class TokenizerInfo:
     eos_token_ids: tuple[int, ...]  # tokenizer, config.json and generation_config.json, in that order
     special_tokens: tuple[str, ...]  # named + extra + every added token flagged special
     max_model_len: int  # 0 when unknown
+    max_token_bytes: int  # most input-text bytes one token stands for (0 = no such bound)
 
 
 class Tokenizer:
@@ -102,6 +143,7 @@ class Tokenizer:
             type(self._tok.model).__name__ != "BPE"
         )
         self._byte_level = "ByteLevel" in repr(self._tok.decoder)
+        self._max_token_bytes_cache: int | None = None
         added = self._tok.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
         # ByteFallback turns a whole run of <0xXX> tokens into U+FFFDs when the run is not valid
@@ -199,18 +241,21 @@ class Tokenizer:
         return self._tok.token_to_id(token) is not None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        # encode_batch lets go of the GIL while it works (encode holds it): a long prompt
+        # tokenized in the thread pool then does not stall the event loop serving the others.
+        (encoding,) = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)
+        return list(encoding.ids)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         text = self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
         return _clean_up_tokenization(text) if self._clean_up_spaces else str(text)
 
-    def check_ids(self, token_ids: Sequence[int]) -> None:
-        """Raise ValueError naming the first id outside the vocabulary."""
+    def check_ids(self, token_ids: Sequence[int], field: str = "token_ids") -> None:
+        """Raise ValueError naming `field` and the first id outside the vocabulary."""
         size = self.vocab_size
         for token_id in token_ids:
-            if token_id >= size:
-                raise ValueError(f"token id {token_id} is out of range (vocabulary size {size})")
+            if not 0 <= token_id < size:
+                raise ValueError(f"{field}: token id {token_id} is out of range (vocabulary size {size})")
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (possibly part of a UTF-8 character)."""
@@ -220,6 +265,10 @@ class Tokenizer:
         added = self._tok.get_added_tokens_decoder().get(token_id)
         if added is not None:
             return piece.encode("utf-8")
+        return self._piece_bytes(piece)
+
+    def _piece_bytes(self, piece: str) -> bytes:
+        """The bytes a vocabulary piece (not an added token) stands for."""
         if self._byte_level:
             table = _byte_decoder()
             if all(ch in table for ch in piece):
@@ -250,4 +299,27 @@ class Tokenizer:
             eos_token_ids=tuple(eos_ids),
             special_tokens=tuple(dict.fromkeys(special)),
             max_model_len=self.files.max_model_len(),
+            max_token_bytes=self._max_token_bytes(),
         )
+
+    def _max_token_bytes(self) -> int:
+        """The most bytes of input text one token can stand for: the longest token's bytes times
+        how much the normalizer may shrink text; 0 where text may vanish (whitespace-dropping
+        pre-tokenizers, fused unknown runs, other models than BPE)."""
+        if self._max_token_bytes_cache is None:
+            spec = json.loads(self._tok.to_str())
+            model = spec.get("model") or {}
+            factor = _normalizer_shrink(spec.get("normalizer"))
+            if (
+                model.get("type") != "BPE"
+                or (model.get("fuse_unk") and not model.get("byte_fallback"))
+                or _drops_text(spec.get("pre_tokenizer"))
+            ):
+                factor = 0
+            added = self._tok.get_added_tokens_decoder()
+            longest = max((len(t.content.encode()) for t in added.values()), default=1)
+            for piece in self._tok.get_vocab(with_added_tokens=False):
+                if len(piece) * 4 > longest:  # a piece is at most 4 bytes a character
+                    longest = max(longest, len(self._piece_bytes(piece)))
+            self._max_token_bytes_cache = max(longest, 1) * factor
+        return self._max_token_bytes_cache

@@ -6,7 +6,8 @@ then blocks that still hold a full, hashed prefix block, least recently freed fi
 free block that holds a cached prefix evicts its hash.
 
 Prefix caching: a full block's identity is a hash chain, hash(parent hash, its token ids), so
-equal hashes mean equal whole prefixes. A block is registered only once its KV has been
+equal hashes mean equal whole prefixes (services/common/block_hash.py, the definition the gateway
+shares; each store and eviction is reported to `events`, kv_events.py). A block is registered only once its KV has been
 computed, so a hit never reads KV that is still being written. A lookup always leaves at least
 the last token to compute, because the step that computes it produces the next-token logits.
 
@@ -18,14 +19,24 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from services.common.block_hash import ROOT_HASH, chain_hash
+from services.worker.kv_events import KvEventLog
+from services.worker.kv_offload import HostKVTier
 from services.worker.request import Sequence
 
-_ROOT_HASH = 0
+_ROOT_HASH = ROOT_HASH
 BlockKey = tuple[int, tuple[int, ...]]  # (parent chain hash, token ids of the block)
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        events: KvEventLog | None = None,
+        offload: HostKVTier | None = None,
+    ) -> None:
         if num_blocks <= 0:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
@@ -34,6 +45,10 @@ class BlockManager:
         self.ref_counts = [0] * num_blocks
         self.block_keys: list[BlockKey | None] = [None] * num_blocks
         self.cached: dict[BlockKey, int] = {}
+        self.block_digests: list[int] = [0] * num_blocks  # chain hash of a cached block
+        self.events = events
+        self.offload = offload if enable_prefix_caching else None
+        self.num_host_hit_tokens = 0  # prefix tokens brought back from the host tier
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
@@ -58,7 +73,7 @@ class BlockManager:
     @staticmethod
     def _key(parent: int, tokens: list[int]) -> tuple[int, BlockKey]:
         key = (parent, tuple(tokens))
-        return hash(key), key
+        return chain_hash(parent, key[1]), key
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of `seq` (not referenced yet)."""
@@ -66,14 +81,39 @@ class BlockManager:
             return []
         bs = self.block_size
         hits: list[int] = []
+        free_hits = 0  # hits in the free pool, moved to its end so that a host load cannot take them
         parent = _ROOT_HASH
         for i in range((seq.num_tokens - 1) // bs):
             parent, key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs])
             block = self.cached.get(key)
+            if block is None and self.offload is not None and key in self.offload:
+                block = self._load_from_host(key, parent, free_hits)
             if block is None:
                 break
+            if self.ref_counts[block] == 0:
+                self.free.move_to_end(block)
+                free_hits += 1
             hits.append(block)
         return hits
+
+    def _load_from_host(self, key: BlockKey, digest: int, protected: int) -> int | None:
+        """Bring a host-tier block back into a free device block, cached again (unreferenced, most
+        recently used); None when every free block is one of the `protected` hits before it."""
+        assert self.offload is not None
+        if len(self.free) <= protected:
+            return None
+        self.offload.touch(key)  # the eviction below may push a host block out: not this one
+        block = self._take_free()
+        if key not in self.offload:  # (a tier of one block)
+            self._unref(block)
+            return None
+        self.offload.load(key, block)
+        self.cached[key] = block
+        self.block_keys[block] = key
+        self.block_digests[block] = digest
+        self._unref(block)
+        self.num_host_hit_tokens += self.block_size
+        return block
 
     # ---- allocation ----------------------------------------------------------------------------
     def can_allocate(
@@ -103,9 +143,8 @@ class BlockManager:
         for block in cached_blocks:
             self._ref(block)
             seq.block_ids.append(block)
-            key = self.block_keys[block]
-            assert key is not None
-            parent = hash(key)
+            assert self.block_keys[block] is not None
+            parent = self.block_digests[block]
             seq.block_hashes.append(parent)
         seq.num_computed_tokens = len(cached_blocks) * self.block_size
 
@@ -160,6 +199,7 @@ class BlockManager:
         """Hash the blocks of `seq` that became full and computed, and offer them to the cache."""
         bs = self.block_size
         num_full = seq.num_computed_tokens // bs
+        stored: list[int] = []
         for i in range(len(seq.block_hashes), num_full):
             parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT_HASH
             digest, key = self._key(parent, seq.token_ids[i * bs : (i + 1) * bs])
@@ -168,14 +208,25 @@ class BlockManager:
             if self.enable_prefix_caching and self.block_keys[block] is None and key not in self.cached:
                 self.cached[key] = block
                 self.block_keys[block] = key
+                self.block_digests[block] = digest
+                stored.append(digest)
+        if stored and self.events is not None:
+            self.events.stored(stored)
 
     # ---- internals -----------------------------------------------------------------------------
     def _take_free(self) -> int:
         block, _ = self.free.popitem(last=False)
         key = self.block_keys[block]
-        if key is not None:  # evict the cached prefix it held
+        if key is not None:  # evict the cached prefix it held (to the host tier when there is one)
             del self.cached[key]
             self.block_keys[block] = None
+            gone = [self.block_digests[block]]
+            if self.offload is not None:
+                dropped = self.offload.save(key, self.block_digests[block], block)
+                # still cached, on the host; what the host tier dropped is gone unless on the device
+                gone = [dropped[1]] if dropped is not None and dropped[0] not in self.cached else []
+            if gone and self.events is not None:
+                self.events.evicted(gone)
         self.ref_counts[block] = 1
         return block
 

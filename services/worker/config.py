@@ -60,7 +60,7 @@ class WorkerConfig(ServiceConfig):
     async_scheduling: Literal["auto", "on", "off"] = "auto"
     """Plan and launch decode step N+1 while step N runs on the device (its input ids come from N's sampled-token tensor); auto: on for CUDA, off on CPU."""
     seed: int = 0
-    """Seed of the random stream used by requests without their own seed, and of dummy weights."""
+    """Seed of the seeds drawn for requests that come without one, and of dummy weights."""
     cpu_threads: int = 0
     """Torch intra-op threads on the CPU; 0 = auto: 1 for tiny models (hidden size <= 256, where threads only add synchronisation), else torch's default."""
     role: Literal["unified", "prefill", "decode"] = "unified"
@@ -69,6 +69,8 @@ class WorkerConfig(ServiceConfig):
     """Prefill role: seconds a prefilled prompt's KV is kept for a decode worker to fetch before it is freed."""
     kv_advertise_address: str = ""
     """Address decode workers use to reach this worker's FetchKV ("" = the bound --address)."""
+    max_pending_requests: int = 1024
+    """Generate / Prefill calls this worker holds at once (running, queued or compiling); one more is refused with RESOURCE_EXHAUSTED, which a gateway takes as back-pressure (another worker, else 429). 0: no limit."""
     kv_chunk_bytes: int = 1024 * 1024
     """Target size of one FetchKV chunk (a layer range x a block range) in bytes (1 MiB was fastest, docs/disaggregation.md)."""
     tensor_parallel_size: int = 1
@@ -85,6 +87,14 @@ class WorkerConfig(ServiceConfig):
     """Port on --master-addr for the group's rendezvous (required with --nnodes > 1; 0 = a free port on one host)."""
     distributed_timeout: float = 300.0
     """Seconds a tensor-parallel collective may wait for the other ranks before the group gives up and exits (a dead or stuck rank never hangs the worker)."""
+    kv_offload_memory: str = ""
+    """Host memory for prefix blocks evicted from the device KV cache (pinned on CUDA), e.g. 4 (GiB) or 512MiB; they come back with one host-to-device copy on a prefix hit. Empty or 0: off."""
+    kv_transport: Literal["auto", "cuda-ipc", "nixl", "grpc"] = "auto"
+    """How KV moves between prefill and decode workers: auto = the fastest both ends support (CUDA IPC on one host, then NIXL, then gRPC); a named one is tried first, then gRPC."""
+    kv_fetch_stall_timeout: float = 10.0
+    """Decode role: seconds a KV fetch may go without progress before it is abandoned and the prompt computed here."""
+    kv_events_buffer: int = 4096
+    """Prefix-cache events (SubscribeKvEvents) kept for subscribers that reconnect; one further behind gets a snapshot."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -108,6 +118,8 @@ class WorkerConfig(ServiceConfig):
             parse_size(self.kv_cache_memory)
         if self.kv_handle_ttl <= 0:
             raise ValueError(f"--kv-handle-ttl must be > 0, got {self.kv_handle_ttl}")
+        if self.max_pending_requests < 0:
+            raise ValueError(f"--max-pending-requests must be >= 0, got {self.max_pending_requests}")
         if self.kv_chunk_bytes <= 0:
             raise ValueError(f"--kv-chunk-bytes must be > 0, got {self.kv_chunk_bytes}")
         if self.tensor_parallel_size < 1:
@@ -132,6 +144,12 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--nnodes {self.nnodes} needs --master-port (node 0's rendezvous port)")
         if self.distributed_timeout <= 0:
             raise ValueError(f"--distributed-timeout must be > 0, got {self.distributed_timeout}")
+        if self.kv_offload_memory:
+            self.kv_offload_bytes  # noqa: B018 - validates
+        if self.kv_fetch_stall_timeout <= 0:
+            raise ValueError(f"--kv-fetch-stall-timeout must be > 0, got {self.kv_fetch_stall_timeout}")
+        if self.kv_events_buffer <= 0:
+            raise ValueError(f"--kv-events-buffer must be > 0, got {self.kv_events_buffer}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -139,6 +157,23 @@ class WorkerConfig(ServiceConfig):
     def world_size(self) -> int:
         """Ranks in this worker's group."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def kv_offload_bytes(self) -> int:
+        """--kv-offload-memory in bytes: a plain number is GiB."""
+        text = self.kv_offload_memory.strip()
+        if not text:
+            return 0
+        try:
+            return int(float(text) * 2**30)
+        except ValueError:
+            pass
+        try:
+            return parse_size(text)
+        except ValueError:
+            raise ValueError(
+                f"--kv-offload-memory: invalid size {text!r} (e.g. 4 for 4 GiB, or 512MiB)"
+            ) from None
 
     @property
     def kv_cache_bytes(self) -> int | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
 from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
+from services.worker.kv_events import KvEventLog
 from services.worker.kv_handles import KVHandleStore
+from services.worker.kv_offload import HostKVTier
 from services.worker.kv_transfer import KVReservation, Span
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
@@ -69,14 +72,9 @@ def resolve_kv_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def resolve_max_model_len(cfg: ModelConfig, requested: int) -> int:
-    limit = cfg.max_position_embeddings
-    if cfg.sliding_window is not None and cfg.sliding_window < limit:
-        limit = cfg.sliding_window  # within the window, full attention is exact
-        if requested > limit:
-            raise ModelConfigError(
-                f"--max-model-len {requested} exceeds the sliding window {limit}, which is not implemented"
-            )
-    return requested or limit
+    # Sliding-window layers mask the keys that left their window (the attention ops), so the
+    # window does not bound the context; the KV of those keys stays allocated (docs/worker.md).
+    return requested or cfg.max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,12 @@ class Engine:
         # (not in a group yet: the graphs would capture rank 0's broadcasts; docs/parallel.md)
         if self.device.type == "cuda" and not config.enforce_eager and self.driver is None:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
+        offload_blocks = HostKVTier.blocks_for(self.kv_cache.tensor, config.kv_offload_bytes)
+        self.kv_offload = HostKVTier(self.kv_cache.tensor, offload_blocks) if offload_blocks > 0 else None
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, self.kv_events, self.kv_offload
+        )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, Request] = {}
         # Disaggregation: decode-side requests whose prompt KV is being fetched (not scheduled yet),
@@ -159,6 +162,8 @@ class Engine:
         self.kv_handles = KVHandleStore(self.block_manager, config.kv_handle_ttl)
         self.grammars, self.guided_unavailable = self._load_grammar_compiler()
         self._arrivals = itertools.count()
+        # the seeds of requests that come without one (--seed makes a worker's run reproducible)
+        self._seeds = random.Random(config.seed)
         # Async scheduling: the decode step launched ahead, read by the next step() call.
         self.async_scheduling = config.async_scheduling == "on" or (
             config.async_scheduling == "auto" and self.device.type == "cuda"
@@ -232,8 +237,11 @@ class Engine:
 
     def add_request(self, req: EngineRequest, schedule: bool = True) -> Request:
         """Queue a request (or only create it, `schedule=False`, for add_fetching_request); raises
-        InvalidRequestError for bad parameters or a duplicate id."""
+        InvalidRequestError for bad parameters or a duplicate id. The one validation of a request
+        on the worker (the gRPC servicer only converts it)."""
         max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
+        if req.sampling.seed is None:  # drawn once: all sampling draws are keyed by a seed (sampling_rng.py)
+            req = replace(req, sampling=replace(req.sampling, seed=self._seeds.getrandbits(64)))
         if req.request_id in self.requests or req.request_id in self.fetching:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
         if req.sampling.n > self.config.max_num_seqs:

@@ -30,30 +30,19 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 import llguidance
 import torch
 
 from services.worker.errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from llguidance._lib import JsonCompileOptions
-
+from services.worker.grammar_check import GrammarChecker, grammar_text, llg_tokenizer
 
 log = logging.getLogger(__name__)
 
 GuidedKind = Literal["json_schema", "json_object", "regex", "choice", "lark_grammar"]
 GUIDED_KINDS: tuple[str, ...] = ("json_schema", "json_object", "regex", "choice", "lark_grammar")
 
-# JSON is generated as `{"a": 1, "b": [2, 3]}`: fixed separators and no free whitespace. With
-# llguidance's default (any whitespace between tokens) small models loop on newlines and spaces
-# until max_tokens; a schema can still ask for other settings with its "x-guidance" key.
-JSON_OPTIONS: JsonCompileOptions = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-}
 GRAMMAR_CACHE_SIZE = 128
 # Threads computing the masks of one step's guided sequences: a mask over a large vocabulary is
 # real CPU work per token; half the cores, at most 8, leaves the rest to the engine, gRPC and tokenizers.
@@ -126,8 +115,11 @@ class GrammarCompiler:
         tokenizer: llguidance.LLTokenizer,
         vocab_size: int,
         cache_size: int = GRAMMAR_CACHE_SIZE,
+        checker: GrammarChecker | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        # compiles each new constraint in a limited child process first (grammar_check.py)
+        self.checker = checker
         self.vocab_size = vocab_size  # the logits' width: the mask covers exactly these ids
         self.num_words = _mask_words(vocab_size)
         # the ids llguidance allows where the grammar accepts (the model's EOS ids we gave it)
@@ -145,12 +137,11 @@ class GrammarCompiler:
         if not file.is_file():
             raise GuidedUnavailableError(f"no tokenizer.json at {file}")
         try:
-            tokenizer = llguidance.LLTokenizer(
-                file.read_text(), n_vocab=vocab_size, eos_token=list(eos_token_ids) or None
-            )
+            text = file.read_text()
+            tokenizer = llg_tokenizer(text, vocab_size, list(eos_token_ids))
         except (ValueError, OSError) as exc:
             raise GuidedUnavailableError(f"{file}: {exc}") from None
-        return cls(tokenizer, vocab_size)
+        return cls(tokenizer, vocab_size, checker=GrammarChecker(text, vocab_size, list(eos_token_ids)))
 
     # ---- compile (gRPC thread pool) -----------------------------------------------------------
     def compile(self, spec: GuidedSpec) -> CompiledGrammar:
@@ -171,8 +162,12 @@ class GrammarCompiler:
         return compiled
 
     def _build(self, spec: GuidedSpec) -> CompiledGrammar:
+        if self.checker is not None:  # a constraint that would crash or stall us fails there
+            error = self.checker.check(spec.kind, spec.text)
+            if error:
+                raise InvalidRequestError(spec.field, _short(error))
         try:
-            grammar = self._grammar_text(spec)
+            grammar = grammar_text(spec.kind, spec.text)
         except ValueError as exc:
             raise InvalidRequestError(spec.field, _short(str(exc))) from None
         template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
@@ -185,30 +180,6 @@ class GrammarCompiler:
             what = "only the empty output" if compiled.first_accepting else "no output"
             raise InvalidRequestError(spec.field, f"the constraint allows {what}: nothing can be generated")
         return compiled
-
-    @staticmethod
-    def _grammar_text(spec: GuidedSpec) -> str:
-        if spec.kind == "json_schema":
-            try:
-                schema = json.loads(spec.text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON ({exc})") from None
-            if not isinstance(schema, (dict, bool)):
-                raise ValueError("a JSON schema must be an object (or a boolean)")
-            return llguidance.LLMatcher.grammar_from_json_schema(spec.text, defaults=JSON_OPTIONS)
-        if spec.kind == "json_object":
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
-        if spec.kind == "regex":
-            return llguidance.LLMatcher.grammar_from_regex(spec.text)
-        if spec.kind == "choice":
-            values = json.loads(spec.text)
-            if not values:
-                raise ValueError("needs at least one value")
-            # Lark string literals; JSON string syntax is what llguidance's own "choice" uses.
-            return llguidance.LLMatcher.grammar_from_lark(
-                "start: " + " | ".join(json.dumps(v) for v in values)
-            )
-        return llguidance.LLMatcher.grammar_from_lark(spec.text)
 
     # ---- masks -------------------------------------------------------------------------------
     def raw_mask(self, matcher: llguidance.LLMatcher) -> bytearray:

@@ -13,6 +13,11 @@
                                                               Engine.kv_fetch_failed (the prompt
                                                               is computed here)
 
+The transport is negotiated per fetch (kv_transports.py): over gRPC the chunks carry the bytes
+(kv_wire.py splices them in and out of the messages without protobuf copies); over CUDA IPC the
+first and only chunk names the prefill worker's cache tensor and blocks (`IpcBlocks`), which
+`receive` copies device to device.
+
 This module only moves bytes: every state change of a request (reserving blocks, FETCHING, ready
 to decode, computing the prompt after all) belongs to the engine and its scheduler, reached here
 through the `KVReceiver` methods, each run on the engine thread (through `AsyncEngine.call`).
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import math
@@ -29,10 +35,11 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
+from services.worker import kv_transports
 from services.worker.kv_cache import KV_DTYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -54,9 +61,19 @@ class KVChunkData:
     layer_end: int
     block_start: int  # index into the handle's block list (skipped blocks counted)
     block_end: int
-    data: bytes  # raw little-endian, C-contiguous
+    data: bytes | memoryview  # raw little-endian, C-contiguous (format "B" when a memoryview)
     dtype: str  # "bfloat16", ...
     shape: tuple[int, ...]  # [layers, 2, blocks, block_size, num_kv_heads, head_dim]
+
+
+@dataclass(frozen=True)
+class IpcBlocks:
+    """A CUDA IPC fetch: the prefill worker's cache tensor and the handle's blocks from
+    `block_start` on (their ids in that cache)."""
+
+    tensor: kv_transports.SharedTensor
+    block_start: int
+    block_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -113,33 +130,46 @@ def chunk_plan(
 
 
 def read_chunk(kv: torch.Tensor, block_ids: tuple[int, ...], span: Span) -> KVChunkData:
-    """Copy kv[l0:l1, :, block_ids[b0:b1]] to host bytes. `kv` is the whole cache tensor
-    [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Copy kv[l0:l1, :, block_ids[b0:b1]] into a host buffer (pinned when `kv` is on a GPU) and
+    view its bytes (no further copy). `kv` is the whole cache tensor [num_layers, 2, num_blocks,
+    block_size, num_kv_heads, head_dim]."""
     l0, l1, b0, b1 = span
-    ids = block_ids[b0:b1]
-    if ids == tuple(range(ids[0], ids[0] + len(ids))):  # contiguous blocks: a plain slice
-        part = kv[l0:l1, :, ids[0] : ids[0] + len(ids)]
+    part = kv_transports.gather_blocks(kv, block_ids[b0:b1], (l0, l1))
+    if kv.device.type == "cpu":
+        host = part.contiguous()  # a held block is not written meanwhile, so a view is safe
     else:
-        part = kv[l0:l1].index_select(2, torch.tensor(ids, device=kv.device))
-    host = part.contiguous().cpu() if kv.device.type != "cpu" else part.contiguous()
-    data = host.view(torch.uint8).numpy().tobytes()
+        host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+        host.copy_(part)
+    data = host.reshape(-1).view(torch.uint8).numpy().data
     return KVChunkData(l0, l1, b0, b1, data, KV_DTYPE_NAMES[kv.dtype], tuple(part.shape))
 
 
+T = TypeVar("T")
+
+
 async def stream_chunks(
-    kv: torch.Tensor, block_ids: tuple[int, ...], first_block: int, target_bytes: int
-) -> AsyncIterator[KVChunkData]:
-    """The chunks of a held prompt's blocks from `first_block` on, read on a worker thread
-    READ_AHEAD ahead. The blocks are held (kv_handles.py): nobody writes them meanwhile."""
+    kv: torch.Tensor,
+    block_ids: tuple[int, ...],
+    first_block: int,
+    target_bytes: int,
+    encode: Callable[[KVChunkData], T],
+) -> AsyncIterator[T]:
+    """The chunks of a held prompt's blocks from `first_block` on, read and `encode`d (into wire
+    bytes) on a worker thread READ_AHEAD ahead. The blocks are held (kv_handles.py): nobody writes
+    them meanwhile."""
     num_layers = kv.shape[0]
     layer_block_bytes = kv[0, :, 0].numel() * kv.element_size()
     plan = chunk_plan(num_layers, len(block_ids), first_block, layer_block_bytes, target_bytes)
-    pending: collections.deque[asyncio.Future[KVChunkData]] = collections.deque()
+    pending: collections.deque[asyncio.Future[T]] = collections.deque()
     loop = asyncio.get_running_loop()
     spans = iter(plan)
+
+    def read(span: Span) -> T:
+        return encode(read_chunk(kv, block_ids, span))
+
     try:
         for span in spans:
-            pending.append(loop.run_in_executor(None, read_chunk, kv, block_ids, span))
+            pending.append(loop.run_in_executor(None, read, span))
             if len(pending) > READ_AHEAD:
                 yield await pending.popleft()
         while pending:
@@ -171,7 +201,7 @@ def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: KVReservatio
     return flat.view(kv.dtype).view(shape)
 
 
-FetchStream = Callable[[KVSource, int], AsyncIterator[KVChunkData]]
+FetchStream = Callable[[KVSource, int], AsyncIterator[KVChunkData | IpcBlocks]]
 
 
 @dataclass(frozen=True)
@@ -181,6 +211,54 @@ class FetchStats:
     seconds: float
     skip_tokens: int
     error: str = ""
+    transport: kv_transports.Transport = "grpc"
+
+
+class FetchStalled(Exception):
+    """No KV arrived for the stall timeout."""
+
+
+async def _next_item(items: AsyncIterator[T], stall_timeout_s: float) -> T:
+    try:
+        return await asyncio.wait_for(anext(items), stall_timeout_s)
+    except TimeoutError:
+        raise FetchStalled(f"no KV arrived for {stall_timeout_s:g} s (--kv-fetch-stall-timeout)") from None
+
+
+def copy_ipc_blocks(
+    engine: KVReceiver,
+    kv: torch.Tensor,
+    request_id: str,
+    ipc: IpcBlocks,
+    reservation: KVReservation,
+    target_bytes: int,
+) -> int:
+    """Engine thread: copy a CUDA IPC fetch's blocks from the peer's cache tensor into the
+    reservation, device to device, layer ranges of about `target_bytes` (bounds the temporary);
+    waits for the copies (the peer frees the blocks once we close the stream). Returns the bytes."""
+    remote = kv_transports.import_tensor(ipc.tensor)
+    if remote.dtype != kv.dtype or remote.shape[0] != kv.shape[0] or remote.shape[3:] != kv.shape[3:]:
+        raise ValueError(f"peer cache {tuple(remote.shape)} {remote.dtype} != this cache's layout {kv.dtype}")
+    block_size = kv.shape[3]
+    skip_blocks = reservation.skip_tokens // block_size
+    if ipc.block_start != skip_blocks or ipc.block_start + len(ipc.block_ids) != reservation.num_blocks:
+        raise ValueError(
+            f"peer offered blocks [{ipc.block_start}, {ipc.block_start + len(ipc.block_ids)}), "
+            f"expected [{skip_blocks}, {reservation.num_blocks})"
+        )
+    num_layers = kv.shape[0]
+    layer_block_bytes = kv[0, :, 0].numel() * kv.element_size()
+    num_bytes = 0
+    for l0, l1, b0, b1 in chunk_plan(
+        num_layers, reservation.num_blocks, skip_blocks, layer_block_bytes, target_bytes
+    ):
+        ids = ipc.block_ids[b0 - skip_blocks : b1 - skip_blocks]
+        part = kv_transports.gather_blocks(remote, ids, (l0, l1))
+        if not engine.write_fetched_kv(request_id, (l0, l1, b0, b1), part):
+            break  # aborted meanwhile
+        num_bytes += part.numel() * part.element_size()
+    kv_transports.synchronize(kv.device)
+    return num_bytes
 
 
 async def receive(
@@ -190,11 +268,14 @@ async def receive(
     request_id: str,
     source: KVSource,
     fetch: FetchStream,
+    stall_timeout_s: float = 10.0,
+    ipc_chunk_bytes: int = 64 << 20,
 ) -> FetchStats:
     """Decode side, after `Engine.add_fetching_request`: pull the KV, then tell the engine it
     arrived, or that the fetch failed (it computes the prompt itself). `call(fn)` runs fn on the
     engine thread; `kv` is the whole cache tensor (shape and dtype checks); `fetch(source,
-    skip_tokens)` streams the chunks."""
+    skip_tokens)` streams the chunks (or one IpcBlocks); a stream silent for `stall_timeout_s`
+    fails the fetch."""
     started = time.monotonic()
     reservation = await call(lambda: engine.fetch_reservation(request_id))
     if reservation is None:  # no room for it: it is already scheduled to compute the prompt
@@ -205,10 +286,27 @@ async def receive(
     expected = num_layers * (reservation.num_blocks - skip_blocks)
     received = 0
     num_bytes = 0
+    transport: kv_transports.Transport = "grpc"
     writes: collections.deque[asyncio.Future[object]] = collections.deque()
+    # Fetched even when the local cache holds every block: the (empty) stream frees the handle.
+    items = fetch(source, reservation.skip_tokens)
     try:
-        # Fetched even when the local cache holds every block: the (empty) stream frees the handle.
-        async for chunk in fetch(source, reservation.skip_tokens):
+        while True:
+            try:
+                chunk = await _next_item(items, stall_timeout_s)
+            except StopAsyncIteration:
+                break
+            if isinstance(chunk, IpcBlocks):
+                transport = "cuda-ipc"
+                copied = await call(
+                    functools.partial(
+                        copy_ipc_blocks, engine, kv, request_id, chunk, reservation, ipc_chunk_bytes
+                    )
+                )
+                assert isinstance(copied, int)
+                num_bytes += copied
+                received = expected
+                break  # closing the stream (below) tells the peer it may free the blocks
             tensor = chunk_tensor(chunk, kv, reservation)
             span = (chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end)
             writes.append(call(functools.partial(engine.write_fetched_kv, request_id, span, tensor)))
@@ -218,6 +316,7 @@ async def receive(
                 await writes.popleft()
         for pending in writes:
             await pending
+        writes.clear()
         if received != expected:
             raise ValueError(f"received {received} of {expected} layer-blocks")
     except asyncio.CancelledError:
@@ -226,16 +325,31 @@ async def receive(
         log.warning(
             "KV fetch of %s from %s failed (%s); computing the prompt here", request_id, source.address, exc
         )
+        for pending in writes:  # no write may land after the blocks go back
+            with contextlib.suppress(Exception):
+                await pending
         await call(lambda: engine.kv_fetch_failed(request_id))
-        return FetchStats(False, num_bytes, time.monotonic() - started, reservation.skip_tokens, str(exc))
+        return FetchStats(
+            False, num_bytes, time.monotonic() - started, reservation.skip_tokens, str(exc), transport
+        )
+    finally:
+        await _close(items)
     await call(lambda: engine.kv_fetched(request_id))
     seconds = time.monotonic() - started
     log.info(
-        "fetched KV of %s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache",
+        "fetched KV of %s over %s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache",
         request_id,
+        transport,
         num_bytes,
         seconds * 1e3,
         num_bytes / max(seconds, 1e-9) / 1e9,
         reservation.skip_tokens,
     )
-    return FetchStats(True, num_bytes, seconds, reservation.skip_tokens)
+    return FetchStats(True, num_bytes, seconds, reservation.skip_tokens, transport=transport)
+
+
+async def _close(items: AsyncIterator[object]) -> None:
+    aclose = getattr(items, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()

@@ -29,6 +29,7 @@ from kernels import KernelOps
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models import model_class
 from services.worker.models.llama import LlamaForCausalLM
+from services.worker.parallel import shard_layout
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def iter_checkpoint(model_dir: str) -> Iterator[tuple[str, str, CheckpointTensor
 
 def _shard_slice(model: LlamaForCausalLM, shard: str) -> tuple[int, int]:
     """(start, size) of a fused parameter's rows that a checkpoint tensor fills (this rank's sizes)."""
-    layout, d = model.layout, model.config.head_dim
+    layout, d = shard_layout(model.config), model.config.head_dim
     q, kv, inter = layout.num_heads * d, layout.num_kv_heads * d, layout.intermediate_size
     return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter), "up": (inter, inter)}[shard]
 
@@ -126,7 +127,7 @@ def _checkpoint_slice(
 ) -> tuple[int, int, int]:
     """(dim, start, size) of the checkpoint tensor `name` (a parameter name, after renames and
     fusing) that this rank holds; the whole tensor with T = 1 and for replicated tensors."""
-    layout, d = model.layout, model.config.head_dim
+    layout, d = shard_layout(model.config), model.config.head_dim
     whole = (0, 0, shape[0] if shape else 0)
     if layout.tp_size == 1:
         return whole
@@ -149,7 +150,7 @@ def _checkpoint_slice(
 def _expert_slice(model: LlamaForCausalLM, part: str) -> tuple[int, int, int]:
     """(dim, start, size) of an expert's checkpoint tensor that this rank holds: a slice of the
     intermediate dimension (gate/up rows, down columns)."""
-    layout = model.layout
+    layout = shard_layout(model.config)
     inter = layout.moe_intermediate_size
     return (0 if part else 1), layout.tp_rank * inter, inter
 
@@ -168,7 +169,7 @@ def _expert_dest(
         return None
     dest = param.data[expert]
     if part:
-        inter = model.layout.moe_intermediate_size
+        inter = shard_layout(model.config).moe_intermediate_size
         dest = dest.narrow(0, 0 if part == "gate" else inter, inter)
     return target, f"{expert}/{part}" if part else str(expert), dest
 
@@ -200,7 +201,7 @@ def load_weights(
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         layer = _LAYER.match(name)
-        if layer is not None and not model.layout.holds_layer(int(layer[1])):
+        if layer is not None and not shard_layout(model.config).holds_layer(int(layer[1])):
             continue  # another pipeline stage's layer
         source = item if isinstance(item, CheckpointTensor) else CheckpointTensor.of(item)
         checkpoint_name = name

@@ -47,9 +47,31 @@ class ModelConfig:
     moe_intermediate_size: int = 0  # each expert's intermediate size
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     dense_layers: tuple[int, ...] = ()  # layers of an MoE model whose MLP is dense anyway
+    # Per-layer attention kind ("sliding_attention" | "full_attention"); () with a sliding window:
+    # every layer slides (Mistral)
+    layer_types: tuple[str, ...] = ()
+    attn_logit_softcapping: float = 0.0  # > 0: scores := cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float = 0.0  # > 0: the same on the LM head's logits (Gemma 2)
+    query_pre_attn_scalar: float = 0.0  # > 0: attention scale = this ** -0.5 (Gemma), else head_dim's
+    # The sliding layers' own rope (Gemma 3: a 10k base for local layers, 1M for global ones)
+    rope_local_theta: float = 0.0  # 0: the sliding layers use the global rope
+    rope_local_scaling: dict[str, Any] | None = None
+    hidden_act: str = "silu"
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
+
+    def layer_window(self, layer: int) -> int:
+        """The layer's sliding window (0: full attention)."""
+        if self.sliding_window is None:
+            return 0
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return 0
+        return self.sliding_window
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
 
 def _as_ids(value: Any) -> list[int]:
@@ -95,6 +117,72 @@ def _moe_fields(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
     }
 
 
+def _normalise_scaling(scaling: dict[str, Any] | None, cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """{"rope_type": ..., ...} with the context lengths YaRN / LongRoPE / dynamic NTK need filled in
+    from the top-level config (Phi-3 keeps `original_max_position_embeddings` there); None for
+    plain rope."""
+    if scaling is None:
+        return None
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "su":  # the old name of longrope
+        rope_type = "longrope"
+    scaling["rope_type"] = rope_type
+    if rope_type == "default":
+        return None
+    max_pos = int(cfg.get("max_position_embeddings", 2048))
+    if rope_type in ("yarn", "longrope", "dynamic"):
+        original = scaling.get("original_max_position_embeddings") or cfg.get(
+            "original_max_position_embeddings"
+        )
+        scaling["original_max_position_embeddings"] = int(original or max_pos)
+        if rope_type == "longrope" and cfg.get("original_max_position_embeddings"):
+            # transformers: the attention factor of Phi-3 comes from the ratio of the two lengths
+            scaling["factor"] = max_pos / int(cfg["original_max_position_embeddings"])
+        elif scaling.get("factor") is None:
+            scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
+    return scaling
+
+
+def _rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta / rope_scaling (global layers) and the sliding layers' own rope where it differs:
+    transformers 5 nests `rope_parameters` per layer type, 4.x has `rope_local_base_freq` (Gemma 3)."""
+    rope = cfg.get("rope_parameters") or {}
+    local: dict[str, Any] | None = None
+    if "full_attention" in rope or "sliding_attention" in rope:
+        local = rope.get("sliding_attention")
+        rope = rope.get("full_attention") or {}
+    if float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
+        raise ModelConfigError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    scaling = cfg.get("rope_scaling") or None
+    if scaling is None and rope:
+        scaling = dict(rope)
+    theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    fields: dict[str, Any] = {"rope_theta": theta, "rope_scaling": _normalise_scaling(scaling, cfg)}
+    if local is not None:
+        fields["rope_local_theta"] = float(local.get("rope_theta", theta))
+        fields["rope_local_scaling"] = _normalise_scaling(dict(local), cfg)
+    elif cfg.get("rope_local_base_freq"):
+        fields["rope_local_theta"] = float(cfg["rope_local_base_freq"])
+    return fields
+
+
+def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple[str, ...]:
+    """Which layers slide: config.json's `layer_types`, else the family's pattern (Gemma 2: every
+    other layer from the first; Gemma 3: five local then one global), else () (all alike)."""
+    types = cfg.get("layer_types")
+    if types:
+        return tuple(str(t) for t in types)
+    if model_type == "gemma2":
+        return tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers))
+    if model_type == "gemma3_text":
+        pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        return tuple(
+            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
+        )
+    return ()
+
+
 def load_model_config(model_dir: str) -> ModelConfig:
     """Read config.json (and generation_config.json when present) of a model directory."""
     root = Path(model_dir)
@@ -106,17 +194,11 @@ def load_model_config(model_dir: str) -> ModelConfig:
     if not archs:
         raise ModelConfigError(f"{cfg_path}: no 'architectures' entry")
     model_type = str(cfg.get("model_type", ""))
-    rope = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or None
-    rope_theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
-    if scaling is None and rope:
-        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    if scaling is not None:
-        scaling = dict(scaling)
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling["rope_type"] = rope_type
-        if rope_type == "default":
-            scaling = None
+    if model_type == "gemma3":  # a multimodal Gemma 3 config: its text model
+        raise ModelConfigError(
+            f"{cfg_path}: Gemma 3 with a vision tower ({archs[0]}) is not supported; "
+            "serve a text-only checkpoint (Gemma3ForCausalLM)"
+        )
     num_heads = int(cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     use_sw = cfg.get("use_sliding_window", True)
@@ -138,17 +220,21 @@ def load_model_config(model_dir: str) -> ModelConfig:
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(cfg.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=scaling,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             o_proj_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=model_type in ("qwen3", "qwen3_moe"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=int(sliding_window) if sliding_window else None,
             eos_token_ids=tuple(eos),
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            layer_types=_layer_types(cfg, model_type, int(cfg["num_hidden_layers"])),
+            attn_logit_softcapping=float(cfg.get("attn_logit_softcapping") or 0.0),
+            final_logit_softcapping=float(cfg.get("final_logit_softcapping") or 0.0),
+            query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or 0.0),
+            hidden_act=str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"),
+            **_rope_fields(cfg),
             **_moe_fields(cfg, model_type),
         )
     except KeyError as exc:

@@ -16,17 +16,17 @@ import logging
 import torch
 from torch import nn
 
-from kernels import KernelOps, build_rope_cache
+from kernels import KernelOps
 from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
-from services.worker.gpu_sampler import GpuSampler
 from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.loader import build_model
 from services.worker.model_config import ModelConfig
 from services.worker.request import Sequence, TokenLogprob
-from services.worker.sampler import Sampler, SamplingMetadata, row_seed, token_logprobs
+from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
+from services.worker.sampling_rng import draw_table
 from services.worker.scheduler import SampledToken, SchedulerOutput
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,14 @@ class ModelRunner:
         self.block_size = block_size
         self.model = build_model(cfg, ops, device, dtype, load_format, seed)
         rope_len = max(max_model_len, 1)
-        self.cos_sin_cache = build_rope_cache(
-            cfg.head_dim, rope_len, cfg.rope_theta, cfg.rope_scaling, dtype, device
-        )
+        self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)
         # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
         # (kernels/triton/skinny_gemm.py) before anything else takes the memory.
         self.linear_report: list[str] = self._tune_linears() if device.type == "cuda" else []
-        sampler_cls = GpuSampler if device.type == "cuda" else Sampler
-        self.sampler = sampler_cls(torch.Generator(device=device).manual_seed(seed))
+        self.sampler = Sampler(ops.exponential_race)
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
-        self._greedy_columns: dict[int, torch.Tensor] = {}  # [7, S] placeholders for all-greedy steps
+        self._greedy_columns: dict[int, torch.Tensor] = {}  # [8, S] placeholders for all-greedy steps
         self._readback: TokenReadback | None = None  # CUDA: pinned buffers the sampled ids come back through
 
     def _tune_linears(self) -> list[str]:
@@ -212,7 +209,6 @@ class ModelRunner:
                 for s in (seq, *item.children):
                     logits_rows.append(cu_seqlens[-1] - 1)
                     rows.append((s, i))
-        dev = self.device
         ids: list[int] | torch.Tensor = input_ids
         if out.prev_rows is not None and any(row >= 0 for row in out.prev_rows):
             assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
@@ -247,16 +243,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         if guided is not None:  # before the sampler: penalties, temperature and logprobs see the mask
             logits = apply_token_mask(logits.float(), guided)
-        if isinstance(self.sampler, GpuSampler):
-            token_ids, raw_logprobs = self.sampler.sample_tensors(logits, meta)
-            return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta)
-        sampled = self.sampler(logits, meta)  # the reference sampler reads the tokens itself (CPU)
-        return StepHandle(
-            len(out.scheduled),
-            entries,
-            torch.tensor(sampled.token_ids, dtype=torch.int64, device=dev),
-            lambda: (sampled.token_ids, sampled.logprobs),
-        )
+        token_ids, raw_logprobs = self.sampler.sample_tensors(logits, meta)
+        return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta)
 
     def _continuation_ids(
         self,
@@ -383,28 +371,26 @@ class ModelRunner:
         params = [s.request.sampling for s in seqs]
         outputs = [s.output_token_ids for s in seqs]
         lengths = [len(out) + (pending[i] if pending else 0) for i, out in enumerate(outputs)]
-        need_penalties = any(
-            p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-            for p in params
-        )
+        need_penalties = any(p.has_penalties for p in params)
         assert not (need_penalties and any(pending or ())), "penalties need every output token on the host"
         banned = [
             sorted(s.request.stop_token_ids) if n < s.request.sampling.min_tokens else []
             for s, n in zip(seqs, lengths, strict=True)
         ]
 
-        all_greedy = all(p.temperature == 0.0 for p in params)
+        all_greedy = all(p.is_greedy for p in params)
         if all_greedy and not need_penalties and dev.type == "cuda":
             # Greedy rows without penalties read none of the per-row columns: skip the host->device
             # copy (it is a visible part of a batch-1 decode step on a GPU).
             columns = self._greedy_columns.get(len(params))
             if columns is None:
-                columns = self._greedy_columns[len(params)] = torch.zeros(7, len(params), device=dev)
+                columns = self._greedy_columns[len(params)] = torch.ones(8, len(params), device=dev)
         else:
             # All per-row parameters in one host->device copy: each copy is a synchronising launch.
             columns = torch.tensor(
                 [
-                    [p.temperature for p in params],
+                    [float(p.is_greedy) for p in params],
+                    [1.0 if p.is_greedy else p.temperature for p in params],
                     [max(p.top_k, 0) for p in params],  # exact in float32 (< 2**24)
                     [p.top_p for p in params],
                     [p.min_p for p in params],
@@ -414,26 +400,34 @@ class ModelRunner:
                 ],
                 dtype=torch.float32,
             ).to(dev, non_blocking=True)  # pageable: staged at once, no wait for the device
+        draws = None
+        if not all_greedy:  # the draws of choice c at output position n (sampling_rng.py)
+            rows = [(_seed(p.seed), s.choice_index, n) for s, p, n in zip(seqs, params, lengths, strict=True)]
+            draws = draw_table(rows).to(dev, non_blocking=True)
 
         return SamplingMetadata(
-            temperature=columns[0],
-            top_k=columns[1].to(torch.int64),
-            top_p=columns[2],
-            min_p=columns[3],
-            repetition_penalty=columns[4],
-            presence_penalty=columns[5],
-            frequency_penalty=columns[6],
+            greedy=columns[0] != 0,
+            temperature=columns[1],
+            top_k=columns[2].to(torch.int64),
+            top_p=columns[3],
+            min_p=columns[4],
+            repetition_penalty=columns[5],
+            presence_penalty=columns[6],
+            frequency_penalty=columns[7],
             output_ids=outputs if need_penalties else [[] for _ in seqs],
             prompt_ids=[list(s.request.req.prompt_token_ids) for s in seqs]
             if need_penalties
             else [[] for _ in seqs],
             banned_ids=banned,
-            seeds=[
-                None if p.seed is None else row_seed(p.seed, s.choice_index, n)
-                for s, p, n in zip(seqs, params, lengths, strict=True)
-            ],
+            draws=draws,
             num_logprobs=[p.logprobs for p in params],
             all_greedy=all_greedy,
-            need_filter=any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
+            need_filter=any(p.has_filter for p in params),
             need_penalties=need_penalties,
         )
+
+
+def _seed(seed: int | None) -> int:
+    if seed is None:  # Engine.add_request draws one for every request that comes without
+        raise ValueError("a request reached the sampler without a seed")
+    return seed

@@ -188,6 +188,29 @@ class ShardLayout:
         return self.tp_rank * self.num_heads
 
 
+# The families whose modules and loading know the shard layout (models/llama.py and its subclasses
+# that keep its modules); the others (Gemma's own modules, Phi-3's pre-fused checkpoint tensors)
+# run on one rank for now.
+PARALLEL_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }
+)
+
+
+def check_architecture(cfg: ModelConfig, world_size: int) -> None:
+    if world_size > 1 and cfg.architecture not in PARALLEL_ARCHITECTURES:
+        raise ModelConfigError(
+            f"{cfg.architecture} cannot be split over several ranks yet (tensor/pipeline parallelism "
+            f"supports {', '.join(sorted(PARALLEL_ARCHITECTURES))})"
+        )
+
+
 def check_tp_size(cfg: ModelConfig, tp_size: int) -> None:
     """One-line errors for a model that cannot be split over `tp_size` ranks."""
     if tp_size < 1:

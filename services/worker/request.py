@@ -1,5 +1,7 @@
 """What a request is inside the engine: its parameters, validation, and the per-choice state.
 
+The sampling parameters are `services/common/sampling.py`'s (re-exported here for engine callers).
+
 An `EngineRequest` (immutable, what a client asked) becomes a `Request` (mutable, engine-owned)
 with one `Sequence` per choice. Choice 0 computes the prompt; with n > 1 the other choices wait
 parked until the prompt is done and then fork from it, sharing the prompt's full KV blocks.
@@ -11,52 +13,37 @@ from __future__ import annotations
 
 import enum
 import itertools
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from services.common.sampling import SamplingError, SamplingParams, validate_sampling
 from services.worker.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
 
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    max_tokens: int | None = None  # None: up to max_model_len
-    min_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    n: int = 1
-    logprobs: int | None = None  # None: no logprobs; k: sampled token's plus k top alternatives
-    prompt_logprobs: int | None = None
-    guided: GuidedSpec | None = None  # constrain the output to a language (guided.py)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+__all__ = [
+    "EngineRequest",
+    "InvalidRequestError",
+    "Request",
+    "SamplingParams",
+    "Sequence",
+    "validate_request",
+]
 
 
 @dataclass(frozen=True)
 class EngineRequest:
     request_id: str
     prompt_token_ids: tuple[int, ...]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    sampling: SamplingParams[GuidedSpec] = field(default_factory=SamplingParams)
     generated_token_ids: tuple[int, ...] = ()  # output produced elsewhere (resume / prefill worker)
     first_choice_index: int = 0
     # Disaggregated prefill: after the first token, keep the prompt's KV blocks under a handle for
     # a decode worker (kv_transfer.py) instead of decoding on.
     hold_kv: bool = False
+    # Fairness group of the scheduler (the prompts of one gateway request share one); "" = its own.
+    group_id: str = ""
     # sampling.guided compiled for this worker's tokenizer (the gRPC servicer compiles it off the
     # engine thread; Engine.add_request compiles it when missing)
     grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
@@ -81,44 +68,14 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
         bad = next((t for t in ids if not 0 <= t < vocab_size), None)
         if bad is not None:
             raise InvalidRequestError(name, f"token id {bad} is not below the vocabulary size {vocab_size}")
-    for stop in sp.stop_token_ids:
-        if not 0 <= stop < vocab_size:
-            raise InvalidRequestError("sampling.stop_token_ids", f"token id {stop} is not below {vocab_size}")
-    floats = {
-        "temperature": sp.temperature,
-        "top_p": sp.top_p,
-        "min_p": sp.min_p,
-        "repetition_penalty": sp.repetition_penalty,
-        "presence_penalty": sp.presence_penalty,
-        "frequency_penalty": sp.frequency_penalty,
-    }
-    for name, value in floats.items():
-        if not math.isfinite(value):
-            raise InvalidRequestError(f"sampling.{name}", f"must be a finite number, got {value}")
-    if sp.temperature < 0:
-        raise InvalidRequestError("sampling.temperature", f"must be >= 0, got {sp.temperature}")
-    if not 0 < sp.top_p <= 1:
-        raise InvalidRequestError("sampling.top_p", f"must be in (0, 1], got {sp.top_p}")
-    if sp.top_k < -1:
-        raise InvalidRequestError("sampling.top_k", f"must be >= 0 (or -1 for off), got {sp.top_k}")
-    if not 0 <= sp.min_p <= 1:
-        raise InvalidRequestError("sampling.min_p", f"must be in [0, 1], got {sp.min_p}")
-    if sp.repetition_penalty <= 0:
-        raise InvalidRequestError("sampling.repetition_penalty", f"must be > 0, got {sp.repetition_penalty}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not -2 <= floats[name] <= 2:
-            raise InvalidRequestError(f"sampling.{name}", f"must be in [-2, 2], got {floats[name]}")
-    if sp.n < 1:
-        raise InvalidRequestError("sampling.n", f"must be >= 1, got {sp.n}")
+    try:
+        validate_sampling(sp, vocab_size)
+    except SamplingError as exc:
+        raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
     if sp.n > 1 and req.generated_token_ids:
         raise InvalidRequestError("generated_token_ids", "requires n = 1")
     if sp.n > 1 and req.hold_kv:
         raise InvalidRequestError("sampling.n", "Prefill takes one choice (n = 1)")
-    for name, k in (("logprobs", sp.logprobs), ("prompt_logprobs", sp.prompt_logprobs)):
-        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
-            raise InvalidRequestError(f"sampling.{name}", f"must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
-    if sp.min_tokens < 0:
-        raise InvalidRequestError("sampling.min_tokens", f"must be >= 0, got {sp.min_tokens}")
     prompt_len = len(req.prompt_token_ids)
     if prompt_len >= max_model_len:
         raise InvalidRequestError(
@@ -126,8 +83,6 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
             f"prompt of {prompt_len} tokens leaves no room in the context of {max_model_len}",
         )
     max_tokens = max_model_len - prompt_len if sp.max_tokens is None else sp.max_tokens
-    if max_tokens < 1:
-        raise InvalidRequestError("sampling.max_tokens", f"must be >= 1, got {max_tokens}")
     if prompt_len + max_tokens > max_model_len:
         raise InvalidRequestError(
             "sampling.max_tokens",
@@ -139,7 +94,9 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
             f"{len(req.generated_token_ids)} tokens already reach max_tokens {max_tokens}",
         )
     if sp.min_tokens > max_tokens:
-        raise InvalidRequestError("sampling.min_tokens", f"{sp.min_tokens} exceeds max_tokens {max_tokens}")
+        raise InvalidRequestError(
+            "sampling.min_tokens", f"must be <= max_tokens ({max_tokens}), got {sp.min_tokens}"
+        )
     return max_tokens
 
 
@@ -262,6 +219,11 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         """Prompt logprobs were asked for and are not all computed yet (no prefix cache then)."""
         return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len - 1
+
+    @property
+    def group(self) -> str:
+        """The scheduler's fairness group: requests sharing one take turns with the others."""
+        return self.req.group_id or self.req.request_id
 
     @property
     def parked(self) -> list[Sequence]:

@@ -1,6 +1,7 @@
 """The tandem.v1.Worker gRPC servicer: protobuf <-> engine dataclasses, and nothing else.
 
-This is the only worker module that imports the generated `worker_pb2` / `common_pb2`.
+This and kv_wire.py (FetchKV's chunk codec) are the worker modules that import the generated
+`worker_pb2` / `common_pb2`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import math
+import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +22,10 @@ import tandem
 from services.common import metrics, telemetry
 from services.common.channels import make_channel
 from services.common.logging import request_id_var
-from services.worker import kv_transfer
+from services.worker import kv_transfer, kv_transports, kv_wire
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
+from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WORKER_STACK_FACTOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
 from services.worker.kv_handles import HeldKV, KVHandleError
@@ -32,7 +35,6 @@ from services.worker.request import (
     InvalidRequestError,
     SamplingParams,
     TokenLogprob,
-    validate_request,
 )
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -52,6 +54,22 @@ _ROLES = {
 }
 # A decode worker gives a FetchKV stream this long before it computes the prompt itself.
 FETCH_TIMEOUT_S = 60.0
+_TRANSPORTS_PB = {
+    "grpc": worker_pb2.KV_TRANSPORT_GRPC,
+    "cuda-ipc": worker_pb2.KV_TRANSPORT_CUDA_IPC,
+    "nixl": worker_pb2.KV_TRANSPORT_NIXL,
+}
+_TRANSPORTS: dict[int, kv_transports.Transport] = {
+    worker_pb2.KV_TRANSPORT_GRPC: "grpc",
+    worker_pb2.KV_TRANSPORT_CUDA_IPC: "cuda-ipc",
+    worker_pb2.KV_TRANSPORT_NIXL: "nixl",
+}
+_EVENT_KINDS = {
+    "stored": worker_pb2.KV_EVENT_KIND_STORED,
+    "evicted": worker_pb2.KV_EVENT_KIND_EVICTED,
+    "snapshot": worker_pb2.KV_EVENT_KIND_SNAPSHOT,
+}
+FETCH_KV_METHOD = "/tandem.v1.Worker/FetchKV"
 # Threads that compile guided grammars (llguidance releases the GIL while it builds one).
 GRAMMAR_THREADS = 2
 
@@ -75,26 +93,31 @@ def guided_from_pb(sp: common_pb2.SamplingParams) -> GuidedSpec | None:
     return GuidedSpec(kind, text)
 
 
-def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams:
-    def opt(name: str, default: float) -> float:
-        return float(getattr(sp, name)) if sp.HasField(name) else default
+# Fields whose unset value means the dataclass default (services/common/sampling.py decides it).
+_OPTIONAL_SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "max_tokens",
+    "n",
+    "logprobs",
+    "prompt_logprobs",
+)
 
+
+def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams[GuidedSpec]:
+    """The proto as the dataclass, unchecked: the engine validates it when it admits the request."""
+    given = {name: getattr(sp, name) for name in _OPTIONAL_SAMPLING if sp.HasField(name)}
     return SamplingParams(
-        temperature=opt("temperature", 1.0),
-        top_p=opt("top_p", 1.0),
-        top_k=int(sp.top_k) if sp.HasField("top_k") else 0,
-        min_p=opt("min_p", 0.0),
-        repetition_penalty=opt("repetition_penalty", 1.0),
-        presence_penalty=opt("presence_penalty", 0.0),
-        frequency_penalty=opt("frequency_penalty", 0.0),
-        seed=int(sp.seed) if sp.HasField("seed") else None,
-        max_tokens=int(sp.max_tokens) if sp.HasField("max_tokens") else None,
-        min_tokens=int(sp.min_tokens),
+        **given,
+        min_tokens=sp.min_tokens,
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
-        n=int(sp.n) if sp.HasField("n") else 1,
-        logprobs=int(sp.logprobs) if sp.HasField("logprobs") else None,
-        prompt_logprobs=int(sp.prompt_logprobs) if sp.HasField("prompt_logprobs") else None,
         guided=guided_from_pb(sp),
     )
 
@@ -106,6 +129,7 @@ def request_from_pb(msg: worker_pb2.GenerateRequest) -> EngineRequest:
         sampling=sampling_from_pb(msg.sampling),
         generated_token_ids=tuple(msg.generated_token_ids),
         first_choice_index=msg.first_choice_index,
+        group_id=msg.group_id,
     )
 
 
@@ -152,20 +176,6 @@ def fingerprint(engine: Engine) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _check_floats(sp: common_pb2.SamplingParams) -> None:
-    """NaN must be refused before any comparison treats it as in range."""
-    for name in (
-        "temperature",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    ):
-        if sp.HasField(name) and not math.isfinite(getattr(sp, name)):
-            raise InvalidRequestError(f"sampling.{name}", f"must be a finite number, got {getattr(sp, name)}")
-
-
 def kv_source_from_pb(msg: worker_pb2.GenerateRequest) -> kv_transfer.KVSource | None:
     if not msg.HasField("kv_source"):
         return None
@@ -173,22 +183,30 @@ def kv_source_from_pb(msg: worker_pb2.GenerateRequest) -> kv_transfer.KVSource |
     return kv_transfer.KVSource(h.handle_id, h.address, h.num_tokens, h.fingerprint)
 
 
-def chunk_to_pb(chunk: kv_transfer.KVChunkData) -> worker_pb2.KVChunk:
-    return worker_pb2.KVChunk(
+def encode_chunk(chunk: kv_transfer.KVChunkData) -> bytes:
+    """A KVChunk's wire bytes, the data spliced in from the host buffer (kv_wire.py)."""
+    head = worker_pb2.KVChunk(
         layer_start=chunk.layer_start,
         layer_end=chunk.layer_end,
         block_start=chunk.block_start,
         block_end=chunk.block_end,
-        data=chunk.data,
-        dtype=chunk.dtype,
-        shape=chunk.shape,
     )
+    return kv_wire.encode_chunk(head, worker_pb2.KVChunk(dtype=chunk.dtype, shape=chunk.shape), chunk.data)
 
 
-def chunk_from_pb(msg: worker_pb2.KVChunk) -> kv_transfer.KVChunkData:
+def chunk_from_wire(wire: kv_wire.WireChunk) -> kv_transfer.KVChunkData | kv_transfer.IpcBlocks:
+    msg = wire.header
+    if msg.HasField("cuda_ipc"):
+        ipc = msg.cuda_ipc
+        shared = kv_transports.SharedTensor(ipc.tensor_id, ipc.tensor_handle)
+        return kv_transfer.IpcBlocks(shared, ipc.block_start, tuple(ipc.block_ids))
     return kv_transfer.KVChunkData(
-        msg.layer_start, msg.layer_end, msg.block_start, msg.block_end, msg.data, msg.dtype, tuple(msg.shape)
+        msg.layer_start, msg.layer_end, msg.block_start, msg.block_end, wire.data, msg.dtype, tuple(msg.shape)
     )
+
+
+def _identity(raw: bytes) -> bytes:
+    return raw
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -201,9 +219,49 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         tls = self.engine.config.tls
         self._credentials = tls.channel_credentials() if tls is not None else None
         self._kv_channels: dict[str, grpc.aio.Channel] = {}  # prefill workers we fetch from
+        # Transports this worker serves and uses (tests may narrow or widen them), and what it asks for.
+        self.kv_transports = kv_transports.supported(self.engine.device)
+        self.kv_preferences = kv_transports.preferences(
+            self.engine.config.kv_transport, self.kv_transports, self.engine.device
+        )
+        self.fetch_stats: list[kv_transfer.FetchStats] = []  # the last few, for tests and logs
+        # Prefill workers whose CUDA IPC fetch failed here (e.g. no shared /dev/shm between
+        # containers): later fetches from them skip it rather than fail and recompute every time.
+        self._ipc_failed: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        self._grammar_pool = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar")
+        self._grammar_pool = _grammar_pool(CHECK_STACK_BYTES * WORKER_STACK_FACTOR)
+        self.max_pending = self.engine.config.max_pending_requests
+        self.num_pending = 0  # Generate / Prefill calls held now (admission, `_admit`)
         _export_load_gauges(engine)
+
+    @contextlib.contextmanager
+    def _admit(self):  # type: ignore[no-untyped-def]
+        """Count a Generate / Prefill call while it runs; the caller refuses it first when full."""
+        self.num_pending += 1
+        try:
+            yield
+        finally:
+            self.num_pending -= 1
+
+    async def _refuse_when_full(self, context: grpc.aio.ServicerContext) -> None:
+        """RESOURCE_EXHAUSTED past --max-pending-requests: the caller's back-pressure (another
+        worker or a 429), never a sign that this worker is broken."""
+        if self.max_pending and self.num_pending >= self.max_pending:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this worker holds {self.num_pending} requests (--max-pending-requests "
+                f"{self.max_pending}); retry later or on another worker",
+            )
+
+    def _request_failed(self, req: EngineRequest, error: str) -> tuple[grpc.StatusCode, str]:
+        """The status of a request the engine failed: guided decoding failing is the request's
+        constraint (INVALID_ARGUMENT naming its field); anything else is ours (INTERNAL)."""
+        spec = req.sampling.guided
+        if spec is not None and error.startswith("guided decoding failed"):
+            log.warning("request %s failed: %s: %s", req.request_id, spec.field, error)
+            return grpc.StatusCode.INVALID_ARGUMENT, f"{spec.field}: {error}"
+        log.error("request %s failed: %s", req.request_id, error)
+        return grpc.StatusCode.INTERNAL, error
 
     async def _compile_grammar(self, req: EngineRequest, context: grpc.aio.ServicerContext) -> EngineRequest:
         """Compile the request's guided constraint on the grammar threads (never on the event loop
@@ -242,11 +300,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         request_id_var.set(request.request_id or "-")
+        await self._refuse_when_full(context)
+        with self._admit():
+            async for chunk in self._generate(request, context):
+                yield chunk
+
+    async def _generate(
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         source = kv_source_from_pb(request)
         try:
-            _check_floats(request.sampling)
-            req = request_from_pb(request)
-            validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
+            req = request_from_pb(request)  # validated once, by the engine when it admits it
             if source is not None:
                 self._check_kv_source(source, req)
         except InvalidRequestError as exc:
@@ -275,14 +339,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             outputs = self.async_engine.submit(req, add=self.engine.add_fetching_request)
         try:
             if source is not None:
-                await kv_transfer.receive(
+                stats = await kv_transfer.receive(
                     self.async_engine.call,
                     self.engine,
                     self.engine.kv_cache.tensor,
                     req.request_id,
                     source,
                     self._fetch_kv,
+                    self.engine.config.kv_fetch_stall_timeout,
                 )
+                self._record_fetch(source.address, stats)
             while not finished:
                 item = await outputs.get()
                 if isinstance(item, InvalidRequestError):
@@ -292,7 +358,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 assert isinstance(item, RequestOutput)
                 if item.error is not None:  # the engine failed it (ended: nothing to abort)
                     finished = True
-                    await context.abort(grpc.StatusCode.INTERNAL, item.error)
+                    await context.abort(*self._request_failed(req, item.error))
                 if first_token is None and any(c.token_ids for c in item.choices):
                     first_token = time.monotonic()
                 finished = item.finished
@@ -346,6 +412,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_kv_blocks=e.block_manager.num_blocks,
             max_num_seqs=e.config.max_num_seqs,
             version=tandem.__version__,
+            kv_transports=[_TRANSPORTS_PB[t] for t in self.kv_transports],
+            host_id=kv_transports.host_id(),
+            kv_events=e.kv_events is not None,
         )
 
     async def GetLoad(
@@ -367,20 +436,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
         request_id_var.set(request.request_id or "-")
+        await self._refuse_when_full(context)
+        with self._admit():
+            return await self._prefill(request, context)
+
+    async def _prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
         try:
-            _check_floats(request.sampling)
-            if request.sampling.HasField("n") and request.sampling.n != 1:
-                raise InvalidRequestError(
-                    "sampling.n", f"Prefill takes one choice (n = 1), got {request.sampling.n}"
-                )
             req = EngineRequest(
                 request_id=request.request_id,
                 prompt_token_ids=tuple(request.prompt_token_ids),
                 sampling=sampling_from_pb(request.sampling),
                 first_choice_index=request.first_choice_index,
                 hold_kv=True,
-            )
-            validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
+            )  # validated once, by the engine when it admits it
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         req = await self._compile_grammar(req, context)
@@ -399,7 +469,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 assert isinstance(item, RequestOutput)
                 finished = item.finished
                 if item.error is not None:
-                    await context.abort(grpc.StatusCode.INTERNAL, item.error)
+                    await context.abort(*self._request_failed(req, item.error))
                 chunk = output_to_pb(item)
                 for delta in chunk.choices:
                     reply.first.index = delta.index
@@ -431,7 +501,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def FetchKV(
         self, request: worker_pb2.FetchKVRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[worker_pb2.KVChunk]:
+    ) -> AsyncIterator[bytes]:
+        """Yields each KVChunk's wire bytes (add_to_server registers an identity serializer)."""
         handle_id = request.handle_id
         store = self.engine.kv_handles
         if not handle_id:
@@ -449,7 +520,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except KVHandleError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         block_size = self.engine.config.block_size
-        num_blocks_sent = 0
+        num_blocks_sent = first_block = 0
+        kv = self.engine.kv_cache.tensor
+        transport: kv_transports.Transport = "grpc"
+        started = time.monotonic()
         try:
             if request.skip_tokens % block_size or request.skip_tokens > held.num_tokens:
                 await context.abort(
@@ -458,15 +532,44 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     f"and at most the handle's {held.num_tokens} tokens",
                 )
             first_block = request.skip_tokens // block_size
-            async for chunk in kv_transfer.stream_chunks(
-                self.engine.kv_cache.tensor,
+            wanted = [_TRANSPORTS[t] for t in request.transports if t in _TRANSPORTS]
+            transport = kv_transports.choose(
+                wanted, request.host_id, self.kv_transports, kv_transports.host_id()
+            )
+            if transport == "cuda-ipc" and first_block < len(held.block_ids):
+                shared = kv_transports.export_tensor(kv)
+                ipc = worker_pb2.CudaIpcKV(
+                    tensor_handle=shared.handle,
+                    tensor_id=shared.tensor_id,
+                    block_ids=held.block_ids[first_block:],
+                    block_start=first_block,
+                )
+                yield worker_pb2.KVChunk(
+                    transport=worker_pb2.KV_TRANSPORT_CUDA_IPC, cuda_ipc=ipc
+                ).SerializeToString()
+                # The caller copies the blocks, then closes the stream (this task is cancelled);
+                # the blocks stay held until then, or until the handle's TTL passes again.
+                await asyncio.sleep(max(store.ttl_s, FETCH_TIMEOUT_S))
+                log.warning("KV handle %s: the CUDA IPC reader never closed its stream", handle_id)
+                return
+            num_bytes = 0
+            async for raw in kv_transfer.stream_chunks(
+                kv,
                 held.block_ids,
                 first_block,
                 request.chunk_bytes or self.engine.config.kv_chunk_bytes,
+                encode_chunk,
             ):
-                yield chunk_to_pb(chunk)
+                yield raw
+                num_bytes += len(raw)
             num_blocks_sent = len(held.block_ids) - first_block
+            metrics.observe_kv_transfer("send", num_bytes, time.monotonic() - started, transport="grpc")
         finally:
+            if transport == "cuda-ipc" and first_block < len(held.block_ids):
+                num_blocks_sent = len(held.block_ids) - first_block
+                metrics.observe_kv_transfer(
+                    "send", num_blocks_sent * held_block_bytes(kv), time.monotonic() - started, "cuda-ipc"
+                )
             # Fetched, failed or cancelled: the handle is single-use, its blocks go back now.
             self.async_engine.call(lambda: store.release(handle_id, num_blocks_sent))
 
@@ -479,22 +582,84 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _fetch_kv(
         self, source: kv_transfer.KVSource, skip_tokens: int
-    ) -> AsyncIterator[kv_transfer.KVChunkData]:
-        """Decode side: the FetchKV stream of `source` from its prefill worker."""
+    ) -> AsyncIterator[kv_transfer.KVChunkData | kv_transfer.IpcBlocks]:
+        """Decode side: the FetchKV stream of `source` from its prefill worker, its chunks' data
+        viewed in the received bytes (kv_wire.py)."""
         channel = self._kv_channels.get(source.address)
         if channel is None:
             channel = self._kv_channels[source.address] = make_channel(source.address, self._credentials)
-        call = worker_pb2_grpc.WorkerStub(channel).FetchKV(
+        fetch = channel.unary_stream(
+            FETCH_KV_METHOD,
+            request_serializer=worker_pb2.FetchKVRequest.SerializeToString,
+            response_deserializer=kv_wire.decode_chunk,
+        )
+        call = fetch(
             worker_pb2.FetchKVRequest(
-                handle_id=source.handle_id, skip_tokens=skip_tokens, fingerprint=self.fingerprint
+                handle_id=source.handle_id,
+                skip_tokens=skip_tokens,
+                fingerprint=self.fingerprint,
+                transports=[
+                    _TRANSPORTS_PB[t]
+                    for t in self.kv_preferences
+                    if not (t == "cuda-ipc" and source.address in self._ipc_failed)
+                ],
+                host_id=kv_transports.host_id(),
             ),
             timeout=FETCH_TIMEOUT_S,
         )
         try:
-            async for chunk in call:
-                yield chunk_from_pb(chunk)
+            async for wire in call:
+                assert isinstance(wire, kv_wire.WireChunk)
+                yield chunk_from_wire(wire)
         finally:
             call.cancel()
+
+    def _record_fetch(self, address: str, stats: kv_transfer.FetchStats) -> None:
+        self.fetch_stats = [*self.fetch_stats[-63:], stats]
+        if not stats.ok and stats.transport == "cuda-ipc" and address not in self._ipc_failed:
+            log.warning(
+                "CUDA IPC from %s failed (%s); using the next transport from now on", address, stats.error
+            )
+            self._ipc_failed.add(address)
+        if stats.ok:
+            metrics.observe_kv_transfer("receive", stats.num_bytes, stats.seconds, stats.transport)
+
+    async def SubscribeKvEvents(
+        self, request: worker_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.KvEvent]:
+        events = self.engine.kv_events
+        if events is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this worker runs without prefix caching: no KV events"
+            )
+        assert events is not None
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def notify() -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+        unsubscribe = events.listen(notify)
+        after, epoch = request.after_sequence, request.epoch
+        block_size = self.engine.config.block_size
+        try:
+            await context.send_initial_metadata(())  # tells the subscriber it is subscribed
+            while True:
+                wake.clear()
+                batch = events.since(after, epoch)
+                for event in batch:
+                    yield worker_pb2.KvEvent(
+                        sequence=event.sequence,
+                        kind=_EVENT_KINDS[event.kind],
+                        block_hashes=event.hashes,
+                        block_size=block_size,
+                        epoch=events.epoch,
+                    )
+                    after, epoch = event.sequence, events.epoch
+                if not batch:
+                    await wake.wait()
+        finally:
+            unsubscribe()
 
     async def close(self) -> None:
         """Stop the handle sweeper and close the channels to prefill workers."""
@@ -505,6 +670,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         for channel in self._kv_channels.values():
             await channel.close()
         self._grammar_pool.shutdown(wait=False, cancel_futures=True)
+        grammars = self.engine.grammars
+        if grammars is not None and grammars.checker is not None:
+            grammars.checker.close()
 
     def _start_sweeper(self) -> None:
         """Free expired KV handles in the background (started by the first Prefill)."""
@@ -522,6 +690,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._sweeper = asyncio.create_task(sweep())
 
 
+def _lower_priority() -> None:
+    """This thread yields the CPU to serving (Linux: the niceness of one thread)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECK_NICENESS)
+
+
+def _grammar_pool(stack_bytes: int) -> ThreadPoolExecutor:
+    """The grammar threads, started now with `stack_bytes` of stack each: a constraint compiles
+    here only after it compiled in a checking child with a fraction of that (grammar_check.py)."""
+    pool = ThreadPoolExecutor(GRAMMAR_THREADS, thread_name_prefix="grammar", initializer=_lower_priority)
+    barrier = threading.Barrier(GRAMMAR_THREADS)  # each task waits for the others: N threads
+    previous = threading.stack_size(stack_bytes)  # read by thread creation, inside submit
+    try:
+        started = [pool.submit(barrier.wait) for _ in range(GRAMMAR_THREADS)]
+    finally:
+        threading.stack_size(previous)
+    for future in started:
+        future.result()
+    return pool
+
+
 def _export_load_gauges(engine: AsyncEngine) -> None:
     """Queue, running and KV-cache gauges read from the engine's load snapshot at each scrape."""
     metrics.declare("worker")
@@ -532,6 +721,8 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
         lambda: engine.load.num_kv_blocks_used / max(engine.load.num_kv_blocks_total, 1),
     )
     metrics.gauge_from(metrics.PREFIX_CACHE_HIT_RATE, lambda: engine.load.prefix_cache_hit_rate)
+    bm = engine.engine.block_manager
+    metrics.gauge_from(metrics.PREFIX_CACHE_HOST_HITS, lambda: bm.num_host_hit_tokens)
 
 
 def _observe_finished(
@@ -560,7 +751,39 @@ def _observe_finished(
     telemetry.record_request_timeline(timeline, trace_parent)
 
 
+def held_block_bytes(kv: object) -> int:
+    """Bytes of one block over all layers of the cache tensor `kv`."""
+    import torch
+
+    assert isinstance(kv, torch.Tensor)
+    return kv[:, :, 0].numel() * kv.element_size()
+
+
+class _HandlerCapture:
+    """Collects the generated code's method handlers so that add_to_server can replace one."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers.update(handlers)
+
+
 def add_to_server(server: grpc.aio.Server, engine: AsyncEngine) -> WorkerServicer:
     servicer = WorkerServicer(engine)
-    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    capture = _HandlerCapture()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, capture)
+    # FetchKV yields its chunks already serialized (kv_wire.py splices the KV bytes in).
+    capture.handlers["FetchKV"] = grpc.unary_stream_rpc_method_handler(
+        servicer.FetchKV,
+        request_deserializer=worker_pb2.FetchKVRequest.FromString,
+        response_serializer=_identity,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, capture.handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, capture.handlers)
     return servicer

@@ -1,37 +1,35 @@
-"""Token choice from the last-position logits of each sampling row.
+"""Token choice from the last-position logits of each sampling row, the same code on CPU and GPU.
 
 Order (as vLLM): logprobs are taken from the raw model distribution (log_softmax of the fp32
 logits) first; then min_tokens masks the stop ids, penalties apply (repetition over prompt and
 output, presence / frequency over the output), greedy rows take the argmax, and the other rows
-divide by the temperature, keep top-k / top-p / min-p, and sample.
+divide by the temperature, keep top-k / top-p / min-p, and sample with the exponential race of
+`sampling_rng.py` (draws keyed by seed, choice, output position and token: the same tokens
+whatever the batch, the step or the device).
 
-Sampling is the exponential race `argmax(probs / q)`, q ~ Exp(1), which draws from `probs`.
-A seeded row draws its q on the CPU from a generator seeded by (seed, choice index, output
-position) alone, so its tokens do not depend on the batch, the step or the worker it runs on,
-and a request resumed elsewhere continues exactly as the uninterrupted run would.
+Every per-row step is one batched tensor operation (bans and penalties scatter all rows' ids at
+once as flattened (row, id) pairs; no per-row loop touches the device), and `sample_tensors`
+never waits for the device: the caller reads the ids when it needs them (the step's one
+synchronisation), so it can launch more work first.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from services.worker.request import TokenLogprob
-
-
-def row_seed(seed: int, choice_index: int, position: int) -> int:
-    """The generator seed of one sampling draw: a function of these three numbers only."""
-    data = f"{seed}:{choice_index}:{position}".encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+from services.worker.sampling_rng import exponential_race
 
 
 @dataclass(frozen=True)
 class SamplingMetadata:
-    temperature: torch.Tensor  # [S] float32; 0 for greedy rows
+    greedy: torch.Tensor  # [S] bool: SamplingParams.is_greedy of each row
+    temperature: torch.Tensor  # [S] float32; 1 for greedy rows (they never divide by it)
     top_k: torch.Tensor  # [S] int64; 0 = off
     top_p: torch.Tensor  # [S] float32
     min_p: torch.Tensor  # [S] float32
@@ -41,7 +39,9 @@ class SamplingMetadata:
     output_ids: list[list[int]]  # [S][*] output so far, for penalties
     prompt_ids: list[list[int]]  # [S][*] prompt, for the repetition penalty
     banned_ids: list[list[int]]  # [S][*] stop ids masked because min_tokens is not reached
-    seeds: list[int | None]  # [S] per-row draw seed (row_seed) or None for the shared stream
+    # [S, 3] int64 (seed, choice index, output position) keying the draws (sampling_rng.py); None
+    # when all rows are greedy
+    draws: torch.Tensor | None
     num_logprobs: list[int | None]  # [S] None: no logprobs; k: sampled + k top
     all_greedy: bool
     need_filter: bool  # some row uses top-k, top-p or min-p
@@ -65,22 +65,13 @@ def flat_pairs(rows: list[list[int]], device: torch.device) -> tuple[torch.Tenso
 
 
 class Sampler:
-    def __init__(self, generator: torch.Generator) -> None:
-        self.generator = generator  # the shared stream of unseeded rows (device of the logits)
+    def __init__(self, race: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        # the exponential race: sampling_rng's (the definition), or a kernel bundle's one-pass twin
+        self.race = race or exponential_race
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
-        """logits: [S, V] float32."""
-        logits = logits.float()
-        want_logprobs = any(k is not None for k in meta.num_logprobs)
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if any(meta.banned_ids) or meta.need_penalties:
-            logits = logits.clone()
-        for row, banned in enumerate(meta.banned_ids):
-            if banned:
-                logits[row, banned] = float("-inf")
-        if meta.need_penalties:
-            logits = self._apply_penalties(logits, meta)
-        token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
+        """logits: [S, V]; the ids and logprobs read back to the host."""
+        token_ids, raw_logprobs = self.sample_tensors(logits, meta)
         ids = token_ids.tolist()
         return SamplerOutput(
             ids,
@@ -89,13 +80,31 @@ class Sampler:
             else [None] * len(ids),
         )
 
+    def sample_tensors(
+        self, logits: torch.Tensor, meta: SamplingMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sampled ids [S] int64 and, when a row wants logprobs, the raw log-softmax [S, V], both
+        left on the logits' device: nothing here waits for the device (host->device copies are
+        async), so the caller can launch more work before reading them."""
+        logits = logits.float()
+        want_logprobs = any(k is not None for k in meta.num_logprobs)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        banned = flat_pairs(meta.banned_ids, logits.device)
+        if banned is not None or meta.need_penalties:
+            logits = logits.clone()
+        if banned is not None:
+            logits.index_put_(banned, torch.full((), float("-inf"), device=logits.device))
+        if meta.need_penalties:
+            logits = self._apply_penalties(logits, meta)
+        token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
+        return token_ids, raw_logprobs
+
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         num_rows, vocab = logits.shape
         device = logits.device
         counts = torch.zeros(num_rows, vocab, device=device)
         in_prompt = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
-        # All rows at once (no per-row device work): scatter (row, token) pairs.
         out_pairs = flat_pairs(meta.output_ids, device)
         if out_pairs is not None:
             counts.index_put_(out_pairs, torch.ones(out_pairs[0].shape[0], device=device), accumulate=True)
@@ -110,25 +119,12 @@ class Sampler:
         return logits - meta.presence_penalty[:, None] * (counts > 0).float()
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        greedy = meta.temperature == 0
-        temperature = torch.where(greedy, torch.ones_like(meta.temperature), meta.temperature)
-        scaled = logits / temperature[:, None]
+        assert meta.draws is not None, "rows that sample need their draw table"
+        scaled = logits / meta.temperature[:, None]
         if meta.need_filter:
             scaled = self._filter(scaled, meta)
-        probs = torch.softmax(scaled, dim=-1)
-        q = torch.empty_like(probs)
-        unseeded = [row for row, s in enumerate(meta.seeds) if s is None]
-        if unseeded:
-            q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(
-                generator=self.generator
-            )
-        for row, seed in enumerate(meta.seeds):
-            if seed is not None:
-                gen = torch.Generator().manual_seed(seed)
-                q[row] = torch.empty(probs.shape[1]).exponential_(generator=gen).to(probs.device)
-        q.clamp_(min=torch.finfo(q.dtype).tiny)  # a draw of 0 would let a p = 0 token win via NaN
-        sampled = (probs / q).argmax(dim=-1)
-        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+        sampled = self.race(torch.softmax(scaled, dim=-1), meta.draws)
+        return torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
 
     @staticmethod
     def _filter(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -145,12 +141,6 @@ class Sampler:
         drop[:, 0] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
-
-    @staticmethod
-    def _logprobs(
-        raw: torch.Tensor, token_ids: torch.Tensor, meta: SamplingMetadata
-    ) -> list[TokenLogprob | None]:
-        return token_logprobs(raw, token_ids, meta.num_logprobs)
 
 
 def token_logprobs(

@@ -3,8 +3,15 @@
 Each step hands out at most `max_num_batched_tokens` tokens. Running sequences go first, oldest
 first; a running sequence still prefilling gets only what is left after reserving one token for
 every decode behind it, so decodes are never starved by a long prompt. Waiting sequences are then
-admitted first come, first served, their prompts chunked to the remaining budget, while no
-running sequence had to be preempted this step.
+admitted, their prompts chunked to the remaining budget, while no running sequence had to be
+preempted this step.
+
+Admission is fair between groups (a group = the prompts of one gateway request, `group_id`):
+the next sequence admitted is the oldest waiting one of the group with the fewest running
+sequences, first come, first served between equals. So a request with hundreds of prompts does
+not queue a small request behind all of them; and when a group with nothing running cannot be
+admitted for lack of sequence slots or KV blocks, the newest sequences of a group holding a large
+share of the slots are preempted (by recompute, below) to make room for it.
 
 When the KV cache runs out, the newest running sequence is preempted by recompute: its blocks are
 freed and it goes back to the front of the queue with its tokens so far (prompt + output), to be
@@ -13,12 +20,16 @@ prefilled again later (largely from the prefix cache when its blocks survived).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from services.worker.block_manager import BlockManager
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
+
+# A group holding more than max_num_seqs // LARGE_GROUP_DIVISOR running sequences is preempted
+# to admit a group with nothing running that does not fit.
+LARGE_GROUP_DIVISOR = 8
 
 
 @dataclass
@@ -107,6 +118,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         num_preempted = 0
+        num_made_room = self._make_room_for_starved_group()
         decodes_left = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
         i = 0
         while i < len(self.running) and budget > 0:
@@ -132,19 +144,27 @@ class Scheduler:
             budget -= num_new
             i += 1
 
+        running_per_group = Counter(s.request.group for s in self.running)
+        slots = self._slots_taken()
         while self.waiting and budget > 0 and not num_preempted:
-            seq = self.waiting[0]
+            index = self._next_waiting(running_per_group)
+            seq = self.waiting[index]
             n_parked = len(seq.request.parked)
-            if len(self.running) + 1 + n_parked > self.max_num_seqs:
+            if slots + 1 + n_parked > self.max_num_seqs:
                 break
             admission = self._admission(seq, budget)
             if admission is None:
                 break
-            scheduled.append(self._admit(self.waiting.popleft(), admission))
+            del self.waiting[index]
+            scheduled.append(self._admit(seq, admission))
+            running_per_group[seq.request.group] += 1 + n_parked
+            slots += 1 + n_parked
             budget -= admission.num_new
 
         copies, self._pending_copies = self._pending_copies, []
-        return SchedulerOutput(scheduled, copies, self.max_num_batched_tokens - budget, num_preempted)
+        return SchedulerOutput(
+            scheduled, copies, self.max_num_batched_tokens - budget, num_preempted + num_made_room
+        )
 
     def schedule_continuation(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """Async scheduling: the step after `prev`, planned while `prev` still runs on the device and
@@ -214,10 +234,16 @@ class Scheduler:
             needed += self.bm.blocks_needed(item.seq, item.num_new_tokens + num_new)
         if not plan or budget < 0 or needed > self.bm.num_free_blocks:
             return None
+        if self.waiting:
+            # Fair admission out of arrival order, or preemption for a starved group: schedule().
+            running_per_group = Counter(s.request.group for s in self.running)
+            if self._next_waiting(running_per_group) != 0 or self._room_taker() is not None:
+                return None
         # How many waiting sequences schedule() would admit beside these (counted, nothing taken).
         admits, reserved, left = 0, needed, budget
+        slots = self._slots_taken()
         for seq in self.waiting:
-            if left <= 0 or len(self.running) + admits + 1 + len(seq.request.parked) > self.max_num_seqs:
+            if left <= 0 or slots + admits + 1 + len(seq.request.parked) > self.max_num_seqs:
                 break
             admission = self._admission(seq, left, reserved)
             if admission is None:
@@ -244,6 +270,62 @@ class Scheduler:
             rows.append(-1)
             budget -= admission.num_new
         return SchedulerOutput(scheduled, [], self.max_num_batched_tokens - budget, 0, prev_rows=rows)
+
+    def _slots_taken(self) -> int:
+        """Sequence slots in use (--max-num-seqs): the running sequences and the parked choices
+        that fork from them when their prompt is done."""
+        return len(self.running) + sum(len(s.request.parked) for s in self.running)
+
+    def _next_waiting(self, running_per_group: Counter[str]) -> int:
+        """Index in `waiting` of the sequence to admit next: the oldest of the group with the
+        fewest running sequences (FIFO between equals)."""
+        if not running_per_group[self.waiting[0].request.group]:
+            return 0  # nothing of its group runs: nobody is ahead of it (the usual case)
+        best, best_count = 0, running_per_group[self.waiting[0].request.group]
+        seen: set[str] = set()
+        for i, seq in enumerate(self.waiting):
+            group = seq.request.group
+            if group in seen:
+                continue
+            seen.add(group)
+            count = running_per_group[group]
+            if count < best_count:
+                best, best_count = i, count
+                if not count:
+                    break
+        return best
+
+    def _room_taker(self) -> tuple[Sequence, str] | None:
+        """The next waiting sequence and the group to preempt for it, when it belongs to a group
+        with nothing running, does not fit (sequence slots or KV blocks), and another group holds
+        more sequences than it needs; else None."""
+        if not self.waiting or not self.running:
+            return None
+        running_per_group = Counter(s.request.group for s in self.running)
+        seq = self.waiting[self._next_waiting(running_per_group)]
+        if running_per_group[seq.request.group]:
+            return None
+        group, count = running_per_group.most_common(1)[0]
+        # Preempting costs a recompute: only a group holding a large share of the slots (one
+        # that can starve the others) gives way, not the ordinary mix of n > 1 requests.
+        if count <= max(1 + len(seq.request.parked), self.max_num_seqs // LARGE_GROUP_DIVISOR):
+            return None
+        fits_slots = self._slots_taken() + 1 + len(seq.request.parked) <= self.max_num_seqs
+        if fits_slots and self._admission(seq, self.max_num_batched_tokens) is not None:
+            return None
+        return seq, group
+
+    def _make_room_for_starved_group(self) -> int:
+        """Preempt the newest running sequences of the group holding the most while `_room_taker`
+        says so. Done before anything is scheduled (a preempted sequence must not be in this
+        step). Returns how many were preempted."""
+        preempted = 0
+        while (taker := self._room_taker()) is not None:
+            _, group = taker
+            victim = next(s for s in reversed(self.running) if s.request.group == group)
+            self._preempt(victim)
+            preempted += 1
+        return preempted
 
     def _admission(self, seq: Sequence, budget: int, reserved: int = 0) -> _Admission | None:
         """How waiting `seq` would be admitted with `budget` tokens left, or None when the KV cache

@@ -86,6 +86,7 @@ def check_group(config: WorkerConfig) -> None:
     """One-line errors (ModelConfigError) for a group that cannot work, before any weight loads."""
     t = config.tensor_parallel_size
     cfg = load_model_config(config.model)
+    parallel.check_architecture(cfg, config.world_size)
     parallel.check_tp_size(cfg, t)
     parallel.check_pp_size(cfg, config.pipeline_parallel_size)
     per_node = config.world_size // config.nnodes

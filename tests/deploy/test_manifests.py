@@ -158,17 +158,17 @@ def test_compose_serves_the_model_name_the_examples_send(compose_all: dict[str, 
     }
     assert set(names) == {"worker", "worker-gpu", "prefill", "decode", "gateway", "gateway-disagg"}
     assert all(value == ["default"] for value in names.values()), names
-    examples = re.findall(r'"model" ?: ?"([^"]+)"', _compose_section(REPO_ROOT / "README.md"))
+    examples = re.findall(r'"model" ?: ?"([^"]+)"', _compose_section(REPO_ROOT / "docs" / "deploy.md"))
     assert examples and set(examples) == {"default"}
     renamed = compose_config(env={"TANDEM_SERVED_MODEL_NAME": "qwen"})["services"]
     assert _option(renamed["gateway"]["command"], "--served-model-name") == ["qwen"]
 
 
-def _compose_section(readme: Path) -> str:
-    """The README's "Docker Compose" and `docker run` text (to the next heading of its level)."""
-    text = readme.read_text()
-    start = text.index("### Docker Compose")
-    end = text.find("\n### ", start + 1)
+def _compose_section(doc: Path) -> str:
+    """docs/deploy.md's "Images" (the `docker run` example) and "Docker Compose" sections."""
+    text = doc.read_text()
+    start = text.index("## Images")
+    end = text.find("\n## Kubernetes", start + 1)
     return text[start : end if end != -1 else None]
 
 

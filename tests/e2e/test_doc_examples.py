@@ -108,7 +108,7 @@ class DocSession:
         return re.sub(r"(?m)^(\s*)grpcurl ", rf"\1{shlex.quote(str(ROOT / '.venv/bin/grpcurl'))} ", code)
 
     def run(self, ex: Example) -> None:
-        code = self.rewrite(ex.code)
+        code = self.rewrite(ex.code).replace("\\\n", " ")  # continuation lines: one command
         if ex.lang == "python":
             self._python(ex, code)
             return

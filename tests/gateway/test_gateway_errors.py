@@ -110,7 +110,7 @@ def still_serves(http: httpx.Client) -> None:
         (COMPLETIONS, {"prompt": [[]]}, "prompt", "prompt"),
         (COMPLETIONS, {"prompt": "hi", "logprobs": 50}, "logprobs", "<= 20"),
         (COMPLETIONS, {}, "prompt", "required"),
-        (CHAT, {"messages": MESSAGES, "chat_template": "{% for %}"}, None, ""),
+        (CHAT, {"messages": MESSAGES, "chat_template": "{% for %}"}, "chat_template", "syntax error"),
     ],
 )
 def test_invalid_input_is_400_naming_the_field(

@@ -44,6 +44,23 @@ def test_client_disconnect_aborts_on_the_worker_within_a_second(stories_stack: S
         time.sleep(0.02)
 
 
+def test_stop_string_aborts_on_the_worker_and_counts_what_was_returned(stories_stack: Stack) -> None:
+    """A stop string ends the choice: the worker aborts the request (by the Abort rpc, its stream
+    then ending by itself) and the usage counts the tokens up to the stop, not what the worker
+    generated before it heard of the abort."""
+    body = {"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": True, "stop": ["."]}
+    with httpx.Client(base_url=stories_stack.url, timeout=60) as http:
+        reply = http.post("/v1/completions", json=body)
+        answered = time.monotonic()
+        assert reply.status_code == 200, reply.text
+        answer = reply.json()
+        assert answer["choices"][0]["finish_reason"] == "stop"
+        assert answer["usage"]["completion_tokens"] < 480
+        while worker_load(stories_stack.worker_addresses[0]) != (0, 0):
+            assert time.monotonic() - answered < 1.0, "the worker still runs the stopped request"
+            time.sleep(0.02)
+
+
 async def test_200_concurrent_streams_equal_whole_responses(stories_stack: Stack) -> None:
     client = openai.AsyncOpenAI(base_url=stories_stack.base_url, api_key="unused", max_retries=0, timeout=300)
 

@@ -119,3 +119,63 @@ def test_streamed_tool_request_has_openai_chunk_shape(qwen3_stack: Stack) -> Non
     assert chunks[-1].usage is not None and chunks[-1].choices == []
     for chunk in chunks:
         json.loads(chunk.model_dump_json())
+
+
+def test_the_sdk_tool_loop_works_as_written(qwen3_stack: Stack) -> None:
+    """The OpenAI SDK's canonical loop: append the reply's message object itself (assistant,
+    `content: None`, `tool_calls` with JSON-text arguments) and a `tool` message, ask again."""
+    client = openai.OpenAI(base_url=qwen3_stack.base_url, api_key="unused", max_retries=0, timeout=60)
+    messages: list[Any] = list(MESSAGES)
+    reply = client.chat.completions.create(
+        model=qwen3_stack.model.name,
+        messages=messages,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=48,
+        temperature=0,
+    )
+    message = reply.choices[0].message
+    assert message.tool_calls and message.content is None  # the shape that used to fail
+    messages.append(message)
+    for call in message.tool_calls:
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'})
+    again = client.chat.completions.create(
+        model=qwen3_stack.model.name, messages=messages, tools=TOOLS, max_tokens=4, temperature=0
+    )
+    assert again.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert again.usage is not None and again.usage.prompt_tokens > (
+        reply.usage.prompt_tokens if reply.usage else 0
+    )
+
+
+def test_a_template_error_names_the_message_and_the_line(qwen3_stack: Stack) -> None:
+    template = (
+        "{% for m in messages %}\n{{ raise_exception('no ' + m.role) if m.role == 'tool' }}{% endfor %}"
+    )
+    body = {
+        "messages": [*MESSAGES, {"role": "tool", "tool_call_id": "x", "content": "1"}],
+        "chat_template": template,
+        "max_tokens": 2,
+    }
+    reply = httpx.post(qwen3_stack.url + "/v1/chat/completions", json=body, timeout=60)
+    error = reply.json()["error"]
+    assert reply.status_code == 400, error
+    assert error["param"] == "messages[2]"
+    assert error["message"] == "messages[2]: no tool (chat template line 2)"
+
+
+def test_a_continued_thought_is_reported_as_reasoning(qwen3_stack: Stack) -> None:
+    """The prompt ends inside `<think>` without ending in `<think>`: the output is reasoning."""
+    body = {
+        "messages": [*MESSAGES, {"role": "assistant", "content": "<think>\nLet me think"}],
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    reply = httpx.post(qwen3_stack.url + "/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    message = reply.json()["choices"][0]["message"]
+    assert message.get("reasoning_content"), message
+    assert not message["content"], message

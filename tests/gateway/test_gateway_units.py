@@ -23,20 +23,20 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 def test_chat_defaults_follow_openai() -> None:
     req = parse_chat({"messages": MESSAGES})
-    p = req.params
-    assert (p.n, p.max_tokens, p.temperature, p.stream, p.logprobs, p.stop) == (
+    p, sp = req.params, req.params.sampling
+    assert (sp.n, sp.max_tokens, sp.temperature, p.stream, sp.logprobs, p.stop) == (
         1,
         None,
-        None,
+        1.0,
         False,
         None,
         (),
     )
     assert p.skip_special_tokens and req.add_generation_prompt and req.tool_choice == "none"
     req = parse_chat({"messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 7, "stop": "x"})
-    assert req.params.max_tokens == 7 and req.params.stop == ("x",)
+    assert req.params.sampling.max_tokens == 7 and req.params.stop == ("x",)
     req = parse_chat({"messages": MESSAGES, "logprobs": True, "top_logprobs": 4, "top_k": -1})
-    assert req.params.logprobs == 4 and req.params.top_k is None
+    assert req.params.sampling.logprobs == 4 and req.params.sampling.top_k == 0
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert parse_chat({"messages": MESSAGES, "tools": tools}).tool_choice == "auto"
 
@@ -71,7 +71,7 @@ def test_completion_prompt_forms() -> None:
     assert parse_completion({"prompt": ["a", "b"]}).prompts == ("a", "b")
     assert parse_completion({"prompt": [1, 2]}).prompts == ((1, 2),)
     assert parse_completion({"prompt": [[1], [2, 3]]}).prompts == ((1,), (2, 3))
-    assert parse_completion({"prompt": "a", "logprobs": 0}).params.logprobs == 0
+    assert parse_completion({"prompt": "a", "logprobs": 0}).params.sampling.logprobs == 0
     for bad in ([], [1, "a"], [[1], []], 5, ""):
         with pytest.raises(APIError):
             parse_completion({"prompt": bad})
@@ -207,3 +207,27 @@ def test_continuous_usage_stats_is_accepted() -> None:
     with pytest.raises(APIError) as err:
         parse_chat({"messages": MESSAGES, "stream": True, "stream_options": {"continuous_usage_stats": 1}})
     assert err.value.param == "stream_options.continuous_usage_stats"
+
+
+def test_worker_statuses_fail_the_request_not_the_worker() -> None:
+    """The failure contract (docs/gateway.md): a status that describes one request is that
+    request's answer; only UNAVAILABLE takes a worker out of rotation."""
+    from gateway.downstream import Guided
+    from gateway.worker_stream import BACK_PRESSURE, WORKER_GONE, _client_error
+    from services.common.sampling import SamplingParams
+
+    def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    assert set(WORKER_GONE) == {grpc.StatusCode.UNAVAILABLE}
+    assert set(BACK_PRESSURE) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert _client_error(rpc_error(grpc.StatusCode.INTERNAL, "boom"), SamplingParams()).status == 500
+    assert _client_error(rpc_error(grpc.StatusCode.UNKNOWN, "boom"), SamplingParams()).status == 500
+    full = _client_error(rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "full"), SamplingParams())
+    assert (full.status, full.retry_after_s) == (429, 1)
+    guided = SamplingParams(guided=Guided("regex", "a{1000000}", param="guided_regex"))
+    error = _client_error(
+        rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "sampling.guided.regex: guided decoding failed: x"),
+        guided,
+    )
+    assert (error.status, error.param) == (400, "guided_regex")

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.clients import _sampling_to_proto
-from gateway.downstream import Guided, Sampling
+from gateway.downstream import Guided
 from gateway.errors import APIError
 from gateway.execution import ChoiceUpdate, PromptRun, RequestRun
 from gateway.forced_tool_calls import NamedCall, RequiredCalls
@@ -25,6 +25,7 @@ from gateway.rpc import chat_body, completion_body
 from gateway.structured_output import worker_error
 from gateway.tool_schema import ForcedToolChoice, required_schema
 from gateway.validation import parse_chat, parse_completion
+from services.common.sampling import SamplingParams
 from tandem.v1 import common_pb2, inference_pb2
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -51,15 +52,17 @@ def _error(fn: Any, body: dict[str, Any]) -> APIError:
 
 
 def test_response_format_maps_to_guided_decoding() -> None:
-    assert parse_chat({"messages": MESSAGES, "response_format": {"type": "text"}}).params.guided is None
-    g = parse_chat({"messages": MESSAGES, "response_format": {"type": "json_object"}}).params.guided
+    assert (
+        parse_chat({"messages": MESSAGES, "response_format": {"type": "text"}}).params.sampling.guided is None
+    )
+    g = parse_chat({"messages": MESSAGES, "response_format": {"type": "json_object"}}).params.sampling.guided
     assert g == Guided("json_object", param="response_format")
     rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
-    g = parse_chat({"messages": MESSAGES, "response_format": rf}).params.guided
+    g = parse_chat({"messages": MESSAGES, "response_format": rf}).params.sampling.guided
     assert g is not None and g.kind == "json_schema" and json.loads(g.value) == PERSON
     assert g.param == "response_format"
     # completions take the same fields (vLLM)
-    g = parse_completion({"prompt": "x", "response_format": rf}).params.guided
+    g = parse_completion({"prompt": "x", "response_format": rf}).params.sampling.guided
     assert g is not None and json.loads(g.value) == PERSON
 
 
@@ -85,7 +88,7 @@ def test_bad_response_format_is_400_naming_it(body: Any, words: str) -> None:
 
 def test_vllm_guided_fields() -> None:
     def guided(**fields: Any) -> Guided | None:
-        return parse_chat({"messages": MESSAGES, **fields}).params.guided
+        return parse_chat({"messages": MESSAGES, **fields}).params.sampling.guided
 
     g = guided(guided_json=PERSON)
     assert g is not None and (g.kind, json.loads(g.value), g.param) == ("json_schema", PERSON, "guided_json")
@@ -153,14 +156,14 @@ def test_two_constraints_are_refused_naming_both() -> None:
     assert err.param == "tool_choice" and "'guided_json'" in err.message
     # tool_choice auto is no constraint: response_format applies to the text
     req = parse_chat({"messages": MESSAGES, "tools": TOOLS, "response_format": {"type": "json_object"}})
-    assert req.forced_tool is None and req.params.guided is not None
+    assert req.forced_tool is None and req.params.sampling.guided is not None
 
 
 def test_tool_choice_named_guides_with_the_functions_parameters() -> None:
     named = {"type": "function", "function": {"name": "get_weather"}}
     req = parse_chat({"messages": MESSAGES, "tools": TOOLS, "tool_choice": named})
     assert req.tool_choice == "named" and req.forced_tool == ForcedToolChoice("named", "get_weather")
-    g = req.params.guided
+    g = req.params.sampling.guided
     assert g is not None and json.loads(g.value) == WEATHER and g.param == "tools[0].function.parameters"
     req = parse_chat(
         {
@@ -169,7 +172,9 @@ def test_tool_choice_named_guides_with_the_functions_parameters() -> None:
             "tool_choice": {"type": "function", "function": {"name": "get_time"}},
         }
     )
-    assert req.params.guided is not None and json.loads(req.params.guided.value) == {"type": "object"}
+    assert req.params.sampling.guided is not None and json.loads(req.params.sampling.guided.value) == {
+        "type": "object"
+    }
     for bad in (
         {"type": "function", "function": {"name": "nope"}},
         {"type": "function"},
@@ -190,8 +195,8 @@ def test_tool_choice_named_guides_with_the_functions_parameters() -> None:
 def test_required_schema_accepts_exactly_calls_of_the_tools() -> None:
     req = parse_chat({"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"})
     assert req.forced_tool == ForcedToolChoice("required")
-    assert req.params.guided is not None and req.params.guided.param == "tools"
-    schema = json.loads(req.params.guided.value)
+    assert req.params.sampling.guided is not None and req.params.sampling.guided.param == "tools"
+    schema = json.loads(req.params.sampling.guided.value)
     assert schema == required_schema(TOOLS, True)
     validator = jsonschema.Draft202012Validator(schema)
     validator.check_schema(schema)
@@ -513,8 +518,8 @@ def test_sampling_carries_the_constraint_to_the_worker() -> None:
         Guided("lark_grammar", "start: x"): common_pb2.GuidedDecoding(lark_grammar="start: x"),
     }
     for guided, want in cases.items():
-        assert _sampling_to_proto(Sampling(guided=guided)).guided == want
-    assert not _sampling_to_proto(Sampling()).HasField("guided")
+        assert _sampling_to_proto(SamplingParams(guided=guided)).guided == want
+    assert not _sampling_to_proto(SamplingParams()).HasField("guided")
 
 
 def test_grpc_options_guided_is_the_http_field() -> None:
@@ -523,7 +528,7 @@ def test_grpc_options_guided_is_the_http_field() -> None:
             messages=[common_pb2.ChatMessage(role="user", text="hi")],
             options=inference_pb2.GenerationOptions(guided=guided),
         )
-        return parse_chat(chat_body(request, False)).params.guided
+        return parse_chat(chat_body(request, False)).params.sampling.guided
 
     g = chat(common_pb2.GuidedDecoding(json_schema=json.dumps(PERSON)))
     assert g is not None and json.loads(g.value) == PERSON
@@ -535,7 +540,7 @@ def test_grpc_options_guided_is_the_http_field() -> None:
         text="x",
         options=inference_pb2.GenerationOptions(guided=common_pb2.GuidedDecoding(lark_grammar="start: x")),
     )
-    assert parse_completion(completion_body(completion, True)).params.guided == Guided(
+    assert parse_completion(completion_body(completion, True)).params.sampling.guided == Guided(
         "lark_grammar", "start: x", param="guided_grammar"
     )
     with pytest.raises(APIError):

@@ -154,3 +154,90 @@ def test_rotary_low_precision_close_to_fp32(dtype: torch.dtype) -> None:
     assert qlo.dtype == dtype
     torch.testing.assert_close(qlo.float(), q32, atol=TOL[dtype] * 4, rtol=TOL[dtype] * 4)
     torch.testing.assert_close(klo.float(), k32, atol=TOL[dtype] * 4, rtol=TOL[dtype] * 4)
+
+
+SCALED_ROPES = [
+    {"rope_theta": 10000.0, "rope_type": "linear", "factor": 4.0},
+    {
+        "rope_theta": 1000000.0,
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 4096,
+    },
+    {
+        "rope_theta": 10000.0,
+        "rope_type": "yarn",
+        "factor": 8.0,
+        "original_max_position_embeddings": 2048,
+        "beta_fast": 16,
+        "beta_slow": 2,
+        "mscale": 1.0,
+        "mscale_all_dim": 0.5,
+    },
+    {"rope_theta": 10000.0, "rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16384},
+]
+
+
+@pytest.mark.parametrize("rope_parameters", SCALED_ROPES)
+def test_scaled_ropes_match_transformers(rope_parameters: dict) -> None:
+    """Linear, YaRN (cos/sin scaled by its attention factor) and dynamic NTK (within the original
+    context: the plain rope, as transformers for sequences that short) against LlamaRotaryEmbedding."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    head_dim = 64
+    config = LlamaConfig(
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=16384,
+        rope_parameters=dict(rope_parameters),
+    )
+    rope = LlamaRotaryEmbedding(config)
+    cache = reference.build_rope_cache(
+        head_dim, 8192, rope_parameters["rope_theta"], dict(rope_parameters), torch.float32, "cpu"
+    )
+    positions = torch.tensor([0, 1, 5, 127, 4097, 8191])
+    cos, sin = rope(torch.zeros(1, 1, head_dim), positions[None])
+    torch.testing.assert_close(
+        cache[positions, : head_dim // 2], cos[0, :, : head_dim // 2], atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        cache[positions, head_dim // 2 :], sin[0, :, : head_dim // 2], atol=1e-5, rtol=0
+    )
+
+
+def test_longrope_picks_its_factors_by_the_served_context() -> None:
+    """LongRoPE: the short factors for a table within original_max_position_embeddings, the long
+    ones for a longer table (transformers' rotation of a sequence longer than that), both scaled
+    by sqrt(1 + ln(factor) / ln(original))."""
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    head_dim = 32
+    short = [1.0 + 0.05 * i for i in range(head_dim // 2)]
+    long = [1.5 + 0.3 * i for i in range(head_dim // 2)]
+    scaling = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": short,
+        "long_factor": long,
+        "original_max_position_embeddings": 256,
+        "factor": 4.0,
+    }
+    config = Phi3Config(
+        hidden_size=head_dim * 2,
+        num_attention_heads=2,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=256,
+        rope_parameters={k: v for k, v in scaling.items() if k != "factor"},
+    )
+    rope = Phi3RotaryEmbedding(config)
+    x = torch.zeros(1, 1, head_dim)
+    for table_len, positions in ((256, torch.arange(0, 256, 17)), (1024, torch.arange(0, 1024, 61))):
+        cache = reference.build_rope_cache(head_dim, table_len, 10000.0, scaling, torch.float32, "cpu")
+        # transformers picks the factors by the longest position it is given
+        cos, sin = rope(x, positions[None])
+        half = head_dim // 2
+        torch.testing.assert_close(cache[positions, :half], cos[0, :, :half], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cache[positions, half:], sin[0, :, :half], atol=1e-5, rtol=0)

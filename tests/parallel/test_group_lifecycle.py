@@ -159,3 +159,20 @@ def test_two_nodes_on_one_machine_serve_and_go_down_together(
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def test_family_without_parallel_modules_is_a_one_line_error(tmp_path: Path) -> None:
+    """Gemma 2 has its own modules (not the sharded ones): refused before any weight loads."""
+    from tests.worker.worker_testlib import TINY_BUILDERS
+
+    TINY_BUILDERS["gemma2"]().save_pretrained(str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "tandem.cli", "worker", "--model", str(tmp_path), "--device", "cpu"]
+    proc = subprocess.run(
+        [*cmd, "--tensor-parallel-size", "2"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Gemma2ForCausalLM cannot be split over several ranks yet" in lines[0], (
+        proc.stderr
+    )

@@ -11,6 +11,7 @@ import pytest
 
 from services.styler.chat_template import RenderInput, TemplateRenderError, content_format, flatten_text_parts
 from services.styler.messages import message_dict, tool_call_dict
+from services.styler.styler import Styler, StylerOptions
 
 from .helpers import (
     load_styler,
@@ -115,6 +116,8 @@ def _reference(
     messages, tools, kwargs = CONVERSATIONS[name]
     ref = reference_tokenizer(str(tok_dir))
     source = template if template is not None else ref.chat_template
+    # vLLM hands templates "" for a missing / None content (the SDK's assistant tool-call turn).
+    messages = [{**m, "content": "" if m.get("content") is None else m["content"]} for m in messages]
     if content_format(source) == "string":  # text parts are joined for templates that expect a string
         messages = flatten_text_parts(messages)
     args: dict[str, Any] = dict(
@@ -246,3 +249,149 @@ def test_content_parts_reach_templates_that_iterate_them() -> None:
         copy.deepcopy(messages), chat_template=template, tokenize=False
     )
     assert ours.prompt == ref == "[a][b]"
+
+
+def _sdk_tool_loop(call_id: str) -> list[dict[str, Any]]:
+    """The messages of the OpenAI SDK's canonical tool loop as the client sends them: the reply's
+    message as is (`content: None`, `refusal: None`, arguments as JSON text) and a `tool` answer."""
+    return [
+        {"role": "user", "content": "Weather in Zürich?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "refusal": None,
+            "tool_calls": [
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Zürich"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": call_id, "content": '{"temp": 21}'},
+    ]
+
+
+@needs_shared
+@pytest.mark.parametrize("tok_dir", tokenizer_dirs(), ids=lambda p: p.name)
+def test_sdk_tool_loop_renders_with_every_tool_template(tok_dir: Path) -> None:
+    """The tokenizer's own template and every shared template that takes tools render the loop;
+    the result is transformers' rendering of the normalised messages (content "", arguments a dict)."""
+    styler = load_styler(str(tok_dir))
+    templates = [("own", styler.chat_template or "")] + [
+        (p.stem, p.read_text(encoding="utf-8")) for p in template_files()
+    ]
+    checked = 0
+    for name, source in templates:
+        if "tool_calls" not in source:
+            continue
+        # Mistral's templates take only its own 9-character ids (what its tool parser makes).
+        messages = _sdk_tool_loop("a1B2c3D4e" if "length 9" in source else "call_0a1b2c3d4e5f")
+        ours = styler.render(RenderInput(messages=messages, tools=TOOLS, chat_template=source))
+        normalised = copy.deepcopy(messages)
+        normalised[1]["content"] = ""
+        normalised[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Zürich"}
+        ref = reference_tokenizer(str(tok_dir)).apply_chat_template(
+            normalised, tools=TOOLS, chat_template=source, tokenize=False, add_generation_prompt=True
+        )
+        assert ours.prompt == ref, name
+        assert "Zürich" in ours.prompt and "21" in ours.prompt, name
+        checked += 1
+    assert checked >= 2
+
+
+@needs_shared
+def test_template_error_names_the_message_and_line() -> None:
+    styler = load_styler(str(tokenizer_dirs()[0]))
+    template = (
+        "{% for m in messages %}\n{% if m.role == 'tool' %}{{ m.content.nope() }}{% endif %}{% endfor %}"
+    )
+    messages = [message_dict("user", "hi"), message_dict("tool", "x", tool_call_id="1")]
+    with pytest.raises(TemplateRenderError) as exc:
+        styler.render(RenderInput(messages=messages, chat_template=template))
+    assert (exc.value.field, exc.value.line) == ("messages[1]", 2)
+    assert exc.value.describe() == "messages[1]: 'str object' has no attribute 'nope' (chat template line 2)"
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    "template",
+    [
+        '{{ "%2000000000d" % 1 }}',
+        '{{ "%.2000000000f" % 1.5 }}',
+        '{{ "%(a)2000000000s" % {"a": 1} }}',
+        "{{ '{:>2000000000}'.format(1) }}",
+        "{{ '{0:{1}}'.format(1, 2000000000) }}",
+        "{{ 'x'.center(2000000000) }}",
+        "{{ 'x'.ljust(2000000000) }}",
+        "{{ 'x'['rjust'](2000000000) }}",
+        "{{ '\\t'.expandtabs(2000000000) }}",
+        "{{ 'x' | center(2000000000) }}",
+        "{{ 'x\\ny' | indent(2000000000) }}",
+        "{{ '%2000000000s' | format('x') }}",
+        "{{ [1] | batch(2000000000, 0) | list }}",
+        "{{ [1] | slice(2000000000, 0) | list }}",
+        "{{ messages | tojson(indent=2000000000) }}",
+    ],
+)
+def test_sizes_from_numbers_are_bounded(template: str) -> None:
+    styler = load_styler(str(tokenizer_dirs()[0]))
+    with pytest.raises(TemplateRenderError) as exc:
+        styler.render(RenderInput(messages=[message_dict("user", "x")], chat_template=template))
+    assert exc.value.field == "chat_template", exc.value.describe()
+    assert "limit" in str(exc.value) or "not supported" in str(exc.value)
+
+
+@needs_shared
+def test_normal_widths_render_as_jinja_does() -> None:
+    styler = load_styler(str(tokenizer_dirs()[0]))
+    template = (
+        "{{ '%5d|%-4s|%.2f' % (42, 'ab', 3.14159) }}|{{ '{:>6}|{:08.3f}'.format('r', 2.5) }}|"
+        "{{ 'c'.center(5) }}|{{ 'x\\ny' | indent(2) }}|{{ '%03d' | format(7) }}|{{ '7'.zfill(3) }}"
+    )
+    ours = styler.render(RenderInput(messages=[message_dict("user", "x")], chat_template=template)).prompt
+    ref = reference_tokenizer(str(tokenizer_dirs()[0])).apply_chat_template(
+        [{"role": "user", "content": "x"}], chat_template=template, tokenize=False
+    )
+    assert ours == ref == "   42|ab  |3.14|     r|0002.500|  c  |x\n  y|007|007"
+
+
+@needs_shared
+def test_a_render_past_the_deadline_is_killed_and_the_pool_recovers() -> None:
+    styler = Styler.load(
+        StylerOptions(model=str(tokenizer_dirs()[0]), render_timeout_s=0.5, render_processes=1)
+    )
+    try:
+        loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+        with pytest.raises(TemplateRenderError, match=r"longer than 0\.5s") as exc:
+            styler.render(RenderInput(messages=[message_dict("user", "x")], chat_template=loop))
+        assert exc.value.field == "chat_template"
+        # The one process was replaced: the next render works.
+        ok = styler.render(
+            RenderInput(messages=[message_dict("user", "x")], chat_template="{{ messages[0].content }}")
+        )
+        assert ok.prompt == "x"
+    finally:
+        styler.close()
+
+
+@needs_shared
+def test_memory_is_capped_in_the_render_process() -> None:
+    styler = Styler.load(
+        StylerOptions(
+            model=str(tokenizer_dirs()[0]), render_timeout_s=30, render_memory_mb=512, render_processes=1
+        )
+    )
+    grow = (
+        "{% set ns = namespace(x='xxxxxxxx') %}{% for i in range(99999) %}{% set ns.x = ns.x ~ ns.x %}"
+        "{% endfor %}{{ ns.x | length }}"
+    )
+    try:
+        with pytest.raises(TemplateRenderError, match="out of memory"):
+            styler.render(RenderInput(messages=[message_dict("user", "x")], chat_template=grow))
+        ok = styler.render(
+            RenderInput(messages=[message_dict("user", "x")], chat_template="{{ messages[0].content }}")
+        )
+        assert ok.prompt == "x"
+    finally:
+        styler.close()

@@ -122,7 +122,10 @@ async def test_render_converts_messages_like_the_reference(stub: styler_pb2_grpc
     )
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await stub.Render(refuse)
-    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and exc.value.details() == "no way"
+    assert (
+        exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and exc.value.details() == "messages: no way (chat template line 1)"
+    )
 
 
 async def test_detokenize_stream(stub: styler_pb2_grpc.StylerStub) -> None:
@@ -194,3 +197,112 @@ async def test_tandem_styler_command_serves(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
+
+
+def _user(text: str = "hi", **fields: str) -> common_pb2.ChatMessage:
+    return common_pb2.ChatMessage(role="user", text=text, **fields)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (
+            styler_pb2.RenderRequest(messages=[_user(extra_json=json.dumps({"content": "a\ud800b"}))]),
+            "messages[0].extra_json",
+        ),
+        (
+            styler_pb2.RenderRequest(
+                messages=[
+                    _user(),
+                    common_pb2.ChatMessage(
+                        role="assistant",
+                        tool_calls=[
+                            common_pb2.ToolCall(id="c", name="f", arguments=json.dumps({"a": "\udc00"}))
+                        ],
+                    ),
+                ]
+            ),
+            "messages[1].tool_calls[0].arguments",
+        ),
+        (
+            styler_pb2.RenderRequest(
+                messages=[_user()], tools_json=json.dumps([{"function": {"name": "\ud800"}}])
+            ),
+            "tools_json",
+        ),
+        (
+            styler_pb2.RenderRequest(
+                messages=[_user()], chat_template_kwargs_json=json.dumps({"x": "\ud800"})
+            ),
+            "chat_template_kwargs_json",
+        ),
+    ],
+)
+async def test_lone_surrogates_are_invalid_argument_naming_the_field(
+    stub: styler_pb2_grpc.StylerStub, request_: styler_pb2.RenderRequest, field: str
+) -> None:
+    """JSON text can escape a lone surrogate ("\\ud800") that UTF-8 protobuf strings cannot carry."""
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.Render(request_, timeout=10)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details().startswith(f"{field} contains a lone UTF-16 surrogate"), exc.value.details()
+
+
+async def test_render_errors_name_the_field_and_line(stub: styler_pb2_grpc.StylerStub) -> None:
+    for template, details in (
+        ('{{ "%2000000000d" % 1 }}', "chat_template: format width 2000000000 exceeds the limit of 100000"),
+        (
+            "{% for m in messages %}\n{{ raise_exception('no ' + m.role) }}{% endfor %}",
+            "messages[0]: no user (chat template line 2)",
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.Render(
+                styler_pb2.RenderRequest(messages=[_user()], chat_template=template), timeout=10
+            )
+        assert (exc.value.code(), exc.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+def _start(**fields: object) -> styler_pb2.DetokenizeStreamRequest:
+    return styler_pb2.DetokenizeStreamRequest(start=styler_pb2.DetokenizeStreamStart(**fields))  # type: ignore[arg-type]
+
+
+def _deltas(index: int, ids: list[int], finished: bool) -> styler_pb2.DetokenizeStreamRequest:
+    return styler_pb2.DetokenizeStreamRequest(
+        deltas=styler_pb2.TokenDeltas(
+            deltas=[styler_pb2.TokenDelta(index=index, token_ids=ids, finished=finished)]
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("messages", "details"),
+    [
+        (
+            [_start(prompt_token_ids=[1, 10**9])],
+            "start.prompt_token_ids: token id 1000000000",
+        ),
+        ([_start(), _deltas(0, [10**9], False)], "deltas[].token_ids: token id 1000000000"),
+        ([_deltas(0, [1], False)], "the first message must be `start`"),
+        ([_start(), _start()], "`start` may only be sent once"),
+        ([_start(), _deltas(3, [1], False)], "deltas[].index 3 is outside"),
+        (
+            [_start(stop=["x"], first_choice_index=2**32 - 1, num_choices=4), _deltas(0, [1], False)],
+            "deltas[].index 0",
+        ),
+    ],
+)
+async def test_malformed_detokenize_streams_end_with_invalid_argument(
+    stub: styler_pb2_grpc.StylerStub, messages: list[styler_pb2.DetokenizeStreamRequest], details: str
+) -> None:
+    """Each ends at once with INVALID_ARGUMENT naming the field, without the client half-closing.
+    The last message is the malformed one (a write after the server ended the stream fails on
+    the client's side), and the client reads the responses (gRPC reports the status after them)."""
+    stream = stub.DetokenizeStream(timeout=20)
+    for message in messages:
+        await stream.write(message)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in stream:
+            pass
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value
+    assert exc.value.details().startswith(details), exc.value.details()

@@ -150,3 +150,52 @@ def test_stream_with_reasoning_and_tools_from_real_tokens() -> None:
     calls = [c for d in deltas for c in d.tool_calls]
     assert [(c.index, c.name, c.arguments) for c in calls] == [(0, "get_weather", '{"city": "Zürich"}')]
     assert calls[0].id.startswith("call_")
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    ("prompt_end", "opens"),
+    [
+        ("<think>\n", True),
+        ("<think>\nLet me think", True),  # a continued thought (continue_final_message)
+        ("<think>\n\n</think>\n\n", False),  # thinking turned off
+        ("<think>\nA\n</think>\nB<|im_end|>\n<|im_start|>assistant\n", False),  # a closed earlier thought
+    ],
+)
+def test_reasoning_opens_when_the_prompt_leaves_a_think_open(prompt_end: str, opens: bool) -> None:
+    """The styler decides from the prompt ids themselves: no client flag, no exact suffix."""
+    styler = load_styler(str(shared_dir() / "tokenizers" / "qwen3"))
+    prompt = styler.tokenize("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n" + prompt_end, False)
+    session = styler.open_stream(
+        StreamOptions(prompt_token_ids=tuple(prompt), reasoning_parser="auto", prompt_opens_reasoning=False)
+    )
+    ids = (
+        styler.tokenize(" about it.\n</think>\n\nHello.", False)
+        if opens
+        else styler.tokenize("Hello.", False)
+    )
+    deltas = [session.add(0, [t], finished=i == len(ids) - 1) for i, t in enumerate(ids)]
+    reasoning, content = "".join(d.reasoning_text for d in deltas), "".join(d.text for d in deltas)
+    assert (reasoning, content) == ((" about it.\n", "Hello.") if opens else ("", "Hello."))
+
+
+def test_prompt_opens_reasoning_on_text() -> None:
+    from services.common.reasoning import prompt_opens_reasoning
+
+    assert prompt_opens_reasoning("x<think>\nLet me think")
+    assert prompt_opens_reasoning("<think>a</think> b <think>")
+    assert not prompt_opens_reasoning("<think>a</think>")
+    assert not prompt_opens_reasoning("no thought")
+
+
+@needs_shared
+def test_out_of_vocabulary_ids_name_their_field() -> None:
+    styler = load_styler(str(shared_dir() / "tokenizers" / "qwen3"))
+    size = styler.info().vocab_size
+    with pytest.raises(ValueError, match=r"^start\.prompt_token_ids: token id"):
+        styler.open_stream(StreamOptions(prompt_token_ids=(1, size)))
+    session = styler.open_stream(StreamOptions())
+    with pytest.raises(ValueError, match=r"^deltas\[\]\.token_ids: token id \d+ is out of range"):
+        session.add(0, [size + 5], finished=False)
+    with pytest.raises(ValueError, match=r"^start\.stop contains a lone UTF-16 surrogate"):
+        styler.open_stream(StreamOptions(stop=("a\ud800b",)))

@@ -73,8 +73,8 @@ def test_observe_finished_request_and_gauges() -> None:
     waiting[0] = 1
     assert sample(registry, "tandem:requests_waiting") == 1
     metrics.observe_kv_transfer("send", 4096, 0.01, registry=registry)
-    assert sample(registry, "tandem:kv_transfer_bytes_total", direction="send") == 4096
-    assert sample(registry, "tandem:kv_transfer_seconds_count", direction="send") == 1
+    assert sample(registry, "tandem:kv_transfer_bytes_total", direction="send", transport="grpc") == 4096
+    assert sample(registry, "tandem:kv_transfer_seconds_count", direction="send", transport="grpc") == 1
 
 
 def test_metrics_server_serves_the_registry() -> None:

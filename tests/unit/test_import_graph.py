@@ -136,3 +136,24 @@ def test_the_checker_sees_lazy_and_type_checking_imports(tmp_path: Path) -> None
         ["services.a", "services.b", "services.a"],
         ["services.c", "services.d", "services.c"],
     ]
+
+
+def test_the_services_walls_hold() -> None:
+    """The gateway reaches the styler and the workers only over gRPC (it imports services/common
+    and nothing else of services/, and never torch); the styler imports no worker code."""
+    graph = import_graph(REPO)
+    crossings = [
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        for target in targets
+        if (module.startswith("gateway") and target.startswith(("services.styler", "services.worker")))
+        or (module.startswith("services.styler") and target.startswith("services.worker"))
+    ]
+    assert not crossings, "imports across the service walls:\n" + "\n".join(crossings)
+    for path in (REPO / "gateway").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n == "torch" or n.startswith("torch.") for n in names), path

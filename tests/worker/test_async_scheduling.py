@@ -306,16 +306,12 @@ def test_auto_is_off_on_cpu(stories_dir: Path) -> None:
     assert not _engine(stories_dir, "auto").async_scheduling
 
 
-def test_deferred_gpu_sampler_path(stories_dir: Path) -> None:
-    """The CUDA sampler (tokens and logprobs left on the device, read through the step handle) on
-    the CPU: overlap on equals overlap off, including a stop mid-run and ragged max_tokens."""
-    import torch
-
-    from services.worker.gpu_sampler import GpuSampler
+def test_deferred_sampler_path(stories_dir: Path) -> None:
+    """The sampler's deferred path (tokens and logprobs left on the device, read through the step
+    handle): overlap on equals overlap off, including a stop mid-run and ragged max_tokens."""
 
     def drive(mode: str) -> Run:
         engine = _engine(stories_dir, mode)
-        engine.runner.sampler = GpuSampler(torch.Generator().manual_seed(0))
         p = [
             SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1),
             SamplingParams(temperature=0.9, seed=8, max_tokens=13, ignore_eos=True),

@@ -126,6 +126,9 @@ BAD_INPUTS = [
     ({"top_k": -5}, "top_k"),
     ({"logprobs": 21}, "logprobs"),
     ({"stop_token_ids": [9999]}, "stop_token_ids"),
+    ({"temperature": 2.5}, "sampling.temperature"),
+    ({"n": 0}, "sampling.n"),
+    ({"min_tokens": 9}, "sampling.min_tokens"),
 ]
 
 

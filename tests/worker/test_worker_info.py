@@ -24,6 +24,7 @@ import pytest
 
 import tandem
 from services.common.server import wait_for_serving
+from services.worker import kv_transports
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,6 +161,9 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         "num_kv_blocks": min(KV_MEMORY // block_bytes, blocks_per_seq * MAX_NUM_SEQS + 1),
         "max_num_seqs": MAX_NUM_SEQS,
         "version": tandem.__version__,
+        "kv_transports": [worker_pb2.KV_TRANSPORT_GRPC],  # no CUDA here, NIXL not available
+        "host_id": kv_transports.host_id(),
+        "kv_events": True,  # prefix caching is on
     }
 
 

@@ -87,3 +87,42 @@ def test_continuation_beside_waiting_requests(ref_models: dict[str, RefModel]) -
     assert (r2.start, r2.num_new_tokens, r2.sample, r2.pending_tokens) == (0, 7, True, 0)
     assert [(i.start, i.num_new_tokens, i.pending_tokens) for i in nxt.scheduled[:2]] == [(6, 1, 1)] * 2
     assert nxt.num_batched_tokens == 9
+
+
+def test_small_request_is_not_starved_by_a_many_prompt_request(ref_models: dict[str, RefModel]) -> None:
+    """A gateway request of 40 prompts x n=4 (one group) fills every sequence slot; a one-prompt
+    request arriving behind it starts within two steps instead of after all 40 prompts."""
+    engine = ref_models["stories"].engine(max_num_batched_tokens=64, max_num_seqs=16)
+    big = SamplingParams(temperature=1.0, seed=3, max_tokens=60, ignore_eos=True, n=4)
+    for i, prompt in enumerate(prompts_of_lengths([6] * 40, 512, seed=4)):
+        engine.add_request(EngineRequest(f"big-{i}", tuple(prompt), big, group_id="big"))
+    for _ in range(6):
+        step(engine)
+    assert len(engine.scheduler.running) == 16  # the big request holds every slot
+    sp = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    engine.add_request(EngineRequest("small", (1, 403, 261), sp, group_id="small"))
+    steps = 0
+    while engine.requests["small"].sequences[0].num_output_tokens == 0:
+        step(engine)
+        steps += 1
+        assert steps <= 2, "the small request waited behind the big one"
+    # The big request's prompts still all complete (preempted ones are recomputed).
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_groups_take_turns_at_admission(ref_models: dict[str, RefModel]) -> None:
+    """Two groups' waiting prompts are admitted alternately (fewest running first), not group by
+    group in arrival order."""
+    engine = ref_models["stories"].engine(max_num_batched_tokens=64, max_num_seqs=4)
+    sp = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    prompts = prompts_of_lengths([5] * 8, 512, seed=5)
+    for i in range(4):
+        engine.add_request(EngineRequest(f"a{i}", tuple(prompts[i]), sp, group_id="a"))
+    for i in range(4):
+        engine.add_request(EngineRequest(f"b{i}", tuple(prompts[4 + i]), sp, group_id="b"))
+    scheduled, _ = step(engine)
+    assert sorted(item.seq.request.request_id for item in scheduled.scheduled) == ["a0", "a1", "b0", "b1"]
+    while engine.has_unfinished():
+        engine.step()

@@ -102,6 +102,68 @@ def _tiny_mixtral() -> Any:
     return MixtralForCausalLM(cfg)
 
 
+def _tiny_mistral_sliding() -> Any:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    # a window of 8 positions: every test prompt outgrows it
+    return MistralForCausalLM(MistralConfig(**TINY, num_hidden_layers=2, sliding_window=8))
+
+
+def _tiny_gemma2() -> Any:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    # caps low enough to bend the scores and logits of a tiny random model
+    cfg = Gemma2Config(
+        **TINY,
+        num_hidden_layers=3,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        attn_logit_softcapping=1.5,
+        final_logit_softcapping=4.0,
+    )
+    return Gemma2ForCausalLM(cfg)
+
+
+def _tiny_gemma3() -> Any:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # local layers (window 8, rope base 10k) around a global one (1M base, linear x8 scaling)
+    cfg = Gemma3TextConfig(
+        **TINY,
+        num_hidden_layers=4,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        },
+    )
+    return Gemma3ForCausalLM(cfg)
+
+
+def _tiny_phi3() -> Any:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    # LongRoPE: short factors below position 64, long ones from there on
+    half = 8  # head_dim 16
+    cfg = Phi3Config(
+        **{**TINY, "num_attention_heads": 4, "hidden_size": 64},
+        num_hidden_layers=2,
+        original_max_position_embeddings=64,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.5 * i for i in range(half)],
+        },
+        pad_token_id=0,
+    )
+    return Phi3ForCausalLM(cfg)
+
+
 TINY_BUILDERS: dict[str, Callable[[], Any]] = {
     "llama": _tiny_llama,
     "qwen2": _tiny_qwen2,
@@ -109,6 +171,10 @@ TINY_BUILDERS: dict[str, Callable[[], Any]] = {
     "mistral": _tiny_mistral,
     "qwen3_moe": _tiny_qwen3_moe,
     "mixtral": _tiny_mixtral,
+    "mistral_sw": _tiny_mistral_sliding,
+    "gemma2": _tiny_gemma2,
+    "gemma3": _tiny_gemma3,
+    "phi3": _tiny_phi3,
 }
 
 
@@ -165,8 +231,10 @@ def load_ref(path: Path) -> RefModel:
 
     from services.worker.model_config import load_model_config
 
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     cfg = load_model_config(str(path))
+    # transformers' SDPA attention has no score soft-capping (Gemma 2): its eager one does
+    extra = {"attn_implementation": "eager"} if cfg.attn_logit_softcapping else {}
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **extra).eval()
     return RefModel(path, hf, list(cfg.eos_token_ids), cfg.vocab_size)
 
 

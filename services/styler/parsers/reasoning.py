@@ -1,7 +1,8 @@
 """Reasoning in `<think>...</think>` (Qwen3, QwQ, DeepSeek-R1), parsed incrementally.
 
 `qwen3`: the output is reasoning only when it opens with `<think>` (or the prompt already
-opened it: `prompt_opens_reasoning`); otherwise it is all content (e.g. `enable_thinking=False`).
+opened it: the prompt has a `<think>` after its last `</think>`, as a generation prompt that
+opens the thought or a continued thought `<think>\nLet me think` has); otherwise it is all content (e.g. `enable_thinking=False`).
 `deepseek_r1`: the output starts inside the reasoning (R1 templates open `<think>` in the
 generation prompt); a leading `<think>` is dropped. In both, `</think>` ends the reasoning;
 whitespace right after `<think>` and after `</think>` is dropped; a reasoning block that never
@@ -10,9 +11,22 @@ closes stays reasoning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from services.common.reasoning import THINK_END, THINK_START
 from services.styler.parsers.base import ParsedText, longest_marker_prefix_suffix
 
-THINK_START, THINK_END = "<think>", "</think>"
+
+def ids_open_reasoning(prompt_ids: Sequence[int], start_id: int, end_id: int) -> bool:
+    """`prompt_opens_reasoning` on token ids, where `<think>` and `</think>` are single tokens."""
+    return _last_index(prompt_ids, start_id) > _last_index(prompt_ids, end_id)
+
+
+def _last_index(ids: Sequence[int], value: int) -> int:
+    try:
+        return len(ids) - 1 - list(reversed(ids)).index(value)
+    except ValueError:
+        return -1
 
 
 class ThinkReasoningParser:

@@ -27,15 +27,31 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    """Writes the new tokens' K/V into the cache, then attends over each sequence's whole context."""
+    """Writes the new tokens' K/V into the cache, then attends over each sequence's whole context
+    (or its last `sliding_window` positions), scores optionally soft-capped (Gemma 2)."""
 
-    def __init__(self, ops: KernelOps, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        ops: KernelOps,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float | None = None,  # default head_dim ** -0.5
+        sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - window
+        soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
+    ) -> None:
         super().__init__()
         self.ops = ops
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        # Passed to the ops only when set, so full-attention layers call them exactly as before.
+        self.masks: dict[str, float] = {}
+        if sliding_window > 0:
+            self.masks["sliding_window"] = sliding_window
+        if soft_cap > 0:
+            self.masks["soft_cap"] = soft_cap
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
 
     def forward(
@@ -79,6 +95,7 @@ class PagedAttention(nn.Module):
                 rms_input,
                 rms_eps,
                 num_decode_rows=meta.num_decode_rows,
+                **self.masks,
             )
         assert self.ops.rotary_write_kv_cache is not None and rms_input is None
         q = self.ops.rotary_write_kv_cache(
@@ -97,6 +114,7 @@ class PagedAttention(nn.Module):
             self.scale,
             meta.max_seqlen_q,
             num_decode_rows=meta.num_decode_rows,
+            **self.masks,
         )
 
 

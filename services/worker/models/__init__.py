@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from services.worker.model_config import ModelConfigError
+from services.worker.models.gemma2 import Gemma2ForCausalLM
+from services.worker.models.gemma3 import Gemma3ForCausalLM
 from services.worker.models.llama import LlamaForCausalLM
 from services.worker.models.mixtral import MixtralForCausalLM
+from services.worker.models.phi3 import Phi3ForCausalLM
 from services.worker.models.qwen2 import Qwen2ForCausalLM
 from services.worker.models.qwen3 import Qwen3ForCausalLM
 from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,

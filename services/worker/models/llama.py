@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2 / 3.x, Mistral without sliding window), parametrised so that Qwen2
+"""The Llama family (Llama 2 / 3.x, Mistral), parametrised so that Qwen2
 (qkv bias) and Qwen3 (q/k RMSNorm) are the same module with a flag.
 
 Parameter names follow Hugging Face's, except that q/k/v are one fused `qkv_proj` and gate/up
@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from kernels import KernelOps
+from kernels import KernelOps, build_rope_cache
 from services.common import switches
+from services.worker import parallel
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
 from services.worker.layers.linear import Linear, RowParallelLinear
 from services.worker.layers.moe import SparseMoeBlock
@@ -51,9 +52,12 @@ STACKED_PARAMS: tuple[tuple[str, str, str], ...] = (
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ops: KernelOps, layer: int = 0, layout: ShardLayout | None = None
+    ) -> None:
         super().__init__()
         self.ops = ops
+        layout = layout or shard_layout(cfg)
         # This rank's heads (all of them with T = 1): qkv is column-parallel, o_proj row-parallel.
         self.num_heads, self.num_kv_heads, self.head_dim = layout.num_heads, layout.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * cfg.head_dim
@@ -62,7 +66,15 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(ops, self.q_size, cfg.hidden_size, cfg.o_proj_bias, layout.tp_size)
         self.q_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.attn = PagedAttention(ops, self.num_heads, self.num_kv_heads, cfg.head_dim)
+        self.attn = PagedAttention(
+            ops,
+            self.num_heads,
+            self.num_kv_heads,
+            cfg.head_dim,
+            scale=cfg.attention_scale,
+            sliding_window=cfg.layer_window(layer),
+            soft_cap=cfg.attn_logit_softcapping,
+        )
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # x: [T, hidden] normed
         # Without q/k norms the next kernel is the (rotary +) attention kernel: it may launch as
@@ -137,15 +149,21 @@ class MLP(nn.Module):
         return self.down_proj.linear_add(act, residual=h)
 
 
-def make_mlp(cfg: ModelConfig, ops: KernelOps, layer: int, layout: ShardLayout) -> MLP | SparseMoeBlock:
+def make_mlp(
+    cfg: ModelConfig, ops: KernelOps, layer: int, layout: ShardLayout | None = None
+) -> MLP | SparseMoeBlock:
     """The layer's feed-forward block: dense, or a sparse mixture of experts (Qwen3-MoE, Mixtral)."""
+    layout = layout or shard_layout(cfg)
     return SparseMoeBlock(cfg, ops, layout) if cfg.is_moe_layer(layer) else MLP(cfg, ops, layout)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int, layout: ShardLayout) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ops: KernelOps, layer: int = 0, layout: ShardLayout | None = None
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, ops, layout)
+        layout = layout or shard_layout(cfg)
+        self.self_attn = Attention(cfg, ops, layer, layout)
         self.mlp = make_mlp(cfg, ops, layer, layout)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
@@ -193,7 +211,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
         self.layout = layout
-        self.embed_tokens = VocabParallelEmbedding(layout, cfg.hidden_size)
+        self.embed_tokens: nn.Embedding = VocabParallelEmbedding(layout, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, ops, i, layout) if layout.holds_layer(i) else MissingLayer()
             for i in range(cfg.num_layers)
@@ -255,6 +273,9 @@ class LlamaForCausalLM(nn.Module):
     stacked_params = STACKED_PARAMS
     # (checkpoint substring, parameter substring): names that differ only in a module's name
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # Rank 0 of a parallel group: sends each forward's inputs to the other ranks first
+    # (services/worker/tp_group.py); None on the other ranks and with T = P = 1.
+    driver: StepDriver | None = None
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
@@ -267,9 +288,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(ops, cfg.hidden_size, self.layout.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # Rank 0 of a tensor-parallel group: sends each forward's inputs to the other ranks first
-        # (services/worker/tp_group.py); None on the other ranks and with T = 1.
-        self.driver: StepDriver | None = None
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.driver is not None:
@@ -277,7 +295,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab] fp32
-        if self.layout.tp_size == 1:
+        if parallel.current().tp_size == 1:
             return self.lm_head(hidden).float()
         if self.driver is not None:
             self.driver.compute_logits(hidden)
@@ -308,8 +326,7 @@ class LlamaForCausalLM(nn.Module):
             and self.model.embed_tokens.weight.dtype != torch.float16
             # The folded o_proj / down_proj add the residual inside the projection, which a
             # row-parallel projection would add once per rank before its all-reduce.
-            and self.layout.tp_size == 1
-            and self.layout.pp_size == 1  # (the folded forward has no stages)
+            and parallel.current().world_size == 1  # (nor has the folded forward stages)
             and switches.FOLD_NORMS.value  # TANDEM_FOLD_NORMS=0: separate norms (services/common/switches.py)
         )
 
@@ -330,6 +347,12 @@ class LlamaForCausalLM(nn.Module):
             cast(DecoderLayer, layer).fold_norms()
         self.model.norms_folded = True
         return True
+
+    def build_rope_cache(self, max_position: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The cos/sin table every layer's rotary reads (AttentionMetadata.cos_sin_cache); a family
+        with per-layer ropes (Gemma 3) also builds its other tables here."""
+        cfg = self.config
+        return build_rope_cache(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling, dtype, device)
 
     def attention_layers(self) -> list[PagedAttention]:
         return [m for m in self.modules() if isinstance(m, PagedAttention)]

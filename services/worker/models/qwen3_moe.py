@@ -10,7 +10,6 @@ from services.worker.models.llama import LlamaForCausalLM
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
-
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         assert cfg.num_experts > 0, "Qwen3MoeForCausalLM needs num_experts (model_config reads it)"
         super().__init__(cfg, ops)

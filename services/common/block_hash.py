@@ -1,0 +1,37 @@
+"""The prefix cache's block identity, shared by the worker (block_manager.py) and the gateway
+(kv_index.py): a full block of `block_size` tokens is named by a hash chain,
+
+    hash(block i) = chain_hash(hash(block i-1), tokens of block i),   hash(block -1) = ROOT_HASH
+
+so equal hashes mean equal whole prefixes. It must give the same numbers in every process and on
+every Python version (the gateway matches the worker's KV events against it), hence blake2b over
+a fixed byte encoding rather than Python's `hash()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+ROOT_HASH = 0
+
+
+def chain_hash(parent: int, tokens: Sequence[int]) -> int:
+    """The hash of a block holding `tokens` after the prefix whose last block hashes to `parent`:
+    an unsigned 64-bit integer (a uint64 on the wire)."""
+    payload = struct.pack(f"<Q{len(tokens)}I", parent, *tokens)
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int | None = None) -> list[int]:
+    """Chain hashes of the full blocks of `token_ids`, first block first (at most `max_blocks`)."""
+    num = len(token_ids) // block_size
+    if max_blocks is not None:
+        num = min(num, max_blocks)
+    hashes: list[int] = []
+    parent = ROOT_HASH
+    for i in range(num):
+        parent = chain_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(parent)
+    return hashes

@@ -1,0 +1,83 @@
+"""The host-memory KV tier (--kv-offload-memory): prefix blocks evicted from the device cache are
+kept in host memory (pinned on CUDA) instead of being dropped, and come back with one
+host-to-device copy when a prompt's prefix lookup finds them there.
+
+    BlockManager._take_free evicts a cached block ──▶ HostKVTier.save(key, block): device → host
+    BlockManager.find_cached_prefix misses the device ──▶ HostKVTier.load(key, block): host → device,
+        into a free device block that becomes a cached block again (then an ordinary device hit)
+
+Both copies are enqueued on the device's current stream, the one the model runs on, so they are
+ordered with the forward passes that write the evicted block before and read the loaded one
+after; no synchronisation is needed. The tier is inclusive: a loaded block keeps its host copy,
+so evicting it again costs nothing. Host slots are reused least recently used first.
+
+Engine thread only (the block manager calls it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Hashable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class HostKVTier:
+    def __init__(self, kv: torch.Tensor, num_blocks: int) -> None:
+        """`kv`: the device cache [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        if num_blocks <= 0:
+            raise ValueError("the host KV tier needs room for at least one block")
+        self.kv = kv
+        shape = (kv.shape[0], 2, num_blocks, *kv.shape[3:])
+        self.host = torch.empty(shape, dtype=kv.dtype, pin_memory=kv.device.type == "cuda")
+        self.num_blocks = num_blocks
+        self.slots: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()  # key -> (slot, chain hash)
+        self.free_slots = list(range(num_blocks - 1, -1, -1))
+        self.num_saved = 0  # blocks copied device -> host
+        self.num_loaded = 0  # blocks copied host -> device (hits)
+        log.info(
+            "host KV tier: %d blocks (%.1f MiB%s)",
+            num_blocks,
+            self.host.numel() * self.host.element_size() / 2**20,
+            ", pinned" if kv.device.type == "cuda" else "",
+        )
+
+    @staticmethod
+    def blocks_for(kv: torch.Tensor, num_bytes: int) -> int:
+        """Blocks of the cache `kv` that `num_bytes` of host memory hold."""
+        per_block = kv[:, :, 0].numel() * kv.element_size()
+        return num_bytes // per_block
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.slots
+
+    def save(self, key: Hashable, digest: int, block: int) -> tuple[Hashable, int] | None:
+        """Keep device `block` (cached under `key`, chain hash `digest`) before it is reused.
+        Returns the (key, chain hash) this pushed out of the tier, if any."""
+        if key in self.slots:  # still here from an earlier eviction: the bytes are the same
+            self.slots.move_to_end(key)
+            return None
+        dropped = None
+        if self.free_slots:
+            slot = self.free_slots.pop()
+        else:
+            old_key, (slot, old_digest) = self.slots.popitem(last=False)
+            dropped = (old_key, old_digest)
+        self.host[:, :, slot].copy_(self.kv[:, :, block], non_blocking=True)
+        self.slots[key] = (slot, digest)
+        self.num_saved += 1
+        return dropped
+
+    def touch(self, key: Hashable) -> None:
+        """Make `key` the most recently used (it is about to be loaded)."""
+        self.slots.move_to_end(key)
+
+    def load(self, key: Hashable, block: int) -> None:
+        """Copy the block cached under `key` into device `block`."""
+        slot, _ = self.slots[key]
+        self.slots.move_to_end(key)
+        self.kv[:, :, block].copy_(self.host[:, :, slot], non_blocking=True)
+        self.num_loaded += 1

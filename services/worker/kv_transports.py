@@ -1,0 +1,203 @@
+"""Which transport a FetchKV uses, and the CUDA IPC side of moving KV (kv_transfer.py moves it).
+
+    decode worker D ── FetchKV(handle, transports=[D's preferences], host_id) ──▶ prefill worker P
+    P picks the first of D's preferences it supports too (`choose`) and says which in its first
+    KVChunk: gRPC (the chunks carry the bytes) or CUDA IPC (one chunk naming P's cache tensor and
+    the blocks; D maps the tensor once, copies the blocks device to device, then closes the stream,
+    which is when P frees them).
+
+Order, fastest first: CUDA IPC (both ends on one host with CUDA), NIXL (between hosts; needs the
+`nixl` package, and this worker has no NIXL data path yet, so it is never advertised and a
+`--kv-transport nixl` falls back to gRPC with a log line saying why), gRPC (always).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+import logging
+import os
+import pickle
+import socket
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Transport = Literal["cuda-ipc", "nixl", "grpc"]
+ORDER: tuple[Transport, ...] = ("cuda-ipc", "nixl", "grpc")
+# The NIXL data path (memory registration at start-up, UCX transfers) is not written yet: NIXL is
+# never advertised, whatever is installed.
+NIXL_DATA_PATH = False
+
+
+@functools.cache
+def host_id() -> str:
+    """This machine's identity for CUDA IPC pairing: the kernel's boot id (changes on reboot, equal
+    for every process and container sharing the kernel), else the host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def nixl_installed() -> bool:
+    return importlib.util.find_spec("nixl") is not None
+
+
+def unavailable_reason(transport: Transport, device: torch.device) -> str:
+    """Why this worker cannot use `transport` ("" = it can)."""
+    if transport == "cuda-ipc" and device.type != "cuda":
+        return f"CUDA IPC needs a CUDA device (this worker runs on {device.type})"
+    if transport == "nixl":
+        if not nixl_installed():
+            return "the nixl package is not installed"
+        if not NIXL_DATA_PATH:
+            return "this worker has no NIXL data path yet"
+    return ""
+
+
+def supported(device: torch.device) -> tuple[Transport, ...]:
+    """The transports this worker can serve and use, fastest first."""
+    return tuple(t for t in ORDER if not unavailable_reason(t, device))
+
+
+def preferences(setting: str, available: Sequence[Transport], device: torch.device) -> tuple[Transport, ...]:
+    """What a decode worker asks for under `--kv-transport setting`: auto = everything available,
+    fastest first; a named transport first (when available here), then gRPC; grpc = gRPC only."""
+    if setting == "auto":
+        return tuple(t for t in ORDER if t in available)
+    if setting == "grpc":
+        return ("grpc",)
+    if setting not in available:
+        reason = unavailable_reason(setting, device) or "not supported here"  # type: ignore[arg-type]
+        log.warning("--kv-transport %s: %s; using gRPC", setting, reason)
+        return ("grpc",)
+    return (setting, "grpc")  # type: ignore[return-value]
+
+
+def choose(
+    wanted: Sequence[Transport], caller_host: str, available: Sequence[Transport], own_host: str
+) -> Transport:
+    """The prefill side's pick: the caller's first preference it supports too (CUDA IPC only when
+    both are on one host); gRPC when nothing else fits (every worker speaks it)."""
+    for transport in wanted:
+        if transport == "grpc":
+            return "grpc"
+        if transport not in available:
+            continue
+        if transport == "cuda-ipc" and (not caller_host or caller_host != own_host):
+            continue
+        return transport
+    return "grpc"
+
+
+# ---- CUDA IPC ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedTensor:
+    """A cache tensor as another process on this host can map it."""
+
+    tensor_id: str  # "<host>:<pid>:<uuid>"
+    handle: bytes  # pickled torch CUDA IPC handle; b"" for a CPU tensor (same process only)
+
+
+# Tensors this process exported, by id: a decode worker in the same process (tests, or two workers
+# in one process) reads them directly; CUDA cannot open its own IPC handle.
+_EXPORTED: dict[str, torch.Tensor] = {}
+# Tensors of other processes this one mapped, by id: each is opened once.
+_IMPORTED: dict[str, torch.Tensor] = {}
+_SHARED: dict[str, SharedTensor] = {}
+_lock = threading.Lock()
+
+
+def export_tensor(tensor: torch.Tensor) -> SharedTensor:
+    """Share `tensor` (the whole KV cache, alive as long as the process): its IPC handle is made
+    once and reused for every fetch."""
+    with _lock:
+        for tensor_id, known in _EXPORTED.items():
+            if known is tensor:
+                return _SHARED[tensor_id]
+        tensor_id = f"{host_id()}:{os.getpid()}:{uuid.uuid4().hex}"
+        handle = b""
+        if tensor.device.type == "cuda":
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            rebuild, args = reduce_tensor(tensor)
+            handle = pickle.dumps((rebuild.__name__, args))
+        shared = SharedTensor(tensor_id, handle)
+        _EXPORTED[tensor_id] = tensor
+        _SHARED[tensor_id] = shared
+        return shared
+
+
+_HANDLE_GLOBALS = frozenset(
+    {
+        ("torch", "Tensor"),
+        ("torch._tensor", "Tensor"),
+        ("torch", "Size"),
+        ("torch", "UntypedStorage"),
+        ("torch.storage", "UntypedStorage"),
+        ("torch.storage", "TypedStorage"),
+        ("torch", "device"),
+        ("torch", "float32"),
+        ("torch", "bfloat16"),
+        ("torch", "float16"),
+        ("torch", "float8_e4m3fn"),
+    }
+)
+
+
+class _HandleUnpickler(pickle.Unpickler):
+    """Unpickles a CUDA IPC handle's arguments and nothing else (the bytes come from a peer)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _HANDLE_GLOBALS:
+            raise pickle.UnpicklingError(f"a CUDA IPC handle may not name {module}.{name}")
+        return super().find_class(module, name)
+
+
+def import_tensor(shared: SharedTensor) -> torch.Tensor:
+    """The tensor another worker exported: the same object in this process, else mapped over CUDA
+    IPC (once per tensor id). Raises ValueError when it cannot be mapped."""
+    with _lock:
+        local = _EXPORTED.get(shared.tensor_id)
+        if local is not None:
+            return local
+        mapped = _IMPORTED.get(shared.tensor_id)
+        if mapped is not None:
+            return mapped
+    if not shared.handle:
+        raise ValueError(f"tensor {shared.tensor_id} is not in this process and has no CUDA IPC handle")
+    name, args = _HandleUnpickler(io.BytesIO(shared.handle)).load()
+    if name != "rebuild_cuda_tensor":
+        raise ValueError(f"unexpected CUDA IPC rebuild function {name!r}")
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    tensor = rebuild_cuda_tensor(*args)
+    with _lock:
+        _IMPORTED[shared.tensor_id] = tensor
+    return tensor
+
+
+def gather_blocks(remote: torch.Tensor, block_ids: Sequence[int], layers: tuple[int, int]) -> torch.Tensor:
+    """remote[l0:l1, :, block_ids] as a tensor on the remote tensor's device (a device-side copy)."""
+    l0, l1 = layers
+    first = block_ids[0]
+    if list(block_ids) == list(range(first, first + len(block_ids))):
+        return remote[l0:l1, :, first : first + len(block_ids)]
+    return remote[l0:l1].index_select(2, torch.tensor(list(block_ids), device=remote.device))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the copies out of a peer's blocks: the peer frees them when we say we are done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
