@@ -126,6 +126,11 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.world_size > 1 and self.kv_offload_memory.strip() not in ("", "0"):
+            raise ValueError(
+                "--kv-offload-memory with --tensor-parallel-size / --pipeline-parallel-size: the host "
+                "KV tier moves rank 0's blocks only, which is not implemented for groups yet (docs/parallel.md)"
+            )
         if self.world_size > 1 and self.role != "unified":
             raise ValueError(
                 f"--tensor-parallel-size / --pipeline-parallel-size with --role {self.role}: "
