@@ -78,6 +78,8 @@ class UpConfig:
     """KV cache element type of the workers: auto = the model dtype; fp8 = float8 e4m3."""
     quantization: Literal["none", "int8", "fp8", "int4"] = "none"
     """Quantize a full-precision checkpoint's weights at load time in every worker (int8: W8A16; fp8: e4m3, W8A8 where the GPU has FP8; int4: W4A16 group 128); pre-quantized checkpoints need no flag (docs/quantization.md)."""
+    tensor_parallel_size: int = 1
+    """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
     worker_args: str = ""
     """Extra options passed to every worker, as one shell-quoted string (e.g. "--max-num-seqs 64")."""
     styler_args: str = ""
@@ -119,6 +121,13 @@ class UpConfig:
             raise ValueError(f"--max-model-len must be >= 0, got {self.max_model_len}")
         if self.max_num_seqs < 0:
             raise ValueError(f"--max-num-seqs must be >= 0, got {self.max_num_seqs}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.disaggregate:
+            raise ValueError(
+                "--tensor-parallel-size with --disaggregate: tensor-parallel prefill/decode workers "
+                "are not implemented yet (docs/parallel.md)"
+            )
         for name in ("worker_args", "styler_args", "gateway_args"):
             try:
                 shlex.split(getattr(self, name))
@@ -310,6 +319,8 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
         args += ["--kv-cache-dtype", config.kv_cache_dtype]
     if config.quantization != "none":
         args += ["--quantization", config.quantization]
+    if config.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     return args
 
 

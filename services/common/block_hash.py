@@ -20,7 +20,9 @@ ROOT_HASH = 0
 def chain_hash(parent: int, tokens: Sequence[int]) -> int:
     """The hash of a block holding `tokens` after the prefix whose last block hashes to `parent`:
     an unsigned 64-bit integer (a uint64 on the wire)."""
-    payload = struct.pack(f"<Q{len(tokens)}I", parent, *tokens)
+    # int64 per position: token ids, and the negative keys that stand for image positions
+    # (a multimodal prompt's image rows are keyed by the image's hash, Sequence.key_tokens)
+    payload = struct.pack(f"<Q{len(tokens)}q", parent, *tokens)
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 

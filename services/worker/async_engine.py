@@ -22,6 +22,7 @@ from typing import TypeVar
 from services.worker.engine import Engine
 from services.worker.outputs import RequestOutput
 from services.worker.request import EngineRequest
+from services.worker.tp_group import group_failed
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class AsyncEngine:
                 try:
                     outputs = self.engine.step()
                 except Exception as exc:  # a bug or device error: fail the live requests, keep serving
+                    if self.engine.driver is not None:  # unless a collective failed: the group is broken
+                        group_failed(exc)
                     log.exception("engine step failed; aborting %d requests", len(self.engine.requests))
                     self._fail_all(exc)
                     outputs = []

@@ -77,6 +77,20 @@ class WorkerConfig(ServiceConfig):
     """Generate / Prefill calls this worker holds at once (running, queued or compiling); one more is refused with RESOURCE_EXHAUSTED, which a gateway takes as back-pressure (another worker, else 429). 0: no limit."""
     kv_chunk_bytes: int = 1024 * 1024
     """Target size of one FetchKV chunk (a layer range x a block range) in bytes (1 MiB was fastest, docs/disaggregation.md)."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages the layers are split into (each stage T ranks; --tensor-parallel-size x this = ranks in all, docs/parallel.md)."""
+    nnodes: int = 1
+    """Hosts the tensor-parallel group spans (each runs `tandem worker` with the same options and its --node-rank; --tensor-parallel-size / --nnodes ranks per host)."""
+    node_rank: int = 0
+    """This host's index in the group: 0 runs rank 0 and serves gRPC; the others run headless."""
+    master_addr: str = "127.0.0.1"
+    """Address of node 0 that every rank meets at (--nnodes > 1)."""
+    master_port: int = 0
+    """Port on --master-addr for the group's rendezvous (required with --nnodes > 1; 0 = a free port on one host)."""
+    distributed_timeout: float = 300.0
+    """Seconds a tensor-parallel collective may wait for the other ranks before the group gives up and exits (a dead or stuck rank never hangs the worker)."""
     kv_offload_memory: str = ""
     """Host memory for prefix blocks evicted from the device KV cache (pinned on CUDA), e.g. 4 (GiB) or 512MiB; they come back with one host-to-device copy on a prefix hit. Empty or 0: off."""
     kv_transport: Literal["auto", "cuda-ipc", "nixl", "grpc"] = "auto"
@@ -118,6 +132,38 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--max-pending-requests must be >= 0, got {self.max_pending_requests}")
         if self.kv_chunk_bytes <= 0:
             raise ValueError(f"--kv-chunk-bytes must be > 0, got {self.kv_chunk_bytes}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.world_size > 1 and self.kv_offload_memory.strip() not in ("", "0"):
+            raise ValueError(
+                "--kv-offload-memory with --tensor-parallel-size / --pipeline-parallel-size: the host "
+                "KV tier moves rank 0's blocks only, which is not implemented for groups yet (docs/parallel.md)"
+            )
+        if self.world_size > 1 and self.quantization != "none":
+            raise ValueError(
+                "--quantization with --tensor-parallel-size / --pipeline-parallel-size: quantized "
+                "layers are not sharded yet (docs/parallel.md)"
+            )
+        if self.world_size > 1 and self.role != "unified":
+            raise ValueError(
+                f"--tensor-parallel-size / --pipeline-parallel-size with --role {self.role}: "
+                "disaggregation with parallel workers is not implemented yet (docs/parallel.md)"
+            )
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"--node-rank must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), got {self.node_rank}"
+            )
+        if self.world_size % self.nnodes:
+            raise ValueError(
+                f"the group's {self.world_size} ranks (--tensor-parallel-size x --pipeline-parallel-size) "
+                f"must be a multiple of --nnodes {self.nnodes}"
+            )
+        if self.nnodes > 1 and not 0 < self.master_port < 65536:
+            raise ValueError(f"--nnodes {self.nnodes} needs --master-port (node 0's rendezvous port)")
+        if self.distributed_timeout <= 0:
+            raise ValueError(f"--distributed-timeout must be > 0, got {self.distributed_timeout}")
         if self.kv_offload_memory:
             self.kv_offload_bytes  # noqa: B018 - validates
         if self.kv_fetch_stall_timeout <= 0:
@@ -126,6 +172,11 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--kv-events-buffer must be > 0, got {self.kv_events_buffer}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in this worker's group."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def kv_offload_bytes(self) -> int:

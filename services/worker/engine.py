@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kernels import get_ops
+from services.worker import parallel
 from services.worker.async_step import StepHandle
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
@@ -43,6 +44,7 @@ from services.worker.request import (
     validate_request,
 )
 from services.worker.scheduler import SampledToken, Scheduler, SchedulerOutput
+from services.worker.tp_group import BindKV, DrivenKVCache, Profile, StepDriver
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +138,23 @@ class Engine:
         # the KV cache is what is left after the profiled peak, so it grows into what quantization freed.
         self.weight_bytes = weight_bytes(self.runner.model)
         self.quantization = model_quantization(self.runner.model)  # --quantization or the checkpoint's
+        # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
+        state = parallel.current()
+        self.tp_size, self.pp_size = state.tp_size, state.pp_size
+        self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
+        self.runner.model.driver = self.driver
         num_blocks = self._num_kv_blocks()
-        self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
+        if self.driver is not None:
+            self.driver.send(BindKV(num_blocks))
+            self.kv_cache: KVCache = DrivenKVCache(
+                cfg, num_blocks, config.block_size, self.kv_dtype, self.device
+            )
+            self.kv_cache.driver = self.driver
+        else:
+            self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        # (not in a group yet: the graphs would capture rank 0's broadcasts; docs/parallel.md)
+        if self.device.type == "cuda" and not config.enforce_eager and self.driver is None:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
         offload_blocks = HostKVTier.blocks_for(self.kv_cache.tensor, config.kv_offload_bytes)
@@ -172,9 +187,7 @@ class Engine:
         blocks_per_seq = math.ceil(self.max_model_len / bs)
         budget = self.config.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
-            peak = self.runner.profile_peak_bytes(
-                self.config.max_num_batched_tokens, self.config.max_num_seqs
-            )
+            peak = self._profile_peak_bytes()
             total = torch.cuda.get_device_properties(self.device).total_memory
             budget = int(total * self.config.gpu_memory_utilization) - peak
         elif budget is None:
@@ -186,6 +199,14 @@ class Engine:
                 f"--max-model-len {self.max_model_len}; give it more memory or lower --max-model-len"
             )
         return int(num_blocks)
+
+    def _profile_peak_bytes(self) -> int:
+        tokens, seqs = self.config.max_num_batched_tokens, self.config.max_num_seqs
+        if self.driver is None:
+            return self.runner.profile_peak_bytes(tokens, seqs)
+        self.driver.send(Profile(tokens, seqs))  # every rank runs the same profiling forward
+        with self.driver.detached():
+            return self.runner.profile_peak_bytes(tokens, seqs)
 
     def _load_grammar_compiler(self) -> tuple[GrammarCompiler | None, str]:
         """Guided decoding needs the model's tokenizer.json (--tokenizer, default the model

@@ -21,6 +21,7 @@ import os
 import torch
 
 from services.worker.model_config import ModelConfig
+from services.worker.parallel import shard_layout
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ KV_DTYPE_NAMES = {
 def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of one block over all layers, K and V."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    layout = shard_layout(cfg)  # this rank's layers and KV heads (all of them with T = P = 1)
+    num_layers = layout.layer_end - layout.layer_start
+    return num_layers * 2 * block_size * layout.num_kv_heads * cfg.head_dim * elem
 
 
 def available_host_bytes() -> int:
@@ -54,7 +57,10 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # This rank's layers and KV heads (all of them with T = P = 1; services/worker/parallel.py)
+        layout = shard_layout(cfg)
+        num_layers = layout.layer_end - layout.layer_start
+        shape = (num_layers, 2, num_blocks, block_size, layout.num_kv_heads, cfg.head_dim)
         self.tensor = torch.zeros(shape, dtype=dtype, device=device)
         log.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB, %s)",

@@ -5,6 +5,11 @@ target dtype, then each checkpoint tensor is read from safetensors (one file or 
 `model.safetensors.index.json`) and copied into its parameter, or into its shard of a fused
 parameter (q/k/v -> qkv_proj, gate/up -> gate_up_proj). Every parameter must be covered exactly;
 a tensor that maps nowhere, has the wrong shape or is missing is an error naming it.
+
+Tensor parallelism (services/worker/parallel.py): each rank reads only its slice of a sharded
+tensor (safetensors `get_slice`), never the whole tensor: column-parallel rows of q/k/v, gate/up
+and the experts' gate/up, row-parallel columns of o_proj, down and the experts' down, vocabulary
+rows of the embedding and LM head.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -31,10 +37,13 @@ from services.worker.layers.quantization import (
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models import model_class
 from services.worker.models.llama import LlamaForCausalLM
+from services.worker.parallel import shard_layout
 
 log = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# A decoder layer's tensor: held by one pipeline stage
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # One expert's projection in a mixture-of-experts block -> (stacked parameter, shard of its rows)
 _EXPERT = re.compile(r"^(?P<block>.*\.mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 _EXPERT_PROJS = {
@@ -79,18 +88,79 @@ def safetensors_files(model_dir: str) -> list[Path]:
     return files
 
 
-def iter_checkpoint(model_dir: str) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(file name, tensor name, tensor on CPU) for every tensor, one at a time."""
+class CheckpointTensor:
+    """One checkpoint tensor, read whole or as a slice along one dimension (safetensors reads
+    only the slice's bytes), or an in-memory tensor behind the same interface."""
+
+    def __init__(self, source: Any, shape: tuple[int, ...], whole: Any) -> None:
+        self._source = source  # a safetensors slice, or a torch.Tensor
+        self.shape = shape
+        self._whole = whole  # () -> torch.Tensor
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> CheckpointTensor:
+        return cls(tensor, tuple(tensor.shape), lambda: tensor)
+
+    def read(self, dim: int, start: int, size: int) -> torch.Tensor:
+        if not self.shape or (start == 0 and size == self.shape[dim]):
+            return self._whole()  # type: ignore[no-any-return]
+        if isinstance(self._source, torch.Tensor):
+            return self._source.narrow(dim, start, size)
+        index = (*(slice(None) for _ in range(dim)), slice(start, start + size))
+        return self._source[index]  # type: ignore[no-any-return]
+
+
+def iter_checkpoint(model_dir: str) -> Iterator[tuple[str, str, CheckpointTensor]]:
+    """(file name, tensor name, tensor on CPU, read lazily) for every tensor, one at a time."""
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                yield path.name, name, f.get_tensor(name)
+                sl = f.get_slice(name)
+                yield (
+                    path.name,
+                    name,
+                    CheckpointTensor(sl, tuple(sl.get_shape()), lambda f=f, n=name: f.get_tensor(n)),
+                )
 
 
 def _shard_slice(model: LlamaForCausalLM, shard: str) -> tuple[int, int]:
-    cfg = model.config
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    """(start, size) of a fused parameter's rows that a checkpoint tensor fills (this rank's sizes)."""
+    layout, d = shard_layout(model.config), model.config.head_dim
+    q, kv, inter = layout.num_heads * d, layout.num_kv_heads * d, layout.intermediate_size
     return {"q": (0, q), "k": (q, kv), "v": (q + kv, kv), "gate": (0, inter), "up": (inter, inter)}[shard]
+
+
+def _checkpoint_slice(
+    model: LlamaForCausalLM, name: str, shard: str, shape: tuple[int, ...]
+) -> tuple[int, int, int]:
+    """(dim, start, size) of the checkpoint tensor `name` (a parameter name, after renames and
+    fusing) that this rank holds; the whole tensor with T = 1 and for replicated tensors."""
+    layout, d = shard_layout(model.config), model.config.head_dim
+    whole = (0, 0, shape[0] if shape else 0)
+    if layout.tp_size == 1:
+        return whole
+    r = layout.tp_rank
+    if shard == "q":
+        return 0, layout.q_head_start * d, layout.num_heads * d
+    if shard in ("k", "v"):
+        return 0, layout.kv_head_start * d, layout.num_kv_heads * d
+    if shard in ("gate", "up"):
+        return 0, r * layout.intermediate_size, layout.intermediate_size
+    if name.endswith(".o_proj.weight"):
+        return 1, layout.q_head_start * d, layout.num_heads * d
+    if name.endswith(".down_proj.weight"):
+        return 1, r * layout.intermediate_size, layout.intermediate_size
+    if name in ("model.embed_tokens.weight", "lm_head.weight"):
+        return 0, layout.vocab_start, max(0, min(layout.vocab_size, shape[0] - layout.vocab_start))
+    return whole
+
+
+def _expert_slice(model: LlamaForCausalLM, part: str) -> tuple[int, int, int]:
+    """(dim, start, size) of an expert's checkpoint tensor that this rank holds: a slice of the
+    intermediate dimension (gate/up rows, down columns)."""
+    layout = shard_layout(model.config)
+    inter = layout.moe_intermediate_size
+    return (0 if part else 1), layout.tp_rank * inter, inter
 
 
 def _expert_dest(
@@ -107,7 +177,7 @@ def _expert_dest(
         return None
     dest = param.data[expert]
     if part:
-        inter = model.config.moe_intermediate_size
+        inter = shard_layout(model.config).moe_intermediate_size
         dest = dest.narrow(0, 0 if part == "gate" else inter, inter)
     return target, f"{expert}/{part}" if part else str(expert), dest
 
@@ -122,7 +192,9 @@ def _quantized_linears(model: LlamaForCausalLM) -> dict[str, Linear]:
     }
 
 
-def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torch.Tensor]]) -> None:
+def load_weights(
+    model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, CheckpointTensor | torch.Tensor]]
+) -> None:
     quantized = _quantized_linears(model)
     params = dict(model.named_parameters())
     # A quantized layer's own parameters (qweight, scales) are filled from its `.weight` tensor
@@ -152,9 +224,13 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
     loaded: dict[str, set[str]] = {name: set() for name in targets}
     pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     tied = model.config.tie_word_embeddings
-    for file_name, name, tensor in tensors:
+    for file_name, name, item in tensors:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
+        layer = _LAYER.match(name)
+        if layer is not None and not shard_layout(model.config).holds_layer(int(layer[1])):
+            continue  # another pipeline stage's layer
+        source = item if isinstance(item, CheckpointTensor) else CheckpointTensor.of(item)
         checkpoint_name = name
         for old, new in model.checkpoint_renames:
             name = name.replace(old, new)
@@ -163,6 +239,7 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
         expert = _expert_dest(model, params, name)
         if expert is not None:
             target, shard, dest = expert
+            tensor = source.read(*_expert_slice(model, shard.partition("/")[2]))
             if tuple(tensor.shape) != tuple(dest.shape):
                 raise WeightLoadError(
                     f"{file_name}: tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, "
@@ -180,24 +257,24 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
                 target, shard = name.replace(f".{original}.", f".{fused}."), shard_id
                 break
         module_path, _, suffix = target.rpartition(".")
-        layer = quantized.get(f"{module_path}.weight")
-        if layer is not None and suffix != "bias":
+        qlayer = quantized.get(f"{module_path}.weight")
+        if qlayer is not None and suffix != "bias":
             # A quantized layer's tensors (`weight`, or a packed format's qweight / scales / ...)
             # are gathered per shard and handed to its QuantMethod once all have arrived.
-            method = layer.quant_method
+            method = qlayer.quant_method
             assert method is not None
             if suffix not in method.checkpoint_suffixes:
                 raise WeightLoadError(
                     f"{file_name}: unexpected tensor {checkpoint_name!r} for {method.name} weights "
                     f"(expected {', '.join(method.checkpoint_suffixes)})"
                 )
-            start, size = _shard_slice(model, shard) if shard else (0, layer.out_features)
+            start, size = _shard_slice(model, shard) if shard else (0, qlayer.out_features)
             parts = pending.setdefault((module_path, shard), {})
-            parts[suffix] = tensor
+            parts[suffix] = source.read(0, 0, source.shape[0])  # whole: quantized layers are not sharded
             if len(parts) == len(method.checkpoint_suffixes):
                 del pending[(module_path, shard)]
                 try:
-                    method.load_checkpoint(layer, parts, start, size)
+                    method.load_checkpoint(qlayer, parts, start, size)
                 except ValueError as exc:
                     raise WeightLoadError(f"{file_name}: tensor {checkpoint_name!r}: {exc}") from exc
                 loaded[f"{module_path}.weight"].add(shard)
@@ -211,6 +288,11 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
         if shard:
             start, size = _shard_slice(model, shard)
             dest = dest.narrow(0, start, size)
+        dim, start, size = _checkpoint_slice(model, target, shard, source.shape)
+        tensor = source.read(dim, start, size)
+        if target in ("model.embed_tokens.weight", "lm_head.weight") and size < dest.shape[0]:
+            dest[size:].zero_()  # the last rank's rows past the vocabulary: padding
+            dest = dest.narrow(0, 0, size)
         if tuple(tensor.shape) != tuple(dest.shape):
             raise WeightLoadError(
                 f"{file_name}: tensor {checkpoint_name!r} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}"
@@ -218,9 +300,9 @@ def load_weights(model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, torc
         dest.copy_(tensor)
         loaded[target].add(shard)
     for (module_path, shard), parts in pending.items():
-        layer = quantized[f"{module_path}.weight"]
-        assert layer.quant_method is not None
-        missing_parts = sorted(set(layer.quant_method.checkpoint_suffixes) - set(parts))
+        qlayer = quantized[f"{module_path}.weight"]
+        assert qlayer.quant_method is not None
+        missing_parts = sorted(set(qlayer.quant_method.checkpoint_suffixes) - set(parts))
         name = _checkpoint_name(model, f"{module_path}.weight", shard).rsplit(".", 1)[0]
         raise WeightLoadError(
             f"{model.config.path}: missing tensor(s) {', '.join(f'{name}.{p}' for p in missing_parts)}"

@@ -33,8 +33,16 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     from services.worker.engine import Engine
     from services.worker.model_config import ModelConfigError
     from services.worker.rpc import SERVICE_NAME, add_to_server
+    from services.worker.tp_group import RankProcesses
+    from services.worker.tp_launch import follow_until_down, start_group
 
+    group: RankProcesses | None = None
     try:
+        if config.world_size > 1:
+            member = start_group(config, argv)
+            group = member.local
+            if not member.driver:  # ranks 1..T-1 run rank 0's commands until the group goes down
+                return follow_until_down(config, group)
         engine = Engine(config)
     except ModelConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -72,6 +80,8 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
         finally:
             await servicer.close()
             async_engine.stop()
+            if group is not None:
+                group.terminate()
 
     return run(serve)
 

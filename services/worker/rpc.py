@@ -170,7 +170,9 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
 def fingerprint(engine: Engine) -> str:
     cfg = engine.model_config
     parts = [cfg.architecture, engine.served_model_name, str(engine.dtype), str(engine.config.block_size)]
-    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, "tp1"]
+    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, f"tp{engine.tp_size}"]
+    if engine.pp_size > 1:
+        parts.append(f"pp{engine.pp_size}")
     if engine.kv_dtype != engine.dtype:  # (unchanged fingerprints for a cache in the model dtype)
         parts.append(f"kv:{engine.kv_dtype}")
     if engine.quantization != "none":  # quantized weights compute a different KV
@@ -400,8 +402,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             weight_bytes=e.weight_bytes,
             quantization=e.quantization,
             kv_layout=worker_pb2.KVLayout(
-                num_layers=cfg.num_layers,
-                num_kv_heads=cfg.num_kv_heads,
+                num_layers=e.kv_cache.tensor.shape[0],  # rank 0's (its pipeline stage's)
+                num_kv_heads=e.kv_cache.tensor.shape[4],  # this rank's (tensor parallelism)
                 head_dim=cfg.head_dim,
                 block_size=e.config.block_size,
                 dtype=KV_DTYPE_NAMES[e.kv_dtype],  # --kv-cache-dtype fp8: float8_e4m3fn, not the model's
@@ -409,7 +411,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             ),
             vocab_size=cfg.vocab_size,
             eos_token_ids=cfg.eos_token_ids,
-            tensor_parallel_size=1,
+            tensor_parallel_size=e.tp_size,
+            pipeline_parallel_size=e.pp_size,
             device=device,
             fingerprint=self.fingerprint,
             num_kv_blocks=e.block_manager.num_blocks,

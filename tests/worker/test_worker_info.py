@@ -158,6 +158,7 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         "vocab_size": cfg["vocab_size"],
         "eos_token_ids": [1, 2],  # config.json's eos_token_id and generation_config.json's
         "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
         "device": "cpu",
         "fingerprint": "<16 hex digits>",
         "num_kv_blocks": min(KV_MEMORY // block_bytes, blocks_per_seq * MAX_NUM_SEQS + 1),

@@ -15,15 +15,29 @@ quantized model (build_model), so only `forward` and `linear_silu_and_mul` need 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from kernels import KernelOps
+from services.worker.parallel import all_reduce
 
-if TYPE_CHECKING:
-    from services.worker.layers.quantization.base import QuantMethod
+
+class QuantMethod(Protocol):
+    """What a `Linear` needs of its weight format (layers/quantization/base.py implements it; a
+    protocol here so that the layer and the formats do not import each other)."""
+
+    name: str
+    checkpoint_suffixes: tuple[str, ...]
+
+    def load_checkpoint(
+        self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int
+    ) -> None: ...
+    def create_weights(self, layer: Linear) -> None: ...
+    def load_weight(self, layer: Linear, weight: torch.Tensor, row_start: int) -> None: ...
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor: ...
+    def dequantized_weight(self, layer: Linear) -> torch.Tensor: ...
 
 
 class Linear(nn.Linear):
@@ -73,3 +87,23 @@ class Linear(nn.Linear):
             f"kernel bundle {self.ops.name!r} has no linear_silu_and_mul"
         )
         return self.ops.linear_silu_and_mul(x, self.weight, self.bias, rms_eps)
+
+
+class RowParallelLinear(Linear):
+    """A projection whose input columns are split over the tensor-parallel ranks (o_proj,
+    down_proj): each rank multiplies its slice, ONE all-reduce sums the partial products, and the
+    bias (replicated) is added once, after it. With T = 1 it is exactly `Linear`."""
+
+    def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool, tp_size: int) -> None:
+        super().__init__(ops, in_features, out_features, bias)
+        self.tp_size = tp_size
+
+    def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:
+        if self.tp_size == 1:
+            return super().forward(x, early_signal)
+        if self.ops.linear is None:
+            out = torch.nn.functional.linear(x, self.weight)
+        else:
+            out = self.ops.linear(x, self.weight, None, early_signal=False)
+        all_reduce(out)
+        return out if self.bias is None else out + self.bias

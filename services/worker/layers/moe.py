@@ -18,15 +18,19 @@ from torch import nn
 from kernels import KernelOps
 from services.worker.layers.linear import Linear
 from services.worker.model_config import ModelConfig
+from services.worker.parallel import ShardLayout, all_reduce
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
         self.ops = ops
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
-        inter = cfg.moe_intermediate_size
+        # Tensor parallelism: each rank holds a slice of every expert's intermediate dimension
+        # (w13's rows, w2's columns); the router is replicated and the outputs all-reduced.
+        self.tp_size = layout.tp_size
+        inter = layout.moe_intermediate_size
         self.gate = Linear(ops, cfg.hidden_size, cfg.num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(cfg.num_experts, 2 * inter, cfg.hidden_size))
         self.w2 = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size, inter))
@@ -41,4 +45,5 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
         weights, ids = self.route(x)
-        return self.ops.fused_moe(x, self.w13, self.w2, weights, ids)
+        out = self.ops.fused_moe(x, self.w13, self.w2, weights, ids)
+        return all_reduce(out) if self.tp_size > 1 else out

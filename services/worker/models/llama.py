@@ -12,17 +12,29 @@ computed by the ops that read the raw residual stream; the two RMSNorm kernels o
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from kernels import KernelOps, build_rope_cache
 from services.common import switches
+from services.worker import parallel
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
-from services.worker.layers.linear import Linear
+from services.worker.layers.linear import Linear, RowParallelLinear
 from services.worker.layers.moe import SparseMoeBlock
+from services.worker.layers.vocab_parallel import VocabParallelEmbedding
 from services.worker.model_config import ModelConfig
+from services.worker.parallel import (
+    ShardLayout,
+    all_gather_last_dim,
+    recv_from_stage,
+    send_to_stage,
+    shard_layout,
+)
+
+if TYPE_CHECKING:
+    from services.worker.tp_group import StepDriver
 
 # Steps of at most this many tokens take the folded forward (the CUDA-graph logits ladder's top).
 FOLDED_MAX_TOKENS = 8
@@ -40,20 +52,24 @@ STACKED_PARAMS: tuple[tuple[str, str, str], ...] = (
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int = 0) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ops: KernelOps, layer: int = 0, layout: ShardLayout | None = None
+    ) -> None:
         super().__init__()
         self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        layout = layout or shard_layout(cfg)
+        # This rank's heads (all of them with T = 1): qkv is column-parallel, o_proj row-parallel.
+        self.num_heads, self.num_kv_heads, self.head_dim = layout.num_heads, layout.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.qkv_proj = Linear(ops, cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(ops, self.q_size, cfg.hidden_size, bias=cfg.o_proj_bias)
+        self.o_proj = RowParallelLinear(ops, self.q_size, cfg.hidden_size, cfg.o_proj_bias, layout.tp_size)
         self.q_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(ops, cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.attn = PagedAttention(
             ops,
-            cfg.num_heads,
-            cfg.num_kv_heads,
+            self.num_heads,
+            self.num_kv_heads,
             cfg.head_dim,
             scale=cfg.attention_scale,
             sliding_window=cfg.layer_window(layer),
@@ -110,11 +126,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = Linear(ops, cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = Linear(ops, cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        inter = layout.intermediate_size  # this rank's slice: gate/up column-, down row-parallel
+        self.gate_up_proj = Linear(ops, cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(ops, inter, cfg.hidden_size, cfg.mlp_bias, layout.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
         if self.ops.linear_silu_and_mul is not None:  # one kernel for a decode-sized x where faster
@@ -132,16 +149,22 @@ class MLP(nn.Module):
         return self.down_proj.linear_add(act, residual=h)
 
 
-def make_mlp(cfg: ModelConfig, ops: KernelOps, layer: int) -> MLP | SparseMoeBlock:
+def make_mlp(
+    cfg: ModelConfig, ops: KernelOps, layer: int, layout: ShardLayout | None = None
+) -> MLP | SparseMoeBlock:
     """The layer's feed-forward block: dense, or a sparse mixture of experts (Qwen3-MoE, Mixtral)."""
-    return SparseMoeBlock(cfg, ops) if cfg.is_moe_layer(layer) else MLP(cfg, ops)
+    layout = layout or shard_layout(cfg)
+    return SparseMoeBlock(cfg, ops, layout) if cfg.is_moe_layer(layer) else MLP(cfg, ops, layout)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int = 0) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ops: KernelOps, layer: int = 0, layout: ShardLayout | None = None
+    ) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, ops, layer)
-        self.mlp = make_mlp(cfg, ops, layer)
+        layout = layout or shard_layout(cfg)
+        self.self_attn = Attention(cfg, ops, layer, layout)
+        self.mlp = make_mlp(cfg, ops, layer, layout)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -180,11 +203,19 @@ class DecoderLayer(nn.Module):
             norm.weight.fill_(1.0)
 
 
+class MissingLayer(nn.Module):
+    """A layer held by another pipeline stage (keeps the layers' indices): no parameters."""
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
+    def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
+        self.layout = layout
+        self.embed_tokens: nn.Embedding = VocabParallelEmbedding(layout, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, ops, i, layout) if layout.holds_layer(i) else MissingLayer()
+            for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
         # gate_up_proj (the layer norms' weights are then ones).
@@ -193,6 +224,9 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.layout.pp_size > 1:
+            assert inputs_embeds is None, "image inputs are not served by a pipeline-parallel group"
+            return self._forward_stage(input_ids, meta)
         # inputs_embeds: the token embeddings with some rows replaced (image rows, models/llava.py)
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         # The folded forward is for decode-sized steps, where it removes launches. Larger steps run
@@ -210,6 +244,32 @@ class LlamaModel(nn.Module):
         normed, _ = self.norm.add_and_norm(hidden, residual)
         return normed
 
+    def _forward_stage(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Pipeline parallelism: this stage's layers between a receive from the stage before and
+        a send to the one after; the last stage sends back to stage 0, which applies the final
+        norm and returns the hidden states (the other stages' return value is not used)."""
+        layout = self.layout
+        stage, first = layout.pp_rank, layout.pp_rank == 0
+        if first:
+            hidden, residual = self.embed_tokens(input_ids), None
+        else:
+            like = torch.empty(
+                input_ids.shape[0],
+                self.norm.weight.shape[0],
+                dtype=self.norm.weight.dtype,
+                device=input_ids.device,
+            )
+            hidden, residual = recv_from_stage(stage - 1, like, like)
+        for i in range(layout.layer_start, layout.layer_end):
+            hidden, residual = self.layers[i](hidden, residual, meta)
+        assert residual is not None  # every stage holds at least one layer (P <= layers)
+        send_to_stage((stage + 1) % layout.pp_size, hidden, residual)
+        if not first:
+            return hidden
+        hidden, residual = recv_from_stage(layout.pp_size - 1, hidden, residual)
+        normed, _ = self.norm.add_and_norm(hidden, residual)
+        return normed
+
 
 class LlamaForCausalLM(nn.Module):
     """input ids [T] + metadata -> hidden states [T, hidden]; `compute_logits` on the rows to sample."""
@@ -217,21 +277,35 @@ class LlamaForCausalLM(nn.Module):
     stacked_params = STACKED_PARAMS
     # (checkpoint substring, parameter substring): names that differ only in a module's name
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    # Rank 0 of a parallel group: sends each forward's inputs to the other ranks first
+    # (services/worker/tp_group.py); None on the other ranks and with T = P = 1.
+    driver: StepDriver | None = None
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
         self.config = cfg
         self.ops = ops
-        self.model = LlamaModel(cfg, ops)
-        self.lm_head = Linear(ops, cfg.hidden_size, cfg.vocab_size, bias=False)
+        # This rank's slice of every sharded dimension (services/worker/parallel.py); the whole
+        # model with T = 1.
+        self.layout = shard_layout(cfg)
+        self.model = LlamaModel(cfg, ops, self.layout)
+        self.lm_head = Linear(ops, cfg.hidden_size, self.layout.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.driver is not None:
+            self.driver.forward(input_ids, meta)
         return self.model(input_ids, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab] fp32
-        return self.lm_head(hidden).float()
+        if parallel.current().tp_size == 1:
+            return self.lm_head(hidden).float()
+        if self.driver is not None:
+            self.driver.compute_logits(hidden)
+        # Each rank's vocabulary slice, gathered in rank order; the last rank's padding rows dropped.
+        logits = all_gather_last_dim(self.lm_head(hidden))
+        return logits[:, : self.config.vocab_size].float()
 
     @property
     def norms_folded(self) -> bool:
@@ -254,6 +328,9 @@ class LlamaForCausalLM(nn.Module):
             and not cfg.qk_norm
             and not cfg.num_experts  # the folded forward has no MoE path
             and self.model.embed_tokens.weight.dtype != torch.float16
+            # The folded o_proj / down_proj add the residual inside the projection, which a
+            # row-parallel projection would add once per rank before its all-reduce.
+            and parallel.current().world_size == 1  # (nor has the folded forward stages)
             and switches.FOLD_NORMS.value  # TANDEM_FOLD_NORMS=0: separate norms (services/common/switches.py)
         )
 

@@ -1,0 +1,276 @@
+"""Tensor parallelism: the process group, the shard layout of a model, and the collectives.
+
+One worker process group is one gRPC worker: rank 0 serves, schedules and samples; ranks 1..T-1
+run the model only (services/worker/tp_group.py). Every rank holds a 1/T slice of each layer:
+
+    qkv_proj, gate_up_proj, experts' w13   column-parallel (a slice of the output rows)
+    o_proj, down_proj, experts' w2         row-parallel (a slice of the input columns), then ONE
+                                           all-reduce of the [tokens, hidden] output
+    embed_tokens, lm_head                  vocabulary-parallel (a slice of the vocabulary rows):
+                                           the embedding all-reduces, the LM head all-gathers
+
+KV heads are split like the attention heads; with T > num_kv_heads each KV head is replicated on
+T / num_kv_heads ranks (rank r holds KV head r * num_kv_heads // T). Norms, the MoE router and
+the rotary cache are replicated.
+
+Pipeline parallelism (P stages) splits the layers: stage s holds layers [s*L/P, (s+1)*L/P) (the
+first stages take one more when P does not divide L) and its slice of the KV cache; the hidden
+states (and the residual stream) go from stage to stage by point-to-point sends, and the last
+stage sends its output back to stage 0, which holds the final norm and the LM head (the embedding
+too: every stage keeps a copy of those three for now). Rank = stage * T + tensor-parallel rank.
+
+With T = P = 1 the layout is the whole model and no collective runs: `current()` is the trivial
+state unless `init_process_group` was called.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from services.worker.model_config import ModelConfig, ModelConfigError
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """This process's place in its worker group."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+    pp_size: int = 1
+    pp_rank: int = 0  # the stage
+    # The group the model's collectives run on (NCCL on CUDA, gloo on CPU) and a gloo group for the
+    # control plane (rank 0 -> others: the step inputs, pickled host objects).
+    group: dist.ProcessGroup | None = None
+    ctrl_group: dist.ProcessGroup | None = None
+
+    @property
+    def is_driver(self) -> bool:
+        return self.tp_rank == 0 and self.pp_rank == 0
+
+    @property
+    def rank(self) -> int:
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.pp_size * self.tp_size
+
+
+_STATE = ParallelState()
+
+
+def current() -> ParallelState:
+    return _STATE
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (the group's rendezvous port)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def init_process_group(
+    rank: int,
+    tp_size: int,
+    pp_size: int,
+    master_addr: str,
+    master_port: int,
+    device: torch.device,
+    timeout_s: float,
+) -> ParallelState:
+    """Join the worker group (blocks until every rank joined). `timeout_s` bounds every collective:
+    a rank that stops answering turns into an error on the others, never a hang."""
+    global _STATE
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=tp_size * pp_size,
+        timeout=timeout,
+    )
+    group = dist.group.WORLD
+    if pp_size > 1:  # one tensor-parallel group per stage (every rank creates every group)
+        for stage in range(pp_size):
+            stage_group = dist.new_group(list(range(stage * tp_size, (stage + 1) * tp_size)), timeout=timeout)
+            if stage == rank // tp_size:
+                group = stage_group
+    # Its own group even on gloo: rank 0's idle pings (tp_group.py) must never interleave with a
+    # model collective of the engine thread on the same group.
+    ctrl = dist.new_group(backend="gloo", timeout=timeout)
+    _STATE = ParallelState(tp_size, rank % tp_size, pp_size, rank // tp_size, group, ctrl)
+    return _STATE
+
+
+def destroy_process_group() -> None:
+    global _STATE
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE = ParallelState()
+
+
+# ---- collectives (no-ops with T = 1) ------------------------------------------------------------
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over the tensor-parallel ranks (in place; returns x)."""
+    state = _STATE
+    if state.tp_size > 1:
+        dist.all_reduce(x, group=state.group)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    """[..., n] on each rank -> [..., T * n], rank order."""
+    state = _STATE
+    if state.tp_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(state.tp_size)]
+    dist.all_gather(parts, x.contiguous(), group=state.group)
+    return torch.cat(parts, dim=-1)
+
+
+def send_to_stage(stage: int, *tensors: torch.Tensor) -> None:
+    """Send tensors to this tensor-parallel rank's counterpart in `stage` (pipeline parallelism)."""
+    state = _STATE
+    for t in tensors:
+        dist.send(t.contiguous(), dst=stage * state.tp_size + state.tp_rank)
+
+
+def recv_from_stage(stage: int, *like: torch.Tensor) -> list[torch.Tensor]:
+    """Receive tensors shaped like `like` from this rank's counterpart in `stage`."""
+    state = _STATE
+    out = []
+    for t in like:
+        buf = torch.empty_like(t)
+        dist.recv(buf, src=stage * state.tp_size + state.tp_rank)
+        out.append(buf)
+    return out
+
+
+def broadcast_object(obj: object = None) -> object:
+    """Rank 0's `obj` on every rank (pickled over the gloo control group)."""
+    state = _STATE
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=state.ctrl_group)
+    return box[0]
+
+
+# ---- the shard layout ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardLayout:
+    """Which slice of each sharded dimension this rank holds (sizes local to the rank)."""
+
+    tp_size: int
+    tp_rank: int
+    num_heads: int  # attention (query) heads of this rank
+    num_kv_heads: int  # KV heads of this rank
+    kv_head_start: int  # first KV head of this rank in the checkpoint
+    intermediate_size: int  # dense MLP
+    moe_intermediate_size: int  # each expert
+    vocab_size: int  # vocabulary rows of this rank (the last rank's may be padding)
+    vocab_start: int
+    pp_size: int = 1
+    pp_rank: int = 0
+    layer_start: int = 0  # this stage's layers: [layer_start, layer_end)
+    layer_end: int = 0
+
+    def holds_layer(self, layer: int) -> bool:
+        return self.layer_start <= layer < self.layer_end
+
+    @property
+    def q_head_start(self) -> int:
+        return self.tp_rank * self.num_heads
+
+
+# The families whose modules and loading know the shard layout (models/llama.py and its subclasses
+# that keep its modules); the others (Gemma's own modules, Phi-3's pre-fused checkpoint tensors)
+# run on one rank for now.
+PARALLEL_ARCHITECTURES = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }
+)
+
+
+def check_architecture(cfg: ModelConfig, world_size: int) -> None:
+    if world_size > 1 and cfg.architecture not in PARALLEL_ARCHITECTURES:
+        raise ModelConfigError(
+            f"{cfg.architecture} cannot be split over several ranks yet (tensor/pipeline parallelism "
+            f"supports {', '.join(sorted(PARALLEL_ARCHITECTURES))})"
+        )
+
+
+def check_tp_size(cfg: ModelConfig, tp_size: int) -> None:
+    """One-line errors for a model that cannot be split over `tp_size` ranks."""
+    if tp_size < 1:
+        raise ModelConfigError(f"--tensor-parallel-size must be >= 1, got {tp_size}")
+    if tp_size == 1:
+        return
+    problems = []
+    if cfg.num_heads % tp_size:
+        problems.append(f"the {cfg.num_heads} attention heads")
+    kv = cfg.num_kv_heads
+    if (kv % tp_size) if kv >= tp_size else (tp_size % kv):
+        problems.append(f"the {kv} KV heads (T must divide them, or be a multiple of them)")
+    if cfg.intermediate_size % tp_size:
+        problems.append(f"the MLP's intermediate size {cfg.intermediate_size}")
+    if cfg.num_experts and cfg.moe_intermediate_size % tp_size:
+        problems.append(f"the experts' intermediate size {cfg.moe_intermediate_size}")
+    if problems:
+        raise ModelConfigError(
+            f"--tensor-parallel-size {tp_size} does not divide {', '.join(problems)} of {cfg.path}"
+        )
+
+
+def check_pp_size(cfg: ModelConfig, pp_size: int) -> None:
+    if pp_size < 1:
+        raise ModelConfigError(f"--pipeline-parallel-size must be >= 1, got {pp_size}")
+    if pp_size > cfg.num_layers:
+        raise ModelConfigError(
+            f"--pipeline-parallel-size {pp_size} is larger than the {cfg.num_layers} layers of {cfg.path}"
+        )
+
+
+def stage_layers(num_layers: int, pp_size: int, stage: int) -> tuple[int, int]:
+    """[start, end) of a stage's layers: even shares, the first stages one more for a remainder."""
+    base, extra = divmod(num_layers, pp_size)
+    start = stage * base + min(stage, extra)
+    return start, start + base + (1 if stage < extra else 0)
+
+
+def shard_layout(cfg: ModelConfig, state: ParallelState | None = None) -> ShardLayout:
+    state = state or _STATE
+    t, r = state.tp_size, state.tp_rank
+    check_tp_size(cfg, t)
+    check_pp_size(cfg, state.pp_size)
+    layer_start, layer_end = stage_layers(cfg.num_layers, state.pp_size, state.pp_rank)
+    kv = cfg.num_kv_heads
+    kv_local = kv // t if kv >= t else 1
+    kv_start = r * kv_local if kv >= t else r * kv // t
+    vocab_local = -(-cfg.vocab_size // t)
+    return ShardLayout(
+        tp_size=t,
+        tp_rank=r,
+        num_heads=cfg.num_heads // t,
+        num_kv_heads=kv_local,
+        kv_head_start=kv_start,
+        intermediate_size=cfg.intermediate_size // t,
+        moe_intermediate_size=cfg.moe_intermediate_size // t if cfg.num_experts else 0,
+        vocab_size=vocab_local,
+        vocab_start=r * vocab_local,
+        pp_size=state.pp_size,
+        pp_rank=state.pp_rank,
+        layer_start=layer_start,
+        layer_end=layer_end,
+    )

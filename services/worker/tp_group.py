@@ -1,0 +1,206 @@
+"""One worker process group = one gRPC worker: how its ranks start, talk and stop.
+
+    rank 0     the `tandem worker` process: gRPC servicer, engine, scheduler, sampler, and its
+               own slice of the model. Before each forward (and each LM-head call, each copy of
+               KV blocks) it broadcasts the step's flat inputs to the other ranks (`StepDriver`).
+    rank 1..   child processes of rank 0 (`RankProcesses`), the same command line with
+               TANDEM_TP_RANK set: they load their slice of the model, allocate their slice of
+               the KV cache, then run `tp_launch.follow`: receive a command, run it, repeat.
+
+The commands travel as pickled host objects over a gloo group of their own (`broadcast_object`);
+the model's collectives run on the main group (NCCL on CUDA, gloo on CPU).
+
+A rank that dies takes the group down: rank 0 watches its children and exits non-zero when one
+exits (killing the rest), the children die with rank 0 (PR_SET_PDEATHSIG) or when a collective
+with it fails, and every collective has the group's timeout, so no rank waits forever. While the
+worker is idle, rank 0 broadcasts a ping every timeout / 4 so that idle ranks never time out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from services.worker import parallel
+from services.worker.kv_cache import KVCache
+from services.worker.layers.attention import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+RANK_ENV = "TANDEM_TP_RANK"
+MASTER_ENV = "TANDEM_TP_MASTER"  # host:port of the group's rendezvous
+
+
+# ---- commands (rank 0 -> the other ranks) ---------------------------------------------------
+@dataclass(frozen=True)
+class Forward:
+    """The flat inputs of one forward (AttentionMetadata's tensors on the host)."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    max_seqlen_q: int
+    num_decode_rows: int
+
+
+@dataclass(frozen=True)
+class Logits:
+    hidden: torch.Tensor  # [S, hidden]: the rows whose logits rank 0 computes now
+
+
+@dataclass(frozen=True)
+class CopyBlocks:
+    copies: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class BindKV:
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class Profile:
+    num_tokens: int
+    num_seqs: int
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+Command = Forward | Logits | CopyBlocks | BindKV | Profile | Ping
+
+
+class StepDriver:
+    """Rank 0's side: broadcasts each command before rank 0 runs it itself."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._detached = False
+        self._interval = max(timeout_s / 4, 0.5)
+        self._stop = threading.Event()
+        self._pinger = threading.Thread(target=self._ping_loop, name="tp-ping", daemon=True)
+        self._pinger.start()
+
+    def send(self, cmd: Command) -> None:
+        if self._detached:
+            return
+        with self._lock:
+            parallel.broadcast_object(cmd)
+            self._last = time.monotonic()
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> None:
+        self.send(
+            Forward(
+                input_ids.cpu(),
+                meta.positions.cpu(),
+                meta.slot_mapping.cpu(),
+                meta.block_tables.cpu(),
+                meta.cu_seqlens_q.cpu(),
+                meta.seq_lens.cpu(),
+                meta.max_seqlen_q,
+                meta.num_decode_rows,
+            )
+        )
+
+    def compute_logits(self, hidden: torch.Tensor) -> None:
+        self.send(Logits(hidden.cpu()))
+
+    @contextlib.contextmanager
+    def detached(self) -> Iterator[None]:
+        """Rank 0 runs the model without broadcasting (the others were told what to run)."""
+        self._detached = True
+        try:
+            yield
+        finally:
+            self._detached = False
+
+    def _ping_loop(self) -> None:
+        while not self._stop.wait(self._interval / 2):
+            if time.monotonic() - self._last >= self._interval and self._lock.acquire(blocking=False):
+                try:
+                    parallel.broadcast_object(Ping())
+                    self._last = time.monotonic()
+                except Exception as exc:  # a rank is gone (on another host no watcher sees it)
+                    group_failed(exc)
+                    return
+                finally:
+                    self._lock.release()
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class DrivenKVCache(KVCache):
+    """Rank 0's KV cache: a copy of blocks (copy-on-fork) happens on every rank."""
+
+    driver: StepDriver | None = None
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies and self.driver is not None:
+            self.driver.send(CopyBlocks(copies))
+        super().copy_blocks(copies)
+
+
+# ---- starting the group (rank 0) ----------------------------------------------------------------
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """The child gets SIGKILL when rank 0 dies, however it dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class RankProcesses:
+    """Ranks 1..T-1 as child processes of rank 0, watched: one that exits takes the group down."""
+
+    def __init__(self, argv: list[str], num_local: int, master: str) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._closing = False
+        for rank in range(1, num_local):
+            env = dict(os.environ, **{RANK_ENV: str(rank), MASTER_ENV: master})
+            cmd = [sys.executable, "-m", "services.worker.main", *argv]
+            self.procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent))
+        for rank, proc in enumerate(self.procs, start=1):
+            threading.Thread(
+                target=self._watch, args=(rank, proc), name=f"tp-watch-{rank}", daemon=True
+            ).start()
+
+    def _watch(self, rank: int, proc: subprocess.Popen[bytes]) -> None:
+        code = proc.wait()
+        if self._closing:
+            return
+        log.error("tensor-parallel rank %d exited (code %s): taking the worker group down", rank, code)
+        self.terminate()
+        logging.shutdown()
+        os._exit(1)  # the engine thread may be inside a collective with the dead rank
+
+    def terminate(self) -> None:
+        self._closing = True
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+
+def group_failed(exc: BaseException) -> None:
+    """A step of a tensor-parallel group raised (a collective with a dead or stuck rank): the group
+    cannot go on, so this process exits and its ranks with it; `tandem up` restarts the worker."""
+    log.error("tensor-parallel step failed (%s): taking the worker group down", exc)
+    logging.shutdown()
+    os._exit(1)

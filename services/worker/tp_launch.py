@@ -1,0 +1,154 @@
+"""Starting a worker group's process (any rank) and the life of ranks 1..T*P-1.
+
+`start_group` joins this process to its group (the first process of a host starts the host's
+other ranks, services/worker/tp_group.py `RankProcesses`); rank 0 then builds the engine and
+serves, every other rank runs `follow`: rank 0's commands, until the group goes down.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kernels import get_ops
+from services.worker import parallel
+from services.worker.config import WorkerConfig
+from services.worker.engine import resolve_device, resolve_dtype, resolve_kv_dtype, resolve_max_model_len
+from services.worker.kv_cache import KVCache
+from services.worker.layers.attention import AttentionMetadata
+from services.worker.model_config import ModelConfigError, load_model_config
+from services.worker.model_runner import ModelRunner
+from services.worker.tp_group import (
+    MASTER_ENV,
+    RANK_ENV,
+    BindKV,
+    CopyBlocks,
+    Forward,
+    Logits,
+    Profile,
+    RankProcesses,
+)
+
+log = logging.getLogger(__name__)
+
+
+def follow(config: WorkerConfig) -> int:
+    """Ranks 1..T-1: load this rank's slice of the model, then run rank 0's commands forever."""
+    cfg = load_model_config(config.model)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    max_model_len = resolve_max_model_len(cfg, config.max_model_len)
+    runner = ModelRunner(
+        cfg,
+        get_ops(config.attention_backend, device),
+        device,
+        dtype,
+        max_model_len,
+        config.block_size,
+        config.load_format,
+        config.seed,
+    )
+    model = runner.model
+    kv: KVCache | None = None
+    with torch.inference_mode():
+        while True:
+            cmd = parallel.broadcast_object()
+            if isinstance(cmd, Forward):
+                meta = AttentionMetadata(
+                    positions=cmd.positions.to(device),
+                    slot_mapping=cmd.slot_mapping.to(device),
+                    block_tables=cmd.block_tables.to(device),
+                    cu_seqlens_q=cmd.cu_seqlens_q.to(device),
+                    seq_lens=cmd.seq_lens.to(device),
+                    max_seqlen_q=cmd.max_seqlen_q,
+                    cos_sin_cache=runner.cos_sin_cache,
+                    num_decode_rows=cmd.num_decode_rows,
+                )
+                model(cmd.input_ids.to(device), meta)
+            elif isinstance(cmd, Logits):
+                if parallel.current().pp_rank == 0:  # stage 0 holds the LM head
+                    model.compute_logits(cmd.hidden.to(device))
+            elif isinstance(cmd, CopyBlocks):
+                assert kv is not None
+                kv.copy_blocks(cmd.copies)
+            elif isinstance(cmd, BindKV):
+                kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
+                kv = KVCache(cfg, cmd.num_blocks, config.block_size, kv_dtype, device)
+                runner.bind_kv_cache(kv)
+            elif isinstance(cmd, Profile):
+                runner.profile_peak_bytes(cmd.num_tokens, cmd.num_seqs)
+
+
+def check_group(config: WorkerConfig) -> None:
+    """One-line errors (ModelConfigError) for a group that cannot work, before any weight loads."""
+    t = config.tensor_parallel_size
+    cfg = load_model_config(config.model)
+    parallel.check_architecture(cfg, config.world_size)
+    parallel.check_tp_size(cfg, t)
+    parallel.check_pp_size(cfg, config.pipeline_parallel_size)
+    per_node = config.world_size // config.nnodes
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        if device.index not in (None, 0) and config.device != "cuda":
+            raise ModelConfigError(
+                f"--device {config.device} with --tensor-parallel-size {t}: rank r uses cuda:r; "
+                "give --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        if torch.cuda.device_count() < per_node:
+            raise ModelConfigError(
+                f"{config.world_size} ranks over {config.nnodes} node(s) need {per_node} GPUs per host, "
+                f"this host shows {torch.cuda.device_count()}"
+            )
+
+
+@dataclass(frozen=True)
+class GroupMember:
+    """This process in its group: `local` = the ranks it started (their handle), `driver` = rank 0."""
+
+    local: RankProcesses | None
+    driver: bool
+
+
+def start_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
+    """Join this process's tensor-parallel group. The first process of a node (no TANDEM_TP_RANK)
+    checks the layout and starts the node's other ranks; global rank 0 serves, the rest `follow`.
+    Node n holds ranks n * T / nnodes .. (n + 1) * T / nnodes - 1 (cuda:0.. in that order)."""
+    t, p = config.tensor_parallel_size, config.pipeline_parallel_size
+    per_node = config.world_size // config.nnodes
+    local_rank = int(os.environ.get(RANK_ENV, "0"))
+    rank = config.node_rank * per_node + local_rank
+    local: RankProcesses | None = None
+    if local_rank == 0:
+        check_group(config)
+        rdv_port = config.master_port or parallel.free_port()
+        master = f"{config.master_addr}:{rdv_port}"
+        local = RankProcesses(argv, per_node, master)
+    else:
+        master = os.environ[MASTER_ENV]
+    device = (
+        torch.device("cuda", local_rank)
+        if config.device != "cpu" and torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    host, _, port = master.rpartition(":")
+    parallel.init_process_group(rank, t, p, host, int(port), device, config.distributed_timeout)
+    log.info("rank %d of %d (T=%d x P=%d) joined (%s)", rank, t * p, t, p, device)
+    return GroupMember(local, rank == 0)
+
+
+def follow_until_down(config: WorkerConfig, local: RankProcesses | None) -> int:
+    """A non-zero rank's life: `follow` until a collective fails (rank 0 gone), then exit non-zero
+    with the ranks this process started (the first process of a headless node)."""
+    try:
+        follow(config)
+    except Exception as exc:  # the group is gone; nothing here can recover it
+        log.error("tensor-parallel rank left its group: %s", exc)
+    finally:
+        if local is not None:
+            local.terminate()
+    return 1

@@ -1,0 +1,101 @@
+"""Tensor-parallel test fixtures: tiny random HF models whose heads split 2 and 4 ways."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.worker.worker_testlib import TINY, RefModel, load_ref
+
+REPO = Path(__file__).resolve().parents[2]
+torch.set_num_threads(1)
+
+
+def _llama(layers: int = 2, **over: Any) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # 4 query heads: T = 2 and T = 4 both divide them
+    return LlamaForCausalLM(
+        LlamaConfig(**{**TINY, **over}, num_hidden_layers=layers, tie_word_embeddings=False)
+    )
+
+
+def _qwen2() -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**TINY, num_hidden_layers=2, tie_word_embeddings=True))
+
+
+def _qwen3() -> Any:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(**TINY, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False))
+
+
+def _qwen3_moe() -> Any:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(
+        **TINY,
+        num_hidden_layers=2,
+        head_dim=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+    )
+    return Qwen3MoeForCausalLM(cfg)
+
+
+BUILDERS: dict[str, Callable[[], Any]] = {
+    # GQA: 2 KV heads (T = 2: one each; T = 4: each replicated on two ranks); a vocabulary that
+    # does not split evenly (the last rank's rows are padding)
+    "llama_gqa": lambda: _llama(vocab_size=321),
+    "llama_mha": lambda: _llama(num_key_value_heads=4),  # 4 KV heads: two per rank with T = 2
+    "llama_three_layers": lambda: _llama(layers=3),  # P = 2: stages of 2 and 1 layers
+    "qwen2": _qwen2,  # qkv bias, tied embeddings
+    "qwen3": _qwen3,  # q/k norms
+    "qwen3_moe": _qwen3_moe,  # experts split on their intermediate dimension
+}
+
+
+@pytest.fixture(scope="session")
+def tp_refs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RefModel]:
+    torch.manual_seed(0)
+    refs = {}
+    for name, build in BUILDERS.items():
+        path = tmp_path_factory.mktemp(f"tp-{name}")
+        # a sharded checkpoint: each rank reads slices across several files
+        build().save_pretrained(str(path), max_shard_size="100KB")
+        refs[name] = load_ref(path)
+    return refs
+
+
+def run_group(
+    tmp_path: Path, spec: dict[str, Any], *worker_args: str, timeout_s: float = 240
+) -> dict[str, Any]:
+    """tests/parallel/tp_generate.py: one worker group's engine over `spec`'s prompts."""
+    prompts, out = tmp_path / "prompts.json", tmp_path / "out.json"
+    prompts.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = str(REPO / "tests" / "parallel" / "tp_generate.py")
+    proc = subprocess.run(
+        [sys.executable, script, str(out), str(prompts), "--", *worker_args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dict(json.loads(out.read_text()))

@@ -1,0 +1,52 @@
+"""Worker options of a parallel group that cannot work are refused when parsed, in one line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.worker.config import WorkerConfig
+from services.worker.parallel import ParallelState, shard_layout, stage_layers
+from tests.worker.worker_testlib import TINY
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"tensor_parallel_size": 2, "kv_offload_memory": "1"},
+            "--kv-offload-memory with --tensor-parallel-size",
+        ),
+        ({"tensor_parallel_size": 2, "role": "prefill"}, "with --role prefill"),
+        ({"tensor_parallel_size": 2, "nnodes": 2}, "needs --master-port"),
+        ({"tensor_parallel_size": 3, "nnodes": 2, "master_port": 29500}, "must be a multiple of --nnodes 2"),
+        ({"nnodes": 2, "node_rank": 2, "master_port": 29500}, "--node-rank must be in 0..1"),
+        ({"pipeline_parallel_size": 0}, "--pipeline-parallel-size must be >= 1"),
+    ],
+)
+def test_bad_group_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WorkerConfig(model="m", **options)
+
+
+def test_stages_and_replicated_kv_heads(tmp_path: Any) -> None:
+    """Layers split evenly, the first stages taking the remainder; with T > KV heads each rank
+    holds the KV head its query heads use."""
+    assert [stage_layers(5, 2, s) for s in range(2)] == [(0, 3), (3, 5)]
+    assert [stage_layers(4, 4, s) for s in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from services.worker.model_config import load_model_config
+
+    LlamaForCausalLM(LlamaConfig(**TINY, num_hidden_layers=1)).save_pretrained(str(tmp_path))
+    cfg = load_model_config(str(tmp_path))  # 4 query heads, 2 KV heads
+    layouts = [shard_layout(cfg, ParallelState(4, r)) for r in range(4)]
+    assert [(lo.num_heads, lo.num_kv_heads, lo.kv_head_start) for lo in layouts] == [
+        (1, 1, 0),
+        (1, 1, 0),
+        (1, 1, 1),
+        (1, 1, 1),
+    ]
+    for lo in layouts:  # query head q uses KV head q // (4 / 2)
+        assert lo.kv_head_start == lo.q_head_start // 2

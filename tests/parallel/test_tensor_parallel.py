@@ -1,0 +1,74 @@
+"""Tensor and pipeline parallelism on the CPU (gloo): greedy tokens of T = 2, T = 4, P = 2 and
+T = 2 x P = 2 groups equal T = P = 1 and transformers, logprobs within 1e-4, with 8 requests in
+flight, chunked prefill and forks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.worker.request import SamplingParams
+from tests.parallel.conftest import run_group
+from tests.worker.worker_testlib import RefModel, prompts_of_lengths
+
+LENGTHS = [1, 3, 7, 12, 17, 29, 40, 5]  # 8 requests in flight; the long ones are chunked (budget 16)
+MAX_TOKENS = 10
+
+
+def _check(ref: RefModel, name: str, tp: int, tmp_path: Path, n: int = 1, pp: int = 1) -> None:
+    prompts = prompts_of_lengths(LENGTHS, ref.vocab_size, seed=3)
+    options = ["--model", str(ref.path), "--device", "cpu", "--kv-cache-memory", "4MiB"]
+    options += ["--max-num-batched-tokens", "16", "--cpu-threads", "1"]
+    got = run_group(
+        tmp_path,
+        {"prompts": prompts, "max_tokens": MAX_TOKENS, "logprobs": 3, "n": n},
+        *options,
+        "--tensor-parallel-size",
+        str(tp),
+        "--pipeline-parallel-size",
+        str(pp),
+    )
+    single = ref.engine(kv_cache_memory="4MiB", max_num_batched_tokens=16)
+    base = single.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=3, n=n))
+    assert got["used_blocks"] == 0
+    for i, (prompt, result) in enumerate(zip(prompts, base, strict=True)):
+        expected = ref.greedy(prompt, MAX_TOKENS)
+        assert result.token_ids[0] == expected  # T = 1 (the baseline itself)
+        for choice in range(n):  # forks share the prompt's blocks (copy-on-fork on every rank)
+            assert got["tokens"][i][str(choice)] == expected, f"{name} T={tp} P={pp}: prompt of {len(prompt)}"
+        ours = got["logprobs"][i]
+        theirs = [lp.logprob for lp in result.logprobs[0]]
+        assert len(ours) == len(theirs)
+        assert max((abs(a - b) for a, b in zip(ours, theirs, strict=True)), default=0.0) < 1e-4
+        top_ids = [[t for t, _ in step] for step in got["top"][i]]
+        assert top_ids == [[t for t, _ in lp.top] for lp in result.logprobs[0]]
+
+
+def test_llama_gqa_t2_equals_t1_and_transformers(tp_refs: dict[str, RefModel], tmp_path: Path) -> None:
+    _check(tp_refs["llama_gqa"], "llama_gqa", 2, tmp_path, n=2)
+
+
+def test_llama_pipeline_p2_equals_t1_and_transformers(tp_refs: dict[str, RefModel], tmp_path: Path) -> None:
+    _check(tp_refs["llama_gqa"], "llama_gqa", 1, tmp_path, pp=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "tp", "pp"), [("qwen2", 2, 2), ("qwen3_moe", 1, 2), ("llama_three_layers", 1, 2)]
+)
+def test_tp_times_pp_equals_t1(
+    tp_refs: dict[str, RefModel], name: str, tp: int, pp: int, tmp_path: Path
+) -> None:
+    _check(tp_refs[name], name, tp, tmp_path, pp=pp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "tp"),
+    [("llama_gqa", 4), ("llama_mha", 2), ("qwen2", 2), ("qwen3", 2), ("qwen3", 4), ("qwen3_moe", 2)],
+)
+def test_tp_equals_t1_and_transformers(
+    tp_refs: dict[str, RefModel], name: str, tp: int, tmp_path: Path
+) -> None:
+    _check(tp_refs[name], name, tp, tmp_path)

@@ -1,0 +1,57 @@
+"""Run one tensor-parallel worker group's engine (rank 0 here, ranks 1..T-1 spawned as
+`tandem worker` does) over a batch of prompts and write the results as JSON.
+
+    python tests/parallel/tp_generate.py OUT.json PROMPTS.json -- <tandem worker options>
+
+PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n}. The same code path
+as `tandem worker --tensor-parallel-size T` (tp_launch.start_group, Engine with its StepDriver)
+without gRPC, so the tests can compare tokens and logprobs exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str]) -> int:
+    out_path, prompts_path, sep, *worker_argv = argv
+    assert sep == "--"
+    from services.common.config import parse_config
+    from services.worker.config import WorkerConfig
+    from services.worker.engine import Engine
+    from services.worker.request import SamplingParams
+    from services.worker.tp_launch import start_group
+
+    torch.set_num_threads(1)
+    spec = json.loads(Path(prompts_path).read_text())
+    config = parse_config(WorkerConfig, worker_argv, "tp_generate")
+    group = start_group(config, worker_argv).local if config.world_size > 1 else None
+    try:
+        engine = Engine(config)
+        params = SamplingParams(
+            temperature=0.0, max_tokens=spec["max_tokens"], logprobs=spec.get("logprobs"), n=spec.get("n", 1)
+        )
+        results = engine.generate(spec["prompts"], params)
+        Path(out_path).write_text(
+            json.dumps(
+                {
+                    "tokens": [{str(k): v for k, v in r.token_ids.items()} for r in results],
+                    "logprobs": [[lp.logprob for lp in r.logprobs.get(0, [])] for r in results],
+                    "top": [[list(map(list, lp.top)) for lp in r.logprobs.get(0, [])] for r in results],
+                    "used_blocks": engine.block_manager.num_used_blocks,
+                    "num_kv_heads": int(engine.kv_cache.tensor.shape[4]),
+                }
+            )
+        )
+    finally:
+        if group is not None:
+            group.terminate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
