@@ -18,7 +18,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 scripts/install_torch.sh .venv/bin/python
-"${PIP[@]}" install -q -e ".[dev]"
+# compat mode: the repo root goes on sys.path, so packages generated after the install
+# (`openengine`, made by tandem.protogen below) import from the console script too.
+"${PIP[@]}" install -q -e ".[dev]" --config-settings editable_mode=compat
 .venv/bin/python -m tandem.protogen
 
 if [ ! -e models/default ]; then
