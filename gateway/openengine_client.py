@@ -11,7 +11,6 @@ with UNIMPLEMENTED, which the gateway answers like any worker refusal.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -33,7 +32,7 @@ from gateway.downstream import (
 )
 from openengine.v1 import generation_pb2, lifecycle_pb2, model_pb2, openengine_pb2_grpc, server_pb2
 from services.common.channels import make_channel
-from services.common.sampling import SamplingParams
+from services.common.sampling import SamplingParams, resumed
 
 PREFIX = "openengine:"
 _FINISH = {
@@ -196,12 +195,7 @@ class OpenEngineWorkerClient:
         if generated_token_ids:
             if sampling.n != 1:
                 raise unimplemented("resuming a request of several choices is not possible over OpenEngine")
-            done = len(generated_token_ids)
-            sampling = dataclasses.replace(
-                sampling,
-                max_tokens=None if sampling.max_tokens is None else max(sampling.max_tokens - done, 0),
-                min_tokens=max(sampling.min_tokens - done, 0),
-            )
+            sampling = resumed(sampling, len(generated_token_ids))
         msg = generation_pb2.GenerateRequest(
             request_id=request_id,
             token_ids=generation_pb2.TokenIds(ids=[*prompt_token_ids, *generated_token_ids]),

@@ -8,7 +8,6 @@ of several choices are refused with UNIMPLEMENTED.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from gateway.downstream import (
 )
 from gateway.openengine_client import unimplemented
 from services.common.channels import make_channel
-from services.common.sampling import SamplingParams
+from services.common.sampling import SamplingParams, resumed
 from tandem.smg import vllm_engine_pb2 as pb
 from tandem.smg import vllm_engine_pb2_grpc
 
@@ -148,12 +147,7 @@ class SmgWorkerClient:
         if generated_token_ids:
             if sampling.n != 1:
                 raise unimplemented("resuming a request of several choices is not possible over SMG's proto")
-            done = len(generated_token_ids)
-            sampling = dataclasses.replace(
-                sampling,
-                max_tokens=None if sampling.max_tokens is None else max(sampling.max_tokens - done, 0),
-                min_tokens=max(sampling.min_tokens - done, 0),
-            )
+            sampling = resumed(sampling, len(generated_token_ids))
         msg = pb.GenerateRequest(
             request_id=request_id,
             tokenized=pb.TokenizedInput(input_ids=[*prompt_token_ids, *generated_token_ids]),

@@ -25,6 +25,12 @@ def encode(chunk: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+def encode_event(event: dict[str, Any]) -> bytes:
+    """A typed SSE event (`event: <type>` then its data), as the Responses and Messages APIs send."""
+    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+
+
 async def sse(
     request: web.Request, chunks: AsyncIterator[dict[str, Any]], request_id: str = ""
 ) -> web.StreamResponse:

@@ -8,7 +8,6 @@ middleware picks the envelope by path, so 401 / 413 / 429 from middlewares match
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -21,16 +20,12 @@ from gateway.errors import APIError
 from gateway.execution import Executor
 from gateway.responses import ChatResult
 from gateway.routes.body import read_json
+from gateway.streaming import encode_event
 from gateway.validation import parse_chat
 
 log = logging.getLogger(__name__)
 
 PATH_PREFIX = "/v1/messages"
-
-
-def _event(event: dict[str, Any]) -> bytes:
-    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n".encode()
 
 
 def _parse(body: Any, ctx: Any, *, count_only: bool = False) -> Any:
@@ -69,22 +64,22 @@ async def messages(request: web.Request) -> web.StreamResponse:
         )
         await response.prepare(request)
         try:
-            await response.write(_event(builder.start_event(job.run)))
+            await response.write(encode_event(builder.start_event(job.run)))
             if first is not None:
                 for event in builder.add(first):
-                    await response.write(_event(event))
+                    await response.write(encode_event(event))
             async for update in job.updates:
                 for event in builder.add(update):
-                    await response.write(_event(event))
+                    await response.write(encode_event(event))
             for event in builder.end_events(job.run):
-                await response.write(_event(event))
+                await response.write(encode_event(event))
         except APIError as err:
-            await response.write(_event(error_body(err)))
+            await response.write(encode_event(error_body(err)))
         except (ConnectionResetError, ConnectionError):
             raise
         except Exception:
             log.exception("error while streaming a message")
-            await response.write(_event(error_body(APIError(500, "internal server error"))))
+            await response.write(encode_event(error_body(APIError(500, "internal server error"))))
         await response.write_eof()
         request[FINISH_REASON] = job.finish_reason()
         return response

@@ -9,7 +9,6 @@ in the response store (--responses-db) for `previous_response_id`, `retrieve` an
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -22,14 +21,10 @@ from gateway.response_store import ResponseStore, StoredResponse
 from gateway.responses import ChatResult
 from gateway.responses_api import ResponseBuilder, output_messages, responses_param, to_chat_body
 from gateway.routes.body import read_json
+from gateway.streaming import encode_event
 from gateway.validation import parse_chat
 
 log = logging.getLogger(__name__)
-
-
-def _event(event: dict[str, Any]) -> bytes:
-    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n".encode()
 
 
 def _store(request: web.Request) -> ResponseStore:
@@ -99,28 +94,28 @@ async def create(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         try:
             for event in builder.start_events():
-                await response.write(_event(event))
+                await response.write(encode_event(event))
             if first is not None:
                 for event in builder.add(first):
-                    await response.write(_event(event))
+                    await response.write(encode_event(event))
             async for update in job.updates:
                 for event in builder.add(update):
-                    await response.write(_event(event))
+                    await response.write(encode_event(event))
             end = builder.end_events(job.run)
             await keep()
             for event in end:
-                await response.write(_event(event))
+                await response.write(encode_event(event))
         except APIError as err:
             failed = builder.response(job.run, status="failed")
             failed["error"] = {"code": err.code or err.type, "message": err.message}
-            await response.write(_event(builder._event("response.failed", response=failed)))
+            await response.write(encode_event(builder._event("response.failed", response=failed)))
         except (ConnectionResetError, ConnectionError):
             raise
         except Exception:
             log.exception("error while streaming a response")
             failed = builder.response(job.run, status="failed")
             failed["error"] = {"code": "server_error", "message": "internal server error"}
-            await response.write(_event(builder._event("response.failed", response=failed)))
+            await response.write(encode_event(builder._event("response.failed", response=failed)))
         await response.write_eof()
         request[FINISH_REASON] = job.finish_reason()
         return response

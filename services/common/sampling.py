@@ -13,6 +13,7 @@ remembers the HTTP field it came from; the worker's `GuidedSpec` is its grammar 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -146,3 +147,13 @@ def validate_sampling(sp: SamplingParams[Any], vocab_size: int = 0) -> None:
     if sp.max_tokens is not None and sp.min_tokens > sp.max_tokens:
         raise SamplingError("min_tokens", f"must be <= max_tokens ({sp.max_tokens}), got {sp.min_tokens}")
     check_token_ids("stop_token_ids", sp.stop_token_ids, vocab_size)
+
+
+def resumed(sampling: SamplingParams[G], num_generated: int) -> SamplingParams[G]:
+    """The parameters of a choice continued after `num_generated` tokens it already produced
+    (prompt + those tokens sent as the new prompt): its token budgets shrink by them."""
+    return dataclasses.replace(
+        sampling,
+        max_tokens=None if sampling.max_tokens is None else max(sampling.max_tokens - num_generated, 0),
+        min_tokens=max(sampling.min_tokens - num_generated, 0),
+    )
