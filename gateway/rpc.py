@@ -87,6 +87,8 @@ def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]
         body["user"] = o.user
     if o.HasField("guided"):
         body.update(_guided(o.guided))
+    if o.logit_bias:  # float32 on the wire, rounded back as the other floats
+        body["logit_bias"] = {str(t): float(f"{b:.6g}") for t, b in sorted(o.logit_bias.items())}
     body["stream"] = stream
     if stream and o.include_usage:
         body["stream_options"] = {"include_usage": True}

@@ -191,7 +191,7 @@ def test_bad_requests(stub: vllm_engine_pb2_grpc.VllmEngineStub, own_worker: boo
         return
     for field, sampling in [
         ("sampling_params.stop", {"stop": ["."], "n": 2}),
-        ("sampling_params.logit_bias", {"logit_bias": {5: 1.0}}),
+        ("sampling_params.truncate_prompt_tokens", {"truncate_prompt_tokens": 5}),
         ("sampling_params.structural_tag", {"structural_tag": "{}"}),
     ]:
         with pytest.raises(grpc.RpcError) as err:
