@@ -168,7 +168,7 @@ def check_logit_bias(bias: tuple[tuple[int, float], ...], vocab_size: int = 0) -
     check_token_ids("logit_bias", ids, vocab_size)
     bad = next((b for _, b in bias if not (math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS)), None)
     if bad is not None:
-        raise SamplingError("logit_bias", f"values must be in [-100, 100], got {bad}")
+        raise SamplingError("logit_bias", f"must map to biases in [-100, 100], got {bad}")
 
 
 def resumed(sampling: SamplingParams[G], num_generated: int) -> SamplingParams[G]:
