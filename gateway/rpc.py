@@ -90,10 +90,11 @@ def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]
     if o.logit_bias:  # float32 on the wire, rounded back as the other floats
         body["logit_bias"] = {str(t): float(f"{b:.6g}") for t, b in sorted(o.logit_bias.items())}
     body["stream"] = stream
-    if stream and o.include_usage:
-        body["stream_options"] = {"include_usage": True}
-    elif o.include_usage:
-        raise invalid("'include_usage' is only allowed on a streaming rpc", "options.include_usage")
+    for name in ("include_usage", "continuous_usage_stats"):
+        if getattr(o, name) and not stream:
+            raise invalid(f"'{name}' is only allowed on a streaming rpc", f"options.{name}")
+        if getattr(o, name):
+            body.setdefault("stream_options", {})[name] = True
     return body
 
 

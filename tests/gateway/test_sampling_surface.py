@@ -290,3 +290,23 @@ def test_twenty_top_logprobs_in_every_mode(stories_stack: Stack) -> None:
         )
         for c in text.choices:
             assert all(18 <= len(t.alternatives) <= 21 for t in c.logprobs.top_logprobs)
+
+
+# ---- stream_options.continuous_usage_stats over gRPC (HTTP: test_openai_schema.py) -------------
+
+
+def test_continuous_usage_stats_over_grpc(stories_stack: Stack) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{stories_stack.grpc_port}") as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        options = inference_pb2.GenerationOptions(max_tokens=5, temperature=0.0, continuous_usage_stats=True)
+        chunks = list(
+            stub.CompletionStream(inference_pb2.CompletionRequest(text="Once", options=options), timeout=60)
+        )
+        assert chunks and all(c.HasField("usage") and c.choices for c in chunks)
+        completion = [c.usage.completion_tokens for c in chunks]
+        assert completion == sorted(completion) and completion[-1] == 5
+        assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Completion(inference_pb2.CompletionRequest(text="Once", options=options), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "continuous_usage_stats" in (err.value.details() or "")
