@@ -56,6 +56,7 @@ _OPTIONAL_OPTIONS = (
     "repetition_penalty",
     "min_tokens",
     "skip_special_tokens",
+    "prompt_logprobs",
 )
 
 
@@ -211,6 +212,21 @@ def _logprob_entries(logprobs: dict[str, Any] | None) -> list[inference_pb2.Logp
     ]
 
 
+def _prompt_logprobs(entries: list[dict[str, Any] | None] | None) -> list[inference_pb2.PromptLogprobs]:
+    """vLLM's JSON shape (null, then {id: {logprob, rank, decoded_token}}) as protobuf."""
+    return [
+        inference_pb2.PromptLogprobs(
+            candidates=[
+                inference_pb2.PromptLogprobCandidate(
+                    token_id=int(t), logprob=c["logprob"], rank=c["rank"], decoded_token=c["decoded_token"]
+                )
+                for t, c in (e or {}).items()
+            ]
+        )
+        for e in entries or []
+    ]
+
+
 def _tool_call(t: dict[str, Any]) -> common_pb2.ToolCall:
     return common_pb2.ToolCall(
         id=t["id"], type=t["type"], name=t["function"]["name"], arguments=t["function"]["arguments"]
@@ -243,6 +259,7 @@ def chat_response(body: dict[str, Any]) -> inference_pb2.ChatCompletionResponse:
         choices=choices,
         usage=_usage(body["usage"]),
         system_fingerprint=body["system_fingerprint"],
+        prompt_logprobs=_prompt_logprobs(body.get("prompt_logprobs")),
     )
 
 
@@ -298,6 +315,7 @@ def _completion_choices(body: dict[str, Any]) -> list[inference_pb2.CompletionCh
             text=c["text"],
             finish_reason=c["finish_reason"] or "",
             logprobs=_completion_logprobs(c["logprobs"]),
+            prompt_logprobs=_prompt_logprobs(c.get("prompt_logprobs")),
         )
         for c in body["choices"]
     ]

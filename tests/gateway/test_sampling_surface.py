@@ -310,3 +310,56 @@ def test_continuous_usage_stats_over_grpc(stories_stack: Stack) -> None:
             stub.Completion(inference_pb2.CompletionRequest(text="Once", options=options), timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "continuous_usage_stats" in (err.value.details() or "")
+
+
+def test_prompt_logprobs_over_grpc_equal_http(stories_stack: Stack) -> None:
+    body = {"prompt": PROMPT_IDS, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 3}
+    http = _ok(stories_stack, COMPLETIONS, body)["choices"][0]["prompt_logprobs"]
+    chat_http = _ok(stories_stack, CHAT, {"messages": MESSAGES, "max_tokens": 2, "prompt_logprobs": 1})
+
+    def as_json(entries: Any) -> list[dict[str, Any] | None]:
+        return [
+            {
+                str(c.token_id): {"logprob": c.logprob, "rank": c.rank, "decoded_token": c.decoded_token}
+                for c in e.candidates
+            }
+            or None
+            for e in entries
+        ]
+
+    def close(got: list[dict[str, Any] | None], want: list[dict[str, Any] | None]) -> None:
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert (g is None) == (w is None)
+            if g is not None and w is not None:
+                assert g.keys() == w.keys()
+                for t in g:  # float32 on the wire
+                    assert g[t]["logprob"] == pytest.approx(w[t]["logprob"], abs=1e-5)
+                    assert (g[t]["rank"], g[t]["decoded_token"]) == (w[t]["rank"], w[t]["decoded_token"])
+
+    with grpc.insecure_channel(f"127.0.0.1:{stories_stack.grpc_port}") as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        options = inference_pb2.GenerationOptions(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+        reply = stub.Completion(
+            inference_pb2.CompletionRequest(
+                token_ids=inference_pb2.TokenIds(ids=PROMPT_IDS), options=options
+            ),
+            timeout=60,
+        )
+        close(as_json(reply.choices[0].prompt_logprobs), http)
+        chat = stub.ChatCompletion(
+            inference_pb2.ChatCompletionRequest(
+                messages=[common_pb2.ChatMessage(role="user", text=MESSAGES[0]["content"])],
+                options=inference_pb2.GenerationOptions(max_tokens=2, prompt_logprobs=1),
+            ),
+            timeout=60,
+        )
+        close(as_json(chat.prompt_logprobs), chat_http["prompt_logprobs"])
+        with pytest.raises(grpc.RpcError) as err:
+            list(
+                stub.CompletionStream(
+                    inference_pb2.CompletionRequest(text="Once", options=options), timeout=60
+                )
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "prompt_logprobs" in (err.value.details() or "")
