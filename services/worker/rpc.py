@@ -30,7 +30,7 @@ from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableEr
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
 from services.worker.kv_handles import HeldKV, KVHandleError
 from services.worker.mm_inputs import images_from_pb
-from services.worker.outputs import RequestOutput
+from services.worker.outputs import RequestOutput, merge_outputs
 from services.worker.request import (
     EngineRequest,
     InvalidRequestError,
@@ -354,8 +354,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     self.engine.config.kv_fetch_stall_timeout,
                 )
                 self._record_fetch(source.address, stats)
+            leftover: RequestOutput | BaseException | None = None
             while not finished:
-                item = await outputs.get()
+                item = leftover if leftover is not None else await outputs.get()
+                leftover = None
                 if isinstance(item, InvalidRequestError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
                 if isinstance(item, BaseException):
@@ -364,6 +366,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if item.error is not None:  # the engine failed it (ended: nothing to abort)
                     finished = True
                     await context.abort(*self._request_failed(req, item.error))
+                if not item.finished and item.kv_handle is None:
+                    # Outputs that queued up while this loop was sending go out as one message.
+                    batch = [item]
+                    while not outputs.empty():
+                        nxt = outputs.get_nowait()
+                        if not isinstance(nxt, RequestOutput) or nxt.error is not None or nxt.kv_handle:
+                            leftover = nxt  # taken on its own next round
+                            break
+                        batch.append(nxt)
+                        if nxt.finished:
+                            break
+                    item = merge_outputs(batch)
                 if first_token is None and any(c.token_ids for c in item.choices):
                     first_token = time.monotonic()
                 finished = item.finished
@@ -467,8 +481,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         held: HeldKV | None = None
         finished = False
         try:
+            leftover: RequestOutput | BaseException | None = None
             while not finished:
-                item = await outputs.get()
+                item = leftover if leftover is not None else await outputs.get()
+                leftover = None
                 if isinstance(item, InvalidRequestError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
                 if isinstance(item, BaseException):
