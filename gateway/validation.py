@@ -188,8 +188,7 @@ def _logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
         return ()
     out: dict[int, float] = {}
     for key, bias in value.items():
-        token = key
-        if not (token.isascii() and token.isdigit()):
+        if not (key.isascii() and key.isdigit()):
             raise invalid(
                 f"'logit_bias' keys must be token ids (non-negative integers), got {key!r}", "logit_bias"
             )
@@ -197,9 +196,9 @@ def _logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
             raise invalid(
                 f"'logit_bias' values must be numbers, got {_short(bias)} for {key!r}", "logit_bias"
             )
-        if int(token) in out:
-            raise invalid(f"'logit_bias' names token {int(token)} twice", "logit_bias")
-        out[int(token)] = float(bias)
+        if int(key) in out:
+            raise invalid(f"'logit_bias' names token {int(key)} twice", "logit_bias")
+        out[int(key)] = float(bias)
     return tuple(sorted(out.items()))
 
 

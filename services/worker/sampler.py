@@ -2,11 +2,10 @@
 
 Order (as vLLM): logprobs are taken from the raw model distribution (log_softmax of the fp32
 logits) first; then min_tokens masks the stop ids, `logit_bias` adds to its tokens' logits,
-penalties apply (repetition over prompt and
-output, presence / frequency over the output), greedy rows take the argmax, and the other rows
-divide by the temperature, keep top-k / top-p / min-p, and sample with the exponential race of
-`sampling_rng.py` (draws keyed by seed, choice, output position and token: the same tokens
-whatever the batch, the step or the device).
+penalties apply (repetition over prompt and output, presence / frequency over the output),
+greedy rows take the argmax, and the other rows divide by the temperature, keep top-k / top-p /
+min-p, and sample with the exponential race of `sampling_rng.py` (draws keyed by seed, choice,
+output position and token: the same tokens whatever the batch, the step or the device).
 
 Every per-row step is one batched tensor operation (bans and penalties scatter all rows' ids at
 once as flattened (row, id) pairs; no per-row loop touches the device), and `sample_tensors`
