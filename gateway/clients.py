@@ -121,6 +121,7 @@ def _logprob(entry: common_pb2.TokenLogprob) -> TokenLogprob:
         token_id=entry.token_id,
         logprob=entry.logprob,
         top=tuple(TopLogprob(t.token_id, t.logprob) for t in entry.top_logprobs),
+        rank=entry.rank,
     )
 
 
@@ -138,6 +139,7 @@ def _sampling_to_proto(s: SamplingParams[Guided]) -> common_pb2.SamplingParams:
         stop_token_ids=list(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
         n=s.n,
+        logit_bias=dict(s.logit_bias),
     )
     for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):  # None: unset
         value = getattr(s, name)

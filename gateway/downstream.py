@@ -35,6 +35,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+    rank: int = 0  # of token_id among all tokens (1: the most likely); 0: not known
 
 
 @dataclass(frozen=True)

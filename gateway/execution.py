@@ -44,7 +44,7 @@ from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
 from gateway.worker_stream import PromptStream
 from services.common.reasoning import prompt_opens_reasoning
-from services.common.sampling import SamplingError, SamplingParams, check_token_ids
+from services.common.sampling import SamplingError, SamplingParams, check_logit_bias, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ class LogprobItem:
     raw: bytes
     logprob: float | None
     top: tuple[tuple[str, bytes, float], ...]
+    # for vLLM's prompt_logprobs (keyed by token id): the ids of `token` and of `top`, the rank
+    token_id: int = -1
+    top_ids: tuple[int, ...] = ()
+    rank: int = 0
 
 
 @dataclass
@@ -262,7 +266,8 @@ class Executor:
         self, params: GenerationParams, prompt_len: int, prompt_logprobs: int | None = None
     ) -> SamplingParams[Guided]:
         """The request's (validated) sampling parameters for one prompt: max_tokens resolved
-        against the context and --max-tokens, the stop ids checked against the vocabulary."""
+        against the context and --max-tokens, the stop and logit_bias ids checked against the
+        vocabulary."""
         max_model_len = self.ctx.max_model_len
         vocab = self.ctx.router.info().vocab_size if self.ctx.router.info() is not None else 0  # type: ignore[union-attr]
         if prompt_len == 0:
@@ -296,9 +301,14 @@ class Executor:
                 max_tokens = min(max_tokens, max_model_len - prompt_len)
         try:
             check_token_ids("stop_token_ids", params.sampling.stop_token_ids, vocab)
+            check_logit_bias(params.sampling.logit_bias, vocab)
         except SamplingError as exc:
             raise invalid(f"'{exc.field}' {exc.message}", exc.field) from None
-        return dataclasses.replace(params.sampling, max_tokens=max_tokens, prompt_logprobs=prompt_logprobs)
+        # the request's own prompt_logprobs (vLLM) and what echo with logprobs needs: the larger
+        wanted = [k for k in (params.sampling.prompt_logprobs, prompt_logprobs) if k is not None]
+        return dataclasses.replace(
+            params.sampling, max_tokens=max_tokens, prompt_logprobs=max(wanted) if wanted else None
+        )
 
     def check_token_ids(self, runs: Sequence[PromptRun]) -> None:
         info = self.ctx.router.info()
@@ -506,6 +516,9 @@ class Executor:
                 raw=by_id[e.token_id].raw,
                 logprob=e.logprob,
                 top=tuple((by_id[t.token_id].text, by_id[t.token_id].raw, t.logprob) for t in e.top),
+                token_id=e.token_id,
+                top_ids=tuple(t.token_id for t in e.top),
+                rank=e.rank,
             )
             for e in entries
         )
@@ -518,5 +531,8 @@ class Executor:
         missing = len(prompt.token_ids) - len(items)
         if missing > 0:
             heads = await self.ctx.token_texts.get(prompt.token_ids[:missing])
-            items = [LogprobItem(h.text, h.raw, None, ()) for h in heads] + items
+            items = [
+                LogprobItem(h.text, h.raw, None, (), token_id=t)
+                for h, t in zip(heads, prompt.token_ids[:missing], strict=True)
+            ] + items
         return tuple(items)

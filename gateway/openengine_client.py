@@ -90,6 +90,8 @@ def sampling_to_openengine(s: SamplingParams[Guided], msg: generation_pb2.Genera
         msg.response.prompt_candidates.top_n = s.prompt_logprobs
     if s.guided is not None:
         _guided(s.guided, msg.guided)
+    if s.logit_bias:
+        raise unimplemented("logit_bias: OpenEngine's proto has no logit bias")
 
 
 def _guided(g: Guided, out: generation_pb2.GuidedDecoding) -> None:

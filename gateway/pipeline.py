@@ -110,6 +110,7 @@ async def chat(
             parallel_tool_calls=req.parallel_tool_calls,
             include_usage=req.params.include_usage,
             forced=req.forced_tool,
+            prompt_logprobs=req.params.sampling.prompt_logprobs,
         )
         updates = executor.generate(run, [sampling], detok, admission)
         job = Job(run, result, updates, req.params.include_usage, req.params.continuous_usage)
@@ -160,6 +161,7 @@ async def completion(
             logprobs=req.params.sampling.logprobs,
             echo=req.echo,
             include_usage=req.params.include_usage,
+            prompt_logprobs=req.params.sampling.prompt_logprobs,
         )
         updates = executor.generate(run, samplings, detok, admission)
         job = Job(run, result, updates, req.params.include_usage, req.params.continuous_usage)

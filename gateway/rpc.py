@@ -56,6 +56,7 @@ _OPTIONAL_OPTIONS = (
     "repetition_penalty",
     "min_tokens",
     "skip_special_tokens",
+    "prompt_logprobs",
 )
 
 
@@ -87,11 +88,14 @@ def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]
         body["user"] = o.user
     if o.HasField("guided"):
         body.update(_guided(o.guided))
+    if o.logit_bias:  # float32 on the wire, rounded back as the other floats
+        body["logit_bias"] = {str(t): float(f"{b:.6g}") for t, b in sorted(o.logit_bias.items())}
     body["stream"] = stream
-    if stream and o.include_usage:
-        body["stream_options"] = {"include_usage": True}
-    elif o.include_usage:
-        raise invalid("'include_usage' is only allowed on a streaming rpc", "options.include_usage")
+    for name in ("include_usage", "continuous_usage_stats"):
+        if getattr(o, name) and not stream:
+            raise invalid(f"'{name}' is only allowed on a streaming rpc", f"options.{name}")
+        if getattr(o, name):
+            body.setdefault("stream_options", {})[name] = True
     return body
 
 
@@ -208,6 +212,21 @@ def _logprob_entries(logprobs: dict[str, Any] | None) -> list[inference_pb2.Logp
     ]
 
 
+def _prompt_logprobs(entries: list[dict[str, Any] | None] | None) -> list[inference_pb2.PromptLogprobs]:
+    """vLLM's JSON shape (null, then {id: {logprob, rank, decoded_token}}) as protobuf."""
+    return [
+        inference_pb2.PromptLogprobs(
+            candidates=[
+                inference_pb2.PromptLogprobCandidate(
+                    token_id=int(t), logprob=c["logprob"], rank=c["rank"], decoded_token=c["decoded_token"]
+                )
+                for t, c in (e or {}).items()
+            ]
+        )
+        for e in entries or []
+    ]
+
+
 def _tool_call(t: dict[str, Any]) -> common_pb2.ToolCall:
     return common_pb2.ToolCall(
         id=t["id"], type=t["type"], name=t["function"]["name"], arguments=t["function"]["arguments"]
@@ -240,6 +259,7 @@ def chat_response(body: dict[str, Any]) -> inference_pb2.ChatCompletionResponse:
         choices=choices,
         usage=_usage(body["usage"]),
         system_fingerprint=body["system_fingerprint"],
+        prompt_logprobs=_prompt_logprobs(body.get("prompt_logprobs")),
     )
 
 
@@ -295,6 +315,7 @@ def _completion_choices(body: dict[str, Any]) -> list[inference_pb2.CompletionCh
             text=c["text"],
             finish_reason=c["finish_reason"] or "",
             logprobs=_completion_logprobs(c["logprobs"]),
+            prompt_logprobs=_prompt_logprobs(c.get("prompt_logprobs")),
         )
         for c in body["choices"]
     ]

@@ -314,11 +314,13 @@ class ModelRunner:
 
     @staticmethod
     def _plain_greedy(meta: SamplingMetadata) -> bool:
-        """All-greedy rows with no bans, penalties or logprobs: the argmax is the sampler's answer."""
+        """All-greedy rows with no bans, biases, penalties or logprobs: the argmax is the sampler's
+        answer."""
         return (
             meta.all_greedy
             and not meta.need_penalties
             and not any(meta.banned_ids)
+            and not meta.has_logit_bias
             and all(k is None for k in meta.num_logprobs)
         )
 
@@ -459,6 +461,7 @@ class ModelRunner:
             all_greedy=all_greedy,
             need_filter=any(p.has_filter for p in params),
             need_penalties=need_penalties,
+            logit_bias=[p.logit_bias for p in params],
         )
 
 

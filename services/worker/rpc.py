@@ -120,6 +120,7 @@ def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams[GuidedSpec
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
         guided=guided_from_pb(sp),
+        logit_bias=tuple(sorted(sp.logit_bias.items())),  # a map's order is unspecified
     )
 
 
