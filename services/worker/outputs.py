@@ -38,3 +38,5 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     # a Prefill (hold_kv) request that did not end with its first token: where its KV is kept
     kv_handle: HeldKV | None = None
+    # a pooling request's result (its last output): the normalised embedding, hidden_size floats
+    embedding: tuple[float, ...] | None = None
