@@ -13,6 +13,7 @@ class InvalidRequestError(ValueError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.message = message
 
 
 def task_mismatch(task: str) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import torch
-from worker_testlib import TINY, prompts_of_lengths, randomize_norms_and_biases
+from embedding_testlib import reference, write_tiny_embedding_model
+from worker_testlib import TINY, prompts_of_lengths
 
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
@@ -23,31 +24,7 @@ MAX_MODEL_LEN = 64
 
 @pytest.fixture(scope="module")
 def embedding_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Qwen3 saved as the base model (AutoModel), as Qwen3-Embedding is: tensors
-    without the "model." prefix and no LM head."""
-    from transformers import AutoModel, Qwen3Config
-
-    torch.manual_seed(0)
-    model = AutoModel.from_config(
-        Qwen3Config(**TINY, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False)
-    )
-    randomize_norms_and_biases(model, seed=5)
-    path = tmp_path_factory.mktemp("tiny-qwen3-embedding")
-    model.save_pretrained(str(path))
-    return path
-
-
-def reference(path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """transformers: AutoModel's last hidden state (after the final norm) at the last token, normalised."""
-    from transformers import AutoModel
-
-    model = AutoModel.from_pretrained(str(path), torch_dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for prompt in prompts:
-            hidden = model(torch.tensor([prompt])).last_hidden_state[0, -1]
-            out.append(torch.nn.functional.normalize(hidden, dim=-1))
-    return out
+    return write_tiny_embedding_model(tmp_path_factory.mktemp("tiny-qwen3-embedding"))
 
 
 def embed_engine(path: Path, **overrides: Any) -> Engine:
