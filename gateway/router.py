@@ -139,6 +139,14 @@ class Router:
                 return w.info
         return None
 
+    def tasks(self) -> set[str]:
+        """The tasks (--task) of the workers that answered Info."""
+        return {w.info.task for w in self.workers if w.info is not None}
+
+    def task_info(self, task: str) -> WorkerInfo | None:
+        """Info of a worker serving `task`, None when none answered."""
+        return next((w.info for w in self.workers if w.info is not None and w.info.task == task), None)
+
     async def start(self) -> None:
         await self._poller.start()
 
@@ -221,9 +229,17 @@ class Router:
         w.healthy = False
         w.failures += 1
 
-    def pick(self, prompt_token_ids: Sequence[int], exclude: Sequence[WorkerState] = ()) -> WorkerState:
-        """The worker for a prompt; raises NoWorkerAvailable when none is in rotation."""
-        candidates = [w for w in self.workers if w.healthy and w not in exclude]
+    def pick(
+        self, prompt_token_ids: Sequence[int], exclude: Sequence[WorkerState] = (), task: str = "generate"
+    ) -> WorkerState:
+        """The worker for a prompt, among those serving `task` ("generate" or "embed", --task; one
+        whose Info is not known yet counts as a generate worker); raises NoWorkerAvailable when
+        none is in rotation."""
+        candidates = [
+            w
+            for w in self.workers
+            if w.healthy and w not in exclude and (w.info.task if w.info is not None else "generate") == task
+        ]
         if not candidates:
             raise NoWorkerAvailable("no worker is available")
         min_load = min(w.load for w in candidates)

@@ -154,7 +154,9 @@ class WorkerConfig(ServiceConfig):
                 "disaggregation with parallel workers is not implemented yet (docs/parallel.md)"
             )
         if self.task == "embed" and self.role != "unified":
-            raise ValueError(f"--task embed with --role {self.role}: embeddings are computed in one worker (no disaggregation)")
+            raise ValueError(
+                f"--task embed with --role {self.role}: embeddings are computed in one worker (no disaggregation)"
+            )
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(
                 f"--node-rank must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), got {self.node_rank}"

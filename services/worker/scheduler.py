@@ -215,7 +215,11 @@ class Scheduler:
             request = seq.request
             if item.sample:
                 # `prev` appends one token: the host holds every earlier one (one step is unread).
-                if request.req.hold_kv or request.req.pooling or seq.num_output_tokens + 1 >= request.max_tokens:
+                if (
+                    request.req.hold_kv
+                    or request.req.pooling
+                    or seq.num_output_tokens + 1 >= request.max_tokens
+                ):
                     continue
                 sp = request.sampling
                 if sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0:

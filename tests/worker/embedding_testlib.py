@@ -14,7 +14,9 @@ def write_tiny_embedding_model(path: Path) -> Path:
     from transformers import AutoModel, Qwen3Config
 
     torch.manual_seed(0)
-    model = AutoModel.from_config(Qwen3Config(**TINY, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False))
+    model = AutoModel.from_config(
+        Qwen3Config(**TINY, num_hidden_layers=2, head_dim=32, tie_word_embeddings=False)
+    )
     randomize_norms_and_biases(model, seed=5)
     model.save_pretrained(str(path))
     return path

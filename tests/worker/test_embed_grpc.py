@@ -35,7 +35,14 @@ def address(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     addr = f"unix:{tmp_path_factory.mktemp('embed-worker') / 'w.sock'}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = ["--model", str(model_dir), "--address", addr, "--task", "embed", "--device", "cpu"]
-    args += ["--kv-cache-memory", "4MiB", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", "32"]
+    args += [
+        "--kv-cache-memory",
+        "4MiB",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--max-num-batched-tokens",
+        "32",
+    ]
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "worker", *args], cwd=REPO, env=env)
     try:
         asyncio.run(wait_for_serving(addr, timeout_s=60))
@@ -46,7 +53,9 @@ def address(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def _embed_request(rid: str, prompts: list[list[int]]) -> worker_pb2.EmbedRequest:
-    return worker_pb2.EmbedRequest(request_id=rid, inputs=[worker_pb2.EmbedInput(token_ids=p) for p in prompts])
+    return worker_pb2.EmbedRequest(
+        request_id=rid, inputs=[worker_pb2.EmbedInput(token_ids=p) for p in prompts]
+    )
 
 
 def test_concurrent_calls_equal_transformers(address: str, model_dir: Path) -> None:
@@ -78,7 +87,9 @@ def test_concurrent_calls_equal_transformers(address: str, model_dir: Path) -> N
 
 def _blocks_used(address: str) -> int:
     with grpc.insecure_channel(address) as channel:
-        return int(worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest()).num_kv_blocks_used)
+        return int(
+            worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest()).num_kv_blocks_used
+        )
 
 
 def test_info_says_embed(address: str) -> None:
@@ -94,7 +105,10 @@ def test_info_says_embed(address: str) -> None:
         ([], "inputs: give at least one input"),
         ([[5, 6], []], "inputs[1].token_ids: the prompt is empty"),
         ([[5, TINY["vocab_size"]]], "inputs[0].token_ids: token id 320 is not below the vocabulary size"),
-        ([[5] * (MAX_MODEL_LEN + 1)], "inputs[0].token_ids: the input has 97 tokens; the context length is 96"),
+        (
+            [[5] * (MAX_MODEL_LEN + 1)],
+            "inputs[0].token_ids: the input has 97 tokens; the context length is 96",
+        ),
     ],
 )
 def test_bad_inputs(address: str, prompts: list[list[int]], message: str) -> None:
@@ -110,11 +124,17 @@ def test_generate_is_refused(address: str) -> None:
         stub = worker_pb2_grpc.WorkerStub(channel)
         sampling = common_pb2.SamplingParams(max_tokens=2)
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.Generate(worker_pb2.GenerateRequest(request_id="g", prompt_token_ids=[1, 2], sampling=sampling)))
+            list(
+                stub.Generate(
+                    worker_pb2.GenerateRequest(request_id="g", prompt_token_ids=[1, 2], sampling=sampling)
+                )
+            )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "--task embed" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
-            stub.Prefill(worker_pb2.PrefillRequest(request_id="p", prompt_token_ids=[1, 2], sampling=sampling))
+            stub.Prefill(
+                worker_pb2.PrefillRequest(request_id="p", prompt_token_ids=[1, 2], sampling=sampling)
+            )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 

@@ -59,7 +59,9 @@ def test_embeddings_equal_transformers(embedding_dir: Path, overrides: dict[str,
         expected = want if batch[0] is prompts[0] else list(reversed(want))
         for prompt, vector, ref in zip(batch, got, expected, strict=True):
             assert len(vector) == TINY["hidden_size"]
-            torch.testing.assert_close(torch.tensor(vector), ref, atol=1e-4, rtol=0, msg=f"{len(prompt)} tokens")
+            torch.testing.assert_close(
+                torch.tensor(vector), ref, atol=1e-4, rtol=0, msg=f"{len(prompt)} tokens"
+            )
         assert engine.block_manager.num_used_blocks == 0  # every block freed at once
         assert not engine.requests and not engine.scheduler.running and not engine.scheduler.waiting
     assert engine.block_manager.num_hit_tokens > 0  # the prefixes were cached and reused
@@ -128,7 +130,7 @@ def test_each_task_refuses_the_other(embedding_dir: Path, causal_dir: Path) -> N
     with pytest.raises(InvalidRequestError, match="task: this worker runs --task generate"):
         generate.add_request(EngineRequest("e", (1, 2, 3), pooling=True))
     # a base-model checkpoint has no LM head: it can only embed
-    with pytest.raises(ModelConfigError, match="missing tensor.s. lm_head.weight"):
+    with pytest.raises(ModelConfigError, match=r"missing tensor\(s\) lm_head\.weight"):
         embed_engine(embedding_dir, task="generate")
 
 
