@@ -30,7 +30,7 @@ from gateway.errors import APIError, invalid
 from gateway.execution import TOKENIZE_CONCURRENCY, Executor
 from gateway.grpc_errors import from_grpc
 from gateway.limits import Limits
-from gateway.router import NoWorkerAvailable, WorkerState
+from gateway.router import NoWorkerAvailable, NoWorkerForTask, WorkerState
 from gateway.styler_pool import NoStylerAvailable
 from gateway.validation import Fields, _ids, _is_token_id
 
@@ -204,6 +204,8 @@ async def _call_workers(
     while True:
         try:
             worker = ctx.router.pick(token_ids[0], exclude=tried, task="embed")
+        except NoWorkerForTask as exc:
+            raise invalid(str(exc), "model") from None
         except NoWorkerAvailable:
             if full:
                 raise APIError(

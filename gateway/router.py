@@ -55,6 +55,10 @@ class NoWorkerAvailable(Exception):
     """No worker is in rotation."""
 
 
+class NoWorkerForTask(NoWorkerAvailable):
+    """Workers are in rotation, but none serves the request's task (--task generate / embed)."""
+
+
 @dataclass
 class WorkerState:
     client: WorkerClient | OpenEngineWorkerClient | SmgWorkerClient
@@ -241,6 +245,13 @@ class Router:
             if w.healthy and w not in exclude and (w.info.task if w.info is not None else "generate") == task
         ]
         if not candidates:
+            others = {w.info.task for w in self.workers if w.healthy and w.info is not None} - {task}
+            if others:
+                raise NoWorkerForTask(
+                    f"this gateway's workers run --task {' / '.join(sorted(others))} and serve no "
+                    f"{'text generation' if task == 'generate' else 'embeddings'}; that needs workers "
+                    f"started with --task {task}"
+                )
             raise NoWorkerAvailable("no worker is available")
         min_load = min(w.load for w in candidates)
         keys = prefix_keys(prompt_token_ids)

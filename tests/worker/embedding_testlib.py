@@ -26,7 +26,7 @@ def reference(path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
     """transformers: AutoModel's last hidden state (after the final norm) at the last token, normalised."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(str(path), dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for prompt in prompts:
