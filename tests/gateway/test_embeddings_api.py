@@ -318,3 +318,33 @@ def test_grpc_embed(stack: Stack, ref: Reference) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 stub.Embed(request, timeout=60)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+
+
+def test_openapi_document_agrees(stack: Stack) -> None:
+    """The gateway's /openapi.json describes the route: what it accepts is served, what it refuses
+    (that a schema can express) is a 400."""
+    import jsonschema
+
+    document = httpx.get(stack.url + "/openapi.json", timeout=30).json()
+    assert "/v1/embeddings" in document["paths"]
+    validator = jsonschema.Draft202012Validator({**document, "$ref": "#/components/schemas/EmbeddingRequest"})
+    good = [
+        {"input": "a", "model": stack.model.name, "dimensions": 4, "encoding_format": "base64", "user": "u"},
+        {"input": ["a", "b"]},
+        {"input": [5, 6]},
+        {"input": [[5], [6, 7]], "encoding_format": "float"},
+    ]
+    for body in good:
+        assert validator.is_valid(body), body
+        assert _post(stack, body).status_code == 200, body
+    bad = [
+        {"input": ""},
+        {"input": []},
+        {"input": [[]]},
+        {"input": ["a"] * 257},
+        {"input": "a", "dimensions": 0},
+    ]
+    bad += [{"input": "a", "encoding_format": "int8"}, {"input": "a", "extra": 1}, {}]
+    for body in bad:
+        assert not validator.is_valid(body), body
+        assert _post(stack, body).status_code == 400, body
