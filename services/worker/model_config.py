@@ -186,6 +186,16 @@ def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple
     return ()
 
 
+def causal_lm_architecture(architecture: str) -> str:
+    """A checkpoint saved as the base model ("Qwen3Model": transformers' AutoModel, as embedding
+    models such as Qwen3-Embedding often are) holds the causal LM's decoder: it is served as that
+    family ("Qwen3ForCausalLM"), by an embed worker without an LM head (loader.py)."""
+    from services.worker.models import MODEL_REGISTRY  # (models/ imports this module)
+
+    causal = architecture.removesuffix("Model") + "ForCausalLM"
+    return causal if architecture.endswith("Model") and causal in MODEL_REGISTRY else architecture
+
+
 def load_model_config(model_dir: str) -> ModelConfig:
     """Read config.json (and generation_config.json when present) of a model directory."""
     root = Path(model_dir)
@@ -218,7 +228,7 @@ def load_model_config(model_dir: str) -> ModelConfig:
     try:
         return ModelConfig(
             path=str(root),
-            architecture=str(archs[0]),
+            architecture=causal_lm_architecture(str(archs[0])),
             model_type=model_type,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,

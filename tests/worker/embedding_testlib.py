@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from worker_testlib import TINY, randomize_norms_and_biases
+
+from tests.worker.worker_testlib import TINY, randomize_norms_and_biases
 
 
 def write_tiny_embedding_model(path: Path) -> Path:

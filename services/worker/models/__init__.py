@@ -28,10 +28,6 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
 
 
 def model_class(architecture: str) -> type[LlamaForCausalLM]:
-    # A checkpoint saved as the base model ("Qwen3Model": transformers' AutoModel, as embedding
-    # models often are) is the causal LM's decoder; only an embed worker uses it without LM head.
-    if architecture.endswith("Model") and architecture[: -len("Model")] + "ForCausalLM" in MODEL_REGISTRY:
-        architecture = architecture[: -len("Model")] + "ForCausalLM"
     try:
         return MODEL_REGISTRY[architecture]
     except KeyError:
