@@ -197,9 +197,8 @@ class ModelRunner:
         seq_lens: list[int] = []
         logits_rows: list[int] = []
         rows: list[tuple[Sequence, int]] = []  # (sequence whose params apply, index of its scheduled entry)
-        pooled: list[
-            tuple[int, int]
-        ] = []  # (scheduled entry, row of its last prompt token): pooling requests
+        # pooling requests that reach their last prompt token: (scheduled entry, row of that token)
+        pooled: list[tuple[int, int]] = []
         max_blocks = max(len(item.seq.block_ids) for item in out.scheduled)
         # One tensor from padded lists: a torch call per sequence adds up at large batches.
         block_tables = torch.tensor(
