@@ -140,3 +140,8 @@ def test_a_causal_lm_checkpoint_embeds_too(causal_dir: Path) -> None:
     got = embed_engine(causal_dir).embed(prompts)
     for vector, ref in zip(got, reference(causal_dir, prompts), strict=True):
         torch.testing.assert_close(torch.tensor(vector), ref, atol=1e-4, rtol=0)
+
+
+def test_embed_workers_are_unified() -> None:
+    with pytest.raises(ValueError, match="--task embed with --role prefill"):
+        WorkerConfig(model="m", task="embed", role="prefill")
