@@ -190,10 +190,9 @@ def causal_lm_architecture(architecture: str) -> str:
     """A checkpoint saved as the base model ("Qwen3Model": transformers' AutoModel, as embedding
     models such as Qwen3-Embedding often are) holds the causal LM's decoder: it is served as that
     family ("Qwen3ForCausalLM"), by an embed worker without an LM head (loader.py)."""
-    from services.worker.models import MODEL_REGISTRY  # (models/ imports this module)
-
-    causal = architecture.removesuffix("Model") + "ForCausalLM"
-    return causal if architecture.endswith("Model") and causal in MODEL_REGISTRY else architecture
+    if architecture.endswith("Model") and not architecture.endswith("PreTrainedModel"):
+        return architecture.removesuffix("Model") + "ForCausalLM"
+    return architecture
 
 
 def load_model_config(model_dir: str) -> ModelConfig:
