@@ -20,6 +20,7 @@ from gateway.downstream import (
     CacheEvent,
     ChoiceDelta,
     DetokenizeStart,
+    EmbeddingResult,
     GenerateChunk,
     Guided,
     KVSource,
@@ -50,6 +51,11 @@ _ROLES = {
     worker_pb2.WORKER_ROLE_UNIFIED: "unified",
     worker_pb2.WORKER_ROLE_PREFILL: "prefill",
     worker_pb2.WORKER_ROLE_DECODE: "decode",
+}
+_TASKS = {
+    worker_pb2.WORKER_TASK_UNSPECIFIED: "generate",
+    worker_pb2.WORKER_TASK_GENERATE: "generate",
+    worker_pb2.WORKER_TASK_EMBED: "embed",
 }
 _EVENT_KINDS = {
     worker_pb2.KV_EVENT_KIND_STORED: "stored",
@@ -348,6 +354,8 @@ class WorkerClient:
             tensor_parallel_size=r.tensor_parallel_size or 1,
             fingerprint=r.fingerprint,
             kv_events=r.kv_events,
+            task=_TASKS.get(r.task, "generate"),
+            hidden_size=r.hidden_size,
         )
 
     async def kv_events(self, after_sequence: int, epoch: str) -> AsyncIterator[CacheEvent]:
@@ -413,6 +421,19 @@ class WorkerClient:
             prompt_logprobs=tuple(_logprob(e) for e in r.prompt_logprobs),
             usage=Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_prompt_tokens),
         )
+
+    async def embed(self, request_id: str, inputs: Sequence[Sequence[int]]) -> list[EmbeddingResult]:
+        """An embed worker's embeddings of `inputs` (token ids), in input order."""
+        r = await self._stub.Embed(
+            worker_pb2.EmbedRequest(
+                request_id=request_id, inputs=[worker_pb2.EmbedInput(token_ids=list(ids)) for ids in inputs]
+            ),
+            timeout=time_left(),
+        )
+        return [
+            EmbeddingResult(tuple(e.values), e.prompt_tokens, e.cached_prompt_tokens)
+            for e in sorted(r.embeddings, key=lambda e: e.index)
+        ]
 
     async def release_kv(self, handle_id: str, timeout_s: float = 1.0) -> bool:
         r = await self._stub.ReleaseKV(worker_pb2.ReleaseKVRequest(handle_id=handle_id), timeout=timeout_s)

@@ -82,6 +82,8 @@ class WorkerInfo:
     tensor_parallel_size: int = 1
     fingerprint: str = ""
     kv_events: bool = False  # SubscribeKvEvents streams its prefix-cache changes (exact routing)
+    task: str = "generate"  # "generate" | "embed" (--task): which requests it serves
+    hidden_size: int = 0  # an embed worker's embedding length
 
 
 @dataclass(frozen=True)
@@ -190,3 +192,12 @@ class TokenText:
 
     text: str
     raw: bytes = field(default=b"")
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """One input's embedding from a worker's Embed (L2-normalised, hidden_size float32 values)."""
+
+    values: tuple[float, ...]
+    prompt_tokens: int
+    cached_prompt_tokens: int

@@ -355,6 +355,44 @@ def _schemas(limits: Limits) -> dict[str, Any]:
                 **_template_options(),
             },
         },
+        "EmbeddingRequest": {
+            "type": "object",
+            "required": ["input"],
+            "additionalProperties": False,
+            "description": "needs workers started with --task embed (a 400 naming `model` otherwise); "
+            "each input at most the context length in tokens, token ids below the vocabulary size, "
+            "`dimensions` at most the model's hidden size",
+            "properties": {
+                "model": {**_STR, "description": "the served model ('' or absent: the served model)"},
+                "input": {
+                    "anyOf": [
+                        {"type": "string", "minLength": 1},
+                        {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": most,
+                            "items": {"type": "string", "minLength": 1},
+                        },
+                        {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+                        {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": most,
+                            "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+                        },
+                    ]
+                },
+                "dimensions": {
+                    **_int(1),
+                    "description": "Matryoshka truncation: the first values, renormalised",
+                },
+                "encoding_format": {
+                    "enum": ["float", "base64"],
+                    "description": "base64: little-endian float32",
+                },
+                "user": _STR,
+            },
+        },
         "DetokenizeRequest": {
             "type": "object",
             "required": ["tokens"],
@@ -436,6 +474,9 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
             "/v1/completions": _post("CompletionRequest", "text completion", streams=True),
             "/tokenize": _post("TokenizeRequest", "tokenize a prompt or a chat", streams=False),
             "/detokenize": _post("DetokenizeRequest", "token ids to text", streams=False),
+            "/v1/embeddings": _post(
+                "EmbeddingRequest", "embeddings (workers with --task embed)", streams=False
+            ),
             "/v1/models": {
                 "get": {"summary": "the served model", "responses": _responses(json_ok, ("401",))}
             },

@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from gateway import deadline, json_text, pipeline
+from gateway import deadline, embeddings, json_text, pipeline
 from gateway.appkeys import CONTEXT
 from gateway.auth import ApiKey
 from gateway.config import GatewayConfig
@@ -179,6 +179,25 @@ def completion_body(r: inference_pb2.CompletionRequest, stream: bool) -> dict[st
         body["logprobs"] = r.logprobs
     if r.echo:
         body["echo"] = True
+    return body
+
+
+def embed_body(r: inference_pb2.EmbedTextRequest) -> dict[str, Any]:
+    """The OpenAI embeddings body of an Embed rpc: texts, or token-id lists (one form per call)."""
+    kinds = {item.WhichOneof("input") for item in r.inputs}
+    if None in kinds:
+        raise invalid("'inputs' must each set text or token_ids", "inputs")
+    if len(kinds) > 1:
+        raise invalid("'inputs' must be all texts or all token ids", "inputs")
+    body: dict[str, Any] = {"model": r.model}
+    if kinds == {"text"}:
+        body["input"] = [item.text for item in r.inputs]
+    else:
+        body["input"] = [list(item.token_ids.ids) for item in r.inputs]
+    if r.HasField("dimensions"):
+        body["dimensions"] = r.dimensions
+    if r.user:
+        body["user"] = r.user
     return body
 
 
@@ -428,6 +447,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             self.ctx.metrics.count_request("grpc:CompletionStream", 200, job.finish_reason())
         except Exception as err:
             await self._abort(context, err, "CompletionStream")
+
+    async def Embed(
+        self, request: inference_pb2.EmbedTextRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedTextResponse:
+        try:
+            key = self._enter(context)
+            req = embeddings.parse_embeddings(embed_body(request), self.ctx.limits)
+            result = await embeddings.embed(self.ctx, req, self._request_id(), key)
+        except Exception as err:
+            await self._abort(context, err, "Embed")
+            raise AssertionError("unreachable") from None
+        self.ctx.metrics.count_request("grpc:Embed", 200)
+        return inference_pb2.EmbedTextResponse(
+            model=result.model,
+            data=[
+                inference_pb2.EmbeddingVector(index=i, values=vector.tolist())
+                for i, vector in enumerate(result.vectors)
+            ],
+            usage=inference_pb2.ResponseUsage(
+                prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens
+            ),
+        )
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -38,6 +38,8 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     # a Prefill (hold_kv) request that did not end with its first token: where its KV is kept
     kv_handle: HeldKV | None = None
+    # a pooling request's result (its last output): the normalised embedding, hidden_size floats
+    embedding: tuple[float, ...] | None = None
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
@@ -72,4 +74,5 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         None,
         prompt_logprobs,
         last.kv_handle,
+        last.embedding,
     )
