@@ -60,7 +60,9 @@ class Family:
         self.llg = llg_tokenizer(text, self.tok.vocab_size, list(self.tok.info().eos_token_ids))
 
     def grammar(self, **spec: Any) -> str:
-        return compile_tool_grammar(self.family, ToolGrammarSpec(**{"tools": TOOLS, **spec}), self.tok.added_token_id)
+        return compile_tool_grammar(
+            self.family, ToolGrammarSpec(**{"tools": TOOLS, **spec}), self.tok.added_token_id
+        )
 
     def ids(self, *pieces: str) -> list[int]:
         """Each piece tokenized on its own (so a marker split over pieces stays ordinary text)."""
@@ -71,7 +73,11 @@ class Family:
         matcher = llguidance.LLMatcher(self.llg, llguidance.LLMatcher.grammar_from_lark(grammar), log_level=0)
         assert not matcher.is_error(), matcher.get_error()
         ids = self.ids(*pieces)
-        return matcher.validate_tokens(ids) == len(ids) and matcher.consume_tokens(ids) and matcher.is_accepting()
+        return (
+            matcher.validate_tokens(ids) == len(ids)
+            and matcher.consume_tokens(ids)
+            and matcher.is_accepting()
+        )
 
     def prefix_ok(self, grammar: str, *pieces: str) -> bool:
         """The text can still be continued into a sentence."""
@@ -175,7 +181,9 @@ def test_deepseek_v3_calls_block(deepseek: Family) -> None:
     assert not deepseek.prefix_ok(g, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>other")
     wrong_arguments = call.replace("{}", '{"a": 1}')
     assert not deepseek.prefix_ok(g, "<｜tool▁calls▁begin｜>" + wrong_arguments)
-    assert not deepseek.accepts(deepseek.grammar(parallel=False), f"<｜tool▁calls▁begin｜>{weather}{add}<｜tool▁calls▁end｜>")
+    assert not deepseek.accepts(
+        deepseek.grammar(parallel=False), f"<｜tool▁calls▁begin｜>{weather}{add}<｜tool▁calls▁end｜>"
+    )
 
 
 def test_mistral_text_marker_then_calls_to_the_end(mistral: Family) -> None:
@@ -199,7 +207,7 @@ def test_llama3_json_message_is_text_or_calls(llama: Family) -> None:
     assert not llama.prefix_ok(g, "  {")  # a message starting with `{` after whitespace is a call
     assert not llama.prefix_ok(g, '{"name": "get_weather", "arguments"')
     assert not llama.prefix_ok(g, "<|python_tag|>")
-    with pytest.raises(ValueError, match="^response_format: "):
+    with pytest.raises(ValueError, match=r"^response_format: "):
         llama.grammar(answer_schema='{"type": "object"}')
 
 

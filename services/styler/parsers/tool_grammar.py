@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,7 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 class ToolGrammarSpec:
     """What one request's grammar is made of."""
 
-    tools: list[dict[str, Any]]  # OpenAI `tools` ({"type": "function", "function": {...}})
+    tools: Sequence[Mapping[str, Any]]  # OpenAI `tools` ({"type": "function", "function": {...}})
     parallel: bool = True  # several calls in one reply (`parallel_tool_calls`)
     answer_schema: str = ""  # JSON schema text the non-tool reply must match ("" = free text)
 
@@ -101,7 +101,9 @@ class _Grammar:
     def add(self, rule: str) -> None:
         self.rules.append(rule)
 
-    def text_terminal(self, name: str, excluded: tuple[str, ...], excluded_at_start: tuple[str, ...] = ()) -> None:
+    def text_terminal(
+        self, name: str, excluded: tuple[str, ...], excluded_at_start: tuple[str, ...] = ()
+    ) -> None:
         """`name`: any text that holds none of `excluded` and (after leading whitespace) does not
         start with any of `excluded_at_start`. A marker that is an added token is excluded in the
         spelling the worker's llguidance tokenizer gives that token too: free text would
@@ -148,8 +150,8 @@ def _json(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps(styled, ensure_ascii=False)
 
 
-def _function(tool: dict[str, Any], i: int) -> tuple[str, dict[str, Any]]:
-    function = tool.get("function") if isinstance(tool, dict) else None
+def _function(tool: Mapping[str, Any], i: int) -> tuple[str, dict[str, Any]]:
+    function = tool.get("function") if isinstance(tool, Mapping) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
         raise ValueError(f"tools[{i}].function.name: must be a non-empty string")
     params = function.get("parameters")
@@ -278,8 +280,8 @@ def _llama3_json(g: _Grammar, spec: ToolGrammarSpec, answer: dict[str, Any] | No
     # The whole message is the calls when it starts with `{` (or the python tag) after whitespace.
     tag = f"{g.marker(PYTHON_TAG)}? " if g.is_token(PYTHON_TAG) else ""
     g.add(f"start: TEXT | {tag}calls")
-    g.add(f'calls: {_repeat("call", _lit("; "), spec.parallel)}')
-    g.add(f'call: {_json(_call_union(spec, "parameters"))}')
+    g.add(f"calls: {_repeat('call', _lit('; '), spec.parallel)}")
+    g.add(f"call: {_json(_call_union(spec, 'parameters'))}")
     g.text_terminal("TEXT", (), excluded_at_start=("{", PYTHON_TAG))
     return g.text()
 
