@@ -15,17 +15,20 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
 import torch
 from gateway_stack import Stack
+
+from tests.e2e.stack import free_port
 
 pytestmark = [pytest.mark.e2e]
 
@@ -35,7 +38,10 @@ NUM_STREAMED = 8  # of the strict requests, also streamed and compared
 
 WEATHER = {
     "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"type": "string", "enum": ["c", "f"]}},
+    "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "unit": {"type": "string", "enum": ["c", "f"]},
+    },
     "required": ["city", "unit"],
     "additionalProperties": False,
 }
@@ -68,16 +74,19 @@ COMMON: dict[str, float] = {
 }
 
 
-def craft_model(shared_dir: Path, path: Path, tokenizer: str, config: Any, model_cls: Any, favour: dict[str, float]) -> Path:
-    """A tiny model whose every next-token distribution is ~`favour` (+ noise from its random layer)."""
+def craft_model(
+    shared_dir: Path, path: Path, tokenizer: str, make: Callable[[int], Any], favour: dict[str, float]
+) -> Path:
+    """A tiny model (`make(vocab_size)`) whose every next-token distribution is ~`favour` (plus
+    a little noise from its random layer)."""
     from transformers import AutoTokenizer
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(shared_dir / "tokenizers" / tokenizer / name, path / name)
     tok = AutoTokenizer.from_pretrained(str(path))
-    config.vocab_size = len(tok)
     torch.manual_seed(0)
-    model = model_cls(config)
+    model = make(len(tok))
+    config = model.config
     hidden = config.hidden_size
     with torch.no_grad():
         # Every token embeds to C * e0 (+ a little noise): after the final RMSNorm, dimension 0
@@ -110,7 +119,7 @@ class Tally:
 
 
 def check_call(name: str, arguments: str) -> str:
-    """"" for a call of a listed function with schema-valid arguments, else why not."""
+    """ "" for a call of a listed function with schema-valid arguments, else why not."""
     if name not in SCHEMAS:
         return f"unknown function {name!r}"
     try:
@@ -124,10 +133,7 @@ def check_call(name: str, arguments: str) -> str:
 def unparsed_openers(content: str, opener: str, finish_reason: str, at_start_only: bool) -> int:
     """Tool-call openers left in the content: each a call the parser could not read. A call cut
     by max_tokens (the content's last opener, finish "length") is not counted against anyone."""
-    if at_start_only:
-        found = 1 if content.lstrip().startswith(opener) else 0
-    else:
-        found = content.count(opener)
+    found = int(content.lstrip().startswith(opener)) if at_start_only else content.count(opener)
     return found - 1 if found and finish_reason == "length" else found
 
 
@@ -162,7 +168,10 @@ def streamed(client: openai.OpenAI, model: str, seed: int) -> tuple[str, list[tu
             for delta in choice.delta.tool_calls or []:
                 name, args = calls.get(delta.index, ("", ""))
                 fn = delta.function
-                calls[delta.index] = (name + ((fn.name or "") if fn else ""), args + ((fn.arguments or "") if fn else ""))
+                calls[delta.index] = (
+                    name + ((fn.name or "") if fn else ""),
+                    args + ((fn.arguments or "") if fn else ""),
+                )
             finish = choice.finish_reason or finish
     return content, [calls[i] for i in sorted(calls)], finish
 
@@ -173,7 +182,9 @@ def run_family(stack: Stack, opener: str, at_start_only: bool) -> dict[bool, Tal
     tallies = {True: Tally(), False: Tally()}
     with ThreadPoolExecutor(8) as pool:
         replies = {
-            strict: list(pool.map(lambda seed, s=strict: request(client, model, seed, s), range(NUM_REQUESTS)))
+            strict: list(
+                pool.map(lambda seed, s=strict: request(client, model, seed, s), range(NUM_REQUESTS))
+            )
             for strict in (True, False)
         }
         streams = list(pool.map(lambda seed: streamed(client, model, seed), range(NUM_STREAMED)))
@@ -216,20 +227,25 @@ def assert_strict_holds(tallies: dict[bool, Tally]) -> None:
 def qwen3_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=151645,
-    )
+    def make(vocab_size: int) -> Any:
+        return Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+                bos_token_id=None,
+                eos_token_id=151645,
+            )
+        )
+
     favour = {**COMMON, "<tool_call>": 4.0, "</tool_call>": 2.0, "<|im_end|>": 2.0}
-    path = craft_model(shared_dir, tmp_path_factory.mktemp("garbage-qwen3"), "qwen3", config, Qwen3ForCausalLM, favour)
+    path = craft_model(shared_dir, tmp_path_factory.mktemp("garbage-qwen3"), "qwen3", make, favour)
     stack = Stack(tmp_path_factory.mktemp("qwen3-strict"), path)
     try:
         yield stack.start()
@@ -241,21 +257,26 @@ def qwen3_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def llama_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=128000,
-        eos_token_id=128009,
-    )
+    def make(vocab_size: int) -> Any:
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+                bos_token_id=128000,
+                eos_token_id=128009,
+            )
+        )
+
     # The message is a call when it starts with `{`: make that a likely first token.
     favour = {**COMMON, "{": 12.0, "<|eot_id|>": 2.0}
-    path = craft_model(shared_dir, tmp_path_factory.mktemp("garbage-llama"), "llama3.1", config, LlamaForCausalLM, favour)
+    path = craft_model(shared_dir, tmp_path_factory.mktemp("garbage-llama"), "llama3.1", make, favour)
     stack = Stack(tmp_path_factory.mktemp("llama-strict"), path)
     try:
         yield stack.start()
@@ -269,3 +290,65 @@ def test_hermes_auto_calls_always_parse_when_strict(qwen3_stack: Stack) -> None:
 
 def test_llama3_json_auto_calls_always_parse_when_strict(llama_stack: Stack) -> None:
     assert_strict_holds(run_family(llama_stack, "{", at_start_only=True))
+
+
+def test_strict_tools_always_needs_no_strict_flag(qwen3_stack: Stack) -> None:
+    port = free_port()
+    qwen3_stack.start_gateway("gateway-always", port, ["--strict-tools", "always"])
+    qwen3_stack.wait_healthy(port, 120)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300
+    )
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda seed: request(client, qwen3_stack.model.name, seed, False), range(16)))
+    calls = [c for r in replies for c in r.choices[0].message.tool_calls or []]
+    assert calls and all(check_call(c.function.name, c.function.arguments) == "" for c in calls)
+    for reply in replies:
+        choice = reply.choices[0]
+        assert unparsed_openers(choice.message.content or "", "<tool_call>", choice.finish_reason, False) == 0
+
+
+def test_strict_calls_with_a_json_answer(qwen3_stack: Stack) -> None:
+    """response_format constrains the reply that is not tool calls: a JSON answer, or calls."""
+    answer = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    client = openai.OpenAI(base_url=qwen3_stack.base_url, api_key="unused", max_retries=0, timeout=300)
+
+    def one(seed: int) -> Any:
+        return client.chat.completions.create(
+            model=qwen3_stack.model.name,
+            messages=MESSAGES,  # type: ignore[arg-type]
+            tools=tools(True),  # type: ignore[arg-type]
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": answer}},
+            temperature=1.0,
+            max_tokens=MAX_TOKENS,
+            seed=seed,
+        )
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(one, range(16)))
+    kinds = set()
+    for reply in replies:
+        message, finish = reply.choices[0].message, reply.choices[0].finish_reason
+        if message.tool_calls:
+            kinds.add("calls")
+            assert all(check_call(c.function.name, c.function.arguments) == "" for c in message.tool_calls)
+            assert not (message.content or "").strip()
+        elif finish != "length":
+            kinds.add("answer")
+            jsonschema.validate(json.loads(message.content or ""), answer)
+    assert kinds, "every reply was cut by max_tokens"
+
+
+def test_a_regex_cannot_join_strict_calls(qwen3_stack: Stack) -> None:
+    reply = httpx.post(
+        qwen3_stack.base_url + "/chat/completions",
+        json={"messages": MESSAGES, "tools": tools(True), "guided_regex": "[a-z]+", "max_tokens": 4},
+        timeout=60,
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "guided_regex"

@@ -230,3 +230,30 @@ def test_refusals_name_the_field(hermes: Family) -> None:
         compile_tool_grammar("harmony", ToolGrammarSpec(TOOLS), hermes.tok.added_token_id)
     with pytest.raises(ValueError, match=r"^response_format: "):
         hermes.grammar(answer_schema="[1, 2")
+
+
+def test_hermes_grammar_keeps_reasoning_and_the_stream_parsers_intact(
+    hermes: Family, shared_dir: Path
+) -> None:
+    """Thinking text, then content, then a call: the grammar takes those very token ids, and the
+    styler's stream (reasoning + tool parser, token by token) splits them as without a grammar."""
+    from services.styler.stream import StreamOptions
+    from services.styler.styler import Styler, StylerOptions
+
+    g = hermes.grammar()
+    thought = "<think>\nThe user wants weather. 天气\n</think>\n\n"
+    call = f"Let me check.\n<tool_call>\n{WEATHER}\n</tool_call>"
+    assert hermes.accepts(g, thought + call)
+    assert hermes.accepts(g, "still thinking</think>\n\n" + call)  # a prompt that opened <think>
+    styler = Styler.load(StylerOptions(model=str(shared_dir / "tokenizers" / "qwen3")))
+    try:
+        ids = styler.tokenize(thought + call, add_special_tokens=False)
+        assert ids == hermes.ids(thought + call)
+        session = styler.open_stream(StreamOptions(tool_parser="auto", reasoning_parser="auto"))
+        deltas = [session.add(0, [t], finished=i == len(ids) - 1) for i, t in enumerate(ids)]
+    finally:
+        styler.close()
+    assert "".join(d.reasoning_text for d in deltas) == "The user wants weather. 天气\n"
+    assert "".join(d.text for d in deltas) == "Let me check.\n"
+    calls = [(c.name, json.loads(c.arguments)) for d in deltas for c in d.tool_calls]
+    assert calls == [("get_weather", {"city": "Paris"})]
