@@ -142,7 +142,8 @@ def _grpc_error(exc: grpc.aio.AioRpcError, service: str) -> APIError:
 
 # The styler's Render errors start with the request field they blame ("messages[2]: ...").
 _RENDER_FIELD = re.compile(
-    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\](?:\.content\[\d+\])?|messages|tools|documents)(?=: )"
+    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\](?:\.content\[\d+\])?|messages"
+    r"|tools(?:\[\d+\][\w.$]*)?|documents|response_format)(?=: )"
 )
 
 

@@ -354,3 +354,24 @@ def test_a_regex_cannot_join_strict_calls(qwen3_stack: Stack) -> None:
     )
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == "guided_regex"
+    # two tools that define one $defs name differently cannot share the grammar's schema
+    clash = tools(True)
+    clash[0]["function"]["parameters"] = {**WEATHER, "$defs": {"x": {"type": "string"}}}
+    clash[1]["function"]["parameters"] = {**ADD, "$defs": {"x": {"type": "integer"}}}
+    reply = httpx.post(
+        qwen3_stack.base_url + "/chat/completions",
+        json={"messages": MESSAGES, "tools": clash, "max_tokens": 4},
+        timeout=60,
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "tools[1].function.parameters.$defs.x"
+
+
+def test_llama3_json_refuses_a_json_answer_with_strict_calls(llama_stack: Stack) -> None:
+    reply = httpx.post(
+        llama_stack.base_url + "/chat/completions",
+        json={"messages": MESSAGES, "tools": tools(True), "response_format": {"type": "json_object"}},
+        timeout=60,
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "response_format"
