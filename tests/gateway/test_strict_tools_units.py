@@ -78,3 +78,10 @@ def test_strict_must_be_a_boolean() -> None:
     with pytest.raises(APIError) as err:
         parse_chat(body(strict="yes"))  # type: ignore[arg-type]
     assert err.value.param == "tools[1].function.strict"
+
+
+def test_tandem_up_forwards_strict_tools() -> None:
+    from tandem.up import UpConfig, forwarded_gateway_args
+
+    assert "--strict-tools" not in forwarded_gateway_args(UpConfig())
+    assert forwarded_gateway_args(UpConfig(strict_tools="always"))[-2:] == ["--strict-tools", "always"]
