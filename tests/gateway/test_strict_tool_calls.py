@@ -1,7 +1,7 @@
 """Strict tool calls in `tool_choice: "auto"`, end to end on tiny models that write garbage.
 
-Two families, each a tiny model with the real tokenizer and chat template from ../shared:
-hermes (Qwen3) and llama3_json (Llama 3.1). The models are random except for one thing: every
+Three families, each a tiny model with the real tokenizer and chat template from ../shared:
+hermes (Qwen3), llama3_json (Llama 3.1) and deepseek_v3 (DeepSeek-V3). The models are random except for one thing: every
 position's logits favour a few dozen tokens (the tool-call opener and closer, JSON punctuation, a
 few words, the end token), so sampled at temperature 1 they open tool calls often and then write
 nonsense. Over many seeded requests with the functions marked `"strict": true`, every tool call
@@ -284,6 +284,45 @@ def llama_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         stack.stop()
 
 
+@pytest.fixture(scope="module")
+def deepseek_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """DeepSeek-V3's tokenizer and template on a tiny Llama (the architecture does not matter here)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(vocab_size: int) -> Any:
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=16,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+                bos_token_id=0,
+                eos_token_id=1,
+            )
+        )
+
+    markers = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>")
+    favour = {
+        **COMMON,
+        **{m: 2.0 for m in markers},
+        "function": 2.0,
+        "```json": 2.0,
+        "<｜tool▁calls▁end｜>": 2.0,
+    }
+    favour["<｜end▁of▁sentence｜>"] = 2.0
+    path = craft_model(shared_dir, tmp_path_factory.mktemp("garbage-deepseek"), "deepseek-v3", make, favour)
+    stack = Stack(tmp_path_factory.mktemp("deepseek-strict"), path)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
 def test_hermes_auto_calls_always_parse_when_strict(qwen3_stack: Stack) -> None:
     assert_strict_holds(run_family(qwen3_stack, "<tool_call>", at_start_only=False))
 
@@ -375,3 +414,7 @@ def test_llama3_json_refuses_a_json_answer_with_strict_calls(llama_stack: Stack)
     )
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == "response_format"
+
+
+def test_deepseek_v3_auto_calls_always_parse_when_strict(deepseek_stack: Stack) -> None:
+    assert_strict_holds(run_family(deepseek_stack, "<｜tool▁call▁begin｜>", at_start_only=False))
