@@ -31,6 +31,7 @@ from gateway.downstream import (
     TokenLogprob,
     TokenText,
     ToolCallDelta,
+    ToolGrammarRequest,
     TopLogprob,
     Usage,
     WorkerInfo,
@@ -260,6 +261,7 @@ class StylerClient:
         chat_template: str | None,
         chat_template_kwargs: dict[str, Any] | None,
         documents: list[Any] | None = None,
+        tool_grammar: ToolGrammarRequest | None = None,
     ) -> Rendered:
         req = styler_pb2.RenderRequest(
             messages=[_message_to_proto(m) for m in messages],
@@ -271,8 +273,16 @@ class StylerClient:
         )
         if chat_template is not None:
             req.chat_template = chat_template
+        if tool_grammar is not None:
+            req.tool_grammar.CopyFrom(
+                styler_pb2.ToolGrammarOptions(
+                    parallel_tool_calls=tool_grammar.parallel, answer_json_schema=tool_grammar.answer_schema
+                )
+            )
         r = await self._stub.Render(req, timeout=time_left(UNARY_TIMEOUT_S))
-        return Rendered(prompt=r.prompt, token_ids=tuple(r.token_ids), images=tuple(r.images))
+        return Rendered(
+            prompt=r.prompt, token_ids=tuple(r.token_ids), images=tuple(r.images), tool_grammar=r.tool_grammar
+        )
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
         r = await self._stub.Tokenize(

@@ -140,12 +140,21 @@ class StylerInfo:
 
 
 @dataclass(frozen=True)
+class ToolGrammarRequest:
+    """Ask the styler for the strict tool-call grammar of a chat request (gateway/strict_tools.py)."""
+
+    parallel: bool  # several calls in one reply
+    answer_schema: str = ""  # JSON schema text the reply matches when it is not calls ("" = free text)
+
+
+@dataclass(frozen=True)
 class Rendered:
     """A chat conversation rendered by the template."""
 
     prompt: str
     token_ids: tuple[int, ...]
     images: tuple[Any, ...] = ()  # common_pb2.ImageInput of an image-in model, passed to the worker
+    tool_grammar: str = ""  # the strict tool-call grammar (Lark) when asked and the model has a format
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from gateway.downstream import (
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
+    ToolGrammarRequest,
 )
 from gateway.errors import APIError, invalid
 from gateway.grpc_errors import from_grpc
@@ -86,6 +87,7 @@ class PromptRun:
     completion_tokens: int = 0  # the final count, set when the prompt's generation ends
     generated_tokens: int = 0  # tokens received from the worker so far (continuous usage stats)
     images: tuple[Any, ...] = ()  # the styler's common_pb2.ImageInput (image-in models)
+    tool_grammar: str = ""  # chat with strict tool calls: the grammar the output is decoded under
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,8 @@ def _grpc_error(exc: grpc.aio.AioRpcError, service: str) -> APIError:
 
 # The styler's Render errors start with the request field they blame ("messages[2]: ...").
 _RENDER_FIELD = re.compile(
-    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\](?:\.content\[\d+\])?|messages|tools|documents)(?=: )"
+    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\](?:\.content\[\d+\])?|messages"
+    r"|tools(?:\[\d+\][\w.$]*)?|documents|response_format)(?=: )"
 )
 
 
@@ -211,7 +214,9 @@ class Executor:
             )
         return fewest
 
-    async def render_chat(self, req: ChatRequest) -> PromptRun:
+    async def render_chat(
+        self, req: ChatRequest, tool_grammar: ToolGrammarRequest | None = None
+    ) -> PromptRun:
         messages: Sequence[dict[str, Any]] = req.messages
         if has_image_urls(messages):  # http(s) image URLs of allowed hosts -> data: URLs
             messages = await inline_image_urls(messages, self.ctx.config.allowed_media_domains)
@@ -225,6 +230,7 @@ class Executor:
                     req.chat_template,
                     req.chat_template_kwargs,
                     req.documents,
+                    tool_grammar,
                 )
             )
         except grpc.aio.AioRpcError as exc:
@@ -233,7 +239,11 @@ class Executor:
             raise APIError(503, str(exc), retry_after_s=1) from None
         opens = prompt_opens_reasoning(rendered.prompt)
         return PromptRun(
-            token_ids=rendered.token_ids, text=rendered.prompt, opens_reasoning=opens, images=rendered.images
+            token_ids=rendered.token_ids,
+            text=rendered.prompt,
+            opens_reasoning=opens,
+            images=rendered.images,
+            tool_grammar=rendered.tool_grammar,
         )
 
     async def tokenize_prompts(self, req: CompletionRequest) -> list[PromptRun]:

@@ -369,6 +369,8 @@ def _tools(f: Fields, max_tools: int) -> list[dict[str, Any]] | None:
             raise invalid(f"'{where}.function.name' must be a non-empty string", f"{where}.function.name")
         if "parameters" in function and not isinstance(function["parameters"], (dict, type(None))):
             raise invalid(f"'{where}.function.parameters' must be an object", f"{where}.function.parameters")
+        if not isinstance(function.get("strict"), (bool, type(None))):
+            raise invalid(f"'{where}.function.strict' must be a boolean", f"{where}.function.strict")
     return tools or None
 
 

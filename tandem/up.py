@@ -88,6 +88,8 @@ class UpConfig:
     """Extra options passed to the styler, as one shell-quoted string."""
     gateway_args: str = ""
     """Extra options passed to the gateway, as one shell-quoted string (e.g. "--api-key sk-1")."""
+    strict_tools: Literal["auto", "always", "never"] = "auto"
+    """The gateway's --strict-tools: grammar-enforced tool calls in tool_choice "auto" (auto = for functions with "strict": true; always; never)."""
     run_dir: str = ""
     """Folder for the unix sockets between the services ("" = a new temporary folder)."""
     startup_timeout: float = 300.0
@@ -337,6 +339,8 @@ def forwarded_gateway_args(config: UpConfig) -> list[str]:
         args += ["--api-key", key]
     if config.served_model_name:
         args += ["--served-model-name", config.served_model_name]
+    if config.strict_tools != "auto":
+        args += ["--strict-tools", config.strict_tools]
     return args
 
 
