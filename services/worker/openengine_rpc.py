@@ -26,6 +26,8 @@ from openengine.v1 import (
     openengine_pb2_grpc,
     server_pb2,
 )
+from services.worker import openengine_kv
+from services.worker.kv_events import KvEventLog
 from services.worker.rpc import WorkerServicer
 from services.worker.stop_text import StopText
 from tandem.v1 import common_pb2, worker_pb2
@@ -473,18 +475,31 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
     async def GetKvEventSources(
         self, request: kv_pb2.GetKvEventSourcesRequest, context: grpc.aio.ServicerContext
     ) -> kv_pb2.GetKvEventSourcesResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "GetKvEventSources: tandem workers publish no KV events yet"
+        events = await self._kv_events(list(request.data_parallel_ranks), context)
+        address = self.worker.advertise_address or self.instance_id
+        return kv_pb2.GetKvEventSourcesResponse(
+            sources=[openengine_kv.event_source(address, events.capacity)]
         )
-        raise AssertionError
 
     async def SubscribeKvEvents(
         self, request: kv_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kv_pb2.SubscribeKvEventsResponse]:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "SubscribeKvEvents: tandem workers publish no KV events yet"
-        )
-        yield kv_pb2.SubscribeKvEventsResponse()  # unreachable: makes this a generator
+        events = await self._kv_events(list(request.data_parallel_ranks), context)
+        async for reply in openengine_kv.subscribe(events, self.engine.config.block_size, request, context):
+            yield reply
+
+    async def _kv_events(self, ranks: list[int], context: grpc.aio.ServicerContext) -> KvEventLog:
+        """The worker's prefix-cache change log; FAILED_PRECONDITION without prefix caching."""
+        try:
+            openengine_kv.check_ranks(ranks)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.engine.kv_events is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this worker runs without prefix caching: no KV events"
+            )
+        assert self.engine.kv_events is not None
+        return self.engine.kv_events
 
 
 def add_to_server(
