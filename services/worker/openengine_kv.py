@@ -85,9 +85,11 @@ async def subscribe(
     buffered), or a snapshot first with `include_snapshot`, or new events only; until cancelled."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
-    unsubscribe = events.listen(
-        lambda: loop.call_soon_threadsafe(wake.set)
-    )  # before reading: nothing is missed
+
+    def notify() -> None:
+        loop.call_soon_threadsafe(wake.set)
+
+    unsubscribe = events.listen(notify)  # before the first read: nothing is missed
     if request.include_snapshot:
         after, epoch = 0, ""  # "": another epoch, so the log answers with a snapshot
     elif request.start_sequence_number > 0:
