@@ -316,7 +316,14 @@ UNSUPPORTED_BY_TANDEM = [
         {"media": [generation_pb2.MediaItem(modality=generation_pb2.MODALITY_IMAGE, url="http://x/y.png")]},
     ),
     ("lora_name", {"lora_name": "adapter"}),
-    ("kv.session", {"kv": generation_pb2.KvOptions(session=kv_pb2.KvSessionRef(session_id="s"))}),
+    (
+        "kv.session.transfer_backend",
+        {
+            "kv": generation_pb2.KvOptions(
+                session=kv_pb2.KvSessionRef(session_id="s", transfer_backend="nixl")
+            )
+        },
+    ),
     ("kv.cache_salt", {"kv": generation_pb2.KvOptions(cache_salt="salt")}),
     ("guided.structural_tag", {"guided": generation_pb2.GuidedDecoding(structural_tag="{}")}),
     (
