@@ -36,6 +36,7 @@ from google.protobuf.json_format import MessageToDict
 
 from gateway import json_text
 from gateway.errors import APIError
+from gateway.limits import Limits
 from gateway.router import NoWorkerAvailable, Router, WorkerState
 from gateway.styler_pool import NoStylerAvailable, StylerPool
 from gateway.validation import parse_chat, parse_completion
@@ -61,6 +62,15 @@ NO_BODY = processing_mode_pb2.ProcessingMode.NONE
 BUFFERED_MODES = (
     processing_mode_pb2.ProcessingMode.BUFFERED,
     processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL,
+)
+# Only what no gateway accepts is refused here (syntax, types, missing fields): each pool member's
+# gateway enforces its own configured limits (--max-tools, --max-logprobs, ...) and answers itself.
+NO_LIMITS = Limits(
+    max_n=2**31,
+    max_stop_strings=2**31,
+    max_logprobs=2**31,
+    max_tools=2**31,
+    max_sequences_per_request=2**31,
 )
 CHAT_PATHS = ("/v1/chat/completions",)
 COMPLETION_PATHS = ("/v1/completions",)
@@ -105,7 +115,7 @@ class EndpointPicker:
         if not isinstance(fields, dict):
             raise APIError(400, "request body must be a JSON object")
         if path in CHAT_PATHS:
-            chat = parse_chat(fields)
+            chat = parse_chat(fields, NO_LIMITS)
             if self.stylers is None:
                 return ()
             rendered = await self._styler(
@@ -120,7 +130,7 @@ class EndpointPicker:
                 )
             )
             return tuple(rendered.token_ids) if rendered is not None else ()
-        completion = parse_completion(fields)
+        completion = parse_completion(fields, NO_LIMITS)
         first = completion.prompts[0] if completion.prompts else ""
         if not isinstance(first, str):
             return tuple(first)

@@ -288,6 +288,14 @@ async def test_bad_body_gets_an_openai_400(epp: Epp, body: bytes, param: str | N
         assert error["param"] == param
 
 
+async def test_limits_are_left_to_the_members_gateways(epp: Epp) -> None:
+    """More tools than a gateway allows by default (--max-tools 128) is for the member's gateway to
+    judge (it may allow more): the picker still picks."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = json.dumps({**CHAT, "tools": [tool] * 130}).encode()
+    assert picked(await exchange(epp.stub, body), body)
+
+
 async def test_subset_hint_limits_the_choice(epp: Epp, pool: Pool) -> None:
     body = json.dumps(CHAT).encode()
     only = endpoint(pool.workers[0])
