@@ -7,12 +7,14 @@ Like the rest of the suite it runs against `--target HOST:PORT` too; tandem-only
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
+from gateway.router import Router
 from openengine.v1 import generation_pb2, kv_pb2, openengine_pb2_grpc, server_pb2
 from services.common.block_hash import block_hashes
 
@@ -138,3 +140,32 @@ def test_other_data_parallel_ranks_are_refused(
     with pytest.raises(grpc.RpcError) as err:
         next(call)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_gateway_router_follows_the_events_over_openengine(
+    channel: grpc.Channel, address: str, block_size: int, own_worker: bool
+) -> None:
+    """tandem's gateway in front of `openengine:ADDR` keeps its KV index from OpenEngine's stream:
+    a tandem worker's blocks are then known exactly, as over tandem's own proto."""
+    if not own_worker:
+        pytest.skip("another engine's hashes are not tandem's")
+    router = Router([f"openengine:{address}"], poll_interval_s=0.1)
+    await router.start()
+    try:
+        worker = f"openengine:{address}"
+        await until(lambda: router.kv_index.live(worker) is not None)
+        prompt = fresh_prompt(3 * block_size)
+        hashes = block_hashes(prompt, block_size, 2)
+        assert router.kv_index.cached_blocks(worker, hashes) == 0
+        await asyncio.to_thread(prefill, channel, prompt)
+        await until(lambda: router.kv_index.cached_blocks(worker, hashes) == 2)
+        assert router.kv_index.workers[worker].block_size == block_size
+    finally:
+        await router.close()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
