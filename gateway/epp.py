@@ -37,7 +37,9 @@ from google.protobuf.json_format import MessageToDict
 from gateway import json_text
 from gateway.errors import APIError
 from gateway.limits import Limits
+from gateway.openengine_client import PREFIX as OPENENGINE_PREFIX
 from gateway.router import NoWorkerAvailable, Router, WorkerState
+from gateway.smg_client import PREFIX as SMG_PREFIX
 from gateway.styler_pool import NoStylerAvailable, StylerPool
 from gateway.validation import parse_chat, parse_completion
 from tandem.ext_proc.envoy.config.core.v3 import base_pb2
@@ -103,7 +105,8 @@ class EndpointPicker:
 
     def endpoint(self, w: WorkerState) -> str:
         """`host:port` of the pool member (HTTP) in front of worker `w` (its host, --endpoint-port)."""
-        host = w.address.rsplit(":", 1)[0]
+        address = w.address.removeprefix(OPENENGINE_PREFIX).removeprefix(SMG_PREFIX)
+        host = address.rsplit(":", 1)[0]
         return f"{host}:{self.endpoint_port}"
 
     async def prompt_token_ids(self, path: str, body: bytes) -> tuple[int, ...]:

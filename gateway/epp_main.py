@@ -32,7 +32,7 @@ class EppConfig(ServiceConfig):
     address: str = "0.0.0.0:9002"
     """gRPC listen address of the ext-proc service (9002 is the InferencePool convention)."""
     worker: list[str] = field(default_factory=list)
-    """gRPC address of a worker to route to (host:port, or dns:HOST:PORT for every address HOST resolves to, e.g. a Kubernetes headless Service); repeat for several workers."""
+    """gRPC address of a worker to route to (host:port, dns:HOST:PORT for every address HOST resolves to, e.g. a Kubernetes headless Service, or openengine:HOST:PORT / smg:HOST:PORT for engines behind those protocols, as for `tandem gateway`); repeat for several workers."""
     styler: list[str] = field(default_factory=list)
     """gRPC address of a styler, to render and tokenize prompts as the gateway does (without one, picks go by load alone); repeatable."""
     endpoint_port: int = 8000

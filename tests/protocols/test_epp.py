@@ -25,7 +25,7 @@ from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.clients import StylerClient
-from gateway.epp import DESTINATION_KEY, DESTINATION_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE
+from gateway.epp import DESTINATION_KEY, DESTINATION_NAMESPACE, SUBSET_KEY, SUBSET_NAMESPACE, EndpointPicker
 from gateway.epp_main import EppConfig, start_epp
 from gateway.router import Router
 from services.common.block_hash import block_hashes
@@ -341,6 +341,20 @@ async def test_buffered_mode_and_the_response_pass_through(epp: Epp) -> None:
     )
     await call.done_writing()
     assert await call.read() is grpc.aio.EOF
+
+
+async def test_endpoint_is_the_workers_host_on_the_endpoint_port() -> None:
+    addresses = ["10.0.0.7:50052", "openengine:10.0.0.8:50052", "smg:[fd00::9]:50052"]
+    router = Router(addresses)
+    try:
+        picker = EndpointPicker(router, None, 8000)
+        assert [picker.endpoint(w) for w in router.workers] == [
+            "10.0.0.7:8000",
+            "10.0.0.8:8000",
+            "[fd00::9]:8000",
+        ]
+    finally:
+        await router.close()
 
 
 async def test_tandem_epp_command(pool: Pool) -> None:
