@@ -50,7 +50,11 @@ def generate() -> None:
 
     OUT_PACKAGE.mkdir(parents=True, exist_ok=True)
     (OUT_PACKAGE / "__init__.py").write_text('"""Generated from protos/tandem/v1 by tandem.protogen."""\n')
-    trees = {str(p.parent.relative_to(PROTO_DIR)) for tree in VENDORED_TREES for p in (PROTO_DIR / tree).rglob("*.proto")}
+    trees = {
+        str(p.parent.relative_to(PROTO_DIR))
+        for tree in VENDORED_TREES
+        for p in (PROTO_DIR / tree).rglob("*.proto")
+    }
     for sub in [*VENDORED, *sorted(trees)]:  # the package and its parents (`openengine`, `openengine/v1`)
         parts = Path(sub).parts
         for i in range(1, len(parts) + 1):
@@ -82,7 +86,9 @@ def ensure_generated() -> None:
 def main() -> int:
     generate()
     print(f"generated {len(proto_files())} protos into {OUT_PACKAGE.relative_to(ROOT)}")
-    print(f"generated {len(vendored_proto_files())} vendored protos into {', '.join(VENDORED + VENDORED_TREES)}")
+    print(
+        f"generated {len(vendored_proto_files())} vendored protos into {', '.join(VENDORED + VENDORED_TREES)}"
+    )
     return 0
 
 
