@@ -217,7 +217,8 @@ class Router:
         w.healthy = healthy
         if (
             healthy
-            and isinstance(w.client, WorkerClient)  # engines behind other protocols publish no events here
+            # tandem's own proto, and OpenEngine's event stream; SMG's proto carries none here
+            and isinstance(w.client, WorkerClient | OpenEngineWorkerClient)
             and w.info is not None
             and w.info.kv_events
             and w.address not in self._followers
