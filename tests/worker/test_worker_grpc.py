@@ -85,14 +85,16 @@ def test_info(stub: worker_pb2_grpc.WorkerStub) -> None:
     assert info.fingerprint
 
 
-def test_generate_streams_one_chunk_per_step(
+def test_generate_streams_tokens_as_produced(
     stub: worker_pb2_grpc.WorkerStub, ref_models: dict[str, RefModel]
 ) -> None:
     prompt = [1, 403, 407, 261, 378]
     chunks = generate(stub, "g1", prompt, temperature=0.0, max_tokens=20, logprobs=3)
     tokens = [t for c in chunks for ch in c.choices for t in ch.token_ids]
     assert tokens == ref_models["stories"].greedy(prompt, 20)
-    assert len(chunks) == len(tokens)  # one token per step, streamed as it is produced
+    # Streamed as produced: one chunk per step, except that steps which queued up while the rpc
+    # was sending go out merged (merge_outputs), so a busy machine sees fewer, larger chunks.
+    assert len(chunks) <= len(tokens) and all(ch.token_ids for c in chunks for ch in c.choices)
     assert all(not c.HasField("usage") for c in chunks[:-1])
     last = chunks[-1]
     assert last.usage.prompt_tokens == 5 and last.usage.completion_tokens == len(tokens)
