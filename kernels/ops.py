@@ -22,10 +22,11 @@ class KernelOps:
     # (key [T, Hkv, D], value [T, Hkv, D], kv_cache_layer [2, NB, BS, Hkv, D], slot_mapping [T] int64, -1 = skip)
     write_kv_cache: Callable[..., None]
     # (q [T, Hq, D], kv_cache_layer, block_tables [B, max_blocks] int32, cu_seqlens_q [B+1] int32,
-    #  seq_lens [B] int32, scale, max_seqlen_q, num_decode_rows=0, sliding_window=0, soft_cap=0.0)
-    #  -> [T, Hq, D]; num_decode_rows: sequences [0, k) have one new token each (token i = sequence
-    #  i), a hint for mixed steps; sliding_window W > 0: a query at p sees keys p - W < k <= p;
-    #  soft_cap > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2)
+    #  seq_lens [B] int32, scale, max_seqlen_q, num_decode_rows=0, sliding_window=0, soft_cap=0.0,
+    #  sinks=None) -> [T, Hq, D]; num_decode_rows: sequences [0, k) have one new token each (token
+    #  i = sequence i), a hint for mixed steps; sliding_window W > 0: a query at p sees keys
+    #  p - W < k <= p; soft_cap > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2);
+    #  sinks [Hq]: a logit per head added to the softmax's denominator (gpt-oss)
     paged_attention: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]  # (x [T, H], weight [H], eps) -> [T, H]
     # (x [T, H], residual [T, H], weight [H], eps) -> (normed [T, H], x + residual [T, H])
@@ -42,7 +43,7 @@ class KernelOps:
     rotary_write_kv_cache: Callable[..., torch.Tensor] | None = None
     # (q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache, block_tables, cu_seqlens_q,
     #  seq_lens, scale, max_seqlen_q, rms_input=None, rms_eps=0.0, num_decode_rows=0,
-    #  sliding_window=0, soft_cap=0.0) -> [T, Hq, D]:
+    #  sliding_window=0, soft_cap=0.0, sinks=None) -> [T, Hq, D]:
     #  `rotary_write_kv_cache` then `paged_attention`
     #  (a decode step does all of it in one kernel)
     rotary_write_attention: Callable[..., torch.Tensor] | None = None

@@ -62,6 +62,7 @@ def paged_attention(
     num_decode_rows: int = 0,  # a hint for kernels (sequences [0, k) have one new token); unused here
     sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - sliding_window
     soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2)
+    sinks: torch.Tensor | None = None,  # [Hq]: a learned logit per head in the softmax (gpt-oss)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new queries over its whole (paged) context.
 
@@ -69,6 +70,8 @@ def paged_attention(
     position <= its own (and, with a sliding window W, > its own - W: W keys including itself,
     as transformers' sliding-window mask). GQA: q head h reads kv head h // (Hq // Hkv).
     Soft-capping applies to the scaled scores, before the mask and the softmax.
+    Attention sinks (gpt-oss): head h's softmax has one more column, the logit sinks[h] (not
+    scaled, no value row): probabilities exp(s_k) / (sum_j exp(s_j) + exp(sinks[h])).
     """
     del max_seqlen_q  # only a launch-size hint for the kernels
     num_tokens, num_q_heads = q.shape[0], q.shape[1]
@@ -97,7 +100,11 @@ def paged_attention(
         if sliding_window > 0:  # and positions that fell out of the window
             mask |= k_pos[None, :] <= q_pos[:, None] - sliding_window
         scores.masked_fill_(mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:  # the sink column joins the softmax, then is dropped
+            sink_col = sinks.float()[:, None, None].expand(num_q_heads, q_len, 1)
+            probs = torch.softmax(torch.cat((scores, sink_col), dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
     if num_tokens > cu[-1]:
         out[cu[-1] :] = 0  # padding rows past the last sequence
