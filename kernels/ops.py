@@ -80,8 +80,10 @@ class KernelOps:
     #   projection and SiLU-and-mul (`silu_and_mul`, or `silu_and_mul_rms(gate_up, x, rms_eps)`);
     #   one kernel for decode-sized inputs where measured faster (fp32 gate/up, not rounded between)
     linear_silu_and_mul: Callable[..., torch.Tensor] | None = None
-    # (x [T, H], w13 [E, 2*I, H], w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k]) -> [T, H]:
-    #   a mixture-of-experts feed-forward over each token's routed experts (Qwen3-MoE, Mixtral)
+    # (x [T, H], w13 [E, 2*I, H], w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k],
+    #  w13_bias [E, 2*I] | None = None, w2_bias [E, H] | None = None, activation="silu") -> [T, H]:
+    #   a mixture-of-experts feed-forward over each token's routed experts (Qwen3-MoE, Mixtral;
+    #   gpt-oss: biases and activation "swiglu_oai")
     fused_moe: Callable[..., torch.Tensor] = reference.fused_moe
     # (x [M, K], qweight, scales [N, G] fp32, bits 8 | 4, zeros [N, G] | None, bias [N] | None) ->
     #   [M, N] in x's dtype: a GEMM with int8 or packed 4-bit weights dequantized per group

@@ -362,20 +362,52 @@ def build_rope_cache(
     return cache.to(dtype=dtype, device=device)
 
 
+# gpt-oss's clamped SwiGLU (transformers' GptOssExperts: alpha and limit are constants there)
+SWIGLU_ALPHA = 1.702
+SWIGLU_LIMIT = 7.0
+MOE_ACTIVATIONS = ("silu", "swiglu_oai")
+
+
+def swiglu_oai(x: torch.Tensor, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """gpt-oss's activation of x = [gate, up] [T, 2*I] -> [T, I]: gate clamped above at `limit`,
+    up to [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate), in x's dtype."""
+    inter = x.shape[-1] // 2
+    gate = x[..., :inter].clamp(max=limit)
+    up = x[..., inter:].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def moe_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """[T, 2*I] gate/up -> [T, I] by the named activation ("silu": SiLU-and-mul, "swiglu_oai")."""
+    if activation == "silu":
+        return silu_and_mul(x)
+    if activation == "swiglu_oai":
+        return swiglu_oai(x)
+    raise ValueError(f"unknown MoE activation {activation!r} (one of {', '.join(MOE_ACTIVATIONS)})")
+
+
 def fused_moe(
     x: torch.Tensor,  # [T, H]
     w13: torch.Tensor,  # [E, 2*I, H]: each expert's [gate; up] projection
     w2: torch.Tensor,  # [E, H, I]: each expert's down projection
     topk_weights: torch.Tensor,  # [T, k] fp32 routing weights
     topk_ids: torch.Tensor,  # [T, k] int: the experts each token is routed to
+    w13_bias: torch.Tensor | None = None,  # [E, 2*I] (gpt-oss)
+    w2_bias: torch.Tensor | None = None,  # [E, H]
+    activation: str = "silu",  # see moe_activation
 ) -> torch.Tensor:  # [T, H] in x's dtype
-    """A mixture-of-experts feed-forward: sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
-    e = topk_ids[t, j]. Each expert runs once, on the tokens routed to it; fp32 accumulation."""
+    """A mixture-of-experts feed-forward: sum_j w[t, j] * down_e(act(gate_e(x_t), up_e(x_t))) with
+    e = topk_ids[t, j] (the biases inside each projection, before the routing weight). Each expert
+    runs once, on the tokens routed to it; fp32 accumulation."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for expert in topk_ids.unique().tolist():
         rows, slots = (topk_ids == expert).nonzero(as_tuple=True)
         h = x[rows] @ w13[expert].t()  # [n, 2I]
-        y = silu_and_mul(h) @ w2[expert].t()  # [n, H]
+        if w13_bias is not None:
+            h = h + w13_bias[expert]
+        y = moe_activation(h, activation) @ w2[expert].t()  # [n, H]
+        if w2_bias is not None:
+            y = y + w2_bias[expert]
         out.index_add_(0, rows, y.float() * topk_weights[rows, slots, None].float())
     return out.to(x.dtype)
 
