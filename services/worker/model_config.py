@@ -57,6 +57,8 @@ class ModelConfig:
     rope_local_theta: float = 0.0  # 0: the sliding layers use the global rope
     rope_local_scaling: dict[str, Any] | None = None
     hidden_act: str = "silu"
+    # A learned logit per attention head in every softmax's denominator (gpt-oss's `sinks`)
+    attention_sinks: bool = False
     # Image-in models (LLaVA): the top-level config.json (vision_config, image_token_index, ...);
     # the fields above then describe its text_config's language model. None: a text-only model.
     multimodal: dict[str, Any] | None = None
@@ -96,18 +98,20 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _moe_fields(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
-    """The mixture-of-experts fields of Qwen3-MoE and Mixtral configs (both spellings of the
-    expert count: `num_experts` in Qwen's checkpoints, `num_local_experts` in Mixtral's and in
-    transformers 5's Qwen3-MoE configs)."""
-    if model_type not in ("qwen3_moe", "mixtral"):
+    """The mixture-of-experts fields of Qwen3-MoE, Mixtral and gpt-oss configs (both spellings of
+    the expert count: `num_experts` in Qwen's checkpoints, `num_local_experts` in Mixtral's,
+    gpt-oss's and transformers 5's Qwen3-MoE configs)."""
+    if model_type not in ("qwen3_moe", "mixtral", "gpt_oss"):
         return {}
     num_layers = int(cfg["num_hidden_layers"])
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "gpt_oss"):
         return {
             "num_experts": int(cfg["num_local_experts"]),
             "num_experts_per_tok": int(cfg["num_experts_per_tok"]),
             "moe_intermediate_size": int(cfg["intermediate_size"]),
-            "norm_topk_prob": True,  # softmax over the top-k logits = renormalised top-k of the softmax
+            # softmax over the top-k logits = renormalised top-k of the softmax (gpt-oss's router:
+            # models/gpt_oss.py)
+            "norm_topk_prob": True,
         }
     step = int(cfg.get("decoder_sparse_step", 1) or 1)
     only_mlp = {int(i) for i in cfg.get("mlp_only_layers") or []}
@@ -242,6 +246,7 @@ def load_model_config(model_dir: str) -> ModelConfig:
             final_logit_softcapping=float(cfg.get("final_logit_softcapping") or 0.0),
             query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or 0.0),
             hidden_act=str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"),
+            attention_sinks=model_type == "gpt_oss",
             **_rope_fields(cfg),
             **_moe_fields(cfg, model_type),
             multimodal=multimodal,

@@ -83,7 +83,9 @@ def test_prefill_and_mixed_steps_with_sinks(triton_ops, device: str, dtype: torc
         ref = reference.paged_attention(*args, scale, batch.max_seqlen_q, sliding_window=window, sinks=sinks)
         plain = reference.paged_attention(*args, scale, batch.max_seqlen_q, sliding_window=window)
         assert rel_err(plain, ref) > 10 * tol_for(dtype)  # the sinks change the output
-        whole = triton_ops.paged_attention(*args, scale, batch.max_seqlen_q, sliding_window=window, sinks=sinks)
+        whole = triton_ops.paged_attention(
+            *args, scale, batch.max_seqlen_q, sliding_window=window, sinks=sinks
+        )
         mixed = triton_ops.paged_attention(
             *args, scale, batch.max_seqlen_q, num_decode_rows=len(decodes), sliding_window=window, sinks=sinks
         )
@@ -122,7 +124,9 @@ def test_decode_with_sinks_and_splits(triton_ops, device: str, dtype: torch.dtyp
     positions = (batch.seq_lens - 1).long()
     k_raw = torch.randn(batch.new_k.shape, generator=gen).to(dtype).to(device)
     cache_ref, cache_out = batch.kv_cache.clone(), batch.kv_cache.clone()
-    q_rot = reference.rotary_write_kv_cache(batch.q, k_raw, batch.new_v, cache_ref, batch.slot_mapping, positions, cos_sin)
+    q_rot = reference.rotary_write_kv_cache(
+        batch.q, k_raw, batch.new_v, cache_ref, batch.slot_mapping, positions, cos_sin
+    )
     tail = (batch.block_tables, batch.cu_seqlens_q, batch.seq_lens, scale, 1)
     ref = reference.paged_attention(q_rot, cache_ref, *tail, sliding_window=5, sinks=sinks)
     out = rotary_write_paged_attention(
