@@ -2,7 +2,7 @@
 
 Handles both config spellings: `rope_scaling` + `rope_theta` (transformers 4.x) and
 `rope_parameters` (transformers 5.x). EOS ids are the union of config.json and
-generation_config.json, each an int or a list.
+generation_config.json, each an int or a list (gpt-oss: also harmony's `<|call|>`).
 """
 
 from __future__ import annotations
@@ -190,6 +190,26 @@ def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple
     return ()
 
 
+# Harmony's end of a tool-call message: generation stops there for the caller to run the tool
+# (gpt-oss ships it as a special token but lists only <|return|> and <|endoftext|> as EOS).
+HARMONY_CALL_TOKEN = "<|call|>"
+
+
+def _harmony_stop_ids(root: Path) -> list[int]:
+    """The id of `<|call|>` in the model directory's tokenizer (tokenizer_config.json's added
+    tokens, else tokenizer.json's), or none."""
+    for name, key in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
+        path = root / name
+        if not path.is_file():
+            continue
+        tokens = _read_json(path).get(key) or {}
+        entries = tokens.items() if isinstance(tokens, dict) else ((t.get("id"), t) for t in tokens)
+        for token_id, entry in entries:
+            if isinstance(entry, dict) and entry.get("content") == HARMONY_CALL_TOKEN:
+                return [int(token_id)]
+    return []
+
+
 def load_model_config(model_dir: str) -> ModelConfig:
     """Read config.json (and generation_config.json when present) of a model directory."""
     root = Path(model_dir)
@@ -219,6 +239,8 @@ def load_model_config(model_dir: str) -> ModelConfig:
     gen_path = root / "generation_config.json"
     if gen_path.is_file():
         eos += [i for i in _as_ids(_read_json(gen_path).get("eos_token_id")) if i not in eos]
+    if model_type == "gpt_oss":
+        eos += [i for i in _harmony_stop_ids(root) if i not in eos]
     try:
         return ModelConfig(
             path=str(root),

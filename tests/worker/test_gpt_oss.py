@@ -155,3 +155,32 @@ def test_a_missing_mxfp4_half_is_named(mxfp4_ref: RefModel, tmp_path: Path) -> N
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(WeightLoadError, match=r"layers\.1\.mlp\.experts\.down_proj_scales"):
         Engine(WorkerConfig(model=str(tmp_path), device="cpu", kv_cache_memory="1MiB"))
+
+
+def test_the_real_gpt_oss_20b_config() -> None:
+    """openai/gpt-oss-20b's config.json (transformers 4.x spelling, MXFP4 quantization_config),
+    generation_config.json and tokenizer_config.json: the fields the worker reads."""
+    from services.worker.layers.quantization import checkpoint_quant_method
+    from services.worker.model_config import load_model_config
+
+    path = Path(__file__).resolve().parents[1] / "data" / "models" / "openai-gpt-oss-20b"
+    cfg = load_model_config(str(path))
+    assert cfg.architecture == "GptOssForCausalLM" and cfg.attention_sinks
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        24,
+        2880,
+        64,
+        8,
+        64,
+    )
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (32, 4, 2880)
+    assert cfg.attention_bias and cfg.o_proj_bias and not cfg.qk_norm
+    assert [cfg.layer_window(i) for i in range(4)] == [128, 0, 128, 0]
+    assert cfg.rope_theta == 150000.0 and cfg.rope_scaling is not None
+    assert cfg.rope_scaling["rope_type"] == "yarn" and cfg.rope_scaling["factor"] == 32.0
+    assert (
+        cfg.rope_scaling["original_max_position_embeddings"] == 4096 and cfg.rope_scaling["truncate"] is False
+    )
+    # <|return|> and <|endoftext|> (config, generation config), and harmony's <|call|>
+    assert set(cfg.eos_token_ids) == {200002, 199999, 200012}
+    assert checkpoint_quant_method(str(path), "none") is None  # experts dequantized by the model
