@@ -75,6 +75,14 @@ class ModelConfig:
         return self.sliding_window
 
     @property
+    def uniform_sliding_window(self) -> int:
+        """The window when EVERY layer slides (Mistral with a sliding window), else 0: only then
+        can a sequence's blocks that fell out of the window be freed (services/worker/
+        block_manager.py); a model with full-attention layers (Gemma 2/3, gpt-oss) keeps them all."""
+        windows = {self.layer_window(i) for i in range(self.num_layers)}
+        return windows.pop() if len(windows) == 1 else 0
+
+    @property
     def attention_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 

@@ -400,6 +400,7 @@ class Scheduler:
             seq.num_computed_tokens = item.start + item.num_new_tokens
             seq.request.prompt_logprobs += item.prompt_logprobs
             self.bm.register_computed_blocks(seq)
+            self.bm.free_out_of_window(seq)
             if not item.sample:
                 continue
             spares: list[int | None] = list(item.spare_blocks) or [None] * len(item.children)
