@@ -123,9 +123,12 @@ def test_logprobs_match_transformers(
         assert abs(entry.logprob - float(step[token])) < 1e-4
 
 
-def test_mxfp4_dequantization_matches_transformers() -> None:
-    """Our dequantization ([E, out, in]) is the transpose of transformers' (its modules' [E, in, out])."""
+def test_mxfp4_dequantization_matches_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our dequantization ([E, out, in]) is the transpose of transformers' (its modules' [E, in, out]),
+    also when it works in chunks that split rows and experts."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from services.worker.layers.quantization import mxfp4
 
     gen = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (3, 10, 4, 16), generator=gen, dtype=torch.uint8)
@@ -134,6 +137,8 @@ def test_mxfp4_dequantization_matches_transformers() -> None:
     theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
     assert ours.shape == (3, 10, 128)
     torch.testing.assert_close(ours, theirs.transpose(1, 2), rtol=0, atol=0)
+    monkeypatch.setattr(mxfp4, "_CHUNK_GROUPS", 7)
+    torch.testing.assert_close(dequantize_mxfp4(blocks, scales, torch.float32), ours, rtol=0, atol=0)
     weight = torch.randn(2, 5, 64, generator=gen)
     packed, exps = quantize_mxfp4(weight)
     back = dequantize_mxfp4(packed.reshape(2, 5, 2, 16), exps, torch.float32)

@@ -18,6 +18,7 @@ import torch
 # E2M1 code -> value (the sign is the code's top bit)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 GROUP = 32  # values per scale
+_CHUNK_GROUPS = 1 << 20  # groups dequantized at a time (bounds the temporaries)
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -31,10 +32,18 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
             f"(expected blocks [..., N, G, {GROUP // 2}] and scales [..., N, G])"
         )
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32, device=blocks.device)
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).long()  # [..., N, G, 16, 2]
-    values = lut[codes].flatten(-2)  # [..., N, G, 32]
-    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None].float())
-    return values.flatten(-2).to(dtype)
+    *lead, groups, half = blocks.shape
+    flat_blocks, flat_scales = blocks.reshape(-1, half), scales.reshape(-1)
+    out = torch.empty((flat_blocks.shape[0], 2 * half), dtype=dtype, device=blocks.device)
+    # In chunks of groups: the int64 codes and fp32 values of a whole gpt-oss-120b expert tensor
+    # would be tens of GB of temporaries.
+    for start in range(0, flat_blocks.shape[0], _CHUNK_GROUPS):
+        part = flat_blocks[start : start + _CHUNK_GROUPS]
+        codes = torch.stack((part & 0x0F, part >> 4), dim=-1).long()  # [n, 16, 2]: low nibble first
+        values = lut[codes].flatten(-2)  # [n, 32]
+        exponents = (flat_scales[start : start + _CHUNK_GROUPS].to(torch.int32) - 127)[:, None]
+        out[start : start + _CHUNK_GROUPS] = torch.ldexp(values, exponents.float()).to(dtype)
+    return out.reshape(*lead, groups * 2 * half)
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
