@@ -102,6 +102,13 @@ def test_chat_with_tools_through_tandem_up(gpt_oss_dir: Path) -> None:
             if chunk.choices
         )
         assert streamed == (message.content or "")
+        # OpenAI's reasoning_effort reaches the template ("Reasoning: high" in the system message)
+        high = tokenizer.apply_chat_template(
+            MESSAGES, tools=TOOLS, add_generation_prompt=True, reasoning_effort="high", return_dict=False
+        )
+        assert len(high) == len(prompt_ids) - 2  # byte tokens: the default "medium" became "high"
+        effort = client.chat.completions.create(**{**args, "max_tokens": 1}, reasoning_effort="high")
+        assert effort.usage is not None and effort.usage.prompt_tokens == len(high)
     finally:
         status = up.stop()
     assert status == 0, up.output()[-3000:]
