@@ -231,3 +231,12 @@ async def test_concurrent_streams_are_batched_and_exact(
     for prompt, (tokens, chunks) in zip(prompts, results, strict=True):
         assert tokens == ref_models["stories"].greedy(prompt, 16)
         assert chunks == len(tokens)
+
+
+def test_embed_is_refused_by_a_generate_worker(stub: worker_pb2_grpc.WorkerStub) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Embed(worker_pb2.EmbedRequest(request_id="e", inputs=[worker_pb2.EmbedInput(token_ids=[1, 2])]))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--task embed" in err.value.details()
+    info = stub.Info(worker_pb2.InfoRequest())
+    assert info.task == worker_pb2.WORKER_TASK_GENERATE
