@@ -799,7 +799,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script in seconds")
     parser.add_argument(
-        "--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS)
+        "--models",
+        # gpt-oss-20b (41 GB of dummy weights) is asked for by name, so gpu_run.sh's default run
+        # keeps its length and its rows comparable across rounds.
+        default=",".join(m for m in MODELS if m != "gpt-oss-20b"),
+        help="comma-separated subset of " + ", ".join(MODELS),
     )
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers generate() baseline")
     parser.add_argument(
