@@ -44,6 +44,9 @@ from services.worker.request import (
     validate_request,
 )
 from services.worker.scheduler import SampledToken, Scheduler, SchedulerOutput
+from services.worker.speculative.draft_model import DraftModelProposer
+from services.worker.speculative.prompt_lookup import PromptLookupProposer
+from services.worker.speculative.speculator import Proposer, Speculator
 from services.worker.tp_group import BindKV, DrivenKVCache, Profile, StepDriver
 
 log = logging.getLogger(__name__)
@@ -143,7 +146,25 @@ class Engine:
         self.tp_size, self.pp_size = state.tp_size, state.pp_size
         self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
         self.runner.model.driver = self.driver
+        # a draft model's weights load before the KV cache is sized (the profile counts them)
+        self.draft_model = (
+            DraftModelProposer(
+                config.speculative_model,
+                cfg,
+                config.tokenizer,
+                self.ops,
+                self.device,
+                self.dtype,
+                self.max_model_len,
+                config.block_size,
+                config.seed,
+            )
+            if config.speculative_method == "draft-model"
+            else None
+        )
         num_blocks = self._num_kv_blocks()
+        if self.draft_model is not None:
+            self.draft_model.bind_kv_cache(num_blocks)
         if self.driver is not None:
             self.driver.send(BindKV(num_blocks))
             self.kv_cache: KVCache = DrivenKVCache(
@@ -163,6 +184,7 @@ class Engine:
             num_blocks, config.block_size, config.enable_prefix_caching, self.kv_events, self.kv_offload
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.speculator = self._build_speculator()
         self.requests: dict[str, Request] = {}
         # Disaggregation: decode-side requests whose prompt KV is being fetched (not scheduled yet),
         # and prefill-side KV kept for decode workers.
@@ -173,17 +195,44 @@ class Engine:
         # the seeds of requests that come without one (--seed makes a worker's run reproducible)
         self._seeds = random.Random(config.seed)
         # Async scheduling: the decode step launched ahead, read by the next step() call.
-        self.async_scheduling = config.async_scheduling == "on" or (
-            config.async_scheduling == "auto" and self.device.type == "cuda"
+        self.async_scheduling = self.speculator is None and (
+            config.async_scheduling == "on"
+            or (config.async_scheduling == "auto" and self.device.type == "cuda")
         )
         self._launched: LaunchedStep | None = None
         self.num_continuations = 0  # steps launched before the previous one's tokens were read
         self.num_discarded_rows = 0  # rows of those computed for sequences that had already finished
 
     # ---- setup ---------------------------------------------------------------------------------
+    def _build_speculator(self) -> Speculator | None:
+        config = self.config
+        proposer: Proposer
+        draft_cost = 0.0
+        if self.draft_model is not None:
+            proposer = self.draft_model
+            target_params = sum(p.numel() for p in self.runner.model.parameters())
+            draft_cost = self.draft_model.num_params / max(target_params, 1)
+        elif config.speculative_method == "prompt-lookup":
+            proposer = PromptLookupProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        else:
+            return None
+        token_cost = config.speculative_token_cost or (1 / 256 if self.device.type == "cuda" else 1 / 64)
+        return Speculator(
+            proposer,
+            self.block_manager,
+            config.num_speculative_tokens,
+            self.max_model_len,
+            config.max_num_batched_tokens,
+            config.speculative_adaptive,
+            token_cost,
+            draft_cost,
+        )
+
     def _num_kv_blocks(self) -> int:
         cfg, bs = self.model_config, self.config.block_size
         per_block = block_bytes(cfg, bs, self.kv_dtype)
+        if self.draft_model is not None:  # the draft's cache has as many blocks: the budget is shared
+            per_block += self.draft_model.block_bytes()
         blocks_per_seq = math.ceil(self.max_model_len / bs)
         budget = self.config.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
@@ -329,6 +378,8 @@ class Engine:
             return None
         self.requests[request_id] = request  # _output pops it
         self.scheduler.abort(request)
+        if self.speculator is not None:
+            self.speculator.release(request.sequences)
         self._drop_dead_launch()
         return self._output(request)
 
@@ -342,8 +393,13 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:  # nothing to compute, but a pending copy-on-fork must not be lost
             self.kv_cache.copy_blocks(scheduled.block_copies)
+        elif self.speculator is not None:
+            self.speculator.plan(scheduled)
         sampled = self.runner.execute(scheduled) if not scheduled.is_empty else []
-        return self._apply(scheduled, sampled)
+        outputs = self._apply(scheduled, sampled)
+        if self.speculator is not None:
+            self.speculator.observe(scheduled, sampled)
+        return outputs
 
     def _apply(self, scheduled: SchedulerOutput, sampled: list[list[SampledToken]]) -> list[RequestOutput]:
         touched = self.scheduler.update(scheduled, sampled)

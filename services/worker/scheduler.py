@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from services.worker.block_manager import BlockManager
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
+from services.worker.speculative.draft import Draft
 
 # A group holding more than max_num_seqs // LARGE_GROUP_DIVISOR running sequences is preempted
 # to admit a group with nothing running that does not fit.
@@ -46,6 +47,9 @@ class ScheduledSequence:
     # Async scheduling: sampled tokens of the previous step that the host has not read yet (0 or 1);
     # the input id of this entry is then that step's sampled token, taken from the device.
     pending_tokens: int = 0
+    # Speculative decoding: K proposed tokens computed after the last one (num_new_tokens = 1 + K);
+    # the step appends the kept ones and one more (speculative/verify.py)
+    draft: Draft | None = None
 
 
 class _Admission(NamedTuple):
@@ -397,6 +401,9 @@ class Scheduler:
             touched.add(seq.request)
             if seq.is_finished:  # aborted while the step ran
                 continue
+            if item.draft is not None:
+                self._update_drafted(item, tokens)
+                continue
             seq.num_computed_tokens = item.start + item.num_new_tokens
             seq.request.prompt_logprobs += item.prompt_logprobs
             self.bm.register_computed_blocks(seq)
@@ -415,6 +422,22 @@ class Scheduler:
             self._refresh_guided()
         return touched
 
+    def _update_drafted(self, item: ScheduledSequence, tokens: list[SampledToken]) -> None:
+        """A verified sequence appends the drafts it kept and one more token: their KV (the kept
+        drafts') is computed; the blocks that only held rejected drafts go back."""
+        seq = item.seq
+        request = seq.request
+        seq.num_computed_tokens = item.start + 1
+        self.bm.register_computed_blocks(seq)
+        tokens = tokens[: request.max_tokens - seq.num_output_tokens]
+        for token in tokens:
+            self._append(seq, token)
+            if seq.is_finished:
+                return
+        seq.num_computed_tokens = item.start + len(tokens)  # the last appended token has no KV yet
+        self.bm.register_computed_blocks(seq)
+        self.bm.trim(seq)
+
     def _append(self, seq: Sequence, token: SampledToken) -> None:
         seq.token_ids.append(token.token_id)
         seq.new_token_ids.append(token.token_id)
@@ -429,7 +452,8 @@ class Scheduler:
         if guided is not None:
             guided.consume(token.token_id)
             if guided.needs_mask:  # finished or not once its next mask is known (end of update)
-                self._guided_pending.append(seq)
+                if seq not in self._guided_pending:  # (a verified sequence appends several)
+                    self._guided_pending.append(seq)
                 return
         self._finish_if_done(seq)
 
