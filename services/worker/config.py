@@ -193,7 +193,9 @@ class WorkerConfig(ServiceConfig):
         if method == "off":
             return
         if method == "eagle":
-            raise ValueError("--speculative eagle: EAGLE draft heads are not implemented yet (docs/speculative.md)")
+            raise ValueError(
+                "--speculative eagle: EAGLE draft heads are not implemented yet (docs/speculative.md)"
+            )
         if method == "draft-model" and not self.speculative_model:
             raise ValueError("--speculative draft-model needs --speculative-model DIR")
         if method == "prompt-lookup" and self.speculative_model:

@@ -27,7 +27,7 @@ from services.worker.request import Sequence, SequenceStatus
 from services.worker.sampling_rng import exponential_race
 from services.worker.speculative.draft import Draft
 from services.worker.speculative.rejection import DRAFT_SALT, salted
-from services.worker.speculative.verify import target_probs
+from services.worker.speculative.verify import penalized_logits, probs_of
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ def check_draft_compatible(draft: ModelConfig, target: ModelConfig, target_token
             "must share the target's tokenizer"
         )
     if draft.eos_token_ids and target.eos_token_ids and set(draft.eos_token_ids) != set(target.eos_token_ids):
-        log.warning("draft model end tokens %s differ from the target's %s", draft.eos_token_ids, target.eos_token_ids)
+        log.warning(
+            "draft model end tokens %s differ from the target's %s", draft.eos_token_ids, target.eos_token_ids
+        )
 
 
 @dataclass
@@ -172,7 +174,9 @@ class DraftModelProposer:
             out[i] = Draft(drafted[r], torch.stack(probs[r]) if sampled and probs[r] else None)
         return out
 
-    def _forward(self, live: list[tuple[int, _DraftState, int]], inputs: list[list[int]], starts: list[int]) -> torch.Tensor:
+    def _forward(
+        self, live: list[tuple[int, _DraftState, int]], inputs: list[list[int]], starts: list[int]
+    ) -> torch.Tensor:
         """Logits [B, V] after each sequence's `inputs` (computed at positions from `starts`)."""
         bs = self.block_size
         ids: list[int] = []
@@ -203,10 +207,12 @@ class DraftModelProposer:
         """Each row's next draft token, and q [B, V] when some request samples."""
         seqs = [st.seq for _, st, _ in live]
         meta = self.runner._sampling_metadata(seqs, drafted=drafted)
+        # penalties and min_tokens bans as the target applies them: a draft that agrees, agrees
+        logits = penalized_logits(logits, meta)
         if meta.all_greedy:
             return logits.argmax(dim=-1).tolist(), None
         assert meta.draws is not None
-        q = target_probs(logits, meta)
+        q = probs_of(logits, meta)
         sampled = exponential_race(q, salted(meta.draws, DRAFT_SALT))
         tokens = torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
         return tokens.tolist(), q

@@ -177,7 +177,9 @@ class Speculator:
             drafted += item.draft.k
             kept += accepted
         if drafted:
-            self.acceptance += EMA_WEIGHT * min(1.0, drafted / self.max_k) * (kept / drafted - self.acceptance)
+            self.acceptance += (
+                EMA_WEIGHT * min(1.0, drafted / self.max_k) * (kept / drafted - self.acceptance)
+            )
         if finished:
             self.proposer.release(finished)
 

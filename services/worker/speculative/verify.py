@@ -26,15 +26,25 @@ from services.worker.speculative.rejection import emitted_tokens, point_mass_kee
 MetadataBuilder = Callable[[list[Sequence], list[list[int]]], SamplingMetadata]
 
 
-def target_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """[S, V] the distribution the sampler draws non-greedy rows from (bans, penalties,
-    temperature, top-k / top-p / min-p): the p of rejection sampling."""
+def penalized_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[S, V] the logits after min_tokens bans and penalties (greedy rows take their argmax)."""
     logits = logits.float().clone()
     banned = flat_pairs(meta.banned_ids, logits.device)
     if banned is not None:
         logits.index_put_(banned, torch.full((), float("-inf"), device=logits.device))
     if meta.need_penalties:
         logits = Sampler._apply_penalties(logits, meta)
+    return logits
+
+
+def target_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[S, V] the distribution the sampler draws non-greedy rows from (bans, penalties,
+    temperature, top-k / top-p / min-p): the p of rejection sampling."""
+    return probs_of(penalized_logits(logits, meta), meta)
+
+
+def probs_of(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[S, V] softmax of penalized logits after temperature and top-k / top-p / min-p."""
     scaled = logits / meta.temperature[:, None]
     if meta.need_filter:
         scaled = Sampler._filter(scaled, meta)
@@ -107,7 +117,10 @@ def verify_step(
         at = torch.tensor(reject_at, dtype=torch.int64).to(device, non_blocking=True)
         p = target_probs(logits.index_select(0, at), _select(meta, reject_at, at))
         keep, replacement = reject_rows(
-            p, torch.cat(q_rows).float(), torch.tensor(draft_ids, device=device), meta.draws.index_select(0, at)
+            p,
+            torch.cat(q_rows).float(),
+            torch.tensor(draft_ids, device=device),
+            meta.draws.index_select(0, at),
         )
         keep_rows = dict(zip(reject_at, keep.tolist(), strict=True))
         replacement_rows = dict(zip(reject_at, replacement.tolist(), strict=True))
