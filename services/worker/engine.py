@@ -158,6 +158,7 @@ class Engine:
                 self.max_model_len,
                 config.block_size,
                 config.seed,
+                config.load_format,
             )
             if config.speculative_method == "draft-model"
             else None

@@ -83,6 +83,7 @@ class DraftModelProposer:
         max_model_len: int,
         block_size: int,
         seed: int,
+        load_format: str = "auto",
     ) -> None:
         try:
             self.cfg = load_model_config(path)
@@ -91,7 +92,8 @@ class DraftModelProposer:
         check_draft_compatible(self.cfg, target, target_tokenizer)
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(self.cfg, ops, device, dtype, max_model_len, block_size, seed=seed)
+        # (dummy weights too, as the target's: benchmarks; the same seed and shape give the same ones)
+        self.runner = ModelRunner(self.cfg, ops, device, dtype, max_model_len, block_size, load_format, seed)
         self.num_params = sum(p.numel() for p in self.runner.model.parameters())
         self.states: dict[int, _DraftState] = {}
         self.free: list[int] = []
