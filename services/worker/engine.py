@@ -164,8 +164,9 @@ class Engine:
             else None
         )
         num_blocks = self._num_kv_blocks()
+        graphs = self.device.type == "cuda" and not config.enforce_eager and self.driver is None
         if self.draft_model is not None:
-            self.draft_model.bind_kv_cache(num_blocks)
+            self.draft_model.bind_kv_cache(num_blocks, config.max_num_seqs if graphs else 0)
         if self.driver is not None:
             self.driver.send(BindKV(num_blocks))
             self.kv_cache: KVCache = DrivenKVCache(
@@ -176,7 +177,7 @@ class Engine:
             self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
         # (not in a group yet: the graphs would capture rank 0's broadcasts; docs/parallel.md)
-        if self.device.type == "cuda" and not config.enforce_eager and self.driver is None:
+        if graphs:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
         offload_blocks = HostKVTier.blocks_for(self.kv_cache.tensor, config.kv_offload_bytes)

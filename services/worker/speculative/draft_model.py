@@ -103,11 +103,14 @@ class DraftModelProposer:
         """Bytes of one block of the draft's KV cache."""
         return block_bytes(self.cfg, self.block_size, self.dtype)
 
-    def bind_kv_cache(self, num_blocks: int) -> None:
-        """Allocate the draft's own KV cache (after the target's is sized)."""
+    def bind_kv_cache(self, num_blocks: int, graphs_for_seqs: int = 0) -> None:
+        """Allocate the draft's own KV cache (after the target's is sized); `graphs_for_seqs` > 0:
+        capture CUDA graphs of its one-token steps for batches up to that many sequences."""
         self.num_blocks = num_blocks
         self.runner.bind_kv_cache(KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device))
         self.free = list(range(num_blocks - 1, -1, -1))
+        if graphs_for_seqs > 0:
+            self.runner.capture_cuda_graphs(graphs_for_seqs, self.max_model_len)
 
     @property
     def num_used_blocks(self) -> int:
@@ -197,9 +200,16 @@ class DraftModelProposer:
             slots += [state.block_ids[p // bs] * bs + p % bs for p in range(start, end)]
             cu.append(cu[-1] + len(chunk))
             seq_lens.append(end)
-        hidden = self.runner._forward_eager(
-            ids, positions, slots, tables, cu, seq_lens, max(len(c) for c in inputs)
-        )
+        max_seqlen_q = max(len(c) for c in inputs)
+        graphs = self.runner.graphs
+        if graphs is not None and graphs.can_run(len(inputs), max_seqlen_q, max_blocks):
+            # one token each (every draft forward after the catch-up): replay a decode graph; its
+            # outputs are overwritten by the next replay, the float logits below are a copy
+            decoded = graphs.run(ids, positions, slots, seq_lens, tables)
+            if decoded.logits is not None:
+                return decoded.logits.float()
+            return self.runner.model.compute_logits(decoded.hidden).float()
+        hidden = self.runner._forward_eager(ids, positions, slots, tables, cu, seq_lens, max_seqlen_q)
         last = torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64).to(self.device, non_blocking=True)
         return self.runner.model.compute_logits(hidden.index_select(0, last)).float()
 
