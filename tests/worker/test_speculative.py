@@ -248,6 +248,22 @@ def test_adaptive_k_turns_speculation_off_when_it_does_not_pay() -> None:
     assert choose_k(0.7, 256, 8, 1 / 64, 0.0) == 0  # a large batch: verification costs more
 
 
+def test_adaptation_turns_a_never_agreeing_draft_off(
+    ref_models: dict[str, RefModel], random_draft_dir: Path
+) -> None:
+    ref = ref_models["stories"]
+    engine = ref.engine(max_model_len=256, speculative_model=str(random_draft_dir))
+    sp = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    plain = ref.engine(max_model_len=256).generate([[1, 403, 407]], sp)
+    got = engine.generate([[1, 403, 407]], sp)
+    assert got[0].token_ids == plain[0].token_ids
+    spec = engine.speculator
+    assert spec is not None and spec.stats.acceptance_rate < 0.2
+    assert spec.last_k == 0 and spec.acceptance < 0.2
+    # off after a few steps, then one probing step in 16
+    assert spec.stats.num_drafts < 30
+
+
 def test_startup_refuses_a_draft_with_another_vocabulary(
     ref_models: dict[str, RefModel], tmp_path: Path
 ) -> None:

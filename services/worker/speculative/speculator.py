@@ -11,7 +11,7 @@ A draft never costs another request anything: it takes only free KV blocks (no p
 eviction of a running sequence) and what is left of the step's token budget.
 
 Adaptive K (per step, docs/speculative.md): with a per-draft acceptance rate a (a moving average
-over the drafts verified so far), K drafts emit E(K) = (1 - a^(K+1)) / (1 - a) tokens per
+of kept / judged drafts, a draft after a rejected one not being judged), K drafts emit E(K) = (1 - a^(K+1)) / (1 - a) tokens per
 sequence. A step over B sequences costs 1 + c * B * (K + 1) + K * d, relative to the fixed cost
 of a step (weights read once): c is the cost of one more token in the forward
 (--speculative-token-cost), d the cost of one draft forward (the draft model's share of the
@@ -32,7 +32,7 @@ from services.worker.scheduler import SampledToken, ScheduledSequence, Scheduler
 from services.worker.speculative.draft import Draft
 
 PROBE_EVERY = 16
-EMA_WEIGHT = 0.05  # weight of one step's acceptance in the moving average
+EMA_WEIGHT = 0.1  # weight of one verification (a drafted sequence) in the moving average
 PRIOR_ACCEPTANCE = 0.6  # the average's start
 
 
@@ -162,7 +162,7 @@ class Speculator:
 
     def observe(self, out: SchedulerOutput, sampled: list[list[SampledToken]]) -> None:
         """Count the step's verifications, update the acceptance average, forget finished sequences."""
-        drafted = kept = 0
+        kept = trials = verified = 0  # drafts kept; drafts judged (verification stops at the first rejection)
         finished: list[Sequence] = []
         for item, tokens in zip(out.scheduled, sampled, strict=True):
             if item.seq.is_finished:
@@ -174,12 +174,14 @@ class Speculator:
             self.stats.num_draft_tokens += item.draft.k
             self.stats.num_accepted_tokens += accepted
             self.stats.num_emitted_tokens += len(tokens)
-            drafted += item.draft.k
             kept += accepted
-        if drafted:
-            self.acceptance += (
-                EMA_WEIGHT * min(1.0, drafted / self.max_k) * (kept / drafted - self.acceptance)
-            )
+            trials += accepted + (accepted < item.draft.k)
+            verified += 1
+        if trials:
+            # kept / judged estimates the chance a draft is kept (kept / drafted would count the
+            # drafts after a rejection, never judged, as rejected)
+            weight = 1.0 - (1.0 - EMA_WEIGHT) ** verified
+            self.acceptance += weight * (kept / trials - self.acceptance)
         if finished:
             self.proposer.release(finished)
 
