@@ -86,6 +86,9 @@ class OracleProposer:
         spans = [self.output[s.num_output_tokens : s.num_output_tokens + k] for s in seqs]
         return [Draft(span) if span else None for span in spans]
 
+    def may_propose(self, seqs: list[Sequence]) -> bool:
+        return True
+
     def release(self, seqs: object) -> None:
         """Nothing is kept per sequence."""
 
@@ -110,7 +113,7 @@ def decode_rate(engine: Engine, prompt: list[int], max_tokens: int) -> float:
 
 def timed_generate(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[float, list[int]]:
     """Output tokens per second of one greedy request (after one warm-up request), and its tokens."""
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    sp: SamplingParams = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     engine.generate([prompt], sp, prefix="warm")
     sync(engine)
     start = time.perf_counter()
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ks = [int(k) for k in args.ks.split(",")] if not args.smoke or args.ks != "2,3,4,6,8" else [2, 4]
     prompt_len = args.prompt_len or (32 if args.smoke else 512)
     max_tokens = args.max_tokens or (24 if args.smoke else 256)
-    cfg = dict(TINY) if args.smoke else dict(MODELS[args.shape])
+    cfg: dict[str, Any] = dict(TINY) if args.smoke else dict(MODELS[args.shape])
     shape = "tiny" if args.smoke else args.shape
     max_model_len = prompt_len + max_tokens + 16
     cfg["max_position_embeddings"] = max(int(cfg.get("max_position_embeddings", 0)), max_model_len)

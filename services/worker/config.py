@@ -208,10 +208,6 @@ class WorkerConfig(ServiceConfig):
             )
         if self.speculative_token_cost < 0:
             raise ValueError(f"--speculative-token-cost must be >= 0, got {self.speculative_token_cost}")
-        if self.async_scheduling == "on":
-            raise ValueError(
-                "--speculative with --async-scheduling on: a step's drafts need the previous step's tokens on the host"
-            )
         if self.world_size > 1:
             raise ValueError(
                 "--speculative with --tensor-parallel-size / --pipeline-parallel-size is not implemented yet"

@@ -197,9 +197,8 @@ class Engine:
         # the seeds of requests that come without one (--seed makes a worker's run reproducible)
         self._seeds = random.Random(config.seed)
         # Async scheduling: the decode step launched ahead, read by the next step() call.
-        self.async_scheduling = self.speculator is None and (
-            config.async_scheduling == "on"
-            or (config.async_scheduling == "auto" and self.device.type == "cuda")
+        self.async_scheduling = config.async_scheduling == "on" or (
+            config.async_scheduling == "auto" and self.device.type == "cuda"
         )
         self._launched: LaunchedStep | None = None
         self.num_continuations = 0  # steps launched before the previous one's tokens were read
@@ -390,13 +389,23 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.async_scheduling:
+        # Speculative decoding: a step with drafts is synchronous (its drafts need the tokens so
+        # far on the host); a plain one may run async; a step launched ahead is read first.
+        k = 0
+        if self.speculator is not None:
+            running = self.scheduler.running
+            k = self.speculator.decide(len(running))
+            if k and self.async_scheduling and not self.speculator.may_propose(running):
+                k = 0  # (prompt lookup finds nothing to copy: stay async)
+        if self.async_scheduling and k == 0:
             return self._step_async()
+        if self._launched is not None:
+            return self._step_async(launch_next=False)
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:  # nothing to compute, but a pending copy-on-fork must not be lost
             self.kv_cache.copy_blocks(scheduled.block_copies)
         elif self.speculator is not None:
-            self.speculator.plan(scheduled)
+            self.speculator.plan(scheduled, k)
         sampled = self.runner.execute(scheduled) if not scheduled.is_empty else []
         outputs = self._apply(scheduled, sampled)
         if self.speculator is not None:
@@ -408,15 +417,18 @@ class Engine:
         if self.scheduler.failed:  # guided decoding failed for a choice: end the whole request
             for request in self.scheduler.take_failed():
                 self.scheduler.abort(request)
+        if self.speculator is not None:  # a draft model's blocks of finished sequences go back
+            self.speculator.release([item.seq for item in scheduled.scheduled if item.seq.is_finished])
         outputs = [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]
         return [out for out in outputs if out.choices or out.finished]  # a prefill chunk: nothing to say
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self, launch_next: bool = True) -> list[RequestOutput]:
         """Async scheduling: step N is launched (now, or by the previous call); while it runs, step
         N+1 is planned assuming every decode goes on and launched with its input ids taken from
         N's sampled tokens on the device; only then are N's tokens read (the one wait) and applied.
         Rows of N+1 whose sequence finished at N (stop token, abort) are discarded when N+1 is
-        read. Returns step N's outputs, like the synchronous step."""
+        read. Returns step N's outputs, like the synchronous step. `launch_next=False`: N is read
+        and applied and nothing is launched after it (the next step is synchronous)."""
         current, self._launched = self._launched, None
         if current is None:
             scheduled = self.scheduler.schedule()
@@ -424,7 +436,7 @@ class Engine:
                 self.kv_cache.copy_blocks(scheduled.block_copies)
                 return self._apply(scheduled, [])
             current = LaunchedStep(scheduled, self.runner.launch(scheduled))
-        following = self.scheduler.schedule_continuation(current.out)
+        following = self.scheduler.schedule_continuation(current.out) if launch_next else None
         if following is not None:
             self._launched = LaunchedStep(following, self.runner.launch(following, current.handle))
             self.num_continuations += 1

@@ -424,7 +424,10 @@ class ModelRunner:
             outputs = [out + extra for out, extra in zip(outputs, drafted, strict=True)]
         lengths = [len(out) + (pending[i] if pending else 0) for i, out in enumerate(outputs)]
         need_penalties = any(p.has_penalties for p in params)
-        assert not (need_penalties and any(pending or ())), "penalties need every output token on the host"
+        # per row: a continuation may hold a penalized prompt chunk beside decodes without penalties
+        assert not any(p.has_penalties and n for p, n in zip(params, pending or [], strict=False)), (
+            "penalties need every output token on the host"
+        )
         banned = [
             sorted(s.request.stop_token_ids) if n < s.request.sampling.min_tokens else []
             for s, n in zip(seqs, lengths, strict=True)

@@ -136,6 +136,9 @@ class DraftModelProposer:
         return True
 
     # ---- proposals --------------------------------------------------------------------------
+    def may_propose(self, seqs: list[Sequence]) -> bool:
+        return bool(seqs)  # a draft model always proposes
+
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], k: int) -> list[Draft | None]:
         self._collect()

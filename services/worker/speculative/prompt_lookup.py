@@ -46,5 +46,8 @@ class PromptLookupProposer:
             out.append(Draft(tokens) if tokens else None)
         return out
 
+    def may_propose(self, seqs: list[Sequence]) -> bool:
+        return any(lookup(seq.token_ids, 1, self.min_n, self.max_n) for seq in seqs)
+
     def release(self, seqs: Iterable[Sequence]) -> None:
         """Nothing is kept per sequence."""

@@ -39,6 +39,10 @@ PRIOR_ACCEPTANCE = 0.6  # the average's start
 class Proposer(Protocol):
     def propose(self, seqs: list[Sequence], k: int) -> list[Draft | None]: ...
 
+    def may_propose(self, seqs: list[Sequence]) -> bool:
+        """Cheaply: whether some of `seqs` would get a proposal (False lets a step run async)."""
+        ...
+
     def release(self, seqs: Iterable[Sequence]) -> None: ...
 
 
@@ -100,29 +104,35 @@ class Speculator:
         self.draft_cost = draft_cost
         self.acceptance = PRIOR_ACCEPTANCE
         self.steps_off = 0
+        self.probe_due = False
         self.last_k = num_speculative_tokens
         self.stats = SpecStats()
 
-    def _k_for(self, batch: int) -> int:
+    def decide(self, batch: int) -> int:
+        """The next step's K for `batch` running sequences (0: a plain step, which the engine may
+        run with async scheduling). A probe stays due until a step with drafts is planned."""
         if not self.adaptive:
             return self.max_k
         k = choose_k(self.acceptance, batch, self.max_k, self.token_cost, self.draft_cost)
-        if k == 0:
-            self.steps_off += 1
-            if self.steps_off % PROBE_EVERY == 0:
-                k = 1
-        else:
+        if k:
             self.steps_off = 0
-        return k
+            return k
+        if not self.probe_due:
+            self.steps_off += 1
+            self.probe_due = self.steps_off >= PROBE_EVERY
+        return 1 if self.probe_due else 0
 
-    def plan(self, out: SchedulerOutput) -> None:
-        """Give the step's plain decodes their drafts (in place)."""
+    def may_propose(self, seqs: list[Sequence]) -> bool:
+        return self.proposer.may_propose(seqs)
+
+    def plan(self, out: SchedulerOutput, k: int) -> None:
+        """Give the step's plain decodes drafts of up to `k` tokens (in place)."""
         candidates = [item for item in out.scheduled if _can_draft(item)]
-        if not candidates:
+        self.last_k = k
+        if not candidates or k == 0:
             return
-        k = self.last_k = self._k_for(len(candidates))
-        if k == 0:
-            return
+        if self.probe_due:
+            self.probe_due, self.steps_off = False, 0
         drafts = self.proposer.propose([item.seq for item in candidates], k)
         budget = self.max_num_batched_tokens - out.num_batched_tokens
         for item, draft in zip(candidates, drafts, strict=True):
@@ -161,12 +171,9 @@ class Speculator:
         return Draft(tokens, probs, masks)
 
     def observe(self, out: SchedulerOutput, sampled: list[list[SampledToken]]) -> None:
-        """Count the step's verifications, update the acceptance average, forget finished sequences."""
+        """Count the step's verifications and update the acceptance average."""
         kept = trials = verified = 0  # drafts kept; drafts judged (verification stops at the first rejection)
-        finished: list[Sequence] = []
         for item, tokens in zip(out.scheduled, sampled, strict=True):
-            if item.seq.is_finished:
-                finished.append(item.seq)
             if item.draft is None or not tokens:
                 continue
             accepted = min(len(tokens) - 1, item.draft.k)
@@ -182,8 +189,6 @@ class Speculator:
             # drafts after a rejection, never judged, as rejected)
             weight = 1.0 - (1.0 - EMA_WEIGHT) ** verified
             self.acceptance += weight * (kept / trials - self.acceptance)
-        if finished:
-            self.proposer.release(finished)
 
     def release(self, seqs: Iterable[Sequence]) -> None:
         self.proposer.release(seqs)
