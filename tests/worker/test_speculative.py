@@ -71,18 +71,25 @@ def small_engine(ref: RefModel, num_blocks: int, **overrides: object) -> Engine:
 
 
 def requests(sampled: bool) -> list[EngineRequest]:
-    """8 requests, some prompts repeating themselves (prompt lookup finds spans to copy)."""
+    """8 requests, some prompts repeating themselves (prompt lookup finds spans to copy), one
+    sharing another's first block (a prefix-cache hit), one with n = 2 choices, one with prompt
+    logprobs, penalties, min_tokens."""
     prompts = prompts_of_lengths([20, 9, 33, 14, 26, 5, 17, 30], 512, seed=21)
     prompts = [p + p[1:] if i % 3 == 0 else p for i, p in enumerate(prompts)]
+    prompts[7] = prompts[0][:18] + prompts[7][1:]
     out = []
     for i, prompt in enumerate(prompts):
         sp = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, logprobs=2)
+        if i == 1:
+            sp = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, prompt_logprobs=1)
         if i == 3:
             sp = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, repetition_penalty=1.3)
         if i == 5:
             sp = SamplingParams(temperature=0.0, max_tokens=50, min_tokens=10, frequency_penalty=0.5)
         if sampled and i % 2 == 0:
             sp = SamplingParams(temperature=0.8, top_k=20, seed=i, max_tokens=50, ignore_eos=True, logprobs=1)
+        if sampled and i == 2:
+            sp = SamplingParams(temperature=0.8, seed=i, max_tokens=50, ignore_eos=True, n=2)
         out.append(EngineRequest(f"r{i}", tuple(prompt), sp))
     return out
 
@@ -281,6 +288,7 @@ def test_async_scheduling_runs_the_steps_without_drafts(
     engine = small_engine(ref, 24, max_num_batched_tokens=32, async_scheduling="on", **spec)
     got = run_to_completion(engine, requests(sampled=True))
     assert engine.num_continuations > 0
+    assert engine.block_manager.num_hit_tokens > 0
     assert method == "off" or (engine.speculator is not None and engine.speculator.stats.num_drafts > 0)
     if method != "draft-random":  # (a draft model's sampled tokens differ; its greedy ones do not)
         assert_same(reference, got)
