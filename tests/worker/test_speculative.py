@@ -86,6 +86,10 @@ def requests(sampled: bool) -> list[EngineRequest]:
             sp = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, repetition_penalty=1.3)
         if i == 5:
             sp = SamplingParams(temperature=0.0, max_tokens=50, min_tokens=10, frequency_penalty=0.5)
+        if i == 6:
+            sp = SamplingParams(
+                temperature=0.0, max_tokens=50, ignore_eos=True, logit_bias=((300, 4.0), (301, -100.0))
+            )
         if sampled and i % 2 == 0:
             sp = SamplingParams(temperature=0.8, top_k=20, seed=i, max_tokens=50, ignore_eos=True, logprobs=1)
         if sampled and i == 2:
@@ -326,6 +330,7 @@ def test_startup_refuses_a_draft_with_another_vocabulary(
         ({"speculative": "draft-model"}, "needs --speculative-model"),
         ({"speculative": "prompt-lookup", "num_speculative_tokens": 0}, "num-speculative-tokens"),
         ({"speculative": "prompt-lookup", "prompt_lookup_min": 5}, "prompt-lookup-min"),
+        ({"speculative": "prompt-lookup", "task": "embed"}, "task embed"),
     ],
 )
 def test_unsupported_combinations_are_startup_errors(options: dict[str, object], message: str) -> None:

@@ -27,11 +27,14 @@ MetadataBuilder = Callable[[list[Sequence], list[list[int]]], SamplingMetadata]
 
 
 def penalized_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """[S, V] the logits after min_tokens bans and penalties (greedy rows take their argmax)."""
+    """[S, V] the logits after min_tokens bans, logit_bias and penalties, in the sampler's order
+    (greedy rows take their argmax)."""
     logits = logits.float().clone()
     banned = flat_pairs(meta.banned_ids, logits.device)
     if banned is not None:
         logits.index_put_(banned, torch.full((), float("-inf"), device=logits.device))
+    if meta.has_logit_bias:
+        Sampler._apply_logit_bias(logits, meta.logit_bias)
     if meta.need_penalties:
         logits = Sampler._apply_penalties(logits, meta)
     return logits
@@ -69,7 +72,7 @@ def verify_step(
     # per sampling row group: (entry, first row, K, kind) — kind "plain" (no draft), "draft"
     groups: list[tuple[int, int, int]] = []
     for i, item in enumerate(out.scheduled):
-        if not item.sample:
+        if not item.sample or item.seq.request.req.pooling:  # (an embedding: the runner pooled it)
             continue
         end = cu_seqlens[i + 1]
         draft = item.draft
@@ -175,4 +178,5 @@ def _select(meta: SamplingMetadata, rows: list[int], at: torch.Tensor) -> Sampli
         all_greedy=False,
         need_filter=meta.need_filter,
         need_penalties=meta.need_penalties,
+        logit_bias=[meta.logit_bias[r] for r in rows] if meta.logit_bias else [],
     )
