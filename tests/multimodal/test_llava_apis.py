@@ -133,8 +133,9 @@ def _response(oai: openai.OpenAI, items: list[Item], **kwargs: Any) -> Any:
     )
 
 
-def _message(claude: anthropic.Anthropic, items: list[Item]) -> Any:
+def _message(claude: anthropic.Anthropic, items: list[Item], **kwargs: Any) -> Any:
     return claude.messages.create(
+        **kwargs,
         model="",
         max_tokens=MAX_TOKENS,
         extra_body={"temperature": 0.0},  # not in the SDK's current signature; tandem takes it
@@ -239,7 +240,8 @@ BAD_IMAGES: list[tuple[Any, str]] = [
 @pytest.mark.parametrize(("image", "word"), BAD_IMAGES)
 def test_bad_images_are_responses_400s(oai: openai.OpenAI, image: Any, word: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        _response(oai, [("text", "hi "), ("image", image)])
+        # the instructions are chat's messages[0]: the part is still named by its input item
+        _response(oai, [("text", "hi "), ("image", image)], instructions="Be brief.")
     body = info.value.body
     assert isinstance(body, dict) and body["param"] == "input[0].content[1]", body
     assert word in body["message"] and "messages[" not in body["message"]
@@ -249,7 +251,7 @@ def test_bad_images_are_responses_400s(oai: openai.OpenAI, image: Any, word: str
 @pytest.mark.parametrize(("image", "word"), BAD_IMAGES)
 def test_bad_images_are_anthropic_400s(claude: anthropic.Anthropic, image: Any, word: str) -> None:
     with pytest.raises(anthropic.BadRequestError) as info:
-        _message(claude, [("text", "hi "), ("image", image)])
+        _message(claude, [("text", "hi "), ("image", image)], system="Be brief.")  # chat's messages[0]
     body = info.value.body
     assert isinstance(body, dict) and body["type"] == "error", body
     assert body["error"]["type"] == "invalid_request_error"
