@@ -4,7 +4,8 @@
     pipeline updates --MessageBuilder--> an Anthropic message, or its typed stream events
 
 Validation is the chat route's own (`parse_chat`): the translation only reshapes fields and
-refuses what has no counterpart here (images, server tools, ...) with a 400 naming the field.
+refuses what has no counterpart here (documents, server tools, ...) with a 400 naming the field.
+`image` blocks become chat `image_url` parts (gateway/media.py, docs/multimodal.md).
 Errors leave in Anthropic's envelope (`{"type": "error", "error": {"type", "message"}}`).
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 
 from gateway.errors import APIError
 from gateway.execution import ChoiceUpdate, RequestRun
+from gateway.media import check_image_url
 from gateway.responses import ChatResult
 
 # Request fields the translation understands; any other is refused (nothing is silently ignored).
@@ -82,8 +84,42 @@ def _text_of(blocks: Any, where: str) -> str:
     return "\n".join(parts)
 
 
-def _message(i: int, message: Any) -> list[dict[str, Any]]:
-    """One Anthropic message as OpenAI chat messages (tool results become `tool` messages)."""
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+
+def _image_part(block: dict[str, Any], i: int, j: int) -> dict[str, Any]:
+    """An `image` block as chat's `image_url` part (the same media path from there). Anthropic
+    names a block's fields with dots (`messages.0.content.1.source`)."""
+    where = f"messages.{i}.content.{j}.source"
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise _invalid(f"'{where}' must be an object", where)
+    kind = source.get("type")
+    if kind == "base64":
+        media_type, data = source.get("media_type"), source.get("data")
+        if media_type not in _IMAGE_TYPES:
+            raise _invalid(
+                f"'{where}.media_type' must be one of {', '.join(_IMAGE_TYPES)}", f"{where}.media_type"
+            )
+        if not isinstance(data, str) or not data:
+            raise _invalid(f"'{where}.data' must be a non-empty base64 string", f"{where}.data")
+        url = f"data:{media_type};base64,{data}"
+    elif kind == "url":
+        given = source.get("url")
+        if not isinstance(given, str):
+            raise _invalid(f"'{where}.url' must be a string", f"{where}.url")
+        check_image_url(given, f"{where}.url", f"{where}.url")
+        url = given
+    elif kind == "file":
+        raise _invalid(f"'{where}': file sources are not supported (there is no Files API)", f"{where}.type")
+    else:
+        raise _invalid(f"'{where}.type' must be 'base64' or 'url'", f"{where}.type")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _message(i: int, message: Any, images: list[str]) -> list[dict[str, Any]]:
+    """One Anthropic message as OpenAI chat messages (tool results become `tool` messages); the
+    names of its image blocks, in order, are appended to `images`."""
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise _invalid(f"'{where}' must be an object", where)
@@ -95,7 +131,7 @@ def _message(i: int, message: Any) -> list[dict[str, Any]]:
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise _invalid(f"'{where}.content' must be a string or a list of content blocks", f"{where}.content")
-    texts: list[str] = []
+    parts: list[dict[str, Any]] = []  # text and image parts, in order
     thinking: list[str] = []
     tool_calls: list[dict[str, Any]] = []
     tool_messages: list[dict[str, Any]] = []
@@ -103,7 +139,10 @@ def _message(i: int, message: Any) -> list[dict[str, Any]]:
         bwhere = f"{where}.content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image" and role == "user":
+            parts.append(_image_part(block, i, j))
+            images.append(f"messages.{i}.content.{j}.source")
         elif kind == "tool_use" and role == "assistant":
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise _invalid(f"'{bwhere}' needs a string 'id' and 'name'", bwhere)
@@ -127,13 +166,17 @@ def _message(i: int, message: Any) -> list[dict[str, Any]]:
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             if kind == "thinking" and isinstance(block.get("thinking"), str):
                 thinking.append(block["thinking"])
-        elif kind in ("image", "document", "search_result"):
-            raise _invalid(f"content block type {kind!r} is not supported (text only)", bwhere)
+        elif kind == "image":
+            raise _invalid(f"'{bwhere}': images are supported in user messages only", bwhere)
+        elif kind in ("document", "search_result"):
+            raise _invalid(f"content block type {kind!r} is not supported (text and image only)", bwhere)
         else:
             raise _invalid(f"'{bwhere}' is not a valid {role} content block", bwhere)
     out = list(tool_messages)
-    if texts or tool_calls or thinking or not tool_messages:
-        chat: dict[str, Any] = {"role": role, "content": "".join(texts)}
+    if parts or tool_calls or thinking or not tool_messages:
+        text_only = all(p["type"] == "text" for p in parts)
+        content = "".join(p["text"] for p in parts) if text_only else parts
+        chat: dict[str, Any] = {"role": role, "content": content}
         if tool_calls:
             chat["tool_calls"] = tool_calls
         if thinking:
@@ -179,8 +222,12 @@ def _tool_choice(choice: Any, body: dict[str, Any]) -> None:
         body["parallel_tool_calls"] = False
 
 
-def to_chat_body(body: Any, *, count_only: bool = False) -> dict[str, Any]:
-    """An OpenAI chat request body for an Anthropic Messages (or count_tokens) request."""
+def to_chat_body(
+    body: Any, *, count_only: bool = False, image_names: list[str] | None = None
+) -> dict[str, Any]:
+    """An OpenAI chat request body for an Anthropic Messages (or count_tokens) request. The
+    Anthropic names of the chat body's image parts, in order, are appended to `image_names`."""
+    images = [] if image_names is None else image_names
     if not isinstance(body, dict):
         raise _invalid("the request body must be a JSON object", "")
     allowed = _COUNT_FIELDS if count_only else _FIELDS
@@ -197,7 +244,7 @@ def to_chat_body(body: Any, *, count_only: bool = False) -> dict[str, Any]:
     if body.get("system") is not None:
         chat_messages.append({"role": "system", "content": _text_of(body["system"], "system")})
     for i, message in enumerate(messages):
-        chat_messages.extend(_message(i, message))
+        chat_messages.extend(_message(i, message, images))
     chat: dict[str, Any] = {"model": body.get("model", ""), "messages": chat_messages}
     if not count_only:
         if "max_tokens" not in body:

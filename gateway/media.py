@@ -28,23 +28,30 @@ _DETAILS = ("auto", "low", "high")
 _DATA_URL = re.compile(r"^data:image/[A-Za-z0-9.+-]+(;[A-Za-z0-9=.+-]+)*;base64,", re.ASCII)
 
 
+def check_image_url(url: str, where: str, field: str) -> None:
+    """A `data:image/<type>;base64,` URL (its form only) or an http(s) URL; anything else is a 400
+    naming `where` (the part), `field` being the URL's name in the message."""
+    if url.startswith("data:"):
+        if not _DATA_URL.match(url):
+            raise invalid(f"'{field}' must be a 'data:image/<type>;base64,' URL", where)
+        return
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise invalid(f"'{field}' must be a data: URL or an http(s) URL", where)
+
+
+def check_detail(detail: Any, field: str) -> None:
+    """OpenAI's `detail`: accepted, and changes nothing (the model's processor fixes the size)."""
+    if detail is not None and detail not in _DETAILS:
+        raise invalid(f"'{field}' must be one of {', '.join(_DETAILS)}", field)
+
+
 def check_image_part(part: dict[str, Any], where: str) -> None:
     """An OpenAI `{"type": "image_url", "image_url": {"url": ..., "detail": ...}}` part."""
     image_url = part.get("image_url")
     if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
         raise invalid(f"'{where}.image_url' must be an object with a string 'url'", f"{where}.image_url")
-    detail = image_url.get("detail")
-    if detail is not None and detail not in _DETAILS:
-        raise invalid(
-            f"'{where}.image_url.detail' must be one of {', '.join(_DETAILS)}", f"{where}.image_url.detail"
-        )
-    url: str = image_url["url"]
-    if url.startswith("data:"):
-        if not _DATA_URL.match(url):
-            raise invalid(f"'{where}.image_url.url' must be a 'data:image/<type>;base64,' URL", where)
-        return
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise invalid(f"'{where}.image_url.url' must be a data: URL or an http(s) URL", where)
+    check_detail(image_url.get("detail"), f"{where}.image_url.detail")
+    check_image_url(image_url["url"], where, f"{where}.image_url.url")
 
 
 def has_image_urls(messages: Sequence[dict[str, Any]]) -> bool:
@@ -115,3 +122,32 @@ async def _fetch(session: aiohttp.ClientSession, url: str, where: str) -> tuple[
         raise
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         raise invalid(f"'{where}': the image could not be fetched ({type(exc).__name__})", where) from None
+
+
+_CHAT_PART = re.compile(r"messages\[(\d+)\]\.content\[(\d+)\]")
+
+
+def rename_image_part(err: APIError, messages: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
+    """Name the image part a chat-pipeline error blames (`messages[i].content[j]`, in `param` and
+    in the message) in the words of the API the request came in by: `names[k]` is that API's name
+    of the k-th image part of the translated chat `messages` (translations keep images in order).
+    Errors about anything else are left as they are."""
+    match = _CHAT_PART.match(err.param or "")
+    if match is None:
+        return
+    i, j = int(match[1]), int(match[2])
+    k = 0
+    for mi, message in enumerate(messages[: i + 1]):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for pj, part in enumerate(content):
+            if (mi, pj) == (i, j):
+                if part.get("type") != "image_url" or k >= len(names):
+                    return
+                old = match[0]
+                err.param = names[k] + (err.param or "")[len(old) :]
+                err.message = err.message.replace(old, names[k])
+                return
+            if isinstance(part, dict) and part.get("type") == "image_url":
+                k += 1

@@ -5,9 +5,10 @@
     pipeline updates --ResponseBuilder--> a Response object, or its typed stream events
 
 Validation is the chat route's (`parse_chat`); the translation reshapes fields and refuses what
-has no counterpart here (built-in tools, images, background mode, ...) with a 400 naming the
-field. `store` keeps the conversation (gateway/response_store.py) so a later request can continue
-it with `previous_response_id`.
+has no counterpart here (built-in tools, files, background mode, ...) with a 400 naming the
+field. `input_image` parts become chat `image_url` parts (gateway/media.py, docs/multimodal.md).
+`store` keeps the conversation (gateway/response_store.py) so a later request can continue it
+with `previous_response_id`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from gateway.errors import APIError
 from gateway.execution import ChoiceUpdate, RequestRun
+from gateway.media import check_detail, check_image_url
 from gateway.responses import ChatResult
 
 # Request fields understood; others are refused unless given at their neutral value (_NEUTRAL).
@@ -57,27 +59,60 @@ def _invalid(message: str, param: str) -> APIError:
 
 
 def _content_text(content: Any, where: str, role: str) -> str:
+    content = _content(content, where, role, [])
+    assert isinstance(content, str)  # no images outside user messages
+    return content
+
+
+def _content(content: Any, where: str, role: str, images: list[str]) -> str | list[dict[str, Any]]:
+    """A message's content for chat: its text, or (with `input_image` parts, user messages only)
+    chat content parts with `image_url` parts; each image's name is appended to `images`."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise _invalid(f"'{where}' must be a string or a list of content parts", where)
-    texts = []
+    parts: list[dict[str, Any]] = []
     for j, part in enumerate(content):
         pwhere = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind in ("input_image", "input_file", "input_audio"):
-            raise _invalid(f"content part type {kind!r} is not supported (text only)", pwhere)
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "input_image" and role == "user":
+            parts.append(_image_part(part, pwhere))
+            images.append(pwhere)
+        elif kind == "input_image":
+            raise _invalid(f"'{pwhere}': images are supported in user messages only", pwhere)
+        elif kind in ("input_file", "input_audio"):
+            raise _invalid(f"content part type {kind!r} is not supported (text and input_image only)", pwhere)
         elif kind == "refusal" and role == "assistant":
-            texts.append(str(part.get("refusal", "")))
+            parts.append({"type": "text", "text": str(part.get("refusal", ""))})
         else:
             raise _invalid(f"'{pwhere}' is not a valid content part", pwhere)
-    return "".join(texts)
+    if any(p["type"] == "image_url" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
-def input_messages(value: Any) -> list[dict[str, Any]]:
-    """Chat messages for a Responses `input` (a string or a list of input items)."""
+def _image_part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """An `input_image` part as chat's `image_url` part (the same media path from there)."""
+    if part.get("file_id") is not None:
+        raise _invalid(
+            f"'{where}.file_id' is not supported (there is no Files API): send 'image_url' as a data: URL",
+            f"{where}.file_id",
+        )
+    url = part.get("image_url")
+    if not isinstance(url, str):
+        raise _invalid(f"'{where}.image_url' must be a string (a data: or http(s) URL)", f"{where}.image_url")
+    check_detail(part.get("detail"), f"{where}.detail")
+    check_image_url(url, where, f"{where}.image_url")
+    image_url = {"url": url, "detail": part.get("detail") or "auto"}
+    return {"type": "image_url", "image_url": image_url}
+
+
+def input_messages(value: Any, images: list[str] | None = None) -> list[dict[str, Any]]:
+    """Chat messages for a Responses `input` (a string or a list of input items); the names of
+    its images, in order, are appended to `images`."""
+    images = [] if images is None else images
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -97,7 +132,7 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
                 )
             message: dict[str, Any] = {
                 "role": "system" if role == "developer" else role,
-                "content": _content_text(item.get("content"), f"{where}.content", role),
+                "content": _content(item.get("content"), f"{where}.content", role, images),
             }
             if role == "assistant" and pending_reasoning:
                 message["reasoning_content"], pending_reasoning = pending_reasoning, ""
@@ -200,9 +235,16 @@ def _text_format(text: Any, chat: dict[str, Any]) -> None:
 
 
 def to_chat_body(
-    body: dict[str, Any], history: list[dict[str, Any]]
+    body: dict[str, Any], history: list[dict[str, Any]], image_names: list[str] | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(the chat body, the conversation without instructions) for a Responses request."""
+    """(the chat body, the conversation without instructions) for a Responses request. The
+    Responses names of the chat body's image parts, in order, are appended to `image_names` (an
+    image of the stored conversation is named by `previous_response_id`)."""
+    images = [] if image_names is None else image_names
+    for message in history:
+        content = message.get("content")
+        if isinstance(content, list):
+            images += ["previous_response_id" for p in content if p.get("type") == "image_url"]
     for name, neutral in _NEUTRAL.items():
         if name in body and body[name] not in neutral:
             raise _invalid(f"'{name}' is not supported", name)
@@ -211,7 +253,7 @@ def to_chat_body(
         raise _invalid(f"unsupported field '{unknown[0]}'", unknown[0])
     if "input" not in body:
         raise _invalid("'input' is required", "input")
-    conversation = [*history, *input_messages(body["input"])]
+    conversation = [*history, *input_messages(body["input"], images)]
     messages = list(conversation)
     instructions = body.get("instructions")
     if instructions is not None:

@@ -8,7 +8,9 @@ middleware picks the envelope by path, so 401 / 413 / 429 from middlewares match
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +20,8 @@ from gateway.anthropic import MessageBuilder, anthropic_param, error_body, to_ch
 from gateway.appkeys import API_KEY, CONTEXT, FINISH_REASON, REQUEST_ID
 from gateway.errors import APIError
 from gateway.execution import Executor
+from gateway.media import rename_image_part
+from gateway.protocol import ChatRequest
 from gateway.responses import ChatResult
 from gateway.routes.body import read_json
 from gateway.streaming import encode_event
@@ -28,20 +32,27 @@ log = logging.getLogger(__name__)
 PATH_PREFIX = "/v1/messages"
 
 
-def _parse(body: Any, ctx: Any, *, count_only: bool = False) -> Any:
-    chat_body = to_chat_body(body, count_only=count_only)
-    if count_only:
-        chat_body["max_tokens"] = 1
+@contextlib.contextmanager
+def _anthropic_names(chat_body: dict[str, Any], image_names: list[str]) -> Iterator[None]:
+    """Errors of the chat pipeline named in Anthropic's fields (image parts by their block)."""
     try:
-        return parse_chat(chat_body, ctx.limits)
+        yield
     except APIError as err:
+        rename_image_part(err, chat_body["messages"], image_names)
         err.param = anthropic_param(err.param)
         raise
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
+    image_names: list[str] = []
+    chat_body = to_chat_body(await read_json(request), image_names=image_names)
+    with _anthropic_names(chat_body, image_names):
+        req = parse_chat(chat_body, request.app[CONTEXT].limits)
+        return await _messages(request, req)
+
+
+async def _messages(request: web.Request, req: ChatRequest) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    req = _parse(await read_json(request), ctx)
     request_id = request[REQUEST_ID]
     async with pipeline.chat(ctx, req, request_id, request.get(API_KEY)) as job:
         assert isinstance(job.result, ChatResult)  # pipeline.chat makes chat results
@@ -87,10 +98,14 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 async def count_tokens(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    req = _parse(await read_json(request), ctx, count_only=True)
-    executor = Executor(ctx, chat=True)
-    executor.check_model(req.model)
-    prompt = await executor.render_chat(req)
+    image_names: list[str] = []
+    chat_body = to_chat_body(await read_json(request), count_only=True, image_names=image_names)
+    chat_body["max_tokens"] = 1
+    with _anthropic_names(chat_body, image_names):
+        req = parse_chat(chat_body, ctx.limits)
+        executor = Executor(ctx, chat=True)
+        executor.check_model(req.model)
+        prompt = await executor.render_chat(req)
     return web.json_response({"input_tokens": len(prompt.token_ids)})
 
 

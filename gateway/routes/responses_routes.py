@@ -17,6 +17,8 @@ from aiohttp import web
 from gateway import pipeline
 from gateway.appkeys import API_KEY, CONTEXT, FINISH_REASON, REQUEST_ID, RESPONSE_STORE
 from gateway.errors import APIError
+from gateway.media import rename_image_part
+from gateway.protocol import ChatRequest
 from gateway.response_store import ResponseStore, StoredResponse
 from gateway.responses import ChatResult
 from gateway.responses_api import ResponseBuilder, output_messages, responses_param, to_chat_body
@@ -59,12 +61,27 @@ async def create(request: web.Request) -> web.StreamResponse:
         raise APIError(400, "'store' must be a boolean", param="store")
     if store:
         _store(request)
-    chat_body, conversation = to_chat_body(body, history)
+    image_names: list[str] = []
+    chat_body, conversation = to_chat_body(body, history, image_names)
     try:
         req = parse_chat(chat_body, ctx.limits)
+        return await _run(request, body, chat_body, req, conversation, store)
     except APIError as err:
+        # Chat's names of image parts (fetching, decoding) -> this request's `input[i].content[j]`.
+        rename_image_part(err, chat_body["messages"], image_names)
         err.param = responses_param(err.param)
         raise
+
+
+async def _run(
+    request: web.Request,
+    body: dict[str, Any],
+    chat_body: dict[str, Any],
+    req: ChatRequest,
+    conversation: list[dict[str, Any]],
+    store: bool,
+) -> web.StreamResponse:
+    ctx = request.app[CONTEXT]
     request_id = request[REQUEST_ID]
     async with pipeline.chat(ctx, req, request_id, request.get(API_KEY)) as job:
         assert isinstance(job.result, ChatResult)  # pipeline.chat makes chat results

@@ -153,7 +153,8 @@ def test_errors_use_anthropics_envelope(stories_stack: Stack) -> None:
         client.messages.create(
             model=stories_stack.model.name, max_tokens=8, messages=[{"role": "user", "content": [image]}]
         )
-    assert "messages[0].content[0]" in str(info.value)
+    # a well-formed image block reaches the styler, which refuses it for a text-only model
+    assert "takes no images" in str(info.value)
     raw = httpx.post(stories_stack.url + "/v1/messages", json={"model": stories_stack.model.name}, timeout=30)
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
 

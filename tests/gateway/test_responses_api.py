@@ -171,6 +171,13 @@ def test_refusals_name_the_field(stack: Stack) -> None:
             client.responses.create(**kwargs)
         body = info.value.body
         assert isinstance(body, dict) and body.get("param") == param, (extra, body)
+    # a well-formed image reaches the styler, which refuses it for a text-only model
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "auto"}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(
+            model=stack.model.name, input=[{"role": "user", "content": [image]}], max_output_tokens=4
+        )
+    assert "takes no images" in str(info.value) and info.value.body["param"] == "input"  # type: ignore[index]
 
 
 def test_function_calls_and_their_outputs(qwen3_stack: Stack) -> None:
