@@ -35,7 +35,7 @@ from services.worker.models.llama import DecoderLayer, LlamaForCausalLM
 from services.worker.parallel import ShardLayout, all_reduce
 
 if TYPE_CHECKING:
-    from services.worker.loader import CheckpointTensor
+    from services.worker.checkpoint import CheckpointTensor
 
 _EXPERTS = ".mlp.experts."
 
@@ -93,7 +93,7 @@ class GptOssForCausalLM(LlamaForCausalLM):
     ) -> Iterator[tuple[str, str, CheckpointTensor]]:
         """The experts' tensors in our layout (module docstring); MXFP4 pairs dequantized once both
         halves have been read; every other tensor unchanged."""
-        from services.worker.loader import CheckpointTensor, WeightLoadError  # (imports the models)
+        from services.worker.checkpoint import CheckpointTensor, WeightLoadError
 
         pending: dict[str, dict[str, torch.Tensor]] = {}  # "<experts prefix><proj>" -> blocks / scales
         dtype = self.model.norm.weight.dtype

@@ -35,7 +35,7 @@ from services.worker.parallel import (
 )
 
 if TYPE_CHECKING:
-    from services.worker.loader import CheckpointTensor
+    from services.worker.checkpoint import CheckpointTensor
     from services.worker.tp_group import StepDriver
 
 # Steps of at most this many tokens take the folded forward (the CUDA-graph logits ladder's top).
