@@ -20,6 +20,8 @@ from services.common.sampling import SamplingError, SamplingParams, validate_sam
 from services.worker.errors import InvalidRequestError
 
 if TYPE_CHECKING:
+    from services.worker.beam_search import BeamSearch
+    from services.worker.fan_out import Ranked
     from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
     from services.worker.mm_inputs import ImageInput
 
@@ -82,10 +84,12 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
         validate_sampling(sp, vocab_size)
     except SamplingError as exc:
         raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
-    if sp.n > 1 and req.generated_token_ids:
-        raise InvalidRequestError("generated_token_ids", "requires n = 1")
-    if sp.n > 1 and req.hold_kv:
-        raise InvalidRequestError("sampling.n", "Prefill takes one choice (n = 1)")
+    if sp.num_sequences > 1 and req.generated_token_ids:
+        raise InvalidRequestError("generated_token_ids", "requires n = 1 (and no best_of)")
+    if sp.num_sequences > 1 and req.hold_kv:
+        raise InvalidRequestError("sampling.n", "Prefill takes one choice (n = 1, no best_of)")
+    if sp.use_beam_search and req.generated_token_ids:
+        raise InvalidRequestError("generated_token_ids", "beam search cannot resume a choice")
     prompt_len = len(req.prompt_token_ids)
     if prompt_len >= max_model_len:
         raise InvalidRequestError(
@@ -203,7 +207,7 @@ class Request:
             self.cache_key_ids = cache_key_ids(prompt, req.images)
         first = Sequence(self, req.first_choice_index, prompt + list(req.generated_token_ids))
         self.sequences = [first]
-        for i in range(1, req.sampling.n):
+        for i in range(1, req.sampling.num_sequences):
             child = Sequence(self, req.first_choice_index + i, list(prompt))
             child.status = SequenceStatus.PARKED
             self.sequences.append(child)
@@ -215,6 +219,9 @@ class Request:
         self.prompt_logprobs: list[TokenLogprob] = []
         self.prompt_logprobs_sent = False
         self.aborted = False
+        # best_of / beam search: what picks the n choices returned (fan_out.py); None: all of them
+        self.ranked: Ranked | None = None
+        self.beam: BeamSearch | None = None  # beam search: the same object as `ranked`
 
     def _start_guided(self, grammar: CompiledGrammar) -> None:
         """A matcher per choice; choice 0's consumes the tokens generated elsewhere (resume, or

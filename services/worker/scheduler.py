@@ -186,7 +186,8 @@ class Scheduler:
         if self._pending_copies or not prev.scheduled:
             return None
         for item in prev.scheduled:
-            if item.children or item.prompt_logprob_positions:
+            # (beam search: the next input ids are the beam step's picks, made on the host)
+            if item.children or item.prompt_logprob_positions or item.seq.request.beam is not None:
                 return None
             # Guided decoding: the next step's mask needs the token `prev` samples, so a step with a
             # guided sequence is never launched ahead. Correctness first: the matcher must consume
@@ -392,6 +393,7 @@ class Scheduler:
         """Advance the scheduled sequences; `sampled[i]` holds the tokens of `out.scheduled[i]`
         (empty when it did not sample; else its own then one per child). Returns touched requests."""
         touched: set[Request] = set()
+        beams: dict[Request, None] = {}  # beam-search requests with a beam computed this step
         for item, tokens in zip(out.scheduled, sampled, strict=True):
             seq = item.seq
             touched.add(seq.request)
@@ -402,6 +404,11 @@ class Scheduler:
             self.bm.register_computed_blocks(seq)
             if not item.sample:
                 continue
+            beam = seq.request.beam
+            if beam is not None:  # the beam step picks every beam's next token at once (beam_search.py)
+                beam.report(item, tokens[0].logprob)
+                beams[seq.request] = None
+                continue
             spares: list[int | None] = list(item.spare_blocks) or [None] * len(item.children)
             for child, spare, token in zip(item.children, spares, tokens[1:], strict=True):
                 copy = self.bm.fork(seq, child, spare)
@@ -411,6 +418,9 @@ class Scheduler:
                 self.running.insert(self.running.index(seq) + 1, child)
                 self._append(child, token)
             self._append(seq, tokens[0])
+        for request in beams:
+            assert request.beam is not None
+            request.beam.advance(self)
         if self._guided_pending:
             self._refresh_guided()
         return touched
@@ -498,6 +508,18 @@ class Scheduler:
     def take_failed(self) -> list[Request]:
         failed, self.failed = self.failed, []
         return failed
+
+    def finish_sequence(self, seq: Sequence, reason: str) -> None:
+        """End `seq` wherever it is (running, waiting or parked) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._finish(seq, reason)
+
+    def add_block_copy(self, copy: tuple[int, int]) -> None:
+        """A (src, dst) block copy the device does before the next forward (a fork's partial block)."""
+        self._pending_copies.append(copy)
 
     def _finish_running(self, seq: Sequence, reason: str) -> None:
         self.running.remove(seq)
