@@ -175,7 +175,7 @@ def check_fan_out(sp: SamplingParams[Any]) -> None:
     if sp.best_of is not None and sp.best_of < sp.n:
         raise SamplingError("best_of", f"must be >= n ({sp.n}), got {sp.best_of}")
     if sp.early_stopping not in EARLY_STOPPING:
-        raise SamplingError("early_stopping", f"must be true, false or \"never\", got {sp.early_stopping!r}")
+        raise SamplingError("early_stopping", f'must be true, false or "never", got {sp.early_stopping!r}')
     if not sp.use_beam_search:
         if sp.length_penalty != 1.0:
             raise SamplingError("length_penalty", "applies to beam search only (use_beam_search)")
@@ -183,7 +183,11 @@ def check_fan_out(sp: SamplingParams[Any]) -> None:
             raise SamplingError("early_stopping", "applies to beam search only (use_beam_search)")
         return
     refused = (
-        ("temperature", sp.temperature != 0.0, "must be 0 with use_beam_search (beam search is deterministic)"),
+        (
+            "temperature",
+            sp.temperature != 0.0,
+            "must be 0 with use_beam_search (beam search is deterministic)",
+        ),
         ("top_p", sp.top_p != 1.0, "must be 1 with use_beam_search"),
         ("top_k", sp.top_k > 0, "must be off (-1) with use_beam_search"),
         ("min_p", sp.min_p != 0.0, "must be 0 with use_beam_search"),

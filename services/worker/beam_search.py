@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from services.worker.fan_out import RankedChoice, Ranked
+from services.worker.fan_out import Ranked, RankedChoice
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
 
 if TYPE_CHECKING:
@@ -82,7 +82,9 @@ class BeamSearch(Ranked):
     def advance(self, sched: Scheduler) -> None:
         """The step over every beam, once all of them are computed."""
         if any(
-            s.seq_id not in self.rows or s.status is not SequenceStatus.RUNNING or s.num_computed_tokens != s.num_tokens
+            s.seq_id not in self.rows
+            or s.status is not SequenceStatus.RUNNING
+            or s.num_computed_tokens != s.num_tokens
             for s in self.live
         ):
             return  # a beam was preempted: step when it is computed again
@@ -95,7 +97,9 @@ class BeamSearch(Ranked):
         self._keep_finished(request, candidates, hits, length)
         going_on = [c for c, hit in zip(candidates, hits, strict=True) if not hit][: self.width]
         if going_on:
-            best_length = request.max_tokens if self.early_stopping == "never" and self.length_penalty > 0 else length
+            best_length = (
+                request.max_tokens if self.early_stopping == "never" and self.length_penalty > 0 else length
+            )
             best_running = going_on[0].total / best_length**self.length_penalty
             if len(self.finished) == self.width and best_running <= self.finished[-1].score:
                 self.improvable = False
@@ -118,11 +122,15 @@ class BeamSearch(Ranked):
                 if token_id in banned:
                     continue
                 entry = TokenLogprob(token_id, logprob, rank + 1, row.top)
-                candidates.append((-(base + logprob), b, rank, _Candidate(base + logprob, b, token_id, entry)))
+                candidates.append(
+                    (-(base + logprob), b, rank, _Candidate(base + logprob, b, token_id, entry))
+                )
         candidates.sort(key=lambda c: c[:3])  # best first; equal: the earlier beam, then its rank
         return [c for *_, c in candidates[: self.keep]]
 
-    def _keep_finished(self, request: Request, candidates: list[_Candidate], hits: list[bool], length: int) -> None:
+    def _keep_finished(
+        self, request: Request, candidates: list[_Candidate], hits: list[bool], length: int
+    ) -> None:
         """Of the first `width` candidates, those that end become hypotheses (while they can
         still matter), the best `width` kept."""
         full = len(self.finished) == self.width and self.early_stopping is True
@@ -209,4 +217,6 @@ class BeamSearch(Ranked):
 
 def _trimmed(choice: RankedChoice, k: int) -> RankedChoice:
     logprobs = tuple(TokenLogprob(e.token_id, e.logprob, e.rank, e.top[:k]) for e in choice.logprobs)
-    return RankedChoice(choice.token_ids, logprobs, choice.cumulative_logprob, choice.finish_reason, choice.stop_token_id)
+    return RankedChoice(
+        choice.token_ids, logprobs, choice.cumulative_logprob, choice.finish_reason, choice.stop_token_id
+    )

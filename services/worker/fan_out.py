@@ -90,7 +90,11 @@ class BestOf(Ranked):
             kept = tuple(self._trim(lp) for lp in lps) if self.user_logprobs is not None else ()
             reason = seq.finish_reason or "abort"
             candidates.append(
-                (total, seq.choice_index, RankedChoice(tuple(seq.new_token_ids), kept, total, reason, seq.stop_token_id))
+                (
+                    total,
+                    seq.choice_index,
+                    RankedChoice(tuple(seq.new_token_ids), kept, total, reason, seq.stop_token_id),
+                )
             )
         candidates.sort(key=lambda c: (-c[0], c[1]))  # most likely first; equal: lower choice index
         return [c for _, _, c in candidates]
