@@ -56,7 +56,15 @@ _OPTIONAL_OPTIONS = (
     "repetition_penalty",
     "min_tokens",
     "skip_special_tokens",
+    "best_of",
+    "length_penalty",
 )
+# options.early_stopping as the HTTP body's value (validated there)
+_EARLY_STOPPING: dict[int, bool | str] = {
+    common_pb2.EARLY_STOPPING_FALSE: False,
+    common_pb2.EARLY_STOPPING_TRUE: True,
+    common_pb2.EARLY_STOPPING_NEVER: "never",
+}
 
 
 def _json_field(text: str, name: str) -> Any:
@@ -72,6 +80,7 @@ def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]
         "frequency_penalty",
         "min_p",
         "repetition_penalty",
+        "length_penalty",
     ):
         if name in body:  # float32 on the wire: 0.7 arrives as 0.699999988; round back
             body[name] = float(f"{body[name]:.6g}")
@@ -87,6 +96,10 @@ def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]
         body["user"] = o.user
     if o.HasField("guided"):
         body.update(_guided(o.guided))
+    if o.use_beam_search:
+        body["use_beam_search"] = True
+    if o.early_stopping:
+        body["early_stopping"] = _EARLY_STOPPING.get(o.early_stopping, int(o.early_stopping))
     body["stream"] = stream
     if stream and o.include_usage:
         body["stream_options"] = {"include_usage": True}

@@ -152,7 +152,9 @@ class PromptStream:
         )
         disagg = self.ctx.disagg
         # (image prompts are not disaggregated: Prefill carries no images yet)
-        if disagg is not None and len(indices) == 1 and not generated and not self.images:
+        # (best_of / beam search run several sequences: Prefill takes one, so unified for now)
+        ranked = sampling.num_sequences > 1
+        if disagg is not None and len(indices) == 1 and not generated and not self.images and not ranked:
             async for chunk in self._disaggregated(first, sampling):
                 yield chunk
             return

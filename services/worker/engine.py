@@ -267,7 +267,9 @@ class Engine:
             (len(req.prompt_token_ids) + len(req.generated_token_ids)) / self.config.block_size
         )
         if prompt_blocks + num_seqs - 1 > self.block_manager.num_blocks:
-            raise InvalidRequestError(field_name, f"{num_seqs} sequences do not fit the KV cache of this worker")
+            raise InvalidRequestError(
+                field_name, f"{num_seqs} sequences do not fit the KV cache of this worker"
+            )
         req = self.compile_grammar(req)  # already done by the gRPC servicer, off this thread
         request = Request(req, max_tokens, self.model_config.eos_token_ids, next(self._arrivals))
         fan_out.attach(request, self.model_config.vocab_size)

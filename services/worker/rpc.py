@@ -108,7 +108,14 @@ _OPTIONAL_SAMPLING = (
     "n",
     "logprobs",
     "prompt_logprobs",
+    "best_of",
+    "length_penalty",
 )
+_EARLY_STOPPING: dict[int, bool | str] = {
+    common_pb2.EARLY_STOPPING_FALSE: False,
+    common_pb2.EARLY_STOPPING_TRUE: True,
+    common_pb2.EARLY_STOPPING_NEVER: "never",
+}
 
 
 def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams[GuidedSpec]:
@@ -120,6 +127,9 @@ def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams[GuidedSpec
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
         guided=guided_from_pb(sp),
+        use_beam_search=sp.use_beam_search,
+        # an unknown enum value (a newer client) is refused by validate_sampling, by name
+        early_stopping=_EARLY_STOPPING.get(sp.early_stopping, str(sp.early_stopping)),
     )
 
 
@@ -154,6 +164,8 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
             delta.finish_reason = _FINISH[choice.finish_reason]
         if choice.stop_token_id is not None:
             delta.stop_token_id = choice.stop_token_id
+        if choice.cumulative_logprob is not None:
+            delta.cumulative_logprob = choice.cumulative_logprob
     if out.prompt_logprobs is not None:
         msg.prompt_logprobs.extend(logprob_to_pb(lp) for lp in out.prompt_logprobs)
     if out.usage is not None:
