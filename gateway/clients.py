@@ -125,7 +125,7 @@ def _logprob(entry: common_pb2.TokenLogprob) -> TokenLogprob:
 
 
 # SamplingParams.early_stopping (True / False / "never") on the wire; rpc.sampling_from_pb inverts it
-EARLY_STOPPING_TO_PB: dict[bool | str, common_pb2.EarlyStopping.ValueType] = {
+EARLY_STOPPING_TO_PB: dict[bool | str, common_pb2.EarlyStopping] = {
     False: common_pb2.EARLY_STOPPING_FALSE,
     True: common_pb2.EARLY_STOPPING_TRUE,
     "never": common_pb2.EARLY_STOPPING_NEVER,
