@@ -14,14 +14,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.common.sampling import SamplingError, SamplingParams, validate_sampling
 from services.worker.errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from services.worker.beam_search import BeamSearch
-    from services.worker.fan_out import Ranked
     from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
     from services.worker.mm_inputs import ImageInput
 
@@ -220,8 +218,9 @@ class Request:
         self.prompt_logprobs_sent = False
         self.aborted = False
         # best_of / beam search: what picks the n choices returned (fan_out.py); None: all of them
-        self.ranked: Ranked | None = None
-        self.beam: BeamSearch | None = None  # beam search: the same object as `ranked`
+        # (typed Any: ranked.Ranked and beam_search.BeamSearch import this module)
+        self.ranked: Any = None
+        self.beam: Any = None  # beam search: the BeamSearch, the same object as `ranked`
 
     def _start_guided(self, grammar: CompiledGrammar) -> None:
         """A matcher per choice; choice 0's consumes the tokens generated elsewhere (resume, or

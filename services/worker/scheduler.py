@@ -419,7 +419,6 @@ class Scheduler:
                 self._append(child, token)
             self._append(seq, tokens[0])
         for request in beams:
-            assert request.beam is not None
             request.beam.advance(self)
         if self._guided_pending:
             self._refresh_guided()
