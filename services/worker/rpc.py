@@ -307,7 +307,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 "kv_source.num_tokens",
                 f"the handle holds {source.num_tokens} tokens but the prompt has {len(req.prompt_token_ids)}",
             )
-        if not req.generated_token_ids:
+        # (several sequences, fan_out.py: each samples its own first token here, none comes along)
+        if not req.generated_token_ids and req.sampling.num_sequences == 1:
             raise InvalidRequestError(
                 "kv_source", "needs generated_token_ids (at least the first token the prefill worker sampled)"
             )
@@ -742,6 +743,8 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
     metrics.gauge_from(metrics.WEIGHT_BYTES, lambda: engine.engine.weight_bytes)
     bm = engine.engine.block_manager
     metrics.gauge_from(metrics.PREFIX_CACHE_HOST_HITS, lambda: bm.num_host_hit_tokens)
+    scheduler = engine.engine.scheduler
+    metrics.gauge_from(metrics.PROMPT_PREFILLS, lambda: scheduler.num_prefills)
 
 
 def _observe_finished(

@@ -87,6 +87,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._pending_copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
+        self.num_prefills = 0  # prompts computed here (first admissions; not fetched ones)
         # requests whose guided decoding failed in `update`; the engine aborts them (take_failed)
         self.failed: list[Request] = []
         self._guided_pending: list[Sequence] = []  # guided sequences whose next mask is stale
@@ -349,6 +350,7 @@ class Scheduler:
         its first chunk."""
         request = seq.request
         if request.num_cached_prompt_tokens is None:
+            self.num_prefills += 1
             hit = min(len(admission.cached) * self.bm.block_size, request.prompt_len)
             request.num_cached_prompt_tokens = hit
             self.bm.record_lookup(request.prompt_len, hit)
@@ -491,7 +493,11 @@ class Scheduler:
     def add_fetched(self, request: Request) -> None:
         """A FETCHING request's prompt KV is all in place: it waits to decode, its prompt computed."""
         seq = request.sequences[0]
-        seq.num_computed_tokens = request.prompt_len
+        # Without a first token from the prefill worker (n > 1, best_of, beam search: each choice
+        # samples its own) the last prompt token is computed again here, one token, for the logits
+        # they all sample from; its children then fork the fetched blocks (fan_out.py).
+        first_token_given = seq.num_tokens > request.prompt_len
+        seq.num_computed_tokens = request.prompt_len if first_token_given else request.prompt_len - 1
         seq.status = SequenceStatus.WAITING
         self.bm.register_computed_blocks(seq)
         self.add(request)
