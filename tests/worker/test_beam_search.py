@@ -266,3 +266,18 @@ def test_beam_fields_without_beam_search_are_refused(
     engine = refs["stories"].engine()
     with pytest.raises(InvalidRequestError, match=f"sampling.{field}"):
         engine.add_request(EngineRequest("x", (1, 2, 3), SamplingParams(**{field: value})))
+
+
+def test_beam_search_with_async_scheduling_matches(refs: dict[str, RefModel]) -> None:
+    """Async scheduling never launches a beam's next step ahead (its input ids are the beam
+    step's picks; a step holding a beam is synchronous): the output is the synchronous engine's,
+    beside a plain request that runs ahead once the beams are done."""
+    ref = refs["qwen2"]
+    beam = SamplingParams(temperature=0.0, n=2, best_of=3, use_beam_search=True, max_tokens=12)
+    plain = SamplingParams(temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)  # outlives the beams
+    requests = [EngineRequest("beam", (1, 45, 99, 7), beam), EngineRequest("plain", (1, 9, 8), plain)]
+    sync = run_to_completion(ref.engine(block_size=4), requests)
+    engine = ref.engine(block_size=4, async_scheduling="on")
+    ahead = run_to_completion(engine, requests)
+    assert {r: res.token_ids for r, res in ahead.items()} == {r: res.token_ids for r, res in sync.items()}
+    assert engine.num_continuations > 0
