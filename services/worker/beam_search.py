@@ -12,8 +12,8 @@ on the host and picks, exactly as transformers' `generate(num_beams=...)` does:
   hypotheses scored cumulative / generated_length ** length_penalty; at most `width` are kept;
 - the best `width` that go on are the next beams: a parent chosen once keeps its sequence, one
   chosen again forks its block table into the sequence of a parent nobody chose (freed first):
-  full blocks shared by reference count, the partial last block copied once, as both write
-  their next token into it (block_manager.fork);
+  every block shared by reference count, the partially filled last one copied by the first of
+  them to write into it while the other still holds it (block_manager.fork_shared, copy-on-write);
 - the search ends when max_tokens is reached, or (early_stopping True) once `width` hypotheses
   are finished, or when no running beam can beat the worst kept hypothesis: False compares at
   the current length, "never" at max_tokens when length_penalty > 0 (transformers'
@@ -67,7 +67,9 @@ class BeamSearch(Ranked):
         self.scores: dict[int, float] = {first.seq_id: 0.0}
         self.entries: dict[int, list[TokenLogprob]] = {first.seq_id: []}
         self.rows: dict[int, TokenLogprob] = {}  # this step's row of each beam that was computed
-        self.spares: list[int] = []  # blocks the scheduler set aside for the first forks
+        # blocks the scheduler set aside at admission for forks of the prompt (parked sequences):
+        # beams fork copy-on-write, so they go back, and the copy takes a block when it happens
+        self.spares: list[int] = []
         self.finished: list[_Hypothesis] = []  # best first, at most `width`
         self.improvable = True
         self.num_steps = 0
@@ -172,12 +174,7 @@ class BeamSearch(Ranked):
                 targets.append(parent)
                 continue
             child = spare_seqs.pop()
-            spare = None
-            if parent.num_computed_tokens % sched.bm.block_size:
-                spare = self.spares.pop() if self.spares else sched.bm.allocate_block()
-            copy = sched.bm.fork(parent, child, spare)
-            if copy is not None:
-                sched.add_block_copy(copy)
+            sched.bm.fork_shared(parent, child)  # the partial block is copied when one writes into it
             child.token_ids = list(parent.token_ids)
             if child.status is SequenceStatus.PARKED:
                 child.status = SequenceStatus.RUNNING

@@ -162,7 +162,7 @@ class Scheduler:
             slots += 1 + n_parked
             budget -= admission.num_new
 
-        copies, self._pending_copies = self._pending_copies, []
+        copies, self._pending_copies = self._pending_copies + self.bm.take_copies(), []
         return SchedulerOutput(
             scheduled, copies, self.max_num_batched_tokens - budget, num_preempted + num_made_room
         )
@@ -271,7 +271,10 @@ class Scheduler:
             scheduled.append(self._admit(self.waiting.popleft(), admission))
             rows.append(-1)
             budget -= admission.num_new
-        return SchedulerOutput(scheduled, [], self.max_num_batched_tokens - budget, 0, prev_rows=rows)
+        copies = (
+            self.bm.take_copies()
+        )  # (copy-on-write of shared partial blocks: none from a continuation's own)
+        return SchedulerOutput(scheduled, copies, self.max_num_batched_tokens - budget, 0, prev_rows=rows)
 
     def _slots_taken(self) -> int:
         """Sequence slots in use (--max-num-seqs): the running sequences and the parked choices
@@ -521,10 +524,6 @@ class Scheduler:
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self._finish(seq, reason)
-
-    def add_block_copy(self, copy: tuple[int, int]) -> None:
-        """A (src, dst) block copy the device does before the next forward (a fork's partial block)."""
-        self._pending_copies.append(copy)
 
     def _finish_running(self, seq: Sequence, reason: str) -> None:
         self.running.remove(seq)
