@@ -275,14 +275,17 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
     )
 
 
+MAX_BEST_OF = 20  # OpenAI's bound (best_of is also vLLM's beam width)
+
+
 def _fan_out(f: Fields, limits: Limits, stream: bool) -> dict[str, Any]:
     """best_of and vLLM's beam-search fields (docs/beam_search.md), and the streaming they refuse:
     the best of several sequences is known only when all of them are done."""
-    best_of = _limited(f, "best_of", f.integer("best_of"), limits.max_n, "--max-n")
+    best_of = _limited(f, "best_of", f.integer("best_of", hi=MAX_BEST_OF), limits.max_n, "--max-n")
     use_beam_search = f.boolean("use_beam_search", False)
     length_penalty = f.number("length_penalty")
     early_stopping = f.raw("early_stopping")
-    if early_stopping is not None and early_stopping not in (True, False, "never"):
+    if early_stopping is not None and not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise invalid(
             f"'early_stopping' must be true, false or \"never\", got {_short(early_stopping)}",
             "early_stopping",

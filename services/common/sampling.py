@@ -141,7 +141,6 @@ FLOAT_FIELDS = (
     "frequency_penalty",
     "length_penalty",
 )
-EARLY_STOPPING = (True, False, "never")
 
 
 def check_token_ids(name: str, ids: tuple[int, ...] | list[int], vocab_size: int = 0) -> None:
@@ -174,7 +173,7 @@ def check_fan_out(sp: SamplingParams[Any]) -> None:
     deterministic, so it refuses the fields of random sampling instead of ignoring them)."""
     if sp.best_of is not None and sp.best_of < sp.n:
         raise SamplingError("best_of", f"must be >= n ({sp.n}), got {sp.best_of}")
-    if sp.early_stopping not in EARLY_STOPPING:
+    if not (isinstance(sp.early_stopping, bool) or sp.early_stopping == "never"):  # (1 == True: not `in`)
         raise SamplingError("early_stopping", f'must be true, false or "never", got {sp.early_stopping!r}')
     if not sp.use_beam_search:
         if sp.length_penalty != 1.0:
