@@ -14,6 +14,7 @@ beam (or choice): beam search's extra work is the per-step top-K over beams x vo
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -120,6 +121,9 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
         )
         rows += [measured["beam"], measured["sample"]]
     del engine
+    gc.collect()  # the next shape's engine sizes its KV cache from the memory left
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
