@@ -34,8 +34,6 @@ from services.worker.request import Request, Sequence, SequenceStatus, TokenLogp
 if TYPE_CHECKING:
     from services.worker.scheduler import ScheduledSequence, Scheduler
 
-_NEVER = -1.0e9  # transformers' score of a slot without a hypothesis
-
 
 @dataclass(frozen=True)
 class _Candidate:
@@ -116,19 +114,19 @@ class BeamSearch(Ranked):
     # ---- the step ------------------------------------------------------------------------------
     def _top_candidates(self, request: Request, generated: int) -> list[_Candidate]:
         banned = request.stop_token_ids if generated < request.sampling.min_tokens else frozenset()
-        candidates: list[tuple[float, int, int, _Candidate]] = []
+        # plain tuples for the width x K numbers, objects for the K kept (the per-step host work)
+        scored: list[tuple[float, int, int, int, float]] = []
         for b, seq in enumerate(self.live):
-            row = self.rows[seq.seq_id]
             base = self.scores[seq.seq_id]
-            for rank, (token_id, logprob) in enumerate(row.top):
-                if token_id in banned:
-                    continue
-                entry = TokenLogprob(token_id, logprob, rank + 1, row.top)
-                candidates.append(
-                    (-(base + logprob), b, rank, _Candidate(base + logprob, b, token_id, entry))
-                )
-        candidates.sort(key=lambda c: c[:3])  # best first; equal: the earlier beam, then its rank
-        return [c for *_, c in candidates[: self.keep]]
+            for rank, (token_id, logprob) in enumerate(self.rows[seq.seq_id].top):
+                if token_id not in banned:
+                    scored.append((-(base + logprob), b, rank, token_id, logprob))
+        scored.sort()  # best first; equal: the earlier beam, then its rank
+        kept = []
+        for neg_total, b, rank, token_id, logprob in scored[: self.keep]:
+            top = self.rows[self.live[b].seq_id].top
+            kept.append(_Candidate(-neg_total, b, token_id, TokenLogprob(token_id, logprob, rank + 1, top)))
+        return kept
 
     def _keep_finished(
         self, request: Request, candidates: list[_Candidate], hits: list[bool], length: int
