@@ -88,6 +88,10 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
         raise InvalidRequestError("sampling.n", "Prefill takes one choice (n = 1, no best_of)")
     if sp.use_beam_search and req.generated_token_ids:
         raise InvalidRequestError("generated_token_ids", "beam search cannot resume a choice")
+    if sp.use_beam_search and req.hold_kv:
+        raise InvalidRequestError(
+            "sampling.use_beam_search", "Prefill samples one token: beam search runs on the decode worker"
+        )
     prompt_len = len(req.prompt_token_ids)
     if prompt_len >= max_model_len:
         raise InvalidRequestError(
