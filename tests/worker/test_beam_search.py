@@ -286,9 +286,9 @@ def test_beam_search_with_async_scheduling_matches(refs: dict[str, RefModel]) ->
 def test_prefill_and_resume_refuse_beam_search(refs: dict[str, RefModel]) -> None:
     engine = refs["stories"].engine()
     beam = SamplingParams(temperature=0.0, use_beam_search=True, max_tokens=4)
-    with pytest.raises(InvalidRequestError, match="sampling.use_beam_search"):
+    with pytest.raises(InvalidRequestError, match=r"sampling\.use_beam_search"):
         engine.add_request(EngineRequest("p", (1, 2, 3), beam, hold_kv=True))
     with pytest.raises(InvalidRequestError, match="generated_token_ids"):
         engine.add_request(EngineRequest("g", (1, 2, 3), beam, generated_token_ids=(5,)))
-    with pytest.raises(InvalidRequestError, match="sampling.best_of"):
+    with pytest.raises(InvalidRequestError, match=r"sampling\.best_of"):
         engine.add_request(EngineRequest("b", (1, 2, 3), SamplingParams(n=1, best_of=10_000)))
