@@ -368,8 +368,10 @@ class PromptStream:
 
 
 # What a fan-out's Prefill samples: one token nobody uses (every choice samples its own on the
-# decode worker), never one that ends it (the KV is kept only for a choice that goes on).
-_KV_ONLY: SamplingParams[Guided] = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+# decode worker), not an end token (the KV is kept only for a choice that goes on); max_tokens
+# unset, so a prompt that fits the context fits this too (one token of room: no handle, and the
+# decode worker computes the prompt).
+_KV_ONLY: SamplingParams[Guided] = SamplingParams(temperature=0.0, ignore_eos=True)
 
 
 def _refused_at_door(exc: grpc.aio.AioRpcError) -> bool:
