@@ -24,6 +24,7 @@ from services.worker import fan_out, parallel
 from services.worker.async_step import StepHandle
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
+from services.worker.errors import task_mismatch
 from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
 from services.worker.kv_events import KvEventLog
@@ -133,6 +134,7 @@ class Engine:
             config.seed,
             config.quantization,
             config.quantization_group_size,
+            pooling=config.task == "embed",
         )
         # Bytes of the weights as stored (quantized ones at their size; Info reports it). On CUDA
         # the KV cache is what is left after the profiled peak, so it grows into what quantization freed.
@@ -247,6 +249,8 @@ class Engine:
         """Queue a request (or only create it, `schedule=False`, for add_fetching_request); raises
         InvalidRequestError for bad parameters or a duplicate id. The one validation of a request
         on the worker (the gRPC servicer only converts it)."""
+        if req.pooling != (self.config.task == "embed"):
+            raise InvalidRequestError("task", task_mismatch(self.config.task))
         max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
         if req.sampling.seed is None:  # drawn once: all sampling draws are keyed by a seed (sampling_rng.py)
             req = replace(req, sampling=replace(req.sampling, seed=self._seeds.getrandbits(64)))
@@ -432,6 +436,10 @@ class Engine:
             usage = Usage(
                 request.prompt_len, request.num_completion_tokens, request.num_cached_prompt_tokens or 0
             )
+        embedding = None
+        if finished and request.embedding is not None:  # (the step that made it has been read)
+            embedding = tuple(request.embedding.tolist())
+            request.embedding = None
         return RequestOutput(
             request.request_id,
             tuple(choices),
@@ -440,6 +448,7 @@ class Engine:
             prompt_logprobs=prompt_logprobs,
             kv_handle=kv_handle,
             error=request.error if finished else None,
+            embedding=embedding,
         )
 
     # ---- stats ---------------------------------------------------------------------------------
@@ -465,6 +474,22 @@ class Engine:
             for out in self.step():
                 collect(results[out.request_id], out)
         return list(results.values())
+
+    def embed(self, prompts: list[list[int]], prefix: str = "emb") -> list[tuple[float, ...]]:
+        """Embeddings of `prompts`, computed together (tests and benchmarks; --task embed)."""
+        results: dict[str, tuple[float, ...] | None] = {}
+        for i, prompt in enumerate(prompts):
+            rid = f"{prefix}-{i}"
+            self.add_request(EngineRequest(rid, tuple(prompt), pooling=True))
+            results[rid] = None
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out.embedding
+        missing = [rid for rid, vector in results.items() if vector is None]
+        if missing:
+            raise RuntimeError(f"no embedding for {missing}")
+        return [vector for vector in results.values() if vector is not None]
 
 
 def collect(result: GenerateResult, out: RequestOutput) -> None:
