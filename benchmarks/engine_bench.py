@@ -6,7 +6,8 @@
 Measures the device's two ceilings in the same run (device-to-device copy bandwidth counting bytes
 read + written; a large bf16 matmul), then reports every result against them:
 - decode: MBU = (parameter bytes except an untied input embedding + KV bytes of the running
-  sequences) / (step time x bandwidth);
+  sequences) / (step time x bandwidth); of a mixture of experts (gpt-oss-20b) only the router and
+  the top-k experts a token is routed to count (batch 1);
 - prefill: MFU = (2 x non-embedding params (no embedding, no LM head) x tokens + causal attention
   FLOPs 2 x layers x heads x head_dim x tokens^2) / TTFT / matmul rate.
 Also Hugging Face `generate()` batch-1 decode on the same shapes as the baseline, and our prefill
@@ -120,13 +121,85 @@ MODELS: dict[str, dict[str, Any]] = {
         "eos_token_id": 151645,
         "hidden_act": "silu",
     },
+    # openai/gpt-oss-20b's config.json (tests/data/models/openai-gpt-oss-20b) without its MXFP4
+    # quantization_config: dummy bf16 experts (the worker dequantizes MXFP4 at load anyway)
+    "gpt-oss-20b": {
+        "architectures": ["GptOssForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "eos_token_id": 200002,
+        "experts_per_token": 4,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2880,
+        "initial_context_length": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": 2880,
+        "layer_types": [
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+            "full_attention",
+        ],
+        "max_position_embeddings": 131072,
+        "model_type": "gpt_oss",
+        "num_attention_heads": 64,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 8,
+        "num_local_experts": 32,
+        "output_router_logits": False,
+        "pad_token_id": 199999,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rope_theta": 150000,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": 128,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "vocab_size": 201088,
+    },
 }
 
 
 def tiny(cfg: dict[str, Any]) -> dict[str, Any]:
     """The same family at CPU-smoke size (head_dim 16 so the Triton path would be taken on a GPU)."""
+    small: dict[str, Any] = {}
+    if cfg.get("layer_types"):
+        small["layer_types"] = cfg["layer_types"][:2]
+    if cfg.get("num_local_experts"):
+        small["num_local_experts"] = 4
     return {
         **cfg,
+        **small,
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
@@ -242,23 +315,41 @@ def measure_ceilings(device: torch.device, plan: Plan) -> Ceilings:
 
 
 def param_counts(cfg: dict[str, Any]) -> dict[str, int]:
+    """Parameter counts: "layers" all the decoder layers' weights, "active_layers" those one token
+    reads (a mixture of experts: its top-k experts and the router, not every expert)."""
     h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg.get("head_dim") or h // heads
-    per_layer = h * (heads * d + 2 * kv_heads * d) + heads * d * h + 3 * h * inter + 2 * h
+    attn = h * (heads * d + 2 * kv_heads * d) + heads * d * h + 2 * h
     if cfg["model_type"] == "qwen2":
-        per_layer += heads * d + 2 * kv_heads * d  # qkv bias
+        attn += heads * d + 2 * kv_heads * d  # qkv bias
     if cfg["model_type"] == "qwen3":
-        per_layer += 2 * d  # q/k norms
+        attn += 2 * d  # q/k norms
+    if cfg["model_type"] == "gpt_oss":
+        attn += 2 * heads * d + 2 * kv_heads * d + h  # q/k/v/o biases, the sinks
+    experts = int(cfg.get("num_local_experts") or 0)
+    if experts:  # gpt-oss: biased experts and a biased router
+        expert = 3 * h * inter + 2 * inter + h
+        router = h * experts + experts
+        mlp, mlp_active = experts * expert + router, int(cfg["num_experts_per_tok"]) * expert + router
+    else:
+        mlp = mlp_active = 3 * h * inter
     embed = cfg["vocab_size"] * h
     lm_head = 0 if cfg["tie_word_embeddings"] else embed
-    return {"layers": per_layer * layers + h, "embed": embed, "lm_head": lm_head, "head_dim": d}
+    return {
+        "layers": (attn + mlp) * layers + h,
+        "active_layers": (attn + mlp_active) * layers + h,
+        "embed": embed,
+        "lm_head": lm_head,
+        "head_dim": d,
+    }
 
 
 def decode_bytes_per_step(cfg: dict[str, Any], kv_tokens: int) -> float:
-    """Weights read by one decode step (the LM head reads the table when tied) + the KV read."""
+    """Weights read by one decode step of one sequence (the LM head reads the table when tied;
+    a mixture of experts reads its routed experts only) + the KV read."""
     p = param_counts(cfg)
-    weights = p["layers"] + (p["lm_head"] or p["embed"])
+    weights = p["active_layers"] + (p["lm_head"] or p["embed"])
     kv = kv_tokens * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * p["head_dim"]
     return 2.0 * (weights + kv)
 
@@ -266,7 +357,7 @@ def decode_bytes_per_step(cfg: dict[str, Any], kv_tokens: int) -> float:
 def prefill_flops(cfg: dict[str, Any], tokens: int) -> float:
     p = param_counts(cfg)
     attn = 2.0 * cfg["num_hidden_layers"] * cfg["num_attention_heads"] * p["head_dim"] * tokens**2
-    return 2.0 * p["layers"] * tokens + attn
+    return 2.0 * p["active_layers"] * tokens + attn
 
 
 def make_engine(
@@ -708,7 +799,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script in seconds")
     parser.add_argument(
-        "--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS)
+        "--models",
+        # gpt-oss-20b (41 GB of dummy weights) is asked for by name, so gpu_run.sh's default run
+        # keeps its length and its rows comparable across rounds.
+        default=",".join(m for m in MODELS if m != "gpt-oss-20b"),
+        help="comma-separated subset of " + ", ".join(MODELS),
     )
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers generate() baseline")
     parser.add_argument(
@@ -742,7 +837,8 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = write_model(Path(tmp), name, cfg)
             llama = name == "Llama-3.1-8B"
             small = name == "Qwen2-0.5B"
-            max_seqs = plan.max_num_seqs if (llama or small) else min(8, plan.max_num_seqs)
+            moe = name == "gpt-oss-20b"  # batch-1 decode and offline throughput (issue 22)
+            max_seqs = plan.max_num_seqs if (llama or small or moe) else min(8, plan.max_num_seqs)
             max_len = plan.llama_max_model_len if llama else 4096
             t0 = time.perf_counter()
             engine = make_engine(model_dir, device.type, plan, max_seqs, max_len)
@@ -777,6 +873,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(rows[-len(plan.prefill_lens) :], flush=True)
                 rows += scenario_offline(engine, name, cfg, plan, gen)
                 print(rows[-len(plan.offline) :], flush=True)
+            if moe and not args.decode_only:
+                rows += scenario_offline(engine, name, cfg, plan, gen, plan.offline[:2])
+                print(rows[-2:], flush=True)
             if small and not args.decode_only:
                 rows.append(scenario_small(engine, name, cfg, plan))
                 print(rows[-1], flush=True)

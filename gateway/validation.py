@@ -460,6 +460,24 @@ def _template_options(f: Fields) -> tuple[str | None, dict[str, Any] | None, boo
     return chat_template, kwargs, add_generation_prompt, continue_final_message
 
 
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")  # OpenAI's enum
+
+
+def _reasoning_effort(f: Fields, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`reasoning_effort` as the chat template variable of that name (gpt-oss's template writes
+    "Reasoning: <effort>" into its system message; vLLM passes it the same way); a value in
+    `chat_template_kwargs` wins. Templates that do not read it ignore it."""
+    effort = f.string("reasoning_effort")
+    if effort is None:
+        return kwargs
+    if effort not in REASONING_EFFORTS:
+        raise invalid(
+            f"'reasoning_effort' must be one of {', '.join(REASONING_EFFORTS)} (got {_short(effort)})",
+            "reasoning_effort",
+        )
+    return {"reasoning_effort": effort, **(kwargs or {})}
+
+
 def _documents(f: Fields) -> list[Any] | None:
     documents = f.raw("documents")
     if documents is not None and (
@@ -478,6 +496,7 @@ def parse_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> ChatReq
     tool_choice, forced = _tool_choice(f, tools)
     parallel_tool_calls = f.boolean("parallel_tool_calls", True)
     chat_template, kwargs, add_generation_prompt, continue_final_message = _template_options(f)
+    kwargs = _reasoning_effort(f, kwargs)
     documents = _documents(f)
     f.reject_rest()
     if continue_final_message and messages[-1].get("role") != "assistant":

@@ -22,10 +22,11 @@ class KernelOps:
     # (key [T, Hkv, D], value [T, Hkv, D], kv_cache_layer [2, NB, BS, Hkv, D], slot_mapping [T] int64, -1 = skip)
     write_kv_cache: Callable[..., None]
     # (q [T, Hq, D], kv_cache_layer, block_tables [B, max_blocks] int32, cu_seqlens_q [B+1] int32,
-    #  seq_lens [B] int32, scale, max_seqlen_q, num_decode_rows=0, sliding_window=0, soft_cap=0.0)
-    #  -> [T, Hq, D]; num_decode_rows: sequences [0, k) have one new token each (token i = sequence
-    #  i), a hint for mixed steps; sliding_window W > 0: a query at p sees keys p - W < k <= p;
-    #  soft_cap > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2)
+    #  seq_lens [B] int32, scale, max_seqlen_q, num_decode_rows=0, sliding_window=0, soft_cap=0.0,
+    #  sinks=None) -> [T, Hq, D]; num_decode_rows: sequences [0, k) have one new token each (token
+    #  i = sequence i), a hint for mixed steps; sliding_window W > 0: a query at p sees keys
+    #  p - W < k <= p; soft_cap > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2);
+    #  sinks [Hq]: a logit per head added to the softmax's denominator (gpt-oss)
     paged_attention: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]  # (x [T, H], weight [H], eps) -> [T, H]
     # (x [T, H], residual [T, H], weight [H], eps) -> (normed [T, H], x + residual [T, H])
@@ -42,7 +43,7 @@ class KernelOps:
     rotary_write_kv_cache: Callable[..., torch.Tensor] | None = None
     # (q, k, v, kv_cache_layer, slot_mapping, positions, cos_sin_cache, block_tables, cu_seqlens_q,
     #  seq_lens, scale, max_seqlen_q, rms_input=None, rms_eps=0.0, num_decode_rows=0,
-    #  sliding_window=0, soft_cap=0.0) -> [T, Hq, D]:
+    #  sliding_window=0, soft_cap=0.0, sinks=None) -> [T, Hq, D]:
     #  `rotary_write_kv_cache` then `paged_attention`
     #  (a decode step does all of it in one kernel)
     rotary_write_attention: Callable[..., torch.Tensor] | None = None
@@ -79,8 +80,10 @@ class KernelOps:
     #   projection and SiLU-and-mul (`silu_and_mul`, or `silu_and_mul_rms(gate_up, x, rms_eps)`);
     #   one kernel for decode-sized inputs where measured faster (fp32 gate/up, not rounded between)
     linear_silu_and_mul: Callable[..., torch.Tensor] | None = None
-    # (x [T, H], w13 [E, 2*I, H], w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k]) -> [T, H]:
-    #   a mixture-of-experts feed-forward over each token's routed experts (Qwen3-MoE, Mixtral)
+    # (x [T, H], w13 [E, 2*I, H], w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k],
+    #  w13_bias [E, 2*I] | None = None, w2_bias [E, H] | None = None, activation="silu") -> [T, H]:
+    #   a mixture-of-experts feed-forward over each token's routed experts (Qwen3-MoE, Mixtral;
+    #   gpt-oss: biases and activation "swiglu_oai")
     fused_moe: Callable[..., torch.Tensor] = reference.fused_moe
     # (x [M, K], qweight, scales [N, G] fp32, bits 8 | 4, zeros [N, G] | None, bias [N] | None) ->
     #   [M, N] in x's dtype: a GEMM with int8 or packed 4-bit weights dequantized per group

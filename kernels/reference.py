@@ -62,6 +62,7 @@ def paged_attention(
     num_decode_rows: int = 0,  # a hint for kernels (sequences [0, k) have one new token); unused here
     sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - sliding_window
     soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2)
+    sinks: torch.Tensor | None = None,  # [Hq]: a learned logit per head in the softmax (gpt-oss)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new queries over its whole (paged) context.
 
@@ -69,6 +70,8 @@ def paged_attention(
     position <= its own (and, with a sliding window W, > its own - W: W keys including itself,
     as transformers' sliding-window mask). GQA: q head h reads kv head h // (Hq // Hkv).
     Soft-capping applies to the scaled scores, before the mask and the softmax.
+    Attention sinks (gpt-oss): head h's softmax has one more column, the logit sinks[h] (not
+    scaled, no value row): probabilities exp(s_k) / (sum_j exp(s_j) + exp(sinks[h])).
     """
     del max_seqlen_q  # only a launch-size hint for the kernels
     num_tokens, num_q_heads = q.shape[0], q.shape[1]
@@ -97,7 +100,11 @@ def paged_attention(
         if sliding_window > 0:  # and positions that fell out of the window
             mask |= k_pos[None, :] <= q_pos[:, None] - sliding_window
         scores.masked_fill_(mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:  # the sink column joins the softmax, then is dropped
+            sink_col = sinks.float()[:, None, None].expand(num_q_heads, q_len, 1)
+            probs = torch.softmax(torch.cat((scores, sink_col), dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
     if num_tokens > cu[-1]:
         out[cu[-1] :] = 0  # padding rows past the last sequence
@@ -355,20 +362,52 @@ def build_rope_cache(
     return cache.to(dtype=dtype, device=device)
 
 
+# gpt-oss's clamped SwiGLU (transformers' GptOssExperts: alpha and limit are constants there)
+SWIGLU_ALPHA = 1.702
+SWIGLU_LIMIT = 7.0
+MOE_ACTIVATIONS = ("silu", "swiglu_oai")
+
+
+def swiglu_oai(x: torch.Tensor, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+    """gpt-oss's activation of x = [gate, up] [T, 2*I] -> [T, I]: gate clamped above at `limit`,
+    up to [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate), in x's dtype."""
+    inter = x.shape[-1] // 2
+    gate = x[..., :inter].clamp(max=limit)
+    up = x[..., inter:].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def moe_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """[T, 2*I] gate/up -> [T, I] by the named activation ("silu": SiLU-and-mul, "swiglu_oai")."""
+    if activation == "silu":
+        return silu_and_mul(x)
+    if activation == "swiglu_oai":
+        return swiglu_oai(x)
+    raise ValueError(f"unknown MoE activation {activation!r} (one of {', '.join(MOE_ACTIVATIONS)})")
+
+
 def fused_moe(
     x: torch.Tensor,  # [T, H]
     w13: torch.Tensor,  # [E, 2*I, H]: each expert's [gate; up] projection
     w2: torch.Tensor,  # [E, H, I]: each expert's down projection
     topk_weights: torch.Tensor,  # [T, k] fp32 routing weights
     topk_ids: torch.Tensor,  # [T, k] int: the experts each token is routed to
+    w13_bias: torch.Tensor | None = None,  # [E, 2*I] (gpt-oss)
+    w2_bias: torch.Tensor | None = None,  # [E, H]
+    activation: str = "silu",  # see moe_activation
 ) -> torch.Tensor:  # [T, H] in x's dtype
-    """A mixture-of-experts feed-forward: sum_j w[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with
-    e = topk_ids[t, j]. Each expert runs once, on the tokens routed to it; fp32 accumulation."""
+    """A mixture-of-experts feed-forward: sum_j w[t, j] * down_e(act(gate_e(x_t), up_e(x_t))) with
+    e = topk_ids[t, j] (the biases inside each projection, before the routing weight). Each expert
+    runs once, on the tokens routed to it; fp32 accumulation."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for expert in topk_ids.unique().tolist():
         rows, slots = (topk_ids == expert).nonzero(as_tuple=True)
         h = x[rows] @ w13[expert].t()  # [n, 2I]
-        y = silu_and_mul(h) @ w2[expert].t()  # [n, H]
+        if w13_bias is not None:
+            h = h + w13_bias[expert]
+        y = moe_activation(h, activation) @ w2[expert].t()  # [n, H]
+        if w2_bias is not None:
+            y = y + w2_bias[expert]
         out.index_add_(0, rows, y.float() * topk_weights[rows, slots, None].float())
     return out.to(x.dtype)
 

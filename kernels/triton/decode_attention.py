@@ -21,7 +21,9 @@ writes K/V to their slot and uses them from registers (never reading them back).
 
 A sliding window W (Mistral, Gemma's local layers) shrinks the context to its last W positions
 before the split partition (the window's keys, never more, are read); soft-capping (Gemma 2)
-replaces each scaled score s by cap * tanh(s / cap).
+replaces each scaled score s by cap * tanh(s / cap). Attention sinks (gpt-oss) add exp(sink[head])
+to each head's softmax denominator where the output is normalised: in the one split, or in the
+merge (the sink is a column of no split; the merge weighs it against the splits' log-sum-exps).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton import pdl
-from kernels.triton.prefill_attention import soft_cap
+from kernels.triton.prefill_attention import soft_cap, with_sink
 
 LOG2E = 1.4426950408889634
 FP8 = torch.float8_e4m3fn  # the fp8 KV cache (--kv-cache-dtype fp8): plain casts, no scales
@@ -86,6 +88,7 @@ def _decode_kernel(
     scale_log2,  # softmax scale * log2(e)
     window,  # WINDOW: the query at position p sees keys at positions > p - window
     cap_log2,  # SOFTCAP: the soft cap * log2(e)
+    sinks_ptr,  # SINKS: [Hq] the heads' sink logits
     stride_qt,
     stride_qh,
     stride_cb,
@@ -120,6 +123,7 @@ def _decode_kernel(
     PDL: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -267,7 +271,11 @@ def _decode_kernel(
             m_i = tl.where(holds_new, m_new, m_i)
 
         has_kv = l_i > 0
-        out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
+        if SINKS and NUM_SPLITS == 1:
+            sink = tl.load(sinks_ptr + head, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+            out = with_sink(acc, tl.where(has_kv, m_i, float("-inf")), l_i, sink)
+        else:
+            out = acc / tl.where(has_kv, l_i, 1.0)[:, None]
         if NUM_SPLITS == 1:  # the whole context in this program: no partials, no merge
             tl.store(
                 out_ptr + token * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -301,6 +309,12 @@ def _decode_kernel(
                 cache_modifier=".cg",
             )
             m = tl.max(lse_all, axis=1)
+            if SINKS:  # one more column, of no split: its weight joins the normaliser only
+                sink = (
+                    tl.load(sinks_ptr + m_heads, mask=gm < GROUP, other=0.0).to(tl.float32)
+                    * 1.4426950408889634
+                )
+                m = tl.maximum(m, sink)
             m = tl.where(m == float("-inf"), 0.0, m)
             w = tl.exp2(lse_all - m[:, None])  # 0 for empty splits
             parts = tl.load(
@@ -310,6 +324,8 @@ def _decode_kernel(
                 cache_modifier=".cg",
             )  # [G_MERGE, S_PAD, D_PAD]
             total = tl.sum(w, axis=1)
+            if SINKS:
+                total += tl.exp2(sink - m)
             merged = tl.sum(parts * w[:, :, None], axis=1) / tl.where(total > 0, total, 1.0)[:, None]
             tl.store(
                 out_ptr + token * stride_ot + m_heads[:, None] * stride_oh + d[None, :],
@@ -382,6 +398,7 @@ def decode_attention(
     num_seqs: int | None = None,  # attend sequences [0, num_seqs) only (default: all of block_tables)
     sliding_window: int = 0,  # > 0: keys at positions <= p - sliding_window are not read
     soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
+    sinks: torch.Tensor | None = None,  # [Hq]: each head's sink logit (gpt-oss)
 ) -> torch.Tensor:  # [T, Hq, D]; rows of no sequence are left unwritten
     """Attention of each sequence's single new token over its whole cached context (one launch).
 
@@ -431,6 +448,8 @@ def decode_attention(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, (out.shape, out.dtype)
+    if sinks is not None:
+        assert sinks.shape == (num_q_heads,) and sinks.is_contiguous(), sinks.shape
     if num_tokens == 0 or batch == 0:
         return out
     parts_shape = (batch, num_q_heads, num_splits) if num_splits > 1 else (1, 1, 1)
@@ -459,6 +478,7 @@ def decode_attention(
         scale * LOG2E,
         sliding_window,
         soft_cap * LOG2E,
+        sinks if sinks is not None else q,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -492,6 +512,7 @@ def decode_attention(
         HIDDEN_PAD=triton.next_power_of_2(hidden),
         WINDOW=sliding_window > 0,
         SOFTCAP=soft_cap > 0,
+        SINKS=sinks is not None,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl.launch_options(q.device),

@@ -5,9 +5,9 @@ projection for all experts.
              (`sorted_ids`, sentinel T*k in the padding; `block_expert` per BLOCK_M block, -1 past
              the end). Device ops with shapes fixed by (T, k, E, BLOCK_M): no host sync, so a
              decode step stays CUDA-graph capturable.
-    gemm 1:  h[p] = x[p // k] @ w13[e].T for every sorted pair p          [T*k, 2I]
-    act:     silu(h[:, :I]) * h[:, I:]                                    [T*k, I]
-    gemm 2:  y[p] = w[p] * (act[p] @ w2[e].T)                             [T*k, H]
+    gemm 1:  h[p] = x[p // k] @ w13[e].T (+ b13[e]) for every sorted pair p   [T*k, 2I]
+    act:     silu(h[:, :I]) * h[:, I:] (or gpt-oss's clamped SwiGLU)         [T*k, I]
+    gemm 2:  y[p] = w[p] * (act[p] @ w2[e].T (+ b2[e]))                      [T*k, H]
     combine: out[t] = sum_j y[t*k + j]                                   [T, H]
 
 Each program computes one BLOCK_M x BLOCK_N tile of one expert's rows (fp32 accumulation); small
@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import reference
 from kernels.triton.silu_and_mul import silu_and_mul
 
 
@@ -53,6 +54,7 @@ def _grouped_gemm_kernel(
     b_ptr,  # [E, N, K]
     c_ptr,  # [num_pairs, N]
     weights_ptr,  # [num_pairs] fp32 (MUL_WEIGHTS)
+    bias_ptr,  # [E, N] (HAS_BIAS)
     sorted_ids_ptr,  # [P] int32
     block_expert_ptr,  # [P // BLOCK_M] int32
     num_pairs,
@@ -62,8 +64,10 @@ def _grouped_gemm_kernel(
     stride_be,
     stride_bn,
     stride_cm,
+    stride_bias_e,
     A_ROWS_PER_PAIR: tl.constexpr,  # top_k: row of a = pair // top_k (gemm 1); 1: row = pair (gemm 2)
     MUL_WEIGHTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -88,6 +92,9 @@ def _grouped_gemm_kernel(
         acc += tl.dot(a, b)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if HAS_BIAS:  # inside the projection, before the routing weight
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_bias_e + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     if MUL_WEIGHTS:
         w = tl.load(weights_ptr + pairs, mask=row_ok, other=0.0)
         acc = acc * w[:, None]
@@ -104,18 +111,21 @@ def _grouped_gemm(
     a_rows_per_pair: int,
     weights: torch.Tensor | None,
     block_m: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     assert a.is_contiguous() and b.is_contiguous() and b.dim() == 3
     n, k = b.shape[1], b.shape[2]
     assert a.shape[1] == k, (a.shape, b.shape)
+    assert bias is None or (bias.shape == b.shape[:2] and bias.stride(1) == 1), (bias, b.shape)
     c = torch.empty((num_pairs, n), dtype=a.dtype, device=a.device)
     block_n = 64
     block_k = 32 if k >= 32 else 16
     grid = (block_expert.numel(), triton.cdiv(n, block_n))
     _grouped_gemm_kernel[grid](
-        a, b, c, weights if weights is not None else c, sorted_ids, block_expert,
-        num_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
-        A_ROWS_PER_PAIR=a_rows_per_pair, MUL_WEIGHTS=weights is not None,
+        a, b, c, weights if weights is not None else c, bias if bias is not None else c,
+        sorted_ids, block_expert, num_pairs, n, k, a.stride(0), b.stride(0), b.stride(1), c.stride(0),
+        bias.stride(0) if bias is not None else 0,
+        A_ROWS_PER_PAIR=a_rows_per_pair, MUL_WEIGHTS=weights is not None, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return c
@@ -127,6 +137,9 @@ def fused_moe(
     w2: torch.Tensor,  # [E, H, I]
     topk_weights: torch.Tensor,  # [T, k] fp32
     topk_ids: torch.Tensor,  # [T, k]
+    w13_bias: torch.Tensor | None = None,  # [E, 2*I]
+    w2_bias: torch.Tensor | None = None,  # [E, H]
+    activation: str = "silu",  # "silu" | "swiglu_oai" (reference.moe_activation)
 ) -> torch.Tensor:  # [T, H]
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
@@ -135,8 +148,10 @@ def fused_moe(
     sorted_ids, block_expert = align_by_expert(topk_ids, num_experts, block_m)
     num_pairs = num_tokens * top_k
     x = x.contiguous()
-    h = _grouped_gemm(x, w13, num_pairs, sorted_ids, block_expert, top_k, None, block_m)  # [T*k, 2I]
-    act = silu_and_mul(h)  # [T*k, I]
+    h = _grouped_gemm(x, w13, num_pairs, sorted_ids, block_expert, top_k, None, block_m, w13_bias)
+    # [T*k, 2I] -> [T*k, I]; gpt-oss's clamped SwiGLU as eager torch ops (elementwise, small
+    # next to the GEMMs)
+    act = silu_and_mul(h) if activation == "silu" else reference.moe_activation(h, activation)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
-    y = _grouped_gemm(act, w2, num_pairs, sorted_ids, block_expert, 1, weights, block_m)  # [T*k, H]
+    y = _grouped_gemm(act, w2, num_pairs, sorted_ids, block_expert, 1, weights, block_m, w2_bias)
     return y.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)

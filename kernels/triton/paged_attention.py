@@ -40,6 +40,7 @@ def paged_attention(
     num_decode_rows: int = 0,  # sequences [0, k) have one new token each (token i = sequence i)
     sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - sliding_window
     soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
+    sinks: torch.Tensor | None = None,  # [Hq]: each head's sink logit in the softmax (gpt-oss)
 ) -> torch.Tensor:  # [T, Hq, D]
     if not supports_head_dim(q.shape[-1]) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return reference.paged_attention(
@@ -52,6 +53,7 @@ def paged_attention(
             max_seqlen_q,
             sliding_window=sliding_window,
             soft_cap=soft_cap,
+            sinks=sinks,
         )
     if max_seqlen_q == 1:
         return decode_attention(
@@ -63,6 +65,7 @@ def paged_attention(
             scale,
             sliding_window=sliding_window,
             soft_cap=soft_cap,
+            sinks=sinks,
         )
     # A mixed step's decode rows go to the decode kernel (split-K over their contexts) and the
     # prompts' chunks to the prefill kernel: faster than the prefill kernel for all (docs/gpu.md).
@@ -78,6 +81,7 @@ def paged_attention(
             max_seqlen_q,
             sliding_window=sliding_window,
             soft_cap=soft_cap,
+            sinks=sinks,
         )
     # Both over the whole batch's metadata (no sliced pointers: each alignment would compile kernel
     # variants of its own, seconds inside a serving step), one split per decode (one kernel variant
@@ -85,11 +89,13 @@ def paged_attention(
     out = torch.empty_like(q)
     meta = (kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
     decode_attention(
-        q, *meta, max_splits=1, out=out, num_seqs=k, sliding_window=sliding_window, soft_cap=soft_cap
-    )
+        q, *meta, max_splits=1, out=out, num_seqs=k,
+        sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
+    )  # fmt: skip
     prefill_attention(
-        q, *meta, max_seqlen_q, out=out, first_seq=k, sliding_window=sliding_window, soft_cap=soft_cap
-    )
+        q, *meta, max_seqlen_q, out=out, first_seq=k,
+        sliding_window=sliding_window, soft_cap=soft_cap, sinks=sinks,
+    )  # fmt: skip
     return out
 
 
@@ -129,6 +135,7 @@ def rotary_write_paged_attention(
     num_decode_rows: int = 0,  # see paged_attention
     sliding_window: int = 0,  # see paged_attention
     soft_cap: float = 0.0,
+    sinks: torch.Tensor | None = None,  # see paged_attention
 ) -> torch.Tensor:  # [T, Hq, D]
     """rotary_write_kv_cache, then paged_attention over the rotated q. A decode step does both in
     the decode kernel (one launch a layer instead of two, docs/gpu.md); other steps launch the two
@@ -149,6 +156,7 @@ def rotary_write_paged_attention(
             rotary=rotary,
             sliding_window=sliding_window,
             soft_cap=soft_cap,
+            sinks=sinks,
         )
     if rms_input is not None:  # not a decode step: scale here (eager torch ops; the model avoids it)
         hf = rms_input.float()
@@ -166,4 +174,5 @@ def rotary_write_paged_attention(
         num_decode_rows,
         sliding_window=sliding_window,
         soft_cap=soft_cap,
+        sinks=sinks,
     )

@@ -8,7 +8,8 @@ through the block table, so the cached prefix and the new tokens (written first)
 The KV loop is split into a part every row may see in full (no mask) and the causal diagonal.
 With a sliding window W the loop starts at the tile holding the block's first row's oldest key
 (position > q_pos - W) and every tile masks keys that fell out of a row's window; soft-capping
-(Gemma 2) replaces each scaled score s by cap * tanh(s / cap) before the mask.
+(Gemma 2) replaces each scaled score s by cap * tanh(s / cap) before the mask. Attention sinks
+(gpt-oss) add exp(sink[head]) to each row's softmax denominator after the loop (`with_sink`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
+@triton.jit
+def with_sink(acc, m_i, l_i, sink_log2):
+    """acc / l_i with one more softmax column of logit `sink_log2` (log2 domain, no value): the
+    running max moves to max(m_i, sink) first, so neither exp2 can overflow. Rows with no key
+    (m_i = -inf, l_i = 0) come out 0."""
+    m_new = tl.maximum(m_i, sink_log2)
+    alpha = tl.exp2(m_i - m_new)
+    denom = l_i * alpha + tl.exp2(sink_log2 - m_new)
+    return acc * (alpha / denom)[:, None]
+
+
 # first_seq is a plain runtime int (a value of 1 would otherwise compile a variant of its own).
 @triton.jit(do_not_specialize=["first_seq"])
 def _prefill_kernel(
@@ -89,6 +101,7 @@ def _prefill_kernel(
     cu_seqlens_q_ptr,  # [B+1] int32
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [T, Hq, D]
+    sinks_ptr,  # SINKS: [Hq] the heads' sink logits
     scale_log2,
     window,  # WINDOW: a row at position p sees keys at positions > p - window
     cap_log2,  # SOFTCAP: the soft cap * log2(e)
@@ -109,6 +122,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     m_block = tl.program_id(0)
     b = tl.program_id(1) + first_seq
@@ -196,7 +210,11 @@ def _prefill_kernel(
             SOFTCAP,
         )
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if SINKS:
+        sink = tl.load(sinks_ptr + head, mask=row_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        out = with_sink(acc, m_i, l_i, sink)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(
         out_ptr + o_rows[:, None] + d[None, :],
@@ -217,6 +235,7 @@ def prefill_attention(
     first_seq: int = 0,  # attend sequences [first_seq, B) only (their rows of `out`)
     sliding_window: int = 0,  # > 0: keys at positions <= p - sliding_window are masked
     soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
+    sinks: torch.Tensor | None = None,  # [Hq]: each head's sink logit (gpt-oss)
 ) -> torch.Tensor:  # [T, Hq, D]; rows of no attended sequence are left unwritten
     """Causal attention of each sequence's new tokens over its cached prefix and themselves.
     `first_seq` > 0 leaves the batch's first sequences to another kernel (a mixed step's decodes)
@@ -237,6 +256,8 @@ def prefill_attention(
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(2) == 1, (out.shape, out.dtype)
+    if sinks is not None:
+        assert sinks.shape == (num_q_heads,) and sinks.is_contiguous(), sinks.shape
     if num_tokens == 0 or batch == 0:
         return out
     if q.device.type == "cuda":
@@ -254,6 +275,7 @@ def prefill_attention(
         cu_seqlens_q,
         seq_lens,
         out,
+        sinks if sinks is not None else q,
         scale * LOG2E,
         sliding_window,
         soft_cap * LOG2E,
@@ -274,6 +296,7 @@ def prefill_attention(
         BLOCK_N=block_n,
         WINDOW=sliding_window > 0,
         SOFTCAP=soft_cap > 0,
+        SINKS=sinks is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from services.common.reasoning import prompt_opens_reasoning
 from services.styler.detokenizer import IncrementalDetokenizer
 from services.styler.parsers.base import ParsedText, ToolParser
+from services.styler.parsers.harmony import HARMONY_MARKERS, HarmonyParser
 from services.styler.parsers.reasoning import (
     THINK_END,
     THINK_START,
@@ -78,7 +79,7 @@ class ChoiceStream:
         tokenizer: Tokenizer,
         options: StreamOptions,
         tool_parser: ToolParser | None,
-        reasoning_parser: ThinkReasoningParser | None,
+        reasoning_parser: ThinkReasoningParser | HarmonyParser | None,
         keep_token_ids: frozenset[int],
     ) -> None:
         self.index = index
@@ -150,6 +151,8 @@ class DetokenizeSession:
         if reasoning_parser:
             make_reasoning_parser(reasoning_parser, False)  # validates the name
         markers = TOOL_MARKERS.get(tool_parser, ()) + (("<think>", "</think>") if reasoning_parser else ())
+        if reasoning_parser == "harmony":
+            markers += HARMONY_MARKERS
         self._keep_ids = frozenset(
             i for m in markers if (i := tokenizer.token_to_id(m)) is not None and i in tokenizer.special_ids
         )
@@ -169,6 +172,10 @@ class DetokenizeSession:
                 if self.reasoning_parser
                 else None
             )
+            if self.tool_parser == "harmony" and self.reasoning_parser == "harmony":
+                # One parser reads the messages for both: a call is a message of its own channel,
+                # which the reasoning stage would otherwise pass on without its header.
+                reasoning, tool = HarmonyParser("harmony", reasoning=True, tools=True), None
             choice = ChoiceStream(index, self._tokenizer, self.options, tool, reasoning, self._keep_ids)
             self._choices[index] = choice
         return choice

@@ -17,6 +17,17 @@ blocks; the partially filled last block must not be written by two sequences, so
 `fork_shared` shares it too and `allocate` copies it the first time a sequence writes into it
 while another still holds it (copy-on-write: the last holder writes in place, nothing is copied
 for a fork that never writes).
+
+Sliding windows: when every layer of the model slides (`sliding_window` > 0: Mistral with a
+window), a sequence's blocks that fall wholly out of the window of its next query are freed after
+each step (`free_out_of_window`), so a long sequence holds about window / block_size + 1 blocks.
+Its block table keeps their entries as placeholders (`Sequence.num_freed_blocks` leading ones)
+pointing at its first block still held: the kernels may load a masked position's K/V there (a
+tile that starts before the window), which must be finite, never read as a score. A freed block
+is hashed before it is freed, so it stays a valid cached prefix in the free pool (its KV depends
+on its prefix only) until reused; the placeholders are never hashed, shared or freed again.
+Models with full-attention layers (Gemma 2/3, gpt-oss) free nothing: those layers read every
+position.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ class BlockManager:
         enable_prefix_caching: bool = True,
         events: KvEventLog | None = None,
         offload: HostKVTier | None = None,
+        sliding_window: int = 0,  # > 0: EVERY layer slides this window (free_out_of_window)
     ) -> None:
         if num_blocks <= 0:
             raise ValueError("the KV cache needs at least one block")
@@ -56,6 +68,8 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
+        self.sliding_window = sliding_window
+        self.num_window_freed_blocks = 0  # blocks freed by free_out_of_window (a metric)
         self.copies: list[tuple[int, int]] = []  # copy-on-write block copies not handed out yet
 
     # ---- queries -------------------------------------------------------------------------------
@@ -199,30 +213,55 @@ class BlockManager:
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop `seq`'s references; its tail blocks become the first candidates for eviction."""
-        for block in reversed(seq.block_ids):
+        for block in reversed(seq.block_ids[seq.num_freed_blocks :]):
             self._unref(block)
         seq.block_ids = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
+        seq.num_freed_blocks = 0
+
+    def free_out_of_window(self, seq: Sequence) -> None:
+        """Free the blocks of `seq` that no query from its next position on can see (every layer
+        sliding: its next query at p = num_computed_tokens sees keys > p - window); their table
+        entries become placeholders (module docstring). Call after `register_computed_blocks`."""
+        if self.sliding_window <= 0 or seq.request.req.hold_kv:
+            return  # (a prefill-only request hands every block to a KV handle: kv_handles.py)
+        first_needed = seq.num_computed_tokens - self.sliding_window + 1
+        # only hashed (full, computed) blocks, and never the last: the placeholders point at it
+        num_out = min(max(0, first_needed) // self.block_size, len(seq.block_hashes), len(seq.block_ids) - 1)
+        if num_out <= seq.num_freed_blocks:
+            return
+        for i in range(seq.num_freed_blocks, num_out):
+            self._unref(seq.block_ids[i])
+        self.num_window_freed_blocks += num_out - seq.num_freed_blocks
+        placeholder = seq.block_ids[num_out]
+        seq.block_ids[:num_out] = [placeholder] * num_out
+        seq.num_freed_blocks = num_out
 
     def fork(self, parent: Sequence, child: Sequence, spare_block: int | None) -> tuple[int, int] | None:
         """Share `parent`'s computed blocks with `child`; the partial last one is copied into
         `spare_block` (allocated beforehand). Returns the (src, dst) block copy the device must do
         before `child` computes, or None (then `spare_block` is returned to the pool)."""
         num_full = parent.num_computed_tokens // self.block_size
-        child.block_ids = []
-        for block in parent.block_ids[:num_full]:
+        child.num_freed_blocks = min(parent.num_freed_blocks, num_full)  # placeholders: not shared
+        child.block_ids = list(parent.block_ids[: child.num_freed_blocks])
+        for block in parent.block_ids[child.num_freed_blocks : num_full]:
             self._ref(block)
             child.block_ids.append(block)
         child.block_hashes = list(parent.block_hashes[:num_full])
         child.num_computed_tokens = parent.num_computed_tokens
+        copy: tuple[int, int] | None = None
         if parent.num_computed_tokens % self.block_size == 0:
             if spare_block is not None:
                 self._unref(spare_block)
-            return None
-        assert spare_block is not None
-        child.block_ids.append(spare_block)
-        return parent.block_ids[num_full], spare_block
+        else:
+            assert spare_block is not None
+            child.block_ids.append(spare_block)
+            copy = parent.block_ids[num_full], spare_block
+        if 0 < child.num_freed_blocks < len(child.block_ids):  # placeholders at a block it holds
+            n = child.num_freed_blocks
+            child.block_ids[:n] = [child.block_ids[n]] * n
+        return copy
 
     def fork_shared(self, parent: Sequence, child: Sequence) -> None:
         """Share every block holding `parent`'s computed tokens with `child` (which holds none),
@@ -230,8 +269,10 @@ class BlockManager:
         while both hold it (beam search, beam_search.py)."""
         assert not child.block_ids, "fork into a sequence without blocks"
         num_blocks = -(-parent.num_computed_tokens // self.block_size)
+        # (out-of-window placeholders stay placeholders: pointing at a block it holds, not shared)
+        child.num_freed_blocks = parent.num_freed_blocks
         child.block_ids = list(parent.block_ids[:num_blocks])
-        for block in child.block_ids:
+        for block in child.block_ids[child.num_freed_blocks :]:
             self._ref(block)
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens

@@ -161,8 +161,16 @@ class Engine:
         self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
         offload_blocks = HostKVTier.blocks_for(self.kv_cache.tensor, config.kv_offload_bytes)
         self.kv_offload = HostKVTier(self.kv_cache.tensor, offload_blocks) if offload_blocks > 0 else None
+        # Blocks out of the window are freed when every layer slides, except on a prefill worker,
+        # which hands a prompt's whole KV to a decode worker (kv_handles holds every block).
+        window = cfg.uniform_sliding_window if config.role != "prefill" else 0
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching, self.kv_events, self.kv_offload
+            num_blocks,
+            config.block_size,
+            config.enable_prefix_caching,
+            self.kv_events,
+            self.kv_offload,
+            sliding_window=window,
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
         self.requests: dict[str, Request] = {}

@@ -151,6 +151,8 @@ def _checkpoint_slice(
         return 0, r * layout.intermediate_size, layout.intermediate_size
     if name.endswith(".o_proj.weight"):
         return 1, layout.q_head_start * d, layout.num_heads * d
+    if name.endswith(".attn.sinks"):  # one per query head (gpt-oss)
+        return 0, layout.q_head_start, layout.num_heads
     if name.endswith(".down_proj.weight"):
         return 1, r * layout.intermediate_size, layout.intermediate_size
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -235,7 +237,11 @@ def load_weights(
     loaded: dict[str, set[str]] = {name: set() for name in targets}
     pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     tied = model.config.tie_word_embeddings
-    for file_name, checkpoint_name, item in tensors:
+    checkpoint = (
+        (file_name, name, item if isinstance(item, CheckpointTensor) else CheckpointTensor.of(item))
+        for file_name, name, item in tensors
+    )
+    for file_name, checkpoint_name, item in model.remap_checkpoint(checkpoint):
         name = checkpoint_name
         if name.startswith(_BASE_MODEL_PREFIXES):  # saved as the base model (AutoModel): no "model."
             name = f"model.{name}"
@@ -244,7 +250,7 @@ def load_weights(
         layer = _LAYER.match(name)
         if layer is not None and not shard_layout(model.config).holds_layer(int(layer[1])):
             continue  # another pipeline stage's layer
-        source = item if isinstance(item, CheckpointTensor) else CheckpointTensor.of(item)
+        source = item
         for old, new in model.checkpoint_renames:
             name = name.replace(old, new)
         if tied and name == "lm_head.weight":  # (a renamed one: LLaVA's language_model.lm_head)

@@ -2,7 +2,7 @@
 
 Handles both config spellings: `rope_scaling` + `rope_theta` (transformers 4.x) and
 `rope_parameters` (transformers 5.x). EOS ids are the union of config.json and
-generation_config.json, each an int or a list.
+generation_config.json, each an int or a list (gpt-oss: also harmony's `<|call|>`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ class ModelConfig:
     rope_local_theta: float = 0.0  # 0: the sliding layers use the global rope
     rope_local_scaling: dict[str, Any] | None = None
     hidden_act: str = "silu"
+    # A learned logit per attention head in every softmax's denominator (gpt-oss's `sinks`)
+    attention_sinks: bool = False
     # Image-in models (LLaVA): the top-level config.json (vision_config, image_token_index, ...);
     # the fields above then describe its text_config's language model. None: a text-only model.
     multimodal: dict[str, Any] | None = None
@@ -71,6 +73,14 @@ class ModelConfig:
         if self.layer_types and self.layer_types[layer] != "sliding_attention":
             return 0
         return self.sliding_window
+
+    @property
+    def uniform_sliding_window(self) -> int:
+        """The window when EVERY layer slides (Mistral with a sliding window), else 0: only then
+        can a sequence's blocks that fell out of the window be freed (services/worker/
+        block_manager.py); a model with full-attention layers (Gemma 2/3, gpt-oss) keeps them all."""
+        windows = {self.layer_window(i) for i in range(self.num_layers)}
+        return windows.pop() if len(windows) == 1 else 0
 
     @property
     def attention_scale(self) -> float:
@@ -96,18 +106,20 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _moe_fields(cfg: dict[str, Any], model_type: str) -> dict[str, Any]:
-    """The mixture-of-experts fields of Qwen3-MoE and Mixtral configs (both spellings of the
-    expert count: `num_experts` in Qwen's checkpoints, `num_local_experts` in Mixtral's and in
-    transformers 5's Qwen3-MoE configs)."""
-    if model_type not in ("qwen3_moe", "mixtral"):
+    """The mixture-of-experts fields of Qwen3-MoE, Mixtral and gpt-oss configs (both spellings of
+    the expert count: `num_experts` in Qwen's checkpoints, `num_local_experts` in Mixtral's,
+    gpt-oss's and transformers 5's Qwen3-MoE configs)."""
+    if model_type not in ("qwen3_moe", "mixtral", "gpt_oss"):
         return {}
     num_layers = int(cfg["num_hidden_layers"])
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "gpt_oss"):
         return {
             "num_experts": int(cfg["num_local_experts"]),
             "num_experts_per_tok": int(cfg["num_experts_per_tok"]),
             "moe_intermediate_size": int(cfg["intermediate_size"]),
-            "norm_topk_prob": True,  # softmax over the top-k logits = renormalised top-k of the softmax
+            # softmax over the top-k logits = renormalised top-k of the softmax (gpt-oss's router:
+            # models/gpt_oss.py)
+            "norm_topk_prob": True,
         }
     step = int(cfg.get("decoder_sparse_step", 1) or 1)
     only_mlp = {int(i) for i in cfg.get("mlp_only_layers") or []}
@@ -186,6 +198,26 @@ def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple
     return ()
 
 
+# Harmony's end of a tool-call message: generation stops there for the caller to run the tool
+# (gpt-oss ships it as a special token but lists only <|return|> and <|endoftext|> as EOS).
+HARMONY_CALL_TOKEN = "<|call|>"
+
+
+def _harmony_stop_ids(root: Path) -> list[int]:
+    """The id of `<|call|>` in the model directory's tokenizer (tokenizer_config.json's added
+    tokens, else tokenizer.json's), or none."""
+    for name, key in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
+        path = root / name
+        if not path.is_file():
+            continue
+        tokens = _read_json(path).get(key) or {}
+        entries = tokens.items() if isinstance(tokens, dict) else ((t.get("id"), t) for t in tokens)
+        for token_id, entry in entries:
+            if isinstance(entry, dict) and entry.get("content") == HARMONY_CALL_TOKEN:
+                return [int(token_id)]
+    return []
+
+
 def causal_lm_architecture(architecture: str) -> str:
     """A checkpoint saved as the base model ("Qwen3Model": transformers' AutoModel, as embedding
     models such as Qwen3-Embedding often are) holds the causal LM's decoder: it is served as that
@@ -224,6 +256,8 @@ def load_model_config(model_dir: str) -> ModelConfig:
     gen_path = root / "generation_config.json"
     if gen_path.is_file():
         eos += [i for i in _as_ids(_read_json(gen_path).get("eos_token_id")) if i not in eos]
+    if model_type == "gpt_oss":
+        eos += [i for i in _harmony_stop_ids(root) if i not in eos]
     try:
         return ModelConfig(
             path=str(root),
@@ -251,6 +285,7 @@ def load_model_config(model_dir: str) -> ModelConfig:
             final_logit_softcapping=float(cfg.get("final_logit_softcapping") or 0.0),
             query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar") or 0.0),
             hidden_act=str(cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"),
+            attention_sinks=model_type == "gpt_oss",
             **_rope_fields(cfg),
             **_moe_fields(cfg, model_type),
             multimodal=multimodal,

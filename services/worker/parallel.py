@@ -193,6 +193,7 @@ class ShardLayout:
 # run on one rank for now.
 PARALLEL_ARCHITECTURES = frozenset(
     {
+        "GptOssForCausalLM",
         "LlamaForCausalLM",
         "MistralForCausalLM",
         "MixtralForCausalLM",

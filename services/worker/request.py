@@ -172,6 +172,9 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # chain hashes of the leading full, computed blocks
+        # Leading entries of block_ids that are placeholders (their blocks fell out of every
+        # layer's sliding window and were freed: block_manager.free_out_of_window)
+        self.num_freed_blocks = 0
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_token_id: int | None = None

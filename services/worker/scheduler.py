@@ -417,6 +417,7 @@ class Scheduler:
             seq.num_computed_tokens = item.start + item.num_new_tokens
             seq.request.prompt_logprobs += item.prompt_logprobs
             self.bm.register_computed_blocks(seq)
+            self.bm.free_out_of_window(seq)
             if not item.sample:
                 continue
             if seq.request.req.pooling:  # its prompt is computed: the embedding is the result

@@ -209,6 +209,9 @@ def test_gateway_index_routes_to_the_worker_holding_the_prefix(
         )
         assert router.kv_index.cached_blocks(a.address, block_hashes(system, BLOCK)) == 0
         follow_up = [*system, 7, 8, 9]
+        # The load poll may have seen the warm-up in flight: wait until it reports both idle, so
+        # the one request tracked below is b's whole load (a stale 1 would tip the cost to a).
+        wait_for(lambda: a.load == 0 and b.load == 0, "the load poll to see both workers idle")
         exact_before = router.num_exact_routes
         # b is busier, but holds the prefix: 6 blocks saved outweigh one request of load
         with router.track(b):

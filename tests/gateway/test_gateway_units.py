@@ -54,12 +54,29 @@ def test_chat_defaults_follow_openai() -> None:
         ({"messages": MESSAGES, "tool_choice": "auto"}, "tool_choice"),
         ({"messages": MESSAGES, "continue_final_message": True}, "messages"),
         ({"messages": MESSAGES, "functions": [{"name": "f"}]}, "functions"),
+        ({"messages": MESSAGES, "reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"messages": MESSAGES, "reasoning_effort": 3}, "reasoning_effort"),
     ],
 )
 def test_chat_rejections_name_the_field(body: dict[str, object], param: str) -> None:
     with pytest.raises(APIError) as err:
         parse_chat(body)
     assert err.value.status == 400 and err.value.param == param
+
+
+def test_reasoning_effort_is_a_template_variable() -> None:
+    """gpt-oss's template reads `reasoning_effort`; chat_template_kwargs' own value wins."""
+    req = parse_chat({"messages": MESSAGES, "reasoning_effort": "high"})
+    assert req.chat_template_kwargs == {"reasoning_effort": "high"}
+    req = parse_chat(
+        {
+            "messages": MESSAGES,
+            "reasoning_effort": "low",
+            "chat_template_kwargs": {"reasoning_effort": "medium", "x": 1},
+        }
+    )
+    assert req.chat_template_kwargs == {"reasoning_effort": "medium", "x": 1}
+    assert parse_chat({"messages": MESSAGES, "reasoning_effort": None}).chat_template_kwargs is None
 
 
 def test_neutral_values_of_unsupported_fields_pass() -> None:

@@ -62,13 +62,36 @@ def _build(family: str) -> Any:
             tie_word_embeddings=True,
         )
         return tf.Qwen2ForCausalLM(cfg)
+    if family == "gpt_oss":
+        # gpt-oss-20b's real layer (hidden 2880, 64 heads of 64 on 8 KV heads, 32 experts of 2880,
+        # top-4, YaRN, window 128: the longer prompts outgrow it), two layers (sliding, full)
+        cfg = tf.GptOssConfig(
+            **{**BASE, "hidden_size": 2880, "intermediate_size": 2880, "num_hidden_layers": 2},
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=64,
+            num_local_experts=32,
+            num_experts_per_tok=4,
+            sliding_window=128,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 4096,
+            },
+            tie_word_embeddings=False,
+        )
+        return tf.GptOssForCausalLM(cfg)
     cfg = tf.Qwen3Config(
         **BASE, num_attention_heads=8, num_key_value_heads=2, head_dim=128, tie_word_embeddings=False
     )  # q/k norm, head_dim 128
     return tf.Qwen3ForCausalLM(cfg)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gpt_oss"])
 def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -83,6 +106,12 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             for layer in model.model.layers:
                 layer.self_attn.q_proj.bias.normal_(0, 0.1)
                 layer.self_attn.k_proj.bias.normal_(0, 0.1)
+        if model.config.model_type == "gpt_oss":  # sinks that take a share of the softmax; biases
+            for name, param in model.named_parameters():
+                if name.endswith("sinks"):
+                    param.normal_(0, 1.0)
+                elif name.endswith("bias"):
+                    param.normal_(0, 0.05)
     path = tmp_path_factory.mktemp(f"gpu-{request.param}")
     model.save_pretrained(str(path))
     return path

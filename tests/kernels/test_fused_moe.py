@@ -67,3 +67,40 @@ def test_align_pads_every_expert_to_a_block() -> None:
         assert real and all(ids.flatten()[p] == expert for p in real)
     assert sorted(p for _, b in used for p in b if p < pairs) == list(range(pairs))
     assert all(e == -1 for e in block_expert.tolist()[len(used) :])
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize("routing", ["random", "one-expert"])
+def test_fused_moe_with_biases_and_clamped_swiglu(device: str, dtype: torch.dtype, routing: str) -> None:
+    """gpt-oss's experts: biases on both projections and the clamped SwiGLU; the gate/up values
+    are scaled past the clamp limit so that the clamps matter."""
+    skip_without(device)
+    from kernels.triton.fused_moe import fused_moe
+
+    shape = (7, 64, 48, 8, 4)
+    x, w13, w2, weights, ids = _inputs(shape, device, dtype, routing, seed=77)
+    gen = torch.Generator().manual_seed(78)
+    w13 = w13 * 12.0  # |gate/up| well above the limit of 7 for many rows
+    b13 = (torch.randn(8, 96, generator=gen)).to(device=device, dtype=dtype)
+    b2 = (torch.randn(8, 64, generator=gen) * 0.1).to(device=device, dtype=dtype)
+    h = x.double() @ w13[0].double().t()
+    assert (h.abs() > reference.SWIGLU_LIMIT).float().mean() > 0.1
+    out = fused_moe(x, w13, w2, weights, ids, b13, b2, activation="swiglu_oai")
+    ref = reference.fused_moe(
+        x.double(), w13.double(), w2.double(), weights.double(), ids, b13.double(), b2.double(), "swiglu_oai"
+    )
+    plain = reference.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert rel_err(plain, ref) > 0.1
+    assert rel_err(out, ref) < 4 * tol_for(dtype), routing
+
+
+def test_swiglu_oai_matches_transformers() -> None:
+    """reference.swiglu_oai on [gate; up] halves = GptOssExperts._apply_gate on interleaved ones."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    experts = GptOssExperts(GptOssConfig(hidden_size=8, intermediate_size=6, num_local_experts=2))
+    gen = torch.Generator().manual_seed(1)
+    interleaved = torch.randn(5, 12, generator=gen) * 6.0
+    halves = torch.cat((interleaved[:, ::2], interleaved[:, 1::2]), dim=-1)
+    torch.testing.assert_close(reference.swiglu_oai(halves), experts._apply_gate(interleaved), rtol=0, atol=0)

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.worker.worker_testlib import TINY, RefModel, load_ref
+from tests.worker.worker_testlib import TINY, RefModel, _tiny_gpt_oss, load_ref
 
 REPO = Path(__file__).resolve().parents[2]
 torch.set_num_threads(1)
@@ -66,6 +66,8 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     "qwen2": _qwen2,  # qkv bias, tied embeddings
     "qwen3": _qwen3,  # q/k norms
     "qwen3_moe": _qwen3_moe,  # experts split on their intermediate dimension
+    # sinks split with the heads, experts' interleaved gate/up sliced per rank, the down bias once
+    "gpt_oss": _tiny_gpt_oss,
 }
 
 

@@ -66,7 +66,15 @@ def test_tp_times_pp_equals_t1(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "tp"),
-    [("llama_gqa", 4), ("llama_mha", 2), ("qwen2", 2), ("qwen3", 2), ("qwen3", 4), ("qwen3_moe", 2)],
+    [
+        ("llama_gqa", 4),
+        ("llama_mha", 2),
+        ("qwen2", 2),
+        ("qwen3", 2),
+        ("qwen3", 4),
+        ("qwen3_moe", 2),
+        ("gpt_oss", 2),
+    ],
 )
 def test_tp_equals_t1_and_transformers(
     tp_refs: dict[str, RefModel], name: str, tp: int, tmp_path: Path

@@ -292,3 +292,19 @@ def test_prefill_and_resume_refuse_beam_search(refs: dict[str, RefModel]) -> Non
         engine.add_request(EngineRequest("g", (1, 2, 3), beam, generated_token_ids=(5,)))
     with pytest.raises(InvalidRequestError, match=r"sampling\.best_of"):
         engine.add_request(EngineRequest("b", (1, 2, 3), SamplingParams(n=1, best_of=10_000)))
+
+
+def test_beam_search_with_blocks_freed_out_of_the_window(tmp_path: Path) -> None:
+    """A model whose every layer slides (window 8): beams fork tables whose leading blocks were
+    freed (placeholders), and the output still equals transformers'."""
+    torch.manual_seed(1)
+    TINY_BUILDERS["mistral_sw"]().save_pretrained(str(tmp_path))
+    ref = load_ref(tmp_path)
+    prompt = [1, 45, 99, 7, 13, 200, 31, 17, 60, 61, 62]
+    engine = ref.engine(block_size=4)
+    sp = SamplingParams(temperature=0.0, n=2, best_of=3, use_beam_search=True, max_tokens=24)
+    [res] = engine.generate([prompt], sp)
+    expected, _ = hf_beams(ref, prompt, width=3, n=2, max_new_tokens=24)
+    assert [res.token_ids[c] for c in range(2)] == expected
+    assert engine.block_manager.num_window_freed_blocks > 0
+    assert engine.block_manager.num_used_blocks == 0

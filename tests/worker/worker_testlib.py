@@ -164,6 +164,41 @@ def _tiny_phi3() -> Any:
     return Phi3ForCausalLM(cfg)
 
 
+def _tiny_gpt_oss() -> Any:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    # alternating sliding (window 8) and full layers, YaRN past 32 positions; random sinks and
+    # biases large enough to matter, gate/up weights large enough that the SwiGLU clamps (at 7) bite
+    cfg = GptOssConfig(
+        **{**TINY, "intermediate_size": 32},
+        num_hidden_layers=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 8.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 32,
+        },
+    )
+    model = GptOssForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+            elif name.endswith("sinks"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 2.0)
+            elif name.endswith("experts.gate_up_proj"):
+                param.mul_(10.0)
+    return model
+
+
 TINY_BUILDERS: dict[str, Callable[[], Any]] = {
     "llama": _tiny_llama,
     "qwen2": _tiny_qwen2,
@@ -175,6 +210,7 @@ TINY_BUILDERS: dict[str, Callable[[], Any]] = {
     "gemma2": _tiny_gemma2,
     "gemma3": _tiny_gemma3,
     "phi3": _tiny_phi3,
+    "gpt_oss": _tiny_gpt_oss,
 }
 
 

@@ -1,6 +1,7 @@
 """Which parsers a model uses: `--tool-parser` / `--reasoning-parser` "auto" rules.
 
 Tool calls, first rule that holds (looking at the vocabulary and the chat template text):
+0. `<|channel|>` is a token or in the template (gpt-oss) -> `harmony`
 1. `<｜tool▁calls▁begin｜>` is a token or in the template -> `deepseek_v3`
 2. `[TOOL_CALLS]` is a token or in the template -> `mistral`
 3. `<tool_call>` is a token or in the template -> `hermes`
@@ -8,6 +9,7 @@ Tool calls, first rule that holds (looking at the vocabulary and the chat templa
 5. otherwise none.
 
 Reasoning:
+0. `<|channel|>` is a token or in the template (gpt-oss) -> `harmony`
 1. the template writes `<｜Assistant｜>` and `<think>` (DeepSeek-R1 family) -> `deepseek_r1`
 2. `<think>` and `</think>` are tokens, or the template mentions `</think>` -> `qwen3`
 3. otherwise none.
@@ -26,6 +28,7 @@ def detect_tool_parser(has_token: Callable[[str], bool], template: str) -> str:
         return has_token(marker) or marker in template
 
     for marker, name in (
+        ("<|channel|>", "harmony"),
         ("<｜tool▁calls▁begin｜>", "deepseek_v3"),
         ("[TOOL_CALLS]", "mistral"),
         ("<tool_call>", "hermes"),
@@ -37,6 +40,8 @@ def detect_tool_parser(has_token: Callable[[str], bool], template: str) -> str:
 
 
 def detect_reasoning_parser(has_token: Callable[[str], bool], template: str) -> str:
+    if has_token("<|channel|>") or "<|channel|>" in template:
+        return "harmony"
     if "<｜Assistant｜>" in template and "<think>" in template:
         return "deepseek_r1"
     if (has_token("<think>") and has_token("</think>")) or "</think>" in template:

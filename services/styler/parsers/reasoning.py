@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from services.common.reasoning import THINK_END, THINK_START
 from services.styler.parsers.base import ParsedText, longest_marker_prefix_suffix
+from services.styler.parsers.harmony import HarmonyParser
 
 
 def ids_open_reasoning(prompt_ids: Sequence[int], start_id: int, end_id: int) -> bool:
@@ -89,10 +90,13 @@ class ThinkReasoningParser:
             out.content += text
 
 
-REASONING_PARSERS = ("qwen3", "deepseek_r1")
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "harmony")
 
 
-def make_reasoning_parser(name: str, prompt_opens_reasoning: bool) -> ThinkReasoningParser:
+def make_reasoning_parser(name: str, prompt_opens_reasoning: bool) -> ThinkReasoningParser | HarmonyParser:
+    """`harmony` (gpt-oss): the analysis channel is the reasoning (parsers/harmony.py)."""
     if name not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {name!r} (known: {', '.join(REASONING_PARSERS)})")
+    if name == "harmony":
+        return HarmonyParser(name, reasoning=True, tools=False)
     return ThinkReasoningParser(name, starts_in_reasoning=prompt_opens_reasoning or name == "deepseek_r1")

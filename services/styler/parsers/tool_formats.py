@@ -9,6 +9,8 @@
 |               |                                | `[TOOL_CALLS]name[ARGS]{...}` (n×)                                |
 | `deepseek_v3` | DeepSeek-V3 / R1               | `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>name` |
 |               |                                | ```` ```json {...} ``` ````<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>   |
+| `harmony`     | gpt-oss                        | `<|channel|>commentary to=functions.name <|constrain|>json`        |
+|               |                                | `<|message|>{...}<|call|>` among its other channels (harmony.py)   |
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from services.styler.parsers.base import ToolParser, mistral_call_id
 from services.styler.parsers.block_tool_parser import BlockToolParser, CallSpec
+from services.styler.parsers.harmony import HARMONY_MARKERS, HarmonyParser
 from services.styler.parsers.region_tool_parser import RegionToolParser
 
 _DECODER = json.JSONDecoder()
@@ -169,11 +172,18 @@ def llama3_json() -> ToolParser:
     return RegionToolParser("llama3_json", (PYTHON_TAG, "{"), parse_llama3_region, at_start_only=True)
 
 
+def harmony() -> ToolParser:
+    """Calls only (the analysis channel is content); with the `harmony` reasoning parser too,
+    one HarmonyParser does both (stream.py)."""
+    return HarmonyParser("harmony", reasoning=False, tools=True)
+
+
 TOOL_PARSERS: dict[str, Callable[[], ToolParser]] = {
     "hermes": hermes,
     "llama3_json": llama3_json,
     "mistral": mistral,
     "deepseek_v3": deepseek_v3,
+    "harmony": harmony,
 }
 # Text each format relies on; when one is a special token the stream keeps it while decoding.
 TOOL_MARKERS: dict[str, tuple[str, ...]] = {
@@ -181,4 +191,5 @@ TOOL_MARKERS: dict[str, tuple[str, ...]] = {
     "llama3_json": (PYTHON_TAG,),
     "mistral": (MISTRAL_MARKER, _MISTRAL_ARGS),
     "deepseek_v3": (DS_CALLS_BEGIN, DS_CALLS_END, DS_CALL_BEGIN, DS_CALL_END, DS_SEP),
+    "harmony": HARMONY_MARKERS,
 }

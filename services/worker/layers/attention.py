@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,9 @@ class AttentionMetadata:
 
 class PagedAttention(nn.Module):
     """Writes the new tokens' K/V into the cache, then attends over each sequence's whole context
-    (or its last `sliding_window` positions), scores optionally soft-capped (Gemma 2)."""
+    (or its last `sliding_window` positions), scores optionally soft-capped (Gemma 2), with
+    optional learned attention sinks (gpt-oss: `sinks` [num_heads], one logit per head that joins
+    every softmax's denominator; this rank's heads under tensor parallelism)."""
 
     def __init__(
         self,
@@ -39,6 +42,7 @@ class PagedAttention(nn.Module):
         scale: float | None = None,  # default head_dim ** -0.5
         sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - window
         soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
+        sinks: bool = False,  # a learned sink logit per head (the `sinks` parameter)
     ) -> None:
         super().__init__()
         self.ops = ops
@@ -52,6 +56,7 @@ class PagedAttention(nn.Module):
             self.masks["sliding_window"] = sliding_window
         if soft_cap > 0:
             self.masks["soft_cap"] = soft_cap
+        self.sinks = nn.Parameter(torch.empty(num_heads)) if sinks else None
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
 
     def forward(
@@ -95,7 +100,7 @@ class PagedAttention(nn.Module):
                 rms_input,
                 rms_eps,
                 num_decode_rows=meta.num_decode_rows,
-                **self.masks,
+                **self._options(),
             )
         assert self.ops.rotary_write_kv_cache is not None and rms_input is None
         q = self.ops.rotary_write_kv_cache(
@@ -114,8 +119,15 @@ class PagedAttention(nn.Module):
             self.scale,
             meta.max_seqlen_q,
             num_decode_rows=meta.num_decode_rows,
-            **self.masks,
+            **self._options(),
         )
+
+    def _options(self) -> dict[str, Any]:
+        """The optional keyword arguments of the attention ops: only those this layer uses, so a
+        plain layer calls them exactly as before."""
+        if self.sinks is None:
+            return self.masks
+        return {**self.masks, "sinks": self.sinks}
 
 
 class RMSNorm(nn.Module):

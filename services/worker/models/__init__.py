@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.worker.model_config import ModelConfigError
 from services.worker.models.gemma2 import Gemma2ForCausalLM
 from services.worker.models.gemma3 import Gemma3ForCausalLM
+from services.worker.models.gpt_oss import GptOssForCausalLM
 from services.worker.models.llama import LlamaForCausalLM
 from services.worker.models.llava import LlavaForConditionalGeneration
 from services.worker.models.mixtral import MixtralForCausalLM
@@ -16,6 +17,7 @@ from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
     "MistralForCausalLM": LlamaForCausalLM,

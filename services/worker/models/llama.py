@@ -12,6 +12,7 @@ computed by the ops that read the raw residual stream; the two RMSNorm kernels o
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -34,6 +35,7 @@ from services.worker.parallel import (
 )
 
 if TYPE_CHECKING:
+    from services.worker.loader import CheckpointTensor
     from services.worker.tp_group import StepDriver
 
 # Steps of at most this many tokens take the folded forward (the CUDA-graph logits ladder's top).
@@ -74,6 +76,7 @@ class Attention(nn.Module):
             scale=cfg.attention_scale,
             sliding_window=cfg.layer_window(layer),
             soft_cap=cfg.attn_logit_softcapping,
+            sinks=cfg.attention_sinks,
         )
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # x: [T, hidden] normed
@@ -351,6 +354,13 @@ class LlamaForCausalLM(nn.Module):
             cast(DecoderLayer, layer).fold_norms()
         self.model.norms_folded = True
         return True
+
+    def remap_checkpoint(
+        self, tensors: Iterator[tuple[str, str, CheckpointTensor]]
+    ) -> Iterator[tuple[str, str, CheckpointTensor]]:
+        """The checkpoint's (file, name, tensor) as the loader maps them: a family whose checkpoint
+        layout differs from its parameters' beyond names (gpt-oss's experts) converts them here."""
+        return tensors
 
     def build_rope_cache(self, max_position: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The cos/sin table every layer's rotary reads (AttentionMetadata.cos_sin_cache); a family

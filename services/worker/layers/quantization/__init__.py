@@ -114,6 +114,10 @@ def checkpoint_quant_method(model_dir: str, flag: str) -> QuantMethod | None:
     qcfg = checkpoint_quantization(model_dir)
     if qcfg is None:
         return None
+    if qcfg.get("quant_method") == "mxfp4":
+        # gpt-oss as shipped: only the experts are MXFP4, dequantized as they load (mxfp4.py,
+        # models/gpt_oss.py); every Linear is full precision
+        return None
     scheme = describe_scheme(qcfg)
     if flag != "none":
         raise UnsupportedQuantizationError(
