@@ -82,6 +82,12 @@ class UpConfig:
     """What the workers serve: generate (chat, completions, ...) or embed (/v1/embeddings from a decoder embedding model such as Qwen3-Embedding; docs/worker.md)."""
     tensor_parallel_size: int = 1
     """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
+    speculative: Literal["off", "prompt-lookup", "draft-model", "eagle"] = "off"
+    """Speculative decoding in every worker: prompt-lookup (n-gram proposals) or draft-model (--speculative-model); docs/speculative.md."""
+    speculative_model: str = ""
+    """Draft model directory for every worker (same tokenizer and vocabulary as the model)."""
+    num_speculative_tokens: int = 0
+    """Most tokens drafted per sequence and step (0 = the worker's default, 4)."""
     worker_args: str = ""
     """Extra options passed to every worker, as one shell-quoted string (e.g. "--max-num-seqs 64")."""
     styler_args: str = ""
@@ -329,6 +335,12 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
         args += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     if config.task != "generate":
         args += ["--task", config.task]
+    if config.speculative != "off":
+        args += ["--speculative", config.speculative]
+    if config.speculative_model:
+        args += ["--speculative-model", config.speculative_model]
+    if config.num_speculative_tokens:
+        args += ["--num-speculative-tokens", str(config.num_speculative_tokens)]
     return args
 
 

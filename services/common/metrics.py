@@ -48,6 +48,10 @@ RPCS = "tandem:rpcs_total"
 RPC_ERRORS = "tandem:rpc_errors_total"
 RPC_DURATION = "tandem:rpc_duration_seconds"
 GUIDED_REQUESTS = "tandem:guided_requests_total"
+SPEC_DRAFT_TOKENS = "tandem:spec_decode_draft_tokens"
+SPEC_ACCEPTED_TOKENS = "tandem:spec_decode_accepted_tokens"
+SPEC_ACCEPTANCE_RATE = "tandem:spec_decode_acceptance_rate"
+SPEC_MEAN_ACCEPTED_LENGTH = "tandem:spec_decode_mean_accepted_length"
 
 # Bucket edges: latency from a millisecond (tiny models on a GPU) to minutes (long generations on a CPU).
 TTFT_BUCKETS = (
@@ -215,6 +219,34 @@ METRICS: tuple[MetricSpec, ...] = (
         "gauge",
         (),
         "Prompt tokens whose KV came back from the host-memory tier (--kv-offload-memory), since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        SPEC_DRAFT_TOKENS,
+        "gauge",
+        (),
+        "Speculative decoding: drafted tokens verified, since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        SPEC_ACCEPTED_TOKENS,
+        "gauge",
+        (),
+        "Speculative decoding: drafted tokens kept by verification, since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        SPEC_ACCEPTANCE_RATE,
+        "gauge",
+        (),
+        "Speculative decoding: fraction of drafted tokens kept (0..1, since start).",
+        ("worker",),
+    ),
+    MetricSpec(
+        SPEC_MEAN_ACCEPTED_LENGTH,
+        "gauge",
+        (),
+        "Speculative decoding: tokens one verification appends on average (kept drafts + 1, since start).",
         ("worker",),
     ),
     MetricSpec(

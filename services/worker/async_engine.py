@@ -49,6 +49,13 @@ class _Stream:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
+def _put_all(
+    deliveries: list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]],
+) -> None:
+    for q, out in deliveries:
+        q.put_nowait(out)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -145,8 +152,7 @@ class AsyncEngine:
                     self._fail_all(exc)
                     outputs = []
                 self._note_scheduled(step_start, outputs)
-                for out in outputs:
-                    self._deliver(out)
+                self._deliver_step(outputs)
             self.load = self._snapshot()
 
     def _note_scheduled(self, step_start: float, outputs: list[RequestOutput]) -> None:
@@ -169,6 +175,24 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, handed to the event loop in one call: one wake-up of the loop per
+        step, not one per request (each `call_soon_threadsafe` takes the loop's lock and writes
+        its self-pipe, time the engine thread would otherwise spend on every request)."""
+        by_loop: dict[
+            asyncio.AbstractEventLoop,
+            list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]],
+        ] = {}
+        for out in outputs:
+            stream = (
+                self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+            )
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, deliveries in by_loop.items():  # one loop (the rpc server's), but be general
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                loop.call_soon_threadsafe(_put_all, deliveries)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = (

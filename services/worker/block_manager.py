@@ -277,6 +277,13 @@ class BlockManager:
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the blocks past `seq`'s tokens (speculative decoding: blocks that only held
+        rejected drafts; never registered, as they hold no computed token)."""
+        keep = -(-seq.num_tokens // self.block_size)
+        while len(seq.block_ids) > keep:
+            self._unref(seq.block_ids.pop())
+
     def release_block(self, block: int) -> None:
         self._unref(block)
 

@@ -101,6 +101,20 @@ class WorkerConfig(ServiceConfig):
     """Decode role: seconds a KV fetch may go without progress before it is abandoned and the prompt computed here."""
     kv_events_buffer: int = 4096
     """Prefix-cache events (SubscribeKvEvents) kept for subscribers that reconnect; one further behind gets a snapshot."""
+    speculative: Literal["off", "prompt-lookup", "draft-model", "eagle"] = "off"
+    """Speculative decoding (docs/speculative.md): prompt-lookup proposes the tokens that followed the latest earlier occurrence of the output's last n-gram in the prompt and output; draft-model runs --speculative-model in this worker; eagle is not implemented yet. Verification keeps the output distribution exact (greedy output is token-identical)."""
+    speculative_model: str = ""
+    """Draft model directory (same tokenizer and vocabulary as --model); implies --speculative draft-model."""
+    num_speculative_tokens: int = 4
+    """Most tokens proposed per sequence and step (K); with --speculative-adaptive the step's K is chosen in 0..K."""
+    prompt_lookup_min: int = 2
+    """Shortest n-gram prompt lookup matches."""
+    prompt_lookup_max: int = 4
+    """Longest n-gram prompt lookup matches (tried first)."""
+    speculative_adaptive: bool = True
+    """Choose each step's K by a cost model of the verification (docs/speculative.md); off: always --num-speculative-tokens."""
+    speculative_token_cost: float = 0.0
+    """Adaptive K: cost of one more token in a forward relative to a step's fixed cost; 0 = auto (1/256 on CUDA, 1/64 on CPU)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,8 +190,43 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--kv-fetch-stall-timeout must be > 0, got {self.kv_fetch_stall_timeout}")
         if self.kv_events_buffer <= 0:
             raise ValueError(f"--kv-events-buffer must be > 0, got {self.kv_events_buffer}")
+        self._check_speculative()
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def _check_speculative(self) -> None:
+        method = self.speculative_method
+        if method == "off":
+            return
+        if method == "eagle":
+            raise ValueError(
+                "--speculative eagle: EAGLE draft heads are not implemented yet (docs/speculative.md)"
+            )
+        if method == "draft-model" and not self.speculative_model:
+            raise ValueError("--speculative draft-model needs --speculative-model DIR")
+        if method == "prompt-lookup" and self.speculative_model:
+            raise ValueError("--speculative prompt-lookup takes no --speculative-model")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"--num-speculative-tokens must be in 1..16, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                f"--prompt-lookup-min ({self.prompt_lookup_min}) must be >= 1 and <= --prompt-lookup-max ({self.prompt_lookup_max})"
+            )
+        if self.speculative_token_cost < 0:
+            raise ValueError(f"--speculative-token-cost must be >= 0, got {self.speculative_token_cost}")
+        if self.world_size > 1:
+            raise ValueError(
+                "--speculative with --tensor-parallel-size / --pipeline-parallel-size is not implemented yet"
+            )
+        if self.task == "embed":
+            raise ValueError("--speculative with --task embed: an embedding worker generates no tokens")
+
+    @property
+    def speculative_method(self) -> str:
+        """--speculative, with --speculative-model alone meaning draft-model."""
+        if self.speculative == "off" and self.speculative_model:
+            return "draft-model"
+        return self.speculative
 
     @property
     def world_size(self) -> int:

@@ -45,6 +45,9 @@ from services.worker.request import (
     validate_request,
 )
 from services.worker.scheduler import SampledToken, Scheduler, SchedulerOutput
+from services.worker.speculative.draft_model import DraftModelProposer
+from services.worker.speculative.prompt_lookup import PromptLookupProposer
+from services.worker.speculative.speculator import Proposer, Speculator
 from services.worker.tp_group import BindKV, DrivenKVCache, Profile, StepDriver
 
 log = logging.getLogger(__name__)
@@ -145,7 +148,27 @@ class Engine:
         self.tp_size, self.pp_size = state.tp_size, state.pp_size
         self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
         self.runner.model.driver = self.driver
+        # a draft model's weights load before the KV cache is sized (the profile counts them)
+        self.draft_model = (
+            DraftModelProposer(
+                config.speculative_model,
+                cfg,
+                config.tokenizer,
+                self.ops,
+                self.device,
+                self.dtype,
+                self.max_model_len,
+                config.block_size,
+                config.seed,
+                config.load_format,
+            )
+            if config.speculative_method == "draft-model"
+            else None
+        )
         num_blocks = self._num_kv_blocks()
+        graphs = self.device.type == "cuda" and not config.enforce_eager and self.driver is None
+        if self.draft_model is not None:
+            self.draft_model.bind_kv_cache(num_blocks, config.max_num_seqs if graphs else 0)
         if self.driver is not None:
             self.driver.send(BindKV(num_blocks))
             self.kv_cache: KVCache = DrivenKVCache(
@@ -156,7 +179,7 @@ class Engine:
             self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
         # (not in a group yet: the graphs would capture rank 0's broadcasts; docs/parallel.md)
-        if self.device.type == "cuda" and not config.enforce_eager and self.driver is None:
+        if graphs:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
         offload_blocks = HostKVTier.blocks_for(self.kv_cache.tensor, config.kv_offload_bytes)
@@ -173,6 +196,7 @@ class Engine:
             sliding_window=window,
         )
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.speculator = self._build_speculator()
         self.requests: dict[str, Request] = {}
         # Disaggregation: decode-side requests whose prompt KV is being fetched (not scheduled yet),
         # and prefill-side KV kept for decode workers.
@@ -191,9 +215,35 @@ class Engine:
         self.num_discarded_rows = 0  # rows of those computed for sequences that had already finished
 
     # ---- setup ---------------------------------------------------------------------------------
+    def _build_speculator(self) -> Speculator | None:
+        config = self.config
+        proposer: Proposer
+        draft_cost = 0.0
+        if self.draft_model is not None:
+            proposer = self.draft_model
+            target_params = sum(p.numel() for p in self.runner.model.parameters())
+            draft_cost = self.draft_model.num_params / max(target_params, 1)
+        elif config.speculative_method == "prompt-lookup":
+            proposer = PromptLookupProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        else:
+            return None
+        token_cost = config.speculative_token_cost or (1 / 256 if self.device.type == "cuda" else 1 / 64)
+        return Speculator(
+            proposer,
+            self.block_manager,
+            config.num_speculative_tokens,
+            self.max_model_len,
+            config.max_num_batched_tokens,
+            config.speculative_adaptive,
+            token_cost,
+            draft_cost,
+        )
+
     def _num_kv_blocks(self) -> int:
         cfg, bs = self.model_config, self.config.block_size
         per_block = block_bytes(cfg, bs, self.kv_dtype)
+        if self.draft_model is not None:  # the draft's cache has as many blocks: the budget is shared
+            per_block += self.draft_model.block_bytes()
         blocks_per_seq = math.ceil(self.max_model_len / bs)
         budget = self.config.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
@@ -344,6 +394,8 @@ class Engine:
             return None
         self.requests[request_id] = request  # _output pops it
         self.scheduler.abort(request)
+        if self.speculator is not None:
+            self.speculator.release(request.sequences)
         self._drop_dead_launch()
         return self._output(request)
 
@@ -352,28 +404,46 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        if self.async_scheduling:
+        # Speculative decoding: a step with drafts is synchronous (its drafts need the tokens so
+        # far on the host); a plain one may run async; a step launched ahead is read first.
+        k = 0
+        if self.speculator is not None:
+            running = self.scheduler.running
+            k = self.speculator.decide(len(running))
+            if k and self.async_scheduling and not self.speculator.may_propose(running):
+                k = 0  # (prompt lookup finds nothing to copy: stay async)
+        if self.async_scheduling and k == 0:
             return self._step_async()
+        if self._launched is not None:
+            return self._step_async(launch_next=False)
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:  # nothing to compute, but a pending copy-on-fork must not be lost
             self.kv_cache.copy_blocks(scheduled.block_copies)
+        elif self.speculator is not None:
+            self.speculator.plan(scheduled, k)
         sampled = self.runner.execute(scheduled) if not scheduled.is_empty else []
-        return self._apply(scheduled, sampled)
+        outputs = self._apply(scheduled, sampled)
+        if self.speculator is not None:
+            self.speculator.observe(scheduled, sampled)
+        return outputs
 
     def _apply(self, scheduled: SchedulerOutput, sampled: list[list[SampledToken]]) -> list[RequestOutput]:
         touched = self.scheduler.update(scheduled, sampled)
         if self.scheduler.failed:  # guided decoding failed for a choice: end the whole request
             for request in self.scheduler.take_failed():
                 self.scheduler.abort(request)
+        if self.speculator is not None:  # a draft model's blocks of finished sequences go back
+            self.speculator.release([item.seq for item in scheduled.scheduled if item.seq.is_finished])
         outputs = [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]
         return [out for out in outputs if out.choices or out.finished]  # a prefill chunk: nothing to say
 
-    def _step_async(self) -> list[RequestOutput]:
+    def _step_async(self, launch_next: bool = True) -> list[RequestOutput]:
         """Async scheduling: step N is launched (now, or by the previous call); while it runs, step
         N+1 is planned assuming every decode goes on and launched with its input ids taken from
         N's sampled tokens on the device; only then are N's tokens read (the one wait) and applied.
         Rows of N+1 whose sequence finished at N (stop token, abort) are discarded when N+1 is
-        read. Returns step N's outputs, like the synchronous step."""
+        read. Returns step N's outputs, like the synchronous step. `launch_next=False`: N is read
+        and applied and nothing is launched after it (the next step is synchronous)."""
         current, self._launched = self._launched, None
         if current is None:
             scheduled = self.scheduler.schedule()
@@ -381,7 +451,7 @@ class Engine:
                 self.kv_cache.copy_blocks(scheduled.block_copies)
                 return self._apply(scheduled, [])
             current = LaunchedStep(scheduled, self.runner.launch(scheduled))
-        following = self.scheduler.schedule_continuation(current.out)
+        following = self.scheduler.schedule_continuation(current.out) if launch_next else None
         if following is not None:
             self._launched = LaunchedStep(following, self.runner.launch(following, current.handle))
             self.num_continuations += 1

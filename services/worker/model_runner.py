@@ -30,6 +30,7 @@ from services.worker.request import Sequence, TokenLogprob
 from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
 from services.worker.sampling_rng import draw_table
 from services.worker.scheduler import SampledToken, SchedulerOutput
+from services.worker.speculative.verify import verify_step
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,8 @@ class ModelRunner:
                 input_ids.append(0)
             else:
                 input_ids += seq.token_ids[start:end]
+                if item.draft is not None:  # speculative: the drafts follow its last token
+                    input_ids += item.draft.token_ids
             positions += range(start, end)
             blocks = seq.block_ids
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
@@ -243,6 +246,15 @@ class ModelRunner:
         self._prompt_logprobs(out, hidden, cu_seqlens)
         if pooled:
             self._pool(out, hidden, pooled)
+        if any(item.draft is not None for item in out.scheduled):  # speculative decoding
+            return verify_step(
+                out,
+                hidden,
+                cu_seqlens,
+                self.model.compute_logits,
+                self.sampler,
+                lambda seqs, drafted: self._sampling_metadata(seqs, drafted=drafted),
+            )
         if not rows:
             return StepHandle(len(out.scheduled), [], None, None)
         every_row = logits_rows == list(range(hidden.shape[0]))  # decode steps sample every row
@@ -415,16 +427,24 @@ class ModelRunner:
             return None
         return ImageEmbeddingRows(self._to_device(rows), torch.cat(embeds))
 
-    def _sampling_metadata(self, seqs: list[Sequence], pending: list[int] | None = None) -> SamplingMetadata:
+    def _sampling_metadata(
+        self, seqs: list[Sequence], pending: list[int] | None = None, drafted: list[list[int]] | None = None
+    ) -> SamplingMetadata:
         """`pending[i]`: sampled tokens of row i not on the host yet (async scheduling); they count
         in the output length (seeds, min_tokens) but penalties, which need their values, are never
-        scheduled with them (Scheduler.schedule_continuation)."""
+        scheduled with them (Scheduler.schedule_continuation). `drafted[i]` (speculative decoding):
+        the drafts row i is sampled after; they count as its output."""
         dev = self.device
         params = [s.request.sampling for s in seqs]
         outputs = [s.output_token_ids for s in seqs]
+        if drafted is not None:
+            outputs = [out + extra for out, extra in zip(outputs, drafted, strict=True)]
         lengths = [len(out) + (pending[i] if pending else 0) for i, out in enumerate(outputs)]
         need_penalties = any(p.has_penalties for p in params)
-        assert not (need_penalties and any(pending or ())), "penalties need every output token on the host"
+        # per row: a continuation may hold a penalized prompt chunk beside decodes without penalties
+        assert not any(p.has_penalties and n for p, n in zip(params, pending or [], strict=False)), (
+            "penalties need every output token on the host"
+        )
         banned = [
             sorted(s.request.stop_token_ids) if n < s.request.sampling.min_tokens else []
             for s, n in zip(seqs, lengths, strict=True)

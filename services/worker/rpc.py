@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 
@@ -460,6 +461,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             kv_events=e.kv_events is not None,
             task=_TASKS[e.config.task],
             hidden_size=cfg.hidden_size,
+            speculative=_speculative_info(e),
         )
 
     async def GetLoad(
@@ -821,6 +823,21 @@ def _grammar_pool(stack_bytes: int) -> ThreadPoolExecutor:
     return pool
 
 
+def _speculative_info(e: Engine) -> worker_pb2.SpeculativeInfo | None:
+    if e.speculator is None:
+        return None
+    stats = e.speculator.stats
+    return worker_pb2.SpeculativeInfo(
+        method=e.config.speculative_method,
+        num_speculative_tokens=e.config.num_speculative_tokens,
+        draft_model=Path(e.config.speculative_model).name if e.config.speculative_model else "",
+        num_draft_tokens=stats.num_draft_tokens,
+        num_accepted_tokens=stats.num_accepted_tokens,
+        acceptance_rate=stats.acceptance_rate,
+        mean_accepted_length=stats.mean_accepted_length,
+    )
+
+
 def _export_load_gauges(engine: AsyncEngine) -> None:
     """Queue, running and KV-cache gauges read from the engine's load snapshot at each scrape."""
     metrics.declare("worker")
@@ -836,6 +853,13 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
     metrics.gauge_from(metrics.PREFIX_CACHE_HOST_HITS, lambda: bm.num_host_hit_tokens)
     scheduler = engine.engine.scheduler
     metrics.gauge_from(metrics.PROMPT_PREFILLS, lambda: scheduler.num_prefills)
+    speculator = engine.engine.speculator
+    if speculator is not None:
+        stats = speculator.stats
+        metrics.gauge_from(metrics.SPEC_DRAFT_TOKENS, lambda: stats.num_draft_tokens)
+        metrics.gauge_from(metrics.SPEC_ACCEPTED_TOKENS, lambda: stats.num_accepted_tokens)
+        metrics.gauge_from(metrics.SPEC_ACCEPTANCE_RATE, lambda: stats.acceptance_rate)
+        metrics.gauge_from(metrics.SPEC_MEAN_ACCEPTED_LENGTH, lambda: stats.mean_accepted_length)
 
 
 def _observe_finished(

@@ -95,3 +95,10 @@ def exponential_race(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """[S] int64: each row's token drawn from probs [S, V] (float32, rows summing to 1, zeros
     allowed) with the rows' draw table [S, 3] int64."""
     return (probs / exponential(draws, probs.shape[1])).argmax(dim=-1)
+
+
+def uniform_at(draws: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """[S] float32 in (0, 1): `uniform(draws, vocab)[s, token_ids[s]]` without the [S, V] table."""
+    x = row_keys(draws) ^ _mix(token_ids.to(torch.int64) * _GOLDEN)
+    x = _shr(x * _MIX2, 64 - UNIFORM_BITS)
+    return (x.float() + 0.5) * (1.0 / (1 << UNIFORM_BITS))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from services.worker.block_manager import BlockManager
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
+from services.worker.speculative.draft import Draft
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +53,9 @@ class ScheduledSequence:
     # Pooling requests: the normalised hidden state of the last prompt token ([hidden_size] float32
     # on the device), filled by the runner when this step computes it (`sample`).
     embedding: torch.Tensor | None = None
+    # Speculative decoding: K proposed tokens computed after the last one (num_new_tokens = 1 + K);
+    # the step appends the kept ones and one more (speculative/verify.py)
+    draft: Draft | None = None
 
 
 class _Admission(NamedTuple):
@@ -414,6 +418,9 @@ class Scheduler:
             touched.add(seq.request)
             if seq.is_finished:  # aborted while the step ran
                 continue
+            if item.draft is not None:
+                self._update_drafted(item, tokens)
+                continue
             seq.num_computed_tokens = item.start + item.num_new_tokens
             seq.request.prompt_logprobs += item.prompt_logprobs
             self.bm.register_computed_blocks(seq)
@@ -444,6 +451,22 @@ class Scheduler:
             self._refresh_guided()
         return touched
 
+    def _update_drafted(self, item: ScheduledSequence, tokens: list[SampledToken]) -> None:
+        """A verified sequence appends the drafts it kept and one more token: their KV (the kept
+        drafts') is computed; the blocks that only held rejected drafts go back."""
+        seq = item.seq
+        request = seq.request
+        seq.num_computed_tokens = item.start + 1
+        self.bm.register_computed_blocks(seq)
+        tokens = tokens[: request.max_tokens - seq.num_output_tokens]
+        for token in tokens:
+            self._append(seq, token)
+            if seq.is_finished:
+                return
+        seq.num_computed_tokens = item.start + len(tokens)  # the last appended token has no KV yet
+        self.bm.register_computed_blocks(seq)
+        self.bm.trim(seq)
+
     def _append(self, seq: Sequence, token: SampledToken) -> None:
         seq.token_ids.append(token.token_id)
         seq.new_token_ids.append(token.token_id)
@@ -458,7 +481,8 @@ class Scheduler:
         if guided is not None:
             guided.consume(token.token_id)
             if guided.needs_mask:  # finished or not once its next mask is known (end of update)
-                self._guided_pending.append(seq)
+                if seq not in self._guided_pending:  # (a verified sequence appends several)
+                    self._guided_pending.append(seq)
                 return
         self._finish_if_done(seq)
 

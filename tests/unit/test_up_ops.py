@@ -28,6 +28,8 @@ def test_vllm_serve_options_reach_the_right_children(tmp_path: Path) -> None:
         max_num_seqs=4,
         kv_cache_dtype="fp8",
         quantization="int8",
+        speculative="prompt-lookup",
+        num_speculative_tokens=6,
         worker_args="--block-size 32",
     )
     styler, *workers, gateway = build_children(config, tmp_path, instance_id="start-1")
@@ -39,6 +41,7 @@ def test_vllm_serve_options_reach_the_right_children(tmp_path: Path) -> None:
         assert (parsed.served_model_name, parsed.max_model_len, parsed.max_num_seqs) == ("tiny", 64, 4)
         assert parsed.kv_cache_dtype == "fp8" and parsed.block_size == 32
         assert parsed.quantization == "int8"
+        assert (parsed.speculative_method, parsed.num_speculative_tokens) == ("prompt-lookup", 6)
         assert "--api-key" not in worker.argv
     options = parse_config(
         GatewayConfig, gateway.argv[gateway.argv.index("gateway") + 1 :], "tandem gateway", env={}
@@ -75,6 +78,9 @@ def test_defaults_forward_nothing(tmp_path: Path) -> None:
         "--max-num-seqs",
         "--kv-cache-dtype",
         "--quantization",
+        "--speculative",
+        "--speculative-model",
+        "--num-speculative-tokens",
     ):
         assert flag not in worker.argv
     assert "--api-key" not in gateway.argv and "--instance-id" not in gateway.argv

@@ -308,3 +308,19 @@ def test_beam_search_with_blocks_freed_out_of_the_window(tmp_path: Path) -> None
     assert [res.token_ids[c] for c in range(2)] == expected
     assert engine.block_manager.num_window_freed_blocks > 0
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_beam_search_beside_speculative_decoding(refs: dict[str, RefModel]) -> None:
+    """With prompt-lookup speculation on, beams are never drafted (their next token is the beam
+    step's pick): the beams equal transformers' and a greedy request beside them still drafts."""
+    ref = refs["stories"]
+    prompt = [1, 403, 407, 315, 290, 403, 407, 315]
+    engine = ref.engine(block_size=4, speculative="prompt-lookup", num_speculative_tokens=3)
+    beam = SamplingParams(temperature=0.0, n=2, best_of=3, use_beam_search=True, max_tokens=16)
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    results = run_to_completion(
+        engine, [EngineRequest("beam", tuple(prompt), beam), EngineRequest("greedy", tuple(prompt), greedy)]
+    )
+    expected, _ = hf_beams(ref, prompt, width=3, n=2, max_new_tokens=16)
+    assert [results["beam"].token_ids[c] for c in range(2)] == expected
+    assert results["greedy"].token_ids[0] == ref.greedy(prompt, 32)

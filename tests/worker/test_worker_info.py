@@ -61,6 +61,13 @@ VARIANTS = (
         worker_pb2.WORKER_ROLE_PREFILL,
     ),
     Variant("int8", ("--quantization", "int8"), "float32", "float32", worker_pb2.WORKER_ROLE_UNIFIED),
+    Variant(
+        "spec",
+        ("--speculative", "prompt-lookup", "--num-speculative-tokens", "3"),
+        "float32",
+        "float32",
+        worker_pb2.WORKER_ROLE_UNIFIED,
+    ),
 )
 
 
@@ -169,6 +176,17 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         "kv_events": True,  # prefix caching is on
         "task": worker_pb2.WORKER_TASK_GENERATE,
         "hidden_size": cfg["hidden_size"],
+        "speculative": {
+            "method": "prompt-lookup",
+            "num_speculative_tokens": 3,
+            "draft_model": "",
+            "num_draft_tokens": 0,
+            "num_accepted_tokens": 0,
+            "acceptance_rate": 0.0,
+            "mean_accepted_length": 0.0,
+        }
+        if variant.name == "spec"
+        else None,
     }
 
 
@@ -196,6 +214,9 @@ def as_dict(info: worker_pb2.WorkerInfo) -> dict[str, object]:
         value = getattr(info, field.name)
         if field.name == "kv_layout":
             value = {f.name: getattr(value, f.name) for f in worker_pb2.KVLayout.DESCRIPTOR.fields}
+        elif field.name == "speculative":
+            fields = worker_pb2.SpeculativeInfo.DESCRIPTOR.fields
+            value = {f.name: getattr(value, f.name) for f in fields} if info.HasField("speculative") else None
         elif field.name == "eos_token_ids":
             value = sorted(value)
         elif field.name == "fingerprint":

@@ -1,0 +1,31 @@
+"""benchmarks/spec_bench.py --smoke runs every workload on the CPU and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_spec_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "spec.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "spec_bench.py"), "--smoke", "--out", str(out)],
+        check=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    report = json.loads(out.read_text())
+    rows = {(r["name"], r["k"], r["adaptive"]): r for r in report["rows"]}
+    assert rows[("baseline", 0, False)]["speedup"] == 1.0
+    for k in (2, 4):
+        # free proposals of the target's own output, and the target as its own draft: all kept
+        assert rows[("oracle (always agrees, free)", k, False)]["acceptance_rate"] == 1.0
+        assert rows[("draft=target", k, False)]["acceptance_rate"] == 1.0
+        assert rows[("never-agreeing draft", k, False)]["acceptance_rate"] < 0.2
+        assert rows[("prompt lookup (grounded)", k, False)]["tokens_per_s"] > 0
+    assert ("never-agreeing draft", 4, True) in rows
+    assert set(report["targets"]) >= {"full_agreement_k4_speedup", "zero_agreement_adaptive_speedup"}
