@@ -132,6 +132,14 @@ def _logprob(entry: common_pb2.TokenLogprob) -> TokenLogprob:
     )
 
 
+# SamplingParams.early_stopping (True / False / "never") on the wire; rpc.sampling_from_pb inverts it
+EARLY_STOPPING_TO_PB: dict[bool | str, common_pb2.EarlyStopping] = {
+    False: common_pb2.EARLY_STOPPING_FALSE,
+    True: common_pb2.EARLY_STOPPING_TRUE,
+    "never": common_pb2.EARLY_STOPPING_NEVER,
+}
+
+
 def _sampling_to_proto(s: SamplingParams[Guided]) -> common_pb2.SamplingParams:
     """The one conversion to the wire (the worker's `rpc.sampling_from_pb` is its inverse)."""
     out = common_pb2.SamplingParams(
@@ -147,8 +155,11 @@ def _sampling_to_proto(s: SamplingParams[Guided]) -> common_pb2.SamplingParams:
         ignore_eos=s.ignore_eos,
         n=s.n,
         logit_bias=dict(s.logit_bias),
+        use_beam_search=s.use_beam_search,
+        length_penalty=s.length_penalty,
+        early_stopping=EARLY_STOPPING_TO_PB[s.early_stopping],
     )
-    for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):  # None: unset
+    for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs", "best_of"):  # None: unset
         value = getattr(s, name)
         if value is not None:
             setattr(out, name, value)

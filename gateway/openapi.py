@@ -3,7 +3,7 @@ validator enforces, so the document says exactly what a request may contain.
 
 Request bodies list every field `validation.py` accepts and set `additionalProperties: false`,
 because unknown fields are refused with a 400. Fields accepted only at a neutral value
-(`best_of: 1`, `suffix: ""`, ...) are left out.
+(`suffix: ""`, ...) are left out.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 from gateway.limits import Limits
 from gateway.structured_output import FIELDS as CONSTRAINT_FIELDS
 from gateway.structured_output import MAX_GUIDED_CHOICES
+from gateway.validation import MAX_BEST_OF
 from services.common.sampling import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, RANGES
 
 _STR = {"type": "string"}
@@ -100,6 +101,23 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
             "description": "vLLM: the prompt tokens' logprobs with this many alternatives (not with stream)",
         },
         **_structured_output(),
+        # docs/beam_search.md
+        "best_of": {
+            **_int(1, min(MAX_BEST_OF, limits.max_n)),
+            "description": ">= n; the best n of best_of candidates (or beams), not with stream when > n",
+        },
+        "use_beam_search": {
+            **_BOOL,
+            "description": "vLLM: beam search of best_of (or n) beams; not with stream",
+        },
+        "length_penalty": {
+            **_num(),
+            "description": "vLLM beam search: score = logprob / length ** length_penalty",
+        },
+        "early_stopping": {
+            "anyOf": [_BOOL, {"const": "never"}],
+            "description": "vLLM beam search: when the search stops",
+        },
     }
     if chat:
         props["max_completion_tokens"] = _int(1, limits.max_tokens or _UINT32)

@@ -246,6 +246,8 @@ class OpenEngineWorkerClient:
         the rpc. A resumed choice (`generated_token_ids`) continues from prompt + generated."""
         if images:
             raise unimplemented("images: image inputs go through tandem's proto only")
+        if sampling.is_ranked:
+            raise unimplemented("best_of / use_beam_search: ranked choices go through tandem's proto only")
         if kv_source is not None:
             raise unimplemented("kv_source: KV hand-off goes through tandem's proto, not OpenEngine")
         if generated_token_ids:

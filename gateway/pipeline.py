@@ -80,9 +80,10 @@ async def chat(
 ) -> AsyncIterator[Job]:
     executor = Executor(ctx, chat=True)
     model = executor.check_model(req.model)
-    executor.check_num_sequences(1, req.params.sampling.n)
+    # (best_of / beam search: the worker runs num_sequences of which n are returned)
+    executor.check_num_sequences(1, req.params.sampling.num_sequences)
     # Admission before rendering: a full queue refuses at once (the prompt has at least a token).
-    async with ctx.gate.admit(req.params.sampling.n, min_tokens=1) as admission:
+    async with ctx.gate.admit(req.params.sampling.num_sequences, min_tokens=1) as admission:
         prompt = await executor.render_chat(req, strict_tool_grammar(req, ctx.config.strict_tools))
         sampling = executor.sampling(req.params, len(prompt.token_ids))
         if prompt.tool_grammar:  # strict tool calls: the grammar takes in response_format's schema
@@ -133,7 +134,7 @@ async def completion(
 ) -> AsyncIterator[Job]:
     executor = Executor(ctx, chat=False)
     model = executor.check_model(req.model)
-    num_sequences = executor.check_num_sequences(len(req.prompts), req.params.sampling.n)
+    num_sequences = executor.check_num_sequences(len(req.prompts), req.params.sampling.num_sequences)
     # What needs no tokens is refused before tokenizing: too many sequences, a prompt too long
     # by its bytes alone, a token queue that its fewest possible tokens overflow.
     min_tokens = sum(executor.min_prompt_tokens(p) for p in req.prompts)

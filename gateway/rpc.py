@@ -57,7 +57,15 @@ _OPTIONAL_OPTIONS = (
     "min_tokens",
     "skip_special_tokens",
     "prompt_logprobs",
+    "best_of",
+    "length_penalty",
 )
+# options.early_stopping as the HTTP body's value (validated there)
+_EARLY_STOPPING: dict[int, bool | str] = {
+    common_pb2.EARLY_STOPPING_FALSE: False,
+    common_pb2.EARLY_STOPPING_TRUE: True,
+    common_pb2.EARLY_STOPPING_NEVER: "never",
+}
 
 
 def _json_field(text: str, name: str) -> Any:
@@ -73,6 +81,7 @@ def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]
         "frequency_penalty",
         "min_p",
         "repetition_penalty",
+        "length_penalty",
     ):
         if name in body:  # float32 on the wire: 0.7 arrives as 0.699999988; round back
             body[name] = float(f"{body[name]:.6g}")
@@ -90,6 +99,10 @@ def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]
         body.update(_guided(o.guided))
     if o.logit_bias:  # float32 on the wire, rounded back as the other floats
         body["logit_bias"] = {str(t): float(f"{b:.6g}") for t, b in sorted(o.logit_bias.items())}
+    if o.use_beam_search:
+        body["use_beam_search"] = True
+    if o.early_stopping:
+        body["early_stopping"] = _EARLY_STOPPING.get(o.early_stopping, int(o.early_stopping))
     body["stream"] = stream
     for name in ("include_usage", "continuous_usage_stats"):
         if getattr(o, name) and not stream:

@@ -143,6 +143,8 @@ class SmgWorkerClient:
         """The engine's streaming Generate as tandem's chunks; closing the iterator cancels it."""
         if images:
             raise unimplemented("images: image inputs go through tandem's proto only")
+        if sampling.is_ranked:
+            raise unimplemented("best_of / use_beam_search: ranked choices go through tandem's proto only")
         if kv_source is not None:
             raise unimplemented("kv_source: KV hand-off goes through tandem's proto, not SMG's")
         if generated_token_ids:

@@ -255,9 +255,13 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         raise invalid("'prompt_logprobs' is not available when 'stream' is true", "prompt_logprobs")
     # an int64, as OpenAI's schema says; the worker's seed is the uint64 of the same bits
     seed = f.integer("seed", lo=-(2**63), hi=2**63 - 1)
+    fan_out = _fan_out(f, limits, stream)
+    temperature = f.number("temperature")
+    if fan_out.get("use_beam_search") and temperature is None:
+        temperature = 0.0  # beam search is deterministic: unset means 0 (an explicit > 0 is refused)
     given: dict[str, Any] = {
         "max_tokens": max_tokens,
-        "temperature": f.number("temperature"),
+        "temperature": temperature,
         "top_p": f.number("top_p"),
         "n": n,
         "seed": None if seed is None else seed % 2**64,
@@ -269,6 +273,7 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         "min_tokens": min_tokens,
         "logprobs": logprobs,
         "prompt_logprobs": prompt_logprobs,
+        **fan_out,
     }
     sampling: SamplingParams[Guided] = SamplingParams(
         **{name: value for name, value in given.items() if value is not None},
@@ -280,7 +285,10 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
     try:
         validate_sampling(sampling)
     except SamplingError as exc:
-        param = {"max_tokens": max_tokens_key, "logprobs": logprobs_key}.get(exc.field, exc.field)
+        renamed = {"max_tokens": max_tokens_key, "logprobs": logprobs_key}
+        if sampling.guided is not None:
+            renamed["guided"] = sampling.guided.param
+        param = renamed.get(exc.field, exc.field)
         raise invalid(f"'{param}' {exc.message}", param) from None
     return GenerationParams(
         sampling=sampling,
@@ -292,6 +300,39 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         user=f.string("user", "") or "",
         continuous_usage=continuous_usage,
     )
+
+
+MAX_BEST_OF = 20  # OpenAI's bound (best_of is also vLLM's beam width)
+
+
+def _fan_out(f: Fields, limits: Limits, stream: bool) -> dict[str, Any]:
+    """best_of and vLLM's beam-search fields (docs/beam_search.md), and the streaming they refuse:
+    the best of several sequences is known only when all of them are done."""
+    best_of = _limited(f, "best_of", f.integer("best_of", hi=MAX_BEST_OF), limits.max_n, "--max-n")
+    use_beam_search = f.boolean("use_beam_search", False)
+    length_penalty = f.number("length_penalty")
+    early_stopping = f.raw("early_stopping")
+    if early_stopping is not None and not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise invalid(
+            f"'early_stopping' must be true, false or \"never\", got {_short(early_stopping)}",
+            "early_stopping",
+        )
+    if stream and use_beam_search:
+        raise invalid(
+            "'use_beam_search' does not support 'stream': the beams are ranked when all are done", "stream"
+        )
+    n = f.body.get("n") or 1
+    if stream and best_of is not None and isinstance(n, int) and best_of > n:
+        raise invalid(
+            "'best_of' greater than 'n' cannot be streamed (as OpenAI): set 'stream' false", "best_of"
+        )
+    given = {
+        "best_of": best_of,
+        "use_beam_search": use_beam_search or None,
+        "length_penalty": length_penalty,
+        "early_stopping": early_stopping,
+    }
+    return {name: value for name, value in given.items() if value is not None}
 
 
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function", "ipython"}
@@ -468,6 +509,11 @@ def parse_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> ChatReq
             raise invalid(
                 f"'tool_choice' {tool_choice!r} makes the output tool calls; it cannot be combined with "
                 f"'{params.sampling.guided.param}' (give at most one structured-output constraint)",
+                "tool_choice",
+            )
+        if params.sampling.use_beam_search:
+            raise invalid(
+                f"'tool_choice' {tool_choice!r} (a structured output) is not supported with 'use_beam_search'",
                 "tool_choice",
             )
         guided = forced_guided(tools, forced, parallel_tool_calls)

@@ -152,10 +152,16 @@ class PromptStream:
         )
         disagg = self.ctx.disagg
         # (image prompts are not disaggregated: Prefill carries no images yet)
-        if disagg is not None and len(indices) == 1 and not generated and not self.images:
-            async for chunk in self._disaggregated(first, sampling):
-                yield chunk
-            return
+        fan_out = sampling.num_sequences > 1  # n > 1, best_of, beam search: one prefill for all
+        if disagg is not None and not generated and not self.images:
+            if not fan_out:
+                async for chunk in self._disaggregated(first, sampling):
+                    yield chunk
+                return
+            if sampling.prompt_logprobs is None:  # (prompt logprobs: the decode worker computes it)
+                async for chunk in self._disaggregated_fan_out(first, sampling):
+                    yield chunk
+                return
         worker = self._pick_decode()
         async for chunk in self._generate(worker, first, sampling, generated, None):
             yield chunk
@@ -317,6 +323,57 @@ class PromptStream:
         finally:
             if not completed:  # cancelled or failed: free the KV now unless a fetch holds it
                 _release_later(prefill, result.handle.handle_id)
+
+    async def _disaggregated_fan_out(
+        self, first: int, sampling: SamplingParams[Guided]
+    ) -> AsyncIterator[GenerateChunk]:
+        """Prefill once, fan out: the prefill worker computes the prompt once and keeps its KV
+        under one handle (its sampled token is not used); the decode worker fetches it once and
+        forks the block table for every choice, beam or best_of candidate, each sampling its own
+        first token there (docs/beam_search.md). Without a prefill worker, or when it fails, the
+        decode worker computes the prompt itself."""
+        disagg = self.ctx.disagg
+        assert disagg is not None
+        decode = self._pick_decode()
+        prefill = disagg.pick_prefill(self.prompt_token_ids, decode, exclude=[*self.tried, *self.full])
+        result = None
+        if prefill is not None:
+            try:
+                with disagg.prefill.track(prefill):
+                    result = await prefill.client.prefill(
+                        self._leg_id(), self.prompt_token_ids, _KV_ONLY, first
+                    )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in BACK_PRESSURE and not self._may_resume(exc):
+                    raise
+                log.warning(
+                    "request %s: prefill worker %s failed (%s); the decode worker computes the prompt",
+                    self.request_id,
+                    prefill.address,
+                    exc.code().name,
+                )
+                self._failed(prefill, exc)
+        handle = result.handle if result is not None else None
+        if prefill is None or result is None or handle is None:
+            async for chunk in self._generate(decode, first, sampling, (), None):
+                yield chunk
+            return
+        self.cached_tokens = result.usage.cached_prompt_tokens
+        completed = False
+        try:
+            async for chunk in self._generate(decode, first, sampling, (), handle):
+                yield chunk
+            completed = True
+        finally:
+            if not completed:  # cancelled or failed: free the KV now unless a fetch holds it
+                _release_later(prefill, handle.handle_id)
+
+
+# What a fan-out's Prefill samples: one token nobody uses (every choice samples its own on the
+# decode worker), not an end token (the KV is kept only for a choice that goes on); max_tokens
+# unset, so a prompt that fits the context fits this too (one token of room: no handle, and the
+# decode worker computes the prompt).
+_KV_ONLY: SamplingParams[Guided] = SamplingParams(temperature=0.0, ignore_eos=True)
 
 
 def _refused_at_door(exc: grpc.aio.AioRpcError) -> bool:

@@ -41,6 +41,7 @@ PREFIX_CACHE_HIT_RATE = "tandem:prefix_cache_hit_rate"
 PREFIX_CACHE_HOST_HITS = "tandem:prefix_cache_host_hit_tokens"
 PREFIX_CACHE_QUERIES = "tandem:prefix_cache_queries_total"
 PREFIX_CACHE_HITS = "tandem:prefix_cache_hits_total"
+PROMPT_PREFILLS = "tandem:prompt_prefills"
 KV_TRANSFER_BYTES = "tandem:kv_transfer_bytes_total"
 KV_TRANSFER_SECONDS = "tandem:kv_transfer_seconds"
 RPCS = "tandem:rpcs_total"
@@ -252,6 +253,14 @@ METRICS: tuple[MetricSpec, ...] = (
         PREFIX_CACHE_QUERIES, "counter", (), "Prompt tokens looked up in the prefix cache.", ("worker",)
     ),
     MetricSpec(PREFIX_CACHE_HITS, "counter", (), "Prompt tokens found in the prefix cache.", ("worker",)),
+    MetricSpec(
+        PROMPT_PREFILLS,
+        "gauge",
+        (),
+        "Prompts whose KV this worker computed, since start: one per request however many choices, "
+        "beams or best_of candidates share it; not those whose KV came from a prefill worker.",
+        ("worker",),
+    ),
     MetricSpec(
         KV_TRANSFER_BYTES,
         "counter",

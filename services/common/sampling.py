@@ -67,6 +67,22 @@ class SamplingParams(Generic[G]):
     # (token id, bias) pairs sorted by id, each id once: added to the logits before penalties and
     # temperature (OpenAI `logit_bias`); logprobs stay those of the raw distribution, as vLLM's
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # best_of candidates (beam width with use_beam_search) of which the n best are returned, ranked
+    # by cumulative logprob (beam search: by length-penalised score); None: n (docs/beam_search.md)
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0  # beam search: score = cumulative logprob / length ** length_penalty
+    early_stopping: bool | str = False  # beam search: True, False or "never" (as transformers)
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the worker runs for this prompt: best_of candidates (or beams), else n."""
+        return max(self.n, self.best_of or self.n)
+
+    @property
+    def is_ranked(self) -> bool:
+        """The n choices are the best of more (best_of > n) or beams: sent once all are done."""
+        return self.use_beam_search or self.num_sequences > self.n
 
     @property
     def is_greedy(self) -> bool:
@@ -118,6 +134,7 @@ RANGES: dict[str, Range] = {
     "max_tokens": Range(1, MAX_UINT32),
     "min_tokens": Range(0, MAX_UINT32),
     "n": Range(1, MAX_UINT32),
+    "best_of": Range(1, MAX_UINT32),
     "logprobs": Range(0, MAX_TOP_LOGPROBS),
     "prompt_logprobs": Range(0, MAX_TOP_LOGPROBS),
 }
@@ -128,6 +145,7 @@ FLOAT_FIELDS = (
     "repetition_penalty",
     "presence_penalty",
     "frequency_penalty",
+    "length_penalty",
 )
 
 
@@ -154,6 +172,7 @@ def validate_sampling(sp: SamplingParams[Any], vocab_size: int = 0) -> None:
         raise SamplingError("min_tokens", f"must be <= max_tokens ({sp.max_tokens}), got {sp.min_tokens}")
     check_token_ids("stop_token_ids", sp.stop_token_ids, vocab_size)
     check_logit_bias(sp.logit_bias, vocab_size)
+    check_fan_out(sp)
 
 
 def check_logit_bias(bias: tuple[tuple[int, float], ...], vocab_size: int = 0) -> None:
@@ -169,6 +188,40 @@ def check_logit_bias(bias: tuple[tuple[int, float], ...], vocab_size: int = 0) -
     bad = next((b for _, b in bias if not (math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS)), None)
     if bad is not None:
         raise SamplingError("logit_bias", f"must map to biases in [-100, 100], got {bad}")
+
+
+def check_fan_out(sp: SamplingParams[Any]) -> None:
+    """best_of and beam search, and what they do not combine with (vLLM's rules: beam search is
+    deterministic, so it refuses the fields of random sampling instead of ignoring them)."""
+    if sp.best_of is not None and sp.best_of < sp.n:
+        raise SamplingError("best_of", f"must be >= n ({sp.n}), got {sp.best_of}")
+    if not (isinstance(sp.early_stopping, bool) or sp.early_stopping == "never"):  # (1 == True: not `in`)
+        raise SamplingError("early_stopping", f'must be true, false or "never", got {sp.early_stopping!r}')
+    if not sp.use_beam_search:
+        if sp.length_penalty != 1.0:
+            raise SamplingError("length_penalty", "applies to beam search only (use_beam_search)")
+        if sp.early_stopping is not False:
+            raise SamplingError("early_stopping", "applies to beam search only (use_beam_search)")
+        return
+    refused = (
+        (
+            "temperature",
+            sp.temperature != 0.0,
+            "must be 0 with use_beam_search (beam search is deterministic)",
+        ),
+        ("top_p", sp.top_p != 1.0, "must be 1 with use_beam_search"),
+        ("top_k", sp.top_k > 0, "must be off (-1) with use_beam_search"),
+        ("min_p", sp.min_p != 0.0, "must be 0 with use_beam_search"),
+        ("repetition_penalty", sp.repetition_penalty != 1.0, "is not supported with use_beam_search"),
+        ("presence_penalty", sp.presence_penalty != 0.0, "is not supported with use_beam_search"),
+        ("frequency_penalty", sp.frequency_penalty != 0.0, "is not supported with use_beam_search"),
+        ("guided", sp.guided is not None, "structured output is not supported with use_beam_search"),
+        ("prompt_logprobs", sp.prompt_logprobs is not None, "is not supported with use_beam_search"),
+        ("logit_bias", bool(sp.logit_bias), "is not supported with use_beam_search"),
+    )
+    for name, bad, message in refused:
+        if bad:
+            raise SamplingError(name, message)
 
 
 def resumed(sampling: SamplingParams[G], num_generated: int) -> SamplingParams[G]:

@@ -11,8 +11,12 @@ shares; each store and eviction is reported to `events`, kv_events.py). A block 
 computed, so a hit never reads KV that is still being written. A lookup always leaves at least
 the last token to compute, because the step that computes it produces the next-token logits.
 
-Sharing (n > 1 choices, prefix hits) is reference counting; the partial last block of a forked
-prompt is copied (copy-on-fork) so each choice appends its own tokens.
+Sharing (n > 1 choices, beams, prefix hits) is reference counting. A fork shares its parent's
+blocks; the partially filled last block must not be written by two sequences, so it is copied:
+`fork` copies it at once (n > 1 choices, whose spare blocks the scheduler set aside at admission),
+`fork_shared` shares it too and `allocate` copies it the first time a sequence writes into it
+while another still holds it (copy-on-write: the last holder writes in place, nothing is copied
+for a fork that never writes).
 
 Sliding windows: when every layer of the model slides (`sliding_window` > 0: Mistral with a
 window), a sequence's blocks that fall wholly out of the window of its next query are freed after
@@ -66,6 +70,7 @@ class BlockManager:
         self.num_hit_tokens = 0
         self.sliding_window = sliding_window
         self.num_window_freed_blocks = 0  # blocks freed by free_out_of_window (a metric)
+        self.copies: list[tuple[int, int]] = []  # copy-on-write block copies not handed out yet
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -82,7 +87,25 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         total = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
-        return max(0, total - len(seq.block_ids))
+        return max(0, total - len(seq.block_ids)) + self._copy_on_write(seq, num_new_tokens)
+
+    def _copy_on_write(self, seq: Sequence, num_new_tokens: int) -> int:
+        """1 when the next write of `seq` lands in a partially filled block another sequence
+        also holds (fork_shared): that block is copied first."""
+        index = seq.num_computed_tokens // self.block_size
+        if (
+            num_new_tokens <= 0
+            or seq.num_computed_tokens % self.block_size == 0
+            or index >= len(seq.block_ids)
+        ):
+            return 0
+        return int(self.ref_counts[seq.block_ids[index]] > 1)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) copy-on-write block copies made since the last call: the device does
+        them before the forward that writes into dst."""
+        copies, self.copies = self.copies, []
+        return copies
 
     @staticmethod
     def _key(parent: int, tokens: list[int]) -> tuple[int, BlockKey]:
@@ -148,7 +171,9 @@ class BlockManager:
     def blocks_needed_with_prefix(self, seq: Sequence, num_new_tokens: int, num_cached_blocks: int) -> int:
         computed = max(seq.num_computed_tokens, num_cached_blocks * self.block_size)
         total = -(-(computed + num_new_tokens) // self.block_size)
-        return max(0, total - max(len(seq.block_ids), num_cached_blocks))
+        return max(0, total - max(len(seq.block_ids), num_cached_blocks)) + self._copy_on_write(
+            seq, num_new_tokens
+        )
 
     def use_cached_prefix(self, seq: Sequence, cached_blocks: list[int]) -> None:
         """Give a not-yet-computed `seq` the cached blocks; they count as computed."""
@@ -171,6 +196,13 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self.free):
             raise RuntimeError("allocate without can_allocate")
+        if self._copy_on_write(seq, num_new_tokens):
+            index = seq.num_computed_tokens // self.block_size
+            shared = seq.block_ids[index]
+            seq.block_ids[index] = self._take_free()
+            self.copies.append((shared, seq.block_ids[index]))
+            self._unref(shared)
+            needed -= 1
         for _ in range(needed):
             seq.block_ids.append(self._take_free())
 
@@ -230,6 +262,20 @@ class BlockManager:
             n = child.num_freed_blocks
             child.block_ids[:n] = [child.block_ids[n]] * n
         return copy
+
+    def fork_shared(self, parent: Sequence, child: Sequence) -> None:
+        """Share every block holding `parent`'s computed tokens with `child` (which holds none),
+        the partially filled last one too: `allocate` copies that one when either writes into it
+        while both hold it (beam search, beam_search.py)."""
+        assert not child.block_ids, "fork into a sequence without blocks"
+        num_blocks = -(-parent.num_computed_tokens // self.block_size)
+        # (out-of-window placeholders stay placeholders: pointing at a block it holds, not shared)
+        child.num_freed_blocks = parent.num_freed_blocks
+        child.block_ids = list(parent.block_ids[:num_blocks])
+        for block in child.block_ids[child.num_freed_blocks :]:
+            self._ref(block)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
 
     def trim(self, seq: Sequence) -> None:
         """Give back the blocks past `seq`'s tokens (speculative decoding: blocks that only held

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from kernels import get_ops
-from services.worker import parallel
+from services.worker import fan_out, parallel
 from services.worker.async_step import StepHandle
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
@@ -319,19 +319,22 @@ class Engine:
                 raise InvalidRequestError("images", f"{self.model_config.path} takes no images")
             for i, image in enumerate(req.images):
                 self.runner.model.check_image(i, image)
-        if req.sampling.n > self.config.max_num_seqs:
+        num_seqs = req.sampling.num_sequences
+        field_name = "sampling.n" if num_seqs == req.sampling.n else "sampling.best_of"
+        if num_seqs > self.config.max_num_seqs:
             raise InvalidRequestError(
-                "sampling.n", f"{req.sampling.n} exceeds --max-num-seqs {self.config.max_num_seqs}"
+                field_name, f"{num_seqs} sequences exceed --max-num-seqs {self.config.max_num_seqs}"
             )
         prompt_blocks = math.ceil(
             (len(req.prompt_token_ids) + len(req.generated_token_ids)) / self.config.block_size
         )
-        if prompt_blocks + req.sampling.n - 1 > self.block_manager.num_blocks:
+        if prompt_blocks + num_seqs - 1 > self.block_manager.num_blocks:
             raise InvalidRequestError(
-                "sampling.n", f"{req.sampling.n} choices do not fit the KV cache of this worker"
+                field_name, f"{num_seqs} sequences do not fit the KV cache of this worker"
             )
         req = self.compile_grammar(req)  # already done by the gRPC servicer, off this thread
         request = Request(req, max_tokens, self.model_config.eos_token_ids, next(self._arrivals))
+        fan_out.attach(request, self.model_config.vocab_size)
         if schedule:
             self.schedule_request(request)
         return request
@@ -471,6 +474,11 @@ class Engine:
             self._launched = None
 
     def _output(self, request: Request) -> RequestOutput:
+        if request.ranked is not None:  # best_of / beam search: nothing until the n best are known
+            ranked = request.ranked.output(request)
+            if ranked.finished:
+                self.requests.pop(request.request_id, None)
+            return ranked
         choices = []
         want_logprobs = request.sampling.logprobs is not None
         kv_handle = None

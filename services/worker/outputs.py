@@ -25,6 +25,8 @@ class ChoiceOutput:
     logprobs: tuple[TokenLogprob, ...] | None  # parallel to token_ids when requested
     finish_reason: str | None = None  # "stop" | "length" | "abort" when this choice ended now
     stop_token_id: int | None = None  # the EOS / stop id that ended it
+    # best_of / beam search (fan_out.py): the choice's summed token logprobs, sent with its end
+    cumulative_logprob: float | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.common.sampling import SamplingError, SamplingParams, validate_sampling
 from services.worker.errors import InvalidRequestError
@@ -90,10 +90,16 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
         validate_sampling(sp, vocab_size)
     except SamplingError as exc:
         raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
-    if sp.n > 1 and req.generated_token_ids:
-        raise InvalidRequestError("generated_token_ids", "requires n = 1")
-    if sp.n > 1 and req.hold_kv:
-        raise InvalidRequestError("sampling.n", "Prefill takes one choice (n = 1)")
+    if sp.num_sequences > 1 and req.generated_token_ids:
+        raise InvalidRequestError("generated_token_ids", "requires n = 1 (and no best_of)")
+    if sp.num_sequences > 1 and req.hold_kv:
+        raise InvalidRequestError("sampling.n", "Prefill takes one choice (n = 1, no best_of)")
+    if sp.use_beam_search and req.generated_token_ids:
+        raise InvalidRequestError("generated_token_ids", "beam search cannot resume a choice")
+    if sp.use_beam_search and req.hold_kv:
+        raise InvalidRequestError(
+            "sampling.use_beam_search", "Prefill samples one token: beam search runs on the decode worker"
+        )
     prompt_len = len(req.prompt_token_ids)
     if prompt_len >= max_model_len:
         raise InvalidRequestError(
@@ -232,7 +238,7 @@ class Request:
             self.cache_key_ids = cache_key_ids(prompt, req.images)
         first = Sequence(self, req.first_choice_index, prompt + list(req.generated_token_ids))
         self.sequences = [first]
-        for i in range(1, req.sampling.n):
+        for i in range(1, req.sampling.num_sequences):
             child = Sequence(self, req.first_choice_index + i, list(prompt))
             child.status = SequenceStatus.PARKED
             self.sequences.append(child)
@@ -247,6 +253,10 @@ class Request:
         # pooling: the normalised hidden state of the last prompt token, once computed
         # (a [hidden_size] float32 tensor on the device, set by the scheduler's update)
         self.embedding: torch.Tensor | None = None
+        # best_of / beam search: what picks the n choices returned (fan_out.py); None: all of them
+        # (typed Any: ranked.Ranked and beam_search.BeamSearch import this module)
+        self.ranked: Any = None
+        self.beam: Any = None  # beam search: the BeamSearch, the same object as `ranked`
 
     def _start_guided(self, grammar: CompiledGrammar) -> None:
         """A matcher per choice; choice 0's consumes the tokens generated elsewhere (resume, or

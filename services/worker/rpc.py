@@ -112,7 +112,14 @@ _OPTIONAL_SAMPLING = (
     "n",
     "logprobs",
     "prompt_logprobs",
+    "best_of",
+    "length_penalty",
 )
+_EARLY_STOPPING: dict[int, bool | str] = {
+    common_pb2.EARLY_STOPPING_FALSE: False,
+    common_pb2.EARLY_STOPPING_TRUE: True,
+    common_pb2.EARLY_STOPPING_NEVER: "never",
+}
 
 
 def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams[GuidedSpec]:
@@ -125,6 +132,9 @@ def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams[GuidedSpec
         ignore_eos=sp.ignore_eos,
         guided=guided_from_pb(sp),
         logit_bias=tuple(sorted(sp.logit_bias.items())),  # a map's order is unspecified
+        use_beam_search=sp.use_beam_search,
+        # an unknown enum value (a newer client) is refused by validate_sampling, by name
+        early_stopping=_EARLY_STOPPING.get(sp.early_stopping, str(sp.early_stopping)),
     )
 
 
@@ -159,6 +169,8 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
             delta.finish_reason = _FINISH[choice.finish_reason]
         if choice.stop_token_id is not None:
             delta.stop_token_id = choice.stop_token_id
+        if choice.cumulative_logprob is not None:
+            delta.cumulative_logprob = choice.cumulative_logprob
     if out.prompt_logprobs is not None:
         msg.prompt_logprobs.extend(logprob_to_pb(lp) for lp in out.prompt_logprobs)
     if out.usage is not None:
@@ -300,7 +312,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 "kv_source.num_tokens",
                 f"the handle holds {source.num_tokens} tokens but the prompt has {len(req.prompt_token_ids)}",
             )
-        if not req.generated_token_ids:
+        # (several sequences, fan_out.py: each samples its own first token here, none comes along)
+        if not req.generated_token_ids and req.sampling.num_sequences == 1:
             raise InvalidRequestError(
                 "kv_source", "needs generated_token_ids (at least the first token the prefill worker sampled)"
             )
@@ -838,6 +851,8 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
     metrics.gauge_from(metrics.WEIGHT_BYTES, lambda: engine.engine.weight_bytes)
     bm = engine.engine.block_manager
     metrics.gauge_from(metrics.PREFIX_CACHE_HOST_HITS, lambda: bm.num_host_hit_tokens)
+    scheduler = engine.engine.scheduler
+    metrics.gauge_from(metrics.PROMPT_PREFILLS, lambda: scheduler.num_prefills)
     speculator = engine.engine.speculator
     if speculator is not None:
         stats = speculator.stats

@@ -97,6 +97,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._pending_copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
+        self.num_prefills = 0  # prompts computed here (first admissions; not fetched ones)
         # requests whose guided decoding failed in `update`; the engine aborts them (take_failed)
         self.failed: list[Request] = []
         self._guided_pending: list[Sequence] = []  # guided sequences whose next mask is stale
@@ -171,7 +172,7 @@ class Scheduler:
             slots += 1 + n_parked
             budget -= admission.num_new
 
-        copies, self._pending_copies = self._pending_copies, []
+        copies, self._pending_copies = self._pending_copies + self.bm.take_copies(), []
         return SchedulerOutput(
             scheduled, copies, self.max_num_batched_tokens - budget, num_preempted + num_made_room
         )
@@ -196,7 +197,8 @@ class Scheduler:
         if self._pending_copies or not prev.scheduled:
             return None
         for item in prev.scheduled:
-            if item.children or item.prompt_logprob_positions:
+            # (beam search: the next input ids are the beam step's picks, made on the host)
+            if item.children or item.prompt_logprob_positions or item.seq.request.beam is not None:
                 return None
             # Guided decoding: the next step's mask needs the token `prev` samples, so a step with a
             # guided sequence is never launched ahead. Correctness first: the matcher must consume
@@ -283,7 +285,10 @@ class Scheduler:
             scheduled.append(self._admit(self.waiting.popleft(), admission))
             rows.append(-1)
             budget -= admission.num_new
-        return SchedulerOutput(scheduled, [], self.max_num_batched_tokens - budget, 0, prev_rows=rows)
+        copies = (
+            self.bm.take_copies()
+        )  # (copy-on-write of shared partial blocks: none from a continuation's own)
+        return SchedulerOutput(scheduled, copies, self.max_num_batched_tokens - budget, 0, prev_rows=rows)
 
     def _slots_taken(self) -> int:
         """Sequence slots in use (--max-num-seqs): the running sequences and the parked choices
@@ -362,6 +367,7 @@ class Scheduler:
         its first chunk."""
         request = seq.request
         if request.num_cached_prompt_tokens is None:
+            self.num_prefills += 1
             hit = min(len(admission.cached) * self.bm.block_size, request.prompt_len)
             request.num_cached_prompt_tokens = hit
             self.bm.record_lookup(request.prompt_len, hit)
@@ -406,6 +412,7 @@ class Scheduler:
         """Advance the scheduled sequences; `sampled[i]` holds the tokens of `out.scheduled[i]`
         (empty when it did not sample; else its own then one per child). Returns touched requests."""
         touched: set[Request] = set()
+        beams: dict[Request, None] = {}  # beam-search requests with a beam computed this step
         for item, tokens in zip(out.scheduled, sampled, strict=True):
             seq = item.seq
             touched.add(seq.request)
@@ -424,6 +431,11 @@ class Scheduler:
                 seq.request.embedding = item.embedding
                 self._finish_running(seq, "stop")
                 continue
+            beam = seq.request.beam
+            if beam is not None:  # the beam step picks every beam's next token at once (beam_search.py)
+                beam.report(item, tokens[0].logprob)
+                beams[seq.request] = None
+                continue
             spares: list[int | None] = list(item.spare_blocks) or [None] * len(item.children)
             for child, spare, token in zip(item.children, spares, tokens[1:], strict=True):
                 copy = self.bm.fork(seq, child, spare)
@@ -433,6 +445,8 @@ class Scheduler:
                 self.running.insert(self.running.index(seq) + 1, child)
                 self._append(child, token)
             self._append(seq, tokens[0])
+        for request in beams:
+            request.beam.advance(self)
         if self._guided_pending:
             self._refresh_guided()
         return touched
@@ -521,7 +535,11 @@ class Scheduler:
     def add_fetched(self, request: Request) -> None:
         """A FETCHING request's prompt KV is all in place: it waits to decode, its prompt computed."""
         seq = request.sequences[0]
-        seq.num_computed_tokens = request.prompt_len
+        # Without a first token from the prefill worker (n > 1, best_of, beam search: each choice
+        # samples its own) the last prompt token is computed again here, one token, for the logits
+        # they all sample from; its children then fork the fetched blocks (fan_out.py).
+        first_token_given = seq.num_tokens > request.prompt_len
+        seq.num_computed_tokens = request.prompt_len if first_token_given else request.prompt_len - 1
         seq.status = SequenceStatus.WAITING
         self.bm.register_computed_blocks(seq)
         self.add(request)
@@ -537,6 +555,14 @@ class Scheduler:
     def take_failed(self) -> list[Request]:
         failed, self.failed = self.failed, []
         return failed
+
+    def finish_sequence(self, seq: Sequence, reason: str) -> None:
+        """End `seq` wherever it is (running, waiting or parked) and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self._finish(seq, reason)
 
     def _finish_running(self, seq: Sequence, reason: str) -> None:
         self.running.remove(seq)

@@ -206,6 +206,7 @@ def _can_draft(item: ScheduledSequence) -> bool:
         and item.prompt_logprob_positions is None
         and not seq.request.req.hold_kv
         and seq.num_output_tokens > 0
+        and seq.request.beam is None  # (a beam's next token is the beam step's pick: beam_search.py)
     )
 
 

@@ -1,0 +1,188 @@
+"""Beam search against independent sampling of the same run: tokens/s per beam.
+
+For each model shape (dummy weights) and width W in (4, 8): the same prompts run once with beam
+search of W beams and once with n = W independently sampled choices, every sequence to
+max_tokens (ignore_eos, so both generate the same number of tokens). The figure is tokens/s per
+beam (or choice): beam search's extra work is the per-step top-K over beams x vocab, the forks
+(block-table copies and one partial KV block per extra child) and one host merge per step. Target
+(issue 21): beam search at >= 80% of sampling's tokens/s per sequence.
+
+    python benchmarks/beam_bench.py [--models Qwen2-0.5B,Llama-3.1-8B] [--out benchmarks/results/beam_<gpu>.json]
+    python benchmarks/beam_bench.py --smoke     # CPU, a tiny Llama: checks the script in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from engine_bench import MODELS, write_model
+
+from services.common.sampling import SamplingParams
+from services.worker.config import WorkerConfig
+from services.worker.engine import Engine
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "eos_token_id": 2,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass
+class Row:
+    model: str
+    width: int
+    mode: str  # "beam" | "sample"
+    prompts: int
+    prompt_len: int
+    max_tokens: int
+    seconds: float
+    tokens: int  # generated over every beam / choice
+    tok_per_s_per_seq: float
+    ratio_to_sampling: float | None = None
+
+
+def run_once(engine: Engine, prompts: list[list[int]], sp: SamplingParams[Any]) -> tuple[float, int]:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    results = engine.generate(prompts, sp)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    # beam search returns n of its W beams: count the W beams' tokens (all ran to max_tokens)
+    tokens = len(prompts) * sp.num_sequences * (sp.max_tokens or 0)
+    assert all(len(r.token_ids) == sp.n for r in results)
+    return elapsed, tokens
+
+
+def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: str) -> list[Row]:
+    engine = Engine(
+        WorkerConfig(
+            model=str(model_dir),
+            load_format="dummy",
+            device=device,
+            max_num_seqs=max(args.widths) * args.prompts,
+            max_model_len=args.prompt_len + args.max_tokens + 8,
+            enable_prefix_caching=False,  # the sampling run must not reuse the beam run's prompt KV
+        )
+    )
+    gen = torch.Generator().manual_seed(0)
+    vocab = engine.model_config.vocab_size
+    prompts = [
+        torch.randint(3, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)
+    ]
+    rows: list[Row] = []
+    for width in args.widths:
+        common: dict[str, Any] = {"max_tokens": args.max_tokens, "ignore_eos": True}
+        beam = SamplingParams(temperature=0.0, n=width, use_beam_search=True, **common)
+        sample = SamplingParams(temperature=1.0, n=width, seed=1, **common)
+        for sp in (beam, sample):  # warm-up (CUDA graphs, Triton autotuning)
+            run_once(engine, prompts[:1], SamplingParams(**{**asdict_sp(sp), "max_tokens": 4}))
+        measured = {}
+        for mode, sp in (("beam", beam), ("sample", sample)):
+            seconds, tokens = run_once(engine, prompts, sp)
+            measured[mode] = Row(
+                name,
+                width,
+                mode,
+                args.prompts,
+                args.prompt_len,
+                args.max_tokens,
+                seconds,
+                tokens,
+                tokens / seconds / (args.prompts * width),
+            )
+        measured["beam"].ratio_to_sampling = (
+            measured["beam"].tok_per_s_per_seq / measured["sample"].tok_per_s_per_seq
+        )
+        rows += [measured["beam"], measured["sample"]]
+    del engine
+    gc.collect()  # the next shape's engine sizes its KV cache from the memory left
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def asdict_sp(sp: SamplingParams[Any]) -> dict[str, Any]:
+    return {f: getattr(sp, f) for f in sp.__dataclass_fields__}
+
+
+def print_table(rows: list[Row], device_name: str) -> None:
+    print(f"\n== beam search vs independent sampling on {device_name} ==")
+    print(
+        f"{'model':<14} {'W':>2} {'mode':<7} {'s':>8} {'tok/s/seq':>10} {'beam/sample':>12}  target >= 0.80"
+    )
+    for r in rows:
+        ratio = "" if r.ratio_to_sampling is None else f"{r.ratio_to_sampling:.2f}"
+        met = "" if r.ratio_to_sampling is None else ("yes" if r.ratio_to_sampling >= 0.8 else "NO")
+        print(
+            f"{r.model:<14} {r.width:>2} {r.mode:<7} {r.seconds:>8.3f} {r.tok_per_s_per_seq:>10.1f} {ratio:>12}  {met}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, a tiny Llama: checks the script in seconds"
+    )
+    parser.add_argument("--models", default="Qwen2-0.5B,Llama-3.1-8B")
+    parser.add_argument("--widths", default="4,8")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts run together")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--out", default="", help="JSON path (default benchmarks/results/beam_<device>.json)")
+    args = parser.parse_args(argv)
+    args.widths = [int(w) for w in args.widths.split(",")]
+    if args.smoke:
+        device, shapes = "cpu", {"tiny-llama": TINY}
+        args.prompts, args.prompt_len, args.max_tokens = 2, 12, 8
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        shapes = {name: MODELS[name] for name in args.models.split(",")}
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, cfg in shapes.items():
+            rows += bench_model(name, write_model(Path(tmp), name, cfg), args, device)
+    print_table(rows, device_name)
+    slug = device_name.lower().replace(" ", "-")
+    out = Path(args.out or Path(__file__).parent / "results" / f"beam_{slug}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": device_name,
+        "args": {k: v for k, v in vars(args).items()},
+        "rows": [asdict(r) for r in rows],
+    }
+    out.write_text(json.dumps(report, indent=1, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""Beam search inside the engine: `width` beams decode together, every step keeps the best.
+
+The request (fan_out.py) has `width` sequences: the first computes the prompt, the others are
+parked until then, as n > 1 choices are. Each step every live beam is one decode row; the runner
+reads each row's top candidates (log-softmax of the fp32 logits, `topk` on the device: the
+row's `logprobs`, set to `candidates_per_beam` by fan_out.attach). A global top-K over
+beams x vocab needs no more than each beam's own top K, so the step here merges width x K numbers
+on the host and picks, exactly as transformers' `generate(num_beams=...)` does:
+
+- the K = max(2, 1 + number of stop ids) x width best continuations by cumulative logprob;
+- of the first `width` of them, those ending in a stop id (or reaching max_tokens) become finished
+  hypotheses scored cumulative / generated_length ** length_penalty; at most `width` are kept;
+- the best `width` that go on are the next beams: a parent chosen once keeps its sequence, one
+  chosen again forks its block table into the sequence of a parent nobody chose (freed first):
+  every block shared by reference count, the partially filled last one copied by the first of
+  them to write into it while the other still holds it (block_manager.fork_shared, copy-on-write);
+- the search ends when max_tokens is reached, or (early_stopping True) once `width` hypotheses
+  are finished, or when no running beam can beat the worst kept hypothesis: False compares at
+  the current length, "never" at max_tokens when length_penalty > 0 (transformers'
+  `_check_early_stop_heuristic`).
+
+A beam preempted under KV pressure (recompute) holds the step back until it is computed again:
+the others wait, computed, with nothing scheduled. The n best hypotheses go out at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from services.worker.ranked import Ranked, RankedChoice
+from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
+
+if TYPE_CHECKING:
+    from services.worker.scheduler import ScheduledSequence, Scheduler
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    total: float  # cumulative logprob with this token
+    beam: int  # index of the parent in `live`
+    token_id: int
+    entry: TokenLogprob  # the token's logprob, rank and the row's top alternatives
+
+
+@dataclass(frozen=True)
+class _Hypothesis:
+    score: float  # total / length ** length_penalty
+    choice: RankedChoice
+
+
+class BeamSearch(Ranked):
+    def __init__(self, request: Request, vocab_size: int) -> None:
+        sp = request.req.sampling
+        self.width = sp.num_sequences
+        self.length_penalty = sp.length_penalty
+        self.early_stopping = sp.early_stopping
+        self.user_logprobs = sp.logprobs
+        num_stop = len(request.stop_token_ids)
+        self.keep = max(2, 1 + num_stop) * self.width  # transformers' beams_to_keep
+        # each row's own best `keep`, plus the stop ids that min_tokens may ban
+        self.candidates_per_beam = min(self.keep + num_stop, vocab_size)
+        first = request.sequences[0]
+        self.live: list[Sequence] = [first]
+        self.scores: dict[int, float] = {first.seq_id: 0.0}
+        self.entries: dict[int, list[TokenLogprob]] = {first.seq_id: []}
+        self.rows: dict[int, TokenLogprob] = {}  # this step's row of each beam that was computed
+        # blocks the scheduler set aside at admission for forks of the prompt (parked sequences):
+        # beams fork copy-on-write, so they go back, and the copy takes a block when it happens
+        self.spares: list[int] = []
+        self.finished: list[_Hypothesis] = []  # best first, at most `width`
+        self.improvable = True
+        self.num_steps = 0
+
+    # ---- called by Scheduler.update ----------------------------------------------------------
+    def report(self, item: ScheduledSequence, logprob: TokenLogprob | None) -> None:
+        """A beam's row of this step (its top candidates)."""
+        assert logprob is not None, "a beam row samples with logprobs (fan_out.attach)"
+        self.rows[item.seq.seq_id] = logprob
+        self.spares += item.spare_blocks
+
+    def advance(self, sched: Scheduler) -> None:
+        """The step over every beam, once all of them are computed."""
+        if any(
+            s.seq_id not in self.rows
+            or s.status is not SequenceStatus.RUNNING
+            or s.num_computed_tokens != s.num_tokens
+            for s in self.live
+        ):
+            return  # a beam was preempted: step when it is computed again
+        request = self.live[0].request
+        generated = self.live[0].num_output_tokens
+        length = generated + 1
+        candidates = self._top_candidates(request, generated)
+        at_max = length >= request.max_tokens
+        hits = [at_max or c.token_id in request.stop_token_ids for c in candidates]
+        self._keep_finished(request, candidates, hits, length)
+        going_on = [c for c, hit in zip(candidates, hits, strict=True) if not hit][: self.width]
+        if going_on:
+            best_length = (
+                request.max_tokens if self.early_stopping == "never" and self.length_penalty > 0 else length
+            )
+            best_running = going_on[0].total / best_length**self.length_penalty
+            if len(self.finished) == self.width and best_running <= self.finished[-1].score:
+                self.improvable = False
+        full = len(self.finished) == self.width and self.early_stopping is True
+        self.rows = {}
+        self.num_steps += 1
+        if at_max or not self.improvable or full or len(going_on) < self.width:
+            self._finish(sched, request)
+            return
+        self._reassign(sched, going_on)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def _top_candidates(self, request: Request, generated: int) -> list[_Candidate]:
+        banned = request.stop_token_ids if generated < request.sampling.min_tokens else frozenset()
+        # plain tuples for the width x K numbers, objects for the K kept (the per-step host work)
+        scored: list[tuple[float, int, int, int, float]] = []
+        for b, seq in enumerate(self.live):
+            base = self.scores[seq.seq_id]
+            for rank, (token_id, logprob) in enumerate(self.rows[seq.seq_id].top):
+                if token_id not in banned:
+                    scored.append((-(base + logprob), b, rank, token_id, logprob))
+        scored.sort()  # best first; equal: the earlier beam, then its rank
+        kept = []
+        for neg_total, b, rank, token_id, logprob in scored[: self.keep]:
+            top = self.rows[self.live[b].seq_id].top
+            kept.append(_Candidate(-neg_total, b, token_id, TokenLogprob(token_id, logprob, rank + 1, top)))
+        return kept
+
+    def _keep_finished(
+        self, request: Request, candidates: list[_Candidate], hits: list[bool], length: int
+    ) -> None:
+        """Of the first `width` candidates, those that end become hypotheses (while they can
+        still matter), the best `width` kept."""
+        full = len(self.finished) == self.width and self.early_stopping is True
+        if full or not self.improvable:
+            return
+        new = []
+        for c, hit in zip(candidates[: self.width], hits, strict=False):
+            if not hit:
+                continue
+            parent = self.live[c.beam]
+            stop = c.token_id if c.token_id in request.stop_token_ids else None
+            choice = RankedChoice(
+                token_ids=(*parent.output_token_ids, c.token_id),
+                logprobs=(*self.entries[parent.seq_id], c.entry),
+                cumulative_logprob=c.total,
+                finish_reason="stop" if stop is not None else "length",
+                stop_token_id=stop,
+            )
+            new.append(_Hypothesis(c.total / length**self.length_penalty, choice))
+        if new:
+            # stable: an earlier hypothesis stays ahead of an equal new one (transformers' merge)
+            self.finished = sorted(self.finished + new, key=lambda h: -h.score)[: self.width]
+
+    def _reassign(self, sched: Scheduler, going_on: list[_Candidate]) -> None:
+        """Map the next beams onto the request's sequences: a chosen parent keeps its sequence
+        (first child), every further child forks into the sequence of an unchosen parent, or of a
+        parked one at the first step."""
+        request = self.live[0].request
+        chosen = {c.beam for c in going_on}
+        spare_seqs = [s for b, s in enumerate(self.live) if b not in chosen] + request.parked
+        for seq in spare_seqs:
+            sched.bm.free_sequence(seq)  # an unchosen beam's blocks go back before the forks take any
+        claimed: set[int] = set()
+        targets: list[Sequence] = []
+        for c in going_on:
+            parent = self.live[c.beam]
+            if c.beam not in claimed:
+                claimed.add(c.beam)
+                targets.append(parent)
+                continue
+            child = spare_seqs.pop()
+            sched.bm.fork_shared(parent, child)  # the partial block is copied when one writes into it
+            child.token_ids = list(parent.token_ids)
+            if child.status is SequenceStatus.PARKED:
+                child.status = SequenceStatus.RUNNING
+                sched.running.insert(sched.running.index(parent) + 1, child)
+            targets.append(child)
+        self._release_spares(sched)
+        scores, entries = {}, {}
+        for c, seq in zip(going_on, targets, strict=True):
+            parent = self.live[c.beam]
+            scores[seq.seq_id] = c.total
+            entries[seq.seq_id] = [*self.entries[parent.seq_id], c.entry]
+        for c, seq in zip(going_on, targets, strict=True):
+            seq.token_ids.append(c.token_id)
+        self.scores, self.entries, self.live = scores, entries, targets
+
+    def _finish(self, sched: Scheduler, request: Request) -> None:
+        self._release_spares(sched)
+        for seq in request.sequences:
+            if not seq.is_finished:
+                sched.finish_sequence(seq, "length")
+
+    def _release_spares(self, sched: Scheduler) -> None:
+        for block in self.spares:
+            sched.bm.release_block(block)
+        self.spares = []
+
+    # ---- Ranked ------------------------------------------------------------------------------
+    def best(self, request: Request) -> list[RankedChoice]:
+        k = self.user_logprobs
+        if k is None:
+            return [h.choice for h in self.finished]
+        return [_trimmed(h.choice, k) for h in self.finished]
+
+    def completion_tokens(self, request: Request, best: list[RankedChoice]) -> int:
+        return sum(len(c.token_ids) for c in best)
+
+
+def _trimmed(choice: RankedChoice, k: int) -> RankedChoice:
+    logprobs = tuple(TokenLogprob(e.token_id, e.logprob, e.rank, e.top[:k]) for e in choice.logprobs)
+    return RankedChoice(
+        choice.token_ids, logprobs, choice.cumulative_logprob, choice.finish_reason, choice.stop_token_id
+    )

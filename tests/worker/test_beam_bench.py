@@ -1,0 +1,31 @@
+"""benchmarks/beam_bench.py runs (its --smoke mode: CPU, a tiny Llama) and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_beam_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "beam.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "beam_bench.py"), "--smoke", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "beam/sample" in proc.stdout
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {(r["width"], r["mode"]) for r in rows} == {(4, "beam"), (4, "sample"), (8, "beam"), (8, "sample")}
+    for r in rows:
+        assert r["tokens"] == r["prompts"] * r["width"] * r["max_tokens"] and r["tok_per_s_per_seq"] > 0
+        assert (r["ratio_to_sampling"] is not None) == (r["mode"] == "beam")

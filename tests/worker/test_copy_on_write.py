@@ -1,0 +1,77 @@
+"""Copy-on-write forks (BlockManager.fork_shared): every block is shared by reference count, and
+the partially filled last block is copied only when a sequence writes into it while another
+still holds it (beam search forks this way)."""
+
+from __future__ import annotations
+
+from services.worker.block_manager import BlockManager
+from services.worker.request import EngineRequest, Request, SamplingParams, Sequence
+
+
+def seqs_of(tokens: list[int], n: int) -> list[Sequence]:
+    req = EngineRequest("r", tuple(tokens), SamplingParams(n=n))
+    return Request(req, max_tokens=8, eos_token_ids=(2,), arrival=0).sequences
+
+
+def write(bm: BlockManager, seq: Sequence, token: int) -> None:
+    """What the scheduler and update do for one decode token."""
+    assert bm.can_allocate(seq, 1)
+    seq.token_ids.append(token)
+    bm.allocate(seq, 1)
+    seq.num_computed_tokens += 1
+    bm.register_computed_blocks(seq)
+
+
+def test_fork_shares_every_block_and_copies_the_partial_one_when_it_diverges() -> None:
+    bm = BlockManager(16, 4)
+    parent, child, other = seqs_of(list(range(10)), 3)  # 10 tokens: 2 full blocks + a partial one
+    bm.allocate(parent, 10)
+    parent.num_computed_tokens = 10
+    bm.register_computed_blocks(parent)
+    used = bm.num_used_blocks
+    bm.fork_shared(parent, child)
+    bm.fork_shared(parent, other)
+    assert child.block_ids == other.block_ids == parent.block_ids
+    assert bm.num_used_blocks == used and bm.take_copies() == []  # nothing copied at the fork
+    assert [bm.ref_counts[b] for b in parent.block_ids] == [3, 3, 3]
+    # the first writer into the shared partial block copies it; it needs one block for that
+    assert bm.blocks_needed(child, 1) == 1
+    write(bm, child, 100)
+    [(src, dst)] = bm.take_copies()
+    assert src == parent.block_ids[2] and child.block_ids == [*parent.block_ids[:2], dst]
+    write(bm, other, 101)
+    assert len(bm.take_copies()) == 1
+    # the last holder writes in place: no copy
+    assert bm.blocks_needed(parent, 1) == 0
+    write(bm, parent, 102)
+    assert bm.take_copies() == [] and bm.ref_counts[parent.block_ids[2]] == 1
+    assert bm.num_used_blocks == used + 2
+    for s in (parent, child, other):
+        bm.free_sequence(s)
+    assert bm.num_used_blocks == 0
+
+
+def test_a_fork_that_never_writes_copies_nothing() -> None:
+    bm = BlockManager(8, 4)
+    parent, child = seqs_of(list(range(6)), 2)
+    bm.allocate(parent, 6)
+    parent.num_computed_tokens = 6
+    bm.fork_shared(parent, child)
+    bm.free_sequence(child)  # (a beam dropped before its next step)
+    write(bm, parent, 7)
+    assert bm.take_copies() == [] and bm.num_used_blocks == 2
+    bm.free_sequence(parent)
+    assert bm.num_free_blocks == 8
+
+
+def test_full_blocks_stay_shared_after_a_write() -> None:
+    bm = BlockManager(8, 4)
+    parent, child = seqs_of(list(range(8)), 2)  # exactly 2 full blocks: the next token opens a new one
+    bm.allocate(parent, 8)
+    parent.num_computed_tokens = 8
+    bm.register_computed_blocks(parent)
+    bm.fork_shared(parent, child)
+    write(bm, child, 9)
+    write(bm, parent, 10)
+    assert bm.take_copies() == []
+    assert child.block_ids[:2] == parent.block_ids[:2] and child.block_ids[2] != parent.block_ids[2]
