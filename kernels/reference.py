@@ -424,3 +424,61 @@ def fp8_linear(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+# --- Multi-LoRA (punica / S-LoRA style): every row of one batch applies its own adapter ---------
+# Layout shared with kernels/triton/lora.py: the batch's tokens are grouped by adapter slot.
+# sorted_token_ids [T] int32 lists the rows of slot 0, then slot 1, ... (rows of no adapter are not
+# listed in any segment); slot s owns sorted_token_ids[seg_starts[s] : seg_starts[s] + seg_lens[s]].
+
+
+def lora_segments(token_slots: list[int], num_slots: int) -> tuple[list[int], list[int], list[int]]:
+    """(sorted_token_ids, seg_starts, seg_lens) of a batch whose row i applies slot token_slots[i]
+    (-1: no adapter), on the host: the rows of each slot in order, then the rows of no adapter."""
+    by_slot: list[list[int]] = [[] for _ in range(num_slots)]
+    base: list[int] = []
+    for row, slot in enumerate(token_slots):
+        (base if slot < 0 else by_slot[slot]).append(row)
+    starts, lens, ids = [], [], []
+    for rows in by_slot:
+        starts.append(len(ids))
+        lens.append(len(rows))
+        ids += rows
+    return ids + base, starts, lens
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [T, K]
+    lora_a: torch.Tensor,  # [S, R, K]: each slot's stacked A matrices (zero rows past its rank)
+    sorted_token_ids: torch.Tensor,  # [>= T] int32
+    seg_starts: torch.Tensor,  # [S] int32
+    seg_lens: torch.Tensor,  # [S] int32
+) -> torch.Tensor:  # [T, R] fp32; rows of no adapter are left undefined (zeros here)
+    """t[i] = x[i] @ A[slot(i)]^T for every row i that has an adapter, accumulated in fp32."""
+    num_slots, rank, k = lora_a.shape
+    assert x.shape[1] == k and seg_starts.shape == seg_lens.shape == (num_slots,), (x.shape, lora_a.shape)
+    out = torch.zeros(x.shape[0], rank, dtype=torch.float32, device=x.device)
+    for s, (start, n) in enumerate(zip(seg_starts.tolist(), seg_lens.tolist(), strict=True)):
+        if n:
+            rows = sorted_token_ids[start : start + n].long()
+            out[rows] = x[rows].float() @ lora_a[s].float().T
+    return out
+
+
+def lora_expand(
+    y: torch.Tensor,  # [T, N], updated in place
+    t: torch.Tensor,  # [T, R] fp32, lora_shrink's output
+    lora_b: torch.Tensor,  # [S, N, R]: each slot's B matrices, the adapter's scaling folded in
+    sorted_token_ids: torch.Tensor,  # [>= T] int32
+    seg_starts: torch.Tensor,  # [S] int32
+    seg_lens: torch.Tensor,  # [S] int32
+) -> None:
+    """y[i] += t[i] @ B[slot(i)]^T for every row i that has an adapter (t rounded to B's dtype
+    first, as the kernel's tensor-core dot does; the sum in fp32, rounded once to y's dtype)."""
+    _, n_out, rank = lora_b.shape
+    assert y.shape[1] == n_out and t.shape == (y.shape[0], rank), (y.shape, t.shape, lora_b.shape)
+    for s, (start, n) in enumerate(zip(seg_starts.tolist(), seg_lens.tolist(), strict=True)):
+        if n:
+            rows = sorted_token_ids[start : start + n].long()
+            delta = t[rows].to(lora_b.dtype).float() @ lora_b[s].float().T
+            y[rows] = (y[rows].float() + delta).to(y.dtype)
