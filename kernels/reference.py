@@ -439,7 +439,9 @@ def lora_segments(token_slots: list[int], num_slots: int) -> tuple[list[int], li
     base: list[int] = []
     for row, slot in enumerate(token_slots):
         (base if slot < 0 else by_slot[slot]).append(row)
-    starts, lens, ids = [], [], []
+    starts: list[int] = []
+    lens: list[int] = []
+    ids: list[int] = []
     for rows in by_slot:
         starts.append(len(ids))
         lens.append(len(rows))

@@ -99,6 +99,14 @@ class WorkerConfig(ServiceConfig):
     """Decode role: seconds a KV fetch may go without progress before it is abandoned and the prompt computed here."""
     kv_events_buffer: int = 4096
     """Prefix-cache events (SubscribeKvEvents) kept for subscribers that reconnect; one further behind gets a snapshot."""
+    lora_modules: tuple[str, ...] = ()
+    """LoRA adapters to serve from the start, as NAME=DIR (a PEFT adapter directory: adapter_config.json + adapter_model.safetensors); a request selects one by its name (docs/lora.md). More can be loaded at run time (LoadLoRA)."""
+    max_loras: int = 0
+    """Adapters one step can apply at once (device slots, least recently used evicted to host memory); 0 = 4 when --lora-modules is given or --enable-lora is set, else LoRA is off."""
+    max_lora_rank: int = 16
+    """Largest adapter rank served (each slot is allocated for it)."""
+    enable_lora: bool = False
+    """Serve LoRA adapters even when none is given at start (they are loaded at run time)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,8 +178,33 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--kv-fetch-stall-timeout must be > 0, got {self.kv_fetch_stall_timeout}")
         if self.kv_events_buffer <= 0:
             raise ValueError(f"--kv-events-buffer must be > 0, got {self.kv_events_buffer}")
+        if self.max_loras < 0 or self.max_lora_rank <= 0:
+            raise ValueError(
+                f"--max-loras must be >= 0 and --max-lora-rank > 0, got {self.max_loras} and {self.max_lora_rank}"
+            )
+        for spec in self.lora_modules:
+            name, sep, path = spec.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"--lora-modules: expected NAME=DIR, got {spec!r}")
+        if self.lora_slots and self.world_size > 1:
+            raise ValueError(
+                "--lora-modules / --enable-lora with --tensor-parallel-size / --pipeline-parallel-size: "
+                "LoRA weights are not sharded yet (docs/lora.md)"
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    @property
+    def lora_slots(self) -> int:
+        """Device slots for LoRA adapters; 0 = LoRA off."""
+        if self.max_loras:
+            return self.max_loras
+        return 4 if self.lora_modules or self.enable_lora else 0
+
+    @property
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """--lora-modules as (name, directory) pairs."""
+        return [(n.strip(), p.strip()) for n, _, p in (s.partition("=") for s in self.lora_modules)]
 
     @property
     def world_size(self) -> int:

@@ -361,6 +361,7 @@ def build_model(
     seed: int = 0,
     quantization: str = "none",
     quantization_group_size: int = 0,
+    fold_norms: bool = True,
 ) -> LlamaForCausalLM:
     cls = model_class(cfg.architecture)
     method = checkpoint_quant_method(cfg.path, quantization) if load_format != "dummy" else None
@@ -380,7 +381,7 @@ def build_model(
     # Once the weights are final (checkpoint or dummy): each layer's RMSNorm weights go into the
     # next projection where the kernel bundle can run that path (models/llama.py `fold_norms`).
     # (Not for a quantized model: the fold would scale the quantized weights' columns.)
-    folded = model.fold_norms() if method is None else False
+    folded = model.fold_norms() if method is None and fold_norms else False
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     log.info(
