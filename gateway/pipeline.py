@@ -83,7 +83,7 @@ async def chat(
         prompt = await executor.render_chat(req)
         sampling = executor.sampling(req.params, len(prompt.token_ids))
         admission.add_tokens(len(prompt.token_ids))
-        run = RequestRun(request_id, [prompt])
+        run = RequestRun(request_id, [prompt], lora_name=executor.lora_name(model))
         _record(ctx, run)
         info = ctx.stylers.info
         use_tools = (
@@ -143,7 +143,7 @@ async def completion(
             for p in prompts
         ]
         admission.add_tokens(sum(len(p.token_ids) for p in prompts))
-        run = RequestRun(request_id, prompts)
+        run = RequestRun(request_id, prompts, lora_name=executor.lora_name(model))
         _record(ctx, run)
         detok = DetokenizeOptions(
             skip_special_tokens=req.params.skip_special_tokens,

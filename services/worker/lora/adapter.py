@@ -19,13 +19,12 @@ import itertools
 import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from services.common.block_hash import ROOT_HASH
+from services.common.block_hash import lora_root_hash
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -99,14 +98,6 @@ class LoRAAdapter:
         """The prefix cache's chain root for prompts under this adapter (services/common/block_hash.py):
         the same tokens under two adapters, or under none, never share KV."""
         return lora_root_hash(self.digest)
-
-
-def lora_root_hash(digest: str) -> int:
-    """The chain root of blocks computed under the adapter whose files hash to `digest`."""
-    if not digest:
-        return ROOT_HASH
-    payload = struct.pack("<Q", ROOT_HASH) + b"lora:" + digest.encode()
-    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
 def load_adapter(name: str, path: str, shapes: ModelShapes, max_rank: int) -> LoRAAdapter:
