@@ -80,6 +80,14 @@ class UpConfig:
     """Quantize a full-precision checkpoint's weights at load time in every worker (int8: W8A16; fp8: e4m3, W8A8 where the GPU has FP8; int4: W4A16 group 128); pre-quantized checkpoints need no flag (docs/quantization.md)."""
     tensor_parallel_size: int = 1
     """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
+    lora_modules: list[str] = field(default_factory=list)
+    """LoRA adapters every worker serves from the start, as NAME=DIR (PEFT directories; repeat for several); requests select one with `model` (docs/lora.md)."""
+    enable_lora: bool = False
+    """Let the workers serve LoRA adapters loaded at run time (POST /v1/load_lora_adapter) even without --lora-modules."""
+    max_loras: int = 0
+    """Adapters a worker applies in one step (device slots; 0 = the worker's default, 4 with LoRA on)."""
+    max_lora_rank: int = 0
+    """Largest adapter rank the workers accept (0 = the worker's default, 16)."""
     worker_args: str = ""
     """Extra options passed to every worker, as one shell-quoted string (e.g. "--max-num-seqs 64")."""
     styler_args: str = ""
@@ -321,6 +329,14 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
         args += ["--quantization", config.quantization]
     if config.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
+    for spec in config.lora_modules:
+        args += ["--lora-modules", spec]
+    if config.enable_lora:
+        args += ["--enable-lora"]
+    if config.max_loras:
+        args += ["--max-loras", str(config.max_loras)]
+    if config.max_lora_rank:
+        args += ["--max-lora-rank", str(config.max_lora_rank)]
     return args
 
 

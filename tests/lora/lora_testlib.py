@@ -62,3 +62,16 @@ def make_adapter(
     model.save_pretrained(str(path))
     merged = model.merge_and_unload().eval()
     return Adapter(name, path, RefModel(base.path, merged, base.eos_token_ids, base.vocab_size))
+
+
+def expected_text(client: Any, ref: RefModel, prompt: list[int], max_tokens: int) -> str:
+    """The reference's greedy continuation of `prompt` as text in context, detokenized by the
+    stack's own /detokenize (`client`: an openai.OpenAI; the prompt's text cut off the front)."""
+
+    def text(tokens: list[int]) -> str:
+        reply = client.post("/../detokenize", body={"tokens": tokens}, cast_to=object)
+        return str(reply["prompt"])
+
+    prompt_text, full = text(prompt), text(prompt + ref.greedy(prompt, max_tokens))
+    assert full.startswith(prompt_text)
+    return full[len(prompt_text) :]

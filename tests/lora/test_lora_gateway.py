@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
-from lora_testlib import Adapter, make_adapter
+from lora_testlib import Adapter, expected_text, make_adapter
 from worker_testlib import RefModel, load_ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gateway"))
@@ -75,15 +75,7 @@ def _complete(client: openai.OpenAI, model: str) -> str:
 
 
 def _expected(client: openai.OpenAI, ref: RefModel) -> str:
-    """The reference's greedy tokens as text in context (the prompt's text cut off the front)."""
-
-    def text(tokens: list[int]) -> str:
-        reply = client.post("/../detokenize", body={"tokens": tokens}, cast_to=object)
-        return str(reply["prompt"])  # type: ignore[index]
-
-    prompt_text, full = text(PROMPT), text(PROMPT + ref.greedy(PROMPT, 12))
-    assert full.startswith(prompt_text)
-    return full[len(prompt_text) :]
+    return expected_text(client, ref, PROMPT, 12)
 
 
 def _worker_loras(stack: Stack) -> list[list[str]]:
