@@ -17,13 +17,18 @@ import triton.language as tl
 
 # Rows of a segment per program: tl.dot needs >= 16, and a decode step has a few rows per adapter.
 _BLOCK_M = 16
+# Columns of x one shrink program reduces: a decode step has one row block per adapter, so the
+# parallelism comes from splitting K (14336 for Llama-3.1-8B's down_proj: 28 programs, not one
+# program looping over all of it); the partial sums are added by one small torch reduction, in a
+# fixed order (atomics would make the result depend on the programs' timing).
+_K_CHUNK = 512
 
 
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr,  # [T, K]
     a_ptr,  # [S, R, K]
-    out_ptr,  # [T, R] fp32
+    out_ptr,  # [SPLIT_K, T, R] fp32: one partial sum per K chunk
     ids_ptr,  # [>= T] int32 rows sorted by slot
     starts_ptr,  # [S] int32
     lens_ptr,  # [S] int32
@@ -32,7 +37,9 @@ def _lora_shrink_kernel(
     stride_xm,
     stride_as,
     stride_ar,
+    stride_os,
     stride_om,
+    K_CHUNK,  # columns of x per program (a multiple of BLOCK_K)
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -40,6 +47,7 @@ def _lora_shrink_kernel(
 ):
     slot = tl.program_id(0)
     block = tl.program_id(1)
+    split = tl.program_id(2)
     seg_len = tl.load(lens_ptr + slot)
     if block * BLOCK_M < seg_len:
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -49,7 +57,8 @@ def _lora_shrink_kernel(
         mask_r = offs_r < R
         a_base = a_ptr + slot.to(tl.int64) * stride_as
         acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k_start = split * K_CHUNK
+        for k0 in range(k_start, k_start + K_CHUNK, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             x = tl.load(
@@ -66,8 +75,9 @@ def _lora_shrink_kernel(
                 acc += tl.dot(x, a, input_precision="ieee")
             else:
                 acc += tl.dot(x, a)
+        out = out_ptr + split.to(tl.int64) * stride_os
         tl.store(
-            out_ptr + rows[:, None] * stride_om + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :]
+            out + rows[:, None] * stride_om + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :]
         )
 
 
@@ -144,14 +154,17 @@ def lora_shrink(
     assert x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride(), lora_a.shape)
     assert lora_a.is_contiguous() and lora_a.dtype == x.dtype, (lora_a.dtype, x.dtype)
     _check_mapping(x.shape[0], sorted_token_ids, seg_starts, seg_lens, num_slots)
-    out = torch.empty(x.shape[0], rank, dtype=torch.float32, device=x.device)
+    block_k = min(128, max(16, triton.next_power_of_2(k)))
+    k_chunk = triton.cdiv(min(_K_CHUNK, k), block_k) * block_k
+    split_k = triton.cdiv(k, k_chunk)
+    partial = torch.empty(split_k, x.shape[0], rank, dtype=torch.float32, device=x.device)
     if x.shape[0] == 0:
-        return out
-    grid = (num_slots, triton.cdiv(x.shape[0], _BLOCK_M))
+        return partial.sum(0)
+    grid = (num_slots, triton.cdiv(x.shape[0], _BLOCK_M), split_k)
     _lora_shrink_kernel[grid](
         x,
         lora_a,
-        out,
+        partial,
         sorted_token_ids,
         seg_starts,
         seg_lens,
@@ -160,13 +173,15 @@ def lora_shrink(
         x.stride(0),
         lora_a.stride(0),
         lora_a.stride(1),
-        out.stride(0),
+        partial.stride(0),
+        partial.stride(1),
+        k_chunk,
         BLOCK_M=_BLOCK_M,
         BLOCK_R=_block_r(rank),
-        BLOCK_K=min(128, max(16, triton.next_power_of_2(k))),
+        BLOCK_K=block_k,
         IEEE=x.dtype == torch.float32,
     )
-    return out
+    return partial[0] if split_k == 1 else partial.sum(0)
 
 
 def lora_expand(
