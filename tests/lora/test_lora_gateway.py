@@ -22,7 +22,7 @@ from worker_testlib import RefModel, load_ref
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gateway"))
 from gateway_stack import Stack
 
-from tandem.v1 import worker_pb2, worker_pb2_grpc
+from tandem.v1 import inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 KEY = "sk-lora-test"
 PROMPT = [1, 403, 407, 365, 261, 422]  # token ids: the comparison needs no tokenizer round trip
@@ -95,6 +95,11 @@ def test_adapters_through_the_stack(setup: tuple[LoRAStack, RefModel, Adapter, A
     assert set(cards) == {base_name, "story-a"}
     assert cards["story-a"].model_extra["parent"] == base_name  # type: ignore[index]
     assert cards[base_name].model_extra["parent"] is None  # type: ignore[index]
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:  # the public gRPC API too
+        reply = inference_pb2_grpc.InferenceStub(channel).ListModels(
+            inference_pb2.ListModelsRequest(), metadata=[("authorization", f"Bearer {KEY}")]
+        )
+    assert [(m.id, m.parent) for m in reply.models] == [(base_name, ""), ("story-a", base_name)]
 
     base_text, first_text = _complete(client, base_name), _complete(client, "story-a")
     assert first_text == _expected(client, first.ref) != base_text
