@@ -207,7 +207,12 @@ def _collect(
                 f"adapter {name!r}: layer {layer} {module} has lora_A or lora_B but not both"
             )
         fused, part = MODULES[module]
-        proj = shapes.projections[fused]
+        proj = shapes.projections.get(fused)
+        if proj is None:
+            raise LoRAAdapterError(
+                f"adapter {name!r}: target module {module!r} is not a dense projection of every layer of "
+                "this model (a mixture-of-experts MLP has none): the model lacks it"
+            )
         a, b = ab["A"], ab["B"]
         rank = a.shape[0]
         want_a, want_b = (rank, proj.in_features), (proj.part_out[part], rank)
