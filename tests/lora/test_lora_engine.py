@@ -154,3 +154,18 @@ def test_unknown_adapter_is_refused(lora_family: dict[str, tuple[RefModel, list[
     with pytest.raises(LoRANotFoundError, match="'nope'"):
         engine.add_request(EngineRequest("x", (1, 5, 6), SamplingParams(max_tokens=2), lora_name="nope"))
     assert not engine.has_unfinished()
+
+
+def test_async_scheduling_with_more_adapters_than_slots(
+    lora_family: dict[str, tuple[RefModel, list[Adapter]]],
+) -> None:
+    """Steps planned while the previous one runs (async scheduling) keep each row's adapter, and
+    fall back to a synchronous step when the continuation would need more adapters than slots."""
+    base, adapters = lora_family["qwen3"]
+    engine = _engine(base, adapters, max_loras=2, max_num_batched_tokens=32, async_scheduling="on")
+    refs = _refs(base, adapters)
+    reqs = _mixed_requests(base.vocab_size, ["alpha", "", "beta", "alpha", "gamma"], "async", seed=13)
+    results = _run(engine, [r for r, _, _ in reqs])
+    for req, prompt, name in reqs:
+        assert results[req.request_id].token_ids[0] == refs[name].greedy(prompt, MAX_TOKENS), name
+    assert engine.num_continuations > 0
