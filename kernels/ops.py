@@ -88,10 +88,10 @@ class KernelOps:
     quant_linear: Callable[..., torch.Tensor] = reference.quant_linear
     # Multi-LoRA, one launch each for the whole batch (rows grouped by adapter slot; layouts in
     # kernels/reference.py): (x [T, K], lora_a [S, R, K], sorted_token_ids [>= T] int32,
-    #   seg_starts [S] int32, seg_lens [S] int32) -> t [T, R] fp32
+    #   seg_starts [S] int32, seg_lens [S] int32) -> t [P, T, R] fp32: P partial sums over K
     lora_shrink: Callable[..., torch.Tensor] = reference.lora_shrink
-    # (y [T, N], t [T, R] fp32, lora_b [S, N, R], sorted_token_ids, seg_starts, seg_lens) -> None:
-    #   y[i] += t[i] @ B[slot(i)]^T in place for every row i that has an adapter
+    # (y [T, N], t [P, T, R] fp32, lora_b [S, N, R], sorted_token_ids, seg_starts, seg_lens) -> None:
+    #   y[i] += (sum_p t[p, i]) @ B[slot(i)]^T in place for every row i that has an adapter
     lora_expand: Callable[..., None] = reference.lora_expand
 
     @property

@@ -455,8 +455,9 @@ def lora_shrink(
     sorted_token_ids: torch.Tensor,  # [>= T] int32
     seg_starts: torch.Tensor,  # [S] int32
     seg_lens: torch.Tensor,  # [S] int32
-) -> torch.Tensor:  # [T, R] fp32; rows of no adapter are left undefined (zeros here)
-    """t[i] = x[i] @ A[slot(i)]^T for every row i that has an adapter, accumulated in fp32."""
+) -> torch.Tensor:  # [P, T, R] fp32 partial sums (P = 1 here); rows of no adapter undefined (zeros here)
+    """t[i] = x[i] @ A[slot(i)]^T for every row i that has an adapter, accumulated in fp32, as P
+    partial sums over slices of K that `lora_expand` adds up (the kernel splits K; one here)."""
     num_slots, rank, k = lora_a.shape
     assert x.shape[1] == k and seg_starts.shape == seg_lens.shape == (num_slots,), (x.shape, lora_a.shape)
     out = torch.zeros(x.shape[0], rank, dtype=torch.float32, device=x.device)
@@ -464,21 +465,22 @@ def lora_shrink(
         if n:
             rows = sorted_token_ids[start : start + n].long()
             out[rows] = x[rows].float() @ lora_a[s].float().T
-    return out
+    return out[None]
 
 
 def lora_expand(
     y: torch.Tensor,  # [T, N], updated in place
-    t: torch.Tensor,  # [T, R] fp32, lora_shrink's output
+    t: torch.Tensor,  # [P, T, R] fp32, lora_shrink's partial sums
     lora_b: torch.Tensor,  # [S, N, R]: each slot's B matrices, the adapter's scaling folded in
     sorted_token_ids: torch.Tensor,  # [>= T] int32
     seg_starts: torch.Tensor,  # [S] int32
     seg_lens: torch.Tensor,  # [S] int32
 ) -> None:
-    """y[i] += t[i] @ B[slot(i)]^T for every row i that has an adapter (t rounded to B's dtype
-    first, as the kernel's tensor-core dot does; the sum in fp32, rounded once to y's dtype)."""
+    """y[i] += (sum_p t[p, i]) @ B[slot(i)]^T for every row i that has an adapter (the sum rounded
+    to B's dtype first, as the kernel's tensor-core dot does; the add in fp32, rounded once to y's dtype)."""
     _, n_out, rank = lora_b.shape
-    assert y.shape[1] == n_out and t.shape == (y.shape[0], rank), (y.shape, t.shape, lora_b.shape)
+    assert y.shape[1] == n_out and t.shape[1:] == (y.shape[0], rank), (y.shape, t.shape, lora_b.shape)
+    t = t.sum(0)
     for s, (start, n) in enumerate(zip(seg_starts.tolist(), seg_lens.tolist(), strict=True)):
         if n:
             rows = sorted_token_ids[start : start + n].long()

@@ -1,6 +1,7 @@
 """Multi-LoRA in one batch (punica / S-LoRA style): each row applies its own adapter's low-rank
 update, y += (x @ A_s^T) @ B_s^T, as two segmented kernels over the whole batch: `lora_shrink`
-(x [T, K] -> t [T, R], fp32) and `lora_expand` (y [T, N] += t @ B^T).
+(x [T, K] -> t [P, T, R], fp32 partial sums over P slices of K) and `lora_expand`
+(y [T, N] += (sum_p t[p]) @ B^T).
 
 The rows are grouped by adapter slot on the host (services/worker/lora/mapping.py): slot s owns
 sorted_token_ids[seg_starts[s] : + seg_lens[s]]. The grid is (slot, row block[, column block]) and
@@ -19,8 +20,8 @@ import triton.language as tl
 _BLOCK_M = 16
 # Columns of x one shrink program reduces: a decode step has one row block per adapter, so the
 # parallelism comes from splitting K (14336 for Llama-3.1-8B's down_proj: 28 programs, not one
-# program looping over all of it); the partial sums are added by one small torch reduction, in a
-# fixed order (atomics would make the result depend on the programs' timing).
+# program looping over all of it); the expand kernel adds the partial sums up, in a fixed order
+# (atomics would make the result depend on the programs' timing, a separate sum costs a launch).
 _K_CHUNK = 512
 
 
@@ -84,14 +85,16 @@ def _lora_shrink_kernel(
 @triton.jit
 def _lora_expand_kernel(
     y_ptr,  # [T, N]
-    t_ptr,  # [T, R] fp32
+    t_ptr,  # [P, T, R] fp32
     b_ptr,  # [S, N, R]
     ids_ptr,
     starts_ptr,
     lens_ptr,
     N,
     R,
+    P,
     stride_ym,
+    stride_tp,
     stride_tm,
     stride_bs,
     stride_bn,
@@ -116,11 +119,12 @@ def _lora_expand_kernel(
             mask=mask_n[None, :] & mask_r[:, None],
             other=0.0,
         )
-        t = tl.load(
-            t_ptr + rows[:, None] * stride_tm + offs_r[None, :],
-            mask=mask_m[:, None] & mask_r[None, :],
-            other=0.0,
-        ).to(b.dtype)
+        t_ptrs = t_ptr + rows[:, None] * stride_tm + offs_r[None, :]
+        mask_t = mask_m[:, None] & mask_r[None, :]
+        t_sum = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for p in range(P):  # the shrink's partial sums over K, in order
+            t_sum += tl.load(t_ptrs + p * stride_tp, mask=mask_t, other=0.0)
+        t = t_sum.to(b.dtype)
         delta = tl.dot(t, b, input_precision="ieee") if IEEE else tl.dot(t, b)
         y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
@@ -149,7 +153,7 @@ def lora_shrink(
     sorted_token_ids: torch.Tensor,
     seg_starts: torch.Tensor,
     seg_lens: torch.Tensor,
-) -> torch.Tensor:  # [T, R] fp32 (rows of no adapter undefined)
+) -> torch.Tensor:  # [P, T, R] fp32 partial sums (rows of no adapter undefined)
     num_slots, rank, k = lora_a.shape
     assert x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride(), lora_a.shape)
     assert lora_a.is_contiguous() and lora_a.dtype == x.dtype, (lora_a.dtype, x.dtype)
@@ -159,7 +163,7 @@ def lora_shrink(
     split_k = triton.cdiv(k, k_chunk)
     partial = torch.empty(split_k, x.shape[0], rank, dtype=torch.float32, device=x.device)
     if x.shape[0] == 0:
-        return partial.sum(0)
+        return partial
     grid = (num_slots, triton.cdiv(x.shape[0], _BLOCK_M), split_k)
     _lora_shrink_kernel[grid](
         x,
@@ -181,12 +185,12 @@ def lora_shrink(
         BLOCK_K=block_k,
         IEEE=x.dtype == torch.float32,
     )
-    return partial[0] if split_k == 1 else partial.sum(0)
+    return partial
 
 
 def lora_expand(
     y: torch.Tensor,  # [T, N], updated in place
-    t: torch.Tensor,  # [T, R] fp32
+    t: torch.Tensor,  # [P, T, R] fp32
     lora_b: torch.Tensor,  # [S, N, R]
     sorted_token_ids: torch.Tensor,
     seg_starts: torch.Tensor,
@@ -194,7 +198,9 @@ def lora_expand(
 ) -> None:
     num_slots, n_out, rank = lora_b.shape
     assert y.dim() == 2 and y.shape[1] == n_out and y.stride(1) == 1, (y.shape, lora_b.shape)
-    assert t.shape == (y.shape[0], rank) and t.dtype == torch.float32 and t.stride(1) == 1
+    assert (
+        t.dim() == 3 and t.shape[1:] == (y.shape[0], rank) and t.dtype == torch.float32 and t.stride(2) == 1
+    )
     assert lora_b.is_contiguous(), lora_b.stride()
     _check_mapping(y.shape[0], sorted_token_ids, seg_starts, seg_lens, num_slots)
     if y.shape[0] == 0:
@@ -210,8 +216,10 @@ def lora_expand(
         seg_lens,
         n_out,
         rank,
+        t.shape[0],
         y.stride(0),
         t.stride(0),
+        t.stride(1),
         lora_b.stride(0),
         lora_b.stride(1),
         BLOCK_M=_BLOCK_M,

@@ -59,10 +59,10 @@ def test_lora_shrink_expand_match_reference(
     t_ref = reference.lora_shrink(x, lora_a, ids, starts, lens)
     lora_rows = torch.tensor([s >= 0 for s in token_slots], device=device)
     if lora_rows.any():
-        assert rel_err(t[lora_rows], t_ref[lora_rows]) < tol_for(dtype)
+        assert rel_err(t.sum(0)[lora_rows], t_ref.sum(0)[lora_rows]) < tol_for(dtype)
 
     y = y0.clone()
-    lora_expand(y, t_ref, lora_b, ids, starts, lens)
+    lora_expand(y, t, lora_b, ids, starts, lens)  # the kernel's own partial sums
     y_ref = y0.clone()
     reference.lora_expand(y_ref, t_ref, lora_b, ids, starts, lens)
     assert y.dtype == dtype
