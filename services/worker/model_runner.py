@@ -249,9 +249,7 @@ class ModelRunner:
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
         if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
-            self.lora.prepare(
-                [item.seq.request.req.lora for item in out.scheduled for _ in range(item.num_new_tokens)]
-            )
+            self.lora.prepare([(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled])
         mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
         decoded: DecodeOutputs | None = None
         if (

@@ -30,7 +30,7 @@ class LoRAMapping:
             )
         # non_blocking from pageable memory: staged at once, ordered after the work already queued
         # (an earlier step still reading these buffers finishes first)
-        if sorted_token_ids:
+        if sorted_token_ids:  # (only the rows of an adapter: a step of the base model copies none)
             self.sorted_token_ids[: len(sorted_token_ids)].copy_(
                 torch.tensor(sorted_token_ids, dtype=torch.int32), non_blocking=True
             )

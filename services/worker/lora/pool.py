@@ -17,7 +17,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from kernels import KernelOps, reference
+from kernels import KernelOps
 from services.worker.layers.linear import Linear
 from services.worker.layers.lora import LoRAMapping, LoRAProjection
 from services.worker.lora.adapter import FUSED_PARTS, MODULES, LoRAAdapter, ModelShapes, ProjectionShape
@@ -97,9 +97,10 @@ class LoRAPool:
     def resident(self) -> list[str]:
         return [a.name for a in self.slots if a is not None]
 
-    def prepare(self, row_adapters: list[LoRAAdapter | None]) -> None:
-        """Slots for this step's adapters (filling evicted ones), then the rows' mapping."""
-        wanted: dict[int, LoRAAdapter] = {a.lora_id: a for a in row_adapters if a is not None}
+    def prepare(self, entries: list[tuple[LoRAAdapter | None, int]]) -> None:
+        """Slots for this step's adapters (filling evicted ones), then the rows' mapping.
+        `entries`: the step's scheduled sequences in row order, (adapter or None, rows it has)."""
+        wanted: dict[int, LoRAAdapter] = {a.lora_id: a for a, _ in entries if a is not None}
         if len(wanted) > self.max_loras:
             raise RuntimeError(f"{len(wanted)} adapters in one step, the pool has {self.max_loras} slots")
         slot_of: dict[int, int] = {}
@@ -110,8 +111,21 @@ class LoRAPool:
         for lora_id, adapter in wanted.items():
             if lora_id not in slot_of:
                 slot_of[lora_id] = self._fill(adapter, busy=set(slot_of.values()))
-        token_slots = [-1 if a is None else slot_of[a.lora_id] for a in row_adapters]
-        self.mapping.set(*reference.lora_segments(token_slots, self.max_loras))
+        # rows grouped by slot (layout: kernels/reference.py lora_segments), a range per sequence
+        by_slot: list[list[int]] = [[] for _ in range(self.max_loras)]
+        row = 0
+        for entry_adapter, num_rows in entries:
+            if entry_adapter is not None:
+                by_slot[slot_of[entry_adapter.lora_id]] += range(row, row + num_rows)
+            row += num_rows
+        ids: list[int] = []
+        starts: list[int] = []
+        lens: list[int] = []
+        for rows in by_slot:
+            starts.append(len(ids))
+            lens.append(len(rows))
+            ids += rows
+        self.mapping.set(ids, starts, lens)
 
     def _fill(self, adapter: LoRAAdapter, busy: set[int]) -> int:
         free = [s for s, a in enumerate(self.slots) if a is None and s not in busy]
