@@ -98,9 +98,12 @@ def _lora_expand_kernel(
     stride_tm,
     stride_bs,
     stride_bn,
+    PART1,  # first output column of part 1 (N when there is none)
+    PART2,  # first output column of part 2 (N when there is none)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PART_RANK: tl.constexpr,  # > 0: part j's columns read only rank columns [j, j + 1) * PART_RANK
     IEEE: tl.constexpr,
 ):
     slot = tl.program_id(0)
@@ -114,9 +117,13 @@ def _lora_expand_kernel(
         mask_r = offs_r < R
         offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        mask_b = mask_n[None, :] & mask_r[:, None]
+        if PART_RANK > 0:  # a fused projection: the other parts' rank columns are zeros, not read
+            part = (offs_n >= PART1).to(tl.int32) + (offs_n >= PART2).to(tl.int32)
+            mask_b = mask_b & ((offs_r[:, None] // PART_RANK) == part[None, :])
         b = tl.load(  # [BLOCK_R, BLOCK_N]: B^T
             b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
-            mask=mask_n[None, :] & mask_r[:, None],
+            mask=mask_b,
             other=0.0,
         )
         t_ptrs = t_ptr + rows[:, None] * stride_tm + offs_r[None, :]
@@ -195,8 +202,11 @@ def lora_expand(
     sorted_token_ids: torch.Tensor,
     seg_starts: torch.Tensor,
     seg_lens: torch.Tensor,
+    part_starts: tuple[int, ...] = (),
+    part_rank: int = 0,
 ) -> None:
     num_slots, n_out, rank = lora_b.shape
+    assert len(part_starts) <= 3 and (not part_starts or part_rank * len(part_starts) <= rank)
     assert y.dim() == 2 and y.shape[1] == n_out and y.stride(1) == 1, (y.shape, lora_b.shape)
     assert (
         t.dim() == 3 and t.shape[1:] == (y.shape[0], rank) and t.dtype == torch.float32 and t.stride(2) == 1
@@ -222,8 +232,10 @@ def lora_expand(
         t.stride(1),
         lora_b.stride(0),
         lora_b.stride(1),
+        *[*part_starts[1:], n_out, n_out][:2],  # PART1, PART2
         BLOCK_M=_BLOCK_M,
         BLOCK_N=block_n,
         BLOCK_R=_block_r(rank),
+        PART_RANK=part_rank if len(part_starts) > 1 else 0,
         IEEE=lora_b.dtype == torch.float32,
     )

@@ -79,3 +79,43 @@ def test_lora_shrink_expand_match_reference(
 def test_segments_group_rows_by_slot() -> None:
     ids, starts, lens = reference.lora_segments([2, -1, 0, 2, -1, 0], num_slots=3)
     assert ids == [2, 5, 0, 3, 1, 4] and starts == [0, 2, 2] and lens == [2, 0, 2]
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize("parts", [(0, 40, 56), (0, 48)])
+def test_fused_parts_read_only_their_rank_columns(
+    device: str, dtype: torch.dtype, parts: tuple[int, ...]
+) -> None:
+    """A fused projection (qkv: three parts, gate/up: two): output columns of part j use only rank
+    columns [j*R, (j+1)*R) of B, whatever the other entries hold (the pool keeps them zero)."""
+    skip_without(device)
+    from kernels.triton.lora import lora_expand, lora_shrink
+
+    rows, k, part_rank, num_slots = 9, 48, 8, 3
+    n = 72 if len(parts) == 3 else 96
+    rank = part_rank * len(parts)
+    gen = torch.Generator().manual_seed(len(parts))
+    x = torch.randn(rows, k, generator=gen).to(device, dtype)
+    lora_a = (torch.randn(num_slots, rank, k, generator=gen) / k**0.5).to(device, dtype)
+    lora_b = torch.randn(num_slots, n, rank, generator=gen).to(device, dtype)  # no zeros anywhere
+    y0 = torch.randn(rows, n, generator=gen).to(device, dtype)
+    token_slots = [0, 2, -1, 1, 2, 2, 0, -1, 1]
+    ids, starts, lens = (
+        torch.tensor(v, dtype=torch.int32, device=device)
+        for v in reference.lora_segments(token_slots, num_slots)
+    )
+    t = lora_shrink(x, lora_a, ids, starts, lens)
+    y, y_ref = y0.clone(), y0.clone()
+    lora_expand(y, t, lora_b, ids, starts, lens, parts, part_rank)
+    reference.lora_expand(y_ref, t, lora_b, ids, starts, lens, parts, part_rank)
+    assert rel_err(y, y_ref) < tol_for(dtype)
+    want = y0.double().clone()
+    bounds = [*parts, n]
+    for i, s in enumerate(token_slots):
+        if s < 0:
+            continue
+        for j in range(len(parts)):
+            cols, ranks = slice(bounds[j], bounds[j + 1]), slice(j * part_rank, (j + 1) * part_rank)
+            t_j = x[i].double() @ lora_a[s, ranks].double().T
+            want[i, cols] += t_j @ lora_b[s, cols, ranks].double().T
+    assert rel_err(y, want) < 4 * tol_for(dtype)

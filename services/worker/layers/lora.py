@@ -45,15 +45,25 @@ class LoRAProjection:
     elsewhere: one shrink and one expand cover q, k and v, or gate and up, at once)."""
 
     def __init__(
-        self, ops: KernelOps, lora_a: torch.Tensor, lora_b: torch.Tensor, mapping: LoRAMapping
+        self,
+        ops: KernelOps,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        mapping: LoRAMapping,
+        part_starts: tuple[int, ...] = (),  # first output column of each fused part
+        part_rank: int = 0,  # R: part j's A rows / B columns are [j*R, (j+1)*R)
     ) -> None:
         self.ops = ops
         self.lora_a = lora_a
         self.lora_b = lora_b
         self.mapping = mapping
+        self.part_starts = part_starts
+        self.part_rank = part_rank
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # y [T, out] += lora(x [T, in])
         m = self.mapping
         t = self.ops.lora_shrink(x, self.lora_a, m.sorted_token_ids, m.seg_starts, m.seg_lens)
-        self.ops.lora_expand(y, t, self.lora_b, m.sorted_token_ids, m.seg_starts, m.seg_lens)
+        self.ops.lora_expand(
+            y, t, self.lora_b, m.sorted_token_ids, m.seg_starts, m.seg_lens, self.part_starts, self.part_rank
+        )
         return y

@@ -88,7 +88,9 @@ class LoRAPool:
                 width = FUSED_PARTS[name] * max_rank
                 a = torch.zeros(max_loras, width, linear.in_features, dtype=dtype, device=device)
                 b = torch.zeros(max_loras, linear.out_features, width, dtype=dtype, device=device)
-                entry[name] = linear.lora = LoRAProjection(ops, a, b, self.mapping)
+                parts = self.shapes.projections[name].part_out
+                starts = tuple(sum(parts[:j]) for j in range(len(parts)))
+                entry[name] = linear.lora = LoRAProjection(ops, a, b, self.mapping, starts, max_rank)
             self.layers.append(entry)
         self.slots: list[LoRAAdapter | None] = [None] * max_loras
         self._lru: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, least recently used first
