@@ -22,7 +22,15 @@ from gateway.context import GatewayContext
 from gateway.errors import APIError
 from gateway.rate_limit import RateLimiter
 from gateway.response_store import ResponseStore
-from gateway.routes import anthropic_routes, health, lora_routes, openai_routes, openapi, responses_routes
+from gateway.routes import (
+    anthropic_routes,
+    embeddings_routes,
+    health,
+    lora_routes,
+    openai_routes,
+    openapi,
+    responses_routes,
+)
 from services.common import telemetry
 from services.common.logging import request_id_var
 
@@ -216,5 +224,6 @@ def build_app(config: GatewayConfig) -> web.Application:
     openai_routes.register(app)
     anthropic_routes.register(app)
     responses_routes.register(app)
+    embeddings_routes.register(app)
     lora_routes.register(app)
     return app

@@ -20,6 +20,7 @@ from gateway.downstream import (
     CacheEvent,
     ChoiceDelta,
     DetokenizeStart,
+    EmbeddingResult,
     GenerateChunk,
     Guided,
     KVSource,
@@ -30,6 +31,7 @@ from gateway.downstream import (
     TokenLogprob,
     TokenText,
     ToolCallDelta,
+    ToolGrammarRequest,
     TopLogprob,
     Usage,
     WorkerInfo,
@@ -50,6 +52,11 @@ _ROLES = {
     worker_pb2.WORKER_ROLE_UNIFIED: "unified",
     worker_pb2.WORKER_ROLE_PREFILL: "prefill",
     worker_pb2.WORKER_ROLE_DECODE: "decode",
+}
+_TASKS = {
+    worker_pb2.WORKER_TASK_UNSPECIFIED: "generate",
+    worker_pb2.WORKER_TASK_GENERATE: "generate",
+    worker_pb2.WORKER_TASK_EMBED: "embed",
 }
 _EVENT_KINDS = {
     worker_pb2.KV_EVENT_KIND_STORED: "stored",
@@ -121,6 +128,7 @@ def _logprob(entry: common_pb2.TokenLogprob) -> TokenLogprob:
         token_id=entry.token_id,
         logprob=entry.logprob,
         top=tuple(TopLogprob(t.token_id, t.logprob) for t in entry.top_logprobs),
+        rank=entry.rank,
     )
 
 
@@ -138,6 +146,7 @@ def _sampling_to_proto(s: SamplingParams[Guided]) -> common_pb2.SamplingParams:
         stop_token_ids=list(s.stop_token_ids),
         ignore_eos=s.ignore_eos,
         n=s.n,
+        logit_bias=dict(s.logit_bias),
     )
     for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):  # None: unset
         value = getattr(s, name)
@@ -252,6 +261,7 @@ class StylerClient:
         chat_template: str | None,
         chat_template_kwargs: dict[str, Any] | None,
         documents: list[Any] | None = None,
+        tool_grammar: ToolGrammarRequest | None = None,
     ) -> Rendered:
         req = styler_pb2.RenderRequest(
             messages=[_message_to_proto(m) for m in messages],
@@ -263,8 +273,16 @@ class StylerClient:
         )
         if chat_template is not None:
             req.chat_template = chat_template
+        if tool_grammar is not None:
+            req.tool_grammar.CopyFrom(
+                styler_pb2.ToolGrammarOptions(
+                    parallel_tool_calls=tool_grammar.parallel, answer_json_schema=tool_grammar.answer_schema
+                )
+            )
         r = await self._stub.Render(req, timeout=time_left(UNARY_TIMEOUT_S))
-        return Rendered(prompt=r.prompt, token_ids=tuple(r.token_ids), images=tuple(r.images))
+        return Rendered(
+            prompt=r.prompt, token_ids=tuple(r.token_ids), images=tuple(r.images), tool_grammar=r.tool_grammar
+        )
 
     async def tokenize(self, text: str, add_special_tokens: bool = True) -> tuple[int, ...]:
         r = await self._stub.Tokenize(
@@ -346,6 +364,8 @@ class WorkerClient:
             tensor_parallel_size=r.tensor_parallel_size or 1,
             fingerprint=r.fingerprint,
             kv_events=r.kv_events,
+            task=_TASKS.get(r.task, "generate"),
+            hidden_size=r.hidden_size,
         )
 
     async def kv_events(self, after_sequence: int, epoch: str) -> AsyncIterator[CacheEvent]:
@@ -428,6 +448,19 @@ class WorkerClient:
             prompt_logprobs=tuple(_logprob(e) for e in r.prompt_logprobs),
             usage=Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_prompt_tokens),
         )
+
+    async def embed(self, request_id: str, inputs: Sequence[Sequence[int]]) -> list[EmbeddingResult]:
+        """An embed worker's embeddings of `inputs` (token ids), in input order."""
+        r = await self._stub.Embed(
+            worker_pb2.EmbedRequest(
+                request_id=request_id, inputs=[worker_pb2.EmbedInput(token_ids=list(ids)) for ids in inputs]
+            ),
+            timeout=time_left(),
+        )
+        return [
+            EmbeddingResult(tuple(e.values), e.prompt_tokens, e.cached_prompt_tokens)
+            for e in sorted(r.embeddings, key=lambda e: e.index)
+        ]
 
     async def release_kv(self, handle_id: str, timeout_s: float = 1.0) -> bool:
         r = await self._stub.ReleaseKV(worker_pb2.ReleaseKVRequest(handle_id=handle_id), timeout=timeout_s)

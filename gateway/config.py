@@ -65,6 +65,8 @@ class GatewayConfig:
     """Largest top_logprobs (chat) / logprobs (completions) a request may ask for."""
     max_tools: int = 128
     """Largest number of tools in one chat request."""
+    strict_tools: Literal["auto", "always", "never"] = "auto"
+    """Strict tool calls in tool_choice "auto" (a call the model starts is always a valid call of a listed tool, docs/gateway.md): auto = when a listed function has "strict": true; always = every request with tools; never = off."""
     request_timeout: float = 600.0
     """Seconds a request may take end to end (0 = no limit); X-Request-Timeout / gRPC deadlines may lower it."""
     drain_timeout: float = 30.0

@@ -35,6 +35,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+    rank: int = 0  # of token_id among all tokens (1: the most likely); 0: not known
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class WorkerInfo:
     tensor_parallel_size: int = 1
     fingerprint: str = ""
     kv_events: bool = False  # SubscribeKvEvents streams its prefix-cache changes (exact routing)
+    task: str = "generate"  # "generate" | "embed" (--task): which requests it serves
+    hidden_size: int = 0  # an embed worker's embedding length
 
 
 @dataclass(frozen=True)
@@ -137,12 +140,21 @@ class StylerInfo:
 
 
 @dataclass(frozen=True)
+class ToolGrammarRequest:
+    """Ask the styler for the strict tool-call grammar of a chat request (gateway/strict_tools.py)."""
+
+    parallel: bool  # several calls in one reply
+    answer_schema: str = ""  # JSON schema text the reply matches when it is not calls ("" = free text)
+
+
+@dataclass(frozen=True)
 class Rendered:
     """A chat conversation rendered by the template."""
 
     prompt: str
     token_ids: tuple[int, ...]
     images: tuple[Any, ...] = ()  # common_pb2.ImageInput of an image-in model, passed to the worker
+    tool_grammar: str = ""  # the strict tool-call grammar (Lark) when asked and the model has a format
 
 
 @dataclass(frozen=True)
@@ -189,3 +201,12 @@ class TokenText:
 
     text: str
     raw: bytes = field(default=b"")
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """One input's embedding from a worker's Embed (L2-normalised, hidden_size float32 values)."""
+
+    values: tuple[float, ...]
+    prompt_tokens: int
+    cached_prompt_tokens: int

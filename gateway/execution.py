@@ -35,6 +35,7 @@ from gateway.downstream import (
     TextDelta,
     TokenLogprob,
     ToolCallDelta,
+    ToolGrammarRequest,
 )
 from gateway.errors import APIError, invalid
 from gateway.grpc_errors import from_grpc
@@ -44,7 +45,7 @@ from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
 from gateway.worker_stream import PromptStream
 from services.common.reasoning import prompt_opens_reasoning
-from services.common.sampling import SamplingError, SamplingParams, check_token_ids
+from services.common.sampling import SamplingError, SamplingParams, check_logit_bias, check_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,10 @@ class LogprobItem:
     raw: bytes
     logprob: float | None
     top: tuple[tuple[str, bytes, float], ...]
+    # for vLLM's prompt_logprobs (keyed by token id): the ids of `token` and of `top`, the rank
+    token_id: int = -1
+    top_ids: tuple[int, ...] = ()
+    rank: int = 0
 
 
 @dataclass
@@ -82,6 +87,7 @@ class PromptRun:
     completion_tokens: int = 0  # the final count, set when the prompt's generation ends
     generated_tokens: int = 0  # tokens received from the worker so far (continuous usage stats)
     images: tuple[Any, ...] = ()  # the styler's common_pb2.ImageInput (image-in models)
+    tool_grammar: str = ""  # chat with strict tool calls: the grammar the output is decoded under
 
 
 @dataclass(frozen=True)
@@ -141,7 +147,8 @@ def _grpc_error(exc: grpc.aio.AioRpcError, service: str) -> APIError:
 
 # The styler's Render errors start with the request field they blame ("messages[2]: ...").
 _RENDER_FIELD = re.compile(
-    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\](?:\.content\[\d+\])?|messages|tools|documents)(?=: )"
+    r"(chat_template_kwargs|chat_template|continue_final_message|messages\[\d+\](?:\.content\[\d+\])?|messages"
+    r"|tools(?:\[\d+\][\w.$]*)?|documents|response_format)(?=: )"
 )
 
 
@@ -214,7 +221,9 @@ class Executor:
             )
         return fewest
 
-    async def render_chat(self, req: ChatRequest) -> PromptRun:
+    async def render_chat(
+        self, req: ChatRequest, tool_grammar: ToolGrammarRequest | None = None
+    ) -> PromptRun:
         messages: Sequence[dict[str, Any]] = req.messages
         if has_image_urls(messages):  # http(s) image URLs of allowed hosts -> data: URLs
             messages = await inline_image_urls(messages, self.ctx.config.allowed_media_domains)
@@ -228,6 +237,7 @@ class Executor:
                     req.chat_template,
                     req.chat_template_kwargs,
                     req.documents,
+                    tool_grammar,
                 )
             )
         except grpc.aio.AioRpcError as exc:
@@ -236,7 +246,11 @@ class Executor:
             raise APIError(503, str(exc), retry_after_s=1) from None
         opens = prompt_opens_reasoning(rendered.prompt)
         return PromptRun(
-            token_ids=rendered.token_ids, text=rendered.prompt, opens_reasoning=opens, images=rendered.images
+            token_ids=rendered.token_ids,
+            text=rendered.prompt,
+            opens_reasoning=opens,
+            images=rendered.images,
+            tool_grammar=rendered.tool_grammar,
         )
 
     async def tokenize_prompts(self, req: CompletionRequest) -> list[PromptRun]:
@@ -269,7 +283,8 @@ class Executor:
         self, params: GenerationParams, prompt_len: int, prompt_logprobs: int | None = None
     ) -> SamplingParams[Guided]:
         """The request's (validated) sampling parameters for one prompt: max_tokens resolved
-        against the context and --max-tokens, the stop ids checked against the vocabulary."""
+        against the context and --max-tokens, the stop and logit_bias ids checked against the
+        vocabulary."""
         max_model_len = self.ctx.max_model_len
         vocab = self.ctx.router.info().vocab_size if self.ctx.router.info() is not None else 0  # type: ignore[union-attr]
         if prompt_len == 0:
@@ -303,9 +318,14 @@ class Executor:
                 max_tokens = min(max_tokens, max_model_len - prompt_len)
         try:
             check_token_ids("stop_token_ids", params.sampling.stop_token_ids, vocab)
+            check_logit_bias(params.sampling.logit_bias, vocab)
         except SamplingError as exc:
             raise invalid(f"'{exc.field}' {exc.message}", exc.field) from None
-        return dataclasses.replace(params.sampling, max_tokens=max_tokens, prompt_logprobs=prompt_logprobs)
+        # the request's own prompt_logprobs (vLLM) and what echo with logprobs needs: the larger
+        wanted = [k for k in (params.sampling.prompt_logprobs, prompt_logprobs) if k is not None]
+        return dataclasses.replace(
+            params.sampling, max_tokens=max_tokens, prompt_logprobs=max(wanted) if wanted else None
+        )
 
     def check_token_ids(self, runs: Sequence[PromptRun]) -> None:
         info = self.ctx.router.info()
@@ -514,6 +534,9 @@ class Executor:
                 raw=by_id[e.token_id].raw,
                 logprob=e.logprob,
                 top=tuple((by_id[t.token_id].text, by_id[t.token_id].raw, t.logprob) for t in e.top),
+                token_id=e.token_id,
+                top_ids=tuple(t.token_id for t in e.top),
+                rank=e.rank,
             )
             for e in entries
         )
@@ -526,5 +549,8 @@ class Executor:
         missing = len(prompt.token_ids) - len(items)
         if missing > 0:
             heads = await self.ctx.token_texts.get(prompt.token_ids[:missing])
-            items = [LogprobItem(h.text, h.raw, None, ()) for h in heads] + items
+            items = [
+                LogprobItem(h.text, h.raw, None, (), token_id=t)
+                for h, t in zip(heads, prompt.token_ids[:missing], strict=True)
+            ] + items
         return tuple(items)

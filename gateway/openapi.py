@@ -3,7 +3,7 @@ validator enforces, so the document says exactly what a request may contain.
 
 Request bodies list every field `validation.py` accepts and set `additionalProperties: false`,
 because unknown fields are refused with a 400. Fields accepted only at a neutral value
-(`logit_bias: {}`, `best_of: 1`, ...) are left out.
+(`best_of: 1`, `suffix: ""`, ...) are left out.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from gateway.limits import Limits
 from gateway.structured_output import FIELDS as CONSTRAINT_FIELDS
 from gateway.structured_output import MAX_GUIDED_CHOICES
-from services.common.sampling import RANGES
+from services.common.sampling import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, RANGES
 
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
@@ -88,6 +88,18 @@ def _generation(limits: Limits, chat: bool) -> dict[str, Any]:
             "description": "only with stream: true",
         },
         "user": _STR,
+        "logit_bias": {
+            "type": "object",
+            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+            "additionalProperties": _num(-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS),
+            "maxProperties": MAX_LOGIT_BIAS_ENTRIES,
+            "description": "token id (in the vocabulary) -> bias added to its logit before sampling; "
+            "logprobs are those of the unbiased logits (vLLM's default)",
+        },
+        "prompt_logprobs": {
+            **_int(0, limits.max_logprobs),
+            "description": "vLLM: the prompt tokens' logprobs with this many alternatives (not with stream)",
+        },
         **_structured_output(),
     }
     if chat:
@@ -171,8 +183,8 @@ def _structured_output() -> dict[str, Any]:
 
 def _refused_combinations(chat: bool) -> dict[str, Any]:
     """What validation refuses across fields: two structured-output constraints (`response_format`
-    of type text is none), `stream_options` without `stream: true`, and (chat) `top_logprobs`
-    without `logprobs: true`."""
+    of type text is none), `stream_options` without `stream: true`, (chat) `top_logprobs`
+    without `logprobs: true`, and `prompt_logprobs` with `stream: true`."""
     constraining = {
         "properties": {"response_format": {"properties": {"type": {"enum": ["json_object", "json_schema"]}}}}
     }
@@ -186,6 +198,7 @@ def _refused_combinations(chat: bool) -> dict[str, Any]:
     needs_true = [("stream_options", "stream")] + ([("top_logprobs", "logprobs")] if chat else [])
     for field, flag in needs_true:
         pairs.append({"required": [field], "properties": {flag: {"not": {"const": True}}}})
+    pairs.append({"required": ["prompt_logprobs", "stream"], "properties": {"stream": {"const": True}}})
     return {"not": {"anyOf": pairs}}
 
 
@@ -343,6 +356,44 @@ def _schemas(limits: Limits) -> dict[str, Any]:
                 **_template_options(),
             },
         },
+        "EmbeddingRequest": {
+            "type": "object",
+            "required": ["input"],
+            "additionalProperties": False,
+            "description": "needs workers started with --task embed (a 400 naming `model` otherwise); "
+            "each input at most the context length in tokens, token ids below the vocabulary size, "
+            "`dimensions` at most the model's hidden size",
+            "properties": {
+                "model": {**_STR, "description": "the served model ('' or absent: the served model)"},
+                "input": {
+                    "anyOf": [
+                        {"type": "string", "minLength": 1},
+                        {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": most,
+                            "items": {"type": "string", "minLength": 1},
+                        },
+                        {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+                        {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": most,
+                            "items": {"type": "array", "minItems": 1, "items": _TOKEN_ID},
+                        },
+                    ]
+                },
+                "dimensions": {
+                    **_int(1),
+                    "description": "Matryoshka truncation: the first values, renormalised",
+                },
+                "encoding_format": {
+                    "enum": ["float", "base64"],
+                    "description": "base64: little-endian float32",
+                },
+                "user": _STR,
+            },
+        },
         "DetokenizeRequest": {
             "type": "object",
             "required": ["tokens"],
@@ -452,6 +503,9 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
             "/v1/completions": _post("CompletionRequest", "text completion", streams=True),
             "/tokenize": _post("TokenizeRequest", "tokenize a prompt or a chat", streams=False),
             "/detokenize": _post("DetokenizeRequest", "token ids to text", streams=False),
+            "/v1/embeddings": _post(
+                "EmbeddingRequest", "embeddings (workers with --task embed)", streams=False
+            ),
             "/v1/load_lora_adapter": _lora_route(
                 "LoadLoRAAdapterRequest", "load a LoRA adapter (PEFT directory) on every worker"
             ),

@@ -19,6 +19,7 @@ import grpc
 from gateway.clients import check_health
 from gateway.deadline import time_left
 from gateway.downstream import (
+    CacheEvent,
     ChoiceDelta,
     GenerateChunk,
     Guided,
@@ -30,7 +31,14 @@ from gateway.downstream import (
     WorkerInfo,
     WorkerLoad,
 )
-from openengine.v1 import generation_pb2, lifecycle_pb2, model_pb2, openengine_pb2_grpc, server_pb2
+from openengine.v1 import (
+    generation_pb2,
+    kv_pb2,
+    lifecycle_pb2,
+    model_pb2,
+    openengine_pb2_grpc,
+    server_pb2,
+)
 from services.common.channels import make_channel
 from services.common.sampling import SamplingParams, resumed
 
@@ -90,6 +98,8 @@ def sampling_to_openengine(s: SamplingParams[Guided], msg: generation_pb2.Genera
         msg.response.prompt_candidates.top_n = s.prompt_logprobs
     if s.guided is not None:
         _guided(s.guided, msg.guided)
+    if s.logit_bias:
+        raise unimplemented("logit_bias: OpenEngine's proto has no logit bias")
 
 
 def _guided(g: Guided, out: generation_pb2.GuidedDecoding) -> None:
@@ -103,6 +113,32 @@ def _guided(g: Guided, out: generation_pb2.GuidedDecoding) -> None:
 
 def _logprob(t: generation_pb2.TokenInfo) -> TokenLogprob:
     return TokenLogprob(t.token_id, t.logprob, tuple(TopLogprob(c.token_id, c.logprob) for c in t.candidates))
+
+
+def _hashes(hashes: Sequence[kv_pb2.KvBlockHash]) -> tuple[int, ...]:
+    return tuple(
+        int.from_bytes(h.value, "big") for h in hashes if h.encoding == "int64" and len(h.value) == 8
+    )
+
+
+def _cache_events(batch: kv_pb2.KvEventBatch) -> list[CacheEvent]:
+    """A batch as cache events, in order; "cleared" starts a snapshot that the blocks stored after
+    it in the same batch complete (how a snapshot arrives)."""
+    seq, out = batch.sequence_number, []
+    for e in batch.events:
+        kind = e.WhichOneof("event")
+        if kind == "all_blocks_cleared":
+            out.append(CacheEvent(seq, "snapshot", (), 0, ""))
+        elif kind == "block_stored":
+            stored, size = _hashes(e.block_stored.block_hashes), e.block_stored.block_size
+            if out and out[-1].kind == "snapshot":
+                last = out.pop()
+                out.append(CacheEvent(seq, "snapshot", last.block_hashes + stored, size, ""))
+            else:
+                out.append(CacheEvent(seq, "stored", stored, size, ""))
+        elif kind == "block_removed":
+            out.append(CacheEvent(seq, "evicted", _hashes(e.block_removed.block_hashes), 0, ""))
+    return out
 
 
 class OpenEngineWorkerClient:
@@ -143,7 +179,27 @@ class OpenEngineWorkerClient:
             role=_ROLES.get(server.engine_role, "unified"),
             block_size=server.capacity.kv_block_size,
             tensor_parallel_size=server.parallelism.tensor_parallel_size or 1,
+            # Tried: an engine without them answers SubscribeKvEvents UNIMPLEMENTED, and the
+            # router's follower then leaves it to affinity.
+            kv_events=True,
         )
+
+    async def kv_events(self, after_sequence: int, epoch: str) -> AsyncIterator[CacheEvent]:
+        """OpenEngine's KV event stream as tandem's cache events. OpenEngine has no epoch to resume
+        in, so every subscription starts with a snapshot. Hashes in its "int64" encoding are read
+        as tandem's (8 bytes big-endian): a tandem worker's match the router's; another engine's
+        hash differently and simply never match (the router then goes by affinity and load)."""
+        call = self._control.SubscribeKvEvents(kv_pb2.SubscribeKvEventsRequest(include_snapshot=True))
+        try:
+            await call.initial_metadata()
+            yield CacheEvent(after_sequence, "subscribed", (), 0, epoch)
+            async for reply in call:
+                if reply.WhichOneof("event") != "batch":  # a terminal EngineError
+                    return
+                for event in _cache_events(reply.batch):
+                    yield event
+        finally:
+            call.cancel()
 
     async def load(self, timeout_s: float = 1.0) -> WorkerLoad:
         r = await self._control.GetLoad(server_pb2.GetLoadRequest(), timeout=timeout_s)

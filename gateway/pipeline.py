@@ -11,6 +11,7 @@ prompt preparation, sampling defaults, metrics and response shapes are the same 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,9 +21,11 @@ from typing import Any
 
 from gateway.auth import ApiKey
 from gateway.context import GatewayContext
+from gateway.downstream import Guided
 from gateway.execution import ChoiceUpdate, DetokenizeOptions, Executor, RequestRun
 from gateway.protocol import ChatRequest, CompletionRequest
 from gateway.responses import ChatResult, CompletionResult, usage
+from gateway.strict_tools import strict_tool_grammar
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,11 @@ async def chat(
     executor.check_num_sequences(1, req.params.sampling.n)
     # Admission before rendering: a full queue refuses at once (the prompt has at least a token).
     async with ctx.gate.admit(req.params.sampling.n, min_tokens=1) as admission:
-        prompt = await executor.render_chat(req)
+        prompt = await executor.render_chat(req, strict_tool_grammar(req, ctx.config.strict_tools))
         sampling = executor.sampling(req.params, len(prompt.token_ids))
+        if prompt.tool_grammar:  # strict tool calls: the grammar takes in response_format's schema
+            guided = Guided("lark_grammar", prompt.tool_grammar, param="tools")
+            sampling = dataclasses.replace(sampling, guided=guided)
         admission.add_tokens(len(prompt.token_ids))
         run = RequestRun(request_id, [prompt], lora_name=executor.lora_name(model))
         _record(ctx, run)
@@ -110,6 +116,7 @@ async def chat(
             parallel_tool_calls=req.parallel_tool_calls,
             include_usage=req.params.include_usage,
             forced=req.forced_tool,
+            prompt_logprobs=req.params.sampling.prompt_logprobs,
         )
         updates = executor.generate(run, [sampling], detok, admission)
         job = Job(run, result, updates, req.params.include_usage, req.params.continuous_usage)
@@ -160,6 +167,7 @@ async def completion(
             logprobs=req.params.sampling.logprobs,
             echo=req.echo,
             include_usage=req.params.include_usage,
+            prompt_logprobs=req.params.sampling.prompt_logprobs,
         )
         updates = executor.generate(run, samplings, detok, admission)
         job = Job(run, result, updates, req.params.include_usage, req.params.continuous_usage)

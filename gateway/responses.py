@@ -37,6 +37,31 @@ def _chat_logprob(item: LogprobItem) -> dict[str, Any]:
     }
 
 
+def vllm_prompt_logprobs(items: tuple[LogprobItem, ...], k: int) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token (the first has none: null) a map of token id ->
+    {logprob, rank, decoded_token} holding the prompt's own token and the k most likely ones."""
+    out: list[dict[str, Any] | None] = []
+    for item in items:
+        if item.logprob is None:
+            out.append(None)
+            continue
+        entry = {
+            str(item.token_id): {
+                "logprob": _finite(item.logprob),
+                "rank": item.rank,
+                "decoded_token": item.token,
+            }
+        }
+        for rank, (token_id, (text, _, logprob)) in enumerate(
+            zip(item.top_ids[:k], item.top[:k], strict=True), 1
+        ):
+            entry.setdefault(
+                str(token_id), {"logprob": _finite(logprob), "rank": rank, "decoded_token": text}
+            )
+        out.append(entry)
+    return out
+
+
 def _finite(value: float | None) -> float | None:
     # JSON has no -inf; OpenAI clients expect a number, so clamp like vLLM does.
     if value is None:
@@ -97,8 +122,10 @@ class ChatResult:
         parallel_tool_calls: bool,
         include_usage: bool = False,
         forced: ForcedToolChoice | None = None,
+        prompt_logprobs: int | None = None,
     ) -> None:
         self.id = f"chatcmpl-{request_id}"
+        self.prompt_logprobs = prompt_logprobs
         self.model = model
         self.created = created
         self.logprobs = logprobs
@@ -221,6 +248,10 @@ class ChatResult:
             )
         body["choices"] = choices
         body["usage"] = usage(run)
+        if self.prompt_logprobs is not None:  # vLLM puts a chat's at the top level
+            body["prompt_logprobs"] = vllm_prompt_logprobs(
+                run.prompts[0].prompt_logprobs, self.prompt_logprobs
+            )
         return body
 
     def finish_reasons(self) -> list[str]:
@@ -237,6 +268,7 @@ class _TextChoice:
     offset: int = 0
     finish_reason: str | None = None
     started: bool = False
+    prompt_logprobs: tuple[LogprobItem, ...] = ()  # its prompt's, for vLLM's `prompt_logprobs`
 
 
 class CompletionResult:
@@ -251,8 +283,10 @@ class CompletionResult:
         logprobs: int | None,
         echo: bool,
         include_usage: bool = False,
+        prompt_logprobs: int | None = None,
     ) -> None:
         self.id = f"cmpl-{request_id}"
+        self.prompt_logprobs = prompt_logprobs
         self.model = model
         self.created = created
         self.logprobs = logprobs
@@ -274,7 +308,12 @@ class CompletionResult:
     ) -> dict[str, Any]:
         piece: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for item in items:
-            top = {t: _finite(lp) for t, _, lp in item.top} if item.logprob is not None else None
+            # (echoed prompt positions may carry more alternatives, for vLLM's prompt_logprobs)
+            top = (
+                {t: _finite(lp) for t, _, lp in item.top[: self.logprobs]}
+                if item.logprob is not None
+                else None
+            )
             # OpenAI includes the sampled token among the alternatives.
             if top is not None and item.token not in top and self.logprobs:
                 top[item.token] = _finite(item.logprob)
@@ -295,6 +334,7 @@ class CompletionResult:
         items: list[LogprobItem] = list(update.logprobs)
         if not choice.started:
             choice.started = True
+            choice.prompt_logprobs = update.prompt.prompt_logprobs
             if self.echo:
                 text = (update.prompt.text or "") + text
                 items = list(update.prompt.prompt_logprobs) + items
@@ -330,6 +370,11 @@ class CompletionResult:
                 if self.logprobs is not None
                 else None,
                 "finish_reason": c.finish_reason or "stop",
+                **(
+                    {"prompt_logprobs": vllm_prompt_logprobs(c.prompt_logprobs, self.prompt_logprobs)}
+                    if self.prompt_logprobs is not None
+                    else {}
+                ),
             }
             for i, c in enumerate(self.choices)
         ]

@@ -161,6 +161,8 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         }
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
+        if isinstance(tool.get("strict"), bool):  # strict tool calls (gateway/strict_tools.py)
+            function["strict"] = tool["strict"]
         out.append({"type": "function", "function": function})
     return out
 

@@ -55,6 +55,10 @@ class NoWorkerAvailable(Exception):
     """No worker is in rotation."""
 
 
+class NoWorkerForTask(NoWorkerAvailable):
+    """Workers are in rotation, but none serves the request's task (--task generate / embed)."""
+
+
 @dataclass
 class WorkerState:
     client: WorkerClient | OpenEngineWorkerClient | SmgWorkerClient
@@ -154,6 +158,14 @@ class Router:
                 return w.info
         return None
 
+    def tasks(self) -> set[str]:
+        """The tasks (--task) of the workers that answered Info."""
+        return {w.info.task for w in self.workers if w.info is not None}
+
+    def task_info(self, task: str) -> WorkerInfo | None:
+        """Info of a worker serving `task`, None when none answered."""
+        return next((w.info for w in self.workers if w.info is not None and w.info.task == task), None)
+
     async def start(self) -> None:
         await self._poller.start()
 
@@ -222,7 +234,8 @@ class Router:
         w.healthy = healthy
         if (
             healthy
-            and isinstance(w.client, WorkerClient)  # engines behind other protocols publish no events here
+            # tandem's own proto, and OpenEngine's event stream; SMG's proto carries none here
+            and isinstance(w.client, WorkerClient | OpenEngineWorkerClient)
             and w.info is not None
             and w.info.kv_events
             and w.address not in self._followers
@@ -247,12 +260,29 @@ class Router:
         return out
 
     def pick(
-        self, prompt_token_ids: Sequence[int], exclude: Sequence[WorkerState] = (), lora_name: str = ""
+        self,
+        prompt_token_ids: Sequence[int],
+        exclude: Sequence[WorkerState] = (),
+        task: str = "generate",
+        lora_name: str = "",
     ) -> WorkerState:
-        """The worker for a prompt (under LoRA adapter `lora_name`: among the workers that hold
-        it, when any does); raises NoWorkerAvailable when none is in rotation."""
-        candidates = [w for w in self.workers if w.healthy and w not in exclude]
+        """The worker for a prompt, among those serving `task` ("generate" or "embed", --task; one
+        whose Info is not known yet counts as a generate worker) and, under LoRA adapter
+        `lora_name`, among those that hold it when any does; raises NoWorkerAvailable when none is
+        in rotation."""
+        candidates = [
+            w
+            for w in self.workers
+            if w.healthy and w not in exclude and (w.info.task if w.info is not None else "generate") == task
+        ]
         if not candidates:
+            others = {w.info.task for w in self.workers if w.healthy and w.info is not None} - {task}
+            if others:
+                raise NoWorkerForTask(
+                    f"this gateway's workers run --task {' / '.join(sorted(others))} and serve no "
+                    f"{'text generation' if task == 'generate' else 'embeddings'}; that needs workers "
+                    f"started with --task {task}"
+                )
             raise NoWorkerAvailable("no worker is available")
         if lora_name:
             candidates = [w for w in candidates if lora_name in w.loras] or candidates

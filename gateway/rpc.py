@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from gateway import deadline, json_text, pipeline
+from gateway import deadline, embeddings, json_text, pipeline
 from gateway.appkeys import CONTEXT
 from gateway.auth import ApiKey
 from gateway.config import GatewayConfig
@@ -56,6 +56,7 @@ _OPTIONAL_OPTIONS = (
     "repetition_penalty",
     "min_tokens",
     "skip_special_tokens",
+    "prompt_logprobs",
 )
 
 
@@ -87,11 +88,14 @@ def _options(o: inference_pb2.GenerationOptions, stream: bool) -> dict[str, Any]
         body["user"] = o.user
     if o.HasField("guided"):
         body.update(_guided(o.guided))
+    if o.logit_bias:  # float32 on the wire, rounded back as the other floats
+        body["logit_bias"] = {str(t): float(f"{b:.6g}") for t, b in sorted(o.logit_bias.items())}
     body["stream"] = stream
-    if stream and o.include_usage:
-        body["stream_options"] = {"include_usage": True}
-    elif o.include_usage:
-        raise invalid("'include_usage' is only allowed on a streaming rpc", "options.include_usage")
+    for name in ("include_usage", "continuous_usage_stats"):
+        if getattr(o, name) and not stream:
+            raise invalid(f"'{name}' is only allowed on a streaming rpc", f"options.{name}")
+        if getattr(o, name):
+            body.setdefault("stream_options", {})[name] = True
     return body
 
 
@@ -178,6 +182,25 @@ def completion_body(r: inference_pb2.CompletionRequest, stream: bool) -> dict[st
     return body
 
 
+def embed_body(r: inference_pb2.EmbedTextRequest) -> dict[str, Any]:
+    """The OpenAI embeddings body of an Embed rpc: texts, or token-id lists (one form per call)."""
+    kinds = {item.WhichOneof("input") for item in r.inputs}
+    if None in kinds:
+        raise invalid("'inputs' must each set text or token_ids", "inputs")
+    if len(kinds) > 1:
+        raise invalid("'inputs' must be all texts or all token ids", "inputs")
+    body: dict[str, Any] = {"model": r.model}
+    if kinds == {"text"}:
+        body["input"] = [item.text for item in r.inputs]
+    else:
+        body["input"] = [list(item.token_ids.ids) for item in r.inputs]
+    if r.HasField("dimensions"):
+        body["dimensions"] = r.dimensions
+    if r.user:
+        body["user"] = r.user
+    return body
+
+
 def _usage(u: dict[str, Any] | None) -> inference_pb2.ResponseUsage | None:
     if not u:
         return None
@@ -205,6 +228,21 @@ def _logprob_entries(logprobs: dict[str, Any] | None) -> list[inference_pb2.Logp
             ],
         )
         for e in logprobs["content"]
+    ]
+
+
+def _prompt_logprobs(entries: list[dict[str, Any] | None] | None) -> list[inference_pb2.PromptLogprobs]:
+    """vLLM's JSON shape (null, then {id: {logprob, rank, decoded_token}}) as protobuf."""
+    return [
+        inference_pb2.PromptLogprobs(
+            candidates=[
+                inference_pb2.PromptLogprobCandidate(
+                    token_id=int(t), logprob=c["logprob"], rank=c["rank"], decoded_token=c["decoded_token"]
+                )
+                for t, c in (e or {}).items()
+            ]
+        )
+        for e in entries or []
     ]
 
 
@@ -240,6 +278,7 @@ def chat_response(body: dict[str, Any]) -> inference_pb2.ChatCompletionResponse:
         choices=choices,
         usage=_usage(body["usage"]),
         system_fingerprint=body["system_fingerprint"],
+        prompt_logprobs=_prompt_logprobs(body.get("prompt_logprobs")),
     )
 
 
@@ -295,6 +334,7 @@ def _completion_choices(body: dict[str, Any]) -> list[inference_pb2.CompletionCh
             text=c["text"],
             finish_reason=c["finish_reason"] or "",
             logprobs=_completion_logprobs(c["logprobs"]),
+            prompt_logprobs=_prompt_logprobs(c.get("prompt_logprobs")),
         )
         for c in body["choices"]
     ]
@@ -407,6 +447,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             self.ctx.metrics.count_request("grpc:CompletionStream", 200, job.finish_reason())
         except Exception as err:
             await self._abort(context, err, "CompletionStream")
+
+    async def Embed(
+        self, request: inference_pb2.EmbedTextRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedTextResponse:
+        try:
+            key = self._enter(context)
+            req = embeddings.parse_embeddings(embed_body(request), self.ctx.limits)
+            result = await embeddings.embed(self.ctx, req, self._request_id(), key)
+        except Exception as err:
+            await self._abort(context, err, "Embed")
+            raise AssertionError("unreachable") from None
+        self.ctx.metrics.count_request("grpc:Embed", 200)
+        return inference_pb2.EmbedTextResponse(
+            model=result.model,
+            data=[
+                inference_pb2.EmbeddingVector(index=i, values=vector.tolist())
+                for i, vector in enumerate(result.vectors)
+            ],
+            usage=inference_pb2.ResponseUsage(
+                prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens
+            ),
+        )
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -50,6 +50,7 @@ def sampling_to_smg(s: SamplingParams[Guided]) -> pb.SamplingParams:
         value = getattr(s, name)
         if value is not None:
             setattr(out, name, value)
+    out.logit_bias.update(dict(s.logit_bias))
     if s.seed is not None:
         if s.seed >= 2**31:
             raise unimplemented(f"seed: SMG's proto carries int32 seeds, not {s.seed}")

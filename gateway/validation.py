@@ -1,7 +1,7 @@
 """One validation path for HTTP and gRPC: OpenAI request JSON -> `protocol.py` dataclasses.
 
 Every problem is a 400 naming the field. A field we know but do not support yet (e.g.
-`logit_bias`) is refused with a message saying so, and an unknown field is refused too: nothing a
+`suffix`) is refused with a message saying so, and an unknown field is refused too: nothing a
 client sends is silently ignored. Structured outputs (`response_format`, `guided_*`) are read by
 `structured_output.py`, forced tool choices become their JSON schema in `tool_schema.py`.
 """
@@ -31,14 +31,12 @@ from services.common.sampling import MAX_UINT32, SamplingError, SamplingParams, 
 # Fields OpenAI (or vLLM) define that we accept only at their neutral value. (Chat and completions
 # read the structured-output fields themselves; the entries below still apply to /tokenize.)
 _NEUTRAL: dict[str, Any] = {
-    "logit_bias": ({}, None),
     "response_format": ({"type": "text"}, None),
     "suffix": ("", None),
     "best_of": (1, None),
     "store": (False, None),
     "metadata": (None, {}),
     "service_tier": (None, "auto", "default"),
-    "prompt_logprobs": (None,),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -182,6 +180,28 @@ def _stop(f: Fields, max_stop_strings: int) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _logit_bias(f: Fields) -> tuple[tuple[int, float], ...]:
+    """OpenAI's map of token id (a JSON object's string key) -> bias; the ranges and the entry
+    count are `check_logit_bias`'s, the vocabulary the executor's (it knows the model)."""
+    value = f.obj("logit_bias")
+    if not value:
+        return ()
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit()):
+            raise invalid(
+                f"'logit_bias' keys must be token ids (non-negative integers), got {key!r}", "logit_bias"
+            )
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise invalid(
+                f"'logit_bias' values must be numbers, got {_short(bias)} for {key!r}", "logit_bias"
+            )
+        if int(key) in out:
+            raise invalid(f"'logit_bias' names token {int(key)} twice", "logit_bias")
+        out[int(key)] = float(bias)
+    return tuple(sorted(out.items()))
+
+
 def _limited(f: Fields, key: str, value: int | None, limit: int, option: str) -> int | None:
     if value is not None and limit and value > limit:
         raise invalid(f"'{key}' must be <= {limit}, got {value} ({option})", key)
@@ -228,6 +248,11 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         logprobs_key = "top_logprobs"
     else:
         logprobs = _limited(f, "logprobs", f.integer("logprobs"), limits.max_logprobs, "--max-logprobs")
+    prompt_logprobs = _limited(
+        f, "prompt_logprobs", f.integer("prompt_logprobs"), limits.max_logprobs, "--max-logprobs"
+    )
+    if prompt_logprobs is not None and stream:  # vLLM: stream chunks have no place for them
+        raise invalid("'prompt_logprobs' is not available when 'stream' is true", "prompt_logprobs")
     # an int64, as OpenAI's schema says; the worker's seed is the uint64 of the same bits
     seed = f.integer("seed", lo=-(2**63), hi=2**63 - 1)
     given: dict[str, Any] = {
@@ -243,12 +268,14 @@ def _params(f: Fields, *, chat: bool, limits: Limits) -> GenerationParams:
         "repetition_penalty": f.number("repetition_penalty"),
         "min_tokens": min_tokens,
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
     }
     sampling: SamplingParams[Guided] = SamplingParams(
         **{name: value for name, value in given.items() if value is not None},
         ignore_eos=f.boolean("ignore_eos", False),
         stop_token_ids=f.int_list("stop_token_ids"),
         guided=structured_output.parse({name: f.raw(name) for name in structured_output.FIELDS}),
+        logit_bias=_logit_bias(f),
     )
     try:
         validate_sampling(sampling)
@@ -342,6 +369,8 @@ def _tools(f: Fields, max_tools: int) -> list[dict[str, Any]] | None:
             raise invalid(f"'{where}.function.name' must be a non-empty string", f"{where}.function.name")
         if "parameters" in function and not isinstance(function["parameters"], (dict, type(None))):
             raise invalid(f"'{where}.function.parameters' must be an object", f"{where}.function.parameters")
+        if not isinstance(function.get("strict"), (bool, type(None))):
+            raise invalid(f"'{where}.function.strict' must be a boolean", f"{where}.function.strict")
     return tools or None
 
 

@@ -34,10 +34,10 @@ import grpc
 
 from gateway.context import GatewayContext
 from gateway.downstream import GenerateChunk, Guided, KVSource, Usage
-from gateway.errors import APIError
+from gateway.errors import APIError, invalid
 from gateway.grpc_errors import from_grpc
 from gateway.merge import merge_streams
-from gateway.router import NoWorkerAvailable, WorkerState
+from gateway.router import NoWorkerAvailable, NoWorkerForTask, WorkerState
 from gateway.structured_output import worker_error
 from services.common.sampling import SamplingParams
 
@@ -184,6 +184,8 @@ class PromptStream:
         exclude = [*self.tried, *self.full]
         try:
             return self.ctx.router.pick(self.prompt_token_ids, exclude=exclude, lora_name=self.lora_name)
+        except NoWorkerForTask as exc:  # e.g. a chat request to a gateway of embed workers
+            raise invalid(str(exc), "model") from None
         except NoWorkerAvailable as exc:
             disagg = self.ctx.disagg
             if disagg is not None:  # a prefill worker can decode too: better than failing

@@ -1,4 +1,4 @@
-"""The `tandem` command: `tandem up`, `tandem gateway`, `tandem styler`, `tandem worker`.
+"""The `tandem` command: `tandem up`, `tandem gateway`, `tandem styler`, `tandem worker`, `tandem epp`.
 
 Each subcommand's module is imported only when it runs, so `tandem gateway` never imports torch
 and `tandem --help` is instant.
@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "gateway": ("gateway.main", "the OpenAI-compatible HTTP gateway (and public gRPC API)"),
     "styler": ("services.styler.main", "the tokenizer / chat-template service"),
     "worker": ("services.worker.main", "a model worker (GPU or CPU)"),
+    "epp": ("gateway.epp_main", "Endpoint Picker (Envoy ext-proc) for a Kubernetes InferencePool"),
 }
 
 USAGE = "usage: tandem [--version] [--help] {" + ",".join(SUBCOMMANDS) + "} ..."

@@ -1,6 +1,8 @@
 """Generate the Python gRPC modules `tandem.v1.*_pb2` from `protos/tandem/v1/*.proto`, and the
 vendored industry protocols the worker also serves (`openengine.v1.*_pb2` from
-`protos/openengine/v1/`, unmodified upstream files: their imports fix the package name).
+`protos/openengine/v1/`, unmodified upstream files: their imports fix the package name), and the
+Envoy ext-proc protos the Endpoint Picker serves (`protos/tandem/ext_proc/`, a tree of upstream
+files whose imports carry that prefix, generated as `tandem.ext_proc.*`).
 
 Run as `python -m tandem.protogen` (the set-up script and the container build do). The generated
 code targets grpcio 1.84 / protobuf >= 7.35, the versions pinned in pyproject.toml and present on
@@ -18,6 +20,8 @@ PROTO_DIR = ROOT / "protos"
 OUT_PACKAGE = ROOT / "tandem" / "v1"
 # Vendored protocol packages: each generates a git-ignored top-level package at its proto path.
 VENDORED = ("openengine/v1", "tandem/smg")
+# Vendored proto trees (every .proto below, at any depth), each generating a git-ignored package tree.
+VENDORED_TREES = ("tandem/ext_proc",)
 
 
 def proto_files() -> list[Path]:
@@ -25,7 +29,8 @@ def proto_files() -> list[Path]:
 
 
 def vendored_proto_files() -> list[Path]:
-    return [p for sub in VENDORED for p in sorted((PROTO_DIR / sub).glob("*.proto"))]
+    flat = [p for sub in VENDORED for p in sorted((PROTO_DIR / sub).glob("*.proto"))]
+    return flat + [p for tree in VENDORED_TREES for p in sorted((PROTO_DIR / tree).rglob("*.proto"))]
 
 
 def _module(proto: Path) -> Path:
@@ -45,7 +50,12 @@ def generate() -> None:
 
     OUT_PACKAGE.mkdir(parents=True, exist_ok=True)
     (OUT_PACKAGE / "__init__.py").write_text('"""Generated from protos/tandem/v1 by tandem.protogen."""\n')
-    for sub in VENDORED:  # the package and its parents (`openengine`, `openengine/v1`)
+    trees = {
+        str(p.parent.relative_to(PROTO_DIR))
+        for tree in VENDORED_TREES
+        for p in (PROTO_DIR / tree).rglob("*.proto")
+    }
+    for sub in [*VENDORED, *sorted(trees)]:  # the package and its parents (`openengine`, `openengine/v1`)
         parts = Path(sub).parts
         for i in range(1, len(parts) + 1):
             package = ROOT.joinpath(*parts[:i])
@@ -76,7 +86,9 @@ def ensure_generated() -> None:
 def main() -> int:
     generate()
     print(f"generated {len(proto_files())} protos into {OUT_PACKAGE.relative_to(ROOT)}")
-    print(f"generated {len(vendored_proto_files())} vendored protos into {', '.join(VENDORED)}")
+    print(
+        f"generated {len(vendored_proto_files())} vendored protos into {', '.join(VENDORED + VENDORED_TREES)}"
+    )
     return 0
 
 

@@ -78,6 +78,8 @@ class UpConfig:
     """KV cache element type of the workers: auto = the model dtype; fp8 = float8 e4m3."""
     quantization: Literal["none", "int8", "fp8", "int4"] = "none"
     """Quantize a full-precision checkpoint's weights at load time in every worker (int8: W8A16; fp8: e4m3, W8A8 where the GPU has FP8; int4: W4A16 group 128); pre-quantized checkpoints need no flag (docs/quantization.md)."""
+    task: Literal["generate", "embed"] = "generate"
+    """What the workers serve: generate (chat, completions, ...) or embed (/v1/embeddings from a decoder embedding model such as Qwen3-Embedding; docs/worker.md)."""
     tensor_parallel_size: int = 1
     """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
     lora_modules: list[str] = field(default_factory=list)
@@ -94,6 +96,8 @@ class UpConfig:
     """Extra options passed to the styler, as one shell-quoted string."""
     gateway_args: str = ""
     """Extra options passed to the gateway, as one shell-quoted string (e.g. "--api-key sk-1")."""
+    strict_tools: Literal["auto", "always", "never"] = "auto"
+    """The gateway's --strict-tools: grammar-enforced tool calls in tool_choice "auto" (auto = for functions with "strict": true; always; never)."""
     run_dir: str = ""
     """Folder for the unix sockets between the services ("" = a new temporary folder)."""
     startup_timeout: float = 300.0
@@ -131,6 +135,8 @@ class UpConfig:
             raise ValueError(f"--max-num-seqs must be >= 0, got {self.max_num_seqs}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.task == "embed" and self.disaggregate:
+            raise ValueError("--task embed with --disaggregate: embeddings are computed by unified workers")
         if self.tensor_parallel_size > 1 and self.disaggregate:
             raise ValueError(
                 "--tensor-parallel-size with --disaggregate: tensor-parallel prefill/decode workers "
@@ -329,6 +335,8 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
         args += ["--quantization", config.quantization]
     if config.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
+    if config.task != "generate":
+        args += ["--task", config.task]
     for spec in config.lora_modules:
         args += ["--lora-modules", spec]
     if config.enable_lora:
@@ -347,6 +355,8 @@ def forwarded_gateway_args(config: UpConfig) -> list[str]:
         args += ["--api-key", key]
     if config.served_model_name:
         args += ["--served-model-name", config.served_model_name]
+    if config.strict_tools != "auto":
+        args += ["--strict-tools", config.strict_tools]
     return args
 
 

@@ -21,6 +21,9 @@ from typing import Any, Generic, TypeVar
 G = TypeVar("G")
 
 MAX_TOP_LOGPROBS = 20
+# OpenAI's bounds on `logit_bias`: at most 300 entries, each bias in [-100, 100] (added to the logit).
+MAX_LOGIT_BIAS_ENTRIES = 300
+MAX_LOGIT_BIAS = 100.0
 # Counts and token ids travel as uint32 on the wire, top_k as int32 and the seed as uint64: larger
 # values are refused here rather than failing to encode later.
 MAX_UINT32 = 2**32 - 1
@@ -61,6 +64,9 @@ class SamplingParams(Generic[G]):
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's plus k top alternatives
     prompt_logprobs: int | None = None
     guided: G | None = None  # structured output; None: free
+    # (token id, bias) pairs sorted by id, each id once: added to the logits before penalties and
+    # temperature (OpenAI `logit_bias`); logprobs stay those of the raw distribution, as vLLM's
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def is_greedy(self) -> bool:
@@ -147,6 +153,22 @@ def validate_sampling(sp: SamplingParams[Any], vocab_size: int = 0) -> None:
     if sp.max_tokens is not None and sp.min_tokens > sp.max_tokens:
         raise SamplingError("min_tokens", f"must be <= max_tokens ({sp.max_tokens}), got {sp.min_tokens}")
     check_token_ids("stop_token_ids", sp.stop_token_ids, vocab_size)
+    check_logit_bias(sp.logit_bias, vocab_size)
+
+
+def check_logit_bias(bias: tuple[tuple[int, float], ...], vocab_size: int = 0) -> None:
+    """At most 300 entries, ids in the vocabulary, each once, biases finite in [-100, 100]."""
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise SamplingError(
+            "logit_bias", f"must have at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(bias)}"
+        )
+    ids = [t for t, _ in bias]
+    if len(set(ids)) != len(ids):
+        raise SamplingError("logit_bias", "must name each token id once")
+    check_token_ids("logit_bias", ids, vocab_size)
+    bad = next((b for _, b in bias if not (math.isfinite(b) and abs(b) <= MAX_LOGIT_BIAS)), None)
+    if bad is not None:
+        raise SamplingError("logit_bias", f"must map to biases in [-100, 100], got {bad}")
 
 
 def resumed(sampling: SamplingParams[G], num_generated: int) -> SamplingParams[G]:

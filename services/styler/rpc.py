@@ -24,6 +24,7 @@ from services.styler.messages import (
     parse_json_field,
     tool_call_dict,
 )
+from services.styler.parsers.tool_grammar import ToolGrammarSpec
 from services.styler.stream import DetokenizeSession, StreamDelta, StreamOptions
 from services.styler.styler import Styler
 from tandem.v1 import common_pb2, styler_pb2, styler_pb2_grpc
@@ -54,8 +55,19 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
         self, request: styler_pb2.RenderRequest, context: grpc.aio.ServicerContext
     ) -> styler_pb2.RenderResponse:
         def work() -> styler_pb2.RenderResponse:
-            rendered = self.styler.render(render_input(request))
+            render = render_input(request)
+            rendered = self.styler.render(render)
+            grammar = ""
+            if request.HasField("tool_grammar"):
+                options = request.tool_grammar
+                spec = ToolGrammarSpec(
+                    tools=render.tools or [],
+                    parallel=options.parallel_tool_calls,
+                    answer_schema=options.answer_json_schema,
+                )
+                grammar = self.styler.tool_grammar(spec)
             return styler_pb2.RenderResponse(
+                tool_grammar=grammar,
                 prompt=rendered.prompt,
                 token_ids=rendered.token_ids,
                 images=[

@@ -174,8 +174,11 @@ class DetokenizeSession:
         return choice
 
     def add(self, index: int, token_ids: Sequence[int], finished: bool) -> StreamDelta:
-        """Feed one choice's new ids; the result may be empty (everything held back)."""
-        self._tokenizer.check_ids(token_ids, "deltas[].token_ids")
+        """Feed one choice's new ids; the result may be empty (everything held back).
+
+        Ids the tokenizer does not know add no text (as `transformers`' decode and vLLM do): a
+        model's embedding table is often padded past its tokenizer (Qwen2: 151,936 rows for
+        151,669 tokens) and sampling may pick a padded row, which must not fail the request."""
         return self._choice(index).add(token_ids, finished)
 
     def all_done(self) -> bool:

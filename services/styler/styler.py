@@ -23,6 +23,7 @@ from services.styler.parsers.auto import (
     detect_tool_parser,
     resolve_parser,
 )
+from services.styler.parsers.tool_grammar import STRICT_TOOL_FAMILIES, ToolGrammarSpec, compile_tool_grammar
 from services.styler.render_pool import RenderLimits, RenderPool
 from services.styler.stream import DetokenizeSession, StreamOptions
 from services.styler.tokenizer import Tokenizer
@@ -142,6 +143,13 @@ class Styler:
             return RenderedPrompt(prompt, token_ids)
         token_ids, images = self.images.expand(token_ids, pixels)
         return RenderedPrompt(prompt, token_ids, tuple(images))
+
+    def tool_grammar(self, spec: ToolGrammarSpec) -> str:
+        """The strict tool-call grammar of this model's tool-call format ("" when it has none or
+        one without a grammar); ValueError naming the field when the tools cannot be expressed."""
+        if self.tool_parser not in STRICT_TOOL_FAMILIES:
+            return ""
+        return compile_tool_grammar(self.tool_parser, spec, self.tokenizer.added_token_id)
 
     def open_stream(self, options: StreamOptions) -> DetokenizeSession:
         """State for one DetokenizeStream; "auto" parser names resolve to the model's parsers."""

@@ -240,6 +240,13 @@ class Tokenizer:
     def has_token(self, token: str) -> bool:
         return self._tok.token_to_id(token) is not None
 
+    def added_token_id(self, text: str) -> int | None:
+        """The id of the added token whose text is exactly `text` (None when there is none)."""
+        token_id = self._tok.token_to_id(text)
+        if token_id is None or token_id not in self._tok.get_added_tokens_decoder():
+            return None
+        return int(token_id)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # encode_batch lets go of the GIL while it works (encode holds it): a long prompt
         # tokenized in the thread pool then does not stall the event loop serving the others.

@@ -67,6 +67,8 @@ class WorkerConfig(ServiceConfig):
     """Seed of the seeds drawn for requests that come without one, and of dummy weights."""
     cpu_threads: int = 0
     """Torch intra-op threads on the CPU; 0 = auto: 1 for tiny models (hidden size <= 256, where threads only add synchronisation), else torch's default."""
+    task: Literal["generate", "embed"] = "generate"
+    """What this worker serves: generate (Generate / Prefill: text) or embed (Embed: pooling mode for decoder embedding models such as Qwen3-Embedding; the final-norm hidden state of each prompt's last token, L2-normalised; no KV is kept after a request). Each refuses the other's rpcs with FAILED_PRECONDITION."""
     role: Literal["unified", "prefill", "decode"] = "unified"
     """Worker role: unified (prefill and decode), prefill (serves Prefill / FetchKV) or decode (Generate with a kv_source)."""
     kv_handle_ttl: float = 30.0
@@ -158,6 +160,10 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(
                 f"--tensor-parallel-size / --pipeline-parallel-size with --role {self.role}: "
                 "disaggregation with parallel workers is not implemented yet (docs/parallel.md)"
+            )
+        if self.task == "embed" and self.role != "unified":
+            raise ValueError(
+                f"--task embed with --role {self.role}: embeddings are computed in one worker (no disaggregation)"
             )
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(

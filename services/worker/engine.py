@@ -24,6 +24,7 @@ from services.worker import parallel
 from services.worker.async_step import StepHandle
 from services.worker.block_manager import BlockManager
 from services.worker.config import WorkerConfig
+from services.worker.errors import task_mismatch
 from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
 from services.worker.kv_events import KvEventLog
@@ -138,6 +139,7 @@ class Engine:
             max_loras=config.lora_slots,
             max_lora_rank=config.max_lora_rank,
             max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+            pooling=config.task == "embed",
         )
         # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA.
         pool = self.runner.lora
@@ -262,6 +264,8 @@ class Engine:
         """Queue a request (or only create it, `schedule=False`, for add_fetching_request); raises
         InvalidRequestError for bad parameters or a duplicate id. The one validation of a request
         on the worker (the gRPC servicer only converts it)."""
+        if req.pooling != (self.config.task == "embed"):
+            raise InvalidRequestError("task", task_mismatch(self.config.task))
         max_tokens = validate_request(req, self.model_config.vocab_size, self.max_model_len)
         if req.sampling.seed is None:  # drawn once: all sampling draws are keyed by a seed (sampling_rng.py)
             req = replace(req, sampling=replace(req.sampling, seed=self._seeds.getrandbits(64)))
@@ -441,6 +445,10 @@ class Engine:
             usage = Usage(
                 request.prompt_len, request.num_completion_tokens, request.num_cached_prompt_tokens or 0
             )
+        embedding = None
+        if finished and request.embedding is not None:  # (the step that made it has been read)
+            embedding = tuple(request.embedding.tolist())
+            request.embedding = None
         return RequestOutput(
             request.request_id,
             tuple(choices),
@@ -449,6 +457,7 @@ class Engine:
             prompt_logprobs=prompt_logprobs,
             kv_handle=kv_handle,
             error=request.error if finished else None,
+            embedding=embedding,
         )
 
     # ---- stats ---------------------------------------------------------------------------------
@@ -474,6 +483,22 @@ class Engine:
             for out in self.step():
                 collect(results[out.request_id], out)
         return list(results.values())
+
+    def embed(self, prompts: list[list[int]], prefix: str = "emb") -> list[tuple[float, ...]]:
+        """Embeddings of `prompts`, computed together (tests and benchmarks; --task embed)."""
+        results: dict[str, tuple[float, ...] | None] = {}
+        for i, prompt in enumerate(prompts):
+            rid = f"{prefix}-{i}"
+            self.add_request(EngineRequest(rid, tuple(prompt), pooling=True))
+            results[rid] = None
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    results[out.request_id] = out.embedding
+        missing = [rid for rid, vector in results.items() if vector is None]
+        if missing:
+            raise RuntimeError(f"no embedding for {missing}")
+        return [vector for vector in results.values() if vector is not None]
 
 
 def collect(result: GenerateResult, out: RequestOutput) -> None:

@@ -13,3 +13,17 @@ class InvalidRequestError(ValueError):
     def __init__(self, field_name: str, message: str) -> None:
         super().__init__(f"{field_name}: {message}")
         self.field = field_name
+        self.message = message
+
+
+def task_mismatch(task: str) -> str:
+    """Why a worker of `task` (--task) refuses a request of the other kind (FAILED_PRECONDITION)."""
+    if task == "embed":
+        return (
+            "this worker runs --task embed and serves embeddings (Embed) only; text generation "
+            "needs a worker started without --task embed"
+        )
+    return (
+        "this worker runs --task generate and serves text generation only; embeddings need a "
+        "worker started with --task embed (a decoder embedding model such as Qwen3-Embedding)"
+    )

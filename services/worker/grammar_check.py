@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING
 
 import llguidance
 
+from services.common.unreachable_tokens import unreachable_text
+
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
@@ -106,7 +108,7 @@ def llg_tokenizer(tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]
     in_model = set(vocab) if isinstance(vocab, dict) else set()  # renaming these would add a token
     for token in data.get("added_tokens") or ():
         if token.get("id") not in keep and token.get("content") not in in_model:
-            token["content"] = f"\ufffe<tandem-unreachable-{token.get('id')}>\ufffe"
+            token["content"] = unreachable_text(token.get("id"))
     return llguidance.LLTokenizer(json.dumps(data), n_vocab=vocab_size, eos_token=eos_token_ids or None)
 
 

@@ -35,6 +35,7 @@ class KvEventLog:
         if capacity <= 0:
             raise ValueError(f"the KV event buffer needs room for at least one event, got {capacity}")
         self.epoch = uuid.uuid4().hex
+        self.capacity = capacity
         self._lock = threading.Lock()
         self._events: collections.deque[KvEvent] = collections.deque(maxlen=capacity)
         self._last = 0  # sequence number of the newest event

@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 # A decoder layer's tensor: held by one pipeline stage
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+# The decoder's tensors in a checkpoint saved as the base model (transformers' AutoModel, e.g. the
+# Qwen3-Embedding checkpoints): named without the "model." of the causal LM
+_BASE_MODEL_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 # One expert's projection in a mixture-of-experts block -> (stacked parameter, shard of its rows)
 _EXPERT = re.compile(r"^(?P<block>.*\.mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 _EXPERT_PROJS = {
@@ -193,8 +196,13 @@ def _quantized_linears(model: LlamaForCausalLM) -> dict[str, Linear]:
 
 
 def load_weights(
-    model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, CheckpointTensor | torch.Tensor]]
+    model: LlamaForCausalLM,
+    tensors: Iterator[tuple[str, str, CheckpointTensor | torch.Tensor]],
+    pooling: bool = False,
 ) -> None:
+    """Fill every parameter of `model` from `tensors`. `pooling` (an embed worker): the LM head
+    is never used, so a checkpoint without one (an embedding model saved as the base model, e.g.
+    Qwen3-Embedding) loads, its LM head zero."""
     quantized = _quantized_linears(model)
     params = dict(model.named_parameters())
     # A quantized layer's own parameters (qweight, scales) are filled from its `.weight` tensor
@@ -221,17 +229,22 @@ def load_weights(
             None,
         )
         required[name] = {s for f, _, s in model.stacked_params if f == fused} if fused else {""}
+    if pooling and "lm_head.weight" in required and not model.config.tie_word_embeddings:
+        del required["lm_head.weight"]
+        targets["lm_head.weight"].data.zero_()
     loaded: dict[str, set[str]] = {name: set() for name in targets}
     pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     tied = model.config.tie_word_embeddings
-    for file_name, name, item in tensors:
+    for file_name, checkpoint_name, item in tensors:
+        name = checkpoint_name
+        if name.startswith(_BASE_MODEL_PREFIXES):  # saved as the base model (AutoModel): no "model."
+            name = f"model.{name}"
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         layer = _LAYER.match(name)
         if layer is not None and not shard_layout(model.config).holds_layer(int(layer[1])):
             continue  # another pipeline stage's layer
         source = item if isinstance(item, CheckpointTensor) else CheckpointTensor.of(item)
-        checkpoint_name = name
         for old, new in model.checkpoint_renames:
             name = name.replace(old, new)
         if tied and name == "lm_head.weight":  # (a renamed one: LLaVA's language_model.lm_head)
@@ -362,6 +375,7 @@ def build_model(
     quantization: str = "none",
     quantization_group_size: int = 0,
     fold_norms: bool = True,
+    pooling: bool = False,
 ) -> LlamaForCausalLM:
     cls = model_class(cfg.architecture)
     method = checkpoint_quant_method(cfg.path, quantization) if load_format != "dummy" else None
@@ -377,7 +391,7 @@ def build_model(
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        load_weights(model, iter_checkpoint(cfg.path))
+        load_weights(model, iter_checkpoint(cfg.path), pooling)
     # Once the weights are final (checkpoint or dummy): each layer's RMSNorm weights go into the
     # next projection where the kernel bundle can run that path (models/llama.py `fold_norms`).
     # (Not for a quantized model: the fold would scale the quantized weights' columns.)

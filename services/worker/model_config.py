@@ -186,6 +186,15 @@ def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple
     return ()
 
 
+def causal_lm_architecture(architecture: str) -> str:
+    """A checkpoint saved as the base model ("Qwen3Model": transformers' AutoModel, as embedding
+    models such as Qwen3-Embedding often are) holds the causal LM's decoder: it is served as that
+    family ("Qwen3ForCausalLM"), by an embed worker without an LM head (loader.py)."""
+    if architecture.endswith("Model") and not architecture.endswith("PreTrainedModel"):
+        return architecture.removesuffix("Model") + "ForCausalLM"
+    return architecture
+
+
 def load_model_config(model_dir: str) -> ModelConfig:
     """Read config.json (and generation_config.json when present) of a model directory."""
     root = Path(model_dir)
@@ -218,7 +227,7 @@ def load_model_config(model_dir: str) -> ModelConfig:
     try:
         return ModelConfig(
             path=str(root),
-            architecture=str(archs[0]),
+            architecture=causal_lm_architecture(str(archs[0])),
             model_type=model_type,
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=hidden,

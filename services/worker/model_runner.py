@@ -65,6 +65,7 @@ class ModelRunner:
         max_loras: int = 0,
         max_lora_rank: int = 16,
         max_num_tokens: int = 0,
+        pooling: bool = False,
     ) -> None:
         self.cfg = cfg
         self.ops = ops
@@ -82,6 +83,7 @@ class ModelRunner:
             quantization,
             quantization_group_size,
             fold_norms=not max_loras,
+            pooling=pooling,
         )
         # Multi-LoRA: the device slots of adapter weights, and each step's rows -> slots (lora/pool.py)
         self.lora: LoRAPool | None = None
@@ -222,6 +224,8 @@ class ModelRunner:
         seq_lens: list[int] = []
         logits_rows: list[int] = []
         rows: list[tuple[Sequence, int]] = []  # (sequence whose params apply, index of its scheduled entry)
+        # pooling requests that reach their last prompt token: (scheduled entry, row of that token)
+        pooled: list[tuple[int, int]] = []
         max_blocks = max(len(item.seq.block_ids) for item in out.scheduled)
         # One tensor from padded lists: a torch call per sequence adds up at large batches.
         block_tables = torch.tensor(
@@ -239,7 +243,9 @@ class ModelRunner:
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
             cu_seqlens.append(cu_seqlens[-1] + end - start)
             seq_lens.append(end)
-            if item.sample:
+            if item.sample and seq.request.req.pooling:
+                pooled.append((i, cu_seqlens[-1] - 1))
+            elif item.sample:
                 for s in (seq, *item.children):
                     logits_rows.append(cu_seqlens[-1] - 1)
                     rows.append((s, i))
@@ -264,6 +270,8 @@ class ModelRunner:
                 ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q, mm
             )
         self._prompt_logprobs(out, hidden, cu_seqlens)
+        if pooled:
+            self._pool(out, hidden, pooled)
         if not rows:
             return StepHandle(len(out.scheduled), [], None, None)
         every_row = logits_rows == list(range(hidden.shape[0]))  # decode steps sample every row
@@ -286,6 +294,14 @@ class ModelRunner:
             logits = apply_token_mask(logits.float(), guided)
         token_ids, raw_logprobs = self.sampler.sample_tensors(logits, meta)
         return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta)
+
+    def _pool(self, out: SchedulerOutput, hidden: torch.Tensor, pooled: list[tuple[int, int]]) -> None:
+        """Last-token pooling: each pooling entry that computed its last prompt token gets that
+        token's hidden state (after the final norm), L2-normalised in float32, on the device."""
+        rows = hidden.index_select(0, self._to_device([row for _, row in pooled])).float()
+        vectors = torch.nn.functional.normalize(rows, p=2.0, dim=-1)
+        for k, (entry, _) in enumerate(pooled):
+            out.scheduled[entry].embedding = vectors[k]
 
     def _continuation_ids(
         self,
@@ -342,11 +358,13 @@ class ModelRunner:
 
     @staticmethod
     def _plain_greedy(meta: SamplingMetadata) -> bool:
-        """All-greedy rows with no bans, penalties or logprobs: the argmax is the sampler's answer."""
+        """All-greedy rows with no bans, biases, penalties or logprobs: the argmax is the sampler's
+        answer."""
         return (
             meta.all_greedy
             and not meta.need_penalties
             and not any(meta.banned_ids)
+            and not meta.has_logit_bias
             and all(k is None for k in meta.num_logprobs)
         )
 
@@ -487,6 +505,7 @@ class ModelRunner:
             all_greedy=all_greedy,
             need_filter=any(p.has_filter for p in params),
             need_penalties=need_penalties,
+            logit_bias=[p.logit_bias for p in params],
         )
 
 

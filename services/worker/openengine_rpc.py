@@ -26,6 +26,8 @@ from openengine.v1 import (
     openengine_pb2_grpc,
     server_pb2,
 )
+from services.worker import openengine_kv, openengine_session
+from services.worker.kv_events import KvEventLog
 from services.worker.rpc import WorkerServicer
 from services.worker.stop_text import StopText
 from tandem.v1 import common_pb2, worker_pb2
@@ -151,10 +153,6 @@ def _check_unsupported(msg: generation_pb2.GenerateRequest) -> None:
     if msg.lora_name:
         raise Unsupported("lora_name", "tandem workers serve no LoRA adapters")
     if msg.HasField("kv"):
-        if msg.kv.HasField("session"):
-            raise Unsupported(
-                "kv.session", "KV sessions over OpenEngine are not implemented (tandem's proto: kv_source)"
-            )
         if msg.kv.bypass_prefix_cache:
             raise Unsupported(
                 "kv.bypass_prefix_cache", "tandem's prefix cache cannot be bypassed per request"
@@ -194,6 +192,11 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        if self.engine.config.role == "prefill" and request.kv.HasField("session"):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "kv.session: this is a prefill worker (--role prefill); send the session to a decode worker",
+            )
         try:
             tandem_req = self._to_tandem(request)
         except Unsupported as exc:
@@ -205,6 +208,10 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
                 grpc.StatusCode.NOT_FOUND,
                 f"model: this worker serves {self.engine.served_model_name!r}, not {request.model!r}",
             )
+        if self.engine.config.role == "prefill":
+            async for event in self._prefill(request, tandem_req, context):
+                yield event
+            return
         try:
             stop_text = self._stop_text(request)
         except Unsupported as exc:
@@ -263,6 +270,57 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
                                 request.request_id, delta, stop_ids, chunk.usage if last else None
                             )
 
+    async def _prefill(
+        self,
+        request: generation_pb2.GenerateRequest,
+        tandem_req: worker_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """A prefill worker's answer (openengine_session.py): tandem's Prefill, its first token,
+        then PrefillReady naming the KV handle (or `finished` when the first token ended it)."""
+        if request.sampling.num_sequences > 1:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "sampling.num_sequences: a prefill hands off one sequence"
+            )
+        if any(c.WhichOneof("condition") == "stop_text" for c in request.stopping.conditions):
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                "stopping.conditions.stop_text: send stop strings with the decode request",
+            )
+        prefill = worker_pb2.PrefillRequest(
+            request_id=tandem_req.request_id,
+            prompt_token_ids=tandem_req.prompt_token_ids,
+            sampling=tandem_req.sampling,
+        )
+        reply = await self.worker.Prefill(prefill, context)  # admission, validation, the engine
+        rid, first = request.request_id, reply.first
+        if reply.prompt_logprobs:
+            tokens = [generation_pb2.TokenInfo(token_id=prefill.prompt_token_ids[0])]
+            tokens += [_token_info(lp) for lp in reply.prompt_logprobs]
+            yield generation_pb2.GenerateResponse(
+                request_id=rid, prompt=generation_pb2.PromptOutput(tokens=tokens)
+            )
+        if first.logprobs:
+            tokens = [_token_info(lp) for lp in first.logprobs]
+        else:
+            tokens = [generation_pb2.TokenInfo(token_id=t) for t in first.token_ids]
+        yield generation_pb2.GenerateResponse(
+            request_id=rid, token=generation_pb2.TokenOutput(output_index=0, tokens=tokens)
+        )
+        if first.finish_reason:  # done at its first token: nothing to hand off
+            yield self._finished(rid, first, set(prefill.sampling.stop_token_ids), reply.usage)
+            return
+        usage = generation_pb2.Usage(
+            prompt_tokens=reply.usage.prompt_tokens,
+            completion_tokens=reply.usage.completion_tokens,
+            total_tokens=reply.usage.prompt_tokens + reply.usage.completion_tokens,
+            cached_prompt_tokens=reply.usage.cached_prompt_tokens,
+        )
+        ready = generation_pb2.PrefillReady(
+            kv_session=openengine_session.session_ref(reply.handle, list(first.token_ids))
+        )
+        yield generation_pb2.GenerateResponse(request_id=rid, prefill_ready=ready, usage=usage)
+
     def _stop_text(self, msg: generation_pb2.GenerateRequest) -> StopText | None:
         """Stop strings, matched here on the worker tokenizer's bytes (stop_text.py)."""
         stops = [c.stop_text for c in msg.stopping.conditions if c.WhichOneof("condition") == "stop_text"]
@@ -293,9 +351,18 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
             token_ids = list(grammars.tokenizer.tokenize_str(msg.prompt))
         else:
             token_ids = list(msg.token_ids.ids)
-        return worker_pb2.GenerateRequest(
+        out = worker_pb2.GenerateRequest(
             request_id=msg.request_id, prompt_token_ids=token_ids, sampling=sampling_to_tandem(msg)
         )
+        if msg.kv.HasField("session"):  # a decode: pull the prompt's KV from the prefill worker
+            try:
+                handle, generated = openengine_session.kv_source(msg.kv.session)
+            except openengine_session.SessionError as exc:
+                field, _, why = str(exc).partition(": ")
+                raise (Unsupported if exc.unsupported else Invalid)(field, why) from None
+            out.kv_source.CopyFrom(handle)
+            out.generated_token_ids.extend(generated)
+        return out
 
     def _finished(
         self,
@@ -338,7 +405,7 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
             parallelism=server_pb2.ParallelismInfo(
                 tensor_parallel_size=1, pipeline_parallel_size=1, data_parallel_size=1, data_parallel_rank=0
             ),
-            kv_connector=kv_pb2.KvConnectorInfo(enabled=False),
+            kv_connector=self._kv_connector(),
             schema_revision=SCHEMA_REVISION,
             minimum_client_revision=SCHEMA_REVISION,
             schema_release=SCHEMA_RELEASE,
@@ -348,6 +415,23 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
                 max_running_requests=e.config.max_num_seqs,
                 max_loras=0,
             ),
+        )
+
+    def _kv_connector(self) -> kv_pb2.KvConnectorInfo:
+        """tandem's hand-off: prefill workers hold KV under a session, decode workers pull it (FetchKV)."""
+        role = self.engine.config.role
+        if role == "unified":
+            return kv_pb2.KvConnectorInfo(enabled=False)
+        address = self.worker.advertise_address or self.instance_id
+        return kv_pb2.KvConnectorInfo(
+            enabled=True,
+            transfer_backend=openengine_session.TRANSFER_BACKEND,
+            local_endpoints=[openengine_kv.endpoint(address)] if address else [],
+            supported_protocols=["grpc"],
+            supports_remote_prefill=role == "decode",
+            supports_decode_pull=True,
+            supports_abort_cleanup=role == "prefill",
+            schema_version=openengine_kv.SCHEMA_VERSION,
         )
 
     async def GetModelInfo(
@@ -432,9 +516,15 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
         self, request: lifecycle_pb2.AbortRequest, context: grpc.aio.ServicerContext
     ) -> lifecycle_pb2.AbortResponse:
         target = request.WhichOneof("target")
-        if target == "kv_session":
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, "kv_session: KV sessions over OpenEngine are not implemented"
+        if target == "kv_session":  # free the KV a prefill here holds for that session
+            store, handle_id = self.engine.kv_handles, request.kv_session.session_id
+            if await self.async_engine.call(lambda: store.release(handle_id, only_idle=True)):
+                return lifecycle_pb2.AbortResponse(
+                    status=lifecycle_pb2.ABORT_STATUS_ABORTED, message=f"released the KV of {handle_id}"
+                )
+            return lifecycle_pb2.AbortResponse(
+                status=lifecycle_pb2.ABORT_STATUS_ALREADY_FINISHED,
+                message="this worker holds no KV for that session (fetched, expired or never here)",
             )
         if target is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target: set request_id or all_requests")
@@ -473,18 +563,31 @@ class OpenEngineServicer(openengine_pb2_grpc.InferenceServicer, openengine_pb2_g
     async def GetKvEventSources(
         self, request: kv_pb2.GetKvEventSourcesRequest, context: grpc.aio.ServicerContext
     ) -> kv_pb2.GetKvEventSourcesResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "GetKvEventSources: tandem workers publish no KV events yet"
+        events = await self._kv_events(list(request.data_parallel_ranks), context)
+        address = self.worker.advertise_address or self.instance_id
+        return kv_pb2.GetKvEventSourcesResponse(
+            sources=[openengine_kv.event_source(address, events.capacity)]
         )
-        raise AssertionError
 
     async def SubscribeKvEvents(
         self, request: kv_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[kv_pb2.SubscribeKvEventsResponse]:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED, "SubscribeKvEvents: tandem workers publish no KV events yet"
-        )
-        yield kv_pb2.SubscribeKvEventsResponse()  # unreachable: makes this a generator
+        events = await self._kv_events(list(request.data_parallel_ranks), context)
+        async for reply in openengine_kv.subscribe(events, self.engine.config.block_size, request, context):
+            yield reply
+
+    async def _kv_events(self, ranks: list[int], context: grpc.aio.ServicerContext) -> KvEventLog:
+        """The worker's prefix-cache change log; FAILED_PRECONDITION without prefix caching."""
+        try:
+            openengine_kv.check_ranks(ranks)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.engine.kv_events is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this worker runs without prefix caching: no KV events"
+            )
+        assert self.engine.kv_events is not None
+        return self.engine.kv_events
 
 
 def add_to_server(

@@ -38,3 +38,41 @@ class RequestOutput:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None
     # a Prefill (hold_kv) request that did not end with its first token: where its KV is kept
     kv_handle: HeldKV | None = None
+    # a pooling request's result (its last output): the normalised embedding, hidden_size floats
+    embedding: tuple[float, ...] | None = None
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """One output saying what `outputs` (consecutive, of one request, none failed) said in turn.
+
+    The rpc merges the outputs that queued up while it was busy sending, so a worker whose event
+    loop falls behind the engine sends fewer, larger messages instead of falling further behind.
+    Per choice index: token ids (and logprobs) concatenated in order, the last finish reason.
+    """
+    if len(outputs) == 1:
+        return outputs[0]
+    choices: dict[int, ChoiceOutput] = {}
+    for out in outputs:
+        for c in out.choices:
+            prev = choices.get(c.index)
+            if prev is None:
+                choices[c.index] = c
+                continue
+            logprobs = None
+            if prev.logprobs is not None or c.logprobs is not None:
+                logprobs = (prev.logprobs or ()) + (c.logprobs or ())
+            choices[c.index] = ChoiceOutput(
+                c.index, prev.token_ids + c.token_ids, logprobs, c.finish_reason, c.stop_token_id
+            )
+    last = outputs[-1]
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return RequestOutput(
+        last.request_id,
+        tuple(choices.values()),
+        last.finished,
+        last.usage,
+        None,
+        prompt_logprobs,
+        last.kv_handle,
+        last.embedding,
+    )

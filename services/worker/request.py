@@ -21,6 +21,8 @@ from services.common.sampling import SamplingError, SamplingParams, validate_sam
 from services.worker.errors import InvalidRequestError
 
 if TYPE_CHECKING:
+    import torch
+
     from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
     from services.worker.lora.adapter import LoRAAdapter
     from services.worker.mm_inputs import ImageInput
@@ -45,6 +47,10 @@ class EngineRequest:
     # Disaggregated prefill: after the first token, keep the prompt's KV blocks under a handle for
     # a decode worker (kv_transfer.py) instead of decoding on.
     hold_kv: bool = False
+    # Pooling (an embed worker, --task embed): compute the prompt only; the step that computes its
+    # last token yields that token's final-norm hidden state, L2-normalised, instead of sampling,
+    # and the request ends there, its blocks freed at once. `sampling` is unused.
+    pooling: bool = False
     # Fairness group of the scheduler (the prompts of one gateway request share one); "" = its own.
     group_id: str = ""
     # sampling.guided compiled for this worker's tokenizer (the gRPC servicer compiles it off the
@@ -64,6 +70,8 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
         raise InvalidRequestError("request_id", "must be non-empty")
     if not req.prompt_token_ids:
         raise InvalidRequestError("prompt_token_ids", "the prompt is empty")
+    if req.pooling:
+        return _validate_pooling(req, vocab_size, max_model_len)
     end = 0
     for i, image in enumerate(req.images):
         if image.offset < end or image.length <= 0 or image.end > len(req.prompt_token_ids):
@@ -113,6 +121,24 @@ def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) ->
             "sampling.min_tokens", f"must be <= max_tokens ({max_tokens}), got {sp.min_tokens}"
         )
     return max_tokens
+
+
+def _validate_pooling(req: EngineRequest, vocab_size: int, max_model_len: int) -> int:
+    """A pooling request: only its prompt matters, which may fill the whole context (nothing is
+    generated after it). Returns max_tokens 0."""
+    if req.images or req.generated_token_ids or req.hold_kv:
+        raise InvalidRequestError("prompt_token_ids", "a pooling request is token ids only")
+    bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            "prompt_token_ids", f"token id {bad} is not below the vocabulary size {vocab_size}"
+        )
+    if len(req.prompt_token_ids) > max_model_len:
+        raise InvalidRequestError(
+            "prompt_token_ids",
+            f"the input has {len(req.prompt_token_ids)} tokens; the context length is {max_model_len}",
+        )
+    return 0
 
 
 class SequenceStatus(enum.Enum):
@@ -223,6 +249,9 @@ class Request:
         self.prompt_logprobs: list[TokenLogprob] = []
         self.prompt_logprobs_sent = False
         self.aborted = False
+        # pooling: the normalised hidden state of the last prompt token, once computed
+        # (a [hidden_size] float32 tensor on the device, set by the scheduler's update)
+        self.embedding: torch.Tensor | None = None
 
     def _start_guided(self, grammar: CompiledGrammar) -> None:
         """A matcher per choice; choice 0's consumes the tokens generated elsewhere (resume, or

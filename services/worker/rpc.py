@@ -26,6 +26,7 @@ from services.common.logging import request_id_var
 from services.worker import kv_transfer, kv_transports, kv_wire
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
+from services.worker.errors import task_mismatch
 from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WORKER_STACK_FACTOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
@@ -33,12 +34,13 @@ from services.worker.kv_handles import HeldKV, KVHandleError
 from services.worker.lora.adapter import LoRAAdapterError
 from services.worker.lora.registry import LoRAInfo, LoRANotFoundError
 from services.worker.mm_inputs import images_from_pb
-from services.worker.outputs import RequestOutput
+from services.worker.outputs import RequestOutput, merge_outputs
 from services.worker.request import (
     EngineRequest,
     InvalidRequestError,
     SamplingParams,
     TokenLogprob,
+    validate_request,
 )
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -56,6 +58,7 @@ _ROLES = {
     "prefill": worker_pb2.WORKER_ROLE_PREFILL,
     "decode": worker_pb2.WORKER_ROLE_DECODE,
 }
+_TASKS = {"generate": worker_pb2.WORKER_TASK_GENERATE, "embed": worker_pb2.WORKER_TASK_EMBED}
 # A decode worker gives a FetchKV stream this long before it computes the prompt itself.
 FETCH_TIMEOUT_S = 60.0
 _TRANSPORTS_PB = {
@@ -123,6 +126,7 @@ def sampling_from_pb(sp: common_pb2.SamplingParams) -> SamplingParams[GuidedSpec
         stop_token_ids=tuple(sp.stop_token_ids),
         ignore_eos=sp.ignore_eos,
         guided=guided_from_pb(sp),
+        logit_bias=tuple(sorted(sp.logit_bias.items())),  # a map's order is unspecified
     )
 
 
@@ -356,10 +360,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 "kv_source", "needs generated_token_ids (at least the first token the prefill worker sampled)"
             )
 
+    async def _refuse_other_task(self, task: str, context: grpc.aio.ServicerContext) -> None:
+        """FAILED_PRECONDITION for an rpc of the task this worker does not run (--task)."""
+        if task != self.engine.config.task:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, task_mismatch(self.engine.config.task))
+
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         request_id_var.set(request.request_id or "-")
+        await self._refuse_other_task("generate", context)
         await self._refuse_when_full(context)
         with self._admit():
             async for chunk in self._generate(request, context):
@@ -410,8 +420,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     self.engine.config.kv_fetch_stall_timeout,
                 )
                 self._record_fetch(source.address, stats)
+            leftover: RequestOutput | BaseException | None = None
             while not finished:
-                item = await outputs.get()
+                item = leftover if leftover is not None else await outputs.get()
+                leftover = None
                 if isinstance(item, InvalidRequestError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
                 if isinstance(item, LoRANotFoundError):  # unloaded since _resolve_lora
@@ -422,6 +434,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 if item.error is not None:  # the engine failed it (ended: nothing to abort)
                     finished = True
                     await context.abort(*self._request_failed(req, item.error))
+                if not item.finished and item.kv_handle is None:
+                    # Outputs that queued up while this loop was sending go out as one message.
+                    batch = [item]
+                    while not outputs.empty():
+                        nxt = outputs.get_nowait()
+                        if not isinstance(nxt, RequestOutput) or nxt.error is not None or nxt.kv_handle:
+                            leftover = nxt  # taken on its own next round
+                            break
+                        batch.append(nxt)
+                        if nxt.finished:
+                            break
+                    item = merge_outputs(batch)
                 if first_token is None and any(c.token_ids for c in item.choices):
                     first_token = time.monotonic()
                 finished = item.finished
@@ -480,6 +504,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             kv_transports=[_TRANSPORTS_PB[t] for t in self.kv_transports],
             host_id=kv_transports.host_id(),
             kv_events=e.kv_events is not None,
+            task=_TASKS[e.config.task],
+            hidden_size=cfg.hidden_size,
         )
 
     async def GetLoad(
@@ -501,9 +527,72 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
         request_id_var.set(request.request_id or "-")
+        await self._refuse_other_task("generate", context)
         await self._refuse_when_full(context)
         with self._admit():
             return await self._prefill(request, context)
+
+    async def Embed(
+        self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.EmbedResponse:
+        request_id_var.set(request.request_id or "-")
+        await self._refuse_other_task("embed", context)
+        await self._refuse_when_full(context)
+        with self._admit():
+            return await self._embed(request, context)
+
+    async def _embed(
+        self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.EmbedResponse:
+        """Each input is one pooling request of the engine (all in one fairness group), submitted
+        together so the scheduler batches them with each other and with other calls' inputs."""
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be non-empty")
+        if not request.inputs:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "inputs: give at least one input")
+        reqs = [
+            EngineRequest(
+                request_id=f"{request.request_id}-{i}",
+                prompt_token_ids=tuple(item.token_ids),
+                pooling=True,
+                group_id=request.request_id,
+            )
+            for i, item in enumerate(request.inputs)
+        ]
+        # every input checked before any is queued: one bad input costs the others nothing
+        for i, req in enumerate(reqs):
+            try:
+                validate_request(req, self.engine.model_config.vocab_size, self.engine.max_model_len)
+            except InvalidRequestError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inputs[{i}].token_ids: {exc.message}")
+        streams = [self.async_engine.submit(req) for req in reqs]
+        reply = worker_pb2.EmbedResponse(request_id=request.request_id)
+        done: set[int] = set()
+        try:
+            for i, stream in enumerate(streams):
+                item = await stream.get()
+                done.add(i)  # ended, or never queued (an error): nothing of it to abort
+                if isinstance(item, InvalidRequestError):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inputs[{i}]: {item}")
+                if isinstance(item, BaseException):
+                    await context.abort(grpc.StatusCode.INTERNAL, str(item))
+                assert isinstance(item, RequestOutput) and item.finished  # pooling: one output, the last
+                if item.error is not None:
+                    await context.abort(grpc.StatusCode.INTERNAL, item.error)
+                if item.embedding is None:  # aborted (e.g. the worker is shutting down)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"inputs[{i}]: the request was aborted")
+                assert item.usage is not None
+                reply.embeddings.add(
+                    index=i,
+                    values=item.embedding,
+                    prompt_tokens=item.usage.prompt_tokens,
+                    cached_prompt_tokens=item.usage.cached_prompt_tokens,
+                )
+        finally:
+            for i, req in enumerate(reqs):
+                if i not in done:  # cancelled or failed: free the other inputs' blocks now
+                    self.async_engine.abort_nowait(req.request_id)
+        return reply
 
     async def _prefill(
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
@@ -527,8 +616,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         held: HeldKV | None = None
         finished = False
         try:
+            leftover: RequestOutput | BaseException | None = None
             while not finished:
-                item = await outputs.get()
+                item = leftover if leftover is not None else await outputs.get()
+                leftover = None
                 if isinstance(item, InvalidRequestError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
                 if isinstance(item, LoRANotFoundError):  # unloaded since _resolve_lora

@@ -1,11 +1,11 @@
 """Token choice from the last-position logits of each sampling row, the same code on CPU and GPU.
 
 Order (as vLLM): logprobs are taken from the raw model distribution (log_softmax of the fp32
-logits) first; then min_tokens masks the stop ids, penalties apply (repetition over prompt and
-output, presence / frequency over the output), greedy rows take the argmax, and the other rows
-divide by the temperature, keep top-k / top-p / min-p, and sample with the exponential race of
-`sampling_rng.py` (draws keyed by seed, choice, output position and token: the same tokens
-whatever the batch, the step or the device).
+logits) first; then min_tokens masks the stop ids, `logit_bias` adds to its tokens' logits,
+penalties apply (repetition over prompt and output, presence / frequency over the output),
+greedy rows take the argmax, and the other rows divide by the temperature, keep top-k / top-p /
+min-p, and sample with the exponential race of `sampling_rng.py` (draws keyed by seed, choice,
+output position and token: the same tokens whatever the batch, the step or the device).
 
 Every per-row step is one batched tensor operation (bans and penalties scatter all rows' ids at
 once as flattened (row, id) pairs; no per-row loop touches the device), and `sample_tensors`
@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,12 @@ class SamplingMetadata:
     all_greedy: bool
     need_filter: bool  # some row uses top-k, top-p or min-p
     need_penalties: bool
+    # [S][*] (token id, bias) of each row's logit_bias; empty (the default): no row has one
+    logit_bias: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+
+    @property
+    def has_logit_bias(self) -> bool:
+        return any(self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -90,14 +96,25 @@ class Sampler:
         want_logprobs = any(k is not None for k in meta.num_logprobs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         banned = flat_pairs(meta.banned_ids, logits.device)
-        if banned is not None or meta.need_penalties:
+        if banned is not None or meta.need_penalties or meta.has_logit_bias:
             logits = logits.clone()
         if banned is not None:
             logits.index_put_(banned, torch.full((), float("-inf"), device=logits.device))
+        if meta.has_logit_bias:
+            self._apply_logit_bias(logits, meta.logit_bias)
         if meta.need_penalties:
             logits = self._apply_penalties(logits, meta)
         token_ids = logits.argmax(dim=-1) if meta.all_greedy else self._sample(logits, meta)
         return token_ids, raw_logprobs
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, bias: list[tuple[tuple[int, float], ...]]) -> None:
+        """Add each row's biases to its logits in place: one scatter for all rows (a banned -inf
+        stays -inf; a +100 on a masked token keeps it masked)."""
+        pairs = flat_pairs([[t for t, _ in row] for row in bias], logits.device)
+        assert pairs is not None
+        values = torch.tensor([b for row in bias for _, b in row], dtype=torch.float32)
+        logits.index_put_(pairs, values.to(logits.device, non_blocking=True), accumulate=True)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

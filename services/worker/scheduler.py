@@ -23,10 +23,13 @@ from __future__ import annotations
 import itertools
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from services.worker.block_manager import BlockManager
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
+
+if TYPE_CHECKING:
+    import torch
 
 # A group holding more than max_num_seqs // LARGE_GROUP_DIVISOR running sequences is preempted
 # to admit a group with nothing running that does not fit.
@@ -47,6 +50,9 @@ class ScheduledSequence:
     # Async scheduling: sampled tokens of the previous step that the host has not read yet (0 or 1);
     # the input id of this entry is then that step's sampled token, taken from the device.
     pending_tokens: int = 0
+    # Pooling requests: the normalised hidden state of the last prompt token ([hidden_size] float32
+    # on the device), filled by the runner when this step computes it (`sample`).
+    embedding: torch.Tensor | None = None
 
 
 class _Admission(NamedTuple):
@@ -219,7 +225,11 @@ class Scheduler:
             request = seq.request
             if item.sample:
                 # `prev` appends one token: the host holds every earlier one (one step is unread).
-                if request.req.hold_kv or seq.num_output_tokens + 1 >= request.max_tokens:
+                if (
+                    request.req.hold_kv
+                    or request.req.pooling
+                    or seq.num_output_tokens + 1 >= request.max_tokens
+                ):
                     continue
                 sp = request.sampling
                 if sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0:
@@ -420,6 +430,10 @@ class Scheduler:
             seq.request.prompt_logprobs += item.prompt_logprobs
             self.bm.register_computed_blocks(seq)
             if not item.sample:
+                continue
+            if seq.request.req.pooling:  # its prompt is computed: the embedding is the result
+                seq.request.embedding = item.embedding
+                self._finish_running(seq, "stop")
                 continue
             spares: list[int | None] = list(item.spare_blocks) or [None] * len(item.children)
             for child, spare, token in zip(item.children, spares, tokens[1:], strict=True):

@@ -93,8 +93,9 @@ def sampling_to_tandem(sp: pb.SamplingParams) -> common_pb2.SamplingParams:
         if sp.seed < 0:
             raise Invalid("sampling_params.seed", f"must be >= 0, got {sp.seed}")
         out.seed = sp.seed
-    if sp.logit_bias:
-        raise Unsupported("sampling_params.logit_bias", "tandem has no logit bias")
+    if any(t < 0 for t in sp.logit_bias):  # the engine checks the rest (validate_sampling)
+        raise Invalid("sampling_params.logit_bias", "keys must be token ids (>= 0)")
+    out.logit_bias.update(sp.logit_bias)
     if sp.HasField("truncate_prompt_tokens"):
         raise Unsupported("sampling_params.truncate_prompt_tokens", "tandem does not truncate prompts")
     kind = sp.WhichOneof("constraint")

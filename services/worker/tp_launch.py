@@ -50,6 +50,7 @@ def follow(config: WorkerConfig) -> int:
         config.block_size,
         config.load_format,
         config.seed,
+        pooling=config.task == "embed",
     )
     model = runner.model
     kv: KVCache | None = None

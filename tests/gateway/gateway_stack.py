@@ -28,13 +28,19 @@ class Stack:
     """styler + N workers + gateway, started in a run directory; `stop()` ends them all."""
 
     def __init__(
-        self, run_dir: Path, model: Path, num_workers: int = 1, gateway_args: Sequence[str] = ()
+        self,
+        run_dir: Path,
+        model: Path,
+        num_workers: int = 1,
+        gateway_args: Sequence[str] = (),
+        worker_args: Sequence[str] = (),
     ) -> None:
         self.run_dir = run_dir
         self.model = model
         self.styler_address = f"unix:{run_dir}/styler.sock"
         self.worker_addresses = [f"unix:{run_dir}/worker-{i}.sock" for i in range(num_workers)]
         self.gateway_args = list(gateway_args)
+        self.worker_args = list(worker_args)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.port = 0
         self.grpc_port = 0
@@ -63,7 +69,17 @@ class Stack:
         self._spawn("styler", ["styler", "--model", str(self.model), "--address", self.styler_address])
         for i, address in enumerate(self.worker_addresses):
             self._spawn(
-                f"worker-{i}", ["worker", "--model", str(self.model), "--address", address, "--device", "cpu"]
+                f"worker-{i}",
+                [
+                    "worker",
+                    "--model",
+                    str(self.model),
+                    "--address",
+                    address,
+                    "--device",
+                    "cpu",
+                    *self.worker_args,
+                ],
             )
         self.port, self.grpc_port = free_port(), free_port()
         self.start_gateway("gateway", self.port, [*self.gateway_args, "--grpc-port", str(self.grpc_port)])

@@ -90,7 +90,8 @@ def still_serves(http: httpx.Client) -> None:
             "response_format",
             "schema",
         ),
-        (CHAT, {"messages": MESSAGES, "logit_bias": {"5": 10}}, "logit_bias", "not supported yet"),
+        (CHAT, {"messages": MESSAGES, "suffix": "x"}, "suffix", "not supported yet"),
+        (CHAT, {"messages": MESSAGES, "logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
         (CHAT, {"messages": MESSAGES, "top_logprobs": 3}, "top_logprobs", "logprobs"),
         (CHAT, {"messages": MESSAGES, "stream_options": {"include_usage": True}}, "stream_options", "stream"),
         (

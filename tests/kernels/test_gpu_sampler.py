@@ -215,3 +215,81 @@ def test_cpu_reference_and_gpu_sampler_pick_the_same_tokens() -> None:
         assert torch.equal(
             uniform(draw_table(p["draws"]).to(cuda), vocab).cpu(), uniform(draw_table(p["draws"]), vocab)
         )
+
+
+def _biased_rows(rows: int, vocab: int, seed: int) -> list[tuple[tuple[int, float], ...]]:
+    """Each row's logit_bias: a few ids with biases across [-100, 100], some rows none."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[tuple[tuple[int, float], ...]] = []
+    for r in range(rows):
+        if r % 3 == 2:
+            out.append(())
+            continue
+        ids = torch.randperm(vocab, generator=gen)[: 1 + r % 5].tolist()
+        values = (torch.rand(len(ids), generator=gen) * 200 - 100).tolist()
+        out.append(tuple(sorted(zip(ids, values, strict=True))))
+    return out
+
+
+def test_logit_bias_forces_bans_and_shifts() -> None:
+    """+100 makes a token the greedy and the sampled choice, -100 bans it, a small bias is the
+    same as adding it to the logits; logprobs stay those of the unbiased logits (vLLM's default)."""
+    gen = torch.Generator().manual_seed(7)
+    rows, vocab = 6, 97
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    top = logits.argmax(dim=-1).tolist()
+    forced = [(5 * r + 1) % vocab for r in range(rows)]
+    bias = [((forced[r], 100.0),) for r in range(rows)]
+    draws = [(r, 0, 0) for r in range(rows)]
+    for temperature in ([0.0] * rows, [1.0] * rows):
+        meta = _meta(logits, draws, temperature, logit_bias=bias, num_logprobs=[2] * rows)
+        out = Sampler()(logits, meta)
+        assert out.token_ids == forced
+        raw = torch.log_softmax(logits, dim=-1)
+        for r, lp in enumerate(out.logprobs):
+            assert lp is not None and lp.logprob == pytest.approx(raw[r, forced[r]].item(), abs=1e-6)
+    banned = [((top[r], -100.0),) for r in range(rows)]
+    ids = Sampler()(logits, _meta(logits, draws, [0.0] * rows, logit_bias=banned)).token_ids
+    second = logits.topk(2, dim=-1).indices[:, 1].tolist()
+    assert ids == second
+    for s in range(30):  # sampled rows never draw a banned token either
+        many = Sampler()(
+            logits, _meta(logits, [(s, 0, p) for p in range(rows)], [2.0] * rows, logit_bias=banned)
+        )
+        assert all(t != top[r] for r, t in enumerate(many.token_ids))
+    small = _biased_rows(rows, vocab, seed=1)
+    shifted = logits.clone()
+    for r, pairs in enumerate(small):
+        for t, b in pairs:
+            shifted[r, t] += b
+    args = (draws, [0.7] * rows, [0] * rows, [0.9] * rows, [0.05] * rows)
+    assert (
+        Sampler()(logits, _meta(logits, *args, logit_bias=small)).token_ids
+        == Sampler()(shifted, _meta(shifted, *args)).token_ids
+    )
+
+
+@pytest.mark.gpu
+def test_cpu_reference_and_gpu_sampler_agree_with_logit_bias() -> None:
+    """As the test above, with logit_bias rows mixed in (the bias scatter runs on the device)."""
+    from kernels import get_ops
+
+    assert torch.cuda.is_available(), "marker gpu: run on the device"
+    cuda = torch.device("cuda")
+    gpu_race = get_ops("auto", cuda).exponential_race
+    assert gpu_race is not None
+    for seed, (rows, vocab) in enumerate([(256, 1000), (64, 151936)]):
+        logits, p = _mixed_rows(rows, vocab, seed)
+        bias = _biased_rows(rows, vocab, seed)
+        args = (p["draws"], p["temperature"], p["top_k"], p["top_p"], p["min_p"])
+        cpu = Sampler()(logits, _meta(logits, *args, logit_bias=bias)).token_ids
+        gpu_logits = logits.to(cuda)
+        for sampler in (Sampler(gpu_race), Sampler()):
+            token_ids, _ = sampler.sample_tensors(gpu_logits, _meta(gpu_logits, *args, logit_bias=bias))
+            gpu = token_ids.tolist()
+            assert gpu == cpu, [(r, cpu[r], gpu[r]) for r in range(rows) if cpu[r] != gpu[r]][:10]
+        forced = [((r * 31) % vocab, 100.0) for r in range(rows)]
+        greedy_gpu, _ = Sampler(gpu_race).sample_tensors(
+            gpu_logits, _meta(gpu_logits, p["draws"], [0.0] * rows, logit_bias=[(f,) for f in forced])
+        )
+        assert greedy_gpu.tolist() == [t for t, _ in forced]

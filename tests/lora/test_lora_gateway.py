@@ -28,28 +28,21 @@ KEY = "sk-lora-test"
 PROMPT = [1, 403, 407, 365, 261, 422]  # token ids: the comparison needs no tokenizer round trip
 
 
-class LoRAStack(Stack):
-    """The test stack with LoRA options on every worker."""
-
-    def __init__(self, run_dir: Path, model: Path, worker_args: list[str]) -> None:
-        super().__init__(run_dir, model, num_workers=2, gateway_args=["--api-key", KEY])
-        self.worker_args = worker_args
-
-    def _spawn(self, name: str, args: Any) -> Any:
-        if name.startswith("worker"):
-            args = [*args, *self.worker_args]
-        return super()._spawn(name, args)
-
-
 @pytest.fixture(scope="module")
 def setup(
     stories_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[LoRAStack, RefModel, Adapter, Adapter]]:
+) -> Iterator[tuple[Stack, RefModel, Adapter, Adapter]]:
     base = load_ref(stories_dir)
     first = make_adapter(base, tmp_path_factory.mktemp("story-a"), "story-a", seed=21, rank=8, scale=1.0)
     second = make_adapter(base, tmp_path_factory.mktemp("story-b"), "story-b", seed=22, rank=4, scale=1.0)
     args = ["--lora-modules", f"story-a={first.path}", "--max-loras", "2", "--max-lora-rank", "8"]
-    stack = LoRAStack(tmp_path_factory.mktemp("lora-stack"), stories_dir, args)
+    stack = Stack(
+        tmp_path_factory.mktemp("lora-stack"),
+        stories_dir,
+        num_workers=2,
+        gateway_args=["--api-key", KEY],
+        worker_args=args,
+    )
     try:
         yield stack.start(), base, first, second
     finally:
@@ -87,7 +80,7 @@ def _worker_loras(stack: Stack) -> list[list[str]]:
     return names
 
 
-def test_adapters_through_the_stack(setup: tuple[LoRAStack, RefModel, Adapter, Adapter]) -> None:
+def test_adapters_through_the_stack(setup: tuple[Stack, RefModel, Adapter, Adapter]) -> None:
     stack, base, first, second = setup
     client = openai.OpenAI(base_url=stack.base_url, api_key=KEY, max_retries=0)
     base_name = client.models.list().data[0].id

@@ -72,3 +72,29 @@ def test_tp_equals_t1_and_transformers(
     tp_refs: dict[str, RefModel], name: str, tp: int, tmp_path: Path
 ) -> None:
     _check(tp_refs[name], name, tp, tmp_path)
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)])
+def test_embed_group_equals_transformers(tp: int, pp: int, tmp_path: Path) -> None:
+    """--task embed in a group: the pooled rows are rank 0's normed hidden states; the ranks load
+    a base-model checkpoint (no LM head) too."""
+    import torch
+
+    from tests.worker.embedding_testlib import reference, write_tiny_embedding_model
+
+    model = write_tiny_embedding_model(tmp_path / "model")
+    prompts = prompts_of_lengths(LENGTHS, 320, seed=3)
+    options = ["--model", str(model), "--device", "cpu", "--kv-cache-memory", "4MiB", "--task", "embed"]
+    options += ["--max-num-batched-tokens", "16", "--cpu-threads", "1"]
+    got = run_group(
+        tmp_path,
+        {"prompts": prompts},
+        *options,
+        "--tensor-parallel-size",
+        str(tp),
+        "--pipeline-parallel-size",
+        str(pp),
+    )
+    assert got["used_blocks"] == 0
+    for vector, ref in zip(got["embeddings"], reference(model, prompts), strict=True):
+        torch.testing.assert_close(torch.tensor(vector), ref, atol=1e-4, rtol=0)

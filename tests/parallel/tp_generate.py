@@ -3,7 +3,8 @@
 
     python tests/parallel/tp_generate.py OUT.json PROMPTS.json -- <tandem worker options>
 
-PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n}. The same code path
+PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n}; with --task embed only
+the prompts count, and the output holds their embeddings. The same code path
 as `tandem worker --tensor-parallel-size T` (tp_launch.start_group, Engine with its StepDriver)
 without gRPC, so the tests can compare tokens and logprobs exactly.
 """
@@ -32,6 +33,14 @@ def main(argv: list[str]) -> int:
     group = start_group(config, worker_argv).local if config.world_size > 1 else None
     try:
         engine = Engine(config)
+        if config.task == "embed":  # pooling mode: the embeddings instead of tokens
+            vectors = engine.embed(spec["prompts"])
+            out = {
+                "embeddings": [list(v) for v in vectors],
+                "used_blocks": engine.block_manager.num_used_blocks,
+            }
+            Path(out_path).write_text(json.dumps(out))
+            return 0
         params = SamplingParams(
             temperature=0.0, max_tokens=spec["max_tokens"], logprobs=spec.get("logprobs"), n=spec.get("n", 1)
         )

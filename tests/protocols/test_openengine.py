@@ -316,7 +316,14 @@ UNSUPPORTED_BY_TANDEM = [
         {"media": [generation_pb2.MediaItem(modality=generation_pb2.MODALITY_IMAGE, url="http://x/y.png")]},
     ),
     ("lora_name", {"lora_name": "adapter"}),
-    ("kv.session", {"kv": generation_pb2.KvOptions(session=kv_pb2.KvSessionRef(session_id="s"))}),
+    (
+        "kv.session.transfer_backend",
+        {
+            "kv": generation_pb2.KvOptions(
+                session=kv_pb2.KvSessionRef(session_id="s", transfer_backend="nixl")
+            )
+        },
+    ),
     ("kv.cache_salt", {"kv": generation_pb2.KvOptions(cache_salt="salt")}),
     ("guided.structural_tag", {"guided": generation_pb2.GuidedDecoding(structural_tag="{}")}),
     (
@@ -363,21 +370,3 @@ def test_lora_rpcs(control: openengine_pb2_grpc.ControlStub, own_worker: bool) -
         with pytest.raises(grpc.RpcError) as err:
             control.UnloadLora(lora_pb2.UnloadLoraRequest(lora_name="a"))
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
-def test_kv_event_rpcs(control: openengine_pb2_grpc.ControlStub, own_worker: bool) -> None:
-    try:
-        sources = control.GetKvEventSources(kv_pb2.GetKvEventSourcesRequest())
-    except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.UNIMPLEMENTED and "KV events" in (exc.details() or "")
-    else:
-        assert not own_worker and sources is not None
-    call = control.SubscribeKvEvents(kv_pb2.SubscribeKvEventsRequest(include_snapshot=True), timeout=10)
-    try:
-        first = next(call)
-    except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.UNIMPLEMENTED
-    else:
-        assert not own_worker and first.WhichOneof("event") is not None
-    finally:
-        call.cancel()

@@ -2,15 +2,18 @@
 API serves chat and completions through the worker's `vllm.grpc.engine.VllmEngine` service.
 
 Needs the `smg` launcher (`pip install smg`, in any environment): on PATH, or its path in
-TANDEM_SMG. Skipped without it.
+TANDEM_SMG. Skipped without it. SMG takes `grpc://HOST:PORT`, so when the suite's worker is on a
+unix socket this module starts a TCP worker of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +23,9 @@ from typing import Any
 
 import pytest
 
+from services.common.server import wait_for_serving
 from tests.e2e.stack import free_port, stop_processes
+from tests.protocols.conftest import REPO, worker_args
 
 
 def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
@@ -34,12 +39,34 @@ def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def smg_url(address: str, own_worker: bool, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def smg_binary() -> str:
     binary = os.environ.get("TANDEM_SMG") or shutil.which("smg")
     if not binary:
         pytest.skip("smg is not installed (pip install smg; TANDEM_SMG=/path/to/smg)")
-    if address.startswith("unix:"):  # SMG takes grpc://HOST:PORT: start a TCP worker of our own
-        pytest.skip("needs the worker on TCP; run with --target HOST:PORT of a tandem worker")
+    return binary
+
+
+@pytest.fixture(scope="module")
+def tcp_address(smg_binary: str, address: str, stories_dir: Path) -> Iterator[str]:
+    """The suite's engine when it is on TCP, else a tandem worker of this module's on TCP."""
+    if not address.startswith("unix:"):
+        yield address
+        return
+    tcp = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tandem.cli", "worker", *worker_args(stories_dir, tcp)], cwd=REPO, env=env
+    )
+    try:
+        asyncio.run(wait_for_serving(tcp, timeout_s=60))
+        yield tcp
+    finally:
+        stop_processes([proc])
+
+
+@pytest.fixture(scope="module")
+def smg_url(smg_binary: str, tcp_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary, address = smg_binary, tcp_address
     port, metrics_port = free_port(), free_port()
     log = open(tmp_path_factory.mktemp("smg") / "smg.log", "wb")  # noqa: SIM115 - lives with the process
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -99,6 +99,28 @@ def test_greedy_tokens_equal_tandems_own_proto(
     assert list(done.output_ids) == tokens and tokens
 
 
+def test_logit_bias_forces_and_bans(stub: vllm_engine_pb2_grpc.VllmEngineStub) -> None:
+    [probe] = completes(list(stub.Generate(request("smg-lb0", stream=False, max_tokens=4, ignore_eos=True))))
+    forced = next(t for t in range(5, 500) if t not in probe.output_ids)
+    [done] = completes(
+        list(
+            stub.Generate(
+                request("smg-lb1", stream=False, max_tokens=4, ignore_eos=True, logit_bias={forced: 100.0})
+            )
+        )
+    )
+    assert list(done.output_ids) == [forced] * 4
+    first = probe.output_ids[0]
+    [banned] = completes(
+        list(
+            stub.Generate(
+                request("smg-lb2", stream=False, max_tokens=4, ignore_eos=True, logit_bias={first: -100.0})
+            )
+        )
+    )
+    assert first not in banned.output_ids
+
+
 def test_stop_token_n_and_logprobs(stub: vllm_engine_pb2_grpc.VllmEngineStub) -> None:
     [probe] = completes(
         list(stub.Generate(request("smg-probe", stream=False, max_tokens=8, ignore_eos=True)))
@@ -191,7 +213,7 @@ def test_bad_requests(stub: vllm_engine_pb2_grpc.VllmEngineStub, own_worker: boo
         return
     for field, sampling in [
         ("sampling_params.stop", {"stop": ["."], "n": 2}),
-        ("sampling_params.logit_bias", {"logit_bias": {5: 1.0}}),
+        ("sampling_params.truncate_prompt_tokens", {"truncate_prompt_tokens": 5}),
         ("sampling_params.structural_tag", {"structural_tag": "{}"}),
     ]:
         with pytest.raises(grpc.RpcError) as err:

@@ -126,6 +126,7 @@ def _generate_requests(draw: st.DrawFn) -> worker_pb2.GenerateRequest:
         if draw(st.booleans()):
             setattr(sampling, name, draw(ints))
     token = st.one_of(st.integers(0, 511), _BOUNDARY_INT)
+    sampling.logit_bias.update(draw(st.dictionaries(token, _FLOAT, max_size=3)))
     return worker_pb2.GenerateRequest(
         request_id=draw(st.one_of(st.just(""), st.text(min_size=1, max_size=40))),
         prompt_token_ids=draw(st.lists(token, max_size=600)),

@@ -68,10 +68,27 @@ def test_vendored_protos_carry_their_license(folder: str) -> None:
     assert (protogen.PROTO_DIR / folder / "SOURCE").is_file(), "where they came from, and what changed"
 
 
+def test_ext_proc_protos_carry_their_licenses() -> None:
+    """Envoy's ext-proc protos (the Endpoint Picker's) come from three repositories, each licensed."""
+    tree = protogen.PROTO_DIR / "tandem" / "ext_proc"
+    for name in ("envoy", "xds", "protoc-gen-validate"):
+        assert "Apache License" in (tree / f"LICENSE.{name}").read_text()
+    source = (tree / "SOURCE").read_text()
+    assert "envoyproxy/data-plane-api" in source and "cncf/xds" in source and "protoc-gen-validate" in source
+    # Imports name their vendored path, so the generated code stays inside tandem.ext_proc.
+    for proto in tree.rglob("*.proto"):
+        for line in proto.read_text().splitlines():
+            if line.startswith("import "):
+                assert '"google/protobuf/' in line or '"tandem/ext_proc/' in line, f"{proto}: {line}"
+
+
 @pytest.mark.parametrize("path", VENDORED)
 def test_vendored_module_imports(path: str) -> None:
     """The vendored protocols generate importable modules under the pinned grpcio/protobuf."""
     protogen.ensure_generated()
     module = importlib.import_module(path.replace("/", ".") + "_pb2")
-    assert module.DESCRIPTOR.package in ("openengine.v1", "vllm.grpc.engine", "smg.grpc.common")
+    package = module.DESCRIPTOR.package
+    assert package in ("openengine.v1", "vllm.grpc.engine", "smg.grpc.common") or (
+        path.startswith("tandem/ext_proc/") and package.split(".")[0] in ("envoy", "xds", "udpa", "validate")
+    )
     importlib.import_module(path.replace("/", ".") + "_pb2_grpc")

@@ -41,6 +41,11 @@ BAD = [
     ({"logprobs": 21}, "logprobs", "<= 20"),
     ({"prompt_logprobs": -1}, "prompt_logprobs", ">= 0"),
     ({"stop_token_ids": (3, 2**32)}, "stop_token_ids", "below"),
+    ({"logit_bias": ((3, 100.5),)}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": ((3, math.nan),)}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": ((2**32, 1.0),)}, "logit_bias", "below"),
+    ({"logit_bias": ((3, 1.0), (3, 2.0))}, "logit_bias", "once"),
+    ({"logit_bias": tuple((t, 1.0) for t in range(301))}, "logit_bias", "at most 300"),
 ]
 
 
@@ -126,6 +131,7 @@ def test_one_conversion_each_way_keeps_every_field() -> None:
         n=3,
         logprobs=2,
         prompt_logprobs=0,
+        logit_bias=((3, -100.0), (7, 0.5), (2**32 - 1, 100.0)),
     )
     assert sampling_from_pb(_sampling_to_proto(full)) == full
     # the worker does not check (the engine does, once): an out-of-range value passes through
@@ -138,3 +144,49 @@ def test_openai_seed_is_an_int64_or_uint64() -> None:
     assert parse_chat({**chat, "seed": 7}).params.sampling.seed == 7
     with pytest.raises(APIError):
         parse_chat({**chat, "seed": 2**64})
+
+
+def test_logit_bias_is_read_from_openai_json_and_checked_against_the_vocabulary() -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    got = parse_chat({**chat, "logit_bias": {"50": 10, "7": -100, "0": 0.25}}).params.sampling.logit_bias
+    assert got == ((0, 0.25), (7, -100.0), (50, 10.0))  # sorted by id, floats
+    assert parse_completion({"prompt": "hi", "logit_bias": {"5": 100}}).params.sampling.logit_bias == (
+        (5, 100.0),
+    )
+    assert parse_chat({**chat, "logit_bias": {}}).params.sampling.logit_bias == ()
+    for bad, words in (
+        ({"x": 1}, "token ids"),
+        ({"-1": 1}, "token ids"),
+        ({"1.5": 1}, "token ids"),
+        ({"5": "1"}, "numbers"),
+        ({"5": True}, "numbers"),
+        ({"5": 101}, "[-100, 100]"),
+        ({"5": -100.5}, "[-100, 100]"),
+        ({"5": 1, "05": 2}, "twice"),
+        ({str(t): 1 for t in range(301)}, "at most 300"),
+        ([5, 1], "object"),
+    ):
+        with pytest.raises(APIError) as err:
+            parse_chat({**chat, "logit_bias": bad})
+        assert err.value.status == 400 and err.value.param == "logit_bias" and words in str(err.value), bad
+    with pytest.raises(SamplingError) as serr:
+        validate_sampling(SamplingParams(logit_bias=((600, 1.0),)), vocab_size=512)
+    assert serr.value.field == "logit_bias" and "below the vocabulary size 512" in serr.value.message
+    req = EngineRequest("r", (1, 2, 3), SamplingParams(logit_bias=((512, 1.0),)))
+    with pytest.raises(InvalidRequestError) as werr:
+        validate_request(req, vocab_size=512, max_model_len=64)
+    assert werr.value.field == "sampling.logit_bias"
+
+
+def test_prompt_logprobs_is_read_and_refused_with_stream() -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat({**chat, "prompt_logprobs": 20}).params.sampling.prompt_logprobs == 20
+    assert parse_completion({"prompt": "hi", "prompt_logprobs": 0}).params.sampling.prompt_logprobs == 0
+    for body, words in (
+        ({"prompt_logprobs": 21}, "<= 20"),
+        ({"prompt_logprobs": -1}, ">= 0"),
+        ({"prompt_logprobs": 2, "stream": True}, "stream"),
+    ):
+        with pytest.raises(APIError) as err:
+            parse_chat({**chat, **body})
+        assert err.value.param == "prompt_logprobs" and words in str(err.value), body

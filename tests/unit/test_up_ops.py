@@ -51,6 +51,22 @@ def test_vllm_serve_options_reach_the_right_children(tmp_path: Path) -> None:
     )
 
 
+def test_task_embed_reaches_every_worker(tmp_path: Path) -> None:
+    styler, *workers, gateway = build_children(
+        UpConfig(model=str(tmp_path), workers=2, task="embed"), tmp_path
+    )
+    for worker in workers:
+        parsed = parse_config(
+            WorkerConfig, worker.argv[worker.argv.index("worker") + 1 :], "tandem worker", env={}
+        )
+        assert parsed.task == "embed"
+    assert "--task" not in styler.argv and "--task" not in gateway.argv
+    _styler, worker, _gateway = build_children(UpConfig(model=str(tmp_path)), tmp_path)
+    assert "--task" not in worker.argv  # generate: the worker's default
+    with pytest.raises(ValueError, match="--task embed with --disaggregate"):
+        UpConfig(model=str(tmp_path), task="embed", disaggregate=True)
+
+
 def test_defaults_forward_nothing(tmp_path: Path) -> None:
     _styler, worker, gateway = build_children(UpConfig(model=str(tmp_path)), tmp_path)
     for flag in (

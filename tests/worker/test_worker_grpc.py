@@ -85,14 +85,16 @@ def test_info(stub: worker_pb2_grpc.WorkerStub) -> None:
     assert info.fingerprint
 
 
-def test_generate_streams_one_chunk_per_step(
+def test_generate_streams_tokens_as_produced(
     stub: worker_pb2_grpc.WorkerStub, ref_models: dict[str, RefModel]
 ) -> None:
     prompt = [1, 403, 407, 261, 378]
     chunks = generate(stub, "g1", prompt, temperature=0.0, max_tokens=20, logprobs=3)
     tokens = [t for c in chunks for ch in c.choices for t in ch.token_ids]
     assert tokens == ref_models["stories"].greedy(prompt, 20)
-    assert len(chunks) == len(tokens)  # one token per step, streamed as it is produced
+    # Streamed as produced: one chunk per step, except that steps which queued up while the rpc
+    # was sending go out merged (merge_outputs), so a busy machine sees fewer, larger chunks.
+    assert len(chunks) <= len(tokens) and all(ch.token_ids for c in chunks for ch in c.choices)
     assert all(not c.HasField("usage") for c in chunks[:-1])
     last = chunks[-1]
     assert last.usage.prompt_tokens == 5 and last.usage.completion_tokens == len(tokens)
@@ -231,3 +233,12 @@ async def test_concurrent_streams_are_batched_and_exact(
     for prompt, (tokens, chunks) in zip(prompts, results, strict=True):
         assert tokens == ref_models["stories"].greedy(prompt, 16)
         assert chunks == len(tokens)
+
+
+def test_embed_is_refused_by_a_generate_worker(stub: worker_pb2_grpc.WorkerStub) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Embed(worker_pb2.EmbedRequest(request_id="e", inputs=[worker_pb2.EmbedInput(token_ids=[1, 2])]))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--task embed" in err.value.details()
+    info = stub.Info(worker_pb2.InfoRequest())
+    assert info.task == worker_pb2.WORKER_TASK_GENERATE

@@ -167,6 +167,8 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         "kv_transports": [worker_pb2.KV_TRANSPORT_GRPC],  # no CUDA here, NIXL not available
         "host_id": kv_transports.host_id(),
         "kv_events": True,  # prefix caching is on
+        "task": worker_pb2.WORKER_TASK_GENERATE,
+        "hidden_size": cfg["hidden_size"],
     }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from worker_testlib import RefModel, prompts_of_lengths, run_to_completion, usage_of
@@ -210,3 +212,28 @@ def test_prompt_logprobs_match_transformers_across_chunks_and_cache(stories: Ref
         # rank among near-ties (many unlikely tokens sit within fp32 noise of each other)
         assert int((row > lp.logprob + 1e-4).sum()) + 1 <= lp.rank <= int((row > lp.logprob - 1e-4).sum()) + 1
         assert [v for _, v in lp.top] == pytest.approx(row.topk(3).values.tolist(), abs=1e-4)
+
+
+def test_logit_bias_forces_and_bans_tokens_logprobs_unbiased(
+    stories: RefModel, stories_engine: Engine
+) -> None:
+    """+100 forces a token (greedy and sampled), -100 bans the greedy one; the logprobs reported
+    are the model's own (before the bias, vLLM's default), so they match transformers."""
+    prompt = [1, 403, 407]
+    plain = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    (unbiased,) = stories_engine.generate([prompt], plain)
+    greedy = unbiased.token_ids[0]
+    forced_id = next(t for t in range(5, stories.vocab_size) if t not in greedy)
+    (forced,) = stories_engine.generate([prompt], replace(plain, logit_bias=((forced_id, 100.0),)))
+    assert forced.token_ids[0] == [forced_id] * 6
+    with torch.no_grad():
+        logits = stories.hf(torch.tensor([prompt + [forced_id] * 6])).logits[0].float()
+    ref = torch.log_softmax(logits, dim=-1)
+    for i, lp in enumerate(forced.logprobs[0]):
+        assert lp.logprob == pytest.approx(ref[len(prompt) - 1 + i, forced_id].item(), abs=1e-4)
+    sampled = replace(plain, temperature=1.0, seed=3, logit_bias=((forced_id, 100.0),))
+    (drawn,) = stories_engine.generate([prompt], sampled)
+    assert drawn.token_ids[0] == [forced_id] * 6
+    (banned,) = stories_engine.generate([prompt], replace(plain, logit_bias=((greedy[0], -100.0),)))
+    assert banned.token_ids[0][0] == int(ref[len(prompt) - 1].topk(2).indices[1])
+    assert greedy[0] not in banned.token_ids[0]

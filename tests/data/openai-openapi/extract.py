@@ -22,6 +22,7 @@ OPERATIONS = (
     ("/completions", "post"),
     ("/models", "get"),
     ("/models/{model}", "get"),
+    ("/embeddings", "post"),
 )
 # Components no kept operation references, but the tests validate against.
 EXTRA_SCHEMAS = ("ErrorResponse",)
