@@ -96,9 +96,6 @@ class LoRAPool:
         self._lru: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, least recently used first
         self.num_loads = 0  # slot fills (first loads and reloads after an eviction)
 
-    def resident(self) -> list[str]:
-        return [a.name for a in self.slots if a is not None]
-
     def prepare(self, entries: list[tuple[LoRAAdapter | None, int]]) -> None:
         """Slots for this step's adapters (filling evicted ones), then the rows' mapping.
         `entries`: the step's scheduled sequences in row order, (adapter or None, rows it has)."""
@@ -162,9 +159,3 @@ class LoRAPool:
                     b[lo : lo + shape.part_out[part], part * r_max : part * r_max + r] = w.b
                 proj.lora_a[slot].copy_(a, non_blocking=True)
                 proj.lora_b[slot].copy_(b, non_blocking=True)
-
-    def forget(self, adapter: LoRAAdapter) -> None:
-        """An unloaded adapter's slot becomes free (a step that still uses it refills one)."""
-        slot = self._lru.pop(adapter.lora_id, None)
-        if slot is not None:
-            self.slots[slot] = None
