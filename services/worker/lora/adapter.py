@@ -166,6 +166,11 @@ def _check_config(name: str, config: dict[str, object], max_rank: int) -> tuple[
         ("alpha_pattern", "per-module alphas (alpha_pattern)"),
         ("modules_to_save", "fully trained modules (modules_to_save)"),
         ("fan_in_fan_out", "fan_in_fan_out weights (GPT-2 style Conv1D)"),
+        ("lora_bias", "a bias on lora_B (lora_bias)"),
+        ("use_qalora", "QALoRA (use_qalora)"),
+        ("layer_replication", "layer replication (layer_replication)"),
+        ("trainable_token_indices", "trained token embeddings (trainable_token_indices)"),
+        ("target_parameters", "adapted parameters (target_parameters, e.g. MoE experts)"),
     ):
         if config.get(key):
             raise LoRAAdapterError(f"adapter {name!r}: {what} is not supported")
