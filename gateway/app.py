@@ -26,6 +26,7 @@ from gateway.routes import (
     anthropic_routes,
     embeddings_routes,
     health,
+    lora_routes,
     openai_routes,
     openapi,
     responses_routes,
@@ -224,4 +225,5 @@ def build_app(config: GatewayConfig) -> web.Application:
     anthropic_routes.register(app)
     responses_routes.register(app)
     embeddings_routes.register(app)
+    lora_routes.register(app)
     return app

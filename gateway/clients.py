@@ -405,6 +405,21 @@ class WorkerClient:
             num_kv_blocks_total=r.num_kv_blocks_total,
         )
 
+    async def list_loras(self, timeout_s: float = 1.0) -> dict[str, str]:
+        """The LoRA adapters the worker serves: name -> content digest."""
+        r = await self._stub.ListLoRAs(worker_pb2.ListLoRAsRequest(), timeout=timeout_s)
+        return {a.lora_name: a.digest for a in r.adapters}
+
+    async def load_lora(self, lora_name: str, lora_path: str, timeout_s: float = 120.0) -> str:
+        """LoadLoRA; returns the adapter's digest (raises the rpc's error)."""
+        r = await self._stub.LoadLoRA(
+            worker_pb2.LoadLoRARequest(lora_name=lora_name, lora_path=lora_path), timeout=timeout_s
+        )
+        return str(r.digest)
+
+    async def unload_lora(self, lora_name: str, timeout_s: float = 10.0) -> None:
+        await self._stub.UnloadLoRA(worker_pb2.UnloadLoRARequest(lora_name=lora_name), timeout=timeout_s)
+
     async def abort(self, request_ids: Sequence[str], timeout_s: float = 1.0) -> int:
         r = await self._stub.Abort(worker_pb2.AbortRequest(request_ids=list(request_ids)), timeout=timeout_s)
         return int(r.num_aborted)
@@ -415,6 +430,7 @@ class WorkerClient:
         prompt_token_ids: Sequence[int],
         sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
+        lora_name: str = "",
     ) -> PrefillResult:
         """Disaggregation: compute the prompt here, get the first token and the KV handle."""
         r = await self._stub.Prefill(
@@ -423,6 +439,7 @@ class WorkerClient:
                 prompt_token_ids=list(prompt_token_ids),
                 sampling=_sampling_to_proto(sampling),
                 first_choice_index=first_choice_index,
+                lora_name=lora_name,
             ),
             timeout=time_left(),
         )
@@ -470,6 +487,7 @@ class WorkerClient:
         kv_source: KVSource | None = None,
         group_id: str = "",
         images: Sequence[common_pb2.ImageInput] = (),
+        lora_name: str = "",
     ) -> AsyncIterator[GenerateChunk]:
         """The worker's Generate stream; closing the iterator early cancels the rpc (= abort).
         `generated_token_ids` resumes a request (they are not streamed again); `kv_source` pulls
@@ -482,6 +500,7 @@ class WorkerClient:
             generated_token_ids=list(generated_token_ids),
             group_id=group_id,
             images=list(images),
+            lora_name=lora_name,
         )
         if kv_source is not None:
             message.kv_source.CopyFrom(

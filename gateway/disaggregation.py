@@ -92,7 +92,11 @@ class Disaggregation:
             log.error("%s", line)
 
     def pick_prefill(
-        self, prompt_token_ids: Sequence[int], decode: WorkerState, exclude: Sequence[WorkerState] = ()
+        self,
+        prompt_token_ids: Sequence[int],
+        decode: WorkerState,
+        exclude: Sequence[WorkerState] = (),
+        lora_name: str = "",
     ) -> WorkerState | None:
         """A healthy prefill worker compatible with `decode` (least load, prefix affinity), or None."""
         if decode.info is None:
@@ -103,7 +107,7 @@ class Disaggregation:
         if incompatible:
             self.check_pairs_of(decode)
         try:
-            return self.prefill.pick(prompt_token_ids, exclude=[*exclude, *incompatible])
+            return self.prefill.pick(prompt_token_ids, exclude=[*exclude, *incompatible], lora_name=lora_name)
         except NoWorkerAvailable:
             return None
 

@@ -111,6 +111,7 @@ class RequestRun:
     request_id: str
     prompts: list[PromptRun]
     arrived: float = field(default_factory=time.monotonic)
+    lora_name: str = ""  # the LoRA adapter the request's `model` selects ("" = the base model)
     first_token_at: float | None = None
 
     @property
@@ -167,15 +168,21 @@ class Executor:
     # ---- model and prompt preparation -------------------------------------------------------
 
     def check_model(self, model: str) -> str:
+        """The model name a response reports: the served model, or the LoRA adapter `model` names
+        (`lora_name`); OpenAI's 404 model_not_found for anything else."""
         served = self.ctx.model_name
-        if model and model != served:
+        if model and model != served and model not in self.ctx.router.adapters():
             raise APIError(
                 404,
                 f"the model '{model}' does not exist (served: '{served}')",
                 param="model",
                 code="model_not_found",
             )
-        return served
+        return model if model and model != served else served
+
+    def lora_name(self, model: str) -> str:
+        """The LoRA adapter a checked `model` selects ("" for the base model)."""
+        return "" if not model or model == self.ctx.model_name else model
 
     def check_num_sequences(self, num_prompts: int, n: int) -> int:
         """prompts x n (the sequences the workers schedule); 400 past --max-sequences-per-request."""
@@ -422,6 +429,7 @@ class Executor:
             prompt.first_choice_index,
             run.request_id,
             prompt.images,
+            run.lora_name,
         )
 
         async def write() -> None:

@@ -19,6 +19,7 @@ from services.common.sampling import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, RAN
 _STR = {"type": "string"}
 _BOOL = {"type": "boolean"}
 _INT = {"type": "integer"}
+_NAME = {"type": "string", "pattern": "\\S"}  # a name or path: something besides white space
 
 
 def _num(lo: float | None = None, hi: float | None = None, exclusive_lo: bool = False) -> dict[str, Any]:
@@ -417,6 +418,17 @@ def _schemas(limits: Limits) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {"model": _STR, "tokens": _TOKEN_IDS},
         },
+        # vLLM's dynamic LoRA routes (gateway/routes/lora_routes.py, docs/lora.md)
+        "LoadLoRAAdapterRequest": {
+            "type": "object",
+            "required": ["lora_name", "lora_path"],
+            "properties": {"lora_name": _NAME, "lora_path": _NAME},
+        },
+        "UnloadLoRAAdapterRequest": {
+            "type": "object",
+            "required": ["lora_name"],
+            "properties": {"lora_name": _NAME},
+        },
         "Error": {
             "type": "object",
             "required": ["error"],
@@ -445,6 +457,23 @@ _ERROR_CODES = {
     "503": "no worker or styler available, or the gateway is draining (see Retry-After)",
     "504": "the request's deadline passed",
 }
+
+
+def _lora_route(schema: str, summary: str) -> dict[str, Any]:
+    ok = {
+        "description": "done (vLLM's plain-text answer)",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+            },
+            "responses": _responses(ok, ("400", "401", "404", "413", "503")),
+        }
+    }
 
 
 def _responses(ok: dict[str, Any], codes: tuple[str, ...] = tuple(_ERROR_CODES)) -> dict[str, Any]:
@@ -495,6 +524,10 @@ def openapi_document(limits: Limits) -> dict[str, Any]:
             "/v1/embeddings": _post(
                 "EmbeddingRequest", "embeddings (workers with --task embed)", streams=False
             ),
+            "/v1/load_lora_adapter": _lora_route(
+                "LoadLoRAAdapterRequest", "load a LoRA adapter (PEFT directory) on every worker"
+            ),
+            "/v1/unload_lora_adapter": _lora_route("UnloadLoRAAdapterRequest", "unload a LoRA adapter"),
             "/v1/models": {
                 "get": {"summary": "the served model", "responses": _responses(json_ok, ("401",))}
             },

@@ -223,6 +223,7 @@ class OpenEngineWorkerClient:
         prompt_token_ids: Sequence[int],
         sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
+        lora_name: str = "",
     ) -> PrefillResult:
         raise unimplemented(
             "disaggregated prefill goes through tandem's proto (--prefill-worker), not OpenEngine"
@@ -241,6 +242,7 @@ class OpenEngineWorkerClient:
         kv_source: KVSource | None = None,
         group_id: str = "",
         images: Sequence[Any] = (),
+        lora_name: str = "",
     ) -> AsyncIterator[GenerateChunk]:
         """The engine's Generate stream as tandem's chunks; closing the iterator early cancels
         the rpc. A resumed choice (`generated_token_ids`) continues from prompt + generated."""
@@ -248,6 +250,8 @@ class OpenEngineWorkerClient:
             raise unimplemented("images: image inputs go through tandem's proto only")
         if sampling.is_ranked:
             raise unimplemented("best_of / use_beam_search: ranked choices go through tandem's proto only")
+        if lora_name:
+            raise unimplemented(f"LoRA adapters (model={lora_name!r}) go through tandem's proto only")
         if kv_source is not None:
             raise unimplemented("kv_source: KV hand-off goes through tandem's proto, not OpenEngine")
         if generated_token_ids:

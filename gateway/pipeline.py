@@ -90,7 +90,7 @@ async def chat(
             guided = Guided("lark_grammar", prompt.tool_grammar, param="tools")
             sampling = dataclasses.replace(sampling, guided=guided)
         admission.add_tokens(len(prompt.token_ids))
-        run = RequestRun(request_id, [prompt])
+        run = RequestRun(request_id, [prompt], lora_name=executor.lora_name(model))
         _record(ctx, run)
         info = ctx.stylers.info
         use_tools = (
@@ -151,7 +151,7 @@ async def completion(
             for p in prompts
         ]
         admission.add_tokens(sum(len(p.token_ids) for p in prompts))
-        run = RequestRun(request_id, prompts)
+        run = RequestRun(request_id, prompts, lora_name=executor.lora_name(model))
         _record(ctx, run)
         detok = DetokenizeOptions(
             skip_special_tokens=req.params.skip_special_tokens,

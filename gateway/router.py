@@ -34,7 +34,7 @@ from gateway.openengine_client import OpenEngineWorkerClient
 from gateway.poller import Poller
 from gateway.smg_client import PREFIX as SMG_PREFIX
 from gateway.smg_client import SmgWorkerClient
-from services.common.block_hash import block_hashes
+from services.common.block_hash import ROOT_HASH, block_hashes, lora_root_hash
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,8 @@ class WorkerState:
     sent_since_poll: int = 0
     num_served: int = 0
     failures: int = field(default=0)
+    # LoRA adapters it serves: name -> content digest (ListLoRAs at each poll, and load/unload)
+    loras: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -80,10 +82,13 @@ class WorkerState:
         return max(self.reported_load + self.sent_since_poll, self.in_flight)
 
 
-def prefix_keys(token_ids: Sequence[int]) -> list[bytes]:
-    """Hash chain over the prompt's full PREFIX_CHUNK-token chunks, shortest prefix first."""
+def prefix_keys(token_ids: Sequence[int], lora_name: str = "") -> list[bytes]:
+    """Hash chain over the prompt's full PREFIX_CHUNK-token chunks, shortest prefix first (a
+    prompt under a LoRA adapter has keys of its own: its KV is the adapter's)."""
     keys: list[bytes] = []
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.blake2b(digest_size=16, person=b"lora" if lora_name else b"")
+    if lora_name:
+        h.update(lora_name.encode())
     num_chunks = min(len(token_ids) // PREFIX_CHUNK, MAX_PREFIX_CHUNKS)
     for i in range(num_chunks):
         chunk = token_ids[i * PREFIX_CHUNK : (i + 1) * PREFIX_CHUNK]
@@ -102,6 +107,16 @@ def worker_client(
     if address.startswith(SMG_PREFIX):
         return SmgWorkerClient(address, credentials)
     return WorkerClient(address, credentials)
+
+
+async def _list_loras(client: WorkerClient) -> dict[str, str]:
+    """The worker's adapters; none from a worker without the rpc (an older version)."""
+    try:
+        return await client.list_loras()
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return {}
+        raise
 
 
 class Router:
@@ -209,6 +224,8 @@ class Router:
                 load = await w.client.load()
                 w.reported_load = load.num_running + load.num_waiting
                 w.sent_since_poll = 0
+                if isinstance(w.client, WorkerClient):
+                    w.loras = await _list_loras(w.client)
             except Exception as exc:
                 log.warning("worker %s answered health but not Info/GetLoad: %s", w.address, exc)
                 healthy = False
@@ -234,12 +251,25 @@ class Router:
         w.healthy = False
         w.failures += 1
 
+    def adapters(self) -> dict[str, str]:
+        """The LoRA adapters some healthy worker serves: name -> content digest."""
+        out: dict[str, str] = {}
+        for w in self.workers:
+            if w.healthy:
+                out.update(w.loras)
+        return out
+
     def pick(
-        self, prompt_token_ids: Sequence[int], exclude: Sequence[WorkerState] = (), task: str = "generate"
+        self,
+        prompt_token_ids: Sequence[int],
+        exclude: Sequence[WorkerState] = (),
+        task: str = "generate",
+        lora_name: str = "",
     ) -> WorkerState:
         """The worker for a prompt, among those serving `task` ("generate" or "embed", --task; one
-        whose Info is not known yet counts as a generate worker); raises NoWorkerAvailable when
-        none is in rotation."""
+        whose Info is not known yet counts as a generate worker) and, under LoRA adapter
+        `lora_name`, among those that hold it when any does; raises NoWorkerAvailable when none is
+        in rotation."""
         candidates = [
             w
             for w in self.workers
@@ -254,9 +284,12 @@ class Router:
                     f"started with --task {task}"
                 )
             raise NoWorkerAvailable("no worker is available")
+        if lora_name:
+            candidates = [w for w in candidates if lora_name in w.loras] or candidates
         min_load = min(w.load for w in candidates)
-        keys = prefix_keys(prompt_token_ids)
-        chosen = self._pick_exact(prompt_token_ids, candidates)
+        keys = prefix_keys(prompt_token_ids, lora_name)
+        digest = next((w.loras[lora_name] for w in candidates if lora_name in w.loras), "")
+        chosen = self._pick_exact(prompt_token_ids, candidates, lora_root_hash(digest))
         by_address = {w.address: w for w in candidates}
         for key in reversed(keys if chosen is None else []):  # longest shared prefix first
             owner = by_address.get(self._prefix_owner.get(key, ""))
@@ -274,7 +307,7 @@ class Router:
         return chosen
 
     def _pick_exact(
-        self, prompt_token_ids: Sequence[int], candidates: list[WorkerState]
+        self, prompt_token_ids: Sequence[int], candidates: list[WorkerState], root: int = ROOT_HASH
     ) -> WorkerState | None:
         """The candidate with the least (prompt blocks it would prefill + LOAD_COST_BLOCKS x load),
         when every candidate's cache is known from its events and one holds part of the prompt;
@@ -284,7 +317,8 @@ class Router:
         if not block_size or any(c is None or c.block_size != block_size for c in caches):
             return None
         # A worker computes at least the prompt's last token, so at most this many blocks hit.
-        hashes = block_hashes(prompt_token_ids, block_size, max((len(prompt_token_ids) - 1) // block_size, 0))
+        max_blocks = max((len(prompt_token_ids) - 1) // block_size, 0)
+        hashes = block_hashes(prompt_token_ids, block_size, max_blocks, root)
         hits = [self.kv_index.cached_blocks(w.address, hashes) for w in candidates]
         if not any(hits):
             return None

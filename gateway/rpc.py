@@ -490,14 +490,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             self._enter(context)
         except APIError as err:
             await self._abort(context, err, "ListModels")
+        base = self.ctx.model_name
+        # the base model, then each LoRA adapter a worker serves (its parent is the base)
         return inference_pb2.ListModelsResponse(
             models=[
                 inference_pb2.Model(
-                    id=self.ctx.model_name,
+                    id=name,
                     created=self.ctx.started_at,
                     owned_by="tandem",
                     max_model_len=self.ctx.max_model_len,
+                    parent=parent,
                 )
+                for name, parent in [(base, ""), *((a, base) for a in sorted(self.ctx.router.adapters()))]
             ]
         )
 

@@ -123,6 +123,7 @@ class SmgWorkerClient:
         prompt_token_ids: Sequence[int],
         sampling: SamplingParams[Guided],
         first_choice_index: int = 0,
+        lora_name: str = "",
     ) -> PrefillResult:
         raise unimplemented("disaggregated prefill goes through tandem's proto (--prefill-worker), not SMG's")
 
@@ -139,12 +140,15 @@ class SmgWorkerClient:
         kv_source: KVSource | None = None,
         group_id: str = "",
         images: Sequence[Any] = (),
+        lora_name: str = "",
     ) -> AsyncIterator[GenerateChunk]:
         """The engine's streaming Generate as tandem's chunks; closing the iterator cancels it."""
         if images:
             raise unimplemented("images: image inputs go through tandem's proto only")
         if sampling.is_ranked:
             raise unimplemented("best_of / use_beam_search: ranked choices go through tandem's proto only")
+        if lora_name:
+            raise unimplemented(f"LoRA adapters (model={lora_name!r}) go through tandem's proto only")
         if kv_source is not None:
             raise unimplemented("kv_source: KV hand-off goes through tandem's proto, not SMG's")
         if generated_token_ids:

@@ -84,8 +84,10 @@ class PromptStream:
         first_choice_index: int = 0,
         group_id: str = "",
         images: Sequence[Any] = (),
+        lora_name: str = "",
     ) -> None:
         self.ctx = ctx
+        self.lora_name = lora_name  # the LoRA adapter of every leg (prefill and decode alike)
         self.images = tuple(images)  # common_pb2.ImageInput: sent with every Generate leg
         self.request_id = request_id
         self.group_id = group_id  # the worker scheduler's fairness group (the gateway request)
@@ -187,14 +189,16 @@ class PromptStream:
     def _pick_decode(self) -> WorkerState:
         exclude = [*self.tried, *self.full]
         try:
-            return self.ctx.router.pick(self.prompt_token_ids, exclude=exclude)
+            return self.ctx.router.pick(self.prompt_token_ids, exclude=exclude, lora_name=self.lora_name)
         except NoWorkerForTask as exc:  # e.g. a chat request to a gateway of embed workers
             raise invalid(str(exc), "model") from None
         except NoWorkerAvailable as exc:
             disagg = self.ctx.disagg
             if disagg is not None:  # a prefill worker can decode too: better than failing
                 with contextlib.suppress(NoWorkerAvailable):
-                    return disagg.prefill.pick(self.prompt_token_ids, exclude=exclude)
+                    return disagg.prefill.pick(
+                        self.prompt_token_ids, exclude=exclude, lora_name=self.lora_name
+                    )
             if self.full:
                 raise APIError(
                     429, "every worker is at capacity; retry shortly", code="overloaded", retry_after_s=1
@@ -247,6 +251,7 @@ class PromptStream:
                     kv_source=kv_source,
                     group_id=self.group_id,
                     images=self.images,
+                    lora_name=self.lora_name,
                 ):
                     noted = self._note(chunk)
                     if noted is not None:
@@ -278,13 +283,15 @@ class PromptStream:
         disagg = self.ctx.disagg
         assert disagg is not None
         decode = self._pick_decode()
-        prefill = disagg.pick_prefill(self.prompt_token_ids, decode, exclude=self.tried)
+        prefill = disagg.pick_prefill(
+            self.prompt_token_ids, decode, exclude=self.tried, lora_name=self.lora_name
+        )
         result = None
         while prefill is not None:
             try:
                 with disagg.prefill.track(prefill):
                     result = await prefill.client.prefill(
-                        self._leg_id(), self.prompt_token_ids, sampling, index
+                        self._leg_id(), self.prompt_token_ids, sampling, index, lora_name=self.lora_name
                     )
                 break
             except grpc.aio.AioRpcError as exc:
@@ -300,7 +307,7 @@ class PromptStream:
                 if exc.code() not in BACK_PRESSURE and not _refused_at_door(exc):
                     self.num_resumed += 1
                 prefill = disagg.pick_prefill(
-                    self.prompt_token_ids, decode, exclude=[*self.tried, *self.full]
+                    self.prompt_token_ids, decode, exclude=[*self.tried, *self.full], lora_name=self.lora_name
                 )
         if prefill is None or result is None:  # no prefill worker: the decode worker computes it
             async for chunk in self._generate(decode, index, sampling, (), None):

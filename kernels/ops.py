@@ -89,6 +89,15 @@ class KernelOps:
     #   [M, N] in x's dtype: a GEMM with int8 or packed 4-bit weights dequantized per group
     #   (layouts: reference.dequantize_weight; services/worker/layers/quantization/)
     quant_linear: Callable[..., torch.Tensor] = reference.quant_linear
+    # Multi-LoRA, one launch each for the whole batch (rows grouped by adapter slot; layouts in
+    # kernels/reference.py): (x [T, K], lora_a [S, R, K], sorted_token_ids [>= T] int32,
+    #   seg_starts [S] int32, seg_lens [S] int32) -> t [P, T, R] fp32: P partial sums over K
+    lora_shrink: Callable[..., torch.Tensor] = reference.lora_shrink
+    # (y [T, N], t [P, T, R] fp32, lora_b [S, N, R], sorted_token_ids, seg_starts, seg_lens) -> None:
+    #   y[i] += (sum_p t[p, i]) @ B[slot(i)]^T in place for every row i that has an adapter;
+    #   part_starts=(0, c1[, c2]), part_rank=R: a fused projection whose part j (output columns from
+    #   c_j) reads only rank columns [j*R, (j+1)*R) of B (the others are zeros: not read)
+    lora_expand: Callable[..., None] = reference.lora_expand
 
     @property
     def folds_norms(self) -> bool:

@@ -463,3 +463,74 @@ def fp8_linear(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+# --- Multi-LoRA (punica / S-LoRA style): every row of one batch applies its own adapter ---------
+# Layout shared with kernels/triton/lora.py: the batch's tokens are grouped by adapter slot.
+# sorted_token_ids [T] int32 lists the rows of slot 0, then slot 1, ... (rows of no adapter are not
+# listed in any segment); slot s owns sorted_token_ids[seg_starts[s] : seg_starts[s] + seg_lens[s]].
+
+
+def lora_segments(token_slots: list[int], num_slots: int) -> tuple[list[int], list[int], list[int]]:
+    """(sorted_token_ids, seg_starts, seg_lens) of a batch whose row i applies slot token_slots[i]
+    (-1: no adapter), on the host: the rows of each slot in order, then the rows of no adapter."""
+    by_slot: list[list[int]] = [[] for _ in range(num_slots)]
+    base: list[int] = []
+    for row, slot in enumerate(token_slots):
+        (base if slot < 0 else by_slot[slot]).append(row)
+    starts: list[int] = []
+    lens: list[int] = []
+    ids: list[int] = []
+    for rows in by_slot:
+        starts.append(len(ids))
+        lens.append(len(rows))
+        ids += rows
+    return ids + base, starts, lens
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [T, K]
+    lora_a: torch.Tensor,  # [S, R, K]: each slot's stacked A matrices (zero rows past its rank)
+    sorted_token_ids: torch.Tensor,  # [>= T] int32
+    seg_starts: torch.Tensor,  # [S] int32
+    seg_lens: torch.Tensor,  # [S] int32
+) -> torch.Tensor:  # [P, T, R] fp32 partial sums (P = 1 here); rows of no adapter undefined (zeros here)
+    """t[i] = x[i] @ A[slot(i)]^T for every row i that has an adapter, accumulated in fp32, as P
+    partial sums over slices of K that `lora_expand` adds up (the kernel splits K; one here)."""
+    num_slots, rank, k = lora_a.shape
+    assert x.shape[1] == k and seg_starts.shape == seg_lens.shape == (num_slots,), (x.shape, lora_a.shape)
+    out = torch.zeros(x.shape[0], rank, dtype=torch.float32, device=x.device)
+    for s, (start, n) in enumerate(zip(seg_starts.tolist(), seg_lens.tolist(), strict=True)):
+        if n:
+            rows = sorted_token_ids[start : start + n].long()
+            out[rows] = x[rows].float() @ lora_a[s].float().T
+    return out[None]
+
+
+def lora_expand(
+    y: torch.Tensor,  # [T, N], updated in place
+    t: torch.Tensor,  # [P, T, R] fp32, lora_shrink's partial sums
+    lora_b: torch.Tensor,  # [S, N, R]: each slot's B matrices, the adapter's scaling folded in
+    sorted_token_ids: torch.Tensor,  # [>= T] int32
+    seg_starts: torch.Tensor,  # [S] int32
+    seg_lens: torch.Tensor,  # [S] int32
+    part_starts: tuple[int, ...] = (),  # a fused projection's parts: first output column of each
+    part_rank: int = 0,  # with part_starts: part j's columns use rank columns [j, j + 1) * part_rank
+) -> None:
+    """y[i] += (sum_p t[p, i]) @ B[slot(i)]^T for every row i that has an adapter (with parts: B's
+    entries outside each output column's rank range count as zeros; the sum rounded
+    to B's dtype first, as the kernel's tensor-core dot does; the add in fp32, rounded once to y's dtype)."""
+    _, n_out, rank = lora_b.shape
+    assert y.shape[1] == n_out and t.shape[1:] == (y.shape[0], rank), (y.shape, t.shape, lora_b.shape)
+    t = t.sum(0)
+    if len(part_starts) > 1:  # B as the kernel reads it: each part's own rank columns only
+        part = torch.zeros(n_out, dtype=torch.long, device=lora_b.device)
+        for start in part_starts[1:]:
+            part[start:] += 1
+        keep = (torch.arange(rank, device=lora_b.device)[None, :] // part_rank) == part[:, None]
+        lora_b = lora_b * keep
+    for s, (start, n) in enumerate(zip(seg_starts.tolist(), seg_lens.tolist(), strict=True)):
+        if n:
+            rows = sorted_token_ids[start : start + n].long()
+            delta = t[rows].to(lora_b.dtype).float() @ lora_b[s].float().T
+            y[rows] = (y[rows].float() + delta).to(y.dtype)

@@ -88,6 +88,14 @@ class UpConfig:
     """Draft model directory for every worker (same tokenizer and vocabulary as the model)."""
     num_speculative_tokens: int = 0
     """Most tokens drafted per sequence and step (0 = the worker's default, 4)."""
+    lora_modules: list[str] = field(default_factory=list)
+    """LoRA adapters every worker serves from the start, as NAME=DIR (PEFT directories; repeat for several); requests select one with `model` (docs/lora.md)."""
+    enable_lora: bool = False
+    """Let the workers serve LoRA adapters loaded at run time (POST /v1/load_lora_adapter) even without --lora-modules."""
+    max_loras: int = 0
+    """Adapters a worker applies in one step (device slots; 0 = the worker's default, 4 with LoRA on)."""
+    max_lora_rank: int = 0
+    """Largest adapter rank the workers accept (0 = the worker's default, 16)."""
     worker_args: str = ""
     """Extra options passed to every worker, as one shell-quoted string (e.g. "--max-num-seqs 64")."""
     styler_args: str = ""
@@ -341,6 +349,14 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
         args += ["--speculative-model", config.speculative_model]
     if config.num_speculative_tokens:
         args += ["--num-speculative-tokens", str(config.num_speculative_tokens)]
+    for spec in config.lora_modules:
+        args += ["--lora-modules", spec]
+    if config.enable_lora:
+        args += ["--enable-lora"]
+    if config.max_loras:
+        args += ["--max-loras", str(config.max_loras)]
+    if config.max_lora_rank:
+        args += ["--max-lora-rank", str(config.max_lora_rank)]
     return args
 
 

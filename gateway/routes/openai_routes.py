@@ -59,16 +59,23 @@ def _model_card(request: web.Request) -> dict[str, Any]:
     }
 
 
+def _model_cards(request: web.Request) -> list[dict[str, Any]]:
+    """The base model, then each LoRA adapter (vLLM's cards: `parent` is the base model)."""
+    base = _model_card(request)
+    adapters = request.app[CONTEXT].router.adapters()
+    return [base] + [{**base, "id": name, "root": name, "parent": base["id"]} for name in sorted(adapters)]
+
+
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request)]})
+    return web.json_response({"object": "list", "data": _model_cards(request)})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    card = _model_card(request)
     model_id = request.match_info["model_id"]
-    if model_id != card["id"]:
-        raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
-    return web.json_response(card)
+    for card in _model_cards(request):
+        if card["id"] == model_id:
+            return web.json_response(card)
+    raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
 
 
 async def tokenize(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ from kernels.triton.argmax import argmax
 from kernels.triton.exponential_race import exponential_race
 from kernels.triton.fused_moe import fused_moe
 from kernels.triton.kv_cache_write import write_kv_cache
+from kernels.triton.lora import lora_expand, lora_shrink
 from kernels.triton.paged_attention import (
     decode_scales_rms,
     paged_attention,
@@ -57,6 +58,8 @@ TRITON_OPS = KernelOps(
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
     quant_linear=quant_linear,
+    lora_shrink=lora_shrink,
+    lora_expand=lora_expand,
 )
 
 __all__ = ["TRITON_OPS"]

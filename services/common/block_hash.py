@@ -3,7 +3,9 @@
 
     hash(block i) = chain_hash(hash(block i-1), tokens of block i),   hash(block -1) = ROOT_HASH
 
-so equal hashes mean equal whole prefixes. It must give the same numbers in every process and on
+so equal hashes mean equal whole prefixes. Blocks computed under a LoRA adapter chain from the
+adapter's own root (`lora_root_hash` of its content digest) instead, so the same tokens under two
+adapters, or under none, never share KV. It must give the same numbers in every process and on
 every Python version (the gateway matches the worker's KV events against it), hence blake2b over
 a fixed byte encoding rather than Python's `hash()`.
 """
@@ -26,13 +28,25 @@ def chain_hash(parent: int, tokens: Sequence[int]) -> int:
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int | None = None) -> list[int]:
-    """Chain hashes of the full blocks of `token_ids`, first block first (at most `max_blocks`)."""
+def lora_root_hash(digest: str) -> int:
+    """The chain root of blocks computed under the LoRA adapter whose files hash to `digest`
+    (ROOT_HASH for the base model, digest "")."""
+    if not digest:
+        return ROOT_HASH
+    payload = struct.pack("<Q", ROOT_HASH) + b"lora:" + digest.encode()
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+
+
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, max_blocks: int | None = None, root: int = ROOT_HASH
+) -> list[int]:
+    """Chain hashes of the full blocks of `token_ids`, first block first (at most `max_blocks`);
+    `root`: the chain's root (`lora_root_hash` for a prompt under an adapter)."""
     num = len(token_ids) // block_size
     if max_blocks is not None:
         num = min(num, max_blocks)
     hashes: list[int] = []
-    parent = ROOT_HASH
+    parent = root
     for i in range(num):
         parent = chain_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
         hashes.append(parent)

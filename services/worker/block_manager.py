@@ -34,12 +34,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from services.common.block_hash import ROOT_HASH, chain_hash
+from services.common.block_hash import chain_hash
 from services.worker.kv_events import KvEventLog
 from services.worker.kv_offload import HostKVTier
 from services.worker.request import Sequence
 
-_ROOT_HASH = ROOT_HASH
 BlockKey = tuple[int, tuple[int, ...]]  # (parent chain hash, token ids of the block)
 
 
@@ -119,7 +118,7 @@ class BlockManager:
         bs = self.block_size
         hits: list[int] = []
         free_hits = 0  # hits in the free pool, moved to its end so that a host load cannot take them
-        parent = _ROOT_HASH
+        parent = seq.request.root_hash
         for i in range((seq.num_tokens - 1) // bs):
             parent, key = self._key(parent, seq.key_tokens(i * bs, (i + 1) * bs))
             block = self.cached.get(key)
@@ -178,7 +177,7 @@ class BlockManager:
     def use_cached_prefix(self, seq: Sequence, cached_blocks: list[int]) -> None:
         """Give a not-yet-computed `seq` the cached blocks; they count as computed."""
         assert not seq.block_ids and seq.num_computed_tokens == 0
-        parent = _ROOT_HASH
+        parent = seq.request.root_hash
         for block in cached_blocks:
             self._ref(block)
             seq.block_ids.append(block)
@@ -293,7 +292,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // bs
         stored: list[int] = []
         for i in range(len(seq.block_hashes), num_full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT_HASH
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.request.root_hash
             digest, key = self._key(parent, seq.key_tokens(i * bs, (i + 1) * bs))
             seq.block_hashes.append(digest)
             block = seq.block_ids[i]

@@ -115,6 +115,14 @@ class WorkerConfig(ServiceConfig):
     """Choose each step's K by a cost model of the verification (docs/speculative.md); off: always --num-speculative-tokens."""
     speculative_token_cost: float = 0.0
     """Adaptive K: cost of one more token in a forward relative to a step's fixed cost; 0 = auto (1/256 on CUDA, 1/64 on CPU)."""
+    lora_modules: tuple[str, ...] = ()
+    """LoRA adapters to serve from the start, as NAME=DIR (a PEFT adapter directory: adapter_config.json + adapter_model.safetensors); a request selects one by its name (docs/lora.md). More can be loaded at run time (LoadLoRA)."""
+    max_loras: int = 0
+    """Adapters one step can apply at once (device slots, least recently used evicted to host memory); 0 = 4 when --lora-modules is given or --enable-lora is set, else LoRA is off."""
+    max_lora_rank: int = 16
+    """Largest adapter rank served (each slot is allocated for it)."""
+    enable_lora: bool = False
+    """Serve LoRA adapters even when none is given at start (they are loaded at run time)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,6 +199,24 @@ class WorkerConfig(ServiceConfig):
         if self.kv_events_buffer <= 0:
             raise ValueError(f"--kv-events-buffer must be > 0, got {self.kv_events_buffer}")
         self._check_speculative()
+        if self.max_loras < 0 or self.max_lora_rank <= 0:
+            raise ValueError(
+                f"--max-loras must be >= 0 and --max-lora-rank > 0, got {self.max_loras} and {self.max_lora_rank}"
+            )
+        for spec in self.lora_modules:
+            name, sep, path = spec.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"--lora-modules: expected NAME=DIR, got {spec!r}")
+        if self.lora_slots and self.speculative_method != "off":
+            raise ValueError(
+                "--speculative with --lora-modules / --enable-lora: the verification step does not "
+                "apply adapters yet (docs/lora.md)"
+            )
+        if self.lora_slots and self.world_size > 1:
+            raise ValueError(
+                "--lora-modules / --enable-lora with --tensor-parallel-size / --pipeline-parallel-size: "
+                "LoRA weights are not sharded yet (docs/lora.md)"
+            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -227,6 +253,18 @@ class WorkerConfig(ServiceConfig):
         if self.speculative == "off" and self.speculative_model:
             return "draft-model"
         return self.speculative
+
+    @property
+    def lora_slots(self) -> int:
+        """Device slots for LoRA adapters; 0 = LoRA off."""
+        if self.max_loras:
+            return self.max_loras
+        return 4 if self.lora_modules or self.enable_lora else 0
+
+    @property
+    def lora_adapters(self) -> list[tuple[str, str]]:
+        """--lora-modules as (name, directory) pairs."""
+        return [(n.strip(), p.strip()) for n, _, p in (s.partition("=") for s in self.lora_modules)]
 
     @property
     def world_size(self) -> int:

@@ -32,6 +32,8 @@ from services.worker.kv_handles import KVHandleStore
 from services.worker.kv_offload import HostKVTier
 from services.worker.kv_transfer import KVReservation, Span
 from services.worker.layers.quantization import model_quantization, weight_bytes
+from services.worker.lora.adapter import LoRAAdapterError
+from services.worker.lora.registry import LoRARegistry
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
 from services.worker.models.llava import LlavaForConditionalGeneration
@@ -137,8 +139,19 @@ class Engine:
             config.seed,
             config.quantization,
             config.quantization_group_size,
+            max_loras=config.lora_slots,
+            max_lora_rank=config.max_lora_rank,
+            max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             pooling=config.task == "embed",
         )
+        # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA.
+        pool = self.runner.lora
+        self.loras = LoRARegistry(pool.shapes if pool else None, config.max_lora_rank, config.lora_slots)
+        for name, path in config.lora_adapters:
+            try:
+                self.loras.load(name, path)
+            except LoRAAdapterError as exc:
+                raise ModelConfigError(f"--lora-modules: {exc}") from None
         # Bytes of the weights as stored (quantized ones at their size; Info reports it). On CUDA
         # the KV cache is what is left after the profiled peak, so it grows into what quantization freed.
         self.weight_bytes = weight_bytes(self.runner.model)
@@ -195,7 +208,9 @@ class Engine:
             self.kv_offload,
             sliding_window=window,
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens, config.max_num_seqs)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_batched_tokens, config.max_num_seqs, config.lora_slots
+        )
         self.speculator = self._build_speculator()
         self.requests: dict[str, Request] = {}
         # Disaggregation: decode-side requests whose prompt KV is being fetched (not scheduled yet),
@@ -332,6 +347,8 @@ class Engine:
             raise InvalidRequestError(
                 field_name, f"{num_seqs} sequences do not fit the KV cache of this worker"
             )
+        if req.lora_name and req.lora is None:  # raises LoRANotFoundError (gRPC NOT_FOUND)
+            req = replace(req, lora=self.loras.get(req.lora_name))
         req = self.compile_grammar(req)  # already done by the gRPC servicer, off this thread
         request = Request(req, max_tokens, self.model_config.eos_token_ids, next(self._arrivals))
         fan_out.attach(request, self.model_config.vocab_size)

@@ -320,6 +320,7 @@ def build_model(
     seed: int = 0,
     quantization: str = "none",
     quantization_group_size: int = 0,
+    fold_norms: bool = True,
     pooling: bool = False,
 ) -> LlamaForCausalLM:
     cls = model_class(cfg.architecture)
@@ -340,7 +341,7 @@ def build_model(
     # Once the weights are final (checkpoint or dummy): each layer's RMSNorm weights go into the
     # next projection where the kernel bundle can run that path (models/llama.py `fold_norms`).
     # (Not for a quantized model: the fold would scale the quantized weights' columns.)
-    folded = model.fold_norms() if method is None else False
+    folded = model.fold_norms() if method is None and fold_norms else False
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     log.info(

@@ -23,6 +23,7 @@ from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.loader import build_model
+from services.worker.lora.pool import LoRAPool
 from services.worker.mm_inputs import EncoderCache
 from services.worker.model_config import ModelConfig
 from services.worker.models.llava import ImageEmbeddingRows, LlavaForConditionalGeneration
@@ -62,6 +63,9 @@ class ModelRunner:
         seed: int = 0,
         quantization: str = "none",
         quantization_group_size: int = 0,
+        max_loras: int = 0,
+        max_lora_rank: int = 16,
+        max_num_tokens: int = 0,
         pooling: bool = False,
     ) -> None:
         self.cfg = cfg
@@ -69,9 +73,32 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
+        # (LoRA adds to the normalised activations each projection reads: the norms stay unfolded)
         self.model = build_model(
-            cfg, ops, device, dtype, load_format, seed, quantization, quantization_group_size, pooling
+            cfg,
+            ops,
+            device,
+            dtype,
+            load_format,
+            seed,
+            quantization,
+            quantization_group_size,
+            fold_norms=not max_loras,
+            pooling=pooling,
         )
+        # Multi-LoRA: the device slots of adapter weights, and each step's rows -> slots (lora/pool.py)
+        self.lora: LoRAPool | None = None
+        if max_loras:
+            self.lora = LoRAPool(
+                self.model,
+                ops,
+                max_loras,
+                max_lora_rank,
+                max(max_num_tokens, 1),
+                dtype,
+                device,
+                cfg.hidden_size,
+            )
         self.encoder_cache = EncoderCache()  # image embeddings by hash (multimodal models)
         rope_len = max(max_model_len, 1)
         self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)
@@ -230,6 +257,8 @@ class ModelRunner:
             assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
+        if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
+            self.lora.prepare([(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled])
         mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
         decoded: DecodeOutputs | None = None
         if (

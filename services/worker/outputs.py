@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -63,8 +64,9 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
             logprobs = None
             if prev.logprobs is not None or c.logprobs is not None:
                 logprobs = (prev.logprobs or ()) + (c.logprobs or ())
-            choices[c.index] = ChoiceOutput(
-                c.index, prev.token_ids + c.token_ids, logprobs, c.finish_reason, c.stop_token_id
+            # the later output's own fields (finish reason, stop id, cumulative logprob) win
+            choices[c.index] = dataclasses.replace(
+                c, token_ids=prev.token_ids + c.token_ids, logprobs=logprobs
             )
     last = outputs[-1]
     prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)

@@ -16,6 +16,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from services.common.block_hash import ROOT_HASH
 from services.common.sampling import SamplingError, SamplingParams, validate_sampling
 from services.worker.errors import InvalidRequestError
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from services.worker.guided import CompiledGrammar, GuidedSpec, GuidedState
+    from services.worker.lora.adapter import LoRAAdapter
     from services.worker.mm_inputs import ImageInput
 
 __all__ = [
@@ -56,6 +58,9 @@ class EngineRequest:
     grammar: CompiledGrammar | None = field(default=None, compare=False, repr=False)
     # Images whose embeddings replace placeholder tokens of the prompt (mm_inputs.py)
     images: tuple[ImageInput, ...] = field(default=(), compare=False, repr=False)
+    # The LoRA adapter to apply, by name ("" = the base model); Engine.add_request resolves it.
+    lora_name: str = ""
+    lora: LoRAAdapter | None = field(default=None, compare=False, repr=False)
 
 
 def validate_request(req: EngineRequest, vocab_size: int, max_model_len: int) -> int:
@@ -232,6 +237,9 @@ class Request:
         self.stop_token_ids = frozenset(stop if req.sampling.ignore_eos else stop | set(eos_token_ids))
         prompt = list(req.prompt_token_ids)
         self.cache_key_ids: list[int] | None = None
+        # The prefix cache's chain root: blocks computed under an adapter are its own
+        # (services/common/block_hash.py, lora/adapter.py lora_root_hash).
+        self.root_hash = req.lora.root_hash if req.lora is not None else ROOT_HASH
         if req.images:
             from services.worker.mm_inputs import cache_key_ids
 
@@ -283,6 +291,11 @@ class Request:
     def wants_prompt_logprobs(self) -> bool:
         """Prompt logprobs were asked for and are not all computed yet (no prefix cache then)."""
         return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len - 1
+
+    @property
+    def lora_id(self) -> int:
+        """Its adapter's load id (0: the base model); the scheduler caps distinct ids per step."""
+        return self.req.lora.lora_id if self.req.lora is not None else 0
 
     @property
     def group(self) -> str:

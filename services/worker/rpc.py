@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -31,6 +32,8 @@ from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
 from services.worker.kv_handles import HeldKV, KVHandleError
+from services.worker.lora.adapter import LoRAAdapterError
+from services.worker.lora.registry import LoRAInfo, LoRANotFoundError
 from services.worker.mm_inputs import images_from_pb
 from services.worker.outputs import RequestOutput, merge_outputs
 from services.worker.request import (
@@ -147,6 +150,13 @@ def request_from_pb(msg: worker_pb2.GenerateRequest) -> EngineRequest:
         first_choice_index=msg.first_choice_index,
         group_id=msg.group_id,
         images=images_from_pb(msg.images),
+        lora_name=msg.lora_name,
+    )
+
+
+def _lora_info_pb(info: LoRAInfo) -> worker_pb2.LoRAAdapterInfo:
+    return worker_pb2.LoRAAdapterInfo(
+        lora_name=info.name, lora_path=info.path, rank=info.rank, digest=info.digest
     )
 
 
@@ -304,6 +314,52 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         metrics.counter(metrics.GUIDED_REQUESTS).labels(kind=spec.kind).inc()
         return req
 
+    async def _resolve_lora(self, req: EngineRequest, context: grpc.aio.ServicerContext) -> EngineRequest:
+        """The request's adapter by name (NOT_FOUND when this worker does not serve it)."""
+        if not req.lora_name:
+            return req
+        try:
+            return replace(req, lora=self.engine.loras.get(req.lora_name))
+        except LoRANotFoundError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        raise AssertionError("unreachable")  # context.abort raises
+
+    # ---- LoRA adapters (services/worker/lora/) ---------------------------------------------------
+    async def LoadLoRA(
+        self, request: worker_pb2.LoadLoRARequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.LoRAAdapterInfo:
+        if not request.lora_name or not request.lora_path:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lora_name and lora_path are required")
+        loop = asyncio.get_running_loop()
+        try:  # reading the files is blocking work: off the event loop, and off the engine thread
+            info = await loop.run_in_executor(
+                None, self.engine.loras.load, request.lora_name, request.lora_path
+            )
+        except LoRAAdapterError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"lora_path: {exc}")
+        log.info("loaded LoRA adapter %r from %s (rank %d)", info.name, info.path, info.rank)
+        return _lora_info_pb(info)
+
+    async def UnloadLoRA(
+        self, request: worker_pb2.UnloadLoRARequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.UnloadLoRAResponse:
+        try:
+            self.engine.loras.unload(request.lora_name)
+        except LoRANotFoundError as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        log.info("unloaded LoRA adapter %r", request.lora_name)
+        return worker_pb2.UnloadLoRAResponse()
+
+    async def ListLoRAs(
+        self, request: worker_pb2.ListLoRAsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ListLoRAsResponse:
+        loras = self.engine.loras
+        return worker_pb2.ListLoRAsResponse(
+            adapters=[_lora_info_pb(i) for i in loras.list()],
+            max_loras=loras.max_loras if loras.enabled else 0,
+            max_lora_rank=loras.max_rank,
+        )
+
     def _check_kv_source(self, source: kv_transfer.KVSource, req: EngineRequest) -> None:
         if not source.handle_id or not source.address:
             raise InvalidRequestError("kv_source", "handle_id and address are required")
@@ -343,6 +399,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self._check_kv_source(source, req)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        req = await self._resolve_lora(req, context)
         req = await self._compile_grammar(req, context)
         if source is not None and source.fingerprint != self.fingerprint:
             await context.abort(
@@ -383,6 +440,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 leftover = None
                 if isinstance(item, InvalidRequestError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                if isinstance(item, LoRANotFoundError):  # unloaded since _resolve_lora
+                    await context.abort(grpc.StatusCode.NOT_FOUND, str(item))
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
                 assert isinstance(item, RequestOutput)
@@ -560,9 +619,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 sampling=sampling_from_pb(request.sampling),
                 first_choice_index=request.first_choice_index,
                 hold_kv=True,
+                lora_name=request.lora_name,
             )  # validated once, by the engine when it admits it
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        req = await self._resolve_lora(req, context)
         req = await self._compile_grammar(req, context)
         self._start_sweeper()
         outputs = self.async_engine.submit(req)
@@ -576,6 +637,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 leftover = None
                 if isinstance(item, InvalidRequestError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                if isinstance(item, LoRANotFoundError):  # unloaded since _resolve_lora
+                    await context.abort(grpc.StatusCode.NOT_FOUND, str(item))
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.INTERNAL, str(item))
                 assert isinstance(item, RequestOutput)

@@ -20,6 +20,7 @@ prefilled again later (largely from the prefix cache when its blocks survived).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -89,8 +90,12 @@ class SampledToken:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, max_num_batched_tokens: int, max_num_seqs: int, max_loras: int = 0
+    ) -> None:
         self.bm = block_manager
+        # Distinct LoRA adapters one step may apply (the device pool's slots; 0: LoRA off)
+        self.max_loras = max_loras
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -131,6 +136,7 @@ class Scheduler:
         num_preempted = 0
         num_made_room = self._make_room_for_starved_group()
         decodes_left = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
+        adapters: set[int] = set()  # LoRA adapters of this step (the pool has max_loras slots)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -139,7 +145,7 @@ class Scheduler:
             if is_decode:
                 decodes_left -= 1
             num_new = min(remaining, budget - (0 if is_decode else decodes_left))
-            if num_new <= 0:
+            if num_new <= 0 or not self._adapter_fits(seq, adapters):
                 i += 1
                 continue
             extra = self._fork_blocks_needed(seq, num_new)
@@ -152,6 +158,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 break
             scheduled.append(self._commit(seq, num_new, extra))
+            adapters.add(seq.request.lora_id)
             budget -= num_new
             i += 1
 
@@ -163,10 +170,13 @@ class Scheduler:
             n_parked = len(seq.request.parked)
             if slots + 1 + n_parked > self.max_num_seqs:
                 break
+            if not self._adapter_fits(seq, adapters):
+                break
             admission = self._admission(seq, budget)
             if admission is None:
                 break
             del self.waiting[index]
+            adapters.add(seq.request.lora_id)
             scheduled.append(self._admit(seq, admission))
             running_per_group[seq.request.group] += 1 + n_parked
             slots += 1 + n_parked
@@ -267,6 +277,10 @@ class Scheduler:
             if seq.request.parked or seq.request.wants_prompt_logprobs or seq.guided is not None:
                 return None  # admitted with what a continuation does not do: go synchronous
             admits, reserved, left = admits + 1, reserved + admission.blocks, left - admission.num_new
+        adapters = {item.seq.request.lora_id for item, _, _ in plan}
+        adapters |= {s.request.lora_id for s in itertools.islice(self.waiting, admits)}
+        if self.max_loras and len(adapters - {0}) > self.max_loras:
+            return None  # schedule() picks which adapters run this step
         scheduled: list[ScheduledSequence] = []
         rows: list[int] = []
         for item, row, num_new in plan:
@@ -289,6 +303,11 @@ class Scheduler:
             self.bm.take_copies()
         )  # (copy-on-write of shared partial blocks: none from a continuation's own)
         return SchedulerOutput(scheduled, copies, self.max_num_batched_tokens - budget, 0, prev_rows=rows)
+
+    def _adapter_fits(self, seq: Sequence, adapters: set[int]) -> bool:
+        """Whether `seq` may join a step applying `adapters` (its own is one of them, or a slot is left)."""
+        lora_id = seq.request.lora_id
+        return not lora_id or lora_id in adapters or len(adapters - {0}) < self.max_loras
 
     def _slots_taken(self) -> int:
         """Sequence slots in use (--max-num-seqs): the running sequences and the parked choices

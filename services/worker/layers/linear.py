@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kernels import KernelOps
+from services.worker.layers.lora import LoRAProjection
 from services.worker.parallel import all_reduce
 
 
@@ -51,6 +52,8 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.ops = ops
         self.quant_method: QuantMethod | None = None
+        # Multi-LoRA (services/worker/lora/pool.py): each row's adapter added to the output
+        self.lora: LoRAProjection | None = None
 
     def set_quant_method(self, method: QuantMethod) -> None:
         """Store this layer's weight in `method`'s format (before the weights are loaded)."""
@@ -60,6 +63,11 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:  # [T, in] -> [T, out]
         """early_signal: the next kernel is a short latency-bound one that may launch (and do its
         pre-wait loads) while this projection streams its weight (kernels/triton/pdl.py)."""
+        if self.lora is not None:
+            return self.lora.add_to(self._base_forward(x, early_signal=False), x)
+        return self._base_forward(x, early_signal)
+
+    def _base_forward(self, x: torch.Tensor, early_signal: bool) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x)
         if self.ops.linear is None:

@@ -137,7 +137,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(ops, inter, cfg.hidden_size, cfg.mlp_bias, layout.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
-        if self.ops.linear_silu_and_mul is not None:  # one kernel for a decode-sized x where faster
+        # (one kernel for a decode-sized x where faster; not with LoRA, which adds to gate/up first)
+        if self.ops.linear_silu_and_mul is not None and self.gate_up_proj.lora is None:
             return self.down_proj(self.gate_up_proj.linear_silu_and_mul(x))
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 

@@ -1,0 +1,199 @@
+"""Multi-LoRA decode: the base model against adapters, batch 1 and a batch of 64 mixing 16 adapters.
+
+    python benchmarks/lora_bench.py            # GPU: Llama-3.1-8B shape, rank 16 on all projections
+    python benchmarks/lora_bench.py --smoke    # CPU, tiny shapes: checks the script in seconds
+
+Dummy base weights (`--load-format dummy`) and random PEFT adapters written by this script
+(adapter_config.json + adapter_model.safetensors, all seven projections, rank --rank), served
+exactly as `tandem worker --lora-modules` does, with CUDA graphs. Rows (median decode step time
+after the first step, tokens/s = rows / step time):
+- batch 1: the base model on a worker without LoRA, the base model on a worker with LoRA on (the
+  kernels run with empty segments), and one adapter (target: >= 85% of the base);
+- batch 64: 64 sequences of the base model (LoRA off) against 64 sequences spread over 16 adapters
+  (--max-loras 16; target: >= 80% of the base).
+The JSON goes to benchmarks/results/lora_<gpu>_<date>.json (and $OUT when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from engine_bench import MODELS, free_engine, random_prompt, tiny, write_model  # noqa: E402
+
+from services.worker.config import WorkerConfig  # noqa: E402
+from services.worker.engine import Engine  # noqa: E402
+from services.worker.request import EngineRequest, SamplingParams  # noqa: E402
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(path: Path, cfg: dict[str, Any], rank: int, seed: int) -> Path:
+    """A random PEFT adapter for every projection of every layer (bf16, small values)."""
+    from safetensors.torch import save_file
+
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    shapes = {  # module -> (in, out)
+        "q_proj": (hidden, q),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (q, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for module, (n_in, n_out) in shapes.items():
+            part = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"base_model.model.model.layers.{layer}.{part}.{module}"
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, n_in, generator=gen) / n_in**0.5).bfloat16()
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(n_out, rank, generator=gen) * 0.01).bfloat16()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULES)}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+def decode_tok_per_s(
+    model_dir: Path,
+    cfg: dict[str, Any],
+    args: argparse.Namespace,
+    batch: int,
+    adapters: list[tuple[str, Path]],
+    row_adapters: list[str],
+    max_loras: int,
+) -> float:
+    """Median decode step of `batch` sequences (sequence i under row_adapters[i], "" = base)."""
+    engine = Engine(
+        WorkerConfig(
+            model=str(model_dir),
+            load_format="dummy",
+            device=args.device,
+            max_num_seqs=max(batch, 1),
+            max_model_len=args.prompt + args.output + 16,
+            enable_prefix_caching=False,
+            lora_modules=tuple(f"{name}={path}" for name, path in adapters),
+            max_loras=max_loras,
+            max_lora_rank=args.rank,
+        )
+    )
+    gen = torch.Generator().manual_seed(0)
+    params: SamplingParams[Any] = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
+    for i in range(batch):
+        prompt = tuple(random_prompt(gen, args.prompt, cfg["vocab_size"]))
+        engine.add_request(EngineRequest(f"r{i}", prompt, params, lora_name=row_adapters[i]))
+    step_times, steps = [], 0
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        engine.step()
+        steps += 1
+        if steps > 2:  # past the prefill steps
+            step_times.append(time.perf_counter() - t0)
+    free_engine(engine)
+    return batch / statistics.median(step_times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script in seconds")
+    parser.add_argument("--model", default="Llama-3.1-8B", choices=list(MODELS))
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=16, help="adapters mixed in the batch")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--output", type=int, default=128)
+    parser.add_argument(
+        "--out", default="", help="JSON path (default benchmarks/results/lora_<gpu>_<date>.json)"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.prompt, args.output, args.batch, args.adapters, args.rank = 8, 6, 4, 2, 8
+    args.device = "cpu" if args.smoke else "cuda"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+        return 2
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.machine()})"
+    cfg = tiny(MODELS[args.model]) if args.smoke else MODELS[args.model]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model(Path(tmp), args.model, cfg)
+        adapters = [
+            (f"lora-{i}", write_adapter(Path(tmp) / f"lora-{i}", cfg, args.rank, seed=i))
+            for i in range(args.adapters)
+        ]
+
+        def row(name: str, batch: int, loaded: list[tuple[str, Path]], mix: list[str], slots: int) -> float:
+            tps = decode_tok_per_s(model_dir, cfg, args, batch, loaded, mix, slots)
+            rows.append({"scenario": name, "batch": batch, "tok_per_s": tps})
+            print(json.dumps(rows[-1]), flush=True)
+            return tps
+
+        base1 = row("batch 1, base (LoRA off)", 1, [], [""], 0)
+        row("batch 1, base (LoRA on)", 1, adapters[:1], [""], 1)
+        one = row(f"batch 1, one adapter (rank {args.rank})", 1, adapters[:1], [adapters[0][0]], 1)
+        base_b = row(f"batch {args.batch}, base (LoRA off)", args.batch, [], [""] * args.batch, 0)
+        mix = [adapters[i % args.adapters][0] for i in range(args.batch)]
+        mixed = row(f"batch {args.batch}, {args.adapters} adapters", args.batch, adapters, mix, args.adapters)
+    targets = {
+        "batch1_adapter_vs_base": {"ratio": one / base1, "target": 0.85},
+        f"batch{args.batch}_mixed_vs_base": {"ratio": mixed / base_b, "target": 0.80},
+    }
+    for t in targets.values():
+        t["met"] = t["ratio"] >= t["target"]
+    print(
+        f"\n{device_name}: {args.model}, rank {args.rank} on all projections, prompt {args.prompt}, output {args.output}"
+    )
+    for r in rows:
+        print(f"  {r['scenario']:<40} {r['tok_per_s']:10.1f} tok/s")
+    for name, t in targets.items():
+        print(
+            f"  {name:<40} {t['ratio']:10.2f}  (target >= {t['target']:.2f}: {'met' if t['met'] else 'NOT met'})"
+        )
+    date = dt.date.today().isoformat()
+    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
+    default_dir = Path(tempfile.gettempdir()) if args.smoke else REPO / "benchmarks" / "results"
+    out = Path(args.out) if args.out else default_dir / f"lora_{slug}_{date}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "device": device_name,
+        "date": date,
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "model": args.model,
+        "rank": args.rank,
+        "prompt": args.prompt,
+        "output": args.output,
+        "rows": rows,
+        "targets": targets,
+    }
+    out.write_text(json.dumps(report, indent=1))
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

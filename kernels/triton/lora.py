@@ -1,0 +1,241 @@
+"""Multi-LoRA in one batch (punica / S-LoRA style): each row applies its own adapter's low-rank
+update, y += (x @ A_s^T) @ B_s^T, as two segmented kernels over the whole batch: `lora_shrink`
+(x [T, K] -> t [P, T, R], fp32 partial sums over P slices of K) and `lora_expand`
+(y [T, N] += (sum_p t[p]) @ B^T).
+
+The rows are grouped by adapter slot on the host (services/worker/lora/mapping.py): slot s owns
+sorted_token_ids[seg_starts[s] : + seg_lens[s]]. The grid is (slot, row block[, column block]) and
+a program whose block lies past its slot's segment returns at once, so the launch shape depends
+only on T and the pool size, never on the mix of adapters: one CUDA graph serves every mix.
+Layouts and semantics: kernels/reference.py (`lora_shrink`, `lora_expand`, the twins).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Rows of a segment per program: tl.dot needs >= 16, and a decode step has a few rows per adapter.
+_BLOCK_M = 16
+# Columns of x one shrink program reduces: a decode step has one row block per adapter, so the
+# parallelism comes from splitting K (14336 for Llama-3.1-8B's down_proj: 28 programs, not one
+# program looping over all of it); the expand kernel adds the partial sums up, in a fixed order
+# (atomics would make the result depend on the programs' timing, a separate sum costs a launch).
+_K_CHUNK = 512
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,  # [T, K]
+    a_ptr,  # [S, R, K]
+    out_ptr,  # [SPLIT_K, T, R] fp32: one partial sum per K chunk
+    ids_ptr,  # [>= T] int32 rows sorted by slot
+    starts_ptr,  # [S] int32
+    lens_ptr,  # [S] int32
+    K,
+    R,
+    stride_xm,
+    stride_as,
+    stride_ar,
+    stride_os,
+    stride_om,
+    K_CHUNK,  # columns of x per program (a multiple of BLOCK_K)
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products (no TF32)
+):
+    slot = tl.program_id(0)
+    block = tl.program_id(1)
+    split = tl.program_id(2)
+    seg_len = tl.load(lens_ptr + slot)
+    if block * BLOCK_M < seg_len:
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seg_len
+        rows = tl.load(ids_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mask_m, other=0).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        a_base = a_ptr + slot.to(tl.int64) * stride_as
+        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        k_start = split * K_CHUNK
+        for k0 in range(k_start, k_start + K_CHUNK, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            a = tl.load(  # [BLOCK_K, BLOCK_R]: A^T
+                a_base + offs_r[None, :] * stride_ar + offs_k[:, None],
+                mask=mask_r[None, :] & mask_k[:, None],
+                other=0.0,
+            )
+            if IEEE:
+                acc += tl.dot(x, a, input_precision="ieee")
+            else:
+                acc += tl.dot(x, a)
+        out = out_ptr + split.to(tl.int64) * stride_os
+        tl.store(
+            out + rows[:, None] * stride_om + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :]
+        )
+
+
+@triton.jit
+def _lora_expand_kernel(
+    y_ptr,  # [T, N]
+    t_ptr,  # [P, T, R] fp32
+    b_ptr,  # [S, N, R]
+    ids_ptr,
+    starts_ptr,
+    lens_ptr,
+    N,
+    R,
+    P,
+    stride_ym,
+    stride_tp,
+    stride_tm,
+    stride_bs,
+    stride_bn,
+    PART1,  # first output column of part 1 (N when there is none)
+    PART2,  # first output column of part 2 (N when there is none)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PART_RANK: tl.constexpr,  # > 0: part j's columns read only rank columns [j, j + 1) * PART_RANK
+    IEEE: tl.constexpr,
+):
+    slot = tl.program_id(0)
+    block = tl.program_id(1)
+    seg_len = tl.load(lens_ptr + slot)
+    if block * BLOCK_M < seg_len:
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seg_len
+        rows = tl.load(ids_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mask_m, other=0).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_b = mask_n[None, :] & mask_r[:, None]
+        if PART_RANK > 0:  # a fused projection: the other parts' rank columns are zeros, not read
+            part = (offs_n >= PART1).to(tl.int32) + (offs_n >= PART2).to(tl.int32)
+            mask_b = mask_b & ((offs_r[:, None] // PART_RANK) == part[None, :])
+        b = tl.load(  # [BLOCK_R, BLOCK_N]: B^T
+            b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
+            mask=mask_b,
+            other=0.0,
+        )
+        t_ptrs = t_ptr + rows[:, None] * stride_tm + offs_r[None, :]
+        mask_t = mask_m[:, None] & mask_r[None, :]
+        t_sum = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for p in range(P):  # the shrink's partial sums over K, in order
+            t_sum += tl.load(t_ptrs + p * stride_tp, mask=mask_t, other=0.0)
+        t = t_sum.to(b.dtype)
+        delta = tl.dot(t, b, input_precision="ieee") if IEEE else tl.dot(t, b)
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_r(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _check_mapping(
+    t_rows: int,
+    sorted_token_ids: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    num_slots: int,
+) -> None:
+    assert sorted_token_ids.dtype == seg_starts.dtype == seg_lens.dtype == torch.int32
+    assert sorted_token_ids.shape[0] >= t_rows and seg_starts.shape == seg_lens.shape == (num_slots,)
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [T, K]
+    lora_a: torch.Tensor,  # [S, R, K]
+    sorted_token_ids: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+) -> torch.Tensor:  # [P, T, R] fp32 partial sums (rows of no adapter undefined)
+    num_slots, rank, k = lora_a.shape
+    assert x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride(), lora_a.shape)
+    assert lora_a.is_contiguous() and lora_a.dtype == x.dtype, (lora_a.dtype, x.dtype)
+    _check_mapping(x.shape[0], sorted_token_ids, seg_starts, seg_lens, num_slots)
+    block_k = min(128, max(16, triton.next_power_of_2(k)))
+    k_chunk = triton.cdiv(min(_K_CHUNK, k), block_k) * block_k
+    split_k = triton.cdiv(k, k_chunk)
+    partial = torch.empty(split_k, x.shape[0], rank, dtype=torch.float32, device=x.device)
+    if x.shape[0] == 0:
+        return partial
+    grid = (num_slots, triton.cdiv(x.shape[0], _BLOCK_M), split_k)
+    _lora_shrink_kernel[grid](
+        x,
+        lora_a,
+        partial,
+        sorted_token_ids,
+        seg_starts,
+        seg_lens,
+        k,
+        rank,
+        x.stride(0),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        partial.stride(0),
+        partial.stride(1),
+        k_chunk,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_R=_block_r(rank),
+        BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32,
+    )
+    return partial
+
+
+def lora_expand(
+    y: torch.Tensor,  # [T, N], updated in place
+    t: torch.Tensor,  # [P, T, R] fp32
+    lora_b: torch.Tensor,  # [S, N, R]
+    sorted_token_ids: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    part_starts: tuple[int, ...] = (),
+    part_rank: int = 0,
+) -> None:
+    num_slots, n_out, rank = lora_b.shape
+    assert len(part_starts) <= 3 and (not part_starts or part_rank * len(part_starts) <= rank)
+    assert y.dim() == 2 and y.shape[1] == n_out and y.stride(1) == 1, (y.shape, lora_b.shape)
+    assert (
+        t.dim() == 3 and t.shape[1:] == (y.shape[0], rank) and t.dtype == torch.float32 and t.stride(2) == 1
+    )
+    assert lora_b.is_contiguous(), lora_b.stride()
+    _check_mapping(y.shape[0], sorted_token_ids, seg_starts, seg_lens, num_slots)
+    if y.shape[0] == 0:
+        return
+    block_n = min(128, max(16, triton.next_power_of_2(n_out)))
+    grid = (num_slots, triton.cdiv(y.shape[0], _BLOCK_M), triton.cdiv(n_out, block_n))
+    _lora_expand_kernel[grid](
+        y,
+        t,
+        lora_b,
+        sorted_token_ids,
+        seg_starts,
+        seg_lens,
+        n_out,
+        rank,
+        t.shape[0],
+        y.stride(0),
+        t.stride(0),
+        t.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        *[*part_starts[1:], n_out, n_out][:2],  # PART1, PART2
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=block_n,
+        BLOCK_R=_block_r(rank),
+        PART_RANK=part_rank if len(part_starts) > 1 else 0,
+        IEEE=lora_b.dtype == torch.float32,
+    )

@@ -1,0 +1,69 @@
+"""The LoRA side of a projection: y += (x @ A_slot^T) @ B_slot^T for each row's adapter slot.
+
+`LoRAMapping` holds the step's rows grouped by slot in persistent device tensors (written before
+every forward by `LoRAPool.prepare`), so that a captured CUDA graph reads the step's mapping at
+replay; `LoRAProjection` is one fused projection's slice of the slot pool. Both kernels run on
+every step while LoRA is on, base-only steps included (their segments are empty), so one graph
+serves any mix of adapters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import KernelOps
+
+
+class LoRAMapping:
+    """Rows of the current step grouped by adapter slot (layout: kernels/reference.py)."""
+
+    def __init__(self, num_slots: int, max_num_tokens: int, device: torch.device) -> None:
+        self.num_slots = num_slots
+        self.sorted_token_ids = torch.zeros(max_num_tokens, dtype=torch.int32, device=device)  # [max T]
+        self.seg_starts = torch.zeros(num_slots, dtype=torch.int32, device=device)  # [S]
+        self.seg_lens = torch.zeros(num_slots, dtype=torch.int32, device=device)  # [S]
+
+    def set(self, sorted_token_ids: list[int], seg_starts: list[int], seg_lens: list[int]) -> None:
+        if len(sorted_token_ids) > self.sorted_token_ids.shape[0]:
+            raise ValueError(
+                f"{len(sorted_token_ids)} rows exceed the LoRA mapping's {self.sorted_token_ids.shape[0]}"
+            )
+        # non_blocking from pageable memory: staged at once, ordered after the work already queued
+        # (an earlier step still reading these buffers finishes first)
+        if sorted_token_ids:  # (only the rows of an adapter: a step of the base model copies none)
+            self.sorted_token_ids[: len(sorted_token_ids)].copy_(
+                torch.tensor(sorted_token_ids, dtype=torch.int32), non_blocking=True
+            )
+        packed = torch.tensor([seg_starts, seg_lens], dtype=torch.int32)
+        self.seg_starts.copy_(packed[0], non_blocking=True)
+        self.seg_lens.copy_(packed[1], non_blocking=True)
+
+
+class LoRAProjection:
+    """One fused projection's adapters: lora_a [S, parts * R, in], lora_b [S, out, parts * R]
+    (part j's A in rows j*R..j*R+r, its B in its output columns x the same rank range, zeros
+    elsewhere: one shrink and one expand cover q, k and v, or gate and up, at once)."""
+
+    def __init__(
+        self,
+        ops: KernelOps,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        mapping: LoRAMapping,
+        part_starts: tuple[int, ...] = (),  # first output column of each fused part
+        part_rank: int = 0,  # R: part j's A rows / B columns are [j*R, (j+1)*R)
+    ) -> None:
+        self.ops = ops
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.mapping = mapping
+        self.part_starts = part_starts
+        self.part_rank = part_rank
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # y [T, out] += lora(x [T, in])
+        m = self.mapping
+        t = self.ops.lora_shrink(x, self.lora_a, m.sorted_token_ids, m.seg_starts, m.seg_lens)
+        self.ops.lora_expand(
+            y, t, self.lora_b, m.sorted_token_ids, m.seg_starts, m.seg_lens, self.part_starts, self.part_rank
+        )
+        return y

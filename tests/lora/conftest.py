@@ -1,0 +1,44 @@
+"""LoRA fixtures: one tiny base per family and three random adapters for each (session scope)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_testlib import Adapter, make_adapter, save_base
+from worker_testlib import RefModel
+
+torch.set_num_threads(1)
+FAMILIES = ["llama", "qwen2", "qwen3"]
+
+
+@pytest.fixture(scope="session")
+def lora_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[RefModel, list[Adapter]]]:
+    out = {}
+    for family in FAMILIES:
+        base = save_base(family, tmp_path_factory.mktemp(f"lora-base-{family}"))
+        adapters = [
+            make_adapter(base, tmp_path_factory.mktemp(f"lora-{family}-a"), "alpha", seed=1, rank=8),
+            # a smaller rank, attention only, rsLoRA scaling
+            make_adapter(
+                base,
+                tmp_path_factory.mktemp(f"lora-{family}-b"),
+                "beta",
+                seed=2,
+                rank=4,
+                alpha=8,
+                target_modules=["q_proj", "v_proj", "o_proj"],
+                use_rslora=True,
+            ),
+            # MLP only, the largest rank allowed
+            make_adapter(
+                base,
+                tmp_path_factory.mktemp(f"lora-{family}-c"),
+                "gamma",
+                seed=3,
+                rank=16,
+                alpha=8,
+                target_modules=["gate_proj", "up_proj", "down_proj", "k_proj"],
+            ),
+        ]
+        out[family] = (base, adapters)
+    return out

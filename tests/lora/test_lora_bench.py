@@ -1,0 +1,23 @@
+"""benchmarks/lora_bench.py --smoke runs every scenario on the CPU with a tiny model and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_lora_bench_smoke(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "lora.json"
+    subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "lora_bench.py"), "--smoke", "--out", str(out)],
+        check=True,
+        cwd=repo,
+        timeout=300,
+    )
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["rows"]] == [1, 1, 1, 4, 4]
+    assert all(r["tok_per_s"] > 0 for r in report["rows"])
+    assert set(report["targets"]) == {"batch1_adapter_vs_base", "batch4_mixed_vs_base"}
