@@ -1,0 +1,197 @@
+"""`--distributed-executor-backend ray` on a local CPU Ray cluster (`ray start --head` on this
+machine, started and cleaned up here): a T = 2 worker serves greedy tokens equal to transformers
+over gRPC, a T = 2 x P = 2 group's engine equals them too, a killed rank actor takes the worker
+down with a clear error, and a cluster too small for the group is a clear error before loading."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common.server import wait_for_serving
+from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tests.e2e.stack import alive, free_port
+from tests.parallel.conftest import run_group
+from tests.worker.worker_testlib import RefModel, prompts_of_lengths
+
+pytest.importorskip("ray")
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_CPUS = 4  # T = 2 x P = 2 fits; T = 4 x P = 2 does not
+# no usage report, and no auth token file to share between the cluster and the worker
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str
+    pgid: int  # `ray start --block` and every process it starts (GCS, raylet, rank actors)
+    temp_dir: str
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **RAY_ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _processes() -> dict[int, tuple[int, int, bytes]]:
+    """pid -> (parent pid, process group, command line) of every live process."""
+    procs = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if stat[0] != "Z":
+            procs[int(entry.name)] = (int(stat[1]), int(stat[2]), cmdline)
+    return procs
+
+
+def _cluster_pids(cluster: Cluster) -> list[int]:
+    """Live processes of the cluster: in its process group, below `ray start`, or naming its folder."""
+    procs = _processes()
+    ours = {pid for pid, (_, pgid, cmd) in procs.items() if pgid == cluster.pgid or cluster.temp_dir.encode() in cmd}
+    grew = True
+    while grew:  # and their descendants (the raylet's workers, whatever their session)
+        below = {pid for pid, (ppid, _, _) in procs.items() if ppid in ours} - ours
+        ours |= below
+        grew = bool(below)
+    return sorted(ours)
+
+
+def _wait_until(check: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout_s}s")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Cluster]:
+    temp_dir = tempfile.mkdtemp(prefix="rx", dir="/tmp")  # short: Ray's unix sockets live in it
+    port = free_port()
+    log = Path(temp_dir) / "start.log"
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    cmd = [ray_bin, "start", "--head", "--block", "--port", str(port), "--num-cpus", str(NUM_CPUS)]
+    cmd += ["--num-gpus", "0", "--include-dashboard=false", "--temp-dir", temp_dir]
+    cmd += ["--ray-client-server-port", str(free_port())]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = Cluster(f"127.0.0.1:{port}", proc.pid, temp_dir)
+    try:
+        _wait_until(lambda: b"Ray runtime started" in log.read_bytes() or proc.poll() is not None, 90, "ray start")
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        yield cluster
+    finally:
+        # only what this fixture started: its process group, then anything left naming its folder
+        with_signal = [signal.SIGTERM, signal.SIGKILL]
+        for sig in with_signal:
+            for pid in _cluster_pids(cluster):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                _wait_until(lambda: not _cluster_pids(cluster), 20, "the Ray cluster's processes exit")
+                break
+            except AssertionError:
+                continue
+        proc.wait(timeout=10)
+        assert not _cluster_pids(cluster), "stray Ray processes after the test"
+
+
+def _worker(model: Path, sock: Path, log: Path, cluster: Cluster, *extra: str) -> subprocess.Popen[bytes]:
+    args = ["--model", str(model), "--address", f"unix:{sock}", "--device", "cpu", "--kv-cache-memory", "4MiB"]
+    args += ["--cpu-threads", "1", "--distributed-timeout", "60", "--distributed-executor-backend", "ray"]
+    args += ["--ray-address", cluster.address, *extra]
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", "worker", *args],
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _rank_actor_pids(cluster: Cluster) -> list[int]:
+    pids = []
+    for pid in _cluster_pids(cluster):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RankActor"):
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def test_t2_serves_greedy_tokens_and_a_killed_rank_actor_takes_it_down(
+    ray_cluster: Cluster, tp_refs: dict[str, RefModel], tmp_path: Path
+) -> None:
+    ref, sock, log = tp_refs["llama_gqa"], tmp_path / "w.sock", tmp_path / "worker.log"
+    proc = _worker(ref.path, sock, log, ray_cluster, "--tensor-parallel-size", "2")
+    try:
+        asyncio.run(wait_for_serving(f"unix:{sock}", timeout_s=120))
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            assert stub.Info(worker_pb2.InfoRequest()).tensor_parallel_size == 2
+            for prompt in ([1, 17, 99, 203, 4], [5, 9]):
+                req = worker_pb2.GenerateRequest(
+                    request_id="r",
+                    prompt_token_ids=prompt,
+                    sampling=common_pb2.SamplingParams(temperature=0, max_tokens=8),
+                )
+                chunks = stub.Generate(req, timeout=60)
+                assert [t for c in chunks for ch in c.choices for t in ch.token_ids] == ref.greedy(prompt, 8)
+        (actor,) = _rank_actor_pids(ray_cluster)  # rank 1, the group's one actor
+        os.kill(actor, signal.SIGKILL)
+        _wait_until(lambda: proc.poll() is not None, 30, "the worker exits")  # at once, not a timeout
+        assert proc.returncode == 1
+        assert "tensor-parallel rank 1 (Ray actor) died" in log.read_text(errors="replace")
+        _wait_until(lambda: not alive(actor), 10, "the killed actor is reaped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_t2_p2_group_equals_transformers(
+    ray_cluster: Cluster, tp_refs: dict[str, RefModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = tp_refs["llama_gqa"]
+    prompts = prompts_of_lengths([1, 7, 17, 29], ref.vocab_size, seed=5)
+    options = ["--model", str(ref.path), "--device", "cpu", "--kv-cache-memory", "4MiB", "--cpu-threads", "1"]
+    options += ["--max-num-batched-tokens", "16", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"]
+    options += ["--distributed-executor-backend", "ray", "--ray-address", ray_cluster.address]
+    for key, value in RAY_ENV.items():  # run_group's subprocess takes this environment
+        monkeypatch.setenv(key, value)
+    got = run_group(tmp_path, {"prompts": prompts, "max_tokens": 6}, *options, timeout_s=120)
+    for i, prompt in enumerate(prompts):
+        assert got["tokens"][i]["0"] == ref.greedy(prompt, 6)
+    # the actors went down with the group (Ray kills an owner's actors): the cluster is free again
+    _wait_until(lambda: not _rank_actor_pids(ray_cluster), 30, "the rank actors exit")
+
+
+def test_cluster_too_small_is_a_clear_error(ray_cluster: Cluster, tp_refs: dict[str, RefModel], tmp_path: Path) -> None:
+    ref, log = tp_refs["llama_gqa"], tmp_path / "worker.log"
+    proc = _worker(
+        ref.path, tmp_path / "w.sock", log, ray_cluster, "--tensor-parallel-size", "4", "--pipeline-parallel-size", "2"
+    )
+    assert proc.wait(timeout=90) == 2
+    last = log.read_text(errors="replace").strip().splitlines()[-1]
+    assert f"the Ray cluster has {NUM_CPUS} CPU(s), the group's 8 ranks" in last
