@@ -18,6 +18,7 @@ started here (no --ray-address) is a child of this process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -195,7 +196,5 @@ class RayRanks:
                 pass
         pg = getattr(self, "_pg", None)
         if pg is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._remove_pg(pg)
-            except Exception:
-                pass

@@ -6,7 +6,9 @@ down with a clear error, and a cluster too small for the group is a clear error 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +17,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from services.common.config import parse_config
 from services.common.server import wait_for_serving
+from services.worker.config import WorkerConfig
+from tandem.up import UpConfig, forwarded_worker_args
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from tests.e2e.stack import alive, free_port
 from tests.parallel.conftest import run_group
@@ -63,7 +69,11 @@ def _processes() -> dict[int, tuple[int, int, bytes]]:
 def _cluster_pids(cluster: Cluster) -> list[int]:
     """Live processes of the cluster: in its process group, below `ray start`, or naming its folder."""
     procs = _processes()
-    ours = {pid for pid, (_, pgid, cmd) in procs.items() if pgid == cluster.pgid or cluster.temp_dir.encode() in cmd}
+    ours = {
+        pid
+        for pid, (_, pgid, cmd) in procs.items()
+        if pgid == cluster.pgid or cluster.temp_dir.encode() in cmd
+    }
     grew = True
     while grew:  # and their descendants (the raylet's workers, whatever their session)
         below = {pid for pid, (ppid, _, _) in procs.items() if ppid in ours} - ours
@@ -94,7 +104,9 @@ def ray_cluster() -> Iterator[Cluster]:
         proc = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     cluster = Cluster(f"127.0.0.1:{port}", proc.pid, temp_dir)
     try:
-        _wait_until(lambda: b"Ray runtime started" in log.read_bytes() or proc.poll() is not None, 90, "ray start")
+        _wait_until(
+            lambda: b"Ray runtime started" in log.read_bytes() or proc.poll() is not None, 90, "ray start"
+        )
         assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
         yield cluster
     finally:
@@ -102,10 +114,8 @@ def ray_cluster() -> Iterator[Cluster]:
         with_signal = [signal.SIGTERM, signal.SIGKILL]
         for sig in with_signal:
             for pid in _cluster_pids(cluster):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             try:
                 _wait_until(lambda: not _cluster_pids(cluster), 20, "the Ray cluster's processes exit")
                 break
@@ -113,10 +123,20 @@ def ray_cluster() -> Iterator[Cluster]:
                 continue
         proc.wait(timeout=10)
         assert not _cluster_pids(cluster), "stray Ray processes after the test"
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _worker(model: Path, sock: Path, log: Path, cluster: Cluster, *extra: str) -> subprocess.Popen[bytes]:
-    args = ["--model", str(model), "--address", f"unix:{sock}", "--device", "cpu", "--kv-cache-memory", "4MiB"]
+    args = [
+        "--model",
+        str(model),
+        "--address",
+        f"unix:{sock}",
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "4MiB",
+    ]
     args += ["--cpu-threads", "1", "--distributed-timeout", "60", "--distributed-executor-backend", "ray"]
     args += ["--ray-address", cluster.address, *extra]
     with log.open("wb") as out:
@@ -176,7 +196,14 @@ def test_t2_p2_group_equals_transformers(
     ref = tp_refs["llama_gqa"]
     prompts = prompts_of_lengths([1, 7, 17, 29], ref.vocab_size, seed=5)
     options = ["--model", str(ref.path), "--device", "cpu", "--kv-cache-memory", "4MiB", "--cpu-threads", "1"]
-    options += ["--max-num-batched-tokens", "16", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2"]
+    options += [
+        "--max-num-batched-tokens",
+        "16",
+        "--tensor-parallel-size",
+        "2",
+        "--pipeline-parallel-size",
+        "2",
+    ]
     options += ["--distributed-executor-backend", "ray", "--ray-address", ray_cluster.address]
     for key, value in RAY_ENV.items():  # run_group's subprocess takes this environment
         monkeypatch.setenv(key, value)
@@ -187,11 +214,45 @@ def test_t2_p2_group_equals_transformers(
     _wait_until(lambda: not _rank_actor_pids(ray_cluster), 30, "the rank actors exit")
 
 
-def test_cluster_too_small_is_a_clear_error(ray_cluster: Cluster, tp_refs: dict[str, RefModel], tmp_path: Path) -> None:
+def test_cluster_too_small_is_a_clear_error(
+    ray_cluster: Cluster, tp_refs: dict[str, RefModel], tmp_path: Path
+) -> None:
     ref, log = tp_refs["llama_gqa"], tmp_path / "worker.log"
     proc = _worker(
-        ref.path, tmp_path / "w.sock", log, ray_cluster, "--tensor-parallel-size", "4", "--pipeline-parallel-size", "2"
+        ref.path,
+        tmp_path / "w.sock",
+        log,
+        ray_cluster,
+        "--tensor-parallel-size",
+        "4",
+        "--pipeline-parallel-size",
+        "2",
     )
     assert proc.wait(timeout=90) == 2
     last = log.read_text(errors="replace").strip().splitlines()[-1]
     assert f"the Ray cluster has {NUM_CPUS} CPU(s), the group's 8 ranks" in last
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"ray_address": "10.0.0.1:6379"}, "--ray-address is for --distributed-executor-backend ray"),
+        (
+            {"distributed_executor_backend": "ray", "tensor_parallel_size": 2, "nnodes": 2, "master_port": 1},
+            "Ray places the ranks on its nodes itself",
+        ),
+    ],
+)
+def test_bad_ray_options(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WorkerConfig(model="m", **options)
+
+
+def test_up_forwards_the_ray_backend_to_its_workers() -> None:
+    up = parse_config(UpConfig, ["--model", "m", "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
+                                 "--ray-address", "10.0.0.1:6379"], "tandem up")  # fmt: skip
+    worker = parse_config(WorkerConfig, ["--model", "m", *forwarded_worker_args(up)], "tandem worker")
+    assert (worker.distributed_executor_backend, worker.ray_address) == ("ray", "10.0.0.1:6379")
+    assert worker.tensor_parallel_size == 2
+    default = parse_config(UpConfig, ["--model", "m"], "tandem up")
+    assert "--distributed-executor-backend" not in forwarded_worker_args(default)
