@@ -190,10 +190,8 @@ class RayRanks:
     def terminate(self) -> None:
         self._closing = True
         for actor in self.actors:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 self._ray.kill(actor)
-            except Exception:  # already gone
-                pass
         pg = getattr(self, "_pg", None)
         if pg is not None:
             with contextlib.suppress(Exception):
