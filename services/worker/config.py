@@ -96,7 +96,7 @@ class WorkerConfig(ServiceConfig):
     ray_address: str = ""
     """--distributed-executor-backend ray: the Ray cluster to join (as `ray.init(address=...)`: host:port of its head, or "auto"); "" = start a local one."""
     distributed_timeout: float = 300.0
-    """Seconds a tensor-parallel collective may wait for the other ranks before the group gives up and exits (a dead or stuck rank never hangs the worker)."""
+    """Seconds a tensor-parallel collective may wait for the other ranks before the group gives up and exits (a dead or stuck rank never hangs the worker); with --distributed-executor-backend ray also how long to wait for the cluster's nodes and the placement."""
     kv_offload_memory: str = ""
     """Host memory for prefix blocks evicted from the device KV cache (pinned on CUDA), e.g. 4 (GiB) or 512MiB; they come back with one host-to-device copy on a prefix hit. Empty or 0: off."""
     kv_transport: Literal["auto", "cuda-ipc", "nixl", "grpc"] = "auto"

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +32,6 @@ from services.worker.config import WorkerConfig
 from services.worker.model_config import ModelConfigError
 
 log = logging.getLogger(__name__)
-
-# How long the placement group may wait for resources the cluster has (a node still joining)
-# before the group gives up with a clear error instead of waiting forever.
-PLACEMENT_TIMEOUT_S = 60.0
 
 
 def import_ray() -> Any:
@@ -112,7 +109,8 @@ class RayRanks:
         node_id = ray.get_runtime_context().get_node_id()
         (node,) = [n for n in ray.nodes() if n["NodeID"] == node_id]
         master_addr = str(node["NodeManagerAddress"])
-        self._check_resources(world, cuda)
+        # nodes may still be joining (pods starting): wait for them up to --distributed-timeout
+        self._wait_for_resources(world, cuda, config.distributed_timeout)
         bundle = {"GPU": 1.0, "CPU": 1.0} if cuda else {"CPU": 1.0}
         # bundle 0 is rank 0's, on this node (the `node:<ip>` resource every Ray node has)
         bundles = [{**bundle, f"node:{master_addr}": 0.001}] + [dict(bundle) for _ in range(world - 1)]
@@ -121,12 +119,12 @@ class RayRanks:
 
         self._pg = placement_group(bundles, strategy="PACK")
         self._remove_pg = remove_placement_group
-        ready, _ = ray.wait([self._pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
+        ready, _ = ray.wait([self._pg.ready()], timeout=config.distributed_timeout)
+        if not ready:  # enough in all, but taken by others, or none left on this node for rank 0
             self.terminate()
             raise ModelConfigError(
                 f"the Ray cluster could not place the group's {world} ranks ({bundle} each, one on this "
-                f"node) within {PLACEMENT_TIMEOUT_S:.0f}s: {self._resources_text()}"
+                f"node) within --distributed-timeout {config.distributed_timeout:g}s: {self._resources_text()}"
             )
         actor_cls = ray.remote(RankActor)
 
@@ -160,16 +158,19 @@ class RayRanks:
         total = self._ray.cluster_resources()
         return f"the cluster has {total.get('GPU', 0):g} GPU(s) and {total.get('CPU', 0):g} CPU(s) in all"
 
-    def _check_resources(self, world: int, cuda: bool) -> None:
-        """A cluster too small for the group (in all, used or not) is a one-line error at once."""
-        total = self._ray.cluster_resources()
+    def _wait_for_resources(self, world: int, cuda: bool, timeout_s: float) -> None:
+        """A cluster too small for the group (in all, used or not) after `timeout_s` is a one-line error."""
         kind = "GPU" if cuda else "CPU"
-        if total.get(kind, 0) < world:
-            self.terminate()
-            raise ModelConfigError(
-                f"the Ray cluster has {total.get(kind, 0):g} {kind}(s), the group's {world} ranks "
-                f"(--tensor-parallel-size x --pipeline-parallel-size) need {world}, one each"
-            )
+        deadline = time.monotonic() + timeout_s
+        while (have := self._ray.cluster_resources().get(kind, 0)) < world:
+            if time.monotonic() >= deadline:
+                self.terminate()
+                raise ModelConfigError(
+                    f"the Ray cluster has {have:g} {kind}(s), the group's {world} ranks "
+                    f"(--tensor-parallel-size x --pipeline-parallel-size) need {world}, one each"
+                )
+            log.info("waiting for Ray nodes: the cluster has %g %s(s), the group needs %d", have, kind, world)
+            time.sleep(2.0)
 
     def _watch(self) -> None:
         ray = self._ray
