@@ -110,23 +110,22 @@ def ray_cluster() -> Iterator[Cluster]:
         assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
         yield cluster
     finally:
-        # only what this fixture started: its process group, then anything left naming its folder
-        with_signal = [signal.SIGTERM, signal.SIGKILL]
-        for sig in with_signal:
+        # only what this fixture started (its processes by id); SIGKILL: a graceful `ray stop` waits
+        # on the GCS it is stopping. Killed twice: a raylet may start a worker while the first round runs.
+        for _ in range(2):
             for pid in _cluster_pids(cluster):
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            try:
-                _wait_until(lambda: not _cluster_pids(cluster), 20, "the Ray cluster's processes exit")
-                break
-            except AssertionError:
-                continue
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(AssertionError):
+                _wait_until(lambda: not _cluster_pids(cluster), 10, "the Ray cluster's processes exit")
         proc.wait(timeout=10)
         assert not _cluster_pids(cluster), "stray Ray processes after the test"
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _worker(model: Path, sock: Path, log: Path, cluster: Cluster, *extra: str) -> subprocess.Popen[bytes]:
+def _worker(
+    model: Path, sock: Path, log: Path, cluster: Cluster, *extra: str, timeout_s: int = 60
+) -> subprocess.Popen[bytes]:
     args = [
         "--model",
         str(model),
@@ -137,7 +136,8 @@ def _worker(model: Path, sock: Path, log: Path, cluster: Cluster, *extra: str) -
         "--kv-cache-memory",
         "4MiB",
     ]
-    args += ["--cpu-threads", "1", "--distributed-timeout", "60", "--distributed-executor-backend", "ray"]
+    args += ["--cpu-threads", "1", "--distributed-timeout", str(timeout_s)]
+    args += ["--distributed-executor-backend", "ray"]
     args += ["--ray-address", cluster.address, *extra]
     with log.open("wb") as out:
         return subprocess.Popen(
