@@ -218,16 +218,9 @@ def test_cluster_too_small_is_a_clear_error(
     ray_cluster: Cluster, tp_refs: dict[str, RefModel], tmp_path: Path
 ) -> None:
     ref, log = tp_refs["llama_gqa"], tmp_path / "worker.log"
-    proc = _worker(
-        ref.path,
-        tmp_path / "w.sock",
-        log,
-        ray_cluster,
-        "--tensor-parallel-size",
-        "4",
-        "--pipeline-parallel-size",
-        "2",
-    )
+    options = ["--tensor-parallel-size", "4", "--pipeline-parallel-size", "2"]
+    # 3 s for more nodes to join, then the error
+    proc = _worker(ref.path, tmp_path / "w.sock", log, ray_cluster, *options, timeout_s=3)
     assert proc.wait(timeout=90) == 2
     last = log.read_text(errors="replace").strip().splitlines()[-1]
     assert f"the Ray cluster has {NUM_CPUS} CPU(s), the group's 8 ranks" in last
