@@ -161,7 +161,7 @@ def _start_ray_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
     return GroupMember(ranks, True)
 
 
-def follow_until_down(config: WorkerConfig, local: RankProcesses | None) -> int:
+def follow_until_down(config: WorkerConfig, local: RankProcesses | RayRanks | None) -> int:
     """A non-zero rank's life: `follow` until a collective fails (rank 0 gone), then exit non-zero
     with the ranks this process started (the first process of a headless node)."""
     try:
