@@ -13,7 +13,7 @@ Failure semantics are the default launcher's: rank 0 waits on every actor's `run
 thread, and the first that ends (the actor's process died, was killed, or its collective failed)
 takes the group down (the other actors are killed, rank 0 exits 1, `tandem up` restarts it). The
 actors die with rank 0: Ray kills an actor whose owner (this process) is gone, and a local cluster
-started here (no --ray-address) is a child of this process.
+started here (no --ray-address) is shut down with the group.
 """
 
 from __future__ import annotations
@@ -101,10 +101,12 @@ class RayRanks:
         self.actors: list[Any] = []
         world = config.world_size
         cuda = config.device != "cpu" and torch.cuda.is_available()
+        # a local cluster (no --ray-address) is this process's: stopped with the group
+        self._local = not config.ray_address and not ray.is_initialized()
         if not ray.is_initialized():
             if config.ray_address:
-                ray.init(address=config.ray_address, log_to_driver=True)
-            else:  # a local cluster, a child of this process: it dies with it
+                ray.init(address=config.ray_address)
+            else:
                 ray.init(include_dashboard=False)
         node_id = ray.get_runtime_context().get_node_id()
         (node,) = [n for n in ray.nodes() if n["NodeID"] == node_id]
@@ -197,3 +199,6 @@ class RayRanks:
         if pg is not None:
             with contextlib.suppress(Exception):
                 self._remove_pg(pg)
+        if self._local:  # its processes outlive an os._exit of this one otherwise (Ray's agents)
+            with contextlib.suppress(Exception):
+                self._ray.shutdown()

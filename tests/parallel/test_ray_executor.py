@@ -249,3 +249,60 @@ def test_up_forwards_the_ray_backend_to_its_workers() -> None:
     assert worker.tensor_parallel_size == 2
     default = parse_config(UpConfig, ["--model", "m"], "tandem up")
     assert "--distributed-executor-backend" not in forwarded_worker_args(default)
+
+
+def _descendants(root: int) -> set[int]:
+    procs, found = _processes(), {root}
+    grew = True
+    while grew:
+        below = {pid for pid, (ppid, _, _) in procs.items() if ppid in found} - found
+        found |= below
+        grew = bool(below)
+    return found - {root}
+
+
+@pytest.mark.slow
+def test_local_cluster_without_an_address_goes_away_with_the_group(
+    tp_refs: dict[str, RefModel], tmp_path: Path
+) -> None:
+    """No --ray-address: the worker starts its own Ray cluster; when a rank actor dies the worker
+    exits 1 and every process of that cluster (GCS, raylet, Ray's agents) goes with it."""
+    ref, sock, log = tp_refs["llama_gqa"], tmp_path / "w.sock", tmp_path / "worker.log"
+    args = [
+        "--model",
+        str(ref.path),
+        "--address",
+        f"unix:{sock}",
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "4MiB",
+    ]
+    args += ["--cpu-threads", "1", "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tandem.cli", "worker", *args],
+            cwd=REPO,
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    cluster: set[int] = set()
+    try:
+        asyncio.run(wait_for_serving(f"unix:{sock}", timeout_s=120))
+        cluster = _descendants(proc.pid)
+        procs = _processes()
+        (actor,) = [pid for pid in cluster if procs[pid][2].startswith(b"ray::RankActor")]
+        os.kill(actor, signal.SIGKILL)
+        _wait_until(lambda: proc.poll() is not None, 60, "the worker exits")
+        assert proc.returncode == 1
+        assert "tensor-parallel rank 1 (Ray actor) died" in log.read_text(errors="replace")
+        _wait_until(lambda: not any(alive(pid) for pid in cluster), 30, "the local Ray cluster exits")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in cluster:  # what it started, if the test failed before they all exited
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
