@@ -21,15 +21,17 @@ from typing import Any
 
 import grpc
 import pytest
+from openai import OpenAI
+from tokenizers import Tokenizer
 
 from services.common.config import parse_config
 from services.common.server import wait_for_serving
 from services.worker.config import WorkerConfig
 from tandem.up import UpConfig, forwarded_worker_args
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from tests.e2e.stack import alive, free_port
+from tests.e2e.stack import UpProcess, alive, children_by_role, free_port, http_status
 from tests.parallel.conftest import run_group
-from tests.worker.worker_testlib import RefModel, prompts_of_lengths
+from tests.worker.worker_testlib import RefModel, load_ref, prompts_of_lengths
 
 pytest.importorskip("ray")
 
@@ -306,3 +308,54 @@ def test_local_cluster_without_an_address_goes_away_with_the_group(
             if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_up_with_the_ray_backend_serves_and_restarts_a_group_after_a_dead_actor(
+    ray_cluster: Cluster, stories_dir: Path
+) -> None:
+    """`tandem up --distributed-executor-backend ray`: the OpenAI API's greedy text is the model's;
+    a killed rank actor takes the worker down, `up` restarts it, a fresh group is placed on the
+    cluster and later requests succeed."""
+    up = UpProcess(
+        stories_dir,
+        "--tensor-parallel-size",
+        "2",
+        "--distributed-executor-backend",
+        "ray",
+        "--ray-address",
+        ray_cluster.address,
+        "--device",
+        "cpu",
+        "--worker-args",
+        "--kv-cache-memory 8MiB --cpu-threads 1",
+        env={**RAY_ENV, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        up.wait_healthy(240)
+        oai = OpenAI(base_url=up.url + "/v1", api_key="unused", max_retries=0)
+        prompt = [1, 403, 407, 261, 378]
+        tokenizer = Tokenizer.from_file(str(stories_dir / "tokenizer.json"))
+        expected = tokenizer.decode(load_ref(stories_dir).greedy(prompt, 12))
+        first = oai.completions.create(model="stories260K", prompt=prompt, max_tokens=12, temperature=0)
+        assert first.choices[0].text == expected
+        worker = children_by_role(up.process.pid)["worker"]
+        (actor,) = _rank_actor_pids(ray_cluster)
+        os.kill(actor, signal.SIGKILL)
+        _wait_until(
+            lambda: (
+                children_by_role(up.process.pid).get("worker") not in (None, worker)
+                and http_status(up.url + "/health") == 200
+                and len(_rank_actor_pids(ray_cluster)) == 1
+            ),
+            180,
+            "up restarts the worker group",
+        )
+        assert "tensor-parallel rank 1 (Ray actor) died" in up.output()
+        again = oai.with_options(timeout=60).completions.create(
+            model="stories260K", prompt=prompt, max_tokens=12, temperature=0
+        )
+        assert again.choices[0].text == expected
+    finally:
+        assert up.stop() == 0
