@@ -47,13 +47,13 @@ def import_ray() -> Any:
 class RankActor:
     """One non-zero rank in a Ray worker process (wrapped by `ray.remote` in `RayRanks`)."""
 
-    def where(self) -> tuple[str, list[int]]:
-        """This actor's node id and the GPUs Ray gave it (the placeholder of rank 0's bundle)."""
+    def gpu_ids(self) -> list[int]:
+        """The GPUs Ray gave this actor (the placeholder of rank 0's bundle: the GPU rank 0 uses)."""
         import ray
 
-        return ray.get_runtime_context().get_node_id(), [int(g) for g in ray.get_gpu_ids()]
+        return [int(g) for g in ray.get_gpu_ids()]
 
-    def run(self, argv: list[str], cwd: str, rank: int, master_addr: str, master_port: int) -> int:
+    def run(self, argv: list[str], cwd: str, rank: int, master_addr: str, master_port: int) -> None:
         """Join the group as `rank`, then follow rank 0's commands until the group goes down."""
         import ray
 
@@ -86,9 +86,10 @@ class RankActor:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where rank 0 runs: its node's address (the group's rendezvous) and its device."""
+    """Where rank 0 runs: its node's address and a free port there (the group's rendezvous), its device."""
 
     master_addr: str
+    master_port: int
     device: torch.device
 
 
@@ -104,10 +105,17 @@ class RayRanks:
         # a local cluster (no --ray-address) is this process's: stopped with the group
         self._local = not config.ray_address and not ray.is_initialized()
         if not ray.is_initialized():
-            if config.ray_address:
-                ray.init(address=config.ray_address)
-            else:
-                ray.init(include_dashboard=False)
+            try:
+                if config.ray_address:
+                    ray.init(address=config.ray_address)
+                else:
+                    ray.init(include_dashboard=False)
+            except Exception as exc:  # unreachable, refused (auth), a local start that failed
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                where = config.ray_address or "a local Ray cluster"
+                raise ModelConfigError(
+                    f"--distributed-executor-backend ray: cannot start or join {where}: {first}"
+                ) from exc
         node_id = ray.get_runtime_context().get_node_id()
         (node,) = [n for n in ray.nodes() if n["NodeID"] == node_id]
         master_addr = str(node["NodeManagerAddress"])
@@ -143,17 +151,16 @@ class RayRanks:
         if cuda:  # a placeholder holds bundle 0's GPU; rank 0 (this process) computes on it
             self._placeholder = on_bundle(0, 1).remote()
             self.actors.append(self._placeholder)
-            _, gpu_ids = ray.get(self._placeholder.where.remote())
-            device = torch.device("cuda", gpu_ids[0])
+            device = torch.device("cuda", ray.get(self._placeholder.gpu_ids.remote())[0])
         from services.worker import parallel
 
-        self.master_port = master_port = parallel.free_port(master_addr)
+        master_port = parallel.free_port(master_addr)
         self._runs: dict[Any, int] = {}
         for rank in range(1, world):
             actor = on_bundle(rank, 1 if cuda else 0).remote()
             self.actors.append(actor)
             self._runs[actor.run.remote(argv, os.getcwd(), rank, master_addr, master_port)] = rank
-        self.placement = Placement(master_addr, device)
+        self.placement = Placement(master_addr, master_port, device)
         threading.Thread(target=self._watch, name="tp-ray-watch", daemon=True).start()
 
     def _resources_text(self) -> str:

@@ -153,9 +153,8 @@ def _start_ray_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
     if where.device.type == "cuda":
         torch.cuda.set_device(where.device)
     t, p = config.tensor_parallel_size, config.pipeline_parallel_size
-    # the actors got this port too (RayRanks picked it free on this node)
     parallel.init_process_group(
-        0, t, p, where.master_addr, ranks.master_port, where.device, config.distributed_timeout
+        0, t, p, where.master_addr, where.master_port, where.device, config.distributed_timeout
     )
     log.info("rank 0 of %d (T=%d x P=%d) joined, ranks 1.. are Ray actors (%s)", t * p, t, p, where.device)
     return GroupMember(ranks, True)

@@ -281,11 +281,12 @@ def test_local_cluster_without_an_address_goes_away_with_the_group(
         "4MiB",
     ]
     args += ["--cpu-threads", "1", "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"]
+    ray_tmp = tempfile.mkdtemp(prefix="rx", dir="/tmp")  # the local cluster's files (short: sockets)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tandem.cli", "worker", *args],
             cwd=REPO,
-            env=_env(),
+            env={**_env(), "RAY_TMPDIR": ray_tmp},
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -308,6 +309,7 @@ def test_local_cluster_without_an_address_goes_away_with_the_group(
             if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
