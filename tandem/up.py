@@ -80,12 +80,12 @@ class UpConfig:
     """Quantize a full-precision checkpoint's weights at load time in every worker (int8: W8A16; fp8: e4m3, W8A8 where the GPU has FP8; int4: W4A16 group 128); pre-quantized checkpoints need no flag (docs/quantization.md)."""
     task: Literal["generate", "embed"] = "generate"
     """What the workers serve: generate (chat, completions, ...) or embed (/v1/embeddings from a decoder embedding model such as Qwen3-Embedding; docs/worker.md)."""
-    tensor_parallel_size: int = 1
-    """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
     distributed_executor_backend: Literal["mp", "ray"] = "mp"
     """How each worker starts its other ranks: mp = its own child processes; ray = Ray actors on --ray-address (else a local Ray cluster per worker; docs/parallel.md)."""
     ray_address: str = ""
     """The Ray cluster the workers place their ranks on (--distributed-executor-backend ray)."""
+    tensor_parallel_size: int = 1
+    """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
     worker_args: str = ""
     """Extra options passed to every worker, as one shell-quoted string (e.g. "--max-num-seqs 64")."""
     styler_args: str = ""
@@ -331,12 +331,12 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
         args += ["--kv-cache-dtype", config.kv_cache_dtype]
     if config.quantization != "none":
         args += ["--quantization", config.quantization]
-    if config.tensor_parallel_size > 1:
-        args += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     if config.distributed_executor_backend != "mp":
         args += ["--distributed-executor-backend", config.distributed_executor_backend]
     if config.ray_address:
         args += ["--ray-address", config.ray_address]
+    if config.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     if config.task != "generate":
         args += ["--task", config.task]
     return args
