@@ -80,6 +80,10 @@ class UpConfig:
     """Quantize a full-precision checkpoint's weights at load time in every worker (int8: W8A16; fp8: e4m3, W8A8 where the GPU has FP8; int4: W4A16 group 128); pre-quantized checkpoints need no flag (docs/quantization.md)."""
     task: Literal["generate", "embed"] = "generate"
     """What the workers serve: generate (chat, completions, ...) or embed (/v1/embeddings from a decoder embedding model such as Qwen3-Embedding; docs/worker.md)."""
+    distributed_executor_backend: Literal["mp", "ray"] = "mp"
+    """How each worker starts its other ranks: mp = its own child processes; ray = Ray actors on --ray-address (else a local Ray cluster per worker; docs/parallel.md)."""
+    ray_address: str = ""
+    """The Ray cluster the workers place their ranks on (--distributed-executor-backend ray)."""
     tensor_parallel_size: int = 1
     """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
     speculative: Literal["off", "prompt-lookup", "draft-model", "eagle"] = "off"
@@ -141,6 +145,8 @@ class UpConfig:
             raise ValueError(f"--max-num-seqs must be >= 0, got {self.max_num_seqs}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if self.ray_address and self.distributed_executor_backend != "ray":
+            raise ValueError("--ray-address is for --distributed-executor-backend ray")
         if self.task == "embed" and self.disaggregate:
             raise ValueError("--task embed with --disaggregate: embeddings are computed by unified workers")
         if self.tensor_parallel_size > 1 and self.disaggregate:
@@ -339,6 +345,10 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
         args += ["--kv-cache-dtype", config.kv_cache_dtype]
     if config.quantization != "none":
         args += ["--quantization", config.quantization]
+    if config.distributed_executor_backend != "mp":
+        args += ["--distributed-executor-backend", config.distributed_executor_backend]
+    if config.ray_address:
+        args += ["--ray-address", config.ray_address]
     if config.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
     if config.task != "generate":

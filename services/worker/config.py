@@ -91,8 +91,12 @@ class WorkerConfig(ServiceConfig):
     """Address of node 0 that every rank meets at (--nnodes > 1)."""
     master_port: int = 0
     """Port on --master-addr for the group's rendezvous (required with --nnodes > 1; 0 = a free port on one host)."""
+    distributed_executor_backend: Literal["mp", "ray"] = "mp"
+    """How the group's other ranks start: mp = child processes of this one (or --nnodes hosts); ray = Ray actors on a Ray cluster (--ray-address, else a local one), placed one per GPU (docs/parallel.md)."""
+    ray_address: str = ""
+    """--distributed-executor-backend ray: the Ray cluster to join (as `ray.init(address=...)`: host:port of its head, or "auto"); "" = start a local one."""
     distributed_timeout: float = 300.0
-    """Seconds a tensor-parallel collective may wait for the other ranks before the group gives up and exits (a dead or stuck rank never hangs the worker)."""
+    """Seconds a tensor-parallel collective may wait for the other ranks before the group gives up and exits (a dead or stuck rank never hangs the worker); with --distributed-executor-backend ray also how long to wait for the cluster's nodes and the placement."""
     kv_offload_memory: str = ""
     """Host memory for prefix blocks evicted from the device KV cache (pinned on CUDA), e.g. 4 (GiB) or 512MiB; they come back with one host-to-device copy on a prefix hit. Empty or 0: off."""
     kv_transport: Literal["auto", "cuda-ipc", "nixl", "grpc"] = "auto"
@@ -190,6 +194,12 @@ class WorkerConfig(ServiceConfig):
             )
         if self.nnodes > 1 and not 0 < self.master_port < 65536:
             raise ValueError(f"--nnodes {self.nnodes} needs --master-port (node 0's rendezvous port)")
+        if self.distributed_executor_backend == "ray" and self.nnodes > 1:
+            raise ValueError(
+                "--distributed-executor-backend ray with --nnodes: Ray places the ranks on its nodes itself; drop --nnodes"
+            )
+        if self.ray_address and self.distributed_executor_backend != "ray":
+            raise ValueError("--ray-address is for --distributed-executor-backend ray")
         if self.distributed_timeout <= 0:
             raise ValueError(f"--distributed-timeout must be > 0, got {self.distributed_timeout}")
         if self.kv_offload_memory:

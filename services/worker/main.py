@@ -32,11 +32,12 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     from services.worker.async_engine import AsyncEngine
     from services.worker.engine import Engine
     from services.worker.model_config import ModelConfigError
+    from services.worker.ray_executor import RayRanks
     from services.worker.rpc import SERVICE_NAME, add_to_server
     from services.worker.tp_group import RankProcesses
     from services.worker.tp_launch import follow_until_down, start_group
 
-    group: RankProcesses | None = None
+    group: RankProcesses | RayRanks | None = None
     try:
         if config.world_size > 1:
             member = start_group(config, argv)

@@ -21,6 +21,7 @@ from services.worker.kv_cache import KVCache
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.model_config import ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
+from services.worker.ray_executor import RayRanks
 from services.worker.tp_group import (
     MASTER_ENV,
     RANK_ENV,
@@ -92,7 +93,7 @@ def check_group(config: WorkerConfig) -> None:
     parallel.check_pp_size(cfg, config.pipeline_parallel_size)
     per_node = config.world_size // config.nnodes
     device = resolve_device(config.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and config.distributed_executor_backend == "mp":  # Ray counts its own GPUs
         if device.index not in (None, 0) and config.device != "cuda":
             raise ModelConfigError(
                 f"--device {config.device} with --tensor-parallel-size {t}: rank r uses cuda:r; "
@@ -109,7 +110,7 @@ def check_group(config: WorkerConfig) -> None:
 class GroupMember:
     """This process in its group: `local` = the ranks it started (their handle), `driver` = rank 0."""
 
-    local: RankProcesses | None
+    local: RankProcesses | RayRanks | None
     driver: bool
 
 
@@ -119,6 +120,8 @@ def start_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
     Node n holds ranks n * T / nnodes .. (n + 1) * T / nnodes - 1 (cuda:0.. in that order)."""
     t, p = config.tensor_parallel_size, config.pipeline_parallel_size
     per_node = config.world_size // config.nnodes
+    if config.distributed_executor_backend == "ray":
+        return _start_ray_group(config, argv)
     local_rank = int(os.environ.get(RANK_ENV, "0"))
     rank = config.node_rank * per_node + local_rank
     local: RankProcesses | None = None
@@ -142,7 +145,22 @@ def start_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
     return GroupMember(local, rank == 0)
 
 
-def follow_until_down(config: WorkerConfig, local: RankProcesses | None) -> int:
+def _start_ray_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
+    """Rank 0 here, ranks 1..W-1 as Ray actors (services/worker/ray_executor.py)."""
+    check_group(config)
+    ranks = RayRanks(config, argv)
+    where = ranks.placement
+    if where.device.type == "cuda":
+        torch.cuda.set_device(where.device)
+    t, p = config.tensor_parallel_size, config.pipeline_parallel_size
+    parallel.init_process_group(
+        0, t, p, where.master_addr, where.master_port, where.device, config.distributed_timeout
+    )
+    log.info("rank 0 of %d (T=%d x P=%d) joined, ranks 1.. are Ray actors (%s)", t * p, t, p, where.device)
+    return GroupMember(ranks, True)
+
+
+def follow_until_down(config: WorkerConfig, local: RankProcesses | RayRanks | None) -> int:
     """A non-zero rank's life: `follow` until a collective fails (rank 0 gone), then exit non-zero
     with the ranks this process started (the first process of a headless node)."""
     try:
