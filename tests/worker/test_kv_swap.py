@@ -2,16 +2,31 @@
 swaps the newest one's KV to the host tier and copies it back when it runs again; the outputs
 equal the unconstrained run's and the recompute run's (chunked prefill, several requests in
 flight, n > 1, logprobs); a host tier without room falls back to recompute; a sequence aborted
-while swapped out gives its host slots back; nothing leaks on the device or the host."""
+while swapped out gives its host slots back; nothing leaks on the device or the host; a worker
+counts its swaps in GetLoad and /metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
 import pytest
 from worker_testlib import GenerateResult, RefModel, prompts_of_lengths, run_to_completion
 
+from services.common.server import wait_for_serving
 from services.worker.engine import Engine
 from services.worker.kv_cache import block_bytes
+from services.worker.parallel import free_port
 from services.worker.request import EngineRequest, SamplingParams, SequenceStatus
+from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def per_block_bytes(ref: RefModel) -> int:
@@ -126,3 +141,59 @@ def test_aborting_a_swapped_out_sequence_frees_its_host_slots(ref_models: dict[s
     while engine.has_unfinished():
         engine.step()
     assert_nothing_held(engine)
+
+
+def test_a_worker_reports_its_swaps_in_get_load_and_metrics(
+    ref_models: dict[str, RefModel], tmp_path: Path
+) -> None:
+    """A worker process with a 14-block cache and a host tier, eight requests at once over gRPC: the
+    greedy tokens equal an unconstrained engine's, and GetLoad and /metrics count the swaps."""
+    ref = ref_models["stories"]
+    prompts = prompts_of_lengths([20, 9, 45, 14, 26, 5, 37, 30], 512, seed=21)
+    sp = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    reference = run_to_completion(
+        ref.engine(max_model_len=128), [EngineRequest(f"r{i}", tuple(p), sp) for i, p in enumerate(prompts)]
+    )
+    per_block = per_block_bytes(ref)
+    addr, metrics_port = f"unix:{tmp_path / 'w.sock'}", free_port()
+    args = [
+        *("--model", str(ref.path), "--address", addr, "--device", "cpu", "--cpu-threads", "1"),
+        *("--kv-cache-memory", str(per_block * 14), "--kv-offload-memory", f"{per_block * 64}B"),
+        *("--max-model-len", "128", "--max-num-batched-tokens", "32", "--metrics-port", str(metrics_port)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "worker", *args], cwd=REPO, env=env)
+    try:
+        asyncio.run(wait_for_serving(addr, timeout_s=60))
+        with grpc.insecure_channel(addr) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+
+            def generate(i: int) -> list[int]:
+                req = worker_pb2.GenerateRequest(
+                    request_id=f"r{i}",
+                    prompt_token_ids=prompts[i],
+                    sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True),
+                )
+                return [
+                    t for out in stub.Generate(req, timeout=120) for c in out.choices for t in c.token_ids
+                ]
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                got = list(pool.map(generate, range(len(prompts))))
+            for i, tokens in enumerate(got):
+                assert tokens == reference[f"r{i}"].token_ids[0], i
+            load = stub.GetLoad(worker_pb2.GetLoadRequest())
+        assert load.num_kv_blocks_used == 0
+        assert 0 < load.num_swapped_out == load.num_swapped_in <= load.num_preemptions
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("tandem:")
+        }
+        assert values["tandem:kv_swapped_out_sequences"] == load.num_swapped_out
+        assert values["tandem:kv_swapped_in_sequences"] == load.num_swapped_in
+        assert values["tandem:preemptions"] == load.num_preemptions
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0

@@ -169,6 +169,7 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         "kv_events": True,  # prefix caching is on
         "task": worker_pb2.WORKER_TASK_GENERATE,
         "hidden_size": cfg["hidden_size"],
+        "kv_peer_transfers": [],  # nothing fetched from a prefill worker (tests/disagg/test_kv_peer_stats.py)
     }
 
 
@@ -196,6 +197,8 @@ def as_dict(info: worker_pb2.WorkerInfo) -> dict[str, object]:
         value = getattr(info, field.name)
         if field.name == "kv_layout":
             value = {f.name: getattr(value, f.name) for f in worker_pb2.KVLayout.DESCRIPTOR.fields}
+        elif field.name == "kv_peer_transfers":
+            value = list(value)
         elif field.name == "eos_token_ids":
             value = sorted(value)
         elif field.name == "fingerprint":
