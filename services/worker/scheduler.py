@@ -196,7 +196,8 @@ class Scheduler:
         if self._pending_copies or not prev.scheduled:
             return None
         for item in prev.scheduled:
-            if item.children or item.prompt_logprob_positions:
+            # (parked choices: the chunk that ends the prompt forks them, which `_commit` plans)
+            if item.children or item.prompt_logprob_positions or item.seq.request.parked:
                 return None
             # Guided decoding: the next step's mask needs the token `prev` samples, so a step with a
             # guided sequence is never launched ahead. Correctness first: the matcher must consume

@@ -1,7 +1,7 @@
 """Preemption by swap (--kv-offload-memory): a KV cache too small for every sequence in flight
 swaps the newest one's KV to the host tier and copies it back when it runs again; the outputs
 equal the unconstrained run's and the recompute run's (chunked prefill, several requests in
-flight, n > 1, logprobs); a host tier without room falls back to recompute; a sequence aborted
+flight, n > 1, logprobs, async scheduling); a host tier without room falls back to recompute; a sequence aborted
 while swapped out gives its host slots back; nothing leaks on the device or the host; a worker
 counts its swaps in GetLoad and /metrics."""
 
@@ -75,9 +75,11 @@ def assert_nothing_held(engine: Engine) -> None:
     assert len(set(tier.free_slots) | {slot for slot, _ in tier.slots.values()}) == tier.num_blocks
 
 
-@pytest.mark.parametrize("prefix_caching", [True, False])
+@pytest.mark.parametrize(
+    ("prefix_caching", "async_scheduling"), [(True, "off"), (False, "off"), (True, "on")]
+)
 def test_swap_gives_the_unconstrained_and_the_recompute_outputs(
-    ref_models: dict[str, RefModel], prefix_caching: bool
+    ref_models: dict[str, RefModel], prefix_caching: bool, async_scheduling: str
 ) -> None:
     ref = ref_models["stories"]
     reference = run_to_completion(ref.engine(max_model_len=128), requests())
@@ -87,7 +89,9 @@ def test_swap_gives_the_unconstrained_and_the_recompute_outputs(
     assert recompute.scheduler.num_preemptions > 0
     assert recompute.block_manager.num_swapped_out == 0
 
-    swap = small_engine(ref, 14, host_blocks=64, enable_prefix_caching=prefix_caching)
+    swap = small_engine(
+        ref, 14, host_blocks=64, enable_prefix_caching=prefix_caching, async_scheduling=async_scheduling
+    )
     swapped = run_to_completion(swap, requests())
     bm = swap.block_manager
     # a 64-block host tier holds every preempted sequence: each preemption is a swap
