@@ -17,13 +17,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from worker_testlib import GenerateResult, RefModel, prompts_of_lengths, run_to_completion
 
 from services.common.server import wait_for_serving
+from services.worker.block_manager import BlockManager
 from services.worker.engine import Engine
 from services.worker.kv_cache import block_bytes
+from services.worker.kv_events import KvEventLog
+from services.worker.kv_offload import HostKVTier
 from services.worker.parallel import free_port
-from services.worker.request import EngineRequest, SamplingParams, SequenceStatus
+from services.worker.request import EngineRequest, Request, SamplingParams, Sequence, SequenceStatus
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
@@ -201,3 +205,73 @@ def test_a_worker_reports_its_swaps_in_get_load_and_metrics(
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.gpu
+def test_swap_on_cuda_gives_the_unconstrained_outputs(ref_models: dict[str, RefModel]) -> None:
+    """The same on a GPU: pinned host slots, copies enqueued on the model's stream, async
+    scheduling on (the CUDA default)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    ref = ref_models["stories"]
+    cuda = {"device": "cuda", "dtype": "float32"}
+    # greedy only: batches of other shapes may move a seeded draw that sits on a near-tie
+    greedy = [r for r in requests() if r.sampling.temperature == 0.0]
+    reference = run_to_completion(ref.engine(max_model_len=128, **cuda), greedy)
+    swap = small_engine(ref, 10, host_blocks=64, **cuda)
+    assert swap.kv_offload is not None and swap.kv_offload.host.is_pinned()
+    swapped = run_to_completion(swap, greedy)
+    assert swap.block_manager.num_swapped_out > 0
+    assert_same_outputs(swapped, reference)
+    assert_nothing_held(swap)
+
+
+def test_swap_space_comes_first_and_an_eviction_with_every_slot_held_drops_the_block() -> None:
+    """Bookkeeping without a model: reserving evicts the least recently used host prefixes (and
+    says so in the KV events); a device eviction while every host slot holds swapped KV drops the
+    block (EVICTED) instead of failing; swap out and in restore the bytes."""
+    bs = 2
+    kv = torch.arange(1 * 2 * 6 * bs, dtype=torch.float32).reshape(1, 2, 6, bs, 1, 1)
+    tier = HostKVTier(kv, 3)
+    events = KvEventLog(64)
+    bm = BlockManager(6, bs, True, events, tier)
+
+    def seq_of(tokens: list[int]) -> Sequence:
+        req = EngineRequest("r", tuple(tokens), SamplingParams())
+        return Request(req, max_tokens=8, eos_token_ids=(2,), arrival=0).sequences[0]
+
+    def computed(tokens: list[int]) -> Sequence:
+        seq = seq_of(tokens)
+        bm.allocate(seq, len(tokens))
+        seq.num_computed_tokens = len(tokens)
+        bm.register_computed_blocks(seq)
+        return seq
+
+    def cached_hashes() -> set[int]:
+        alive: set[int] = set()
+        for event in events.since(0, events.epoch):
+            alive = alive | set(event.hashes) if event.kind == "stored" else alive - set(event.hashes)
+        return alive
+
+    # a 2-block prefix, freed, then evicted from the device into the host tier by 6 new blocks
+    first = computed([10, 11, 12, 13])
+    bm.free_sequence(first)
+    running = computed(list(range(20, 32)))
+    assert len(tier.slots) == 2 and len(cached_hashes()) == 6 + 2
+    want = kv[:, :, running.block_ids[:3]].clone()
+    # swapping out 3 blocks takes the free slot and both cached prefixes' (reported evicted)
+    running.num_computed_tokens = 6  # (the KV of its first 3 blocks)
+    assert bm.swap_out(running) and running.swapped is not None
+    assert not tier.slots and tier.num_held == 3
+    assert len(cached_hashes()) == 6  # the 2 prefix blocks are gone from both tiers
+    # every host slot is held: a device block evicted now is dropped, not saved
+    other = computed(list(range(40, 52)))
+    assert not tier.slots and len(cached_hashes()) == 6
+    bm.free_sequence(other)
+    kv[:, :, other.block_ids] = -1.0  # what reusing those blocks would write
+    bm.swap_in(running)
+    assert torch.equal(kv[:, :, running.block_ids], want)
+    assert tier.num_held == 0 and running.num_computed_tokens == 6
+    assert bm.num_swapped_out == bm.num_swapped_in == 1
+    bm.free_sequence(running)
+    assert bm.num_used_blocks == 0 and len(tier.free_slots) + len(tier.slots) == 3
