@@ -37,7 +37,10 @@ class HostKVTier:
         if num_blocks <= 0:
             raise ValueError("the host KV tier needs room for at least one block")
         self.kv = kv
-        shape = (kv.shape[0], 2, num_blocks, *kv.shape[3:])
+        # Slot-major ([slot, num_layers, 2, block_size, num_kv_heads, head_dim]): each slot is one
+        # contiguous run, so a copy between it and the device is one asynchronous memcpy (a strided
+        # host side would go through a pageable temporary, which waits for the stream).
+        shape = (num_blocks, kv.shape[0], 2, *kv.shape[3:])
         self.host = torch.empty(shape, dtype=kv.dtype, pin_memory=kv.device.type == "cuda")
         self.num_blocks = num_blocks
         self.slots: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()  # key -> (slot, chain hash)
@@ -76,7 +79,7 @@ class HostKVTier:
         else:
             old_key, (slot, old_digest) = self.slots.popitem(last=False)
             dropped = (old_key, old_digest)
-        self.host[:, :, slot].copy_(self.kv[:, :, block], non_blocking=True)
+        self.host[slot].copy_(self.kv[:, :, block], non_blocking=True)
         self.slots[key] = (slot, digest)
         self.num_saved += 1
         return dropped
@@ -89,7 +92,7 @@ class HostKVTier:
         """Copy the block cached under `key` into device `block`."""
         slot, _ = self.slots[key]
         self.slots.move_to_end(key)
-        self.kv[:, :, block].copy_(self.host[:, :, slot], non_blocking=True)
+        self.kv[:, :, block].copy_(self.host[slot], non_blocking=True)
         self.num_loaded += 1
 
     # ---- swap space of preempted sequences ------------------------------------------------------
@@ -117,11 +120,28 @@ class HostKVTier:
         self.num_held -= len(slots)
 
     def swap_out(self, blocks: list[int], slots: list[int]) -> None:
-        """Copy device `blocks` into held host `slots` (before the blocks are reused)."""
-        for block, slot in zip(blocks, slots, strict=True):
-            self.host[:, :, slot].copy_(self.kv[:, :, block], non_blocking=True)
+        """Copy device `blocks` into held host `slots` (before the blocks are reused): one gather
+        on the device into slot-major order, then one memcpy per run of consecutive slots."""
+        index = torch.tensor(blocks, device=self.kv.device)
+        staged = self.kv.index_select(2, index).movedim(2, 0).contiguous()  # [n, num_layers, 2, ...]
+        for start, end, first in _runs(slots):
+            self.host[first : first + end - start].copy_(staged[start:end], non_blocking=True)
 
     def swap_in(self, slots: list[int], blocks: list[int]) -> None:
-        """Copy held host `slots` into device `blocks` (enqueued before the step that reads them)."""
-        for slot, block in zip(slots, blocks, strict=True):
-            self.kv[:, :, block].copy_(self.host[:, :, slot], non_blocking=True)
+        """Copy held host `slots` into device `blocks` (enqueued before the step that reads them):
+        one memcpy per run of consecutive slots into a device buffer, then one scatter."""
+        staged = torch.empty((len(slots), *self.host.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
+        for start, end, first in _runs(slots):
+            staged[start:end].copy_(self.host[first : first + end - start], non_blocking=True)
+        self.kv[:, :, torch.tensor(blocks, device=self.kv.device)] = staged.movedim(0, 2)
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, first slot) of each run of consecutive slot numbers in `slots`."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, i, slots[start]))
+            start = i
+    return runs
