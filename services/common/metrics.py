@@ -44,6 +44,13 @@ PREFIX_CACHE_HITS = "tandem:prefix_cache_hits_total"
 PROMPT_PREFILLS = "tandem:prompt_prefills"
 KV_TRANSFER_BYTES = "tandem:kv_transfer_bytes_total"
 KV_TRANSFER_SECONDS = "tandem:kv_transfer_seconds"
+KV_PEER_BYTES = "tandem:kv_peer_fetch_bytes_total"
+KV_PEER_SECONDS = "tandem:kv_peer_fetch_seconds_total"
+KV_PEER_GBPS = "tandem:kv_peer_fetch_gb_per_second"
+KV_PEER_FAILURES = "tandem:kv_peer_fetch_failures_total"
+PREEMPTIONS = "tandem:preemptions"
+KV_SWAPPED_OUT = "tandem:kv_swapped_out_sequences"
+KV_SWAPPED_IN = "tandem:kv_swapped_in_sequences"
 RPCS = "tandem:rpcs_total"
 RPC_ERRORS = "tandem:rpc_errors_total"
 RPC_DURATION = "tandem:rpc_duration_seconds"
@@ -275,6 +282,55 @@ METRICS: tuple[MetricSpec, ...] = (
         "Seconds one KV transfer (FetchKV stream) took.",
         ("worker",),
         TRANSFER_BUCKETS,
+    ),
+    MetricSpec(
+        KV_PEER_BYTES,
+        "counter",
+        ("peer", "transport"),
+        "Decode side: KV bytes fetched from each prefill worker (peer) over each transport.",
+        ("worker",),
+    ),
+    MetricSpec(
+        KV_PEER_SECONDS,
+        "counter",
+        ("peer", "transport"),
+        "Decode side: seconds the KV fetches from each peer over each transport took (bytes / seconds = GB/s).",
+        ("worker",),
+    ),
+    MetricSpec(
+        KV_PEER_GBPS,
+        "gauge",
+        ("peer", "transport"),
+        "Decode side: GB/s (1e9 bytes) of the last KV fetch from each peer over each transport.",
+        ("worker",),
+    ),
+    MetricSpec(
+        KV_PEER_FAILURES,
+        "counter",
+        ("peer", "transport"),
+        "Decode side: KV fetches from each peer that failed (the prompt was recomputed).",
+        ("worker",),
+    ),
+    MetricSpec(
+        PREEMPTIONS,
+        "gauge",
+        (),
+        "Sequences preempted for lack of KV blocks (by recompute or swap), since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        KV_SWAPPED_OUT,
+        "gauge",
+        (),
+        "Preempted sequences whose KV was swapped out to the host tier (--kv-offload-memory), since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        KV_SWAPPED_IN,
+        "gauge",
+        (),
+        "Swapped-out sequences whose KV was copied back to the device, since start.",
+        ("worker",),
     ),
     MetricSpec(
         RPCS,

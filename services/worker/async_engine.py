@@ -37,6 +37,9 @@ class LoadSnapshot:
     num_kv_blocks_total: int = 0
     prefix_cache_hit_rate: float = 0.0
     num_waiting_tokens: int = 0
+    num_preemptions: int = 0
+    num_swapped_out: int = 0
+    num_swapped_in: int = 0
 
 
 class _Stream:
@@ -217,4 +220,7 @@ class AsyncEngine:
             num_kv_blocks_total=e.block_manager.num_blocks,
             prefix_cache_hit_rate=e.block_manager.hit_rate,
             num_waiting_tokens=e.scheduler.num_waiting_tokens,
+            num_preemptions=e.scheduler.num_preemptions,
+            num_swapped_out=e.block_manager.num_swapped_out,
+            num_swapped_in=e.block_manager.num_swapped_in,
         )

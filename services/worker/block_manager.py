@@ -28,6 +28,12 @@ is hashed before it is freed, so it stays a valid cached prefix in the free pool
 on its prefix only) until reused; the placeholders are never hashed, shared or freed again.
 Models with full-attention layers (Gemma 2/3, gpt-oss) free nothing: those layers read every
 position.
+
+Swap (preemption with a host tier, kv_offload.py): `swap_out` copies a sequence's computed blocks
+into host slots it holds and frees its device blocks, keeping its computed token count;
+`swap_in` gives it fresh blocks and copies them back; `free_sequence` releases the slots of a
+sequence that ends while swapped out. A sequence with freed out-of-window blocks is not swapped
+(its placeholders hold no KV of its own): it is recomputed.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class BlockManager:
         self.block_digests: list[int] = [0] * num_blocks  # chain hash of a cached block
         self.events = events
         self.offload = offload if enable_prefix_caching else None
+        self.swap_space = offload  # also without prefix caching: preemption swaps into it
+        self.num_swapped_out = 0  # sequences swapped out to the host tier
+        self.num_swapped_in = 0  # sequences swapped back in
         self.num_host_hit_tokens = 0  # prefix tokens brought back from the host tier
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.num_queried_tokens = 0
@@ -211,9 +220,14 @@ class BlockManager:
         return self._take_free()
 
     def free_sequence(self, seq: Sequence) -> None:
-        """Drop `seq`'s references; its tail blocks become the first candidates for eviction."""
+        """Drop `seq`'s references (and host slots when swapped out); its tail blocks become the
+        first candidates for eviction."""
         for block in reversed(seq.block_ids[seq.num_freed_blocks :]):
             self._unref(block)
+        if seq.swapped is not None:
+            assert self.swap_space is not None
+            self.swap_space.release(seq.swapped)
+            seq.swapped = None
         seq.block_ids = []
         seq.block_hashes = []
         seq.num_computed_tokens = 0
@@ -236,6 +250,43 @@ class BlockManager:
         placeholder = seq.block_ids[num_out]
         seq.block_ids[:num_out] = [placeholder] * num_out
         seq.num_freed_blocks = num_out
+
+    # ---- swap ----------------------------------------------------------------------------------
+    def swap_out(self, seq: Sequence) -> bool:
+        """Copy the computed KV of `seq` into host slots and free its device blocks; it keeps its
+        computed token count. False (nothing changed) without a host tier, without computed KV, or
+        when the tier lacks room: then recompute."""
+        num = -(-seq.num_computed_tokens // self.block_size)
+        if self.swap_space is None or seq.swapped is not None or num == 0 or seq.num_freed_blocks:
+            return False
+        reserved = self.swap_space.reserve(num)
+        if reserved is None:
+            return False
+        slots, dropped = reserved
+        gone = [digest for key, digest in dropped if key not in self.cached]
+        if gone and self.events is not None:
+            self.events.evicted(gone)
+        self.swap_space.swap_out(seq.block_ids[:num], slots)
+        computed = seq.num_computed_tokens
+        self.free_sequence(seq)
+        seq.num_computed_tokens = computed
+        seq.swapped = slots
+        self.num_swapped_out += 1
+        return True
+
+    def swap_in(self, seq: Sequence) -> None:
+        """Give swapped-out `seq` device blocks for its computed KV and copy it back (the caller
+        checked there are enough free blocks: `blocks_needed` counts them); its full blocks are
+        offered to the prefix cache again."""
+        assert self.swap_space is not None and seq.swapped is not None and not seq.block_ids
+        if len(seq.swapped) > len(self.free):
+            raise RuntimeError("swap_in without free blocks")
+        slots, seq.swapped = seq.swapped, None
+        seq.block_ids = [self._take_free() for _ in slots]
+        self.swap_space.swap_in(slots, seq.block_ids)
+        self.swap_space.release(slots)
+        self.num_swapped_in += 1
+        self.register_computed_blocks(seq)
 
     def fork(self, parent: Sequence, child: Sequence, spare_block: int | None) -> tuple[int, int] | None:
         """Share `parent`'s computed blocks with `child`; the partial last one is copied into
@@ -314,7 +365,8 @@ class BlockManager:
             gone = [self.block_digests[block]]
             if self.offload is not None:
                 dropped = self.offload.save(key, self.block_digests[block], block)
-                # still cached, on the host; what the host tier dropped is gone unless on the device
+                # still cached, on the host; what the host tier dropped (this key itself when every
+                # host slot holds swapped KV) is gone unless on the device
                 gone = [dropped[1]] if dropped is not None and dropped[0] not in self.cached else []
             if gone and self.events is not None:
                 self.events.evicted(gone)

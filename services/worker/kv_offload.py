@@ -11,6 +11,12 @@ ordered with the forward passes that write the evicted block before and read the
 after; no synchronisation is needed. The tier is inclusive: a loaded block keeps its host copy,
 so evicting it again costs nothing. Host slots are reused least recently used first.
 
+The same slots are the swap space of preemption (scheduler.py): a preempted sequence's blocks are
+copied out into slots it holds until it is scheduled again (`reserve`, `swap_out`, `swap_in`,
+`release`). A held slot is no cached prefix and is never reused; reserving takes free slots
+first, then the least recently used cached prefixes (a swapped sequence is certain to need its
+KV, a cached prefix only may).
+
 Engine thread only (the block manager calls it).
 """
 
@@ -31,13 +37,17 @@ class HostKVTier:
         if num_blocks <= 0:
             raise ValueError("the host KV tier needs room for at least one block")
         self.kv = kv
-        shape = (kv.shape[0], 2, num_blocks, *kv.shape[3:])
+        # Slot-major ([slot, num_layers, 2, block_size, num_kv_heads, head_dim]): each slot is one
+        # contiguous run, so a copy between it and the device is one asynchronous memcpy (a strided
+        # host side would go through a pageable temporary, which waits for the stream).
+        shape = (num_blocks, kv.shape[0], 2, *kv.shape[3:])
         self.host = torch.empty(shape, dtype=kv.dtype, pin_memory=kv.device.type == "cuda")
         self.num_blocks = num_blocks
         self.slots: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()  # key -> (slot, chain hash)
         self.free_slots = list(range(num_blocks - 1, -1, -1))
         self.num_saved = 0  # blocks copied device -> host
         self.num_loaded = 0  # blocks copied host -> device (hits)
+        self.num_held = 0  # slots held by swapped-out sequences
         log.info(
             "host KV tier: %d blocks (%.1f MiB%s)",
             num_blocks,
@@ -56,17 +66,20 @@ class HostKVTier:
 
     def save(self, key: Hashable, digest: int, block: int) -> tuple[Hashable, int] | None:
         """Keep device `block` (cached under `key`, chain hash `digest`) before it is reused.
-        Returns the (key, chain hash) this pushed out of the tier, if any."""
+        Returns the (key, chain hash) this pushed out of the tier, if any: `key` itself when every
+        slot is held by swapped-out sequences."""
         if key in self.slots:  # still here from an earlier eviction: the bytes are the same
             self.slots.move_to_end(key)
             return None
         dropped = None
         if self.free_slots:
             slot = self.free_slots.pop()
+        elif not self.slots:
+            return key, digest
         else:
             old_key, (slot, old_digest) = self.slots.popitem(last=False)
             dropped = (old_key, old_digest)
-        self.host[:, :, slot].copy_(self.kv[:, :, block], non_blocking=True)
+        self.host[slot].copy_(self.kv[:, :, block], non_blocking=True)
         self.slots[key] = (slot, digest)
         self.num_saved += 1
         return dropped
@@ -79,5 +92,56 @@ class HostKVTier:
         """Copy the block cached under `key` into device `block`."""
         slot, _ = self.slots[key]
         self.slots.move_to_end(key)
-        self.kv[:, :, block].copy_(self.host[:, :, slot], non_blocking=True)
+        self.kv[:, :, block].copy_(self.host[slot], non_blocking=True)
         self.num_loaded += 1
+
+    # ---- swap space of preempted sequences ------------------------------------------------------
+    def reserve(self, n: int) -> tuple[list[int], list[tuple[Hashable, int]]] | None:
+        """Hold `n` slots: free ones first, then those of the least recently used cached prefixes.
+        Returns the slots and the (key, chain hash) of the prefixes pushed out, or None (nothing
+        changed) when fewer than `n` slots are not held already."""
+        if len(self.free_slots) + len(self.slots) < n:
+            return None
+        taken: list[int] = []
+        dropped: list[tuple[Hashable, int]] = []
+        while len(taken) < n:
+            if self.free_slots:
+                taken.append(self.free_slots.pop())
+            else:
+                key, (slot, digest) = self.slots.popitem(last=False)
+                dropped.append((key, digest))
+                taken.append(slot)
+        self.num_held += n
+        return taken, dropped
+
+    def release(self, slots: list[int]) -> None:
+        """Give held `slots` back (their sequence was swapped in, or ended while swapped out)."""
+        self.free_slots.extend(slots)
+        self.num_held -= len(slots)
+
+    def swap_out(self, blocks: list[int], slots: list[int]) -> None:
+        """Copy device `blocks` into held host `slots` (before the blocks are reused): one gather
+        on the device into slot-major order, then one memcpy per run of consecutive slots."""
+        index = torch.tensor(blocks, device=self.kv.device)
+        staged = self.kv.index_select(2, index).movedim(2, 0).contiguous()  # [n, num_layers, 2, ...]
+        for start, end, first in _runs(slots):
+            self.host[first : first + end - start].copy_(staged[start:end], non_blocking=True)
+
+    def swap_in(self, slots: list[int], blocks: list[int]) -> None:
+        """Copy held host `slots` into device `blocks` (enqueued before the step that reads them):
+        one memcpy per run of consecutive slots into a device buffer, then one scatter."""
+        staged = torch.empty((len(slots), *self.host.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
+        for start, end, first in _runs(slots):
+            staged[start:end].copy_(self.host[first : first + end - start], non_blocking=True)
+        self.kv[:, :, torch.tensor(blocks, device=self.kv.device)] = staged.movedim(0, 2)
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+    """(start, end, first slot) of each run of consecutive slot numbers in `slots`."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, i, slots[start]))
+            start = i
+    return runs

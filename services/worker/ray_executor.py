@@ -7,7 +7,7 @@ ranks run changes. The ranks are placed with one Ray placement group, one bundle
 rank 0's node and, on CUDA, held by a placeholder actor whose GPU rank 0 uses, so that Ray's
 accounting matches the GPUs the group really takes. Each rank actor joins the same
 torch.distributed group as today (rank 0's node address, a free port) and runs
-`tp_launch.follow`: rank 0's broadcast commands, until the group goes down.
+`tp_follow.follow`: rank 0's broadcast commands, until the group goes down.
 
 Failure semantics are the default launcher's: rank 0 waits on every actor's `run` call in a
 thread, and the first that ends (the actor's process died, was killed, or its collective failed)
@@ -63,7 +63,7 @@ class RankActor:
         from services.common.config import parse_config
         from services.common.logging import setup_logging
         from services.worker import parallel
-        from services.worker.tp_launch import follow
+        from services.worker.tp_follow import follow
 
         config = parse_config(WorkerConfig, argv, "tandem worker")
         setup_logging(config.log_level, config.log_format, "tandem.worker")

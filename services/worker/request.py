@@ -187,6 +187,8 @@ class Sequence:
         self.new_token_ids: list[int] = []
         self.new_logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
+        # host-tier slots holding its computed KV while it is preempted by swap (block_manager.py)
+        self.swapped: list[int] | None = None
         # guided decoding: the matcher of this choice, advanced with every output token (so a
         # preempted sequence keeps it: recompute changes the KV, not the output)
         self.guided: GuidedState | None = None

@@ -32,6 +32,7 @@ from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
 from services.worker.kv_handles import HeldKV, KVHandleError
+from services.worker.kv_peers import PeerTransferLog
 from services.worker.lora.adapter import LoRAAdapterError
 from services.worker.lora.registry import LoRAInfo, LoRANotFoundError
 from services.worker.mm_inputs import images_from_pb
@@ -256,6 +257,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.engine.config.kv_transport, self.kv_transports, self.engine.device
         )
         self.fetch_stats: list[kv_transfer.FetchStats] = []  # the last few, for tests and logs
+        self.peer_transfers = PeerTransferLog()  # per prefill worker and transport: Info, /metrics
         # Prefill workers whose CUDA IPC fetch failed here (e.g. no shared /dev/shm between
         # containers): later fetches from them skip it rather than fail and recompute every time.
         self._ipc_failed: set[str] = set()
@@ -521,6 +523,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             task=_TASKS[e.config.task],
             hidden_size=cfg.hidden_size,
             speculative=_speculative_info(e),
+            kv_peer_transfers=[
+                worker_pb2.KVPeerTransfer(
+                    peer_address=p.peer_address,
+                    transport=_TRANSPORTS_PB[p.transport],
+                    num_transfers=p.num_transfers,
+                    num_failed=p.num_failed,
+                    bytes=p.num_bytes,
+                    seconds=p.seconds,
+                    gb_per_s=p.gb_per_s,
+                    last_bytes=p.last_bytes,
+                    last_seconds=p.last_seconds,
+                    last_gb_per_s=p.last_gb_per_s,
+                )
+                for p in self.peer_transfers.entries()
+            ],
         )
 
     async def GetLoad(
@@ -535,6 +552,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prefix_cache_hit_rate=load.prefix_cache_hit_rate,
             num_waiting_tokens=load.num_waiting_tokens,
             num_kv_handles=len(self.engine.kv_handles),
+            num_preemptions=load.num_preemptions,
+            num_swapped_out=load.num_swapped_out,
+            num_swapped_in=load.num_swapped_in,
         )
 
     # ---- disaggregation (handles: kv_handles.py; the wire: kv_transfer.py; state: engine.py) ------------------------
@@ -798,6 +818,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._ipc_failed.add(address)
         if stats.ok:
             metrics.observe_kv_transfer("receive", stats.num_bytes, stats.seconds, stats.transport)
+        self.peer_transfers.record(address, stats)
 
     async def SubscribeKvEvents(
         self, request: worker_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
@@ -923,6 +944,9 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
         metrics.gauge_from(metrics.SPEC_ACCEPTED_TOKENS, lambda: stats.num_accepted_tokens)
         metrics.gauge_from(metrics.SPEC_ACCEPTANCE_RATE, lambda: stats.acceptance_rate)
         metrics.gauge_from(metrics.SPEC_MEAN_ACCEPTED_LENGTH, lambda: stats.mean_accepted_length)
+    metrics.gauge_from(metrics.PREEMPTIONS, lambda: engine.load.num_preemptions)
+    metrics.gauge_from(metrics.KV_SWAPPED_OUT, lambda: engine.load.num_swapped_out)
+    metrics.gauge_from(metrics.KV_SWAPPED_IN, lambda: engine.load.num_swapped_in)
 
 
 def _observe_finished(

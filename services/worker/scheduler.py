@@ -13,9 +13,13 @@ not queue a small request behind all of them; and when a group with nothing runn
 admitted for lack of sequence slots or KV blocks, the newest sequences of a group holding a large
 share of the slots are preempted (by recompute, below) to make room for it.
 
-When the KV cache runs out, the newest running sequence is preempted by recompute: its blocks are
-freed and it goes back to the front of the queue with its tokens so far (prompt + output), to be
-prefilled again later (largely from the prefix cache when its blocks survived).
+When the KV cache runs out, the newest running sequence is preempted. With a host tier
+(--kv-offload-memory, kv_offload.py) that has room, by swap: its computed KV is copied to host
+memory, its blocks are freed, and when it is admitted again it gets fresh blocks and the KV is
+copied back (enqueued before the step's forward), computing only what it had not. Otherwise by
+recompute: its blocks are freed and it goes back with its tokens so far (prompt + output), to be
+prefilled again later (largely from the prefix cache when its blocks survived). Either way it
+goes to the front of the queue.
 """
 
 from __future__ import annotations
@@ -207,8 +211,14 @@ class Scheduler:
         if self._pending_copies or not prev.scheduled:
             return None
         for item in prev.scheduled:
-            # (beam search: the next input ids are the beam step's picks, made on the host)
-            if item.children or item.prompt_logprob_positions or item.seq.request.beam is not None:
+            # (beam search: the next input ids are the beam step's picks, made on the host;
+            # parked choices: the chunk that ends the prompt forks them, which `_commit` plans)
+            if (
+                item.children
+                or item.prompt_logprob_positions
+                or item.seq.request.beam is not None
+                or item.seq.request.parked
+            ):
                 return None
             # Guided decoding: the next step's mask needs the token `prev` samples, so a step with a
             # guided sequence is never launched ahead. Correctness first: the matcher must consume
@@ -344,7 +354,7 @@ class Scheduler:
         if running_per_group[seq.request.group]:
             return None
         group, count = running_per_group.most_common(1)[0]
-        # Preempting costs a recompute: only a group holding a large share of the slots (one
+        # Preempting costs a recompute or a swap: only a group holding a large share of the slots (one
         # that can starve the others) gives way, not the ordinary mix of n > 1 requests.
         if count <= max(1 + len(seq.request.parked), self.max_num_seqs // LARGE_GROUP_DIVISOR):
             return None
@@ -370,8 +380,9 @@ class Scheduler:
         (less `reserved` blocks) cannot take it."""
         # A sequence whose prompt KV was fetched from a prefill worker already holds its blocks.
         has_kv = bool(seq.block_ids)
-        # prompt logprobs need the logits of every prompt position: compute, do not reuse
-        reuse = not (has_kv or seq.request.wants_prompt_logprobs)
+        # prompt logprobs need the logits of every prompt position: compute, do not reuse; a
+        # swapped-out sequence brings its own KV back
+        reuse = not (has_kv or seq.swapped is not None or seq.request.wants_prompt_logprobs)
         cached = self.bm.find_cached_prefix(seq) if reuse else []
         computed = max(seq.num_computed_tokens, len(cached) * self.bm.block_size)
         num_new = min(seq.num_tokens - computed, budget)
@@ -390,7 +401,9 @@ class Scheduler:
             hit = min(len(admission.cached) * self.bm.block_size, request.prompt_len)
             request.num_cached_prompt_tokens = hit
             self.bm.record_lookup(request.prompt_len, hit)
-        if not admission.has_kv:
+        if seq.swapped is not None:
+            self.bm.swap_in(seq)
+        elif not admission.has_kv:
             self.bm.use_cached_prefix(seq, admission.cached)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
@@ -420,7 +433,10 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.bm.free_sequence(seq)
+        # Beams share blocks copy-on-write and are re-ranked every step: recomputed, never swapped.
+        swapped = seq.request.beam is None and self.bm.swap_out(seq)
+        if not swapped:  # no host tier, no room in it, or a beam: recompute
+            self.bm.free_sequence(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -5,7 +5,7 @@
                KV blocks) it broadcasts the step's flat inputs to the other ranks (`StepDriver`).
     rank 1..   child processes of rank 0 (`RankProcesses`), the same command line with
                TANDEM_TP_RANK set: they load their slice of the model, allocate their slice of
-               the KV cache, then run `tp_launch.follow`: receive a command, run it, repeat.
+               the KV cache, then run `tp_follow.follow`: receive a command, run it, repeat.
 
 The commands travel as pickled host objects over a gloo group of their own (`broadcast_object`);
 the model's collectives run on the main group (NCCL on CUDA, gloo on CPU).

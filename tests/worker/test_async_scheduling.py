@@ -218,6 +218,16 @@ def test_a_long_prompt_alone_is_chunked_ahead(model: Path) -> None:
     assert overlap.engine.num_continuations >= 2 + 4
 
 
+def test_a_chunked_prompt_with_parked_choices_forks_them_at_its_end(model: Path) -> None:
+    """n = 2 and a prompt of 3 budgets: the chunk that ends the prompt forks the parked choice, so
+    it is never planned ahead (it once was: the choice then forked steps later, from the wrong
+    position, and the engine never finished)."""
+    prompt = tuple([1] + [200 + i for i in range(44)])
+    sp = SamplingParams(temperature=1.0, seed=4, n=2, max_tokens=6, ignore_eos=True)
+    script = Script(requests={0: [EngineRequest("forked", prompt, sp)]})
+    _compare(model, script, max_num_batched_tokens=16)
+
+
 def test_aborts_between_steps(model: Path) -> None:
     """Aborted while its next step is already launched: that row is discarded; an abort of the
     last running request drops the launched step entirely."""

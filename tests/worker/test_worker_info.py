@@ -187,6 +187,7 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         }
         if variant.name == "spec"
         else None,
+        "kv_peer_transfers": [],  # nothing fetched from a prefill worker (tests/disagg/test_kv_peer_stats.py)
     }
 
 
@@ -217,6 +218,8 @@ def as_dict(info: worker_pb2.WorkerInfo) -> dict[str, object]:
         elif field.name == "speculative":
             fields = worker_pb2.SpeculativeInfo.DESCRIPTOR.fields
             value = {f.name: getattr(value, f.name) for f in fields} if info.HasField("speculative") else None
+        elif field.name == "kv_peer_transfers":
+            value = list(value)
         elif field.name == "eos_token_ids":
             value = sorted(value)
         elif field.name == "fingerprint":

@@ -1,0 +1,68 @@
+"""A follower rank's loop (ranks 1..T x P - 1): load this rank's slice of the model, then run
+rank 0's broadcast commands until the group goes down.
+
+Its own module so that both launchers, local processes (tp_launch.py) and Ray actors
+(ray_executor.py), run it without importing each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import get_ops
+from services.worker import parallel
+from services.worker.config import WorkerConfig
+from services.worker.engine import resolve_device, resolve_dtype, resolve_kv_dtype, resolve_max_model_len
+from services.worker.kv_cache import KVCache
+from services.worker.layers.attention import AttentionMetadata
+from services.worker.model_config import load_model_config
+from services.worker.model_runner import ModelRunner
+from services.worker.tp_group import BindKV, CopyBlocks, Forward, Logits, Profile
+
+
+def follow(config: WorkerConfig) -> int:
+    """Ranks 1..T-1: load this rank's slice of the model, then run rank 0's commands forever."""
+    cfg = load_model_config(config.model)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    max_model_len = resolve_max_model_len(cfg, config.max_model_len)
+    runner = ModelRunner(
+        cfg,
+        get_ops(config.attention_backend, device),
+        device,
+        dtype,
+        max_model_len,
+        config.block_size,
+        config.load_format,
+        config.seed,
+        pooling=config.task == "embed",
+    )
+    model = runner.model
+    kv: KVCache | None = None
+    with torch.inference_mode():
+        while True:
+            cmd = parallel.broadcast_object()
+            if isinstance(cmd, Forward):
+                meta = AttentionMetadata(
+                    positions=cmd.positions.to(device),
+                    slot_mapping=cmd.slot_mapping.to(device),
+                    block_tables=cmd.block_tables.to(device),
+                    cu_seqlens_q=cmd.cu_seqlens_q.to(device),
+                    seq_lens=cmd.seq_lens.to(device),
+                    max_seqlen_q=cmd.max_seqlen_q,
+                    cos_sin_cache=runner.cos_sin_cache,
+                    num_decode_rows=cmd.num_decode_rows,
+                )
+                model(cmd.input_ids.to(device), meta)
+            elif isinstance(cmd, Logits):
+                if parallel.current().pp_rank == 0:  # stage 0 holds the LM head
+                    model.compute_logits(cmd.hidden.to(device))
+            elif isinstance(cmd, CopyBlocks):
+                assert kv is not None
+                kv.copy_blocks(cmd.copies)
+            elif isinstance(cmd, BindKV):
+                kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
+                kv = KVCache(cfg, cmd.num_blocks, config.block_size, kv_dtype, device)
+                runner.bind_kv_cache(kv)
+            elif isinstance(cmd, Profile):
+                runner.profile_peak_bytes(cmd.num_tokens, cmd.num_seqs)
