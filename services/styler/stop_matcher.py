@@ -27,6 +27,11 @@ class StopMatcher:
         self._include = include_stop_str_in_output
         self._buf = ""
 
+    @property
+    def active(self) -> bool:
+        """Whether there are stop strings to look for."""
+        return bool(self._stop)
+
     def feed(self, text: str) -> StopResult:
         if not self._stop:
             return StopResult(text, None)

@@ -93,6 +93,25 @@ class ChoiceStream:
         self.done = False
 
     def add(self, token_ids: Sequence[int], finished: bool) -> StreamDelta:
+        """Feed new ids (any number: the worker merges steps when it falls behind). With stop
+        strings they are fed one at a time, so a stop string completed in the middle of a delta
+        ends the choice at its own token: `num_tokens` (and so the logprobs the gateway pairs with
+        the text) is the same however the worker chunked the ids."""
+        if len(token_ids) > 1 and self._stop.active and not self.done:
+            merged = StreamDelta(index=self.index)
+            for i, token_id in enumerate(token_ids):
+                d = self._add((token_id,), finished and i == len(token_ids) - 1)
+                merged.text += d.text
+                merged.reasoning_text += d.reasoning_text
+                merged.tool_calls.extend(d.tool_calls)
+                merged.stopped, merged.matched_stop = d.stopped, d.matched_stop
+                merged.finished, merged.num_tokens = d.finished, d.num_tokens
+                if self.done:
+                    break
+            return merged
+        return self._add(token_ids, finished)
+
+    def _add(self, token_ids: Sequence[int], finished: bool) -> StreamDelta:
         delta = StreamDelta(index=self.index)
         if self.done:  # after a stop string or `finished`, further tokens are ignored
             delta.num_tokens = self._detok.num_tokens

@@ -201,3 +201,18 @@ def test_out_of_vocabulary_ids_name_their_field() -> None:
     assert session.add(0, hello, finished=True).text == "Hello"
     with pytest.raises(ValueError, match=r"^start\.stop contains a lone UTF-16 surrogate"):
         styler.open_stream(StreamOptions(stop=("a\ud800b",)))
+
+
+@needs_shared
+def test_a_stop_string_inside_a_merged_delta_ends_at_its_own_token() -> None:
+    """The worker merges steps when it falls behind: a stop string completed in the middle of a
+    delta must count the same tokens (the gateway pairs logprobs with them) as one id at a time."""
+    styler = load_styler(str(shared_dir() / "tokenizers" / "qwen3"))
+    ids = styler.tokenizer.encode("Once upon a time. The end came soon after", add_special_tokens=False)
+    one_by_one = styler.open_stream(StreamOptions(stop=(".",)))
+    steps = [one_by_one.add(0, [t], finished=False) for t in ids]
+    stopped_at = next(i for i, d in enumerate(steps) if d.stopped)
+    merged = styler.open_stream(StreamOptions(stop=(".",))).add(0, ids, finished=True)
+    assert merged.stopped and merged.matched_stop == "."
+    assert merged.text == "".join(d.text for d in steps) == "Once upon a time"
+    assert merged.num_tokens == steps[stopped_at].num_tokens == stopped_at + 1 < len(ids)
