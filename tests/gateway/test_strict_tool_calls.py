@@ -253,8 +253,8 @@ def qwen3_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         stack.stop()
 
 
-@pytest.fixture(scope="module")
-def llama_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def _tiny_llama(bos_token_id: int, eos_token_id: int) -> Callable[[int], Any]:
+    """A one-layer Llama of a given vocabulary size (for the tokenizers whose ids it needs)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def make(vocab_size: int) -> Any:
@@ -269,10 +269,17 @@ def llama_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
                 head_dim=16,
                 max_position_embeddings=2048,
                 tie_word_embeddings=False,
-                bos_token_id=128000,
-                eos_token_id=128009,
+                bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id,
             )
         )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def llama_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    make = _tiny_llama(bos_token_id=128000, eos_token_id=128009)
 
     # The message is a call when it starts with `{`: make that a likely first token.
     favour = {**COMMON, "{": 12.0, "<|eot_id|>": 2.0}
@@ -287,24 +294,7 @@ def llama_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 @pytest.fixture(scope="module")
 def deepseek_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """DeepSeek-V3's tokenizer and template on a tiny Llama (the architecture does not matter here)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def make(vocab_size: int) -> Any:
-        return LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=vocab_size,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                head_dim=16,
-                max_position_embeddings=2048,
-                tie_word_embeddings=False,
-                bos_token_id=0,
-                eos_token_id=1,
-            )
-        )
+    make = _tiny_llama(bos_token_id=0, eos_token_id=1)
 
     markers = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>")
     favour = {
