@@ -64,6 +64,10 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
+        # Pins keep a block allocated without sharing it: a layer-wise KV handle's reader reads the
+        # blocks of a prefill still running (kv_handles.py); a reference would make the prefill's
+        # next write into its partial last block copy it first (copy-on-write).
+        self.pins = [0] * num_blocks
         self.block_keys: list[BlockKey | None] = [None] * num_blocks
         self.cached: dict[BlockKey, int] = {}
         self.block_digests: list[int] = [0] * num_blocks  # chain hash of a cached block
@@ -135,7 +139,7 @@ class BlockManager:
                 block = self._load_from_host(key, parent, free_hits)
             if block is None:
                 break
-            if self.ref_counts[block] == 0:
+            if self._in_free_list(block):
                 self.free.move_to_end(block)
                 free_hits += 1
             hits.append(block)
@@ -173,7 +177,7 @@ class BlockManager:
     ) -> int:
         """Free blocks `seq` takes for `num_new_tokens` more tokens after taking `cached_blocks`,
         plus `extra` single blocks; reviving a free cached block costs a free block too."""
-        revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
+        revived = sum(1 for b in cached_blocks if self._in_free_list(b))
         return self.blocks_needed_with_prefix(seq, num_new_tokens, len(cached_blocks)) + revived + extra
 
     def blocks_needed_with_prefix(self, seq: Sequence, num_new_tokens: int, num_cached_blocks: int) -> int:
@@ -337,6 +341,17 @@ class BlockManager:
     def release_block(self, block: int) -> None:
         self._unref(block)
 
+    def pin_block(self, block: int) -> None:
+        """Keep an allocated block off the free list until `unpin_block`, whoever frees it."""
+        assert self.ref_counts[block] > 0 or self.pins[block] > 0, f"block {block} is free"
+        self.pins[block] += 1
+
+    def unpin_block(self, block: int) -> None:
+        self.pins[block] -= 1
+        assert self.pins[block] >= 0, f"block {block} unpinned twice"
+        if self.pins[block] == 0 and self.ref_counts[block] == 0:
+            self._to_free_list(block)
+
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Hash the blocks of `seq` that became full and computed, and offer them to the cache."""
         bs = self.block_size
@@ -374,14 +389,20 @@ class BlockManager:
         return block
 
     def _ref(self, block: int) -> None:
-        if self.ref_counts[block] == 0:
+        if self._in_free_list(block):
             del self.free[block]
         self.ref_counts[block] += 1
 
     def _unref(self, block: int) -> None:
         self.ref_counts[block] -= 1
         assert self.ref_counts[block] >= 0, f"block {block} freed twice"
-        if self.ref_counts[block] == 0:
-            self.free[block] = None
-            if self.block_keys[block] is None:
-                self.free.move_to_end(block, last=False)
+        if self.ref_counts[block] == 0 and not self.pins[block]:
+            self._to_free_list(block)
+
+    def _in_free_list(self, block: int) -> bool:
+        return self.ref_counts[block] == 0 and not self.pins[block]
+
+    def _to_free_list(self, block: int) -> None:
+        self.free[block] = None
+        if self.block_keys[block] is None:
+            self.free.move_to_end(block, last=False)

@@ -28,7 +28,8 @@ from services.worker.errors import task_mismatch
 from services.worker.guided import GrammarCompiler, GuidedUnavailableError
 from services.worker.kv_cache import KVCache, available_host_bytes, block_bytes
 from services.worker.kv_events import KvEventLog
-from services.worker.kv_handles import KVHandleStore
+from services.worker.kv_handles import HeldKV, KVHandleError, KVHandleStore
+from services.worker.kv_layerwise import LayerProgress, LayerSignal
 from services.worker.kv_offload import HostKVTier
 from services.worker.kv_transfer import KVReservation, Span
 from services.worker.layers.quantization import model_quantization, weight_bytes
@@ -217,6 +218,12 @@ class Engine:
         # and prefill-side KV kept for decode workers.
         self.fetching: dict[str, Request] = {}
         self.kv_handles = KVHandleStore(self.block_manager, config.kv_handle_ttl)
+        # Layer-wise push (kv_layerwise.py): the handles of prefills still running, by request id.
+        # Rank 0's hook sees only its own shard's writes, so a parallel group does not offer it.
+        self.layer_signal = LayerSignal(self.device)
+        self.runner.bind_layer_signal(self.layer_signal)
+        self.supports_layerwise = self.driver is None and config.task == "generate"
+        self._layerwise: dict[str, HeldKV] = {}
         self.grammars, self.guided_unavailable = self._load_grammar_compiler()
         self._arrivals = itertools.count()
         # the seeds of requests that come without one (--seed makes a worker's run reproducible)
@@ -352,9 +359,24 @@ class Engine:
         req = self.compile_grammar(req)  # already done by the gRPC servicer, off this thread
         request = Request(req, max_tokens, self.model_config.eos_token_ids, next(self._arrivals))
         fan_out.attach(request, self.model_config.vocab_size)
+        if req.kv_handle_id:
+            self._open_layerwise(request)
         if schedule:
             self.schedule_request(request)
         return request
+
+    def _open_layerwise(self, request: Request) -> None:
+        req = request.req
+        if not (req.hold_kv and self.supports_layerwise):
+            raise InvalidRequestError(
+                "layerwise", "layer-wise push needs a Prefill on a worker that offers it"
+            )
+        progress = LayerProgress(self.kv_cache.tensor.shape[0], request.prompt_len, self.config.block_size)
+        try:
+            handle = self.kv_handles.open(req.kv_handle_id, request.request_id, request.prompt_len, progress)
+        except KVHandleError as exc:
+            raise InvalidRequestError("layerwise", str(exc)) from None
+        self._layerwise[request.request_id] = handle
 
     def schedule_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -378,7 +400,7 @@ class Engine:
         if request is None:
             return None
         seq = request.sequences[0]
-        return KVReservation(seq.num_computed_tokens, len(seq.block_ids))
+        return KVReservation(seq.num_computed_tokens, len(seq.block_ids), self.fetch_wants_first(request))
 
     def write_fetched_kv(self, request_id: str, span: Span, tensor: torch.Tensor) -> bool:
         """Copy a received KV chunk (layers [l0, l1) x the prompt's blocks [b0, b1)) into the
@@ -390,12 +412,27 @@ class Engine:
         self.kv_cache.write_blocks(l0, l1, request.sequences[0].block_ids[b0:b1], tensor)
         return True
 
-    def kv_fetched(self, request_id: str) -> None:
-        """The whole prompt's KV is in place: the request is scheduled to decode."""
+    def kv_fetched(self, request_id: str, first_token_ids: tuple[int, ...] = ()) -> None:
+        """The whole prompt's KV is in place: the request is scheduled to decode. A layer-wise
+        fetch brings the prefill's first token with it (`first_token_ids`): it is the request's
+        first generated token, as generated_token_ids would have been."""
         request = self.fetching.pop(request_id, None)
-        if request is not None:
-            self.requests[request_id] = request
-            self.scheduler.add_fetched(request)
+        if request is None:
+            return
+        self.requests[request_id] = request
+        if first_token_ids and self.fetch_wants_first(request):
+            try:
+                request.add_generated(first_token_ids)
+            except InvalidRequestError as exc:  # (the prefill worker sampled under the same rules)
+                log.warning("request %s: the prefill's first token %s: %s", request_id, first_token_ids, exc)
+                self.scheduler.add_unfetched(request)
+                return
+        self.scheduler.add_fetched(request)
+
+    @staticmethod
+    def fetch_wants_first(request: Request) -> bool:
+        """Whether a fetching request takes its first token from the fetch (one choice, none given)."""
+        return request.sampling.num_sequences == 1 and not request.req.generated_token_ids
 
     def kv_fetch_failed(self, request_id: str) -> None:
         """The fetch failed: the request is scheduled to compute its prompt here."""
@@ -438,7 +475,7 @@ class Engine:
             self.kv_cache.copy_blocks(scheduled.block_copies)
         elif self.speculator is not None:
             self.speculator.plan(scheduled, k)
-        sampled = self.runner.execute(scheduled) if not scheduled.is_empty else []
+        sampled = self._launch(scheduled).result() if not scheduled.is_empty else []
         outputs = self._apply(scheduled, sampled)
         if self.speculator is not None:
             self.speculator.observe(scheduled, sampled)
@@ -467,10 +504,10 @@ class Engine:
             if scheduled.is_empty:
                 self.kv_cache.copy_blocks(scheduled.block_copies)
                 return self._apply(scheduled, [])
-            current = LaunchedStep(scheduled, self.runner.launch(scheduled))
+            current = LaunchedStep(scheduled, self._launch(scheduled))
         following = self.scheduler.schedule_continuation(current.out) if launch_next else None
         if following is not None:
-            self._launched = LaunchedStep(following, self.runner.launch(following, current.handle))
+            self._launched = LaunchedStep(following, self._launch(following, current.handle))
             self.num_continuations += 1
         out, sampled = current.out, current.handle.result()
         live = [i for i, item in enumerate(out.scheduled) if not item.seq.is_finished]
@@ -481,6 +518,60 @@ class Engine:
         outputs = self._apply(out, sampled)
         self._drop_dead_launch()
         return outputs
+
+    def _launch(self, scheduled: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
+        """runner.launch, with the layer-wise prompts in the step armed on the layer signal."""
+        if not self._layerwise:
+            return self.runner.launch(scheduled, prev)
+        self._arm_layerwise(scheduled)
+        try:
+            return self.runner.launch(scheduled, prev)
+        finally:
+            self.layer_signal.disarm()
+
+    def _arm_layerwise(self, scheduled: SchedulerOutput) -> None:
+        """Before a launch: each layer-wise prompt in the step references its (new) blocks and
+        will count this step's tokens layer by layer. A prompt whose blocks were taken back
+        (preempted) fails its handle: the KV its reader would see is gone."""
+        for request_id, handle in self._layerwise.items():
+            request = self.requests.get(request_id)
+            assert handle.progress is not None
+            if handle.progress.done:  # failed, or released by its reader (the fetch gave up)
+                continue
+            seq = request.sequences[0] if request is not None else None
+            if seq is None or tuple(seq.block_ids[: len(handle.block_ids)]) != handle.block_ids:
+                self.kv_handles.fail(handle, "the prefill was preempted on the prefill worker")
+        entries: list[tuple[LayerProgress, int]] = []
+        for item in scheduled.scheduled:
+            held = self._layerwise.get(item.seq.request.request_id)
+            if held is None or held.progress is None or held.progress.done:
+                continue
+            self.kv_handles.adopt(held, item.seq.block_ids)
+            held.progress.computed_before(item.start)
+            entries.append((held.progress, item.start + item.num_new_tokens))
+        self.layer_signal.arm(entries)
+
+    def _finish_layerwise(self, request: Request, choices: list[ChoiceOutput]) -> HeldKV | None:
+        """A layer-wise prefill ended: its handle completes with the first token (its blocks stay,
+        pinned by the handle alone), or fails when the prefill was aborted or preempted. It
+        stays in `_layerwise` until here, failed or not, so that no ordinary handle is made."""
+        handle = self._layerwise.pop(request.request_id, None)
+        if handle is None:
+            return None
+        assert handle.progress is not None
+        seq = request.sequences[0]
+        first = next((c for c in choices if c.index == seq.choice_index), None)
+        if handle.progress.done or seq.finish_reason == "abort" or first is None or not first.token_ids:
+            self.kv_handles.fail(handle, "the prefill was aborted on the prefill worker")
+        elif tuple(seq.block_ids[: len(handle.block_ids)]) != handle.block_ids and seq.block_ids:
+            self.kv_handles.fail(handle, "the prefill was preempted on the prefill worker")
+        else:
+            if seq.finish_reason == "prefilled":
+                self.kv_handles.adopt(handle, seq.block_ids)
+            self.kv_handles.complete(handle, first)
+        if seq.finish_reason == "prefilled":  # the sequence's own references go (the handle's stay)
+            self.block_manager.free_sequence(seq)
+        return handle
 
     def _drop_dead_launch(self) -> None:
         """Forget the launched step when every sequence in it has finished: nobody reads it (its
@@ -499,8 +590,9 @@ class Engine:
         choices = []
         want_logprobs = request.sampling.logprobs is not None
         kv_handle = None
+        layerwise = request.request_id in self._layerwise
         for seq in request.sequences:
-            if seq.finish_reason == "prefilled" and not seq.finish_reported:
+            if seq.finish_reason == "prefilled" and not seq.finish_reported and not layerwise:
                 # The prompt's blocks (the sampled token has no KV yet) now belong to a KV handle.
                 kv_handle = self.kv_handles.hold(request.request_id, seq.block_ids, request.prompt_len)
                 seq.block_ids, seq.block_hashes = [], []
@@ -525,6 +617,8 @@ class Engine:
             prompt_logprobs = tuple(request.prompt_logprobs)
             request.prompt_logprobs_sent = True
         finished = request.is_finished
+        if finished and layerwise:
+            kv_handle = self._finish_layerwise(request, choices)
         usage = None
         if finished:
             self.requests.pop(request.request_id, None)

@@ -18,6 +18,11 @@ The transport is negotiated per fetch (kv_transports.py): over gRPC the chunks c
 first and only chunk names the prefill worker's cache tensor and blocks (`IpcBlocks`), which
 `receive` copies device to device.
 
+Layer-wise push (kv_layerwise.py): a handle issued when the prefill was admitted is streamed while
+the prefill runs: `stream_chunks` sends each (layers, blocks) span as soon as the forward has
+written it (`ready_spans`) and the stream ends with `PrefillDone`, the sampled first token, which
+the decode worker takes as its first generated token.
+
 This module only moves bytes: every state change of a request (reserving blocks, FETCHING, ready
 to decode, computing the prompt after all) belongs to the engine and its scheduler, reached here
 through the `KVReceiver` methods, each run on the engine thread (through `AsyncEngine.call`).
@@ -35,12 +40,13 @@ import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from services.worker import kv_transports
 from services.worker.kv_cache import KV_DTYPE_NAMES
+from services.worker.kv_layerwise import LayerProgress, LayerwiseFailed, Readiness, Span, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +54,6 @@ log = logging.getLogger(__name__)
 READ_AHEAD = 2
 # Writes in flight on the engine thread before the receiver waits for the oldest one.
 WRITE_WINDOW = 4
-
-# (layer_start, layer_end, block_start, block_end): layers [l0, l1) x the prompt's blocks [b0, b1)
-Span = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,16 @@ class KVSource:
     address: str
     num_tokens: int
     fingerprint: str
+    layerwise: bool = False  # issued at admission: the first token comes at the end of the fetch
+
+
+@dataclass(frozen=True)
+class PrefillDone:
+    """A layer-wise fetch's last message: the token the prefill sampled."""
+
+    token_ids: tuple[int, ...]
+    finished: bool  # that token already ended the choice (stop, length)
+    delta: Any  # the rpc layer's message for it, sent on as the decode stream's first output
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,8 @@ class KVReservation:
 
     skip_tokens: int  # prompt tokens the decode worker's own prefix cache holds (whole blocks)
     num_blocks: int  # blocks of the prompt
+    # one choice and no generated token given: a layer-wise fetch's first token is its first one
+    wants_first: bool = False
 
 
 class KVReceiver(Protocol):
@@ -101,7 +116,7 @@ class KVReceiver(Protocol):
 
     def write_fetched_kv(self, request_id: str, span: Span, tensor: torch.Tensor) -> bool: ...
 
-    def kv_fetched(self, request_id: str) -> None: ...
+    def kv_fetched(self, request_id: str, first_token_ids: tuple[int, ...] = ()) -> None: ...
 
     def kv_fetch_failed(self, request_id: str) -> None: ...
 
@@ -129,17 +144,53 @@ def chunk_plan(
     ]
 
 
-def read_chunk(kv: torch.Tensor, block_ids: tuple[int, ...], span: Span) -> KVChunkData:
+def ready_spans(
+    sent: list[int], ready: tuple[int, ...], layer_block_bytes: int, target_bytes: int
+) -> list[Span]:
+    """Layer-wise push: the spans to send next. For each run of consecutive layers with equal
+    (sent, ready) block counts, blocks [sent, ready) of those layers, cut as `chunk_plan` cuts a
+    whole prompt (which this equals when everything is ready at once). Advances `sent`."""
+    spans: list[Span] = []
+    layer, num_layers = 0, len(sent)
+    while layer < num_layers:
+        lo, hi = sent[layer], ready[layer]
+        if hi <= lo:
+            layer += 1
+            continue
+        end = layer + 1
+        while end < num_layers and sent[end] == lo and ready[end] == hi:
+            end += 1
+        for l0, l1, b0, b1 in chunk_plan(end - layer, hi, lo, layer_block_bytes, target_bytes):
+            spans.append((layer + l0, layer + l1, b0, b1))
+        sent[layer:end] = [hi] * (end - layer)
+        layer = end
+    return spans
+
+
+@functools.cache
+def _reader_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def read_chunk(
+    kv: torch.Tensor, block_ids: tuple[int, ...], span: Span, ready_event: Any = None
+) -> KVChunkData:
     """Copy kv[l0:l1, :, block_ids[b0:b1]] into a host buffer (pinned when `kv` is on a GPU) and
     view its bytes (no further copy). `kv` is the whole cache tensor [num_layers, 2, num_blocks,
-    block_size, num_kv_heads, head_dim]."""
+    block_size, num_kv_heads, head_dim]. On CUDA the copy runs on a side stream, after
+    `ready_event` (a layer-wise prefill's writes; the forward goes on meanwhile)."""
     l0, l1, b0, b1 = span
-    part = kv_transports.gather_blocks(kv, block_ids[b0:b1], (l0, l1))
     if kv.device.type == "cpu":
+        part = kv_transports.gather_blocks(kv, block_ids[b0:b1], (l0, l1))
         host = part.contiguous()  # a held block is not written meanwhile, so a view is safe
     else:
-        host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
-        host.copy_(part)
+        stream = _reader_stream(kv.device)
+        with torch.cuda.stream(stream):
+            wait_ready(ready_event)
+            part = kv_transports.gather_blocks(kv, block_ids[b0:b1], (l0, l1))
+            host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+            host.copy_(part, non_blocking=True)
+        stream.synchronize()
     data = host.reshape(-1).view(torch.uint8).numpy().data
     return KVChunkData(l0, l1, b0, b1, data, KV_DTYPE_NAMES[kv.dtype], tuple(part.shape))
 
@@ -153,30 +204,70 @@ async def stream_chunks(
     first_block: int,
     target_bytes: int,
     encode: Callable[[KVChunkData], T],
+    progress: LayerProgress | None = None,
 ) -> AsyncIterator[T]:
     """The chunks of a held prompt's blocks from `first_block` on, read and `encode`d (into wire
     bytes) on a worker thread READ_AHEAD ahead. The blocks are held (kv_handles.py): nobody writes
-    them meanwhile."""
+    them meanwhile. With a layer-wise handle's `progress`, each span goes as soon as the prefill
+    has written it, until the prefill completes (LayerwiseFailed when it fails)."""
     num_layers = kv.shape[0]
     layer_block_bytes = kv[0, :, 0].numel() * kv.element_size()
-    plan = chunk_plan(num_layers, len(block_ids), first_block, layer_block_bytes, target_bytes)
     pending: collections.deque[asyncio.Future[T]] = collections.deque()
     loop = asyncio.get_running_loop()
-    spans = iter(plan)
+    changed = asyncio.Event()
+    sent = [first_block] * num_layers
+    unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set)) if progress else None
 
-    def read(span: Span) -> T:
-        return encode(read_chunk(kv, block_ids, span))
+    def read(span: Span, ids: tuple[int, ...], event: Any) -> T:
+        return encode(read_chunk(kv, ids, span, event))
 
     try:
-        for span in spans:
-            pending.append(loop.run_in_executor(None, read, span))
-            if len(pending) > READ_AHEAD:
+        while True:
+            changed.clear()  # before the snapshot: a change after it wakes the wait below
+            snap = progress.snapshot() if progress is not None else _all_ready(num_layers, block_ids)
+            if snap.error:
+                raise LayerwiseFailed(snap.error)
+            for span in ready_spans(sent, snap.ready_blocks, layer_block_bytes, target_bytes):
+                pending.append(loop.run_in_executor(None, read, span, snap.block_ids, snap.event))
+                if len(pending) > READ_AHEAD:
+                    yield await pending.popleft()
+            if snap.complete:
+                break
+            if pending:
                 yield await pending.popleft()
+            else:
+                await changed.wait()
         while pending:
             yield await pending.popleft()
     finally:
         for future in pending:
             future.cancel()
+        if unsubscribe is not None:
+            unsubscribe()
+
+
+def _all_ready(num_layers: int, block_ids: tuple[int, ...]) -> Readiness:
+    """A finished prefill's handle: every block of every layer is there."""
+    return Readiness((len(block_ids),) * num_layers, block_ids, None, True, None, "")
+
+
+async def wait_complete(progress: LayerProgress) -> Readiness:
+    """A layer-wise handle once its prefill completed (transports that move the whole prompt at
+    once); LayerwiseFailed when it fails."""
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set))
+    try:
+        while True:
+            changed.clear()
+            snap = progress.snapshot()
+            if snap.error:
+                raise LayerwiseFailed(snap.error)
+            if snap.complete:
+                return snap
+            await changed.wait()
+    finally:
+        unsubscribe()
 
 
 # ---- the decode side: receiving chunks -----------------------------------------------------------
@@ -201,7 +292,7 @@ def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: KVReservatio
     return flat.view(kv.dtype).view(shape)
 
 
-FetchStream = Callable[[KVSource, int], AsyncIterator[KVChunkData | IpcBlocks]]
+FetchStream = Callable[[KVSource, int], AsyncIterator[KVChunkData | IpcBlocks | PrefillDone]]
 
 
 @dataclass(frozen=True)
@@ -212,6 +303,8 @@ class FetchStats:
     skip_tokens: int
     error: str = ""
     transport: kv_transports.Transport = "grpc"
+    # a layer-wise fetch: the prefill's first token (None otherwise, and when the fetch failed)
+    first: PrefillDone | None = None
 
 
 class FetchStalled(Exception):
@@ -287,6 +380,7 @@ async def receive(
     received = 0
     num_bytes = 0
     transport: kv_transports.Transport = "grpc"
+    done: PrefillDone | None = None
     writes: collections.deque[asyncio.Future[object]] = collections.deque()
     # Fetched even when the local cache holds every block: the (empty) stream frees the handle.
     items = fetch(source, reservation.skip_tokens)
@@ -296,6 +390,11 @@ async def receive(
                 chunk = await _next_item(items, stall_timeout_s)
             except StopAsyncIteration:
                 break
+            if isinstance(chunk, PrefillDone):
+                done = chunk
+                if done.finished:  # its first token ended the choice: no KV is needed
+                    break
+                continue
             if isinstance(chunk, IpcBlocks):
                 transport = "cuda-ipc"
                 copied = await call(
@@ -317,6 +416,15 @@ async def receive(
         for pending in writes:
             await pending
         writes.clear()
+        if source.layerwise and done is None:
+            raise ValueError("the layer-wise stream ended without the prefill's first token")
+        if done is not None and done.finished:
+            if not reservation.wants_first:  # (several choices: each samples its own here)
+                raise ValueError("the prefill's first token ended it; computing the prompt for the choices")
+            # the caller ends the request with that token; its reserved blocks go with it
+            return FetchStats(
+                True, num_bytes, time.monotonic() - started, reservation.skip_tokens, "", transport, done
+            )
         if received != expected:
             raise ValueError(f"received {received} of {expected} layer-blocks")
     except asyncio.CancelledError:
@@ -334,7 +442,8 @@ async def receive(
         )
     finally:
         await _close(items)
-    await call(lambda: engine.kv_fetched(request_id))
+    first = done.token_ids if done is not None and reservation.wants_first else ()
+    await call(lambda: engine.kv_fetched(request_id, first))
     seconds = time.monotonic() - started
     log.info(
         "fetched KV of %s over %s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache",
@@ -345,7 +454,7 @@ async def receive(
         num_bytes / max(seconds, 1e-9) / 1e9,
         reservation.skip_tokens,
     )
-    return FetchStats(True, num_bytes, seconds, reservation.skip_tokens, transport=transport)
+    return FetchStats(True, num_bytes, seconds, reservation.skip_tokens, transport=transport, first=done)
 
 
 async def _close(items: AsyncIterator[object]) -> None:

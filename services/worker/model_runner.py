@@ -21,6 +21,7 @@ from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
+from services.worker.kv_layerwise import LayerSignal
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
@@ -152,6 +153,12 @@ class ModelRunner:
         self.kv_cache = kv_cache
         for i, attn in enumerate(self.model.attention_layers()):
             attn.kv_cache = kv_cache.layer(i)
+
+    def bind_layer_signal(self, signal: LayerSignal) -> None:
+        """Layer-wise push: every attention layer tells `signal` when its KV is written."""
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.layer_signal = signal
+            attn.layer_index = i
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> bool:
         """Capture decode-step graphs for batch sizes up to max_num_seqs; False when these kernels

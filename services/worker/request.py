@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from services.common.block_hash import ROOT_HASH
@@ -47,6 +47,9 @@ class EngineRequest:
     # Disaggregated prefill: after the first token, keep the prompt's KV blocks under a handle for
     # a decode worker (kv_transfer.py) instead of decoding on.
     hold_kv: bool = False
+    # Layer-wise push (kv_layerwise.py): with hold_kv, the handle is opened under this id when the
+    # request is admitted, and its KV is readable layer by layer while the prompt is computed.
+    kv_handle_id: str = ""
     # Pooling (an embed worker, --task embed): compute the prompt only; the step that computes its
     # last token yields that token's final-norm hidden state, L2-normalised, instead of sampling,
     # and the request ends there, its blocks freed at once. `sampling` is unused.
@@ -275,7 +278,23 @@ class Request:
         for child in self.sequences[1:]:
             child.guided = first.fork()
         self.sequences[0].guided = first
-        for token in self.req.generated_token_ids:
+        self._consume_given(grammar, self.req.generated_token_ids)
+
+    def add_generated(self, token_ids: tuple[int, ...]) -> None:
+        """Tokens generated elsewhere that arrive after the request was created: a layer-wise
+        prefill's first token comes with its KV (kv_layerwise.py). Raises InvalidRequestError
+        as the constructor does for generated_token_ids."""
+        assert len(self.sequences) == 1 and self.sequences[0].num_computed_tokens <= self.prompt_len
+        self.req = replace(self.req, generated_token_ids=self.req.generated_token_ids + token_ids)
+        first = self.sequences[0]
+        first.token_ids.extend(token_ids)
+        if first.guided is not None and self.req.grammar is not None:
+            self._consume_given(self.req.grammar, token_ids)
+
+    def _consume_given(self, grammar: CompiledGrammar, token_ids: tuple[int, ...]) -> None:
+        first = self.sequences[0].guided
+        assert first is not None
+        for token in token_ids:
             first.consume(token)
             if first.error is not None or first.complete:
                 break

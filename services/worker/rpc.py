@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -32,11 +33,12 @@ from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
 from services.worker.kv_handles import HeldKV, KVHandleError
+from services.worker.kv_layerwise import LayerwiseFailed
 from services.worker.kv_peers import PeerTransferLog
 from services.worker.lora.adapter import LoRAAdapterError
 from services.worker.lora.registry import LoRAInfo, LoRANotFoundError
 from services.worker.mm_inputs import images_from_pb
-from services.worker.outputs import RequestOutput, merge_outputs
+from services.worker.outputs import ChoiceOutput, RequestOutput, merge_outputs
 from services.worker.request import (
     EngineRequest,
     InvalidRequestError,
@@ -172,16 +174,7 @@ def logprob_to_pb(lp: TokenLogprob) -> common_pb2.TokenLogprob:
 
 def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
     msg = worker_pb2.GenerateResponse(request_id=out.request_id)
-    for choice in out.choices:
-        delta = msg.choices.add(index=choice.index, token_ids=choice.token_ids)
-        if choice.logprobs is not None:
-            delta.logprobs.extend(logprob_to_pb(lp) for lp in choice.logprobs)
-        if choice.finish_reason is not None:
-            delta.finish_reason = _FINISH[choice.finish_reason]
-        if choice.stop_token_id is not None:
-            delta.stop_token_id = choice.stop_token_id
-        if choice.cumulative_logprob is not None:
-            delta.cumulative_logprob = choice.cumulative_logprob
+    msg.choices.extend(choice_to_pb(choice) for choice in out.choices)
     if out.prompt_logprobs is not None:
         msg.prompt_logprobs.extend(logprob_to_pb(lp) for lp in out.prompt_logprobs)
     if out.usage is not None:
@@ -212,7 +205,7 @@ def kv_source_from_pb(msg: worker_pb2.GenerateRequest) -> kv_transfer.KVSource |
     if not msg.HasField("kv_source"):
         return None
     h = msg.kv_source
-    return kv_transfer.KVSource(h.handle_id, h.address, h.num_tokens, h.fingerprint)
+    return kv_transfer.KVSource(h.handle_id, h.address, h.num_tokens, h.fingerprint, h.layerwise)
 
 
 def encode_chunk(chunk: kv_transfer.KVChunkData) -> bytes:
@@ -226,8 +219,27 @@ def encode_chunk(chunk: kv_transfer.KVChunkData) -> bytes:
     return kv_wire.encode_chunk(head, worker_pb2.KVChunk(dtype=chunk.dtype, shape=chunk.shape), chunk.data)
 
 
-def chunk_from_wire(wire: kv_wire.WireChunk) -> kv_transfer.KVChunkData | kv_transfer.IpcBlocks:
+def choice_to_pb(choice: ChoiceOutput) -> worker_pb2.ChoiceDelta:
+    delta = worker_pb2.ChoiceDelta(index=choice.index, token_ids=choice.token_ids)
+    if choice.logprobs is not None:
+        delta.logprobs.extend(logprob_to_pb(lp) for lp in choice.logprobs)
+    if choice.finish_reason is not None:
+        delta.finish_reason = _FINISH[choice.finish_reason]
+    if choice.stop_token_id is not None:
+        delta.stop_token_id = choice.stop_token_id
+    if choice.cumulative_logprob is not None:
+        delta.cumulative_logprob = choice.cumulative_logprob
+    return delta
+
+
+def chunk_from_wire(
+    wire: kv_wire.WireChunk,
+) -> kv_transfer.KVChunkData | kv_transfer.IpcBlocks | kv_transfer.PrefillDone:
     msg = wire.header
+    if msg.HasField("first"):  # a layer-wise stream's end: the prefill's sampled token
+        first = msg.first
+        finished = first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
+        return kv_transfer.PrefillDone(tuple(first.token_ids), finished, first)
     if msg.HasField("cuda_ipc"):
         ipc = msg.cuda_ipc
         shared = kv_transports.SharedTensor(ipc.tensor_id, ipc.tensor_handle)
@@ -370,8 +382,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 "kv_source.num_tokens",
                 f"the handle holds {source.num_tokens} tokens but the prompt has {len(req.prompt_token_ids)}",
             )
-        # (several sequences, fan_out.py: each samples its own first token here, none comes along)
-        if not req.generated_token_ids and req.sampling.num_sequences == 1:
+        # (several sequences, fan_out.py: each samples its own first token here, none comes along;
+        # a layer-wise handle's first token comes at the end of its fetch)
+        if not req.generated_token_ids and req.sampling.num_sequences == 1 and not source.layerwise:
             raise InvalidRequestError(
                 "kv_source", "needs generated_token_ids (at least the first token the prefill worker sampled)"
             )
@@ -436,6 +449,30 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     self.engine.config.kv_fetch_stall_timeout,
                 )
                 self._record_fetch(source.address, stats)
+                first = stats.first
+                if (
+                    stats.ok
+                    and first is not None
+                    and req.sampling.num_sequences == 1
+                    and not req.generated_token_ids
+                ):
+                    # A layer-wise prefill's token (n = 1): this stream's first output.
+                    first_token = time.monotonic()
+                    response = worker_pb2.GenerateResponse(request_id=req.request_id)
+                    response.choices.append(first.delta)
+                    if first.finished:  # it ended the choice: nothing to decode
+                        await self.async_engine.abort([req.request_id])
+                        finished = True
+                        response.usage.CopyFrom(
+                            common_pb2.Usage(
+                                prompt_tokens=len(req.prompt_token_ids),
+                                completion_tokens=0,
+                                cached_prompt_tokens=stats.skip_tokens,
+                            )
+                        )
+                        yield response
+                        return
+                    yield response
             leftover: RequestOutput | BaseException | None = None
             while not finished:
                 item = leftover if leftover is not None else await outputs.get()
@@ -520,6 +557,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             kv_transports=[_TRANSPORTS_PB[t] for t in self.kv_transports],
             host_id=kv_transports.host_id(),
             kv_events=e.kv_events is not None,
+            kv_layerwise=e.supports_layerwise,
             task=_TASKS[e.config.task],
             hidden_size=cfg.hidden_size,
             speculative=_speculative_info(e),
@@ -565,7 +603,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         await self._refuse_other_task("generate", context)
         await self._refuse_when_full(context)
         with self._admit():
-            return await self._prefill(request, context)
+            reply = worker_pb2.PrefillResponse()
+            async for event in self._prefill(request, context, layerwise=False):
+                reply = event.response
+            return reply
+
+    async def PrefillStream(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.PrefillEvent]:
+        """Layer-wise push: the handle as soon as the prompt is admitted, then the response."""
+        request_id_var.set(request.request_id or "-")
+        await self._refuse_other_task("generate", context)
+        if not self.engine.supports_layerwise:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this worker offers no layer-wise push (a parallel group): use Prefill",
+            )
+        await self._refuse_when_full(context)
+        with self._admit():
+            async for event in self._prefill(request, context, layerwise=True):
+                yield event
 
     async def Embed(
         self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
@@ -630,8 +687,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return reply
 
     async def _prefill(
-        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
-    ) -> worker_pb2.PrefillResponse:
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext, layerwise: bool
+    ) -> AsyncIterator[worker_pb2.PrefillEvent]:
+        """The prefill's events: with `layerwise`, its handle once the prompt is admitted (the
+        handle exists from then on, kv_layerwise.py); then the response."""
         try:
             req = EngineRequest(
                 request_id=request.request_id,
@@ -639,6 +698,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 sampling=sampling_from_pb(request.sampling),
                 first_choice_index=request.first_choice_index,
                 hold_kv=True,
+                kv_handle_id=uuid.uuid4().hex if layerwise else "",
                 lora_name=request.lora_name,
             )  # validated once, by the engine when it admits it
         except InvalidRequestError as exc:
@@ -651,6 +711,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         held: HeldKV | None = None
         finished = False
         try:
+            if layerwise:
+                handle = await self._admitted_handle(req)
+                if handle is not None:
+                    yield worker_pb2.PrefillEvent(handle=handle)
             leftover: RequestOutput | BaseException | None = None
             while not finished:
                 item = leftover if leftover is not None else await outputs.get()
@@ -685,6 +749,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                             num_tokens=held.num_tokens,
                             expires_at_ms=held.expires_at_ms,
                             fingerprint=self.fingerprint,
+                            layerwise=held.progress is not None,
                         )
                     )
         finally:
@@ -692,7 +757,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self.async_engine.abort_nowait(req.request_id)
         if held is None and not reply.first.finish_reason:  # aborted (e.g. shutting down)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the prefill was aborted")
-        return reply
+        yield worker_pb2.PrefillEvent(response=reply)
+
+    async def _admitted_handle(self, req: EngineRequest) -> worker_pb2.KVHandle | None:
+        """Layer-wise push: the prompt's KV handle once the engine admitted it (a call queued
+        after the submit runs after it); None when it was not (invalid: the outputs say why)."""
+        store = self.engine.kv_handles
+        admitted = await self.async_engine.call(lambda: req.kv_handle_id in store.handles)
+        if not admitted:
+            return None
+        return worker_pb2.KVHandle(
+            handle_id=req.kv_handle_id,
+            address=self.advertise_address,
+            num_tokens=len(req.prompt_token_ids),
+            expires_at_ms=int((time.time() + store.ttl_s) * 1000),
+            fingerprint=self.fingerprint,
+            layerwise=True,
+        )
 
     async def FetchKV(
         self, request: worker_pb2.FetchKVRequest, context: grpc.aio.ServicerContext
@@ -711,7 +792,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 f"({self.fingerprint}): model, dtype, block size or KV layout differ; the handle was released",
             )
         try:
-            held = await self.async_engine.call(lambda: store.take(handle_id))
+            # (not on the engine thread: a layer-wise prefill may be in the middle of its forward)
+            held = store.take(handle_id)
         except KVHandleError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         block_size = self.engine.config.block_size
@@ -719,6 +801,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         kv = self.engine.kv_cache.tensor
         transport: kv_transports.Transport = "grpc"
         started = time.monotonic()
+        progress = held.progress
+        block_ids = held.block_ids
         try:
             if request.skip_tokens % block_size or request.skip_tokens > held.num_tokens:
                 await context.abort(
@@ -731,12 +815,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             transport = kv_transports.choose(
                 wanted, request.host_id, self.kv_transports, kv_transports.host_id()
             )
-            if transport == "cuda-ipc" and first_block < len(held.block_ids):
+            if transport == "cuda-ipc" and progress is not None:
+                # the whole prompt in one copy, once it is computed; the first token goes first
+                snap = await kv_transfer.wait_complete(progress)
+                block_ids = snap.block_ids
+                assert snap.first is not None
+                yield worker_pb2.KVChunk(first=choice_to_pb(snap.first)).SerializeToString()
+            if transport == "cuda-ipc" and first_block < len(block_ids):
                 shared = kv_transports.export_tensor(kv)
                 ipc = worker_pb2.CudaIpcKV(
                     tensor_handle=shared.handle,
                     tensor_id=shared.tensor_id,
-                    block_ids=held.block_ids[first_block:],
+                    block_ids=block_ids[first_block:],
                     block_start=first_block,
                 )
                 yield worker_pb2.KVChunk(
@@ -750,18 +840,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_bytes = 0
             async for raw in kv_transfer.stream_chunks(
                 kv,
-                held.block_ids,
+                block_ids,
                 first_block,
                 request.chunk_bytes or self.engine.config.kv_chunk_bytes,
                 encode_chunk,
+                progress,
             ):
                 yield raw
                 num_bytes += len(raw)
-            num_blocks_sent = len(held.block_ids) - first_block
+            if progress is not None:  # the stream's end: the token the prefill sampled
+                snap = progress.snapshot()
+                block_ids = snap.block_ids
+                assert snap.first is not None
+                yield worker_pb2.KVChunk(first=choice_to_pb(snap.first)).SerializeToString()
+            num_blocks_sent = len(block_ids) - first_block
             metrics.observe_kv_transfer("send", num_bytes, time.monotonic() - started, transport="grpc")
+        except LayerwiseFailed as exc:
+            await context.abort(grpc.StatusCode.ABORTED, f"KV handle {handle_id!r}: {exc}")
         finally:
-            if transport == "cuda-ipc" and first_block < len(held.block_ids):
-                num_blocks_sent = len(held.block_ids) - first_block
+            if transport == "cuda-ipc" and first_block < len(block_ids):
+                num_blocks_sent = len(block_ids) - first_block
                 metrics.observe_kv_transfer(
                     "send", num_blocks_sent * held_block_bytes(kv), time.monotonic() - started, "cuda-ipc"
                 )
@@ -777,7 +875,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _fetch_kv(
         self, source: kv_transfer.KVSource, skip_tokens: int
-    ) -> AsyncIterator[kv_transfer.KVChunkData | kv_transfer.IpcBlocks]:
+    ) -> AsyncIterator[kv_transfer.KVChunkData | kv_transfer.IpcBlocks | kv_transfer.PrefillDone]:
         """Decode side: the FetchKV stream of `source` from its prefill worker, its chunks' data
         viewed in the received bytes (kv_wire.py)."""
         channel = self._kv_channels.get(source.address)

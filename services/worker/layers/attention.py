@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from kernels import KernelOps
+
+if TYPE_CHECKING:
+    from services.worker.kv_layerwise import LayerSignal
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class PagedAttention(nn.Module):
             self.masks["soft_cap"] = soft_cap
         self.sinks = nn.Parameter(torch.empty(num_heads)) if sinks else None
         self.kv_cache: torch.Tensor | None = None  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        # Layer-wise push (kv_layerwise.py): told after this layer's KV write; bound with the cache.
+        self.layer_signal: LayerSignal | None = None
+        self.layer_index = 0
 
     def forward(
         self,
@@ -68,6 +74,8 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:  # [T, Hq, D]
         assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
         self.ops.write_kv_cache(k, v, self.kv_cache, meta.slot_mapping)
+        if self.layer_signal is not None:
+            self.layer_signal.written(self.layer_index)
         return self._attend(q, meta)
 
     def rotate_write_attend(
@@ -84,7 +92,7 @@ class PagedAttention(nn.Module):
         `rms_input` only with `ops.rotary_write_attention` (folded models, `ops.attention_scales_rms`)."""
         assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
         if self.ops.rotary_write_attention is not None:  # a decode step: all in the attention kernel
-            return self.ops.rotary_write_attention(
+            out = self.ops.rotary_write_attention(
                 q,
                 k,
                 v,
@@ -102,10 +110,15 @@ class PagedAttention(nn.Module):
                 num_decode_rows=meta.num_decode_rows,
                 **self._options(),
             )
+            if self.layer_signal is not None:
+                self.layer_signal.written(self.layer_index)
+            return out
         assert self.ops.rotary_write_kv_cache is not None and rms_input is None
         q = self.ops.rotary_write_kv_cache(
             q, k, v, self.kv_cache, meta.slot_mapping, meta.positions, meta.cos_sin_cache
         )
+        if self.layer_signal is not None:
+            self.layer_signal.written(self.layer_index)
         return self._attend(q, meta)
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""Layer-wise push: a prefill's KV becomes readable layer by layer while the prefill still runs.
+
+    gateway ── Prefill(layerwise) ──▶ prefill worker P: admits the prompt, opens its KV handle
+            ◀── initial metadata: the handle ──┘     (kv_handles.py) with a LayerProgress, and
+    gateway ── Generate(kv_source=handle) ──▶ D       sends the handle at once
+    D ── FetchKV(handle) ──▶ P: streams every (layer, block) span as soon as P's forward has
+                               written it (`ready_spans`), while P computes the later layers;
+                               its last message carries the sampled first token
+    D decodes when the last layer and the first token have landed.
+
+The model runner's attention layers call `LayerSignal.written(layer)` right after writing a
+layer's KV; while a step that computes a layer-wise prompt runs, the signal advances that prompt's
+`LayerProgress` (prompt tokens whose KV each layer holds). On CUDA each advance records an event on
+the compute stream, and the reader waits for it on a side stream before copying (the host runs
+ahead of the device); on the CPU the write is done when `written` runs.
+
+This is the pull-based analogue of vLLM's KV connectors (`save_kv_layer` after each attention
+layer, `wait_for_layer_load` before it on the consumer) and of Mooncake's layer-wise connector:
+the prefill side does not push bytes into the decode worker's memory, it makes each layer
+readable, and the decode worker's open FetchKV stream takes it as soon as it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from services.worker.outputs import ChoiceOutput
+
+# (layer_start, layer_end, block_start, block_end): layers [l0, l1) x the prompt's blocks [b0, b1)
+Span = tuple[int, int, int, int]
+
+
+class LayerwiseFailed(Exception):
+    """The prefill behind a layer-wise handle ended without its KV (aborted, preempted)."""
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """A consistent snapshot of a handle's progress (`LayerProgress.snapshot`)."""
+
+    ready_blocks: tuple[int, ...]  # per layer: leading blocks whose KV that layer holds in full
+    block_ids: tuple[int, ...]  # the handle's blocks known so far
+    event: Any  # CUDA: an event after which every write counted here is done; None on the CPU
+    complete: bool  # the prefill finished: everything is ready and `first` is set
+    first: ChoiceOutput | None  # the sampled first token (complete only)
+    error: str  # set when the prefill ended without its KV
+
+
+class LayerProgress:
+    """How far a layer-wise prefill has written its prompt's KV. Written by the engine thread
+    (`adopt`, `layer_written`, `complete`, `fail`), read by the FetchKV stream (`snapshot`)."""
+
+    def __init__(self, num_layers: int, num_tokens: int, block_size: int) -> None:
+        self.num_layers = num_layers
+        self.num_tokens = num_tokens
+        self.block_size = block_size
+        self._ready = [0] * num_layers  # prompt tokens whose KV each layer holds
+        self._block_ids: list[int] = []
+        self._event: Any = None
+        self._complete = False
+        self._first: ChoiceOutput | None = None
+        self._error = ""
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], object]] = []
+
+    # ---- engine thread ---------------------------------------------------------------------------
+    def adopt(self, block_ids: list[int]) -> list[int]:
+        """Blocks of the prompt not known yet (the caller references them for the handle)."""
+        with self._lock:
+            new = list(block_ids[len(self._block_ids) :])
+            self._block_ids.extend(new)
+        return new
+
+    @property
+    def block_ids(self) -> tuple[int, ...]:
+        with self._lock:
+            return tuple(self._block_ids)
+
+    def computed_before(self, num_tokens: int) -> None:
+        """Tokens [0, num_tokens) hold their KV in every layer (a prefix-cache hit, an earlier
+        chunk)."""
+        self._advance(range(self.num_layers), num_tokens, None)
+
+    def layer_written(self, layer: int, num_tokens: int, event: Any) -> None:
+        self._advance((layer,), num_tokens, event)
+
+    def _advance(self, layers: range | tuple[int, ...], num_tokens: int, event: Any) -> None:
+        with self._lock:
+            for layer in layers:
+                self._ready[layer] = max(self._ready[layer], min(num_tokens, self.num_tokens))
+            if event is not None:
+                self._event = event
+        self._notify()
+
+    def complete(self, first: ChoiceOutput) -> None:
+        """The prefill finished (its step's tokens were read, so its KV is on the device)."""
+        with self._lock:
+            self._ready = [self.num_tokens] * self.num_layers
+            self._event = None
+            self._complete = True
+            self._first = first
+        self._notify()
+
+    def fail(self, reason: str) -> None:
+        with self._lock:
+            if self._complete or self._error:
+                return
+            self._error = reason
+        self._notify()
+
+    @property
+    def done(self) -> bool:
+        with self._lock:
+            return self._complete or bool(self._error)
+
+    # ---- readers -------------------------------------------------------------------------------
+    def listen(self, notify: Callable[[], object]) -> Callable[[], None]:
+        """Call `notify` (from the engine thread) after every change; returns the unsubscribe."""
+        with self._lock:
+            self._listeners.append(notify)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if notify in self._listeners:
+                    self._listeners.remove(notify)
+
+        return unsubscribe
+
+    def snapshot(self) -> Readiness:
+        bs = self.block_size
+        num_blocks = -(-self.num_tokens // bs)
+        with self._lock:
+            ready = tuple(num_blocks if r >= self.num_tokens else r // bs for r in self._ready)
+            return Readiness(
+                ready, tuple(self._block_ids), self._event, self._complete, self._first, self._error
+            )
+
+    def _notify(self) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for notify in listeners:
+            notify()
+
+
+class LayerSignal:
+    """The attention layers' hook: `written(layer)` after each layer's KV write. Armed by the
+    engine around the launch of a step that computes layer-wise prompts, with each prompt's
+    progress and the token count its KV reaches after this step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._armed: list[tuple[LayerProgress, int]] = []
+
+    def arm(self, entries: list[tuple[LayerProgress, int]]) -> None:
+        self._armed = entries
+
+    def disarm(self) -> None:
+        self._armed = []
+
+    def written(self, layer: int) -> None:
+        if not self._armed:
+            return
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        for progress, num_tokens in self._armed:
+            progress.layer_written(layer, num_tokens, event)
+
+
+def wait_ready(event: Any) -> None:
+    """Make the current stream (a reader's side stream) wait for the writes an event covers."""
+    if event is not None:
+        torch.cuda.current_stream().wait_event(event)
