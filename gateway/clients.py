@@ -375,6 +375,7 @@ class WorkerClient:
             tensor_parallel_size=r.tensor_parallel_size or 1,
             fingerprint=r.fingerprint,
             kv_events=r.kv_events,
+            kv_layerwise=r.kv_layerwise,
             task=_TASKS.get(r.task, "generate"),
             hidden_size=r.hidden_size,
         )
@@ -434,31 +435,33 @@ class WorkerClient:
     ) -> PrefillResult:
         """Disaggregation: compute the prompt here, get the first token and the KV handle."""
         r = await self._stub.Prefill(
-            worker_pb2.PrefillRequest(
-                request_id=request_id,
-                prompt_token_ids=list(prompt_token_ids),
-                sampling=_sampling_to_proto(sampling),
-                first_choice_index=first_choice_index,
-                lora_name=lora_name,
-            ),
+            _prefill_request(request_id, prompt_token_ids, sampling, first_choice_index, lora_name),
             timeout=time_left(),
         )
-        handle = None
-        if r.HasField("handle") and r.handle.handle_id:
-            h = r.handle
-            handle = KVSource(h.handle_id, h.address, h.num_tokens, h.expires_at_ms, h.fingerprint)
-        return PrefillResult(
-            first=ChoiceDelta(
-                index=r.first.index,
-                token_ids=tuple(r.first.token_ids),
-                logprobs=tuple(_logprob(e) for e in r.first.logprobs),
-                finish_reason=_FINISH.get(r.first.finish_reason),
-            ),
-            stop_token_id=r.first.stop_token_id if r.first.HasField("stop_token_id") else None,
-            handle=handle,
-            prompt_logprobs=tuple(_logprob(e) for e in r.prompt_logprobs),
-            usage=Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_prompt_tokens),
+        return _prefill_result(r)
+
+    async def prefill_stream(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams[Guided],
+        first_choice_index: int = 0,
+        lora_name: str = "",
+    ) -> AsyncIterator[KVSource | PrefillResult]:
+        """Disaggregation with layer-wise push: the KV handle as soon as the worker admitted the
+        prompt, then the prefill's result. Closing the iterator early cancels the prefill."""
+        call = self._stub.PrefillStream(
+            _prefill_request(request_id, prompt_token_ids, sampling, first_choice_index, lora_name),
+            timeout=time_left(),
         )
+        try:
+            async for event in call:
+                if event.HasField("handle"):
+                    yield _kv_source(event.handle)
+                elif event.HasField("response"):
+                    yield _prefill_result(event.response)
+        finally:
+            call.cancel()
 
     async def embed(self, request_id: str, inputs: Sequence[Sequence[int]]) -> list[EmbeddingResult]:
         """An embed worker's embeddings of `inputs` (token ids), in input order."""
@@ -510,6 +513,7 @@ class WorkerClient:
                     num_tokens=kv_source.num_tokens,
                     expires_at_ms=kv_source.expires_at_ms,
                     fingerprint=kv_source.fingerprint,
+                    layerwise=kv_source.layerwise,
                 )
             )
         call = self._stub.Generate(
@@ -543,3 +547,39 @@ class WorkerClient:
             # Covers client disconnects (task cancelled) and early stops (stop strings): the worker
             # aborts a request whose stream is cancelled.
             call.cancel()
+
+
+def _prefill_request(
+    request_id: str,
+    prompt_token_ids: Sequence[int],
+    sampling: SamplingParams[Guided],
+    first_choice_index: int,
+    lora_name: str,
+) -> worker_pb2.PrefillRequest:
+    return worker_pb2.PrefillRequest(
+        request_id=request_id,
+        prompt_token_ids=list(prompt_token_ids),
+        sampling=_sampling_to_proto(sampling),
+        first_choice_index=first_choice_index,
+        lora_name=lora_name,
+    )
+
+
+def _kv_source(h: worker_pb2.KVHandle) -> KVSource:
+    return KVSource(h.handle_id, h.address, h.num_tokens, h.expires_at_ms, h.fingerprint, h.layerwise)
+
+
+def _prefill_result(r: worker_pb2.PrefillResponse) -> PrefillResult:
+    handle = _kv_source(r.handle) if r.HasField("handle") and r.handle.handle_id else None
+    return PrefillResult(
+        first=ChoiceDelta(
+            index=r.first.index,
+            token_ids=tuple(r.first.token_ids),
+            logprobs=tuple(_logprob(e) for e in r.first.logprobs),
+            finish_reason=_FINISH.get(r.first.finish_reason),
+        ),
+        stop_token_id=r.first.stop_token_id if r.first.HasField("stop_token_id") else None,
+        handle=handle,
+        prompt_logprobs=tuple(_logprob(e) for e in r.prompt_logprobs),
+        usage=Usage(r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.cached_prompt_tokens),
+    )

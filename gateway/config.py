@@ -27,6 +27,8 @@ class GatewayConfig:
     """Disaggregated mode: gRPC address of a prefill worker (--role prefill); repeatable."""
     decode_worker: list[str] = field(default_factory=list)
     """Disaggregated mode: gRPC address of a decode worker (--role decode); repeatable."""
+    kv_layerwise_push: bool = True
+    """Disaggregated mode: start the decode worker as soon as the prefill worker admitted the prompt, so that it fetches each layer's KV while the later layers are computed (when both workers offer it; prompt logprobs and n > 1 prefill first as before)."""
     api_key: list[str] = field(default_factory=list)
     """Accepted bearer token(s); when any is set, requests without one of them get 401."""
     api_key_file: str = ""

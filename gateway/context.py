@@ -43,7 +43,9 @@ class GatewayContext:
             config=config,
             # decode workers serve Generate like unified ones; prefill workers form their own pool
             router=Router([*config.worker, *config.decode_worker], config.health_interval, credentials),
-            disagg=Disaggregation(config.prefill_worker, config.health_interval, credentials)
+            disagg=Disaggregation(
+                config.prefill_worker, config.health_interval, credentials, config.kv_layerwise_push
+            )
             if config.prefill_worker
             else None,
             stylers=stylers,

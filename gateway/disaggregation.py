@@ -56,8 +56,10 @@ class Disaggregation:
         prefill_addresses: Sequence[str],
         poll_interval_s: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
+        layerwise: bool = True,
     ) -> None:
         self.prefill = Router(prefill_addresses, poll_interval_s, credentials, kind="prefill_worker")
+        self.layerwise = layerwise  # --kv-layerwise-push
         self._reported: set[tuple[str, str]] = set()  # (prefill, decode) pairs already explained
 
     async def start(self, decode: Router) -> None:

@@ -82,6 +82,7 @@ class WorkerInfo:
     tensor_parallel_size: int = 1
     fingerprint: str = ""
     kv_events: bool = False  # SubscribeKvEvents streams its prefix-cache changes (exact routing)
+    kv_layerwise: bool = False  # serves PrefillStream / takes layer-wise handles (layer-wise push)
     task: str = "generate"  # "generate" | "embed" (--task): which requests it serves
     hidden_size: int = 0  # an embed worker's embedding length
 
@@ -106,6 +107,8 @@ class KVSource:
     num_tokens: int
     expires_at_ms: int
     fingerprint: str
+    # layer-wise push: issued at admission; the decode worker streams the first token itself
+    layerwise: bool = False
 
 
 @dataclass(frozen=True)

@@ -229,6 +229,19 @@ class OpenEngineWorkerClient:
             "disaggregated prefill goes through tandem's proto (--prefill-worker), not OpenEngine"
         )
 
+    async def prefill_stream(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling: SamplingParams[Guided],
+        first_choice_index: int = 0,
+        lora_name: str = "",
+    ) -> AsyncIterator[KVSource | PrefillResult]:
+        raise unimplemented(
+            "disaggregated prefill goes through tandem's proto (--prefill-worker), not OpenEngine"
+        )
+        yield  # (an async generator, as WorkerClient.prefill_stream)
+
     async def release_kv(self, handle_id: str, timeout_s: float = 1.0) -> bool:
         raise unimplemented("KV handles go through tandem's proto, not OpenEngine")
 

@@ -3,6 +3,12 @@
     unified    Generate(prompt) on the router's pick
     disagg     Prefill(prompt) on a compatible prefill worker  ── first token streamed at once
                Generate(prompt, [first], kv_source=handle) on the decode worker
+    layer-wise PrefillStream(prompt): its first event, the handle, comes when the prompt is
+               admitted; Generate(prompt, kv_source=handle) goes to the decode worker at once,
+               which fetches each layer while the later ones are computed and streams the
+               prefill's first token itself (it is the only source of tokens, so the text is
+               consistent whatever fails: a failed fetch makes it compute the prompt and sample
+               that token itself); the PrefillStream stays open until its result
     failures   a prefill worker that fails: another one, else the decode worker computes the prompt
                (a handle that expires or whose worker died: the decode worker falls back itself);
                a decode / unified worker that fails mid-stream: the same choice is resumed on
@@ -33,7 +39,7 @@ from typing import Any
 import grpc
 
 from gateway.context import GatewayContext
-from gateway.downstream import GenerateChunk, Guided, KVSource, Usage
+from gateway.downstream import GenerateChunk, Guided, KVSource, PrefillResult, Usage
 from gateway.errors import APIError, invalid
 from gateway.grpc_errors import from_grpc
 from gateway.merge import merge_streams
@@ -60,6 +66,9 @@ BACK_PRESSURE = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})
 MAX_RESUMES = 1
 # A worker's own failure of one request: a 500 for that request alone (not a 502 "bad gateway").
 _REQUEST_INTERNAL = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+# A prefill worker without layer-wise push (a parallel group, or older than PrefillStream).
+_NO_LAYERWISE = frozenset({grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED})
 
 # ReleaseKV calls in flight (kept referenced until done).
 _background: set[asyncio.Task[None]] = set()
@@ -286,6 +295,20 @@ class PromptStream:
         prefill = disagg.pick_prefill(
             self.prompt_token_ids, decode, exclude=self.tried, lora_name=self.lora_name
         )
+        if prefill is not None and self._layerwise_pair(decode, prefill, sampling):
+            layerwise = self._layerwise(index, sampling, decode, prefill)
+            async for chunk in layerwise:
+                if chunk is None:  # no handle from that prefill worker: prefill first instead
+                    prefill = disagg.pick_prefill(
+                        self.prompt_token_ids,
+                        decode,
+                        exclude=[*self.tried, *self.full],
+                        lora_name=self.lora_name,
+                    )
+                    break
+                yield chunk
+            else:
+                return
         result = None
         while prefill is not None:
             try:
@@ -330,6 +353,106 @@ class PromptStream:
         finally:
             if not completed:  # cancelled or failed: free the KV now unless a fetch holds it
                 _release_later(prefill, result.handle.handle_id)
+
+    def _layerwise_pair(
+        self, decode: WorkerState, prefill: WorkerState, sampling: SamplingParams[Guided]
+    ) -> bool:
+        disagg = self.ctx.disagg
+        return (
+            disagg is not None
+            and disagg.layerwise
+            and sampling.prompt_logprobs is None  # (they come from the prefill's result)
+            and decode.info is not None
+            and decode.info.kv_layerwise
+            and prefill.info is not None
+            and prefill.info.kv_layerwise
+        )
+
+    async def _layerwise(
+        self, index: int, sampling: SamplingParams[Guided], decode: WorkerState, prefill: WorkerState
+    ) -> AsyncIterator[GenerateChunk | None]:
+        """Layer-wise push (module docstring). Yields None, and nothing else, when the prefill
+        worker failed or refused before sending the handle (the caller prefills first then)."""
+        disagg = self.ctx.disagg
+        assert disagg is not None
+        events = prefill.client.prefill_stream(
+            self._leg_id(), self.prompt_token_ids, sampling, index, lora_name=self.lora_name
+        )
+        loop = asyncio.get_running_loop()
+        handle_ready: asyncio.Future[KVSource] = loop.create_future()
+
+        async def run_prefill() -> PrefillResult | None:
+            with disagg.prefill.track(prefill):
+                async for event in events:
+                    if isinstance(event, KVSource):
+                        handle_ready.set_result(event)
+                    else:
+                        return event
+            return None
+
+        prefill_task = loop.create_task(run_prefill())
+        waiting: list[asyncio.Future[Any]] = [handle_ready, prefill_task]
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away: the prefill goes too
+            prefill_task.cancel()
+            raise
+        if not handle_ready.done():
+            exc = prefill_task.exception()
+            if isinstance(exc, grpc.aio.AioRpcError):
+                code = exc.code()
+                if code not in BACK_PRESSURE | WORKER_GONE | WORKER_STOPPED | _NO_LAYERWISE:
+                    raise exc  # about this request: it fails as a Prefill would have
+                if code in WORKER_GONE | WORKER_STOPPED and not self._may_resume(exc):
+                    raise exc
+                log.warning(
+                    "request %s: prefill worker %s: no layer-wise handle (%s); prefilling first",
+                    self.request_id,
+                    prefill.address,
+                    exc.code().name,
+                )
+                self._failed(prefill, exc)
+                if exc.code() in WORKER_GONE | WORKER_STOPPED and not _refused_at_door(exc):
+                    self.num_resumed += 1
+            elif exc is not None:
+                raise exc
+            yield None
+            return
+        handle = handle_ready.result()
+        completed = False
+        try:
+            async for chunk in self._generate(decode, index, sampling, (), handle):
+                yield chunk
+            completed = True
+        finally:
+            await self._end_layerwise_prefill(prefill, prefill_task, handle, completed)
+
+    async def _end_layerwise_prefill(
+        self,
+        prefill: WorkerState,
+        prefill_task: asyncio.Task[PrefillResult | None],
+        handle: KVSource,
+        completed: bool,
+    ) -> None:
+        """The decode leg ended: the prefill's result gives the cached prompt tokens (the leg that
+        computed the prompt); a decode leg that did not complete cancels a prefill still running
+        (the prefill worker then frees the KV) or releases the handle of one that finished."""
+        if not completed:
+            if not prefill_task.done():
+                prefill_task.cancel()
+            else:
+                _release_later(prefill, handle.handle_id)
+        try:
+            result = await prefill_task
+        except asyncio.CancelledError:
+            if not completed:
+                return
+            raise
+        except grpc.aio.AioRpcError as exc:  # the decode worker computed the prompt after all
+            self._failed(prefill, exc)
+            return
+        if completed and result is not None:
+            self.cached_tokens = result.usage.cached_prompt_tokens
 
     async def _disaggregated_fan_out(
         self, first: int, sampling: SamplingParams[Guided]

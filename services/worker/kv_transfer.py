@@ -446,9 +446,10 @@ async def receive(
     await call(lambda: engine.kv_fetched(request_id, first))
     seconds = time.monotonic() - started
     log.info(
-        "fetched KV of %s over %s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache",
+        "fetched KV of %s over %s%s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache",
         request_id,
         transport,
+        " (layer-wise, from the prefill's admission)" if source.layerwise else "",
         num_bytes,
         seconds * 1e3,
         num_bytes / max(seconds, 1e-9) / 1e9,

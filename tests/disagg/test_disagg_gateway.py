@@ -107,7 +107,9 @@ def test_disaggregated_gateway_matches_unified(stack: Processes) -> None:
     assert set(health["prefill_worker"]) == {"prefill_worker-0"}
     expected = complete_all(client(stack, "gw-unified"), 24)
     assert complete_all(client(stack, "gw-disagg"), 24) == expected
-    assert "fetched KV" in stack.log("decode-0") + stack.log("decode-1")
+    decode_logs = stack.log("decode-0") + stack.log("decode-1")
+    assert "fetched KV" in decode_logs
+    assert "(layer-wise" in decode_logs  # the gateway started each decode at the prefill's admission
 
 
 def test_decode_worker_killed_mid_stream(stack: Processes) -> None:
