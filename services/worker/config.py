@@ -100,7 +100,7 @@ class WorkerConfig(ServiceConfig):
     kv_offload_memory: str = ""
     """Host memory for prefix blocks evicted from the device KV cache (pinned on CUDA), e.g. 4 (GiB) or 512MiB; they come back with one host-to-device copy on a prefix hit. Empty or 0: off."""
     kv_transport: Literal["auto", "cuda-ipc", "nixl", "grpc"] = "auto"
-    """How KV moves between prefill and decode workers: auto = the fastest both ends support (CUDA IPC on one host, then NIXL, then gRPC); a named one is tried first, then gRPC."""
+    """How KV moves between prefill and decode workers: auto = the fastest both ends support (CUDA IPC on one host, then NIXL on CUDA when the nixl package is installed, then gRPC); a named one is tried first, then gRPC (nixl on the CPU: UCX shared memory / TCP, for tests)."""
     kv_fetch_stall_timeout: float = 10.0
     """Decode role: seconds a KV fetch may go without progress before it is abandoned and the prompt computed here."""
     kv_events_buffer: int = 4096

@@ -441,6 +441,21 @@ class Engine:
             self.requests[request_id] = request
             self.scheduler.add_unfetched(request)
 
+    def pin_fetch_blocks(self, request_id: str) -> tuple[int, ...] | None:
+        """The blocks reserved for a fetch, pinned until `unpin_blocks` (a NIXL read writes them
+        off this thread: an abort meanwhile must not hand them to another request)."""
+        request = self.fetching.get(request_id)
+        if request is None:
+            return None
+        blocks = tuple(request.sequences[0].block_ids)
+        for block in blocks:
+            self.block_manager.pin_block(block)
+        return blocks
+
+    def unpin_blocks(self, blocks: tuple[int, ...]) -> None:
+        for block in blocks:
+            self.block_manager.unpin_block(block)
+
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output, None if unknown."""
         request = self.requests.get(request_id) or self.fetching.pop(request_id, None)

@@ -47,6 +47,7 @@ import torch
 from services.worker import kv_transports
 from services.worker.kv_cache import KV_DTYPE_NAMES
 from services.worker.kv_layerwise import LayerProgress, LayerwiseFailed, Readiness, Span, wait_ready
+from services.worker.kv_nixl import NixlEndpoint, NixlRemote
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,15 @@ class IpcBlocks:
     tensor: kv_transports.SharedTensor
     block_start: int
     block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class NixlSpan:
+    """A NIXL fetch's span, ready to be read out of the prefill worker's registered cache."""
+
+    remote: NixlRemote  # its agent_metadata only in the first of a fetch
+    span: Span
+    block_ids: tuple[int, ...]  # the prefill worker's, for the span's blocks
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,10 @@ class KVReceiver(Protocol):
     def kv_fetched(self, request_id: str, first_token_ids: tuple[int, ...] = ()) -> None: ...
 
     def kv_fetch_failed(self, request_id: str) -> None: ...
+
+    def pin_fetch_blocks(self, request_id: str) -> tuple[int, ...] | None: ...
+
+    def unpin_blocks(self, blocks: tuple[int, ...]) -> None: ...
 
 
 # ---- the prefill side: reading chunks ------------------------------------------------------------
@@ -246,6 +260,43 @@ async def stream_chunks(
             unsubscribe()
 
 
+async def ready_span_batches(
+    kv: torch.Tensor,
+    block_ids: tuple[int, ...],
+    first_block: int,
+    target_bytes: int,
+    progress: LayerProgress | None = None,
+) -> AsyncIterator[tuple[list[Span], Readiness]]:
+    """The spans of a held prompt's blocks from `first_block` on, in batches as they become ready
+    (all at once for a finished prefill), each with the snapshot it was cut from; on CUDA after
+    the writes it covers are done (a NIXL reader reads the memory outside this worker's streams).
+    Ends once the prefill completed and everything went; LayerwiseFailed when it fails."""
+    num_layers = kv.shape[0]
+    layer_block_bytes = kv[0, :, 0].numel() * kv.element_size()
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+    sent = [first_block] * num_layers
+    unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set)) if progress else None
+    try:
+        while True:
+            changed.clear()
+            snap = progress.snapshot() if progress is not None else _all_ready(num_layers, block_ids)
+            if snap.error:
+                raise LayerwiseFailed(snap.error)
+            spans = ready_spans(sent, snap.ready_blocks, layer_block_bytes, target_bytes)
+            if spans:
+                if snap.event is not None:
+                    await loop.run_in_executor(None, snap.event.synchronize)
+                yield spans, snap
+            if snap.complete:
+                return
+            if not spans:
+                await changed.wait()
+    finally:
+        if unsubscribe is not None:
+            unsubscribe()
+
+
 def _all_ready(num_layers: int, block_ids: tuple[int, ...]) -> Readiness:
     """A finished prefill's handle: every block of every layer is there."""
     return Readiness((len(block_ids),) * num_layers, block_ids, None, True, None, "")
@@ -292,7 +343,7 @@ def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: KVReservatio
     return flat.view(kv.dtype).view(shape)
 
 
-FetchStream = Callable[[KVSource, int], AsyncIterator[KVChunkData | IpcBlocks | PrefillDone]]
+FetchStream = Callable[[KVSource, int], AsyncIterator[KVChunkData | IpcBlocks | NixlSpan | PrefillDone]]
 
 
 @dataclass(frozen=True)
@@ -363,12 +414,13 @@ async def receive(
     fetch: FetchStream,
     stall_timeout_s: float = 10.0,
     ipc_chunk_bytes: int = 64 << 20,
+    nixl: NixlEndpoint | None = None,
 ) -> FetchStats:
     """Decode side, after `Engine.add_fetching_request`: pull the KV, then tell the engine it
     arrived, or that the fetch failed (it computes the prompt itself). `call(fn)` runs fn on the
     engine thread; `kv` is the whole cache tensor (shape and dtype checks); `fetch(source,
-    skip_tokens)` streams the chunks (or one IpcBlocks); a stream silent for `stall_timeout_s`
-    fails the fetch."""
+    skip_tokens)` streams the chunks (or one IpcBlocks, or NixlSpans read with `nixl`, this
+    worker's endpoint); a stream silent for `stall_timeout_s` fails the fetch."""
     started = time.monotonic()
     reservation = await call(lambda: engine.fetch_reservation(request_id))
     if reservation is None:  # no room for it: it is already scheduled to compute the prompt
@@ -381,6 +433,7 @@ async def receive(
     num_bytes = 0
     transport: kv_transports.Transport = "grpc"
     done: PrefillDone | None = None
+    nixl_reads = _NixlReads(call, engine, request_id, nixl)
     writes: collections.deque[asyncio.Future[object]] = collections.deque()
     # Fetched even when the local cache holds every block: the (empty) stream frees the handle.
     items = fetch(source, reservation.skip_tokens)
@@ -394,6 +447,13 @@ async def receive(
                 done = chunk
                 if done.finished:  # its first token ended the choice: no KV is needed
                     break
+            elif isinstance(chunk, NixlSpan):
+                transport = "nixl"
+                num_bytes += await nixl_reads.read(chunk, reservation)
+                received += (chunk.span[1] - chunk.span[0]) * (chunk.span[3] - chunk.span[2])
+            if transport == "nixl" and received == expected and (done is not None or not source.layerwise):
+                break  # every span read: closing the stream (below) lets the peer free the blocks
+            if isinstance(chunk, PrefillDone | NixlSpan):
                 continue
             if isinstance(chunk, IpcBlocks):
                 transport = "cuda-ipc"
@@ -441,6 +501,7 @@ async def receive(
             False, num_bytes, time.monotonic() - started, reservation.skip_tokens, str(exc), transport
         )
     finally:
+        await nixl_reads.close()  # (before the stream: the peer frees the blocks when it closes)
         await _close(items)
     first = done.token_ids if done is not None and reservation.wants_first else ()
     await call(lambda: engine.kv_fetched(request_id, first))
@@ -456,6 +517,60 @@ async def receive(
         reservation.skip_tokens,
     )
     return FetchStats(True, num_bytes, seconds, reservation.skip_tokens, transport=transport, first=done)
+
+
+class _NixlReads:
+    """A fetch's NIXL reads: into its reserved blocks, pinned while a read may still be writing
+    them (an abort meanwhile must not hand them to another request), one read at a time."""
+
+    def __init__(
+        self,
+        call: Callable[[Callable[[], object]], asyncio.Future[object]],
+        engine: KVReceiver,
+        request_id: str,
+        endpoint: NixlEndpoint | None,
+    ) -> None:
+        self.call, self.engine, self.request_id, self.endpoint = call, engine, request_id, endpoint
+        self.remote: NixlRemote | None = None
+        self.blocks: tuple[int, ...] | None = None
+        self.inflight: asyncio.Future[int] | None = None
+
+    async def read(self, chunk: NixlSpan, reservation: KVReservation) -> int:
+        if self.endpoint is None:
+            raise ValueError("the peer sent NIXL spans but this worker has no NIXL agent")
+        if self.remote is None:
+            if not chunk.remote.agent_metadata:
+                raise ValueError("the first NIXL span carries no agent metadata")
+            self.remote = chunk.remote
+        if self.blocks is None:
+            blocks = await self.call(lambda: self.engine.pin_fetch_blocks(self.request_id))
+            if blocks is None:
+                raise ValueError("the request ended during its fetch")
+            assert isinstance(blocks, tuple)
+            self.blocks = blocks
+        l0, l1, b0, b1 = chunk.span
+        block_size = self.endpoint.kv.shape[3]
+        num_layers = self.endpoint.kv.shape[0]
+        skip_blocks = reservation.skip_tokens // block_size
+        if not (0 <= l0 < l1 <= num_layers and skip_blocks <= b0 < b1 <= reservation.num_blocks):
+            raise ValueError(f"NIXL span layers [{l0}, {l1}) x blocks [{b0}, {b1}) out of range")
+        if len(chunk.block_ids) != b1 - b0:
+            raise ValueError(f"NIXL span of {b1 - b0} blocks names {len(chunk.block_ids)}")
+        loop = asyncio.get_running_loop()
+        self.inflight = loop.run_in_executor(
+            None, self.endpoint.read, self.remote, (l0, l1), chunk.block_ids, self.blocks[b0:b1]
+        )
+        return await asyncio.shield(self.inflight)
+
+    async def close(self) -> None:
+        """After the last read (failed, cancelled or done): unpin the blocks once nothing writes them."""
+        if self.inflight is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self.inflight)
+        if self.blocks is not None:
+            blocks = self.blocks
+            self.blocks = None
+            await self.call(lambda: self.engine.unpin_blocks(blocks))
 
 
 async def _close(items: AsyncIterator[object]) -> None:

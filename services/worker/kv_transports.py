@@ -6,9 +6,11 @@
     the blocks; D maps the tensor once, copies the blocks device to device, then closes the stream,
     which is when P frees them).
 
-Order, fastest first: CUDA IPC (both ends on one host with CUDA), NIXL (between hosts; needs the
-`nixl` package, and this worker has no NIXL data path yet, so it is never advertised and a
-`--kv-transport nixl` falls back to gRPC with a log line saying why), gRPC (always).
+Order, fastest first: CUDA IPC (both ends on one host with CUDA), NIXL (kv_nixl.py: the decode
+worker reads the blocks out of the prefill worker's registered cache; needs the `nixl` package,
+`pip install 'tandem[nixl]'`; offered by `auto` on CUDA, on the CPU only with `--kv-transport
+nixl`, and only when the worker's NIXL agent started: otherwise a log line says why), gRPC
+(always).
 """
 
 from __future__ import annotations
@@ -32,9 +34,6 @@ log = logging.getLogger(__name__)
 
 Transport = Literal["cuda-ipc", "nixl", "grpc"]
 ORDER: tuple[Transport, ...] = ("cuda-ipc", "nixl", "grpc")
-# The NIXL data path (memory registration at start-up, UCX transfers) is not written yet: NIXL is
-# never advertised, whatever is installed.
-NIXL_DATA_PATH = False
 
 
 @functools.cache
@@ -52,21 +51,22 @@ def nixl_installed() -> bool:
     return importlib.util.find_spec("nixl") is not None
 
 
-def unavailable_reason(transport: Transport, device: torch.device) -> str:
-    """Why this worker cannot use `transport` ("" = it can)."""
+def unavailable_reason(transport: Transport, device: torch.device, setting: str = "auto") -> str:
+    """Why this worker cannot use `transport` under `--kv-transport setting` ("" = it can; NIXL
+    still needs its agent to start, kv_nixl.create)."""
     if transport == "cuda-ipc" and device.type != "cuda":
         return f"CUDA IPC needs a CUDA device (this worker runs on {device.type})"
     if transport == "nixl":
         if not nixl_installed():
-            return "the nixl package is not installed"
-        if not NIXL_DATA_PATH:
-            return "this worker has no NIXL data path yet"
+            return "the nixl package is not installed (pip install 'tandem[nixl]')"
+        if device.type != "cuda" and setting != "nixl":
+            return "NIXL on the CPU only with --kv-transport nixl"
     return ""
 
 
-def supported(device: torch.device) -> tuple[Transport, ...]:
+def supported(device: torch.device, setting: str = "auto") -> tuple[Transport, ...]:
     """The transports this worker can serve and use, fastest first."""
-    return tuple(t for t in ORDER if not unavailable_reason(t, device))
+    return tuple(t for t in ORDER if not unavailable_reason(t, device, setting))
 
 
 def preferences(setting: str, available: Sequence[Transport], device: torch.device) -> tuple[Transport, ...]:
@@ -77,7 +77,7 @@ def preferences(setting: str, available: Sequence[Transport], device: torch.devi
     if setting == "grpc":
         return ("grpc",)
     if setting not in available:
-        reason = unavailable_reason(setting, device) or "not supported here"  # type: ignore[arg-type]
+        reason = unavailable_reason(setting, device, setting) or "its NIXL agent did not start"  # type: ignore[arg-type]
         log.warning("--kv-transport %s: %s; using gRPC", setting, reason)
         return ("grpc",)
     return (setting, "grpc")  # type: ignore[return-value]

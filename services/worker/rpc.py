@@ -25,7 +25,7 @@ import tandem
 from services.common import metrics, telemetry
 from services.common.channels import make_channel
 from services.common.logging import request_id_var
-from services.worker import kv_transfer, kv_transports, kv_wire
+from services.worker import kv_nixl, kv_transfer, kv_transports, kv_wire
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
 from services.worker.errors import task_mismatch
@@ -33,7 +33,7 @@ from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
 from services.worker.kv_handles import HeldKV, KVHandleError
-from services.worker.kv_layerwise import LayerwiseFailed
+from services.worker.kv_layerwise import LayerProgress, LayerwiseFailed
 from services.worker.kv_peers import PeerTransferLog
 from services.worker.lora.adapter import LoRAAdapterError
 from services.worker.lora.registry import LoRAInfo, LoRANotFoundError
@@ -63,6 +63,9 @@ _ROLES = {
     "decode": worker_pb2.WORKER_ROLE_DECODE,
 }
 _TASKS = {"generate": worker_pb2.WORKER_TASK_GENERATE, "embed": worker_pb2.WORKER_TASK_EMBED}
+# NIXL: the span size a prefill worker offers (one READ each; bigger than gRPC's chunks, which
+# are messages, since a NIXL span costs only its descriptors).
+NIXL_SPAN_BYTES = 64 << 20
 # A decode worker gives a FetchKV stream this long before it computes the prompt itself.
 FETCH_TIMEOUT_S = 60.0
 _TRANSPORTS_PB = {
@@ -234,8 +237,15 @@ def choice_to_pb(choice: ChoiceOutput) -> worker_pb2.ChoiceDelta:
 
 def chunk_from_wire(
     wire: kv_wire.WireChunk,
-) -> kv_transfer.KVChunkData | kv_transfer.IpcBlocks | kv_transfer.PrefillDone:
+) -> kv_transfer.KVChunkData | kv_transfer.IpcBlocks | kv_transfer.NixlSpan | kv_transfer.PrefillDone:
     msg = wire.header
+    if msg.HasField("nixl"):
+        n = msg.nixl
+        remote = kv_nixl.NixlRemote(
+            n.agent_name, n.agent_metadata, n.base_address, n.num_blocks, n.device_id, n.on_gpu
+        )
+        span = (msg.layer_start, msg.layer_end, msg.block_start, msg.block_end)
+        return kv_transfer.NixlSpan(remote, span, tuple(n.block_ids))
     if msg.HasField("first"):  # a layer-wise stream's end: the prefill's sampled token
         first = msg.first
         finished = first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
@@ -264,7 +274,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._credentials = tls.channel_credentials() if tls is not None else None
         self._kv_channels: dict[str, grpc.aio.Channel] = {}  # prefill workers we fetch from
         # Transports this worker serves and uses (tests may narrow or widen them), and what it asks for.
-        self.kv_transports = kv_transports.supported(self.engine.device)
+        self.kv_transports = kv_transports.supported(self.engine.device, self.engine.config.kv_transport)
+        # NIXL: this worker's agent, its KV cache registered once, now (kv_nixl.py)
+        self.nixl: kv_nixl.NixlEndpoint | None = None
+        if "nixl" in self.kv_transports:
+            self.nixl, why = kv_nixl.create(self.engine.kv_cache.tensor)
+            if self.nixl is None:
+                log.warning("NIXL not offered: %s", why)
+                self.kv_transports = tuple(t for t in self.kv_transports if t != "nixl")
         self.kv_preferences = kv_transports.preferences(
             self.engine.config.kv_transport, self.kv_transports, self.engine.device
         )
@@ -447,6 +464,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     source,
                     self._fetch_kv,
                     self.engine.config.kv_fetch_stall_timeout,
+                    nixl=self.nixl,
                 )
                 self._record_fetch(source.address, stats)
                 first = stats.first
@@ -837,6 +855,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await asyncio.sleep(max(store.ttl_s, FETCH_TIMEOUT_S))
                 log.warning("KV handle %s: the CUDA IPC reader never closed its stream", handle_id)
                 return
+            if transport == "nixl":
+                async for raw in self._nixl_spans(block_ids, first_block, progress):
+                    yield raw
+                # The caller reads the spans, then closes the stream (this task is cancelled);
+                # the blocks stay held until then, or until the handle's TTL passes again.
+                await asyncio.sleep(max(store.ttl_s, FETCH_TIMEOUT_S))
+                log.warning("KV handle %s: the NIXL reader never closed its stream", handle_id)
+                return
             num_bytes = 0
             async for raw in kv_transfer.stream_chunks(
                 kv,
@@ -858,13 +884,46 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except LayerwiseFailed as exc:
             await context.abort(grpc.StatusCode.ABORTED, f"KV handle {handle_id!r}: {exc}")
         finally:
-            if transport == "cuda-ipc" and first_block < len(block_ids):
+            if transport in ("cuda-ipc", "nixl") and first_block < len(block_ids):
                 num_blocks_sent = len(block_ids) - first_block
                 metrics.observe_kv_transfer(
-                    "send", num_blocks_sent * held_block_bytes(kv), time.monotonic() - started, "cuda-ipc"
+                    "send", num_blocks_sent * held_block_bytes(kv), time.monotonic() - started, transport
                 )
             # Fetched, failed or cancelled: the handle is single-use, its blocks go back now.
             self.async_engine.call(lambda: store.release(handle_id, num_blocks_sent))
+
+    async def _nixl_spans(
+        self, block_ids: tuple[int, ...], first_block: int, progress: LayerProgress | None
+    ) -> AsyncIterator[bytes]:
+        """A NIXL fetch's messages: each span as it becomes ready (its blocks' ids here), then a
+        layer-wise handle's first token. The first carries this worker's agent metadata."""
+        assert self.nixl is not None
+        remote = self.nixl.describe()
+        first = True
+        async for spans, snap in kv_transfer.ready_span_batches(
+            self.engine.kv_cache.tensor, block_ids, first_block, NIXL_SPAN_BYTES, progress
+        ):
+            for l0, l1, b0, b1 in spans:
+                where = worker_pb2.NixlKV(
+                    agent_name=remote.agent_name,
+                    agent_metadata=remote.agent_metadata if first else b"",
+                    base_address=remote.base_address,
+                    num_blocks=remote.num_blocks,
+                    device_id=remote.device_id,
+                    on_gpu=remote.on_gpu,
+                    block_ids=snap.block_ids[b0:b1],
+                )
+                chunk = worker_pb2.KVChunk(
+                    layer_start=l0, layer_end=l1, block_start=b0, block_end=b1, nixl=where
+                )
+                if first:
+                    chunk.transport = worker_pb2.KV_TRANSPORT_NIXL
+                    first = False
+                yield chunk.SerializeToString()
+        if progress is not None:
+            snapshot = progress.snapshot()
+            assert snapshot.first is not None
+            yield worker_pb2.KVChunk(first=choice_to_pb(snapshot.first)).SerializeToString()
 
     async def ReleaseKV(
         self, request: worker_pb2.ReleaseKVRequest, context: grpc.aio.ServicerContext
@@ -875,7 +934,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def _fetch_kv(
         self, source: kv_transfer.KVSource, skip_tokens: int
-    ) -> AsyncIterator[kv_transfer.KVChunkData | kv_transfer.IpcBlocks | kv_transfer.PrefillDone]:
+    ) -> AsyncIterator[
+        kv_transfer.KVChunkData | kv_transfer.IpcBlocks | kv_transfer.NixlSpan | kv_transfer.PrefillDone
+    ]:
         """Decode side: the FetchKV stream of `source` from its prefill worker, its chunks' data
         viewed in the received bytes (kv_wire.py)."""
         channel = self._kv_channels.get(source.address)
