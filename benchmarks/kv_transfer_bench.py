@@ -14,7 +14,16 @@ Starts a prefill worker and a decode worker (dummy weights of the shape, TCP on 
              decode worker's Generate with the handle as kv_source, timed by its own log line
              "fetched KV of ... over T: N bytes in T ms" (everything from its FetchKV to the KV in
              its cache: for gRPC device->host, the stream, host->device; for CUDA IPC the
-             mapping and the device copy).
+             mapping and the device copy);
+  ttft       (--ttft, default on) time to the first and to the second token of a prompt, as a
+             client of the gateway sees them (max_tokens 2, this process plays the gateway):
+               unified          Generate on one worker (the prefill worker: same device share);
+               layerwise-off    Prefill on the prefill worker (first token), then Generate with
+                                its handle on the decode worker (second token: after the fetch);
+               layerwise-on     PrefillStream; Generate on the decode worker as soon as the
+                                handle arrives (its FetchKV takes each layer while the later
+                                ones are computed); both tokens from the decode worker.
+             The second token is where a transfer shows: unified = prefill + one decode step.
 Each point is the median of --repeats fetches of distinct prompts (no prefix-cache hit).
 JSON to --out; a table last.
 """
@@ -138,13 +147,79 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def wait_fetch_lines(log: Path, count: int, timeout_s: float = 10.0) -> list[tuple[str, str, str, str]]:
     """The decode worker's "fetched KV of <id> over <transport>: N bytes in T ms" lines."""
-    pattern = re.compile(r"fetched KV of (w2w-\d+) over (\S+): (\d+) bytes in ([\d.]+) ms")
+    pattern = re.compile(r"fetched KV of (w2w-\d+) over (\S+?)(?: \([^)]*\))?: (\d+) bytes in ([\d.]+) ms")
     deadline = time.monotonic() + timeout_s
     while True:
         lines = pattern.findall(log.read_text())
         if len(lines) >= count or time.monotonic() > deadline:
             return lines
         time.sleep(0.1)
+
+
+def token_times(
+    p_stub: worker_pb2_grpc.WorkerStub,
+    d_stub: worker_pb2_grpc.WorkerStub | None,
+    rid: str,
+    prompt: list[int],
+    mode: str,
+) -> tuple[float, float]:
+    """(seconds to the first token, seconds to the second) of one request in `mode` (module
+    docstring), from the moment the request is sent."""
+    sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    request = worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)
+    times: list[float] = []
+
+    def tokens_of(stream: Any, start: float) -> None:
+        for chunk in stream:
+            for choice in chunk.choices:
+                times.extend([time.perf_counter() - start] * len(choice.token_ids))
+
+    start = time.perf_counter()
+    if mode == "unified":
+        generate = worker_pb2.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)
+        tokens_of(p_stub.Generate(generate), start)
+        return times[0], times[1]
+    assert d_stub is not None
+    generate = worker_pb2.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)
+    if mode == "layerwise-on":
+        events = p_stub.PrefillStream(request)
+        generate.kv_source.CopyFrom(next(events).handle)
+        tokens_of(d_stub.Generate(generate), start)
+        for _ in events:  # the prefill's response
+            pass
+        return times[0], times[1]
+    reply = p_stub.Prefill(request)
+    times.append(time.perf_counter() - start)
+    generate.kv_source.CopyFrom(reply.handle)
+    generate.generated_token_ids.extend(reply.first.token_ids)
+    tokens_of(d_stub.Generate(generate), start)
+    return times[0], times[1]
+
+
+def ttft_case(
+    p_stub: worker_pb2_grpc.WorkerStub,
+    d_stub: worker_pb2_grpc.WorkerStub | None,
+    modes: list[str],
+    prompt: Any,
+    repeats: int,
+    tag: str,
+) -> dict[str, dict[str, float]]:
+    """Median milliseconds to the first and second token per mode (one warm-up each)."""
+    out: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        firsts, seconds = [], []
+        for r in range(repeats + 1):
+            first, second = token_times(p_stub, d_stub, f"ttft-{tag}-{mode}-{r}", prompt(), mode)
+            if r:
+                firsts.append(first * 1e3)
+                seconds.append(second * 1e3)
+        out[mode] = {"ttft_ms": statistics.median(firsts), "second_token_ms": statistics.median(seconds)}
+        print(
+            f"{tag} {mode:>13}: first token {out[mode]['ttft_ms']:.1f} ms, "
+            f"second token {out[mode]['second_token_ms']:.1f} ms",
+            flush=True,
+        )
+    return out
 
 
 def device_copy_speed(device: str, shape: dict[str, Any], prompt_tokens: int) -> float:
@@ -184,6 +259,12 @@ def main() -> int:
         help="decode-side --kv-transport values to measure, comma-separated (default: grpc,cuda-ipc on "
         "CUDA, grpc on the CPU; one that cannot run falls back to gRPC, which the log line shows)",
     )
+    ap.add_argument(
+        "--ttft",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time the first and second token: unified vs disaggregated, layer-wise push on and off",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     extra = args.worker_args.split()
@@ -203,6 +284,7 @@ def main() -> int:
         "prompt_tokens": args.prompt_tokens,
         "loopback": [],
         "worker_to_worker": {},
+        "ttft": {},
     }
     if args.device.startswith("cuda"):
         results["device_copy_gb_per_s"] = device_copy_speed(
@@ -256,6 +338,10 @@ def main() -> int:
                     f"loopback chunk {point['chunk_bytes']!s:>9}: {nbytes / 2**20:.1f} MiB at {point['gb_per_s']:.2f} GB/s",
                     flush=True,
                 )
+            if args.ttft:
+                results["ttft"]["unified"] = ttft_case(p_stub, None, ["unified"], prompt, args.repeats, "p")[
+                    "unified"
+                ]
             # worker to worker: the decode worker's own measurement (its log line per fetch)
             for transport in transports:
                 log = root / f"decode-{transport}.log"
@@ -295,6 +381,16 @@ def main() -> int:
                     f"{results['worker_to_worker'][transport]['gb_per_s']} GB/s",
                     flush=True,
                 )
+                if args.ttft:
+                    modes = ["layerwise-off", "layerwise-on"]
+                    case = ttft_case(p_stub, d_stub, modes, prompt, args.repeats, transport)
+                    unified = results["ttft"]["unified"]
+                    for point in case.values():  # disaggregated / unified, the issue's 10% target
+                        point["ttft_vs_unified"] = point["ttft_ms"] / unified["ttft_ms"]
+                        point["second_token_vs_unified"] = (
+                            point["second_token_ms"] / unified["second_token_ms"]
+                        )
+                    results["ttft"][transport] = case
                 stop([d_proc])
         finally:
             stop(procs)
