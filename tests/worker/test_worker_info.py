@@ -188,6 +188,7 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         if variant.name == "spec"
         else None,
         "kv_peer_transfers": [],  # nothing fetched from a prefill worker (tests/disagg/test_kv_peer_stats.py)
+        "kv_layerwise": True,  # not a parallel group: layer-wise push (tests/disagg/test_kv_layerwise.py)
     }
 
 
