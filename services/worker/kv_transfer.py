@@ -55,6 +55,17 @@ log = logging.getLogger(__name__)
 READ_AHEAD = 2
 # Writes in flight on the engine thread before the receiver waits for the oldest one.
 WRITE_WINDOW = 4
+# Layer-wise push: seconds a stream waiting for the prefill (queued, or computing a long chunk)
+# goes without a message before it sends a keep-alive (an empty KVChunk), which the decode
+# worker's stall timeout counts as progress.
+KEEP_ALIVE_S = 1.0
+
+
+class KeepAlive:
+    """A layer-wise stream's keep-alive: the prefill is still on its way."""
+
+
+KEEP_ALIVE = KeepAlive()
 
 
 @dataclass(frozen=True)
@@ -219,7 +230,7 @@ async def stream_chunks(
     target_bytes: int,
     encode: Callable[[KVChunkData], T],
     progress: LayerProgress | None = None,
-) -> AsyncIterator[T]:
+) -> AsyncIterator[T | KeepAlive]:
     """The chunks of a held prompt's blocks from `first_block` on, read and `encode`d (into wire
     bytes) on a worker thread READ_AHEAD ahead. The blocks are held (kv_handles.py): nobody writes
     them meanwhile. With a layer-wise handle's `progress`, each span goes as soon as the prefill
@@ -249,8 +260,8 @@ async def stream_chunks(
                 break
             if pending:
                 yield await pending.popleft()
-            else:
-                await changed.wait()
+            elif not await _changed_within(changed, KEEP_ALIVE_S):
+                yield KEEP_ALIVE
         while pending:
             yield await pending.popleft()
     finally:
@@ -266,7 +277,7 @@ async def ready_span_batches(
     first_block: int,
     target_bytes: int,
     progress: LayerProgress | None = None,
-) -> AsyncIterator[tuple[list[Span], Readiness]]:
+) -> AsyncIterator[tuple[list[Span], Readiness] | KeepAlive]:
     """The spans of a held prompt's blocks from `first_block` on, in batches as they become ready
     (all at once for a finished prefill), each with the snapshot it was cut from; on CUDA after
     the writes it covers are done (a NIXL reader reads the memory outside this worker's streams).
@@ -290,8 +301,8 @@ async def ready_span_batches(
                 yield spans, snap
             if snap.complete:
                 return
-            if not spans:
-                await changed.wait()
+            if not spans and not await _changed_within(changed, KEEP_ALIVE_S):
+                yield KEEP_ALIVE
     finally:
         if unsubscribe is not None:
             unsubscribe()
@@ -302,9 +313,9 @@ def _all_ready(num_layers: int, block_ids: tuple[int, ...]) -> Readiness:
     return Readiness((len(block_ids),) * num_layers, block_ids, None, True, None, "")
 
 
-async def wait_complete(progress: LayerProgress) -> Readiness:
+async def wait_complete(progress: LayerProgress) -> AsyncIterator[Readiness | KeepAlive]:
     """A layer-wise handle once its prefill completed (transports that move the whole prompt at
-    once); LayerwiseFailed when it fails."""
+    once), keep-alives before; LayerwiseFailed when it fails."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
     unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set))
@@ -315,10 +326,20 @@ async def wait_complete(progress: LayerProgress) -> Readiness:
             if snap.error:
                 raise LayerwiseFailed(snap.error)
             if snap.complete:
-                return snap
-            await changed.wait()
+                yield snap
+                return
+            if not await _changed_within(changed, KEEP_ALIVE_S):
+                yield KEEP_ALIVE
     finally:
         unsubscribe()
+
+
+async def _changed_within(changed: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(changed.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 # ---- the decode side: receiving chunks -----------------------------------------------------------
@@ -343,7 +364,9 @@ def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: KVReservatio
     return flat.view(kv.dtype).view(shape)
 
 
-FetchStream = Callable[[KVSource, int], AsyncIterator[KVChunkData | IpcBlocks | NixlSpan | PrefillDone]]
+FetchStream = Callable[
+    [KVSource, int], AsyncIterator[KVChunkData | IpcBlocks | NixlSpan | PrefillDone | KeepAlive]
+]
 
 
 @dataclass(frozen=True)
@@ -443,6 +466,8 @@ async def receive(
                 chunk = await _next_item(items, stall_timeout_s)
             except StopAsyncIteration:
                 break
+            if isinstance(chunk, KeepAlive):
+                continue
             if isinstance(chunk, PrefillDone):
                 done = chunk
                 if done.finished:  # its first token ended the choice: no KV is needed

@@ -63,6 +63,8 @@ _ROLES = {
     "decode": worker_pb2.WORKER_ROLE_DECODE,
 }
 _TASKS = {"generate": worker_pb2.WORKER_TASK_GENERATE, "embed": worker_pb2.WORKER_TASK_EMBED}
+# A layer-wise stream's keep-alive: an empty KVChunk (kv_transfer.KEEP_ALIVE_S).
+KEEP_ALIVE_BYTES = worker_pb2.KVChunk().SerializeToString()
 # NIXL: the span size a prefill worker offers (one READ each; bigger than gRPC's chunks, which
 # are messages, since a NIXL span costs only its descriptors).
 NIXL_SPAN_BYTES = 64 << 20
@@ -237,8 +239,16 @@ def choice_to_pb(choice: ChoiceOutput) -> worker_pb2.ChoiceDelta:
 
 def chunk_from_wire(
     wire: kv_wire.WireChunk,
-) -> kv_transfer.KVChunkData | kv_transfer.IpcBlocks | kv_transfer.NixlSpan | kv_transfer.PrefillDone:
+) -> (
+    kv_transfer.KVChunkData
+    | kv_transfer.IpcBlocks
+    | kv_transfer.NixlSpan
+    | kv_transfer.PrefillDone
+    | kv_transfer.KeepAlive
+):
     msg = wire.header
+    if not wire.data and msg.layer_end == 0 and not msg.ListFields():
+        return kv_transfer.KEEP_ALIVE
     if msg.HasField("nixl"):
         n = msg.nixl
         remote = kv_nixl.NixlRemote(
@@ -835,10 +845,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             )
             if transport == "cuda-ipc" and progress is not None:
                 # the whole prompt in one copy, once it is computed; the first token goes first
-                snap = await kv_transfer.wait_complete(progress)
-                block_ids = snap.block_ids
-                assert snap.first is not None
-                yield worker_pb2.KVChunk(first=choice_to_pb(snap.first)).SerializeToString()
+                async for ready in kv_transfer.wait_complete(progress):
+                    if isinstance(ready, kv_transfer.KeepAlive):
+                        yield KEEP_ALIVE_BYTES
+                        continue
+                    block_ids = ready.block_ids
+                    assert ready.first is not None
+                    yield worker_pb2.KVChunk(first=choice_to_pb(ready.first)).SerializeToString()
             if transport == "cuda-ipc" and first_block < len(block_ids):
                 shared = kv_transports.export_tensor(kv)
                 ipc = worker_pb2.CudaIpcKV(
@@ -864,7 +877,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 log.warning("KV handle %s: the NIXL reader never closed its stream", handle_id)
                 return
             num_bytes = 0
-            async for raw in kv_transfer.stream_chunks(
+            async for item in kv_transfer.stream_chunks(
                 kv,
                 block_ids,
                 first_block,
@@ -872,8 +885,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 encode_chunk,
                 progress,
             ):
-                yield raw
-                num_bytes += len(raw)
+                if isinstance(item, kv_transfer.KeepAlive):
+                    yield KEEP_ALIVE_BYTES
+                    continue
+                yield item
+                num_bytes += len(item)
             if progress is not None:  # the stream's end: the token the prefill sampled
                 snap = progress.snapshot()
                 block_ids = snap.block_ids
@@ -900,9 +916,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         assert self.nixl is not None
         remote = self.nixl.describe()
         first = True
-        async for spans, snap in kv_transfer.ready_span_batches(
+        async for batch in kv_transfer.ready_span_batches(
             self.engine.kv_cache.tensor, block_ids, first_block, NIXL_SPAN_BYTES, progress
         ):
+            if isinstance(batch, kv_transfer.KeepAlive):
+                yield KEEP_ALIVE_BYTES
+                continue
+            spans, snap = batch
             for l0, l1, b0, b1 in spans:
                 where = worker_pb2.NixlKV(
                     agent_name=remote.agent_name,
@@ -935,7 +955,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def _fetch_kv(
         self, source: kv_transfer.KVSource, skip_tokens: int
     ) -> AsyncIterator[
-        kv_transfer.KVChunkData | kv_transfer.IpcBlocks | kv_transfer.NixlSpan | kv_transfer.PrefillDone
+        kv_transfer.KVChunkData
+        | kv_transfer.IpcBlocks
+        | kv_transfer.NixlSpan
+        | kv_transfer.PrefillDone
+        | kv_transfer.KeepAlive
     ]:
         """Decode side: the FetchKV stream of `source` from its prefill worker, its chunks' data
         viewed in the received bytes (kv_wire.py)."""

@@ -26,7 +26,7 @@ from worker_servers import InProcessWorker, LoopThread, start_worker, stop_worke
 
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
-from services.worker.kv_transfer import chunk_plan, ready_spans
+from services.worker.kv_transfer import KeepAlive, chunk_plan, ready_spans
 from services.worker.request import SamplingParams
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -297,6 +297,54 @@ def test_prefill_worker_dies_mid_push(
     failed = [s for s in pair.decode.servicer.fetch_stats if not s.ok][failed_before:]
     assert len(failed) == 1, failed
     wait_no_blocks(d)
+
+
+def test_keep_alives_hold_a_waiting_fetch_open(
+    loop: LoopThread, pairs: dict[str, Pair], stories_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A decode worker with a 1.5 s stall timeout waits for a prefill held for 3 keep-alives (3 s)
+    between its chunks: the keep-alives count as progress, the fetch succeeds."""
+    pair = pairs["stories"]
+    patient = start_worker(
+        loop,
+        tmp_path_factory.mktemp("patient"),
+        "patient-d",
+        role="decode",
+        kv_fetch_stall_timeout=1.5,
+        model=str(stories_dir),
+        **COMMON,
+    )
+    num_layers = pair.prefill.engine.kv_cache.tensor.shape[0]
+    rec = Recorder(pair.prefill, patient, hold_after_layer=num_layers - 1)
+    keep_alives = threading.Event()
+    fetch_kv = patient.servicer._fetch_kv
+
+    async def counting(source: Any, skip_tokens: int) -> Any:
+        seen = 0
+        async for item in fetch_kv(source, skip_tokens):
+            if isinstance(item, KeepAlive):
+                seen += 1
+                if seen >= 3:
+                    keep_alives.set()
+            yield item
+
+    patient.servicer._fetch_kv = counting  # type: ignore[method-assign]
+    threading.Thread(target=lambda: rec.release.set() if keep_alives.wait(60) else None).start()
+    prompt = [1, *range(300, 339)]  # 40 tokens: a 32-token chunk, then 8 (P is held in between)
+    sp = SamplingParams(temperature=0.0, max_tokens=4)
+    expected = pair.reference.generate([prompt], sp, prefix="patient")[0].token_ids[0]
+    try:
+        p, d = pair.stub(pair.prefill), pair.stub(patient)
+        call, handle = start_prefill(p, "patient", prompt, sp)
+        tokens, _ = decode(d, "patient", prompt, sp, handle)
+        prefill_reply(call)
+        assert tokens == expected
+        assert keep_alives.is_set() and not rec.waited_out
+        assert [s.ok for s in patient.servicer.fetch_stats] == [True]
+        wait_no_blocks(p, d)
+    finally:
+        rec.close()
+        stop_worker(loop, patient)
 
 
 def test_first_token_ends_the_choice(pairs: dict[str, Pair]) -> None:
