@@ -425,7 +425,7 @@ class Engine:
                 request.add_generated(first_token_ids)
             except InvalidRequestError as exc:  # (the prefill worker sampled under the same rules)
                 log.warning("request %s: the prefill's first token %s: %s", request_id, first_token_ids, exc)
-                self.scheduler.add_unfetched(request)
+                self.scheduler.add_unfetched(request)  # its prompt computed here, its own first token
                 return
         self.scheduler.add_fetched(request)
 
@@ -545,8 +545,8 @@ class Engine:
             self.layer_signal.disarm()
 
     def _arm_layerwise(self, scheduled: SchedulerOutput) -> None:
-        """Before a launch: each layer-wise prompt in the step references its (new) blocks and
-        will count this step's tokens layer by layer. A prompt whose blocks were taken back
+        """Before a launch: each layer-wise prompt in the step pins its (new) blocks to its handle
+        and will count this step's tokens layer by layer. A prompt whose blocks were taken back
         (preempted) fails its handle: the KV its reader would see is gone."""
         for request_id, handle in self._layerwise.items():
             request = self.requests.get(request_id)

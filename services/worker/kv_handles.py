@@ -131,7 +131,7 @@ class KVHandleStore:
         now (a fetch in progress releases it when its stream ends)."""
         assert handle.progress is not None
         handle.progress.fail(reason)
-        if not handle.fetching and self.release(handle.handle_id):
+        if self.release(handle.handle_id, only_idle=True):
             self._forget(handle.handle_id, f"KV handle {handle.handle_id!r}: {reason}")
 
     def take(self, handle_id: str) -> HeldKV:
@@ -177,13 +177,15 @@ class KVHandleStore:
         """Free the handles whose TTL passed and nobody is fetching; returns how many."""
         with self._lock:
             stale = [h.handle_id for h in self.handles.values() if h.expires_at <= now and not h.fetching]
-        for handle_id in stale:
-            self.release(handle_id)
-            self._forget(handle_id, f"KV handle {handle_id!r} expired (--kv-handle-ttl {self.ttl_s:g}s)")
-        if stale:
-            self.num_expired += len(stale)
-            log.info("freed %d expired KV handle(s)", len(stale))
-        return len(stale)
+        freed = 0
+        for handle_id in stale:  # (only_idle: a FetchKV may have taken it since, off this thread)
+            if self.release(handle_id, only_idle=True):
+                self._forget(handle_id, f"KV handle {handle_id!r} expired (--kv-handle-ttl {self.ttl_s:g}s)")
+                freed += 1
+        if freed:
+            self.num_expired += freed
+            log.info("freed %d expired KV handle(s)", freed)
+        return freed
 
     def _forget(self, handle_id: str, why: str) -> None:
         with self._lock:

@@ -285,11 +285,17 @@ class Request:
         prefill's first token comes with its KV (kv_layerwise.py). Raises InvalidRequestError
         as the constructor does for generated_token_ids."""
         assert len(self.sequences) == 1 and self.sequences[0].num_computed_tokens <= self.prompt_len
-        self.req = replace(self.req, generated_token_ids=self.req.generated_token_ids + token_ids)
         first = self.sequences[0]
-        first.token_ids.extend(token_ids)
         if first.guided is not None and self.req.grammar is not None:
-            self._consume_given(self.req.grammar, token_ids)
+            before = first.guided
+            first.guided = before.fork()  # (refused: the request stays as it was)
+            try:
+                self._consume_given(self.req.grammar, token_ids)
+            except InvalidRequestError:
+                first.guided = before
+                raise
+        self.req = replace(self.req, generated_token_ids=self.req.generated_token_ids + token_ids)
+        first.token_ids.extend(token_ids)
 
     def _consume_given(self, grammar: CompiledGrammar, token_ids: tuple[int, ...]) -> None:
         first = self.sequences[0].guided

@@ -347,6 +347,44 @@ def test_keep_alives_hold_a_waiting_fetch_open(
         stop_worker(loop, patient)
 
 
+def test_guided_decoding_continues_from_the_prefills_token(pairs: dict[str, Pair]) -> None:
+    """The decode worker's grammar state takes the prefill's first token (Request.add_generated):
+    a regex-guided layer-wise request equals the same request on one worker."""
+    pair = pairs["stories"]
+    p, d = pair.stub(pair.prefill), pair.stub(pair.decode)
+    prompt = [1, *range(400, 440)]
+    for seed in (3, 4):
+        sp = common_pb2.SamplingParams(temperature=1.0, seed=seed, max_tokens=16)
+        sp.guided.regex = r"[A-Z][a-z]{1,8} (is|was) [0-9]{1,3}\."
+        unified = [
+            t
+            for chunk in p.Generate(
+                worker_pb2.GenerateRequest(request_id=f"g-u{seed}", prompt_token_ids=prompt, sampling=sp),
+                timeout=60,
+            )
+            for choice in chunk.choices
+            for t in choice.token_ids
+        ]
+        events = p.PrefillStream(
+            worker_pb2.PrefillRequest(request_id=f"g-{seed}", prompt_token_ids=prompt, sampling=sp),
+            timeout=60,
+        )
+        handle = next(events).handle
+        request = worker_pb2.GenerateRequest(
+            request_id=f"g-{seed}", prompt_token_ids=prompt, sampling=sp, kv_source=handle
+        )
+        tokens = [
+            t
+            for chunk in d.Generate(request, timeout=60)
+            for choice in chunk.choices
+            for t in choice.token_ids
+        ]
+        prefill_reply(events)
+        assert tokens == unified and len(tokens) > 3
+    assert all(s.ok for s in pair.decode.servicer.fetch_stats[-2:])
+    wait_no_blocks(p, d)
+
+
 def test_first_token_ends_the_choice(pairs: dict[str, Pair]) -> None:
     """max_tokens = 1: P's token ends the choice; D streams it with its finish reason and
     decodes nothing; both sides free everything."""
