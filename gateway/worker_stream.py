@@ -296,19 +296,17 @@ class PromptStream:
             self.prompt_token_ids, decode, exclude=self.tried, lora_name=self.lora_name
         )
         if prefill is not None and self._layerwise_pair(decode, prefill, sampling):
-            layerwise = self._layerwise(index, sampling, decode, prefill)
-            async for chunk in layerwise:
-                if chunk is None:  # no handle from that prefill worker: prefill first instead
-                    prefill = disagg.pick_prefill(
-                        self.prompt_token_ids,
-                        decode,
-                        exclude=[*self.tried, *self.full],
-                        lora_name=self.lora_name,
-                    )
-                    break
+            no_handle = False
+            async for chunk in self._layerwise(index, sampling, decode, prefill):
+                if chunk is None:  # no handle from that prefill worker (its last item)
+                    no_handle = True
+                    continue
                 yield chunk
-            else:
+            if not no_handle:
                 return
+            prefill = disagg.pick_prefill(  # prefill first, as without layer-wise push
+                self.prompt_token_ids, decode, exclude=[*self.tried, *self.full], lora_name=self.lora_name
+            )
         result = None
         while prefill is not None:
             try:
