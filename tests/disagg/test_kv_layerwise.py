@@ -423,6 +423,52 @@ def test_layerwise_handle_errors(pairs: dict[str, Pair]) -> None:
     wait_no_blocks(p, d)
 
 
+@pytest.mark.parametrize(
+    ("device", "transport"),
+    [
+        ("cpu", "cuda-ipc"),  # the CUDA IPC protocol with the tensor shared in-process
+        pytest.param("cuda", "cuda-ipc", marks=pytest.mark.gpu),
+        pytest.param("cuda", "grpc", marks=pytest.mark.gpu),  # events + the reader's side stream
+    ],
+)
+def test_layerwise_per_transport(
+    loop: LoopThread,
+    stories_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    device: str,
+    transport: str,
+) -> None:
+    """Layer-wise push over CUDA IPC (the prefill completes, then one copy) and, on a GPU, over
+    gRPC (each span read on a side stream after its layer's event): unified output, no leak."""
+    sock = tmp_path_factory.mktemp(f"lw-{device}-{transport}")
+    # (float32 on CUDA too: the prefill's 32-token chunks then compute what the reference does)
+    opts: dict[str, Any] = dict(model=str(stories_dir), **{**COMMON, "device": device, "dtype": "float32"})
+    made = Pair(
+        start_worker(loop, sock, "p", role="prefill", max_num_batched_tokens=32, **opts),
+        start_worker(loop, sock, "d", role="decode", **opts),
+        Engine(WorkerConfig(**opts)),
+        0,
+    )
+    try:
+        if device == "cpu":
+            for w in (made.prefill, made.decode):
+                w.servicer.kv_transports = ("cuda-ipc", "grpc")
+        made.decode.servicer.kv_preferences = (transport, "grpc") if transport != "grpc" else ("grpc",)
+        prefix, prompts = make_prompts(made.reference.model_config.vocab_size)
+        prompts = prompts[:6]
+        sp = SamplingParams(temperature=0.0, max_tokens=8)
+        expected = made.reference.generate(prompts, sp, prefix="per-transport")
+        layerwise(made, "t-warm", [*prefix, 5], sp)  # partial fetches: the prefix is in D's cache
+        for i, prompt in enumerate(prompts):
+            assert layerwise(made, f"t-{i}", prompt, sp) == expected[i].token_ids[0], f"request {i}"
+        stats = made.decode.servicer.fetch_stats[-len(prompts) :]
+        assert all(s.ok and s.transport == transport for s in stats), stats
+        wait_no_blocks(made.stub(made.prefill), made.stub(made.decode))
+    finally:
+        stop_worker(loop, made.prefill)
+        stop_worker(loop, made.decode)
+
+
 def test_ready_spans_cover_each_cell_once_and_equal_the_plan_when_all_ready() -> None:
     layers, blocks, per_layer, target = 5, 9, 100, 350
     assert ready_spans([2] * layers, (blocks,) * layers, per_layer, target) == chunk_plan(
