@@ -1,18 +1,19 @@
 """Layer-wise push: a prefill's KV becomes readable layer by layer while the prefill still runs.
 
-    gateway ── Prefill(layerwise) ──▶ prefill worker P: admits the prompt, opens its KV handle
-            ◀── initial metadata: the handle ──┘     (kv_handles.py) with a LayerProgress, and
-    gateway ── Generate(kv_source=handle) ──▶ D       sends the handle at once
-    D ── FetchKV(handle) ──▶ P: streams every (layer, block) span as soon as P's forward has
-                               written it (`ready_spans`), while P computes the later layers;
-                               its last message carries the sampled first token
+    gateway ── PrefillStream ──▶ prefill worker P: admits the prompt, opens its KV handle
+            ◀── event 1: the handle ──┘        (kv_handles.py) with a LayerProgress, and sends
+    gateway ── Generate(kv_source=handle) ──▶ D  the handle at once
+    D ── FetchKV(handle) ──▶ P: streams every (layers, blocks) span as soon as P's forward has
+                               written it (kv_transfer.ready_spans), while P computes the later
+                               layers; its last message carries the sampled first token
     D decodes when the last layer and the first token have landed.
 
 The model runner's attention layers call `LayerSignal.written(layer)` right after writing a
 layer's KV; while a step that computes a layer-wise prompt runs, the signal advances that prompt's
 `LayerProgress` (prompt tokens whose KV each layer holds). On CUDA each advance records an event on
 the compute stream, and the reader waits for it on a side stream before copying (the host runs
-ahead of the device); on the CPU the write is done when `written` runs.
+ahead of the device); on the CPU the write is done when `written` runs. The handle pins the
+prompt's blocks as they are allocated, so a reader never sees a block reused (kv_handles.py).
 
 This is the pull-based analogue of vLLM's KV connectors (`save_kv_layer` after each attention
 layer, `wait_for_layer_load` before it on the consumer) and of Mooncake's layer-wise connector:
