@@ -25,6 +25,8 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     except switches.SwitchError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    if switches.GIL_SWITCH_INTERVAL.value > 0:
+        sys.setswitchinterval(switches.GIL_SWITCH_INTERVAL.value)
     setup_logging(config.log_level, config.log_format, "tandem.worker")
     setup_tracing("tandem-worker")  # from the OTEL_* environment; a no-op without it
     # torch is imported only now, so `tandem worker --help` and option errors stay instant
