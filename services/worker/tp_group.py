@@ -139,9 +139,7 @@ class StepDriver:
         if self._detached:
             return
         lora, self._lora_step = self._lora_step, None
-        released = []
-        while self._released_loras:
-            released.append(self._released_loras.popleft())
+        released = self.take_released_loras()
         self.send(
             Forward(
                 input_ids.cpu(),
@@ -153,7 +151,7 @@ class StepDriver:
                 meta.max_seqlen_q,
                 meta.num_decode_rows,
                 lora,
-                tuple(released),
+                released,
             )
         )
 
@@ -173,6 +171,13 @@ class StepDriver:
                 raise LoRAAdapterError(f"tensor-parallel rank {rank}: {error}")
         # (the finalizer holds no reference to the adapter, only its id)
         weakref.finalize(adapter, self._released_loras.append, adapter.lora_id)
+
+    def take_released_loras(self) -> tuple[int, ...]:
+        """The lora_ids whose adapter rank 0 dropped since the last call (the next forward's)."""
+        released: list[int] = []
+        while self._released_loras:
+            released.append(self._released_loras.popleft())
+        return tuple(released)
 
     def compute_logits(self, hidden: torch.Tensor) -> None:
         self.send(Logits(hidden.cpu()))

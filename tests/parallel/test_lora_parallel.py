@@ -209,3 +209,34 @@ def test_load_unload_while_serving_on_t2(
     for name, ref in (("beta", gamma.ref), ("beta-2", beta.ref), ("alpha", alpha.ref)):
         got = _tokens(stub.Generate(_request(f"again-{name}", prompt, name), timeout=120))
         assert got == ref.greedy(prompt, 10), name
+
+
+def test_a_dropped_adapter_is_released_to_the_other_ranks(lora_base: tuple[RefModel, list[Adapter]]) -> None:
+    """The other ranks keep an adapter's shard while rank 0's copy lives (running requests of an
+    unloaded adapter still refill slots), and are told to drop it with the forward after it dies."""
+    import gc
+
+    from services.worker import parallel
+    from services.worker.lora.registry import LoRARegistry
+    from services.worker.tp_group import StepDriver
+
+    base, adapters = lora_base
+    parallel.init_process_group(0, 1, 1, "127.0.0.1", parallel.free_port(), torch.device("cpu"), 60)
+    driver = StepDriver(timeout_s=600)
+    try:
+        engine = base.engine(enable_lora=True, max_lora_rank=16)
+        assert engine.runner.lora is not None
+        registry = LoRARegistry(engine.runner.lora.shapes, 16, 4, driver.share_lora)
+        registry.load("alpha", str(adapters[0].path))
+        running = registry.get("alpha")  # a request that is running with it
+        registry.unload("alpha")
+        gc.collect()
+        assert driver.take_released_loras() == ()  # still needed by the running request
+        lora_id = running.lora_id
+        del running
+        gc.collect()
+        assert driver.take_released_loras() == (lora_id,)
+        assert driver.take_released_loras() == ()
+    finally:
+        driver.close()
+        parallel.destroy_process_group()
