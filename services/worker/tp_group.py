@@ -38,7 +38,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
@@ -163,8 +163,11 @@ class StepDriver:
         """Every other rank loads its shard of `adapter` (rank 0 loaded its own); raises
         LoRAAdapterError with the first failing rank's message (the others then drop theirs)."""
         with self._lock:
-            parallel.broadcast_object(LoadLoRA(adapter.name, adapter.path, adapter.lora_id))
-            answers = parallel.all_gather_object(None)
+            try:
+                parallel.broadcast_object(LoadLoRA(adapter.name, adapter.path, adapter.lora_id))
+                answers = parallel.all_gather_object(None)
+            except Exception as exc:  # a rank is gone: the group cannot serve on
+                group_failed(exc)
             self._last = time.monotonic()
         for rank, error in enumerate(answers):
             if error is not None:
@@ -258,7 +261,7 @@ class RankProcesses:
             proc.wait()
 
 
-def group_failed(exc: BaseException) -> None:
+def group_failed(exc: BaseException) -> NoReturn:
     """A step of a tensor-parallel group raised (a collective with a dead or stuck rank): the group
     cannot go on, so this process exits and its ranks with it; `tandem up` restarts the worker."""
     log.error("tensor-parallel step failed (%s): taking the worker group down", exc)
