@@ -217,16 +217,6 @@ class WorkerConfig(ServiceConfig):
             name, sep, path = spec.partition("=")
             if not sep or not name.strip() or not path.strip():
                 raise ValueError(f"--lora-modules: expected NAME=DIR, got {spec!r}")
-        if self.lora_slots and self.speculative_method != "off":
-            raise ValueError(
-                "--speculative with --lora-modules / --enable-lora: the verification step does not "
-                "apply adapters yet (docs/lora.md)"
-            )
-        if self.lora_slots and self.world_size > 1:
-            raise ValueError(
-                "--lora-modules / --enable-lora with --tensor-parallel-size / --pipeline-parallel-size: "
-                "LoRA weights are not sharded yet (docs/lora.md)"
-            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 

@@ -144,9 +144,20 @@ class Engine:
             max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             pooling=config.task == "embed",
         )
-        # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA.
+        # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
+        state = parallel.current()
+        self.tp_size, self.pp_size = state.tp_size, state.pp_size
+        self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
+        self.runner.model.driver = self.driver
+        # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA;
+        # in a group every rank loads its shard of each.
         pool = self.runner.lora
-        self.loras = LoRARegistry(pool.shapes if pool else None, config.max_lora_rank, config.lora_slots)
+        self.loras = LoRARegistry(
+            pool.shapes if pool else None,
+            config.max_lora_rank,
+            config.lora_slots,
+            self.driver.share_lora if self.driver is not None else None,
+        )
         for name, path in config.lora_adapters:
             try:
                 self.loras.load(name, path)
@@ -156,11 +167,6 @@ class Engine:
         # the KV cache is what is left after the profiled peak, so it grows into what quantization freed.
         self.weight_bytes = weight_bytes(self.runner.model)
         self.quantization = model_quantization(self.runner.model)  # --quantization or the checkpoint's
-        # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
-        state = parallel.current()
-        self.tp_size, self.pp_size = state.tp_size, state.pp_size
-        self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
-        self.runner.model.driver = self.driver
         # a draft model's weights load before the KV cache is sized (the profile counts them)
         self.draft_model = (
             DraftModelProposer(

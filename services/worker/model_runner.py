@@ -258,7 +258,11 @@ class ModelRunner:
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
         if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
-            self.lora.prepare([(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled])
+            step = self.lora.prepare(
+                [(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled]
+            )
+            if self.model.driver is not None:  # the other ranks of a group replay it with the forward
+                self.model.driver.stage_lora(step)
         mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
         decoded: DecodeOutputs | None = None
         if (

@@ -161,6 +161,14 @@ def broadcast_object(obj: object = None) -> object:
     return box[0]
 
 
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order, on every rank (pickled over the gloo control group)."""
+    state = _STATE
+    out: list[object] = [None] * state.world_size
+    dist.all_gather_object(out, obj, group=state.ctrl_group)
+    return out
+
+
 # ---- the shard layout ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ShardLayout:

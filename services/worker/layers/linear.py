@@ -100,7 +100,11 @@ class Linear(nn.Linear):
 class RowParallelLinear(Linear):
     """A projection whose input columns are split over the tensor-parallel ranks (o_proj,
     down_proj): each rank multiplies its slice, ONE all-reduce sums the partial products, and the
-    bias (replicated) is added once, after it. With T = 1 it is exactly `Linear`."""
+    bias (replicated) is added once, after it. With T = 1 it is exactly `Linear`.
+
+    A LoRA adapter's delta is added to this rank's partial product before the all-reduce (its A
+    holds the rank's input columns, its B is whole: services/worker/lora/adapter.py), so the sum
+    carries it and the layer keeps its one all-reduce."""
 
     def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool, tp_size: int) -> None:
         super().__init__(ops, in_features, out_features, bias)
@@ -113,5 +117,7 @@ class RowParallelLinear(Linear):
             out = torch.nn.functional.linear(x, self.weight)
         else:
             out = self.ops.linear(x, self.weight, None, early_signal=False)
+        if self.lora is not None:
+            self.lora.add_to(out, x)
         all_reduce(out)
         return out if self.bias is None else out + self.bias
