@@ -323,10 +323,11 @@ class EagleProposer:
             features = torch.cat([self._features(st, lo, hi) for st, lo, hi in batch])
             ids = [t for st, lo, hi in batch for t in st.seq.token_ids[lo + 1 : hi + 1]]
             out = self._forward(batch, ids, self.head.combine(features))
-            end = 0
-            for state, lo, hi in batch:
-                end += hi - lo
-                state.num_pairs, state.last_out = hi, out[end - 1]
+            ends = torch.tensor([hi - lo for _, lo, hi in batch]).cumsum(0) - 1
+            # (rows of a small copy: a view would keep the whole forward's output alive)
+            last = out.index_select(0, ends.to(self.device, non_blocking=True))
+            for r, (state, _, hi) in enumerate(batch):
+                state.num_pairs, state.last_out = hi, last[r]
                 state.drop_before(hi)
             work = rest
 
