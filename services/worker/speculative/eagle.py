@@ -135,7 +135,7 @@ class EagleProposer:
                 f"{where}: EAGLE heads read a Llama-family target's hidden states (Llama, Mistral, Qwen2/3, "
                 f"Mixtral, Qwen3-MoE, Phi-3); {target.architecture} is not supported"
             )
-        self.layout = read_layout(self.cfg, target)
+        self.layout = read_layout(self.cfg, target, load_format)
         check_same_tokenizer(self.cfg, target, target_tokenizer)  # (where the head has a tokenizer.json)
         self.head: EagleHead = build_head(
             self.cfg,
