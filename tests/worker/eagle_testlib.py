@@ -149,11 +149,18 @@ def _head_forward(
 
 @torch.no_grad()
 def reference_drafts(
-    target: Any, head_dir: Path, tokens: list[int], k: int, aux_layers: list[int], zero_features: bool = False
+    target: Any,
+    head_dir: Path,
+    tokens: list[int],
+    k: int,
+    aux_layers: list[int],
+    zero_features: bool = False,
+    missing: int = 0,
 ) -> list[int]:
     """The head's K greedy drafts after `tokens`, from the transformers target's hidden states: pair
     i = (token i + 1, feature i) for i = 0..n-2, then each draft and the head's own output chained.
-    `zero_features`: the same with zeros for the target's features (a negative control)."""
+    `zero_features`: zeros for all the target's features (a negative control); `missing`: zeros for
+    those of positions 0..missing-1 (positions the target did not compute: a prefix-cache hit)."""
     cfg = json.loads((head_dir / "config.json").read_text())
     w = {
         n: t.float() if t.is_floating_point() else t
@@ -163,10 +170,12 @@ def reference_drafts(
     ids = torch.tensor([tokens[:-1]])
     out = target.model(ids, output_hidden_states=True)
     if eagle3:
-        aux = torch.cat([out.hidden_states[j][0] for j in sorted(aux_layers)], -1)
-        hidden = (aux * (not zero_features)) @ w["fc.weight"].T
+        features = torch.cat([out.hidden_states[j][0] for j in sorted(aux_layers)], -1)
     else:
-        hidden = out.last_hidden_state[0] * (not zero_features)
+        features = out.last_hidden_state[0]
+    features = features.clone()
+    features[: len(features) if zero_features else missing] = 0.0
+    hidden = features @ w["fc.weight"].T if eagle3 else features
     embed = target.model.embed_tokens
     inputs = list(tokens[1:])
     drafts: list[int] = []

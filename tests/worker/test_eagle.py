@@ -72,6 +72,50 @@ def test_drafts_equal_a_reference_fed_by_the_targets_hidden_states(
     assert engine.eagle.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("layout", ["eagle", "eagle3"])
+def test_positions_of_a_prefix_cache_hit_enter_the_head_with_zero_features(
+    ref_models: dict[str, RefModel], eagle_heads: dict[str, Path], layout: str
+) -> None:
+    """A prompt whose first two blocks come from the prefix cache: the target computes no features
+    there, so the head reads zeros for positions 0..31 (the reference fed the same), and the greedy
+    output is still the target's."""
+    ref = ref_models["stories"]
+    head = eagle_heads[layout]
+    engine = ref.engine(
+        max_model_len=128, speculative="eagle", speculative_model=str(head), speculative_adaptive=False
+    )
+    assert engine.eagle is not None
+    first, other = prompts_of_lengths([40, 12], 512, seed=9)
+    second = first[:36] + other[1:]
+    sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine.generate([first], sp, prefix="first")
+    engine.add_request(EngineRequest("second", tuple(second), sp))
+    while not engine.requests["second"].sequences[0].num_output_tokens:
+        engine.step()
+    assert engine.block_manager.num_hit_tokens >= 32
+    seq = engine.requests["second"].sequences[0]
+    draft = engine.eagle.propose([seq], 3)[0]
+    assert draft is not None
+    tokens = list(seq.token_ids)
+    assert draft.token_ids == reference_drafts(ref.hf, head, tokens, 3, EAGLE3_AUX_LAYERS, missing=32)
+    while engine.has_unfinished():
+        engine.step()
+    plain = ref.engine(max_model_len=128).generate([second], sp)
+    assert seq.token_ids == tokens[: len(second)] + plain[0].token_ids[0]
+
+
+def test_an_eagle3_head_is_told_by_its_tensors(
+    ref_models: dict[str, RefModel], stories_dir: Path, tmp_path: Path
+) -> None:
+    """`midlayer.*` tensors make an EAGLE-3 head whatever its `architectures` says."""
+    cfg = head_config(stories_dir, True, eagle_aux_hidden_state_layer_ids=EAGLE3_AUX_LAYERS)
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    path = write_head(tmp_path, cfg, random_head_tensors(cfg, True, seed=4))
+    engine = ref_models["stories"].engine(speculative="eagle", speculative_model=str(path))
+    assert engine.eagle is not None and engine.eagle.layout.eagle3
+    assert engine.eagle.layout.aux_layers == (1, 2, 4)
+
+
 def test_a_head_that_computes_the_target_is_always_accepted(copy_pair: tuple[RefModel, Path, Path]) -> None:
     """Pair i = (token i + 1, feature i), the chained drafts and the target's LM head: a head equal
     to the target's computation drafts exactly the target's greedy tokens. Info reports it."""
