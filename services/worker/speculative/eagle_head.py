@@ -73,7 +73,9 @@ def read_layout(cfg: ModelConfig, target: ModelConfig, load_format: str = "auto"
     raw: dict[str, Any] = json.loads((Path(cfg.path) / "config.json").read_text())
     arch = str((raw.get("architectures") or [""])[0])
     names = _tensor_names(cfg.path, where) if load_format != "dummy" else {"fc.weight"}
-    eagle3 = arch in EAGLE3_ARCHITECTURES or any(n.startswith("layers.0.hidden_norm") or n == "d2t" for n in names)
+    eagle3 = arch in EAGLE3_ARCHITECTURES or any(
+        n.startswith("layers.0.hidden_norm") or n == "d2t" for n in names
+    )
     if not eagle3 and arch not in EAGLE1_ARCHITECTURES:
         raise ModelConfigError(
             f"{where}: architecture {arch!r} is not an EAGLE head this worker reads "
