@@ -151,7 +151,7 @@ class EagleProposer:
         # parameters one draft token costs: the head's, and the target's LM head it uses (EAGLE-1)
         self.num_params = sum(p.numel() for p in self.head.parameters())
         if not self.layout.eagle3:
-            self.num_params += model.lm_head.weight.numel()
+            self.num_params += sum(p.numel() for p in model.lm_head.parameters())
         self.runner = runner  # the target's: its sampling metadata, and the features it hands over
         model.model.aux_layers = self.layout.aux_layers
         runner.feature_sink = self.capture
