@@ -87,9 +87,9 @@ class UpConfig:
     tensor_parallel_size: int = 1
     """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
     speculative: Literal["off", "prompt-lookup", "draft-model", "eagle"] = "off"
-    """Speculative decoding in every worker: prompt-lookup (n-gram proposals) or draft-model (--speculative-model); docs/speculative.md."""
+    """Speculative decoding in every worker: prompt-lookup (n-gram proposals), draft-model (--speculative-model) or eagle (an EAGLE / EAGLE-3 head in --speculative-model); docs/speculative.md."""
     speculative_model: str = ""
-    """Draft model directory for every worker (same tokenizer and vocabulary as the model)."""
+    """Draft model directory for every worker (same tokenizer and vocabulary as the model), or the EAGLE head with --speculative eagle."""
     num_speculative_tokens: int = 0
     """Most tokens drafted per sequence and step (0 = the worker's default, 4)."""
     lora_modules: list[str] = field(default_factory=list)

@@ -106,9 +106,9 @@ class WorkerConfig(ServiceConfig):
     kv_events_buffer: int = 4096
     """Prefix-cache events (SubscribeKvEvents) kept for subscribers that reconnect; one further behind gets a snapshot."""
     speculative: Literal["off", "prompt-lookup", "draft-model", "eagle"] = "off"
-    """Speculative decoding (docs/speculative.md): prompt-lookup proposes the tokens that followed the latest earlier occurrence of the output's last n-gram in the prompt and output; draft-model runs --speculative-model in this worker; eagle is not implemented yet. Verification keeps the output distribution exact (greedy output is token-identical)."""
+    """Speculative decoding (docs/speculative.md): prompt-lookup proposes the tokens that followed the latest earlier occurrence of the output's last n-gram in the prompt and output; draft-model runs --speculative-model in this worker; eagle runs the EAGLE / EAGLE-3 head --speculative-model on the target's hidden states. Verification keeps the output distribution exact (greedy output is token-identical)."""
     speculative_model: str = ""
-    """Draft model directory (same tokenizer and vocabulary as --model); implies --speculative draft-model."""
+    """Draft model directory (same tokenizer and vocabulary as --model; alone it implies --speculative draft-model), or with --speculative eagle an EAGLE / EAGLE-3 head trained for --model."""
     num_speculative_tokens: int = 4
     """Most tokens proposed per sequence and step (K); with --speculative-adaptive the step's K is chosen in 0..K."""
     prompt_lookup_min: int = 2
@@ -224,9 +224,9 @@ class WorkerConfig(ServiceConfig):
         method = self.speculative_method
         if method == "off":
             return
-        if method == "eagle":
+        if method == "eagle" and not self.speculative_model:
             raise ValueError(
-                "--speculative eagle: EAGLE draft heads are not implemented yet (docs/speculative.md)"
+                "--speculative eagle needs --speculative-model HEAD_DIR (an EAGLE / EAGLE-3 checkpoint)"
             )
         if method == "draft-model" and not self.speculative_model:
             raise ValueError("--speculative draft-model needs --speculative-model DIR")

@@ -48,6 +48,7 @@ from services.worker.request import (
 )
 from services.worker.scheduler import SampledToken, Scheduler, SchedulerOutput
 from services.worker.speculative.draft_model import DraftModelProposer
+from services.worker.speculative.eagle import EagleProposer
 from services.worker.speculative.prompt_lookup import PromptLookupProposer
 from services.worker.speculative.speculator import Proposer, Speculator
 from services.worker.tp_group import BindKV, DrivenKVCache, Profile, StepDriver
@@ -184,10 +185,31 @@ class Engine:
             if config.speculative_method == "draft-model"
             else None
         )
+        # an EAGLE head reads the target's hidden states (set up before the profile and the graphs)
+        self.eagle = (
+            EagleProposer(
+                config.speculative_model,
+                cfg,
+                config.tokenizer,
+                self.runner,
+                self.ops,
+                self.device,
+                self.dtype,
+                self.max_model_len,
+                config.block_size,
+                config.max_num_batched_tokens,
+                config.seed,
+                config.load_format,
+            )
+            if config.speculative_method == "eagle"
+            else None
+        )
         num_blocks = self._num_kv_blocks()
         graphs = self.device.type == "cuda" and not config.enforce_eager and self.driver is None
         if self.draft_model is not None:
             self.draft_model.bind_kv_cache(num_blocks, config.max_num_seqs if graphs else 0)
+        if self.eagle is not None:
+            self.eagle.bind_kv_cache(num_blocks)
         if self.driver is not None:
             self.driver.send(BindKV(num_blocks))
             self.kv_cache: KVCache = DrivenKVCache(
@@ -240,10 +262,13 @@ class Engine:
         config = self.config
         proposer: Proposer
         draft_cost = 0.0
+        target_params = sum(p.numel() for p in self.runner.model.parameters())
         if self.draft_model is not None:
             proposer = self.draft_model
-            target_params = sum(p.numel() for p in self.runner.model.parameters())
             draft_cost = self.draft_model.num_params / max(target_params, 1)
+        elif self.eagle is not None:
+            proposer = self.eagle
+            draft_cost = self.eagle.num_params / max(target_params, 1)
         elif config.speculative_method == "prompt-lookup":
             proposer = PromptLookupProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         else:
@@ -265,6 +290,8 @@ class Engine:
         per_block = block_bytes(cfg, bs, self.kv_dtype)
         if self.draft_model is not None:  # the draft's cache has as many blocks: the budget is shared
             per_block += self.draft_model.block_bytes()
+        if self.eagle is not None:  # (so has an EAGLE head's)
+            per_block += self.eagle.block_bytes()
         blocks_per_seq = math.ceil(self.max_model_len / bs)
         budget = self.config.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
@@ -457,6 +484,7 @@ class Engine:
                 self.scheduler.abort(request)
         if self.speculator is not None:  # a draft model's blocks of finished sequences go back
             self.speculator.release([item.seq for item in scheduled.scheduled if item.seq.is_finished])
+            self.speculator.after_step()
         outputs = [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]
         return [out for out in outputs if out.choices or out.finished]  # a prefill chunk: nothing to say
 

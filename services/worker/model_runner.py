@@ -12,6 +12,7 @@ reference on CPU, Triton kernels on CUDA (`--attention-backend`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -110,6 +111,10 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
         self._greedy_columns: dict[int, torch.Tensor] = {}  # [8, S] placeholders for all-greedy steps
         self._readback: TokenReadback | None = None  # CUDA: pinned buffers the sampled ids come back through
+        # EAGLE heads (speculative/eagle.py): called after each forward with the step, the rows the
+        # head reads (the final hidden states, or the residual streams of LlamaModel.aux_layers)
+        # and cu_seqlens, before anything else may overwrite them
+        self.feature_sink: Callable[[SchedulerOutput, torch.Tensor, list[int]], None] | None = None
 
     def _tune_linears(self) -> list[str]:
         if self.ops.tune_linear is None:
@@ -140,13 +145,15 @@ class ModelRunner:
         return report
 
     def _decode_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:
-        """What a decode graph computes: hidden states, and for small batches the LM head + argmax."""
+        """What a decode graph computes: hidden states, and for small batches the LM head + argmax
+        (and an EAGLE-3 head's residual streams, when one reads them)."""
         hidden = self.model(input_ids, meta)
+        aux = self.model.model.aux_hidden if self.model.model.aux_layers else None
         if input_ids.shape[0] > GRAPH_LOGITS_MAX_ROWS:
-            return DecodeOutputs(hidden, None, None)
+            return DecodeOutputs(hidden, None, None, aux)
         logits = self.model.lm_head(hidden)  # [B, vocab] in the model dtype (compute_logits casts)
         greedy = self.ops.argmax(logits) if self.ops.argmax is not None else logits.argmax(dim=-1)
-        return DecodeOutputs(hidden, logits, greedy)
+        return DecodeOutputs(hidden, logits, greedy, aux)
 
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
@@ -276,6 +283,12 @@ class ModelRunner:
             hidden = self._forward_eager(
                 ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q, mm
             )
+        if self.feature_sink is not None:
+            features: torch.Tensor | None = hidden
+            if self.model.model.aux_layers:
+                features = decoded.aux if decoded is not None else self.model.model.aux_hidden
+            assert features is not None
+            self.feature_sink(out, features, cu_seqlens)
         self._prompt_logprobs(out, hidden, cu_seqlens)
         if pooled:
             self._pool(out, hidden, pooled)

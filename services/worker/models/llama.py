@@ -224,6 +224,10 @@ class LlamaModel(nn.Module):
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
         # gate_up_proj (the layer norms' weights are then ones).
         self.norms_folded = False
+        # EAGLE-3 heads read the residual stream entering these layers (speculative/eagle_head.py):
+        # each forward then leaves them side by side in `aux_hidden` [T, len(aux_layers) * hidden]
+        self.aux_layers: tuple[int, ...] = ()
+        self.aux_hidden: torch.Tensor | None = None
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None
@@ -237,16 +241,27 @@ class LlamaModel(nn.Module):
         # the unfolded forward, which is the same function here (its norms multiply by ones, the
         # projections carry their weights): the folded one measured slower for large-batch decode
         # (cuBLAS with beta = 1, the SiLU op re-reading h per chunk; docs/gpu.md round 5).
+        aux: list[torch.Tensor] = []
         if self.norms_folded and input_ids.shape[0] <= FOLDED_MAX_TOKENS:
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
+                if i in self.aux_layers:  # (the folded forward carries the raw residual stream)
+                    aux.append(hidden)
                 hidden = cast(DecoderLayer, layer).forward_folded(hidden, meta)
+            self._keep_aux(aux)
             return self.norm(hidden)  # the final norm is not folded (lm_head may be the embedding)
         residual: torch.Tensor | None = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                aux.append(hidden if residual is None else hidden + residual)
             hidden, residual = layer(hidden, residual, meta)
         assert residual is not None
+        self._keep_aux(aux)
         normed, _ = self.norm.add_and_norm(hidden, residual)
         return normed
+
+    def _keep_aux(self, aux: list[torch.Tensor]) -> None:
+        if self.aux_layers:
+            self.aux_hidden = torch.cat(aux, dim=-1)
 
     def _forward_stage(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Pipeline parallelism: this stage's layers between a receive from the stage before and
