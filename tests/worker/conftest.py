@@ -34,16 +34,11 @@ def ref_models(tiny_model_dirs: dict[str, Path], stories_dir: Path) -> dict[str,
     return refs
 
 
-# EAGLE-3 heads of these tests read stories260K's layers 1, 2 and 4 (its 5 layers make vLLM's
-# default (2, L // 2, L - 3) name layer 2 three times)
-EAGLE3_AUX_LAYERS = [4, 1, 2]
-
-
 @pytest.fixture(scope="session")
 def eagle_heads(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> dict[str, Path]:
     """Random EAGLE-1 and EAGLE-3 heads for stories260K, in the published checkpoint layouts (the
     EAGLE-3 one over a draft vocabulary of 200 of the 512 tokens)."""
-    from eagle_testlib import head_config, random_head_tensors, write_head
+    from eagle_testlib import EAGLE3_AUX_LAYERS, head_config, random_head_tensors, write_head
 
     heads = {}
     for name, eagle3 in (("eagle", False), ("eagle3", True)):

@@ -11,6 +11,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+# EAGLE-3 heads of these tests read stories260K's layers 1, 2 and 4 (its 5 layers make vLLM's
+# default (2, L // 2, L - 3) name layer 2 three times)
+EAGLE3_AUX_LAYERS = [4, 1, 2]
+
 
 def head_config(target_dir: Path, eagle3: bool, **extra: Any) -> dict[str, Any]:
     target = json.loads((target_dir / "config.json").read_text())

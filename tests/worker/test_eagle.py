@@ -10,8 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import EAGLE3_AUX_LAYERS
-from eagle_testlib import copy_target_and_head, head_config, random_head_tensors, reference_drafts, write_head
+from eagle_testlib import (
+    EAGLE3_AUX_LAYERS,
+    copy_target_and_head,
+    head_config,
+    random_head_tensors,
+    reference_drafts,
+    write_head,
+)
 from scipy.stats import chi2_contingency
 from worker_testlib import RefModel, load_ref, prompts_of_lengths
 
