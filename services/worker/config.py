@@ -174,11 +174,6 @@ class WorkerConfig(ServiceConfig):
                 "--quantization with --tensor-parallel-size / --pipeline-parallel-size: quantized "
                 "layers are not sharded yet (docs/parallel.md)"
             )
-        if self.world_size > 1 and self.role != "unified":
-            raise ValueError(
-                f"--tensor-parallel-size / --pipeline-parallel-size with --role {self.role}: "
-                "disaggregation with parallel workers is not implemented yet (docs/parallel.md)"
-            )
         if self.task == "embed" and self.role != "unified":
             raise ValueError(
                 f"--task embed with --role {self.role}: embeddings are computed in one worker (no disaggregation)"

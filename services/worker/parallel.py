@@ -153,6 +153,19 @@ def recv_from_stage(stage: int, *like: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def send_ctrl(x: torch.Tensor, dst: int) -> None:
+    """Send a host tensor to rank `dst` over the gloo control group (KV moved within the group,
+    services/worker/kv_reshard.py; rank 0 holds the driver's lock meanwhile). As raw bytes: any
+    dtype (fp8 too) travels."""
+    dist.send(x.contiguous().reshape(-1).view(torch.uint8), dst=dst, group=_STATE.ctrl_group)
+
+
+def recv_ctrl(buf: torch.Tensor, src: int) -> torch.Tensor:
+    """Receive into the contiguous host tensor `buf` from rank `src` over the control group."""
+    dist.recv(buf.reshape(-1).view(torch.uint8), src=src, group=_STATE.ctrl_group)
+    return buf
+
+
 def broadcast_object(obj: object = None) -> object:
     """Rank 0's `obj` on every rank (pickled over the gloo control group)."""
     state = _STATE
