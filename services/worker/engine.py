@@ -143,6 +143,7 @@ class Engine:
             max_lora_rank=config.max_lora_rank,
             max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             pooling=config.task == "embed",
+            pipeline_trace=config.pipeline_trace,
         )
         # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA.
         pool = self.runner.lora

@@ -135,20 +135,26 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def send_to_stage(stage: int, *tensors: torch.Tensor) -> None:
-    """Send tensors to this tensor-parallel rank's counterpart in `stage` (pipeline parallelism)."""
+Work = dist.Work
+
+
+def isend_to_stage(stage: int, *tensors: torch.Tensor, tag: int = 0) -> list[Work]:
+    """Start sending tensors to this tensor-parallel rank's counterpart in `stage` (pipeline
+    parallelism); wait on the returned works before the tensors change. `tag` tells apart the
+    micro-batches of a step (gloo matches a receive by it; NCCL keeps the order)."""
     state = _STATE
-    for t in tensors:
-        dist.send(t.contiguous(), dst=stage * state.tp_size + state.tp_rank)
+    dst = stage * state.tp_size + state.tp_rank
+    works = [dist.isend(t.contiguous(), dst=dst, tag=tag) for t in tensors]
+    return [w for w in works if w is not None]
 
 
-def recv_from_stage(stage: int, *like: torch.Tensor) -> list[torch.Tensor]:
+def recv_from_stage(stage: int, *like: torch.Tensor, tag: int = 0) -> list[torch.Tensor]:
     """Receive tensors shaped like `like` from this rank's counterpart in `stage`."""
     state = _STATE
     out = []
     for t in like:
         buf = torch.empty_like(t)
-        dist.recv(buf, src=stage * state.tp_size + state.tp_rank)
+        dist.recv(buf, src=stage * state.tp_size + state.tp_rank, tag=tag)
         out.append(buf)
     return out
 

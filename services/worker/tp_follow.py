@@ -37,6 +37,7 @@ def follow(config: WorkerConfig) -> int:
         config.load_format,
         config.seed,
         pooling=config.task == "embed",
+        pipeline_trace=config.pipeline_trace,
     )
     model = runner.model
     kv: KVCache | None = None
