@@ -47,6 +47,11 @@ class ParallelState:
     # control plane (rank 0 -> others: the step inputs, pickled host objects).
     group: dist.ProcessGroup | None = None
     ctrl_group: dist.ProcessGroup | None = None
+    # P > 1: the last stage's sends back to stage 0 go over a group of their own. On NCCL the
+    # sends and receives of one pair of ranks run in order on one stream; with P = 2 and
+    # micro-batches, stage 0's send of micro-batch 1 and stage 1's return of micro-batch 0 would
+    # each wait behind the other's receive there (pipeline.py).
+    return_group: dist.ProcessGroup | None = None
 
     @property
     def is_driver(self) -> bool:
@@ -105,7 +110,8 @@ def init_process_group(
     # Its own group even on gloo: rank 0's idle pings (tp_group.py) must never interleave with a
     # model collective of the engine thread on the same group.
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
-    _STATE = ParallelState(tp_size, rank % tp_size, pp_size, rank // tp_size, group, ctrl)
+    back = dist.new_group(timeout=timeout) if pp_size > 1 else None
+    _STATE = ParallelState(tp_size, rank % tp_size, pp_size, rank // tp_size, group, ctrl, back)
     return _STATE
 
 
@@ -144,17 +150,19 @@ def isend_to_stage(stage: int, *tensors: torch.Tensor, tag: int = 0) -> list[Wor
     micro-batches of a step (gloo matches a receive by it; NCCL keeps the order)."""
     state = _STATE
     dst = stage * state.tp_size + state.tp_rank
-    works = [dist.isend(t.contiguous(), dst=dst, tag=tag) for t in tensors]
+    group = state.return_group if stage == 0 else None  # (the last stage returning to stage 0)
+    works = [dist.isend(t.contiguous(), dst=dst, group=group, tag=tag) for t in tensors]
     return [w for w in works if w is not None]
 
 
 def recv_from_stage(stage: int, *like: torch.Tensor, tag: int = 0) -> list[torch.Tensor]:
     """Receive tensors shaped like `like` from this rank's counterpart in `stage`."""
     state = _STATE
+    group = state.return_group if state.pp_rank == 0 else None  # stage 0 hears only the last stage
     out = []
     for t in like:
         buf = torch.empty_like(t)
-        dist.recv(buf, src=stage * state.tp_size + state.tp_rank, tag=tag)
+        dist.recv(buf, src=stage * state.tp_size + state.tp_rank, group=group, tag=tag)
         out.append(buf)
     return out
 
