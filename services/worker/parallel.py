@@ -141,18 +141,30 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-Work = dist.Work
+@dataclass(frozen=True)
+class PendingSend:
+    """A send in flight and the buffer it reads (alive until `wait` returns)."""
+
+    work: dist.Work | None
+    buffer: torch.Tensor
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
 
 
-def isend_to_stage(stage: int, *tensors: torch.Tensor, tag: int = 0) -> list[Work]:
+def isend_to_stage(stage: int, *tensors: torch.Tensor, tag: int = 0) -> list[PendingSend]:
     """Start sending tensors to this tensor-parallel rank's counterpart in `stage` (pipeline
-    parallelism); wait on the returned works before the tensors change. `tag` tells apart the
+    parallelism); wait on the returned sends before the tensors change. `tag` tells apart the
     micro-batches of a step (gloo matches a receive by it; NCCL keeps the order)."""
     state = _STATE
     dst = stage * state.tp_size + state.tp_rank
     group = state.return_group if stage == 0 else None  # (the last stage returning to stage 0)
-    works = [dist.isend(t.contiguous(), dst=dst, group=group, tag=tag) for t in tensors]
-    return [w for w in works if w is not None]
+    sends = []
+    for t in tensors:
+        buffer = t.contiguous()
+        sends.append(PendingSend(dist.isend(buffer, dst=dst, group=group, tag=tag), buffer))
+    return sends
 
 
 def recv_from_stage(stage: int, *like: torch.Tensor, tag: int = 0) -> list[torch.Tensor]:

@@ -139,7 +139,7 @@ def forward_stage(
     stage, num_stages = layout.pp_rank, layout.pp_size
     first = stage == 0
     parts = micro_batches(meta, num_stages)
-    sends: list[parallel.Work] = []
+    sends: list[parallel.PendingSend] = []
     if trace is not None:
         trace.next_step()
     for i, mb in enumerate(parts):
@@ -157,8 +157,8 @@ def forward_stage(
         if trace is not None:
             trace.record(i, "layers", start, end)
     if not first:
-        for work in sends:
-            work.wait()
+        for send in sends:
+            send.wait()
         return hidden_like.new_empty(0, hidden_like.shape[0])
     normed = []
     for i, mb in enumerate(parts):
@@ -168,6 +168,6 @@ def forward_stage(
         if trace is not None:  # when this micro-batch came back through every stage
             trace.record(i, "returned", start, time.monotonic())
         normed.append(final_norm(hidden, residual))
-    for work in sends:
-        work.wait()
+    for send in sends:
+        send.wait()
     return normed[0] if len(normed) == 1 else torch.cat(normed)
