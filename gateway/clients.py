@@ -368,11 +368,16 @@ class WorkerClient:
             dtype=r.dtype,
             block_size=r.block_size,
             kv_dtype=r.kv_layout.dtype,
+            # the model's layout (what FetchKV moves), not one rank's: workers of different
+            # parallel layouts pair (a worker too old to report it gives its rank's)
             kv_layout=(
-                f"{r.kv_layout.num_layers} layers x {r.kv_layout.num_kv_heads} kv heads x "
+                f"{r.kv_layout.model_num_layers or r.kv_layout.num_layers} layers x "
+                f"{r.kv_layout.model_num_kv_heads or r.kv_layout.num_kv_heads} kv heads x "
                 f"{r.kv_layout.head_dim}, block {r.kv_layout.block_size}, {r.kv_layout.layout}"
             ),
             tensor_parallel_size=r.tensor_parallel_size or 1,
+            pipeline_parallel_size=r.pipeline_parallel_size or 1,
+            kv_heads_per_rank=r.kv_layout.num_kv_heads,
             fingerprint=r.fingerprint,
             kv_events=r.kv_events,
             task=_TASKS.get(r.task, "generate"),

@@ -83,6 +83,8 @@ class WorkerConfig(ServiceConfig):
     """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
     pipeline_parallel_size: int = 1
     """Pipeline stages the layers are split into (each stage T ranks; --tensor-parallel-size x this = ranks in all, docs/parallel.md)."""
+    pipeline_trace: str = ""
+    """Folder where each pipeline stage appends when it starts and ends each micro-batch (JSON lines per rank; tests and profiling, docs/parallel.md); "" = off."""
     nnodes: int = 1
     """Hosts the tensor-parallel group spans (each runs `tandem worker` with the same options and its --node-rank; --tensor-parallel-size / --nnodes ranks per host)."""
     node_rank: int = 0
@@ -173,11 +175,6 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(
                 "--quantization with --tensor-parallel-size / --pipeline-parallel-size: quantized "
                 "layers are not sharded yet (docs/parallel.md)"
-            )
-        if self.world_size > 1 and self.role != "unified":
-            raise ValueError(
-                f"--tensor-parallel-size / --pipeline-parallel-size with --role {self.role}: "
-                "disaggregation with parallel workers is not implemented yet (docs/parallel.md)"
             )
         if self.task == "embed" and self.role != "unified":
             raise ValueError(

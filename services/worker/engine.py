@@ -144,6 +144,7 @@ class Engine:
             max_lora_rank=config.max_lora_rank,
             max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             pooling=config.task == "embed",
+            pipeline_trace=config.pipeline_trace,
         )
         # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
         state = parallel.current()

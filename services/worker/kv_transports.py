@@ -52,10 +52,13 @@ def nixl_installed() -> bool:
     return importlib.util.find_spec("nixl") is not None
 
 
-def unavailable_reason(transport: Transport, device: torch.device) -> str:
-    """Why this worker cannot use `transport` ("" = it can)."""
+def unavailable_reason(transport: Transport, device: torch.device, world_size: int = 1) -> str:
+    """Why this worker (a group of `world_size` ranks) cannot use `transport` ("" = it can)."""
     if transport == "cuda-ipc" and device.type != "cuda":
         return f"CUDA IPC needs a CUDA device (this worker runs on {device.type})"
+    if transport == "cuda-ipc" and world_size > 1:
+        # the handle names one tensor; a group's KV is spread over its ranks (kv_reshard.py)
+        return "CUDA IPC moves one rank's cache; this worker is a parallel group"
     if transport == "nixl":
         if not nixl_installed():
             return "the nixl package is not installed"
@@ -64,12 +67,14 @@ def unavailable_reason(transport: Transport, device: torch.device) -> str:
     return ""
 
 
-def supported(device: torch.device) -> tuple[Transport, ...]:
+def supported(device: torch.device, world_size: int = 1) -> tuple[Transport, ...]:
     """The transports this worker can serve and use, fastest first."""
-    return tuple(t for t in ORDER if not unavailable_reason(t, device))
+    return tuple(t for t in ORDER if not unavailable_reason(t, device, world_size))
 
 
-def preferences(setting: str, available: Sequence[Transport], device: torch.device) -> tuple[Transport, ...]:
+def preferences(
+    setting: str, available: Sequence[Transport], device: torch.device, world_size: int = 1
+) -> tuple[Transport, ...]:
     """What a decode worker asks for under `--kv-transport setting`: auto = everything available,
     fastest first; a named transport first (when available here), then gRPC; grpc = gRPC only."""
     if setting == "auto":
@@ -77,7 +82,7 @@ def preferences(setting: str, available: Sequence[Transport], device: torch.devi
     if setting == "grpc":
         return ("grpc",)
     if setting not in available:
-        reason = unavailable_reason(setting, device) or "not supported here"  # type: ignore[arg-type]
+        reason = unavailable_reason(setting, device, world_size) or "not supported here"  # type: ignore[arg-type]
         log.warning("--kv-transport %s: %s; using gRPC", setting, reason)
         return ("grpc",)
     return (setting, "grpc")  # type: ignore[return-value]

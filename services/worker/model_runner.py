@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from kernels import KernelOps
+from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.guided import apply_token_mask, guided_rows
@@ -27,7 +28,9 @@ from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
 from services.worker.mm_inputs import EncoderCache
 from services.worker.model_config import ModelConfig
+from services.worker.models.llama import LlamaModel
 from services.worker.models.llava import ImageEmbeddingRows, LlavaForConditionalGeneration
+from services.worker.pipeline import StageTrace
 from services.worker.request import Sequence, TokenLogprob
 from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
 from services.worker.sampling_rng import draw_table
@@ -68,6 +71,7 @@ class ModelRunner:
         max_lora_rank: int = 16,
         max_num_tokens: int = 0,
         pooling: bool = False,
+        pipeline_trace: str = "",
     ) -> None:
         self.cfg = cfg
         self.ops = ops
@@ -100,6 +104,9 @@ class ModelRunner:
                 device,
                 cfg.hidden_size,
             )
+        if pipeline_trace and isinstance(getattr(self.model, "model", None), LlamaModel):
+            state = parallel.current()
+            self.model.model.trace = StageTrace(pipeline_trace, state.rank, state.pp_rank)
         self.encoder_cache = EncoderCache()  # image embeddings by hash (multimodal models)
         rope_len = max(max_model_len, 1)
         self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)

@@ -198,9 +198,9 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
 def fingerprint(engine: Engine) -> str:
     cfg = engine.model_config
     parts = [cfg.architecture, engine.served_model_name, str(engine.dtype), str(engine.config.block_size)]
-    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, f"tp{engine.tp_size}"]
-    if engine.pp_size > 1:
-        parts.append(f"pp{engine.pp_size}")
+    # The model's KV layout, not the group's: KV moves between workers of any tensor / pipeline
+    # layout in the model's layout (kv_reshard.py).
+    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT]
     if engine.kv_dtype != engine.dtype:  # (unchanged fingerprints for a cache in the model dtype)
         parts.append(f"kv:{engine.kv_dtype}")
     if engine.quantization != "none":  # quantized weights compute a different KV
@@ -252,9 +252,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._credentials = tls.channel_credentials() if tls is not None else None
         self._kv_channels: dict[str, grpc.aio.Channel] = {}  # prefill workers we fetch from
         # Transports this worker serves and uses (tests may narrow or widen them), and what it asks for.
-        self.kv_transports = kv_transports.supported(self.engine.device)
+        world_size = self.engine.tp_size * self.engine.pp_size
+        self.kv_transports = kv_transports.supported(self.engine.device, world_size)
         self.kv_preferences = kv_transports.preferences(
-            self.engine.config.kv_transport, self.kv_transports, self.engine.device
+            self.engine.config.kv_transport, self.kv_transports, self.engine.device, world_size
         )
         self.fetch_stats: list[kv_transfer.FetchStats] = []  # the last few, for tests and logs
         self.peer_transfers = PeerTransferLog()  # per prefill worker and transport: Info, /metrics
@@ -429,7 +430,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 stats = await kv_transfer.receive(
                     self.async_engine.call,
                     self.engine,
-                    self.engine.kv_cache.tensor,
+                    self.engine.kv_cache,
                     req.request_id,
                     source,
                     self._fetch_kv,
@@ -507,6 +508,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 block_size=e.config.block_size,
                 dtype=KV_DTYPE_NAMES[e.kv_dtype],  # --kv-cache-dtype fp8: float8_e4m3fn, not the model's
                 layout=KV_LAYOUT,
+                model_num_layers=cfg.num_layers,
+                model_num_kv_heads=cfg.num_kv_heads,
             ),
             vocab_size=cfg.vocab_size,
             eos_token_ids=cfg.eos_token_ids,
@@ -749,11 +752,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 return
             num_bytes = 0
             async for raw in kv_transfer.stream_chunks(
-                kv,
+                self.engine.kv_cache,
                 held.block_ids,
                 first_block,
                 request.chunk_bytes or self.engine.config.kv_chunk_bytes,
                 encode_chunk,
+                # a group's chunks are gathered from its ranks on the engine thread (kv_reshard.py)
+                run=self.async_engine.call if self.engine.driver is not None else None,
             ):
                 yield raw
                 num_bytes += len(raw)

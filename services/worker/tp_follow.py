@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from kernels import get_ops
-from services.worker import parallel
+from services.worker import kv_reshard, parallel
 from services.worker.config import WorkerConfig
 from services.worker.engine import resolve_device, resolve_dtype, resolve_kv_dtype, resolve_max_model_len
 from services.worker.kv_cache import KVCache
+from services.worker.kv_reshard import ReadKV, WriteKV
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.lora.adapter import LoRAAdapter, LoRAAdapterError, load_adapter
 from services.worker.model_config import load_model_config
@@ -40,11 +41,14 @@ def follow(config: WorkerConfig) -> int:
         max_lora_rank=config.max_lora_rank,
         max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
         pooling=config.task == "embed",
+        pipeline_trace=config.pipeline_trace,
     )
     model = runner.model
     kv: KVCache | None = None
     # this rank's shards of the adapters rank 0 holds, by lora_id (tp_group.py LoadLoRA)
     adapters: dict[int, LoRAAdapter] = {}
+    state = parallel.current()
+    ranks = kv_reshard.rank_kv(cfg, state.tp_size, state.pp_size)
     with torch.inference_mode():
         while True:
             cmd = parallel.broadcast_object()
@@ -75,6 +79,9 @@ def follow(config: WorkerConfig) -> int:
                 kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
                 kv = KVCache(cfg, cmd.num_blocks, config.block_size, kv_dtype, device)
                 runner.bind_kv_cache(kv)
+            elif isinstance(cmd, ReadKV | WriteKV):  # disaggregation: this rank's heads
+                assert kv is not None
+                kv_reshard.serve(kv.tensor, ranks, cmd)
             elif isinstance(cmd, Profile):
                 runner.profile_peak_bytes(cmd.num_tokens, cmd.num_seqs)
             elif isinstance(cmd, LoadLoRA):

@@ -8,7 +8,9 @@
                the KV cache, then run `tp_follow.follow`: receive a command, run it, repeat.
 
 The commands travel as pickled host objects over a gloo group of their own (`broadcast_object`);
-the model's collectives run on the main group (NCCL on CUDA, gloo on CPU).
+the model's collectives run on the main group (NCCL on CUDA, gloo on CPU). Disaggregation's KV
+moves within the group after a ReadKV / WriteKV command, point to point on the gloo group
+(kv_reshard.py).
 
 LoRA adapters (docs/lora.md): a load on rank 0 (start-up or LoadLoRA) is a `LoadLoRA` command,
 each rank reading its own shard of the files, and the ranks' answers are gathered so that one
@@ -42,10 +44,12 @@ from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
-from services.worker import parallel
+from services.worker import kv_reshard, parallel
 from services.worker.kv_cache import KVCache
+from services.worker.kv_reshard import ReadKV, WriteKV
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.lora.adapter import LoRAAdapterError
+from services.worker.model_config import ModelConfig
 
 if TYPE_CHECKING:
     from services.worker.lora.adapter import LoRAAdapter
@@ -110,7 +114,7 @@ class Ping:
     pass
 
 
-Command = Forward | Logits | CopyBlocks | BindKV | Profile | Ping | LoadLoRA
+Command = Forward | Logits | CopyBlocks | BindKV | Profile | Ping | LoadLoRA | ReadKV | WriteKV
 
 
 class StepDriver:
@@ -133,6 +137,15 @@ class StepDriver:
             return
         with self._lock:
             parallel.broadcast_object(cmd)
+            self._last = time.monotonic()
+
+    @contextlib.contextmanager
+    def command(self, cmd: Command) -> Iterator[None]:
+        """Broadcast `cmd` and keep the control group until the block ends: the command's own
+        point-to-point transfers on that group (kv_reshard.py) must not meet a ping."""
+        with self._lock:
+            parallel.broadcast_object(cmd)
+            yield
             self._last = time.monotonic()
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -211,14 +224,42 @@ class StepDriver:
 
 
 class DrivenKVCache(KVCache):
-    """Rank 0's KV cache: a copy of blocks (copy-on-fork) happens on every rank."""
+    """Rank 0's KV cache: a copy of blocks (copy-on-fork) happens on every rank, and disaggregation
+    reads and writes the group's KV in the model's layout (kv_reshard.py)."""
 
     driver: StepDriver | None = None
+
+    def __init__(
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__(cfg, num_blocks, block_size, dtype, device)
+        state = parallel.current()
+        self.ranks = kv_reshard.rank_kv(cfg, state.tp_size, state.pp_size)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies and self.driver is not None:
             self.driver.send(CopyBlocks(copies))
         super().copy_blocks(copies)
+
+    def read_blocks(self, layer_start: int, layer_end: int, block_ids: tuple[int, ...]) -> torch.Tensor:
+        assert self.driver is not None
+        cmd = ReadKV(tuple(block_ids), layer_start, layer_end)
+        try:
+            with self.driver.command(cmd):
+                return kv_reshard.gather(self.tensor, self.ranks, cmd, self.model_shape[4])
+        except Exception as exc:  # a rank is gone mid-transfer: the group cannot go on
+            group_failed(exc)
+            raise
+
+    def write_blocks(self, layer_start: int, layer_end: int, block_ids: list[int], src: torch.Tensor) -> None:
+        assert self.driver is not None
+        cmd = WriteKV(tuple(block_ids), layer_start, layer_end)
+        try:
+            with self.driver.command(cmd):
+                kv_reshard.scatter(self.tensor, self.ranks, cmd, src)
+        except Exception as exc:
+            group_failed(exc)
+            raise
 
 
 # ---- starting the group (rank 0) ----------------------------------------------------------------

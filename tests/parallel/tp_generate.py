@@ -67,6 +67,7 @@ def main(argv: list[str]) -> int:
                     "top": [[list(map(list, lp.top)) for lp in r.logprobs.get(0, [])] for r in results],
                     "used_blocks": engine.block_manager.num_used_blocks,
                     "num_kv_heads": int(engine.kv_cache.tensor.shape[4]),
+                    "num_preemptions": engine.scheduler.num_preemptions,
                 }
             )
         )

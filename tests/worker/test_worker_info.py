@@ -161,6 +161,8 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
             "block_size": BLOCK_SIZE,
             "dtype": variant.kv_dtype,
             "layout": "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]",
+            "model_num_layers": num_layers,  # one rank: its layers and KV heads are the model's
+            "model_num_kv_heads": num_kv_heads,
         },
         "vocab_size": cfg["vocab_size"],
         "eos_token_ids": [1, 2],  # config.json's eos_token_id and generation_config.json's
