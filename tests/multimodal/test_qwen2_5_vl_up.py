@@ -1,0 +1,86 @@
+"""Qwen2.5-VL image chats through `tandem up` and the official openai client: the answers equal
+transformers' greedy generate on the same conversation (one, two and no images, in parallel)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import torch
+from llava_testlib import data_url, png
+from qwen_testlib import EOS, hf_greedy, hf_inputs, hf_processor
+
+from services.styler.images import decode_image
+from tests.e2e.stack import UpProcess
+
+pytestmark = [pytest.mark.e2e]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def hf(qwen_vl_dir: Path) -> tuple[Any, Any]:
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(qwen_vl_dir), dtype=torch.float32).eval()
+    return model, hf_processor(qwen_vl_dir)
+
+
+def expected_answer(hf: tuple[Any, Any], parts: list[str | bytes]) -> tuple[str, int]:
+    """transformers' greedy answer as text, and the prompt's token count."""
+    model, processor = hf
+    content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]
+    images = [decode_image(p) for p in parts if isinstance(p, bytes)]
+    inputs = hf_inputs(processor, [{"role": "user", "content": content}], images)
+    tokens = [t for t in hf_greedy(model, inputs, MAX_TOKENS) if t != EOS]
+    return processor.tokenizer.decode(tokens, skip_special_tokens=True), int(inputs["input_ids"].shape[1])
+
+
+def chat(client: openai.OpenAI, parts: list[str | bytes]) -> tuple[str, int]:
+    content = [
+        {"type": "text", "text": p}
+        if isinstance(p, str)
+        else {"type": "image_url", "image_url": {"url": data_url(p)}}
+        for p in parts
+    ]
+    reply = client.chat.completions.create(
+        model="",
+        messages=[{"role": "user", "content": content}],  # type: ignore[list-item,misc]
+        max_tokens=MAX_TOKENS,
+        temperature=0.0,
+    )
+    assert reply.usage is not None
+    return reply.choices[0].message.content or "", reply.usage.prompt_tokens
+
+
+CONVERSATIONS: list[list[str | bytes]] = [
+    ["What is this? ", png(60, 90, seed=0)],
+    [png(200, 50, seed=1), " versus ", png(30, 30, seed=2), " which one?"],
+    ["Only text here."],
+    ["Describe ", png(300, 200, seed=3)],
+]
+
+
+def check_answers(client: openai.OpenAI, hf: tuple[Any, Any]) -> None:
+    with concurrent.futures.ThreadPoolExecutor(len(CONVERSATIONS)) as pool:  # one batch in the worker
+        answers = list(pool.map(lambda c: chat(client, c), CONVERSATIONS))
+    for conversation, answer in zip(CONVERSATIONS, answers, strict=True):
+        assert answer == expected_answer(hf, conversation)
+
+
+@pytest.fixture(scope="module")
+def up(qwen_vl_dir: Path) -> Iterator[UpProcess]:
+    process = UpProcess(qwen_vl_dir, "--device", "cpu", "--served-model-name", "qwen-vl")
+    try:
+        process.wait_healthy(timeout_s=180)
+        yield process
+    finally:
+        process.stop()
+
+
+def test_image_chats_through_tandem_up(up: UpProcess, hf: tuple[Any, Any]) -> None:
+    client = openai.OpenAI(base_url=up.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    check_answers(client, hf)
