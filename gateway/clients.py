@@ -477,6 +477,14 @@ class WorkerClient:
         r = await self._stub.ReleaseKV(worker_pb2.ReleaseKVRequest(handle_id=handle_id), timeout=timeout_s)
         return bool(r.released)
 
+    async def encode(
+        self, request_id: str, images: Sequence[common_pb2.ImageInput], timeout_s: float | None = None
+    ) -> tuple[common_pb2.ImageInput, ...]:
+        """An encode worker's Encode: the images with their embeddings instead of their pixels."""
+        request = worker_pb2.EncodeRequest(request_id=request_id, images=list(images))
+        response = await self._stub.Encode(request, timeout=timeout_s)
+        return tuple(response.images)
+
     async def generate(
         self,
         request_id: str,

@@ -13,3 +13,10 @@ def pixels_hash(shape: Sequence[int], grid_thw: Sequence[int], data: bytes) -> s
     towers, which keeps LLaVA's hashes as they were) and their float32 bytes."""
     grid = repr(tuple(grid_thw)).encode() if grid_thw else b""
     return hashlib.sha256(repr(tuple(shape)).encode() + grid + data).hexdigest()
+
+
+def embeddings_hash(shape: Sequence[int], dtype: str, data: bytes) -> str:
+    """sha256 hex of an image's embedding rows (an encode worker's output): their shape, dtype
+    name and bytes. The worker that takes them keys its prefix cache by this, a hash of what its
+    model actually reads, so rows given by a caller can never pass for another image's."""
+    return hashlib.sha256(b"embeddings" + repr(tuple(shape)).encode() + dtype.encode() + data).hexdigest()

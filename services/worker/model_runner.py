@@ -462,7 +462,10 @@ class ModelRunner:
                 lo, hi = max(start, image.offset), min(end, image.end)
                 if lo < hi:
                     assert isinstance(self.model, IMAGE_MODELS), "validated at admission"
-                    full = self.encoder_cache.get(image, self.model.encode_image)
+                    if image.embeds is not None:  # an encode worker's rows
+                        full = image.embeds.to(self.device, self.dtype)
+                    else:
+                        full = self.encoder_cache.get(image, self.model.encode_image)
                     embeds.append(full[lo - image.offset : hi - image.offset])
                     rows += range(cu_seqlens[i] + lo - start, cu_seqlens[i] + hi - start)
                     if layout:

@@ -9,10 +9,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from llava_testlib import data_url
+
+from services.styler.images import decode_image
+from services.worker.engine import Engine, GenerateResult, collect
+from services.worker.mm_inputs import ImageInput
+from services.worker.request import EngineRequest, SamplingParams
 
 VOCAB = 151936
 VISION_START, VISION_END, IMAGE_PAD = 151652, 151653, 151655
 EOS = 151645
+MAX_TOKENS = 8  # greedy tokens each test compares
 # Small images: at most 64 merged patches (256 patches of 14 px), at least 2 x 2 merged patches
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 64
 # The tokens Qwen2.5's tokenizer adds after <|im_end|> (151646 ...); our copy of its tokenizer.json
@@ -118,3 +125,43 @@ def hf_greedy(model: Any, inputs: dict[str, Any], max_new_tokens: int) -> list[i
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=EOS, pad_token_id=0
     )
     return [int(t) for t in out[0, prompt_len:]]
+
+
+def chat_messages(
+    texts_and_images: list[str | bytes],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Any]]:
+    """(OpenAI chat messages, transformers' messages, PIL images) for one user turn."""
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    images = []
+    for part in texts_and_images:
+        if isinstance(part, str):
+            ours.append({"type": "text", "text": part})
+            theirs.append({"type": "text", "text": part})
+        else:
+            ours.append({"type": "image_url", "image_url": {"url": data_url(part)}})
+            theirs.append({"type": "image"})
+            images.append(decode_image(part))
+    return [{"role": "user", "content": ours}], [{"role": "user", "content": theirs}], images
+
+
+def engine_request(request_id: str, rendered: Any) -> EngineRequest:
+    images = tuple(
+        ImageInput(
+            im.pixels.hash, im.offset, im.length, torch.from_numpy(im.pixels.array), im.pixels.grid_thw
+        )
+        for im in rendered.images
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    return EngineRequest(request_id, tuple(rendered.token_ids), params, images=images)
+
+
+def run_engine(engine: Engine, requests: list[EngineRequest]) -> list[GenerateResult]:
+    results = {}
+    for req in requests:
+        engine.add_request(req)
+        results[req.request_id] = GenerateResult(req.request_id)
+    while engine.has_unfinished():
+        for out in engine.step():
+            collect(results[out.request_id], out)
+    return list(results.values())

@@ -13,20 +13,27 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from llava_testlib import data_url, png
-from qwen_testlib import IMAGE_PAD, hf_greedy, hf_inputs, hf_processor
+from llava_testlib import png
+from qwen_testlib import (
+    IMAGE_PAD,
+    MAX_TOKENS,
+    chat_messages,
+    engine_request,
+    hf_greedy,
+    hf_inputs,
+    hf_processor,
+    run_engine,
+)
 
-from services.styler.images import decode_image
 from services.styler.styler import RenderInput, Styler, StylerOptions
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine, GenerateResult, collect
+from services.worker.engine import Engine
 from services.worker.errors import InvalidRequestError
 from services.worker.mm_inputs import ImageInput
 from services.worker.model_config import load_model_config
 from services.worker.mrope import image_positions, rope_images, text_positions
-from services.worker.request import EngineRequest, SamplingParams
+from services.worker.request import EngineRequest
 
-MAX_TOKENS = 8
 SIZES = [(60, 90), (200, 50), (30, 30), (300, 200), (90, 60)]  # width x height
 
 
@@ -54,51 +61,6 @@ def engine(qwen_vl_dir: Path) -> Engine:
     return Engine(WorkerConfig(model=str(qwen_vl_dir), device="cpu", kv_cache_memory="8MiB", max_num_seqs=8))
 
 
-def _chat(
-    texts_and_images: list[str | bytes],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Any]]:
-    """(OpenAI chat messages, transformers' messages, PIL images) for one user turn."""
-    ours: list[dict[str, Any]] = []
-    theirs: list[dict[str, Any]] = []
-    images = []
-    for part in texts_and_images:
-        if isinstance(part, str):
-            ours.append({"type": "text", "text": part})
-            theirs.append({"type": "text", "text": part})
-        else:
-            ours.append({"type": "image_url", "image_url": {"url": data_url(part)}})
-            theirs.append({"type": "image"})
-            images.append(decode_image(part))
-    return [{"role": "user", "content": ours}], [{"role": "user", "content": theirs}], images
-
-
-def _requests(styler: Styler, conversations: list[list[str | bytes]]) -> list[tuple[Any, dict[str, Any]]]:
-    """Each conversation rendered by our styler (token ids + images), with transformers' inputs."""
-    return [(styler.render(RenderInput(messages=_chat(c)[0])), c) for c in conversations]  # type: ignore[misc]
-
-
-def _engine_request(request_id: str, rendered: Any) -> EngineRequest:
-    images = tuple(
-        ImageInput(
-            im.pixels.hash, im.offset, im.length, torch.from_numpy(im.pixels.array), im.pixels.grid_thw
-        )
-        for im in rendered.images
-    )
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-    return EngineRequest(request_id, tuple(rendered.token_ids), params, images=images)
-
-
-def _run(engine: Engine, requests: list[EngineRequest]) -> list[GenerateResult]:
-    results = {}
-    for req in requests:
-        engine.add_request(req)
-        results[req.request_id] = GenerateResult(req.request_id)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
-    return list(results.values())
-
-
 CONVERSATIONS: list[list[str | bytes]] = [
     ["What is this? ", png(*SIZES[0], seed=0)],
     ["Just text, no picture at all."],
@@ -111,7 +73,7 @@ CONVERSATIONS: list[list[str | bytes]] = [
 
 def test_ids_and_pixels_equal_transformers_processor(styler: Styler, processor: Any) -> None:
     for conversation in CONVERSATIONS:
-        ours_msgs, hf_msgs, images = _chat(conversation)
+        ours_msgs, hf_msgs, images = chat_messages(conversation)
         rendered = styler.render(RenderInput(messages=ours_msgs))  # type: ignore[arg-type]
         expected = hf_inputs(processor, hf_msgs, images)
         assert rendered.token_ids == expected["input_ids"][0].tolist()
@@ -129,7 +91,7 @@ def test_mrope_positions_equal_get_rope_index(hf_model: Any, styler: Styler, pro
     """Our positions (text: shifted 1D; image tokens: (t, h, w)) are transformers'
     `get_rope_index`, for the prompt and the generated tokens after it (`rope_deltas`)."""
     for conversation in CONVERSATIONS:
-        ours_msgs, hf_msgs, images = _chat(conversation)
+        ours_msgs, hf_msgs, images = chat_messages(conversation)
         rendered = styler.render(RenderInput(messages=ours_msgs))  # type: ignore[arg-type]
         if not images:
             continue
@@ -137,7 +99,7 @@ def test_mrope_positions_equal_get_rope_index(hf_model: Any, styler: Styler, pro
         expected, deltas = hf_model.model.get_rope_index(
             inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
         )
-        req = _engine_request("p", rendered)
+        req = engine_request("p", rendered)
         n = len(rendered.token_ids)
         ours = torch.tensor(text_positions(req.images, 2, 0, n + 3)).repeat(3, 1)
         layout, _ = rope_images(req.images, 2)
@@ -165,10 +127,10 @@ def test_greedy_with_images_matches_transformers(
             enable_prefix_caching=False,
         )
     )
-    rendered = [styler.render(RenderInput(messages=_chat(c)[0])) for c in CONVERSATIONS]  # type: ignore[arg-type]
-    results = _run(engine, [_engine_request(f"r{k}", r) for k, r in enumerate(rendered)])
+    rendered = [styler.render(RenderInput(messages=chat_messages(c)[0])) for c in CONVERSATIONS]  # type: ignore[arg-type]
+    results = run_engine(engine, [engine_request(f"r{k}", r) for k, r in enumerate(rendered)])
     for conversation, result in zip(CONVERSATIONS, results, strict=True):
-        _, hf_msgs, images = _chat(conversation)
+        _, hf_msgs, images = chat_messages(conversation)
         assert result.error is None
         assert result.token_ids[0] == hf_greedy(hf_model, hf_inputs(processor, hf_msgs, images), MAX_TOKENS)
     assert engine.block_manager.num_used_blocks == 0
@@ -184,9 +146,9 @@ def test_same_tokens_different_images_never_share_kv(
     cache = engine.runner.encoder_cache
     misses = cache.misses
     for k, conversation in enumerate(conversations):
-        (rendered,) = [styler.render(RenderInput(messages=_chat(conversation)[0]))]  # type: ignore[arg-type]
-        (result,) = _run(engine, [_engine_request(f"s{k}", rendered)])
-        _, hf_msgs, images = _chat(conversation)
+        (rendered,) = [styler.render(RenderInput(messages=chat_messages(conversation)[0]))]  # type: ignore[arg-type]
+        (result,) = run_engine(engine, [engine_request(f"s{k}", rendered)])
+        _, hf_msgs, images = chat_messages(conversation)
         assert result.token_ids[0] == hf_greedy(hf_model, hf_inputs(processor, hf_msgs, images), MAX_TOKENS)
         bs = engine.config.block_size
         cached = result.usage.cached_prompt_tokens if result.usage else -1
@@ -195,15 +157,15 @@ def test_same_tokens_different_images_never_share_kv(
 
 
 def test_bad_grids_and_spans_are_refused(engine: Engine, styler: Styler) -> None:
-    rendered = styler.render(RenderInput(messages=_chat(["x ", png(60, 90, seed=0)])[0]))  # type: ignore[arg-type]
-    (image,) = _engine_request("x", rendered).images
+    rendered = styler.render(RenderInput(messages=chat_messages(["x ", png(60, 90, seed=0)])[0]))  # type: ignore[arg-type]
+    (image,) = engine_request("x", rendered).images
     prompt = tuple(rendered.token_ids)
     cases = [
         (
             ImageInput(image.hash, image.offset, image.length - 1, image.pixel_values, image.grid_thw),
             "length",
         ),
-        (ImageInput(image.hash, image.offset, image.length, image.pixel_values, (1, 4, 4)), "shape"),
+        (ImageInput(image.hash, image.offset, image.length, image.pixel_values, (1, 4, 4)), "length"),
         (ImageInput(image.hash, image.offset, image.length, image.pixel_values, (1, 3, 8)), "grid_thw"),
         (ImageInput(image.hash, image.offset, image.length, image.pixel_values, (2, 6, 2)), "grid_thw"),
         (
@@ -219,8 +181,8 @@ def test_bad_grids_and_spans_are_refused(engine: Engine, styler: Styler) -> None
 
 def test_image_pad_in_the_text_is_refused(styler: Styler) -> None:
     with pytest.raises(ValueError, match="placeholder"):
-        styler.render(RenderInput(messages=_chat(["<|image_pad|> ", png(60, 90, seed=0)])[0]))  # type: ignore[arg-type]
-    assert IMAGE_PAD in styler.render(RenderInput(messages=_chat([png(60, 90, seed=0)])[0])).token_ids  # type: ignore[arg-type]
+        styler.render(RenderInput(messages=chat_messages(["<|image_pad|> ", png(60, 90, seed=0)])[0]))  # type: ignore[arg-type]
+    assert IMAGE_PAD in styler.render(RenderInput(messages=chat_messages([png(60, 90, seed=0)])[0])).token_ids  # type: ignore[arg-type]
 
 
 def test_hub_layout_config(tmp_path: Path, qwen_vl_dir: Path) -> None:

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from kernels import KernelOps
 from services.worker.errors import InvalidRequestError
 from services.worker.layers.attention import AttentionMetadata
-from services.worker.mm_inputs import ImageInput
+from services.worker.mm_inputs import ImageInput, check_embeddings
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models.llama import LlamaForCausalLM
 
@@ -205,16 +205,19 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         """Refuse pixels of another shape than the vision tower's, or a placeholder run of another
         length than its rows (either would fail inside a forward, costing the whole batch)."""
         emb = self.vision_tower.embeddings
+        rows = emb.num_positions - (1 if self.select_strategy == "default" else 0)
+        if image.length != rows:
+            raise InvalidRequestError(
+                f"images[{index}].length", f"{image.length}; this model's images are {rows} tokens"
+            )
+        if image.embeds is not None:  # encoded by an encode worker
+            check_embeddings(index, image, self.config.hidden_size)
+            return
         size = emb.image_size
         want = (emb.patch_embedding.in_channels, size, size)
         if tuple(image.pixel_values.shape) != want:
             raise InvalidRequestError(
                 f"images[{index}].shape", f"{list(image.pixel_values.shape)}; this model takes {list(want)}"
-            )
-        rows = emb.num_positions - (1 if self.select_strategy == "default" else 0)
-        if image.length != rows:
-            raise InvalidRequestError(
-                f"images[{index}].length", f"{image.length}; this model's images are {rows} tokens"
             )
 
     @torch.no_grad()

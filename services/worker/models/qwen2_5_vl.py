@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from kernels import KernelOps
 from services.worker.errors import InvalidRequestError
 from services.worker.layers.attention import AttentionMetadata
-from services.worker.mm_inputs import ImageInput
+from services.worker.mm_inputs import ImageInput, check_embeddings
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models.llava import ImageEmbeddingRows, activation
 from services.worker.models.qwen2 import Qwen2ForCausalLM
@@ -259,15 +259,18 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2ForCausalLM):
                 f"images[{index}].grid_thw",
                 f"{list(grid)}; this model takes still images of (1, h, w) patches, h and w multiples of {m}",
             )
-        want = (math.prod(grid), self.visual.patch_dim)
-        if tuple(image.pixel_values.shape) != want:
-            raise InvalidRequestError(
-                f"images[{index}].shape", f"{list(image.pixel_values.shape)}; this image takes {list(want)}"
-            )
         tokens = math.prod(grid) // (m * m)
         if image.length != tokens:
             raise InvalidRequestError(
                 f"images[{index}].length", f"{image.length}; this image is {tokens} tokens"
+            )
+        if image.embeds is not None:  # encoded by an encode worker
+            check_embeddings(index, image, self.config.hidden_size)
+            return
+        want = (math.prod(grid), self.visual.patch_dim)
+        if tuple(image.pixel_values.shape) != want:
+            raise InvalidRequestError(
+                f"images[{index}].shape", f"{list(image.pixel_values.shape)}; this image takes {list(want)}"
             )
 
     @torch.no_grad()
