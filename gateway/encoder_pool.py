@@ -11,13 +11,13 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
 from gateway.clients import WorkerClient
 from gateway.errors import APIError
 from gateway.grpc_errors import from_grpc
-from tandem.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,8 @@ class EncoderPool:
         for client in self.clients:
             await client.close()
 
-    async def encode(
-        self, request_id: str, images: Sequence[common_pb2.ImageInput]
-    ) -> tuple[common_pb2.ImageInput, ...]:
-        """The images encoded by one encode worker (the next in turn, or the ones after it when it
+    async def encode(self, request_id: str, images: Sequence[Any]) -> tuple[Any, ...]:
+        """The images (the styler's common_pb2.ImageInput) encoded by one encode worker (the next in turn, or the ones after it when it
         is gone); APIError when none can."""
         start = next(self._round_robin)
         for k in range(len(self.clients)):
