@@ -165,3 +165,17 @@ def run_engine(engine: Engine, requests: list[EngineRequest]) -> list[GenerateRe
         for out in engine.step():
             collect(results[out.request_id], out)
     return list(results.values())
+
+
+_ANSWERS: dict[tuple[str, tuple[str | bytes, ...]], tuple[list[int], int]] = {}
+
+
+def hf_answer(model: Any, processor: Any, conversation: list[str | bytes]) -> tuple[list[int], int]:
+    """transformers' greedy tokens for a one-turn conversation and its prompt length (computed
+    once per model directory and conversation: several tests compare against the same)."""
+    key = (str(model.config._name_or_path), tuple(conversation))
+    if key not in _ANSWERS:
+        _, messages, images = chat_messages(conversation)
+        inputs = hf_inputs(processor, messages, images)
+        _ANSWERS[key] = (hf_greedy(model, inputs, MAX_TOKENS), int(inputs["input_ids"].shape[1]))
+    return _ANSWERS[key]

@@ -12,11 +12,9 @@ import pytest
 import torch
 from llava_testlib import png
 from qwen_testlib import (
-    MAX_TOKENS,
     chat_messages,
     engine_request,
-    hf_greedy,
-    hf_inputs,
+    hf_answer,
     hf_processor,
     run_engine,
 )
@@ -64,8 +62,7 @@ def test_encode_worker_rows_give_transformers_tokens(qwen_vl_dir: Path, styler: 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(qwen_vl_dir), dtype=torch.float32).eval()
     processor = hf_processor(qwen_vl_dir)
     for conversation, result in zip(CONVERSATIONS, results, strict=True):
-        _, hf_msgs, pil = chat_messages(conversation)
-        assert result.token_ids[0] == hf_greedy(hf, hf_inputs(processor, hf_msgs, pil), MAX_TOKENS)
+        assert result.token_ids[0] == hf_answer(hf, processor, conversation)[0]
     rendered = styler.render(RenderInput(messages=chat_messages(CONVERSATIONS[2])[0]))  # type: ignore[arg-type]
     encoder.encode(engine_request("again", rendered).images)
     assert (encoder.cache.misses, encoder.cache.hits) == (3, 1)  # the encode worker's own encoder cache
@@ -136,3 +133,19 @@ def test_up_starts_encode_workers_for_the_gateway(tmp_path: Path) -> None:
     assert "--role" not in worker.argv
     with pytest.raises(ValueError, match="--encode-workers must be >= 0"):
         UpConfig(model=str(tmp_path), encode_workers=-1)
+
+
+async def test_gateway_skips_a_gone_encode_worker(tmp_path: Path) -> None:
+    """Every encode worker gone: each is tried once (by the image's hash, then the next), then the
+    request is a 503 with Retry-After, not a 5xx from an exception."""
+    from gateway.encoder_pool import EncoderPool
+    from gateway.errors import APIError
+    from tandem.v1 import common_pb2
+
+    pool = EncoderPool([f"unix:{tmp_path / 'a.sock'}", f"unix:{tmp_path / 'b.sock'}"])
+    try:
+        with pytest.raises(APIError) as info:
+            await pool.encode("r", [common_pb2.ImageInput(hash="ab" * 32)])
+        assert info.value.status == 503 and info.value.retry_after_s == 1
+    finally:
+        await pool.close()

@@ -16,10 +16,9 @@ import torch
 from llava_testlib import png
 from qwen_testlib import (
     IMAGE_PAD,
-    MAX_TOKENS,
     chat_messages,
     engine_request,
-    hf_greedy,
+    hf_answer,
     hf_inputs,
     hf_processor,
     run_engine,
@@ -130,9 +129,8 @@ def test_greedy_with_images_matches_transformers(
     rendered = [styler.render(RenderInput(messages=chat_messages(c)[0])) for c in CONVERSATIONS]  # type: ignore[arg-type]
     results = run_engine(engine, [engine_request(f"r{k}", r) for k, r in enumerate(rendered)])
     for conversation, result in zip(CONVERSATIONS, results, strict=True):
-        _, hf_msgs, images = chat_messages(conversation)
         assert result.error is None
-        assert result.token_ids[0] == hf_greedy(hf_model, hf_inputs(processor, hf_msgs, images), MAX_TOKENS)
+        assert result.token_ids[0] == hf_answer(hf_model, processor, conversation)[0]
     assert engine.block_manager.num_used_blocks == 0
 
 
@@ -146,10 +144,9 @@ def test_same_tokens_different_images_never_share_kv(
     cache = engine.runner.encoder_cache
     misses = cache.misses
     for k, conversation in enumerate(conversations):
-        (rendered,) = [styler.render(RenderInput(messages=chat_messages(conversation)[0]))]  # type: ignore[arg-type]
+        rendered = styler.render(RenderInput(messages=chat_messages(conversation)[0]))  # type: ignore[arg-type]
         (result,) = run_engine(engine, [engine_request(f"s{k}", rendered)])
-        _, hf_msgs, images = chat_messages(conversation)
-        assert result.token_ids[0] == hf_greedy(hf_model, hf_inputs(processor, hf_msgs, images), MAX_TOKENS)
+        assert result.token_ids[0] == hf_answer(hf_model, processor, conversation)[0]
         bs = engine.config.block_size
         cached = result.usage.cached_prompt_tokens if result.usage else -1
         assert cached == (0 if k < 2 else (len(rendered.token_ids) - 1) // bs * bs)

@@ -13,9 +13,8 @@ import openai
 import pytest
 import torch
 from llava_testlib import data_url, png
-from qwen_testlib import EOS, MAX_TOKENS, hf_greedy, hf_inputs, hf_processor
+from qwen_testlib import EOS, MAX_TOKENS, hf_answer, hf_processor
 
-from services.styler.images import decode_image
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 from tests.e2e.stack import UpProcess
 
@@ -33,11 +32,8 @@ def hf(qwen_vl_dir: Path) -> tuple[Any, Any]:
 def expected_answer(hf: tuple[Any, Any], parts: list[str | bytes]) -> tuple[str, int]:
     """transformers' greedy answer as text, and the prompt's token count."""
     model, processor = hf
-    content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image"} for p in parts]
-    images = [decode_image(p) for p in parts if isinstance(p, bytes)]
-    inputs = hf_inputs(processor, [{"role": "user", "content": content}], images)
-    tokens = [t for t in hf_greedy(model, inputs, MAX_TOKENS) if t != EOS]
-    return processor.tokenizer.decode(tokens, skip_special_tokens=True), int(inputs["input_ids"].shape[1])
+    tokens, prompt_len = hf_answer(model, processor, parts)
+    return processor.tokenizer.decode([t for t in tokens if t != EOS], skip_special_tokens=True), prompt_len
 
 
 def chat(client: openai.OpenAI, parts: list[str | bytes]) -> tuple[str, int]:
