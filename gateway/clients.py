@@ -52,6 +52,7 @@ _ROLES = {
     worker_pb2.WORKER_ROLE_UNIFIED: "unified",
     worker_pb2.WORKER_ROLE_PREFILL: "prefill",
     worker_pb2.WORKER_ROLE_DECODE: "decode",
+    worker_pb2.WORKER_ROLE_ENCODE: "encode",
 }
 _TASKS = {
     worker_pb2.WORKER_TASK_UNSPECIFIED: "generate",

@@ -332,6 +332,10 @@ class Engine:
         if req.images:
             if not isinstance(self.runner.model, IMAGE_MODELS):
                 raise InvalidRequestError("images", f"{self.model_config.path} takes no images")
+            if self.tp_size * self.pp_size > 1:  # the image rows' forward is rank 0's alone
+                raise InvalidRequestError(
+                    "images", "image inputs are not served by a tensor- or pipeline-parallel worker yet"
+                )
             for i, image in enumerate(req.images):
                 self.runner.model.check_image(i, image)
         num_seqs = req.sampling.num_sequences

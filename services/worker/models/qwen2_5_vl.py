@@ -96,8 +96,9 @@ class VisionAttention(nn.Module):
         n, hidden = x.shape
         q, k, v = self.qkv(x).view(n, 3, self.heads, hidden // self.heads).unbind(1)  # [N, H, D] each
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        if windows is None:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
+        if windows is None:  # (4D: the fused attention kernels take no 3D inputs)
+            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v)[0]
             return self.proj(out.transpose(0, 1).reshape(n, hidden))
 
         def segments(t: torch.Tensor) -> torch.Tensor:  # [N, H, D] -> [S, H, L, D]
