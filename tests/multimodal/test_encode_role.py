@@ -149,3 +149,14 @@ async def test_gateway_skips_a_gone_encode_worker(tmp_path: Path) -> None:
         assert info.value.status == 503 and info.value.retry_after_s == 1
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_round_trip_in_each_dtype(dtype: torch.dtype) -> None:
+    from services.worker.mm_inputs import with_embeddings
+
+    rows = torch.randn(6, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
+    image = with_embeddings(ImageInput("", 3, 6, torch.zeros(24, 1176), (1, 6, 4)), rows)
+    (back,) = images_from_pb([image_to_pb(image)])
+    assert back.embeds is not None and back.embeds.dtype == dtype and torch.equal(back.embeds, rows)
+    assert (back.hash, back.offset, back.length, back.grid_thw) == (image.hash, 3, 6, (1, 6, 4))
