@@ -52,6 +52,7 @@ _ROLES = {
     worker_pb2.WORKER_ROLE_UNIFIED: "unified",
     worker_pb2.WORKER_ROLE_PREFILL: "prefill",
     worker_pb2.WORKER_ROLE_DECODE: "decode",
+    worker_pb2.WORKER_ROLE_ENCODE: "encode",
 }
 _TASKS = {
     worker_pb2.WORKER_TASK_UNSPECIFIED: "generate",
@@ -481,6 +482,14 @@ class WorkerClient:
     async def release_kv(self, handle_id: str, timeout_s: float = 1.0) -> bool:
         r = await self._stub.ReleaseKV(worker_pb2.ReleaseKVRequest(handle_id=handle_id), timeout=timeout_s)
         return bool(r.released)
+
+    async def encode(
+        self, request_id: str, images: Sequence[common_pb2.ImageInput], timeout_s: float | None = None
+    ) -> tuple[common_pb2.ImageInput, ...]:
+        """An encode worker's Encode: the images with their embeddings instead of their pixels."""
+        request = worker_pb2.EncodeRequest(request_id=request_id, images=list(images))
+        response = await self._stub.Encode(request, timeout=timeout_s)
+        return tuple(response.images)
 
     async def generate(
         self,

@@ -73,7 +73,7 @@ class WorkerInfo:
     device: str
     version: str
     # what makes two workers able to exchange KV (disaggregation pairs only equal fingerprints)
-    role: str = "unified"  # "unified" | "prefill" | "decode"
+    role: str = "unified"  # "unified" | "prefill" | "decode" | "encode"
     architecture: str = ""
     dtype: str = ""
     block_size: int = 0

@@ -65,6 +65,8 @@ class UpConfig:
     """Number of unified model workers behind the gateway."""
     disaggregate: bool = False
     """Start one prefill and one decode worker instead of unified workers."""
+    encode_workers: int = 0
+    """Encode workers to start (an image-in model's vision encoder in its own worker, --role encode); the gateway has each image prompt's images encoded there (docs/multimodal.md). 0: the workers encode their images themselves."""
     device: str = "auto"
     """Device for the workers: auto, cpu, cuda or cuda:N."""
     served_model_name: str = ""
@@ -140,6 +142,10 @@ class UpConfig:
             raise ValueError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.encode_workers < 0:
+            raise ValueError(f"--encode-workers must be >= 0, got {self.encode_workers}")
+        if self.encode_workers and self.task == "embed":
+            raise ValueError("--encode-workers with --task embed: embed workers take no images")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if not 0 <= self.grpc_port < 65536:
@@ -318,7 +324,10 @@ def worker_device_args(config: UpConfig, role: str, num_gpus: int | None = None,
     """`--device ...` of one worker. Unified workers (`--workers N`) are spread over the visible
     GPUs, those sharing a GPU each sized to their share of its memory. Disaggregated: prefill on
     cuda:0 and decode on cuda:1 when two GPUs are visible; on one GPU both share it, each sized to
-    under half of its memory."""
+    under half of its memory. Encode workers take --device as given (they keep no KV cache, and
+    size nothing from free memory)."""
+    if role == "encode":
+        return ["--device", config.device]
     if not config.disaggregate:
         if config.device not in ("auto", "cuda") or config.workers == 1:
             return ["--device", config.device]
@@ -445,9 +454,13 @@ def build_children(config: UpConfig, run_dir: Path, instance_id: str = "") -> li
         )
     ]
     roles = ["prefill", "decode"] if config.disaggregate else ["unified"] * config.workers
+    roles += ["encode"] * config.encode_workers
     gateway_worker_args: list[str] = []
     for i, role in enumerate(roles):
-        name = f"worker-{i}" if role == "unified" else f"{role}-worker"
+        if role == "encode":
+            name = f"encode-worker-{i - (len(roles) - config.encode_workers)}"
+        else:
+            name = f"worker-{i}" if role == "unified" else f"{role}-worker"
         address = f"unix:{run_dir / (name + '.sock')}"
         role_args = [] if role == "unified" else ["--role", role]
         num_gpus = count_gpus() if config.disaggregate and config.device in ("auto", "cuda") else 0
@@ -473,7 +486,12 @@ def build_children(config: UpConfig, run_dir: Path, instance_id: str = "") -> li
                 env={"CUDA_VISIBLE_DEVICES": gpus} if gpus else {},
             )
         )
-        flag = {"unified": "--worker", "prefill": "--prefill-worker", "decode": "--decode-worker"}[role]
+        flag = {
+            "unified": "--worker",
+            "prefill": "--prefill-worker",
+            "decode": "--decode-worker",
+            "encode": "--encode-worker",
+        }[role]
         gateway_worker_args += [flag, address]
     url_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     scheme = "https" if config.ssl_certfile else "http"

@@ -69,8 +69,8 @@ class WorkerConfig(ServiceConfig):
     """Torch intra-op threads on the CPU; 0 = auto: 1 for tiny models (hidden size <= 256, where threads only add synchronisation), else torch's default."""
     task: Literal["generate", "embed"] = "generate"
     """What this worker serves: generate (Generate / Prefill: text) or embed (Embed: pooling mode for decoder embedding models such as Qwen3-Embedding; the final-norm hidden state of each prompt's last token, L2-normalised; no KV is kept after a request). Each refuses the other's rpcs with FAILED_PRECONDITION."""
-    role: Literal["unified", "prefill", "decode"] = "unified"
-    """Worker role: unified (prefill and decode), prefill (serves Prefill / FetchKV) or decode (Generate with a kv_source)."""
+    role: Literal["unified", "prefill", "decode", "encode"] = "unified"
+    """Worker role: unified (prefill and decode), prefill (serves Prefill / FetchKV), decode (Generate with a kv_source) or encode (only an image-in model's vision encoder: serves Encode; docs/multimodal.md)."""
     kv_handle_ttl: float = 30.0
     """Prefill role: seconds a prefilled prompt's KV is kept for a decode worker to fetch before it is freed."""
     kv_advertise_address: str = ""

@@ -36,7 +36,7 @@ from services.worker.lora.adapter import LoRAAdapterError
 from services.worker.lora.registry import LoRARegistry
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
-from services.worker.models.llava import LlavaForConditionalGeneration
+from services.worker.models import IMAGE_MODELS
 from services.worker.outputs import ChoiceOutput, RequestOutput, Usage
 from services.worker.request import (
     EngineRequest,
@@ -364,8 +364,12 @@ class Engine:
         if req.request_id in self.requests or req.request_id in self.fetching:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
         if req.images:
-            if not isinstance(self.runner.model, LlavaForConditionalGeneration):
+            if not isinstance(self.runner.model, IMAGE_MODELS):
                 raise InvalidRequestError("images", f"{self.model_config.path} takes no images")
+            if self.tp_size * self.pp_size > 1:  # the image rows' forward is rank 0's alone
+                raise InvalidRequestError(
+                    "images", "image inputs are not served by a tensor- or pipeline-parallel worker yet"
+                )
             for i, image in enumerate(req.images):
                 self.runner.model.check_image(i, image)
         num_seqs = req.sampling.num_sequences

@@ -28,8 +28,11 @@ from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
 from services.worker.mm_inputs import EncoderCache
 from services.worker.model_config import ModelConfig
+from services.worker.models import IMAGE_MODELS
 from services.worker.models.llama import LlamaModel
-from services.worker.models.llava import ImageEmbeddingRows, LlavaForConditionalGeneration
+from services.worker.models.llava import ImageEmbeddingRows
+from services.worker.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from services.worker.mrope import image_positions, rope_images, text_positions
 from services.worker.pipeline import StageTrace
 from services.worker.request import Sequence, TokenLogprob
 from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
@@ -108,6 +111,10 @@ class ModelRunner:
             state = parallel.current()
             self.model.model.trace = StageTrace(pipeline_trace, state.rank, state.pp_rank)
         self.encoder_cache = EncoderCache()  # image embeddings by hash (multimodal models)
+        # M-RoPE (Qwen2.5-VL): the vision tower's merge size, which lays out images' positions
+        self.mrope_merge = (
+            self.model.spatial_merge_size if isinstance(self.model, Qwen2_5_VLForConditionalGeneration) else 0
+        )
         rope_len = max(max_model_len, 1)
         self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)
         # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
@@ -255,7 +262,11 @@ class ModelRunner:
                 input_ids += seq.token_ids[start:end]
                 if item.draft is not None:  # speculative: the drafts follow its last token
                     input_ids += item.draft.token_ids
-            positions += range(start, end)
+            images = seq.request.req.images
+            if self.mrope_merge and images:  # rotary positions shifted by the images before them
+                positions += text_positions(images, self.mrope_merge, start, end)
+            else:
+                positions += range(start, end)
             blocks = seq.block_ids
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
             cu_seqlens.append(cu_seqlens[-1] + end - start)
@@ -464,21 +475,30 @@ class ModelRunner:
         each of its images that the chunk covers (encoded once per image hash, mm_inputs.py)."""
         rows: list[int] = []
         embeds: list[torch.Tensor] = []
+        rope: list[list[int]] = [[], [], []]  # M-RoPE: the rows' (temporal, height, width) positions
         for i, item in enumerate(out.scheduled):
             images = item.seq.request.req.images
             if not images or item.pending_tokens:
                 continue
             start, end = item.start, item.start + item.num_new_tokens
-            for image in images:
+            layout = rope_images(images, self.mrope_merge)[0] if self.mrope_merge else []
+            for k, image in enumerate(images):
                 lo, hi = max(start, image.offset), min(end, image.end)
                 if lo < hi:
-                    assert isinstance(self.model, LlavaForConditionalGeneration), "validated at admission"
-                    full = self.encoder_cache.get(image, self.model.encode_image)
+                    assert isinstance(self.model, IMAGE_MODELS), "validated at admission"
+                    if image.embeds is not None:  # an encode worker's rows
+                        full = image.embeds.to(self.device, self.dtype)
+                    else:
+                        full = self.encoder_cache.get(image, self.model.encode_image)
                     embeds.append(full[lo - image.offset : hi - image.offset])
                     rows += range(cu_seqlens[i] + lo - start, cu_seqlens[i] + hi - start)
+                    if layout:
+                        for axis, values in zip(rope, image_positions(layout[k], lo, hi), strict=True):
+                            axis += values
         if not rows:
             return None
-        return ImageEmbeddingRows(self._to_device(rows), torch.cat(embeds))
+        rope_positions = self._to_device([p for axis in rope for p in axis]).view(3, -1) if rope[0] else None
+        return ImageEmbeddingRows(self._to_device(rows), torch.cat(embeds), rope_positions)
 
     def _sampling_metadata(
         self, seqs: list[Sequence], pending: list[int] | None = None, drafted: list[list[int]] | None = None

@@ -541,6 +541,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 )
                 for p in self.peer_transfers.entries()
             ],
+            num_images_encoded=e.runner.encoder_cache.misses,
+            num_encoder_cache_hits=e.runner.encoder_cache.hits,
         )
 
     async def GetLoad(
@@ -569,6 +571,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         await self._refuse_when_full(context)
         with self._admit():
             return await self._prefill(request, context)
+
+    async def Encode(
+        self, request: worker_pb2.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.EncodeResponse:
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"this worker's role is {self.engine.config.role}: Encode is served by --role encode workers",
+        )
+        raise AssertionError("unreachable: abort raises")
 
     async def Embed(
         self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
@@ -949,6 +960,9 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
         metrics.gauge_from(metrics.SPEC_ACCEPTED_TOKENS, lambda: stats.num_accepted_tokens)
         metrics.gauge_from(metrics.SPEC_ACCEPTANCE_RATE, lambda: stats.acceptance_rate)
         metrics.gauge_from(metrics.SPEC_MEAN_ACCEPTED_LENGTH, lambda: stats.mean_accepted_length)
+    encoder_cache = engine.engine.runner.encoder_cache
+    metrics.gauge_from(metrics.IMAGES_ENCODED, lambda: encoder_cache.misses)
+    metrics.gauge_from(metrics.ENCODER_CACHE_HITS, lambda: encoder_cache.hits)
     metrics.gauge_from(metrics.PREEMPTIONS, lambda: engine.load.num_preemptions)
     metrics.gauge_from(metrics.KV_SWAPPED_OUT, lambda: engine.load.num_swapped_out)
     metrics.gauge_from(metrics.KV_SWAPPED_IN, lambda: engine.load.num_swapped_in)
