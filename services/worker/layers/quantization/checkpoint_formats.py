@@ -88,11 +88,11 @@ class PackedIntMethod(QuantMethod):
         layer.weight_scale.data[row_start : row_start + rows].copy_(scales.float())
         layer.weight_zero.data[row_start : row_start + rows].copy_(zeros.float())
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.act_order:
             x = x.index_select(1, layer.input_perm)
         return layer.ops.quant_linear(
-            x, layer.qweight, layer.weight_scale, self.bits, layer.weight_zero, layer.bias
+            x, layer.qweight, layer.weight_scale, self.bits, layer.weight_zero, bias
         )
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
@@ -328,9 +328,9 @@ class BlockFp8Method(QuantMethod):
         s = layer.weight_scale.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
         return layer.qweight.float() * s
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = self.dequantized_weight(layer).to(x.dtype)
-        return F.linear(x, w, layer.bias)
+        return F.linear(x, w, bias)
 
 
 def checkpoint_method(qcfg: dict[str, Any], describe: str) -> QuantMethod:
