@@ -280,6 +280,24 @@ def check_quantization(cfg: ModelConfig, tp_size: int, quantization: str, group_
             return
         scheme, group = _checkpoint_group_size(qcfg)
         what = f"the checkpoint's {scheme} group size {group}"
+        if scheme == "gptq" and qcfg.get("desc_act"):
+            raise ModelConfigError(
+                f"{cfg.path}: a GPTQ act-order (desc_act) checkpoint cannot be split over --tensor-parallel-size "
+                f"{tp_size} ranks: a rank's input columns of o_proj / down_proj belong to groups anywhere in the row"
+            )
+        if scheme == "block fp8":  # the column-parallel slices must hold whole blocks of rows too
+            rows = int(qcfg["weight_block_size"][0])
+            kv = cfg.num_kv_heads // tp_size if cfg.num_kv_heads >= tp_size else 1
+            for layer, n in (
+                ("q_proj", cfg.num_heads // tp_size * cfg.head_dim),
+                ("k_proj / v_proj", kv * cfg.head_dim),
+                ("gate_proj / up_proj", cfg.intermediate_size // tp_size),
+            ):
+                if n % rows:
+                    raise ModelConfigError(
+                        f"the checkpoint's {rows}-row FP8 blocks do not divide the {n} rows of {layer} that each "
+                        f"of --tensor-parallel-size {tp_size} ranks holds: a block would straddle two ranks"
+                    )
     else:
         group = group_size or (128 if quantization == "int4" else 0)
         what = f"--quantization {quantization} group size {group}"

@@ -6,6 +6,8 @@ weights are exactly T = 1's; a group size that would straddle two ranks is refus
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,53 @@ def test_group_straddling_two_ranks_is_refused_at_start(tp_refs: dict[str, RefMo
             model=path, device="cpu", quantization="int8", quantization_group_size=32, tensor_parallel_size=2
         )
     )
+
+
+# ---- pre-quantized checkpoints ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoints(
+    tp_refs: dict[str, RefModel], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], RefModel]:
+    """fmt -> the tiny GQA Llama written in that format (tests/worker/test_checkpoint_formats.py's
+    writers: each format's documented layout), made once per format."""
+    from tests.worker.test_checkpoint_formats import write_checkpoint
+
+    ref, made = tp_refs["llama_gqa"], {}
+
+    def get(fmt: str) -> RefModel:
+        if fmt not in made:
+            dest = tmp_path_factory.mktemp(f"tp-ckpt-{fmt}")
+            made[fmt] = replace(ref, path=dest, hf=write_checkpoint(ref.path, ref.hf, dest, fmt))
+        return made[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "gptq-4bit-asym",  # qweight packed along K (row-parallel: whole words), qzeros along N
+        "awq",  # packed along N, 8 columns a word (k/v: 16 rows a rank)
+        "ct-w4a16",  # weight_packed along K, weight_shape rewritten per slice
+        "ct-int8",  # per-channel scales follow the rows, replicated over the columns
+        pytest.param("ct-fp8", marks=pytest.mark.slow),
+    ],
+)
+def test_checkpoint_t2_equals_t1(checkpoints: Callable[[str], RefModel], fmt: str, tmp_path: Path) -> None:
+    check_quantized_group(checkpoints(fmt), tmp_path, [])
+
+
+@pytest.mark.parametrize(
+    ("fmt", "error"),
+    [
+        ("gptq-8bit", r"gptq group size 64 does not divide the 32 input columns of o_proj"),
+        ("gptq-4bit-act-order", r"act-order \(desc_act\) checkpoint cannot be split"),
+        ("block-fp8", r"32-row FP8 blocks do not divide the 16 rows of k_proj / v_proj"),
+    ],
+)
+def test_checkpoint_that_cannot_split_is_refused_at_start(
+    checkpoints: Callable[[str], RefModel], fmt: str, error: str
+) -> None:
+    config = WorkerConfig(model=str(checkpoints(fmt).path), device="cpu", tensor_parallel_size=2)
+    with pytest.raises(ModelConfigError, match=error):
+        check_group(config)
