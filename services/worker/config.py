@@ -171,11 +171,6 @@ class WorkerConfig(ServiceConfig):
                 "--kv-offload-memory with --tensor-parallel-size / --pipeline-parallel-size: the host "
                 "KV tier moves rank 0's blocks only, which is not implemented for groups yet (docs/parallel.md)"
             )
-        if self.world_size > 1 and self.quantization != "none":
-            raise ValueError(
-                "--quantization with --tensor-parallel-size / --pipeline-parallel-size: quantized "
-                "layers are not sharded yet (docs/parallel.md)"
-            )
         if self.task == "embed" and self.role != "unified":
             raise ValueError(
                 f"--task embed with --role {self.role}: embeddings are computed in one worker (no disaggregation)"

@@ -37,6 +37,8 @@ def follow(config: WorkerConfig) -> int:
         config.block_size,
         config.load_format,
         config.seed,
+        config.quantization,
+        config.quantization_group_size,
         max_loras=config.lora_slots,
         max_lora_rank=config.max_lora_rank,
         max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),

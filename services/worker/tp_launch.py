@@ -35,6 +35,7 @@ def check_group(config: WorkerConfig) -> None:
     parallel.check_architecture(cfg, config.world_size)
     parallel.check_tp_size(cfg, t)
     parallel.check_pp_size(cfg, config.pipeline_parallel_size)
+    parallel.check_quantization(cfg, t, config.quantization, config.quantization_group_size)
     per_node = config.world_size // config.nnodes
     device = resolve_device(config.device)
     if device.type == "cuda" and config.distributed_executor_backend == "mp":  # Ray counts its own GPUs
