@@ -128,7 +128,7 @@ GIL_SWITCH_INTERVAL: Switch[float] = Switch(
     "seconds",
     0.0,
     "an A/B of the worker's GIL hand-off (sys.setswitchinterval) between its engine thread and its "
-    "gRPC event loop (benchmarks/serving_bench.py); 0 keeps Python's default (5 ms)",
+    "gRPC event loop (benchmarks/serving_bench.py); 0 keeps Python's default",
     _parse_nonnegative_seconds,
 )
 
