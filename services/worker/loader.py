@@ -33,7 +33,7 @@ from services.worker.layers.quantization import (
     quantize_linears,
     weight_bytes,
 )
-from services.worker.layers.quantization.base import Split
+from services.worker.layers.split import Split
 from services.worker.model_config import ModelConfig
 from services.worker.models import model_class
 from services.worker.models.llama import LlamaForCausalLM

@@ -26,7 +26,7 @@ from services.worker.parallel import all_reduce
 
 if TYPE_CHECKING:
     from services.worker.checkpoint import CheckpointTensor
-    from services.worker.layers.quantization.base import Split
+    from services.worker.layers.split import Split
 
 
 class QuantMethod(Protocol):
@@ -52,6 +52,10 @@ class Linear(nn.Linear):
     weight_scale: torch.Tensor
     weight_zero: torch.Tensor  # packed checkpoint formats with zero points
     input_perm: torch.Tensor  # GPTQ act-order: x's columns in group order
+    # Row-parallel layers split their input columns over `tp_size` ranks (quantization/base.py
+    # then takes a row's scale over all of them)
+    splits_input = False
+    tp_size = 1
 
     def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -110,6 +114,8 @@ class RowParallelLinear(Linear):
     A LoRA adapter's delta is added to this rank's partial product before the all-reduce (its A
     holds the rank's input columns, its B is whole: services/worker/lora/adapter.py), so the sum
     carries it and the layer keeps its one all-reduce."""
+
+    splits_input = True
 
     def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool, tp_size: int) -> None:
         super().__init__(ops, in_features, out_features, bias)

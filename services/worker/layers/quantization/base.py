@@ -11,43 +11,28 @@ column-parallel qkv / gate_up, input columns of a row-parallel o_proj / down) an
 slice of each checkpoint tensor (`read_part`, laid out per format by `part_axes`). Quantizing at
 load, a row-parallel rank's per-channel scale is the max over the WHOLE row (`row_absmax`: one
 all-reduce), so every rank quantizes exactly as T = 1 does; per-group scales never straddle two
-ranks (the group size must divide K / T: parallel.check_quantization refuses it at start).
+ranks (the group size must divide K / T: quantization/tensor_parallel.py refuses it at start).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from services.worker import parallel
+from services.worker.layers.split import Split
 
 if TYPE_CHECKING:
     from services.worker.checkpoint import CheckpointTensor
     from services.worker.layers.linear import Linear
 
 
-@dataclass(frozen=True)
-class Split:
-    """This rank's slice of a projection, in its unpacked [N, K] weight's coordinates."""
-
-    dim: int  # 0: output rows (column-parallel); 1: input columns (row-parallel)
-    start: int
-    size: int
-
-    def describe(self) -> str:
-        what = "output rows" if self.dim == 0 else "input columns"
-        return f"{what} [{self.start}, {self.start + self.size})"
-
-
 def row_absmax(layer: Linear, absmax: torch.Tensor) -> torch.Tensor:
     """max |w| of each output row over the WHOLE row, from this rank's [rows, 1] maxima: a
     row-parallel layer split over T > 1 ranks holds only its slice of the row's columns, so the
     ranks take the max of their maxima (in place, one all-reduce at load)."""
-    from services.worker.layers.linear import RowParallelLinear
-
-    if isinstance(layer, RowParallelLinear) and layer.tp_size > 1:
+    if layer.splits_input and layer.tp_size > 1:
         parallel.all_reduce_max(absmax)
     return absmax
 

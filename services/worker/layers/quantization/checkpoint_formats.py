@@ -29,9 +29,10 @@ from torch import nn
 
 from kernels.reference import dequantize_weight
 from services.worker.layers.linear import Linear
-from services.worker.layers.quantization.base import QuantMethod, Split
+from services.worker.layers.quantization.base import QuantMethod
 from services.worker.layers.quantization.fp8 import FP8, Fp8Method
 from services.worker.layers.quantization.int8 import Int8Method
+from services.worker.layers.split import Split
 
 if TYPE_CHECKING:
     from services.worker.checkpoint import CheckpointTensor
