@@ -190,6 +190,8 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         if variant.name == "spec"
         else None,
         "kv_peer_transfers": [],  # nothing fetched from a prefill worker (tests/disagg/test_kv_peer_stats.py)
+        "num_images_encoded": 0,  # a text model encodes no image (tests/multimodal/test_qwen2_5_vl_up.py counts them)
+        "num_encoder_cache_hits": 0,
     }
 
 
