@@ -397,6 +397,20 @@ def random_prompt(gen: torch.Generator, length: int, vocab: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=gen).tolist()
 
 
+def step_until_done(engine: Engine, requests: list[EngineRequest]) -> list[float]:
+    """Add `requests`, step the engine until they finish; the wall time of every step (s), in
+    order (the first ones are the prompts' prefill). The harness of the per-format and
+    per-adapter decode benchmarks (quant_bench.py, lora_bench.py)."""
+    for request in requests:
+        engine.add_request(request)
+    step_times = []
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        engine.step()
+        step_times.append(time.perf_counter() - t0)
+    return step_times
+
+
 def scenario_decode(
     engine: Engine,
     name: str,

@@ -24,7 +24,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from engine_bench import MODELS, free_engine, random_prompt, tiny, write_model  # noqa: E402
+from engine_bench import MODELS, free_engine, random_prompt, step_until_done, tiny, write_model  # noqa: E402
 
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
@@ -99,16 +98,13 @@ def decode_tok_per_s(
     )
     gen = torch.Generator().manual_seed(0)
     params: SamplingParams[Any] = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
-    for i in range(batch):
-        prompt = tuple(random_prompt(gen, args.prompt, cfg["vocab_size"]))
-        engine.add_request(EngineRequest(f"r{i}", prompt, params, lora_name=row_adapters[i]))
-    step_times, steps = [], 0
-    while engine.has_unfinished():
-        t0 = time.perf_counter()
-        engine.step()
-        steps += 1
-        if steps > 2:  # past the prefill steps
-            step_times.append(time.perf_counter() - t0)
+    requests = [
+        EngineRequest(
+            f"r{i}", tuple(random_prompt(gen, args.prompt, cfg["vocab_size"])), params, lora_name=name
+        )
+        for i, name in enumerate(row_adapters[:batch])
+    ]
+    step_times = step_until_done(engine, requests)[2:]  # past the prefill steps
     free_engine(engine)
     return batch / statistics.median(step_times)
 

@@ -26,7 +26,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from engine_bench import (  # noqa: E402
     median_time,
     param_counts,
     random_prompt,
+    step_until_done,
     tiny,
     write_model,
 )
@@ -80,12 +80,8 @@ def decode_row(
     )
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
-    engine.add_request(EngineRequest("d", tuple(random_prompt(gen, args.prompt, cfg["vocab_size"])), params))
-    step_times = []
-    while engine.has_unfinished():
-        t0 = time.perf_counter()
-        engine.step()
-        step_times.append(time.perf_counter() - t0)
+    prompt = tuple(random_prompt(gen, args.prompt, cfg["vocab_size"]))
+    step_times = step_until_done(engine, [EngineRequest("d", prompt, params)])
     tpot = statistics.median(step_times[1:])
     p = param_counts(cfg)
     untied_embed = 0 if cfg["tie_word_embeddings"] else p["embed"] * 2

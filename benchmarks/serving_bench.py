@@ -68,6 +68,70 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def _children(root: int) -> list[int]:
+    """Every live descendant of `root` (from /proc; empty where there is no /proc)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [p for p, pp in parent.items() if pp == pid]
+        found += kids
+        frontier += kids
+    return found
+
+
+def _role(pid: int) -> str:
+    """`styler`, `worker`, `gateway`, ... from a `python -m tandem <role>` command line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    args = [a.decode(errors="replace") for a in argv]
+    if "tandem" in args:
+        i = args.index("tandem")
+        if i + 1 < len(args):
+            return args[i + 1]
+    return ""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (utime + stime of /proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds per service role (and this bench process: the client, and in `inprocess` mode
+    the engine too) over one load point; divided by the wall time it is the number of cores each
+    kept busy: a role near 1.0 is a single-threaded Python bottleneck."""
+
+    def __init__(self, root: int | None) -> None:
+        self.pids: dict[int, str] = {}
+        if root is not None:
+            self.pids = {pid: _role(pid) for pid in _children(root)}
+            self.pids = {pid: role for pid, role in self.pids.items() if role}
+        self.start = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        totals: dict[str, float] = {"bench": time.process_time()}
+        for pid, role in self.pids.items():
+            totals[role] = totals.get(role, 0.0) + _cpu_seconds(pid)
+        return totals
+
+    def cores_busy(self, wall_s: float) -> dict[str, float]:
+        end = self._sample()
+        return {role: round((end[role] - self.start.get(role, 0.0)) / wall_s, 3) for role in end}
+
+
 async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Result:
     res = Result()
     start = time.perf_counter()
@@ -148,6 +212,7 @@ async def run_load(
         }
 
     timeout = aiohttp.ClientTimeout(total=600)
+    meter = CpuMeter(args.up_pid)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
 
         async def one(body: dict[str, Any]) -> Result:
@@ -174,6 +239,7 @@ async def run_load(
             await asyncio.gather(*(loop() for _ in range(concurrency)))
         duration = time.perf_counter() - start
     point = summarize(results, duration)
+    point["cores_busy"] = meter.cores_busy(duration)
     point["rate"] = rate
     point["concurrency"] = concurrency
     return point
@@ -271,6 +337,46 @@ def start_up(
     raise TimeoutError(log.read_text()[-4000:])
 
 
+def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[subprocess.Popen[bytes]]:
+    """With --py-spy DIR, sample every service process (and this one) during a closed-loop point
+    of concurrency >= 8: collapsed stacks per role in DIR (`py-spy record --format raw`)."""
+    if not args.py_spy or conc is None or conc < 8:
+        return []
+    out = Path(args.py_spy)
+    out.mkdir(parents=True, exist_ok=True)
+    pids = {os.getpid(): "bench"}
+    if args.up_pid is not None:
+        pids |= {pid: role for pid in _children(args.up_pid) if (role := _role(pid))}
+    spies = []
+    for pid, role in pids.items():
+        path = out / f"{mode}_{role}_{pid}_c{conc}.txt"
+        cmd = [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--output",
+            str(path),
+        ]
+        cmd += ["--nonblocking", "--threads"]
+        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
+
+
+def stop_py_spy(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for spy in spies:
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+
+
 def split_cost(results: dict[str, Any]) -> None:
     """What the services cost against the in-process engine, point by point (same load)."""
     base = {(p["rate"], p["concurrency"]): p for p in results["modes"].get("inprocess", [])}
@@ -350,6 +456,9 @@ def main() -> int:
         default=1,
         help="unified workers (spread over the GPUs); 2 on a 2-GPU machine compares equal hardware",
     )
+    ap.add_argument(
+        "--py-spy", default="", help="directory: sample the services with py-spy at concurrency >= 8"
+    )
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--plot-only", default="", help="redraw the PNG of an existing JSON")
@@ -376,6 +485,7 @@ def main() -> int:
             log = Path(tmp) / f"up-{mode}.log"
             inprocess = InProcessTarget(model_dir, args) if mode == "inprocess" else None
             proc, url = (None, "") if inprocess else start_up(model_dir, mode, args, log)
+            args.up_pid = proc.pid if proc is not None else None
             target: str | InProcessTarget = inprocess or url + "/v1/completions"
             points = []
             try:
@@ -395,13 +505,15 @@ def main() -> int:
                 ]
                 loads += [(None, int(c)) for c in args.concurrency.split(",") if c]
                 for rate, conc in loads:
+                    spies = start_py_spy(args, mode, conc)
                     point = asyncio.run(run_load(target, model, args, rate, conc, vocab))
+                    stop_py_spy(spies)
                     points.append(point)
                     print(
                         f"{mode:>13} rate={rate!s:>5} conc={conc!s:>4}: TTFT p50/p99 {point['ttft_p50_ms']:.1f}/"
                         f"{point['ttft_p99_ms']:.1f} ms, ITL p50/p99 {point['itl_p50_ms']:.1f}/{point['itl_p99_ms']:.1f} ms, "
                         f"{point['output_tok_per_s']:.0f} tok/s, goodput {point['goodput_req_per_s']:.2f} req/s, "
-                        f"failed {point['num_failed']}",
+                        f"failed {point['num_failed']}, cores busy {point['cores_busy']}",
                         flush=True,
                     )
             finally:

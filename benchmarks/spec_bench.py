@@ -16,7 +16,13 @@ Rows (tokens/s of one request, after a warm-up request, relative to the baseline
   turn speculation off: target <= 5% slower than the baseline);
 - prompt lookup on an input-grounded workload: the prompt repeats one span, so the output copies
   it where the model continues the pattern (with dummy weights the acceptance is whatever the
-  random model's output repeats; each row prints its measured acceptance), K = 2..8.
+  random model's output repeats; each row prints its measured acceptance), K = 2..8;
+- EAGLE-3 head (one layer of the shape, a 32k draft vocabulary, random weights), reading the
+  target's layers (2, L / 2, L - 3): with the baseline's output as its tokens ("oracle tokens":
+  full agreement at the head's real cost, EAGLE's upper bound), K = 2..8; as it is (agrees ~never:
+  the overhead bound), K = 2..8 fixed and once adaptive;
+- EAGLE-1 head (fc + one layer, the target's LM head per draft token), random: K = 2..8 fixed and
+  once adaptive.
 Targets: >= 2.5x at full agreement with K = 4 (the oracle row); <= 5% slower at zero agreement
 with adaptation.
 """
@@ -46,6 +52,7 @@ from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from services.worker.request import SamplingParams, Sequence  # noqa: E402
 from services.worker.speculative.draft import Draft  # noqa: E402
+from services.worker.speculative.eagle import EagleProposer  # noqa: E402
 
 TINY = {
     "architectures": ["LlamaForCausalLM"],
@@ -91,6 +98,53 @@ class OracleProposer:
 
     def release(self, seqs: object) -> None:
         """Nothing is kept per sequence."""
+
+    def after_step(self, speculating: bool) -> None:
+        """Nothing to do between steps."""
+
+
+class OracleThroughEagle:
+    """An EAGLE head's proposals paid for in full (its forwards, its cache kept current), the
+    baseline's output proposed in their place: full agreement at the head's cost."""
+
+    def __init__(self, eagle: EagleProposer, output: list[int]) -> None:
+        self.eagle, self.oracle = eagle, OracleProposer(output)
+
+    def propose(self, seqs: list[Sequence], k: int) -> list[Draft | None]:
+        paid = self.eagle.propose(seqs, k)
+        free = self.oracle.propose(seqs, k)
+        return [Draft(o.token_ids[: d.k]) if d and o else None for d, o in zip(paid, free, strict=True)]
+
+    def may_propose(self, seqs: list[Sequence]) -> bool:
+        return True
+
+    def release(self, seqs: list[Sequence]) -> None:
+        self.eagle.release(seqs)
+
+    def after_step(self, speculating: bool) -> None:
+        self.eagle.after_step(speculating)
+
+
+def eagle_head(root: Path, cfg: dict[str, Any], eagle3: bool) -> Path:
+    """config.json of a one-layer EAGLE head for the shape `cfg` (dummy weights)."""
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+    keys += ("vocab_size", "rope_theta", "rope_scaling", "max_position_embeddings", "rms_norm_eps")
+    head: dict[str, Any] = {k: cfg[k] for k in keys if k in cfg}
+    head |= {
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+    }
+    if not eagle3:
+        return write_model(root, "eagle1-head", {**head, "architectures": ["LlamaForCausalLM"]})
+    head |= {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "draft_vocab_size": min(32000, int(cfg["vocab_size"])),
+    }
+    if int(cfg["num_hidden_layers"]) < 6:  # (the default layers need a deeper target)
+        head["eagle_aux_hidden_state_layer_ids"] = list(range(min(3, int(cfg["num_hidden_layers"]))))
+    return write_model(root, "eagle3-head", head)
 
 
 def make_engine(model: Path, device: str, max_model_len: int, **spec: Any) -> Engine:
@@ -265,6 +319,27 @@ def main(argv: list[str] | None = None) -> int:
     free(engine)
     engine = None
 
+    head3 = eagle_head(root, cfg, eagle3=True)
+    engine = make_engine(target, device, max_model_len, speculative="eagle", speculative_model=str(head3))
+    assert engine.speculator is not None and engine.eagle is not None
+    engine.speculator.proposer = OracleThroughEagle(engine.eagle, expected)
+    rows += sweep("eagle3 head, oracle tokens", engine, prompt, max_tokens, ks, baseline, adaptive=False)
+    free(engine)
+    engine = None
+
+    engine = make_engine(target, device, max_model_len, speculative="eagle", speculative_model=str(head3))
+    rows += sweep("eagle3 random head", engine, prompt, max_tokens, ks, baseline, adaptive=False)
+    rows += sweep("eagle3 random head", engine, prompt, max_tokens, [max(ks)], baseline, adaptive=True)
+    free(engine)
+    engine = None
+
+    head1 = eagle_head(root, cfg, eagle3=False)
+    engine = make_engine(target, device, max_model_len, speculative="eagle", speculative_model=str(head1))
+    rows += sweep("eagle1 random head", engine, prompt, max_tokens, ks, baseline, adaptive=False)
+    rows += sweep("eagle1 random head", engine, prompt, max_tokens, [max(ks)], baseline, adaptive=True)
+    free(engine)
+    engine = None
+
     print_table(rows, shape, device_name)
     checks = check_targets(rows)
     date = dt.date.today().isoformat()
@@ -304,11 +379,16 @@ def check_targets(rows: list[Row]) -> dict[str, Any]:
     """The issue's targets, reported (not asserted: a smoke run on a CPU meets neither)."""
     full = next((r for r in rows if r.name.startswith("oracle") and r.k == 4), None)
     adaptive = next((r for r in rows if r.name == "never-agreeing draft" and r.adaptive), None)
+    eagle_full = next((r for r in rows if r.name == "eagle3 head, oracle tokens" and r.k == 4), None)
+    eagle_off = next((r for r in rows if r.name == "eagle3 random head" and r.adaptive), None)
     return {
         "full_agreement_k4_speedup": full.speedup if full else None,
         "full_agreement_k4_target_2_5x": bool(full and full.speedup >= 2.5),
         "zero_agreement_adaptive_speedup": adaptive.speedup if adaptive else None,
         "zero_agreement_adaptive_within_5pct": bool(adaptive and adaptive.speedup >= 0.95),
+        "eagle3_full_agreement_k4_speedup": eagle_full.speedup if eagle_full else None,
+        "eagle3_zero_agreement_adaptive_speedup": eagle_off.speedup if eagle_off else None,
+        "eagle3_zero_agreement_adaptive_within_5pct": bool(eagle_off and eagle_off.speedup >= 0.95),
     }
 
 

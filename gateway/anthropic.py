@@ -18,6 +18,7 @@ from typing import Any
 from gateway.errors import APIError
 from gateway.execution import ChoiceUpdate, RequestRun
 from gateway.media import check_image_url
+from gateway.output_segments import Opened, OutputSegments
 from gateway.responses import ChatResult
 
 # Request fields the translation understands; any other is refused (nothing is silently ignored).
@@ -333,25 +334,21 @@ def _stop_reason(finish: str | None, matched_stop: str, has_tool_use: bool) -> s
     return "end_turn"
 
 
-@dataclass
-class _Block:
-    kind: str  # "text" | "thinking" | "tool_use"
-    text: str = ""
-    tool_id: str = ""
-    name: str = ""
+_BLOCK_TYPES = {"text": "text", "reasoning": "thinking", "tool_call": "tool_use"}
 
 
 @dataclass
 class MessageBuilder:
-    """Turns the chat pipeline's updates (one choice) into an Anthropic message or stream events."""
+    """Turns the chat pipeline's updates (one choice) into an Anthropic message or stream events;
+    each output segment (gateway/output_segments.py) is one content block."""
 
     request_id: str
     model: str
     result: ChatResult
-    blocks: list[_Block] = field(default_factory=list)
-    _tool_blocks: dict[int, int] = field(default_factory=dict)  # tool-call index -> block index
-    finish: str | None = None
-    matched_stop: str = ""
+    output: OutputSegments = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.output = OutputSegments(self.result)
 
     @property
     def id(self) -> str:
@@ -364,58 +361,26 @@ class MessageBuilder:
     def add(self, update: ChoiceUpdate) -> list[dict[str, Any]]:
         """Record an update; return the stream events it makes (block starts, deltas, stops)."""
         events: list[dict[str, Any]] = []
-        for chunk in self.result.add(update):
-            for choice in chunk.get("choices", []):
-                delta = choice.get("delta", {})
-                if delta.get("reasoning_content"):
-                    events += self._append("thinking", delta["reasoning_content"])
-                if delta.get("content"):
-                    events += self._append("text", delta["content"])
-                for call in delta.get("tool_calls") or []:
-                    events += self._tool_delta(call)
-        if update.finish_reason is not None:
-            self.finish = update.finish_reason
-            self.matched_stop = update.matched_stop
-        return events
-
-    def _open(self, block: _Block) -> list[dict[str, Any]]:
-        events = []
-        if self.blocks:
-            events.append({"type": "content_block_stop", "index": len(self.blocks) - 1})
-        self.blocks.append(block)
-        start: dict[str, Any]
-        if block.kind == "tool_use":
-            start = {"type": "tool_use", "id": block.tool_id, "name": block.name, "input": {}}
-        elif block.kind == "thinking":
-            start = {"type": "thinking", "thinking": "", "signature": ""}
-        else:
-            start = {"type": "text", "text": ""}
-        events.append({"type": "content_block_start", "index": len(self.blocks) - 1, "content_block": start})
-        return events
-
-    def _append(self, kind: str, text: str) -> list[dict[str, Any]]:
-        events = [] if self.blocks and self.blocks[-1].kind == kind else self._open(_Block(kind))
-        self.blocks[-1].text += text
-        key = "thinking" if kind == "thinking" else "text"
-        delta = {"type": f"{key}_delta", key: text}
-        events.append({"type": "content_block_delta", "index": len(self.blocks) - 1, "delta": delta})
-        return events
-
-    def _tool_delta(self, call: dict[str, Any]) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        index = call.get("index", 0)
-        if index not in self._tool_blocks:
-            function = call.get("function", {})
-            events += self._open(
-                _Block("tool_use", tool_id=call.get("id", ""), name=function.get("name", ""))
-            )
-            self._tool_blocks[index] = len(self.blocks) - 1
-        block_index = self._tool_blocks[index]
-        arguments = call.get("function", {}).get("arguments", "")
-        if arguments:
-            self.blocks[block_index].text += arguments
-            delta = {"type": "input_json_delta", "partial_json": arguments}
-            events.append({"type": "content_block_delta", "index": block_index, "delta": delta})
+        for event in self.output.add(update):
+            segment = self.output.segments[event.index]
+            block_type = _BLOCK_TYPES[segment.kind]
+            if isinstance(event, Opened):
+                if event.index > 0:
+                    events.append({"type": "content_block_stop", "index": event.index - 1})
+                start: dict[str, Any]
+                if block_type == "tool_use":
+                    start = {"type": "tool_use", "id": segment.call_id, "name": segment.name, "input": {}}
+                elif block_type == "thinking":
+                    start = {"type": "thinking", "thinking": "", "signature": ""}
+                else:
+                    start = {"type": "text", "text": ""}
+                events.append({"type": "content_block_start", "index": event.index, "content_block": start})
+                continue
+            if block_type == "tool_use":
+                delta = {"type": "input_json_delta", "partial_json": event.delta}
+            else:
+                delta = {"type": f"{block_type}_delta", block_type: event.delta}
+            events.append({"type": "content_block_delta", "index": event.index, "delta": delta})
         return events
 
     def _usage(self, run: RequestRun, output_tokens: int) -> dict[str, int]:
@@ -427,14 +392,14 @@ class MessageBuilder:
         }
 
     def _stop(self) -> tuple[str, str | None]:
-        has_tool_use = any(b.kind == "tool_use" for b in self.blocks)
-        reason = _stop_reason(self.finish, self.matched_stop, has_tool_use)
-        return reason, (self.matched_stop if reason == "stop_sequence" else None)
+        has_tool_use = any(s.kind == "tool_call" for s in self.output.segments)
+        reason = _stop_reason(self.output.finish, self.output.matched_stop, has_tool_use)
+        return reason, (self.output.matched_stop if reason == "stop_sequence" else None)
 
     def end_events(self, run: RequestRun) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
-        if self.blocks:
-            events.append({"type": "content_block_stop", "index": len(self.blocks) - 1})
+        if self.output.segments:
+            events.append({"type": "content_block_stop", "index": len(self.output.segments) - 1})
         reason, sequence = self._stop()
         events.append(
             {
@@ -448,20 +413,20 @@ class MessageBuilder:
 
     def message(self, run: RequestRun) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
-        for block in self.blocks:
-            if block.kind == "text":
-                content.append({"type": "text", "text": block.text})
-            elif block.kind == "thinking":
-                content.append({"type": "thinking", "thinking": block.text, "signature": ""})
+        for segment in self.output.segments:
+            if segment.kind == "text":
+                content.append({"type": "text", "text": segment.text})
+            elif segment.kind == "reasoning":
+                content.append({"type": "thinking", "thinking": segment.text, "signature": ""})
             else:
                 try:
-                    arguments = json.loads(block.text or "{}")
+                    arguments = json.loads(segment.text or "{}")
                 except json.JSONDecodeError:
                     arguments = None
                 if not isinstance(arguments, dict):  # a parsed call whose arguments are not an object
-                    arguments = {"arguments": block.text}
+                    arguments = {"arguments": segment.text}
                 content.append(
-                    {"type": "tool_use", "id": block.tool_id, "name": block.name, "input": arguments}
+                    {"type": "tool_use", "id": segment.call_id, "name": segment.name, "input": arguments}
                 )
         reason, sequence = self._stop()
         return self._message(content, reason, sequence, self._usage(run, run.completion_tokens))

@@ -52,6 +52,7 @@ _ROLES = {
     worker_pb2.WORKER_ROLE_UNIFIED: "unified",
     worker_pb2.WORKER_ROLE_PREFILL: "prefill",
     worker_pb2.WORKER_ROLE_DECODE: "decode",
+    worker_pb2.WORKER_ROLE_ENCODE: "encode",
 }
 _TASKS = {
     worker_pb2.WORKER_TASK_UNSPECIFIED: "generate",
@@ -368,11 +369,16 @@ class WorkerClient:
             dtype=r.dtype,
             block_size=r.block_size,
             kv_dtype=r.kv_layout.dtype,
+            # the model's layout (what FetchKV moves), not one rank's: workers of different
+            # parallel layouts pair (a worker too old to report it gives its rank's)
             kv_layout=(
-                f"{r.kv_layout.num_layers} layers x {r.kv_layout.num_kv_heads} kv heads x "
+                f"{r.kv_layout.model_num_layers or r.kv_layout.num_layers} layers x "
+                f"{r.kv_layout.model_num_kv_heads or r.kv_layout.num_kv_heads} kv heads x "
                 f"{r.kv_layout.head_dim}, block {r.kv_layout.block_size}, {r.kv_layout.layout}"
             ),
             tensor_parallel_size=r.tensor_parallel_size or 1,
+            pipeline_parallel_size=r.pipeline_parallel_size or 1,
+            kv_heads_per_rank=r.kv_layout.num_kv_heads,
             fingerprint=r.fingerprint,
             kv_events=r.kv_events,
             kv_layerwise=r.kv_layerwise,
@@ -479,6 +485,14 @@ class WorkerClient:
     async def release_kv(self, handle_id: str, timeout_s: float = 1.0) -> bool:
         r = await self._stub.ReleaseKV(worker_pb2.ReleaseKVRequest(handle_id=handle_id), timeout=timeout_s)
         return bool(r.released)
+
+    async def encode(
+        self, request_id: str, images: Sequence[common_pb2.ImageInput], timeout_s: float | None = None
+    ) -> tuple[common_pb2.ImageInput, ...]:
+        """An encode worker's Encode: the images with their embeddings instead of their pixels."""
+        request = worker_pb2.EncodeRequest(request_id=request_id, images=list(images))
+        response = await self._stub.Encode(request, timeout=timeout_s)
+        return tuple(response.images)
 
     async def generate(
         self,

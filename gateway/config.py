@@ -27,6 +27,8 @@ class GatewayConfig:
     """Disaggregated mode: gRPC address of a prefill worker (--role prefill); repeatable."""
     decode_worker: list[str] = field(default_factory=list)
     """Disaggregated mode: gRPC address of a decode worker (--role decode); repeatable."""
+    encode_worker: list[str] = field(default_factory=list)
+    """gRPC address of an encode worker (--role encode: an image-in model's vision encoder); repeatable. With any, each image prompt's images are encoded there before its Generate (docs/multimodal.md)."""
     kv_layerwise_push: bool = True
     """Disaggregated mode: start the decode worker as soon as the prefill worker admitted the prompt, so that it fetches each layer's KV while the later layers are computed (when both workers offer it; prompt logprobs and n > 1 prefill first as before)."""
     api_key: list[str] = field(default_factory=list)
@@ -149,11 +151,11 @@ class GatewayConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: no such file {value!r}")
         if self.prefill_worker and not (self.decode_worker or self.worker):
             raise ValueError("--prefill-worker needs at least one --decode-worker (or --worker) to decode")
-        for name in ("prefill_worker", "decode_worker"):
+        for name in ("prefill_worker", "decode_worker", "encode_worker"):
             for address in getattr(self, name):
                 if address.startswith(("openengine:", "smg:")):
                     raise ValueError(
-                        f"--{name.replace('_', '-')} {address}: disaggregation needs tandem's worker proto; "
+                        f"--{name.replace('_', '-')} {address}: this role needs tandem's worker proto; "
                         "an OpenEngine or SMG engine goes in --worker"
                     )
         for address in self.worker:

@@ -11,6 +11,7 @@ from gateway.auth import KeyRing
 from gateway.config import GatewayConfig
 from gateway.disaggregation import Disaggregation
 from gateway.drain import HttpDrain
+from gateway.encoder_pool import EncoderPool
 from gateway.limits import Limits
 from gateway.metrics import Metrics
 from gateway.rate_limit import RateLimiter
@@ -32,6 +33,7 @@ class GatewayContext:
     limits: Limits = field(default_factory=Limits)
     drain: HttpDrain = field(default_factory=HttpDrain)
     disagg: Disaggregation | None = None  # the prefill pool (--prefill-worker), when disaggregated
+    encoders: EncoderPool | None = None  # the encode workers (--encode-worker), when any
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -48,6 +50,7 @@ class GatewayContext:
             )
             if config.prefill_worker
             else None,
+            encoders=EncoderPool(config.encode_worker, credentials) if config.encode_worker else None,
             stylers=stylers,
             metrics=Metrics(),
             gate=AdmissionGate(config.max_waiting, config.max_running, config.max_waiting_tokens),
@@ -70,6 +73,8 @@ class GatewayContext:
         await asyncio.gather(self.router.close(), self.stylers.close())
         if self.disagg is not None:
             await self.disagg.close()
+        if self.encoders is not None:
+            await self.encoders.close()
 
     @property
     def model_name(self) -> str:

@@ -4,9 +4,11 @@
     --decode-worker D ...    joins the main Router (with any --worker): they serve Generate
 
 A request first picks its decode worker, then a prefill worker whose KV it can take: equal
-`Info.fingerprint` (model, dtype, block size, KV layout, tensor-parallel size). Pairs that
+`Info.fingerprint` (model, dtype, block size, KV cache dtype, the model's KV layout). Pairs that
 differ are refused, and the gateway says why once, at start-up (or when a worker first
-answers): "prefill P cannot pair with decode D: block size 16 != 32".
+answers): "prefill P cannot pair with decode D: block size 16 != 32". Tensor / pipeline parallel
+layouts may differ: KV moves in the model's layout and each group re-shards it onto its ranks
+(services/worker/kv_reshard.py); the gateway logs such a pair once.
 
 `worker_stream.py` runs the request: Prefill on P (first token streamed to the client at once),
 then Generate on D with the handle, and the fallbacks when either dies.
@@ -32,7 +34,6 @@ _COMPATIBILITY_FIELDS = (
     ("block_size", "block size"),
     ("kv_dtype", "KV cache dtype"),
     ("kv_layout", "KV layout"),
-    ("tensor_parallel_size", "tensor-parallel size"),
 )
 
 
@@ -61,6 +62,7 @@ class Disaggregation:
         self.prefill = Router(prefill_addresses, poll_interval_s, credentials, kind="prefill_worker")
         self.layerwise = layerwise  # --kv-layerwise-push
         self._reported: set[tuple[str, str]] = set()  # (prefill, decode) pairs already explained
+        self._resharded: set[tuple[str, str]] = set()  # pairs of different parallel layouts, logged
 
     async def start(self, decode: Router) -> None:
         await self.prefill.start()
@@ -85,6 +87,18 @@ class Disaggregation:
                         "(requests sent to that decode worker compute their prompts there)"
                     )
                     self._report(p.address, d.address, line, lines)
+                elif (
+                    p.info.parallel_layout != d.info.parallel_layout
+                    and (p.address, d.address) not in self._resharded
+                ):
+                    self._resharded.add((p.address, d.address))
+                    log.info(
+                        "prefill worker %s (%s) pairs with decode worker %s (%s): KV re-sharded on fetch",
+                        p.address,
+                        p.info.parallel_layout,
+                        d.address,
+                        d.info.parallel_layout,
+                    )
         return lines
 
     def _report(self, p: str, d: str, line: str, lines: list[str]) -> None:

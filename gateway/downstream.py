@@ -73,18 +73,29 @@ class WorkerInfo:
     device: str
     version: str
     # what makes two workers able to exchange KV (disaggregation pairs only equal fingerprints)
-    role: str = "unified"  # "unified" | "prefill" | "decode"
+    role: str = "unified"  # "unified" | "prefill" | "decode" | "encode"
     architecture: str = ""
     dtype: str = ""
     block_size: int = 0
     kv_dtype: str = ""  # the KV cache's element type ("bfloat16", "float8_e4m3fn" under fp8, ...)
-    kv_layout: str = ""  # "layers x kv_heads x head_dim, block_size, layout name"
+    kv_layout: str = ""  # the model's "layers x kv_heads x head_dim, block_size, layout name"
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    kv_heads_per_rank: int = 0  # KV heads each tensor-parallel rank holds
     fingerprint: str = ""
     kv_events: bool = False  # SubscribeKvEvents streams its prefix-cache changes (exact routing)
     kv_layerwise: bool = False  # serves PrefillStream / takes layer-wise handles (layer-wise push)
     task: str = "generate"  # "generate" | "embed" (--task): which requests it serves
     hidden_size: int = 0  # an embed worker's embedding length
+
+    @property
+    def parallel_layout(self) -> str:
+        """E.g. "T=2 x P=1, 1 KV head per rank" (for the log when a pair's layouts differ)."""
+        heads = self.kv_heads_per_rank
+        return (
+            f"T={self.tensor_parallel_size} x P={self.pipeline_parallel_size}, "
+            f"{heads} KV head{'s' if heads != 1 else ''} per rank"
+        )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 from gateway.errors import APIError
 from gateway.execution import ChoiceUpdate, RequestRun
 from gateway.media import check_detail, check_image_url
+from gateway.output_segments import Opened, OutputSegments
 from gateway.responses import ChatResult
 
 # Request fields understood; others are refused unless given at their neutral value (_NEUTRAL).
@@ -318,12 +319,15 @@ def responses_param(param: str | None) -> str | None:
 
 @dataclass
 class _Item:
-    kind: str  # "message" | "reasoning" | "function_call"
+    """The Responses identity of one output segment (gateway/output_segments.py)."""
+
     id: str
-    text: str = ""
     call_id: str = ""
-    name: str = ""
     done: bool = False
+
+
+_ITEM_TYPES = {"text": "message", "reasoning": "reasoning", "tool_call": "function_call"}
+_ID_PREFIXES = {"text": "msg", "reasoning": "rs", "tool_call": "fc"}
 
 
 @dataclass
@@ -336,10 +340,16 @@ class ResponseBuilder:
     result: ChatResult
     id: str = field(default_factory=lambda: new_id("resp"))
     created_at: int = field(default_factory=lambda: int(time.time()))
-    items: list[_Item] = field(default_factory=list)
-    _calls: dict[int, int] = field(default_factory=dict)  # tool-call index -> item index
-    finish: str | None = None
+    items: list[_Item] = field(default_factory=list)  # one per segment of `output`
     sequence: int = 0
+    output: OutputSegments = field(init=False)  # the choice's segments, one item each
+
+    def __post_init__(self) -> None:
+        self.output = OutputSegments(self.result)
+
+    @property
+    def finish(self) -> str | None:
+        return self.output.finish
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -356,17 +366,11 @@ class ResponseBuilder:
 
     def add(self, update: ChoiceUpdate) -> list[dict[str, Any]]:
         events: list[dict[str, Any]] = []
-        for chunk in self.result.add(update):
-            for choice in chunk.get("choices", []):
-                delta = choice.get("delta", {})
-                if delta.get("reasoning_content"):
-                    events += self._text("reasoning", delta["reasoning_content"])
-                if delta.get("content"):
-                    events += self._text("message", delta["content"])
-                for call in delta.get("tool_calls") or []:
-                    events += self._call(call)
-        if update.finish_reason is not None:
-            self.finish = update.finish_reason
+        for event in self.output.add(update):
+            if isinstance(event, Opened):
+                events += self._open(event.index)
+            else:
+                events += self._delta(event.index, event.delta)
         return events
 
     def _close_last(self) -> list[dict[str, Any]]:
@@ -375,16 +379,17 @@ class ResponseBuilder:
         item = self.items[-1]
         item.done = True
         index = len(self.items) - 1
+        segment = self.output.segments[index]
         events = []
-        if item.kind == "message":
-            part = {"type": "output_text", "text": item.text, "annotations": [], "logprobs": []}
+        if segment.kind == "text":
+            part = {"type": "output_text", "text": segment.text, "annotations": [], "logprobs": []}
             events.append(
                 self._event(
                     "response.output_text.done",
                     item_id=item.id,
                     output_index=index,
                     content_index=0,
-                    text=item.text,
+                    text=segment.text,
                     logprobs=[],
                 )
             )
@@ -397,14 +402,14 @@ class ResponseBuilder:
                     part=part,
                 )
             )
-        elif item.kind == "reasoning":
+        elif segment.kind == "reasoning":
             events.append(
                 self._event(
                     "response.reasoning_text.done",
                     item_id=item.id,
                     output_index=index,
                     content_index=0,
-                    text=item.text,
+                    text=segment.text,
                 )
             )
         else:
@@ -413,32 +418,33 @@ class ResponseBuilder:
                     "response.function_call_arguments.done",
                     item_id=item.id,
                     output_index=index,
-                    name=item.name,
-                    arguments=item.text,
+                    name=segment.name,
+                    arguments=segment.text,
                 )
             )
         events.append(
             self._event(
-                "response.output_item.done", output_index=index, item=self._item_json(item, "completed")
+                "response.output_item.done", output_index=index, item=self._item_json(index, "completed")
             )
         )
         return events
 
-    def _open(self, item: _Item) -> list[dict[str, Any]]:
+    def _open(self, index: int) -> list[dict[str, Any]]:
         events = self._close_last()
-        self.items.append(item)
-        index = len(self.items) - 1
+        segment = self.output.segments[index]
+        call_id = (segment.call_id or new_id("call")) if segment.kind == "tool_call" else ""
+        self.items.append(_Item(new_id(_ID_PREFIXES[segment.kind]), call_id))
         events.append(
             self._event(
-                "response.output_item.added", output_index=index, item=self._item_json(item, "in_progress")
+                "response.output_item.added", output_index=index, item=self._item_json(index, "in_progress")
             )
         )
-        if item.kind == "message":
+        if segment.kind == "text":
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             events.append(
                 self._event(
                     "response.content_part.added",
-                    item_id=item.id,
+                    item_id=self.items[index].id,
                     output_index=index,
                     content_index=0,
                     part=part,
@@ -446,48 +452,14 @@ class ResponseBuilder:
             )
         return events
 
-    def _text(self, kind: str, text: str) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        if not self.items or self.items[-1].kind != kind or self.items[-1].done:
-            events += self._open(_Item(kind, new_id("msg" if kind == "message" else "rs")))
-        item = self.items[-1]
-        item.text += text
-        name = "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta"
-        extra: dict[str, Any] = {"logprobs": []} if kind == "message" else {}
-        events.append(
-            self._event(
-                name, item_id=item.id, output_index=len(self.items) - 1, content_index=0, delta=text, **extra
-            )
-        )
-        return events
-
-    def _call(self, call: dict[str, Any]) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        index = call.get("index", 0)
-        if index not in self._calls:
-            function = call.get("function", {})
-            events += self._open(
-                _Item(
-                    "function_call",
-                    new_id("fc"),
-                    call_id=call.get("id") or new_id("call"),
-                    name=function.get("name", ""),
-                )
-            )
-            self._calls[index] = len(self.items) - 1
-        item_index = self._calls[index]
-        arguments = call.get("function", {}).get("arguments", "")
-        if arguments:
-            self.items[item_index].text += arguments
-            events.append(
-                self._event(
-                    "response.function_call_arguments.delta",
-                    item_id=self.items[item_index].id,
-                    output_index=item_index,
-                    delta=arguments,
-                )
-            )
-        return events
+    def _delta(self, index: int, delta: str) -> list[dict[str, Any]]:
+        kind, item_id = self.output.segments[index].kind, self.items[index].id
+        if kind == "tool_call":
+            name = "response.function_call_arguments.delta"
+            return [self._event(name, item_id=item_id, output_index=index, delta=delta)]
+        name = "response.output_text.delta" if kind == "text" else "response.reasoning_text.delta"
+        extra: dict[str, Any] = {"logprobs": []} if kind == "text" else {}
+        return [self._event(name, item_id=item_id, output_index=index, content_index=0, delta=delta, **extra)]
 
     def end_events(self, run: RequestRun) -> list[dict[str, Any]]:
         events = self._close_last()
@@ -497,10 +469,12 @@ class ResponseBuilder:
         return events
 
     # ---- the Response object ---------------------------------------------------------------------
-    def _item_json(self, item: _Item, status: str) -> dict[str, Any]:
-        if item.kind == "message":
+    def _item_json(self, index: int, status: str) -> dict[str, Any]:
+        segment, item = self.output.segments[index], self.items[index]
+        kind = _ITEM_TYPES[segment.kind]
+        if kind == "message":
             content = (
-                [{"type": "output_text", "text": item.text, "annotations": [], "logprobs": []}]
+                [{"type": "output_text", "text": segment.text, "annotations": [], "logprobs": []}]
                 if status != "in_progress"
                 else []
             )
@@ -511,15 +485,15 @@ class ResponseBuilder:
                 "role": "assistant",
                 "content": content,
             }
-        if item.kind == "reasoning":
-            content = [{"type": "reasoning_text", "text": item.text}] if status != "in_progress" else []
+        if kind == "reasoning":
+            content = [{"type": "reasoning_text", "text": segment.text}] if status != "in_progress" else []
             return {"type": "reasoning", "id": item.id, "summary": [], "content": content, "status": status}
-        arguments = item.text if status != "in_progress" else ""
+        arguments = segment.text if status != "in_progress" else ""
         return {
             "type": "function_call",
             "id": item.id,
             "call_id": item.call_id,
-            "name": item.name,
+            "name": segment.name,
             "arguments": arguments,
             "status": status,
         }
@@ -531,7 +505,7 @@ class ResponseBuilder:
         status = status or self.status()
         body = self.body
         item_status = "incomplete" if status == "incomplete" else "completed"
-        output = [self._item_json(item, item_status) for item in self.items] if run is not None else []
+        output = [self._item_json(i, item_status) for i in range(len(self.items))] if run is not None else []
         usage = None
         if run is not None:
             usage = {

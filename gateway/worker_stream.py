@@ -112,6 +112,8 @@ class PromptStream:
         self._leg: tuple[WorkerState, str] | None = None  # the Generate stream now open: worker, id
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
+        if self.images and self.ctx.encoders is not None:  # embeddings from an encode worker
+            self.images = await self.ctx.encoders.encode(self.request_id, self.images)
         try:
             async for chunk in self._group(list(self.choices)):
                 yield chunk

@@ -22,6 +22,7 @@ import contextlib
 import ctypes
 import errno
 import logging
+import os
 import secrets
 import shlex
 import signal
@@ -64,6 +65,8 @@ class UpConfig:
     """Number of unified model workers behind the gateway."""
     disaggregate: bool = False
     """Start one prefill and one decode worker instead of unified workers."""
+    encode_workers: int = 0
+    """Encode workers to start (an image-in model's vision encoder in its own worker, --role encode); the gateway has each image prompt's images encoded there (docs/multimodal.md). 0: the workers encode their images themselves."""
     device: str = "auto"
     """Device for the workers: auto, cpu, cuda or cuda:N."""
     served_model_name: str = ""
@@ -86,10 +89,14 @@ class UpConfig:
     """The Ray cluster the workers place their ranks on (--distributed-executor-backend ray)."""
     tensor_parallel_size: int = 1
     """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
+    prefill_tensor_parallel_size: int = 0
+    """--disaggregate: the prefill worker's tensor-parallel size (0 = --tensor-parallel-size); it may differ from the decode worker's (KV re-sharded on fetch, docs/disaggregation.md)."""
+    decode_tensor_parallel_size: int = 0
+    """--disaggregate: the decode worker's tensor-parallel size (0 = --tensor-parallel-size)."""
     speculative: Literal["off", "prompt-lookup", "draft-model", "eagle"] = "off"
-    """Speculative decoding in every worker: prompt-lookup (n-gram proposals) or draft-model (--speculative-model); docs/speculative.md."""
+    """Speculative decoding in every worker: prompt-lookup (n-gram proposals), draft-model (--speculative-model) or eagle (an EAGLE / EAGLE-3 head in --speculative-model); docs/speculative.md."""
     speculative_model: str = ""
-    """Draft model directory for every worker (same tokenizer and vocabulary as the model)."""
+    """Draft model directory for every worker (same tokenizer and vocabulary as the model), or the EAGLE head with --speculative eagle."""
     num_speculative_tokens: int = 0
     """Most tokens drafted per sequence and step (0 = the worker's default, 4)."""
     lora_modules: list[str] = field(default_factory=list)
@@ -135,6 +142,10 @@ class UpConfig:
             raise ValueError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.encode_workers < 0:
+            raise ValueError(f"--encode-workers must be >= 0, got {self.encode_workers}")
+        if self.encode_workers and self.task == "embed":
+            raise ValueError("--encode-workers with --task embed: embed workers take no images")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if not 0 <= self.grpc_port < 65536:
@@ -149,11 +160,14 @@ class UpConfig:
             raise ValueError("--ray-address is for --distributed-executor-backend ray")
         if self.task == "embed" and self.disaggregate:
             raise ValueError("--task embed with --disaggregate: embeddings are computed by unified workers")
-        if self.tensor_parallel_size > 1 and self.disaggregate:
-            raise ValueError(
-                "--tensor-parallel-size with --disaggregate: tensor-parallel prefill/decode workers "
-                "are not implemented yet (docs/parallel.md)"
-            )
+        for name in ("prefill_tensor_parallel_size", "decode_tensor_parallel_size"):
+            size = getattr(self, name)
+            if size < 0:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1 (0 = --tensor-parallel-size), got {size}"
+                )
+            if size and not self.disaggregate:
+                raise ValueError(f"--{name.replace('_', '-')} is for --disaggregate")
         for name in ("worker_args", "styler_args", "gateway_args"):
             try:
                 shlex.split(getattr(self, name))
@@ -185,6 +199,7 @@ class Child:
     ready_check: str  # "grpc:<address>" or "http:<url>" (https URLs too)
     tls: TlsFiles | None = None  # mutual TLS for the gRPC readiness check
     instance_id: str = ""  # what an HTTP readiness check must find in /health's "instance"
+    env: dict[str, str] = field(default_factory=dict)  # set over `up`'s environment
     process: asyncio.subprocess.Process | None = None
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     restarts: deque[float] = field(default_factory=deque)
@@ -197,6 +212,7 @@ class Child:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             preexec_fn=_set_pdeathsig,
+            env={**os.environ, **self.env} if self.env else None,
         )
         self.pump = asyncio.create_task(self._pump_output())
 
@@ -308,7 +324,10 @@ def worker_device_args(config: UpConfig, role: str, num_gpus: int | None = None,
     """`--device ...` of one worker. Unified workers (`--workers N`) are spread over the visible
     GPUs, those sharing a GPU each sized to their share of its memory. Disaggregated: prefill on
     cuda:0 and decode on cuda:1 when two GPUs are visible; on one GPU both share it, each sized to
-    under half of its memory."""
+    under half of its memory. Encode workers take --device as given (they keep no KV cache, and
+    size nothing from free memory)."""
+    if role == "encode":
+        return ["--device", config.device]
     if not config.disaggregate:
         if config.device not in ("auto", "cuda") or config.workers == 1:
             return ["--device", config.device]
@@ -322,6 +341,8 @@ def worker_device_args(config: UpConfig, role: str, num_gpus: int | None = None,
         return args
     if config.device in ("auto", "cuda"):
         num_gpus = count_gpus() if num_gpus is None else num_gpus
+        if num_gpus and disaggregated_gpus(config, role, num_gpus):
+            return ["--device", "cuda"]  # its GPUs by CUDA_VISIBLE_DEVICES (rank r on cuda:r)
         if num_gpus >= 2:
             return ["--device", f"cuda:{0 if role == 'prefill' else 1}"]
         if num_gpus == 0:
@@ -332,8 +353,26 @@ def worker_device_args(config: UpConfig, role: str, num_gpus: int | None = None,
     return ["--device", config.device]
 
 
-def forwarded_worker_args(config: UpConfig) -> list[str]:
-    """`vllm serve`-style options of `up` that belong to every worker (only those set)."""
+def disaggregated_gpus(config: UpConfig, role: str, num_gpus: int) -> str:
+    """CUDA_VISIBLE_DEVICES of the prefill / decode worker when either is tensor-parallel on
+    CUDA: the prefill worker's ranks on the first GPUs, the decode worker's on the next ones
+    ("" = not tensor-parallel: worker_device_args places it). UpError when too few are visible."""
+    prefill, decode = tensor_parallel_size(config, "prefill"), tensor_parallel_size(config, "decode")
+    if prefill == decode == 1:
+        return ""
+    if num_gpus < prefill + decode:
+        raise UpError(
+            f"--disaggregate with a prefill worker of {prefill} rank(s) and a decode worker of {decode} "
+            f"needs {prefill + decode} GPUs (one per rank), {num_gpus} visible"
+        )
+    first = 0 if role == "prefill" else prefill
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")  # `up`'s own choice, if any
+    ids = [visible[g].strip() if len(visible) > g and visible[g].strip() else str(g) for g in range(num_gpus)]
+    return ",".join(ids[first : first + (prefill if role == "prefill" else decode)])
+
+
+def forwarded_worker_args(config: UpConfig, role: str = "unified") -> list[str]:
+    """`vllm serve`-style options of `up` that belong to every worker of `role` (only those set)."""
     args: list[str] = []
     if config.served_model_name:
         args += ["--served-model-name", config.served_model_name]
@@ -349,8 +388,8 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
         args += ["--distributed-executor-backend", config.distributed_executor_backend]
     if config.ray_address:
         args += ["--ray-address", config.ray_address]
-    if config.tensor_parallel_size > 1:
-        args += ["--tensor-parallel-size", str(config.tensor_parallel_size)]
+    if tensor_parallel_size(config, role) > 1:
+        args += ["--tensor-parallel-size", str(tensor_parallel_size(config, role))]
     if config.task != "generate":
         args += ["--task", config.task]
     if config.speculative != "off":
@@ -368,6 +407,12 @@ def forwarded_worker_args(config: UpConfig) -> list[str]:
     if config.max_lora_rank:
         args += ["--max-lora-rank", str(config.max_lora_rank)]
     return args
+
+
+def tensor_parallel_size(config: UpConfig, role: str) -> int:
+    """A worker's --tensor-parallel-size: the role's own under --disaggregate, when given."""
+    own = {"prefill": config.prefill_tensor_parallel_size, "decode": config.decode_tensor_parallel_size}
+    return own.get(role, 0) or config.tensor_parallel_size
 
 
 def forwarded_gateway_args(config: UpConfig) -> list[str]:
@@ -409,11 +454,17 @@ def build_children(config: UpConfig, run_dir: Path, instance_id: str = "") -> li
         )
     ]
     roles = ["prefill", "decode"] if config.disaggregate else ["unified"] * config.workers
+    roles += ["encode"] * config.encode_workers
     gateway_worker_args: list[str] = []
     for i, role in enumerate(roles):
-        name = f"worker-{i}" if role == "unified" else f"{role}-worker"
+        if role == "encode":
+            name = f"encode-worker-{i - (len(roles) - config.encode_workers)}"
+        else:
+            name = f"worker-{i}" if role == "unified" else f"{role}-worker"
         address = f"unix:{run_dir / (name + '.sock')}"
         role_args = [] if role == "unified" else ["--role", role]
+        num_gpus = count_gpus() if config.disaggregate and config.device in ("auto", "cuda") else 0
+        gpus = disaggregated_gpus(config, role, num_gpus) if num_gpus else ""
         children.append(
             Child(
                 name,
@@ -426,15 +477,21 @@ def build_children(config: UpConfig, run_dir: Path, instance_id: str = "") -> li
                     address,
                     *worker_device_args(config, role, index=i),
                     *role_args,
-                    *forwarded_worker_args(config),
+                    *forwarded_worker_args(config, role),
                     *common,
                     *shlex.split(config.worker_args),
                 ],
                 f"grpc:{address}",
                 tls,
+                env={"CUDA_VISIBLE_DEVICES": gpus} if gpus else {},
             )
         )
-        flag = {"unified": "--worker", "prefill": "--prefill-worker", "decode": "--decode-worker"}[role]
+        flag = {
+            "unified": "--worker",
+            "prefill": "--prefill-worker",
+            "decode": "--decode-worker",
+            "encode": "--encode-worker",
+        }[role]
         gateway_worker_args += [flag, address]
     url_host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
     scheme = "https" if config.ssl_certfile else "http"
@@ -569,10 +626,10 @@ async def run_up(config: UpConfig) -> int:
     try:
         check_ports(config)
         run_dir = prepare_run_dir(config.run_dir)
+        children = build_children(config, run_dir, instance_id=secrets.token_hex(8))
     except UpError as exc:
         print(f"tandem up: {exc}", file=sys.stderr)
         return 1
-    children = build_children(config, run_dir, instance_id=secrets.token_hex(8))
     supervisor = Supervisor(config, children)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -59,6 +59,8 @@ SPEC_DRAFT_TOKENS = "tandem:spec_decode_draft_tokens"
 SPEC_ACCEPTED_TOKENS = "tandem:spec_decode_accepted_tokens"
 SPEC_ACCEPTANCE_RATE = "tandem:spec_decode_acceptance_rate"
 SPEC_MEAN_ACCEPTED_LENGTH = "tandem:spec_decode_mean_accepted_length"
+IMAGES_ENCODED = "tandem:images_encoded"
+ENCODER_CACHE_HITS = "tandem:encoder_cache_hits"
 
 # Bucket edges: latency from a millisecond (tiny models on a GPU) to minutes (long generations on a CPU).
 TTFT_BUCKETS = (
@@ -226,6 +228,20 @@ METRICS: tuple[MetricSpec, ...] = (
         "gauge",
         (),
         "Prompt tokens whose KV came back from the host-memory tier (--kv-offload-memory), since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        IMAGES_ENCODED,
+        "gauge",
+        (),
+        "Image-in models: images run through the vision encoder, since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        ENCODER_CACHE_HITS,
+        "gauge",
+        (),
+        "Image-in models: images whose embeddings came from the encoder cache, since start.",
         ("worker",),
     ),
     MetricSpec(

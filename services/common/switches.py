@@ -44,6 +44,13 @@ def _parse_seconds(text: str) -> float:
     return value
 
 
+def _parse_nonnegative_seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("expected a number of seconds >= 0")
+    return value
+
+
 @dataclass(frozen=True)
 class Switch(Generic[T]):
     name: str  # the environment variable
@@ -116,6 +123,14 @@ HEAP_PROFILE: Switch[str] = Switch(
     "directory on each SIGUSR2 (services/common/heap_profile.py); it slows a service severalfold",
     str,
 )
+GIL_SWITCH_INTERVAL: Switch[float] = Switch(
+    "TANDEM_GIL_SWITCH_INTERVAL",
+    "seconds",
+    0.0,
+    "an A/B of the worker's GIL hand-off (sys.setswitchinterval) between its engine thread and its "
+    "gRPC event loop (benchmarks/serving_bench.py); 0 keeps Python's default",
+    _parse_nonnegative_seconds,
+)
 
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
@@ -124,6 +139,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     HEALTHCHECK_TARGET,
     HEALTHCHECK_TIMEOUT,
     HEAP_PROFILE,
+    GIL_SWITCH_INTERVAL,
 )
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import json
 import math
@@ -28,6 +27,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from services.common.image_hash import pixels_hash
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # encoded size of one image
 MAX_IMAGE_PIXELS = 32 * 1024 * 1024  # width * height of one decoded image
@@ -77,16 +78,17 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
 
 @dataclass(frozen=True)
 class PixelValues:
-    """One preprocessed image: float32 channels-first pixels and their content hash."""
+    """One preprocessed image: float32 pixels, its patch grid where the tower takes one, and
+    their content hash."""
 
-    array: np.ndarray  # [C, H, W] float32
-    hash: str  # sha256 hex of shape + bytes: equal pixels, equal hash
+    array: np.ndarray  # [C, H, W] float32 (CLIP), or flat patches [t * h * w, patch dim] (Qwen2.5-VL)
+    hash: str  # sha256 hex of shape + grid + bytes: equal pixels on an equal grid, equal hash
+    grid_thw: tuple[int, ...] = ()  # Qwen2.5-VL: (t, h, w) patches; () for a fixed-size tower
 
     @staticmethod
-    def of(array: np.ndarray) -> PixelValues:
+    def of(array: np.ndarray, grid_thw: tuple[int, ...] = ()) -> PixelValues:
         array = np.ascontiguousarray(array, dtype=np.float32)
-        digest = hashlib.sha256(repr(array.shape).encode() + array.tobytes()).hexdigest()
-        return PixelValues(array, digest)
+        return PixelValues(array, pixels_hash(array.shape, grid_thw, array.tobytes()), grid_thw)
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,7 @@ class QwenVLPreprocessor:
     """transformers' Qwen2VLImageProcessor (PIL backend; Qwen2.5-VL uses it too): dynamic
     resolution (`smart_resize` between min_pixels and max_pixels), rescale, normalise, then the
     flat patch layout [grid_h * grid_w, C * temporal_patch * patch * patch], patches ordered by
-    merge window. The image then takes grid_h * grid_w / merge_size² placeholder tokens.
-    (The worker-side Qwen2.5-VL model is not implemented yet: docs/multimodal.md.)"""
+    merge window. The image then takes grid_h * grid_w / merge_size² placeholder tokens."""
 
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
@@ -224,8 +225,18 @@ class QwenVLPreprocessor:
             image_std=tuple(float(v) for v in cfg.get("image_std", default.image_std)),
         )
 
-    def __call__(self, image: Image.Image) -> tuple[PixelValues, tuple[int, int, int]]:
-        """-> (flat patches, (t, grid_h, grid_w))."""
+    @staticmethod
+    def from_model_dir(model_dir: str) -> QwenVLPreprocessor:
+        path = Path(model_dir) / "preprocessor_config.json"
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+        return QwenVLPreprocessor.from_config(cfg.get("image_processor", cfg))
+
+    def num_tokens(self, pixels: PixelValues) -> int:
+        """Placeholder tokens of one image: one per merged patch."""
+        return math.prod(pixels.grid_thw) // (self.merge_size * self.merge_size)
+
+    def __call__(self, image: Image.Image) -> PixelValues:
+        """-> flat patches, with their grid (1, grid_h, grid_w)."""
         image = image.convert("RGB")
         width, height = image.size
         new_h, new_w = smart_resize(
@@ -240,4 +251,4 @@ class QwenVLPreprocessor:
         grid_h, grid_w = new_h // p, new_w // p
         patches = chw.reshape(3, grid_h // m, m, p, grid_w // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
         patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
-        return PixelValues.of(patches.reshape(grid_h * grid_w, 3 * t * p * p)), (1, grid_h, grid_w)
+        return PixelValues.of(patches.reshape(grid_h * grid_w, 3 * t * p * p), (1, grid_h, grid_w))

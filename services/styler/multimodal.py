@@ -1,11 +1,14 @@
-"""Image content parts of a chat for an image-in model (LLaVA): each image part becomes the model's
-image placeholder token in the rendered prompt, its pixels are decoded and preprocessed
-(images.py), and after tokenizing each placeholder is expanded to as many tokens as the vision
-tower yields rows, which the worker replaces by the image's embeddings.
+"""Image content parts of a chat for an image-in model (LLaVA, Qwen2.5-VL): each image part
+becomes the model's placeholder text in the rendered prompt, its pixels are decoded and
+preprocessed (images.py), and after tokenizing each image token is expanded to as many tokens as
+the vision tower yields rows, which the worker replaces by the image's embeddings.
 
 A model directory is image-in when its config.json has a `vision_config` and an
-`image_token_index`; the placeholder's text is processor_config.json's `image_token` (LLaVA's
-"<image>") or the tokenizer's text of that id.
+`image_token_index` / `image_token_id`. LLaVA: the placeholder is processor_config.json's
+`image_token` ("<image>") or the tokenizer's text of that id, every image the same number of
+tokens. Qwen2.5-VL: the placeholder is `<|vision_start|><|image_pad|><|vision_end|>` (what its
+chat template writes for an image part), and `<|image_pad|>` is expanded to one token per merged
+patch of that image's dynamic-resolution grid.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.styler.images import ClipPreprocessor, ImageError, PixelValues, data_url_bytes, decode_image
+from services.styler.images import (
+    ClipPreprocessor,
+    ImageError,
+    PixelValues,
+    QwenVLPreprocessor,
+    data_url_bytes,
+    decode_image,
+)
 from services.styler.tokenizer import Tokenizer
 
 
@@ -29,12 +39,19 @@ class PromptImage:
     length: int
 
 
+# Qwen2.5-VL's image markers (its chat template writes all three for an image part)
+QWEN_VISION_START = "<|vision_start|>"
+QWEN_VISION_END = "<|vision_end|>"
+QWEN_IMAGE_PAD = "<|image_pad|>"
+
+
 @dataclass(frozen=True)
 class ImageSupport:
-    image_token: str
+    placeholder: str  # the text an image part becomes before the chat template runs
+    image_token: str  # the token expanded to the image's rows (in `placeholder`)
     image_token_id: int
-    tokens_per_image: int
-    preprocess: ClipPreprocessor
+    preprocess: ClipPreprocessor | QwenVLPreprocessor
+    tokens_per_image: int = 0  # fixed-size towers (LLaVA); 0: from each image's grid (Qwen2.5-VL)
 
     @staticmethod
     def from_model_dir(model_dir: str, tokenizer: Tokenizer) -> ImageSupport | None:
@@ -51,13 +68,33 @@ class ImageSupport:
         processor: dict[str, Any] = {}
         if (root / "processor_config.json").is_file():
             processor = json.loads((root / "processor_config.json").read_text())
-        token = str(processor.get("image_token") or tokenizer.id_to_token(token_id) or "")
+        if cfg.get("model_type") == "qwen2_5_vl":
+            token = str(processor.get("image_token") or QWEN_IMAGE_PAD)
+            support = ImageSupport(
+                QWEN_VISION_START + token + QWEN_VISION_END,
+                token,
+                token_id,
+                QwenVLPreprocessor.from_model_dir(model_dir),
+            )
+            markers: tuple[str, ...] = (QWEN_VISION_START, QWEN_VISION_END, token)
+        else:
+            token = str(processor.get("image_token") or tokenizer.id_to_token(token_id) or "")
+            patches = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
+            strategy = cfg.get("vision_feature_select_strategy", "default")
+            tokens = patches if strategy == "default" else patches + 1
+            support = ImageSupport(token, token, token_id, ClipPreprocessor.from_model_dir(model_dir), tokens)
+            markers = (token,)
         if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
             raise ValueError(f"{model_dir}: the image token {token!r} does not tokenize to id {token_id}")
-        patches = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
-        strategy = cfg.get("vision_feature_select_strategy", "default")
-        tokens = patches if strategy == "default" else patches + 1
-        return ImageSupport(token, token_id, tokens, ClipPreprocessor.from_model_dir(model_dir))
+        for marker in markers:
+            if len(tokenizer.encode(marker, add_special_tokens=False)) != 1:
+                raise ValueError(f"{model_dir}: the tokenizer has no {marker!r} token")
+        return support
+
+    def num_tokens(self, pixels: PixelValues) -> int:
+        if isinstance(self.preprocess, QwenVLPreprocessor):
+            return self.preprocess.num_tokens(pixels)
+        return self.tokens_per_image
 
     def prepare(
         self, messages: Sequence[Mapping[str, Any]]
@@ -80,12 +117,12 @@ class ImageSupport:
                     pixels.append(self.preprocess(decode_image(data_url_bytes(image_url_of(part)))))
                 except ImageError as exc:
                     raise ImageError(f"messages[{i}].content[{j}]: {exc}") from None
-                parts.append({"type": "text", "text": self.image_token})
+                parts.append({"type": "text", "text": self.placeholder})
             out.append({**message, "content": parts})
         return out, pixels
 
     def expand(self, token_ids: list[int], pixels: list[PixelValues]) -> tuple[list[int], list[PromptImage]]:
-        """Each placeholder token -> `tokens_per_image` of them; the images' spans."""
+        """Each image token -> as many as the image has rows; the images' spans."""
         found = token_ids.count(self.image_token_id)
         if found != len(pixels):
             raise ImageError(
@@ -96,8 +133,9 @@ class ImageSupport:
         images: list[PromptImage] = []
         for token in token_ids:
             if token == self.image_token_id:
-                images.append(PromptImage(pixels[len(images)], len(out), self.tokens_per_image))
-                out += [token] * self.tokens_per_image
+                image = pixels[len(images)]
+                images.append(PromptImage(image, len(out), self.num_tokens(image)))
+                out += [token] * images[-1].length
             else:
                 out.append(token)
         return out, images

@@ -78,6 +78,7 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
                         pixel_values=image.pixels.array.astype("<f4").tobytes(),
                         shape=list(image.pixels.array.shape),
                         dtype="float32",
+                        grid_thw=list(image.pixels.grid_thw),
                     )
                     for image in rendered.images
                 ],

@@ -120,10 +120,15 @@ class AsyncEngine:
         done: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
-            try:
-                done.set_result(fn())
-            except Exception as exc:
-                done.set_exception(exc)
+            # A caller that stopped waiting (its task cancelled) cancels `done` meanwhile, and
+            # setting a cancelled future raises: that must not end the engine thread.
+            with contextlib.suppress(concurrent.futures.InvalidStateError):
+                try:
+                    result = fn()
+                except Exception as exc:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(result)
 
         self._commands.put(run)
         return asyncio.wrap_future(done)

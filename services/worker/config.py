@@ -69,8 +69,8 @@ class WorkerConfig(ServiceConfig):
     """Torch intra-op threads on the CPU; 0 = auto: 1 for tiny models (hidden size <= 256, where threads only add synchronisation), else torch's default."""
     task: Literal["generate", "embed"] = "generate"
     """What this worker serves: generate (Generate / Prefill: text) or embed (Embed: pooling mode for decoder embedding models such as Qwen3-Embedding; the final-norm hidden state of each prompt's last token, L2-normalised; no KV is kept after a request). Each refuses the other's rpcs with FAILED_PRECONDITION."""
-    role: Literal["unified", "prefill", "decode"] = "unified"
-    """Worker role: unified (prefill and decode), prefill (serves Prefill / FetchKV) or decode (Generate with a kv_source)."""
+    role: Literal["unified", "prefill", "decode", "encode"] = "unified"
+    """Worker role: unified (prefill and decode), prefill (serves Prefill / FetchKV), decode (Generate with a kv_source) or encode (only an image-in model's vision encoder: serves Encode; docs/multimodal.md)."""
     kv_handle_ttl: float = 30.0
     """Prefill role: seconds a prefilled prompt's KV is kept for a decode worker to fetch before it is freed."""
     kv_advertise_address: str = ""
@@ -83,6 +83,8 @@ class WorkerConfig(ServiceConfig):
     """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
     pipeline_parallel_size: int = 1
     """Pipeline stages the layers are split into (each stage T ranks; --tensor-parallel-size x this = ranks in all, docs/parallel.md)."""
+    pipeline_trace: str = ""
+    """Folder where each pipeline stage appends when it starts and ends each micro-batch (JSON lines per rank; tests and profiling, docs/parallel.md); "" = off."""
     nnodes: int = 1
     """Hosts the tensor-parallel group spans (each runs `tandem worker` with the same options and its --node-rank; --tensor-parallel-size / --nnodes ranks per host)."""
     node_rank: int = 0
@@ -106,9 +108,9 @@ class WorkerConfig(ServiceConfig):
     kv_events_buffer: int = 4096
     """Prefix-cache events (SubscribeKvEvents) kept for subscribers that reconnect; one further behind gets a snapshot."""
     speculative: Literal["off", "prompt-lookup", "draft-model", "eagle"] = "off"
-    """Speculative decoding (docs/speculative.md): prompt-lookup proposes the tokens that followed the latest earlier occurrence of the output's last n-gram in the prompt and output; draft-model runs --speculative-model in this worker; eagle is not implemented yet. Verification keeps the output distribution exact (greedy output is token-identical)."""
+    """Speculative decoding (docs/speculative.md): prompt-lookup proposes the tokens that followed the latest earlier occurrence of the output's last n-gram in the prompt and output; draft-model runs --speculative-model in this worker; eagle runs the EAGLE / EAGLE-3 head --speculative-model on the target's hidden states. Verification keeps the output distribution exact (greedy output is token-identical)."""
     speculative_model: str = ""
-    """Draft model directory (same tokenizer and vocabulary as --model); implies --speculative draft-model."""
+    """Draft model directory (same tokenizer and vocabulary as --model; alone it implies --speculative draft-model), or with --speculative eagle an EAGLE / EAGLE-3 head trained for --model."""
     num_speculative_tokens: int = 4
     """Most tokens proposed per sequence and step (K); with --speculative-adaptive the step's K is chosen in 0..K."""
     prompt_lookup_min: int = 2
@@ -169,16 +171,6 @@ class WorkerConfig(ServiceConfig):
                 "--kv-offload-memory with --tensor-parallel-size / --pipeline-parallel-size: the host "
                 "KV tier moves rank 0's blocks only, which is not implemented for groups yet (docs/parallel.md)"
             )
-        if self.world_size > 1 and self.quantization != "none":
-            raise ValueError(
-                "--quantization with --tensor-parallel-size / --pipeline-parallel-size: quantized "
-                "layers are not sharded yet (docs/parallel.md)"
-            )
-        if self.world_size > 1 and self.role != "unified":
-            raise ValueError(
-                f"--tensor-parallel-size / --pipeline-parallel-size with --role {self.role}: "
-                "disaggregation with parallel workers is not implemented yet (docs/parallel.md)"
-            )
         if self.task == "embed" and self.role != "unified":
             raise ValueError(
                 f"--task embed with --role {self.role}: embeddings are computed in one worker (no disaggregation)"
@@ -217,16 +209,6 @@ class WorkerConfig(ServiceConfig):
             name, sep, path = spec.partition("=")
             if not sep or not name.strip() or not path.strip():
                 raise ValueError(f"--lora-modules: expected NAME=DIR, got {spec!r}")
-        if self.lora_slots and self.speculative_method != "off":
-            raise ValueError(
-                "--speculative with --lora-modules / --enable-lora: the verification step does not "
-                "apply adapters yet (docs/lora.md)"
-            )
-        if self.lora_slots and self.world_size > 1:
-            raise ValueError(
-                "--lora-modules / --enable-lora with --tensor-parallel-size / --pipeline-parallel-size: "
-                "LoRA weights are not sharded yet (docs/lora.md)"
-            )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -234,9 +216,9 @@ class WorkerConfig(ServiceConfig):
         method = self.speculative_method
         if method == "off":
             return
-        if method == "eagle":
+        if method == "eagle" and not self.speculative_model:
             raise ValueError(
-                "--speculative eagle: EAGLE draft heads are not implemented yet (docs/speculative.md)"
+                "--speculative eagle needs --speculative-model HEAD_DIR (an EAGLE / EAGLE-3 checkpoint)"
             )
         if method == "draft-model" and not self.speculative_model:
             raise ValueError("--speculative draft-model needs --speculative-model DIR")

@@ -37,12 +37,15 @@ class DecodeOutputs:
     hidden: torch.Tensor  # [B, H]
     logits: torch.Tensor | None  # [B, vocab] in the model dtype, small batch sizes only
     greedy: torch.Tensor | None  # [B] int64 argmax of logits
+    # [B, n * H] the residual streams an EAGLE-3 head reads (LlamaModel.aux_layers); None without
+    aux: torch.Tensor | None = None
 
     def head(self, rows: int) -> DecodeOutputs:
         return DecodeOutputs(
             self.hidden[:rows],
             None if self.logits is None else self.logits[:rows],
             None if self.greedy is None else self.greedy[:rows],
+            None if self.aux is None else self.aux[:rows],
         )
 
 

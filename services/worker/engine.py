@@ -37,7 +37,7 @@ from services.worker.lora.adapter import LoRAAdapterError
 from services.worker.lora.registry import LoRARegistry
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
-from services.worker.models.llava import LlavaForConditionalGeneration
+from services.worker.models import IMAGE_MODELS
 from services.worker.outputs import ChoiceOutput, RequestOutput, Usage
 from services.worker.request import (
     EngineRequest,
@@ -49,6 +49,7 @@ from services.worker.request import (
 )
 from services.worker.scheduler import SampledToken, Scheduler, SchedulerOutput
 from services.worker.speculative.draft_model import DraftModelProposer
+from services.worker.speculative.eagle import EagleProposer
 from services.worker.speculative.prompt_lookup import PromptLookupProposer
 from services.worker.speculative.speculator import Proposer, Speculator
 from services.worker.tp_group import BindKV, DrivenKVCache, Profile, StepDriver
@@ -144,10 +145,22 @@ class Engine:
             max_lora_rank=config.max_lora_rank,
             max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             pooling=config.task == "embed",
+            pipeline_trace=config.pipeline_trace,
         )
-        # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA.
+        # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
+        state = parallel.current()
+        self.tp_size, self.pp_size = state.tp_size, state.pp_size
+        self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
+        self.runner.model.driver = self.driver
+        # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA;
+        # in a group every rank loads its shard of each.
         pool = self.runner.lora
-        self.loras = LoRARegistry(pool.shapes if pool else None, config.max_lora_rank, config.lora_slots)
+        self.loras = LoRARegistry(
+            pool.shapes if pool else None,
+            config.max_lora_rank,
+            config.lora_slots,
+            self.driver.share_lora if self.driver is not None else None,
+        )
         for name, path in config.lora_adapters:
             try:
                 self.loras.load(name, path)
@@ -157,11 +170,6 @@ class Engine:
         # the KV cache is what is left after the profiled peak, so it grows into what quantization freed.
         self.weight_bytes = weight_bytes(self.runner.model)
         self.quantization = model_quantization(self.runner.model)  # --quantization or the checkpoint's
-        # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
-        state = parallel.current()
-        self.tp_size, self.pp_size = state.tp_size, state.pp_size
-        self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
-        self.runner.model.driver = self.driver
         # a draft model's weights load before the KV cache is sized (the profile counts them)
         self.draft_model = (
             DraftModelProposer(
@@ -179,10 +187,31 @@ class Engine:
             if config.speculative_method == "draft-model"
             else None
         )
+        # an EAGLE head reads the target's hidden states (set up before the profile and the graphs)
+        self.eagle = (
+            EagleProposer(
+                config.speculative_model,
+                cfg,
+                config.tokenizer,
+                self.runner,
+                self.ops,
+                self.device,
+                self.dtype,
+                self.max_model_len,
+                config.block_size,
+                config.max_num_batched_tokens,
+                config.seed,
+                config.load_format,
+            )
+            if config.speculative_method == "eagle"
+            else None
+        )
         num_blocks = self._num_kv_blocks()
         graphs = self.device.type == "cuda" and not config.enforce_eager and self.driver is None
         if self.draft_model is not None:
             self.draft_model.bind_kv_cache(num_blocks, config.max_num_seqs if graphs else 0)
+        if self.eagle is not None:
+            self.eagle.bind_kv_cache(num_blocks)
         if self.driver is not None:
             self.driver.send(BindKV(num_blocks))
             self.kv_cache: KVCache = DrivenKVCache(
@@ -241,10 +270,13 @@ class Engine:
         config = self.config
         proposer: Proposer
         draft_cost = 0.0
+        target_params = sum(p.numel() for p in self.runner.model.parameters())
         if self.draft_model is not None:
             proposer = self.draft_model
-            target_params = sum(p.numel() for p in self.runner.model.parameters())
             draft_cost = self.draft_model.num_params / max(target_params, 1)
+        elif self.eagle is not None:
+            proposer = self.eagle
+            draft_cost = self.eagle.num_params / max(target_params, 1)
         elif config.speculative_method == "prompt-lookup":
             proposer = PromptLookupProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         else:
@@ -266,6 +298,8 @@ class Engine:
         per_block = block_bytes(cfg, bs, self.kv_dtype)
         if self.draft_model is not None:  # the draft's cache has as many blocks: the budget is shared
             per_block += self.draft_model.block_bytes()
+        if self.eagle is not None:  # (so has an EAGLE head's)
+            per_block += self.eagle.block_bytes()
         blocks_per_seq = math.ceil(self.max_model_len / bs)
         budget = self.config.kv_cache_bytes
         if budget is None and self.device.type == "cuda":
@@ -337,8 +371,12 @@ class Engine:
         if req.request_id in self.requests or req.request_id in self.fetching:
             raise InvalidRequestError("request_id", f"{req.request_id!r} is already running")
         if req.images:
-            if not isinstance(self.runner.model, LlavaForConditionalGeneration):
+            if not isinstance(self.runner.model, IMAGE_MODELS):
                 raise InvalidRequestError("images", f"{self.model_config.path} takes no images")
+            if self.tp_size * self.pp_size > 1:  # the image rows' forward is rank 0's alone
+                raise InvalidRequestError(
+                    "images", "image inputs are not served by a tensor- or pipeline-parallel worker yet"
+                )
             for i, image in enumerate(req.images):
                 self.runner.model.check_image(i, image)
         num_seqs = req.sampling.num_sequences
@@ -503,6 +541,7 @@ class Engine:
                 self.scheduler.abort(request)
         if self.speculator is not None:  # a draft model's blocks of finished sequences go back
             self.speculator.release([item.seq for item in scheduled.scheduled if item.seq.is_finished])
+            self.speculator.after_step()
         outputs = [self._output(request) for request in sorted(touched, key=lambda r: r.arrival)]
         return [out for out in outputs if out.choices or out.finished]  # a prefill chunk: nothing to say
 

@@ -5,7 +5,9 @@ Layout (the kernel API, kernels/reference.py): ONE tensor per worker
     kv_cache: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]   (index 0 = K, 1 = V)
 
 Layer l sees `kv_cache[l]`, shape [2, num_blocks, block_size, num_kv_heads, head_dim]. A token's
-slot is `block_id * block_size + offset`. Disaggregation ships slices `kv_cache[l0:l1, :, blocks]`.
+slot is `block_id * block_size + offset`. Disaggregation ships slices `kv_cache[l0:l1, :, blocks]`
+in the model's layout (`read_blocks` / `write_blocks`: every layer and KV head of the model; a
+parallel group's rank 0 gathers and scatters its ranks' parts, kv_reshard.py).
 Block ids are handed out by the BlockManager; this file only owns the memory.
 
 Sizing: `--kv-cache-memory` bytes when given; else on CUDA `gpu_memory_utilization` of the
@@ -62,6 +64,8 @@ class KVCache:
         num_layers = layout.layer_end - layout.layer_start
         shape = (num_layers, 2, num_blocks, block_size, layout.num_kv_heads, cfg.head_dim)
         self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        # The whole model's cache, as FetchKV chunks see it (this tensor's shape with T = P = 1).
+        self.model_shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         log.info(
             "KV cache: %d blocks x %d tokens (%.1f MiB, %s)",
             num_blocks,
@@ -81,9 +85,16 @@ class KVCache:
         dst = torch.tensor([d for _, d in copies], device=self.tensor.device)
         self.tensor[:, :, dst] = self.tensor[:, :, src]
 
+    def read_blocks(self, layer_start: int, layer_end: int, block_ids: tuple[int, ...]) -> torch.Tensor:
+        """kv[layer_start:layer_end, :, block_ids] in the model's layout, on the host (a parallel
+        group's read, DrivenKVCache; a single rank reads its tensor directly, kv_transfer.read_chunk)."""
+        index = torch.tensor(block_ids, device=self.tensor.device)
+        return self.tensor[layer_start:layer_end].index_select(2, index).cpu()
+
     def write_blocks(self, layer_start: int, layer_end: int, block_ids: list[int], src: torch.Tensor) -> None:
         """kv[layer_start:layer_end, :, block_ids] = src, src [layers, 2, blocks, block_size,
-        num_kv_heads, head_dim] on any device (a KV chunk fetched from a prefill worker)."""
+        num_kv_heads, head_dim] in the model's layout on any device (a KV chunk fetched from a
+        prefill worker)."""
         kv = self.tensor
         src = src.to(kv.device)  # synchronous from pageable memory: the caller may drop it after
         first = block_ids[0]

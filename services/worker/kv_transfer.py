@@ -13,6 +13,10 @@
                                                               Engine.kv_fetch_failed (the prompt
                                                               is computed here)
 
+Chunks are in the model's layout: layer indices of the whole model and all of its KV heads, so
+workers of different tensor / pipeline layouts exchange KV; a parallel group's rank 0 gathers a
+chunk from its ranks and scatters a received one to them (kv_reshard.py, on its engine thread).
+
 The transport is negotiated per fetch (kv_transports.py): over gRPC the chunks carry the bytes
 (kv_wire.py splices them in and out of the messages without protobuf copies); over CUDA IPC the
 first and only chunk names the prefill worker's cache tensor and blocks (`IpcBlocks`), which
@@ -38,14 +42,14 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import torch
 
 from services.worker import kv_transports
-from services.worker.kv_cache import KV_DTYPE_NAMES
+from services.worker.kv_cache import KV_DTYPE_NAMES, KVCache
 from services.worker.kv_layerwise import LayerProgress, LayerwiseFailed, Readiness, Span, wait_ready
 from services.worker.kv_nixl import NixlEndpoint, NixlRemote
 
@@ -220,31 +224,48 @@ def read_chunk(
     return KVChunkData(l0, l1, b0, b1, data, KV_DTYPE_NAMES[kv.dtype], tuple(part.shape))
 
 
+def read_group_chunk(cache: KVCache, block_ids: tuple[int, ...], span: Span) -> KVChunkData:
+    """A parallel group's chunk, gathered from its ranks in the model's layout (kv_reshard.py);
+    on rank 0's engine thread."""
+    l0, l1, b0, b1 = span
+    host = cache.read_blocks(l0, l1, block_ids[b0:b1])
+    data = host.reshape(-1).view(torch.uint8).numpy().data
+    return KVChunkData(l0, l1, b0, b1, data, KV_DTYPE_NAMES[host.dtype], tuple(host.shape))
+
+
 T = TypeVar("T")
 
 
 async def stream_chunks(
-    kv: torch.Tensor,
+    cache: KVCache,
     block_ids: tuple[int, ...],
     first_block: int,
     target_bytes: int,
     encode: Callable[[KVChunkData], T],
     progress: LayerProgress | None = None,
+    run: Callable[[Callable[[], KVChunkData]], Awaitable[KVChunkData]] | None = None,
 ) -> AsyncIterator[T | KeepAlive]:
-    """The chunks of a held prompt's blocks from `first_block` on, read and `encode`d (into wire
-    bytes) on a worker thread READ_AHEAD ahead. The blocks are held (kv_handles.py): nobody writes
-    them meanwhile. With a layer-wise handle's `progress`, each span goes as soon as the prefill
-    has written it, until the prefill completes (LayerwiseFailed when it fails)."""
-    num_layers = kv.shape[0]
-    layer_block_bytes = kv[0, :, 0].numel() * kv.element_size()
+    """The chunks of a held prompt's blocks from `first_block` on, in the model's layout, read
+    and `encode`d (into wire bytes) READ_AHEAD ahead: read from the tensor on a worker thread, or,
+    given `run` (a parallel group: rank 0's engine thread, where the group's commands go), gathered
+    from the group's ranks there. The blocks are held (kv_handles.py): nobody writes them
+    meanwhile. With a layer-wise handle's `progress` (a single-rank worker), each span goes as soon
+    as the prefill has written it, until the prefill completes (LayerwiseFailed when it fails)."""
+    num_layers, _, _, block_size, num_kv_heads, head_dim = cache.model_shape
+    layer_block_bytes = 2 * block_size * num_kv_heads * head_dim * cache.tensor.element_size()
     pending: collections.deque[asyncio.Future[T]] = collections.deque()
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
     sent = [first_block] * num_layers
     unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set)) if progress else None
 
-    def read(span: Span, ids: tuple[int, ...], event: Any) -> T:
-        return encode(read_chunk(kv, ids, span, event))
+    async def produce(span: Span, ids: tuple[int, ...], event: Any) -> T:
+        if run is None:
+            return await loop.run_in_executor(
+                None, lambda: encode(read_chunk(cache.tensor, ids, span, event))
+            )
+        chunk = await run(lambda: read_group_chunk(cache, ids, span))
+        return await loop.run_in_executor(None, encode, chunk)
 
     try:
         while True:
@@ -253,7 +274,7 @@ async def stream_chunks(
             if snap.error:
                 raise LayerwiseFailed(snap.error)
             for span in ready_spans(sent, snap.ready_blocks, layer_block_bytes, target_bytes):
-                pending.append(loop.run_in_executor(None, read, span, snap.block_ids, snap.event))
+                pending.append(asyncio.ensure_future(produce(span, snap.block_ids, snap.event)))
                 if len(pending) > READ_AHEAD:
                     yield await pending.popleft()
             if snap.complete:
@@ -345,10 +366,15 @@ async def _changed_within(changed: asyncio.Event, seconds: float) -> bool:
 # ---- the decode side: receiving chunks -----------------------------------------------------------
 
 
-def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: KVReservation) -> torch.Tensor:
-    """Check a received chunk against this worker's cache and the reservation; view it as a
-    tensor [layers, 2, blocks, block_size, num_kv_heads, head_dim] (no copy)."""
-    num_layers, _, _, block_size, num_kv_heads, head_dim = kv.shape
+def model_shape(kv: torch.Tensor | KVCache) -> tuple[int, ...]:
+    """The cache's shape in the model's layout (a tensor: one rank's whole cache)."""
+    return tuple(kv.model_shape if isinstance(kv, KVCache) else kv.shape)
+
+
+def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor | KVCache, reservation: KVReservation) -> torch.Tensor:
+    """Check a received chunk against this worker's cache (in the model's layout) and the
+    reservation; view it as a tensor [layers, 2, blocks, block_size, num_kv_heads, head_dim] (no copy)."""
+    num_layers, _, _, block_size, num_kv_heads, head_dim = model_shape(kv)
     l0, l1, b0, b1 = chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end
     skip_blocks = reservation.skip_tokens // block_size
     if not (0 <= l0 < l1 <= num_layers and skip_blocks <= b0 < b1 <= reservation.num_blocks):
@@ -356,7 +382,7 @@ def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor, reservation: KVReservatio
     if chunk.dtype != KV_DTYPE_NAMES[kv.dtype]:
         raise ValueError(f"chunk dtype {chunk.dtype} != cache dtype {KV_DTYPE_NAMES[kv.dtype]}")
     shape = (l1 - l0, 2, b1 - b0, block_size, num_kv_heads, head_dim)
-    if tuple(chunk.shape) != shape or len(chunk.data) != math.prod(shape) * kv.element_size():
+    if tuple(chunk.shape) != shape or len(chunk.data) != math.prod(shape) * kv.dtype.itemsize:
         raise ValueError(f"chunk shape {tuple(chunk.shape)} ({len(chunk.data)} bytes) != expected {shape}")
     with warnings.catch_warnings():  # a read-only buffer: it is only ever copied from
         warnings.simplefilter("ignore", UserWarning)
@@ -431,7 +457,7 @@ def copy_ipc_blocks(
 async def receive(
     call: Callable[[Callable[[], object]], asyncio.Future[object]],
     engine: KVReceiver,
-    kv: torch.Tensor,
+    kv: torch.Tensor | KVCache,
     request_id: str,
     source: KVSource,
     fetch: FetchStream,
@@ -443,13 +469,16 @@ async def receive(
     arrived, or that the fetch failed (it computes the prompt itself). `call(fn)` runs fn on the
     engine thread; `kv` is the whole cache tensor (shape and dtype checks); `fetch(source,
     skip_tokens)` streams the chunks (or one IpcBlocks, or NixlSpans read with `nixl`, this
-    worker's endpoint); a stream silent for `stall_timeout_s` fails the fetch."""
+    worker's endpoint); a stream silent for `stall_timeout_s` fails the fetch. `kv` is the cache
+    (or one rank's whole cache tensor): chunks come in the model's layout, which a parallel
+    group's cache scatters to its ranks (kv_reshard.py)."""
     started = time.monotonic()
     reservation = await call(lambda: engine.fetch_reservation(request_id))
     if reservation is None:  # no room for it: it is already scheduled to compute the prompt
         return FetchStats(False, 0, 0.0, 0, "no free blocks; computing the prompt here")
     assert isinstance(reservation, KVReservation)
-    num_layers, block_size = kv.shape[0], kv.shape[3]
+    shape = model_shape(kv)
+    num_layers, block_size = shape[0], shape[3]
     skip_blocks = reservation.skip_tokens // block_size
     expected = num_layers * (reservation.num_blocks - skip_blocks)
     received = 0
@@ -482,9 +511,12 @@ async def receive(
                 continue
             if isinstance(chunk, IpcBlocks):
                 transport = "cuda-ipc"
+                tensor = kv.tensor if isinstance(kv, KVCache) else kv
+                if tuple(tensor.shape) != shape:  # never offered by a group (kv_transports.supported)
+                    raise ValueError("CUDA IPC into a parallel group's KV cache is not supported")
                 copied = await call(
                     functools.partial(
-                        copy_ipc_blocks, engine, kv, request_id, chunk, reservation, ipc_chunk_bytes
+                        copy_ipc_blocks, engine, tensor, request_id, chunk, reservation, ipc_chunk_bytes
                     )
                 )
                 assert isinstance(copied, int)

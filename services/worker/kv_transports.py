@@ -51,12 +51,19 @@ def nixl_installed() -> bool:
     return importlib.util.find_spec("nixl") is not None
 
 
-def unavailable_reason(transport: Transport, device: torch.device, setting: str = "auto") -> str:
-    """Why this worker cannot use `transport` under `--kv-transport setting` ("" = it can; NIXL
-    still needs its agent to start, kv_nixl.create)."""
+def unavailable_reason(
+    transport: Transport, device: torch.device, setting: str = "auto", world_size: int = 1
+) -> str:
+    """Why this worker (a group of `world_size` ranks) cannot use `transport` under `--kv-transport
+    setting` ("" = it can; NIXL still needs its agent to start, kv_nixl.create)."""
     if transport == "cuda-ipc" and device.type != "cuda":
         return f"CUDA IPC needs a CUDA device (this worker runs on {device.type})"
+    if transport == "cuda-ipc" and world_size > 1:
+        # the handle names one tensor; a group's KV is spread over its ranks (kv_reshard.py)
+        return "CUDA IPC moves one rank's cache; this worker is a parallel group"
     if transport == "nixl":
+        if world_size > 1:  # (its agent registers rank 0's cache tensor only)
+            return "NIXL moves one rank's cache; this worker is a parallel group"
         if not nixl_installed():
             return "the nixl package is not installed (pip install 'tandem[nixl]')"
         if device.type != "cuda" and setting != "nixl":
@@ -64,12 +71,14 @@ def unavailable_reason(transport: Transport, device: torch.device, setting: str 
     return ""
 
 
-def supported(device: torch.device, setting: str = "auto") -> tuple[Transport, ...]:
+def supported(device: torch.device, setting: str = "auto", world_size: int = 1) -> tuple[Transport, ...]:
     """The transports this worker can serve and use, fastest first."""
-    return tuple(t for t in ORDER if not unavailable_reason(t, device, setting))
+    return tuple(t for t in ORDER if not unavailable_reason(t, device, setting, world_size))
 
 
-def preferences(setting: str, available: Sequence[Transport], device: torch.device) -> tuple[Transport, ...]:
+def preferences(
+    setting: str, available: Sequence[Transport], device: torch.device, world_size: int = 1
+) -> tuple[Transport, ...]:
     """What a decode worker asks for under `--kv-transport setting`: auto = everything available,
     fastest first; a named transport first (when available here), then gRPC; grpc = gRPC only."""
     if setting == "auto":
@@ -77,7 +86,7 @@ def preferences(setting: str, available: Sequence[Transport], device: torch.devi
     if setting == "grpc":
         return ("grpc",)
     if setting not in available:
-        reason = unavailable_reason(setting, device, setting) or "its NIXL agent did not start"  # type: ignore[arg-type]
+        reason = unavailable_reason(setting, device, setting, world_size) or "its NIXL agent did not start"  # type: ignore[arg-type]
         log.warning("--kv-transport %s: %s; using gRPC", setting, reason)
         return ("grpc",)
     return (setting, "grpc")  # type: ignore[return-value]

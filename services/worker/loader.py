@@ -9,7 +9,9 @@ a tensor that maps nowhere, has the wrong shape or is missing is an error naming
 Tensor parallelism (services/worker/parallel.py): each rank reads only its slice of a sharded
 tensor (safetensors `get_slice`), never the whole tensor: column-parallel rows of q/k/v, gate/up
 and the experts' gate/up, row-parallel columns of o_proj, down and the experts' down, vocabulary
-rows of the embedding and LM head.
+rows of the embedding and LM head. A quantized projection's tensors (a full-precision weight
+quantized as it loads, or a checkpoint's packed codes, scales and zero points) are sliced the same
+way by its QuantMethod (layers/quantization/base.py `read_part`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from kernels import KernelOps
 from services.worker.checkpoint import CheckpointTensor, WeightLoadError, iter_checkpoint
-from services.worker.layers.linear import Linear
+from services.worker.layers.linear import Linear, RowParallelLinear
 from services.worker.layers.quantization import (
     checkpoint_quant_method,
     make_quant_method,
@@ -31,6 +33,7 @@ from services.worker.layers.quantization import (
     quantize_linears,
     weight_bytes,
 )
+from services.worker.layers.split import Split
 from services.worker.model_config import ModelConfig
 from services.worker.models import model_class
 from services.worker.models.llama import LlamaForCausalLM
@@ -137,6 +140,15 @@ def _quantized_linears(model: LlamaForCausalLM) -> dict[str, Linear]:
     }
 
 
+def _quantized_split(model: LlamaForCausalLM, layer: Linear, name: str, shard: str) -> Split | None:
+    """The slice of a quantized projection this rank holds: a fused part's rows (column-parallel)
+    or a row-parallel layer's input columns; None for the whole (T = 1, replicated layers)."""
+    if shard_layout(model.config).tp_size == 1 or not (shard or isinstance(layer, RowParallelLinear)):
+        return None
+    dim, start, size = _checkpoint_slice(model, name.rsplit(".", 1)[0] + ".weight", shard, ())
+    return Split(dim, start, size)
+
+
 def load_weights(
     model: LlamaForCausalLM,
     tensors: Iterator[tuple[str, str, CheckpointTensor | torch.Tensor]],
@@ -229,7 +241,12 @@ def load_weights(
                 )
             start, size = _shard_slice(model, shard) if shard else (0, qlayer.out_features)
             parts = pending.setdefault((module_path, shard), {})
-            parts[suffix] = source.read(0, 0, source.shape[0])  # whole: quantized layers are not sharded
+            try:  # this rank's slice of the tensor (quantization/base.py `read_part`)
+                parts[suffix] = method.read_part(
+                    suffix, source, _quantized_split(model, qlayer, target, shard)
+                )
+            except ValueError as exc:
+                raise WeightLoadError(f"{file_name}: tensor {checkpoint_name!r}: {exc}") from exc
             if len(parts) == len(method.checkpoint_suffixes):
                 del pending[(module_path, shard)]
                 try:

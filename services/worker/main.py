@@ -25,6 +25,8 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     except switches.SwitchError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    if switches.GIL_SWITCH_INTERVAL.value > 0:
+        sys.setswitchinterval(switches.GIL_SWITCH_INTERVAL.value)
     setup_logging(config.log_level, config.log_format, "tandem.worker")
     setup_tracing("tandem-worker")  # from the OTEL_* environment; a no-op without it
     # torch is imported only now, so `tandem worker --help` and option errors stay instant
@@ -37,6 +39,8 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
     from services.worker.tp_group import RankProcesses
     from services.worker.tp_launch import follow_until_down, start_group
 
+    if config.role == "encode":
+        return _serve_encoder(config, prog)
     group: RankProcesses | RayRanks | None = None
     try:
         if config.world_size > 1:
@@ -83,6 +87,35 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
             async_engine.stop()
             if group is not None:
                 group.terminate()
+
+    return run(serve)
+
+
+def _serve_encoder(config: WorkerConfig, prog: str) -> int:
+    """`--role encode`: only the vision encoder, serving Encode (services/worker/encoder.py)."""
+    from pathlib import Path
+
+    from services.worker import encode_rpc
+    from services.worker.encoder import VisionEncoder
+    from services.worker.model_config import ModelConfigError
+
+    try:
+        encoder = VisionEncoder(config)
+    except ModelConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+    async def serve() -> None:
+        server = GrpcServer.from_config(config)
+        name = config.served_model_name or Path(config.model).resolve().name
+        servicer = encode_rpc.add_to_server(server.server, encoder, name)
+        server.add_service_name(encode_rpc.SERVICE_NAME)
+        await server.start()
+        log.info("encode worker serving %s on %s", name, server.bound_address)
+        try:
+            await server.serve_until_signal()
+        finally:
+            servicer.close()
 
     return run(serve)
 

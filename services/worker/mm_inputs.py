@@ -10,14 +10,14 @@ with the same token ids but different images never share KV blocks.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from services.common.image_hash import embeddings_hash, pixels_hash
 from services.worker.errors import InvalidRequestError
 from tandem.v1 import common_pb2
 
@@ -27,7 +27,13 @@ class ImageInput:
     hash: str  # hex content hash of the preprocessed pixels (the styler's sha256)
     offset: int  # first placeholder position in the prompt
     length: int  # number of placeholder positions (= embedding rows)
-    pixel_values: torch.Tensor  # [C, H, W] float32, the HF processor's output for this image
+    # The HF processor's output for this image: [C, H, W] float32 (LLaVA), or Qwen2.5-VL's flat
+    # patches [t * h * w, C * temporal_patch * patch * patch] on the grid `grid_thw`
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, ...] = ()  # (t, h, w) patches (Qwen2.5-VL); () for fixed-size towers
+    # The embedding rows an encode worker computed ([length, hidden]); then pixel_values is empty
+    # and `hash` is the rows' own (services/common/image_hash.py embeddings_hash)
+    embeds: torch.Tensor | None = None
 
     @property
     def end(self) -> int:
@@ -47,7 +53,8 @@ def cache_key_ids(prompt: list[int], images: tuple[ImageInput, ...]) -> list[int
 
 class EncoderCache:
     """Image embeddings by content hash, least recently used out past `max_entries`: the same
-    image in a later turn (or another request) is not encoded again."""
+    image in a later turn (or another request) is not encoded again. `misses` counts the images
+    encoded, `hits` those served from here (Info and /metrics report both)."""
 
     def __init__(self, max_entries: int = 64) -> None:
         self.max_entries = max_entries
@@ -55,18 +62,85 @@ class EncoderCache:
         self.hits = 0
         self.misses = 0
 
-    def get(self, image: ImageInput, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def get(self, image: ImageInput, encode: Callable[[ImageInput], torch.Tensor]) -> torch.Tensor:
         embeds = self._entries.get(image.hash)
         if embeds is not None:
             self._entries.move_to_end(image.hash)
             self.hits += 1
             return embeds
         self.misses += 1
-        embeds = encode(image.pixel_values)
+        embeds = encode(image)
         self._entries[image.hash] = embeds
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return embeds
+
+
+# Wire names of embedding dtypes (ImageInput.embeddings_dtype)
+EMBEDDING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in EMBEDDING_DTYPES.items() if d == dtype)
+
+
+def embedding_bytes(embeds: torch.Tensor) -> bytes:
+    """The rows' little-endian bytes in their own dtype (bfloat16 has no numpy type: viewed as int16)."""
+    flat = embeds.detach().to("cpu").contiguous()
+    if flat.dtype == torch.bfloat16:
+        flat = flat.view(torch.int16)
+    return bytes(flat.numpy().tobytes())
+
+
+def with_embeddings(image: ImageInput, embeds: torch.Tensor) -> ImageInput:
+    """`image` carrying `embeds` (an encode worker's output) instead of its pixels, keyed by the
+    embeddings' own hash."""
+    embeds = embeds.detach().to("cpu").contiguous()
+    digest = embeddings_hash(tuple(embeds.shape), dtype_name(embeds.dtype), embedding_bytes(embeds))
+    return replace(image, hash=digest, pixel_values=torch.empty(0), embeds=embeds)
+
+
+def check_embeddings(index: int, image: ImageInput, hidden: int) -> None:
+    """An encode worker's rows must be one per placeholder token, of the language model's width."""
+    assert image.embeds is not None
+    if tuple(image.embeds.shape) != (image.length, hidden):
+        raise InvalidRequestError(
+            f"images[{index}].embeddings_shape",
+            f"{list(image.embeds.shape)}; this image takes [{image.length}, {hidden}]",
+        )
+
+
+def _embeddings_from_pb(where: str, msg: common_pb2.ImageInput) -> torch.Tensor:
+    dtype = EMBEDDING_DTYPES.get(msg.embeddings_dtype)
+    if dtype is None:
+        raise InvalidRequestError(
+            f"{where}.embeddings_dtype", f"{msg.embeddings_dtype!r}; one of {', '.join(EMBEDDING_DTYPES)}"
+        )
+    shape = tuple(msg.embeddings_shape)
+    if len(shape) != 2 or len(msg.embeddings) != dtype.itemsize * math.prod(shape):
+        raise InvalidRequestError(
+            f"{where}.embeddings",
+            f"{len(msg.embeddings)} bytes do not make {msg.embeddings_dtype} {list(shape)}",
+        )
+    if msg.hash != embeddings_hash(shape, msg.embeddings_dtype, msg.embeddings):
+        raise InvalidRequestError(f"{where}.hash", "is not the sha256 of the image's embeddings")
+    return torch.frombuffer(bytearray(msg.embeddings), dtype=dtype).view(shape)
+
+
+def image_to_pb(image: ImageInput) -> common_pb2.ImageInput:
+    """An ImageInput on the wire: its embeddings when it has them, else its float32 pixels."""
+    msg = common_pb2.ImageInput(
+        hash=image.hash, offset=image.offset, length=image.length, grid_thw=list(image.grid_thw)
+    )
+    if image.embeds is not None:
+        msg.embeddings = embedding_bytes(image.embeds)
+        msg.embeddings_shape.extend(image.embeds.shape)
+        msg.embeddings_dtype = dtype_name(image.embeds.dtype)
+    else:
+        msg.pixel_values = image.pixel_values.contiguous().numpy().astype("<f4").tobytes()
+        msg.shape.extend(image.pixel_values.shape)
+        msg.dtype = "float32"
+    return msg
 
 
 def images_from_pb(images: Iterable[common_pb2.ImageInput]) -> tuple[ImageInput, ...]:
@@ -74,21 +148,29 @@ def images_from_pb(images: Iterable[common_pb2.ImageInput]) -> tuple[ImageInput,
     out = []
     for i, msg in enumerate(images):
         where = f"images[{i}]"
+        grid = tuple(msg.grid_thw)
+        if grid and (len(grid) != 3 or min(grid) <= 0):
+            raise InvalidRequestError(f"{where}.grid_thw", f"{list(grid)} is not a (t, h, w) patch grid")
+        if msg.embeddings:
+            embeds = _embeddings_from_pb(where, msg)
+            out.append(ImageInput(msg.hash, msg.offset, msg.length, torch.empty(0), grid, embeds))
+            continue
         if msg.dtype != "float32":
             raise InvalidRequestError(
                 f"{where}.dtype", f"only float32 pixels are supported, got {msg.dtype!r}"
             )
         shape = tuple(msg.shape)
-        if len(shape) != 3 or len(msg.pixel_values) != 4 * math.prod(shape):
+        if len(shape) not in (2, 3) or len(msg.pixel_values) != 4 * math.prod(shape):
             raise InvalidRequestError(
                 f"{where}.pixel_values",
-                f"{len(msg.pixel_values)} bytes do not make float32 [C, H, W] {list(shape)}",
+                f"{len(msg.pixel_values)} bytes do not make float32 {list(shape)} ([C, H, W] or [patches, dim])",
             )
         # The hash keys the encoder cache and the prefix cache, shared by all requests: recompute
-        # it (the styler's formula, services/styler/images.py PixelValues) rather than trust it.
-        digest = hashlib.sha256(repr(shape).encode() + msg.pixel_values).hexdigest()
-        if msg.hash != digest:
-            raise InvalidRequestError(f"{where}.hash", "is not the sha256 of the image's shape and pixels")
+        # it (the styler's formula, services/styler/images.py pixels_hash) rather than trust it.
+        if msg.hash != pixels_hash(shape, grid, msg.pixel_values):
+            raise InvalidRequestError(
+                f"{where}.hash", "is not the sha256 of the image's shape, grid and pixels"
+            )
         pixels = torch.frombuffer(bytearray(msg.pixel_values), dtype=torch.float32).view(shape)
-        out.append(ImageInput(msg.hash, msg.offset, msg.length, pixels))
+        out.append(ImageInput(msg.hash, msg.offset, msg.length, pixels, grid))
     return tuple(out)

@@ -59,9 +59,13 @@ class ModelConfig:
     hidden_act: str = "silu"
     # A learned logit per attention head in every softmax's denominator (gpt-oss's `sinks`)
     attention_sinks: bool = False
-    # Image-in models (LLaVA): the top-level config.json (vision_config, image_token_index, ...);
-    # the fields above then describe its text_config's language model. None: a text-only model.
+    # Image-in models (LLaVA, Qwen2.5-VL): the top-level config.json (vision_config,
+    # image_token_index, ...); the fields above then describe its language model (text_config, or
+    # the top level in Qwen2.5-VL's hub layout). None: a text-only model.
     multimodal: dict[str, Any] | None = None
+    # Multimodal rotary (Qwen2.5-VL's M-RoPE): rotary frequency pairs per (temporal, height,
+    # width) section, e.g. (16, 24, 24); () for 1D rope.
+    mrope_section: tuple[int, ...] = ()
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -143,7 +147,7 @@ def _normalise_scaling(scaling: dict[str, Any] | None, cfg: dict[str, Any]) -> d
     if rope_type == "su":  # the old name of longrope
         rope_type = "longrope"
     scaling["rope_type"] = rope_type
-    if rope_type == "default":
+    if rope_type in ("default", "mrope"):  # M-RoPE's frequencies are the default ones (mrope_section)
         return None
     max_pos = int(cfg.get("max_position_embeddings", 2048))
     if rope_type in ("yarn", "longrope", "dynamic"):
@@ -174,6 +178,9 @@ def _rope_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         scaling = dict(rope)
     theta = float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0)))
     fields: dict[str, Any] = {"rope_theta": theta, "rope_scaling": _normalise_scaling(scaling, cfg)}
+    section = (scaling or {}).get("mrope_section")
+    if section:
+        fields["mrope_section"] = tuple(int(v) for v in section)
     if local is not None:
         fields["rope_local_theta"] = float(local.get("rope_theta", theta))
         fields["rope_local_scaling"] = _normalise_scaling(dict(local), cfg)
@@ -197,6 +204,9 @@ def _layer_types(cfg: dict[str, Any], model_type: str, num_layers: int) -> tuple
         )
     return ()
 
+
+# Language models with Qwen2's attention (bias on q, k, v; none on o_proj), by model_type
+_QWEN2_TYPES = ("qwen2", "qwen2_5_vl", "qwen2_5_vl_text")
 
 # Harmony's end of a tool-call message: generation stops there for the caller to run the tool
 # (gpt-oss ships it as a special token but lists only <|return|> and <|endoftext|> as EOS).
@@ -242,6 +252,8 @@ def load_model_config(model_dir: str) -> ModelConfig:
         # LLaVA-style: the language model's fields come from text_config (see models/llava.py)
         multimodal, cfg = cfg, {**cfg["text_config"], "eos_token_id": cfg["text_config"].get("eos_token_id")}
         cfg.setdefault("tie_word_embeddings", multimodal.get("tie_word_embeddings", False))
+    elif cfg.get("model_type") == "qwen2_5_vl" and isinstance(cfg.get("vision_config"), dict):
+        multimodal = cfg  # Qwen2.5-VL's hub layout: the language model's fields at the top level
     model_type = str(cfg.get("model_type", ""))
     if model_type == "gemma3":  # a multimodal Gemma 3 config: its text model
         raise ModelConfigError(
@@ -273,8 +285,8 @@ def load_model_config(model_dir: str) -> ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            o_proj_bias=model_type != "qwen2" and bool(cfg.get("attention_bias", False)),
+            attention_bias=model_type in _QWEN2_TYPES or bool(cfg.get("attention_bias", False)),
+            o_proj_bias=model_type not in _QWEN2_TYPES and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             sliding_window=int(sliding_window) if sliding_window else None,

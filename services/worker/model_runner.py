@@ -12,11 +12,13 @@ reference on CPU, Triton kernels on CUDA (`--attention-backend`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from kernels import KernelOps
+from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.guided import apply_token_mask, guided_rows
@@ -27,7 +29,12 @@ from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
 from services.worker.mm_inputs import EncoderCache
 from services.worker.model_config import ModelConfig
-from services.worker.models.llava import ImageEmbeddingRows, LlavaForConditionalGeneration
+from services.worker.models import IMAGE_MODELS
+from services.worker.models.llama import LlamaModel
+from services.worker.models.llava import ImageEmbeddingRows
+from services.worker.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from services.worker.mrope import image_positions, rope_images, text_positions
+from services.worker.pipeline import StageTrace
 from services.worker.request import Sequence, TokenLogprob
 from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
 from services.worker.sampling_rng import draw_table
@@ -68,6 +75,7 @@ class ModelRunner:
         max_lora_rank: int = 16,
         max_num_tokens: int = 0,
         pooling: bool = False,
+        pipeline_trace: str = "",
     ) -> None:
         self.cfg = cfg
         self.ops = ops
@@ -100,7 +108,14 @@ class ModelRunner:
                 device,
                 cfg.hidden_size,
             )
+        if pipeline_trace and isinstance(getattr(self.model, "model", None), LlamaModel):
+            state = parallel.current()
+            self.model.model.trace = StageTrace(pipeline_trace, state.rank, state.pp_rank)
         self.encoder_cache = EncoderCache()  # image embeddings by hash (multimodal models)
+        # M-RoPE (Qwen2.5-VL): the vision tower's merge size, which lays out images' positions
+        self.mrope_merge = (
+            self.model.spatial_merge_size if isinstance(self.model, Qwen2_5_VLForConditionalGeneration) else 0
+        )
         rope_len = max(max_model_len, 1)
         self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)
         # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
@@ -111,6 +126,10 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
         self._greedy_columns: dict[int, torch.Tensor] = {}  # [8, S] placeholders for all-greedy steps
         self._readback: TokenReadback | None = None  # CUDA: pinned buffers the sampled ids come back through
+        # EAGLE heads (speculative/eagle.py): called after each forward with the step, the rows the
+        # head reads (the final hidden states, or the residual streams of LlamaModel.aux_layers)
+        # and cu_seqlens, before anything else may overwrite them
+        self.feature_sink: Callable[[SchedulerOutput, torch.Tensor, list[int]], None] | None = None
 
     def _tune_linears(self) -> list[str]:
         if self.ops.tune_linear is None:
@@ -141,13 +160,15 @@ class ModelRunner:
         return report
 
     def _decode_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:
-        """What a decode graph computes: hidden states, and for small batches the LM head + argmax."""
+        """What a decode graph computes: hidden states, and for small batches the LM head + argmax
+        (and an EAGLE-3 head's residual streams, when one reads them)."""
         hidden = self.model(input_ids, meta)
+        aux = self.model.model.aux_hidden if self.model.model.aux_layers else None
         if input_ids.shape[0] > GRAPH_LOGITS_MAX_ROWS:
-            return DecodeOutputs(hidden, None, None)
+            return DecodeOutputs(hidden, None, None, aux)
         logits = self.model.lm_head(hidden)  # [B, vocab] in the model dtype (compute_logits casts)
         greedy = self.ops.argmax(logits) if self.ops.argmax is not None else logits.argmax(dim=-1)
-        return DecodeOutputs(hidden, logits, greedy)
+        return DecodeOutputs(hidden, logits, greedy, aux)
 
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
@@ -248,7 +269,11 @@ class ModelRunner:
                 input_ids += seq.token_ids[start:end]
                 if item.draft is not None:  # speculative: the drafts follow its last token
                     input_ids += item.draft.token_ids
-            positions += range(start, end)
+            images = seq.request.req.images
+            if self.mrope_merge and images:  # rotary positions shifted by the images before them
+                positions += text_positions(images, self.mrope_merge, start, end)
+            else:
+                positions += range(start, end)
             blocks = seq.block_ids
             slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
             cu_seqlens.append(cu_seqlens[-1] + end - start)
@@ -265,7 +290,11 @@ class ModelRunner:
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
         if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
-            self.lora.prepare([(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled])
+            step = self.lora.prepare(
+                [(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled]
+            )
+            if self.model.driver is not None:  # the other ranks of a group replay it with the forward
+                self.model.driver.stage_lora(step)
         mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
         decoded: DecodeOutputs | None = None
         if (
@@ -279,6 +308,12 @@ class ModelRunner:
             hidden = self._forward_eager(
                 ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q, mm
             )
+        if self.feature_sink is not None:
+            features: torch.Tensor | None = hidden
+            if self.model.model.aux_layers:
+                features = decoded.aux if decoded is not None else self.model.model.aux_hidden
+            assert features is not None
+            self.feature_sink(out, features, cu_seqlens)
         self._prompt_logprobs(out, hidden, cu_seqlens)
         if pooled:
             self._pool(out, hidden, pooled)
@@ -447,21 +482,30 @@ class ModelRunner:
         each of its images that the chunk covers (encoded once per image hash, mm_inputs.py)."""
         rows: list[int] = []
         embeds: list[torch.Tensor] = []
+        rope: list[list[int]] = [[], [], []]  # M-RoPE: the rows' (temporal, height, width) positions
         for i, item in enumerate(out.scheduled):
             images = item.seq.request.req.images
             if not images or item.pending_tokens:
                 continue
             start, end = item.start, item.start + item.num_new_tokens
-            for image in images:
+            layout = rope_images(images, self.mrope_merge)[0] if self.mrope_merge else []
+            for k, image in enumerate(images):
                 lo, hi = max(start, image.offset), min(end, image.end)
                 if lo < hi:
-                    assert isinstance(self.model, LlavaForConditionalGeneration), "validated at admission"
-                    full = self.encoder_cache.get(image, self.model.encode_image)
+                    assert isinstance(self.model, IMAGE_MODELS), "validated at admission"
+                    if image.embeds is not None:  # an encode worker's rows
+                        full = image.embeds.to(self.device, self.dtype)
+                    else:
+                        full = self.encoder_cache.get(image, self.model.encode_image)
                     embeds.append(full[lo - image.offset : hi - image.offset])
                     rows += range(cu_seqlens[i] + lo - start, cu_seqlens[i] + hi - start)
+                    if layout:
+                        for axis, values in zip(rope, image_positions(layout[k], lo, hi), strict=True):
+                            axis += values
         if not rows:
             return None
-        return ImageEmbeddingRows(self._to_device(rows), torch.cat(embeds))
+        rope_positions = self._to_device([p for axis in rope for p in axis]).view(3, -1) if rope[0] else None
+        return ImageEmbeddingRows(self._to_device(rows), torch.cat(embeds), rope_positions)
 
     def _sampling_metadata(
         self, seqs: list[Sequence], pending: list[int] | None = None, drafted: list[list[int]] | None = None

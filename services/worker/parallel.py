@@ -47,6 +47,11 @@ class ParallelState:
     # control plane (rank 0 -> others: the step inputs, pickled host objects).
     group: dist.ProcessGroup | None = None
     ctrl_group: dist.ProcessGroup | None = None
+    # P > 1: the last stage's sends back to stage 0 go over a group of their own. On NCCL the
+    # sends and receives of one pair of ranks run in order on one stream; with P = 2 and
+    # micro-batches, stage 0's send of micro-batch 1 and stage 1's return of micro-batch 0 would
+    # each wait behind the other's receive there (pipeline.py).
+    return_group: dist.ProcessGroup | None = None
 
     @property
     def is_driver(self) -> bool:
@@ -105,7 +110,8 @@ def init_process_group(
     # Its own group even on gloo: rank 0's idle pings (tp_group.py) must never interleave with a
     # model collective of the engine thread on the same group.
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
-    _STATE = ParallelState(tp_size, rank % tp_size, pp_size, rank // tp_size, group, ctrl)
+    back = dist.new_group(timeout=timeout) if pp_size > 1 else None
+    _STATE = ParallelState(tp_size, rank % tp_size, pp_size, rank // tp_size, group, ctrl, back)
     return _STATE
 
 
@@ -125,6 +131,14 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of x over the tensor-parallel ranks (in place; returns x)."""
+    state = _STATE
+    if state.tp_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=state.group)
+    return x
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """[..., n] on each rank -> [..., T * n], rank order."""
     state = _STATE
@@ -135,22 +149,55 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def send_to_stage(stage: int, *tensors: torch.Tensor) -> None:
-    """Send tensors to this tensor-parallel rank's counterpart in `stage` (pipeline parallelism)."""
+@dataclass(frozen=True)
+class PendingSend:
+    """A send in flight and the buffer it reads (alive until `wait` returns)."""
+
+    work: dist.Work | None
+    buffer: torch.Tensor
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+
+
+def isend_to_stage(stage: int, *tensors: torch.Tensor, tag: int = 0) -> list[PendingSend]:
+    """Start sending tensors to this tensor-parallel rank's counterpart in `stage` (pipeline
+    parallelism); wait on the returned sends before the tensors change. `tag` tells apart the
+    micro-batches of a step (gloo matches a receive by it; NCCL keeps the order)."""
     state = _STATE
+    dst = stage * state.tp_size + state.tp_rank
+    group = state.return_group if stage == 0 else None  # (the last stage returning to stage 0)
+    sends = []
     for t in tensors:
-        dist.send(t.contiguous(), dst=stage * state.tp_size + state.tp_rank)
+        buffer = t.contiguous()
+        sends.append(PendingSend(dist.isend(buffer, dst=dst, group=group, tag=tag), buffer))
+    return sends
 
 
-def recv_from_stage(stage: int, *like: torch.Tensor) -> list[torch.Tensor]:
+def recv_from_stage(stage: int, *like: torch.Tensor, tag: int = 0) -> list[torch.Tensor]:
     """Receive tensors shaped like `like` from this rank's counterpart in `stage`."""
     state = _STATE
+    group = state.return_group if state.pp_rank == 0 else None  # stage 0 hears only the last stage
     out = []
     for t in like:
         buf = torch.empty_like(t)
-        dist.recv(buf, src=stage * state.tp_size + state.tp_rank)
+        dist.recv(buf, src=stage * state.tp_size + state.tp_rank, group=group, tag=tag)
         out.append(buf)
     return out
+
+
+def send_ctrl(x: torch.Tensor, dst: int) -> None:
+    """Send a host tensor to rank `dst` over the gloo control group (KV moved within the group,
+    services/worker/kv_reshard.py; rank 0 holds the driver's lock meanwhile). As raw bytes: any
+    dtype (fp8 too) travels."""
+    dist.send(x.contiguous().reshape(-1).view(torch.uint8), dst=dst, group=_STATE.ctrl_group)
+
+
+def recv_ctrl(buf: torch.Tensor, src: int) -> torch.Tensor:
+    """Receive into the contiguous host tensor `buf` from rank `src` over the control group."""
+    dist.recv(buf.reshape(-1).view(torch.uint8), src=src, group=_STATE.ctrl_group)
+    return buf
 
 
 def broadcast_object(obj: object = None) -> object:
@@ -159,6 +206,14 @@ def broadcast_object(obj: object = None) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=state.ctrl_group)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order, on every rank (pickled over the gloo control group)."""
+    state = _STATE
+    out: list[object] = [None] * state.world_size
+    dist.all_gather_object(out, obj, group=state.ctrl_group)
+    return out
 
 
 # ---- the shard layout ---------------------------------------------------------------------------

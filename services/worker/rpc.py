@@ -196,9 +196,9 @@ def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
 def fingerprint(engine: Engine) -> str:
     cfg = engine.model_config
     parts = [cfg.architecture, engine.served_model_name, str(engine.dtype), str(engine.config.block_size)]
-    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT, f"tp{engine.tp_size}"]
-    if engine.pp_size > 1:
-        parts.append(f"pp{engine.pp_size}")
+    # The model's KV layout, not the group's: KV moves between workers of any tensor / pipeline
+    # layout in the model's layout (kv_reshard.py).
+    parts += [str(cfg.num_layers), str(cfg.num_kv_heads), str(cfg.head_dim), KV_LAYOUT]
     if engine.kv_dtype != engine.dtype:  # (unchanged fingerprints for a cache in the model dtype)
         parts.append(f"kv:{engine.kv_dtype}")
     if engine.quantization != "none":  # quantized weights compute a different KV
@@ -284,7 +284,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._credentials = tls.channel_credentials() if tls is not None else None
         self._kv_channels: dict[str, grpc.aio.Channel] = {}  # prefill workers we fetch from
         # Transports this worker serves and uses (tests may narrow or widen them), and what it asks for.
-        self.kv_transports = kv_transports.supported(self.engine.device, self.engine.config.kv_transport)
+        world_size = self.engine.tp_size * self.engine.pp_size
+        self.kv_transports = kv_transports.supported(
+            self.engine.device, self.engine.config.kv_transport, world_size
+        )
         # NIXL: this worker's agent, its KV cache registered once, now (kv_nixl.py)
         self.nixl: kv_nixl.NixlEndpoint | None = None
         if "nixl" in self.kv_transports:
@@ -293,7 +296,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 log.warning("NIXL not offered: %s", why)
                 self.kv_transports = tuple(t for t in self.kv_transports if t != "nixl")
         self.kv_preferences = kv_transports.preferences(
-            self.engine.config.kv_transport, self.kv_transports, self.engine.device
+            self.engine.config.kv_transport, self.kv_transports, self.engine.device, world_size
         )
         self.fetch_stats: list[kv_transfer.FetchStats] = []  # the last few, for tests and logs
         self.peer_transfers = PeerTransferLog()  # per prefill worker and transport: Info, /metrics
@@ -469,7 +472,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 stats = await kv_transfer.receive(
                     self.async_engine.call,
                     self.engine,
-                    self.engine.kv_cache.tensor,
+                    self.engine.kv_cache,
                     req.request_id,
                     source,
                     self._fetch_kv,
@@ -572,6 +575,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 block_size=e.config.block_size,
                 dtype=KV_DTYPE_NAMES[e.kv_dtype],  # --kv-cache-dtype fp8: float8_e4m3fn, not the model's
                 layout=KV_LAYOUT,
+                model_num_layers=cfg.num_layers,
+                model_num_kv_heads=cfg.num_kv_heads,
             ),
             vocab_size=cfg.vocab_size,
             eos_token_ids=cfg.eos_token_ids,
@@ -604,6 +609,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 )
                 for p in self.peer_transfers.entries()
             ],
+            num_images_encoded=e.runner.encoder_cache.misses,
+            num_encoder_cache_hits=e.runner.encoder_cache.hits,
         )
 
     async def GetLoad(
@@ -651,6 +658,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         with self._admit():
             async for event in self._prefill(request, context, layerwise=True):
                 yield event
+
+    async def Encode(
+        self, request: worker_pb2.EncodeRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.EncodeResponse:
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"this worker's role is {self.engine.config.role}: Encode is served by --role encode workers",
+        )
+        raise AssertionError("unreachable: abort raises")
 
     async def Embed(
         self, request: worker_pb2.EmbedRequest, context: grpc.aio.ServicerContext
@@ -878,12 +894,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 return
             num_bytes = 0
             async for item in kv_transfer.stream_chunks(
-                kv,
+                self.engine.kv_cache,
                 block_ids,
                 first_block,
                 request.chunk_bytes or self.engine.config.kv_chunk_bytes,
                 encode_chunk,
                 progress,
+                # a group's chunks are gathered from its ranks on the engine thread (kv_reshard.py)
+                run=self.async_engine.call if self.engine.driver is not None else None,
             ):
                 if isinstance(item, kv_transfer.KeepAlive):
                     yield KEEP_ALIVE_BYTES
@@ -1127,6 +1145,9 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
         metrics.gauge_from(metrics.SPEC_ACCEPTED_TOKENS, lambda: stats.num_accepted_tokens)
         metrics.gauge_from(metrics.SPEC_ACCEPTANCE_RATE, lambda: stats.acceptance_rate)
         metrics.gauge_from(metrics.SPEC_MEAN_ACCEPTED_LENGTH, lambda: stats.mean_accepted_length)
+    encoder_cache = engine.engine.runner.encoder_cache
+    metrics.gauge_from(metrics.IMAGES_ENCODED, lambda: encoder_cache.misses)
+    metrics.gauge_from(metrics.ENCODER_CACHE_HITS, lambda: encoder_cache.hits)
     metrics.gauge_from(metrics.PREEMPTIONS, lambda: engine.load.num_preemptions)
     metrics.gauge_from(metrics.KV_SWAPPED_OUT, lambda: engine.load.num_swapped_out)
     metrics.gauge_from(metrics.KV_SWAPPED_IN, lambda: engine.load.num_swapped_in)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import torch
 
 from kernels import get_ops
-from services.worker import parallel
+from services.worker import kv_reshard, parallel
 from services.worker.config import WorkerConfig
 from services.worker.engine import resolve_device, resolve_dtype, resolve_kv_dtype, resolve_max_model_len
 from services.worker.kv_cache import KVCache
+from services.worker.kv_reshard import ReadKV, WriteKV
 from services.worker.layers.attention import AttentionMetadata
+from services.worker.lora.adapter import LoRAAdapter, LoRAAdapterError, load_adapter
 from services.worker.model_config import load_model_config
 from services.worker.model_runner import ModelRunner
-from services.worker.tp_group import BindKV, CopyBlocks, Forward, Logits, Profile
+from services.worker.tp_group import BindKV, CopyBlocks, Forward, LoadLoRA, Logits, Profile
 
 
 def follow(config: WorkerConfig) -> int:
@@ -35,14 +37,29 @@ def follow(config: WorkerConfig) -> int:
         config.block_size,
         config.load_format,
         config.seed,
+        config.quantization,
+        config.quantization_group_size,
+        max_loras=config.lora_slots,
+        max_lora_rank=config.max_lora_rank,
+        max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
         pooling=config.task == "embed",
+        pipeline_trace=config.pipeline_trace,
     )
     model = runner.model
     kv: KVCache | None = None
+    # this rank's shards of the adapters rank 0 holds, by lora_id (tp_group.py LoadLoRA)
+    adapters: dict[int, LoRAAdapter] = {}
+    state = parallel.current()
+    ranks = kv_reshard.rank_kv(cfg, state.tp_size, state.pp_size)
     with torch.inference_mode():
         while True:
             cmd = parallel.broadcast_object()
             if isinstance(cmd, Forward):
+                for lora_id in cmd.released_loras:
+                    adapters.pop(lora_id, None)
+                if cmd.lora is not None:
+                    assert runner.lora is not None
+                    runner.lora.apply(cmd.lora, adapters)
                 meta = AttentionMetadata(
                     positions=cmd.positions.to(device),
                     slot_mapping=cmd.slot_mapping.to(device),
@@ -64,5 +81,23 @@ def follow(config: WorkerConfig) -> int:
                 kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
                 kv = KVCache(cfg, cmd.num_blocks, config.block_size, kv_dtype, device)
                 runner.bind_kv_cache(kv)
+            elif isinstance(cmd, ReadKV | WriteKV):  # disaggregation: this rank's heads
+                assert kv is not None
+                kv_reshard.serve(kv.tensor, ranks, cmd)
             elif isinstance(cmd, Profile):
                 runner.profile_peak_bytes(cmd.num_tokens, cmd.num_seqs)
+            elif isinstance(cmd, LoadLoRA):
+                assert runner.lora is not None
+                loaded: LoRAAdapter | None = None
+                error: str | None = None
+                try:
+                    loaded = load_adapter(
+                        cmd.name, cmd.path, runner.lora.shapes, config.max_lora_rank, cmd.lora_id
+                    )
+                except LoRAAdapterError as exc:
+                    error = str(exc)
+                except Exception as exc:  # (rank 0 waits for this rank's answer: always give one)
+                    error = f"adapter {cmd.name!r}: {exc}"
+                # one rank's failure fails the load on every rank
+                if not any(parallel.all_gather_object(error)) and loaded is not None:
+                    adapters[cmd.lora_id] = loaded

@@ -8,7 +8,16 @@
                the KV cache, then run `tp_follow.follow`: receive a command, run it, repeat.
 
 The commands travel as pickled host objects over a gloo group of their own (`broadcast_object`);
-the model's collectives run on the main group (NCCL on CUDA, gloo on CPU).
+the model's collectives run on the main group (NCCL on CUDA, gloo on CPU). Disaggregation's KV
+moves within the group after a ReadKV / WriteKV command, point to point on the gloo group
+(kv_reshard.py).
+
+LoRA adapters (docs/lora.md): a load on rank 0 (start-up or LoadLoRA) is a `LoadLoRA` command,
+each rank reading its own shard of the files, and the ranks' answers are gathered so that one
+rank's failure fails the load everywhere. Each forward carries the step's slot refills and row
+mapping (`LoRAStep`), decided by rank 0's pool. An unloaded adapter may still be needed by the
+requests that were running with it, so the other ranks drop their shard only once rank 0's copy is
+gone (a finalizer; the ids ride on the next forward).
 
 A rank that dies takes the group down: rank 0 watches its children and exits non-zero when one
 exits (killing the rest), the children die with rank 0 (PR_SET_PDEATHSIG) or when a collective
@@ -18,6 +27,7 @@ worker is idle, rank 0 broadcasts a ping every timeout / 4 so that idle ranks ne
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import logging
@@ -27,14 +37,23 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
-from services.worker import parallel
+from services.worker import kv_reshard, parallel
 from services.worker.kv_cache import KVCache
+from services.worker.kv_reshard import ReadKV, WriteKV
 from services.worker.layers.attention import AttentionMetadata
+from services.worker.lora.adapter import LoRAAdapterError
+from services.worker.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from services.worker.lora.adapter import LoRAAdapter
+    from services.worker.lora.pool import LoRAStep
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +74,18 @@ class Forward:
     seq_lens: torch.Tensor
     max_seqlen_q: int
     num_decode_rows: int
+    lora: LoRAStep | None = None  # the step's LoRA slot refills and row mapping (LoRA on)
+    released_loras: tuple[int, ...] = ()  # lora_ids rank 0 no longer holds: drop their shards
+
+
+@dataclass(frozen=True)
+class LoadLoRA:
+    """Load this rank's shard of an adapter rank 0 loaded (under rank 0's lora_id), then answer in
+    an all-gather: None, or what is wrong."""
+
+    name: str
+    path: str
+    lora_id: int
 
 
 @dataclass(frozen=True)
@@ -83,7 +114,7 @@ class Ping:
     pass
 
 
-Command = Forward | Logits | CopyBlocks | BindKV | Profile | Ping
+Command = Forward | Logits | CopyBlocks | BindKV | Profile | Ping | LoadLoRA | ReadKV | WriteKV
 
 
 class StepDriver:
@@ -95,6 +126,9 @@ class StepDriver:
         self._detached = False
         self._interval = max(timeout_s / 4, 0.5)
         self._stop = threading.Event()
+        self._lora_step: LoRAStep | None = None  # staged for the next forward
+        # lora_ids whose adapter rank 0 dropped (appended by finalizers, on any thread)
+        self._released_loras: collections.deque[int] = collections.deque()
         self._pinger = threading.Thread(target=self._ping_loop, name="tp-ping", daemon=True)
         self._pinger.start()
 
@@ -105,7 +139,20 @@ class StepDriver:
             parallel.broadcast_object(cmd)
             self._last = time.monotonic()
 
+    @contextlib.contextmanager
+    def command(self, cmd: Command) -> Iterator[None]:
+        """Broadcast `cmd` and keep the control group until the block ends: the command's own
+        point-to-point transfers on that group (kv_reshard.py) must not meet a ping."""
+        with self._lock:
+            parallel.broadcast_object(cmd)
+            yield
+            self._last = time.monotonic()
+
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> None:
+        if self._detached:
+            return
+        lora, self._lora_step = self._lora_step, None
+        released = self.take_released_loras()
         self.send(
             Forward(
                 input_ids.cpu(),
@@ -116,8 +163,37 @@ class StepDriver:
                 meta.seq_lens.cpu(),
                 meta.max_seqlen_q,
                 meta.num_decode_rows,
+                lora,
+                released,
             )
         )
+
+    def stage_lora(self, step: LoRAStep) -> None:
+        """The LoRA pool's refills and mapping for the next forward (sent with it)."""
+        self._lora_step = step
+
+    def share_lora(self, adapter: LoRAAdapter) -> None:
+        """Every other rank loads its shard of `adapter` (rank 0 loaded its own); raises
+        LoRAAdapterError with the first failing rank's message (the others then drop theirs)."""
+        with self._lock:
+            try:
+                parallel.broadcast_object(LoadLoRA(adapter.name, adapter.path, adapter.lora_id))
+                answers = parallel.all_gather_object(None)
+            except Exception as exc:  # a rank is gone: the group cannot serve on
+                group_failed(exc)
+            self._last = time.monotonic()
+        for rank, error in enumerate(answers):
+            if error is not None:
+                raise LoRAAdapterError(f"tensor-parallel rank {rank}: {error}")
+        # (the finalizer holds no reference to the adapter, only its id)
+        weakref.finalize(adapter, self._released_loras.append, adapter.lora_id)
+
+    def take_released_loras(self) -> tuple[int, ...]:
+        """The lora_ids whose adapter rank 0 dropped since the last call (the next forward's)."""
+        released: list[int] = []
+        while self._released_loras:
+            released.append(self._released_loras.popleft())
+        return tuple(released)
 
     def compute_logits(self, hidden: torch.Tensor) -> None:
         self.send(Logits(hidden.cpu()))
@@ -148,14 +224,42 @@ class StepDriver:
 
 
 class DrivenKVCache(KVCache):
-    """Rank 0's KV cache: a copy of blocks (copy-on-fork) happens on every rank."""
+    """Rank 0's KV cache: a copy of blocks (copy-on-fork) happens on every rank, and disaggregation
+    reads and writes the group's KV in the model's layout (kv_reshard.py)."""
 
     driver: StepDriver | None = None
+
+    def __init__(
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__(cfg, num_blocks, block_size, dtype, device)
+        state = parallel.current()
+        self.ranks = kv_reshard.rank_kv(cfg, state.tp_size, state.pp_size)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies and self.driver is not None:
             self.driver.send(CopyBlocks(copies))
         super().copy_blocks(copies)
+
+    def read_blocks(self, layer_start: int, layer_end: int, block_ids: tuple[int, ...]) -> torch.Tensor:
+        assert self.driver is not None
+        cmd = ReadKV(tuple(block_ids), layer_start, layer_end)
+        try:
+            with self.driver.command(cmd):
+                return kv_reshard.gather(self.tensor, self.ranks, cmd, self.model_shape[4])
+        except Exception as exc:  # a rank is gone mid-transfer: the group cannot go on
+            group_failed(exc)
+            raise
+
+    def write_blocks(self, layer_start: int, layer_end: int, block_ids: list[int], src: torch.Tensor) -> None:
+        assert self.driver is not None
+        cmd = WriteKV(tuple(block_ids), layer_start, layer_end)
+        try:
+            with self.driver.command(cmd):
+                kv_reshard.scatter(self.tensor, self.ranks, cmd, src)
+        except Exception as exc:
+            group_failed(exc)
+            raise
 
 
 # ---- starting the group (rank 0) ----------------------------------------------------------------
@@ -198,7 +302,7 @@ class RankProcesses:
             proc.wait()
 
 
-def group_failed(exc: BaseException) -> None:
+def group_failed(exc: BaseException) -> NoReturn:
     """A step of a tensor-parallel group raised (a collective with a dead or stuck rank): the group
     cannot go on, so this process exits and its ranks with it; `tandem up` restarts the worker."""
     log.error("tensor-parallel step failed (%s): taking the worker group down", exc)

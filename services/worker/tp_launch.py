@@ -16,6 +16,7 @@ import torch
 from services.worker import parallel
 from services.worker.config import WorkerConfig
 from services.worker.engine import resolve_device
+from services.worker.layers.quantization.tensor_parallel import check_quantization
 from services.worker.model_config import ModelConfigError, load_model_config
 from services.worker.ray_executor import RayRanks
 from services.worker.tp_follow import follow
@@ -35,6 +36,7 @@ def check_group(config: WorkerConfig) -> None:
     parallel.check_architecture(cfg, config.world_size)
     parallel.check_tp_size(cfg, t)
     parallel.check_pp_size(cfg, config.pipeline_parallel_size)
+    check_quantization(cfg, t, config.quantization, config.quantization_group_size)
     per_node = config.world_size // config.nnodes
     device = resolve_device(config.device)
     if device.type == "cuda" and config.distributed_executor_backend == "mp":  # Ray counts its own GPUs

@@ -97,3 +97,44 @@ def test_half_a_pair_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(LoRAAdapterError, match="lora_A or lora_B but not both"):
         load_adapter("half", str(path), DENSE, max_rank=16)
+
+
+def test_a_rank_reads_only_its_shard(tmp_path: Path) -> None:
+    """Tensor-parallel rank 1 of 2, pipeline stage holding layer 1: column-parallel B by output rows
+    (per fused part), row-parallel A by input columns, the other tensors whole; layer 0 not read,
+    but its shapes still checked against the whole model."""
+    modules = {"q_proj": (HIDDEN, Q), "v_proj": (HIDDEN, KV), "up_proj": (HIDDEN, INTER)}
+    modules |= {"o_proj": (Q, HIDDEN), "down_proj": (INTER, HIDDEN)}
+    path = _write(tmp_path / "ok", {}, modules)
+    whole = load_adapter("whole", str(path), DENSE, max_rank=16)
+    q, kv, inter = Q // 2, KV // 2, INTER // 2
+    rank1 = ModelShapes(
+        num_layers=2,
+        projections={
+            "qkv_proj": ProjectionShape(HIDDEN, (Q, KV, KV), part_rows=((q, q), (kv, kv), (kv, kv))),
+            "o_proj": ProjectionShape(Q, (HIDDEN,), in_cols=(q, q)),
+            "gate_up_proj": ProjectionShape(
+                HIDDEN, (INTER, INTER), part_rows=((inter, inter), (inter, inter))
+            ),
+            "down_proj": ProjectionShape(INTER, (HIDDEN,), in_cols=(inter, inter)),
+        },
+        hidden_size=HIDDEN,
+        layers=(1, 2),
+    )
+    shard = load_adapter("shard", str(path), rank1, max_rank=16, lora_id=whole.lora_id)
+    assert shard.lora_id == whole.lora_id and shard.digest == whole.digest
+    assert sorted(shard.weights) == [(1, m) for m in sorted(modules)]
+    for module, (a_cols, b_rows) in {
+        "q_proj": (slice(None), slice(q, 2 * q)),
+        "v_proj": (slice(None), slice(kv, 2 * kv)),
+        "up_proj": (slice(None), slice(inter, 2 * inter)),
+        "o_proj": (slice(q, 2 * q), slice(None)),
+        "down_proj": (slice(inter, 2 * inter), slice(None)),
+    }.items():
+        mine, full = shard.weights[(1, module)], whole.weights[(1, module)]
+        assert torch.equal(mine.a, full.a[:, a_cols]), module
+        assert torch.equal(mine.b, full.b[b_rows]), module
+    # a layer the stage does not hold is still checked
+    bad = _write(tmp_path / "bad", {}, {"k_proj": (HIDDEN, Q)})
+    with pytest.raises(LoRAAdapterError, match="layer 0 k_proj"):
+        load_adapter("bad", str(bad), rank1, max_rank=16)

@@ -63,3 +63,12 @@ def llava_dir(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> Pa
     shutil.copy(stories_dir / "special_tokens_map.json", path / "special_tokens_map.json")
     (path / "processor_config.json").write_text(json.dumps({"image_token": "<image>"}))
     return path
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> Path:
+    """A tiny random Qwen2.5-VL (window + full attention ViT, M-RoPE Qwen2) with the Qwen2.5
+    tokenizer and its vision tokens (qwen_testlib.py)."""
+    from qwen_testlib import make_model_dir
+
+    return make_model_dir(shared_dir, tmp_path_factory.mktemp("tiny-qwen2.5-vl"))

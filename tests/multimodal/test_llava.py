@@ -198,8 +198,8 @@ def test_qwen_vl_pixels_equal_transformers_processor(
     image = decode_image(png(width, height, seed=height))
     expected = hf(images=[image], return_tensors="np")
     cfg = json.loads((tmp_path / "preprocessor_config.json").read_text())
-    ours, grid = QwenVLPreprocessor.from_config(cfg)(image)
-    assert list(grid) == expected["image_grid_thw"][0].tolist()
+    ours = QwenVLPreprocessor.from_config(cfg)(image)
+    assert list(ours.grid_thw) == expected["image_grid_thw"][0].tolist()
     assert ours.array.shape == expected["pixel_values"].shape
     assert np.array_equal(ours.array, expected["pixel_values"])
 

@@ -18,7 +18,6 @@ from tests.worker.worker_testlib import TINY
             {"tensor_parallel_size": 2, "kv_offload_memory": "1"},
             "--kv-offload-memory with --tensor-parallel-size",
         ),
-        ({"tensor_parallel_size": 2, "role": "prefill"}, "with --role prefill"),
         ({"tensor_parallel_size": 2, "nnodes": 2}, "needs --master-port"),
         ({"tensor_parallel_size": 3, "nnodes": 2, "master_port": 29500}, "must be a multiple of --nnodes 2"),
         ({"nnodes": 2, "node_rank": 2, "master_port": 29500}, "--node-rank must be in 0..1"),

@@ -3,8 +3,9 @@
 
     python tests/parallel/tp_generate.py OUT.json PROMPTS.json -- <tandem worker options>
 
-PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n}; with --task embed only
-the prompts count, and the output holds their embeddings. The same code path
+PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n, "lora_names": [name]}
+("lora_names": each prompt's LoRA adapter, "" for the base model; optional); with --task embed
+only the prompts count, and the output holds their embeddings. The same code path
 as `tandem worker --tensor-parallel-size T` (tp_launch.start_group, Engine with its StepDriver)
 without gRPC, so the tests can compare tokens and logprobs exactly.
 """
@@ -23,8 +24,8 @@ def main(argv: list[str]) -> int:
     assert sep == "--"
     from services.common.config import parse_config
     from services.worker.config import WorkerConfig
-    from services.worker.engine import Engine
-    from services.worker.request import SamplingParams
+    from services.worker.engine import Engine, GenerateResult, collect
+    from services.worker.request import EngineRequest, SamplingParams
     from services.worker.tp_launch import start_group
 
     torch.set_num_threads(1)
@@ -44,7 +45,20 @@ def main(argv: list[str]) -> int:
         params = SamplingParams(
             temperature=0.0, max_tokens=spec["max_tokens"], logprobs=spec.get("logprobs"), n=spec.get("n", 1)
         )
-        results = engine.generate(spec["prompts"], params)
+        if "lora_names" in spec:  # each prompt under its adapter, all in flight together
+            requests = [
+                EngineRequest(f"gen-{i}", tuple(prompt), params, lora_name=name)
+                for i, (prompt, name) in enumerate(zip(spec["prompts"], spec["lora_names"], strict=True))
+            ]
+            by_id = {r.request_id: GenerateResult(r.request_id) for r in requests}
+            for r in requests:
+                engine.add_request(r)
+            while engine.has_unfinished():
+                for step_out in engine.step():
+                    collect(by_id[step_out.request_id], step_out)
+            results = list(by_id.values())
+        else:
+            results = engine.generate(spec["prompts"], params)
         Path(out_path).write_text(
             json.dumps(
                 {
@@ -53,6 +67,7 @@ def main(argv: list[str]) -> int:
                     "top": [[list(map(list, lp.top)) for lp in r.logprobs.get(0, [])] for r in results],
                     "used_blocks": engine.block_manager.num_used_blocks,
                     "num_kv_heads": int(engine.kv_cache.tensor.shape[4]),
+                    "num_preemptions": engine.scheduler.num_preemptions,
                 }
             )
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tandem.up import UpConfig, worker_device_args
+import pytest
+
+from tandem.up import UpConfig, UpError, disaggregated_gpus, forwarded_worker_args, worker_device_args
 
 
 def test_one_unified_worker_keeps_the_device_option() -> None:
@@ -39,3 +41,23 @@ def test_disaggregated_roles_take_one_gpu_each_or_share_one() -> None:
         "0.45",
     ]
     assert worker_device_args(config, "prefill", num_gpus=0) == ["--device", "cpu"]
+
+
+def test_disaggregated_tensor_parallel_workers_get_their_own_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--prefill/--decode-tensor-parallel-size: each worker its own sizes and, on CUDA, the next
+    GPUs by CUDA_VISIBLE_DEVICES (rank r on cuda:r); too few GPUs is a one-line error."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    config = UpConfig(disaggregate=True, prefill_tensor_parallel_size=2)
+    assert "--tensor-parallel-size" not in forwarded_worker_args(config, "decode")
+    assert forwarded_worker_args(config, "prefill")[-2:] == ["--tensor-parallel-size", "2"]
+    assert worker_device_args(config, "prefill", num_gpus=4) == ["--device", "cuda"]
+    assert disaggregated_gpus(config, "prefill", 4) == "0,1"
+    assert disaggregated_gpus(config, "decode", 4) == "2"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert disaggregated_gpus(config, "decode", 4) == "6"
+    with pytest.raises(UpError, match="needs 3 GPUs \\(one per rank\\), 2 visible"):
+        disaggregated_gpus(config, "decode", 2)
+    assert worker_device_args(config, "decode", num_gpus=0) == ["--device", "cpu"]
+    assert disaggregated_gpus(UpConfig(disaggregate=True), "prefill", 2) == ""  # one GPU each, as before
+    with pytest.raises(ValueError, match="--decode-tensor-parallel-size is for --disaggregate"):
+        UpConfig(decode_tensor_parallel_size=2)

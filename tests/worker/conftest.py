@@ -32,3 +32,19 @@ def ref_models(tiny_model_dirs: dict[str, Path], stories_dir: Path) -> dict[str,
     refs = {name: load_ref(path) for name, path in tiny_model_dirs.items()}
     refs["stories"] = load_ref(stories_dir)
     return refs
+
+
+@pytest.fixture(scope="session")
+def eagle_heads(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> dict[str, Path]:
+    """Random EAGLE-1 and EAGLE-3 heads for stories260K, in the published checkpoint layouts (the
+    EAGLE-3 one over a draft vocabulary of 200 of the 512 tokens)."""
+    from eagle_testlib import EAGLE3_AUX_LAYERS, head_config, random_head_tensors, write_head
+
+    heads = {}
+    for name, eagle3 in (("eagle", False), ("eagle3", True)):
+        extra = (
+            {"draft_vocab_size": 200, "eagle_aux_hidden_state_layer_ids": EAGLE3_AUX_LAYERS} if eagle3 else {}
+        )
+        cfg = head_config(stories_dir, eagle3, **extra)
+        heads[name] = write_head(tmp_path_factory.mktemp(name), cfg, random_head_tensors(cfg, eagle3, seed=3))
+    return heads

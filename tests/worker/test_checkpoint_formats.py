@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-from worker_testlib import TINY_BUILDERS, prompts_of_lengths, run_to_completion
 
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.layers.quantization import UnsupportedQuantizationError
 from services.worker.request import EngineRequest, SamplingParams
+from tests.worker.worker_testlib import TINY_BUILDERS, prompts_of_lengths, run_to_completion
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)

@@ -27,5 +27,15 @@ def test_spec_bench_smoke(tmp_path: Path) -> None:
         assert rows[("draft=target", k, False)]["acceptance_rate"] == 1.0
         assert rows[("never-agreeing draft", k, False)]["acceptance_rate"] < 0.2
         assert rows[("prompt lookup (grounded)", k, False)]["tokens_per_s"] > 0
+        # EAGLE: the baseline's tokens through a real head's forwards are all kept; a random head's ~never
+        assert rows[("eagle3 head, oracle tokens", k, False)]["acceptance_rate"] == 1.0
+        assert rows[("eagle3 random head", k, False)]["acceptance_rate"] < 0.2
+        assert rows[("eagle1 random head", k, False)]["acceptance_rate"] < 0.2
     assert ("never-agreeing draft", 4, True) in rows
-    assert set(report["targets"]) >= {"full_agreement_k4_speedup", "zero_agreement_adaptive_speedup"}
+    assert ("eagle3 random head", 4, True) in rows and ("eagle1 random head", 4, True) in rows
+    assert set(report["targets"]) >= {
+        "full_agreement_k4_speedup",
+        "zero_agreement_adaptive_speedup",
+        "eagle3_full_agreement_k4_speedup",
+        "eagle3_zero_agreement_adaptive_speedup",
+    }

@@ -16,7 +16,7 @@ from worker_testlib import RefModel, prompts_of_lengths, run_to_completion
 
 from services.worker.engine import Engine
 from services.worker.kv_cache import block_bytes
-from services.worker.model_config import ModelConfigError
+from services.worker.model_config import ModelConfigError, load_model_config
 from services.worker.request import EngineRequest, SamplingParams
 from services.worker.sampling_rng import draw_table, exponential_race
 from services.worker.speculative.prompt_lookup import lookup
@@ -65,7 +65,10 @@ def noisy_draft_dir(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path)
 def small_engine(ref: RefModel, num_blocks: int, **overrides: object) -> Engine:
     probe = ref.engine(max_model_len=128)
     per_block = block_bytes(probe.model_config, probe.config.block_size, probe.dtype)
-    if "speculative_model" in overrides:  # the draft's cache shares the budget (Engine._num_kv_blocks)
+    if overrides.get("speculative") == "eagle":  # the head's cache shares the budget (one layer)
+        head = load_model_config(str(overrides["speculative_model"]))
+        per_block += block_bytes(head, probe.config.block_size, probe.dtype)
+    elif "speculative_model" in overrides:  # the draft's cache shares the budget (Engine._num_kv_blocks)
         per_block *= 2
     return ref.engine(max_model_len=128, kv_cache_memory=str(per_block * num_blocks), **overrides)
 
@@ -110,14 +113,16 @@ def assert_same(reference: dict, got: dict, rids: list[str] | None = None) -> No
             )
 
 
-@pytest.mark.parametrize("method", ["prompt-lookup", "draft-same", "draft-random"])
+@pytest.mark.parametrize("method", ["prompt-lookup", "draft-same", "draft-random", "eagle", "eagle3"])
 def test_greedy_identical_under_batching_chunking_and_preemption(
-    ref_models: dict[str, RefModel], random_draft_dir: Path, method: str
+    ref_models: dict[str, RefModel], random_draft_dir: Path, eagle_heads: dict[str, Path], method: str
 ) -> None:
     ref = ref_models["stories"]
     spec: dict[str, object] = {"speculative_adaptive": False, "num_speculative_tokens": 4}
     if method == "prompt-lookup":
         spec["speculative"] = "prompt-lookup"
+    elif method.startswith("eagle"):  # a random head (EAGLE-1 or EAGLE-3 layout)
+        spec |= {"speculative": "eagle", "speculative_model": str(eagle_heads[method])}
     else:
         spec["speculative_model"] = str(ref.path if method == "draft-same" else random_draft_dir)
     # seeded sampled requests ride along; with draft-free proposals they give the same tokens too
@@ -136,6 +141,8 @@ def test_greedy_identical_under_batching_chunking_and_preemption(
     assert engine.block_manager.num_used_blocks == 0
     if engine.draft_model is not None:
         assert engine.draft_model.num_used_blocks == 0
+    if engine.eagle is not None:
+        assert engine.eagle.num_used_blocks == 0 and not engine.eagle.states
 
 
 def test_guided_greedy_identical_with_speculation(ref_models: dict[str, RefModel]) -> None:
@@ -153,10 +160,15 @@ def test_guided_greedy_identical_with_speculation(ref_models: dict[str, RefModel
 
 
 def test_abort_mid_speculation_frees_every_block(
-    ref_models: dict[str, RefModel], random_draft_dir: Path
+    ref_models: dict[str, RefModel], random_draft_dir: Path, eagle_heads: dict[str, Path]
 ) -> None:
     ref = ref_models["stories"]
-    for spec in ({"speculative": "prompt-lookup"}, {"speculative_model": str(random_draft_dir)}):
+    for spec in (
+        {"speculative": "prompt-lookup"},
+        {"speculative_model": str(random_draft_dir)},
+        {"speculative": "eagle", "speculative_model": str(eagle_heads["eagle"])},
+        {"speculative": "eagle", "speculative_model": str(eagle_heads["eagle3"])},
+    ):
         engine = small_engine(ref, 24, max_num_batched_tokens=48, speculative_adaptive=False, **spec)
         for r in requests(sampled=True):
             engine.add_request(r)
@@ -172,6 +184,9 @@ def test_abort_mid_speculation_frees_every_block(
         assert sorted(engine.block_manager.free) == list(range(engine.block_manager.num_blocks))
         if engine.draft_model is not None:
             assert engine.draft_model.num_used_blocks == 0
+        if engine.eagle is not None:  # the head's cache, and the features it kept
+            assert engine.eagle.num_used_blocks == 0 and not engine.eagle.states
+            assert sorted(engine.eagle.free) == list(range(engine.eagle.num_blocks))
 
 
 def test_draft_model_output_distribution_is_the_targets(
@@ -275,9 +290,9 @@ def test_adaptation_turns_a_never_agreeing_draft_off(
     assert spec.stats.num_drafts < 30
 
 
-@pytest.mark.parametrize("method", ["off", "prompt-lookup", "draft-random"])
+@pytest.mark.parametrize("method", ["off", "prompt-lookup", "draft-random", "eagle3"])
 def test_async_scheduling_runs_the_steps_without_drafts(
-    ref_models: dict[str, RefModel], random_draft_dir: Path, method: str
+    ref_models: dict[str, RefModel], random_draft_dir: Path, eagle_heads: dict[str, Path], method: str
 ) -> None:
     """With async scheduling on, steps without drafts run ahead as before and a step with drafts
     first reads the step launched ahead: the output is unchanged either way. ("off": a step launched
@@ -287,6 +302,7 @@ def test_async_scheduling_runs_the_steps_without_drafts(
         "off": {},
         "prompt-lookup": {"speculative": "prompt-lookup"},
         "draft-random": {"speculative_model": str(random_draft_dir)},
+        "eagle3": {"speculative": "eagle", "speculative_model": str(eagle_heads["eagle3"])},
     }[method]
     reference = run_to_completion(ref.engine(max_model_len=128), requests(sampled=True))
     engine = small_engine(ref, 24, max_num_batched_tokens=32, async_scheduling="on", **spec)
@@ -294,7 +310,7 @@ def test_async_scheduling_runs_the_steps_without_drafts(
     assert engine.num_continuations > 0
     assert engine.block_manager.num_hit_tokens > 0
     assert method == "off" or (engine.speculator is not None and engine.speculator.stats.num_drafts > 0)
-    if method != "draft-random":  # (a draft model's sampled tokens differ; its greedy ones do not)
+    if method in ("off", "prompt-lookup"):  # (a draft's sampled tokens differ; its greedy ones do not)
         assert_same(reference, got)
     else:
         assert_same(
@@ -302,6 +318,8 @@ def test_async_scheduling_runs_the_steps_without_drafts(
         )
     if engine.draft_model is not None:
         assert engine.draft_model.num_used_blocks == 0
+    if engine.eagle is not None:
+        assert engine.eagle.num_used_blocks == 0
 
 
 def test_startup_refuses_a_draft_with_another_vocabulary(
@@ -326,7 +344,7 @@ def test_startup_refuses_a_draft_with_another_vocabulary(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"speculative": "eagle"}, "not implemented"),
+        ({"speculative": "eagle"}, "needs --speculative-model"),
         ({"speculative": "draft-model"}, "needs --speculative-model"),
         ({"speculative": "prompt-lookup", "num_speculative_tokens": 0}, "num-speculative-tokens"),
         ({"speculative": "prompt-lookup", "prompt_lookup_min": 5}, "prompt-lookup-min"),

@@ -161,6 +161,8 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
             "block_size": BLOCK_SIZE,
             "dtype": variant.kv_dtype,
             "layout": "[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]",
+            "model_num_layers": num_layers,  # one rank: its layers and KV heads are the model's
+            "model_num_kv_heads": num_kv_heads,
         },
         "vocab_size": cfg["vocab_size"],
         "eos_token_ids": [1, 2],  # config.json's eos_token_id and generation_config.json's
@@ -189,6 +191,8 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         else None,
         "kv_peer_transfers": [],  # nothing fetched from a prefill worker (tests/disagg/test_kv_peer_stats.py)
         "kv_layerwise": True,  # not a parallel group: layer-wise push (tests/disagg/test_kv_layerwise.py)
+        "num_images_encoded": 0,  # a text model encodes no image (tests/multimodal/test_qwen2_5_vl_up.py counts them)
+        "num_encoder_cache_hits": 0,
     }
 
 

@@ -15,7 +15,7 @@ quantized model (build_model), so only `forward` and `linear_silu_and_mul` need 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -23,6 +23,10 @@ from torch import nn
 from kernels import KernelOps
 from services.worker.layers.lora import LoRAProjection
 from services.worker.parallel import all_reduce
+
+if TYPE_CHECKING:
+    from services.worker.checkpoint import CheckpointTensor
+    from services.worker.layers.split import Split
 
 
 class QuantMethod(Protocol):
@@ -35,9 +39,10 @@ class QuantMethod(Protocol):
     def load_checkpoint(
         self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int
     ) -> None: ...
+    def read_part(self, suffix: str, source: CheckpointTensor, split: Split | None) -> torch.Tensor: ...
     def create_weights(self, layer: Linear) -> None: ...
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_start: int) -> None: ...
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor: ...
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
     def dequantized_weight(self, layer: Linear) -> torch.Tensor: ...
 
 
@@ -47,6 +52,10 @@ class Linear(nn.Linear):
     weight_scale: torch.Tensor
     weight_zero: torch.Tensor  # packed checkpoint formats with zero points
     input_perm: torch.Tensor  # GPTQ act-order: x's columns in group order
+    # Row-parallel layers split their input columns over `tp_size` ranks (quantization/base.py
+    # then takes a row's scale over all of them)
+    splits_input = False
+    tp_size = 1
 
     def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
@@ -69,7 +78,7 @@ class Linear(nn.Linear):
 
     def _base_forward(self, x: torch.Tensor, early_signal: bool) -> torch.Tensor:
         if self.quant_method is not None:
-            return self.quant_method.apply(self, x)
+            return self.quant_method.apply(self, x, self.bias)
         if self.ops.linear is None:
             return super().forward(x)
         return self.ops.linear(x, self.weight, self.bias, early_signal=early_signal)
@@ -90,7 +99,7 @@ class Linear(nn.Linear):
         """silu(gate) * up of this fused [gate; up] projection of x: [T, in] -> [T, out / 2]; with
         rms_eps, x is the raw residual stream and gate/up are scaled by its 1/rms (folded norm)."""
         if self.quant_method is not None and rms_eps is None:
-            return self.ops.silu_and_mul(self.quant_method.apply(self, x))
+            return self.ops.silu_and_mul(self.quant_method.apply(self, x, self.bias))
         assert self.ops.linear_silu_and_mul is not None, (
             f"kernel bundle {self.ops.name!r} has no linear_silu_and_mul"
         )
@@ -100,7 +109,13 @@ class Linear(nn.Linear):
 class RowParallelLinear(Linear):
     """A projection whose input columns are split over the tensor-parallel ranks (o_proj,
     down_proj): each rank multiplies its slice, ONE all-reduce sums the partial products, and the
-    bias (replicated) is added once, after it. With T = 1 it is exactly `Linear`."""
+    bias (replicated) is added once, after it. With T = 1 it is exactly `Linear`.
+
+    A LoRA adapter's delta is added to this rank's partial product before the all-reduce (its A
+    holds the rank's input columns, its B is whole: services/worker/lora/adapter.py), so the sum
+    carries it and the layer keeps its one all-reduce."""
+
+    splits_input = True
 
     def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool, tp_size: int) -> None:
         super().__init__(ops, in_features, out_features, bias)
@@ -109,9 +124,13 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:
         if self.tp_size == 1:
             return super().forward(x, early_signal)
-        if self.ops.linear is None:
+        if self.quant_method is not None:  # (its input columns: quantization/base.py)
+            out = self.quant_method.apply(self, x, None)
+        elif self.ops.linear is None:
             out = torch.nn.functional.linear(x, self.weight)
         else:
             out = self.ops.linear(x, self.weight, None, early_signal=False)
+        if self.lora is not None:
+            self.lora.add_to(out, x)
         all_reduce(out)
         return out if self.bias is None else out + self.bias

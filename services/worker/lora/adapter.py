@@ -10,6 +10,14 @@ Everything that could go wrong is checked here, at load, and raised as `LoRAAdap
 message a person can act on (the servicer turns it into INVALID_ARGUMENT, the gateway into 400).
 The weights are kept on the host in fp32 with the scaling folded into B; pool.py copies them into
 a device slot when a step needs the adapter.
+
+In a tensor-parallel group each rank reads only its shard, sliced like the projection it adapts
+(vLLM's `vllm/lora/layers` scheme): a column-parallel projection (qkv_proj, gate_up_proj) keeps A
+whole and the rows of B that produce the rank's output columns (its q/k/v heads, its gate and up
+rows); a row-parallel one (o_proj, down_proj) keeps the columns of A that read the rank's input
+slice and B whole, so each rank's delta is a partial sum that the layer's one all-reduce adds up
+with the base projection's. A pipeline stage reads only its layers. The shapes are checked
+against the whole model on every rank (from the file's header, without reading the tensors).
 """
 
 from __future__ import annotations
@@ -54,10 +62,25 @@ class LoRAAdapterError(ValueError):
 
 @dataclass(frozen=True)
 class ProjectionShape:
-    """One fused projection of a layer: its input width and the output width of each part."""
+    """One fused projection of a layer: its input width and the output width of each part in the
+    whole model (what an adapter's tensors must match), and the slices this rank holds."""
 
     in_features: int
     part_out: tuple[int, ...]  # e.g. (q_size, kv_size, kv_size) for qkv_proj
+    # Column-parallel: per part, (first row, rows) of its lora_B this rank keeps; None = all of them
+    part_rows: tuple[tuple[int, int], ...] | None = None
+    # Row-parallel: (first column, columns) of lora_A this rank keeps; None = all of them
+    in_cols: tuple[int, int] | None = None
+
+    @property
+    def local_in(self) -> int:
+        """Input width of this rank's slice of the projection."""
+        return self.in_cols[1] if self.in_cols is not None else self.in_features
+
+    @property
+    def local_part_out(self) -> tuple[int, ...]:
+        """Output width of each part in this rank's slice of the projection."""
+        return tuple(n for _, n in self.part_rows) if self.part_rows is not None else self.part_out
 
 
 @dataclass(frozen=True)
@@ -67,6 +90,10 @@ class ModelShapes:
     num_layers: int
     projections: dict[str, ProjectionShape]
     hidden_size: int
+    layers: tuple[int, int] | None = None  # [start, end) this pipeline stage holds; None = all
+
+    def holds_layer(self, layer: int) -> bool:
+        return self.layers is None or self.layers[0] <= layer < self.layers[1]
 
 
 @dataclass(frozen=True)
@@ -100,8 +127,11 @@ class LoRAAdapter:
         return lora_root_hash(self.digest)
 
 
-def load_adapter(name: str, path: str, shapes: ModelShapes, max_rank: int) -> LoRAAdapter:
-    """Read and check the PEFT adapter in directory `path`; raises LoRAAdapterError."""
+def load_adapter(
+    name: str, path: str, shapes: ModelShapes, max_rank: int, lora_id: int | None = None
+) -> LoRAAdapter:
+    """Read and check the PEFT adapter in directory `path` (this rank's shard of it); raises
+    LoRAAdapterError. `lora_id`: the id rank 0 gave the adapter (the other ranks of a group)."""
     if not name:
         raise LoRAAdapterError("the adapter needs a name")
     directory = Path(path)
@@ -117,23 +147,18 @@ def load_adapter(name: str, path: str, shapes: ModelShapes, max_rank: int) -> Lo
             else ""
         )
         raise LoRAAdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is missing in {path}{hint}")
-    config_bytes, weight_bytes = config_path.read_bytes(), weights_path.read_bytes()
+    config_bytes = config_path.read_bytes()
     try:
         config = json.loads(config_bytes)
         assert isinstance(config, dict)
     except (ValueError, AssertionError):
         raise LoRAAdapterError(f"adapter {name!r}: {CONFIG_FILE} is not a JSON object") from None
     rank, scaling = _check_config(name, config, max_rank)
-    try:
-        from safetensors.torch import load as load_safetensors
-
-        tensors = load_safetensors(weight_bytes)
-    except Exception as exc:  # the library raises several types for a damaged file
-        raise LoRAAdapterError(
-            f"adapter {name!r}: {WEIGHTS_FILE} is not a valid safetensors file ({exc})"
-        ) from None
-    weights = _collect(name, tensors, shapes, max_rank, scaling)
-    digest = hashlib.blake2b(config_bytes + b"\0" + weight_bytes, digest_size=16).hexdigest()
+    weights = _read_weights(name, weights_path, shapes, max_rank, scaling)
+    digest = hashlib.blake2b(config_bytes + b"\0", digest_size=16)
+    with weights_path.open("rb") as f:  # (in chunks: the digest never needs the whole file in memory)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
     return LoRAAdapter(
         name=name,
         path=str(directory),
@@ -141,7 +166,8 @@ def load_adapter(name: str, path: str, shapes: ModelShapes, max_rank: int) -> Lo
         scaling=scaling,
         weights=weights,
         base_model=str(config.get("base_model_name_or_path") or ""),
-        digest=digest,
+        digest=digest.hexdigest(),
+        **({"lora_id": lora_id} if lora_id is not None else {}),
     )
 
 
@@ -182,11 +208,44 @@ def _check_config(name: str, config: dict[str, object], max_rank: int) -> tuple[
     return rank, float(scaling)
 
 
-def _collect(
-    name: str, tensors: dict[str, torch.Tensor], shapes: ModelShapes, max_rank: int, scaling: float
+def _read_weights(
+    name: str, weights_path: Path, shapes: ModelShapes, max_rank: int, scaling: float
 ) -> dict[tuple[int, str], LoRAWeights]:
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    """Every tensor's name and shape checked (from the header), this rank's slices read."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(weights_path), framework="pt")
+    except Exception as exc:  # the library raises several types for a damaged file
+        raise _damaged(name, exc) from None
+    weights: dict[tuple[int, str], LoRAWeights] = {}
+    with handle:
+        for (layer, module), keys in sorted(_pairs(name, list(handle.keys()), shapes).items()):
+            a_slice, b_slice = handle.get_slice(keys["A"]), handle.get_slice(keys["B"])
+            proj = _check_shapes(
+                name, layer, module, a_slice.get_shape(), b_slice.get_shape(), shapes, max_rank
+            )
+            if not shapes.holds_layer(layer):
+                continue
+            cols = proj.in_cols  # row-parallel: this rank's input columns of A
+            rows = proj.part_rows[MODULES[module][1]] if proj.part_rows else None  # column-parallel: of B
+            try:
+                a = a_slice[:, cols[0] : cols[0] + cols[1]] if cols else a_slice[:]
+                b = b_slice[rows[0] : rows[0] + rows[1]] if rows else b_slice[:]
+            except Exception as exc:  # (a file cut short after its header)
+                raise _damaged(name, exc) from None
+            weights[(layer, module)] = LoRAWeights(a.float().contiguous(), (b.float() * scaling).contiguous())
+    return weights
+
+
+def _damaged(name: str, exc: Exception) -> LoRAAdapterError:
+    return LoRAAdapterError(f"adapter {name!r}: {WEIGHTS_FILE} is not a valid safetensors file ({exc})")
+
+
+def _pairs(name: str, keys: list[str], shapes: ModelShapes) -> dict[tuple[int, str], dict[str, str]]:
+    """The file's tensor names by (layer, module) and A / B; names that are not served refused."""
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in keys:
         match = _KEY.match(key)
         if match is None:
             raise LoRAAdapterError(
@@ -202,34 +261,44 @@ def _collect(
             raise LoRAAdapterError(
                 f"adapter {name!r}: tensor {key!r} is for layer {layer}, the model has {shapes.num_layers}"
             )
-        pairs.setdefault((layer, module), {})[which] = tensor
+        pairs.setdefault((layer, module), {})[which] = key
     if not pairs:
         raise LoRAAdapterError(f"adapter {name!r}: {WEIGHTS_FILE} holds no LoRA weights")
-    weights: dict[tuple[int, str], LoRAWeights] = {}
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise LoRAAdapterError(
                 f"adapter {name!r}: layer {layer} {module} has lora_A or lora_B but not both"
             )
-        fused, part = MODULES[module]
-        proj = shapes.projections.get(fused)
-        if proj is None:
-            raise LoRAAdapterError(
-                f"adapter {name!r}: target module {module!r} is not a dense projection of every layer of "
-                "this model (a mixture-of-experts MLP has none): the model lacks it"
-            )
-        a, b = ab["A"], ab["B"]
-        rank = a.shape[0]
-        want_a, want_b = (rank, proj.in_features), (proj.part_out[part], rank)
-        if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise LoRAAdapterError(
-                f"adapter {name!r}: layer {layer} {module} has lora_A {tuple(a.shape)} and lora_B "
-                f"{tuple(b.shape)}, this model needs {want_a} and {want_b} (hidden size "
-                f"{shapes.hidden_size}): was it trained for a different base model?"
-            )
-        if rank > max_rank:
-            raise LoRAAdapterError(
-                f"adapter {name!r}: layer {layer} {module} has rank {rank}, above --max-lora-rank {max_rank}"
-            )
-        weights[(layer, module)] = LoRAWeights(a.float().contiguous(), (b.float() * scaling).contiguous())
-    return weights
+    return pairs
+
+
+def _check_shapes(
+    name: str,
+    layer: int,
+    module: str,
+    a_shape: list[int],
+    b_shape: list[int],
+    shapes: ModelShapes,
+    max_rank: int,
+) -> ProjectionShape:
+    """The projection `module` belongs to, once its A and B shapes are the model's."""
+    fused, part = MODULES[module]
+    proj = shapes.projections.get(fused)
+    if proj is None:
+        raise LoRAAdapterError(
+            f"adapter {name!r}: target module {module!r} is not a dense projection of every layer of "
+            "this model (a mixture-of-experts MLP has none): the model lacks it"
+        )
+    rank = a_shape[0] if a_shape else 0
+    want_a, want_b = (rank, proj.in_features), (proj.part_out[part], rank)
+    if tuple(a_shape) != want_a or tuple(b_shape) != want_b:
+        raise LoRAAdapterError(
+            f"adapter {name!r}: layer {layer} {module} has lora_A {tuple(a_shape)} and lora_B "
+            f"{tuple(b_shape)}, this model needs {want_a} and {want_b} (hidden size "
+            f"{shapes.hidden_size}): was it trained for a different base model?"
+        )
+    if rank > max_rank:
+        raise LoRAAdapterError(
+            f"adapter {name!r}: layer {layer} {module} has rank {rank}, above --max-lora-rank {max_rank}"
+        )
+    return proj

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,23 +46,57 @@ def decoder_projections(model: nn.Module) -> list[dict[str, Linear]]:
 
 
 def model_shapes(model: nn.Module, hidden_size: int) -> ModelShapes:
-    """The projections every layer has, with their part widths (what an adapter must match)."""
+    """The projections every layer has, with their part widths in the whole model (what an adapter
+    must match) and, in a tensor- or pipeline-parallel group, this rank's slices and layers
+    (services/worker/parallel.py ShardLayout)."""
     layers = decoder_projections(model)
-    common = set.intersection(*(set(p) for p in layers)) if layers else set()
+    held = [i for i, p in enumerate(layers) if p]  # (a pipeline stage holds some layers only)
+    common = set.intersection(*(set(layers[i]) for i in held)) if held else set()
+    layout = getattr(model, "layout", None)
+    tp_size, tp_rank = (layout.tp_size, layout.tp_rank) if layout is not None else (1, 0)
     shapes: dict[str, ProjectionShape] = {}
-    first = layers[0] if layers else {}
     for name in common:
-        proj = first[name]
+        proj = layers[held[0]][name]
+        # this rank's slice times T is the whole, except KV heads replicated over ranks (T > KV heads)
         if name == "qkv_proj":
-            attn = model.model.layers[0].self_attn  # type: ignore[union-attr,index]
-            parts: tuple[int, ...] = (attn.q_size, attn.kv_size, attn.kv_size)
+            attn = model.model.layers[held[0]].self_attn  # type: ignore[union-attr,index]
+            kv_whole = model.config.num_kv_heads * attn.head_dim  # type: ignore[union-attr]
+            q_rows = (layout.q_head_start * attn.head_dim, attn.q_size) if layout else (0, attn.q_size)
+            kv_rows = (layout.kv_head_start * attn.head_dim, attn.kv_size) if layout else (0, attn.kv_size)
+            shapes[name] = ProjectionShape(
+                proj.in_features,
+                (attn.q_size * tp_size, kv_whole, kv_whole),
+                _rows(tp_size, q_rows, kv_rows, kv_rows),
+            )
         elif name == "gate_up_proj":
-            parts = (proj.out_features // 2,) * 2
-        else:
-            parts = (proj.out_features,)
-        shapes[name] = ProjectionShape(proj.in_features, parts)
+            inter = proj.out_features // 2
+            shapes[name] = ProjectionShape(
+                proj.in_features,
+                (inter * tp_size,) * 2,
+                _rows(tp_size, (tp_rank * inter, inter), (tp_rank * inter, inter)),
+            )
+        else:  # row-parallel: o_proj, down_proj
+            cols = (tp_rank * proj.in_features, proj.in_features) if tp_size > 1 else None
+            shapes[name] = ProjectionShape(proj.in_features * tp_size, (proj.out_features,), in_cols=cols)
+    stage = (layout.layer_start, layout.layer_end) if layout is not None and layout.pp_size > 1 else None
     # a module of a projection the model lacks (MoE MLPs) is rejected by the adapter's check
-    return ModelShapes(len(layers), {n: shapes[n] for n in shapes}, hidden_size)
+    return ModelShapes(len(layers), shapes, hidden_size, stage)
+
+
+def _rows(tp_size: int, *parts: tuple[int, int]) -> tuple[tuple[int, int], ...] | None:
+    """Column-parallel parts' (first row, rows) of lora_B on this rank; None with T = 1 (all)."""
+    return parts if tp_size > 1 else None
+
+
+@dataclass(frozen=True)
+class LoRAStep:
+    """What one step needs of the pool, decided on rank 0 and replayed by the other ranks of a
+    group (services/worker/tp_group.py Forward): the slots to refill, then the rows' mapping."""
+
+    fills: tuple[tuple[int, int], ...]  # (slot, lora_id) to copy into the slot before the forward
+    sorted_token_ids: list[int]  # the rows grouped by slot (layout: kernels/reference.py lora_segments)
+    seg_starts: list[int]  # [S]
+    seg_lens: list[int]  # [S]
 
 
 class LoRAPool:
@@ -88,7 +124,7 @@ class LoRAPool:
                 width = FUSED_PARTS[name] * max_rank
                 a = torch.zeros(max_loras, width, linear.in_features, dtype=dtype, device=device)
                 b = torch.zeros(max_loras, linear.out_features, width, dtype=dtype, device=device)
-                parts = self.shapes.projections[name].part_out
+                parts = self.shapes.projections[name].local_part_out
                 starts = tuple(sum(parts[:j]) for j in range(len(parts)))
                 entry[name] = linear.lora = LoRAProjection(ops, a, b, self.mapping, starts, max_rank)
             self.layers.append(entry)
@@ -96,9 +132,10 @@ class LoRAPool:
         self._lru: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, least recently used first
         self.num_loads = 0  # slot fills (first loads and reloads after an eviction)
 
-    def prepare(self, entries: list[tuple[LoRAAdapter | None, int]]) -> None:
+    def prepare(self, entries: list[tuple[LoRAAdapter | None, int]]) -> LoRAStep:
         """Slots for this step's adapters (filling evicted ones), then the rows' mapping.
-        `entries`: the step's scheduled sequences in row order, (adapter or None, rows it has)."""
+        `entries`: the step's scheduled sequences in row order, (adapter or None, rows it has).
+        Returns what the other ranks of a group replay (`apply`)."""
         wanted: dict[int, LoRAAdapter] = {a.lora_id: a for a, _ in entries if a is not None}
         if len(wanted) > self.max_loras:
             raise RuntimeError(f"{len(wanted)} adapters in one step, the pool has {self.max_loras} slots")
@@ -107,9 +144,11 @@ class LoRAPool:
             if lora_id in self._lru:
                 self._lru.move_to_end(lora_id)
                 slot_of[lora_id] = self._lru[lora_id]
+        fills: list[tuple[int, int]] = []
         for lora_id, adapter in wanted.items():
             if lora_id not in slot_of:
-                slot_of[lora_id] = self._fill(adapter, busy=set(slot_of.values()))
+                slot_of[lora_id] = self._take_slot(adapter, busy=set(slot_of.values()))
+                fills.append((slot_of[lora_id], lora_id))
         # rows grouped by slot (layout: kernels/reference.py lora_segments), a range per sequence
         by_slot: list[list[int]] = [[] for _ in range(self.max_loras)]
         row = 0
@@ -124,9 +163,19 @@ class LoRAPool:
             starts.append(len(ids))
             lens.append(len(rows))
             ids += rows
-        self.mapping.set(ids, starts, lens)
+        step = LoRAStep(tuple(fills), ids, starts, lens)
+        self.apply(step, wanted)
+        return step
 
-    def _fill(self, adapter: LoRAAdapter, busy: set[int]) -> int:
+    def apply(self, step: LoRAStep, adapters: Mapping[int, LoRAAdapter]) -> None:
+        """Copy the step's refilled slots from `adapters` (by lora_id), then write its mapping."""
+        for slot, lora_id in step.fills:
+            self._write(slot, adapters[lora_id])
+            self.num_loads += 1
+        self.mapping.set(step.sorted_token_ids, step.seg_starts, step.seg_lens)
+
+    def _take_slot(self, adapter: LoRAAdapter, busy: set[int]) -> int:
+        """A free slot, or the least recently used one no row of this step needs, for `adapter`."""
         free = [s for s, a in enumerate(self.slots) if a is None and s not in busy]
         if free:
             slot = free[0]
@@ -135,10 +184,8 @@ class LoRAPool:
             slot = self._lru.pop(victim)
             old = self.slots[slot]
             log.info("LoRA slot %d: evicting %r for %r", slot, old.name if old else None, adapter.name)
-        self._write(slot, adapter)
         self.slots[slot] = adapter
         self._lru[adapter.lora_id] = slot
-        self.num_loads += 1
         return slot
 
     @torch.inference_mode()
@@ -146,7 +193,7 @@ class LoRAPool:
         r_max = self.max_rank
         for layer, projections in enumerate(self.layers):
             for name, proj in projections.items():
-                shape = self.shapes.projections[name]
+                part_out = self.shapes.projections[name].local_part_out  # (this rank's slice)
                 a = torch.zeros(proj.lora_a.shape[1:], dtype=torch.float32)
                 b = torch.zeros(proj.lora_b.shape[1:], dtype=torch.float32)
                 for module, (fused, part) in MODULES.items():
@@ -154,8 +201,8 @@ class LoRAPool:
                     if w is None:
                         continue
                     r = w.a.shape[0]
-                    lo = sum(shape.part_out[:part])
+                    lo = sum(part_out[:part])
                     a[part * r_max : part * r_max + r] = w.a
-                    b[lo : lo + shape.part_out[part], part * r_max : part * r_max + r] = w.b
+                    b[lo : lo + part_out[part], part * r_max : part * r_max + r] = w.b
                 proj.lora_a[slot].copy_(a, non_blocking=True)
                 proj.lora_b[slot].copy_(b, non_blocking=True)

@@ -9,6 +9,7 @@ that name are refused (NOT_FOUND).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.worker.lora.adapter import LoRAAdapter, LoRAAdapterError, ModelShapes, load_adapter
@@ -31,10 +32,19 @@ class LoRAInfo:
 
 
 class LoRARegistry:
-    def __init__(self, shapes: ModelShapes | None, max_rank: int, max_loras: int) -> None:
+    def __init__(
+        self,
+        shapes: ModelShapes | None,
+        max_rank: int,
+        max_loras: int,
+        share: Callable[[LoRAAdapter], None] | None = None,
+    ) -> None:
         self.shapes = shapes  # None: LoRA is off on this worker
         self.max_rank = max_rank
         self.max_loras = max_loras
+        # Rank 0 of a parallel group: the other ranks load their shards of each adapter this one
+        # loaded (services/worker/tp_group.py StepDriver.share_lora); raises LoRAAdapterError.
+        self.share = share
         self._adapters: dict[str, LoRAAdapter] = {}
         self._lock = threading.Lock()
 
@@ -52,6 +62,8 @@ class LoRARegistry:
             if name in self._adapters:
                 raise LoRAAdapterError(f"adapter {name!r} is already loaded (unload it first)")
         adapter = load_adapter(name, path, self.shapes, self.max_rank)
+        if self.share is not None:
+            self.share(adapter)
         with self._lock:
             if name in self._adapters:  # (a concurrent load of the same name won)
                 raise LoRAAdapterError(f"adapter {name!r} is already loaded (unload it first)")

@@ -11,6 +11,7 @@ from services.worker.models.llava import LlavaForConditionalGeneration
 from services.worker.models.mixtral import MixtralForCausalLM
 from services.worker.models.phi3 import Phi3ForCausalLM
 from services.worker.models.qwen2 import Qwen2ForCausalLM
+from services.worker.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from services.worker.models.qwen3 import Qwen3ForCausalLM
 from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -24,9 +25,13 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
+
+# Image-in families: `check_image` at admission, `encode_image` per image (the encoder cache)
+IMAGE_MODELS = (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
 
 
 def model_class(architecture: str) -> type[LlamaForCausalLM]:

@@ -20,19 +20,13 @@ from torch import nn
 
 from kernels import KernelOps, build_rope_cache
 from services.common import switches
-from services.worker import parallel
+from services.worker import parallel, pipeline
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
 from services.worker.layers.linear import Linear, RowParallelLinear
 from services.worker.layers.moe import SparseMoeBlock
 from services.worker.layers.vocab_parallel import VocabParallelEmbedding
 from services.worker.model_config import ModelConfig
-from services.worker.parallel import (
-    ShardLayout,
-    all_gather_last_dim,
-    recv_from_stage,
-    send_to_stage,
-    shard_layout,
-)
+from services.worker.parallel import ShardLayout, all_gather_last_dim, shard_layout
 
 if TYPE_CHECKING:
     from services.worker.checkpoint import CheckpointTensor
@@ -224,6 +218,12 @@ class LlamaModel(nn.Module):
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
         # gate_up_proj (the layer norms' weights are then ones).
         self.norms_folded = False
+        # EAGLE-3 heads read the residual stream entering these layers (speculative/eagle_head.py):
+        # each forward then leaves them side by side in `aux_hidden` [T, len(aux_layers) * hidden]
+        self.aux_layers: tuple[int, ...] = ()
+        self.aux_hidden: torch.Tensor | None = None
+        # --pipeline-trace: each micro-batch's start and end on this stage (pipeline.py)
+        self.trace: pipeline.StageTrace | None = None
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None
@@ -237,42 +237,48 @@ class LlamaModel(nn.Module):
         # the unfolded forward, which is the same function here (its norms multiply by ones, the
         # projections carry their weights): the folded one measured slower for large-batch decode
         # (cuBLAS with beta = 1, the SiLU op re-reading h per chunk; docs/gpu.md round 5).
+        aux: list[torch.Tensor] = []
         if self.norms_folded and input_ids.shape[0] <= FOLDED_MAX_TOKENS:
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
+                if i in self.aux_layers:  # (the folded forward carries the raw residual stream)
+                    aux.append(hidden)
                 hidden = cast(DecoderLayer, layer).forward_folded(hidden, meta)
+            self._keep_aux(aux)
             return self.norm(hidden)  # the final norm is not folded (lm_head may be the embedding)
         residual: torch.Tensor | None = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i in self.aux_layers:
+                aux.append(hidden if residual is None else hidden + residual)
             hidden, residual = layer(hidden, residual, meta)
         assert residual is not None
+        self._keep_aux(aux)
         normed, _ = self.norm.add_and_norm(hidden, residual)
         return normed
 
+    def _keep_aux(self, aux: list[torch.Tensor]) -> None:
+        if self.aux_layers:
+            self.aux_hidden = torch.cat(aux, dim=-1)
+
     def _forward_stage(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Pipeline parallelism: this stage's layers between a receive from the stage before and
-        a send to the one after; the last stage sends back to stage 0, which applies the final
-        norm and returns the hidden states (the other stages' return value is not used)."""
+        """Pipeline parallelism: this stage's layers over the step's micro-batches, between the
+        stage before and the one after (services/worker/pipeline.py); stage 0 returns the normed
+        hidden states (the other stages' return value is not used)."""
         layout = self.layout
-        stage, first = layout.pp_rank, layout.pp_rank == 0
-        if first:
-            hidden, residual = self.embed_tokens(input_ids), None
-        else:
-            like = torch.empty(
-                input_ids.shape[0],
-                self.norm.weight.shape[0],
-                dtype=self.norm.weight.dtype,
-                device=input_ids.device,
-            )
-            hidden, residual = recv_from_stage(stage - 1, like, like)
-        for i in range(layout.layer_start, layout.layer_end):
-            hidden, residual = self.layers[i](hidden, residual, meta)
-        assert residual is not None  # every stage holds at least one layer (P <= layers)
-        send_to_stage((stage + 1) % layout.pp_size, hidden, residual)
-        if not first:
-            return hidden
-        hidden, residual = recv_from_stage(layout.pp_size - 1, hidden, residual)
-        normed, _ = self.norm.add_and_norm(hidden, residual)
-        return normed
+
+        def layers(
+            hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            for i in range(layout.layer_start, layout.layer_end):
+                hidden, residual = self.layers[i](hidden, residual, meta)
+            assert residual is not None  # every stage holds at least one layer (P <= layers)
+            return hidden, residual
+
+        def final_norm(hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            return self.norm.add_and_norm(hidden, residual)[0]
+
+        return pipeline.forward_stage(
+            layout, input_ids, meta, self.norm.weight, self.embed_tokens, layers, final_norm, self.trace
+        )
 
 
 class LlamaForCausalLM(nn.Module):

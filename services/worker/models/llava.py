@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from kernels import KernelOps
 from services.worker.errors import InvalidRequestError
 from services.worker.layers.attention import AttentionMetadata
-from services.worker.mm_inputs import ImageInput
+from services.worker.mm_inputs import ImageInput, check_embeddings
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models.llama import LlamaForCausalLM
 
@@ -36,11 +36,11 @@ _ACTS = {
 }
 
 
-def _act(name: str) -> Any:
+def activation(name: str) -> Any:
     try:
         return _ACTS[name]
     except KeyError:
-        raise ModelConfigError(f"unsupported activation {name!r} in a LLaVA config") from None
+        raise ModelConfigError(f"unsupported activation {name!r} in a vision config") from None
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ class ImageEmbeddingRows:
 
     rows: torch.Tensor  # [N] int64, on the model's device
     embeds: torch.Tensor  # [N, hidden]
+    # M-RoPE models (Qwen2.5-VL): the rows' (temporal, height, width) positions, services/worker/mrope.py
+    rope_positions: torch.Tensor | None = None  # [3, N] int64, on the model's device
 
 
 class ClipAttention(nn.Module):
@@ -76,7 +78,7 @@ class ClipAttention(nn.Module):
 class ClipMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str) -> None:
         super().__init__()
-        self.act = _act(act)
+        self.act = activation(act)
         self.fc1 = nn.Linear(hidden, intermediate)
         self.fc2 = nn.Linear(intermediate, hidden)
 
@@ -151,7 +153,7 @@ class MultiModalProjector(nn.Module):
     def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool) -> None:
         super().__init__()
         self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
-        self.act = _act(act)
+        self.act = activation(act)
         self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,23 +205,26 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         """Refuse pixels of another shape than the vision tower's, or a placeholder run of another
         length than its rows (either would fail inside a forward, costing the whole batch)."""
         emb = self.vision_tower.embeddings
+        rows = emb.num_positions - (1 if self.select_strategy == "default" else 0)
+        if image.length != rows:
+            raise InvalidRequestError(
+                f"images[{index}].length", f"{image.length}; this model's images are {rows} tokens"
+            )
+        if image.embeds is not None:  # encoded by an encode worker
+            check_embeddings(index, image, self.config.hidden_size)
+            return
         size = emb.image_size
         want = (emb.patch_embedding.in_channels, size, size)
         if tuple(image.pixel_values.shape) != want:
             raise InvalidRequestError(
                 f"images[{index}].shape", f"{list(image.pixel_values.shape)}; this model takes {list(want)}"
             )
-        rows = emb.num_positions - (1 if self.select_strategy == "default" else 0)
-        if image.length != rows:
-            raise InvalidRequestError(
-                f"images[{index}].length", f"{image.length}; this model's images are {rows} tokens"
-            )
 
     @torch.no_grad()
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, image: ImageInput) -> torch.Tensor:
         """[C, H, W] pixels (the processor's output for one image) -> [tokens, text hidden]."""
         feats = self.vision_tower(
-            pixel_values[None].to(self.vision_tower.pre_layrnorm.weight.device), self.feature_layer
+            image.pixel_values[None].to(self.vision_tower.pre_layrnorm.weight.device), self.feature_layer
         )
         if self.select_strategy == "default":
             feats = feats[:, 1:]

@@ -24,10 +24,8 @@ from services.worker.kv_cache import KVCache, block_bytes
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
 from services.worker.request import Sequence, SequenceStatus
-from services.worker.sampling_rng import exponential_race
 from services.worker.speculative.draft import Draft
-from services.worker.speculative.rejection import DRAFT_SALT, salted
-from services.worker.speculative.verify import penalized_logits, probs_of
+from services.worker.speculative.draw import draw_drafts
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +40,18 @@ def _tokenizer_vocab(path: Path) -> dict[str, object] | None:
     return {"vocab": (data.get("model") or {}).get("vocab"), "added": added}
 
 
+def check_same_tokenizer(draft: ModelConfig, target: ModelConfig, target_tokenizer: str) -> None:
+    """Refuse a draft (model or EAGLE head) whose tokenizer.json, where it has one, maps tokens to
+    other ids than the target's."""
+    mine = _tokenizer_vocab(Path(draft.path))
+    theirs = _tokenizer_vocab(Path(target_tokenizer or target.path))
+    if mine is not None and theirs is not None and mine != theirs:
+        raise ModelConfigError(
+            f"--speculative-model {draft.path}: its tokenizer.json maps tokens to other ids than the "
+            "target's; a draft must share the target's tokenizer"
+        )
+
+
 def check_draft_compatible(draft: ModelConfig, target: ModelConfig, target_tokenizer: str) -> None:
     """Refuse a draft model whose vocabulary or tokenizer differs from the target's: its token ids
     would mean other text, and every proposal would be rejected (or worse, out of range)."""
@@ -51,13 +61,7 @@ def check_draft_compatible(draft: ModelConfig, target: ModelConfig, target_token
             f"{where}: its vocabulary has {draft.vocab_size} tokens, the target's {target.vocab_size}; "
             "a draft model must share the target's tokenizer and vocabulary"
         )
-    mine = _tokenizer_vocab(Path(draft.path))
-    theirs = _tokenizer_vocab(Path(target_tokenizer or target.path))
-    if mine is not None and theirs is not None and mine != theirs:
-        raise ModelConfigError(
-            f"{where}: its tokenizer.json maps tokens to other ids than the target's; a draft model "
-            "must share the target's tokenizer"
-        )
+    check_same_tokenizer(draft, target, target_tokenizer)
     if draft.eos_token_ids and target.eos_token_ids and set(draft.eos_token_ids) != set(target.eos_token_ids):
         log.warning(
             "draft model end tokens %s differ from the target's %s", draft.eos_token_ids, target.eos_token_ids
@@ -122,6 +126,9 @@ class DraftModelProposer:
             state = self.states.pop(seq.seq_id, None)
             if state is not None:
                 self.free += state.block_ids
+
+    def after_step(self, speculating: bool) -> None:
+        """Nothing to do between steps (the draft catches up when it proposes)."""
 
     def _collect(self) -> None:
         """Forget sequences that finished or were preempted (their blocks go back)."""
@@ -221,13 +228,4 @@ class DraftModelProposer:
     ) -> tuple[list[int], torch.Tensor | None]:
         """Each row's next draft token, and q [B, V] when some request samples."""
         seqs = [st.seq for _, st, _ in live]
-        meta = self.runner._sampling_metadata(seqs, drafted=drafted)
-        # penalties and min_tokens bans as the target applies them: a draft that agrees, agrees
-        logits = penalized_logits(logits, meta)
-        if meta.all_greedy:
-            return logits.argmax(dim=-1).tolist(), None
-        assert meta.draws is not None
-        q = probs_of(logits, meta)
-        sampled = exponential_race(q, salted(meta.draws, DRAFT_SALT))
-        tokens = torch.where(meta.greedy, logits.argmax(dim=-1), sampled)
-        return tokens.tolist(), q
+        return draw_drafts(logits, self.runner._sampling_metadata(seqs, drafted=drafted))

@@ -51,3 +51,6 @@ class PromptLookupProposer:
 
     def release(self, seqs: Iterable[Sequence]) -> None:
         """Nothing is kept per sequence."""
+
+    def after_step(self, speculating: bool) -> None:
+        """Nothing to do between steps."""

@@ -45,6 +45,10 @@ class Proposer(Protocol):
 
     def release(self, seqs: Iterable[Sequence]) -> None: ...
 
+    def after_step(self, speculating: bool) -> None:
+        """After each step is applied; `speculating`: the step's K was not 0 (EAGLE's catch-up)."""
+        ...
+
 
 @dataclass
 class SpecStats:
@@ -106,11 +110,16 @@ class Speculator:
         self.steps_off = 0
         self.probe_due = False
         self.last_k = num_speculative_tokens
+        self.decided_k = 0  # the last `decide`'s answer
         self.stats = SpecStats()
 
     def decide(self, batch: int) -> int:
         """The next step's K for `batch` running sequences (0: a plain step, which the engine may
         run with async scheduling). A probe stays due until a step with drafts is planned."""
+        self.decided_k = self._decide(batch)
+        return self.decided_k
+
+    def _decide(self, batch: int) -> int:
         if not self.adaptive:
             return self.max_k
         k = choose_k(self.acceptance, batch, self.max_k, self.token_cost, self.draft_cost)
@@ -192,6 +201,9 @@ class Speculator:
 
     def release(self, seqs: Iterable[Sequence]) -> None:
         self.proposer.release(seqs)
+
+    def after_step(self) -> None:
+        self.proposer.after_step(self.decided_k > 0)
 
 
 def _can_draft(item: ScheduledSequence) -> bool:

@@ -10,11 +10,18 @@ gate/up) see the same input and so the same order, which the loader checks.
 
 FP8 checkpoints with per-channel or per-tensor scales load onto `Fp8Method` (per-row scales);
 block-wise FP8 (128 x 128) keeps its e4m3 weight and block scales and dequantizes per call.
+
+Tensor parallelism: each format's `part_axes` says how its tensors follow a rank's slice of the
+weight (base.py `Split`), so a rank reads only its slice of the packed codes, scales and zero
+points: packed words and groups along K (row-parallel o_proj / down), packed words along N (AWQ,
+GPTQ's qzeros: column-parallel qkv / gate_up). A slice that would cut a packed word, a group or an
+FP8 block is a load error naming the tensor; GPTQ act-order cannot be split along K at all.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +32,10 @@ from services.worker.layers.linear import Linear
 from services.worker.layers.quantization.base import QuantMethod
 from services.worker.layers.quantization.fp8 import FP8, Fp8Method
 from services.worker.layers.quantization.int8 import Int8Method
+from services.worker.layers.split import Split
+
+if TYPE_CHECKING:
+    from services.worker.checkpoint import CheckpointTensor
 
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AWQ's GEMM packing interleaves 8 columns a word
 
@@ -52,6 +63,11 @@ class PackedIntMethod(QuantMethod):
 
     def _group(self, layer: Linear) -> int:
         return self.group_size if self.group_size > 0 else layer.in_features
+
+    def _group_axis(self, dim: int) -> tuple[int, int] | None:
+        """A [G, ...] / [..., G] per-group tensor's `dim` under a split of K: whole groups, or
+        (one group per row: per channel) replicated."""
+        return (dim, self.group_size) if self.group_size > 0 else None
 
     def create_weights(self, layer: Linear) -> None:
         n, k = layer.out_features, layer.in_features
@@ -88,11 +104,11 @@ class PackedIntMethod(QuantMethod):
         layer.weight_scale.data[row_start : row_start + rows].copy_(scales.float())
         layer.weight_zero.data[row_start : row_start + rows].copy_(zeros.float())
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.act_order:
             x = x.index_select(1, layer.input_perm)
         return layer.ops.quant_linear(
-            x, layer.qweight, layer.weight_scale, self.bits, layer.weight_zero, layer.bias
+            x, layer.qweight, layer.weight_scale, self.bits, layer.weight_zero, bias
         )
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
@@ -144,6 +160,28 @@ class GPTQMethod(PackedIntMethod):
         super().__init__(bits, group_size, act_order)
         self.zeros_offset = zeros_offset
 
+    def part_axes(self, suffix: str, shape: tuple[int, ...], split_dim: int) -> tuple[int, int] | None:
+        per_word = 32 // self.bits
+        if split_dim == 0:  # output columns of the checkpoint's [.., N] tensors
+            return {"qweight": (1, 1), "qzeros": (1, per_word), "scales": (1, 1)}.get(suffix)
+        if suffix == "g_idx" and self.act_order:
+            raise ValueError(
+                "act-order (desc_act) GPTQ weights cannot be split along K over tensor-parallel ranks: "
+                "a rank's input columns belong to groups anywhere in the row"
+            )
+        return {
+            "qweight": (0, per_word),
+            "qzeros": self._group_axis(0),
+            "scales": self._group_axis(0),
+            "g_idx": (0, 1),
+        }.get(suffix)
+
+    def read_part(self, suffix: str, source: CheckpointTensor, split: Split | None) -> torch.Tensor:
+        tensor = super().read_part(suffix, source, split)
+        if suffix == "g_idx" and split is not None and split.dim == 1 and self.group_size > 0:
+            tensor = tensor - split.start // self.group_size  # this rank's groups, from 0
+        return tensor
+
     def load_checkpoint(
         self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int
     ) -> None:
@@ -172,6 +210,11 @@ class AWQMethod(PackedIntMethod):
 
     name = "awq"
     checkpoint_suffixes = ("qweight", "qzeros", "scales")
+
+    def part_axes(self, suffix: str, shape: tuple[int, ...], split_dim: int) -> tuple[int, int] | None:
+        if split_dim == 0:  # packed along N, 8 columns a word
+            return {"qweight": (1, 8), "qzeros": (1, 8), "scales": (1, 1)}.get(suffix)
+        return {"qweight": (0, 1), "qzeros": self._group_axis(0), "scales": self._group_axis(0)}.get(suffix)
 
     @staticmethod
     def unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -206,6 +249,25 @@ class PackQuantizedMethod(PackedIntMethod):
             () if symmetric else ("weight_zero_point",)
         )
 
+    def part_axes(self, suffix: str, shape: tuple[int, ...], split_dim: int) -> tuple[int, int] | None:
+        if suffix == "weight_shape":
+            return None
+        if split_dim == 0:  # every tensor is [N, ...]
+            return 0, 1
+        if suffix == "weight_packed":
+            return 1, 32 // self.bits
+        return self._group_axis(1)
+
+    def read_part(self, suffix: str, source: CheckpointTensor, split: Split | None) -> torch.Tensor:
+        tensor = super().read_part(suffix, source, split)
+        if suffix == "weight_shape" and split is not None:  # [N, K] of the whole -> of this slice
+            whole = [int(v) for v in tensor.tolist()]
+            if len(whole) != 2 or split.start + split.size > whole[split.dim]:
+                raise ValueError(f"weight_shape {whole} does not hold this rank's {split.describe()}")
+            whole[split.dim] = split.size
+            tensor = torch.tensor(whole, dtype=torch.int64)
+        return tensor
+
     def load_checkpoint(
         self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int
     ) -> None:
@@ -236,6 +298,15 @@ def _per_row(scale: torch.Tensor, rows: int) -> torch.Tensor:
     return scale
 
 
+def _per_row_axes(suffix: str, shape: tuple[int, ...], split_dim: int) -> tuple[int, int] | None:
+    """`weight` [N, K] and a per-channel `weight_scale` ([N] / [N, 1]) follow a split; a
+    per-tensor scale (and a static `input_scale`) is the same on every rank."""
+    if suffix == "weight":
+        return split_dim, 1
+    per_channel = suffix == "weight_scale" and math.prod(shape) > 1
+    return (0, 1) if per_channel and split_dim == 0 else None
+
+
 class CheckpointFp8Method(Fp8Method):
     """FP8 e4m3 weights with per-tensor or per-channel `weight_scale` (compressed-tensors
     `float-quantized`, ModelOpt / `fp8` without blocks); activations quantized per token at run
@@ -245,6 +316,9 @@ class CheckpointFp8Method(Fp8Method):
 
     def __init__(self, has_input_scale: bool) -> None:
         self.checkpoint_suffixes = ("weight", "weight_scale") + (("input_scale",) if has_input_scale else ())
+
+    def part_axes(self, suffix: str, shape: tuple[int, ...], split_dim: int) -> tuple[int, int] | None:
+        return _per_row_axes(suffix, shape, split_dim)
 
     def load_checkpoint(
         self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int
@@ -267,6 +341,9 @@ class CheckpointInt8Method(Int8Method):
     def __init__(self, has_input_scale: bool) -> None:
         super().__init__(0)
         self.checkpoint_suffixes = ("weight", "weight_scale") + (("input_scale",) if has_input_scale else ())
+
+    def part_axes(self, suffix: str, shape: tuple[int, ...], split_dim: int) -> tuple[int, int] | None:
+        return _per_row_axes(suffix, shape, split_dim)
 
     def load_checkpoint(
         self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int
@@ -301,6 +378,11 @@ class BlockFp8Method(QuantMethod):
             torch.empty(-(-n // bn), -(-k // bk), device=device), requires_grad=False
         )
 
+    def part_axes(self, suffix: str, shape: tuple[int, ...], split_dim: int) -> tuple[int, int] | None:
+        if suffix == "weight":
+            return split_dim, 1
+        return split_dim, self.block[split_dim]  # whole blocks of weight_scale_inv
+
     def load_checkpoint(
         self, layer: Linear, parts: dict[str, torch.Tensor], row_start: int, rows: int
     ) -> None:
@@ -328,9 +410,9 @@ class BlockFp8Method(QuantMethod):
         s = layer.weight_scale.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
         return layer.qweight.float() * s
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = self.dequantized_weight(layer).to(x.dtype)
-        return F.linear(x, w, layer.bias)
+        return F.linear(x, w, bias)
 
 
 def checkpoint_method(qcfg: dict[str, Any], describe: str) -> QuantMethod:

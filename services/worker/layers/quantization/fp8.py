@@ -14,16 +14,20 @@ from torch import nn
 
 from kernels import reference
 from services.worker.layers.linear import Linear
-from services.worker.layers.quantization.base import QuantMethod
+from services.worker.layers.quantization.base import QuantMethod, row_absmax
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float8_e4m3fn [N, K], fp32 scales [N, 1]) of a [N, K] weight, one scale per row."""
+def quantize_fp8(weight: torch.Tensor, layer: Linear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float8_e4m3fn [N, K], fp32 scales [N, 1]) of a [N, K] weight, one scale per row (over the
+    whole row of `layer` when it is row-parallel: base.row_absmax)."""
     w = weight.float()
-    scales = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    absmax = w.abs().amax(dim=-1, keepdim=True)
+    if layer is not None:
+        absmax = row_absmax(layer, absmax)
+    scales = absmax.clamp(min=1e-12) / FP8_MAX
     return (w / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8), scales
 
 
@@ -58,16 +62,16 @@ class Fp8Method(QuantMethod):
 
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_start: int) -> None:
         rows = weight.shape[0]
-        q, scales = quantize_fp8(weight.to(layer.qweight.device))
+        q, scales = quantize_fp8(weight.to(layer.qweight.device), layer)
         layer.qweight.data[row_start : row_start + rows].copy_(q)
         layer.weight_scale.data[row_start : row_start + rows].copy_(scales)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w, s = layer.qweight, layer.weight_scale
         n, k = w.shape
         if device_has_fp8(x.device) and x.dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0:
-            return scaled_mm_fp8(x, w, s, layer.bias)
-        return reference.fp8_linear(x, w, s, layer.bias)
+            return scaled_mm_fp8(x, w, s, bias)
+        return reference.fp8_linear(x, w, s, bias)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         return layer.qweight.float() * layer.weight_scale.float()

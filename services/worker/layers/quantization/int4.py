@@ -56,8 +56,8 @@ class Int4Method(QuantMethod):
         layer.qweight.data[row_start : row_start + rows].copy_(q)
         layer.weight_scale.data[row_start : row_start + rows].copy_(scales)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return layer.ops.quant_linear(x, layer.qweight, layer.weight_scale, 4, None, layer.bias)
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return layer.ops.quant_linear(x, layer.qweight, layer.weight_scale, 4, None, bias)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         return dequantize_weight(layer.qweight, layer.weight_scale, 4)

@@ -11,16 +11,22 @@ import torch
 from torch import nn
 
 from services.worker.layers.linear import Linear
-from services.worker.layers.quantization.base import QuantMethod
+from services.worker.layers.quantization.base import QuantMethod, row_absmax
 
 
-def quantize_int8(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 [N, K], fp32 scales [N, K // group_size]) of a [N, K] weight; group_size 0 = per channel."""
+def quantize_int8(
+    weight: torch.Tensor, group_size: int, layer: Linear | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 [N, K], fp32 scales [N, K // group_size]) of a [N, K] weight; group_size 0 = per
+    channel (over the whole row of `layer` when it is row-parallel: base.row_absmax)."""
     w = weight.float()
     n, k = w.shape
     group = group_size or k
     grouped = w.reshape(n, k // group, group)
-    scales = grouped.abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+    absmax = grouped.abs().amax(dim=-1)
+    if not group_size and layer is not None:
+        absmax = row_absmax(layer, absmax)
+    scales = absmax.clamp(min=1e-8) / 127.0
     q = torch.round(grouped / scales[..., None]).clamp(-127, 127).to(torch.int8)
     return q.reshape(n, k), scales
 
@@ -48,12 +54,12 @@ class Int8Method(QuantMethod):
 
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_start: int) -> None:
         rows = weight.shape[0]
-        q, scales = quantize_int8(weight.to(layer.qweight.device), self.group_size)
+        q, scales = quantize_int8(weight.to(layer.qweight.device), self.group_size, layer)
         layer.qweight.data[row_start : row_start + rows].copy_(q)
         layer.weight_scale.data[row_start : row_start + rows].copy_(scales)
 
-    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return layer.ops.quant_linear(x, layer.qweight, layer.weight_scale, 8, None, layer.bias)
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return layer.ops.quant_linear(x, layer.qweight, layer.weight_scale, 8, None, bias)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         from kernels.reference import dequantize_weight

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The cost of the split under load, with where the time goes: serving_bench.py (scenario 4) on
+# the Qwen2-0.5B shape against the in-process engine and through `tandem up`, the cores each
+# service keeps busy per load point, py-spy samples of every process at concurrency >= 8, and
+# the worker's GIL hand-off A/B (TANDEM_GIL_SWITCH_INTERVAL). Output in $OUT (docs/benchmarks.md).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import llguidance, grpc_health, opentelemetry.sdk" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | grep -v WARNING
+fi
+TOK=${TOK:-.benchmodel/shared/tokenizers/qwen3}
+CONC=${CONC:-1,8,32,64}
+N=${N:-192}
+common=(--shape "${SHAPE:-Qwen2-0.5B}" --tokenizer "$TOK" --device cuda --rates "" --concurrency "$CONC" --num-requests "$N" --out-dir "$OUT")
+"$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --py-spy "$OUT/spy" --tag split_profile 2>&1 | tail -14
+if [ -n "${GIL_AB:-0.0005}" ]; then
+  TANDEM_GIL_SWITCH_INTERVAL=${GIL_AB:-0.0005} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_gil_ab 2>&1 | tail -6
+fi
+"$PY" benchmarks/spy_top.py "$OUT/spy" --top 30 > "$OUT/spy_top.txt"
+tar czf "$OUT/spy.tgz" -C "$OUT" spy && rm -rf "$OUT/spy"

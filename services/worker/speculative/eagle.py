@@ -1,0 +1,417 @@
+"""EAGLE proposals: a draft head (eagle_head.py) that reads the target's hidden states.
+
+At position i the head reads the pair (token i + 1, the target's feature at i) and predicts token
+i + 2. Its KV cache is its own, paged, in the same worker (as many blocks as the target's; one
+block holds the head's layers only): pairs are computed once and kept, never recomputed.
+
+    capture (every target forward, ModelRunner.feature_sink): the features of each computed row,
+        kept per sequence by position until the head consumes them
+    catch-up: the head computes the pairs whose next token is known (positions up to n - 2 of a
+        sequence of n tokens) from the kept features, in forwards of at most a step's token budget;
+        it runs after a step (`after_step`) while the worker speculates, and at the latest every
+        ABSORB_EVERY steps or ABSORB_ROWS kept rows while it does not (the features' memory stays small)
+    propose: d_1 from the head's output at pair n - 2, then K - 1 chained one-token forwards, each
+        pair (d_j, the head's own previous output) at the next position (EAGLE's chaining); their
+        KV slots are overwritten by true pairs later
+
+A feature is valid while the tokens it was computed after are the sequence's: a verification's
+rows after the first rejected draft are dropped when consumed. Positions the target never
+computed for this sequence (a prefix-cache hit, a prompt whose KV came from a prefill worker, a
+head cache given up for room) enter the head with zero features: the drafts are worse there,
+never wrong (verification decides). Choices of n > 1 fork their parent's head state (KV blocks
+copied) when the prompt ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from kernels import KernelOps, build_rope_cache
+from services.worker.kv_cache import KVCache, block_bytes
+from services.worker.layers.attention import AttentionMetadata
+from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
+from services.worker.model_runner import ModelRunner, leading_single_tokens
+from services.worker.models.llama import LlamaModel
+from services.worker.models.llava import LlavaForConditionalGeneration
+from services.worker.request import Sequence, SequenceStatus
+from services.worker.scheduler import ScheduledSequence, SchedulerOutput
+from services.worker.speculative.draft import Draft
+from services.worker.speculative.draft_model import check_same_tokenizer
+from services.worker.speculative.draw import draw_drafts
+from services.worker.speculative.eagle_head import EagleHead, build_head, read_layout
+
+log = logging.getLogger(__name__)
+
+ABSORB_EVERY = 8  # steps without speculation between catch-ups
+ABSORB_ROWS = 4096  # kept feature rows (all sequences) that force a catch-up
+
+
+@dataclass
+class _Chunk:
+    """Features the target computed for positions start.. of a sequence, and the input ids there."""
+
+    start: int
+    tokens: list[int]  # -1: a sampled token the host had not read yet (async scheduling): trusted
+    features: torch.Tensor  # [len(tokens), F]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+    def valid_end(self, token_ids: list[int]) -> int:
+        """End of the rows computed after the sequence's own tokens (a rejected draft ends them)."""
+        for j, t in enumerate(self.tokens):
+            p = self.start + j
+            if p >= len(token_ids) or (t >= 0 and t != token_ids[p]):
+                return p
+        return self.end
+
+
+@dataclass
+class _HeadState:
+    seq: Sequence
+    num_pairs: int = 0  # pairs 0 .. num_pairs - 1 are in the head's cache, from the target's features
+    block_ids: list[int] = field(default_factory=list)
+    last_out: torch.Tensor | None = None  # [H] the head's output at pair num_pairs - 1
+    pending: list[_Chunk] = field(default_factory=list)  # by position, not overlapping
+
+    def add(self, chunk: _Chunk) -> None:
+        """A newer computation of positions >= chunk.start replaces what was kept for them."""
+        kept = []
+        for c in self.pending:
+            if c.end <= chunk.start:
+                kept.append(c)
+            elif c.start < chunk.start:
+                n = chunk.start - c.start
+                kept.append(_Chunk(c.start, c.tokens[:n], c.features[:n]))
+        kept.append(chunk)
+        self.pending = kept
+
+    def drop_before(self, position: int) -> None:
+        kept = []
+        for c in self.pending:
+            if c.end <= position:
+                continue
+            n = max(position - c.start, 0)
+            kept.append(_Chunk(c.start + n, c.tokens[n:], c.features[n:]) if n else c)
+        self.pending = kept
+
+    @property
+    def num_pending_rows(self) -> int:
+        return sum(len(c.tokens) for c in self.pending)
+
+
+class EagleProposer:
+    def __init__(
+        self,
+        path: str,
+        target: ModelConfig,
+        target_tokenizer: str,
+        runner: ModelRunner,
+        ops: KernelOps,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_model_len: int,
+        block_size: int,
+        max_num_batched_tokens: int,
+        seed: int,
+        load_format: str = "auto",
+    ) -> None:
+        where = f"--speculative-model {path}"
+        try:
+            self.cfg = load_model_config(path)
+        except ModelConfigError as exc:
+            raise ModelConfigError(f"{where}: {exc}") from None
+        model = runner.model
+        if (
+            isinstance(model, LlavaForConditionalGeneration)
+            or type(model.model).forward is not LlamaModel.forward
+        ):
+            raise ModelConfigError(
+                f"{where}: EAGLE heads read a Llama-family target's hidden states (Llama, Mistral, Qwen2/3, "
+                f"Mixtral, Qwen3-MoE, Phi-3); {target.architecture} is not supported"
+            )
+        self.layout = read_layout(self.cfg, target, load_format)
+        check_same_tokenizer(self.cfg, target, target_tokenizer)  # (where the head has a tokenizer.json)
+        self.head: EagleHead = build_head(
+            self.cfg,
+            self.layout,
+            ops,
+            device,
+            dtype,
+            load_format,
+            seed,
+            model.model.embed_tokens.forward,  # (a bound method: a module would become the head's)
+            model.compute_logits,
+        )
+        # parameters one draft token costs: the head's, and the target's LM head it uses (EAGLE-1)
+        self.num_params = sum(p.numel() for p in self.head.parameters())
+        if not self.layout.eagle3:
+            self.num_params += sum(p.numel() for p in model.lm_head.parameters())
+        self.runner = runner  # the target's: its sampling metadata, and the features it hands over
+        model.model.aux_layers = self.layout.aux_layers
+        runner.feature_sink = self.capture
+        self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.max_model_len = max_model_len
+        self.max_tokens = max(max_num_batched_tokens, 1)
+        self.cos_sin_cache = build_rope_cache(
+            self.cfg.head_dim,
+            max(max_model_len, 1),
+            self.cfg.rope_theta,
+            self.cfg.rope_scaling,
+            dtype,
+            device,
+        )
+        self.states: dict[int, _HeadState] = {}
+        self.free: list[int] = []
+        self.num_blocks = 0
+        self.kv_cache: KVCache | None = None
+        self._steps_since_absorb = 0
+        self._rows_since_absorb = 0
+        log.info(
+            "EAGLE%s head %s: %d layer(s), %.1fM parameters%s",
+            "-3" if self.layout.eagle3 else "",
+            path,
+            self.cfg.num_layers,
+            self.num_params / 1e6,
+            f", reading target layers {list(self.layout.aux_layers)}" if self.layout.eagle3 else "",
+        )
+
+    def block_bytes(self) -> int:
+        """Bytes of one block of the head's KV cache."""
+        return block_bytes(self.cfg, self.block_size, self.dtype)
+
+    def bind_kv_cache(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.kv_cache = KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device)
+        for i, attn in enumerate(self.head.attention_layers()):
+            attn.attn.kv_cache = self.kv_cache.layer(i)
+        self.free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    # ---- state ------------------------------------------------------------------------------
+    def release(self, seqs: Iterable[Sequence]) -> None:
+        for seq in seqs:
+            state = self.states.pop(seq.seq_id, None)
+            if state is not None:
+                self.free += state.block_ids
+
+    def _collect(self) -> None:
+        """Forget finished sequences (their blocks go back)."""
+        self.release([s.seq for s in self.states.values() if s.seq.is_finished])
+
+    def _reserve(self, state: _HeadState, num_positions: int) -> bool:
+        need = -(-num_positions // self.block_size) - len(state.block_ids)
+        if need > len(self.free):
+            # preempted sequences keep their head cache while there is room; a running one comes first
+            for other in list(self.states.values()):
+                if other is not state and other.seq.status is SequenceStatus.WAITING and other.block_ids:
+                    self.free += other.block_ids
+                    other.block_ids, other.num_pairs, other.last_out = [], 0, None
+                if need <= len(self.free):
+                    break
+        if need > len(self.free):
+            return False
+        for _ in range(max(need, 0)):
+            state.block_ids.append(self.free.pop())
+        return True
+
+    def _state(self, seq: Sequence) -> _HeadState:
+        return self.states.setdefault(seq.seq_id, _HeadState(seq))
+
+    def _fork(self, parent: _HeadState, child: Sequence) -> None:
+        """A choice of n > 1 starts from its parent's head state (its KV blocks copied)."""
+        state = _HeadState(child, pending=list(parent.pending))
+        self.states[child.seq_id] = state
+        if not parent.num_pairs or not self._reserve(state, parent.num_pairs):
+            return
+        assert self.kv_cache is not None
+        pairs = list(zip(parent.block_ids, state.block_ids, strict=False))
+        self.kv_cache.copy_blocks(pairs)
+        state.num_pairs, state.last_out = parent.num_pairs, parent.last_out
+
+    # ---- features ---------------------------------------------------------------------------
+    def capture(self, out: SchedulerOutput, features: torch.Tensor, cu_seqlens: list[int]) -> None:
+        """Keep the features of the step's rows (ModelRunner.feature_sink; called right after the
+        forward, before anything may overwrite `features`)."""
+        wanted = [(i, item) for i, item in enumerate(out.scheduled) if _wanted(item)]
+        if not wanted:
+            return
+        rows = features[: cu_seqlens[-1]].clone()  # (CUDA graphs: the outputs are reused next step)
+        for i, item in wanted:
+            seq = item.seq
+            state = self._state(seq)
+            for child in item.children:  # the prompt's last chunk: the choices fork here
+                self._fork(state, child)
+            if item.pending_tokens:
+                tokens = [-1] * item.num_new_tokens
+            else:
+                inputs = seq.token_ids[item.start : item.start + item.num_new_tokens]
+                if item.draft is not None:
+                    inputs = inputs + item.draft.token_ids
+                tokens = inputs[: item.num_new_tokens]
+            chunk = _Chunk(item.start, tokens, rows[cu_seqlens[i] : cu_seqlens[i + 1]])
+            state.add(chunk)
+            for child in item.children:
+                self.states[child.seq_id].add(chunk)
+            self._rows_since_absorb += len(tokens)
+
+    def _features(self, state: _HeadState, lo: int, hi: int) -> torch.Tensor:
+        """[hi - lo, F] the kept features of positions lo..hi-1 (zeros where there are none)."""
+        token_ids = state.seq.token_ids
+        parts: list[torch.Tensor] = []
+        p = lo
+        for chunk in state.pending:
+            start, end = max(p, chunk.start), min(hi, chunk.valid_end(token_ids))
+            if end <= start:
+                continue
+            if start > p:
+                parts.append(self._zeros(start - p))
+            parts.append(chunk.features[start - chunk.start : end - chunk.start])
+            p = end
+        if p < hi:
+            parts.append(self._zeros(hi - p))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _zeros(self, rows: int) -> torch.Tensor:
+        return torch.zeros(rows, self.layout.feature_size, dtype=self.dtype, device=self.device)
+
+    # ---- the head's forwards ----------------------------------------------------------------
+    def after_step(self, speculating: bool) -> None:
+        """After a step is applied: catch the head up while the worker speculates, or when enough
+        features are kept (bounding their memory) while it does not."""
+        self._steps_since_absorb += 1
+        if not (
+            speculating or self._steps_since_absorb >= ABSORB_EVERY or self._rows_since_absorb >= ABSORB_ROWS
+        ):
+            return
+        self._steps_since_absorb = self._rows_since_absorb = 0
+        self._collect()
+        self._catch_up(list(self.states.values()))
+
+    @torch.inference_mode()
+    def _catch_up(self, states: list[_HeadState]) -> None:
+        """Compute the pairs each state can: positions num_pairs .. min(n - 2, computed - 1)."""
+        work: list[tuple[_HeadState, int, int]] = []
+        for state in states:
+            seq = state.seq
+            hi = min(seq.num_tokens - 1, seq.num_computed_tokens)  # one past the last complete pair
+            if hi <= state.num_pairs:
+                continue
+            if self._reserve(state, hi):
+                work.append((state, state.num_pairs, hi))
+            else:  # no room in the head's cache: its features would only pile up
+                state.drop_before(hi)
+        while work:
+            batch: list[tuple[_HeadState, int, int]] = []
+            rest: list[tuple[_HeadState, int, int]] = []
+            budget = self.max_tokens
+            for state, lo, hi in work:
+                take = min(hi - lo, budget)
+                if take > 0:
+                    batch.append((state, lo, lo + take))
+                    budget -= take
+                if lo + take < hi:
+                    rest.append((state, lo + take, hi))
+            features = torch.cat([self._features(st, lo, hi) for st, lo, hi in batch])
+            ids = [t for st, lo, hi in batch for t in st.seq.token_ids[lo + 1 : hi + 1]]
+            out = self._forward(batch, ids, self.head.combine(features))
+            ends = torch.tensor([hi - lo for _, lo, hi in batch]).cumsum(0) - 1
+            # (rows of a small copy: a view would keep the whole forward's output alive)
+            last = out.index_select(0, ends.to(self.device, non_blocking=True))
+            for r, (state, _, hi) in enumerate(batch):
+                state.num_pairs, state.last_out = hi, last[r]
+                state.drop_before(hi)
+            work = rest
+
+    def _forward(
+        self, batch: list[tuple[_HeadState, int, int]], ids: list[int], hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """The head over positions lo..hi-1 of each (state, lo, hi): [rows, H] outputs."""
+        bs = self.block_size
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        for state, lo, hi in batch:
+            positions += range(lo, hi)
+            slots += [state.block_ids[p // bs] * bs + p % bs for p in range(lo, hi)]
+            cu.append(cu[-1] + hi - lo)
+        max_blocks = max(len(st.block_ids) for st, _, _ in batch)
+        tables = torch.tensor(
+            [st.block_ids + [0] * (max_blocks - len(st.block_ids)) for st, _, _ in batch], dtype=torch.int32
+        )
+
+        def put(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            positions=put(positions, torch.int64),
+            slot_mapping=put(slots, torch.int64),
+            block_tables=tables.to(self.device, non_blocking=True),
+            cu_seqlens_q=put(cu, torch.int32),
+            seq_lens=put([hi for _, _, hi in batch], torch.int32),
+            max_seqlen_q=max(hi - lo for _, lo, hi in batch),
+            cos_sin_cache=self.cos_sin_cache,
+            num_decode_rows=leading_single_tokens(cu),
+        )
+        return self.head(put(ids, torch.int64), hidden, meta)  # type: ignore[no-any-return]
+
+    # ---- proposals --------------------------------------------------------------------------
+    def may_propose(self, seqs: list[Sequence]) -> bool:
+        return bool(seqs)  # a head always proposes
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], k: int) -> list[Draft | None]:
+        self._collect()
+        out: list[Draft | None] = [None] * len(seqs)
+        if k <= 0:
+            return out
+        candidates: list[tuple[int, _HeadState]] = []
+        for i, seq in enumerate(seqs):
+            state = self._state(seq)
+            n = seq.num_tokens
+            # head KV for positions 0 .. n + k - 3 (the last draft is only sampled)
+            if n + k - 2 > self.max_model_len or not self._reserve(state, max(n + k - 2, n - 1)):
+                continue
+            candidates.append((i, state))
+        self._catch_up([st for _, st in candidates])
+        live = [
+            (i, st)
+            for i, st in candidates
+            if st.num_pairs == st.seq.num_tokens - 1 and st.last_out is not None
+        ]
+        if not live:
+            return out
+        seqs_live = [st.seq for _, st in live]
+        hidden = torch.stack([st.last_out for _, st in live if st.last_out is not None])
+        drafted: list[list[int]] = [[] for _ in live]
+        probs: list[list[torch.Tensor]] = [[] for _ in live]
+        for j in range(k):
+            logits = self.head.compute_logits(hidden)
+            tokens, q = draw_drafts(logits, self.runner._sampling_metadata(seqs_live, drafted=drafted))
+            for r in range(len(live)):
+                drafted[r].append(tokens[r])
+                if q is not None:
+                    probs[r].append(q[r])
+            if j == k - 1:
+                break
+            # the pair (d_j+1, the head's output) at the position after the last one computed
+            batch = [(st, st.seq.num_tokens - 1 + j, st.seq.num_tokens + j) for _, st in live]
+            hidden = self._forward(batch, tokens, hidden)
+        for r, (i, state) in enumerate(live):
+            sampled = not state.seq.request.sampling.is_greedy
+            out[i] = Draft(drafted[r], torch.stack(probs[r]) if sampled and probs[r] else None)
+        return out
+
+
+def _wanted(item: ScheduledSequence) -> bool:
+    """Rows whose features a head may read later: not a beam's, an embedding's or a prefill worker's."""
+    request = item.seq.request
+    return request.beam is None and not request.req.pooling and not request.req.hold_kv

@@ -1,0 +1,31 @@
+"""benchmarks/mm_bench.py --smoke runs every section on the CPU (a tiny Qwen2.5-VL shape, dummy
+weights) and writes its JSON; the GPU run uses the Qwen2.5-VL-7B shape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_mm_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "mm.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "mm_bench.py"), "--smoke", "--out", str(out)],
+        check=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    report = json.loads(out.read_text())
+    rows = {(r["kind"], r["name"]): r for r in report["rows"]}
+    for size, tokens in (("112x112", 16), ("224x224", 64), ("280x168", 60)):
+        row = rows[("encoder", size)]
+        assert row["value"] > 0 and row["tokens"] == tokens and row["unit"] == "images/s"
+    ttft = [r for r in report["rows"] if r["kind"] == "ttft"]
+    assert len(ttft) == 2 and all(r["value"] > 0 for r in ttft)
+    assert ttft[0]["tokens"] == ttft[1]["tokens"] == 116  # 100 text + 16 image tokens, and as many text
+    decode = [r for r in report["rows"] if r["kind"] == "decode"]
+    assert len(decode) == 2 and all(r["value"] > 0 for r in decode)
