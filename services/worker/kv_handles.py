@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from services.worker.block_manager import BlockManager
     from services.worker.kv_layerwise import LayerProgress
-    from services.worker.outputs import ChoiceOutput
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ class KVHandleStore:
             self.bm.pin_block(block)
         handle.block_ids += tuple(new)
 
-    def complete(self, handle: HeldKV, first: ChoiceOutput) -> None:
+    def complete(self, handle: HeldKV, first: object) -> None:
         """The prefill finished: every block is written; the TTL starts now."""
         assert handle.progress is not None
         handle.expires_at = time.monotonic() + self.ttl_s

@@ -26,12 +26,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    from services.worker.outputs import ChoiceOutput
 
 # (layer_start, layer_end, block_start, block_end): layers [l0, l1) x the prompt's blocks [b0, b1)
 Span = tuple[int, int, int, int]
@@ -49,7 +46,9 @@ class Readiness:
     block_ids: tuple[int, ...]  # the handle's blocks known so far
     event: Any  # CUDA: an event after which every write counted here is done; None on the CPU
     complete: bool  # the prefill finished: everything is ready and `first` is set
-    first: ChoiceOutput | None  # the sampled first token (complete only)
+    # the sampled first token (complete only): the engine's ChoiceOutput, carried as is (this module
+    # sits below outputs.py, whose RequestOutput holds a HeldKV)
+    first: object | None
     error: str  # set when the prefill ended without its KV
 
 
@@ -65,7 +64,7 @@ class LayerProgress:
         self._block_ids: list[int] = []
         self._event: Any = None
         self._complete = False
-        self._first: ChoiceOutput | None = None
+        self._first: object | None = None
         self._error = ""
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], object]] = []
@@ -99,7 +98,7 @@ class LayerProgress:
                 self._event = event
         self._notify()
 
-    def complete(self, first: ChoiceOutput) -> None:
+    def complete(self, first: object) -> None:
         """The prefill finished (its step's tokens were read, so its KV is on the device)."""
         with self._lock:
             self._ready = [self.num_tokens] * self.num_layers

@@ -866,7 +866,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         yield KEEP_ALIVE_BYTES
                         continue
                     block_ids = ready.block_ids
-                    assert ready.first is not None
+                    assert isinstance(ready.first, ChoiceOutput)
                     yield worker_pb2.KVChunk(first=choice_to_pb(ready.first)).SerializeToString()
             if transport == "cuda-ipc" and first_block < len(block_ids):
                 shared = kv_transports.export_tensor(kv)
@@ -911,7 +911,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if progress is not None:  # the stream's end: the token the prefill sampled
                 snap = progress.snapshot()
                 block_ids = snap.block_ids
-                assert snap.first is not None
+                assert isinstance(snap.first, ChoiceOutput)
                 yield worker_pb2.KVChunk(first=choice_to_pb(snap.first)).SerializeToString()
             num_blocks_sent = len(block_ids) - first_block
             metrics.observe_kv_transfer("send", num_bytes, time.monotonic() - started, transport="grpc")
@@ -960,7 +960,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield chunk.SerializeToString()
         if progress is not None:
             snapshot = progress.snapshot()
-            assert snapshot.first is not None
+            assert isinstance(snapshot.first, ChoiceOutput)
             yield worker_pb2.KVChunk(first=choice_to_pb(snapshot.first)).SerializeToString()
 
     async def ReleaseKV(
