@@ -124,20 +124,27 @@ def test_prefill_worker_killed_mid_load(stack: Processes) -> None:
     expected = complete_all(client(stack, "gw-unified"), 24)
     oai = client(stack, "gw-disagg")
     done = [False] * NUM_REQUESTS
+    first_done, killed = threading.Event(), threading.Event()
+    half = NUM_REQUESTS // 2
 
     def one(i: int) -> str:
-        time.sleep(0.04 * i)  # arrivals spread over ~1.3 s: the kill lands among them
+        if i < half:
+            time.sleep(0.04 * i)  # the first half's arrivals spread out; some are in flight at the kill
+        else:
+            assert killed.wait(120)  # the second half arrives after the kill
         reply = oai.completions.create(**request(i, 24))
         done[i] = True
+        first_done.set()
         return reply.choices[0].text
 
     with ThreadPoolExecutor(NUM_REQUESTS) as pool:
         futures = [pool.submit(one, i) for i in range(NUM_REQUESTS)]
-        time.sleep(0.6)
+        assert first_done.wait(120)  # the kill lands once the stack has answered (a condition, not a delay)
         stack.kill("prefill")
         done_at_kill = sum(done)
+        killed.set()
         texts = [f.result(timeout=120) for f in futures]
-    assert 0 < done_at_kill < NUM_REQUESTS // 2, done_at_kill
+    assert 0 < done_at_kill <= half, done_at_kill
     assert texts == expected
     assert complete_all(oai, 8) == complete_all(client(stack, "gw-unified"), 8)  # still serving
 
