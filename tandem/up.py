@@ -334,6 +334,8 @@ def worker_device_args(config: UpConfig, role: str, num_gpus: int | None = None,
         num_gpus = count_gpus() if num_gpus is None else num_gpus
         if num_gpus == 0:
             return ["--device", config.device]
+        if config.tensor_parallel_size > 1:
+            return ["--device", "cuda"]  # its GPUs by CUDA_VISIBLE_DEVICES (unified_gpus)
         sharing = -(-config.workers // num_gpus)  # workers on the busiest GPU
         args = ["--device", f"cuda:{index % num_gpus}"]
         if sharing > 1:
@@ -366,9 +368,31 @@ def disaggregated_gpus(config: UpConfig, role: str, num_gpus: int) -> str:
             f"needs {prefill + decode} GPUs (one per rank), {num_gpus} visible"
         )
     first = 0 if role == "prefill" else prefill
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")  # `up`'s own choice, if any
-    ids = [visible[g].strip() if len(visible) > g and visible[g].strip() else str(g) for g in range(num_gpus)]
-    return ",".join(ids[first : first + (prefill if role == "prefill" else decode)])
+    return ",".join(_visible_ids(num_gpus)[first : first + (prefill if role == "prefill" else decode)])
+
+
+def unified_gpus(config: UpConfig, index: int, num_gpus: int) -> str:
+    """CUDA_VISIBLE_DEVICES of unified worker `index` when several tensor-parallel workers share
+    the host (`--workers N --tensor-parallel-size T` on CUDA): worker i's ranks on GPUs [i*T,
+    (i+1)*T) ("" = one worker, or not tensor-parallel: worker_device_args places it). UpError
+    when fewer than N x T GPUs are visible."""
+    t = config.tensor_parallel_size
+    if config.workers == 1 or t == 1:
+        return ""
+    if num_gpus < config.workers * t:
+        raise UpError(
+            f"--workers {config.workers} with --tensor-parallel-size {t} needs {config.workers * t} GPUs "
+            f"(one per rank), {num_gpus} visible"
+        )
+    return ",".join(_visible_ids(num_gpus)[index * t : (index + 1) * t])
+
+
+def _visible_ids(num_gpus: int) -> list[str]:
+    """The ids to name the visible GPUs by in a child's CUDA_VISIBLE_DEVICES (`up`'s own, if set)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    return [
+        visible[g].strip() if len(visible) > g and visible[g].strip() else str(g) for g in range(num_gpus)
+    ]
 
 
 def forwarded_worker_args(config: UpConfig, role: str = "unified") -> list[str]:
@@ -463,8 +487,15 @@ def build_children(config: UpConfig, run_dir: Path, instance_id: str = "") -> li
             name = f"worker-{i}" if role == "unified" else f"{role}-worker"
         address = f"unix:{run_dir / (name + '.sock')}"
         role_args = [] if role == "unified" else ["--role", role]
-        num_gpus = count_gpus() if config.disaggregate and config.device in ("auto", "cuda") else 0
-        gpus = disaggregated_gpus(config, role, num_gpus) if num_gpus else ""
+        several_groups = config.workers > 1 and config.tensor_parallel_size > 1
+        placed = config.disaggregate or several_groups  # (their GPUs by CUDA_VISIBLE_DEVICES)
+        num_gpus = count_gpus() if placed and config.device in ("auto", "cuda") and role != "encode" else 0
+        if not num_gpus:
+            gpus = ""
+        elif config.disaggregate:
+            gpus = disaggregated_gpus(config, role, num_gpus)
+        else:
+            gpus = unified_gpus(config, i, num_gpus)
         children.append(
             Child(
                 name,

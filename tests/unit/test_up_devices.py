@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.up import UpConfig, UpError, disaggregated_gpus, forwarded_worker_args, worker_device_args
+from tandem.up import (
+    UpConfig,
+    UpError,
+    disaggregated_gpus,
+    forwarded_worker_args,
+    unified_gpus,
+    worker_device_args,
+)
 
 
 def test_one_unified_worker_keeps_the_device_option() -> None:
@@ -61,3 +68,20 @@ def test_disaggregated_tensor_parallel_workers_get_their_own_gpus(monkeypatch: p
     assert disaggregated_gpus(UpConfig(disaggregate=True), "prefill", 2) == ""  # one GPU each, as before
     with pytest.raises(ValueError, match="--decode-tensor-parallel-size is for --disaggregate"):
         UpConfig(decode_tensor_parallel_size=2)
+
+
+def test_several_tensor_parallel_workers_each_get_their_own_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--workers 2 --tensor-parallel-size 2` on 4 GPUs: worker i's ranks on GPUs 2i, 2i + 1 (named
+    as `up`'s own CUDA_VISIBLE_DEVICES names them); too few GPUs is a one-line error."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    config = UpConfig(workers=2, tensor_parallel_size=2)
+    assert [unified_gpus(config, i, num_gpus=4) for i in range(2)] == ["0,1", "2,3"]
+    assert worker_device_args(config, "unified", num_gpus=4, index=1) == ["--device", "cuda"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert unified_gpus(config, 1, num_gpus=4) == "6,7"
+    assert (
+        unified_gpus(UpConfig(workers=1, tensor_parallel_size=2), 0, num_gpus=4) == ""
+    )  # ranks on cuda:0..1
+    assert unified_gpus(UpConfig(workers=3), 2, num_gpus=4) == ""  # single-rank workers: --device cuda:i
+    with pytest.raises(UpError, match="needs 6 GPUs"):
+        unified_gpus(UpConfig(workers=3, tensor_parallel_size=2), 0, num_gpus=4)
