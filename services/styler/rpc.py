@@ -1,6 +1,7 @@
 """gRPC servicer of `tandem.v1.Styler`: converts protobuf messages to the `Styler` API and back.
 
-Tokenizing, rendering and detokenizing run in a thread pool, never on the event loop. Bad input
+Tokenizing and rendering run in a thread pool, never on the event loop; so does detokenizing,
+except the small deltas of streams, which cost less than the hop (detokenize_work.py). Bad input
 becomes INVALID_ARGUMENT with a message naming the field; nothing a client sends takes the
 service down.
 """
@@ -17,6 +18,7 @@ import grpc
 
 from services.common.logging import request_id_var
 from services.styler.chat_template import RenderInput, TemplateRenderError
+from services.styler.detokenize_work import add_deltas
 from services.styler.messages import (
     check_text,
     message_dict,
@@ -91,7 +93,6 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[styler_pb2.DetokenizeStreamResponse]:
         session: DetokenizeSession | None = None
-        loop = asyncio.get_running_loop()
         async for message in request_iterator:
             kind = message.WhichOneof("kind")
             if session is None:
@@ -108,8 +109,7 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`start` may only be sent once")
             deltas = [(d.index, list(d.token_ids), d.finished) for d in message.deltas.deltas]
             try:
-                # Short windows of a few tokens: cheap, but still kept off the event loop.
-                out = await loop.run_in_executor(self.executor, _add_deltas, session, deltas)
+                out = await add_deltas(session, deltas, self.executor)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             reply = [text_delta_proto(d) for d in out if not d.is_empty()]
@@ -157,10 +157,6 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
 
 def add_to_server(servicer: StylerServicer, server: grpc.aio.Server) -> None:
     styler_pb2_grpc.add_StylerServicer_to_server(servicer, server)
-
-
-def _add_deltas(session: DetokenizeSession, deltas: list[tuple[int, list[int], bool]]) -> list[StreamDelta]:
-    return [session.add(index, ids, finished) for index, ids, finished in deltas]
 
 
 def render_input(request: styler_pb2.RenderRequest) -> RenderInput:
