@@ -18,6 +18,7 @@ import grpc
 
 from services.common.logging import request_id_var
 from services.styler.chat_template import RenderInput, TemplateRenderError
+from services.styler.detokenize_mux import DetokenizeMux, SessionAnswer, SessionMessage
 from services.styler.detokenize_work import add_deltas
 from services.styler.messages import (
     check_text,
@@ -42,6 +43,18 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
     def __init__(self, styler: Styler, executor: ThreadPoolExecutor) -> None:
         self.styler = styler
         self.executor = executor
+        self._muxes: set[DetokenizeMux] = set()
+        self._draining = False
+
+    def num_detokenize_sessions(self) -> int:
+        """Sessions open on this servicer's DetokenizeMany streams."""
+        return sum(mux.num_sessions for mux in self._muxes)
+
+    async def drain(self) -> None:
+        """The server drains: DetokenizeMany streams refuse new sessions and end after their last."""
+        self._draining = True
+        for mux in self._muxes:
+            mux.drain()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -115,6 +128,50 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
             reply = [text_delta_proto(d) for d in out if not d.is_empty()]
             if reply:
                 yield styler_pb2.DetokenizeStreamResponse(deltas=reply)
+
+    async def DetokenizeMany(
+        self,
+        request_iterator: AsyncIterator[styler_pb2.DetokenizeManyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[styler_pb2.DetokenizeManyResponse]:
+        # The answers that became ready while the previous message was being written go out as
+        # one message: no timer, so an idle stream answers at once and a busy one batches.
+        ready: list[SessionAnswer] = []
+        wake = asyncio.Event()
+
+        def answer(answers: list[SessionAnswer]) -> None:
+            ready.extend(answers)
+            wake.set()
+
+        mux = DetokenizeMux(self.styler, self.executor, answer)
+        self._muxes.add(mux)
+        if self._draining:
+            mux.drain()
+
+        async def read() -> None:
+            async for message in request_iterator:
+                mux.handle([session_message(r) for r in message.requests])
+
+        reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: wake.set())
+        try:
+            while True:
+                if ready:
+                    batch = [session_answer_proto(a) for a in ready]
+                    ready.clear()
+                    yield styler_pb2.DetokenizeManyResponse(responses=batch)
+                elif reader.done():
+                    reader.result()  # the caller's stream broke: end with its error
+                    return  # the caller closed the stream: its sessions end with it
+                elif mux.drained():
+                    return
+                else:
+                    await wake.wait()
+                    wake.clear()
+        finally:
+            reader.cancel()
+            mux.close()
+            self._muxes.discard(mux)
 
     async def Tokenize(
         self, request: styler_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -222,6 +279,26 @@ def stream_options(start: styler_pb2.DetokenizeStreamStart) -> StreamOptions:
         first_choice_index=start.first_choice_index,
         prompt_opens_reasoning=start.prompt_opens_reasoning,
     )
+
+
+def session_message(request: styler_pb2.SessionRequest) -> SessionMessage:
+    kind = request.WhichOneof("kind") or ""
+    if kind == "start":
+        return SessionMessage(request.session_id, kind, start=stream_options(request.start))
+    if kind == "deltas":
+        deltas = [(d.index, list(d.token_ids), d.finished) for d in request.deltas.deltas]
+        return SessionMessage(request.session_id, kind, deltas=deltas)
+    return SessionMessage(request.session_id, kind)
+
+
+def session_answer_proto(answer: SessionAnswer) -> styler_pb2.SessionResponse:
+    out = styler_pb2.SessionResponse(
+        session_id=answer.session_id, deltas=[text_delta_proto(d) for d in answer.deltas]
+    )
+    if answer.end is not None:
+        out.end.code = answer.end.code.value[0]
+        out.end.message = answer.end.message
+    return out
 
 
 def text_delta_proto(delta: StreamDelta) -> styler_pb2.TextDelta:

@@ -1,0 +1,205 @@
+"""DetokenizeMany as a public gRPC client sees it: many sessions on one stream, each answered as
+its own DetokenizeStream would be, errors per session, order kept across the thread pool, and a
+drain that ends the stream after its last session."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from services.common.server import GrpcServer
+from services.styler.detokenize_work import INLINE_MAX_NEW_TOKENS
+from services.styler.rpc import SERVICE_NAME, StylerServicer, add_to_server
+from tandem.v1 import styler_pb2, styler_pb2_grpc
+
+from .helpers import load_styler, needs_shared, shared_dir
+
+QWEN3 = shared_dir() / "tokenizers" / "qwen3"
+pytestmark = [needs_shared, pytest.mark.skipif(not QWEN3.is_dir(), reason="needs shared/tokenizers/qwen3")]
+
+TEXT = "Several sessions share one stream: 日本語, emoji 👍🏽 and words, " * 4 + "then a STOP string."
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[styler_pb2_grpc.StylerStub, StylerServicer]]:
+    server = GrpcServer("127.0.0.1:0", grace_s=1.0)
+    with ThreadPoolExecutor(2) as executor:
+        servicer = StylerServicer(load_styler(str(QWEN3)), executor)
+        add_to_server(servicer, server.server)
+        server.add_service_name(SERVICE_NAME)
+        await server.start()
+        async with grpc.aio.insecure_channel(server.bound_address) as channel:
+            yield styler_pb2_grpc.StylerStub(channel), servicer
+        await server.stop()
+
+
+def _start(session_id: int, **fields: object) -> styler_pb2.SessionRequest:
+    return styler_pb2.SessionRequest(session_id=session_id, start=styler_pb2.DetokenizeStreamStart(**fields))  # type: ignore[arg-type]
+
+
+def _deltas(session_id: int, ids: list[int], finished: bool, index: int = 0) -> styler_pb2.SessionRequest:
+    delta = styler_pb2.TokenDelta(index=index, token_ids=ids, finished=finished)
+    return styler_pb2.SessionRequest(session_id=session_id, deltas=styler_pb2.TokenDeltas(deltas=[delta]))
+
+
+def _close(session_id: int) -> styler_pb2.SessionRequest:
+    return styler_pb2.SessionRequest(session_id=session_id, close=True)
+
+
+async def _answers(call: grpc.aio.StreamStreamCall, until_ended: set[int]) -> dict[int, list[object]]:
+    """Read answers until every session of `until_ended` has ended: per session, its text deltas
+    (index, text, stopped, finished, num_tokens) and finally its end (code, message)."""
+    out: dict[int, list[object]] = {}
+    ended: set[int] = set()
+    while not until_ended <= ended:
+        reply = await call.read()
+        assert reply is not grpc.aio.EOF, (out, ended)
+        for answer in reply.responses:
+            got = out.setdefault(answer.session_id, [])
+            got += [(d.index, d.text, d.stopped, d.finished, d.num_tokens) for d in answer.deltas]
+            if answer.HasField("end"):
+                got.append((answer.end.code, answer.end.message))
+                ended.add(answer.session_id)
+    return out
+
+
+async def _one_stream(
+    stub: styler_pb2_grpc.StylerStub, messages: list[styler_pb2.DetokenizeStreamRequest]
+) -> list[object]:
+    """What DetokenizeStream answers: the same shape as `_answers` for one session, ending OK."""
+    out: list[object] = []
+    async for reply in stub.DetokenizeStream(iter(messages)):
+        out += [(d.index, d.text, d.stopped, d.finished, d.num_tokens) for d in reply.deltas]
+    return [*out, (0, "")]
+
+
+async def test_sessions_in_one_message_and_across_the_pool_keep_their_order(
+    served: tuple[styler_pb2_grpc.StylerStub, StylerServicer],
+) -> None:
+    """Session 1 sends a delta large enough for the thread pool, then small ones in the same and
+    later messages; session 2 streams one id at a time meanwhile. Each answer equals the session's
+    own DetokenizeStream's, and nothing of session 1 overtakes its large delta."""
+    stub, _ = served
+    ids = load_styler(str(QWEN3)).tokenize(TEXT, False)
+    large = INLINE_MAX_NEW_TOKENS + 4
+    assert len(ids) > large + 4
+    plan: list[list[tuple[int, list[int], bool]]] = [  # messages: (session, ids, finished) each
+        [(1, ids[:large], False), (1, ids[large : large + 1], False), (2, ids[:1], False)],
+        *[
+            [(1, ids[i : i + 1], False), (2, ids[i - large : i - large + 1], False)]
+            for i in range(large + 1, len(ids) - 1)
+        ],
+        [(1, ids[-1:], True), (2, ids[len(ids) - large - 1 :], True)],
+    ]
+    call = stub.DetokenizeMany()
+    starts = [_start(s, stop=["STOP"], request_id=f"s{s}") for s in (1, 2)]
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=starts))
+    for message in plan:
+        await call.write(styler_pb2.DetokenizeManyRequest(requests=[_deltas(s, i, f) for s, i, f in message]))
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_close(1), _close(2)]))
+    got = await _answers(call, {1, 2})
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+
+    for session in (1, 2):
+        sent = [(i, f) for message in plan for s, i, f in message if s == session]
+        messages = [styler_pb2.DetokenizeStreamRequest(start=styler_pb2.DetokenizeStreamStart(stop=["STOP"]))]
+        messages += [
+            styler_pb2.DetokenizeStreamRequest(
+                deltas=styler_pb2.TokenDeltas(
+                    deltas=[styler_pb2.TokenDelta(index=0, token_ids=i, finished=f)]
+                )
+            )
+            for i, f in sent
+        ]
+        assert got[session] == await _one_stream(stub, messages), session
+    assert "".join(str(t[1]) for t in got[1][:-1]) == TEXT[: TEXT.index("STOP")]
+
+
+async def test_errors_end_their_session_only(
+    served: tuple[styler_pb2_grpc.StylerStub, StylerServicer],
+) -> None:
+    stub, servicer = served
+    ids = load_styler(str(QWEN3)).tokenize("Hello there", False)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    call = stub.DetokenizeMany()
+    await call.write(
+        styler_pb2.DetokenizeManyRequest(
+            requests=[
+                _start(1),
+                _start(2, prompt_token_ids=[1, 10**9]),
+                _deltas(3, ids, False),  # no start
+                _start(4),
+                _start(4),  # twice
+                _start(5),
+                _deltas(5, ids, False, index=7),  # a choice the session does not have
+                _start(6, tool_parser="nope"),
+                _deltas(1, ids, True),
+                _close(1),
+            ]
+        )
+    )
+    got = await _answers(call, {1, 2, 3, 4, 5, 6})
+    assert got[1][-1] == (0, "")
+    assert "".join(str(t[1]) for t in got[1][:-1]) == "Hello there"
+    errors = {s: got[s][-1] for s in (2, 3, 4, 5, 6)}
+    assert all(code == invalid for code, _ in errors.values()), errors  # type: ignore[misc]
+    assert str(errors[2][1]).startswith("start.prompt_token_ids")  # type: ignore[index]
+    assert "must be `start`" in str(errors[3][1])  # type: ignore[index]
+    assert "may only be sent once" in str(errors[4][1])  # type: ignore[index]
+    assert str(errors[5][1]).startswith("deltas[].index 7")  # type: ignore[index]
+    assert "start.tool_parser" in str(errors[6][1])  # type: ignore[index]
+    assert servicer.num_detokenize_sessions() == 0
+
+    # The stream goes on: a new session works.
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_start(7), _deltas(7, ids, True), _close(7)]))
+    got = await _answers(call, {7})
+    assert "".join(str(t[1]) for t in got[7][:-1]) == "Hello there" and got[7][-1] == (0, "")
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_cancel_drops_a_session_without_an_answer(
+    served: tuple[styler_pb2_grpc.StylerStub, StylerServicer],
+) -> None:
+    stub, servicer = served
+    ids = load_styler(str(QWEN3)).tokenize("Hello there", False)
+    call = stub.DetokenizeMany()
+    cancel = styler_pb2.SessionRequest(session_id=1, cancel=True)
+    await call.write(
+        styler_pb2.DetokenizeManyRequest(requests=[_start(1), _start(2), _deltas(1, ids[:1], False), cancel])
+    )
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_deltas(2, ids, True), _close(2)]))
+    got = await _answers(call, {2})
+    assert "".join(str(t[1]) for t in got[2][:-1]) == "Hello there" and got[2][-1] == (0, "")
+    assert all(len(t) == 5 for t in got.get(1, [])), got[1]  # text deltas maybe, but no end
+    assert servicer.num_detokenize_sessions() == 0
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_drain_refuses_new_sessions_and_ends_the_stream_after_the_last(
+    served: tuple[styler_pb2_grpc.StylerStub, StylerServicer],
+) -> None:
+    stub, servicer = served
+    ids = load_styler(str(QWEN3)).tokenize("Hello there", False)
+    call = stub.DetokenizeMany()
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_start(1), _deltas(1, ids[:1], False)]))
+    while servicer.num_detokenize_sessions() != 1:
+        await asyncio.sleep(0.01)
+    await servicer.drain()
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_start(2), _deltas(1, ids[1:], True)]))
+    got = await _answers(call, {2})
+    assert got[2] == [
+        (grpc.StatusCode.UNAVAILABLE.value[0], "the styler is draining; retry on another replica")
+    ]
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_close(1)]))
+    for session, answers in (await _answers(call, {1})).items():
+        got.setdefault(session, []).extend(answers)
+    assert "".join(str(t[1]) for t in got[1][:-1]) == "Hello there" and got[1][-1] == (0, "")
+    assert await call.read() is grpc.aio.EOF  # the stream ended after its last session
+    assert await call.code() == grpc.StatusCode.OK
