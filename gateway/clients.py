@@ -1,6 +1,7 @@
-"""gRPC clients of the styler and the workers: the only gateway module that imports `*_pb2`.
+"""gRPC clients of the styler and the workers.
 
-Every call converts protobuf to the dataclasses of `downstream.py` and back; gRPC errors
+The styler's detokenize sessions, which every request shares one stream for, are in
+`detokenize_mux.py`. Every call converts protobuf to the dataclasses of `downstream.py` and back; gRPC errors
 (`grpc.aio.AioRpcError`) propagate and `errors.py` maps them to HTTP statuses.
 """
 
@@ -266,9 +267,11 @@ class StylerClient:
 
     async def detokenize_stream(self, start: DetokenizeStart) -> DetokenizeSession:
         """A detokenize session for one request, on this client's shared DetokenizeMany stream
-        (opened now if there is none or the last one ended)."""
+        (opened now if there is none, or the last one ended or is past its age)."""
         left = time_left()  # 504 now if the request's deadline already passed
-        if self._mux is None or self._mux.closed:
+        if self._mux is None or not self._mux.takes_sessions():
+            if self._mux is not None:
+                self._mux.retire()
             self._mux = DetokenizeMux(self._stub, self.detokenize_counts)
         return self._mux.open(start, None if left is None else time.monotonic() + left)
 

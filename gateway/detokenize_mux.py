@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 # so a styler that stops reading slows the worker streams instead of growing the queue.
 MAX_QUEUED = 4096
 
+# A stream takes new sessions for this long; then the next session opens a new stream and the old
+# one ends after its last session. Behind a balancer that places each rpc on the least busy
+# styler replica (Istio's LEAST_REQUEST), a stream that lived forever would pin all of this
+# gateway's detokenizing to one replica; each new stream is placed anew.
+MAX_STREAM_AGE_S = 30.0
+
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -171,6 +177,8 @@ class DetokenizeMux:
         self._wake = asyncio.Event()
         self._room: asyncio.Event | None = None  # set when the writer takes the queue
         self.closed = False
+        self._opened_at = time.monotonic()
+        self._retired = False  # takes no new sessions; half-closes after its last one
         # The stream outlives every request: open it outside the caller's context, so it joins no
         # request's trace and inherits no request's deadline.
         empty = contextvars.Context()
@@ -181,6 +189,14 @@ class DetokenizeMux:
     @property
     def num_sessions(self) -> int:
         return len(self._sessions)
+
+    def takes_sessions(self) -> bool:
+        return not (self.closed or self._retired) and time.monotonic() - self._opened_at < MAX_STREAM_AGE_S
+
+    def retire(self) -> None:
+        """Take no new sessions; end the stream once the open ones have ended."""
+        self._retired = True
+        self._wake.set()
 
     def open(self, start: DetokenizeStart, deadline: float | None) -> DetokenizeSession:
         """A new session; `deadline` (time.monotonic()) ends it with DEADLINE_EXCEEDED."""
@@ -207,6 +223,8 @@ class DetokenizeMux:
 
     def forget(self, session_id: int) -> None:
         self._sessions.pop(session_id, None)
+        if self._retired and not self._sessions:
+            self._wake.set()  # the writer half-closes the stream
 
     async def close(self) -> None:
         """End the stream (the client is closing): its sessions fail with CANCELLED."""
@@ -219,6 +237,9 @@ class DetokenizeMux:
         try:
             while True:
                 if not self._queued:
+                    if self._retired and not self._sessions:
+                        await self._call.done_writing()  # the styler then ends the stream
+                        return
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -245,7 +266,7 @@ class DetokenizeMux:
                     if answer.HasField("end"):
                         code = _CODES.get(answer.end.code, grpc.StatusCode.UNKNOWN)
                         session._end(None if code == grpc.StatusCode.OK else _error(code, answer.end.message))
-            # The styler ended the stream (it is draining) after its last session.
+            # The stream ended: retired here, or the styler (draining) ended it after its last session.
             error = _error(grpc.StatusCode.UNAVAILABLE, "the styler ended the detokenize stream")
         except grpc.aio.AioRpcError as exc:
             error = exc

@@ -46,6 +46,10 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
         self._muxes: set[DetokenizeMux] = set()
         self._draining = False
 
+    def num_detokenize_streams(self) -> int:
+        """DetokenizeMany streams open."""
+        return len(self._muxes)
+
     def num_detokenize_sessions(self) -> int:
         """Sessions open on this servicer's DetokenizeMany streams."""
         return sum(mux.num_sessions for mux in self._muxes)

@@ -296,3 +296,29 @@ async def test_deltas_ready_together_go_out_as_one_message(styler: Styler, clien
         await s.done_writing()
     texts = ["".join(d.text for ds in await r for d in ds) for r in readers]
     assert texts == ["One two three four five six"] * 32
+
+
+async def test_an_old_stream_takes_no_new_sessions_and_ends_after_its_last(
+    styler: Styler, client: StylerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past its age a stream is left to its sessions and the next session opens a new one (a
+    balancer in front of the stylers places it anew)."""
+    rng = random.Random(4)
+    first, second = _cases(rng)[:2]
+    a = await client.detokenize_stream(first.start)
+    old = client._mux
+    monkeypatch.setattr("gateway.detokenize_mux.MAX_STREAM_AGE_S", 0.0)
+    b = await client.detokenize_stream(second.start)
+    assert client._mux is not old
+    servicer = styler.servicer
+    assert servicer is not None
+    await _wait_for(lambda: servicer.num_detokenize_streams() == 2, "two streams")
+    readers = [asyncio.create_task(_collect(s)) for s in (a, b)]
+    for session, case in ((a, first), (b, second)):
+        for delta in case.deltas:
+            await session.send([delta])
+        await session.done_writing()
+    assert [await r for r in readers] == [await _reference(styler.address, c) for c in (first, second)]
+    # The old stream ended; the new one stays (idle) until the next session retires it.
+    await _wait_for(lambda: servicer.num_detokenize_streams() == 1, "the old stream to end")
+    assert old is not None and old.closed and not client._mux.closed
