@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -24,8 +25,15 @@ pytestmark = [needs_shared, pytest.mark.skipif(not QWEN3.is_dir(), reason="needs
 TEXT = "Several sessions share one stream: 日本語, emoji 👍🏽 and words, " * 4 + "then a STOP string."
 
 
+@dataclass
+class Served:
+    stub: styler_pb2_grpc.StylerStub
+    servicer: StylerServicer
+    channel: grpc.aio.Channel
+
+
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[styler_pb2_grpc.StylerStub, StylerServicer]]:
+async def served() -> AsyncIterator[Served]:
     server = GrpcServer("127.0.0.1:0", grace_s=1.0)
     with ThreadPoolExecutor(2) as executor:
         servicer = StylerServicer(load_styler(str(QWEN3)), executor)
@@ -33,7 +41,7 @@ async def served() -> AsyncIterator[tuple[styler_pb2_grpc.StylerStub, StylerServ
         server.add_service_name(SERVICE_NAME)
         await server.start()
         async with grpc.aio.insecure_channel(server.bound_address) as channel:
-            yield styler_pb2_grpc.StylerStub(channel), servicer
+            yield Served(styler_pb2_grpc.StylerStub(channel), servicer, channel)
         await server.stop()
 
 
@@ -78,12 +86,12 @@ async def _one_stream(
 
 
 async def test_sessions_in_one_message_and_across_the_pool_keep_their_order(
-    served: tuple[styler_pb2_grpc.StylerStub, StylerServicer],
+    served: Served,
 ) -> None:
     """Session 1 sends a delta large enough for the thread pool, then small ones in the same and
     later messages; session 2 streams one id at a time meanwhile. Each answer equals the session's
     own DetokenizeStream's, and nothing of session 1 overtakes its large delta."""
-    stub, _ = served
+    stub = served.stub
     ids = load_styler(str(QWEN3)).tokenize(TEXT, False)
     large = INLINE_MAX_NEW_TOKENS + 4
     assert len(ids) > large + 4
@@ -121,9 +129,9 @@ async def test_sessions_in_one_message_and_across_the_pool_keep_their_order(
 
 
 async def test_errors_end_their_session_only(
-    served: tuple[styler_pb2_grpc.StylerStub, StylerServicer],
+    served: Served,
 ) -> None:
-    stub, servicer = served
+    stub, servicer = served.stub, served.servicer
     ids = load_styler(str(QWEN3)).tokenize("Hello there", False)
     invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
     call = stub.DetokenizeMany()
@@ -164,9 +172,9 @@ async def test_errors_end_their_session_only(
 
 
 async def test_cancel_drops_a_session_without_an_answer(
-    served: tuple[styler_pb2_grpc.StylerStub, StylerServicer],
+    served: Served,
 ) -> None:
-    stub, servicer = served
+    stub, servicer = served.stub, served.servicer
     ids = load_styler(str(QWEN3)).tokenize("Hello there", False)
     call = stub.DetokenizeMany()
     cancel = styler_pb2.SessionRequest(session_id=1, cancel=True)
@@ -183,9 +191,9 @@ async def test_cancel_drops_a_session_without_an_answer(
 
 
 async def test_a_drain_refuses_new_sessions_and_ends_the_stream_after_the_last(
-    served: tuple[styler_pb2_grpc.StylerStub, StylerServicer],
+    served: Served,
 ) -> None:
-    stub, servicer = served
+    stub, servicer = served.stub, served.servicer
     ids = load_styler(str(QWEN3)).tokenize("Hello there", False)
     call = stub.DetokenizeMany()
     await call.write(styler_pb2.DetokenizeManyRequest(requests=[_start(1), _deltas(1, ids[:1], False)]))
@@ -203,3 +211,25 @@ async def test_a_drain_refuses_new_sessions_and_ends_the_stream_after_the_last(
     assert "".join(str(t[1]) for t in got[1][:-1]) == "Hello there" and got[1][-1] == (0, "")
     assert await call.read() is grpc.aio.EOF  # the stream ended after its last session
     assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_garbage_is_invalid_argument(served: Served) -> None:
+    """Bytes that are no DetokenizeManyRequest end the stream with INVALID_ARGUMENT, not UNKNOWN."""
+    stub, servicer = served.stub, served.servicer
+    call = stub.DetokenizeMany()
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_start(1)]))
+    while servicer.num_detokenize_sessions() != 1:
+        await asyncio.sleep(0.01)
+    raw = served.channel.stream_stream(
+        "/tandem.v1.Styler/DetokenizeMany", request_serializer=None, response_deserializer=None
+    )()
+    await raw.write(b"\xff\xff\xff\xff\x0fnot a protobuf message")
+    await raw.done_writing()
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for _ in raw:
+            pass
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid protobuf" in (exc.value.details() or "")
+    # The other stream is untouched.
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_close(1)]))
+    assert (await _answers(call, {1}))[1] == [(0, "")]
