@@ -270,7 +270,8 @@ class DetokenizeMux:
             error = _error(grpc.StatusCode.UNAVAILABLE, "the styler ended the detokenize stream")
         except grpc.aio.AioRpcError as exc:
             error = exc
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # closed here, or the channel closed under it
+            self._fail(_error(grpc.StatusCode.CANCELLED, "the styler stream was cancelled"))
             raise
         except Exception as exc:  # a bug here must fail the sessions, never leave them hanging
             log.exception("the styler's detokenize stream failed")

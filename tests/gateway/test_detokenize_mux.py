@@ -322,3 +322,21 @@ async def test_an_old_stream_takes_no_new_sessions_and_ends_after_its_last(
     # The old stream ended; the new one stays (idle) until the next session retires it.
     await _wait_for(lambda: servicer.num_detokenize_streams() == 1, "the old stream to end")
     assert old is not None and old.closed and not client._mux.closed
+
+
+async def test_closing_the_client_fails_the_sessions_of_every_stream(
+    styler: Styler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also those of a stream past its age (still serving its last sessions): none is left hanging."""
+    client = StylerClient(styler.address)
+    old = await client.detokenize_stream(START)
+    monkeypatch.setattr("gateway.detokenize_mux.MAX_STREAM_AGE_S", 0.0)
+    new = await client.detokenize_stream(START)
+    servicer = styler.servicer
+    assert servicer is not None
+    await _wait_for(lambda: servicer.num_detokenize_sessions() == 2, "both sessions to open")
+    await client.close()
+    for session in (old, new):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await asyncio.wait_for(_collect(session), 20)
+        assert exc.value.code() == grpc.StatusCode.CANCELLED
