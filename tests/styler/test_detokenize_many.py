@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.common.server import GrpcServer
 from services.styler.detokenize_work import INLINE_MAX_NEW_TOKENS
@@ -233,3 +235,73 @@ async def test_garbage_is_invalid_argument(served: Served) -> None:
     # The other stream is untouched.
     await call.write(styler_pb2.DetokenizeManyRequest(requests=[_close(1)]))
     assert (await _answers(call, {1}))[1] == [(0, "")]
+
+
+_SESSION_MESSAGES = st.lists(
+    st.tuples(
+        st.integers(0, 3),  # session id
+        st.sampled_from(["start", "deltas", "close", "cancel", ""]),
+        st.fixed_dictionaries(
+            {
+                "num_choices": st.integers(0, 2),
+                "first_choice_index": st.integers(0, 2),
+                "stop": st.lists(st.text(max_size=3), max_size=2),
+                "tool_parser": st.sampled_from(["", "auto", "nope"]),
+                "prompt_token_ids": st.lists(st.integers(0, 10**6), max_size=3),
+            }
+        ),
+        st.integers(0, 3),  # choice index
+        st.lists(st.integers(0, 200_000), max_size=INLINE_MAX_NEW_TOKENS + 4),  # ids: some to the pool
+        st.booleans(),  # finished
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(messages=_SESSION_MESSAGES, batch=st.integers(1, 6))
+def test_any_sequence_of_session_messages_leaves_the_stream_serving(
+    messages: list[tuple[int, str, dict[str, object], int, list[int], bool]], batch: int
+) -> None:
+    """Whatever sessions send (no start, start twice, unknown parsers, bad ids and indices, large
+    deltas, cancel and close anywhere), each session ends OK or INVALID_ARGUMENT and the stream
+    goes on serving a well-formed session."""
+
+    def request(
+        session_id: int, kind: str, start: dict[str, object], index: int, ids: list[int], finished: bool
+    ) -> styler_pb2.SessionRequest:
+        if kind == "start":
+            return _start(session_id, **start)
+        if kind == "deltas":
+            return _deltas(session_id, ids, finished, index)
+        if kind in ("close", "cancel"):
+            return styler_pb2.SessionRequest(session_id=session_id, **{kind: True})  # type: ignore[arg-type]
+        return styler_pb2.SessionRequest(session_id=session_id)
+
+    async def run() -> None:
+        server = GrpcServer("127.0.0.1:0", grace_s=1.0)
+        with ThreadPoolExecutor(2) as executor:
+            add_to_server(StylerServicer(load_styler(str(QWEN3)), executor), server.server)
+            await server.start()
+            async with grpc.aio.insecure_channel(server.bound_address) as channel:
+                call = styler_pb2_grpc.StylerStub(channel).DetokenizeMany()
+                requests = [request(*m) for m in messages]
+                for i in range(0, len(requests), batch):
+                    await call.write(styler_pb2.DetokenizeManyRequest(requests=requests[i : i + batch]))
+                ids = load_styler(str(QWEN3)).tokenize("Hello there", False)
+                await call.write(
+                    styler_pb2.DetokenizeManyRequest(
+                        requests=[_start(99), _deltas(99, ids, True), _close(99)]
+                    )
+                )
+                got = await _answers(call, {99})
+                assert "".join(str(t[1]) for t in got[99][:-1]) == "Hello there" and got[99][-1] == (0, "")
+                ok_or_invalid = {0, grpc.StatusCode.INVALID_ARGUMENT.value[0]}
+                assert all(
+                    t[0] in ok_or_invalid for answers in got.values() for t in answers if len(t) == 2
+                ), got
+                await call.done_writing()
+                assert await call.code() == grpc.StatusCode.OK
+            await server.stop()
+
+    asyncio.run(run())
