@@ -206,12 +206,10 @@ class DetokenizeMux:
                 raise error
             return out
 
-        self._add(session, result, answers)
         waiting, session.waiting = session.waiting or deque(), None
-        for message in waiting:
-            if session.ended:
-                break
-            self._handle(message, answers)  # a large delta among them queues the rest again
+        self._add(session, result, answers)
+        for message in waiting:  # as if they had arrived now (a large delta queues the rest again)
+            self._handle(message, answers)
         if answers or self.drained():
             self._answer(answers)
 

@@ -305,3 +305,26 @@ def test_any_sequence_of_session_messages_leaves_the_stream_serving(
             await server.stop()
 
     asyncio.run(run())
+
+
+async def test_a_closed_session_id_may_be_reused_even_behind_the_pool(served: Served) -> None:
+    """A large delta (thread pool), then in the same message close, and start and deltas of a new
+    session under the same id: both are answered in order."""
+    stub = served.stub
+    ids = load_styler(str(QWEN3)).tokenize(TEXT, False)
+    large = ids[: INLINE_MAX_NEW_TOKENS + 1]
+    short = load_styler(str(QWEN3)).tokenize("Hello there", False)
+    call = stub.DetokenizeMany()
+    requests = [_start(1), _deltas(1, large, True), _close(1), _start(1), _deltas(1, short, True), _close(1)]
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=requests))
+    got: list[object] = []
+    while got.count((0, "")) < 2:
+        reply = await asyncio.wait_for(call.read(), 20)
+        for answer in reply.responses:
+            got += [d.text for d in answer.deltas]
+            if answer.HasField("end"):
+                got.append((answer.end.code, answer.end.message))
+    load = load_styler(str(QWEN3))
+    assert got == [load.detokenize(large), (0, ""), "Hello there", (0, "")]
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
