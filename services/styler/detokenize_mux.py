@@ -11,6 +11,10 @@ Order: a session's messages are handled in the order they arrive. Small deltas a
 at once on the event loop; a large one goes to the thread pool (detokenize_work.py) while the
 other sessions go on, and that session's later messages wait behind it.
 
+Answers: the task that made answers (the stream's reader, or a session's job back from the pool)
+writes them itself when no write is in flight, with no hand-off to another task; answers that
+became ready while a write was in flight go out together in the next one (`AnswerWriter`).
+
 Drain: once the server drains, new sessions are refused with UNAVAILABLE, and the stream ends
 when its last session does, so a drain never waits on an idle stream.
 """
@@ -18,9 +22,10 @@ when its last session does, so a drain never waits on an idle stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -61,6 +66,37 @@ class SessionAnswer:
     end: SessionEnd | None = None
 
 
+class AnswerWriter:
+    """Writes a stream's answers, one message at a time."""
+
+    def __init__(self, write: Callable[[list[SessionAnswer]], Awaitable[None]]) -> None:
+        self._write = write
+        self._ready: list[SessionAnswer] = []
+        self._writing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def put(self, answers: list[SessionAnswer]) -> None:
+        self._ready.extend(answers)
+
+    async def flush(self) -> None:
+        """Write what is ready; when a write is in flight, it takes them when it ends instead."""
+        if self._writing:
+            return
+        self._writing = True
+        self._idle.clear()
+        try:
+            while self._ready:
+                batch, self._ready = self._ready, []
+                await self._write(batch)
+        finally:
+            self._writing = False
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
 class _Session:
     def __init__(self, session_id: int, stream: DetokenizeSession) -> None:
         self.session_id = session_id
@@ -72,15 +108,17 @@ class _Session:
 
 
 class DetokenizeMux:
-    """The sessions of one DetokenizeMany stream. `handle` takes each incoming batch; answers go
-    to `answer`, all those ready at once in one call (one outgoing message)."""
+    """The sessions of one DetokenizeMany stream. `handle` takes each incoming batch and puts its
+    answers to `writer` (whose `flush` the caller awaits next); `on_drained` is called once the
+    stream drains and has no session left."""
 
     def __init__(
-        self, styler: Styler, executor: Executor, answer: Callable[[list[SessionAnswer]], None]
+        self, styler: Styler, executor: Executor, writer: AnswerWriter, on_drained: Callable[[], None]
     ) -> None:
         self._styler = styler
         self._executor = executor
-        self._answer = answer
+        self._writer = writer
+        self._on_drained = on_drained
         self._sessions: dict[int, _Session] = {}
         self._jobs: set[asyncio.Task[None]] = set()
         self._draining = False
@@ -94,9 +132,13 @@ class DetokenizeMux:
         return self._draining and not self._sessions
 
     def drain(self) -> None:
-        """Refuse new sessions from now on; `answer([])` wakes the stream to check `drained`."""
+        """Refuse new sessions from now on."""
         self._draining = True
-        self._answer([])
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.drained():
+            self._on_drained()
 
     def close(self) -> None:
         """The stream is over: drop every session and the work of theirs still in the pool."""
@@ -110,8 +152,8 @@ class DetokenizeMux:
         answers: list[SessionAnswer] = []
         for message in messages:
             self._handle(message, answers)
-        if answers or self.drained():
-            self._answer(answers)
+        self._writer.put(answers)
+        self._check_drained()
 
     def _handle(self, message: SessionMessage, answers: list[SessionAnswer]) -> None:
         session = self._sessions.get(message.session_id)
@@ -210,8 +252,10 @@ class DetokenizeMux:
         self._add(session, result, answers)
         for message in waiting:  # as if they had arrived now (a large delta queues the rest again)
             self._handle(message, answers)
-        if answers or self.drained():
-            self._answer(answers)
+        self._writer.put(answers)
+        self._check_drained()
+        with contextlib.suppress(Exception):  # a write that fails ends the stream: its reader reports it
+            await self._writer.flush()
 
     def _end(self, session: _Session) -> None:
         session.ended = True

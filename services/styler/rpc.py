@@ -18,7 +18,7 @@ import grpc
 
 from services.common.logging import request_id_var
 from services.styler.chat_template import RenderInput, TemplateRenderError
-from services.styler.detokenize_mux import DetokenizeMux, SessionAnswer, SessionMessage
+from services.styler.detokenize_mux import AnswerWriter, DetokenizeMux, SessionAnswer, SessionMessage
 from services.styler.detokenize_work import add_deltas
 from services.styler.messages import (
     check_text,
@@ -137,17 +137,15 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
         self,
         request_iterator: AsyncIterator[styler_pb2.DetokenizeManyRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[styler_pb2.DetokenizeManyResponse]:
-        # The answers that became ready while the previous message was being written go out as
-        # one message: no timer, so an idle stream answers at once and a busy one batches.
-        ready: list[SessionAnswer] = []
-        wake = asyncio.Event()
+    ) -> None:
+        async def write(answers: list[SessionAnswer]) -> None:
+            await context.write(
+                styler_pb2.DetokenizeManyResponse(responses=[session_answer_proto(a) for a in answers])
+            )
 
-        def answer(answers: list[SessionAnswer]) -> None:
-            ready.extend(answers)
-            wake.set()
-
-        mux = DetokenizeMux(self.styler, self.executor, answer)
+        writer = AnswerWriter(write)
+        over = asyncio.Event()  # the caller closed the stream, or it drained
+        mux = DetokenizeMux(self.styler, self.executor, writer, over.set)
         self._muxes.add(mux)
         if self._draining:
             mux.drain()
@@ -155,23 +153,15 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
         async def read() -> None:
             async for message in request_iterator:
                 mux.handle([session_message(r) for r in message.requests])
+                await writer.flush()
 
         reader = asyncio.create_task(read())
-        reader.add_done_callback(lambda _: wake.set())
+        reader.add_done_callback(lambda _: over.set())
         try:
-            while True:
-                if ready:
-                    batch = [session_answer_proto(a) for a in ready]
-                    ready.clear()
-                    yield styler_pb2.DetokenizeManyResponse(responses=batch)
-                elif reader.done():
-                    reader.result()  # the caller's stream broke: end with its error
-                    return  # the caller closed the stream: its sessions end with it
-                elif mux.drained():
-                    return
-                else:
-                    await wake.wait()
-                    wake.clear()
+            await over.wait()
+            await writer.wait_idle()  # the last answers (a drained stream's last end) go out first
+            if reader.done():
+                reader.result()  # the caller's stream broke: end with its error
         finally:
             reader.cancel()
             mux.close()
