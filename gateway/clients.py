@@ -1,8 +1,8 @@
 """gRPC clients of the styler and the workers.
 
-The styler's detokenize sessions, which every request shares one stream for, are in
-`detokenize_mux.py`. Every call converts protobuf to the dataclasses of `downstream.py` and back; gRPC errors
-(`grpc.aio.AioRpcError`) propagate and `errors.py` maps them to HTTP statuses.
+Every call converts protobuf to the dataclasses of `downstream.py` and back; gRPC errors
+(`grpc.aio.AioRpcError`) propagate and `errors.py` maps them to HTTP statuses. The styler's
+detokenize sessions, which all requests share one stream for, are in `detokenize_mux.py`.
 """
 
 from __future__ import annotations
