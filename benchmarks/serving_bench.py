@@ -240,6 +240,13 @@ async def run_load(
         duration = time.perf_counter() - start
     point = summarize(results, duration)
     point["cores_busy"] = meter.cores_busy(duration)
+    # CPU time per output token, per role: the services' cost per token, which sharing the machine
+    # with other load changes less than throughput
+    num_tokens = point["output_tok_per_s"] * duration
+    point["cpu_us_per_token"] = {
+        role: round(busy * duration / num_tokens * 1e6) if num_tokens else 0
+        for role, busy in point["cores_busy"].items()
+    }
     point["rate"] = rate
     point["concurrency"] = concurrency
     return point
@@ -513,7 +520,8 @@ def main() -> int:
                         f"{mode:>13} rate={rate!s:>5} conc={conc!s:>4}: TTFT p50/p99 {point['ttft_p50_ms']:.1f}/"
                         f"{point['ttft_p99_ms']:.1f} ms, ITL p50/p99 {point['itl_p50_ms']:.1f}/{point['itl_p99_ms']:.1f} ms, "
                         f"{point['output_tok_per_s']:.0f} tok/s, goodput {point['goodput_req_per_s']:.2f} req/s, "
-                        f"failed {point['num_failed']}, cores busy {point['cores_busy']}",
+                        f"failed {point['num_failed']}, cores busy {point['cores_busy']}, "
+                        f"CPU us/token {point['cpu_us_per_token']}",
                         flush=True,
                     )
             finally:

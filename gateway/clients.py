@@ -1,14 +1,15 @@
-"""gRPC clients of the styler and the workers: the only gateway module that imports `*_pb2`.
+"""gRPC clients of the styler and the workers.
 
 Every call converts protobuf to the dataclasses of `downstream.py` and back; gRPC errors
-(`grpc.aio.AioRpcError`) propagate and `errors.py` maps them to HTTP statuses.
+(`grpc.aio.AioRpcError`) propagate and `errors.py` maps them to HTTP statuses. The styler's
+detokenize sessions, which all requests share one stream for, are in `detokenize_mux.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.deadline import time_left
+from gateway.detokenize_mux import DetokenizeMux, DetokenizeSession, MuxCounts
 from gateway.downstream import (
     CacheEvent,
     ChoiceDelta,
@@ -27,10 +29,8 @@ from gateway.downstream import (
     PrefillResult,
     Rendered,
     StylerInfo,
-    TextDelta,
     TokenLogprob,
     TokenText,
-    ToolCallDelta,
     ToolGrammarRequest,
     TopLogprob,
     Usage,
@@ -179,64 +179,6 @@ def _guided_to_proto(g: Guided) -> common_pb2.GuidedDecoding:
     return out
 
 
-class DetokenizeSession:
-    """One styler DetokenizeStream: token deltas in (`send`), text deltas out (`responses`)."""
-
-    def __init__(self, call: Any) -> None:
-        self._call = call
-
-    async def send(self, deltas: Sequence[tuple[int, Sequence[int], bool]]) -> None:
-        """Send (choice index, new token ids, finished) for one or more choices."""
-        msg = styler_pb2.DetokenizeStreamRequest(
-            deltas=styler_pb2.TokenDeltas(
-                deltas=[
-                    styler_pb2.TokenDelta(index=i, token_ids=list(ids), finished=done)
-                    for i, ids, done in deltas
-                ]
-            )
-        )
-        await self.write(msg)
-
-    async def write(self, msg: styler_pb2.DetokenizeStreamRequest) -> None:
-        try:
-            await self._call.write(msg)
-        except asyncio.InvalidStateError:
-            # The stream had already ended (its deadline passed, or the styler failed): report
-            # why, as the reading side does, instead of grpcio's "RPC already finished".
-            code = await self._call.code()
-            if code == grpc.StatusCode.OK:
-                raise
-            raise grpc.aio.AioRpcError(
-                code,
-                await self._call.initial_metadata(),
-                await self._call.trailing_metadata(),
-                await self._call.details(),
-            ) from None
-
-    async def done_writing(self) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self._call.done_writing()
-
-    async def responses(self) -> AsyncIterator[list[TextDelta]]:
-        async for reply in self._call:
-            yield [
-                TextDelta(
-                    index=d.index,
-                    text=d.text,
-                    reasoning_text=d.reasoning_text,
-                    tool_calls=tuple(ToolCallDelta(t.index, t.id, t.name, t.arguments) for t in d.tool_calls),
-                    stopped=d.stopped,
-                    finished=d.finished,
-                    num_tokens=d.num_tokens,
-                    matched_stop=d.matched_stop,
-                )
-                for d in reply.deltas
-            ]
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-
 class StylerClient:
     """The styler's Styler service (one replica)."""
 
@@ -244,8 +186,12 @@ class StylerClient:
         self.address = address
         self.channel = make_channel(address, credentials)
         self._stub = styler_pb2_grpc.StylerStub(self.channel)
+        self._mux: DetokenizeMux | None = None  # every request's detokenize session, on one stream
+        self.detokenize_counts = MuxCounts()
 
     async def close(self) -> None:
+        if self._mux is not None:
+            await self._mux.close()
         await self.channel.close()
 
     async def healthy(self, timeout_s: float = 1.0) -> bool:
@@ -321,24 +267,14 @@ class StylerClient:
         return [TokenText(text=b.decode("utf-8", errors="replace"), raw=bytes(b)) for b in r.token_bytes]
 
     async def detokenize_stream(self, start: DetokenizeStart) -> DetokenizeSession:
-        session = DetokenizeSession(self._stub.DetokenizeStream(timeout=time_left()))
-        await session.write(
-            styler_pb2.DetokenizeStreamRequest(
-                start=styler_pb2.DetokenizeStreamStart(
-                    request_id=start.request_id,
-                    prompt_token_ids=list(start.prompt_token_ids),
-                    skip_special_tokens=start.skip_special_tokens,
-                    stop=list(start.stop),
-                    include_stop_str_in_output=start.include_stop_str_in_output,
-                    tool_parser=start.tool_parser,
-                    reasoning_parser=start.reasoning_parser,
-                    num_choices=start.num_choices,
-                    first_choice_index=start.first_choice_index,
-                    prompt_opens_reasoning=start.prompt_opens_reasoning,
-                )
-            )
-        )
-        return session
+        """A detokenize session for one request, on this client's shared DetokenizeMany stream
+        (opened now if there is none, or the last one ended or is past its age)."""
+        left = time_left()  # 504 now if the request's deadline already passed
+        if self._mux is None or not self._mux.takes_sessions():
+            if self._mux is not None:
+                self._mux.retire()
+            self._mux = DetokenizeMux(self._stub, self.detokenize_counts)
+        return self._mux.open(start, None if left is None else time.monotonic() + left)
 
 
 class WorkerClient:

@@ -3,7 +3,8 @@
     prepare   chat: styler Render; completions: styler Tokenize (text) or the ids as given
     pick      router: least-loaded worker, preferring the one that served the same prefix
     generate  worker Generate (server stream of token-id deltas per choice)
-       └─▶    styler DetokenizeStream (bidi): token deltas in, text / reasoning / tool-call deltas out
+       └─▶    styler detokenize session: token deltas in, text / reasoning / tool-call deltas out
+              (on the stream all requests share, DetokenizeMany: detokenize_mux.py)
     yield     `ChoiceUpdate`s; when every choice is done the worker stream is cancelled (= abort)
 
 Two tasks run per prompt: the writer pumps worker chunks into the styler stream, the reader pulls

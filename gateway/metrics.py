@@ -6,11 +6,14 @@ tandem metric for the deployment docs and dashboards.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
+from gateway.detokenize_mux import MuxCounts
 from services.common import metrics as names
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -63,8 +66,37 @@ class Metrics:
         self.running.set_function(running)
         self.waiting.set_function(waiting)
 
+    def track_styler_streams(self, counts: Callable[[], MuxCounts]) -> None:
+        """Read the styler detokenize streams' message counts at each scrape."""
+        self.registry.register(_StylerStreamCollector(counts))
+
     def count_request(self, route: str, status: int, finish_reason: str = "") -> None:
         self.requests.labels(route=route, status=str(status), finish_reason=finish_reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StylerStreamCollector(Collector):
+    """Messages on the styler DetokenizeMany streams: session messages per sent message is how
+    much the writer batches (1 when idle, up to one per running request under load)."""
+
+    def __init__(self, counts: Callable[[], MuxCounts]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._counts()
+        messages = CounterMetricFamily(
+            "tandem:gateway_styler_stream_messages",
+            "Messages on the styler detokenize streams (DetokenizeMany), by direction.",
+            labels=["direction"],
+        )
+        messages.add_metric(["sent"], counts.messages_sent)
+        messages.add_metric(["received"], counts.messages_received)
+        yield messages
+        sessions = CounterMetricFamily(
+            "tandem:gateway_styler_session_messages",
+            "Session messages (start, token deltas, close, cancel) the sent styler stream messages carried.",
+        )
+        sessions.add_metric([], counts.session_messages_sent)
+        yield sessions

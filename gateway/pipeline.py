@@ -38,16 +38,25 @@ class Job:
     include_usage: bool
     continuous_usage: bool = False
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def chunk_batches(self) -> AsyncIterator[list[dict[str, Any]]]:
         """OpenAI stream chunks (the usage chunk last when asked; with continuous usage stats, as
-        vLLM does, every chunk carries the usage up to it)."""
+        vLLM does, every chunk carries the usage up to it), those one update makes (a chat's
+        role chunk and its first text) in one list: an SSE stream writes each list at once."""
         async for update in self.updates:
-            for chunk in self.result.add(update):
-                if self.continuous_usage:
+            chunks = self.result.add(update)
+            if self.continuous_usage:
+                for chunk in chunks:
                     chunk["usage"] = usage(self.run, so_far=True)
-                yield chunk
+            if chunks:
+                yield chunks
         if self.include_usage:
-            yield self.result.usage_chunk(self.run)
+            yield [self.result.usage_chunk(self.run)]
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of `chunk_batches`, one by one."""
+        async for batch in self.chunk_batches():
+            for chunk in batch:
+                yield chunk
 
     async def collect(self) -> dict[str, Any]:
         """The whole OpenAI response."""

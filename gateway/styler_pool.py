@@ -1,6 +1,6 @@
 """The styler replicas: round-robin over those whose health check says SERVING.
 
-Styler calls other than DetokenizeStream are idempotent (render, tokenize, detokenize), so
+Styler calls other than the detokenize streams are idempotent (render, tokenize, detokenize), so
 `call` retries one that failed with UNAVAILABLE (a replica that died or is draining) on another
 replica, taking the failed one out of rotation until its health check says SERVING again.
 """
@@ -16,6 +16,7 @@ from typing import TypeVar
 import grpc
 
 from gateway.clients import StylerClient
+from gateway.detokenize_mux import MuxCounts
 from gateway.downstream import StylerInfo
 from gateway.poller import Poller
 
@@ -63,6 +64,15 @@ class StylerPool:
             self.healthy[c.address] = ok
 
         await asyncio.gather(*(poll(c) for c in self.clients))
+
+    def detokenize_counts(self) -> MuxCounts:
+        """Message counts of every replica's detokenize streams, summed."""
+        total = MuxCounts()
+        for c in self.clients:
+            total.messages_sent += c.detokenize_counts.messages_sent
+            total.session_messages_sent += c.detokenize_counts.session_messages_sent
+            total.messages_received += c.detokenize_counts.messages_received
+        return total
 
     def mark_failed(self, client: StylerClient) -> None:
         """Take a replica out of rotation after a transport failure (the poller brings it back)."""

@@ -39,7 +39,7 @@ async def _respond(
     """SSE chunks or one JSON body from a pipeline job; records the finish reason for metrics."""
     async with job_context as job:
         if stream:
-            response = await sse(request, job.chunks(), request[REQUEST_ID])
+            response = await sse(request, job.chunk_batches(), request[REQUEST_ID])
         else:
             response = web.json_response(await job.collect())
         request[FINISH_REASON] = job.finish_reason()

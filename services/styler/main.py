@@ -35,8 +35,10 @@ async def serve(config: StylerConfig, styler: Styler) -> None:
     # GrpcServer adds the tracing and rpc-metrics interceptors and serves --metrics-port itself.
     server = GrpcServer.from_config(config)
     with ThreadPoolExecutor(max_workers=config.num_threads, thread_name_prefix="styler") as executor:
-        add_to_server(StylerServicer(styler, executor), server.server)
+        servicer = StylerServicer(styler, executor)
+        add_to_server(servicer, server.server)
         server.add_service_name(SERVICE_NAME)
+        server.on_drain(servicer.drain)
         await server.start()
         await server.serve_until_signal()
 

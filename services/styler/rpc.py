@@ -1,6 +1,7 @@
 """gRPC servicer of `tandem.v1.Styler`: converts protobuf messages to the `Styler` API and back.
 
-Tokenizing, rendering and detokenizing run in a thread pool, never on the event loop. Bad input
+Tokenizing and rendering run in a thread pool, never on the event loop; so does detokenizing,
+except the small deltas of streams, which cost less than the hop (detokenize_work.py). Bad input
 becomes INVALID_ARGUMENT with a message naming the field; nothing a client sends takes the
 service down.
 """
@@ -17,6 +18,8 @@ import grpc
 
 from services.common.logging import request_id_var
 from services.styler.chat_template import RenderInput, TemplateRenderError
+from services.styler.detokenize_mux import AnswerWriter, DetokenizeMux, SessionAnswer, SessionMessage
+from services.styler.detokenize_work import add_deltas
 from services.styler.messages import (
     check_text,
     message_dict,
@@ -40,6 +43,22 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
     def __init__(self, styler: Styler, executor: ThreadPoolExecutor) -> None:
         self.styler = styler
         self.executor = executor
+        self._muxes: set[DetokenizeMux] = set()
+        self._draining = False
+
+    def num_detokenize_streams(self) -> int:
+        """DetokenizeMany streams open."""
+        return len(self._muxes)
+
+    def num_detokenize_sessions(self) -> int:
+        """Sessions open on this servicer's DetokenizeMany streams."""
+        return sum(mux.num_sessions for mux in self._muxes)
+
+    async def drain(self) -> None:
+        """The server drains: DetokenizeMany streams refuse new sessions and end after their last."""
+        self._draining = True
+        for mux in self._muxes:
+            mux.drain()
 
     async def _call(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
         try:
@@ -92,7 +111,6 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[styler_pb2.DetokenizeStreamResponse]:
         session: DetokenizeSession | None = None
-        loop = asyncio.get_running_loop()
         async for message in request_iterator:
             kind = message.WhichOneof("kind")
             if session is None:
@@ -109,13 +127,46 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "`start` may only be sent once")
             deltas = [(d.index, list(d.token_ids), d.finished) for d in message.deltas.deltas]
             try:
-                # Short windows of a few tokens: cheap, but still kept off the event loop.
-                out = await loop.run_in_executor(self.executor, _add_deltas, session, deltas)
+                out = await add_deltas(session, deltas, self.executor)
             except ValueError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             reply = [text_delta_proto(d) for d in out if not d.is_empty()]
             if reply:
                 yield styler_pb2.DetokenizeStreamResponse(deltas=reply)
+
+    async def DetokenizeMany(
+        self,
+        request_iterator: AsyncIterator[styler_pb2.DetokenizeManyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        async def write(answers: list[SessionAnswer]) -> None:
+            await context.write(
+                styler_pb2.DetokenizeManyResponse(responses=[session_answer_proto(a) for a in answers])
+            )
+
+        writer = AnswerWriter(write)
+        over = asyncio.Event()  # the caller closed the stream, or it drained
+        mux = DetokenizeMux(self.styler, self.executor, writer, over.set)
+        self._muxes.add(mux)
+        if self._draining:
+            mux.drain()
+
+        async def read() -> None:
+            async for message in request_iterator:
+                mux.handle([session_message(r) for r in message.requests])
+                await writer.flush()
+
+        reader = asyncio.create_task(read())
+        reader.add_done_callback(lambda _: over.set())
+        try:
+            await over.wait()
+            await writer.wait_idle()  # the last answers (a drained stream's last end) go out first
+            if reader.done():
+                reader.result()  # the caller's stream broke: end with its error
+        finally:
+            reader.cancel()
+            mux.close()
+            self._muxes.discard(mux)
 
     async def Tokenize(
         self, request: styler_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -158,10 +209,6 @@ class StylerServicer(styler_pb2_grpc.StylerServicer):
 
 def add_to_server(servicer: StylerServicer, server: grpc.aio.Server) -> None:
     styler_pb2_grpc.add_StylerServicer_to_server(servicer, server)
-
-
-def _add_deltas(session: DetokenizeSession, deltas: list[tuple[int, list[int], bool]]) -> list[StreamDelta]:
-    return [session.add(index, ids, finished) for index, ids, finished in deltas]
 
 
 def render_input(request: styler_pb2.RenderRequest) -> RenderInput:
@@ -227,6 +274,26 @@ def stream_options(start: styler_pb2.DetokenizeStreamStart) -> StreamOptions:
         first_choice_index=start.first_choice_index,
         prompt_opens_reasoning=start.prompt_opens_reasoning,
     )
+
+
+def session_message(request: styler_pb2.SessionRequest) -> SessionMessage:
+    kind = request.WhichOneof("kind") or ""
+    if kind == "start":
+        return SessionMessage(request.session_id, kind, start=stream_options(request.start))
+    if kind == "deltas":
+        deltas = [(d.index, list(d.token_ids), d.finished) for d in request.deltas.deltas]
+        return SessionMessage(request.session_id, kind, deltas=deltas)
+    return SessionMessage(request.session_id, kind)
+
+
+def session_answer_proto(answer: SessionAnswer) -> styler_pb2.SessionResponse:
+    out = styler_pb2.SessionResponse(
+        session_id=answer.session_id, deltas=[text_delta_proto(d) for d in answer.deltas]
+    )
+    if answer.end is not None:
+        out.end.code = answer.end.code.value[0]
+        out.end.message = answer.end.message
+    return out
 
 
 def text_delta_proto(delta: StreamDelta) -> styler_pb2.TextDelta:

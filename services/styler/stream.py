@@ -92,6 +92,10 @@ class ChoiceStream:
         self._num_tool_calls = 0
         self.done = False
 
+    @property
+    def num_tokens(self) -> int:
+        return self._detok.num_tokens
+
     def add(self, token_ids: Sequence[int], finished: bool) -> StreamDelta:
         """Feed new ids (any number: the worker merges steps when it falls behind). With stop
         strings they are fed one at a time, so a stop string completed in the middle of a delta
@@ -206,6 +210,11 @@ class DetokenizeSession:
         model's embedding table is often padded past its tokenizer (Qwen2: 151,936 rows for
         151,669 tokens) and sampling may pick a padded row, which must not fail the request."""
         return self._choice(index).add(token_ids, finished)
+
+    def num_tokens(self, index: int) -> int:
+        """Token ids choice `index` has taken so far (0 before its first delta)."""
+        choice = self._choices.get(index)
+        return choice.num_tokens if choice is not None else 0
 
     def all_done(self) -> bool:
         return len(self._choices) == self.options.num_choices and all(c.done for c in self._choices.values())
