@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.e2e.stack import free_port, kill_process, stop_processes
@@ -100,6 +101,26 @@ class Stack:
         for address in self.worker_addresses if workers is None else workers:
             argv += ["--worker", address]
         return self._spawn(name, [*argv, *args])
+
+    @contextlib.contextmanager
+    def extra_gateway(
+        self,
+        name: str,
+        args: Sequence[str] = (),
+        want: int = 200,
+        workers: Sequence[str] | None = None,
+        port: int = 0,
+    ) -> Iterator[str]:
+        """A further gateway with its own flags on this stack's styler and workers (a gateway
+        starts in a second; a whole stack takes several): yields its URL once /health answers
+        `want`, then stops it (SIGTERM) and forgets it (`wait_healthy` fails on exited processes)."""
+        port = port or free_port()
+        self.start_gateway(name, port, args, workers=workers)
+        try:
+            self.wait_healthy(port, 120, want=want)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop_processes([self.procs.pop(name)])
 
     def styler_address_list(self) -> list[str]:
         return [self.styler_address]
