@@ -13,7 +13,8 @@ the model's collectives run on the main group (NCCL on CUDA, gloo on CPU).
 A rank that dies takes the group down: rank 0 watches its children and exits non-zero when one
 exits (killing the rest), the children die with rank 0 (PR_SET_PDEATHSIG) or when a collective
 with it fails, and every collective has the group's timeout, so no rank waits forever. While the
-worker is idle, rank 0 broadcasts a ping every timeout / 4 so that idle ranks never time out.
+worker is idle, rank 0 broadcasts a ping every second (at most every timeout / 4), so that idle
+ranks never time out and a rank lost on another host is noticed at once.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from services.worker.kv_cache import KVCache
 from services.worker.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
+
+PING_INTERVAL_S = 1.0  # rank 0's ping of idle ranks (StepDriver)
 
 RANK_ENV = "TANDEM_TP_RANK"
 MASTER_ENV = "TANDEM_TP_MASTER"  # host:port of the group's rendezvous
@@ -93,7 +96,9 @@ class StepDriver:
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._detached = False
-        self._interval = max(timeout_s / 4, 0.5)
+        # Often enough that a rank lost on another host (no parent watches it) is noticed within
+        # about a second of idling, not after a quarter of the (minutes-long) group timeout.
+        self._interval = min(PING_INTERVAL_S, max(timeout_s / 4, 0.1))
         self._stop = threading.Event()
         self._pinger = threading.Thread(target=self._ping_loop, name="tp-ping", daemon=True)
         self._pinger.start()
