@@ -122,6 +122,17 @@ class Stack:
         finally:
             stop_processes([self.procs.pop(name)])
 
+    @contextlib.contextmanager
+    def extra_worker(self, name: str, model: Path, args: Sequence[str] = ()) -> Iterator[str]:
+        """A further worker process (`name` starts with "worker") on its own socket, in no gateway's
+        rotation until one is started with it: yields its address, then stops it."""
+        address = f"unix:{self.run_dir}/{name}.sock"
+        self._spawn(name, ["worker", "--model", str(model), "--address", address, "--device", "cpu", *args])
+        try:
+            yield address
+        finally:
+            stop_processes([self.procs.pop(name)])
+
     def styler_address_list(self) -> list[str]:
         return [self.styler_address]
 

@@ -28,8 +28,6 @@ import pytest
 import torch
 from gateway_stack import Stack
 
-from tests.e2e.stack import free_port
-
 pytestmark = [pytest.mark.e2e]
 
 NUM_REQUESTS = 64
@@ -322,14 +320,12 @@ def test_llama3_json_auto_calls_always_parse_when_strict(llama_stack: Stack) -> 
 
 
 def test_strict_tools_always_needs_no_strict_flag(qwen3_stack: Stack) -> None:
-    port = free_port()
-    qwen3_stack.start_gateway("gateway-always", port, ["--strict-tools", "always"])
-    qwen3_stack.wait_healthy(port, 120)
-    client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300
-    )
-    with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda seed: request(client, qwen3_stack.model.name, seed, False), range(16)))
+    with qwen3_stack.extra_gateway("gateway-always", ["--strict-tools", "always"]) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(
+                pool.map(lambda seed: request(client, qwen3_stack.model.name, seed, False), range(16))
+            )
     calls = [c for r in replies for c in r.choices[0].message.tool_calls or []]
     assert calls and all(check_call(c.function.name, c.function.arguments) == "" for c in calls)
     for reply in replies:
