@@ -13,7 +13,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_stack import Stack
-from tiny_qwen3 import write_tiny_qwen3
 
 
 def _start(run_dir: Path, model: Path) -> Iterator[Stack]:
@@ -27,11 +26,6 @@ def _start(run_dir: Path, model: Path) -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def stories_stack(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield from _start(tmp_path_factory.mktemp("stack"), stories_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen3_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 @pytest.fixture(scope="session")
