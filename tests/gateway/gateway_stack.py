@@ -67,6 +67,15 @@ class Stack:
         return proc
 
     def start(self, timeout_s: float = 180.0) -> Stack:
+        return self.launch().wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> Stack:
+        self.wait_healthy(self.port, timeout_s, all_workers=True)
+        return self
+
+    def launch(self) -> Stack:
+        """Spawn the processes without waiting for them (`wait_ready`): a test can prepare
+        something else, or launch another stack, while they start."""
         self._spawn("styler", ["styler", "--model", str(self.model), "--address", self.styler_address])
         for i, address in enumerate(self.worker_addresses):
             self._spawn(
@@ -84,7 +93,6 @@ class Stack:
             )
         self.port, self.grpc_port = free_port(), free_port()
         self.start_gateway("gateway", self.port, [*self.gateway_args, "--grpc-port", str(self.grpc_port)])
-        self.wait_healthy(self.port, timeout_s, all_workers=True)
         return self
 
     def start_gateway(
