@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -200,6 +200,7 @@ class Child:
     tls: TlsFiles | None = None  # mutual TLS for the gRPC readiness check
     instance_id: str = ""  # what an HTTP readiness check must find in /health's "instance"
     env: dict[str, str] = field(default_factory=dict)  # set over `up`'s environment
+    on_gpu: bool = False  # a worker that sizes itself from a GPU's free memory (starts alone)
     process: asyncio.subprocess.Process | None = None
     last_lines: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     restarts: deque[float] = field(default_factory=deque)
@@ -496,6 +497,7 @@ def build_children(config: UpConfig, run_dir: Path, instance_id: str = "") -> li
             gpus = disaggregated_gpus(config, role, num_gpus)
         else:
             gpus = unified_gpus(config, i, num_gpus)
+        device_args = worker_device_args(config, role, index=i)
         children.append(
             Child(
                 name,
@@ -506,7 +508,7 @@ def build_children(config: UpConfig, run_dir: Path, instance_id: str = "") -> li
                     config.model,
                     "--address",
                     address,
-                    *worker_device_args(config, role, index=i),
+                    *device_args,
                     *role_args,
                     *forwarded_worker_args(config, role),
                     *common,
@@ -515,6 +517,7 @@ def build_children(config: UpConfig, run_dir: Path, instance_id: str = "") -> li
                 f"grpc:{address}",
                 tls,
                 env={"CUDA_VISIBLE_DEVICES": gpus} if gpus else {},
+                on_gpu=device_args[1] != "cpu",
             )
         )
         flag = {
@@ -566,16 +569,35 @@ class Supervisor:
         self.stopping = asyncio.Event()
 
     async def start_all(self) -> None:
-        for i, child in enumerate(self.children):
-            log.info("starting %s", child.name)
-            await child.start()
-            await child.wait_ready(self.config.startup_timeout, started=self.children[:i])
-            log.info("%s is serving", child.name)
+        """Start every child; return once all serve, raise ChildFailed as soon as one fails.
+
+        The styler and the workers load side by side (none needs another to start), except
+        workers on a GPU, which start one after another: each sizes its KV cache and CUDA graphs
+        from the memory its device has free. The gateway starts last, once they all serve, so
+        that its start-up checks (which prefill/decode pairs can exchange KV) see every worker."""
+        *services, gateway = self.children
+
+        async def one_by_one(children: list[Child]) -> None:
+            for child in children:
+                await self._start(child)
+
+        gpu_workers = [c for c in services if c.on_gpu]
+        await _together([*(self._start(c) for c in services if not c.on_gpu), one_by_one(gpu_workers)])
+        await self._start(gateway)
+
+    async def _start(self, child: Child) -> None:
+        log.info("starting %s", child.name)
+        await child.start()
+        started = [c for c in self.children if c is not child and c.process is not None]
+        await child.wait_ready(self.config.startup_timeout, started=started)
+        log.info("%s is serving", child.name)
 
     async def stop_all(self) -> None:
-        # Gateway first (stop taking requests), then the services behind it.
-        for child in reversed(self.children):
-            await child.stop(timeout_s=45.0)
+        # Gateway first (stop taking requests), then the services behind it, together: each
+        # drains its own in-flight work, and none waits for another.
+        *services, gateway = self.children
+        await gateway.stop(timeout_s=45.0)
+        await asyncio.gather(*(child.stop(timeout_s=45.0) for child in services))
 
     async def supervise(self) -> None:
         """Return when stopping is requested; raise ChildFailed when a child keeps crashing.
@@ -645,6 +667,21 @@ class Supervisor:
             log.info("%s is serving again", child.name)
         except ChildFailed as exc:
             log.error("%s", exc)
+
+
+async def _together(steps: Sequence[Awaitable[None]]) -> None:
+    """Run `steps` concurrently; the first to fail cancels the others and its error is raised."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:  # also when `up` stops (cancels) a start-up in progress
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
 
 
 async def run_up(config: UpConfig) -> int:

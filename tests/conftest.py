@@ -27,6 +27,14 @@ def stories_dir(shared_dir: Path) -> Path:
     return shared_dir / "models" / "stories260K"
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3 with the real Qwen3 tokenizer and chat template, saved once."""
+    from tests.gateway.tiny_qwen3 import write_tiny_qwen3
+
+    return write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     # tests/protocols: run the conformance suite against another engine instead of a tandem worker
     parser.addoption(

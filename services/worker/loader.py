@@ -69,6 +69,33 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+# torch.nn.init's in-place initialisers, as the modules' reset_parameters call them
+_INITIALISERS = (
+    "uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+    "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Modules built on meta skip their parameter initialisers (as transformers' `no_init_weights`
+    does): a meta tensor holds no values to initialise, and the first initialiser run on one goes
+    through torch's reference decompositions, which import torch._dynamo: seconds of every
+    worker's start-up for nothing."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+
+    def skip(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return tensor
+
+    for name in _INITIALISERS:
+        setattr(torch.nn.init, name, skip)
+    try:
+        yield
+    finally:
+        for name, init in saved.items():
+            setattr(torch.nn.init, name, init)
+
+
 def _shard_slice(model: LlamaForCausalLM, shard: str) -> tuple[int, int]:
     """(start, size) of a fused parameter's rows that a checkpoint tensor fills (this rank's sizes)."""
     layout, d = shard_layout(model.config), model.config.head_dim
@@ -344,7 +371,7 @@ def build_model(
     method = checkpoint_quant_method(cfg.path, quantization) if load_format != "dummy" else None
     if method is None:
         method = make_quant_method(quantization, quantization_group_size)
-    with _default_dtype(dtype), torch.device("meta"):
+    with _default_dtype(dtype), torch.device("meta"), _skip_init():
         model = cls(cfg, ops)
         if method is not None:  # the layers' quantized parameters replace their weights, still on meta
             quantize_linears(model, method)

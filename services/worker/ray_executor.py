@@ -179,7 +179,7 @@ class RayRanks:
                     f"(--tensor-parallel-size x --pipeline-parallel-size) need {world}, one each"
                 )
             log.info("waiting for Ray nodes: the cluster has %g %s(s), the group needs %d", have, kind, world)
-            time.sleep(2.0)
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))  # not past the deadline
 
     def _watch(self) -> None:
         ray = self._ray

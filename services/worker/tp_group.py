@@ -22,7 +22,8 @@ gone (a finalizer; the ids ride on the next forward).
 A rank that dies takes the group down: rank 0 watches its children and exits non-zero when one
 exits (killing the rest), the children die with rank 0 (PR_SET_PDEATHSIG) or when a collective
 with it fails, and every collective has the group's timeout, so no rank waits forever. While the
-worker is idle, rank 0 broadcasts a ping every timeout / 4 so that idle ranks never time out.
+worker is idle, rank 0 broadcasts a ping every second (at most every timeout / 4), so that idle
+ranks never time out and a rank lost on another host is noticed at once.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
     from services.worker.lora.pool import LoRAStep
 
 log = logging.getLogger(__name__)
+
+PING_INTERVAL_S = 1.0  # rank 0's ping of idle ranks (StepDriver)
 
 RANK_ENV = "TANDEM_TP_RANK"
 MASTER_ENV = "TANDEM_TP_MASTER"  # host:port of the group's rendezvous
@@ -124,7 +127,9 @@ class StepDriver:
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._detached = False
-        self._interval = max(timeout_s / 4, 0.5)
+        # Often enough that a rank lost on another host (no parent watches it) is noticed within
+        # about a second of idling, not after a quarter of the (minutes-long) group timeout.
+        self._interval = min(PING_INTERVAL_S, max(timeout_s / 4, 0.1))
         self._stop = threading.Event()
         self._lora_step: LoRAStep | None = None  # staged for the next forward
         # lora_ids whose adapter rank 0 dropped (appended by finalizers, on any thread)

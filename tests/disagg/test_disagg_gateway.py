@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,20 @@ def stack(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield procs
     finally:
         procs.stop()
+
+
+@pytest.fixture(scope="module")
+def unified(stack: Processes) -> Callable[[int], list[str]]:
+    """The unified gateway's answers by max_tokens, each computed once (before the last test
+    kills a unified worker): the expected texts of several tests."""
+    answers: dict[int, list[str]] = {}
+
+    def get(max_tokens: int) -> list[str]:
+        if max_tokens not in answers:
+            answers[max_tokens] = complete_all(client(stack, "gw-unified"), max_tokens)
+        return answers[max_tokens]
+
+    return get
 
 
 def client(stack: Processes, gateway: str) -> OpenAI:
@@ -102,26 +116,28 @@ def stream_all(oai: OpenAI, max_tokens: int, kill: Any) -> list[str]:
         return [f.result(timeout=120) for f in futures]
 
 
-def test_disaggregated_gateway_matches_unified(stack: Processes) -> None:
+def test_disaggregated_gateway_matches_unified(stack: Processes, unified: Callable[[int], list[str]]) -> None:
     health = stack.wait_healthy("gw-disagg")
     assert set(health["prefill_worker"]) == {"prefill_worker-0"}
-    expected = complete_all(client(stack, "gw-unified"), 24)
+    expected = unified(24)
     assert complete_all(client(stack, "gw-disagg"), 24) == expected
     decode_logs = stack.log("decode-0") + stack.log("decode-1")
     assert "fetched KV" in decode_logs
     assert "(layer-wise" in decode_logs  # the gateway started each decode at the prefill's admission
 
 
-def test_decode_worker_killed_mid_stream(stack: Processes) -> None:
-    # long enough that no stream can finish before most have started, even on a loaded machine
-    expected = complete_all(client(stack, "gw-unified"), 200)
-    texts = stream_all(client(stack, "gw-disagg"), 200, lambda: stack.kill("decode-0"))
-    assert texts == expected  # nothing lost, nothing repeated
+def test_decode_worker_killed_mid_stream(stack: Processes, unified: Callable[[int], list[str]]) -> None:
+    # long enough that no stream can finish before most have started, even on a loaded machine;
+    # the expected texts come from the unified workers meanwhile (they share nothing with these)
+    with ThreadPoolExecutor(1) as pool:
+        expected = pool.submit(unified, 200)
+        texts = stream_all(client(stack, "gw-disagg"), 200, lambda: stack.kill("decode-0"))
+    assert texts == expected.result()  # nothing lost, nothing repeated
     assert "resuming elsewhere" in stack.log("gw-disagg")
 
 
-def test_prefill_worker_killed_mid_load(stack: Processes) -> None:
-    expected = complete_all(client(stack, "gw-unified"), 24)
+def test_prefill_worker_killed_mid_load(stack: Processes, unified: Callable[[int], list[str]]) -> None:
+    expected = unified(24)
     oai = client(stack, "gw-disagg")
     done = [False] * NUM_REQUESTS
     first_done, killed = threading.Event(), threading.Event()
@@ -149,9 +165,9 @@ def test_prefill_worker_killed_mid_load(stack: Processes) -> None:
     assert complete_all(oai, 8) == complete_all(client(stack, "gw-unified"), 8)  # still serving
 
 
-def test_unified_worker_killed_mid_stream(stack: Processes) -> None:
+def test_unified_worker_killed_mid_stream(stack: Processes, unified: Callable[[int], list[str]]) -> None:
     oai = client(stack, "gw-unified")
-    expected = complete_all(oai, 200)
+    expected = unified(200)
     texts = stream_all(oai, 200, lambda: stack.kill("unified-0"))
     assert texts == expected
     assert "resuming elsewhere" in stack.log("gw-unified")

@@ -55,6 +55,15 @@ def gpt_oss_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_chat_with_tools_through_tandem_up(gpt_oss_dir: Path) -> None:
+    up = UpProcess(gpt_oss_dir)  # starts while transformers computes the reference below
+    try:
+        _check_chat_with_tools(up, gpt_oss_dir)
+    finally:
+        status = up.stop()
+    assert status == 0, up.output()[-3000:]
+
+
+def _check_chat_with_tools(up: UpProcess, gpt_oss_dir: Path) -> None:
     import openai
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,39 +85,32 @@ def test_chat_with_tools_through_tandem_up(gpt_oss_dir: Path) -> None:
     parser = HarmonyParser("harmony", reasoning=True, tools=True)
     expected = parser.feed(tokenizer.decode(kept, skip_special_tokens=False))
     expected.extend(parser.finish())
-    up = UpProcess(gpt_oss_dir)
-    try:
-        up.wait_healthy()
-        client = openai.OpenAI(base_url=up.url + "/v1", api_key="unused")
-        model = client.models.list().data[0].id
-        # the raw completion of the rendered prompt's ids: transformers' tokens, as text
-        completion = client.completions.create(model=model, prompt=prompt_ids, max_tokens=12, temperature=0.0)
-        assert completion.usage is not None and completion.usage.completion_tokens == len(want_ids)
-        assert completion.choices[0].text == tokenizer.decode(want_ids, skip_special_tokens=True)
-        # chat: the styler renders the same prompt and parses the same output
-        args: dict[str, Any] = dict(
-            model=model, messages=MESSAGES, tools=TOOLS, max_tokens=12, temperature=0.0
-        )
-        reply = client.chat.completions.create(**args)
-        assert reply.usage is not None and reply.usage.prompt_tokens == len(prompt_ids)
-        assert reply.usage.completion_tokens == len(want_ids)
-        message = reply.choices[0].message
-        assert (getattr(message, "reasoning_content", None) or "") == expected.reasoning
-        assert (message.content or "") == expected.content
-        assert [c.function.name for c in message.tool_calls or []] == [c.name for c in expected.tool_calls]
-        streamed = "".join(
-            (chunk.choices[0].delta.content or "")
-            for chunk in client.chat.completions.create(**args, stream=True)
-            if chunk.choices
-        )
-        assert streamed == (message.content or "")
-        # OpenAI's reasoning_effort reaches the template ("Reasoning: high" in the system message)
-        high = tokenizer.apply_chat_template(
-            MESSAGES, tools=TOOLS, add_generation_prompt=True, reasoning_effort="high", return_dict=False
-        )
-        assert len(high) == len(prompt_ids) - 2  # byte tokens: the default "medium" became "high"
-        effort = client.chat.completions.create(**{**args, "max_tokens": 1}, reasoning_effort="high")
-        assert effort.usage is not None and effort.usage.prompt_tokens == len(high)
-    finally:
-        status = up.stop()
-    assert status == 0, up.output()[-3000:]
+    up.wait_healthy()
+    client = openai.OpenAI(base_url=up.url + "/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    # the raw completion of the rendered prompt's ids: transformers' tokens, as text
+    completion = client.completions.create(model=model, prompt=prompt_ids, max_tokens=12, temperature=0.0)
+    assert completion.usage is not None and completion.usage.completion_tokens == len(want_ids)
+    assert completion.choices[0].text == tokenizer.decode(want_ids, skip_special_tokens=True)
+    # chat: the styler renders the same prompt and parses the same output
+    args: dict[str, Any] = dict(model=model, messages=MESSAGES, tools=TOOLS, max_tokens=12, temperature=0.0)
+    reply = client.chat.completions.create(**args)
+    assert reply.usage is not None and reply.usage.prompt_tokens == len(prompt_ids)
+    assert reply.usage.completion_tokens == len(want_ids)
+    message = reply.choices[0].message
+    assert (getattr(message, "reasoning_content", None) or "") == expected.reasoning
+    assert (message.content or "") == expected.content
+    assert [c.function.name for c in message.tool_calls or []] == [c.name for c in expected.tool_calls]
+    streamed = "".join(
+        (chunk.choices[0].delta.content or "")
+        for chunk in client.chat.completions.create(**args, stream=True)
+        if chunk.choices
+    )
+    assert streamed == (message.content or "")
+    # OpenAI's reasoning_effort reaches the template ("Reasoning: high" in the system message)
+    high = tokenizer.apply_chat_template(
+        MESSAGES, tools=TOOLS, add_generation_prompt=True, reasoning_effort="high", return_dict=False
+    )
+    assert len(high) == len(prompt_ids) - 2  # byte tokens: the default "medium" became "high"
+    effort = client.chat.completions.create(**{**args, "max_tokens": 1}, reasoning_effort="high")
+    assert effort.usage is not None and effort.usage.prompt_tokens == len(high)

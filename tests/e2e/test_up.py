@@ -25,7 +25,13 @@ def test_up_serves_health_and_stops_cleanly(stories_dir: Path) -> None:
         assert http_status(up.url + "/health") == 200
         children = _children_by_role(up)
         assert set(children) == {"styler", "worker", "gateway"}
-        assert "tandem is serving" in up.output()
+        out = up.output()
+        assert "tandem is serving" in out
+        # the styler and the worker load side by side (neither needs the other), the gateway after
+        assert out.index("starting worker-0") < out.index("styler is serving"), out[-3000:]
+        assert out.index("starting gateway") > max(
+            out.index("styler is serving"), out.index("worker-0 is serving")
+        )
     finally:
         status = up.stop()
     assert status == 0, up.output()[-3000:]

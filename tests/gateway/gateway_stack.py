@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tests.e2e.stack import free_port, kill_process, stop_processes
@@ -66,6 +67,15 @@ class Stack:
         return proc
 
     def start(self, timeout_s: float = 180.0) -> Stack:
+        return self.launch().wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> Stack:
+        self.wait_healthy(self.port, timeout_s, all_workers=True)
+        return self
+
+    def launch(self) -> Stack:
+        """Spawn the processes without waiting for them (`wait_ready`): a test can prepare
+        something else, or launch another stack, while they start."""
         self._spawn("styler", ["styler", "--model", str(self.model), "--address", self.styler_address])
         for i, address in enumerate(self.worker_addresses):
             self._spawn(
@@ -83,7 +93,6 @@ class Stack:
             )
         self.port, self.grpc_port = free_port(), free_port()
         self.start_gateway("gateway", self.port, [*self.gateway_args, "--grpc-port", str(self.grpc_port)])
-        self.wait_healthy(self.port, timeout_s, all_workers=True)
         return self
 
     def start_gateway(
@@ -100,6 +109,37 @@ class Stack:
         for address in self.worker_addresses if workers is None else workers:
             argv += ["--worker", address]
         return self._spawn(name, [*argv, *args])
+
+    @contextlib.contextmanager
+    def extra_gateway(
+        self,
+        name: str,
+        args: Sequence[str] = (),
+        want: int = 200,
+        workers: Sequence[str] | None = None,
+        port: int = 0,
+    ) -> Iterator[str]:
+        """A further gateway with its own flags on this stack's styler and workers (a gateway
+        starts in a second; a whole stack takes several): yields its URL once /health answers
+        `want`, then stops it (SIGTERM) and forgets it (`wait_healthy` fails on exited processes)."""
+        port = port or free_port()
+        self.start_gateway(name, port, args, workers=workers)
+        try:
+            self.wait_healthy(port, 120, want=want)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop_processes([self.procs.pop(name)])
+
+    @contextlib.contextmanager
+    def extra_worker(self, name: str, model: Path, args: Sequence[str] = ()) -> Iterator[str]:
+        """A further worker process (`name` starts with "worker") on its own socket, in no gateway's
+        rotation until one is started with it: yields its address, then stops it."""
+        address = f"unix:{self.run_dir}/{name}.sock"
+        self._spawn(name, ["worker", "--model", str(model), "--address", address, "--device", "cpu", *args])
+        try:
+            yield address
+        finally:
+            stop_processes([self.procs.pop(name)])
 
     def styler_address_list(self) -> list[str]:
         return [self.styler_address]

@@ -7,8 +7,6 @@ Qwen3 tokenizer and template) for tools, tool results and thinking blocks.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -16,7 +14,6 @@ import httpx
 import openai
 import pytest
 from gateway_stack import Stack
-from tiny_qwen3 import write_tiny_qwen3
 
 pytestmark = [pytest.mark.e2e]
 
@@ -34,16 +31,6 @@ WEATHER = {
 
 def _client(stack: Stack, **kwargs: Any) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0, timeout=60, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def qwen3_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    model = write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
-    stack = Stack(tmp_path_factory.mktemp("qwen3-stack"), model)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
 
 
 def test_create_equals_the_chat_route(stories_stack: Stack) -> None:
@@ -214,21 +201,17 @@ def test_forced_tool_use_and_the_tool_result_loop(qwen3_stack: Stack) -> None:
     assert json.loads("".join(pieces)) == streamed[0].input
 
 
-def test_api_key_from_x_api_key(shared_dir: Path, stories_dir: Path, tmp_path: Path) -> None:
-    stack = Stack(tmp_path, stories_dir, gateway_args=["--api-key", "sk-anthropic-test"])
-    stack.start()
-    try:
+def test_api_key_from_x_api_key(stories_stack: Stack) -> None:
+    with stories_stack.extra_gateway("gateway-api-key", ["--api-key", "sk-anthropic-test"]) as url:
         with pytest.raises(anthropic.AuthenticationError) as info:
-            _client(stack).messages.create(
-                model=stack.model.name, max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+            anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=60).messages.create(
+                model=stories_stack.model.name, max_tokens=4, messages=[{"role": "user", "content": "hi"}]
             )
         assert info.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
-        ok = anthropic.Anthropic(
-            base_url=stack.url, api_key="sk-anthropic-test", max_retries=0
-        ).messages.create(model=stack.model.name, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+        ok = anthropic.Anthropic(base_url=url, api_key="sk-anthropic-test", max_retries=0).messages.create(
+            model=stories_stack.model.name, max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
         assert ok.usage.output_tokens >= 1
-    finally:
-        stack.stop()
 
 
 def _sse_events(text: str) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gateway_stack import Stack, free_port
+from gateway_stack import Stack
 
 pytestmark = [pytest.mark.e2e]
 
@@ -30,29 +30,32 @@ def http(stories_stack: Stack) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def guarded(stories_stack: Stack) -> Iterator[httpx.Client]:
     """A second gateway on the same styler and worker: two API keys, small bodies, no waiting room."""
-    port = free_port()
-    stories_stack.start_gateway(
-        "gateway-guarded",
-        port,
-        ["--api-key", "key-one", "--api-key", "key-two", "--max-request-bytes", "4096", "--max-waiting", "0"],
-    )
-    stories_stack.wait_healthy(port, 60)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    args = [
+        "--api-key",
+        "key-one",
+        "--api-key",
+        "key-two",
+        "--max-request-bytes",
+        "4096",
+        "--max-waiting",
+        "0",
+    ]
+    with (
+        stories_stack.extra_gateway("gateway-guarded", args) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
         yield client
-    stories_stack.kill("gateway-guarded")
 
 
 @pytest.fixture(scope="module")
 def workerless(stories_stack: Stack) -> Iterator[httpx.Client]:
     """A gateway whose only worker does not exist."""
-    port = free_port()
-    stories_stack.start_gateway(
-        "gateway-workerless", port, workers=[f"unix:{stories_stack.run_dir}/no-such-worker.sock"]
-    )
-    stories_stack.wait_healthy(port, 60, want=503)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+    workers = [f"unix:{stories_stack.run_dir}/no-such-worker.sock"]
+    with (
+        stories_stack.extra_gateway("gateway-workerless", want=503, workers=workers) as url,
+        httpx.Client(base_url=url, timeout=60) as client,
+    ):
         yield client
-    stories_stack.kill("gateway-workerless")
 
 
 def expect_error(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,6 @@ import httpx
 import openai
 import pytest
 from gateway_stack import Stack
-from tiny_qwen3 import write_tiny_qwen3
 
 pytestmark = [pytest.mark.e2e]
 
@@ -36,24 +34,10 @@ MESSAGES: list[Any] = [
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
-
-
-@pytest.fixture(scope="module")
-def qwen3_stack(qwen3_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("qwen3-stack"), qwen3_dir)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(qwen3_dir: Path) -> Any:
+def reference(tiny_qwen3_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(qwen3_dir))
+    return AutoTokenizer.from_pretrained(str(tiny_qwen3_dir))
 
 
 def hf_ids(tok: Any, **kwargs: Any) -> list[int]:

@@ -14,8 +14,6 @@ forced tool choice and the bounded schemas make a random model produce calls and
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +21,6 @@ import openai
 import openai_spec as spec
 import pytest
 from gateway_stack import Stack
-from tiny_qwen3 import write_tiny_qwen3
 
 pytestmark = [pytest.mark.e2e]
 
@@ -368,16 +365,6 @@ QWEN3_CASES: dict[str, dict[str, Any]] = {
     "reasoning": {"chat_template": THINKING_TEMPLATE, "max_tokens": 5},
     "reasoning-logprobs": {"chat_template": THINKING_TEMPLATE, "max_tokens": 3, "logprobs": True},
 }
-
-
-@pytest.fixture(scope="module")
-def qwen3_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    model = write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
-    stack = Stack(tmp_path_factory.mktemp("qwen3-stack"), model)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
 
 
 def _check_message(case: str, message: dict[str, Any], finish_reason: str) -> None:

@@ -13,7 +13,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ import httpx
 import openai
 import pytest
 from gateway_stack import Stack
-from tiny_qwen3 import write_tiny_qwen3
 
 from gateway.response_store import ResponseStore, StoredResponse
 
@@ -45,24 +43,8 @@ def _client(stack: Stack) -> openai.OpenAI:
 
 
 @pytest.fixture(scope="module")
-def stack(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    db = tmp_path_factory.mktemp("responses-db") / "responses.sqlite3"
-    stack = Stack(tmp_path_factory.mktemp("stack"), stories_dir, gateway_args=["--responses-db", str(db)])
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
-
-
-@pytest.fixture(scope="module")
-def qwen3_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    model = write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
-    db = tmp_path_factory.mktemp("responses-db") / "responses.sqlite3"
-    stack = Stack(tmp_path_factory.mktemp("qwen3-stack"), model, gateway_args=["--responses-db", str(db)])
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
+def stack(stories_stack: Stack) -> Stack:
+    return stories_stack  # its gateway stores Responses (--responses-db in its run directory)
 
 
 def test_create_equals_the_chat_route(stack: Stack) -> None:
@@ -222,21 +204,17 @@ def test_function_calls_and_their_outputs(qwen3_stack: Stack) -> None:
     assert streamed and "".join(deltas) == streamed[0].arguments
 
 
-def test_stored_responses_survive_a_gateway_restart(stories_dir: Path, tmp_path: Path) -> None:
-    db = tmp_path / "responses.sqlite3"
-    (tmp_path / "run").mkdir()
-    stack = Stack(
-        tmp_path / "run", stories_dir, gateway_args=["--responses-db", str(db), "--responses-ttl", "3600"]
-    )
-    stack.start()
-    try:
-        kept = _client(stack).responses.create(
-            model=stack.model.name, input="Once upon a time", max_output_tokens=8
+def test_stored_responses_survive_a_gateway_restart(stories_stack: Stack, tmp_path: Path) -> None:
+    """A gateway of its own (its own database) on the shared stack, stopped and started again."""
+    args = ["--responses-db", str(tmp_path / "responses.sqlite3"), "--responses-ttl", "3600"]
+    with stories_stack.extra_gateway("gateway-responses", args) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        kept = client.responses.create(
+            model=stories_stack.model.name, input="Once upon a time", max_output_tokens=8
         )
-        stack.restart_gateway()
-        assert _client(stack).responses.retrieve(kept.id).output_text == kept.output_text
-    finally:
-        stack.stop()
+    with stories_stack.extra_gateway("gateway-responses", args, port=int(url.rsplit(":", 1)[1])) as again:
+        assert again == url
+        assert client.responses.retrieve(kept.id).output_text == kept.output_text
 
 
 def test_expired_responses_are_gone(tmp_path: Path) -> None:

@@ -28,8 +28,6 @@ import pytest
 import torch
 from gateway_stack import Stack
 
-from tests.e2e.stack import free_port
-
 pytestmark = [pytest.mark.e2e]
 
 NUM_REQUESTS = 64
@@ -223,34 +221,24 @@ def assert_strict_holds(tallies: dict[bool, Tally]) -> None:
     assert loose.failed >= 1, "strict off produced no bad call: the test would prove nothing"
 
 
-@pytest.fixture(scope="module")
-def qwen3_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def _tiny_qwen3(vocab_size: int) -> Any:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    def make(vocab_size: int) -> Any:
-        return Qwen3ForCausalLM(
-            Qwen3Config(
-                vocab_size=vocab_size,
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                head_dim=16,
-                max_position_embeddings=2048,
-                tie_word_embeddings=False,
-                bos_token_id=None,
-                eos_token_id=151645,
-            )
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=151645,
         )
-
-    favour = {**COMMON, "<tool_call>": 4.0, "</tool_call>": 2.0, "<|im_end|>": 2.0}
-    path = craft_model(shared_dir, tmp_path_factory.mktemp("garbage-qwen3"), "qwen3", make, favour)
-    stack = Stack(tmp_path_factory.mktemp("qwen3-strict"), path)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
+    )
 
 
 def _tiny_llama(bos_token_id: int, eos_token_id: int) -> Callable[[int], Any]:
@@ -277,40 +265,67 @@ def _tiny_llama(bos_token_id: int, eos_token_id: int) -> Callable[[int], Any]:
     return make
 
 
+_DEEPSEEK_MARKERS = (
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁call▁end｜>",
+)
+# family -> (tokenizer, model builder, the pieces its model favours)
+FAMILIES: dict[str, tuple[str, Callable[[int], Any], dict[str, float]]] = {
+    "qwen3": ("qwen3", _tiny_qwen3, {**COMMON, "<tool_call>": 4.0, "</tool_call>": 2.0, "<|im_end|>": 2.0}),
+    # the message is a call when it starts with `{`: make that a likely first token
+    "llama": (
+        "llama3.1",
+        _tiny_llama(bos_token_id=128000, eos_token_id=128009),
+        {**COMMON, "{": 12.0, "<|eot_id|>": 2.0},
+    ),
+    # DeepSeek-V3's tokenizer and template on a tiny Llama (the architecture does not matter here)
+    "deepseek": (
+        "deepseek-v3",
+        _tiny_llama(bos_token_id=0, eos_token_id=1),
+        {
+            **COMMON,
+            **{m: 2.0 for m in _DEEPSEEK_MARKERS},
+            "function": 2.0,
+            "```json": 2.0,
+            "<｜tool▁calls▁end｜>": 2.0,
+            "<｜end▁of▁sentence｜>": 2.0,
+        },
+    ),
+}
+
+
 @pytest.fixture(scope="module")
-def llama_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    make = _tiny_llama(bos_token_id=128000, eos_token_id=128009)
-
-    # The message is a call when it starts with `{`: make that a likely first token.
-    favour = {**COMMON, "{": 12.0, "<|eot_id|>": 2.0}
-    path = craft_model(shared_dir, tmp_path_factory.mktemp("garbage-llama"), "llama3.1", make, favour)
-    stack = Stack(tmp_path_factory.mktemp("llama-strict"), path)
+def stacks(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Stack]]:
+    """One stack per family, each launched as soon as its model is written: the next model is
+    crafted while the earlier stacks start."""
+    launched: dict[str, Stack] = {}
     try:
-        yield stack.start()
+        for family, (tokenizer, make, favour) in FAMILIES.items():
+            path = craft_model(
+                shared_dir, tmp_path_factory.mktemp(f"garbage-{family}"), tokenizer, make, favour
+            )
+            launched[family] = Stack(tmp_path_factory.mktemp(f"{family}-strict"), path).launch()
+        yield {family: stack.wait_ready() for family, stack in launched.items()}
     finally:
-        stack.stop()
+        for stack in launched.values():
+            stack.stop()
 
 
 @pytest.fixture(scope="module")
-def deepseek_stack(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """DeepSeek-V3's tokenizer and template on a tiny Llama (the architecture does not matter here)."""
-    make = _tiny_llama(bos_token_id=0, eos_token_id=1)
+def qwen3_stack(stacks: dict[str, Stack]) -> Stack:
+    return stacks["qwen3"]
 
-    markers = ("<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>")
-    favour = {
-        **COMMON,
-        **{m: 2.0 for m in markers},
-        "function": 2.0,
-        "```json": 2.0,
-        "<｜tool▁calls▁end｜>": 2.0,
-    }
-    favour["<｜end▁of▁sentence｜>"] = 2.0
-    path = craft_model(shared_dir, tmp_path_factory.mktemp("garbage-deepseek"), "deepseek-v3", make, favour)
-    stack = Stack(tmp_path_factory.mktemp("deepseek-strict"), path)
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
+
+@pytest.fixture(scope="module")
+def llama_stack(stacks: dict[str, Stack]) -> Stack:
+    return stacks["llama"]
+
+
+@pytest.fixture(scope="module")
+def deepseek_stack(stacks: dict[str, Stack]) -> Stack:
+    return stacks["deepseek"]
 
 
 def test_hermes_auto_calls_always_parse_when_strict(qwen3_stack: Stack) -> None:
@@ -322,14 +337,12 @@ def test_llama3_json_auto_calls_always_parse_when_strict(llama_stack: Stack) -> 
 
 
 def test_strict_tools_always_needs_no_strict_flag(qwen3_stack: Stack) -> None:
-    port = free_port()
-    qwen3_stack.start_gateway("gateway-always", port, ["--strict-tools", "always"])
-    qwen3_stack.wait_healthy(port, 120)
-    client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300
-    )
-    with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda seed: request(client, qwen3_stack.model.name, seed, False), range(16)))
+    with qwen3_stack.extra_gateway("gateway-always", ["--strict-tools", "always"]) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(
+                pool.map(lambda seed: request(client, qwen3_stack.model.name, seed, False), range(16))
+            )
     calls = [c for r in replies for c in r.choices[0].message.tool_calls or []]
     assert calls and all(check_call(c.function.name, c.function.arguments) == "" for c in calls)
     for reply in replies:

@@ -1,6 +1,6 @@
 """Structured outputs and forced tool calls end to end, with the official `openai` client and the
-gRPC Inference API: `tandem up` on a tiny random Qwen3 (the real Qwen3 tokenizer) for chat, the
-shared stories260K stack for completions.
+gRPC Inference API: the shared stack on a tiny random Qwen3 (the real Qwen3 tokenizer) for chat,
+the shared stories260K stack for completions.
 
 A random model follows no instruction, so every schema here is bounded (enum, maxLength,
 maximum, maxItems): the constraint alone brings each output to its end well within max_tokens.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,8 @@ import jsonschema
 import openai
 import pytest
 from gateway_stack import Stack
-from tiny_qwen3 import write_tiny_qwen3
 
 from tandem.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from tests.e2e.stack import UpProcess, free_port
 
 pytestmark = [pytest.mark.e2e]
 
@@ -62,31 +59,12 @@ NAMED: Any = {"type": "function", "function": {"name": "get_weather"}}
 
 
 @pytest.fixture(scope="module")
-def qwen3(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpProcess]:
-    model = write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
-    up = UpProcess(
-        model,
-        "--device",
-        "cpu",
-        "--grpc-port",
-        str(free_port()),
-        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    try:
-        up.wait_healthy()
-        yield up
-    finally:
-        up.stop()
-
-
-def _grpc_port(up: UpProcess) -> int:
-    args = up.process.args
-    assert isinstance(args, list)
-    return int(args[args.index("--grpc-port") + 1])
+def qwen3(qwen3_stack: Stack) -> Stack:
+    return qwen3_stack
 
 
 @pytest.fixture(scope="module")
-def client(qwen3: UpProcess) -> openai.OpenAI:
+def client(qwen3: Stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=qwen3.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
@@ -259,8 +237,8 @@ def test_streamed_tool_calls_equal_the_whole_response(client: openai.OpenAI, too
 # ---- the gRPC Inference API ------------------------------------------------------------------
 
 
-def test_grpc_tool_choice_required_and_guided(qwen3: UpProcess) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{_grpc_port(qwen3)}") as channel:
+def test_grpc_tool_choice_required_and_guided(qwen3: Stack) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{qwen3.grpc_port}") as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         request = inference_pb2.ChatCompletionRequest(
             messages=[common_pb2.ChatMessage(role="user", text="Weather?")],
@@ -368,7 +346,7 @@ def test_grpc_tool_choice_required_and_guided(qwen3: UpProcess) -> None:
     ],
 )
 def test_bad_constraints_are_400_and_the_stack_still_serves(
-    qwen3: UpProcess, body: dict[str, Any], param: str, words: str
+    qwen3: Stack, body: dict[str, Any], param: str, words: str
 ) -> None:
     reply = httpx.post(
         qwen3.url + "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4, **body}, timeout=60
@@ -468,26 +446,18 @@ def test_completions_json_schema_and_grpc_guided(stories_stack: Stack) -> None:
         assert set(texts.values()) <= {"up", "down"} and len(texts) == 2
 
 
-def test_a_worker_that_cannot_guide_gives_a_clear_400(stories_dir: Path, tmp_path: Path) -> None:
+def test_a_worker_that_cannot_guide_gives_a_clear_400(stories_stack: Stack, tmp_path: Path) -> None:
     # the worker's model directory has no tokenizer.json (the styler's has)
     for name in ("config.json", "generation_config.json", "model.safetensors"):
-        (tmp_path / name).symlink_to(stories_dir / name)
-    up = UpProcess(
-        stories_dir,
-        "--device",
-        "cpu",
-        "--worker-args",
-        f"--model {tmp_path}",
-        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    try:
-        up.wait_healthy()
+        (tmp_path / name).symlink_to(stories_stack.model / name)
+    with (
+        stories_stack.extra_worker("worker-unguided", tmp_path) as worker,
+        stories_stack.extra_gateway("gateway-unguided", workers=[worker]) as url,
+    ):
         body = {"prompt": "Once", "max_tokens": 4}
-        reply = httpx.post(up.url + "/v1/completions", json={**body, "guided_choice": ["a", "b"]}, timeout=60)
+        reply = httpx.post(url + "/v1/completions", json={**body, "guided_choice": ["a", "b"]}, timeout=60)
         assert reply.status_code == 400, reply.text
         error = reply.json()["error"]
         assert (error["param"], error["code"]) == ("guided_choice", "guided_decoding_unavailable")
         assert "tokenizer" in error["message"]
-        assert httpx.post(up.url + "/v1/completions", json=body, timeout=60).status_code == 200
-    finally:
-        up.stop()
+        assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200

@@ -1,12 +1,13 @@
 """Multimodal test fixtures: a tiny random LLaVA (CLIP tower + Llama) saved as a real HF model
 directory with its image processor, a chat template and the stories260K tokenizer plus an
-"<image>" token."""
+"<image>" token; one real stack serving it (styler, CPU worker, gateway) for the API tests."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gateway"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gateway_stack import Stack
 from llava_testlib import IMAGE_SIZE, IMAGE_TOKEN, VOCAB
 
 torch.set_num_threads(1)
@@ -72,3 +74,15 @@ def qwen_vl_dir(tmp_path_factory: pytest.TempPathFactory, shared_dir: Path) -> P
     from qwen_testlib import make_model_dir
 
     return make_model_dir(shared_dir, tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+
+
+@pytest.fixture(scope="session")
+def llava_stack(llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Images from `localhost` URLs allowed; Responses stored in the run directory."""
+    run_dir = tmp_path_factory.mktemp("llava-stack")
+    args = ["--allowed-media-domains", "localhost", "--responses-db", str(run_dir / "responses.sqlite3")]
+    stack = Stack(run_dir, llava_dir, gateway_args=args)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()

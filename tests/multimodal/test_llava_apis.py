@@ -7,76 +7,34 @@ request is unaffected."""
 from __future__ import annotations
 
 import base64
-import http.server
-import io
-import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
 import openai
 import pytest
 from gateway_stack import Stack
-from llava_testlib import data_url, png
+from llava_testlib import MAX_TOKENS, chat, data_url, hundred_megapixels, image_server, png
 
 pytestmark = [pytest.mark.e2e]
-MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
-def stack(llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("mm-apis")
-    s = Stack(
-        run_dir,
-        llava_dir,
-        gateway_args=[
-            "--allowed-media-domains",
-            "localhost",
-            "--responses-db",
-            str(run_dir / "responses.sqlite3"),
-        ],
-    )
-    try:
-        yield s.start()
-    finally:
-        s.stop()
+def oai(llava_stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=llava_stack.base_url, api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
-def oai(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.base_url, api_key="unused", max_retries=0, timeout=60)
+def claude(llava_stack: Stack) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=llava_stack.url, api_key="unused", max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
-def claude(stack: Stack) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=stack.url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def image_server() -> Iterator[tuple[str, bytes]]:
-    """A local HTTP server (host `localhost`, allowed by the stack) serving one PNG."""
+def served_image() -> Iterator[tuple[str, bytes]]:
+    """A PNG and its URL on a local HTTP server (host `localhost`, allowed by the stack)."""
     image = png(50, 40, seed=4)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(image)))
-            self.end_headers()
-            self.wfile.write(image)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://localhost:{server.server_address[1]}/cat.png", image
-    finally:
-        server.shutdown()
-        server.server_close()
+    with image_server(image) as url:
+        yield url, image
 
 
 # A message is a list of ("text", str) and ("image", bytes | url) items, written in each API's form.
@@ -92,12 +50,7 @@ def _chat(oai: openai.OpenAI, items: list[Item]) -> tuple[str, int, int]:
         {"type": "text", "text": v} if k == "text" else {"type": "image_url", "image_url": {"url": _url(v)}}
         for k, v in items
     ]
-    reply = oai.chat.completions.create(
-        model="",
-        messages=[{"role": "user", "content": parts}],  # type: ignore[list-item,misc]
-        max_tokens=MAX_TOKENS,
-        temperature=0.0,
-    )
+    reply = chat(oai, parts)
     assert reply.usage is not None
     return reply.choices[0].message.content or "", reply.usage.prompt_tokens, reply.usage.completion_tokens
 
@@ -201,9 +154,9 @@ def test_streams_match_chat(oai: openai.OpenAI, claude: anthropic.Anthropic) -> 
 
 
 def test_allowed_url_images(
-    oai: openai.OpenAI, claude: anthropic.Anthropic, image_server: tuple[str, bytes]
+    oai: openai.OpenAI, claude: anthropic.Anthropic, served_image: tuple[str, bytes]
 ) -> None:
-    url, image = image_server
+    url, image = served_image
     text, _, _ = _chat(oai, [("image", image), ("text", " cat")])
     assert _response(oai, [("image", url), ("text", " cat")]).output_text == text
     assert _message(claude, [("image", url), ("text", " cat")]).content[0].text == text
@@ -220,19 +173,11 @@ def test_an_image_in_a_stored_conversation(oai: openai.OpenAI) -> None:
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
 
 
-def _hundred_megapixels() -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("L", (10_000, 10_000)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 # (the image, a word of the message); the image is the second part / block of the first message
 BAD_IMAGES: list[tuple[Any, str]] = [
     (png(20, 20, seed=3)[:40], "not a decodable image"),  # truncated PNG
     (b"hello world", "not a decodable"),  # not an image
-    (_hundred_megapixels(), "pixels"),
+    (hundred_megapixels(), "pixels"),
     ("https://example.com/cat.png", "not allowed"),  # host not in --allowed-media-domains
 ]
 

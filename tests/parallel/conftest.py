@@ -83,21 +83,38 @@ def tp_refs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RefModel]:
     return refs
 
 
+class GroupRun:
+    """tests/parallel/tp_generate.py (one worker group's engine over `spec`'s prompts) running in
+    the background while the test computes its references; `result()` waits for its JSON."""
+
+    def __init__(self, tmp_path: Path, spec: dict[str, Any], *worker_args: str, timeout_s: float = 240):
+        prompts, self.out, self.log = tmp_path / "prompts.json", tmp_path / "out.json", tmp_path / "group.log"
+        prompts.write_text(json.dumps(spec))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        script = str(REPO / "tests" / "parallel" / "tp_generate.py")
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, script, str(self.out), str(prompts), "--", *worker_args],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.timeout_s = timeout_s
+
+    def result(self) -> dict[str, Any]:
+        try:
+            self.proc.wait(self.timeout_s)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        assert self.proc.returncode == 0, self.log.read_text(errors="replace")[-4000:]
+        return dict(json.loads(self.out.read_text()))
+
+
 def run_group(
     tmp_path: Path, spec: dict[str, Any], *worker_args: str, timeout_s: float = 240
 ) -> dict[str, Any]:
     """tests/parallel/tp_generate.py: one worker group's engine over `spec`'s prompts."""
-    prompts, out = tmp_path / "prompts.json", tmp_path / "out.json"
-    prompts.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    script = str(REPO / "tests" / "parallel" / "tp_generate.py")
-    proc = subprocess.run(
-        [sys.executable, script, str(out), str(prompts), "--", *worker_args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return dict(json.loads(out.read_text()))
+    return GroupRun(tmp_path, spec, *worker_args, timeout_s=timeout_s).result()

@@ -8,19 +8,33 @@ from pathlib import Path
 
 import pytest
 
+from services.worker.engine import GenerateResult
 from services.worker.request import SamplingParams
-from tests.parallel.conftest import run_group
+from tests.parallel.conftest import GroupRun
 from tests.worker.worker_testlib import RefModel, prompts_of_lengths
 
 LENGTHS = [1, 3, 7, 12, 17, 29, 40, 5]  # 8 requests in flight; the long ones are chunked (budget 16)
 MAX_TOKENS = 10
 
 
+# T = P = 1 results by (model, n): several tests compare groups of one model with the same baseline
+_BASELINES: dict[tuple[str, int], list[GenerateResult]] = {}
+
+
+def _baseline(ref: RefModel, name: str, prompts: list[list[int]], n: int) -> list[GenerateResult]:
+    if (name, n) not in _BASELINES:
+        single = ref.engine(kv_cache_memory="4MiB", max_num_batched_tokens=16)
+        _BASELINES[(name, n)] = single.generate(
+            prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=3, n=n)
+        )
+    return _BASELINES[(name, n)]
+
+
 def _check(ref: RefModel, name: str, tp: int, tmp_path: Path, n: int = 1, pp: int = 1) -> None:
     prompts = prompts_of_lengths(LENGTHS, ref.vocab_size, seed=3)
     options = ["--model", str(ref.path), "--device", "cpu", "--kv-cache-memory", "4MiB"]
     options += ["--max-num-batched-tokens", "16", "--cpu-threads", "1"]
-    got = run_group(
+    group = GroupRun(
         tmp_path,
         {"prompts": prompts, "max_tokens": MAX_TOKENS, "logprobs": 3, "n": n},
         *options,
@@ -29,14 +43,17 @@ def _check(ref: RefModel, name: str, tp: int, tmp_path: Path, n: int = 1, pp: in
         "--pipeline-parallel-size",
         str(pp),
     )
-    single = ref.engine(kv_cache_memory="4MiB", max_num_batched_tokens=16)
-    base = single.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=3, n=n))
+    # the baseline and transformers' tokens while the group runs
+    base = _baseline(ref, name, prompts, n)
+    expected = [ref.greedy(prompt, MAX_TOKENS) for prompt in prompts]
+    got = group.result()
     assert got["used_blocks"] == 0
     for i, (prompt, result) in enumerate(zip(prompts, base, strict=True)):
-        expected = ref.greedy(prompt, MAX_TOKENS)
-        assert result.token_ids[0] == expected  # T = 1 (the baseline itself)
+        assert result.token_ids[0] == expected[i]  # T = 1 (the baseline itself)
         for choice in range(n):  # forks share the prompt's blocks (copy-on-fork on every rank)
-            assert got["tokens"][i][str(choice)] == expected, f"{name} T={tp} P={pp}: prompt of {len(prompt)}"
+            assert got["tokens"][i][str(choice)] == expected[i], (
+                f"{name} T={tp} P={pp}: prompt of {len(prompt)}"
+            )
         ours = got["logprobs"][i]
         theirs = [lp.logprob for lp in result.logprobs[0]]
         assert len(ours) == len(theirs)
@@ -94,7 +111,7 @@ def test_embed_group_equals_transformers(tp: int, pp: int, tmp_path: Path) -> No
     prompts = prompts_of_lengths(LENGTHS, 320, seed=3)
     options = ["--model", str(model), "--device", "cpu", "--kv-cache-memory", "4MiB", "--task", "embed"]
     options += ["--max-num-batched-tokens", "16", "--cpu-threads", "1"]
-    got = run_group(
+    group = GroupRun(
         tmp_path,
         {"prompts": prompts},
         *options,
@@ -103,6 +120,8 @@ def test_embed_group_equals_transformers(tp: int, pp: int, tmp_path: Path) -> No
         "--pipeline-parallel-size",
         str(pp),
     )
+    expected = reference(model, prompts)  # while the group runs
+    got = group.result()
     assert got["used_blocks"] == 0
-    for vector, ref in zip(got["embeddings"], reference(model, prompts), strict=True):
+    for vector, ref in zip(got["embeddings"], expected, strict=True):
         torch.testing.assert_close(torch.tensor(vector), ref, atol=1e-4, rtol=0)

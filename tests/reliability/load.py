@@ -68,3 +68,11 @@ class Load:
 
     def after(self, t: float) -> list[Outcome]:
         return [o for o in self.outcomes if o.started >= t]
+
+    async def served(self, since: float, count: int = 10, timeout_s: float = 60.0) -> None:
+        """Wait until `count` streams started at or after `since` have ended (a condition, not a
+        fixed time: the load has run that much on the stack as it is now)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.after(since)) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} streams ended in {timeout_s}s"
+            await asyncio.sleep(0.02)

@@ -79,7 +79,7 @@ class ReliabilityStack(Stack):
             ],
         )
 
-    def start(self, timeout_s: float = 180.0) -> ReliabilityStack:
+    def launch(self) -> ReliabilityStack:
         self._spawn(
             "styler",
             [
@@ -96,7 +96,10 @@ class ReliabilityStack(Stack):
             self.start_worker(i)
         self.port, self.grpc_port = free_port(), free_port()
         self.start_gateway("gateway", self.port, [*self.gateway_args, "--grpc-port", str(self.grpc_port)])
-        self.wait_healthy(self.port, timeout_s, all_workers=True)
+        return self
+
+    def start(self, timeout_s: float = 180.0) -> ReliabilityStack:
+        self.launch().wait_ready(timeout_s)
         return self
 
 

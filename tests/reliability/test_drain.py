@@ -35,7 +35,7 @@ async def test_rolling_restart_under_load_fails_nothing(stories_dir: Path, tmp_p
         stack.start()
         load = Load(stack.url, concurrency=3)
         load.start()
-        await asyncio.sleep(1.0)
+        await load.served(since=0.0)  # the load runs before the first restart
         for i in range(2):
             name = f"worker-{i}"
             proc = stack.procs[name]
@@ -48,7 +48,7 @@ async def test_rolling_restart_under_load_fails_nothing(stories_dir: Path, tmp_p
             while not all((await asyncio.to_thread(_workers_in_rotation, stack.url)).values()):
                 assert time.monotonic() < deadline, stack.log_tail(name)
                 await asyncio.sleep(0.2)
-            await asyncio.sleep(1.0)
+            await load.served(since=time.monotonic())  # both workers serve before the next restart
         await load.stop()
     finally:
         stack.stop()

@@ -9,10 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
-from worker_testlib import RefModel, prompts_of_lengths, run_to_completion, usage_of
+from worker_testlib import (
+    RefModel,
+    check_greedy_matches_transformers,
+    check_logprobs_match_transformers,
+    check_prefix_hits_and_preemption,
+)
 
 from services.worker.model_config import ModelConfigError, load_model_config
-from services.worker.request import EngineRequest, SamplingParams
 
 FAMILIES = ["mistral_sw", "gemma2", "gemma3", "phi3"]
 LENGTHS = [1, 3, 7, 12, 16, 17, 29, 40]
@@ -27,63 +31,24 @@ def _context(model: str) -> dict[str, int]:
 @pytest.mark.parametrize("model", FAMILIES)
 @pytest.mark.parametrize("budget", [2048, 16])
 def test_greedy_matches_transformers(ref_models: dict[str, RefModel], model: str, budget: int) -> None:
-    ref = ref_models[model]
-    engine = ref.engine(max_num_batched_tokens=budget, **_context(model))
+    engine = check_greedy_matches_transformers(ref_models[model], LENGTHS, budget, **_context(model))
     assert engine.max_model_len > 8  # the window does not cap the context
-    prompts = prompts_of_lengths(LENGTHS, ref.vocab_size, seed=11)
-    results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
-    for prompt, result in zip(prompts, results, strict=True):
-        assert result.token_ids[0] == ref.greedy(prompt, 16), f"prompt of {len(prompt)} tokens"
-        assert usage_of(result).prompt_tokens == len(prompt)
-    assert engine.block_manager.num_used_blocks == 0
 
 
 @pytest.mark.parametrize("model", FAMILIES)
 def test_prefix_hits_and_preemption(ref_models: dict[str, RefModel], model: str) -> None:
-    ref = ref_models[model]
-    # a cache of 10 blocks for 8 requests of 3-4 blocks each: some are preempted and recomputed
-    cfg = ref.hf.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    block_bytes = 16 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
-    engine = ref.engine(kv_cache_memory=str(10 * block_bytes), max_num_batched_tokens=64, max_model_len=64)
-    (prefix,) = prompts_of_lengths([33], ref.vocab_size, seed=3)
-    prompts = [
-        prefix + tail[1:] for tail in prompts_of_lengths([4, 9, 2, 6, 11, 3, 8, 5], ref.vocab_size, seed=4)
-    ]
-    requests = [
-        EngineRequest(f"r{i}", tuple(p), SamplingParams(temperature=0.0, max_tokens=20))
-        for i, p in enumerate(prompts)
-    ]
-    results = run_to_completion(engine, requests)
-    for i, prompt in enumerate(prompts):
-        assert results[f"r{i}"].token_ids[0] == ref.greedy(prompt, 20)
-    assert engine.block_manager.hit_rate > 0
-    assert engine.scheduler.num_preemptions > 0
+    check_prefix_hits_and_preemption(ref_models[model])
 
 
 @pytest.mark.parametrize("model", FAMILIES)
 def test_logprobs_match_transformers(ref_models: dict[str, RefModel], model: str) -> None:
-    ref = ref_models[model]
-    engine = ref.engine(**_context(model))
-    (prompt,) = prompts_of_lengths([21], ref.vocab_size, seed=5)
-    (result,) = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, logprobs=0))
-    tokens, steps = ref.greedy_with_logprobs(prompt, 8)
-    assert result.token_ids[0] == tokens
-    for entry, step, token in zip(result.logprobs[0], steps, tokens, strict=True):
-        assert abs(entry.logprob - float(step[token])) < 1e-4
+    check_logprobs_match_transformers(ref_models[model], 21, max_tokens=8, seed=5, **_context(model))
 
 
 def test_phi3_long_context_uses_the_long_factors(ref_models: dict[str, RefModel]) -> None:
     """Served past original_max_position_embeddings (64), every position rotates with LongRoPE's
     long factors, as transformers does for a prompt longer than that."""
-    ref = ref_models["phi3"]
-    engine = ref.engine(max_model_len=128)
-    (prompt,) = prompts_of_lengths([70], ref.vocab_size, seed=6)
-    (result,) = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12, logprobs=0))
-    tokens, steps = ref.greedy_with_logprobs(prompt, 12)
-    assert result.token_ids[0] == tokens
-    for entry, step, token in zip(result.logprobs[0], steps, tokens, strict=True):
-        assert abs(entry.logprob - float(step[token])) < 1e-4
+    check_logprobs_match_transformers(ref_models["phi3"], 70, max_tokens=12, seed=6, max_model_len=128)
 
 
 def _write_config(tmp_path: Path, cfg: dict) -> str:  # type: ignore[type-arg]

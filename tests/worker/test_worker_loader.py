@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,27 @@ def test_tandem_worker_reports_a_bad_model_dir_in_one_line(
     assert main(["--model", str(tmp_path)], "tandem worker") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tandem worker: error:") and "no config.json" in err and "\n" not in err
+
+
+def test_building_a_model_runs_no_initialiser(stories_dir: Path) -> None:
+    """The modules are built on meta with their parameter initialisers skipped: an initialiser on a
+    meta tensor goes through torch's reference decompositions, whose first use imports
+    torch._dynamo (seconds of every worker's start-up). In a fresh process, as a worker starts."""
+    code = (
+        "import sys\n"
+        "from services.worker.config import WorkerConfig\n"
+        "from services.worker.engine import Engine\n"
+        f"Engine(WorkerConfig(model={str(stories_dir)!r}, device='cpu', kv_cache_memory='1MiB'))\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    repo = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": repo},
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "False", "building the model imported torch._dynamo"

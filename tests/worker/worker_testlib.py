@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import torch
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, GenerateResult, collect
 from services.worker.outputs import Usage
-from services.worker.request import EngineRequest
+from services.worker.request import EngineRequest, SamplingParams
 
 
 def randomize_norms_and_biases(hf: Any, seed: int) -> None:
@@ -222,21 +222,39 @@ class RefModel:
     hf: Any
     eos_token_ids: list[int]
     vocab_size: int
+    # transformers' answers so far by prompt: (the max_new_tokens asked, the tokens, their
+    # log-softmax rows or None). Many tests ask the same prompts (once per engine setting), and
+    # greedy decoding is prefix-consistent: a longer answer also serves a shorter ask.
+    _answers: dict[tuple[int, ...], tuple[int, list[int], list[torch.Tensor] | None]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
-        out = self.hf.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.eos_token_ids,
-            pad_token_id=0,
-        )
-        return out[0, len(prompt) :].tolist()
+        return self._answer(prompt, max_new_tokens, with_logprobs=False)[0]
 
     def greedy_with_logprobs(
         self, prompt: list[int], max_new_tokens: int
     ) -> tuple[list[int], list[torch.Tensor]]:
+        tokens, steps = self._answer(prompt, max_new_tokens, with_logprobs=True)
+        assert steps is not None
+        return tokens, steps
+
+    def _answer(
+        self, prompt: list[int], max_new_tokens: int, with_logprobs: bool
+    ) -> tuple[list[int], list[torch.Tensor] | None]:
+        key = tuple(prompt)
+        cached = self._answers.get(key)
+        if cached is None or cached[0] < max_new_tokens or (with_logprobs and cached[2] is None):
+            cached = self._answers[key] = (
+                max_new_tokens,
+                *self._generate(prompt, max_new_tokens, with_logprobs),
+            )
+        _, tokens, steps = cached
+        return tokens[:max_new_tokens], None if steps is None else steps[:max_new_tokens]
+
+    def _generate(
+        self, prompt: list[int], max_new_tokens: int, with_logprobs: bool
+    ) -> tuple[list[int], list[torch.Tensor] | None]:
         out = self.hf.generate(
             torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -244,10 +262,12 @@ class RefModel:
             do_sample=False,
             eos_token_id=self.eos_token_ids,
             pad_token_id=0,
-            output_logits=True,
+            output_logits=with_logprobs,
             return_dict_in_generate=True,
         )
         tokens = out.sequences[0, len(prompt) :].tolist()
+        if not with_logprobs:
+            return tokens, None
         return tokens, [torch.log_softmax(step[0].float(), dim=-1) for step in out.logits]
 
     def engine(self, **overrides: Any) -> Engine:
@@ -299,3 +319,55 @@ def run_to_completion(
     if check_blocks_freed:
         assert engine.block_manager.num_used_blocks == 0
     return results
+
+
+# ---- checks shared by the model-family tests (test_dense_families.py, test_moe_models.py) --------
+def check_greedy_matches_transformers(
+    ref: RefModel, lengths: list[int], budget: int, **engine_options: Any
+) -> Engine:
+    """Greedy tokens of prompts of `lengths`, all in flight at once (chunked prefill when the
+    token `budget` is small), equal transformers' generate; the usage counts each prompt and
+    every KV block is given back. Returns the engine for the caller's own checks."""
+    engine = ref.engine(max_num_batched_tokens=budget, **engine_options)
+    prompts = prompts_of_lengths(lengths, ref.vocab_size, seed=11)
+    results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
+    for prompt, result in zip(prompts, results, strict=True):
+        assert result.token_ids[0] == ref.greedy(prompt, 16), f"prompt of {len(prompt)} tokens"
+        assert usage_of(result).prompt_tokens == len(prompt)
+    assert engine.block_manager.num_used_blocks == 0
+    return engine
+
+
+def check_prefix_hits_and_preemption(ref: RefModel) -> None:
+    """8 requests sharing a 33-token prefix in a cache of 10 blocks (3-4 blocks each): prefix hits,
+    some requests preempted and recomputed, and still transformers' greedy tokens."""
+    cfg = ref.hf.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    block_bytes = 16 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+    engine = ref.engine(kv_cache_memory=str(10 * block_bytes), max_num_batched_tokens=64, max_model_len=64)
+    (prefix,) = prompts_of_lengths([33], ref.vocab_size, seed=3)
+    prompts = [
+        prefix + tail[1:] for tail in prompts_of_lengths([4, 9, 2, 6, 11, 3, 8, 5], ref.vocab_size, seed=4)
+    ]
+    requests = [
+        EngineRequest(f"r{i}", tuple(p), SamplingParams(temperature=0.0, max_tokens=20))
+        for i, p in enumerate(prompts)
+    ]
+    results = run_to_completion(engine, requests)
+    for i, prompt in enumerate(prompts):
+        assert results[f"r{i}"].token_ids[0] == ref.greedy(prompt, 20)
+    assert engine.block_manager.hit_rate > 0
+    assert engine.scheduler.num_preemptions > 0
+
+
+def check_logprobs_match_transformers(
+    ref: RefModel, prompt_len: int, max_tokens: int, seed: int, **engine_options: Any
+) -> None:
+    """The greedy tokens of one prompt and their logprobs (within 1e-4) equal transformers'."""
+    engine = ref.engine(**engine_options)
+    (prompt,) = prompts_of_lengths([prompt_len], ref.vocab_size, seed=seed)
+    (result,) = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0))
+    tokens, steps = ref.greedy_with_logprobs(prompt, max_tokens)
+    assert result.token_ids[0] == tokens
+    for entry, step, token in zip(result.logprobs[0], steps, tokens, strict=True):
+        assert abs(entry.logprob - float(step[token])) < 1e-4
