@@ -70,7 +70,22 @@ class Stack:
         return self.launch().wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float = 180.0) -> Stack:
-        self.wait_healthy(self.port, timeout_s, all_workers=True)
+        for attempt in range(3):
+            try:
+                self.wait_healthy(self.port, timeout_s, all_workers=True)
+                return self
+            except RuntimeError as exc:
+                # free_port() releases the port it found; another process (an outgoing connection's
+                # ephemeral port, say) may take it before the gateway binds: new ports, once more
+                if attempt == 2 or (
+                    "Failed to bind" not in str(exc) and "address already in use" not in str(exc)
+                ):
+                    raise
+                stop_processes([self.procs.pop("gateway")])
+                self.port, self.grpc_port = free_port(), free_port()
+                self.start_gateway(
+                    "gateway", self.port, [*self.gateway_args, "--grpc-port", str(self.grpc_port)]
+                )
         return self
 
     def launch(self) -> Stack:
