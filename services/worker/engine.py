@@ -159,7 +159,9 @@ class Engine:
         # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
         state = parallel.current()
         self.tp_size, self.pp_size = state.tp_size, state.pp_size
-        self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
+        # (ranks on other hosts of an --nnodes group have no watcher here: their loss shows in a ping)
+        watched = config.nnodes == 1 or config.distributed_executor_backend == "ray"
+        self.driver = StepDriver(config.distributed_timeout, watched) if state.world_size > 1 else None
         self.runner.model.driver = self.driver
         # a draft model's weights load before the KV cache is sized (the profile counts them)
         self.draft_model = (
