@@ -7,12 +7,26 @@ from pathlib import Path
 
 import pytest
 
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("TANDEM_SHARED", REPO_ROOT.parent / "shared")).resolve()
 STORIES_DIR = SHARED / "models" / "stories260K"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Triton kernels run on its CPU interpreter without a GPU. TRITON_INTERPRET is read when triton is
+# first imported and a `@triton.jit` function defined, so it is set here, before any test module
+# is collected: a module collected before tests/kernels that imports triton (transformers does)
+# left helpers compiled for a GPU and the kernel tests failed ("Cannot call @triton.jit'd outside
+# of the scope of a kernel"). Workers on the CPU pick the reference kernels either way.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -150,7 +150,9 @@ class Engine:
         # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
         state = parallel.current()
         self.tp_size, self.pp_size = state.tp_size, state.pp_size
-        self.driver = StepDriver(config.distributed_timeout) if state.world_size > 1 else None
+        # (ranks on other hosts of an --nnodes group have no watcher here: their loss shows in a ping)
+        watched = config.nnodes == 1 or config.distributed_executor_backend == "ray"
+        self.driver = StepDriver(config.distributed_timeout, watched) if state.world_size > 1 else None
         self.runner.model.driver = self.driver
         # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA;
         # in a group every rank loads its shard of each.

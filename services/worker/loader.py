@@ -81,7 +81,8 @@ def _skip_init() -> Iterator[None]:
     """Modules built on meta skip their parameter initialisers (as transformers' `no_init_weights`
     does): a meta tensor holds no values to initialise, and the first initialiser run on one goes
     through torch's reference decompositions, which import torch._dynamo: seconds of every
-    worker's start-up for nothing."""
+    worker's start-up for nothing. (Process-wide while the modules are built: the worker builds
+    them before it serves anything.)"""
     saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
 
     def skip(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:

@@ -99,6 +99,7 @@ class RayRanks:
     def __init__(self, config: WorkerConfig, argv: list[str]) -> None:
         self._ray = ray = import_ray()
         self._closing = False
+        self._terminate_lock = threading.Lock()  # the watcher and a failed step may both stop the group
         self.actors: list[Any] = []
         world = config.world_size
         cuda = config.device != "cpu" and torch.cuda.is_available()
@@ -198,6 +199,11 @@ class RayRanks:
         os._exit(1)  # the engine thread may be inside a collective with the dead rank
 
     def terminate(self) -> None:
+        with self._terminate_lock:
+            if not self._closing:
+                self._stop()
+
+    def _stop(self) -> None:
         self._closing = True
         for actor in self.actors:
             with contextlib.suppress(Exception):  # already gone

@@ -22,8 +22,8 @@ gone (a finalizer; the ids ride on the next forward).
 A rank that dies takes the group down: rank 0 watches its children and exits non-zero when one
 exits (killing the rest), the children die with rank 0 (PR_SET_PDEATHSIG) or when a collective
 with it fails, and every collective has the group's timeout, so no rank waits forever. While the
-worker is idle, rank 0 broadcasts a ping every second (at most every timeout / 4), so that idle
-ranks never time out and a rank lost on another host is noticed at once.
+worker is idle, rank 0 broadcasts a ping every timeout / 4 so that idle ranks never time out; every
+second when some ranks run on other hosts (--nnodes > 1), so that the loss of one is noticed at once.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PING_INTERVAL_S = 1.0  # rank 0's ping of idle ranks (StepDriver)
+PING_INTERVAL_S = 1.0  # rank 0's ping of idle ranks on other hosts (StepDriver)
 
 RANK_ENV = "TANDEM_TP_RANK"
 MASTER_ENV = "TANDEM_TP_MASTER"  # host:port of the group's rendezvous
@@ -123,13 +123,16 @@ Command = Forward | Logits | CopyBlocks | BindKV | Profile | Ping | LoadLoRA | R
 class StepDriver:
     """Rank 0's side: broadcasts each command before rank 0 runs it itself."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, ranks_watched: bool = True) -> None:
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._detached = False
-        # Often enough that a rank lost on another host (no parent watches it) is noticed within
-        # about a second of idling, not after a quarter of the (minutes-long) group timeout.
-        self._interval = min(PING_INTERVAL_S, max(timeout_s / 4, 0.1))
+        # Idle ranks are pinged often enough never to time out. Where a rank's loss has no watcher
+        # here (ranks on other hosts, --nnodes > 1), every second: the ping is what notices it,
+        # within about a second of idling rather than a quarter of the (minutes-long) timeout.
+        self._interval = max(timeout_s / 4, 0.5)
+        if not ranks_watched:
+            self._interval = min(PING_INTERVAL_S, max(timeout_s / 4, 0.1))
         self._stop = threading.Event()
         self._lora_step: LoRAStep | None = None  # staged for the next forward
         # lora_ids whose adapter rank 0 dropped (appended by finalizers, on any thread)
@@ -307,9 +310,22 @@ class RankProcesses:
             proc.wait()
 
 
+# What rank 0 runs before a failed group's process exits (tp_launch registers the Ray ranks'
+# terminate: a local Ray cluster's processes would outlive the os._exit otherwise).
+_on_failure: list[Callable[[], None]] = []
+
+
+def on_group_failure(cleanup: Callable[[], None]) -> None:
+    _on_failure.append(cleanup)
+
+
 def group_failed(exc: BaseException) -> NoReturn:
-    """A step of a tensor-parallel group raised (a collective with a dead or stuck rank): the group
-    cannot go on, so this process exits and its ranks with it; `tandem up` restarts the worker."""
+    """A step of a tensor-parallel group raised (a collective with a dead or stuck rank, or rank 0's
+    ping of idle ranks): the group cannot go on, so this process exits and its ranks with it;
+    `tandem up` restarts the worker."""
     log.error("tensor-parallel step failed (%s): taking the worker group down", exc)
+    for cleanup in _on_failure:
+        with contextlib.suppress(Exception):
+            cleanup()
     logging.shutdown()
     os._exit(1)

@@ -24,6 +24,7 @@ from services.worker.tp_group import (
     MASTER_ENV,
     RANK_ENV,
     RankProcesses,
+    on_group_failure,
 )
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ def _start_ray_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
     """Rank 0 here, ranks 1..W-1 as Ray actors (services/worker/ray_executor.py)."""
     check_group(config)
     ranks = RayRanks(config, argv)
+    on_group_failure(ranks.terminate)
     where = ranks.placement
     if where.device.type == "cuda":
         torch.cuda.set_device(where.device)

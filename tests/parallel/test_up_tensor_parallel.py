@@ -77,7 +77,7 @@ def test_up_tensor_parallel_serves_openai(stories_dir: Path) -> None:
             now = children_by_role(up.process.pid).get("worker")
             if now not in (None, worker) and http_status(up.url + "/health") == 200 and child_pids(now):
                 break
-            time.sleep(0.5)
+            time.sleep(0.1)
         else:
             raise AssertionError("the worker group was not restarted:\n" + up.output()[-3000:])
         assert "restarting" in up.output()
