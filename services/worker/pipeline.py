@@ -131,11 +131,13 @@ def forward_stage(
     layers: Layers,  # this stage's layers: (hidden, residual, meta) -> (hidden, residual)
     final_norm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     trace: StageTrace | None = None,
+    select_rows: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """This stage's part of one step: its layers over each micro-batch, in order, between a
     receive from the stage before (stage 0: the embedding) and a send to the stage after (the last
     stage: back to stage 0). Stage 0 returns the step's normed hidden states [T, hidden]; the
-    other stages' return value is not used."""
+    other stages' return value is not used. `select_rows(t0, t1)`, when given, is called before a
+    micro-batch's layers with its token range (the LoRA mapping follows the micro-batch's rows)."""
     stage, num_stages = layout.pp_rank, layout.pp_size
     first = stage == 0
     parts = micro_batches(meta, num_stages)
@@ -148,6 +150,8 @@ def forward_stage(
         else:
             like = hidden_like.new_empty(mb.num_tokens, hidden_like.shape[0])
             hidden, residual = parallel.recv_from_stage(stage - 1, like, like, tag=i)
+        if select_rows is not None:
+            select_rows(mb.token_start, mb.token_end)
         start = time.monotonic()
         hidden, residual = layers(hidden, residual, mb.meta)
         end = time.monotonic()

@@ -22,8 +22,31 @@ class LoRAMapping:
         self.sorted_token_ids = torch.zeros(max_num_tokens, dtype=torch.int32, device=device)  # [max T]
         self.seg_starts = torch.zeros(num_slots, dtype=torch.int32, device=device)  # [S]
         self.seg_lens = torch.zeros(num_slots, dtype=torch.int32, device=device)  # [S]
+        # the step's mapping on the host: a pipeline stage narrows it to each micro-batch's rows
+        self._step: tuple[list[int], list[int], list[int]] = ([], [0] * num_slots, [0] * num_slots)
 
     def set(self, sorted_token_ids: list[int], seg_starts: list[int], seg_lens: list[int]) -> None:
+        self._step = (sorted_token_ids, seg_starts, seg_lens)
+        self._write(sorted_token_ids, seg_starts, seg_lens)
+
+    def select_rows(self, start: int, end: int) -> None:
+        """Map only the step's rows [start, end), renumbered from 0: the micro-batch a pipeline
+        stage runs next (services/worker/pipeline.py). `restore` maps the whole step again."""
+        ids, starts, lens = self._step
+        sub_ids: list[int] = []
+        sub_starts: list[int] = []
+        sub_lens: list[int] = []
+        for s0, n in zip(starts, lens, strict=True):
+            rows = [r - start for r in ids[s0 : s0 + n] if start <= r < end]
+            sub_starts.append(len(sub_ids))
+            sub_lens.append(len(rows))
+            sub_ids += rows
+        self._write(sub_ids, sub_starts, sub_lens)
+
+    def restore(self) -> None:
+        self._write(*self._step)
+
+    def _write(self, sorted_token_ids: list[int], seg_starts: list[int], seg_lens: list[int]) -> None:
         if len(sorted_token_ids) > self.sorted_token_ids.shape[0]:
             raise ValueError(
                 f"{len(sorted_token_ids)} rows exceed the LoRA mapping's {self.sorted_token_ids.shape[0]}"

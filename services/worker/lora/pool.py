@@ -114,6 +114,7 @@ class LoRAPool:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.shapes = model_shapes(model, hidden_size)
         self.mapping = LoRAMapping(max_loras, max_num_tokens, device)
+        model.model.lora_mapping = self.mapping  # type: ignore[union-attr]
         # per layer: fused projection name -> its slice of the pool
         self.layers: list[dict[str, LoRAProjection]] = []
         for projections in decoder_projections(model):

@@ -30,6 +30,7 @@ from services.worker.parallel import ShardLayout, all_gather_last_dim, shard_lay
 
 if TYPE_CHECKING:
     from services.worker.checkpoint import CheckpointTensor
+    from services.worker.layers.lora import LoRAMapping
     from services.worker.tp_group import StepDriver
 
 # Steps of at most this many tokens take the folded forward (the CUDA-graph logits ladder's top).
@@ -224,6 +225,9 @@ class LlamaModel(nn.Module):
         self.aux_hidden: torch.Tensor | None = None
         # --pipeline-trace: each micro-batch's start and end on this stage (pipeline.py)
         self.trace: pipeline.StageTrace | None = None
+        # the LoRA pool's row mapping (services/worker/lora/pool.py), None without LoRA: a pipeline
+        # stage narrows it to each micro-batch
+        self.lora_mapping: LoRAMapping | None = None
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None
@@ -276,9 +280,22 @@ class LlamaModel(nn.Module):
         def final_norm(hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
             return self.norm.add_and_norm(hidden, residual)[0]
 
-        return pipeline.forward_stage(
-            layout, input_ids, meta, self.norm.weight, self.embed_tokens, layers, final_norm, self.trace
-        )
+        mapping = self.lora_mapping
+        try:
+            return pipeline.forward_stage(
+                layout,
+                input_ids,
+                meta,
+                self.norm.weight,
+                self.embed_tokens,
+                layers,
+                final_norm,
+                self.trace,
+                mapping.select_rows if mapping is not None else None,
+            )
+        finally:
+            if mapping is not None:
+                mapping.restore()
 
 
 class LlamaForCausalLM(nn.Module):
