@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from worker_servers import LoopThread
+
 # Tiny models on a shared 2-core machine: one intra-op thread per engine is fastest.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    """An event loop in a thread for the module's in-process workers."""
+    thread = LoopThread()
+    yield thread
+    thread.close()
 
 
 @pytest.fixture(scope="session")

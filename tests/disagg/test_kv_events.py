@@ -109,13 +109,6 @@ def test_event_log_resumes_or_snapshots() -> None:
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
 def workers(
     loop: LoopThread, stories_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[list[InProcessWorker]]:

@@ -14,14 +14,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import torch
-from test_kv_transfer import make_prompts, sampling_pb, wait_no_blocks
+from test_kv_transfer import Pair, make_prompts, sampling_pb, wait_no_blocks
 from worker_servers import InProcessWorker, LoopThread, start_worker, stop_worker
 
 from services.worker.config import WorkerConfig
@@ -33,24 +32,6 @@ from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 MAX_TOKENS = 12
 COMMON = dict(device="cpu", kv_cache_memory="8MiB", max_model_len=256, cpu_threads=1)
 GATE_TIMEOUT_S = 30.0
-
-
-@dataclass
-class Pair:
-    prefill: InProcessWorker
-    decode: InProcessWorker
-    reference: Engine
-    vocab_size: int
-
-    def stub(self, w: InProcessWorker) -> worker_pb2_grpc.WorkerStub:
-        return worker_pb2_grpc.WorkerStub(grpc.insecure_channel(w.address))
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture(scope="module")

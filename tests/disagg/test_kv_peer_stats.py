@@ -28,13 +28,6 @@ from tandem.v1 import worker_pb2
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
 def pair(loop: LoopThread, stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     sock = tmp_path_factory.mktemp("sock")
     opts: dict[str, Any] = dict(model=str(stories_dir), **COMMON)

@@ -178,13 +178,6 @@ def test_a_cuda_ipc_handle_may_only_name_torch_tensor_parts() -> None:
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
 def ipc_pair(loop: LoopThread, stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     sock = tmp_path_factory.mktemp("sock")
     opts: dict[str, Any] = dict(model=str(stories_dir), **COMMON)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -75,13 +74,6 @@ def test_each_head_and_layer_is_read_once_and_written_where_held(
             q * cfg.num_kv_heads // cfg.num_heads for q in range(t * q_per_rank, (t + 1) * q_per_rank)
         }
         assert set(range(r.head_start, r.head_start + r.num_heads)) == kv_of_query
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 def _stub(address: str) -> worker_pb2_grpc.WorkerStub:

@@ -14,11 +14,17 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from worker_testlib import RefModel, load_ref, prompts_of_lengths, run_to_completion, usage_of
+from worker_testlib import (
+    RefModel,
+    check_prefix_hits_and_preemption,
+    load_ref,
+    prompts_of_lengths,
+    usage_of,
+)
 
 from services.worker.layers.quantization.mxfp4 import dequantize_mxfp4, quantize_mxfp4
 from services.worker.loader import WeightLoadError
-from services.worker.request import EngineRequest, SamplingParams
+from services.worker.request import SamplingParams
 
 LENGTHS = [1, 3, 7, 12, 16, 17, 29, 40, 5]
 
@@ -89,24 +95,7 @@ def test_greedy_matches_transformers(
 
 
 def test_prefix_hits_and_preemption(ref_models: dict[str, RefModel]) -> None:
-    ref = ref_models["gpt_oss"]
-    # a cache of 10 blocks for 8 requests of 3-4 blocks each: some are preempted and recomputed
-    cfg = ref.hf.config
-    block_bytes = 16 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
-    engine = ref.engine(kv_cache_memory=str(10 * block_bytes), max_num_batched_tokens=64, max_model_len=64)
-    (prefix,) = prompts_of_lengths([33], ref.vocab_size, seed=3)
-    prompts = [
-        prefix + tail[1:] for tail in prompts_of_lengths([4, 9, 2, 6, 11, 3, 8, 5], ref.vocab_size, seed=4)
-    ]
-    requests = [
-        EngineRequest(f"r{i}", tuple(p), SamplingParams(temperature=0.0, max_tokens=20))
-        for i, p in enumerate(prompts)
-    ]
-    results = run_to_completion(engine, requests)
-    for i, prompt in enumerate(prompts):
-        assert results[f"r{i}"].token_ids[0] == ref.greedy(prompt, 20)
-    assert engine.block_manager.hit_rate > 0
-    assert engine.scheduler.num_preemptions > 0
+    check_prefix_hits_and_preemption(ref_models["gpt_oss"])
 
 
 @pytest.mark.parametrize("weights", ["bf16-layout", "mxfp4"])
