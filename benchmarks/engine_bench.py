@@ -20,11 +20,9 @@ says by how much); the per-request shapes are the scenario's.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_report import device_label, write_report  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from services.worker.request import EngineRequest, SamplingParams  # noqa: E402
@@ -835,9 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
         return 2
-    device_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
-    )
+    device_name = device_label(device)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     ceil = measure_ceilings(device, plan)
@@ -932,24 +929,20 @@ def save_report(
     check_targets(rows)
     if final:
         print_table(rows, ceil, device_name)
-    date = dt.date.today().isoformat()
-    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
-    default_dir = Path(tempfile.gettempdir()) if args.smoke else REPO / "benchmarks" / "results"
-    out = Path(args.out) if args.out else default_dir / f"engine_{slug}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": device_name,
-        "date": date,
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "complete": final,
-        "ceilings": {"copy_GBps": ceil.copy_gbps, "bf16_matmul_TFLOPs": ceil.matmul_tflops},
-        "scaled_requests": {k: {"benchmarks_md": v[0], "here": v[1]} for k, v in SCALED.items()},
-        "plan": plan.__dict__,
-        "rows": [r.__dict__ for r in rows],
-        "linear_tuning": linear_reports,
-    }
-    out.write_text(json.dumps(report, indent=1, default=str))
+    out = write_report(
+        "engine",
+        device_name,
+        args.smoke,
+        args.out,
+        {
+            "complete": final,
+            "ceilings": {"copy_GBps": ceil.copy_gbps, "bf16_matmul_TFLOPs": ceil.matmul_tflops},
+            "scaled_requests": {k: {"benchmarks_md": v[0], "here": v[1]} for k, v in SCALED.items()},
+            "plan": plan.__dict__,
+            "rows": [r.__dict__ for r in rows],
+            "linear_tuning": linear_reports,
+        },
+    )
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
     print(f"wrote {out}", flush=True)

@@ -17,10 +17,8 @@ The JSON goes to benchmarks/results/lora_<gpu>_<date>.json (and $OUT when set).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from engine_bench import MODELS, free_engine, random_prompt, step_until_done, tiny, write_model  # noqa: E402
 
+from benchmarks.bench_report import device_label, write_report  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from services.worker.request import EngineRequest, SamplingParams  # noqa: E402
@@ -130,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
         return 2
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.machine()})"
+    device_name = device_label(args.device)
     cfg = tiny(MODELS[args.model]) if args.smoke else MODELS[args.model]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,24 +166,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {name:<40} {t['ratio']:10.2f}  (target >= {t['target']:.2f}: {'met' if t['met'] else 'NOT met'})"
         )
-    date = dt.date.today().isoformat()
-    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
-    default_dir = Path(tempfile.gettempdir()) if args.smoke else REPO / "benchmarks" / "results"
-    out = Path(args.out) if args.out else default_dir / f"lora_{slug}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": device_name,
-        "date": date,
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "model": args.model,
-        "rank": args.rank,
-        "prompt": args.prompt,
-        "output": args.output,
-        "rows": rows,
-        "targets": targets,
-    }
-    out.write_text(json.dumps(report, indent=1))
+    out = write_report(
+        "lora",
+        device_name,
+        args.smoke,
+        args.out,
+        {
+            "model": args.model,
+            "rank": args.rank,
+            "prompt": args.prompt,
+            "output": args.output,
+            "rows": rows,
+            "targets": targets,
+        },
+    )
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
     print(f"wrote {out}", flush=True)

@@ -19,11 +19,9 @@ benchmark through `tandem up --encode-workers N`).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +37,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_report import device_label, write_report  # noqa: E402
 from services.styler.images import QwenVLPreprocessor  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.encoder import VisionEncoder  # noqa: E402
@@ -325,29 +324,21 @@ def main(argv: list[str] | None = None) -> int:
     trials = args.trials or (2 if args.smoke else 10)
     decode_tokens = args.decode_tokens or (8 if args.smoke else 128)
     shape = "tiny" if args.smoke else "Qwen2.5-VL-7B"
-    device_name = (
-        torch.cuda.get_device_name(torch.device(device))
-        if device.startswith("cuda")
-        else platform.processor() or "cpu"
-    )
+    device_name = device_label(device)
     model_dir = write_model(Path(tempfile.mkdtemp(prefix="mm_bench_")), cfg)
     print(f"{shape} (dummy weights) on {device_name}", flush=True)
     rows = bench_encoder(model_dir, device, sizes, iters)
     rows += bench_engine(model_dir, device, sizes[0], args.text_tokens, trials, decode_tokens)
-    date = dt.date.today().isoformat()
-    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
-    default_dir = Path(tempfile.gettempdir()) if args.smoke else REPO / "benchmarks" / "results"
-    out = Path(args.out) if args.out else default_dir / f"mm_{slug}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": device_name,
-        "date": date,
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "shape": shape,
-        "rows": [asdict(r) for r in rows],
-    }
-    out.write_text(json.dumps(report, indent=1))
+    out = write_report(
+        "mm",
+        device_name,
+        args.smoke,
+        args.out,
+        {
+            "shape": shape,
+            "rows": [asdict(r) for r in rows],
+        },
+    )
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
     print(f"wrote {out}", flush=True)

@@ -19,10 +19,8 @@ The JSON goes to benchmarks/results/quant_<gpu>_<date>.json (and $OUT when set).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -50,6 +48,7 @@ from engine_bench import (  # noqa: E402
     write_model,
 )
 
+from benchmarks.bench_report import device_label, write_report  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from services.worker.request import EngineRequest, SamplingParams  # noqa: E402
@@ -166,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
         return 2
-    device_name = (
-        torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
-    )
+    device_name = device_label(device)
     torch.manual_seed(0)
     ceil = measure_ceilings(device, SMOKE if args.smoke else FULL)
     print(f"ceilings: copy {ceil.copy_gbps:.0f} GB/s, matmul {ceil.matmul_tflops:.1f} TFLOP/s", flush=True)
@@ -193,22 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     for g in gemm:
         print(f"  {g['shape']:<22} {g['kernel']:<22} {g['us']:9.1f} us  {g['weight_GBps']:7.0f} GB/s")
-    date = dt.date.today().isoformat()
-    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
-    default_dir = Path(tempfile.gettempdir()) if args.smoke else REPO / "benchmarks" / "results"
-    out = Path(args.out) if args.out else default_dir / f"quant_{slug}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": device_name,
-        "date": date,
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "model": args.model,
-        "ceilings": {"copy_GBps": ceil.copy_gbps, "bf16_matmul_TFLOPs": ceil.matmul_tflops},
-        "decode": decode,
-        "gemm": gemm,
-    }
-    out.write_text(json.dumps(report, indent=1))
+    out = write_report(
+        "quant",
+        device_name,
+        args.smoke,
+        args.out,
+        {
+            "model": args.model,
+            "ceilings": {"copy_GBps": ceil.copy_gbps, "bf16_matmul_TFLOPs": ceil.matmul_tflops},
+            "decode": decode,
+            "gemm": gemm,
+        },
+    )
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
     print(f"wrote {out}", flush=True)

@@ -30,11 +30,8 @@ with adaptation.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -47,6 +44,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_report import device_label, write_report  # noqa: E402
 from benchmarks.engine_bench import MODELS, write_model  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
@@ -279,11 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     engine: Engine | None = make_engine(target, device, max_model_len)
     assert engine is not None
-    device_name = (
-        torch.cuda.get_device_name(engine.device)
-        if engine.device.type == "cuda"
-        else platform.processor() or "cpu"
-    )
+    device_name = device_label(engine.device)
     baseline, expected = timed_generate(engine, prompt, max_tokens)
     grounded_baseline = decode_rate(engine, grounded, max_tokens)
     print(
@@ -342,23 +336,19 @@ def main(argv: list[str] | None = None) -> int:
 
     print_table(rows, shape, device_name)
     checks = check_targets(rows)
-    date = dt.date.today().isoformat()
-    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
-    default_dir = Path(tempfile.gettempdir()) if args.smoke else REPO / "benchmarks" / "results"
-    out = Path(args.out) if args.out else default_dir / f"spec_{slug}_{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "device": device_name,
-        "date": date,
-        "torch": torch.__version__,
-        "smoke": args.smoke,
-        "shape": shape,
-        "prompt_len": prompt_len,
-        "max_tokens": max_tokens,
-        "rows": [asdict(r) for r in rows],
-        "targets": checks,
-    }
-    out.write_text(json.dumps(report, indent=1))
+    out = write_report(
+        "spec",
+        device_name,
+        args.smoke,
+        args.out,
+        {
+            "shape": shape,
+            "prompt_len": prompt_len,
+            "max_tokens": max_tokens,
+            "rows": [asdict(r) for r in rows],
+            "targets": checks,
+        },
+    )
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
     print(f"wrote {out}", flush=True)
