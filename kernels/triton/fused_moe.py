@@ -32,7 +32,10 @@ def align_by_expert(
     flat = topk_ids.flatten().to(torch.int64)  # [T*k]
     num_pairs = flat.numel()
     max_padded = -(-(num_pairs + num_experts * (block_m - 1)) // block_m) * block_m
-    counts = torch.bincount(flat, minlength=num_experts)[:num_experts]  # [E]
+    # scatter_add, not bincount: CUDA's bincount reads the input's maximum back to the host, which
+    # a CUDA graph capture refuses
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded

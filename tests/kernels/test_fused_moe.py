@@ -104,3 +104,29 @@ def test_swiglu_oai_matches_transformers() -> None:
     interleaved = torch.randn(5, 12, generator=gen) * 6.0
     halves = torch.cat((interleaved[:, ::2], interleaved[:, 1::2]), dim=-1)
     torch.testing.assert_close(reference.swiglu_oai(halves), experts._apply_gate(interleaved), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_fused_moe_replays_in_a_cuda_graph() -> None:
+    """A decode step's MoE is captured in the step's CUDA graph: the expert alignment must not read
+    anything back to the host (CUDA's bincount did, and capture failed), and a replay with another
+    routing written into the same input buffers gives that routing's output."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kernels.triton.fused_moe import fused_moe
+
+    shape = (8, 64, 48, 8, 4)
+    x, w13, w2, weights, ids = _inputs(shape, "cuda", torch.bfloat16, "random", seed=5)
+    fused_moe(x, w13, w2, weights, ids)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w13, w2, weights, ids)
+    for routing, seed in (("one-expert", 6), ("sparse", 7)):
+        x2, _, _, weights2, ids2 = _inputs(shape, "cuda", torch.bfloat16, routing, seed)
+        x.copy_(x2)
+        weights.copy_(weights2)
+        ids.copy_(ids2)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = fused_moe(x, w13, w2, weights, ids)
+        assert torch.equal(out, eager), routing
