@@ -72,14 +72,17 @@ UNARY_TIMEOUT_S = 30.0
 _MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content"}
 
 
-async def check_health(channel: grpc.aio.Channel, timeout_s: float) -> bool:
-    """Whether the standard gRPC health check of the server behind `channel` says SERVING."""
+async def check_health(channel: grpc.aio.Channel, timeout_s: float) -> bool | None:
+    """Whether the standard gRPC health check of the server behind `channel` says SERVING; None
+    when no answer came within `timeout_s` (a busy server on a loaded host, not a verdict)."""
     try:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
         )
-    except (grpc.aio.AioRpcError, asyncio.TimeoutError):
-        return False
+    except grpc.aio.AioRpcError as exc:
+        return None if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else False
+    except asyncio.TimeoutError:
+        return None
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
@@ -195,7 +198,7 @@ class StylerClient:
         await self.channel.close()
 
     async def healthy(self, timeout_s: float = 1.0) -> bool:
-        return await check_health(self.channel, timeout_s)
+        return bool(await check_health(self.channel, timeout_s))
 
     async def info(self, timeout_s: float = 5.0) -> StylerInfo:
         r = await self._stub.Info(styler_pb2.StylerInfoRequest(), timeout=timeout_s)
@@ -288,7 +291,8 @@ class WorkerClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def healthy(self, timeout_s: float = 1.0) -> bool:
+    async def healthy(self, timeout_s: float = 1.0) -> bool | None:
+        """SERVING or not; None when the check got no answer in time (gateway/router.py)."""
         return await check_health(self.channel, timeout_s)
 
     async def info(self, timeout_s: float = 5.0) -> WorkerInfo:

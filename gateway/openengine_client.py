@@ -153,17 +153,17 @@ class OpenEngineWorkerClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def healthy(self, timeout_s: float = 1.0) -> bool:
+    async def healthy(self, timeout_s: float = 1.0) -> bool | None:
         """OpenEngine's Health says READY (or the standard gRPC health check, for engines whose
-        Health rpc is missing)."""
+        Health rpc is missing); None when it got no answer in time."""
         try:
             r = await self._control.Health(lifecycle_pb2.HealthRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 return await check_health(self.channel, timeout_s)
-            return False
+            return None if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else False
         except TimeoutError:
-            return False
+            return None
         return bool(r.state == lifecycle_pb2.HEALTH_STATE_READY)
 
     async def info(self, timeout_s: float = 5.0) -> WorkerInfo:

@@ -49,6 +49,9 @@ PREFIX_TABLE_SIZE = 100_000
 # long cached prefix outweighs a little load and a busy worker loses to an idle one for short ones.
 LOAD_COST_BLOCKS = 4
 DNS_PREFIX = "dns:"
+# Health checks in a row without an answer in time that take a worker out of rotation (as
+# Kubernetes' failureThreshold): one slow answer on a loaded host is not a dead worker.
+MISSED_CHECKS_OUT = 3
 
 
 class NoWorkerAvailable(Exception):
@@ -70,6 +73,7 @@ class WorkerState:
     sent_since_poll: int = 0
     num_served: int = 0
     failures: int = field(default=0)
+    missed_checks: int = 0  # health checks in a row that got no answer in time
     # LoRA adapters it serves: name -> content digest (ListLoRAs at each poll, and load/unload)
     loras: dict[str, str] = field(default_factory=dict)
 
@@ -216,7 +220,17 @@ class Router:
         await w.client.close()
 
     async def _poll(self, w: WorkerState) -> None:
-        healthy = await w.client.healthy(timeout_s=min(1.0, self.poll_interval_s * 2))
+        answer = await w.client.healthy(timeout_s=min(1.0, self.poll_interval_s * 2))
+        if answer is None and w.healthy:
+            # no answer in time: a worker busy on a loaded host stays in rotation until it misses
+            # MISSED_CHECKS_OUT checks in a row (NOT_SERVING, a refused connection or a failed
+            # request take it out at once)
+            w.missed_checks += 1
+            if w.missed_checks < MISSED_CHECKS_OUT:
+                return
+            log.warning("worker %s missed %d health checks in a row", w.address, w.missed_checks)
+        w.missed_checks = 0
+        healthy = bool(answer)
         if healthy:
             try:
                 if w.info is None:

@@ -84,11 +84,14 @@ class SmgWorkerClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def healthy(self, timeout_s: float = 1.0) -> bool:
+    async def healthy(self, timeout_s: float = 1.0) -> bool | None:
+        """SMG's HealthCheck says healthy; None when it got no answer in time."""
         try:
             r = await self._stub.HealthCheck(pb.HealthCheckRequest(), timeout=timeout_s)
-        except (grpc.aio.AioRpcError, TimeoutError):
-            return False
+        except grpc.aio.AioRpcError as exc:
+            return None if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else False
+        except TimeoutError:
+            return None
         return bool(r.healthy)
 
     async def info(self, timeout_s: float = 5.0) -> WorkerInfo:

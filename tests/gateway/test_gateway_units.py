@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import time
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import deadline
 from gateway.admission import AdmissionGate
@@ -15,8 +18,9 @@ from gateway.errors import APIError
 from gateway.execution import ChoiceUpdate, PromptRun, RequestRun
 from gateway.grpc_errors import from_grpc
 from gateway.responses import ChatResult, CompletionResult
-from gateway.router import PREFIX_CHUNK, Router
+from gateway.router import MISSED_CHECKS_OUT, PREFIX_CHUNK, Router
 from gateway.validation import parse_chat, parse_completion, parse_tokenize
+from tests.e2e.stack import free_port
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -248,3 +252,51 @@ def test_worker_statuses_fail_the_request_not_the_worker() -> None:
         guided,
     )
     assert (error.status, error.param) == (400, "guided_regex")
+
+
+class _HealthPeer(health_pb2_grpc.HealthServicer):
+    """A gRPC server's standard health service whose answer the test sets: SERVING, NOT_SERVING,
+    or no answer (the call waits until the router's deadline passes)."""
+
+    def __init__(self) -> None:
+        self.answer: str = "serving"
+        self.checks = 0
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.checks += 1
+        if self.answer == "silent":
+            await asyncio.Event().wait()  # cancelled when the caller's deadline passes
+        status = "SERVING" if self.answer == "serving" else "NOT_SERVING"
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.ServingStatus.Value(status)
+        )
+
+
+async def test_router_keeps_a_slow_worker_until_it_misses_checks_in_a_row() -> None:
+    """A worker whose health check times out once (busy on a loaded host) stays in rotation; three
+    in a row take it out; an answered NOT_SERVING (draining) takes it out at once, and so does a
+    refused connection."""
+    peer = _HealthPeer()
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(peer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    dead = free_port()
+    router = Router([f"127.0.0.1:{port}", f"127.0.0.1:{dead}"], poll_interval_s=0.05)
+    try:
+        slow, gone = router.workers
+        slow.healthy = gone.healthy = True
+        peer.answer = "silent"
+        for _ in range(MISSED_CHECKS_OUT - 1):
+            await router.poll_once()
+            assert slow.healthy, "one missed check took the worker out"
+        assert not gone.healthy, "a refused connection is a verdict"
+        await router.poll_once()
+        assert not slow.healthy and peer.checks == MISSED_CHECKS_OUT
+        slow.healthy, slow.missed_checks = True, 1  # back in rotation with a miss behind it
+        peer.answer = "not-serving"
+        await router.poll_once()
+        assert not slow.healthy and slow.missed_checks == 0
+    finally:
+        await router.close()
+        await server.stop(None)
