@@ -19,6 +19,13 @@ mapping (`LoRAStep`), decided by rank 0's pool. An unloaded adapter may still be
 requests that were running with it, so the other ranks drop their shard only once rank 0's copy is
 gone (a finalizer; the ids ride on the next forward).
 
+The host KV tier (--kv-offload-memory, kv_offload.py): every rank holds a host buffer of the same
+slot count for its own shard. Rank 0's tier makes each copy between the cache and host memory at
+once and stages it here (`stage_host_kv`); the pending copies ride on the next Forward, or go as a
+`HostKVCopies` command of their own ahead of any other command (a block copy, a disaggregation
+read or write), so every rank makes them in rank 0's order before whatever reads or overwrites
+those blocks.
+
 A rank that dies takes the group down: rank 0 watches its children and exits non-zero when one
 exits (killing the rest), the children die with rank 0 (PR_SET_PDEATHSIG) or when a collective
 with it fails, and every collective has the group's timeout, so no rank waits forever. While the
