@@ -100,7 +100,7 @@ class WorkerConfig(ServiceConfig):
     distributed_timeout: float = 300.0
     """Seconds a tensor-parallel collective may wait for the other ranks before the group gives up and exits (a dead or stuck rank never hangs the worker); with --distributed-executor-backend ray also how long to wait for the cluster's nodes and the placement."""
     kv_offload_memory: str = ""
-    """Host memory for prefix blocks evicted from the device KV cache (pinned on CUDA), e.g. 4 (GiB) or 512MiB; they come back with one host-to-device copy on a prefix hit. Empty or 0: off."""
+    """Host memory for prefix blocks evicted from the device KV cache (pinned on CUDA), e.g. 4 (GiB) or 512MiB; they come back with one host-to-device copy on a prefix hit. Empty or 0: off. In a parallel group each rank holds this much for its own shard of the blocks."""
     kv_transport: Literal["auto", "cuda-ipc", "nixl", "grpc"] = "auto"
     """How KV moves between prefill and decode workers: auto = the fastest both ends support (CUDA IPC on one host, then NIXL on CUDA when the nixl package is installed, then gRPC); a named one is tried first, then gRPC (nixl on the CPU: UCX shared memory / TCP, for tests)."""
     kv_fetch_stall_timeout: float = 10.0
@@ -166,11 +166,6 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
-        if self.world_size > 1 and self.kv_offload_memory.strip() not in ("", "0"):
-            raise ValueError(
-                "--kv-offload-memory with --tensor-parallel-size / --pipeline-parallel-size: the host "
-                "KV tier moves rank 0's blocks only, which is not implemented for groups yet (docs/parallel.md)"
-            )
         if self.task == "embed" and self.role != "unified":
             raise ValueError(
                 f"--task embed with --role {self.role}: embeddings are computed in one worker (no disaggregation)"

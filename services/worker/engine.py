@@ -214,8 +214,12 @@ class Engine:
             self.draft_model.bind_kv_cache(num_blocks, config.max_num_seqs if graphs else 0)
         if self.eagle is not None:
             self.eagle.bind_kv_cache(num_blocks)
+        # The host KV tier's slots (--kv-offload-memory, kv_offload.py), as many on every rank of a
+        # group, each its own shard's bytes: rank 0's shard is the largest (the first stages take
+        # the remainder layers), so every rank's fits the flag's bytes.
+        host_blocks = config.kv_offload_bytes // block_bytes(cfg, config.block_size, self.kv_dtype)
         if self.driver is not None:
-            self.driver.send(BindKV(num_blocks))
+            self.driver.send(BindKV(num_blocks, host_blocks))
             self.kv_cache: KVCache = DrivenKVCache(
                 cfg, num_blocks, config.block_size, self.kv_dtype, self.device
             )
@@ -227,8 +231,8 @@ class Engine:
         if graphs:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
-        offload_blocks = HostKVTier.blocks_for(self.kv_cache.tensor, config.kv_offload_bytes)
-        self.kv_offload = HostKVTier(self.kv_cache.tensor, offload_blocks) if offload_blocks > 0 else None
+        replay = self.driver.stage_host_kv if self.driver is not None else None  # the ranks copy too
+        self.kv_offload = HostKVTier(self.kv_cache.tensor, host_blocks, replay) if host_blocks > 0 else None
         # Blocks out of the window are freed when every layer slides, except on a prefill worker,
         # which hands a prompt's whole KV to a decode worker (kv_handles holds every block).
         window = cfg.uniform_sliding_window if config.role != "prefill" else 0

@@ -17,6 +17,13 @@ copied out into slots it holds until it is scheduled again (`reserve`, `swap_out
 first, then the least recently used cached prefixes (a swapped sequence is certain to need its
 KV, a cached prefix only may).
 
+In a parallel group (docs/parallel.md) every rank holds its own shard of the cache, so every rank
+has a `HostKVBuffer` of the same number of slots, each slot its own shard's bytes. Only rank 0's
+`HostKVTier` decides (its block manager is the group's only one): each copy it makes is a
+`HostCopy` handed to the StepDriver, which sends the pending ones to the other ranks ahead of the
+next command that touches the cache (with the step's Forward, or before a block copy or a
+disaggregation transfer), and each rank makes them in rank 0's order before that command.
+
 Engine thread only (the block manager calls it).
 """
 
@@ -24,14 +31,30 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 import torch
 
 log = logging.getLogger(__name__)
 
 
-class HostKVTier:
+@dataclass(frozen=True)
+class HostCopy:
+    """One copy between device blocks and host slots (`blocks[i]` <-> `slots[i]`), as rank 0's tier
+    made it: the other ranks of a parallel group replay rank 0's copies, in order, on their own shard
+    before the step's forward (tp_group.py)."""
+
+    to_host: bool
+    blocks: tuple[int, ...]
+    slots: tuple[int, ...]
+
+
+class HostKVBuffer:
+    """The tier's host memory and the copies between it and the device cache: the data side only.
+    Rank 0's HostKVTier decides which copies happen; every other rank of a group holds one of these,
+    of the same number of slots, for its own shard of the cache."""
+
     def __init__(self, kv: torch.Tensor, num_blocks: int) -> None:
         """`kv`: the device cache [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
         if num_blocks <= 0:
@@ -42,12 +65,6 @@ class HostKVTier:
         # host side would go through a pageable temporary, which waits for the stream).
         shape = (num_blocks, kv.shape[0], 2, *kv.shape[3:])
         self.host = torch.empty(shape, dtype=kv.dtype, pin_memory=kv.device.type == "cuda")
-        self.num_blocks = num_blocks
-        self.slots: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()  # key -> (slot, chain hash)
-        self.free_slots = list(range(num_blocks - 1, -1, -1))
-        self.num_saved = 0  # blocks copied device -> host
-        self.num_loaded = 0  # blocks copied host -> device (hits)
-        self.num_held = 0  # slots held by swapped-out sequences
         log.info(
             "host KV tier: %d blocks (%.1f MiB%s)",
             num_blocks,
@@ -55,11 +72,58 @@ class HostKVTier:
             ", pinned" if kv.device.type == "cuda" else "",
         )
 
-    @staticmethod
-    def blocks_for(kv: torch.Tensor, num_bytes: int) -> int:
-        """Blocks of the cache `kv` that `num_bytes` of host memory hold."""
-        per_block = kv[:, :, 0].numel() * kv.element_size()
-        return num_bytes // per_block
+    def copy(self, c: HostCopy) -> None:
+        if c.to_host:
+            self.to_host(list(c.blocks), list(c.slots))
+        else:
+            self.to_device(list(c.slots), list(c.blocks))
+
+    def to_host(self, blocks: list[int], slots: list[int]) -> None:
+        """Copy device `blocks` into host `slots` (before the blocks are reused): one block directly,
+        several by one gather on the device into slot-major order, then one memcpy per run of
+        consecutive slots."""
+        if len(blocks) == 1:
+            self.host[slots[0]].copy_(self.kv[:, :, blocks[0]], non_blocking=True)
+            return
+        index = torch.tensor(blocks, device=self.kv.device)
+        staged = self.kv.index_select(2, index).movedim(2, 0).contiguous()  # [n, num_layers, 2, ...]
+        for start, end, first in _runs(slots):
+            self.host[first : first + end - start].copy_(staged[start:end], non_blocking=True)
+
+    def to_device(self, slots: list[int], blocks: list[int]) -> None:
+        """Copy host `slots` into device `blocks` (enqueued before the step that reads them): one
+        block directly, several by one memcpy per run of consecutive slots into a device buffer,
+        then one scatter."""
+        if len(blocks) == 1:
+            self.kv[:, :, blocks[0]].copy_(self.host[slots[0]], non_blocking=True)
+            return
+        staged = torch.empty((len(slots), *self.host.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
+        for start, end, first in _runs(slots):
+            staged[start:end].copy_(self.host[first : first + end - start], non_blocking=True)
+        self.kv[:, :, torch.tensor(blocks, device=self.kv.device)] = staged.movedim(0, 2)
+
+
+class HostKVTier:
+    def __init__(
+        self, kv: torch.Tensor, num_blocks: int, replay: Callable[[HostCopy], None] | None = None
+    ) -> None:
+        """`kv`: the device cache [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim];
+        `replay`: rank 0 of a parallel group hands each copy to the other ranks (StepDriver)."""
+        self.buffer = HostKVBuffer(kv, num_blocks)
+        self.host = self.buffer.host
+        self.replay = replay
+        self.num_blocks = num_blocks
+        self.slots: OrderedDict[Hashable, tuple[int, int]] = OrderedDict()  # key -> (slot, chain hash)
+        self.free_slots = list(range(num_blocks - 1, -1, -1))
+        self.num_saved = 0  # blocks copied device -> host
+        self.num_loaded = 0  # blocks copied host -> device (hits)
+        self.num_held = 0  # slots held by swapped-out sequences
+
+    def _copy(self, to_host: bool, blocks: list[int], slots: list[int]) -> None:
+        c = HostCopy(to_host, tuple(blocks), tuple(slots))
+        self.buffer.copy(c)
+        if self.replay is not None:
+            self.replay(c)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.slots
@@ -79,7 +143,7 @@ class HostKVTier:
         else:
             old_key, (slot, old_digest) = self.slots.popitem(last=False)
             dropped = (old_key, old_digest)
-        self.host[slot].copy_(self.kv[:, :, block], non_blocking=True)
+        self._copy(True, [block], [slot])
         self.slots[key] = (slot, digest)
         self.num_saved += 1
         return dropped
@@ -92,7 +156,7 @@ class HostKVTier:
         """Copy the block cached under `key` into device `block`."""
         slot, _ = self.slots[key]
         self.slots.move_to_end(key)
-        self.kv[:, :, block].copy_(self.host[slot], non_blocking=True)
+        self._copy(False, [block], [slot])
         self.num_loaded += 1
 
     # ---- swap space of preempted sequences ------------------------------------------------------
@@ -120,20 +184,12 @@ class HostKVTier:
         self.num_held -= len(slots)
 
     def swap_out(self, blocks: list[int], slots: list[int]) -> None:
-        """Copy device `blocks` into held host `slots` (before the blocks are reused): one gather
-        on the device into slot-major order, then one memcpy per run of consecutive slots."""
-        index = torch.tensor(blocks, device=self.kv.device)
-        staged = self.kv.index_select(2, index).movedim(2, 0).contiguous()  # [n, num_layers, 2, ...]
-        for start, end, first in _runs(slots):
-            self.host[first : first + end - start].copy_(staged[start:end], non_blocking=True)
+        """Copy device `blocks` into held host `slots` (before the blocks are reused)."""
+        self._copy(True, blocks, slots)
 
     def swap_in(self, slots: list[int], blocks: list[int]) -> None:
-        """Copy held host `slots` into device `blocks` (enqueued before the step that reads them):
-        one memcpy per run of consecutive slots into a device buffer, then one scatter."""
-        staged = torch.empty((len(slots), *self.host.shape[1:]), dtype=self.kv.dtype, device=self.kv.device)
-        for start, end, first in _runs(slots):
-            staged[start:end].copy_(self.host[first : first + end - start], non_blocking=True)
-        self.kv[:, :, torch.tensor(blocks, device=self.kv.device)] = staged.movedim(0, 2)
+        """Copy held host `slots` into device `blocks` (enqueued before the step that reads them)."""
+        self._copy(False, blocks, slots)
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int, int]]:

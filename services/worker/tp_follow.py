@@ -14,12 +14,13 @@ from services.worker import kv_reshard, parallel
 from services.worker.config import WorkerConfig
 from services.worker.engine import resolve_device, resolve_dtype, resolve_kv_dtype, resolve_max_model_len
 from services.worker.kv_cache import KVCache
+from services.worker.kv_offload import HostKVBuffer
 from services.worker.kv_reshard import ReadKV, WriteKV
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.lora.adapter import LoRAAdapter, LoRAAdapterError, load_adapter
 from services.worker.model_config import load_model_config
 from services.worker.model_runner import ModelRunner
-from services.worker.tp_group import BindKV, CopyBlocks, Forward, LoadLoRA, Logits, Profile
+from services.worker.tp_group import BindKV, CopyBlocks, Forward, HostKVCopies, LoadLoRA, Logits, Profile
 
 
 def follow(config: WorkerConfig) -> int:
@@ -47,6 +48,7 @@ def follow(config: WorkerConfig) -> int:
     )
     model = runner.model
     kv: KVCache | None = None
+    host: HostKVBuffer | None = None  # this rank's shard of the host KV tier (--kv-offload-memory)
     # this rank's shards of the adapters rank 0 holds, by lora_id (tp_group.py LoadLoRA)
     adapters: dict[int, LoRAAdapter] = {}
     state = parallel.current()
@@ -60,6 +62,9 @@ def follow(config: WorkerConfig) -> int:
                 if cmd.lora is not None:
                     assert runner.lora is not None
                     runner.lora.apply(cmd.lora, adapters)
+                for copy in cmd.host_kv:  # rank 0's host tier copies, before the forward reads them
+                    assert host is not None
+                    host.copy(copy)
                 meta = AttentionMetadata(
                     positions=cmd.positions.to(device),
                     slot_mapping=cmd.slot_mapping.to(device),
@@ -77,10 +82,16 @@ def follow(config: WorkerConfig) -> int:
             elif isinstance(cmd, CopyBlocks):
                 assert kv is not None
                 kv.copy_blocks(cmd.copies)
+            elif isinstance(cmd, HostKVCopies):
+                assert host is not None
+                for copy in cmd.copies:
+                    host.copy(copy)
             elif isinstance(cmd, BindKV):
                 kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, dtype)
                 kv = KVCache(cfg, cmd.num_blocks, config.block_size, kv_dtype, device)
                 runner.bind_kv_cache(kv)
+                if cmd.host_blocks > 0:
+                    host = HostKVBuffer(kv.tensor, cmd.host_blocks)
             elif isinstance(cmd, ReadKV | WriteKV):  # disaggregation: this rank's heads
                 assert kv is not None
                 kv_reshard.serve(kv.tensor, ranks, cmd)

@@ -19,6 +19,13 @@ mapping (`LoRAStep`), decided by rank 0's pool. An unloaded adapter may still be
 requests that were running with it, so the other ranks drop their shard only once rank 0's copy is
 gone (a finalizer; the ids ride on the next forward).
 
+The host KV tier (--kv-offload-memory, kv_offload.py): every rank holds a host buffer of the same
+slot count for its own shard. Rank 0's tier makes each copy between the cache and host memory at
+once and stages it here (`stage_host_kv`); the pending copies ride on the next Forward, or go as a
+`HostKVCopies` command of their own ahead of any other command (a block copy, a disaggregation
+read or write), so every rank makes them in rank 0's order before whatever reads or overwrites
+those blocks.
+
 A rank that dies takes the group down: rank 0 watches its children and exits non-zero when one
 exits (killing the rest), the children die with rank 0 (PR_SET_PDEATHSIG) or when a collective
 with it fails, and every collective has the group's timeout, so no rank waits forever. While the
@@ -53,6 +60,7 @@ from services.worker.lora.adapter import LoRAAdapterError
 from services.worker.model_config import ModelConfig
 
 if TYPE_CHECKING:
+    from services.worker.kv_offload import HostCopy
     from services.worker.lora.adapter import LoRAAdapter
     from services.worker.lora.pool import LoRAStep
 
@@ -79,6 +87,7 @@ class Forward:
     num_decode_rows: int
     lora: LoRAStep | None = None  # the step's LoRA slot refills and row mapping (LoRA on)
     released_loras: tuple[int, ...] = ()  # lora_ids rank 0 no longer holds: drop their shards
+    host_kv: tuple[HostCopy, ...] = ()  # the host KV tier's copies rank 0 made since the last command
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,15 @@ class CopyBlocks:
 @dataclass(frozen=True)
 class BindKV:
     num_blocks: int
+    host_blocks: int = 0  # slots of the host KV tier (--kv-offload-memory), each rank's own shard
+
+
+@dataclass(frozen=True)
+class HostKVCopies:
+    """The host KV tier's copies rank 0 made, sent ahead of a command other than a Forward that
+    touches the cache (a block copy, a disaggregation transfer): the ranks make them first."""
+
+    copies: tuple[HostCopy, ...]
 
 
 @dataclass(frozen=True)
@@ -117,7 +135,7 @@ class Ping:
     pass
 
 
-Command = Forward | Logits | CopyBlocks | BindKV | Profile | Ping | LoadLoRA | ReadKV | WriteKV
+Command = Forward | Logits | CopyBlocks | BindKV | HostKVCopies | Profile | Ping | LoadLoRA | ReadKV | WriteKV
 
 
 class StepDriver:
@@ -135,6 +153,7 @@ class StepDriver:
             self._interval = min(PING_INTERVAL_S, max(timeout_s / 4, 0.1))
         self._stop = threading.Event()
         self._lora_step: LoRAStep | None = None  # staged for the next forward
+        self._host_kv: list[HostCopy] = []  # the host KV tier's copies not sent yet (engine thread)
         # lora_ids whose adapter rank 0 dropped (appended by finalizers, on any thread)
         self._released_loras: collections.deque[int] = collections.deque()
         self._pinger = threading.Thread(target=self._ping_loop, name="tp-ping", daemon=True)
@@ -144,6 +163,7 @@ class StepDriver:
         if self._detached:
             return
         with self._lock:
+            self._send_host_kv()
             parallel.broadcast_object(cmd)
             self._last = time.monotonic()
 
@@ -152,6 +172,7 @@ class StepDriver:
         """Broadcast `cmd` and keep the control group until the block ends: the command's own
         point-to-point transfers on that group (kv_reshard.py) must not meet a ping."""
         with self._lock:
+            self._send_host_kv()
             parallel.broadcast_object(cmd)
             yield
             self._last = time.monotonic()
@@ -161,6 +182,7 @@ class StepDriver:
             return
         lora, self._lora_step = self._lora_step, None
         released = self.take_released_loras()
+        host_kv, self._host_kv = tuple(self._host_kv), []
         self.send(
             Forward(
                 input_ids.cpu(),
@@ -173,12 +195,25 @@ class StepDriver:
                 meta.num_decode_rows,
                 lora,
                 released,
+                host_kv,
             )
         )
 
     def stage_lora(self, step: LoRAStep) -> None:
         """The LoRA pool's refills and mapping for the next forward (sent with it)."""
         self._lora_step = step
+
+    def stage_host_kv(self, copy: HostCopy) -> None:
+        """A copy rank 0's host KV tier just made (kv_offload.py): every rank makes it before the
+        next command that touches the cache, in the order rank 0 made them."""
+        self._host_kv.append(copy)
+
+    def _send_host_kv(self) -> None:
+        """(under the lock) The pending host copies as a command of their own, ahead of a command
+        that does not carry them (a Forward does)."""
+        if self._host_kv:
+            copies, self._host_kv = tuple(self._host_kv), []
+            parallel.broadcast_object(HostKVCopies(copies))
 
     def share_lora(self, adapter: LoRAAdapter) -> None:
         """Every other rank loads its shard of `adapter` (rank 0 loaded its own); raises

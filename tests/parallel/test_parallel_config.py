@@ -14,10 +14,6 @@ from tests.worker.worker_testlib import TINY
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (
-            {"tensor_parallel_size": 2, "kv_offload_memory": "1"},
-            "--kv-offload-memory with --tensor-parallel-size",
-        ),
         ({"tensor_parallel_size": 2, "nnodes": 2}, "needs --master-port"),
         ({"tensor_parallel_size": 3, "nnodes": 2, "master_port": 29500}, "must be a multiple of --nnodes 2"),
         ({"nnodes": 2, "node_rank": 2, "master_port": 29500}, "--node-rank must be in 0..1"),
@@ -27,6 +23,13 @@ from tests.worker.worker_testlib import TINY
 def test_bad_group_options(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         WorkerConfig(model="m", **options)
+
+
+def test_host_kv_tier_is_accepted_in_a_group() -> None:
+    """--kv-offload-memory in a group: each rank holds that much for its own shard (it was refused
+    before the ranks replayed rank 0's host copies; tests/parallel/test_kv_offload_parallel.py)."""
+    config = WorkerConfig(model="m", tensor_parallel_size=2, pipeline_parallel_size=2, kv_offload_memory="1")
+    assert config.kv_offload_bytes == 2**30
 
 
 def test_stages_and_replicated_kv_heads(tmp_path: Any) -> None:

@@ -4,7 +4,9 @@
     python tests/parallel/tp_generate.py OUT.json PROMPTS.json -- <tandem worker options>
 
 PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n, "lora_names": [name]}
-("lora_names": each prompt's LoRA adapter, "" for the base model; optional); with --task embed
+("lora_names": each prompt's LoRA adapter, "" for the base model; optional; "rounds": [[[ids]]]
+instead of "prompts": each round's prompts together, one round after the other; "round_params":
+[{SamplingParams field: value}] for each round, optional); with --task embed
 only the prompts count, and the output holds their embeddings. The same code path
 as `tandem worker --tensor-parallel-size T` (tp_launch.start_group, Engine with its StepDriver)
 without gRPC, so the tests can compare tokens and logprobs exactly.
@@ -14,9 +16,14 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from services.worker.engine import Engine
 
 
 def main(argv: list[str]) -> int:
@@ -57,6 +64,11 @@ def main(argv: list[str]) -> int:
                 for step_out in engine.step():
                     collect(by_id[step_out.request_id], step_out)
             results = list(by_id.values())
+        elif "rounds" in spec:  # each round runs to completion before the next one starts
+            results = []
+            overrides = spec.get("round_params") or [{}] * len(spec["rounds"])
+            for k, (prompts, over) in enumerate(zip(spec["rounds"], overrides, strict=True)):
+                results += engine.generate(prompts, replace(params, **over), prefix=f"round{k}")
         else:
             results = engine.generate(spec["prompts"], params)
         Path(out_path).write_text(
@@ -68,6 +80,8 @@ def main(argv: list[str]) -> int:
                     "used_blocks": engine.block_manager.num_used_blocks,
                     "num_kv_heads": int(engine.kv_cache.tensor.shape[4]),
                     "num_preemptions": engine.scheduler.num_preemptions,
+                    "cached_tokens": [r.usage.cached_prompt_tokens if r.usage else None for r in results],
+                    "host_tier": host_tier_counters(engine),
                 }
             )
         )
@@ -75,6 +89,21 @@ def main(argv: list[str]) -> int:
         if group is not None:
             group.terminate()
     return 0
+
+
+def host_tier_counters(engine: Engine) -> dict[str, int] | None:
+    """Rank 0's host KV tier (--kv-offload-memory) counters, None without the tier."""
+    tier, bm = engine.kv_offload, engine.block_manager
+    if tier is None:
+        return None
+    return {
+        "saved": tier.num_saved,
+        "loaded": tier.num_loaded,
+        "held": tier.num_held,
+        "host_hit_tokens": bm.num_host_hit_tokens,
+        "swapped_out": bm.num_swapped_out,
+        "swapped_in": bm.num_swapped_in,
+    }
 
 
 if __name__ == "__main__":
