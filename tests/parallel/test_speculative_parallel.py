@@ -48,7 +48,7 @@ def _draft_dir(path: Path, target: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32)
     with torch.no_grad():
         for param in model.parameters():
-            param.add_(torch.randn_like(param) * param.std() * 0.3)
+            param.add_(torch.randn_like(param) * param.std() * 0.1)
     model.save_pretrained(str(path))
     return path
 
@@ -210,3 +210,31 @@ def test_group_speculation_equals_t1_and_transformers(
         f"{name} T={tp} P={pp}: {spec['num_drafts']} verifications, acceptance "
         f"{spec['acceptance_rate']:.2f}, mean accepted length {spec['mean_accepted_length']:.2f}"
     )
+
+
+def test_eagle3_with_pipeline_stages_is_refused_at_start(models: dict[str, Path]) -> None:
+    """EAGLE-3's aux layers' streams stay on the stages holding them: a one-line start-up error
+    (EAGLE-1 reads stage 0's final hidden states, and speculation itself is no longer refused)."""
+    from services.worker.model_config import ModelConfigError, load_model_config
+    from services.worker.speculative.eagle import check_pipeline
+    from services.worker.speculative.eagle_head import read_layout
+
+    target = load_model_config(str(models["target"]))
+    eagle3 = read_layout(load_model_config(str(models["eagle3"])), target)
+    with pytest.raises(
+        ModelConfigError,
+        match=r"EAGLE-3 head with --pipeline-parallel-size 2: it reads target layers \[0, 1\]",
+    ):
+        check_pipeline(eagle3, 2, "--speculative-model x")
+    check_pipeline(eagle3, 1, "--speculative-model x")
+    check_pipeline(read_layout(load_model_config(str(models["eagle"])), target), 2, "--speculative-model x")
+    for method in ("prompt-lookup", "draft-model", "eagle"):
+        model = "" if method == "prompt-lookup" else "d"
+        config = WorkerConfig(
+            model="m",
+            speculative=method,
+            speculative_model=model,
+            tensor_parallel_size=2,
+            pipeline_parallel_size=2,
+        )  # type: ignore[arg-type]
+        assert config.world_size == 4
