@@ -238,3 +238,28 @@ def test_eagle3_with_pipeline_stages_is_refused_at_start(models: dict[str, Path]
             pipeline_parallel_size=2,
         )  # type: ignore[arg-type]
         assert config.world_size == 4
+
+
+def test_single_rank_is_this_threads_alone(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`parallel.single_rank()` gives whole layouts and no collective on the calling thread only:
+    rank 0's ping thread keeps talking to the group meanwhile."""
+    import threading
+
+    from services.worker import parallel
+    from services.worker.model_config import load_model_config
+
+    cfg = load_model_config(str(models["target"]))
+    group = parallel.ParallelState(tp_size=2, tp_rank=0)
+    monkeypatch.setattr(parallel, "_STATE", group)
+    assert parallel.shard_layout(cfg).num_heads == 2
+    seen: list[parallel.ParallelState] = []
+    with parallel.single_rank():
+        assert parallel.current().world_size == 1
+        assert parallel.shard_layout(cfg).num_heads == 4
+        x = torch.ones(3)
+        assert parallel.all_reduce(x) is x  # (no process group exists here: a collective would raise)
+        other = threading.Thread(target=lambda: seen.append(parallel.current()))
+        other.start()
+        other.join()
+    assert seen == [group]
+    assert parallel.current() is group
