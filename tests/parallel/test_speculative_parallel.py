@@ -28,7 +28,7 @@ LENGTHS = [1, 3, 7, 12, 17, 29, 40, 5]  # 8 requests in flight; the long ones ar
 MAX_TOKENS = 16
 K = 3
 
-# (name, worker options beyond the model's, T, P); each runs as one group process tree
+# (name, proposer: prompt-lookup, draft or an EAGLE head, T, P); each runs as one group
 CONFIGS: list[tuple[str, str, int, int]] = [
     ("prompt-lookup", "prompt-lookup", 2, 1),
     ("prompt-lookup", "prompt-lookup", 2, 2),
@@ -96,41 +96,50 @@ def _argv(options: dict[str, Any]) -> list[str]:
     return argv
 
 
+def _key(config: tuple[str, str, int, int]) -> str:
+    name, _, tp, pp = config
+    return f"{name}-t{tp}p{pp}"
+
+
 PROMPTS = prompts_of_lengths(LENGTHS, 321, seed=3)
 COMMON = {"device": "cpu", "kv_cache_memory": "4MiB", "max_num_batched_tokens": 16, "cpu_threads": 1}
 
 
 class Groups:
     """The configurations' groups, at most RUNNING at once (each is 2 or 4 processes), started in
-    CONFIGS' order: the tests ask for their results in that order."""
+    CONFIGS' order (the order the tests ask for their results); only those of the session's
+    selected tests."""
 
     RUNNING = 3
 
-    def __init__(self, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> None:
+    def __init__(
+        self, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, wanted: list[str]
+    ) -> None:
         self.models, self.tmp = models, tmp_path_factory
-        self.pending = list(CONFIGS)
+        self.pending = {key: c for key, c in ((_key(c), c) for c in CONFIGS) if key in wanted}
         self.runs: dict[str, GroupRun] = {}
-        for _ in range(self.RUNNING):
-            self._start_next()
+        for key in list(self.pending)[: self.RUNNING]:
+            self._start(key)
 
-    def _start_next(self) -> None:
-        if not self.pending:
-            return
-        name, kind, tp, pp = self.pending.pop(0)
+    def _start(self, key: str) -> None:
+        _, kind, tp, pp = self.pending.pop(key)
         options = {"model": str(self.models["target"]), **COMMON, **_spec_options(self.models, kind)}
         options |= {"tensor_parallel_size": tp, "pipeline_parallel_size": pp}
-        self.runs[f"{name}-t{tp}p{pp}"] = GroupRun(
-            self.tmp.mktemp(f"spec-{name}-t{tp}p{pp}"),
+        self.runs[key] = GroupRun(
+            self.tmp.mktemp(f"spec-{key}"),
             {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "logprobs": 2},
             *_argv(options),
             timeout_s=300,
         )
 
     def result(self, key: str) -> dict[str, Any]:
+        if key not in self.runs:  # (asked out of order)
+            self._start(key)
         try:
             return self.runs[key].result()
         finally:
-            self._start_next()
+            if self.pending:
+                self._start(next(iter(self.pending)))
 
     def close(self) -> None:
         for run in self.runs.values():
@@ -140,8 +149,16 @@ class Groups:
 
 
 @pytest.fixture(scope="module")
-def groups(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Groups]:
-    runs = Groups(models, tmp_path_factory)
+def groups(
+    models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Groups]:
+    selected = [
+        item.callspec.id
+        for item in request.session.items
+        if isinstance(item, pytest.Function)
+        and item.originalname == "test_group_speculation_equals_t1_and_transformers"
+    ]
+    runs = Groups(models, tmp_path_factory, selected)
     try:
         yield runs
     finally:
@@ -178,9 +195,7 @@ def _single_rank(models: dict[str, Path], kind: str) -> tuple[dict[str, int], li
     return _SINGLE[kind]
 
 
-@pytest.mark.parametrize(
-    ("name", "kind", "tp", "pp"), CONFIGS, ids=[f"{c[0]}-t{c[2]}p{c[3]}" for c in CONFIGS]
-)
+@pytest.mark.parametrize(("name", "kind", "tp", "pp"), CONFIGS, ids=[_key(c) for c in CONFIGS])
 def test_group_speculation_equals_t1_and_transformers(
     models: dict[str, Path],
     groups: Groups,
@@ -192,7 +207,7 @@ def test_group_speculation_equals_t1_and_transformers(
 ) -> None:
     expected, plain = reference
     counters, proposals = _single_rank(models, kind)
-    got = groups.result(f"{name}-t{tp}p{pp}")
+    got = groups.result(_key((name, kind, tp, pp)))
     assert got["used_blocks"] == 0
     spec = got["spec"]
     assert spec["draft_used_blocks"] == 0
