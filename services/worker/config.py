@@ -227,10 +227,6 @@ class WorkerConfig(ServiceConfig):
             )
         if self.speculative_token_cost < 0:
             raise ValueError(f"--speculative-token-cost must be >= 0, got {self.speculative_token_cost}")
-        if self.world_size > 1:
-            raise ValueError(
-                "--speculative with --tensor-parallel-size / --pipeline-parallel-size is not implemented yet"
-            )
         if self.task == "embed":
             raise ValueError("--speculative with --task embed: an embedding worker generates no tokens")
 

@@ -211,7 +211,9 @@ class Engine:
         num_blocks = self._num_kv_blocks()
         graphs = self.device.type == "cuda" and not config.enforce_eager and self.driver is None
         if self.draft_model is not None:
-            self.draft_model.bind_kv_cache(num_blocks, config.max_num_seqs if graphs else 0)
+            # (in a group too: the draft is rank 0's alone, its forwards broadcast nothing)
+            draft_graphs = self.device.type == "cuda" and not config.enforce_eager
+            self.draft_model.bind_kv_cache(num_blocks, config.max_num_seqs if draft_graphs else 0)
         if self.eagle is not None:
             self.eagle.bind_kv_cache(num_blocks)
         # The host KV tier's slots (--kv-offload-memory, kv_offload.py), as many on every rank of a

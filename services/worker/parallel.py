@@ -20,13 +20,18 @@ stage sends its output back to stage 0, which holds the final norm and the LM he
 too: every stage keeps a copy of those three for now). Rank = stage * T + tensor-parallel rank.
 
 With T = P = 1 the layout is the whole model and no collective runs: `current()` is the trivial
-state unless `init_process_group` was called.
+state unless `init_process_group` was called. `single_rank()` makes it the trivial state for one
+thread's block: a speculative draft on rank 0 of a group is built unsharded (whole weights, its own
+whole KV cache) and runs no collective, whatever the target's layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +72,28 @@ class ParallelState:
 
 
 _STATE = ParallelState()
+# `single_rank()`'s override, per thread: rank 0's ping thread keeps using the group meanwhile
+_LOCAL = threading.local()
 
 
 def current() -> ParallelState:
-    return _STATE
+    """This thread's view of its place in the group (the trivial state inside `single_rank()`)."""
+    override: ParallelState | None = getattr(_LOCAL, "state", None)
+    return override if override is not None else _STATE
+
+
+@contextlib.contextmanager
+def single_rank() -> Iterator[None]:
+    """Within the block, on this thread, the process is a group of one: `shard_layout` gives whole
+    tensors and the model collectives are no-ops. For what rank 0 of a group keeps to itself (a
+    speculative draft model or EAGLE head with its KV cache); the control plane
+    (`broadcast_object`, the KV moves) still talks to the group."""
+    saved = getattr(_LOCAL, "state", None)
+    _LOCAL.state = ParallelState()
+    try:
+        yield
+    finally:
+        _LOCAL.state = saved
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -125,7 +148,7 @@ def destroy_process_group() -> None:
 # ---- collectives (no-ops with T = 1) ------------------------------------------------------------
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum of x over the tensor-parallel ranks (in place; returns x)."""
-    state = _STATE
+    state = current()
     if state.tp_size > 1:
         dist.all_reduce(x, group=state.group)
     return x
@@ -133,7 +156,7 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     """Element-wise max of x over the tensor-parallel ranks (in place; returns x)."""
-    state = _STATE
+    state = current()
     if state.tp_size > 1:
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=state.group)
     return x
@@ -141,7 +164,7 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """[..., n] on each rank -> [..., T * n], rank order."""
-    state = _STATE
+    state = current()
     if state.tp_size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(state.tp_size)]
@@ -165,7 +188,7 @@ def isend_to_stage(stage: int, *tensors: torch.Tensor, tag: int = 0) -> list[Pen
     """Start sending tensors to this tensor-parallel rank's counterpart in `stage` (pipeline
     parallelism); wait on the returned sends before the tensors change. `tag` tells apart the
     micro-batches of a step (gloo matches a receive by it; NCCL keeps the order)."""
-    state = _STATE
+    state = current()
     dst = stage * state.tp_size + state.tp_rank
     group = state.return_group if stage == 0 else None  # (the last stage returning to stage 0)
     sends = []
@@ -177,7 +200,7 @@ def isend_to_stage(stage: int, *tensors: torch.Tensor, tag: int = 0) -> list[Pen
 
 def recv_from_stage(stage: int, *like: torch.Tensor, tag: int = 0) -> list[torch.Tensor]:
     """Receive tensors shaped like `like` from this rank's counterpart in `stage`."""
-    state = _STATE
+    state = current()
     group = state.return_group if state.pp_rank == 0 else None  # stage 0 hears only the last stage
     out = []
     for t in like:
@@ -306,7 +329,7 @@ def stage_layers(num_layers: int, pp_size: int, stage: int) -> tuple[int, int]:
 
 
 def shard_layout(cfg: ModelConfig, state: ParallelState | None = None) -> ShardLayout:
-    state = state or _STATE
+    state = state or current()
     t, r = state.tp_size, state.tp_rank
     check_tp_size(cfg, t)
     check_pp_size(cfg, state.pp_size)

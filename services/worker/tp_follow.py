@@ -20,7 +20,16 @@ from services.worker.layers.attention import AttentionMetadata
 from services.worker.lora.adapter import LoRAAdapter, LoRAAdapterError, load_adapter
 from services.worker.model_config import load_model_config
 from services.worker.model_runner import ModelRunner
-from services.worker.tp_group import BindKV, CopyBlocks, Forward, HostKVCopies, LoadLoRA, Logits, Profile
+from services.worker.tp_group import (
+    BindKV,
+    CopyBlocks,
+    Embed,
+    Forward,
+    HostKVCopies,
+    LoadLoRA,
+    Logits,
+    Profile,
+)
 
 
 def follow(config: WorkerConfig) -> int:
@@ -79,6 +88,9 @@ def follow(config: WorkerConfig) -> int:
             elif isinstance(cmd, Logits):
                 if parallel.current().pp_rank == 0:  # stage 0 holds the LM head
                     model.compute_logits(cmd.hidden.to(device))
+            elif isinstance(cmd, Embed):  # (stage 0's embedding; its all-reduce is that stage's)
+                if parallel.current().pp_rank == 0:
+                    model.model.embed_tokens(cmd.input_ids.to(device))
             elif isinstance(cmd, CopyBlocks):
                 assert kv is not None
                 kv.copy_blocks(cmd.copies)

@@ -12,6 +12,10 @@ the model's collectives run on the main group (NCCL on CUDA, gloo on CPU). Disag
 moves within the group after a ReadKV / WriteKV command, point to point on the gloo group
 (kv_reshard.py).
 
+Speculative decoding (docs/speculative.md): a draft model or EAGLE head runs on rank 0 alone,
+unsharded; the verification forward is a plain `Forward` with K + 1 tokens per drafted row. An
+EAGLE head's use of the target's vocabulary-parallel embedding is an `Embed` command.
+
 LoRA adapters (docs/lora.md): a load on rank 0 (start-up or LoadLoRA) is a `LoadLoRA` command,
 each rank reading its own shard of the files, and the ranks' answers are gathered so that one
 rank's failure fails the load everywhere. Each forward carries the step's slot refills and row
@@ -106,6 +110,11 @@ class Logits:
 
 
 @dataclass(frozen=True)
+class Embed:
+    input_ids: torch.Tensor  # [S]: tokens rank 0 embeds outside a forward (an EAGLE head's input)
+
+
+@dataclass(frozen=True)
 class CopyBlocks:
     copies: list[tuple[int, int]]
 
@@ -135,7 +144,19 @@ class Ping:
     pass
 
 
-Command = Forward | Logits | CopyBlocks | BindKV | HostKVCopies | Profile | Ping | LoadLoRA | ReadKV | WriteKV
+Command = (
+    Forward
+    | Logits
+    | Embed
+    | CopyBlocks
+    | BindKV
+    | HostKVCopies
+    | Profile
+    | Ping
+    | LoadLoRA
+    | ReadKV
+    | WriteKV
+)
 
 
 class StepDriver:
@@ -240,6 +261,9 @@ class StepDriver:
 
     def compute_logits(self, hidden: torch.Tensor) -> None:
         self.send(Logits(hidden.cpu()))
+
+    def embed(self, input_ids: torch.Tensor) -> None:
+        self.send(Embed(input_ids.cpu()))
 
     @contextlib.contextmanager
     def detached(self) -> Iterator[None]:

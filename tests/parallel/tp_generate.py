@@ -7,7 +7,8 @@ PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n, "lora
 ("lora_names": each prompt's LoRA adapter, "" for the base model; optional; "rounds": [[[ids]]]
 instead of "prompts": each round's prompts together, one round after the other; "round_params":
 [{SamplingParams field: value}] for each round, optional); with --task embed
-only the prompts count, and the output holds their embeddings. The same code path
+only the prompts count, and the output holds their embeddings. With --speculative the output
+also holds the speculator's counters ("spec") and every proposal it made ("proposals"). The same code path
 as `tandem worker --tensor-parallel-size T` (tp_launch.start_group, Engine with its StepDriver)
 without gRPC, so the tests can compare tokens and logprobs exactly.
 """
@@ -18,7 +19,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -49,6 +50,7 @@ def main(argv: list[str]) -> int:
             }
             Path(out_path).write_text(json.dumps(out))
             return 0
+        proposals = record_proposals(engine)
         params = SamplingParams(
             temperature=0.0, max_tokens=spec["max_tokens"], logprobs=spec.get("logprobs"), n=spec.get("n", 1)
         )
@@ -82,6 +84,8 @@ def main(argv: list[str]) -> int:
                     "num_preemptions": engine.scheduler.num_preemptions,
                     "cached_tokens": [r.usage.cached_prompt_tokens if r.usage else None for r in results],
                     "host_tier": host_tier_counters(engine),
+                    "spec": _spec_stats(engine),
+                    "proposals": proposals,
                 }
             )
         )
@@ -103,6 +107,41 @@ def host_tier_counters(engine: Engine) -> dict[str, int] | None:
         "host_hit_tokens": bm.num_host_hit_tokens,
         "swapped_out": bm.num_swapped_out,
         "swapped_in": bm.num_swapped_in,
+    }
+
+
+def record_proposals(engine: Any) -> list[list[list[int] | None]]:
+    """The list every proposal of the engine's speculator (the drafts of each call, None where a
+    sequence got none) is appended to: two engines that see the same features propose the same."""
+    calls: list[list[list[int] | None]] = []
+    if engine.speculator is None:
+        return calls
+    proposer = engine.speculator.proposer
+    propose = proposer.propose
+
+    def recorded(seqs: list[Any], k: int) -> list[Any]:
+        drafts = propose(seqs, k)
+        calls.append([d.token_ids if d is not None else None for d in drafts])
+        return drafts
+
+    proposer.propose = recorded
+    return calls
+
+
+def _spec_stats(engine: Any) -> dict[str, float] | None:
+    """The speculator's counters, and the blocks its draft model / EAGLE head still holds."""
+    speculator = engine.speculator
+    if speculator is None:
+        return None
+    stats = speculator.stats
+    return {
+        "num_drafts": stats.num_drafts,
+        "num_draft_tokens": stats.num_draft_tokens,
+        "num_accepted_tokens": stats.num_accepted_tokens,
+        "num_emitted_tokens": stats.num_emitted_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_accepted_length": stats.mean_accepted_length,
+        "draft_used_blocks": getattr(speculator.proposer, "num_used_blocks", 0),
     }
 
 

@@ -325,8 +325,15 @@ class LlamaForCausalLM(nn.Module):
             self.driver.forward(input_ids, meta)
         return self.model(input_ids, meta)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [S] -> [S, hidden]
+        """The token embeddings outside a forward (an EAGLE head's input, speculative/eagle.py); in
+        a group the other ranks join the vocabulary-parallel embedding's all-reduce."""
+        if self.driver is not None and self.layout.tp_size > 1:
+            self.driver.embed(input_ids)
+        return self.model.embed_tokens(input_ids)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [S, hidden] -> [S, vocab] fp32
-        if parallel.current().tp_size == 1:
+        if self.layout.tp_size == 1:  # (its own layout: a draft on rank 0 of a group is unsharded)
             return self.lm_head(hidden).float()
         if self.driver is not None:
             self.driver.compute_logits(hidden)

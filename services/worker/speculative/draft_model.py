@@ -7,6 +7,11 @@ autoregressively (K forwards for the whole batch): greedy requests take the draf
 others draw from the draft's processed distribution q (kept for rejection sampling) with their
 own salted random numbers. The draft KV of kept drafts is reused: a sequence's draft state is the
 token list its cache holds, trimmed to the common prefix with the sequence's tokens.
+
+In a tensor- / pipeline-parallel group the draft lives on rank 0 alone, unsharded (T = 1 whatever
+the target's T, as vLLM keeps its drafts): it is built and its cache allocated under
+`parallel.single_rank()`, so it holds whole weights, and its forwards run no collective (every
+module checks its own layout); only the target's verification forward involves the other ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kernels import KernelOps
+from services.worker import parallel
 from services.worker.kv_cache import KVCache, block_bytes
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
 from services.worker.model_runner import ModelRunner
@@ -97,7 +103,10 @@ class DraftModelProposer:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.max_model_len = max_model_len
         # (dummy weights too, as the target's: benchmarks; the same seed and shape give the same ones)
-        self.runner = ModelRunner(self.cfg, ops, device, dtype, max_model_len, block_size, load_format, seed)
+        with parallel.single_rank():  # whole weights on rank 0 of a group (module docstring)
+            self.runner = ModelRunner(
+                self.cfg, ops, device, dtype, max_model_len, block_size, load_format, seed
+            )
         self.num_params = sum(p.numel() for p in self.runner.model.parameters())
         self.states: dict[int, _DraftState] = {}
         self.free: list[int] = []
@@ -105,13 +114,16 @@ class DraftModelProposer:
 
     def block_bytes(self) -> int:
         """Bytes of one block of the draft's KV cache."""
-        return block_bytes(self.cfg, self.block_size, self.dtype)
+        with parallel.single_rank():
+            return block_bytes(self.cfg, self.block_size, self.dtype)
 
     def bind_kv_cache(self, num_blocks: int, graphs_for_seqs: int = 0) -> None:
         """Allocate the draft's own KV cache (after the target's is sized); `graphs_for_seqs` > 0:
         capture CUDA graphs of its one-token steps for batches up to that many sequences."""
         self.num_blocks = num_blocks
-        self.runner.bind_kv_cache(KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device))
+        with parallel.single_rank():  # every layer and KV head of the draft
+            kv = KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device)
+        self.runner.bind_kv_cache(kv)
         self.free = list(range(num_blocks - 1, -1, -1))
         if graphs_for_seqs > 0:
             self.runner.capture_cuda_graphs(graphs_for_seqs, self.max_model_len)

@@ -20,6 +20,15 @@ computed for this sequence (a prefix-cache hit, a prompt whose KV came from a pr
 head cache given up for room) enter the head with zero features: the drafts are worse there,
 never wrong (verification decides). Choices of n > 1 fork their parent's head state (KV blocks
 copied) when the prompt ends.
+
+In a tensor- / pipeline-parallel group the head lives on rank 0 alone, unsharded (built and its
+cache allocated under `parallel.single_rank()`: whole weights, no collective in its layers). It
+reads rank 0's features, which are whole: the final hidden states after the last all-reduce and
+the final norm (with P > 1, as they come back to stage 0), and EAGLE-3's residual streams after
+each layer's all-reduce. The target's embedding and LM head it shares (EAGLE-1, and an EAGLE-3
+head without its own embedding) are vocabulary-parallel: they run on the group like the target's
+own (the other ranks are told, `LlamaForCausalLM.embed` / `compute_logits`). EAGLE-3 with P > 1 is
+refused (`check_pipeline`): its aux layers' streams live on the stages that hold those layers.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels import KernelOps, build_rope_cache
+from services.worker import parallel
 from services.worker.kv_cache import KVCache, block_bytes
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
@@ -42,7 +52,7 @@ from services.worker.scheduler import ScheduledSequence, SchedulerOutput
 from services.worker.speculative.draft import Draft
 from services.worker.speculative.draft_model import check_same_tokenizer
 from services.worker.speculative.draw import draw_drafts
-from services.worker.speculative.eagle_head import EagleHead, build_head, read_layout
+from services.worker.speculative.eagle_head import EagleHead, EagleLayout, build_head, read_layout
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +147,19 @@ class EagleProposer:
             )
         self.layout = read_layout(self.cfg, target, load_format)
         check_same_tokenizer(self.cfg, target, target_tokenizer)  # (where the head has a tokenizer.json)
-        self.head: EagleHead = build_head(
-            self.cfg,
-            self.layout,
-            ops,
-            device,
-            dtype,
-            load_format,
-            seed,
-            model.model.embed_tokens.forward,  # (a bound method: a module would become the head's)
-            model.compute_logits,
-        )
+        check_pipeline(self.layout, parallel.current().pp_size, where)
+        with parallel.single_rank():  # whole weights on rank 0 of a group (module docstring)
+            self.head: EagleHead = build_head(
+                self.cfg,
+                self.layout,
+                ops,
+                device,
+                dtype,
+                load_format,
+                seed,
+                model.embed,  # (a bound method: a module would become the head's)
+                model.compute_logits,
+            )
         # parameters one draft token costs: the head's, and the target's LM head it uses (EAGLE-1)
         self.num_params = sum(p.numel() for p in self.head.parameters())
         if not self.layout.eagle3:
@@ -183,11 +195,13 @@ class EagleProposer:
 
     def block_bytes(self) -> int:
         """Bytes of one block of the head's KV cache."""
-        return block_bytes(self.cfg, self.block_size, self.dtype)
+        with parallel.single_rank():
+            return block_bytes(self.cfg, self.block_size, self.dtype)
 
     def bind_kv_cache(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.kv_cache = KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device)
+        with parallel.single_rank():  # every layer and KV head of the head
+            self.kv_cache = KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device)
         for i, attn in enumerate(self.head.attention_layers()):
             attn.attn.kv_cache = self.kv_cache.layer(i)
         self.free = list(range(num_blocks - 1, -1, -1))
@@ -409,6 +423,17 @@ class EagleProposer:
             sampled = not state.seq.request.sampling.is_greedy
             out[i] = Draft(drafted[r], torch.stack(probs[r]) if sampled and probs[r] else None)
         return out
+
+
+def check_pipeline(layout: EagleLayout, pp_size: int, where: str) -> None:
+    """EAGLE-3 reads the residual streams of layers spread over the pipeline's stages, which stage
+    0 (rank 0, where the head runs) does not see: refused with P > 1."""
+    if layout.eagle3 and pp_size > 1:
+        raise ModelConfigError(
+            f"{where}: an EAGLE-3 head with --pipeline-parallel-size {pp_size}: it reads target layers "
+            f"{list(layout.aux_layers)}, whose hidden states stay on other pipeline stages "
+            "(EAGLE-1 heads and --tensor-parallel-size work)"
+        )
 
 
 def _wanted(item: ScheduledSequence) -> bool:
