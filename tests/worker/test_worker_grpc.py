@@ -232,7 +232,9 @@ async def test_concurrent_streams_are_batched_and_exact(
         results = await asyncio.gather(*(one(i) for i in range(8)))
     for prompt, (tokens, chunks) in zip(prompts, results, strict=True):
         assert tokens == ref_models["stories"].greedy(prompt, 16)
-        assert chunks == len(tokens)
+        # a token per message, except where outputs queued up while the stream was sending (a
+        # loaded host): those go out as one message (rpc.py), never more messages than tokens
+        assert 1 <= chunks <= len(tokens)
 
 
 def test_embed_is_refused_by_a_generate_worker(stub: worker_pb2_grpc.WorkerStub) -> None:
