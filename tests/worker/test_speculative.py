@@ -186,7 +186,7 @@ def test_abort_mid_speculation_frees_every_block(
             assert engine.draft_model.num_used_blocks == 0
         if engine.eagle is not None:  # the head's cache, and the features it kept
             assert engine.eagle.num_used_blocks == 0 and not engine.eagle.states
-            assert sorted(engine.eagle.free) == list(range(engine.eagle.num_blocks))
+            assert sorted(engine.eagle.blocks.free) == list(range(engine.eagle.blocks.num_blocks))
 
 
 def test_draft_model_output_distribution_is_the_targets(

@@ -31,6 +31,7 @@ from services.worker.model_config import ModelConfig, ModelConfigError, load_mod
 from services.worker.model_runner import ModelRunner
 from services.worker.request import Sequence, SequenceStatus
 from services.worker.speculative.draft import Draft
+from services.worker.speculative.draft_blocks import DraftBlocks
 from services.worker.speculative.draw import draw_drafts
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,7 @@ class DraftModelProposer:
             )
         self.num_params = sum(p.numel() for p in self.runner.model.parameters())
         self.states: dict[int, _DraftState] = {}
-        self.free: list[int] = []
-        self.num_blocks = 0
+        self.blocks = DraftBlocks(block_size)
 
     def block_bytes(self) -> int:
         """Bytes of one block of the draft's KV cache."""
@@ -120,24 +120,23 @@ class DraftModelProposer:
     def bind_kv_cache(self, num_blocks: int, graphs_for_seqs: int = 0) -> None:
         """Allocate the draft's own KV cache (after the target's is sized); `graphs_for_seqs` > 0:
         capture CUDA graphs of its one-token steps for batches up to that many sequences."""
-        self.num_blocks = num_blocks
         with parallel.single_rank():  # every layer and KV head of the draft
             kv = KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device)
         self.runner.bind_kv_cache(kv)
-        self.free = list(range(num_blocks - 1, -1, -1))
+        self.blocks.reset(num_blocks)
         if graphs_for_seqs > 0:
             self.runner.capture_cuda_graphs(graphs_for_seqs, self.max_model_len)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.blocks.num_used
 
     # ---- state ------------------------------------------------------------------------------
     def release(self, seqs: Iterable[Sequence]) -> None:
         for seq in seqs:
             state = self.states.pop(seq.seq_id, None)
             if state is not None:
-                self.free += state.block_ids
+                self.blocks.give_back(state.block_ids)
 
     def after_step(self, speculating: bool) -> None:
         """Nothing to do between steps (the draft catches up when it proposes)."""
@@ -147,12 +146,7 @@ class DraftModelProposer:
         self.release([s.seq for s in self.states.values() if s.seq.status is not SequenceStatus.RUNNING])
 
     def _reserve(self, state: _DraftState, num_positions: int) -> bool:
-        need = -(-num_positions // self.block_size) - len(state.block_ids)
-        if need > len(self.free):
-            return False
-        for _ in range(max(need, 0)):
-            state.block_ids.append(self.free.pop())
-        return True
+        return self.blocks.grow(state.block_ids, num_positions)
 
     # ---- proposals --------------------------------------------------------------------------
     def may_propose(self, seqs: list[Sequence]) -> bool:

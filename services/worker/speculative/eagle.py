@@ -50,6 +50,7 @@ from services.worker.models.llava import LlavaForConditionalGeneration
 from services.worker.request import Sequence, SequenceStatus
 from services.worker.scheduler import ScheduledSequence, SchedulerOutput
 from services.worker.speculative.draft import Draft
+from services.worker.speculative.draft_blocks import DraftBlocks
 from services.worker.speculative.draft_model import check_same_tokenizer
 from services.worker.speculative.draw import draw_drafts
 from services.worker.speculative.eagle_head import EagleHead, EagleLayout, build_head, read_layout
@@ -179,8 +180,7 @@ class EagleProposer:
             device,
         )
         self.states: dict[int, _HeadState] = {}
-        self.free: list[int] = []
-        self.num_blocks = 0
+        self.blocks = DraftBlocks(block_size)
         self.kv_cache: KVCache | None = None
         self._steps_since_absorb = 0
         self._rows_since_absorb = 0
@@ -199,43 +199,38 @@ class EagleProposer:
             return block_bytes(self.cfg, self.block_size, self.dtype)
 
     def bind_kv_cache(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
         with parallel.single_rank():  # every layer and KV head of the head
             self.kv_cache = KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device)
         for i, attn in enumerate(self.head.attention_layers()):
             attn.attn.kv_cache = self.kv_cache.layer(i)
-        self.free = list(range(num_blocks - 1, -1, -1))
+        self.blocks.reset(num_blocks)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.blocks.num_used
 
     # ---- state ------------------------------------------------------------------------------
     def release(self, seqs: Iterable[Sequence]) -> None:
         for seq in seqs:
             state = self.states.pop(seq.seq_id, None)
             if state is not None:
-                self.free += state.block_ids
+                self.blocks.give_back(state.block_ids)
 
     def _collect(self) -> None:
         """Forget finished sequences (their blocks go back)."""
         self.release([s.seq for s in self.states.values() if s.seq.is_finished])
 
     def _reserve(self, state: _HeadState, num_positions: int) -> bool:
-        need = -(-num_positions // self.block_size) - len(state.block_ids)
-        if need > len(self.free):
+        need = self.blocks.missing(state.block_ids, num_positions)
+        if need > len(self.blocks.free):
             # preempted sequences keep their head cache while there is room; a running one comes first
             for other in list(self.states.values()):
                 if other is not state and other.seq.status is SequenceStatus.WAITING and other.block_ids:
-                    self.free += other.block_ids
+                    self.blocks.give_back(other.block_ids)
                     other.block_ids, other.num_pairs, other.last_out = [], 0, None
-                if need <= len(self.free):
+                if need <= len(self.blocks.free):
                     break
-        if need > len(self.free):
-            return False
-        for _ in range(max(need, 0)):
-            state.block_ids.append(self.free.pop())
-        return True
+        return self.blocks.grow(state.block_ids, num_positions)
 
     def _state(self, seq: Sequence) -> _HeadState:
         return self.states.setdefault(seq.seq_id, _HeadState(seq))
