@@ -85,13 +85,60 @@ def _build(family: str) -> Any:
             tie_word_embeddings=False,
         )
         return tf.GptOssForCausalLM(cfg)
+    if family == "qwen3_moe":
+        # Qwen3-30B-A3B's real layer (hidden 2048, 32 heads of 128 on 4 KV heads, 128 experts of
+        # 768, top-8, normalised), two layers
+        cfg = tf.Qwen3MoeConfig(
+            **{**BASE, "hidden_size": 2048, "num_hidden_layers": 2},
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            moe_intermediate_size=768,
+            norm_topk_prob=True,
+            tie_word_embeddings=False,
+        )
+        return tf.Qwen3MoeForCausalLM(cfg)
+    if family == "mixtral":  # 8 experts, top-2, GQA 4, head_dim 128
+        cfg = tf.MixtralConfig(
+            **{**BASE, "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 2},
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=128,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=None,
+            tie_word_embeddings=False,
+        )
+        return tf.MixtralForCausalLM(cfg)
+    if family == "gemma3":
+        # Gemma-3-1B's layer (hidden 1152, 4 heads of 256 on 1 KV head, q/k norms, sandwich norms),
+        # local layers (window 32: the longer prompts outgrow it) around a global one, two rope bases
+        cfg = tf.Gemma3TextConfig(
+            **{**BASE, "hidden_size": 1152, "intermediate_size": 6912},
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            sliding_window=32,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+        )
+        return tf.Gemma3ForCausalLM(cfg)
     cfg = tf.Qwen3Config(
         **BASE, num_attention_heads=8, num_key_value_heads=2, head_dim=128, tie_word_embeddings=False
     )  # q/k norm, head_dim 128
     return tf.Qwen3ForCausalLM(cfg)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "gpt_oss"])
+# the dense families, the mixtures of experts (#22) and Gemma 3's local/global layers
+@pytest.fixture(
+    scope="module", params=["llama", "qwen2", "qwen3", "gpt_oss", "qwen3_moe", "mixtral", "gemma3"]
+)
 def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
