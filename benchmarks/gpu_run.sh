@@ -19,7 +19,8 @@ fi
 # .benchmodel/shared when that exists (docs/gpu.md).
 [ -d .benchmodel/shared ] && [ ! -d ../shared ] && export TANDEM_SHARED=${TANDEM_SHARED:-$PWD/.benchmodel/shared}
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest tests/kernels tests/worker tests/lora -m gpu -o addopts="" -p no:cacheprovider -q -s --durations=25 \
+  timeout "${TEST_TIMEOUT:-560}" "$PY" -m pytest tests/kernels tests/worker tests/lora tests/disagg/test_kv_layerwise.py \
+    -m gpu -o addopts="" -p no:cacheprovider -q -s --durations=25 \
     -W ignore::DeprecationWarning 2>&1 | tee "$OUT/gpu_tests.log"
   echo "gpu tests exit: ${PIPESTATUS[0]}" | tee -a "$OUT/gpu_tests.log"
 fi
