@@ -27,6 +27,7 @@ from services.worker.layers.attention import AttentionMetadata, RMSNorm
 from services.worker.layers.linear import Linear
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models.llama import Attention, LlamaForCausalLM, LlamaModel
+from services.worker.parallel import shard_layout
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -128,6 +129,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         nn.Module.__init__(self)  # its own model and LM head (see GemmaModel)
         self.config = cfg
         self.ops = ops
+        self.layout = shard_layout(cfg)  # one rank: Gemma is not served by parallel groups
         self.model = GemmaModel(cfg, ops)
         self.lm_head = SoftCappedLinear(ops, cfg.hidden_size, cfg.vocab_size, cfg.final_logit_softcapping)
         if cfg.tie_word_embeddings:
