@@ -81,6 +81,7 @@ def main(argv: list[str]) -> int:
                     "top": [[list(map(list, lp.top)) for lp in r.logprobs.get(0, [])] for r in results],
                     "used_blocks": engine.block_manager.num_used_blocks,
                     "num_kv_heads": int(engine.kv_cache.tensor.shape[4]),
+                    "norms_folded": bool(engine.runner.model.norms_folded),
                     "num_preemptions": engine.scheduler.num_preemptions,
                     "cached_tokens": [r.usage.cached_prompt_tokens if r.usage else None for r in results],
                     "host_tier": host_tier_counters(engine),

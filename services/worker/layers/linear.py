@@ -22,7 +22,7 @@ from torch import nn
 
 from kernels import KernelOps
 from services.worker.layers.lora import LoRAProjection
-from services.worker.parallel import all_reduce
+from services.worker.parallel import all_reduce, current
 
 if TYPE_CHECKING:
     from services.worker.checkpoint import CheckpointTensor
@@ -132,5 +132,23 @@ class RowParallelLinear(Linear):
             out = self.ops.linear(x, self.weight, None, early_signal=False)
         if self.lora is not None:
             self.lora.add_to(out, x)
+        all_reduce(out)
+        return out if self.bias is None else out + self.bias
+
+    def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + this projection of x (folded norms). The residual stream is whole and the
+        same on every rank, so only tensor-parallel rank 0 adds it to its partial product; the
+        other ranks add nothing, and the one all-reduce sums T partial products and ONE residual
+        (the bias, replicated, once after it, as in `forward`)."""
+        if self.tp_size == 1:
+            return super().linear_add(x, residual)
+        assert self.quant_method is None, "a quantized model's norms are never folded"
+        assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
+        if current().tp_rank == 0:
+            out = self.ops.linear_add(x, self.weight, None, residual)
+        elif self.ops.linear is None:
+            out = torch.nn.functional.linear(x, self.weight)
+        else:
+            out = self.ops.linear(x, self.weight, None, early_signal=False)
         all_reduce(out)
         return out if self.bias is None else out + self.bias

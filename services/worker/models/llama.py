@@ -362,9 +362,12 @@ class LlamaForCausalLM(nn.Module):
             and not cfg.qk_norm
             and not cfg.num_experts  # the folded forward has no MoE path
             and self.model.embed_tokens.weight.dtype != torch.float16
-            # The folded o_proj / down_proj add the residual inside the projection, which a
-            # row-parallel projection would add once per rank before its all-reduce.
-            and parallel.current().world_size == 1  # (nor has the folded forward stages)
+            # Tensor parallelism folds too: qkv / gate_up are column-parallel over the whole
+            # hidden dimension (each rank folds g into its rows), and a row-parallel o_proj /
+            # down_proj adds the residual on tensor-parallel rank 0 only, before its all-reduce
+            # (RowParallelLinear.linear_add). Pipeline stages run the unfolded forward (they pass
+            # hidden and residual between stages), so P > 1 keeps its norms.
+            and parallel.current().pp_size == 1
             and switches.FOLD_NORMS.value  # TANDEM_FOLD_NORMS=0: separate norms (services/common/switches.py)
         )
 
