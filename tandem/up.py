@@ -87,6 +87,8 @@ class UpConfig:
     """How each worker starts its other ranks: mp = its own child processes; ray = Ray actors on --ray-address (else a local Ray cluster per worker; docs/parallel.md)."""
     ray_address: str = ""
     """The Ray cluster the workers place their ranks on (--distributed-executor-backend ray)."""
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """The workers' collectives: auto = NCCL on CUDA, gloo on the CPU; gloo on CUDA lets one worker's ranks share a GPU (agreement runs on one GPU; docs/parallel.md)."""
     tensor_parallel_size: int = 1
     """Ranks each worker's model is split over (each worker starts its own ranks; docs/parallel.md)."""
     prefill_tensor_parallel_size: int = 0
@@ -413,6 +415,8 @@ def forwarded_worker_args(config: UpConfig, role: str = "unified") -> list[str]:
         args += ["--distributed-executor-backend", config.distributed_executor_backend]
     if config.ray_address:
         args += ["--ray-address", config.ray_address]
+    if config.distributed_backend != "auto":
+        args += ["--distributed-backend", config.distributed_backend]
     if tensor_parallel_size(config, role) > 1:
         args += ["--tensor-parallel-size", str(tensor_parallel_size(config, role))]
     if config.task != "generate":

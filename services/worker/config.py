@@ -95,6 +95,8 @@ class WorkerConfig(ServiceConfig):
     """Port on --master-addr for the group's rendezvous (required with --nnodes > 1; 0 = a free port on one host)."""
     distributed_executor_backend: Literal["mp", "ray"] = "mp"
     """How the group's other ranks start: mp = child processes of this one (or --nnodes hosts); ray = Ray actors on a Ray cluster (--ray-address, else a local one), placed one per GPU (docs/parallel.md)."""
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """The library of the model's collectives in a group: auto = NCCL on CUDA, gloo on the CPU; gloo on CUDA runs them through host memory (slow: for agreement runs, where the ranks may share GPUs: rank r uses cuda:(r mod GPUs), which NCCL refuses; no CUDA graphs). The control plane is gloo either way."""
     ray_address: str = ""
     """--distributed-executor-backend ray: the Ray cluster to join (as `ray.init(address=...)`: host:port of its head, or "auto"); "" = start a local one."""
     distributed_timeout: float = 300.0
@@ -189,6 +191,8 @@ class WorkerConfig(ServiceConfig):
             raise ValueError("--ray-address is for --distributed-executor-backend ray")
         if self.distributed_timeout <= 0:
             raise ValueError(f"--distributed-timeout must be > 0, got {self.distributed_timeout}")
+        if self.distributed_backend == "nccl" and self.device == "cpu":
+            raise ValueError("--distributed-backend nccl needs --device cuda (the CPU runs gloo)")
         if self.kv_offload_memory:
             self.kv_offload_bytes  # noqa: B018 - validates
         if self.kv_fetch_stall_timeout <= 0:

@@ -52,7 +52,7 @@ from services.worker.speculative.draft_model import DraftModelProposer
 from services.worker.speculative.eagle import EagleProposer
 from services.worker.speculative.prompt_lookup import PromptLookupProposer
 from services.worker.speculative.speculator import Proposer, Speculator
-from services.worker.tp_group import BindKV, DrivenKVCache, Profile, StepDriver
+from services.worker.tp_group import BindKV, CaptureGraphs, DrivenKVCache, Profile, StepDriver
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,11 @@ class Engine:
             else None
         )
         num_blocks = self._num_kv_blocks()
-        graphs = self.device.type == "cuda" and not config.enforce_eager and self.driver is None
+        # A group captures too, every rank the same ladder (CaptureGraphs below), when its model
+        # collectives can be captured: NCCL's can, gloo's (host memory, host synchronisation)
+        # cannot; nor do pipeline stages (their micro-batches' point-to-point sends are eager).
+        group_graphs = self.driver is None or (state.graphs_capturable and state.pp_size == 1)
+        graphs = self.device.type == "cuda" and not config.enforce_eager and group_graphs
         if self.draft_model is not None:
             # (in a group too: the draft is rank 0's alone, its forwards broadcast nothing)
             draft_graphs = self.device.type == "cuda" and not config.enforce_eager
@@ -229,8 +233,14 @@ class Engine:
         else:
             self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
-        # (not in a group yet: the graphs would capture rank 0's broadcasts; docs/parallel.md)
-        if graphs:
+        if graphs and self.driver is not None:
+            # Every rank captures the same ladder in the same order meanwhile; rank 0's forwards
+            # broadcast nothing while it captures (the broadcast is a host call a graph cannot
+            # hold: each replay sends a Forward with the graph size instead, model_runner.py).
+            capture = CaptureGraphs(config.max_num_seqs, self.max_model_len)
+            with self.driver.command(capture), self.driver.detached():
+                self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
+        elif graphs:
             self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
         replay = self.driver.stage_host_kv if self.driver is not None else None  # the ranks copy too
@@ -313,7 +323,13 @@ class Engine:
         if budget is None and self.device.type == "cuda":
             peak = self._profile_peak_bytes()
             total = torch.cuda.get_device_properties(self.device).total_memory
-            budget = int(total * self.config.gpu_memory_utilization) - peak
+            # Ranks of a gloo group sharing a GPU (tp_launch.local_gpu) share its memory: each
+            # takes its part of the budget (their peaks are alike: the same shard sizes).
+            sharing = 1
+            if parallel.current().gloo_on_cuda:
+                per_node = self.config.world_size // self.config.nnodes
+                sharing = -(-per_node // max(torch.cuda.device_count(), 1))
+            budget = int(total * self.config.gpu_memory_utilization / sharing) - peak
         elif budget is None:
             budget = int(available_host_bytes() * self.config.cpu_kv_cache_fraction)
         num_blocks = min(budget // per_block, blocks_per_seq * self.config.max_num_seqs + 1)

@@ -167,6 +167,10 @@ class ModelRunner:
         if input_ids.shape[0] > GRAPH_LOGITS_MAX_ROWS:
             return DecodeOutputs(hidden, None, None, aux)
         logits = self.model.lm_head(hidden)  # [B, vocab] in the model dtype (compute_logits casts)
+        if self.model.layout.tp_size > 1:
+            # A group's vocabulary-parallel LM head: every rank's slice, gathered inside the graph
+            # (every rank's graph runs the same gather), the last rank's padding rows dropped.
+            logits = parallel.all_gather_last_dim(logits)[:, : self.cfg.vocab_size]
         greedy = self.ops.argmax(logits) if self.ops.argmax is not None else logits.argmax(dim=-1)
         return DecodeOutputs(hidden, logits, greedy, aux)
 
@@ -302,6 +306,10 @@ class ModelRunner:
             and self.graphs is not None
             and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks)
         ):
+            if self.model.driver is not None:  # the other ranks of a group replay the same size
+                self.model.driver.forward_graph(
+                    ids, positions, slots, seq_lens, block_tables, self.graphs.padded_size(len(out.scheduled))
+                )
             decoded = self.graphs.run(ids, positions, slots, seq_lens, block_tables)
             hidden = decoded.hidden
         else:

@@ -57,6 +57,22 @@ class ParallelState:
     # micro-batches, stage 0's send of micro-batch 1 and stage 1's return of micro-batch 0 would
     # each wait behind the other's receive there (pipeline.py).
     return_group: dist.ProcessGroup | None = None
+    # The model group's backend ("nccl" | "gloo"; "" for the trivial state) and this rank's device
+    # type: gloo on CUDA (`--distributed-backend gloo`, e.g. T ranks sharing one GPU) stages the
+    # collectives gloo has no CUDA path for through host memory (`_host_staged`).
+    backend: str = ""
+    device_type: str = "cpu"
+
+    @property
+    def gloo_on_cuda(self) -> bool:
+        return self.backend == "gloo" and self.device_type == "cuda"
+
+    @property
+    def graphs_capturable(self) -> bool:
+        """Whether the model's collectives can be captured in a CUDA graph: NCCL's are (they are
+        kernels on the capturing stream); gloo's run on the host (its CUDA all-reduce copies to
+        host memory and back, with host synchronisation), which a graph cannot record."""
+        return self.world_size == 1 or self.backend == "nccl"
 
     @property
     def is_driver(self) -> bool:
@@ -111,12 +127,14 @@ def init_process_group(
     master_port: int,
     device: torch.device,
     timeout_s: float,
+    backend: str = "auto",
 ) -> ParallelState:
     """Join the worker group (blocks until every rank joined). `timeout_s` bounds every collective:
-    a rank that stops answering turns into an error on the others, never a hang."""
+    a rank that stops answering turns into an error on the others, never a hang. `backend` of the
+    model's collectives: "auto" = NCCL on CUDA, gloo on the CPU (`resolve_backend`)."""
     global _STATE
     timeout = datetime.timedelta(seconds=timeout_s)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = resolve_backend(backend, device)
     dist.init_process_group(
         backend,
         init_method=f"tcp://{master_addr}:{master_port}",
@@ -134,8 +152,21 @@ def init_process_group(
     # model collective of the engine thread on the same group.
     ctrl = dist.new_group(backend="gloo", timeout=timeout)
     back = dist.new_group(timeout=timeout) if pp_size > 1 else None
-    _STATE = ParallelState(tp_size, rank % tp_size, pp_size, rank // tp_size, group, ctrl, back)
+    _STATE = ParallelState(
+        tp_size, rank % tp_size, pp_size, rank // tp_size, group, ctrl, back, backend, device.type
+    )
     return _STATE
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """--distributed-backend: "auto" = NCCL on CUDA, gloo on the CPU; "gloo" on CUDA runs the
+    collectives on the host (slow, but any number of ranks may share a GPU, which NCCL refuses)."""
+    device_type = torch.device(device).type
+    if backend == "auto":
+        return "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl" and device_type != "cuda":
+        raise ModelConfigError("--distributed-backend nccl needs CUDA devices (the CPU runs gloo)")
+    return backend
 
 
 def destroy_process_group() -> None:
@@ -146,6 +177,10 @@ def destroy_process_group() -> None:
 
 
 # ---- collectives (no-ops with T = 1) ------------------------------------------------------------
+# gloo with CUDA tensors (`--distributed-backend gloo` on GPUs): torch documents gloo's all_reduce
+# and broadcast for CUDA tensors (it copies them to host memory itself), but not all_gather,
+# send or recv. Those stage through host memory here, in that backend + device combination only;
+# NCCL and gloo on the CPU take the tensors as they are.
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum of x over the tensor-parallel ranks (in place; returns x)."""
     state = current()
@@ -167,9 +202,22 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     state = current()
     if state.tp_size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(state.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=state.group)
-    return torch.cat(parts, dim=-1)
+    src = x.contiguous()
+    if state.backend == "nccl":
+        # One output tensor [T, ...] (no list of parts): the form a CUDA graph captures cleanly
+        # (a group's decode graphs gather the LM head's logits, model_runner.py).
+        out = torch.empty((state.tp_size, *src.shape), dtype=src.dtype, device=src.device)
+        dist.all_gather_into_tensor(out, src, group=state.group)
+        return out.movedim(0, -2).reshape(*src.shape[:-1], state.tp_size * src.shape[-1])
+    staged = _host_staged(state, src)
+    parts = [torch.empty_like(staged) for _ in range(state.tp_size)]
+    dist.all_gather(parts, staged, group=state.group)
+    return torch.cat(parts, dim=-1).to(x.device)
+
+
+def _host_staged(state: ParallelState, x: torch.Tensor) -> torch.Tensor:
+    """x itself, or with gloo on CUDA a host copy of it (see above)."""
+    return x.cpu() if state.gloo_on_cuda and x.is_cuda else x
 
 
 @dataclass(frozen=True)
@@ -193,7 +241,7 @@ def isend_to_stage(stage: int, *tensors: torch.Tensor, tag: int = 0) -> list[Pen
     group = state.return_group if stage == 0 else None  # (the last stage returning to stage 0)
     sends = []
     for t in tensors:
-        buffer = t.contiguous()
+        buffer = _host_staged(state, t.contiguous())
         sends.append(PendingSend(dist.isend(buffer, dst=dst, group=group, tag=tag), buffer))
     return sends
 
@@ -205,8 +253,9 @@ def recv_from_stage(stage: int, *like: torch.Tensor, tag: int = 0) -> list[torch
     out = []
     for t in like:
         buf = torch.empty_like(t)
-        dist.recv(buf, src=stage * state.tp_size + state.tp_rank, group=group, tag=tag)
-        out.append(buf)
+        staged = _host_staged(state, buf)
+        dist.recv(staged, src=stage * state.tp_size + state.tp_rank, group=group, tag=tag)
+        out.append(buf.copy_(staged) if staged is not buf else buf)
     return out
 
 

@@ -74,7 +74,16 @@ class RankActor:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         t, p = config.tensor_parallel_size, config.pipeline_parallel_size
-        parallel.init_process_group(rank, t, p, master_addr, master_port, device, config.distributed_timeout)
+        parallel.init_process_group(
+            rank,
+            t,
+            p,
+            master_addr,
+            master_port,
+            device,
+            config.distributed_timeout,
+            config.distributed_backend,
+        )
         log.info("rank %d of %d (T=%d x P=%d) joined as a Ray actor (%s)", rank, t * p, t, p, device)
         try:
             follow(config)

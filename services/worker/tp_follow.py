@@ -22,6 +22,7 @@ from services.worker.model_config import load_model_config
 from services.worker.model_runner import ModelRunner
 from services.worker.tp_group import (
     BindKV,
+    CaptureGraphs,
     CopyBlocks,
     Embed,
     Forward,
@@ -30,6 +31,25 @@ from services.worker.tp_group import (
     Logits,
     Profile,
 )
+
+
+def replay_graph(runner: ModelRunner, cmd: Forward) -> None:
+    """Replay this rank's decode graph of rank 0's size on the step's inputs."""
+    graphs = runner.graphs
+    num_seqs = cmd.positions.shape[0]
+    if graphs is None or graphs.padded_size(num_seqs) != cmd.graph_size:
+        # (replaying another size would leave the ranks' collectives unmatched: a hang)
+        raise RuntimeError(
+            f"rank 0 replays its decode graph of {cmd.graph_size} rows; this rank's ladder "
+            f"{None if graphs is None else graphs.batch_sizes} does not match"
+        )
+    graphs.run(
+        cmd.input_ids.tolist(),
+        cmd.positions.tolist(),
+        cmd.slot_mapping.tolist(),
+        cmd.seq_lens.tolist(),
+        cmd.block_tables.to(torch.int32),
+    )
 
 
 def follow(config: WorkerConfig) -> int:
@@ -74,6 +94,9 @@ def follow(config: WorkerConfig) -> int:
                 for copy in cmd.host_kv:  # rank 0's host tier copies, before the forward reads them
                     assert host is not None
                     host.copy(copy)
+                if cmd.graph_size:  # rank 0 replays its decode graph of this size: so does this rank
+                    replay_graph(runner, cmd)
+                    continue
                 meta = AttentionMetadata(
                     positions=cmd.positions.to(device),
                     slot_mapping=cmd.slot_mapping.to(device),
@@ -107,6 +130,8 @@ def follow(config: WorkerConfig) -> int:
             elif isinstance(cmd, ReadKV | WriteKV):  # disaggregation: this rank's heads
                 assert kv is not None
                 kv_reshard.serve(kv.tensor, ranks, cmd)
+            elif isinstance(cmd, CaptureGraphs):  # the same ladder as rank 0, in the same order
+                runner.capture_cuda_graphs(cmd.max_num_seqs, cmd.max_model_len)
             elif isinstance(cmd, Profile):
                 runner.profile_peak_bytes(cmd.num_tokens, cmd.num_seqs)
             elif isinstance(cmd, LoadLoRA):

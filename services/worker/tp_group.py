@@ -92,6 +92,19 @@ class Forward:
     lora: LoRAStep | None = None  # the step's LoRA slot refills and row mapping (LoRA on)
     released_loras: tuple[int, ...] = ()  # lora_ids rank 0 no longer holds: drop their shards
     host_kv: tuple[HostCopy, ...] = ()  # the host KV tier's copies rank 0 made since the last command
+    # > 0: a decode step rank 0 runs as its CUDA graph of this (padded) batch size; every rank
+    # replays its own graph of that size, so the graphs' collectives line up (0: eager forward)
+    graph_size: int = 0
+
+
+@dataclass(frozen=True)
+class CaptureGraphs:
+    """Capture the decode CUDA-graph ladder (cuda_graph.py), as rank 0 does meanwhile: every rank
+    captures the same sizes in the same order, so each warm-up's and each capture's collectives
+    meet their counterparts on the other ranks (NCCL's are captured into the graphs)."""
+
+    max_num_seqs: int
+    max_model_len: int
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,7 @@ class Ping:
 
 Command = (
     Forward
+    | CaptureGraphs
     | Logits
     | Embed
     | CopyBlocks
@@ -217,6 +231,40 @@ class StepDriver:
                 lora,
                 released,
                 host_kv,
+            )
+        )
+
+    def forward_graph(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        positions: list[int],
+        slot_mapping: list[int],
+        seq_lens: list[int],
+        block_tables: torch.Tensor,
+        graph_size: int,
+    ) -> None:
+        """Rank 0 replays its decode graph of `graph_size` for this step: the other ranks replay
+        theirs of the same size on these inputs (cuda_graph.CudaGraphRunner.run's arguments)."""
+        if self._detached:
+            return
+        num_seqs = len(positions)
+        ids = input_ids.cpu() if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids)
+        lora, self._lora_step = self._lora_step, None
+        host_kv, self._host_kv = tuple(self._host_kv), []
+        self.send(
+            Forward(
+                ids,
+                torch.tensor(positions),
+                torch.tensor(slot_mapping),
+                block_tables.cpu(),
+                torch.arange(num_seqs + 1, dtype=torch.int32),
+                torch.tensor(seq_lens, dtype=torch.int32),
+                1,
+                num_seqs,
+                lora,
+                self.take_released_loras(),
+                host_kv,
+                graph_size,
             )
         )
 

@@ -46,7 +46,8 @@ def check_group(config: WorkerConfig) -> None:
                 f"--device {config.device} with --tensor-parallel-size {t}: rank r uses cuda:r; "
                 "give --device cuda and choose the GPUs with CUDA_VISIBLE_DEVICES"
             )
-        if torch.cuda.device_count() < per_node:
+        gloo = parallel.resolve_backend(config.distributed_backend, device) == "gloo"
+        if torch.cuda.device_count() < per_node and not gloo:  # (gloo's ranks may share a GPU)
             raise ModelConfigError(
                 f"{config.world_size} ranks over {config.nnodes} node(s) need {per_node} GPUs per host, "
                 f"this host shows {torch.cuda.device_count()}"
@@ -80,16 +81,28 @@ def start_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
     else:
         master = os.environ[MASTER_ENV]
     device = (
-        torch.device("cuda", local_rank)
+        torch.device("cuda", local_gpu(config, local_rank))
         if config.device != "cpu" and torch.cuda.is_available()
         else torch.device("cpu")
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     host, _, port = master.rpartition(":")
-    parallel.init_process_group(rank, t, p, host, int(port), device, config.distributed_timeout)
+    parallel.init_process_group(
+        rank, t, p, host, int(port), device, config.distributed_timeout, config.distributed_backend
+    )
     log.info("rank %d of %d (T=%d x P=%d) joined (%s)", rank, t * p, t, p, device)
     return GroupMember(local, rank == 0)
+
+
+def local_gpu(config: WorkerConfig, local_rank: int) -> int:
+    """The CUDA device of this host's rank `local_rank`: its own GPU (cuda:local_rank), or with
+    gloo and fewer GPUs than ranks the GPUs in turn (two ranks on one GPU: an agreement run of a
+    T = 2 group where only one GPU is lent; NCCL refuses two ranks on one device)."""
+    count = torch.cuda.device_count()
+    if parallel.resolve_backend(config.distributed_backend, "cuda") == "gloo" and count:
+        return local_rank % count
+    return local_rank
 
 
 def _start_ray_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
@@ -102,7 +115,14 @@ def _start_ray_group(config: WorkerConfig, argv: list[str]) -> GroupMember:
         torch.cuda.set_device(where.device)
     t, p = config.tensor_parallel_size, config.pipeline_parallel_size
     parallel.init_process_group(
-        0, t, p, where.master_addr, where.master_port, where.device, config.distributed_timeout
+        0,
+        t,
+        p,
+        where.master_addr,
+        where.master_port,
+        where.device,
+        config.distributed_timeout,
+        config.distributed_backend,
     )
     log.info("rank 0 of %d (T=%d x P=%d) joined, ranks 1.. are Ray actors (%s)", t * p, t, p, where.device)
     return GroupMember(ranks, True)

@@ -3,7 +3,8 @@
 
     python tests/parallel/tp_generate.py OUT.json PROMPTS.json -- <tandem worker options>
 
-PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n, "lora_names": [name]}
+PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n, "lora_names": [name],
+"ignore_eos": bool}
 ("lora_names": each prompt's LoRA adapter, "" for the base model; optional; "rounds": [[[ids]]]
 instead of "prompts": each round's prompts together, one round after the other; "round_params":
 [{SamplingParams field: value}] for each round, optional); with --task embed
@@ -52,7 +53,11 @@ def main(argv: list[str]) -> int:
             return 0
         proposals = record_proposals(engine)
         params = SamplingParams(
-            temperature=0.0, max_tokens=spec["max_tokens"], logprobs=spec.get("logprobs"), n=spec.get("n", 1)
+            temperature=0.0,
+            max_tokens=spec["max_tokens"],
+            logprobs=spec.get("logprobs"),
+            n=spec.get("n", 1),
+            ignore_eos=spec.get("ignore_eos", False),
         )
         if "lora_names" in spec:  # each prompt under its adapter, all in flight together
             requests = [
@@ -82,6 +87,9 @@ def main(argv: list[str]) -> int:
                     "used_blocks": engine.block_manager.num_used_blocks,
                     "num_kv_heads": int(engine.kv_cache.tensor.shape[4]),
                     "norms_folded": bool(engine.runner.model.norms_folded),
+                    # rank 0's decode CUDA-graph ladder ([] = eager; every rank captured the same)
+                    "graph_sizes": engine.runner.graphs.batch_sizes if engine.runner.graphs else [],
+                    "graph_replays": engine.runner.graphs.num_replays if engine.runner.graphs else 0,
                     "num_preemptions": engine.scheduler.num_preemptions,
                     "cached_tokens": [r.usage.cached_prompt_tokens if r.usage else None for r in results],
                     "host_tier": host_tier_counters(engine),
