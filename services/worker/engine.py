@@ -214,6 +214,13 @@ class Engine:
         # cannot; nor do pipeline stages (their micro-batches' point-to-point sends are eager).
         group_graphs = self.driver is None or (state.graphs_capturable and state.pp_size == 1)
         graphs = self.device.type == "cuda" and not config.enforce_eager and group_graphs
+        if self.device.type == "cuda" and not config.enforce_eager and not group_graphs:
+            log.info(
+                "CUDA graphs off in this group (%s): its collectives run eager",
+                "pipeline stages"
+                if state.pp_size > 1
+                else f"{state.backend}'s collectives cannot be captured",
+            )
         if self.draft_model is not None:
             # (in a group too: the draft is rank 0's alone, its forwards broadcast nothing)
             draft_graphs = self.device.type == "cuda" and not config.enforce_eager

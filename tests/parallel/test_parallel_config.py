@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from services.worker.config import WorkerConfig
-from services.worker.parallel import ParallelState, shard_layout, stage_layers
+from services.worker.model_config import ModelConfigError
+from services.worker.parallel import ParallelState, resolve_backend, shard_layout, stage_layers
 from tests.worker.worker_testlib import TINY
 
 
@@ -18,11 +19,26 @@ from tests.worker.worker_testlib import TINY
         ({"tensor_parallel_size": 3, "nnodes": 2, "master_port": 29500}, "must be a multiple of --nnodes 2"),
         ({"nnodes": 2, "node_rank": 2, "master_port": 29500}, "--node-rank must be in 0..1"),
         ({"pipeline_parallel_size": 0}, "--pipeline-parallel-size must be >= 1"),
+        ({"tensor_parallel_size": 2, "device": "cpu", "distributed_backend": "nccl"}, "needs --device cuda"),
     ],
 )
 def test_bad_group_options(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         WorkerConfig(model="m", **options)
+
+
+def test_distributed_backend_and_graph_capture() -> None:
+    """--distributed-backend: auto = NCCL on CUDA, gloo on the CPU; a group's decode CUDA graphs
+    only where the collectives can be captured (NCCL; gloo's run on the host)."""
+    assert resolve_backend("auto", "cuda") == "nccl" and resolve_backend("auto", "cpu") == "gloo"
+    assert resolve_backend("gloo", "cuda") == "gloo"
+    with pytest.raises(ModelConfigError, match="needs CUDA"):
+        resolve_backend("nccl", "cpu")
+    assert ParallelState().graphs_capturable  # one rank: no collective
+    assert ParallelState(tp_size=2, backend="nccl", device_type="cuda").graphs_capturable
+    gloo = ParallelState(tp_size=2, backend="gloo", device_type="cuda")
+    assert not gloo.graphs_capturable and gloo.gloo_on_cuda
+    assert not ParallelState(tp_size=2, backend="gloo").gloo_on_cuda
 
 
 def test_host_kv_tier_is_accepted_in_a_group() -> None:

@@ -85,3 +85,11 @@ def test_several_tensor_parallel_workers_each_get_their_own_gpus(monkeypatch: py
     assert unified_gpus(UpConfig(workers=3), 2, num_gpus=4) == ""  # single-rank workers: --device cuda:i
     with pytest.raises(UpError, match="needs 6 GPUs"):
         unified_gpus(UpConfig(workers=3, tensor_parallel_size=2), 0, num_gpus=4)
+
+
+def test_distributed_backend_is_forwarded_to_the_workers() -> None:
+    """`tandem up --tensor-parallel-size 2 --distributed-backend gloo`: each worker's two ranks may
+    share one GPU (docs/parallel.md, "One GPU"); auto stays the workers' own default."""
+    args = forwarded_worker_args(UpConfig(tensor_parallel_size=2, distributed_backend="gloo"))
+    assert args[args.index("--distributed-backend") + 1] == "gloo"
+    assert "--distributed-backend" not in forwarded_worker_args(UpConfig(tensor_parallel_size=2))
