@@ -48,6 +48,9 @@ def _check(ref: RefModel, name: str, tp: int, tmp_path: Path, n: int = 1, pp: in
     expected = [ref.greedy(prompt, MAX_TOKENS) for prompt in prompts]
     got = group.result()
     assert got["used_blocks"] == 0
+    # the folded norms in groups too (the reference bundle folds; Qwen2 / Qwen3 and MoE models keep
+    # their norms: models/llama.py can_fold_norms)
+    assert got["norms_folded"] == name.startswith("llama"), name
     for i, (prompt, result) in enumerate(zip(prompts, base, strict=True)):
         assert result.token_ids[0] == expected[i]  # T = 1 (the baseline itself)
         for choice in range(n):  # forks share the prompt's blocks (copy-on-fork on every rank)
@@ -72,7 +75,9 @@ def test_llama_pipeline_p2_equals_t1_and_transformers(tp_refs: dict[str, RefMode
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "tp", "pp"), [("qwen2", 2, 2), ("qwen3_moe", 1, 2), ("llama_three_layers", 1, 2)]
+    ("name", "tp", "pp"),
+    # (llama: the folded norms with T x P, rank 0 of each stage adding the residual)
+    [("qwen2", 2, 2), ("qwen3_moe", 1, 2), ("llama_three_layers", 1, 2), ("llama_gqa", 2, 2)],
 )
 def test_tp_times_pp_equals_t1(
     tp_refs: dict[str, RefModel], name: str, tp: int, pp: int, tmp_path: Path

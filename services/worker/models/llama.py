@@ -20,7 +20,7 @@ from torch import nn
 
 from kernels import KernelOps, build_rope_cache
 from services.common import switches
-from services.worker import parallel, pipeline
+from services.worker import pipeline
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
 from services.worker.layers.linear import Linear, RowParallelLinear
 from services.worker.layers.moe import SparseMoeBlock
@@ -272,6 +272,14 @@ class LlamaModel(nn.Module):
         def layers(
             hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
         ) -> tuple[torch.Tensor, torch.Tensor]:
+            if self.norms_folded and hidden.shape[0] <= FOLDED_MAX_TOKENS:
+                # The folded forward carries one stream, the whole residual stream; between
+                # stages it travels as (stream, zeros), which the next stage and stage 0's final
+                # norm add back exactly (x + 0 = x).
+                h = hidden if residual is None else hidden + residual
+                for i in range(layout.layer_start, layout.layer_end):
+                    h = cast(DecoderLayer, self.layers[i]).forward_folded(h, meta)
+                return h, torch.zeros_like(h)
             for i in range(layout.layer_start, layout.layer_end):
                 hidden, residual = self.layers[i](hidden, residual, meta)
             assert residual is not None  # every stage holds at least one layer (P <= layers)
@@ -362,12 +370,11 @@ class LlamaForCausalLM(nn.Module):
             and not cfg.qk_norm
             and not cfg.num_experts  # the folded forward has no MoE path
             and self.model.embed_tokens.weight.dtype != torch.float16
-            # Tensor parallelism folds too: qkv / gate_up are column-parallel over the whole
-            # hidden dimension (each rank folds g into its rows), and a row-parallel o_proj /
-            # down_proj adds the residual on tensor-parallel rank 0 only, before its all-reduce
-            # (RowParallelLinear.linear_add). Pipeline stages run the unfolded forward (they pass
-            # hidden and residual between stages), so P > 1 keeps its norms.
-            and parallel.current().pp_size == 1
+            # Parallel groups fold too: qkv / gate_up are column-parallel over the whole hidden
+            # dimension (each rank folds g into its rows), a row-parallel o_proj / down_proj adds
+            # the residual on tensor-parallel rank 0 only, before its all-reduce
+            # (RowParallelLinear.linear_add), and pipeline stages pass the folded forward's one
+            # stream as (stream, zeros) (LlamaModel._forward_stage).
             and switches.FOLD_NORMS.value  # TANDEM_FOLD_NORMS=0: separate norms (services/common/switches.py)
         )
 
@@ -385,7 +392,8 @@ class LlamaForCausalLM(nn.Module):
         if self.model.norms_folded or not self.can_fold_norms():
             return False
         for layer in self.model.layers:
-            cast(DecoderLayer, layer).fold_norms()
+            if isinstance(layer, DecoderLayer):  # (not the layers of other pipeline stages)
+                layer.fold_norms()
         self.model.norms_folded = True
         return True
 
