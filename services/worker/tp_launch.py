@@ -50,7 +50,8 @@ def check_group(config: WorkerConfig) -> None:
         if torch.cuda.device_count() < per_node and not gloo:  # (gloo's ranks may share a GPU)
             raise ModelConfigError(
                 f"{config.world_size} ranks over {config.nnodes} node(s) need {per_node} GPUs per host, "
-                f"this host shows {torch.cuda.device_count()}"
+                f"this host shows {torch.cuda.device_count()} (NCCL refuses two ranks on one GPU; "
+                "--distributed-backend gloo lets them share, slowly)"
             )
 
 

@@ -11,9 +11,10 @@
 The model is a small random Llama (hidden 256, 4 layers, GQA) whose embedding is scaled up and
 whose LM head is a permutation of it, as in tests/kernels/test_engine_gpu.py: a random model's
 top two logits are otherwise often within bf16 noise of each other, and agreement would measure
-luck. Greedy agreement is position by position over 64 tokens (>= 99%, the issue's bar): with T
-ranks the all-reduce sums T bf16 partial products where T = 1 rounds one product, so a rare
-near-tie may still flip a token.
+luck. Greedy agreement is position by position over 64 tokens, teacher-forced (T = 1 and
+transformers fed the group's tokens rank them first, >= 99%: the issue's bar): with T ranks the
+all-reduce sums T bf16 partial products where T = 1 rounds one product, so a rare near-tie may
+still flip a token, and free-running that flip would carry into every later token.
 
     .venv/bin/python -m pytest -q -m gpu tests/parallel/test_tp_gpu.py -p no:randomly
 """
@@ -91,20 +92,34 @@ def _options(model: Path, device: str) -> list[str]:
     ]
 
 
-def _t1_tokens(model: Path, device: str, max_tokens: int, prompts: list[list[int]]) -> list[list[int]]:
+def _t1_engine(model: Path, device: str) -> Any:
     from services.common.config import parse_config
     from services.worker.config import WorkerConfig
     from services.worker.engine import Engine
 
-    engine = Engine(parse_config(WorkerConfig, _options(model, device), "t1"))
-    results = engine.generate(
-        prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    )
-    tokens = [r.token_ids[0] for r in results]
-    del engine
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return tokens
+    return Engine(parse_config(WorkerConfig, _options(model, device), "t1"))
+
+
+def _t1_teacher_forced(engine: Any, prompts: list[list[int]], tokens: list[list[int]]) -> int:
+    """Positions where T = 1, fed the group's own tokens (prompt logprobs of prompt + tokens),
+    ranks the group's token first: agreement that one near-tie cannot carry into every later
+    token, as a free-running comparison would."""
+    from services.worker.request import EngineRequest
+
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    for i, (prompt, out) in enumerate(zip(prompts, tokens, strict=True)):
+        engine.add_request(EngineRequest(f"tf-{i}", tuple(prompt + out), params))
+    entries: dict[str, Any] = {}
+    while engine.has_unfinished():
+        for step_out in engine.step():
+            if step_out.prompt_logprobs is not None:
+                entries[step_out.request_id] = step_out.prompt_logprobs
+    agree = 0
+    for i, (prompt, out) in enumerate(zip(prompts, tokens, strict=True)):
+        # (entry j - 1 is prompt token j's: generated token k is entry len(prompt) + k - 1)
+        ranks = [entries[f"tf-{i}"][len(prompt) + k - 1].rank for k in range(len(out))]
+        agree += sum(r == 1 for r in ranks)
+    return agree
 
 
 def _hf_teacher_forced(model: Path, device: str, prompts: list[list[int]], tokens: list[list[int]]) -> int:
@@ -139,19 +154,32 @@ def _check_group(tmp_path: Path, device: str, max_tokens: int, *group_args: str)
         *group_args,
         timeout_s=300,
     )
-    single = _t1_tokens(model, device, max_tokens, prompts)  # T = 1 while the group runs
+    engine = _t1_engine(model, device)  # T = 1 on the same device while the group runs
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    single = [r.token_ids[0] for r in engine.generate(prompts, params)]
     got = group.result()
     tokens = [t["0"] for t in got["tokens"]]
     total = len(prompts) * max_tokens
     assert all(len(t) == max_tokens for t in tokens)
-    with_t1, with_hf = _agreement(tokens, single), _hf_teacher_forced(model, device, prompts, tokens)
-    print(f"T=2 {device} {group_args}: agreement with T=1 {with_t1}/{total}, transformers {with_hf}/{total}")
+    free = _agreement(tokens, single)
+    with_t1 = _t1_teacher_forced(engine, prompts, tokens)
+    del engine
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    with_hf = _hf_teacher_forced(model, device, prompts, tokens)
+    print(
+        f"T=2 {device} {group_args}: greedy agreement with T=1 teacher-forced {with_t1}/{total} "
+        f"(free-running {free}/{total}), transformers teacher-forced {with_hf}/{total}"
+    )
     if device == "cpu":  # fp32: exactly T = 1's and transformers' tokens
         assert tokens == single
-        assert with_hf == total
+        assert with_t1 == with_hf == total
     else:
         assert with_t1 >= 0.99 * total, f"T=2 vs T=1 greedy agreement {with_t1}/{total} < 99%"
         assert with_hf >= 0.99 * total, f"T=2 vs transformers (teacher-forced) {with_hf}/{total} < 99%"
+        # free-running, one bf16 near-tie sends the continuations apart for the rest of the 64
+        # tokens (tests/kernels/test_engine_gpu.py's looser bound)
+        assert free >= 0.75 * total, f"T=2 vs T=1 free-running {free}/{total} < 75%"
     assert got["used_blocks"] == 0
     assert got["norms_folded"]  # (the folded norms with T > 1: the Triton and reference bundles)
     return got
