@@ -16,7 +16,7 @@ transformers fed the group's tokens rank them first, >= 99%: the issue's bar): w
 all-reduce sums T bf16 partial products where T = 1 rounds one product, so a rare near-tie may
 still flip a token, and free-running that flip would carry into every later token.
 
-    .venv/bin/python -m pytest -q -m gpu tests/parallel/test_tp_gpu.py -p no:randomly
+    python -m pytest tests/parallel/test_tp_gpu.py -m gpu -o addopts="" -p no:cacheprovider -q -s
 """
 
 from __future__ import annotations
