@@ -330,10 +330,10 @@ class Engine:
         if budget is None and self.device.type == "cuda":
             peak = self._profile_peak_bytes()
             total = torch.cuda.get_device_properties(self.device).total_memory
-            # Ranks of a gloo group sharing a GPU (tp_launch.local_gpu) share its memory: each
-            # takes its part of the budget (their peaks are alike: the same shard sizes).
+            # Ranks of a gloo group sharing a GPU (tp_launch.local_gpu; Ray gives each its own)
+            # share its memory: each takes its part of the budget (their peaks are alike).
             sharing = 1
-            if parallel.current().gloo_on_cuda:
+            if parallel.current().gloo_on_cuda and self.config.distributed_executor_backend == "mp":
                 per_node = self.config.world_size // self.config.nnodes
                 sharing = -(-per_node // max(torch.cuda.device_count(), 1))
             budget = int(total * self.config.gpu_memory_utilization / sharing) - peak
