@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -135,6 +136,12 @@ def init_process_group(
     global _STATE
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = resolve_backend(backend, device)
+    if backend == "nccl":
+        # The decode CUDA graphs capture NCCL collectives (engine.py): with record_stream on the
+        # caching allocator's bookkeeping of the captured collectives' tensors breaks the capture
+        # (vLLM's finding, vllm-project/vllm#2152); the process group then holds the tensors until
+        # each collective is waited on instead. Read when the NCCL group is created.
+        os.environ.setdefault("TORCH_NCCL_AVOID_RECORD_STREAMS", "1")
     dist.init_process_group(
         backend,
         init_method=f"tcp://{master_addr}:{master_port}",
