@@ -228,8 +228,8 @@ def load_weights(
     # tensors and is untied: build_model)
     tied = model.config.tie_word_embeddings and "lm_head.weight" not in quantized
     if "lm_head.weight" in quantized:  # the last rank's rows past the vocabulary stay zero
-        for param in quantized["lm_head.weight"].parameters():
-            param.data.zero_()
+        for head_param in quantized["lm_head.weight"].parameters():
+            head_param.data.zero_()
     checkpoint = (
         (file_name, name, item if isinstance(item, CheckpointTensor) else CheckpointTensor.of(item))
         for file_name, name, item in tensors
