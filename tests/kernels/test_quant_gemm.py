@@ -4,6 +4,8 @@ fp16; the `gpu` cases run it on CUDA in bf16."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -356,3 +358,61 @@ def test_fp8_tuner_and_dispatch_gpu() -> None:
     assert again == [
         f"fp8 test_proj {n}x{k} rows=1: tuned before -> {fg.chosen(n, k, True, 1) or '_scaled_mm'}"
     ]
+
+
+@pytest.mark.gpu
+def test_fp8_engine_tunes_every_projection_gpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An fp8 (W8A8) engine tunes each projection shape at start (the linear report says what it
+    chose per row bucket), its projections run that choice within tolerance of the twin, and it
+    decodes with CUDA graphs."""
+    _fp8_gpu_or_skip()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kernels.triton.fp8_gemm import ROW_BUCKETS
+    from services.worker.config import WorkerConfig
+    from services.worker.engine import Engine
+    from services.worker.request import SamplingParams
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=512,
+        num_hidden_layers=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path))
+    engine = Engine(
+        WorkerConfig(
+            model=str(tmp_path),
+            device="cuda",
+            dtype="bfloat16",
+            quantization="fp8",
+            max_num_seqs=4,
+            max_model_len=128,
+            kv_cache_memory="64MiB",
+        )
+    )
+    assert engine.runner.graphs is not None
+    lines = [line for line in engine.runner.linear_report if line.startswith("fp8 ")]
+    shapes = {"qkv_proj": "512x256", "o_proj": "256x256", "gate_up_proj": "1024x256", "down_proj": "256x512"}
+    for name, shape in shapes.items():
+        mine = [line for line in lines if line.startswith(f"fp8 {name} {shape} rows=")]
+        assert len(mine) == len(ROW_BUCKETS), (name, lines)
+        assert all("-> _scaled_mm" in line or "-> triton(" in line for line in mine), mine
+    proj: Any = engine.runner.model.model.layers[1].mlp.gate_up_proj
+    for m in (1, 3, 40):
+        x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
+        exact = reference.fp8_w8a8_linear(x.float(), proj.qweight, proj.weight_scale)
+        with torch.inference_mode():
+            out = proj(x).float()
+        assert (out - exact).norm() / exact.norm() < 5e-3, m
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (5, 17, 40)]
+    results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    assert [len(r.token_ids[0]) for r in results] == [16, 16, 16]
