@@ -4,12 +4,12 @@ and `torch._scaled_mm`, made by timing both on this GPU.
 W is float8 e4m3 [N, K] with one fp32 scale per output channel; x (bf16) is quantized per token
 (dynamic: each row's scale is max |x| / 448, `reference.quantize_per_token_fp8`, the twin of all
 of this file being `reference.fp8_w8a8_linear`). The two e4m3 operands meet in tensor-core dots
-with fp32 accumulators (on Hopper each K tile's dot is added to the fp32 sum, never accumulated
-in the tensor core's reduced-precision adder across tiles: `max_num_imprecise_acc`); the scales,
+with fp32 accumulators (on Hopper's warp-group MMA each K tile's dot is added to the fp32 sum,
+never carried across tiles in the FP8 tensor core's narrower adder: `max_num_imprecise_acc`); the scales,
 then the bias, are applied to the fp32 sums in the epilogue; the output is rounded once.
 
 Two kinds of config of the one kernel:
-- decode-sized (M <= 16): one 16-row block, the activations quantized inside the GEMM (a first
+- decode-sized (M <= 16): one 16- or 64-row block, the activations quantized inside the GEMM (a first
   pass over K takes each row's max, the main loop rounds each x tile to e4m3 in registers): one
   launch per projection, and the weight is the only real traffic;
 - prefill / large batches: 64- or 128-row tiles in a grouped order (a weight tile is reused by
@@ -28,7 +28,6 @@ lines say what was measured.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,8 +37,6 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.triton.skinny_gemm import _graph_seconds, _time_calls
-
-log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 # A config must beat `_scaled_mm` by this factor to be chosen: smaller gaps are within timing noise.
@@ -71,8 +68,7 @@ DECODE_CANDIDATES = (
     Fp8Config(16, 64, 256, 4, 4, prequant=False),
     Fp8Config(16, 32, 512, 4, 3, prequant=False),
     Fp8Config(16, 128, 128, 4, 4, prequant=False),
-    # a 64-row tile: Hopper's warp-group MMA takes FP8 natively from 64 rows (16-row tiles take
-    # the older MMA, which has no FP8 on sm_90: the codes go through fp16)
+    # a 64-row tile: Hopper's warp-group MMA needs 64 rows (16-row tiles take the older MMA)
     Fp8Config(64, 64, 256, 4, 3, prequant=False),
 )
 PREFILL_CANDIDATES = (
