@@ -25,6 +25,8 @@ from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
 from services.worker.kv_layerwise import LayerSignal
 from services.worker.layers.attention import AttentionMetadata
+from services.worker.layers.linear import Linear
+from services.worker.layers.quantization.fp8 import Fp8Method, runs_w8a8
 from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
 from services.worker.mm_inputs import EncoderCache
@@ -119,7 +121,8 @@ class ModelRunner:
         rope_len = max(max_model_len, 1)
         self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)
         # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
-        # (kernels/triton/skinny_gemm.py) before anything else takes the memory.
+        # (kernels/triton/skinny_gemm.py), and `_scaled_mm` against the Triton FP8 GEMM for each
+        # W8A8 projection (kernels/triton/fp8_gemm.py), before anything else takes the memory.
         self.linear_report: list[str] = self._tune_linears() if device.type == "cuda" else []
         self.sampler = Sampler(ops.exponential_race)
         self.kv_cache: KVCache | None = None
@@ -140,9 +143,11 @@ class ModelRunner:
             # quantized projections run their own GEMM (layers/quantization/), nothing to tune
             if isinstance(module, nn.Linear) and getattr(module, "quant_method", None) is None:
                 groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
-        groups["lm_head"] = [self.model.lm_head]
+        if getattr(self.model.lm_head, "quant_method", None) is None:
+            groups["lm_head"] = [self.model.lm_head]
         report: list[str] = []
         with torch.inference_mode():
+            report += self._tune_fp8_linears()
             for name, mods in groups.items():
                 shapes = {tuple(m.weight.shape) for m in mods}
                 assert len(shapes) == 1, (name, shapes)
@@ -157,6 +162,30 @@ class ModelRunner:
         torch.cuda.empty_cache()
         for line in report:
             log.info("%s", line)
+        return report
+
+    def _tune_fp8_linears(self) -> list[str]:
+        """W8A8 FP8 projections (layers/quantization/fp8.py): `_scaled_mm` against the Triton FP8
+        GEMM per shape and row bucket (kernels/triton/fp8_gemm.py), by projection name."""
+        if self.ops.tune_fp8_linear is None:
+            return []
+        groups: dict[str, list[Linear]] = {}
+        for name, module in self.model.named_modules():
+            if (
+                isinstance(module, Linear)
+                and isinstance(module.quant_method, Fp8Method)
+                and runs_w8a8(module.qweight, self.device, self.dtype)
+            ):
+                groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+        report: list[str] = []
+        for name, mods in groups.items():
+            for shape in sorted({tuple(m.qweight.shape) for m in mods}):
+                same = [m for m in mods if tuple(m.qweight.shape) == shape]
+                # a row-parallel layer over T > 1 ranks adds its bias after the all-reduce
+                bias = None if same[0].splits_input and same[0].tp_size > 1 else same[0].bias
+                report += self.ops.tune_fp8_linear(
+                    [m.qweight for m in same], [m.weight_scale for m in same], bias, name
+                )
         return report
 
     def _decode_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:
