@@ -101,6 +101,7 @@ class CudaGraphRunner:
         self.outputs: dict[int, DecodeOutputs] = {}
         self.capture_seconds = 0.0
         self.capture_bytes = 0
+        self.num_replays = 0  # steps that replayed a graph (tests)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         t = self.meta_template
@@ -189,6 +190,7 @@ class CudaGraphRunner:
             self.input_ids[:num_seqs].copy_(device_ids)
         self.block_tables[:num_seqs, :width].copy_(self.pack[self.block_offset : end].view(num_seqs, width))
         self.graphs[bs].replay()
+        self.num_replays += 1
         return self.outputs[bs].head(num_seqs)
 
 

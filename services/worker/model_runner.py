@@ -42,6 +42,7 @@ from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
 from services.worker.sampling_rng import draw_table
 from services.worker.scheduler import SampledToken, SchedulerOutput
 from services.worker.speculative.verify import verify_step
+from services.worker.speculative.verify_graph import VerifyGraphRunner, verify_graph_sizes
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class ModelRunner:
         self.sampler = Sampler(ops.exponential_race)
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
+        # speculative decoding: graphs of the verification forward (K + 1 rows per sequence), or of
+        # a draft model's catch-up forward (speculative/verify_graph.py)
+        self.verify_graphs: VerifyGraphRunner | None = None
         self._greedy_columns: dict[int, torch.Tensor] = {}  # [8, S] placeholders for all-greedy steps
         self._readback: TokenReadback | None = None  # CUDA: pinned buffers the sampled ids come back through
         # EAGLE heads (speculative/eagle.py): called after each forward with the step, the rows the
@@ -199,6 +203,14 @@ class ModelRunner:
         greedy = self.ops.argmax(logits) if self.ops.argmax is not None else logits.argmax(dim=-1)
         return DecodeOutputs(hidden, logits, greedy, aux)
 
+    def _verify_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:
+        """What a verification graph computes: hidden states (and an EAGLE-3 head's residual
+        streams); the logits of the rows verification samples are computed outside."""
+        hidden = self.model(input_ids, meta)
+        return DecodeOutputs(
+            hidden, None, None, self.model.model.aux_hidden if self.model.model.aux_layers else None
+        )
+
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
         for i, attn in enumerate(self.model.attention_layers()):
@@ -210,9 +222,14 @@ class ModelRunner:
             attn.layer_signal = signal
             attn.layer_index = i
 
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> bool:
-        """Capture decode-step graphs for batch sizes up to max_num_seqs; False when these kernels
-        cannot be captured (the reference attention synchronises with the host)."""
+    def capture_cuda_graphs(
+        self, max_num_seqs: int, max_model_len: int, speculative_tokens: int = 0, max_num_tokens: int = 0
+    ) -> bool:
+        """Capture decode-step graphs for batch sizes up to max_num_seqs, and with
+        `speculative_tokens` K > 0 the graphs of forwards of up to K + 1 rows per sequence
+        (verification, a draft's catch-up: speculative/verify_graph.py) of at most
+        `max_num_tokens` rows; False when these kernels cannot be captured (the reference
+        attention synchronises with the host)."""
         if self.device.type != "cuda" or not self.ops.graph_capturable(self.cfg.head_dim):
             log.info(
                 "CUDA graphs off: kernels %r cannot be captured for head_dim %d",
@@ -226,7 +243,22 @@ class ModelRunner:
             self._decode_forward, self.cos_sin_cache, max_num_seqs, max_blocks, self.device
         )
         self.graphs.capture()
+        sizes = verify_graph_sizes(max_num_seqs, speculative_tokens, max_num_tokens)
+        if sizes:
+            self.verify_graphs = VerifyGraphRunner(
+                self._verify_forward, self.cos_sin_cache, sizes, max_blocks, self.device
+            )
+            self.verify_graphs.capture()
         return True
+
+    def small_query_graphs(
+        self, num_seqs: int, max_seqlen_q: int, max_blocks: int
+    ) -> VerifyGraphRunner | None:
+        """The verification graphs when a forward of this shape can replay one (None: eager)."""
+        graphs = self.verify_graphs
+        if graphs is not None and graphs.can_run(num_seqs, max_seqlen_q, max_blocks):
+            return graphs
+        return None
 
     @torch.inference_mode()
     def profile_peak_bytes(self, num_tokens: int, num_seqs: int) -> int:
@@ -325,13 +357,18 @@ class ModelRunner:
             if self.model.driver is not None:  # the other ranks of a group replay it with the forward
                 self.model.driver.stage_lora(step)
         mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
+        drafted = any(item.draft is not None for item in out.scheduled)
         decoded: DecodeOutputs | None = None
+        verify = self.small_query_graphs(len(out.scheduled), max_seqlen_q, max_blocks) if drafted else None
         if (
             mm is None
             and self.graphs is not None
             and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks)
         ):
             decoded = self.graphs.run(ids, positions, slots, seq_lens, block_tables)
+            hidden = decoded.hidden
+        elif mm is None and verify is not None and isinstance(ids, list):  # (drafted steps are synchronous)
+            decoded = verify.run(ids, positions, slots, cu_seqlens, seq_lens, block_tables)
             hidden = decoded.hidden
         else:
             hidden = self._forward_eager(
@@ -346,14 +383,14 @@ class ModelRunner:
         self._prompt_logprobs(out, hidden, cu_seqlens)
         if pooled:
             self._pool(out, hidden, pooled)
-        if any(item.draft is not None for item in out.scheduled):  # speculative decoding
+        if drafted:  # speculative decoding
             return verify_step(
                 out,
                 hidden,
                 cu_seqlens,
                 self.model.compute_logits,
                 self.sampler,
-                lambda seqs, drafted: self._sampling_metadata(seqs, drafted=drafted),
+                lambda seqs, drafts: self._sampling_metadata(seqs, drafted=drafts),
             )
         if not rows:
             return StepHandle(len(out.scheduled), [], None, None)
