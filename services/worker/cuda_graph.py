@@ -66,8 +66,10 @@ class CudaGraphRunner:
         max_num_seqs: int,
         max_blocks_per_seq: int,
         device: torch.device,
+        name: str = "decode batch sizes",
     ) -> None:
         self.forward = forward
+        self.name = name  # (the log line's)
         self.device = device
         self.batch_sizes = batch_size_ladder(max_num_seqs)
         self.max_bs = max_bs = self.batch_sizes[-1]
@@ -140,8 +142,9 @@ class CudaGraphRunner:
         self.capture_seconds = time.perf_counter() - start
         self.capture_bytes = max(0, free_before - free_after)
         log.info(
-            "captured %d CUDA graphs for decode batch sizes %s in %.1f s using %.0f MiB",
+            "captured %d CUDA graphs for %s %s in %.1f s using %.0f MiB",
             len(self.graphs),
+            self.name,
             _ladder_text(self.batch_sizes),
             self.capture_seconds,
             self.capture_bytes / 2**20,

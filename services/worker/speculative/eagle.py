@@ -235,7 +235,12 @@ class EagleProposer:
         rows = max([max_num_seqs] + [bs * q for bs, q in sizes])
         self._graph_hidden = torch.zeros(rows, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
         self.step_graphs = CudaGraphRunner(
-            self._graph_forward, self.cos_sin_cache, max_num_seqs, max_blocks, self.device
+            self._graph_forward,
+            self.cos_sin_cache,
+            max_num_seqs,
+            max_blocks,
+            self.device,
+            "the EAGLE head's proposal steps, batch sizes",
         )
         self.step_graphs.capture()
         if sizes:
