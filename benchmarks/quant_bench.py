@@ -10,9 +10,13 @@ Each format is a fresh engine on dummy weights of the same shape, quantized at l
   format: the weights as stored (`Engine.weight_bytes`: quantized projections at their size plus
   scales, the LM head in bf16; an untied input embedding left out: a step reads one row of it)
   plus the KV of the mean context, over the device-to-device copy bandwidth measured in the run;
-- gemm: one projection shape of the model at M = 1 and 16 (decode) and 512 (prefill), the
-  format's GEMM (`KernelOps.quant_linear` Triton kernel, fp8 `torch._scaled_mm`) against bf16
-  F.linear on the same device, time per call and weight GB/s.
+- gemm: one projection shape of the model at M = 1 and 16 (decode) and 1024 (prefill), the
+  format's GEMM (`KernelOps.quant_linear` Triton kernel; fp8 W8A8 both ways: `torch._scaled_mm`
+  and the Triton FP8 GEMM) against bf16 F.linear on the same device, time per call and weight
+  GB/s. For fp8 the shape is first tuned as the engine tunes it (`tune_fp8_linear`, its report
+  lines in `fp8_tuning`), and the row "fp8 W8A8 chosen" runs what the engine would run; its
+  `fp8_choice` column names the choice (`_scaled_mm` or the Triton config). The fp8 engine's own
+  choices for every projection shape are in `fp8_engine_choices`.
 The JSON goes to benchmarks/results/quant_<gpu>_<date>.json (and $OUT when set).
 """
 
@@ -93,6 +97,7 @@ def decode_row(
         * 2
     )
     step_bytes = engine.weight_bytes - untied_embed + kv
+    fp8_lines = [line for line in engine.runner.linear_report if line.startswith("fp8 ")]
     row = {
         "format": quantization if quantization != "none" else "bf16",
         "weight_GB": engine.weight_bytes / 1e9,
@@ -102,14 +107,20 @@ def decode_row(
         "MBU": step_bytes / tpot / (copy_gbps * 1e9),
         "kv_blocks": engine.kv_cache.num_blocks,
     }
+    if fp8_lines:
+        row["fp8_engine_choices"] = fp8_lines
     free_engine(engine)
     return row
 
 
-def gemm_rows(cfg: dict[str, Any], device: torch.device, smoke: bool) -> list[dict[str, Any]]:
-    """The gate/up projection shape: every format's GEMM against bf16 F.linear."""
-    from kernels import get_ops
-    from services.worker.layers.quantization.fp8 import device_has_fp8, quantize_fp8, scaled_mm_fp8
+def gemm_rows(
+    cfg: dict[str, Any], device: torch.device, smoke: bool, fp8_tuning: list[str]
+) -> list[dict[str, Any]]:
+    """The gate/up projection shape: every format's GEMM against bf16 F.linear (fp8's tuner
+    report lines are appended to fp8_tuning)."""
+    from kernels import get_ops, reference
+    from kernels.triton import fp8_gemm
+    from services.worker.layers.quantization.fp8 import quantize_fp8, runs_w8a8
     from services.worker.layers.quantization.int4 import quantize_int4
     from services.worker.layers.quantization.int8 import quantize_int8
 
@@ -121,26 +132,41 @@ def gemm_rows(cfg: dict[str, Any], device: torch.device, smoke: bool) -> list[di
     q4, s4 = quantize_int4(w, 128 if k % 128 == 0 else k)
     f8, sf8 = quantize_fp8(w)
     wb = w.to(dtype)
+    f8_rows = (1, 16) if smoke else (1, 16, 1024)  # (buckets of fp8_gemm.ROW_BUCKETS)
+    w8a8 = runs_w8a8(f8, device, dtype)
+    if w8a8:
+        fp8_tuning += fp8_gemm.tune_fp8_linear([f8], [sf8], None, "gate_up_proj", rows=f8_rows)
     rows = []
-    for m in (1, 16) if smoke else (1, 16, 512):
+    for m in f8_rows:
         x = torch.randn(m, k, device=device, dtype=dtype)
         cases: dict[str, tuple[Any, int]] = {
             "bf16 F.linear": (lambda x=x: F.linear(x, wb), wb.numel() * wb.element_size()),
             "int8": (lambda x=x: ops.quant_linear(x, q8, s8, 8), q8.numel() + s8.numel() * 4),
             "int4 g128": (lambda x=x: ops.quant_linear(x, q4, s4, 4), q4.numel() + s4.numel() * 4),
         }
-        if device_has_fp8(device):
-            cases["fp8 _scaled_mm W8A8"] = (lambda x=x: scaled_mm_fp8(x, f8, sf8, None), f8.numel() + n * 4)
+        fp8_bytes = f8.numel() + n * 4
+        choice = str(fp8_gemm.chosen(n, k, False, m) or "_scaled_mm") if w8a8 else ""
+        if w8a8:
+            cases["fp8 W8A8 _scaled_mm"] = (lambda x=x: fp8_gemm.scaled_mm_w8a8(x, f8, sf8, None), fp8_bytes)
+            best = fp8_gemm.chosen(n, k, False, m) or fp8_gemm.candidates(m)[0]
+            cases[f"fp8 W8A8 {best}"] = (
+                lambda x=x, c=best: fp8_gemm.fp8_gemm(x, f8, sf8, None, c),
+                fp8_bytes,
+            )
+            cases["fp8 W8A8 chosen"] = (lambda x=x: fp8_gemm.w8a8_linear(x, f8, sf8, None), fp8_bytes)
+        else:  # weight-only FP8 (no FP8 tensor cores, or the CPU smoke run)
+            cases["fp8 weight-only"] = (lambda x=x: reference.fp8_linear(x, f8, sf8), fp8_bytes)
         for name, (fn, nbytes) in cases.items():
             t = median_time(fn, device, warmup=3, iters=20)
-            rows.append(
-                {
-                    "shape": f"M={m} N={n} K={k}",
-                    "kernel": name,
-                    "us": t * 1e6,
-                    "weight_GBps": nbytes / t / 1e9,
-                }
-            )
+            row = {
+                "shape": f"M={m} N={n} K={k}",
+                "kernel": name,
+                "us": t * 1e6,
+                "weight_GBps": nbytes / t / 1e9,
+            }
+            if name.startswith("fp8"):
+                row["fp8_choice"] = choice or "weight-only"
+            rows.append(row)
     return rows
 
 
@@ -180,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     base = next((r for r in decode if r["format"] == "bf16"), None)
     for r in decode:
         r["speedup_vs_bf16"] = r["tok_per_s"] / base["tok_per_s"] if base else float("nan")
-    gemm = gemm_rows(cfg, device, args.smoke)
+    fp8_tuning: list[str] = []
+    gemm = gemm_rows(cfg, device, args.smoke, fp8_tuning)
     print(f"\n{device_name}: {args.model} batch-1 decode, prompt {args.prompt}, output {args.output}")
     for r in decode:
         print(
@@ -189,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             f"KV blocks {r['kv_blocks']}"
         )
     for g in gemm:
-        print(f"  {g['shape']:<22} {g['kernel']:<22} {g['us']:9.1f} us  {g['weight_GBps']:7.0f} GB/s")
+        choice = f"  (fp8 chosen: {g['fp8_choice']})" if "fp8_choice" in g else ""
+        print(f"  {g['shape']:<22} {g['kernel']:<40} {g['us']:9.1f} us  {g['weight_GBps']:7.0f} GB/s{choice}")
+    for line in fp8_tuning:
+        print(f"  {line}")
     out = write_report(
         "quant",
         device_name,
@@ -200,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "ceilings": {"copy_GBps": ceil.copy_gbps, "bf16_matmul_TFLOPs": ceil.matmul_tflops},
             "decode": decode,
             "gemm": gemm,
+            "fp8_tuning": fp8_tuning,
         },
     )
     if os.environ.get("OUT"):

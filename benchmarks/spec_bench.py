@@ -25,6 +25,10 @@ Rows (tokens/s of one request, after a warm-up request, relative to the baseline
   once adaptive.
 Targets: >= 2.5x at full agreement with K = 4 (the oracle row); <= 5% slower at zero agreement
 with adaptation.
+
+The speculating engines capture CUDA graphs of the verification and of the draft's / head's
+forwards for K up to the largest K of the sweep (docs/speculative.md); `--no-spec-graphs` runs
+those forwards eagerly (decode steps keep their graphs), to measure what the graphs give.
 """
 
 from __future__ import annotations
@@ -159,6 +163,16 @@ def make_engine(model: Path, device: str, max_model_len: int, **spec: Any) -> En
     )
 
 
+def spec_engine(
+    model: Path, device: str, max_model_len: int, ks: list[int], graphs: bool, **spec: Any
+) -> Engine:
+    """A speculating engine whose graphs cover every K of the sweep (it sets the speculator's K
+    per row; the graphs are captured for K up to --num-speculative-tokens)."""
+    return make_engine(
+        model, device, max_model_len, num_speculative_tokens=max(ks), speculative_cuda_graphs=graphs, **spec
+    )
+
+
 def decode_rate(engine: Engine, prompt: list[int], max_tokens: int) -> float:
     return timed_generate(engine, prompt, max_tokens)[0]
 
@@ -248,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         "--max-tokens", type=int, default=0, help="output tokens (default 256; 24 with --smoke)"
     )
     parser.add_argument(
+        "--no-spec-graphs",
+        action="store_true",
+        help="speculative forwards (verification, draft / head) eagerly: --no-speculative-cuda-graphs",
+    )
+    parser.add_argument(
         "--out", default="", help="JSON path (default benchmarks/results/spec_<device>_<date>.json)"
     )
     args = parser.parse_args(argv)
@@ -274,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     span = torch.randint(3, vocab, (max(8, prompt_len // 8),), generator=gen).tolist()
     grounded = (span * (prompt_len // len(span) + 1))[:prompt_len]
 
+    graphs = not args.no_spec_graphs
     rows: list[Row] = []
     engine: Engine | None = make_engine(target, device, max_model_len)
     assert engine is not None
@@ -281,32 +301,33 @@ def main(argv: list[str] | None = None) -> int:
     baseline, expected = timed_generate(engine, prompt, max_tokens)
     grounded_baseline = decode_rate(engine, grounded, max_tokens)
     print(
-        f"{shape} on {device_name}: baseline {baseline:.1f} tok/s (grounded prompt {grounded_baseline:.1f})",
+        f"{shape} on {device_name}: baseline {baseline:.1f} tok/s (grounded prompt {grounded_baseline:.1f}); "
+        f"speculative CUDA graphs {'on' if graphs else 'off'}",
         flush=True,
     )
     rows.append(Row("baseline", 0, False, baseline, 1.0, 0.0, 0.0))
     free(engine)
     engine = None
 
-    engine = make_engine(target, device, max_model_len, speculative="prompt-lookup")
+    engine = spec_engine(target, device, max_model_len, ks, graphs, speculative="prompt-lookup")
     assert engine.speculator is not None
     engine.speculator.proposer = OracleProposer(expected)
     rows += sweep("oracle (always agrees, free)", engine, prompt, max_tokens, ks, baseline, adaptive=False)
     free(engine)
     engine = None
 
-    engine = make_engine(target, device, max_model_len, speculative_model=str(target))
+    engine = spec_engine(target, device, max_model_len, ks, graphs, speculative_model=str(target))
     rows += sweep("draft=target", engine, prompt, max_tokens, ks, baseline, adaptive=False)
     free(engine)
     engine = None
 
-    engine = make_engine(target, device, max_model_len, speculative_model=str(other))
+    engine = spec_engine(target, device, max_model_len, ks, graphs, speculative_model=str(other))
     rows += sweep("never-agreeing draft", engine, prompt, max_tokens, ks, baseline, adaptive=False)
     rows += sweep("never-agreeing draft", engine, prompt, max_tokens, [max(ks)], baseline, adaptive=True)
     free(engine)
     engine = None
 
-    engine = make_engine(target, device, max_model_len, speculative="prompt-lookup")
+    engine = spec_engine(target, device, max_model_len, ks, graphs, speculative="prompt-lookup")
     rows += sweep(
         "prompt lookup (grounded)", engine, grounded, max_tokens, ks, grounded_baseline, adaptive=False
     )
@@ -314,21 +335,27 @@ def main(argv: list[str] | None = None) -> int:
     engine = None
 
     head3 = eagle_head(root, cfg, eagle3=True)
-    engine = make_engine(target, device, max_model_len, speculative="eagle", speculative_model=str(head3))
+    engine = spec_engine(
+        target, device, max_model_len, ks, graphs, speculative="eagle", speculative_model=str(head3)
+    )
     assert engine.speculator is not None and engine.eagle is not None
     engine.speculator.proposer = OracleThroughEagle(engine.eagle, expected)
     rows += sweep("eagle3 head, oracle tokens", engine, prompt, max_tokens, ks, baseline, adaptive=False)
     free(engine)
     engine = None
 
-    engine = make_engine(target, device, max_model_len, speculative="eagle", speculative_model=str(head3))
+    engine = spec_engine(
+        target, device, max_model_len, ks, graphs, speculative="eagle", speculative_model=str(head3)
+    )
     rows += sweep("eagle3 random head", engine, prompt, max_tokens, ks, baseline, adaptive=False)
     rows += sweep("eagle3 random head", engine, prompt, max_tokens, [max(ks)], baseline, adaptive=True)
     free(engine)
     engine = None
 
     head1 = eagle_head(root, cfg, eagle3=False)
-    engine = make_engine(target, device, max_model_len, speculative="eagle", speculative_model=str(head1))
+    engine = spec_engine(
+        target, device, max_model_len, ks, graphs, speculative="eagle", speculative_model=str(head1)
+    )
     rows += sweep("eagle1 random head", engine, prompt, max_tokens, ks, baseline, adaptive=False)
     rows += sweep("eagle1 random head", engine, prompt, max_tokens, [max(ks)], baseline, adaptive=True)
     free(engine)
@@ -343,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         {
             "shape": shape,
+            "speculative_cuda_graphs": graphs,
             "prompt_len": prompt_len,
             "max_tokens": max_tokens,
             "rows": [asdict(r) for r in rows],

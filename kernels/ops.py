@@ -89,6 +89,14 @@ class KernelOps:
     #   [M, N] in x's dtype: a GEMM with int8 or packed 4-bit weights dequantized per group
     #   (layouts: reference.dequantize_weight; services/worker/layers/quantization/)
     quant_linear: Callable[..., torch.Tensor] = reference.quant_linear
+    # W8A8 FP8 (on GPUs with FP8 tensor cores; None: the caller's `torch._scaled_mm` path):
+    # (x [T, K] bf16, weight [N, K] float8_e4m3fn, weight_scale [N, 1] fp32, bias [N] | None) ->
+    #   [T, N]: x quantized per token, reference.fp8_w8a8_linear; the Triton FP8 GEMM or
+    #   `_scaled_mm`, whichever `tune_fp8_linear` measured faster for the shape and row count
+    fp8_linear: Callable[..., torch.Tensor] | None = None
+    # (weights: list of [N, K] e4m3 of one shape, scales: list of [N, 1], bias or None, name) ->
+    #   report lines: times `_scaled_mm` against the Triton configs per row bucket, keeps the choice
+    tune_fp8_linear: Callable[..., list[str]] | None = None
     # Multi-LoRA, one launch each for the whole batch (rows grouped by adapter slot; layouts in
     # kernels/reference.py): (x [T, K], lora_a [S, R, K], sorted_token_ids [>= T] int32,
     #   seg_starts [S] int32, seg_lens [S] int32) -> t [P, T, R] fp32: P partial sums over K

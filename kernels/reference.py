@@ -465,6 +465,33 @@ def fp8_linear(
     return out.to(x.dtype)
 
 
+FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+
+def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token FP8 activations: (float8_e4m3fn [M, K], fp32 scales [M, 1]) of x [M, K],
+    scale = max |x| of the row / 448 (a zero row: 1e-12 / 448), codes = x / scale rounded to
+    nearest even and saturated to +-448; x ~ codes * scale."""
+    x32 = x.float()
+    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_E4M3_MAX
+    codes = (x32 / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def fp8_w8a8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A8 FP8: x [M, K] quantized per token (`quantize_per_token_fp8`), times weight [N, K]
+    float8_e4m3fn with weight_scale [N, 1] fp32 per output channel: (codes_x @ codes_w.T) * x_scale
+    * w_scale.T (+ bias) in fp32, x's dtype out. The twin of kernels/triton/fp8_gemm.py (and of
+    `torch._scaled_mm` with row-wise scales, up to its summation order)."""
+    codes, x_scale = quantize_per_token_fp8(x)
+    out = (codes.float() @ weight.float().t()) * x_scale * weight_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
 # --- Multi-LoRA (punica / S-LoRA style): every row of one batch applies its own adapter ---------
 # Layout shared with kernels/triton/lora.py: the batch's tokens are grouped by adapter slot.
 # sorted_token_ids [T] int32 lists the rows of slot 0, then slot 1, ... (rows of no adapter are not

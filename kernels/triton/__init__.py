@@ -5,7 +5,9 @@ Matmuls go to cuBLAS through torch, except decode-sized ones (<= 8 rows) of the 
 the folded-RMSNorm ops, so the models run with each layer's norm weights folded into qkv/gate_up
 (except in fp16): the norm's 1/rms is computed by the skinny GEMM (`linear_rms_norm`) and the SiLU
 kernel (`silu_and_mul_rms`), the residual adds by the o/down projections (`linear_add`). A one-row
-gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_mul`).
+gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_mul`). FP8 W8A8
+projections run a Triton FP8 GEMM or `torch._scaled_mm`, per shape and row count as
+`tune_fp8_linear` measured (fp8_gemm.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
 from kernels.triton.exponential_race import exponential_race
+from kernels.triton.fp8_gemm import tune_fp8_linear, w8a8_linear
 from kernels.triton.fused_moe import fused_moe
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.lora import lora_expand, lora_shrink
@@ -58,6 +61,8 @@ TRITON_OPS = KernelOps(
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
     quant_linear=quant_linear,
+    fp8_linear=w8a8_linear,
+    tune_fp8_linear=tune_fp8_linear,
     lora_shrink=lora_shrink,
     lora_expand=lora_expand,
 )

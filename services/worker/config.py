@@ -123,6 +123,8 @@ class WorkerConfig(ServiceConfig):
     """Choose each step's K by a cost model of the verification (docs/speculative.md); off: always --num-speculative-tokens."""
     speculative_token_cost: float = 0.0
     """Adaptive K: cost of one more token in a forward relative to a step's fixed cost; 0 = auto (1/256 on CUDA, 1/64 on CPU)."""
+    speculative_cuda_graphs: bool = True
+    """CUDA graphs for the verification forward (K + 1 rows per sequence) and the draft model's / EAGLE head's forwards, as for decode steps; off (or --enforce-eager): they run eagerly."""
     lora_modules: tuple[str, ...] = ()
     """LoRA adapters to serve from the start, as NAME=DIR (a PEFT adapter directory: adapter_config.json + adapter_model.safetensors); a request selects one by its name (docs/lora.md). More can be loaded at run time (LoadLoRA)."""
     max_loras: int = 0

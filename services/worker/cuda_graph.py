@@ -66,8 +66,10 @@ class CudaGraphRunner:
         max_num_seqs: int,
         max_blocks_per_seq: int,
         device: torch.device,
+        name: str = "decode batch sizes",
     ) -> None:
         self.forward = forward
+        self.name = name  # (the log line's)
         self.device = device
         self.batch_sizes = batch_size_ladder(max_num_seqs)
         self.max_bs = max_bs = self.batch_sizes[-1]
@@ -101,7 +103,7 @@ class CudaGraphRunner:
         self.outputs: dict[int, DecodeOutputs] = {}
         self.capture_seconds = 0.0
         self.capture_bytes = 0
-        self.num_replays = 0  # decode steps that replayed a graph (tests: a group's ranks replay too)
+        self.num_replays = 0  # steps that replayed a graph (tests; a group's ranks replay alike)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         t = self.meta_template
@@ -140,8 +142,9 @@ class CudaGraphRunner:
         self.capture_seconds = time.perf_counter() - start
         self.capture_bytes = max(0, free_before - free_after)
         log.info(
-            "captured %d CUDA graphs for decode batch sizes %s in %.1f s using %.0f MiB",
+            "captured %d CUDA graphs for %s %s in %.1f s using %.0f MiB",
             len(self.graphs),
+            self.name,
             _ladder_text(self.batch_sizes),
             self.capture_seconds,
             self.capture_bytes / 2**20,

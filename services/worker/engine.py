@@ -221,12 +221,24 @@ class Engine:
                 if state.pp_size > 1
                 else f"{state.backend}'s collectives cannot be captured",
             )
+        # Speculative decoding's forwards in graphs too (speculative/verify_graph.py): K + 1 rows
+        # per sequence for the verification and a draft's catch-up (not in a group: 0 there)
+        spec_k = self._speculative_graph_k()
         if self.draft_model is not None:
             # (in a group too: the draft is rank 0's alone, its forwards broadcast nothing)
             draft_graphs = self.device.type == "cuda" and not config.enforce_eager
-            self.draft_model.bind_kv_cache(num_blocks, config.max_num_seqs if draft_graphs else 0)
+            draft_k = config.num_speculative_tokens if draft_graphs and config.speculative_cuda_graphs else 0
+            self.draft_model.bind_kv_cache(
+                num_blocks, config.max_num_seqs if draft_graphs else 0, draft_k, config.max_num_batched_tokens
+            )
         if self.eagle is not None:
-            self.eagle.bind_kv_cache(num_blocks)
+            # (not in a group: the head shares the target's vocabulary-parallel embedding)
+            self.eagle.bind_kv_cache(
+                num_blocks,
+                config.max_num_seqs if graphs and spec_k else 0,
+                spec_k,
+                config.max_num_batched_tokens,
+            )
         # The host KV tier's slots (--kv-offload-memory, kv_offload.py), as many on every rank of a
         # group, each its own shard's bytes: rank 0's shard is the largest (the first stages take
         # the remainder layers), so every rank's fits the flag's bytes.
@@ -241,14 +253,17 @@ class Engine:
             self.kv_cache = KVCache(cfg, num_blocks, config.block_size, self.kv_dtype, self.device)
         self.runner.bind_kv_cache(self.kv_cache)
         if graphs and self.driver is not None:
-            # Every rank captures the same ladder in the same order meanwhile; rank 0's forwards
-            # broadcast nothing while it captures (the broadcast is a host call a graph cannot
-            # hold: each replay sends a Forward with the graph size instead, model_runner.py).
+            # Every rank captures the same decode ladder in the same order meanwhile; rank 0's
+            # forwards broadcast nothing while it captures (the broadcast is a host call a graph
+            # cannot hold: each replay sends a Forward with the graph size instead,
+            # model_runner.py). The speculative forwards' graphs stay off in a group (spec_k 0).
             capture = CaptureGraphs(config.max_num_seqs, self.max_model_len)
             with self.driver.command(capture), self.driver.detached():
                 self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
         elif graphs:
-            self.runner.capture_cuda_graphs(config.max_num_seqs, self.max_model_len)
+            self.runner.capture_cuda_graphs(
+                config.max_num_seqs, self.max_model_len, spec_k, config.max_num_batched_tokens
+            )
         self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
         replay = self.driver.stage_host_kv if self.driver is not None else None  # the ranks copy too
         self.kv_offload = HostKVTier(self.kv_cache.tensor, host_blocks, replay) if host_blocks > 0 else None
@@ -317,6 +332,23 @@ class Engine:
             token_cost,
             draft_cost,
         )
+
+    def _speculative_graph_k(self) -> int:
+        """K for the speculative forwards' CUDA graphs (0: none), the reason logged when off."""
+        config = self.config
+        if config.speculative_method == "off" or self.device.type != "cuda":
+            return 0
+        reason = ""
+        if config.enforce_eager:
+            reason = "--enforce-eager"
+        elif not config.speculative_cuda_graphs:
+            reason = "--no-speculative-cuda-graphs"
+        elif self.driver is not None:  # (a draft model's own graphs stay: it is rank 0's alone)
+            reason = "a tensor- / pipeline-parallel group replays only decode graphs (docs/parallel.md)"
+        if reason:
+            log.info("CUDA graphs off for speculative decoding's verification and draft forwards: %s", reason)
+            return 0
+        return config.num_speculative_tokens
 
     def _num_kv_blocks(self) -> int:
         cfg, bs = self.model_config, self.config.block_size

@@ -28,6 +28,7 @@ from services.worker.checkpoint import CheckpointTensor, WeightLoadError, iter_c
 from services.worker.layers.linear import Linear, RowParallelLinear
 from services.worker.layers.quantization import (
     checkpoint_quant_method,
+    checkpoint_quantizes_lm_head,
     make_quant_method,
     model_quantization,
     quantize_linears,
@@ -169,9 +170,16 @@ def _quantized_linears(model: LlamaForCausalLM) -> dict[str, Linear]:
 
 
 def _quantized_split(model: LlamaForCausalLM, layer: Linear, name: str, shard: str) -> Split | None:
-    """The slice of a quantized projection this rank holds: a fused part's rows (column-parallel)
-    or a row-parallel layer's input columns; None for the whole (T = 1, replicated layers)."""
-    if shard_layout(model.config).tp_size == 1 or not (shard or isinstance(layer, RowParallelLinear)):
+    """The slice of a quantized projection this rank holds: a fused part's rows (column-parallel),
+    a row-parallel layer's input columns, or the LM head's vocabulary rows (the last rank's may be
+    fewer than its padded rows); None for the whole (T = 1, replicated layers)."""
+    layout = shard_layout(model.config)
+    if layout.tp_size == 1:
+        return None
+    if name.rsplit(".", 1)[0] == "lm_head":
+        start = layout.vocab_start
+        return Split(0, start, max(0, min(layout.vocab_size, model.config.vocab_size - start)))
+    if not (shard or isinstance(layer, RowParallelLinear)):
         return None
     dim, start, size = _checkpoint_slice(model, name.rsplit(".", 1)[0] + ".weight", shard, ())
     return Split(dim, start, size)
@@ -216,7 +224,12 @@ def load_weights(
         targets["lm_head.weight"].data.zero_()
     loaded: dict[str, set[str]] = {name: set() for name in targets}
     pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    tied = model.config.tie_word_embeddings
+    # A tied LM head reads the embedding, unless the checkpoint quantized it (then it has its own
+    # tensors and is untied: build_model)
+    tied = model.config.tie_word_embeddings and "lm_head.weight" not in quantized
+    if "lm_head.weight" in quantized:  # the last rank's rows past the vocabulary stay zero
+        for head_param in quantized["lm_head.weight"].parameters():
+            head_param.data.zero_()
     checkpoint = (
         (file_name, name, item if isinstance(item, CheckpointTensor) else CheckpointTensor.of(item))
         for file_name, name, item in tensors
@@ -268,11 +281,12 @@ def load_weights(
                     f"(expected {', '.join(method.checkpoint_suffixes)})"
                 )
             start, size = _shard_slice(model, shard) if shard else (0, qlayer.out_features)
+            split = _quantized_split(model, qlayer, target, shard)
+            if module_path == "lm_head" and split is not None:
+                size = split.size  # (its vocabulary rows, without the last rank's padding)
             parts = pending.setdefault((module_path, shard), {})
             try:  # this rank's slice of the tensor (quantization/base.py `read_part`)
-                parts[suffix] = method.read_part(
-                    suffix, source, _quantized_split(model, qlayer, target, shard)
-                )
+                parts[suffix] = method.read_part(suffix, source, split)
             except ValueError as exc:
                 raise WeightLoadError(f"{file_name}: tensor {checkpoint_name!r}: {exc}") from exc
             if len(parts) == len(method.checkpoint_suffixes):
@@ -319,6 +333,13 @@ def load_weights(
                 shown = [f"{block}.experts.{s.replace('/', ' ')}" for s in sorted(missing)[:4]]
                 raise WeightLoadError(f"{model.config.path}: missing expert tensor(s) {', '.join(shown)}")
             shown = [name] if missing == {""} else [_checkpoint_name(model, name, s) for s in sorted(missing)]
+            method = quantized[name].quant_method if name in quantized else None
+            if method is not None:  # a quantized layer's own tensors, e.g. lm_head.qweight
+                shown = [
+                    ", ".join(f"{n.rsplit('.', 1)[0]}.{suffix}" for suffix in method.checkpoint_suffixes)
+                    for n in shown
+                ]
+                shown[-1] += f" ({method.name} weights)"
             raise WeightLoadError(f"{model.config.path}: missing tensor(s) {', '.join(shown)}")
 
 
@@ -370,14 +391,16 @@ def build_model(
 ) -> LlamaForCausalLM:
     cls = model_class(cfg.architecture)
     method = checkpoint_quant_method(cfg.path, quantization) if load_format != "dummy" else None
+    # The LM head is quantized only where the checkpoint quantized it (then by the same method)
+    quantized_head = method is not None and checkpoint_quantizes_lm_head(cfg.path)
     if method is None:
         method = make_quant_method(quantization, quantization_group_size)
     with _default_dtype(dtype), torch.device("meta"), _skip_init():
         model = cls(cfg, ops)
         if method is not None:  # the layers' quantized parameters replace their weights, still on meta
-            quantize_linears(model, method)
+            quantize_linears(model, method, lm_head=quantized_head)
     model = model.to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty keeps the tie, but be explicit
+    if cfg.tie_word_embeddings and not quantized_head:  # to_empty keeps the tie, but be explicit
         model.lm_head.weight = model.model.embed_tokens.weight
     if load_format == "dummy":
         init_dummy_weights(model, seed)

@@ -25,6 +25,8 @@ from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
 from services.worker.kv_layerwise import LayerSignal
 from services.worker.layers.attention import AttentionMetadata
+from services.worker.layers.linear import Linear
+from services.worker.layers.quantization.fp8 import Fp8Method, runs_w8a8
 from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
 from services.worker.mm_inputs import EncoderCache
@@ -40,6 +42,7 @@ from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
 from services.worker.sampling_rng import draw_table
 from services.worker.scheduler import SampledToken, SchedulerOutput
 from services.worker.speculative.verify import verify_step
+from services.worker.speculative.verify_graph import VerifyGraphRunner, verify_graph_sizes
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +122,15 @@ class ModelRunner:
         rope_len = max(max_model_len, 1)
         self.cos_sin_cache = self.model.build_rope_cache(rope_len, dtype, device)
         # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
-        # (kernels/triton/skinny_gemm.py) before anything else takes the memory.
+        # (kernels/triton/skinny_gemm.py), and `_scaled_mm` against the Triton FP8 GEMM for each
+        # W8A8 projection (kernels/triton/fp8_gemm.py), before anything else takes the memory.
         self.linear_report: list[str] = self._tune_linears() if device.type == "cuda" else []
         self.sampler = Sampler(ops.exponential_race)
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
+        # speculative decoding: graphs of the verification forward (K + 1 rows per sequence), or of
+        # a draft model's catch-up forward (speculative/verify_graph.py)
+        self.verify_graphs: VerifyGraphRunner | None = None
         self._greedy_columns: dict[int, torch.Tensor] = {}  # [8, S] placeholders for all-greedy steps
         self._readback: TokenReadback | None = None  # CUDA: pinned buffers the sampled ids come back through
         # EAGLE heads (speculative/eagle.py): called after each forward with the step, the rows the
@@ -140,9 +147,11 @@ class ModelRunner:
             # quantized projections run their own GEMM (layers/quantization/), nothing to tune
             if isinstance(module, nn.Linear) and getattr(module, "quant_method", None) is None:
                 groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
-        groups["lm_head"] = [self.model.lm_head]
+        if getattr(self.model.lm_head, "quant_method", None) is None:
+            groups["lm_head"] = [self.model.lm_head]
         report: list[str] = []
         with torch.inference_mode():
+            report += self._tune_fp8_linears()
             for name, mods in groups.items():
                 shapes = {tuple(m.weight.shape) for m in mods}
                 assert len(shapes) == 1, (name, shapes)
@@ -157,6 +166,30 @@ class ModelRunner:
         torch.cuda.empty_cache()
         for line in report:
             log.info("%s", line)
+        return report
+
+    def _tune_fp8_linears(self) -> list[str]:
+        """W8A8 FP8 projections (layers/quantization/fp8.py): `_scaled_mm` against the Triton FP8
+        GEMM per shape and row bucket (kernels/triton/fp8_gemm.py), by projection name."""
+        if self.ops.tune_fp8_linear is None:
+            return []
+        groups: dict[str, list[Linear]] = {}
+        for name, module in self.model.named_modules():
+            if (
+                isinstance(module, Linear)
+                and isinstance(module.quant_method, Fp8Method)
+                and runs_w8a8(module.qweight, self.device, self.dtype)
+            ):
+                groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
+        report: list[str] = []
+        for name, mods in groups.items():
+            for shape in sorted({tuple(m.qweight.shape) for m in mods}):
+                same = [m for m in mods if tuple(m.qweight.shape) == shape]
+                # a row-parallel layer over T > 1 ranks adds its bias after the all-reduce
+                bias = None if same[0].splits_input and same[0].tp_size > 1 else same[0].bias
+                report += self.ops.tune_fp8_linear(
+                    [m.qweight for m in same], [m.weight_scale for m in same], bias, name
+                )
         return report
 
     def _decode_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:
@@ -174,6 +207,14 @@ class ModelRunner:
         greedy = self.ops.argmax(logits) if self.ops.argmax is not None else logits.argmax(dim=-1)
         return DecodeOutputs(hidden, logits, greedy, aux)
 
+    def _verify_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:
+        """What a verification graph computes: hidden states (and an EAGLE-3 head's residual
+        streams); the logits of the rows verification samples are computed outside."""
+        hidden = self.model(input_ids, meta)
+        return DecodeOutputs(
+            hidden, None, None, self.model.model.aux_hidden if self.model.model.aux_layers else None
+        )
+
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         self.kv_cache = kv_cache
         for i, attn in enumerate(self.model.attention_layers()):
@@ -185,9 +226,14 @@ class ModelRunner:
             attn.layer_signal = signal
             attn.layer_index = i
 
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> bool:
-        """Capture decode-step graphs for batch sizes up to max_num_seqs; False when these kernels
-        cannot be captured (the reference attention synchronises with the host)."""
+    def capture_cuda_graphs(
+        self, max_num_seqs: int, max_model_len: int, speculative_tokens: int = 0, max_num_tokens: int = 0
+    ) -> bool:
+        """Capture decode-step graphs for batch sizes up to max_num_seqs, and with
+        `speculative_tokens` K > 0 the graphs of forwards of up to K + 1 rows per sequence
+        (verification, a draft's catch-up: speculative/verify_graph.py) of at most
+        `max_num_tokens` rows; False when these kernels cannot be captured (the reference
+        attention synchronises with the host)."""
         if self.device.type != "cuda" or not self.ops.graph_capturable(self.cfg.head_dim):
             log.info(
                 "CUDA graphs off: kernels %r cannot be captured for head_dim %d",
@@ -201,7 +247,22 @@ class ModelRunner:
             self._decode_forward, self.cos_sin_cache, max_num_seqs, max_blocks, self.device
         )
         self.graphs.capture()
+        sizes = verify_graph_sizes(max_num_seqs, speculative_tokens, max_num_tokens)
+        if sizes:
+            self.verify_graphs = VerifyGraphRunner(
+                self._verify_forward, self.cos_sin_cache, sizes, max_blocks, self.device
+            )
+            self.verify_graphs.capture()
         return True
+
+    def small_query_graphs(
+        self, num_seqs: int, max_seqlen_q: int, max_blocks: int
+    ) -> VerifyGraphRunner | None:
+        """The verification graphs when a forward of this shape can replay one (None: eager)."""
+        graphs = self.verify_graphs
+        if graphs is not None and graphs.can_run(num_seqs, max_seqlen_q, max_blocks):
+            return graphs
+        return None
 
     @torch.inference_mode()
     def profile_peak_bytes(self, num_tokens: int, num_seqs: int) -> int:
@@ -300,7 +361,9 @@ class ModelRunner:
             if self.model.driver is not None:  # the other ranks of a group replay it with the forward
                 self.model.driver.stage_lora(step)
         mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
+        drafted = any(item.draft is not None for item in out.scheduled)
         decoded: DecodeOutputs | None = None
+        verify = self.small_query_graphs(len(out.scheduled), max_seqlen_q, max_blocks) if drafted else None
         if (
             mm is None
             and self.graphs is not None
@@ -311,6 +374,9 @@ class ModelRunner:
                     ids, positions, slots, seq_lens, block_tables, self.graphs.padded_size(len(out.scheduled))
                 )
             decoded = self.graphs.run(ids, positions, slots, seq_lens, block_tables)
+            hidden = decoded.hidden
+        elif mm is None and verify is not None and isinstance(ids, list):  # (drafted steps are synchronous)
+            decoded = verify.run(ids, positions, slots, cu_seqlens, seq_lens, block_tables)
             hidden = decoded.hidden
         else:
             hidden = self._forward_eager(
@@ -325,14 +391,14 @@ class ModelRunner:
         self._prompt_logprobs(out, hidden, cu_seqlens)
         if pooled:
             self._pool(out, hidden, pooled)
-        if any(item.draft is not None for item in out.scheduled):  # speculative decoding
+        if drafted:  # speculative decoding
             return verify_step(
                 out,
                 hidden,
                 cu_seqlens,
                 self.model.compute_logits,
                 self.sampler,
-                lambda seqs, drafted: self._sampling_metadata(seqs, drafted=drafted),
+                lambda seqs, drafts: self._sampling_metadata(seqs, drafted=drafts),
             )
         if not rows:
             return StepHandle(len(out.scheduled), [], None, None)

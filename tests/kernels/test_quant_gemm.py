@@ -4,6 +4,8 @@ fp16; the `gpu` cases run it on CUDA in bf16."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -140,6 +142,11 @@ def test_quant_bench_smoke() -> None:
     assert formats == ["bf16", "int8", "fp8", "int4"]
     weights = {r["format"]: r["weight_GB"] for r in report["decode"]}
     assert weights["int4"] < weights["int8"] < weights["bf16"] and weights["fp8"] == weights["int8"]
+    # every fp8 GEMM row says which path runs (on the CPU: weight-only; on an FP8 GPU the
+    # tuner's choice, `_scaled_mm` or a Triton config, with its report lines in fp8_tuning)
+    fp8_rows = [g for g in report["gemm"] if g["kernel"].startswith("fp8")]
+    assert fp8_rows and all(g["fp8_choice"] == "weight-only" for g in fp8_rows)
+    assert report["fp8_tuning"] == []
 
 
 @pytest.mark.parametrize(("quantization", "group_size"), [("int8", 0), ("int4", 32)])
@@ -166,3 +173,246 @@ def test_quantized_model_on_the_triton_gemm(quantization: str, group_size: int, 
     torch.testing.assert_close(
         _model_logits(on_triton, prompt), _model_logits(on_reference, prompt), atol=1e-4, rtol=1e-4
     )
+
+
+# --- FP8 W8A8: the Triton FP8 GEMM (kernels/triton/fp8_gemm.py), its twin and the per-shape choice ---
+
+
+def _fp8_weight(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    from services.worker.layers.quantization.fp8 import quantize_fp8
+
+    return quantize_fp8(torch.randn(n, k, generator=gen) * 0.02)
+
+
+def _exact_rows(m: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Rows of e4m3 values with a 448 in each, times a power of two: x / scale is exact and needs
+    no rounding (the Triton interpreter rounds fp32 -> e4m3 wrongly where the mantissa carries
+    into the exponent, which the GPU's conversion does not)."""
+    codes = (torch.randn(m, k, generator=gen) * 40).to(torch.float8_e4m3fn).float()
+    codes[:, 0] = 448.0
+    return codes * 2.0 ** torch.randint(-8, -2, (m, 1), generator=gen).float()
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 48, 64), (7, 33, 100), (300, 19, 256)])
+def test_fp8_w8a8_twin_is_the_dequantized_matmul(m: int, n: int, k: int) -> None:
+    """reference.fp8_w8a8_linear = (x's per-token e4m3 codes * scales) @ (W's codes * scales).T + b
+    in fp32; its per-token codes are x within e4m3's rounding (1/16 relative), each row's max |x|
+    exactly 448, a zero row zero."""
+    gen = torch.Generator().manual_seed(m * 7 + n)
+    w, s = _fp8_weight(n, k, gen)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0] = 0.0
+    bias = torch.randn(n, generator=gen)
+    codes, x_scale = reference.quantize_per_token_fp8(x)
+    assert codes.dtype == torch.float8_e4m3fn and x_scale.shape == (m, 1)
+    assert torch.equal(codes[0].float(), torch.zeros(k))
+    if m > 1:
+        assert torch.equal(codes[1:].float().abs().amax(dim=1), torch.full((m - 1,), 448.0))
+    x_back = codes.float() * x_scale
+    assert ((x_back - x).abs() <= x.abs() / 16 + x_scale * 2.0**-9).all()
+    expected = (codes.float() * x_scale) @ (w.float() * s).t() + bias
+    torch.testing.assert_close(reference.fp8_w8a8_linear(x, w, s, bias), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        reference.fp8_w8a8_linear(x, w, s),
+        (codes.float() * x_scale) @ (w.float() * s).t(),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    # and W8A8 differs from weight-only FP8 only by the activations' rounding
+    weight_only = reference.fp8_linear(x, w, s, bias)
+    assert (reference.fp8_w8a8_linear(x, w, s, bias) - weight_only).norm() / weight_only.norm() < 0.05
+
+
+def test_fp8_choice_rule() -> None:
+    """`choose`: the fastest config within tolerance, only when >= 3% faster than _scaled_mm."""
+    from kernels.triton.fp8_gemm import DECODE_CANDIDATES, TOLERANCE, Timed, choose
+
+    a, b, c = DECODE_CANDIDATES[:3]
+    assert choose(10.0, []) is None
+    assert choose(10.0, [Timed(a, 9.8, 0.0)]) is None  # 2% faster: timing noise, keep _scaled_mm
+    assert choose(10.0, [Timed(a, 10.0 / 1.03, 0.0)]) == a  # exactly 3%
+    assert choose(10.0, [Timed(a, 9.0, 0.0), Timed(b, 8.0, 0.0), Timed(c, 8.5, 0.0)]) == b
+    assert choose(10.0, [Timed(a, 9.0, 0.0), Timed(b, 5.0, TOLERANCE)]) == a  # off: never chosen
+    assert choose(10.0, [Timed(a, None, float("inf")), Timed(b, 12.0, 0.0)]) is None  # failed, slower
+    assert choose(10.0, [Timed(a, 9.0, float("nan"))]) is None
+
+
+def test_fp8_row_buckets() -> None:
+    from kernels.triton.fp8_gemm import ROW_BUCKETS, _bucket
+
+    assert [_bucket(r) for r in (1, 2, 4, 5, 16, 17, 1000, 1024, 1025, 100000)] == [
+        1, 4, 4, 16, 16, 64, 1024, 1024, 4096, 4096,
+    ]  # fmt: skip
+    assert tuple(sorted(ROW_BUCKETS)) == ROW_BUCKETS
+
+
+FP8_INTERPRETER_CASES = [
+    # (M, N, K, config args (block_m, block_n, block_k, warps, stages, prequant, group_m), bias)
+    (1, 67, 96, (16, 32, 64, 4, 1, False, 8), True),
+    (7, 33, 200, (16, 64, 64, 4, 1, False, 8), False),
+    (16, 50, 128, (16, 16, 32, 4, 1, True, 8), True),
+    (40, 50, 100, (16, 16, 32, 4, 1, True, 2), True),  # grouped launch order over 3 x 4 tiles
+    (130, 40, 64, (64, 32, 32, 4, 1, True, 8), False),
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k", "cfg", "with_bias"), FP8_INTERPRETER_CASES)
+def test_fp8_gemm_matches_twin_interpreter(
+    m: int, n: int, k: int, cfg: tuple[int, int, int, int, int, bool, int], with_bias: bool
+) -> None:
+    """The Triton FP8 GEMM (interpreter on the CPU, fp32 activations) against the twin, on
+    activations whose per-token e4m3 codes are exact (_exact_rows): only the summation order
+    differs. Also `quantize_per_token` (the prequant kernel) against the twin's codes."""
+    if torch.cuda.is_available():
+        pytest.skip("the GPU cases below cover it")
+    from kernels.triton.fp8_gemm import Fp8Config, fp8_gemm, quantize_per_token
+
+    gen = torch.Generator().manual_seed(m + n + k)
+    x = _exact_rows(m, k, gen)
+    w, s = _fp8_weight(n, k, gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    expected = reference.fp8_w8a8_linear(x, w, s, bias)
+    out = fp8_gemm(x, w, s, bias, Fp8Config(*cfg))
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    codes, scales = quantize_per_token(x)
+    ref_codes, ref_scales = reference.quantize_per_token_fp8(x)
+    assert torch.equal(codes.float(), ref_codes.float()) and torch.equal(scales, ref_scales)
+
+
+def _fp8_gpu_or_skip() -> None:
+    from services.worker.layers.quantization.fp8 import device_has_fp8
+
+    if not torch.cuda.is_available() or not device_has_fp8(torch.device("cuda")):
+        pytest.skip("needs a GPU with FP8 (compute capability >= 8.9)")
+
+
+# (N, K): model-like, and N / K that are not multiples of any block (N 16-aligned for _scaled_mm)
+FP8_GPU_SHAPES = [(1024, 2048), (1008, 1040)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k"), FP8_GPU_SHAPES)
+def test_fp8_gemm_every_config_bf16_gpu(n: int, k: int) -> None:
+    """Every candidate config of the Triton FP8 GEMM against the twin in bf16 at M = 1, 7, 16
+    (decode configs) and 128, 1000 (prefill configs), with a bias; one config without. The
+    per-token codes are the same (IEEE division in both), so only the fp32 summation order and
+    the bf16 rounding of the output differ. `quantize_per_token` gives the twin's codes exactly,
+    and `_scaled_mm` (scaled_mm_w8a8) agrees as well."""
+    _fp8_gpu_or_skip()
+    from kernels.triton.fp8_gemm import candidates, fp8_gemm, quantize_per_token, scaled_mm_w8a8
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    w, s = _fp8_weight(n, k, torch.Generator().manual_seed(k))
+    w, s = w.cuda(), s.cuda()
+    bias = (torch.randn(n, device="cuda", generator=gen) * 0.1).to(torch.bfloat16)
+    for m in (1, 7, 16, 128, 1000):
+        x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+        expected = reference.fp8_w8a8_linear(x, w, s, bias).float()
+        exact = reference.fp8_w8a8_linear(x.float(), w, s, bias.float())  # before the bf16 rounding
+        codes, scales = quantize_per_token(x)
+        ref_codes, ref_scales = reference.quantize_per_token_fp8(x)
+        # (the same IEEE division and round-to-nearest-even; a rare tie rounded through another
+        # path would show here as a few codes one step apart, not as a failure of the GEMMs)
+        mismatched = (codes.view(torch.uint8) != ref_codes.view(torch.uint8)).float().mean().item()
+        assert mismatched < 1e-4, (m, mismatched)
+        assert torch.equal(scales, ref_scales), m
+        for config in candidates(m):
+            out = fp8_gemm(x, w, s, bias, config).float()
+            assert out.shape == (m, n)
+            torch.testing.assert_close(out, expected, atol=2e-2, rtol=1e-2, msg=f"{config} M={m}")
+            assert (out - exact).norm() / exact.norm() < 5e-3, (config, m)
+        scaled = scaled_mm_w8a8(x, w, s, bias).float()
+        assert (scaled - exact).norm() / exact.norm() < 5e-3, m
+    x = torch.randn(5, k, device="cuda", generator=gen).to(torch.bfloat16)
+    out = fp8_gemm(x, w, s, None, candidates(5)[0]).float()
+    torch.testing.assert_close(out, reference.fp8_w8a8_linear(x, w, s).float(), atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_fp8_tuner_and_dispatch_gpu() -> None:
+    """`tune_fp8_linear` times _scaled_mm against the configs per row bucket, says what it chose
+    in its report, and `w8a8_linear` (what Fp8Method calls) runs that choice within tolerance of
+    the twin; a second tuning of the shape keeps the first choice."""
+    _fp8_gpu_or_skip()
+    from kernels.triton import fp8_gemm as fg
+
+    n, k = 1024, 2048
+    weights, scales = [], []
+    for seed in range(3):
+        w, s = _fp8_weight(n, k, torch.Generator().manual_seed(seed))
+        weights.append(w.cuda())
+        scales.append(s.cuda())
+    bias = torch.randn(n, device="cuda").to(torch.bfloat16)
+    lines = fg.tune_fp8_linear(weights, scales, bias, "test_proj", rows=(1, 16, 1024), reps=5)
+    assert len(lines) == 3, lines
+    for line, m in zip(lines, (1, 16, 1024), strict=True):
+        choice = fg.chosen(n, k, True, m)
+        assert line.startswith(f"fp8 test_proj {n}x{k} rows={m}: _scaled_mm "), line
+        assert line.endswith(f"-> {choice or '_scaled_mm'}"), line
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        exact = reference.fp8_w8a8_linear(x.float(), weights[0], scales[0], bias.float())
+        out = fg.w8a8_linear(x, weights[0], scales[0], bias).float()
+        assert (out - exact).norm() / exact.norm() < 5e-3, line
+    again = fg.tune_fp8_linear(weights, scales, bias, "test_proj", rows=(1,), reps=5)
+    assert again == [
+        f"fp8 test_proj {n}x{k} rows=1: tuned before -> {fg.chosen(n, k, True, 1) or '_scaled_mm'}"
+    ]
+
+
+@pytest.mark.gpu
+def test_fp8_engine_tunes_every_projection_gpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An fp8 (W8A8) engine tunes each projection shape at start (the linear report says what it
+    chose per row bucket), its projections run that choice within tolerance of the twin, and it
+    decodes with CUDA graphs."""
+    _fp8_gpu_or_skip()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kernels.triton.fp8_gemm import ROW_BUCKETS
+    from services.worker.config import WorkerConfig
+    from services.worker.engine import Engine
+    from services.worker.request import SamplingParams
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=512,
+        num_hidden_layers=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path))
+    engine = Engine(
+        WorkerConfig(
+            model=str(tmp_path),
+            device="cuda",
+            dtype="bfloat16",
+            quantization="fp8",
+            max_num_seqs=4,
+            max_model_len=128,
+            kv_cache_memory="64MiB",
+        )
+    )
+    assert engine.runner.graphs is not None
+    lines = [line for line in engine.runner.linear_report if line.startswith("fp8 ")]
+    shapes = {"qkv_proj": "512x256", "o_proj": "256x256", "gate_up_proj": "1024x256", "down_proj": "256x512"}
+    for name, shape in shapes.items():
+        mine = [line for line in lines if line.startswith(f"fp8 {name} {shape} rows=")]
+        assert len(mine) == len(ROW_BUCKETS), (name, lines)
+        assert all("-> _scaled_mm" in line or "-> triton(" in line for line in mine), mine
+    proj: Any = engine.runner.model.model.layers[1].mlp.gate_up_proj
+    for m in (1, 3, 40):
+        x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
+        exact = reference.fp8_w8a8_linear(x.float(), proj.qweight, proj.weight_scale)
+        with torch.inference_mode():
+            out = proj(x).float()
+        assert (out - exact).norm() / exact.norm() < 5e-3, m
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (5, 17, 40)]
+    results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    assert [len(r.token_ids[0]) for r in results] == [16, 16, 16]

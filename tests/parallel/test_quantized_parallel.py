@@ -151,3 +151,36 @@ def test_checkpoint_that_cannot_split_is_refused_at_start(
     config = WorkerConfig(model=str(checkpoints(fmt).path), device="cpu", tensor_parallel_size=2)
     with pytest.raises(ModelConfigError, match=error):
         check_group(config)
+
+
+# ---- a checkpoint whose LM head is quantized too ---------------------------------------------------
+@pytest.mark.parametrize("fmt", ["ct-w4a16", "ct-int8"])
+def test_quantized_lm_head_t2_equals_t1(
+    tp_refs: dict[str, RefModel], fmt: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The LM head quantized by the checkpoint (compressed-tensors, no `ignore`), vocabulary 321:
+    each rank reads its 161 / 160 rows of the packed head (the last rank's padding row zero) and
+    the logits are all-gathered as for a full-precision head: T = 2 equals T = 1."""
+    from tests.worker.test_quantized_lm_head import write_quantized_head_checkpoint
+
+    ref = tp_refs["llama_gqa"]
+    dest = tmp_path_factory.mktemp(f"tp-head-{fmt}")
+    hf = write_quantized_head_checkpoint(ref.hf, dest, fmt)
+    check_quantized_group(replace(ref, path=dest, hf=hf), tmp_path, [])
+
+
+def test_quantized_lm_head_that_cannot_split_is_refused_at_start(
+    tp_refs: dict[str, RefModel], tmp_path: Path
+) -> None:
+    """A GPTQ LM head packs its zero points 8 vocabulary rows a word: 321 rows over 2 ranks (161 a
+    rank) would cut a word."""
+    import json
+
+    src = tp_refs["llama_gqa"].path
+    for f in src.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32, "lm_head": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelConfigError, match=r"LM head comes in units of 8 vocabulary rows .* 161 rows"):
+        check_group(WorkerConfig(model=str(tmp_path), device="cpu", tensor_parallel_size=2))

@@ -21,6 +21,7 @@ def test_spec_bench_smoke(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     rows = {(r["name"], r["k"], r["adaptive"]): r for r in report["rows"]}
     assert rows[("baseline", 0, False)]["speedup"] == 1.0
+    assert report["speculative_cuda_graphs"] is True
     for k in (2, 4):
         # free proposals of the target's own output, and the target as its own draft: all kept
         assert rows[("oracle (always agrees, free)", k, False)]["acceptance_rate"] == 1.0

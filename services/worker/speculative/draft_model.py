@@ -117,15 +117,20 @@ class DraftModelProposer:
         with parallel.single_rank():
             return block_bytes(self.cfg, self.block_size, self.dtype)
 
-    def bind_kv_cache(self, num_blocks: int, graphs_for_seqs: int = 0) -> None:
+    def bind_kv_cache(
+        self, num_blocks: int, graphs_for_seqs: int = 0, speculative_tokens: int = 0, max_num_tokens: int = 0
+    ) -> None:
         """Allocate the draft's own KV cache (after the target's is sized); `graphs_for_seqs` > 0:
-        capture CUDA graphs of its one-token steps for batches up to that many sequences."""
+        capture CUDA graphs of its one-token steps for batches up to that many sequences, and with
+        `speculative_tokens` K > 0 of its catch-up forwards of up to K + 1 tokens per sequence."""
         with parallel.single_rank():  # every layer and KV head of the draft
             kv = KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device)
         self.runner.bind_kv_cache(kv)
         self.blocks.reset(num_blocks)
         if graphs_for_seqs > 0:
-            self.runner.capture_cuda_graphs(graphs_for_seqs, self.max_model_len)
+            self.runner.capture_cuda_graphs(
+                graphs_for_seqs, self.max_model_len, speculative_tokens, max_num_tokens
+            )
 
     @property
     def num_used_blocks(self) -> int:
@@ -225,7 +230,11 @@ class DraftModelProposer:
             if decoded.logits is not None:
                 return decoded.logits.float()
             return self.runner.model.compute_logits(decoded.hidden).float()
-        hidden = self.runner._forward_eager(ids, positions, slots, tables, cu, seq_lens, max_seqlen_q)
+        catch_up = self.runner.small_query_graphs(len(inputs), max_seqlen_q, max_blocks)
+        if catch_up is not None:  # the tokens the last verification appended (at most K + 1 each)
+            hidden = catch_up.run(ids, positions, slots, cu, seq_lens, tables).hidden
+        else:  # (a prompt the draft has not seen: as long as it is)
+            hidden = self.runner._forward_eager(ids, positions, slots, tables, cu, seq_lens, max_seqlen_q)
         last = torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64).to(self.device, non_blocking=True)
         return self.runner.model.compute_logits(hidden.index_select(0, last)).float()
 

@@ -41,6 +41,7 @@ import torch
 
 from kernels import KernelOps, build_rope_cache
 from services.worker import parallel
+from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.kv_cache import KVCache, block_bytes
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.model_config import ModelConfig, ModelConfigError, load_model_config
@@ -54,6 +55,7 @@ from services.worker.speculative.draft_blocks import DraftBlocks
 from services.worker.speculative.draft_model import check_same_tokenizer
 from services.worker.speculative.draw import draw_drafts
 from services.worker.speculative.eagle_head import EagleHead, EagleLayout, build_head, read_layout
+from services.worker.speculative.verify_graph import VerifyGraphRunner, verify_graph_sizes
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +186,12 @@ class EagleProposer:
         self.kv_cache: KVCache | None = None
         self._steps_since_absorb = 0
         self._rows_since_absorb = 0
+        self.ops = ops
+        # CUDA graphs of the head's forwards (bind_kv_cache): the chained one-token proposal steps,
+        # the catch-up over the pairs a verification appended, and the hidden input both read
+        self.step_graphs: CudaGraphRunner | None = None
+        self.catch_up_graphs: VerifyGraphRunner | None = None
+        self._graph_hidden: torch.Tensor | None = None
         log.info(
             "EAGLE%s head %s: %d layer(s), %.1fM parameters%s",
             "-3" if self.layout.eagle3 else "",
@@ -198,12 +206,58 @@ class EagleProposer:
         with parallel.single_rank():
             return block_bytes(self.cfg, self.block_size, self.dtype)
 
-    def bind_kv_cache(self, num_blocks: int) -> None:
+    def bind_kv_cache(
+        self, num_blocks: int, graphs_for_seqs: int = 0, speculative_tokens: int = 0, max_num_tokens: int = 0
+    ) -> None:
+        """Allocate the head's KV cache; `graphs_for_seqs` > 0: capture CUDA graphs of its chained
+        one-token proposal forwards for batches up to that many sequences and of its catch-up
+        forwards of up to `speculative_tokens` + 1 pairs per sequence."""
         with parallel.single_rank():  # every layer and KV head of the head
             self.kv_cache = KVCache(self.cfg, num_blocks, self.block_size, self.dtype, self.device)
         for i, attn in enumerate(self.head.attention_layers()):
             attn.attn.kv_cache = self.kv_cache.layer(i)
         self.blocks.reset(num_blocks)
+        if graphs_for_seqs > 0:
+            self._capture_graphs(graphs_for_seqs, speculative_tokens, max_num_tokens)
+
+    def _capture_graphs(self, max_num_seqs: int, speculative_tokens: int, max_num_tokens: int) -> None:
+        """The head's graphs read their hidden input from one static buffer (`_graph_hidden`), which
+        each forward fills first; ids, positions, slots and tables travel as the target's do."""
+        if not self.ops.graph_capturable(self.cfg.head_dim):
+            log.info(
+                "EAGLE head CUDA graphs off: kernels %r cannot be captured for head_dim %d",
+                self.ops.name,
+                self.cfg.head_dim,
+            )
+            return
+        max_blocks = -(-self.max_model_len // self.block_size)
+        sizes = verify_graph_sizes(max_num_seqs, speculative_tokens, max_num_tokens)
+        rows = max([max_num_seqs] + [bs * q for bs, q in sizes])
+        self._graph_hidden = torch.zeros(rows, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+        self.step_graphs = CudaGraphRunner(
+            self._graph_forward,
+            self.cos_sin_cache,
+            max_num_seqs,
+            max_blocks,
+            self.device,
+            "the EAGLE head's proposal steps, batch sizes",
+        )
+        self.step_graphs.capture()
+        if sizes:
+            self.catch_up_graphs = VerifyGraphRunner(
+                self._graph_forward,
+                self.cos_sin_cache,
+                sizes,
+                max_blocks,
+                self.device,
+                "the EAGLE head's catch-up",
+            )
+            self.catch_up_graphs.capture()
+
+    def _graph_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:
+        """What the head's graphs compute: its outputs over (token, `_graph_hidden` row) pairs."""
+        assert self._graph_hidden is not None
+        return DecodeOutputs(self.head(input_ids, self._graph_hidden[: input_ids.shape[0]], meta), None, None)
 
     @property
     def num_used_blocks(self) -> int:
@@ -356,6 +410,18 @@ class EagleProposer:
         tables = torch.tensor(
             [st.block_ids + [0] * (max_blocks - len(st.block_ids)) for st, _, _ in batch], dtype=torch.int32
         )
+        seq_lens = [hi for _, _, hi in batch]
+        max_seqlen_q = max(hi - lo for _, lo, hi in batch)
+        if self._graph_hidden is not None:
+            if self.step_graphs is not None and self.step_graphs.can_run(
+                len(batch), max_seqlen_q, max_blocks
+            ):
+                self._graph_hidden[: len(batch)].copy_(hidden)  # (the chained proposal steps)
+                return self.step_graphs.run(ids, positions, slots, seq_lens, tables).hidden
+            catch_up = self.catch_up_graphs
+            if catch_up is not None and catch_up.can_run(len(batch), max_seqlen_q, max_blocks):
+                self._graph_hidden[: len(ids)].copy_(hidden)
+                return catch_up.run(ids, positions, slots, cu, seq_lens, tables).hidden
 
         def put(values: list[int], dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -365,8 +431,8 @@ class EagleProposer:
             slot_mapping=put(slots, torch.int64),
             block_tables=tables.to(self.device, non_blocking=True),
             cu_seqlens_q=put(cu, torch.int32),
-            seq_lens=put([hi for _, _, hi in batch], torch.int32),
-            max_seqlen_q=max(hi - lo for _, lo, hi in batch),
+            seq_lens=put(seq_lens, torch.int32),
+            max_seqlen_q=max_seqlen_q,
             cos_sin_cache=self.cos_sin_cache,
             num_decode_rows=leading_single_tokens(cu),
         )

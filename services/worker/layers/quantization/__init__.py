@@ -5,7 +5,8 @@ Every projection of the decoder layers is quantized; the embedding and the LM he
 model dtype, and so do MoE experts (their fused kernel reads full-precision weights).
 Pre-quantized checkpoints (config.json `quantization_config`) load through their own methods
 (checkpoint_formats.py: AWQ, GPTQ, compressed-tensors, FP8); an unsupported scheme is an error
-naming it.
+naming it. Their LM head is quantized, by the same method, when the checkpoint quantizes it
+(`checkpoint_quantizes_lm_head`); a tied LM head is then untied from the (full-precision) embedding.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "UnsupportedQuantizationError",
     "checkpoint_quant_method",
     "checkpoint_quantization",
+    "checkpoint_quantizes_lm_head",
     "make_quant_method",
     "model_quantization",
     "quantize_linears",
@@ -62,12 +64,13 @@ def make_quant_method(name: str, group_size: int = 0) -> QuantMethod | None:
     )
 
 
-def quantize_linears(model: nn.Module, method: QuantMethod) -> int:
+def quantize_linears(model: nn.Module, method: QuantMethod, lm_head: bool = False) -> int:
     """Give every decoder-layer `Linear` the method (on the meta device, before the weights
-    exist); the number of layers it applies to."""
+    exist), and the LM head too with `lm_head` (a checkpoint that quantizes it); the number of
+    layers it applies to."""
     count = 0
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and name.split(".")[-1] not in _KEEP_FULL_PRECISION:
+        if isinstance(module, Linear) and (lm_head or name.split(".")[-1] not in _KEEP_FULL_PRECISION):
             try:
                 module.set_quant_method(method)
             except ValueError as exc:
@@ -130,4 +133,20 @@ def checkpoint_quant_method(model_dir: str, flag: str) -> QuantMethod | None:
             f"{model_dir}: unsupported quantization_config {scheme}: {exc} "
             "(supported: awq gemm 4-bit, gptq 4/8-bit, compressed-tensors fp8 / int8 / pack-quantized, "
             "fp8 per-channel or block-wise)"
+        ) from exc
+
+
+def checkpoint_quantizes_lm_head(model_dir: str) -> bool:
+    """Whether a pre-quantized checkpoint quantizes its LM head (checkpoint_formats.py
+    `quantizes_lm_head`); an error naming the scheme when it quantizes the embedding."""
+    from services.worker.layers.quantization.checkpoint_formats import quantizes_lm_head
+
+    qcfg = checkpoint_quantization(model_dir)
+    if qcfg is None or qcfg.get("quant_method") == "mxfp4":
+        return False
+    try:
+        return quantizes_lm_head(qcfg)
+    except ValueError as exc:
+        raise UnsupportedQuantizationError(
+            f"{model_dir}: unsupported quantization_config {describe_scheme(qcfg)}: {exc}"
         ) from exc

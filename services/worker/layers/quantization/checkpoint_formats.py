@@ -11,6 +11,11 @@ gate/up) see the same input and so the same order, which the loader checks.
 FP8 checkpoints with per-channel or per-tensor scales load onto `Fp8Method` (per-row scales);
 block-wise FP8 (128 x 128) keeps its e4m3 weight and block scales and dequantizes per call.
 
+The LM head is quantized when the checkpoint says so (`quantizes_lm_head`: GPTQ's `lm_head: true`;
+compressed-tensors config groups whose targets cover it and an `ignore` that does not name it;
+`fp8` / `awq` with a `modules_to_not_convert` that does not name it) and then loads through the
+same method as the decoder's projections; a quantized embedding is refused by name.
+
 Tensor parallelism: each format's `part_axes` says how its tensors follow a rank's slice of the
 weight (base.py `Split`), so a rank reads only its slice of the packed codes, scales and zero
 points: packed words and groups along K (row-parallel o_proj / down), packed words along N (AWQ,
@@ -21,6 +26,7 @@ FP8 block is a load error naming the tensor; GPTQ act-order cannot be split alon
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -413,6 +419,42 @@ class BlockFp8Method(QuantMethod):
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w = self.dequantized_weight(layer).to(x.dtype)
         return F.linear(x, w, bias)
+
+
+def _names(module: str, pattern: str) -> bool:
+    """Whether a module pattern of a quantization config names `module`: "re:<regex>" (matched at
+    the start of the module's name, as compressed-tensors does), or the module's name or a dotted
+    suffix of it ("lm_head" names "lm_head" and "language_model.lm_head")."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    return module == pattern or module.endswith("." + pattern) or pattern.endswith("." + module)
+
+
+def quantizes_lm_head(qcfg: dict[str, Any]) -> bool:
+    """Whether a checkpoint's `quantization_config` quantizes the LM head too (its tensors are then
+    the format's, e.g. `lm_head.qweight`); a ValueError naming the module when it quantizes the
+    token embedding, which no method here can hold."""
+    method = str(qcfg.get("quant_method", "")).lower()
+    if method == "gptq":
+        return bool(qcfg.get("lm_head", False))
+    if method == "compressed-tensors":
+        ignore = [str(p) for p in qcfg.get("ignore") or []]
+        targets = [str(t) for g in (qcfg.get("config_groups") or {}).values() for t in g.get("targets") or []]
+        embed = "model.embed_tokens"
+        if any(t == "Embedding" or _names(embed, t) for t in targets) and not any(
+            _names(embed, p) for p in ignore
+        ):
+            raise ValueError(
+                f"its config groups quantize the token embedding ({embed}), which is not supported"
+            )
+        targeted = any(t == "Linear" or _names("lm_head", t) for t in targets)
+        return targeted and not any(_names("lm_head", p) for p in ignore)
+    if method in ("fp8", "awq"):
+        # transformers' rule: without the list its defaults keep the LM head; a list that exists
+        # and does not name it means the LM head was converted too
+        skip = qcfg.get("modules_to_not_convert", qcfg.get("ignored_layers"))
+        return skip is not None and not any(_names("lm_head", str(p)) for p in skip)
+    return False
 
 
 def checkpoint_method(qcfg: dict[str, Any], describe: str) -> QuantMethod:

@@ -1,10 +1,13 @@
 """`--quantization fp8`: float8 e4m3 weights with one fp32 scale per output channel.
 
 On a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper) the GEMM is W8A8: each
-row of the activations gets its own scale (max |x| / 448, computed per call: dynamic per-token) and
-`torch._scaled_mm` multiplies the two FP8 operands with the row and column scales applied in its
-epilogue. Elsewhere (CPU, Ampere) and for shapes `_scaled_mm` refuses (K or N not a multiple of
-16) it is weight-only: the weight is dequantized and multiplied in fp32 (`reference.fp8_linear`).
+row of the activations gets its own scale (max |x| / 448, computed per call: dynamic per-token)
+and the two FP8 operands are multiplied with the row and column scales applied in the epilogue,
+by the kernel bundle's `fp8_linear` (Triton bundle: a Triton FP8 GEMM or `torch._scaled_mm`,
+whichever `tune_fp8_linear` measured faster for the shape and row count, kernels/triton/fp8_gemm.py)
+or, without one, `torch._scaled_mm` (`scaled_mm_fp8`). The twin is `reference.fp8_w8a8_linear`.
+Elsewhere (CPU, Ampere), in fp16 / fp32 and for shapes `_scaled_mm` refuses (K or N not a multiple
+of 16) it is weight-only: the weight is dequantized and multiplied in fp32 (`reference.fp8_linear`).
 """
 
 from __future__ import annotations
@@ -35,13 +38,19 @@ def device_has_fp8(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def runs_w8a8(weight: torch.Tensor, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an e4m3 weight [N, K] multiplies activations of `dtype` on `device` as W8A8 (else
+    weight-only): an FP8 GPU, bf16, N and K multiples of 16 (`_scaled_mm`'s shapes)."""
+    n, k = weight.shape
+    return device_has_fp8(device) and dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0
+
+
 def scaled_mm_fp8(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """W8A8: x quantized per token (dynamic scales) to e4m3, then `torch._scaled_mm` with row-wise
-    scales, out in x's dtype."""
-    x_scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
-    xq = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    """W8A8: x quantized per token (dynamic scales, `reference.quantize_per_token_fp8`) to e4m3,
+    then `torch._scaled_mm` with row-wise scales, out in x's dtype."""
+    xq, x_scale = reference.quantize_per_token_fp8(x)  # [M, K] e4m3, [M, 1]
     out = torch._scaled_mm(
         xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.reshape(1, -1), out_dtype=x.dtype
     )
@@ -68,9 +77,8 @@ class Fp8Method(QuantMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         w, s = layer.qweight, layer.weight_scale
-        n, k = w.shape
-        if device_has_fp8(x.device) and x.dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0:
-            return scaled_mm_fp8(x, w, s, bias)
+        if runs_w8a8(w, x.device, x.dtype):
+            return (layer.ops.fp8_linear or scaled_mm_fp8)(x, w, s, bias)
         return reference.fp8_linear(x, w, s, bias)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:

@@ -1,11 +1,13 @@
 """Quantized weights split over tensor-parallel ranks: the start-time check that every rank holds
-whole quantization groups (and FP8 blocks) of its shards."""
+whole quantization groups (and FP8 blocks) of its shards, and whole packed words / blocks of a
+quantized LM head's vocabulary rows."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from services.worker.layers.quantization import checkpoint_quantization
+from services.worker.layers.quantization.checkpoint_formats import quantizes_lm_head
 from services.worker.model_config import ModelConfig, ModelConfigError
 
 
@@ -54,6 +56,7 @@ def check_quantization(cfg: ModelConfig, tp_size: int, quantization: str, group_
                         f"the checkpoint's {rows}-row FP8 blocks do not divide the {n} rows of {layer} that each "
                         f"of --tensor-parallel-size {tp_size} ranks holds: a block would straddle two ranks"
                     )
+        _check_lm_head(cfg, tp_size, qcfg)
     else:
         group = group_size or (128 if quantization == "int4" else 0)
         what = f"--quantization {quantization} group size {group}"
@@ -66,3 +69,30 @@ def check_quantization(cfg: ModelConfig, tp_size: int, quantization: str, group_
                 f"--tensor-parallel-size {tp_size} ranks holds ({k} / {tp_size}): a group would straddle "
                 "two ranks; choose a group size that divides it"
             )
+
+
+def _lm_head_row_unit(qcfg: dict[str, Any]) -> tuple[int, str]:
+    """(rows, what) a quantized LM head's tensors are packed or blocked in along the vocabulary."""
+    method = str(qcfg.get("quant_method", ""))
+    if method == "gptq":
+        return 32 // int(qcfg.get("bits", 4)), "GPTQ's qzeros pack them in int32 words"
+    if method == "awq":
+        return 8, "AWQ packs them in int32 words"
+    if method == "fp8" and isinstance(qcfg.get("weight_block_size"), list):
+        return int(qcfg["weight_block_size"][0]), "FP8 blocks"
+    return 1, "rows"
+
+
+def _check_lm_head(cfg: ModelConfig, tp_size: int, qcfg: dict[str, Any]) -> None:
+    """A checkpoint's quantized LM head is split by vocabulary rows (ceil(V / T) a rank, the last
+    rank the rest): each rank's slice must hold whole packed words / blocks of rows."""
+    if not quantizes_lm_head(qcfg):
+        return
+    unit, what = _lm_head_row_unit(qcfg)
+    per_rank = -(-cfg.vocab_size // tp_size)
+    if per_rank % unit or cfg.vocab_size % unit:
+        raise ModelConfigError(
+            f"the checkpoint's quantized LM head comes in units of {unit} vocabulary rows ({what}), "
+            f"which do not divide the {per_rank} rows that each of --tensor-parallel-size {tp_size} "
+            f"ranks holds (vocabulary {cfg.vocab_size}): a unit would straddle two ranks"
+        )
