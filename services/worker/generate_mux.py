@@ -34,6 +34,7 @@ from typing import NoReturn
 
 import grpc
 
+from services.common import metrics
 from services.common.logging import request_id_var
 from tandem.v1 import worker_pb2
 
@@ -46,6 +47,7 @@ GenerateFn = Callable[
 WriteFn = Callable[[worker_pb2.GenerateManyResponse], Awaitable[None]]
 
 DRAINING = "the worker is draining; retry on another replica"
+METHOD = "Worker/Generate"  # what a session counts as in the rpc metrics
 
 
 class SessionAbort(Exception):
@@ -176,24 +178,35 @@ class GenerateMux:
     async def _run(self, sid: int, request: worker_pb2.GenerateRequest, context: SessionContext) -> None:
         request_id_var.set(request.request_id or "-")
         code, details = grpc.StatusCode.OK, ""
+        started = time.perf_counter()
+        try:
+            code, details = await self._serve_session(sid, request, context)
+        finally:
+            _record_call(code, started)
+        session = self._sessions.get(sid)
+        if session is None:
+            return  # cancelled by the caller, or the stream is over: nobody to answer
+        self._forget(session)
+        self._answer_end(sid, code, details)
+
+    async def _serve_session(
+        self, sid: int, request: worker_pb2.GenerateRequest, context: SessionContext
+    ) -> tuple[grpc.StatusCode, str]:
+        """Stream the session's chunks; its final status."""
         try:
             async for chunk in self._generate(request, context):
                 self._queue(worker_pb2.GenerateSessionResponse(session_id=sid, chunk=chunk))
         except SessionAbort as exc:
-            code, details = exc.code, exc.details
+            return exc.code, exc.details
         except asyncio.CancelledError:
             session = self._sessions.get(sid)
             if session is None or not session.expired:
-                return  # cancelled by the caller, or the stream is over: nobody to answer
-            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
+                return grpc.StatusCode.CANCELLED, ""  # by the caller, or the stream is over
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
         except Exception as exc:  # a bug here fails this session, never the stream
             log.exception("GenerateMany session %d failed", sid)
-            code, details = grpc.StatusCode.INTERNAL, f"the worker failed this request: {exc}"
-        session = self._sessions.get(sid)
-        if session is None:
-            return
-        self._forget(session)
-        self._answer_end(sid, code, details)
+            return grpc.StatusCode.INTERNAL, f"the worker failed this request: {exc}"
+        return grpc.StatusCode.OK, ""
 
     def _forget(self, session: _Session) -> None:
         self._sessions.pop(session.session_id, None)
@@ -227,3 +240,12 @@ class GenerateMux:
             self.messages_sent += 1
             with contextlib.suppress(asyncio.InvalidStateError):
                 await self._write(worker_pb2.GenerateManyResponse(responses=batch))
+
+
+def _record_call(code: grpc.StatusCode, started: float) -> None:
+    """Count a session as the Generate rpc it stands for (`tandem:rpcs_total{method="Worker/Generate"}`
+    and its errors and duration), so the worker's rpc metrics mean the same with the mux on."""
+    metrics.counter(metrics.RPCS).labels(method=METHOD, code=code.name).inc()
+    if code != grpc.StatusCode.OK:
+        metrics.counter(metrics.RPC_ERRORS).labels(method=METHOD, code=code.name).inc()
+    metrics.histogram(metrics.RPC_DURATION).labels(method=METHOD).observe(time.perf_counter() - started)

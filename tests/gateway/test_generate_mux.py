@@ -8,6 +8,7 @@ stream; a draining worker refuses new sessions as its server refuses new rpcs.""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -16,16 +17,19 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.clients import WorkerClient
 from gateway.downstream import GenerateChunk, Guided
 from gateway.worker_stream import WORKER_GONE, WORKER_STOPPED
+from services.common.metrics import RPC_ERRORS
 from services.common.sampling import SamplingParams
 from services.common.server import GrpcServer
 from services.worker.async_engine import AsyncEngine
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
-from services.worker.rpc import SERVICE_NAME, WorkerServicer, add_to_server
+from services.worker.rpc import SERVICE_NAME, WorkerServicer, _HandlerCapture, add_to_server
+from tandem.v1 import worker_pb2_grpc
 
 COMMON: dict[str, Any] = dict(device="cpu", kv_cache_memory="16MiB", max_model_len=512, cpu_threads=1)
 PROMPT = (1, 403, 251, 263, 93, 291)
@@ -162,7 +166,8 @@ async def test_cancelling_a_session_aborts_its_request_only(mux: WorkerClient, w
         async for chunk in s:
             _note(result, chunk)
         rest.append(result)
-    assert [len(firsts[i].choices[0].token_ids) + len(r.tokens[0]) for i, r in zip((0, 2), rest)] == [400, 400]
+    got = [len(firsts[i].choices[0].token_ids) + len(r.tokens[0]) for i, r in zip((0, 2), rest, strict=True)]
+    assert got == [400, 400]
     assert all(r.finish == {0: "length"} for r in rest)
     await _wait_for(lambda: worker.engine.num_running == 0 and worker.servicer is not None)
     assert worker.servicer is not None and worker.servicer.num_generate_sessions() == 0
@@ -186,11 +191,19 @@ async def test_a_bad_request_ends_its_session_with_the_status_of_its_rpc(
             await _run(client, "bad", sampling, **case)
         return info.value
 
+    def errors(code: grpc.StatusCode) -> float:
+        labels = {"method": "Worker/Generate", "code": code.name}
+        return REGISTRY.get_sample_value(RPC_ERRORS, labels) or 0.0
+
     for case in bad_cases:
         goods = [asyncio.create_task(_run(mux, f"g{i}", good)) for i in range(4)]
         over_mux = await fails(mux, case)
+        counted = errors(over_mux.code())
         over_rpc = await fails(rpc, case)
         assert (over_mux.code(), over_mux.details()) == (over_rpc.code(), over_rpc.details()), case
+        # the worker counts the session's error as it counts the rpc's (an rpc of Worker/Generate)
+        await _wait_for(functools.partial(lambda c, n: errors(c) > n, over_rpc.code(), counted))
+        assert counted >= 1 and errors(over_rpc.code()) == counted + 1
         assert over_mux.code() not in WORKER_GONE | WORKER_STOPPED, case
         assert [len((await g).tokens[0]) for g in goods] == [40] * 4
 
@@ -244,3 +257,29 @@ async def test_a_draining_worker_refuses_new_sessions_and_ends_the_stream_after_
         _note(result, chunk)
     assert len(first.choices[0].token_ids) + len(result.tokens[0]) == 60
     await _wait_for(lambda: worker.server is not None and worker.server.drain.in_flight == 0)
+
+
+async def test_a_worker_without_generate_many_gets_one_rpc_per_request(
+    stories_dir: Path, tmp_path: Path
+) -> None:
+    """A worker of an older version (no GenerateMany: UNIMPLEMENTED) still serves every request."""
+    worker = Worker(stories_dir, tmp_path / "old.sock")
+    server = GrpcServer(worker.address, grace_s=1.0)
+    servicer = WorkerServicer(worker.async_engine)
+    capture = _HandlerCapture()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, capture)
+    del capture.handlers["GenerateMany"]
+    server.server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, capture.handlers),)
+    )
+    await server.start()
+    client = WorkerClient(worker.address, generate_mux=True)
+    try:
+        results = await asyncio.gather(*(_run(client, f"o{i}", _sampling(i)) for i in range(4)))
+        assert [len(r.tokens[0]) for r in results] == [24, 17, 20, len(results[3].tokens[0])]
+        assert not client.uses_generate_mux()
+    finally:
+        await client.close()
+        await server.server.stop(0)
+        await servicer.close()
+        worker.close()
