@@ -19,6 +19,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
+from gateway import deadline
 from gateway.clients import WorkerClient
 from gateway.downstream import GenerateChunk, Guided
 from gateway.worker_stream import WORKER_GONE, WORKER_STOPPED
@@ -283,3 +284,20 @@ async def test_a_worker_without_generate_many_gets_one_rpc_per_request(
         await server.server.stop(0)
         await servicer.close()
         worker.close()
+
+
+async def test_a_sessions_deadline_ends_it_and_frees_its_request(mux: WorkerClient, worker: Worker) -> None:
+    """The request's deadline ends its session with DEADLINE_EXCEEDED (as it ends a Generate
+    rpc), the worker drops the request, and the stream serves the next call."""
+    long = SamplingParams[Guided](temperature=1.0, seed=5, max_tokens=480, ignore_eos=True)
+
+    async def with_deadline() -> None:
+        deadline.start(0.1)
+        await _run(mux, "late", long)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.create_task(with_deadline())  # (a task: the deadline stays in its context)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await _wait_for(lambda: worker.engine.num_running == 0 and worker.engine.num_waiting == 0)
+    result = await _run(mux, "next", SamplingParams(temperature=0.0, max_tokens=8))
+    assert len(result.tokens[0]) == 8
