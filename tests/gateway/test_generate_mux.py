@@ -301,3 +301,22 @@ async def test_a_sessions_deadline_ends_it_and_frees_its_request(mux: WorkerClie
     await _wait_for(lambda: worker.engine.num_running == 0 and worker.engine.num_waiting == 0)
     result = await _run(mux, "next", SamplingParams(temperature=0.0, max_tokens=8))
     assert len(result.tokens[0]) == 8
+
+
+async def test_a_stream_past_its_age_takes_no_new_session_and_ends_after_its_last(
+    mux: WorkerClient, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call past the stream's age opens a new stream (a per-rpc balancer places it anew);
+    the old one half-closes once its sessions are done and the worker ends it cleanly."""
+    monkeypatch.setattr("gateway.generate_mux.MAX_STREAM_AGE_S", 0.0)
+
+    def ended_ok() -> float:
+        labels = {"method": "Worker/GenerateMany", "code": "OK"}
+        return REGISTRY.get_sample_value("tandem:rpcs_total", labels) or 0.0
+
+    before = ended_ok()
+    for i in range(3):
+        result = await _run(mux, f"age{i}", SamplingParams(temperature=0.0, max_tokens=4))
+        assert len(result.tokens[0]) == 4
+    await _wait_for(lambda: ended_ok() == before + 2)  # the first two streams, retired
+    assert worker.servicer is not None and len(worker.servicer._muxes) == 1
