@@ -2,7 +2,8 @@
 
 Every call converts protobuf to the dataclasses of `downstream.py` and back; gRPC errors
 (`grpc.aio.AioRpcError`) propagate and `errors.py` maps them to HTTP statuses. The styler's
-detokenize sessions, which all requests share one stream for, are in `detokenize_mux.py`.
+detokenize sessions, which all requests share one stream for, are in `detokenize_mux.py`; the
+workers' Generate calls likewise share one stream per worker (`generate_mux.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from gateway.downstream import (
     WorkerInfo,
     WorkerLoad,
 )
+from gateway.generate_mux import GenerateMux, GenerateMuxCounts, GenerateSession
+from services.common import switches, telemetry
 from services.common.channels import make_channel
 from services.common.sampling import SamplingParams
 from tandem.v1 import common_pb2, styler_pb2, styler_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -281,15 +284,43 @@ class StylerClient:
 
 
 class WorkerClient:
-    """One worker's Worker service."""
+    """One worker's Worker service. Generate calls share one GenerateMany stream
+    (generate_mux.py) unless `generate_mux` is False (default: TANDEM_GENERATE_MUX, and off while
+    tracing, whose traces show one Generate rpc span per request with the engine's spans under it)."""
 
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        counts: GenerateMuxCounts | None = None,
+        generate_mux: bool | None = None,
+    ) -> None:
         self.address = address
         self.channel = make_channel(address, credentials)
         self._stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.generate_counts = counts if counts is not None else GenerateMuxCounts()
+        self._use_mux = generate_mux
+        self._mux: GenerateMux | None = None  # every request's Generate call, on one stream
 
     async def close(self) -> None:
+        if self._mux is not None:
+            await self._mux.close()
         await self.channel.close()
+
+    def uses_generate_mux(self) -> bool:
+        if self._use_mux is None:
+            self._use_mux = switches.GENERATE_MUX.value and not telemetry.tracing_enabled()
+        return self._use_mux
+
+    def _generate_session(self, message: worker_pb2.GenerateRequest) -> GenerateSession:
+        """A session for `message` on this client's GenerateMany stream (opened now if there is
+        none, or the last one ended or is past its age)."""
+        left = time_left()  # 504 now if the request's deadline already passed
+        if self._mux is None or not self._mux.takes_sessions():
+            if self._mux is not None:
+                self._mux.retire()
+            self._mux = GenerateMux(self._stub, self.generate_counts)
+        return self._mux.open(message, None if left is None else time.monotonic() + left)
 
     async def healthy(self, timeout_s: float = 1.0) -> bool | None:
         """SERVING or not; None when the check got no answer in time (gateway/router.py)."""
@@ -470,6 +501,22 @@ class WorkerClient:
                     layerwise=kv_source.layerwise,
                 )
             )
+        # (a disaggregated decode leg keeps its own rpc: its KV fetch is per request anyway)
+        if kv_source is None and self.uses_generate_mux():
+            session = self._generate_session(message)
+            try:
+                async for r in session.responses():
+                    yield _generate_chunk(r)
+                return
+            except grpc.aio.AioRpcError as exc:
+                # A worker without GenerateMany (an older version): one rpc per request from now on.
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED or session.num_chunks:
+                    raise
+                self._use_mux = False
+            finally:
+                # Covers client disconnects (task cancelled) and early stops (stop strings): the
+                # worker aborts a cancelled session's request.
+                session.cancel()
         call = self._stub.Generate(
             message,
             # The client's deadline reaches the worker, which drops the request when it passes.
@@ -477,30 +524,34 @@ class WorkerClient:
         )
         try:
             async for r in call:
-                usage = None
-                if r.HasField("usage"):
-                    usage = Usage(
-                        prompt_tokens=r.usage.prompt_tokens,
-                        completion_tokens=r.usage.completion_tokens,
-                        cached_prompt_tokens=r.usage.cached_prompt_tokens,
-                    )
-                yield GenerateChunk(
-                    choices=tuple(
-                        ChoiceDelta(
-                            index=c.index,
-                            token_ids=tuple(c.token_ids),
-                            logprobs=tuple(_logprob(e) for e in c.logprobs),
-                            finish_reason=_FINISH.get(c.finish_reason),
-                        )
-                        for c in r.choices
-                    ),
-                    prompt_logprobs=tuple(_logprob(e) for e in r.prompt_logprobs),
-                    usage=usage,
-                )
+                yield _generate_chunk(r)
         finally:
             # Covers client disconnects (task cancelled) and early stops (stop strings): the worker
             # aborts a request whose stream is cancelled.
             call.cancel()
+
+
+def _generate_chunk(r: worker_pb2.GenerateResponse) -> GenerateChunk:
+    usage = None
+    if r.HasField("usage"):
+        usage = Usage(
+            prompt_tokens=r.usage.prompt_tokens,
+            completion_tokens=r.usage.completion_tokens,
+            cached_prompt_tokens=r.usage.cached_prompt_tokens,
+        )
+    return GenerateChunk(
+        choices=tuple(
+            ChoiceDelta(
+                index=c.index,
+                token_ids=tuple(c.token_ids),
+                logprobs=tuple(_logprob(e) for e in c.logprobs),
+                finish_reason=_FINISH.get(c.finish_reason),
+            )
+            for c in r.choices
+        ),
+        prompt_logprobs=tuple(_logprob(e) for e in r.prompt_logprobs),
+        usage=usage,
+    )
 
 
 def _prefill_request(

@@ -64,6 +64,7 @@ class GatewayContext:
     def __post_init__(self) -> None:
         self.metrics.track_queues(lambda: self.gate.num_running, lambda: self.gate.num_waiting)
         self.metrics.track_styler_streams(self.stylers.detokenize_counts)
+        self.metrics.track_worker_streams(lambda: self.router.generate_counts)
 
     async def start(self) -> None:
         await asyncio.gather(self.router.start(), self.stylers.start())

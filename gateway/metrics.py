@@ -14,6 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from gateway.detokenize_mux import MuxCounts
+from gateway.generate_mux import GenerateMuxCounts
 from services.common import metrics as names
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -70,6 +71,10 @@ class Metrics:
         """Read the styler detokenize streams' message counts at each scrape."""
         self.registry.register(_StylerStreamCollector(counts))
 
+    def track_worker_streams(self, counts: Callable[[], GenerateMuxCounts]) -> None:
+        """Read the workers' GenerateMany streams' message counts at each scrape."""
+        self.registry.register(_WorkerStreamCollector(counts))
+
     def count_request(self, route: str, status: int, finish_reason: str = "") -> None:
         self.requests.labels(route=route, status=str(status), finish_reason=finish_reason).inc()
 
@@ -99,4 +104,33 @@ class _StylerStreamCollector(Collector):
             "Session messages (start, token deltas, close, cancel) the sent styler stream messages carried.",
         )
         sessions.add_metric([], counts.session_messages_sent)
+        yield sessions
+
+
+class _WorkerStreamCollector(Collector):
+    """Messages on the workers' GenerateMany streams: session answers (chunks) per received
+    message is how much the worker batches (1 when one request runs, up to one per running
+    request under load)."""
+
+    def __init__(self, counts: Callable[[], GenerateMuxCounts]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._counts()
+        messages = CounterMetricFamily(
+            "tandem:gateway_worker_stream_messages",
+            "Messages on the workers' generate streams (GenerateMany), by direction.",
+            labels=["direction"],
+        )
+        messages.add_metric(["sent"], counts.messages_sent)
+        messages.add_metric(["received"], counts.messages_received)
+        yield messages
+        sessions = CounterMetricFamily(
+            "tandem:gateway_worker_session_messages",
+            "Session messages in the workers' generate stream messages: starts and cancels sent, "
+            "chunks and ends received.",
+            labels=["direction"],
+        )
+        sessions.add_metric(["sent"], counts.session_messages_sent)
+        sessions.add_metric(["received"], counts.session_messages_received)
         yield sessions

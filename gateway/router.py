@@ -28,6 +28,7 @@ import grpc
 
 from gateway.clients import WorkerClient
 from gateway.downstream import WorkerInfo
+from gateway.generate_mux import GenerateMuxCounts
 from gateway.kv_index import KvEventFollower, KvIndex
 from gateway.openengine_client import PREFIX as OPENENGINE_PREFIX
 from gateway.openengine_client import OpenEngineWorkerClient
@@ -102,15 +103,15 @@ def prefix_keys(token_ids: Sequence[int], lora_name: str = "") -> list[bytes]:
 
 
 def worker_client(
-    address: str, credentials: grpc.ChannelCredentials | None
+    address: str, credentials: grpc.ChannelCredentials | None, counts: GenerateMuxCounts | None = None
 ) -> WorkerClient | OpenEngineWorkerClient | SmgWorkerClient:
     """tandem's Worker service, OpenEngine for `openengine:HOST:PORT`, SMG's vllm_engine for
-    `smg:HOST:PORT` (docs/protocols.md)."""
+    `smg:HOST:PORT` (docs/protocols.md); `counts` adds up the GenerateMany streams' messages."""
     if address.startswith(OPENENGINE_PREFIX):
         return OpenEngineWorkerClient(address, credentials)
     if address.startswith(SMG_PREFIX):
         return SmgWorkerClient(address, credentials)
-    return WorkerClient(address, credentials)
+    return WorkerClient(address, credentials, counts)
 
 
 async def _list_loras(client: WorkerClient) -> dict[str, str]:
@@ -139,8 +140,9 @@ class Router:
         self._dns_names = [a.removeprefix(DNS_PREFIX) for a in addresses if a.startswith(DNS_PREFIX)]
         self._dns_members: dict[str, set[str]] = {name: set() for name in self._dns_names}
         self._retiring: set[asyncio.Task[None]] = set()
+        self.generate_counts = GenerateMuxCounts()  # every worker's GenerateMany streams (/metrics)
         self.workers = [
-            WorkerState(worker_client(a, credentials), next(self._names))
+            WorkerState(worker_client(a, credentials, self.generate_counts), next(self._names))
             for a in addresses
             if not a.startswith(DNS_PREFIX)
         ]
@@ -202,7 +204,11 @@ class Router:
             }
             for address in sorted(resolved - self._dns_members[name]):
                 log.info("worker %s joined (via %s)", address, name)
-                self.workers.append(WorkerState(WorkerClient(address, self._credentials), next(self._names)))
+                self.workers.append(
+                    WorkerState(
+                        WorkerClient(address, self._credentials, self.generate_counts), next(self._names)
+                    )
+                )
             for address in self._dns_members[name] - resolved:
                 log.info("worker %s left (via %s)", address, name)
                 follower = self._followers.pop(address, None)

@@ -131,6 +131,14 @@ GIL_SWITCH_INTERVAL: Switch[float] = Switch(
     "gRPC event loop (benchmarks/serving_bench.py); 0 keeps Python's default",
     _parse_nonnegative_seconds,
 )
+GENERATE_MUX: Switch[bool] = Switch(
+    "TANDEM_GENERATE_MUX",
+    "bool",
+    True,
+    "an operator's kill switch and the A/B baseline of the gateway's one GenerateMany stream per "
+    "worker connection (gateway/generate_mux.py); 0 sends each request as its own Generate rpc",
+    _parse_bool,
+)
 
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
@@ -140,6 +148,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     HEALTHCHECK_TIMEOUT,
     HEAP_PROFILE,
     GIL_SWITCH_INTERVAL,
+    GENERATE_MUX,
 )
 
 

@@ -69,6 +69,7 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
             openengine.draining = smg.draining = True
 
         server.on_drain(mark_draining)
+        server.on_drain(servicer.drain)  # GenerateMany streams end after their last session
         async_engine.start()
         await server.start()
         servicer.advertise_address = servicer.advertise_address or server.bound_address

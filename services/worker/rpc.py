@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeAlias
 
 import grpc
 
@@ -29,6 +30,7 @@ from services.worker import kv_nixl, kv_transfer, kv_transports, kv_wire
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
 from services.worker.errors import task_mismatch
+from services.worker.generate_mux import GenerateMux, SessionContext
 from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WORKER_STACK_FACTOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
@@ -86,6 +88,8 @@ _EVENT_KINDS = {
     "snapshot": worker_pb2.KV_EVENT_KIND_SNAPSHOT,
 }
 FETCH_KV_METHOD = "/tandem.v1.Worker/FetchKV"
+# What a Generate call runs against: its rpc's context, or its GenerateMany session's.
+Context: TypeAlias = "grpc.aio.ServicerContext | SessionContext"
 # Threads that compile guided grammars (llguidance releases the GIL while it builds one).
 GRAMMAR_THREADS = 2
 
@@ -307,6 +311,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._grammar_pool = _grammar_pool(CHECK_STACK_BYTES * WORKER_STACK_FACTOR)
         self.max_pending = self.engine.config.max_pending_requests
         self.num_pending = 0  # Generate / Prefill calls held now (admission, `_admit`)
+        self._muxes: set[GenerateMux] = set()  # the open GenerateMany streams
+        self._draining = False
         _export_load_gauges(engine)
 
     @contextlib.contextmanager
@@ -318,7 +324,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             self.num_pending -= 1
 
-    async def _refuse_when_full(self, context: grpc.aio.ServicerContext) -> None:
+    async def _refuse_when_full(self, context: Context) -> None:
         """RESOURCE_EXHAUSTED past --max-pending-requests: the caller's back-pressure (another
         worker or a 429), never a sign that this worker is broken."""
         if self.max_pending and self.num_pending >= self.max_pending:
@@ -338,7 +344,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         log.error("request %s failed: %s", req.request_id, error)
         return grpc.StatusCode.INTERNAL, error
 
-    async def _compile_grammar(self, req: EngineRequest, context: grpc.aio.ServicerContext) -> EngineRequest:
+    async def _compile_grammar(self, req: EngineRequest, context: Context) -> EngineRequest:
         """Compile the request's guided constraint on the grammar threads (never on the event loop
         or the engine thread: a big schema takes a while); refuse it with the right status."""
         spec = req.sampling.guided
@@ -358,7 +364,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         metrics.counter(metrics.GUIDED_REQUESTS).labels(kind=spec.kind).inc()
         return req
 
-    async def _resolve_lora(self, req: EngineRequest, context: grpc.aio.ServicerContext) -> EngineRequest:
+    async def _resolve_lora(self, req: EngineRequest, context: Context) -> EngineRequest:
         """The request's adapter by name (NOT_FOUND when this worker does not serve it)."""
         if not req.lora_name:
             return req
@@ -419,7 +425,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 "kv_source", "needs generated_token_ids (at least the first token the prefill worker sampled)"
             )
 
-    async def _refuse_other_task(self, task: str, context: grpc.aio.ServicerContext) -> None:
+    async def _refuse_other_task(self, task: str, context: Context) -> None:
         """FAILED_PRECONDITION for an rpc of the task this worker does not run (--task)."""
         if task != self.engine.config.task:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, task_mismatch(self.engine.config.task))
@@ -428,14 +434,45 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         request_id_var.set(request.request_id or "-")
+        async for chunk in self._generate_call(request, context):
+            yield chunk
+
+    async def _generate_call(
+        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext | SessionContext
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        """One Generate call: a Generate rpc, or a GenerateMany session (generate_mux.py)."""
         await self._refuse_other_task("generate", context)
         await self._refuse_when_full(context)
         with self._admit():
             async for chunk in self._generate(request, context):
                 yield chunk
 
+    async def GenerateMany(
+        self,
+        request_iterator: AsyncIterator[worker_pb2.GenerateManyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        mux = GenerateMux(self._generate_call, context.write)
+        self._muxes.add(mux)
+        if self._draining:
+            mux.drain()
+        try:
+            await mux.serve(request_iterator)
+        finally:
+            self._muxes.discard(mux)
+
+    async def drain(self) -> None:
+        """The server drains: GenerateMany streams refuse new sessions and end after their last."""
+        self._draining = True
+        for mux in self._muxes:
+            mux.drain()
+
+    def num_generate_sessions(self) -> int:
+        """Sessions open on this servicer's GenerateMany streams."""
+        return sum(mux.num_sessions for mux in self._muxes)
+
     async def _generate(
-        self, request: worker_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: worker_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
         source = kv_source_from_pb(request)
         try:

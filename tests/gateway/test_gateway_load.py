@@ -84,11 +84,60 @@ async def test_200_concurrent_streams_equal_whole_responses(stories_stack: Stack
     await client.close()
 
 
-@pytest.fixture(scope="module")
-def two_workers(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def _metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name + labels)} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match is not None, name + labels
+    return float(match.group(1))
+
+
+def worker_stream_counts(stack: Stack) -> tuple[float, float]:
+    """(messages the workers sent on their GenerateMany streams, session answers in them)."""
+    text = httpx.get(stack.url + "/metrics", timeout=10).text
+    return (
+        _metric(text, "tandem:gateway_worker_stream_messages_total", '{direction="received"}'),
+        _metric(text, "tandem:gateway_worker_session_messages_total", '{direction="received"}'),
+    )
+
+
+async def test_worker_stream_messages_batch_a_steps_tokens_at_concurrency_32(stories_stack: Stack) -> None:
+    """The gateway's Generate calls share one GenerateMany stream, and the worker sends each
+    engine step's tokens for all of them as one message: /metrics shows far fewer messages from
+    the worker than tokens (one Generate rpc per request took at least one message per token)."""
+    client = openai.AsyncOpenAI(base_url=stories_stack.base_url, api_key="unused", max_retries=0, timeout=120)
+    messages_before, answers_before = worker_stream_counts(stories_stack)
+
+    async def streamed(i: int) -> int:
+        stream = await client.completions.create(
+            model="stories260K",
+            prompt=f"Once upon a time {i}",
+            max_tokens=48,
+            seed=i,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        return sum([1 async for c in stream if c.choices and c.choices[0].text is not None])
+
+    await asyncio.gather(*(streamed(i) for i in range(32)))
+    await client.close()
+    messages, answers = worker_stream_counts(stories_stack)
+    tokens = 32 * 48
+    assert answers - answers_before >= tokens // 2  # (chunks may carry several tokens; plus the ends)
+    assert messages - messages_before < tokens / 4, (messages - messages_before, tokens)
+
+
+@pytest.fixture(scope="module", params=["mux", "rpc"])
+def two_workers(
+    request: pytest.FixtureRequest, stories_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """Two workers behind one gateway: its Generate calls on one GenerateMany stream per worker
+    (the default), or one Generate rpc per request (TANDEM_GENERATE_MUX=0): a worker's death
+    fails over the same way."""
     stack = Stack(tmp_path_factory.mktemp("two"), stories_dir, num_workers=2)
     try:
-        yield stack.start()
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("TANDEM_GENERATE_MUX", "1" if request.param == "mux" else "0")
+            stack.start()
+        yield stack
     finally:
         stack.stop()
 

@@ -1,0 +1,322 @@
+"""The gateway's Generate calls over one GenerateMany stream, against a real worker server
+(stories260K on the CPU, in this process, on a unix socket): concurrent sessions stream exactly
+the tokens of their own Generate rpcs, in fewer messages than chunks; cancelling one session
+aborts its request only; a bad request ends its own session with the status its rpc gets; a
+worker that goes away fails every session with its rpc's status, and the next call opens a new
+stream; a draining worker refuses new sessions as its server refuses new rpcs."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from gateway import deadline
+from gateway.clients import WorkerClient
+from gateway.downstream import GenerateChunk, Guided
+from gateway.worker_stream import WORKER_GONE, WORKER_STOPPED
+from services.common.metrics import RPC_ERRORS
+from services.common.sampling import SamplingParams
+from services.common.server import GrpcServer
+from services.worker.async_engine import AsyncEngine
+from services.worker.config import WorkerConfig
+from services.worker.engine import Engine
+from services.worker.rpc import SERVICE_NAME, WorkerServicer, _HandlerCapture, add_to_server
+from tandem.v1 import worker_pb2_grpc
+
+COMMON: dict[str, Any] = dict(device="cpu", kv_cache_memory="16MiB", max_model_len=512, cpu_threads=1)
+PROMPT = (1, 403, 251, 263, 93, 291)
+
+
+class Worker:
+    """A worker server in this process, which can be stopped (as a crash ends its connections)."""
+
+    def __init__(self, model: Path, socket: Path) -> None:
+        self.config = WorkerConfig(address=f"unix:{socket}", model=str(model), **COMMON)
+        self.engine = Engine(self.config)
+        self.async_engine = AsyncEngine(self.engine)
+        self.async_engine.start()
+        self.server: GrpcServer | None = None
+        self.servicer: WorkerServicer | None = None
+
+    @property
+    def address(self) -> str:
+        return self.config.address
+
+    async def start(self) -> None:
+        self.server = GrpcServer(self.address, grace_s=5.0)
+        self.servicer = add_to_server(self.server.server, self.async_engine)
+        self.server.add_service_name(SERVICE_NAME)
+        await self.server.start()
+
+    async def kill(self) -> None:
+        assert self.server is not None and self.servicer is not None
+        await self.server.server.stop(0)
+        await self.servicer.close()
+
+    def close(self) -> None:
+        self.async_engine.stop()
+
+
+@pytest.fixture
+async def worker(stories_dir: Path, tmp_path: Path) -> AsyncIterator[Worker]:
+    w = Worker(stories_dir, tmp_path / "worker.sock")
+    await w.start()
+    yield w
+    if w.server is not None:
+        await w.server.server.stop(0)
+    w.close()
+
+
+@pytest.fixture
+async def mux(worker: Worker) -> AsyncIterator[WorkerClient]:
+    c = WorkerClient(worker.address, generate_mux=True)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def rpc(worker: Worker) -> AsyncIterator[WorkerClient]:
+    c = WorkerClient(worker.address, generate_mux=False)
+    yield c
+    await c.close()
+
+
+@dataclass
+class Result:
+    tokens: dict[int, list[int]]
+    finish: dict[int, str | None]
+    logprobs: list[float]
+    usage: tuple[int, int] | None
+
+
+async def _run(client: WorkerClient, request_id: str, sampling: SamplingParams[Guided], **kw: Any) -> Result:
+    result = Result({}, {}, [], None)
+    async for chunk in client.generate(request_id, kw.pop("prompt", PROMPT), sampling, **kw):
+        _note(result, chunk)
+    return result
+
+
+def _note(result: Result, chunk: GenerateChunk) -> None:
+    for c in chunk.choices:
+        result.tokens.setdefault(c.index, []).extend(c.token_ids)
+        result.logprobs.extend(lp.logprob for lp in c.logprobs)
+        if c.finish_reason is not None:
+            result.finish[c.index] = c.finish_reason
+    if chunk.usage is not None:
+        result.usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+
+
+def _sampling(i: int) -> SamplingParams[Guided]:
+    kinds: list[SamplingParams[Guided]] = [
+        SamplingParams(temperature=1.0, seed=i, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=17),
+        SamplingParams(temperature=0.8, top_k=20, seed=i, max_tokens=20, n=2, logprobs=2),
+        SamplingParams(temperature=1.0, seed=i, max_tokens=30, stop_token_ids=(13,)),
+    ]
+    return kinds[i % len(kinds)]
+
+
+async def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_concurrent_sessions_stream_the_tokens_of_their_own_rpcs(
+    mux: WorkerClient, rpc: WorkerClient
+) -> None:
+    n = 32
+    over_mux = await asyncio.gather(*(_run(mux, f"m{i}", _sampling(i)) for i in range(n)))
+    over_rpc = await asyncio.gather(*(_run(rpc, f"r{i}", _sampling(i)) for i in range(n)))
+    assert [r.tokens for r in over_mux] == [r.tokens for r in over_rpc]
+    assert [r.finish for r in over_mux] == [r.finish for r in over_rpc]
+    assert [r.usage for r in over_mux] == [r.usage for r in over_rpc]
+    for a, b in zip(over_mux, over_rpc, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs)
+    assert len({tuple(r.tokens[0]) for r in over_mux}) > n // 2  # the seeds really differ
+    counts = mux.generate_counts
+    tokens = sum(len(ids) for r in over_mux for ids in r.tokens.values())
+    # every session's chunks and end came back, and far fewer messages carried them than chunks
+    assert counts.session_messages_received >= tokens // 2
+    assert counts.messages_received < counts.session_messages_received / 4, counts
+    assert counts.messages_sent <= n + 1  # one start each at most (they batch when they queue)
+    assert rpc.generate_counts.messages_received == 0  # (the rpc client never used a stream)
+
+
+async def test_cancelling_a_session_aborts_its_request_only(mux: WorkerClient, worker: Worker) -> None:
+    long = SamplingParams[Guided](temperature=1.0, seed=1, max_tokens=400, ignore_eos=True)
+    streams = [mux.generate(f"long{i}", PROMPT, long) for i in range(3)]
+    firsts = [await s.__anext__() for s in streams]  # each request is running on the worker
+    assert all(f.choices for f in firsts)
+    assert worker.engine.num_running == 3
+    await streams[1].aclose()  # the client went away
+    await _wait_for(lambda: worker.engine.num_running == 2)
+    rest = []
+    for s in (streams[0], streams[2]):
+        result = Result({}, {}, [], None)
+        async for chunk in s:
+            _note(result, chunk)
+        rest.append(result)
+    got = [len(firsts[i].choices[0].token_ids) + len(r.tokens[0]) for i, r in zip((0, 2), rest, strict=True)]
+    assert got == [400, 400]
+    assert all(r.finish == {0: "length"} for r in rest)
+    await _wait_for(lambda: worker.engine.num_running == 0 and worker.servicer is not None)
+    assert worker.servicer is not None and worker.servicer.num_generate_sessions() == 0
+
+
+async def test_a_bad_request_ends_its_session_with_the_status_of_its_rpc(
+    mux: WorkerClient, rpc: WorkerClient
+) -> None:
+    good = SamplingParams[Guided](temperature=1.0, seed=3, max_tokens=40, ignore_eos=True)
+    bad_cases: list[dict[str, Any]] = [
+        {"prompt": ()},  # an empty prompt
+        {"prompt": (1, 10**6)},  # a token id past the vocabulary
+        {"lora_name": "no-such-adapter"},
+        {"sampling": SamplingParams[Guided](guided=Guided("regex", "a{1000000}"), max_tokens=4)},
+    ]
+
+    async def fails(client: WorkerClient, case: dict[str, Any]) -> grpc.aio.AioRpcError:
+        case = dict(case)
+        sampling = case.pop("sampling", good)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _run(client, "bad", sampling, **case)
+        return info.value
+
+    def errors(code: grpc.StatusCode) -> float:
+        labels = {"method": "Worker/Generate", "code": code.name}
+        return REGISTRY.get_sample_value(RPC_ERRORS, labels) or 0.0
+
+    for case in bad_cases:
+        goods = [asyncio.create_task(_run(mux, f"g{i}", good)) for i in range(4)]
+        over_mux = await fails(mux, case)
+        counted = errors(over_mux.code())
+        over_rpc = await fails(rpc, case)
+        assert (over_mux.code(), over_mux.details()) == (over_rpc.code(), over_rpc.details()), case
+        # the worker counts the session's error as it counts the rpc's (an rpc of Worker/Generate)
+        await _wait_for(functools.partial(lambda c, n: errors(c) > n, over_rpc.code(), counted))
+        assert counted >= 1 and errors(over_rpc.code()) == counted + 1
+        assert over_mux.code() not in WORKER_GONE | WORKER_STOPPED, case
+        assert [len((await g).tokens[0]) for g in goods] == [40] * 4
+
+
+async def test_a_worker_that_goes_away_fails_every_session_as_it_fails_their_rpcs(
+    stories_dir: Path, tmp_path: Path
+) -> None:
+    long = SamplingParams[Guided](temperature=1.0, seed=2, max_tokens=480, ignore_eos=True)
+    errors: dict[bool, set[grpc.StatusCode]] = {}
+    for use_mux in (True, False):
+        worker = Worker(stories_dir, tmp_path / f"w{use_mux}.sock")
+        await worker.start()
+        client = WorkerClient(worker.address, generate_mux=use_mux)
+        streams = [client.generate(f"k{i}", PROMPT, long) for i in range(4)]
+        for s in streams:
+            await s.__anext__()
+        await worker.kill()
+        codes = set()
+        for s in streams:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async for _ in s:
+                    pass
+            codes.add(info.value.code())
+        errors[use_mux] = codes
+        if use_mux:
+            # the next call opens a new stream to the restarted worker
+            await worker.start()
+            result = await _run(client, "after", SamplingParams(temperature=0.0, max_tokens=8))
+            assert len(result.tokens[0]) == 8
+            await worker.kill()
+        await client.close()
+        worker.close()
+    assert errors[True] == errors[False]
+    assert errors[True] <= WORKER_GONE | WORKER_STOPPED  # the router moves these requests elsewhere
+
+
+async def test_a_draining_worker_refuses_new_sessions_and_ends_the_stream_after_its_last(
+    mux: WorkerClient, worker: Worker
+) -> None:
+    assert worker.servicer is not None and worker.server is not None
+    sampling = SamplingParams[Guided](temperature=1.0, seed=4, max_tokens=60, ignore_eos=True)
+    running = mux.generate("before", PROMPT, sampling)
+    first = await running.__anext__()
+    worker.server.drain.start()  # what GrpcServer.stop does first: new rpcs are refused
+    await worker.servicer.drain()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _run(mux, "after", sampling)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in (info.value.details() or "")
+    result = Result({}, {}, [], None)
+    async for chunk in running:
+        _note(result, chunk)
+    assert len(first.choices[0].token_ids) + len(result.tokens[0]) == 60
+    await _wait_for(lambda: worker.server is not None and worker.server.drain.in_flight == 0)
+
+
+async def test_a_worker_without_generate_many_gets_one_rpc_per_request(
+    stories_dir: Path, tmp_path: Path
+) -> None:
+    """A worker of an older version (no GenerateMany: UNIMPLEMENTED) still serves every request."""
+    worker = Worker(stories_dir, tmp_path / "old.sock")
+    server = GrpcServer(worker.address, grace_s=1.0)
+    servicer = WorkerServicer(worker.async_engine)
+    capture = _HandlerCapture()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, capture)
+    del capture.handlers["GenerateMany"]
+    server.server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, capture.handlers),)
+    )
+    await server.start()
+    client = WorkerClient(worker.address, generate_mux=True)
+    try:
+        results = await asyncio.gather(*(_run(client, f"o{i}", _sampling(i)) for i in range(4)))
+        assert [len(r.tokens[0]) for r in results] == [24, 17, 20, len(results[3].tokens[0])]
+        assert not client.uses_generate_mux()
+    finally:
+        await client.close()
+        await server.server.stop(0)
+        await servicer.close()
+        worker.close()
+
+
+async def test_a_sessions_deadline_ends_it_and_frees_its_request(mux: WorkerClient, worker: Worker) -> None:
+    """The request's deadline ends its session with DEADLINE_EXCEEDED (as it ends a Generate
+    rpc), the worker drops the request, and the stream serves the next call."""
+    long = SamplingParams[Guided](temperature=1.0, seed=5, max_tokens=480, ignore_eos=True)
+
+    async def with_deadline() -> None:
+        deadline.start(0.1)
+        await _run(mux, "late", long)
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.create_task(with_deadline())  # (a task: the deadline stays in its context)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await _wait_for(lambda: worker.engine.num_running == 0 and worker.engine.num_waiting == 0)
+    result = await _run(mux, "next", SamplingParams(temperature=0.0, max_tokens=8))
+    assert len(result.tokens[0]) == 8
+
+
+async def test_a_stream_past_its_age_takes_no_new_session_and_ends_after_its_last(
+    mux: WorkerClient, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call past the stream's age opens a new stream (a per-rpc balancer places it anew);
+    the old one half-closes once its sessions are done and the worker ends it cleanly."""
+    monkeypatch.setattr("gateway.generate_mux.MAX_STREAM_AGE_S", 0.0)
+
+    def ended_ok() -> float:
+        labels = {"method": "Worker/GenerateMany", "code": "OK"}
+        return REGISTRY.get_sample_value("tandem:rpcs_total", labels) or 0.0
+
+    before = ended_ok()
+    for i in range(3):
+        result = await _run(mux, f"age{i}", SamplingParams(temperature=0.0, max_tokens=4))
+        assert len(result.tokens[0]) == 4
+    await _wait_for(lambda: ended_ok() == before + 2)  # the first two streams, retired
+    assert worker.servicer is not None and len(worker.servicer._muxes) == 1
