@@ -26,6 +26,7 @@ import aiohttp
 import grpc
 import pytest
 
+from services.common.server import wait_for_serving
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .rstack import ReliabilityStack, free_port
@@ -148,9 +149,10 @@ async def test_worker_refuses_past_its_admission_limit(qwen3_stack: ReliabilityS
     qwen3_stack.worker_args = ["--max-pending-requests", "4"]
     qwen3_stack.start_worker(len(qwen3_stack.worker_addresses) - 1)
     qwen3_stack.procs[name] = qwen3_stack.procs.pop("worker-2")
+    # (a channel opened before the worker listens would wait out grpc's reconnect backoff)
+    await wait_for_serving(address, timeout_s=120)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
-        await channel.channel_ready()
         for _ in range(600):  # the servicer is registered once the model is loaded
             try:
                 await stub.Info(worker_pb2.InfoRequest(), timeout=5)
