@@ -23,8 +23,7 @@ CLIENT_OPTIONS: Sequence[tuple[str, int | str]] = (
     ("grpc.http2.max_pings_without_data", 0),
     # Dead workers must be noticed quickly so the router can take them out of rotation, and a
     # started or restarted one put back soon after it listens: a channel whose connection
-    # attempts failed retries within half a second (with 2 s, a worker serving at start-up
-    # joined the rotation up to 2 s later).
+    # attempts failed keeps retrying often, not at a backoff grown to seconds.
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 500),
 )
