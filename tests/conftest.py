@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 
 def _cuda_available() -> bool:
@@ -27,6 +28,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # of the scope of a kernel"). Workers on the CPU pick the reference kernels either way.
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Property tests draw the same examples on every run: a failure is a bug that reproduces, not a
+# flake that comes and goes with the random seed (a test's own `@settings` only adds to this).
+# `--hypothesis-profile explore` draws new examples each run, to look for bugs on purpose (with
+# `--hypothesis-seed N` it replays one such run).
+settings.register_profile("ci", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,11 @@ CLIENT_OPTIONS: Sequence[tuple[str, int | str]] = (
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    # Dead workers must be noticed quickly so the router can take them out of rotation.
+    # Dead workers must be noticed quickly so the router can take them out of rotation, and a
+    # started or restarted one put back soon after it listens: a channel whose connection
+    # attempts failed keeps retrying often, not at a backoff grown to seconds.
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_reconnect_backoff_ms", 500),
 )
 
 

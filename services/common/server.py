@@ -52,6 +52,13 @@ GRPC_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
     ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
 )
+# `wait_for_serving` polls a server that is still starting: its first connection attempts fail,
+# and grpc core's default reconnect backoff (1 s, growing 1.6x a time) then left the channel
+# waiting seconds after the server was listening. Reconnect at the poll's own pace instead.
+READINESS_CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 100),
+)
 
 
 def is_unix_address(address: str) -> bool:
@@ -241,9 +248,11 @@ async def wait_for_serving(
     deadline = asyncio.get_running_loop().time() + timeout_s
     last_error = "no answer"
     channel_cm = (
-        grpc.aio.secure_channel(address, credentials, options=secure_channel_options(address))
+        grpc.aio.secure_channel(
+            address, credentials, options=[*READINESS_CHANNEL_OPTIONS, *secure_channel_options(address)]
+        )
         if credentials is not None
-        else grpc.aio.insecure_channel(address)
+        else grpc.aio.insecure_channel(address, options=READINESS_CHANNEL_OPTIONS)
     )
     async with channel_cm as channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -19,7 +19,7 @@ from services.worker.checkpoint import iter_checkpoint
 from services.worker.config import WorkerConfig
 from services.worker.engine import resolve_device, resolve_dtype
 from services.worker.errors import InvalidRequestError
-from services.worker.loader import _default_dtype
+from services.worker.loader import _default_dtype, materialize
 from services.worker.mm_inputs import EncoderCache, ImageInput, with_embeddings
 from services.worker.model_config import ModelConfigError, load_model_config
 from services.worker.models import IMAGE_MODELS, model_class
@@ -47,7 +47,7 @@ class VisionEncoder:
         self.prefixes: tuple[str, ...] = model.unfused_prefixes
         for prefix in self.prefixes:
             name = prefix.rstrip(".")
-            setattr(model, name, getattr(model, name).to_empty(device=self.device))
+            setattr(model, name, materialize(getattr(model, name), self.device))
         self.params = {
             n: p for n, p in model.named_parameters() if n.startswith(self.prefixes)
         }  # the vision side's, on the device

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 
@@ -60,6 +61,9 @@ _EXPERT_PROJS = {
 }
 
 
+M = TypeVar("M", bound=torch.nn.Module)
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()
@@ -96,6 +100,14 @@ def _skip_init() -> Iterator[None]:
     finally:
         for name, init in saved.items():
             setattr(torch.nn.init, name, init)
+
+
+def materialize(module: M, device: torch.device) -> M:
+    """`module.to_empty(device=device)` for a module built on meta: the same uninitialised
+    tensors (shapes, strides, dtypes, ties), made with `torch.empty_strided`. `to_empty`'s
+    `empty_like` of a meta tensor runs torch's reference decomposition, whose first call imports
+    sympy, at every worker start-up, for nothing."""
+    return module._apply(lambda t: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device))
 
 
 def _shard_slice(model: LlamaForCausalLM, shard: str) -> tuple[int, int]:
@@ -399,8 +411,8 @@ def build_model(
         model = cls(cfg, ops)
         if method is not None:  # the layers' quantized parameters replace their weights, still on meta
             quantize_linears(model, method, lm_head=quantized_head)
-    model = model.to_empty(device=device)
-    if cfg.tie_word_embeddings and not quantized_head:  # to_empty keeps the tie, but be explicit
+    model = materialize(model, device)
+    if cfg.tie_word_embeddings and not quantized_head:  # materialize keeps the tie, but be explicit
         model.lm_head.weight = model.model.embed_tokens.weight
     if load_format == "dummy":
         init_dummy_weights(model, seed)

@@ -26,6 +26,7 @@ import aiohttp
 import grpc
 import pytest
 
+from services.common.server import wait_for_serving
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 from .rstack import ReliabilityStack, free_port
@@ -80,8 +81,26 @@ async def _normal_traffic(session: aiohttp.ClientSession, url: str, stop: asynci
     return statuses
 
 
+async def _warm_grammar_checkers(addresses: list[str]) -> None:
+    """One constrained request to each worker first: it starts the worker's grammar-checking
+    child, whose tokenizer load (seconds for Qwen3's vocabulary at the child's low priority, on a
+    CPU the normal traffic keeps busy) is not what the test below is about."""
+    for address in addresses:
+        async with grpc.aio.insecure_channel(address) as channel:
+            request = worker_pb2.GenerateRequest(
+                request_id="warm-up",
+                prompt_token_ids=[9707],
+                sampling=common_pb2.SamplingParams(
+                    max_tokens=2, temperature=0.0, guided=common_pb2.GuidedDecoding(regex="ok")
+                ),
+            )
+            async for _ in worker_pb2_grpc.WorkerStub(channel).Generate(request, timeout=120):
+                pass
+
+
 async def test_hostile_constraints_fail_alone(qwen3_stack: ReliabilityStack) -> None:
     url = qwen3_stack.url
+    await _warm_grammar_checkers(qwen3_stack.worker_addresses)
     pids = {name: proc.pid for name, proc in qwen3_stack.procs.items()}
     stop = asyncio.Event()
     timeout = aiohttp.ClientTimeout(total=120)
@@ -130,9 +149,10 @@ async def test_worker_refuses_past_its_admission_limit(qwen3_stack: ReliabilityS
     qwen3_stack.worker_args = ["--max-pending-requests", "4"]
     qwen3_stack.start_worker(len(qwen3_stack.worker_addresses) - 1)
     qwen3_stack.procs[name] = qwen3_stack.procs.pop("worker-2")
+    # (a channel opened before the worker listens would wait out grpc's reconnect backoff)
+    await wait_for_serving(address, timeout_s=120)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = worker_pb2_grpc.WorkerStub(channel)
-        await channel.channel_ready()
         for _ in range(600):  # the servicer is registered once the model is loaded
             try:
                 await stub.Info(worker_pb2.InfoRequest(), timeout=5)

@@ -109,3 +109,23 @@ async def test_sigterm_grace_period_bounds_the_wait() -> None:
             while await call.read() is not grpc.aio.EOF:
                 pass
     assert await asyncio.wait_for(proc.wait(), 10) == 0
+
+
+async def test_wait_for_serving_sees_a_late_server_at_once(tmp_path: Path) -> None:
+    """A server that starts while `wait_for_serving` polls is seen within a poll or two: with grpc
+    core's default reconnect backoff (1 s, growing 1.6x) the channel noticed a server listening at
+    3 s only at its 5.2 s attempt, and `tandem up` reported ready workers seconds late."""
+    address = f"unix:{tmp_path / 'late.sock'}"
+    server = GrpcServer(address, grace_s=1)
+    waiting = asyncio.create_task(wait_for_serving(address, timeout_s=60))
+    try:
+        # the server starts once the poll has failed for a while (its backoff has grown)
+        done, _ = await asyncio.wait({waiting}, timeout=3.0)
+        assert not done, "SERVING before the server started"
+        await server.start()
+        started = asyncio.get_running_loop().time()
+        await waiting
+        assert asyncio.get_running_loop().time() - started < 1.0
+    finally:
+        waiting.cancel()
+        await server.stop()

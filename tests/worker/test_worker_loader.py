@@ -124,15 +124,16 @@ def test_tandem_worker_reports_a_bad_model_dir_in_one_line(
 
 
 def test_building_a_model_runs_no_initialiser(stories_dir: Path) -> None:
-    """The modules are built on meta with their parameter initialisers skipped: an initialiser on a
-    meta tensor goes through torch's reference decompositions, whose first use imports
-    torch._dynamo (seconds of every worker's start-up). In a fresh process, as a worker starts."""
+    """The modules are built on meta with their parameter initialisers skipped, and made real with
+    `materialize`, not `to_empty`: an initialiser or `empty_like` on a meta tensor goes through
+    torch's reference decompositions, whose first use imports torch._dynamo or sympy (time in every
+    worker's start-up). In a fresh process, as a worker starts."""
     code = (
         "import sys\n"
         "from services.worker.config import WorkerConfig\n"
         "from services.worker.engine import Engine\n"
         f"Engine(WorkerConfig(model={str(stories_dir)!r}, device='cpu', kv_cache_memory='1MiB'))\n"
-        "print('torch._dynamo' in sys.modules)\n"
+        "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n"
     )
     repo = str(Path(__file__).resolve().parents[2])
     done = subprocess.run(
@@ -144,4 +145,4 @@ def test_building_a_model_runs_no_initialiser(stories_dir: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "False", "building the model imported torch._dynamo"
+    assert done.stdout.split() == ["False", "False"], "building the model imported torch._dynamo / sympy"

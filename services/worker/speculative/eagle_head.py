@@ -47,6 +47,7 @@ from kernels import KernelOps
 from services.worker.checkpoint import WeightLoadError, iter_checkpoint
 from services.worker.layers.attention import AttentionMetadata, RMSNorm
 from services.worker.layers.linear import Linear
+from services.worker.loader import materialize
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models.llama import MLP, Attention
 from services.worker.parallel import shard_layout
@@ -363,7 +364,7 @@ def build_head(
             head = EagleHead(cfg, layout, ops, target_embed, target_logits)
     finally:
         torch.set_default_dtype(old)
-    head = head.to_empty(device=device)
+    head = materialize(head, device)
     if load_format == "dummy":
         head.init_dummy(seed)
     else:
