@@ -227,6 +227,24 @@ class Router:
 
     async def _poll(self, w: WorkerState) -> None:
         answer = await w.client.healthy(timeout_s=min(1.0, self.poll_interval_s * 2))
+        if answer:
+            try:
+                if w.info is None:
+                    w.info = await w.client.info()
+                load = await w.client.load()
+                w.reported_load = load.num_running + load.num_waiting
+                w.sent_since_poll = 0
+                if isinstance(w.client, WorkerClient):
+                    w.loras = await _list_loras(w.client)
+            except Exception as exc:
+                # Info/GetLoad late (a worker whose engine is busy with one request's long mask
+                # computation on a loaded host) is a missed check, like a late health answer;
+                # any other failure is a verdict
+                late = (
+                    isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                )
+                log.warning("worker %s answered health but not Info/GetLoad: %s", w.address, exc)
+                answer = None if late else False
         if answer is None and w.healthy:
             # no answer in time: a worker busy on a loaded host stays in rotation until it misses
             # MISSED_CHECKS_OUT checks in a row (NOT_SERVING, a refused connection or a failed
@@ -237,18 +255,6 @@ class Router:
             log.warning("worker %s missed %d health checks in a row", w.address, w.missed_checks)
         w.missed_checks = 0
         healthy = bool(answer)
-        if healthy:
-            try:
-                if w.info is None:
-                    w.info = await w.client.info()
-                load = await w.client.load()
-                w.reported_load = load.num_running + load.num_waiting
-                w.sent_since_poll = 0
-                if isinstance(w.client, WorkerClient):
-                    w.loras = await _list_loras(w.client)
-            except Exception as exc:
-                log.warning("worker %s answered health but not Info/GetLoad: %s", w.address, exc)
-                healthy = False
         if healthy != w.healthy:
             log.info("worker %s %s rotation", w.address, "back in" if healthy else "taken out of")
         w.healthy = healthy

@@ -20,6 +20,7 @@ from gateway.grpc_errors import from_grpc
 from gateway.responses import ChatResult, CompletionResult
 from gateway.router import MISSED_CHECKS_OUT, PREFIX_CHUNK, Router
 from gateway.validation import parse_chat, parse_completion, parse_tokenize
+from tandem.v1 import worker_pb2, worker_pb2_grpc
 from tests.e2e.stack import free_port
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -297,6 +298,58 @@ async def test_router_keeps_a_slow_worker_until_it_misses_checks_in_a_row() -> N
         peer.answer = "not-serving"
         await router.poll_once()
         assert not slow.healthy and slow.missed_checks == 0
+    finally:
+        await router.close()
+        await server.stop(None)
+
+
+class _LoadPeer(worker_pb2_grpc.WorkerServicer):
+    """A worker's Info / GetLoad as a busy engine answers them: in time, or late ("silent")."""
+
+    def __init__(self) -> None:
+        self.load_answer = "serving"
+        self.loads = 0
+
+    async def Info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return worker_pb2.WorkerInfo(model_name="m", max_model_len=64, vocab_size=32)
+
+    async def GetLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.loads += 1
+        if self.load_answer == "silent":
+            await asyncio.Event().wait()  # cancelled when the caller's deadline passes
+        if self.load_answer == "broken":
+            await context.abort(grpc.StatusCode.INTERNAL, "load accounting failed")
+        return worker_pb2.Load(num_running=1)
+
+
+async def test_router_keeps_a_worker_whose_load_answer_is_late() -> None:
+    """A worker that answers health but whose GetLoad misses its deadline (the engine busy with
+    one request's long grammar work on a loaded host) counts a missed check, as a late health
+    answer does: out only after MISSED_CHECKS_OUT in a row. Another GetLoad failure is a verdict.
+    (Before, one late GetLoad took every such worker out of rotation: 503s for everyone.)"""
+    peer, load = _HealthPeer(), _LoadPeer()
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(peer, server)
+    worker_pb2_grpc.add_WorkerServicer_to_server(load, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    router = Router([f"127.0.0.1:{port}"], poll_interval_s=0.05)
+    try:
+        (w,) = router.workers
+        await router.poll_once()
+        assert w.healthy and w.reported_load == 1
+        load.load_answer = "silent"
+        for _ in range(MISSED_CHECKS_OUT - 1):
+            await router.poll_once()
+            assert w.healthy, "one late GetLoad took the worker out"
+        await router.poll_once()
+        assert not w.healthy and load.loads == MISSED_CHECKS_OUT + 1
+        load.load_answer = "serving"
+        await router.poll_once()
+        assert w.healthy and w.missed_checks == 0
+        load.load_answer = "broken"
+        await router.poll_once()
+        assert not w.healthy, "a failed GetLoad is a verdict"
     finally:
         await router.close()
         await server.stop(None)
