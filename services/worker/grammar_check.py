@@ -112,17 +112,46 @@ def llg_tokenizer(tokenizer_json: str, vocab_size: int, eos_token_ids: list[int]
     return llguidance.LLTokenizer(json.dumps(data), n_vocab=vocab_size, eos_token=eos_token_ids or None)
 
 
+# Decode steps the check walks after the first mask. llguidance builds its lexer lazily, so some
+# constraints compile and give a first mask, then fail on the first token consumed (`a{1000000}`:
+# "too many expressions constructed"): walking a few steps makes that a 400 up front, not a
+# failure mid-decode after the request was admitted.
+PROBE_STEPS = 4
+
+
+def _first_allowed(mask: bytes, vocab_size: int, eos: set[int]) -> int | None:
+    """The smallest token id the mask allows that is not an end token (None: only end tokens)."""
+    for word_index in range(len(mask) // 4):
+        word = int.from_bytes(mask[4 * word_index : 4 * word_index + 4], "little")
+        while word:
+            bit = word & -word
+            token = 32 * word_index + bit.bit_length() - 1
+            if token >= vocab_size:
+                return None
+            if token not in eos:
+                return token
+            word ^= bit
+    return None
+
+
 def check_constraint(tokenizer: llguidance.LLTokenizer, kind: str, text: str) -> str:
-    """What the worker will do with a constraint (grammar, matcher, first mask): "" when it
-    compiles, else llguidance's error."""
+    """What the worker will do with a constraint (grammar, matcher, the first mask, then
+    PROBE_STEPS steps along the first allowed token): "" when it compiles, else llguidance's
+    error."""
     try:
         grammar = grammar_text(kind, text)
     except ValueError as exc:
         return str(exc) or "invalid constraint"
     matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
     if not matcher.is_error():
-        matcher.compute_bitmask()
+        mask = matcher.compute_bitmask()
         matcher.deep_copy()
+        eos = set(tokenizer.eos_tokens)
+        for _ in range(PROBE_STEPS):
+            token = _first_allowed(mask, tokenizer.vocab_size, eos)
+            if token is None or matcher.is_error() or not matcher.consume_token(token):
+                break
+            mask = matcher.compute_bitmask()
     return matcher.get_error() if matcher.is_error() else ""
 
 
