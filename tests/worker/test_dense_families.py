@@ -119,3 +119,27 @@ def test_partial_rotary_is_a_clear_error(tmp_path: Path) -> None:
     cfg["partial_rotary_factor"] = 0.75
     with pytest.raises(ModelConfigError, match="partial_rotary_factor"):
         load_model_config(_write_config(tmp_path, cfg))
+
+
+@pytest.mark.parametrize("model", FAMILIES)
+def test_every_family_has_the_engine_step_hooks(ref_models: dict[str, RefModel], model: str) -> None:
+    """The attributes the engine hooks into a forward (EAGLE-3 streams, pipeline trace, LoRA
+    mapping) exist on every family's model, also those that build themselves without
+    LlamaModel.__init__: Gemma 2/3 lacked them, and the first CUDA-graph capture of a Gemma 3 on
+    the GPU failed on `aux_layers`."""
+    import types
+
+    import torch
+
+    from kernels import get_ops
+    from services.worker.loader import build_model
+    from services.worker.models.llama import LlamaModel
+
+    probe = types.SimpleNamespace()
+    LlamaModel.init_step_hooks(probe)  # type: ignore[arg-type]
+    cfg = load_model_config(str(ref_models[model].path))
+    built = build_model(
+        cfg, get_ops("reference", torch.device("cpu")), torch.device("cpu"), torch.float32, "dummy"
+    )
+    missing = [name for name in vars(probe) if not hasattr(built.model, name)]
+    assert not missing, f"{model}: {missing}"

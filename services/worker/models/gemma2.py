@@ -96,6 +96,7 @@ class GemmaModel(LlamaModel):
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
         self.norm = GemmaRMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.norms_folded = False
+        self.init_step_hooks()
         self.embed_scale = cfg.hidden_size**0.5
 
     def forward(

@@ -219,6 +219,11 @@ class LlamaModel(nn.Module):
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
         # gate_up_proj (the layer norms' weights are then ones).
         self.norms_folded = False
+        self.init_step_hooks()
+
+    def init_step_hooks(self) -> None:
+        """The attributes the engine sets on a model to hook into its forward (every model class
+        that builds itself without LlamaModel.__init__ calls this: Gemma's)."""
         # EAGLE-3 heads read the residual stream entering these layers (speculative/eagle_head.py):
         # each forward then leaves them side by side in `aux_hidden` [T, len(aux_layers) * hidden]
         self.aux_layers: tuple[int, ...] = ()
