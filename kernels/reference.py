@@ -470,10 +470,14 @@ FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 
 def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token FP8 activations: (float8_e4m3fn [M, K], fp32 scales [M, 1]) of x [M, K],
-    scale = max |x| of the row / 448 (a zero row: 1e-12 / 448), codes = x / scale rounded to
-    nearest even and saturated to +-448; x ~ codes * scale."""
+    scale = max |x| of the row times fp32(1 / 448) (a zero row: 1e-12 of it), codes = x / scale
+    (IEEE division) rounded to nearest even and saturated to +-448; x ~ codes * scale. The scale
+    is one fp32 multiply, not a division, because that is what torch itself computes for a tensor
+    divided by a Python number on CUDA (a reciprocal multiply) and on the CPU a true division: one
+    definition that the Triton kernels and both devices reproduce bit for bit (on the H100 a
+    division here gave scales one ulp from the kernel's)."""
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_E4M3_MAX
+    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * (1.0 / FP8_E4M3_MAX)
     codes = (x32 / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return codes, scale
 

@@ -2,7 +2,7 @@
 and `torch._scaled_mm`, made by timing both on this GPU.
 
 W is float8 e4m3 [N, K] with one fp32 scale per output channel; x (bf16) is quantized per token
-(dynamic: each row's scale is max |x| / 448, `reference.quantize_per_token_fp8`, the twin of all
+(dynamic: each row's scale is max |x| * (1/448), `reference.quantize_per_token_fp8`, the twin of all
 of this file being `reference.fp8_w8a8_linear`). The two e4m3 operands meet in tensor-core dots
 with fp32 accumulators (on Hopper's warp-group MMA each K tile's dot is added to the fp32 sum,
 never carried across tiles in the FP8 tensor core's narrower adder: `max_num_imprecise_acc`); the scales,
@@ -99,8 +99,9 @@ def _quantize_rows_kernel(
         k = k0 + offs
         x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    # (div_rn: IEEE division, as torch's; the default fp32 division is approximate)
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 448.0)
+    # the scale: one fp32 multiply by fp32(1/448), as the twin defines it; the codes: div_rn,
+    # IEEE division as torch's (Triton's default fp32 division is approximate)
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-12) * (1.0 / 448.0)
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         k = k0 + offs
@@ -169,7 +170,7 @@ def _fp8_gemm_kernel(
             k = k0 + kk
             x = tl.load(x_base + k[None, :], mask=mask_m[:, None] & (k < K)[None, :], other=0.0)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        x_scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+        x_scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)  # (as the twin: see _quantize_rows_kernel)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
