@@ -10,6 +10,7 @@ while the layers, attention included, still move every logprob, which the fp32 c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +191,36 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENS]
 
 
-def _against_transformers(
-    model_dir: Path, kv_cache_dtype: str = "auto"
-) -> tuple[int, int, int, float, float]:
-    """The engine's greedy run against transformers: (teacher-forced agreement with HF bf16, total,
-    free-running agreement, mean |logprob - HF fp32| of the engine, the same of HF bf16)."""
+@dataclass
+class Agreement:
+    """The engine's greedy run against transformers, over `total` positions (teacher-forced on the
+    engine's own tokens unless named free-running)."""
+
+    hf16: int  # engine token == HF bf16's argmax
+    total: int
+    free_running: int  # engine's tokens == HF bf16's own generate()
+    fp32_engine: int  # engine token == HF fp32's argmax
+    fp32_hf16: int  # HF bf16's argmax == HF fp32's argmax: the reference's own bf16 noise floor
+    err_engine: float  # mean |logprob - HF fp32| of the engine's tokens
+    err_hf16: float  # the same for HF bf16
+
+    def check(self, bar: float = 0.99) -> None:
+        """>= bar agreement with HF bf16; or, where HF bf16 itself agrees with HF fp32 less than
+        that (a random model whose near-ties bf16 rounding flips: two bf16 implementations then
+        cannot agree at 99% unless they round identically), agreement with the fp32 model at least
+        transformers bf16's own, less 1%."""
+        if self.hf16 >= bar * self.total:
+            return
+        assert self.fp32_hf16 < bar * self.total, (
+            f"greedy agreement with HF bf16 {self.hf16}/{self.total} < {bar:.0%}"
+        )
+        assert self.fp32_engine >= self.fp32_hf16 - 0.01 * self.total, (
+            f"agreement with HF fp32: engine {self.fp32_engine}/{self.total} < HF bf16's {self.fp32_hf16}"
+        )
+
+
+def _against_transformers(model_dir: Path, kv_cache_dtype: str = "auto") -> Agreement:
+    """The engine's greedy run against transformers bf16 and fp32."""
     from transformers import AutoModelForCausalLM
 
     from services.worker.request import SamplingParams
@@ -211,7 +237,7 @@ def _against_transformers(
     hf16 = auto.from_pretrained(str(model_dir), dtype=torch.bfloat16).cuda().eval()
     hf32 = auto.from_pretrained(str(model_dir), dtype=torch.float32).cuda().eval()
     hf16.generation_config.eos_token_id = None  # like ignore_eos: EOS may be chosen, and does not stop
-    agree = total = free_agree = 0
+    agree = total = free_agree = fp32_engine = fp32_hf16 = 0
     err_engine, err_hf16 = [], []
     for prompt, result in zip(prompts, results, strict=True):
         tokens = result.token_ids[0]
@@ -231,30 +257,41 @@ def _against_transformers(
         err_engine.append((engine_lp - ref32).abs())
         err_hf16.append((lp16.gather(1, chosen)[:, 0] - ref32).abs())
         agree += int((lp16.argmax(-1) == chosen[:, 0]).sum())
+        fp32_engine += int((lp32.argmax(-1) == chosen[:, 0]).sum())
+        fp32_hf16 += int((lp32.argmax(-1) == lp16.argmax(-1)).sum())
         total += NUM_TOKENS
     e_engine, e_hf16 = torch.cat(err_engine).mean().item(), torch.cat(err_hf16).mean().item()
     print(
         f"{model_dir.name} (KV {kv_cache_dtype}): greedy agreement teacher-forced {agree}/{total}, "
-        f"free-running {free_agree}/{total}; mean |logprob - fp32| engine {e_engine:.4f}, HF bf16 {e_hf16:.4f}"
+        f"free-running {free_agree}/{total}; with HF fp32: engine {fp32_engine}, HF bf16 {fp32_hf16}; "
+        f"mean |logprob - fp32| engine {e_engine:.4f}, HF bf16 {e_hf16:.4f}"
     )
-    return agree, total, free_agree, e_engine, e_hf16
+    return Agreement(agree, total, free_agree, fp32_engine, fp32_hf16, e_engine, e_hf16)
 
 
 def test_logits_and_greedy_match_transformers(model_dir: Path) -> None:
-    agree, total, free_agree, e_engine, e_hf16 = _against_transformers(model_dir)
-    assert agree >= 0.99 * total, f"teacher-forced greedy agreement {agree}/{total} < 99%"
+    """>= 99% greedy agreement with transformers bf16 (#22's bar), or, on a model where transformers
+    bf16 itself agrees with its fp32 model less (the random gpt-oss layer: 83% on the CPU, 87%
+    between the engine and HF bf16 on the H100 with the engine as close to fp32 as HF bf16:
+    mean |logprob error| 0.0661 vs 0.0663), at least HF bf16's agreement with fp32."""
+    a = _against_transformers(model_dir)
+    a.check()
     # Free-running, one bf16 near-tie sends the two continuations apart for the rest of the 64 tokens
-    # (seen once on Qwen3: 263/320 with 318/320 teacher-forced), so it gets a looser sanity bound.
-    assert free_agree >= 0.75 * total, f"free-running greedy agreement {free_agree}/{total} < 75%"
+    # (seen once on Qwen3: 263/320 with 318/320 teacher-forced), so it gets a looser sanity bound,
+    # and none where the reference's own bf16 is below the bar (every near-tie is such a fork).
+    if a.fp32_hf16 >= 0.99 * a.total:
+        assert a.free_running >= 0.75 * a.total, (
+            f"free-running greedy agreement {a.free_running}/{a.total} < 75%"
+        )
     # The engine in bf16 is as close to the fp32 model as transformers in bf16 is (within 2x + noise).
-    assert e_engine <= 2 * e_hf16 + 0.01, (e_engine, e_hf16)
+    assert a.err_engine <= 2 * a.err_hf16 + 0.01, (a.err_engine, a.err_hf16)
 
 
 def test_fp8_kv_cache_stays_close_to_transformers(model_dir: Path) -> None:
     """--kv-cache-dtype fp8 rounds every cached K/V to 1/16: looser than bf16, still the same model."""
-    agree, total, _, e_engine, e_hf16 = _against_transformers(model_dir, "fp8")
-    assert agree >= 0.95 * total, f"teacher-forced greedy agreement {agree}/{total} < 95%"
-    assert e_engine <= 6 * e_hf16 + 0.03, (e_engine, e_hf16)
+    a = _against_transformers(model_dir, "fp8")
+    a.check(bar=0.95)
+    assert a.err_engine <= 6 * a.err_hf16 + 0.03, (a.err_engine, a.err_hf16)
 
 
 def test_cuda_graphs_on_and_off_identical(model_dir: Path) -> None:
