@@ -474,8 +474,7 @@ def quantize_per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     (IEEE division) rounded to nearest even and saturated to +-448; x ~ codes * scale. The scale
     is one fp32 multiply, not a division, because that is what torch itself computes for a tensor
     divided by a Python number on CUDA (a reciprocal multiply) and on the CPU a true division: one
-    definition that the Triton kernels and both devices reproduce bit for bit (on the H100 a
-    division here gave scales one ulp from the kernel's)."""
+    definition that the Triton kernels and both devices reproduce bit for bit (docs/gpu.md)."""
     x32 = x.float()
     scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) * (1.0 / FP8_E4M3_MAX)
     codes = (x32 / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
