@@ -14,7 +14,10 @@ if [ "$#" -eq 0 ]; then
   .venv/bin/ruff check . && .venv/bin/ruff format --check . >/dev/null || { echo "test.sh: ruff failed" >&2; exit 1; }
   .venv/bin/mypy gateway services kernels tandem || { echo "test.sh: mypy failed" >&2; exit 1; }
 fi
-.venv/bin/python -m pytest -q "$@"
+# The whole suite prints its slowest calls: the 15-minute budget is kept by reading them (docs/operations.md)
+durations=()
+[ "$#" -eq 0 ] && durations=(--durations=25)
+.venv/bin/python -m pytest -q "${durations[@]}" "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
   echo "test.sh: pytest collected no tests; failing" >&2
