@@ -50,6 +50,15 @@ async def test_rss_slope_per_request_is_bounded(stack: ReliabilityStack) -> None
         _served(await generation_requests(stack.url, PER_PHASE))
         for name, pid in pids.items():
             samples[name].append((phase * PER_PHASE, rss_bytes(pid)))
+    # A leak grows RSS with every request, so it shows in the slope over all samples and in the
+    # slope over the later half alike. A one-off step (an allocator arena or a stream's buffers
+    # grown once, e.g. when the gateway's styler stream is replaced after 30 s: seen once as +370 KB
+    # over the first 1,200 requests, flat after) raises only the first; the later half's slope has
+    # a standard error of about 40 B/request (6 samples), still well under the bound.
     slopes = {name: slope_per_request(s) for name, s in samples.items()}
-    print("RSS slope per request (bytes):", {name: round(v, 1) for name, v in slopes.items()})
-    assert all(slope < RSS_SLOPE_BOUND for slope in slopes.values()), (slopes, samples)
+    late = {name: slope_per_request(s[PHASES // 2 :]) for name, s in samples.items()}
+    print(
+        "RSS slope per request (bytes), all / later half:",
+        {name: (round(slopes[name], 1), round(late[name], 1)) for name in slopes},
+    )
+    assert all(min(slopes[name], late[name]) < RSS_SLOPE_BOUND for name in slopes), (slopes, late, samples)
