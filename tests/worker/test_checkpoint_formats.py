@@ -23,8 +23,7 @@ from safetensors.torch import save_file
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.layers.quantization import UnsupportedQuantizationError
-from services.worker.request import EngineRequest, SamplingParams
-from tests.worker.worker_testlib import TINY_BUILDERS, prompts_of_lengths, run_to_completion
+from tests.worker.worker_testlib import TINY_BUILDERS, check_greedy
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -269,21 +268,7 @@ def test_checkpoint_loads_to_its_dequantized_weights_and_greedy_tokens(
             rtol=1e-5,
         )
     assert model.lm_head.quant_method is None
-    prompts = prompts_of_lengths([3, 5, 8, 13, 2, 21, 9, 6], hf.config.vocab_size, seed=2)
-    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    results = run_to_completion(
-        engine, [EngineRequest(f"r{i}", tuple(p), greedy) for i, p in enumerate(prompts)]
-    )
-    for i, prompt in enumerate(prompts):
-        out = ref.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=10,
-            min_new_tokens=10,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        assert results[f"r{i}"].token_ids[0] == out[0, len(prompt) :].tolist(), (fmt, i)
+    check_greedy(engine, ref, hf.config.vocab_size, fmt)
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,8 @@ from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.layers.quantization import UnsupportedQuantizationError
 from services.worker.layers.quantization.checkpoint_formats import quantizes_lm_head
-from services.worker.request import EngineRequest, SamplingParams
 from tests.worker.test_checkpoint_formats import FORMATS, PROJ, _ct_config
-from tests.worker.worker_testlib import TINY_BUILDERS, prompts_of_lengths, run_to_completion
+from tests.worker.worker_testlib import TINY_BUILDERS, check_greedy
 
 
 def head_config(fmt: str) -> dict[str, Any]:
@@ -65,24 +64,6 @@ def write_quantized_head_checkpoint(hf: Any, dest: Path, fmt: str) -> Any:
                 tensors[name] = param.contiguous()
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / "model.safetensors"))
     return ref
-
-
-def check_greedy(engine: Engine, ref: Any, vocab_size: int) -> None:
-    prompts = prompts_of_lengths([3, 5, 8, 13, 2, 21, 9, 6], vocab_size, seed=2)
-    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    results = run_to_completion(
-        engine, [EngineRequest(f"r{i}", tuple(p), greedy) for i, p in enumerate(prompts)]
-    )
-    for i, prompt in enumerate(prompts):
-        out = ref.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=10,
-            min_new_tokens=10,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        assert results[f"r{i}"].token_ids[0] == out[0, len(prompt) :].tolist(), i
 
 
 @pytest.mark.parametrize("fmt", ["gptq-4bit-asym", "awq", "ct-w4a16", "ct-fp8", "ct-int8", "block-fp8"])
