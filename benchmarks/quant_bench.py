@@ -13,8 +13,8 @@ Each format is a fresh engine on dummy weights of the same shape, quantized at l
 - gemm: one projection shape of the model at M = 1 and 16 (decode) and 1024 (prefill), the
   format's GEMM (`KernelOps.quant_linear` Triton kernel; fp8 W8A8 both ways: `torch._scaled_mm`
   and the Triton FP8 GEMM) against bf16 F.linear on the same device, time per call and weight
-  GB/s. For fp8 the shape is first tuned as the engine tunes it (`tune_fp8_linear`, its report
-  lines in `fp8_tuning`), and the row "fp8 W8A8 chosen" runs what the engine would run; its
+  GB/s. The shape is first tuned as the engine tunes it (`tune_fp8_linear` and, for int8 / int4,
+  `tune_quant_linear`: their report lines in `fp8_tuning`; each int row names the config it ran), and the row "fp8 W8A8 chosen" runs what the engine would run; its
   `fp8_choice` column names the choice (`_scaled_mm` or the Triton config). The fp8 engine's own
   choices for every projection shape are in `fp8_engine_choices`.
 The JSON goes to benchmarks/results/quant_<gpu>_<date>.json (and $OUT when set).
@@ -98,6 +98,7 @@ def decode_row(
     )
     step_bytes = engine.weight_bytes - untied_embed + kv
     fp8_lines = [line for line in engine.runner.linear_report if line.startswith("fp8 ")]
+    quant_lines = [line for line in engine.runner.linear_report if line.startswith("quant ")]
     row = {
         "format": quantization if quantization != "none" else "bf16",
         "weight_GB": engine.weight_bytes / 1e9,
@@ -109,6 +110,8 @@ def decode_row(
     }
     if fp8_lines:
         row["fp8_engine_choices"] = fp8_lines
+    if quant_lines:
+        row["quant_engine_choices"] = quant_lines
     free_engine(engine)
     return row
 
@@ -119,7 +122,7 @@ def gemm_rows(
     """The gate/up projection shape: every format's GEMM against bf16 F.linear (fp8's tuner
     report lines are appended to fp8_tuning)."""
     from kernels import get_ops, reference
-    from kernels.triton import fp8_gemm
+    from kernels.triton import fp8_gemm, quant_gemm
     from services.worker.layers.quantization.fp8 import quantize_fp8, runs_w8a8
     from services.worker.layers.quantization.int4 import quantize_int4
     from services.worker.layers.quantization.int8 import quantize_int8
@@ -136,19 +139,30 @@ def gemm_rows(
     w8a8 = runs_w8a8(f8, device, dtype)
     if w8a8:
         fp8_tuning += fp8_gemm.tune_fp8_linear([f8], [sf8], None, "gate_up_proj", rows=f8_rows)
+    if device.type == "cuda":  # as the engine tunes its integer-weight projections
+        fp8_tuning += quant_gemm.tune_quant_linear([q8], [s8], None, 8, None, "gate_up_proj", rows=f8_rows)
+        fp8_tuning += quant_gemm.tune_quant_linear([q4], [s4], None, 4, None, "gate_up_proj", rows=f8_rows)
     rows = []
     for m in f8_rows:
         x = torch.randn(m, k, device=device, dtype=dtype)
         cases: dict[str, tuple[Any, int]] = {
             "bf16 F.linear": (lambda x=x: F.linear(x, wb), wb.numel() * wb.element_size()),
-            "int8": (lambda x=x: ops.quant_linear(x, q8, s8, 8), q8.numel() + s8.numel() * 4),
-            "int4 g128": (lambda x=x: ops.quant_linear(x, q4, s4, 4), q4.numel() + s4.numel() * 4),
+            f"int8 {quant_gemm.chosen(x, q8, s8, 8, False, False)}": (
+                lambda x=x: ops.quant_linear(x, q8, s8, 8),
+                q8.numel() + s8.numel() * 4,
+            ),
+            f"int4 g128 {quant_gemm.chosen(x, q4, s4, 4, False, False)}": (
+                lambda x=x: ops.quant_linear(x, q4, s4, 4),
+                q4.numel() + s4.numel() * 4,
+            ),
         }
         fp8_bytes = f8.numel() + n * 4
         choice = str(fp8_gemm.chosen(n, k, False, m) or "_scaled_mm") if w8a8 else ""
         if w8a8:
             cases["fp8 W8A8 _scaled_mm"] = (lambda x=x: fp8_gemm.scaled_mm_w8a8(x, f8, sf8, None), fp8_bytes)
-            best = fp8_gemm.chosen(n, k, False, m) or fp8_gemm.candidates(m)[0]
+            best = fp8_gemm.chosen(n, k, False, m)
+            if not isinstance(best, fp8_gemm.Fp8Config):  # (the weight-only GEMM: the "chosen" row)
+                best = fp8_gemm.candidates(m)[0]
             cases[f"fp8 W8A8 {best}"] = (
                 lambda x=x, c=best: fp8_gemm.fp8_gemm(x, f8, sf8, None, c),
                 fp8_bytes,

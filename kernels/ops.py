@@ -89,6 +89,10 @@ class KernelOps:
     #   [M, N] in x's dtype: a GEMM with int8 or packed 4-bit weights dequantized per group
     #   (layouts: reference.dequantize_weight; services/worker/layers/quantization/)
     quant_linear: Callable[..., torch.Tensor] = reference.quant_linear
+    # (weights: list of packed weights of one shape, scales: list of [N, G], zeros: list or None,
+    #  bits, bias or None, name) -> report lines: times `quant_linear`'s tile configs per row
+    #  bucket and keeps the fastest (None: nothing to tune, the defaults)
+    tune_quant_linear: Callable[..., list[str]] | None = None
     # W8A8 FP8 (on GPUs with FP8 tensor cores; None: the caller's `torch._scaled_mm` path):
     # (x [T, K] bf16, weight [N, K] float8_e4m3fn, weight_scale [N, 1] fp32, bias [N] | None) ->
     #   [T, N]: x quantized per token, reference.fp8_w8a8_linear; the Triton FP8 GEMM or

@@ -7,7 +7,8 @@ the folded-RMSNorm ops, so the models run with each layer's norm weights folded 
 kernel (`silu_and_mul_rms`), the residual adds by the o/down projections (`linear_add`). A one-row
 gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_mul`). FP8 W8A8
 projections run a Triton FP8 GEMM or `torch._scaled_mm`, per shape and row count as
-`tune_fp8_linear` measured (fp8_gemm.py).
+`tune_fp8_linear` measured (fp8_gemm.py); integer-weight projections the tile config of the
+quantized GEMM that `tune_quant_linear` measured fastest (quant_gemm.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kernels.triton.paged_attention import (
     rotary_write_paged_attention,
     supports_head_dim,
 )
-from kernels.triton.quant_gemm import quant_linear
+from kernels.triton.quant_gemm import quant_linear, tune_quant_linear
 from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache
@@ -61,6 +62,7 @@ TRITON_OPS = KernelOps(
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
     quant_linear=quant_linear,
+    tune_quant_linear=tune_quant_linear,
     fp8_linear=w8a8_linear,
     tune_fp8_linear=tune_fp8_linear,
     lora_shrink=lora_shrink,

@@ -21,8 +21,11 @@ Which is faster than `torch._scaled_mm` (cuBLASLt, row-wise scales; its activati
 the same `quantize_per_token` kernel) depends on the shape and the GPU, so nothing is assumed:
 `tune_fp8_linear` times `_scaled_mm` and each candidate config for each W8A8 weight shape of the
 model and each row bucket (ROW_BUCKETS), and `w8a8_linear` then uses the choice (`choose`: a
-config only when it is within tolerance of the twin and at least MIN_GAIN faster). The report
-lines say what was measured.
+config only when it is within tolerance of the twin and at least MIN_GAIN faster). For
+decode-sized buckets the candidates include the weight-only GEMM of quant_gemm.py (e4m3 weights
+against the bf16 activations, unquantized: a decode step is bound by the weight stream, and
+quantizing its activations buys nothing there; its twin is `reference.fp8_linear`, closer to the
+bf16 model than W8A8's). The report lines say what was measured.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
+from kernels.triton import quant_gemm
+from kernels.triton.quant_gemm import QuantConfig, fp8_weight_only
 from kernels.triton.skinny_gemm import _graph_seconds, _time_calls
 
 FP8 = torch.float8_e4m3fn
@@ -272,21 +277,25 @@ def _bucket(rows: int) -> int:
 
 
 # (N, K, has_bias, row bucket) -> the config to use; absent or None -> `_scaled_mm`
-_CHOICE: dict[tuple[int, int, bool, int], Fp8Config | None] = {}
+# (a QuantConfig: the weight-only GEMM, decode buckets only)
+_CHOICE: dict[tuple[int, int, bool, int], Fp8Config | QuantConfig | None] = {}
 
 
 def w8a8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [T, K] bf16 @ W8A8 weight [N, K] e4m3 (weight_scale [N, 1]) -> [T, N]: the Triton GEMM
+    or, for decode-sized T, the weight-only GEMM (x unquantized, `quant_gemm.fp8_weight_only`)
     where `tune_fp8_linear` measured it faster for this shape and row count, else `_scaled_mm`."""
     config = _CHOICE.get((weight.shape[0], weight.shape[1], bias is not None, _bucket(x.shape[0])))
+    if isinstance(config, QuantConfig):
+        return fp8_weight_only(x, weight, weight_scale, bias, config)
     if config is not None:
         return fp8_gemm(x, weight, weight_scale, bias, config)
     return scaled_mm_w8a8(x, weight, weight_scale, bias)
 
 
-def chosen(n: int, k: int, has_bias: bool, rows: int) -> Fp8Config | None:
+def chosen(n: int, k: int, has_bias: bool, rows: int) -> Fp8Config | QuantConfig | None:
     """The config `w8a8_linear` uses for this shape and row count (None: `_scaled_mm`)."""
     return _CHOICE.get((n, k, has_bias, _bucket(rows)))
 
@@ -296,15 +305,17 @@ class Timed:
     """One candidate's measurement: its device seconds per call (None: it failed to compile or
     run) and its output's relative error against the twin."""
 
-    config: Fp8Config
+    config: Fp8Config | QuantConfig
     seconds: float | None
-    rel_err: float
+    rel_err: float  # against the twin of what the config computes (W8A8, or weight-only)
 
 
-def choose(scaled_mm_seconds: float, timed: Sequence[Timed], min_gain: float = MIN_GAIN) -> Fp8Config | None:
+def choose(
+    scaled_mm_seconds: float, timed: Sequence[Timed], min_gain: float = MIN_GAIN
+) -> Fp8Config | QuantConfig | None:
     """The fastest candidate that is within TOLERANCE of the twin and at least `min_gain` times
     faster than `_scaled_mm`; None (keep `_scaled_mm`) when there is none."""
-    best: Fp8Config | None = None
+    best: Fp8Config | QuantConfig | None = None
     best_t = scaled_mm_seconds / min_gain
     for t in timed:
         if t.seconds is None or not t.rel_err < TOLERANCE:
@@ -388,6 +399,22 @@ def tune_fp8_linear(
                 results.append(f"{config} failed ({type(exc).__name__})")
                 t, err = None, float("inf")
             timed.append(Timed(config, t, err))
+        if m <= DECODE_MAX_ROWS:
+            # Decode-sized calls are bound by the weight stream: FP8 weights against unquantized
+            # activations (checked against their own, weight-only twin) may beat both W8A8 GEMMs.
+            ref_wo = reference.fp8_linear(x.float(), w0, scales[0], bias).double()
+            wo_timed, wo_results = quant_gemm.time_candidates(
+                lambda x, w, c: fp8_weight_only(x, w, scale_of[w.data_ptr()], bias, c),
+                ref_wo,
+                x,
+                weights,
+                quant_gemm.candidates(m),
+                flush,
+                flush_s,
+                iters,
+            )
+            timed += [Timed(t.config, t.seconds, t.rel_err) for t in wo_timed]
+            results += [f"weight-only {r}" for r in wo_results]
         best = choose(t_scaled, timed)
         _CHOICE[key] = best
         lines.append(f"fp8 {name} {n}x{k} rows={m}: " + ", ".join(results) + f" -> {best or '_scaled_mm'}")

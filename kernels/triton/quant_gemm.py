@@ -1,36 +1,112 @@
-"""Quantized-weight GEMM: y = x @ dequant(W).T (+ b), the weight dequantized in registers.
+"""Quantized-weight GEMM: y = x @ dequant(W).T (+ b), the weight dequantized in registers, and the
+per-shape choice of its tile config, made by timing the candidates on this GPU.
 
 Weight layouts are those of `kernels/reference.py` `quant_linear` (its twin): int8 [N, K]
-symmetric (W8A16), or 4-bit packed two a byte along K into uint8 [N, K // 2] (W4A16, the layout
-AWQ / GPTQ checkpoints are repacked to at load); scales [N, G] fp32 over groups of K // G
-consecutive columns (G = 1: per output channel), optional zero points [N, G]. Each program loads
-a [BLOCK_N, BLOCK_K] tile of quantized values, its scales (and zeros), turns it into the
-activation dtype and feeds one tensor-core dot per K step into an fp32 accumulator; the output is
-rounded once to the activation dtype. The weight bytes read are the quantized ones, which is what
-a batch-1 decode step (bound by weight bytes) gains.
+symmetric (W8A16), 4-bit packed two a byte along K into uint8 [N, K // 2] (W4A16, the layout AWQ /
+GPTQ checkpoints are repacked to at load: even k in the low nibble), or float8 e4m3 [N, K] with one
+scale per row (`fp8_weight_only`: FP8 weights against bf16 activations, the decode-sized candidate
+of the FP8 tuner, fp8_gemm.py); scales [N, G] fp32 over groups of K // G consecutive columns (G = 1:
+per output channel), optional zero points [N, G]. The weight bytes read are the quantized ones,
+which is what a batch-1 decode step (bound by weight bytes) gains.
 
-Two tile shapes of the one kernel: a skinny one for decode-sized inputs (M <= 16: one 16-row
-block, wide N tiles, long K tiles to stream the weight) and a tiled one for prefill and large
-batches (64 x 64 output tiles).
+One kernel, three kinds of config:
+- `gemv` (one row, M = 1): each program streams BLOCK_N full rows of W; products are summed on the
+  CUDA cores into a [BLOCK_N, BLOCK_K] fp32 accumulator reduced once at the end (no shared-memory
+  round trip for a tensor-core operand: a decode GEMV is bound by the weight stream alone);
+- `dot`, skinny (M <= 16): the same stream against the rows padded into one 16-row tensor-core dot;
+- `dot`, tiled (prefill, large batches): BLOCK_M x BLOCK_N output tiles in a grouped order (a weight
+  tile is reused by GROUP_M row tiles while it is in L2).
+4-bit tiles are never unpacked into an interleaved tile: the low nibbles (even k) meet the even
+columns of x and the high nibbles the odd ones, in two products. A per-channel scale (G = 1) and a
+group whose K tiles hold one scale per row are applied per tile (or once, at the end, for G = 1);
+other group sizes (a K tile spanning two groups) read a scale per element. In the dot configs the
+dequantized weight is rounded to the activation dtype before the tensor-core dot (integer codes
+and e4m3 values are exact in bf16; the scale product is what rounds); the gemv sums in fp32.
+
+Which config is fastest depends on the shape, the row count and the GPU, so `tune_quant_linear`
+times the candidates for each weight shape of the model and each row bucket (ROW_BUCKETS) and
+`quant_linear` then uses the choice; untuned shapes (the CPU interpreter, a shape not in the model)
+take `default_config`. The report lines say what was measured.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels import reference
+
 SKINNY_MAX_ROWS = 16
+# Row counts timed per weight shape; a call with M rows takes the choice of the smallest bucket >= M
+# (the largest bucket beyond it).
+ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
+# A tuning candidate's output must be within this relative (Frobenius) error of the fp32 twin.
+TOLERANCE = 1e-2
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    block_m: int  # 1 for gemv
+    block_n: int
+    block_k: int  # in unpacked K columns
+    num_warps: int
+    num_stages: int
+    dot: bool  # tensor-core dots (else the CUDA-core gemv: block_m must be 1)
+    group_m: int = 8  # row tiles that share each weight column tile in the launch order
+
+    def __str__(self) -> str:
+        kind = "dot" if self.dot else "gemv"
+        return f"{kind}(m{self.block_m},n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages})"
+
+
+GEMV_CANDIDATES = (
+    QuantConfig(1, 16, 512, 4, 3, dot=False),
+    QuantConfig(1, 32, 256, 4, 3, dot=False),
+    QuantConfig(1, 8, 1024, 4, 3, dot=False),
+    QuantConfig(1, 16, 1024, 8, 2, dot=False),
+)
+SKINNY_CANDIDATES = (
+    QuantConfig(16, 16, 512, 4, 3, dot=True),
+    QuantConfig(16, 32, 256, 4, 4, dot=True),
+    QuantConfig(16, 64, 128, 4, 4, dot=True),
+    QuantConfig(16, 16, 256, 4, 4, dot=True),
+)
+TILED_CANDIDATES = (
+    QuantConfig(32, 64, 128, 4, 4, dot=True),
+    QuantConfig(64, 64, 128, 4, 4, dot=True),
+    QuantConfig(64, 128, 64, 4, 4, dot=True),
+    QuantConfig(128, 128, 64, 8, 3, dot=True),
+    QuantConfig(128, 256, 64, 8, 3, dot=True),
+)
+
+
+def candidates(rows: int) -> tuple[QuantConfig, ...]:
+    if rows == 1:
+        return GEMV_CANDIDATES + SKINNY_CANDIDATES
+    if rows <= SKINNY_MAX_ROWS:
+        return SKINNY_CANDIDATES
+    return TILED_CANDIDATES
+
+
+def default_config(rows: int) -> QuantConfig:
+    """The config of an untuned shape."""
+    if rows <= SKINNY_MAX_ROWS:
+        return QuantConfig(16, 32, 256, 4, 4, dot=True)
+    return QuantConfig(64, 64, 64, 4, 3, dot=True)
 
 
 @triton.jit
 def _quant_gemm_kernel(
-    x_ptr,
-    w_ptr,
-    s_ptr,
-    z_ptr,
-    b_ptr,
-    y_ptr,
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K] int8 / e4m3, or [N, K // 2] uint8 (BITS = 4)
+    s_ptr,  # [N, G] fp32
+    z_ptr,  # [N, G] fp32 (unused without HAS_ZEROS)
+    b_ptr,  # [N] (unused without HAS_BIAS)
+    y_ptr,  # [M, N]
     M,
     N,
     K,
@@ -42,96 +118,137 @@ def _quant_gemm_kernel(
     BITS: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    GROUP_PER_TILE: tl.constexpr,
+    SCALE_AT_END: tl.constexpr,  # G = 1: the scale multiplies the fp32 sums once
+    GROUP_PER_TILE: tl.constexpr,  # each K tile lies in one group: one scale (and zero) per row
+    DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # K columns a tile row holds: BLOCK_K values, or BLOCK_K // 2 bytes of two nibbles each
+    TILE_K: tl.constexpr = BLOCK_K // 2 if BITS == 4 else BLOCK_K
+    kk = tl.arange(0, TILE_K)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    s_rows = offs_n * num_groups
+    if DOT:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        acc2 = tl.zeros((BLOCK_N, TILE_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        wmask = mask_n[:, None] & mask_k[None, :]
-        if BITS == 8:
-            q = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=wmask, other=0)
-            q = q.to(tl.float32)
+        if BITS == 4:
+            kw = k0 // 2 + kk  # packed column
+            k_even = 2 * kw  # the K column of each low nibble (the high one is k_even + 1)
+            k_mask = k_even < K
+            packed = tl.load(w_rows + kw[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0)
+            packed = packed.to(tl.int32)
+            q0 = (packed & 0xF).to(tl.float32)
+            q1 = (packed >> 4).to(tl.float32)
+            k_col = k_even
         else:
-            packed = tl.load(
-                w_ptr + offs_n[:, None] * stride_wn + (offs_k // 2)[None, :], mask=wmask, other=0
-            )
-            shift = ((offs_k % 2) * 4)[None, :]
-            q = ((packed.to(tl.int32) >> shift) & 0xF).to(tl.float32)
-        if GROUP_PER_TILE:  # the tile lies in one group: one scale (and zero) per row
-            sg1 = offs_n * num_groups + k0 // group_size
-            scale = tl.load(s_ptr + sg1, mask=mask_n, other=0.0)[:, None]
-            if HAS_ZEROS:
-                q = q - tl.load(z_ptr + sg1, mask=mask_n, other=0.0)[:, None]
+            k_col = k0 + kk
+            k_mask = k_col < K
+            q0 = tl.load(w_rows + k_col[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0)
+            q0 = q0.to(tl.float32)
+        if not SCALE_AT_END:
+            if GROUP_PER_TILE:
+                sg = s_rows + k0 // group_size
+                scale = tl.load(s_ptr + sg, mask=mask_n, other=0.0)[:, None]
+                if HAS_ZEROS:
+                    zero = tl.load(z_ptr + sg, mask=mask_n, other=0.0)[:, None]
+            else:
+                sg2 = s_rows[:, None] + (k_col // group_size)[None, :]
+                smask = mask_n[:, None] & k_mask[None, :]
+                scale = tl.load(s_ptr + sg2, mask=smask, other=0.0)
+                if HAS_ZEROS:
+                    zero = tl.load(z_ptr + sg2, mask=smask, other=0.0)
         else:
-            sg = offs_n[:, None] * num_groups + (offs_k // group_size)[None, :]
-            scale = tl.load(s_ptr + sg, mask=wmask, other=0.0)
             if HAS_ZEROS:
-                q = q - tl.load(z_ptr + sg, mask=wmask, other=0.0)
-        if not HAS_ZEROS and BITS == 4:
-            q = q - 8.0
-        w = (q * scale).to(x.dtype)
-        acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+                zero = tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[:, None]
+        if HAS_ZEROS:
+            q0 = q0 - zero
+        elif BITS == 4:
+            q0 = q0 - 8.0
+        if not SCALE_AT_END:
+            q0 = q0 * scale
+        x0 = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+        if DOT:
+            acc = tl.dot(x0, tl.trans(q0.to(x0.dtype)), acc)
+        else:
+            acc2 += q0 * x0.to(tl.float32)
+        if BITS == 4:
+            if HAS_ZEROS:  # noqa: SIM108 (a constexpr branch)
+                q1 = q1 - zero
+            else:
+                q1 = q1 - 8.0
+            if not SCALE_AT_END:
+                q1 = q1 * scale
+            x1 = tl.load(x_rows + (k_col + 1)[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+            if DOT:
+                acc = tl.dot(x1, tl.trans(q1.to(x1.dtype)), acc)
+            else:
+                acc2 += q1 * x1.to(tl.float32)
+    if not DOT:
+        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BLOCK_N]
+    if SCALE_AT_END:
+        acc = acc * tl.load(s_ptr + s_rows, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(
-        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+        y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
         acc.to(y_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_n[None, :],
     )
 
 
-def _tiles(m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): skinny for decode-sized inputs, else tiled."""
-    if m <= SKINNY_MAX_ROWS:
-        return 16, 64, 128, 4
-    return 64, 64, 64, 4
-
-
-def quant_linear(
+def quant_gemm(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scales: torch.Tensor,
     bits: int,
-    zeros: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    config: QuantConfig,
 ) -> torch.Tensor:
-    """Same contract as `kernels.reference.quant_linear`."""
+    """`quant_linear` with a given config (a gemv config needs M = 1). e4m3 weights: bits=8."""
     if bits not in (4, 8):
         raise ValueError(f"quant_linear: unsupported bits={bits} (8 or 4)")
-    x = x.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     m, k = x.shape
     n = qweight.shape[0]
     num_groups = scales.shape[1]
+    group_size = k // num_groups
+    if bits == 4 and group_size % 2:
+        raise ValueError(f"quant_linear: 4-bit groups must be of an even size, got {group_size}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    block_m, block_n, block_k, num_warps = _tiles(m)
-    group_size = k // num_groups
-    if group_size % block_k and block_k % 32 == 0 and group_size % 32 == 0:
-        block_k = 32  # keep each K tile inside one group (one scale load per row and tile)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    scales = scales.float().contiguous()
-    zeros_f = zeros.float().contiguous() if zeros is not None else scales
+    if not config.dot and m != 1:
+        raise ValueError(f"{config} takes one row, got {m}")
+    if scales.dtype != torch.float32 or not scales.is_contiguous():
+        scales = scales.float().contiguous()
+    if zeros is not None and (zeros.dtype != torch.float32 or not zeros.is_contiguous()):
+        zeros = zeros.float().contiguous()
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     _quant_gemm_kernel[grid](
         x,
         qweight,
         scales,
-        zeros_f,
+        zeros if zeros is not None else scales,
         bias if bias is not None else scales,
         y,
         m,
@@ -145,10 +262,177 @@ def quant_linear(
         BITS=bits,
         HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,
-        GROUP_PER_TILE=group_size % block_k == 0,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
+        SCALE_AT_END=num_groups == 1,
+        GROUP_PER_TILE=group_size % config.block_k == 0,
+        DOT=config.dot,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return y
+
+
+def _bucket(rows: int) -> int:
+    """The tuned row count whose choice a call with `rows` rows takes."""
+    return next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
+
+
+# (N, K, bits, groups, has_zeros, has_bias, row bucket) -> the config `quant_linear` uses
+_CHOICE: dict[tuple[int, int, int, int, bool, bool, int], QuantConfig] = {}
+
+
+def _key(n: int, k: int, bits: int, groups: int, zeros: bool, bias: bool, rows: int) -> tuple:  # type: ignore[type-arg]
+    return (n, k, bits, groups, zeros, bias, _bucket(rows))
+
+
+def chosen(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, zeros: bool, bias: bool
+) -> QuantConfig:
+    """The config `quant_linear` runs for this call: the tuned choice of its shape and row bucket
+    (a gemv choice only for one row), else `default_config`."""
+    m = x.shape[0]
+    config = _CHOICE.get(_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m))
+    if config is None or (not config.dot and m != 1):
+        return default_config(m)
+    return config
+
+
+def quant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Same contract as `kernels.reference.quant_linear`."""
+    config = chosen(x, qweight, scales, bits, zeros is not None, bias is not None)
+    return quant_gemm(x, qweight, scales, bits, zeros, bias, config)
+
+
+def fp8_weight_only(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    config: QuantConfig,
+) -> torch.Tensor:
+    """x [M, K] @ (weight [N, K] e4m3 * weight_scale [N, 1]).T (+ bias): FP8 weights against
+    activations in their own dtype (twin: `reference.fp8_linear`)."""
+    return quant_gemm(x, weight, weight_scale.reshape(-1, 1), 8, None, bias, config)
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One candidate's measurement: device seconds per call (None: rejected or failed) and its
+    output's relative error against the twin."""
+
+    config: QuantConfig
+    seconds: float | None
+    rel_err: float
+
+
+def choose(timed: Sequence[Timed]) -> QuantConfig | None:
+    """The fastest candidate within TOLERANCE of the twin (None when there is none)."""
+    ok = [t for t in timed if t.seconds is not None and t.rel_err < TOLERANCE]
+    return min(ok, key=lambda t: t.seconds or 0.0).config if ok else None
+
+
+def time_candidates(
+    run,  # type: ignore[no-untyped-def]  # (x, weight, config) -> y
+    ref: torch.Tensor,
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    configs: Sequence[QuantConfig],
+    flush,  # type: ignore[no-untyped-def]
+    flush_s: float,
+    iters: int,
+) -> tuple[list[Timed], list[str]]:
+    """Each config's error on weights[0] against `ref` and, within TOLERANCE, its device seconds
+    per call on a cold L2 (skinny_gemm._time_calls); one report entry a config."""
+    from kernels.triton.skinny_gemm import _time_calls
+
+    timed: list[Timed] = []
+    results: list[str] = []
+    for config in configs:
+        try:
+            out = run(x, weights[0], config).double()
+            err = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+            seconds: float | None = None
+            if err < TOLERANCE:
+                seconds = _time_calls(lambda w, c=config: run(x, w, c), weights, flush, flush_s, iters)
+                results.append(f"{config} {seconds * 1e6:.1f} us")
+            else:
+                results.append(f"{config} rejected (rel err {err:.2g})")
+        except Exception as exc:  # a config this GPU cannot compile or run is skipped, not fatal
+            results.append(f"{config} failed ({type(exc).__name__})")
+            seconds, err = None, float("inf")
+        timed.append(Timed(config, seconds, err))
+    return timed, results
+
+
+def l2_flush(device: torch.device):  # type: ignore[no-untyped-def]
+    """A callable that evicts L2 (writes its size), and its device seconds per call."""
+    from kernels.triton.skinny_gemm import _graph_seconds
+
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
+    buf = torch.empty(l2 // 4, dtype=torch.int32, device=device)
+
+    def flush() -> None:
+        buf.zero_()
+
+    return flush, _graph_seconds(lambda i: flush(), 10) / 10
+
+
+def tune_quant_linear(
+    weights: list[torch.Tensor],  # packed weights of one shape: the same projection of every layer
+    scales: list[torch.Tensor],  # [N, G] fp32, one per weight
+    zeros: list[torch.Tensor] | None,  # [N, G] fp32 per weight, or None
+    bits: int,
+    bias: torch.Tensor | None,  # [N] of the first layer (its presence selects the kernel variant)
+    name: str = "",
+    rows: Sequence[int] = ROW_BUCKETS,
+    reps: int = 20,
+) -> list[str]:
+    """Time each candidate config for each row count of `rows` (buckets of ROW_BUCKETS) and keep
+    the fastest within tolerance of the twin for `quant_linear`. One report line per row count.
+    CUDA only (else [] and the defaults stay)."""
+    w0 = weights[0]
+    if not w0.is_cuda:
+        return []
+    n = w0.shape[0]
+    k = w0.shape[1] * (2 if bits == 4 else 1)
+    groups = scales[0].shape[1]
+    flush, flush_s = l2_flush(w0.device)
+    index = {w.data_ptr(): i for i, w in enumerate(weights)}
+    gen = torch.Generator(device=w0.device).manual_seed(0)
+    dense = reference.dequantize_weight(w0, scales[0], bits, zeros[0] if zeros else None)  # fp32 [N, K]
+    lines = []
+    for m in rows:
+        key = _key(n, k, bits, groups, zeros is not None, bias is not None, m)
+        if key in _CHOICE:
+            # tuned once per process: a second engine keeps the choice (numerics do not change)
+            lines.append(f"quant {name} {bits}-bit {n}x{k} rows={m}: tuned before -> {_CHOICE[key]}")
+            continue
+        x = torch.randn(m, k, device=w0.device, generator=gen).to(torch.bfloat16)
+        ref = x.double() @ dense.double().t() + (bias.double() if bias is not None else 0.0)
+
+        def run(x: torch.Tensor, w: torch.Tensor, c: QuantConfig) -> torch.Tensor:
+            i = index[w.data_ptr()]
+            return quant_gemm(x, w, scales[i], bits, zeros[i] if zeros else None, bias, c)
+
+        iters = reps if m <= SKINNY_MAX_ROWS else max(reps // 4, 3)
+        timed, results = time_candidates(run, ref, x, weights, candidates(m), flush, flush_s, iters)
+        best = choose(timed)
+        if best is not None:
+            _CHOICE[key] = best
+        lines.append(
+            f"quant {name} {bits}-bit {n}x{k} rows={m}: "
+            + ", ".join(results)
+            + f" -> {best or default_config(m)}"
+        )
+    del dense
+    return lines

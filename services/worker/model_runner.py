@@ -152,6 +152,7 @@ class ModelRunner:
         report: list[str] = []
         with torch.inference_mode():
             report += self._tune_fp8_linears()
+            report += self._tune_quant_linears()
             for name, mods in groups.items():
                 shapes = {tuple(m.weight.shape) for m in mods}
                 assert len(shapes) == 1, (name, shapes)
@@ -190,6 +191,41 @@ class ModelRunner:
                 report += self.ops.tune_fp8_linear(
                     [m.qweight for m in same], [m.weight_scale for m in same], bias, name
                 )
+        return report
+
+    def _tune_quant_linears(self) -> list[str]:
+        """Integer-weight projections (int8 / int4 at load, AWQ / GPTQ / compressed-tensors): the
+        quantized GEMM's tile configs per shape and row bucket (kernels/triton/quant_gemm.py)."""
+        if self.ops.tune_quant_linear is None:
+            return []
+        groups: dict[tuple[str, tuple[int, ...], int, int, bool], list[Linear]] = {}
+        for name, module in self.model.named_modules():
+            if not isinstance(module, Linear) or module.quant_method is None:
+                continue
+            ops = module.quant_method.gemm_operands(module)
+            if ops is not None:
+                key = (
+                    name.rsplit(".", 1)[-1],
+                    tuple(ops.qweight.shape),
+                    ops.bits,
+                    ops.scales.shape[1],
+                    ops.zeros is not None,
+                )
+                groups.setdefault(key, []).append(module)
+        report: list[str] = []
+        for (name, _, bits, _, _), mods in sorted(groups.items(), key=lambda item: item[0][:2]):
+            operands = [m.quant_method.gemm_operands(m) for m in mods if m.quant_method is not None]
+            first = mods[0]
+            # a row-parallel layer over T > 1 ranks adds its bias after the all-reduce
+            bias = None if first.splits_input and first.tp_size > 1 else first.bias
+            report += self.ops.tune_quant_linear(
+                [o.qweight for o in operands if o is not None],
+                [o.scales for o in operands if o is not None],
+                [o.zeros for o in operands if o is not None and o.zeros is not None] or None,
+                bits,
+                bias,
+                name,
+            )
         return report
 
     def _decode_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:

@@ -4,6 +4,7 @@ fp16; the `gpu` cases run it on CUDA in bf16."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -329,6 +330,13 @@ def test_fp8_gemm_every_config_bf16_gpu(n: int, k: int) -> None:
     torch.testing.assert_close(out, reference.fp8_w8a8_linear(x, w, s).float(), atol=2e-2, rtol=1e-2)
 
 
+def _fp8_twin(choice: object):  # type: ignore[no-untyped-def]
+    """The twin of what a tuned FP8 choice computes: W8A8, or weight-only (a QuantConfig)."""
+    from kernels.triton.quant_gemm import QuantConfig
+
+    return reference.fp8_linear if isinstance(choice, QuantConfig) else reference.fp8_w8a8_linear
+
+
 @pytest.mark.gpu
 def test_fp8_tuner_and_dispatch_gpu() -> None:
     """`tune_fp8_linear` times _scaled_mm against the configs per row bucket, says what it chose
@@ -351,7 +359,7 @@ def test_fp8_tuner_and_dispatch_gpu() -> None:
         assert line.startswith(f"fp8 test_proj {n}x{k} rows={m}: _scaled_mm "), line
         assert line.endswith(f"-> {choice or '_scaled_mm'}"), line
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-        exact = reference.fp8_w8a8_linear(x.float(), weights[0], scales[0], bias.float())
+        exact = _fp8_twin(choice)(x.float(), weights[0], scales[0], bias.float())
         out = fg.w8a8_linear(x, weights[0], scales[0], bias).float()
         assert (out - exact).norm() / exact.norm() < 5e-3, line
     again = fg.tune_fp8_linear(weights, scales, bias, "test_proj", rows=(1,), reps=5)
@@ -368,6 +376,7 @@ def test_fp8_engine_tunes_every_projection_gpu(tmp_path) -> None:  # type: ignor
     _fp8_gpu_or_skip()
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from kernels.triton import fp8_gemm as fg
     from kernels.triton.fp8_gemm import ROW_BUCKETS
     from services.worker.config import WorkerConfig
     from services.worker.engine import Engine
@@ -404,11 +413,12 @@ def test_fp8_engine_tunes_every_projection_gpu(tmp_path) -> None:  # type: ignor
     for name, shape in shapes.items():
         mine = [line for line in lines if line.startswith(f"fp8 {name} {shape} rows=")]
         assert len(mine) == len(ROW_BUCKETS), (name, lines)
-        assert all("-> _scaled_mm" in line or "-> triton(" in line for line in mine), mine
+        assert all(re.search(r"-> (_scaled_mm|triton\(|gemv\(|dot\()", line) for line in mine), mine
     proj: Any = engine.runner.model.model.layers[1].mlp.gate_up_proj
     for m in (1, 3, 40):
         x = torch.randn(m, 256, device="cuda").to(torch.bfloat16)
-        exact = reference.fp8_w8a8_linear(x.float(), proj.qweight, proj.weight_scale)
+        choice = fg.chosen(1024, 256, False, m)
+        exact = _fp8_twin(choice)(x.float(), proj.qweight, proj.weight_scale)
         with torch.inference_mode():
             out = proj(x).float()
         assert (out - exact).norm() / exact.norm() < 5e-3, m
@@ -416,3 +426,105 @@ def test_fp8_engine_tunes_every_projection_gpu(tmp_path) -> None:  # type: ignor
     prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (5, 17, 40)]
     results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
     assert [len(r.token_ids[0]) for r in results] == [16, 16, 16]
+
+
+CONFIG_CASES = [
+    # (M, N, K, bits, group_size (0: per channel), asym)
+    (1, 40, 256, 8, 0, False),
+    (1, 40, 512, 4, 128, True),
+    (3, 24, 256, 4, 64, False),
+    (20, 40, 256, 8, 128, False),
+    (1, 24, 192, 4, 0, True),  # per-channel zero points, K not a multiple of the tile
+]
+
+
+@pytest.mark.parametrize(("m", "n", "k", "bits", "group_size", "asym"), CONFIG_CASES)
+def test_every_candidate_config_matches_reference(
+    m: int, n: int, k: int, bits: int, group_size: int, asym: bool
+) -> None:
+    """Each config the tuner may choose for M rows (gemv, skinny and tiled dots) against the twin,
+    on the interpreter in fp32 (the tuner itself runs on CUDA only)."""
+    from kernels.triton.quant_gemm import candidates, quant_gemm
+
+    gen = torch.Generator().manual_seed(m * 7 + n + bits)
+    _, packed, scales, zeros = _quantized(n, k, bits, group_size or k, asym, gen)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen)
+    expected = reference.quant_linear(x, packed, scales, bits, zeros, bias)
+    configs = candidates(m)
+    assert configs
+    for config in configs:
+        out = quant_gemm(x, packed, scales, bits, zeros, bias, config)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, msg=lambda s, c=config: f"{c}: {s}")
+
+
+def test_gemv_config_refuses_several_rows() -> None:
+    from kernels.triton.quant_gemm import GEMV_CANDIDATES, quant_gemm
+
+    gen = torch.Generator().manual_seed(0)
+    _, packed, scales, _ = _quantized(8, 64, 8, 64, False, gen)
+    with pytest.raises(ValueError, match="takes one row"):
+        quant_gemm(torch.randn(2, 64), packed, scales, 8, None, None, GEMV_CANDIDATES[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 300])
+@pytest.mark.parametrize("fmt", ["int8", "int4-g128-asym", "int8-g128", "fp8"])
+def test_every_candidate_config_bf16_gpu(m: int, fmt: str) -> None:
+    """Each tile config of the quantized GEMM in bf16 on CUDA, within 1e-2 (relative, Frobenius) of
+    the fp32 twin, at a model-like shape (the interpreter cases above cover odd shapes)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kernels.triton.quant_gemm import candidates, fp8_weight_only, quant_gemm
+
+    n, k = 1536, 2048
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+    bias = torch.randn(n, generator=gen).cuda().to(torch.bfloat16)
+    if fmt == "fp8":
+        w = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).cuda()
+        s = (torch.rand(n, 1, generator=gen) * 1e-3).cuda()
+        exact = reference.fp8_linear(x.float(), w, s, bias.float())
+        for config in candidates(m):
+            out = fp8_weight_only(x, w, s, bias, config).float()
+            assert (out - exact).norm() / exact.norm() < 1e-2, config
+        return
+    bits = 4 if fmt.startswith("int4") else 8
+    group = 128 if "g128" in fmt else k
+    _, packed, scales, zeros = _quantized(n, k, bits, group, fmt.endswith("asym"), gen)
+    packed, scales = packed.cuda(), scales.cuda()
+    zeros = zeros.cuda() if zeros is not None else None
+    exact = reference.quant_linear(x.float(), packed, scales, bits, zeros, bias.float())
+    for config in candidates(m):
+        out = quant_gemm(x, packed, scales, bits, zeros, bias, config).float()
+        assert (out - exact).norm() / exact.norm() < 1e-2, config
+
+
+@pytest.mark.gpu
+def test_quant_tuner_and_dispatch_gpu() -> None:
+    """`tune_quant_linear` times the configs per row bucket, names its choice in its report, and
+    `quant_linear` runs that choice within tolerance of the twin; a second tuning keeps it."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kernels.triton import quant_gemm as qg
+
+    n, k = 1024, 2048
+    gen = torch.Generator().manual_seed(3)
+    layers = [_quantized(n, k, 4, 128, True, gen) for _ in range(3)]
+    weights = [p.cuda() for _, p, _, _ in layers]
+    scales = [s.cuda() for _, _, s, _ in layers]
+    zeros = [z.cuda() for _, _, _, z in layers if z is not None]
+    lines = qg.tune_quant_linear(weights, scales, zeros, 4, None, "test_proj", rows=(1, 16, 1024), reps=5)
+    assert len(lines) == 3, lines
+    for line, m in zip(lines, (1, 16, 1024), strict=True):
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        choice = qg.chosen(x, weights[0], scales[0], 4, True, False)
+        assert line.startswith(f"quant test_proj 4-bit {n}x{k} rows={m}: "), line
+        assert line.endswith(f"-> {choice}"), line
+        exact = reference.quant_linear(x.float(), weights[0], scales[0], 4, zeros[0])
+        out = qg.quant_linear(x, weights[0], scales[0], 4, zeros[0]).float()
+        assert (out - exact).norm() / exact.norm() < 1e-2, line
+    again = qg.tune_quant_linear(weights, scales, zeros, 4, None, "test_proj", rows=(1,), reps=5)
+    assert again[0].endswith(
+        "tuned before -> " + str(qg.chosen(x[:1], weights[0], scales[0], 4, True, False))
+    )

@@ -15,6 +15,7 @@ quantized model (build_model), so only `forward` and `linear_silu_and_mul` need 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -27,6 +28,17 @@ from services.worker.parallel import all_reduce, current
 if TYPE_CHECKING:
     from services.worker.checkpoint import CheckpointTensor
     from services.worker.layers.split import Split
+
+
+@dataclass(frozen=True)
+class QuantOperands:
+    """What a quantized layer passes `KernelOps.quant_linear` (the integer-weight GEMM); the
+    tuner times that GEMM on them (kernels/triton/quant_gemm.py `tune_quant_linear`)."""
+
+    qweight: torch.Tensor  # int8 [N, K] or uint8 [N, K // 2]
+    scales: torch.Tensor  # [N, G] fp32
+    zeros: torch.Tensor | None  # [N, G] fp32
+    bits: int
 
 
 class QuantMethod(Protocol):
@@ -44,6 +56,7 @@ class QuantMethod(Protocol):
     def load_weight(self, layer: Linear, weight: torch.Tensor, row_start: int) -> None: ...
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
     def dequantized_weight(self, layer: Linear) -> torch.Tensor: ...
+    def gemm_operands(self, layer: Linear) -> QuantOperands | None: ...
 
 
 class Linear(nn.Linear):

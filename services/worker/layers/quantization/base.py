@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from services.worker import parallel
+from services.worker.layers.linear import QuantOperands
 from services.worker.layers.split import Split
 
 if TYPE_CHECKING:
@@ -91,6 +92,10 @@ class QuantMethod:
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         """The fp32 [out, in] weight this layer multiplies by (tests and tools)."""
         raise NotImplementedError
+
+    def gemm_operands(self, layer: Linear) -> QuantOperands | None:
+        """The operands of the layer's `quant_linear` call, or None when it runs another GEMM."""
+        return None
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

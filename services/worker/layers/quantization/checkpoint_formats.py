@@ -35,7 +35,7 @@ from torch import nn
 
 from kernels.reference import dequantize_weight
 from services.worker.layers.linear import Linear
-from services.worker.layers.quantization.base import QuantMethod
+from services.worker.layers.quantization.base import QuantMethod, QuantOperands
 from services.worker.layers.quantization.fp8 import FP8, Fp8Method
 from services.worker.layers.quantization.int8 import Int8Method
 from services.worker.layers.split import Split
@@ -116,6 +116,9 @@ class PackedIntMethod(QuantMethod):
         return layer.ops.quant_linear(
             x, layer.qweight, layer.weight_scale, self.bits, layer.weight_zero, bias
         )
+
+    def gemm_operands(self, layer: Linear) -> QuantOperands | None:
+        return QuantOperands(layer.qweight, layer.weight_scale, layer.weight_zero, self.bits)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         """The weight in the checkpoint's column order."""

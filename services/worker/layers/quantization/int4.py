@@ -14,7 +14,7 @@ from torch import nn
 
 from kernels.reference import dequantize_weight
 from services.worker.layers.linear import Linear
-from services.worker.layers.quantization.base import QuantMethod
+from services.worker.layers.quantization.base import QuantMethod, QuantOperands
 
 DEFAULT_GROUP_SIZE = 128
 
@@ -58,6 +58,9 @@ class Int4Method(QuantMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return layer.ops.quant_linear(x, layer.qweight, layer.weight_scale, 4, None, bias)
+
+    def gemm_operands(self, layer: Linear) -> QuantOperands | None:
+        return QuantOperands(layer.qweight, layer.weight_scale, None, 4)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         return dequantize_weight(layer.qweight, layer.weight_scale, 4)

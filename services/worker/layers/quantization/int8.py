@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from services.worker.layers.linear import Linear
-from services.worker.layers.quantization.base import QuantMethod, row_absmax
+from services.worker.layers.quantization.base import QuantMethod, QuantOperands, row_absmax
 
 
 def quantize_int8(
@@ -60,6 +60,9 @@ class Int8Method(QuantMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return layer.ops.quant_linear(x, layer.qweight, layer.weight_scale, 8, None, bias)
+
+    def gemm_operands(self, layer: Linear) -> QuantOperands | None:
+        return QuantOperands(layer.qweight, layer.weight_scale, None, 8)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         from kernels.reference import dequantize_weight
