@@ -16,12 +16,12 @@ One kernel, three kinds of config:
 - `dot`, skinny (M <= 16): the same stream against the rows padded into one 16-row tensor-core dot;
 - `dot`, tiled (prefill, large batches): BLOCK_M x BLOCK_N output tiles in a grouped order (a weight
   tile is reused by GROUP_M row tiles while it is in L2).
-4-bit tiles are never unpacked into an interleaved tile: the low nibbles (even k) meet the even
-columns of x and the high nibbles the odd ones, in two products. A per-channel scale (G = 1) and a
-group whose K tiles hold one scale per row are applied per tile (or once, at the end, for G = 1);
-other group sizes (a K tile spanning two groups) read a scale per element. In the dot configs the
-dequantized weight is rounded to the activation dtype before the tensor-core dot (integer codes
-and e4m3 values are exact in bf16; the scale product is what rounds); the gemv sums in fp32.
+4-bit tiles are unpacked in registers (`tl.interleave` of the low and high nibbles: K order). In
+the dot configs the codes meet x as they are (integers and e4m3 values are exact in bf16), and a
+per-channel scale (G = 1) or a group holding whole K tiles is applied to the fp32 sums: once at
+the end, or to each tile's dot (its zero point as zero * sum(x) of the tile). Other group sizes (a
+K tile spanning two groups) dequantize each element before the dot, rounded to the activation
+dtype; the gemv dequantizes each element and sums in fp32.
 
 Which config is fastest depends on the shape, the row count and the GPU, so `tune_quant_linear`
 times the candidates for each weight shape of the model and each row bucket (ROW_BUCKETS) and
@@ -73,13 +73,13 @@ SKINNY_CANDIDATES = (
     QuantConfig(16, 16, 512, 4, 3, dot=True),
     QuantConfig(16, 32, 256, 4, 4, dot=True),
     QuantConfig(16, 64, 128, 4, 4, dot=True),
-    QuantConfig(16, 16, 256, 4, 4, dot=True),
+    QuantConfig(16, 64, 256, 4, 3, dot=True),
+    QuantConfig(16, 32, 512, 4, 3, dot=True),
 )
 TILED_CANDIDATES = (
-    QuantConfig(32, 64, 128, 4, 4, dot=True),
-    QuantConfig(64, 64, 128, 4, 4, dot=True),
     QuantConfig(64, 128, 64, 4, 4, dot=True),
     QuantConfig(128, 128, 64, 8, 3, dot=True),
+    QuantConfig(128, 128, 128, 8, 3, dot=True),
     QuantConfig(128, 256, 64, 8, 3, dot=True),
 )
 
@@ -102,7 +102,7 @@ def default_config(rows: int) -> QuantConfig:
 @triton.jit
 def _quant_gemm_kernel(
     x_ptr,  # [M, K]
-    w_ptr,  # [N, K] int8 / e4m3, or [N, K // 2] uint8 (BITS = 4)
+    w_ptr,  # [N, K] int8 / e4m3 (as uint8), or [N, K // 2] uint8 (BITS = 4)
     s_ptr,  # [N, G] fp32
     z_ptr,  # [N, G] fp32 (unused without HAS_ZEROS)
     b_ptr,  # [N] (unused without HAS_BIAS)
@@ -116,6 +116,7 @@ def _quant_gemm_kernel(
     stride_wn,
     stride_ym,
     BITS: tl.constexpr,
+    FP8: tl.constexpr,  # the 8-bit codes are e4m3 bit patterns
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SCALE_AT_END: tl.constexpr,  # G = 1: the scale multiplies the fp32 sums once
@@ -138,72 +139,73 @@ def _quant_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # K columns a tile row holds: BLOCK_K values, or BLOCK_K // 2 bytes of two nibbles each
-    TILE_K: tl.constexpr = BLOCK_K // 2 if BITS == 4 else BLOCK_K
-    kk = tl.arange(0, TILE_K)
+    # Where the scales (and zeros) meet the sums: after each tile's dot (one per row and tile, or
+    # once at the end), so the weight tile is only converted; else per element, before it.
+    POST_DOT: tl.constexpr = DOT and (SCALE_AT_END or GROUP_PER_TILE)
+    PACKED_K: tl.constexpr = BLOCK_K // 2 if BITS == 4 else BLOCK_K  # bytes of a tile row
+    kb = tl.arange(0, PACKED_K)
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     s_rows = offs_n * num_groups
     if DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
-        acc2 = tl.zeros((BLOCK_N, TILE_K), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if POST_DOT and HAS_ZEROS and SCALE_AT_END:
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of x over K: the zero's share
     for k0 in range(0, K, BLOCK_K):
+        k_col = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k_col < K
         if BITS == 4:
-            kw = k0 // 2 + kk  # packed column
-            k_even = 2 * kw  # the K column of each low nibble (the high one is k_even + 1)
-            k_mask = k_even < K
-            packed = tl.load(w_rows + kw[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0)
+            kw = k0 // 2 + kb
+            packed = tl.load(w_rows + kw[None, :], mask=mask_n[:, None] & (kw < K // 2)[None, :], other=0)
             packed = packed.to(tl.int32)
-            q0 = (packed & 0xF).to(tl.float32)
-            q1 = (packed >> 4).to(tl.float32)
-            k_col = k_even
+            q = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K]: even k low nibble
+            if not HAS_ZEROS:
+                q = q - 8
         else:
-            k_col = k0 + kk
-            k_mask = k_col < K
-            q0 = tl.load(w_rows + k_col[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0)
-            q0 = q0.to(tl.float32)
-        if not SCALE_AT_END:
-            if GROUP_PER_TILE:
+            q = tl.load(w_rows + k_col[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0)
+            if FP8:
+                q = q.to(tl.float8e4nv, bitcast=True)
+        x = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+        if POST_DOT:
+            part = tl.dot(x, tl.trans(q.to(x.dtype)), out_dtype=tl.float32)
+            if SCALE_AT_END:
+                acc += part
+                if HAS_ZEROS:
+                    x_sum += tl.sum(x.to(tl.float32), axis=1)
+            else:
                 sg = s_rows + k0 // group_size
-                scale = tl.load(s_ptr + sg, mask=mask_n, other=0.0)[:, None]
                 if HAS_ZEROS:
-                    zero = tl.load(z_ptr + sg, mask=mask_n, other=0.0)[:, None]
-            else:
-                sg2 = s_rows[:, None] + (k_col // group_size)[None, :]
-                smask = mask_n[:, None] & k_mask[None, :]
-                scale = tl.load(s_ptr + sg2, mask=smask, other=0.0)
-                if HAS_ZEROS:
-                    zero = tl.load(z_ptr + sg2, mask=smask, other=0.0)
+                    zero = tl.load(z_ptr + sg, mask=mask_n, other=0.0)
+                    part -= tl.sum(x.to(tl.float32), axis=1)[:, None] * zero[None, :]
+                acc += part * tl.load(s_ptr + sg, mask=mask_n, other=0.0)[None, :]
         else:
-            if HAS_ZEROS:
-                zero = tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[:, None]
-        if HAS_ZEROS:
-            q0 = q0 - zero
-        elif BITS == 4:
-            q0 = q0 - 8.0
-        if not SCALE_AT_END:
-            q0 = q0 * scale
-        x0 = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-        if DOT:
-            acc = tl.dot(x0, tl.trans(q0.to(x0.dtype)), acc)
-        else:
-            acc2 += q0 * x0.to(tl.float32)
-        if BITS == 4:
-            if HAS_ZEROS:  # noqa: SIM108 (a constexpr branch)
-                q1 = q1 - zero
-            else:
-                q1 = q1 - 8.0
+            w = q.to(tl.float32)
             if not SCALE_AT_END:
-                q1 = q1 * scale
-            x1 = tl.load(x_rows + (k_col + 1)[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+                if GROUP_PER_TILE:
+                    sg = s_rows + k0 // group_size
+                    scale = tl.load(s_ptr + sg, mask=mask_n, other=0.0)[:, None]
+                    if HAS_ZEROS:
+                        w = w - tl.load(z_ptr + sg, mask=mask_n, other=0.0)[:, None]
+                else:
+                    sg2 = s_rows[:, None] + (k_col // group_size)[None, :]
+                    smask = mask_n[:, None] & k_mask[None, :]
+                    scale = tl.load(s_ptr + sg2, mask=smask, other=0.0)
+                    if HAS_ZEROS:
+                        w = w - tl.load(z_ptr + sg2, mask=smask, other=0.0)
+                w = w * scale
+            elif HAS_ZEROS:
+                w = w - tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[:, None]
             if DOT:
-                acc = tl.dot(x1, tl.trans(q1.to(x1.dtype)), acc)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
             else:
-                acc2 += q1 * x1.to(tl.float32)
+                acc2 += w * x.to(tl.float32)
     if not DOT:
         acc = tl.sum(acc2, axis=1)[None, :]  # [1, BLOCK_N]
     if SCALE_AT_END:
+        if POST_DOT and HAS_ZEROS:
+            acc -= x_sum[:, None] * tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[None, :]
         acc = acc * tl.load(s_ptr + s_rows, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -243,10 +245,11 @@ def quant_gemm(
         scales = scales.float().contiguous()
     if zeros is not None and (zeros.dtype != torch.float32 or not zeros.is_contiguous()):
         zeros = zeros.float().contiguous()
+    fp8 = qweight.dtype == torch.float8_e4m3fn
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     _quant_gemm_kernel[grid](
         x,
-        qweight,
+        qweight.view(torch.uint8) if fp8 else qweight,
         scales,
         zeros if zeros is not None else scales,
         bias if bias is not None else scales,
@@ -260,6 +263,7 @@ def quant_gemm(
         qweight.stride(0),
         y.stride(0),
         BITS=bits,
+        FP8=fp8,
         HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,
         SCALE_AT_END=num_groups == 1,

@@ -528,3 +528,20 @@ def test_quant_tuner_and_dispatch_gpu() -> None:
     assert again[0].endswith(
         "tuned before -> " + str(qg.chosen(x[:1], weights[0], scales[0], 4, True, False))
     )
+
+
+@pytest.mark.parametrize("m", [1, 5, 20])
+def test_fp8_weight_only_every_config_interpreter(m: int) -> None:
+    """FP8 weights against unquantized activations (the weight-only GEMM the FP8 tuner may choose
+    for decode-sized calls) against its twin `reference.fp8_linear`, every config for M rows."""
+    from kernels.triton.quant_gemm import candidates, fp8_weight_only
+
+    gen = torch.Generator().manual_seed(m)
+    w = (torch.randn(40, 320, generator=gen) * 50).to(torch.float8_e4m3fn)
+    s = torch.rand(40, 1, generator=gen) * 0.01
+    x = torch.randn(m, 320, generator=gen)
+    bias = torch.randn(40, generator=gen)
+    expected = reference.fp8_linear(x, w, s, bias)
+    for config in candidates(m):
+        out = fp8_weight_only(x, w, s, bias, config)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, msg=lambda t, c=config: f"{c}: {t}")
