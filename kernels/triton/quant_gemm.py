@@ -70,11 +70,11 @@ GEMV_CANDIDATES = (
     QuantConfig(1, 16, 1024, 8, 2, dot=False),
 )
 SKINNY_CANDIDATES = (
-    QuantConfig(16, 16, 512, 4, 3, dot=True),
     QuantConfig(16, 32, 256, 4, 4, dot=True),
-    QuantConfig(16, 64, 128, 4, 4, dot=True),
-    QuantConfig(16, 64, 256, 4, 3, dot=True),
     QuantConfig(16, 32, 512, 4, 3, dot=True),
+    QuantConfig(16, 64, 128, 4, 4, dot=True),
+    QuantConfig(16, 32, 128, 4, 4, dot=True),
+    QuantConfig(16, 16, 128, 4, 4, dot=True),
 )
 TILED_CANDIDATES = (
     QuantConfig(64, 128, 64, 4, 4, dot=True),
@@ -246,6 +246,11 @@ def quant_gemm(
     if zeros is not None and (zeros.dtype != torch.float32 or not zeros.is_contiguous()):
         zeros = zeros.float().contiguous()
     fp8 = qweight.dtype == torch.float8_e4m3fn
+    block_k = config.block_k
+    if num_groups > 1 and 16 <= group_size < block_k and group_size & (group_size - 1) == 0:
+        # K tiles of one group each: its scale meets the tile's sums (a tile spanning groups would
+        # dequantize every element first, far slower)
+        block_k = group_size
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     _quant_gemm_kernel[grid](
         x,
@@ -267,11 +272,11 @@ def quant_gemm(
         HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,
         SCALE_AT_END=num_groups == 1,
-        GROUP_PER_TILE=group_size % config.block_k == 0,
+        GROUP_PER_TILE=group_size % block_k == 0,
         DOT=config.dot,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k,
+        BLOCK_K=block_k,
         GROUP_M=config.group_m,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -85,19 +85,16 @@ def test_quant_gemm_bf16_gpu(
     _, packed, scales, zeros = _quantized(n, k * 8, bits, group_size, asym, gen)
     x = torch.randn(m, k * 8, generator=gen).to(torch.bfloat16)
     bias = torch.randn(n, generator=gen).to(torch.bfloat16) if with_bias else None
-    # The kernel's contract rounds each dequantized weight to the activation dtype before the
-    # tensor-core dot; in bf16 (8 significant bits) that rounding alone moves an int8 output (weights
-    # ten times larger than int4's here) by more than an absolute tolerance meant for the result's
-    # own rounding. So the twin is the reference with its weight rounded the same way.
-    w = reference.dequantize_weight(packed, scales, bits, zeros).to(torch.bfloat16).float()
-    expected = x.float() @ w.t() + (bias.float() if bias is not None else 0.0)
+    # Where the scale meets the fp32 sums (per channel, or a group holding whole K tiles) the codes
+    # enter the dot exact; otherwise each dequantized weight is rounded to bf16 first. Either way
+    # the result is within bf16's rounding of the exact fp32 twin, scaled to the output's magnitude.
     args = [t.cuda() if t is not None else None for t in (x, packed, scales, zeros, bias)]
     out = quant_linear(args[0], args[1], args[2], bits, args[3], args[4]).cpu()
-    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=1e-2)
-    # and within bf16's weight rounding of the exact fp32 twin, scaled to the output's magnitude
     exact = reference.quant_linear(
         x.float(), packed, scales, bits, zeros, bias.float() if bias is not None else None
     )
+    err = (out.float() - exact).abs().max() / exact.abs().max()
+    assert err < 1e-2, err
     assert (out.float() - exact).norm() / exact.norm() < 1e-2
 
 
