@@ -246,11 +246,18 @@ def quant_gemm(
     if zeros is not None and (zeros.dtype != torch.float32 or not zeros.is_contiguous()):
         zeros = zeros.float().contiguous()
     fp8 = qweight.dtype == torch.float8_e4m3fn
-    block_k = config.block_k
-    if num_groups > 1 and 16 <= group_size < block_k and group_size & (group_size - 1) == 0:
-        # K tiles of one group each: its scale meets the tile's sums (a tile spanning groups would
-        # dequantize every element first, far slower)
-        block_k = group_size
+    block_k, num_stages = config.block_k, config.num_stages
+    if num_groups > 1 and group_size % block_k:
+        # K tiles inside one group each (the largest power of two dividing the group size): its
+        # scale meets the tile's sums. A tile spanning groups would dequantize every element first
+        # (a scale and zero per element: far slower, and its loads fill shared memory).
+        fit = block_k
+        while group_size % fit:
+            fit //= 2
+        if fit >= 16:
+            block_k = fit
+        else:
+            num_stages = min(num_stages, 2)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
     _quant_gemm_kernel[grid](
         x,
@@ -279,7 +286,7 @@ def quant_gemm(
         BLOCK_K=block_k,
         GROUP_M=config.group_m,
         num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_stages=num_stages,
     )
     return y
 
