@@ -248,13 +248,13 @@ def quant_gemm(
     fp8 = qweight.dtype == torch.float8_e4m3fn
     block_k, num_stages = config.block_k, config.num_stages
     if num_groups > 1 and group_size % block_k:
-        # K tiles inside one group each (the largest power of two dividing the group size): its
+        # K tiles inside one group each (the largest power of two dividing the group size, >= 32): its
         # scale meets the tile's sums. A tile spanning groups would dequantize every element first
         # (a scale and zero per element: far slower, and its loads fill shared memory).
         fit = block_k
         while group_size % fit:
             fit //= 2
-        if fit >= 16:
+        if fit >= 32:  # (16-column tiles of 4-bit codes, 8 bytes a row, compute wrong sums on the H100)
             block_k = fit
         else:
             num_stages = min(num_stages, 2)

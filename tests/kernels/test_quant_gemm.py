@@ -47,8 +47,8 @@ CASES = [
     (300, 67, 128, 4, 128, True, True),
     (1, 45, 256, 4, 32, True, False),
     (300, 19, 128, 8, 64, False, False),
-    (5, 33, 96, 4, 48, True, False),  # groups of 48: K tiles of 16
-    (4, 24, 160, 4, 40, True, False),  # groups of 40 (no power-of-two tile of >= 16 fits): per-element scales
+    (5, 33, 96, 4, 48, True, False),  # groups of 48 (no power-of-two tile of >= 32 fits): per-element scales
+    (4, 24, 256, 8, 32, True, False),  # groups of 32: K tiles of 32
     (3, 21, 100, 8, 100, False, True),  # K not a multiple of the tile
 ]
 
