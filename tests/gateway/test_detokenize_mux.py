@@ -307,7 +307,7 @@ async def test_an_old_stream_takes_no_new_sessions_and_ends_after_its_last(
     first, second = _cases(rng)[:2]
     a = await client.detokenize_stream(first.start)
     old = client._mux
-    monkeypatch.setattr("gateway.detokenize_mux.MAX_STREAM_AGE_S", 0.0)
+    monkeypatch.setattr("gateway.session_mux.MAX_STREAM_AGE_S", 0.0)
     b = await client.detokenize_stream(second.start)
     assert client._mux is not old
     servicer = styler.servicer
@@ -330,7 +330,7 @@ async def test_closing_the_client_fails_the_sessions_of_every_stream(
     """Also those of a stream past its age (still serving its last sessions): none is left hanging."""
     client = StylerClient(styler.address)
     old = await client.detokenize_stream(START)
-    monkeypatch.setattr("gateway.detokenize_mux.MAX_STREAM_AGE_S", 0.0)
+    monkeypatch.setattr("gateway.session_mux.MAX_STREAM_AGE_S", 0.0)
     new = await client.detokenize_stream(START)
     servicer = styler.servicer
     assert servicer is not None

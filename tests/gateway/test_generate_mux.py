@@ -308,7 +308,7 @@ async def test_a_stream_past_its_age_takes_no_new_session_and_ends_after_its_las
 ) -> None:
     """Each call past the stream's age opens a new stream (a per-rpc balancer places it anew);
     the old one half-closes once its sessions are done and the worker ends it cleanly."""
-    monkeypatch.setattr("gateway.generate_mux.MAX_STREAM_AGE_S", 0.0)
+    monkeypatch.setattr("gateway.session_mux.MAX_STREAM_AGE_S", 0.0)
 
     def ended_ok() -> float:
         labels = {"method": "Worker/GenerateMany", "code": "OK"}
