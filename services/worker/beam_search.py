@@ -43,6 +43,20 @@ class _Candidate:
     entry: TokenLogprob  # the token's logprob, rank and the row's top alternatives
 
 
+# A beam's token entries as a chain back to the first (parent link, entry): each step extends a
+# beam in O(1) (copying every beam's list each step grew with the output's length); a finished
+# hypothesis unwinds its chain once.
+_Entries = tuple["_Entries | None", TokenLogprob] | None
+
+
+def _unwind(node: _Entries) -> tuple[TokenLogprob, ...]:
+    out = []
+    while node is not None:
+        node, entry = node
+        out.append(entry)
+    return tuple(reversed(out))
+
+
 @dataclass(frozen=True)
 class _Hypothesis:
     score: float  # total / length ** length_penalty
@@ -63,7 +77,7 @@ class BeamSearch(Ranked):
         first = request.sequences[0]
         self.live: list[Sequence] = [first]
         self.scores: dict[int, float] = {first.seq_id: 0.0}
-        self.entries: dict[int, list[TokenLogprob]] = {first.seq_id: []}
+        self.entries: dict[int, _Entries] = {first.seq_id: None}
         self.rows: dict[int, TokenLogprob] = {}  # this step's row of each beam that was computed
         # blocks the scheduler set aside at admission for forks of the prompt (parked sequences):
         # beams fork copy-on-write, so they go back, and the copy takes a block when it happens
@@ -144,7 +158,7 @@ class BeamSearch(Ranked):
             stop = c.token_id if c.token_id in request.stop_token_ids else None
             choice = RankedChoice(
                 token_ids=(*parent.output_token_ids, c.token_id),
-                logprobs=(*self.entries[parent.seq_id], c.entry),
+                logprobs=(*_unwind(self.entries[parent.seq_id]), c.entry),
                 cumulative_logprob=c.total,
                 finish_reason="stop" if stop is not None else "length",
                 stop_token_id=stop,
@@ -179,11 +193,12 @@ class BeamSearch(Ranked):
                 sched.running.insert(sched.running.index(parent) + 1, child)
             targets.append(child)
         self._release_spares(sched)
-        scores, entries = {}, {}
+        scores: dict[int, float] = {}
+        entries: dict[int, _Entries] = {}
         for c, seq in zip(going_on, targets, strict=True):
             parent = self.live[c.beam]
             scores[seq.seq_id] = c.total
-            entries[seq.seq_id] = [*self.entries[parent.seq_id], c.entry]
+            entries[seq.seq_id] = (self.entries[parent.seq_id], c.entry)
         for c, seq in zip(going_on, targets, strict=True):
             seq.token_ids.append(c.token_id)
         self.scores, self.entries, self.live = scores, entries, targets
