@@ -165,17 +165,32 @@ def token_logprobs(
     token_ids: torch.Tensor,  # [R] int64: the token of each row (sampled, or the prompt's next token)
     num_logprobs: list[int | None],  # [R] None: nothing for that row; k: the token's and k top ones
 ) -> list[TokenLogprob | None]:
+    return unpack_logprobs(logprob_table(raw, token_ids, num_logprobs).tolist(), num_logprobs)
+
+
+def logprob_table(
+    raw: torch.Tensor,  # [R, V] log_softmax of the fp32 logits
+    token_ids: torch.Tensor,  # [R] int64
+    num_logprobs: list[int | None],
+) -> torch.Tensor:
+    """Everything `unpack_logprobs` reads, on the device: per row the token, its logprob and rank,
+    then the top k_max ids and logprobs, as [R, 3 + 2 k_max] float64 (exact for ids, ranks and
+    fp32 logprobs). One table so that the host reads it back with one copy (each .tolist() of a
+    device tensor waits for the device; beam search reads every row's candidates every step), and
+    its ops can be enqueued with the step (ModelRunner._handle) rather than after its wait."""
     chosen = raw.gather(1, token_ids[:, None])  # [R, 1]
     ranks = (raw > chosen).sum(dim=-1, keepdim=True) + 1
     k_max = max((k for k in num_logprobs if k), default=0)
-    # One read-back for everything (each .tolist() of a device tensor waits for the device; beam
-    # search reads every row's top candidates every step): [R, 3 + 2 k_max] float64 holds the
-    # ids, ranks and fp32 logprobs exactly.
     columns = [token_ids[:, None].double(), chosen.double(), ranks.double()]
     if k_max:
         top_vals, top_ids = raw.topk(k_max, dim=-1)
         columns += [top_ids.double(), top_vals.double()]
-    rows = torch.cat(columns, dim=1).tolist()
+    return torch.cat(columns, dim=1)
+
+
+def unpack_logprobs(rows: list[list[float]], num_logprobs: list[int | None]) -> list[TokenLogprob | None]:
+    """The TokenLogprobs of a `logprob_table` read back to the host."""
+    k_max = max((k for k in num_logprobs if k), default=0)
     out: list[TokenLogprob | None] = []
     for values, k in zip(rows, num_logprobs, strict=True):
         if k is None:
