@@ -139,8 +139,9 @@ def make_confident(model: torch.nn.Module, succ: torch.Tensor, seed: int = 0) ->
     rows E = EMBED_RMS * e (e ~ N(0, 1)) dominate the residual stream, so the final norm's output
     is ~e[t]; LM head row succ[t] = TOP_LOGIT / hidden * e[t] gives succ[t] a logit of ~TOP_LOGIT.
     The same seed gives the same weights (the target as its own draft)."""
-    embed = model.model.embed_tokens.weight  # type: ignore[union-attr]
-    head = model.lm_head.weight  # type: ignore[union-attr]
+    embed = model.get_submodule("model.embed_tokens").weight
+    head = model.get_submodule("lm_head").weight
+    assert isinstance(embed, torch.Tensor) and isinstance(head, torch.Tensor)
     if embed.data_ptr() == head.data_ptr():
         raise ValueError("make_confident needs an untied LM head (tie_word_embeddings false)")
     vocab, hidden = len(succ), embed.shape[1]
