@@ -9,6 +9,15 @@ beam (or choice): beam search's extra work is the per-step top-K over beams x vo
 
     python benchmarks/beam_bench.py [--models Qwen2-0.5B,Llama-3.1-8B] [--out benchmarks/results/beam_<gpu>.json]
     python benchmarks/beam_bench.py --smoke     # CPU, a tiny Llama: checks the script in seconds
+    python benchmarks/beam_bench.py --phases    # also: where a step's wall time goes, per mode
+
+Beam steps are synchronous: the next step's input ids and block tables are the beam step's picks,
+made on the host from this step's candidates, so no step is launched ahead (async scheduling),
+and all of a beam step's host work (scheduling, input preparation, reading the candidates, the
+beam step, outputs) adds to its device time, where independent sampling hides it behind the
+device. `--phases` shows it: per step, the host time of schedule, launch (input preparation and
+enqueueing; on the CPU it includes the forward), the wait for the step's results (device time
+not hidden), and apply (scheduler update, the beam step, outputs).
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import MODELS, write_model
 
 from services.common.sampling import SamplingParams
+from services.worker.async_step import StepHandle
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 
@@ -63,6 +76,50 @@ class Row:
     tokens: int  # generated over every beam / choice
     tok_per_s_per_seq: float
     ratio_to_sampling: float | None = None
+    phases_us_per_step: dict[str, float] = field(default_factory=dict)  # --phases
+
+
+@contextmanager
+def phase_timers(engine: Engine) -> Iterator[Counter[str]]:
+    """Seconds spent in each phase of the engine's steps (and the number of steps), while inside."""
+    spent: Counter[str] = Counter()
+
+    def timed(fn: Callable[..., Any], phase: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[phase] += time.perf_counter() - start
+
+        return wrapper
+
+    result = StepHandle.result
+    engine.step = timed(engine.step, "step")  # type: ignore[method-assign]
+    engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")  # type: ignore[method-assign]
+    engine._launch = timed(engine._launch, "launch")  # type: ignore[method-assign]
+    engine._apply = timed(engine._apply, "apply")  # type: ignore[method-assign]
+    StepHandle.result = timed(result, "wait+read")  # type: ignore[method-assign]
+    try:
+        yield spent
+    finally:
+        StepHandle.result = result  # type: ignore[method-assign]
+        for name in ("step", "_launch", "_apply"):
+            delattr(engine, name)
+        del engine.scheduler.schedule
+
+
+def count_steps(engine: Engine) -> Callable[[], int]:
+    """Counts the engine's steps from now on (returns the count so far)."""
+    steps = [0]
+    step = engine.step
+
+    def counted() -> Any:
+        steps[0] += 1
+        return step()
+
+    engine.step = counted  # type: ignore[method-assign]
+    return lambda: steps[0]
 
 
 def run_once(engine: Engine, prompts: list[list[int]], sp: SamplingParams[Any]) -> tuple[float, int]:
@@ -116,6 +173,12 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
                 tokens,
                 tokens / seconds / (args.prompts * width),
             )
+            if args.phases:  # one more run, timed by phase (the timers cost a little: not the figure)
+                with phase_timers(engine) as spent:
+                    num_steps = count_steps(engine)
+                    run_once(engine, prompts, sp)
+                    steps = max(num_steps(), 1)
+                measured[mode].phases_us_per_step = {k: v / steps * 1e6 for k, v in spent.items()}
         measured["beam"].ratio_to_sampling = (
             measured["beam"].tok_per_s_per_seq / measured["sample"].tok_per_s_per_seq
         )
@@ -142,6 +205,13 @@ def print_table(rows: list[Row], device_name: str) -> None:
         print(
             f"{r.model:<14} {r.width:>2} {r.mode:<7} {r.seconds:>8.3f} {r.tok_per_s_per_seq:>10.1f} {ratio:>12}  {met}"
         )
+    if any(r.phases_us_per_step for r in rows):
+        names = ("step", "schedule", "launch", "wait+read", "apply")
+        print("\nper step, us (launch: input preparation and enqueueing; wait+read: device time not hidden)")
+        print(f"{'model':<14} {'W':>2} {'mode':<7} " + " ".join(f"{n:>10}" for n in names))
+        for r in rows:
+            cells = " ".join(f"{r.phases_us_per_step.get(n, 0.0):>10.0f}" for n in names)
+            print(f"{r.model:<14} {r.width:>2} {r.mode:<7} {cells}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=8, help="prompts run together")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument(
+        "--phases", action="store_true", help="one more run per mode timed by phase: where a step's time goes"
+    )
     parser.add_argument("--out", default="", help="JSON path (default benchmarks/results/beam_<device>.json)")
     args = parser.parse_args(argv)
     args.widths = [int(w) for w in args.widths.split(",")]

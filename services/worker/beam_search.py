@@ -26,7 +26,7 @@ the others wait, computed, with nothing scheduled. The n best hypotheses go out 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from services.worker.ranked import Ranked, RankedChoice
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
@@ -35,12 +35,25 @@ if TYPE_CHECKING:
     from services.worker.scheduler import ScheduledSequence, Scheduler
 
 
-@dataclass(frozen=True)
-class _Candidate:
+class _Candidate(NamedTuple):  # (a tuple: width x keep of them are made every step)
     total: float  # cumulative logprob with this token
     beam: int  # index of the parent in `live`
     token_id: int
     entry: TokenLogprob  # the token's logprob, rank and the row's top alternatives
+
+
+# A beam's token entries as a chain back to the first (parent link, entry): each step extends a
+# beam in O(1) (copying every beam's list each step grew with the output's length); a finished
+# hypothesis unwinds its chain once.
+_Entries = tuple["_Entries | None", TokenLogprob] | None
+
+
+def _unwind(node: _Entries) -> tuple[TokenLogprob, ...]:
+    out = []
+    while node is not None:
+        node, entry = node
+        out.append(entry)
+    return tuple(reversed(out))
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ class BeamSearch(Ranked):
         first = request.sequences[0]
         self.live: list[Sequence] = [first]
         self.scores: dict[int, float] = {first.seq_id: 0.0}
-        self.entries: dict[int, list[TokenLogprob]] = {first.seq_id: []}
+        self.entries: dict[int, _Entries] = {first.seq_id: None}
         self.rows: dict[int, TokenLogprob] = {}  # this step's row of each beam that was computed
         # blocks the scheduler set aside at admission for forks of the prompt (parked sequences):
         # beams fork copy-on-write, so they go back, and the copy takes a block when it happens
@@ -115,12 +128,13 @@ class BeamSearch(Ranked):
     def _top_candidates(self, request: Request, generated: int) -> list[_Candidate]:
         banned = request.stop_token_ids if generated < request.sampling.min_tokens else frozenset()
         # plain tuples for the width x K numbers, objects for the K kept (the per-step host work)
-        scored: list[tuple[float, int, int, int, float]] = []
-        for b, seq in enumerate(self.live):
-            base = self.scores[seq.seq_id]
-            for rank, (token_id, logprob) in enumerate(self.rows[seq.seq_id].top):
-                if token_id not in banned:
-                    scored.append((-(base + logprob), b, rank, token_id, logprob))
+        rows = [(self.scores[seq.seq_id], self.rows[seq.seq_id].top) for seq in self.live]
+        scored = [
+            (-(base + logprob), b, rank, token_id, logprob)
+            for b, (base, top) in enumerate(rows)
+            for rank, (token_id, logprob) in enumerate(top)
+            if token_id not in banned
+        ]
         scored.sort()  # best first; equal: the earlier beam, then its rank
         kept = []
         for neg_total, b, rank, token_id, logprob in scored[: self.keep]:
@@ -144,7 +158,7 @@ class BeamSearch(Ranked):
             stop = c.token_id if c.token_id in request.stop_token_ids else None
             choice = RankedChoice(
                 token_ids=(*parent.output_token_ids, c.token_id),
-                logprobs=(*self.entries[parent.seq_id], c.entry),
+                logprobs=(*_unwind(self.entries[parent.seq_id]), c.entry),
                 cumulative_logprob=c.total,
                 finish_reason="stop" if stop is not None else "length",
                 stop_token_id=stop,
@@ -161,8 +175,6 @@ class BeamSearch(Ranked):
         request = self.live[0].request
         chosen = {c.beam for c in going_on}
         spare_seqs = [s for b, s in enumerate(self.live) if b not in chosen] + request.parked
-        for seq in spare_seqs:
-            sched.bm.free_sequence(seq)  # an unchosen beam's blocks go back before the forks take any
         claimed: set[int] = set()
         targets: list[Sequence] = []
         for c in going_on:
@@ -171,19 +183,24 @@ class BeamSearch(Ranked):
                 claimed.add(c.beam)
                 targets.append(parent)
                 continue
-            child = spare_seqs.pop()
-            sched.bm.fork_shared(parent, child)  # the partial block is copied when one writes into it
+            # an unchosen beam's sequence first (parked ones hold no blocks): its table is mostly
+            # the parent's, and only the entries after they part change hands
+            child = spare_seqs.pop(0)
+            sched.bm.refork_shared(parent, child)  # the partial block is copied when one writes into it
             child.token_ids = list(parent.token_ids)
             if child.status is SequenceStatus.PARKED:
                 child.status = SequenceStatus.RUNNING
                 sched.running.insert(sched.running.index(parent) + 1, child)
             targets.append(child)
+        for seq in spare_seqs:  # (unused: a parked choice when fewer beams go on; none otherwise)
+            sched.bm.free_sequence(seq)
         self._release_spares(sched)
-        scores, entries = {}, {}
+        scores: dict[int, float] = {}
+        entries: dict[int, _Entries] = {}
         for c, seq in zip(going_on, targets, strict=True):
             parent = self.live[c.beam]
             scores[seq.seq_id] = c.total
-            entries[seq.seq_id] = [*self.entries[parent.seq_id], c.entry]
+            entries[seq.seq_id] = (self.entries[parent.seq_id], c.entry)
         for c, seq in zip(going_on, targets, strict=True):
             seq.token_ids.append(c.token_id)
         self.scores, self.entries, self.live = scores, entries, targets

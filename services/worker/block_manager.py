@@ -331,6 +331,31 @@ class BlockManager:
         child.block_hashes = list(parent.block_hashes)
         child.num_computed_tokens = parent.num_computed_tokens
 
+    def refork_shared(self, parent: Sequence, child: Sequence) -> None:
+        """fork_shared into a sequence that may hold blocks (beam search: an unchosen beam becomes
+        a child of a chosen one). Beams share most of their table (the prompt, the output before
+        they parted): those entries keep their references, and only the entries after the first
+        difference are dropped and shared anew, rather than the whole table each step (the same
+        reference counts as free_sequence + fork_shared)."""
+        if child.swapped is not None or child.num_freed_blocks or parent.num_freed_blocks:
+            self.free_sequence(child)  # (swapped or out-of-window placeholders: the general path)
+            self.fork_shared(parent, child)
+            return
+        num_blocks = -(-parent.num_computed_tokens // self.block_size)
+        shared = parent.block_ids[:num_blocks]
+        same = 0
+        for mine, theirs in zip(child.block_ids, shared, strict=False):
+            if mine != theirs:
+                break
+            same += 1
+        for block in reversed(child.block_ids[same:]):
+            self._unref(block)
+        for block in shared[same:]:
+            self._ref(block)
+        child.block_ids = list(shared)
+        child.block_hashes = list(parent.block_hashes)
+        child.num_computed_tokens = parent.num_computed_tokens
+
     def trim(self, seq: Sequence) -> None:
         """Give back the blocks past `seq`'s tokens (speculative decoding: blocks that only held
         rejected drafts; never registered, as they hold no computed token)."""

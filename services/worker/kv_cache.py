@@ -81,9 +81,8 @@ class KVCache:
         """Copy whole blocks src -> dst in every layer (copy-on-fork of a partial prompt block)."""
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.tensor.device)
-        dst = torch.tensor([d for _, d in copies], device=self.tensor.device)
-        self.tensor[:, :, dst] = self.tensor[:, :, src]
+        pairs = torch.tensor(copies, device=self.tensor.device)  # [n, 2]: one host->device copy
+        self.tensor[:, :, pairs[:, 1]] = self.tensor[:, :, pairs[:, 0]]
 
     def read_blocks(self, layer_start: int, layer_end: int, block_ids: tuple[int, ...]) -> torch.Tensor:
         """kv[layer_start:layer_end, :, block_ids] in the model's layout, on the host (a parallel

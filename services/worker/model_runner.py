@@ -38,7 +38,13 @@ from services.worker.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from services.worker.mrope import image_positions, rope_images, text_positions
 from services.worker.pipeline import StageTrace
 from services.worker.request import Sequence, TokenLogprob
-from services.worker.sampler import Sampler, SamplingMetadata, token_logprobs
+from services.worker.sampler import (
+    Sampler,
+    SamplingMetadata,
+    logprob_table,
+    token_logprobs,
+    unpack_logprobs,
+)
 from services.worker.sampling_rng import draw_table
 from services.worker.scheduler import SampledToken, SchedulerOutput
 from services.worker.speculative.verify import verify_step
@@ -511,12 +517,16 @@ class ModelRunner:
             self._readback = TokenReadback(self.device)
         read_ids = self._readback.start(token_ids) if self._readback is not None else token_ids.tolist
 
+        # (enqueued now, behind the sampler: read after the ids, it is ready by then)
+        table = (
+            logprob_table(raw_logprobs, token_ids, meta.num_logprobs) if raw_logprobs is not None else None
+        )
+
         def read() -> tuple[list[int], list[TokenLogprob | None]]:
             ids = read_ids()  # the step's one synchronisation
-            if raw_logprobs is None:
+            if table is None:
                 return ids, [None] * len(ids)
-            with torch.inference_mode():
-                return ids, token_logprobs(raw_logprobs, token_ids, meta.num_logprobs)
+            return ids, unpack_logprobs(table.tolist(), meta.num_logprobs)
 
         return StepHandle(num_scheduled, entries, token_ids, read)
 

@@ -165,28 +165,42 @@ def token_logprobs(
     token_ids: torch.Tensor,  # [R] int64: the token of each row (sampled, or the prompt's next token)
     num_logprobs: list[int | None],  # [R] None: nothing for that row; k: the token's and k top ones
 ) -> list[TokenLogprob | None]:
+    return unpack_logprobs(logprob_table(raw, token_ids, num_logprobs).tolist(), num_logprobs)
+
+
+def logprob_table(
+    raw: torch.Tensor,  # [R, V] log_softmax of the fp32 logits
+    token_ids: torch.Tensor,  # [R] int64
+    num_logprobs: list[int | None],
+) -> torch.Tensor:
+    """Everything `unpack_logprobs` reads, on the device: per row the token, its logprob and rank,
+    then the top k_max ids and logprobs, as [R, 3 + 2 k_max] float64 (exact for ids, ranks and
+    fp32 logprobs). One table so that the host reads it back with one copy (each .tolist() of a
+    device tensor waits for the device; beam search reads every row's candidates every step), and
+    its ops can be enqueued with the step (ModelRunner._handle) rather than after its wait."""
     chosen = raw.gather(1, token_ids[:, None])  # [R, 1]
-    ranks = ((raw > chosen).sum(dim=-1) + 1).tolist()
-    chosen_list = chosen[:, 0].tolist()
-    ids = token_ids.tolist()
+    ranks = (raw > chosen).sum(dim=-1, keepdim=True) + 1
     k_max = max((k for k in num_logprobs if k), default=0)
-    top_vals_l: list[list[float]] = []
-    top_ids_l: list[list[int]] = []
+    columns = [token_ids[:, None].double(), chosen.double(), ranks.double()]
     if k_max:
         top_vals, top_ids = raw.topk(k_max, dim=-1)
-        top_vals_l, top_ids_l = top_vals.tolist(), top_ids.tolist()
+        columns += [top_ids.double(), top_vals.double()]
+    return torch.cat(columns, dim=1)
+
+
+def unpack_logprobs(rows: list[list[float]], num_logprobs: list[int | None]) -> list[TokenLogprob | None]:
+    """The TokenLogprobs of a `logprob_table` read back to the host."""
+    k_max = max((k for k in num_logprobs if k), default=0)
     out: list[TokenLogprob | None] = []
-    for row, k in enumerate(num_logprobs):
+    for values, k in zip(rows, num_logprobs, strict=True):
         if k is None:
             out.append(None)
             continue
         # a guided row's masked tokens (-inf) are no alternatives: fewer than k may remain
-        top = (
-            tuple(
-                (t, v) for t, v in zip(top_ids_l[row][:k], top_vals_l[row][:k], strict=True) if v > -math.inf
-            )
-            if k
-            else ()
+        top = tuple(
+            (int(t), v)
+            for t, v in zip(values[3 : 3 + k], values[3 + k_max : 3 + k_max + k], strict=True)
+            if v > -math.inf
         )
-        out.append(TokenLogprob(int(ids[row]), chosen_list[row], ranks[row], top))
+        out.append(TokenLogprob(int(values[0]), values[1], int(values[2]), top))
     return out

@@ -15,17 +15,28 @@ def test_beam_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "beam.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "beam_bench.py"), "--smoke", "--out", str(out)],
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "beam_bench.py"),
+            "--smoke",
+            "--phases",
+            "--out",
+            str(out),
+        ],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "beam/sample" in proc.stdout
+    assert "beam/sample" in proc.stdout and "wait+read" in proc.stdout
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert {(r["width"], r["mode"]) for r in rows} == {(4, "beam"), (4, "sample"), (8, "beam"), (8, "sample")}
     for r in rows:
         assert r["tokens"] == r["prompts"] * r["width"] * r["max_tokens"] and r["tok_per_s_per_seq"] > 0
         assert (r["ratio_to_sampling"] is not None) == (r["mode"] == "beam")
+        # --phases: where each mode's step time goes (the beam step runs in apply)
+        phases = r["phases_us_per_step"]
+        assert set(phases) == {"step", "schedule", "launch", "wait+read", "apply"}
+        assert phases["step"] >= phases["apply"] > 0 and phases["step"] >= phases["launch"] > 0

@@ -75,3 +75,38 @@ def test_full_blocks_stay_shared_after_a_write() -> None:
     write(bm, parent, 10)
     assert bm.take_copies() == []
     assert child.block_ids[:2] == parent.block_ids[:2] and child.block_ids[2] != parent.block_ids[2]
+
+
+def test_refork_moves_only_the_entries_after_the_beams_part() -> None:
+    """Beam search reassigns an unchosen beam's sequence to a chosen parent every step: the
+    blocks both tables share keep their references (no unref / ref of the whole table), and the
+    result is what free_sequence + fork_shared give."""
+
+    def beams(bm: BlockManager) -> tuple[Sequence, Sequence]:
+        parent, child = seqs_of(list(range(10)), 2)  # 2 full blocks + a partial one
+        bm.allocate(parent, 10)
+        parent.num_computed_tokens = 10
+        bm.register_computed_blocks(parent)
+        bm.fork_shared(parent, child)
+        for token in range(6):  # they part: each writes its own tokens (child copies the partial block)
+            write(bm, parent, 100 + token)
+            write(bm, child, 200 + token)
+        return parent, child
+
+    fast, slow = BlockManager(32, 4), BlockManager(32, 4)
+    (p1, c1), (p2, c2) = beams(fast), beams(slow)
+    assert c1.block_ids[:2] == p1.block_ids[:2] and c1.block_ids[2:] != p1.block_ids[2:]
+    touched: list[int] = []
+    ref, unref = fast._ref, fast._unref
+    fast._ref = lambda b: (touched.append(b), ref(b))[1]  # type: ignore[method-assign]
+    fast._unref = lambda b: (touched.append(b), unref(b))[1]  # type: ignore[method-assign]
+    fast.refork_shared(p1, c1)
+    slow.free_sequence(c2)
+    slow.fork_shared(p2, c2)
+    assert c1.block_ids == p1.block_ids and c2.block_ids == p2.block_ids
+    assert fast.ref_counts == slow.ref_counts and fast.num_used_blocks == slow.num_used_blocks
+    assert not set(touched) & set(p1.block_ids[:2])  # the shared prompt blocks were not touched
+    assert c1.num_computed_tokens == p1.num_computed_tokens and c1.block_hashes == p1.block_hashes
+    for s in (p1, c1):
+        fast.free_sequence(s)
+    assert fast.num_used_blocks == 0
