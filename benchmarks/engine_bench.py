@@ -15,6 +15,13 @@ attention kernel against torch's F.scaled_dot_product_attention.
 
 Request counts of scenario 2 are scaled down so the whole set fits one device call (SCALED below
 says by how much); the per-request shapes are the scenario's.
+
+`--quantization fp8|int8|int4` (Llama-3.1-8B; issue 19) adds the same model quantized at load in
+the same run: batch-1 decode (MBU against the quantized bytes a step reads: `Engine.weight_bytes`,
+less an untied input embedding, plus the KV), prefill (TTFT against the bf16 row; with fp8 also MFU
+against the FP8 matmul ceiling measured in the run, `torch._scaled_mm`), offline 1024/128, and
+128/2048 and 1000/1000 with an fp8 KV cache. Targets (fp8): 128/2048 >= 20,000 and 1000/1000 >=
+12,000 output tokens/s, 1024/128 >= 1.5x the bf16 row; batch-1 decode >= 1.7x bf16 (int4: 2.6x).
 """
 
 from __future__ import annotations
@@ -254,6 +261,7 @@ SCALED = {"1024/128": (2000, 512), "128/2048": (1000, 256), "1000/1000": (1000, 
 class Ceilings:
     copy_gbps: float  # GB/s, bytes read + written
     matmul_tflops: float
+    fp8_matmul_tflops: float = 0.0  # `torch._scaled_mm` e4m3 (0: not measured, no FP8 GPU)
 
 
 @dataclass
@@ -310,7 +318,29 @@ def measure_ceilings(device: torch.device, plan: Plan) -> Ceilings:
         torch.mm(a, b)
 
     t = median_time(mm, device)
-    return Ceilings(copy_gbps, 2 * m**3 / t / 1e12)
+    return Ceilings(copy_gbps, 2 * m**3 / t / 1e12, fp8_matmul_tflops(device, m))
+
+
+def fp8_matmul_tflops(device: torch.device, m: int) -> float:
+    """The e4m3 x e4m3 -> bf16 rate of `torch._scaled_mm` (row-wise scales, as the fp8 engine's
+    prefill GEMMs), or 0.0 without FP8 tensor cores."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return 0.0
+    e4m3 = torch.float8_e4m3fn
+    mats = [
+        (torch.randn(m, m, device=device).to(e4m3), torch.randn(m, m, device=device).to(e4m3).t())
+        for _ in range(3)
+    ]
+    sa = torch.ones(m, 1, device=device)
+    sb = torch.ones(1, m, device=device)
+    i = [0]
+
+    def mm() -> None:
+        a, b = mats[i[0] % 3]
+        i[0] += 1
+        torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
+    return 2 * m**3 / median_time(mm, device) / 1e12
 
 
 def param_counts(cfg: dict[str, Any]) -> dict[str, int]:
@@ -368,6 +398,7 @@ def make_engine(
     enforce_eager: bool = False,
     max_num_batched_tokens: int | None = None,
     kv_cache_dtype: str = "auto",
+    quantization: str = "none",
 ) -> Engine:
     config = WorkerConfig(
         model=str(model_dir),
@@ -379,6 +410,7 @@ def make_engine(
         enforce_eager=enforce_eager,
         enable_prefix_caching=False,
         kv_cache_dtype=kv_cache_dtype,  # type: ignore[arg-type]
+        quantization=quantization,  # type: ignore[arg-type]
         # auto is on for CUDA; the CPU smoke run forces it on so the script's async path is checked too
         async_scheduling="on" if device == "cpu" else "auto",
     )
@@ -432,13 +464,20 @@ def scenario_decode(
     decode = step_times[1:]
     tpot = statistics.median(decode)
     mean_ctx = plan.decode_prompt + plan.decode_output // 2
-    mbu = decode_bytes_per_step(cfg, mean_ctx) / tpot / (ceil.copy_gbps * 1e9)
+    step_bytes = decode_bytes_per_step(cfg, mean_ctx)
+    if engine.config.quantization != "none":  # the weights as stored (dense models: all of them read)
+        p = param_counts(cfg)
+        untied_embed = 0 if cfg["tie_word_embeddings"] else 2 * p["embed"]
+        kv = 2.0 * mean_ctx * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * p["head_dim"]
+        step_bytes = engine.weight_bytes - untied_embed + kv
+    mbu = step_bytes / tpot / (ceil.copy_gbps * 1e9)
     metrics = {
         "ttft_ms": step_times[0] * 1e3,
         "ms_per_token": tpot * 1e3,
         "mean_ms_per_token": statistics.fmean(decode) * 1e3,
         "tok_per_s": 1 / tpot,
         "MBU": mbu,
+        "bytes_per_step_GB": step_bytes / 1e9,
         "async_scheduling": float(engine.async_scheduling),
     }
     graphs = engine.runner.graphs
@@ -655,12 +694,19 @@ def scenario_small(engine: Engine, name: str, cfg: dict[str, Any], plan: Plan) -
 
 
 def scenario_prefill(
-    engine: Engine, name: str, cfg: dict[str, Any], plan: Plan, ceil: Ceilings, gen: torch.Generator
+    engine: Engine,
+    name: str,
+    cfg: dict[str, Any],
+    plan: Plan,
+    ceil: Ceilings,
+    gen: torch.Generator,
+    label: str = "",
+    lengths: tuple[int, ...] | None = None,
 ) -> list[Row]:
     """Scenario 5: one long prompt, 1 output token; TTFT (median of 2 after a warm-up) and MFU."""
     rows = []
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    for length in plan.prefill_lens:
+    for length in lengths or plan.prefill_lens:
         times = []
         for rep in range(3):
             prompt = random_prompt(gen, length, cfg["vocab_size"])  # fresh: no prefix-cache hits
@@ -670,10 +716,15 @@ def scenario_prefill(
                 engine.step()
             times.append(time.perf_counter() - t0)
         ttft = statistics.median(times[1:])
-        mfu = prefill_flops(cfg, length) / ttft / (ceil.matmul_tflops * 1e12)
-        rows.append(
-            Row(name, f"5 prefill {length}", {"ttft_ms": ttft * 1e3, "tok_per_s": length / ttft, "MFU": mfu})
-        )
+        flops = prefill_flops(cfg, length)
+        metrics = {
+            "ttft_ms": ttft * 1e3,
+            "tok_per_s": length / ttft,
+            "MFU": flops / ttft / (ceil.matmul_tflops * 1e12),
+        }
+        if engine.config.quantization == "fp8" and ceil.fp8_matmul_tflops:
+            metrics["MFU_fp8"] = flops / ttft / (ceil.fp8_matmul_tflops * 1e12)
+        rows.append(Row(name, f"5 prefill {length}{label}", metrics))
     return rows
 
 
@@ -767,6 +818,22 @@ def offline_variants(plan: Plan) -> list[tuple[str, tuple[tuple[int, int, int], 
     ]
 
 
+def quantized_variants(
+    plan: Plan, quantization: str
+) -> list[tuple[str, tuple[tuple[int, int, int], ...], dict[str, Any]]]:
+    """(row label, scenario-2 shapes, make_engine options) of the quantized Llama-3.1-8B engines:
+    the weights alone (batch-1 decode, prefill and 1024/128 run on it), then with an fp8 KV cache
+    (128/2048 and 1000/1000)."""
+    return [
+        (f" {quantization} weights", plan.offline[:1], {"quantization": quantization}),
+        (
+            f" {quantization} weights kv fp8",
+            plan.offline[1:],
+            {"quantization": quantization, "kv_cache_dtype": "fp8"},
+        ),
+    ]
+
+
 def check_targets(rows: list[Row]) -> None:
     by = {(r.model, r.scenario): r for r in rows}
 
@@ -781,10 +848,12 @@ def check_targets(rows: list[Row]) -> None:
     mark(r, "MBU >= 0.85", bool(r and r.metrics["MBU"] >= 0.85))
     r = find("Qwen2-0.5B", "1 ")
     mark(r, "<= 1.0 ms/token", bool(r and r.metrics["ms_per_token"] <= 1.0))
-    for r in (x for (m, sc), x in by.items() if m == "Llama-3.1-8B" and sc.startswith("2 offline 1024/128")):
+    bf16 = [x for (m, sc), x in by.items() if m == "Llama-3.1-8B" and " weights" not in sc]
+    for r in (x for x in bf16 if x.scenario.startswith("2 offline 1024/128")):
         mark(r, ">= 3500 out tok/s", r.metrics["out_tok_per_s"] >= 3500)
-    for r in (x for (m, sc), x in by.items() if m == "Llama-3.1-8B" and sc.startswith("2 offline 128/2048")):
+    for r in (x for x in bf16 if x.scenario.startswith("2 offline 128/2048")):
         mark(r, ">= 11000 out tok/s", r.metrics["out_tok_per_s"] >= 11000)
+    check_quantized_targets(rows)
     r = find("Llama-3.1-8B", "5 prefill 8192")
     mark(r, "MFU >= 0.60", bool(r and r.metrics["MFU"] >= 0.60))
     for model in MODELS:
@@ -793,6 +862,39 @@ def check_targets(rows: list[Row]) -> None:
             speedup = hf.metrics["ms_per_token"] / ours.metrics["ms_per_token"]
             ours.metrics["x_HF"] = speedup
             hf.target, hf.met = f"ours {speedup:.1f}x (>= 10x)", speedup >= 10
+
+
+def check_quantized_targets(rows: list[Row]) -> None:
+    """Issue 19's targets for the quantized Llama-3.1-8B rows, against the bf16 rows of the run."""
+    llama = [r for r in rows if r.model == "Llama-3.1-8B"]
+
+    def bf16_row(prefix: str) -> Row | None:
+        return next(
+            (r for r in llama if r.scenario.startswith(prefix) and " weights" not in r.scenario), None
+        )
+
+    for r in (x for x in llama if " weights" in x.scenario):
+        fmt = r.scenario.split(" weights")[0].rsplit(" ", 1)[-1]
+        if r.scenario.startswith("1 batch-1 decode"):
+            base, want = bf16_row("1 batch-1 decode"), 2.6 if fmt == "int4" else 1.7
+            if base is not None:
+                x = r.metrics["tok_per_s"] / base.metrics["tok_per_s"]
+                r.metrics["x_bf16"] = x
+                r.target, r.met = f">= {want}x bf16", x >= want
+        elif r.scenario.startswith("5 prefill"):
+            base = bf16_row(r.scenario.split(" ")[0] + " prefill " + r.scenario.split(" ")[2])
+            if base is not None:
+                r.metrics["ttft_x_bf16"] = r.metrics["ttft_ms"] / base.metrics["ttft_ms"]
+        elif fmt == "fp8" and r.scenario.startswith("2 offline 1024/128"):
+            base = bf16_row("2 offline 1024/128")
+            if base is not None:
+                x = r.metrics["out_tok_per_s"] / base.metrics["out_tok_per_s"]
+                r.metrics["x_bf16"] = x
+                r.target, r.met = ">= 1.5x bf16", x >= 1.5
+        elif fmt == "fp8" and r.scenario.startswith("2 offline 128/2048"):
+            r.target, r.met = ">= 20000 out tok/s", r.metrics["out_tok_per_s"] >= 20000
+        elif fmt == "fp8" and r.scenario.startswith("2 offline 1000/1000"):
+            r.target, r.met = ">= 12000 out tok/s", r.metrics["out_tok_per_s"] >= 12000
 
 
 def print_table(rows: list[Row], ceil: Ceilings, device_name: str) -> None:
@@ -824,6 +926,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile-decode", action="store_true", help="per-kernel device times of the batch-1 decode graph"
+    )
+    parser.add_argument(
+        "--skip-variants",
+        action="store_true",
+        help="skip the bf16 Llama-3.1-8B offline variants (larger step budget, fp8 KV cache)",
+    )
+    parser.add_argument(
+        "--quantization",
+        default="",
+        choices=["", "fp8", "int8", "int4"],
+        help="also run Llama-3.1-8B with its weights quantized at load (decode, prefill, offline)",
     )
     parser.add_argument(
         "--out", default="", help="JSON path (default benchmarks/results/engine_<gpu>_<date>.json)"
@@ -896,11 +1009,32 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            for label, shapes, options in offline_variants(plan) if llama and not args.decode_only else []:
+            for label, shapes, options in (
+                offline_variants(plan) if llama and not (args.decode_only or args.skip_variants) else []
+            ):
                 # Scenario 2 again under other engine options (a larger step budget; an fp8 KV cache).
                 engine = make_engine(model_dir, device.type, plan, max_seqs, max_len, **options)
                 rows += scenario_offline(engine, name, cfg, plan, gen, shapes, label)
                 print(rows[-len(shapes) :], flush=True)
+                free_engine(engine)
+                engine = None  # type: ignore[assignment]
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for i, (label, shapes, options) in enumerate(
+                quantized_variants(plan, args.quantization) if llama and args.quantization else []
+            ):
+                engine = make_engine(model_dir, device.type, plan, max_seqs, max_len, **options)
+                linear_reports[f"{name}{label}"] = list(engine.runner.linear_report)
+                if i == 0:  # the weights alone: decode and prefill as the bf16 rows
+                    rows.append(scenario_decode(engine, name, cfg, plan, ceil, gen, label))
+                    print(rows[-1], flush=True)
+                    if not args.decode_only:
+                        rows += scenario_prefill(engine, name, cfg, plan, ceil, gen, label)
+                        print(rows[-len(plan.prefill_lens) :], flush=True)
+                if not args.decode_only:
+                    rows += scenario_offline(engine, name, cfg, plan, gen, shapes, label)
+                    print(rows[-len(shapes) :], flush=True)
                 free_engine(engine)
                 engine = None  # type: ignore[assignment]
                 gc.collect()
