@@ -84,6 +84,8 @@ def shared_dir() -> Path:
 def make_model_dir(root: Path, cfg: dict[str, Any], shared: Path) -> Path:
     """mm_bench's dummy-weight config + preprocessor limits, with a tokenizer and chat template the
     styler can serve."""
+    if not (shared / "tokenizers" / "qwen2.5" / "tokenizer.json").is_file():
+        raise SystemExit(f"no Qwen2.5 tokenizer at {shared}/tokenizers/qwen2.5 (set TANDEM_SHARED)")
     write_model(root, cfg)
     write_tokenizer(shared, root)
     (root / "processor_config.json").write_text(json.dumps({"image_token": "<|image_pad|>"}))
