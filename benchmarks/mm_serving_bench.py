@@ -19,7 +19,8 @@ text plus the image's placeholder tokens), in a seeded random order; --output-le
 for image and text requests apart, output tokens/s, requests/s, the cores each service kept busy,
 and where the images were encoded (each worker's `Info` counters); then encode-role's ratios to
 in-worker at each point. JSON to benchmarks/results/mm_serving_<device>_<date>.json (a temporary
-folder with --smoke; --out to choose), and a table on stdout.
+folder with --smoke; --out to choose; copied into $OUT when set), rewritten after every point so
+that a run cut short keeps its points, and a table on stdout.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,16 +297,24 @@ def encoder_counters(run_dir: Path) -> dict[str, dict[str, int]]:
 
 
 def run_mode(
-    mode: str, model_dir: Path, args: argparse.Namespace, words: list[str], num_image_tokens: int, tmp: Path
-) -> dict[str, Any]:
+    mode: str,
+    model_dir: Path,
+    args: argparse.Namespace,
+    words: list[str],
+    num_image_tokens: int,
+    tmp: Path,
+    result: dict[str, Any],
+    save: Callable[[], Path],
+) -> None:
+    """Start the mode's stack, warm it up and run every point, filling `result` (and saving the
+    report) as it goes: a run cut short keeps what it measured."""
     run_dir = tmp / f"run-{mode}"
     log = tmp / f"up-{mode}.log"
     start = time.perf_counter()
     proc, url = start_up(model_dir, MODES[mode], worker_args(args, num_image_tokens), args, run_dir, log)
-    startup_s = time.perf_counter() - start
-    print(f"{mode}: serving after {startup_s:.1f} s", flush=True)
+    result["startup_s"] = time.perf_counter() - start
+    print(f"{mode}: serving after {result['startup_s']:.1f} s", flush=True)
     url += "/v1/chat/completions"
-    points = []
     try:
         warmup = make_requests(args, words, args.warmup, f"warmup-{mode}", num_image_tokens)
         results, _ = asyncio.run(closed_loop(url, warmup, 2))
@@ -318,12 +328,12 @@ def run_mode(
             results, duration = asyncio.run(closed_loop(url, requests, conc))
             point = {"concurrency": conc, **summarize(results, duration)}
             point["cores_busy"] = meter.cores_busy(duration)
-            points.append(point)
+            result["points"].append(point)
             print_point(mode, point)
-        counters = encoder_counters(run_dir)
+            save()
+        result["encoder_counters"] = encoder_counters(run_dir)
     finally:
         stop_up(proc)
-    return {"startup_s": startup_s, "points": points, "encoder_counters": counters}
 
 
 def print_point(mode: str, p: dict[str, Any]) -> None:
@@ -437,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     shape = "tiny" if args.smoke else "Qwen2.5-VL-7B"
     device_name = device_label(args.device)
     results: dict[str, Any] = {}
-    num_image_tokens = 0
     with tempfile.TemporaryDirectory(prefix="mm_serving_") as tmp_name:
         tmp = Path(tmp_name)
         model_dir = make_model_dir(tmp / "model", TINY if args.smoke else QWEN2_5_VL_7B, shared_dir())
@@ -449,16 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             f"the requests, {args.output_len} output tokens, concurrency {args.concurrency}",
             flush=True,
         )
-        for mode in modes:
-            results[mode] = run_mode(mode, model_dir, args, words, num_image_tokens, tmp)
-    ratio_rows = ratios(results)
-    print_table(results, ratio_rows)
-    out = write_report(
-        "mm_serving",
-        device_name,
-        args.smoke,
-        args.out,
-        {
+        fields: dict[str, Any] = {
             "shape": shape,
             "image_size": [args.image_width, args.image_height],
             "image_tokens": num_image_tokens,
@@ -467,13 +467,28 @@ def main(argv: list[str] | None = None) -> int:
             "image_fraction": args.image_fraction,
             "num_requests": args.num_requests,
             "modes": results,
-            "encode_role_over_in_worker": ratio_rows,
-        },
-    )
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
-    print(f"wrote {out}", flush=True)
-    return 0
+        }
+
+        def save() -> Path:
+            fields["encode_role_over_in_worker"] = ratios(results)
+            out = write_report("mm_serving", device_name, args.smoke, args.out, fields)
+            if os.environ.get("OUT"):
+                (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
+            return out
+
+        failed = False
+        for mode in modes:
+            results[mode] = {"points": []}
+            try:
+                run_mode(mode, model_dir, args, words, num_image_tokens, tmp, results[mode], save)
+            except Exception as exc:  # the other mode still runs; the report says what failed
+                failed = True
+                results[mode]["error"] = repr(exc)[-4000:]
+                print(f"{mode} failed: {exc!r}"[-4000:], file=sys.stderr, flush=True)
+            save()
+    print_table(results, fields["encode_role_over_in_worker"])
+    print(f"wrote {save()}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
