@@ -12,8 +12,8 @@ Rows:
   the same number of text-only prompt tokens;
 - decode: output tokens/s of one request after that image prompt, against a text-only prompt of
   the same length (M-RoPE changes only the positions, so decode should be unchanged).
-Not here: encode-role disaggregation against in-worker encoding under a mixed load (a serving
-benchmark through `tandem up --encode-workers N`).
+Encode-role disaggregation against in-worker encoding under a mixed load, through `tandem up`:
+benchmarks/mm_serving_bench.py.
 """
 
 from __future__ import annotations
