@@ -32,6 +32,7 @@ for b in ${BENCHES:-lora quant mm spec beam kv8b}; do
     beam) run beam "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py --models "${BEAM_MODELS:-Llama-3.1-8B}" --out "$OUT/beam.json" ;;
     fp8engine) run fp8engine "${FP8E_T:-560}" "$PY" benchmarks/engine_bench.py --models Llama-3.1-8B --skip-hf \
       --skip-variants --quantization fp8 --out "$OUT/engine_fp8.json" ;;  # a call of its own (BENCHES=fp8engine)
+    mmserve) run mmserve "${MMSERVE_T:-540}" "$PY" benchmarks/mm_serving_bench.py --device cuda ;;  # a call of its own
     kv8b) run kv8b "${KV_T:-120}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
       --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc,cuda-ipc --out "$OUT/kv_transfer_8b.json" ;;
     *) echo "unknown bench $b" ;;
