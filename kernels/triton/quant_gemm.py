@@ -254,7 +254,7 @@ def quant_gemm(
         fit = block_k
         while group_size % fit:
             fit //= 2
-        if fit >= 32:  # (16-column tiles of 4-bit codes, 8 bytes a row, compute wrong sums on the H100)
+        if fit >= 32:  # (16-column tiles of 4-bit codes computed wrong sums on the GPU: docs/quantization.md)
             block_k = fit
         else:
             num_stages = min(num_stages, 2)
