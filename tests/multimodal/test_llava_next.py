@@ -308,7 +308,9 @@ def test_image_chat_through_the_gateway(next_dir: Path, hf_next: Any, tmp_path: 
         [{"role": "user", "content": [{"type": "text", "text": "look <image> what"}]}],
         tokenize=False, add_generation_prompt=True,
     )  # fmt: skip
-    inputs = hf(text=prompt, images=[Image.open(io.BytesIO(image)).convert("RGB")], return_tensors="pt")
+    pil = Image.open(io.BytesIO(image)).convert("RGB")
+    # (the template's text as the styler tokenizes it: no BOS added on top)
+    inputs = hf(text=prompt, images=[pil], return_tensors="pt", add_special_tokens=False)
     out = hf_next.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=2, pad_token_id=0)
     ids = inputs["input_ids"][0].tolist()
     new = [t for t in out[0, len(ids) :].tolist() if t != 2]
@@ -328,3 +330,24 @@ def test_image_chat_through_the_gateway(next_dir: Path, hf_next: Any, tmp_path: 
         assert chat(client, parts).choices[0].message.content == expected  # unaffected
     finally:
         stack.stop()
+
+
+def test_encode_worker_rows(next_dir: Path, hf_next: Any) -> None:
+    """An encode worker (vision side only: tower, projector and image_newline) gives the unified
+    worker's rows; sent as rows, the greedy tokens still equal transformers'."""
+    from services.worker.encoder import VisionEncoder
+
+    encoder = VisionEncoder(WorkerConfig(model=str(next_dir), device="cpu", role="encode"))
+    pv = LlavaNextPreprocessor.from_model_dir(str(next_dir))(decode_image(png(90, 40, seed=5)))
+    support = ImageSupport.from_model_dir(str(next_dir), Tokenizer.from_dir(str(next_dir)))
+    assert support is not None
+    req, prompt = _request("e", 11, [support.num_tokens(pv)], [pv])
+    (embedded,) = encoder.encode(req.images)
+    engine = Engine(WorkerConfig(model=str(next_dir), device="cpu", kv_cache_memory="4MiB"))
+    assert embedded.embeds is not None
+    assert torch.equal(embedded.embeds, engine.runner.model.encode_image(req.images[0]))  # type: ignore[operator]
+    (wire,) = images_from_pb([image_to_pb(embedded)])
+    (result,) = _run(engine, [EngineRequest("e", req.prompt_token_ids, req.sampling, images=(wire,))])
+    assert engine.runner.encoder_cache.misses == 0
+    pixels = [torch.from_numpy(pv.array.copy())]
+    assert result.token_ids[0] == _hf_greedy(hf_next, prompt, pixels, [(40, 90)])
