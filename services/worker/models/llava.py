@@ -1,5 +1,6 @@
-"""LLaVA-1.5 style image-in models: a CLIP (or SigLIP: models/siglip.py) vision tower, a two-layer MLP projector, and a language
-model of an existing text family (Llama / Mistral / Qwen2 / Qwen3, from config.json's text_config).
+"""LLaVA-1.5 style image-in models: a CLIP (or SigLIP: models/siglip.py) vision tower, a two-layer
+MLP projector, and a language model of an existing text family (Llama / Mistral / Qwen2 / Qwen3,
+from config.json's text_config).
 
 The language model is this class itself (a `LlamaForCausalLM` subclass, so the loader, norm
 folding and the model runner treat it as any text model); the vision tower and projector are
@@ -134,8 +135,6 @@ class ClipEmbeddings(nn.Module):
 class ClipVisionTower(nn.Module):
     """CLIP's vision transformer up to the hidden states of layer `feature_layer`."""
 
-    has_cls = True
-
     def __init__(self, vc: dict[str, Any]) -> None:
         super().__init__()
         hidden, eps = int(vc["hidden_size"]), float(vc.get("layer_norm_eps", 1e-5))
@@ -156,7 +155,7 @@ class ClipVisionTower(nn.Module):
         return x
 
 
-def vision_tower(path: str, vc: dict[str, Any]) -> ClipVisionTower | SiglipVisionTower:
+def build_vision_tower(path: str, vc: dict[str, Any]) -> ClipVisionTower | SiglipVisionTower:
     """The tower `vision_config.model_type` names (CLIP when absent, as transformers' default)."""
     kind = vc.get("model_type", "clip_vision_model")
     if kind == "clip_vision_model":
@@ -210,7 +209,7 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
             raise ModelConfigError(f"{cfg.path}: vision_feature_select_strategy {self.select_strategy!r}")
         self.image_token_id = int(mm.get("image_token_index", mm.get("image_token_id", 32000)))
         super().__init__(cfg, ops)
-        self.vision_tower = vision_tower(cfg.path, vc)
+        self.vision_tower = build_vision_tower(cfg.path, vc)
         self.multi_modal_projector = self.projector_class(
             int(vc["hidden_size"]),
             cfg.hidden_size,

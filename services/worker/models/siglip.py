@@ -54,8 +54,6 @@ class SiglipPoolingHead(nn.Module):
 class SiglipVisionTower(nn.Module):
     """SigLIP's vision transformer up to the hidden states of layer `feature_layer`."""
 
-    has_cls = False
-
     def __init__(self, vc: dict[str, Any]) -> None:
         super().__init__()
         vc = {**SIGLIP_DEFAULTS, **vc}
