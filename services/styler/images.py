@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from services.common import anyres
 from services.common.image_hash import pixels_hash
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # encoded size of one image
@@ -81,9 +82,13 @@ class PixelValues:
     """One preprocessed image: float32 pixels, its patch grid where the tower takes one, and
     their content hash."""
 
-    array: np.ndarray  # [C, H, W] float32 (CLIP), or flat patches [t * h * w, patch dim] (Qwen2.5-VL)
+    # [C, H, W] float32 (CLIP), [1 + tiles, C, S, S] (LLaVA-NeXT), or flat patches
+    # [t * h * w, patch dim] (Qwen2.5-VL)
+    array: np.ndarray
     hash: str  # sha256 hex of shape + grid + bytes: equal pixels on an equal grid, equal hash
-    grid_thw: tuple[int, ...] = ()  # Qwen2.5-VL: (t, h, w) patches; () for a fixed-size tower
+    # Qwen2.5-VL: (t, h, w) patches; LLaVA-NeXT: (1, height, width) of the original image in
+    # pixels (transformers' image_sizes); () for a fixed-size tower
+    grid_thw: tuple[int, ...] = ()
 
     @staticmethod
     def of(array: np.ndarray, grid_thw: tuple[int, ...] = ()) -> PixelValues:
@@ -93,9 +98,13 @@ class PixelValues:
 
 @dataclass(frozen=True)
 class ClipPreprocessor:
-    """transformers' CLIPImageProcessor (PIL backend) for one model's settings."""
+    """transformers' CLIPImageProcessor (PIL backend) for one model's settings; with a fixed
+    `size` (height / width) and no crop, SiglipImageProcessor's."""
 
     shortest_edge: int = 224
+    # SiglipImageProcessor (LLaVA with a SigLIP tower): resize to exactly height x width instead
+    resize_height: int = 0
+    resize_width: int = 0
     crop_height: int = 224
     crop_width: int = 224
     resample: int = 3  # PIL's BICUBIC
@@ -115,16 +124,25 @@ class ClipPreprocessor:
             size = {"shortest_edge": size}
         if isinstance(crop, int):
             crop = {"height": crop, "width": crop}
+        fixed = (0, 0)
         if "shortest_edge" not in size:
-            raise ImageError(f"unsupported image processor size {size!r} (only shortest_edge)")
+            if "height" not in size or "width" not in size:
+                raise ImageError(
+                    f"unsupported image processor size {size!r} (shortest_edge or height / width)"
+                )
+            fixed = (int(size["height"]), int(size["width"]))  # SiglipImageProcessor's
         default = ClipPreprocessor()
+        # SiglipImageProcessor has no center crop (and saves no do_center_crop); CLIP's default is on
+        crops = cfg.get("image_processor_type") != "SiglipImageProcessor"
         return ClipPreprocessor(
-            shortest_edge=int(size["shortest_edge"]),
+            shortest_edge=int(size.get("shortest_edge", 0)),
+            resize_height=fixed[0],
+            resize_width=fixed[1],
             crop_height=int(crop.get("height", default.crop_height)),
             crop_width=int(crop.get("width", default.crop_width)),
             resample=int(cfg.get("resample", default.resample)),
             do_resize=bool(cfg.get("do_resize", True)),
-            do_center_crop=bool(cfg.get("do_center_crop", True)),
+            do_center_crop=bool(cfg.get("do_center_crop", crops)),
             do_rescale=bool(cfg.get("do_rescale", True)),
             rescale_factor=float(cfg.get("rescale_factor", default.rescale_factor)),
             do_normalize=bool(cfg.get("do_normalize", True)),
@@ -139,8 +157,15 @@ class ClipPreprocessor:
         return ClipPreprocessor.from_config(cfg.get("image_processor", cfg))
 
     def __call__(self, image: Image.Image) -> PixelValues:
+        return PixelValues.of(self.chw(image))
+
+    def chw(self, image: Image.Image) -> np.ndarray:
+        """One image's [C, H, W] float32 pixels."""
         image = image.convert("RGB")
-        if self.do_resize:
+        if self.do_resize and self.resize_height:
+            size = (self.resize_width, self.resize_height)
+            image = image.resize(size, resample=Image.Resampling(self.resample))
+        elif self.do_resize:
             width, height = image.size
             short, long = (width, height) if width <= height else (height, width)
             new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
@@ -155,7 +180,78 @@ class ClipPreprocessor:
             mean = np.array(self.image_mean, dtype=np.float32)
             std = np.array(self.image_std, dtype=np.float32)
             out = (out - mean) / std
-        return PixelValues.of(out.transpose(2, 0, 1))
+        return np.asarray(out.transpose(2, 0, 1))
+
+
+_LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+@dataclass(frozen=True)
+class LlavaNextPreprocessor:
+    """transformers' LlavaNextImageProcessor (PIL backend): the image resized into its best grid
+    pinpoint keeping its aspect ratio (`anyres.select_best_resolution`, PIL on uint8), padded
+    with zeros centred to the pinpoint, cut into `tile` x `tile` tiles (row-major); the whole
+    image resized (squashed) to `base_height` x `base_width` first; each of the 1 + tiles then
+    through CLIP's steps (`clip`: shortest-edge resize, center crop, rescale, normalise).
+    -> [1 + tiles, C, S, S] with grid (1, height, width) of the original image."""
+
+    clip: ClipPreprocessor
+    pinpoints: tuple[tuple[int, int], ...] = _LLAVA_NEXT_PINPOINTS
+    base_height: int = 224
+    base_width: int = 224
+    tile: int = 224
+
+    @staticmethod
+    def from_config(cfg: dict[str, Any]) -> LlavaNextPreprocessor:
+        size = cfg.get("size") or {"shortest_edge": 224}
+        crop = cfg.get("crop_size") or {"height": 224, "width": 224}
+        if isinstance(size, int):
+            size = {"shortest_edge": size}
+        if isinstance(crop, int):
+            crop = {"height": crop, "width": crop}
+        if "shortest_edge" in size:
+            base = (int(size["shortest_edge"]),) * 2
+        elif "height" in size and size.get("width") == size["height"]:
+            base = (int(size["height"]), int(size["width"]))
+        else:  # (a tile is square: resizing it to a square equals a shortest-edge resize)
+            raise ImageError(f"unsupported image processor size {size!r} (shortest_edge or a square)")
+        clip = ClipPreprocessor.from_config({**cfg, "size": {"shortest_edge": min(base)}, "crop_size": crop})
+        tile = int(crop["height"]) if crop.get("height") else base[0]
+        pinpoints = cfg.get("image_grid_pinpoints") or _LLAVA_NEXT_PINPOINTS
+        return LlavaNextPreprocessor(
+            clip, tuple((int(h), int(w)) for h, w in pinpoints), base[0], base[1], tile
+        )
+
+    @staticmethod
+    def from_model_dir(model_dir: str) -> LlavaNextPreprocessor:
+        path = Path(model_dir) / "preprocessor_config.json"
+        cfg = json.loads(path.read_text()) if path.is_file() else {}
+        return LlavaNextPreprocessor.from_config(cfg.get("image_processor", cfg))
+
+    def __call__(self, image: Image.Image) -> PixelValues:
+        image = image.convert("RGB")
+        width, height = image.size
+        best_h, best_w = anyres.select_best_resolution(height, width, self.pinpoints)
+        # transformers' get_patch_output_size: fit inside the pinpoint, aspect ratio kept
+        scale_w, scale_h = best_w / width, best_h / height
+        if scale_w < scale_h:
+            new_w, new_h = best_w, min(math.ceil(height * scale_w), best_h)
+        else:
+            new_h, new_w = best_h, min(math.ceil(width * scale_h), best_w)
+        resample = Image.Resampling(self.clip.resample)
+        fitted = np.asarray(image.resize((new_w, new_h), resample=resample))
+        top, bottom = divmod(best_h - new_h, 2)
+        left, right = divmod(best_w - new_w, 2)
+        padded = np.pad(fitted, ((top, top + bottom), (left, left + right), (0, 0)))
+        t = self.tile
+        tiles = [
+            Image.fromarray(padded[i : i + t, j : j + t])
+            for i in range(0, best_h, t)
+            for j in range(0, best_w, t)
+        ]
+        base = image.resize((self.base_width, self.base_height), resample=resample)
+        out = np.stack([self.clip.chw(tile) for tile in [base, *tiles]])
+        return PixelValues.of(out, (1, height, width))
 
 
 def _center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -6,7 +6,7 @@ the vision tower yields rows, which the worker replaces by the image's embedding
 A model directory is image-in when its config.json has a `vision_config` and an
 `image_token_index` / `image_token_id`. LLaVA: the placeholder is processor_config.json's
 `image_token` ("<image>") or the tokenizer's text of that id, every image the same number of
-tokens. Qwen2.5-VL: the placeholder is `<|vision_start|><|image_pad|><|vision_end|>` (what its
+tokens, or for LLaVA-NeXT as many as its anyres tiling yields for that image's size. Qwen2.5-VL: the placeholder is `<|vision_start|><|image_pad|><|vision_end|>` (what its
 chat template writes for an image part), and `<|image_pad|>` is expanded to one token per merged
 patch of that image's dynamic-resolution grid.
 """
@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common import anyres
 from services.styler.images import (
     ClipPreprocessor,
     ImageError,
+    LlavaNextPreprocessor,
     PixelValues,
     QwenVLPreprocessor,
     data_url_bytes,
@@ -50,8 +52,13 @@ class ImageSupport:
     placeholder: str  # the text an image part becomes before the chat template runs
     image_token: str  # the token expanded to the image's rows (in `placeholder`)
     image_token_id: int
-    preprocess: ClipPreprocessor | QwenVLPreprocessor
-    tokens_per_image: int = 0  # fixed-size towers (LLaVA); 0: from each image's grid (Qwen2.5-VL)
+    preprocess: ClipPreprocessor | LlavaNextPreprocessor | QwenVLPreprocessor
+    # fixed-size towers (LLaVA); LLaVA-NeXT: the base tile's; 0 for Qwen2.5-VL (from each grid)
+    tokens_per_image: int = 0
+    # LLaVA-NeXT: the model's (config.json) grid pinpoints, tile size and features per tile side
+    pinpoints: tuple[tuple[int, int], ...] = ()
+    tile: int = 0
+    side: int = 0
 
     @staticmethod
     def from_model_dir(model_dir: str, tokenizer: Tokenizer) -> ImageSupport | None:
@@ -79,10 +86,27 @@ class ImageSupport:
             markers: tuple[str, ...] = (QWEN_VISION_START, QWEN_VISION_END, token)
         else:
             token = str(processor.get("image_token") or tokenizer.id_to_token(token_id) or "")
-            patches = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
+            side = int(vision["image_size"]) // int(vision["patch_size"])
+            # the tower's rows (SigLIP has no CLS row); "default" drops the first, as transformers
+            cls = 0 if vision.get("model_type") == "siglip_vision_model" else 1
             strategy = cfg.get("vision_feature_select_strategy", "default")
-            tokens = patches if strategy == "default" else patches + 1
-            support = ImageSupport(token, token, token_id, ClipPreprocessor.from_model_dir(model_dir), tokens)
+            tokens = side * side + cls - (1 if strategy == "default" else 0)
+            if "LlavaNextForConditionalGeneration" in (cfg.get("architectures") or []):
+                pinpoints = cfg.get("image_grid_pinpoints") or [
+                    [336, 672],
+                    [672, 336],
+                    [672, 672],
+                    [1008, 336],
+                    [336, 1008],
+                ]
+                support = ImageSupport(
+                    token, token, token_id, LlavaNextPreprocessor.from_model_dir(model_dir), tokens,
+                    tuple((int(h), int(w)) for h, w in pinpoints), int(vision["image_size"]), side,
+                )  # fmt: skip
+            else:
+                support = ImageSupport(
+                    token, token, token_id, ClipPreprocessor.from_model_dir(model_dir), tokens
+                )
             markers = (token,)
         if tokenizer.encode(token, add_special_tokens=False) != [token_id]:
             raise ValueError(f"{model_dir}: the image token {token!r} does not tokenize to id {token_id}")
@@ -94,6 +118,11 @@ class ImageSupport:
     def num_tokens(self, pixels: PixelValues) -> int:
         if isinstance(self.preprocess, QwenVLPreprocessor):
             return self.preprocess.num_tokens(pixels)
+        if isinstance(self.preprocess, LlavaNextPreprocessor):
+            _, height, width = pixels.grid_thw
+            return anyres.num_image_tokens(
+                height, width, self.pinpoints, self.tile, self.side, self.tokens_per_image
+            )
         return self.tokens_per_image
 
     def prepare(

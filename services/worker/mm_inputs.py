@@ -27,10 +27,13 @@ class ImageInput:
     hash: str  # hex content hash of the preprocessed pixels (the styler's sha256)
     offset: int  # first placeholder position in the prompt
     length: int  # number of placeholder positions (= embedding rows)
-    # The HF processor's output for this image: [C, H, W] float32 (LLaVA), or Qwen2.5-VL's flat
-    # patches [t * h * w, C * temporal_patch * patch * patch] on the grid `grid_thw`
+    # The HF processor's output for this image: [C, H, W] float32 (LLaVA), LLaVA-NeXT's base +
+    # grid tiles [1 + tiles, C, S, S], or Qwen2.5-VL's flat patches
+    # [t * h * w, C * temporal_patch * patch * patch] on the grid `grid_thw`
     pixel_values: torch.Tensor
-    grid_thw: tuple[int, ...] = ()  # (t, h, w) patches (Qwen2.5-VL); () for fixed-size towers
+    # (t, h, w) patches (Qwen2.5-VL); (1, height, width) pixels of the original image
+    # (LLaVA-NeXT: its tiling and unpadding); () for fixed-size towers
+    grid_thw: tuple[int, ...] = ()
     # The embedding rows an encode worker computed ([length, hidden]); then pixel_values is empty
     # and `hash` is the rows' own (services/common/image_hash.py embeddings_hash)
     embeds: torch.Tensor | None = None
@@ -160,10 +163,10 @@ def images_from_pb(images: Iterable[common_pb2.ImageInput]) -> tuple[ImageInput,
                 f"{where}.dtype", f"only float32 pixels are supported, got {msg.dtype!r}"
             )
         shape = tuple(msg.shape)
-        if len(shape) not in (2, 3) or len(msg.pixel_values) != 4 * math.prod(shape):
+        if len(shape) not in (2, 3, 4) or len(msg.pixel_values) != 4 * math.prod(shape):
             raise InvalidRequestError(
                 f"{where}.pixel_values",
-                f"{len(msg.pixel_values)} bytes do not make float32 {list(shape)} ([C, H, W] or [patches, dim])",
+                f"{len(msg.pixel_values)} bytes do not make float32 {list(shape)} ([C, H, W], [tiles, C, H, W] or [patches, dim])",
             )
         # The hash keys the encoder cache and the prefix cache, shared by all requests: recompute
         # it (the styler's formula, services/styler/images.py pixels_hash) rather than trust it.

@@ -4,8 +4,6 @@ directory with its image processor, a chat template and the stories260K tokenize
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,15 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gateway"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gateway_stack import Stack
-from llava_testlib import IMAGE_SIZE, IMAGE_TOKEN, VOCAB
+from llava_testlib import IMAGE_SIZE, IMAGE_TOKEN, VOCAB, write_tokenizer_files
 
 torch.set_num_threads(1)
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
-    "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 
 @pytest.fixture(scope="session")
@@ -53,17 +45,7 @@ def llava_dir(tmp_path_factory: pytest.TempPathFactory, stories_dir: Path) -> Pa
     CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     ).save_pretrained(str(path))
-    tok = json.loads((stories_dir / "tokenizer.json").read_text())
-    tok["added_tokens"].append(
-        {"id": IMAGE_TOKEN, "content": "<image>", "single_word": False, "lstrip": False,
-         "rstrip": False, "normalized": False, "special": True}
-    )  # fmt: skip
-    (path / "tokenizer.json").write_text(json.dumps(tok))
-    tok_cfg = json.loads((stories_dir / "tokenizer_config.json").read_text())
-    tok_cfg["chat_template"] = CHAT_TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
-    shutil.copy(stories_dir / "special_tokens_map.json", path / "special_tokens_map.json")
-    (path / "processor_config.json").write_text(json.dumps({"image_token": "<image>"}))
+    write_tokenizer_files(stories_dir, path)
     return path
 
 

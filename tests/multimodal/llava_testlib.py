@@ -7,9 +7,12 @@ import base64
 import functools
 import http.server
 import io
+import json
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,28 @@ VOCAB = 513
 IMAGE_SIZE = 42  # 3 x 3 patches of 14: 9 image tokens per image ("default": the CLS row dropped)
 TOKENS_PER_IMAGE = 9
 MAX_TOKENS = 8  # of the API tests' greedy answers
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def write_tokenizer_files(stories_dir: Path, path: Path) -> None:
+    """stories260K's tokenizer plus an "<image>" token (id IMAGE_TOKEN), CHAT_TEMPLATE, and a
+    processor_config.json naming the image token, into the model directory `path`."""
+    tok = json.loads((stories_dir / "tokenizer.json").read_text())
+    tok["added_tokens"].append(
+        {"id": IMAGE_TOKEN, "content": "<image>", "single_word": False, "lstrip": False,
+         "rstrip": False, "normalized": False, "special": True}
+    )  # fmt: skip
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    tok_cfg = json.loads((stories_dir / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = CHAT_TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    shutil.copy(stories_dir / "special_tokens_map.json", path / "special_tokens_map.json")
+    (path / "processor_config.json").write_text(json.dumps({"image_token": "<image>"}))
 
 
 def png(width: int, height: int, seed: int) -> bytes:

@@ -8,6 +8,7 @@ from services.worker.models.gemma3 import Gemma3ForCausalLM
 from services.worker.models.gpt_oss import GptOssForCausalLM
 from services.worker.models.llama import LlamaForCausalLM
 from services.worker.models.llava import LlavaForConditionalGeneration
+from services.worker.models.llava_next import LlavaNextForConditionalGeneration
 from services.worker.models.mixtral import MixtralForCausalLM
 from services.worker.models.phi3 import Phi3ForCausalLM
 from services.worker.models.qwen2 import Qwen2ForCausalLM
@@ -21,6 +22,7 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "GptOssForCausalLM": GptOssForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
+    "LlavaNextForConditionalGeneration": LlavaNextForConditionalGeneration,
     "MistralForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
@@ -31,7 +33,10 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
 }
 
 # Image-in families: `check_image` at admission, `encode_image` per image (the encoder cache)
-IMAGE_MODELS = (LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
+IMAGE_MODELS = (
+    LlavaForConditionalGeneration,  # (LLaVA-NeXT: a subclass)
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 
 def model_class(architecture: str) -> type[LlamaForCausalLM]:

@@ -1,5 +1,6 @@
-"""LLaVA-1.5 style image-in models: a CLIP vision tower, a two-layer MLP projector, and a language
-model of an existing text family (Llama / Mistral / Qwen2 / Qwen3, from config.json's text_config).
+"""LLaVA-1.5 style image-in models: a CLIP (or SigLIP: models/siglip.py) vision tower, a two-layer
+MLP projector, and a language model of an existing text family (Llama / Mistral / Qwen2 / Qwen3,
+from config.json's text_config).
 
 The language model is this class itself (a `LlamaForCausalLM` subclass, so the loader, norm
 folding and the model runner treat it as any text model); the vision tower and projector are
@@ -8,13 +9,15 @@ plain torch modules run once per image, outside the paged-attention path. An ima
 during prefill (`forward(..., mm=)`, filled by the model runner from the request's images).
 
 Matches transformers' `LlavaForConditionalGeneration` with `vision_feature_select_strategy`
-"default" (the CLS row dropped) or "full", one integer `vision_feature_layer`.
+"default" (the first row dropped: CLIP's CLS; a SigLIP tower has none and loses its first patch,
+as in transformers) or "full", one integer `vision_feature_layer`. LLaVA-NeXT (anyres tiling)
+builds on this class: models/llava_next.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +29,9 @@ from services.worker.layers.attention import AttentionMetadata
 from services.worker.mm_inputs import ImageInput, check_embeddings
 from services.worker.model_config import ModelConfig, ModelConfigError
 from services.worker.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from services.worker.models.siglip import SiglipVisionTower
 
 _ACTS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
@@ -149,6 +155,18 @@ class ClipVisionTower(nn.Module):
         return x
 
 
+def build_vision_tower(path: str, vc: dict[str, Any]) -> ClipVisionTower | SiglipVisionTower:
+    """The tower `vision_config.model_type` names (CLIP when absent, as transformers' default)."""
+    kind = vc.get("model_type", "clip_vision_model")
+    if kind == "clip_vision_model":
+        return ClipVisionTower(vc)
+    if kind == "siglip_vision_model":
+        from services.worker.models.siglip import SiglipVisionTower  # (it builds on CLIP's layers here)
+
+        return SiglipVisionTower(vc)
+    raise ModelConfigError(f"{path}: vision tower {kind!r} is not supported (CLIP or SigLIP)")
+
+
 class MultiModalProjector(nn.Module):
     def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool) -> None:
         super().__init__()
@@ -163,7 +181,7 @@ class MultiModalProjector(nn.Module):
 class LlavaForConditionalGeneration(LlamaForCausalLM):
     # HF's checkpoint names -> ours: the language model is this module itself
     # (both layouts: transformers 5's in-memory names and the saved / llava-hf hub names)
-    checkpoint_renames = (
+    checkpoint_renames: tuple[tuple[str, str], ...] = (
         ("model.language_model.", "model."),
         ("language_model.model.", "model."),
         ("language_model.lm_head.", "lm_head."),
@@ -174,16 +192,14 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
     )
     # Parameters the loader copies as they are (CLIP's q/k/v are not fused like the text layers')
     unfused_prefixes = ("vision_tower.", "multi_modal_projector.")
+    projector_class = MultiModalProjector
+    vision_tower: ClipVisionTower | SiglipVisionTower
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         mm = cfg.multimodal
         if mm is None:
             raise ModelConfigError(f"{cfg.path}: a LLaVA config needs text_config and vision_config")
         vc = dict(mm["vision_config"])
-        if vc.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise ModelConfigError(
-                f"{cfg.path}: vision tower {vc.get('model_type')!r} is not supported (only CLIP)"
-            )
         feature_layer = mm.get("vision_feature_layer", -2)
         if not isinstance(feature_layer, int):
             raise ModelConfigError(f"{cfg.path}: a list of vision_feature_layer is not supported")
@@ -193,8 +209,8 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
             raise ModelConfigError(f"{cfg.path}: vision_feature_select_strategy {self.select_strategy!r}")
         self.image_token_id = int(mm.get("image_token_index", mm.get("image_token_id", 32000)))
         super().__init__(cfg, ops)
-        self.vision_tower = ClipVisionTower(vc)
-        self.multi_modal_projector = MultiModalProjector(
+        self.vision_tower = build_vision_tower(cfg.path, vc)
+        self.multi_modal_projector = self.projector_class(
             int(vc["hidden_size"]),
             cfg.hidden_size,
             str(mm.get("projector_hidden_act", "gelu")),
@@ -205,7 +221,7 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
         """Refuse pixels of another shape than the vision tower's, or a placeholder run of another
         length than its rows (either would fail inside a forward, costing the whole batch)."""
         emb = self.vision_tower.embeddings
-        rows = emb.num_positions - (1 if self.select_strategy == "default" else 0)
+        rows = self.tokens_per_tile()
         if image.length != rows:
             raise InvalidRequestError(
                 f"images[{index}].length", f"{image.length}; this model's images are {rows} tokens"
@@ -220,15 +236,25 @@ class LlavaForConditionalGeneration(LlamaForCausalLM):
                 f"images[{index}].shape", f"{list(image.pixel_values.shape)}; this model takes {list(want)}"
             )
 
+    def tokens_per_tile(self) -> int:
+        """Rows of one tower input after feature selection ("default" drops the first row)."""
+        return int(self.vision_tower.embeddings.num_positions) - (
+            1 if self.select_strategy == "default" else 0
+        )
+
+    @torch.no_grad()
+    def project_tiles(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] tower inputs -> [B, tokens_per_tile, text hidden] (the projector's output)."""
+        device = self.vision_tower.embeddings.patch_embedding.weight.device
+        feats = self.vision_tower(pixels.to(device), self.feature_layer)
+        if self.select_strategy == "default":
+            feats = feats[:, 1:]
+        return self.multi_modal_projector(feats)
+
     @torch.no_grad()
     def encode_image(self, image: ImageInput) -> torch.Tensor:
         """[C, H, W] pixels (the processor's output for one image) -> [tokens, text hidden]."""
-        feats = self.vision_tower(
-            image.pixel_values[None].to(self.vision_tower.pre_layrnorm.weight.device), self.feature_layer
-        )
-        if self.select_strategy == "default":
-            feats = feats[:, 1:]
-        return self.multi_modal_projector(feats)[0].to(self.model.embed_tokens.weight.dtype)
+        return self.project_tiles(image.pixel_values[None])[0].to(self.model.embed_tokens.weight.dtype)
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, mm: ImageEmbeddingRows | None = None
