@@ -12,6 +12,9 @@ and the experts' gate/up, row-parallel columns of o_proj, down and the experts' 
 rows of the embedding and LM head. A quantized projection's tensors (a full-precision weight
 quantized as it loads, or a checkpoint's packed codes, scales and zero points) are sliced the same
 way by its QuantMethod (layers/quantization/base.py `read_part`).
+
+Pipeline parallelism: a stage reads only its layers' tensors, and stage 0 also the embedding, the
+final norm and the LM head (`_this_stage`); the later stages do not build those modules at all.
 """
 
 from __future__ import annotations
