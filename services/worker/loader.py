@@ -12,6 +12,9 @@ and the experts' gate/up, row-parallel columns of o_proj, down and the experts' 
 rows of the embedding and LM head. A quantized projection's tensors (a full-precision weight
 quantized as it loads, or a checkpoint's packed codes, scales and zero points) are sliced the same
 way by its QuantMethod (layers/quantization/base.py `read_part`).
+
+Pipeline parallelism: a stage reads only its layers' tensors, and stage 0 also the embedding, the
+final norm and the LM head (`_this_stage`); the later stages do not build those modules at all.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # The decoder's tensors in a checkpoint saved as the base model (transformers' AutoModel, e.g. the
 # Qwen3-Embedding checkpoints): named without the "model." of the causal LM
 _BASE_MODEL_PREFIXES = ("embed_tokens.", "layers.", "norm.")
+# What pipeline stage 0 alone holds: the embedding, the final norm and the LM head
+_FIRST_STAGE_PREFIXES = ("model.embed_tokens.", "model.norm.", "lm_head.")
 # One expert's projection in a mixture-of-experts block -> (stacked parameter, shard of its rows)
 _EXPERT = re.compile(r"^(?P<block>.*\.mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight$")
 _EXPERT_PROJS = {
@@ -246,15 +251,10 @@ def load_weights(
         (file_name, name, item if isinstance(item, CheckpointTensor) else CheckpointTensor.of(item))
         for file_name, name, item in tensors
     )
-    for file_name, checkpoint_name, item in model.remap_checkpoint(checkpoint):
-        name = checkpoint_name
-        if name.startswith(_BASE_MODEL_PREFIXES):  # saved as the base model (AutoModel): no "model."
-            name = f"model.{name}"
+    for file_name, checkpoint_name, item in model.remap_checkpoint(_this_stage(model, checkpoint)):
+        name = _full_name(checkpoint_name)
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
-        layer = _LAYER.match(name)
-        if layer is not None and not shard_layout(model.config).holds_layer(int(layer[1])):
-            continue  # another pipeline stage's layer
         source = item
         for old, new in model.checkpoint_renames:
             name = name.replace(old, new)
@@ -355,6 +355,32 @@ def load_weights(
             raise WeightLoadError(f"{model.config.path}: missing tensor(s) {', '.join(shown)}")
 
 
+def _full_name(checkpoint_name: str) -> str:
+    """A tensor's name as the causal LM names it (a checkpoint saved as the base model, e.g. by
+    transformers' AutoModel, names the decoder's tensors without the "model.")."""
+    return f"model.{checkpoint_name}" if checkpoint_name.startswith(_BASE_MODEL_PREFIXES) else checkpoint_name
+
+
+def _this_stage(
+    model: LlamaForCausalLM, tensors: Iterator[tuple[str, str, CheckpointTensor]]
+) -> Iterator[tuple[str, str, CheckpointTensor]]:
+    """The checkpoint's tensors this rank's pipeline stage holds, before anything reads them (a
+    family's `remap_checkpoint` reads what it converts): its layers' tensors, and on stage 0 the
+    embedding, the final norm and the LM head; everything with P = 1."""
+    layout = model.layout
+    if layout.pp_size == 1:
+        yield from tensors
+        return
+    for file_name, checkpoint_name, tensor in tensors:
+        name = _full_name(checkpoint_name)
+        layer = _LAYER.match(name)
+        if layer is not None and not layout.holds_layer(int(layer[1])):
+            continue  # another pipeline stage's layer
+        if name.startswith(_FIRST_STAGE_PREFIXES) and not layout.first_stage:
+            continue  # stage 0's embedding, final norm or LM head (models/llama.py OnFirstStage)
+        yield file_name, checkpoint_name, tensor
+
+
 def _checkpoint_name(model: LlamaForCausalLM, name: str, shard: str) -> str:
     for fused, original, shard_id in model.stacked_params:
         if shard_id == shard:
@@ -412,7 +438,8 @@ def build_model(
         if method is not None:  # the layers' quantized parameters replace their weights, still on meta
             quantize_linears(model, method, lm_head=quantized_head)
     model = materialize(model, device)
-    if cfg.tie_word_embeddings and not quantized_head:  # materialize keeps the tie, but be explicit
+    if cfg.tie_word_embeddings and not quantized_head and model.layout.first_stage:
+        # materialize keeps the tie, but be explicit (a later pipeline stage holds neither)
         model.lm_head.weight = model.model.embed_tokens.weight
     if load_format == "dummy":
         init_dummy_weights(model, seed)

@@ -153,7 +153,8 @@ class ModelRunner:
             # quantized projections run their own GEMM (layers/quantization/), nothing to tune
             if isinstance(module, nn.Linear) and getattr(module, "quant_method", None) is None:
                 groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
-        if getattr(self.model.lm_head, "quant_method", None) is None:
+        # (a later pipeline stage has no LM head: models/llama.py OnFirstStage)
+        if self.model.layout.first_stage and getattr(self.model.lm_head, "quant_method", None) is None:
             groups["lm_head"] = [self.model.lm_head]
         report: list[str] = []
         with torch.inference_mode():
@@ -330,11 +331,13 @@ class ModelRunner:
             cos_sin_cache=self.cos_sin_cache,
         )
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), meta)
-        logits = self.model.compute_logits(hidden[-1:].expand(num_seqs, -1))
-        torch.softmax(logits, dim=-1).sort(dim=-1)
+        if self.model.layout.first_stage:  # (the later pipeline stages have no LM head)
+            logits = self.model.compute_logits(hidden[-1:].expand(num_seqs, -1))
+            torch.softmax(logits, dim=-1).sort(dim=-1)
+            del logits
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        del scratch, hidden, logits, meta
+        del scratch, hidden, meta
         for attn in self.model.attention_layers():
             attn.kv_cache = None
         torch.cuda.empty_cache()

@@ -16,8 +16,9 @@ the rotary cache are replicated.
 Pipeline parallelism (P stages) splits the layers: stage s holds layers [s*L/P, (s+1)*L/P) (the
 first stages take one more when P does not divide L) and its slice of the KV cache; the hidden
 states (and the residual stream) go from stage to stage by point-to-point sends, and the last
-stage sends its output back to stage 0, which holds the final norm and the LM head (the embedding
-too: every stage keeps a copy of those three for now). Rank = stage * T + tensor-parallel rank.
+stage sends its output back to stage 0, which holds the embedding, the final norm and the LM head
+(the other stages neither build nor read them: `ShardLayout.first_stage`). Rank = stage * T +
+tensor-parallel rank.
 
 With T = P = 1 the layout is the whole model and no collective runs: `current()` is the trivial
 state unless `init_process_group` was called. `single_rank()` makes it the trivial state for one
@@ -316,6 +317,12 @@ class ShardLayout:
 
     def holds_layer(self, layer: int) -> bool:
         return self.layer_start <= layer < self.layer_end
+
+    @property
+    def first_stage(self) -> bool:
+        """Whether this rank's stage is stage 0, the one that embeds the tokens and applies the
+        final norm and the LM head (pipeline.py); a later stage holds only its layers."""
+        return self.pp_rank == 0
 
     @property
     def q_head_start(self) -> int:

@@ -96,7 +96,7 @@ class GptOssForCausalLM(LlamaForCausalLM):
         from services.worker.checkpoint import CheckpointTensor, WeightLoadError
 
         pending: dict[str, dict[str, torch.Tensor]] = {}  # "<experts prefix><proj>" -> blocks / scales
-        dtype = self.model.norm.weight.dtype
+        dtype = self.model.weight_dtype
         for file_name, name, tensor in tensors:
             prefix, sep, local = name.partition(_EXPERTS)
             if not sep:

@@ -12,8 +12,8 @@ computed by the ops that read the raw residual stream; the two RMSNorm kernels o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 from torch import nn
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from services.worker.checkpoint import CheckpointTensor
     from services.worker.layers.lora import LoRAMapping
     from services.worker.tp_group import StepDriver
+
+M = TypeVar("M", bound=nn.Module)
 
 # Steps of at most this many tokens take the folded forward (the CUDA-graph logits ladder's top).
 FOLDED_MAX_TOKENS = 8
@@ -206,20 +208,50 @@ class MissingLayer(nn.Module):
     """A layer held by another pipeline stage (keeps the layers' indices): no parameters."""
 
 
+class OnFirstStage(nn.Module):
+    """Stage 0's embedding, final norm or LM head in a later pipeline stage's model: no parameters,
+    never called (stage 0 embeds the tokens and applies the final norm and the LM head to the
+    hidden states that come back to it: pipeline.py), so a later stage neither allocates nor
+    reads them."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, *args: object) -> torch.Tensor:
+        raise RuntimeError(f"{self.name} runs on pipeline stage 0 only")
+
+
+def _first_stage_only(layout: ShardLayout, name: str, build: Callable[[], M]) -> M:
+    """`build()` on stage 0; an `OnFirstStage` placeholder on the later stages. (Typed as the
+    module it stands for: every use of these modules is on stage 0.)"""
+    return build() if layout.first_stage else cast(M, OnFirstStage(name))
+
+
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
         self.layout = layout
-        self.embed_tokens: nn.Embedding = VocabParallelEmbedding(layout, cfg.hidden_size)
+        # The embedding and the final norm only on stage 0 (ShardLayout.first_stage)
+        self.embed_tokens: nn.Embedding = _first_stage_only(
+            layout, "embed_tokens", lambda: VocabParallelEmbedding(layout, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, ops, i, layout) if layout.holds_layer(i) else MissingLayer()
             for i in range(cfg.num_layers)
         )
-        self.norm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm: RMSNorm = _first_stage_only(
+            layout, "norm", lambda: RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        )
         # True once `LlamaForCausalLM.fold_norms` folded the layers' norm weights into qkv_proj and
         # gate_up_proj (the layer norms' weights are then ones).
         self.norms_folded = False
         self.init_step_hooks()
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The full-precision weights' dtype (a norm's: every stage holds its layers' norms)."""
+        return cast(DecoderLayer, self.layers[self.layout.layer_start]).input_layernorm.weight.dtype
 
     def init_step_hooks(self) -> None:
         """The attributes the engine sets on a model to hook into its forward (every model class
@@ -299,7 +331,7 @@ class LlamaModel(nn.Module):
                 layout,
                 input_ids,
                 meta,
-                self.norm.weight,
+                cast(DecoderLayer, self.layers[layout.layer_start]).input_layernorm.weight,
                 self.embed_tokens,
                 layers,
                 final_norm,
@@ -329,8 +361,11 @@ class LlamaForCausalLM(nn.Module):
         # model with T = 1.
         self.layout = shard_layout(cfg)
         self.model = LlamaModel(cfg, ops, self.layout)
-        self.lm_head = Linear(ops, cfg.hidden_size, self.layout.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        # The LM head only on stage 0, like the embedding it may be tied to
+        self.lm_head: Linear = _first_stage_only(
+            self.layout, "lm_head", lambda: Linear(ops, cfg.hidden_size, self.layout.vocab_size, bias=False)
+        )
+        if cfg.tie_word_embeddings and self.layout.first_stage:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -374,7 +409,7 @@ class LlamaForCausalLM(nn.Module):
             and not cfg.attention_bias
             and not cfg.qk_norm
             and not cfg.num_experts  # the folded forward has no MoE path
-            and self.model.embed_tokens.weight.dtype != torch.float16
+            and self.model.weight_dtype != torch.float16
             # Parallel groups fold too: qkv / gate_up are column-parallel over the whole hidden
             # dimension (each rank folds g into its rows), a row-parallel o_proj / down_proj adds
             # the residual on tensor-parallel rank 0 only, before its all-reduce
