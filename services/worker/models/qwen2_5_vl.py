@@ -29,7 +29,8 @@ from services.worker.errors import InvalidRequestError
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.mm_inputs import ImageInput, check_embeddings
 from services.worker.model_config import ModelConfig, ModelConfigError
-from services.worker.models.llava import ImageEmbeddingRows, activation
+from services.worker.models.clip import activation
+from services.worker.models.llava import ImageEmbeddingRows
 from services.worker.models.qwen2 import Qwen2ForCausalLM
 from services.worker.mrope import mrope_cos_sin, section_of_columns
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from services.worker.models.llava import ClipEncoder, ClipMLP
+from services.worker.models.clip import ClipEncoder, ClipMLP
 
 SIGLIP_DEFAULTS = {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
 
