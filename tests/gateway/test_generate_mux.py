@@ -142,7 +142,10 @@ async def test_concurrent_sessions_stream_the_tokens_of_their_own_rpcs(
     assert [r.finish for r in over_mux] == [r.finish for r in over_rpc]
     assert [r.usage for r in over_mux] == [r.usage for r in over_rpc]
     for a, b in zip(over_mux, over_rpc, strict=True):
-        assert a.logprobs == pytest.approx(b.logprobs)
+        # the two runs batch the 32 requests differently, and a row's fp32 logits depend on the
+        # batch it was computed in (the CPU GEMM's blocking) at the 1e-6 level: within 1e-4, as
+        # every logprob comparison between runs (a flake at approx's default 1e-6 relative)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
     assert len({tuple(r.tokens[0]) for r in over_mux}) > n // 2  # the seeds really differ
     counts = mux.generate_counts
     tokens = sum(len(ids) for r in over_mux for ids in r.tokens.values())
