@@ -17,7 +17,18 @@ fi
 # The whole suite prints its slowest calls: the 15-minute budget is kept by reading them (docs/operations.md)
 durations=()
 [ "$#" -eq 0 ] && durations=(--durations=25)
-.venv/bin/python -m pytest -q "${durations[@]}" "$@"
+# The whole suite runs on two pytest processes (pytest-xdist), a test folder at a time each: most
+# folders run in the pytest process on one thread (kernels, worker, styler), which leaves the other
+# core to a folder that starts stacks. tests/conftest.py groups the tests by folder.
+processes=()
+if [ "$#" -eq 0 ] && [ "${TANDEM_TEST_PROCESSES:-2}" -gt 1 ]; then
+  if .venv/bin/python -c "import xdist" 2>/dev/null; then
+    processes=(-n "${TANDEM_TEST_PROCESSES:-2}" --dist loadscope --no-loadscope-reorder)
+  else
+    echo "test.sh: pytest-xdist is not installed (scripts/setup.sh installs it); one pytest process" >&2
+  fi
+fi
+.venv/bin/python -m pytest -q "${durations[@]}" "${processes[@]}" "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
   echo "test.sh: pytest collected no tests; failing" >&2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -56,6 +57,37 @@ def tiny_qwen3_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     from tests.gateway.tiny_qwen3 import write_tiny_qwen3
 
     return write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
+
+
+# The longest folder (its tensor-parallel groups each start several processes) is handed out
+# first, so that the other process takes the rest of the suite meanwhile.
+_FIRST_FOLDERS = ("parallel",)
+
+
+def _folder(nodeid: str) -> str:
+    return nodeid.split("/", 2)[1]  # tests/<folder>/...
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`scripts/test.sh` runs the whole suite on two pytest processes (pytest-xdist, `--dist
+    loadscope`) with a test folder as the scope: a folder runs whole on one process, in its usual
+    order, so its session fixtures (stacks, tiny models) are built once and its tests that rely on
+    the ones before them still follow them."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FolderScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _folder(nodeid)
+
+    return FolderScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker: its order is the order folders are handed out
+        items.sort(key=lambda item: _folder(item.nodeid) not in _FIRST_FOLDERS)  # stable
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
