@@ -379,8 +379,13 @@ def decode_bytes_per_step(cfg: dict[str, Any], kv_tokens: int) -> float:
     a mixture of experts reads its routed experts only) + the KV read."""
     p = param_counts(cfg)
     weights = p["active_layers"] + (p["lm_head"] or p["embed"])
-    kv = kv_tokens * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * p["head_dim"]
-    return 2.0 * (weights + kv)
+    return 2.0 * weights + kv_bytes(cfg, kv_tokens)
+
+
+def kv_bytes(cfg: dict[str, Any], kv_tokens: int) -> float:
+    """The bf16 K and V of kv_tokens positions over every layer (what a decode step reads)."""
+    head_dim = param_counts(cfg)["head_dim"]
+    return 2.0 * kv_tokens * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim
 
 
 def prefill_flops(cfg: dict[str, Any], tokens: int) -> float:
@@ -466,10 +471,8 @@ def scenario_decode(
     mean_ctx = plan.decode_prompt + plan.decode_output // 2
     step_bytes = decode_bytes_per_step(cfg, mean_ctx)
     if engine.config.quantization != "none":  # the weights as stored (dense models: all of them read)
-        p = param_counts(cfg)
-        untied_embed = 0 if cfg["tie_word_embeddings"] else 2 * p["embed"]
-        kv = 2.0 * mean_ctx * cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * p["head_dim"]
-        step_bytes = engine.weight_bytes - untied_embed + kv
+        untied_embed = 0 if cfg["tie_word_embeddings"] else 2 * param_counts(cfg)["embed"]
+        step_bytes = engine.weight_bytes - untied_embed + kv_bytes(cfg, mean_ctx)
     mbu = step_bytes / tpot / (ceil.copy_gbps * 1e9)
     metrics = {
         "ttft_ms": step_times[0] * 1e3,
@@ -701,12 +704,11 @@ def scenario_prefill(
     ceil: Ceilings,
     gen: torch.Generator,
     label: str = "",
-    lengths: tuple[int, ...] | None = None,
 ) -> list[Row]:
     """Scenario 5: one long prompt, 1 output token; TTFT (median of 2 after a warm-up) and MFU."""
     rows = []
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    for length in lengths or plan.prefill_lens:
+    for length in plan.prefill_lens:
         times = []
         for rep in range(3):
             prompt = random_prompt(gen, length, cfg["vocab_size"])  # fresh: no prefix-cache hits

@@ -61,12 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    flush_buf = torch.empty(l2 // 4, dtype=torch.int32, device=device)
-
-    def flush() -> None:
-        flush_buf.zero_()
-
+    flush = sg.l2_flush(device)
     iters = 30
     flush_s = sg._graph_seconds(lambda i: flush(), iters) / iters
     results = []

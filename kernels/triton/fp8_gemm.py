@@ -40,8 +40,8 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.triton import quant_gemm
-from kernels.triton.quant_gemm import QuantConfig, fp8_weight_only
-from kernels.triton.skinny_gemm import _graph_seconds, _time_calls
+from kernels.triton.quant_gemm import QuantConfig, Timed, fp8_weight_only
+from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
 
 FP8 = torch.float8_e4m3fn
 # A config must beat `_scaled_mm` by this factor to be chosen: smaller gaps are within timing noise.
@@ -300,18 +300,8 @@ def chosen(n: int, k: int, has_bias: bool, rows: int) -> Fp8Config | QuantConfig
     return _CHOICE.get((n, k, has_bias, _bucket(rows)))
 
 
-@dataclass(frozen=True)
-class Timed:
-    """One candidate's measurement: its device seconds per call (None: it failed to compile or
-    run) and its output's relative error against the twin."""
-
-    config: Fp8Config | QuantConfig
-    seconds: float | None
-    rel_err: float  # against the twin of what the config computes (W8A8, or weight-only)
-
-
 def choose(
-    scaled_mm_seconds: float, timed: Sequence[Timed], min_gain: float = MIN_GAIN
+    scaled_mm_seconds: float, timed: Sequence[Timed[Fp8Config | QuantConfig]], min_gain: float = MIN_GAIN
 ) -> Fp8Config | QuantConfig | None:
     """The fastest candidate that is within TOLERANCE of the twin and at least `min_gain` times
     faster than `_scaled_mm`; None (keep `_scaled_mm`) when there is none."""
@@ -353,12 +343,7 @@ def tune_fp8_linear(
         return []
     n, k = w0.shape
     device = w0.device
-    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
-    flush_buf = torch.empty(l2 // 4, dtype=torch.int32, device=device)
-
-    def flush() -> None:  # writing L2's size evicts the weights (skinny_gemm.tune_linear)
-        flush_buf.zero_()
-
+    flush = l2_flush(device)
     scale_of = {w.data_ptr(): s for w, s in zip(weights, scales, strict=True)}
     gen = torch.Generator(device=device).manual_seed(0)
     lines = []
@@ -379,7 +364,7 @@ def tune_fp8_linear(
             lambda w, x=x: scaled_mm_w8a8(x, w, scale_of[w.data_ptr()], bias), weights, flush, flush_s, iters
         )
         results = [f"_scaled_mm {t_scaled * 1e6:.1f} us (rel err {scaled_err:.1g})"]
-        timed: list[Timed] = []
+        timed: list[Timed[Fp8Config | QuantConfig]] = []
         for config in candidates(m):
             try:
                 err = _rel_err(fp8_gemm(x, w0, scales[0], bias, config), ref)
@@ -413,7 +398,7 @@ def tune_fp8_linear(
                 flush_s,
                 iters,
             )
-            timed += [Timed(t.config, t.seconds, t.rel_err) for t in wo_timed]
+            timed.extend(wo_timed)
             results += [f"weight-only {r}" for r in wo_results]
         best = choose(t_scaled, timed)
         _CHOICE[key] = best

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import reference
+from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
 
 SKINNY_MAX_ROWS = 16
 # Row counts timed per weight shape; a call with M rows takes the choice of the smallest bucket >= M
@@ -46,6 +48,7 @@ SKINNY_MAX_ROWS = 16
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
 # A tuning candidate's output must be within this relative (Frobenius) error of the fp32 twin.
 TOLERANCE = 1e-2
+C = TypeVar("C", covariant=True)  # a tuner's config type (Timed)
 
 
 @dataclass(frozen=True)
@@ -342,16 +345,17 @@ def fp8_weight_only(
 
 
 @dataclass(frozen=True)
-class Timed:
-    """One candidate's measurement: device seconds per call (None: rejected or failed) and its
-    output's relative error against the twin."""
+class Timed(Generic[C]):
+    """One candidate's measurement (this file's tuner and fp8_gemm's): device seconds per call
+    (None: rejected or failed) and its output's relative error against the twin of what it
+    computes."""
 
-    config: QuantConfig
+    config: C
     seconds: float | None
     rel_err: float
 
 
-def choose(timed: Sequence[Timed]) -> QuantConfig | None:
+def choose(timed: Sequence[Timed[QuantConfig]]) -> QuantConfig | None:
     """The fastest candidate within TOLERANCE of the twin (None when there is none)."""
     ok = [t for t in timed if t.seconds is not None and t.rel_err < TOLERANCE]
     return min(ok, key=lambda t: t.seconds or 0.0).config if ok else None
@@ -366,12 +370,10 @@ def time_candidates(
     flush,  # type: ignore[no-untyped-def]
     flush_s: float,
     iters: int,
-) -> tuple[list[Timed], list[str]]:
+) -> tuple[list[Timed[QuantConfig]], list[str]]:
     """Each config's error on weights[0] against `ref` and, within TOLERANCE, its device seconds
     per call on a cold L2 (skinny_gemm._time_calls); one report entry a config."""
-    from kernels.triton.skinny_gemm import _time_calls
-
-    timed: list[Timed] = []
+    timed: list[Timed[QuantConfig]] = []
     results: list[str] = []
     for config in configs:
         try:
@@ -388,19 +390,6 @@ def time_candidates(
             seconds, err = None, float("inf")
         timed.append(Timed(config, seconds, err))
     return timed, results
-
-
-def l2_flush(device: torch.device):  # type: ignore[no-untyped-def]
-    """A callable that evicts L2 (writes its size), and its device seconds per call."""
-    from kernels.triton.skinny_gemm import _graph_seconds
-
-    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
-    buf = torch.empty(l2 // 4, dtype=torch.int32, device=device)
-
-    def flush() -> None:
-        buf.zero_()
-
-    return flush, _graph_seconds(lambda i: flush(), 10) / 10
 
 
 def tune_quant_linear(
@@ -422,7 +411,8 @@ def tune_quant_linear(
     n = w0.shape[0]
     k = w0.shape[1] * (2 if bits == 4 else 1)
     groups = scales[0].shape[1]
-    flush, flush_s = l2_flush(w0.device)
+    flush = l2_flush(w0.device)
+    flush_s = _graph_seconds(lambda i: flush(), 10) / 10
     index = {w.data_ptr(): i for i, w in enumerate(weights)}
     gen = torch.Generator(device=w0.device).manual_seed(0)
     dense = reference.dequantize_weight(w0, scales[0], bits, zeros[0] if zeros else None)  # fp32 [N, K]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -329,6 +330,20 @@ def _graph_seconds(body, iters: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
+def l2_flush(device: torch.device) -> Callable[[], None]:
+    """A call that evicts the weights from L2 before a timed call, as a real step finds them.
+    Writing L2's size evicts them. (Evicting by reading twice L2's size instead, which avoids
+    charging dirty-line write-back to the call under test, was tried: the same choices for large
+    models, and noise that swamps the short GEMMs of small models: docs/gpu.md.)"""
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
+    buf = torch.empty(l2 // 4, dtype=torch.int32, device=device)
+
+    def flush() -> None:
+        buf.zero_()
+
+    return flush
+
+
 def _time_calls(fn, weights: list[torch.Tensor], flush, flush_s: float, iters: int) -> float:  # type: ignore[no-untyped-def]
     """Device seconds of one fn(weight) on a cold L2 (flushed before each call, the next layer's
     weight each time), from a graph of iters (flush, call) pairs minus the flushes alone."""
@@ -385,15 +400,7 @@ def tune_linear(
     n, k = w0.shape
     device = w0.device
     _ones(k, w0.dtype, device)  # linear_rms_norm's fallback may need it inside a graph capture
-    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20))
-    # Writing L2's size evicts the weights. (Evicting by reading twice L2's size instead, which
-    # avoids charging dirty-line write-back to the call under test, was tried: the same choices for
-    # large models, and noise that swamps the short GEMMs of small models: docs/gpu.md.)
-    flush_buf = torch.empty(l2 // 4, dtype=torch.int32, device=device)
-
-    def flush() -> None:
-        flush_buf.zero_()
-
+    flush = l2_flush(device)
     iters = reps
     flush_s = _graph_seconds(lambda i: flush(), iters) / iters
     lines = []
