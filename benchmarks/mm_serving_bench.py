@@ -30,12 +30,10 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +51,7 @@ sys.path.insert(0, str(REPO / "tests" / "multimodal"))
 from llava_testlib import data_url, png  # noqa: E402
 from mm_bench import QWEN2_5_VL_7B, TINY, write_model  # noqa: E402
 from qwen_testlib import write_tokenizer  # noqa: E402
-from serving_bench import CpuMeter, free_port, pct  # noqa: E402
+from serving_bench import CpuMeter, free_port, launch_up, pct, stop_up  # noqa: E402
 
 from benchmarks.bench_report import device_label, write_report  # noqa: E402
 
@@ -247,36 +245,7 @@ def start_up(
     argv += ["--device", args.device, "--worker-args", wargs, "--served-model-name", MODEL_NAME]
     argv += ["--encode-workers", str(encode_workers), "--run-dir", str(run_dir)]
     argv += ["--startup-timeout", str(args.startup_timeout)]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-        "PYTHONUNBUFFERED": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.startup_timeout + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tandem up exited:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop_up(proc)
-    raise TimeoutError(log.read_text()[-4000:])
-
-
-def stop_up(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    return launch_up(argv, port, log, args.startup_timeout + 30)
 
 
 def encoder_counters(run_dir: Path) -> dict[str, dict[str, int]]:

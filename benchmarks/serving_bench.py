@@ -320,6 +320,14 @@ def start_up(
         argv.append("--disaggregate")
     else:
         argv += ["--workers", str(args.unified_workers)]
+    return launch_up(argv, port, log, 600)
+
+
+def launch_up(argv: list[str], port: int, log: Path, timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `tandem up` (argv, serving on port) with its output in log, and wait until its /health
+    answers 200: (the process, its URL). Stopped again if it exits or is not healthy in time."""
+    import urllib.request
+
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
@@ -328,9 +336,7 @@ def start_up(
     }
     proc = subprocess.Popen(argv, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    import urllib.request
-
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"tandem up exited:\n{log.read_text()[-4000:]}")
@@ -341,7 +347,18 @@ def start_up(
         except OSError:
             pass
         time.sleep(0.5)
+    stop_up(proc)
     raise TimeoutError(log.read_text()[-4000:])
+
+
+def stop_up(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (tandem up stops its children), then SIGKILL after 60 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[subprocess.Popen[bytes]]:
@@ -529,11 +546,7 @@ def main() -> int:
                     inprocess.close()
                 else:
                     assert proc is not None
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        proc.wait(60)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
+                    stop_up(proc)
                 if log.exists() and "fetched KV" in log.read_text():
                     fetch_lines = [ln for ln in log.read_text().splitlines() if "fetched KV" in ln]
                     results.setdefault("fetch_samples", {})[mode] = fetch_lines[-3:]

@@ -771,11 +771,19 @@ class Engine:
     ) -> list[GenerateResult]:
         """Run `prompts` together to completion (tests and benchmarks)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        return self.run(
+            [
+                EngineRequest(f"{prefix}-{i}", tuple(prompt), sp)
+                for i, (prompt, sp) in enumerate(zip(prompts, params_list, strict=True))
+            ]
+        )
+
+    def run(self, requests: list[EngineRequest]) -> list[GenerateResult]:
+        """Run `requests` together to completion, their results in their order (tests, benchmarks)."""
         results = {}
-        for i, (prompt, sp) in enumerate(zip(prompts, params_list, strict=True)):
-            rid = f"{prefix}-{i}"
-            self.add_request(EngineRequest(rid, tuple(prompt), sp))
-            results[rid] = GenerateResult(rid)
+        for req in requests:
+            self.add_request(req)
+            results[req.request_id] = GenerateResult(req.request_id)
         while self.has_unfinished():
             for out in self.step():
                 collect(results[out.request_id], out)

@@ -12,7 +12,6 @@ import torch
 from llava_testlib import data_url
 
 from services.styler.images import decode_image
-from services.worker.engine import Engine, GenerateResult, collect
 from services.worker.mm_inputs import ImageInput
 from services.worker.request import EngineRequest, SamplingParams
 
@@ -154,17 +153,6 @@ def engine_request(request_id: str, rendered: Any) -> EngineRequest:
     )
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     return EngineRequest(request_id, tuple(rendered.token_ids), params, images=images)
-
-
-def run_engine(engine: Engine, requests: list[EngineRequest]) -> list[GenerateResult]:
-    results = {}
-    for req in requests:
-        engine.add_request(req)
-        results[req.request_id] = GenerateResult(req.request_id)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
-    return list(results.values())
 
 
 _ANSWERS: dict[tuple[str, tuple[str | bytes, ...]], tuple[list[int], int]] = {}

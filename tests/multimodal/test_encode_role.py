@@ -16,7 +16,6 @@ from qwen_testlib import (
     engine_request,
     hf_answer,
     hf_processor,
-    run_engine,
 )
 
 from services.styler.images import ClipPreprocessor, decode_image
@@ -57,7 +56,7 @@ def test_encode_worker_rows_give_transformers_tokens(qwen_vl_dir: Path, styler: 
             assert embedded.embeds is not None and embedded.pixel_values.numel() == 0
             assert torch.equal(embedded.embeds, engine.runner.model.encode_image(image))  # type: ignore[operator]
         requests.append(EngineRequest(req.request_id, req.prompt_token_ids, req.sampling, images=images))
-    results = run_engine(engine, requests)
+    results = engine.run(requests)
     assert engine.runner.encoder_cache.misses == 0  # the worker never ran its own encoder
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(qwen_vl_dir), dtype=torch.float32).eval()
     processor = hf_processor(qwen_vl_dir)

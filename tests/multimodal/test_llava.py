@@ -15,7 +15,7 @@ from llava_testlib import IMAGE_TOKEN, TOKENS_PER_IMAGE, VOCAB, hundred_megapixe
 
 from services.styler.images import ClipPreprocessor, ImageError, QwenVLPreprocessor, decode_image
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine, GenerateResult, collect
+from services.worker.engine import Engine
 from services.worker.errors import InvalidRequestError
 from services.worker.mm_inputs import ImageInput
 from services.worker.request import EngineRequest, SamplingParams
@@ -83,17 +83,6 @@ def _hf_greedy(hf: Any, prompt: list[int], pixels: list[torch.Tensor]) -> list[i
     return out[0, len(prompt) :].tolist()
 
 
-def _run(engine: Engine, requests: list[EngineRequest]) -> list[GenerateResult]:
-    results = {}
-    for req in requests:
-        engine.add_request(req)
-        results[req.request_id] = GenerateResult(req.request_id)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
-    return list(results.values())
-
-
 @pytest.mark.parametrize("budget", [2048, 16])
 def test_greedy_with_images_matches_transformers(llava_dir: Path, hf_llava: Any, budget: int) -> None:
     pre = ClipPreprocessor.from_model_dir(str(llava_dir))
@@ -127,7 +116,7 @@ def test_greedy_with_images_matches_transformers(llava_dir: Path, hf_llava: Any,
         )
         for k, (prompt, idx) in enumerate(cases)
     ]
-    results = _run(engine, requests)
+    results = engine.run(requests)
     for (prompt, idx), result in zip(cases, results, strict=True):
         assert result.error is None
         assert result.token_ids[0] == _hf_greedy(hf_llava, prompt, [pixels[i] for i in idx])
@@ -146,7 +135,7 @@ def test_same_tokens_different_images_never_share_kv(llava_dir: Path, hf_llava: 
     for k, pv in enumerate((a, b, a)):
         px = torch.from_numpy(pv.array)
         req = EngineRequest(f"s{k}", tuple(prompt), params, images=_images(prompt, [px], [pv.hash]))
-        (result,) = _run(engine, [req])
+        (result,) = engine.run([req])
         assert result.token_ids[0] == _hf_greedy(hf_llava, prompt, [px])
         cached = result.usage.cached_prompt_tokens if result.usage else -1
         assert cached == (
@@ -255,8 +244,7 @@ def test_qwen2_language_model(tmp_path: Path) -> None:
     engine = Engine(WorkerConfig(model=str(tmp_path), device="cpu", kv_cache_memory="4MiB", max_num_seqs=4))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     image = ImageInput("ab" * 32, 3, tokens, pixels)
-    results = _run(
-        engine,
+    results = engine.run(
         [EngineRequest("a", tuple(prompt), params, images=(image,)), EngineRequest("b", (1, 5, 6), params)],
     )
     assert results[0].token_ids[0] == _hf_greedy(hf, prompt, [pixels])

@@ -24,7 +24,7 @@ from services.styler.images import ClipPreprocessor, LlavaNextPreprocessor, deco
 from services.styler.multimodal import ImageSupport
 from services.styler.tokenizer import Tokenizer
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine, GenerateResult, collect
+from services.worker.engine import Engine
 from services.worker.errors import InvalidRequestError
 from services.worker.mm_inputs import ImageInput, image_to_pb, images_from_pb
 from services.worker.request import EngineRequest, SamplingParams
@@ -149,17 +149,6 @@ def _hf_greedy(
     return list(out[0, len(prompt) :].tolist())
 
 
-def _run(engine: Engine, requests: list[EngineRequest]) -> list[GenerateResult]:
-    results = {}
-    for req in requests:
-        engine.add_request(req)
-        results[req.request_id] = GenerateResult(req.request_id)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
-    return list(results.values())
-
-
 def _request(
     rid: str, seed: int, lengths: list[int], pixels: list[Any], tail: int = 6
 ) -> tuple[EngineRequest, list[int]]:
@@ -191,7 +180,7 @@ def _check_greedy(model_dir: Path, hf: Any, budget: int, sizes: list[tuple[int, 
             max_num_batched_tokens=budget,
         )
     )  # fmt: skip
-    results = _run(engine, [req for req, _ in built])
+    results = engine.run([req for req, _ in built])
     for (_, idx), (_, prompt), result in zip(cases, built, results, strict=True):
         assert result.error is None
         pixels = [torch.from_numpy(pvs[i].array.copy()) for i in idx]
@@ -347,7 +336,7 @@ def test_encode_worker_rows(next_dir: Path, hf_next: Any) -> None:
     assert embedded.embeds is not None
     assert torch.equal(embedded.embeds, engine.runner.model.encode_image(req.images[0]))  # type: ignore[operator]
     (wire,) = images_from_pb([image_to_pb(embedded)])
-    (result,) = _run(engine, [EngineRequest("e", req.prompt_token_ids, req.sampling, images=(wire,))])
+    (result,) = engine.run([EngineRequest("e", req.prompt_token_ids, req.sampling, images=(wire,))])
     assert engine.runner.encoder_cache.misses == 0
     pixels = [torch.from_numpy(pv.array.copy())]
     assert result.token_ids[0] == _hf_greedy(hf_next, prompt, pixels, [(40, 90)])

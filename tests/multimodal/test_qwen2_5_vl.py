@@ -21,7 +21,6 @@ from qwen_testlib import (
     hf_answer,
     hf_inputs,
     hf_processor,
-    run_engine,
 )
 
 from services.styler.styler import RenderInput, Styler, StylerOptions
@@ -127,7 +126,7 @@ def test_greedy_with_images_matches_transformers(
         )
     )
     rendered = [styler.render(RenderInput(messages=chat_messages(c)[0])) for c in CONVERSATIONS]  # type: ignore[arg-type]
-    results = run_engine(engine, [engine_request(f"r{k}", r) for k, r in enumerate(rendered)])
+    results = engine.run([engine_request(f"r{k}", r) for k, r in enumerate(rendered)])
     for conversation, result in zip(CONVERSATIONS, results, strict=True):
         assert result.error is None
         assert result.token_ids[0] == hf_answer(hf_model, processor, conversation)[0]
@@ -145,7 +144,7 @@ def test_same_tokens_different_images_never_share_kv(
     misses = cache.misses
     for k, conversation in enumerate(conversations):
         rendered = styler.render(RenderInput(messages=chat_messages(conversation)[0]))  # type: ignore[arg-type]
-        (result,) = run_engine(engine, [engine_request(f"s{k}", rendered)])
+        (result,) = engine.run([engine_request(f"s{k}", rendered)])
         assert result.token_ids[0] == hf_answer(hf_model, processor, conversation)[0]
         bs = engine.config.block_size
         cached = result.usage.cached_prompt_tokens if result.usage else -1
