@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from worker_testlib import TINY_BUILDERS, prompts_of_lengths, run_to_completion
+from worker_testlib import TINY_BUILDERS, check_greedy
 
 from kernels import REFERENCE_OPS
 from services.worker.config import WorkerConfig
@@ -28,7 +28,6 @@ from services.worker.layers.quantization.int4 import quantize_int4
 from services.worker.layers.quantization.int8 import quantize_int8
 from services.worker.loader import build_model
 from services.worker.model_config import load_model_config
-from services.worker.request import EngineRequest, SamplingParams
 
 # (--quantization, --quantization-group-size)
 FORMATS = [("int8", 0), ("int8", 32), ("fp8", 0), ("int4", 32)]
@@ -120,21 +119,8 @@ def test_greedy_tokens_equal_transformers_on_dequantized_weights(
         )
     )
     reference = _dequantized_hf(hf, engine.runner.model)
-    prompts = prompts_of_lengths([3, 5, 8, 13, 2, 21, 9, 6], hf.config.vocab_size, seed=1)
-    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    results = run_to_completion(
-        engine, [EngineRequest(f"r{i}", tuple(p), greedy) for i, p in enumerate(prompts)]
-    )  # all 8 in flight together
-    for i, prompt in enumerate(prompts):
-        out = reference.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=12,
-            min_new_tokens=12,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        assert results[f"r{i}"].token_ids[0] == out[0, len(prompt) :].tolist(), (quantization, i)
+    # all 8 in flight together
+    check_greedy(engine, reference, hf.config.vocab_size, quantization, max_tokens=12, seed=1)
 
 
 def _mean_abs_logprob_delta(path: Path, quantization: str, group_size: int, prompt: list[int]) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from services.worker.config import WorkerConfig
-from services.worker.engine import Engine, GenerateResult, collect
+from services.worker.engine import Engine, GenerateResult
 from services.worker.outputs import Usage
 from services.worker.request import EngineRequest, SamplingParams
 
@@ -310,12 +310,7 @@ def run_to_completion(
 ) -> dict[str, GenerateResult]:
     """Add the requests, step the engine until all finish, collect each request's result; by
     default also check that every KV block was given back."""
-    results = {r.request_id: GenerateResult(r.request_id) for r in requests}
-    for r in requests:
-        engine.add_request(r)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
+    results = {r.request_id: r for r in engine.run(requests)}
     if check_blocks_freed:
         assert engine.block_manager.num_used_blocks == 0
     return results
@@ -373,10 +368,12 @@ def check_logprobs_match_transformers(
         assert abs(entry.logprob - float(step[token])) < 1e-4
 
 
-def check_greedy(engine: Engine, ref: Any, vocab_size: int, label: object = None) -> None:
-    """Greedy tokens of 8 prompts in flight (10 each) equal transformers' generate on `ref`."""
-    prompts = prompts_of_lengths([3, 5, 8, 13, 2, 21, 9, 6], vocab_size, seed=2)
-    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+def check_greedy(
+    engine: Engine, ref: Any, vocab_size: int, label: object = None, max_tokens: int = 10, seed: int = 2
+) -> None:
+    """Greedy tokens of 8 prompts in flight (max_tokens each) equal transformers' generate on `ref`."""
+    prompts = prompts_of_lengths([3, 5, 8, 13, 2, 21, 9, 6], vocab_size, seed=seed)
+    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     results = run_to_completion(
         engine, [EngineRequest(f"r{i}", tuple(p), greedy) for i, p in enumerate(prompts)]
     )
@@ -384,8 +381,8 @@ def check_greedy(engine: Engine, ref: Any, vocab_size: int, label: object = None
         out = ref.generate(
             torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=10,
-            min_new_tokens=10,
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
             do_sample=False,
             pad_token_id=0,
         )
