@@ -85,6 +85,7 @@ class ModelRunner:
         max_num_tokens: int = 0,
         pooling: bool = False,
         pipeline_trace: str = "",
+        encoder_cache_size: int = 64,
     ) -> None:
         self.cfg = cfg
         self.ops = ops
@@ -120,7 +121,7 @@ class ModelRunner:
         if pipeline_trace and isinstance(getattr(self.model, "model", None), LlamaModel):
             state = parallel.current()
             self.model.model.trace = StageTrace(pipeline_trace, state.rank, state.pp_rank)
-        self.encoder_cache = EncoderCache()  # image embeddings by hash (multimodal models)
+        self.encoder_cache = EncoderCache(encoder_cache_size)  # image embeddings by hash (multimodal models)
         # M-RoPE (Qwen2.5-VL): the vision tower's merge size, which lays out images' positions
         self.mrope_merge = (
             self.model.spatial_merge_size if isinstance(self.model, Qwen2_5_VLForConditionalGeneration) else 0
@@ -616,8 +617,10 @@ class ModelRunner:
                 lo, hi = max(start, image.offset), min(end, image.end)
                 if lo < hi:
                     assert isinstance(self.model, IMAGE_MODELS), "validated at admission"
-                    if image.embeds is not None:  # an encode worker's rows
+                    if image.embeds is not None:  # an encode worker's rows, or this cache's own
                         full = image.embeds.to(self.device, self.dtype)
+                        # kept, so that a later request may send this image as its hash alone
+                        self.encoder_cache.put(image.hash, full, image.grid_thw)
                     else:
                         full = self.encoder_cache.get(image, self.model.encode_image)
                     embeds.append(full[lo - image.offset : hi - image.offset])
