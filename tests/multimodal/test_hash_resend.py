@@ -287,3 +287,28 @@ def _pixels_request_hash_only() -> worker_pb2.GenerateRequest:
         sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=4),
         images=[common_pb2.ImageInput(hash="ab" * 32, offset=1, length=TOKENS_PER_IMAGE)],
     )
+
+
+@pytest.mark.e2e
+def test_a_restarted_worker_gets_the_pixels_again(stack: Stack, client: openai.OpenAI) -> None:
+    """(Last in the module: it restarts the worker.) Whether the gateway saw the worker go (its
+    mirror emptied) or not (a hash-only request refused, then resent), the restarted worker gets
+    the image's pixels once and answers as before."""
+    parts = [{"type": "text", "text": "Once more: "}, image_part(png(40, 60, seed=23))]
+    first = chat(client, parts)
+    stack.kill("worker-0")
+    address = stack.worker_addresses[0]
+    stack._spawn(
+        "worker-0",
+        ["worker", "--model", str(stack.model), "--address", address, "--device", "cpu", *stack.worker_args],
+    )
+    stack.wait_healthy(stack.port, timeout_s=120, all_workers=True)
+    assert _answer(chat(client, parts)) == _answer(first)
+    with grpc.insecure_channel(address) as channel:
+        info = _info(worker_pb2_grpc.WorkerStub(channel))
+    assert (info.image_bytes_received, info.num_images_encoded, info.num_images_by_hash) == (
+        3 * 42 * 42 * 4,
+        1,
+        0,
+    )
+    assert _answer(chat(client, parts)) == _answer(first)  # and by hash from then on
