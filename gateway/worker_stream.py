@@ -105,7 +105,7 @@ class PromptStream:
         self.ctx = ctx
         self.lora_name = lora_name  # the LoRA adapter of every leg (prefill and decode alike)
         self.images = tuple(images)  # the styler's common_pb2.ImageInput (pixels), in prompt order
-        self._rows: dict[str, Any] = {}  # an encode worker's rows of each image, by pixel hash
+        self._rows: dict[int, Any] = {}  # an encode worker's rows of images[i] (sent whole once)
         self.request_id = request_id
         self.group_id = group_id  # the worker scheduler's fairness group (the gateway request)
         self.prompt_token_ids = tuple(prompt_token_ids)
@@ -311,19 +311,19 @@ class PromptStream:
             if worker_hash is not None:
                 held[image.hash] = worker_hash
         encoders = self.ctx.encoders
-        to_encode = [i for i in self.images if i.hash not in held and i.hash not in self._rows]
+        to_encode = [
+            i for i, image in enumerate(self.images) if image.hash not in held and i not in self._rows
+        ]
         if to_encode and encoders is not None:
-            unique = list({image.hash: image for image in to_encode}.values())
-            encoded = await encoders.encode(self.request_id, unique)
-            for image, rows in zip(unique, encoded, strict=True):
-                self._rows[image.hash] = rows
+            encoded = await encoders.encode(self.request_id, [self.images[i] for i in to_encode])
+            self._rows.update(zip(to_encode, encoded, strict=True))
         wire: list[Any] = []
         whole: list[tuple[str, str]] = []
-        for image in self.images:
+        for i, image in enumerate(self.images):
             if image.hash in held:
                 wire.append(hash_only_image(image, held[image.hash]))
             else:
-                sent = self._rows.get(image.hash, image)
+                sent = self._rows.get(i, image)
                 wire.append(sent)
                 whole.append((image.hash, sent.hash))
         return wire, whole
