@@ -6,8 +6,10 @@ The worker keeps image embeddings by content hash, least recently used out past 
 sender's half of that cache (as vLLM's multimodal processor cache mirrors the engine core's): an
 LRU of the same size, which adds an image when the worker has admitted a request that carried it
 (its first chunk came) and touches it whenever a request names it, in the order the worker does.
-The two can still part (requests of other gateways, an aborted request whose image was never
-encoded, a worker that restarted): a hash-only image the worker does not hold comes back as
+vLLM's two halves stay exactly in step (one ordered channel between one sender and one
+receiver); here they can part (requests of other gateways or straight over gRPC, concurrent
+streams, an aborted request whose image was never encoded, a worker that restarted), so a miss is
+an answer rather than an assertion: a hash-only image the worker does not hold comes back as
 FAILED_PRECONDITION, the gateway forgets everything it remembered for that worker and resends
 the request once with the pixels (gateway/worker_stream.py).
 

@@ -29,6 +29,7 @@ import torch
 from gateway_stack import Stack
 from llava_testlib import IMAGE_TOKEN, TOKENS_PER_IMAGE, chat, image_part, png
 
+from gateway.sent_images import SentImages
 from services.styler.images import ClipPreprocessor, decode_image
 from services.worker.config import WorkerConfig
 from services.worker.encoder import VisionEncoder
@@ -169,6 +170,22 @@ def test_encode_worker_rows_by_hash(llava_dir: Path) -> None:
     with pytest.raises(InvalidRequestError) as refused:
         encoder.encode((_by_hash(image),))
     assert refused.value.field == "images[0].pixel_values"
+
+
+def test_the_gateway_mirror_is_an_lru_of_the_workers_size() -> None:
+    sent = SentImages()
+    sent.add("a", "a")
+    assert sent.lookup("a") is None  # capacity 0 (a text model, an older worker): pixels always
+    sent.resize(2)
+    sent.add("a", "a")
+    sent.add("b", "rows-of-b")  # an encode worker's rows: the worker knows them by their hash
+    assert sent.lookup("a") == "a"  # touched: b is now the least recently used
+    sent.add("c", "c")
+    assert (sent.lookup("b"), sent.lookup("a"), len(sent)) == (None, "a", 2)
+    sent.resize(1)
+    assert (sent.lookup("c"), sent.lookup("a")) == (None, "a")
+    sent.clear()
+    assert sent.lookup("a") is None
 
 
 # ---- through the real stack -----------------------------------------------------------------
