@@ -94,6 +94,9 @@ class EncoderCache:
         self.hash_misses = 0
         self.bytes_received = 0
 
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._entries
+
     def get(self, image: ImageInput, encode: Callable[[ImageInput], torch.Tensor]) -> torch.Tensor:
         entry = self._entries.get(image.hash)
         if entry is not None:

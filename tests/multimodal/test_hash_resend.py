@@ -117,6 +117,23 @@ def test_eviction_after_admission_costs_nothing(llava_dir: Path) -> None:
     assert refused.value.field == "images[0].hash"
 
 
+def test_an_image_sent_whole_is_held_even_when_its_kv_is_cached(llava_dir: Path) -> None:
+    """An image sent whole whose KV comes from the prefix cache (its embeddings evicted) is
+    encoded again all the same: the sender now takes the worker to hold it, and a hash-only
+    request must not be refused turn after turn."""
+    engine = Engine(
+        WorkerConfig(model=str(llava_dir), device="cpu", kv_cache_memory="4MiB", encoder_cache_size=1)
+    )
+    cache = engine.runner.encoder_cache
+    image = _image(llava_dir, seed=6)
+    first = _run(engine, "a", image)
+    cache.put("0" * 64, torch.zeros(TOKENS_PER_IMAGE, 64), ())  # its embeddings evicted
+    (again,) = engine.run([EngineRequest("b", tuple(PROMPT), GREEDY, images=(image,))])
+    assert again.usage is not None and again.usage.cached_prompt_tokens >= image.end  # KV reused
+    assert again.token_ids[0] == first and image.hash in cache and cache.misses == 2
+    assert _run(engine, "c", _by_hash(image)) == first
+
+
 def test_hash_only_before_the_image_is_encoded(llava_dir: Path) -> None:
     """A hash-only image admitted next to the request that carries its pixels, before any step:
     it takes those pixels, and the image is encoded once."""
