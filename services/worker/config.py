@@ -71,6 +71,8 @@ class WorkerConfig(ServiceConfig):
     """What this worker serves: generate (Generate / Prefill: text) or embed (Embed: pooling mode for decoder embedding models such as Qwen3-Embedding; the final-norm hidden state of each prompt's last token, L2-normalised; no KV is kept after a request). Each refuses the other's rpcs with FAILED_PRECONDITION."""
     role: Literal["unified", "prefill", "decode", "encode"] = "unified"
     """Worker role: unified (prefill and decode), prefill (serves Prefill / FetchKV), decode (Generate with a kv_source) or encode (only an image-in model's vision encoder: serves Encode; docs/multimodal.md)."""
+    encoder_cache_size: int = 64
+    """Image-in models: images whose embeddings this worker keeps (least recently used out), so that a later turn's image is not encoded again and may come as its hash alone (Info reports the size; the gateway remembers at most this many images per worker). 0: none kept."""
     kv_handle_ttl: float = 30.0
     """Prefill role: seconds a prefilled prompt's KV is kept for a decode worker to fetch before it is freed."""
     kv_advertise_address: str = ""
@@ -146,6 +148,8 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--cpu-kv-cache-fraction must be in (0, 1], got {self.cpu_kv_cache_fraction}")
         if self.max_num_batched_tokens <= 0:
             raise ValueError(f"--max-num-batched-tokens must be > 0, got {self.max_num_batched_tokens}")
+        if self.encoder_cache_size < 0:
+            raise ValueError(f"--encoder-cache-size must be >= 0, got {self.encoder_cache_size}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"--max-num-seqs must be > 0, got {self.max_num_seqs}")
         if self.cpu_threads < 0:

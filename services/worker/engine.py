@@ -146,6 +146,7 @@ class Engine:
             max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             pooling=config.task == "embed",
             pipeline_trace=config.pipeline_trace,
+            encoder_cache_size=config.encoder_cache_size,
         )
         # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
         state = parallel.current()
@@ -292,6 +293,10 @@ class Engine:
         self.layer_signal = LayerSignal(self.device)
         self.runner.bind_layer_signal(self.layer_signal)
         self.supports_layerwise = self.driver is None and config.task == "generate"
+        # Images this worker keeps embeddings of, which a caller may then send as their hash alone
+        # (Info); 0 where images are refused (a text model, a parallel group)
+        takes_images = isinstance(self.runner.model, IMAGE_MODELS) and self.driver is None
+        self.encoder_cache_size = config.encoder_cache_size if takes_images else 0
         self._layerwise: dict[str, HeldKV] = {}
         self.grammars, self.guided_unavailable = self._load_grammar_compiler()
         self._arrivals = itertools.count()
@@ -440,6 +445,9 @@ class Engine:
                 raise InvalidRequestError(
                     "images", "image inputs are not served by a tensor- or pipeline-parallel worker yet"
                 )
+            # hash-only images resolved now, held by the request until it runs (mm_inputs.py)
+            live = (x for r in self.requests.values() for x in r.req.images)
+            req = replace(req, images=self.runner.encoder_cache.admit(req.images, live))
             for i, image in enumerate(req.images):
                 self.runner.model.check_image(i, image)
         num_seqs = req.sampling.num_sequences

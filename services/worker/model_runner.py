@@ -29,7 +29,7 @@ from services.worker.layers.linear import Linear
 from services.worker.layers.quantization.fp8 import Fp8Method, runs_w8a8
 from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
-from services.worker.mm_inputs import EncoderCache
+from services.worker.mm_inputs import EncoderCache, ImageInput
 from services.worker.model_config import ModelConfig
 from services.worker.models import IMAGE_MODELS
 from services.worker.models.llama import LlamaModel
@@ -85,6 +85,7 @@ class ModelRunner:
         max_num_tokens: int = 0,
         pooling: bool = False,
         pipeline_trace: str = "",
+        encoder_cache_size: int = 64,
     ) -> None:
         self.cfg = cfg
         self.ops = ops
@@ -120,7 +121,7 @@ class ModelRunner:
         if pipeline_trace and isinstance(getattr(self.model, "model", None), LlamaModel):
             state = parallel.current()
             self.model.model.trace = StageTrace(pipeline_trace, state.rank, state.pp_rank)
-        self.encoder_cache = EncoderCache()  # image embeddings by hash (multimodal models)
+        self.encoder_cache = EncoderCache(encoder_cache_size)  # image embeddings by hash (multimodal models)
         # M-RoPE (Qwen2.5-VL): the vision tower's merge size, which lays out images' positions
         self.mrope_merge = (
             self.model.spatial_merge_size if isinstance(self.model, Qwen2_5_VLForConditionalGeneration) else 0
@@ -614,21 +615,35 @@ class ModelRunner:
             layout = rope_images(images, self.mrope_merge)[0] if self.mrope_merge else []
             for k, image in enumerate(images):
                 lo, hi = max(start, image.offset), min(end, image.end)
-                if lo < hi:
-                    assert isinstance(self.model, IMAGE_MODELS), "validated at admission"
-                    if image.embeds is not None:  # an encode worker's rows
-                        full = image.embeds.to(self.device, self.dtype)
-                    else:
-                        full = self.encoder_cache.get(image, self.model.encode_image)
-                    embeds.append(full[lo - image.offset : hi - image.offset])
-                    rows += range(cu_seqlens[i] + lo - start, cu_seqlens[i] + hi - start)
-                    if layout:
-                        for axis, values in zip(rope, image_positions(layout[k], lo, hi), strict=True):
-                            axis += values
+                if lo >= hi:
+                    if (
+                        image.end <= start < item.seq.request.prompt_len
+                        and image.hash not in self.encoder_cache
+                    ):
+                        # Its KV came from the prefix cache, but the caller, which sent it whole,
+                        # now takes this worker to hold it and may name it by its hash alone.
+                        self._image_embeddings(image)
+                    continue
+                full = self._image_embeddings(image)
+                embeds.append(full[lo - image.offset : hi - image.offset])
+                rows += range(cu_seqlens[i] + lo - start, cu_seqlens[i] + hi - start)
+                if layout:
+                    for axis, values in zip(rope, image_positions(layout[k], lo, hi), strict=True):
+                        axis += values
         if not rows:
             return None
         rope_positions = self._to_device([p for axis in rope for p in axis]).view(3, -1) if rope[0] else None
         return ImageEmbeddingRows(self._to_device(rows), torch.cat(embeds), rope_positions)
+
+    def _image_embeddings(self, image: ImageInput) -> torch.Tensor:
+        """An image's rows [length, hidden] on the device, held by the encoder cache afterwards
+        (so that a later request may send the image as its hash alone)."""
+        assert isinstance(self.model, IMAGE_MODELS), "validated at admission"
+        if image.embeds is None:
+            return self.encoder_cache.get(image, self.model.encode_image)
+        full = image.embeds.to(self.device, self.dtype)  # an encode worker's rows, or the cache's own
+        self.encoder_cache.put(image.hash, full, image.grid_thw)
+        return full
 
     def _sampling_metadata(
         self, seqs: list[Sequence], pending: list[int] | None = None, drafted: list[list[int]] | None = None
