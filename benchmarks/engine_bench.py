@@ -553,10 +553,11 @@ def scenario_decode(
         "async_scheduling": float(engine.async_scheduling),
     }
     graphs = engine.runner.graphs
-    if graphs is not None and 1 in graphs.graphs:
+    graph = graphs.graphs.get((graphs.variants.current(), 1)) if graphs is not None else None
+    if graph is not None:
         # Device time of the batch-1 decode graph alone (replaying rewrites the last token's K/V with
         # the same values); the rest of a step is the LM head, sampling and host work.
-        metrics["graph_ms"] = median_time(graphs.graphs[1].replay, engine.device, warmup=5, iters=50) * 1e3
+        metrics["graph_ms"] = median_time(graph.replay, engine.device, warmup=5, iters=50) * 1e3
     return Row(name, f"1 batch-1 decode{label}", metrics)
 
 
@@ -662,9 +663,9 @@ def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[s
     from torch.profiler import ProfilerActivity, profile
 
     graphs = engine.runner.graphs
-    if graphs is None or 1 not in graphs.graphs:
+    graph = graphs.graphs.get((graphs.variants.current(), 1)) if graphs is not None else None
+    if graph is None:
         return []
-    graph = graphs.graphs[1]
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()

@@ -11,6 +11,7 @@ reference on CPU, Triton kernels on CUDA (`--attention-backend`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ from torch import nn
 from kernels import KernelOps
 from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
-from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
+from services.worker.cuda_graph import NO_VARIANTS, CudaGraphRunner, DecodeOutputs, GraphVariants
 from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
 from services.worker.kv_layerwise import LayerSignal
@@ -92,7 +93,7 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        # (LoRA adds to the normalised activations each projection reads: the norms stay unfolded)
+        # (with LoRA too: the pool folds the norms' weights into the adapters' A, lora/pool.py)
         self.model = build_model(
             cfg,
             ops,
@@ -102,7 +103,6 @@ class ModelRunner:
             seed,
             quantization,
             quantization_group_size,
-            fold_norms=not max_loras,
             pooling=pooling,
         )
         # Multi-LoRA: the device slots of adapter weights, and each step's rows -> slots (lora/pool.py)
@@ -288,7 +288,12 @@ class ModelRunner:
         assert self.kv_cache is not None, "bind the KV cache before capturing"
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = CudaGraphRunner(
-            self._decode_forward, self.cos_sin_cache, max_num_seqs, max_blocks, self.device
+            self._decode_forward,
+            self.cos_sin_cache,
+            max_num_seqs,
+            max_blocks,
+            self.device,
+            variants=self._graph_variants(),
         )
         self.graphs.capture()
         sizes = verify_graph_sizes(max_num_seqs, speculative_tokens, max_num_tokens)
@@ -296,8 +301,27 @@ class ModelRunner:
             self.verify_graphs = VerifyGraphRunner(
                 self._verify_forward, self.cos_sin_cache, sizes, max_blocks, self.device
             )
-            self.verify_graphs.capture()
+            # (one variant, with the LoRA kernels: a step without adapter rows runs them on empty
+            # segments, as every step did before the decode graphs had variants)
+            with self._lora_launching(True):
+                self.verify_graphs.capture()
         return True
+
+    def _graph_variants(self) -> GraphVariants:
+        """With LoRA on, decode graphs without the LoRA kernels ("base": replayed by the steps of
+        base rows only, which then cost what they cost on a worker without LoRA) and with them
+        ("lora": any mix of adapters, read from the pool's persistent mapping)."""
+        if self.lora is None:
+            return NO_VARIANTS
+        mapping = self.lora.mapping
+        return GraphVariants(
+            ("base", "lora"),
+            lambda name: mapping.launching(name == "lora"),
+            lambda: "lora" if mapping.active else "base",
+        )
+
+    def _lora_launching(self, active: bool) -> contextlib.AbstractContextManager[None]:
+        return self.lora.mapping.launching(active) if self.lora is not None else contextlib.nullcontext()
 
     def small_query_graphs(
         self, num_seqs: int, max_seqlen_q: int, max_blocks: int
@@ -331,7 +355,8 @@ class ModelRunner:
             max_seqlen_q=num_tokens,
             cos_sin_cache=self.cos_sin_cache,
         )
-        hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), meta)
+        with self._lora_launching(True):  # (their buffers count: a step with adapters runs them)
+            hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), meta)
         if self.model.layout.first_stage:  # (the later pipeline stages have no LM head)
             logits = self.model.compute_logits(hidden[-1:].expand(num_seqs, -1))
             torch.softmax(logits, dim=-1).sort(dim=-1)

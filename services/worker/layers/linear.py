@@ -76,6 +76,9 @@ class Linear(nn.Linear):
         self.quant_method: QuantMethod | None = None
         # Multi-LoRA (services/worker/lora/pool.py): each row's adapter added to the output
         self.lora: LoRAProjection | None = None
+        # The RMSNorm weight folded into this weight (models/llama.py fold_norms), kept because an
+        # adapter's A must carry it too (lora/pool.py); None when no norm was folded here.
+        self.folded_norm: torch.Tensor | None = None
 
     def set_quant_method(self, method: QuantMethod) -> None:
         """Store this layer's weight in `method`'s format (before the weights are loaded)."""
@@ -85,9 +88,21 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:  # [T, in] -> [T, out]
         """early_signal: the next kernel is a short latency-bound one that may launch (and do its
         pre-wait loads) while this projection streams its weight (kernels/triton/pdl.py)."""
-        if self.lora is not None:
-            return self.lora.add_to(self._base_forward(x, early_signal=False), x)
-        return self._base_forward(x, early_signal)
+        if self.lora_active:  # (the LoRA kernels come next, not the kernel the signal is for)
+            early_signal = False
+        return self._add_lora(self._base_forward(x, early_signal), x)
+
+    @property
+    def lora_active(self) -> bool:
+        """Whether this forward adds adapters here: LoRA is on and some row of the step has an
+        adapter (a step of base rows only launches no LoRA kernel: layers/lora.py)."""
+        return self.lora is not None and self.lora.mapping.active
+
+    def _add_lora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out [T, out] += each row's adapter applied to x [T, in], when this step has any."""
+        if self.lora is not None and self.lora.mapping.active:
+            self.lora.add_to(out, x)
+        return out
 
     def _base_forward(self, x: torch.Tensor, early_signal: bool) -> torch.Tensor:
         if self.quant_method is not None:
@@ -99,18 +114,22 @@ class Linear(nn.Linear):
     def linear_rms_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:  # [T, in] -> [T, out]
         """This projection of the RMS-normalised x (no norm weight: it is folded into this weight)."""
         assert self.quant_method is None, "a quantized model's norms are never folded"
+        # (an adapter's A reads the normalised input, which this op never materialises)
+        assert not self.lora_active, "with adapter rows, the norm runs first (models/llama.py)"
         assert self.ops.linear_rms_norm is not None, f"kernel bundle {self.ops.name!r} has no linear_rms_norm"
         return self.ops.linear_rms_norm(x, self.weight, self.bias, eps)
 
     def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        """residual + this projection of x, in one op (residual [T, out] is not written)."""
+        """residual + this projection of x, in one op (residual [T, out] is not written), then
+        the rows' adapters (added to the sum: the same as to the projection)."""
         assert self.quant_method is None, "a quantized model's norms are never folded"
         assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
-        return self.ops.linear_add(x, self.weight, self.bias, residual)
+        return self._add_lora(self.ops.linear_add(x, self.weight, self.bias, residual), x)
 
     def linear_silu_and_mul(self, x: torch.Tensor, rms_eps: float | None = None) -> torch.Tensor:
         """silu(gate) * up of this fused [gate; up] projection of x: [T, in] -> [T, out / 2]; with
         rms_eps, x is the raw residual stream and gate/up are scaled by its 1/rms (folded norm)."""
+        assert not self.lora_active, "an adapter adds to gate / up before the activation"
         if self.quant_method is not None and rms_eps is None:
             return self.ops.silu_and_mul(self.quant_method.apply(self, x, self.bias))
         assert self.ops.linear_silu_and_mul is not None, (
@@ -143,8 +162,7 @@ class RowParallelLinear(Linear):
             out = torch.nn.functional.linear(x, self.weight)
         else:
             out = self.ops.linear(x, self.weight, None, early_signal=False)
-        if self.lora is not None:
-            self.lora.add_to(out, x)
+        self._add_lora(out, x)
         all_reduce(out)
         return out if self.bias is None else out + self.bias
 
@@ -163,5 +181,6 @@ class RowParallelLinear(Linear):
             out = torch.nn.functional.linear(x, self.weight)
         else:
             out = self.ops.linear(x, self.weight, None, early_signal=False)
+        self._add_lora(out, x)  # (this rank's partial delta, summed by the all-reduce)
         all_reduce(out)
         return out if self.bias is None else out + self.bias

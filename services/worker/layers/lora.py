@@ -2,12 +2,16 @@
 
 `LoRAMapping` holds the step's rows grouped by slot in persistent device tensors (written before
 every forward by `LoRAPool.prepare`), so that a captured CUDA graph reads the step's mapping at
-replay; `LoRAProjection` is one fused projection's slice of the slot pool. Both kernels run on
-every step while LoRA is on, base-only steps included (their segments are empty), so one graph
-serves any mix of adapters.
+replay; `LoRAProjection` is one fused projection's slice of the slot pool. The kernels launch only
+in steps with rows of an adapter (`LoRAMapping.active`): a step of base rows only runs exactly what
+a worker without LoRA runs. The decode graphs come in both variants (model_runner.py), and the
+"lora" one serves any mix of adapters.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -24,6 +28,13 @@ class LoRAMapping:
         self.seg_lens = torch.zeros(num_slots, dtype=torch.int32, device=device)  # [S]
         # the step's mapping on the host: a pipeline stage narrows it to each micro-batch's rows
         self._step: tuple[list[int], list[int], list[int]] = ([], [0] * num_slots, [0] * num_slots)
+        # Whether the forward being issued has rows of an adapter: the projections launch the LoRA
+        # kernels only then (layers/linear.py), and a decode step replays the graph variant
+        # captured with them or without them (model_runner.py).
+        self.active = False
+        # whether the device mapping may hold rows (a graph captured with the kernels, e.g. a
+        # speculative verification graph, may replay in a step without any: its lens must be 0)
+        self._device_rows = False
 
     def set(self, sorted_token_ids: list[int], seg_starts: list[int], seg_lens: list[int]) -> None:
         self._step = (sorted_token_ids, seg_starts, seg_lens)
@@ -46,11 +57,26 @@ class LoRAMapping:
     def restore(self) -> None:
         self._write(*self._step)
 
+    @contextlib.contextmanager
+    def launching(self, active: bool) -> Iterator[None]:
+        """Issue the LoRA kernels (or not) whatever the step's rows, then go back to the step's own
+        choice: CUDA graph capture of each variant (its inputs are padding), the memory profile
+        (which must count the kernels' buffers)."""
+        saved, self.active = self.active, active
+        try:
+            yield
+        finally:
+            self.active = saved
+
     def _write(self, sorted_token_ids: list[int], seg_starts: list[int], seg_lens: list[int]) -> None:
         if len(sorted_token_ids) > self.sorted_token_ids.shape[0]:
             raise ValueError(
                 f"{len(sorted_token_ids)} rows exceed the LoRA mapping's {self.sorted_token_ids.shape[0]}"
             )
+        self.active = bool(sorted_token_ids)
+        if not sorted_token_ids and not self._device_rows:  # base rows only, and so is the device's
+            return
+        self._device_rows = bool(sorted_token_ids)
         # non_blocking from pageable memory: staged at once, ordered after the work already queued
         # (an earlier step still reading these buffers finishes first)
         if sorted_token_ids:  # (only the rows of an adapter: a step of the base model copies none)

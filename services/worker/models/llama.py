@@ -82,9 +82,12 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x, early_signal=self.q_norm is None)
         return self.o_proj(self._attend(qkv, meta))
 
-    def forward_folded(self, h: torch.Tensor, eps: float, meta: AttentionMetadata) -> torch.Tensor:
-        """h + attention(rms_norm(h)) for the raw residual stream h [T, hidden], the input norm's
-        weight folded into qkv_proj: the norm is the qkv op's per-row scale, the add o_proj's."""
+    def forward_folded(self, h: torch.Tensor, norm: RMSNorm, meta: AttentionMetadata) -> torch.Tensor:
+        """h + attention(norm(h)) for the raw residual stream h [T, hidden], the input norm's
+        weight folded into qkv_proj (`norm`'s is ones): the norm is the qkv op's per-row scale, the
+        add o_proj's. Adapters (LoRA) fold the norm's weight into their A and add to qkv_proj's
+        and o_proj's outputs like the base weights do."""
+        eps = norm.eps
         if (
             self.q_norm is None
             and self.qkv_proj.bias is None
@@ -96,6 +99,8 @@ class Attention(nn.Module):
             # The attention kernel may launch as soon as the qkv GEMM runs: its pre-wait loads
             # (block table, cached K/V, h's 1/rms) then overlap the weight stream.
             out = self._attend(self.qkv_proj(h, early_signal=True), meta, rms_input=h, rms_eps=eps)
+        elif self.qkv_proj.lora_active:  # (an adapter reads the normalised input: the norm runs)
+            out = self._attend(self.qkv_proj(norm(h)), meta)
         else:
             out = self._attend(self.qkv_proj.linear_rms_norm(h, eps), meta)
         return self.o_proj.linear_add(out, residual=h)
@@ -134,8 +139,9 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(ops, inter, cfg.hidden_size, cfg.mlp_bias, layout.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
-        # (one kernel for a decode-sized x where faster; not with LoRA, which adds to gate/up first)
-        if self.ops.linear_silu_and_mul is not None and self.gate_up_proj.lora is None:
+        # (one kernel for a decode-sized x where faster; not with adapter rows: they add to gate/up
+        # before the activation)
+        if self.ops.linear_silu_and_mul is not None and not self.gate_up_proj.lora_active:
             return self.down_proj(self.gate_up_proj.linear_silu_and_mul(x))
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
@@ -143,7 +149,9 @@ class MLP(nn.Module):
         """h + mlp(rms_norm(h)) for the raw residual stream h [T, hidden], the norm's weight folded
         into gate_up_proj: gate/up are computed from h and scaled by its 1/rms inside the SiLU op."""
         assert self.ops.silu_and_mul_rms is not None, f"kernel bundle {self.ops.name!r} cannot fold norms"
-        if self.ops.linear_silu_and_mul is not None:  # one kernel for one row where faster
+        # (one kernel for one row where faster; not with adapter rows, whose deltas of the raw h add
+        # to gate/up before the SiLU op's 1/rms scale)
+        if self.ops.linear_silu_and_mul is not None and not self.gate_up_proj.lora_active:
             act = self.gate_up_proj.linear_silu_and_mul(h, rms_eps=eps)
         else:
             act = self.ops.silu_and_mul_rms(self.gate_up_proj(h), h, eps)
@@ -183,7 +191,7 @@ class DecoderLayer(nn.Module):
 
     def forward_folded(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Residual stream in -> residual stream out, both norms folded (their weights are ones)."""
-        h = self.self_attn.forward_folded(h, self.input_layernorm.eps, meta)
+        h = self.self_attn.forward_folded(h, self.input_layernorm, meta)
         assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
         return self.mlp.forward_folded(h, self.post_attention_layernorm.eps)
 
@@ -201,6 +209,7 @@ class DecoderLayer(nn.Module):
             # Row blocks: the fp32 copy of a whole 8B gate/up weight would be ~470 MB.
             for rows in proj.weight.split(_FOLD_ROWS):
                 rows.copy_(rows.float() * g)
+            proj.folded_norm = norm.weight.detach().clone()  # (an adapter's A is scaled by it too)
             norm.weight.fill_(1.0)
 
 
