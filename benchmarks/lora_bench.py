@@ -2,6 +2,7 @@
 
     python benchmarks/lora_bench.py            # GPU: Llama-3.1-8B shape, rank 16 on all projections
     python benchmarks/lora_bench.py --smoke    # CPU, tiny shapes: checks the script in seconds
+    python benchmarks/lora_bench.py --profile  # GPU: also each batch-1 row's decode graph by kernel
 
 Dummy base weights (`--load-format dummy`) and random PEFT adapters written by this script
 (adapter_config.json + adapter_model.safetensors, all seven projections, rank --rank), served
@@ -34,7 +35,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from engine_bench import MODELS, free_engine, random_prompt, step_until_done, tiny, write_model  # noqa: E402
+from engine_bench import (  # noqa: E402
+    MODELS,
+    free_engine,
+    profile_decode_graph,
+    random_prompt,
+    step_until_done,
+    tiny,
+    write_model,
+)
 
 from benchmarks.bench_report import device_label, write_report  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
@@ -110,6 +119,9 @@ def decode_tok_per_s(
     step_times = step_until_done(engine, requests)[2:]  # past the prefill steps
     graphs = engine.runner.graphs
     replays = dict(graphs.replays_by_variant) if graphs is not None else {}
+    if args.profile and batch == 1:  # (the variant the last step replayed: its mapping is still set)
+        for line in profile_decode_graph(engine, f"batch 1, {row_adapters[0] or 'base'}"):
+            print(line, flush=True)
     free_engine(engine)
     return batch / statistics.median(step_times), replays
 
@@ -121,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script in seconds")
     parser.add_argument("--model", default="Llama-3.1-8B", choices=list(MODELS))
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument(
+        "--profile", action="store_true", help="print each batch-1 row's decode graph by kernel (GPU)"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=16, help="adapters mixed in the batch")
     parser.add_argument("--prompt", type=int, default=128)
