@@ -299,18 +299,20 @@ class ModelRunner:
         sizes = verify_graph_sizes(max_num_seqs, speculative_tokens, max_num_tokens)
         if sizes:
             self.verify_graphs = VerifyGraphRunner(
-                self._verify_forward, self.cos_sin_cache, sizes, max_blocks, self.device
+                self._verify_forward,
+                self.cos_sin_cache,
+                sizes,
+                max_blocks,
+                self.device,
+                variants=self._graph_variants(),
             )
-            # (one variant, with the LoRA kernels: a step without adapter rows runs them on empty
-            # segments, as every step did before the decode graphs had variants)
-            with self._lora_launching(True):
-                self.verify_graphs.capture()
+            self.verify_graphs.capture()
         return True
 
     def _graph_variants(self) -> GraphVariants:
-        """With LoRA on, decode graphs without the LoRA kernels ("base": replayed by the steps of
-        base rows only, which then cost what they cost on a worker without LoRA) and with them
-        ("lora": any mix of adapters, read from the pool's persistent mapping)."""
+        """With LoRA on, decode (and verification) graphs without the LoRA kernels ("base":
+        replayed by the steps of base rows only, which then cost what they cost on a worker without
+        LoRA) and with them ("lora": any mix of adapters, read from the pool's persistent mapping)."""
         if self.lora is None:
             return NO_VARIANTS
         mapping = self.lora.mapping

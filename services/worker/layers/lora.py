@@ -32,8 +32,9 @@ class LoRAMapping:
         # kernels only then (layers/linear.py), and a decode step replays the graph variant
         # captured with them or without them (model_runner.py).
         self.active = False
-        # whether the device mapping may hold rows (a graph captured with the kernels, e.g. a
-        # speculative verification graph, may replay in a step without any: its lens must be 0)
+        # whether the device mapping may hold rows: a step of base rows only skips its copies when
+        # the device's mapping is empty already (and empties it otherwise: anything that launches
+        # the kernels in such a step, `launching`, must find no rows)
         self._device_rows = False
 
     def set(self, sorted_token_ids: list[int], seg_starts: list[int], seg_lens: list[int]) -> None:
