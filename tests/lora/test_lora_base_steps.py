@@ -1,6 +1,6 @@
-"""The decode-path cost of LoRA: a step of base rows only launches no LoRA kernel and computes
-exactly what a worker without LoRA computes (the same folded forward, bit for bit), and steps with
-adapters still equal transformers with each adapter merged, in the folded decode forward (at most
+"""The decode-path cost of LoRA: a step of base rows only launches no LoRA kernel, calls a worker
+without LoRA's kernels in the same order and computes exactly what it computes (the same folded
+forward, bit for bit), and steps with adapters still equal transformers with each adapter merged, in the folded decode forward (at most
 FOLDED_MAX_TOKENS rows) and the plain one (prefill), on a base whose norm weights are not ones (the
 pool folds them into the adapters' A)."""
 
@@ -84,6 +84,35 @@ def _count_launches(engine: Engine) -> Launches:
     return counts
 
 
+def _record_ops(engine: Engine) -> list[str]:
+    """The names of the kernel ops the model's forwards call, in order, from now on (every module
+    holding the bundle gets a copy whose callables append their name first)."""
+    from kernels import KernelOps
+
+    calls: list[str] = []
+    ops = engine.runner.ops
+
+    def recording(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    fields = {f.name: getattr(ops, f.name) for f in dataclasses.fields(ops)}
+    recorded = dataclasses.replace(
+        ops, **{k: recording(k, v) for k, v in fields.items() if callable(v) and k != "graph_capturable"}
+    )
+    holders: list[Any] = [
+        m for m in engine.runner.model.modules() if isinstance(getattr(m, "ops", None), KernelOps)
+    ]
+    if engine.runner.lora is not None:
+        holders += [proj for layer in engine.runner.lora.layers for proj in layer.values()]
+    for holder in holders:
+        holder.ops = recorded
+    return calls
+
+
 def _generate(engine: Engine, prompts: list[list[int]], names: list[str]) -> list[GenerateResult]:
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
     results = {}
@@ -142,3 +171,16 @@ def test_adapters_in_the_folded_decode_forward_match_merged_transformers(
             assert math.isclose(entry.logprob, float(ref_row[entry.token_id]), abs_tol=1e-4), name
         differs += name != "" and tokens != base.greedy(prompt, MAX_TOKENS)
     assert differs >= 2  # the adapters change the output: the test would see them not applied
+
+
+def test_base_steps_call_the_kernels_of_a_worker_without_lora(setup: tuple[RefModel, list[Adapter]]) -> None:
+    """Kernel for kernel: the same ops in the same order (folded norms, no LoRA op), prefill and
+    decode steps alike."""
+    base, adapters = setup
+    with_lora, without = _engine(base, adapters), _engine(base, None)
+    got, want = _record_ops(with_lora), _record_ops(without)
+    prompts = prompts_of_lengths([6, 13], base.vocab_size, seed=4)
+    _generate(with_lora, prompts, ["", ""])
+    _generate(without, prompts, ["", ""])
+    assert "linear_rms_norm" in want and "lora_shrink" not in got  # (the folded forward ran)
+    assert got == want
