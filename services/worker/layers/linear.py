@@ -88,9 +88,10 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:  # [T, in] -> [T, out]
         """early_signal: the next kernel is a short latency-bound one that may launch (and do its
         pre-wait loads) while this projection streams its weight (kernels/triton/pdl.py)."""
-        if self.lora_active:  # (the LoRA kernels come next, not the kernel the signal is for)
+        t = self._lora_shrink(x)
+        if t is not None:  # (the LoRA expand comes next, not the kernel the signal is for)
             early_signal = False
-        return self._add_lora(self._base_forward(x, early_signal), x)
+        return self._lora_expand(self._base_forward(x, early_signal), t)
 
     @property
     def lora_active(self) -> bool:
@@ -98,10 +99,16 @@ class Linear(nn.Linear):
         adapter (a step of base rows only launches no LoRA kernel: layers/lora.py)."""
         return self.lora is not None and self.lora.mapping.active
 
-    def _add_lora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out [T, out] += each row's adapter applied to x [T, in], when this step has any."""
-        if self.lora is not None and self.lora.mapping.active:
-            self.lora.add_to(out, x)
+    def _lora_shrink(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The step's adapters' x @ A^T (None when no row has one), issued before the base
+        projection: in a captured graph it runs beside the GEMM (layers/lora.py)."""
+        return self.lora.shrink(x) if self.lora is not None and self.lora.mapping.active else None
+
+    def _lora_expand(self, out: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """out [T, out] += t @ B^T for the rows of an adapter (`_lora_shrink`'s t)."""
+        if t is not None:
+            assert self.lora is not None
+            self.lora.expand(out, t)
         return out
 
     def _base_forward(self, x: torch.Tensor, early_signal: bool) -> torch.Tensor:
@@ -124,7 +131,8 @@ class Linear(nn.Linear):
         the rows' adapters (added to the sum: the same as to the projection)."""
         assert self.quant_method is None, "a quantized model's norms are never folded"
         assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
-        return self._add_lora(self.ops.linear_add(x, self.weight, self.bias, residual), x)
+        t = self._lora_shrink(x)
+        return self._lora_expand(self.ops.linear_add(x, self.weight, self.bias, residual), t)
 
     def linear_silu_and_mul(self, x: torch.Tensor, rms_eps: float | None = None) -> torch.Tensor:
         """silu(gate) * up of this fused [gate; up] projection of x: [T, in] -> [T, out / 2]; with
@@ -156,13 +164,14 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:
         if self.tp_size == 1:
             return super().forward(x, early_signal)
+        t = self._lora_shrink(x)
         if self.quant_method is not None:  # (its input columns: quantization/base.py)
             out = self.quant_method.apply(self, x, None)
         elif self.ops.linear is None:
             out = torch.nn.functional.linear(x, self.weight)
         else:
             out = self.ops.linear(x, self.weight, None, early_signal=False)
-        self._add_lora(out, x)
+        self._lora_expand(out, t)
         all_reduce(out)
         return out if self.bias is None else out + self.bias
 
@@ -175,12 +184,13 @@ class RowParallelLinear(Linear):
             return super().linear_add(x, residual)
         assert self.quant_method is None, "a quantized model's norms are never folded"
         assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
+        t = self._lora_shrink(x)
         if current().tp_rank == 0:
             out = self.ops.linear_add(x, self.weight, None, residual)
         elif self.ops.linear is None:
             out = torch.nn.functional.linear(x, self.weight)
         else:
             out = self.ops.linear(x, self.weight, None, early_signal=False)
-        self._add_lora(out, x)  # (this rank's partial delta, summed by the all-reduce)
+        self._lora_expand(out, t)  # (this rank's partial delta, summed by the all-reduce)
         all_reduce(out)
         return out if self.bias is None else out + self.bias

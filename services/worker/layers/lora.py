@@ -6,6 +6,12 @@ replay; `LoRAProjection` is one fused projection's slice of the slot pool. The k
 in steps with rows of an adapter (`LoRAMapping.active`): a step of base rows only runs exactly what
 a worker without LoRA runs. The decode graphs come in both variants (model_runner.py), and the
 "lora" one serves any mix of adapters.
+
+The shrink reads only the projection's input, so a projection issues it first and its base GEMM
+after: while a CUDA graph is captured, the shrink goes on a side stream, which makes it a parallel
+branch of the graph that runs beside the GEMM (a decode GEMM streams its weight, the shrink a few
+hundred KB), and the expand joins both (`TANDEM_LORA_OVERLAP=0`: one after the other). Eager
+forwards keep one stream: the fork's events would cost host time every step.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Iterator
 import torch
 
 from kernels import KernelOps
+from services.common import switches
 
 
 class LoRAMapping:
@@ -102,6 +109,7 @@ class LoRAProjection:
         mapping: LoRAMapping,
         part_starts: tuple[int, ...] = (),  # first output column of each fused part
         part_rank: int = 0,  # R: part j's A rows / B columns are [j*R, (j+1)*R)
+        side_stream: torch.cuda.Stream | None = None,  # the shrink's branch in captured graphs
     ) -> None:
         self.ops = ops
         self.lora_a = lora_a
@@ -109,11 +117,29 @@ class LoRAProjection:
         self.mapping = mapping
         self.part_starts = part_starts
         self.part_rank = part_rank
+        self.side_stream = side_stream
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # y [T, out] += lora(x [T, in])
+    def shrink(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows' x [T, in] @ A^T partial sums; issue it before the base projection (module
+        docstring: in a captured graph it then runs beside the GEMM) and hand it to `expand`."""
         m = self.mapping
-        t = self.ops.lora_shrink(x, self.lora_a, m.sorted_token_ids, m.seg_starts, m.seg_lens)
+        side = self.side_stream
+        if side is None or not torch.cuda.is_current_stream_capturing():
+            return self.ops.lora_shrink(x, self.lora_a, m.sorted_token_ids, m.seg_starts, m.seg_lens)
+        side.wait_stream(torch.cuda.current_stream(x.device))  # (x is ready: the fork)
+        with torch.cuda.stream(side):
+            return self.ops.lora_shrink(x, self.lora_a, m.sorted_token_ids, m.seg_starts, m.seg_lens)
+
+    def expand(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # y [T, out] += t @ B^T
+        m = self.mapping
+        if self.side_stream is not None and torch.cuda.is_current_stream_capturing():
+            torch.cuda.current_stream(y.device).wait_stream(self.side_stream)  # (the join)
         self.ops.lora_expand(
             y, t, self.lora_b, m.sorted_token_ids, m.seg_starts, m.seg_lens, self.part_starts, self.part_rank
         )
         return y
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """The stream LoRA shrinks are captured on beside the base GEMMs (None: one stream)."""
+    return torch.cuda.Stream(device) if device.type == "cuda" and switches.LORA_OVERLAP.value else None

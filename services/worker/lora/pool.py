@@ -21,7 +21,7 @@ from torch import nn
 
 from kernels import KernelOps
 from services.worker.layers.linear import Linear
-from services.worker.layers.lora import LoRAMapping, LoRAProjection
+from services.worker.layers.lora import LoRAMapping, LoRAProjection, side_stream
 from services.worker.lora.adapter import FUSED_PARTS, MODULES, LoRAAdapter, ModelShapes, ProjectionShape
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ class LoRAPool:
         # (A diag(g) h = A (g * h): the adapter then adds to the projection exactly as the base
         # weight does, in the folded forward and the plain one alike)
         self._input_scales: list[dict[str, torch.Tensor]] = []
+        side = side_stream(device)  # (one for all: each projection joins it before the next forks)
         for projections in decoder_projections(model):
             entry: dict[str, LoRAProjection] = {}
             scales: dict[str, torch.Tensor] = {}
@@ -135,7 +136,7 @@ class LoRAPool:
                 b = torch.zeros(max_loras, linear.out_features, width, dtype=dtype, device=device)
                 parts = self.shapes.projections[name].local_part_out
                 starts = tuple(sum(parts[:j]) for j in range(len(parts)))
-                entry[name] = linear.lora = LoRAProjection(ops, a, b, self.mapping, starts, max_rank)
+                entry[name] = linear.lora = LoRAProjection(ops, a, b, self.mapping, starts, max_rank, side)
             self.layers.append(entry)
             self._input_scales.append(scales)
         self.slots: list[LoRAAdapter | None] = [None] * max_loras
