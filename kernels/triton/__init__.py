@@ -5,7 +5,9 @@ Matmuls go to cuBLAS through torch, except decode-sized ones (<= 8 rows) of the 
 the folded-RMSNorm ops, so the models run with each layer's norm weights folded into qkv/gate_up
 (except in fp16): the norm's 1/rms is computed by the skinny GEMM (`linear_rms_norm`) and the SiLU
 kernel (`silu_and_mul_rms`), the residual adds by the o/down projections (`linear_add`). A one-row
-gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_mul`). FP8 W8A8
+gate/up projection may run with SiLU-and-mul (Gemma: GELU-and-mul) in its epilogue
+(`linear_silu_and_mul`, `linear_gelu_and_mul`). Gemma's (1 + w) norms run fused with the residual
+adds around them (gemma_norm.py). FP8 W8A8
 projections run a Triton FP8 GEMM or `torch._scaled_mm`, per shape and row count as
 `tune_fp8_linear` measured (fp8_gemm.py); integer-weight projections the tile config of the
 quantized GEMM that `tune_quant_linear` measured fastest (quant_gemm.py).
@@ -18,6 +20,8 @@ from kernels.triton.argmax import argmax
 from kernels.triton.exponential_race import exponential_race
 from kernels.triton.fp8_gemm import tune_fp8_linear, w8a8_linear
 from kernels.triton.fused_moe import fused_moe
+from kernels.triton.gelu_and_mul import gelu_tanh_and_mul
+from kernels.triton.gemma_norm import gemma_add_rms_norm, gemma_qk_norm, gemma_rms_norm, gemma_scale_rms_norm
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.lora import lora_expand, lora_shrink
 from kernels.triton.paged_attention import (
@@ -34,10 +38,12 @@ from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import (
     linear,
     linear_add,
+    linear_gelu_and_mul,
     linear_rms_norm,
     linear_silu_and_mul,
     tune_linear,
 )
+from kernels.triton.soft_cap import soft_cap
 
 TRITON_OPS = KernelOps(
     name="triton",
@@ -61,6 +67,14 @@ TRITON_OPS = KernelOps(
     silu_and_mul_rms=silu_and_mul_rms,
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
+    # Gemma 2/3: its (1 + w) norms fused with the residual adds, GELU(tanh)-and-mul, the soft-cap
+    gemma_rms_norm=gemma_rms_norm,
+    gemma_add_rms_norm=gemma_add_rms_norm,
+    gemma_scale_rms_norm=gemma_scale_rms_norm,
+    gemma_qk_norm=gemma_qk_norm,
+    gelu_tanh_and_mul=gelu_tanh_and_mul,
+    linear_gelu_and_mul=linear_gelu_and_mul,
+    soft_cap=soft_cap,
     quant_linear=quant_linear,
     tune_quant_linear=tune_quant_linear,
     fp8_linear=w8a8_linear,
