@@ -160,6 +160,8 @@ class SoftCappedLinear(Linear):
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
+    mlp_activation = "gelu_tanh"
+
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         nn.Module.__init__(self)  # its own model and LM head (see GemmaModel)
         self.config = cfg

@@ -358,6 +358,9 @@ class LlamaForCausalLM(nn.Module):
     # Rank 0 of a parallel group: sends each forward's inputs to the other ranks first
     # (services/worker/tp_group.py); None on the other ranks and with T = P = 1.
     driver: StepDriver | None = None
+    # The activation of the fused gate/up projection's activation-and-mul (the GEMM tuner times
+    # its epilogue variant: kernels/triton/skinny_gemm.py)
+    mlp_activation = "silu"
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
