@@ -6,7 +6,9 @@ the residual stream flowing through the fused sandwich steps, random (1 + w) nor
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,24 +255,32 @@ def _model_logits(
     from services.worker.layers.attention import AttentionMetadata
 
     cfg = model.config
+    weight = model.lm_head.weight
+    device, dtype = weight.device, weight.dtype
     num_tokens, num_blocks = len(prompt), -(-len(prompt) // block_size)
-    kv = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    kv = torch.zeros(
+        cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, device=device, dtype=dtype
+    )
     for i, attn in enumerate(model.attention_layers()):
         attn.kv_cache = kv[i]
-    cos_sin = model.build_rope_cache(num_tokens, torch.float32, torch.device("cpu"))
+    cos_sin = model.build_rope_cache(num_tokens, dtype, device)
     out = []
     for start, end in ((0, num_tokens - 1), (num_tokens - 1, num_tokens)):
-        positions = torch.arange(start, end)
+        positions = torch.arange(start, end, device=device)
+
+        def int32(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
         meta = AttentionMetadata(
             positions=positions,
             slot_mapping=positions.clone(),
-            block_tables=torch.arange(num_blocks, dtype=torch.int32)[None, :],
-            cu_seqlens_q=torch.tensor([0, end - start], dtype=torch.int32),
-            seq_lens=torch.tensor([end], dtype=torch.int32),
+            block_tables=int32(list(range(num_blocks)))[None, :],
+            cu_seqlens_q=int32([0, end - start]),
+            seq_lens=int32([end]),
             max_seqlen_q=end - start,
             cos_sin_cache=cos_sin,
         )
-        ids = torch.tensor(prompt[start:end])
+        ids = torch.tensor(prompt[start:end], device=device)
         with torch.inference_mode():
             if decode_mode is not None and end - start == 1:
                 with decode_mode:
@@ -355,3 +365,54 @@ def test_tune_linear_times_the_gelu_epilogue_on_gpu() -> None:
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
     expected = reference.linear_gelu_and_mul(x, weights[2], None).float()
     assert rel_err(linear_gelu_and_mul(x, weights[2], None), expected) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gemma3_decode_kernels_per_layer_gpu(tmp_path: Path) -> None:
+    """On CUDA (bf16, Gemma-3-1B's layer shape, untuned GEMMs): a decode step launches at most 11
+    kernels a layer (qkv GEMM, q/k norm, attention, o_proj, sandwich step, gate/up GEMM, GELU,
+    down GEMM and a split-K reduction where cuBLAS splits, sandwich step); the eager (1 + w) norms
+    made it about 70. Counted as the difference between a 4-layer and a 2-layer model."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import transformers as tf
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from kernels.triton import TRITON_OPS
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    def decode_kernels(num_layers: int) -> int:
+        path = tmp_path / str(num_layers)
+        tf.Gemma3TextConfig(
+            hidden_size=1152,
+            intermediate_size=6912,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            query_pre_attn_scalar=256,
+            num_hidden_layers=num_layers,
+            vocab_size=1024,
+            sliding_window=32,
+            layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
+            architectures=["Gemma3ForCausalLM"],
+        ).save_pretrained(str(path))
+        cfg = load_model_config(str(path))
+        model = build_model(cfg, TRITON_OPS, torch.device("cuda"), torch.bfloat16, "dummy")
+        prompt = list(range(1, 12))
+        _model_logits(model, prompt)  # compiles the kernels
+        prof = profile(activities=[ProfilerActivity.CUDA])
+
+        @contextlib.contextmanager
+        def profiled() -> Iterator[None]:
+            with prof:
+                yield
+                torch.cuda.synchronize()
+
+        _model_logits(model, prompt, decode_mode=profiled())  # the decode step only
+        return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+    per_layer = (decode_kernels(4) - decode_kernels(2)) / 2
+    print(f"kernels per Gemma 3 layer in a decode step: {per_layer}")
+    assert per_layer <= 11, per_layer
