@@ -1,13 +1,14 @@
 """Triton kernels, one per file; `TRITON_OPS` bundles them behind the `KernelOps` interface.
 
+Gemma 2/3's (1 + w) norms run fused with the residual adds around them (gemma_norm.py), its
+GELU(tanh)-and-mul in one kernel or the gate/up GEMM's epilogue (`linear_gelu_and_mul`).
+
 Matmuls go to cuBLAS through torch, except decode-sized ones (<= 8 rows) of the weight shapes where
 `tune_linear` measured the skinny-GEMM kernel faster on this GPU (skinny_gemm.py). The bundle has
 the folded-RMSNorm ops, so the models run with each layer's norm weights folded into qkv/gate_up
 (except in fp16): the norm's 1/rms is computed by the skinny GEMM (`linear_rms_norm`) and the SiLU
 kernel (`silu_and_mul_rms`), the residual adds by the o/down projections (`linear_add`). A one-row
-gate/up projection may run with SiLU-and-mul (Gemma: GELU-and-mul) in its epilogue
-(`linear_silu_and_mul`, `linear_gelu_and_mul`). Gemma's (1 + w) norms run fused with the residual
-adds around them (gemma_norm.py). FP8 W8A8
+gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_mul`). FP8 W8A8
 projections run a Triton FP8 GEMM or `torch._scaled_mm`, per shape and row count as
 `tune_fp8_linear` measured (fp8_gemm.py); integer-weight projections the tile config of the
 quantized GEMM that `tune_quant_linear` measured fastest (quant_gemm.py).
@@ -53,6 +54,14 @@ TRITON_OPS = KernelOps(
     fused_add_rms_norm=fused_add_rms_norm,
     rotary=rotary,
     silu_and_mul=silu_and_mul,
+    # Gemma 2/3: its (1 + w) norms fused with the residual adds, GELU(tanh)-and-mul, the soft-cap
+    gemma_rms_norm=gemma_rms_norm,
+    gemma_add_rms_norm=gemma_add_rms_norm,
+    gemma_scale_rms_norm=gemma_scale_rms_norm,
+    gemma_qk_norm=gemma_qk_norm,
+    gelu_tanh_and_mul=gelu_tanh_and_mul,
+    linear_gelu_and_mul=linear_gelu_and_mul,
+    soft_cap=soft_cap,
     graph_capturable=supports_head_dim,
     rotary_write_kv_cache=rotary_write_kv_cache,
     rotary_write_attention=rotary_write_paged_attention,
@@ -67,14 +76,6 @@ TRITON_OPS = KernelOps(
     silu_and_mul_rms=silu_and_mul_rms,
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
-    # Gemma 2/3: its (1 + w) norms fused with the residual adds, GELU(tanh)-and-mul, the soft-cap
-    gemma_rms_norm=gemma_rms_norm,
-    gemma_add_rms_norm=gemma_add_rms_norm,
-    gemma_scale_rms_norm=gemma_scale_rms_norm,
-    gemma_qk_norm=gemma_qk_norm,
-    gelu_tanh_and_mul=gelu_tanh_and_mul,
-    linear_gelu_and_mul=linear_gelu_and_mul,
-    soft_cap=soft_cap,
     quant_linear=quant_linear,
     tune_quant_linear=tune_quant_linear,
     fp8_linear=w8a8_linear,
