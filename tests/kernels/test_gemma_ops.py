@@ -401,7 +401,7 @@ def test_gemma3_decode_kernels_per_layer_gpu(tmp_path: Path) -> None:
         cfg = load_model_config(str(path))
         model = build_model(cfg, TRITON_OPS, torch.device("cuda"), torch.bfloat16, "dummy")
         prompt = list(range(1, 12))
-        _model_logits(model, prompt)  # compiles the kernels
+        _model_logits(model, prompt, block_size=16)  # compiles the kernels
         prof = profile(activities=[ProfilerActivity.CUDA])
 
         @contextlib.contextmanager
@@ -410,7 +410,7 @@ def test_gemma3_decode_kernels_per_layer_gpu(tmp_path: Path) -> None:
                 yield
                 torch.cuda.synchronize()
 
-        _model_logits(model, prompt, decode_mode=profiled())  # the decode step only
+        _model_logits(model, prompt, block_size=16, decode_mode=profiled())  # the decode step only
         return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
 
     per_layer = (decode_kernels(4) - decode_kernels(2)) / 2
