@@ -164,13 +164,15 @@ class ModelRunner:
             for name, mods in groups.items():
                 shapes = {tuple(m.weight.shape) for m in mods}
                 assert len(shapes) == 1, (name, shapes)
-                # gate_up_proj is the models' fused [gate; up] projection (SiLU-and-mul follows it)
+                # gate_up_proj is the models' fused [gate; up] projection (the activation-and-mul
+                # follows it: SiLU, or the model's `mlp_activation`, Gemma's GELU)
                 report += self.ops.tune_linear(
                     [m.weight for m in mods],
                     mods[0].bias,
                     GRAPH_LOGITS_MAX_ROWS,
                     name,
                     gated=name == "gate_up_proj",
+                    activation=getattr(self.model, "mlp_activation", "silu"),
                 )
         torch.cuda.empty_cache()
         for line in report:

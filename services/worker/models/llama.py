@@ -105,6 +105,14 @@ class Attention(nn.Module):
             out = self._attend(self.qkv_proj.linear_rms_norm(h, eps), meta)
         return self.o_proj.linear_add(out, residual=h)
 
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> the same after the per-head q/k norms (Qwen3), if any."""
+        if self.q_norm is None or self.k_norm is None:
+            return q, k
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        return q, k
+
     def _attend(
         self,
         qkv: torch.Tensor,
@@ -118,9 +126,7 @@ class Attention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        q, k = self.norm_qk(q, k)
         if self.ops.rotary_write_kv_cache is not None:  # one kernel instead of two (GPU)
             out = self.attn.rotate_write_attend(q, k, v, meta, rms_input, rms_eps)  # [T, Hq, D]
         else:
@@ -361,6 +367,9 @@ class LlamaForCausalLM(nn.Module):
     # Rank 0 of a parallel group: sends each forward's inputs to the other ranks first
     # (services/worker/tp_group.py); None on the other ranks and with T = P = 1.
     driver: StepDriver | None = None
+    # The activation of the fused gate/up projection's activation-and-mul (the GEMM tuner times
+    # its epilogue variant: kernels/triton/skinny_gemm.py)
+    mlp_activation = "silu"
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
