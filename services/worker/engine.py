@@ -586,6 +586,11 @@ class Engine:
         self._drop_dead_launch()
         return self._output(request)
 
+    @property
+    def in_flight(self) -> list[SchedulerOutput]:
+        """The batches a pipeline-parallel group has in flight, oldest first (--pipeline-batches)."""
+        return [batch.out for batch in self._in_flight]
+
     def has_unfinished(self) -> bool:
         # (a batch in flight is received back even when all its requests were aborted meanwhile)
         return bool(self.requests) or bool(self._in_flight)
