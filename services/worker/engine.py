@@ -164,6 +164,9 @@ class Engine:
         self.tp_size, self.pp_size = state.tp_size, state.pp_size
         # (ranks on other hosts of an --nnodes group have no watcher here: their loss shows in a ping)
         watched = config.nnodes == 1 or config.distributed_executor_backend == "ray"
+        # (batches in flight: the later stages take a Forward when done with the batch before, which
+        # rank 0 does not wait for; every rank queues the commands alike, tp_follow.py)
+        parallel.queue_commands(state.world_size > 1 and config.batches_in_flight > 1)
         self.driver = StepDriver(config.distributed_timeout, watched) if state.world_size > 1 else None
         self.runner.model.driver = self.driver
         # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA;

@@ -87,6 +87,7 @@ def follow(config: WorkerConfig) -> int:
     state = parallel.current()
     ranks = kv_reshard.rank_kv(cfg, state.tp_size, state.pp_size)
     batches = config.batches_in_flight
+    parallel.queue_commands(batches > 1)  # as rank 0 does (Engine)
     in_flight: collections.deque[StageForward] = collections.deque()  # started, not finished
     with torch.inference_mode():
         while True:

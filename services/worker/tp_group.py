@@ -327,6 +327,7 @@ class StepDriver:
             if time.monotonic() - self._last >= self._interval and self._lock.acquire(blocking=False):
                 try:
                     parallel.broadcast_object(Ping())
+                    parallel.flush_commands()  # (queued commands: a lost rank shows when waited for)
                     self._last = time.monotonic()
                 except Exception as exc:  # a rank is gone (on another host no watcher sees it)
                     group_failed(exc)

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.request import EngineRequest, SamplingParams
 from tests.parallel.conftest import GroupRun, run_group
-from tests.parallel.test_pipeline import _trace, _wide_llama
+from tests.parallel.test_pipeline import _trace
 from tests.worker.guided_testlib import REGEX, check_regex, decode, load_tokenizer
 from tests.worker.worker_testlib import TINY, RefModel, load_ref, prompts_of_lengths
 
@@ -144,6 +145,17 @@ def test_t2_times_p2_batches_equal_t1_with_prefix_hits(tp_refs: dict[str, RefMod
         _check_logprobs(got["logprobs"][i], [lp.logprob for lp in result.logprobs[0]])
 
 
+def _heavy_llama(path: Path) -> Path:
+    """Four layers (two a stage) heavy enough (hidden 1024) that a batch's layer takes longer on the CPU than
+    rank 0's host work between two batches (receiving one back, sampling, scheduling the next)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY, "hidden_size": 1024, "intermediate_size": 4096}, num_hidden_layers=4)
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    return path
+
+
 def idle_fraction(records: dict[tuple[int, int, str, int], dict[str, Any]], stage: int) -> float:
     """The part of the run (from stage 0's first layers to its last batch back) in which `stage`
     computed no layers."""
@@ -161,7 +173,7 @@ def test_stage0_computes_step_n_plus_1_while_stage1_computes_step_n(tmp_path: Pa
     batch's number (the same on every rank). Stage 0 starts batch n+1 before batch n came back
     from stage 1 in most consecutive pairs, and in some the two processes' intervals on the host
     clock intersect: stage 0 computed step n+1's batch while stage 1 computed step n's."""
-    model = _wide_llama(tmp_path / "model")
+    model = _heavy_llama(tmp_path / "model")
     prompts = prompts_of_lengths(LENGTHS, TINY["vocab_size"], seed=5)
     trace = tmp_path / "trace"
     options = ["--model", str(model), "--device", "cpu", "--cpu-threads", "1", "--kv-cache-memory", "4MiB"]
