@@ -321,10 +321,12 @@ class _CommandQueue:
         size = torch.tensor([len(data)], dtype=torch.int64)
         payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         tag = self._next_tag()
-        works = []
+        works: list[dist.Work] = []
         for dst in range(1, state.world_size):
-            works.append(dist.isend(size, dst=dst, group=state.ctrl_group, tag=tag))
-            works.append(dist.isend(payload, dst=dst, group=state.ctrl_group, tag=tag + 1))
+            for t in (size, payload):
+                work = dist.isend(t, dst=dst, group=state.ctrl_group, tag=tag + (t is payload))
+                assert work is not None  # (None only for a rank outside the group)
+                works.append(work)
         self._pending.append((works, [size, payload]))
         while self._pending and (
             len(self._pending) > self.MAX_UNTAKEN or all(w.is_completed() for w in self._pending[0][0])
