@@ -13,9 +13,19 @@ Stage 0 embeds each micro-batch's tokens; the last stage sends its outputs back 
 applies the final norm to each and returns the step's hidden states in the batch's order (the LM
 head and sampling follow on rank 0 as before). The micro-batches of one step share nothing but the
 KV cache, where each writes its own sequences' slots. This fills the pipeline within a step: with
-P micro-batches a stage idles (P - 1) / (2P - 1) of the step instead of (P - 1) / P; vLLM (virtual
-engines) and SGLang (`event_loop_pp`) go further and keep P independent batches of different steps
-in flight, which needs P schedules in flight at once.
+P micro-batches a stage idles (P - 1) / (2P - 1) of the step instead of (P - 1) / P.
+
+Batches in flight (--pipeline-batches, by default P; vLLM's virtual engines, SGLang's
+`event_loop_pp`): the engine keeps up to P batches of different steps, each of other requests, in
+the pipeline (engine.py `_step_pipelined`), so it never drains between steps:
+
+    time ->        t0          t1          t2
+    stage 0      [batch A]   [batch B]   [batch A']    A' = A's requests' next step, scheduled
+    stage 1                  [batch A]   [batch B]     once A came back and was sampled
+
+Each batch is then one micro-batch. `start_stage` runs a stage's layers over a batch and sends it
+on; its `StageForward.finish()` (stage 0: the batch back from the last stage, normed) comes once
+the batches started after it are in the pipeline too.
 
 `StageTrace` (--pipeline-trace DIR) records when each stage starts and ends each micro-batch, on
 the host clock every process of a machine shares, so a test can see stages overlap.
