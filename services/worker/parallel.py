@@ -314,7 +314,7 @@ class _CommandQueue:
 
     def _next_tag(self) -> int:
         self._count += 1
-        return 2 * (self._count % 2**30) + 1
+        return 2 * (self._count % 2**29) + 1  # (a C int: below 2**31)
 
     def post(self, obj: object, state: ParallelState) -> None:
         data = pickle.dumps(obj)
