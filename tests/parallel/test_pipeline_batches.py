@@ -8,6 +8,7 @@ step n+1's batch while stage 1 computes step n's."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,78 @@ def test_pipeline_batches_flag() -> None:
     assert WorkerConfig(**base, speculative="prompt-lookup").batches_in_flight == 1
     with pytest.raises(ValueError, match="--pipeline-batches 2 with --speculative"):
         WorkerConfig(**base, pipeline_batches=2, speculative="prompt-lookup")
+
+
+STORY_STARTS = [
+    "Once upon a time",
+    "The little dog",
+    "Lily went to the park",
+    "One day, a boy named Tim",
+    "The sun was",
+    "There was a big tree",
+    "Mom said",
+    "A cat and a bird",
+]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_up_with_p2_serves_concurrent_streams_and_cancels(stories_dir: Path) -> None:
+    """`tandem up` with a P = 2 worker (two batches in flight) over the OpenAI API: 16 concurrent
+    streams give transformers' greedy text, a quarter of them closed by the client after a few
+    chunks (the worker aborts them, some in a batch in flight), and the requests after all
+    succeed with the same text."""
+    from openai import OpenAI
+    from tokenizers import Tokenizer
+
+    from tests.e2e.stack import UpProcess
+
+    tokenizer = Tokenizer.from_file(str(stories_dir / "tokenizer.json"))
+    ref = load_ref(stories_dir)
+    prompts = [[1, *tokenizer.encode(text, add_special_tokens=False).ids] for text in STORY_STARTS]
+    max_tokens = 24
+    # (the completion's text as the styler detokenizes it: after the prompt's, its leading space kept)
+    expected = [tokenizer.decode(p + ref.greedy(p, max_tokens))[len(tokenizer.decode(p)) :] for p in prompts]
+    worker_args = (
+        "--pipeline-parallel-size 2 --kv-cache-memory 8MiB --cpu-threads 1 --max-num-batched-tokens 16"
+    )
+    up = UpProcess(stories_dir, "--device", "cpu", "--worker-args", worker_args)
+    try:
+        up.wait_healthy(240)
+        oai = OpenAI(base_url=up.url + "/v1", api_key="unused", max_retries=0).with_options(timeout=120)
+        texts: dict[int, str | None] = {}
+
+        def run(i: int) -> None:
+            stream = oai.completions.create(
+                model="stories260K",
+                prompt=prompts[i % len(prompts)],
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+            )
+            text = ""
+            for k, chunk in enumerate(stream):
+                text += chunk.choices[0].text if chunk.choices else ""
+                if i % 4 == 3 and k == 2:  # the client goes away mid-stream
+                    stream.close()
+                    texts[i] = None
+                    return
+            texts[i] = text
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert not any(t.is_alive() for t in threads) and len(texts) == 16, texts
+        for i, text in texts.items():
+            if text is not None:
+                assert text == expected[i % len(prompts)], i
+        for i, prompt in enumerate(prompts[:4]):
+            again = oai.completions.create(
+                model="stories260K", prompt=prompt, max_tokens=max_tokens, temperature=0
+            )
+            assert again.choices[0].text == expected[i]
+        assert "Traceback" not in up.output()
+    finally:
+        assert up.stop() == 0
