@@ -85,6 +85,8 @@ class WorkerConfig(ServiceConfig):
     """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
     pipeline_parallel_size: int = 1
     """Pipeline stages the layers are split into (each stage T ranks; --tensor-parallel-size x this = ranks in all, docs/parallel.md)."""
+    pipeline_batches: int = 0
+    """Batches of different steps a pipeline-parallel group (--pipeline-parallel-size P > 1) keeps in flight, each of other sequences, so that stage 0 computes step n+1's batch while the later stages compute step n's (vLLM's virtual engines; docs/parallel.md); 0 = auto: P (1 with --speculative, whose drafts run one step at a time); 1 = one step at a time, split into P micro-batches that drain the pipeline at its end."""
     pipeline_trace: str = ""
     """Folder where each pipeline stage appends when it starts and ends each micro-batch (JSON lines per rank; tests and profiling, docs/parallel.md); "" = off."""
     nnodes: int = 1
@@ -174,6 +176,12 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.pipeline_batches < 0:
+            raise ValueError(f"--pipeline-batches must be >= 0, got {self.pipeline_batches}")
+        if self.pipeline_batches > 1 and self.speculative_method != "off":
+            raise ValueError(
+                f"--pipeline-batches {self.pipeline_batches} with --speculative: a drafted step runs one at a time (use 1)"
+            )
         if self.task == "embed" and self.role != "unified":
             raise ValueError(
                 f"--task embed with --role {self.role}: embeddings are computed in one worker (no disaggregation)"
@@ -263,6 +271,16 @@ class WorkerConfig(ServiceConfig):
     def world_size(self) -> int:
         """Ranks in this worker's group."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def batches_in_flight(self) -> int:
+        """--pipeline-batches resolved: how many batches of different steps every rank of the
+        group keeps in the pipeline at once (1: one step at a time, and always with P = 1)."""
+        if self.pipeline_parallel_size == 1:
+            return 1
+        if self.pipeline_batches:
+            return self.pipeline_batches
+        return 1 if self.speculative_method != "off" else self.pipeline_parallel_size
 
     @property
     def kv_offload_bytes(self) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -59,6 +60,25 @@ log = logging.getLogger(__name__)
 GRAPH_LOGITS_MAX_ROWS = 8
 
 
+@dataclass(frozen=True)
+class _StepInputs:
+    """One step's flat host inputs (module docstring) and the rows its sampling reads."""
+
+    ids: list[int] | torch.Tensor  # [T] host ids, or [T] int64 on the device (a continuation)
+    positions: list[int]
+    slots: list[int]
+    block_tables: torch.Tensor  # [B, max_blocks] int32 on the host
+    cu_seqlens: list[int]
+    seq_lens: list[int]
+    max_seqlen_q: int
+    max_blocks: int
+    logits_rows: list[int]  # the rows whose logits are sampled
+    rows: list[tuple[Sequence, int]]  # per sampled row: the sequence whose params apply, its entry
+    pooled: list[tuple[int, int]]  # pooling entries that reach their last prompt token, and its row
+    mm: ImageEmbeddingRows | None  # image embedding rows of the step's prompt chunks
+    drafted: bool  # speculative decoding: some entry carries drafts
+
+
 def leading_single_tokens(cu_seqlens: list[int]) -> int:
     """How many sequences at the front of the batch have one new token each (decodes: the scheduler
     puts running sequences first)."""
@@ -87,6 +107,7 @@ class ModelRunner:
         pooling: bool = False,
         pipeline_trace: str = "",
         encoder_cache_size: int = 64,
+        pipeline_batches: int = 1,
     ) -> None:
         self.cfg = cfg
         self.ops = ops
@@ -118,6 +139,9 @@ class ModelRunner:
                 device,
                 cfg.hidden_size,
             )
+        if isinstance(getattr(self.model, "model", None), LlamaModel):
+            # batches of different steps in flight in a pipeline-parallel group (pipeline.py)
+            self.model.model.pipeline_batches = pipeline_batches
         if pipeline_trace and isinstance(getattr(self.model, "model", None), LlamaModel):
             state = parallel.current()
             self.model.model.trace = StageTrace(pipeline_trace, state.rank, state.pp_rank)
@@ -383,6 +407,61 @@ class ModelRunner:
         """Enqueue one forward over the scheduled tokens and the sampling; `result()` on the handle
         reads the tokens. A continuation (`out.prev_rows`, async scheduling) takes its input ids
         from `prev`'s sampled tokens on the device, so nothing here waits for `prev` to finish."""
+        step = self._step_inputs(out, prev)
+        ids, positions, slots, block_tables = step.ids, step.positions, step.slots, step.block_tables
+        num_seqs, max_seqlen_q, max_blocks = len(out.scheduled), step.max_seqlen_q, step.max_blocks
+        decoded: DecodeOutputs | None = None
+        verify = self.small_query_graphs(num_seqs, max_seqlen_q, max_blocks) if step.drafted else None
+        if (
+            step.mm is None
+            and self.graphs is not None
+            and self.graphs.can_run(num_seqs, max_seqlen_q, max_blocks)
+        ):
+            if self.model.driver is not None:  # the other ranks of a group replay the same size
+                self.model.driver.forward_graph(
+                    ids, positions, slots, step.seq_lens, block_tables, self.graphs.padded_size(num_seqs)
+                )
+            decoded = self.graphs.run(ids, positions, slots, step.seq_lens, block_tables)
+            hidden = decoded.hidden
+        elif (
+            step.mm is None and verify is not None and isinstance(ids, list)
+        ):  # (drafted steps are synchronous)
+            decoded = verify.run(ids, positions, slots, step.cu_seqlens, step.seq_lens, block_tables)
+            hidden = decoded.hidden
+        else:
+            hidden = self._forward_eager(
+                ids, positions, slots, block_tables, step.cu_seqlens, step.seq_lens, max_seqlen_q, step.mm
+            )
+        return self._sample_step(out, step, hidden, decoded)
+
+    @torch.inference_mode()
+    def launch_in_flight(self, out: SchedulerOutput) -> Callable[[], StepHandle]:
+        """A pipeline-parallel group with batches in flight (--pipeline-batches, pipeline.py): the
+        other ranks are sent the batch and stage 0 runs its layers over it now; the returned
+        function, called once later batches have started, receives the batch back from the last
+        stage and runs the LM head and the sampling, as `launch` does (eager: P > 1 has no graphs)."""
+        step = self._step_inputs(out, None)
+        assert step.mm is None and not step.drafted, "image rows and drafts are not pipelined"
+        input_ids, meta = self._eager_inputs(
+            step.ids,
+            step.positions,
+            step.slots,
+            step.block_tables,
+            step.cu_seqlens,
+            step.seq_lens,
+            step.max_seqlen_q,
+        )
+        started = self.model.start_forward(input_ids, meta)
+
+        def finish() -> StepHandle:
+            with torch.inference_mode():
+                return self._sample_step(out, step, started.finish(), None)
+
+        return finish
+
+    def _step_inputs(self, out: SchedulerOutput, prev: StepHandle | None) -> _StepInputs:
+        """The step's flat host inputs and rows (pending block copies made first; LoRA's mapping
+        prepared and staged for the group)."""
         assert self.kv_cache is not None
         self.kv_cache.copy_blocks(out.block_copies)
         bs = self.block_size
@@ -428,35 +507,34 @@ class ModelRunner:
         if out.prev_rows is not None and any(row >= 0 for row in out.prev_rows):
             assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
-        max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
         if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
             step = self.lora.prepare(
                 [(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled]
             )
             if self.model.driver is not None:  # the other ranks of a group replay it with the forward
                 self.model.driver.stage_lora(step)
-        mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
-        drafted = any(item.draft is not None for item in out.scheduled)
-        decoded: DecodeOutputs | None = None
-        verify = self.small_query_graphs(len(out.scheduled), max_seqlen_q, max_blocks) if drafted else None
-        if (
-            mm is None
-            and self.graphs is not None
-            and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks)
-        ):
-            if self.model.driver is not None:  # the other ranks of a group replay the same size
-                self.model.driver.forward_graph(
-                    ids, positions, slots, seq_lens, block_tables, self.graphs.padded_size(len(out.scheduled))
-                )
-            decoded = self.graphs.run(ids, positions, slots, seq_lens, block_tables)
-            hidden = decoded.hidden
-        elif mm is None and verify is not None and isinstance(ids, list):  # (drafted steps are synchronous)
-            decoded = verify.run(ids, positions, slots, cu_seqlens, seq_lens, block_tables)
-            hidden = decoded.hidden
-        else:
-            hidden = self._forward_eager(
-                ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q, mm
-            )
+        return _StepInputs(
+            ids,
+            positions,
+            slots,
+            block_tables,
+            cu_seqlens,
+            seq_lens,
+            max(item.num_new_tokens for item in out.scheduled),
+            max_blocks,
+            logits_rows,
+            rows,
+            pooled,
+            self._image_rows(out, cu_seqlens),  # None unless a prefill chunk covers image positions
+            any(item.draft is not None for item in out.scheduled),
+        )
+
+    def _sample_step(
+        self, out: SchedulerOutput, step: _StepInputs, hidden: torch.Tensor, decoded: DecodeOutputs | None
+    ) -> StepHandle:
+        """After the forward: the features an EAGLE head reads, prompt logprobs, pooling, and the
+        sampling of the rows that sample (a handle whose tokens are read when asked)."""
+        cu_seqlens, logits_rows, rows = step.cu_seqlens, step.logits_rows, step.rows
         if self.feature_sink is not None:
             features: torch.Tensor | None = hidden
             if self.model.model.aux_layers:
@@ -464,9 +542,9 @@ class ModelRunner:
             assert features is not None
             self.feature_sink(out, features, cu_seqlens)
         self._prompt_logprobs(out, hidden, cu_seqlens)
-        if pooled:
-            self._pool(out, hidden, pooled)
-        if drafted:  # speculative decoding
+        if step.pooled:
+            self._pool(out, hidden, step.pooled)
+        if step.drafted:  # speculative decoding
             return verify_step(
                 out,
                 hidden,
@@ -610,6 +688,22 @@ class ModelRunner:
         max_seqlen_q: int,
         mm: ImageEmbeddingRows | None = None,
     ) -> torch.Tensor:
+        ids, meta = self._eager_inputs(
+            input_ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q
+        )
+        return self.model(ids, meta) if mm is None else self.model(ids, meta, mm)
+
+    def _eager_inputs(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        positions: list[int],
+        slots: list[int],
+        block_tables: torch.Tensor,
+        cu_seqlens: list[int],
+        seq_lens: list[int],
+        max_seqlen_q: int,
+    ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """A forward's input ids and attention metadata on the device."""
         dev = self.device
 
         def put(values: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -628,7 +722,7 @@ class ModelRunner:
             num_decode_rows=leading_single_tokens(cu_seqlens),
         )
         ids = input_ids if isinstance(input_ids, torch.Tensor) else put(input_ids, torch.int64)
-        return self.model(ids, meta) if mm is None else self.model(ids, meta, mm)
+        return ids, meta
 
     def _image_rows(self, out: SchedulerOutput, cu_seqlens: list[int]) -> ImageEmbeddingRows | None:
         """The image embedding rows of this step: for each scheduled prompt chunk, the part of

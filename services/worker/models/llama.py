@@ -277,6 +277,10 @@ class LlamaModel(nn.Module):
         self.aux_hidden: torch.Tensor | None = None
         # --pipeline-trace: each micro-batch's start and end on this stage (pipeline.py)
         self.trace: pipeline.StageTrace | None = None
+        # --pipeline-batches: batches of different steps a pipeline-parallel group keeps in flight
+        # (every rank the same), and this rank's count of batches started (their messages' tags)
+        self.pipeline_batches = 1
+        self.batches_started = 0
         # the LoRA pool's row mapping (services/worker/lora/pool.py), None without LoRA: a pipeline
         # stage narrows it to each micro-batch
         self.lora_mapping: LoRAMapping | None = None
@@ -319,6 +323,11 @@ class LlamaModel(nn.Module):
         """Pipeline parallelism: this stage's layers over the step's micro-batches, between the
         stage before and the one after (services/worker/pipeline.py); stage 0 returns the normed
         hidden states (the other stages' return value is not used)."""
+        return self.start_stage(input_ids, meta).finish()
+
+    def start_stage(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> pipeline.StageForward:
+        """This stage's layers over one batch, its results sent on; the batch's `finish()` (stage 0:
+        the batch back from the last stage, normed) may come after later batches started."""
         layout = self.layout
 
         def layers(
@@ -341,8 +350,9 @@ class LlamaModel(nn.Module):
             return self.norm.add_and_norm(hidden, residual)[0]
 
         mapping = self.lora_mapping
+        batch, self.batches_started = self.batches_started, self.batches_started + 1
         try:
-            return pipeline.forward_stage(
+            return pipeline.start_stage(
                 layout,
                 input_ids,
                 meta,
@@ -352,6 +362,8 @@ class LlamaModel(nn.Module):
                 final_norm,
                 self.trace,
                 mapping.select_rows if mapping is not None else None,
+                batch,
+                self.pipeline_batches,
             )
         finally:
             if mapping is not None:
@@ -390,6 +402,14 @@ class LlamaForCausalLM(nn.Module):
         if self.driver is not None:
             self.driver.forward(input_ids, meta)
         return self.model(input_ids, meta)
+
+    def start_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> pipeline.StageForward:
+        """P > 1 with batches in flight (rank 0): the other ranks are sent the batch, stage 0 runs
+        its layers over it now, and the batch's `finish()` gives the hidden states once it came
+        back through every stage (services/worker/pipeline.py)."""
+        if self.driver is not None:
+            self.driver.forward(input_ids, meta)
+        return self.model.start_stage(input_ids, meta)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [S] -> [S, hidden]
         """The token embeddings outside a forward (an EAGLE head's input, speculative/eagle.py); in
