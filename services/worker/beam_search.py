@@ -28,11 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from services.worker.beam_select import BeamGroup, BeamStepResult
 from services.worker.ranked import Ranked, RankedChoice
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
 
 if TYPE_CHECKING:
-    from services.worker.scheduler import ScheduledSequence, Scheduler
+    from services.worker.scheduler import SampledToken, ScheduledSequence, Scheduler
 
 
 class _Candidate(NamedTuple):  # (a tuple: width x keep of them are made every step)
@@ -77,19 +78,47 @@ class BeamSearch(Ranked):
         self.live: list[Sequence] = [first]
         self.scores: dict[int, float] = {first.seq_id: 0.0}
         self.entries: dict[int, _Entries] = {first.seq_id: None}
-        self.rows: dict[int, TokenLogprob] = {}  # this step's row of each beam that was computed
+        # this step's row of each beam that was computed: its top candidates (the host merges
+        # them), or None when the device selected over all beams at once (`selected`)
+        self.rows: dict[int, TokenLogprob | None] = {}
+        self.selected: BeamStepResult | None = None
         # blocks the scheduler set aside at admission for forks of the prompt (parked sequences):
         # beams fork copy-on-write, so they go back, and the copy takes a block when it happens
         self.spares: list[int] = []
         self.finished: list[_Hypothesis] = []  # best first, at most `width`
         self.improvable = True
         self.num_steps = 0
+        self.num_host_merges = 0  # steps whose candidates the host merged (not beam_select's)
+
+    # ---- called by the runner ------------------------------------------------------------------
+    def group(self, rows: dict[int, int]) -> BeamGroup | None:
+        """The device selection's view of this request (beam_select.py), when every live beam is
+        a sampling row of the step (`rows`: sequence id -> row); None when some beam is not (one
+        was preempted and is computed again: its row meets the others' older rows on the host)."""
+        mine = [rows.get(s.seq_id) for s in self.live]
+        if any(r is None for r in mine):
+            return None
+        request = self.live[0].request
+        banned = (
+            request.stop_token_ids if self.live[0].num_output_tokens < request.sampling.min_tokens else ()
+        )
+        return BeamGroup(
+            request.request_id,
+            [r for r in mine if r is not None],
+            [self.scores[s.seq_id] for s in self.live],
+            self.keep,
+            self.candidates_per_beam,
+            tuple(sorted(banned)),
+            self.user_logprobs or 0,
+        )
 
     # ---- called by Scheduler.update ----------------------------------------------------------
-    def report(self, item: ScheduledSequence, logprob: TokenLogprob | None) -> None:
-        """A beam's row of this step (its top candidates)."""
-        assert logprob is not None, "a beam row samples with logprobs (fan_out.attach)"
-        self.rows[item.seq.seq_id] = logprob
+    def report(self, item: ScheduledSequence, token: SampledToken) -> None:
+        """A beam's row of this step: its top candidates, or (device selection) nothing, the
+        whole request's candidates coming on the row of its first beam."""
+        self.rows[item.seq.seq_id] = token.logprob
+        if token.beam is not None:
+            self.selected = token.beam
         self.spares += item.spare_blocks
 
     def advance(self, sched: Scheduler) -> None:
@@ -104,7 +133,11 @@ class BeamSearch(Ranked):
         request = self.live[0].request
         generated = self.live[0].num_output_tokens
         length = generated + 1
-        candidates = self._top_candidates(request, generated)
+        if self.selected is not None:  # selected on the device over every beam (beam_select.py)
+            candidates = self._selected_candidates(self.selected)
+        else:
+            candidates = self._top_candidates(request, generated)
+            self.num_host_merges += 1
         at_max = length >= request.max_tokens
         hits = [at_max or c.token_id in request.stop_token_ids for c in candidates]
         self._keep_finished(request, candidates, hits, length)
@@ -117,7 +150,7 @@ class BeamSearch(Ranked):
             if len(self.finished) == self.width and best_running <= self.finished[-1].score:
                 self.improvable = False
         full = len(self.finished) == self.width and self.early_stopping is True
-        self.rows = {}
+        self.rows, self.selected = {}, None
         self.num_steps += 1
         if at_max or not self.improvable or full or len(going_on) < self.width:
             self._finish(sched, request)
@@ -125,20 +158,39 @@ class BeamSearch(Ranked):
         self._reassign(sched, going_on)
 
     # ---- the step ------------------------------------------------------------------------------
+    @staticmethod
+    def _selected_candidates(selected: BeamStepResult) -> list[_Candidate]:
+        return [
+            _Candidate(
+                c.total,
+                c.beam,
+                c.token_id,
+                TokenLogprob(c.token_id, c.logprob, c.rank, selected.alternatives[c.beam]),
+            )
+            for c in selected.candidates
+        ]
+
     def _top_candidates(self, request: Request, generated: int) -> list[_Candidate]:
+        """The host merge of the beams' rows (a beam computed again after a preemption meets the
+        others' rows of an earlier step); the same order as beam_select's."""
         banned = request.stop_token_ids if generated < request.sampling.min_tokens else frozenset()
         # plain tuples for the width x K numbers, objects for the K kept (the per-step host work)
-        rows = [(self.scores[seq.seq_id], self.rows[seq.seq_id].top) for seq in self.live]
+        tops = []
+        for seq in self.live:
+            row = self.rows[seq.seq_id]
+            assert row is not None, "a beam's row without a device selection carries its top"
+            tops.append(row.top)
+        rows = [(self.scores[seq.seq_id], top) for seq, top in zip(self.live, tops, strict=True)]
         scored = [
-            (-(base + logprob), b, rank, token_id, logprob)
+            (-(base + logprob), b, token_id, rank, logprob)
             for b, (base, top) in enumerate(rows)
             for rank, (token_id, logprob) in enumerate(top)
             if token_id not in banned
         ]
-        scored.sort()  # best first; equal: the earlier beam, then its rank
+        scored.sort()  # best first; equal: the earlier beam, then the lower token id (beam_select's)
         kept = []
-        for neg_total, b, rank, token_id, logprob in scored[: self.keep]:
-            top = self.rows[self.live[b].seq_id].top
+        for neg_total, b, token_id, rank, logprob in scored[: self.keep]:
+            top = tops[b]
             kept.append(_Candidate(-neg_total, b, token_id, TokenLogprob(token_id, logprob, rank + 1, top)))
         return kept
 

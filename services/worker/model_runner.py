@@ -20,6 +20,7 @@ from torch import nn
 from kernels import KernelOps
 from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
+from services.worker.beam_select import BeamGroup, BeamSelection, BeamStepResult, select_beams, unpack
 from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
@@ -466,7 +467,9 @@ class ModelRunner:
         if guided is not None:  # before the sampler: penalties, temperature and logprobs see the mask
             logits = apply_token_mask(logits.float(), guided)
         token_ids, raw_logprobs = self.sampler.sample_tensors(logits, meta)
-        return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta)
+        groups = _beam_groups(seqs) if raw_logprobs is not None else []
+        selection = select_beams(raw_logprobs, groups) if raw_logprobs is not None and groups else None
+        return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta, selection)
 
     def _pool(self, out: SchedulerOutput, hidden: torch.Tensor, pooled: list[tuple[int, int]]) -> None:
         """Last-token pooling: each pooling entry that computed its last prompt token gets that
@@ -514,24 +517,47 @@ class ModelRunner:
         token_ids: torch.Tensor,  # [R] int64 on the device
         raw_logprobs: torch.Tensor | None,  # [R, V] or None
         meta: SamplingMetadata,
+        selection: BeamSelection | None = None,
     ) -> StepHandle:
         """A handle whose tokens are read back only when asked (CUDA: async copy + event)."""
         if self._readback is None and self.device.type == "cuda":
             self._readback = TokenReadback(self.device)
+        # Beam selections first: their device->host copies (pinned, asynchronous) are then
+        # complete when the ids' event is
+        beams_host: list[torch.Tensor] = []
+        if selection is not None:
+            beams_host = [selection.table.to("cpu", non_blocking=True)]
+            if selection.tops is not None:
+                beams_host.append(selection.tops.to("cpu", non_blocking=True))
         read_ids = self._readback.start(token_ids) if self._readback is not None else token_ids.tolist
 
+        # rows selected with their beam group report no logprobs of their own
+        num_logprobs = meta.num_logprobs
+        if selection is not None:
+            grouped = {r for g in selection.groups for r in g.rows}
+            num_logprobs = [None if r in grouped else k for r, k in enumerate(num_logprobs)]
         # (enqueued now, behind the sampler: read after the ids, it is ready by then)
         table = (
-            logprob_table(raw_logprobs, token_ids, meta.num_logprobs) if raw_logprobs is not None else None
+            logprob_table(raw_logprobs, token_ids, num_logprobs)
+            if raw_logprobs is not None and any(k is not None for k in num_logprobs)
+            else None
         )
 
         def read() -> tuple[list[int], list[TokenLogprob | None]]:
             ids = read_ids()  # the step's one synchronisation
             if table is None:
                 return ids, [None] * len(ids)
-            return ids, unpack_logprobs(table.tolist(), meta.num_logprobs)
+            return ids, unpack_logprobs(table.tolist(), num_logprobs)
 
-        return StepHandle(num_scheduled, entries, token_ids, read)
+        def read_beams() -> dict[int, BeamStepResult]:
+            assert selection is not None  # (after read(): the copies are done)
+            tops = beams_host[1].tolist() if len(beams_host) > 1 else None
+            picks = unpack(selection.groups, beams_host[0].tolist(), tops)
+            return {g.rows[0]: pick for g, pick in zip(selection.groups, picks, strict=True)}
+
+        return StepHandle(
+            num_scheduled, entries, token_ids, read, read_beams if selection is not None else None
+        )
 
     @staticmethod
     def _plain_greedy(meta: SamplingMetadata) -> bool:
@@ -701,6 +727,23 @@ class ModelRunner:
             need_penalties=need_penalties,
             logit_bias=[p.logit_bias for p in params],
         )
+
+
+def _beam_groups(seqs: list[Sequence]) -> list[BeamGroup]:
+    """The beam-search requests of a step's sampling rows (`seqs`) whose live beams are all in it:
+    their selection runs on the device (beam_select.py)."""
+    rows: dict[str, dict[int, int]] = {}
+    for r, seq in enumerate(seqs):
+        if seq.request.beam is not None:
+            rows.setdefault(seq.request.request_id, {})[seq.seq_id] = r
+    groups = []
+    for seq in seqs:
+        mine = rows.pop(seq.request.request_id, None)
+        if mine is not None:
+            group = seq.request.beam.group(mine)
+            if group is not None:
+                groups.append(group)
+    return groups
 
 
 def _seed(seed: int | None) -> int:

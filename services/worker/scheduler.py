@@ -29,6 +29,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from services.worker.beam_select import BeamStepResult
 from services.worker.block_manager import BlockManager
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
 from services.worker.speculative.draft import Draft
@@ -91,6 +92,9 @@ class SchedulerOutput:
 class SampledToken:
     token_id: int
     logprob: TokenLogprob | None
+    # beam search selected on the device: its request's candidates, on the row of its first live
+    # beam (beam_select.py); None otherwise
+    beam: BeamStepResult | None = None
 
 
 class Scheduler:
@@ -468,7 +472,7 @@ class Scheduler:
                 continue
             beam = seq.request.beam
             if beam is not None:  # the beam step picks every beam's next token at once (beam_search.py)
-                beam.report(item, tokens[0].logprob)
+                beam.report(item, tokens[0])
                 beams[seq.request] = None
                 continue
             spares: list[int | None] = list(item.spare_blocks) or [None] * len(item.children)

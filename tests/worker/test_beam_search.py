@@ -324,3 +324,52 @@ def test_beam_search_beside_speculative_decoding(refs: dict[str, RefModel]) -> N
     expected, _ = hf_beams(ref, prompt, width=3, n=2, max_new_tokens=16)
     assert [results["beam"].token_ids[c] for c in range(2)] == expected
     assert results["greedy"].token_ids[0] == ref.greedy(prompt, 32)
+
+
+def test_beam_selection_runs_on_the_device_unless_a_beam_was_preempted(refs: dict[str, RefModel]) -> None:
+    """Every step of a beam search whose beams are all computed together selects on the device
+    (beam_select.py): the host merges nothing. A beam computed again after a preemption, in two
+    chunks (no prefix cache to take its blocks from), meets the others' rows of an earlier step: that step is merged on the host, and the
+    output still equals transformers'."""
+    ref = refs["stories"]
+    prompt = [1, 403, 407, 315, 290, 300, 45, 99, 50, 60, 70, 80]
+    sp = SamplingParams(temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=24)
+    expected, _ = hf_beams(ref, prompt, width=4, n=2, max_new_tokens=24)
+    for preempt in (False, True):
+        engine = ref.engine(block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False)
+        request = engine.add_request(EngineRequest("b", tuple(prompt), sp))
+        result = GenerateResult("b")
+        while engine.has_unfinished():
+            beam = request.beam
+            if preempt and beam.num_steps == 6 and len(beam.live) == 4 and not beam.rows:
+                engine.scheduler._preempt(beam.live[-1])  # what KV pressure does: recompute
+                preempt = False
+            for out in engine.step():
+                collect(result, out)
+        assert [result.token_ids[c] for c in range(2)] == expected
+        assert request.beam.num_steps > 6
+        assert request.beam.num_host_merges == (1 if engine.scheduler.num_preemptions else 0)
+        assert engine.block_manager.num_used_blocks == 0
+
+
+def test_beam_search_with_exact_ties_is_deterministic(tmp_path: Path) -> None:
+    """Tokens in twin pairs (the same embedding and LM-head row): beams meet exact ties in every
+    step. Equal totals go in (beam, token id) order (beam_select.ordered_topk), whatever else runs
+    in the step: alone, beside a request of another width, or under preemption, the same beams."""
+    torch.manual_seed(2)
+    model = TINY_BUILDERS["llama"]()
+    with torch.no_grad():
+        for weight in (model.model.embed_tokens.weight, model.lm_head.weight):
+            weight[1::2] = weight[0::2]
+    model.save_pretrained(str(tmp_path))
+    ref = load_ref(tmp_path)
+    beam = SamplingParams(temperature=0.0, n=3, best_of=4, use_beam_search=True, max_tokens=16)
+    other = SamplingParams(temperature=0.0, n=2, best_of=6, use_beam_search=True, max_tokens=16, logprobs=9)
+    prompt = (1, 44, 98, 6)
+    [alone] = ref.engine(block_size=4).generate([list(prompt)], beam)
+    batched = run_to_completion(
+        ref.engine(block_size=4), [EngineRequest("t", prompt, beam), EngineRequest("o", (1, 9, 12), other)]
+    )
+    assert batched["t"].token_ids == alone.token_ids
+    outputs = [alone.token_ids[c] for c in range(3)]
+    assert len({tuple(o) for o in outputs}) == 3

@@ -1,0 +1,178 @@
+"""Beam selection on the device: per beam-search request, the top K continuations over
+(beams x vocab) by cumulative logprob, inside the step.
+
+The runner calls `select_beams` right after the sampler, on the raw log-softmax of the step's
+rows, for every beam-search request whose live beams are all computed in the step (a `BeamGroup`,
+built by `BeamSearch.group`). Two stages, all torch ops on the logits' device:
+
+1. each beam row's own top `per_beam` (log-softmax values and ids, equal values in token id
+   order: `ordered_topk`); the stop ids that
+   `min_tokens` bans are then left out (as transformers' `min_new_tokens` does, after the
+   log-softmax), which is why `per_beam` counts them on top of K;
+2. the beam's cumulative logprob added (float64, as the host merge adds them), the rows of a group
+   laid side by side ([groups, max width x per_beam], padded), and one stable descending sort:
+   the first K. The global top K over beams x vocab is always among the beams' own top K. Equal
+   totals go in (beam, token id) order: the lowest flat index of beams x vocab first, as
+   transformers' topk over that flat row mostly (not always: torch leaves ties unspecified)
+   returns them.
+
+Only the small [groups, K] candidate table (total, beam, token, logprob, rank, valid) and, when the
+client asked for logprobs, each group row's top alternatives go back to the host, in the step's
+one read (ModelRunner._handle). `BeamSearch.advance` does the bookkeeping on those few numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+# columns of the candidate table
+_TOTAL, _BEAM, _TOKEN, _LOGPROB, _RANK, _VALID = range(6)
+
+
+@dataclass(frozen=True)
+class BeamGroup:
+    """One beam-search request whose live beams are all sampling rows of this step."""
+
+    request_id: str
+    rows: list[int]  # the sampler row of each live beam, in BeamSearch.live order
+    scores: list[float]  # the cumulative logprob of each live beam
+    keep: int  # K: candidates the beam step needs
+    per_beam: int  # each row's own top candidates considered (K plus the banned stop ids)
+    banned: tuple[int, ...]  # stop ids left out (min_tokens not reached)
+    user_top: int  # alternatives each token's logprob entry carries (the client's `logprobs`)
+
+
+class BeamCandidate(NamedTuple):  # (a tuple: K of them per request every step)
+    total: float  # cumulative logprob with this token
+    beam: int  # index of the parent in BeamSearch.live
+    token_id: int
+    logprob: float  # the token's log-softmax in its row
+    rank: int  # 1 = its row's most likely token
+
+
+@dataclass(frozen=True)
+class BeamStepResult:
+    """What the host reads of one request's selection: its K candidates best first (fewer when
+    some were banned), and each live beam's top alternatives (the client's `logprobs` of them;
+    empty tuples when it asked for none)."""
+
+    candidates: list[BeamCandidate]
+    alternatives: list[tuple[tuple[int, float], ...]]
+
+
+@dataclass(frozen=True)
+class BeamSelection:
+    """The device tensors of one step's selection (read back by `unpack`)."""
+
+    groups: list[BeamGroup]
+    table: torch.Tensor  # [G, K_max, 6] float64
+    tops: torch.Tensor | None  # [N, 2, user_top_max] float64 (ids, logprobs) of the group rows
+
+
+def select_beams(raw: torch.Tensor, groups: list[BeamGroup]) -> BeamSelection:
+    """raw: [R, V] log-softmax of the step's fp32 logits (rows of other requests too)."""
+    device = raw.device
+    rows = [r for g in groups for r in g.rows]
+    vocab = raw.shape[1]
+    per_beam = min(max(g.per_beam for g in groups), vocab)
+    user_top = min(max(g.user_top for g in groups), vocab)
+    index = _to_device(rows, device)
+    picked = raw.index_select(0, index)  # [N, V]
+    values, ids = ordered_topk(picked, max(per_beam, user_top))  # [N, k] best first
+    tops = (
+        torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1) if user_top else None
+    )
+    values, ids = values[:, :per_beam], ids[:, :per_beam]
+    # per row: its beam's cumulative logprob; the banned stop ids (padded with -1, never an id)
+    scores = [s for g in groups for s in g.scores]
+    num_banned = max(len(g.banned) for g in groups)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    if num_banned:
+        banned = [list(g.banned) + [-1] * (num_banned - len(g.banned)) for g in groups for _ in g.rows]
+        banned_t = _to_device([b for row in banned for b in row], device).view(len(rows), num_banned)
+        valid = ~(ids[:, :, None] == banned_t[:, None, :]).any(dim=-1)
+    base = torch.tensor(scores, dtype=torch.float64)
+    if device.type == "cuda":
+        base = base.pin_memory()
+    totals = torch.where(valid, values.double() + base.to(device, non_blocking=True)[:, None], -torch.inf)
+    # lay the groups' rows side by side: [G, width_max, per_beam], padded with an all -inf row
+    width = max(len(g.rows) for g in groups)
+    slots, flat = [], 0
+    for g in groups:
+        slots += list(range(flat, flat + len(g.rows))) + [len(rows)] * (width - len(g.rows))
+        flat += len(g.rows)
+    pad = torch.full((1, per_beam), -torch.inf, dtype=torch.float64, device=device)
+    laid = torch.cat([totals, pad]).index_select(0, _to_device(slots, device))
+    laid = laid.view(len(groups), width * per_beam)
+    keep = min(max(g.keep for g in groups), width * per_beam)
+    # stable: equal totals keep their (beam, rank) order
+    best, order = laid.sort(dim=1, descending=True, stable=True)
+    best, order = best[:, :keep], order[:, :keep]  # [G, K]
+    beam = order // per_beam
+    rank = order % per_beam
+    row = _to_device(slots, device).view(len(groups), width).gather(1, beam)  # flat row (N = padding)
+    ids_ext = torch.cat([ids, torch.zeros_like(ids[:1])])
+    values_ext = torch.cat([values, torch.full_like(values[:1], -torch.inf)])
+    valid_ext = torch.cat([valid, torch.zeros_like(valid[:1])])
+    token = ids_ext[row, rank]
+    logprob = values_ext[row, rank]
+    ok = valid_ext[row, rank]
+    table = torch.stack(
+        [best, beam.double(), token.double(), logprob.double(), (rank + 1).double(), ok.double()], dim=-1
+    )
+    return BeamSelection(groups, table, tops)
+
+
+def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values.topk(k)` of [N, V] float32 rows, equal values in token id order: torch.topk leaves
+    the order of ties unspecified (on the CPU it varies with k), and a beam search must not
+    depend on it. One topk over int64 keys (the float's order, then the lower id) is exact."""
+    # (+ 0.0: -0.0 becomes 0.0, equal to it as a float and so as a key)
+    bits = (values + 0.0).contiguous().view(torch.int32).to(torch.int64)
+    # IEEE floats as integers in the same order: the magnitude bits of negatives flipped
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    vocab = values.shape[1]
+    ids = torch.arange(vocab - 1, -1, -1, device=values.device)  # a lower id: a larger key
+    ids = (key * (1 << 32) + ids).topk(k, dim=-1).indices
+    return values.gather(1, ids), ids
+
+
+def unpack(
+    groups: list[BeamGroup], table: list[list[list[float]]], tops: list[list[list[float]]] | None
+) -> list[BeamStepResult]:
+    """The selection of each group, in `groups` order, from the tables read back to the host."""
+    out = []
+    flat = 0
+    for g, cands in zip(groups, table, strict=True):
+        kept = [
+            BeamCandidate(c[_TOTAL], int(c[_BEAM]), int(c[_TOKEN]), c[_LOGPROB], int(c[_RANK]))
+            for c in cands[: g.keep]
+            if c[_VALID]
+        ]
+        alternatives: list[tuple[tuple[int, float], ...]] = []
+        for r in range(len(g.rows)):
+            if tops is None or not g.user_top:
+                alternatives.append(())
+                continue
+            top_ids, top_values = tops[flat + r]
+            alternatives.append(
+                tuple(
+                    (int(t), v)
+                    for t, v in zip(top_ids[: g.user_top], top_values[: g.user_top], strict=True)
+                    if v > -torch.inf
+                )
+            )
+        flat += len(g.rows)
+        out.append(BeamStepResult(kept, alternatives))
+    return out
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 host list on `device` without waiting for the device (pinned on CUDA)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
