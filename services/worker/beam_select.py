@@ -127,17 +127,16 @@ def select_beams(raw: torch.Tensor, groups: list[BeamGroup]) -> BeamSelection:
 
 
 def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`values.topk(k)` of [N, V] float32 rows, equal values in token id order: torch.topk leaves
-    the order of ties unspecified (on the CPU it varies with k), and a beam search must not
-    depend on it. One topk over int64 keys (the float's order, then the lower id) is exact."""
-    # (+ 0.0: -0.0 becomes 0.0, equal to it as a float and so as a key)
-    bits = (values + 0.0).contiguous().view(torch.int32).to(torch.int64)
-    # IEEE floats as integers in the same order: the magnitude bits of negatives flipped
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    vocab = values.shape[1]
-    ids = torch.arange(vocab - 1, -1, -1, device=values.device)  # a lower id: a larger key
-    ids = (key * (1 << 32) + ids).topk(k, dim=-1).indices
-    return values.gather(1, ids), ids
+    """`values.topk(k)` of [N, V] rows, equal values in token id order. torch.topk leaves the order
+    of ties unspecified (on the CPU it varies with k and with what else is in the batch), and a
+    beam search must not depend on it: the top 2k are taken and sorted by (value desc, token id)
+    on the device ([N, 2k], small). Exact unless more than k tokens tie with the k-th (then which
+    of them make the cut is topk's choice); an exact int64-key topk over the vocabulary would
+    cost two more full passes over [N, V] every step."""
+    wide, ids = values.topk(min(2 * k, values.shape[1]), dim=-1)
+    ids, by_id = ids.sort(dim=-1)  # token id order, then a stable sort by value
+    wide, order = wide.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    return wide[:, :k], ids.gather(1, order)[:, :k]
 
 
 def unpack(

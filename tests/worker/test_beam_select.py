@@ -25,8 +25,9 @@ def host_merge(raw: torch.Tensor, group: BeamGroup) -> list[BeamCandidate]:
 def test_device_selection_equals_the_host_merge_with_ties_and_bans() -> None:
     gen = torch.Generator().manual_seed(0)
     vocab = 64
-    # coarse logits: many exact ties inside rows and between beams
-    logits = torch.randint(0, 6, (11, vocab), generator=gen).float()
+    # coarse logits: exact ties inside rows (fewer than K at the K-th place: ordered_topk is exact
+    # then), and between beams
+    logits = torch.randint(0, 40, (11, vocab), generator=gen).float() / 4
     raw = torch.log_softmax(logits, dim=-1)
     raw[4] = raw[3]  # two beams with the same row and score: ties across beams
     groups = [
