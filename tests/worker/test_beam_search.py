@@ -373,3 +373,23 @@ def test_beam_search_with_exact_ties_is_deterministic(tmp_path: Path) -> None:
     assert batched["t"].token_ids == alone.token_ids
     outputs = [alone.token_ids[c] for c in range(3)]
     assert len({tuple(o) for o in outputs}) == 3
+
+
+@pytest.mark.gpu
+def test_beam_search_on_cuda_equals_transformers(refs: dict[str, RefModel]) -> None:
+    """The device selection on CUDA (fp32, CUDA graphs, async scheduling on beside the beams)."""
+    ref = refs["stories"]
+    prompts = [[1, 403, 407, 315, 290], [1, 45, 99]]
+    sp = SamplingParams(temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=24, logprobs=2)
+    engine = ref.engine(device="cuda", dtype="float32")
+    requests = [EngineRequest(f"g{i}", tuple(p), sp) for i, p in enumerate(prompts)]
+    added = [engine.add_request(r) for r in requests]
+    results = {r.request_id: GenerateResult(r.request_id) for r in requests}
+    while engine.has_unfinished():
+        for out in engine.step():
+            collect(results[out.request_id], out)
+    for i, prompt in enumerate(prompts):
+        expected, _ = hf_beams(ref, prompt, width=4, n=2, max_new_tokens=24)
+        assert [results[f"g{i}"].token_ids[c] for c in range(2)] == expected
+    assert all(r.beam.num_steps > 1 and r.beam.num_host_merges == 0 for r in added)
+    assert engine.block_manager.num_used_blocks == 0

@@ -4,6 +4,7 @@ ties, banned stop ids left out, for several requests of different widths at once
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from services.worker.beam_select import BeamCandidate, BeamGroup, ordered_topk, select_beams, unpack
@@ -22,7 +23,11 @@ def host_merge(raw: torch.Tensor, group: BeamGroup) -> list[BeamCandidate]:
     return [BeamCandidate(-neg, b, t, v, rank) for neg, b, t, v, rank in scored[: group.keep]]
 
 
-def test_device_selection_equals_the_host_merge_with_ties_and_bans() -> None:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_selection_equals_the_host_merge_with_ties_and_bans(device: str) -> None:
     gen = torch.Generator().manual_seed(0)
     vocab = 64
     # coarse logits: exact ties inside rows (fewer than K at the K-th place: ordered_topk is exact
@@ -37,8 +42,8 @@ def test_device_selection_equals_the_host_merge_with_ties_and_bans() -> None:
         BeamGroup("d", [8, 9, 10], [-0.25, -0.5, -0.75], keep=12, per_beam=12, banned=(1,), user_top=0),
     ]
     # row 7 belongs to another request, sampled in the same step
-    selection = select_beams(raw, groups)
-    assert selection.tops is not None
+    selection = select_beams(raw.to(device), groups)
+    assert selection.tops is not None and selection.table.device.type == device
     picks = unpack(groups, selection.table.tolist(), selection.tops.tolist())
     for group, pick in zip(groups, picks, strict=True):
         expected = host_merge(raw, group)
@@ -66,11 +71,12 @@ def test_device_selection_with_a_vocabulary_smaller_than_k() -> None:
     assert len(pick.candidates) == 4  # 2 beams x the 2 tokens that are not banned
 
 
-def test_ordered_topk_puts_equal_values_in_token_id_order() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_ordered_topk_puts_equal_values_in_token_id_order(device: str) -> None:
     inf = float("inf")
     row = [-inf, 0.0, -0.5, 2.0, -0.0, 2.0, -0.5, -3.0, 1e-30, -1e-30, 2.0]
     rows = torch.tensor([row, row[::-1]])
-    values, ids = ordered_topk(rows, 9)
+    values, ids = ordered_topk(rows.to(device), 9)
     expected = sorted(range(len(row)), key=lambda t: (-row[t], t))[:9]
     assert ids[0].tolist() == expected
     assert values[0].tolist() == rows[0, expected].tolist()
