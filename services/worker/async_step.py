@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from services.worker.beam_select import BeamStepResult
+from services.worker.beam_select import BeamSelection, BeamStepResult
 from services.worker.request import TokenLogprob
 from services.worker.scheduler import SampledToken
 
@@ -40,6 +40,8 @@ class StepHandle:
         self.token_ids = token_ids
         self._read = read
         self._read_beams = read_beams
+        # the step's beam selection on the device: a beam step launched ahead starts from it
+        self.beam_selection: BeamSelection | None = None
         self._results: list[list[SampledToken]] | None = None
 
     def result(self) -> list[list[SampledToken]]:

@@ -82,6 +82,8 @@ class BeamSearch(Ranked):
         # them), or None when the device selected over all beams at once (`selected`)
         self.rows: dict[int, TokenLogprob | None] = {}
         self.selected: BeamStepResult | None = None
+        # the next step was launched ahead: each live sequence's fresh block (hold_tail)
+        self.pending_tails: dict[int, int] = {}
         # blocks the scheduler set aside at admission for forks of the prompt (parked sequences):
         # beams fork copy-on-write, so they go back, and the copy takes a block when it happens
         self.spares: list[int] = []
@@ -89,28 +91,55 @@ class BeamSearch(Ranked):
         self.improvable = True
         self.num_steps = 0
         self.num_host_merges = 0  # steps whose candidates the host merged (not beam_select's)
+        self.num_ahead = 0  # steps whose next one was launched before their candidates were read
 
     # ---- called by the runner ------------------------------------------------------------------
-    def group(self, rows: dict[int, int]) -> BeamGroup | None:
+    def group(self, rows: dict[int, int], ahead: bool = False) -> BeamGroup | None:
         """The device selection's view of this request (beam_select.py), when every live beam is
         a sampling row of the step (`rows`: sequence id -> row); None when some beam is not (one
-        was preempted and is computed again: its row meets the others' older rows on the host)."""
+        was preempted and is computed again: its row meets the others' older rows on the host).
+        `ahead`: the step was launched before the host applied the previous one (its scores come
+        from the previous selection on the device, and its beams have one more token)."""
         mine = [rows.get(s.seq_id) for s in self.live]
         if any(r is None for r in mine):
             return None
         request = self.live[0].request
-        banned = (
-            request.stop_token_ids if self.live[0].num_output_tokens < request.sampling.min_tokens else ()
-        )
+        generated = self.live[0].num_output_tokens + ahead
+        banned = request.stop_token_ids if generated < request.sampling.min_tokens else ()
         return BeamGroup(
             request.request_id,
             [r for r in mine if r is not None],
-            [self.scores[s.seq_id] for s in self.live],
+            [self.scores[s.seq_id] for s in self.live] if not ahead else [0.0] * len(self.live),
             self.keep,
             self.candidates_per_beam,
             tuple(sorted(banned)),
             self.user_logprobs or 0,
+            tuple(sorted(request.stop_token_ids)),
         )
+
+    # ---- called by the scheduler (a step launched ahead) -------------------------------------
+    def can_launch_ahead(self, sampled: set[int]) -> bool:
+        """Whether the next step may be launched before this one's candidates are read: every
+        live beam samples in this step (`sampled`: sequence ids), so the device selects over all
+        of them and knows the next beams (beam_select.BeamSelection.parents); not at the prompt
+        step (its parked sequences are forked by `_reassign`)."""
+        return (
+            len(self.live) == self.width
+            and not self.rows
+            and not self.pending_tails
+            and all(s.seq_id in sampled for s in self.live)
+        )
+
+    def hold_tail(self, seq: Sequence, block: int) -> None:
+        """A fresh block for `seq`'s next position, taken when its step is launched ahead: the
+        new beam in this slot writes there (its parent's partly filled block copied into it on
+        the device first), whichever parent it turns out to have."""
+        self.pending_tails[seq.seq_id] = block
+
+    def release_tails(self, sched: Scheduler) -> None:
+        for block in self.pending_tails.values():
+            sched.bm.release_block(block)
+        self.pending_tails = {}
 
     # ---- called by Scheduler.update ----------------------------------------------------------
     def report(self, item: ScheduledSequence, token: SampledToken) -> None:
@@ -155,7 +184,10 @@ class BeamSearch(Ranked):
         if at_max or not self.improvable or full or len(going_on) < self.width:
             self._finish(sched, request)
             return
-        self._reassign(sched, going_on)
+        if self.pending_tails:
+            self._reseat(sched, going_on)
+        else:
+            self._reassign(sched, going_on)
 
     # ---- the step ------------------------------------------------------------------------------
     @staticmethod
@@ -257,7 +289,29 @@ class BeamSearch(Ranked):
             seq.token_ids.append(c.token_id)
         self.scores, self.entries, self.live = scores, entries, targets
 
+    def _reseat(self, sched: Scheduler, going_on: list[_Candidate]) -> None:
+        """The next step was launched ahead with new beam j in the sequence of live beam j (the
+        device gathered its block table from its parent's, beam_select.BeamSelection): the host
+        does the same with the sequences, each on its fresh block (hold_tail)."""
+        bs = sched.bm.block_size
+        length = self.live[0].num_tokens  # the new tokens' position
+        tails = [self.pending_tails[s.seq_id] for s in self.live]
+        parents = [c.beam for c in going_on]
+        old_tokens = [s.token_ids for s in self.live]
+        sched.bm.reseat_beams(self.live, parents, tails, length // bs)
+        scores: dict[int, float] = {}
+        entries: dict[int, _Entries] = {}
+        for seq, c in zip(self.live, going_on, strict=True):
+            parent = self.live[c.beam]
+            seq.token_ids = [*old_tokens[c.beam], c.token_id]
+            scores[seq.seq_id] = c.total
+            entries[seq.seq_id] = (self.entries[parent.seq_id], c.entry)
+        self.scores, self.entries, self.pending_tails = scores, entries, {}
+        self._release_spares(sched)
+        self.num_ahead += 1
+
     def _finish(self, sched: Scheduler, request: Request) -> None:
+        self.release_tails(sched)
         self._release_spares(sched)
         for seq in request.sequences:
             if not seq.is_finished:

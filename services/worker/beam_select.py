@@ -43,6 +43,7 @@ class BeamGroup:
     per_beam: int  # each row's own top candidates considered (K plus the banned stop ids)
     banned: tuple[int, ...]  # stop ids left out (min_tokens not reached)
     user_top: int  # alternatives each token's logprob entry carries (the client's `logprobs`)
+    stops: tuple[int, ...] = ()  # the request's stop ids: a candidate ending in one does not go on
 
 
 class BeamCandidate(NamedTuple):  # (a tuple: K of them per request every step)
@@ -63,17 +64,35 @@ class BeamStepResult:
     alternatives: list[tuple[tuple[int, float], ...]]
 
 
-@dataclass(frozen=True)
+@dataclass
 class BeamSelection:
-    """The device tensors of one step's selection (read back by `unpack`)."""
+    """The device tensors of one step's selection (the table and tops read back by `unpack`).
+
+    The next beams too, for a step launched before the host reads this one (launched ahead:
+    beam_search.py): per group, the first `width` candidates that do not end in a stop id (what
+    BeamSearch.advance keeps going, when the search goes on), best first: new beam j is the
+    parent's `parents[g, j]`-th live beam with `tokens[g, j]` appended, cumulative `totals[g, j]`."""
 
     groups: list[BeamGroup]
     table: torch.Tensor  # [G, K_max, 6] float64
     tops: torch.Tensor | None  # [N, 2, user_top_max] float64 (ids, logprobs) of the group rows
+    parents: torch.Tensor  # [G, W_max] int64
+    tokens: torch.Tensor  # [G, W_max] int64
+    totals: torch.Tensor  # [G, W_max] float64
+    # [G, W_max, blocks] int32: the block table each live beam ran with in this step (the runner
+    # fills it: a step launched ahead gathers its beams' tables from it)
+    slot_tables: torch.Tensor | None = None
+
+    def index(self, request_id: str) -> int | None:
+        return next((g for g, group in enumerate(self.groups) if group.request_id == request_id), None)
 
 
-def select_beams(raw: torch.Tensor, groups: list[BeamGroup]) -> BeamSelection:
-    """raw: [R, V] log-softmax of the step's fp32 logits (rows of other requests too)."""
+def select_beams(
+    raw: torch.Tensor, groups: list[BeamGroup], scores: torch.Tensor | None = None
+) -> BeamSelection:
+    """raw: [R, V] log-softmax of the step's fp32 logits (rows of other requests too). `scores`:
+    [N] float64 on the device, the cumulative logprob of each group row, when the host does not
+    know them yet (a step launched ahead: the previous selection's totals); else the groups'."""
     device = raw.device
     rows = [r for g in groups for r in g.rows]
     vocab = raw.shape[1]
@@ -86,18 +105,19 @@ def select_beams(raw: torch.Tensor, groups: list[BeamGroup]) -> BeamSelection:
         torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1) if user_top else None
     )
     values, ids = values[:, :per_beam], ids[:, :per_beam]
-    # per row: its beam's cumulative logprob; the banned stop ids (padded with -1, never an id)
-    scores = [s for g in groups for s in g.scores]
+    # per row: the banned stop ids (padded with -1, never an id)
     num_banned = max(len(g.banned) for g in groups)
     valid = torch.ones_like(ids, dtype=torch.bool)
     if num_banned:
         banned = [list(g.banned) + [-1] * (num_banned - len(g.banned)) for g in groups for _ in g.rows]
         banned_t = _to_device([b for row in banned for b in row], device).view(len(rows), num_banned)
         valid = ~(ids[:, :, None] == banned_t[:, None, :]).any(dim=-1)
-    base = torch.tensor(scores, dtype=torch.float64)
-    if device.type == "cuda":
-        base = base.pin_memory()
-    totals = torch.where(valid, values.double() + base.to(device, non_blocking=True)[:, None], -torch.inf)
+    if scores is None:
+        base = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
+        if device.type == "cuda":
+            base = base.pin_memory()
+        scores = base.to(device, non_blocking=True)
+    totals = torch.where(valid, values.double() + scores[:, None], -torch.inf)
     # lay the groups' rows side by side: [G, width_max, per_beam], padded with an all -inf row
     width = max(len(g.rows) for g in groups)
     slots, flat = [], 0
@@ -123,7 +143,19 @@ def select_beams(raw: torch.Tensor, groups: list[BeamGroup]) -> BeamSelection:
     table = torch.stack(
         [best, beam.double(), token.double(), logprob.double(), (rank + 1).double(), ok.double()], dim=-1
     )
-    return BeamSelection(groups, table, tops)
+    # the next beams: the first `width` valid candidates not ending in a stop id (stable: best first)
+    num_stops = max(len(g.stops) for g in groups)
+    ends = ~ok
+    if num_stops:
+        stops = [list(g.stops) + [-1] * (num_stops - len(g.stops)) for g in groups]
+        stops_t = _to_device([t for row in stops for t in row], device).view(len(groups), num_stops)
+        ends = ends | (token[:, :, None] == stops_t[:, None, :]).any(dim=-1)
+    going = ends.to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # [G, W_max]
+    # (a group with fewer live beams than W_max, or fewer going on than its width, finishes or
+    # is not launched ahead: its extra columns only need to stay in range)
+    widths = _to_device([len(g.rows) - 1 for g in groups], device)
+    parents = torch.minimum(beam.gather(1, going), widths[:, None])
+    return BeamSelection(groups, table, tops, parents, token.gather(1, going), best.gather(1, going))
 
 
 def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from torch import nn
 from kernels import KernelOps
 from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
-from services.worker.beam_select import BeamGroup, BeamSelection, BeamStepResult, select_beams, unpack
+from services.worker.beam_select import BeamSelection, BeamStepResult, select_beams, unpack
 from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
 from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
@@ -367,6 +367,10 @@ class ModelRunner:
         # pooling requests that reach their last prompt token: (scheduled entry, row of that token)
         pooled: list[tuple[int, int]] = []
         max_blocks = max(len(item.seq.block_ids) for item in out.scheduled)
+        # beam search launched ahead: these entries' tables are gathered on the device (_beam_ahead)
+        ahead = [i for i, item in enumerate(out.scheduled) if item.beam_tail >= 0]
+        if ahead:
+            max_blocks = max(max_blocks, *(out.scheduled[i].start // bs + 1 for i in ahead))
         # One tensor from padded lists: a torch call per sequence adds up at large batches.
         block_tables = torch.tensor(
             [item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids)) for item in out.scheduled],
@@ -386,7 +390,10 @@ class ModelRunner:
             else:
                 positions += range(start, end)
             blocks = seq.block_ids
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            if item.beam_tail >= 0:  # (its table is not known on the host yet: its fresh block)
+                slots.append(item.beam_tail * bs + start % bs)
+            else:
+                slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
             cu_seqlens.append(cu_seqlens[-1] + end - start)
             seq_lens.append(end)
             if item.sample and seq.request.req.pooling:
@@ -399,6 +406,14 @@ class ModelRunner:
         if out.prev_rows is not None and any(row >= 0 for row in out.prev_rows):
             assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
+        if ahead:
+            assert prev is not None and prev.beam_selection is not None, (
+                "a beam step ahead needs its selection"
+            )
+            ids, ahead_tables = self._beam_ahead(out, ahead, prev.beam_selection, ids, cu_seqlens, max_blocks)
+            device_tables = block_tables.to(self.device, non_blocking=True)
+            device_tables.index_copy_(0, self._to_device(ahead), ahead_tables)
+            block_tables = device_tables
         max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
         if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
             step = self.lora.prepare(
@@ -467,9 +482,116 @@ class ModelRunner:
         if guided is not None:  # before the sampler: penalties, temperature and logprobs see the mask
             logits = apply_token_mask(logits.float(), guided)
         token_ids, raw_logprobs = self.sampler.sample_tensors(logits, meta)
-        groups = _beam_groups(seqs) if raw_logprobs is not None else []
-        selection = select_beams(raw_logprobs, groups) if raw_logprobs is not None and groups else None
+        selection = None
+        if raw_logprobs is not None:
+            selection = self._select_beams(raw_logprobs, out, rows, block_tables, prev if ahead else None)
         return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta, selection)
+
+    def _select_beams(
+        self,
+        raw: torch.Tensor,  # [R, V] log-softmax
+        out: SchedulerOutput,
+        rows: list[tuple[Sequence, int]],  # (sequence, scheduled entry) of each sampling row
+        block_tables: torch.Tensor,  # [B, w] the step's tables (on the device for a step ahead)
+        prev: StepHandle | None,  # the step before, when this one was launched ahead of reading it
+    ) -> BeamSelection | None:
+        """Beam selection on the device (beam_select.py) for the beam requests whose live beams
+        all sample in this step, with the tables they ran with (a next step ahead gathers them)."""
+        seqs = [s for s, _ in rows]
+        by_request: dict[str, dict[int, int]] = {}
+        for r, seq in enumerate(seqs):
+            if seq.request.beam is not None:
+                by_request.setdefault(seq.request.request_id, {})[seq.seq_id] = r
+        if not by_request:
+            return None
+        ahead = {item.seq.request.request_id for item in out.scheduled if item.beam_tail >= 0}
+        groups = []
+        for seq in seqs:
+            mine = by_request.pop(seq.request.request_id, None)
+            if mine is not None:
+                group = seq.request.beam.group(mine, seq.request.request_id in ahead)
+                if group is not None:
+                    groups.append(group)
+        if not groups:
+            return None
+        scores = None
+        if ahead:  # their cumulative logprobs: the previous selection's, on the device
+            assert prev is not None and prev.beam_selection is not None
+            before = prev.beam_selection
+            width = before.totals.shape[1]
+            host = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
+            positions: list[int] = []
+            sources: list[int] = []
+            flat = 0
+            for g in groups:
+                index = before.index(g.request_id) if g.request_id in ahead else None
+                if index is not None:
+                    positions += range(flat, flat + len(g.rows))
+                    sources += range(index * width, index * width + len(g.rows))
+                flat += len(g.rows)
+            picked_scores = before.totals.view(-1).index_select(0, self._to_device(sources))
+            scores = host.to(self.device, non_blocking=True).index_copy(
+                0, self._to_device(positions), picked_scores
+            )
+        selection = select_beams(raw, groups, scores)
+        # the tables each group's live beams ran with, [G, W_max, w] on the device
+        width = selection.parents.shape[1]
+        entries: list[int] = []
+        for g in groups:
+            taken = [rows[r][1] for r in g.rows]
+            entries += taken + [taken[0]] * (width - len(taken))
+        if block_tables.device.type == "cpu":
+            picked = block_tables.index_select(0, torch.tensor(entries)).to(self.device, non_blocking=True)
+        else:
+            picked = block_tables.index_select(0, self._to_device(entries))
+        selection.slot_tables = picked.view(len(groups), width, -1)
+        return selection
+
+    def _beam_ahead(
+        self,
+        out: SchedulerOutput,
+        ahead: list[int],  # the scheduled entries of beams launched ahead
+        before: BeamSelection,  # the previous step's selection (not read by the host yet)
+        ids: list[int] | torch.Tensor,
+        cu_seqlens: list[int],
+        max_blocks: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A beam step launched before the host read the previous one's picks: new beam j of a
+        request goes in the sequence of its live beam j. On the device, each takes its parent's
+        full blocks and its own fresh block after them, the parent's partly filled block copied
+        into it first; its input id is its picked token. Returns the input ids and the tables
+        ([len(ahead), max_blocks] int32) of those entries."""
+        bs = self.block_size
+        width = before.parents.shape[1]
+        flat = []  # (group, slot) of each entry in [G * W_max]
+        for i in ahead:
+            seq = out.scheduled[i].seq
+            group = before.index(seq.request.request_id)
+            assert group is not None, "launched ahead without its selection"
+            flat.append(group * width + seq.request.beam.live.index(seq))
+        where = self._to_device(flat)
+        parents = before.parents.view(-1).index_select(0, where)
+        assert before.slot_tables is not None
+        parent_tables = before.slot_tables[where // width, parents]  # [n, w_prev]
+        starts = [out.scheduled[i].start for i in ahead]
+        shared = self._to_device([p // bs for p in starts])  # full blocks taken from the parent
+        if parent_tables.shape[1] < max_blocks:
+            pad = parent_tables.new_zeros(len(ahead), max_blocks - parent_tables.shape[1])
+            parent_tables = torch.cat([parent_tables, pad], dim=1)
+        columns = torch.arange(max_blocks, device=self.device)
+        tables = torch.where(columns[None, :] < shared[:, None], parent_tables[:, :max_blocks], 0)
+        tails = self._to_device([out.scheduled[i].beam_tail for i in ahead]).to(torch.int32)
+        tables.scatter_(1, shared[:, None], tails[:, None])
+        mid = [k for k, p in enumerate(starts) if p % bs]  # a partly filled block to carry over
+        if mid:
+            pick = self._to_device(mid)
+            src = parent_tables.index_select(0, pick).gather(1, shared.index_select(0, pick)[:, None])
+            assert self.kv_cache is not None
+            self.kv_cache.copy_block_tensors(src.view(-1).long(), tails.index_select(0, pick).long())
+        tokens = before.tokens.view(-1).index_select(0, where)
+        device_ids = ids if isinstance(ids, torch.Tensor) else self._to_device(ids)
+        positions = self._to_device([cu_seqlens[i] for i in ahead])
+        return device_ids.index_copy(0, positions, tokens), tables
 
     def _pool(self, out: SchedulerOutput, hidden: torch.Tensor, pooled: list[tuple[int, int]]) -> None:
         """Last-token pooling: each pooling entry that computed its last prompt token gets that
@@ -555,9 +677,11 @@ class ModelRunner:
             picks = unpack(selection.groups, beams_host[0].tolist(), tops)
             return {g.rows[0]: pick for g, pick in zip(selection.groups, picks, strict=True)}
 
-        return StepHandle(
+        handle = StepHandle(
             num_scheduled, entries, token_ids, read, read_beams if selection is not None else None
         )
+        handle.beam_selection = selection
+        return handle
 
     @staticmethod
     def _plain_greedy(meta: SamplingMetadata) -> bool:
@@ -727,23 +851,6 @@ class ModelRunner:
             need_penalties=need_penalties,
             logit_bias=[p.logit_bias for p in params],
         )
-
-
-def _beam_groups(seqs: list[Sequence]) -> list[BeamGroup]:
-    """The beam-search requests of a step's sampling rows (`seqs`) whose live beams are all in it:
-    their selection runs on the device (beam_select.py)."""
-    rows: dict[str, dict[int, int]] = {}
-    for r, seq in enumerate(seqs):
-        if seq.request.beam is not None:
-            rows.setdefault(seq.request.request_id, {})[seq.seq_id] = r
-    groups = []
-    for seq in seqs:
-        mine = rows.pop(seq.request.request_id, None)
-        if mine is not None:
-            group = seq.request.beam.group(mine)
-            if group is not None:
-                groups.append(group)
-    return groups
 
 
 def _seed(seed: int | None) -> int:

@@ -75,17 +75,21 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
 @pytest.mark.parametrize("model", ["stories", "llama", "qwen2"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=[f"w{s[0]}n{s[1]}lp{s[2]}es{s[3]}" for s in SETTINGS])
 def test_beam_search_equals_transformers(
-    refs: dict[str, RefModel], model: str, setting: tuple[Any, ...]
+    refs: dict[str, RefModel], model: str, setting: tuple[Any, ...], async_scheduling: str
 ) -> None:
+    """Synchronous, and with async scheduling, where each beam step is launched before the host
+    reads the one before (the next beams gathered on the device: beam_select.py)."""
     ref = refs[model]
     width, n, lp, es, max_tokens = setting
     prompts = (
         [[1, 403, 407, 315, 290], [1, 45, 99]] if model == "stories" else [[1, 45, 99, 7, 13, 200], [1, 9]]
     )
-    engine = ref.engine(block_size=4)  # small blocks: forks copy partial blocks and share full ones
+    # small blocks: forks copy partial blocks and share full ones
+    engine = ref.engine(block_size=4, async_scheduling=async_scheduling)
     requests = []
     expected = []
     for i, prompt in enumerate(prompts):
@@ -116,6 +120,7 @@ def test_beam_search_equals_transformers(
             )
         )
     results = run_to_completion(engine, requests)  # together: beams of both in every step
+    assert (engine.scheduler.num_beam_steps_ahead > 0) == (async_scheduling == "on")
     if lp <= 0.5 and width > 1:  # (longer outputs win with a larger penalty) hypotheses ended on stop ids
         assert any(
             t[-1] in r.sampling.stop_token_ids
