@@ -148,11 +148,14 @@ def test_beam_search_equals_transformers(
             )
 
 
-def test_beam_search_cumulative_logprob_and_min_tokens(refs: dict[str, RefModel]) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_beam_search_cumulative_logprob_and_min_tokens(
+    refs: dict[str, RefModel], async_scheduling: str
+) -> None:
     ref = refs["llama"]
     prompt = [1, 45, 99, 7]
     stop = tuple(first_tokens(ref, prompt, 3)[1:2])
-    engine = ref.engine(block_size=4)
+    engine = ref.engine(block_size=4, async_scheduling=async_scheduling)
     sp = SamplingParams(
         temperature=0.0,
         n=2,
@@ -175,16 +178,18 @@ def test_beam_search_cumulative_logprob_and_min_tokens(refs: dict[str, RefModel]
     assert request.is_finished and engine.block_manager.num_used_blocks == 0
 
 
-def test_beam_search_under_preemption_matches(refs: dict[str, RefModel]) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_beam_search_under_preemption_matches(refs: dict[str, RefModel], async_scheduling: str) -> None:
     """A KV cache too small for every beam of three requests: beams are preempted (recompute) and
-    the step waits for them; the outputs do not change."""
+    the step waits for them; the outputs do not change (async: steps ahead stop while the KV
+    cache cannot take their fresh blocks)."""
     ref = refs["stories"]
     prompts = [[1, 403, 407, 315, 290, 300], [1, 45, 99, 300], [1, 50, 60, 70, 80]]
     sp = SamplingParams(temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=40)
     big = run_to_completion(
         ref.engine(block_size=4), [EngineRequest(f"b{i}", tuple(p), sp) for i, p in enumerate(prompts)]
     )
-    engine = ref.engine(block_size=4)
+    engine = ref.engine(block_size=4, async_scheduling=async_scheduling)
     bm = engine.block_manager
     hold = [bm.allocate_block() for _ in range(bm.num_free_blocks - 40)]  # leave 40 blocks to the requests
     results = {r: GenerateResult(r) for r in big}
@@ -201,9 +206,11 @@ def test_beam_search_under_preemption_matches(refs: dict[str, RefModel]) -> None
     assert bm.num_used_blocks == 0
 
 
-def test_abort_mid_beam_search_frees_every_block(refs: dict[str, RefModel]) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_abort_mid_beam_search_frees_every_block(refs: dict[str, RefModel], async_scheduling: str) -> None:
+    """(async: the step launched ahead holds fresh blocks of the aborted beams)"""
     ref = refs["stories"]
-    engine = ref.engine(block_size=4)
+    engine = ref.engine(block_size=4, async_scheduling=async_scheduling)
     bm = engine.block_manager
     free_before = bm.num_free_blocks
     sp = SamplingParams(temperature=0.0, n=3, best_of=6, use_beam_search=True, max_tokens=60, ignore_eos=True)
@@ -221,6 +228,7 @@ def test_abort_mid_beam_search_frees_every_block(refs: dict[str, RefModel]) -> N
     assert not engine.has_unfinished()
     assert bm.num_free_blocks == free_before
     assert all(count == 0 for count in bm.ref_counts)
+    assert (engine.scheduler.num_beam_steps_ahead > 0) == (async_scheduling == "on")
 
 
 def test_best_of_returns_the_most_likely_candidates(refs: dict[str, RefModel]) -> None:
