@@ -390,7 +390,8 @@ def test_beam_search_with_exact_ties_is_deterministic(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_beam_search_on_cuda_equals_transformers(refs: dict[str, RefModel]) -> None:
-    """The device selection on CUDA (fp32, CUDA graphs, async scheduling on beside the beams)."""
+    """The device selection on CUDA (fp32, CUDA graphs), beam steps launched ahead (async
+    scheduling, on by default with CUDA)."""
     ref = refs["stories"]
     prompts = [[1, 403, 407, 315, 290], [1, 45, 99]]
     sp = SamplingParams(temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=24, logprobs=2)
@@ -405,4 +406,5 @@ def test_beam_search_on_cuda_equals_transformers(refs: dict[str, RefModel]) -> N
         expected, _ = hf_beams(ref, prompt, width=4, n=2, max_new_tokens=24)
         assert [results[f"g{i}"].token_ids[c] for c in range(2)] == expected
     assert all(r.beam.num_steps > 1 and r.beam.num_host_merges == 0 for r in added)
+    assert engine.scheduler.num_beam_steps_ahead > 0
     assert engine.block_manager.num_used_blocks == 0
