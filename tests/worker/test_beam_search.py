@@ -323,12 +323,16 @@ def test_beam_search_with_blocks_freed_out_of_the_window(tmp_path: Path) -> None
     assert engine.block_manager.num_used_blocks == 0
 
 
-def test_beam_search_beside_speculative_decoding(refs: dict[str, RefModel]) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_beam_search_beside_speculative_decoding(refs: dict[str, RefModel], async_scheduling: str) -> None:
     """With prompt-lookup speculation on, beams are never drafted (their next token is the beam
-    step's pick): the beams equal transformers' and a greedy request beside them still drafts."""
+    step's pick): the beams equal transformers' and a greedy request beside them still drafts
+    (async: drafted steps are synchronous, the others may run ahead, beams included)."""
     ref = refs["stories"]
     prompt = [1, 403, 407, 315, 290, 403, 407, 315]
-    engine = ref.engine(block_size=4, speculative="prompt-lookup", num_speculative_tokens=3)
+    engine = ref.engine(
+        block_size=4, speculative="prompt-lookup", num_speculative_tokens=3, async_scheduling=async_scheduling
+    )
     beam = SamplingParams(temperature=0.0, n=2, best_of=3, use_beam_search=True, max_tokens=16)
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     results = run_to_completion(
