@@ -1,23 +1,33 @@
 """Beam search inside the engine: `width` beams decode together, every step keeps the best.
 
 The request (fan_out.py) has `width` sequences: the first computes the prompt, the others are
-parked until then, as n > 1 choices are. Each step every live beam is one decode row; the runner
-reads each row's top candidates (log-softmax of the fp32 logits, `topk` on the device: the
-row's `logprobs`, set to `candidates_per_beam` by fan_out.attach). A global top-K over
-beams x vocab needs no more than each beam's own top K, so the step here merges width x K numbers
-on the host and picks, exactly as transformers' `generate(num_beams=...)` does:
+parked until then, as n > 1 choices are. Each step every live beam is one decode row. When all of
+them are rows of the step, the runner selects on the device (beam_select.py): the top K over
+beams x vocab of the cumulative logprobs, read back as K (total, beam, token, logprob, rank)
+rows. Otherwise (a beam computed again after a preemption meets the others' rows of an earlier
+step) each row brings its own top K (its `logprobs`, set to `candidates_per_beam` by
+fan_out.attach) and the host merges them in the same order. Then the step here picks, exactly as
+transformers' `generate(num_beams=...)` does:
 
 - the K = max(2, 1 + number of stop ids) x width best continuations by cumulative logprob;
 - of the first `width` of them, those ending in a stop id (or reaching max_tokens) become finished
   hypotheses scored cumulative / generated_length ** length_penalty; at most `width` are kept;
-- the best `width` that go on are the next beams: a parent chosen once keeps its sequence, one
-  chosen again forks its block table into the sequence of a parent nobody chose (freed first):
-  every block shared by reference count, the partially filled last one copied by the first of
-  them to write into it while the other still holds it (block_manager.fork_shared, copy-on-write);
+- the best `width` that go on are the next beams;
 - the search ends when max_tokens is reached, or (early_stopping True) once `width` hypotheses
   are finished, or when no running beam can beat the worst kept hypothesis: False compares at
   the current length, "never" at max_tokens when length_penalty > 0 (transformers'
   `_check_early_stop_heuristic`).
+
+Where the next beams go:
+
+- the next step was launched ahead (async scheduling: Scheduler.schedule_continuation), before
+  the host read these picks: new beam j goes in live beam j's sequence, on the fresh block it
+  took then (`hold_tail`), its table its parent's full blocks and that block, as the device
+  already gathered it (`_reseat`, BlockManager.reseat_beams);
+- otherwise (`_reassign`): a parent chosen once keeps its sequence, one chosen again forks its
+  block table into the sequence of a parent nobody chose (freed first): every block shared by
+  reference count, the partially filled last one copied by the first of them to write into it
+  while the other still holds it (block_manager.fork_shared, copy-on-write).
 
 A beam preempted under KV pressure (recompute) holds the step back until it is computed again:
 the others wait, computed, with nothing scheduled. The n best hypotheses go out at the end.

@@ -210,10 +210,13 @@ class Scheduler:
         before its tokens are known, assuming every sequence of `prev` goes on: what sampled decodes
         on (its input id is the token `prev` samples, read on the device: `prev_rows`), what is in
         the middle of its prompt gets its next chunk, and waiting sequences are admitted with the
-        budget left, exactly as `schedule()` would once `prev`'s tokens are applied. Returns None
-        where that is not known without the tokens (forks, prompt logprobs, guided decoding, and
-        penalties need the token values on the host) or would take a preemption (a KV cache that
-        cannot take every sequence); the caller then reads `prev` first and schedules as usual.
+        budget left, exactly as `schedule()` would once `prev`'s tokens are applied. A beam-search
+        request whose beams all sample in `prev` goes on too: each beam's sequence takes a fresh
+        block (beam_search.py), its input id and table come from `prev`'s selection on the device.
+        Returns None where that is not known without the tokens (forks, prompt logprobs, guided
+        decoding, and penalties need the token values on the host) or would take a preemption (a
+        KV cache that cannot take every sequence); the caller then reads `prev` first and
+        schedules as usual.
 
         Blocks that `prev`'s finishing sequences free are only counted by the next `schedule()`: an
         admission may come one step later than a synchronous scheduler would make it.
