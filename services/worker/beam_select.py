@@ -125,7 +125,8 @@ def select_beams(
         slots += list(range(flat, flat + len(g.rows))) + [len(rows)] * (width - len(g.rows))
         flat += len(g.rows)
     pad = torch.full((1, per_beam), -torch.inf, dtype=torch.float64, device=device)
-    laid = torch.cat([totals, pad]).index_select(0, _to_device(slots, device))
+    slots_t = _to_device(slots, device)
+    laid = torch.cat([totals, pad]).index_select(0, slots_t)
     laid = laid.view(len(groups), width * per_beam)
     keep = min(max(g.keep for g in groups), width * per_beam)
     # stable: equal totals keep their (beam, rank) order
@@ -133,7 +134,7 @@ def select_beams(
     best, order = best[:, :keep], order[:, :keep]  # [G, K]
     beam = order // per_beam
     rank = order % per_beam
-    row = _to_device(slots, device).view(len(groups), width).gather(1, beam)  # flat row (N = padding)
+    row = slots_t.view(len(groups), width).gather(1, beam)  # flat row (N = padding)
     ids_ext = torch.cat([ids, torch.zeros_like(ids[:1])])
     values_ext = torch.cat([values, torch.full_like(values[:1], -torch.inf)])
     valid_ext = torch.cat([valid, torch.zeros_like(valid[:1])])
