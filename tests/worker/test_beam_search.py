@@ -381,7 +381,7 @@ def test_beam_search_with_exact_ties_is_deterministic(tmp_path: Path) -> None:
     model.save_pretrained(str(tmp_path))
     ref = load_ref(tmp_path)
     beam = SamplingParams(temperature=0.0, n=3, best_of=4, use_beam_search=True, max_tokens=16)
-    other = SamplingParams(temperature=0.0, n=2, best_of=6, use_beam_search=True, max_tokens=16, logprobs=9)
+    other = SamplingParams(temperature=0.0, n=2, best_of=6, use_beam_search=True, max_tokens=16, logprobs=20)
     prompt = (1, 44, 98, 6)
     [alone] = ref.engine(block_size=4).generate([list(prompt)], beam)
     batched = run_to_completion(
