@@ -10,14 +10,15 @@ beam (or choice): beam search's extra work is the per-step top-K over beams x vo
     python benchmarks/beam_bench.py [--models Qwen2-0.5B,Llama-3.1-8B] [--out benchmarks/results/beam_<gpu>.json]
     python benchmarks/beam_bench.py --smoke     # CPU, a tiny Llama: checks the script in seconds
     python benchmarks/beam_bench.py --phases    # also: where a step's wall time goes, per mode
+    python benchmarks/beam_bench.py --async-scheduling off   # both modes synchronous
 
-Beam steps are synchronous: the next step's input ids and block tables are the beam step's picks,
-made on the host from this step's candidates, so no step is launched ahead (async scheduling),
-and all of a beam step's host work (scheduling, input preparation, reading the candidates, the
-beam step, outputs) adds to its device time, where independent sampling hides it behind the
-device. `--phases` shows it: per step, the host time of schedule, launch (input preparation and
-enqueueing; on the CPU it includes the forward), the wait for the step's results (device time
-not hidden), and apply (scheduler update, the beam step, outputs).
+Beam selection runs on the device (beam_select.py) and, with async scheduling (on by default on
+CUDA), each beam step is launched before the host reads the one before, as sampling's steps are
+(docs/beam_search.md): `ahead` in the table is the share of beam tokens whose step was launched
+that way (all but each request's first two steps and its last). `--phases` shows where a step's wall time goes: per
+step, the host time of schedule, launch (input preparation and enqueueing; on the CPU it
+includes the forward), the wait for the step's results (device time not hidden), and apply
+(scheduler update, the beam step, outputs).
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Row:
     tokens: int  # generated over every beam / choice
     tok_per_s_per_seq: float
     ratio_to_sampling: float | None = None
+    ahead: float | None = None  # beam rows launched before the step before them was read
     phases_us_per_step: dict[str, float] = field(default_factory=dict)  # --phases
 
 
@@ -145,6 +147,7 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
             max_num_seqs=max(args.widths) * args.prompts,
             max_model_len=args.prompt_len + args.max_tokens + 8,
             enable_prefix_caching=False,  # the sampling run must not reuse the beam run's prompt KV
+            async_scheduling=args.async_scheduling,
         )
     )
     gen = torch.Generator().manual_seed(0)
@@ -161,7 +164,9 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
             run_once(engine, prompts[:1], SamplingParams(**{**asdict_sp(sp), "max_tokens": 4}))
         measured = {}
         for mode, sp in (("beam", beam), ("sample", sample)):
+            ahead_before = engine.scheduler.num_beam_steps_ahead
             seconds, tokens = run_once(engine, prompts, sp)
+            beam_rows = engine.scheduler.num_beam_steps_ahead - ahead_before
             measured[mode] = Row(
                 name,
                 width,
@@ -172,6 +177,7 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
                 seconds,
                 tokens,
                 tokens / seconds / (args.prompts * width),
+                ahead=beam_rows / tokens if mode == "beam" else None,
             )
             if args.phases:  # one more run, timed by phase (the timers cost a little: not the figure)
                 with phase_timers(engine) as spent:
@@ -197,13 +203,16 @@ def asdict_sp(sp: SamplingParams[Any]) -> dict[str, Any]:
 def print_table(rows: list[Row], device_name: str) -> None:
     print(f"\n== beam search vs independent sampling on {device_name} ==")
     print(
-        f"{'model':<14} {'W':>2} {'mode':<7} {'s':>8} {'tok/s/seq':>10} {'beam/sample':>12}  target >= 0.80"
+        f"{'model':<14} {'W':>2} {'mode':<7} {'s':>8} {'tok/s/seq':>10} {'ahead':>6} {'beam/sample':>12}"
+        "  target >= 0.80"
     )
     for r in rows:
         ratio = "" if r.ratio_to_sampling is None else f"{r.ratio_to_sampling:.2f}"
         met = "" if r.ratio_to_sampling is None else ("yes" if r.ratio_to_sampling >= 0.8 else "NO")
+        ahead = "" if r.ahead is None else f"{r.ahead:.2f}"
         print(
-            f"{r.model:<14} {r.width:>2} {r.mode:<7} {r.seconds:>8.3f} {r.tok_per_s_per_seq:>10.1f} {ratio:>12}  {met}"
+            f"{r.model:<14} {r.width:>2} {r.mode:<7} {r.seconds:>8.3f} {r.tok_per_s_per_seq:>10.1f} {ahead:>6}"
+            f" {ratio:>12}  {met}"
         )
     if any(r.phases_us_per_step for r in rows):
         names = ("step", "schedule", "launch", "wait+read", "apply")
@@ -228,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument(
         "--phases", action="store_true", help="one more run per mode timed by phase: where a step's time goes"
+    )
+    parser.add_argument(
+        "--async-scheduling",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="auto: on with CUDA; off: every step (beam or not) synchronous, for comparison",
     )
     parser.add_argument("--out", default="", help="JSON path (default benchmarks/results/beam_<device>.json)")
     args = parser.parse_args(argv)

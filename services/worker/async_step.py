@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from services.worker.beam_select import BeamSelection, BeamStepResult
 from services.worker.request import TokenLogprob
 from services.worker.scheduler import SampledToken
 
@@ -30,11 +31,17 @@ class StepHandle:
         row_entries: list[int],  # [R] scheduled entry of each sampled row
         token_ids: torch.Tensor | None,  # [R] int64 on the step's device; None when nothing sampled
         read: Callable[[], tuple[list[int], list[TokenLogprob | None]]] | None,
+        # beam search selected on the device (beam_select.py): row -> its request's candidates,
+        # read after `read` (the same synchronisation)
+        read_beams: Callable[[], dict[int, BeamStepResult]] | None = None,
     ) -> None:
         self.num_scheduled = num_scheduled
         self.row_entries = row_entries
         self.token_ids = token_ids
         self._read = read
+        self._read_beams = read_beams
+        # the step's beam selection on the device: a beam step launched ahead starts from it
+        self.beam_selection: BeamSelection | None = None
         self._results: list[list[SampledToken]] | None = None
 
     def result(self) -> list[list[SampledToken]]:
@@ -42,9 +49,12 @@ class StepHandle:
             results: list[list[SampledToken]] = [[] for _ in range(self.num_scheduled)]
             if self._read is not None:
                 ids, logprobs = self._read()
-                for entry, token, logprob in zip(self.row_entries, ids, logprobs, strict=True):
-                    results[entry].append(SampledToken(token, logprob))
-            self._results, self._read = results, None
+                beams = self._read_beams() if self._read_beams is not None else {}
+                for row, (entry, token, logprob) in enumerate(
+                    zip(self.row_entries, ids, logprobs, strict=True)
+                ):
+                    results[entry].append(SampledToken(token, logprob, beams.get(row)))
+            self._results, self._read, self._read_beams = results, None, None
         return self._results
 
 

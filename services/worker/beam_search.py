@@ -1,23 +1,33 @@
 """Beam search inside the engine: `width` beams decode together, every step keeps the best.
 
 The request (fan_out.py) has `width` sequences: the first computes the prompt, the others are
-parked until then, as n > 1 choices are. Each step every live beam is one decode row; the runner
-reads each row's top candidates (log-softmax of the fp32 logits, `topk` on the device: the
-row's `logprobs`, set to `candidates_per_beam` by fan_out.attach). A global top-K over
-beams x vocab needs no more than each beam's own top K, so the step here merges width x K numbers
-on the host and picks, exactly as transformers' `generate(num_beams=...)` does:
+parked until then, as n > 1 choices are. Each step every live beam is one decode row. When all of
+them are rows of the step, the runner selects on the device (beam_select.py): the top K over
+beams x vocab of the cumulative logprobs, read back as K (total, beam, token, logprob, rank)
+rows. Otherwise (a beam computed again after a preemption meets the others' rows of an earlier
+step) each row brings its own top K (its `logprobs`, set to `candidates_per_beam` by
+fan_out.attach) and the host merges them in the same order. Then the step here picks, exactly as
+transformers' `generate(num_beams=...)` does:
 
 - the K = max(2, 1 + number of stop ids) x width best continuations by cumulative logprob;
 - of the first `width` of them, those ending in a stop id (or reaching max_tokens) become finished
   hypotheses scored cumulative / generated_length ** length_penalty; at most `width` are kept;
-- the best `width` that go on are the next beams: a parent chosen once keeps its sequence, one
-  chosen again forks its block table into the sequence of a parent nobody chose (freed first):
-  every block shared by reference count, the partially filled last one copied by the first of
-  them to write into it while the other still holds it (block_manager.fork_shared, copy-on-write);
+- the best `width` that go on are the next beams;
 - the search ends when max_tokens is reached, or (early_stopping True) once `width` hypotheses
   are finished, or when no running beam can beat the worst kept hypothesis: False compares at
   the current length, "never" at max_tokens when length_penalty > 0 (transformers'
   `_check_early_stop_heuristic`).
+
+Where the next beams go:
+
+- the next step was launched ahead (async scheduling: Scheduler.schedule_continuation), before
+  the host read these picks: new beam j goes in live beam j's sequence, on the fresh block it
+  took then (`hold_tail`), its table its parent's full blocks and that block, as the device
+  already gathered it (`_reseat`, BlockManager.reseat_beams);
+- otherwise (`_reassign`): a parent chosen once keeps its sequence, one chosen again forks its
+  block table into the sequence of a parent nobody chose (freed first): every block shared by
+  reference count, the partially filled last one copied by the first of them to write into it
+  while the other still holds it (block_manager.fork_shared, copy-on-write).
 
 A beam preempted under KV pressure (recompute) holds the step back until it is computed again:
 the others wait, computed, with nothing scheduled. The n best hypotheses go out at the end.
@@ -28,11 +38,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+from services.worker.beam_select import BeamGroup, BeamStepResult
 from services.worker.ranked import Ranked, RankedChoice
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
 
 if TYPE_CHECKING:
-    from services.worker.scheduler import ScheduledSequence, Scheduler
+    from services.worker.scheduler import SampledToken, ScheduledSequence, Scheduler
 
 
 class _Candidate(NamedTuple):  # (a tuple: width x keep of them are made every step)
@@ -77,19 +88,76 @@ class BeamSearch(Ranked):
         self.live: list[Sequence] = [first]
         self.scores: dict[int, float] = {first.seq_id: 0.0}
         self.entries: dict[int, _Entries] = {first.seq_id: None}
-        self.rows: dict[int, TokenLogprob] = {}  # this step's row of each beam that was computed
+        # this step's row of each beam that was computed: its top candidates (the host merges
+        # them), or None when the device selected over all beams at once (`selected`)
+        self.rows: dict[int, TokenLogprob | None] = {}
+        self.selected: BeamStepResult | None = None
+        # the next step was launched ahead: each live sequence's fresh block (hold_tail)
+        self.pending_tails: dict[int, int] = {}
         # blocks the scheduler set aside at admission for forks of the prompt (parked sequences):
         # beams fork copy-on-write, so they go back, and the copy takes a block when it happens
         self.spares: list[int] = []
         self.finished: list[_Hypothesis] = []  # best first, at most `width`
         self.improvable = True
         self.num_steps = 0
+        self.num_host_merges = 0  # steps whose candidates the host merged (not beam_select's)
+        self.num_ahead = 0  # steps whose next one was launched before their candidates were read
+
+    # ---- called by the runner ------------------------------------------------------------------
+    def group(self, rows: dict[int, int], ahead: bool = False) -> BeamGroup | None:
+        """The device selection's view of this request (beam_select.py), when every live beam is
+        a sampling row of the step (`rows`: sequence id -> row); None when some beam is not (one
+        was preempted and is computed again: its row meets the others' older rows on the host).
+        `ahead`: the step was launched before the host applied the previous one (its scores come
+        from the previous selection on the device, and its beams have one more token)."""
+        mine = [rows.get(s.seq_id) for s in self.live]
+        if any(r is None for r in mine):
+            return None
+        request = self.live[0].request
+        generated = self.live[0].num_output_tokens + ahead
+        banned = request.stop_token_ids if generated < request.sampling.min_tokens else ()
+        return BeamGroup(
+            request.request_id,
+            [r for r in mine if r is not None],
+            [self.scores[s.seq_id] for s in self.live] if not ahead else [0.0] * len(self.live),
+            self.keep,
+            self.candidates_per_beam,
+            tuple(sorted(banned)),
+            self.user_logprobs or 0,
+            tuple(sorted(request.stop_token_ids)),
+        )
+
+    # ---- called by the scheduler (a step launched ahead) -------------------------------------
+    def can_launch_ahead(self, sampled: set[int]) -> bool:
+        """Whether the next step may be launched before this one's candidates are read: every
+        live beam samples in this step (`sampled`: sequence ids), so the device selects over all
+        of them and knows the next beams (beam_select.BeamSelection.parents); not at the prompt
+        step (its parked sequences are forked by `_reassign`)."""
+        return (
+            len(self.live) == self.width
+            and not self.rows
+            and not self.pending_tails
+            and all(s.seq_id in sampled for s in self.live)
+        )
+
+    def hold_tail(self, seq: Sequence, block: int) -> None:
+        """A fresh block for `seq`'s next position, taken when its step is launched ahead: the
+        new beam in this slot writes there (its parent's partly filled block copied into it on
+        the device first), whichever parent it turns out to have."""
+        self.pending_tails[seq.seq_id] = block
+
+    def release_tails(self, sched: Scheduler) -> None:
+        for block in self.pending_tails.values():
+            sched.bm.release_block(block)
+        self.pending_tails = {}
 
     # ---- called by Scheduler.update ----------------------------------------------------------
-    def report(self, item: ScheduledSequence, logprob: TokenLogprob | None) -> None:
-        """A beam's row of this step (its top candidates)."""
-        assert logprob is not None, "a beam row samples with logprobs (fan_out.attach)"
-        self.rows[item.seq.seq_id] = logprob
+    def report(self, item: ScheduledSequence, token: SampledToken) -> None:
+        """A beam's row of this step: its top candidates, or (device selection) nothing, the
+        whole request's candidates coming on the row of its first beam."""
+        self.rows[item.seq.seq_id] = token.logprob
+        if token.beam is not None:
+            self.selected = token.beam
         self.spares += item.spare_blocks
 
     def advance(self, sched: Scheduler) -> None:
@@ -104,7 +172,11 @@ class BeamSearch(Ranked):
         request = self.live[0].request
         generated = self.live[0].num_output_tokens
         length = generated + 1
-        candidates = self._top_candidates(request, generated)
+        if self.selected is not None:  # selected on the device over every beam (beam_select.py)
+            candidates = self._selected_candidates(self.selected)
+        else:
+            candidates = self._top_candidates(request, generated)
+            self.num_host_merges += 1
         at_max = length >= request.max_tokens
         hits = [at_max or c.token_id in request.stop_token_ids for c in candidates]
         self._keep_finished(request, candidates, hits, length)
@@ -117,28 +189,50 @@ class BeamSearch(Ranked):
             if len(self.finished) == self.width and best_running <= self.finished[-1].score:
                 self.improvable = False
         full = len(self.finished) == self.width and self.early_stopping is True
-        self.rows = {}
+        self.rows, self.selected = {}, None
         self.num_steps += 1
         if at_max or not self.improvable or full or len(going_on) < self.width:
             self._finish(sched, request)
             return
-        self._reassign(sched, going_on)
+        if self.pending_tails:
+            self._reseat(sched, going_on)
+        else:
+            self._reassign(sched, going_on)
 
     # ---- the step ------------------------------------------------------------------------------
+    @staticmethod
+    def _selected_candidates(selected: BeamStepResult) -> list[_Candidate]:
+        return [
+            _Candidate(
+                c.total,
+                c.beam,
+                c.token_id,
+                TokenLogprob(c.token_id, c.logprob, c.rank, selected.alternatives[c.beam]),
+            )
+            for c in selected.candidates
+        ]
+
     def _top_candidates(self, request: Request, generated: int) -> list[_Candidate]:
+        """The host merge of the beams' rows (a beam computed again after a preemption meets the
+        others' rows of an earlier step); the same order as beam_select's."""
         banned = request.stop_token_ids if generated < request.sampling.min_tokens else frozenset()
         # plain tuples for the width x K numbers, objects for the K kept (the per-step host work)
-        rows = [(self.scores[seq.seq_id], self.rows[seq.seq_id].top) for seq in self.live]
+        tops = []
+        for seq in self.live:
+            row = self.rows[seq.seq_id]
+            assert row is not None, "a beam's row without a device selection carries its top"
+            tops.append(row.top)
+        rows = [(self.scores[seq.seq_id], top) for seq, top in zip(self.live, tops, strict=True)]
         scored = [
-            (-(base + logprob), b, rank, token_id, logprob)
+            (-(base + logprob), b, token_id, rank, logprob)
             for b, (base, top) in enumerate(rows)
             for rank, (token_id, logprob) in enumerate(top)
             if token_id not in banned
         ]
-        scored.sort()  # best first; equal: the earlier beam, then its rank
+        scored.sort()  # best first; equal: the earlier beam, then the lower token id (beam_select's)
         kept = []
-        for neg_total, b, rank, token_id, logprob in scored[: self.keep]:
-            top = self.rows[self.live[b].seq_id].top
+        for neg_total, b, token_id, rank, logprob in scored[: self.keep]:
+            top = tops[b]
             kept.append(_Candidate(-neg_total, b, token_id, TokenLogprob(token_id, logprob, rank + 1, top)))
         return kept
 
@@ -205,7 +299,29 @@ class BeamSearch(Ranked):
             seq.token_ids.append(c.token_id)
         self.scores, self.entries, self.live = scores, entries, targets
 
+    def _reseat(self, sched: Scheduler, going_on: list[_Candidate]) -> None:
+        """The next step was launched ahead with new beam j in the sequence of live beam j (the
+        device gathered its block table from its parent's, beam_select.BeamSelection): the host
+        does the same with the sequences, each on its fresh block (hold_tail)."""
+        bs = sched.bm.block_size
+        length = self.live[0].num_tokens  # the new tokens' position
+        tails = [self.pending_tails[s.seq_id] for s in self.live]
+        parents = [c.beam for c in going_on]
+        old_tokens = [s.token_ids for s in self.live]
+        sched.bm.reseat_beams(self.live, parents, tails, length // bs)
+        scores: dict[int, float] = {}
+        entries: dict[int, _Entries] = {}
+        for seq, c in zip(self.live, going_on, strict=True):
+            parent = self.live[c.beam]
+            seq.token_ids = [*old_tokens[c.beam], c.token_id]
+            scores[seq.seq_id] = c.total
+            entries[seq.seq_id] = (self.entries[parent.seq_id], c.entry)
+        self.scores, self.entries, self.pending_tails = scores, entries, {}
+        self._release_spares(sched)
+        self.num_ahead += 1
+
     def _finish(self, sched: Scheduler, request: Request) -> None:
+        self.release_tails(sched)
         self._release_spares(sched)
         for seq in request.sequences:
             if not seq.is_finished:

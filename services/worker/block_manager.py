@@ -366,6 +366,25 @@ class BlockManager:
     def release_block(self, block: int) -> None:
         self._unref(block)
 
+    def reseat_beams(
+        self, seqs: list[Sequence], parents: list[int], tails: list[int], num_shared: int
+    ) -> None:
+        """Beam search launched ahead (beam_search.py): `seqs[j]` takes the first `num_shared`
+        blocks of `seqs[parents[j]]`'s table (full ones, shared by reference count) and its own
+        fresh `tails[j]` after them; the old tables' references go (the same counts as freeing
+        them and forking anew)."""
+        old = [(list(s.block_ids), list(s.block_hashes)) for s in seqs]
+        for seq, parent, tail in zip(seqs, parents, tails, strict=True):
+            blocks, hashes = old[parent]
+            assert len(blocks) >= num_shared and not seq.num_freed_blocks
+            seq.block_ids = [*blocks[:num_shared], tail]
+            seq.block_hashes = hashes[:num_shared]
+            for block in blocks[:num_shared]:
+                self._ref(block)
+        for blocks, _ in old:
+            for block in blocks:
+                self._unref(block)
+
     def pin_block(self, block: int) -> None:
         """Keep an allocated block off the free list until `unpin_block`, whoever frees it."""
         assert self.ref_counts[block] > 0 or self.pins[block] > 0, f"block {block} is free"

@@ -188,7 +188,9 @@ class CudaGraphRunner:
         positions: list[int],  # [B]
         slot_mapping: list[int],  # [B]
         seq_lens: list[int],  # [B]
-        block_tables: torch.Tensor,  # [B, w] int32 on the CPU, w <= max_blocks_per_seq
+        # [B, w] int32 on the CPU, w <= max_blocks_per_seq; or on the device (beam search launched
+        # ahead gathers its beams' tables there: model_runner._beam_ahead)
+        block_tables: torch.Tensor,
     ) -> DecodeOutputs:  # rows [:B] of the graph's outputs (views: use them before the next step)
         num_seqs = len(positions)
         bs = self.padded_size(num_seqs)
@@ -211,13 +213,20 @@ class CudaGraphRunner:
         cu = stage[4 * max_bs : 4 * max_bs + bs + 1]
         cu[: num_seqs + 1] = torch.arange(num_seqs + 1, dtype=torch.int32)
         cu[num_seqs + 1 :] = num_seqs  # padding entries: empty query ranges
-        end = self.block_offset + num_seqs * width
-        stage[self.block_offset : end] = block_tables.reshape(-1)
+        on_host = block_tables.device.type == "cpu"
+        end = self.block_offset + num_seqs * width if on_host else self.block_offset
+        if on_host:
+            stage[self.block_offset : end] = block_tables.reshape(-1)
         self.pack[:end].copy_(stage[:end], non_blocking=True)
         stage_event.record()
         if device_ids is not None:  # async scheduling: the previous step's sampled tokens, device to device
             self.input_ids[:num_seqs].copy_(device_ids)
-        self.block_tables[:num_seqs, :width].copy_(self.pack[self.block_offset : end].view(num_seqs, width))
+        if on_host:
+            self.block_tables[:num_seqs, :width].copy_(
+                self.pack[self.block_offset : end].view(num_seqs, width)
+            )
+        else:
+            self.block_tables[:num_seqs, :width].copy_(block_tables)
         variant = self.variants.current()
         self.graphs[variant, bs].replay()
         self.num_replays += 1

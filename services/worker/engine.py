@@ -297,6 +297,8 @@ class Engine:
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_batched_tokens, config.max_num_seqs, config.lora_slots
         )
+        # (a group's ranks build their block tables from the host's; a window frees beams' blocks)
+        self.scheduler.beams_ahead = self.driver is None and window == 0
         self.speculator = self._build_speculator()
         self.requests: dict[str, Request] = {}
         # Disaggregation: decode-side requests whose prompt KV is being fetched (not scheduled yet),

@@ -84,6 +84,10 @@ class KVCache:
         pairs = torch.tensor(copies, device=self.tensor.device)  # [n, 2]: one host->device copy
         self.tensor[:, :, pairs[:, 1]] = self.tensor[:, :, pairs[:, 0]]
 
+    def copy_block_tensors(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """copy_blocks with the block ids already on the device ([n] int64 each; no host wait)."""
+        self.tensor[:, :, dst] = self.tensor[:, :, src]
+
     def read_blocks(self, layer_start: int, layer_end: int, block_ids: tuple[int, ...]) -> torch.Tensor:
         """kv[layer_start:layer_end, :, block_ids] in the model's layout, on the host (a parallel
         group's read, DrivenKVCache; a single rank reads its tensor directly, kv_transfer.read_chunk)."""

@@ -22,6 +22,7 @@ from torch import nn
 from kernels import KernelOps
 from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
+from services.worker.beam_select import BeamSelection, BeamStepResult, select_beams, unpack
 from services.worker.cuda_graph import NO_VARIANTS, CudaGraphRunner, DecodeOutputs, GraphVariants
 from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
@@ -67,7 +68,7 @@ class _StepInputs:
     ids: list[int] | torch.Tensor  # [T] host ids, or [T] int64 on the device (a continuation)
     positions: list[int]
     slots: list[int]
-    block_tables: torch.Tensor  # [B, max_blocks] int32 on the host
+    block_tables: torch.Tensor  # [B, max_blocks] int32 on the host (on the device with beams ahead)
     cu_seqlens: list[int]
     seq_lens: list[int]
     max_seqlen_q: int
@@ -77,6 +78,7 @@ class _StepInputs:
     pooled: list[tuple[int, int]]  # pooling entries that reach their last prompt token, and its row
     mm: ImageEmbeddingRows | None  # image embedding rows of the step's prompt chunks
     drafted: bool  # speculative decoding: some entry carries drafts
+    ahead: list[int]  # beam entries launched ahead of reading the step before (their tables on the device)
 
 
 def leading_single_tokens(cu_seqlens: list[int]) -> int:
@@ -432,7 +434,7 @@ class ModelRunner:
             hidden = self._forward_eager(
                 ids, positions, slots, block_tables, step.cu_seqlens, step.seq_lens, max_seqlen_q, step.mm
             )
-        return self._sample_step(out, step, hidden, decoded)
+        return self._sample_step(out, step, hidden, decoded, prev)
 
     @torch.inference_mode()
     def launch_in_flight(self, out: SchedulerOutput) -> Callable[[], StepHandle]:
@@ -455,7 +457,7 @@ class ModelRunner:
 
         def finish() -> StepHandle:
             with torch.inference_mode():
-                return self._sample_step(out, step, started.finish(), None)
+                return self._sample_step(out, step, started.finish(), None, None)
 
         return finish
 
@@ -475,6 +477,10 @@ class ModelRunner:
         # pooling requests that reach their last prompt token: (scheduled entry, row of that token)
         pooled: list[tuple[int, int]] = []
         max_blocks = max(len(item.seq.block_ids) for item in out.scheduled)
+        # beam search launched ahead: these entries' tables are gathered on the device (_beam_ahead)
+        ahead = [i for i, item in enumerate(out.scheduled) if item.beam_tail >= 0]
+        if ahead:
+            max_blocks = max(max_blocks, *(out.scheduled[i].start // bs + 1 for i in ahead))
         # One tensor from padded lists: a torch call per sequence adds up at large batches.
         block_tables = torch.tensor(
             [item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids)) for item in out.scheduled],
@@ -494,7 +500,10 @@ class ModelRunner:
             else:
                 positions += range(start, end)
             blocks = seq.block_ids
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+            if item.beam_tail >= 0:  # (its table is not known on the host yet: its fresh block)
+                slots.append(item.beam_tail * bs + start % bs)
+            else:
+                slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
             cu_seqlens.append(cu_seqlens[-1] + end - start)
             seq_lens.append(end)
             if item.sample and seq.request.req.pooling:
@@ -507,6 +516,14 @@ class ModelRunner:
         if out.prev_rows is not None and any(row >= 0 for row in out.prev_rows):
             assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
+        if ahead:
+            assert prev is not None and prev.beam_selection is not None, (
+                "a beam step ahead needs its selection"
+            )
+            ids, ahead_tables = self._beam_ahead(out, ahead, prev.beam_selection, ids, cu_seqlens, max_blocks)
+            device_tables = block_tables.to(self.device, non_blocking=True)
+            device_tables.index_copy_(0, self._to_device(ahead), ahead_tables)
+            block_tables = device_tables
         if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
             step = self.lora.prepare(
                 [(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled]
@@ -527,10 +544,16 @@ class ModelRunner:
             pooled,
             self._image_rows(out, cu_seqlens),  # None unless a prefill chunk covers image positions
             any(item.draft is not None for item in out.scheduled),
+            ahead,
         )
 
     def _sample_step(
-        self, out: SchedulerOutput, step: _StepInputs, hidden: torch.Tensor, decoded: DecodeOutputs | None
+        self,
+        out: SchedulerOutput,
+        step: _StepInputs,
+        hidden: torch.Tensor,
+        decoded: DecodeOutputs | None,
+        prev: StepHandle | None,
     ) -> StepHandle:
         """After the forward: the features an EAGLE head reads, prompt logprobs, pooling, and the
         sampling of the rows that sample (a handle whose tokens are read when asked)."""
@@ -574,7 +597,118 @@ class ModelRunner:
         if guided is not None:  # before the sampler: penalties, temperature and logprobs see the mask
             logits = apply_token_mask(logits.float(), guided)
         token_ids, raw_logprobs = self.sampler.sample_tensors(logits, meta)
-        return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta)
+        selection = None
+        if raw_logprobs is not None:
+            selection = self._select_beams(
+                raw_logprobs, out, rows, step.block_tables, prev if step.ahead else None
+            )
+        return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta, selection)
+
+    def _select_beams(
+        self,
+        raw: torch.Tensor,  # [R, V] log-softmax
+        out: SchedulerOutput,
+        rows: list[tuple[Sequence, int]],  # (sequence, scheduled entry) of each sampling row
+        block_tables: torch.Tensor,  # [B, w] the step's tables (on the device for a step ahead)
+        prev: StepHandle | None,  # the step before, when this one was launched ahead of reading it
+    ) -> BeamSelection | None:
+        """Beam selection on the device (beam_select.py) for the beam requests whose live beams
+        all sample in this step, with the tables they ran with (a next step ahead gathers them)."""
+        seqs = [s for s, _ in rows]
+        by_request: dict[str, dict[int, int]] = {}
+        for r, seq in enumerate(seqs):
+            if seq.request.beam is not None:
+                by_request.setdefault(seq.request.request_id, {})[seq.seq_id] = r
+        if not by_request:
+            return None
+        ahead = {item.seq.request.request_id for item in out.scheduled if item.beam_tail >= 0}
+        groups = []
+        for seq in seqs:
+            mine = by_request.pop(seq.request.request_id, None)
+            if mine is not None:
+                group = seq.request.beam.group(mine, seq.request.request_id in ahead)
+                if group is not None:
+                    groups.append(group)
+        if not groups:
+            return None
+        scores = None
+        if ahead:  # their cumulative logprobs: the previous selection's, on the device
+            assert prev is not None and prev.beam_selection is not None
+            before = prev.beam_selection
+            width = before.totals.shape[1]
+            host = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
+            positions: list[int] = []
+            sources: list[int] = []
+            flat = 0
+            for g in groups:
+                index = before.index(g.request_id) if g.request_id in ahead else None
+                if index is not None:
+                    positions += range(flat, flat + len(g.rows))
+                    sources += range(index * width, index * width + len(g.rows))
+                flat += len(g.rows)
+            picked_scores = before.totals.view(-1).index_select(0, self._to_device(sources))
+            scores = host.to(self.device, non_blocking=True).index_copy(
+                0, self._to_device(positions), picked_scores
+            )
+        selection = select_beams(raw, groups, scores)
+        # the tables each group's live beams ran with, [G, W_max, w] on the device
+        width = selection.parents.shape[1]
+        entries: list[int] = []
+        for g in groups:
+            taken = [rows[r][1] for r in g.rows]
+            entries += taken + [taken[0]] * (width - len(taken))
+        if block_tables.device.type == "cpu":
+            picked = block_tables.index_select(0, torch.tensor(entries)).to(self.device, non_blocking=True)
+        else:
+            picked = block_tables.index_select(0, self._to_device(entries))
+        selection.slot_tables = picked.view(len(groups), width, -1)
+        return selection
+
+    def _beam_ahead(
+        self,
+        out: SchedulerOutput,
+        ahead: list[int],  # the scheduled entries of beams launched ahead
+        before: BeamSelection,  # the previous step's selection (not read by the host yet)
+        ids: list[int] | torch.Tensor,
+        cu_seqlens: list[int],
+        max_blocks: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A beam step launched before the host read the previous one's picks: new beam j of a
+        request goes in the sequence of its live beam j. On the device, each takes its parent's
+        full blocks and its own fresh block after them, the parent's partly filled block copied
+        into it first; its input id is its picked token. Returns the input ids and the tables
+        ([len(ahead), max_blocks] int32) of those entries."""
+        bs = self.block_size
+        width = before.parents.shape[1]
+        flat = []  # (group, slot) of each entry in [G * W_max]
+        for i in ahead:
+            seq = out.scheduled[i].seq
+            group = before.index(seq.request.request_id)
+            assert group is not None, "launched ahead without its selection"
+            flat.append(group * width + seq.request.beam.live.index(seq))
+        where = self._to_device(flat)
+        parents = before.parents.view(-1).index_select(0, where)
+        assert before.slot_tables is not None
+        parent_tables = before.slot_tables[where // width, parents]  # [n, w_prev]
+        starts = [out.scheduled[i].start for i in ahead]
+        shared = self._to_device([p // bs for p in starts])  # full blocks taken from the parent
+        if parent_tables.shape[1] < max_blocks:
+            pad = parent_tables.new_zeros(len(ahead), max_blocks - parent_tables.shape[1])
+            parent_tables = torch.cat([parent_tables, pad], dim=1)
+        columns = torch.arange(max_blocks, device=self.device)
+        tables = torch.where(columns[None, :] < shared[:, None], parent_tables[:, :max_blocks], 0)
+        tails = self._to_device([out.scheduled[i].beam_tail for i in ahead]).to(torch.int32)
+        tables.scatter_(1, shared[:, None], tails[:, None])
+        mid = [k for k, p in enumerate(starts) if p % bs]  # a partly filled block to carry over
+        if mid:
+            pick = self._to_device(mid)
+            src = parent_tables.index_select(0, pick).gather(1, shared.index_select(0, pick)[:, None])
+            assert self.kv_cache is not None
+            self.kv_cache.copy_block_tensors(src.view(-1).long(), tails.index_select(0, pick).long())
+        tokens = before.tokens.view(-1).index_select(0, where)
+        device_ids = ids if isinstance(ids, torch.Tensor) else self._to_device(ids)
+        positions = self._to_device([cu_seqlens[i] for i in ahead])
+        return device_ids.index_copy(0, positions, tokens), tables
 
     def _pool(self, out: SchedulerOutput, hidden: torch.Tensor, pooled: list[tuple[int, int]]) -> None:
         """Last-token pooling: each pooling entry that computed its last prompt token gets that
@@ -622,24 +756,49 @@ class ModelRunner:
         token_ids: torch.Tensor,  # [R] int64 on the device
         raw_logprobs: torch.Tensor | None,  # [R, V] or None
         meta: SamplingMetadata,
+        selection: BeamSelection | None = None,
     ) -> StepHandle:
         """A handle whose tokens are read back only when asked (CUDA: async copy + event)."""
         if self._readback is None and self.device.type == "cuda":
             self._readback = TokenReadback(self.device)
+        # Beam selections first: their device->host copies (pinned, asynchronous) are then
+        # complete when the ids' event is
+        beams_host: list[torch.Tensor] = []
+        if selection is not None:
+            beams_host = [selection.table.to("cpu", non_blocking=True)]
+            if selection.tops is not None:
+                beams_host.append(selection.tops.to("cpu", non_blocking=True))
         read_ids = self._readback.start(token_ids) if self._readback is not None else token_ids.tolist
 
+        # rows selected with their beam group report no logprobs of their own
+        num_logprobs = meta.num_logprobs
+        if selection is not None:
+            grouped = {r for g in selection.groups for r in g.rows}
+            num_logprobs = [None if r in grouped else k for r, k in enumerate(num_logprobs)]
         # (enqueued now, behind the sampler: read after the ids, it is ready by then)
         table = (
-            logprob_table(raw_logprobs, token_ids, meta.num_logprobs) if raw_logprobs is not None else None
+            logprob_table(raw_logprobs, token_ids, num_logprobs)
+            if raw_logprobs is not None and any(k is not None for k in num_logprobs)
+            else None
         )
 
         def read() -> tuple[list[int], list[TokenLogprob | None]]:
             ids = read_ids()  # the step's one synchronisation
             if table is None:
                 return ids, [None] * len(ids)
-            return ids, unpack_logprobs(table.tolist(), meta.num_logprobs)
+            return ids, unpack_logprobs(table.tolist(), num_logprobs)
 
-        return StepHandle(num_scheduled, entries, token_ids, read)
+        def read_beams() -> dict[int, BeamStepResult]:
+            assert selection is not None  # (after read(): the copies are done)
+            tops = beams_host[1].tolist() if len(beams_host) > 1 else None
+            picks = unpack(selection.groups, beams_host[0].tolist(), tops)
+            return {g.rows[0]: pick for g, pick in zip(selection.groups, picks, strict=True)}
+
+        handle = StepHandle(
+            num_scheduled, entries, token_ids, read, read_beams if selection is not None else None
+        )
+        handle.beam_selection = selection
+        return handle
 
     @staticmethod
     def _plain_greedy(meta: SamplingMetadata) -> bool:

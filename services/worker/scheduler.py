@@ -30,6 +30,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from services.worker.beam_select import BeamStepResult
 from services.worker.block_manager import BlockManager
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
 from services.worker.speculative.draft import Draft
@@ -62,6 +63,10 @@ class ScheduledSequence:
     # Speculative decoding: K proposed tokens computed after the last one (num_new_tokens = 1 + K);
     # the step appends the kept ones and one more (speculative/verify.py)
     draft: Draft | None = None
+    # Beam search launched ahead (beam_search.py): the fresh block this live beam's slot writes
+    # its next position into (-1: none); its input id, parent and table come from the previous
+    # step's selection on the device
+    beam_tail: int = -1
 
 
 class _Admission(NamedTuple):
@@ -92,6 +97,9 @@ class SchedulerOutput:
 class SampledToken:
     token_id: int
     logprob: TokenLogprob | None
+    # beam search selected on the device: its request's candidates, on the row of its first live
+    # beam (beam_select.py); None otherwise
+    beam: BeamStepResult | None = None
 
 
 class Scheduler:
@@ -111,12 +119,18 @@ class Scheduler:
         # requests whose guided decoding failed in `update`; the engine aborts them (take_failed)
         self.failed: list[Request] = []
         self._guided_pending: list[Sequence] = []  # guided sequences whose next mask is stale
+        # Beam steps may be launched ahead (async scheduling): off in a parallel group (the ranks
+        # get host block tables) and with sliding windows (beams' leading blocks freed)
+        self.beams_ahead = True
+        self.num_beam_steps_ahead = 0  # beam-search sequences' steps launched ahead
 
     # ---- queue management ----------------------------------------------------------------------
     def add(self, request: Request) -> None:
         self.waiting.append(request.sequences[0])
 
     def abort(self, request: Request) -> None:
+        if request.beam is not None:
+            request.beam.release_tails(self)
         for seq in request.sequences:
             if seq.is_finished:
                 continue
@@ -222,10 +236,13 @@ class Scheduler:
         before its tokens are known, assuming every sequence of `prev` goes on: what sampled decodes
         on (its input id is the token `prev` samples, read on the device: `prev_rows`), what is in
         the middle of its prompt gets its next chunk, and waiting sequences are admitted with the
-        budget left, exactly as `schedule()` would once `prev`'s tokens are applied. Returns None
-        where that is not known without the tokens (forks, prompt logprobs, guided decoding, and
-        penalties need the token values on the host) or would take a preemption (a KV cache that
-        cannot take every sequence); the caller then reads `prev` first and schedules as usual.
+        budget left, exactly as `schedule()` would once `prev`'s tokens are applied. A beam-search
+        request whose beams all sample in `prev` goes on too: each beam's sequence takes a fresh
+        block (beam_search.py), its input id and table come from `prev`'s selection on the device.
+        Returns None where that is not known without the tokens (forks, prompt logprobs, guided
+        decoding, and penalties need the token values on the host) or would take a preemption (a
+        KV cache that cannot take every sequence); the caller then reads `prev` first and
+        schedules as usual.
 
         Blocks that `prev`'s finishing sequences free are only counted by the next `schedule()`: an
         admission may come one step later than a synchronous scheduler would make it.
@@ -236,15 +253,15 @@ class Scheduler:
         when they finish, and a finished sequence's update is skipped."""
         if self._pending_copies or not prev.scheduled:
             return None
+        sampled = {item.seq.seq_id for item in prev.scheduled if item.sample}
         for item in prev.scheduled:
-            # (beam search: the next input ids are the beam step's picks, made on the host;
-            # parked choices: the chunk that ends the prompt forks them, which `_commit` plans)
-            if (
-                item.children
-                or item.prompt_logprob_positions
-                or item.seq.request.beam is not None
-                or item.seq.request.parked
-            ):
+            # (parked choices: the chunk that ends the prompt forks them, which `_commit` plans)
+            if item.children or item.prompt_logprob_positions or item.seq.request.parked:
+                return None
+            # beam search: the next beams are the device selection's (beam_select.py) when every
+            # beam of the request samples in `prev`
+            beam = item.seq.request.beam
+            if beam is not None and not (self.beams_ahead and beam.can_launch_ahead(sampled)):
                 return None
             # Guided decoding: the next step's mask needs the token `prev` samples, so a step with a
             # guided sequence is never launched ahead. Correctness first: the matcher must consume
@@ -293,7 +310,10 @@ class Scheduler:
                 return None  # schedule() would skip it this step: keep it simple, go synchronous
             plan[i] = (item, row, num_new)
             budget -= num_new
-            needed += self.bm.blocks_needed(item.seq, item.num_new_tokens + num_new)
+            if item.seq.request.beam is not None:
+                needed += 1  # its fresh block (BeamSearch.hold_tail)
+            else:
+                needed += self.bm.blocks_needed(item.seq, item.num_new_tokens + num_new)
         if not plan or budget < 0 or needed > self.bm.num_free_blocks:
             return None
         if self.waiting:
@@ -321,8 +341,16 @@ class Scheduler:
         rows: list[int] = []
         for item, row, num_new in plan:
             seq = item.seq
-            self.bm.allocate(seq, item.num_new_tokens + num_new)
             start = item.start + item.num_new_tokens
+            beam = seq.request.beam
+            if beam is not None:  # (always a decode: its input id is the selection's, not a row's)
+                tail = self.bm.allocate_block()
+                beam.hold_tail(seq, tail)
+                self.num_beam_steps_ahead += 1
+                scheduled.append(ScheduledSequence(seq, start, 1, True, pending_tokens=1, beam_tail=tail))
+                rows.append(-1)
+                continue
+            self.bm.allocate(seq, item.num_new_tokens + num_new)
             pending = 1 if row >= 0 else 0
             sample = start + num_new == seq.num_tokens + pending
             scheduled.append(ScheduledSequence(seq, start, num_new, sample, pending_tokens=pending))
@@ -500,7 +528,7 @@ class Scheduler:
                 continue
             beam = seq.request.beam
             if beam is not None:  # the beam step picks every beam's next token at once (beam_search.py)
-                beam.report(item, tokens[0].logprob)
+                beam.report(item, tokens[0])
                 beams[seq.request] = None
                 continue
             spares: list[int | None] = list(item.spare_blocks) or [None] * len(item.children)

@@ -20,6 +20,8 @@ def test_beam_bench_smoke(tmp_path: Path) -> None:
             str(REPO / "benchmarks" / "beam_bench.py"),
             "--smoke",
             "--phases",
+            "--async-scheduling",
+            "on",  # (the CPU's default is off): beam steps launched ahead
             "--out",
             str(out),
         ],
@@ -36,6 +38,8 @@ def test_beam_bench_smoke(tmp_path: Path) -> None:
     for r in rows:
         assert r["tokens"] == r["prompts"] * r["width"] * r["max_tokens"] and r["tok_per_s_per_seq"] > 0
         assert (r["ratio_to_sampling"] is not None) == (r["mode"] == "beam")
+        # beam rows launched ahead (all but those of each request's first two steps and its last)
+        assert (r["ahead"] is not None and r["ahead"] > 0) == (r["mode"] == "beam")
         # --phases: where each mode's step time goes (the beam step runs in apply)
         phases = r["phases_us_per_step"]
         assert set(phases) == {"step", "schedule", "launch", "wait+read", "apply"}

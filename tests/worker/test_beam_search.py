@@ -75,17 +75,21 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
 @pytest.mark.parametrize("model", ["stories", "llama", "qwen2"])
 @pytest.mark.parametrize("setting", SETTINGS, ids=[f"w{s[0]}n{s[1]}lp{s[2]}es{s[3]}" for s in SETTINGS])
 def test_beam_search_equals_transformers(
-    refs: dict[str, RefModel], model: str, setting: tuple[Any, ...]
+    refs: dict[str, RefModel], model: str, setting: tuple[Any, ...], async_scheduling: str
 ) -> None:
+    """Synchronous, and with async scheduling, where each beam step is launched before the host
+    reads the one before (the next beams gathered on the device: beam_select.py)."""
     ref = refs[model]
     width, n, lp, es, max_tokens = setting
     prompts = (
         [[1, 403, 407, 315, 290], [1, 45, 99]] if model == "stories" else [[1, 45, 99, 7, 13, 200], [1, 9]]
     )
-    engine = ref.engine(block_size=4)  # small blocks: forks copy partial blocks and share full ones
+    # small blocks: forks copy partial blocks and share full ones
+    engine = ref.engine(block_size=4, async_scheduling=async_scheduling)
     requests = []
     expected = []
     for i, prompt in enumerate(prompts):
@@ -116,6 +120,7 @@ def test_beam_search_equals_transformers(
             )
         )
     results = run_to_completion(engine, requests)  # together: beams of both in every step
+    assert (engine.scheduler.num_beam_steps_ahead > 0) == (async_scheduling == "on")
     if lp <= 0.5 and width > 1:  # (longer outputs win with a larger penalty) hypotheses ended on stop ids
         assert any(
             t[-1] in r.sampling.stop_token_ids
@@ -143,11 +148,14 @@ def test_beam_search_equals_transformers(
             )
 
 
-def test_beam_search_cumulative_logprob_and_min_tokens(refs: dict[str, RefModel]) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_beam_search_cumulative_logprob_and_min_tokens(
+    refs: dict[str, RefModel], async_scheduling: str
+) -> None:
     ref = refs["llama"]
     prompt = [1, 45, 99, 7]
     stop = tuple(first_tokens(ref, prompt, 3)[1:2])
-    engine = ref.engine(block_size=4)
+    engine = ref.engine(block_size=4, async_scheduling=async_scheduling)
     sp = SamplingParams(
         temperature=0.0,
         n=2,
@@ -170,16 +178,18 @@ def test_beam_search_cumulative_logprob_and_min_tokens(refs: dict[str, RefModel]
     assert request.is_finished and engine.block_manager.num_used_blocks == 0
 
 
-def test_beam_search_under_preemption_matches(refs: dict[str, RefModel]) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_beam_search_under_preemption_matches(refs: dict[str, RefModel], async_scheduling: str) -> None:
     """A KV cache too small for every beam of three requests: beams are preempted (recompute) and
-    the step waits for them; the outputs do not change."""
+    the step waits for them; the outputs do not change (async: steps ahead stop while the KV
+    cache cannot take their fresh blocks)."""
     ref = refs["stories"]
     prompts = [[1, 403, 407, 315, 290, 300], [1, 45, 99, 300], [1, 50, 60, 70, 80]]
     sp = SamplingParams(temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=40)
     big = run_to_completion(
         ref.engine(block_size=4), [EngineRequest(f"b{i}", tuple(p), sp) for i, p in enumerate(prompts)]
     )
-    engine = ref.engine(block_size=4)
+    engine = ref.engine(block_size=4, async_scheduling=async_scheduling)
     bm = engine.block_manager
     hold = [bm.allocate_block() for _ in range(bm.num_free_blocks - 40)]  # leave 40 blocks to the requests
     results = {r: GenerateResult(r) for r in big}
@@ -196,9 +206,11 @@ def test_beam_search_under_preemption_matches(refs: dict[str, RefModel]) -> None
     assert bm.num_used_blocks == 0
 
 
-def test_abort_mid_beam_search_frees_every_block(refs: dict[str, RefModel]) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_abort_mid_beam_search_frees_every_block(refs: dict[str, RefModel], async_scheduling: str) -> None:
+    """(async: the step launched ahead holds fresh blocks of the aborted beams)"""
     ref = refs["stories"]
-    engine = ref.engine(block_size=4)
+    engine = ref.engine(block_size=4, async_scheduling=async_scheduling)
     bm = engine.block_manager
     free_before = bm.num_free_blocks
     sp = SamplingParams(temperature=0.0, n=3, best_of=6, use_beam_search=True, max_tokens=60, ignore_eos=True)
@@ -216,6 +228,7 @@ def test_abort_mid_beam_search_frees_every_block(refs: dict[str, RefModel]) -> N
     assert not engine.has_unfinished()
     assert bm.num_free_blocks == free_before
     assert all(count == 0 for count in bm.ref_counts)
+    assert (engine.scheduler.num_beam_steps_ahead > 0) == (async_scheduling == "on")
 
 
 def test_best_of_returns_the_most_likely_candidates(refs: dict[str, RefModel]) -> None:
@@ -310,12 +323,16 @@ def test_beam_search_with_blocks_freed_out_of_the_window(tmp_path: Path) -> None
     assert engine.block_manager.num_used_blocks == 0
 
 
-def test_beam_search_beside_speculative_decoding(refs: dict[str, RefModel]) -> None:
+@pytest.mark.parametrize("async_scheduling", ["off", "on"])
+def test_beam_search_beside_speculative_decoding(refs: dict[str, RefModel], async_scheduling: str) -> None:
     """With prompt-lookup speculation on, beams are never drafted (their next token is the beam
-    step's pick): the beams equal transformers' and a greedy request beside them still drafts."""
+    step's pick): the beams equal transformers' and a greedy request beside them still drafts
+    (async: drafted steps are synchronous, the others may run ahead, beams included)."""
     ref = refs["stories"]
     prompt = [1, 403, 407, 315, 290, 403, 407, 315]
-    engine = ref.engine(block_size=4, speculative="prompt-lookup", num_speculative_tokens=3)
+    engine = ref.engine(
+        block_size=4, speculative="prompt-lookup", num_speculative_tokens=3, async_scheduling=async_scheduling
+    )
     beam = SamplingParams(temperature=0.0, n=2, best_of=3, use_beam_search=True, max_tokens=16)
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     results = run_to_completion(
@@ -324,3 +341,74 @@ def test_beam_search_beside_speculative_decoding(refs: dict[str, RefModel]) -> N
     expected, _ = hf_beams(ref, prompt, width=3, n=2, max_new_tokens=16)
     assert [results["beam"].token_ids[c] for c in range(2)] == expected
     assert results["greedy"].token_ids[0] == ref.greedy(prompt, 32)
+
+
+def test_beam_selection_runs_on_the_device_unless_a_beam_was_preempted(refs: dict[str, RefModel]) -> None:
+    """Every step of a beam search whose beams are all computed together selects on the device
+    (beam_select.py): the host merges nothing. A beam computed again after a preemption, in two
+    chunks (no prefix cache to take its blocks from), meets the others' rows of an earlier step: that step is merged on the host, and the
+    output still equals transformers'."""
+    ref = refs["stories"]
+    prompt = [1, 403, 407, 315, 290, 300, 45, 99, 50, 60, 70, 80]
+    sp = SamplingParams(temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=24)
+    expected, _ = hf_beams(ref, prompt, width=4, n=2, max_new_tokens=24)
+    for preempt in (False, True):
+        engine = ref.engine(block_size=4, max_num_batched_tokens=16, enable_prefix_caching=False)
+        request = engine.add_request(EngineRequest("b", tuple(prompt), sp))
+        result = GenerateResult("b")
+        while engine.has_unfinished():
+            beam = request.beam
+            if preempt and beam.num_steps == 6 and len(beam.live) == 4 and not beam.rows:
+                engine.scheduler._preempt(beam.live[-1])  # what KV pressure does: recompute
+                preempt = False
+            for out in engine.step():
+                collect(result, out)
+        assert [result.token_ids[c] for c in range(2)] == expected
+        assert request.beam.num_steps > 6
+        assert request.beam.num_host_merges == (1 if engine.scheduler.num_preemptions else 0)
+        assert engine.block_manager.num_used_blocks == 0
+
+
+def test_beam_search_with_exact_ties_is_deterministic(tmp_path: Path) -> None:
+    """Tokens in twin pairs (the same embedding and LM-head row): beams meet exact ties in every
+    step. Equal totals go in (beam, token id) order (beam_select.ordered_topk), whatever else runs
+    in the step: alone, beside a request of another width, or under preemption, the same beams."""
+    torch.manual_seed(2)
+    model = TINY_BUILDERS["llama"]()
+    with torch.no_grad():
+        for weight in (model.model.embed_tokens.weight, model.lm_head.weight):
+            weight[1::2] = weight[0::2]
+    model.save_pretrained(str(tmp_path))
+    ref = load_ref(tmp_path)
+    beam = SamplingParams(temperature=0.0, n=3, best_of=4, use_beam_search=True, max_tokens=16)
+    other = SamplingParams(temperature=0.0, n=2, best_of=6, use_beam_search=True, max_tokens=16, logprobs=20)
+    prompt = (1, 44, 98, 6)
+    [alone] = ref.engine(block_size=4).generate([list(prompt)], beam)
+    batched = run_to_completion(
+        ref.engine(block_size=4), [EngineRequest("t", prompt, beam), EngineRequest("o", (1, 9, 12), other)]
+    )
+    assert batched["t"].token_ids == alone.token_ids
+    outputs = [alone.token_ids[c] for c in range(3)]
+    assert len({tuple(o) for o in outputs}) == 3
+
+
+@pytest.mark.gpu
+def test_beam_search_on_cuda_equals_transformers(refs: dict[str, RefModel]) -> None:
+    """The device selection on CUDA (fp32, CUDA graphs), beam steps launched ahead (async
+    scheduling, on by default with CUDA)."""
+    ref = refs["stories"]
+    prompts = [[1, 403, 407, 315, 290], [1, 45, 99]]
+    sp = SamplingParams(temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=24, logprobs=2)
+    engine = ref.engine(device="cuda", dtype="float32")
+    requests = [EngineRequest(f"g{i}", tuple(p), sp) for i, p in enumerate(prompts)]
+    added = [engine.add_request(r) for r in requests]
+    results = {r.request_id: GenerateResult(r.request_id) for r in requests}
+    while engine.has_unfinished():
+        for out in engine.step():
+            collect(results[out.request_id], out)
+    for i, prompt in enumerate(prompts):
+        expected, _ = hf_beams(ref, prompt, width=4, n=2, max_new_tokens=24)
+        assert [results[f"g{i}"].token_ids[c] for c in range(2)] == expected
+    assert all(r.beam.num_steps > 1 and r.beam.num_host_merges == 0 for r in added)
+    assert engine.scheduler.num_beam_steps_ahead > 0
+    assert engine.block_manager.num_used_blocks == 0

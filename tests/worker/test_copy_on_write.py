@@ -110,3 +110,29 @@ def test_refork_moves_only_the_entries_after_the_beams_part() -> None:
     for s in (p1, c1):
         fast.free_sequence(s)
     assert fast.num_used_blocks == 0
+
+
+def test_reseat_beams_shares_the_parents_full_blocks_and_frees_the_rest() -> None:
+    """A beam step launched ahead (beam_search.py): beam j takes its parent's full blocks and its
+    own fresh block; blocks nobody's new table holds go back."""
+    bm = BlockManager(32, 4)
+    beams = seqs_of(list(range(6)), 3)  # 6 tokens: one full block, one partial
+    for seq in beams:
+        bm.allocate(seq, 6)
+        seq.num_computed_tokens = 6
+        bm.register_computed_blocks(seq)
+    old = [list(s.block_ids) for s in beams]
+    tails = [bm.allocate_block() for _ in beams]
+    used = bm.num_used_blocks
+    bm.reseat_beams(beams, [1, 1, 0], tails, 1)
+    assert [s.block_ids for s in beams] == [
+        [old[1][0], tails[0]],
+        [old[1][0], tails[1]],
+        [old[0][0], tails[2]],
+    ]
+    assert bm.ref_counts[old[1][0]] == 2 and bm.ref_counts[old[0][0]] == 1
+    assert bm.ref_counts[old[2][0]] == 0 and all(bm.ref_counts[s.block_ids[1]] == 1 for s in beams)
+    assert bm.num_used_blocks == used - 4  # beam 2's full block and the three partial ones
+    for s in beams:
+        bm.free_sequence(s)
+    assert bm.num_used_blocks == 0

@@ -1,0 +1,210 @@
+"""Beam selection on the device: per beam-search request, the top K continuations over
+(beams x vocab) by cumulative logprob, inside the step.
+
+The runner calls `select_beams` right after the sampler, on the raw log-softmax of the step's
+rows, for every beam-search request whose live beams are all computed in the step (a `BeamGroup`,
+built by `BeamSearch.group`). Two stages, all torch ops on the logits' device:
+
+1. each beam row's own top `per_beam` (log-softmax values and ids, equal values in token id
+   order: `ordered_topk`); the stop ids that
+   `min_tokens` bans are then left out (as transformers' `min_new_tokens` does, after the
+   log-softmax), which is why `per_beam` counts them on top of K;
+2. the beam's cumulative logprob added (float64, as the host merge adds them), the rows of a group
+   laid side by side ([groups, max width x per_beam], padded), and one stable descending sort:
+   the first K. The global top K over beams x vocab is always among the beams' own top K. Equal
+   totals go in (beam, token id) order: the lowest flat index of beams x vocab first, as
+   transformers' topk over that flat row mostly (not always: torch leaves ties unspecified)
+   returns them.
+
+Only the small [groups, K] candidate table (total, beam, token, logprob, rank, valid) and, when the
+client asked for logprobs, each group row's top alternatives go back to the host, in the step's
+one read (ModelRunner._handle). `BeamSearch.advance` does the bookkeeping on those few numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+# columns of the candidate table
+_TOTAL, _BEAM, _TOKEN, _LOGPROB, _RANK, _VALID = range(6)
+
+
+@dataclass(frozen=True)
+class BeamGroup:
+    """One beam-search request whose live beams are all sampling rows of this step."""
+
+    request_id: str
+    rows: list[int]  # the sampler row of each live beam, in BeamSearch.live order
+    scores: list[float]  # the cumulative logprob of each live beam
+    keep: int  # K: candidates the beam step needs
+    per_beam: int  # each row's own top candidates considered (K plus the banned stop ids)
+    banned: tuple[int, ...]  # stop ids left out (min_tokens not reached)
+    user_top: int  # alternatives each token's logprob entry carries (the client's `logprobs`)
+    stops: tuple[int, ...] = ()  # the request's stop ids: a candidate ending in one does not go on
+
+
+class BeamCandidate(NamedTuple):  # (a tuple: K of them per request every step)
+    total: float  # cumulative logprob with this token
+    beam: int  # index of the parent in BeamSearch.live
+    token_id: int
+    logprob: float  # the token's log-softmax in its row
+    rank: int  # 1 = its row's most likely token
+
+
+@dataclass(frozen=True)
+class BeamStepResult:
+    """What the host reads of one request's selection: its K candidates best first (fewer when
+    some were banned), and each live beam's top alternatives (the client's `logprobs` of them;
+    empty tuples when it asked for none)."""
+
+    candidates: list[BeamCandidate]
+    alternatives: list[tuple[tuple[int, float], ...]]
+
+
+@dataclass
+class BeamSelection:
+    """The device tensors of one step's selection (the table and tops read back by `unpack`).
+
+    The next beams too, for a step launched before the host reads this one (launched ahead:
+    beam_search.py): per group, the first `width` candidates that do not end in a stop id (what
+    BeamSearch.advance keeps going, when the search goes on), best first: new beam j is the
+    parent's `parents[g, j]`-th live beam with `tokens[g, j]` appended, cumulative `totals[g, j]`."""
+
+    groups: list[BeamGroup]
+    table: torch.Tensor  # [G, K_max, 6] float64
+    tops: torch.Tensor | None  # [N, 2, user_top_max] float64 (ids, logprobs) of the group rows
+    parents: torch.Tensor  # [G, W_max] int64
+    tokens: torch.Tensor  # [G, W_max] int64
+    totals: torch.Tensor  # [G, W_max] float64
+    # [G, W_max, blocks] int32: the block table each live beam ran with in this step (the runner
+    # fills it: a step launched ahead gathers its beams' tables from it)
+    slot_tables: torch.Tensor | None = None
+
+    def index(self, request_id: str) -> int | None:
+        return next((g for g, group in enumerate(self.groups) if group.request_id == request_id), None)
+
+
+def select_beams(
+    raw: torch.Tensor, groups: list[BeamGroup], scores: torch.Tensor | None = None
+) -> BeamSelection:
+    """raw: [R, V] log-softmax of the step's fp32 logits (rows of other requests too). `scores`:
+    [N] float64 on the device, the cumulative logprob of each group row, when the host does not
+    know them yet (a step launched ahead: the previous selection's totals); else the groups'."""
+    device = raw.device
+    rows = [r for g in groups for r in g.rows]
+    vocab = raw.shape[1]
+    per_beam = min(max(g.per_beam for g in groups), vocab)
+    user_top = min(max(g.user_top for g in groups), vocab)
+    index = _to_device(rows, device)
+    picked = raw.index_select(0, index)  # [N, V]
+    values, ids = ordered_topk(picked, max(per_beam, user_top))  # [N, k] best first
+    tops = (
+        torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1) if user_top else None
+    )
+    values, ids = values[:, :per_beam], ids[:, :per_beam]
+    # per row: the banned stop ids (padded with -1, never an id)
+    num_banned = max(len(g.banned) for g in groups)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    if num_banned:
+        banned = [list(g.banned) + [-1] * (num_banned - len(g.banned)) for g in groups for _ in g.rows]
+        banned_t = _to_device([b for row in banned for b in row], device).view(len(rows), num_banned)
+        valid = ~(ids[:, :, None] == banned_t[:, None, :]).any(dim=-1)
+    if scores is None:
+        base = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
+        if device.type == "cuda":
+            base = base.pin_memory()
+        scores = base.to(device, non_blocking=True)
+    totals = torch.where(valid, values.double() + scores[:, None], -torch.inf)
+    # lay the groups' rows side by side: [G, width_max, per_beam], padded with an all -inf row
+    width = max(len(g.rows) for g in groups)
+    slots, flat = [], 0
+    for g in groups:
+        slots += list(range(flat, flat + len(g.rows))) + [len(rows)] * (width - len(g.rows))
+        flat += len(g.rows)
+    pad = torch.full((1, per_beam), -torch.inf, dtype=torch.float64, device=device)
+    slots_t = _to_device(slots, device)
+    laid = torch.cat([totals, pad]).index_select(0, slots_t)
+    laid = laid.view(len(groups), width * per_beam)
+    keep = min(max(g.keep for g in groups), width * per_beam)
+    # stable: equal totals keep their (beam, rank) order
+    best, order = laid.sort(dim=1, descending=True, stable=True)
+    best, order = best[:, :keep], order[:, :keep]  # [G, K]
+    beam = order // per_beam
+    rank = order % per_beam
+    row = slots_t.view(len(groups), width).gather(1, beam)  # flat row (N = padding)
+    ids_ext = torch.cat([ids, torch.zeros_like(ids[:1])])
+    values_ext = torch.cat([values, torch.full_like(values[:1], -torch.inf)])
+    valid_ext = torch.cat([valid, torch.zeros_like(valid[:1])])
+    token = ids_ext[row, rank]
+    logprob = values_ext[row, rank]
+    ok = valid_ext[row, rank]
+    table = torch.stack(
+        [best, beam.double(), token.double(), logprob.double(), (rank + 1).double(), ok.double()], dim=-1
+    )
+    # the next beams: the first `width` valid candidates not ending in a stop id (stable: best first)
+    num_stops = max(len(g.stops) for g in groups)
+    ends = ~ok
+    if num_stops:
+        stops = [list(g.stops) + [-1] * (num_stops - len(g.stops)) for g in groups]
+        stops_t = _to_device([t for row in stops for t in row], device).view(len(groups), num_stops)
+        ends = ends | (token[:, :, None] == stops_t[:, None, :]).any(dim=-1)
+    going = ends.to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # [G, W_max]
+    # (a group with fewer live beams than W_max, or fewer going on than its width, finishes or
+    # is not launched ahead: its extra columns only need to stay in range)
+    widths = _to_device([len(g.rows) - 1 for g in groups], device)
+    parents = torch.minimum(beam.gather(1, going), widths[:, None])
+    return BeamSelection(groups, table, tops, parents, token.gather(1, going), best.gather(1, going))
+
+
+def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values.topk(k)` of [N, V] rows, equal values in token id order. torch.topk leaves the order
+    of ties unspecified (on the CPU it varies with k and with what else is in the batch), and a
+    beam search must not depend on it: the top 2k are taken and sorted by (value desc, token id)
+    on the device ([N, 2k], small). Exact unless more than k tokens tie with the k-th (then which
+    of them make the cut is topk's choice); an exact int64-key topk over the vocabulary would
+    cost two more full passes over [N, V] every step."""
+    wide, ids = values.topk(min(2 * k, values.shape[1]), dim=-1)
+    ids, by_id = ids.sort(dim=-1)  # token id order, then a stable sort by value
+    wide, order = wide.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    return wide[:, :k], ids.gather(1, order)[:, :k]
+
+
+def unpack(
+    groups: list[BeamGroup], table: list[list[list[float]]], tops: list[list[list[float]]] | None
+) -> list[BeamStepResult]:
+    """The selection of each group, in `groups` order, from the tables read back to the host."""
+    out = []
+    flat = 0
+    for g, cands in zip(groups, table, strict=True):
+        kept = [
+            BeamCandidate(c[_TOTAL], int(c[_BEAM]), int(c[_TOKEN]), c[_LOGPROB], int(c[_RANK]))
+            for c in cands[: g.keep]
+            if c[_VALID]
+        ]
+        alternatives: list[tuple[tuple[int, float], ...]] = []
+        for r in range(len(g.rows)):
+            if tops is None or not g.user_top:
+                alternatives.append(())
+                continue
+            top_ids, top_values = tops[flat + r]
+            alternatives.append(
+                tuple(
+                    (int(t), v)
+                    for t, v in zip(top_ids[: g.user_top], top_values[: g.user_top], strict=True)
+                    if v > -torch.inf
+                )
+            )
+        flat += len(g.rows)
+        out.append(BeamStepResult(kept, alternatives))
+    return out
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 host list on `device` without waiting for the device (pinned on CUDA)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

@@ -1,0 +1,84 @@
+"""Beam selection on the device (services/worker/beam_select.py) picks exactly the K best totals
+over all of beams x vocab, equal totals in (beam, token id) order whatever torch.topk does with
+ties, banned stop ids left out, for several requests of different widths at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.worker.beam_select import BeamCandidate, BeamGroup, ordered_topk, select_beams, unpack
+
+
+def host_merge(raw: torch.Tensor, group: BeamGroup) -> list[BeamCandidate]:
+    """The definition over all of beams x vocab: totals in float64, sorted by (total desc, beam,
+    token id), banned ids out, the first K; rank = place in the row by (logprob desc, token id)."""
+    scored = []
+    for b, (row, base) in enumerate(zip(group.rows, group.scores, strict=True)):
+        values = raw[row].tolist()
+        order = sorted(range(len(values)), key=lambda t: (-values[t], t))
+        rank = {t: i + 1 for i, t in enumerate(order)}
+        scored += [(-(base + v), b, t, v, rank[t]) for t, v in enumerate(values) if t not in group.banned]
+    scored.sort()
+    return [BeamCandidate(-neg, b, t, v, rank) for neg, b, t, v, rank in scored[: group.keep]]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_selection_equals_the_host_merge_with_ties_and_bans(device: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    vocab = 64
+    # coarse logits: exact ties inside rows (fewer than K at the K-th place: ordered_topk is exact
+    # then), and between beams
+    logits = torch.randint(0, 40, (11, vocab), generator=gen).float() / 4
+    raw = torch.log_softmax(logits, dim=-1)
+    raw[4] = raw[3]  # two beams with the same row and score: ties across beams
+    groups = [
+        BeamGroup("a", [0, 1, 2, 3], [0.0, -1.5, -1.5, -2.0], keep=8, per_beam=8, banned=(), user_top=2),
+        BeamGroup("b", [4, 5], [-2.0, -2.0], keep=6, per_beam=8, banned=(7, 9), user_top=0),
+        BeamGroup("c", [6], [0.0], keep=4, per_beam=4, banned=(), user_top=3),
+        BeamGroup("d", [8, 9, 10], [-0.25, -0.5, -0.75], keep=12, per_beam=12, banned=(1,), user_top=0),
+    ]
+    # row 7 belongs to another request, sampled in the same step
+    selection = select_beams(raw.to(device), groups)
+    assert selection.tops is not None and selection.table.device.type == device
+    picks = unpack(groups, selection.table.tolist(), selection.tops.tolist())
+    for group, pick in zip(groups, picks, strict=True):
+        expected = host_merge(raw, group)
+        assert [(c.beam, c.token_id, c.rank) for c in pick.candidates] == [
+            (c.beam, c.token_id, c.rank) for c in expected
+        ], group.request_id
+        for got, want in zip(pick.candidates, expected, strict=True):
+            assert got.total == want.total and got.logprob == want.logprob
+        assert not {c.token_id for c in pick.candidates} & set(group.banned)
+        assert len(pick.alternatives) == len(group.rows)
+        for row, alternatives in zip(group.rows, pick.alternatives, strict=True):
+            values = raw[row].tolist()
+            order = sorted(range(len(values)), key=lambda t: (-values[t], t))[: group.user_top]
+            assert alternatives == tuple((t, values[t]) for t in order)
+
+
+def test_device_selection_with_a_vocabulary_smaller_than_k() -> None:
+    raw = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]]), dim=-1)
+    group = BeamGroup("a", [0, 1], [0.0, -0.1], keep=8, per_beam=10, banned=(2,), user_top=0)
+    selection = select_beams(raw, [group])
+    [pick] = unpack([group], selection.table.tolist(), None)
+    assert [(c.beam, c.token_id) for c in pick.candidates] == [
+        (c.beam, c.token_id) for c in host_merge(raw, group)
+    ]
+    assert len(pick.candidates) == 4  # 2 beams x the 2 tokens that are not banned
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ordered_topk_puts_equal_values_in_token_id_order(device: str) -> None:
+    inf = float("inf")
+    row = [-inf, 0.0, -0.5, 2.0, -0.0, 2.0, -0.5, -3.0, 1e-30, -1e-30, 2.0]
+    rows = torch.tensor([row, row[::-1]])
+    values, ids = ordered_topk(rows.to(device), 9)
+    expected = sorted(range(len(row)), key=lambda t: (-row[t], t))[:9]
+    assert ids[0].tolist() == expected
+    assert values[0].tolist() == rows[0, expected].tolist()
+    mirrored = row[::-1]
+    assert ids[1].tolist() == sorted(range(len(row)), key=lambda t: (-mirrored[t], t))[:9]
