@@ -16,6 +16,8 @@ T (decode) takes BLOCK_M = 16, larger T (prefill) 64. Reference twin: kernels/re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -134,6 +136,203 @@ def _grouped_gemm(
     return c
 
 
+# Token counts up to this take the decode path (the decode graph buckets' row range; as the skinny
+# GEMM's MAX_ROWS): per-pair GEMVs with no sorting (module docstring).
+DECODE_MAX_TOKENS = 8
+_ACTIVATION_IDS = {"silu": 0, "swiglu_oai": 1}
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile config of the decode kernels (fixed rules, `decode_configs`)."""
+
+    block_n: int  # weight rows a program streams (gate_up: half gate rows, half up rows)
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+def decode_configs(hidden: int, inter: int) -> tuple[DecodeConfig, DecodeConfig]:
+    """(gate_up, down) configs. Both kernels are weight streams: 16 weight rows (down) or 16
+    outputs (gate_up: 32 rows) a program give >= 128 programs at batch 1 for the shapes served
+    (Qwen3-30B-A3B's down: 2048 / 16 = 128; its gate_up: 8 pairs x 768 / 16 = 384), 256-wide K
+    tiles are 16-byte loads of whole rows, 4 stages keep ~32-64 KB a program in flight (as the
+    dense skinny GEMM's best configs). K tiles shrink to the next power of two for tiny test shapes."""
+    gate_up = DecodeConfig(block_n=32, block_k=max(16, min(256, triton.next_power_of_2(hidden))))
+    down = DecodeConfig(block_n=16, block_k=max(16, min(256, triton.next_power_of_2(inter))))
+    return gate_up, down
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    x_ptr,  # [T, K]
+    w13_ptr,  # [E, 2*I, K]
+    bias_ptr,  # [E, 2*I] (HAS_BIAS)
+    ids_ptr,  # [T * TOP_K] expert of each (token, slot) pair
+    weights_ptr,  # [T * TOP_K] fp32 routing weights
+    act_ptr,  # [T * TOP_K, I]: w * act(gate, up) of each pair
+    INTER,
+    K,
+    stride_xt,
+    stride_we,
+    stride_wn,
+    stride_be,
+    TOP_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # 0: silu(gate) * up; 1: gpt-oss's clamped SwiGLU
+    ALPHA: tl.constexpr,
+    LIMIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # pairs vary fastest: the programs of one N-tile run together, so two tokens routed to the
+    # same expert read its tile once from memory and once from L2
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    token = (pair // TOP_K).to(tl.int64)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    HALF: tl.constexpr = BLOCK_N // 2
+    j = tl.arange(0, BLOCK_N)
+    out_j = pid_n * HALF + j % HALF
+    col_ok = out_j < INTER
+    w_rows = out_j + (j // HALF) * INTER  # HALF gate rows, then their up rows
+    rows = tl.arange(0, 16)  # the one input row, padded to a tensor-core dot's 16
+    kk = tl.arange(0, BLOCK_K)
+    x_base = x_ptr + token * stride_xt + rows[:, None] * 0
+    w_base = w13_ptr + expert * stride_we + w_rows[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < K
+        x = tl.load(x_base + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
+        w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + expert * stride_be + w_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    gate, up = tl.split(tl.permute(tl.reshape(acc, [16, 2, HALF]), (0, 2, 1)))  # [16, HALF]
+    if ACTIVATION == 0:
+        act = gate / (1.0 + tl.exp(-gate)) * up
+    else:
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        act = (up + 1.0) * (gate / (1.0 + tl.exp(-ALPHA * gate)))
+    # the routing weight here, in fp32 before the one rounding: the down kernel then sums the k
+    # experts' products in one accumulator
+    act = act * tl.load(weights_ptr + pair)
+    out_cols = pid_n * HALF + tl.arange(0, HALF)
+    tl.store(
+        act_ptr + pair.to(tl.int64) * INTER + rows[:, None] * 0 + out_cols[None, :],
+        act.to(act_ptr.dtype.element_ty),
+        mask=(rows[:, None] == 0) & (out_cols < INTER)[None, :],
+    )
+
+
+@triton.jit
+def _moe_down_kernel(
+    act_ptr,  # [T * TOP_K, I]: w * act of each pair (the routing weight applied)
+    w2_ptr,  # [E, N, I]
+    bias_ptr,  # [E, N] (HAS_BIAS)
+    ids_ptr,  # [T * TOP_K]
+    weights_ptr,  # [T * TOP_K] fp32 (HAS_BIAS: the bias is weighted too)
+    out_ptr,  # [T, N]
+    N,
+    INTER,
+    stride_we,
+    stride_wn,
+    stride_be,
+    stride_ot,
+    TOP_K: tl.constexpr,
+    BLOCK_TOPK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # out[t, n] = sum_j sum_i act[t*k + j, i] * w2[e_j, n, i]: one GEMV over the k experts' rows
+    # laid end to end (K = k * I), one loop so the weight stream stays pipelined across experts
+    token = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    slots = tl.arange(0, BLOCK_TOPK)
+    slot_ok = slots < TOP_K
+    expert_offs = tl.load(ids_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64) * stride_we
+    rows = tl.arange(0, 16)
+    kk = tl.arange(0, BLOCK_K)
+    tiles = tl.cdiv(INTER, BLOCK_K)
+    a_base = act_ptr + token * TOP_K * INTER + rows[:, None] * 0
+    w_rows = w2_ptr + cols[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for it in range(0, TOP_K * tiles):
+        j = it // tiles
+        k = (it - j * tiles) * BLOCK_K + kk
+        k_ok = k < INTER
+        expert_off = tl.sum(tl.where(slots == j, expert_offs, 0), axis=0)  # registers, not memory
+        a = tl.load(a_base + j * INTER + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + expert_off + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc)
+    if HAS_BIAS:
+        rw = tl.load(weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+        bias_rows = tl.load(ids_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64) * stride_be
+        bias = tl.load(bias_ptr + bias_rows[:, None] + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += tl.sum(bias.to(tl.float32) * rw[:, None], axis=0)[None, :]
+    tl.store(
+        out_ptr + token * stride_ot + rows[:, None] * 0 + cols[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=(rows[:, None] == 0) & col_ok[None, :],
+    )
+
+
+def fused_moe_decode(
+    x: torch.Tensor,  # [T, H], T small
+    w13: torch.Tensor,  # [E, 2*I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k] fp32
+    topk_ids: torch.Tensor,  # [T, k]
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:  # [T, H]
+    """The decode path: two launches, no sorting, no separate activation or combine kernels.
+
+    gate_up: one program per (pair, 16 outputs) streams 16 gate and 16 up rows of the pair's
+    expert against the token's row; its epilogue adds the bias, applies the activation and the
+    routing weight and writes w * act [T*k, I] (x's dtype). down: one program per (token, 16
+    output columns) streams those columns of its k experts' down rows against the k weighted
+    activations, adds the weighted biases and writes the token's output once (a fixed sum order:
+    deterministic, no atomics, no zero-fill)."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    assert w13.is_contiguous() and w2.is_contiguous(), "stacked expert weights must be contiguous"
+    assert x.stride(1) == 1, x.stride()
+    num_pairs = num_tokens * top_k
+    ids = topk_ids.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
+    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    if num_tokens == 0:
+        return out
+    act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
+    up_cfg, down_cfg = decode_configs(hidden, inter)
+    _moe_gate_up_kernel[(num_pairs, triton.cdiv(inter, up_cfg.block_n // 2))](
+        x, w13, w13_bias if w13_bias is not None else w13, ids, weights, act,
+        inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
+        w13_bias.stride(0) if w13_bias is not None else 0,
+        TOP_K=top_k, HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation],
+        ALPHA=reference.SWIGLU_ALPHA, LIMIT=reference.SWIGLU_LIMIT,
+        BLOCK_N=up_cfg.block_n, BLOCK_K=up_cfg.block_k,
+        num_warps=up_cfg.num_warps, num_stages=up_cfg.num_stages,
+    )  # fmt: skip
+    _moe_down_kernel[(num_tokens, triton.cdiv(hidden, down_cfg.block_n))](
+        act, w2, w2_bias if w2_bias is not None else w2, ids, weights, out,
+        hidden, inter, w2.stride(0), w2.stride(1),
+        w2_bias.stride(0) if w2_bias is not None else 0, out.stride(0),
+        TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), HAS_BIAS=w2_bias is not None,
+        BLOCK_N=down_cfg.block_n, BLOCK_K=down_cfg.block_k,
+        num_warps=down_cfg.num_warps, num_stages=down_cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
 def fused_moe(
     x: torch.Tensor,  # [T, H]
     w13: torch.Tensor,  # [E, 2*I, H]
@@ -147,6 +346,10 @@ def fused_moe(
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     assert w2.shape[0] == num_experts and w13.shape[2] == x.shape[1] and w2.shape[2] * 2 == w13.shape[1]
+    if activation not in _ACTIVATION_IDS:
+        raise ValueError(f"unknown MoE activation {activation!r} (one of {', '.join(_ACTIVATION_IDS)})")
+    if num_tokens <= DECODE_MAX_TOKENS:
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activation)
     block_m = 16 if num_tokens * top_k <= 64 * num_experts else 64
     sorted_ids, block_expert = align_by_expert(topk_ids, num_experts, block_m)
     num_pairs = num_tokens * top_k
