@@ -20,6 +20,7 @@ from kernels.triton.fp8_gemm import tune_fp8_linear, w8a8_linear
 from kernels.triton.fused_moe import fused_moe
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.lora import lora_expand, lora_shrink
+from kernels.triton.moe_route import moe_route
 from kernels.triton.paged_attention import (
     decode_scales_rms,
     paged_attention,
@@ -61,6 +62,7 @@ TRITON_OPS = KernelOps(
     silu_and_mul_rms=silu_and_mul_rms,
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
+    moe_route=moe_route,
     quant_linear=quant_linear,
     tune_quant_linear=tune_quant_linear,
     fp8_linear=w8a8_linear,

@@ -1,5 +1,6 @@
 """The fused MoE kernel against its reference twin: random, skewed (every token to one expert) and
-sparse (most experts empty) routings, decode- and prefill-sized token counts."""
+sparse (most experts empty) routings, decode- (<= 8 tokens: the per-pair GEMV path) and
+prefill-sized token counts (the sorted grouped GEMM); the routing kernel against its twin."""
 
 from __future__ import annotations
 
@@ -53,6 +54,75 @@ def test_fused_moe_matches_reference(
     assert rel_err(out, ref) < 4 * tol_for(dtype), (routing, shape, seed)
 
 
+# decode path: (tokens, hidden, intermediate, experts, top_k), k = 1, 2, 4, 8 and E = 4 .. 128
+DECODE_SHAPES = [(1, 64, 32, 4, 1), (3, 32, 48, 16, 4), (8, 32, 16, 128, 8), (2, 48, 40, 8, 8)]
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize("routing", ["random", "one-expert", "sparse"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+def test_decode_path_matches_reference(
+    device: str, dtype: torch.dtype, routing: str, shape: tuple[int, int, int, int, int]
+) -> None:
+    """The decode kernels directly (fused_moe routes <= DECODE_MAX_TOKENS tokens to them): K and
+    I not multiples of the tiles, every token on one expert, most experts empty, k up to 8."""
+    skip_without(device)
+    from kernels.triton.fused_moe import DECODE_MAX_TOKENS, fused_moe_decode
+
+    assert shape[0] <= DECODE_MAX_TOKENS
+    seed = zlib.crc32(repr(("decode", routing, shape)).encode())
+    x, w13, w2, weights, ids = _inputs(shape, device, dtype, routing, seed)
+    out = fused_moe_decode(x, w13, w2, weights, ids)
+    ref = reference.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert rel_err(out, ref) < 4 * tol_for(dtype), (routing, shape, seed)
+
+
+ROUTE_CASES = [  # (tokens, experts, top_k)
+    (1, 4, 1),
+    (5, 8, 2),
+    (3, 32, 4),
+    (2, 128, 8),
+    (6, 60, 4),  # E not a power of two
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("scoring", "renormalize"), [("softmax_topk", True), ("softmax_topk", False), ("topk_softmax", False)]
+)
+@pytest.mark.parametrize("case", ROUTE_CASES)
+def test_moe_route_matches_reference(
+    dtype: torch.dtype, scoring: str, renormalize: bool, case: tuple[int, int, int]
+) -> None:
+    """Qwen3-MoE / Mixtral (softmax then top-k, with and without norm_topk_prob) and gpt-oss (top-k
+    of the logits then softmax) routing, the same experts in the same order as torch.topk."""
+    from kernels.triton.moe_route import moe_route
+
+    tokens, experts, top_k = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    # distinct logits (a permutation, scaled) so that no two experts tie in either dtype
+    logits = torch.stack([torch.randperm(experts, generator=gen) for _ in range(tokens)]).float() * 0.05
+    logits[0, experts - 1] += 8.0  # one token strongly skewed to its last expert
+    logits = logits.to(dtype)
+    weights, ids = moe_route(logits, top_k, scoring, renormalize)
+    ref_weights, ref_ids = reference.moe_route(logits, top_k, scoring, renormalize)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids, ref_ids), (ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    if renormalize or scoring == "topk_softmax":
+        torch.testing.assert_close(weights.sum(-1), torch.ones(tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_moe_route_rejects_an_unknown_scoring() -> None:
+    from kernels.triton.moe_route import moe_route
+
+    with pytest.raises(ValueError, match="unknown MoE scoring 'sigmoid'"):
+        moe_route(torch.zeros(1, 4), 2, "sigmoid")
+    with pytest.raises(ValueError, match="unknown MoE scoring 'sigmoid'"):
+        reference.moe_route(torch.zeros(1, 4), 2, "sigmoid")
+
+
 def test_align_pads_every_expert_to_a_block() -> None:
     from kernels.triton.fused_moe import align_by_expert
 
@@ -71,13 +141,16 @@ def test_align_pads_every_expert_to_a_block() -> None:
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 @pytest.mark.parametrize("routing", ["random", "one-expert"])
-def test_fused_moe_with_biases_and_clamped_swiglu(device: str, dtype: torch.dtype, routing: str) -> None:
+@pytest.mark.parametrize("tokens", [7, 40])  # the decode path and the grouped GEMM
+def test_fused_moe_with_biases_and_clamped_swiglu(
+    device: str, dtype: torch.dtype, routing: str, tokens: int
+) -> None:
     """gpt-oss's experts: biases on both projections and the clamped SwiGLU; the gate/up values
     are scaled past the clamp limit so that the clamps matter."""
     skip_without(device)
     from kernels.triton.fused_moe import fused_moe
 
-    shape = (7, 64, 48, 8, 4)
+    shape = (tokens, 64, 48, 8, 4)
     x, w13, w2, weights, ids = _inputs(shape, device, dtype, routing, seed=77)
     gen = torch.Generator().manual_seed(78)
     w13 = w13 * 12.0  # |gate/up| well above the limit of 7 for many rows
@@ -107,7 +180,8 @@ def test_swiglu_oai_matches_transformers() -> None:
 
 
 @pytest.mark.gpu
-def test_fused_moe_replays_in_a_cuda_graph() -> None:
+@pytest.mark.parametrize("tokens", [8, 24])  # the decode path and the grouped GEMM (larger graph buckets)
+def test_fused_moe_replays_in_a_cuda_graph(tokens: int) -> None:
     """A decode step's MoE is captured in the step's CUDA graph: the expert alignment must not read
     anything back to the host (CUDA's bincount did, and capture failed), and a replay with another
     routing written into the same input buffers gives that routing's output."""
@@ -115,7 +189,7 @@ def test_fused_moe_replays_in_a_cuda_graph() -> None:
         pytest.skip("needs a CUDA device")
     from kernels.triton.fused_moe import fused_moe
 
-    shape = (8, 64, 48, 8, 4)
+    shape = (tokens, 64, 48, 8, 4)
     x, w13, w2, weights, ids = _inputs(shape, "cuda", torch.bfloat16, "random", seed=5)
     fused_moe(x, w13, w2, weights, ids)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -130,3 +204,40 @@ def test_fused_moe_replays_in_a_cuda_graph() -> None:
         torch.cuda.synchronize()
         eager = fused_moe(x, w13, w2, weights, ids)
         assert torch.equal(out, eager), routing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 2048, 768, 128, 8), (1, 2880, 2880, 32, 4), (4, 2048, 768, 128, 8)])
+def test_decode_moe_bf16_at_served_shapes(shape: tuple[int, int, int, int, int]) -> None:
+    """bf16 on the GPU at Qwen3-30B-A3B's and gpt-oss-20b's expert shapes (tile tails: 2880 is
+    not a multiple of 256): routing and the two decode kernels in a CUDA graph, against the
+    reference; the graph holds exactly three kernels (route, gate_up, down)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kernels.triton.fused_moe import fused_moe
+    from kernels.triton.moe_route import moe_route
+
+    _, hidden, _, experts, top_k = shape
+    x, w13, w2, _, _ = _inputs(shape, "cuda", torch.bfloat16, "random", seed=9)
+    gen = torch.Generator().manual_seed(10)
+    router = (torch.randn(experts, hidden, generator=gen) / hidden**0.5).to("cuda", torch.bfloat16)
+    logits = x @ router.t()
+
+    def step() -> torch.Tensor:
+        weights, ids = moe_route(logits, top_k, "softmax_topk", True)
+        return fused_moe(x, w13, w2, weights, ids)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    weights, ids = reference.moe_route(logits, top_k, "softmax_topk", True)
+    ref = reference.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)
+    assert rel_err(out, ref) < 4 * tol_for(torch.bfloat16), shape
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sorted(kernels) == ["_moe_down_kernel", "_moe_gate_up_kernel", "_moe_route_kernel"], kernels

@@ -1,7 +1,8 @@
 """A sparse mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral).
 
     router logits = x @ gate.T                       [T, E]
-    weights, ids  = top-k of softmax(logits) (fp32)  [T, k]  (renormalised when norm_topk_prob)
+    weights, ids  = top-k of softmax(logits) (fp32)  [T, k]  (renormalised when norm_topk_prob;
+                                                              ops.moe_route, one kernel on the GPU)
     out           = ops.fused_moe(x, w13, w2, weights, ids)
 
 The experts' weights are stacked per projection: `w13` [E, 2*I, H] holds each expert's gate and
@@ -37,11 +38,7 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, expert ids [T, k]) of each token."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, ids
+        return self.ops.moe_route(self.gate(x), self.top_k, "softmax_topk", self.norm_topk_prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
         weights, ids = self.route(x)

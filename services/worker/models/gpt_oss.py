@@ -64,8 +64,7 @@ class GptOssMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, expert ids [T, k]): softmax over the top-k router logits."""
-        top, ids = self.router(x).topk(self.top_k, dim=-1)
-        return torch.softmax(top.float(), dim=-1), ids
+        return self.ops.moe_route(self.router(x), self.top_k, "topk_softmax")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
         weights, ids = self.route(x)
