@@ -151,13 +151,27 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 4
 
+    def __str__(self) -> str:
+        return f"n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages}"
 
-def decode_configs(hidden: int, inter: int) -> tuple[DecodeConfig, DecodeConfig]:
-    """(gate_up, down) configs. Both kernels are weight streams: 16 weight rows (down) or 16
-    outputs (gate_up: 32 rows) a program give >= 128 programs at batch 1 for the shapes served
-    (Qwen3-30B-A3B's down: 2048 / 16 = 128; its gate_up: 8 pairs x 768 / 16 = 384), 256-wide K
-    tiles are 16-byte loads of whole rows, 4 stages keep ~32-64 KB a program in flight (as the
-    dense skinny GEMM's best configs). K tiles shrink to the next power of two for tiny test shapes."""
+
+DecodeKey = tuple[int, int, int, int, torch.dtype, bool]  # (E, I, H, top_k, dtype, has_bias)
+# what moe_tune.tune_moe measured fastest per expert shape (absent: default_decode_configs)
+DECODE_CHOICE: dict[DecodeKey, tuple[DecodeConfig, DecodeConfig]] = {}
+
+
+def decode_key(w13: torch.Tensor, top_k: int, has_bias: bool) -> DecodeKey:
+    experts, two_inter, hidden = w13.shape
+    return (experts, two_inter // 2, hidden, top_k, w13.dtype, has_bias)
+
+
+def default_decode_configs(hidden: int, inter: int) -> tuple[DecodeConfig, DecodeConfig]:
+    """(gate_up, down) configs where nothing was tuned. Both kernels are weight streams: 16 weight
+    rows (down) or 16 outputs (gate_up: 32 rows) a program give >= 128 programs at batch 1 for the
+    shapes served (Qwen3-30B-A3B's down: 2048 / 16 = 128; its gate_up: 8 pairs x 768 / 16 = 384),
+    256-wide K tiles are 16-byte loads of whole rows, 4 stages keep 32-64 KB a program in flight
+    (as the dense skinny GEMM's best configs). K tiles shrink to the next power of two for tiny
+    test shapes."""
     gate_up = DecodeConfig(block_n=32, block_k=max(16, min(256, triton.next_power_of_2(hidden))))
     down = DecodeConfig(block_n=16, block_k=max(16, min(256, triton.next_power_of_2(inter))))
     return gate_up, down
@@ -284,6 +298,50 @@ def _moe_down_kernel(
     )
 
 
+def launch_gate_up(
+    x: torch.Tensor,  # [T, H] contiguous
+    w13: torch.Tensor,
+    w13_bias: torch.Tensor | None,
+    ids: torch.Tensor,  # [T*k] contiguous
+    weights: torch.Tensor,  # [T*k] fp32 contiguous
+    act: torch.Tensor,  # [T*k, I] output
+    top_k: int,
+    activation: str,
+    config: DecodeConfig,
+) -> None:
+    inter = act.shape[1]
+    _moe_gate_up_kernel[(ids.numel(), triton.cdiv(inter, config.block_n // 2))](
+        x, w13, w13_bias if w13_bias is not None else w13, ids, weights, act,
+        inter, x.shape[1], x.stride(0), w13.stride(0), w13.stride(1),
+        w13_bias.stride(0) if w13_bias is not None else 0,
+        TOP_K=top_k, HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation],
+        ALPHA=reference.SWIGLU_ALPHA, LIMIT=reference.SWIGLU_LIMIT,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
+def launch_down(
+    act: torch.Tensor,  # [T*k, I]: launch_gate_up's output
+    w2: torch.Tensor,
+    w2_bias: torch.Tensor | None,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    out: torch.Tensor,  # [T, H] output
+    top_k: int,
+    config: DecodeConfig,
+) -> None:
+    hidden = out.shape[1]
+    _moe_down_kernel[(out.shape[0], triton.cdiv(hidden, config.block_n))](
+        act, w2, w2_bias if w2_bias is not None else w2, ids, weights, out,
+        hidden, act.shape[1], w2.stride(0), w2.stride(1),
+        w2_bias.stride(0) if w2_bias is not None else 0, out.stride(0),
+        TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), HAS_BIAS=w2_bias is not None,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
 def fused_moe_decode(
     x: torch.Tensor,  # [T, H], T small
     w13: torch.Tensor,  # [E, 2*I, H]
@@ -293,6 +351,7 @@ def fused_moe_decode(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
     activation: str = "silu",
+    configs: tuple[DecodeConfig, DecodeConfig] | None = None,  # (gate_up, down); None: tuned or default
 ) -> torch.Tensor:  # [T, H]
     """The decode path: two launches, no sorting, no separate activation or combine kernels.
 
@@ -307,31 +366,17 @@ def fused_moe_decode(
     inter = two_inter // 2
     assert w13.is_contiguous() and w2.is_contiguous(), "stacked expert weights must be contiguous"
     x = x.contiguous()
-    num_pairs = num_tokens * top_k
     ids = topk_ids.reshape(-1).contiguous()
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     if num_tokens == 0:
         return out
-    act = torch.empty((num_pairs, inter), dtype=x.dtype, device=x.device)
-    up_cfg, down_cfg = decode_configs(hidden, inter)
-    _moe_gate_up_kernel[(num_pairs, triton.cdiv(inter, up_cfg.block_n // 2))](
-        x, w13, w13_bias if w13_bias is not None else w13, ids, weights, act,
-        inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
-        w13_bias.stride(0) if w13_bias is not None else 0,
-        TOP_K=top_k, HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation],
-        ALPHA=reference.SWIGLU_ALPHA, LIMIT=reference.SWIGLU_LIMIT,
-        BLOCK_N=up_cfg.block_n, BLOCK_K=up_cfg.block_k,
-        num_warps=up_cfg.num_warps, num_stages=up_cfg.num_stages,
-    )  # fmt: skip
-    _moe_down_kernel[(num_tokens, triton.cdiv(hidden, down_cfg.block_n))](
-        act, w2, w2_bias if w2_bias is not None else w2, ids, weights, out,
-        hidden, inter, w2.stride(0), w2.stride(1),
-        w2_bias.stride(0) if w2_bias is not None else 0, out.stride(0),
-        TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), HAS_BIAS=w2_bias is not None,
-        BLOCK_N=down_cfg.block_n, BLOCK_K=down_cfg.block_k,
-        num_warps=down_cfg.num_warps, num_stages=down_cfg.num_stages,
-    )  # fmt: skip
+    if configs is None:
+        key = decode_key(w13, top_k, w13_bias is not None)
+        configs = DECODE_CHOICE.get(key) or default_decode_configs(hidden, inter)
+    act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=x.device)
+    launch_gate_up(x, w13, w13_bias, ids, weights, act, top_k, activation, configs[0])
+    launch_down(act, w2, w2_bias, ids, weights, out, top_k, configs[1])
     return out
 
 

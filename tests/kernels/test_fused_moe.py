@@ -78,6 +78,43 @@ def test_decode_path_matches_reference(
     assert rel_err(out, ref) < 4 * tol_for(dtype), (routing, shape, seed)
 
 
+def test_every_tuner_candidate_matches_reference() -> None:
+    """Each tile config tune_moe may pick (wider N tiles, K tiles past K and I) computes the same
+    MoE as the reference, with gpt-oss's biases and activation (the tuner also checks on the GPU)."""
+    from kernels.triton.fused_moe import fused_moe_decode
+    from kernels.triton.moe_tune import DOWN_CANDIDATES, GATE_UP_CANDIDATES
+
+    shape = (2, 96, 80, 8, 4)
+    x, w13, w2, weights, ids = _inputs(shape, "cpu", torch.float32, "random", seed=11)
+    gen = torch.Generator().manual_seed(12)
+    b13, b2 = torch.randn(8, 160, generator=gen), torch.randn(8, 96, generator=gen)
+    ref = reference.fused_moe(
+        x.double(), w13.double(), w2.double(), weights.double(), ids, b13.double(), b2.double(), "swiglu_oai"
+    )
+    for up, down in zip(GATE_UP_CANDIDATES, DOWN_CANDIDATES, strict=True):
+        out = fused_moe_decode(x, w13, w2, weights, ids, b13, b2, "swiglu_oai", configs=(up, down))
+        assert rel_err(out, ref) < 4 * tol_for(torch.float32), (up, down)
+
+
+@pytest.mark.gpu
+def test_tune_moe_keeps_a_config_that_matches() -> None:
+    """The engine-start tuner on two small bf16 layers: it reports both kernels, keeps a choice for
+    the shape, and fused_moe's decode path with that choice matches the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kernels.triton.fused_moe import DECODE_CHOICE, decode_key, fused_moe
+    from kernels.triton.moe_tune import tune_moe
+
+    shape = (1, 512, 384, 16, 4)
+    layers = [_inputs(shape, "cuda", torch.bfloat16, "random", seed) for seed in (1, 2)]
+    lines = tune_moe([w[1] for w in layers], [w[2] for w in layers], None, None, 4, "silu", "test")
+    assert len(lines) == 2 and "gate_up" in lines[0] and "down" in lines[1], lines
+    assert decode_key(layers[0][1], 4, False) in DECODE_CHOICE
+    x, w13, w2, weights, ids = layers[0]
+    ref = reference.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert rel_err(fused_moe(x, w13, w2, weights, ids), ref) < 4 * tol_for(torch.bfloat16)
+
+
 ROUTE_CASES = [  # (tokens, experts, top_k)
     (1, 4, 1),
     (5, 8, 2),
