@@ -1,5 +1,14 @@
-"""Fused mixture-of-experts feed-forward: tokens sorted by expert, one grouped-GEMM launch per
-projection for all experts.
+"""Fused mixture-of-experts feed-forward. Two paths, one reference twin (kernels/reference.fused_moe).
+
+Decode (T <= DECODE_MAX_TOKENS): two weight-streaming GEMV launches, no sorting (fused_moe_decode):
+
+    gate_up: a[t*k + j] = w[t, j] * act(x[t] @ w13[e].T (+ b13[e]))  per (pair, 16 outputs) [T*k, I]
+    down:    out[t] = sum_j a[t*k + j] @ w2[e_j].T (+ sum_j w[t, j] b2[e_j])  per (token, 16 cols)
+
+with the tile configs `moe_tune.tune_moe` measured at engine start (else default_decode_configs).
+
+Prefill (more tokens): tokens sorted by expert, one grouped-GEMM launch per projection for all
+experts.
 
     align:   the T*k (token, slot) pairs sorted by expert, each expert's run padded to BLOCK_M
              (`sorted_ids`, sentinel T*k in the padding; `block_expert` per BLOCK_M block, -1 past
@@ -10,8 +19,8 @@ projection for all experts.
     gemm 2:  y[p] = w[p] * (act[p] @ w2[e].T (+ b2[e]))                      [T*k, H]
     combine: out[t] = sum_j y[t*k + j]                                   [T, H]
 
-Each program computes one BLOCK_M x BLOCK_N tile of one expert's rows (fp32 accumulation); small
-T (decode) takes BLOCK_M = 16, larger T (prefill) 64. Reference twin: kernels/reference.fused_moe.
+Each program computes one BLOCK_M x BLOCK_N tile of one expert's rows (fp32 accumulation); up to
+64 pairs an expert on average take BLOCK_M = 16, more take 64.
 """
 
 from __future__ import annotations

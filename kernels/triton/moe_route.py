@@ -41,7 +41,9 @@ def _moe_route_kernel(
     top_ids = tl.zeros([BLOCK_TOPK], tl.int32)
     for j in tl.static_range(TOP_K):
         best = tl.max(v, axis=0)
-        best_id = tl.min(tl.where(v == best, experts, BLOCK_E), axis=0)
+        # (a NaN row matches nothing: the clamp keeps the id a real expert, never an address past
+        # the weights, so a diverged sequence cannot fault the step every other request is in)
+        best_id = tl.minimum(tl.min(tl.where(v == best, experts, BLOCK_E), axis=0), num_experts - 1)
         top = tl.where(slots == j, best, top)
         top_ids = tl.where(slots == j, best_id, top_ids)
         v = tl.where(experts == best_id, float("-inf"), v)

@@ -151,6 +151,21 @@ def test_moe_route_matches_reference(
         torch.testing.assert_close(weights.sum(-1), torch.ones(tokens), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scoring", ["softmax_topk", "topk_softmax"])
+def test_moe_route_of_a_nan_row_names_real_experts(scoring: str) -> None:
+    """A diverged token (NaN logits) still gets ids of real experts: an id past E would make the
+    MoE kernels read past the weights and fault the whole step; the other tokens are unaffected."""
+    from kernels.triton.moe_route import moe_route
+
+    logits = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
+    logits[1] = float("nan")
+    weights, ids = moe_route(logits, 4, scoring, True)
+    assert ids.min() >= 0 and ids.max() < 16, ids
+    ref_weights, ref_ids = reference.moe_route(logits, 4, scoring, True)
+    assert torch.equal(ids[[0, 2]], ref_ids[[0, 2]])
+    torch.testing.assert_close(weights[[0, 2]], ref_weights[[0, 2]])
+
+
 def test_moe_route_rejects_an_unknown_scoring() -> None:
     from kernels.triton.moe_route import moe_route
 
