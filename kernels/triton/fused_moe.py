@@ -62,6 +62,80 @@ def align_by_expert(
     return sorted_ids, block_expert
 
 
+# Up to this many (token, slot) pairs the alignment is one Triton program (`align_small`) instead
+# of torch's scatter_add / cumsum / argsort / index / searchsorted kernels: the decode graph
+# buckets above DECODE_MAX_TOKENS (Qwen3-30B-A3B: up to 64 tokens); prefill keeps torch's.
+ALIGN_SMALL_MAX_PAIRS = 512
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr,  # [P] expert of each pair
+    sorted_ids_ptr,  # [S] int32 out
+    block_expert_ptr,  # [S // BLOCK_M] int32 out
+    num_pairs,
+    num_experts,
+    num_slots,  # S
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr,  # pairs a pass step reads
+    BLOCK_S: tl.constexpr,  # slots / blocks a fill step writes
+):
+    experts = tl.arange(0, BLOCK_E)
+    expert_ok = experts < num_experts
+    chunk = tl.arange(0, CHUNK)
+    # pass 1: pairs per expert -> each expert's run, padded to BLOCK_M
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for p0 in range(0, num_pairs, CHUNK):
+        e = tl.load(ids_ptr + p0 + chunk, mask=p0 + chunk < num_pairs, other=-1).to(tl.int32)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_end = tl.cumsum(padded, axis=0)
+    padded_start = padded_end - padded
+    # every slot the sentinel; each block its expert (searchsorted(padded_end, start, right=True))
+    slots = tl.arange(0, BLOCK_S)
+    for s0 in range(0, num_slots, BLOCK_S):
+        tl.store(
+            sorted_ids_ptr + s0 + slots,
+            tl.zeros([BLOCK_S], tl.int32) + num_pairs,
+            mask=s0 + slots < num_slots,
+        )
+    for b0 in range(0, num_slots // BLOCK_M, BLOCK_S):
+        starts = (b0 + slots) * BLOCK_M
+        ended = (padded_end[None, :] <= starts[:, None]) & expert_ok[None, :]
+        block_expert = tl.sum(ended.to(tl.int32), axis=1)
+        block_expert = tl.where(block_expert < num_experts, block_expert, -1)
+        tl.store(block_expert_ptr + b0 + slots, block_expert, mask=starts < num_slots)
+    # the sentinel stores above before the scatter below (one program: a CTA barrier orders them)
+    tl.debug_barrier()
+    # pass 2: each pair to its expert's run, in pair order (torch's stable argsort)
+    seen = tl.zeros([BLOCK_E], dtype=tl.int32)  # pairs of each expert placed so far
+    for p0 in range(0, num_pairs, CHUNK):
+        pair_ok = p0 + chunk < num_pairs
+        e = tl.load(ids_ptr + p0 + chunk, mask=pair_ok, other=-1).to(tl.int32)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, BLOCK_E]
+        earlier = tl.cumsum(onehot, axis=0) - onehot  # same-expert pairs before it in the chunk
+        dest = tl.sum(onehot * (earlier + seen[None, :] + padded_start[None, :]), axis=1)
+        tl.store(sorted_ids_ptr + dest, p0 + chunk, mask=pair_ok)
+        seen += tl.sum(onehot, axis=0)
+
+
+def align_small(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """align_by_expert's result in one single-program launch (for <= ALIGN_SMALL_MAX_PAIRS pairs)."""
+    flat = topk_ids.flatten().contiguous()
+    num_pairs = flat.numel()
+    num_slots = -(-(num_pairs + num_experts * (block_m - 1)) // block_m) * block_m
+    sorted_ids = torch.empty((num_slots,), dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty((num_slots // block_m,), dtype=torch.int32, device=flat.device)
+    block_e = triton.next_power_of_2(num_experts)
+    _align_kernel[(1,)](
+        flat, sorted_ids, block_expert, num_pairs, num_experts, num_slots,
+        BLOCK_M=block_m, BLOCK_E=block_e, CHUNK=max(16, 4096 // block_e), BLOCK_S=max(16, 4096 // block_e),
+        num_warps=8,
+    )  # fmt: skip
+    return sorted_ids, block_expert
+
+
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr,  # [M_a, K]
@@ -407,7 +481,8 @@ def fused_moe(
     if num_tokens <= DECODE_MAX_TOKENS:
         return fused_moe_decode(x, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activation)
     block_m = 16 if num_tokens * top_k <= 64 * num_experts else 64
-    sorted_ids, block_expert = align_by_expert(topk_ids, num_experts, block_m)
+    align = align_small if num_tokens * top_k <= ALIGN_SMALL_MAX_PAIRS else align_by_expert
+    sorted_ids, block_expert = align(topk_ids, num_experts, block_m)
     num_pairs = num_tokens * top_k
     x = x.contiguous()
     h = _grouped_gemm(x, w13, num_pairs, sorted_ids, block_expert, top_k, None, block_m, w13_bias)

@@ -191,6 +191,33 @@ def test_align_pads_every_expert_to_a_block() -> None:
     assert all(e == -1 for e in block_expert.tolist()[len(used) :])
 
 
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "block_m"),
+    [(1, 4, 2, 16), (40, 16, 4, 16), (64, 128, 8, 16), (100, 60, 4, 64), (3, 128, 8, 64)],
+)
+@pytest.mark.parametrize("routing", ["random", "one-expert", "sparse"])
+def test_align_small_equals_torch_alignment(
+    tokens: int, experts: int, top_k: int, block_m: int, routing: str
+) -> None:
+    """The one-program alignment (<= ALIGN_SMALL_MAX_PAIRS pairs) gives torch's exactly: same runs,
+    same pair order in each run (stable), same sentinels and block experts, -1 past the end."""
+    from kernels.triton.fused_moe import ALIGN_SMALL_MAX_PAIRS, align_by_expert, align_small
+
+    assert tokens * top_k <= ALIGN_SMALL_MAX_PAIRS
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((tokens, experts, top_k, routing)).encode()))
+    logits = torch.randn(tokens, experts, generator=gen)
+    if routing == "one-expert":
+        logits[:, 3] += 100.0
+    elif routing == "sparse":  # experts 1 and E-1 only (k > 2: repeats of E-1, as real routings never do)
+        logits[:, 1:-1] -= 100.0
+    ids = logits.topk(top_k, dim=-1).indices
+    if routing == "sparse":
+        ids = ids.clamp(min=1).where(ids == 1, torch.full_like(ids, experts - 1))
+    got = align_small(ids, experts, block_m)
+    want = align_by_expert(ids, experts, block_m)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 @pytest.mark.parametrize("routing", ["random", "one-expert"])
 @pytest.mark.parametrize("tokens", [7, 40])  # the decode path and the grouped GEMM
