@@ -352,7 +352,7 @@ def _moe_down_kernel(
     col_ok = cols < N
     slots = tl.arange(0, BLOCK_TOPK)
     slot_ok = slots < TOP_K
-    expert_offs = tl.load(ids_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64) * stride_we
+    experts = tl.load(ids_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64)
     rows = tl.arange(0, 16)
     kk = tl.arange(0, BLOCK_K)
     tiles = tl.cdiv(INTER, BLOCK_K)
@@ -363,9 +363,12 @@ def _moe_down_kernel(
         j = it // tiles
         k = (it - j * tiles) * BLOCK_K + kk
         k_ok = k < INTER
-        expert_off = tl.sum(tl.where(slots == j, expert_offs, 0), axis=0)  # registers, not memory
+        # the expert from registers, not memory (a load here would cut the pipeline's depth), and
+        # times stride_we after the sum so that the offset keeps the stride's divisibility: 16-byte
+        # async copies of the weights need it
+        expert = tl.sum(tl.where(slots == j, experts, 0), axis=0)
         a = tl.load(a_base + j * INTER + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
-        w = tl.load(w_rows + expert_off + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + expert * stride_we + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(w), acc)
     if HAS_BIAS:
         rw = tl.load(weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
