@@ -320,3 +320,63 @@ def test_decode_moe_bf16_at_served_shapes(shape: tuple[int, int, int, int, int])
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     assert sorted(kernels) == ["_moe_down_kernel", "_moe_gate_up_kernel", "_moe_route_kernel"], kernels
+
+
+def _sm90_ptx(kernel, signature: dict[str, str], constexprs: dict[str, object], **options: int) -> str:  # type: ignore[no-untyped-def]
+    """The kernel's PTX for an H100 (sm_90), compiled here without a GPU: every integer argument
+    and pointer divisible by 16, as the JIT specializes them for the shapes served."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # (the interpreter wraps it)
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in constexprs else signature[n] for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs}
+    consts = {(names.index(n),): v for n, v in constexprs.items()}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def test_decode_kernels_stream_weights_as_async_16_byte_copies() -> None:
+    """Both decode GEMVs compile (for sm_90, on the CPU) to pipelined 16-byte async copies of the
+    weights, with no 2-byte global loads: the down kernel's expert offset once lost the stride's
+    divisibility and its weight stream became unpipelined 2-byte loads."""
+    import importlib
+
+    fm = importlib.import_module("kernels.triton.fused_moe")  # (the package exports the function)
+    bf16 = "*bf16"
+    common = {
+        "bias_ptr": bf16,
+        "ids_ptr": "*i64",
+        "weights_ptr": "*fp32",
+        "stride_we": "i32",
+        "stride_wn": "i32",
+    }
+    gate_up = _sm90_ptx(
+        fm._moe_gate_up_kernel,
+        {**common, "x_ptr": bf16, "w13_ptr": bf16, "act_ptr": bf16, "INTER": "i32", "K": "i32"}
+        | {"stride_xt": "i32", "stride_be": "i32"},
+        {
+            "TOP_K": 8,
+            "HAS_BIAS": False,
+            "ACTIVATION": 0,
+            "ALPHA": 1.702,
+            "LIMIT": 7.0,
+            "BLOCK_N": 32,
+            "BLOCK_K": 256,
+        },
+        num_warps=4,
+        num_stages=4,
+    )
+    down = _sm90_ptx(
+        fm._moe_down_kernel,
+        {**common, "act_ptr": bf16, "w2_ptr": bf16, "out_ptr": bf16, "N": "i32", "INTER": "i32"}
+        | {"stride_be": "i32", "stride_ot": "i32"},
+        {"TOP_K": 8, "BLOCK_TOPK": 8, "HAS_BIAS": False, "BLOCK_N": 16, "BLOCK_K": 256},
+        num_warps=4,
+        num_stages=4,
+    )
+    for name, ptx in (("gate_up", gate_up), ("down", down)):
+        assert "cp.async.cg.shared.global" in ptx, name
+        assert "ld.global.b16" not in ptx, name
