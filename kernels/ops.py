@@ -105,6 +105,14 @@ class KernelOps:
     #   a mixture-of-experts feed-forward over each token's routed experts (Qwen3-MoE, Mixtral;
     #   gpt-oss: biases and activation "swiglu_oai")
     fused_moe: Callable[..., torch.Tensor] = reference.fused_moe
+    # (logits [T, E], top_k, scoring "softmax_topk" | "topk_softmax", renormalize) -> (weights
+    #  [T, k] fp32, ids [T, k] int64): each token's experts (reference.moe_route: Qwen3-MoE and
+    #  Mixtral take the top k of the softmax, gpt-oss the softmax of the top k logits)
+    moe_route: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.moe_route
+    # (w13s: every MoE layer's [E, 2*I, H], w2s, w13_biases or None, w2_biases or None, top_k,
+    #  activation, name) -> report lines: times the decode MoE kernels' tile configs at batch 1 and
+    #  keeps the fastest for fused_moe (None: nothing to tune)
+    tune_moe: Callable[..., list[str]] | None = None
     # (x [M, K], qweight, scales [N, G] fp32, bits 8 | 4, zeros [N, G] | None, bias [N] | None) ->
     #   [M, N] in x's dtype: a GEMM with int8 or packed 4-bit weights dequantized per group
     #   (layouts: reference.dequantize_weight; services/worker/layers/quantization/)

@@ -453,6 +453,30 @@ def moe_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown MoE activation {activation!r} (one of {', '.join(MOE_ACTIVATIONS)})")
 
 
+MOE_SCORINGS = ("softmax_topk", "topk_softmax")
+
+
+def moe_route(
+    logits: torch.Tensor,  # [T, E] router logits (any float dtype)
+    top_k: int,
+    scoring: str = "softmax_topk",  # one of MOE_SCORINGS
+    renormalize: bool = False,  # softmax_topk: the k weights divided by their sum (norm_topk_prob)
+) -> tuple[torch.Tensor, torch.Tensor]:  # (weights [T, k] fp32, expert ids [T, k] int64)
+    """Each token's k experts and their routing weights.
+
+    softmax_topk (Qwen3-MoE, Mixtral): the top k of softmax(logits) in fp32, renormalised to sum
+    to 1 when `renormalize`. topk_softmax (gpt-oss): the top k logits, then a softmax over them."""
+    if scoring == "softmax_topk":
+        weights, ids = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+    if scoring == "topk_softmax":
+        top, ids = logits.topk(top_k, dim=-1)
+        return torch.softmax(top.float(), dim=-1), ids
+    raise ValueError(f"unknown MoE scoring {scoring!r} (one of {', '.join(MOE_SCORINGS)})")
+
+
 def fused_moe(
     x: torch.Tensor,  # [T, H]
     w13: torch.Tensor,  # [E, 2*I, H]: each expert's [gate; up] projection

@@ -11,7 +11,8 @@ kernel (`silu_and_mul_rms`), the residual adds by the o/down projections (`linea
 gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_mul`). FP8 W8A8
 projections run a Triton FP8 GEMM or `torch._scaled_mm`, per shape and row count as
 `tune_fp8_linear` measured (fp8_gemm.py); integer-weight projections the tile config of the
-quantized GEMM that `tune_quant_linear` measured fastest (quant_gemm.py).
+quantized GEMM that `tune_quant_linear` measured fastest (quant_gemm.py). Decode-sized MoE layers
+run two GEMV kernels with the tile configs `tune_moe` measured fastest (fused_moe.py, moe_tune.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from kernels.triton.gelu_and_mul import gelu_tanh_and_mul
 from kernels.triton.gemma_norm import gemma_add_rms_norm, gemma_qk_norm, gemma_rms_norm, gemma_scale_rms_norm
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.lora import lora_expand, lora_shrink
+from kernels.triton.moe_route import moe_route
+from kernels.triton.moe_tune import tune_moe
 from kernels.triton.paged_attention import (
     decode_scales_rms,
     paged_attention,
@@ -76,6 +79,8 @@ TRITON_OPS = KernelOps(
     silu_and_mul_rms=silu_and_mul_rms,
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
+    moe_route=moe_route,
+    tune_moe=tune_moe,
     quant_linear=quant_linear,
     tune_quant_linear=tune_quant_linear,
     fp8_linear=w8a8_linear,

@@ -29,6 +29,7 @@ from services.worker.kv_cache import KVCache
 from services.worker.kv_layerwise import LayerSignal
 from services.worker.layers.attention import AttentionMetadata
 from services.worker.layers.linear import Linear
+from services.worker.layers.moe import MoeLayer, MoeOperands
 from services.worker.layers.quantization.fp8 import Fp8Method, runs_w8a8
 from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
@@ -187,6 +188,7 @@ class ModelRunner:
         with torch.inference_mode():
             report += self._tune_fp8_linears()
             report += self._tune_quant_linears()
+            report += self._tune_moe()
             for name, mods in groups.items():
                 shapes = {tuple(m.weight.shape) for m in mods}
                 assert len(shapes) == 1, (name, shapes)
@@ -227,6 +229,35 @@ class ModelRunner:
                 report += self.ops.tune_fp8_linear(
                     [m.qweight for m in same], [m.weight_scale for m in same], bias, name
                 )
+        return report
+
+    def _tune_moe(self) -> list[str]:
+        """The decode MoE kernels' tile configs for each expert shape (kernels/triton/moe_tune.py)."""
+        if self.ops.tune_moe is None:
+            return []
+        groups: dict[tuple[object, ...], list[MoeOperands]] = {}
+        for module in self.model.modules():
+            if isinstance(module, MoeLayer):
+                o = module.operands()
+                key = (
+                    tuple(o.w13.shape),
+                    o.top_k,
+                    o.activation,
+                    o.w13_bias is not None,
+                    o.w2_bias is not None,
+                )
+                groups.setdefault(key, []).append(o)
+        report: list[str] = []
+        for layers in groups.values():
+            first = layers[0]
+            report += self.ops.tune_moe(
+                [o.w13 for o in layers],
+                [o.w2 for o in layers],
+                [o.w13_bias for o in layers if o.w13_bias is not None] or None,
+                [o.w2_bias for o in layers if o.w2_bias is not None] or None,
+                first.top_k,
+                first.activation,
+            )
         return report
 
     def _tune_quant_linears(self) -> list[str]:

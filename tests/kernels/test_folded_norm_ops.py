@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from kernel_cases import CASES, CPU_CASES, GPU_CASES, skip_without, tol_for
 
 from kernels import REFERENCE_OPS, reference
+from tests.worker.worker_testlib import model_logits as _model_logits
 from tests.worker.worker_testlib import randomize_norms_and_biases
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -293,36 +294,6 @@ def _tiny_hf(family: str, seed: int) -> Any:
     }[family]()
     randomize_norms_and_biases(hf, seed)
     return hf.eval()
-
-
-def _model_logits(model: Any, prompt: list[int], block_size: int = 4) -> torch.Tensor:
-    """Logits [len(prompt), vocab] fp32 of a prefill of prompt[:-1] and a decode step of prompt[-1]."""
-    from kernels import build_rope_cache
-    from services.worker.layers.attention import AttentionMetadata
-
-    cfg = model.config
-    num_tokens, num_blocks = len(prompt), -(-len(prompt) // block_size)
-    kv = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    for i, attn in enumerate(model.attention_layers()):
-        attn.kv_cache = kv[i]
-    cos_sin = build_rope_cache(
-        cfg.head_dim, num_tokens, cfg.rope_theta, cfg.rope_scaling, torch.float32, "cpu"
-    )
-    out = []
-    for start, end in ((0, num_tokens - 1), (num_tokens - 1, num_tokens)):
-        positions = torch.arange(start, end)
-        meta = AttentionMetadata(
-            positions=positions,
-            slot_mapping=positions.clone(),
-            block_tables=torch.arange(num_blocks, dtype=torch.int32)[None, :],
-            cu_seqlens_q=torch.tensor([0, end - start], dtype=torch.int32),
-            seq_lens=torch.tensor([end], dtype=torch.int32),
-            max_seqlen_q=end - start,
-            cos_sin_cache=cos_sin,
-        )
-        with torch.inference_mode():
-            out.append(model.compute_logits(model(torch.tensor(prompt[start:end]), meta)))
-    return torch.cat(out)
 
 
 @pytest.mark.parametrize("family", ["llama"])

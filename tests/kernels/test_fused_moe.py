@@ -1,5 +1,6 @@
 """The fused MoE kernel against its reference twin: random, skewed (every token to one expert) and
-sparse (most experts empty) routings, decode- and prefill-sized token counts."""
+sparse (most experts empty) routings, decode- (<= 8 tokens: the per-pair GEMV path) and
+prefill-sized token counts (the sorted grouped GEMM); the routing kernel against its twin."""
 
 from __future__ import annotations
 
@@ -53,6 +54,127 @@ def test_fused_moe_matches_reference(
     assert rel_err(out, ref) < 4 * tol_for(dtype), (routing, shape, seed)
 
 
+# decode path: (tokens, hidden, intermediate, experts, top_k), k = 1, 2, 4, 8 and E = 4 .. 128
+DECODE_SHAPES = [(1, 64, 32, 4, 1), (3, 32, 48, 16, 4), (4, 32, 16, 128, 8), (2, 48, 40, 8, 8)]
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize("routing", ["random", "one-expert", "sparse"])
+@pytest.mark.parametrize("shape", DECODE_SHAPES)
+def test_decode_path_matches_reference(
+    device: str, dtype: torch.dtype, routing: str, shape: tuple[int, int, int, int, int]
+) -> None:
+    """The decode kernels directly (fused_moe routes <= DECODE_MAX_TOKENS tokens to them): K and
+    I not multiples of the tiles, every token on one expert, most experts empty, k up to 8."""
+    skip_without(device)
+    from kernels.triton.fused_moe import DECODE_MAX_TOKENS, fused_moe_decode
+
+    assert shape[0] <= DECODE_MAX_TOKENS
+    seed = zlib.crc32(repr(("decode", routing, shape)).encode())
+    x, w13, w2, weights, ids = _inputs(shape, device, dtype, routing, seed)
+    out = fused_moe_decode(x, w13, w2, weights, ids)
+    ref = reference.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert rel_err(out, ref) < 4 * tol_for(dtype), (routing, shape, seed)
+
+
+def test_every_tuner_candidate_matches_reference() -> None:
+    """Each tile config tune_moe may pick (wider N tiles, K tiles past K and I) computes the same
+    MoE as the reference, with gpt-oss's biases and activation (the tuner also checks on the GPU)."""
+    from kernels.triton.fused_moe import fused_moe_decode
+    from kernels.triton.moe_tune import DOWN_CANDIDATES, GATE_UP_CANDIDATES
+
+    shape = (2, 96, 80, 8, 4)
+    x, w13, w2, weights, ids = _inputs(shape, "cpu", torch.float32, "random", seed=11)
+    gen = torch.Generator().manual_seed(12)
+    b13, b2 = torch.randn(8, 160, generator=gen), torch.randn(8, 96, generator=gen)
+    ref = reference.fused_moe(
+        x.double(), w13.double(), w2.double(), weights.double(), ids, b13.double(), b2.double(), "swiglu_oai"
+    )
+    for up, down in zip(GATE_UP_CANDIDATES, DOWN_CANDIDATES, strict=True):
+        out = fused_moe_decode(x, w13, w2, weights, ids, b13, b2, "swiglu_oai", configs=(up, down))
+        assert rel_err(out, ref) < 4 * tol_for(torch.float32), (up, down)
+
+
+@pytest.mark.gpu
+def test_tune_moe_keeps_a_config_that_matches() -> None:
+    """The engine-start tuner on two small bf16 layers: it reports both kernels, keeps a choice for
+    the shape, and fused_moe's decode path with that choice matches the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kernels.triton.fused_moe import DECODE_CHOICE, decode_key, fused_moe
+    from kernels.triton.moe_tune import tune_moe
+
+    shape = (1, 512, 384, 16, 4)
+    layers = [_inputs(shape, "cuda", torch.bfloat16, "random", seed) for seed in (1, 2)]
+    lines = tune_moe([w[1] for w in layers], [w[2] for w in layers], None, None, 4, "silu", "test")
+    assert len(lines) == 2 and "gate_up" in lines[0] and "down" in lines[1], lines
+    assert decode_key(layers[0][1], 4, False) in DECODE_CHOICE
+    x, w13, w2, weights, ids = layers[0]
+    ref = reference.fused_moe(x.double(), w13.double(), w2.double(), weights.double(), ids)
+    assert rel_err(fused_moe(x, w13, w2, weights, ids), ref) < 4 * tol_for(torch.bfloat16)
+
+
+ROUTE_CASES = [  # (tokens, experts, top_k)
+    (1, 4, 1),
+    (5, 8, 2),
+    (3, 32, 4),
+    (2, 128, 8),
+    (6, 60, 4),  # E not a power of two
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("scoring", "renormalize"), [("softmax_topk", True), ("softmax_topk", False), ("topk_softmax", False)]
+)
+@pytest.mark.parametrize("case", ROUTE_CASES)
+def test_moe_route_matches_reference(
+    dtype: torch.dtype, scoring: str, renormalize: bool, case: tuple[int, int, int]
+) -> None:
+    """Qwen3-MoE / Mixtral (softmax then top-k, with and without norm_topk_prob) and gpt-oss (top-k
+    of the logits then softmax) routing, the same experts in the same order as torch.topk."""
+    from kernels.triton.moe_route import moe_route
+
+    tokens, experts, top_k = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    # distinct logits (a permutation, scaled) so that no two experts tie in either dtype
+    logits = torch.stack([torch.randperm(experts, generator=gen) for _ in range(tokens)]).float() * 0.05
+    logits[0, experts - 1] += 8.0  # one token strongly skewed to its last expert
+    logits = logits.to(dtype)
+    weights, ids = moe_route(logits, top_k, scoring, renormalize)
+    ref_weights, ref_ids = reference.moe_route(logits, top_k, scoring, renormalize)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids, ref_ids), (ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    if renormalize or scoring == "topk_softmax":
+        torch.testing.assert_close(weights.sum(-1), torch.ones(tokens), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scoring", ["softmax_topk", "topk_softmax"])
+def test_moe_route_of_a_nan_row_names_real_experts(scoring: str) -> None:
+    """A diverged token (NaN logits) still gets ids of real experts: an id past E would make the
+    MoE kernels read past the weights and fault the whole step; the other tokens are unaffected."""
+    from kernels.triton.moe_route import moe_route
+
+    logits = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
+    logits[1] = float("nan")
+    weights, ids = moe_route(logits, 4, scoring, True)
+    assert ids.min() >= 0 and ids.max() < 16, ids
+    ref_weights, ref_ids = reference.moe_route(logits, 4, scoring, True)
+    assert torch.equal(ids[[0, 2]], ref_ids[[0, 2]])
+    torch.testing.assert_close(weights[[0, 2]], ref_weights[[0, 2]])
+
+
+def test_moe_route_rejects_an_unknown_scoring() -> None:
+    from kernels.triton.moe_route import moe_route
+
+    with pytest.raises(ValueError, match="unknown MoE scoring 'sigmoid'"):
+        moe_route(torch.zeros(1, 4), 2, "sigmoid")
+    with pytest.raises(ValueError, match="unknown MoE scoring 'sigmoid'"):
+        reference.moe_route(torch.zeros(1, 4), 2, "sigmoid")
+
+
 def test_align_pads_every_expert_to_a_block() -> None:
     from kernels.triton.fused_moe import align_by_expert
 
@@ -69,15 +191,45 @@ def test_align_pads_every_expert_to_a_block() -> None:
     assert all(e == -1 for e in block_expert.tolist()[len(used) :])
 
 
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "block_m"),
+    [(1, 4, 2, 16), (40, 16, 4, 16), (64, 128, 8, 16), (100, 60, 4, 64), (3, 128, 8, 64)],
+)
+@pytest.mark.parametrize("routing", ["random", "one-expert", "sparse"])
+def test_align_small_equals_torch_alignment(
+    tokens: int, experts: int, top_k: int, block_m: int, routing: str
+) -> None:
+    """The one-program alignment (<= ALIGN_SMALL_MAX_PAIRS pairs) gives torch's exactly: same runs,
+    same pair order in each run (stable), same sentinels and block experts, -1 past the end."""
+    from kernels.triton.fused_moe import ALIGN_SMALL_MAX_PAIRS, align_by_expert, align_small
+
+    assert tokens * top_k <= ALIGN_SMALL_MAX_PAIRS
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((tokens, experts, top_k, routing)).encode()))
+    logits = torch.randn(tokens, experts, generator=gen)
+    if routing == "one-expert":
+        logits[:, 3] += 100.0
+    elif routing == "sparse":  # experts 1 and E-1 only (k > 2: repeats of E-1, as real routings never do)
+        logits[:, 1:-1] -= 100.0
+    ids = logits.topk(top_k, dim=-1).indices
+    if routing == "sparse":
+        ids = ids.clamp(min=1).where(ids == 1, torch.full_like(ids, experts - 1))
+    got = align_small(ids, experts, block_m)
+    want = align_by_expert(ids, experts, block_m)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize(("device", "dtype"), CASES)
 @pytest.mark.parametrize("routing", ["random", "one-expert"])
-def test_fused_moe_with_biases_and_clamped_swiglu(device: str, dtype: torch.dtype, routing: str) -> None:
+@pytest.mark.parametrize("tokens", [7, 40])  # the decode path and the grouped GEMM
+def test_fused_moe_with_biases_and_clamped_swiglu(
+    device: str, dtype: torch.dtype, routing: str, tokens: int
+) -> None:
     """gpt-oss's experts: biases on both projections and the clamped SwiGLU; the gate/up values
     are scaled past the clamp limit so that the clamps matter."""
     skip_without(device)
     from kernels.triton.fused_moe import fused_moe
 
-    shape = (7, 64, 48, 8, 4)
+    shape = (tokens, 64, 48, 8, 4)
     x, w13, w2, weights, ids = _inputs(shape, device, dtype, routing, seed=77)
     gen = torch.Generator().manual_seed(78)
     w13 = w13 * 12.0  # |gate/up| well above the limit of 7 for many rows
@@ -107,7 +259,8 @@ def test_swiglu_oai_matches_transformers() -> None:
 
 
 @pytest.mark.gpu
-def test_fused_moe_replays_in_a_cuda_graph() -> None:
+@pytest.mark.parametrize("tokens", [8, 24])  # the decode path and the grouped GEMM (larger graph buckets)
+def test_fused_moe_replays_in_a_cuda_graph(tokens: int) -> None:
     """A decode step's MoE is captured in the step's CUDA graph: the expert alignment must not read
     anything back to the host (CUDA's bincount did, and capture failed), and a replay with another
     routing written into the same input buffers gives that routing's output."""
@@ -115,7 +268,7 @@ def test_fused_moe_replays_in_a_cuda_graph() -> None:
         pytest.skip("needs a CUDA device")
     from kernels.triton.fused_moe import fused_moe
 
-    shape = (8, 64, 48, 8, 4)
+    shape = (tokens, 64, 48, 8, 4)
     x, w13, w2, weights, ids = _inputs(shape, "cuda", torch.bfloat16, "random", seed=5)
     fused_moe(x, w13, w2, weights, ids)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -130,3 +283,100 @@ def test_fused_moe_replays_in_a_cuda_graph() -> None:
         torch.cuda.synchronize()
         eager = fused_moe(x, w13, w2, weights, ids)
         assert torch.equal(out, eager), routing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 2048, 768, 128, 8), (1, 2880, 2880, 32, 4), (4, 2048, 768, 128, 8)])
+def test_decode_moe_bf16_at_served_shapes(shape: tuple[int, int, int, int, int]) -> None:
+    """bf16 on the GPU at Qwen3-30B-A3B's and gpt-oss-20b's expert shapes (tile tails: 2880 is
+    not a multiple of 256): routing and the two decode kernels in a CUDA graph, against the
+    reference; the graph holds exactly three kernels (route, gate_up, down)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kernels.triton.fused_moe import fused_moe
+    from kernels.triton.moe_route import moe_route
+
+    _, hidden, _, experts, top_k = shape
+    x, w13, w2, _, _ = _inputs(shape, "cuda", torch.bfloat16, "random", seed=9)
+    gen = torch.Generator().manual_seed(10)
+    router = (torch.randn(experts, hidden, generator=gen) / hidden**0.5).to("cuda", torch.bfloat16)
+    logits = x @ router.t()
+
+    def step() -> torch.Tensor:
+        weights, ids = moe_route(logits, top_k, "softmax_topk", True)
+        return fused_moe(x, w13, w2, weights, ids)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    weights, ids = reference.moe_route(logits, top_k, "softmax_topk", True)
+    ref = reference.fused_moe(x.float(), w13.float(), w2.float(), weights, ids)
+    assert rel_err(out, ref) < 4 * tol_for(torch.bfloat16), shape
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sorted(kernels) == ["_moe_down_kernel", "_moe_gate_up_kernel", "_moe_route_kernel"], kernels
+
+
+def _sm90_ptx(kernel, signature: dict[str, str], constexprs: dict[str, object], **options: int) -> str:  # type: ignore[no-untyped-def]
+    """The kernel's PTX for an H100 (sm_90), compiled here without a GPU: every integer argument
+    and pointer divisible by 16, as the JIT specializes them for the shapes served."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # (the interpreter wraps it)
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in constexprs else signature[n] for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constexprs}
+    consts = {(names.index(n),): v for n, v in constexprs.items()}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
+    return compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def test_decode_kernels_stream_weights_as_async_16_byte_copies() -> None:
+    """Both decode GEMVs compile (for sm_90, on the CPU) to pipelined 16-byte async copies of the
+    weights, with no 2-byte global loads: the down kernel's expert offset once lost the stride's
+    divisibility and its weight stream became unpipelined 2-byte loads."""
+    import importlib
+
+    fm = importlib.import_module("kernels.triton.fused_moe")  # (the package exports the function)
+    bf16 = "*bf16"
+    common = {
+        "bias_ptr": bf16,
+        "ids_ptr": "*i64",
+        "weights_ptr": "*fp32",
+        "stride_we": "i32",
+        "stride_wn": "i32",
+    }
+    gate_up = _sm90_ptx(
+        fm._moe_gate_up_kernel,
+        {**common, "x_ptr": bf16, "w13_ptr": bf16, "act_ptr": bf16, "INTER": "i32", "K": "i32"}
+        | {"stride_xt": "i32", "stride_be": "i32"},
+        {
+            "TOP_K": 8,
+            "HAS_BIAS": False,
+            "ACTIVATION": 0,
+            "ALPHA": 1.702,
+            "LIMIT": 7.0,
+            "BLOCK_N": 32,
+            "BLOCK_K": 256,
+        },
+        num_warps=4,
+        num_stages=4,
+    )
+    down = _sm90_ptx(
+        fm._moe_down_kernel,
+        {**common, "act_ptr": bf16, "w2_ptr": bf16, "out_ptr": bf16, "N": "i32", "INTER": "i32"}
+        | {"stride_be": "i32", "stride_ot": "i32"},
+        {"TOP_K": 8, "BLOCK_TOPK": 8, "HAS_BIAS": False, "BLOCK_N": 16, "BLOCK_K": 256},
+        num_warps=4,
+        num_stages=4,
+    )
+    for name, ptx in (("gate_up", gate_up), ("down", down)):
+        assert "cp.async.cg.shared.global" in ptx, name
+        assert "ld.global.b16" not in ptx, name

@@ -1,6 +1,7 @@
 """Mixture-of-experts families (Qwen3-MoE with a dense layer among sparse ones, Mixtral): greedy
 output equals transformers' generate with many requests in flight, chunked prefill, prefix hits
-and preemption; logprobs within 1e-4; the loader's errors name the expert tensor."""
+and preemption; logprobs within 1e-4; the loader's errors name the expert tensor; the Triton
+routing and MoE kernels (prefill and decode paths) inside each MoE family give transformers' logits."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from worker_testlib import (
     check_greedy_matches_transformers,
     check_logprobs_match_transformers,
     check_prefix_hits_and_preemption,
+    model_logits,
 )
 
 from services.worker.loader import WeightLoadError
@@ -54,3 +56,29 @@ def test_a_missing_expert_is_named(tiny_model_dirs: dict[str, Path], tmp_path: P
         Engine(WorkerConfig(model=str(tmp_path), device="cpu", kv_cache_memory="1MiB"))
     assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
     assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("model", [*MOE_MODELS, "gpt_oss"])
+def test_triton_moe_kernels_give_transformers_logits(ref_models: dict[str, RefModel], model: str) -> None:
+    """The Triton routing and fused MoE kernels (the interpreter on the CPU) inside each MoE family:
+    a prefill of 11 tokens (the sorted grouped GEMM) and a decode step of one (the decode GEMVs)
+    give transformers' logits (Qwen3-MoE and Mixtral: softmax then top-k; gpt-oss: top-k of the
+    biased logits, softmax, biased experts, clamped SwiGLU)."""
+    import dataclasses
+
+    from kernels import REFERENCE_OPS
+    from kernels.triton.fused_moe import fused_moe
+    from kernels.triton.moe_route import moe_route
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    ref = ref_models[model]
+    ops = dataclasses.replace(REFERENCE_OPS, fused_moe=fused_moe, moe_route=moe_route)
+    engine_model = build_model(
+        load_model_config(str(ref.path)), ops, torch.device("cpu"), torch.float32, "auto"
+    )
+    prompt = [1, 17, 99, 5, 64, 3, 120, 42, 8, 77, 31, 12]
+    got = model_logits(engine_model, prompt)
+    with torch.inference_mode():
+        want = ref.hf(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -387,3 +387,33 @@ def check_greedy(
             pad_token_id=0,
         )
         assert results[f"r{i}"].token_ids[0] == out[0, len(prompt) :].tolist(), (label, i)
+
+
+def model_logits(model: Any, prompt: list[int], block_size: int = 4) -> torch.Tensor:
+    """Logits [len(prompt), vocab] fp32 of a prefill of prompt[:-1] and a decode step of prompt[-1]."""
+    from kernels import build_rope_cache
+    from services.worker.layers.attention import AttentionMetadata
+
+    cfg = model.config
+    num_tokens, num_blocks = len(prompt), -(-len(prompt) // block_size)
+    kv = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    for i, attn in enumerate(model.attention_layers()):
+        attn.kv_cache = kv[i]
+    cos_sin = build_rope_cache(
+        cfg.head_dim, num_tokens, cfg.rope_theta, cfg.rope_scaling, torch.float32, "cpu"
+    )
+    out = []
+    for start, end in ((0, num_tokens - 1), (num_tokens - 1, num_tokens)):
+        positions = torch.arange(start, end)
+        meta = AttentionMetadata(
+            positions=positions,
+            slot_mapping=positions.clone(),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32)[None, :],
+            cu_seqlens_q=torch.tensor([0, end - start], dtype=torch.int32),
+            seq_lens=torch.tensor([end], dtype=torch.int32),
+            max_seqlen_q=end - start,
+            cos_sin_cache=cos_sin,
+        )
+        with torch.inference_mode():
+            out.append(model.compute_logits(model(torch.tensor(prompt[start:end]), meta)))
+    return torch.cat(out)

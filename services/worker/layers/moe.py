@@ -1,7 +1,8 @@
 """A sparse mixture-of-experts feed-forward block (Qwen3-MoE, Mixtral).
 
     router logits = x @ gate.T                       [T, E]
-    weights, ids  = top-k of softmax(logits) (fp32)  [T, k]  (renormalised when norm_topk_prob)
+    weights, ids  = top-k of softmax(logits) (fp32)  [T, k]  (renormalised when norm_topk_prob;
+                                                              ops.moe_route, one kernel on the GPU)
     out           = ops.fused_moe(x, w13, w2, weights, ids)
 
 The experts' weights are stacked per projection: `w13` [E, 2*I, H] holds each expert's gate and
@@ -12,6 +13,8 @@ maps the checkpoint's per-expert tensors into them (`experts.{e}.gate_proj` / `w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -21,7 +24,27 @@ from services.worker.model_config import ModelConfig
 from services.worker.parallel import ShardLayout, all_reduce
 
 
-class SparseMoeBlock(nn.Module):
+@dataclass(frozen=True)
+class MoeOperands:
+    """What `ops.fused_moe` reads of one MoE layer (this rank's slices), for the decode tuner."""
+
+    w13: torch.Tensor  # [E, 2*I, H]
+    w2: torch.Tensor  # [E, H, I]
+    w13_bias: torch.Tensor | None  # [E, 2*I]
+    w2_bias: torch.Tensor | None  # [E, H] (None also where another rank adds it)
+    top_k: int
+    activation: str  # reference.MOE_ACTIVATIONS
+
+
+class MoeLayer(nn.Module):
+    """A mixture-of-experts feed-forward of any family: ModelRunner finds these to tune the decode
+    kernels for their expert shapes (kernels/triton/moe_tune.py)."""
+
+    def operands(self) -> MoeOperands:
+        raise NotImplementedError
+
+
+class SparseMoeBlock(MoeLayer):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
         self.ops = ops
@@ -37,11 +60,10 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, expert ids [T, k]) of each token."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, ids
+        return self.ops.moe_route(self.gate(x), self.top_k, "softmax_topk", self.norm_topk_prob)
+
+    def operands(self) -> MoeOperands:
+        return MoeOperands(self.w13, self.w2, None, None, self.top_k, "silu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
         weights, ids = self.route(x)

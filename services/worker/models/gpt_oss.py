@@ -29,6 +29,7 @@ from torch import nn
 
 from kernels import KernelOps
 from services.worker.layers.linear import Linear
+from services.worker.layers.moe import MoeLayer, MoeOperands
 from services.worker.layers.quantization.mxfp4 import dequantize_mxfp4
 from services.worker.model_config import ModelConfig
 from services.worker.models.llama import DecoderLayer, LlamaForCausalLM
@@ -53,7 +54,7 @@ class GptOssExperts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.empty(experts, hidden))
 
 
-class GptOssMoeBlock(nn.Module):
+class GptOssMoeBlock(MoeLayer):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
         super().__init__()
         self.ops = ops
@@ -64,16 +65,19 @@ class GptOssMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, expert ids [T, k]): softmax over the top-k router logits."""
-        top, ids = self.router(x).topk(self.top_k, dim=-1)
-        return torch.softmax(top.float(), dim=-1), ids
+        return self.ops.moe_route(self.router(x), self.top_k, "topk_softmax")
+
+    def operands(self) -> MoeOperands:
+        e = self.experts
+        down_bias = e.down_proj_bias if self.tp_rank == 0 else None  # once in the all-reduce's sum
+        return MoeOperands(
+            e.gate_up_proj, e.down_proj, e.gate_up_proj_bias, down_bias, self.top_k, "swiglu_oai"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
         weights, ids = self.route(x)
-        e = self.experts
-        down_bias = e.down_proj_bias if self.tp_rank == 0 else None  # once in the all-reduce's sum
-        out = self.ops.fused_moe(
-            x, e.gate_up_proj, e.down_proj, weights, ids, e.gate_up_proj_bias, down_bias, "swiglu_oai"
-        )
+        o = self.operands()
+        out = self.ops.fused_moe(x, o.w13, o.w2, weights, ids, o.w13_bias, o.w2_bias, o.activation)
         return all_reduce(out) if self.tp_size > 1 else out
 
 
