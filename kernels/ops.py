@@ -106,8 +106,9 @@ class KernelOps:
     #   (layouts: reference.dequantize_weight; services/worker/layers/quantization/)
     quant_linear: Callable[..., torch.Tensor] = reference.quant_linear
     # (weights: list of packed weights of one shape, scales: list of [N, G], zeros: list or None,
-    #  bits, bias or None, name) -> report lines: times `quant_linear`'s tile configs per row
-    #  bucket and keeps the fastest (None: nothing to tune, the defaults)
+    #  bits, bias or None, name, fusion: QuantFusion | None = None) -> report lines: times
+    #  `quant_linear`'s tile configs per row bucket and keeps the fastest (with `fusion`: those of
+    #  `quant_linear_fused` calls of that variant) (None: nothing to tune, the defaults)
     tune_quant_linear: Callable[..., list[str]] | None = None
     # The folded-norm decode path of a quantized model (services/worker/models/llama.py fold_norms):
     # (x [T, K], qweight, scales, bits, zeros, bias, norm_weight [K] | None = None, rms_eps = None,

@@ -149,10 +149,7 @@ def _quant_gemm_kernel(
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     HALF: tl.constexpr = BLOCK_N // 2  # (GATED) outputs a program computes
-    if GATED:
-        num_n = tl.cdiv(N // 2, HALF)
-    else:
-        num_n = tl.cdiv(N, BLOCK_N)
+    num_n = tl.cdiv(N // 2, HALF) if GATED else tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
@@ -275,7 +272,9 @@ def _quant_gemm_kernel(
         return
     out_mask = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        residual = tl.load(r_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=out_mask, other=0.0)
+        residual = tl.load(
+            r_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=out_mask, other=0.0
+        )
         acc += residual.to(tl.float32)
     tl.store(
         y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
@@ -446,7 +445,7 @@ def chosen_fused(
     """The config `quant_linear_fused` runs for this call: the tuned choice of the fused variant,
     else `default_config`."""
     m = x.shape[0]
-    key = _key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m) + (fusion,)
+    key = (*_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m), fusion)
     config = _FUSED_CHOICE.get(key)
     if config is None or (not config.dot and m != 1):
         return default_config(m)
@@ -577,7 +576,7 @@ def tune_quant_linear(
     for m in rows:
         key = _key(n, k, bits, groups, zeros is not None, bias is not None, m)
         if fusion is not None:
-            key += (fusion,)
+            key = (*key, fusion)
         if key in choices:
             # tuned once per process: a second engine keeps the choice (numerics do not change)
             lines.append(f"{label} rows={m}: tuned before -> {choices[key]}")
@@ -594,10 +593,12 @@ def tune_quant_linear(
                 x.float(), w0, scales[0], bits, z0, bias, norm_weight, eps, gated, residual
             ).double()
 
-        def run(x: torch.Tensor, w: torch.Tensor, c: QuantConfig) -> torch.Tensor:
+        def run(
+            x: torch.Tensor, w: torch.Tensor, c: QuantConfig, r: torch.Tensor | None = residual
+        ) -> torch.Tensor:
             i = index[w.data_ptr()]
             return quant_gemm(
-                x, w, scales[i], bits, zeros[i] if zeros else None, bias, c, norm_weight, eps, gated, residual
+                x, w, scales[i], bits, zeros[i] if zeros else None, bias, c, norm_weight, eps, gated, r
             )
 
         iters = reps if m <= SKINNY_MAX_ROWS else max(reps // 4, 3)

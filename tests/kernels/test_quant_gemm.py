@@ -157,14 +157,17 @@ def test_quantized_model_on_the_triton_gemm(quantization: str, group_size: int, 
     from test_folded_norm_ops import _model_logits, _tiny_hf
 
     from kernels import REFERENCE_OPS
-    from kernels.triton.quant_gemm import quant_linear
+    from kernels.triton.quant_gemm import quant_linear, quant_linear_fused
     from services.worker.loader import build_model
     from services.worker.model_config import load_model_config
 
     hf = _tiny_hf("llama", seed=3)
     hf.save_pretrained(str(tmp_path))
     cfg = load_model_config(str(tmp_path))
-    triton_ops = dataclasses.replace(REFERENCE_OPS, quant_linear=quant_linear)
+    # (the decode step runs the folded path: tests/kernels/test_quant_fused.py)
+    triton_ops = dataclasses.replace(
+        REFERENCE_OPS, quant_linear=quant_linear, quant_linear_fused=quant_linear_fused
+    )
     cpu = torch.device("cpu")
     on_triton = build_model(cfg, triton_ops, cpu, torch.float32, "auto", 0, quantization, group_size)
     on_reference = build_model(cfg, REFERENCE_OPS, cpu, torch.float32, "auto", 0, quantization, group_size)

@@ -100,7 +100,11 @@ def test_weights_are_our_quantization_of_the_checkpoint(
     # embedding and LM head stay full precision; no projection keeps a full-precision weight
     assert model.lm_head.quant_method is None and model.lm_head.weight.dtype == torch.float32
     assert all(not hasattr(m, "weight") for m in model.model.layers.modules() if isinstance(m, Linear))
-    assert not model.norms_folded
+    # the norms are folded into the quantized GEMMs (the decode path): the codes above are the
+    # checkpoint's own, and the norms keep their weights for the GEMMs to apply
+    assert model.norms_folded
+    norm = model.model.layers[0].input_layernorm.weight
+    assert torch.equal(norm, hf.model.layers[0].input_layernorm.weight.detach())
     assert weight_bytes(model) < weight_bytes(full)
 
 
