@@ -143,6 +143,12 @@ def test_quant_bench_smoke() -> None:
     assert weights["int4"] < weights["int8"] < weights["bf16"] and weights["fp8"] == weights["int8"]
     # every fp8 GEMM row says which path runs (on the CPU: weight-only; on an FP8 GPU the
     # tuner's choice, `_scaled_mm` or a Triton config, with its report lines in fp8_tuning)
+    # the decode step's fused gate/up (the folded path) and the launches it replaces, per format
+    assert all(r["norms_folded"] for r in report["decode"])
+    folded = [g["kernel"] for g in report["gemm"] if g["kernel"].startswith("folded ")]
+    for label in ("int8", "int4", "fp8 weight-only"):
+        assert f"folded {label}: norm + GEMM + SiLU" in folded, folded
+        assert any(name.startswith(f"folded {label}: fused ") for name in folded), folded
     fp8_rows = [g for g in report["gemm"] if g["kernel"].startswith("fp8")]
     assert fp8_rows and all(g["fp8_choice"] == "weight-only" for g in fp8_rows)
     assert report["fp8_tuning"] == []
