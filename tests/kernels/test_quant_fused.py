@@ -34,6 +34,7 @@ FORMATS = [
     ("int8-g32", 8, 32, False),
     ("int4-g64-asym", 4, 64, True),
     ("int4-g48", 4, 48, False),  # groups of 48: per-element scales (no tile of >= 32 fits)
+    ("int4-asym", 4, 0, True),  # per channel with zero points: zero x sum(x * g) at the end
     ("fp8", 8, 0, False),
 ]
 

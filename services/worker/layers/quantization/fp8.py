@@ -84,7 +84,12 @@ class Fp8Method(QuantMethod):
     def fused_operands(self, layer: Linear) -> QuantOperands | None:
         """The folded-norm decode path runs FP8 weights weight-only (e4m3 codes against the
         activations as they are: quant_gemm.py `fp8_weight_only`), the choice the FP8 tuner made
-        for every decode bucket of the Llama-3.1-8B shapes (docs/quantization.md)."""
+        for every decode bucket of the Llama-3.1-8B shapes (docs/quantization.md). Not on a GPU
+        without FP8 (Triton converts e4m3 from compute capability 8.9): the norms stay unfolded
+        there, the projections on the weight-only twin as before."""
+        device = layer.qweight.device
+        if device.type == "cuda" and not device_has_fp8(device):
+            return None
         return QuantOperands(layer.qweight, layer.weight_scale, None, 8)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
