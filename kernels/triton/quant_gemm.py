@@ -65,10 +65,15 @@ class QuantConfig:
     num_stages: int
     dot: bool  # tensor-core dots (else the CUDA-core gemv: block_m must be 1)
     group_m: int = 8  # row tiles that share each weight column tile in the launch order
+    # 4-bit codes: the low and high nibbles meet x's even and odd columns as they are (no interleave
+    # back to K order), the offset / zero point and a group's scale applied to the sums (ignored
+    # for 8-bit codes and for groups that need per-element scales)
+    split4: bool = False
 
     def __str__(self) -> str:
         kind = "dot" if self.dot else "gemv"
-        return f"{kind}(m{self.block_m},n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages})"
+        split = ",split" if self.split4 else ""
+        return f"{kind}(m{self.block_m},n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages}{split})"
 
 
 GEMV_CANDIDATES = (
@@ -84,6 +89,15 @@ SKINNY_CANDIDATES = (
     QuantConfig(16, 32, 128, 4, 4, dot=True),
     QuantConfig(16, 16, 128, 4, 4, dot=True),
 )
+# 4-bit only (`candidates(rows, bits=4)`): the nibble-split variants of the decode configs
+SPLIT4_GEMV_CANDIDATES = (
+    QuantConfig(1, 16, 512, 4, 3, dot=False, split4=True),
+    QuantConfig(1, 32, 256, 4, 3, dot=False, split4=True),
+)
+SPLIT4_SKINNY_CANDIDATES = (
+    QuantConfig(16, 32, 256, 4, 4, dot=True, split4=True),
+    QuantConfig(16, 64, 128, 4, 4, dot=True, split4=True),
+)
 TILED_CANDIDATES = (
     QuantConfig(64, 128, 64, 4, 4, dot=True),
     QuantConfig(128, 128, 64, 8, 3, dot=True),
@@ -92,11 +106,15 @@ TILED_CANDIDATES = (
 )
 
 
-def candidates(rows: int) -> tuple[QuantConfig, ...]:
+def candidates(rows: int, bits: int = 8) -> tuple[QuantConfig, ...]:
+    """The configs the tuner times for `rows` rows of `bits`-bit codes (e4m3: 8)."""
+    split = bits == 4
     if rows == 1:
-        return GEMV_CANDIDATES + SKINNY_CANDIDATES
+        return (
+            GEMV_CANDIDATES + SKINNY_CANDIDATES + (SPLIT4_GEMV_CANDIDATES + SPLIT4_SKINNY_CANDIDATES) * split
+        )
     if rows <= SKINNY_MAX_ROWS:
-        return SKINNY_CANDIDATES
+        return SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split
     return TILED_CANDIDATES
 
 
@@ -132,6 +150,7 @@ def _quant_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     SCALE_AT_END: tl.constexpr,  # G = 1: the scale multiplies the fp32 sums once
     GROUP_PER_TILE: tl.constexpr,  # each K tile lies in one group: one scale (and zero) per row
+    SPLIT4: tl.constexpr,  # (4-bit, SCALE_AT_END or GROUP_PER_TILE) nibbles against even / odd x columns
     DOT: tl.constexpr,
     NORM: tl.constexpr,  # x * norm weight (per column) before the product: the folded norm's weight
     RMS_EPS: tl.constexpr,  # None: off; else the sums times rsqrt(mean(x^2) + eps) of each x row
@@ -177,9 +196,13 @@ def _quant_gemm_kernel(
     s_rows = offs_n * num_groups
     if DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif SPLIT4:
+        acc2 = tl.zeros((BLOCK_N, PACKED_K), dtype=tl.float32)
+        if not SCALE_AT_END:
+            acc_zero = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum over groups of zero * scale * sum(x)
     else:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if POST_DOT and HAS_ZEROS and SCALE_AT_END:
+    if (POST_DOT and HAS_ZEROS and SCALE_AT_END) or (SPLIT4 and SCALE_AT_END):
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of x over K: the zero's share
     pdl.enter(PDL)  # see pdl.py: nothing above reads an activation
     if EARLY_SIGNAL:
@@ -193,64 +216,114 @@ def _quant_gemm_kernel(
         else:
             x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of x^2 over K, from the tiles read anyway
     for k0 in range(0, K, BLOCK_K):
-        k_col = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k_col < K
-        if BITS == 4:
+        if SPLIT4:
+            # codes q in [0, 15] (the offset 8 or the zero point z subtracted as z * sum(x) of the
+            # tile); the low nibbles meet x's even columns, the high ones its odd columns
             kw = k0 // 2 + kb
             packed = tl.load(w_rows + kw[None, :], mask=mask_n[:, None] & (kw < K // 2)[None, :], other=0)
             packed = packed.to(tl.int32)
-            q = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K]: even k low nibble
-            if not HAS_ZEROS:
-                q = q - 8
-        else:
-            q = tl.load(w_rows + k_col[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0)
-            if FP8:
-                q = q.to(tl.float8e4nv, bitcast=True)
-        x = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-        if RMS_EPS is not None and not RMS_PRELOAD:
-            x_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
-        if NORM:
-            g = tl.load(g_ptr + k_col, mask=k_mask, other=0.0).to(tl.float32)
-            x = (x.to(tl.float32) * g[None, :]).to(x_ptr.dtype.element_ty)
-        if POST_DOT:
-            part = tl.dot(x, tl.trans(q.to(x.dtype)), out_dtype=tl.float32)
+            ke = k0 + 2 * kb
+            xe = tl.load(x_rows + ke[None, :], mask=mask_m[:, None] & (ke < K)[None, :], other=0.0)
+            xo = tl.load(x_rows + ke[None, :] + 1, mask=mask_m[:, None] & (ke + 1 < K)[None, :], other=0.0)
+            if RMS_EPS is not None and not RMS_PRELOAD:
+                x_sq += tl.sum(xe.to(tl.float32) * xe.to(tl.float32), axis=1)
+                x_sq += tl.sum(xo.to(tl.float32) * xo.to(tl.float32), axis=1)
+            if NORM:
+                ge = tl.load(g_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
+                go = tl.load(g_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
+                xe = (xe.to(tl.float32) * ge[None, :]).to(x_ptr.dtype.element_ty)
+                xo = (xo.to(tl.float32) * go[None, :]).to(x_ptr.dtype.element_ty)
+            xs = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)  # [BLOCK_M]
+            if DOT:
+                part = tl.dot(xe, tl.trans((packed & 0xF).to(xe.dtype)), out_dtype=tl.float32)
+                part = tl.dot(xo, tl.trans((packed >> 4).to(xe.dtype)), part)
+            else:
+                part2 = (packed & 0xF).to(tl.float32) * xe.to(tl.float32)
+                part2 += (packed >> 4).to(tl.float32) * xo.to(tl.float32)
             if SCALE_AT_END:
-                acc += part
-                if HAS_ZEROS:
-                    x_sum += tl.sum(x.to(tl.float32), axis=1)
+                if DOT:
+                    acc += part
+                else:
+                    acc2 += part2
+                x_sum += xs
             else:
                 sg = s_rows + k0 // group_size
+                scale = tl.load(s_ptr + sg, mask=mask_n, other=0.0)
                 if HAS_ZEROS:
                     zero = tl.load(z_ptr + sg, mask=mask_n, other=0.0)
-                    part -= tl.sum(x.to(tl.float32), axis=1)[:, None] * zero[None, :]
-                acc += part * tl.load(s_ptr + sg, mask=mask_n, other=0.0)[None, :]
-        else:
-            w = q.to(tl.float32)
-            if not SCALE_AT_END:
-                if GROUP_PER_TILE:
-                    sg = s_rows + k0 // group_size
-                    scale = tl.load(s_ptr + sg, mask=mask_n, other=0.0)[:, None]
-                    if HAS_ZEROS:
-                        w = w - tl.load(z_ptr + sg, mask=mask_n, other=0.0)[:, None]
                 else:
-                    sg2 = s_rows[:, None] + (k_col // group_size)[None, :]
-                    smask = mask_n[:, None] & k_mask[None, :]
-                    scale = tl.load(s_ptr + sg2, mask=smask, other=0.0)
-                    if HAS_ZEROS:
-                        w = w - tl.load(z_ptr + sg2, mask=smask, other=0.0)
-                w = w * scale
-            elif HAS_ZEROS:
-                w = w - tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[:, None]
-            if DOT:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+                    zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+                if DOT:
+                    acc += (part - xs[:, None] * zero[None, :]) * scale[None, :]
+                else:
+                    acc2 += part2 * scale[:, None]
+                    acc_zero += zero * scale * xs
+        else:
+            k_col = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k_col < K
+            if BITS == 4:
+                kw = k0 // 2 + kb
+                packed = tl.load(w_rows + kw[None, :], mask=mask_n[:, None] & (kw < K // 2)[None, :], other=0)
+                packed = packed.to(tl.int32)
+                q = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K]: even k low nibble
+                if not HAS_ZEROS:
+                    q = q - 8
             else:
-                acc2 += w * x.to(tl.float32)
+                q = tl.load(w_rows + k_col[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0)
+                if FP8:
+                    q = q.to(tl.float8e4nv, bitcast=True)
+            x = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+            if RMS_EPS is not None and not RMS_PRELOAD:
+                x_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+            if NORM:
+                g = tl.load(g_ptr + k_col, mask=k_mask, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) * g[None, :]).to(x_ptr.dtype.element_ty)
+            if POST_DOT:
+                part = tl.dot(x, tl.trans(q.to(x.dtype)), out_dtype=tl.float32)
+                if SCALE_AT_END:
+                    acc += part
+                    if HAS_ZEROS:
+                        x_sum += tl.sum(x.to(tl.float32), axis=1)
+                else:
+                    sg = s_rows + k0 // group_size
+                    if HAS_ZEROS:
+                        zero = tl.load(z_ptr + sg, mask=mask_n, other=0.0)
+                        part -= tl.sum(x.to(tl.float32), axis=1)[:, None] * zero[None, :]
+                    acc += part * tl.load(s_ptr + sg, mask=mask_n, other=0.0)[None, :]
+            else:
+                w = q.to(tl.float32)
+                if not SCALE_AT_END:
+                    if GROUP_PER_TILE:
+                        sg = s_rows + k0 // group_size
+                        scale = tl.load(s_ptr + sg, mask=mask_n, other=0.0)[:, None]
+                        if HAS_ZEROS:
+                            w = w - tl.load(z_ptr + sg, mask=mask_n, other=0.0)[:, None]
+                    else:
+                        sg2 = s_rows[:, None] + (k_col // group_size)[None, :]
+                        smask = mask_n[:, None] & k_mask[None, :]
+                        scale = tl.load(s_ptr + sg2, mask=smask, other=0.0)
+                        if HAS_ZEROS:
+                            w = w - tl.load(z_ptr + sg2, mask=smask, other=0.0)
+                    w = w * scale
+                elif HAS_ZEROS:
+                    w = w - tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[:, None]
+                if DOT:
+                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+                else:
+                    acc2 += w * x.to(tl.float32)
     if not EARLY_SIGNAL:
         pdl.leave(PDL)  # the weights are read: the next kernel may launch and wait on this one
     if not DOT:
         acc = tl.sum(acc2, axis=1)[None, :]  # [1, BLOCK_N]
+        if SPLIT4 and not SCALE_AT_END:
+            acc -= acc_zero[None, :]
     if SCALE_AT_END:
-        if POST_DOT and HAS_ZEROS:
+        if SPLIT4:
+            if HAS_ZEROS:
+                acc -= x_sum[:, None] * tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[None, :]
+            else:
+                acc -= x_sum[:, None] * 8.0
+        elif POST_DOT and HAS_ZEROS:
             acc -= x_sum[:, None] * tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[None, :]
         acc = acc * tl.load(s_ptr + s_rows, mask=mask_n, other=0.0)[None, :]
     if RMS_EPS is not None:
@@ -371,6 +444,7 @@ def quant_gemm(
         HAS_BIAS=bias is not None,
         SCALE_AT_END=num_groups == 1,
         GROUP_PER_TILE=group_size % block_k == 0,
+        SPLIT4=config.split4 and bits == 4 and (num_groups == 1 or group_size % block_k == 0),
         DOT=config.dot,
         NORM=norm_weight is not None,
         RMS_EPS=rms_eps,
@@ -602,7 +676,7 @@ def tune_quant_linear(
             )
 
         iters = reps if m <= SKINNY_MAX_ROWS else max(reps // 4, 3)
-        timed, results = time_candidates(run, ref, x, weights, candidates(m), flush, flush_s, iters)
+        timed, results = time_candidates(run, ref, x, weights, candidates(m, bits), flush, flush_s, iters)
         best = choose(timed)
         if best is not None:
             choices[key] = best

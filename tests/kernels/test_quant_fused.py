@@ -101,7 +101,7 @@ def test_every_config_of_each_variant_matches_twin(fusion: QuantFusion, fmt: str
     args = _fused_args(fusion, m, n, k, gen)
     expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, bias, **args)
     assert expected.shape == (m, n // 2 if fusion.gated else n)
-    for config in candidates(m):
+    for config in candidates(m, bits):
         out = quant_gemm(x, qweight, scales, bits, zeros, bias, config, **args)
         torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4, msg=lambda s, c=config: f"{c}: {s}")
 
@@ -249,7 +249,7 @@ def test_every_config_of_each_variant_bf16_gpu(m: int, fmt: str) -> None:
             for key, v in _fused_args(fusion, m, n, k, gen).items()
         }
         exact = reference.quant_linear_fused(x.float(), qweight, scales, bits, zeros, None, **args)
-        for config in candidates(m):
+        for config in candidates(m, bits):
             out = quant_gemm(x, qweight, scales, bits, zeros, None, config, **args).float()
             err = float((out - exact).norm() / exact.norm())
             assert err < 1e-2, (fusion, config, err)

@@ -458,11 +458,23 @@ def test_every_candidate_config_matches_reference(
     x = torch.randn(m, k, generator=gen)
     bias = torch.randn(n, generator=gen)
     expected = reference.quant_linear(x, packed, scales, bits, zeros, bias)
-    configs = candidates(m)
+    configs = candidates(m, bits)
     assert configs
     for config in configs:
         out = quant_gemm(x, packed, scales, bits, zeros, bias, config)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, msg=lambda s, c=config: f"{c}: {s}")
+
+
+def test_split_nibble_configs_are_4_bit_candidates() -> None:
+    """The nibble-split configs (low / high nibbles against x's even / odd columns, no interleave)
+    are candidates for 4-bit codes at decode sizes only; the cases above run them against the twin."""
+    from kernels.triton.quant_gemm import candidates
+
+    for rows in (1, 4, 16):
+        assert any(c.split4 for c in candidates(rows, 4)), rows
+        assert not any(c.split4 for c in candidates(rows, 8)), rows
+    assert not any(c.split4 for c in candidates(300, 4))
+    assert str(next(c for c in candidates(1, 4) if c.split4)).endswith(",split)")
 
 
 def test_gemv_config_refuses_several_rows() -> None:
@@ -502,7 +514,7 @@ def test_every_candidate_config_bf16_gpu(m: int, fmt: str) -> None:
     packed, scales = packed.cuda(), scales.cuda()
     zeros = zeros.cuda() if zeros is not None else None
     exact = reference.quant_linear(x.float(), packed, scales, bits, zeros, bias.float())
-    for config in candidates(m):
+    for config in candidates(m, bits):
         out = quant_gemm(x, packed, scales, bits, zeros, bias, config).float()
         assert (out - exact).norm() / exact.norm() < 1e-2, config
 
