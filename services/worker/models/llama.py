@@ -209,7 +209,8 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
     def forward_folded(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Residual stream in -> residual stream out, both norms folded (their weights are ones)."""
+        """Residual stream in -> residual stream out, both norms folded (their weights are ones, or,
+        quantized, passed to the GEMMs that apply them)."""
         attn_norm = self.input_layernorm
         mlp_norm = self.post_attention_layernorm
         in_gemm = self.norm_weights_in_gemm
