@@ -42,6 +42,7 @@ import triton.language as tl
 from kernels import reference
 from kernels.ops import QuantFusion
 from kernels.triton import pdl
+from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
 
 SKINNY_MAX_ROWS = 16
@@ -508,6 +509,9 @@ def quant_linear(
 
 # (N, K, bits, groups, has_zeros, has_bias, row bucket, fusion) -> the config `quant_linear_fused` uses
 _FUSED_CHOICE: dict[tuple, QuantConfig] = {}  # type: ignore[type-arg]
+# The gated keys of _FUSED_CHOICE where the tuner measured the GEMM (its config, without the SiLU)
+# then the SiLU kernel faster than the one fused launch: `quant_linear_fused` runs those two.
+_GATED_SPLIT: set[tuple] = set()  # type: ignore[type-arg]
 
 
 def chosen_fused(
@@ -546,9 +550,43 @@ def quant_linear_fused(
     `tune_quant_linear(fusion=...)` measured fastest for the variant."""
     fusion = QuantFusion(norm_weight is not None, rms_eps is not None, gated, residual is not None)
     config = chosen_fused(x, qweight, scales, bits, zeros is not None, bias is not None, fusion)
+    key = (
+        *_key(
+            qweight.shape[0],
+            x.shape[1],
+            bits,
+            scales.shape[1],
+            zeros is not None,
+            bias is not None,
+            x.shape[0],
+        ),
+        fusion,
+    )
+    if gated and key in _GATED_SPLIT:
+        return _gated_pair(x, qweight, scales, bits, zeros, bias, config, norm_weight, rms_eps)
     return quant_gemm(
         x, qweight, scales, bits, zeros, bias, config, norm_weight, rms_eps, gated, residual, early_signal
     )
+
+
+def _gated_pair(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    config: QuantConfig,
+    norm_weight: torch.Tensor | None,
+    rms_eps: float | None,
+) -> torch.Tensor:
+    """The gated variant as two launches: the GEMM (norm weight, bias) letting the SiLU kernel launch
+    early, then SiLU-and-mul with the row's 1/rms (`silu_and_mul_rms`: the same function, the
+    gate/up sums rounded once in between). Not with both a bias and rms_eps (silu_and_mul_rms
+    would scale the bias too)."""
+    assert bias is None or rms_eps is None, "the two-launch gated variant has no bias after the 1/rms"
+    gate_up = quant_gemm(x, qweight, scales, bits, zeros, bias, config, norm_weight, early_signal=True)
+    return silu_and_mul(gate_up) if rms_eps is None else silu_and_mul_rms(gate_up, x, rms_eps)
 
 
 def fp8_weight_only(
@@ -656,7 +694,8 @@ def tune_quant_linear(
             key = (*key, fusion)
         if key in choices:
             # tuned once per process: a second engine keeps the choice (numerics do not change)
-            lines.append(f"{label} rows={m}: tuned before -> {choices[key]}")
+            split_note = " + SiLU" if key in _GATED_SPLIT else ""
+            lines.append(f"{label} rows={m}: tuned before -> {choices[key]}{split_note}")
             continue
         x = torch.randn(m, k, device=w0.device, generator=gen).to(torch.bfloat16)
         residual = None
@@ -683,6 +722,21 @@ def tune_quant_linear(
         best = choose(timed)
         if best is not None:
             choices[key] = best
-        lines.append(f"{label} rows={m}: " + ", ".join(results) + f" -> {best or default_config(m)}")
+        verdict = str(best or default_config(m))
+        if gated and best is not None and (bias is None or eps is None):
+            # The one launch against the two it replaces (that GEMM, then the SiLU kernel), as the
+            # bf16 path measures its SiLU epilogue: kept only where it is not slower.
+            def pair(x: torch.Tensor, w: torch.Tensor, c: QuantConfig) -> torch.Tensor:
+                i = index[w.data_ptr()]
+                z = zeros[i] if zeros else None
+                return _gated_pair(x, w, scales[i], bits, z, bias, c, norm_weight, eps)
+
+            split, split_results = time_candidates(pair, ref, x, weights, [best], flush, flush_s, iters)
+            fused_s = next(t.seconds for t in timed if t.config == best)
+            results.append("GEMM + SiLU " + split_results[0])
+            if split[0].seconds is not None and fused_s is not None and split[0].seconds < fused_s:
+                _GATED_SPLIT.add(key)
+                verdict = f"{best} + SiLU"
+        lines.append(f"{label} rows={m}: " + ", ".join(results) + f" -> {verdict}")
     del dense
     return lines

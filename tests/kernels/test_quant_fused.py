@@ -154,6 +154,30 @@ def test_dispatch_runs_the_tuned_fused_choice(monkeypatch: pytest.MonkeyPatch) -
     ) == qg.default_config(3)
 
 
+def test_gated_runs_two_launches_where_the_tuner_measured_them_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gated key the tuner found faster as the GEMM then the SiLU kernel (`_GATED_SPLIT`) runs
+    those two (the gate/up sums rounded once in between), the same function as the twin."""
+    from kernels.triton import quant_gemm as qg
+
+    gen = torch.Generator().manual_seed(6)
+    n, k, m = 64, 256, 3
+    qweight, scales, bits, zeros = _operands("int4-g64-asym", n, k, gen)
+    key = (*qg._key(n, k, bits, scales.shape[1], True, False, m), GATED)
+    monkeypatch.setitem(qg._FUSED_CHOICE, key, qg.SKINNY_CANDIDATES[0])
+    monkeypatch.setattr(qg, "_GATED_SPLIT", {key})
+    calls: list[int] = []
+    pair = qg._gated_pair
+    monkeypatch.setattr(qg, "_gated_pair", lambda *a, **kw: calls.append(1) or pair(*a, **kw))
+    x = torch.randn(m, k, generator=gen) * 3
+    args = _fused_args(GATED, m, n, k, gen)
+    expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    out = qg.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    assert calls == [1]
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4)
+
+
 def test_gated_refuses_a_residual_and_odd_rows() -> None:
     from kernels.triton.quant_gemm import default_config, quant_gemm
 
@@ -278,7 +302,8 @@ def test_fused_tuner_and_dispatch_gpu() -> None:
         assert timed, line  # (a config this GPU cannot compile is reported as failed, not chosen)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         choice = qg.chosen_fused(x, weights[0], scales[0], 4, True, False, GATED)
-        assert line.endswith(f"-> {choice}"), line
+        assert line.endswith((f"-> {choice}", f"-> {choice} + SiLU")), line  # (+ SiLU: two launches)
+        assert "GEMM + SiLU " in line, line  # the pair it was measured against
         out = qg.quant_linear_fused(x, weights[0], scales[0], 4, zeros[0], None, g, EPS, True).float()
         exact = reference.quant_linear_fused(
             x.float(), weights[0], scales[0], 4, zeros[0], None, g, EPS, True
