@@ -203,12 +203,9 @@ class ModelRunner:
     def _tune_quant_linears(self) -> list[str]:
         """Integer-weight projections (int8 / int4 at load, AWQ / GPTQ / compressed-tensors): the
         quantized GEMM's tile configs per shape and row bucket (kernels/triton/quant_gemm.py); in a
-        model whose norms are folded into its quantized GEMMs, also each projection's fused
-        variants (`quant_fusions`) at the decode buckets, FP8 weights included."""
-        report = self._tune_quant_groups(fused=False)
-        if self.model.norms_folded:
-            report += self._tune_quant_groups(fused=True)
-        return report
+        model, also each projection's fused decode variants (`quant_fusions`: the folded norms'
+        or, unfolded, gate/up's SiLU-and-mul) at the decode buckets, FP8 weights included."""
+        return self._tune_quant_groups(fused=False) + self._tune_quant_groups(fused=True)
 
     def _tune_quant_groups(self, fused: bool) -> list[str]:
         if self.ops.tune_quant_linear is None:
@@ -218,7 +215,7 @@ class ModelRunner:
             if not isinstance(module, Linear) or module.quant_method is None:
                 continue
             short = name.rsplit(".", 1)[-1]
-            if fused and not quant_fusions(short):
+            if fused and not quant_fusions(short, self.model.norms_folded):
                 continue
             ops = (module.quant_method.fused_operands if fused else module.quant_method.gemm_operands)(module)
             if ops is not None:
@@ -240,7 +237,7 @@ class ModelRunner:
             first = mods[0]
             # a row-parallel layer over T > 1 ranks adds its bias after the all-reduce
             bias = None if first.splits_input and first.tp_size > 1 else first.bias
-            for fusion in quant_fusions(name) if fused else [None]:
+            for fusion in quant_fusions(name, self.model.norms_folded) if fused else [None]:
                 report += self.ops.tune_quant_linear(
                     [o.qweight for o in operands if o is not None],
                     [o.scales for o in operands if o is not None],

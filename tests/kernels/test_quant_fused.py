@@ -233,14 +233,54 @@ def test_quantized_model_folds_into_its_gemms(
     )
 
 
+def test_unfolded_quantized_model_fuses_silu_into_gate_up(tmp_path: Path) -> None:
+    """A quantized Qwen2 (qkv bias: its norms stay unfolded) runs its decode step's gate/up with
+    SiLU-and-mul in the quantized GEMM's epilogue (the Triton GEMM on the interpreter) and gives
+    the logits of the same model with the GEMM and the SiLU op apart (the reference bundle)."""
+    from test_folded_norm_ops import _model_logits, _tiny_hf
+
+    from kernels.triton import quant_gemm as qg
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    hf = _tiny_hf("qwen2", seed=12)
+    hf.save_pretrained(str(tmp_path))
+    cfg = load_model_config(str(tmp_path))
+    gated: list[bool] = []
+
+    def fused(*args: Any, **kwargs: Any) -> torch.Tensor:
+        gated.append(bool(kwargs.get("gated")))
+        return qg.quant_linear_fused(*args, **kwargs)
+
+    ops = dataclasses.replace(
+        REFERENCE_OPS,
+        quant_linear=qg.quant_linear,
+        quant_linear_fused=fused,
+        linear_silu_and_mul=reference.linear_silu_and_mul,  # (the Triton bundle's op slot is filled)
+    )
+    cpu = torch.device("cpu")
+    model = build_model(cfg, ops, cpu, torch.float32, "auto", 0, "int8", 0)
+    plain = build_model(cfg, REFERENCE_OPS, cpu, torch.float32, "auto", 0, "int8", 0)
+    assert not model.norms_folded
+    prompt = [1, 17, 99, 5, 64, 3, 120, 42]
+    torch.testing.assert_close(
+        _model_logits(model, prompt), _model_logits(plain, prompt), atol=1e-4, rtol=1e-4
+    )
+    # each layer's gate/up in the prefill (7 rows) and the decode step (1 row): <= 16 rows each
+    assert gated == [True] * 2 * cfg.num_layers
+
+
 def test_quant_fusions_per_projection() -> None:
     """What the engine tunes for each projection of a folded quantized model (quant_fusions)."""
     from services.worker.models.llama import quant_fusions
 
-    assert quant_fusions("qkv_proj") == (NORM, NORM_RMS)
-    assert quant_fusions("gate_up_proj") == (GATED,)
-    assert quant_fusions("o_proj") == quant_fusions("down_proj") == (RESIDUAL,)
-    assert quant_fusions("lm_head") == ()
+    assert quant_fusions("qkv_proj", True) == (NORM, NORM_RMS)
+    assert quant_fusions("gate_up_proj", True) == (GATED,)
+    assert quant_fusions("o_proj", True) == quant_fusions("down_proj", True) == (RESIDUAL,)
+    assert quant_fusions("lm_head", True) == quant_fusions("lm_head", False) == ()
+    # unfolded (Qwen2's qkv bias, Qwen3's q/k norms): gate/up's SiLU-and-mul only
+    assert quant_fusions("gate_up_proj", False) == (QuantFusion(gated=True),)
+    assert quant_fusions("qkv_proj", False) == quant_fusions("down_proj", False) == ()
     assert [str(f) for f in FUSIONS] == ["norm", "norm+rms", "norm+rms+silu", "residual"]
 
 

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     from services.worker.layers.split import Split
 
 
+# Rows up to which an unfolded quantized gate/up runs SiLU-and-mul in its GEMM's epilogue: the
+# decode buckets the fused variants are tuned at (kernels/triton/quant_gemm.py FUSED_ROWS).
+QUANT_GATED_MAX_ROWS = 16
+
+
 @dataclass(frozen=True)
 class QuantOperands:
     """What a quantized layer passes `KernelOps.quant_linear` (the integer-weight GEMM); the
@@ -134,6 +139,10 @@ class Linear(nn.Linear):
         rms_eps, x is the raw residual stream and gate/up are scaled by its 1/rms (folded norm; a
         quantized layer also takes the norm's weight, `norm_weight`)."""
         if self.quant_method is not None and rms_eps is None:
+            # decode-sized (the buckets the fused variants are tuned at): SiLU-and-mul in the
+            # quantized GEMM's epilogue where the format has the fused GEMM
+            if x.shape[0] <= QUANT_GATED_MAX_ROWS and self.quant_method.fused_operands(self) is not None:
+                return self._quant_fused(x, self.bias, gated=True)
             return self.ops.silu_and_mul(self.quant_method.apply(self, x, self.bias))
         if self.quant_method is not None:
             return self._quant_fused(x, self.bias, norm_weight=norm_weight, rms_eps=rms_eps, gated=True)

@@ -42,11 +42,14 @@ FOLDED_MAX_TOKENS = 8
 _FOLD_ROWS = 4096
 
 
-def quant_fusions(projection: str) -> tuple[QuantFusion, ...]:
-    """The fused GEMM variants the folded forward runs for a quantized projection, by name (what
-    the engine tunes: ModelRunner._tune_quant_linears): qkv takes the norm weight (its 1/rms in the
-    decode attention kernel, or in the GEMM where that kernel cannot), gate/up the norm weight, the
-    1/rms and SiLU-and-mul, o and down the residual add."""
+def quant_fusions(projection: str, folded: bool) -> tuple[QuantFusion, ...]:
+    """The fused GEMM variants a decode step runs for a quantized projection, by name (what the
+    engine tunes: ModelRunner._tune_quant_linears). Folded norms: qkv takes the norm weight (its
+    1/rms in the decode attention kernel, or in the GEMM where that kernel cannot), gate/up the norm
+    weight, the 1/rms and SiLU-and-mul, o and down the residual add. Unfolded (qkv bias, q/k norms):
+    gate/up's SiLU-and-mul (`Linear.linear_silu_and_mul`, as the bf16 unfolded path)."""
+    if not folded:
+        return (QuantFusion(gated=True),) if projection == "gate_up_proj" else ()
     return {
         "qkv_proj": (QuantFusion(norm=True), QuantFusion(norm=True, rms=True)),
         "gate_up_proj": (QuantFusion(norm=True, rms=True, gated=True),),
