@@ -25,7 +25,7 @@ run() {  # name, budget, command...
 }
 for b in ${BENCHES:-lora quant mm spec beam kv8b}; do
   case $b in
-    lora) run lora "${LORA_T:-120}" "$PY" benchmarks/lora_bench.py --out "$OUT/lora.json" ;;
+    lora) run lora "${LORA_T:-240}" "$PY" benchmarks/lora_bench.py --out "$OUT/lora.json" ;;
     quant) run quant "${QUANT_T:-150}" "$PY" benchmarks/quant_bench.py --out "$OUT/quant.json" ;;
     mm) run mm "${MM_T:-120}" "$PY" benchmarks/mm_bench.py --out "$OUT/mm.json" ;;
     spec) run spec "${SPEC_T:-150}" "$PY" benchmarks/spec_bench.py --ks "${SPEC_KS:-2,4}" --out "$OUT/spec.json" ;;

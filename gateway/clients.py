@@ -355,6 +355,7 @@ class WorkerClient:
             kv_layerwise=r.kv_layerwise,
             task=_TASKS.get(r.task, "generate"),
             hidden_size=r.hidden_size,
+            encoder_cache_size=r.encoder_cache_size,
         )
 
     async def kv_events(self, after_sequence: int, epoch: str) -> AsyncIterator[CacheEvent]:
@@ -529,6 +530,13 @@ class WorkerClient:
             # Covers client disconnects (task cancelled) and early stops (stop strings): the worker
             # aborts a request whose stream is cancelled.
             call.cancel()
+
+
+def hash_only_image(image: common_pb2.ImageInput, worker_hash: str) -> common_pb2.ImageInput:
+    """`image` as its hash alone (no pixels, no rows), for a worker that holds it by `worker_hash`."""
+    return common_pb2.ImageInput(
+        hash=worker_hash, offset=image.offset, length=image.length, grid_thw=list(image.grid_thw)
+    )
 
 
 def _generate_chunk(r: worker_pb2.GenerateResponse) -> GenerateChunk:

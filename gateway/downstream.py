@@ -87,6 +87,8 @@ class WorkerInfo:
     kv_layerwise: bool = False  # serves PrefillStream / takes layer-wise handles (layer-wise push)
     task: str = "generate"  # "generate" | "embed" (--task): which requests it serves
     hidden_size: int = 0  # an embed worker's embedding length
+    # images whose embeddings it keeps by content hash (0: send image pixels always)
+    encoder_cache_size: int = 0
 
     @property
     def parallel_layout(self) -> str:

@@ -33,6 +33,7 @@ from gateway.kv_index import KvEventFollower, KvIndex
 from gateway.openengine_client import PREFIX as OPENENGINE_PREFIX
 from gateway.openengine_client import OpenEngineWorkerClient
 from gateway.poller import Poller
+from gateway.sent_images import SentImages
 from gateway.smg_client import PREFIX as SMG_PREFIX
 from gateway.smg_client import SmgWorkerClient
 from services.common.block_hash import ROOT_HASH, block_hashes, lora_root_hash
@@ -77,6 +78,8 @@ class WorkerState:
     missed_checks: int = 0  # health checks in a row that got no answer in time
     # LoRA adapters it serves: name -> content digest (ListLoRAs at each poll, and load/unload)
     loras: dict[str, str] = field(default_factory=dict)
+    # Images its encoder cache holds as far as this gateway knows (sent as their hash alone)
+    sent_images: SentImages = field(default_factory=SentImages)
 
     @property
     def address(self) -> str:
@@ -231,6 +234,7 @@ class Router:
             try:
                 if w.info is None:
                     w.info = await w.client.info()
+                    w.sent_images.resize(w.info.encoder_cache_size)
                 load = await w.client.load()
                 w.reported_load = load.num_running + load.num_waiting
                 w.sent_since_poll = 0
@@ -257,6 +261,8 @@ class Router:
         healthy = bool(answer)
         if healthy != w.healthy:
             log.info("worker %s %s rotation", w.address, "back in" if healthy else "taken out of")
+            if not healthy:  # it may come back restarted, its encoder cache empty
+                w.sent_images.clear()
         w.healthy = healthy
         if (
             healthy
@@ -276,6 +282,7 @@ class Router:
             log.warning("worker %s failed; taken out of rotation", w.address)
         w.healthy = False
         w.failures += 1
+        w.sent_images.clear()
 
     def adapters(self) -> dict[str, str]:
         """The LoRA adapters some healthy worker serves: name -> content digest."""

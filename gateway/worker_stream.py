@@ -21,6 +21,11 @@
     statuses   only a worker that is gone (UNAVAILABLE) leaves the rotation; a full worker
                (RESOURCE_EXHAUSTED) is skipped for this request (none left: 429); any other
                status describes this request and fails it alone (see WORKER_GONE below).
+    images     each Generate leg sends an image the worker holds (sent_images.py) as its hash
+               alone, the others whole: the styler's pixels, or with encode workers their rows
+               (encoded once a request, only for the images sent whole). A worker that no
+               longer holds one answers FAILED_PRECONDITION before doing anything: the leg is
+               sent again to it once, every image whole (the client sees nothing of it).
 
 The usage of the legs is folded into one final chunk: completion tokens over every leg, cached
 prompt tokens from the leg that computed the prompt.
@@ -38,6 +43,7 @@ from typing import Any
 
 import grpc
 
+from gateway.clients import hash_only_image
 from gateway.context import GatewayContext
 from gateway.downstream import GenerateChunk, Guided, KVSource, PrefillResult, Usage
 from gateway.errors import APIError, invalid
@@ -45,6 +51,7 @@ from gateway.grpc_errors import from_grpc
 from gateway.merge import merge_streams
 from gateway.router import NoWorkerAvailable, NoWorkerForTask, WorkerState
 from gateway.structured_output import worker_error
+from services.common.image_hash import IMAGE_NOT_CACHED
 from services.common.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -97,7 +104,8 @@ class PromptStream:
     ) -> None:
         self.ctx = ctx
         self.lora_name = lora_name  # the LoRA adapter of every leg (prefill and decode alike)
-        self.images = tuple(images)  # common_pb2.ImageInput: sent with every Generate leg
+        self.images = tuple(images)  # the styler's common_pb2.ImageInput (pixels), in prompt order
+        self._rows: dict[int, Any] = {}  # an encode worker's rows of images[i] (sent whole once)
         self.request_id = request_id
         self.group_id = group_id  # the worker scheduler's fairness group (the gateway request)
         self.prompt_token_ids = tuple(prompt_token_ids)
@@ -112,8 +120,6 @@ class PromptStream:
         self._leg: tuple[WorkerState, str] | None = None  # the Generate stream now open: worker, id
 
     async def chunks(self) -> AsyncIterator[GenerateChunk]:
-        if self.images and self.ctx.encoders is not None:  # embeddings from an encode worker
-            self.images = await self.ctx.encoders.encode(self.request_id, self.images)
         try:
             async for chunk in self._group(list(self.choices)):
                 yield chunk
@@ -251,27 +257,76 @@ class PromptStream:
         self.ctx.metrics.worker_requests.labels(worker=self.ctx.label(worker.name, worker.address)).inc()
         leg_id = self._leg_id()
         self._leg = (worker, leg_id)
+        by_hash = bool(self.images)
         try:
-            with self.ctx.router.track(worker):
-                async for chunk in worker.client.generate(
-                    leg_id,
-                    self.prompt_token_ids,
-                    sampling,
-                    first_choice_index,
-                    generated_token_ids=generated,
-                    kv_source=kv_source,
-                    group_id=self.group_id,
-                    images=self.images,
-                    lora_name=self.lora_name,
-                ):
-                    noted = self._note(chunk)
-                    if noted is not None:
-                        yield noted
+            while True:
+                images, whole = await self._wire_images(worker, by_hash)
+                admitted = False
+                try:
+                    with self.ctx.router.track(worker):
+                        async for chunk in worker.client.generate(
+                            leg_id,
+                            self.prompt_token_ids,
+                            sampling,
+                            first_choice_index,
+                            generated_token_ids=generated,
+                            kv_source=kv_source,
+                            group_id=self.group_id,
+                            images=images,
+                            lora_name=self.lora_name,
+                        ):
+                            if not admitted:  # the worker holds these images from now on
+                                admitted = True
+                                for pixel_hash, worker_hash in whole:
+                                    worker.sent_images.add(pixel_hash, worker_hash)
+                            noted = self._note(chunk)
+                            if noted is not None:
+                                yield noted
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if admitted or len(whole) == len(images) or not _image_not_held(exc):
+                        raise
+                    log.info(
+                        "request %s: worker %s no longer holds an image sent by hash; sending the pixels",
+                        self.request_id,
+                        worker.address,
+                    )
+                    worker.sent_images.clear()  # out of step with the worker: start over
+                    by_hash = False
         except grpc.aio.AioRpcError as exc:
             self._failed(worker, exc)
             raise
         finally:
             self._leg = None
+
+    async def _wire_images(
+        self, worker: WorkerState, by_hash: bool
+    ) -> tuple[list[Any], list[tuple[str, str]]]:
+        """The images of a Generate leg to `worker`: those it holds (with `by_hash`) as their
+        hash alone, the others whole (the pixels, or an encode worker's rows); and the
+        (pixel hash, hash the worker keys it by) of those sent whole."""
+        held: dict[str, str] = {}
+        for image in self.images if by_hash else ():
+            worker_hash = worker.sent_images.lookup(image.hash)
+            if worker_hash is not None:
+                held[image.hash] = worker_hash
+        encoders = self.ctx.encoders
+        to_encode = [
+            i for i, image in enumerate(self.images) if image.hash not in held and i not in self._rows
+        ]
+        if to_encode and encoders is not None:
+            encoded = await encoders.encode(self.request_id, [self.images[i] for i in to_encode])
+            self._rows.update(zip(to_encode, encoded, strict=True))
+        wire: list[Any] = []
+        whole: list[tuple[str, str]] = []
+        for i, image in enumerate(self.images):
+            if image.hash in held:
+                wire.append(hash_only_image(image, held[image.hash]))
+            else:
+                sent = self._rows.get(i, image)
+                wire.append(sent)
+                whole.append((image.hash, sent.hash))
+        return wire, whole
 
     async def abort(self) -> bool:
         """Ask the worker to abort the open Generate stream (which then ends by itself, its
@@ -526,6 +581,11 @@ def _client_error(exc: grpc.aio.AioRpcError, sampling: SamplingParams[Guided]) -
     if exc.code() in BACK_PRESSURE:
         return APIError(429, "every worker is at capacity; retry shortly", code="overloaded", retry_after_s=1)
     return from_grpc(exc, "worker")
+
+
+def _image_not_held(exc: grpc.aio.AioRpcError) -> bool:
+    """The worker refused an image sent by hash that it does not hold (nothing else happened)."""
+    return exc.code() == grpc.StatusCode.FAILED_PRECONDITION and IMAGE_NOT_CACHED in (exc.details() or "")
 
 
 def _release_later(worker: WorkerState, handle_id: str) -> None:

@@ -96,6 +96,26 @@ class KernelOps:
     #   projection and SiLU-and-mul (`silu_and_mul`, or `silu_and_mul_rms(gate_up, x, rms_eps)`);
     #   one kernel for decode-sized inputs where measured faster (fp32 gate/up, not rounded between)
     linear_silu_and_mul: Callable[..., torch.Tensor] | None = None
+    # Gemma 2/3 (models/gemma2.py): RMSNorm with scale (1 + w), statistics, scale and product in
+    # fp32, rounded once (transformers' GemmaRMSNorm), and its fusions; reference twins on the CPU.
+    # (x [T, H], weight [H], eps) -> [T, H]
+    gemma_rms_norm: Callable[..., torch.Tensor] = reference.gemma_rms_norm
+    # (y [T, H], residual [T, H], post_weight [H], pre_weight [H], eps) -> (normed, h):
+    #   h = residual + gemma_rms_norm(y, post_weight), normed = gemma_rms_norm(h, pre_weight)
+    gemma_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.gemma_add_rms_norm
+    # (x [T, H], scale, weight [H], eps) -> (gemma_rms_norm(h, weight), h), h = x * scale (the
+    #   scale rounded to x's dtype first: the embedding normaliser)
+    gemma_scale_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.gemma_scale_rms_norm
+    # (q [T, Hq, D], k [T, Hkv, D], q_weight [D], k_weight [D], eps) -> (q, k) normed per head
+    gemma_qk_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.gemma_qk_norm
+    # (x [T, 2*I]) -> [T, I]: gelu_tanh(x[:, :I]) * x[:, I:]
+    gelu_tanh_and_mul: Callable[..., torch.Tensor] = reference.gelu_tanh_and_mul
+    # (x [T, K], weight [2*I, K], bias [2*I] | None) -> [T, I]: the gate/up projection then
+    #   `gelu_tanh_and_mul`; one kernel for one row where measured faster (`linear_silu_and_mul`'s
+    #   GELU sibling; fp32 gate/up, not rounded between). None: the model composes the two
+    linear_gelu_and_mul: Callable[..., torch.Tensor] | None = None
+    # (x [...], cap > 0) -> cap * tanh(x / cap) in fp32, rounded once (Gemma 2's final logits)
+    soft_cap: Callable[..., torch.Tensor] = reference.soft_cap
     # (x [T, H], w13 [E, 2*I, H], w2 [E, H, I], topk_weights [T, k] fp32, topk_ids [T, k],
     #  w13_bias [E, 2*I] | None = None, w2_bias [E, H] | None = None, activation="silu") -> [T, H]:
     #   a mixture-of-experts feed-forward over each token's routed experts (Qwen3-MoE, Mixtral;

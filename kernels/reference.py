@@ -236,6 +236,73 @@ def linear_silu_and_mul(
     return (F.silu(gate_up[..., :inter]) * gate_up[..., inter:]).to(x.dtype)
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(x[:, :I]) * x[:, I:] for x of shape [T, 2*I] (Gemma's MLP, as transformers computes it)."""
+    inter = x.shape[-1] // 2
+    return F.gelu(x[..., :inter], approximate="tanh") * x[..., inter:]
+
+
+def linear_gelu_and_mul(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [2*I, K]: the fused [gate; up] projection
+    bias: torch.Tensor | None,  # [2*I]
+) -> torch.Tensor:  # [T, I]
+    """gelu_tanh(gate) * up of F.linear(x, weight, bias) = [gate, up], on the fp32 sums (not
+    rounded in between), rounded once: the skinny GEMM's GELU epilogue (`linear_silu_and_mul`'s twin)."""
+    gate_up = F.linear(x.float(), weight.float(), _float_or_none(bias))
+    inter = gate_up.shape[-1] // 2
+    return (F.gelu(gate_up[..., :inter], approximate="tanh") * gate_up[..., inter:]).to(x.dtype)
+
+
+# --- Gemma's RMSNorm: x * rsqrt(mean(x**2) + eps) * (1 + w), all in fp32, rounded once ---------
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(x [..., H], weight [H], eps) -> [..., H]: transformers' GemmaRMSNorm (the checkpoint stores
+    w, the scale is 1 + w; statistics, scale and product in fp32, rounded once to x's dtype)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (normed * (1.0 + weight.float())).to(x.dtype)
+
+
+def gemma_add_rms_norm(
+    y: torch.Tensor,  # [T, H]: a block's output (attention or MLP)
+    residual: torch.Tensor,  # [T, H]: the residual stream
+    post_weight: torch.Tensor,  # [H]: the block's output norm (post-attention / post-feedforward)
+    pre_weight: torch.Tensor,  # [H]: the next block's input norm (pre-feedforward / next input / final)
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma's sandwich step: h = residual + norm_post(y) (rounded to the dtype, as transformers'
+    add), returns (norm_pre(h), h)."""
+    h = residual + gemma_rms_norm(y, post_weight, eps)
+    return gemma_rms_norm(h, pre_weight, eps), h
+
+
+def gemma_scale_rms_norm(
+    x: torch.Tensor, scale: float, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [T, H] embeddings, scale, weight, eps) -> (gemma_rms_norm(h), h) with h = x * scale, the
+    scale rounded to x's dtype first (transformers' Gemma embedding normaliser)."""
+    h = x * torch.tensor(scale, dtype=x.dtype)
+    return gemma_rms_norm(h, weight, eps), h
+
+
+def gemma_qk_norm(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,  # [D]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma 3's per-head q and k norms: (gemma_rms_norm(q, q_weight), gemma_rms_norm(k, k_weight))."""
+    return gemma_rms_norm(q, q_weight, eps), gemma_rms_norm(k, k_weight, eps)
+
+
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) in fp32, rounded once to x's dtype (Gemma 2's final-logit soft-cap)."""
+    return (torch.tanh(x.float() / cap) * cap).to(x.dtype)
+
+
 def _yarn_inv_freq(
     inv_freq: torch.Tensor, head_dim: int, base: float, scaling: dict[str, Any]
 ) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Triton kernels, one per file; `TRITON_OPS` bundles them behind the `KernelOps` interface.
 
+Gemma 2/3's (1 + w) norms run fused with the residual adds around them (gemma_norm.py), its
+GELU(tanh)-and-mul in one kernel or the gate/up GEMM's epilogue (`linear_gelu_and_mul`).
+
 Matmuls go to cuBLAS through torch, except decode-sized ones (<= 8 rows) of the weight shapes where
 `tune_linear` measured the skinny-GEMM kernel faster on this GPU (skinny_gemm.py). The bundle has
 the folded-RMSNorm ops, so the models run with each layer's norm weights folded into qkv/gate_up
@@ -20,6 +23,8 @@ from kernels.triton.argmax import argmax
 from kernels.triton.exponential_race import exponential_race
 from kernels.triton.fp8_gemm import tune_fp8_linear, w8a8_linear
 from kernels.triton.fused_moe import fused_moe
+from kernels.triton.gelu_and_mul import gelu_tanh_and_mul
+from kernels.triton.gemma_norm import gemma_add_rms_norm, gemma_qk_norm, gemma_rms_norm, gemma_scale_rms_norm
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.lora import lora_expand, lora_shrink
 from kernels.triton.paged_attention import (
@@ -36,10 +41,12 @@ from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import (
     linear,
     linear_add,
+    linear_gelu_and_mul,
     linear_rms_norm,
     linear_silu_and_mul,
     tune_linear,
 )
+from kernels.triton.soft_cap import soft_cap
 
 TRITON_OPS = KernelOps(
     name="triton",
@@ -49,6 +56,14 @@ TRITON_OPS = KernelOps(
     fused_add_rms_norm=fused_add_rms_norm,
     rotary=rotary,
     silu_and_mul=silu_and_mul,
+    # Gemma 2/3: its (1 + w) norms fused with the residual adds, GELU(tanh)-and-mul, the soft-cap
+    gemma_rms_norm=gemma_rms_norm,
+    gemma_add_rms_norm=gemma_add_rms_norm,
+    gemma_scale_rms_norm=gemma_scale_rms_norm,
+    gemma_qk_norm=gemma_qk_norm,
+    gelu_tanh_and_mul=gelu_tanh_and_mul,
+    linear_gelu_and_mul=linear_gelu_and_mul,
+    soft_cap=soft_cap,
     graph_capturable=supports_head_dim,
     rotary_write_kv_cache=rotary_write_kv_cache,
     rotary_write_attention=rotary_write_paged_attention,

@@ -24,11 +24,19 @@ import triton
 import triton.language as tl
 
 from kernels.triton import pdl
+from kernels.triton.gelu_and_mul import gelu_tanh, gelu_tanh_and_mul
 from kernels.triton.rms_norm import rms_norm
 from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 
 log = logging.getLogger(__name__)
 
+# The gated epilogue's activations (`skinny_gemm(..., gated=True, activation=...)`): Llama-style
+# SiLU and Gemma's GELU(tanh), each with its unfused kernel (the GEMM, then the activation-and-mul).
+ACTIVATIONS = ("silu", "gelu_tanh")
+_UNFUSED_ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": silu_and_mul,
+    "gelu_tanh": gelu_tanh_and_mul,
+}
 MAX_ROWS = 8  # row counts above this always take cuBLAS (GEMMs there are not bandwidth-bound GEMVs)
 # A kernel must beat cuBLAS by this factor to be chosen: smaller gaps are within timing noise.
 MIN_GAIN = 1.03
@@ -79,7 +87,8 @@ def _skinny_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,  # add residual[m] to the result
     EARLY_SIGNAL: tl.constexpr,  # let the next kernel launch right after the wait (pdl.py)
-    GATED: tl.constexpr,  # W is [gate; up] (N = 2*I rows): out[m, i] = silu(gate[m, i]) * up[m, i]
+    GATED: tl.constexpr,  # W is [gate; up] (N = 2*I rows): out[m, i] = act(gate[m, i]) * up[m, i]
+    GELU: tl.constexpr,  # GATED: act is gelu_tanh (Gemma), else silu
     RMS_EPS: tl.constexpr,  # GATED, M == 1 only (None: off): gate/up scaled by x's rsqrt(mean(x^2) + eps)
     K_PAD: tl.constexpr,  # next_power_of_2(K) (RMS_EPS only)
     BLOCK_M: tl.constexpr,
@@ -128,9 +137,13 @@ def _skinny_gemm_kernel(
             acc = acc * tl.rsqrt(tl.sum(xf * xf, axis=0) / K + RMS_EPS)
         gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), (0, 2, 1)))  # [BLOCK_M, HALF]
         out_cols = pid * HALF + tl.arange(0, HALF)
+        if GELU:  # noqa: SIM108 (a constexpr branch in a Triton kernel)
+            act = gelu_tanh(gate)
+        else:
+            act = gate / (1.0 + tl.exp(-gate))
         tl.store(
             out_ptr + rows[:, None].to(tl.int64) * stride_om + out_cols[None, :],
-            (gate / (1.0 + tl.exp(-gate)) * up).to(out_ptr.dtype.element_ty),
+            (act * up).to(out_ptr.dtype.element_ty),
             mask=row_mask[:, None] & (out_cols < N // 2)[None, :],
         )
         return
@@ -156,13 +169,15 @@ def skinny_gemm(
     early_signal: bool = False,
     gated: bool = False,
     rms_eps: float | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:  # [M, N], or [M, N/2] gated
     """x @ weight.T (+ bias) with fp32 accumulation, rounded once to x's dtype.
 
     residual: added to the result (after the bias), in fp32 before the one rounding.
     early_signal: let the next PDL kernel launch as soon as this one passed its wait.
     gated: weight is a fused [gate; up] projection and the result is silu(gate) * up [M, N/2]
-    (SiLU-and-mul in the epilogue, on the fp32 sums); rms_eps (one row only): gate and up are first
+    (SiLU-and-mul in the epilogue, on the fp32 sums; activation "gelu_tanh": GELU(tanh) instead,
+    Gemma's MLP); rms_eps (one row only): gate and up are first
     scaled by rsqrt(mean(x^2) + rms_eps) of the input row (the folded post-attention norm)."""
     num_rows, k = x.shape
     n = weight.shape[0]
@@ -173,6 +188,7 @@ def skinny_gemm(
         assert residual.dtype == x.dtype, (residual.dtype, x.dtype)
     assert not gated or (n % 2 == 0 and residual is None), (n, gated)
     assert rms_eps is None or (gated and num_rows == 1), (rms_eps, gated, num_rows)
+    assert activation in ACTIVATIONS, activation
     out = torch.empty((num_rows, n // 2 if gated else n), dtype=x.dtype, device=x.device)
     if num_rows == 0:
         return out
@@ -195,6 +211,7 @@ def skinny_gemm(
         HAS_RESIDUAL=residual is not None,
         EARLY_SIGNAL=early_signal,
         GATED=gated,
+        GELU=activation == "gelu_tanh",
         RMS_EPS=rms_eps,
         K_PAD=triton.next_power_of_2(k) if rms_eps is not None else 1,
         BLOCK_M=16,
@@ -211,9 +228,11 @@ def skinny_gemm(
 _CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig | None] = {}
 # same key -> the config `linear_add` uses (absent: cuBLAS addmm)
 _ADD_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
-# same key (a gate/up weight, one row) -> the config `linear_silu_and_mul` runs fused (absent: unfused)
-_GATED_CHOICE: dict[tuple[int, int, torch.dtype, bool, int], SkinnyConfig] = {}
-_GATED_TUNED: set[tuple[int, int, torch.dtype, bool, int]] = set()  # timed, whatever won (a superset)
+# (same key (a gate/up weight, one row), activation) -> the config `linear_silu_and_mul` /
+# `linear_gelu_and_mul` runs fused (absent: unfused)
+_GatedKey = tuple[tuple[int, int, torch.dtype, bool, int], str]
+_GATED_CHOICE: dict[_GatedKey, SkinnyConfig] = {}
+_GATED_TUNED: set[_GatedKey] = set()  # timed, whatever won (a superset)
 _ONES: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -297,12 +316,32 @@ def linear_silu_and_mul(
     weight is folded into `weight`). One kernel (the SiLU in the skinny GEMM's epilogue, on its fp32
     sums) for one row where `tune_linear(gated=True)` measured it faster than the GEMM + SiLU pair;
     otherwise `linear` then `silu_and_mul` (`silu_and_mul_rms`), the GEMM letting SiLU launch early."""
-    key = _key(x, weight, bias)
-    config = _GATED_CHOICE.get(key) if key is not None and x.shape[0] == 1 else None
+    config = _gated_config(x, weight, bias, "silu")
     if config is not None:
         return skinny_gemm(x, weight, bias, config, gated=True, rms_eps=rms_eps)
     gate_up = linear(x, weight, bias, early_signal=True)
     return silu_and_mul(gate_up) if rms_eps is None else silu_and_mul_rms(gate_up, x, rms_eps)
+
+
+def linear_gelu_and_mul(
+    x: torch.Tensor,  # [T, K]
+    weight: torch.Tensor,  # [2*I, K]: the fused [gate; up] projection
+    bias: torch.Tensor | None,  # [2*I]
+) -> torch.Tensor:  # [T, I]
+    """gelu_tanh(gate) * up of gate_up = F.linear(x, weight, bias) (Gemma's MLP): one kernel (the
+    GELU in the skinny GEMM's epilogue) for one row where `tune_linear(gated=True,
+    activation="gelu_tanh")` measured it faster, otherwise `linear` then `gelu_tanh_and_mul`."""
+    config = _gated_config(x, weight, bias, "gelu_tanh")
+    if config is not None:
+        return skinny_gemm(x, weight, bias, config, gated=True, activation="gelu_tanh")
+    return gelu_tanh_and_mul(linear(x, weight, bias, early_signal=True))
+
+
+def _gated_config(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str
+) -> SkinnyConfig | None:
+    key = _key(x, weight, bias)
+    return _GATED_CHOICE.get((key, activation)) if key is not None and x.shape[0] == 1 else None
 
 
 def _graph_seconds(body, iters: int) -> float:  # type: ignore[no-untyped-def]
@@ -382,12 +421,14 @@ def tune_linear(
     name: str = "",
     reps: int = 30,
     gated: bool = False,
+    activation: str = "silu",
 ) -> list[str]:
     """Time F.linear against each skinny config for 1, 2, 4, ... max_rows rows; remember the fastest.
     Returns one report line per row count. A config whose output is off (relative error > 1e-2
     against F.linear) is never chosen. CUDA and bf16/fp16 only: otherwise nothing is chosen and []
-    is returned. gated (a fused gate/up weight): also time, for one row, the SiLU-and-mul epilogue
-    kernel against the chosen GEMM + the SiLU kernel (`linear_silu_and_mul`)."""
+    is returned. gated (a fused gate/up weight): also time, for one row, the activation-and-mul
+    epilogue kernel (`activation`: "silu" or "gelu_tanh") against the chosen GEMM + the activation
+    kernel (`linear_silu_and_mul`, `linear_gelu_and_mul`)."""
     w0 = weights[0]
     # fp32 stays on cuBLAS: tl.dot would run it in TF32, a different function from F.linear's.
     if (
@@ -449,36 +490,48 @@ def tune_linear(
         )
         rows *= 2
     if gated and n % 2 == 0:
-        lines.append(_tune_gated(weights, bias, name, flush, flush_s, iters, gen))
+        lines.append(_tune_gated(weights, bias, name, flush, flush_s, iters, gen, activation))
     return lines
 
 
-def _tune_gated(weights, bias, name, flush, flush_s, iters, gen) -> str:  # type: ignore[no-untyped-def]
-    """One row: the fused SiLU-epilogue kernel against `linear` + `silu_and_mul` (see tune_linear)."""
+def _tune_gated(weights, bias, name, flush, flush_s, iters, gen, activation) -> str:  # type: ignore[no-untyped-def]
+    """One row: the fused activation-epilogue kernel against `linear` + the activation-and-mul
+    kernel (see tune_linear)."""
+    assert activation in ACTIVATIONS, activation
     w0 = weights[0]
     n, k = w0.shape
-    key = (n, k, w0.dtype, bias is not None, 1)
+    key = ((n, k, w0.dtype, bias is not None, 1), activation)
+    label, kernel_name = {"silu": ("silu", "SiLU"), "gelu_tanh": ("gelu", "GELU")}[activation]
     if key in _GATED_TUNED:
-        return f"linear+silu {name} {n}x{k} rows=1: tuned before -> {_GATED_CHOICE.get(key) or 'unfused'}"
+        return f"linear+{label} {name} {n}x{k} rows=1: tuned before -> {_GATED_CHOICE.get(key) or 'unfused'}"
     _GATED_TUNED.add(key)
     x = torch.randn(1, k, device=w0.device, generator=gen).to(w0.dtype)
     gate_up = F.linear(x, w0, bias).double()
-    ref = F.silu(gate_up[:, : n // 2]) * gate_up[:, n // 2 :]
-    t_pair = _time_calls(lambda w: silu_and_mul(linear(x, w, bias)), weights, flush, flush_s, iters)
-    results = [f"GEMM + SiLU {t_pair * 1e6:.1f} us"]
+    gate = gate_up[:, : n // 2]
+    act = F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")
+    ref = act * gate_up[:, n // 2 :]
+    unfused = _UNFUSED_ACT[activation]
+    t_pair = _time_calls(lambda w: unfused(linear(x, w, bias)), weights, flush, flush_s, iters)
+    results = [f"GEMM + {kernel_name} {t_pair * 1e6:.1f} us"]
     best: SkinnyConfig | None = None
-    # No noise margin here: the fused kernel saves the SiLU launch, which inside a decode graph is
+    # No noise margin here: the fused kernel saves the activation's launch, which inside a decode graph is
     # worth more than the tuner sees (a fused step timed at par ran no slower, docs/gpu.md round 6).
     best_t = t_pair
     timed = _time_configs(
-        lambda w, c: skinny_gemm(x, w, bias, c, gated=True), ref, weights, flush, flush_s, iters, results
+        lambda w, c: skinny_gemm(x, w, bias, c, gated=True, activation=activation),
+        ref,
+        weights,
+        flush,
+        flush_s,
+        iters,
+        results,
     )
     for config, t in timed:
         if t < best_t:
             best, best_t = config, t
     if best is not None:
         _GATED_CHOICE[key] = best
-    return f"linear+silu {name} {n}x{k} rows=1: " + ", ".join(results) + f" -> {best or 'unfused'}"
+    return f"linear+{label} {name} {n}x{k} rows=1: " + ", ".join(results) + f" -> {best or 'unfused'}"
 
 
 def chosen(n: int, k: int, dtype: torch.dtype, has_bias: bool, rows: int) -> SkinnyConfig | None:

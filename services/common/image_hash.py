@@ -7,6 +7,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+# The message of a worker's FAILED_PRECONDITION for an image sent as its hash alone that the
+# worker does not hold (evicted, or the worker restarted): the gateway matches it and resends
+# that request once with the image's pixels.
+IMAGE_NOT_CACHED = "this worker does not hold the image of this hash; send its pixels"
+
 
 def pixels_hash(shape: Sequence[int], grid_thw: Sequence[int], data: bytes) -> str:
     """sha256 hex of the pixels' shape, their patch grid (Qwen2.5-VL; empty for fixed-size

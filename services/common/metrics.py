@@ -61,6 +61,9 @@ SPEC_ACCEPTANCE_RATE = "tandem:spec_decode_acceptance_rate"
 SPEC_MEAN_ACCEPTED_LENGTH = "tandem:spec_decode_mean_accepted_length"
 IMAGES_ENCODED = "tandem:images_encoded"
 ENCODER_CACHE_HITS = "tandem:encoder_cache_hits"
+IMAGES_BY_HASH = "tandem:images_by_hash"
+IMAGE_HASH_MISSES = "tandem:image_hash_misses"
+IMAGE_BYTES_RECEIVED = "tandem:image_bytes_received"
 
 # Bucket edges: latency from a millisecond (tiny models on a GPU) to minutes (long generations on a CPU).
 TTFT_BUCKETS = (
@@ -242,6 +245,27 @@ METRICS: tuple[MetricSpec, ...] = (
         "gauge",
         (),
         "Image-in models: images whose embeddings came from the encoder cache, since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        IMAGES_BY_HASH,
+        "gauge",
+        (),
+        "Image-in models: images that came as their content hash alone (no pixels), since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        IMAGE_HASH_MISSES,
+        "gauge",
+        (),
+        "Image-in models: hash-only images refused as not held (the gateway resent the pixels), since start.",
+        ("worker",),
+    ),
+    MetricSpec(
+        IMAGE_BYTES_RECEIVED,
+        "gauge",
+        (),
+        "Image-in models: bytes of pixels and embedding rows received with requests, since start.",
         ("worker",),
     ),
     MetricSpec(

@@ -92,6 +92,14 @@ FOLD_NORMS: Switch[bool] = Switch(
     "checkpoint's own forward; 0 keeps the norms separate (exact comparisons, numerics bisection)",
     _parse_bool,
 )
+LORA_OVERLAP: Switch[bool] = Switch(
+    "TANDEM_LORA_OVERLAP",
+    "bool",
+    True,
+    "kill switch and A/B baseline of the LoRA shrink as a parallel branch of the captured CUDA "
+    "graphs, beside the base projection's GEMM (services/worker/layers/lora.py); 0 runs it after",
+    _parse_bool,
+)
 TRACE_FILE: Switch[str] = Switch(
     "TANDEM_TRACE_FILE",
     "path",
@@ -143,6 +151,7 @@ GENERATE_MUX: Switch[bool] = Switch(
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
     FOLD_NORMS,
+    LORA_OVERLAP,
     TRACE_FILE,
     HEALTHCHECK_TARGET,
     HEALTHCHECK_TIMEOUT,

@@ -71,6 +71,8 @@ class WorkerConfig(ServiceConfig):
     """What this worker serves: generate (Generate / Prefill: text) or embed (Embed: pooling mode for decoder embedding models such as Qwen3-Embedding; the final-norm hidden state of each prompt's last token, L2-normalised; no KV is kept after a request). Each refuses the other's rpcs with FAILED_PRECONDITION."""
     role: Literal["unified", "prefill", "decode", "encode"] = "unified"
     """Worker role: unified (prefill and decode), prefill (serves Prefill / FetchKV), decode (Generate with a kv_source) or encode (only an image-in model's vision encoder: serves Encode; docs/multimodal.md)."""
+    encoder_cache_size: int = 64
+    """Image-in models: images whose embeddings this worker keeps (least recently used out), so that a later turn's image is not encoded again and may come as its hash alone (Info reports the size; the gateway remembers at most this many images per worker). 0: none kept."""
     kv_handle_ttl: float = 30.0
     """Prefill role: seconds a prefilled prompt's KV is kept for a decode worker to fetch before it is freed."""
     kv_advertise_address: str = ""
@@ -83,6 +85,8 @@ class WorkerConfig(ServiceConfig):
     """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
     pipeline_parallel_size: int = 1
     """Pipeline stages the layers are split into (each stage T ranks; --tensor-parallel-size x this = ranks in all, docs/parallel.md)."""
+    pipeline_batches: int = 0
+    """Batches of different steps a pipeline-parallel group (--pipeline-parallel-size P > 1) keeps in flight, each of other sequences, so that stage 0 computes step n+1's batch while the later stages compute step n's (vLLM's virtual engines; docs/parallel.md); 0 = auto: P (1 with --speculative, whose drafts run one step at a time); 1 = one step at a time, split into P micro-batches that drain the pipeline at its end."""
     pipeline_trace: str = ""
     """Folder where each pipeline stage appends when it starts and ends each micro-batch (JSON lines per rank; tests and profiling, docs/parallel.md); "" = off."""
     nnodes: int = 1
@@ -146,6 +150,8 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--cpu-kv-cache-fraction must be in (0, 1], got {self.cpu_kv_cache_fraction}")
         if self.max_num_batched_tokens <= 0:
             raise ValueError(f"--max-num-batched-tokens must be > 0, got {self.max_num_batched_tokens}")
+        if self.encoder_cache_size < 0:
+            raise ValueError(f"--encoder-cache-size must be >= 0, got {self.encoder_cache_size}")
         if self.max_num_seqs <= 0:
             raise ValueError(f"--max-num-seqs must be > 0, got {self.max_num_seqs}")
         if self.cpu_threads < 0:
@@ -170,6 +176,12 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:
             raise ValueError(f"--pipeline-parallel-size must be >= 1, got {self.pipeline_parallel_size}")
+        if self.pipeline_batches < 0:
+            raise ValueError(f"--pipeline-batches must be >= 0, got {self.pipeline_batches}")
+        if self.pipeline_batches > 1 and self.speculative_method != "off":
+            raise ValueError(
+                f"--pipeline-batches {self.pipeline_batches} with --speculative: a drafted step runs one at a time (use 1)"
+            )
         if self.task == "embed" and self.role != "unified":
             raise ValueError(
                 f"--task embed with --role {self.role}: embeddings are computed in one worker (no disaggregation)"
@@ -259,6 +271,16 @@ class WorkerConfig(ServiceConfig):
     def world_size(self) -> int:
         """Ranks in this worker's group."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def batches_in_flight(self) -> int:
+        """--pipeline-batches resolved: how many batches of different steps every rank of the
+        group keeps in the pipeline at once (1: one step at a time, and always with P = 1)."""
+        if self.pipeline_parallel_size == 1:
+            return 1
+        if self.pipeline_batches:
+            return self.pipeline_batches
+        return 1 if self.speculative_method != "off" else self.pipeline_parallel_size
 
     @property
     def kv_offload_bytes(self) -> int:

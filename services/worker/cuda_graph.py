@@ -10,6 +10,11 @@ Padding rows: input id 0, position 0, slot -1 (the KV write skips it), seq_len 0
 query range in cu_seqlens_q (the attention kernel leaves their rows unwritten). Their hidden
 rows are discarded; every op of the model is row-independent, so they cannot leak.
 
+Variants (`GraphVariants`): a model whose steps run different kernels by a host-side choice
+captures one graph per variant and size, and each step replays the variant its model is set up
+for. LoRA: steps with rows of an adapter replay graphs with the LoRA kernels, steps of base rows
+only graphs without them (services/worker/layers/lora.py).
+
 The graphs output hidden states and, for small batch sizes (the caller's forward decides, see
 ModelRunner._decode_forward), the logits and their argmax too: a batch-1 greedy step then
 replays one graph and reads back one token id. Logits for every ladder size would cost gigabytes
@@ -18,6 +23,7 @@ of graph memory (each graph's outputs stay alive), so large batches run the LM h
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +55,20 @@ class DecodeOutputs:
         )
 
 
+@dataclass(frozen=True)
+class GraphVariants:
+    """Graphs of several variants for every batch size (module docstring)."""
+
+    names: tuple[str, ...]
+    # the model set up to issue variant `name`'s kernels, for as long as the context lasts (capture)
+    enter: Callable[[str], contextlib.AbstractContextManager[None]]
+    # the variant the next step replays (read by `run`, after the step's inputs are set)
+    current: Callable[[], str]
+
+
+NO_VARIANTS = GraphVariants(("",), lambda name: contextlib.nullcontext(), lambda: "")
+
+
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every multiple of 8, then max_num_seqs itself (vLLM's ladder)."""
     sizes = [b for b in (1, 2, 4) if b < max_num_seqs]
@@ -67,9 +87,11 @@ class CudaGraphRunner:
         max_blocks_per_seq: int,
         device: torch.device,
         name: str = "decode batch sizes",
+        variants: GraphVariants = NO_VARIANTS,
     ) -> None:
         self.forward = forward
         self.name = name  # (the log line's)
+        self.variants = variants
         self.device = device
         self.batch_sizes = batch_size_ladder(max_num_seqs)
         self.max_bs = max_bs = self.batch_sizes[-1]
@@ -99,11 +121,12 @@ class CudaGraphRunner:
             max_seqlen_q=1,
             cos_sin_cache=cos_sin_cache,
         )
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, DecodeOutputs] = {}
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}  # by (variant, batch size)
+        self.outputs: dict[tuple[str, int], DecodeOutputs] = {}
         self.capture_seconds = 0.0
         self.capture_bytes = 0
         self.num_replays = 0  # steps that replayed a graph (tests; a group's ranks replay alike)
+        self.replays_by_variant = dict.fromkeys(variants.names, 0)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         t = self.meta_template
@@ -124,28 +147,31 @@ class CudaGraphRunner:
         free_before, _ = torch.cuda.mem_get_info(self.device)
         self.pack.zero_()
         self.meta_template.slot_mapping.fill_(-1)  # capture-time inputs are all padding: no KV writes
-        pool = torch.cuda.graph_pool_handle()
+        pool = torch.cuda.graph_pool_handle()  # (one for all variants: one graph replays at a time)
         stream = torch.cuda.Stream(self.device)
-        for bs in reversed(self.batch_sizes):
-            meta = self._meta(bs)
-            ids = self.input_ids[:bs]
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, creates cuBLAS workspaces
-                self.forward(ids, meta)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[bs] = self.forward(ids, meta)
-            self.graphs[bs] = graph
+        for variant in self.variants.names:
+            with self.variants.enter(variant):
+                for bs in reversed(self.batch_sizes):
+                    meta = self._meta(bs)
+                    ids = self.input_ids[:bs]
+                    stream.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(stream):  # warm-up: compiles kernels, creates cuBLAS workspaces
+                        self.forward(ids, meta)
+                    torch.cuda.current_stream(self.device).wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        self.outputs[variant, bs] = self.forward(ids, meta)
+                    self.graphs[variant, bs] = graph
         torch.cuda.synchronize(self.device)
         free_after, _ = torch.cuda.mem_get_info(self.device)
         self.capture_seconds = time.perf_counter() - start
         self.capture_bytes = max(0, free_before - free_after)
         log.info(
-            "captured %d CUDA graphs for %s %s in %.1f s using %.0f MiB",
+            "captured %d CUDA graphs for %s %s%s in %.1f s using %.0f MiB",
             len(self.graphs),
             self.name,
             _ladder_text(self.batch_sizes),
+            f" (variants {', '.join(self.variants.names)})" if len(self.variants.names) > 1 else "",
             self.capture_seconds,
             self.capture_bytes / 2**20,
         )
@@ -192,9 +218,11 @@ class CudaGraphRunner:
         if device_ids is not None:  # async scheduling: the previous step's sampled tokens, device to device
             self.input_ids[:num_seqs].copy_(device_ids)
         self.block_tables[:num_seqs, :width].copy_(self.pack[self.block_offset : end].view(num_seqs, width))
-        self.graphs[bs].replay()
+        variant = self.variants.current()
+        self.graphs[variant, bs].replay()
         self.num_replays += 1
-        return self.outputs[bs].head(num_seqs)
+        self.replays_by_variant[variant] += 1
+        return self.outputs[variant, bs].head(num_seqs)
 
 
 def _ladder_text(sizes: list[int]) -> str:

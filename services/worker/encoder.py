@@ -57,7 +57,7 @@ class VisionEncoder:
             self._load(model)
         model.eval()
         self.model = model
-        self.cache = EncoderCache()
+        self.cache = EncoderCache(config.encoder_cache_size)
         log.info(
             "encode worker: %s vision side (%.1fM parameters, %s) on %s",
             cfg.architecture,
@@ -111,6 +111,10 @@ class VisionEncoder:
         for i, image in enumerate(images):
             if image.embeds is not None:
                 raise InvalidRequestError(f"images[{i}].embeddings", "are already encoded")
+            if image.by_hash:  # (the gateway sends hash-only images to unified workers alone)
+                raise InvalidRequestError(
+                    f"images[{i}].pixel_values", "an encode worker takes pixels, not a hash alone"
+                )
             self.model.check_image(i, image)
         out = []
         for image in images:

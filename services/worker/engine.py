@@ -14,6 +14,8 @@ import itertools
 import logging
 import math
 import random
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -95,6 +97,15 @@ class LaunchedStep:
     handle: StepHandle
 
 
+@dataclass(frozen=True)
+class InFlightBatch:
+    """A batch a pipeline-parallel group has in flight (--pipeline-batches): stage 0 ran its layers
+    over it; `finish()` receives it back from the last stage and samples (ModelRunner.launch_in_flight)."""
+
+    out: SchedulerOutput
+    finish: Callable[[], StepHandle]
+
+
 @dataclass
 class GenerateResult:
     """Everything one request produced (the `generate` helper's return)."""
@@ -146,12 +157,17 @@ class Engine:
             max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
             pooling=config.task == "embed",
             pipeline_trace=config.pipeline_trace,
+            encoder_cache_size=config.encoder_cache_size,
+            pipeline_batches=config.batches_in_flight,
         )
         # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
         state = parallel.current()
         self.tp_size, self.pp_size = state.tp_size, state.pp_size
         # (ranks on other hosts of an --nnodes group have no watcher here: their loss shows in a ping)
         watched = config.nnodes == 1 or config.distributed_executor_backend == "ray"
+        # (batches in flight: the later stages take a Forward when done with the batch before, which
+        # rank 0 does not wait for; every rank queues the commands alike, tp_follow.py)
+        parallel.queue_commands(state.world_size > 1 and config.batches_in_flight > 1)
         self.driver = StepDriver(config.distributed_timeout, watched) if state.world_size > 1 else None
         self.runner.model.driver = self.driver
         # LoRA adapters by name (lora/registry.py): those of --lora-modules now, more over LoadLoRA;
@@ -292,6 +308,10 @@ class Engine:
         self.layer_signal = LayerSignal(self.device)
         self.runner.bind_layer_signal(self.layer_signal)
         self.supports_layerwise = self.driver is None and config.task == "generate"
+        # Images this worker keeps embeddings of, which a caller may then send as their hash alone
+        # (Info); 0 where images are refused (a text model, a parallel group)
+        takes_images = isinstance(self.runner.model, IMAGE_MODELS) and self.driver is None
+        self.encoder_cache_size = config.encoder_cache_size if takes_images else 0
         self._layerwise: dict[str, HeldKV] = {}
         self.grammars, self.guided_unavailable = self._load_grammar_compiler()
         self._arrivals = itertools.count()
@@ -302,6 +322,11 @@ class Engine:
             config.async_scheduling == "auto" and self.device.type == "cuda"
         )
         self._launched: LaunchedStep | None = None
+        # Pipeline parallelism: batches of different steps in flight at once (pipeline.py), oldest first
+        self.pipeline_batches = config.batches_in_flight
+        self._in_flight: deque[InFlightBatch] = deque()
+        if self.pipeline_batches > 1:
+            self.async_scheduling = False  # (the batches in flight keep the stages busy instead)
         self.num_continuations = 0  # steps launched before the previous one's tokens were read
         self.num_discarded_rows = 0  # rows of those computed for sequences that had already finished
 
@@ -440,6 +465,9 @@ class Engine:
                 raise InvalidRequestError(
                     "images", "image inputs are not served by a tensor- or pipeline-parallel worker yet"
                 )
+            # hash-only images resolved now, held by the request until it runs (mm_inputs.py)
+            live = (x for r in self.requests.values() for x in r.req.images)
+            req = replace(req, images=self.runner.encoder_cache.admit(req.images, live))
             for i, image in enumerate(req.images):
                 self.runner.model.check_image(i, image)
         num_seqs = req.sampling.num_sequences
@@ -569,11 +597,19 @@ class Engine:
         self._drop_dead_launch()
         return self._output(request)
 
+    @property
+    def in_flight(self) -> list[SchedulerOutput]:
+        """The batches a pipeline-parallel group has in flight, oldest first (--pipeline-batches)."""
+        return [batch.out for batch in self._in_flight]
+
     def has_unfinished(self) -> bool:
-        return bool(self.requests)
+        # (a batch in flight is received back even when all its requests were aborted meanwhile)
+        return bool(self.requests) or bool(self._in_flight)
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.pipeline_batches > 1:
+            return self._step_pipelined()
         # Speculative decoding: a step with drafts is synchronous (its drafts need the tokens so
         # far on the host); a plain one may run async; a step launched ahead is read first.
         k = 0
@@ -635,6 +671,32 @@ class Engine:
         outputs = self._apply(out, sampled)
         self._drop_dead_launch()
         return outputs
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        """A pipeline-parallel group with P batches in flight (vLLM's virtual engines, V1's batch
+        queue): batches are scheduled and started on stage 0 until P are in flight, each of other
+        requests than the batches in flight (a sequence is never in two) and of about 1/P of the
+        requests; then the oldest is received back from the last stage, sampled and applied, as
+        a synchronous step would. Its sequences go into the batch the next call starts, while the
+        later stages still compute the batches started after it. Returns the oldest's outputs."""
+        while len(self._in_flight) < self.pipeline_batches:
+            busy = {item.seq.request for batch in self._in_flight for item in batch.out.scheduled}
+            share = -(-len(self.requests) // self.pipeline_batches)
+            scheduled = self.scheduler.schedule(busy, max_requests=max(share, 1))
+            if scheduled.is_empty:  # nothing more to start, but a pending copy-on-fork must not be lost
+                self.kv_cache.copy_blocks(scheduled.block_copies)
+                break
+            self._in_flight.append(InFlightBatch(scheduled, self.runner.launch_in_flight(scheduled)))
+        if not self._in_flight:
+            return []
+        batch = self._in_flight.popleft()
+        out, sampled = batch.out, batch.finish().result()
+        live = [i for i, item in enumerate(out.scheduled) if not item.seq.is_finished]
+        if len(live) < len(out.scheduled):  # aborted while in flight: its outputs were given then
+            self.num_discarded_rows += len(out.scheduled) - len(live)
+            out = replace(out, scheduled=[out.scheduled[i] for i in live])
+            sampled = [sampled[i] for i in live]
+        return self._apply(out, sampled)
 
     def _launch(self, scheduled: SchedulerOutput, prev: StepHandle | None = None) -> StepHandle:
         """runner.launch, with the layer-wise prompts in the step armed on the layer signal."""

@@ -16,6 +16,11 @@ class InvalidRequestError(ValueError):
         self.message = message
 
 
+class ImageNotCachedError(InvalidRequestError):
+    """An image sent as its hash alone that this worker does not hold (gRPC FAILED_PRECONDITION:
+    the request is fine, the worker's state is not what the caller thought; resend the pixels)."""
+
+
 def task_mismatch(task: str) -> str:
     """Why a worker of `task` (--task) refuses a request of the other kind (FAILED_PRECONDITION)."""
     if task == "embed":

@@ -11,8 +11,10 @@ reference on CPU, Triton kernels on CUDA (`--attention-backend`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ from torch import nn
 from kernels import KernelOps
 from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
-from services.worker.cuda_graph import CudaGraphRunner, DecodeOutputs
+from services.worker.cuda_graph import NO_VARIANTS, CudaGraphRunner, DecodeOutputs, GraphVariants
 from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kv_cache import KVCache
 from services.worker.kv_layerwise import LayerSignal
@@ -29,7 +31,7 @@ from services.worker.layers.linear import Linear
 from services.worker.layers.quantization.fp8 import Fp8Method, runs_w8a8
 from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
-from services.worker.mm_inputs import EncoderCache
+from services.worker.mm_inputs import EncoderCache, ImageInput
 from services.worker.model_config import ModelConfig
 from services.worker.models import IMAGE_MODELS
 from services.worker.models.llama import LlamaModel, quant_fusions
@@ -56,6 +58,25 @@ log = logging.getLogger(__name__)
 # small-batch step replays one graph and reads back only the token ids. Their logits stay alive
 # as graph outputs ([rows, vocab] in the model dtype, 1 + 2 + 4 + 8 rows: ~4.6 MB for a 152k vocab).
 GRAPH_LOGITS_MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class _StepInputs:
+    """One step's flat host inputs (module docstring) and the rows its sampling reads."""
+
+    ids: list[int] | torch.Tensor  # [T] host ids, or [T] int64 on the device (a continuation)
+    positions: list[int]
+    slots: list[int]
+    block_tables: torch.Tensor  # [B, max_blocks] int32 on the host
+    cu_seqlens: list[int]
+    seq_lens: list[int]
+    max_seqlen_q: int
+    max_blocks: int
+    logits_rows: list[int]  # the rows whose logits are sampled
+    rows: list[tuple[Sequence, int]]  # per sampled row: the sequence whose params apply, its entry
+    pooled: list[tuple[int, int]]  # pooling entries that reach their last prompt token, and its row
+    mm: ImageEmbeddingRows | None  # image embedding rows of the step's prompt chunks
+    drafted: bool  # speculative decoding: some entry carries drafts
 
 
 def leading_single_tokens(cu_seqlens: list[int]) -> int:
@@ -85,13 +106,15 @@ class ModelRunner:
         max_num_tokens: int = 0,
         pooling: bool = False,
         pipeline_trace: str = "",
+        encoder_cache_size: int = 64,
+        pipeline_batches: int = 1,
     ) -> None:
         self.cfg = cfg
         self.ops = ops
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
-        # (LoRA adds to the normalised activations each projection reads: the norms stay unfolded)
+        # (with LoRA too: the pool folds the norms' weights into the adapters' A, lora/pool.py)
         self.model = build_model(
             cfg,
             ops,
@@ -101,7 +124,6 @@ class ModelRunner:
             seed,
             quantization,
             quantization_group_size,
-            fold_norms=not max_loras,
             pooling=pooling,
         )
         # Multi-LoRA: the device slots of adapter weights, and each step's rows -> slots (lora/pool.py)
@@ -117,10 +139,13 @@ class ModelRunner:
                 device,
                 cfg.hidden_size,
             )
+        if isinstance(getattr(self.model, "model", None), LlamaModel):
+            # batches of different steps in flight in a pipeline-parallel group (pipeline.py)
+            self.model.model.pipeline_batches = pipeline_batches
         if pipeline_trace and isinstance(getattr(self.model, "model", None), LlamaModel):
             state = parallel.current()
             self.model.model.trace = StageTrace(pipeline_trace, state.rank, state.pp_rank)
-        self.encoder_cache = EncoderCache()  # image embeddings by hash (multimodal models)
+        self.encoder_cache = EncoderCache(encoder_cache_size)  # image embeddings by hash (multimodal models)
         # M-RoPE (Qwen2.5-VL): the vision tower's merge size, which lays out images' positions
         self.mrope_merge = (
             self.model.spatial_merge_size if isinstance(self.model, Qwen2_5_VLForConditionalGeneration) else 0
@@ -163,13 +188,15 @@ class ModelRunner:
             for name, mods in groups.items():
                 shapes = {tuple(m.weight.shape) for m in mods}
                 assert len(shapes) == 1, (name, shapes)
-                # gate_up_proj is the models' fused [gate; up] projection (SiLU-and-mul follows it)
+                # gate_up_proj is the models' fused [gate; up] projection (the activation-and-mul
+                # follows it: SiLU, or the model's `mlp_activation`, Gemma's GELU)
                 report += self.ops.tune_linear(
                     [m.weight for m in mods],
                     mods[0].bias,
                     GRAPH_LOGITS_MAX_ROWS,
                     name,
                     gated=name == "gate_up_proj",
+                    activation=getattr(self.model, "mlp_activation", "silu"),
                 )
         torch.cuda.empty_cache()
         for line in report:
@@ -301,16 +328,42 @@ class ModelRunner:
         assert self.kv_cache is not None, "bind the KV cache before capturing"
         max_blocks = -(-max_model_len // self.block_size)
         self.graphs = CudaGraphRunner(
-            self._decode_forward, self.cos_sin_cache, max_num_seqs, max_blocks, self.device
+            self._decode_forward,
+            self.cos_sin_cache,
+            max_num_seqs,
+            max_blocks,
+            self.device,
+            variants=self._graph_variants(),
         )
         self.graphs.capture()
         sizes = verify_graph_sizes(max_num_seqs, speculative_tokens, max_num_tokens)
         if sizes:
             self.verify_graphs = VerifyGraphRunner(
-                self._verify_forward, self.cos_sin_cache, sizes, max_blocks, self.device
+                self._verify_forward,
+                self.cos_sin_cache,
+                sizes,
+                max_blocks,
+                self.device,
+                variants=self._graph_variants(),
             )
             self.verify_graphs.capture()
         return True
+
+    def _graph_variants(self) -> GraphVariants:
+        """With LoRA on, decode (and verification) graphs without the LoRA kernels ("base":
+        replayed by the steps of base rows only, which then cost what they cost on a worker without
+        LoRA) and with them ("lora": any mix of adapters, read from the pool's persistent mapping)."""
+        if self.lora is None:
+            return NO_VARIANTS
+        mapping = self.lora.mapping
+        return GraphVariants(
+            ("base", "lora"),
+            lambda name: mapping.launching(name == "lora"),
+            lambda: "lora" if mapping.active else "base",
+        )
+
+    def _lora_launching(self, active: bool) -> contextlib.AbstractContextManager[None]:
+        return self.lora.mapping.launching(active) if self.lora is not None else contextlib.nullcontext()
 
     def small_query_graphs(
         self, num_seqs: int, max_seqlen_q: int, max_blocks: int
@@ -344,7 +397,8 @@ class ModelRunner:
             max_seqlen_q=num_tokens,
             cos_sin_cache=self.cos_sin_cache,
         )
-        hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), meta)
+        with self._lora_launching(True):  # (their buffers count: a step with adapters runs them)
+            hidden = self.model(torch.zeros(num_tokens, dtype=torch.int64, device=dev), meta)
         if self.model.layout.first_stage:  # (the later pipeline stages have no LM head)
             logits = self.model.compute_logits(hidden[-1:].expand(num_seqs, -1))
             torch.softmax(logits, dim=-1).sort(dim=-1)
@@ -367,6 +421,61 @@ class ModelRunner:
         """Enqueue one forward over the scheduled tokens and the sampling; `result()` on the handle
         reads the tokens. A continuation (`out.prev_rows`, async scheduling) takes its input ids
         from `prev`'s sampled tokens on the device, so nothing here waits for `prev` to finish."""
+        step = self._step_inputs(out, prev)
+        ids, positions, slots, block_tables = step.ids, step.positions, step.slots, step.block_tables
+        num_seqs, max_seqlen_q, max_blocks = len(out.scheduled), step.max_seqlen_q, step.max_blocks
+        decoded: DecodeOutputs | None = None
+        verify = self.small_query_graphs(num_seqs, max_seqlen_q, max_blocks) if step.drafted else None
+        if (
+            step.mm is None
+            and self.graphs is not None
+            and self.graphs.can_run(num_seqs, max_seqlen_q, max_blocks)
+        ):
+            if self.model.driver is not None:  # the other ranks of a group replay the same size
+                self.model.driver.forward_graph(
+                    ids, positions, slots, step.seq_lens, block_tables, self.graphs.padded_size(num_seqs)
+                )
+            decoded = self.graphs.run(ids, positions, slots, step.seq_lens, block_tables)
+            hidden = decoded.hidden
+        elif (
+            step.mm is None and verify is not None and isinstance(ids, list)
+        ):  # (drafted steps are synchronous)
+            decoded = verify.run(ids, positions, slots, step.cu_seqlens, step.seq_lens, block_tables)
+            hidden = decoded.hidden
+        else:
+            hidden = self._forward_eager(
+                ids, positions, slots, block_tables, step.cu_seqlens, step.seq_lens, max_seqlen_q, step.mm
+            )
+        return self._sample_step(out, step, hidden, decoded)
+
+    @torch.inference_mode()
+    def launch_in_flight(self, out: SchedulerOutput) -> Callable[[], StepHandle]:
+        """A pipeline-parallel group with batches in flight (--pipeline-batches, pipeline.py): the
+        other ranks are sent the batch and stage 0 runs its layers over it now; the returned
+        function, called once later batches have started, receives the batch back from the last
+        stage and runs the LM head and the sampling, as `launch` does (eager: P > 1 has no graphs)."""
+        step = self._step_inputs(out, None)
+        assert step.mm is None and not step.drafted, "image rows and drafts are not pipelined"
+        input_ids, meta = self._eager_inputs(
+            step.ids,
+            step.positions,
+            step.slots,
+            step.block_tables,
+            step.cu_seqlens,
+            step.seq_lens,
+            step.max_seqlen_q,
+        )
+        started = self.model.start_forward(input_ids, meta)
+
+        def finish() -> StepHandle:
+            with torch.inference_mode():
+                return self._sample_step(out, step, started.finish(), None)
+
+        return finish
+
+    def _step_inputs(self, out: SchedulerOutput, prev: StepHandle | None) -> _StepInputs:
+        """The step's flat host inputs and rows (pending block copies made first; LoRA's mapping
+        prepared and staged for the group)."""
         assert self.kv_cache is not None
         self.kv_cache.copy_blocks(out.block_copies)
         bs = self.block_size
@@ -412,35 +521,34 @@ class ModelRunner:
         if out.prev_rows is not None and any(row >= 0 for row in out.prev_rows):
             assert prev is not None and prev.token_ids is not None, "a continuation needs the previous step"
             ids = self._continuation_ids(prev.token_ids, out, input_ids, cu_seqlens)
-        max_seqlen_q = max(item.num_new_tokens for item in out.scheduled)
         if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
             step = self.lora.prepare(
                 [(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled]
             )
             if self.model.driver is not None:  # the other ranks of a group replay it with the forward
                 self.model.driver.stage_lora(step)
-        mm = self._image_rows(out, cu_seqlens)  # None unless a prefill chunk covers image positions
-        drafted = any(item.draft is not None for item in out.scheduled)
-        decoded: DecodeOutputs | None = None
-        verify = self.small_query_graphs(len(out.scheduled), max_seqlen_q, max_blocks) if drafted else None
-        if (
-            mm is None
-            and self.graphs is not None
-            and self.graphs.can_run(len(out.scheduled), max_seqlen_q, max_blocks)
-        ):
-            if self.model.driver is not None:  # the other ranks of a group replay the same size
-                self.model.driver.forward_graph(
-                    ids, positions, slots, seq_lens, block_tables, self.graphs.padded_size(len(out.scheduled))
-                )
-            decoded = self.graphs.run(ids, positions, slots, seq_lens, block_tables)
-            hidden = decoded.hidden
-        elif mm is None and verify is not None and isinstance(ids, list):  # (drafted steps are synchronous)
-            decoded = verify.run(ids, positions, slots, cu_seqlens, seq_lens, block_tables)
-            hidden = decoded.hidden
-        else:
-            hidden = self._forward_eager(
-                ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q, mm
-            )
+        return _StepInputs(
+            ids,
+            positions,
+            slots,
+            block_tables,
+            cu_seqlens,
+            seq_lens,
+            max(item.num_new_tokens for item in out.scheduled),
+            max_blocks,
+            logits_rows,
+            rows,
+            pooled,
+            self._image_rows(out, cu_seqlens),  # None unless a prefill chunk covers image positions
+            any(item.draft is not None for item in out.scheduled),
+        )
+
+    def _sample_step(
+        self, out: SchedulerOutput, step: _StepInputs, hidden: torch.Tensor, decoded: DecodeOutputs | None
+    ) -> StepHandle:
+        """After the forward: the features an EAGLE head reads, prompt logprobs, pooling, and the
+        sampling of the rows that sample (a handle whose tokens are read when asked)."""
+        cu_seqlens, logits_rows, rows = step.cu_seqlens, step.logits_rows, step.rows
         if self.feature_sink is not None:
             features: torch.Tensor | None = hidden
             if self.model.model.aux_layers:
@@ -448,9 +556,9 @@ class ModelRunner:
             assert features is not None
             self.feature_sink(out, features, cu_seqlens)
         self._prompt_logprobs(out, hidden, cu_seqlens)
-        if pooled:
-            self._pool(out, hidden, pooled)
-        if drafted:  # speculative decoding
+        if step.pooled:
+            self._pool(out, hidden, step.pooled)
+        if step.drafted:  # speculative decoding
             return verify_step(
                 out,
                 hidden,
@@ -594,6 +702,22 @@ class ModelRunner:
         max_seqlen_q: int,
         mm: ImageEmbeddingRows | None = None,
     ) -> torch.Tensor:
+        ids, meta = self._eager_inputs(
+            input_ids, positions, slots, block_tables, cu_seqlens, seq_lens, max_seqlen_q
+        )
+        return self.model(ids, meta) if mm is None else self.model(ids, meta, mm)
+
+    def _eager_inputs(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        positions: list[int],
+        slots: list[int],
+        block_tables: torch.Tensor,
+        cu_seqlens: list[int],
+        seq_lens: list[int],
+        max_seqlen_q: int,
+    ) -> tuple[torch.Tensor, AttentionMetadata]:
+        """A forward's input ids and attention metadata on the device."""
         dev = self.device
 
         def put(values: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -612,7 +736,7 @@ class ModelRunner:
             num_decode_rows=leading_single_tokens(cu_seqlens),
         )
         ids = input_ids if isinstance(input_ids, torch.Tensor) else put(input_ids, torch.int64)
-        return self.model(ids, meta) if mm is None else self.model(ids, meta, mm)
+        return ids, meta
 
     def _image_rows(self, out: SchedulerOutput, cu_seqlens: list[int]) -> ImageEmbeddingRows | None:
         """The image embedding rows of this step: for each scheduled prompt chunk, the part of
@@ -628,21 +752,35 @@ class ModelRunner:
             layout = rope_images(images, self.mrope_merge)[0] if self.mrope_merge else []
             for k, image in enumerate(images):
                 lo, hi = max(start, image.offset), min(end, image.end)
-                if lo < hi:
-                    assert isinstance(self.model, IMAGE_MODELS), "validated at admission"
-                    if image.embeds is not None:  # an encode worker's rows
-                        full = image.embeds.to(self.device, self.dtype)
-                    else:
-                        full = self.encoder_cache.get(image, self.model.encode_image)
-                    embeds.append(full[lo - image.offset : hi - image.offset])
-                    rows += range(cu_seqlens[i] + lo - start, cu_seqlens[i] + hi - start)
-                    if layout:
-                        for axis, values in zip(rope, image_positions(layout[k], lo, hi), strict=True):
-                            axis += values
+                if lo >= hi:
+                    if (
+                        image.end <= start < item.seq.request.prompt_len
+                        and image.hash not in self.encoder_cache
+                    ):
+                        # Its KV came from the prefix cache, but the caller, which sent it whole,
+                        # now takes this worker to hold it and may name it by its hash alone.
+                        self._image_embeddings(image)
+                    continue
+                full = self._image_embeddings(image)
+                embeds.append(full[lo - image.offset : hi - image.offset])
+                rows += range(cu_seqlens[i] + lo - start, cu_seqlens[i] + hi - start)
+                if layout:
+                    for axis, values in zip(rope, image_positions(layout[k], lo, hi), strict=True):
+                        axis += values
         if not rows:
             return None
         rope_positions = self._to_device([p for axis in rope for p in axis]).view(3, -1) if rope[0] else None
         return ImageEmbeddingRows(self._to_device(rows), torch.cat(embeds), rope_positions)
+
+    def _image_embeddings(self, image: ImageInput) -> torch.Tensor:
+        """An image's rows [length, hidden] on the device, held by the encoder cache afterwards
+        (so that a later request may send the image as its hash alone)."""
+        assert isinstance(self.model, IMAGE_MODELS), "validated at admission"
+        if image.embeds is None:
+            return self.encoder_cache.get(image, self.model.encode_image)
+        full = image.embeds.to(self.device, self.dtype)  # an encode worker's rows, or the cache's own
+        self.encoder_cache.put(image.hash, full, image.grid_thw)
+        return full
 
     def _sampling_metadata(
         self, seqs: list[Sequence], pending: list[int] | None = None, drafted: list[list[int]] | None = None

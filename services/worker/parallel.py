@@ -28,9 +28,11 @@ whole KV cache) and runs no collective, whatever the target's layout.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import os
+import pickle
 import socket
 import threading
 from collections.abc import Iterator
@@ -281,11 +283,84 @@ def recv_ctrl(buf: torch.Tensor, src: int) -> torch.Tensor:
 
 
 def broadcast_object(obj: object = None) -> object:
-    """Rank 0's `obj` on every rank (pickled over the gloo control group)."""
+    """Rank 0's `obj` on every rank (pickled over the gloo control group), in the order rank 0
+    sent them. With `queue_commands` on, rank 0 does not wait for the others to take it."""
     state = _STATE
+    if _COMMANDS.queued:
+        if state.rank == 0:
+            _COMMANDS.post(obj, state)
+            return obj
+        return _COMMANDS.take(state)
     box = [obj]
     dist.broadcast_object_list(box, src=0, group=state.ctrl_group)
     return box[0]
+
+
+class _CommandQueue:
+    """Rank 0's commands as point-to-point sends to each other rank over the control group, rank 0
+    waiting for none of them (at most `MAX_UNTAKEN` commands behind), where a broadcast returns on
+    rank 0 only once every rank took it. A pipeline-parallel group with batches in flight needs
+    it: the later stages take rank 0's next Forward only when done with the batch before, while
+    stage 0 is to compute the next batch meanwhile (pipeline.py). Each command's two messages
+    (its size, its bytes) carry tags from a count every rank keeps alike, so a rank takes them in
+    rank 0's order; tag 0 stays for the KV moves on this group (kv_reshard.py)."""
+
+    MAX_UNTAKEN = 64
+
+    def __init__(self) -> None:
+        self.queued = False
+        self._count = 0
+        self._pending: collections.deque[tuple[list[dist.Work], list[torch.Tensor]]] = collections.deque()
+
+    def _next_tag(self) -> int:
+        self._count += 1
+        return 2 * (self._count % 2**29) + 1  # (a C int: below 2**31)
+
+    def post(self, obj: object, state: ParallelState) -> None:
+        data = pickle.dumps(obj)
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        tag = self._next_tag()
+        works: list[dist.Work] = []
+        for dst in range(1, state.world_size):
+            for t in (size, payload):
+                work = dist.isend(t, dst=dst, group=state.ctrl_group, tag=tag + (t is payload))
+                assert work is not None  # (None only for a rank outside the group)
+                works.append(work)
+        self._pending.append((works, [size, payload]))
+        while self._pending and (
+            len(self._pending) > self.MAX_UNTAKEN or all(w.is_completed() for w in self._pending[0][0])
+        ):
+            for work in self._pending.popleft()[0]:
+                work.wait()
+
+    def take(self, state: ParallelState) -> object:
+        tag = self._next_tag()
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src=0, group=state.ctrl_group, tag=tag)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(payload, src=0, group=state.ctrl_group, tag=tag + 1)
+        return pickle.loads(payload.numpy().tobytes())
+
+    def flush(self) -> None:
+        """(rank 0) Wait until every rank took every command: a lost rank shows as an error here."""
+        while self._pending:
+            for work in self._pending.popleft()[0]:
+                work.wait()
+
+
+_COMMANDS = _CommandQueue()
+
+
+def queue_commands(on: bool) -> None:
+    """Every rank of the group alike (a pipeline-parallel group with batches in flight): rank 0's
+    commands are queued point-to-point sends instead of broadcasts (`_CommandQueue`)."""
+    _COMMANDS.queued = on
+
+
+def flush_commands() -> None:
+    """(rank 0) Wait until every rank took rank 0's commands (no-op unless they are queued)."""
+    _COMMANDS.flush()
 
 
 def all_gather_object(obj: object) -> list[object]:

@@ -29,7 +29,7 @@ from services.common.logging import request_id_var
 from services.worker import kv_nixl, kv_transfer, kv_transports, kv_wire
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
-from services.worker.errors import task_mismatch
+from services.worker.errors import ImageNotCachedError, task_mismatch
 from services.worker.generate_mux import GenerateMux, SessionContext
 from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WORKER_STACK_FACTOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
@@ -545,6 +545,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             while not finished:
                 item = leftover if leftover is not None else await outputs.get()
                 leftover = None
+                if isinstance(item, ImageNotCachedError):  # the caller resends the pixels
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(item))
                 if isinstance(item, InvalidRequestError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
                 if isinstance(item, LoRANotFoundError):  # unloaded since _resolve_lora
@@ -648,6 +650,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             ],
             num_images_encoded=e.runner.encoder_cache.misses,
             num_encoder_cache_hits=e.runner.encoder_cache.hits,
+            encoder_cache_size=e.encoder_cache_size,
+            num_images_by_hash=e.runner.encoder_cache.by_hash,
+            num_image_hash_misses=e.runner.encoder_cache.hash_misses,
+            image_bytes_received=e.runner.encoder_cache.bytes_received,
         )
 
     async def GetLoad(
@@ -1185,6 +1191,9 @@ def _export_load_gauges(engine: AsyncEngine) -> None:
     encoder_cache = engine.engine.runner.encoder_cache
     metrics.gauge_from(metrics.IMAGES_ENCODED, lambda: encoder_cache.misses)
     metrics.gauge_from(metrics.ENCODER_CACHE_HITS, lambda: encoder_cache.hits)
+    metrics.gauge_from(metrics.IMAGES_BY_HASH, lambda: encoder_cache.by_hash)
+    metrics.gauge_from(metrics.IMAGE_HASH_MISSES, lambda: encoder_cache.hash_misses)
+    metrics.gauge_from(metrics.IMAGE_BYTES_RECEIVED, lambda: encoder_cache.bytes_received)
     metrics.gauge_from(metrics.PREEMPTIONS, lambda: engine.load.num_preemptions)
     metrics.gauge_from(metrics.KV_SWAPPED_OUT, lambda: engine.load.num_swapped_out)
     metrics.gauge_from(metrics.KV_SWAPPED_IN, lambda: engine.load.num_swapped_in)

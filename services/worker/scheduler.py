@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -134,27 +135,42 @@ class Scheduler:
         return sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
 
     # ---- schedule ------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: Collection[Request] = (), max_requests: int = 0) -> SchedulerOutput:
+        """The next step. A pipeline-parallel group with batches in flight (engine.py) schedules
+        each batch around the others: the sequences of `busy` requests (in a batch in flight) are
+        neither scheduled nor preempted, and with `max_requests` > 0 the batch takes the
+        sequences of at most that many requests (so that the batches in flight share them)."""
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         num_preempted = 0
-        num_made_room = self._make_room_for_starved_group()
-        decodes_left = sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
+        num_made_room = self._make_room_for_starved_group(busy)
+        decodes_left = sum(
+            1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1 and s.request not in busy
+        )
         adapters: set[int] = set()  # LoRA adapters of this step (the pool has max_loras slots)
+        requests: set[Request] = set()  # (counted only with max_requests)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.request in busy:
+                i += 1
+                continue
             remaining = seq.num_tokens - seq.num_computed_tokens
             is_decode = remaining == 1
             if is_decode:
                 decodes_left -= 1
             num_new = min(remaining, budget - (0 if is_decode else decodes_left))
-            if num_new <= 0 or not self._adapter_fits(seq, adapters):
+            if (
+                num_new <= 0
+                or not self._adapter_fits(seq, adapters)
+                or self._full(requests, seq, max_requests)
+            ):
                 i += 1
                 continue
             extra = self._fork_blocks_needed(seq, num_new)
             while not self.bm.can_allocate(seq, num_new, extra=extra):
-                victim = self.running[-1]
+                # the newest running sequence not in flight (`seq` itself at worst)
+                victim = next(s for s in reversed(self.running) if s.request not in busy)
                 self._preempt(victim)
                 num_preempted += 1
                 if victim is seq:
@@ -163,6 +179,7 @@ class Scheduler:
                 break
             scheduled.append(self._commit(seq, num_new, extra))
             adapters.add(seq.request.lora_id)
+            requests.add(seq.request)
             budget -= num_new
             i += 1
 
@@ -176,11 +193,15 @@ class Scheduler:
                 break
             if not self._adapter_fits(seq, adapters):
                 break
+            # (a preempted beam or choice of a request with others in flight waits for them)
+            if seq.request in busy or self._full(requests, seq, max_requests):
+                break
             admission = self._admission(seq, budget)
             if admission is None:
                 break
             del self.waiting[index]
             adapters.add(seq.request.lora_id)
+            requests.add(seq.request)
             scheduled.append(self._admit(seq, admission))
             running_per_group[seq.request.group] += 1 + n_parked
             slots += 1 + n_parked
@@ -190,6 +211,11 @@ class Scheduler:
         return SchedulerOutput(
             scheduled, copies, self.max_num_batched_tokens - budget, num_preempted + num_made_room
         )
+
+    @staticmethod
+    def _full(requests: set[Request], seq: Sequence, max_requests: int) -> bool:
+        """Whether a batch holding `requests` has no room for `seq`'s request (`schedule`)."""
+        return bool(max_requests) and seq.request not in requests and len(requests) >= max_requests
 
     def schedule_continuation(self, prev: SchedulerOutput) -> SchedulerOutput | None:
         """Async scheduling: the step after `prev`, planned while `prev` still runs on the device and
@@ -363,14 +389,20 @@ class Scheduler:
             return None
         return seq, group
 
-    def _make_room_for_starved_group(self) -> int:
+    def _make_room_for_starved_group(self, busy: Collection[Request] = ()) -> int:
         """Preempt the newest running sequences of the group holding the most while `_room_taker`
-        says so. Done before anything is scheduled (a preempted sequence must not be in this
-        step). Returns how many were preempted."""
+        says so (none of `busy` requests, in a batch in flight). Done before anything is
+        scheduled (a preempted sequence must not be in this step). Returns how many were
+        preempted."""
         preempted = 0
         while (taker := self._room_taker()) is not None:
             _, group = taker
-            victim = next(s for s in reversed(self.running) if s.request.group == group)
+            victim = next(
+                (s for s in reversed(self.running) if s.request.group == group and s.request not in busy),
+                None,
+            )
+            if victim is None:  # the group's sequences are all in flight: once they are back
+                break
             self._preempt(victim)
             preempted += 1
         return preempted

@@ -7,6 +7,8 @@ Its own module so that both launchers, local processes (tp_launch.py) and Ray ac
 
 from __future__ import annotations
 
+import collections
+
 import torch
 
 from kernels import get_ops
@@ -20,6 +22,7 @@ from services.worker.layers.attention import AttentionMetadata
 from services.worker.lora.adapter import LoRAAdapter, LoRAAdapterError, load_adapter
 from services.worker.model_config import load_model_config
 from services.worker.model_runner import ModelRunner
+from services.worker.pipeline import StageForward
 from services.worker.tp_group import (
     BindKV,
     CaptureGraphs,
@@ -74,6 +77,7 @@ def follow(config: WorkerConfig) -> int:
         max_num_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
         pooling=config.task == "embed",
         pipeline_trace=config.pipeline_trace,
+        pipeline_batches=config.batches_in_flight,
     )
     model = runner.model
     kv: KVCache | None = None
@@ -82,6 +86,9 @@ def follow(config: WorkerConfig) -> int:
     adapters: dict[int, LoRAAdapter] = {}
     state = parallel.current()
     ranks = kv_reshard.rank_kv(cfg, state.tp_size, state.pp_size)
+    batches = config.batches_in_flight
+    parallel.queue_commands(batches > 1)  # as rank 0 does (Engine)
+    in_flight: collections.deque[StageForward] = collections.deque()  # started, not finished
     with torch.inference_mode():
         while True:
             cmd = parallel.broadcast_object()
@@ -107,7 +114,15 @@ def follow(config: WorkerConfig) -> int:
                     cos_sin_cache=runner.cos_sin_cache,
                     num_decode_rows=cmd.num_decode_rows,
                 )
-                model(cmd.input_ids.to(device), meta)
+                if batches == 1:
+                    model(cmd.input_ids.to(device), meta)
+                    continue
+                # Batches of different steps in flight (pipeline.py): this stage's layers now; a
+                # batch is finished (its sends waited for; stage 0: received back and normed) once
+                # rank 0 started as many batches after it, by when rank 0 has finished it.
+                while len(in_flight) >= batches:
+                    in_flight.popleft().finish()
+                in_flight.append(model.model.start_stage(cmd.input_ids.to(device), meta))
             elif isinstance(cmd, Logits):
                 if parallel.current().pp_rank == 0:  # stage 0 holds the LM head
                     model.compute_logits(cmd.hidden.to(device))

@@ -7,7 +7,9 @@
                TANDEM_TP_RANK set: they load their slice of the model, allocate their slice of
                the KV cache, then run `tp_follow.follow`: receive a command, run it, repeat.
 
-The commands travel as pickled host objects over a gloo group of their own (`broadcast_object`);
+The commands travel as pickled host objects over a gloo group of their own (`broadcast_object`;
+with pipeline batches in flight as queued point-to-point sends that rank 0 does not wait for,
+`parallel.queue_commands`);
 the model's collectives run on the main group (NCCL on CUDA, gloo on CPU). Disaggregation's KV
 moves within the group after a ReadKV / WriteKV command, point to point on the gloo group
 (kv_reshard.py).
@@ -327,6 +329,7 @@ class StepDriver:
             if time.monotonic() - self._last >= self._interval and self._lock.acquire(blocking=False):
                 try:
                     parallel.broadcast_object(Ping())
+                    parallel.flush_commands()  # (queued commands: a lost rank shows when waited for)
                     self._last = time.monotonic()
                 except Exception as exc:  # a rank is gone (on another host no watcher sees it)
                     group_failed(exc)

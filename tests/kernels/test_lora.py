@@ -13,13 +13,15 @@ from kernel_cases import CASES, rel_err, skip_without, tol_for
 from kernels import reference
 
 # (rows, in features K, out features N, rank R, slots S)
-# (the 1100-column case splits K over three shrink programs, the last one partial)
+# (the 1100-column case splits K over three shrink programs, the last one partial; the 4700-column
+# one over ten, which the expand kernel loads in two chunks, the second partial)
 SHAPES = [
     (1, 64, 96, 16, 4),
     (5, 32, 48, 8, 3),
     (37, 64, 160, 48, 4),
     (70, 48, 32, 16, 2),
     (3, 1100, 40, 16, 2),
+    (2, 4700, 24, 16, 3),
 ]
 MIXES = ["mixed", "one-adapter", "base-only"]
 

@@ -18,6 +18,11 @@ def test_lora_bench_smoke(tmp_path: Path) -> None:
         timeout=300,
     )
     report = json.loads(out.read_text())
-    assert [r["batch"] for r in report["rows"]] == [1, 1, 1, 4, 4]
+    assert [r["batch"] for r in report["rows"]] == [1, 1, 1, 4, 4, 4]
     assert all(r["tok_per_s"] > 0 for r in report["rows"])
-    assert set(report["targets"]) == {"batch1_adapter_vs_base", "batch4_mixed_vs_base"}
+    assert set(report["targets"]) == {
+        "batch1_adapter_vs_base",
+        "batch4_mixed_vs_base",
+        "batch1_base_lora_on_vs_off",
+        "batch4_base_lora_on_vs_off",
+    }

@@ -100,3 +100,18 @@ def test_graphs_on_and_off_identical_and_close_to_merged(setup: tuple[RefModel, 
         _, ref_logprobs = refs[name].greedy_with_logprobs(prompt, 1)
         entry = result.logprobs[0][0]
         assert math.isclose(entry.logprob, float(ref_logprobs[0][entry.token_id]), abs_tol=0.1), name
+
+
+def test_base_steps_replay_the_graphs_without_lora_kernels(setup: tuple[RefModel, list[Adapter]]) -> None:
+    """A step of base rows only replays the decode graph captured without the LoRA kernels; a step
+    with an adapter row the one captured with them (layers/lora.py, model_runner.py)."""
+    base, adapters = setup
+    engine = _engine(base, adapters, enforce_eager=False)
+    graphs = engine.runner.graphs
+    assert graphs is not None and set(graphs.replays_by_variant) == {"base", "lora"}
+    prompts = prompts_of_lengths([7, 19, 4], base.vocab_size, seed=2)
+    _generate(engine, prompts, ["", "", ""])
+    assert graphs.replays_by_variant["lora"] == 0 and graphs.replays_by_variant["base"] > 0
+    base_replays = graphs.replays_by_variant["base"]
+    _generate(engine, prompts, ["", "a0", "a1"])
+    assert graphs.replays_by_variant["lora"] > 0 and graphs.replays_by_variant["base"] == base_replays

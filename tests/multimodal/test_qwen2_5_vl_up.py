@@ -84,10 +84,14 @@ def up(
         process.stop()
 
 
+def worker_info(run_dir: Path, name: str) -> worker_pb2.WorkerInfo:
+    with grpc.insecure_channel(f"unix:{run_dir / name}.sock") as channel:
+        return worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+
+
 def encoder_counters(run_dir: Path, name: str) -> tuple[int, int]:
     """(images encoded, encoder-cache hits) from a worker's Info."""
-    with grpc.insecure_channel(f"unix:{run_dir / name}.sock") as channel:
-        info = worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+    info = worker_info(run_dir, name)
     return info.num_images_encoded, info.num_encoder_cache_hits
 
 
@@ -109,8 +113,16 @@ def test_image_chats_through_tandem_up(up: UpProcess, hf: tuple[Any, Any]) -> No
             worker_pb2_grpc.WorkerStub(channel).Encode(worker_pb2.EncodeRequest(), timeout=10)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
     # A later turn with the first conversation's image, after other text: the prefix cache does
-    # not cover it, so its rows come from the encoder cache.
+    # not cover it, so its rows come from the unified worker's encoder cache, and the gateway,
+    # which sent it there before, sends its hash alone (no pixels, no encode worker asked).
+    before = worker_info(run_dir, "worker-0")
     image = CONVERSATIONS[0][1]
     later = ["Earlier you saw this: ", image, " -- what was it again?"]
     assert chat(client, later) == expected_answer(hf, later)
-    assert encoder_counters(run_dir, encoder) == (encoded, hits + 1)
+    after = worker_info(run_dir, "worker-0")
+    assert after.num_images_by_hash == before.num_images_by_hash + 1
+    assert after.image_bytes_received == before.image_bytes_received
+    assert after.num_encoder_cache_hits == before.num_encoder_cache_hits + 1
+    assert encoder_counters(run_dir, encoder) == (
+        (encoded, hits + 1) if encoder == "worker-0" else (encoded, hits)
+    )

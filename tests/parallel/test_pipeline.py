@@ -1,8 +1,9 @@
-"""Pipeline parallelism with micro-batches (services/worker/pipeline.py): a step's sequences split
-into P runs of about equal tokens, each with its own attention metadata; T = 1 x P = 2 greedy
-tokens equal T = P = 1 and transformers with 8 requests in flight, chunked prefill and preemption;
-and the stages' own timestamps show stage 1 computing micro-batch 0 while stage 0 computes
-micro-batch 1."""
+"""Pipeline parallelism with micro-batches, one step at a time (--pipeline-batches 1,
+services/worker/pipeline.py): a step's sequences split into P runs of about equal tokens, each
+with its own attention metadata; T = 1 x P = 2 greedy tokens equal T = P = 1 and transformers with
+8 requests in flight, chunked prefill and preemption; and the stages' own timestamps show stage 1
+computing micro-batch 0 while stage 0 computes micro-batch 1. (Batches of different steps in
+flight, the default: test_pipeline_batches.py.)"""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _options(ref: RefModel, kv_cache_memory: str, *extra: str) -> list[str]:
     return [
         "--model", str(ref.path), "--device", "cpu", "--cpu-threads", "1",
         "--kv-cache-memory", kv_cache_memory, "--max-num-batched-tokens", "16", "--max-model-len", "64",
-        "--pipeline-parallel-size", "2", *extra,
+        "--pipeline-parallel-size", "2", "--pipeline-batches", "1", *extra,
     ]  # fmt: skip
 
 
@@ -120,6 +121,8 @@ def test_stages_overlap_on_consecutive_micro_batches(tmp_path: Path) -> None:
         "16",
         "--pipeline-parallel-size",
         "2",
+        "--pipeline-batches",
+        "1",
         "--pipeline-trace",
         str(trace),
     ]

@@ -5,6 +5,8 @@
   through host memory, parallel.py; no CUDA graphs: gloo's collectives cannot be captured). The
   same body runs on the CPU (fp32, gloo as always there), where it is the CPU path of
   test_tensor_parallel.py with a bigger model.
+- One GPU, P = 2 with gloo: two pipeline stages on cuda:0 with two batches of different steps in
+  flight (--pipeline-batches), against the same T = 1.
 - Two GPUs or more: a T = 2 NCCL group with its decode CUDA graphs on (every rank captures the
   same ladder and replays rank 0's graph size, tp_group.CaptureGraphs / Forward.graph_size).
 
@@ -142,15 +144,20 @@ def _agreement(ours: list[list[int]], theirs: list[list[int]]) -> int:
     return sum(a == b for x, y in zip(ours, theirs, strict=True) for a, b in zip(x, y, strict=True))
 
 
-def _check_group(tmp_path: Path, device: str, max_tokens: int, *group_args: str) -> dict[str, Any]:
+def _check_group(
+    tmp_path: Path,
+    device: str,
+    max_tokens: int,
+    *group_args: str,
+    layout: tuple[str, ...] = ("--tensor-parallel-size", "2"),
+) -> dict[str, Any]:
     model = _write_model(tmp_path / "model", getattr(torch, DTYPES[device]))
     prompts = _prompts(1024)
     group = GroupRun(
         tmp_path,
         {"prompts": prompts, "max_tokens": max_tokens, "ignore_eos": True},
         *_options(model, device),
-        "--tensor-parallel-size",
-        "2",
+        *layout,
         *group_args,
         timeout_s=300,
     )
@@ -168,18 +175,18 @@ def _check_group(tmp_path: Path, device: str, max_tokens: int, *group_args: str)
         torch.cuda.empty_cache()
     with_hf = _hf_teacher_forced(model, device, prompts, tokens)
     print(
-        f"T=2 {device} {group_args}: greedy agreement with T=1 teacher-forced {with_t1}/{total} "
+        f"{' '.join(layout)} {device} {group_args}: greedy agreement with T=1 teacher-forced {with_t1}/{total} "
         f"(free-running {free}/{total}), transformers teacher-forced {with_hf}/{total}"
     )
     if device == "cpu":  # fp32: exactly T = 1's and transformers' tokens
         assert tokens == single
         assert with_t1 == with_hf == total
     else:
-        assert with_t1 >= 0.99 * total, f"T=2 vs T=1 greedy agreement {with_t1}/{total} < 99%"
-        assert with_hf >= 0.99 * total, f"T=2 vs transformers (teacher-forced) {with_hf}/{total} < 99%"
+        assert with_t1 >= 0.99 * total, f"{layout} vs T=1 greedy agreement {with_t1}/{total} < 99%"
+        assert with_hf >= 0.99 * total, f"{layout} vs transformers (teacher-forced) {with_hf}/{total} < 99%"
         # free-running, one bf16 near-tie sends the continuations apart for the rest of the 64
         # tokens (tests/kernels/test_engine_gpu.py's looser bound)
-        assert free >= 0.75 * total, f"T=2 vs T=1 free-running {free}/{total} < 75%"
+        assert free >= 0.75 * total, f"{layout} vs T=1 free-running {free}/{total} < 75%"
     assert got["used_blocks"] == 0
     assert got["norms_folded"]  # (the folded norms with T > 1: the Triton and reference bundles)
     return got
@@ -195,6 +202,20 @@ def test_t2_gloo_on_one_device_equals_t1_and_transformers(device: str, tmp_path:
         _needs_gpus(1)
     got = _check_group(tmp_path, device, 64 if device == "cuda" else 16, "--distributed-backend", "gloo")
     assert got["graph_sizes"] == []  # gloo's collectives cannot be captured: the group runs eager
+
+
+@pytest.mark.parametrize(
+    "device", [pytest.param("cuda", marks=pytest.mark.gpu), pytest.param("cpu", marks=pytest.mark.slow)]
+)
+def test_p2_batches_in_flight_gloo_on_one_device_equals_t1(device: str, tmp_path: Path) -> None:
+    """Two pipeline stages on ONE device with gloo and two batches of different steps in flight
+    (--pipeline-batches, the default): bf16 greedy tokens agree with T = 1 on the same GPU and
+    with transformers (fp32 on the CPU: equal)."""
+    if device == "cuda":
+        _needs_gpus(1)
+    layout = ("--pipeline-parallel-size", "2", "--distributed-backend", "gloo")
+    got = _check_group(tmp_path, device, 64 if device == "cuda" else 16, layout=layout)
+    assert got["batches"]["max_in_flight"] == 2 and got["batches"]["shared"] == 0
 
 
 @pytest.mark.gpu

@@ -5,7 +5,9 @@
 
 PROMPTS.json: {"prompts": [[ids]], "max_tokens": n, "logprobs": k, "n": n, "lora_names": [name],
 "ignore_eos": bool}
-("lora_names": each prompt's LoRA adapter, "" for the base model; optional; "rounds": [[[ids]]]
+("lora_names": each prompt's LoRA adapter, "" for the base model; optional; "guided": each
+prompt's [kind, value] GuidedSpec or null, optional; "aborts": {"after_step": k, "indices": [i]}:
+those requests aborted after the engine's k-th step, optional; "rounds": [[[ids]]]
 instead of "prompts": each round's prompts together, one round after the other; "round_params":
 [{SamplingParams field: value}] for each round, optional); with --task embed
 only the prompts count, and the output holds their embeddings. With --speculative the output
@@ -52,6 +54,7 @@ def main(argv: list[str]) -> int:
             Path(out_path).write_text(json.dumps(out))
             return 0
         proposals = record_proposals(engine)
+        batches = watch_batches(engine)
         params = SamplingParams(
             temperature=0.0,
             max_tokens=spec["max_tokens"],
@@ -71,6 +74,8 @@ def main(argv: list[str]) -> int:
                 for step_out in engine.step():
                     collect(by_id[step_out.request_id], step_out)
             results = list(by_id.values())
+        elif "guided" in spec or "aborts" in spec:
+            results = run_with_aborts(engine, spec, params)
         elif "rounds" in spec:  # each round runs to completion before the next one starts
             results = []
             overrides = spec.get("round_params") or [{}] * len(spec["rounds"])
@@ -95,6 +100,9 @@ def main(argv: list[str]) -> int:
                     "host_tier": host_tier_counters(engine),
                     "spec": _spec_stats(engine),
                     "proposals": proposals,
+                    "batches": batches,
+                    "finish_reasons": [{str(k): v for k, v in r.finish_reasons.items()} for r in results],
+                    "discarded_rows": engine.num_discarded_rows,
                 }
             )
         )
@@ -102,6 +110,57 @@ def main(argv: list[str]) -> int:
         if group is not None:
             group.terminate()
     return 0
+
+
+def run_with_aborts(engine: Engine, spec: dict[str, Any], params: Any) -> list[Any]:
+    """Every prompt in flight at once (each with its guided constraint, if any); the requests of
+    `spec["aborts"]["indices"]` aborted after step `spec["aborts"]["after_step"]`."""
+    from services.worker.engine import GenerateResult, collect
+    from services.worker.guided import GuidedSpec
+    from services.worker.request import EngineRequest
+
+    guided = spec.get("guided") or [None] * len(spec["prompts"])
+    requests = [
+        EngineRequest(
+            f"gen-{i}",
+            tuple(prompt),
+            replace(params, guided=GuidedSpec(*g)) if g is not None else params,
+        )
+        for i, (prompt, g) in enumerate(zip(spec["prompts"], guided, strict=True))
+    ]
+    by_id = {r.request_id: GenerateResult(r.request_id) for r in requests}
+    for r in requests:
+        engine.add_request(r)
+    aborts = spec.get("aborts") or {"after_step": -1, "indices": []}
+    steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            collect(by_id[out.request_id], out)
+        steps += 1
+        if steps == aborts["after_step"]:
+            for i in aborts["indices"]:
+                out = engine.abort(f"gen-{i}")
+                if out is not None:
+                    collect(by_id[out.request_id], out)
+    return list(by_id.values())
+
+
+def watch_batches(engine: Engine) -> dict[str, int]:
+    """Counts of a pipeline-parallel group's batches in flight (--pipeline-batches): batches
+    started, the most in flight at once, and batches that shared a sequence with one in flight
+    (never, by design)."""
+    stats = {"started": 0, "max_in_flight": 0, "shared": 0}
+    launch = engine.runner.launch_in_flight
+
+    def watched(out: Any) -> Any:
+        flying = {id(item.seq) for batch in engine.in_flight for item in batch.scheduled}
+        stats["shared"] += any(id(item.seq) in flying for item in out.scheduled)
+        stats["started"] += 1
+        stats["max_in_flight"] = max(stats["max_in_flight"], len(engine.in_flight) + 1)
+        return launch(out)
+
+    engine.runner.launch_in_flight = watched  # type: ignore[method-assign]
+    return stats
 
 
 def host_tier_counters(engine: Engine) -> dict[str, int] | None:

@@ -193,6 +193,10 @@ def expected_info(variant: Variant, stories_dir: Path) -> dict[str, object]:
         "kv_layerwise": True,  # not a parallel group: layer-wise push (tests/disagg/test_kv_layerwise.py)
         "num_images_encoded": 0,  # a text model encodes no image (tests/multimodal/test_qwen2_5_vl_up.py counts them)
         "num_encoder_cache_hits": 0,
+        "encoder_cache_size": 0,  # a text model takes no images, by hash or otherwise
+        "num_images_by_hash": 0,  # (tests/multimodal/test_hash_resend.py counts them)
+        "num_image_hash_misses": 0,
+        "image_bytes_received": 0,
     }
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from worker_testlib import RefModel, prompts_of_lengths
 
 from services.worker.engine import Engine
-from services.worker.request import EngineRequest, SamplingParams
-from services.worker.scheduler import SchedulerOutput
+from services.worker.request import EngineRequest, Request, SamplingParams
+from services.worker.scheduler import SampledToken, SchedulerOutput
 
 
 def step(engine: Engine) -> tuple[SchedulerOutput, set[str]]:
@@ -126,3 +126,47 @@ def test_groups_take_turns_at_admission(ref_models: dict[str, RefModel]) -> None
     assert sorted(item.seq.request.request_id for item in scheduled.scheduled) == ["a0", "a1", "b0", "b1"]
     while engine.has_unfinished():
         engine.step()
+
+
+def test_batches_in_flight_never_share_or_preempt_each_others_requests(
+    ref_models: dict[str, RefModel],
+) -> None:
+    """A pipeline-parallel group's batches in flight (engine.py `_step_pipelined`): each batch is
+    scheduled with the requests of the batch in flight `busy`, which it neither schedules nor
+    preempts, and at most `max_requests` requests, so two batches share the four requests; a
+    10-block cache preempts the requests of the batch being scheduled only."""
+    engine = ref_models["stories"].engine(
+        max_num_batched_tokens=64, kv_cache_memory="200KiB", max_model_len=128
+    )
+    assert engine.block_manager.num_blocks == 10
+    sp = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    for i, prompt in enumerate(prompts_of_lengths([30, 30, 30, 30], 512, seed=4)):
+        engine.add_request(EngineRequest(f"r{i}", tuple(prompt), sp))
+    scheduler = engine.scheduler
+    Started = tuple[SchedulerOutput, list[list[SampledToken]]]
+
+    def requests_of(out: SchedulerOutput | None) -> set[Request]:
+        return {item.seq.request for item in out.scheduled} if out is not None else set()
+
+    def start(in_flight: SchedulerOutput | None) -> Started:
+        busy = requests_of(in_flight)
+        running = [s for s in scheduler.running if s.request in busy]
+        out = scheduler.schedule(busy, max_requests=2)
+        assert not requests_of(out) & busy
+        assert all(s in scheduler.running for s in running)  # none of the batch in flight preempted
+        return out, engine.runner.execute(out) if not out.is_empty else []
+
+    first = start(None)
+    second = start(first[0])
+    names = [{r.request_id for r in requests_of(batch[0])} for batch in (first, second)]
+    assert names == [{"r0", "r1"}, {"r2", "r3"}]
+    in_flight: list[Started] = [first, second]
+    while in_flight:
+        out, sampled = in_flight.pop(0)  # the oldest batch is back: its tokens are applied
+        for request in scheduler.update(out, sampled):
+            engine._output(request)
+        following = start(in_flight[0][0] if in_flight else None)
+        if not following[0].is_empty:
+            in_flight.append(following)
+    assert scheduler.num_preemptions > 0
+    assert not engine.has_unfinished() and engine.block_manager.num_used_blocks == 0

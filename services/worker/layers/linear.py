@@ -84,6 +84,9 @@ class Linear(nn.Linear):
         self.quant_method: QuantMethod | None = None
         # Multi-LoRA (services/worker/lora/pool.py): each row's adapter added to the output
         self.lora: LoRAProjection | None = None
+        # The RMSNorm weight folded into this weight (models/llama.py fold_norms), kept because an
+        # adapter's A must carry it too (lora/pool.py); None when no norm was folded here.
+        self.folded_norm: torch.Tensor | None = None
 
     def set_quant_method(self, method: QuantMethod) -> None:
         """Store this layer's weight in `method`'s format (before the weights are loaded)."""
@@ -93,9 +96,28 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:  # [T, in] -> [T, out]
         """early_signal: the next kernel is a short latency-bound one that may launch (and do its
         pre-wait loads) while this projection streams its weight (kernels/triton/pdl.py)."""
-        if self.lora is not None:
-            return self.lora.add_to(self._base_forward(x, early_signal=False), x)
-        return self._base_forward(x, early_signal)
+        t = self._lora_shrink(x)
+        if t is not None:  # (the LoRA expand comes next, not the kernel the signal is for)
+            early_signal = False
+        return self._lora_expand(self._base_forward(x, early_signal), t)
+
+    @property
+    def lora_active(self) -> bool:
+        """Whether this forward adds adapters here: LoRA is on and some row of the step has an
+        adapter (a step of base rows only launches no LoRA kernel: layers/lora.py)."""
+        return self.lora is not None and self.lora.mapping.active
+
+    def _lora_shrink(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The step's adapters' x @ A^T (None when no row has one), issued before the base
+        projection: in a captured graph it runs beside the GEMM (layers/lora.py)."""
+        return self.lora.shrink(x) if self.lora is not None and self.lora.mapping.active else None
+
+    def _lora_expand(self, out: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """out [T, out] += t @ B^T for the rows of an adapter (`_lora_shrink`'s t)."""
+        if t is not None:
+            assert self.lora is not None
+            self.lora.expand(out, t)
+        return out
 
     def _base_forward(self, x: torch.Tensor, early_signal: bool) -> torch.Tensor:
         if self.quant_method is not None:
@@ -109,6 +131,8 @@ class Linear(nn.Linear):
     ) -> torch.Tensor:  # [T, in] -> [T, out]
         """This projection of the RMS-normalised x: the norm's weight folded into this weight, or
         (a quantized layer) `norm_weight` applied to x inside the GEMM."""
+        # (an adapter's A reads the normalised input, which this op never materialises)
+        assert not self.lora_active, "with adapter rows, the norm runs first (models/llama.py)"
         if self.quant_method is not None:
             return self._quant_fused(x, self.bias, norm_weight=norm_weight, rms_eps=eps)
         assert self.ops.linear_rms_norm is not None, f"kernel bundle {self.ops.name!r} has no linear_rms_norm"
@@ -121,16 +145,25 @@ class Linear(nn.Linear):
         later kernel applies (decode attention): a quantized layer multiplies inside its GEMM; a
         full-precision one has the norm weight in its weight already (norm_weight None)."""
         if self.quant_method is not None:
-            return self._quant_fused(x, self.bias, norm_weight=norm_weight, early_signal=early_signal)
+            # an adapter's A is not scaled by the norm weight here (no weight carries it): it reads
+            # x * norm_weight, materialised only for a step with adapter rows
+            t = None
+            if self.lora_active:
+                t = self._lora_shrink(x if norm_weight is None else x * norm_weight)
+                early_signal = False  # (the LoRA expand comes next)
+            out = self._quant_fused(x, self.bias, norm_weight=norm_weight, early_signal=early_signal)
+            return self._lora_expand(out, t)
         assert norm_weight is None, "a full-precision layer's folded norm weight is in its weight"
         return self(x, early_signal=early_signal)
 
     def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        """residual + this projection of x, in one op (residual [T, out] is not written)."""
+        """residual + this projection of x, in one op (residual [T, out] is not written), then
+        the rows' adapters (added to the sum: the same as to the projection)."""
+        t = self._lora_shrink(x)
         if self.quant_method is not None:
-            return self._quant_fused(x, self.bias, residual=residual)
+            return self._lora_expand(self._quant_fused(x, self.bias, residual=residual), t)
         assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
-        return self.ops.linear_add(x, self.weight, self.bias, residual)
+        return self._lora_expand(self.ops.linear_add(x, self.weight, self.bias, residual), t)
 
     def linear_silu_and_mul(
         self, x: torch.Tensor, rms_eps: float | None = None, norm_weight: torch.Tensor | None = None
@@ -138,6 +171,7 @@ class Linear(nn.Linear):
         """silu(gate) * up of this fused [gate; up] projection of x: [T, in] -> [T, out / 2]; with
         rms_eps, x is the raw residual stream and gate/up are scaled by its 1/rms (folded norm; a
         quantized layer also takes the norm's weight, `norm_weight`)."""
+        assert not self.lora_active, "an adapter adds to gate / up before the activation"
         if self.quant_method is not None and rms_eps is None:
             # decode-sized (the buckets the fused variants are tuned at): SiLU-and-mul in the
             # quantized GEMM's epilogue where the format has the fused GEMM
@@ -162,7 +196,7 @@ class Linear(nn.Linear):
         early_signal: bool = False,
     ) -> torch.Tensor:
         """A quantized layer's folded-norm GEMM (`KernelOps.quant_linear_fused`)."""
-        assert self.quant_method is not None and self.lora is None, "LoRA keeps the norms unfolded"
+        assert self.quant_method is not None  # (each caller adds its adapters' deltas)
         operands = self.quant_method.fused_operands(self)
         assert operands is not None, f"{self.quant_method.name} weights have no fused GEMM (norms not folded)"
         return self.ops.quant_linear_fused(
@@ -198,14 +232,14 @@ class RowParallelLinear(Linear):
     def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:
         if self.tp_size == 1:
             return super().forward(x, early_signal)
+        t = self._lora_shrink(x)
         if self.quant_method is not None:  # (its input columns: quantization/base.py)
             out = self.quant_method.apply(self, x, None)
         elif self.ops.linear is None:
             out = torch.nn.functional.linear(x, self.weight)
         else:
             out = self.ops.linear(x, self.weight, None, early_signal=False)
-        if self.lora is not None:
-            self.lora.add_to(out, x)
+        self._lora_expand(out, t)
         all_reduce(out)
         return out if self.bias is None else out + self.bias
 
@@ -217,6 +251,7 @@ class RowParallelLinear(Linear):
         if self.tp_size == 1:
             return super().linear_add(x, residual)
         assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
+        t = self._lora_shrink(x)
         if self.quant_method is not None:  # (its input columns: quantization/base.py)
             if current().tp_rank == 0:
                 out = self._quant_fused(x, None, residual=residual)
@@ -228,5 +263,6 @@ class RowParallelLinear(Linear):
             out = torch.nn.functional.linear(x, self.weight)
         else:
             out = self.ops.linear(x, self.weight, None, early_signal=False)
+        self._lora_expand(out, t)  # (this rank's partial delta, summed by the all-reduce)
         all_reduce(out)
         return out if self.bias is None else out + self.bias

@@ -21,7 +21,7 @@ from torch import nn
 
 from kernels import KernelOps
 from services.worker.layers.linear import Linear
-from services.worker.layers.lora import LoRAMapping, LoRAProjection
+from services.worker.layers.lora import LoRAMapping, LoRAProjection, side_stream
 from services.worker.lora.adapter import FUSED_PARTS, MODULES, LoRAAdapter, ModelShapes, ProjectionShape
 
 log = logging.getLogger(__name__)
@@ -117,18 +117,28 @@ class LoRAPool:
         model.model.lora_mapping = self.mapping  # type: ignore[union-attr]
         # per layer: fused projection name -> its slice of the pool
         self.layers: list[dict[str, LoRAProjection]] = []
+        # per layer: fused projection name -> the RMSNorm weight folded into its base weight (fp32,
+        # host): a folded model's qkv / gate_up read the raw residual stream, so A carries it too
+        # (A diag(g) h = A (g * h): the adapter then adds to the projection exactly as the base
+        # weight does, in the folded forward and the plain one alike)
+        self._input_scales: list[dict[str, torch.Tensor]] = []
+        side = side_stream(device)  # (one for all: each projection joins it before the next forks)
         for projections in decoder_projections(model):
             entry: dict[str, LoRAProjection] = {}
+            scales: dict[str, torch.Tensor] = {}
             for name, linear in projections.items():
                 if name not in self.shapes.projections:
                     continue
+                if linear.folded_norm is not None:
+                    scales[name] = linear.folded_norm.detach().float().cpu()
                 width = FUSED_PARTS[name] * max_rank
                 a = torch.zeros(max_loras, width, linear.in_features, dtype=dtype, device=device)
                 b = torch.zeros(max_loras, linear.out_features, width, dtype=dtype, device=device)
                 parts = self.shapes.projections[name].local_part_out
                 starts = tuple(sum(parts[:j]) for j in range(len(parts)))
-                entry[name] = linear.lora = LoRAProjection(ops, a, b, self.mapping, starts, max_rank)
+                entry[name] = linear.lora = LoRAProjection(ops, a, b, self.mapping, starts, max_rank, side)
             self.layers.append(entry)
+            self._input_scales.append(scales)
         self.slots: list[LoRAAdapter | None] = [None] * max_loras
         self._lru: OrderedDict[int, int] = OrderedDict()  # lora_id -> slot, least recently used first
         self.num_loads = 0  # slot fills (first loads and reloads after an eviction)
@@ -205,5 +215,8 @@ class LoRAPool:
                     lo = sum(part_out[:part])
                     a[part * r_max : part * r_max + r] = w.a
                     b[lo : lo + part_out[part], part * r_max : part * r_max + r] = w.b
+                scale = self._input_scales[layer].get(name)
+                if scale is not None:
+                    a *= scale[None, :]
                 proj.lora_a[slot].copy_(a, non_blocking=True)
                 proj.lora_b[slot].copy_(b, non_blocking=True)

@@ -11,15 +11,25 @@
 - a sliding window on every other layer (`layer_types`; the first layer slides).
 
 Gemma 3 (models/gemma3.py) is the same module with q/k norms and a second rope for its local
-layers. Norm folding does not apply (the norms sit on both sides of each block).
+layers. Norm folding does not apply (the norms sit on both sides of each block); instead each norm
+runs fused with what is next to it (the `gemma_*` ops of kernels/ops.py), so a layer launches
+few kernels: the residual stream `h` flows through the sandwich steps
+
+    x = norm_input(h)                              (the previous layer's last fused step)
+    h = h + norm_post_attn(attn(x)); x = norm_pre_ff(h)       one gemma_add_rms_norm
+    h = h + norm_post_ff(mlp(x));    x = norm_input'(h)       one gemma_add_rms_norm
+
+where norm_input' is the next layer's input norm, or after the last layer the final norm; the
+first layer's input norm runs with the embedding scale (gemma_scale_rms_norm). Gemma 3's q/k norms
+are one launch (gemma_qk_norm), the MLP's GELU(tanh)-and-mul one (or the gate/up GEMM's epilogue).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kernels import KernelOps
@@ -34,13 +44,17 @@ class GemmaRMSNorm(RMSNorm):
     """x * rsqrt(mean(x**2) + eps) * (1 + w), all in fp32, rounded once (transformers' Gemma norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return self.ops.gemma_rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view_as(x)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total = x + residual
-        return self.forward(total), total
+        raise NotImplementedError("Gemma's residual adds are `sandwich` steps (gemma_add_rms_norm)")
+
+    def sandwich(
+        self, y: torch.Tensor, residual: torch.Tensor, next_norm: GemmaRMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, residual [T, H]) -> (next_norm(h), h) with h = residual + self(y): this norm on a
+        block's output, the residual add and the next block's input norm, in one op."""
+        return self.ops.gemma_add_rms_norm(y, residual, self.weight, next_norm.weight, self.eps)
 
 
 class GemmaMLP(nn.Module):
@@ -48,12 +62,16 @@ class GemmaMLP(nn.Module):
         super().__init__()
         if cfg.hidden_act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu"):
             raise ModelConfigError(f"Gemma with hidden_activation {cfg.hidden_act!r} is not supported")
+        self.ops = ops
         self.gate_up_proj = Linear(ops, cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(ops, cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        gate_up = self.gate_up_proj
+        if self.ops.linear_gelu_and_mul is not None and gate_up.lora is None and gate_up.quant_method is None:
+            # (one kernel for a decode-sized x where faster: GELU in the GEMM's epilogue)
+            return self.down_proj(self.ops.linear_gelu_and_mul(x, gate_up.weight, gate_up.bias))
+        return self.down_proj(self.ops.gelu_tanh_and_mul(gate_up(x)))
 
 
 class GemmaAttention(Attention):
@@ -72,6 +90,11 @@ class GemmaAttention(Attention):
             meta = dataclasses.replace(meta, cos_sin_cache=self.rope_cache)
         return super().forward(x, meta)
 
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q_norm is None or self.k_norm is None:
+            return q, k
+        return self.ops.gemma_qk_norm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+
 
 class GemmaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layer: int) -> None:
@@ -84,14 +107,20 @@ class GemmaDecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(ops, cfg.hidden_size, eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(ops, cfg.hidden_size, eps)
 
-    def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:  # residual stream in/out
-        h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), meta))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, next_norm: GemmaRMSNorm, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x = input_layernorm(h), the residual stream h) -> (next_norm(h'), h'), h' the stream
+        after this layer; next_norm: the next layer's input norm, or the final norm."""
+        y = self.self_attn(x, meta)
+        x, h = self.post_attention_layernorm.sandwich(y, h, self.pre_feedforward_layernorm)
+        return self.post_feedforward_layernorm.sandwich(self.mlp(x), h, next_norm)
 
 
 class GemmaModel(LlamaModel):
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         nn.Module.__init__(self)  # LlamaModel's layers are not Gemma's: same attribute names, own modules
+        self.ops = ops
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, ops, i) for i in range(cfg.num_layers))
         self.norm = GemmaRMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
@@ -103,11 +132,16 @@ class GemmaModel(LlamaModel):
         self, input_ids: torch.Tensor, meta: AttentionMetadata, inputs_embeds: torch.Tensor | None = None
     ) -> torch.Tensor:
         assert inputs_embeds is None, "Gemma 2/3 here are text-only models"
-        h = self.embed_tokens(input_ids)
-        h = h * torch.tensor(self.embed_scale, dtype=h.dtype)  # the scale rounded to the dtype first
-        for layer in self.layers:
-            h = layer(h, meta)
-        return self.norm(h)
+        layers = [cast(GemmaDecoderLayer, layer) for layer in self.layers]
+        first = layers[0].input_layernorm
+        # the embedding scale (rounded to the dtype first) and the first layer's input norm
+        x, h = self.ops.gemma_scale_rms_norm(
+            self.embed_tokens(input_ids), self.embed_scale, first.weight, first.eps
+        )
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            x, h = layer(x, h, next_norm, meta)
+        return x  # the final norm's output (the last layer's sandwich step)
 
 
 class SoftCappedLinear(Linear):
@@ -120,12 +154,14 @@ class SoftCappedLinear(Linear):
 
     def forward(self, x: torch.Tensor, early_signal: bool = False) -> torch.Tensor:
         logits = super().forward(x)
-        if self.cap <= 0:
+        if self.cap <= 0:  # (Gemma 3: no soft-cap, nothing launched)
             return logits
-        return (torch.tanh(logits / self.cap) * self.cap).to(logits.dtype)
+        return self.ops.soft_cap(logits, self.cap)
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
+    mlp_activation = "gelu_tanh"
+
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         nn.Module.__init__(self)  # its own model and LM head (see GemmaModel)
         self.config = cfg

@@ -101,11 +101,15 @@ class Attention(nn.Module):
         return self.o_proj(self._attend(qkv, meta))
 
     def forward_folded(
-        self, h: torch.Tensor, eps: float, meta: AttentionMetadata, norm_weight: torch.Tensor | None = None
+        self, h: torch.Tensor, norm: RMSNorm, meta: AttentionMetadata, norm_in_gemm: bool = False
     ) -> torch.Tensor:
-        """h + attention(rms_norm(h)) for the raw residual stream h [T, hidden], the input norm's
-        weight folded into qkv_proj (or, quantized, `norm_weight` applied inside its GEMM): the
-        norm is the qkv op's per-row scale, the add o_proj's."""
+        """h + attention(norm(h)) for the raw residual stream h [T, hidden], the input norm's
+        weight folded into qkv_proj (`norm`'s is ones) or, quantized (`norm_in_gemm`), applied
+        to h inside its GEMM (`norm` keeps it): the norm is the qkv op's per-row scale, the add
+        o_proj's. Adapters (LoRA) fold the norm's weight into their A (full precision) or read h
+        times it (quantized) and add to qkv_proj's and o_proj's outputs like the base weights do."""
+        eps = norm.eps
+        norm_weight = norm.weight if norm_in_gemm else None
         if (
             self.q_norm is None
             and self.qkv_proj.bias is None
@@ -118,9 +122,19 @@ class Attention(nn.Module):
             # (block table, cached K/V, h's 1/rms) then overlap the weight stream.
             qkv = self.qkv_proj.linear_norm_weight(h, norm_weight, early_signal=True)
             out = self._attend(qkv, meta, rms_input=h, rms_eps=eps)
+        elif self.qkv_proj.lora_active:  # (an adapter reads the normalised input: the norm runs)
+            out = self._attend(self.qkv_proj(norm(h)), meta)
         else:
             out = self._attend(self.qkv_proj.linear_rms_norm(h, eps, norm_weight), meta)
         return self.o_proj.linear_add(out, residual=h)
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> the same after the per-head q/k norms (Qwen3), if any."""
+        if self.q_norm is None or self.k_norm is None:
+            return q, k
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        return q, k
 
     def _attend(
         self,
@@ -135,9 +149,7 @@ class Attention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
-            k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
+        q, k = self.norm_qk(q, k)
         if self.ops.rotary_write_kv_cache is not None:  # one kernel instead of two (GPU)
             out = self.attn.rotate_write_attend(q, k, v, meta, rms_input, rms_eps)  # [T, Hq, D]
         else:
@@ -156,8 +168,9 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(ops, inter, cfg.hidden_size, cfg.mlp_bias, layout.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
-        # (one kernel for a decode-sized x where faster; not with LoRA, which adds to gate/up first)
-        if self.ops.linear_silu_and_mul is not None and self.gate_up_proj.lora is None:
+        # (one kernel for a decode-sized x where faster; not with adapter rows: they add to gate/up
+        # before the activation)
+        if self.ops.linear_silu_and_mul is not None and not self.gate_up_proj.lora_active:
             return self.down_proj(self.gate_up_proj.linear_silu_and_mul(x))
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
@@ -169,8 +182,14 @@ class MLP(nn.Module):
         Quantized: `norm_weight`, the 1/rms and the SiLU-and-mul in the gate/up GEMM, one launch."""
         assert self.ops.silu_and_mul_rms is not None, f"kernel bundle {self.ops.name!r} cannot fold norms"
         if self.gate_up_proj.quant_method is not None:
-            act = self.gate_up_proj.linear_silu_and_mul(h, rms_eps=eps, norm_weight=norm_weight)
-        elif self.ops.linear_silu_and_mul is not None:  # one kernel for one row where faster
+            if self.gate_up_proj.lora_active:  # (an adapter reads the normalised input: the norm runs)
+                assert norm_weight is not None
+                act = self.ops.silu_and_mul(self.gate_up_proj(self.ops.rms_norm(h, norm_weight, eps)))
+            else:
+                act = self.gate_up_proj.linear_silu_and_mul(h, rms_eps=eps, norm_weight=norm_weight)
+        # (one kernel for one row where faster; not with adapter rows, whose deltas of the raw h add
+        # to gate/up before the SiLU op's 1/rms scale)
+        elif self.ops.linear_silu_and_mul is not None and not self.gate_up_proj.lora_active:
             act = self.gate_up_proj.linear_silu_and_mul(h, rms_eps=eps)
         else:
             act = self.ops.silu_and_mul_rms(self.gate_up_proj(h), h, eps)
@@ -213,11 +232,10 @@ class DecoderLayer(nn.Module):
 
     def forward_folded(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Residual stream in -> residual stream out, both norms folded (their weights are ones, or,
-        quantized, passed to the GEMMs that apply them)."""
-        attn_norm = self.input_layernorm
-        mlp_norm = self.post_attention_layernorm
+        quantized, applied by the GEMMs)."""
         in_gemm = self.norm_weights_in_gemm
-        h = self.self_attn.forward_folded(h, attn_norm.eps, meta, attn_norm.weight if in_gemm else None)
+        h = self.self_attn.forward_folded(h, self.input_layernorm, meta, in_gemm)
+        mlp_norm = self.post_attention_layernorm
         assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
         return self.mlp.forward_folded(h, mlp_norm.eps, mlp_norm.weight if in_gemm else None)
 
@@ -243,6 +261,7 @@ class DecoderLayer(nn.Module):
             # Row blocks: the fp32 copy of a whole 8B gate/up weight would be ~470 MB.
             for rows in proj.weight.split(_FOLD_ROWS):
                 rows.copy_(rows.float() * g)
+            proj.folded_norm = norm.weight.detach().clone()  # (an adapter's A is scaled by it too)
             norm.weight.fill_(1.0)
 
 
@@ -304,6 +323,10 @@ class LlamaModel(nn.Module):
         self.aux_hidden: torch.Tensor | None = None
         # --pipeline-trace: each micro-batch's start and end on this stage (pipeline.py)
         self.trace: pipeline.StageTrace | None = None
+        # --pipeline-batches: batches of different steps a pipeline-parallel group keeps in flight
+        # (every rank the same), and this rank's count of batches started (their messages' tags)
+        self.pipeline_batches = 1
+        self.batches_started = 0
         # the LoRA pool's row mapping (services/worker/lora/pool.py), None without LoRA: a pipeline
         # stage narrows it to each micro-batch
         self.lora_mapping: LoRAMapping | None = None
@@ -346,6 +369,11 @@ class LlamaModel(nn.Module):
         """Pipeline parallelism: this stage's layers over the step's micro-batches, between the
         stage before and the one after (services/worker/pipeline.py); stage 0 returns the normed
         hidden states (the other stages' return value is not used)."""
+        return self.start_stage(input_ids, meta).finish()
+
+    def start_stage(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> pipeline.StageForward:
+        """This stage's layers over one batch, its results sent on; the batch's `finish()` (stage 0:
+        the batch back from the last stage, normed) may come after later batches started."""
         layout = self.layout
 
         def layers(
@@ -368,8 +396,9 @@ class LlamaModel(nn.Module):
             return self.norm.add_and_norm(hidden, residual)[0]
 
         mapping = self.lora_mapping
+        batch, self.batches_started = self.batches_started, self.batches_started + 1
         try:
-            return pipeline.forward_stage(
+            return pipeline.start_stage(
                 layout,
                 input_ids,
                 meta,
@@ -379,6 +408,8 @@ class LlamaModel(nn.Module):
                 final_norm,
                 self.trace,
                 mapping.select_rows if mapping is not None else None,
+                batch,
+                self.pipeline_batches,
             )
         finally:
             if mapping is not None:
@@ -394,6 +425,9 @@ class LlamaForCausalLM(nn.Module):
     # Rank 0 of a parallel group: sends each forward's inputs to the other ranks first
     # (services/worker/tp_group.py); None on the other ranks and with T = P = 1.
     driver: StepDriver | None = None
+    # The activation of the fused gate/up projection's activation-and-mul (the GEMM tuner times
+    # its epilogue variant: kernels/triton/skinny_gemm.py)
+    mlp_activation = "silu"
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
@@ -414,6 +448,14 @@ class LlamaForCausalLM(nn.Module):
         if self.driver is not None:
             self.driver.forward(input_ids, meta)
         return self.model(input_ids, meta)
+
+    def start_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> pipeline.StageForward:
+        """P > 1 with batches in flight (rank 0): the other ranks are sent the batch, stage 0 runs
+        its layers over it now, and the batch's `finish()` gives the hidden states once it came
+        back through every stage (services/worker/pipeline.py)."""
+        if self.driver is not None:
+            self.driver.forward(input_ids, meta)
+        return self.model.start_stage(input_ids, meta)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [S] -> [S, hidden]
         """The token embeddings outside a forward (an EAGLE head's input, speculative/eagle.py); in

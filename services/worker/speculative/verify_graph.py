@@ -31,7 +31,7 @@ from itertools import pairwise
 
 import torch
 
-from services.worker.cuda_graph import DecodeOutputs, batch_size_ladder
+from services.worker.cuda_graph import NO_VARIANTS, DecodeOutputs, GraphVariants, batch_size_ladder
 from services.worker.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -156,9 +156,11 @@ class VerifyGraphRunner:
         max_blocks_per_seq: int,
         device: torch.device,
         name: str = "verification",
+        variants: GraphVariants = NO_VARIANTS,  # (LoRA: with and without its kernels, cuda_graph.py)
     ) -> None:
         assert sizes, "no graph sizes"
         self.forward, self.device, self.name = forward, device, name
+        self.variants = variants
         self.sizes = sorted(sizes)
         self.layout = layout = PackLayout(
             max(bs * q for bs, q in sizes), max(bs for bs, _ in sizes), max_blocks_per_seq
@@ -171,8 +173,8 @@ class VerifyGraphRunner:
         self._stage_turn = 0
         self.block_tables = torch.zeros(layout.max_seqs, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.cos_sin_cache = cos_sin_cache
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], DecodeOutputs] = {}
+        self.graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}  # by (variant, bs, q)
+        self.outputs: dict[tuple[str, int, int], DecodeOutputs] = {}
         self.num_replays = 0  # steps that ran a graph of this runner (tests, Info)
         self.capture_seconds = 0.0
         self.capture_bytes = 0
@@ -202,16 +204,18 @@ class VerifyGraphRunner:
         self.pack[2 * lay.max_tokens : 3 * lay.max_tokens].fill_(-1)  # ...and no KV writes
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        for bs, q in sorted(self.sizes, key=lambda s: (s[0] * s[1], s[1]), reverse=True):
-            ids, meta = self._inputs(bs, q)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, creates cuBLAS workspaces
-                self.forward(ids, meta)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[(bs, q)] = self.forward(ids, meta)
-            self.graphs[(bs, q)] = graph
+        for variant in self.variants.names:
+            with self.variants.enter(variant):
+                for bs, q in sorted(self.sizes, key=lambda s: (s[0] * s[1], s[1]), reverse=True):
+                    ids, meta = self._inputs(bs, q)
+                    stream.wait_stream(torch.cuda.current_stream(self.device))
+                    with torch.cuda.stream(stream):  # warm-up: compiles kernels, creates cuBLAS workspaces
+                        self.forward(ids, meta)
+                    torch.cuda.current_stream(self.device).wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=stream):
+                        self.outputs[variant, bs, q] = self.forward(ids, meta)
+                    self.graphs[variant, bs, q] = graph
         torch.cuda.synchronize(self.device)
         free_after, _ = torch.cuda.mem_get_info(self.device)
         self.capture_seconds = time.perf_counter() - start
@@ -259,8 +263,9 @@ class VerifyGraphRunner:
         tables = self.pack[self.layout.tables : end].view(num_seqs, width)
         self.block_tables[:num_seqs, :width].copy_(tables)
         self.num_replays += 1
-        graph = self.graphs.get(size)
+        key = (self.variants.current(), *size)
+        graph = self.graphs.get(key)
         if graph is None:  # not captured (a CPU runner, tests): the same padded forward, eagerly
             return self.forward(*self._inputs(*size)).head(num_tokens)
         graph.replay()
-        return self.outputs[size].head(num_tokens)
+        return self.outputs[key].head(num_tokens)
