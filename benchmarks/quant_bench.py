@@ -10,7 +10,10 @@ Each format is a fresh engine on dummy weights of the same shape, quantized at l
   format: the weights as stored (`Engine.weight_bytes`: quantized projections at their size plus
   scales, the LM head in bf16; an untied input embedding left out: a step reads one row of it)
   plus the KV of the mean context, over the device-to-device copy bandwidth measured in the run;
-- gemm: one projection shape of the model at M = 1 and 16 (decode) and 1024 (prefill), the
+- gemm: the decode step's gate/up GEMM of each format fused as the folded path runs it (norm
+  weight, 1/rms and SiLU-and-mul in one launch, tuned as the engine tunes it) against the
+  launches it replaces (RMSNorm + GEMM + SiLU-and-mul), M = 1 and 4; then
+  one projection shape of the model at M = 1 and 16 (decode) and 1024 (prefill), the
   format's GEMM (`KernelOps.quant_linear` Triton kernel; fp8 W8A8 both ways: `torch._scaled_mm`
   and the Triton FP8 GEMM) against bf16 F.linear on the same device, time per call and weight
   GB/s. The shape is first tuned as the engine tunes it (`tune_fp8_linear` and, for int8 / int4,
@@ -107,6 +110,9 @@ def decode_row(
         "tok_per_s": 1 / tpot,
         "MBU": step_bytes / tpot / (copy_gbps * 1e9),
         "kv_blocks": engine.kv_cache.num_blocks,
+        # the decode step's norms folded (into the weights for bf16, into the quantized GEMMs
+        # otherwise: norm weight, 1/rms, SiLU-and-mul and residual adds fused; TANDEM_FOLD_NORMS=0: off)
+        "norms_folded": engine.runner.model.norms_folded,
     }
     if fp8_lines:
         row["fp8_engine_choices"] = fp8_lines
@@ -143,6 +149,7 @@ def gemm_rows(
         fp8_tuning += quant_gemm.tune_quant_linear([q8], [s8], None, 8, None, "gate_up_proj", rows=f8_rows)
         fp8_tuning += quant_gemm.tune_quant_linear([q4], [s4], None, 4, None, "gate_up_proj", rows=f8_rows)
     rows = []
+    rows = fused_rows(ops, device, dtype, n, k, [(q8, s8, 8), (q4, s4, 4), (f8, sf8, 8)], smoke, fp8_tuning)
     for m in f8_rows:
         x = torch.randn(m, k, device=device, dtype=dtype)
         cases: dict[str, tuple[Any, int]] = {
@@ -181,6 +188,56 @@ def gemm_rows(
             if name.startswith("fp8"):
                 row["fp8_choice"] = choice or "weight-only"
             rows.append(row)
+    return rows
+
+
+def fused_rows(
+    ops: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    n: int,
+    k: int,
+    formats: list[tuple[torch.Tensor, torch.Tensor, int]],  # (qweight, scales, bits)
+    smoke: bool,
+    tuning: list[str],  # the tuner's report lines are appended here
+) -> list[dict[str, Any]]:
+    """The decode step's gate/up projection of the raw residual stream, per weight format at M = 1
+    and 4: the folded path's one fused launch (`quant_linear_fused`: norm weight, 1/rms and
+    SiLU-and-mul inside the quantized GEMM, tuned as the engine tunes it) against the unfused
+    launches it replaces (RMSNorm, the quantized GEMM, SiLU-and-mul)."""
+    from kernels.ops import QuantFusion
+    from kernels.triton import quant_gemm
+
+    gated = QuantFusion(norm=True, rms=True, gated=True)
+    g = (1.0 + 0.1 * torch.randn(k, device=device)).to(dtype)
+    eps = 1e-5
+    rows = []
+    for q, s, bits in formats:
+        label = "fp8 weight-only" if q.dtype == torch.float8_e4m3fn else f"int{bits}"
+        if device.type == "cuda":
+            tuning += quant_gemm.tune_quant_linear([q], [s], None, bits, None, "gate_up_proj", fusion=gated)
+        for m in (1,) if smoke else (1, 4):
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            nbytes = q.numel() * q.element_size() + s.numel() * 4
+
+            def unfused(x: torch.Tensor = x, q: Any = q, s: Any = s, bits: int = bits) -> torch.Tensor:
+                return ops.silu_and_mul(ops.quant_linear(ops.rms_norm(x, g, eps), q, s, bits))
+
+            def fused(x: torch.Tensor = x, q: Any = q, s: Any = s, bits: int = bits) -> torch.Tensor:
+                return ops.quant_linear_fused(x, q, s, bits, None, None, g, eps, True)
+
+            config = quant_gemm.chosen_fused(x, q, s, bits, False, False, gated)
+            names = (f"folded {label}: norm + GEMM + SiLU", f"folded {label}: fused {config}")
+            for name, fn in zip(names, (unfused, fused), strict=True):
+                t = median_time(fn, device, warmup=3, iters=20)
+                rows.append(
+                    {
+                        "shape": f"M={m} N={n} K={k}",
+                        "kernel": name,
+                        "us": t * 1e6,
+                        "weight_GBps": nbytes / t / 1e9,
+                    }
+                )
     return rows
 
 

@@ -15,6 +15,22 @@ from kernels import reference
 
 
 @dataclass(frozen=True)
+class QuantFusion:
+    """What a quantized projection of the folded-norm decode path fuses into its GEMM (one tuning
+    key each: `tune_quant_linear(..., fusion=)`; `quant_linear_fused`'s arguments)."""
+
+    norm: bool = False  # x * the folded RMSNorm's weight (per input column) before the product
+    rms: bool = False  # the sums times the row's rsqrt(mean(x^2) + eps) (else the attention kernel's)
+    gated: bool = False  # silu(gate) * up of a fused [gate; up] weight: N / 2 columns out
+    residual: bool = False  # the residual stream added before the one rounding
+
+    def __str__(self) -> str:
+        names = ("norm", "rms", "silu", "residual")
+        flags = (self.norm, self.rms, self.gated, self.residual)
+        return "+".join(n for n, f in zip(names, flags, strict=True) if f) or "plain"
+
+
+@dataclass(frozen=True)
 class KernelOps:
     """A bundle of kernel implementations; the comments give each signature."""
 
@@ -118,9 +134,16 @@ class KernelOps:
     #   (layouts: reference.dequantize_weight; services/worker/layers/quantization/)
     quant_linear: Callable[..., torch.Tensor] = reference.quant_linear
     # (weights: list of packed weights of one shape, scales: list of [N, G], zeros: list or None,
-    #  bits, bias or None, name) -> report lines: times `quant_linear`'s tile configs per row
-    #  bucket and keeps the fastest (None: nothing to tune, the defaults)
+    #  bits, bias or None, name, fusion: QuantFusion | None = None) -> report lines: times
+    #  `quant_linear`'s tile configs per row bucket and keeps the fastest (with `fusion`: those of
+    #  `quant_linear_fused` calls of that variant) (None: nothing to tune, the defaults)
     tune_quant_linear: Callable[..., list[str]] | None = None
+    # The folded-norm decode path of a quantized model (services/worker/models/llama.py fold_norms):
+    # (x [T, K], qweight, scales, bits, zeros, bias, norm_weight [K] | None = None, rms_eps = None,
+    #  gated = False, residual [T, N] | None = None, early_signal = False) -> [T, N] ([T, N/2]
+    #  gated): reference.quant_linear_fused, one launch (norm weight, 1/rms, SiLU-and-mul or the
+    #  residual add inside the quantized GEMM); the tile config `tune_quant_linear(fusion=...)` chose
+    quant_linear_fused: Callable[..., torch.Tensor] = reference.quant_linear_fused
     # W8A8 FP8 (on GPUs with FP8 tensor cores; None: the caller's `torch._scaled_mm` path):
     # (x [T, K] bf16, weight [N, K] float8_e4m3fn, weight_scale [N, 1] fp32, bias [N] | None) ->
     #   [T, N]: x quantized per token, reference.fp8_w8a8_linear; the Triton FP8 GEMM or

@@ -544,6 +544,40 @@ def quant_linear(
     return out.to(x.dtype)
 
 
+def quant_linear_fused(
+    x: torch.Tensor,  # [M, K]: the raw residual stream where norm_weight / rms_eps are given
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,  # [K]: the folded RMSNorm's weight
+    rms_eps: float | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,  # [M, N]
+    early_signal: bool = False,  # (the Triton kernel's PDL signal; nothing here)
+) -> torch.Tensor:  # [M, N], or [M, N / 2] gated
+    """`quant_linear` with the folded-norm decode path's fusions (the quantized twin of
+    `linear_rms_norm`, `linear_add` and `linear_silu_and_mul`), fp32 math, rounded once:
+    y = (x * norm_weight) @ W.T, times rsqrt(mean(x**2) + rms_eps) of each row of x, + bias; gated
+    (W is the fused [gate; up]): silu(y[:, :N/2]) * y[:, N/2:]; + residual. The norm weight meets
+    x, not W: the quantized codes stay those of the checkpoint (exact for every format)."""
+    xf = x.float()
+    if norm_weight is not None:
+        xf = xf * norm_weight.float()
+    out = xf @ dequantize_weight(qweight, scales, bits, zeros).t()
+    if rms_eps is not None:
+        out = out * _inv_rms(x, rms_eps)
+    if bias is not None:
+        out = out + bias.float()
+    if gated:
+        half = out.shape[-1] // 2
+        out = F.silu(out[:, :half]) * out[:, half:]
+    if residual is not None:
+        out = out + residual.float()
+    return out.to(x.dtype)
+
+
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

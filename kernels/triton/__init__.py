@@ -11,8 +11,11 @@ kernel (`silu_and_mul_rms`), the residual adds by the o/down projections (`linea
 gate/up projection may run with SiLU-and-mul in its epilogue (`linear_silu_and_mul`). FP8 W8A8
 projections run a Triton FP8 GEMM or `torch._scaled_mm`, per shape and row count as
 `tune_fp8_linear` measured (fp8_gemm.py); integer-weight projections the tile config of the
-quantized GEMM that `tune_quant_linear` measured fastest (quant_gemm.py). Decode-sized MoE layers
-run two GEMV kernels with the tile configs `tune_moe` measured fastest (fused_moe.py, moe_tune.py).
+quantized GEMM that `tune_quant_linear` measured fastest (quant_gemm.py); a quantized model's
+decode steps run the folded-norm path with the norm weight, 1/rms, SiLU-and-mul and residual add
+inside that GEMM (`quant_linear_fused`).
+Decode-sized MoE layers run two GEMV kernels with the tile configs `tune_moe` measured fastest
+(fused_moe.py, moe_tune.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from kernels.triton.paged_attention import (
     rotary_write_paged_attention,
     supports_head_dim,
 )
-from kernels.triton.quant_gemm import quant_linear, tune_quant_linear
+from kernels.triton.quant_gemm import quant_linear, quant_linear_fused, tune_quant_linear
 from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache
@@ -83,6 +86,7 @@ TRITON_OPS = KernelOps(
     tune_moe=tune_moe,
     quant_linear=quant_linear,
     tune_quant_linear=tune_quant_linear,
+    quant_linear_fused=quant_linear_fused,
     fp8_linear=w8a8_linear,
     tune_fp8_linear=tune_fp8_linear,
     lora_shrink=lora_shrink,

@@ -40,12 +40,18 @@ import triton
 import triton.language as tl
 
 from kernels import reference
+from kernels.ops import QuantFusion
+from kernels.triton import pdl
+from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
 
 SKINNY_MAX_ROWS = 16
 # Row counts timed per weight shape; a call with M rows takes the choice of the smallest bucket >= M
 # (the largest bucket beyond it).
 ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
+# Row counts timed for a fused variant: the folded-norm path runs decode steps of <= 8 tokens
+# (models/llama.py FOLDED_MAX_TOKENS), i.e. the buckets 1, 4 and 16.
+FUSED_ROWS = (1, 4, 16)
 # A tuning candidate's output must be within this relative (Frobenius) error of the fp32 twin.
 TOLERANCE = 1e-2
 C = TypeVar("C", covariant=True)  # a tuner's config type (Timed)
@@ -60,10 +66,15 @@ class QuantConfig:
     num_stages: int
     dot: bool  # tensor-core dots (else the CUDA-core gemv: block_m must be 1)
     group_m: int = 8  # row tiles that share each weight column tile in the launch order
+    # 4-bit codes: the low and high nibbles meet x's even and odd columns as they are (no interleave
+    # back to K order), the offset / zero point and a group's scale applied to the sums (ignored
+    # for 8-bit codes and for groups that need per-element scales)
+    split4: bool = False
 
     def __str__(self) -> str:
         kind = "dot" if self.dot else "gemv"
-        return f"{kind}(m{self.block_m},n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages})"
+        split = ",split" if self.split4 else ""
+        return f"{kind}(m{self.block_m},n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages}{split})"
 
 
 GEMV_CANDIDATES = (
@@ -79,6 +90,15 @@ SKINNY_CANDIDATES = (
     QuantConfig(16, 32, 128, 4, 4, dot=True),
     QuantConfig(16, 16, 128, 4, 4, dot=True),
 )
+# 4-bit only (`candidates(rows, bits=4)`): the nibble-split variants of the decode configs
+SPLIT4_GEMV_CANDIDATES = (
+    QuantConfig(1, 16, 512, 4, 3, dot=False, split4=True),
+    QuantConfig(1, 32, 256, 4, 3, dot=False, split4=True),
+)
+SPLIT4_SKINNY_CANDIDATES = (
+    QuantConfig(16, 32, 256, 4, 4, dot=True, split4=True),
+    QuantConfig(16, 64, 128, 4, 4, dot=True, split4=True),
+)
 TILED_CANDIDATES = (
     QuantConfig(64, 128, 64, 4, 4, dot=True),
     QuantConfig(128, 128, 64, 8, 3, dot=True),
@@ -87,11 +107,15 @@ TILED_CANDIDATES = (
 )
 
 
-def candidates(rows: int) -> tuple[QuantConfig, ...]:
+def candidates(rows: int, bits: int = 8) -> tuple[QuantConfig, ...]:
+    """The configs the tuner times for `rows` rows of `bits`-bit codes (e4m3: 8)."""
+    split = bits == 4
     if rows == 1:
-        return GEMV_CANDIDATES + SKINNY_CANDIDATES
+        return (
+            GEMV_CANDIDATES + SKINNY_CANDIDATES + (SPLIT4_GEMV_CANDIDATES + SPLIT4_SKINNY_CANDIDATES) * split
+        )
     if rows <= SKINNY_MAX_ROWS:
-        return SKINNY_CANDIDATES
+        return SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split
     return TILED_CANDIDATES
 
 
@@ -109,7 +133,9 @@ def _quant_gemm_kernel(
     s_ptr,  # [N, G] fp32
     z_ptr,  # [N, G] fp32 (unused without HAS_ZEROS)
     b_ptr,  # [N] (unused without HAS_BIAS)
-    y_ptr,  # [M, N]
+    y_ptr,  # [M, N], or [M, N // 2] (GATED)
+    g_ptr,  # [K] the folded norm's weight (unused without NORM)
+    r_ptr,  # [M, N] residual (unused without HAS_RESIDUAL)
     M,
     N,
     K,
@@ -118,30 +144,49 @@ def _quant_gemm_kernel(
     stride_xm,
     stride_wn,
     stride_ym,
+    stride_rm,
     BITS: tl.constexpr,
     FP8: tl.constexpr,  # the 8-bit codes are e4m3 bit patterns
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SCALE_AT_END: tl.constexpr,  # G = 1: the scale multiplies the fp32 sums once
     GROUP_PER_TILE: tl.constexpr,  # each K tile lies in one group: one scale (and zero) per row
+    SPLIT4: tl.constexpr,  # (4-bit, SCALE_AT_END or GROUP_PER_TILE) nibbles against even / odd x columns
     DOT: tl.constexpr,
+    NORM: tl.constexpr,  # x * norm weight (per column) before the product: the folded norm's weight
+    RMS_EPS: tl.constexpr,  # None: off; else the sums times rsqrt(mean(x^2) + eps) of each x row
+    RMS_PRELOAD: tl.constexpr,  # (RMS, one row) x's whole row loaded before the loop, reduced after it
+    K_PAD: tl.constexpr,  # next_power_of_2(K) (RMS_PRELOAD only)
+    GATED: tl.constexpr,  # W is [gate; up] (N = 2 I rows): out[m, i] = silu(gate[m, i]) * up[m, i]
+    HAS_RESIDUAL: tl.constexpr,  # add residual[m] to the result
+    EARLY_SIGNAL: tl.constexpr,  # let the next kernel launch right after the wait (pdl.py)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    HALF: tl.constexpr = BLOCK_N // 2  # (GATED) outputs a program computes
+    num_n = tl.cdiv(N // 2, HALF) if GATED else tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_n
     first_m = (pid // width) * GROUP_M
     group_rows = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % group_rows
     pid_n = (pid % width) // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
-    mask_n = offs_n < N
+    if GATED:
+        # The tile's W rows: its HALF outputs' gate rows, then their up rows (I = N // 2 further
+        # down), as the bf16 skinny GEMM reads them: the checkpoint's layout, nothing re-laid out.
+        j = tl.arange(0, BLOCK_N)
+        out_j = pid_n * HALF + j % HALF
+        mask_n = out_j < N // 2
+        offs_n = out_j + (j // HALF) * (N // 2)
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
     # Where the scales (and zeros) meet the sums: after each tile's dot (one per row and tile, or
     # once at the end), so the weight tile is only converted; else per element, before it.
     POST_DOT: tl.constexpr = DOT and (SCALE_AT_END or GROUP_PER_TILE)
@@ -152,70 +197,166 @@ def _quant_gemm_kernel(
     s_rows = offs_n * num_groups
     if DOT:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif SPLIT4:
+        acc2 = tl.zeros((BLOCK_N, PACKED_K), dtype=tl.float32)
+        if not SCALE_AT_END:
+            acc_zero = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum over groups of zero * scale * sum(x)
     else:
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if POST_DOT and HAS_ZEROS and SCALE_AT_END:
+    if (POST_DOT and HAS_ZEROS and SCALE_AT_END) or (SPLIT4 and SCALE_AT_END):
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of x over K: the zero's share
+    pdl.enter(PDL)  # see pdl.py: nothing above reads an activation
+    if EARLY_SIGNAL:
+        pdl.leave(PDL)
+    if RMS_EPS is not None:
+        if RMS_PRELOAD:
+            # The one row, loaded before the loop and reduced after it (its latency overlaps the
+            # weight stream: the bf16 skinny GEMM's scheme, skinny_gemm.py)
+            kr = tl.arange(0, K_PAD)
+            x_row = tl.load(x_ptr + kr, mask=kr < K, other=0.0)
+        else:
+            x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of x^2 over K, from the tiles read anyway
     for k0 in range(0, K, BLOCK_K):
-        k_col = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k_col < K
-        if BITS == 4:
+        if SPLIT4:
+            # codes q in [0, 15] (the offset 8 or the zero point z subtracted as z * sum(x) of the
+            # tile); the low nibbles meet x's even columns, the high ones its odd columns
             kw = k0 // 2 + kb
             packed = tl.load(w_rows + kw[None, :], mask=mask_n[:, None] & (kw < K // 2)[None, :], other=0)
             packed = packed.to(tl.int32)
-            q = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K]: even k low nibble
-            if not HAS_ZEROS:
-                q = q - 8
-        else:
-            q = tl.load(w_rows + k_col[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0)
-            if FP8:
-                q = q.to(tl.float8e4nv, bitcast=True)
-        x = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-        if POST_DOT:
-            part = tl.dot(x, tl.trans(q.to(x.dtype)), out_dtype=tl.float32)
+            ke = k0 + 2 * kb
+            xe = tl.load(x_rows + ke[None, :], mask=mask_m[:, None] & (ke < K)[None, :], other=0.0)
+            xo = tl.load(x_rows + ke[None, :] + 1, mask=mask_m[:, None] & (ke + 1 < K)[None, :], other=0.0)
+            if RMS_EPS is not None and not RMS_PRELOAD:
+                x_sq += tl.sum(xe.to(tl.float32) * xe.to(tl.float32), axis=1)
+                x_sq += tl.sum(xo.to(tl.float32) * xo.to(tl.float32), axis=1)
+            if NORM:
+                ge = tl.load(g_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
+                go = tl.load(g_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
+                xe = (xe.to(tl.float32) * ge[None, :]).to(x_ptr.dtype.element_ty)
+                xo = (xo.to(tl.float32) * go[None, :]).to(x_ptr.dtype.element_ty)
+            xs = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)  # [BLOCK_M]
+            if DOT:
+                part = tl.dot(xe, tl.trans((packed & 0xF).to(xe.dtype)), out_dtype=tl.float32)
+                part = tl.dot(xo, tl.trans((packed >> 4).to(xe.dtype)), part)
+            else:
+                # q as fp32 without a conversion instruction (quarter rate on the CUDA cores): the
+                # bits of 2^23 + q, minus 2^23 (both exact)
+                lo = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                hi = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                part2 = lo * xe.to(tl.float32) + hi * xo.to(tl.float32)
             if SCALE_AT_END:
-                acc += part
-                if HAS_ZEROS:
-                    x_sum += tl.sum(x.to(tl.float32), axis=1)
+                if DOT:
+                    acc += part
+                else:
+                    acc2 += part2
+                x_sum += xs
             else:
                 sg = s_rows + k0 // group_size
+                scale = tl.load(s_ptr + sg, mask=mask_n, other=0.0)
                 if HAS_ZEROS:
                     zero = tl.load(z_ptr + sg, mask=mask_n, other=0.0)
-                    part -= tl.sum(x.to(tl.float32), axis=1)[:, None] * zero[None, :]
-                acc += part * tl.load(s_ptr + sg, mask=mask_n, other=0.0)[None, :]
-        else:
-            w = q.to(tl.float32)
-            if not SCALE_AT_END:
-                if GROUP_PER_TILE:
-                    sg = s_rows + k0 // group_size
-                    scale = tl.load(s_ptr + sg, mask=mask_n, other=0.0)[:, None]
-                    if HAS_ZEROS:
-                        w = w - tl.load(z_ptr + sg, mask=mask_n, other=0.0)[:, None]
                 else:
-                    sg2 = s_rows[:, None] + (k_col // group_size)[None, :]
-                    smask = mask_n[:, None] & k_mask[None, :]
-                    scale = tl.load(s_ptr + sg2, mask=smask, other=0.0)
-                    if HAS_ZEROS:
-                        w = w - tl.load(z_ptr + sg2, mask=smask, other=0.0)
-                w = w * scale
-            elif HAS_ZEROS:
-                w = w - tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[:, None]
-            if DOT:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+                    zero = tl.full((BLOCK_N,), 8.0, tl.float32)
+                if DOT:
+                    acc += (part - xs[:, None] * zero[None, :]) * scale[None, :]
+                else:
+                    acc2 += part2 * scale[:, None]
+                    acc_zero += zero * scale * xs
+        else:
+            k_col = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k_col < K
+            if BITS == 4:
+                kw = k0 // 2 + kb
+                packed = tl.load(w_rows + kw[None, :], mask=mask_n[:, None] & (kw < K // 2)[None, :], other=0)
+                packed = packed.to(tl.int32)
+                q = tl.interleave(packed & 0xF, packed >> 4)  # [BLOCK_N, BLOCK_K]: even k low nibble
+                if not HAS_ZEROS:
+                    q = q - 8
             else:
-                acc2 += w * x.to(tl.float32)
+                q = tl.load(w_rows + k_col[None, :], mask=mask_n[:, None] & k_mask[None, :], other=0)
+                if FP8:
+                    q = q.to(tl.float8e4nv, bitcast=True)
+            x = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+            if RMS_EPS is not None and not RMS_PRELOAD:
+                x_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+            if NORM:
+                g = tl.load(g_ptr + k_col, mask=k_mask, other=0.0).to(tl.float32)
+                x = (x.to(tl.float32) * g[None, :]).to(x_ptr.dtype.element_ty)
+            if POST_DOT:
+                part = tl.dot(x, tl.trans(q.to(x.dtype)), out_dtype=tl.float32)
+                if SCALE_AT_END:
+                    acc += part
+                    if HAS_ZEROS:
+                        x_sum += tl.sum(x.to(tl.float32), axis=1)
+                else:
+                    sg = s_rows + k0 // group_size
+                    if HAS_ZEROS:
+                        zero = tl.load(z_ptr + sg, mask=mask_n, other=0.0)
+                        part -= tl.sum(x.to(tl.float32), axis=1)[:, None] * zero[None, :]
+                    acc += part * tl.load(s_ptr + sg, mask=mask_n, other=0.0)[None, :]
+            else:
+                w = q.to(tl.float32)
+                if not SCALE_AT_END:
+                    if GROUP_PER_TILE:
+                        sg = s_rows + k0 // group_size
+                        scale = tl.load(s_ptr + sg, mask=mask_n, other=0.0)[:, None]
+                        if HAS_ZEROS:
+                            w = w - tl.load(z_ptr + sg, mask=mask_n, other=0.0)[:, None]
+                    else:
+                        sg2 = s_rows[:, None] + (k_col // group_size)[None, :]
+                        smask = mask_n[:, None] & k_mask[None, :]
+                        scale = tl.load(s_ptr + sg2, mask=smask, other=0.0)
+                        if HAS_ZEROS:
+                            w = w - tl.load(z_ptr + sg2, mask=smask, other=0.0)
+                    w = w * scale
+                elif HAS_ZEROS:
+                    w = w - tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[:, None]
+                if DOT:
+                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+                else:
+                    acc2 += w * x.to(tl.float32)
+    if not EARLY_SIGNAL:
+        pdl.leave(PDL)  # the weights are read: the next kernel may launch and wait on this one
     if not DOT:
         acc = tl.sum(acc2, axis=1)[None, :]  # [1, BLOCK_N]
+        if SPLIT4 and not SCALE_AT_END:
+            acc -= acc_zero[None, :]
     if SCALE_AT_END:
-        if POST_DOT and HAS_ZEROS:
+        if SPLIT4:
+            if HAS_ZEROS:
+                acc -= x_sum[:, None] * tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[None, :]
+            else:
+                acc -= x_sum[:, None] * 8.0
+        elif POST_DOT and HAS_ZEROS:
             acc -= x_sum[:, None] * tl.load(z_ptr + s_rows, mask=mask_n, other=0.0)[None, :]
         acc = acc * tl.load(s_ptr + s_rows, mask=mask_n, other=0.0)[None, :]
+    if RMS_EPS is not None:
+        if RMS_PRELOAD:
+            xf = x_row.to(tl.float32)
+            acc = acc * tl.rsqrt(tl.sum(xf * xf, axis=0) / K + RMS_EPS)
+        else:
+            acc = acc * tl.rsqrt(x_sq / K + RMS_EPS)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, HALF]), (0, 2, 1)))  # [BLOCK_M, HALF]
+        out_cols = pid_n * HALF + tl.arange(0, HALF)
+        tl.store(
+            y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_cols[None, :],
+            (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & (out_cols < N // 2)[None, :],
+        )
+        return
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(
+            r_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=out_mask, other=0.0
+        )
+        acc += residual.to(tl.float32)
     tl.store(
         y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
         acc.to(y_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_n[None, :],
+        mask=out_mask,
     )
 
 
@@ -227,8 +368,20 @@ def quant_gemm(
     zeros: torch.Tensor | None,
     bias: torch.Tensor | None,
     config: QuantConfig,
+    norm_weight: torch.Tensor | None = None,
+    rms_eps: float | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+    early_signal: bool = False,
 ) -> torch.Tensor:
-    """`quant_linear` with a given config (a gemv config needs M = 1). e4m3 weights: bits=8."""
+    """`quant_linear` with a given config (a gemv config needs M = 1). e4m3 weights: bits=8.
+
+    The folded-norm decode path's fusions (twin: `reference.quant_linear_fused`): norm_weight [K]
+    multiplies x's columns before the product (rounded to x's dtype, as a norm's output is),
+    rms_eps scales each row's fp32 sums by rsqrt(mean(x^2) + rms_eps) of the raw row (before the
+    bias), gated takes silu(gate) * up of a fused [gate; up] weight (N / 2 columns out), residual
+    [M, N] is added before the one rounding. early_signal: let the next PDL kernel launch as soon
+    as this one passed its wait (pdl.py)."""
     if bits not in (4, 8):
         raise ValueError(f"quant_linear: unsupported bits={bits} (8 or 4)")
     if x.stride(-1) != 1:
@@ -239,7 +392,13 @@ def quant_gemm(
     group_size = k // num_groups
     if bits == 4 and group_size % 2:
         raise ValueError(f"quant_linear: 4-bit groups must be of an even size, got {group_size}")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if gated and (n % 2 or residual is not None):
+        raise ValueError(f"quant_linear: a gated weight has an even row count and no residual, got {n} rows")
+    if residual is not None:
+        assert residual.shape == (m, n) and residual.stride(1) == 1, (residual.shape, m, n)
+    if norm_weight is not None:
+        assert norm_weight.shape == (k,) and norm_weight.is_contiguous(), (norm_weight.shape, k)
+    y = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
     if not config.dot and m != 1:
@@ -261,7 +420,10 @@ def quant_gemm(
             block_k = fit
         else:
             num_stages = min(num_stages, 2)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    # A gated program computes block_n / 2 outputs from block_n weight rows (its gate and up rows).
+    columns = triton.cdiv(n // 2, config.block_n // 2) if gated else triton.cdiv(n, config.block_n)
+    grid = (triton.cdiv(m, config.block_m) * columns,)
+    rms_preload = rms_eps is not None and m == 1
     _quant_gemm_kernel[grid](
         x,
         qweight.view(torch.uint8) if fp8 else qweight,
@@ -269,6 +431,8 @@ def quant_gemm(
         zeros if zeros is not None else scales,
         bias if bias is not None else scales,
         y,
+        norm_weight if norm_weight is not None else scales,
+        residual if residual is not None else y,
         m,
         n,
         k,
@@ -277,19 +441,30 @@ def quant_gemm(
         x.stride(0),
         qweight.stride(0),
         y.stride(0),
+        residual.stride(0) if residual is not None else 0,
         BITS=bits,
         FP8=fp8,
         HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None,
         SCALE_AT_END=num_groups == 1,
         GROUP_PER_TILE=group_size % block_k == 0,
+        SPLIT4=config.split4 and bits == 4 and (num_groups == 1 or group_size % block_k == 0),
         DOT=config.dot,
+        NORM=norm_weight is not None,
+        RMS_EPS=rms_eps,
+        RMS_PRELOAD=rms_preload,
+        K_PAD=triton.next_power_of_2(k) if rms_preload else 1,
+        GATED=gated,
+        HAS_RESIDUAL=residual is not None,
+        EARLY_SIGNAL=early_signal,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=block_k,
         GROUP_M=config.group_m,
         num_warps=config.num_warps,
         num_stages=num_stages,
+        # PDL for the decode-sized configs, as the bf16 skinny GEMM (larger calls stay as they were)
+        **(pdl.launch_options(x.device) if m <= SKINNY_MAX_ROWS else {"PDL": False}),
     )
     return y
 
@@ -330,6 +505,88 @@ def quant_linear(
     """Same contract as `kernels.reference.quant_linear`."""
     config = chosen(x, qweight, scales, bits, zeros is not None, bias is not None)
     return quant_gemm(x, qweight, scales, bits, zeros, bias, config)
+
+
+# (N, K, bits, groups, has_zeros, has_bias, row bucket, fusion) -> the config `quant_linear_fused` uses
+_FUSED_CHOICE: dict[tuple, QuantConfig] = {}  # type: ignore[type-arg]
+# The gated keys of _FUSED_CHOICE where the tuner measured the GEMM (its config, without the SiLU)
+# then the SiLU kernel faster than the one fused launch: `quant_linear_fused` runs those two.
+_GATED_SPLIT: set[tuple] = set()  # type: ignore[type-arg]
+
+
+def chosen_fused(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: bool,
+    bias: bool,
+    fusion: QuantFusion,
+) -> QuantConfig:
+    """The config `quant_linear_fused` runs for this call: the tuned choice of the fused variant,
+    else `default_config`."""
+    m = x.shape[0]
+    key = (*_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m), fusion)
+    config = _FUSED_CHOICE.get(key)
+    if config is None or (not config.dot and m != 1):
+        return default_config(m)
+    return config
+
+
+def quant_linear_fused(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    rms_eps: float | None = None,
+    gated: bool = False,
+    residual: torch.Tensor | None = None,
+    early_signal: bool = False,
+) -> torch.Tensor:
+    """Same contract as `kernels.reference.quant_linear_fused`: one launch, in the config that
+    `tune_quant_linear(fusion=...)` measured fastest for the variant."""
+    fusion = QuantFusion(norm_weight is not None, rms_eps is not None, gated, residual is not None)
+    config = chosen_fused(x, qweight, scales, bits, zeros is not None, bias is not None, fusion)
+    key = (
+        *_key(
+            qweight.shape[0],
+            x.shape[1],
+            bits,
+            scales.shape[1],
+            zeros is not None,
+            bias is not None,
+            x.shape[0],
+        ),
+        fusion,
+    )
+    if gated and key in _GATED_SPLIT:
+        return _gated_pair(x, qweight, scales, bits, zeros, bias, config, norm_weight, rms_eps)
+    return quant_gemm(
+        x, qweight, scales, bits, zeros, bias, config, norm_weight, rms_eps, gated, residual, early_signal
+    )
+
+
+def _gated_pair(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    config: QuantConfig,
+    norm_weight: torch.Tensor | None,
+    rms_eps: float | None,
+) -> torch.Tensor:
+    """The gated variant as two launches: the GEMM (norm weight, bias) letting the SiLU kernel launch
+    early, then SiLU-and-mul with the row's 1/rms (`silu_and_mul_rms`: the same function, the
+    gate/up sums rounded once in between). Not with both a bias and rms_eps (silu_and_mul_rms
+    would scale the bias too)."""
+    assert bias is None or rms_eps is None, "the two-launch gated variant has no bias after the 1/rms"
+    gate_up = quant_gemm(x, qweight, scales, bits, zeros, bias, config, norm_weight, early_signal=True)
+    return silu_and_mul(gate_up) if rms_eps is None else silu_and_mul_rms(gate_up, x, rms_eps)
 
 
 def fp8_weight_only(
@@ -399,15 +656,20 @@ def tune_quant_linear(
     bits: int,
     bias: torch.Tensor | None,  # [N] of the first layer (its presence selects the kernel variant)
     name: str = "",
-    rows: Sequence[int] = ROW_BUCKETS,
+    rows: Sequence[int] | None = None,
     reps: int = 20,
+    fusion: QuantFusion | None = None,
 ) -> list[str]:
-    """Time each candidate config for each row count of `rows` (buckets of ROW_BUCKETS) and keep
-    the fastest within tolerance of the twin for `quant_linear`. One report line per row count.
-    CUDA only (else [] and the defaults stay)."""
+    """Time each candidate config for each row count of `rows` (buckets of ROW_BUCKETS; default
+    all of them, FUSED_ROWS for a fusion) and keep the fastest within tolerance of the twin for
+    `quant_linear`, or with `fusion` for `quant_linear_fused` calls of that variant (timed on a
+    random norm weight and residual, the twin `reference.quant_linear_fused`). One report line per
+    row count. CUDA only (else [] and the defaults stay)."""
     w0 = weights[0]
     if not w0.is_cuda:
         return []
+    if rows is None:
+        rows = ROW_BUCKETS if fusion is None else FUSED_ROWS
     n = w0.shape[0]
     k = w0.shape[1] * (2 if bits == 4 else 1)
     groups = scales[0].shape[1]
@@ -417,28 +679,64 @@ def tune_quant_linear(
     gen = torch.Generator(device=w0.device).manual_seed(0)
     dense = reference.dequantize_weight(w0, scales[0], bits, zeros[0] if zeros else None)  # fp32 [N, K]
     lines = []
+    choices: dict[tuple, QuantConfig] = _CHOICE if fusion is None else _FUSED_CHOICE  # type: ignore[type-arg]
+    label = f"quant {name} {bits}-bit {n}x{k}" + ("" if fusion is None else f" {fusion}")
+    # The fused variant's extra operands (a norm weight around 1, as real ones are)
+    norm_weight = eps = None
+    if fusion is not None and fusion.norm:
+        norm_weight = (1.0 + 0.1 * torch.randn(k, device=w0.device, generator=gen)).to(torch.bfloat16)
+    if fusion is not None and fusion.rms:
+        eps = 1e-5
+    gated = fusion is not None and fusion.gated
     for m in rows:
         key = _key(n, k, bits, groups, zeros is not None, bias is not None, m)
-        if key in _CHOICE:
+        if fusion is not None:
+            key = (*key, fusion)
+        if key in choices:
             # tuned once per process: a second engine keeps the choice (numerics do not change)
-            lines.append(f"quant {name} {bits}-bit {n}x{k} rows={m}: tuned before -> {_CHOICE[key]}")
+            split_note = " + SiLU" if key in _GATED_SPLIT else ""
+            lines.append(f"{label} rows={m}: tuned before -> {choices[key]}{split_note}")
             continue
         x = torch.randn(m, k, device=w0.device, generator=gen).to(torch.bfloat16)
-        ref = x.double() @ dense.double().t() + (bias.double() if bias is not None else 0.0)
+        residual = None
+        if fusion is not None and fusion.residual:
+            residual = torch.randn(m, n, device=w0.device, generator=gen).to(torch.bfloat16)
+        if fusion is None:
+            ref = x.double() @ dense.double().t() + (bias.double() if bias is not None else 0.0)
+        else:  # the twin on x in fp32 (so its output is not rounded to bf16)
+            z0 = zeros[0] if zeros else None
+            ref = reference.quant_linear_fused(
+                x.float(), w0, scales[0], bits, z0, bias, norm_weight, eps, gated, residual
+            ).double()
 
-        def run(x: torch.Tensor, w: torch.Tensor, c: QuantConfig) -> torch.Tensor:
+        def run(
+            x: torch.Tensor, w: torch.Tensor, c: QuantConfig, r: torch.Tensor | None = residual
+        ) -> torch.Tensor:
             i = index[w.data_ptr()]
-            return quant_gemm(x, w, scales[i], bits, zeros[i] if zeros else None, bias, c)
+            return quant_gemm(
+                x, w, scales[i], bits, zeros[i] if zeros else None, bias, c, norm_weight, eps, gated, r
+            )
 
         iters = reps if m <= SKINNY_MAX_ROWS else max(reps // 4, 3)
-        timed, results = time_candidates(run, ref, x, weights, candidates(m), flush, flush_s, iters)
+        timed, results = time_candidates(run, ref, x, weights, candidates(m, bits), flush, flush_s, iters)
         best = choose(timed)
         if best is not None:
-            _CHOICE[key] = best
-        lines.append(
-            f"quant {name} {bits}-bit {n}x{k} rows={m}: "
-            + ", ".join(results)
-            + f" -> {best or default_config(m)}"
-        )
+            choices[key] = best
+        verdict = str(best or default_config(m))
+        if gated and best is not None and (bias is None or eps is None):
+            # The one launch against the two it replaces (that GEMM, then the SiLU kernel), as the
+            # bf16 path measures its SiLU epilogue: kept only where it is not slower.
+            def pair(x: torch.Tensor, w: torch.Tensor, c: QuantConfig) -> torch.Tensor:
+                i = index[w.data_ptr()]
+                z = zeros[i] if zeros else None
+                return _gated_pair(x, w, scales[i], bits, z, bias, c, norm_weight, eps)
+
+            split, split_results = time_candidates(pair, ref, x, weights, [best], flush, flush_s, iters)
+            fused_s = next(t.seconds for t in timed if t.config == best)
+            results.append("GEMM + SiLU " + split_results[0])
+            if split[0].seconds is not None and fused_s is not None and split[0].seconds < fused_s:
+                _GATED_SPLIT.add(key)
+                verdict = f"{best} + SiLU"
+        lines.append(f"{label} rows={m}: " + ", ".join(results) + f" -> {verdict}")
     del dense
     return lines

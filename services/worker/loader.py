@@ -446,9 +446,9 @@ def build_model(
     else:
         load_weights(model, iter_checkpoint(cfg.path), pooling)
     # Once the weights are final (checkpoint or dummy): each layer's RMSNorm weights go into the
-    # next projection where the kernel bundle can run that path (models/llama.py `fold_norms`).
-    # (Not for a quantized model: the fold would scale the quantized weights' columns.)
-    folded = model.fold_norms() if method is None and fold_norms else False
+    # next projection where the kernel bundle can run that path (models/llama.py `fold_norms`;
+    # a quantized model's into its GEMMs, its codes untouched).
+    folded = model.fold_norms() if fold_norms else False
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -460,6 +460,8 @@ def build_model(
         model_quantization(model),
         weight_bytes(model) / 1e6,
         device,
-        "folded into qkv/gate_up" if folded else "separate",
+        ("folded into the qkv/gate_up GEMMs" if method is not None else "folded into qkv/gate_up")
+        if folded
+        else "separate",
     )
     return model

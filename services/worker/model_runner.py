@@ -36,7 +36,7 @@ from services.worker.lora.pool import LoRAPool
 from services.worker.mm_inputs import EncoderCache, ImageInput
 from services.worker.model_config import ModelConfig
 from services.worker.models import IMAGE_MODELS
-from services.worker.models.llama import LlamaModel
+from services.worker.models.llama import LlamaModel, quant_fusions
 from services.worker.models.llava import ImageEmbeddingRows
 from services.worker.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from services.worker.mrope import image_positions, rope_images, text_positions
@@ -262,14 +262,22 @@ class ModelRunner:
 
     def _tune_quant_linears(self) -> list[str]:
         """Integer-weight projections (int8 / int4 at load, AWQ / GPTQ / compressed-tensors): the
-        quantized GEMM's tile configs per shape and row bucket (kernels/triton/quant_gemm.py)."""
+        quantized GEMM's tile configs per shape and row bucket (kernels/triton/quant_gemm.py); in a
+        model, also each projection's fused decode variants (`quant_fusions`: the folded norms'
+        or, unfolded, gate/up's SiLU-and-mul) at the decode buckets, FP8 weights included."""
+        return self._tune_quant_groups(fused=False) + self._tune_quant_groups(fused=True)
+
+    def _tune_quant_groups(self, fused: bool) -> list[str]:
         if self.ops.tune_quant_linear is None:
             return []
         groups: dict[tuple[str, tuple[int, ...], int, int, bool], list[Linear]] = {}
         for name, module in self.model.named_modules():
             if not isinstance(module, Linear) or module.quant_method is None:
                 continue
-            ops = module.quant_method.gemm_operands(module)
+            short = name.rsplit(".", 1)[-1]
+            if fused and not quant_fusions(short, self.model.norms_folded):
+                continue
+            ops = (module.quant_method.fused_operands if fused else module.quant_method.gemm_operands)(module)
             if ops is not None:
                 key = (
                     name.rsplit(".", 1)[-1],
@@ -281,18 +289,24 @@ class ModelRunner:
                 groups.setdefault(key, []).append(module)
         report: list[str] = []
         for (name, _, bits, _, _), mods in sorted(groups.items(), key=lambda item: item[0][:2]):
-            operands = [m.quant_method.gemm_operands(m) for m in mods if m.quant_method is not None]
+            operands = [
+                (m.quant_method.fused_operands if fused else m.quant_method.gemm_operands)(m)
+                for m in mods
+                if m.quant_method is not None
+            ]
             first = mods[0]
             # a row-parallel layer over T > 1 ranks adds its bias after the all-reduce
             bias = None if first.splits_input and first.tp_size > 1 else first.bias
-            report += self.ops.tune_quant_linear(
-                [o.qweight for o in operands if o is not None],
-                [o.scales for o in operands if o is not None],
-                [o.zeros for o in operands if o is not None and o.zeros is not None] or None,
-                bits,
-                bias,
-                name,
-            )
+            for fusion in quant_fusions(name, self.model.norms_folded) if fused else [None]:
+                report += self.ops.tune_quant_linear(
+                    [o.qweight for o in operands if o is not None],
+                    [o.scales for o in operands if o is not None],
+                    [o.zeros for o in operands if o is not None and o.zeros is not None] or None,
+                    bits,
+                    bias,
+                    name,
+                    fusion=fusion,
+                )
         return report
 
     def _decode_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:

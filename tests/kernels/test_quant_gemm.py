@@ -143,6 +143,12 @@ def test_quant_bench_smoke() -> None:
     assert weights["int4"] < weights["int8"] < weights["bf16"] and weights["fp8"] == weights["int8"]
     # every fp8 GEMM row says which path runs (on the CPU: weight-only; on an FP8 GPU the
     # tuner's choice, `_scaled_mm` or a Triton config, with its report lines in fp8_tuning)
+    # the decode step's fused gate/up (the folded path) and the launches it replaces, per format
+    assert all(r["norms_folded"] for r in report["decode"])
+    folded = [g["kernel"] for g in report["gemm"] if g["kernel"].startswith("folded ")]
+    for label in ("int8", "int4", "fp8 weight-only"):
+        assert f"folded {label}: norm + GEMM + SiLU" in folded, folded
+        assert any(name.startswith(f"folded {label}: fused ") for name in folded), folded
     fp8_rows = [g for g in report["gemm"] if g["kernel"].startswith("fp8")]
     assert fp8_rows and all(g["fp8_choice"] == "weight-only" for g in fp8_rows)
     assert report["fp8_tuning"] == []
@@ -157,14 +163,17 @@ def test_quantized_model_on_the_triton_gemm(quantization: str, group_size: int, 
     from test_folded_norm_ops import _model_logits, _tiny_hf
 
     from kernels import REFERENCE_OPS
-    from kernels.triton.quant_gemm import quant_linear
+    from kernels.triton.quant_gemm import quant_linear, quant_linear_fused
     from services.worker.loader import build_model
     from services.worker.model_config import load_model_config
 
     hf = _tiny_hf("llama", seed=3)
     hf.save_pretrained(str(tmp_path))
     cfg = load_model_config(str(tmp_path))
-    triton_ops = dataclasses.replace(REFERENCE_OPS, quant_linear=quant_linear)
+    # (the decode step runs the folded path: tests/kernels/test_quant_fused.py)
+    triton_ops = dataclasses.replace(
+        REFERENCE_OPS, quant_linear=quant_linear, quant_linear_fused=quant_linear_fused
+    )
     cpu = torch.device("cpu")
     on_triton = build_model(cfg, triton_ops, cpu, torch.float32, "auto", 0, quantization, group_size)
     on_reference = build_model(cfg, REFERENCE_OPS, cpu, torch.float32, "auto", 0, quantization, group_size)
@@ -449,11 +458,23 @@ def test_every_candidate_config_matches_reference(
     x = torch.randn(m, k, generator=gen)
     bias = torch.randn(n, generator=gen)
     expected = reference.quant_linear(x, packed, scales, bits, zeros, bias)
-    configs = candidates(m)
+    configs = candidates(m, bits)
     assert configs
     for config in configs:
         out = quant_gemm(x, packed, scales, bits, zeros, bias, config)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, msg=lambda s, c=config: f"{c}: {s}")
+
+
+def test_split_nibble_configs_are_4_bit_candidates() -> None:
+    """The nibble-split configs (low / high nibbles against x's even / odd columns, no interleave)
+    are candidates for 4-bit codes at decode sizes only; the cases above run them against the twin."""
+    from kernels.triton.quant_gemm import candidates
+
+    for rows in (1, 4, 16):
+        assert any(c.split4 for c in candidates(rows, 4)), rows
+        assert not any(c.split4 for c in candidates(rows, 8)), rows
+    assert not any(c.split4 for c in candidates(300, 4))
+    assert str(next(c for c in candidates(1, 4) if c.split4)).endswith(",split)")
 
 
 def test_gemv_config_refuses_several_rows() -> None:
@@ -493,7 +514,7 @@ def test_every_candidate_config_bf16_gpu(m: int, fmt: str) -> None:
     packed, scales = packed.cuda(), scales.cuda()
     zeros = zeros.cuda() if zeros is not None else None
     exact = reference.quant_linear(x.float(), packed, scales, bits, zeros, bias.float())
-    for config in candidates(m):
+    for config in candidates(m, bits):
         out = quant_gemm(x, packed, scales, bits, zeros, bias, config).float()
         assert (out - exact).norm() / exact.norm() < 1e-2, config
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from worker_testlib import TINY_BUILDERS, check_greedy
+from worker_testlib import TINY_BUILDERS, check_greedy, randomize_norms_and_biases
 
 from kernels import REFERENCE_OPS
 from services.worker.config import WorkerConfig
@@ -100,7 +100,11 @@ def test_weights_are_our_quantization_of_the_checkpoint(
     # embedding and LM head stay full precision; no projection keeps a full-precision weight
     assert model.lm_head.quant_method is None and model.lm_head.weight.dtype == torch.float32
     assert all(not hasattr(m, "weight") for m in model.model.layers.modules() if isinstance(m, Linear))
-    assert not model.norms_folded
+    # the norms are folded into the quantized GEMMs (the decode path): the codes above are the
+    # checkpoint's own, and the norms keep their weights for the GEMMs to apply
+    assert model.norms_folded
+    norm = model.model.layers[0].input_layernorm.weight
+    assert torch.equal(norm, hf.model.layers[0].input_layernorm.weight.detach())
     assert weight_bytes(model) < weight_bytes(full)
 
 
@@ -120,6 +124,40 @@ def test_greedy_tokens_equal_transformers_on_dequantized_weights(
     )
     reference = _dequantized_hf(hf, engine.runner.model)
     # all 8 in flight together
+    check_greedy(engine, reference, hf.config.vocab_size, quantization, max_tokens=12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_norms(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """The tiny Llama with random positive norm weights: the folded quantized GEMMs multiply x by
+    something other than ones."""
+    torch.manual_seed(0)
+    hf = TINY_BUILDERS["llama"]().eval()
+    randomize_norms_and_biases(hf, seed=5)
+    path = tmp_path_factory.mktemp("quant-llama-norms")
+    hf.save_pretrained(str(path))
+    return path, hf
+
+
+@pytest.mark.parametrize(("quantization", "group_size"), [("int8", 0), ("fp8", 0), ("int4", 32)])
+def test_folded_greedy_tokens_with_norm_weights(
+    tiny_llama_norms: tuple[Path, Any], quantization: str, group_size: int
+) -> None:
+    """The decode steps (8 rows, the folded forward: norm weight and 1/rms inside the quantized
+    GEMMs, SiLU-and-mul and the residual adds in their epilogues) give transformers' greedy tokens
+    on the dequantized weights, with norm weights that are not ones."""
+    path, hf = tiny_llama_norms
+    engine = Engine(
+        WorkerConfig(
+            model=str(path),
+            device="cpu",
+            kv_cache_memory="16MiB",
+            quantization=quantization,  # type: ignore[arg-type]
+            quantization_group_size=group_size,
+        )
+    )
+    assert engine.runner.model.norms_folded
+    reference = _dequantized_hf(hf, engine.runner.model)
     check_greedy(engine, reference, hf.config.vocab_size, quantization, max_tokens=12, seed=1)
 
 

@@ -9,8 +9,10 @@ With the model's norms folded (models/llama.py `fold_norms`), the projections th
 raw residual stream or add into it go through `linear_rms_norm` and `linear_add` instead.
 
 A quantized layer holds a `QuantMethod` (layers/quantization/): it owns the layer's weight
-parameters (in place of `weight`), their loading and the GEMM; the norms are never folded into a
-quantized model (build_model), so only `forward` and `linear_silu_and_mul` need its path.
+parameters (in place of `weight`), their loading and the GEMM. A quantized model folds its norms
+too, but into the GEMM rather than the weights (its codes stay the checkpoint's): the folded-norm
+methods below take the norm's weight and run `KernelOps.quant_linear_fused`, which multiplies x's
+columns by it and applies the 1/rms, the SiLU-and-mul or the residual add in the same launch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from services.worker.parallel import all_reduce, current
 if TYPE_CHECKING:
     from services.worker.checkpoint import CheckpointTensor
     from services.worker.layers.split import Split
+
+
+# Rows up to which an unfolded quantized gate/up runs SiLU-and-mul in its GEMM's epilogue: the
+# decode buckets the fused variants are tuned at (kernels/triton/quant_gemm.py FUSED_ROWS).
+QUANT_GATED_MAX_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class QuantMethod(Protocol):
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
     def dequantized_weight(self, layer: Linear) -> torch.Tensor: ...
     def gemm_operands(self, layer: Linear) -> QuantOperands | None: ...
+    def fused_operands(self, layer: Linear) -> QuantOperands | None: ...
 
 
 class Linear(nn.Linear):
@@ -118,32 +126,92 @@ class Linear(nn.Linear):
             return super().forward(x)
         return self.ops.linear(x, self.weight, self.bias, early_signal=early_signal)
 
-    def linear_rms_norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:  # [T, in] -> [T, out]
-        """This projection of the RMS-normalised x (no norm weight: it is folded into this weight)."""
-        assert self.quant_method is None, "a quantized model's norms are never folded"
+    def linear_rms_norm(
+        self, x: torch.Tensor, eps: float, norm_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:  # [T, in] -> [T, out]
+        """This projection of the RMS-normalised x: the norm's weight folded into this weight, or
+        (a quantized layer) `norm_weight` applied to x inside the GEMM."""
         # (an adapter's A reads the normalised input, which this op never materialises)
         assert not self.lora_active, "with adapter rows, the norm runs first (models/llama.py)"
+        if self.quant_method is not None:
+            return self._quant_fused(x, self.bias, norm_weight=norm_weight, rms_eps=eps)
         assert self.ops.linear_rms_norm is not None, f"kernel bundle {self.ops.name!r} has no linear_rms_norm"
         return self.ops.linear_rms_norm(x, self.weight, self.bias, eps)
+
+    def linear_norm_weight(
+        self, x: torch.Tensor, norm_weight: torch.Tensor | None, early_signal: bool = False
+    ) -> torch.Tensor:  # [T, in] -> [T, out]
+        """This projection of x * norm_weight (per input column) for a folded norm whose 1/rms a
+        later kernel applies (decode attention): a quantized layer multiplies inside its GEMM; a
+        full-precision one has the norm weight in its weight already (norm_weight None)."""
+        if self.quant_method is not None:
+            # an adapter's A is not scaled by the norm weight here (no weight carries it): it reads
+            # x * norm_weight, materialised only for a step with adapter rows
+            t = None
+            if self.lora_active:
+                t = self._lora_shrink(x if norm_weight is None else x * norm_weight)
+                early_signal = False  # (the LoRA expand comes next)
+            out = self._quant_fused(x, self.bias, norm_weight=norm_weight, early_signal=early_signal)
+            return self._lora_expand(out, t)
+        assert norm_weight is None, "a full-precision layer's folded norm weight is in its weight"
+        return self(x, early_signal=early_signal)
 
     def linear_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
         """residual + this projection of x, in one op (residual [T, out] is not written), then
         the rows' adapters (added to the sum: the same as to the projection)."""
-        assert self.quant_method is None, "a quantized model's norms are never folded"
-        assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
         t = self._lora_shrink(x)
+        if self.quant_method is not None:
+            return self._lora_expand(self._quant_fused(x, self.bias, residual=residual), t)
+        assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
         return self._lora_expand(self.ops.linear_add(x, self.weight, self.bias, residual), t)
 
-    def linear_silu_and_mul(self, x: torch.Tensor, rms_eps: float | None = None) -> torch.Tensor:
+    def linear_silu_and_mul(
+        self, x: torch.Tensor, rms_eps: float | None = None, norm_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """silu(gate) * up of this fused [gate; up] projection of x: [T, in] -> [T, out / 2]; with
-        rms_eps, x is the raw residual stream and gate/up are scaled by its 1/rms (folded norm)."""
+        rms_eps, x is the raw residual stream and gate/up are scaled by its 1/rms (folded norm; a
+        quantized layer also takes the norm's weight, `norm_weight`)."""
         assert not self.lora_active, "an adapter adds to gate / up before the activation"
         if self.quant_method is not None and rms_eps is None:
+            # decode-sized (the buckets the fused variants are tuned at): SiLU-and-mul in the
+            # quantized GEMM's epilogue where the format has the fused GEMM
+            if x.shape[0] <= QUANT_GATED_MAX_ROWS and self.quant_method.fused_operands(self) is not None:
+                return self._quant_fused(x, self.bias, gated=True)
             return self.ops.silu_and_mul(self.quant_method.apply(self, x, self.bias))
+        if self.quant_method is not None:
+            return self._quant_fused(x, self.bias, norm_weight=norm_weight, rms_eps=rms_eps, gated=True)
         assert self.ops.linear_silu_and_mul is not None, (
             f"kernel bundle {self.ops.name!r} has no linear_silu_and_mul"
         )
         return self.ops.linear_silu_and_mul(x, self.weight, self.bias, rms_eps)
+
+    def _quant_fused(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        norm_weight: torch.Tensor | None = None,
+        rms_eps: float | None = None,
+        gated: bool = False,
+        residual: torch.Tensor | None = None,
+        early_signal: bool = False,
+    ) -> torch.Tensor:
+        """A quantized layer's folded-norm GEMM (`KernelOps.quant_linear_fused`)."""
+        assert self.quant_method is not None  # (each caller adds its adapters' deltas)
+        operands = self.quant_method.fused_operands(self)
+        assert operands is not None, f"{self.quant_method.name} weights have no fused GEMM (norms not folded)"
+        return self.ops.quant_linear_fused(
+            x,
+            operands.qweight,
+            operands.scales,
+            operands.bits,
+            operands.zeros,
+            bias,
+            norm_weight=norm_weight,
+            rms_eps=rms_eps,
+            gated=gated,
+            residual=residual,
+            early_signal=early_signal,
+        )
 
 
 class RowParallelLinear(Linear):
@@ -182,10 +250,14 @@ class RowParallelLinear(Linear):
         (the bias, replicated, once after it, as in `forward`)."""
         if self.tp_size == 1:
             return super().linear_add(x, residual)
-        assert self.quant_method is None, "a quantized model's norms are never folded"
         assert self.ops.linear_add is not None, f"kernel bundle {self.ops.name!r} has no linear_add"
         t = self._lora_shrink(x)
-        if current().tp_rank == 0:
+        if self.quant_method is not None:  # (its input columns: quantization/base.py)
+            if current().tp_rank == 0:
+                out = self._quant_fused(x, None, residual=residual)
+            else:
+                out = self.quant_method.apply(self, x, None)
+        elif current().tp_rank == 0:
             out = self.ops.linear_add(x, self.weight, None, residual)
         elif self.ops.linear is None:
             out = torch.nn.functional.linear(x, self.weight)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kernels import KernelOps, build_rope_cache
+from kernels.ops import QuantFusion
 from services.common import switches
 from services.worker import pipeline
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
@@ -39,6 +40,23 @@ M = TypeVar("M", bound=nn.Module)
 FOLDED_MAX_TOKENS = 8
 # Rows of a projection folded at a time (bounds the fp32 temporary of `DecoderLayer.fold_norms`).
 _FOLD_ROWS = 4096
+
+
+def quant_fusions(projection: str, folded: bool) -> tuple[QuantFusion, ...]:
+    """The fused GEMM variants a decode step runs for a quantized projection, by name (what the
+    engine tunes: ModelRunner._tune_quant_linears). Folded norms: qkv takes the norm weight (its
+    1/rms in the decode attention kernel, or in the GEMM where that kernel cannot), gate/up the norm
+    weight, the 1/rms and SiLU-and-mul, o and down the residual add. Unfolded (qkv bias, q/k norms):
+    gate/up's SiLU-and-mul (`Linear.linear_silu_and_mul`, as the bf16 unfolded path)."""
+    if not folded:
+        return (QuantFusion(gated=True),) if projection == "gate_up_proj" else ()
+    return {
+        "qkv_proj": (QuantFusion(norm=True), QuantFusion(norm=True, rms=True)),
+        "gate_up_proj": (QuantFusion(norm=True, rms=True, gated=True),),
+        "o_proj": (QuantFusion(residual=True),),
+        "down_proj": (QuantFusion(residual=True),),
+    }.get(projection, ())
+
 
 # (fused parameter, checkpoint name, shard id)
 STACKED_PARAMS: tuple[tuple[str, str, str], ...] = (
@@ -82,12 +100,16 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x, early_signal=self.q_norm is None)
         return self.o_proj(self._attend(qkv, meta))
 
-    def forward_folded(self, h: torch.Tensor, norm: RMSNorm, meta: AttentionMetadata) -> torch.Tensor:
+    def forward_folded(
+        self, h: torch.Tensor, norm: RMSNorm, meta: AttentionMetadata, norm_in_gemm: bool = False
+    ) -> torch.Tensor:
         """h + attention(norm(h)) for the raw residual stream h [T, hidden], the input norm's
-        weight folded into qkv_proj (`norm`'s is ones): the norm is the qkv op's per-row scale, the
-        add o_proj's. Adapters (LoRA) fold the norm's weight into their A and add to qkv_proj's
-        and o_proj's outputs like the base weights do."""
+        weight folded into qkv_proj (`norm`'s is ones) or, quantized (`norm_in_gemm`), applied
+        to h inside its GEMM (`norm` keeps it): the norm is the qkv op's per-row scale, the add
+        o_proj's. Adapters (LoRA) fold the norm's weight into their A (full precision) or read h
+        times it (quantized) and add to qkv_proj's and o_proj's outputs like the base weights do."""
         eps = norm.eps
+        norm_weight = norm.weight if norm_in_gemm else None
         if (
             self.q_norm is None
             and self.qkv_proj.bias is None
@@ -98,11 +120,12 @@ class Attention(nn.Module):
             # have to come before them: those models take the norm kernel.)
             # The attention kernel may launch as soon as the qkv GEMM runs: its pre-wait loads
             # (block table, cached K/V, h's 1/rms) then overlap the weight stream.
-            out = self._attend(self.qkv_proj(h, early_signal=True), meta, rms_input=h, rms_eps=eps)
+            qkv = self.qkv_proj.linear_norm_weight(h, norm_weight, early_signal=True)
+            out = self._attend(qkv, meta, rms_input=h, rms_eps=eps)
         elif self.qkv_proj.lora_active:  # (an adapter reads the normalised input: the norm runs)
             out = self._attend(self.qkv_proj(norm(h)), meta)
         else:
-            out = self._attend(self.qkv_proj.linear_rms_norm(h, eps), meta)
+            out = self._attend(self.qkv_proj.linear_rms_norm(h, eps, norm_weight), meta)
         return self.o_proj.linear_add(out, residual=h)
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,13 +174,22 @@ class MLP(nn.Module):
             return self.down_proj(self.gate_up_proj.linear_silu_and_mul(x))
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
-    def forward_folded(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward_folded(
+        self, h: torch.Tensor, eps: float, norm_weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """h + mlp(rms_norm(h)) for the raw residual stream h [T, hidden], the norm's weight folded
-        into gate_up_proj: gate/up are computed from h and scaled by its 1/rms inside the SiLU op."""
+        into gate_up_proj: gate/up are computed from h and scaled by its 1/rms inside the SiLU op.
+        Quantized: `norm_weight`, the 1/rms and the SiLU-and-mul in the gate/up GEMM, one launch."""
         assert self.ops.silu_and_mul_rms is not None, f"kernel bundle {self.ops.name!r} cannot fold norms"
+        if self.gate_up_proj.quant_method is not None:
+            if self.gate_up_proj.lora_active:  # (an adapter reads the normalised input: the norm runs)
+                assert norm_weight is not None
+                act = self.ops.silu_and_mul(self.gate_up_proj(self.ops.rms_norm(h, norm_weight, eps)))
+            else:
+                act = self.gate_up_proj.linear_silu_and_mul(h, rms_eps=eps, norm_weight=norm_weight)
         # (one kernel for one row where faster; not with adapter rows, whose deltas of the raw h add
         # to gate/up before the SiLU op's 1/rms scale)
-        if self.ops.linear_silu_and_mul is not None and not self.gate_up_proj.lora_active:
+        elif self.ops.linear_silu_and_mul is not None and not self.gate_up_proj.lora_active:
             act = self.gate_up_proj.linear_silu_and_mul(h, rms_eps=eps)
         else:
             act = self.ops.silu_and_mul_rms(self.gate_up_proj(h), h, eps)
@@ -182,6 +214,9 @@ class DecoderLayer(nn.Module):
         self.mlp = make_mlp(cfg, ops, layer, layout)
         self.input_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(ops, cfg.hidden_size, cfg.rms_norm_eps)
+        # Set by `fold_norms` on a quantized layer: the norms keep their weights and the folded
+        # forward hands them to the quantized GEMMs (which multiply x by them) instead
+        self.norm_weights_in_gemm = False
 
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
@@ -196,17 +231,28 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
     def forward_folded(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Residual stream in -> residual stream out, both norms folded (their weights are ones)."""
-        h = self.self_attn.forward_folded(h, self.input_layernorm, meta)
+        """Residual stream in -> residual stream out, both norms folded (their weights are ones, or,
+        quantized, applied by the GEMMs)."""
+        in_gemm = self.norm_weights_in_gemm
+        h = self.self_attn.forward_folded(h, self.input_layernorm, meta, in_gemm)
+        mlp_norm = self.post_attention_layernorm
         assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
-        return self.mlp.forward_folded(h, self.post_attention_layernorm.eps)
+        return self.mlp.forward_folded(h, mlp_norm.eps, mlp_norm.weight if in_gemm else None)
 
     @torch.no_grad()
     def fold_norms(self) -> None:
         """qkv_proj.weight *= input_layernorm.weight[None, :], gate_up_proj.weight *=
         post_attention_layernorm.weight[None, :] (fp32 products, rounded once), then both norm
-        weights := 1 so that nothing can apply them twice."""
+        weights := 1 so that nothing can apply them twice.
+
+        Quantized projections keep their codes (re-quantizing W * g would round the checkpoint's
+        weights a second time, and a per-output-channel scale cannot absorb a per-column g): the
+        norms keep their weights, which the folded forward's quantized GEMMs apply to x
+        (`norm_weights_in_gemm`; the unfolded forward's norms still apply them as before)."""
         assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
+        if self.self_attn.qkv_proj.quant_method is not None:
+            self.norm_weights_in_gemm = True
+            return
         for norm, proj in (
             (self.input_layernorm, self.self_attn.qkv_proj),
             (self.post_attention_layernorm, self.mlp.gate_up_proj),
@@ -448,6 +494,13 @@ class LlamaForCausalLM(nn.Module):
             and not cfg.qk_norm
             and not cfg.num_experts  # the folded forward has no MoE path
             and self.model.weight_dtype != torch.float16
+            # A quantized model folds the norms into its GEMMs where the format has the fused GEMM
+            # (not GPTQ act-order, not block FP8): DecoderLayer.fold_norms
+            and all(
+                m.quant_method.fused_operands(m) is not None
+                for m in self.model.layers.modules()
+                if isinstance(m, Linear) and m.quant_method is not None
+            )
             # Parallel groups fold too: qkv / gate_up are column-parallel over the whole hidden
             # dimension (each rank folds g into its rows), a row-parallel o_proj / down_proj adds
             # the residual on tensor-parallel rank 0 only, before its all-reduce

@@ -97,6 +97,12 @@ class QuantMethod:
         """The operands of the layer's `quant_linear` call, or None when it runs another GEMM."""
         return None
 
+    def fused_operands(self, layer: Linear) -> QuantOperands | None:
+        """The operands of the layer's `quant_linear_fused` calls (the folded-norm decode path:
+        models/llama.py `fold_norms`), or None when the format has no fused GEMM (the model then
+        keeps its norms). By default those of `quant_linear`."""
+        return self.gemm_operands(layer)
+
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every parameter of the model (quantized ones at their stored size; a tied

@@ -120,6 +120,10 @@ class PackedIntMethod(QuantMethod):
     def gemm_operands(self, layer: Linear) -> QuantOperands | None:
         return QuantOperands(layer.qweight, layer.weight_scale, layer.weight_zero, self.bits)
 
+    def fused_operands(self, layer: Linear) -> QuantOperands | None:
+        # act-order gathers x's columns per call, which the fused GEMM's norm weight would have to follow
+        return None if self.act_order else self.gemm_operands(layer)
+
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         """The weight in the checkpoint's column order."""
         w = dequantize_weight(layer.qweight, layer.weight_scale, self.bits, layer.weight_zero)

@@ -17,7 +17,7 @@ from torch import nn
 
 from kernels import reference
 from services.worker.layers.linear import Linear
-from services.worker.layers.quantization.base import QuantMethod, row_absmax
+from services.worker.layers.quantization.base import QuantMethod, QuantOperands, row_absmax
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -80,6 +80,17 @@ class Fp8Method(QuantMethod):
         if runs_w8a8(w, x.device, x.dtype):
             return (layer.ops.fp8_linear or scaled_mm_fp8)(x, w, s, bias)
         return reference.fp8_linear(x, w, s, bias)
+
+    def fused_operands(self, layer: Linear) -> QuantOperands | None:
+        """The folded-norm decode path runs FP8 weights weight-only (e4m3 codes against the
+        activations as they are: quant_gemm.py `fp8_weight_only`), the choice the FP8 tuner made
+        for every decode bucket of the Llama-3.1-8B shapes (docs/quantization.md). Not on a GPU
+        without FP8 (Triton converts e4m3 from compute capability 8.9): the norms stay unfolded
+        there, the projections on the weight-only twin as before."""
+        device = layer.qweight.device
+        if device.type == "cuda" and not device_has_fp8(device):
+            return None
+        return QuantOperands(layer.qweight, layer.weight_scale, None, 8)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         return layer.qweight.float() * layer.weight_scale.float()

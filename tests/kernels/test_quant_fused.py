@@ -1,0 +1,409 @@
+"""The quantized GEMM's folded-norm decode fusions (kernels/triton/quant_gemm.py `quant_linear_fused`):
+the norm weight on x, the row's 1/rms, SiLU-and-mul and the residual add inside the GEMM. Each
+variant and each candidate config against the twin `reference.quant_linear_fused` on the Triton
+interpreter (fp32, fp16), the twin against the ops it replaces, the dispatch of a tuned choice,
+and a quantized model folded into its GEMMs against the same model unfolded. The `gpu` cases run
+bf16 on CUDA, the tuner included."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_quant_gemm import _quantized
+
+from kernels import REFERENCE_OPS, reference
+from kernels.ops import QuantFusion
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+EPS = 1e-5
+NORM = QuantFusion(norm=True)
+NORM_RMS = QuantFusion(norm=True, rms=True)
+GATED = QuantFusion(norm=True, rms=True, gated=True)
+RESIDUAL = QuantFusion(residual=True)
+FUSIONS = [NORM, NORM_RMS, GATED, RESIDUAL]
+
+# (name, bits, group size (0: per channel), zero points)
+FORMATS = [
+    ("int8", 8, 0, False),
+    ("int8-g32", 8, 32, False),
+    ("int4-g64-asym", 4, 64, True),
+    ("int4-g48", 4, 48, False),  # groups of 48: per-element scales (no tile of >= 32 fits)
+    ("int4-asym", 4, 0, True),  # per channel with zero points: zero x sum(x * g) at the end
+    ("fp8", 8, 0, False),
+]
+
+
+def _operands(fmt: str, n: int, k: int, gen: torch.Generator):  # type: ignore[no-untyped-def]
+    """(qweight, scales, bits, zeros) of a random weight in format `fmt`."""
+    if fmt == "fp8":
+        w = (torch.randn(n, k, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+        return w, torch.rand(n, 1, generator=gen) * 0.01 + 1e-4, 8, None
+    _, bits, group, asym = next(f for f in FORMATS if f[0] == fmt)
+    _, packed, scales, zeros = _quantized(n, k, bits, group or k, asym, gen)
+    return packed, scales, bits, zeros
+
+
+def _fused_args(fusion: QuantFusion, m: int, n: int, k: int, gen: torch.Generator) -> dict[str, Any]:
+    args: dict[str, Any] = {"gated": fusion.gated}
+    if fusion.norm:
+        args["norm_weight"] = torch.rand(k, generator=gen) * 1.5 + 0.25
+    if fusion.rms:
+        args["rms_eps"] = EPS
+    if fusion.residual:
+        args["residual"] = torch.randn(m, n, generator=gen)
+    return args
+
+
+@pytest.mark.parametrize("fusion", FUSIONS, ids=str)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_twin_is_the_ops_it_replaces(fusion: QuantFusion, with_bias: bool) -> None:
+    """reference.quant_linear_fused = RMSNorm (with its weight) then quant_linear then SiLU-and-mul
+    or + residual, all in fp32 (the unfused path's definition)."""
+    gen = torch.Generator().manual_seed(1)
+    m, n, k = 5, 48, 128
+    qweight, scales, bits, zeros = _operands("int4-g64-asym", n, k, gen)
+    x = torch.randn(m, k, generator=gen) * 3
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    args = _fused_args(fusion, m, n, k, gen)
+    xin = x
+    if fusion.norm:
+        g = args["norm_weight"]
+        xin = reference.rms_norm(x, g, EPS) if fusion.rms else x * g
+    y = reference.quant_linear(xin, qweight, scales, bits, zeros, bias)
+    if fusion.gated:
+        y = reference.silu_and_mul(y)
+    if fusion.residual:
+        y = y + args["residual"]
+    out = reference.quant_linear_fused(x, qweight, scales, bits, zeros, bias, **args)
+    torch.testing.assert_close(out, y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS, ids=str)
+@pytest.mark.parametrize("fmt", [f[0] for f in FORMATS])
+@pytest.mark.parametrize("m", [1, 7])
+def test_every_config_of_each_variant_matches_twin(fusion: QuantFusion, fmt: str, m: int) -> None:
+    """Each candidate config for M rows (one row: the gemv configs with the x row preloaded for
+    the 1/rms, and the skinny dots; seven rows: the 1/rms summed from the x tiles) in fp32 on the
+    interpreter, odd N (and N / 2 for SiLU), with a bias."""
+    from kernels.triton.quant_gemm import candidates, quant_gemm
+
+    gen = torch.Generator().manual_seed(m * 31 + len(fmt))
+    n, k = 2 * 37, 192
+    qweight, scales, bits, zeros = _operands(fmt, n, k, gen)
+    x = torch.randn(m, k, generator=gen) * 3
+    bias = torch.randn(n, generator=gen)
+    args = _fused_args(fusion, m, n, k, gen)
+    expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, bias, **args)
+    assert expected.shape == (m, n // 2 if fusion.gated else n)
+    for config in candidates(m, bits):
+        out = quant_gemm(x, qweight, scales, bits, zeros, bias, config, **args)
+        torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4, msg=lambda s, c=config: f"{c}: {s}")
+
+
+@pytest.mark.parametrize("fusion", FUSIONS, ids=str)
+@pytest.mark.parametrize("m", [1, 4])
+def test_fused_variants_fp16(fusion: QuantFusion, m: int) -> None:
+    """fp16 activations (x * g rounded to fp16 before the product, as a norm's output is)."""
+    from kernels.triton.quant_gemm import quant_linear_fused
+
+    gen = torch.Generator().manual_seed(m + 5)
+    n, k = 40, 256
+    qweight, scales, bits, zeros = _operands("int8", n, k, gen)
+    x = torch.randn(m, k, generator=gen).half()
+    args = {
+        key: (v.half() if isinstance(v, torch.Tensor) else v)
+        for key, v in _fused_args(fusion, m, n, k, gen).items()
+    }
+    expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    out = quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    assert out.dtype == torch.float16
+    # (relative to the whole output: silu(gate) * up multiplies the rounding of x * g by gate/up)
+    err = float((out.float() - expected.float()).norm() / expected.float().norm())
+    assert err < 2e-3, err
+
+
+def test_dispatch_runs_the_tuned_fused_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`quant_linear_fused` takes the choice kept for its variant and row bucket (a gemv choice only
+    for one row), else the default config; each variant has its own entry."""
+    from kernels.triton import quant_gemm as qg
+
+    gen = torch.Generator().manual_seed(2)
+    n, k = 64, 256
+    qweight, scales, bits, zeros = _operands("int8", n, k, gen)
+    gemv = qg.GEMV_CANDIDATES[2]
+    key = (*qg._key(n, k, bits, 1, False, False, 1), GATED)
+    monkeypatch.setitem(qg._FUSED_CHOICE, key, gemv)
+    x = torch.randn(1, k, generator=gen)
+    assert qg.chosen_fused(x, qweight, scales, bits, False, False, GATED) == gemv
+    assert qg.chosen_fused(x, qweight, scales, bits, False, False, NORM_RMS) == qg.default_config(1)
+    assert qg.chosen(x, qweight, scales, bits, False, False) == qg.default_config(1)  # unfused: its own
+    args = _fused_args(GATED, 1, n, k, gen)
+    expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    out = qg.quant_linear_fused(x, qweight, scales, bits, None, None, **args)
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4)
+    # bucket 4 (two to four rows) has no choice; one kept as a gemv would not apply to it either
+    monkeypatch.setitem(qg._FUSED_CHOICE, (*qg._key(n, k, bits, 1, False, False, 4), GATED), gemv)
+    assert qg.chosen_fused(
+        torch.randn(3, k), qweight, scales, bits, False, False, GATED
+    ) == qg.default_config(3)
+
+
+def test_gated_runs_two_launches_where_the_tuner_measured_them_faster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A gated key the tuner found faster as the GEMM then the SiLU kernel (`_GATED_SPLIT`) runs
+    those two (the gate/up sums rounded once in between), the same function as the twin."""
+    from kernels.triton import quant_gemm as qg
+
+    gen = torch.Generator().manual_seed(6)
+    n, k, m = 64, 256, 3
+    qweight, scales, bits, zeros = _operands("int4-g64-asym", n, k, gen)
+    key = (*qg._key(n, k, bits, scales.shape[1], True, False, m), GATED)
+    monkeypatch.setitem(qg._FUSED_CHOICE, key, qg.SKINNY_CANDIDATES[0])
+    monkeypatch.setattr(qg, "_GATED_SPLIT", {key})
+    calls: list[int] = []
+    pair = qg._gated_pair
+    monkeypatch.setattr(qg, "_gated_pair", lambda *a, **kw: calls.append(1) or pair(*a, **kw))
+    x = torch.randn(m, k, generator=gen) * 3
+    args = _fused_args(GATED, m, n, k, gen)
+    expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    out = qg.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    assert calls == [1]
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_gated_refuses_a_residual_and_odd_rows() -> None:
+    from kernels.triton.quant_gemm import default_config, quant_gemm
+
+    gen = torch.Generator().manual_seed(0)
+    qweight, scales, bits, _ = _operands("int8", 33, 64, gen)
+    with pytest.raises(ValueError, match="gated weight"):
+        quant_gemm(torch.randn(1, 64), qweight, scales, bits, None, None, default_config(1), gated=True)
+
+
+# --- a quantized model with its norms folded into its GEMMs ---
+
+UNFOLDED_OPS = dataclasses.replace(
+    REFERENCE_OPS, linear_rms_norm=None, linear_add=None, silu_and_mul_rms=None
+)
+
+
+@pytest.mark.parametrize(("quantization", "group_size"), [("int8", 0), ("fp8", 0), ("int4", 32)])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_quantized_model_folds_into_its_gemms(
+    quantization: str, group_size: int, backend: str, tmp_path: Path
+) -> None:
+    """A quantized Llama (random norm weights) folds its norms into its GEMMs: its codes stay the
+    checkpoint's quantization, its norms keep their weights, and its logits (a prefill, then a
+    one-token decode step on the folded forward) equal the same quantized model unfolded, on the
+    twin and on the Triton GEMM (interpreter). Before the fusions a quantized model never folded."""
+    from test_folded_norm_ops import _model_logits, _tiny_hf
+
+    from kernels.triton.quant_gemm import quant_linear, quant_linear_fused
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    hf = _tiny_hf("llama", seed=11)
+    hf.save_pretrained(str(tmp_path))
+    cfg = load_model_config(str(tmp_path))
+    ops = REFERENCE_OPS
+    if backend == "triton":
+        ops = dataclasses.replace(
+            REFERENCE_OPS, quant_linear=quant_linear, quant_linear_fused=quant_linear_fused
+        )
+    cpu = torch.device("cpu")
+    folded = build_model(cfg, ops, cpu, torch.float32, "auto", 0, quantization, group_size)
+    unfolded = build_model(cfg, UNFOLDED_OPS, cpu, torch.float32, "auto", 0, quantization, group_size)
+    assert folded.norms_folded and not unfolded.norms_folded
+    layer: Any = folded.model.layers[1]
+    assert layer.norm_weights_in_gemm
+    g = hf.model.layers[1].post_attention_layernorm.weight.detach()
+    assert torch.equal(layer.post_attention_layernorm.weight, g)
+    mine, theirs = layer.mlp.gate_up_proj, unfolded.model.layers[1].mlp.gate_up_proj
+    assert torch.equal(mine.qweight.view(torch.uint8), theirs.qweight.view(torch.uint8))
+    prompt = [1, 17, 99, 5, 64, 3, 120, 42, 8, 77]
+    torch.testing.assert_close(
+        _model_logits(folded, prompt), _model_logits(unfolded, prompt), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_unfolded_quantized_model_fuses_silu_into_gate_up(tmp_path: Path) -> None:
+    """A quantized Qwen2 (qkv bias: its norms stay unfolded) runs its decode step's gate/up with
+    SiLU-and-mul in the quantized GEMM's epilogue (the Triton GEMM on the interpreter) and gives
+    the logits of the same model with the GEMM and the SiLU op apart (the reference bundle)."""
+    from test_folded_norm_ops import _model_logits, _tiny_hf
+
+    from kernels.triton import quant_gemm as qg
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    hf = _tiny_hf("qwen2", seed=12)
+    hf.save_pretrained(str(tmp_path))
+    cfg = load_model_config(str(tmp_path))
+    gated: list[bool] = []
+
+    def fused(*args: Any, **kwargs: Any) -> torch.Tensor:
+        gated.append(bool(kwargs.get("gated")))
+        return qg.quant_linear_fused(*args, **kwargs)
+
+    ops = dataclasses.replace(
+        REFERENCE_OPS,
+        quant_linear=qg.quant_linear,
+        quant_linear_fused=fused,
+        linear_silu_and_mul=reference.linear_silu_and_mul,  # (the Triton bundle's op slot is filled)
+    )
+    cpu = torch.device("cpu")
+    model = build_model(cfg, ops, cpu, torch.float32, "auto", 0, "int8", 0)
+    plain = build_model(cfg, REFERENCE_OPS, cpu, torch.float32, "auto", 0, "int8", 0)
+    assert not model.norms_folded
+    prompt = [1, 17, 99, 5, 64, 3, 120, 42]
+    torch.testing.assert_close(
+        _model_logits(model, prompt), _model_logits(plain, prompt), atol=1e-4, rtol=1e-4
+    )
+    # each layer's gate/up in the prefill (7 rows) and the decode step (1 row): <= 16 rows each
+    assert gated == [True] * 2 * cfg.num_layers
+
+
+def test_quant_fusions_per_projection() -> None:
+    """What the engine tunes for each projection of a folded quantized model (quant_fusions)."""
+    from services.worker.models.llama import quant_fusions
+
+    assert quant_fusions("qkv_proj", True) == (NORM, NORM_RMS)
+    assert quant_fusions("gate_up_proj", True) == (GATED,)
+    assert quant_fusions("o_proj", True) == quant_fusions("down_proj", True) == (RESIDUAL,)
+    assert quant_fusions("lm_head", True) == quant_fusions("lm_head", False) == ()
+    # unfolded (Qwen2's qkv bias, Qwen3's q/k norms): gate/up's SiLU-and-mul only
+    assert quant_fusions("gate_up_proj", False) == (QuantFusion(gated=True),)
+    assert quant_fusions("qkv_proj", False) == quant_fusions("down_proj", False) == ()
+    assert [str(f) for f in FUSIONS] == ["norm", "norm+rms", "norm+rms+silu", "residual"]
+
+
+# --- bf16 on the GPU ---
+
+
+def _cuda_or_skip() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("fmt", ["int8", "int4-g64-asym", "int8-g32", "fp8"])
+def test_every_config_of_each_variant_bf16_gpu(m: int, fmt: str) -> None:
+    """Each fused variant in each candidate config in bf16, within 1e-2 (relative, Frobenius) of
+    the fp32 twin, at a Llama-like shape (hidden 4096 -> 2 x 1792)."""
+    _cuda_or_skip()
+    from kernels.triton.quant_gemm import candidates, quant_gemm
+
+    gen = torch.Generator().manual_seed(m)
+    n, k = 3584, 4096
+    qweight, scales, bits, zeros = _operands(fmt, n, k, gen)
+    qweight, scales = qweight.cuda(), scales.cuda()
+    zeros = zeros.cuda() if zeros is not None else None
+    x = (torch.randn(m, k, generator=gen) * 3).cuda().to(torch.bfloat16)
+    for fusion in FUSIONS:
+        args = {
+            key: (v.cuda().to(torch.bfloat16) if isinstance(v, torch.Tensor) else v)
+            for key, v in _fused_args(fusion, m, n, k, gen).items()
+        }
+        exact = reference.quant_linear_fused(x.float(), qweight, scales, bits, zeros, None, **args)
+        for config in candidates(m, bits):
+            out = quant_gemm(x, qweight, scales, bits, zeros, None, config, **args).float()
+            err = float((out - exact).norm() / exact.norm())
+            assert err < 1e-2, (fusion, config, err)
+
+
+@pytest.mark.gpu
+def test_fused_tuner_and_dispatch_gpu() -> None:
+    """`tune_quant_linear(fusion=...)` times every candidate of the variant at the decode buckets,
+    names its choice, and `quant_linear_fused` runs it within tolerance; the unfused choice is its
+    own; a second tuning keeps the choice."""
+    _cuda_or_skip()
+    from kernels.triton import quant_gemm as qg
+
+    n, k = 2048, 1024
+    gen = torch.Generator().manual_seed(4)
+    layers = [_operands("int4-g64-asym", n, k, gen) for _ in range(3)]
+    weights = [w.cuda() for w, _, _, _ in layers]
+    scales = [s.cuda() for _, s, _, _ in layers]
+    zeros = [z.cuda() for _, _, _, z in layers]
+    lines = qg.tune_quant_linear(weights, scales, zeros, 4, None, "gate_up_proj", reps=5, fusion=GATED)
+    assert len(lines) == len(qg.FUSED_ROWS), lines
+    g = torch.rand(k, device="cuda").to(torch.bfloat16) + 0.5
+    for line, m in zip(lines, qg.FUSED_ROWS, strict=True):
+        assert line.startswith(f"quant gate_up_proj 4-bit {n}x{k} norm+rms+silu rows={m}: "), line
+        timed = re.findall(r"(?:gemv|dot)\([^)]*\) [\d.]+ us", line)
+        assert timed, line  # (a config this GPU cannot compile is reported as failed, not chosen)
+        x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+        choice = qg.chosen_fused(x, weights[0], scales[0], 4, True, False, GATED)
+        assert line.endswith((f"-> {choice}", f"-> {choice} + SiLU")), line  # (+ SiLU: two launches)
+        assert "GEMM + SiLU " in line, line  # the pair it was measured against
+        out = qg.quant_linear_fused(x, weights[0], scales[0], 4, zeros[0], None, g, EPS, True).float()
+        exact = reference.quant_linear_fused(
+            x.float(), weights[0], scales[0], 4, zeros[0], None, g, EPS, True
+        )
+        assert (out - exact).norm() / exact.norm() < 1e-2, line
+    again = qg.tune_quant_linear(weights, scales, zeros, 4, None, "gate_up_proj", rows=(1,), fusion=GATED)
+    assert "tuned before" in again[0], again
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", ["int8", "fp8", "int4"])
+def test_quantized_engine_folds_and_tunes_the_fused_gemms_gpu(quantization: str, tmp_path: Path) -> None:
+    """A quantized bf16 engine folds its norms into its GEMMs, tunes each projection's fused
+    variants at start (report lines) and decodes with CUDA graphs. (Its accuracy against
+    transformers: tests/kernels/test_engine_gpu.py::test_quantized_weights_stay_close_to_transformers,
+    which now runs the folded path.)"""
+    _cuda_or_skip()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from services.worker.config import WorkerConfig
+    from services.worker.engine import Engine
+    from services.worker.request import SamplingParams
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=512,
+        num_hidden_layers=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+    )
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path))
+    engine = Engine(
+        WorkerConfig(
+            model=str(tmp_path),
+            device="cuda",
+            dtype="bfloat16",
+            quantization=quantization,  # type: ignore[arg-type]
+            max_num_seqs=4,
+            max_model_len=128,
+            kv_cache_memory="64MiB",
+        )
+    )
+    assert engine.runner.model.norms_folded and engine.runner.graphs is not None
+    report = engine.runner.linear_report
+    bits = 4 if quantization == "int4" else 8
+    for name, fusion in (("qkv_proj", "norm"), ("gate_up_proj", "norm+rms+silu"), ("down_proj", "residual")):
+        mine = [
+            line
+            for line in report
+            if line.startswith(f"quant {name} {bits}-bit") and f" {fusion} rows=" in line
+        ]
+        assert len(mine) == 3, (name, fusion, report)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (5, 17, 40)]
+    results = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    assert [len(r.token_ids[0]) for r in results] == [16, 16, 16]
