@@ -215,7 +215,18 @@ def _quant_gemm_kernel(
             kr = tl.arange(0, K_PAD)
             x_row = tl.load(x_ptr + kr, mask=kr < K, other=0.0)
         else:
-            x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of x^2 over K, from the tiles read anyway
+            # sum of x^2 over K, from the tiles read anyway, as a tensor-core dot of x^2 against ones
+            # (every column of x_sq2 holds the row's sum): a tl.sum per tile would be a cross-thread
+            # reduction (shuffles, a shared-memory round trip and barriers) inside the K loop, which
+            # stalls the weight stream; the dot accumulates in registers and is reduced once after
+            # the loop. x^2 meets the dot in bf16 for bf16 activations, else in fp32 (fp16's range
+            # would overflow for |x| > 256).
+            SQ_DTYPE: tl.constexpr = tl.bfloat16 if x_ptr.dtype.element_ty == tl.bfloat16 else tl.float32
+            x_sq2 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+            if SPLIT4:
+                sq_ones = tl.full((PACKED_K, 16), 1.0, SQ_DTYPE)
+            else:
+                sq_ones = tl.full((BLOCK_K, 16), 1.0, SQ_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         if SPLIT4:
             # codes q in [0, 15] (the offset 8 or the zero point z subtracted as z * sum(x) of the
@@ -227,8 +238,8 @@ def _quant_gemm_kernel(
             xe = tl.load(x_rows + ke[None, :], mask=mask_m[:, None] & (ke < K)[None, :], other=0.0)
             xo = tl.load(x_rows + ke[None, :] + 1, mask=mask_m[:, None] & (ke + 1 < K)[None, :], other=0.0)
             if RMS_EPS is not None and not RMS_PRELOAD:
-                x_sq += tl.sum(xe.to(tl.float32) * xe.to(tl.float32), axis=1)
-                x_sq += tl.sum(xo.to(tl.float32) * xo.to(tl.float32), axis=1)
+                sq = xe.to(tl.float32) * xe.to(tl.float32) + xo.to(tl.float32) * xo.to(tl.float32)
+                x_sq2 = tl.dot(sq.to(SQ_DTYPE), sq_ones, x_sq2)
             if NORM:
                 ge = tl.load(g_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
                 go = tl.load(g_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
@@ -278,7 +289,7 @@ def _quant_gemm_kernel(
                     q = q.to(tl.float8e4nv, bitcast=True)
             x = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
             if RMS_EPS is not None and not RMS_PRELOAD:
-                x_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+                x_sq2 = tl.dot((x.to(tl.float32) * x.to(tl.float32)).to(SQ_DTYPE), sq_ones, x_sq2)
             if NORM:
                 g = tl.load(g_ptr + k_col, mask=k_mask, other=0.0).to(tl.float32)
                 x = (x.to(tl.float32) * g[None, :]).to(x_ptr.dtype.element_ty)
@@ -335,6 +346,7 @@ def _quant_gemm_kernel(
             xf = x_row.to(tl.float32)
             acc = acc * tl.rsqrt(tl.sum(xf * xf, axis=0) / K + RMS_EPS)
         else:
+            x_sq = tl.max(x_sq2, axis=1)  # (its 16 columns are equal)
             acc = acc * tl.rsqrt(x_sq / K + RMS_EPS)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -474,12 +486,20 @@ def _bucket(rows: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
 
 
-# (N, K, bits, groups, has_zeros, has_bias, row bucket) -> the config `quant_linear` uses
-_CHOICE: dict[tuple[int, int, int, int, bool, bool, int], QuantConfig] = {}
+# (N, K, bits, groups, has_zeros, has_bias, row bucket, e4m3 codes) -> the config `quant_linear` uses
+_CHOICE: dict[tuple[int, int, int, int, bool, bool, int, bool], QuantConfig] = {}
 
 
-def _key(n: int, k: int, bits: int, groups: int, zeros: bool, bias: bool, rows: int) -> tuple:  # type: ignore[type-arg]
-    return (n, k, bits, groups, zeros, bias, _bucket(rows))
+def _key(
+    n: int, k: int, bits: int, groups: int, zeros: bool, bias: bool, rows: int, fp8: bool = False
+) -> tuple:  # type: ignore[type-arg]
+    # fp8 apart from int8 (both 8-bit codes of one shape): their kernels differ (the e4m3 decode),
+    # so does their timing, and one process may tune both (quant_bench runs int8 then fp8)
+    return (n, k, bits, groups, zeros, bias, _bucket(rows), fp8)
+
+
+def _is_fp8(qweight: torch.Tensor) -> bool:
+    return qweight.dtype == torch.float8_e4m3fn
 
 
 def chosen(
@@ -488,7 +508,9 @@ def chosen(
     """The config `quant_linear` runs for this call: the tuned choice of its shape and row bucket
     (a gemv choice only for one row), else `default_config`."""
     m = x.shape[0]
-    config = _CHOICE.get(_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m))
+    config = _CHOICE.get(
+        _key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m, _is_fp8(qweight))
+    )
     if config is None or (not config.dot and m != 1):
         return default_config(m)
     return config
@@ -526,7 +548,10 @@ def chosen_fused(
     """The config `quant_linear_fused` runs for this call: the tuned choice of the fused variant,
     else `default_config`."""
     m = x.shape[0]
-    key = (*_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m), fusion)
+    key = (
+        *_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m, _is_fp8(qweight)),
+        fusion,
+    )
     config = _FUSED_CHOICE.get(key)
     if config is None or (not config.dot and m != 1):
         return default_config(m)
@@ -559,6 +584,7 @@ def quant_linear_fused(
             zeros is not None,
             bias is not None,
             x.shape[0],
+            _is_fp8(qweight),
         ),
         fusion,
     )
@@ -689,7 +715,7 @@ def tune_quant_linear(
         eps = 1e-5
     gated = fusion is not None and fusion.gated
     for m in rows:
-        key = _key(n, k, bits, groups, zeros is not None, bias is not None, m)
+        key = _key(n, k, bits, groups, zeros is not None, bias is not None, m, _is_fp8(w0))
         if fusion is not None:
             key = (*key, fusion)
         if key in choices:

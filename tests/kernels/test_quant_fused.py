@@ -154,6 +154,26 @@ def test_dispatch_runs_the_tuned_fused_choice(monkeypatch: pytest.MonkeyPatch) -
     ) == qg.default_config(3)
 
 
+def test_fp8_and_int8_choices_are_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An int8 choice (fused or not) is not an fp8 one of the same shape: both are 8-bit codes, and
+    one process may tune both (quant_bench ran int8 then fp8, and fp8's fused GEMMs ran int8's
+    choices, "tuned before", never timed on e4m3 codes)."""
+    from kernels.triton import quant_gemm as qg
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 64, 256
+    int8_w, int8_s, bits, _ = _operands("int8", n, k, gen)
+    fp8_w, fp8_s, _, _ = _operands("fp8", n, k, gen)
+    gemv = qg.GEMV_CANDIDATES[2]
+    monkeypatch.setitem(qg._FUSED_CHOICE, (*qg._key(n, k, bits, 1, False, False, 1), GATED), gemv)
+    monkeypatch.setitem(qg._CHOICE, qg._key(n, k, bits, 1, False, False, 1), gemv)
+    x = torch.randn(1, k, generator=gen)
+    assert qg.chosen_fused(x, int8_w, int8_s, bits, False, False, GATED) == gemv
+    assert qg.chosen_fused(x, fp8_w, fp8_s, bits, False, False, GATED) == qg.default_config(1)
+    assert qg.chosen(x, int8_w, int8_s, bits, False, False) == gemv
+    assert qg.chosen(x, fp8_w, fp8_s, bits, False, False) == qg.default_config(1)
+
+
 def test_gated_runs_two_launches_where_the_tuner_measured_them_faster(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
