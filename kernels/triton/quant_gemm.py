@@ -42,6 +42,7 @@ import triton.language as tl
 from kernels import reference
 from kernels.ops import QuantFusion
 from kernels.triton import pdl
+from kernels.triton.rms_norm import rms_norm
 from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
 
@@ -534,6 +535,10 @@ _FUSED_CHOICE: dict[tuple, QuantConfig] = {}  # type: ignore[type-arg]
 # The gated keys of _FUSED_CHOICE where the tuner measured the GEMM (its config, without the SiLU)
 # then the SiLU kernel faster than the one fused launch: `quant_linear_fused` runs those two.
 _GATED_SPLIT: set[tuple] = set()  # type: ignore[type-arg]
+# The keys of _FUSED_CHOICE where the tuner measured the unfused sequence (the norm kernel, the
+# unfused GEMM in the config kept here, then the SiLU kernel or the residual add) faster than the
+# fused launch (and than the gated pair): `quant_linear_fused` runs that sequence.
+_UNFUSED: dict[tuple, QuantConfig] = {}  # type: ignore[type-arg]
 
 
 def chosen_fused(
@@ -588,6 +593,11 @@ def quant_linear_fused(
         ),
         fusion,
     )
+    unfused = _UNFUSED.get(key)
+    if unfused is not None and (unfused.dot or x.shape[0] == 1):
+        return _unfused_sequence(
+            x, qweight, scales, bits, zeros, bias, unfused, norm_weight, rms_eps, gated, residual
+        )
     if gated and key in _GATED_SPLIT:
         return _gated_pair(x, qweight, scales, bits, zeros, bias, config, norm_weight, rms_eps)
     return quant_gemm(
@@ -613,6 +623,46 @@ def _gated_pair(
     assert bias is None or rms_eps is None, "the two-launch gated variant has no bias after the 1/rms"
     gate_up = quant_gemm(x, qweight, scales, bits, zeros, bias, config, norm_weight, early_signal=True)
     return silu_and_mul(gate_up) if rms_eps is None else silu_and_mul_rms(gate_up, x, rms_eps)
+
+
+def _unfused_sequence(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    config: QuantConfig,
+    norm_weight: torch.Tensor | None,
+    rms_eps: float | None,
+    gated: bool,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """What a fused variant replaces, as separate launches: the norm (RMSNorm with its weight, or
+    x * g alone where the 1/rms is elsewhere), the plain GEMM in `config`, then SiLU-and-mul or the
+    residual add (each rounded to the activation dtype in between, as the unfolded model does)."""
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, rms_eps) if rms_eps is not None else x * norm_weight
+    elif rms_eps is not None:
+        x = rms_norm(x, torch.ones(x.shape[1], dtype=x.dtype, device=x.device), rms_eps)
+    y = quant_gemm(x, qweight, scales, bits, zeros, bias, config)
+    if gated:
+        y = silu_and_mul(y)
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def _unfused_config(key: tuple, fp8: bool, fallback: QuantConfig) -> QuantConfig:  # type: ignore[type-arg]
+    """The plain GEMM's tuned config for the unfused key (quant_linear's choice; FP8: the FP8
+    tuner's weight-only choice), else `fallback`."""
+    config: object = _CHOICE.get(key)
+    if config is None and fp8:
+        from kernels.triton import fp8_gemm  # (fp8_gemm imports this module)
+
+        n, k, _, _, _, bias, bucket, _ = key
+        config = fp8_gemm.chosen(n, k, bias, bucket)
+    return config if isinstance(config, QuantConfig) else fallback
 
 
 def fp8_weight_only(
@@ -721,7 +771,8 @@ def tune_quant_linear(
         if key in choices:
             # tuned once per process: a second engine keeps the choice (numerics do not change)
             split_note = " + SiLU" if key in _GATED_SPLIT else ""
-            lines.append(f"{label} rows={m}: tuned before -> {choices[key]}{split_note}")
+            kept = f"unfused {_UNFUSED[key]}" if key in _UNFUSED else f"{choices[key]}{split_note}"
+            lines.append(f"{label} rows={m}: tuned before -> {kept}")
             continue
         x = torch.randn(m, k, device=w0.device, generator=gen).to(torch.bfloat16)
         residual = None
@@ -749,6 +800,7 @@ def tune_quant_linear(
         if best is not None:
             choices[key] = best
         verdict = str(best or default_config(m))
+        fused_s = next((t.seconds for t in timed if t.config == best), None)
         if gated and best is not None and (bias is None or eps is None):
             # The one launch against the two it replaces (that GEMM, then the SiLU kernel), as the
             # bf16 path measures its SiLU epilogue: kept only where it is not slower.
@@ -758,11 +810,30 @@ def tune_quant_linear(
                 return _gated_pair(x, w, scales[i], bits, z, bias, c, norm_weight, eps)
 
             split, split_results = time_candidates(pair, ref, x, weights, [best], flush, flush_s, iters)
-            fused_s = next(t.seconds for t in timed if t.config == best)
             results.append("GEMM + SiLU " + split_results[0])
             if split[0].seconds is not None and fused_s is not None and split[0].seconds < fused_s:
                 _GATED_SPLIT.add(key)
                 verdict = f"{best} + SiLU"
+                fused_s = split[0].seconds
+        if fusion is not None and best is not None:
+            # The safety net: the fused launch (or the gated pair) against what it replaces, the
+            # norm kernel, the plain GEMM in its own tuned config and the SiLU kernel or the
+            # residual add; checked against the same twin before it is timed (time_candidates).
+            # The fusion is kept only where it measured faster.
+            plain = _unfused_config(key[:-1], _is_fp8(w0), best)
+
+            def sequence(
+                x: torch.Tensor, w: torch.Tensor, c: QuantConfig, r: torch.Tensor | None = residual
+            ) -> torch.Tensor:
+                i = index[w.data_ptr()]
+                z = zeros[i] if zeros else None
+                return _unfused_sequence(x, w, scales[i], bits, z, bias, c, norm_weight, eps, gated, r)
+
+            apart, apart_results = time_candidates(sequence, ref, x, weights, [plain], flush, flush_s, iters)
+            results.append("unfused " + apart_results[0])
+            if apart[0].seconds is not None and (fused_s is None or apart[0].seconds < fused_s):
+                _UNFUSED[key] = plain
+                verdict = f"unfused {plain}"
         lines.append(f"{label} rows={m}: " + ", ".join(results) + f" -> {verdict}")
     del dense
     return lines

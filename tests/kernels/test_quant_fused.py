@@ -198,6 +198,40 @@ def test_gated_runs_two_launches_where_the_tuner_measured_them_faster(
     torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS, ids=str)
+@pytest.mark.parametrize("m", [1, 3])
+def test_runs_unfused_where_the_tuner_measured_it_faster(
+    fusion: QuantFusion, m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fused key the tuner found slower than what it replaces (`_UNFUSED`: the norm kernel, the
+    plain GEMM in its own config, the SiLU kernel or the residual add) runs that sequence, the same
+    function as the twin; a gemv config kept for one row is not used for three."""
+    from kernels.triton import quant_gemm as qg
+
+    gen = torch.Generator().manual_seed(8 + m)
+    n, k = 64, 256
+    qweight, scales, bits, zeros = _operands("int4-g64-asym", n, k, gen)
+    plain = qg.GEMV_CANDIDATES[0] if m == 1 else qg.SKINNY_CANDIDATES[1]
+    key = (*qg._key(n, k, bits, scales.shape[1], True, False, m), fusion)
+    monkeypatch.setitem(qg._FUSED_CHOICE, key, qg.SKINNY_CANDIDATES[0])
+    monkeypatch.setattr(qg, "_UNFUSED", {key: plain})
+    configs: list[Any] = []
+    sequence = qg._unfused_sequence
+    monkeypatch.setattr(qg, "_unfused_sequence", lambda *a, **kw: configs.append(a[6]) or sequence(*a, **kw))
+    x = torch.randn(m, k, generator=gen) * 3
+    args = _fused_args(fusion, m, n, k, gen)
+    expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    out = qg.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    assert configs == [plain]
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4)
+    if m == 1:  # the gemv choice of bucket 1 does not serve the bucket-4 call (two to four rows)
+        monkeypatch.setattr(qg, "_UNFUSED", {(*key[:-3], qg._bucket(3), key[-2], fusion): plain})
+        x3 = torch.randn(3, k, generator=gen)
+        args3 = _fused_args(fusion, 3, n, k, gen)
+        qg.quant_linear_fused(x3, qweight, scales, bits, zeros, None, **args3)
+        assert configs == [plain]
+
+
 def test_gated_refuses_a_residual_and_odd_rows() -> None:
     from kernels.triton.quant_gemm import default_config, quant_gemm
 
@@ -362,8 +396,11 @@ def test_fused_tuner_and_dispatch_gpu() -> None:
         assert timed, line  # (a config this GPU cannot compile is reported as failed, not chosen)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         choice = qg.chosen_fused(x, weights[0], scales[0], 4, True, False, GATED)
-        assert line.endswith((f"-> {choice}", f"-> {choice} + SiLU")), line  # (+ SiLU: two launches)
+        unfused = qg._UNFUSED.get((*qg._key(n, k, 4, scales[0].shape[1], True, False, m), GATED))
+        kept = (f"-> {choice}", f"-> {choice} + SiLU") if unfused is None else (f"-> unfused {unfused}",)
+        assert line.endswith(kept), line  # (+ SiLU: two launches; unfused: the norm, GEMM, SiLU)
         assert "GEMM + SiLU " in line, line  # the pair it was measured against
+        assert ", unfused " in line, line  # and the kernels it replaces (the safety net)
         out = qg.quant_linear_fused(x, weights[0], scales[0], 4, zeros[0], None, g, EPS, True).float()
         exact = reference.quant_linear_fused(
             x.float(), weights[0], scales[0], 4, zeros[0], None, g, EPS, True
