@@ -156,7 +156,7 @@ def _quant_gemm_kernel(
     DOT: tl.constexpr,
     NORM: tl.constexpr,  # x * norm weight (per column) before the product: the folded norm's weight
     RMS_EPS: tl.constexpr,  # None: off; else the sums times rsqrt(mean(x^2) + eps) of each x row
-    RMS_PRELOAD: tl.constexpr,  # (RMS, one row) x's whole row loaded before the loop, reduced after it
+    RMS_PRELOAD: tl.constexpr,  # (RMS, DOT, one row) x's whole row loaded before the loop, reduced after it
     K_PAD: tl.constexpr,  # next_power_of_2(K) (RMS_PRELOAD only)
     GATED: tl.constexpr,  # W is [gate; up] (N = 2 I rows): out[m, i] = silu(gate[m, i]) * up[m, i]
     HAS_RESIDUAL: tl.constexpr,  # add residual[m] to the result
@@ -215,6 +215,14 @@ def _quant_gemm_kernel(
             # weight stream: the bf16 skinny GEMM's scheme, skinny_gemm.py)
             kr = tl.arange(0, K_PAD)
             x_row = tl.load(x_ptr + kr, mask=kr < K, other=0.0)
+        elif not DOT:
+            # (the gemv) x^2 of each tile summed elementwise into a tile-shaped accumulator, reduced
+            # once after the loop: a few registers (BLOCK_K / threads) where the preloaded row would
+            # hold K / threads, and x read once instead of twice
+            if SPLIT4:
+                x_sq_t = tl.zeros((BLOCK_M, PACKED_K), dtype=tl.float32)
+            else:
+                x_sq_t = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         else:
             # sum of x^2 over K, from the tiles read anyway, as a tensor-core dot of x^2 against ones
             # (every column of x_sq2 holds the row's sum): a tl.sum per tile would be a cross-thread
@@ -240,7 +248,10 @@ def _quant_gemm_kernel(
             xo = tl.load(x_rows + ke[None, :] + 1, mask=mask_m[:, None] & (ke + 1 < K)[None, :], other=0.0)
             if RMS_EPS is not None and not RMS_PRELOAD:
                 sq = xe.to(tl.float32) * xe.to(tl.float32) + xo.to(tl.float32) * xo.to(tl.float32)
-                x_sq2 = tl.dot(sq.to(SQ_DTYPE), sq_ones, x_sq2)
+                if DOT:
+                    x_sq2 = tl.dot(sq.to(SQ_DTYPE), sq_ones, x_sq2)
+                else:
+                    x_sq_t += sq
             if NORM:
                 ge = tl.load(g_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
                 go = tl.load(g_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
@@ -290,7 +301,10 @@ def _quant_gemm_kernel(
                     q = q.to(tl.float8e4nv, bitcast=True)
             x = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
             if RMS_EPS is not None and not RMS_PRELOAD:
-                x_sq2 = tl.dot((x.to(tl.float32) * x.to(tl.float32)).to(SQ_DTYPE), sq_ones, x_sq2)
+                if DOT:
+                    x_sq2 = tl.dot((x.to(tl.float32) * x.to(tl.float32)).to(SQ_DTYPE), sq_ones, x_sq2)
+                else:
+                    x_sq_t += x.to(tl.float32) * x.to(tl.float32)
             if NORM:
                 g = tl.load(g_ptr + k_col, mask=k_mask, other=0.0).to(tl.float32)
                 x = (x.to(tl.float32) * g[None, :]).to(x_ptr.dtype.element_ty)
@@ -347,7 +361,8 @@ def _quant_gemm_kernel(
             xf = x_row.to(tl.float32)
             acc = acc * tl.rsqrt(tl.sum(xf * xf, axis=0) / K + RMS_EPS)
         else:
-            x_sq = tl.max(x_sq2, axis=1)  # (its 16 columns are equal)
+            # (a dot's 16 columns are equal)
+            x_sq = tl.max(x_sq2, axis=1) if DOT else tl.sum(x_sq_t, axis=1)
             acc = acc * tl.rsqrt(x_sq / K + RMS_EPS)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -436,7 +451,7 @@ def quant_gemm(
     # A gated program computes block_n / 2 outputs from block_n weight rows (its gate and up rows).
     columns = triton.cdiv(n // 2, config.block_n // 2) if gated else triton.cdiv(n, config.block_n)
     grid = (triton.cdiv(m, config.block_m) * columns,)
-    rms_preload = rms_eps is not None and m == 1
+    rms_preload = rms_eps is not None and m == 1 and config.dot
     _quant_gemm_kernel[grid](
         x,
         qweight.view(torch.uint8) if fp8 else qweight,
