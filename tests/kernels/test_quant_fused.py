@@ -411,6 +411,36 @@ def test_fused_tuner_and_dispatch_gpu() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_fused_tuner_keeps_a_fusion_only_where_faster_gpu(fmt: str) -> None:
+    """Every fused variant's tuning line times what it replaces ("unfused <config>": the norm kernel,
+    the plain GEMM, the residual add) after the candidates, and `quant_linear_fused` runs the kept
+    choice (fused, or that sequence) within tolerance; int8 and fp8 of one shape are tuned apart."""
+    _cuda_or_skip()
+    from kernels.triton import quant_gemm as qg
+
+    n, k = 2048, 1024
+    gen = torch.Generator().manual_seed(9)
+    layers = [_operands(fmt, n, k, gen) for _ in range(2)]
+    weights = [w.cuda() for w, _, _, _ in layers]
+    scales = [s.cuda() for _, s, _, _ in layers]
+    for fusion in (NORM, NORM_RMS, RESIDUAL):
+        lines = qg.tune_quant_linear(weights, scales, None, 8, None, "proj", reps=5, fusion=fusion)
+        assert len(lines) == len(qg.FUSED_ROWS), lines
+        for line, m in zip(lines, qg.FUSED_ROWS, strict=True):
+            assert "tuned before" not in line, line  # (fp8 not served int8's choice)
+            assert ", unfused " in line, line
+            x = (torch.randn(m, k, device="cuda") * 3).to(torch.bfloat16)
+            args = {
+                key: (v.cuda().to(torch.bfloat16) if isinstance(v, torch.Tensor) else v)
+                for key, v in _fused_args(fusion, m, n, k, gen).items()
+            }
+            out = qg.quant_linear_fused(x, weights[0], scales[0], 8, None, None, **args).float()
+            exact = reference.quant_linear_fused(x.float(), weights[0], scales[0], 8, None, None, **args)
+            assert (out - exact).norm() / exact.norm() < 1e-2, line
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("quantization", ["int8", "fp8", "int4"])
 def test_quantized_engine_folds_and_tunes_the_fused_gemms_gpu(quantization: str, tmp_path: Path) -> None:
     """A quantized bf16 engine folds its norms into its GEMMs, tunes each projection's fused
