@@ -31,6 +31,7 @@ take `default_config`. The report lines say what was measured.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -108,16 +109,24 @@ TILED_CANDIDATES = (
 )
 
 
-def candidates(rows: int, bits: int = 8) -> tuple[QuantConfig, ...]:
-    """The configs the tuner times for `rows` rows of `bits`-bit codes (e4m3: 8)."""
+def candidates(rows: int, bits: int = 8, gated: bool = False) -> tuple[QuantConfig, ...]:
+    """The configs the tuner times for `rows` rows of `bits`-bit codes (e4m3: 8). A gated config's
+    BLOCK_N weight rows are BLOCK_N / 2 gate rows and their BLOCK_N / 2 up rows, so `gated` adds
+    each decode config at twice its BLOCK_N (BLOCK_N gate rows and the matching BLOCK_N up rows:
+    the plain config's outputs per program), where not already a candidate."""
     split = bits == 4
     if rows == 1:
-        return (
+        plain = (
             GEMV_CANDIDATES + SKINNY_CANDIDATES + (SPLIT4_GEMV_CANDIDATES + SPLIT4_SKINNY_CANDIDATES) * split
         )
-    if rows <= SKINNY_MAX_ROWS:
-        return SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split
-    return TILED_CANDIDATES
+    elif rows <= SKINNY_MAX_ROWS:
+        plain = SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split
+    else:
+        return TILED_CANDIDATES
+    if not gated:
+        return plain
+    doubled = (dataclasses.replace(c, block_n=2 * c.block_n) for c in plain)
+    return plain + tuple(dict.fromkeys(c for c in doubled if c not in plain))
 
 
 def default_config(rows: int) -> QuantConfig:
@@ -810,7 +819,9 @@ def tune_quant_linear(
             )
 
         iters = reps if m <= SKINNY_MAX_ROWS else max(reps // 4, 3)
-        timed, results = time_candidates(run, ref, x, weights, candidates(m, bits), flush, flush_s, iters)
+        timed, results = time_candidates(
+            run, ref, x, weights, candidates(m, bits, gated), flush, flush_s, iters
+        )
         best = choose(timed)
         if best is not None:
             choices[key] = best

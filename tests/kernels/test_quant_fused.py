@@ -101,7 +101,7 @@ def test_every_config_of_each_variant_matches_twin(fusion: QuantFusion, fmt: str
     args = _fused_args(fusion, m, n, k, gen)
     expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, bias, **args)
     assert expected.shape == (m, n // 2 if fusion.gated else n)
-    for config in candidates(m, bits):
+    for config in candidates(m, bits, fusion.gated):
         out = quant_gemm(x, qweight, scales, bits, zeros, bias, config, **args)
         torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4, msg=lambda s, c=config: f"{c}: {s}")
 
@@ -126,6 +126,22 @@ def test_fused_variants_fp16(fusion: QuantFusion, m: int) -> None:
     # (relative to the whole output: silu(gate) * up multiplies the rounding of x * g by gate/up)
     err = float((out.float() - expected.float()).norm() / expected.float().norm())
     assert err < 2e-3, err
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_gated_candidates_cover_the_plain_ones(bits: int, rows: int) -> None:
+    """The gated variant's tuner times every plain decode config (the same gemv / n32 / k512 space
+    as the unfused GEMM) and each at twice its BLOCK_N: BLOCK_N gate rows and the matching BLOCK_N
+    up rows, the plain config's outputs per program. Tiled (prefill) configs are not fused."""
+    from kernels.triton.quant_gemm import candidates
+
+    plain, gated = candidates(rows, bits), candidates(rows, bits, gated=True)
+    assert gated[: len(plain)] == plain and len(set(gated)) == len(gated)
+    for config in plain:
+        assert dataclasses.replace(config, block_n=2 * config.block_n) in gated, config
+    assert any(not c.dot for c in gated) == (rows == 1)
+    assert candidates(300, bits, gated=True) == candidates(300, bits)
 
 
 def test_dispatch_runs_the_tuned_fused_choice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -367,7 +383,7 @@ def test_every_config_of_each_variant_bf16_gpu(m: int, fmt: str) -> None:
             for key, v in _fused_args(fusion, m, n, k, gen).items()
         }
         exact = reference.quant_linear_fused(x.float(), qweight, scales, bits, zeros, None, **args)
-        for config in candidates(m, bits):
+        for config in candidates(m, bits, fusion.gated):
             out = quant_gemm(x, qweight, scales, bits, zeros, None, config, **args).float()
             err = float((out - exact).norm() / exact.norm())
             assert err < 1e-2, (fusion, config, err)
