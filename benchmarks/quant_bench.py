@@ -122,6 +122,18 @@ def decode_row(
     return row
 
 
+def graph_time(fn: Any, device: torch.device, calls: int = 10) -> float:
+    """Device seconds per call of fn(), as a decode step runs it: on CUDA, replays of a CUDA graph of
+    `calls` calls (no host launch time: an eager call of a Triton GEMM can spend longer on the host
+    than a 28672 x 4096 weight stream takes, so round 13's eager per-GEMM rows were launch-bound);
+    elsewhere the eager median."""
+    if device.type != "cuda":
+        return median_time(fn, device, warmup=3, iters=20)
+    from kernels.triton.skinny_gemm import _graph_seconds
+
+    return _graph_seconds(lambda i: fn(), calls) / calls
+
+
 def gemm_rows(
     cfg: dict[str, Any], device: torch.device, smoke: bool, fp8_tuning: list[str]
 ) -> list[dict[str, Any]]:
@@ -178,7 +190,7 @@ def gemm_rows(
         else:  # weight-only FP8 (no FP8 tensor cores, or the CPU smoke run)
             cases["fp8 weight-only"] = (lambda x=x: reference.fp8_linear(x, f8, sf8), fp8_bytes)
         for name, (fn, nbytes) in cases.items():
-            t = median_time(fn, device, warmup=3, iters=20)
+            t = graph_time(fn, device)
             row = {
                 "shape": f"M={m} N={n} K={k}",
                 "kernel": name,
@@ -229,7 +241,7 @@ def fused_rows(
             config = quant_gemm.chosen_fused(x, q, s, bits, False, False, gated)
             names = (f"folded {label}: norm + GEMM + SiLU", f"folded {label}: fused {config}")
             for name, fn in zip(names, (unfused, fused), strict=True):
-                t = median_time(fn, device, warmup=3, iters=20)
+                t = graph_time(fn, device)
                 rows.append(
                     {
                         "shape": f"M={m} N={n} K={k}",

@@ -31,6 +31,7 @@ take `default_config`. The report lines say what was measured.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -42,6 +43,7 @@ import triton.language as tl
 from kernels import reference
 from kernels.ops import QuantFusion
 from kernels.triton import pdl
+from kernels.triton.rms_norm import rms_norm
 from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
 
@@ -107,16 +109,24 @@ TILED_CANDIDATES = (
 )
 
 
-def candidates(rows: int, bits: int = 8) -> tuple[QuantConfig, ...]:
-    """The configs the tuner times for `rows` rows of `bits`-bit codes (e4m3: 8)."""
+def candidates(rows: int, bits: int = 8, gated: bool = False) -> tuple[QuantConfig, ...]:
+    """The configs the tuner times for `rows` rows of `bits`-bit codes (e4m3: 8). A gated config's
+    BLOCK_N weight rows are BLOCK_N / 2 gate rows and their BLOCK_N / 2 up rows, so `gated` adds
+    each decode config at twice its BLOCK_N (BLOCK_N gate rows and the matching BLOCK_N up rows:
+    the plain config's outputs per program), where not already a candidate."""
     split = bits == 4
     if rows == 1:
-        return (
+        plain = (
             GEMV_CANDIDATES + SKINNY_CANDIDATES + (SPLIT4_GEMV_CANDIDATES + SPLIT4_SKINNY_CANDIDATES) * split
         )
-    if rows <= SKINNY_MAX_ROWS:
-        return SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split
-    return TILED_CANDIDATES
+    elif rows <= SKINNY_MAX_ROWS:
+        plain = SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split
+    else:
+        return TILED_CANDIDATES
+    if not gated:
+        return plain
+    doubled = (dataclasses.replace(c, block_n=2 * c.block_n) for c in plain)
+    return plain + tuple(dict.fromkeys(c for c in doubled if c not in plain))
 
 
 def default_config(rows: int) -> QuantConfig:
@@ -155,7 +165,7 @@ def _quant_gemm_kernel(
     DOT: tl.constexpr,
     NORM: tl.constexpr,  # x * norm weight (per column) before the product: the folded norm's weight
     RMS_EPS: tl.constexpr,  # None: off; else the sums times rsqrt(mean(x^2) + eps) of each x row
-    RMS_PRELOAD: tl.constexpr,  # (RMS, one row) x's whole row loaded before the loop, reduced after it
+    RMS_PRELOAD: tl.constexpr,  # (RMS, DOT, one row) x's whole row loaded before the loop, reduced after it
     K_PAD: tl.constexpr,  # next_power_of_2(K) (RMS_PRELOAD only)
     GATED: tl.constexpr,  # W is [gate; up] (N = 2 I rows): out[m, i] = silu(gate[m, i]) * up[m, i]
     HAS_RESIDUAL: tl.constexpr,  # add residual[m] to the result
@@ -214,8 +224,27 @@ def _quant_gemm_kernel(
             # weight stream: the bf16 skinny GEMM's scheme, skinny_gemm.py)
             kr = tl.arange(0, K_PAD)
             x_row = tl.load(x_ptr + kr, mask=kr < K, other=0.0)
+        elif not DOT:
+            # (the gemv) x^2 of each tile summed elementwise into a tile-shaped accumulator, reduced
+            # once after the loop: a few registers (BLOCK_K / threads) where the preloaded row would
+            # hold K / threads, and x read once instead of twice
+            if SPLIT4:
+                x_sq_t = tl.zeros((BLOCK_M, PACKED_K), dtype=tl.float32)
+            else:
+                x_sq_t = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         else:
-            x_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum of x^2 over K, from the tiles read anyway
+            # sum of x^2 over K, from the tiles read anyway, as a tensor-core dot of x^2 against ones
+            # (every column of x_sq2 holds the row's sum): a tl.sum per tile would be a cross-thread
+            # reduction (shuffles, a shared-memory round trip and barriers) inside the K loop, which
+            # stalls the weight stream; the dot accumulates in registers and is reduced once after
+            # the loop. x^2 meets the dot in bf16 for bf16 activations, else in fp32 (fp16's range
+            # would overflow for |x| > 256).
+            SQ_DTYPE: tl.constexpr = tl.bfloat16 if x_ptr.dtype.element_ty == tl.bfloat16 else tl.float32
+            x_sq2 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+            if SPLIT4:
+                sq_ones = tl.full((PACKED_K, 16), 1.0, SQ_DTYPE)
+            else:
+                sq_ones = tl.full((BLOCK_K, 16), 1.0, SQ_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         if SPLIT4:
             # codes q in [0, 15] (the offset 8 or the zero point z subtracted as z * sum(x) of the
@@ -227,8 +256,11 @@ def _quant_gemm_kernel(
             xe = tl.load(x_rows + ke[None, :], mask=mask_m[:, None] & (ke < K)[None, :], other=0.0)
             xo = tl.load(x_rows + ke[None, :] + 1, mask=mask_m[:, None] & (ke + 1 < K)[None, :], other=0.0)
             if RMS_EPS is not None and not RMS_PRELOAD:
-                x_sq += tl.sum(xe.to(tl.float32) * xe.to(tl.float32), axis=1)
-                x_sq += tl.sum(xo.to(tl.float32) * xo.to(tl.float32), axis=1)
+                sq = xe.to(tl.float32) * xe.to(tl.float32) + xo.to(tl.float32) * xo.to(tl.float32)
+                if DOT:
+                    x_sq2 = tl.dot(sq.to(SQ_DTYPE), sq_ones, x_sq2)
+                else:
+                    x_sq_t += sq
             if NORM:
                 ge = tl.load(g_ptr + ke, mask=ke < K, other=0.0).to(tl.float32)
                 go = tl.load(g_ptr + ke + 1, mask=ke + 1 < K, other=0.0).to(tl.float32)
@@ -278,7 +310,10 @@ def _quant_gemm_kernel(
                     q = q.to(tl.float8e4nv, bitcast=True)
             x = tl.load(x_rows + k_col[None, :], mask=mask_m[:, None] & k_mask[None, :], other=0.0)
             if RMS_EPS is not None and not RMS_PRELOAD:
-                x_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+                if DOT:
+                    x_sq2 = tl.dot((x.to(tl.float32) * x.to(tl.float32)).to(SQ_DTYPE), sq_ones, x_sq2)
+                else:
+                    x_sq_t += x.to(tl.float32) * x.to(tl.float32)
             if NORM:
                 g = tl.load(g_ptr + k_col, mask=k_mask, other=0.0).to(tl.float32)
                 x = (x.to(tl.float32) * g[None, :]).to(x_ptr.dtype.element_ty)
@@ -335,6 +370,8 @@ def _quant_gemm_kernel(
             xf = x_row.to(tl.float32)
             acc = acc * tl.rsqrt(tl.sum(xf * xf, axis=0) / K + RMS_EPS)
         else:
+            # (a dot's 16 columns are equal)
+            x_sq = tl.max(x_sq2, axis=1) if DOT else tl.sum(x_sq_t, axis=1)
             acc = acc * tl.rsqrt(x_sq / K + RMS_EPS)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -423,7 +460,7 @@ def quant_gemm(
     # A gated program computes block_n / 2 outputs from block_n weight rows (its gate and up rows).
     columns = triton.cdiv(n // 2, config.block_n // 2) if gated else triton.cdiv(n, config.block_n)
     grid = (triton.cdiv(m, config.block_m) * columns,)
-    rms_preload = rms_eps is not None and m == 1
+    rms_preload = rms_eps is not None and m == 1 and config.dot
     _quant_gemm_kernel[grid](
         x,
         qweight.view(torch.uint8) if fp8 else qweight,
@@ -474,12 +511,20 @@ def _bucket(rows: int) -> int:
     return next((b for b in ROW_BUCKETS if b >= rows), ROW_BUCKETS[-1])
 
 
-# (N, K, bits, groups, has_zeros, has_bias, row bucket) -> the config `quant_linear` uses
-_CHOICE: dict[tuple[int, int, int, int, bool, bool, int], QuantConfig] = {}
+# (N, K, bits, groups, has_zeros, has_bias, row bucket, e4m3 codes) -> the config `quant_linear` uses
+_CHOICE: dict[tuple[int, int, int, int, bool, bool, int, bool], QuantConfig] = {}
 
 
-def _key(n: int, k: int, bits: int, groups: int, zeros: bool, bias: bool, rows: int) -> tuple:  # type: ignore[type-arg]
-    return (n, k, bits, groups, zeros, bias, _bucket(rows))
+def _key(
+    n: int, k: int, bits: int, groups: int, zeros: bool, bias: bool, rows: int, fp8: bool = False
+) -> tuple:  # type: ignore[type-arg]
+    # fp8 apart from int8 (both 8-bit codes of one shape): their kernels differ (the e4m3 decode),
+    # so does their timing, and one process may tune both (quant_bench runs int8 then fp8)
+    return (n, k, bits, groups, zeros, bias, _bucket(rows), fp8)
+
+
+def _is_fp8(qweight: torch.Tensor) -> bool:
+    return qweight.dtype == torch.float8_e4m3fn
 
 
 def chosen(
@@ -488,7 +533,9 @@ def chosen(
     """The config `quant_linear` runs for this call: the tuned choice of its shape and row bucket
     (a gemv choice only for one row), else `default_config`."""
     m = x.shape[0]
-    config = _CHOICE.get(_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m))
+    config = _CHOICE.get(
+        _key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m, _is_fp8(qweight))
+    )
     if config is None or (not config.dot and m != 1):
         return default_config(m)
     return config
@@ -512,6 +559,10 @@ _FUSED_CHOICE: dict[tuple, QuantConfig] = {}  # type: ignore[type-arg]
 # The gated keys of _FUSED_CHOICE where the tuner measured the GEMM (its config, without the SiLU)
 # then the SiLU kernel faster than the one fused launch: `quant_linear_fused` runs those two.
 _GATED_SPLIT: set[tuple] = set()  # type: ignore[type-arg]
+# The keys of _FUSED_CHOICE where the tuner measured the unfused sequence (the norm kernel, the
+# unfused GEMM in the config kept here, then the SiLU kernel or the residual add) faster than the
+# fused launch (and than the gated pair): `quant_linear_fused` runs that sequence.
+_UNFUSED: dict[tuple, QuantConfig] = {}  # type: ignore[type-arg]
 
 
 def chosen_fused(
@@ -526,7 +577,10 @@ def chosen_fused(
     """The config `quant_linear_fused` runs for this call: the tuned choice of the fused variant,
     else `default_config`."""
     m = x.shape[0]
-    key = (*_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m), fusion)
+    key = (
+        *_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m, _is_fp8(qweight)),
+        fusion,
+    )
     config = _FUSED_CHOICE.get(key)
     if config is None or (not config.dot and m != 1):
         return default_config(m)
@@ -559,9 +613,15 @@ def quant_linear_fused(
             zeros is not None,
             bias is not None,
             x.shape[0],
+            _is_fp8(qweight),
         ),
         fusion,
     )
+    unfused = _UNFUSED.get(key)
+    if unfused is not None and (unfused.dot or x.shape[0] == 1):
+        return _unfused_sequence(
+            x, qweight, scales, bits, zeros, bias, unfused, norm_weight, rms_eps, gated, residual
+        )
     if gated and key in _GATED_SPLIT:
         return _gated_pair(x, qweight, scales, bits, zeros, bias, config, norm_weight, rms_eps)
     return quant_gemm(
@@ -587,6 +647,46 @@ def _gated_pair(
     assert bias is None or rms_eps is None, "the two-launch gated variant has no bias after the 1/rms"
     gate_up = quant_gemm(x, qweight, scales, bits, zeros, bias, config, norm_weight, early_signal=True)
     return silu_and_mul(gate_up) if rms_eps is None else silu_and_mul_rms(gate_up, x, rms_eps)
+
+
+def _unfused_sequence(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    config: QuantConfig,
+    norm_weight: torch.Tensor | None,
+    rms_eps: float | None,
+    gated: bool,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """What a fused variant replaces, as separate launches: the norm (RMSNorm with its weight, or
+    x * g alone where the 1/rms is elsewhere), the plain GEMM in `config`, then SiLU-and-mul or the
+    residual add (each rounded to the activation dtype in between, as the unfolded model does)."""
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, rms_eps) if rms_eps is not None else x * norm_weight
+    elif rms_eps is not None:
+        x = rms_norm(x, torch.ones(x.shape[1], dtype=x.dtype, device=x.device), rms_eps)
+    y = quant_gemm(x, qweight, scales, bits, zeros, bias, config)
+    if gated:
+        y = silu_and_mul(y)
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def _unfused_config(key: tuple, fp8: bool, fallback: QuantConfig) -> QuantConfig:  # type: ignore[type-arg]
+    """The plain GEMM's tuned config for the unfused key (quant_linear's choice; FP8: the FP8
+    tuner's weight-only choice), else `fallback`."""
+    config: object = _CHOICE.get(key)
+    if config is None and fp8:
+        from kernels.triton import fp8_gemm  # (fp8_gemm imports this module)
+
+        n, k, _, _, _, bias, bucket, _ = key
+        config = fp8_gemm.chosen(n, k, bias, bucket)
+    return config if isinstance(config, QuantConfig) else fallback
 
 
 def fp8_weight_only(
@@ -689,13 +789,14 @@ def tune_quant_linear(
         eps = 1e-5
     gated = fusion is not None and fusion.gated
     for m in rows:
-        key = _key(n, k, bits, groups, zeros is not None, bias is not None, m)
+        key = _key(n, k, bits, groups, zeros is not None, bias is not None, m, _is_fp8(w0))
         if fusion is not None:
             key = (*key, fusion)
         if key in choices:
             # tuned once per process: a second engine keeps the choice (numerics do not change)
             split_note = " + SiLU" if key in _GATED_SPLIT else ""
-            lines.append(f"{label} rows={m}: tuned before -> {choices[key]}{split_note}")
+            kept = f"unfused {_UNFUSED[key]}" if key in _UNFUSED else f"{choices[key]}{split_note}"
+            lines.append(f"{label} rows={m}: tuned before -> {kept}")
             continue
         x = torch.randn(m, k, device=w0.device, generator=gen).to(torch.bfloat16)
         residual = None
@@ -718,11 +819,14 @@ def tune_quant_linear(
             )
 
         iters = reps if m <= SKINNY_MAX_ROWS else max(reps // 4, 3)
-        timed, results = time_candidates(run, ref, x, weights, candidates(m, bits), flush, flush_s, iters)
+        timed, results = time_candidates(
+            run, ref, x, weights, candidates(m, bits, gated), flush, flush_s, iters
+        )
         best = choose(timed)
         if best is not None:
             choices[key] = best
         verdict = str(best or default_config(m))
+        fused_s = next((t.seconds for t in timed if t.config == best), None)
         if gated and best is not None and (bias is None or eps is None):
             # The one launch against the two it replaces (that GEMM, then the SiLU kernel), as the
             # bf16 path measures its SiLU epilogue: kept only where it is not slower.
@@ -732,11 +836,30 @@ def tune_quant_linear(
                 return _gated_pair(x, w, scales[i], bits, z, bias, c, norm_weight, eps)
 
             split, split_results = time_candidates(pair, ref, x, weights, [best], flush, flush_s, iters)
-            fused_s = next(t.seconds for t in timed if t.config == best)
             results.append("GEMM + SiLU " + split_results[0])
             if split[0].seconds is not None and fused_s is not None and split[0].seconds < fused_s:
                 _GATED_SPLIT.add(key)
                 verdict = f"{best} + SiLU"
+                fused_s = split[0].seconds
+        if fusion is not None and best is not None:
+            # The safety net: the fused launch (or the gated pair) against what it replaces, the
+            # norm kernel, the plain GEMM in its own tuned config and the SiLU kernel or the
+            # residual add; checked against the same twin before it is timed (time_candidates).
+            # The fusion is kept only where it measured faster.
+            plain = _unfused_config(key[:-1], _is_fp8(w0), best)
+
+            def sequence(
+                x: torch.Tensor, w: torch.Tensor, c: QuantConfig, r: torch.Tensor | None = residual
+            ) -> torch.Tensor:
+                i = index[w.data_ptr()]
+                z = zeros[i] if zeros else None
+                return _unfused_sequence(x, w, scales[i], bits, z, bias, c, norm_weight, eps, gated, r)
+
+            apart, apart_results = time_candidates(sequence, ref, x, weights, [plain], flush, flush_s, iters)
+            results.append("unfused " + apart_results[0])
+            if apart[0].seconds is not None and (fused_s is None or apart[0].seconds < fused_s):
+                _UNFUSED[key] = plain
+                verdict = f"unfused {plain}"
         lines.append(f"{label} rows={m}: " + ", ".join(results) + f" -> {verdict}")
     del dense
     return lines

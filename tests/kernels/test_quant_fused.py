@@ -101,7 +101,7 @@ def test_every_config_of_each_variant_matches_twin(fusion: QuantFusion, fmt: str
     args = _fused_args(fusion, m, n, k, gen)
     expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, bias, **args)
     assert expected.shape == (m, n // 2 if fusion.gated else n)
-    for config in candidates(m, bits):
+    for config in candidates(m, bits, fusion.gated):
         out = quant_gemm(x, qweight, scales, bits, zeros, bias, config, **args)
         torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4, msg=lambda s, c=config: f"{c}: {s}")
 
@@ -126,6 +126,22 @@ def test_fused_variants_fp16(fusion: QuantFusion, m: int) -> None:
     # (relative to the whole output: silu(gate) * up multiplies the rounding of x * g by gate/up)
     err = float((out.float() - expected.float()).norm() / expected.float().norm())
     assert err < 2e-3, err
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_gated_candidates_cover_the_plain_ones(bits: int, rows: int) -> None:
+    """The gated variant's tuner times every plain decode config (the same gemv / n32 / k512 space
+    as the unfused GEMM) and each at twice its BLOCK_N: BLOCK_N gate rows and the matching BLOCK_N
+    up rows, the plain config's outputs per program. Tiled (prefill) configs are not fused."""
+    from kernels.triton.quant_gemm import candidates
+
+    plain, gated = candidates(rows, bits), candidates(rows, bits, gated=True)
+    assert gated[: len(plain)] == plain and len(set(gated)) == len(gated)
+    for config in plain:
+        assert dataclasses.replace(config, block_n=2 * config.block_n) in gated, config
+    assert any(not c.dot for c in gated) == (rows == 1)
+    assert candidates(300, bits, gated=True) == candidates(300, bits)
 
 
 def test_dispatch_runs_the_tuned_fused_choice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,6 +170,26 @@ def test_dispatch_runs_the_tuned_fused_choice(monkeypatch: pytest.MonkeyPatch) -
     ) == qg.default_config(3)
 
 
+def test_fp8_and_int8_choices_are_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An int8 choice (fused or not) is not an fp8 one of the same shape: both are 8-bit codes, and
+    one process may tune both (quant_bench ran int8 then fp8, and fp8's fused GEMMs ran int8's
+    choices, "tuned before", never timed on e4m3 codes)."""
+    from kernels.triton import quant_gemm as qg
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 64, 256
+    int8_w, int8_s, bits, _ = _operands("int8", n, k, gen)
+    fp8_w, fp8_s, _, _ = _operands("fp8", n, k, gen)
+    gemv = qg.GEMV_CANDIDATES[2]
+    monkeypatch.setitem(qg._FUSED_CHOICE, (*qg._key(n, k, bits, 1, False, False, 1), GATED), gemv)
+    monkeypatch.setitem(qg._CHOICE, qg._key(n, k, bits, 1, False, False, 1), gemv)
+    x = torch.randn(1, k, generator=gen)
+    assert qg.chosen_fused(x, int8_w, int8_s, bits, False, False, GATED) == gemv
+    assert qg.chosen_fused(x, fp8_w, fp8_s, bits, False, False, GATED) == qg.default_config(1)
+    assert qg.chosen(x, int8_w, int8_s, bits, False, False) == gemv
+    assert qg.chosen(x, fp8_w, fp8_s, bits, False, False) == qg.default_config(1)
+
+
 def test_gated_runs_two_launches_where_the_tuner_measured_them_faster(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -176,6 +212,40 @@ def test_gated_runs_two_launches_where_the_tuner_measured_them_faster(
     out = qg.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
     assert calls == [1]
     torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS, ids=str)
+@pytest.mark.parametrize("m", [1, 3])
+def test_runs_unfused_where_the_tuner_measured_it_faster(
+    fusion: QuantFusion, m: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fused key the tuner found slower than what it replaces (`_UNFUSED`: the norm kernel, the
+    plain GEMM in its own config, the SiLU kernel or the residual add) runs that sequence, the same
+    function as the twin; a gemv config kept for one row is not used for three."""
+    from kernels.triton import quant_gemm as qg
+
+    gen = torch.Generator().manual_seed(8 + m)
+    n, k = 64, 256
+    qweight, scales, bits, zeros = _operands("int4-g64-asym", n, k, gen)
+    plain = qg.GEMV_CANDIDATES[0] if m == 1 else qg.SKINNY_CANDIDATES[1]
+    key = (*qg._key(n, k, bits, scales.shape[1], True, False, m), fusion)
+    monkeypatch.setitem(qg._FUSED_CHOICE, key, qg.SKINNY_CANDIDATES[0])
+    monkeypatch.setattr(qg, "_UNFUSED", {key: plain})
+    configs: list[Any] = []
+    sequence = qg._unfused_sequence
+    monkeypatch.setattr(qg, "_unfused_sequence", lambda *a, **kw: configs.append(a[6]) or sequence(*a, **kw))
+    x = torch.randn(m, k, generator=gen) * 3
+    args = _fused_args(fusion, m, n, k, gen)
+    expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    out = qg.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+    assert configs == [plain]
+    torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4)
+    if m == 1:  # the gemv choice of bucket 1 does not serve the bucket-4 call (two to four rows)
+        monkeypatch.setattr(qg, "_UNFUSED", {(*key[:-3], qg._bucket(3), key[-2], fusion): plain})
+        x3 = torch.randn(3, k, generator=gen)
+        args3 = _fused_args(fusion, 3, n, k, gen)
+        qg.quant_linear_fused(x3, qweight, scales, bits, zeros, None, **args3)
+        assert configs == [plain]
 
 
 def test_gated_refuses_a_residual_and_odd_rows() -> None:
@@ -313,7 +383,7 @@ def test_every_config_of_each_variant_bf16_gpu(m: int, fmt: str) -> None:
             for key, v in _fused_args(fusion, m, n, k, gen).items()
         }
         exact = reference.quant_linear_fused(x.float(), qweight, scales, bits, zeros, None, **args)
-        for config in candidates(m, bits):
+        for config in candidates(m, bits, fusion.gated):
             out = quant_gemm(x, qweight, scales, bits, zeros, None, config, **args).float()
             err = float((out - exact).norm() / exact.norm())
             assert err < 1e-2, (fusion, config, err)
@@ -342,8 +412,11 @@ def test_fused_tuner_and_dispatch_gpu() -> None:
         assert timed, line  # (a config this GPU cannot compile is reported as failed, not chosen)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         choice = qg.chosen_fused(x, weights[0], scales[0], 4, True, False, GATED)
-        assert line.endswith((f"-> {choice}", f"-> {choice} + SiLU")), line  # (+ SiLU: two launches)
+        unfused = qg._UNFUSED.get((*qg._key(n, k, 4, scales[0].shape[1], True, False, m), GATED))
+        kept = (f"-> {choice}", f"-> {choice} + SiLU") if unfused is None else (f"-> unfused {unfused}",)
+        assert line.endswith(kept), line  # (+ SiLU: two launches; unfused: the norm, GEMM, SiLU)
         assert "GEMM + SiLU " in line, line  # the pair it was measured against
+        assert ", unfused " in line, line  # and the kernels it replaces (the safety net)
         out = qg.quant_linear_fused(x, weights[0], scales[0], 4, zeros[0], None, g, EPS, True).float()
         exact = reference.quant_linear_fused(
             x.float(), weights[0], scales[0], 4, zeros[0], None, g, EPS, True
@@ -351,6 +424,36 @@ def test_fused_tuner_and_dispatch_gpu() -> None:
         assert (out - exact).norm() / exact.norm() < 1e-2, line
     again = qg.tune_quant_linear(weights, scales, zeros, 4, None, "gate_up_proj", rows=(1,), fusion=GATED)
     assert "tuned before" in again[0], again
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+def test_fused_tuner_keeps_a_fusion_only_where_faster_gpu(fmt: str) -> None:
+    """Every fused variant's tuning line times what it replaces ("unfused <config>": the norm kernel,
+    the plain GEMM, the residual add) after the candidates, and `quant_linear_fused` runs the kept
+    choice (fused, or that sequence) within tolerance; int8 and fp8 of one shape are tuned apart."""
+    _cuda_or_skip()
+    from kernels.triton import quant_gemm as qg
+
+    n, k = 2048, 1024
+    gen = torch.Generator().manual_seed(9)
+    layers = [_operands(fmt, n, k, gen) for _ in range(2)]
+    weights = [w.cuda() for w, _, _, _ in layers]
+    scales = [s.cuda() for _, s, _, _ in layers]
+    for fusion in (NORM, NORM_RMS, RESIDUAL):
+        lines = qg.tune_quant_linear(weights, scales, None, 8, None, "proj", reps=5, fusion=fusion)
+        assert len(lines) == len(qg.FUSED_ROWS), lines
+        for line, m in zip(lines, qg.FUSED_ROWS, strict=True):
+            assert "tuned before" not in line, line  # (fp8 not served int8's choice)
+            assert ", unfused " in line, line
+            x = (torch.randn(m, k, device="cuda") * 3).to(torch.bfloat16)
+            args = {
+                key: (v.cuda().to(torch.bfloat16) if isinstance(v, torch.Tensor) else v)
+                for key, v in _fused_args(fusion, m, n, k, gen).items()
+            }
+            out = qg.quant_linear_fused(x, weights[0], scales[0], 8, None, None, **args).float()
+            exact = reference.quant_linear_fused(x.float(), weights[0], scales[0], 8, None, None, **args)
+            assert (out - exact).norm() / exact.norm() < 1e-2, line
 
 
 @pytest.mark.gpu
