@@ -486,20 +486,34 @@ def fused_moe(
     w13_bias: torch.Tensor | None = None,  # [E, 2*I] (gpt-oss)
     w2_bias: torch.Tensor | None = None,  # [E, H]
     activation: str = "silu",  # see moe_activation
+    rms_eps: float | None = None,  # folded norm: x is the raw residual stream (see below)
+    residual: torch.Tensor | None = None,  # [T, H], added to the output (not written)
 ) -> torch.Tensor:  # [T, H] in x's dtype
     """A mixture-of-experts feed-forward: sum_j w[t, j] * down_e(act(gate_e(x_t), up_e(x_t))) with
     e = topk_ids[t, j] (the biases inside each projection, before the routing weight). Each expert
-    runs once, on the tokens routed to it; fp32 accumulation."""
+    runs once, on the tokens routed to it; fp32 accumulation.
+
+    Folded norm (decode, models/llama.py `fold_norms`): with `rms_eps`, x is the raw residual
+    stream and gate/up are scaled by its per-row rsqrt(mean(x**2) + eps) (the norm's weight is in
+    w13's columns), before the bias; with `residual`, the output is residual + the sum, rounded
+    once."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    acc = torch.promote_types(x.dtype, torch.float32)  # (fp64 where a test asks for it)
+    inv_rms = None if rms_eps is None else torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + rms_eps)
     for expert in topk_ids.unique().tolist():
         rows, slots = (topk_ids == expert).nonzero(as_tuple=True)
-        h = x[rows] @ w13[expert].t()  # [n, 2I]
+        if inv_rms is not None:
+            h = ((x[rows].to(acc) @ w13[expert].t().to(acc)) * inv_rms[rows]).to(x.dtype)  # [n, 2I]
+        else:
+            h = x[rows] @ w13[expert].t()  # [n, 2I]
         if w13_bias is not None:
             h = h + w13_bias[expert]
         y = moe_activation(h, activation) @ w2[expert].t()  # [n, H]
         if w2_bias is not None:
             y = y + w2_bias[expert]
         out.index_add_(0, rows, y.float() * topk_weights[rows, slots, None].float())
+    if residual is not None:
+        out += residual.float()
     return out.to(x.dtype)
 
 

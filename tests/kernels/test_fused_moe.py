@@ -78,6 +78,50 @@ def test_decode_path_matches_reference(
     assert rel_err(out, ref) < 4 * tol_for(dtype), (routing, shape, seed)
 
 
+# folded norm: (tokens, hidden, intermediate, experts, top_k); decode-sized and one prefill-sized
+FOLDED_SHAPES = [(1, 64, 32, 4, 2), (5, 48, 40, 8, 8), (20, 64, 32, 16, 4)]
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+@pytest.mark.parametrize("bias", [False, True], ids=["silu", "gpt-oss"])
+@pytest.mark.parametrize("shape", FOLDED_SHAPES)
+def test_folded_norm_moe_matches_norm_then_moe(
+    device: str, dtype: torch.dtype, bias: bool, shape: tuple[int, int, int, int, int]
+) -> None:
+    """The folded post-attention norm (models/llama.py `fold_norms`): fused_moe of the raw residual
+    stream h with the norm weight g folded into w13's columns, `rms_eps` and `residual=h` equals
+    h + the MoE of rms_norm(h) * g with the unfolded w13 (random g, not ones; the decode GEMVs'
+    in-kernel 1/rms and residual epilogue, and the prefill path)."""
+    skip_without(device)
+    from kernels.triton.fused_moe import fused_moe
+
+    seed = zlib.crc32(repr(("folded", bias, shape)).encode())
+    h, w13, w2, weights, ids = _inputs(shape, device, dtype, "random", seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    h = h * 30.0  # a raw residual stream: far from unit rms
+    g = (torch.rand(shape[1], generator=gen) * 1.5 + 0.25).to(device)
+    b13 = torch.randn(shape[3], 2 * shape[2], generator=gen).to(device=device, dtype=dtype) if bias else None
+    b2 = torch.randn(shape[3], shape[1], generator=gen).to(device=device, dtype=dtype) if bias else None
+    activation = "swiglu_oai" if bias else "silu"
+    eps = 1e-6
+    w13_folded = (w13.float() * g).to(dtype)
+    out = fused_moe(h, w13_folded, w2, weights, ids, b13, b2, activation, rms_eps=eps, residual=h)
+
+    hd = h.double()
+    normed = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+    b13d, b2d = (b13.double(), b2.double()) if b13 is not None and b2 is not None else (None, None)
+    ref = hd + reference.fused_moe(
+        normed, w13.double(), w2.double(), weights.double(), ids, b13d, b2d, activation
+    )
+    assert out.shape == h.shape and out.dtype == dtype
+    assert rel_err(out, ref) < 4 * tol_for(dtype), (bias, shape, seed)
+    # the reference twin's folded arguments give the same
+    twin = reference.fused_moe(
+        hd, w13_folded.double(), w2.double(), weights.double(), ids, b13d, b2d, activation, eps, hd
+    )
+    assert rel_err(twin, ref) < 4 * tol_for(dtype), (bias, shape, seed)
+
+
 def test_every_tuner_candidate_matches_reference() -> None:
     """Each tile config tune_moe may pick (wider N tiles, K tiles past K and I) computes the same
     MoE as the reference, with gpt-oss's biases and activation (the tuner also checks on the GPU)."""
