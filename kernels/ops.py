@@ -123,7 +123,8 @@ class KernelOps:
     fused_moe: Callable[..., torch.Tensor] = reference.fused_moe
     # (logits [T, E], top_k, scoring "softmax_topk" | "topk_softmax", renormalize) -> (weights
     #  [T, k] fp32, ids [T, k] int64): each token's experts (reference.moe_route: Qwen3-MoE and
-    #  Mixtral take the top k of the softmax, gpt-oss the softmax of the top k logits)
+    #  Mixtral take the top k of the softmax, gpt-oss the softmax of the top k logits);
+    #  rms_input [T, H], rms_eps: the logits of a folded norm's raw stream, scaled by its 1/rms first
     moe_route: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.moe_route
     # (w13s: every MoE layer's [E, 2*I, H], w2s, w13_biases or None, w2_biases or None, top_k,
     #  activation, name) -> report lines: times the decode MoE kernels' tile configs at batch 1 and

@@ -461,11 +461,19 @@ def moe_route(
     top_k: int,
     scoring: str = "softmax_topk",  # one of MOE_SCORINGS
     renormalize: bool = False,  # softmax_topk: the k weights divided by their sum (norm_topk_prob)
+    rms_input: torch.Tensor | None = None,  # [T, H] (folded norm, below)
+    rms_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (weights [T, k] fp32, expert ids [T, k] int64)
     """Each token's k experts and their routing weights.
 
     softmax_topk (Qwen3-MoE, Mixtral): the top k of softmax(logits) in fp32, renormalised to sum
-    to 1 when `renormalize`. topk_softmax (gpt-oss): the top k logits, then a softmax over them."""
+    to 1 when `renormalize`. topk_softmax (gpt-oss): the top k logits, then a softmax over them.
+    Folded norm: with `rms_input` (the raw residual stream a bias-free router read, the norm's
+    weight in its weight), each row's logits are first scaled by rsqrt(mean(rms_input**2) + eps)."""
+    if rms_input is not None:
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        xf = rms_input.to(acc)
+        logits = logits.to(acc) * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps)
     if scoring == "softmax_topk":
         weights, ids = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
         if renormalize:

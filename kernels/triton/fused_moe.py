@@ -274,10 +274,10 @@ def _moe_gate_up_kernel(
     stride_we,
     stride_wn,
     stride_be,
-    rms_eps,  # HAS_RMS
     TOP_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RMS: tl.constexpr,  # folded norm: x is the raw residual stream, gate/up scaled by its 1/rms
+    RMS_EPS: tl.constexpr,  # (one value per model: a constant, not a float argument)
     ACTIVATION: tl.constexpr,  # 0: silu(gate) * up; 1: gpt-oss's clamped SwiGLU
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
@@ -300,18 +300,27 @@ def _moe_gate_up_kernel(
     x_base = x_ptr + token * stride_xt + rows[:, None] * 0
     w_base = w13_ptr + expert * stride_we + w_rows[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    sum_sq = 0.0  # HAS_RMS: the token's sum of squares, from the x tiles the GEMV loads anyway
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + kk
-        k_ok = k < K
-        x = tl.load(x_base + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-        if HAS_RMS:
-            xf = x.to(tl.float32)
-            sum_sq += tl.sum(tl.sum(xf * xf, axis=1), axis=0)
-    if HAS_RMS:  # (x @ (W * g).T) / rms(x) == (x / rms(x) * g) @ W.T: the norm's weight is in w13
-        acc = acc * tl.rsqrt(sum_sq / K + rms_eps)
+    if HAS_RMS:
+        # folded norm: the token's sum of squares from the x tiles the GEMV loads anyway, then
+        # (x @ (W * g).T) / rms(x) == (x / rms(x) * g) @ W.T (the norm's weight is in w13).
+        # (Two copies of the loop: a dead loop-carried sum in the plain one breaks the sm_90
+        # compile under the interpreter, tests/kernels/test_fused_moe.py.)
+        sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < K
+            x = tl.load(x_base + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=0)  # (rows 1.. are zeros)
+        acc = acc * tl.rsqrt(tl.sum(sum_sq, axis=0) / K + RMS_EPS)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < K
+            x = tl.load(x_base + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_be + w_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     gate, up = tl.split(tl.permute(tl.reshape(acc, [16, 2, HALF]), (0, 2, 1)))  # [16, HALF]
@@ -413,8 +422,9 @@ def launch_gate_up(
     _moe_gate_up_kernel[(ids.numel(), triton.cdiv(inter, config.block_n // 2))](
         x, w13, w13_bias if w13_bias is not None else w13, ids, weights, act,
         inter, x.shape[1], x.stride(0), w13.stride(0), w13.stride(1),
-        w13_bias.stride(0) if w13_bias is not None else 0, rms_eps if rms_eps is not None else 0.0,
+        w13_bias.stride(0) if w13_bias is not None else 0,
         TOP_K=top_k, HAS_BIAS=w13_bias is not None, HAS_RMS=rms_eps is not None,
+        RMS_EPS=rms_eps if rms_eps is not None else 0.0,
         ACTIVATION=_ACTIVATION_IDS[activation],
         ALPHA=reference.SWIGLU_ALPHA, LIMIT=reference.SWIGLU_LIMIT,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k,
