@@ -152,7 +152,6 @@ def test_moe_models_fold_into_router_and_experts(
     interpreter (their folded variants), the rest the reference ops."""
     from kernels.triton.fused_moe import fused_moe
     from kernels.triton.moe_route import moe_route
-
     from services.worker.layers.moe import SparseMoeBlock
 
     path, hf = model_dirs[name]
@@ -160,7 +159,9 @@ def test_moe_models_fold_into_router_and_experts(
     if moe_kernels == "triton":
         ops = dataclasses.replace(REFERENCE_OPS, fused_moe=fused_moe, moe_route=moe_route)
     folded, cfg = _build(path, ops)
-    unfolded, _ = _build(path, dataclasses.replace(UNFOLDED_OPS, fused_moe=ops.fused_moe, moe_route=ops.moe_route))
+    unfolded, _ = _build(
+        path, dataclasses.replace(UNFOLDED_OPS, fused_moe=ops.fused_moe, moe_route=ops.moe_route)
+    )
     assert folded.norms_folded and not unfolded.norms_folded
 
     moe_layers = 0
