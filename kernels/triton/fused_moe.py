@@ -398,9 +398,8 @@ def _moe_down_kernel(
         )
         acc += tl.sum(bias.to(tl.float32) * rw[:, None], axis=0)[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + token * stride_rt + cols, mask=col_ok, other=0.0).to(tl.float32)[
-            None, :
-        ]
+        res = tl.load(residual_ptr + token * stride_rt + cols, mask=col_ok, other=0.0)
+        acc += res.to(tl.float32)[None, :]
     tl.store(
         out_ptr + token * stride_ot + rows[:, None] * 0 + cols[None, :],
         acc.to(out_ptr.dtype.element_ty),
