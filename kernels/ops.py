@@ -108,6 +108,8 @@ class KernelOps:
     gemma_scale_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.gemma_scale_rms_norm
     # (q [T, Hq, D], k [T, Hkv, D], q_weight [D], k_weight [D], eps) -> (q, k) normed per head
     gemma_qk_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.gemma_qk_norm
+    # the same with plain RMSNorm weights (Qwen3 / Qwen3-MoE's q/k norms, one launch on the GPU)
+    qk_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.qk_rms_norm
     # (x [T, 2*I]) -> [T, I]: gelu_tanh(x[:, :I]) * x[:, I:]
     gelu_tanh_and_mul: Callable[..., torch.Tensor] = reference.gelu_tanh_and_mul
     # (x [T, K], weight [2*I, K], bias [2*I] | None) -> [T, I]: the gate/up projection then

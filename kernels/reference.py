@@ -298,6 +298,17 @@ def gemma_qk_norm(
     return gemma_rms_norm(q, q_weight, eps), gemma_rms_norm(k, k_weight, eps)
 
 
+def qk_rms_norm(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,  # [D]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head q and k norms: (rms_norm(q, q_weight), rms_norm(k, k_weight))."""
+    return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+
+
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap) in fp32, rounded once to x's dtype (Gemma 2's final-logit soft-cap)."""
     return (torch.tanh(x.float() / cap) * cap).to(x.dtype)

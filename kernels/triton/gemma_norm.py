@@ -6,7 +6,10 @@ the fusions a Gemma 2/3 layer is built from, so that its norms cost one launch e
   add and the next layer's input norm, or the final norm, after the last layer);
 - `gemma_scale_rms_norm`: the embedding's sqrt(hidden) scale and the first layer's input norm;
 - `gemma_rms_norm`, the plain norm;
-- `gemma_qk_norm`: Gemma 3's per-head q and k norms, all heads of both in one launch.
+- `gemma_qk_norm`: Gemma 3's per-head q and k norms, all heads of both in one launch;
+- `qk_rms_norm`: the same kernel with plain RMSNorm weights (HF's rounding: the normalised row
+  rounded to the input dtype, then times the weight), Qwen3's and Qwen3-MoE's q/k norms: one launch
+  a layer instead of two `rms_norm` launches.
 
 One program per token row (per token head for q/k); fp32 statistics. Twins: kernels/reference.py.
 """
@@ -164,6 +167,7 @@ def _gemma_qk_norm_kernel(
     HKV: tl.constexpr,
     D: tl.constexpr,
     BLOCK: tl.constexpr,
+    PLAIN: tl.constexpr,  # w * round(x / rms) (reference.rms_norm), else x / rms * (1 + w) (Gemma)
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # see pdl.py
@@ -183,7 +187,11 @@ def _gemma_qk_norm_kernel(
     wk = tl.load(k_w_ptr + offs, mask=mask & is_k, other=0.0).to(tl.float32)
     xf = xq.to(tl.float32) + xk.to(tl.float32)
     inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    out = (xf * inv_rms * (1.0 + wq + wk)).to(q_out_ptr.dtype.element_ty)
+    if PLAIN:
+        normed = (xf * inv_rms).to(q_out_ptr.dtype.element_ty).to(tl.float32)
+        out = (normed * (wq + wk)).to(q_out_ptr.dtype.element_ty)
+    else:
+        out = (xf * inv_rms * (1.0 + wq + wk)).to(q_out_ptr.dtype.element_ty)
     tl.store(q_out_ptr + (t * HQ + qh) * D + offs, out, mask=mask & is_q)
     tl.store(k_out_ptr + (t * HKV + kh) * D + offs, out, mask=mask & is_k)
     pdl.leave(PDL)
@@ -195,6 +203,20 @@ def gemma_qk_norm(
     """(q [T, Hq, D], k [T, Hkv, D] (rows of each head contiguous, any token/head strides, e.g.
     views of the qkv projection), q_weight, k_weight [D], eps) -> (gemma_rms_norm(q, q_weight),
     gemma_rms_norm(k, k_weight)), new contiguous tensors, in one launch."""
+    return _qk_norm(q, k, q_weight, k_weight, eps, plain=False)
+
+
+def qk_rms_norm(
+    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemma_qk_norm's layout with plain RMSNorm weights: (rms_norm(q, q_weight), rms_norm(k,
+    k_weight)) per head (reference.qk_rms_norm), in one launch."""
+    return _qk_norm(q, k, q_weight, k_weight, eps, plain=True)
+
+
+def _qk_norm(
+    q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, plain: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     assert q.dim() == 3 and k.dim() == 3 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2], (
         q.shape,
         k.shape,
@@ -225,6 +247,7 @@ def gemma_qk_norm(
         HKV=num_kv,
         D=head_dim,
         BLOCK=block,
+        PLAIN=plain,
         num_warps=min(4, max(1, block // 128)),
         **pdl.launch_options(q.device),
     )

@@ -132,9 +132,8 @@ class Attention(nn.Module):
         """q [T, Hq, D], k [T, Hkv, D] -> the same after the per-head q/k norms (Qwen3), if any."""
         if self.q_norm is None or self.k_norm is None:
             return q, k
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        return q, k
+        # (both in one launch on the GPU)
+        return self.ops.qk_rms_norm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
 
     def _attend(
         self,
