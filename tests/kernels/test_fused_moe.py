@@ -406,27 +406,33 @@ def test_folded_norm_decode_moe_bf16_is_three_kernels(tokens: int) -> None:
     _, hidden, _, experts, top_k = shape
     x, w13, w2, _, _ = _inputs(shape, "cuda", torch.bfloat16, "random", seed=19)
     gen = torch.Generator().manual_seed(20)
-    h = (x.float() * 40.0).to(torch.bfloat16)
+    h = (x.float() * 4.0).to(torch.bfloat16)  # (rms 4: the scale matters, h's rounding does not swamp)
     g = (torch.rand(hidden, generator=gen) * 1.5 + 0.25).to("cuda")
     router = (torch.randn(experts, hidden, generator=gen) / hidden**0.5).to("cuda")
     router_folded = (router * g).to(torch.bfloat16)
     w13_folded = (w13.float() * g).to(torch.bfloat16)
     eps = 1e-6
 
-    def step() -> torch.Tensor:
+    def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weights, ids = moe_route(h @ router_folded.t(), top_k, "softmax_topk", True, rms_input=h, rms_eps=eps)
-        return fused_moe(h, w13_folded, w2, weights, ids, rms_eps=eps, residual=h)
+        return weights, ids, fused_moe(h, w13_folded, w2, weights, ids, rms_eps=eps, residual=h)
 
     step()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = step()
+        weights, ids, out = step()
     graph.replay()
     torch.cuda.synchronize()
     normed = reference.rms_norm(h.float(), g, eps)
-    weights, ids = reference.moe_route(normed @ router.t(), top_k, "softmax_topk", True)
-    ref = h.float() + reference.fused_moe(normed, w13.float(), w2.float(), weights, ids)
-    assert rel_err(out, ref) < 4 * tol_for(torch.bfloat16)
+    # the experts against the reference on the kernel's own routing (a bf16 near-tie may pick
+    # another 8th expert than fp32 logits would); the routing's scale against fp32 where it agrees
+    moe = reference.fused_moe(normed, w13.float(), w2.float(), weights, ids)
+    assert rel_err(out, h.float() + moe) < 4 * tol_for(torch.bfloat16)
+    assert rel_err(out.float() - h.float(), moe) < 4 * tol_for(torch.bfloat16)
+    ref_weights, ref_ids = reference.moe_route(normed @ router.t(), top_k, "softmax_topk", True)
+    same = (ids == ref_ids).all(dim=-1)
+    assert same.float().mean() >= 0.5, (ids, ref_ids)
+    torch.testing.assert_close(weights[same], ref_weights[same], rtol=3e-2, atol=2e-3)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         graph.replay()
         torch.cuda.synchronize()
