@@ -304,9 +304,21 @@ def qk_rms_norm(
     q_weight: torch.Tensor,  # [D]
     k_weight: torch.Tensor,  # [D]
     eps: float,
+    rms_input: torch.Tensor | None = None,  # [T, H] (folded input norm, below)
+    rms_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3's per-head q and k norms: (rms_norm(q, q_weight), rms_norm(k, k_weight))."""
-    return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    """Qwen3's per-head q and k norms: (rms_norm(q, q_weight), rms_norm(k, k_weight)).
+
+    Folded input norm: q, k are projections of the raw residual stream h (`rms_input`), i.e. rms(h)
+    times the normalised input's; with s = rsqrt(mean(h**2) + rms_eps) per token this returns
+    rms_norm(s * q, q_weight) / s (and k's), which the decode attention kernel, told rms_input too,
+    multiplies by s again (with v): q/k/v then are those of the unfolded layer."""
+    if rms_input is None:
+        return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    s = _inv_rms(rms_input, rms_eps)[:, :, None]  # [T, 1, 1]
+    return tuple(  # type: ignore[return-value]
+        (rms_norm(x.float() * s, w, eps) / s).to(x.dtype) for x, w in ((q, q_weight), (k, k_weight))
+    )
 
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:

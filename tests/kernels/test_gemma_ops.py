@@ -174,6 +174,32 @@ def test_triton_qk_rms_norm_is_two_rms_norms(  # type: ignore[no-untyped-def]
         _assert_close(out, expected)
 
 
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_triton_qk_rms_norm_of_a_folded_input_norm(gemma_norm, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    """Folded input norm (Qwen3-MoE decode): q, k projected from the raw stream h are rms(h) times
+    the normalised input's; `qk_rms_norm(..., rms_input=h)` returns rms_norm(s * q) / s (s = 1/rms(h)),
+    which the attention kernel's own s scale turns into the unfolded layer's normed q and k."""
+    skip_without(device)
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, num_q, num_kv, head_dim, hidden = 3, 4, 2, 32, 2048 + 96  # (h in two tiles)
+    to = {"device": device, "dtype": dtype}
+    h = (torch.randn(num_tokens, hidden, generator=gen) * torch.tensor([0.3, 5.0, 60.0])[:, None]).to(**to)
+    s = torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + EPS)[:, :, None]  # [T, 1, 1]
+    q_normed_in = torch.randn(num_tokens, num_q, head_dim, generator=gen).to(**to)
+    k_normed_in = torch.randn(num_tokens, num_kv, head_dim, generator=gen).to(**to)
+    q_raw, k_raw = (q_normed_in.double() / s).to(dtype), (k_normed_in.double() / s).to(dtype)
+    wq = _make(head_dim, gen=gen, device=device, dtype=dtype, scale=0.5) + 1.0
+    wk = _make(head_dim, gen=gen, device=device, dtype=dtype, scale=0.5) + 1.0
+    want = reference.qk_rms_norm(q_normed_in, k_normed_in, wq, wk, EPS)
+    twin = reference.qk_rms_norm(q_raw, k_raw, wq, wk, EPS, rms_input=h, rms_eps=EPS)
+    got = gemma_norm.qk_rms_norm(q_raw, k_raw, wq, wk, EPS, rms_input=h, rms_eps=EPS)
+    for out in (*twin, *got):
+        assert out.dtype == dtype
+    for pair in (twin, got):
+        for out, expected in zip(pair, want, strict=True):
+            _assert_close((out.double() * s).to(dtype), expected)
+
+
 @pytest.mark.parametrize(("device", "dtype"), CPU_CASES[:1] + GPU_CASES)
 def test_triton_gemma_ops_empty(gemma_norm, device: str, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
     skip_without(device)

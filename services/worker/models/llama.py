@@ -122,18 +122,32 @@ class Attention(nn.Module):
             # (block table, cached K/V, h's 1/rms) then overlap the weight stream.
             qkv = self.qkv_proj.linear_norm_weight(h, norm_weight, early_signal=True)
             out = self._attend(qkv, meta, rms_input=h, rms_eps=eps)
+        elif (
+            self.qkv_proj.bias is None
+            and not self.qkv_proj.lora_active
+            and self.ops.attention_scales_rms(meta.max_seqlen_q, self.head_dim, h.dtype, h.shape[0])
+        ):
+            # q/k norms (Qwen3-MoE): the q/k norm kernel normalises h's 1/rms times q and k and
+            # returns them divided by it, the attention kernel then scales q/k/v by it: no norm
+            # launch either (reference.qk_rms_norm)
+            qkv = self.qkv_proj.linear_norm_weight(h, norm_weight)
+            out = self._attend(qkv, meta, rms_input=h, rms_eps=eps)
         elif self.qkv_proj.lora_active:  # (an adapter reads the normalised input: the norm runs)
             out = self._attend(self.qkv_proj(norm(h)), meta)
         else:
             out = self._attend(self.qkv_proj.linear_rms_norm(h, eps, norm_weight), meta)
         return self.o_proj.linear_add(out, residual=h)
 
-    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D] -> the same after the per-head q/k norms (Qwen3), if any."""
+    def norm_qk(
+        self, q: torch.Tensor, k: torch.Tensor, rms_input: torch.Tensor | None = None, rms_eps: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> the same after the per-head q/k norms (Qwen3), if any
+        (`rms_input`: a folded input norm's raw stream, reference.qk_rms_norm)."""
         if self.q_norm is None or self.k_norm is None:
             return q, k
         # (both in one launch on the GPU)
-        return self.ops.qk_rms_norm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        w_q, w_k = self.q_norm.weight, self.k_norm.weight
+        return self.ops.qk_rms_norm(q, k, w_q, w_k, self.q_norm.eps, rms_input=rms_input, rms_eps=rms_eps)
 
     def _attend(
         self,
@@ -148,7 +162,7 @@ class Attention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.norm_qk(q, k)
+        q, k = self.norm_qk(q, k, rms_input, rms_eps)
         if self.ops.rotary_write_kv_cache is not None:  # one kernel instead of two (GPU)
             out = self.attn.rotate_write_attend(q, k, v, meta, rms_input, rms_eps)  # [T, Hq, D]
         else:
