@@ -15,7 +15,10 @@ quantized GEMM that `tune_quant_linear` measured fastest (quant_gemm.py); a quan
 decode steps run the folded-norm path with the norm weight, 1/rms, SiLU-and-mul and residual add
 inside that GEMM (`quant_linear_fused`).
 Decode-sized MoE layers run two GEMV kernels with the tile configs `tune_moe` measured fastest
-(fused_moe.py, moe_tune.py).
+(fused_moe.py, moe_tune.py). With the norms folded (Qwen3-MoE, Mixtral) the routing kernel and the
+gate/up GEMV apply the post-attention norm's 1/rms and the down GEMV adds the residual stream;
+Qwen3's q/k norms are one launch (`qk_rms_norm`), which with the attention kernel also applies a
+folded input norm's 1/rms.
 """
 
 from __future__ import annotations
