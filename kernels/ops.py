@@ -108,6 +108,8 @@ class KernelOps:
     gemma_scale_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.gemma_scale_rms_norm
     # (q [T, Hq, D], k [T, Hkv, D], q_weight [D], k_weight [D], eps) -> (q, k) normed per head
     gemma_qk_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.gemma_qk_norm
+    # the same with plain RMSNorm weights (Qwen3 / Qwen3-MoE's q/k norms, one launch on the GPU)
+    qk_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.qk_rms_norm
     # (x [T, 2*I]) -> [T, I]: gelu_tanh(x[:, :I]) * x[:, I:]
     gelu_tanh_and_mul: Callable[..., torch.Tensor] = reference.gelu_tanh_and_mul
     # (x [T, K], weight [2*I, K], bias [2*I] | None) -> [T, I]: the gate/up projection then
@@ -123,7 +125,8 @@ class KernelOps:
     fused_moe: Callable[..., torch.Tensor] = reference.fused_moe
     # (logits [T, E], top_k, scoring "softmax_topk" | "topk_softmax", renormalize) -> (weights
     #  [T, k] fp32, ids [T, k] int64): each token's experts (reference.moe_route: Qwen3-MoE and
-    #  Mixtral take the top k of the softmax, gpt-oss the softmax of the top k logits)
+    #  Mixtral take the top k of the softmax, gpt-oss the softmax of the top k logits);
+    #  rms_input [T, H], rms_eps: the logits of a folded norm's raw stream, scaled by its 1/rms first
     moe_route: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.moe_route
     # (w13s: every MoE layer's [E, 2*I, H], w2s, w13_biases or None, w2_biases or None, top_k,
     #  activation, name) -> report lines: times the decode MoE kernels' tile configs at batch 1 and

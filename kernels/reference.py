@@ -298,6 +298,29 @@ def gemma_qk_norm(
     return gemma_rms_norm(q, q_weight, eps), gemma_rms_norm(k, k_weight, eps)
 
 
+def qk_rms_norm(
+    q: torch.Tensor,  # [T, Hq, D]
+    k: torch.Tensor,  # [T, Hkv, D]
+    q_weight: torch.Tensor,  # [D]
+    k_weight: torch.Tensor,  # [D]
+    eps: float,
+    rms_input: torch.Tensor | None = None,  # [T, H] (folded input norm, below)
+    rms_eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head q and k norms: (rms_norm(q, q_weight), rms_norm(k, k_weight)).
+
+    Folded input norm: q, k are projections of the raw residual stream h (`rms_input`), i.e. rms(h)
+    times the normalised input's; with s = rsqrt(mean(h**2) + rms_eps) per token this returns
+    rms_norm(s * q, q_weight) / s (and k's), which the decode attention kernel, told rms_input too,
+    multiplies by s again (with v): q/k/v then are those of the unfolded layer."""
+    if rms_input is None:
+        return rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    s = _inv_rms(rms_input, rms_eps)[:, :, None]  # [T, 1, 1]
+    return tuple(  # type: ignore[return-value]
+        (rms_norm(x.float() * s, w, eps) / s).to(x.dtype) for x, w in ((q, q_weight), (k, k_weight))
+    )
+
+
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap) in fp32, rounded once to x's dtype (Gemma 2's final-logit soft-cap)."""
     return (torch.tanh(x.float() / cap) * cap).to(x.dtype)
@@ -461,11 +484,19 @@ def moe_route(
     top_k: int,
     scoring: str = "softmax_topk",  # one of MOE_SCORINGS
     renormalize: bool = False,  # softmax_topk: the k weights divided by their sum (norm_topk_prob)
+    rms_input: torch.Tensor | None = None,  # [T, H] (folded norm, below)
+    rms_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (weights [T, k] fp32, expert ids [T, k] int64)
     """Each token's k experts and their routing weights.
 
     softmax_topk (Qwen3-MoE, Mixtral): the top k of softmax(logits) in fp32, renormalised to sum
-    to 1 when `renormalize`. topk_softmax (gpt-oss): the top k logits, then a softmax over them."""
+    to 1 when `renormalize`. topk_softmax (gpt-oss): the top k logits, then a softmax over them.
+    Folded norm: with `rms_input` (the raw residual stream a bias-free router read, the norm's
+    weight in its weight), each row's logits are first scaled by rsqrt(mean(rms_input**2) + eps)."""
+    if rms_input is not None:
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        xf = rms_input.to(acc)
+        logits = logits.to(acc) * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_eps)
     if scoring == "softmax_topk":
         weights, ids = torch.softmax(logits.float(), dim=-1).topk(top_k, dim=-1)
         if renormalize:
@@ -486,20 +517,34 @@ def fused_moe(
     w13_bias: torch.Tensor | None = None,  # [E, 2*I] (gpt-oss)
     w2_bias: torch.Tensor | None = None,  # [E, H]
     activation: str = "silu",  # see moe_activation
+    rms_eps: float | None = None,  # folded norm: x is the raw residual stream (see below)
+    residual: torch.Tensor | None = None,  # [T, H], added to the output (not written)
 ) -> torch.Tensor:  # [T, H] in x's dtype
     """A mixture-of-experts feed-forward: sum_j w[t, j] * down_e(act(gate_e(x_t), up_e(x_t))) with
     e = topk_ids[t, j] (the biases inside each projection, before the routing weight). Each expert
-    runs once, on the tokens routed to it; fp32 accumulation."""
+    runs once, on the tokens routed to it; fp32 accumulation.
+
+    Folded norm (decode, models/llama.py `fold_norms`): with `rms_eps`, x is the raw residual
+    stream and gate/up are scaled by its per-row rsqrt(mean(x**2) + eps) (the norm's weight is in
+    w13's columns), before the bias; with `residual`, the output is residual + the sum, rounded
+    once."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    acc = torch.promote_types(x.dtype, torch.float32)  # (fp64 where a test asks for it)
+    inv_rms = None if rms_eps is None else torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + rms_eps)
     for expert in topk_ids.unique().tolist():
         rows, slots = (topk_ids == expert).nonzero(as_tuple=True)
-        h = x[rows] @ w13[expert].t()  # [n, 2I]
+        if inv_rms is not None:
+            h = ((x[rows].to(acc) @ w13[expert].t().to(acc)) * inv_rms[rows]).to(x.dtype)  # [n, 2I]
+        else:
+            h = x[rows] @ w13[expert].t()  # [n, 2I]
         if w13_bias is not None:
             h = h + w13_bias[expert]
         y = moe_activation(h, activation) @ w2[expert].t()  # [n, H]
         if w2_bias is not None:
             y = y + w2_bias[expert]
         out.index_add_(0, rows, y.float() * topk_weights[rows, slots, None].float())
+    if residual is not None:
+        out += residual.float()
     return out.to(x.dtype)
 
 

@@ -276,6 +276,8 @@ def _moe_gate_up_kernel(
     stride_be,
     TOP_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RMS: tl.constexpr,  # folded norm: x is the raw residual stream, gate/up scaled by its 1/rms
+    RMS_EPS: tl.constexpr,  # (one value per model: a constant, not a float argument)
     ACTIVATION: tl.constexpr,  # 0: silu(gate) * up; 1: gpt-oss's clamped SwiGLU
     ALPHA: tl.constexpr,
     LIMIT: tl.constexpr,
@@ -298,12 +300,27 @@ def _moe_gate_up_kernel(
     x_base = x_ptr + token * stride_xt + rows[:, None] * 0
     w_base = w13_ptr + expert * stride_we + w_rows[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + kk
-        k_ok = k < K
-        x = tl.load(x_base + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
+    if HAS_RMS:
+        # folded norm: the token's sum of squares from the x tiles the GEMV loads anyway, then
+        # (x @ (W * g).T) / rms(x) == (x / rms(x) * g) @ W.T (the norm's weight is in w13).
+        # (Two copies of the loop: a dead loop-carried sum in the plain one breaks the sm_90
+        # compile under the interpreter, tests/kernels/test_fused_moe.py.)
+        sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < K
+            x = tl.load(x_base + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+            sum_sq += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=0)  # (rows 1.. are zeros)
+        acc = acc * tl.rsqrt(tl.sum(sum_sq, axis=0) / K + RMS_EPS)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            k_ok = k < K
+            x = tl.load(x_base + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
+            w = tl.load(w_base + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + expert * stride_be + w_rows, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     gate, up = tl.split(tl.permute(tl.reshape(acc, [16, 2, HALF]), (0, 2, 1)))  # [16, HALF]
@@ -332,15 +349,18 @@ def _moe_down_kernel(
     ids_ptr,  # [T * TOP_K]
     weights_ptr,  # [T * TOP_K] fp32 (HAS_BIAS: the bias is weighted too)
     out_ptr,  # [T, N]
+    residual_ptr,  # [T, N] (HAS_RESIDUAL)
     N,
     INTER,
     stride_we,
     stride_wn,
     stride_be,
     stride_ot,
+    stride_rt,
     TOP_K: tl.constexpr,
     BLOCK_TOPK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,  # folded norm: out = residual + the experts' sum, rounded once
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -377,6 +397,9 @@ def _moe_down_kernel(
             bias_ptr + bias_rows[:, None] + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0
         )
         acc += tl.sum(bias.to(tl.float32) * rw[:, None], axis=0)[None, :]
+    if HAS_RESIDUAL:
+        res = tl.load(residual_ptr + token * stride_rt + cols, mask=col_ok, other=0.0)
+        acc += res.to(tl.float32)[None, :]
     tl.store(
         out_ptr + token * stride_ot + rows[:, None] * 0 + cols[None, :],
         acc.to(out_ptr.dtype.element_ty),
@@ -394,13 +417,16 @@ def launch_gate_up(
     top_k: int,
     activation: str,
     config: DecodeConfig,
+    rms_eps: float | None = None,  # folded norm: x is the raw residual stream
 ) -> None:
     inter = act.shape[1]
     _moe_gate_up_kernel[(ids.numel(), triton.cdiv(inter, config.block_n // 2))](
         x, w13, w13_bias if w13_bias is not None else w13, ids, weights, act,
         inter, x.shape[1], x.stride(0), w13.stride(0), w13.stride(1),
         w13_bias.stride(0) if w13_bias is not None else 0,
-        TOP_K=top_k, HAS_BIAS=w13_bias is not None, ACTIVATION=_ACTIVATION_IDS[activation],
+        TOP_K=top_k, HAS_BIAS=w13_bias is not None, HAS_RMS=rms_eps is not None,
+        RMS_EPS=rms_eps if rms_eps is not None else 0.0,
+        ACTIVATION=_ACTIVATION_IDS[activation],
         ALPHA=reference.SWIGLU_ALPHA, LIMIT=reference.SWIGLU_LIMIT,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
@@ -416,13 +442,18 @@ def launch_down(
     out: torch.Tensor,  # [T, H] output
     top_k: int,
     config: DecodeConfig,
+    residual: torch.Tensor | None = None,  # [T, H], stride 1 along H
 ) -> None:
     hidden = out.shape[1]
+    assert residual is None or (residual.shape == out.shape and residual.stride(1) == 1)
     _moe_down_kernel[(out.shape[0], triton.cdiv(hidden, config.block_n))](
         act, w2, w2_bias if w2_bias is not None else w2, ids, weights, out,
+        residual if residual is not None else out,
         hidden, act.shape[1], w2.stride(0), w2.stride(1),
         w2_bias.stride(0) if w2_bias is not None else 0, out.stride(0),
+        residual.stride(0) if residual is not None else 0,
         TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), HAS_BIAS=w2_bias is not None,
+        HAS_RESIDUAL=residual is not None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -438,6 +469,8 @@ def fused_moe_decode(
     w2_bias: torch.Tensor | None = None,
     activation: str = "silu",
     configs: tuple[DecodeConfig, DecodeConfig] | None = None,  # (gate_up, down); None: tuned or default
+    rms_eps: float | None = None,
+    residual: torch.Tensor | None = None,  # [T, H]
 ) -> torch.Tensor:  # [T, H]
     """The decode path: two launches, no sorting, no separate activation or combine kernels.
 
@@ -446,7 +479,11 @@ def fused_moe_decode(
     routing weight and writes w * act [T*k, I] (x's dtype). down: one program per (token, 16
     output columns) streams those columns of its k experts' down rows against the k weighted
     activations, adds the weighted biases and writes the token's output once (a fixed sum order:
-    deterministic, no atomics, no zero-fill)."""
+    deterministic, no atomics, no zero-fill).
+
+    Folded norm (`rms_eps`, `residual`: reference.fused_moe): gate_up computes the token's 1/rms
+    from the x tiles it streams and scales its accumulator by it; down adds the residual stream in
+    its epilogue. The post-attention norm then costs no launch and the residual add none."""
     num_tokens, top_k = topk_ids.shape
     two_inter, hidden = w13.shape[1:]
     inter = two_inter // 2
@@ -461,8 +498,8 @@ def fused_moe_decode(
         key = decode_key(w13, top_k, w13_bias is not None)
         configs = DECODE_CHOICE.get(key) or default_decode_configs(hidden, inter)
     act = torch.empty((num_tokens * top_k, inter), dtype=x.dtype, device=x.device)
-    launch_gate_up(x, w13, w13_bias, ids, weights, act, top_k, activation, configs[0])
-    launch_down(act, w2, w2_bias, ids, weights, out, top_k, configs[1])
+    launch_gate_up(x, w13, w13_bias, ids, weights, act, top_k, activation, configs[0], rms_eps)
+    launch_down(act, w2, w2_bias, ids, weights, out, top_k, configs[1], residual)
     return out
 
 
@@ -475,6 +512,8 @@ def fused_moe(
     w13_bias: torch.Tensor | None = None,  # [E, 2*I]
     w2_bias: torch.Tensor | None = None,  # [E, H]
     activation: str = "silu",  # "silu" | "swiglu_oai" (reference.moe_activation)
+    rms_eps: float | None = None,  # folded norm: x is the raw residual stream (reference.fused_moe)
+    residual: torch.Tensor | None = None,  # [T, H], added to the output
 ) -> torch.Tensor:  # [T, H]
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
@@ -482,7 +521,12 @@ def fused_moe(
     if activation not in _ACTIVATION_IDS:
         raise ValueError(f"unknown MoE activation {activation!r} (one of {', '.join(_ACTIVATION_IDS)})")
     if num_tokens <= DECODE_MAX_TOKENS:
-        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activation)
+        return fused_moe_decode(
+            x, w13, w2, topk_weights, topk_ids, w13_bias, w2_bias, activation, None, rms_eps, residual
+        )
+    if rms_eps is not None:  # (the folded forward runs decode-sized steps; any size stays correct)
+        xf = x.float()
+        x = (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + rms_eps)).to(x.dtype)
     block_m = 16 if num_tokens * top_k <= 64 * num_experts else 64
     align = align_small if num_tokens * top_k <= ALIGN_SMALL_MAX_PAIRS else align_by_expert
     sorted_ids, block_expert = align(topk_ids, num_experts, block_m)
@@ -494,4 +538,5 @@ def fused_moe(
     act = silu_and_mul(h) if activation == "silu" else reference.moe_activation(h, activation)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     y = _grouped_gemm(act, w2, num_pairs, sorted_ids, block_expert, 1, weights, block_m, w2_bias)
-    return y.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    out = y.view(num_tokens, top_k, -1).sum(dim=1, dtype=torch.float32)
+    return (out if residual is None else out + residual.float()).to(x.dtype)

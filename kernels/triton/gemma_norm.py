@@ -6,7 +6,10 @@ the fusions a Gemma 2/3 layer is built from, so that its norms cost one launch e
   add and the next layer's input norm, or the final norm, after the last layer);
 - `gemma_scale_rms_norm`: the embedding's sqrt(hidden) scale and the first layer's input norm;
 - `gemma_rms_norm`, the plain norm;
-- `gemma_qk_norm`: Gemma 3's per-head q and k norms, all heads of both in one launch.
+- `gemma_qk_norm`: Gemma 3's per-head q and k norms, all heads of both in one launch;
+- `qk_rms_norm`: the same kernel with plain RMSNorm weights (HF's rounding: the normalised row
+  rounded to the input dtype, then times the weight), Qwen3's and Qwen3-MoE's q/k norms: one launch
+  a layer instead of two `rms_norm` launches.
 
 One program per token row (per token head for q/k); fp32 statistics. Twins: kernels/reference.py.
 """
@@ -160,10 +163,17 @@ def _gemma_qk_norm_kernel(
     stride_kt,
     stride_kh,
     eps,
+    rms_ptr,  # [T, H] (HAS_RMS)
+    stride_rt,
+    hidden,
+    rms_eps,
+    HAS_RMS: tl.constexpr,  # folded input norm: normalise s * x, return the result / s
+    BLOCK_H: tl.constexpr,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
     BLOCK: tl.constexpr,
+    PLAIN: tl.constexpr,  # w * round(x / rms) (reference.rms_norm), else x / rms * (1 + w) (Gemma)
     PDL: tl.constexpr,
 ):
     pdl.enter(PDL)  # see pdl.py
@@ -182,8 +192,23 @@ def _gemma_qk_norm_kernel(
     wq = tl.load(q_w_ptr + offs, mask=mask & is_q, other=0.0).to(tl.float32)
     wk = tl.load(k_w_ptr + offs, mask=mask & is_k, other=0.0).to(tl.float32)
     xf = xq.to(tl.float32) + xk.to(tl.float32)
+    s = 1.0
+    if HAS_RMS:  # (the h row in one load where it fits: it overlaps the q/k loads)
+        cols = tl.arange(0, BLOCK_H)
+        sum_sq = tl.zeros([BLOCK_H], tl.float32)
+        for h0 in range(0, hidden, BLOCK_H):
+            hv = tl.load(rms_ptr + t * stride_rt + h0 + cols, mask=h0 + cols < hidden, other=0.0).to(
+                tl.float32
+            )
+            sum_sq += hv * hv
+        s = tl.rsqrt(tl.sum(sum_sq, axis=0) / hidden + rms_eps)
+        xf = xf * s
     inv_rms = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    out = (xf * inv_rms * (1.0 + wq + wk)).to(q_out_ptr.dtype.element_ty)
+    if PLAIN:
+        normed = (xf * inv_rms).to(q_out_ptr.dtype.element_ty).to(tl.float32)
+        out = (normed * (wq + wk) / s).to(q_out_ptr.dtype.element_ty)
+    else:
+        out = (xf * inv_rms * (1.0 + wq + wk) / s).to(q_out_ptr.dtype.element_ty)
     tl.store(q_out_ptr + (t * HQ + qh) * D + offs, out, mask=mask & is_q)
     tl.store(k_out_ptr + (t * HKV + kh) * D + offs, out, mask=mask & is_k)
     pdl.leave(PDL)
@@ -195,6 +220,34 @@ def gemma_qk_norm(
     """(q [T, Hq, D], k [T, Hkv, D] (rows of each head contiguous, any token/head strides, e.g.
     views of the qkv projection), q_weight, k_weight [D], eps) -> (gemma_rms_norm(q, q_weight),
     gemma_rms_norm(k, k_weight)), new contiguous tensors, in one launch."""
+    return _qk_norm(q, k, q_weight, k_weight, eps, plain=False)
+
+
+def qk_rms_norm(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    rms_input: torch.Tensor | None = None,
+    rms_eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gemma_qk_norm's layout with plain RMSNorm weights: (rms_norm(q, q_weight), rms_norm(k,
+    k_weight)) per head, in one launch; with `rms_input`, a folded input norm's raw-stream q/k
+    (reference.qk_rms_norm)."""
+    return _qk_norm(q, k, q_weight, k_weight, eps, True, rms_input, rms_eps)
+
+
+def _qk_norm(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    plain: bool,
+    rms_input: torch.Tensor | None = None,
+    rms_eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     assert q.dim() == 3 and k.dim() == 3 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2], (
         q.shape,
         k.shape,
@@ -209,6 +262,8 @@ def gemma_qk_norm(
     if num_tokens == 0:
         return q_out, k_out
     block = triton.next_power_of_2(head_dim)
+    assert rms_input is None or (rms_input.shape[0] == num_tokens and rms_input.stride(1) == 1)
+    hidden = rms_input.shape[1] if rms_input is not None else 0
     _gemma_qk_norm_kernel[(num_tokens, num_q + num_kv)](
         q,
         k,
@@ -221,10 +276,17 @@ def gemma_qk_norm(
         k.stride(0),
         k.stride(1),
         eps,
+        rms_input if rms_input is not None else q,
+        rms_input.stride(0) if rms_input is not None else 0,
+        hidden,
+        rms_eps,
+        HAS_RMS=rms_input is not None,
+        BLOCK_H=min(4096, triton.next_power_of_2(max(hidden, 16))),
         HQ=num_q,
         HKV=num_kv,
         D=head_dim,
         BLOCK=block,
+        PLAIN=plain,
         num_warps=min(4, max(1, block // 128)),
         **pdl.launch_options(q.device),
     )

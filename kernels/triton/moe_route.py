@@ -5,6 +5,10 @@ One program per token holds the row's E logits in registers and picks the k larg
 max-reductions (ties to the lower expert id), so a step's routing is one small kernel instead of
 torch's softmax, radix/bitonic sort, top-k gather and division kernels. No host synchronisation:
 CUDA-graph capturable.
+
+Folded norm (`rms_input`): the router's weight holds the post-attention norm's weight and read the
+raw residual stream h, so its logits are rms(h) times the normalised input's; the kernel reads h's
+row, computes its 1/rms and scales the logits by it before scoring: the norm costs no launch.
 """
 
 from __future__ import annotations
@@ -21,8 +25,14 @@ def _moe_route_kernel(
     logits_ptr,  # [T, E]
     weights_ptr,  # [T, TOP_K] fp32
     ids_ptr,  # [T, TOP_K] int64
+    rms_ptr,  # [T, H] raw residual stream (HAS_RMS)
     num_experts,
     stride_lt,
+    hidden,
+    stride_rt,
+    rms_eps,
+    HAS_RMS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     TOP_K: tl.constexpr,
     SOFTMAX_FIRST: tl.constexpr,  # softmax_topk (else topk_softmax)
     RENORMALIZE: tl.constexpr,
@@ -33,6 +43,13 @@ def _moe_route_kernel(
     experts = tl.arange(0, BLOCK_E)
     valid = experts < num_experts
     v = tl.load(logits_ptr + token * stride_lt + experts, mask=valid, other=float("-inf")).to(tl.float32)
+    if HAS_RMS:
+        cols = tl.arange(0, BLOCK_H)
+        sum_sq = tl.zeros([BLOCK_H], tl.float32)
+        for h0 in range(0, hidden, BLOCK_H):
+            x = tl.load(rms_ptr + token * stride_rt + h0 + cols, mask=h0 + cols < hidden, other=0.0)
+            sum_sq += x.to(tl.float32) * x.to(tl.float32)
+        v = v * tl.rsqrt(tl.sum(sum_sq, axis=0) / hidden + rms_eps)
     if SOFTMAX_FIRST:
         e = tl.exp(v - tl.max(v, axis=0))  # padding: exp(-inf) = 0
         v = tl.where(valid, e / tl.sum(e, axis=0), float("-inf"))
@@ -64,6 +81,8 @@ def moe_route(
     top_k: int,
     scoring: str = "softmax_topk",
     renormalize: bool = False,
+    rms_input: torch.Tensor | None = None,  # [T, H]: scale each row's logits by its 1/rms first
+    rms_eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (weights [T, k] fp32, ids [T, k] int64)
     """reference.moe_route in one launch (module docstring)."""
     if scoring not in MOE_SCORINGS:
@@ -74,9 +93,13 @@ def moe_route(
     ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=logits.device)
     if num_tokens == 0:
         return weights, ids
+    assert rms_input is None or (rms_input.shape[0] == num_tokens and rms_input.stride(1) == 1)
     block_e = triton.next_power_of_2(num_experts)
+    hidden = rms_input.shape[1] if rms_input is not None else 0
     _moe_route_kernel[(num_tokens,)](
-        logits, weights, ids, num_experts, logits.stride(0),
+        logits, weights, ids, rms_input if rms_input is not None else logits, num_experts, logits.stride(0),
+        hidden, rms_input.stride(0) if rms_input is not None else 0, rms_eps,
+        HAS_RMS=rms_input is not None, BLOCK_H=min(1024, triton.next_power_of_2(max(hidden, 16))),
         TOP_K=top_k, SOFTMAX_FIRST=scoring == "softmax_topk", RENORMALIZE=renormalize,
         BLOCK_E=block_e, BLOCK_TOPK=triton.next_power_of_2(top_k),
         num_warps=1 if block_e <= 256 else 4,

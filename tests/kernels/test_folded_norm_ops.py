@@ -291,12 +291,17 @@ def _tiny_hf(family: str, seed: int) -> Any:
         "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common)),
         # no qkv bias, no q/k norms: the decode step's input norm runs inside the attention kernel
         "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**common)),
+        # q/k norms and experts (issue 22): the input norm's 1/rms in the q/k norm and attention
+        # kernels, the post-attention norm's in the routing and gate/up kernels
+        "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(
+            tf.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        ),
     }[family]()
     randomize_norms_and_biases(hf, seed)
     return hf.eval()
 
 
-@pytest.mark.parametrize("family", ["llama"])
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_triton_bundle_folds_a_model(triton_silu, family: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The Triton bundle folds the norms (on the CPU its linear ops take their fallbacks; the SiLU
     kernel runs on the interpreter) and gives the unfolded reference model's logits."""

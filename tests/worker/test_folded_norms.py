@@ -3,7 +3,9 @@ into qkv_proj / gate_up_proj gives the logits of the unfolded model and of trans
 
 Every model here gets random positive norm weights (and random biases) before it is saved, so the
 folding multiplies by something other than ones: stories260K's own trained weights, and tiny random
-Qwen2 (qkv bias, added after the norm's scale) and Qwen3 (q/k norms after qkv, not folded).
+Qwen2 (qkv bias, added after the norm's scale) and Qwen3 (q/k norms after qkv, not folded), and the
+sparse MoE families (Qwen3-MoE: q/k norms, a dense layer among MoE ones; Mixtral), whose
+post-attention norm folds into the router and the experts (issue 22).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ def model_dirs(stories_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         "stories": AutoModelForCausalLM.from_pretrained(str(stories_dir), dtype=torch.float32),
         "qwen2": TINY_BUILDERS["qwen2"](),
         "qwen3": TINY_BUILDERS["qwen3"](),
+        "qwen3_moe": TINY_BUILDERS["qwen3_moe"](),
+        "mixtral": TINY_BUILDERS["mixtral"](),
     }
     dirs = {}
     for i, (name, hf) in enumerate(models.items()):
@@ -127,6 +131,52 @@ def test_folded_model_matches_unfolded_and_transformers(
                 ours[f"{layer}.self_attn.q_norm.weight"], theirs[f"{layer}.self_attn.q_norm.weight"]
             )
     assert torch.equal(ours["model.norm.weight"], theirs["model.norm.weight"])  # the final norm stays
+
+    got = _logits(folded, cfg, PROMPT, torch.float32)
+    torch.testing.assert_close(got, _logits(unfolded, cfg, PROMPT, torch.float32), atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        expected = hf(torch.tensor([PROMPT])).logits[0].float()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("moe_kernels", ["reference", "triton"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_moe_models_fold_into_router_and_experts(
+    model_dirs: dict[str, tuple[Path, Any]], name: str, moe_kernels: str
+) -> None:
+    """Qwen3-MoE (q/k norms: `folds_with_qk_norm`) and Mixtral fold: each MoE layer's
+    post-attention norm weight g multiplies the router's and every expert's w13 columns (exactly
+    the fp32 product), the norm is ones, w2 untouched; the decode step (the folded forward: router
+    of the raw stream, 1/rms in the routing and gate/up kernels, residual in the down kernel) gives
+    the unfolded model's and transformers' logits. "triton": the routing and MoE kernels on the
+    interpreter (their folded variants), the rest the reference ops."""
+    from kernels.triton.fused_moe import fused_moe
+    from kernels.triton.moe_route import moe_route
+    from services.worker.layers.moe import SparseMoeBlock
+
+    path, hf = model_dirs[name]
+    ops = REFERENCE_OPS
+    if moe_kernels == "triton":
+        ops = dataclasses.replace(REFERENCE_OPS, fused_moe=fused_moe, moe_route=moe_route)
+    folded, cfg = _build(path, ops)
+    unfolded, _ = _build(
+        path, dataclasses.replace(UNFOLDED_OPS, fused_moe=ops.fused_moe, moe_route=ops.moe_route)
+    )
+    assert folded.norms_folded and not unfolded.norms_folded
+
+    moe_layers = 0
+    for ours, theirs in zip(folded.model.layers, unfolded.model.layers, strict=True):
+        g = theirs.post_attention_layernorm.weight.float()
+        assert not bool((g == 1).all())  # random norm weights: the fold multiplies by something
+        assert bool((ours.post_attention_layernorm.weight == 1).all())
+        if isinstance(ours.mlp, SparseMoeBlock):
+            moe_layers += 1
+            assert torch.equal(ours.mlp.gate.weight, theirs.mlp.gate.weight * g)
+            assert torch.equal(ours.mlp.w13, theirs.mlp.w13 * g)
+            assert torch.equal(ours.mlp.w2, theirs.mlp.w2)
+        else:  # Qwen3-MoE's dense layer (mlp_only_layers) folds as a dense model's
+            assert torch.equal(ours.mlp.gate_up_proj.weight, theirs.mlp.gate_up_proj.weight * g)
+    assert moe_layers >= 2
 
     got = _logits(folded, cfg, PROMPT, torch.float32)
     torch.testing.assert_close(got, _logits(unfolded, cfg, PROMPT, torch.float32), atol=1e-4, rtol=1e-4)

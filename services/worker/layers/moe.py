@@ -9,6 +9,13 @@ The experts' weights are stacked per projection: `w13` [E, 2*I, H] holds each ex
 up rows (as the dense MLP's fused gate_up_proj), `w2` [E, H, I] its down projection. The loader
 maps the checkpoint's per-expert tensors into them (`experts.{e}.gate_proj` / `w1` -> w13[e, :I],
 `up_proj` / `w3` -> w13[e, I:], `down_proj` / `w2` -> w2[e]).
+
+Folded norm (decode steps, models/llama.py `fold_norms`): the post-attention norm's weight g lives
+in the router's and every expert's w13 columns ((x * g) @ W.T == x @ (W * g).T, exact; with tensor
+parallelism each rank's w13 rows are a slice of I, every column of H is whole), and the block
+reads the raw residual stream h: the routing kernel scales the router's logits by 1/rms(h), the
+gate/up GEMV computes 1/rms(h) from the h tiles it streams, and the down GEMV adds h to its output.
+No norm launch, no residual add launch.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ class SparseMoeBlock(MoeLayer):
         self.norm_topk_prob = cfg.norm_topk_prob
         # Tensor parallelism: each rank holds a slice of every expert's intermediate dimension
         # (w13's rows, w2's columns); the router is replicated and the outputs all-reduced.
-        self.tp_size = layout.tp_size
+        self.tp_size, self.tp_rank = layout.tp_size, layout.tp_rank
         inter = layout.moe_intermediate_size
         self.gate = Linear(ops, cfg.hidden_size, cfg.num_experts, bias=False)
         self.w13 = nn.Parameter(torch.empty(cfg.num_experts, 2 * inter, cfg.hidden_size))
@@ -69,3 +76,24 @@ class SparseMoeBlock(MoeLayer):
         weights, ids = self.route(x)
         out = self.ops.fused_moe(x, self.w13, self.w2, weights, ids)
         return all_reduce(out) if self.tp_size > 1 else out
+
+    def forward_folded(self, h: torch.Tensor, eps: float) -> torch.Tensor:
+        """h + this block of rms_norm(h) for the raw residual stream h [T, hidden], the norm's
+        weight folded in (`fold_norm`; module docstring). Tensor parallelism: rank 0 adds h to its
+        partial sum, the all-reduce then sums the ranks' partials and one h."""
+        weights, ids = self.ops.moe_route(
+            self.gate(h), self.top_k, "softmax_topk", self.norm_topk_prob, rms_input=h, rms_eps=eps
+        )
+        residual = h if self.tp_rank == 0 else None
+        out = self.ops.fused_moe(h, self.w13, self.w2, weights, ids, rms_eps=eps, residual=residual)
+        return all_reduce(out) if self.tp_size > 1 else out
+
+    @torch.no_grad()
+    def fold_norm(self, norm_weight: torch.Tensor) -> None:
+        """router.weight *= g[None, :], w13[e] *= g[None, :] for every expert (fp32 products,
+        rounded once; one expert at a time bounds the fp32 temporary)."""
+        assert self.gate.quant_method is None, "a quantized router keeps its norm (can_fold_norms)"
+        g = norm_weight.float()[None, :]
+        self.gate.weight.copy_(self.gate.weight.float() * g)
+        for expert in self.w13:
+            expert.copy_(expert.float() * g)

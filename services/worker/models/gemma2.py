@@ -90,7 +90,10 @@ class GemmaAttention(Attention):
             meta = dataclasses.replace(meta, cos_sin_cache=self.rope_cache)
         return super().forward(x, meta)
 
-    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def norm_qk(
+        self, q: torch.Tensor, k: torch.Tensor, rms_input: torch.Tensor | None = None, rms_eps: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert rms_input is None, "Gemma's norms are never folded"
         if self.q_norm is None or self.k_norm is None:
             return q, k
         return self.ops.gemma_qk_norm(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)

@@ -24,7 +24,7 @@ from services.common import switches
 from services.worker import pipeline
 from services.worker.layers.attention import AttentionMetadata, PagedAttention, RMSNorm
 from services.worker.layers.linear import Linear, RowParallelLinear
-from services.worker.layers.moe import SparseMoeBlock
+from services.worker.layers.moe import MoeLayer, SparseMoeBlock
 from services.worker.layers.vocab_parallel import VocabParallelEmbedding
 from services.worker.model_config import ModelConfig
 from services.worker.parallel import ShardLayout, all_gather_last_dim, shard_layout
@@ -122,19 +122,32 @@ class Attention(nn.Module):
             # (block table, cached K/V, h's 1/rms) then overlap the weight stream.
             qkv = self.qkv_proj.linear_norm_weight(h, norm_weight, early_signal=True)
             out = self._attend(qkv, meta, rms_input=h, rms_eps=eps)
+        elif (
+            self.qkv_proj.bias is None
+            and not self.qkv_proj.lora_active
+            and self.ops.attention_scales_rms(meta.max_seqlen_q, self.head_dim, h.dtype, h.shape[0])
+        ):
+            # q/k norms (Qwen3-MoE): the q/k norm kernel normalises h's 1/rms times q and k and
+            # returns them divided by it, the attention kernel then scales q/k/v by it: no norm
+            # launch either (reference.qk_rms_norm)
+            qkv = self.qkv_proj.linear_norm_weight(h, norm_weight)
+            out = self._attend(qkv, meta, rms_input=h, rms_eps=eps)
         elif self.qkv_proj.lora_active:  # (an adapter reads the normalised input: the norm runs)
             out = self._attend(self.qkv_proj(norm(h)), meta)
         else:
             out = self._attend(self.qkv_proj.linear_rms_norm(h, eps, norm_weight), meta)
         return self.o_proj.linear_add(out, residual=h)
 
-    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k [T, Hkv, D] -> the same after the per-head q/k norms (Qwen3), if any."""
+    def norm_qk(
+        self, q: torch.Tensor, k: torch.Tensor, rms_input: torch.Tensor | None = None, rms_eps: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] -> the same after the per-head q/k norms (Qwen3), if any
+        (`rms_input`: a folded input norm's raw stream, reference.qk_rms_norm)."""
         if self.q_norm is None or self.k_norm is None:
             return q, k
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view_as(q)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view_as(k)
-        return q, k
+        # (both in one launch on the GPU)
+        w_q, w_k = self.q_norm.weight, self.k_norm.weight
+        return self.ops.qk_rms_norm(q, k, w_q, w_k, self.q_norm.eps, rms_input=rms_input, rms_eps=rms_eps)
 
     def _attend(
         self,
@@ -149,7 +162,7 @@ class Attention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.norm_qk(q, k)
+        q, k = self.norm_qk(q, k, rms_input, rms_eps)
         if self.ops.rotary_write_kv_cache is not None:  # one kernel instead of two (GPU)
             out = self.attn.rotate_write_attend(q, k, v, meta, rms_input, rms_eps)  # [T, Hq, D]
         else:
@@ -236,7 +249,9 @@ class DecoderLayer(nn.Module):
         in_gemm = self.norm_weights_in_gemm
         h = self.self_attn.forward_folded(h, self.input_layernorm, meta, in_gemm)
         mlp_norm = self.post_attention_layernorm
-        assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
+        if isinstance(self.mlp, SparseMoeBlock):  # (never quantized: can_fold_norms)
+            return self.mlp.forward_folded(h, mlp_norm.eps)
+        assert isinstance(self.mlp, MLP), "only dense and SparseMoeBlock layers fold (can_fold_norms)"
         return self.mlp.forward_folded(h, mlp_norm.eps, mlp_norm.weight if in_gemm else None)
 
     @torch.no_grad()
@@ -248,15 +263,22 @@ class DecoderLayer(nn.Module):
         Quantized projections keep their codes (re-quantizing W * g would round the checkpoint's
         weights a second time, and a per-output-channel scale cannot absorb a per-column g): the
         norms keep their weights, which the folded forward's quantized GEMMs apply to x
-        (`norm_weights_in_gemm`; the unfolded forward's norms still apply them as before)."""
-        assert isinstance(self.mlp, MLP), "MoE layers are never folded (can_fold_norms)"
+        (`norm_weights_in_gemm`; the unfolded forward's norms still apply them as before).
+
+        A sparse MoE layer (Qwen3-MoE, Mixtral; full precision only: can_fold_norms) folds the
+        post-attention norm into its router and every expert's w13 (SparseMoeBlock.fold_norm)."""
         if self.self_attn.qkv_proj.quant_method is not None:
+            assert isinstance(self.mlp, MLP), "quantized MoE layers never fold (can_fold_norms)"
             self.norm_weights_in_gemm = True
             return
-        for norm, proj in (
-            (self.input_layernorm, self.self_attn.qkv_proj),
-            (self.post_attention_layernorm, self.mlp.gate_up_proj),
-        ):
+        pairs: list[tuple[RMSNorm, Linear]] = [(self.input_layernorm, self.self_attn.qkv_proj)]
+        if isinstance(self.mlp, SparseMoeBlock):
+            self.mlp.fold_norm(self.post_attention_layernorm.weight)
+            self.post_attention_layernorm.weight.fill_(1.0)
+        else:
+            assert isinstance(self.mlp, MLP), "only dense and SparseMoeBlock layers fold (can_fold_norms)"
+            pairs.append((self.post_attention_layernorm, self.mlp.gate_up_proj))
+        for norm, proj in pairs:
             g = norm.weight.float()[None, :]
             # Row blocks: the fp32 copy of a whole 8B gate/up weight would be ~470 MB.
             for rows in proj.weight.split(_FOLD_ROWS):
@@ -428,6 +450,9 @@ class LlamaForCausalLM(nn.Module):
     # The activation of the fused gate/up projection's activation-and-mul (the GEMM tuner times
     # its epilogue variant: kernels/triton/skinny_gemm.py)
     mlp_activation = "silu"
+    # Fold the layer norms although the attention has q/k norms (can_fold_norms): a family whose
+    # folded decode step saves more than the one norm launch a layer it keeps (Qwen3-MoE)
+    folds_with_qk_norm = False
 
     def __init__(self, cfg: ModelConfig, ops: KernelOps) -> None:
         super().__init__()
@@ -486,13 +511,22 @@ class LlamaForCausalLM(nn.Module):
         launches (the input norm's scale moves into the attention kernel, which must apply it
         before a bias or a q/k norm). Qwen2 / Qwen3 would keep one norm launch, and on the GPU the
         fold's different bf16 rounding (W * g rounded once) made Qwen3's free-running greedy
-        output drift from transformers' more than the unfolded model's (tests/kernels/test_engine_gpu.py)."""
+        output drift from transformers' more than the unfolded model's (tests/kernels/test_engine_gpu.py).
+        A family with q/k norms folds where `folds_with_qk_norm` says so (Qwen3-MoE: its folded
+        MoE block loses the post-attention norm launch; the input norm stays one launch).
+        MoE layers fold when every one is a SparseMoeBlock (not gpt-oss's biased router) and no
+        projection is quantized."""
         cfg = self.config
+        moe_layers = [m for m in self.model.layers.modules() if isinstance(m, MoeLayer)]
+        quantized = any(
+            isinstance(m, Linear) and m.quant_method is not None for m in self.model.layers.modules()
+        )
         return (
             self.ops.folds_norms
             and not cfg.attention_bias
-            and not cfg.qk_norm
-            and not cfg.num_experts  # the folded forward has no MoE path
+            and (not cfg.qk_norm or self.folds_with_qk_norm)
+            and all(isinstance(m, SparseMoeBlock) for m in moe_layers)
+            and not (moe_layers and quantized)
             and self.model.weight_dtype != torch.float16
             # A quantized model folds the norms into its GEMMs where the format has the fused GEMM
             # (not GPTQ act-order, not block FP8): DecoderLayer.fold_norms
