@@ -402,5 +402,7 @@ def tune_fp8_linear(
             results += [f"weight-only {r}" for r in wo_results]
         best = choose(t_scaled, timed)
         _CHOICE[key] = best
+        if isinstance(best, QuantConfig):  # the quantized GEMM's unfused fallback reads it
+            quant_gemm.FP8_WEIGHT_ONLY_CHOICE[key] = best
         lines.append(f"fp8 {name} {n}x{k} rows={m}: " + ", ".join(results) + f" -> {best or '_scaled_mm'}")
     return lines

@@ -677,15 +677,18 @@ def _unfused_sequence(
     return y
 
 
+# (N, K, has_bias, row bucket) -> the FP8 tuner's weight-only choice (fp8_gemm.py records it here:
+# this module is below fp8_gemm in the import graph)
+FP8_WEIGHT_ONLY_CHOICE: dict[tuple[int, int, bool, int], QuantConfig] = {}
+
+
 def _unfused_config(key: tuple, fp8: bool, fallback: QuantConfig) -> QuantConfig:  # type: ignore[type-arg]
     """The plain GEMM's tuned config for the unfused key (quant_linear's choice; FP8: the FP8
     tuner's weight-only choice), else `fallback`."""
     config: object = _CHOICE.get(key)
     if config is None and fp8:
-        from kernels.triton import fp8_gemm  # (fp8_gemm imports this module)
-
         n, k, _, _, _, bias, bucket, _ = key
-        config = fp8_gemm.chosen(n, k, bias, bucket)
+        config = FP8_WEIGHT_ONLY_CHOICE.get((n, k, bias, bucket))
     return config if isinstance(config, QuantConfig) else fallback
 
 
