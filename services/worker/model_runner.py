@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from kernels import KernelOps
 from services.worker import parallel
@@ -25,18 +24,16 @@ from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.beam_select import BeamSelection, BeamStepResult, select_beams, unpack
 from services.worker.cuda_graph import NO_VARIANTS, CudaGraphRunner, DecodeOutputs, GraphVariants
 from services.worker.guided import apply_token_mask, guided_rows
+from services.worker.kernel_tuning import tune_kernels
 from services.worker.kv_cache import KVCache
 from services.worker.kv_layerwise import LayerSignal
 from services.worker.layers.attention import AttentionMetadata
-from services.worker.layers.linear import Linear
-from services.worker.layers.moe import MoeLayer, MoeOperands
-from services.worker.layers.quantization.fp8 import Fp8Method, runs_w8a8
 from services.worker.loader import build_model
 from services.worker.lora.pool import LoRAPool
 from services.worker.mm_inputs import EncoderCache, ImageInput
 from services.worker.model_config import ModelConfig
 from services.worker.models import IMAGE_MODELS
-from services.worker.models.llama import LlamaModel, quant_fusions
+from services.worker.models.llama import LlamaModel
 from services.worker.models.llava import ImageEmbeddingRows
 from services.worker.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from services.worker.mrope import image_positions, rope_images, text_positions
@@ -158,7 +155,11 @@ class ModelRunner:
         # CUDA: time cuBLAS against the kernel bundle's skinny GEMM for each decode-sized projection
         # (kernels/triton/skinny_gemm.py), and `_scaled_mm` against the Triton FP8 GEMM for each
         # W8A8 projection (kernels/triton/fp8_gemm.py), before anything else takes the memory.
-        self.linear_report: list[str] = self._tune_linears() if device.type == "cuda" else []
+        self.linear_report: list[str] = (
+            tune_kernels(self.model, self.ops, device, dtype, GRAPH_LOGITS_MAX_ROWS)
+            if device.type == "cuda"
+            else []
+        )
         self.sampler = Sampler(ops.exponential_race)
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
@@ -171,143 +172,6 @@ class ModelRunner:
         # head reads (the final hidden states, or the residual streams of LlamaModel.aux_layers)
         # and cu_seqlens, before anything else may overwrite them
         self.feature_sink: Callable[[SchedulerOutput, torch.Tensor, list[int]], None] | None = None
-
-    def _tune_linears(self) -> list[str]:
-        if self.ops.tune_linear is None:
-            return []
-        # Each projection of every layer by name (qkv_proj, o_proj, gate_up_proj, down_proj), then the LM head.
-        groups: dict[str, list[nn.Linear]] = {}
-        for name, module in self.model.model.layers.named_modules():
-            # quantized projections run their own GEMM (layers/quantization/), nothing to tune
-            if isinstance(module, nn.Linear) and getattr(module, "quant_method", None) is None:
-                groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
-        # (a later pipeline stage has no LM head: models/llama.py OnFirstStage)
-        if self.model.layout.first_stage and getattr(self.model.lm_head, "quant_method", None) is None:
-            groups["lm_head"] = [self.model.lm_head]
-        report: list[str] = []
-        with torch.inference_mode():
-            report += self._tune_fp8_linears()
-            report += self._tune_quant_linears()
-            report += self._tune_moe()
-            for name, mods in groups.items():
-                shapes = {tuple(m.weight.shape) for m in mods}
-                assert len(shapes) == 1, (name, shapes)
-                # gate_up_proj is the models' fused [gate; up] projection (the activation-and-mul
-                # follows it: SiLU, or the model's `mlp_activation`, Gemma's GELU)
-                report += self.ops.tune_linear(
-                    [m.weight for m in mods],
-                    mods[0].bias,
-                    GRAPH_LOGITS_MAX_ROWS,
-                    name,
-                    gated=name == "gate_up_proj",
-                    activation=getattr(self.model, "mlp_activation", "silu"),
-                )
-        torch.cuda.empty_cache()
-        for line in report:
-            log.info("%s", line)
-        return report
-
-    def _tune_fp8_linears(self) -> list[str]:
-        """W8A8 FP8 projections (layers/quantization/fp8.py): `_scaled_mm` against the Triton FP8
-        GEMM per shape and row bucket (kernels/triton/fp8_gemm.py), by projection name."""
-        if self.ops.tune_fp8_linear is None:
-            return []
-        groups: dict[str, list[Linear]] = {}
-        for name, module in self.model.named_modules():
-            if (
-                isinstance(module, Linear)
-                and isinstance(module.quant_method, Fp8Method)
-                and runs_w8a8(module.qweight, self.device, self.dtype)
-            ):
-                groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
-        report: list[str] = []
-        for name, mods in groups.items():
-            for shape in sorted({tuple(m.qweight.shape) for m in mods}):
-                same = [m for m in mods if tuple(m.qweight.shape) == shape]
-                # a row-parallel layer over T > 1 ranks adds its bias after the all-reduce
-                bias = None if same[0].splits_input and same[0].tp_size > 1 else same[0].bias
-                report += self.ops.tune_fp8_linear(
-                    [m.qweight for m in same], [m.weight_scale for m in same], bias, name
-                )
-        return report
-
-    def _tune_moe(self) -> list[str]:
-        """The decode MoE kernels' tile configs for each expert shape (kernels/triton/moe_tune.py)."""
-        if self.ops.tune_moe is None:
-            return []
-        groups: dict[tuple[object, ...], list[MoeOperands]] = {}
-        for module in self.model.modules():
-            if isinstance(module, MoeLayer):
-                o = module.operands()
-                key = (
-                    tuple(o.w13.shape),
-                    o.top_k,
-                    o.activation,
-                    o.w13_bias is not None,
-                    o.w2_bias is not None,
-                )
-                groups.setdefault(key, []).append(o)
-        report: list[str] = []
-        for layers in groups.values():
-            first = layers[0]
-            report += self.ops.tune_moe(
-                [o.w13 for o in layers],
-                [o.w2 for o in layers],
-                [o.w13_bias for o in layers if o.w13_bias is not None] or None,
-                [o.w2_bias for o in layers if o.w2_bias is not None] or None,
-                first.top_k,
-                first.activation,
-            )
-        return report
-
-    def _tune_quant_linears(self) -> list[str]:
-        """Integer-weight projections (int8 / int4 at load, AWQ / GPTQ / compressed-tensors): the
-        quantized GEMM's tile configs per shape and row bucket (kernels/triton/quant_gemm.py); in a
-        model, also each projection's fused decode variants (`quant_fusions`: the folded norms'
-        or, unfolded, gate/up's SiLU-and-mul) at the decode buckets, FP8 weights included."""
-        return self._tune_quant_groups(fused=False) + self._tune_quant_groups(fused=True)
-
-    def _tune_quant_groups(self, fused: bool) -> list[str]:
-        if self.ops.tune_quant_linear is None:
-            return []
-        groups: dict[tuple[str, tuple[int, ...], int, int, bool], list[Linear]] = {}
-        for name, module in self.model.named_modules():
-            if not isinstance(module, Linear) or module.quant_method is None:
-                continue
-            short = name.rsplit(".", 1)[-1]
-            if fused and not quant_fusions(short, self.model.norms_folded):
-                continue
-            ops = (module.quant_method.fused_operands if fused else module.quant_method.gemm_operands)(module)
-            if ops is not None:
-                key = (
-                    name.rsplit(".", 1)[-1],
-                    tuple(ops.qweight.shape),
-                    ops.bits,
-                    ops.scales.shape[1],
-                    ops.zeros is not None,
-                )
-                groups.setdefault(key, []).append(module)
-        report: list[str] = []
-        for (name, _, bits, _, _), mods in sorted(groups.items(), key=lambda item: item[0][:2]):
-            operands = [
-                (m.quant_method.fused_operands if fused else m.quant_method.gemm_operands)(m)
-                for m in mods
-                if m.quant_method is not None
-            ]
-            first = mods[0]
-            # a row-parallel layer over T > 1 ranks adds its bias after the all-reduce
-            bias = None if first.splits_input and first.tp_size > 1 else first.bias
-            for fusion in quant_fusions(name, self.model.norms_folded) if fused else [None]:
-                report += self.ops.tune_quant_linear(
-                    [o.qweight for o in operands if o is not None],
-                    [o.scales for o in operands if o is not None],
-                    [o.zeros for o in operands if o is not None and o.zeros is not None] or None,
-                    bits,
-                    bias,
-                    name,
-                    fusion=fusion,
-                )
-        return report
 
     def _decode_forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> DecodeOutputs:
         """What a decode graph computes: hidden states, and for small batches the LM head + argmax

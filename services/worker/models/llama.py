@@ -44,7 +44,7 @@ _FOLD_ROWS = 4096
 
 def quant_fusions(projection: str, folded: bool) -> tuple[QuantFusion, ...]:
     """The fused GEMM variants a decode step runs for a quantized projection, by name (what the
-    engine tunes: ModelRunner._tune_quant_linears). Folded norms: qkv takes the norm weight (its
+    engine tunes: kernel_tuning._tune_quant_linears). Folded norms: qkv takes the norm weight (its
     1/rms in the decode attention kernel, or in the GEMM where that kernel cannot), gate/up the norm
     weight, the 1/rms and SiLU-and-mul, o and down the residual add. Unfolded (qkv bias, q/k norms):
     gate/up's SiLU-and-mul (`Linear.linear_silu_and_mul`, as the bf16 unfolded path)."""
