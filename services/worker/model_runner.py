@@ -701,7 +701,7 @@ class ModelRunner:
                     positions += range(flat, flat + len(g.rows))
                     sources += range(index * before_width, index * before_width + len(g.rows))
                 flat += len(g.rows)
-        on_host = block_tables.device.type == "cpu"
+        on_host = block_tables.device != self.device  # (a step not ahead, on CUDA)
         # one host->device copy for every index here
         entries_t, positions_t, sources_t = to_device_lists(
             [[] if on_host else entries, positions, sources], self.device
