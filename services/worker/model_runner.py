@@ -769,9 +769,12 @@ class ModelRunner:
         tables = torch.where(columns[None, :] < shared[:, None], parent_tables[:, :max_blocks], 0)
         tables.scatter_(1, shared[:, None], tails[:, None].to(torch.int32))
         if mid:  # every layer's K and V of those blocks in one copy (KVCache.copy_block_tensors)
-            src = parent_tables.index_select(0, pick).gather(1, shared.index_select(0, pick)[:, None])
+            src = parent_tables.gather(1, shared[:, None]).view(-1).long()  # each parent's partial block
+            dst = tails
+            if len(mid) < len(ahead):  # (some start a block: nothing to carry over for them)
+                src, dst = src.index_select(0, pick), tails.index_select(0, pick)
             assert self.kv_cache is not None
-            self.kv_cache.copy_block_tensors(src.view(-1).long(), tails.index_select(0, pick))
+            self.kv_cache.copy_block_tensors(src, dst)
         tokens = before.tokens.view(-1).index_select(0, where)
         device_ids = ids if isinstance(ids, torch.Tensor) else host_ids
         return device_ids.index_copy(0, positions, tokens), tables, entries
