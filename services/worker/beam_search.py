@@ -46,11 +46,18 @@ if TYPE_CHECKING:
     from services.worker.scheduler import SampledToken, ScheduledSequence, Scheduler
 
 
-class _Candidate(NamedTuple):  # (a tuple: width x keep of them are made every step)
+class _Candidate(NamedTuple):  # (a tuple: keep of them are made every step)
     total: float  # cumulative logprob with this token
     beam: int  # index of the parent in `live`
     token_id: int
-    entry: TokenLogprob  # the token's logprob, rank and the row's top alternatives
+    logprob: float  # the token's logprob in its row
+    rank: int  # 1 = its row's most likely token
+    top: tuple[tuple[int, float], ...]  # the row's top alternatives
+
+    @property
+    def entry(self) -> TokenLogprob:
+        """Its token's logprob entry (made for the few that go on or finish, not all `keep`)."""
+        return TokenLogprob(self.token_id, self.logprob, self.rank, self.top)
 
 
 # A beam's token entries as a chain back to the first (parent link, entry): each step extends a
@@ -202,13 +209,9 @@ class BeamSearch(Ranked):
     # ---- the step ------------------------------------------------------------------------------
     @staticmethod
     def _selected_candidates(selected: BeamStepResult) -> list[_Candidate]:
+        tops = selected.alternatives
         return [
-            _Candidate(
-                c.total,
-                c.beam,
-                c.token_id,
-                TokenLogprob(c.token_id, c.logprob, c.rank, selected.alternatives[c.beam]),
-            )
+            _Candidate(c.total, c.beam, c.token_id, c.logprob, c.rank, tops[c.beam])
             for c in selected.candidates
         ]
 
@@ -233,7 +236,7 @@ class BeamSearch(Ranked):
         kept = []
         for neg_total, b, token_id, rank, logprob in scored[: self.keep]:
             top = tops[b]
-            kept.append(_Candidate(-neg_total, b, token_id, TokenLogprob(token_id, logprob, rank + 1, top)))
+            kept.append(_Candidate(-neg_total, b, token_id, logprob, rank + 1, top))
         return kept
 
     def _keep_finished(

@@ -23,7 +23,7 @@ one read (ModelRunner._handle). `BeamSearch.advance` does the bookkeeping on tho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -82,9 +82,12 @@ class BeamSelection:
     # [G, W_max, blocks] int32: the block table each live beam ran with in this step (the runner
     # fills it: a step launched ahead gathers its beams' tables from it)
     slot_tables: torch.Tensor | None = None
+    _index: dict[str, int] | None = field(default=None, repr=False)
 
     def index(self, request_id: str) -> int | None:
-        return next((g for g, group in enumerate(self.groups) if group.request_id == request_id), None)
+        if self._index is None:  # (asked once per beam of a step launched ahead)
+            self._index = {group.request_id: g for g, group in enumerate(self.groups)}
+        return self._index.get(request_id)
 
 
 def select_beams(
@@ -98,36 +101,50 @@ def select_beams(
     vocab = raw.shape[1]
     per_beam = min(max(g.per_beam for g in groups), vocab)
     user_top = min(max(g.user_top for g in groups), vocab)
-    index = _to_device(rows, device)
-    picked = raw.index_select(0, index)  # [N, V]
+    width = max(len(g.rows) for g in groups)
+    num_banned = max(len(g.banned) for g in groups)
+    num_stops = max(len(g.stops) for g in groups)
+    # the groups' rows laid side by side: [G, width_max] flat rows, padded with row N (all -inf)
+    slots, flat = [], 0
+    for g in groups:
+        slots += list(range(flat, flat + len(g.rows))) + [len(rows)] * (width - len(g.rows))
+        flat += len(g.rows)
+    padded = len(slots) != len(rows)
+    # every host index of the selection in one host->device copy (each copy is a launch, and on
+    # CUDA a pinned staging buffer: a beam step is short enough on small models that they count)
+    index, slots_t, banned_t, stops_t, widths = to_device_lists(
+        [
+            rows,
+            slots,
+            [b for g in groups for _ in g.rows for b in _padded(g.banned, num_banned)],
+            [t for g in groups for t in _padded(g.stops, num_stops)],
+            [len(g.rows) - 1 for g in groups],
+        ],
+        device,
+    )
+    # (the beam rows are often all the step's rows, in order: no [N, V] copy then)
+    picked = raw[: len(rows)] if rows == list(range(len(rows))) else raw.index_select(0, index)  # [N, V]
     values, ids = ordered_topk(picked, max(per_beam, user_top))  # [N, k] best first
     tops = (
         torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1) if user_top else None
     )
     values, ids = values[:, :per_beam], ids[:, :per_beam]
-    # per row: the banned stop ids (padded with -1, never an id)
-    num_banned = max(len(g.banned) for g in groups)
-    valid = torch.ones_like(ids, dtype=torch.bool)
-    if num_banned:
-        banned = [list(g.banned) + [-1] * (num_banned - len(g.banned)) for g in groups for _ in g.rows]
-        banned_t = _to_device([b for row in banned for b in row], device).view(len(rows), num_banned)
-        valid = ~(ids[:, :, None] == banned_t[:, None, :]).any(dim=-1)
     if scores is None:
         base = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
         if device.type == "cuda":
             base = base.pin_memory()
         scores = base.to(device, non_blocking=True)
-    totals = torch.where(valid, values.double() + scores[:, None], -torch.inf)
-    # lay the groups' rows side by side: [G, width_max, per_beam], padded with an all -inf row
-    width = max(len(g.rows) for g in groups)
-    slots, flat = [], 0
-    for g in groups:
-        slots += list(range(flat, flat + len(g.rows))) + [len(rows)] * (width - len(g.rows))
-        flat += len(g.rows)
-    pad = torch.full((1, per_beam), -torch.inf, dtype=torch.float64, device=device)
-    slots_t = _to_device(slots, device)
-    laid = torch.cat([totals, pad]).index_select(0, slots_t)
-    laid = laid.view(len(groups), width * per_beam)
+    totals = values.double() + scores[:, None]
+    # per row: the banned stop ids (padded with -1, never an id) are left out
+    valid: torch.Tensor | None = None
+    if num_banned:
+        banned = banned_t.view(len(rows), num_banned)
+        valid = ~(ids[:, :, None] == banned[:, None, :]).any(dim=-1)
+        totals = totals.masked_fill(~valid, -torch.inf)
+    if padded:  # [G, width_max, per_beam], the missing beams' rows all -inf
+        pad = torch.full((1, per_beam), -torch.inf, dtype=torch.float64, device=device)
+        totals = torch.cat([totals, pad]).index_select(0, slots_t)
+    laid = totals.view(len(groups), width * per_beam)
     keep = min(max(g.keep for g in groups), width * per_beam)
     # stable: equal totals keep their (beam, rank) order
     best, order = laid.sort(dim=1, descending=True, stable=True)
@@ -135,26 +152,27 @@ def select_beams(
     beam = order // per_beam
     rank = order % per_beam
     row = slots_t.view(len(groups), width).gather(1, beam)  # flat row (N = padding)
-    ids_ext = torch.cat([ids, torch.zeros_like(ids[:1])])
-    values_ext = torch.cat([values, torch.full_like(values[:1], -torch.inf)])
-    valid_ext = torch.cat([valid, torch.zeros_like(valid[:1])])
-    token = ids_ext[row, rank]
-    logprob = values_ext[row, rank]
-    ok = valid_ext[row, rank]
+    if padded:  # (row N: the padding row)
+        ids = torch.cat([ids, torch.zeros_like(ids[:1])])
+        values = torch.cat([values, torch.full_like(values[:1], -torch.inf)])
+    token = ids[row, rank]
+    logprob = values[row, rank]
+    # a candidate is valid unless it is banned or padding
+    if valid is not None:
+        ok = torch.cat([valid, torch.zeros_like(valid[:1])])[row, rank] if padded else valid[row, rank]
+    else:
+        ok = row < len(rows)
     table = torch.stack(
         [best, beam.double(), token.double(), logprob.double(), (rank + 1).double(), ok.double()], dim=-1
     )
     # the next beams: the first `width` valid candidates not ending in a stop id (stable: best first)
-    num_stops = max(len(g.stops) for g in groups)
     ends = ~ok
     if num_stops:
-        stops = [list(g.stops) + [-1] * (num_stops - len(g.stops)) for g in groups]
-        stops_t = _to_device([t for row in stops for t in row], device).view(len(groups), num_stops)
-        ends = ends | (token[:, :, None] == stops_t[:, None, :]).any(dim=-1)
+        stops = stops_t.view(len(groups), num_stops)
+        ends = ends | (token[:, :, None] == stops[:, None, :]).any(dim=-1)
     going = ends.to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # [G, W_max]
     # (a group with fewer live beams than W_max, or fewer going on than its width, finishes or
     # is not launched ahead: its extra columns only need to stay in range)
-    widths = _to_device([len(g.rows) - 1 for g in groups], device)
     parents = torch.minimum(beam.gather(1, going), widths[:, None])
     return BeamSelection(groups, table, tops, parents, token.gather(1, going), best.gather(1, going))
 
@@ -202,9 +220,20 @@ def unpack(
     return out
 
 
-def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int64 host list on `device` without waiting for the device (pinned on CUDA)."""
-    host = torch.tensor(values, dtype=torch.int64)
+def to_device_lists(lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """int64 host lists on `device` with one host->device copy, without waiting for the device
+    (pinned on CUDA): views of one tensor, in `lists` order (empty lists give empty views)."""
+    host = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    flat = host.to(device, non_blocking=True)
+    out, start = [], 0
+    for values in lists:
+        out.append(flat[start : start + len(values)])
+        start += len(values)
+    return out
+
+
+def _padded(values: tuple[int, ...], size: int) -> list[int]:
+    """`values` padded with -1 (never a token id) to `size`."""
+    return [*values, *[-1] * (size - len(values))]

@@ -38,7 +38,8 @@ sequence that ends while swapped out. A sequence with freed out-of-window blocks
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import itertools
+from collections import Counter, OrderedDict
 
 from services.common.block_hash import chain_hash
 from services.worker.kv_events import KvEventLog
@@ -373,16 +374,22 @@ class BlockManager:
         blocks of `seqs[parents[j]]`'s table (full ones, shared by reference count) and its own
         fresh `tails[j]` after them; the old tables' references go (the same counts as freeing
         them and forking anew)."""
-        old = [(list(s.block_ids), list(s.block_hashes)) for s in seqs]
+        old = [(s.block_ids, s.block_hashes) for s in seqs]
         for seq, parent, tail in zip(seqs, parents, tails, strict=True):
             blocks, hashes = old[parent]
             assert len(blocks) >= num_shared and not seq.num_freed_blocks
             seq.block_ids = [*blocks[:num_shared], tail]
             seq.block_hashes = hashes[:num_shared]
-            for block in blocks[:num_shared]:
+        # Only the net change of each block's count is applied: most full blocks are shared by
+        # every beam before and after (a reference and a release per beam and block every step
+        # grew with the output's length). Counted in C (Counter over chained lists).
+        gained = Counter(itertools.chain.from_iterable(old[p][0][:num_shared] for p in parents))
+        lost = Counter(itertools.chain.from_iterable(blocks for blocks, _ in old))
+        for block, count in gained.items():
+            for _ in range(count - lost[block]):
                 self._ref(block)
-        for blocks, _ in old:
-            for block in blocks:
+        for block, count in lost.items():
+            for _ in range(count - gained[block]):
                 self._unref(block)
 
     def pin_block(self, block: int) -> None:

@@ -21,7 +21,7 @@ import torch
 from kernels import KernelOps
 from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
-from services.worker.beam_select import BeamSelection, BeamStepResult, select_beams, unpack
+from services.worker.beam_select import BeamSelection, BeamStepResult, select_beams, to_device_lists, unpack
 from services.worker.cuda_graph import NO_VARIANTS, CudaGraphRunner, DecodeOutputs, GraphVariants
 from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kernel_tuning import tune_kernels
@@ -429,10 +429,14 @@ class ModelRunner:
             assert prev is not None and prev.beam_selection is not None, (
                 "a beam step ahead needs its selection"
             )
-            ids, ahead_tables = self._beam_ahead(out, ahead, prev.beam_selection, ids, cu_seqlens, max_blocks)
-            device_tables = block_tables.to(self.device, non_blocking=True)
-            device_tables.index_copy_(0, self._to_device(ahead), ahead_tables)
-            block_tables = device_tables
+            ids, ahead_tables, ahead_t = self._beam_ahead(
+                out, ahead, prev.beam_selection, ids, cu_seqlens, max_blocks
+            )
+            if len(ahead) == len(out.scheduled):  # every entry a beam ahead (the usual case)
+                block_tables = ahead_tables
+            else:
+                device_tables = block_tables.to(self.device, non_blocking=True)
+                block_tables = device_tables.index_copy_(0, ahead_t, ahead_tables)
         if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
             step = self.lora.prepare(
                 [(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled]
@@ -540,36 +544,45 @@ class ModelRunner:
                     groups.append(group)
         if not groups:
             return None
-        scores = None
-        if ahead:  # their cumulative logprobs: the previous selection's, on the device
+        # the tables each group's live beams ran with, padded to W_max with its first beam's
+        width = max(len(g.rows) for g in groups)
+        entries: list[int] = []
+        for g in groups:
+            taken = [rows[r][1] for r in g.rows]
+            entries += taken + [taken[0]] * (width - len(taken))
+        # launched ahead: their cumulative logprobs are the previous selection's, on the device
+        # (positions: their flat rows; sources: where in its totals)
+        positions: list[int] = []
+        sources: list[int] = []
+        if ahead:
             assert prev is not None and prev.beam_selection is not None
             before = prev.beam_selection
-            width = before.totals.shape[1]
-            host = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
-            positions: list[int] = []
-            sources: list[int] = []
+            before_width = before.totals.shape[1]
             flat = 0
             for g in groups:
                 index = before.index(g.request_id) if g.request_id in ahead else None
                 if index is not None:
                     positions += range(flat, flat + len(g.rows))
-                    sources += range(index * width, index * width + len(g.rows))
+                    sources += range(index * before_width, index * before_width + len(g.rows))
                 flat += len(g.rows)
-            picked_scores = before.totals.view(-1).index_select(0, self._to_device(sources))
-            scores = host.to(self.device, non_blocking=True).index_copy(
-                0, self._to_device(positions), picked_scores
-            )
+        on_host = block_tables.device != self.device  # (a step not ahead, on CUDA)
+        # one host->device copy for every index here
+        entries_t, positions_t, sources_t = to_device_lists(
+            [[] if on_host else entries, positions, sources], self.device
+        )
+        scores = None
+        if sources:
+            picked_scores = before.totals.view(-1).index_select(0, sources_t)
+            if len(positions) == sum(len(g.rows) for g in groups):  # (all of them: the usual case)
+                scores = picked_scores
+            else:
+                host = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
+                scores = host.to(self.device, non_blocking=True).index_copy(0, positions_t, picked_scores)
         selection = select_beams(raw, groups, scores)
-        # the tables each group's live beams ran with, [G, W_max, w] on the device
-        width = selection.parents.shape[1]
-        entries: list[int] = []
-        for g in groups:
-            taken = [rows[r][1] for r in g.rows]
-            entries += taken + [taken[0]] * (width - len(taken))
-        if block_tables.device.type == "cpu":
+        if on_host:
             picked = block_tables.index_select(0, torch.tensor(entries)).to(self.device, non_blocking=True)
         else:
-            picked = block_tables.index_select(0, self._to_device(entries))
+            picked = block_tables.index_select(0, entries_t)
         selection.slot_tables = picked.view(len(groups), width, -1)
         return selection
 
@@ -581,12 +594,12 @@ class ModelRunner:
         ids: list[int] | torch.Tensor,
         cu_seqlens: list[int],
         max_blocks: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A beam step launched before the host read the previous one's picks: new beam j of a
         request goes in the sequence of its live beam j. On the device, each takes its parent's
         full blocks and its own fresh block after them, the parent's partly filled block copied
-        into it first; its input id is its picked token. Returns the input ids and the tables
-        ([len(ahead), max_blocks] int32) of those entries."""
+        into it first; its input id is its picked token. Returns the input ids, the tables
+        ([len(ahead), max_blocks] int32) of those entries, and `ahead` on the device."""
         bs = self.block_size
         width = before.parents.shape[1]
         flat = []  # (group, slot) of each entry in [G * W_max]
@@ -595,29 +608,40 @@ class ModelRunner:
             group = before.index(seq.request.request_id)
             assert group is not None, "launched ahead without its selection"
             flat.append(group * width + seq.request.beam.live.index(seq))
-        where = self._to_device(flat)
+        starts = [out.scheduled[i].start for i in ahead]
+        mid = [k for k, p in enumerate(starts) if p % bs]  # a partly filled block to carry over
+        # one host->device copy for every index of the step ahead
+        where, shared, tails, positions, pick, entries, host_ids = to_device_lists(
+            [
+                flat,
+                [p // bs for p in starts],  # full blocks taken from the parent
+                [out.scheduled[i].beam_tail for i in ahead],
+                [cu_seqlens[i] for i in ahead],
+                mid,
+                ahead,
+                [] if isinstance(ids, torch.Tensor) else ids,
+            ],
+            self.device,
+        )
         parents = before.parents.view(-1).index_select(0, where)
         assert before.slot_tables is not None
         parent_tables = before.slot_tables[where // width, parents]  # [n, w_prev]
-        starts = [out.scheduled[i].start for i in ahead]
-        shared = self._to_device([p // bs for p in starts])  # full blocks taken from the parent
         if parent_tables.shape[1] < max_blocks:
             pad = parent_tables.new_zeros(len(ahead), max_blocks - parent_tables.shape[1])
             parent_tables = torch.cat([parent_tables, pad], dim=1)
         columns = torch.arange(max_blocks, device=self.device)
         tables = torch.where(columns[None, :] < shared[:, None], parent_tables[:, :max_blocks], 0)
-        tails = self._to_device([out.scheduled[i].beam_tail for i in ahead]).to(torch.int32)
-        tables.scatter_(1, shared[:, None], tails[:, None])
-        mid = [k for k, p in enumerate(starts) if p % bs]  # a partly filled block to carry over
-        if mid:
-            pick = self._to_device(mid)
-            src = parent_tables.index_select(0, pick).gather(1, shared.index_select(0, pick)[:, None])
+        tables.scatter_(1, shared[:, None], tails[:, None].to(torch.int32))
+        if mid:  # every layer's K and V of those blocks in one copy (KVCache.copy_block_tensors)
+            src = parent_tables.gather(1, shared[:, None]).view(-1).long()  # each parent's partial block
+            dst = tails
+            if len(mid) < len(ahead):  # (some start a block: nothing to carry over for them)
+                src, dst = src.index_select(0, pick), tails.index_select(0, pick)
             assert self.kv_cache is not None
-            self.kv_cache.copy_block_tensors(src.view(-1).long(), tails.index_select(0, pick).long())
+            self.kv_cache.copy_block_tensors(src, dst)
         tokens = before.tokens.view(-1).index_select(0, where)
-        device_ids = ids if isinstance(ids, torch.Tensor) else self._to_device(ids)
-        positions = self._to_device([cu_seqlens[i] for i in ahead])
-        return device_ids.index_copy(0, positions, tokens), tables
+        device_ids = ids if isinstance(ids, torch.Tensor) else host_ids
+        return device_ids.index_copy(0, positions, tokens), tables, entries
 
     def _pool(self, out: SchedulerOutput, hidden: torch.Tensor, pooled: list[tuple[int, int]]) -> None:
         """Last-token pooling: each pooling entry that computed its last prompt token gets that

@@ -44,3 +44,19 @@ def test_beam_bench_smoke(tmp_path: Path) -> None:
         phases = r["phases_us_per_step"]
         assert set(phases) == {"step", "schedule", "launch", "wait+read", "apply"}
         assert phases["step"] >= phases["apply"] > 0 and phases["step"] >= phases["launch"] > 0
+
+
+def test_beam_profile_smoke() -> None:
+    """benchmarks/beam_profile.py (its --smoke mode: CPU, a tiny Llama) profiles both modes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "beam_profile.py"), "--smoke", "--top", "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for mode in ("beam", "sample"):
+        assert f"W=4 {mode}:" in proc.stdout
+    assert proc.stdout.count("per step: host") == 2
