@@ -59,9 +59,10 @@ def tiny_qwen3_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return write_tiny_qwen3(shared_dir, tmp_path_factory.mktemp("tiny-qwen3"))
 
 
-# The longest folder (its tensor-parallel groups each start several processes) is handed out
-# first, so that the other process takes the rest of the suite meanwhile.
-_FIRST_FOLDERS = ("parallel",)
+# The longest folders are handed out first, longest first (parallel: its tensor-parallel groups
+# each start several processes; then worker and kernels, the largest in-process folders), so the
+# short folders fill the end and the two processes finish close together.
+_FIRST_FOLDERS = ("parallel", "worker", "kernels")
 
 
 def _folder(nodeid: str) -> str:
@@ -87,7 +88,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if hasattr(config, "workerinput"):  # an xdist worker: its order is the order folders are handed out
-        items.sort(key=lambda item: _folder(item.nodeid) not in _FIRST_FOLDERS)  # stable
+        rank = {folder: i for i, folder in enumerate(_FIRST_FOLDERS)}
+        items.sort(key=lambda item: rank.get(_folder(item.nodeid), len(rank)))  # stable
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
