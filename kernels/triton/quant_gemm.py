@@ -532,10 +532,20 @@ def chosen(
 ) -> QuantConfig:
     """The config `quant_linear` runs for this call: the tuned choice of its shape and row bucket
     (a gemv choice only for one row), else `default_config`."""
-    m = x.shape[0]
-    config = _CHOICE.get(
-        _key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m, _is_fp8(qweight))
+    return _usable(_CHOICE.get(_call_key(x, qweight, scales, bits, zeros, bias)), x.shape[0])
+
+
+def _call_key(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bits: int, zeros: bool, bias: bool
+) -> tuple:  # type: ignore[type-arg]
+    """The tuner's key of a call (its shape, format and row bucket)."""
+    return _key(
+        qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, x.shape[0], _is_fp8(qweight)
     )
+
+
+def _usable(config: QuantConfig | None, m: int) -> QuantConfig:
+    """A tuned choice for `m` rows (a gemv choice only for one row), else `default_config`."""
     if config is None or (not config.dot and m != 1):
         return default_config(m)
     return config
@@ -576,15 +586,8 @@ def chosen_fused(
 ) -> QuantConfig:
     """The config `quant_linear_fused` runs for this call: the tuned choice of the fused variant,
     else `default_config`."""
-    m = x.shape[0]
-    key = (
-        *_key(qweight.shape[0], x.shape[1], bits, scales.shape[1], zeros, bias, m, _is_fp8(qweight)),
-        fusion,
-    )
-    config = _FUSED_CHOICE.get(key)
-    if config is None or (not config.dot and m != 1):
-        return default_config(m)
-    return config
+    key = (*_call_key(x, qweight, scales, bits, zeros, bias), fusion)
+    return _usable(_FUSED_CHOICE.get(key), x.shape[0])
 
 
 def quant_linear_fused(
@@ -603,20 +606,8 @@ def quant_linear_fused(
     """Same contract as `kernels.reference.quant_linear_fused`: one launch, in the config that
     `tune_quant_linear(fusion=...)` measured fastest for the variant."""
     fusion = QuantFusion(norm_weight is not None, rms_eps is not None, gated, residual is not None)
-    config = chosen_fused(x, qweight, scales, bits, zeros is not None, bias is not None, fusion)
-    key = (
-        *_key(
-            qweight.shape[0],
-            x.shape[1],
-            bits,
-            scales.shape[1],
-            zeros is not None,
-            bias is not None,
-            x.shape[0],
-            _is_fp8(qweight),
-        ),
-        fusion,
-    )
+    key = (*_call_key(x, qweight, scales, bits, zeros is not None, bias is not None), fusion)
+    config = _usable(_FUSED_CHOICE.get(key), x.shape[0])
     unfused = _UNFUSED.get(key)
     if unfused is not None and (unfused.dot or x.shape[0] == 1):
         return _unfused_sequence(
