@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call of named steps (a round's checks and benchmarks), each with its own time budget;
+# a failure of one does not stop the rest. Logs and JSON go to $OUT (default benchmarks/results).
+#   STEPS="agree moequant engine_moe beamprof" bash benchmarks/round_run.sh
+# Steps: agree (bf16 agreement of the MoE / Gemma 3 / Qwen3 families), moequant (fused MoE and
+# fused quantized GEMM kernels in bf16), engine_moe / engine_gemma (batch-1 decode with a kernel
+# profile), quant (quant_bench), beam (beam_bench Qwen2-0.5B with phases), beamprof (beam_profile),
+# lora (lora_bench), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+for d in .whl .nixlwhl; do
+  if ls $d/*.whl >/dev/null 2>&1; then "$PY" -m pip install -q --no-index --no-deps $d/*.whl 2>&1 | grep -v WARNING; fi
+done
+[ -d .benchmodel/shared ] && [ ! -d ../shared ] && export TANDEM_SHARED=${TANDEM_SHARED:-$PWD/.benchmodel/shared}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/round_gpu_info.txt"
+step() {  # name, budget, command...
+  local name=$1 budget=$2
+  shift 2
+  echo "=== $name (budget ${budget}s): $*" | tee -a "$OUT/round.log"
+  local t0=$SECONDS
+  timeout "$budget" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-30}" "$OUT/$name.log"
+  echo "=== $name exit $rc after $((SECONDS - t0)) s" | tee -a "$OUT/round.log"
+}
+gpu_pytest=("$PY" -m pytest -q -rA -o addopts="" -p no:cacheprovider -m gpu -W ignore::DeprecationWarning)
+for s in ${STEPS:?name the steps}; do
+  case $s in
+    agree) step agree "${AGREE_T:-170}" "${gpu_pytest[@]}" tests/kernels/test_engine_gpu.py -s \
+      -k "test_logits_and_greedy_match_transformers and (qwen3_moe or mixtral or gemma3 or qwen3)" ;;
+    moequant) step moequant "${MOEQUANT_T:-150}" "${gpu_pytest[@]}" tests/kernels/test_fused_moe.py tests/kernels/test_quant_fused.py ;;
+    quanttests) step quanttests "${QT_T:-150}" "${gpu_pytest[@]}" tests/kernels/test_quant_gemm.py tests/kernels/test_quant_fused.py ;;
+    engine_moe) step engine_moe "${ENGINE_T:-170}" "$PY" benchmarks/engine_bench.py --models Qwen3-30B-A3B --skip-hf \
+      --decode-only --profile-decode --out "$OUT/engine_moe.json" ;;
+    engine_gemma) step engine_gemma "${ENGINE_T:-120}" "$PY" benchmarks/engine_bench.py --models Gemma-3-12B --skip-hf \
+      --decode-only --profile-decode --out "$OUT/engine_gemma.json" ;;
+    quant) step quant "${QUANT_T:-150}" "$PY" benchmarks/quant_bench.py --out "$OUT/quant.json" ;;
+    beam) step beam "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --phases --out "$OUT/beam.json" ;;
+    beamprof) step beamprof "${BEAMPROF_T:-70}" "$PY" benchmarks/beam_profile.py --model Qwen2-0.5B --width 4 ;;
+    lora) step lora "${LORA_T:-200}" "$PY" benchmarks/lora_bench.py --out "$OUT/lora.json" ;;
+    kvnixl) step kvnixl "${KV_T:-200}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
+      --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports nixl,cuda-ipc,grpc --out "$OUT/kv_nixl.json" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
