@@ -106,9 +106,11 @@ class KernelOps:
     # (x [T, H], scale, weight [H], eps) -> (gemma_rms_norm(h, weight), h), h = x * scale (the
     #   scale rounded to x's dtype first: the embedding normaliser)
     gemma_scale_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.gemma_scale_rms_norm
+    # The q/k head norms (Triton: kernels/triton/head_norm.py, all heads of q and k in one launch):
     # (q [T, Hq, D], k [T, Hkv, D], q_weight [D], k_weight [D], eps) -> (q, k) normed per head
+    # with Gemma's (1 + w) weights (Gemma 3)
     gemma_qk_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.gemma_qk_norm
-    # the same with plain RMSNorm weights (Qwen3 / Qwen3-MoE's q/k norms, one launch on the GPU)
+    # the same with plain RMSNorm weights (Qwen3 / Qwen3-MoE's q/k norms)
     qk_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.qk_rms_norm
     # (x [T, 2*I]) -> [T, I]: gelu_tanh(x[:, :I]) * x[:, I:]
     gelu_tanh_and_mul: Callable[..., torch.Tensor] = reference.gelu_tanh_and_mul

@@ -17,8 +17,8 @@ inside that GEMM (`quant_linear_fused`).
 Decode-sized MoE layers run two GEMV kernels with the tile configs `tune_moe` measured fastest
 (fused_moe.py, moe_tune.py). With the norms folded (Qwen3-MoE, Mixtral) the routing kernel and the
 gate/up GEMV apply the post-attention norm's 1/rms and the down GEMV adds the residual stream;
-Qwen3's q/k norms are one launch (`qk_rms_norm`), which with the attention kernel also applies a
-folded input norm's 1/rms.
+Qwen3's q/k norms are one launch (`qk_rms_norm`, head_norm.py, beside Gemma 3's `gemma_qk_norm`),
+which with the attention kernel also applies a folded input norm's 1/rms.
 """
 
 from __future__ import annotations
@@ -29,13 +29,8 @@ from kernels.triton.exponential_race import exponential_race
 from kernels.triton.fp8_gemm import tune_fp8_linear, w8a8_linear
 from kernels.triton.fused_moe import fused_moe
 from kernels.triton.gelu_and_mul import gelu_tanh_and_mul
-from kernels.triton.gemma_norm import (
-    gemma_add_rms_norm,
-    gemma_qk_norm,
-    gemma_rms_norm,
-    gemma_scale_rms_norm,
-    qk_rms_norm,
-)
+from kernels.triton.gemma_norm import gemma_add_rms_norm, gemma_rms_norm, gemma_scale_rms_norm
+from kernels.triton.head_norm import gemma_qk_norm, qk_rms_norm
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.lora import lora_expand, lora_shrink
 from kernels.triton.moe_route import moe_route
@@ -74,7 +69,7 @@ TRITON_OPS = KernelOps(
     gemma_add_rms_norm=gemma_add_rms_norm,
     gemma_scale_rms_norm=gemma_scale_rms_norm,
     gemma_qk_norm=gemma_qk_norm,
-    qk_rms_norm=qk_rms_norm,  # (Qwen3's q/k norms: the Gemma q/k kernel with plain weights)
+    qk_rms_norm=qk_rms_norm,  # (Qwen3's q/k norms: the q/k head norm kernel with plain weights)
     gelu_tanh_and_mul=gelu_tanh_and_mul,
     linear_gelu_and_mul=linear_gelu_and_mul,
     soft_cap=soft_cap,

@@ -189,7 +189,7 @@ class CudaGraphRunner:
         slot_mapping: list[int],  # [B]
         seq_lens: list[int],  # [B]
         # [B, w] int32 on the CPU, w <= max_blocks_per_seq; or on the device (beam search launched
-        # ahead gathers its beams' tables there: model_runner._beam_ahead)
+        # ahead gathers its beams' tables there: beam_step.BeamStep.ahead)
         block_tables: torch.Tensor,
     ) -> DecodeOutputs:  # rows [:B] of the graph's outputs (views: use them before the next step)
         num_seqs = len(positions)

@@ -21,7 +21,8 @@ import torch
 from kernels import KernelOps
 from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
-from services.worker.beam_select import BeamSelection, BeamStepResult, select_beams, to_device_lists, unpack
+from services.worker.beam_select import BeamSelection, BeamStepResult, unpack
+from services.worker.beam_step import BeamStep
 from services.worker.cuda_graph import NO_VARIANTS, CudaGraphRunner, DecodeOutputs, GraphVariants
 from services.worker.guided import apply_token_mask, guided_rows
 from services.worker.kernel_tuning import tune_kernels
@@ -161,6 +162,7 @@ class ModelRunner:
             else []
         )
         self.sampler = Sampler(ops.exponential_race)
+        self.beams = BeamStep(device, block_size)  # beam search's device work around each step
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
         # speculative decoding: graphs of the verification forward (K + 1 rows per sequence), or of
@@ -386,7 +388,7 @@ class ModelRunner:
         # pooling requests that reach their last prompt token: (scheduled entry, row of that token)
         pooled: list[tuple[int, int]] = []
         max_blocks = max(len(item.seq.block_ids) for item in out.scheduled)
-        # beam search launched ahead: these entries' tables are gathered on the device (_beam_ahead)
+        # beam search launched ahead: these entries' tables are gathered on the device (BeamStep.ahead)
         ahead = [i for i, item in enumerate(out.scheduled) if item.beam_tail >= 0]
         if ahead:
             max_blocks = max(max_blocks, *(out.scheduled[i].start // bs + 1 for i in ahead))
@@ -429,14 +431,15 @@ class ModelRunner:
             assert prev is not None and prev.beam_selection is not None, (
                 "a beam step ahead needs its selection"
             )
-            ids, ahead_tables, ahead_t = self._beam_ahead(
-                out, ahead, prev.beam_selection, ids, cu_seqlens, max_blocks
+            beams = self.beams.ahead(
+                out, ahead, prev.beam_selection, ids, cu_seqlens, max_blocks, self.kv_cache
             )
+            ids = beams.ids
             if len(ahead) == len(out.scheduled):  # every entry a beam ahead (the usual case)
-                block_tables = ahead_tables
+                block_tables = beams.tables
             else:
                 device_tables = block_tables.to(self.device, non_blocking=True)
-                block_tables = device_tables.index_copy_(0, ahead_t, ahead_tables)
+                block_tables = device_tables.index_copy_(0, beams.entries, beams.tables)
         if self.lora is not None:  # each row's adapter slot, in the pool's persistent mapping
             step = self.lora.prepare(
                 [(item.seq.request.req.lora, item.num_new_tokens) for item in out.scheduled]
@@ -512,136 +515,9 @@ class ModelRunner:
         token_ids, raw_logprobs = self.sampler.sample_tensors(logits, meta)
         selection = None
         if raw_logprobs is not None:
-            selection = self._select_beams(
-                raw_logprobs, out, rows, step.block_tables, prev if step.ahead else None
-            )
+            before = prev.beam_selection if step.ahead and prev is not None else None
+            selection = self.beams.select(raw_logprobs, out, rows, step.block_tables, before)
         return self._handle(len(out.scheduled), entries, token_ids, raw_logprobs, meta, selection)
-
-    def _select_beams(
-        self,
-        raw: torch.Tensor,  # [R, V] log-softmax
-        out: SchedulerOutput,
-        rows: list[tuple[Sequence, int]],  # (sequence, scheduled entry) of each sampling row
-        block_tables: torch.Tensor,  # [B, w] the step's tables (on the device for a step ahead)
-        prev: StepHandle | None,  # the step before, when this one was launched ahead of reading it
-    ) -> BeamSelection | None:
-        """Beam selection on the device (beam_select.py) for the beam requests whose live beams
-        all sample in this step, with the tables they ran with (a next step ahead gathers them)."""
-        seqs = [s for s, _ in rows]
-        by_request: dict[str, dict[int, int]] = {}
-        for r, seq in enumerate(seqs):
-            if seq.request.beam is not None:
-                by_request.setdefault(seq.request.request_id, {})[seq.seq_id] = r
-        if not by_request:
-            return None
-        ahead = {item.seq.request.request_id for item in out.scheduled if item.beam_tail >= 0}
-        groups = []
-        for seq in seqs:
-            mine = by_request.pop(seq.request.request_id, None)
-            if mine is not None:
-                group = seq.request.beam.group(mine, seq.request.request_id in ahead)
-                if group is not None:
-                    groups.append(group)
-        if not groups:
-            return None
-        # the tables each group's live beams ran with, padded to W_max with its first beam's
-        width = max(len(g.rows) for g in groups)
-        entries: list[int] = []
-        for g in groups:
-            taken = [rows[r][1] for r in g.rows]
-            entries += taken + [taken[0]] * (width - len(taken))
-        # launched ahead: their cumulative logprobs are the previous selection's, on the device
-        # (positions: their flat rows; sources: where in its totals)
-        positions: list[int] = []
-        sources: list[int] = []
-        if ahead:
-            assert prev is not None and prev.beam_selection is not None
-            before = prev.beam_selection
-            before_width = before.totals.shape[1]
-            flat = 0
-            for g in groups:
-                index = before.index(g.request_id) if g.request_id in ahead else None
-                if index is not None:
-                    positions += range(flat, flat + len(g.rows))
-                    sources += range(index * before_width, index * before_width + len(g.rows))
-                flat += len(g.rows)
-        on_host = block_tables.device != self.device  # (a step not ahead, on CUDA)
-        # one host->device copy for every index here
-        entries_t, positions_t, sources_t = to_device_lists(
-            [[] if on_host else entries, positions, sources], self.device
-        )
-        scores = None
-        if sources:
-            picked_scores = before.totals.view(-1).index_select(0, sources_t)
-            if len(positions) == sum(len(g.rows) for g in groups):  # (all of them: the usual case)
-                scores = picked_scores
-            else:
-                host = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
-                scores = host.to(self.device, non_blocking=True).index_copy(0, positions_t, picked_scores)
-        selection = select_beams(raw, groups, scores)
-        if on_host:
-            picked = block_tables.index_select(0, torch.tensor(entries)).to(self.device, non_blocking=True)
-        else:
-            picked = block_tables.index_select(0, entries_t)
-        selection.slot_tables = picked.view(len(groups), width, -1)
-        return selection
-
-    def _beam_ahead(
-        self,
-        out: SchedulerOutput,
-        ahead: list[int],  # the scheduled entries of beams launched ahead
-        before: BeamSelection,  # the previous step's selection (not read by the host yet)
-        ids: list[int] | torch.Tensor,
-        cu_seqlens: list[int],
-        max_blocks: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A beam step launched before the host read the previous one's picks: new beam j of a
-        request goes in the sequence of its live beam j. On the device, each takes its parent's
-        full blocks and its own fresh block after them, the parent's partly filled block copied
-        into it first; its input id is its picked token. Returns the input ids, the tables
-        ([len(ahead), max_blocks] int32) of those entries, and `ahead` on the device."""
-        bs = self.block_size
-        width = before.parents.shape[1]
-        flat = []  # (group, slot) of each entry in [G * W_max]
-        for i in ahead:
-            seq = out.scheduled[i].seq
-            group = before.index(seq.request.request_id)
-            assert group is not None, "launched ahead without its selection"
-            flat.append(group * width + seq.request.beam.live.index(seq))
-        starts = [out.scheduled[i].start for i in ahead]
-        mid = [k for k, p in enumerate(starts) if p % bs]  # a partly filled block to carry over
-        # one host->device copy for every index of the step ahead
-        where, shared, tails, positions, pick, entries, host_ids = to_device_lists(
-            [
-                flat,
-                [p // bs for p in starts],  # full blocks taken from the parent
-                [out.scheduled[i].beam_tail for i in ahead],
-                [cu_seqlens[i] for i in ahead],
-                mid,
-                ahead,
-                [] if isinstance(ids, torch.Tensor) else ids,
-            ],
-            self.device,
-        )
-        parents = before.parents.view(-1).index_select(0, where)
-        assert before.slot_tables is not None
-        parent_tables = before.slot_tables[where // width, parents]  # [n, w_prev]
-        if parent_tables.shape[1] < max_blocks:
-            pad = parent_tables.new_zeros(len(ahead), max_blocks - parent_tables.shape[1])
-            parent_tables = torch.cat([parent_tables, pad], dim=1)
-        columns = torch.arange(max_blocks, device=self.device)
-        tables = torch.where(columns[None, :] < shared[:, None], parent_tables[:, :max_blocks], 0)
-        tables.scatter_(1, shared[:, None], tails[:, None].to(torch.int32))
-        if mid:  # every layer's K and V of those blocks in one copy (KVCache.copy_block_tensors)
-            src = parent_tables.gather(1, shared[:, None]).view(-1).long()  # each parent's partial block
-            dst = tails
-            if len(mid) < len(ahead):  # (some start a block: nothing to carry over for them)
-                src, dst = src.index_select(0, pick), tails.index_select(0, pick)
-            assert self.kv_cache is not None
-            self.kv_cache.copy_block_tensors(src, dst)
-        tokens = before.tokens.view(-1).index_select(0, where)
-        device_ids = ids if isinstance(ids, torch.Tensor) else host_ids
-        return device_ids.index_copy(0, positions, tokens), tables, entries
 
     def _pool(self, out: SchedulerOutput, hidden: torch.Tensor, pooled: list[tuple[int, int]]) -> None:
         """Last-token pooling: each pooling entry that computed its last prompt token gets that

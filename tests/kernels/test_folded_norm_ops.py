@@ -7,19 +7,17 @@ fp16; the `gpu` cases run them on CUDA in bf16.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_cases import CASES, CPU_CASES, GPU_CASES, skip_without, tol_for
+from kernel_cases import CASES, CPU_CASES, GPU_CASES, UNFOLDED_OPS, skip_without, tol_for
 
 from kernels import REFERENCE_OPS, reference
 from tests.worker.worker_testlib import model_logits as _model_logits
-from tests.worker.worker_testlib import randomize_norms_and_biases
+from tests.worker.worker_testlib import tiny_folding_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -269,38 +267,6 @@ def test_skinny_linear_silu_and_mul(  # type: ignore[no-untyped-def]
 # --- a whole folded model on the Triton bundle ----------------------------------------------------
 
 
-def _tiny_hf(family: str, seed: int) -> Any:
-    """A tiny random HF model with head_dim 32 (the Triton attention's range), random positive norm
-    weights and random biases, so the folding multiplies by something other than ones."""
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    common: dict[str, Any] = dict(
-        hidden_size=64,
-        intermediate_size=96,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_hidden_layers=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-        initializer_range=0.1,
-    )
-    hf = {
-        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)),
-        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common)),
-        # no qkv bias, no q/k norms: the decode step's input norm runs inside the attention kernel
-        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**common)),
-        # q/k norms and experts (issue 22): the input norm's 1/rms in the q/k norm and attention
-        # kernels, the post-attention norm's in the routing and gate/up kernels
-        "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(
-            tf.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-        ),
-    }[family]()
-    randomize_norms_and_biases(hf, seed)
-    return hf.eval()
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_triton_bundle_folds_a_model(triton_silu, family: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The Triton bundle folds the norms (on the CPU its linear ops take their fallbacks; the SiLU
@@ -309,14 +275,11 @@ def test_triton_bundle_folds_a_model(triton_silu, family: str, tmp_path: Path) -
     from services.worker.loader import build_model
     from services.worker.model_config import load_model_config
 
-    hf = _tiny_hf(family, seed=7)
+    hf = tiny_folding_model(family, seed=7)
     hf.save_pretrained(str(tmp_path))
     cfg = load_model_config(str(tmp_path))
-    unfolded_ops = dataclasses.replace(
-        REFERENCE_OPS, linear_rms_norm=None, linear_add=None, silu_and_mul_rms=None
-    )
     folded = build_model(cfg, TRITON_OPS, torch.device("cpu"), torch.float32, "auto")
-    unfolded = build_model(cfg, unfolded_ops, torch.device("cpu"), torch.float32, "auto")
+    unfolded = build_model(cfg, UNFOLDED_OPS, torch.device("cpu"), torch.float32, "auto")
     assert TRITON_OPS.folds_norms and folded.norms_folded and not unfolded.norms_folded
     prompt = [1, 17, 99, 5, 64, 3, 120, 42, 8, 77]
     got = _model_logits(folded, prompt)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_quant_gemm import _quantized
+from kernel_cases import UNFOLDED_OPS, fp8_weight_codes, quantized_weight, triton_quant_ops
 
 from kernels import REFERENCE_OPS, reference
 from kernels.ops import QuantFusion
@@ -42,10 +42,9 @@ FORMATS = [
 def _operands(fmt: str, n: int, k: int, gen: torch.Generator):  # type: ignore[no-untyped-def]
     """(qweight, scales, bits, zeros) of a random weight in format `fmt`."""
     if fmt == "fp8":
-        w = (torch.randn(n, k, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
-        return w, torch.rand(n, 1, generator=gen) * 0.01 + 1e-4, 8, None
+        return *fp8_weight_codes(n, k, gen, spread=50, scale=0.01, floor=1e-4), 8, None
     _, bits, group, asym = next(f for f in FORMATS if f[0] == fmt)
-    _, packed, scales, zeros = _quantized(n, k, bits, group or k, asym, gen)
+    _, packed, scales, zeros = quantized_weight(n, k, bits, group or k, asym, gen)
     return packed, scales, bits, zeros
 
 
@@ -259,10 +258,6 @@ def test_gated_refuses_a_residual_and_odd_rows() -> None:
 
 # --- a quantized model with its norms folded into its GEMMs ---
 
-UNFOLDED_OPS = dataclasses.replace(
-    REFERENCE_OPS, linear_rms_norm=None, linear_add=None, silu_and_mul_rms=None
-)
-
 
 @pytest.mark.parametrize(("quantization", "group_size"), [("int8", 0), ("fp8", 0), ("int4", 32)])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -273,20 +268,12 @@ def test_quantized_model_folds_into_its_gemms(
     checkpoint's quantization, its norms keep their weights, and its logits (a prefill, then a
     one-token decode step on the folded forward) equal the same quantized model unfolded, on the
     twin and on the Triton GEMM (interpreter). Before the fusions a quantized model never folded."""
-    from test_folded_norm_ops import _model_logits, _tiny_hf
-
-    from kernels.triton.quant_gemm import quant_linear, quant_linear_fused
     from services.worker.loader import build_model
-    from services.worker.model_config import load_model_config
+    from tests.worker.worker_testlib import model_logits, saved_config, tiny_folding_model
 
-    hf = _tiny_hf("llama", seed=11)
-    hf.save_pretrained(str(tmp_path))
-    cfg = load_model_config(str(tmp_path))
-    ops = REFERENCE_OPS
-    if backend == "triton":
-        ops = dataclasses.replace(
-            REFERENCE_OPS, quant_linear=quant_linear, quant_linear_fused=quant_linear_fused
-        )
+    hf = tiny_folding_model("llama", seed=11)
+    cfg = saved_config(hf, tmp_path)
+    ops = triton_quant_ops() if backend == "triton" else REFERENCE_OPS
     cpu = torch.device("cpu")
     folded = build_model(cfg, ops, cpu, torch.float32, "auto", 0, quantization, group_size)
     unfolded = build_model(cfg, UNFOLDED_OPS, cpu, torch.float32, "auto", 0, quantization, group_size)
@@ -299,7 +286,7 @@ def test_quantized_model_folds_into_its_gemms(
     assert torch.equal(mine.qweight.view(torch.uint8), theirs.qweight.view(torch.uint8))
     prompt = [1, 17, 99, 5, 64, 3, 120, 42, 8, 77]
     torch.testing.assert_close(
-        _model_logits(folded, prompt), _model_logits(unfolded, prompt), atol=1e-4, rtol=1e-4
+        model_logits(folded, prompt), model_logits(unfolded, prompt), atol=1e-4, rtol=1e-4
     )
 
 
@@ -307,15 +294,11 @@ def test_unfolded_quantized_model_fuses_silu_into_gate_up(tmp_path: Path) -> Non
     """A quantized Qwen2 (qkv bias: its norms stay unfolded) runs its decode step's gate/up with
     SiLU-and-mul in the quantized GEMM's epilogue (the Triton GEMM on the interpreter) and gives
     the logits of the same model with the GEMM and the SiLU op apart (the reference bundle)."""
-    from test_folded_norm_ops import _model_logits, _tiny_hf
-
     from kernels.triton import quant_gemm as qg
     from services.worker.loader import build_model
-    from services.worker.model_config import load_model_config
+    from tests.worker.worker_testlib import model_logits, saved_config, tiny_folding_model
 
-    hf = _tiny_hf("qwen2", seed=12)
-    hf.save_pretrained(str(tmp_path))
-    cfg = load_model_config(str(tmp_path))
+    cfg = saved_config(tiny_folding_model("qwen2", seed=12), tmp_path)
     gated: list[bool] = []
 
     def fused(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -333,9 +316,7 @@ def test_unfolded_quantized_model_fuses_silu_into_gate_up(tmp_path: Path) -> Non
     plain = build_model(cfg, REFERENCE_OPS, cpu, torch.float32, "auto", 0, "int8", 0)
     assert not model.norms_folded
     prompt = [1, 17, 99, 5, 64, 3, 120, 42]
-    torch.testing.assert_close(
-        _model_logits(model, prompt), _model_logits(plain, prompt), atol=1e-4, rtol=1e-4
-    )
+    torch.testing.assert_close(model_logits(model, prompt), model_logits(plain, prompt), atol=1e-4, rtol=1e-4)
     # each layer's gate/up in the prefill (7 rows) and the decode step (1 row): <= 16 rows each
     assert gated == [True] * 2 * cfg.num_layers
 
@@ -464,38 +445,10 @@ def test_quantized_engine_folds_and_tunes_the_fused_gemms_gpu(quantization: str,
     transformers: tests/kernels/test_engine_gpu.py::test_quantized_weights_stay_close_to_transformers,
     which now runs the folded path.)"""
     _cuda_or_skip()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from services.worker.config import WorkerConfig
-    from services.worker.engine import Engine
     from services.worker.request import SamplingParams
+    from tests.worker.worker_testlib import quantized_bf16_engine
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        vocab_size=512,
-        num_hidden_layers=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-        initializer_range=0.1,
-    )
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path))
-    engine = Engine(
-        WorkerConfig(
-            model=str(tmp_path),
-            device="cuda",
-            dtype="bfloat16",
-            quantization=quantization,  # type: ignore[arg-type]
-            max_num_seqs=4,
-            max_model_len=128,
-            kv_cache_memory="64MiB",
-        )
-    )
+    engine = quantized_bf16_engine(tmp_path, quantization, initializer_range=0.1)
     assert engine.runner.model.norms_folded and engine.runner.graphs is not None
     report = engine.runner.linear_report
     bits = 4 if quantization == "int4" else 8

@@ -9,33 +9,21 @@ from typing import Any
 
 import pytest
 import torch
+from kernel_cases import fp8_weight_codes, quantized_weight, triton_quant_ops
 
 from kernels import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
-def _quantized(n: int, k: int, bits: int, group_size: int, asym: bool, gen: torch.Generator):
-    groups = k // group_size
-    if bits == 8:
-        q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-        packed = q
-    else:
-        q = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
-        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
-    scales = torch.rand(n, groups, generator=gen) * 0.02 + 0.001
-    zeros = torch.randint(0, 16, (n, groups), generator=gen).float() if asym else None
-    return q, packed, scales, zeros
-
-
 def test_reference_dequantize_matches_definition() -> None:
     gen = torch.Generator().manual_seed(0)
-    q, packed, scales, zeros = _quantized(5, 64, 4, 32, True, gen)
+    q, packed, scales, zeros = quantized_weight(5, 64, 4, 32, True, gen)
     assert zeros is not None
     w = reference.dequantize_weight(packed, scales, 4, zeros)
     expected = (q.float() - zeros.repeat_interleave(32, 1)) * scales.repeat_interleave(32, 1)
     torch.testing.assert_close(w, expected)
-    q8, packed8, s8, _ = _quantized(3, 64, 8, 64, False, gen)
+    q8, packed8, s8, _ = quantized_weight(3, 64, 8, 64, False, gen)
     torch.testing.assert_close(reference.dequantize_weight(packed8, s8, 8), q8.float() * s8)
 
 
@@ -62,7 +50,7 @@ def test_quant_gemm_matches_reference(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(m * 1000 + n)
-    _, packed, scales, zeros = _quantized(n, k, bits, group_size, asym, gen)
+    _, packed, scales, zeros = quantized_weight(n, k, bits, group_size, asym, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
     expected = reference.quant_linear(x, packed, scales, bits, zeros, bias)
@@ -83,7 +71,7 @@ def test_quant_gemm_bf16_gpu(
     from kernels.triton.quant_gemm import quant_linear
 
     gen = torch.Generator().manual_seed(m + n)
-    _, packed, scales, zeros = _quantized(n, k * 8, bits, group_size, asym, gen)
+    _, packed, scales, zeros = quantized_weight(n, k * 8, bits, group_size, asym, gen)
     x = torch.randn(m, k * 8, generator=gen).to(torch.bfloat16)
     bias = torch.randn(n, generator=gen).to(torch.bfloat16) if with_bias else None
     # Where the scale meets the fp32 sums (per channel, or a group holding whole K tiles) the codes
@@ -158,28 +146,19 @@ def test_quant_bench_smoke() -> None:
 def test_quantized_model_on_the_triton_gemm(quantization: str, group_size: int, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A quantized model whose Linear layers call the Triton GEMM (interpreter on the CPU) gives
     the logits of the same model on the reference twin: the QuantMethod -> KernelOps wiring."""
-    import dataclasses
-
-    from test_folded_norm_ops import _model_logits, _tiny_hf
-
     from kernels import REFERENCE_OPS
-    from kernels.triton.quant_gemm import quant_linear, quant_linear_fused
     from services.worker.loader import build_model
-    from services.worker.model_config import load_model_config
+    from tests.worker.worker_testlib import model_logits, saved_config, tiny_folding_model
 
-    hf = _tiny_hf("llama", seed=3)
-    hf.save_pretrained(str(tmp_path))
-    cfg = load_model_config(str(tmp_path))
+    cfg = saved_config(tiny_folding_model("llama", seed=3), tmp_path)
     # (the decode step runs the folded path: tests/kernels/test_quant_fused.py)
-    triton_ops = dataclasses.replace(
-        REFERENCE_OPS, quant_linear=quant_linear, quant_linear_fused=quant_linear_fused
-    )
+    triton_ops = triton_quant_ops()
     cpu = torch.device("cpu")
     on_triton = build_model(cfg, triton_ops, cpu, torch.float32, "auto", 0, quantization, group_size)
     on_reference = build_model(cfg, REFERENCE_OPS, cpu, torch.float32, "auto", 0, quantization, group_size)
     prompt = [1, 17, 99, 5, 64, 3, 120, 42]
     torch.testing.assert_close(
-        _model_logits(on_triton, prompt), _model_logits(on_reference, prompt), atol=1e-4, rtol=1e-4
+        model_logits(on_triton, prompt), model_logits(on_reference, prompt), atol=1e-4, rtol=1e-4
     )
 
 
@@ -381,39 +360,12 @@ def test_fp8_engine_tunes_every_projection_gpu(tmp_path) -> None:  # type: ignor
     chose per row bucket), its projections run that choice within tolerance of the twin, and it
     decodes with CUDA graphs."""
     _fp8_gpu_or_skip()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kernels.triton import fp8_gemm as fg
     from kernels.triton.fp8_gemm import ROW_BUCKETS
-    from services.worker.config import WorkerConfig
-    from services.worker.engine import Engine
     from services.worker.request import SamplingParams
+    from tests.worker.worker_testlib import quantized_bf16_engine
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        vocab_size=512,
-        num_hidden_layers=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path))
-    engine = Engine(
-        WorkerConfig(
-            model=str(tmp_path),
-            device="cuda",
-            dtype="bfloat16",
-            quantization="fp8",
-            max_num_seqs=4,
-            max_model_len=128,
-            kv_cache_memory="64MiB",
-        )
-    )
+    engine = quantized_bf16_engine(tmp_path, "fp8")
     assert engine.runner.graphs is not None
     lines = [line for line in engine.runner.linear_report if line.startswith("fp8 ")]
     shapes = {"qkv_proj": "512x256", "o_proj": "256x256", "gate_up_proj": "1024x256", "down_proj": "256x512"}
@@ -454,7 +406,7 @@ def test_every_candidate_config_matches_reference(
     from kernels.triton.quant_gemm import candidates, quant_gemm
 
     gen = torch.Generator().manual_seed(m * 7 + n + bits)
-    _, packed, scales, zeros = _quantized(n, k, bits, group_size or k, asym, gen)
+    _, packed, scales, zeros = quantized_weight(n, k, bits, group_size or k, asym, gen)
     x = torch.randn(m, k, generator=gen)
     bias = torch.randn(n, generator=gen)
     expected = reference.quant_linear(x, packed, scales, bits, zeros, bias)
@@ -481,7 +433,7 @@ def test_gemv_config_refuses_several_rows() -> None:
     from kernels.triton.quant_gemm import GEMV_CANDIDATES, quant_gemm
 
     gen = torch.Generator().manual_seed(0)
-    _, packed, scales, _ = _quantized(8, 64, 8, 64, False, gen)
+    _, packed, scales, _ = quantized_weight(8, 64, 8, 64, False, gen)
     with pytest.raises(ValueError, match="takes one row"):
         quant_gemm(torch.randn(2, 64), packed, scales, 8, None, None, GEMV_CANDIDATES[0])
 
@@ -501,8 +453,8 @@ def test_every_candidate_config_bf16_gpu(m: int, fmt: str) -> None:
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
     bias = torch.randn(n, generator=gen).cuda().to(torch.bfloat16)
     if fmt == "fp8":
-        w = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).cuda()
-        s = (torch.rand(n, 1, generator=gen) * 1e-3).cuda()
+        w, s = fp8_weight_codes(n, k, gen, spread=100, scale=1e-3)
+        w, s = w.cuda(), s.cuda()
         exact = reference.fp8_linear(x.float(), w, s, bias.float())
         for config in candidates(m):
             out = fp8_weight_only(x, w, s, bias, config).float()
@@ -510,7 +462,7 @@ def test_every_candidate_config_bf16_gpu(m: int, fmt: str) -> None:
         return
     bits = 4 if fmt.startswith("int4") else 8
     group = 128 if "g128" in fmt else k
-    _, packed, scales, zeros = _quantized(n, k, bits, group, fmt.endswith("asym"), gen)
+    _, packed, scales, zeros = quantized_weight(n, k, bits, group, fmt.endswith("asym"), gen)
     packed, scales = packed.cuda(), scales.cuda()
     zeros = zeros.cuda() if zeros is not None else None
     exact = reference.quant_linear(x.float(), packed, scales, bits, zeros, bias.float())
@@ -529,7 +481,7 @@ def test_quant_tuner_and_dispatch_gpu() -> None:
 
     n, k = 1024, 2048
     gen = torch.Generator().manual_seed(3)
-    layers = [_quantized(n, k, 4, 128, True, gen) for _ in range(3)]
+    layers = [quantized_weight(n, k, 4, 128, True, gen) for _ in range(3)]
     weights = [p.cuda() for _, p, _, _ in layers]
     scales = [s.cuda() for _, _, s, _ in layers]
     zeros = [z.cuda() for _, _, _, z in layers if z is not None]
@@ -556,8 +508,7 @@ def test_fp8_weight_only_every_config_interpreter(m: int) -> None:
     from kernels.triton.quant_gemm import candidates, fp8_weight_only
 
     gen = torch.Generator().manual_seed(m)
-    w = (torch.randn(40, 320, generator=gen) * 50).to(torch.float8_e4m3fn)
-    s = torch.rand(40, 1, generator=gen) * 0.01
+    w, s = fp8_weight_codes(40, 320, gen, spread=50, scale=0.01)
     x = torch.randn(m, 320, generator=gen)
     bias = torch.randn(40, generator=gen)
     expected = reference.fp8_linear(x, w, s, bias)

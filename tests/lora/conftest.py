@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 import torch
-from lora_testlib import Adapter, make_adapter, save_base
+from lora_testlib import Adapter, make_adapters, save_base
 from worker_testlib import RefModel
 
 torch.set_num_threads(1)
@@ -21,29 +21,6 @@ def lora_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Ref
     out = {}
     for family in FAMILIES:
         base = save_base(family, tmp_path_factory.mktemp(f"lora-base-{family}"))
-        adapters = [
-            make_adapter(base, tmp_path_factory.mktemp(f"lora-{family}-a"), "alpha", seed=1, rank=8),
-            # a smaller rank, attention only, rsLoRA scaling
-            make_adapter(
-                base,
-                tmp_path_factory.mktemp(f"lora-{family}-b"),
-                "beta",
-                seed=2,
-                rank=4,
-                alpha=8,
-                target_modules=["q_proj", "v_proj", "o_proj"],
-                use_rslora=True,
-            ),
-            # MLP only, the largest rank allowed
-            make_adapter(
-                base,
-                tmp_path_factory.mktemp(f"lora-{family}-c"),
-                "gamma",
-                seed=3,
-                rank=16,
-                alpha=8,
-                target_modules=["gate_proj", "up_proj", "down_proj", "k_proj"],
-            ),
-        ]
+        adapters = make_adapters(base, tmp_path_factory, f"lora-{family}")
         out[family] = (base, adapters)
     return out

@@ -6,16 +6,39 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker"))
-from worker_testlib import TINY_BUILDERS, RefModel, load_ref
+from worker_testlib import TINY_BUILDERS, RefModel, load_ref, randomize_norms_and_biases
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# The three adapters most LoRA tests serve, by name: make_adapter's arguments after the name.
+THREE_ADAPTERS: dict[str, dict[str, Any]] = {
+    # every projection
+    "alpha": {"seed": 1, "rank": 8},
+    # a smaller rank, attention only, rsLoRA scaling
+    "beta": {
+        "seed": 2,
+        "rank": 4,
+        "alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "o_proj"],
+        "use_rslora": True,
+    },
+    # the MLP and k_proj, the largest rank allowed
+    "gamma": {
+        "seed": 3,
+        "rank": 16,
+        "alpha": 8,
+        "target_modules": ["gate_proj", "up_proj", "down_proj", "k_proj"],
+    },
+}
 
 
 @dataclass
@@ -25,9 +48,15 @@ class Adapter:
     ref: RefModel  # transformers with this adapter merged
 
 
-def save_base(family: str, path: Path) -> RefModel:
+def save_base(model: str | Callable[[], Any], path: Path, norms_seed: int | None = None) -> RefModel:
+    """A tiny random base model (torch seed 0) saved in `path`, and transformers on it: `model` is a
+    TINY_BUILDERS family or a builder; with `norms_seed`, random norm weights and biases
+    (randomize_norms_and_biases: norm weights of ones would hide an adapter A left unfolded)."""
     torch.manual_seed(0)
-    TINY_BUILDERS[family]().save_pretrained(str(path))
+    hf = TINY_BUILDERS[model]() if isinstance(model, str) else model()
+    if norms_seed is not None:
+        randomize_norms_and_biases(hf, seed=norms_seed)
+    hf.save_pretrained(str(path))
     return load_ref(path)
 
 
@@ -62,6 +91,19 @@ def make_adapter(
     model.save_pretrained(str(path))
     merged = model.merge_and_unload().eval()
     return Adapter(name, path, RefModel(base.path, merged, base.eos_token_ids, base.vocab_size))
+
+
+def make_adapters(
+    base: RefModel,
+    tmp_path_factory: pytest.TempPathFactory,
+    prefix: str,
+    adapters: dict[str, dict[str, Any]] = THREE_ADAPTERS,
+) -> list[Adapter]:
+    """make_adapter for each name of `adapters` (its other arguments), each in a fresh directory."""
+    return [
+        make_adapter(base, tmp_path_factory.mktemp(f"{prefix}-{name}"), name, **options)
+        for name, options in adapters.items()
+    ]
 
 
 def expected_text(client: Any, ref: RefModel, prompt: list[int], max_tokens: int) -> str:

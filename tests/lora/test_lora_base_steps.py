@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from lora_testlib import Adapter, make_adapter
-from worker_testlib import TINY_BUILDERS, RefModel, load_ref, prompts_of_lengths, randomize_norms_and_biases
+from lora_testlib import Adapter, make_adapters, save_base
+from worker_testlib import RefModel, prompts_of_lengths
 
-from services.worker.engine import Engine, GenerateResult, collect
+from services.worker.engine import Engine, GenerateResult
 from services.worker.request import EngineRequest, SamplingParams
 
 MAX_TOKENS = 10
@@ -28,27 +27,19 @@ class Launches:
     expand: int = 0
 
 
+# every projection; attention and gate_proj at a smaller rank; the largest rank, a smaller alpha
+ADAPTERS: dict[str, dict[str, Any]] = {
+    "alpha": {"seed": 1, "rank": 8},
+    "beta": {"seed": 2, "rank": 4, "target_modules": ["q_proj", "v_proj", "o_proj", "gate_proj"]},
+    "gamma": {"seed": 3, "rank": 16, "alpha": 8},
+}
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[RefModel, list[Adapter]]:
-    torch.manual_seed(0)
-    hf = TINY_BUILDERS["llama"]()
-    randomize_norms_and_biases(hf, seed=7)  # (norm weights of ones would hide an unfolded A)
-    path: Path = tmp_path_factory.mktemp("lora-folded-base")
-    hf.save_pretrained(str(path))
-    base = load_ref(path)
-    adapters = [
-        make_adapter(base, tmp_path_factory.mktemp("lora-folded-a"), "alpha", seed=1, rank=8),
-        make_adapter(
-            base,
-            tmp_path_factory.mktemp("lora-folded-b"),
-            "beta",
-            seed=2,
-            rank=4,
-            target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"],
-        ),
-        make_adapter(base, tmp_path_factory.mktemp("lora-folded-c"), "gamma", seed=3, rank=16, alpha=8),
-    ]
-    return base, adapters
+    # (norm weights of ones would hide an unfolded A)
+    base = save_base("llama", tmp_path_factory.mktemp("lora-folded-base"), norms_seed=7)
+    return base, make_adapters(base, tmp_path_factory, "lora-folded", ADAPTERS)
 
 
 def _engine(base: RefModel, adapters: list[Adapter] | None) -> Engine:
@@ -115,15 +106,11 @@ def _record_ops(engine: Engine) -> list[str]:
 
 def _generate(engine: Engine, prompts: list[list[int]], names: list[str]) -> list[GenerateResult]:
     sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2)
-    results = {}
-    for i, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
-        rid = f"r{len(results)}-{name}-{i}-{id(prompts)}"
-        engine.add_request(EngineRequest(rid, tuple(prompt), sp, lora_name=name))
-        results[rid] = GenerateResult(rid)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
-    return list(results.values())
+    requests = [
+        EngineRequest(f"r{i}-{name}-{id(prompts)}", tuple(prompt), sp, lora_name=name)
+        for i, (prompt, name) in enumerate(zip(prompts, names, strict=True))
+    ]
+    return engine.run(requests)
 
 
 def test_base_steps_launch_no_lora_kernel_and_equal_a_worker_without_lora(

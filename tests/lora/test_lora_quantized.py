@@ -8,15 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from lora_testlib import make_adapter
-from worker_testlib import (
-    TINY_BUILDERS,
-    load_ref,
-    prompts_of_lengths,
-    randomize_norms_and_biases,
-    run_to_completion,
-)
+from lora_testlib import make_adapter, save_base
+from worker_testlib import prompts_of_lengths, run_to_completion
 
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
@@ -41,11 +34,7 @@ def _engine(base: Path, adapters: list[str]) -> Engine:
 def test_adapters_on_a_quantized_model_with_norms_in_its_gemms(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    torch.manual_seed(0)
-    hf = TINY_BUILDERS["llama"]()
-    randomize_norms_and_biases(hf, seed=4)  # (norm weights that are not ones)
-    hf.save_pretrained(str(tmp_path / "base"))
-    base = load_ref(tmp_path / "base")
+    base = save_base("llama", tmp_path / "base", norms_seed=4)  # (norm weights that are not ones)
     adapters = [
         make_adapter(base, tmp_path / "a", "alpha", seed=1, rank=8),
         make_adapter(base, tmp_path / "c", "gamma", seed=3, rank=16, target_modules=["gate_proj", "k_proj"]),

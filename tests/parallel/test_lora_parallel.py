@@ -21,9 +21,9 @@ import torch
 from services.common.server import wait_for_serving
 from services.worker.request import EngineRequest, SamplingParams
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
-from tests.lora.lora_testlib import Adapter, make_adapter
+from tests.lora.lora_testlib import Adapter, make_adapters, save_base
 from tests.parallel.conftest import REPO, _llama, run_group
-from tests.worker.worker_testlib import RefModel, load_ref, prompts_of_lengths
+from tests.worker.worker_testlib import RefModel, prompts_of_lengths
 
 LENGTHS = [1, 3, 7, 12, 17, 29, 40, 5]  # the long ones are chunked (budget 16)
 MAX_TOKENS = 10
@@ -34,33 +34,8 @@ NAMES = ["", "alpha", "beta", "gamma"]
 def lora_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[RefModel, list[Adapter]]:
     """A 2-layer Llama (4 query heads, 2 KV heads, a vocabulary that does not split evenly) and
     three adapters: every projection; attention only with rsLoRA; the MLP and k_proj only."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("lora-tp-base")
-    _llama(vocab_size=321).save_pretrained(str(path))
-    base = load_ref(path)
-    adapters = [
-        make_adapter(base, tmp_path_factory.mktemp("lora-tp-a"), "alpha", seed=1, rank=8),
-        make_adapter(
-            base,
-            tmp_path_factory.mktemp("lora-tp-b"),
-            "beta",
-            seed=2,
-            rank=4,
-            alpha=8,
-            target_modules=["q_proj", "v_proj", "o_proj"],
-            use_rslora=True,
-        ),
-        make_adapter(
-            base,
-            tmp_path_factory.mktemp("lora-tp-c"),
-            "gamma",
-            seed=3,
-            rank=16,
-            alpha=8,
-            target_modules=["gate_proj", "up_proj", "down_proj", "k_proj"],
-        ),
-    ]
-    return base, adapters
+    base = save_base(lambda: _llama(vocab_size=321), tmp_path_factory.mktemp("lora-tp-base"))
+    return base, make_adapters(base, tmp_path_factory, "lora-tp")
 
 
 def _worker_options(base: RefModel, adapters: list[Adapter]) -> list[str]:
@@ -75,8 +50,6 @@ def _single_rank(
     base: RefModel, adapters: list[Adapter], prompts: list[list[int]], names: list[str]
 ) -> list[tuple[list[int], list[float]]]:
     """T = 1: tokens and logprobs of each prompt under its adapter, all in one engine at once."""
-    from services.worker.engine import GenerateResult, collect
-
     engine = base.engine(
         kv_cache_memory="4MiB",
         max_num_batched_tokens=16,
@@ -88,16 +61,7 @@ def _single_rank(
         EngineRequest(f"r{i}", tuple(p), sp, lora_name=n)
         for i, (p, n) in enumerate(zip(prompts, names, strict=True))
     ]
-    results = {r.request_id: GenerateResult(r.request_id) for r in reqs}
-    for r in reqs:
-        engine.add_request(r)
-    while engine.has_unfinished():
-        for out in engine.step():
-            collect(results[out.request_id], out)
-    return [
-        (results[r.request_id].token_ids[0], [lp.logprob for lp in results[r.request_id].logprobs[0]])
-        for r in reqs
-    ]
+    return [(r.token_ids[0], [lp.logprob for lp in r.logprobs[0]]) for r in engine.run(reqs)]
 
 
 def _check_group(lora_base: tuple[RefModel, list[Adapter]], tmp_path: Path, tp: int, pp: int) -> None:

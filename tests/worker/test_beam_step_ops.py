@@ -3,7 +3,7 @@
 On a small model a decode step is short (a couple of ms on a GPU), and each op of the beam step is
 a launch and host time that sampling's steps do not pay (docs/beam_search.md, "Host time of a beam
 step"). These tests count the aten ops that the beam-specific parts of a step dispatch
-(`ModelRunner._select_beams`, `ModelRunner._beam_ahead`, the KV block copy): one host->device copy
+(`BeamStep.select`, `BeamStep.ahead` of services/worker/beam_step.py, the KV block copy): one host->device copy
 of indices for each, the KV copy of every beam's partly filled block one gather and one scatter
 over all layers, and no op per beam, request or layer."""
 
@@ -107,8 +107,8 @@ def beam_step_ops(tmp_path: Path, layers: int, requests: int, width: int) -> dic
     found: dict[str, list[Counter[str]]] = {"select": [], "ahead": []}
     with (
         ops,
-        counting(engine.runner, ["_select_beams"], ops, found["select"]),
-        counting(engine.runner, ["_beam_ahead"], ops, found["ahead"]),
+        counting(engine.runner.beams, ["select"], ops, found["select"]),
+        counting(engine.runner.beams, ["ahead"], ops, found["ahead"]),
     ):
         results = engine.generate(prompts, sp)
     assert all(len(r.token_ids) == width for r in results)

@@ -11,6 +11,7 @@ import torch
 
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine, GenerateResult
+from services.worker.model_config import ModelConfig
 from services.worker.outputs import Usage
 from services.worker.request import EngineRequest, SamplingParams
 
@@ -25,6 +26,81 @@ def randomize_norms_and_biases(hf: Any, seed: int) -> None:
                 param.copy_(torch.rand(param.shape, generator=gen) * 1.5 + 0.25)
             elif name.endswith(".bias"):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def tiny_folding_model(family: str, seed: int) -> Any:
+    """A tiny random HF model (torch seed `seed`) with head_dim 32 (the Triton attention's range),
+    random positive norm weights and random biases, so that folding the norms multiplies by
+    something other than ones (folded-norm and quantized-GEMM kernel tests)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common: dict[str, Any] = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_hidden_layers=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+    )
+    hf = {
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**common)),
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common)),
+        # no qkv bias, no q/k norms: the decode step's input norm runs inside the attention kernel
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**common)),
+        # q/k norms and experts (issue 22): the input norm's 1/rms in the q/k norm and attention
+        # kernels, the post-attention norm's in the routing and gate/up kernels
+        "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(
+            tf.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+        ),
+    }[family]()
+    randomize_norms_and_biases(hf, seed)
+    return hf.eval()
+
+
+def saved_config(hf: Any, path: Path) -> ModelConfig:
+    """Save a transformers model in `path`; our config of it (for build_model)."""
+    from services.worker.model_config import load_model_config
+
+    hf.save_pretrained(str(path))
+    return load_model_config(str(path))
+
+
+def quantized_bf16_engine(path: Path, quantization: str, **config: Any) -> Engine:
+    """The GPU quantization tests' engine: a 2-layer Llama of hidden 256 (head_dim 64, vocabulary
+    512, torch seed 0; `config`: more LlamaConfig fields) saved in bf16 in `path`, served on CUDA
+    in bf16 with `quantization`, 4 sequences of up to 128 tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        vocab_size=512,
+        num_hidden_layers=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **config,
+    )
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(path))
+    return Engine(
+        WorkerConfig(
+            model=str(path),
+            device="cuda",
+            dtype="bfloat16",
+            quantization=quantization,  # type: ignore[arg-type]
+            max_num_seqs=4,
+            max_model_len=128,
+            kv_cache_memory="64MiB",
+        )
+    )
 
 
 TINY: dict[str, Any] = dict(
