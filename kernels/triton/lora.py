@@ -3,10 +3,16 @@ update, y += (x @ A_s^T) @ B_s^T, as two segmented kernels over the whole batch:
 (x [T, K] -> t [P, T, R], fp32 partial sums over P slices of K) and `lora_expand`
 (y [T, N] += (sum_p t[p]) @ B^T).
 
-The rows are grouped by adapter slot on the host (services/worker/lora/mapping.py): slot s owns
-sorted_token_ids[seg_starts[s] : + seg_lens[s]]. The grid is (slot, row block[, column block]) and
-a program whose block lies past its slot's segment returns at once, so the launch shape depends
-only on T and the pool size, never on the mix of adapters: one CUDA graph serves every mix.
+The rows are grouped by adapter slot on the host (services/worker/layers/lora.py LoRAMapping):
+slot s owns sorted_token_ids[seg_starts[s] : + seg_lens[s]]. A segment is cut into tiles of
+BLOCK_M rows, and the grid's first axis runs over tiles, not over (slot, row block) pairs: program i
+finds its tile from the segment lengths (`_find_tile`, a prefix sum over the S lengths in
+registers), so each adapter's A and B are read once per tile of its rows and no program exists for
+a (slot, block) pair that has no rows. The segments of T rows have at most T // BLOCK_M + min(S, T)
+tiles (each nonempty segment's last tile may be partial), the grid's size: a function of T and the
+pool size only, never of the mix of adapters, so one CUDA graph serves every mix, and programs past
+the last tile return at once (a (slot, block) grid had S * cdiv(T, BLOCK_M) programs: at T = 64
+and 16 slots of 4 rows each, 64 of which 48 returned at once, in every column block).
 Layouts and semantics: kernels/reference.py (`lora_shrink`, `lora_expand`, the twins).
 """
 
@@ -15,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from services.common import switches
 
 # Rows of a segment per program: tl.dot needs >= 16, and a decode step has a few rows per adapter.
 _BLOCK_M = 16
@@ -28,6 +36,31 @@ _K_CHUNK = 512
 # issued together, not one per loop iteration (28 for Llama-3.1-8B's down_proj); the chunk bounds
 # the registers they take.
 _P_CHUNK = 8
+# Output columns an expand program covers by default, in BLOCK_N steps (kernels/triton/lora.py
+# `expand_columns`; TANDEM_LORA_EXPAND_COLUMNS): more columns a program load the shrink's partial
+# sums once for more of B and y, fewer make more programs; which is faster depends on the GPU.
+_EXPAND_COLUMNS = 128
+
+
+def max_tiles(rows: int, num_slots: int) -> int:
+    """The most row tiles the segments of `rows` rows over `num_slots` slots can have (module
+    docstring): the grid's first axis."""
+    return rows // _BLOCK_M + min(num_slots, rows)
+
+
+@triton.jit
+def _find_tile(lens_ptr, NUM_SLOTS, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(slot, row block in the slot's segment, segment length) of this program's tile; past the
+    last tile: a block past its (empty) segment, which the caller skips."""
+    tile = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    lens = tl.load(lens_ptr + offs_s, mask=offs_s < NUM_SLOTS, other=0)
+    tiles = (lens + BLOCK_M - 1) // BLOCK_M
+    ends = tl.cumsum(tiles, axis=0)  # tiles of slots [0, s]
+    slot = tl.sum((ends <= tile).to(tl.int32), axis=0)  # the first slot whose tiles reach past it
+    before = tl.sum(tl.where(offs_s < slot, tiles, 0), axis=0)
+    seg_len = tl.sum(tl.where(offs_s == slot, lens, 0), axis=0)
+    return slot, tile - before, seg_len
 
 
 @triton.jit
@@ -46,15 +79,15 @@ def _lora_shrink_kernel(
     stride_os,
     stride_om,
     K_CHUNK,  # columns of x per program (a multiple of BLOCK_K)
+    NUM_SLOTS,
+    BLOCK_S: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products (no TF32)
 ):
-    slot = tl.program_id(0)
-    block = tl.program_id(1)
-    split = tl.program_id(2)
-    seg_len = tl.load(lens_ptr + slot)
+    slot, block, seg_len = _find_tile(lens_ptr, NUM_SLOTS, BLOCK_S, BLOCK_M)
+    split = tl.program_id(1)
     if block * BLOCK_M < seg_len:
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seg_len
@@ -104,35 +137,26 @@ def _lora_expand_kernel(
     stride_bn,
     PART1,  # first output column of part 1 (N when there is none)
     PART2,  # first output column of part 2 (N when there is none)
+    NUM_SLOTS,
+    BLOCK_S: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    COLUMNS: tl.constexpr,  # output columns per program, a multiple of BLOCK_N
     BLOCK_R: tl.constexpr,
     PART_RANK: tl.constexpr,  # > 0: part j's columns read only rank columns [j, j + 1) * PART_RANK
     P: tl.constexpr,  # partial sums over K (a function of K only: one compile per projection shape)
     P_CHUNK: tl.constexpr,  # partial sums loaded at once (a power of two)
     IEEE: tl.constexpr,
 ):
-    slot = tl.program_id(0)
-    block = tl.program_id(1)
-    seg_len = tl.load(lens_ptr + slot)
+    slot, block, seg_len = _find_tile(lens_ptr, NUM_SLOTS, BLOCK_S, BLOCK_M)
     if block * BLOCK_M < seg_len:
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < seg_len
         rows = tl.load(ids_ptr + tl.load(starts_ptr + slot) + offs_m, mask=mask_m, other=0).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        mask_b = mask_n[None, :] & mask_r[:, None]
-        if PART_RANK > 0:  # a fused projection: the other parts' rank columns are zeros, not read
-            part = (offs_n >= PART1).to(tl.int32) + (offs_n >= PART2).to(tl.int32)
-            mask_b = mask_b & ((offs_r[:, None] // PART_RANK) == part[None, :])
-        b = tl.load(  # [BLOCK_R, BLOCK_N]: B^T
-            b_ptr + slot.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None],
-            mask=mask_b,
-            other=0.0,
-        )
-        # the shrink's partial sums over K: unrolled, each chunk's loads issued at once
+        # the shrink's partial sums over K: unrolled, each chunk's loads issued at once; once for
+        # all of the program's columns
         offs_p = tl.arange(0, P_CHUNK)
         t_ptrs = t_ptr + rows[None, :, None] * stride_tm + offs_r[None, None, :]
         mask_t = mask_m[None, :, None] & mask_r[None, None, :]
@@ -145,12 +169,31 @@ def _lora_expand_kernel(
                 other=0.0,
             )
             t_sum += tl.sum(part_sums, axis=0)
-        t = t_sum.to(b.dtype)
-        delta = tl.dot(t, b, input_precision="ieee") if IEEE else tl.dot(t, b)
-        y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        y = tl.load(y_ptrs, mask=mask, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+        b_base = b_ptr + slot.to(tl.int64) * stride_bs
+        t = t_sum.to(b_ptr.dtype.element_ty)
+        for n0 in tl.static_range(0, COLUMNS, BLOCK_N):
+            offs_n = tl.program_id(1) * COLUMNS + n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            mask_b = mask_n[None, :] & mask_r[:, None]
+            if PART_RANK > 0:  # a fused projection: the other parts' rank columns are zeros, not read
+                part = (offs_n >= PART1).to(tl.int32) + (offs_n >= PART2).to(tl.int32)
+                mask_b = mask_b & ((offs_r[:, None] // PART_RANK) == part[None, :])
+            b = tl.load(  # [BLOCK_R, BLOCK_N]: B^T
+                b_base + offs_n[None, :] * stride_bn + offs_r[:, None],
+                mask=mask_b,
+                other=0.0,
+            )
+            delta = tl.dot(t, b, input_precision="ieee") if IEEE else tl.dot(t, b)
+            y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :]
+            mask = mask_m[:, None] & mask_n[None, :]
+            y = tl.load(y_ptrs, mask=mask, other=0.0)
+            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def expand_columns() -> int:
+    """Output columns per expand program: TANDEM_LORA_EXPAND_COLUMNS, else the default (rounded
+    up to the kernel's column block where it is launched)."""
+    return switches.LORA_EXPAND_COLUMNS.value or _EXPAND_COLUMNS
 
 
 def _block_r(rank: int) -> int:
@@ -185,7 +228,7 @@ def lora_shrink(
     partial = torch.empty(split_k, x.shape[0], rank, dtype=torch.float32, device=x.device)
     if x.shape[0] == 0:
         return partial
-    grid = (num_slots, triton.cdiv(x.shape[0], _BLOCK_M), split_k)
+    grid = (max_tiles(x.shape[0], num_slots), split_k)
     _lora_shrink_kernel[grid](
         x,
         lora_a,
@@ -201,6 +244,8 @@ def lora_shrink(
         partial.stride(0),
         partial.stride(1),
         k_chunk,
+        num_slots,
+        BLOCK_S=triton.next_power_of_2(num_slots),
         BLOCK_M=_BLOCK_M,
         BLOCK_R=_block_r(rank),
         BLOCK_K=block_k,
@@ -218,6 +263,7 @@ def lora_expand(
     seg_lens: torch.Tensor,
     part_starts: tuple[int, ...] = (),
     part_rank: int = 0,
+    columns: int = 0,  # output columns per program (0: `expand_columns()`)
 ) -> None:
     num_slots, n_out, rank = lora_b.shape
     assert len(part_starts) <= 3 and (not part_starts or part_rank * len(part_starts) <= rank)
@@ -230,7 +276,9 @@ def lora_expand(
     if y.shape[0] == 0:
         return
     block_n = min(128, max(16, triton.next_power_of_2(n_out)))
-    grid = (num_slots, triton.cdiv(y.shape[0], _BLOCK_M), triton.cdiv(n_out, block_n))
+    # (a multiple of block_n, no wider than the output needs)
+    columns = min(triton.cdiv(columns or expand_columns(), block_n), triton.cdiv(n_out, block_n)) * block_n
+    grid = (max_tiles(y.shape[0], num_slots), triton.cdiv(n_out, columns))
     _lora_expand_kernel[grid](
         y,
         t,
@@ -246,8 +294,11 @@ def lora_expand(
         lora_b.stride(0),
         lora_b.stride(1),
         *[*part_starts[1:], n_out, n_out][:2],  # PART1, PART2
+        num_slots,
+        BLOCK_S=triton.next_power_of_2(num_slots),
         BLOCK_M=_BLOCK_M,
         BLOCK_N=block_n,
+        COLUMNS=columns,
         BLOCK_R=_block_r(rank),
         PART_RANK=part_rank if len(part_starts) > 1 else 0,
         P=t.shape[0],
