@@ -4,6 +4,8 @@
     python benchmarks/lora_bench.py --smoke    # CPU, tiny shapes: checks the script in seconds
     python benchmarks/lora_bench.py --profile  # GPU: also each row's decode graph by kernel
     python benchmarks/lora_bench.py --rows batch --profile  # GPU: the batch-64 rows only (A/B runs)
+    python benchmarks/lora_bench.py --rows batch --kernel-configs "expand_columns=512 k_chunk=1024"
+                                               # GPU: also the mixed row under other kernel configs
 
 Dummy base weights (`--load-format dummy`) and random PEFT adapters written by this script
 (adapter_config.json + adapter_model.safetensors, all seven projections, rank --rank), served
@@ -47,6 +49,7 @@ from engine_bench import (  # noqa: E402
 )
 
 from benchmarks.bench_report import device_label, write_report  # noqa: E402
+from kernels.triton.lora import LoRAKernelConfig, config, set_config  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from services.worker.request import EngineRequest, SamplingParams  # noqa: E402
@@ -148,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["all", "batch"],
         help="batch: only the two batch-N rows (base with LoRA off, adapters mixed), for A/B runs",
     )
+    parser.add_argument(
+        "--kernel-configs",
+        default="",
+        help="space-separated LoRA kernel configs (kernels/triton/lora.py LoRAKernelConfig, e.g. "
+        "'expand_columns=512 k_chunk=1024,num_warps=8'): the mixed batch-N row again under each",
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=16, help="adapters mixed in the batch")
     parser.add_argument("--prompt", type=int, default=128)
@@ -156,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="", help="JSON path (default benchmarks/results/lora_<gpu>_<date>.json)"
     )
     args = parser.parse_args(argv)
+    try:
+        kernel_configs = [LoRAKernelConfig.parse(text) for text in args.kernel_configs.split()]
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.smoke:
         args.prompt, args.output, args.batch, args.adapters, args.rank = 8, 6, 4, 2, 8
     args.device = "cpu" if args.smoke else "cuda"
@@ -195,6 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         mix = [adapters[i % args.adapters][0] for i in range(args.batch)]
         mixed = row(f"batch {args.batch}, {args.adapters} adapters", args.batch, adapters, mix, args.adapters)
         targets[f"batch{args.batch}_mixed_vs_base"] = {"ratio": mixed / base_b, "target": 0.80}
+        default = config()
+        for kernel_config in kernel_configs:  # (each engine captures its graphs with the config set)
+            set_config(kernel_config)
+            try:
+                name = f"batch {args.batch}, {args.adapters} adapters [{kernel_config}]"
+                tps = row(name, args.batch, adapters, mix, args.adapters)
+            finally:
+                set_config(default)
+            rows[-1]["kernel_config"] = str(kernel_config)
+            targets[f"batch{args.batch}_mixed_vs_base [{kernel_config}]"] = {
+                "ratio": tps / base_b,
+                "target": 0.80,
+            }
     for t in targets.values():
         t["met"] = t["ratio"] >= t["target"]
     print(
@@ -216,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "rank": args.rank,
             "prompt": args.prompt,
             "output": args.output,
+            "kernel_config": str(config()),
             "rows": rows,
             "targets": targets,
         },

@@ -18,28 +18,69 @@ Layouts and semantics: kernels/reference.py (`lora_shrink`, `lora_expand`, the t
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from services.common import switches
-
 # Rows of a segment per program: tl.dot needs >= 16, and a decode step has a few rows per adapter.
 _BLOCK_M = 16
-# Columns of x one shrink program reduces: a decode step has one row block per adapter, so the
-# parallelism comes from splitting K (14336 for Llama-3.1-8B's down_proj: 28 programs, not one
-# program looping over all of it); the expand kernel adds the partial sums up, in a fixed order
-# (atomics would make the result depend on the programs' timing, a separate sum costs a launch).
-_K_CHUNK = 512
 # Partial sums the expand kernel loads at once ([chunk, rows, rank] tiles, then a fixed-order tree
 # sum): a decode-sized expand is bound by these dependent loads' latency, not by bytes, so they are
 # issued together, not one per loop iteration (28 for Llama-3.1-8B's down_proj); the chunk bounds
 # the registers they take.
 _P_CHUNK = 8
-# Output columns an expand program covers by default, in BLOCK_N steps (kernels/triton/lora.py
-# `expand_columns`; TANDEM_LORA_EXPAND_COLUMNS): more columns a program load the shrink's partial
-# sums once for more of B and y, fewer make more programs; which is faster depends on the GPU.
-_EXPAND_COLUMNS = 128
+
+
+@dataclass(frozen=True)
+class LoRAKernelConfig:
+    """The launch choices whose best value depends on the GPU and the batch (benchmarks/lora_bench.py
+    --kernel-configs measures them against each other); process-wide (`set_config`), read when a
+    kernel is launched, so a CUDA graph keeps the choice it was captured with."""
+
+    # Columns of x one shrink program reduces: a decode step has one row tile per adapter, so the
+    # parallelism comes from splitting K (14336 for Llama-3.1-8B's down_proj: 28 programs at 512,
+    # not one program looping over all of it); the expand kernel adds the partial sums up, in a
+    # fixed order (atomics would make the result depend on the programs' timing, a separate sum
+    # costs a launch). Wider chunks: fewer programs and partial sums, each program longer.
+    k_chunk: int = 512
+    # Output columns an expand program covers, in steps of its column block (128): a wider program
+    # loads the shrink's partial sums (and its rows' ids) once for more of B and y, a narrower one
+    # makes more programs.
+    expand_columns: int = 128
+    num_warps: int = 4  # of both kernels
+
+    @classmethod
+    def parse(cls, text: str) -> LoRAKernelConfig:
+        """`k_chunk=1024,expand_columns=512` (fields not named keep their defaults)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, int] = {}
+        for item in filter(None, text.split(",")):
+            name, _, value = item.partition("=")
+            if name.strip() not in fields or not value.strip().isdigit() or int(value) <= 0:
+                raise ValueError(
+                    f"LoRA kernel config {text!r}: expected name=positive integer of {sorted(fields)}"
+                )
+            values[name.strip()] = int(value)
+        return cls(**values)
+
+    def __str__(self) -> str:
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+_config = LoRAKernelConfig()
+
+
+def config() -> LoRAKernelConfig:
+    return _config
+
+
+def set_config(new: LoRAKernelConfig) -> None:
+    """The launch choices of every later launch (captured graphs keep theirs)."""
+    global _config
+    _config = new
 
 
 def max_tiles(rows: int, num_slots: int) -> int:
@@ -190,12 +231,6 @@ def _lora_expand_kernel(
             tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def expand_columns() -> int:
-    """Output columns per expand program: TANDEM_LORA_EXPAND_COLUMNS, else the default (rounded
-    up to the kernel's column block where it is launched)."""
-    return switches.LORA_EXPAND_COLUMNS.value or _EXPAND_COLUMNS
-
-
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
@@ -223,7 +258,7 @@ def lora_shrink(
     assert lora_a.is_contiguous() and lora_a.dtype == x.dtype, (lora_a.dtype, x.dtype)
     _check_mapping(x.shape[0], sorted_token_ids, seg_starts, seg_lens, num_slots)
     block_k = min(128, max(16, triton.next_power_of_2(k)))
-    k_chunk = triton.cdiv(min(_K_CHUNK, k), block_k) * block_k
+    k_chunk = triton.cdiv(min(_config.k_chunk, k), block_k) * block_k
     split_k = triton.cdiv(k, k_chunk)
     partial = torch.empty(split_k, x.shape[0], rank, dtype=torch.float32, device=x.device)
     if x.shape[0] == 0:
@@ -250,6 +285,7 @@ def lora_shrink(
         BLOCK_R=_block_r(rank),
         BLOCK_K=block_k,
         IEEE=x.dtype == torch.float32,
+        num_warps=_config.num_warps,
     )
     return partial
 
@@ -263,7 +299,7 @@ def lora_expand(
     seg_lens: torch.Tensor,
     part_starts: tuple[int, ...] = (),
     part_rank: int = 0,
-    columns: int = 0,  # output columns per program (0: `expand_columns()`)
+    columns: int = 0,  # output columns per program (0: the config's `expand_columns`)
 ) -> None:
     num_slots, n_out, rank = lora_b.shape
     assert len(part_starts) <= 3 and (not part_starts or part_rank * len(part_starts) <= rank)
@@ -277,7 +313,9 @@ def lora_expand(
         return
     block_n = min(128, max(16, triton.next_power_of_2(n_out)))
     # (a multiple of block_n, no wider than the output needs)
-    columns = min(triton.cdiv(columns or expand_columns(), block_n), triton.cdiv(n_out, block_n)) * block_n
+    columns = (
+        min(triton.cdiv(columns or _config.expand_columns, block_n), triton.cdiv(n_out, block_n)) * block_n
+    )
     grid = (max_tiles(y.shape[0], num_slots), triton.cdiv(n_out, columns))
     _lora_expand_kernel[grid](
         y,
@@ -304,4 +342,5 @@ def lora_expand(
         P=t.shape[0],
         P_CHUNK=min(_P_CHUNK, triton.next_power_of_2(t.shape[0])),
         IEEE=lora_b.dtype == torch.float32,
+        num_warps=_config.num_warps,
     )

@@ -44,13 +44,6 @@ def _parse_seconds(text: str) -> float:
     return value
 
 
-def _parse_nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError("expected an integer >= 0")
-    return value
-
-
 def _parse_nonnegative_seconds(text: str) -> float:
     value = float(text)
     if not value >= 0:
@@ -107,14 +100,6 @@ LORA_OVERLAP: Switch[bool] = Switch(
     "graphs, beside the base projection's GEMM (services/worker/layers/lora.py); 0 runs it after",
     _parse_bool,
 )
-LORA_EXPAND_COLUMNS: Switch[int] = Switch(
-    "TANDEM_LORA_EXPAND_COLUMNS",
-    "int",
-    0,
-    "A/B of the LoRA expand kernel's output columns per program (kernels/triton/lora.py); which "
-    "width is fastest depends on the GPU; 0 takes the kernel's default",
-    _parse_nonnegative_int,
-)
 TRACE_FILE: Switch[str] = Switch(
     "TANDEM_TRACE_FILE",
     "path",
@@ -163,11 +148,10 @@ GENERATE_MUX: Switch[bool] = Switch(
     _parse_bool,
 )
 
-SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float] | Switch[int], ...] = (
+SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
     FOLD_NORMS,
     LORA_OVERLAP,
-    LORA_EXPAND_COLUMNS,
     TRACE_FILE,
     HEALTHCHECK_TARGET,
     HEALTHCHECK_TIMEOUT,

@@ -187,3 +187,46 @@ def test_tiles_and_columns_per_program(
     assert rel_err(y, y_ref) < tol_for(dtype)
     base = torch.tensor([s < 0 for s in token_slots], device=device)
     assert torch.equal(y[base], y0[base])
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_kernel_config_changes_launches_not_results(device: str, dtype: torch.dtype) -> None:
+    """Another LoRA kernel config (the benchmark's A/B: K chunks of the shrink, columns per expand
+    program, warps) computes the same update as the reference twins."""
+    skip_without(device)
+    from kernels.triton import lora
+
+    rows, k, n, rank, num_slots = 21, 700, 300, 16, 5
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, k, generator=gen).to(device, dtype)
+    lora_a = (torch.randn(num_slots, rank, k, generator=gen) / k**0.5).to(device, dtype)
+    lora_b = (torch.randn(num_slots, n, rank, generator=gen) / rank**0.5).to(device, dtype)
+    y0 = torch.randn(rows, n, generator=gen).to(device, dtype)
+    token_slots = [i % (num_slots + 1) - 1 for i in range(rows)]
+    ids, starts, lens = (
+        torch.tensor(v, dtype=torch.int32, device=device)
+        for v in reference.lora_segments(token_slots, num_slots)
+    )
+    y_ref = y0.clone()
+    reference.lora_expand(
+        y_ref, reference.lora_shrink(x, lora_a, ids, starts, lens), lora_b, ids, starts, lens
+    )
+    default = lora.config()
+    lora.set_config(lora.LoRAKernelConfig.parse("k_chunk=128,expand_columns=256,num_warps=2"))
+    try:
+        t = lora.lora_shrink(x, lora_a, ids, starts, lens)
+        y = y0.clone()
+        lora.lora_expand(y, t, lora_b, ids, starts, lens)
+    finally:
+        lora.set_config(default)
+    assert t.shape[0] == 6  # 700 columns in chunks of 128
+    assert rel_err(y, y_ref) < tol_for(dtype)
+
+
+def test_kernel_config_parse() -> None:
+    from kernels.triton.lora import LoRAKernelConfig
+
+    assert str(LoRAKernelConfig.parse("expand_columns=512")) == "k_chunk=512,expand_columns=512,num_warps=4"
+    for bad in ("expand_colums=512", "k_chunk=0", "k_chunk=x", "num_warps"):
+        with pytest.raises(ValueError, match="LoRA kernel config"):
+            LoRAKernelConfig.parse(bad)

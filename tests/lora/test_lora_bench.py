@@ -1,4 +1,5 @@
-"""benchmarks/lora_bench.py --smoke runs every scenario on the CPU with a tiny model and writes its JSON."""
+"""benchmarks/lora_bench.py --smoke runs every scenario on the CPU with a tiny model and writes its JSON
+(with the mixed row again under another LoRA kernel config, as the GPU A/B runs it)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,28 @@ def test_lora_bench_smoke(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "lora.json"
     subprocess.run(
-        [sys.executable, str(repo / "benchmarks" / "lora_bench.py"), "--smoke", "--out", str(out)],
+        [
+            sys.executable,
+            str(repo / "benchmarks" / "lora_bench.py"),
+            "--smoke",
+            "--out",
+            str(out),
+            "--kernel-configs",
+            "k_chunk=256,expand_columns=256",
+        ],
         check=True,
         cwd=repo,
         timeout=300,
     )
     report = json.loads(out.read_text())
-    assert [r["batch"] for r in report["rows"]] == [1, 1, 1, 4, 4, 4]
+    assert [r["batch"] for r in report["rows"]] == [1, 1, 1, 4, 4, 4, 4]
+    assert report["rows"][-1]["kernel_config"] == "k_chunk=256,expand_columns=256,num_warps=4"
+    assert report["kernel_config"] == "k_chunk=512,expand_columns=128,num_warps=4"
     assert all(r["tok_per_s"] > 0 for r in report["rows"])
     assert set(report["targets"]) == {
         "batch1_adapter_vs_base",
         "batch4_mixed_vs_base",
         "batch1_base_lora_on_vs_off",
         "batch4_base_lora_on_vs_off",
+        "batch4_mixed_vs_base [k_chunk=256,expand_columns=256,num_warps=4]",
     }
