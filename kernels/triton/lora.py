@@ -36,9 +36,11 @@ _P_CHUNK = 8
 
 @dataclass(frozen=True)
 class LoRAKernelConfig:
-    """The launch choices whose best value depends on the GPU and the batch (benchmarks/lora_bench.py
-    --kernel-configs measures them against each other); process-wide (`set_config`), read when a
-    kernel is launched, so a CUDA graph keeps the choice it was captured with."""
+    """The launch choices of launches of more than SMALL_ROWS rows, whose best values depend on the
+    GPU (benchmarks/lora_bench.py --kernel-configs measures them against each other); process-wide
+    (`set_config`), read when a kernel is launched, so a CUDA graph keeps the choice it was
+    captured with. Launches of at most SMALL_ROWS rows (decode at small batches: one row tile per
+    adapter, whose parallelism comes from K and the columns alone) always take the defaults."""
 
     # Columns of x one shrink program reduces: a decode step has one row tile per adapter, so the
     # parallelism comes from splitting K (14336 for Llama-3.1-8B's down_proj: 28 programs at 512,
@@ -70,11 +72,17 @@ class LoRAKernelConfig:
         return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
 
 
-_config = LoRAKernelConfig()
+SMALL_ROWS = 8
+_DEFAULT = LoRAKernelConfig()
+_config = _DEFAULT
 
 
 def config() -> LoRAKernelConfig:
     return _config
+
+
+def _launch_config(rows: int) -> LoRAKernelConfig:
+    return _DEFAULT if rows <= SMALL_ROWS else _config
 
 
 def set_config(new: LoRAKernelConfig) -> None:
@@ -257,8 +265,9 @@ def lora_shrink(
     assert x.dim() == 2 and x.shape[1] == k and x.stride(1) == 1, (x.shape, x.stride(), lora_a.shape)
     assert lora_a.is_contiguous() and lora_a.dtype == x.dtype, (lora_a.dtype, x.dtype)
     _check_mapping(x.shape[0], sorted_token_ids, seg_starts, seg_lens, num_slots)
+    launch = _launch_config(x.shape[0])
     block_k = min(128, max(16, triton.next_power_of_2(k)))
-    k_chunk = triton.cdiv(min(_config.k_chunk, k), block_k) * block_k
+    k_chunk = triton.cdiv(min(launch.k_chunk, k), block_k) * block_k
     split_k = triton.cdiv(k, k_chunk)
     partial = torch.empty(split_k, x.shape[0], rank, dtype=torch.float32, device=x.device)
     if x.shape[0] == 0:
@@ -285,7 +294,7 @@ def lora_shrink(
         BLOCK_R=_block_r(rank),
         BLOCK_K=block_k,
         IEEE=x.dtype == torch.float32,
-        num_warps=_config.num_warps,
+        num_warps=launch.num_warps,
     )
     return partial
 
@@ -311,10 +320,11 @@ def lora_expand(
     _check_mapping(y.shape[0], sorted_token_ids, seg_starts, seg_lens, num_slots)
     if y.shape[0] == 0:
         return
+    launch = _launch_config(y.shape[0])
     block_n = min(128, max(16, triton.next_power_of_2(n_out)))
     # (a multiple of block_n, no wider than the output needs)
     columns = (
-        min(triton.cdiv(columns or _config.expand_columns, block_n), triton.cdiv(n_out, block_n)) * block_n
+        min(triton.cdiv(columns or launch.expand_columns, block_n), triton.cdiv(n_out, block_n)) * block_n
     )
     grid = (max_tiles(y.shape[0], num_slots), triton.cdiv(n_out, columns))
     _lora_expand_kernel[grid](
@@ -342,5 +352,5 @@ def lora_expand(
         P=t.shape[0],
         P_CHUNK=min(_P_CHUNK, triton.next_power_of_2(t.shape[0])),
         IEEE=lora_b.dtype == torch.float32,
-        num_warps=_config.num_warps,
+        num_warps=launch.num_warps,
     )

@@ -217,9 +217,16 @@ def test_kernel_config_changes_launches_not_results(device: str, dtype: torch.dt
         t = lora.lora_shrink(x, lora_a, ids, starts, lens)
         y = y0.clone()
         lora.lora_expand(y, t, lora_b, ids, starts, lens)
+        # a launch of at most SMALL_ROWS rows keeps the defaults (batch-1 decode stays as measured)
+        small_map = reference.lora_segments(token_slots[: lora.SMALL_ROWS], num_slots)
+        small = lora.lora_shrink(
+            x[: lora.SMALL_ROWS],
+            lora_a,
+            *(torch.tensor(v, dtype=torch.int32, device=device) for v in small_map),
+        )
     finally:
         lora.set_config(default)
-    assert t.shape[0] == 6  # 700 columns in chunks of 128
+    assert t.shape[0] == 6 and small.shape[0] == 2  # 700 columns in chunks of 128, of 512
     assert rel_err(y, y_ref) < tol_for(dtype)
 
 
