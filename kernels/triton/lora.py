@@ -73,8 +73,9 @@ class LoRAKernelConfig:
 
 
 SMALL_ROWS = 8
-_DEFAULT = LoRAKernelConfig()
-_config = _DEFAULT
+_SMALL_ROWS_CONFIG = LoRAKernelConfig()
+# launches of more than SMALL_ROWS rows: the best of the device A/B (docs/lora.md, Performance)
+_config = LoRAKernelConfig()
 
 
 def config() -> LoRAKernelConfig:
@@ -82,7 +83,7 @@ def config() -> LoRAKernelConfig:
 
 
 def _launch_config(rows: int) -> LoRAKernelConfig:
-    return _DEFAULT if rows <= SMALL_ROWS else _config
+    return _SMALL_ROWS_CONFIG if rows <= SMALL_ROWS else _config
 
 
 def set_config(new: LoRAKernelConfig) -> None:
