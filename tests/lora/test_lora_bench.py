@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,31 @@ def test_lora_bench_smoke(tmp_path: Path) -> None:
         "batch4_base_lora_on_vs_off",
         "batch4_mixed_vs_base [k_chunk=256,expand_columns=256,num_warps=4]",
     }
+
+
+def test_lora_kernel_bench_smoke(tmp_path: Path) -> None:
+    """benchmarks/lora_kernel_bench.py --smoke runs a config A/B on the Triton interpreter (checked
+    against the reference twins, not timed) and writes its JSON."""
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "lora_kernels.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(repo / "benchmarks" / "lora_kernel_bench.py"),
+            "--smoke",
+            "--out",
+            str(out),
+            "--configs",
+            "default k_chunk=32,expand_columns=256",
+        ],
+        check=True,
+        cwd=repo,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    report = json.loads(out.read_text())
+    assert [(r["rows"], r["config"]) for r in report["rows"]] == [
+        (12, "k_chunk=512,expand_columns=128,num_warps=4"),
+        (12, "k_chunk=32,expand_columns=256,num_warps=4"),
+    ]
+    assert set(report["rows"][0]["us_per_layer"]) == {"qkv", "o", "gate_up", "down"}
