@@ -76,7 +76,7 @@ class Projection:
             for _ in range(args.layers)
         ]
         self.b = [
-            (torch.randn(args.adapters, n, width, generator=gen) * 0.02).to(dev, dt)
+            (torch.randn(args.adapters, n, args.rank, generator=gen) * 0.02).to(dev, dt)
             for _ in range(args.layers)
         ]
         self.x = torch.randn(rows, k, generator=gen).to(dev, dt)

@@ -174,7 +174,7 @@ def _lora_shrink_kernel(
 def _lora_expand_kernel(
     y_ptr,  # [T, N]
     t_ptr,  # [P, T, R] fp32
-    b_ptr,  # [S, N, R]
+    b_ptr,  # [S, N, R], or with parts [S, N, PART_RANK]: each column's own part's ranks only
     ids_ptr,
     starts_ptr,
     lens_ptr,
@@ -193,7 +193,7 @@ def _lora_expand_kernel(
     BLOCK_N: tl.constexpr,
     COLUMNS: tl.constexpr,  # output columns per program, a multiple of BLOCK_N
     BLOCK_R: tl.constexpr,
-    PART_RANK: tl.constexpr,  # > 0: part j's columns read only rank columns [j, j + 1) * PART_RANK
+    PART_RANK: tl.constexpr,  # > 0: part j's columns use only t's rank columns [j, j + 1) * PART_RANK
     P: tl.constexpr,  # partial sums over K (a function of K only: one compile per projection shape)
     P_CHUNK: tl.constexpr,  # partial sums loaded at once (a power of two)
     IEEE: tl.constexpr,
@@ -225,11 +225,16 @@ def _lora_expand_kernel(
             offs_n = tl.program_id(1) * COLUMNS + n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             mask_b = mask_n[None, :] & mask_r[:, None]
-            if PART_RANK > 0:  # a fused projection: the other parts' rank columns are zeros, not read
+            b_cols = offs_r[:, None]
+            if PART_RANK > 0:
+                # a fused projection: B holds each column's own part's PART_RANK ranks (a 32-byte
+                # row at rank 16, read whole), and the B^T operand spreads them over the part's
+                # rank range of t, zeros elsewhere (never read)
                 part = (offs_n >= PART1).to(tl.int32) + (offs_n >= PART2).to(tl.int32)
                 mask_b = mask_b & ((offs_r[:, None] // PART_RANK) == part[None, :])
+                b_cols = offs_r[:, None] % PART_RANK
             b = tl.load(  # [BLOCK_R, BLOCK_N]: B^T
-                b_base + offs_n[None, :] * stride_bn + offs_r[:, None],
+                b_base + offs_n[None, :] * stride_bn + b_cols,
                 mask=mask_b,
                 other=0.0,
             )
@@ -303,7 +308,7 @@ def lora_shrink(
 def lora_expand(
     y: torch.Tensor,  # [T, N], updated in place
     t: torch.Tensor,  # [P, T, R] fp32
-    lora_b: torch.Tensor,  # [S, N, R]
+    lora_b: torch.Tensor,  # [S, N, R]; with 2-3 parts [S, N, part_rank] (kernels/reference.py)
     sorted_token_ids: torch.Tensor,
     seg_starts: torch.Tensor,
     seg_lens: torch.Tensor,
@@ -311,12 +316,13 @@ def lora_expand(
     part_rank: int = 0,
     columns: int = 0,  # output columns per program (0: the config's `expand_columns`)
 ) -> None:
-    num_slots, n_out, rank = lora_b.shape
+    num_slots, n_out, b_rank = lora_b.shape
+    rank = t.shape[2]
+    fused = len(part_starts) > 1
     assert len(part_starts) <= 3 and (not part_starts or part_rank * len(part_starts) <= rank)
+    assert b_rank == (part_rank if fused else rank), (lora_b.shape, t.shape, part_starts, part_rank)
     assert y.dim() == 2 and y.shape[1] == n_out and y.stride(1) == 1, (y.shape, lora_b.shape)
-    assert (
-        t.dim() == 3 and t.shape[1:] == (y.shape[0], rank) and t.dtype == torch.float32 and t.stride(2) == 1
-    )
+    assert t.dim() == 3 and t.shape[1] == y.shape[0] and t.dtype == torch.float32 and t.stride(2) == 1
     assert lora_b.is_contiguous(), lora_b.stride()
     _check_mapping(y.shape[0], sorted_token_ids, seg_starts, seg_lens, num_slots)
     if y.shape[0] == 0:
@@ -349,7 +355,7 @@ def lora_expand(
         BLOCK_N=block_n,
         COLUMNS=columns,
         BLOCK_R=_block_r(rank),
-        PART_RANK=part_rank if len(part_starts) > 1 else 0,
+        PART_RANK=part_rank if fused else 0,
         P=t.shape[0],
         P_CHUNK=min(_P_CHUNK, triton.next_power_of_2(t.shape[0])),
         IEEE=lora_b.dtype == torch.float32,

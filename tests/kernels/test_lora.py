@@ -88,8 +88,9 @@ def test_segments_group_rows_by_slot() -> None:
 def test_fused_parts_read_only_their_rank_columns(
     device: str, dtype: torch.dtype, parts: tuple[int, ...]
 ) -> None:
-    """A fused projection (qkv: three parts, gate/up: two): output columns of part j use only rank
-    columns [j*R, (j+1)*R) of B, whatever the other entries hold (the pool keeps them zero)."""
+    """A fused projection (qkv: three parts, gate/up: two): B holds each output column's own part's
+    R ranks ([S, N, R], no zeros for the other parts), and output columns of part j use only the
+    shrink's rank columns [j*R, (j+1)*R) (A's rows of part j)."""
     skip_without(device)
     from kernels.triton.lora import lora_expand, lora_shrink
 
@@ -99,7 +100,7 @@ def test_fused_parts_read_only_their_rank_columns(
     gen = torch.Generator().manual_seed(len(parts))
     x = torch.randn(rows, k, generator=gen).to(device, dtype)
     lora_a = (torch.randn(num_slots, rank, k, generator=gen) / k**0.5).to(device, dtype)
-    lora_b = torch.randn(num_slots, n, rank, generator=gen).to(device, dtype)  # no zeros anywhere
+    lora_b = torch.randn(num_slots, n, part_rank, generator=gen).to(device, dtype)
     y0 = torch.randn(rows, n, generator=gen).to(device, dtype)
     token_slots = [0, 2, -1, 1, 2, 2, 0, -1, 1]
     ids, starts, lens = (
@@ -119,7 +120,7 @@ def test_fused_parts_read_only_their_rank_columns(
         for j in range(len(parts)):
             cols, ranks = slice(bounds[j], bounds[j + 1]), slice(j * part_rank, (j + 1) * part_rank)
             t_j = x[i].double() @ lora_a[s, ranks].double().T
-            want[i, cols] += t_j @ lora_b[s, cols, ranks].double().T
+            want[i, cols] += t_j @ lora_b[s, cols].double().T
     assert rel_err(y, want) < 4 * tol_for(dtype)
 
 
