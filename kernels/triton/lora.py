@@ -245,6 +245,10 @@ def _lora_expand_kernel(
             tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _block_s(num_slots: int) -> int:  # (the segment lengths _find_tile loads at once; >= 16 like _block_r)
+    return max(16, triton.next_power_of_2(num_slots))
+
+
 def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
@@ -295,7 +299,7 @@ def lora_shrink(
         partial.stride(1),
         k_chunk,
         num_slots,
-        BLOCK_S=triton.next_power_of_2(num_slots),
+        BLOCK_S=_block_s(num_slots),
         BLOCK_M=_BLOCK_M,
         BLOCK_R=_block_r(rank),
         BLOCK_K=block_k,
@@ -350,7 +354,7 @@ def lora_expand(
         lora_b.stride(1),
         *[*part_starts[1:], n_out, n_out][:2],  # PART1, PART2
         num_slots,
-        BLOCK_S=triton.next_power_of_2(num_slots),
+        BLOCK_S=_block_s(num_slots),
         BLOCK_M=_BLOCK_M,
         BLOCK_N=block_n,
         COLUMNS=columns,

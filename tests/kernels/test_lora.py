@@ -152,6 +152,8 @@ def test_tile_grid_bounds_every_segmentation() -> None:
         ([0, 37, 0, 0, 1, 16, 0], 64),  # empty slots between, a segment of three tiles, one of one
         ([3, 0, 5], 48),  # columns per program not a multiple of the column block: rounded up
         ([1] * 5, 1000),  # one program covers every column
+        ([5], 0),  # a pool of one slot (batch-1 benchmarks run --max-loras 1)
+        ([2] * 20, 0),  # more slots than the lengths' first vector block
     ],
 )
 def test_tiles_and_columns_per_program(
