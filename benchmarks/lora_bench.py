@@ -6,6 +6,7 @@
     python benchmarks/lora_bench.py --rows batch --profile  # GPU: the batch-64 rows only (A/B runs)
     python benchmarks/lora_bench.py --rows batch --kernel-configs "expand_columns=512 k_chunk=1024"
                                                # GPU: also the mixed row under other kernel configs
+    python benchmarks/lora_bench.py --rows batch --overlap-ab  # GPU: and with the side stream off
 
 Dummy base weights (`--load-format dummy`) and random PEFT adapters written by this script
 (adapter_config.json + adapter_model.safetensors, all seven projections, rank --rank), served
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -135,6 +137,17 @@ def decode_tok_per_s(
     return batch / statistics.median(step_times), replays
 
 
+def overlap_off_row(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The mixed batch-N row of a second run of this script with the shrinks' side stream off."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--rows", "mixed", "--out", str(out)]
+    command += ["--model", args.model, "--rank", str(args.rank), "--batch", str(args.batch)]
+    command += ["--adapters", str(args.adapters), "--prompt", str(args.prompt), "--output", str(args.output)]
+    command += ["--smoke"] * args.smoke + ["--profile"] * args.profile
+    subprocess.run(command, check=True, env={**os.environ, "TANDEM_LORA_OVERLAP": "0"})
+    row: dict[str, Any] = json.loads(out.read_text())["rows"][-1]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -148,8 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows",
         default="all",
-        choices=["all", "batch"],
-        help="batch: only the two batch-N rows (base with LoRA off, adapters mixed), for A/B runs",
+        choices=["all", "batch", "mixed"],
+        help="batch: only the two batch-N rows (base with LoRA off, adapters mixed), for A/B runs; "
+        "mixed: the adapters' row alone (--overlap-ab's second process)",
+    )
+    parser.add_argument(
+        "--overlap-ab",
+        action="store_true",
+        help="also the mixed batch-N row with TANDEM_LORA_OVERLAP=0 (a second process: switches are "
+        "read once), against this run's base row",
     )
     parser.add_argument(
         "--kernel-configs",
@@ -199,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             targets["batch1_adapter_vs_base"] = {"ratio": one / base1, "target": 0.85}
             # base rows on a worker with LoRA on run a LoRA-less worker's kernels: equal within noise
             targets["batch1_base_lora_on_vs_off"] = {"ratio": base1_on / base1, "target": 0.98}
-        base_b = row(f"batch {args.batch}, base (LoRA off)", args.batch, [], [""] * args.batch, 0)
+        base_b = 0.0
+        if args.rows != "mixed":
+            base_b = row(f"batch {args.batch}, base (LoRA off)", args.batch, [], [""] * args.batch, 0)
         if args.rows == "all":
             base_b_on = row(
                 f"batch {args.batch}, base (LoRA on)", args.batch, adapters, [""] * args.batch, args.adapters
@@ -207,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             targets[f"batch{args.batch}_base_lora_on_vs_off"] = {"ratio": base_b_on / base_b, "target": 0.98}
         mix = [adapters[i % args.adapters][0] for i in range(args.batch)]
         mixed = row(f"batch {args.batch}, {args.adapters} adapters", args.batch, adapters, mix, args.adapters)
-        targets[f"batch{args.batch}_mixed_vs_base"] = {"ratio": mixed / base_b, "target": 0.80}
+        if base_b:
+            targets[f"batch{args.batch}_mixed_vs_base"] = {"ratio": mixed / base_b, "target": 0.80}
         default = config()
         for kernel_config in kernel_configs:  # (each engine captures its graphs with the config set)
             set_config(kernel_config)
@@ -217,8 +240,18 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 set_config(default)
             rows[-1]["kernel_config"] = str(kernel_config)
-            targets[f"batch{args.batch}_mixed_vs_base [{kernel_config}]"] = {
-                "ratio": tps / base_b,
+            if base_b:
+                targets[f"batch{args.batch}_mixed_vs_base [{kernel_config}]"] = {
+                    "ratio": tps / base_b,
+                    "target": 0.80,
+                }
+        if args.overlap_ab and base_b:
+            child = overlap_off_row(args, Path(tmp) / "overlap_off.json")
+            child["scenario"] += " [TANDEM_LORA_OVERLAP=0]"
+            rows.append(child)
+            print(json.dumps(child), flush=True)
+            targets[f"batch{args.batch}_mixed_vs_base [TANDEM_LORA_OVERLAP=0]"] = {
+                "ratio": child["tok_per_s"] / base_b,
                 "target": 0.80,
             }
     for t in targets.values():

@@ -1,5 +1,6 @@
 """benchmarks/lora_bench.py --smoke runs every scenario on the CPU with a tiny model and writes its JSON
-(with the mixed row again under another LoRA kernel config, as the GPU A/B runs it)."""
+(with the mixed row again under another LoRA kernel config and with the shrinks' side stream off,
+as the GPU A/B runs them)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,16 @@ def test_lora_bench_smoke(tmp_path: Path) -> None:
             str(out),
             "--kernel-configs",
             "k_chunk=256,expand_columns=256",
+            "--overlap-ab",
         ],
         check=True,
         cwd=repo,
         timeout=300,
     )
     report = json.loads(out.read_text())
-    assert [r["batch"] for r in report["rows"]] == [1, 1, 1, 4, 4, 4, 4]
-    assert report["rows"][-1]["kernel_config"] == "k_chunk=256,expand_columns=256,num_warps=4"
+    assert [r["batch"] for r in report["rows"]] == [1, 1, 1, 4, 4, 4, 4, 4]
+    assert report["rows"][-2]["kernel_config"] == "k_chunk=256,expand_columns=256,num_warps=4"
+    assert report["rows"][-1]["scenario"] == "batch 4, 2 adapters [TANDEM_LORA_OVERLAP=0]"
     assert report["kernel_config"] == "k_chunk=512,expand_columns=128,num_warps=4"
     assert all(r["tok_per_s"] > 0 for r in report["rows"])
     assert set(report["targets"]) == {
@@ -38,6 +41,7 @@ def test_lora_bench_smoke(tmp_path: Path) -> None:
         "batch1_base_lora_on_vs_off",
         "batch4_base_lora_on_vs_off",
         "batch4_mixed_vs_base [k_chunk=256,expand_columns=256,num_warps=4]",
+        "batch4_mixed_vs_base [TANDEM_LORA_OVERLAP=0]",
     }
 
 
