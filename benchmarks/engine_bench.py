@@ -657,18 +657,37 @@ def kernel_totals(prof: Any, name_len: int) -> dict[str, list[float]]:
     return totals
 
 
-def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[str]:
-    """Per-kernel device time of the batch-1 decode graph (torch.profiler over graph replays):
-    kernel name, calls per replay, mean us per call, us per replay; the top 16 by time."""
+def profile_decode_graph(
+    engine: Engine,
+    name: str,
+    replays: int = 20,
+    batch: int = 1,
+    periods: dict[str, int] | None = None,
+) -> list[str]:
+    """Per-kernel device time of the decode graph of `batch` rows (torch.profiler over graph
+    replays of the variant the last step replayed, with its inputs): kernel name, calls per
+    replay, mean us per call, us per replay; the top 16 by time, and the replay's wall time on the
+    device (less than the kernels' sum where graph branches overlap). `periods`: kernel name
+    substring -> P, also split those kernels' calls by their position modulo P in the replay (the
+    4 LoRA projections of a layer, in forward order: qkv, o, gate_up, down)."""
     from torch.profiler import ProfilerActivity, profile
 
     graphs = engine.runner.graphs
-    graph = graphs.graphs.get((graphs.variants.current(), 1)) if graphs is not None else None
+    if graphs is None or not graphs.can_run(batch, 1, 0):
+        return []
+    bs = graphs.padded_size(batch)
+    graph = graphs.graphs.get((graphs.variants.current(), bs))
     if graph is None:
         return []
     for _ in range(3):
         graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
     torch.cuda.synchronize()
+    wall_us = start.elapsed_time(end) * 1e3 / replays
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             graph.replay()
@@ -677,12 +696,33 @@ def profile_decode_graph(engine: Engine, name: str, replays: int = 20) -> list[s
     rows = sorted(totals.items(), key=lambda kv: -kv[1][1])
     total = sum(v[1] for v in totals.values()) / replays
     lines = [
-        f"{name} batch-1 graph: {sum(v[0] for v in totals.values()) / replays:.0f} kernels, {total:.0f} us busy per replay"
+        f"{name} batch-{bs} graph: {sum(v[0] for v in totals.values()) / replays:.0f} kernels,"
+        f" {total:.0f} us busy, {wall_us:.0f} us wall per replay"
     ]
     for kname, (calls, us) in rows[:16]:
         lines.append(
             f"  {kname:<60} {calls / replays:5.0f}/replay {us / calls:7.2f} us/call {us / replays:8.1f} us/replay"
         )
+    for sub, period in (periods or {}).items():
+        events = sorted(
+            (
+                ev
+                for ev in prof.events()
+                if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0 and sub in ev.name
+            ),
+            key=lambda ev: ev.time_range.start,
+        )
+        by_name: dict[str, list[Any]] = {}
+        for ev in events:
+            by_name.setdefault(ev.name[:60], []).append(ev)
+        for kname, evs in sorted(by_name.items()):
+            for pos in range(period):
+                us = [ev.device_time for i, ev in enumerate(evs) if i % period == pos]
+                if us:
+                    lines.append(
+                        f"  {kname:<52} [{pos + 1}/{period}] {len(us) / replays:5.0f}/replay"
+                        f" {sum(us) / len(us):7.2f} us/call {sum(us) / replays:8.1f} us/replay"
+                    )
     return lines
 
 

@@ -2,7 +2,11 @@
 
     python benchmarks/lora_bench.py            # GPU: Llama-3.1-8B shape, rank 16 on all projections
     python benchmarks/lora_bench.py --smoke    # CPU, tiny shapes: checks the script in seconds
-    python benchmarks/lora_bench.py --profile  # GPU: also each batch-1 row's decode graph by kernel
+    python benchmarks/lora_bench.py --profile  # GPU: also each row's decode graph by kernel
+    python benchmarks/lora_bench.py --rows batch --profile  # GPU: the batch-64 rows only (A/B runs)
+    python benchmarks/lora_bench.py --rows batch --kernel-configs "expand_columns=512 k_chunk=1024"
+                                               # GPU: also the mixed row under other kernel configs
+    python benchmarks/lora_bench.py --rows batch --overlap-ab  # GPU: and with the side stream off
 
 Dummy base weights (`--load-format dummy`) and random PEFT adapters written by this script
 (adapter_config.json + adapter_model.safetensors, all seven projections, rank --rank), served
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -46,6 +51,7 @@ from engine_bench import (  # noqa: E402
 )
 
 from benchmarks.bench_report import device_label, write_report  # noqa: E402
+from kernels.triton.lora import LoRAKernelConfig, config, set_config  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from services.worker.request import EngineRequest, SamplingParams  # noqa: E402
@@ -119,11 +125,27 @@ def decode_tok_per_s(
     step_times = step_until_done(engine, requests)[2:]  # past the prefill steps
     graphs = engine.runner.graphs
     replays = dict(graphs.replays_by_variant) if graphs is not None else {}
-    if args.profile and batch == 1:  # (the variant the last step replayed: its mapping is still set)
-        for line in profile_decode_graph(engine, f"batch 1, {row_adapters[0] or 'base'}"):
+    if args.profile:  # (the variant the last step replayed, of `batch` rows: its mapping is still set)
+        label = f"batch {batch}, " + (
+            f"{len(set(row_adapters[:batch]) - {''})} adapters" if any(row_adapters[:batch]) else "base"
+        )
+        label += f" (LoRA {'on' if adapters else 'off'})"
+        # the LoRA kernels split by projection: a layer launches qkv, o, gate_up, down in that order
+        for line in profile_decode_graph(engine, label, batch=batch, periods={"lora": 4}):
             print(line, flush=True)
     free_engine(engine)
     return batch / statistics.median(step_times), replays
+
+
+def overlap_off_row(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The mixed batch-N row of a second run of this script with the shrinks' side stream off."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--rows", "mixed", "--out", str(out)]
+    command += ["--model", args.model, "--rank", str(args.rank), "--batch", str(args.batch)]
+    command += ["--adapters", str(args.adapters), "--prompt", str(args.prompt), "--output", str(args.output)]
+    command += ["--smoke"] * args.smoke + ["--profile"] * args.profile
+    subprocess.run(command, check=True, env={**os.environ, "TANDEM_LORA_OVERLAP": "0"})
+    row: dict[str, Any] = json.loads(out.read_text())["rows"][-1]
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="Llama-3.1-8B", choices=list(MODELS))
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument(
-        "--profile", action="store_true", help="print each batch-1 row's decode graph by kernel (GPU)"
+        "--profile", action="store_true", help="print each row's decode graph by kernel (GPU)"
+    )
+    parser.add_argument(
+        "--rows",
+        default="all",
+        choices=["all", "batch", "mixed"],
+        help="batch: only the two batch-N rows (base with LoRA off, adapters mixed), for A/B runs; "
+        "mixed: the adapters' row alone (--overlap-ab's second process)",
+    )
+    parser.add_argument(
+        "--overlap-ab",
+        action="store_true",
+        help="also the mixed batch-N row with TANDEM_LORA_OVERLAP=0 (a second process: switches are "
+        "read once), against this run's base row",
+    )
+    parser.add_argument(
+        "--kernel-configs",
+        default="",
+        help="space-separated LoRA kernel configs (kernels/triton/lora.py LoRAKernelConfig, e.g. "
+        "'expand_columns=512 k_chunk=1024,num_warps=8'): the mixed batch-N row again under each",
     )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=16, help="adapters mixed in the batch")
@@ -144,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="", help="JSON path (default benchmarks/results/lora_<gpu>_<date>.json)"
     )
     args = parser.parse_args(argv)
+    try:
+        kernel_configs = [LoRAKernelConfig.parse(text) for text in args.kernel_configs.split()]
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.smoke:
         args.prompt, args.output, args.batch, args.adapters, args.rank = 8, 6, 4, 2, 8
     args.device = "cpu" if args.smoke else "cuda"
@@ -166,22 +211,49 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
             return tps
 
-        base1 = row("batch 1, base (LoRA off)", 1, [], [""], 0)
-        base1_on = row("batch 1, base (LoRA on)", 1, adapters[:1], [""], 1)
-        one = row(f"batch 1, one adapter (rank {args.rank})", 1, adapters[:1], [adapters[0][0]], 1)
-        base_b = row(f"batch {args.batch}, base (LoRA off)", args.batch, [], [""] * args.batch, 0)
-        base_b_on = row(
-            f"batch {args.batch}, base (LoRA on)", args.batch, adapters, [""] * args.batch, args.adapters
-        )
+        targets: dict[str, dict[str, Any]] = {}
+        if args.rows == "all":
+            base1 = row("batch 1, base (LoRA off)", 1, [], [""], 0)
+            base1_on = row("batch 1, base (LoRA on)", 1, adapters[:1], [""], 1)
+            one = row(f"batch 1, one adapter (rank {args.rank})", 1, adapters[:1], [adapters[0][0]], 1)
+            targets["batch1_adapter_vs_base"] = {"ratio": one / base1, "target": 0.85}
+            # base rows on a worker with LoRA on run a LoRA-less worker's kernels: equal within noise
+            targets["batch1_base_lora_on_vs_off"] = {"ratio": base1_on / base1, "target": 0.98}
+        base_b = 0.0
+        if args.rows != "mixed":
+            base_b = row(f"batch {args.batch}, base (LoRA off)", args.batch, [], [""] * args.batch, 0)
+        if args.rows == "all":
+            base_b_on = row(
+                f"batch {args.batch}, base (LoRA on)", args.batch, adapters, [""] * args.batch, args.adapters
+            )
+            targets[f"batch{args.batch}_base_lora_on_vs_off"] = {"ratio": base_b_on / base_b, "target": 0.98}
         mix = [adapters[i % args.adapters][0] for i in range(args.batch)]
         mixed = row(f"batch {args.batch}, {args.adapters} adapters", args.batch, adapters, mix, args.adapters)
-    targets = {
-        "batch1_adapter_vs_base": {"ratio": one / base1, "target": 0.85},
-        f"batch{args.batch}_mixed_vs_base": {"ratio": mixed / base_b, "target": 0.80},
-        # base rows on a worker with LoRA on run a LoRA-less worker's kernels: equal within noise
-        "batch1_base_lora_on_vs_off": {"ratio": base1_on / base1, "target": 0.98},
-        f"batch{args.batch}_base_lora_on_vs_off": {"ratio": base_b_on / base_b, "target": 0.98},
-    }
+        if base_b:
+            targets[f"batch{args.batch}_mixed_vs_base"] = {"ratio": mixed / base_b, "target": 0.80}
+        default = config()
+        for kernel_config in kernel_configs:  # (each engine captures its graphs with the config set)
+            set_config(kernel_config)
+            try:
+                name = f"batch {args.batch}, {args.adapters} adapters [{kernel_config}]"
+                tps = row(name, args.batch, adapters, mix, args.adapters)
+            finally:
+                set_config(default)
+            rows[-1]["kernel_config"] = str(kernel_config)
+            if base_b:
+                targets[f"batch{args.batch}_mixed_vs_base [{kernel_config}]"] = {
+                    "ratio": tps / base_b,
+                    "target": 0.80,
+                }
+        if args.overlap_ab and base_b:
+            child = overlap_off_row(args, Path(tmp) / "overlap_off.json")
+            child["scenario"] += " [TANDEM_LORA_OVERLAP=0]"
+            rows.append(child)
+            print(json.dumps(child), flush=True)
+            targets[f"batch{args.batch}_mixed_vs_base [TANDEM_LORA_OVERLAP=0]"] = {
+                "ratio": child["tok_per_s"] / base_b,
+                "target": 0.80,
+            }
     for t in targets.values():
         t["met"] = t["ratio"] >= t["target"]
     print(
@@ -203,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             "rank": args.rank,
             "prompt": args.prompt,
             "output": args.output,
+            "kernel_config": str(config()),
             "rows": rows,
             "targets": targets,
         },

@@ -5,7 +5,8 @@
 # Steps: agree (bf16 agreement of the MoE / Gemma 3 / Qwen3 families), moequant (fused MoE and
 # fused quantized GEMM kernels in bf16), engine_moe / engine_gemma (batch-1 decode with a kernel
 # profile), quant (quant_bench), beam (beam_bench Qwen2-0.5B with phases), beamprof (beam_profile),
-# lora (lora_bench), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels).
+# lora (lora_bench), loratests (the LoRA kernels' and engine's bf16 tests), lorakern (lora_kernel_bench:
+# the LoRA kernel configs alone), lorab64 (lora_bench's batch-64 rows with profiles and A/Bs), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -42,6 +43,12 @@ for s in ${STEPS:?name the steps}; do
     beam) step beam "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --phases --out "$OUT/beam.json" ;;
     beamprof) step beamprof "${BEAMPROF_T:-70}" "$PY" benchmarks/beam_profile.py --model Qwen2-0.5B --width 4 ;;
     lora) step lora "${LORA_T:-200}" "$PY" benchmarks/lora_bench.py --out "$OUT/lora.json" ;;
+    loratests) step loratests "${LORATESTS_T:-150}" "${gpu_pytest[@]}" tests/kernels/test_lora.py tests/lora/test_lora_gpu.py ;;
+    lorakern) step lorakern "${LORAKERN_T:-150}" "$PY" benchmarks/lora_kernel_bench.py --out "$OUT/lora_kernels.json" ;;
+    lorab64)  # the batch-64 rows with profiles, lorakern's fastest config at 64 rows (if it ran) and the side stream off
+      fastest=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["fastest"]["64"])' "$OUT/lora_kernels.json" 2>/dev/null)
+      step lorab64 "${LORAB64_T:-300}" "$PY" benchmarks/lora_bench.py --rows batch --profile --overlap-ab \
+        --kernel-configs "${LORA_CONFIGS:-expand_columns=512 $fastest}" --out "$OUT/lora_b64.json" ;;
     kvnixl) step kvnixl "${KV_T:-200}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
       --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports nixl,cuda-ipc,grpc --out "$OUT/kv_nixl.json" ;;
     *) echo "unknown step $s" ;;

@@ -164,7 +164,8 @@ class KernelOps:
     # (y [T, N], t [P, T, R] fp32, lora_b [S, N, R], sorted_token_ids, seg_starts, seg_lens) -> None:
     #   y[i] += (sum_p t[p, i]) @ B[slot(i)]^T in place for every row i that has an adapter;
     #   part_starts=(0, c1[, c2]), part_rank=R: a fused projection whose part j (output columns from
-    #   c_j) reads only rank columns [j*R, (j+1)*R) of B (the others are zeros: not read)
+    #   c_j) uses only t's rank columns [j*R, (j+1)*R); lora_b is then [S, N, R]: each column's own
+    #   part's B (no zeros stored for the other parts)
     lora_expand: Callable[..., None] = reference.lora_expand
 
     @property

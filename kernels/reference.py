@@ -714,21 +714,27 @@ def lora_expand(
     sorted_token_ids: torch.Tensor,  # [>= T] int32
     seg_starts: torch.Tensor,  # [S] int32
     seg_lens: torch.Tensor,  # [S] int32
-    part_starts: tuple[int, ...] = (),  # a fused projection's parts: first output column of each
-    part_rank: int = 0,  # with part_starts: part j's columns use rank columns [j, j + 1) * part_rank
+    # a fused projection's 2-3 parts: first output column of each; lora_b is then [S, N, part_rank],
+    # each output column's B of its own part, which uses t's rank columns [j, j + 1) * part_rank
+    part_starts: tuple[int, ...] = (),
+    part_rank: int = 0,
 ) -> None:
-    """y[i] += (sum_p t[p, i]) @ B[slot(i)]^T for every row i that has an adapter (with parts: B's
-    entries outside each output column's rank range count as zeros; the sum rounded
-    to B's dtype first, as the kernel's tensor-core dot does; the add in fp32, rounded once to y's dtype)."""
-    _, n_out, rank = lora_b.shape
-    assert y.shape[1] == n_out and t.shape[1:] == (y.shape[0], rank), (y.shape, t.shape, lora_b.shape)
+    """y[i] += (sum_p t[p, i]) @ B[slot(i)]^T for every row i that has an adapter (with parts: B
+    spread over each part's rank range of t, zeros elsewhere; the sum rounded to B's dtype first,
+    as the kernel's tensor-core dot does; the add in fp32, rounded once to y's dtype)."""
+    _, n_out, _ = lora_b.shape
+    rank = t.shape[2]
+    assert y.shape[1] == n_out and t.shape[1] == y.shape[0], (y.shape, t.shape, lora_b.shape)
     t = t.sum(0)
-    if len(part_starts) > 1:  # B as the kernel reads it: each part's own rank columns only
-        part = torch.zeros(n_out, dtype=torch.long, device=lora_b.device)
-        for start in part_starts[1:]:
-            part[start:] += 1
-        keep = (torch.arange(rank, device=lora_b.device)[None, :] // part_rank) == part[:, None]
-        lora_b = lora_b * keep
+    if len(part_starts) > 1:  # B as the kernel uses it: [S, N, R], each part in its rank range
+        assert lora_b.shape[2] == part_rank, (lora_b.shape, part_rank)
+        full = torch.zeros(lora_b.shape[0], n_out, rank, dtype=lora_b.dtype, device=lora_b.device)
+        bounds = [*part_starts, n_out]
+        for j in range(len(part_starts)):
+            cols = slice(bounds[j], bounds[j + 1])
+            full[:, cols, j * part_rank : (j + 1) * part_rank] = lora_b[:, cols]
+        lora_b = full
+    assert lora_b.shape[2] == rank, (lora_b.shape, t.shape)
     for s, (start, n) in enumerate(zip(seg_starts.tolist(), seg_lens.tolist(), strict=True)):
         if n:
             rows = sorted_token_ids[start : start + n].long()

@@ -97,9 +97,9 @@ class LoRAMapping:
 
 
 class LoRAProjection:
-    """One fused projection's adapters: lora_a [S, parts * R, in], lora_b [S, out, parts * R]
-    (part j's A in rows j*R..j*R+r, its B in its output columns x the same rank range, zeros
-    elsewhere: one shrink and one expand cover q, k and v, or gate and up, at once)."""
+    """One fused projection's adapters: lora_a [S, parts * R, in] (part j's A in rows j*R..j*R+r),
+    lora_b [S, out, R] (each output column's B of its own part, in ranks 0..r): one shrink and one
+    expand cover q, k and v, or gate and up, at once, and B stores no zeros for the other parts."""
 
     def __init__(
         self,
@@ -108,7 +108,7 @@ class LoRAProjection:
         lora_b: torch.Tensor,
         mapping: LoRAMapping,
         part_starts: tuple[int, ...] = (),  # first output column of each fused part
-        part_rank: int = 0,  # R: part j's A rows / B columns are [j*R, (j+1)*R)
+        part_rank: int = 0,  # R: part j's A rows (t's rank columns) are [j*R, (j+1)*R)
         side_stream: torch.cuda.Stream | None = None,  # the shrink's branch in captured graphs
     ) -> None:
         self.ops = ops

@@ -131,9 +131,9 @@ class LoRAPool:
                     continue
                 if linear.folded_norm is not None:
                     scales[name] = linear.folded_norm.detach().float().cpu()
-                width = FUSED_PARTS[name] * max_rank
+                width = FUSED_PARTS[name] * max_rank  # A: the parts' ranks stacked; B: each column's own
                 a = torch.zeros(max_loras, width, linear.in_features, dtype=dtype, device=device)
-                b = torch.zeros(max_loras, linear.out_features, width, dtype=dtype, device=device)
+                b = torch.zeros(max_loras, linear.out_features, max_rank, dtype=dtype, device=device)
                 parts = self.shapes.projections[name].local_part_out
                 starts = tuple(sum(parts[:j]) for j in range(len(parts)))
                 entry[name] = linear.lora = LoRAProjection(ops, a, b, self.mapping, starts, max_rank, side)
@@ -214,7 +214,7 @@ class LoRAPool:
                     r = w.a.shape[0]
                     lo = sum(part_out[:part])
                     a[part * r_max : part * r_max + r] = w.a
-                    b[lo : lo + part_out[part], part * r_max : part * r_max + r] = w.b
+                    b[lo : lo + part_out[part], :r] = w.b
                 scale = self._input_scales[layer].get(name)
                 if scale is not None:
                     a *= scale[None, :]
