@@ -58,12 +58,68 @@ class RotaryKV:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile and launch parameters (the defaults are picked in `decode_attention`; a benchmark
-    passes others to compare)."""
+    """Tile, split and launch parameters. `default_launch` gives today's rule; a benchmark passes
+    others to compare, and `decode_attention_tune` keeps the one measured fastest for a shape
+    (`CHOICE`). Every field but the launch's warps and stages changes the summation order, so a
+    config is a function of the shape and the batch's power of two only (graphs on/off agree)."""
 
     block_n: int  # context tokens per loop iteration (a multiple of 16)
     num_warps: int
     num_stages: int
+    min_split_len: int = 0  # shortest split in tokens; 0: GPU_MIN_SPLIT_LEN (the interpreter: 16)
+    max_splits: int = 0  # cap on the splits; 0: max_splits_for's rule (an explicit argument wins)
+    # False: the scores and P @ V as CUDA-core multiply-adds over the GROUP rows (no padding of the
+    # query rows to the 16 a tensor-core dot needs: GQA groups of 1-4 waste 75-94% of the MMA)
+    tensor_core: bool = True
+
+    def __str__(self) -> str:
+        text = f"n{self.block_n} w{self.num_warps} s{self.num_stages}"
+        if self.min_split_len:
+            text += f" min{self.min_split_len}"
+        if self.max_splits:
+            text += f" max{self.max_splits}"
+        return text + ("" if self.tensor_core else " fma")
+
+
+# (Hq, Hkv, head_dim, q dtype, sliding window, next_power_of_2(batch)) -> the config chosen by
+# decode_attention_tune for that shape (process-wide; read by every eager and graph-captured call)
+DecodeKey = tuple[int, int, int, torch.dtype, int, int]
+CHOICE: dict[DecodeKey, LaunchConfig] = {}
+
+
+def decode_key(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, sliding_window: int, batch: int
+) -> DecodeKey:
+    return (num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, triton.next_power_of_2(max(1, batch)))
+
+
+def default_launch(head_dim: int, on_gpu: bool) -> LaunchConfig:
+    """Today's rule: 64-token tiles (32 for head dims over 128), 4 warps, 3 stages; small tiles on
+    the CPU interpreter so that short test contexts still cross tiles and splits."""
+    if not on_gpu:
+        return LaunchConfig(16, 4, 3, min_split_len=16)
+    return LaunchConfig(64 if triton.next_power_of_2(head_dim) <= 128 else 32, 4, 3)
+
+
+@triton.jit
+def _scores(q, k, TC: tl.constexpr):
+    """q [G_PAD, D] . k [N, D]^T -> fp32 [G_PAD, N]: a tensor-core dot, or CUDA-core products
+    (exact in fp32 for 16-bit inputs) summed over D."""
+    if TC:
+        s = tl.dot(q, tl.trans(k))
+    else:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    return s
+
+
+@triton.jit
+def _weighted_values(p, v, TC: tl.constexpr):
+    """p [G_PAD, N] fp32 @ v [N, D] -> fp32 [G_PAD, D], p rounded to V's dtype either way."""
+    if TC:
+        out = tl.dot(p.to(v.dtype), v)
+    else:
+        out = tl.sum(p.to(v.dtype).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    return out
 
 
 @triton.jit
@@ -104,7 +160,7 @@ def _decode_kernel(
     stride_rope,
     stride_rms,
     GROUP: tl.constexpr,
-    G_PAD: tl.constexpr,  # query rows of the tensor-core dot (>= 16)
+    G_PAD: tl.constexpr,  # query rows of the dots (>= 16 for a tensor-core dot)
     G_MERGE: tl.constexpr,  # next_power_of_2(GROUP): rows of the merge
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -124,6 +180,7 @@ def _decode_kernel(
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SINKS: tl.constexpr,
+    TC: tl.constexpr,  # tensor-core dots (else CUDA-core multiply-adds, see LaunchConfig)
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -227,7 +284,7 @@ def _decode_kernel(
             v0 = tl.where(
                 new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0).to(DT), v0
             )
-        s = tl.dot(q, tl.trans(k0)) * scale_log2  # [G_PAD, BLOCK_N]
+        s = _scores(q, k0, TC) * scale_log2  # [G_PAD, BLOCK_N]
         if SOFTCAP:
             s = soft_cap(s, cap_log2)
         s = tl.where((n_mask0 & (pos0 < tile_end))[None, :], s, float("-inf"))
@@ -235,7 +292,7 @@ def _decode_kernel(
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # a split past the context: all stays 0
         p = tl.exp2(s - m_i[:, None])
         l_i = tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v0.dtype), v0)
+        acc = _weighted_values(p, v0, TC)
         for start in range(kv_start + BLOCK_N, tile_end, BLOCK_N):
             pos = start + n
             n_mask = pos < tile_end
@@ -243,7 +300,7 @@ def _decode_kernel(
             row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(DT)
-            s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N]
+            s = _scores(q, k, TC) * scale_log2  # [G_PAD, BLOCK_N]
             if SOFTCAP:
                 s = soft_cap(s, cap_log2)
             s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -252,7 +309,7 @@ def _decode_kernel(
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(DT)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _weighted_values(p, v, TC)
             m_i = m_new
         if ROTARY:  # the new token, in the split that holds it: one more online-softmax column
             s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale_log2
@@ -308,6 +365,13 @@ def _decode_kernel(
                 other=float("-inf"),
                 cache_modifier=".cg",
             )
+            # both loads issued before either is used: the merge's two L2 round trips overlap
+            parts = tl.load(
+                part_out_ptr + (base[:, None, None] + sp[None, :, None]) * D_PAD + d[None, None, :],
+                mask=valid[:, :, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )  # [G_MERGE, S_PAD, D_PAD]
             m = tl.max(lse_all, axis=1)
             if SINKS:  # one more column, of no split: its weight joins the normaliser only
                 sink = (
@@ -317,12 +381,6 @@ def _decode_kernel(
                 m = tl.maximum(m, sink)
             m = tl.where(m == float("-inf"), 0.0, m)
             w = tl.exp2(lse_all - m[:, None])  # 0 for empty splits
-            parts = tl.load(
-                part_out_ptr + (base[:, None, None] + sp[None, :, None]) * D_PAD + d[None, None, :],
-                mask=valid[:, :, None],
-                other=0.0,
-                cache_modifier=".cg",
-            )  # [G_MERGE, S_PAD, D_PAD]
             total = tl.sum(w, axis=1)
             if SINKS:
                 total += tl.exp2(sink - m)
@@ -420,17 +478,17 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     d_pad = triton.next_power_of_2(head_dim)
     on_gpu = q.device.type == "cuda"
-    # Small tiles on the CPU interpreter so that short test contexts still cross tiles and splits.
-    block_n = (64 if d_pad <= 128 else 32) if on_gpu else 16
-    num_warps, num_stages = 4, 3
-    if launch is not None:  # benchmarks/decode_attention_bench.py
-        block_n, num_warps, num_stages = launch.block_n, launch.num_warps, launch.num_stages
-    min_split_len = GPU_MIN_SPLIT_LEN if on_gpu else 16
+    if launch is None:  # the tuned config of this shape (decode_attention_tune), else today's rule
+        key = decode_key(num_q_heads, num_kv_heads, head_dim, q.dtype, sliding_window, batch)
+        launch = CHOICE.get(key) or default_launch(head_dim, on_gpu)
+    block_n, num_warps, num_stages = launch.block_n, launch.num_warps, launch.num_stages
+    assert block_n % 16 == 0, launch
+    min_split_len = launch.min_split_len or (GPU_MIN_SPLIT_LEN if on_gpu else 16)
     max_context = block_tables.shape[1] * block_size
     if sliding_window > 0:  # no split ever starts before the window
         max_context = min(max_context, sliding_window)
     if max_splits is None:
-        max_splits = max_splits_for(batch, num_kv_heads, _sm_count(q.device))
+        max_splits = launch.max_splits or max_splits_for(batch, num_kv_heads, _sm_count(q.device))
     max_splits = max(1, min(MAX_SPLITS, max_splits))
     num_splits = max(1, min(max_splits, triton.cdiv(max_context, min_split_len)))
     if rotary is not None:
@@ -494,7 +552,7 @@ def decode_attention(
         rotary.cos_sin_cache.stride(0) if rotary is not None else 0,
         rms_input.stride(0) if rms_input is not None else 0,
         GROUP=group,
-        G_PAD=max(16, triton.next_power_of_2(group)),
+        G_PAD=max(16, triton.next_power_of_2(group)) if launch.tensor_core else triton.next_power_of_2(group),
         G_MERGE=triton.next_power_of_2(group),
         HEAD_DIM=head_dim,
         D_PAD=d_pad,
@@ -513,6 +571,7 @@ def decode_attention(
         WINDOW=sliding_window > 0,
         SOFTCAP=soft_cap > 0,
         SINKS=sinks is not None,
+        TC=launch.tensor_core,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl.launch_options(q.device),

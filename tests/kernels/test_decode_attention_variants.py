@@ -1,0 +1,128 @@
+"""Every selectable decode-attention variant (LaunchConfig: tile, warps, split length and cap,
+tensor-core or CUDA-core dots) against the reference twin: GQA groups 1/2/4/8, head dims
+64/128/256, fused rotary + KV write with the folded norm's 1/rms, sliding window, soft cap,
+sinks and an fp8 cache; and a tuned choice (decode_attention.CHOICE) is what every call of that
+shape runs, eager or padded to a graph's batch, bitwise.
+
+CPU: Triton's interpreter in fp32 / fp16 (a few short contexts: it runs every program in turn);
+CUDA (`gpu` marker): bf16, the benchmark's candidates at longer contexts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_cases import CASES, rel_err, skip_without, tol_for
+from paged_inputs import make_paged_batch
+
+from kernels import reference
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+FP8 = torch.float8_e4m3fn
+
+
+def _variants(device: str) -> list[object]:
+    from kernels.triton.decode_attention import LaunchConfig
+    from kernels.triton.decode_attention_tune import candidates
+
+    if device == "cuda":  # what the tuner and the benchmark may pick, for a head dim of 128 and 256
+        return [*candidates(2, 256), *candidates(8, 128)]
+    # the interpreter: tiles of 16-32 tokens so that contexts of < 80 tokens cross tiles and splits
+    return [
+        LaunchConfig(16, 4, 1, tensor_core=False),
+        LaunchConfig(32, 4, 2, min_split_len=32, max_splits=2),
+        LaunchConfig(16, 8, 2, min_split_len=16, max_splits=8, tensor_core=False),
+    ]
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_variants_against_the_reference(device: str, dtype: torch.dtype) -> None:
+    skip_without(device)
+    pytest.importorskip("triton")
+    from kernels.triton import decode_attention as da
+
+    gen = torch.Generator().manual_seed(31)
+    limit = tol_for(dtype)
+    # (Hq, Hkv, head_dim, block size): GQA 1 / 2 / 4 / 8, head dims 64 / 128 / 256
+    shapes = [(2, 2, 64, 16), (4, 2, 256, 16), (8, 2, 64, 16), (8, 1, 128, 16)]
+    lens = [1, 17, 70]
+    if device == "cuda":
+        shapes += [(16, 8, 256, 16), (32, 4, 128, 16), (32, 8, 128, 16)]
+        lens += [640, 1152, 4096]
+    for num_q_heads, num_kv_heads, head_dim, block_size in shapes:
+        batch = make_paged_batch(
+            [(n - 1, 1) for n in lens], num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, gen
+        )
+        tail = (batch.block_tables, batch.cu_seqlens_q, batch.seq_lens)
+        scale = 1.0 / math.sqrt(head_dim)
+        tokens = batch.q.shape[0]
+        k_raw = torch.randn(batch.new_k.shape, generator=gen).to(dtype).to(device)
+        v_raw = torch.randn(batch.new_v.shape, generator=gen).to(dtype).to(device)
+        hidden = torch.randn(tokens, 3 * head_dim, generator=gen).mul(3.0).to(dtype).to(device)
+        inv_rms = torch.rsqrt(hidden.float().pow(2).mean(-1) + 1e-5)[:, None, None]
+        positions = (batch.seq_lens - 1).long()
+        cos_sin = reference.build_rope_cache(head_dim, 4096, 10000.0, None, dtype, device)
+        sinks = torch.randn(num_q_heads, generator=gen).to(device)
+        for launch in _variants(device):
+            case = (num_q_heads, num_kv_heads, head_dim, str(launch))
+            # plain, then windowed + soft-capped + sinks
+            for masks in ({}, {"sliding_window": 24 if device == "cpu" else 1024, "soft_cap": 5.0, "sinks": sinks}):
+                ref = reference.paged_attention(batch.q, batch.kv_cache, *tail, scale, 1, **masks)  # type: ignore[arg-type]
+                out = da.decode_attention(batch.q, batch.kv_cache, *tail, scale, launch=launch, **masks)  # type: ignore[arg-type]
+                assert rel_err(out, ref) < limit, (case, masks.keys(), rel_err(out, ref))
+            # rotary + KV write + the folded norm's 1/rms in the kernel (a decode step's default)
+            qs, ks, vs = ((t * inv_rms).to(dtype) for t in (batch.q, k_raw, v_raw))
+            cache_ref, cache_out = batch.kv_cache.clone(), batch.kv_cache.clone()
+            q_rot = reference.rotary_write_kv_cache(qs, ks, vs, cache_ref, batch.slot_mapping, positions, cos_sin)
+            ref = reference.paged_attention(q_rot, cache_ref, *tail, scale, 1)
+            rotary = da.RotaryKV(k_raw, v_raw, batch.slot_mapping, positions, cos_sin, hidden, 1e-5)
+            out = da.decode_attention(batch.q, cache_out, *tail, scale, rotary=rotary, launch=launch)
+            assert rel_err(out, ref) < limit, (case, "rotary", rel_err(out, ref))
+            torch.testing.assert_close(cache_out, cache_ref, atol=limit * 4, rtol=limit * 2)
+            # an fp8 cache: the same variant over the fp8 values
+            fp8 = batch.kv_cache.to(FP8)
+            ref = reference.paged_attention(batch.q, fp8, *tail, scale, 1)
+            out = da.decode_attention(batch.q, fp8, *tail, scale, launch=launch)
+            assert rel_err(out, ref) < limit, (case, "fp8", rel_err(out, ref))
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_a_tuned_choice_is_used_eager_and_graph_padded(device: str, dtype: torch.dtype) -> None:
+    """A config in CHOICE for a shape is what every call of that shape runs: the same output as
+    passing it explicitly, and rows equal bitwise when the batch is padded (a CUDA graph's size,
+    same power of two) with entries of no query."""
+    skip_without(device)
+    pytest.importorskip("triton")
+    from kernels.triton import decode_attention as da
+
+    num_q_heads, num_kv_heads, head_dim, block_size = 8, 2, 64, 16
+    gen = torch.Generator().manual_seed(32)
+    lens = [5, 40, 70] if device == "cpu" else [5, 700, 3000]
+    batch = make_paged_batch(
+        [(n - 1, 1) for n in lens], num_q_heads, num_kv_heads, head_dim, block_size, dtype, device, gen
+    )
+    scale = 1.0 / math.sqrt(head_dim)
+    tuned = da.LaunchConfig(16 if device == "cpu" else 32, 4, 2, min_split_len=16 if device == "cpu" else 32,
+                            max_splits=3, tensor_core=False)  # fmt: skip
+    key = da.decode_key(num_q_heads, num_kv_heads, head_dim, dtype, 0, len(lens))
+    assert key == da.decode_key(num_q_heads, num_kv_heads, head_dim, dtype, 0, 4)  # 3 pads to 4
+    da.CHOICE[key] = tuned
+    try:
+        tail = (batch.block_tables, batch.cu_seqlens_q, batch.seq_lens)
+        chosen = da.decode_attention(batch.q, batch.kv_cache, *tail, scale)
+        explicit = da.decode_attention(batch.q, batch.kv_cache, *tail, scale, launch=tuned)
+        assert torch.equal(chosen, explicit)
+        # padded to 4 entries (one with no query token and seq_len 0), one extra q row
+        q = torch.cat([batch.q, torch.randn_like(batch.q[:1])])
+        cu = torch.cat([batch.cu_seqlens_q, batch.cu_seqlens_q[-1:]])
+        seq_lens = torch.cat([batch.seq_lens, torch.zeros(1, dtype=torch.int32, device=device)])
+        tables = torch.cat([batch.block_tables, torch.zeros_like(batch.block_tables[:1])])
+        padded = da.decode_attention(q, batch.kv_cache, tables, cu, seq_lens, scale)
+        assert torch.equal(padded[: len(lens)], chosen)
+        ref = reference.paged_attention(batch.q, batch.kv_cache, *tail, scale, 1)
+        assert rel_err(chosen, ref) < tol_for(dtype)
+    finally:
+        del da.CHOICE[key]
