@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from kernels.ops import AttentionShape
 from kernels.triton.decode_attention import (
     CHOICE,
     LaunchConfig,
@@ -28,6 +29,7 @@ from kernels.triton.decode_attention import (
     decode_key,
     default_launch,
 )
+from kernels.triton.paged_attention import FUSED_ROPE_MAX_TOKENS
 from kernels.triton.skinny_gemm import _graph_seconds
 
 # a candidate must be this much faster than today's rule to replace it (run-to-run noise)
@@ -36,27 +38,8 @@ MARGIN = 0.97
 # wrong kernel is off by ~1)
 TOLERANCE = 2e-2
 BLOCK_SIZE = 16
-BATCHES = (1, 2, 4, 8)
+BATCHES = (1, 2, 4, 8)  # the decode batch buckets (powers of two) up to FUSED_ROPE_MAX_TOKENS
 CONTEXTS = (640, 2048)  # the sum of both is timed: a short decode and a long one
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    """One attention layer's shape as the decode kernel sees it (this rank's heads)."""
-
-    num_q_heads: int
-    num_kv_heads: int
-    head_dim: int
-    sliding_window: int = 0
-    soft_cap: float = 0.0
-    sinks: bool = False
-    rms_hidden: int = 0  # > 0: the folded input norm's 1/rms is computed in the kernel (its width)
-
-    def __str__(self) -> str:
-        text = f"{self.num_q_heads}q/{self.num_kv_heads}kv x {self.head_dim}"
-        if self.sliding_window:
-            text += f" window {self.sliding_window}"
-        return text
 
 
 def candidates(group: int, head_dim: int) -> list[LaunchConfig]:
@@ -185,7 +168,8 @@ def time_candidates(
 ) -> list[tuple[LaunchConfig, list[float] | str]]:
     """(config, us per call at each context) for each config, or (config, why it was rejected);
     configs[0] is the one the others' outputs are checked against."""
-    inputs = make_inputs(shape, batch, max(contexts), dtype, device, fused_rotary=batch <= 8)
+    fused = batch <= FUSED_ROPE_MAX_TOKENS  # as a decode step calls it (paged_attention.py)
+    inputs = make_inputs(shape, batch, max(contexts), dtype, device, fused_rotary=fused)
     results: list[tuple[LaunchConfig, list[float] | str]] = []
     refs = []
     for context in contexts:
@@ -213,7 +197,7 @@ def tune_decode_attention(
     shapes: list[AttentionShape],
     dtype: torch.dtype,
     device: torch.device,
-    max_batch: int = 8,
+    max_batch: int = FUSED_ROPE_MAX_TOKENS,
     reps: int = 20,
 ) -> list[str]:
     """Measure each shape's candidates at each batch bucket up to `max_batch` and keep the fastest
@@ -240,6 +224,8 @@ def tune_decode_attention(
             chosen = best if best_us < MARGIN * default_us else configs[0]
             CHOICE[key] = chosen
             parts = [f"{c}: {t}" if isinstance(t, str) else f"{c} {sum(t):.1f} us" for c, t in results]
-            lines.append(f"{label} (us summed over contexts {CONTEXTS}): " + ", ".join(parts) + f" -> {chosen}")
+            lines.append(
+                f"{label} (us summed over contexts {CONTEXTS}): " + ", ".join(parts) + f" -> {chosen}"
+            )
         torch.cuda.empty_cache()
     return lines

@@ -18,6 +18,7 @@ from kernel_cases import CASES, rel_err, skip_without, tol_for
 from paged_inputs import make_paged_batch
 
 from kernels import reference
+from kernels.ops import AttentionShape
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -69,14 +70,19 @@ def test_variants_against_the_reference(device: str, dtype: torch.dtype) -> None
         for launch in _variants(device):
             case = (num_q_heads, num_kv_heads, head_dim, str(launch))
             # plain, then windowed + soft-capped + sinks
-            for masks in ({}, {"sliding_window": 24 if device == "cpu" else 1024, "soft_cap": 5.0, "sinks": sinks}):
+            for masks in (
+                {},
+                {"sliding_window": 24 if device == "cpu" else 1024, "soft_cap": 5.0, "sinks": sinks},
+            ):
                 ref = reference.paged_attention(batch.q, batch.kv_cache, *tail, scale, 1, **masks)  # type: ignore[arg-type]
                 out = da.decode_attention(batch.q, batch.kv_cache, *tail, scale, launch=launch, **masks)  # type: ignore[arg-type]
                 assert rel_err(out, ref) < limit, (case, masks.keys(), rel_err(out, ref))
             # rotary + KV write + the folded norm's 1/rms in the kernel (a decode step's default)
             qs, ks, vs = ((t * inv_rms).to(dtype) for t in (batch.q, k_raw, v_raw))
             cache_ref, cache_out = batch.kv_cache.clone(), batch.kv_cache.clone()
-            q_rot = reference.rotary_write_kv_cache(qs, ks, vs, cache_ref, batch.slot_mapping, positions, cos_sin)
+            q_rot = reference.rotary_write_kv_cache(
+                qs, ks, vs, cache_ref, batch.slot_mapping, positions, cos_sin
+            )
             ref = reference.paged_attention(q_rot, cache_ref, *tail, scale, 1)
             rotary = da.RotaryKV(k_raw, v_raw, batch.slot_mapping, positions, cos_sin, hidden, 1e-5)
             out = da.decode_attention(batch.q, cache_out, *tail, scale, rotary=rotary, launch=launch)
@@ -126,3 +132,35 @@ def test_a_tuned_choice_is_used_eager_and_graph_padded(device: str, dtype: torch
         assert rel_err(chosen, ref) < tol_for(dtype)
     finally:
         del da.CHOICE[key]
+
+
+def test_tuner_inputs_are_a_decode_step() -> None:
+    """The inputs the tuner and the benchmark time (decode_attention_tune.make_inputs, set to a
+    context) are a real decode step: rotary + KV write + the folded norm's 1/rms at the sequences'
+    last position, equal to the reference; off CUDA the tuner keeps today's rule."""
+    pytest.importorskip("triton")
+    from kernels.triton.decode_attention import CHOICE, LaunchConfig
+    from kernels.triton.decode_attention_tune import make_inputs, runner, tune_decode_attention
+
+    shape = AttentionShape(4, 2, 64, sliding_window=24, rms_hidden=32)
+    inputs = make_inputs(shape, 2, 80, torch.float32, torch.device("cpu"))
+    rotary = inputs.rotary
+    assert rotary is not None and rotary.rms_input is not None
+    for context in (20, 80):
+        inputs.set_context(context)
+        expected_cache = inputs.cache.clone()
+        out = runner(
+            shape, inputs, LaunchConfig(16, 4, 1, min_split_len=16, max_splits=3, tensor_core=False)
+        )()
+        inv_rms = torch.rsqrt(rotary.rms_input.float().pow(2).mean(-1) + rotary.rms_eps)[:, None, None]
+        qs, ks, vs = (t * inv_rms for t in (inputs.q, rotary.k, rotary.v))
+        q_rot = reference.rotary_write_kv_cache(
+            qs, ks, vs, expected_cache, rotary.slot_mapping, rotary.positions, rotary.cos_sin_cache
+        )
+        meta = (inputs.block_tables, inputs.cu_seqlens_q, inputs.seq_lens, 64**-0.5, 1)
+        ref = reference.paged_attention(q_rot, expected_cache, *meta, sliding_window=24)
+        assert rel_err(out, ref) < tol_for(torch.float32), context
+        assert torch.equal(inputs.cache, expected_cache)
+    before = dict(CHOICE)
+    assert tune_decode_attention([shape], torch.float32, torch.device("cpu")) == []
+    assert before == CHOICE
