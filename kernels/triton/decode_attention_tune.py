@@ -49,7 +49,7 @@ def candidates(group: int, head_dim: int) -> list[LaunchConfig]:
     - head dim 256: 64-token tiles with 8 warps, so a 64-token split is one tile loaded before
       the PDL wait (today's 32-token tiles load its second half after the wait);
     - head dim <= 128: 32-token splits of one 32-token tile (more, shorter splits at batch 1);
-    - at most 8 splits: half the merge's reads, fewer programs that finish last;
+    - at most 8 or 4 splits: a half / a quarter of the merge's reads, for longer splits;
     - CUDA-core dots over the group's rows (no padding to 16 rows), where the group x tile x head
       dim products fit in <= 64 registers a thread."""
     base = default_launch(head_dim, on_gpu=True)
@@ -59,6 +59,7 @@ def candidates(group: int, head_dim: int) -> list[LaunchConfig]:
         LaunchConfig(base.block_n, 8, base.num_stages),
         LaunchConfig(64, 8, 2) if wide else LaunchConfig(32, 4, 2, min_split_len=32),
         LaunchConfig(base.block_n, 8, base.num_stages, max_splits=8),
+        LaunchConfig(base.block_n, 8, base.num_stages, max_splits=4),
     ]
     rows = triton.next_power_of_2(group)
     d_pad = triton.next_power_of_2(head_dim)

@@ -164,3 +164,42 @@ def test_tuner_inputs_are_a_decode_step() -> None:
     before = dict(CHOICE)
     assert tune_decode_attention([shape], torch.float32, torch.device("cpu")) == []
     assert before == CHOICE
+
+
+@pytest.mark.gpu
+def test_tuned_choice_graphs_on_and_off_bitwise() -> None:
+    """On the GPU: the tuner picks a config for a Gemma-3-like shape at batch bucket 4, and a
+    batch of 3 run eagerly equals, bitwise, the same batch padded to 4 and replayed in a CUDA graph
+    (the decode step with graphs on and off)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from kernels.triton import decode_attention as da
+    from kernels.triton.decode_attention_tune import make_inputs, runner, tune_decode_attention
+
+    device = torch.device("cuda")
+    shape = AttentionShape(16, 8, 256, sliding_window=1024)
+    keys = [da.decode_key(16, 8, 256, torch.bfloat16, 1024, b) for b in (1, 2, 4)]
+    key = keys[-1]
+    for k in keys:
+        da.CHOICE.pop(k, None)
+    lines = tune_decode_attention([shape], torch.bfloat16, device, max_batch=4)
+    assert key in da.CHOICE and len(lines) == 3, lines
+    try:
+        inputs = make_inputs(shape, 4, 2048, torch.bfloat16, device, fused_rotary=False)
+        inputs.seq_lens.copy_(torch.tensor([700, 1500, 90, 0], dtype=torch.int32))
+        inputs.cu_seqlens_q.copy_(torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32))
+        eager = da.decode_attention(
+            inputs.q[:3], inputs.cache, inputs.block_tables[:3], inputs.cu_seqlens_q[:4], inputs.seq_lens[:3],
+            shape.head_dim**-0.5, sliding_window=1024,
+        )  # fmt: skip
+        call = runner(shape, inputs, None)  # the padded batch of 4, the tuned choice
+        call()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[:3], eager)
+    finally:
+        for k in keys:
+            da.CHOICE.pop(k, None)
