@@ -67,16 +67,14 @@ def test_variants_against_the_reference(device: str, dtype: torch.dtype) -> None
         positions = (batch.seq_lens - 1).long()
         cos_sin = reference.build_rope_cache(head_dim, 4096, 10000.0, None, dtype, device)
         sinks = torch.randn(num_q_heads, generator=gen).to(device)
-        for launch in _variants(device):
+        for i, launch in enumerate(_variants(device)):
             case = (num_q_heads, num_kv_heads, head_dim, str(launch))
-            # plain, then windowed + soft-capped + sinks
-            for masks in (
-                {},
-                {"sliding_window": 24 if device == "cpu" else 1024, "soft_cap": 5.0, "sinks": sinks},
-            ):
-                ref = reference.paged_attention(batch.q, batch.kv_cache, *tail, scale, 1, **masks)  # type: ignore[arg-type]
-                out = da.decode_attention(batch.q, batch.kv_cache, *tail, scale, launch=launch, **masks)  # type: ignore[arg-type]
-                assert rel_err(out, ref) < limit, (case, masks.keys(), rel_err(out, ref))
+            # windowed + soft-capped + sinks (the rotary case below is the plain one)
+            window = 24 if device == "cpu" else 1024
+            masks = {"sliding_window": window, "soft_cap": 5.0, "sinks": sinks}
+            ref = reference.paged_attention(batch.q, batch.kv_cache, *tail, scale, 1, **masks)  # type: ignore[arg-type]
+            out = da.decode_attention(batch.q, batch.kv_cache, *tail, scale, launch=launch, **masks)  # type: ignore[arg-type]
+            assert rel_err(out, ref) < limit, (case, "masks", rel_err(out, ref))
             # rotary + KV write + the folded norm's 1/rms in the kernel (a decode step's default)
             qs, ks, vs = ((t * inv_rms).to(dtype) for t in (batch.q, k_raw, v_raw))
             cache_ref, cache_out = batch.kv_cache.clone(), batch.kv_cache.clone()
@@ -88,6 +86,8 @@ def test_variants_against_the_reference(device: str, dtype: torch.dtype) -> None
             out = da.decode_attention(batch.q, cache_out, *tail, scale, rotary=rotary, launch=launch)
             assert rel_err(out, ref) < limit, (case, "rotary", rel_err(out, ref))
             torch.testing.assert_close(cache_out, cache_ref, atol=limit * 4, rtol=limit * 2)
+            if device == "cpu" and i > 0:
+                continue  # (the interpreter's time: an fp8 cache with the first variant only)
             # an fp8 cache: the same variant over the fp8 values
             fp8 = batch.kv_cache.to(FP8)
             ref = reference.paged_attention(batch.q, fp8, *tail, scale, 1)
