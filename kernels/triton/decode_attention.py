@@ -399,6 +399,18 @@ def _decode_kernel(
 # wave of programs on a Hopper GPU for 8 KV heads; models with 2 KV heads decoding one very long
 # sequence alone get fewer programs than SMs (docs/gpu.md).
 MAX_SPLITS = 16
+# A config (LaunchConfig.max_splits) may ask for up to 32 splits where the merge tile stays at
+# most the size of today's largest (8 x 16 x 128 for Qwen3-30B-A3B's heads): e.g. Gemma-3's 2 x 32
+# x 256, more and shorter splits for one sequence.
+MERGE_TILE = 16 * 8 * 128
+
+
+def split_cap(group: int, head_dim: int) -> int:
+    """The most splits a launch may ask for (see MERGE_TILE)."""
+    rows, d_pad = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
+    return 2 * MAX_SPLITS if rows * 2 * MAX_SPLITS * d_pad <= MERGE_TILE else MAX_SPLITS
+
+
 # Shortest context slice of one split on the GPU (a multiple of the 64-token tile); the split's
 # first tile is loaded before the PDL wait, so 64 makes every split of a short context one
 # preloaded tile, which measured faster than longer splits (docs/gpu.md, round 5 and 6).
@@ -489,7 +501,7 @@ def decode_attention(
         max_context = min(max_context, sliding_window)
     if max_splits is None:
         max_splits = launch.max_splits or max_splits_for(batch, num_kv_heads, _sm_count(q.device))
-    max_splits = max(1, min(MAX_SPLITS, max_splits))
+    max_splits = max(1, min(split_cap(group, head_dim), max_splits))
     num_splits = max(1, min(max_splits, triton.cdiv(max_context, min_split_len)))
     if rotary is not None:
         k_new, v_new = rotary.k, rotary.v

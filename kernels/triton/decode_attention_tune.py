@@ -23,11 +23,13 @@ import triton
 from kernels.ops import AttentionShape
 from kernels.triton.decode_attention import (
     CHOICE,
+    MAX_SPLITS,
     LaunchConfig,
     RotaryKV,
     decode_attention,
     decode_key,
     default_launch,
+    split_cap,
 )
 from kernels.triton.paged_attention import FUSED_ROPE_MAX_TOKENS
 from kernels.triton.skinny_gemm import _graph_seconds
@@ -50,6 +52,7 @@ def candidates(group: int, head_dim: int) -> list[LaunchConfig]:
       the PDL wait (today's 32-token tiles load its second half after the wait);
     - head dim <= 128: 32-token splits of one 32-token tile (more, shorter splits at batch 1);
     - at most 8 or 4 splits: a half / a quarter of the merge's reads, for longer splits;
+    - up to 32 splits of one tile each, where the merge tile allows (decode_attention.split_cap);
     - CUDA-core dots over the group's rows (no padding to 16 rows), where the group x tile x head
       dim products fit in <= 64 registers a thread."""
     base = default_launch(head_dim, on_gpu=True)
@@ -61,6 +64,12 @@ def candidates(group: int, head_dim: int) -> list[LaunchConfig]:
         LaunchConfig(base.block_n, 8, base.num_stages, max_splits=8),
         LaunchConfig(base.block_n, 8, base.num_stages, max_splits=4),
     ]
+    if split_cap(group, head_dim) > MAX_SPLITS:  # up to 32 one-tile splits
+        out.append(
+            LaunchConfig(64, 8, 2, max_splits=2 * MAX_SPLITS)
+            if wide
+            else LaunchConfig(32, 4, 2, min_split_len=32, max_splits=2 * MAX_SPLITS)
+        )
     rows = triton.next_power_of_2(group)
     d_pad = triton.next_power_of_2(head_dim)
     for warps in (4, 8):

@@ -203,3 +203,30 @@ def test_tuned_choice_graphs_on_and_off_bitwise() -> None:
     finally:
         for k in keys:
             da.CHOICE.pop(k, None)
+
+
+@pytest.mark.parametrize(("device", "dtype"), [c for c in CASES if c.id != "cpu-fp16"])
+def test_more_than_16_splits_where_the_merge_tile_allows(device: str, dtype: torch.dtype) -> None:
+    """LaunchConfig.max_splits up to 32 where the merge's [group, splits, head_dim] tile fits
+    (Gemma-3's 2 x 32 x 256), clamped to 16 elsewhere; either way equal to the reference."""
+    skip_without(device)
+    pytest.importorskip("triton")
+    from kernels.triton import decode_attention as da
+
+    assert da.split_cap(2, 256) == 32 and da.split_cap(4, 128) == 32
+    assert da.split_cap(8, 128) == 16 and da.split_cap(4, 256) == 16
+    gen = torch.Generator().manual_seed(33)
+    shapes = [(4, 2, 64)] if device == "cpu" else [(4, 2, 64), (16, 8, 256), (32, 8, 128)]
+    for num_q_heads, num_kv_heads, head_dim in shapes:
+        lens = [300] if device == "cpu" else [300, 2100, 9000]  # 19 splits of 16 tokens on the CPU
+        batch = make_paged_batch(
+            [(n - 1, 1) for n in lens], num_q_heads, num_kv_heads, head_dim, 16, dtype, device, gen
+        )
+        tail = (batch.block_tables, batch.cu_seqlens_q, batch.seq_lens)
+        scale = 1.0 / math.sqrt(head_dim)
+        launch = da.LaunchConfig(16, 4, 1, min_split_len=16, max_splits=32)
+        ref = reference.paged_attention(batch.q, batch.kv_cache, *tail, scale, 1)
+        out = da.decode_attention(batch.q, batch.kv_cache, *tail, scale, launch=launch)
+        again = da.decode_attention(batch.q, batch.kv_cache, *tail, scale, launch=launch)
+        assert rel_err(out, ref) < tol_for(dtype), (num_q_heads, rel_err(out, ref))
+        assert torch.equal(out, again), "a second launch must see reset counters"
