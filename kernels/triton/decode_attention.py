@@ -1,7 +1,7 @@
 """Paged decode attention (one query token per sequence), GQA-aware and split along the KV length.
 
 Flash-decoding: program (b, kv_head, split) attends the `GROUP` query heads that share `kv_head`
-(padded to 16 rows so the scores are one tensor-core dot) over one slice of sequence b's context,
+(padded to 16 rows so the scores are one tensor-core dot, or unpadded with CUDA-core dots) over one slice of sequence b's context,
 reading K/V straight from the paged cache through the block table. The last split of (b, kv_head)
 to finish (an arrival counter) merges the splits by their log-sum-exp in the same launch: one
 kernel per layer instead of two (launches weigh in a batch-1 decode graph; docs/gpu.md).
@@ -18,6 +18,12 @@ K/V of tokens cached by earlier steps) is loaded before the wait. With `rotary` 
 default, paged_attention.rotary_write_paged_attention) the kernel also does rotary + the KV write:
 every program rotates its query heads, the split holding the new position rotates the new K,
 writes K/V to their slot and uses them from registers (never reading them back).
+
+The tile, split and dot choices are a `LaunchConfig`: today's rule (`default_launch`), or the one
+`decode_attention_tune` measured fastest for the shape and batch bucket on this GPU (`CHOICE`,
+keyed by next_power_of_2(batch) like the split cap, so eager and graph-padded batches agree). At
+batch 1-8 the kernel is latency-bound; docs/gpu.md ("Decode attention at batch 1") says what
+bounds it and what each config changes.
 
 A sliding window W (Mistral, Gemma's local layers) shrinks the context to its last W positions
 before the split partition (the window's keys, never more, are read); soft-capping (Gemma 2)
