@@ -1,8 +1,9 @@
 """Paged decode attention (one query token per sequence), GQA-aware and split along the KV length.
 
 Flash-decoding: program (b, kv_head, split) attends the `GROUP` query heads that share `kv_head`
-(padded to 16 rows so the scores are one tensor-core dot, or unpadded with CUDA-core dots) over one slice of sequence b's context,
-reading K/V straight from the paged cache through the block table. The last split of (b, kv_head)
+(padded to 16 rows so the scores are one tensor-core dot, or unpadded with CUDA-core dots) over
+one slice of sequence b's context, reading K/V straight from the paged cache through the block
+table. The last split of (b, kv_head)
 to finish (an arrival counter) merges the splits by their log-sum-exp in the same launch: one
 kernel per layer instead of two (launches weigh in a batch-1 decode graph; docs/gpu.md).
 
