@@ -10,7 +10,9 @@ CUDA (`gpu` marker): bf16, the benchmark's candidates at longer contexts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +232,35 @@ def test_more_than_16_splits_where_the_merge_tile_allows(device: str, dtype: tor
         again = da.decode_attention(batch.q, batch.kv_cache, *tail, scale, launch=launch)
         assert rel_err(out, ref) < tol_for(dtype), (num_q_heads, rel_err(out, ref))
         assert torch.equal(out, again), "a second launch must see reset counters"
+
+
+def test_engine_start_tunes_each_distinct_attention_shape(tmp_path: Path) -> None:
+    """kernel_tuning asks the bundle's tuner for every distinct attention shape of the model:
+    Gemma 3's sliding-window and global layers apart (its q/k norms keep the input norm unfolded:
+    no 1/rms in the kernel)."""
+    import transformers as tf
+
+    from kernels.triton import TRITON_OPS
+    from services.worker.kernel_tuning import _tune_decode_attention
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    cfg = tf.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_hidden_layers=3, vocab_size=128, max_position_embeddings=64, query_pre_attn_scalar=32,
+        sliding_window=16, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )  # fmt: skip
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    cfg.save_pretrained(str(tmp_path))
+    model = build_model(
+        load_model_config(str(tmp_path)), TRITON_OPS, torch.device("cpu"), torch.float32, "dummy"
+    )
+    asked: list[list[AttentionShape]] = []
+
+    def record(shapes: list[AttentionShape], dtype: torch.dtype, device: torch.device) -> list[str]:
+        asked.append(shapes)
+        return [f"{len(shapes)} shapes"]
+
+    ops = dataclasses.replace(TRITON_OPS, tune_decode_attention=record)
+    assert _tune_decode_attention(model, ops, torch.device("cpu"), torch.float32) == ["2 shapes"]
+    assert asked == [[AttentionShape(4, 2, 32, sliding_window=16), AttentionShape(4, 2, 32)]]
