@@ -31,6 +31,24 @@ class QuantFusion:
 
 
 @dataclass(frozen=True)
+class AttentionShape:
+    """One attention layer's shape as the decode kernel sees it (this rank's heads): what
+    `tune_decode_attention` measures its launch configs for."""
+
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int = 0
+    soft_cap: float = 0.0
+    sinks: bool = False
+    rms_hidden: int = 0  # > 0: the folded input norm's 1/rms is computed in the kernel (its width)
+
+    def __str__(self) -> str:
+        text = f"{self.num_q_heads}q/{self.num_kv_heads}kv x {self.head_dim}"
+        return text + (f" window {self.sliding_window}" if self.sliding_window else "")
+
+
+@dataclass(frozen=True)
 class KernelOps:
     """A bundle of kernel implementations; the comments give each signature."""
 
@@ -134,6 +152,10 @@ class KernelOps:
     #  activation, name) -> report lines: times the decode MoE kernels' tile configs at batch 1 and
     #  keeps the fastest for fused_moe (None: nothing to tune)
     tune_moe: Callable[..., list[str]] | None = None
+    # (shapes: list[AttentionShape], dtype, device, max_batch) -> report lines: times the decode
+    #  attention kernel's launch configs per shape and batch bucket in CUDA graphs and keeps the
+    #  fastest for every later decode call of that shape (None: nothing to tune)
+    tune_decode_attention: Callable[..., list[str]] | None = None
     # (x [M, K], qweight, scales [N, G] fp32, bits 8 | 4, zeros [N, G] | None, bias [N] | None) ->
     #   [M, N] in x's dtype: a GEMM with int8 or packed 4-bit weights dequantized per group
     #   (layouts: reference.dequantize_weight; services/worker/layers/quantization/)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
+from kernels.triton.decode_attention_tune import tune_decode_attention
 from kernels.triton.exponential_race import exponential_race
 from kernels.triton.fp8_gemm import tune_fp8_linear, w8a8_linear
 from kernels.triton.fused_moe import fused_moe
@@ -89,6 +90,7 @@ TRITON_OPS = KernelOps(
     fused_moe=fused_moe,
     moe_route=moe_route,
     tune_moe=tune_moe,
+    tune_decode_attention=tune_decode_attention,
     quant_linear=quant_linear,
     tune_quant_linear=tune_quant_linear,
     quant_linear_fused=quant_linear_fused,

@@ -1,8 +1,9 @@
 """Paged decode attention (one query token per sequence), GQA-aware and split along the KV length.
 
 Flash-decoding: program (b, kv_head, split) attends the `GROUP` query heads that share `kv_head`
-(padded to 16 rows so the scores are one tensor-core dot) over one slice of sequence b's context,
-reading K/V straight from the paged cache through the block table. The last split of (b, kv_head)
+(padded to 16 rows so the scores are one tensor-core dot, or unpadded with CUDA-core dots) over
+one slice of sequence b's context, reading K/V straight from the paged cache through the block
+table. The last split of (b, kv_head)
 to finish (an arrival counter) merges the splits by their log-sum-exp in the same launch: one
 kernel per layer instead of two (launches weigh in a batch-1 decode graph; docs/gpu.md).
 
@@ -18,6 +19,12 @@ K/V of tokens cached by earlier steps) is loaded before the wait. With `rotary` 
 default, paged_attention.rotary_write_paged_attention) the kernel also does rotary + the KV write:
 every program rotates its query heads, the split holding the new position rotates the new K,
 writes K/V to their slot and uses them from registers (never reading them back).
+
+The tile, split and dot choices are a `LaunchConfig`: today's rule (`default_launch`), or the one
+`decode_attention_tune` measured fastest for the shape and batch bucket on this GPU (`CHOICE`,
+keyed by next_power_of_2(batch) like the split cap, so eager and graph-padded batches agree). At
+batch 1-8 the kernel is latency-bound; docs/gpu.md ("Decode attention at batch 1") says what
+bounds it and what each config changes.
 
 A sliding window W (Mistral, Gemma's local layers) shrinks the context to its last W positions
 before the split partition (the window's keys, never more, are read); soft-capping (Gemma 2)
@@ -58,12 +65,68 @@ class RotaryKV:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile and launch parameters (the defaults are picked in `decode_attention`; a benchmark
-    passes others to compare)."""
+    """Tile, split and launch parameters. `default_launch` gives today's rule; a benchmark passes
+    others to compare, and `decode_attention_tune` keeps the one measured fastest for a shape
+    (`CHOICE`). Every field but the launch's warps and stages changes the summation order, so a
+    config is a function of the shape and the batch's power of two only (graphs on/off agree)."""
 
     block_n: int  # context tokens per loop iteration (a multiple of 16)
     num_warps: int
     num_stages: int
+    min_split_len: int = 0  # shortest split in tokens; 0: GPU_MIN_SPLIT_LEN (the interpreter: 16)
+    max_splits: int = 0  # cap on the splits; 0: max_splits_for's rule (an explicit argument wins)
+    # False: the scores and P @ V as CUDA-core multiply-adds over the GROUP rows (no padding of the
+    # query rows to the 16 a tensor-core dot needs: GQA groups of 1-4 waste 75-94% of the MMA)
+    tensor_core: bool = True
+
+    def __str__(self) -> str:
+        text = f"n{self.block_n} w{self.num_warps} s{self.num_stages}"
+        if self.min_split_len:
+            text += f" min{self.min_split_len}"
+        if self.max_splits:
+            text += f" max{self.max_splits}"
+        return text + ("" if self.tensor_core else " fma")
+
+
+# (Hq, Hkv, head_dim, q dtype, sliding window, next_power_of_2(batch)) -> the config chosen by
+# decode_attention_tune for that shape (process-wide; read by every eager and graph-captured call)
+DecodeKey = tuple[int, int, int, torch.dtype, int, int]
+CHOICE: dict[DecodeKey, LaunchConfig] = {}
+
+
+def decode_key(
+    num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, sliding_window: int, batch: int
+) -> DecodeKey:
+    return (num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, triton.next_power_of_2(max(1, batch)))
+
+
+def default_launch(head_dim: int, on_gpu: bool) -> LaunchConfig:
+    """Today's rule: 64-token tiles (32 for head dims over 128), 4 warps, 3 stages; small tiles on
+    the CPU interpreter so that short test contexts still cross tiles and splits."""
+    if not on_gpu:
+        return LaunchConfig(16, 4, 3, min_split_len=16)
+    return LaunchConfig(64 if triton.next_power_of_2(head_dim) <= 128 else 32, 4, 3)
+
+
+@triton.jit
+def _scores(q, k, TC: tl.constexpr):
+    """q [G_PAD, D] . k [N, D]^T -> fp32 [G_PAD, N]: a tensor-core dot, or CUDA-core products
+    (exact in fp32 for 16-bit inputs) summed over D."""
+    if TC:
+        s = tl.dot(q, tl.trans(k))
+    else:
+        s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    return s
+
+
+@triton.jit
+def _weighted_values(p, v, TC: tl.constexpr):
+    """p [G_PAD, N] fp32 @ v [N, D] -> fp32 [G_PAD, D], p rounded to V's dtype either way."""
+    if TC:
+        out = tl.dot(p.to(v.dtype), v)
+    else:
+        out = tl.sum(p.to(v.dtype).to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+    return out
 
 
 @triton.jit
@@ -104,7 +167,7 @@ def _decode_kernel(
     stride_rope,
     stride_rms,
     GROUP: tl.constexpr,
-    G_PAD: tl.constexpr,  # query rows of the tensor-core dot (>= 16)
+    G_PAD: tl.constexpr,  # query rows of the dots (>= 16 for a tensor-core dot)
     G_MERGE: tl.constexpr,  # next_power_of_2(GROUP): rows of the merge
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -124,6 +187,7 @@ def _decode_kernel(
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     SINKS: tl.constexpr,
+    TC: tl.constexpr,  # tensor-core dots (else CUDA-core multiply-adds, see LaunchConfig)
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -227,7 +291,7 @@ def _decode_kernel(
             v0 = tl.where(
                 new0, tl.load(v_cache_ptr + row0[:, None] + d[None, :], mask=new0, other=0.0).to(DT), v0
             )
-        s = tl.dot(q, tl.trans(k0)) * scale_log2  # [G_PAD, BLOCK_N]
+        s = _scores(q, k0, TC) * scale_log2  # [G_PAD, BLOCK_N]
         if SOFTCAP:
             s = soft_cap(s, cap_log2)
         s = tl.where((n_mask0 & (pos0 < tile_end))[None, :], s, float("-inf"))
@@ -235,7 +299,7 @@ def _decode_kernel(
         m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # a split past the context: all stays 0
         p = tl.exp2(s - m_i[:, None])
         l_i = tl.sum(p, axis=1)
-        acc = tl.dot(p.to(v0.dtype), v0)
+        acc = _weighted_values(p, v0, TC)
         for start in range(kv_start + BLOCK_N, tile_end, BLOCK_N):
             pos = start + n
             n_mask = pos < tile_end
@@ -243,7 +307,7 @@ def _decode_kernel(
             row = block * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
             kv_mask = n_mask[:, None] & d_mask[None, :]
             k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(DT)
-            s = tl.dot(q, tl.trans(k)) * scale_log2  # [G_PAD, BLOCK_N]
+            s = _scores(q, k, TC) * scale_log2  # [G_PAD, BLOCK_N]
             if SOFTCAP:
                 s = soft_cap(s, cap_log2)
             s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -252,7 +316,7 @@ def _decode_kernel(
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0).to(DT)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _weighted_values(p, v, TC)
             m_i = m_new
         if ROTARY:  # the new token, in the split that holds it: one more online-softmax column
             s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale_log2
@@ -308,6 +372,13 @@ def _decode_kernel(
                 other=float("-inf"),
                 cache_modifier=".cg",
             )
+            # both loads issued before either is used: the merge's two L2 round trips overlap
+            parts = tl.load(
+                part_out_ptr + (base[:, None, None] + sp[None, :, None]) * D_PAD + d[None, None, :],
+                mask=valid[:, :, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )  # [G_MERGE, S_PAD, D_PAD]
             m = tl.max(lse_all, axis=1)
             if SINKS:  # one more column, of no split: its weight joins the normaliser only
                 sink = (
@@ -317,12 +388,6 @@ def _decode_kernel(
                 m = tl.maximum(m, sink)
             m = tl.where(m == float("-inf"), 0.0, m)
             w = tl.exp2(lse_all - m[:, None])  # 0 for empty splits
-            parts = tl.load(
-                part_out_ptr + (base[:, None, None] + sp[None, :, None]) * D_PAD + d[None, None, :],
-                mask=valid[:, :, None],
-                other=0.0,
-                cache_modifier=".cg",
-            )  # [G_MERGE, S_PAD, D_PAD]
             total = tl.sum(w, axis=1)
             if SINKS:
                 total += tl.exp2(sink - m)
@@ -341,6 +406,18 @@ def _decode_kernel(
 # wave of programs on a Hopper GPU for 8 KV heads; models with 2 KV heads decoding one very long
 # sequence alone get fewer programs than SMs (docs/gpu.md).
 MAX_SPLITS = 16
+# A config (LaunchConfig.max_splits) may ask for up to 32 splits where the merge tile stays at
+# most the size of today's largest (8 x 16 x 128 for Qwen3-30B-A3B's heads): e.g. Gemma-3's 2 x 32
+# x 256, more and shorter splits for one sequence.
+MERGE_TILE = 16 * 8 * 128
+
+
+def split_cap(group: int, head_dim: int) -> int:
+    """The most splits a launch may ask for (see MERGE_TILE)."""
+    rows, d_pad = triton.next_power_of_2(group), triton.next_power_of_2(head_dim)
+    return 2 * MAX_SPLITS if rows * 2 * MAX_SPLITS * d_pad <= MERGE_TILE else MAX_SPLITS
+
+
 # Shortest context slice of one split on the GPU (a multiple of the 64-token tile); the split's
 # first tile is loaded before the PDL wait, so 64 makes every split of a short context one
 # preloaded tile, which measured faster than longer splits (docs/gpu.md, round 5 and 6).
@@ -420,18 +497,18 @@ def decode_attention(
     group = num_q_heads // num_kv_heads
     d_pad = triton.next_power_of_2(head_dim)
     on_gpu = q.device.type == "cuda"
-    # Small tiles on the CPU interpreter so that short test contexts still cross tiles and splits.
-    block_n = (64 if d_pad <= 128 else 32) if on_gpu else 16
-    num_warps, num_stages = 4, 3
-    if launch is not None:  # benchmarks/decode_attention_bench.py
-        block_n, num_warps, num_stages = launch.block_n, launch.num_warps, launch.num_stages
-    min_split_len = GPU_MIN_SPLIT_LEN if on_gpu else 16
+    if launch is None:  # the tuned config of this shape (decode_attention_tune), else today's rule
+        key = decode_key(num_q_heads, num_kv_heads, head_dim, q.dtype, sliding_window, batch)
+        launch = CHOICE.get(key) or default_launch(head_dim, on_gpu)
+    block_n, num_warps, num_stages = launch.block_n, launch.num_warps, launch.num_stages
+    assert block_n % 16 == 0, launch
+    min_split_len = launch.min_split_len or (GPU_MIN_SPLIT_LEN if on_gpu else 16)
     max_context = block_tables.shape[1] * block_size
     if sliding_window > 0:  # no split ever starts before the window
         max_context = min(max_context, sliding_window)
     if max_splits is None:
-        max_splits = max_splits_for(batch, num_kv_heads, _sm_count(q.device))
-    max_splits = max(1, min(MAX_SPLITS, max_splits))
+        max_splits = launch.max_splits or max_splits_for(batch, num_kv_heads, _sm_count(q.device))
+    max_splits = max(1, min(split_cap(group, head_dim), max_splits))
     num_splits = max(1, min(max_splits, triton.cdiv(max_context, min_split_len)))
     if rotary is not None:
         k_new, v_new = rotary.k, rotary.v
@@ -494,7 +571,7 @@ def decode_attention(
         rotary.cos_sin_cache.stride(0) if rotary is not None else 0,
         rms_input.stride(0) if rms_input is not None else 0,
         GROUP=group,
-        G_PAD=max(16, triton.next_power_of_2(group)),
+        G_PAD=max(16, triton.next_power_of_2(group)) if launch.tensor_core else triton.next_power_of_2(group),
         G_MERGE=triton.next_power_of_2(group),
         HEAD_DIM=head_dim,
         D_PAD=d_pad,
@@ -513,6 +590,7 @@ def decode_attention(
         WINDOW=sliding_window > 0,
         SOFTCAP=soft_cap > 0,
         SINKS=sinks is not None,
+        TC=launch.tensor_core,
         num_warps=num_warps,
         num_stages=num_stages,
         **pdl.launch_options(q.device),

@@ -8,7 +8,9 @@ twin first) in CUDA graphs:
   (kernels/triton/fp8_gemm.py);
 - integer (and FP8 weight-only) projections: the quantized GEMM's tile configs and its fused decode
   variants (kernels/triton/quant_gemm.py);
-- mixtures of experts: the decode GEMVs' tiles per expert shape (kernels/triton/moe_tune.py).
+- mixtures of experts: the decode GEMVs' tiles per expert shape (kernels/triton/moe_tune.py);
+- decode attention: the paged decode kernel's tile / split config per attention shape and decode
+  batch bucket (kernels/triton/decode_attention_tune.py).
 
 The choices live in each kernel module (process-wide); the report lines go to the log and to
 `ModelRunner.linear_report`.
@@ -22,10 +24,11 @@ import torch
 from torch import nn
 
 from kernels import KernelOps
+from kernels.ops import AttentionShape
 from services.worker.layers.linear import Linear
 from services.worker.layers.moe import MoeLayer, MoeOperands
 from services.worker.layers.quantization.fp8 import Fp8Method, runs_w8a8
-from services.worker.models.llama import LlamaForCausalLM, quant_fusions
+from services.worker.models.llama import Attention, LlamaForCausalLM, quant_fusions
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ def tune_kernels(
         report += _tune_fp8_linears(model, ops, device, dtype)
         report += _tune_quant_linears(model, ops)
         report += _tune_moe(model, ops)
+        report += _tune_decode_attention(model, ops, device, dtype)
         for name, mods in groups.items():
             shapes = {tuple(m.weight.shape) for m in mods}
             assert len(shapes) == 1, (name, shapes)
@@ -127,6 +131,35 @@ def _tune_moe(model: LlamaForCausalLM, ops: KernelOps) -> list[str]:
             first.activation,
         )
     return report
+
+
+def _tune_decode_attention(
+    model: LlamaForCausalLM, ops: KernelOps, device: torch.device, dtype: torch.dtype
+) -> list[str]:
+    """The decode attention kernel's config for each distinct attention shape of the model (local
+    and global layers apart), at the decode batches that run rotary + KV write in it."""
+    if ops.tune_decode_attention is None:
+        return []
+    shapes: list[AttentionShape] = []
+    for module in model.modules():
+        if isinstance(module, Attention):
+            attn = module.attn
+            # a folded input norm's 1/rms is computed in the kernel (models/llama.py forward_folded)
+            rms_hidden = module.qkv_proj.in_features if model.norms_folded else 0
+            shapes.append(
+                AttentionShape(
+                    attn.num_heads,
+                    attn.num_kv_heads,
+                    attn.head_dim,
+                    int(attn.masks.get("sliding_window", 0)),
+                    attn.masks.get("soft_cap", 0.0),
+                    attn.sinks is not None,
+                    rms_hidden,
+                )
+            )
+    if not shapes or not ops.graph_capturable(shapes[0].head_dim):
+        return []
+    return ops.tune_decode_attention(list(dict.fromkeys(shapes)), dtype, device)
 
 
 def _tune_quant_linears(model: LlamaForCausalLM, ops: KernelOps) -> list[str]:
