@@ -60,7 +60,7 @@ def test_a_missing_expert_is_named(tiny_model_dirs: dict[str, Path], tmp_path: P
 
 @pytest.mark.parametrize("model", [*MOE_MODELS, "gpt_oss"])
 def test_triton_moe_kernels_give_transformers_logits(ref_models: dict[str, RefModel], model: str) -> None:
-    """The Triton routing and fused MoE kernels (the interpreter on the CPU) inside each MoE family:
+    """The Triton routing (its router GEMV in-kernel) and fused MoE kernels (the interpreter) in each family:
     a prefill of 11 tokens (the sorted grouped GEMM) and a decode step of one (the decode GEMVs)
     give transformers' logits (Qwen3-MoE and Mixtral: softmax then top-k; gpt-oss: top-k of the
     biased logits, softmax, biased experts, clamped SwiGLU)."""
@@ -68,12 +68,12 @@ def test_triton_moe_kernels_give_transformers_logits(ref_models: dict[str, RefMo
 
     from kernels import REFERENCE_OPS
     from kernels.triton.fused_moe import fused_moe
-    from kernels.triton.moe_route import moe_route
+    from kernels.triton.moe_route import moe_route, moe_router
     from services.worker.loader import build_model
     from services.worker.model_config import load_model_config
 
     ref = ref_models[model]
-    ops = dataclasses.replace(REFERENCE_OPS, fused_moe=fused_moe, moe_route=moe_route)
+    ops = dataclasses.replace(REFERENCE_OPS, fused_moe=fused_moe, moe_route=moe_route, moe_router=moe_router)
     engine_model = build_model(
         load_model_config(str(ref.path)), ops, torch.device("cpu"), torch.float32, "auto"
     )
