@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import MOE_SCORINGS
+from kernels.triton.arrival_counters import arrival_counters
 
 
 @triton.jit
@@ -277,26 +278,6 @@ def router_grid(num_experts: int, hidden: int) -> RouterGrid:
     return RouterGrid(expert_tiles, triton.cdiv(hidden, k_per_split), k_per_split)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counter(device: torch.device) -> torch.Tensor:
-    """The per-device arrival counter of the router kernel: zero, reset by the kernel itself.
-    Allocated once, outside any CUDA-graph capture (the graphs then read this same buffer). One
-    counter a device: the router kernels of a device run one at a time (one stream)."""
-    buf = _COUNTERS.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "moe_router needs its counter before CUDA-graph capture (run one eager step first)"
-            )
-        buf = torch.zeros(1, dtype=torch.int32, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # zeroed before any stream uses it
-        _COUNTERS[device] = buf
-    return buf
-
-
 def moe_router(
     x: torch.Tensor,  # [T, H]
     weight: torch.Tensor,  # [E, H] the router's weight (replicated under tensor parallelism)
@@ -328,7 +309,7 @@ def moe_router(
     weights = torch.empty((num_tokens, top_k), dtype=torch.float32, device=device)
     ids = torch.empty((num_tokens, top_k), dtype=torch.int64, device=device)
     _moe_router_kernel[(grid.expert_tiles, grid.splits)](
-        x, weight, bias if bias is not None else weight, parts, sums, _counter(device), weights, ids,
+        x, weight, bias if bias is not None else weight, parts, sums, arrival_counters("moe_router", device, 1), weights, ids,
         num_tokens, num_experts, hidden, x.stride(0), weight.stride(0), grid.k_per_split,
         rms_eps if rms_eps is not None else 0.0,
         HAS_BIAS=bias is not None, HAS_RMS=rms_eps is not None, TOP_K=top_k,
