@@ -422,6 +422,52 @@ def test_decode_moe_bf16_at_served_shapes(shape: tuple[int, int, int, int, int])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 2048, 768, 128, 8), (1, 2880, 2880, 32, 4), (8, 2048, 768, 128, 8)])
+def test_every_down_candidate_bf16_replays_in_a_cuda_graph(shape: tuple[int, int, int, int, int]) -> None:
+    """Each down config the tuner may keep (the split ones: an arrival counter per output tile,
+    reset by its last program) at the served shapes in bf16, captured and replayed twice: the
+    reference's output each time, with gpt-oss's biases and a residual."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kernels.triton.fused_moe import DecodeConfig, default_decode_configs, fused_moe_decode
+    from kernels.triton.moe_tune import DOWN_CANDIDATES
+
+    tokens, hidden, inter, experts, _ = shape
+    x, w13, w2, weights, ids = _inputs(shape, "cuda", torch.bfloat16, "random", seed=21)
+    gen = torch.Generator().manual_seed(22)
+    b13 = torch.randn(experts, 2 * inter, generator=gen).to("cuda", torch.bfloat16)
+    b2 = torch.randn(experts, hidden, generator=gen).to("cuda", torch.bfloat16)
+    res = torch.randn(tokens, hidden, generator=gen).to("cuda", torch.bfloat16)
+    ref = reference.fused_moe(
+        x.float(),
+        w13.float(),
+        w2.float(),
+        weights,
+        ids,
+        b13.float(),
+        b2.float(),
+        "swiglu_oai",
+        None,
+        res.float(),
+    )
+    up, _ = default_decode_configs(hidden, inter)
+    for down in DOWN_CANDIDATES:
+
+        def step(down: DecodeConfig = down) -> torch.Tensor:
+            return fused_moe_decode(x, w13, w2, weights, ids, b13, b2, "swiglu_oai", (up, down), None, res)
+
+        step()  # compile and the counters outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for _ in range(2):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert rel_err(out, ref) < 4 * tol_for(torch.bfloat16), (shape, str(down))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_folded_norm_decode_moe_bf16_is_three_kernels(tokens: int) -> None:
     """bf16 on the GPU at Qwen3-30B-A3B's expert shape, the post-attention norm folded (issue 22):
