@@ -70,6 +70,11 @@ class MoeLayer(nn.Module):
     def operands(self) -> MoeOperands:
         raise NotImplementedError
 
+    def router_linear(self) -> Linear:
+        """The router projection (replicated under tensor parallelism; its decode GEMV runs in
+        the routing kernel, `route`)."""
+        raise NotImplementedError
+
 
 class SparseMoeBlock(MoeLayer):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
@@ -91,6 +96,9 @@ class SparseMoeBlock(MoeLayer):
 
     def operands(self) -> MoeOperands:
         return MoeOperands(self.w13, self.w2, None, None, self.top_k, "silu")
+
+    def router_linear(self) -> Linear:
+        return self.gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
         weights, ids = self.route(x)

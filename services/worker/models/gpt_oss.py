@@ -67,6 +67,9 @@ class GptOssMoeBlock(MoeLayer):
         """(weights [T, k] fp32, expert ids [T, k]): softmax over the top-k router logits."""
         return route(self.ops, self.router, x, self.top_k, "topk_softmax")
 
+    def router_linear(self) -> Linear:
+        return self.router
+
     def operands(self) -> MoeOperands:
         e = self.experts
         down_bias = e.down_proj_bias if self.tp_rank == 0 else None  # once in the all-reduce's sum
