@@ -198,6 +198,7 @@ def _moe_router_kernel(
     k_end = tl.minimum(k_start + k_per_split, hidden)
     x_base = x_ptr + rows[:, None].to(tl.int64) * stride_xt
     w_base = w_ptr + e[:, None].to(tl.int64) * stride_we
+    # (ieee: fp32 inputs as fp32, not TF32, which could reorder close experts; bf16 is unaffected)
     acc = tl.zeros([BLOCK_T, TILE_E], dtype=tl.float32)
     if HAS_RMS:  # (two loop copies, as fused_moe's gate_up: no dead loop-carried sum)
         sum_sq = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
@@ -206,7 +207,7 @@ def _moe_router_kernel(
             k_ok = k < k_end
             x = tl.load(x_base + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_base + k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
             sum_sq += x.to(tl.float32) * x.to(tl.float32)
         tl.store(sq_ptr + split * BLOCK_T + rows, tl.sum(sum_sq, axis=1), mask=row_ok & (tile == 0))
     else:
@@ -215,7 +216,7 @@ def _moe_router_kernel(
             k_ok = k < k_end
             x = tl.load(x_base + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_base + k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
     part_rows = (split * BLOCK_T + rows).to(tl.int64) * BLOCK_E
     tl.store(part_ptr + part_rows[:, None] + e[None, :], acc, mask=row_ok[:, None] & e_ok[None, :])
 
