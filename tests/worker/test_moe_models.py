@@ -69,6 +69,7 @@ def test_triton_moe_kernels_give_transformers_logits(ref_models: dict[str, RefMo
     from kernels import REFERENCE_OPS
     from kernels.triton.fused_moe import fused_moe
     from kernels.triton.moe_route import moe_route, moe_router
+    from services.worker.layers.moe import MoeLayer
     from services.worker.loader import build_model
     from services.worker.model_config import load_model_config
 
@@ -77,8 +78,14 @@ def test_triton_moe_kernels_give_transformers_logits(ref_models: dict[str, RefMo
     engine_model = build_model(
         load_model_config(str(ref.path)), ops, torch.device("cpu"), torch.float32, "auto"
     )
+    # the router's GEMV runs inside the routing kernel (ops.moe_router): its Linear never runs
+    router_calls: list[str] = []
+    for name, module in engine_model.named_modules():
+        if isinstance(module, MoeLayer):
+            module.router_linear().register_forward_hook(lambda *args, n=name: router_calls.append(n))
     prompt = [1, 17, 99, 5, 64, 3, 120, 42, 8, 77, 31, 12]
     got = model_logits(engine_model, prompt)
     with torch.inference_mode():
         want = ref.hf(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert router_calls == [], router_calls
