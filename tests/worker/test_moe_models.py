@@ -89,3 +89,32 @@ def test_triton_moe_kernels_give_transformers_logits(ref_models: dict[str, RefMo
         want = ref.hf(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert router_calls == [], router_calls
+
+
+@pytest.mark.parametrize("model", ["qwen3_moe", "gpt_oss"])
+def test_engine_start_tuning_skips_the_routers(ref_models: dict[str, RefModel], model: str) -> None:
+    """The routers' decode GEMV runs inside the routing kernel (ops.moe_router), so engine start
+    times every other projection for the skinny GEMM but not the routers (Qwen3-MoE's `gate`,
+    gpt-oss's `router`)."""
+    import dataclasses
+
+    from kernels import REFERENCE_OPS
+    from services.worker.kernel_tuning import tune_kernels
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    tuned: list[str] = []
+
+    def record_tuning(
+        weights: list[torch.Tensor], bias: object, max_rows: int, name: str, **kw: object
+    ) -> list[str]:
+        tuned.append(name)
+        return []
+
+    ops = dataclasses.replace(REFERENCE_OPS, tune_linear=record_tuning)
+    engine_model = build_model(
+        load_model_config(str(ref_models[model].path)), ops, torch.device("cpu"), torch.float32, "auto"
+    )
+    tune_kernels(engine_model, ops, torch.device("cpu"), torch.float32, 8)
+    assert "qkv_proj" in tuned and "o_proj" in tuned, tuned
+    assert "gate" not in tuned and "router" not in tuned, tuned
