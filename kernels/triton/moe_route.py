@@ -13,7 +13,7 @@ row, computes its 1/rms and scales the logits by it before scoring: the norm cos
 Router in the kernel (`moe_router`, reference twin reference.moe_router; decode-sized steps): the
 router GEMV (E <= 128 experts x hidden) read by programs over (16-expert tile, K split), about one
 wave, so its fraction of a MB streams at bandwidth (cuBLAS's tile for a 1-row GEMM with N = 128
-ran ~9.5 us: a few CTAs); each stores its partial logits, and the last program to arrive (an
+is a few CTAs, each walking all of K: docs/benchmarks.md); each stores its partial logits, and the last program to arrive (an
 arrival counter, as decode_attention.py's split merge) sums them in split order, adds the bias,
 rounds to x's dtype as F.linear's logits, applies the folded norm's 1/rms (from the x tiles the
 expert-tile-0 programs loaded) and routes every token. One launch a layer instead of a GEMM and
