@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import MOE_SCORINGS
+from kernels.triton import pdl
 from kernels.triton.arrival_counters import arrival_counters
 
 
@@ -182,6 +183,7 @@ def _moe_router_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_TOPK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # phase 1: program (expert tile, K split) streams its [TILE_E, k_per_split] slice of the
     # router weight against every token's x (rows padded to a dot's 16) and stores the partial
@@ -198,11 +200,19 @@ def _moe_router_kernel(
     k_end = tl.minimum(k_start + k_per_split, hidden)
     x_base = x_ptr + rows[:, None].to(tl.int64) * stride_xt
     w_base = w_ptr + e[:, None].to(tl.int64) * stride_we
-    # (ieee: fp32 inputs as fp32, not TF32, which could reorder close experts; bf16 is unaffected)
-    acc = tl.zeros([BLOCK_T, TILE_E], dtype=tl.float32)
+    # The split's first weight tile before the PDL wait (every split has one): the router's weight
+    # is no kernel's output, so its read may overlap the previous kernel's tail; x, that kernel's
+    # output, only after the wait (pdl.py's rules). (ieee: fp32 inputs stay fp32, not TF32, which
+    # could reorder close experts; bf16 runs its MMA either way.)
+    k = k_start + kk
+    k_ok = k < k_end
+    w = tl.load(w_base + k[None, :], mask=e_ok[:, None] & k_ok[None, :], other=0.0)
+    pdl.enter(PDL)
+    x = tl.load(x_base + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    acc = tl.dot(x, tl.trans(w), tl.zeros([BLOCK_T, TILE_E], dtype=tl.float32), input_precision="ieee")
     if HAS_RMS:  # (two loop copies, as fused_moe's gate_up: no dead loop-carried sum)
-        sum_sq = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        sum_sq = x.to(tl.float32) * x.to(tl.float32)
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             k = k0 + kk
             k_ok = k < k_end
             x = tl.load(x_base + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -211,7 +221,7 @@ def _moe_router_kernel(
             sum_sq += x.to(tl.float32) * x.to(tl.float32)
         tl.store(sq_ptr + split * BLOCK_T + rows, tl.sum(sum_sq, axis=1), mask=row_ok & (tile == 0))
     else:
-        for k0 in range(k_start, k_end, BLOCK_K):
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             k = k0 + kk
             k_ok = k < k_end
             x = tl.load(x_base + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -257,6 +267,7 @@ def _moe_router_kernel(
             tl.store(weights_ptr + t * TOP_K + slots, weights, mask=slot_ok)
             tl.store(ids_ptr + t * TOP_K + slots, top_ids.to(tl.int64), mask=slot_ok)
         tl.atomic_xchg(counter_ptr, 0)  # ready for the next launch (next layer, next step)
+    pdl.leave(PDL)
 
 
 @dataclass(frozen=True)
@@ -317,6 +328,6 @@ def moe_router(
         SOFTMAX_FIRST=scoring == "softmax_topk", RENORMALIZE=renormalize,
         BLOCK_T=ROUTER_MAX_TOKENS, TILE_E=ROUTER_TILE_E, BLOCK_K=ROUTER_BLOCK_K, BLOCK_E=block_e,
         BLOCK_S=triton.next_power_of_2(grid.splits), BLOCK_TOPK=triton.next_power_of_2(top_k),
-        num_warps=4,
+        num_warps=4, **pdl.launch_options(device),
     )  # fmt: skip
     return weights, ids

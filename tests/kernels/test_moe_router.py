@@ -214,8 +214,8 @@ def test_moe_router_logits_within_bf16_of_fp32() -> None:
 
 def test_router_kernel_compiles_for_sm90() -> None:
     """The router kernel compiles for an H100 (sm_90) on the CPU, its weight stream as 16-byte
-    async copies, no 2-byte loads but the bias's (as fused_moe's decode kernels); in a subprocess
-    without the interpreter."""
+    async copies, no 2-byte loads but the bias's (as fused_moe's decode kernels), with the PDL
+    wait and signal; in a subprocess without the interpreter."""
     import os
     import subprocess
     import sys
@@ -253,9 +253,11 @@ def check_router_ptx() -> None:
                 "BLOCK_E": 128,
                 "BLOCK_S": 16,
                 "BLOCK_TOPK": 8,
+                "PDL": True,
             },
             num_warps=4,
         )
+        assert "griddepcontrol.wait" in ptx and "griddepcontrol.launch_dependents" in ptx
         assert "atom.global" in ptx, "the arrival counter"
         assert "cp.async.cg.shared.global" in ptx, "the weight as pipelined 16-byte async copies"
         # (the one 2-byte load: the bias of the last program's experts)
