@@ -148,6 +148,11 @@ class KernelOps:
     #  Mixtral take the top k of the softmax, gpt-oss the softmax of the top k logits);
     #  rms_input [T, H], rms_eps: the logits of a folded norm's raw stream, scaled by its 1/rms first
     moe_route: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.moe_route
+    # (x [T, H], router_weight [E, H], router_bias [E] | None, top_k, scoring, renormalize,
+    #  rms_eps=None) -> (weights, ids): the router's logits F.linear(x, w, b) then `moe_route`
+    #  (rms_eps: x is a folded norm's raw stream); one launch for decode-sized x on the GPU
+    #  (kernels/triton/moe_route.py), no separate router GEMM
+    moe_router: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.moe_router
     # (w13s: every MoE layer's [E, 2*I, H], w2s, w13_biases or None, w2_biases or None, top_k,
     #  activation, name) -> report lines: times the decode MoE kernels' tile configs at batch 1 and
     #  keeps the fastest for fused_moe (None: nothing to tune)

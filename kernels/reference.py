@@ -508,6 +508,24 @@ def moe_route(
     raise ValueError(f"unknown MoE scoring {scoring!r} (one of {', '.join(MOE_SCORINGS)})")
 
 
+def moe_router(
+    x: torch.Tensor,  # [T, H]
+    weight: torch.Tensor,  # [E, H] the router's weight
+    bias: torch.Tensor | None,  # [E]
+    top_k: int,
+    scoring: str = "softmax_topk",
+    renormalize: bool = False,
+    rms_eps: float | None = None,  # folded norm: x is the raw residual stream
+) -> tuple[torch.Tensor, torch.Tensor]:  # (weights [T, k] fp32, expert ids [T, k] int64)
+    """The router's logits F.linear(x, weight, bias) in x's dtype, then `moe_route` (with
+    `rms_eps`: x is the raw residual stream a folded norm's router reads, its logits scaled by
+    1/rms(x) as moe_route's rms_input). One kernel on the GPU for decode-sized x."""
+    logits = F.linear(x, weight, bias)
+    if rms_eps is None:
+        return moe_route(logits, top_k, scoring, renormalize)
+    return moe_route(logits, top_k, scoring, renormalize, rms_input=x, rms_eps=rms_eps)
+
+
 def fused_moe(
     x: torch.Tensor,  # [T, H]
     w13: torch.Tensor,  # [E, 2*I, H]: each expert's [gate; up] projection

@@ -14,7 +14,8 @@ projections run a Triton FP8 GEMM or `torch._scaled_mm`, per shape and row count
 quantized GEMM that `tune_quant_linear` measured fastest (quant_gemm.py); a quantized model's
 decode steps run the folded-norm path with the norm weight, 1/rms, SiLU-and-mul and residual add
 inside that GEMM (`quant_linear_fused`).
-Decode-sized MoE layers run two GEMV kernels with the tile configs `tune_moe` measured fastest
+Decode-sized MoE layers route in one kernel that also computes the router's logits (`moe_router`,
+moe_route.py) and run two GEMV kernels with the tile configs `tune_moe` measured fastest
 (fused_moe.py, moe_tune.py). With the norms folded (Qwen3-MoE, Mixtral) the routing kernel and the
 gate/up GEMV apply the post-attention norm's 1/rms and the down GEMV adds the residual stream;
 Qwen3's q/k norms are one launch (`qk_rms_norm`, head_norm.py, beside Gemma 3's `gemma_qk_norm`),
@@ -34,7 +35,7 @@ from kernels.triton.gemma_norm import gemma_add_rms_norm, gemma_rms_norm, gemma_
 from kernels.triton.head_norm import gemma_qk_norm, qk_rms_norm
 from kernels.triton.kv_cache_write import write_kv_cache
 from kernels.triton.lora import lora_expand, lora_shrink
-from kernels.triton.moe_route import moe_route
+from kernels.triton.moe_route import moe_route, moe_router
 from kernels.triton.moe_tune import tune_moe
 from kernels.triton.paged_attention import (
     decode_scales_rms,
@@ -89,6 +90,7 @@ TRITON_OPS = KernelOps(
     linear_silu_and_mul=linear_silu_and_mul,
     fused_moe=fused_moe,
     moe_route=moe_route,
+    moe_router=moe_router,
     tune_moe=tune_moe,
     tune_decode_attention=tune_decode_attention,
     quant_linear=quant_linear,

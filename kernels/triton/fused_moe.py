@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
+from kernels.triton.arrival_counters import arrival_counters
 from kernels.triton.silu_and_mul import silu_and_mul
 
 
@@ -227,15 +228,19 @@ _ACTIVATION_IDS = {"silu": 0, "swiglu_oai": 1}
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Tile config of the decode kernels (fixed rules, `decode_configs`)."""
+    """Tile config of the decode kernels (`default_decode_configs`, or what moe_tune measured)."""
 
     block_n: int  # weight rows a program streams (gate_up: half gate rows, half up rows)
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
+    # down only: programs sharing one output tile's K loop, the last to finish sums their
+    # partials (_moe_down_kernel); a power of two
+    split: int = 1
 
     def __str__(self) -> str:
-        return f"n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages}"
+        extra = f",split{self.split}" if self.split > 1 else ""
+        return f"n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages}{extra}"
 
 
 DecodeKey = tuple[int, int, int, int, torch.dtype, bool]  # (E, I, H, top_k, dtype, has_bias)
@@ -350,6 +355,8 @@ def _moe_down_kernel(
     weights_ptr,  # [T * TOP_K] fp32 (HAS_BIAS: the bias is weighted too)
     out_ptr,  # [T, N]
     residual_ptr,  # [T, N] (HAS_RESIDUAL)
+    part_ptr,  # [SPLIT, T, N] fp32: each split's partial sums (SPLIT > 1)
+    counter_ptr,  # [>= T * N-tiles] int32, zero between launches (SPLIT > 1)
     N,
     INTER,
     stride_we,
@@ -361,11 +368,15 @@ def _moe_down_kernel(
     BLOCK_TOPK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,  # folded norm: out = residual + the experts' sum, rounded once
+    SPLIT: tl.constexpr,  # programs sharing one (token, N-tile)'s K loop (a power of two)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     # out[t, n] = sum_j sum_i act[t*k + j, i] * w2[e_j, n, i]: one GEMV over the k experts' rows
-    # laid end to end (K = k * I), one loop so the weight stream stays pipelined across experts
+    # laid end to end (K = k * I), one loop so the weight stream stays pipelined across experts.
+    # SPLIT > 1: program (token, N-tile, split) runs a 1/SPLIT slice of that loop, so more
+    # programs (and more loads in flight) stream the same weight; the last of the SPLIT to finish
+    # sums the partials in split order (deterministic) and writes the output.
     token = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -373,13 +384,19 @@ def _moe_down_kernel(
     slots = tl.arange(0, BLOCK_TOPK)
     slot_ok = slots < TOP_K
     experts = tl.load(ids_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64)
-    rows = tl.arange(0, 16)
     kk = tl.arange(0, BLOCK_K)
     tiles = tl.cdiv(INTER, BLOCK_K)
+    it_start = 0
+    it_end = TOP_K * tiles
+    if SPLIT > 1:
+        per_split = tl.cdiv(TOP_K * tiles, SPLIT)
+        it_start = tl.program_id(2) * per_split
+        it_end = tl.minimum(it_start + per_split, TOP_K * tiles)
+    rows = tl.arange(0, 16)
     a_base = act_ptr + token * TOP_K * INTER + rows[:, None] * 0
     w_rows = w2_ptr + cols[:, None].to(tl.int64) * stride_wn
-    acc = tl.zeros([16, BLOCK_N], dtype=tl.float32)
-    for it in range(0, TOP_K * tiles):
+    acc16 = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for it in range(it_start, it_end):
         j = it // tiles
         k = (it - j * tiles) * BLOCK_K + kk
         k_ok = k < INTER
@@ -389,22 +406,40 @@ def _moe_down_kernel(
         expert = tl.sum(tl.where(slots == j, experts, 0), axis=0)
         a = tl.load(a_base + j * INTER + k[None, :], mask=(rows[:, None] == 0) & k_ok[None, :], other=0.0)
         w = tl.load(w_rows + expert * stride_we + k[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc)
-    if HAS_BIAS:
-        rw = tl.load(weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
-        bias_rows = tl.load(ids_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64) * stride_be
-        bias = tl.load(
-            bias_ptr + bias_rows[:, None] + cols[None, :], mask=slot_ok[:, None] & col_ok[None, :], other=0.0
-        )
-        acc += tl.sum(bias.to(tl.float32) * rw[:, None], axis=0)[None, :]
-    if HAS_RESIDUAL:
-        res = tl.load(residual_ptr + token * stride_rt + cols, mask=col_ok, other=0.0)
-        acc += res.to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + token * stride_ot + rows[:, None] * 0 + cols[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=(rows[:, None] == 0) & col_ok[None, :],
-    )
+        acc16 = tl.dot(a, tl.trans(w), acc16)
+    acc = tl.sum(acc16, axis=0)  # [BLOCK_N] (rows 1.. are zeros)
+    last = True
+    if SPLIT > 1:
+        split = tl.program_id(2)
+        tl.store(part_ptr + (split * tl.num_programs(0) + token) * N + cols, acc, mask=col_ok)
+        # every thread's partial stores before the counter's release (decode_attention.py's merge)
+        tl.debug_barrier()
+        counter = counter_ptr + token * tl.num_programs(1) + pid_n
+        last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+        if last:
+            parts = tl.load(
+                part_ptr + (tl.arange(0, SPLIT)[:, None] * tl.num_programs(0) + token) * N + cols[None, :],
+                mask=col_ok[None, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            acc = tl.sum(parts, axis=0)
+            tl.atomic_xchg(counter, 0)  # ready for the next launch (next layer, next step)
+    if last:
+        if HAS_BIAS:
+            rw = tl.load(weights_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+            bias_rows = (
+                tl.load(ids_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64) * stride_be
+            )
+            bias = tl.load(
+                bias_ptr + bias_rows[:, None] + cols[None, :],
+                mask=slot_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(bias.to(tl.float32) * rw[:, None], axis=0)
+        if HAS_RESIDUAL:
+            acc += tl.load(residual_ptr + token * stride_rt + cols, mask=col_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + token * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def launch_gate_up(
@@ -444,16 +479,22 @@ def launch_down(
     config: DecodeConfig,
     residual: torch.Tensor | None = None,  # [T, H], stride 1 along H
 ) -> None:
-    hidden = out.shape[1]
+    num_tokens, hidden = out.shape
     assert residual is None or (residual.shape == out.shape and residual.stride(1) == 1)
-    _moe_down_kernel[(out.shape[0], triton.cdiv(hidden, config.block_n))](
+    n_tiles = triton.cdiv(hidden, config.block_n)
+    assert config.split & (config.split - 1) == 0, f"split {config.split}: a power of two"
+    parts, counters = out, ids  # (unused unless split)
+    if config.split > 1:
+        parts = torch.empty((config.split, num_tokens, hidden), dtype=torch.float32, device=out.device)
+        counters = arrival_counters("moe_down", out.device, num_tokens * n_tiles)
+    _moe_down_kernel[(num_tokens, n_tiles, config.split)](
         act, w2, w2_bias if w2_bias is not None else w2, ids, weights, out,
-        residual if residual is not None else out,
+        residual if residual is not None else out, parts, counters,
         hidden, act.shape[1], w2.stride(0), w2.stride(1),
         w2_bias.stride(0) if w2_bias is not None else 0, out.stride(0),
         residual.stride(0) if residual is not None else 0,
         TOP_K=top_k, BLOCK_TOPK=triton.next_power_of_2(top_k), HAS_BIAS=w2_bias is not None,
-        HAS_RESIDUAL=residual is not None,
+        HAS_RESIDUAL=residual is not None, SPLIT=config.split,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip

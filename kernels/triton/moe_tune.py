@@ -29,11 +29,20 @@ GATE_UP_CANDIDATES = (
     DecodeConfig(32, 512, 4, 3),
     DecodeConfig(64, 256, 4, 3),
 )
+# The down GEMV has fewer programs than gate_up (Qwen3-30B-A3B at batch 1: 2048 / 16 = 128, one
+# per SM, each a chain of k * I / BLOCK_K = 24 dependent tile steps; gate_up: 384 programs of 8
+# steps): the split configs run 2 or 4 programs per output tile, each a slice of the K loop
+# (2-4 programs an SM, more weight bytes in flight), the last to finish summing the partials.
+# The tuner keeps the unsplit configs wherever a split measures slower.
 DOWN_CANDIDATES = (
     DecodeConfig(16, 256, 4, 4),
     DecodeConfig(16, 512, 4, 3),
     DecodeConfig(32, 256, 4, 4),
     DecodeConfig(16, 128, 4, 6),
+    DecodeConfig(16, 256, 4, 4, split=2),
+    DecodeConfig(32, 256, 4, 4, split=2),
+    DecodeConfig(16, 512, 4, 3, split=2),
+    DecodeConfig(16, 256, 4, 4, split=4),
 )
 # relative error against the fp64 reference a candidate may have (bf16 roundings of the inputs'
 # products and of the activation: ~1e-2; a wrong kernel is off by ~1)

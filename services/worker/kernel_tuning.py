@@ -44,9 +44,12 @@ def tune_kernels(
         return []
     # Each projection of every layer by name (qkv_proj, o_proj, gate_up_proj, down_proj), then the LM head.
     groups: dict[str, list[nn.Linear]] = {}
+    # (an MoE router's decode GEMV runs inside the routing kernel, ops.moe_router: not a GEMM)
+    routers = {id(m.router_linear()) for m in model.model.layers.modules() if isinstance(m, MoeLayer)}
     for name, module in model.model.layers.named_modules():
         # quantized projections run their own GEMM (layers/quantization/), nothing to tune
-        if isinstance(module, nn.Linear) and getattr(module, "quant_method", None) is None:
+        plain = isinstance(module, nn.Linear) and getattr(module, "quant_method", None) is None
+        if plain and id(module) not in routers:
             groups.setdefault(name.rsplit(".", 1)[-1], []).append(module)
     # (a later pipeline stage has no LM head: models/llama.py OnFirstStage)
     if model.layout.first_stage and getattr(model.lm_head, "quant_method", None) is None:

@@ -135,9 +135,40 @@ def test_every_tuner_candidate_matches_reference() -> None:
     ref = reference.fused_moe(
         x.double(), w13.double(), w2.double(), weights.double(), ids, b13.double(), b2.double(), "swiglu_oai"
     )
-    for up, down in zip(GATE_UP_CANDIDATES, DOWN_CANDIDATES, strict=True):
+    unsplit = [down for down in DOWN_CANDIDATES if down.split == 1]
+    pairs = list(zip(GATE_UP_CANDIDATES, unsplit, strict=True))
+    pairs += [(GATE_UP_CANDIDATES[0], down) for down in DOWN_CANDIDATES if down.split > 1]
+    for up, down in pairs:
         out = fused_moe_decode(x, w13, w2, weights, ids, b13, b2, "swiglu_oai", configs=(up, down))
         assert rel_err(out, ref) < 4 * tol_for(torch.float32), (up, down)
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_split_down_gemv_matches_reference(device: str, dtype: torch.dtype) -> None:
+    """The down GEMV split over 2 / 4 programs per output tile (the last to arrive sums the
+    partials, then adds the weighted biases and the residual) gives the reference's output, for
+    skewed routings and with splits past the end of the K loop (empty); every launch leaves its
+    arrival counters at zero."""
+    from kernels.triton.arrival_counters import _BUFFERS
+    from kernels.triton.fused_moe import DecodeConfig, default_decode_configs, fused_moe_decode
+
+    skip_without(device)
+    for shape, routing, split in [((3, 64, 48, 8, 4), "one-expert", 2), ((1, 96, 16, 4, 2), "sparse", 4)]:
+        x, w13, w2, weights, ids = _inputs(shape, device, dtype, routing, seed=split)
+        gen = torch.Generator().manual_seed(5)
+        experts, hidden = shape[3], shape[1]
+        b13 = torch.randn(experts, 2 * shape[2], generator=gen).to(device, dtype)
+        b2 = torch.randn(experts, hidden, generator=gen).to(device, dtype)
+        res = torch.randn(shape[0], hidden, generator=gen).to(device, dtype)
+        up, _ = default_decode_configs(hidden, shape[2])
+        down = DecodeConfig(16, 16, split=split)  # 16-wide K tiles: several tiles an expert
+        ref = reference.fused_moe(
+            x.double(), w13.double(), w2.double(), weights.double(), ids, b13.double(), b2.double(),
+            "swiglu_oai", None, res.double(),
+        )  # fmt: skip
+        out = fused_moe_decode(x, w13, w2, weights, ids, b13, b2, "swiglu_oai", (up, down), None, res)
+        assert rel_err(out, ref) < 4 * tol_for(dtype), (shape, split)
+        assert int(_BUFFERS["moe_down", out.device].abs().sum()) == 0
 
 
 @pytest.mark.gpu
@@ -391,16 +422,63 @@ def test_decode_moe_bf16_at_served_shapes(shape: tuple[int, int, int, int, int])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(1, 2048, 768, 128, 8), (1, 2880, 2880, 32, 4), (8, 2048, 768, 128, 8)])
+def test_every_down_candidate_bf16_replays_in_a_cuda_graph(shape: tuple[int, int, int, int, int]) -> None:
+    """Each down config the tuner may keep (the split ones: an arrival counter per output tile,
+    reset by its last program) at the served shapes in bf16, captured and replayed twice: the
+    reference's output each time, with gpt-oss's biases and a residual."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from kernels.triton.fused_moe import DecodeConfig, default_decode_configs, fused_moe_decode
+    from kernels.triton.moe_tune import DOWN_CANDIDATES
+
+    tokens, hidden, inter, experts, _ = shape
+    x, w13, w2, weights, ids = _inputs(shape, "cuda", torch.bfloat16, "random", seed=21)
+    gen = torch.Generator().manual_seed(22)
+    b13 = torch.randn(experts, 2 * inter, generator=gen).to("cuda", torch.bfloat16)
+    b2 = torch.randn(experts, hidden, generator=gen).to("cuda", torch.bfloat16)
+    res = torch.randn(tokens, hidden, generator=gen).to("cuda", torch.bfloat16)
+    ref = reference.fused_moe(
+        x.float(),
+        w13.float(),
+        w2.float(),
+        weights,
+        ids,
+        b13.float(),
+        b2.float(),
+        "swiglu_oai",
+        None,
+        res.float(),
+    )
+    up, _ = default_decode_configs(hidden, inter)
+    for down in DOWN_CANDIDATES:
+
+        def step(down: DecodeConfig = down) -> torch.Tensor:
+            return fused_moe_decode(x, w13, w2, weights, ids, b13, b2, "swiglu_oai", (up, down), None, res)
+
+        step()  # compile and the counters outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for _ in range(2):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert rel_err(out, ref) < 4 * tol_for(torch.bfloat16), (shape, str(down))
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_folded_norm_decode_moe_bf16_is_three_kernels(tokens: int) -> None:
     """bf16 on the GPU at Qwen3-30B-A3B's expert shape, the post-attention norm folded (issue 22):
-    the router reads the raw stream h, the route kernel scales the logits by 1/rms(h), gate_up
-    computes it again in-kernel, down adds h; the CUDA graph holds the same three kernels, and the
-    result is h + the MoE of the normed input (random norm weight) within bf16's tolerance."""
+    the router's GEMV of the raw stream h inside the routing kernel, which scales the logits by
+    1/rms(h), gate_up computes it again in-kernel, down adds h; the CUDA graph holds these three
+    kernels and nothing else (no router GEMM), and the result is h + the MoE of the normed input
+    (random norm weight) within bf16's tolerance."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     from kernels.triton.fused_moe import fused_moe
-    from kernels.triton.moe_route import moe_route
+    from kernels.triton.moe_route import moe_router
 
     shape = (tokens, 2048, 768, 128, 8)
     _, hidden, _, experts, top_k = shape
@@ -414,7 +492,7 @@ def test_folded_norm_decode_moe_bf16_is_three_kernels(tokens: int) -> None:
     eps = 1e-6
 
     def step() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        weights, ids = moe_route(h @ router_folded.t(), top_k, "softmax_topk", True, rms_input=h, rms_eps=eps)
+        weights, ids = moe_router(h, router_folded, None, top_k, "softmax_topk", True, rms_eps=eps)
         return weights, ids, fused_moe(h, w13_folded, w2, weights, ids, rms_eps=eps, residual=h)
 
     step()  # compile outside the capture
@@ -437,7 +515,7 @@ def test_folded_norm_decode_moe_bf16_is_three_kernels(tokens: int) -> None:
         graph.replay()
         torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert sum(k.startswith("_moe_") for k in kernels) == 3, kernels
+    assert sorted(kernels) == ["_moe_down_kernel", "_moe_gate_up_kernel", "_moe_router_kernel"], kernels
 
 
 def _sm90_ptx(kernel, signature: dict[str, str], constexprs: dict[str, object], **options: int) -> str:  # type: ignore[no-untyped-def]
@@ -509,18 +587,24 @@ def check_decode_kernel_ptx(folded: bool) -> None:
     down = _sm90_ptx(
         fm._moe_down_kernel,
         {**common, "act_ptr": bf16, "w2_ptr": bf16, "out_ptr": bf16, "N": "i32", "INTER": "i32"}
-        | {"stride_be": "i32", "stride_ot": "i32", "residual_ptr": bf16, "stride_rt": "i32"},
+        | {"stride_be": "i32", "stride_ot": "i32", "residual_ptr": bf16, "stride_rt": "i32"}
+        | {"part_ptr": "*fp32", "counter_ptr": "*i32"},
         {
             "TOP_K": 8,
             "BLOCK_TOPK": 8,
             "HAS_BIAS": False,
             "HAS_RESIDUAL": folded,
+            "SPLIT": 2 if folded else 1,  # (the split down GEMV's stream too)
             "BLOCK_N": 16,
             "BLOCK_K": 256,
         },
         num_warps=4,
         num_stages=4,
     )
+    if folded:
+        assert "atom.global.gpu.acq_rel.add" in down, "the split's arrival counter"
     for name, ptx in (("gate_up", gate_up), ("down", down)):
         assert "cp.async.cg.shared.global" in ptx, name
-        assert "ld.global.b16" not in ptx, name
+        # (the split's merge loads the residual's 16 columns 2 bytes a thread: once a program,
+        # not the weight stream)
+        assert ptx.count("ld.global.b16") == int(folded and name == "down"), name

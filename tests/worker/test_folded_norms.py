@@ -151,16 +151,21 @@ def test_moe_models_fold_into_router_and_experts(
     the unfolded model's and transformers' logits. "triton": the routing and MoE kernels on the
     interpreter (their folded variants), the rest the reference ops."""
     from kernels.triton.fused_moe import fused_moe
-    from kernels.triton.moe_route import moe_route
+    from kernels.triton.moe_route import moe_route, moe_router
     from services.worker.layers.moe import SparseMoeBlock
 
     path, hf = model_dirs[name]
     ops = REFERENCE_OPS
     if moe_kernels == "triton":
-        ops = dataclasses.replace(REFERENCE_OPS, fused_moe=fused_moe, moe_route=moe_route)
+        ops = dataclasses.replace(
+            REFERENCE_OPS, fused_moe=fused_moe, moe_route=moe_route, moe_router=moe_router
+        )
     folded, cfg = _build(path, ops)
     unfolded, _ = _build(
-        path, dataclasses.replace(UNFOLDED_OPS, fused_moe=ops.fused_moe, moe_route=ops.moe_route)
+        path,
+        dataclasses.replace(
+            UNFOLDED_OPS, fused_moe=ops.fused_moe, moe_route=ops.moe_route, moe_router=ops.moe_router
+        ),
     )
     assert folded.norms_folded and not unfolded.norms_folded
 

@@ -60,7 +60,7 @@ def test_a_missing_expert_is_named(tiny_model_dirs: dict[str, Path], tmp_path: P
 
 @pytest.mark.parametrize("model", [*MOE_MODELS, "gpt_oss"])
 def test_triton_moe_kernels_give_transformers_logits(ref_models: dict[str, RefModel], model: str) -> None:
-    """The Triton routing and fused MoE kernels (the interpreter on the CPU) inside each MoE family:
+    """The Triton routing (its router GEMV in-kernel) and fused MoE kernels (the interpreter) in each family:
     a prefill of 11 tokens (the sorted grouped GEMM) and a decode step of one (the decode GEMVs)
     give transformers' logits (Qwen3-MoE and Mixtral: softmax then top-k; gpt-oss: top-k of the
     biased logits, softmax, biased experts, clamped SwiGLU)."""
@@ -68,17 +68,53 @@ def test_triton_moe_kernels_give_transformers_logits(ref_models: dict[str, RefMo
 
     from kernels import REFERENCE_OPS
     from kernels.triton.fused_moe import fused_moe
-    from kernels.triton.moe_route import moe_route
+    from kernels.triton.moe_route import moe_route, moe_router
+    from services.worker.layers.moe import MoeLayer
     from services.worker.loader import build_model
     from services.worker.model_config import load_model_config
 
     ref = ref_models[model]
-    ops = dataclasses.replace(REFERENCE_OPS, fused_moe=fused_moe, moe_route=moe_route)
+    ops = dataclasses.replace(REFERENCE_OPS, fused_moe=fused_moe, moe_route=moe_route, moe_router=moe_router)
     engine_model = build_model(
         load_model_config(str(ref.path)), ops, torch.device("cpu"), torch.float32, "auto"
     )
+    # the router's GEMV runs inside the routing kernel (ops.moe_router): its Linear never runs
+    router_calls: list[str] = []
+    for name, module in engine_model.named_modules():
+        if isinstance(module, MoeLayer):
+            module.router_linear().register_forward_hook(lambda *args, n=name: router_calls.append(n))
     prompt = [1, 17, 99, 5, 64, 3, 120, 42, 8, 77, 31, 12]
     got = model_logits(engine_model, prompt)
     with torch.inference_mode():
         want = ref.hf(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert router_calls == [], router_calls
+
+
+@pytest.mark.parametrize("model", ["qwen3_moe", "gpt_oss"])
+def test_engine_start_tuning_skips_the_routers(ref_models: dict[str, RefModel], model: str) -> None:
+    """The routers' decode GEMV runs inside the routing kernel (ops.moe_router), so engine start
+    times every other projection for the skinny GEMM but not the routers (Qwen3-MoE's `gate`,
+    gpt-oss's `router`)."""
+    import dataclasses
+
+    from kernels import REFERENCE_OPS
+    from services.worker.kernel_tuning import tune_kernels
+    from services.worker.loader import build_model
+    from services.worker.model_config import load_model_config
+
+    tuned: list[str] = []
+
+    def record_tuning(
+        weights: list[torch.Tensor], bias: object, max_rows: int, name: str, **kw: object
+    ) -> list[str]:
+        tuned.append(name)
+        return []
+
+    ops = dataclasses.replace(REFERENCE_OPS, tune_linear=record_tuning)
+    engine_model = build_model(
+        load_model_config(str(ref_models[model].path)), ops, torch.device("cpu"), torch.float32, "auto"
+    )
+    tune_kernels(engine_model, ops, torch.device("cpu"), torch.float32, 8)
+    assert "qkv_proj" in tuned and "o_proj" in tuned, tuned
+    assert "gate" not in tuned and "router" not in tuned, tuned

@@ -2,7 +2,8 @@
 
     router logits = x @ gate.T                       [T, E]
     weights, ids  = top-k of softmax(logits) (fp32)  [T, k]  (renormalised when norm_topk_prob;
-                                                              ops.moe_route, one kernel on the GPU)
+                                                              `route`: ops.moe_router, the logits
+                                                              and routing one kernel on the GPU)
     out           = ops.fused_moe(x, w13, w2, weights, ids)
 
 The experts' weights are stacked per projection: `w13` [E, 2*I, H] holds each expert's gate and
@@ -31,6 +32,25 @@ from services.worker.model_config import ModelConfig
 from services.worker.parallel import ShardLayout, all_reduce
 
 
+def route(
+    ops: KernelOps,
+    router: Linear,
+    x: torch.Tensor,
+    top_k: int,
+    scoring: str,
+    renormalize: bool = False,
+    rms_eps: float | None = None,  # folded norm: x is the raw residual stream
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] fp32, expert ids [T, k]) of each token, for every MoE family: a plain
+    router's GEMV inside the routing kernel (`ops.moe_router`: no router GEMM launch in a decode
+    step); a quantized router, or one with adapter rows, computes its logits first."""
+    if router.quant_method is None and not router.lora_active:
+        return ops.moe_router(x, router.weight, router.bias, top_k, scoring, renormalize, rms_eps)
+    if rms_eps is None:
+        return ops.moe_route(router(x), top_k, scoring, renormalize)
+    return ops.moe_route(router(x), top_k, scoring, renormalize, rms_input=x, rms_eps=rms_eps)
+
+
 @dataclass(frozen=True)
 class MoeOperands:
     """What `ops.fused_moe` reads of one MoE layer (this rank's slices), for the decode tuner."""
@@ -50,6 +70,11 @@ class MoeLayer(nn.Module):
     def operands(self) -> MoeOperands:
         raise NotImplementedError
 
+    def router_linear(self) -> Linear:
+        """The router projection (replicated under tensor parallelism; its decode GEMV runs in
+        the routing kernel, `route`)."""
+        raise NotImplementedError
+
 
 class SparseMoeBlock(MoeLayer):
     def __init__(self, cfg: ModelConfig, ops: KernelOps, layout: ShardLayout) -> None:
@@ -67,10 +92,13 @@ class SparseMoeBlock(MoeLayer):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, expert ids [T, k]) of each token."""
-        return self.ops.moe_route(self.gate(x), self.top_k, "softmax_topk", self.norm_topk_prob)
+        return route(self.ops, self.gate, x, self.top_k, "softmax_topk", self.norm_topk_prob)
 
     def operands(self) -> MoeOperands:
         return MoeOperands(self.w13, self.w2, None, None, self.top_k, "silu")
+
+    def router_linear(self) -> Linear:
+        return self.gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, hidden] normed
         weights, ids = self.route(x)
@@ -81,9 +109,7 @@ class SparseMoeBlock(MoeLayer):
         """h + this block of rms_norm(h) for the raw residual stream h [T, hidden], the norm's
         weight folded in (`fold_norm`; module docstring). Tensor parallelism: rank 0 adds h to its
         partial sum, the all-reduce then sums the ranks' partials and one h."""
-        weights, ids = self.ops.moe_route(
-            self.gate(h), self.top_k, "softmax_topk", self.norm_topk_prob, rms_input=h, rms_eps=eps
-        )
+        weights, ids = route(self.ops, self.gate, h, self.top_k, "softmax_topk", self.norm_topk_prob, eps)
         residual = h if self.tp_rank == 0 else None
         out = self.ops.fused_moe(h, self.w13, self.w2, weights, ids, rms_eps=eps, residual=residual)
         return all_reduce(out) if self.tp_size > 1 else out

@@ -29,7 +29,7 @@ from torch import nn
 
 from kernels import KernelOps
 from services.worker.layers.linear import Linear
-from services.worker.layers.moe import MoeLayer, MoeOperands
+from services.worker.layers.moe import MoeLayer, MoeOperands, route
 from services.worker.layers.quantization.mxfp4 import dequantize_mxfp4
 from services.worker.model_config import ModelConfig
 from services.worker.models.llama import DecoderLayer, LlamaForCausalLM
@@ -65,7 +65,10 @@ class GptOssMoeBlock(MoeLayer):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [T, k] fp32, expert ids [T, k]): softmax over the top-k router logits."""
-        return self.ops.moe_route(self.router(x), self.top_k, "topk_softmax")
+        return route(self.ops, self.router, x, self.top_k, "topk_softmax")
+
+    def router_linear(self) -> Linear:
+        return self.router
 
     def operands(self) -> MoeOperands:
         e = self.experts
