@@ -42,7 +42,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.ops import QuantFusion
-from kernels.triton import pdl
+from kernels.triton import pdl, quant_gemv
 from kernels.triton.rms_norm import rms_norm
 from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
@@ -72,11 +72,19 @@ class QuantConfig:
     # back to K order), the offset / zero point and a group's scale applied to the sums (ignored
     # for 8-bit codes and for groups that need per-element scales)
     split4: bool = False
+    # the few-row GEMV over 32-bit words of quant_gemv.py (dot False; block_m: the rows it takes)
+    words: bool = False
 
     def __str__(self) -> str:
-        kind = "dot" if self.dot else "gemv"
+        kind = "words" if self.words else "dot" if self.dot else "gemv"
         split = ",split" if self.split4 else ""
         return f"{kind}(m{self.block_m},n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages}{split})"
+
+    def takes(self, rows: int) -> bool:
+        """Whether this config runs a call of `rows` rows (a gemv one row, a words config a few)."""
+        if self.words:
+            return rows <= self.block_m
+        return self.dot or rows == 1
 
 
 GEMV_CANDIDATES = (
@@ -101,6 +109,38 @@ SPLIT4_SKINNY_CANDIDATES = (
     QuantConfig(16, 32, 256, 4, 4, dot=True, split4=True),
     QuantConfig(16, 64, 128, 4, 4, dot=True, split4=True),
 )
+# The word GEMV (quant_gemv.py), one row: block_k in K columns, so a 4-bit tile of the same bytes
+# spans twice the columns of an 8-bit one; BLOCK_N / num_warps rows a thread reuse each x load.
+WORDS_ROWS = quant_gemv.MAX_ROWS
+WORDS_CANDIDATES = {
+    8: (
+        QuantConfig(WORDS_ROWS, 16, 1024, 4, 1, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 8, 1024, 4, 1, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 4, 1024, 4, 1, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 16, 512, 4, 2, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 32, 512, 8, 2, dot=False, words=True),
+    ),
+    4: (
+        QuantConfig(WORDS_ROWS, 16, 2048, 4, 1, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 8, 2048, 4, 1, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 4, 2048, 4, 1, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 16, 1024, 4, 2, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 64, 128, 4, 3, dot=False, words=True),  # one g128 group a tile
+    ),
+}
+# The word GEMV for 2..4 rows: narrower tiles (each row of x has its own accumulators)
+WORDS_FEW_CANDIDATES = {
+    8: (
+        QuantConfig(WORDS_ROWS, 8, 512, 4, 2, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 16, 256, 4, 2, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 4, 1024, 4, 1, dot=False, words=True),
+    ),
+    4: (
+        QuantConfig(WORDS_ROWS, 8, 1024, 4, 2, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 16, 512, 4, 2, dot=False, words=True),
+        QuantConfig(WORDS_ROWS, 4, 2048, 4, 1, dot=False, words=True),
+    ),
+}
 TILED_CANDIDATES = (
     QuantConfig(64, 128, 64, 4, 4, dot=True),
     QuantConfig(128, 128, 64, 8, 3, dot=True),
@@ -117,8 +157,13 @@ def candidates(rows: int, bits: int = 8, gated: bool = False) -> tuple[QuantConf
     split = bits == 4
     if rows == 1:
         plain = (
-            GEMV_CANDIDATES + SKINNY_CANDIDATES + (SPLIT4_GEMV_CANDIDATES + SPLIT4_SKINNY_CANDIDATES) * split
+            GEMV_CANDIDATES
+            + SKINNY_CANDIDATES
+            + (SPLIT4_GEMV_CANDIDATES + SPLIT4_SKINNY_CANDIDATES) * split
+            + WORDS_CANDIDATES[bits]
         )
+    elif rows <= WORDS_ROWS:
+        plain = SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split + WORDS_FEW_CANDIDATES[bits]
     elif rows <= SKINNY_MAX_ROWS:
         plain = SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split
     else:
@@ -438,12 +483,32 @@ def quant_gemm(
     y = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    if not config.dot and m != 1:
-        raise ValueError(f"{config} takes one row, got {m}")
+    if not config.takes(m):
+        most = f"at most {config.block_m} rows" if config.words else "one row"
+        raise ValueError(f"{config} takes {most}, got {m}")
     if scales.dtype != torch.float32 or not scales.is_contiguous():
         scales = scales.float().contiguous()
     if zeros is not None and (zeros.dtype != torch.float32 or not zeros.is_contiguous()):
         zeros = zeros.float().contiguous()
+    if config.words:
+        return quant_gemv.quant_gemv(
+            x,
+            qweight,
+            scales,
+            bits,
+            zeros,
+            bias,
+            y,
+            config.block_n,
+            config.block_k,
+            config.num_warps,
+            config.num_stages,
+            norm_weight,
+            rms_eps,
+            gated,
+            residual,
+            early_signal,
+        )
     fp8 = qweight.dtype == torch.float8_e4m3fn
     block_k, num_stages = config.block_k, config.num_stages
     if num_groups > 1 and group_size % block_k:
@@ -545,8 +610,9 @@ def _call_key(
 
 
 def _usable(config: QuantConfig | None, m: int) -> QuantConfig:
-    """A tuned choice for `m` rows (a gemv choice only for one row), else `default_config`."""
-    if config is None or (not config.dot and m != 1):
+    """A tuned choice for `m` rows (a gemv choice only for one row, a words choice for a few),
+    else `default_config`."""
+    if config is None or not config.takes(m):
         return default_config(m)
     return config
 
@@ -609,7 +675,7 @@ def quant_linear_fused(
     key = (*_call_key(x, qweight, scales, bits, zeros is not None, bias is not None), fusion)
     config = _usable(_FUSED_CHOICE.get(key), x.shape[0])
     unfused = _UNFUSED.get(key)
-    if unfused is not None and (unfused.dot or x.shape[0] == 1):
+    if unfused is not None and unfused.takes(x.shape[0]):
         return _unfused_sequence(
             x, qweight, scales, bits, zeros, bias, unfused, norm_weight, rms_eps, gated, residual
         )
