@@ -59,7 +59,7 @@ def supports(qweight: torch.Tensor, k: int, bits: int, group_size: int, block_k:
     return None
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["word_step"])
 def _quant_gemv_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K // CPW] int32 words
@@ -76,6 +76,7 @@ def _quant_gemv_kernel(
     num_groups,
     stride_xm,
     stride_wn,  # in words
+    word_step,  # 1 (a runtime value: see the load)
     stride_ym,
     stride_rm,
     BITS: tl.constexpr,
@@ -113,25 +114,32 @@ def _quant_gemv_kernel(
         mask_n = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    n3 = offs_n[None, :, None]  # [1, BLOCK_N, 1]
+    # Tiles are [BLOCK_W, BLOCK_N, BLOCK_M]: words first. Every load of the loop (words, x, scales)
+    # then has the same layout (threads and warps along the words, a thread's rows and x rows in
+    # its registers), so nothing is converted between layouts inside the loop (a shared-memory
+    # round trip per code).
+    w3 = tl.arange(0, BLOCK_W)[:, None, None]  # [BW, 1, 1]
+    n3 = offs_n[None, :, None]  # [1, BN, 1]
     mask_n3 = mask_n[None, :, None]
-    mask_m3 = mask_m[:, None, None]  # [BLOCK_M, 1, 1]
-    w3 = tl.arange(0, BLOCK_W)[None, None, :]  # [1, 1, BLOCK_W]
+    mask_m3 = mask_m[None, None, :]  # [1, 1, BM]
     w_rows = w_ptr + n3.to(tl.int64) * stride_wn
-    x_rows = x_ptr + offs_m[:, None, None].to(tl.int64) * stride_xm
+    x_rows = x_ptr + offs_m[None, None, :].to(tl.int64) * stride_xm
     words_per_row = K // CPW
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_W, BLOCK_N, BLOCK_M), dtype=tl.float32)
     if RMS_EPS is not None:
-        x_sq = tl.zeros((BLOCK_M, 1, BLOCK_W), dtype=tl.float32)
+        x_sq = tl.zeros((BLOCK_W, 1, BLOCK_M), dtype=tl.float32)
     if HAS_ZEROS and SCALES == 0:
-        x_tot = tl.zeros((BLOCK_M, 1, BLOCK_W), dtype=tl.float32)  # sum of x over K: the zero's share
+        x_tot = tl.zeros((BLOCK_W, 1, BLOCK_M), dtype=tl.float32)  # sum of x over K: the zero's share
     pdl.enter(PDL)  # see pdl.py: nothing above reads an activation
     if EARLY_SIGNAL:
         pdl.leave(PDL)
     for k0 in range(0, K, SPAN):
-        kw = k0 // CPW + w3  # word index in the row
+        # the word index in the row, times a runtime 1: a load seen as contiguous would take a
+        # 16-byte vector layout of its own, unlike the x loads (strided: one code position of each
+        # word); one word a thread and row still reads 128 contiguous bytes of a row per warp
+        kw = k0 // CPW + w3 * word_step  # [BW, 1, 1]
         w_mask = mask_n3 & (kw < words_per_row)
-        words = tl.load(w_rows + kw, mask=w_mask, other=0, eviction_policy="evict_first")  # [1, BN, BW]
+        words = tl.load(w_rows + kw, mask=w_mask, other=0, eviction_policy="evict_first")  # [BW, BN, 1]
         kx = k0 + CPW * w3  # the column of each word's code 0
         x_mask = mask_m3 & (kx < K)
         if BITS == 8 and not FP8:
@@ -139,11 +147,11 @@ def _quant_gemv_kernel(
         if not FP8:
             hi = words >> HI_SHIFT
         if SCALES != 0:
-            part = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_W), dtype=tl.float32)
+            part = tl.zeros((BLOCK_W, BLOCK_N, BLOCK_M), dtype=tl.float32)
         if HAS_ZEROS:
-            x_word = tl.zeros((BLOCK_M, 1, BLOCK_W), dtype=tl.float32)  # sum of x over each word
+            x_word = tl.zeros((BLOCK_W, 1, BLOCK_M), dtype=tl.float32)  # sum of x over each word
         for j in tl.static_range(CPW):
-            xj = tl.load(x_rows + kx + j, mask=x_mask, other=0.0)  # [BM, 1, BW]: code j's columns
+            xj = tl.load(x_rows + kx + j, mask=x_mask, other=0.0)  # [BW, 1, BM]: code j's columns
             if RMS_EPS is not None:
                 x_sq += xj.to(tl.float32) * xj.to(tl.float32)
             if NORM:
@@ -157,12 +165,11 @@ def _quant_gemv_kernel(
                 code = ((words >> (8 * j)) & 0xFF).to(tl.uint8)
                 wv = code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             else:
+                pos = j - (j >= LOW) * (HI_SHIFT // BITS)  # the code's position in src (constexpr)
                 if j < LOW:
                     src = words
-                    pos: tl.constexpr = j
                 else:
                     src = hi
-                    pos: tl.constexpr = j - HI_SHIFT // BITS
                 field = (src & (MASK << (BITS * pos))) | 0x4B000000
                 wv = field.to(tl.float32, bitcast=True) - (_MAGIC + OFFSET * (1 << (BITS * pos)))
                 if pos > 0:
@@ -174,43 +181,42 @@ def _quant_gemv_kernel(
         if HAS_ZEROS and SCALES == 0:
             x_tot += x_word
         if SCALES != 0:
+            # (the pointers span the words axis too, for the loop's one layout)
             if SCALES == 1:
-                sg = n3 * num_groups + k0 // group_size  # [1, BN, 1]
-                s_mask = mask_n3
+                sg = n3 * num_groups + (k0 // group_size + 0 * w3)  # [BW, BN, 1]
             else:
-                sg = n3 * num_groups + kx // group_size  # [1, BN, BW]
-                s_mask = w_mask
+                sg = n3 * num_groups + kx // group_size  # [BW, BN, 1]
             if HAS_ZEROS:
-                part -= tl.load(z_ptr + sg, mask=s_mask, other=0.0) * x_word
-            acc += tl.load(s_ptr + sg, mask=s_mask, other=0.0) * part
+                part -= tl.load(z_ptr + sg, mask=w_mask, other=0.0) * x_word
+            acc += tl.load(s_ptr + sg, mask=w_mask, other=0.0) * part
     if not EARLY_SIGNAL:
         pdl.leave(PDL)  # the weights are read: the next kernel may launch and wait on this one
-    out = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
+    out = tl.sum(acc, axis=0)  # [BLOCK_N, BLOCK_M]
     if SCALES == 0:
         if HAS_ZEROS:
-            out -= tl.sum(x_tot, axis=2) * tl.load(z_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        out = out * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            out -= tl.sum(x_tot, axis=0) * tl.load(z_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+        out = out * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     if RMS_EPS is not None:
-        out = out * tl.rsqrt(tl.sum(x_sq, axis=2) / K + RMS_EPS)  # [BM, 1]
+        out = out * tl.rsqrt(tl.sum(x_sq, axis=0) / K + RMS_EPS)  # [1, BM]
     if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     if GATED:
-        gate, up = tl.split(tl.permute(tl.reshape(out, [BLOCK_M, 2, HALF]), (0, 2, 1)))  # [BM, HALF]
+        gate, up = tl.split(tl.permute(tl.reshape(out, [2, HALF, BLOCK_M]), (1, 2, 0)))  # [HALF, BM]
         out_cols = pid_n * HALF + tl.arange(0, HALF)
         tl.store(
-            y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + out_cols[None, :],
+            y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + out_cols[:, None],
             (gate / (1.0 + tl.exp(-gate)) * up).to(y_ptr.dtype.element_ty),
-            mask=mask_m[:, None] & (out_cols < N // 2)[None, :],
+            mask=mask_m[None, :] & (out_cols < N // 2)[:, None],
         )
         return
-    out_mask = mask_m[:, None] & mask_n[None, :]
+    out_mask = mask_n[:, None] & mask_m[None, :]
     if HAS_RESIDUAL:
         residual = tl.load(
-            r_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :], mask=out_mask, other=0.0
+            r_ptr + offs_m[None, :].to(tl.int64) * stride_rm + offs_n[:, None], mask=out_mask, other=0.0
         )
         out += residual.to(tl.float32)
     tl.store(
-        y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
+        y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None],
         out.to(y_ptr.dtype.element_ty),
         mask=out_mask,
     )
@@ -272,6 +278,7 @@ def quant_gemv(
         num_groups,
         x.stride(0),
         words.stride(0),
+        1,
         y.stride(0),
         residual.stride(0) if residual is not None else 0,
         BITS=bits,
