@@ -59,7 +59,7 @@ def supports(qweight: torch.Tensor, k: int, bits: int, group_size: int, block_k:
     return None
 
 
-@triton.jit(do_not_specialize=["word_step"])
+@triton.jit(do_not_specialize=["word_step", "magic_bits"])
 def _quant_gemv_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K // CPW] int32 words
@@ -77,6 +77,8 @@ def _quant_gemv_kernel(
     stride_xm,
     stride_wn,  # in words
     word_step,  # 1 (a runtime value: see the load)
+    magic_bits,  # 0x4B000000, the bits of 2^23 (a runtime value: one register, so the mask-and-or
+    # of a code is one LOP3 instruction: LOP3 takes one immediate, the mask)
     stride_ym,
     stride_rm,
     BITS: tl.constexpr,
@@ -170,7 +172,7 @@ def _quant_gemv_kernel(
                     src = words
                 else:
                     src = hi
-                field = (src & (MASK << (BITS * pos))) | 0x4B000000
+                field = (src & (MASK << (BITS * pos))) | magic_bits
                 wv = field.to(tl.float32, bitcast=True) - (_MAGIC + OFFSET * (1 << (BITS * pos)))
                 if pos > 0:
                     xf = xf * (1.0 / (1 << (BITS * pos)))  # exact: a power of two
@@ -279,6 +281,7 @@ def quant_gemv(
         x.stride(0),
         words.stride(0),
         1,
+        0x4B000000,
         y.stride(0),
         residual.stride(0) if residual is not None else 0,
         BITS=bits,
