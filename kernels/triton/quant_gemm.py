@@ -109,37 +109,37 @@ SPLIT4_SKINNY_CANDIDATES = (
     QuantConfig(16, 32, 256, 4, 4, dot=True, split4=True),
     QuantConfig(16, 64, 128, 4, 4, dot=True, split4=True),
 )
-# The word GEMV (quant_gemv.py), one row: block_k in K columns, so a 4-bit tile of the same bytes
-# spans twice the columns of an 8-bit one; BLOCK_N / num_warps rows a thread reuse each x load.
+# The word GEMV (quant_gemv.py), one row. block_k in K columns (a 4-bit tile of the same bytes spans
+# twice the columns of an 8-bit one), at least a word a thread and row (32 * num_warps words);
+# num_stages: tiles in flight a warp (2: the next tile's words loaded before this one is summed).
+# Each thread holds block_n rows of block_k / (codes a word * 32 * num_warps) words a tile.
 WORDS_ROWS = quant_gemv.MAX_ROWS
+
+
+def _words(block_n: int, block_k: int, num_warps: int, tiles: int) -> QuantConfig:
+    return QuantConfig(WORDS_ROWS, block_n, block_k, num_warps, tiles, dot=False, words=True)
+
+
 WORDS_CANDIDATES = {
     8: (
-        QuantConfig(WORDS_ROWS, 16, 1024, 4, 1, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 8, 1024, 4, 1, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 4, 1024, 4, 1, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 16, 512, 4, 2, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 32, 512, 8, 2, dot=False, words=True),
+        _words(16, 512, 4, 1),
+        _words(16, 1024, 4, 1),
+        _words(8, 1024, 4, 2),
+        _words(4, 1024, 4, 1),
+        _words(32, 1024, 8, 1),
     ),
     4: (
-        QuantConfig(WORDS_ROWS, 16, 2048, 4, 1, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 8, 2048, 4, 1, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 4, 2048, 4, 1, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 16, 1024, 4, 2, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 64, 128, 4, 3, dot=False, words=True),  # one g128 group a tile
+        _words(16, 1024, 4, 1),
+        _words(16, 2048, 4, 1),
+        _words(8, 2048, 4, 2),
+        _words(4, 2048, 4, 1),
+        _words(32, 2048, 8, 1),
     ),
 }
-# The word GEMV for 2..4 rows: narrower tiles (each row of x has its own accumulators)
+# The word GEMV for 2..4 rows: fewer W rows a program (each x row has its own accumulators)
 WORDS_FEW_CANDIDATES = {
-    8: (
-        QuantConfig(WORDS_ROWS, 8, 512, 4, 2, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 16, 256, 4, 2, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 4, 1024, 4, 1, dot=False, words=True),
-    ),
-    4: (
-        QuantConfig(WORDS_ROWS, 8, 1024, 4, 2, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 16, 512, 4, 2, dot=False, words=True),
-        QuantConfig(WORDS_ROWS, 4, 2048, 4, 1, dot=False, words=True),
-    ),
+    8: (_words(8, 512, 4, 1), _words(4, 1024, 4, 1), _words(8, 512, 4, 2)),
+    4: (_words(8, 1024, 4, 1), _words(4, 2048, 4, 1), _words(8, 1024, 4, 2)),
 }
 TILED_CANDIDATES = (
     QuantConfig(64, 128, 64, 4, 4, dot=True),

@@ -94,6 +94,7 @@ def _quant_gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_W: tl.constexpr,  # words a row a tile
+    PREFETCH: tl.constexpr,  # load the next tile's words before summing this one's
     PDL: tl.constexpr,
 ):
     CPW: tl.constexpr = 32 // BITS  # codes a word
@@ -135,13 +136,27 @@ def _quant_gemv_kernel(
     pdl.enter(PDL)  # see pdl.py: nothing above reads an activation
     if EARLY_SIGNAL:
         pdl.leave(PDL)
+    # the word index in the row, times a runtime 1: a load seen as contiguous would take a 16-byte
+    # vector layout of its own, unlike the x loads (strided: one code position of each word); one
+    # word a thread and row still reads 128 contiguous bytes of a row per warp
+    w_cols = w3 * word_step  # [BW, 1, 1]
+    if PREFETCH:
+        # the next tile's words are loaded before this tile's codes are summed (two tiles in flight
+        # a warp: Triton pipelines only loads that feed a dot)
+        w_next = tl.load(
+            w_rows + w_cols, mask=mask_n3 & (w_cols < words_per_row), other=0, eviction_policy="evict_first"
+        )
     for k0 in range(0, K, SPAN):
-        # the word index in the row, times a runtime 1: a load seen as contiguous would take a
-        # 16-byte vector layout of its own, unlike the x loads (strided: one code position of each
-        # word); one word a thread and row still reads 128 contiguous bytes of a row per warp
-        kw = k0 // CPW + w3 * word_step  # [BW, 1, 1]
+        kw = k0 // CPW + w_cols
         w_mask = mask_n3 & (kw < words_per_row)
-        words = tl.load(w_rows + kw, mask=w_mask, other=0, eviction_policy="evict_first")  # [BW, BN, 1]
+        if PREFETCH:
+            words = w_next
+            kn = kw + BLOCK_W
+            w_next = tl.load(
+                w_rows + kn, mask=mask_n3 & (kn < words_per_row), other=0, eviction_policy="evict_first"
+            )
+        else:
+            words = tl.load(w_rows + kw, mask=w_mask, other=0, eviction_policy="evict_first")  # [BW, BN, 1]
         kx = k0 + CPW * w3  # the column of each word's code 0
         x_mask = mask_m3 & (kx < K)
         if BITS == 8 and not FP8:
@@ -235,7 +250,7 @@ def quant_gemv(
     block_n: int,
     block_k: int,  # K columns a tile
     num_warps: int,
-    num_stages: int,
+    tiles_in_flight: int,  # 1, or 2: the next tile's words loaded before this one's are summed
     norm_weight: torch.Tensor | None = None,
     rms_eps: float | None = None,
     gated: bool = False,
@@ -297,8 +312,9 @@ def quant_gemv(
         BLOCK_M=triton.next_power_of_2(m),
         BLOCK_N=block_n,
         BLOCK_W=block_k // cpw,
+        PREFETCH=tiles_in_flight > 1,
         num_warps=num_warps,
-        num_stages=num_stages,
+        num_stages=1,
         **pdl.launch_options(x.device),
     )
     return y
