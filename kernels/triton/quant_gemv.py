@@ -183,10 +183,7 @@ def _quant_gemv_kernel(
                 wv = code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             else:
                 pos = j - (j >= LOW) * (HI_SHIFT // BITS)  # the code's position in src (constexpr)
-                if j < LOW:
-                    src = words
-                else:
-                    src = hi
+                src = words if j < LOW else hi
                 field = (src & (MASK << (BITS * pos))) | magic_bits
                 wv = field.to(tl.float32, bitcast=True) - (_MAGIC + OFFSET * (1 << (BITS * pos)))
                 if pos > 0:

@@ -94,7 +94,13 @@ RESIDUAL = QuantFusion(residual=True)
 
 @pytest.mark.parametrize(
     ("fusion", "fmt"),
-    [(NORM, "int4-g128"), (NORM_RMS, "int8"), (GATED, "int4-asym"), (GATED, "fp8"), (RESIDUAL, "int8-g32-asym")],
+    [
+        (NORM, "int4-g128"),
+        (NORM_RMS, "int8"),
+        (GATED, "int4-asym"),
+        (GATED, "fp8"),
+        (RESIDUAL, "int8-g32-asym"),
+    ],
     ids=str,
 )
 @pytest.mark.parametrize("m", [1, 4])
@@ -197,7 +203,9 @@ def test_every_words_config_bf16_gpu(m: int, fmt: str) -> None:
     qweight, scales = qweight.cuda(), scales.cuda()
     zeros = zeros.cuda() if zeros is not None else None
     dense = (
-        qweight.float() * scales if fmt == "fp8" else reference.dequantize_weight(qweight, scales, bits, zeros)
+        qweight.float() * scales
+        if fmt == "fp8"
+        else reference.dequantize_weight(qweight, scales, bits, zeros)
     )
     variants: list[tuple[dict[str, Any], torch.Tensor]] = []
     plain = x.float() @ dense.t()
@@ -222,3 +230,36 @@ def test_every_words_config_bf16_gpu(m: int, fmt: str) -> None:
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(replayed, out), config
+
+
+def test_quant_bench_gemv_only_smoke(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """benchmarks/quant_bench.py --smoke --gemv-only (interpreter, one tiny shape) times bf16 and a
+    config of each kind (today's kernel, a words config) per format, each checked against the twin."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "gemv.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(repo / "benchmarks" / "quant_bench.py"),
+            "--smoke",
+            "--gemv-only",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=repo,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    rows = json.loads(out.read_text())["gemv"]
+    assert [r["kernel"] for r in rows if r["format"] == "bf16"] == ["F.linear"]
+    for fmt in ("int8", "int4 g128", "fp8 weight-only"):
+        kinds = [r["kernel"].split("(")[0] for r in rows if r["format"] == fmt]
+        assert "words" in kinds and len(kinds) == 2, (fmt, kinds)
+    assert all(r["rel_err"] < 1e-5 and r["us"] > 0 for r in rows if r["format"] != "bf16"), rows
