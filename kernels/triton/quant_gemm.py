@@ -23,6 +23,10 @@ the end, or to each tile's dot (its zero point as zero * sum(x) of the tile). Ot
 K tile spanning two groups) dequantize each element before the dot, rounded to the activation
 dtype; the gemv dequantizes each element and sums in fp32.
 
+A fourth kind, `words` (1 to 4 rows: decode), is the separate kernel of quant_gemv.py (the weight
+read as 32-bit words, codes unpacked by mask-and-or into 2^23's mantissa, one layout for every load
+of its loop); `quant_gemm` dispatches a words config to it and the tuner times it beside the others.
+
 Which config is fastest depends on the shape, the row count and the GPU, so `tune_quant_linear`
 times the candidates for each weight shape of the model and each row bucket (ROW_BUCKETS) and
 `quant_linear` then uses the choice; untuned shapes (the CPU interpreter, a shape not in the model)
@@ -149,6 +153,12 @@ TILED_CANDIDATES = (
 )
 
 
+def _doubles(config: QuantConfig) -> bool:
+    """Whether the gated candidates take `config` at twice its BLOCK_N: not a words config of more
+    than 16K codes a tile (doubled, a thread's accumulators spill registers: ptxas for sm_90)."""
+    return not config.words or config.block_n * config.block_k <= 16384
+
+
 def candidates(rows: int, bits: int = 8, gated: bool = False) -> tuple[QuantConfig, ...]:
     """The configs the tuner times for `rows` rows of `bits`-bit codes (e4m3: 8). A gated config's
     BLOCK_N weight rows are BLOCK_N / 2 gate rows and their BLOCK_N / 2 up rows, so `gated` adds
@@ -170,7 +180,7 @@ def candidates(rows: int, bits: int = 8, gated: bool = False) -> tuple[QuantConf
         return TILED_CANDIDATES
     if not gated:
         return plain
-    doubled = (dataclasses.replace(c, block_n=2 * c.block_n) for c in plain)
+    doubled = (dataclasses.replace(c, block_n=2 * c.block_n) for c in plain if _doubles(c))
     return plain + tuple(dict.fromkeys(c for c in doubled if c not in plain))
 
 

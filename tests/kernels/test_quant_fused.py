@@ -139,6 +139,8 @@ def test_gated_candidates_cover_the_plain_ones(bits: int, rows: int) -> None:
     plain, gated = candidates(rows, bits), candidates(rows, bits, gated=True)
     assert gated[: len(plain)] == plain and len(set(gated)) == len(gated)
     for config in plain:
+        if config.words and config.block_n * config.block_k > 16384:  # (doubled, it would spill)
+            continue
         assert dataclasses.replace(config, block_n=2 * config.block_n) in gated, config
     assert any(not c.dot and not c.words for c in gated) == (rows == 1)
     assert any(c.words for c in gated) == (rows <= 4)  # the word GEMV: one to four rows
