@@ -263,3 +263,62 @@ def test_quant_bench_gemv_only_smoke(tmp_path) -> None:  # type: ignore[no-untyp
         kinds = [r["kernel"].split("(")[0] for r in rows if r["format"] == fmt]
         assert "words" in kinds and len(kinds) == 2, (fmt, kinds)
     assert all(r["rel_err"] < 1e-5 and r["us"] > 0 for r in rows if r["format"] != "bf16"), rows
+
+
+# (bits, e4m3, zero points, scale mode, BLOCK_M, fused gate/up): int8 per channel one row; int4 g128
+# with zeros and the fused gate/up (norm, 1/rms, SiLU); e4m3 four rows fused; int4 with a group
+# holding whole tiles, four rows
+SM90_CASES = [
+    (8, False, False, 0, 1, False),
+    (4, False, True, 2, 1, True),
+    (8, True, False, 0, 4, True),
+    (4, False, False, 1, 4, False),
+]
+_SM90_SCRIPT = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kernels.triton.quant_gemv import _quant_gemv_kernel
+
+out = []
+for bits, fp8, zeros, scales, block_m, fused in json.loads(sys.argv[1]):
+    consts = dict(BITS=bits, FP8=fp8, HAS_ZEROS=zeros, HAS_BIAS=not fused, SCALES=scales, NORM=fused,
+                  RMS_EPS=1e-5 if fused else None, GATED=fused, HAS_RESIDUAL=False, EARLY_SIGNAL=fused,
+                  BLOCK_M=block_m, BLOCK_N=16, BLOCK_W=128, PREFETCH=block_m > 1, PDL=True)
+    pointers = {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32"}
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "*bf16" if n.endswith("_ptr") else "i32")
+                 for n in _quant_gemv_kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=_quant_gemv_kernel, signature=signature, constexprs=consts),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 1})
+    out.append(compiled.asm["ttgir"])
+print(json.dumps(out))
+"""
+
+
+def test_words_loop_has_one_layout_on_sm90() -> None:
+    """The kernel compiled for sm_90 (no GPU needed: Triton's compiler down to TTGIR, in a process
+    without the interpreter) converts no layout inside its K loop: every load of the loop shares one
+    layout (words first, the word index not seen as contiguous), so no tile crosses shared memory
+    per code; the only conversions are in the epilogue. Loaded as 16-byte vectors beside the
+    strided x loads, each code's tile crossed shared memory (four conversions a tile for int8)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _SM90_SCRIPT, json.dumps(SM90_CASES)],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    for case, ttgir in zip(SM90_CASES, json.loads(run.stdout), strict=True):
+        loop = ttgir[ttgir.index("scf.for") : ttgir.index("scf.yield")]
+        assert "tt.load" in loop and "convert_layout" not in loop, case
+        assert ttgir.count("ttg.convert_layout") <= 2, (case, ttgir.count("ttg.convert_layout"))
