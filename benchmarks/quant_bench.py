@@ -276,7 +276,12 @@ def projection_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 
 def gemv_rows(
-    cfg: dict[str, Any], device: torch.device, rows: tuple[int, ...], smoke: bool = False
+    cfg: dict[str, Any],
+    device: torch.device,
+    rows: tuple[int, ...],
+    smoke: bool = False,
+    shapes_wanted: list[str] | None = None,
+    progress: Any = None,  # called with the rows so far after each shape (a timed-out call keeps them)
 ) -> list[dict[str, Any]]:
     """Every candidate config of each format on each projection shape at each row count, and bf16
     F.linear (see the module docstring, `--gemv-only`). smoke: one shape, the first config of each
@@ -304,6 +309,8 @@ def gemv_rows(
     shapes = projection_shapes(cfg)
     if smoke:
         shapes = {"o_proj": shapes["o_proj"]}
+    elif shapes_wanted:
+        shapes = {name: shapes[name] for name in shapes_wanted}
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device=device) * 0.02
         wb = w.to(dtype)
@@ -353,6 +360,8 @@ def gemv_rows(
                     out.append(row)
             del x
         del wb, q8, q4, f8
+        if progress is not None:
+            progress(out)
     return out
 
 
@@ -396,19 +405,28 @@ def gemv_only(args: argparse.Namespace, device: torch.device) -> int:
     torch.manual_seed(0)
     ceil = measure_ceilings(device, SMOKE if args.smoke else FULL)
     print(f"ceilings: copy {ceil.copy_gbps:.0f} GB/s, matmul {ceil.matmul_tflops:.1f} TFLOP/s", flush=True)
-    rows = gemv_rows(cfg, device, (1,) if args.smoke else (1, 4), args.smoke)
+
+    def write(rows: list[dict[str, Any]]) -> Path:
+        out = write_report(
+            "quant_gemv",
+            device_label(device),
+            args.smoke,
+            args.out,
+            {"model": args.model, "ceilings": {"copy_GBps": ceil.copy_gbps}, "gemv": rows},
+        )
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
+        return out
+
+    def progress(rows: list[dict[str, Any]]) -> None:
+        write(rows)
+        print(f"  ... {rows[-1]['shape'].split()[0]} done ({len(rows)} rows)", flush=True)
+
+    shapes = args.shapes.split(",") if args.shapes else None
+    rows = gemv_rows(cfg, device, (1,) if args.smoke else (1, 4), args.smoke, shapes, progress)
     print(f"\n{device_label(device)}: {args.model} decode GEMVs, every candidate config")
     print_gemv(rows)
-    out = write_report(
-        "quant_gemv",
-        device_label(device),
-        args.smoke,
-        args.out,
-        {"model": args.model, "ceilings": {"copy_GBps": ceil.copy_gbps}, "gemv": rows},
-    )
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
-    print(f"wrote {out}", flush=True)
+    print(f"wrote {write(rows)}", flush=True)
     return 0
 
 
@@ -425,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         "--gemv-only",
         action="store_true",
         help="only the M=1 / M=4 GEMVs of the projection shapes, every candidate config (no engine)",
+    )
+    parser.add_argument(
+        "--shapes",
+        default="",
+        help="(--gemv-only) comma-separated subset of qkv_proj, o_proj, gate_up_proj, down_proj",
     )
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--output", type=int, default=256)
