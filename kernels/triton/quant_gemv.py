@@ -6,9 +6,15 @@ The weight layouts are those of `kernels/reference.py` `quant_linear`, unchanged
 working): int8 [N, K], e4m3 [N, K], or 4-bit codes two a byte along K as uint8 [N, K // 2] (even k
 in the low nibble); scales [N, G] fp32, optional zero points [N, G]. The kernel reads them as int32
 words ([N, K // 4] or [N, K // 8]: four 8-bit or eight 4-bit codes a word, code j of word w is
-column CPW * w + j, the little-endian order of the bytes and nibbles), so each thread's weight load
-is one 16-byte vector of 4 whole words and nothing is reordered in registers:
-- code j of every word is taken out with one mask-and-or into the mantissa of 2^23
+column CPW * w + j, the little-endian order of the bytes and nibbles); nothing is reordered:
+- tiles are [BLOCK_W words, BLOCK_N rows, BLOCK_M x rows], words first, and the word index is not
+  seen as contiguous: every load of the K loop (words, x, scales, zeros) then takes one layout
+  (threads and warps along the words; each warp load reads 128 contiguous bytes of a row; a
+  thread's rows and x rows in its registers), so no tile crosses shared memory in the loop. (As
+  16-byte vectors the words took a layout of their own, unlike the strided x loads, and every code
+  plane was converted through shared memory.) The bytes in flight come from the BLOCK_N rows a
+  thread holds, and with PREFETCH the next tile's words (Triton pipelines only loads feeding a dot);
+- code j of every word is taken out with one mask-and-or (one LOP3) into the mantissa of 2^23
   ((word & (mask << s)) | 0x4B000000 read as fp32 is 2^23 + code * 2^s), and one subtraction of the
   constant 2^23 + offset * 2^s leaves (code - offset) * 2^s exactly (int8: the byte's top bit
   flipped first, offset 128; 4-bit: offset 8, or 0 with zero points). The 2^s (s < 23; the top
@@ -16,7 +22,7 @@ is one 16-byte vector of 4 whole words and nothing is reordered in registers:
   tile as its own strided vector and scaled by 2^-s (exact), amortized over the tile's rows. No
   int -> float conversion instruction (a quarter-rate pipe), no `tl.interleave` / reshape;
 - e4m3 codes are bytes of the word converted by Triton (hardware e4m3 conversions);
-- products are summed on the CUDA cores into a [BLOCK_M, BLOCK_N, BLOCK_W] fp32 accumulator (no
+- products are summed on the CUDA cores into a [BLOCK_W, BLOCK_N, BLOCK_M] fp32 accumulator (no
   16-row tensor-core padding for one row), reduced once after the loop;
 - a group's scale (and zero point, as zero * sum(x) of the word) meets the word's partial sum once,
   not each code: one scale per row a tile where the group holds whole tiles, else one per word
