@@ -2,6 +2,7 @@
 
     python benchmarks/quant_bench.py            # GPU: Llama-3.1-8B shape, every format, one device call
     python benchmarks/quant_bench.py --smoke    # CPU, tiny shapes: checks the script in seconds
+    python benchmarks/quant_bench.py --gemv-only   # GPU: only the decode GEMVs, every candidate config
 
 Each format is a fresh engine on dummy weights of the same shape, quantized at load time
 (`--quantization`, services/worker/layers/quantization/), with CUDA graphs as served. Rows:
@@ -21,6 +22,15 @@ Each format is a fresh engine on dummy weights of the same shape, quantized at l
   `fp8_choice` column names the choice (`_scaled_mm` or the Triton config). The fp8 engine's own
   choices for every projection shape are in `fp8_engine_choices`.
 The JSON goes to benchmarks/results/quant_<gpu>_<date>.json (and $OUT when set).
+
+`--gemv-only` (one short device call, no engine): the M = 1 and M = 4 GEMVs of the model's four
+projection shapes (qkv, o, gate/up, down) for int8 (per channel), int4 (W4A16, group 128) and
+FP8 weight-only, each candidate config of the quantized GEMM's tuner (`quant_gemm.candidates`: the
+gemv / dot configs and the word GEMV's `words` configs of quant_gemv.py) checked against the twin
+and timed as the tuner times them (CUDA graph replays, L2 flushed before each call), with bf16
+F.linear timed the same way as the baseline; per row us, GB/s of the quantized bytes (codes and
+scales) and the speed-up over bf16; per shape and format the best config of each kind. On the CPU
+(`--smoke --gemv-only` under TRITON_INTERPRET=1) tiny shapes and eager timing check the script.
 """
 
 from __future__ import annotations
@@ -253,6 +263,173 @@ def fused_rows(
     return rows
 
 
+def projection_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(N, K) of the decode step's four projections of a dense model (fused qkv and gate/up)."""
+    h, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // heads
+    return {
+        "qkv_proj": ((heads + 2 * kv) * d, h),
+        "o_proj": (h, heads * d),
+        "gate_up_proj": (2 * cfg["intermediate_size"], h),
+        "down_proj": (h, cfg["intermediate_size"]),
+    }
+
+
+def gemv_rows(
+    cfg: dict[str, Any],
+    device: torch.device,
+    rows: tuple[int, ...],
+    smoke: bool = False,
+    shapes_wanted: list[str] | None = None,
+    progress: Any = None,  # called with the rows so far after each shape (a timed-out call keeps them)
+) -> list[dict[str, Any]]:
+    """Every candidate config of each format on each projection shape at each row count, and bf16
+    F.linear (see the module docstring, `--gemv-only`). smoke: one shape, the first config of each
+    kind (the interpreter takes seconds a call)."""
+    from kernels import reference
+    from kernels.triton import quant_gemm
+    from services.worker.layers.quantization.fp8 import quantize_fp8
+    from services.worker.layers.quantization.int4 import quantize_int4
+    from services.worker.layers.quantization.int8 import quantize_int8
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
+
+        flush = l2_flush(device)
+        flush_s = _graph_seconds(lambda i: flush(), 10) / 10
+
+    def timed(fn: Any) -> float:
+        if cuda:
+            return _time_calls(lambda _w: fn(), [torch.empty(0)], flush, flush_s, 20)
+        return median_time(fn, device, warmup=1, iters=3)
+
+    out: list[dict[str, Any]] = []
+    shapes = projection_shapes(cfg)
+    if smoke:
+        shapes = {"o_proj": shapes["o_proj"]}
+    elif shapes_wanted:
+        shapes = {name: shapes[name] for name in shapes_wanted}
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device=device) * 0.02
+        wb = w.to(dtype)
+        q8, s8 = quantize_int8(w, 0)
+        q4, s4 = quantize_int4(w, 128 if k % 128 == 0 else k)
+        f8, sf8 = quantize_fp8(w)
+        formats = [("int8", q8, s8, 8), ("int4 g128", q4, s4, 4), ("fp8 weight-only", f8, sf8, 8)]
+        del w
+        for m in rows:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            shape = f"{name} M={m} N={n} K={k}"
+            t_bf16 = timed(lambda x=x, wb=wb: F.linear(x, wb))
+            out.append(
+                {
+                    "shape": shape,
+                    "format": "bf16",
+                    "kernel": "F.linear",
+                    "us": t_bf16 * 1e6,
+                    "GBps": wb.numel() * 2 / t_bf16 / 1e9,
+                    "vs_bf16": 1.0,
+                }
+            )
+            for label, q, s, bits in formats:
+                nbytes = q.numel() * q.element_size() + s.numel() * 4
+                if q.dtype == torch.float8_e4m3fn:
+                    ref = reference.fp8_linear(x.float(), q, s).double()
+                else:
+                    ref = reference.quant_linear(x.float(), q, s, bits).double()
+                configs = quant_gemm.candidates(m, bits)
+                if smoke:
+                    configs = tuple(
+                        dict.fromkeys(next(c for c in configs if c.words == w) for w in (False, True))
+                    )
+                for config in configs:
+                    row: dict[str, Any] = {"shape": shape, "format": label, "kernel": str(config)}
+                    try:
+                        y = quant_gemm.quant_gemm(x, q, s, bits, None, None, config)
+                        row["rel_err"] = float((y.double() - ref).norm() / ref.norm())
+                        t = timed(
+                            lambda x=x, q=q, s=s, bits=bits, c=config: quant_gemm.quant_gemm(
+                                x, q, s, bits, None, None, c
+                            )
+                        )
+                        row.update(us=t * 1e6, GBps=nbytes / t / 1e9, vs_bf16=t_bf16 / t)
+                    except Exception as exc:  # a config this device cannot run is reported, not fatal
+                        row["failed"] = f"{type(exc).__name__}: {exc}"[:200]
+                    out.append(row)
+            del x
+        del wb, q8, q4, f8
+        if progress is not None:
+            progress(out)
+    return out
+
+
+def print_gemv(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        if "us" in r:
+            err = f"  err {r['rel_err']:.1e}" if "rel_err" in r else ""
+            print(
+                f"  {r['shape']:<36} {r['format']:<16} {r['kernel']:<34} {r['us']:8.1f} us "
+                f"{r['GBps']:6.0f} GB/s  x{r['vs_bf16']:.2f}{err}"
+            )
+        else:
+            print(f"  {r['shape']:<36} {r['format']:<16} {r['kernel']:<34} failed: {r.get('failed')}")
+    print("\nbest per shape and format (gemv / dot configs: today's kernel; words: quant_gemv.py)")
+    keys = dict.fromkeys((r["shape"], r["format"]) for r in rows if r["format"] != "bf16")
+    for shape, fmt in keys:
+        timed = [
+            r
+            for r in rows
+            if (r["shape"], r["format"]) == (shape, fmt) and "us" in r and r.get("rel_err", 0.0) < 1e-2
+        ]
+        old = min(
+            (r for r in timed if not r["kernel"].startswith("words")), key=lambda r: r["us"], default=None
+        )
+        new = min((r for r in timed if r["kernel"].startswith("words")), key=lambda r: r["us"], default=None)
+        line = f"  {shape:<36} {fmt:<16}"
+        for tag, r in (("old", old), ("words", new)):
+            if r is not None:
+                line += f"  {tag} {r['kernel']} {r['us']:.1f} us {r['GBps']:.0f} GB/s x{r['vs_bf16']:.2f}"
+        print(line)
+
+
+def gemv_only(args: argparse.Namespace, device: torch.device) -> int:
+    cfg = tiny(MODELS[args.model]) if args.smoke else MODELS[args.model]
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        print(
+            "--smoke --gemv-only runs the Triton kernels on the interpreter: set TRITON_INTERPRET=1",
+            file=sys.stderr,
+        )
+        return 2
+    torch.manual_seed(0)
+    ceil = measure_ceilings(device, SMOKE if args.smoke else FULL)
+    print(f"ceilings: copy {ceil.copy_gbps:.0f} GB/s, matmul {ceil.matmul_tflops:.1f} TFLOP/s", flush=True)
+
+    def write(rows: list[dict[str, Any]]) -> Path:
+        out = write_report(
+            "quant_gemv",
+            device_label(device),
+            args.smoke,
+            args.out,
+            {"model": args.model, "ceilings": {"copy_GBps": ceil.copy_gbps}, "gemv": rows},
+        )
+        if os.environ.get("OUT"):
+            (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
+        return out
+
+    def progress(rows: list[dict[str, Any]]) -> None:
+        write(rows)
+        print(f"  ... {rows[-1]['shape'].split()[0]} done ({len(rows)} rows)", flush=True)
+
+    shapes = args.shapes.split(",") if args.shapes else None
+    rows = gemv_rows(cfg, device, (1,) if args.smoke else (1, 4), args.smoke, shapes, progress)
+    print(f"\n{device_label(device)}: {args.model} decode GEMVs, every candidate config")
+    print_gemv(rows)
+    print(f"wrote {write(rows)}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -261,6 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="Llama-3.1-8B", choices=list(MODELS))
     parser.add_argument(
         "--formats", default=",".join(FORMATS), help="comma-separated subset of " + ", ".join(FORMATS)
+    )
+    parser.add_argument(
+        "--gemv-only",
+        action="store_true",
+        help="only the M=1 / M=4 GEMVs of the projection shapes, every candidate config (no engine)",
+    )
+    parser.add_argument(
+        "--shapes",
+        default="",
+        help="(--gemv-only) comma-separated subset of qkv_proj, o_proj, gate_up_proj, down_proj",
     )
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--output", type=int, default=256)
@@ -274,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
         return 2
+    if args.gemv_only:
+        return gemv_only(args, device)
     device_name = device_label(device)
     torch.manual_seed(0)
     ceil = measure_ceilings(device, SMOKE if args.smoke else FULL)

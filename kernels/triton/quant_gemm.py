@@ -23,6 +23,10 @@ the end, or to each tile's dot (its zero point as zero * sum(x) of the tile). Ot
 K tile spanning two groups) dequantize each element before the dot, rounded to the activation
 dtype; the gemv dequantizes each element and sums in fp32.
 
+A fourth kind, `words` (1 to 4 rows: decode), is the separate kernel of quant_gemv.py (the weight
+read as 32-bit words, codes unpacked by mask-and-or into 2^23's mantissa, one layout for every load
+of its loop); `quant_gemm` dispatches a words config to it and the tuner times it beside the others.
+
 Which config is fastest depends on the shape, the row count and the GPU, so `tune_quant_linear`
 times the candidates for each weight shape of the model and each row bucket (ROW_BUCKETS) and
 `quant_linear` then uses the choice; untuned shapes (the CPU interpreter, a shape not in the model)
@@ -42,7 +46,7 @@ import triton.language as tl
 
 from kernels import reference
 from kernels.ops import QuantFusion
-from kernels.triton import pdl
+from kernels.triton import pdl, quant_gemv
 from kernels.triton.rms_norm import rms_norm
 from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
@@ -72,11 +76,19 @@ class QuantConfig:
     # back to K order), the offset / zero point and a group's scale applied to the sums (ignored
     # for 8-bit codes and for groups that need per-element scales)
     split4: bool = False
+    # the few-row GEMV over 32-bit words of quant_gemv.py (dot False; block_m: the rows it takes)
+    words: bool = False
 
     def __str__(self) -> str:
-        kind = "dot" if self.dot else "gemv"
+        kind = "words" if self.words else "dot" if self.dot else "gemv"
         split = ",split" if self.split4 else ""
         return f"{kind}(m{self.block_m},n{self.block_n},k{self.block_k},w{self.num_warps},s{self.num_stages}{split})"
+
+    def takes(self, rows: int) -> bool:
+        """Whether this config runs a call of `rows` rows (a gemv one row, a words config a few)."""
+        if self.words:
+            return rows <= self.block_m
+        return self.dot or rows == 1
 
 
 GEMV_CANDIDATES = (
@@ -101,12 +113,50 @@ SPLIT4_SKINNY_CANDIDATES = (
     QuantConfig(16, 32, 256, 4, 4, dot=True, split4=True),
     QuantConfig(16, 64, 128, 4, 4, dot=True, split4=True),
 )
+# The word GEMV (quant_gemv.py), one row. block_k in K columns (a 4-bit tile of the same bytes spans
+# twice the columns of an 8-bit one), at least a word a thread and row (32 * num_warps words);
+# num_stages: tiles in flight a warp (2: the next tile's words loaded before this one is summed).
+# Each thread holds block_n rows of block_k / (codes a word * 32 * num_warps) words a tile.
+WORDS_ROWS = quant_gemv.MAX_ROWS
+
+
+def _words(block_n: int, block_k: int, num_warps: int, tiles: int) -> QuantConfig:
+    return QuantConfig(WORDS_ROWS, block_n, block_k, num_warps, tiles, dot=False, words=True)
+
+
+WORDS_CANDIDATES = {
+    8: (
+        _words(16, 512, 4, 1),
+        _words(16, 1024, 4, 1),
+        _words(8, 1024, 4, 2),
+        _words(4, 1024, 4, 1),
+        _words(32, 1024, 8, 1),
+    ),
+    4: (
+        _words(16, 1024, 4, 1),
+        _words(16, 2048, 4, 1),
+        _words(8, 2048, 4, 2),
+        _words(4, 2048, 4, 1),
+        _words(32, 2048, 8, 1),
+    ),
+}
+# The word GEMV for 2..4 rows: fewer W rows a program (each x row has its own accumulators)
+WORDS_FEW_CANDIDATES = {
+    8: (_words(8, 512, 4, 1), _words(4, 1024, 4, 1), _words(8, 512, 4, 2)),
+    4: (_words(8, 1024, 4, 1), _words(4, 2048, 4, 1), _words(8, 1024, 4, 2)),
+}
 TILED_CANDIDATES = (
     QuantConfig(64, 128, 64, 4, 4, dot=True),
     QuantConfig(128, 128, 64, 8, 3, dot=True),
     QuantConfig(128, 128, 128, 8, 3, dot=True),
     QuantConfig(128, 256, 64, 8, 3, dot=True),
 )
+
+
+def _doubles(config: QuantConfig) -> bool:
+    """Whether the gated candidates take `config` at twice its BLOCK_N: not a words config of more
+    than 16K codes a tile (doubled, a thread's accumulators spill registers: ptxas for sm_90)."""
+    return not config.words or config.block_n * config.block_k <= 16384
 
 
 def candidates(rows: int, bits: int = 8, gated: bool = False) -> tuple[QuantConfig, ...]:
@@ -117,15 +167,20 @@ def candidates(rows: int, bits: int = 8, gated: bool = False) -> tuple[QuantConf
     split = bits == 4
     if rows == 1:
         plain = (
-            GEMV_CANDIDATES + SKINNY_CANDIDATES + (SPLIT4_GEMV_CANDIDATES + SPLIT4_SKINNY_CANDIDATES) * split
+            GEMV_CANDIDATES
+            + SKINNY_CANDIDATES
+            + (SPLIT4_GEMV_CANDIDATES + SPLIT4_SKINNY_CANDIDATES) * split
+            + WORDS_CANDIDATES[bits]
         )
+    elif rows <= WORDS_ROWS:
+        plain = SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split + WORDS_FEW_CANDIDATES[bits]
     elif rows <= SKINNY_MAX_ROWS:
         plain = SKINNY_CANDIDATES + SPLIT4_SKINNY_CANDIDATES * split
     else:
         return TILED_CANDIDATES
     if not gated:
         return plain
-    doubled = (dataclasses.replace(c, block_n=2 * c.block_n) for c in plain)
+    doubled = (dataclasses.replace(c, block_n=2 * c.block_n) for c in plain if _doubles(c))
     return plain + tuple(dict.fromkeys(c for c in doubled if c not in plain))
 
 
@@ -438,12 +493,32 @@ def quant_gemm(
     y = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    if not config.dot and m != 1:
-        raise ValueError(f"{config} takes one row, got {m}")
+    if not config.takes(m):
+        most = f"at most {config.block_m} rows" if config.words else "one row"
+        raise ValueError(f"{config} takes {most}, got {m}")
     if scales.dtype != torch.float32 or not scales.is_contiguous():
         scales = scales.float().contiguous()
     if zeros is not None and (zeros.dtype != torch.float32 or not zeros.is_contiguous()):
         zeros = zeros.float().contiguous()
+    if config.words:
+        return quant_gemv.quant_gemv(
+            x,
+            qweight,
+            scales,
+            bits,
+            zeros,
+            bias,
+            y,
+            config.block_n,
+            config.block_k,
+            config.num_warps,
+            config.num_stages,
+            norm_weight,
+            rms_eps,
+            gated,
+            residual,
+            early_signal,
+        )
     fp8 = qweight.dtype == torch.float8_e4m3fn
     block_k, num_stages = config.block_k, config.num_stages
     if num_groups > 1 and group_size % block_k:
@@ -545,8 +620,9 @@ def _call_key(
 
 
 def _usable(config: QuantConfig | None, m: int) -> QuantConfig:
-    """A tuned choice for `m` rows (a gemv choice only for one row), else `default_config`."""
-    if config is None or (not config.dot and m != 1):
+    """A tuned choice for `m` rows (a gemv choice only for one row, a words choice for a few),
+    else `default_config`."""
+    if config is None or not config.takes(m):
         return default_config(m)
     return config
 
@@ -609,7 +685,7 @@ def quant_linear_fused(
     key = (*_call_key(x, qweight, scales, bits, zeros is not None, bias is not None), fusion)
     config = _usable(_FUSED_CHOICE.get(key), x.shape[0])
     unfused = _UNFUSED.get(key)
-    if unfused is not None and (unfused.dot or x.shape[0] == 1):
+    if unfused is not None and unfused.takes(x.shape[0]):
         return _unfused_sequence(
             x, qweight, scales, bits, zeros, bias, unfused, norm_weight, rms_eps, gated, residual
         )

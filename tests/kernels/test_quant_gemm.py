@@ -410,7 +410,7 @@ def test_every_candidate_config_matches_reference(
     x = torch.randn(m, k, generator=gen)
     bias = torch.randn(n, generator=gen)
     expected = reference.quant_linear(x, packed, scales, bits, zeros, bias)
-    configs = candidates(m, bits)
+    configs = [c for c in candidates(m, bits) if not c.words]  # (words configs: test_quant_gemv.py)
     assert configs
     for config in configs:
         out = quant_gemm(x, packed, scales, bits, zeros, bias, config)
@@ -512,6 +512,6 @@ def test_fp8_weight_only_every_config_interpreter(m: int) -> None:
     x = torch.randn(m, 320, generator=gen)
     bias = torch.randn(40, generator=gen)
     expected = reference.fp8_linear(x, w, s, bias)
-    for config in candidates(m):
+    for config in (c for c in candidates(m) if not c.words):  # (words configs: test_quant_gemv.py)
         out = fp8_weight_only(x, w, s, bias, config)
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4, msg=lambda t, c=config: f"{c}: {t}")
