@@ -5,7 +5,7 @@
 # Steps: agree (bf16 agreement of the MoE / Gemma 3 / Qwen3 families), moequant (fused MoE and
 # fused quantized GEMM kernels in bf16), engine_moe / engine_gemma (batch-1 decode with a kernel
 # profile), quant (quant_bench), beam (beam_bench Qwen2-0.5B with phases), beamprof (beam_profile),
-# attn / attntests (decode attention variants: bench, bf16 tests), lora (lora_bench), loratests (the LoRA kernels' and engine's bf16 tests), lorakern (lora_kernel_bench:
+# qgemv / qgemvtests (the word GEMV: quant_bench --gemv-only, bf16 tests), attn / attntests (decode attention variants: bench, bf16 tests), lora (lora_bench), loratests (the LoRA kernels' and engine's bf16 tests), lorakern (lora_kernel_bench:
 # the LoRA kernel configs alone), lorab64 (lora_bench's batch-64 rows with profiles and A/Bs), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +53,8 @@ for s in ${STEPS:?name the steps}; do
       --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports nixl,cuda-ipc,grpc --out "$OUT/kv_nixl.json" ;;
     attn) step attn "${ATTN_T:-150}" "$PY" benchmarks/decode_attention_bench.py --out "$OUT/decode_attention_small.json" ;;
     attntests) step attntests "${ATTNTESTS_T:-120}" "${gpu_pytest[@]}" tests/kernels/test_decode_attention_variants.py ;;
+    qgemv) step qgemv "${QGEMV_T:-150}" "$PY" benchmarks/quant_bench.py --gemv-only --out "$OUT/quant_gemv.json" ;;
+    qgemvtests) step qgemvtests "${QGEMVTESTS_T:-100}" "${gpu_pytest[@]}" tests/kernels/test_quant_gemv.py ;;
     *) echo "unknown step $s" ;;
   esac
 done
