@@ -17,7 +17,8 @@ beam (or choice): beam search's extra work is the per-step top-K over beams x vo
 `--host` is the CPU proxy of a step's host work: 8 prompts, W = 4 and 8 (32 / 64 sequences),
 steps launched ahead (async scheduling on), a Llama so small (1 layer, hidden 32, vocabulary 256)
 that its forward is a small part of the step, so what a beam step costs beyond a sampling step
-is the Python and torch dispatch around it. `--profile` prints each mode's top functions by
+is the Python and torch dispatch around it. Its `--phases` are the engine thread's CPU time
+(torch on one thread), which other processes on a loaded machine do not inflate. `--profile` prints each mode's top functions by
 own time.
 
 Beam selection runs on the device (beam_select.py) and, with async scheduling (on by default on
@@ -103,17 +104,19 @@ class Row:
 
 
 @contextmanager
-def phase_timers(engine: Engine) -> Iterator[Counter[str]]:
-    """Seconds spent in each phase of the engine's steps (and the number of steps), while inside."""
+def phase_timers(engine: Engine, clock: Callable[[], float] = time.perf_counter) -> Iterator[Counter[str]]:
+    """Seconds spent in each phase of the engine's steps (and the number of steps), while inside.
+    `clock`: wall time, or (--host) the thread's CPU time, which other processes on a loaded
+    machine do not inflate."""
     spent: Counter[str] = Counter()
 
     def timed(fn: Callable[..., Any], phase: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[phase] += time.perf_counter() - start
+                spent[phase] += clock() - start
 
         return wrapper
 
@@ -218,7 +221,7 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
             if args.phases:  # more runs, timed by phase (the timers cost a little: not the figure)
                 best: dict[str, float] = {}
                 for _ in range(args.repeat):  # each phase's best run (a loaded machine's noise)
-                    with phase_timers(engine) as spent:
+                    with phase_timers(engine, time.thread_time if args.host else time.perf_counter) as spent:
                         num_steps = count_steps(engine)
                         run_once(engine, prompts, sp)
                         steps = max(num_steps(), 1)
@@ -306,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU proxy of the host work: 8 prompts, W = 4 / 8, steps ahead, a minuscule Llama",
     )
     parser.add_argument("--profile", action="store_true", help="one more run per mode under cProfile")
-    parser.add_argument("--repeat", type=int, default=1, help="--phases: runs per mode (each phase's best)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=0,
+        help="--phases: runs per mode, each phase's best (default 1; --host: 5)",
+    )
     parser.add_argument(
         "--phases", action="store_true", help="one more run per mode timed by phase: where a step's time goes"
     )
@@ -319,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="JSON path (default benchmarks/results/beam_<device>.json)")
     args = parser.parse_args(argv)
     args.widths = [int(w) for w in args.widths.split(",")]
+    args.repeat = args.repeat or (0 if args.host else 1)
     if args.smoke:
         device, shapes = "cpu", {"tiny-llama": TINY}
         args.prompts, args.prompt_len, args.max_tokens = 2, 12, 8
@@ -326,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         device, shapes = "cpu", {"host-llama": HOST}
         args.prompts, args.prompt_len, args.max_tokens = 8, 16, 48
         args.async_scheduling = "on"
-        args.repeat = max(args.repeat, 5)
+        args.repeat = args.repeat or 5
+        torch.set_num_threads(1)  # the host's own work, on the engine thread (timed by its CPU time)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         shapes = {name: MODELS[name] for name in args.models.split(",")}

@@ -87,6 +87,9 @@ class BeamSearch(Ranked):
         self.length_penalty = sp.length_penalty
         self.early_stopping = sp.early_stopping
         self.user_logprobs = sp.logprobs
+        # each beam's chain of per-token logprob entries, kept only when the client asked for
+        # logprobs (the returned choices carry none otherwise: ranked.py)
+        self.keeps_entries = sp.logprobs is not None
         num_stop = len(request.stop_token_ids)
         self.keep = max(2, 1 + num_stop) * self.width  # transformers' beams_to_keep
         # each row's own best `keep`, plus the stop ids that min_tokens may ban
@@ -255,7 +258,7 @@ class BeamSearch(Ranked):
             stop = c.token_id if c.token_id in request.stop_token_ids else None
             choice = RankedChoice(
                 token_ids=(*parent.output_token_ids, c.token_id),
-                logprobs=(*_unwind(self.entries[parent.seq_id]), c.entry),
+                logprobs=(*_unwind(self.entries[parent.seq_id]), c.entry) if self.keeps_entries else (),
                 cumulative_logprob=c.total,
                 finish_reason="stop" if stop is not None else "length",
                 stop_token_id=stop,
@@ -297,7 +300,8 @@ class BeamSearch(Ranked):
         for c, seq in zip(going_on, targets, strict=True):
             parent = self.live[c.beam]
             scores[seq.seq_id] = c.total
-            entries[seq.seq_id] = (self.entries[parent.seq_id], c.entry)
+            if self.keeps_entries:
+                entries[seq.seq_id] = (self.entries[parent.seq_id], c.entry)
         for c, seq in zip(going_on, targets, strict=True):
             seq.token_ids.append(c.token_id)
         self.scores, self.entries, self.live = scores, entries, targets
@@ -305,20 +309,27 @@ class BeamSearch(Ranked):
     def _reseat(self, sched: Scheduler, going_on: list[_Candidate]) -> None:
         """The next step was launched ahead with new beam j in the sequence of live beam j (the
         device gathered its block table from its parent's, beam_select.BeamSelection): the host
-        does the same with the sequences, each on its fresh block (hold_tail)."""
+        does the same with the sequences, each on its fresh block (hold_tail). A beam that
+        continues its own sequence (most of them) appends to its lists in place; only one moved to
+        another parent copies that parent's."""
         bs = sched.bm.block_size
-        length = self.live[0].num_tokens  # the new tokens' position
-        tails = [self.pending_tails[s.seq_id] for s in self.live]
+        live = self.live
+        length = live[0].num_tokens  # the new tokens' position
+        tails = [self.pending_tails[s.seq_id] for s in live]
         parents = [c.beam for c in going_on]
-        old_tokens = [s.token_ids for s in self.live]
-        sched.bm.reseat_beams(self.live, parents, tails, length // bs)
+        moved = [j for j, p in enumerate(parents) if p != j]
+        # the moved beams' token lists from the old ones, before any beam appends in place
+        copies = [live[parents[j]].token_ids[:length] for j in moved]
+        sched.bm.reseat_beams(live, parents, tails, length // bs)
+        for j, tokens in zip(moved, copies, strict=True):
+            live[j].token_ids = tokens
         scores: dict[int, float] = {}
         entries: dict[int, _Entries] = {}
-        for seq, c in zip(self.live, going_on, strict=True):
-            parent = self.live[c.beam]
-            seq.token_ids = [*old_tokens[c.beam], c.token_id]
+        for seq, c in zip(live, going_on, strict=True):
+            seq.token_ids.append(c.token_id)
             scores[seq.seq_id] = c.total
-            entries[seq.seq_id] = (self.entries[parent.seq_id], c.entry)
+            if self.keeps_entries:
+                entries[seq.seq_id] = (self.entries[live[c.beam].seq_id], c.entry)
         self.scores, self.entries, self.pending_tails = scores, entries, {}
         self._release_spares(sched)
         self.num_ahead += 1

@@ -135,11 +135,14 @@ class BeamStep:
         bs = self.block_size
         width = before.parents.shape[1]
         flat = []  # (group, slot) of each entry in [G * W_max]
+        slots: dict[int, int] = {}  # sequence id -> its place in its request's live beams
         for i in ahead:
             seq = out.scheduled[i].seq
             group = before.index(seq.request.request_id)
             assert group is not None, "launched ahead without its selection"
-            flat.append(group * width + seq.request.beam.live.index(seq))
+            if seq.seq_id not in slots:  # (once per request, not a list search per beam)
+                slots.update((s.seq_id, j) for j, s in enumerate(seq.request.beam.live))
+            flat.append(group * width + slots[seq.seq_id])
         starts = [out.scheduled[i].start for i in ahead]
         mid = [k for k, p in enumerate(starts) if p % bs]  # a partly filled block to carry over
         # one host->device copy for every index of the step ahead

@@ -373,18 +373,30 @@ class BlockManager:
         """Beam search launched ahead (beam_search.py): `seqs[j]` takes the first `num_shared`
         blocks of `seqs[parents[j]]`'s table (full ones, shared by reference count) and its own
         fresh `tails[j]` after them; the old tables' references go (the same counts as freeing
-        them and forking anew)."""
-        old = [(s.block_ids, s.block_hashes) for s in seqs]
-        for seq, parent, tail in zip(seqs, parents, tails, strict=True):
-            blocks, hashes = old[parent]
-            assert len(blocks) >= num_shared and not seq.num_freed_blocks
-            seq.block_ids = [*blocks[:num_shared], tail]
-            seq.block_hashes = hashes[:num_shared]
+        them and forking anew).
+
+        O(beams whose parent changed): a beam that continues its own sequence (`parents[j] == j`,
+        most of them) keeps its table's list, drops what follows its full blocks (the partly
+        filled block the device copied into its tail) and appends its tail; only a beam moved to
+        another parent's table is rebuilt, its counts changed by the net difference."""
+        moved = [j for j, p in enumerate(parents) if p != j]
+        # the moved beams' new tables and hashes, from the old lists, before any list is changed
+        new = [
+            (seqs[parents[j]].block_ids[:num_shared], seqs[parents[j]].block_hashes[:num_shared])
+            for j in moved
+        ]
         # Only the net change of each block's count is applied: most full blocks are shared by
-        # every beam before and after (a reference and a release per beam and block every step
-        # grew with the output's length). Counted in C (Counter over chained lists).
-        gained = Counter(itertools.chain.from_iterable(old[p][0][:num_shared] for p in parents))
-        lost = Counter(itertools.chain.from_iterable(blocks for blocks, _ in old))
+        # every beam before and after. Counted in C (Counter over chained lists).
+        gained = Counter(itertools.chain.from_iterable(blocks for blocks, _ in new))
+        lost = Counter(itertools.chain.from_iterable(seqs[j].block_ids for j in moved))
+        for j, seq in enumerate(seqs):
+            assert len(seq.block_ids) >= num_shared and not seq.num_freed_blocks
+            if parents[j] == j:
+                lost.update(seq.block_ids[num_shared:])
+                del seq.block_ids[num_shared:], seq.block_hashes[num_shared:]
+                seq.block_ids.append(tails[j])
+        for (blocks, hashes), j in zip(new, moved, strict=True):
+            seqs[j].block_ids, seqs[j].block_hashes = [*blocks, tails[j]], hashes
         for block, count in gained.items():
             for _ in range(count - lost[block]):
                 self._ref(block)
