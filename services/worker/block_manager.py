@@ -38,7 +38,6 @@ sequence that ends while swapped out. A sequence with freed out-of-window blocks
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter, OrderedDict
 
 from services.common.block_hash import chain_hash
@@ -385,10 +384,16 @@ class BlockManager:
             (seqs[parents[j]].block_ids[:num_shared], seqs[parents[j]].block_hashes[:num_shared])
             for j in moved
         ]
-        # Only the net change of each block's count is applied: most full blocks are shared by
-        # every beam before and after. Counted in C (Counter over chained lists).
-        gained = Counter(itertools.chain.from_iterable(blocks for blocks, _ in new))
-        lost = Counter(itertools.chain.from_iterable(seqs[j].block_ids for j in moved))
+        # Only the net change of each block's count is applied: a moved beam's old and new tables
+        # share their leading blocks (the prompt's, those of the beams' common ancestors), which
+        # keep their counts; what follows is counted in C (Counter over chained lists).
+        gained: Counter[int] = Counter()
+        lost: Counter[int] = Counter()
+        for (blocks, _), j in zip(new, moved, strict=True):
+            old = seqs[j].block_ids
+            same = _common_prefix(blocks, old)
+            gained.update(blocks[same:])
+            lost.update(old[same:])
         for j, seq in enumerate(seqs):
             assert len(seq.block_ids) >= num_shared and not seq.num_freed_blocks
             if parents[j] == j:
@@ -469,3 +474,16 @@ class BlockManager:
         self.free[block] = None
         if self.block_keys[block] is None:
             self.free.move_to_end(block, last=False)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading entries `a` and `b` share: a binary search on slice equality (compared in
+    C), not a Python loop over every entry."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
