@@ -38,7 +38,7 @@ sequence that ends while swapped out. A sequence with freed out-of-window blocks
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 
 from services.common.block_hash import chain_hash
 from services.worker.kv_events import KvEventLog
@@ -384,30 +384,28 @@ class BlockManager:
             (seqs[parents[j]].block_ids[:num_shared], seqs[parents[j]].block_hashes[:num_shared])
             for j in moved
         ]
-        # Only the net change of each block's count is applied: a moved beam's old and new tables
-        # share their leading blocks (the prompt's, those of the beams' common ancestors), which
-        # keep their counts; what follows is counted in C (Counter over chained lists).
-        gained: Counter[int] = Counter()
-        lost: Counter[int] = Counter()
+        # A moved beam's old and new tables share their leading blocks (the prompt's, those of
+        # the beams' common ancestors), whose counts do not change: only what follows is counted.
+        # (References first: a block both gained and lost never reaches zero on the way.)
+        gained: list[int] = []
+        lost: list[int] = []
         for (blocks, _), j in zip(new, moved, strict=True):
             old = seqs[j].block_ids
             same = _common_prefix(blocks, old)
-            gained.update(blocks[same:])
-            lost.update(old[same:])
+            gained += blocks[same:]
+            lost += old[same:]
         for j, seq in enumerate(seqs):
             assert len(seq.block_ids) >= num_shared and not seq.num_freed_blocks
             if parents[j] == j:
-                lost.update(seq.block_ids[num_shared:])
+                lost += seq.block_ids[num_shared:]
                 del seq.block_ids[num_shared:], seq.block_hashes[num_shared:]
                 seq.block_ids.append(tails[j])
         for (blocks, hashes), j in zip(new, moved, strict=True):
             seqs[j].block_ids, seqs[j].block_hashes = [*blocks, tails[j]], hashes
-        for block, count in gained.items():
-            for _ in range(count - lost[block]):
-                self._ref(block)
-        for block, count in lost.items():
-            for _ in range(count - gained[block]):
-                self._unref(block)
+        for block in gained:
+            self._ref(block)
+        for block in lost:
+            self._unref(block)
 
     def pin_block(self, block: int) -> None:
         """Keep an allocated block off the free list until `unpin_block`, whoever frees it."""
