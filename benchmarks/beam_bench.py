@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import MODELS, write_model
 
 from services.common.sampling import SamplingParams
+from services.worker import beam_select
 from services.worker.async_step import StepHandle
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
@@ -134,10 +135,15 @@ def phase_timers(engine: Engine, clock: Callable[[], float] = time.perf_counter)
     runner.beams.select = timed(runner.beams.select, "select")  # type: ignore[method-assign]
     runner.beams.ahead = timed(runner.beams.ahead, "ahead")  # type: ignore[method-assign]
     StepHandle.result = timed(result, "wait+read")  # type: ignore[method-assign]
+    # the selection's pass over the vocabulary (top-2K per beam row and its ordering): on a GPU
+    # device work, on the CPU part of `select`
+    topk = beam_select.ordered_topk
+    beam_select.ordered_topk = timed(topk, "topk")  # type: ignore[assignment]
     try:
         yield spent
     finally:
         StepHandle.result = result  # type: ignore[method-assign]
+        beam_select.ordered_topk = topk  # type: ignore[assignment]
         for obj, names in (
             (engine, ("step", "_launch", "_apply")),
             (scheduler, ("schedule", "schedule_continuation", "update")),
@@ -148,6 +154,7 @@ def phase_timers(engine: Engine, clock: Callable[[], float] = time.perf_counter)
                 delattr(obj, name)
         # host: the step's wall time but the model's forward (what a beam step adds is in here)
         spent["host"] = spent["step"] - spent["forward"]
+        spent["host-topk"] = spent["host"] - spent["topk"]
 
 
 def count_steps(engine: Engine) -> Callable[[], int]:
@@ -276,18 +283,22 @@ def print_table(rows: list[Row], device_name: str) -> None:
             f" {ratio:>12}  {met}"
         )
     if any(r.phases_us_per_step for r in rows):
-        names = ("step", "forward", "host", "schedule", "launch", "inputs", "select", "ahead")
-        names += ("wait+read", "apply", "update")
+        names = ("step", "forward", "host", "host-topk", "schedule", "launch", "inputs", "select")
+        names += ("topk", "ahead", "wait+read", "apply", "update")
         print(
             "\nper step, us (launch: input preparation and enqueueing, forward included; wait+read:"
-            " device time not hidden; host: step but forward; host/sample: beam's over sampling's)"
+            " device time not hidden; host: step but forward; topk: the selection's pass over the"
+            " vocabulary, in select; beam/sample: beam's host and host-topk over sampling's host)"
         )
-        print(f"{'model':<14} {'W':>2} {'mode':<7} " + " ".join(f"{n:>9}" for n in names) + "  host/sample")
+        print(f"{'model':<14} {'W':>2} {'mode':<7} " + " ".join(f"{n:>9}" for n in names) + "  beam/sample")
         sampled = {(r.model, r.width): r.phases_us_per_step for r in rows if r.mode == "sample"}
         for r in rows:
-            cells = " ".join(f"{r.phases_us_per_step.get(n, 0.0):>9.0f}" for n in names)
+            phases = r.phases_us_per_step
+            cells = " ".join(f"{phases.get(n, 0.0):>9.0f}" for n in names)
             base = sampled.get((r.model, r.width), {}).get("host", 0.0)
-            ratio = f"{r.phases_us_per_step.get('host', 0.0) / base:.2f}" if r.mode == "beam" and base else ""
+            ratio = ""
+            if r.mode == "beam" and base:
+                ratio = f"{phases.get('host', 0.0) / base:.2f} {phases.get('host-topk', 0.0) / base:.2f}"
             print(f"{r.model:<14} {r.width:>2} {r.mode:<7} {cells}  {ratio:>11}")
 
 

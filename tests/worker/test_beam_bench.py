@@ -64,7 +64,7 @@ def test_beam_bench_host_proxy(tmp_path: Path) -> None:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "host/sample" in proc.stdout
+    assert "host-topk" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     assert {(r["prompts"], r["width"], r["mode"]) for r in rows} == {(8, 4, "beam"), (8, 4, "sample")}
     beam = next(r for r in rows if r["mode"] == "beam")
