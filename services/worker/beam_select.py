@@ -116,8 +116,8 @@ def select_beams(
         [
             rows,
             slots,
-            [b for g in groups for _ in g.rows for b in _padded(g.banned, num_banned)],
-            [t for g in groups for t in _padded(g.stops, num_stops)],
+            [b for g in groups for _ in g.rows for b in _padded(g.banned, num_banned)] if num_banned else [],
+            [t for g in groups for t in _padded(g.stops, num_stops)] if num_stops else [],
             [len(g.rows) - 1 for g in groups],
         ],
         device,
