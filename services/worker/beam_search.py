@@ -77,6 +77,7 @@ class BeamSearch(Ranked):
         # logprobs (the returned choices carry none otherwise: ranked.py)
         self.keeps_entries = sp.logprobs is not None
         num_stop = len(request.stop_token_ids)
+        self.stops = tuple(sorted(request.stop_token_ids))  # (sorted once, not every step)
         self.keep = max(2, 1 + num_stop) * self.width  # transformers' beams_to_keep
         # each row's own best `keep`, plus the stop ids that min_tokens may ban
         self.candidates_per_beam = min(self.keep + num_stop, vocab_size)
@@ -112,16 +113,16 @@ class BeamSearch(Ranked):
             return None
         request = self.live[0].request
         generated = self.live[0].num_output_tokens + ahead
-        banned = request.stop_token_ids if generated < request.sampling.min_tokens else ()
+        banned = self.stops if generated < request.sampling.min_tokens else ()
         return BeamGroup(
             request.request_id,
             [r for r in mine if r is not None],
             [self.scores[s.seq_id] for s in self.live] if not ahead else [0.0] * len(self.live),
             self.keep,
             self.candidates_per_beam,
-            tuple(sorted(banned)),
+            banned,
             self.user_logprobs or 0,
-            tuple(sorted(request.stop_token_ids)),
+            self.stops,
         )
 
     # ---- called by the scheduler (a step launched ahead) -------------------------------------

@@ -206,9 +206,9 @@ def unpack(
     flat = 0
     for g, cands in zip(groups, table, strict=True):
         kept = [
-            BeamCandidate(c[_TOTAL], int(c[_BEAM]), int(c[_TOKEN]), c[_LOGPROB], int(c[_RANK]))
-            for c in cands[: g.keep]
-            if c[_VALID]
+            BeamCandidate(total, int(beam), int(token), logprob, int(rank))
+            for total, beam, token, logprob, rank, valid in cands[: g.keep]
+            if valid
         ]
         alternatives: list[tuple[tuple[int, float], ...]] = []
         for r in range(len(g.rows)):
