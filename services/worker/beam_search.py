@@ -160,13 +160,10 @@ class BeamSearch(Ranked):
 
     def advance(self, sched: Scheduler) -> None:
         """The step over every beam, once all of them are computed."""
-        if any(
-            s.seq_id not in self.rows
-            or s.status is not SequenceStatus.RUNNING
-            or s.num_computed_tokens != s.num_tokens
-            for s in self.live
-        ):
-            return  # a beam was preempted: step when it is computed again
+        rows, running = self.rows, SequenceStatus.RUNNING
+        for s in self.live:  # (a plain loop: this runs every step for every beam)
+            if s.seq_id not in rows or s.status is not running or s.num_computed_tokens != len(s.token_ids):
+                return  # a beam was preempted: step when it is computed again
         request = self.live[0].request
         generated = self.live[0].num_output_tokens
         length = generated + 1

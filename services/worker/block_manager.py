@@ -478,6 +478,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading entries `a` and `b` share: a binary search on slice equality (compared in
     C), not a Python loop over every entry."""
     lo, hi = 0, min(len(a), len(b))
+    if a[: hi - 1] == b[: hi - 1]:  # (beams that parted at their last block: the usual case)
+        return hi if a[hi - 1 : hi] == b[hi - 1 : hi] else hi - 1
+    hi -= 2  # (known to differ before hi - 1)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if a[:mid] == b[:mid]:
