@@ -6,8 +6,11 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from services.common.sampling import SamplingParams as ApiSamplingParams
-from services.worker.block_manager import BlockManager
+from services.worker.block_manager import BlockManager, _common_prefix
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.request import EngineRequest, Request, SamplingParams, Sequence
@@ -115,3 +118,11 @@ def test_beam_steps_ahead_keep_no_logprob_entries_unless_asked(stories_dir: Path
     )
     results = engine.generate([list(prompt)], with_logprobs)
     assert results[0].logprobs is not None and len(results[0].logprobs[0]) == 16
+
+
+@given(st.lists(st.integers(0, 2), max_size=8), st.lists(st.integers(0, 2), max_size=8))
+def test_common_prefix_is_the_leading_entries_two_tables_share(a: list[int], b: list[int]) -> None:
+    shared = 0
+    while shared < min(len(a), len(b)) and a[shared] == b[shared]:
+        shared += 1
+    assert _common_prefix(a, b) == shared
