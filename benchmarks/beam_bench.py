@@ -11,6 +11,15 @@ beam (or choice): beam search's extra work is the per-step top-K over beams x vo
     python benchmarks/beam_bench.py --smoke     # CPU, a tiny Llama: checks the script in seconds
     python benchmarks/beam_bench.py --phases    # also: where a step's wall time goes, per mode
     python benchmarks/beam_bench.py --async-scheduling off   # both modes synchronous
+    python benchmarks/beam_bench.py --host --phases   # CPU proxy of the host work (below)
+    python benchmarks/beam_bench.py --host --profile  # ... and where its Python goes (cProfile)
+
+`--host` is the CPU proxy of a step's host work: 8 prompts, W = 4 and 8 (32 / 64 sequences),
+steps launched ahead (async scheduling on), a Llama so small (1 layer, hidden 32, vocabulary 256)
+that its forward is a small part of the step, so what a beam step costs beyond a sampling step
+is the Python and torch dispatch around it. Its `--phases` are the engine thread's CPU time
+(torch on one thread), which other processes on a loaded machine do not inflate. `--profile` prints each mode's top functions by
+own time.
 
 Beam selection runs on the device (beam_select.py) and, with async scheduling (on by default on
 CUDA), each beam step is launched before the host reads the one before, as sampling's steps are
@@ -24,8 +33,11 @@ includes the forward), the wait for the step's results (device time not hidden),
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import json
+import pstats
 import sys
 import tempfile
 import time
@@ -44,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import MODELS, write_model
 
 from services.common.sampling import SamplingParams
+from services.worker import beam_select
 from services.worker.async_step import StepHandle
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
@@ -62,6 +75,16 @@ TINY = {
     "eos_token_id": 2,
     "hidden_act": "silu",
     "tie_word_embeddings": False,
+}
+# --host: a forward that costs little next to the step's host work
+HOST = {
+    **TINY,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "vocab_size": 256,
 }
 
 
@@ -82,33 +105,56 @@ class Row:
 
 
 @contextmanager
-def phase_timers(engine: Engine) -> Iterator[Counter[str]]:
-    """Seconds spent in each phase of the engine's steps (and the number of steps), while inside."""
+def phase_timers(engine: Engine, clock: Callable[[], float] = time.perf_counter) -> Iterator[Counter[str]]:
+    """Seconds spent in each phase of the engine's steps (and the number of steps), while inside.
+    `clock`: wall time, or (--host) the thread's CPU time, which other processes on a loaded
+    machine do not inflate."""
     spent: Counter[str] = Counter()
 
     def timed(fn: Callable[..., Any], phase: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[phase] += time.perf_counter() - start
+                spent[phase] += clock() - start
 
         return wrapper
 
     result = StepHandle.result
+    runner, scheduler = engine.runner, engine.scheduler
     engine.step = timed(engine.step, "step")  # type: ignore[method-assign]
-    engine.scheduler.schedule = timed(engine.scheduler.schedule, "schedule")  # type: ignore[method-assign]
+    scheduler.schedule = timed(scheduler.schedule, "schedule")  # type: ignore[method-assign]
+    scheduler.schedule_continuation = timed(scheduler.schedule_continuation, "schedule")  # type: ignore[method-assign]
+    scheduler.update = timed(scheduler.update, "update")  # type: ignore[method-assign]
     engine._launch = timed(engine._launch, "launch")  # type: ignore[method-assign]
     engine._apply = timed(engine._apply, "apply")  # type: ignore[method-assign]
+    # the model's forward (on the CPU, the whole forward; on a GPU, its launches)
+    runner._forward_eager = timed(runner._forward_eager, "forward")  # type: ignore[method-assign]
+    runner._step_inputs = timed(runner._step_inputs, "inputs")  # type: ignore[method-assign]
+    runner.beams.select = timed(runner.beams.select, "select")  # type: ignore[method-assign]
+    runner.beams.ahead = timed(runner.beams.ahead, "ahead")  # type: ignore[method-assign]
     StepHandle.result = timed(result, "wait+read")  # type: ignore[method-assign]
+    # the selection's pass over the vocabulary (top-2K per beam row and its ordering): on a GPU
+    # device work, on the CPU part of `select`
+    topk = beam_select.ordered_topk
+    beam_select.ordered_topk = timed(topk, "topk")  # type: ignore[assignment]
     try:
         yield spent
     finally:
         StepHandle.result = result  # type: ignore[method-assign]
-        for name in ("step", "_launch", "_apply"):
-            delattr(engine, name)
-        del engine.scheduler.schedule
+        beam_select.ordered_topk = topk  # type: ignore[assignment]
+        for obj, names in (
+            (engine, ("step", "_launch", "_apply")),
+            (scheduler, ("schedule", "schedule_continuation", "update")),
+            (runner, ("_forward_eager", "_step_inputs")),
+            (runner.beams, ("select", "ahead")),
+        ):
+            for name in names:
+                delattr(obj, name)
+        # host: the step's wall time but the model's forward (what a beam step adds is in here)
+        spent["host"] = spent["step"] - spent["forward"]
+        spent["host-topk"] = spent["host"] - spent["topk"]
 
 
 def count_steps(engine: Engine) -> Callable[[], int]:
@@ -179,12 +225,18 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
                 tokens / seconds / (args.prompts * width),
                 ahead=beam_rows / tokens if mode == "beam" else None,
             )
-            if args.phases:  # one more run, timed by phase (the timers cost a little: not the figure)
-                with phase_timers(engine) as spent:
-                    num_steps = count_steps(engine)
-                    run_once(engine, prompts, sp)
-                    steps = max(num_steps(), 1)
-                measured[mode].phases_us_per_step = {k: v / steps * 1e6 for k, v in spent.items()}
+            if args.phases:  # more runs, timed by phase (the timers cost a little: not the figure)
+                best: dict[str, float] = {}
+                for _ in range(args.repeat):  # each phase's best run (a loaded machine's noise)
+                    with phase_timers(engine, time.thread_time if args.host else time.perf_counter) as spent:
+                        num_steps = count_steps(engine)
+                        run_once(engine, prompts, sp)
+                        steps = max(num_steps(), 1)
+                    for k, v in spent.items():
+                        best[k] = min(best.get(k, float("inf")), v / steps * 1e6)
+                measured[mode].phases_us_per_step = best
+            if args.profile:
+                profile_run(engine, prompts, sp, f"{name} W={width} {mode}")
         measured["beam"].ratio_to_sampling = (
             measured["beam"].tok_per_s_per_seq / measured["sample"].tok_per_s_per_seq
         )
@@ -194,6 +246,22 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
     if device == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def profile_run(engine: Engine, prompts: list[list[int]], sp: SamplingParams[Any], title: str) -> None:
+    """One more run under cProfile: the top functions by own time, in us per engine step."""
+    num_steps = count_steps(engine)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run_once(engine, prompts, sp)
+    profiler.disable()
+    steps = max(num_steps(), 1)
+    del engine.step
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    stats.sort_stats("tottime").print_stats(45)
+    print(f"\n== cProfile: {title}, {steps} steps (times are totals: divide by {steps} per step) ==")
+    print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[:12000])
 
 
 def asdict_sp(sp: SamplingParams[Any]) -> dict[str, Any]:
@@ -215,12 +283,23 @@ def print_table(rows: list[Row], device_name: str) -> None:
             f" {ratio:>12}  {met}"
         )
     if any(r.phases_us_per_step for r in rows):
-        names = ("step", "schedule", "launch", "wait+read", "apply")
-        print("\nper step, us (launch: input preparation and enqueueing; wait+read: device time not hidden)")
-        print(f"{'model':<14} {'W':>2} {'mode':<7} " + " ".join(f"{n:>10}" for n in names))
+        names = ("step", "forward", "host", "host-topk", "schedule", "launch", "inputs", "select")
+        names += ("topk", "ahead", "wait+read", "apply", "update")
+        print(
+            "\nper step, us (launch: input preparation and enqueueing, forward included; wait+read:"
+            " device time not hidden; host: step but forward; topk: the selection's pass over the"
+            " vocabulary, in select; beam/sample: beam's host and host-topk over sampling's host)"
+        )
+        print(f"{'model':<14} {'W':>2} {'mode':<7} " + " ".join(f"{n:>9}" for n in names) + "  beam/sample")
+        sampled = {(r.model, r.width): r.phases_us_per_step for r in rows if r.mode == "sample"}
         for r in rows:
-            cells = " ".join(f"{r.phases_us_per_step.get(n, 0.0):>10.0f}" for n in names)
-            print(f"{r.model:<14} {r.width:>2} {r.mode:<7} {cells}")
+            phases = r.phases_us_per_step
+            cells = " ".join(f"{phases.get(n, 0.0):>9.0f}" for n in names)
+            base = sampled.get((r.model, r.width), {}).get("host", 0.0)
+            ratio = ""
+            if r.mode == "beam" and base:
+                ratio = f"{phases.get('host', 0.0) / base:.2f} {phases.get('host-topk', 0.0) / base:.2f}"
+            print(f"{r.model:<14} {r.width:>2} {r.mode:<7} {cells}  {ratio:>11}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument(
+        "--host",
+        action="store_true",
+        help="CPU proxy of the host work: 8 prompts, W = 4 / 8, steps ahead, a minuscule Llama",
+    )
+    parser.add_argument("--profile", action="store_true", help="one more run per mode under cProfile")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=0,
+        help="--phases: runs per mode, each phase's best (default 1; --host: 5)",
+    )
+    parser.add_argument(
         "--phases", action="store_true", help="one more run per mode timed by phase: where a step's time goes"
     )
     parser.add_argument(
@@ -247,9 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="JSON path (default benchmarks/results/beam_<device>.json)")
     args = parser.parse_args(argv)
     args.widths = [int(w) for w in args.widths.split(",")]
+    args.repeat = args.repeat or (0 if args.host else 1)
     if args.smoke:
         device, shapes = "cpu", {"tiny-llama": TINY}
         args.prompts, args.prompt_len, args.max_tokens = 2, 12, 8
+    elif args.host:
+        device, shapes = "cpu", {"host-llama": HOST}
+        args.prompts, args.prompt_len, args.max_tokens = 8, 16, 48
+        args.async_scheduling = "on"
+        args.repeat = args.repeat or 5
+        torch.set_num_threads(1)  # the host's own work, on the engine thread (timed by its CPU time)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         shapes = {name: MODELS[name] for name in args.models.split(",")}

@@ -36,28 +36,14 @@ the others wait, computed, with nothing scheduled. The n best hypotheses go out 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
-from services.worker.beam_select import BeamGroup, BeamStepResult
+from services.worker.beam_select import BeamCandidate, BeamGroup, BeamStepResult
 from services.worker.ranked import Ranked, RankedChoice
 from services.worker.request import Request, Sequence, SequenceStatus, TokenLogprob
 
 if TYPE_CHECKING:
     from services.worker.scheduler import SampledToken, ScheduledSequence, Scheduler
-
-
-class _Candidate(NamedTuple):  # (a tuple: keep of them are made every step)
-    total: float  # cumulative logprob with this token
-    beam: int  # index of the parent in `live`
-    token_id: int
-    logprob: float  # the token's logprob in its row
-    rank: int  # 1 = its row's most likely token
-    top: tuple[tuple[int, float], ...]  # the row's top alternatives
-
-    @property
-    def entry(self) -> TokenLogprob:
-        """Its token's logprob entry (made for the few that go on or finish, not all `keep`)."""
-        return TokenLogprob(self.token_id, self.logprob, self.rank, self.top)
 
 
 # A beam's token entries as a chain back to the first (parent link, entry): each step extends a
@@ -87,7 +73,11 @@ class BeamSearch(Ranked):
         self.length_penalty = sp.length_penalty
         self.early_stopping = sp.early_stopping
         self.user_logprobs = sp.logprobs
+        # each beam's chain of per-token logprob entries, kept only when the client asked for
+        # logprobs (the returned choices carry none otherwise: ranked.py)
+        self.keeps_entries = sp.logprobs is not None
         num_stop = len(request.stop_token_ids)
+        self.stops = tuple(sorted(request.stop_token_ids))  # (sorted once, not every step)
         self.keep = max(2, 1 + num_stop) * self.width  # transformers' beams_to_keep
         # each row's own best `keep`, plus the stop ids that min_tokens may ban
         self.candidates_per_beam = min(self.keep + num_stop, vocab_size)
@@ -105,6 +95,7 @@ class BeamSearch(Ranked):
         # beams fork copy-on-write, so they go back, and the copy takes a block when it happens
         self.spares: list[int] = []
         self.finished: list[_Hypothesis] = []  # best first, at most `width`
+        self.tops: list[tuple[tuple[int, float], ...]] = []  # this step's: each live beam's alternatives
         self.improvable = True
         self.num_steps = 0
         self.num_host_merges = 0  # steps whose candidates the host merged (not beam_select's)
@@ -122,16 +113,16 @@ class BeamSearch(Ranked):
             return None
         request = self.live[0].request
         generated = self.live[0].num_output_tokens + ahead
-        banned = request.stop_token_ids if generated < request.sampling.min_tokens else ()
+        banned = self.stops if generated < request.sampling.min_tokens else ()
         return BeamGroup(
             request.request_id,
             [r for r in mine if r is not None],
             [self.scores[s.seq_id] for s in self.live] if not ahead else [0.0] * len(self.live),
             self.keep,
             self.candidates_per_beam,
-            tuple(sorted(banned)),
+            banned,
             self.user_logprobs or 0,
-            tuple(sorted(request.stop_token_ids)),
+            self.stops,
         )
 
     # ---- called by the scheduler (a step launched ahead) -------------------------------------
@@ -169,20 +160,19 @@ class BeamSearch(Ranked):
 
     def advance(self, sched: Scheduler) -> None:
         """The step over every beam, once all of them are computed."""
-        if any(
-            s.seq_id not in self.rows
-            or s.status is not SequenceStatus.RUNNING
-            or s.num_computed_tokens != s.num_tokens
-            for s in self.live
-        ):
-            return  # a beam was preempted: step when it is computed again
+        rows, running = self.rows, SequenceStatus.RUNNING
+        for s in self.live:  # (a plain loop: this runs every step for every beam)
+            if s.seq_id not in rows or s.status is not running or s.num_computed_tokens != len(s.token_ids):
+                return  # a beam was preempted: step when it is computed again
         request = self.live[0].request
         generated = self.live[0].num_output_tokens
         length = generated + 1
+        # the candidates as read back (no object per candidate made here), and each live beam's
+        # top alternatives, which a candidate's logprob entry carries (`_entry`)
         if self.selected is not None:  # selected on the device over every beam (beam_select.py)
-            candidates = self._selected_candidates(self.selected)
+            candidates, self.tops = self.selected.candidates, self.selected.alternatives
         else:
-            candidates = self._top_candidates(request, generated)
+            candidates, self.tops = self._top_candidates(request, generated)
             self.num_host_merges += 1
         at_max = length >= request.max_tokens
         hits = [at_max or c.token_id in request.stop_token_ids for c in candidates]
@@ -207,15 +197,14 @@ class BeamSearch(Ranked):
             self._reassign(sched, going_on)
 
     # ---- the step ------------------------------------------------------------------------------
-    @staticmethod
-    def _selected_candidates(selected: BeamStepResult) -> list[_Candidate]:
-        tops = selected.alternatives
-        return [
-            _Candidate(c.total, c.beam, c.token_id, c.logprob, c.rank, tops[c.beam])
-            for c in selected.candidates
-        ]
+    def _entry(self, c: BeamCandidate) -> TokenLogprob:
+        """A candidate's token logprob entry (made for those that go on or finish, and only when
+        the client asked for logprobs)."""
+        return TokenLogprob(c.token_id, c.logprob, c.rank, self.tops[c.beam])
 
-    def _top_candidates(self, request: Request, generated: int) -> list[_Candidate]:
+    def _top_candidates(
+        self, request: Request, generated: int
+    ) -> tuple[list[BeamCandidate], list[tuple[tuple[int, float], ...]]]:
         """The host merge of the beams' rows (a beam computed again after a preemption meets the
         others' rows of an earlier step); the same order as beam_select's."""
         banned = request.stop_token_ids if generated < request.sampling.min_tokens else frozenset()
@@ -233,14 +222,14 @@ class BeamSearch(Ranked):
             if token_id not in banned
         ]
         scored.sort()  # best first; equal: the earlier beam, then the lower token id (beam_select's)
-        kept = []
-        for neg_total, b, token_id, rank, logprob in scored[: self.keep]:
-            top = tops[b]
-            kept.append(_Candidate(-neg_total, b, token_id, logprob, rank + 1, top))
-        return kept
+        kept = [
+            BeamCandidate(-neg_total, b, token_id, logprob, rank + 1)
+            for neg_total, b, token_id, rank, logprob in scored[: self.keep]
+        ]
+        return kept, tops
 
     def _keep_finished(
-        self, request: Request, candidates: list[_Candidate], hits: list[bool], length: int
+        self, request: Request, candidates: list[BeamCandidate], hits: list[bool], length: int
     ) -> None:
         """Of the first `width` candidates, those that end become hypotheses (while they can
         still matter), the best `width` kept."""
@@ -255,7 +244,9 @@ class BeamSearch(Ranked):
             stop = c.token_id if c.token_id in request.stop_token_ids else None
             choice = RankedChoice(
                 token_ids=(*parent.output_token_ids, c.token_id),
-                logprobs=(*_unwind(self.entries[parent.seq_id]), c.entry),
+                logprobs=(*_unwind(self.entries[parent.seq_id]), self._entry(c))
+                if self.keeps_entries
+                else (),
                 cumulative_logprob=c.total,
                 finish_reason="stop" if stop is not None else "length",
                 stop_token_id=stop,
@@ -265,7 +256,7 @@ class BeamSearch(Ranked):
             # stable: an earlier hypothesis stays ahead of an equal new one (transformers' merge)
             self.finished = sorted(self.finished + new, key=lambda h: -h.score)[: self.width]
 
-    def _reassign(self, sched: Scheduler, going_on: list[_Candidate]) -> None:
+    def _reassign(self, sched: Scheduler, going_on: list[BeamCandidate]) -> None:
         """Map the next beams onto the request's sequences: a chosen parent keeps its sequence
         (first child), every further child forks into the sequence of an unchosen parent, or of a
         parked one at the first step."""
@@ -297,28 +288,36 @@ class BeamSearch(Ranked):
         for c, seq in zip(going_on, targets, strict=True):
             parent = self.live[c.beam]
             scores[seq.seq_id] = c.total
-            entries[seq.seq_id] = (self.entries[parent.seq_id], c.entry)
+            if self.keeps_entries:
+                entries[seq.seq_id] = (self.entries[parent.seq_id], self._entry(c))
         for c, seq in zip(going_on, targets, strict=True):
             seq.token_ids.append(c.token_id)
         self.scores, self.entries, self.live = scores, entries, targets
 
-    def _reseat(self, sched: Scheduler, going_on: list[_Candidate]) -> None:
+    def _reseat(self, sched: Scheduler, going_on: list[BeamCandidate]) -> None:
         """The next step was launched ahead with new beam j in the sequence of live beam j (the
         device gathered its block table from its parent's, beam_select.BeamSelection): the host
-        does the same with the sequences, each on its fresh block (hold_tail)."""
+        does the same with the sequences, each on its fresh block (hold_tail). A beam that
+        continues its own sequence (most of them) appends to its lists in place; only one moved to
+        another parent copies that parent's."""
         bs = sched.bm.block_size
-        length = self.live[0].num_tokens  # the new tokens' position
-        tails = [self.pending_tails[s.seq_id] for s in self.live]
+        live = self.live
+        length = live[0].num_tokens  # the new tokens' position
+        tails = [self.pending_tails[s.seq_id] for s in live]
         parents = [c.beam for c in going_on]
-        old_tokens = [s.token_ids for s in self.live]
-        sched.bm.reseat_beams(self.live, parents, tails, length // bs)
+        moved = [j for j, p in enumerate(parents) if p != j]
+        # the moved beams' token lists from the old ones, before any beam appends in place
+        copies = [live[parents[j]].token_ids[:length] for j in moved]
+        sched.bm.reseat_beams(live, parents, tails, length // bs)
+        for j, tokens in zip(moved, copies, strict=True):
+            live[j].token_ids = tokens
         scores: dict[int, float] = {}
         entries: dict[int, _Entries] = {}
-        for seq, c in zip(self.live, going_on, strict=True):
-            parent = self.live[c.beam]
-            seq.token_ids = [*old_tokens[c.beam], c.token_id]
+        for seq, c in zip(live, going_on, strict=True):
+            seq.token_ids.append(c.token_id)
             scores[seq.seq_id] = c.total
-            entries[seq.seq_id] = (self.entries[parent.seq_id], c.entry)
+            if self.keeps_entries:
+                entries[seq.seq_id] = (self.entries[live[c.beam].seq_id], self._entry(c))
         self.scores, self.entries, self.pending_tails = scores, entries, {}
         self._release_spares(sched)
         self.num_ahead += 1

@@ -116,8 +116,8 @@ def select_beams(
         [
             rows,
             slots,
-            [b for g in groups for _ in g.rows for b in _padded(g.banned, num_banned)],
-            [t for g in groups for t in _padded(g.stops, num_stops)],
+            [b for g in groups for _ in g.rows for b in _padded(g.banned, num_banned)] if num_banned else [],
+            [t for g in groups for t in _padded(g.stops, num_stops)] if num_stops else [],
             [len(g.rows) - 1 for g in groups],
         ],
         device,
@@ -151,20 +151,28 @@ def select_beams(
     best, order = best[:, :keep], order[:, :keep]  # [G, K]
     beam = order // per_beam
     rank = order % per_beam
-    row = slots_t.view(len(groups), width).gather(1, beam)  # flat row (N = padding)
-    if padded:  # (row N: the padding row)
-        ids = torch.cat([ids, torch.zeros_like(ids[:1])])
-        values = torch.cat([values, torch.full_like(values[:1], -torch.inf)])
-    token = ids[row, rank]
-    logprob = values[row, rank]
-    # a candidate is valid unless it is banned or padding
-    if valid is not None:
-        ok = torch.cat([valid, torch.zeros_like(valid[:1])])[row, rank] if padded else valid[row, rank]
+    if not padded:  # (the usual case) the rows are laid as `totals`: `order` indexes them too
+        token = ids.reshape(len(groups), width * per_beam).gather(1, order)
+        logprob = values.reshape(len(groups), width * per_beam).gather(1, order)
+        # a candidate is valid unless it is banned
+        ok = (
+            valid.view(len(groups), width * per_beam).gather(1, order)
+            if valid is not None
+            else torch.ones_like(order, dtype=torch.bool)
+        )
     else:
-        ok = row < len(rows)
-    table = torch.stack(
-        [best, beam.double(), token.double(), logprob.double(), (rank + 1).double(), ok.double()], dim=-1
-    )
+        row = slots_t.view(len(groups), width).gather(1, beam)  # flat row (N = padding)
+        ids = torch.cat([ids, torch.zeros_like(ids[:1])])  # (row N: the padding row)
+        values = torch.cat([values, torch.full_like(values[:1], -torch.inf)])
+        token = ids[row, rank]
+        logprob = values[row, rank]
+        # a candidate is valid unless it is banned or padding
+        if valid is not None:
+            ok = torch.cat([valid, torch.zeros_like(valid[:1])])[row, rank]
+        else:
+            ok = row < len(rows)
+    # (stack promotes every column to float64 as it copies: no cast op per column)
+    table = torch.stack([best, beam, token, logprob, rank + 1, ok], dim=-1)
     # the next beams: the first `width` valid candidates not ending in a stop id (stable: best first)
     ends = ~ok
     if num_stops:
@@ -198,9 +206,9 @@ def unpack(
     flat = 0
     for g, cands in zip(groups, table, strict=True):
         kept = [
-            BeamCandidate(c[_TOTAL], int(c[_BEAM]), int(c[_TOKEN]), c[_LOGPROB], int(c[_RANK]))
-            for c in cands[: g.keep]
-            if c[_VALID]
+            BeamCandidate(total, int(beam), int(token), logprob, int(rank))
+            for total, beam, token, logprob, rank, valid in cands[: g.keep]
+            if valid
         ]
         alternatives: list[tuple[tuple[int, float], ...]] = []
         for r in range(len(g.rows)):

@@ -134,20 +134,32 @@ class BeamStep:
         into it first; its input id is its picked token."""
         bs = self.block_size
         width = before.parents.shape[1]
+        # one pass over the entries (the lookups once per request, not a search per beam)
         flat = []  # (group, slot) of each entry in [G * W_max]
-        for i in ahead:
-            seq = out.scheduled[i].seq
-            group = before.index(seq.request.request_id)
-            assert group is not None, "launched ahead without its selection"
-            flat.append(group * width + seq.request.beam.live.index(seq))
-        starts = [out.scheduled[i].start for i in ahead]
-        mid = [k for k, p in enumerate(starts) if p % bs]  # a partly filled block to carry over
+        shared_blocks = []  # full blocks taken from the parent
+        tail_blocks = []
+        mid = []  # entries with a partly filled block to carry over
+        slots: dict[int, int] = {}  # sequence id -> its group's first flat slot + its place in live
+        for k, i in enumerate(ahead):
+            item = out.scheduled[i]
+            seq = item.seq
+            slot = slots.get(seq.seq_id)
+            if slot is None:
+                group = before.index(seq.request.request_id)
+                assert group is not None, "launched ahead without its selection"
+                slots.update((s.seq_id, group * width + j) for j, s in enumerate(seq.request.beam.live))
+                slot = slots[seq.seq_id]
+            flat.append(slot)
+            shared_blocks.append(item.start // bs)
+            tail_blocks.append(item.beam_tail)
+            if item.start % bs:
+                mid.append(k)
         # one host->device copy for every index of the step ahead
         where, shared, tails, positions, pick, entries, host_ids = to_device_lists(
             [
                 flat,
-                [p // bs for p in starts],  # full blocks taken from the parent
-                [out.scheduled[i].beam_tail for i in ahead],
+                shared_blocks,
+                tail_blocks,
                 [cu_seqlens[i] for i in ahead],
                 mid,
                 ahead,

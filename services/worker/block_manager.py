@@ -38,8 +38,7 @@ sequence that ends while swapped out. A sequence with freed out-of-window blocks
 
 from __future__ import annotations
 
-import itertools
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 
 from services.common.block_hash import chain_hash
 from services.worker.kv_events import KvEventLog
@@ -373,24 +372,40 @@ class BlockManager:
         """Beam search launched ahead (beam_search.py): `seqs[j]` takes the first `num_shared`
         blocks of `seqs[parents[j]]`'s table (full ones, shared by reference count) and its own
         fresh `tails[j]` after them; the old tables' references go (the same counts as freeing
-        them and forking anew)."""
-        old = [(s.block_ids, s.block_hashes) for s in seqs]
-        for seq, parent, tail in zip(seqs, parents, tails, strict=True):
-            blocks, hashes = old[parent]
-            assert len(blocks) >= num_shared and not seq.num_freed_blocks
-            seq.block_ids = [*blocks[:num_shared], tail]
-            seq.block_hashes = hashes[:num_shared]
-        # Only the net change of each block's count is applied: most full blocks are shared by
-        # every beam before and after (a reference and a release per beam and block every step
-        # grew with the output's length). Counted in C (Counter over chained lists).
-        gained = Counter(itertools.chain.from_iterable(old[p][0][:num_shared] for p in parents))
-        lost = Counter(itertools.chain.from_iterable(blocks for blocks, _ in old))
-        for block, count in gained.items():
-            for _ in range(count - lost[block]):
-                self._ref(block)
-        for block, count in lost.items():
-            for _ in range(count - gained[block]):
-                self._unref(block)
+        them and forking anew).
+
+        O(beams whose parent changed): a beam that continues its own sequence (`parents[j] == j`,
+        most of them) keeps its table's list, drops what follows its full blocks (the partly
+        filled block the device copied into its tail) and appends its tail; only a beam moved to
+        another parent's table is rebuilt, its counts changed by the net difference."""
+        moved = [j for j, p in enumerate(parents) if p != j]
+        # the moved beams' new tables and hashes, from the old lists, before any list is changed
+        new = [
+            (seqs[parents[j]].block_ids[:num_shared], seqs[parents[j]].block_hashes[:num_shared])
+            for j in moved
+        ]
+        # A moved beam's old and new tables share their leading blocks (the prompt's, those of
+        # the beams' common ancestors), whose counts do not change: only what follows is counted.
+        # (References first: a block both gained and lost never reaches zero on the way.)
+        gained: list[int] = []
+        lost: list[int] = []
+        for (blocks, _), j in zip(new, moved, strict=True):
+            old = seqs[j].block_ids
+            same = _common_prefix(blocks, old)
+            gained += blocks[same:]
+            lost += old[same:]
+        for j, seq in enumerate(seqs):
+            assert len(seq.block_ids) >= num_shared and not seq.num_freed_blocks
+            if parents[j] == j:
+                lost += seq.block_ids[num_shared:]
+                del seq.block_ids[num_shared:], seq.block_hashes[num_shared:]
+                seq.block_ids.append(tails[j])
+        for (blocks, hashes), j in zip(new, moved, strict=True):
+            seqs[j].block_ids, seqs[j].block_hashes = [*blocks, tails[j]], hashes
+        for block in gained:
+            self._ref(block)
+        for block in lost:
+            self._unref(block)
 
     def pin_block(self, block: int) -> None:
         """Keep an allocated block off the free list until `unpin_block`, whoever frees it."""
@@ -457,3 +472,19 @@ class BlockManager:
         self.free[block] = None
         if self.block_keys[block] is None:
             self.free.move_to_end(block, last=False)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading entries `a` and `b` share: a binary search on slice equality (compared in
+    C), not a Python loop over every entry."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[: hi - 1] == b[: hi - 1]:  # (beams that parted at their last block: the usual case)
+        return hi if a[hi - 1 : hi] == b[hi - 1 : hi] else hi - 1
+    hi -= 2  # (known to differ before hi - 1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -392,9 +392,15 @@ class ModelRunner:
         ahead = [i for i, item in enumerate(out.scheduled) if item.beam_tail >= 0]
         if ahead:
             max_blocks = max(max_blocks, *(out.scheduled[i].start // bs + 1 for i in ahead))
-        # One tensor from padded lists: a torch call per sequence adds up at large batches.
+        # One tensor from padded lists: a torch call per sequence adds up at large batches. When
+        # every entry is a beam launched ahead, all tables are gathered on the device: none here.
+        all_ahead = len(ahead) == len(out.scheduled)
         block_tables = torch.tensor(
-            [item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids)) for item in out.scheduled],
+            []
+            if all_ahead
+            else [
+                item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids)) for item in out.scheduled
+            ],
             dtype=torch.int32,
         )
         for i, item in enumerate(out.scheduled):
@@ -435,7 +441,7 @@ class ModelRunner:
                 out, ahead, prev.beam_selection, ids, cu_seqlens, max_blocks, self.kv_cache
             )
             ids = beams.ids
-            if len(ahead) == len(out.scheduled):  # every entry a beam ahead (the usual case)
+            if all_ahead:  # (the usual case)
                 block_tables = beams.tables
             else:
                 device_tables = block_tables.to(self.device, non_blocking=True)

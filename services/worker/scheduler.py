@@ -254,15 +254,21 @@ class Scheduler:
         if self._pending_copies or not prev.scheduled:
             return None
         sampled = {item.seq.seq_id for item in prev.scheduled if item.sample}
+        checked: set[Request] = set()  # (the request's checks once, not once per sequence)
         for item in prev.scheduled:
-            # (parked choices: the chunk that ends the prompt forks them, which `_commit` plans)
-            if item.children or item.prompt_logprob_positions or item.seq.request.parked:
+            if item.children or item.prompt_logprob_positions:
                 return None
-            # beam search: the next beams are the device selection's (beam_select.py) when every
-            # beam of the request samples in `prev`
-            beam = item.seq.request.beam
-            if beam is not None and not (self.beams_ahead and beam.can_launch_ahead(sampled)):
-                return None
+            request = item.seq.request
+            if request not in checked:
+                checked.add(request)
+                # (parked choices: the chunk that ends the prompt forks them, which `_commit` plans)
+                if request.parked:
+                    return None
+                # beam search: the next beams are the device selection's (beam_select.py) when
+                # every beam of the request samples in `prev`
+                beam = request.beam
+                if beam is not None and not (self.beams_ahead and beam.can_launch_ahead(sampled)):
+                    return None
             # Guided decoding: the next step's mask needs the token `prev` samples, so a step with a
             # guided sequence is never launched ahead. Correctness first: the matcher must consume
             # token N before mask N+1 exists, and llguidance runs on the host.

@@ -1,0 +1,128 @@
+"""The host work of a beam step launched ahead grows with the beams that change parent, not with
+every beam or the output's length (BlockManager.reseat_beams, BeamSearch._reseat)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.common.sampling import SamplingParams as ApiSamplingParams
+from services.worker.block_manager import BlockManager, _common_prefix
+from services.worker.config import WorkerConfig
+from services.worker.engine import Engine
+from services.worker.request import EngineRequest, Request, SamplingParams, Sequence
+
+
+def beams_of(num_tokens: int, width: int, bm: BlockManager) -> list[Sequence]:
+    req = EngineRequest("r", tuple(range(num_tokens)), SamplingParams(n=width))
+    beams = Request(req, max_tokens=8, eos_token_ids=(2,), arrival=0).sequences
+    for seq in beams:
+        bm.allocate(seq, num_tokens)
+        seq.num_computed_tokens = num_tokens
+        bm.register_computed_blocks(seq)
+    return beams
+
+
+def counted(bm: BlockManager) -> Counter[str]:
+    """Counts the block manager's reference changes from now on."""
+    calls: Counter[str] = Counter()
+    ref, unref = bm._ref, bm._unref
+
+    def counted_ref(block: int) -> None:
+        calls["ref"] += 1
+        ref(block)
+
+    def counted_unref(block: int) -> None:
+        calls["unref"] += 1
+        unref(block)
+
+    bm._ref, bm._unref = counted_ref, counted_unref  # type: ignore[method-assign]
+    return calls
+
+
+def test_reseat_touches_only_the_beams_that_change_parent() -> None:
+    bm = BlockManager(64, 4)
+    beams = beams_of(22, 4, bm)  # 5 full blocks and a partial one each
+    old_lists = [(s.block_ids, s.block_hashes) for s in beams]
+    old = [list(s.block_ids) for s in beams]
+    tails = [bm.allocate_block() for _ in beams]
+    calls = counted(bm)
+    bm.reseat_beams(beams, [0, 0, 2, 3], tails, 5)
+    # beams 0, 2 and 3 go on in their own sequence: the same lists, the partial block dropped
+    for j in (0, 2, 3):
+        assert beams[j].block_ids is old_lists[j][0] and beams[j].block_hashes is old_lists[j][1]
+        assert beams[j].block_ids == [*old[j][:5], tails[j]]
+    # beam 1 moves to beam 0's table
+    assert beams[1].block_ids == [*old[0][:5], tails[1]]
+    assert beams[1].block_hashes == beams[0].block_hashes[:5]
+    # one reference per block of beam 0 now shared, one release per block of beam 1 and per
+    # dropped partial block: nothing for the full blocks of the beams that stay
+    assert calls == Counter(ref=5, unref=6 + 3)
+    assert all(bm.ref_counts[b] == 2 for b in old[0][:5])
+    assert all(bm.ref_counts[b] == 0 for b in old[1])
+    for seq in beams:
+        bm.free_sequence(seq)
+    assert bm.num_used_blocks == 0
+
+
+def test_reseat_with_every_beam_on_its_own_sequence_releases_the_partial_blocks_only() -> None:
+    bm = BlockManager(64, 4)
+    beams = beams_of(24, 3, bm)  # 6 full blocks, no partial one: nothing to drop
+    old_lists = [s.block_ids for s in beams]
+    old = [list(s.block_ids) for s in beams]
+    tails = [bm.allocate_block() for _ in beams]
+    calls = counted(bm)
+    bm.reseat_beams(beams, [0, 1, 2], tails, 6)
+    assert calls == Counter()
+    assert [s.block_ids for s in beams] == [[*o, t] for o, t in zip(old, tails, strict=True)]
+    assert all(s.block_ids is lst for s, lst in zip(beams, old_lists, strict=True))
+    for seq in beams:
+        bm.free_sequence(seq)
+    assert bm.num_used_blocks == 0
+
+
+def test_beam_steps_ahead_keep_no_logprob_entries_unless_asked(stories_dir: Path) -> None:
+    """Each beam's per-token logprob entries are built only for a client that asked for logprobs
+    (the returned choices carry none otherwise); a beam that goes on in its own sequence appends
+    its token to its own list, only a beam moved to another parent copies that parent's."""
+    engine = Engine(
+        WorkerConfig(
+            model=str(stories_dir), device="cpu", kv_cache_memory="16MiB", block_size=4, async_scheduling="on"
+        )
+    )
+    prompt = (1, 403, 407, 315, 290)
+    plain = ApiSamplingParams(
+        temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=16, ignore_eos=True
+    )
+    engine.add_request(EngineRequest("plain", prompt, plain))
+    request = engine.requests["plain"]
+    beam = request.beam
+    assert beam is not None
+    lists_made = 0
+    moves = 0
+    while engine.has_unfinished():
+        before = {s.seq_id: s.token_ids for s in beam.live}
+        parents_before = beam.num_ahead
+        engine.step()
+        assert beam.entries == {} or set(beam.entries.values()) == {None}
+        if beam.num_ahead > parents_before and not request.is_finished:
+            lists_made += sum(s.token_ids is not before.get(s.seq_id) for s in beam.live)
+            moves += 1
+    assert moves > 0 and engine.scheduler.num_beam_steps_ahead > 0
+    assert lists_made < moves * len(beam.live)  # most beams append in place
+    with_logprobs = ApiSamplingParams(
+        **{**{f: getattr(plain, f) for f in plain.__dataclass_fields__}, "logprobs": 1}
+    )
+    results = engine.generate([list(prompt)], with_logprobs)
+    assert results[0].logprobs is not None and len(results[0].logprobs[0]) == 16
+
+
+@given(st.lists(st.integers(0, 2), max_size=8), st.lists(st.integers(0, 2), max_size=8))
+def test_common_prefix_is_the_leading_entries_two_tables_share(a: list[int], b: list[int]) -> None:
+    shared = 0
+    while shared < min(len(a), len(b)) and a[shared] == b[shared]:
+        shared += 1
+    assert _common_prefix(a, b) == shared
