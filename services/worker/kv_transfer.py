@@ -244,19 +244,22 @@ async def stream_chunks(
     encode: Callable[[KVChunkData], T],
     progress: LayerProgress | None = None,
     run: Callable[[Callable[[], KVChunkData]], Awaitable[KVChunkData]] | None = None,
+    layers: tuple[int, int] | None = None,
 ) -> AsyncIterator[T | KeepAlive]:
     """The chunks of a held prompt's blocks from `first_block` on, in the model's layout, read
     and `encode`d (into wire bytes) READ_AHEAD ahead: read from the tensor on a worker thread, or,
     given `run` (a parallel group: rank 0's engine thread, where the group's commands go), gathered
     from the group's ranks there. The blocks are held (kv_handles.py): nobody writes them
     meanwhile. With a layer-wise handle's `progress` (a single-rank worker), each span goes as soon
-    as the prefill has written it, until the prefill completes (LayerwiseFailed when it fails)."""
+    as the prefill has written it, until the prefill completes (LayerwiseFailed when it fails).
+    `layers` [start, end): only those (one stream of a parallel fetch, kv_streams.py)."""
     num_layers, _, _, block_size, num_kv_heads, head_dim = cache.model_shape
     layer_block_bytes = 2 * block_size * num_kv_heads * head_dim * cache.tensor.element_size()
+    lo, hi = layers if layers is not None else (0, num_layers)
     pending: collections.deque[asyncio.Future[T]] = collections.deque()
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
-    sent = [first_block] * num_layers
+    sent = [first_block] * (hi - lo)
     unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set)) if progress else None
 
     async def produce(span: Span, ids: tuple[int, ...], event: Any) -> T:
@@ -273,7 +276,10 @@ async def stream_chunks(
             snap = progress.snapshot() if progress is not None else _all_ready(num_layers, block_ids)
             if snap.error:
                 raise LayerwiseFailed(snap.error)
-            for span in ready_spans(sent, snap.ready_blocks, layer_block_bytes, target_bytes):
+            for l0, l1, b0, b1 in ready_spans(
+                sent, snap.ready_blocks[lo:hi], layer_block_bytes, target_bytes
+            ):
+                span = (lo + l0, lo + l1, b0, b1)
                 pending.append(asyncio.ensure_future(produce(span, snap.block_ids, snap.event)))
                 if len(pending) > READ_AHEAD:
                     yield await pending.popleft()
