@@ -66,6 +66,7 @@ class ParallelFetches:
 
     def __init__(self) -> None:
         self._fetches: dict[str, _Fetch] = {}
+        self.num_opened = 0  # fetches served over several streams so far (tests, logs)
 
     def __len__(self) -> int:
         return len(self._fetches)
@@ -73,6 +74,7 @@ class ParallelFetches:
     def open(self, handle_id: str, held: HeldKV, streams: int) -> None:
         """The first stream took the handle and serves it over `streams` streams."""
         self._fetches[handle_id] = _Fetch(held, streams)
+        self.num_opened += 1
 
     def join(self, handle_id: str, index: int) -> tuple[HeldKV, int]:
         """A further stream of an open fetch: its handle and the fetch's stream count."""

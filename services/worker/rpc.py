@@ -294,6 +294,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # gRPC fetches this worker serves over several streams (kv_streams.py), and how many it asks for
         self.parallel_fetches = kv_streams.ParallelFetches()
         self.kv_fetch_streams = self.engine.config.kv_fetch_streams
+        # the most streams this worker serves one fetch over (1: as a worker that predates them)
+        self.max_serve_streams = kv_streams.MAX_STREAMS
         # Transports this worker serves and uses (tests may narrow or widen them), and what it asks for.
         world_size = self.engine.tp_size * self.engine.pp_size
         self.kv_transports = kv_transports.supported(
@@ -949,7 +951,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 return
             num_layers = self.engine.kv_cache.model_shape[0]
             if request.max_streams > 1 and self.engine.driver is None:  # (a group reads on one thread)
-                streams = kv_streams.stream_count(request.max_streams, num_layers)
+                streams = kv_streams.stream_count(
+                    min(request.max_streams, self.max_serve_streams), num_layers
+                )
             if streams > 1:  # the decode worker opens the others when it reads this
                 self.parallel_fetches.open(handle_id, held, streams)
                 yield worker_pb2.KVChunk(
