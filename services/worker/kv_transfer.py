@@ -345,7 +345,8 @@ async def wait_complete(progress: LayerProgress) -> AsyncIterator[Readiness | Ke
     once), keep-alives before; LayerwiseFailed when it fails."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
-    unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set))
+    # (only the end: per-layer wake-ups would cost the prefill's launching thread the GIL)
+    unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set), per_layer=False)
     try:
         while True:
             changed.clear()
