@@ -39,6 +39,12 @@ MERGE_DEPTH = 2
 T = TypeVar("T")
 
 
+def default_streams(cpu_count: int | None) -> int:
+    """--kv-fetch-streams 0: one stream per 4 cores, 1 to 4 (each stream keeps a sender thread and
+    the receiver busy: on a machine without spare cores they only take turns)."""
+    return max(1, min(4, (cpu_count or 1) // 4))
+
+
 def stream_count(requested: int, num_layers: int) -> int:
     """Streams a fetch gets: what the caller asked for, at most one per layer and MAX_STREAMS."""
     return max(1, min(requested, num_layers, MAX_STREAMS))

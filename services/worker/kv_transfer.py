@@ -397,6 +397,48 @@ def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor | KVCache, reservation: KV
     return flat.view(kv.dtype).view(shape)
 
 
+@functools.cache
+def _writer_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def stage_on_device(chunk: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Off the engine thread: a received chunk (a view of the bytes gRPC handed over) copied to
+    `device` through pinned memory on a side stream (torch's pinned allocator reuses the staging
+    buffers), so that the engine thread's write is a device-side copy, not a synchronous copy from
+    pageable memory that would hold up its steps. KVCache.write_blocks records the result's use
+    on the engine's stream."""
+    stream = _writer_stream(device)
+    with torch.cuda.stream(stream):
+        host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
+        host.copy_(chunk)
+        staged = host.to(device, non_blocking=True)
+    stream.synchronize()
+    return staged
+
+
+def staging_device(kv: torch.Tensor | KVCache) -> torch.device | None:
+    """Where received chunks are staged before the engine writes them: a single rank's CUDA cache
+    (a parallel group's rank 0 scatters host chunks to its ranks itself)."""
+    tensor = kv.tensor if isinstance(kv, KVCache) else kv
+    if tensor.device.type != "cuda" or tuple(tensor.shape) != model_shape(kv):
+        return None
+    return tensor.device
+
+
+async def _write_chunk(
+    call: Callable[[Callable[[], object]], asyncio.Future[object]],
+    engine: KVReceiver,
+    request_id: str,
+    span: Span,
+    tensor: torch.Tensor,
+    device: torch.device | None,
+) -> object:
+    if device is not None:
+        tensor = await asyncio.get_running_loop().run_in_executor(None, stage_on_device, tensor, device)
+    return await call(functools.partial(engine.write_fetched_kv, request_id, span, tensor))
+
+
 FetchStream = Callable[
     [KVSource, int], AsyncIterator[KVChunkData | IpcBlocks | NixlSpan | PrefillDone | KeepAlive]
 ]
@@ -494,6 +536,7 @@ async def receive(
     done: PrefillDone | None = None
     nixl_reads = _NixlReads(call, engine, request_id, nixl)
     writes: collections.deque[asyncio.Future[object]] = collections.deque()
+    device = staging_device(kv)
     # Fetched even when the local cache holds every block: the (empty) stream frees the handle.
     items = fetch(source, reservation.skip_tokens)
     try:
@@ -532,7 +575,7 @@ async def receive(
                 break  # closing the stream (below) tells the peer it may free the blocks
             tensor = chunk_tensor(chunk, kv, reservation)
             span = (chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end)
-            writes.append(call(functools.partial(engine.write_fetched_kv, request_id, span, tensor)))
+            writes.append(asyncio.ensure_future(_write_chunk(call, engine, request_id, span, tensor, device)))
             received += (span[1] - span[0]) * (span[3] - span[2])
             num_bytes += len(chunk.data)
             if len(writes) > WRITE_WINDOW:

@@ -293,7 +293,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._kv_channels: dict[tuple[str, int], grpc.aio.Channel] = {}
         # gRPC fetches this worker serves over several streams (kv_streams.py), and how many it asks for
         self.parallel_fetches = kv_streams.ParallelFetches()
-        self.kv_fetch_streams = self.engine.config.kv_fetch_streams
+        self.kv_fetch_streams = self.engine.config.kv_fetch_streams or kv_streams.default_streams(
+            os.cpu_count()
+        )
         # the most streams this worker serves one fetch over (1: as a worker that predates them)
         self.max_serve_streams = kv_streams.MAX_STREAMS
         # Transports this worker serves and uses (tests may narrow or widen them), and what it asks for.
