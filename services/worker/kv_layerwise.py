@@ -88,17 +88,23 @@ class LayerProgress:
         chunk)."""
         self._advance(range(self.num_layers), num_tokens, None)
 
-    def layers_written(self, layers: tuple[int, ...], num_tokens: int, event: Any) -> None:
-        """Several layers of one step at once (`event` after the last of them)."""
-        self._advance(layers, num_tokens, event)
+    def layers_written(
+        self, layers: tuple[int, ...], num_tokens: int, event: Any, notify: bool = True
+    ) -> None:
+        """Several layers of one step at once (`event` after the last of them); `notify` False:
+        nobody listens per layer, a reader that comes later finds them in its snapshot."""
+        self._advance(layers, num_tokens, event, notify)
 
-    def _advance(self, layers: range | tuple[int, ...], num_tokens: int, event: Any) -> None:
+    def _advance(
+        self, layers: range | tuple[int, ...], num_tokens: int, event: Any, notify: bool = True
+    ) -> None:
         with self._lock:
             for layer in layers:
                 self._ready[layer] = max(self._ready[layer], min(num_tokens, self.num_tokens))
             if event is not None:
                 self._event = event
-        self._notify(per_layer=True)
+        if notify:
+            self._notify(per_layer=True)
 
     def complete(self, first: object) -> None:
         """The prefill finished (its step's tokens were read, so its KV is on the device)."""
@@ -163,10 +169,13 @@ class LayerSignal:
     progress and the token count its KV reaches after this step.
 
     A signal costs the launching thread a CUDA event and wakes the readers' event loop, which
-    then takes the GIL from the thread launching the forward's kernels. So layers go unsignalled
-    while no armed prompt has a reader that takes layers as they come (none yet, or a CUDA IPC
-    fetch, which waits for the end): the next signal of the step covers them (the device runs a
-    step's layers in order), and `LayerProgress.complete` covers everything."""
+    then takes the GIL from the thread launching the forward's kernels. So while no armed prompt
+    has a reader that takes layers as they come (none yet, or a CUDA IPC fetch, which waits for
+    the end), nobody is woken, and on CUDA the layers are not even counted (counting one needs an
+    event after its writes): the next signal of the step covers them (the device runs a step's
+    layers in order), `LayerProgress.complete` covers everything. On the CPU the writes are done
+    when `written` is called, so they are counted silently and a reader that comes later finds
+    them."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -186,7 +195,11 @@ class LayerSignal:
         if not self._armed:
             return
         if not any(progress.wants_layers for progress, _ in self._armed):
-            self._unsignalled.append(layer)
+            if self.device.type == "cuda":
+                self._unsignalled.append(layer)
+            else:
+                for progress, num_tokens in self._armed:
+                    progress.layers_written((layer,), num_tokens, None, notify=False)
             return
         layers = (*self._unsignalled, layer)
         self._unsignalled = []
