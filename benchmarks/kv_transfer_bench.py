@@ -144,13 +144,18 @@ def prefill(stub: worker_pb2_grpc.WorkerStub, rid: str, prompt: list[int]) -> wo
     return stub.Prefill(worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling))
 
 
+_CHANNELS: dict[tuple[str, int], grpc.Channel] = {}
+
+
 def loopback_fetch(address: str, handle_id: str, chunk_bytes: int, max_streams: int) -> int:
     """One FetchKV of a handle by this process over up to `max_streams` parallel streams (each on
-    its own connection); the bytes received."""
-    channels = [
-        grpc.insecure_channel(address, options=[*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(max_streams)
-    ]
+    its own connection, kept from fetch to fetch as a decode worker keeps them); the bytes received."""
+    channels = []
+    for index in range(max_streams):
+        if (address, index) not in _CHANNELS:
+            options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            _CHANNELS[address, index] = grpc.insecure_channel(address, options=options)
+        channels.append(_CHANNELS[address, index])
 
     def stream(index: int, request: worker_pb2.FetchKVRequest) -> Any:
         return channels[index].unary_stream(
@@ -174,8 +179,6 @@ def loopback_fetch(address: str, handle_id: str, chunk_bytes: int, max_streams: 
     with ThreadPoolExecutor(max(1, len(further))) as pool:
         futures = [pool.submit(drain, stream(i + 1, r)) for i, r in enumerate(further)]
         nbytes += drain(first) + sum(f.result() for f in futures)
-    for channel in channels:
-        channel.close()
     return nbytes
 
 
