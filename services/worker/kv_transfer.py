@@ -426,17 +426,16 @@ def staging_device(kv: torch.Tensor | KVCache) -> torch.device | None:
     return tensor.device
 
 
-async def _write_chunk(
+async def _stage_and_write(
     call: Callable[[Callable[[], object]], asyncio.Future[object]],
     engine: KVReceiver,
     request_id: str,
     span: Span,
     tensor: torch.Tensor,
-    device: torch.device | None,
+    device: torch.device,
 ) -> object:
-    if device is not None:
-        tensor = await asyncio.get_running_loop().run_in_executor(None, stage_on_device, tensor, device)
-    return await call(functools.partial(engine.write_fetched_kv, request_id, span, tensor))
+    staged = await asyncio.get_running_loop().run_in_executor(None, stage_on_device, tensor, device)
+    return await call(functools.partial(engine.write_fetched_kv, request_id, span, staged))
 
 
 FetchStream = Callable[
@@ -575,7 +574,12 @@ async def receive(
                 break  # closing the stream (below) tells the peer it may free the blocks
             tensor = chunk_tensor(chunk, kv, reservation)
             span = (chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end)
-            writes.append(asyncio.ensure_future(_write_chunk(call, engine, request_id, span, tensor, device)))
+            if device is None:
+                writes.append(call(functools.partial(engine.write_fetched_kv, request_id, span, tensor)))
+            else:  # staged off the engine thread first
+                writes.append(
+                    asyncio.ensure_future(_stage_and_write(call, engine, request_id, span, tensor, device))
+                )
             received += (span[1] - span[0]) * (span[3] - span[2])
             num_bytes += len(chunk.data)
             if len(writes) > WRITE_WINDOW:
