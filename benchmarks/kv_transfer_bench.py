@@ -9,8 +9,11 @@ Starts a prefill worker and a decode worker (dummy weights of the shape, TCP on 
              ceiling CUDA IPC is judged against;
   loopback   this process Prefills a prompt, then pulls its KV with FetchKV over gRPC, decoding
              the chunks as the decode worker does (kv_wire.py: data viewed, not copied; no device
-             copy on this side), for several chunk sizes (FetchKVRequest.chunk_bytes);
-  worker     for each of --transports (a decode worker started with --kv-transport T): the
+             copy on this side), for several chunk sizes (FetchKVRequest.chunk_bytes) and
+             --fetch-streams (parallel streams, each on its own connection, kv_streams.py);
+  worker     for each of --transports (a decode worker started with --kv-transport T; gRPC once
+             per --fetch-streams value, as --kv-fetch-streams, keyed "grpc" for the last and
+             "grpc@N" for the others): the
              decode worker's Generate with the handle as kv_source, timed by its own log line
              "fetched KV of ... over T: N bytes in T ms" (everything from its FetchKV to the KV in
              its cache: for gRPC device->host, the stream, host->device; for CUDA IPC the
@@ -41,11 +44,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
 
 import grpc  # noqa: E402
 from engine_bench import MODELS  # noqa: E402  (the benchmark shapes, BENCHMARKS.md)
@@ -137,6 +142,44 @@ def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path, timeout
 def prefill(stub: worker_pb2_grpc.WorkerStub, rid: str, prompt: list[int]) -> worker_pb2.PrefillResponse:
     sampling = common_pb2.SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     return stub.Prefill(worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling))
+
+
+_CHANNELS: dict[tuple[str, int], grpc.Channel] = {}
+
+
+def loopback_fetch(address: str, handle_id: str, chunk_bytes: int, max_streams: int) -> int:
+    """One FetchKV of a handle by this process over up to `max_streams` parallel streams (each on
+    its own connection, kept from fetch to fetch as a decode worker keeps them); the bytes received."""
+    channels = []
+    for index in range(max_streams):
+        if (address, index) not in _CHANNELS:
+            options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            _CHANNELS[address, index] = grpc.insecure_channel(address, options=options)
+        channels.append(_CHANNELS[address, index])
+
+    def stream(index: int, request: worker_pb2.FetchKVRequest) -> Any:
+        return channels[index].unary_stream(
+            "/tandem.v1.Worker/FetchKV",
+            request_serializer=worker_pb2.FetchKVRequest.SerializeToString,
+            response_deserializer=kv_wire.decode_chunk,
+        )(request)
+
+    def drain(chunks: Any) -> int:
+        return sum(len(chunk.data) for chunk in chunks)
+
+    first = stream(
+        0, worker_pb2.FetchKVRequest(handle_id=handle_id, chunk_bytes=chunk_bytes, max_streams=max_streams)
+    )
+    head = next(first)
+    nbytes = len(head.data)
+    further = [
+        worker_pb2.FetchKVRequest(handle_id=handle_id, chunk_bytes=chunk_bytes, stream_index=i)
+        for i in range(1, head.header.streams)
+    ]
+    with ThreadPoolExecutor(max(1, len(further))) as pool:
+        futures = [pool.submit(drain, stream(i + 1, r)) for i, r in enumerate(further)]
+        nbytes += drain(first) + sum(f.result() for f in futures)
+    return nbytes
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -257,6 +300,11 @@ def main() -> int:
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--chunk-sizes", default="65536,262144,1048576,4194304,16777216")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--fetch-streams",
+        default="1,4",
+        help="parallel FetchKV streams to measure, comma-separated (loopback and gRPC worker -> worker)",
+    )
     ap.add_argument("--worker-args", default="", help="extra options for both workers")
     ap.add_argument(
         "--transports",
@@ -278,6 +326,7 @@ def main() -> int:
     else:
         extra += ["--kv-cache-memory", "1GiB", "--cpu-threads", "1"]
     sizes = [int(s) for s in args.chunk_sizes.split(",")]
+    stream_counts = [int(s) for s in args.fetch_streams.split(",")]
     transports = [t for t in args.transports.split(",") if t] or (
         ["grpc", "cuda-ipc"] if args.device.startswith("cuda") else ["grpc"]
     )
@@ -305,11 +354,6 @@ def main() -> int:
             wait_serving(p_addr, p_proc, root / "prefill.log")
             channel = grpc.insecure_channel(p_addr, options=list(GRPC_OPTIONS))
             p_stub = worker_pb2_grpc.WorkerStub(channel)
-            fetch_kv = channel.unary_stream(
-                "/tandem.v1.Worker/FetchKV",
-                request_serializer=worker_pb2.FetchKVRequest.SerializeToString,
-                response_deserializer=kv_wire.decode_chunk,
-            )
             info = p_stub.Info(worker_pb2.InfoRequest())
             results["worker_device"] = info.device
             results["dtype"] = info.dtype
@@ -322,40 +366,46 @@ def main() -> int:
 
             prefill(p_stub, "warm", prompt())  # first-use costs (allocator, kernels)
             for size in [0, *sizes]:  # 0 = the worker's default
-                speeds, nbytes = [], 0
-                for r in range(args.repeats + 1):
-                    reply = prefill(p_stub, f"lb-{size}-{r}", prompt())
-                    start = time.perf_counter()
-                    nbytes = 0
-                    request = worker_pb2.FetchKVRequest(handle_id=reply.handle.handle_id, chunk_bytes=size)
-                    for chunk in fetch_kv(request):
-                        nbytes += len(chunk.data)
-                    elapsed = time.perf_counter() - start
-                    if r:  # the first fetch of each size warms up
-                        speeds.append(nbytes / elapsed / 1e9)
-                point = {
-                    "chunk_bytes": size or "default",
-                    "bytes": nbytes,
-                    "gb_per_s": statistics.median(speeds),
-                }
-                results["loopback"].append(point)
-                print(
-                    f"loopback chunk {point['chunk_bytes']!s:>9}: {nbytes / 2**20:.1f} MiB at {point['gb_per_s']:.2f} GB/s",
-                    flush=True,
-                )
+                for streams in stream_counts:
+                    speeds, nbytes = [], 0
+                    for r in range(args.repeats + 1):
+                        reply = prefill(p_stub, f"lb-{size}-{streams}-{r}", prompt())
+                        start = time.perf_counter()
+                        nbytes = loopback_fetch(p_addr, reply.handle.handle_id, size, streams)
+                        elapsed = time.perf_counter() - start
+                        if r:  # the first fetch of each size warms up
+                            speeds.append(nbytes / elapsed / 1e9)
+                    point = {
+                        "chunk_bytes": size or "default",
+                        "streams": streams,
+                        "bytes": nbytes,
+                        "gb_per_s": statistics.median(speeds),
+                        "samples": speeds,
+                    }
+                    results["loopback"].append(point)
+                    print(
+                        f"loopback chunk {point['chunk_bytes']!s:>9} x{streams} streams: "
+                        f"{nbytes / 2**20:.1f} MiB at {point['gb_per_s']:.2f} GB/s",
+                        flush=True,
+                    )
             if args.ttft:
                 results["ttft"]["unified"] = ttft_case(p_stub, None, ["unified"], prompt, args.repeats, "p")[
                     "unified"
                 ]
             # worker to worker: the decode worker's own measurement (its log line per fetch)
-            for transport in transports:
-                log = root / f"decode-{transport}.log"
+            runs = [
+                (t, n, t if n == stream_counts[-1] or t != "grpc" else f"grpc@{n}")
+                for t in transports
+                for n in (stream_counts if t == "grpc" else stream_counts[-1:])
+            ]
+            for transport, streams, key in runs:
+                log = root / f"decode-{key}.log"
                 d_proc, d_addr = start_worker(
                     model,
                     "decode",
                     args.decode_device or args.device,
                     log,
-                    [*extra, "--kv-transport", transport],
+                    [*extra, "--kv-transport", transport, "--kv-fetch-streams", str(streams)],
                 )
                 procs.append(d_proc)
                 wait_serving(d_addr, d_proc, log)
@@ -375,18 +425,19 @@ def main() -> int:
                 lines = wait_fetch_lines(log, args.repeats + 1)
                 speeds = [int(b) / (float(ms) / 1e3) / 1e9 for rid, _, b, ms in lines if rid != "w2w-0"]
                 used = sorted({used for _, used, _, _ in lines})
-                results["worker_to_worker"][transport] = {
+                results["worker_to_worker"][key] = {
                     "transport_used": used,
+                    "streams": streams,
                     "bytes": int(lines[-1][2]) if lines else 0,
                     "gb_per_s": statistics.median(speeds) if speeds else None,
                     "samples": speeds,
                 }
                 print(
-                    f"worker -> worker, --kv-transport {transport} (used {','.join(used)}): "
-                    f"{results['worker_to_worker'][transport]['gb_per_s']} GB/s",
+                    f"worker -> worker, --kv-transport {transport} x{streams} streams (used {','.join(used)}): "
+                    f"{results['worker_to_worker'][key]['gb_per_s']} GB/s",
                     flush=True,
                 )
-                if args.ttft:
+                if args.ttft and key == transport:
                     modes = ["layerwise-off", "layerwise-on"]
                     case = ttft_case(p_stub, d_stub, modes, prompt, args.repeats, transport)
                     unified = results["ttft"]["unified"]

@@ -8,6 +8,7 @@ interceptors are set in one place.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 
@@ -33,11 +34,15 @@ def make_channel(
     address: str,
     credentials: grpc.ChannelCredentials | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
-    """An asyncio channel to `address` (host:port or unix:/path)."""
+    """An asyncio channel to `address` (host:port or unix:/path); `options` are added to the
+    client defaults."""
     # Tracing first (outermost), so the rpc's client span covers the caller's own interceptors.
     interceptors = [*telemetry.grpc_client_interceptors(), *interceptors]
     if credentials is not None:
-        options = [*CLIENT_OPTIONS, *secure_channel_options(address)]
-        return grpc.aio.secure_channel(address, credentials, options=options, interceptors=list(interceptors))
-    return grpc.aio.insecure_channel(address, options=list(CLIENT_OPTIONS), interceptors=list(interceptors))
+        secure = [*CLIENT_OPTIONS, *secure_channel_options(address), *options]
+        return grpc.aio.secure_channel(address, credentials, options=secure, interceptors=list(interceptors))
+    return grpc.aio.insecure_channel(
+        address, options=[*CLIENT_OPTIONS, *options], interceptors=list(interceptors)
+    )

@@ -81,6 +81,8 @@ class WorkerConfig(ServiceConfig):
     """Generate / Prefill calls this worker holds at once (running, queued or compiling); one more is refused with RESOURCE_EXHAUSTED, which a gateway takes as back-pressure (another worker, else 429). 0: no limit."""
     kv_chunk_bytes: int = 1024 * 1024
     """Target size of one FetchKV chunk (a layer range x a block range) in bytes (1 MiB was fastest, docs/disaggregation.md)."""
+    kv_fetch_streams: int = 0
+    """Decode side, gRPC transport: parallel FetchKV streams (each a range of layers, on its own connection) one fetch may use, so reading, sending and writing overlap across them on spare cores; a prefill worker that predates them sends one stream (docs/disaggregation.md). 0 = auto: one per 4 CPU cores, 1 to 4; 1: one stream."""
     tensor_parallel_size: int = 1
     """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
     pipeline_parallel_size: int = 1
@@ -172,6 +174,8 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--max-pending-requests must be >= 0, got {self.max_pending_requests}")
         if self.kv_chunk_bytes <= 0:
             raise ValueError(f"--kv-chunk-bytes must be > 0, got {self.kv_chunk_bytes}")
+        if not 0 <= self.kv_fetch_streams <= 8:
+            raise ValueError(f"--kv-fetch-streams must be in [0, 8] (0 = auto), got {self.kv_fetch_streams}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:

@@ -105,3 +105,6 @@ class KVCache:
             kv[layer_start:layer_end, :, first : first + len(block_ids)] = src
         else:
             kv[layer_start:layer_end, :, torch.tensor(block_ids, device=kv.device)] = src
+        if src.is_cuda:
+            # a chunk staged on a side stream (kv_transfer.stage_on_device): not reused before this write
+            src.record_stream(torch.cuda.current_stream(kv.device))

@@ -54,7 +54,7 @@ class Readiness:
 
 class LayerProgress:
     """How far a layer-wise prefill has written its prompt's KV. Written by the engine thread
-    (`adopt`, `layer_written`, `complete`, `fail`), read by the FetchKV stream (`snapshot`)."""
+    (`adopt`, `layers_written`, `complete`, `fail`), read by the FetchKV stream (`snapshot`)."""
 
     def __init__(self, num_layers: int, num_tokens: int, block_size: int) -> None:
         self.num_layers = num_layers
@@ -67,7 +67,8 @@ class LayerProgress:
         self._first: object | None = None
         self._error = ""
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[], object]] = []
+        # (notify, per_layer): a per-layer listener hears every advance, the others only the end
+        self._listeners: list[tuple[Callable[[], object], bool]] = []
 
     # ---- engine thread ---------------------------------------------------------------------------
     def adopt(self, block_ids: list[int]) -> list[int]:
@@ -87,16 +88,23 @@ class LayerProgress:
         chunk)."""
         self._advance(range(self.num_layers), num_tokens, None)
 
-    def layer_written(self, layer: int, num_tokens: int, event: Any) -> None:
-        self._advance((layer,), num_tokens, event)
+    def layers_written(
+        self, layers: tuple[int, ...], num_tokens: int, event: Any, notify: bool = True
+    ) -> None:
+        """Several layers of one step at once (`event` after the last of them); `notify` False:
+        nobody listens per layer, a reader that comes later finds them in its snapshot."""
+        self._advance(layers, num_tokens, event, notify)
 
-    def _advance(self, layers: range | tuple[int, ...], num_tokens: int, event: Any) -> None:
+    def _advance(
+        self, layers: range | tuple[int, ...], num_tokens: int, event: Any, notify: bool = True
+    ) -> None:
         with self._lock:
             for layer in layers:
                 self._ready[layer] = max(self._ready[layer], min(num_tokens, self.num_tokens))
             if event is not None:
                 self._event = event
-        self._notify()
+        if notify:
+            self._notify(per_layer=True)
 
     def complete(self, first: object) -> None:
         """The prefill finished (its step's tokens were read, so its KV is on the device)."""
@@ -115,20 +123,27 @@ class LayerProgress:
         self._notify()
 
     @property
+    def wants_layers(self) -> bool:
+        """Whether a reader takes layers as they come (else only the end matters: CUDA IPC)."""
+        return any(per_layer for _, per_layer in self._listeners)
+
+    @property
     def done(self) -> bool:
         with self._lock:
             return self._complete or bool(self._error)
 
     # ---- readers -------------------------------------------------------------------------------
-    def listen(self, notify: Callable[[], object]) -> Callable[[], None]:
-        """Call `notify` (from the engine thread) after every change; returns the unsubscribe."""
+    def listen(self, notify: Callable[[], object], per_layer: bool = True) -> Callable[[], None]:
+        """Call `notify` (from the engine thread) after every change, or, not `per_layer`, only
+        when the prefill completed or failed; returns the unsubscribe."""
+        entry = (notify, per_layer)
         with self._lock:
-            self._listeners.append(notify)
+            self._listeners.append(entry)
 
         def unsubscribe() -> None:
             with self._lock:
-                if notify in self._listeners:
-                    self._listeners.remove(notify)
+                if entry in self._listeners:
+                    self._listeners.remove(entry)
 
         return unsubscribe
 
@@ -141,9 +156,9 @@ class LayerProgress:
                 ready, tuple(self._block_ids), self._event, self._complete, self._first, self._error
             )
 
-    def _notify(self) -> None:
+    def _notify(self, per_layer: bool = False) -> None:
         with self._lock:
-            listeners = list(self._listeners)
+            listeners = [notify for notify, wants in self._listeners if wants or not per_layer]
         for notify in listeners:
             notify()
 
@@ -151,27 +166,50 @@ class LayerProgress:
 class LayerSignal:
     """The attention layers' hook: `written(layer)` after each layer's KV write. Armed by the
     engine around the launch of a step that computes layer-wise prompts, with each prompt's
-    progress and the token count its KV reaches after this step."""
+    progress and the token count its KV reaches after this step.
+
+    A signal costs the launching thread a CUDA event and wakes the readers' event loop, which
+    then takes the GIL from the thread launching the forward's kernels. So while no armed prompt
+    has a reader that takes layers as they come (none yet, or a CUDA IPC fetch, which waits for
+    the end), nobody is woken, and on CUDA the layers are not even counted (counting one needs an
+    event after its writes): the next signal of the step covers them (the device runs a step's
+    layers in order), `LayerProgress.complete` covers everything. On the CPU the writes are done
+    when `written` is called, so they are counted silently and a reader that comes later finds
+    them."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._armed: list[tuple[LayerProgress, int]] = []
+        self._unsignalled: list[int] = []  # this step's layers written while nobody wanted them
+        self.num_signals = 0  # (tests)
 
     def arm(self, entries: list[tuple[LayerProgress, int]]) -> None:
         self._armed = entries
+        self._unsignalled = []
 
     def disarm(self) -> None:
         self._armed = []
+        self._unsignalled = []
 
     def written(self, layer: int) -> None:
         if not self._armed:
             return
+        if not any(progress.wants_layers for progress, _ in self._armed):
+            if self.device.type == "cuda":
+                self._unsignalled.append(layer)
+            else:
+                for progress, num_tokens in self._armed:
+                    progress.layers_written((layer,), num_tokens, None, notify=False)
+            return
+        layers = (*self._unsignalled, layer)
+        self._unsignalled = []
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
+        self.num_signals += 1
         for progress, num_tokens in self._armed:
-            progress.layer_written(layer, num_tokens, event)
+            progress.layers_written(layers, num_tokens, event)
 
 
 def wait_ready(event: Any) -> None:

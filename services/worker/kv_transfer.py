@@ -244,19 +244,22 @@ async def stream_chunks(
     encode: Callable[[KVChunkData], T],
     progress: LayerProgress | None = None,
     run: Callable[[Callable[[], KVChunkData]], Awaitable[KVChunkData]] | None = None,
+    layers: tuple[int, int] | None = None,
 ) -> AsyncIterator[T | KeepAlive]:
     """The chunks of a held prompt's blocks from `first_block` on, in the model's layout, read
     and `encode`d (into wire bytes) READ_AHEAD ahead: read from the tensor on a worker thread, or,
     given `run` (a parallel group: rank 0's engine thread, where the group's commands go), gathered
     from the group's ranks there. The blocks are held (kv_handles.py): nobody writes them
     meanwhile. With a layer-wise handle's `progress` (a single-rank worker), each span goes as soon
-    as the prefill has written it, until the prefill completes (LayerwiseFailed when it fails)."""
+    as the prefill has written it, until the prefill completes (LayerwiseFailed when it fails).
+    `layers` [start, end): only those (one stream of a parallel fetch, kv_streams.py)."""
     num_layers, _, _, block_size, num_kv_heads, head_dim = cache.model_shape
     layer_block_bytes = 2 * block_size * num_kv_heads * head_dim * cache.tensor.element_size()
+    lo, hi = layers if layers is not None else (0, num_layers)
     pending: collections.deque[asyncio.Future[T]] = collections.deque()
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
-    sent = [first_block] * num_layers
+    sent = [first_block] * (hi - lo)
     unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set)) if progress else None
 
     async def produce(span: Span, ids: tuple[int, ...], event: Any) -> T:
@@ -273,7 +276,10 @@ async def stream_chunks(
             snap = progress.snapshot() if progress is not None else _all_ready(num_layers, block_ids)
             if snap.error:
                 raise LayerwiseFailed(snap.error)
-            for span in ready_spans(sent, snap.ready_blocks, layer_block_bytes, target_bytes):
+            for l0, l1, b0, b1 in ready_spans(
+                sent, snap.ready_blocks[lo:hi], layer_block_bytes, target_bytes
+            ):
+                span = (lo + l0, lo + l1, b0, b1)
                 pending.append(asyncio.ensure_future(produce(span, snap.block_ids, snap.event)))
                 if len(pending) > READ_AHEAD:
                     yield await pending.popleft()
@@ -339,7 +345,8 @@ async def wait_complete(progress: LayerProgress) -> AsyncIterator[Readiness | Ke
     once), keep-alives before; LayerwiseFailed when it fails."""
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
-    unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set))
+    # (only the end: per-layer wake-ups would cost the prefill's launching thread the GIL)
+    unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set), per_layer=False)
     try:
         while True:
             changed.clear()
@@ -388,6 +395,47 @@ def chunk_tensor(chunk: KVChunkData, kv: torch.Tensor | KVCache, reservation: KV
         warnings.simplefilter("ignore", UserWarning)
         flat = torch.frombuffer(chunk.data, dtype=torch.uint8)
     return flat.view(kv.dtype).view(shape)
+
+
+@functools.cache
+def _writer_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def stage_on_device(chunk: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Off the engine thread: a received chunk (a view of the bytes gRPC handed over) copied to
+    `device` through pinned memory on a side stream (torch's pinned allocator reuses the staging
+    buffers), so that the engine thread's write is a device-side copy, not a synchronous copy from
+    pageable memory that would hold up its steps. KVCache.write_blocks records the result's use
+    on the engine's stream."""
+    stream = _writer_stream(device)
+    with torch.cuda.stream(stream):
+        host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
+        host.copy_(chunk)
+        staged = host.to(device, non_blocking=True)
+    stream.synchronize()
+    return staged
+
+
+def staging_device(kv: torch.Tensor | KVCache) -> torch.device | None:
+    """Where received chunks are staged before the engine writes them: a single rank's CUDA cache
+    (a parallel group's rank 0 scatters host chunks to its ranks itself)."""
+    tensor = kv.tensor if isinstance(kv, KVCache) else kv
+    if tensor.device.type != "cuda" or tuple(tensor.shape) != model_shape(kv):
+        return None
+    return tensor.device
+
+
+async def _stage_and_write(
+    call: Callable[[Callable[[], object]], asyncio.Future[object]],
+    engine: KVReceiver,
+    request_id: str,
+    span: Span,
+    tensor: torch.Tensor,
+    device: torch.device,
+) -> object:
+    staged = await asyncio.get_running_loop().run_in_executor(None, stage_on_device, tensor, device)
+    return await call(functools.partial(engine.write_fetched_kv, request_id, span, staged))
 
 
 FetchStream = Callable[
@@ -487,6 +535,7 @@ async def receive(
     done: PrefillDone | None = None
     nixl_reads = _NixlReads(call, engine, request_id, nixl)
     writes: collections.deque[asyncio.Future[object]] = collections.deque()
+    device = staging_device(kv)
     # Fetched even when the local cache holds every block: the (empty) stream frees the handle.
     items = fetch(source, reservation.skip_tokens)
     try:
@@ -525,7 +574,12 @@ async def receive(
                 break  # closing the stream (below) tells the peer it may free the blocks
             tensor = chunk_tensor(chunk, kv, reservation)
             span = (chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end)
-            writes.append(call(functools.partial(engine.write_fetched_kv, request_id, span, tensor)))
+            if device is None:
+                writes.append(call(functools.partial(engine.write_fetched_kv, request_id, span, tensor)))
+            else:  # staged off the engine thread first
+                writes.append(
+                    asyncio.ensure_future(_stage_and_write(call, engine, request_id, span, tensor, device))
+                )
             received += (span[1] - span[0]) * (span[3] - span[2])
             num_bytes += len(chunk.data)
             if len(writes) > WRITE_WINDOW:

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +26,7 @@ import tandem
 from services.common import metrics, telemetry
 from services.common.channels import make_channel
 from services.common.logging import request_id_var
-from services.worker import kv_nixl, kv_transfer, kv_transports, kv_wire
+from services.worker import kv_nixl, kv_streams, kv_transfer, kv_transports, kv_wire
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
 from services.worker.errors import ImageNotCachedError, task_mismatch
@@ -72,6 +72,9 @@ KEEP_ALIVE_BYTES = worker_pb2.KVChunk().SerializeToString()
 NIXL_SPAN_BYTES = 64 << 20
 # A decode worker gives a FetchKV stream this long before it computes the prompt itself.
 FETCH_TIMEOUT_S = 60.0
+# A parallel fetch's first stream, its own layers sent, waits this long for the further streams
+# to join (the decode worker opens them as soon as it reads the first message) before it ends.
+JOIN_TIMEOUT_S = 10.0
 _TRANSPORTS_PB = {
     "grpc": worker_pb2.KV_TRANSPORT_GRPC,
     "cuda-ipc": worker_pb2.KV_TRANSPORT_CUDA_IPC,
@@ -286,7 +289,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.advertise_address = self.engine.config.kv_advertise_address
         tls = self.engine.config.tls
         self._credentials = tls.channel_credentials() if tls is not None else None
-        self._kv_channels: dict[str, grpc.aio.Channel] = {}  # prefill workers we fetch from
+        # prefill workers we fetch from, by (address, stream index of a parallel fetch)
+        self._kv_channels: dict[tuple[str, int], grpc.aio.Channel] = {}
+        # gRPC fetches this worker serves over several streams (kv_streams.py), and how many it asks for
+        self.parallel_fetches = kv_streams.ParallelFetches()
+        self.kv_fetch_streams = self.engine.config.kv_fetch_streams or kv_streams.default_streams(
+            os.cpu_count()
+        )
+        # the most streams this worker serves one fetch over (1: as a worker that predates them)
+        self.max_serve_streams = kv_streams.MAX_STREAMS
         # Transports this worker serves and uses (tests may narrow or widen them), and what it asks for.
         world_size = self.engine.tp_size * self.engine.pp_size
         self.kv_transports = kv_transports.supported(
@@ -870,6 +881,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         store = self.engine.kv_handles
         if not handle_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "handle_id: must be non-empty")
+        if request.stream_index:
+            async for raw in self._further_stream(request, context):
+                yield raw
+            return
         if request.fingerprint and request.fingerprint != self.fingerprint:
             # A mismatch is a wiring mistake; the handle is single-use anyway, so free it now.
             await self.async_engine.call(lambda: store.release(handle_id, only_idle=True))
@@ -887,6 +902,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         num_blocks_sent = first_block = 0
         kv = self.engine.kv_cache.tensor
         transport: kv_transports.Transport = "grpc"
+        streams = 1
         started = time.monotonic()
         progress = held.progress
         block_ids = held.block_ids
@@ -935,22 +951,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await asyncio.sleep(max(store.ttl_s, FETCH_TIMEOUT_S))
                 log.warning("KV handle %s: the NIXL reader never closed its stream", handle_id)
                 return
+            num_layers = self.engine.kv_cache.model_shape[0]
+            if request.max_streams > 1 and self.engine.driver is None:  # (a group reads on one thread)
+                streams = kv_streams.stream_count(
+                    min(request.max_streams, self.max_serve_streams), num_layers
+                )
+            if streams > 1:  # the decode worker opens the others when it reads this
+                self.parallel_fetches.open(handle_id, held, streams)
+                yield worker_pb2.KVChunk(
+                    transport=worker_pb2.KV_TRANSPORT_GRPC, streams=streams
+                ).SerializeToString()
             num_bytes = 0
-            async for item in kv_transfer.stream_chunks(
-                self.engine.kv_cache,
-                block_ids,
-                first_block,
-                request.chunk_bytes or self.engine.config.kv_chunk_bytes,
-                encode_chunk,
-                progress,
-                # a group's chunks are gathered from its ranks on the engine thread (kv_reshard.py)
-                run=self.async_engine.call if self.engine.driver is not None else None,
+            async for item in self._grpc_chunks(
+                request, held, first_block, kv_streams.layer_range(num_layers, streams, 0)
             ):
-                if isinstance(item, kv_transfer.KeepAlive):
-                    yield KEEP_ALIVE_BYTES
-                    continue
                 yield item
                 num_bytes += len(item)
+            if streams > 1 and not await self.parallel_fetches.wait_joined(handle_id, JOIN_TIMEOUT_S):
+                log.warning("KV handle %s: a parallel fetch's further streams did not all come", handle_id)
             if progress is not None:  # the stream's end: the token the prefill sampled
                 snap = progress.snapshot()
                 block_ids = snap.block_ids
@@ -966,8 +984,70 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 metrics.observe_kv_transfer(
                     "send", num_blocks_sent * held_block_bytes(kv), time.monotonic() - started, transport
                 )
-            # Fetched, failed or cancelled: the handle is single-use, its blocks go back now.
-            self.async_engine.call(lambda: store.release(handle_id, num_blocks_sent))
+            # Fetched, failed or cancelled: the handle is single-use, its blocks go back now (a
+            # parallel fetch's: when its last stream ended).
+            if streams > 1:
+                self.parallel_fetches.close_joins(handle_id)
+            self._leave_fetch(handle_id, streams, num_blocks_sent)
+
+    def _leave_fetch(self, handle_id: str, streams: int, num_blocks_sent: int) -> None:
+        """A stream of a fetch ended: the handle's blocks go back after its last one."""
+        total = self.parallel_fetches.leave(handle_id, num_blocks_sent) if streams > 1 else num_blocks_sent
+        if total is not None:
+            store = self.engine.kv_handles
+            self.async_engine.call(lambda: store.release(handle_id, total))
+
+    async def _grpc_chunks(
+        self, request: worker_pb2.FetchKVRequest, held: HeldKV, first_block: int, layers: tuple[int, int]
+    ) -> AsyncIterator[bytes]:
+        """A gRPC fetch's (or one of its parallel streams') chunks of `layers`, as wire bytes."""
+        async for item in kv_transfer.stream_chunks(
+            self.engine.kv_cache,
+            held.block_ids,
+            first_block,
+            request.chunk_bytes or self.engine.config.kv_chunk_bytes,
+            encode_chunk,
+            held.progress,
+            # a group's chunks are gathered from its ranks on the engine thread (kv_reshard.py)
+            run=self.async_engine.call if self.engine.driver is not None else None,
+            layers=layers,
+        ):
+            yield KEEP_ALIVE_BYTES if isinstance(item, kv_transfer.KeepAlive) else item
+
+    async def _further_stream(
+        self, request: worker_pb2.FetchKVRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Stream `stream_index` of a parallel gRPC fetch (kv_streams.py): its layer range."""
+        handle_id = request.handle_id
+        if request.fingerprint and request.fingerprint != self.fingerprint:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"fingerprint: the caller ({request.fingerprint}) cannot take KV from this worker ({self.fingerprint})",
+            )
+        try:
+            held, streams = self.parallel_fetches.join(handle_id, request.stream_index)
+        except KVHandleError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        started = time.monotonic()
+        num_bytes = 0
+        try:
+            block_size = self.engine.config.block_size
+            if request.skip_tokens % block_size or request.skip_tokens > held.num_tokens:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"skip_tokens: {request.skip_tokens} must be a multiple of the block size {block_size} "
+                    f"and at most the handle's {held.num_tokens} tokens",
+                )
+            num_layers = self.engine.kv_cache.model_shape[0]
+            layers = kv_streams.layer_range(num_layers, streams, request.stream_index)
+            async for item in self._grpc_chunks(request, held, request.skip_tokens // block_size, layers):
+                yield item
+                num_bytes += len(item)
+            metrics.observe_kv_transfer("send", num_bytes, time.monotonic() - started, transport="grpc")
+        except LayerwiseFailed as exc:
+            await context.abort(grpc.StatusCode.ABORTED, f"KV handle {handle_id!r}: {exc}")
+        finally:
+            self._leave_fetch(handle_id, streams, 0)
 
     async def _nixl_spans(
         self, block_ids: tuple[int, ...], first_block: int, progress: LayerProgress | None
@@ -1023,33 +1103,70 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         | kv_transfer.KeepAlive
     ]:
         """Decode side: the FetchKV stream of `source` from its prefill worker, its chunks' data
-        viewed in the received bytes (kv_wire.py)."""
-        channel = self._kv_channels.get(source.address)
+        viewed in the received bytes (kv_wire.py); over gRPC, the merged items of as many
+        parallel streams as the prefill worker offers (kv_streams.py)."""
+        request = worker_pb2.FetchKVRequest(
+            handle_id=source.handle_id,
+            skip_tokens=skip_tokens,
+            fingerprint=self.fingerprint,
+            transports=[
+                _TRANSPORTS_PB[t]
+                for t in self.kv_preferences
+                if not (t == "cuda-ipc" and source.address in self._ipc_failed)
+            ],
+            host_id=kv_transports.host_id(),
+            max_streams=self.kv_fetch_streams if "grpc" in self.kv_preferences else 1,
+        )
+        first = self._fetch_call(source.address, 0, request)
+        try:
+            async for wire in first:
+                if wire.header.streams > 1:  # a parallel fetch: open the further streams, then merge
+                    further = [
+                        self._fetch_call(
+                            source.address,
+                            index,
+                            worker_pb2.FetchKVRequest(
+                                handle_id=source.handle_id,
+                                skip_tokens=skip_tokens,
+                                fingerprint=self.fingerprint,
+                                stream_index=index,
+                            ),
+                        )
+                        for index in range(1, wire.header.streams)
+                    ]
+                    merged = kv_streams.merge([first, *further])
+                    try:
+                        async for chunk in merged:
+                            yield chunk_from_wire(chunk)
+                    finally:
+                        await merged.aclose()
+                        for stream in further:
+                            await stream.aclose()
+                    return
+                yield chunk_from_wire(wire)
+        finally:
+            await first.aclose()  # (CUDA IPC, NIXL: closing the stream frees the peer's blocks)
+
+    async def _fetch_call(
+        self, address: str, index: int, request: worker_pb2.FetchKVRequest
+    ) -> AsyncGenerator[kv_wire.WireChunk, None]:
+        """One FetchKV stream's chunks; a parallel fetch's stream `index` > 0 on a connection of
+        its own (a channel with a local subchannel pool shares no connection)."""
+        channel = self._kv_channels.get((address, index))
         if channel is None:
-            channel = self._kv_channels[source.address] = make_channel(source.address, self._credentials)
+            options = [("grpc.use_local_subchannel_pool", 1)] if index else []
+            channel = make_channel(address, self._credentials, options=options)
+            self._kv_channels[address, index] = channel
         fetch = channel.unary_stream(
             FETCH_KV_METHOD,
             request_serializer=worker_pb2.FetchKVRequest.SerializeToString,
             response_deserializer=kv_wire.decode_chunk,
         )
-        call = fetch(
-            worker_pb2.FetchKVRequest(
-                handle_id=source.handle_id,
-                skip_tokens=skip_tokens,
-                fingerprint=self.fingerprint,
-                transports=[
-                    _TRANSPORTS_PB[t]
-                    for t in self.kv_preferences
-                    if not (t == "cuda-ipc" and source.address in self._ipc_failed)
-                ],
-                host_id=kv_transports.host_id(),
-            ),
-            timeout=FETCH_TIMEOUT_S,
-        )
+        call = fetch(request, timeout=FETCH_TIMEOUT_S)
         try:
             async for wire in call:
                 assert isinstance(wire, kv_wire.WireChunk)
-                yield chunk_from_wire(wire)
+                yield wire
         finally:
             call.cancel()
 
