@@ -25,7 +25,8 @@ first and only chunk names the prefill worker's cache tensor and blocks (`IpcBlo
 Layer-wise push (kv_layerwise.py): a handle issued when the prefill was admitted is streamed while
 the prefill runs: `stream_chunks` sends each (layers, blocks) span as soon as the forward has
 written it (`ready_spans`) and the stream ends with `PrefillDone`, the sampled first token, which
-the decode worker takes as its first generated token.
+the decode worker takes as its first generated token and streams on arrival (`kv_first_token`),
+before the rest of the fetch has landed.
 
 This module only moves bytes: every state change of a request (reserving blocks, FETCHING, ready
 to decode, computing the prompt after all) belongs to the engine and its scheduler, reached here
