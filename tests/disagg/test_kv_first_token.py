@@ -92,6 +92,13 @@ def assert_same(got: list[worker_pb2.ChoiceDelta], expected: list[worker_pb2.Cho
     ]
 
 
+def assert_usage(stream: DecodeStream, num_tokens: int) -> None:
+    """D's usage: the prompt, and the tokens D generated (the prefill's first token is the prefill
+    worker's, as a given generated_token_ids is; the gateway counts every token it streams)."""
+    usage = stream.chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(PROMPT), num_tokens - 1)
+
+
 class DecodeStream:
     """D's Generate with a layer-wise kv_source, read on a thread: `first` is set when the first
     chunk with a token arrived (the test asserts when that happens)."""
@@ -193,6 +200,7 @@ def test_first_token_reaches_the_client_before_the_fetch_ends(
         got = stream.result()
     assert list(got[0].token_ids) == list(reply.first.token_ids)
     assert_same(got, expected)
+    assert_usage(stream, len(flatten(got)[0]))
     assert d.servicer.fetch_stats[-1].ok and d.servicer.fetch_stats[-1].transport == transport
     wait_no_blocks(stub(p), stub(d))
 
@@ -240,6 +248,7 @@ def test_fetch_failing_after_the_first_token_continues_from_it(
     tokens, _ = flatten(got)
     assert tokens[:1] == list(reply.first.token_ids)
     assert_same(got, expected)
+    assert_usage(stream, len(tokens))
     failed = [s for s in d.servicer.fetch_stats if not s.ok]
     assert len(failed) == failed_before + 1
     wait_no_blocks(stub(d))
@@ -274,7 +283,6 @@ def test_a_first_token_that_ends_the_choice_ends_the_request_at_once(
     assert [c.finish_reason for c in got if c.finish_reason] == [reason]
     if ending == "stop_token":
         assert got[-1].stop_token_id == greedy_first
-    usage = stream.chunks[-1].usage
-    assert usage.prompt_tokens == len(PROMPT)
+    assert_usage(stream, 1)
     assert rid not in d.engine.fetching and rid not in d.engine.requests
     wait_no_blocks(stub(p), stub(d))
