@@ -185,7 +185,33 @@ def prefill_pauses_after_first(monkeypatch: pytest.MonkeyPatch) -> Iterator[thre
 def test_first_token_reaches_the_client_before_the_fetch_ends(
     workers: tuple[InProcessWorker, InProcessWorker], transport: str, mode: str
 ) -> None:
-    p, d = workers
+    check_first_token_before_the_fetch_ends(*workers, transport, mode)
+
+
+@pytest.mark.gpu
+def test_first_token_before_the_fetch_ends_on_cuda(
+    loop: LoopThread, stories_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The same on one GPU (float32: P's 32-token chunks compute what the unified run does):
+    CUDA IPC (the copy after `first`, tensor shared in-process) and gRPC (staged writes)."""
+    sock = tmp_path_factory.mktemp("firsttok-cuda")
+    opts: dict[str, Any] = dict(model=str(stories_dir), **{**COMMON, "device": "cuda", "dtype": "float32"})
+    p = start_worker(loop, sock, "p", role="prefill", max_num_batched_tokens=32, kv_chunk_bytes=2048, **opts)
+    d = start_worker(loop, sock, "d", role="decode", **opts)
+    try:
+        for transport in ("cuda-ipc", "grpc"):
+            for mode in ("greedy", "seeded"):
+                check_first_token_before_the_fetch_ends(p, d, transport, mode)
+    finally:
+        stop_worker(loop, p)
+        stop_worker(loop, d)
+
+
+def check_first_token_before_the_fetch_ends(
+    p: InProcessWorker, d: InProcessWorker, transport: str, mode: str
+) -> None:
+    """With D holding P's stream back after `first`, D's client has the first token while the
+    request is still FETCHING; the whole output equals P's unified run; nothing is left."""
     d.servicer.kv_preferences = (transport, "grpc") if transport != "grpc" else ("grpc",)
     sp = sampling(mode)
     rid = f"early-{transport}-{mode}"
