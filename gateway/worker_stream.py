@@ -6,9 +6,10 @@
     layer-wise PrefillStream(prompt): its first event, the handle, comes when the prompt is
                admitted; Generate(prompt, kv_source=handle) goes to the decode worker at once,
                which fetches each layer while the later ones are computed and streams the
-               prefill's first token itself (it is the only source of tokens, so the text is
-               consistent whatever fails: a failed fetch makes it compute the prompt and sample
-               that token itself); the PrefillStream stays open until its result
+               prefill's first token itself, on arrival (it is the only source of tokens, so the
+               text is consistent whatever fails: a fetch that fails before that token makes it
+               compute the prompt and sample the token itself, one that fails after it computes
+               prompt + token and goes on from it); the PrefillStream stays open until its result
     failures   a prefill worker that fails: another one, else the decode worker computes the prompt
                (a handle that expires or whose worker died: the decode worker falls back itself);
                a decode / unified worker that fails mid-stream: the same choice is resumed on

@@ -179,6 +179,8 @@ class AsyncEngine:
             return
         while True:
             command()
+            for out in self.engine.take_outputs():  # (a fetched request's early first token)
+                self._deliver(out)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:

@@ -304,6 +304,8 @@ class Engine:
         # Disaggregation: decode-side requests whose prompt KV is being fetched (not scheduled yet),
         # and prefill-side KV kept for decode workers.
         self.fetching: dict[str, Request] = {}
+        # Outputs made between steps (a fetched request's first token), delivered before the next step's
+        self._early_outputs: list[RequestOutput] = []
         self.kv_handles = KVHandleStore(self.block_manager, config.kv_handle_ttl)
         # Layer-wise push (kv_layerwise.py): the handles of prefills still running, by request id.
         # Rank 0's hook sees only its own shard's writes, so a parallel group does not offer it.
@@ -543,21 +545,51 @@ class Engine:
         self.kv_cache.write_blocks(l0, l1, request.sequences[0].block_ids[b0:b1], tensor)
         return True
 
-    def kv_fetched(self, request_id: str, first_token_ids: tuple[int, ...] = ()) -> None:
-        """The whole prompt's KV is in place: the request is scheduled to decode. A layer-wise
-        fetch brings the prefill's first token with it (`first_token_ids`): it is the request's
-        first generated token, as generated_token_ids would have been."""
+    def kv_first_token(self, request_id: str, first: ChoiceOutput) -> bool:
+        """A layer-wise fetch brought the prefill's first token (`KVChunk.first`), which may come
+        before the rest of the fetch has landed (the writes in flight, the CUDA IPC copy, NIXL
+        reads): it becomes the request's first generated token now (guided decoding advances,
+        max_tokens counts it) and goes out at once, from this thread, in order with the
+        request's later outputs (`take_outputs`). A token that ends the choice (its finish
+        reason set) ends the request here and frees its reserved blocks. If the fetch then
+        fails, the request computes its prompt and this token, and continues from it: the
+        client has seen it. False (nothing changed) when the request takes no token from its
+        fetch (gone, several choices, a token already given) or refuses it (guided decoding):
+        it then samples its own first token."""
+        request = self.fetching.get(request_id)
+        if request is None or not self.fetch_wants_first(request) or not first.token_ids:
+            return False
+        final = first.finish_reason is not None
+        try:
+            request.add_generated(first.token_ids, final=final)
+        except InvalidRequestError as exc:  # (the prefill worker sampled under the same rules)
+            log.warning("request %s: the prefill's first token %s: %s", request_id, first.token_ids, exc)
+            return False
+        seq = request.sequences[0]
+        seq.new_token_ids = list(first.token_ids)
+        seq.new_logprobs = list(first.logprobs or ())
+        if final:  # nothing to decode: its blocks go back now (their KV may be incomplete: uncached)
+            del self.fetching[request_id]
+            self.requests[request_id] = request  # (_output pops it)
+            self.scheduler.finish_sequence(seq, first.finish_reason or "stop")
+            seq.stop_token_id = first.stop_token_id
+        self._early_outputs.append(self._output(request))
+        return True
+
+    def take_outputs(self) -> list[RequestOutput]:
+        """Outputs made between steps (`kv_first_token`); the caller delivers them before the
+        next step's, so each request's outputs stay in order."""
+        outputs, self._early_outputs = self._early_outputs, []
+        return outputs
+
+    def kv_fetched(self, request_id: str) -> None:
+        """The whole prompt's KV is in place: the request is scheduled to decode, from the
+        prefill's first token when `kv_first_token` gave it one, else from its last prompt token
+        (computed again here: each choice samples its own first token)."""
         request = self.fetching.pop(request_id, None)
         if request is None:
             return
         self.requests[request_id] = request
-        if first_token_ids and self.fetch_wants_first(request):
-            try:
-                request.add_generated(first_token_ids)
-            except InvalidRequestError as exc:  # (the prefill worker sampled under the same rules)
-                log.warning("request %s: the prefill's first token %s: %s", request_id, first_token_ids, exc)
-                self.scheduler.add_unfetched(request)  # its prompt computed here, its own first token
-                return
         self.scheduler.add_fetched(request)
 
     @staticmethod

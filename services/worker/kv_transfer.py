@@ -25,7 +25,8 @@ first and only chunk names the prefill worker's cache tensor and blocks (`IpcBlo
 Layer-wise push (kv_layerwise.py): a handle issued when the prefill was admitted is streamed while
 the prefill runs: `stream_chunks` sends each (layers, blocks) span as soon as the forward has
 written it (`ready_spans`) and the stream ends with `PrefillDone`, the sampled first token, which
-the decode worker takes as its first generated token.
+the decode worker takes as its first generated token and streams on arrival (`kv_first_token`),
+before the rest of the fetch has landed.
 
 This module only moves bytes: every state change of a request (reserving blocks, FETCHING, ready
 to decode, computing the prompt after all) belongs to the engine and its scheduler, reached here
@@ -52,6 +53,7 @@ from services.worker import kv_transports
 from services.worker.kv_cache import KV_DTYPE_NAMES, KVCache
 from services.worker.kv_layerwise import LayerProgress, LayerwiseFailed, Readiness, Span, wait_ready
 from services.worker.kv_nixl import NixlEndpoint, NixlRemote
+from services.worker.outputs import ChoiceOutput
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +119,18 @@ class KVSource:
 
 @dataclass(frozen=True)
 class PrefillDone:
-    """A layer-wise fetch's last message: the token the prefill sampled."""
+    """A layer-wise fetch's last message: the token the prefill sampled (with its logprobs when
+    asked, and its finish reason when it already ended the choice: stop, length)."""
 
-    token_ids: tuple[int, ...]
-    finished: bool  # that token already ended the choice (stop, length)
-    delta: Any  # the rpc layer's message for it, sent on as the decode stream's first output
+    choice: ChoiceOutput
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.choice.token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.choice.finish_reason is not None
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,9 @@ class KVReceiver(Protocol):
 
     def write_fetched_kv(self, request_id: str, span: Span, tensor: torch.Tensor) -> bool: ...
 
-    def kv_fetched(self, request_id: str, first_token_ids: tuple[int, ...] = ()) -> None: ...
+    def kv_first_token(self, request_id: str, first: ChoiceOutput) -> bool: ...
+
+    def kv_fetched(self, request_id: str) -> None: ...
 
     def kv_fetch_failed(self, request_id: str) -> None: ...
 
@@ -533,6 +544,7 @@ async def receive(
     num_bytes = 0
     transport: kv_transports.Transport = "grpc"
     done: PrefillDone | None = None
+    first_taken = False  # the engine took the prefill's token as the request's first output
     nixl_reads = _NixlReads(call, engine, request_id, nixl)
     writes: collections.deque[asyncio.Future[object]] = collections.deque()
     device = staging_device(kv)
@@ -548,6 +560,11 @@ async def receive(
                 continue
             if isinstance(chunk, PrefillDone):
                 done = chunk
+                if reservation.wants_first:
+                    # The client gets the token now, not after the KV still on its way (writes in
+                    # flight, the CUDA IPC copy, NIXL reads) and the fetch's end.
+                    taken = await call(functools.partial(engine.kv_first_token, request_id, chunk.choice))
+                    first_taken = taken is True
                 if done.finished:  # its first token ended the choice: no KV is needed
                     break
             elif isinstance(chunk, NixlSpan):
@@ -590,9 +607,9 @@ async def receive(
         if source.layerwise and done is None:
             raise ValueError("the layer-wise stream ended without the prefill's first token")
         if done is not None and done.finished:
-            if not reservation.wants_first:  # (several choices: each samples its own here)
-                raise ValueError("the prefill's first token ended it; computing the prompt for the choices")
-            # the caller ends the request with that token; its reserved blocks go with it
+            if not first_taken:  # (several choices: each samples its own here)
+                raise ValueError("the prefill's first token ended it; computing the prompt here")
+            # the engine ended the request with that token; its reserved blocks went with it
             return FetchStats(
                 True, num_bytes, time.monotonic() - started, reservation.skip_tokens, "", transport, done
             )
@@ -614,8 +631,7 @@ async def receive(
     finally:
         await nixl_reads.close()  # (before the stream: the peer frees the blocks when it closes)
         await _close(items)
-    first = done.token_ids if done is not None and reservation.wants_first else ()
-    await call(lambda: engine.kv_fetched(request_id, first))
+    await call(lambda: engine.kv_fetched(request_id))
     seconds = time.monotonic() - started
     log.info(
         "fetched KV of %s over %s%s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache",

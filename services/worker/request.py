@@ -280,13 +280,14 @@ class Request:
         self.sequences[0].guided = first
         self._consume_given(grammar, self.req.generated_token_ids)
 
-    def add_generated(self, token_ids: tuple[int, ...]) -> None:
+    def add_generated(self, token_ids: tuple[int, ...], final: bool = False) -> None:
         """Tokens generated elsewhere that arrive after the request was created: a layer-wise
         prefill's first token comes with its KV (kv_layerwise.py). Raises InvalidRequestError
-        as the constructor does for generated_token_ids."""
+        as the constructor does for generated_token_ids. `final`: they end the choice (nothing
+        follows, so the grammar, which may be complete with them, is not advanced)."""
         assert len(self.sequences) == 1 and self.sequences[0].num_computed_tokens <= self.prompt_len
         first = self.sequences[0]
-        if first.guided is not None and self.req.grammar is not None:
+        if first.guided is not None and self.req.grammar is not None and not final:
             before = first.guided
             first.guided = before.fork()  # (refused: the request stays as it was)
             try:

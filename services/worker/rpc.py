@@ -58,6 +58,7 @@ _FINISH = {
     "length": common_pb2.FINISH_REASON_LENGTH,
     "abort": common_pb2.FINISH_REASON_ABORT,
 }
+_FINISH_NAMES = {pb: name for name, pb in _FINISH.items()}
 _DTYPE_NAMES = {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}
 _ROLES = {
     "unified": worker_pb2.WORKER_ROLE_UNIFIED,
@@ -184,6 +185,12 @@ def logprob_to_pb(lp: TokenLogprob) -> common_pb2.TokenLogprob:
     )
 
 
+def logprob_from_pb(lp: common_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(
+        lp.token_id, lp.logprob, lp.rank, tuple((t.token_id, t.logprob) for t in lp.top_logprobs)
+    )
+
+
 def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
     msg = worker_pb2.GenerateResponse(request_id=out.request_id)
     msg.choices.extend(choice_to_pb(choice) for choice in out.choices)
@@ -244,6 +251,17 @@ def choice_to_pb(choice: ChoiceOutput) -> worker_pb2.ChoiceDelta:
     return delta
 
 
+def choice_from_pb(delta: worker_pb2.ChoiceDelta) -> ChoiceOutput:
+    """A ChoiceDelta as the engine's ChoiceOutput (the prefill's first token, KVChunk.first)."""
+    return ChoiceOutput(
+        index=delta.index,
+        token_ids=tuple(delta.token_ids),
+        logprobs=tuple(logprob_from_pb(lp) for lp in delta.logprobs) if delta.logprobs else None,
+        finish_reason=_FINISH_NAMES.get(delta.finish_reason),
+        stop_token_id=delta.stop_token_id if delta.HasField("stop_token_id") else None,
+    )
+
+
 def chunk_from_wire(
     wire: kv_wire.WireChunk,
 ) -> (
@@ -264,9 +282,7 @@ def chunk_from_wire(
         span = (msg.layer_start, msg.layer_end, msg.block_start, msg.block_end)
         return kv_transfer.NixlSpan(remote, span, tuple(n.block_ids))
     if msg.HasField("first"):  # a layer-wise stream's end: the prefill's sampled token
-        first = msg.first
-        finished = first.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-        return kv_transfer.PrefillDone(tuple(first.token_ids), finished, first)
+        return kv_transfer.PrefillDone(choice_from_pb(msg.first))
     if msg.HasField("cuda_ipc"):
         ipc = msg.cuda_ipc
         shared = kv_transports.SharedTensor(ipc.tensor_id, ipc.tensor_handle)
@@ -511,47 +527,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         trace_parent = telemetry.capture_context()  # the rpc span: parent of the engine-phase spans
         first_token: float | None = None
         finished = False
+        fetch: asyncio.Task[None] | None = None
         if source is None:
             outputs = self.async_engine.submit(req)
         else:
             outputs = self.async_engine.submit(req, add=self.engine.add_fetching_request)
+            # The fetch runs beside the output loop: a layer-wise prefill's first token is this
+            # stream's first output as soon as it arrives (Engine.kv_first_token), before the
+            # rest of the fetch has landed.
+            fetch = asyncio.create_task(self._fetch_into(req.request_id, source, outputs))
         try:
-            if source is not None:
-                stats = await kv_transfer.receive(
-                    self.async_engine.call,
-                    self.engine,
-                    self.engine.kv_cache,
-                    req.request_id,
-                    source,
-                    self._fetch_kv,
-                    self.engine.config.kv_fetch_stall_timeout,
-                    nixl=self.nixl,
-                )
-                self._record_fetch(source.address, stats)
-                first = stats.first
-                if (
-                    stats.ok
-                    and first is not None
-                    and req.sampling.num_sequences == 1
-                    and not req.generated_token_ids
-                ):
-                    # A layer-wise prefill's token (n = 1): this stream's first output.
-                    first_token = time.monotonic()
-                    response = worker_pb2.GenerateResponse(request_id=req.request_id)
-                    response.choices.append(first.delta)
-                    if first.finished:  # it ended the choice: nothing to decode
-                        await self.async_engine.abort([req.request_id])
-                        finished = True
-                        response.usage.CopyFrom(
-                            common_pb2.Usage(
-                                prompt_tokens=len(req.prompt_token_ids),
-                                completion_tokens=0,
-                                cached_prompt_tokens=stats.skip_tokens,
-                            )
-                        )
-                        yield response
-                        return
-                    yield response
             leftover: RequestOutput | BaseException | None = None
             while not finished:
                 item = leftover if leftover is not None else await outputs.get()
@@ -592,6 +577,35 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self.async_engine.scheduled_at.pop(req.request_id, None)
             if not finished:  # the client went away (or we failed): free the request's blocks now
                 self.async_engine.abort_nowait(req.request_id)
+                if fetch is not None:
+                    fetch.cancel()  # (its stream closes: the prefill worker frees the handle)
+                    await asyncio.wait([fetch])
+            elif fetch is not None:  # (ended by its first token: the fetch is closing its stream)
+                await fetch
+
+    async def _fetch_into(
+        self,
+        request_id: str,
+        source: kv_transfer.KVSource,
+        outputs: asyncio.Queue[RequestOutput | BaseException],
+    ) -> None:
+        """Fetch a Generate's prompt KV (kv_transfer.receive); an unexpected error fails the
+        Generate through its output queue (its `finally` aborts the request)."""
+        try:
+            stats = await kv_transfer.receive(
+                self.async_engine.call,
+                self.engine,
+                self.engine.kv_cache,
+                request_id,
+                source,
+                self._fetch_kv,
+                self.engine.config.kv_fetch_stall_timeout,
+                nixl=self.nixl,
+            )
+        except Exception as exc:
+            outputs.put_nowait(exc)
+            return
+        self._record_fetch(source.address, stats)
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
