@@ -268,12 +268,16 @@ def test_skinny_linear_silu_and_mul(  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_triton_bundle_folds_a_model(triton_silu, family: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_triton_bundle_folds_a_model(triton_silu, family: str, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The Triton bundle folds the norms (on the CPU its linear ops take their fallbacks; the SiLU
-    kernel runs on the interpreter) and gives the unfolded reference model's logits."""
+    kernel runs on the interpreter) and gives the unfolded reference model's logits. (Qwen3-MoE's
+    fold is off by default, models/qwen3_moe.py: turned on here to check the folded path.)"""
     from kernels.triton import TRITON_OPS
     from services.worker.loader import build_model
     from services.worker.model_config import load_model_config
+    from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    monkeypatch.setattr(Qwen3MoeForCausalLM, "folds_with_qk_norm", True)
 
     hf = tiny_folding_model(family, seed=7)
     hf.save_pretrained(str(tmp_path))

@@ -142,9 +142,10 @@ def test_folded_model_matches_unfolded_and_transformers(
 @pytest.mark.parametrize("moe_kernels", ["reference", "triton"])
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
 def test_moe_models_fold_into_router_and_experts(
-    model_dirs: dict[str, tuple[Path, Any]], name: str, moe_kernels: str
+    model_dirs: dict[str, tuple[Path, Any]], name: str, moe_kernels: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Qwen3-MoE (q/k norms: `folds_with_qk_norm`) and Mixtral fold: each MoE layer's
+    """Qwen3-MoE (q/k norms: folding off by default, `folds_with_qk_norm` turned on here) and
+    Mixtral fold: each MoE layer's
     post-attention norm weight g multiplies the router's and every expert's w13 columns (exactly
     the fp32 product), the norm is ones, w2 untouched; the decode step (the folded forward: router
     of the raw stream, 1/rms in the routing and gate/up kernels, residual in the down kernel) gives
@@ -154,6 +155,9 @@ def test_moe_models_fold_into_router_and_experts(
     from kernels.triton.moe_route import moe_route, moe_router
     from services.worker.layers.moe import SparseMoeBlock
 
+    from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
+
+    monkeypatch.setattr(Qwen3MoeForCausalLM, "folds_with_qk_norm", True)
     path, hf = model_dirs[name]
     ops = REFERENCE_OPS
     if moe_kernels == "triton":
@@ -217,3 +221,13 @@ def test_dummy_weights_fold_and_folding_happens_once(stories_dir: Path) -> None:
     before = {name: p.clone() for name, p in model.named_parameters()}
     assert not model.fold_norms()  # a second call changes nothing
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_qwen3_moe_keeps_its_norms_by_default(model_dirs: dict[str, tuple[Path, Any]]) -> None:
+    """Qwen3-MoE does not fold by default, as dense Qwen3 does not: on the GPU the folded bf16 model
+    fell under test_engine_gpu.py's agreement bar (docs/worker.md "MoE decode (issue 22)");
+    Mixtral (no q/k norms) folds."""
+    qwen3_moe, _ = _build(model_dirs["qwen3_moe"][0], REFERENCE_OPS)
+    mixtral, _ = _build(model_dirs["mixtral"][0], REFERENCE_OPS)
+    assert not qwen3_moe.norms_folded
+    assert mixtral.norms_folded
