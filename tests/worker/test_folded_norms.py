@@ -154,7 +154,6 @@ def test_moe_models_fold_into_router_and_experts(
     from kernels.triton.fused_moe import fused_moe
     from kernels.triton.moe_route import moe_route, moe_router
     from services.worker.layers.moe import SparseMoeBlock
-
     from services.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
     monkeypatch.setattr(Qwen3MoeForCausalLM, "folds_with_qk_norm", True)
