@@ -4,7 +4,8 @@ program resets its own, so a CUDA graph replays them with no memset launch.
 
 Each kernel family has its own buffer (`owner`) per device, allocated once, outside any CUDA-graph
 capture (the graphs then read that same buffer). A family's kernels on a device run one at a time
-(one stream), so one buffer a family suffices. (decode_attention.py keeps its own, older copy.)
+(one stream), so one buffer a family suffices (decode attention's split merge, the MoE router, the split
+down GEMV).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels.triton import pdl
+from kernels.triton.arrival_counters import arrival_counters
 from kernels.triton.prefill_attention import soft_cap, with_sink
 
 LOG2E = 1.4426950408889634
@@ -433,7 +434,6 @@ def max_splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:
 
 
 _SM_COUNT: dict[int, int] = {}
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -443,22 +443,6 @@ def _sm_count(device: torch.device) -> int:
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
-
-
-def _counters(device: torch.device, needed: int) -> torch.Tensor:
-    """The per-device arrival counters of the in-kernel merge: zeros, reset by the kernel itself.
-    Allocated once, outside any CUDA-graph capture (the graphs then read this same buffer)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < needed:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "decode attention needs its counter buffer before CUDA-graph capture (run one eager step first)"
-            )
-        buf = torch.zeros(max(needed, 1 << 16), dtype=torch.int32, device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # zeroed before any stream uses it
-        _COUNTERS[device] = buf
-    return buf
 
 
 def decode_attention(
@@ -532,7 +516,8 @@ def decode_attention(
     parts_shape = (batch, num_q_heads, num_splits) if num_splits > 1 else (1, 1, 1)
     part_out = torch.empty((*parts_shape, d_pad), dtype=torch.float32, device=q.device)
     part_lse = torch.empty(parts_shape, dtype=torch.float32, device=q.device)
-    counters = _counters(q.device, batch * num_kv_heads)
+    # (at least 2^16: enough for any batch of a CUDA-graph ladder, allocated by its first eager step)
+    counters = arrival_counters("decode attention", q.device, max(batch * num_kv_heads, 1 << 16))
     k_cache, v_cache = kv_cache_layer[0], kv_cache_layer[1]
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q,
