@@ -3,14 +3,17 @@
     out = write_report("spec", device_name, args.smoke, args.out, {"rows": ..., "targets": ...})
 
 The report goes to `--out` when given, else benchmarks/results/<name>_<device>_<date>.json (a
-temporary folder for `--smoke` runs, which check the script and are not results). Every report
-starts with the device, the date, torch's version and whether it was a smoke run.
+temporary folder for `--smoke` runs, which check the script and are not results), and a copy to
+the folder `$OUT` names when that is set (the device tool brings back what a command writes
+there). Every report starts with the device, the date, torch's version and whether it was a
+smoke run.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -38,4 +41,9 @@ def write_report(name: str, device_name: str, smoke: bool, out: str, fields: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {"device": device_name, "date": date, "torch": torch.__version__, "smoke": smoke, **fields}
     path.write_text(json.dumps(report, indent=1, default=str))
+    if os.environ.get("OUT"):
+        copy = Path(os.environ["OUT"]) / path.name
+        if copy.resolve() != path.resolve():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(path.read_text())
     return path

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -1194,8 +1193,6 @@ def save_report(
             "linear_tuning": linear_reports,
         },
     )
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
     print(f"wrote {out}", flush=True)
 
 

@@ -280,8 +280,6 @@ def main(argv: list[str] | None = None) -> int:
             "targets": targets,
         },
     )
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
     print(f"wrote {out}", flush=True)
     return 0
 

@@ -20,7 +20,6 @@ The JSON goes to benchmarks/results/lora_kernels_<gpu>_<date>.json (and $OUT whe
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -209,8 +208,6 @@ def main(argv: list[str] | None = None) -> int:
             "fastest": best,
         },
     )
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
     print(f"wrote {out}", flush=True)
     return 0
 

@@ -441,8 +441,6 @@ def main(argv: list[str] | None = None) -> int:
         def save() -> Path:
             fields["encode_role_over_in_worker"] = ratios(results)
             out = write_report("mm_serving", device_name, args.smoke, args.out, fields)
-            if os.environ.get("OUT"):
-                (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
             return out
 
         failed = False

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -516,8 +515,6 @@ def main(argv: list[str] | None = None) -> int:
             "targets": checks,
         },
     )
-    if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / out.name).write_text(out.read_text())
     print(f"wrote {out}", flush=True)
     return 0
 
