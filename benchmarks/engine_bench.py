@@ -462,6 +462,10 @@ def prefill_flops(cfg: dict[str, Any], tokens: int) -> float:
     return 2.0 * p["active_layers"] * tokens + attn
 
 
+# --tune-decode-attention: every engine of the run times the decode attention configs at start
+TUNE_DECODE_ATTENTION = False
+
+
 def make_engine(
     model_dir: Path,
     device: str,
@@ -484,6 +488,7 @@ def make_engine(
         enable_prefix_caching=False,
         kv_cache_dtype=kv_cache_dtype,  # type: ignore[arg-type]
         quantization=quantization,  # type: ignore[arg-type]
+        tune_decode_attention=TUNE_DECODE_ATTENTION,
         # auto is on for CUDA; the CPU smoke run forces it on so the script's async path is checked too
         async_scheduling="on" if device == "cpu" else "auto",
     )
@@ -1055,9 +1060,16 @@ def main(argv: list[str] | None = None) -> int:
         help="also run Llama-3.1-8B with its weights quantized at load (decode, prefill, offline)",
     )
     parser.add_argument(
+        "--tune-decode-attention",
+        action="store_true",
+        help="engines time the decode attention kernel's configs at start (the worker's --tune-decode-attention)",
+    )
+    parser.add_argument(
         "--out", default="", help="JSON path (default benchmarks/results/engine_<gpu>_<date>.json)"
     )
     args = parser.parse_args(argv)
+    global TUNE_DECODE_ATTENTION
+    TUNE_DECODE_ATTENTION = args.tune_decode_attention
     plan = SMOKE if args.smoke else FULL
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -61,6 +61,8 @@ class WorkerConfig(ServiceConfig):
     """Kernel implementations: triton on CUDA when supported, reference (PyTorch) otherwise."""
     enforce_eager: bool = False
     """Never capture CUDA graphs; by default decode steps replay graphs captured at start-up on CUDA."""
+    tune_decode_attention: bool = False
+    """CUDA: time the paged decode attention kernel's launch configs per attention shape and decode batch at start-up and keep the fastest (docs/gpu.md); costs start-up time (a compile per candidate and shape: up to a minute for a model with two attention shapes), gains a few percent of the attention at most where measured. Off: each shape runs the kernel's default config."""
     async_scheduling: Literal["auto", "on", "off"] = "auto"
     """Plan and launch decode step N+1 while step N runs on the device (its input ids come from N's sampled-token tensor); auto: on for CUDA, off on CPU."""
     seed: int = 0

@@ -159,6 +159,7 @@ class Engine:
             pipeline_trace=config.pipeline_trace,
             encoder_cache_size=config.encoder_cache_size,
             pipeline_batches=config.batches_in_flight,
+            tune_decode_attention=config.tune_decode_attention,
         )
         # Rank 0 of a tensor-parallel group: the other ranks run each forward it runs (tp_group.py).
         state = parallel.current()

@@ -9,8 +9,10 @@ twin first) in CUDA graphs:
 - integer (and FP8 weight-only) projections: the quantized GEMM's tile configs and its fused decode
   variants (kernels/triton/quant_gemm.py);
 - mixtures of experts: the decode GEMVs' tiles per expert shape (kernels/triton/moe_tune.py);
-- decode attention: the paged decode kernel's tile / split config per attention shape and decode
-  batch bucket (kernels/triton/decode_attention_tune.py).
+- decode attention, only with `--tune-decode-attention`: the paged decode kernel's tile / split
+  config per attention shape and decode batch bucket (kernels/triton/decode_attention_tune.py);
+  off by default, for its start-up cost (a compile per candidate and shape) against a gain of a few
+  percent of the attention where it was measured (docs/gpu.md).
 
 The choices live in each kernel module (process-wide); the report lines go to the log and to
 `ModelRunner.linear_report`.
@@ -34,12 +36,18 @@ log = logging.getLogger(__name__)
 
 
 def tune_kernels(
-    model: LlamaForCausalLM, ops: KernelOps, device: torch.device, dtype: torch.dtype, max_rows: int
+    model: LlamaForCausalLM,
+    ops: KernelOps,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_rows: int,
+    decode_attention: bool = False,
 ) -> list[str]:
     """Every GEMM-like kernel's config, measured per shape at engine start (CUDA): the bf16
     projections' skinny GEMM against cuBLAS, FP8, the quantized GEMM and its fused decode variants,
-    the decode MoE kernels. `max_rows`: the largest row count the bf16 skinny GEMM is tuned for (the
-    decode graphs that run the LM head). Returns the report lines (also logged)."""
+    the decode MoE kernels, and with `decode_attention` (`--tune-decode-attention`) the decode
+    attention kernel's launch config. `max_rows`: the largest row count the bf16 skinny GEMM is
+    tuned for (the decode graphs that run the LM head). Returns the report lines (also logged)."""
     if ops.tune_linear is None:
         return []
     # Each projection of every layer by name (qkv_proj, o_proj, gate_up_proj, down_proj), then the LM head.
@@ -59,7 +67,8 @@ def tune_kernels(
         report += _tune_fp8_linears(model, ops, device, dtype)
         report += _tune_quant_linears(model, ops)
         report += _tune_moe(model, ops)
-        report += _tune_decode_attention(model, ops, device, dtype)
+        if decode_attention:
+            report += _tune_decode_attention(model, ops, device, dtype)
         for name, mods in groups.items():
             shapes = {tuple(m.weight.shape) for m in mods}
             assert len(shapes) == 1, (name, shapes)

@@ -109,6 +109,7 @@ class ModelRunner:
         pipeline_trace: str = "",
         encoder_cache_size: int = 64,
         pipeline_batches: int = 1,
+        tune_decode_attention: bool = False,
     ) -> None:
         self.cfg = cfg
         self.ops = ops
@@ -157,7 +158,14 @@ class ModelRunner:
         # (kernels/triton/skinny_gemm.py), and `_scaled_mm` against the Triton FP8 GEMM for each
         # W8A8 projection (kernels/triton/fp8_gemm.py), before anything else takes the memory.
         self.linear_report: list[str] = (
-            tune_kernels(self.model, self.ops, device, dtype, GRAPH_LOGITS_MAX_ROWS)
+            tune_kernels(
+                self.model,
+                self.ops,
+                device,
+                dtype,
+                GRAPH_LOGITS_MAX_ROWS,
+                decode_attention=tune_decode_attention,
+            )
             if device.type == "cuda"
             else []
         )

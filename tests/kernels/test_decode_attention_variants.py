@@ -240,11 +240,12 @@ def test_more_than_16_splits_where_the_merge_tile_allows(device: str, dtype: tor
 def test_engine_start_tunes_each_distinct_attention_shape(tmp_path: Path) -> None:
     """kernel_tuning asks the bundle's tuner for every distinct attention shape of the model:
     Gemma 3's sliding-window and global layers apart (its q/k norms keep the input norm unfolded:
-    no 1/rms in the kernel)."""
+    no 1/rms in the kernel); engine start does so only with --tune-decode-attention."""
     import transformers as tf
 
     from kernels.triton import TRITON_OPS
-    from services.worker.kernel_tuning import _tune_decode_attention
+    from services.worker.config import WorkerConfig
+    from services.worker.kernel_tuning import _tune_decode_attention, tune_kernels
     from services.worker.loader import build_model
     from services.worker.model_config import load_model_config
 
@@ -267,3 +268,12 @@ def test_engine_start_tunes_each_distinct_attention_shape(tmp_path: Path) -> Non
     ops = dataclasses.replace(TRITON_OPS, tune_decode_attention=record)
     assert _tune_decode_attention(model, ops, torch.device("cpu"), torch.float32) == ["2 shapes"]
     assert asked == [[AttentionShape(4, 2, 32, sliding_window=16), AttentionShape(4, 2, 32)]]
+    # engine start (ModelRunner -> tune_kernels): the attention tuner runs only when asked
+    no_linears = dataclasses.replace(ops, tune_linear=lambda *args, **kwargs: [])
+    assert not WorkerConfig(model=str(tmp_path)).tune_decode_attention
+    assert tune_kernels(model, no_linears, torch.device("cpu"), torch.float32, 8) == []
+    assert len(asked) == 1
+    assert tune_kernels(model, no_linears, torch.device("cpu"), torch.float32, 8, decode_attention=True) == [
+        "2 shapes"
+    ]
+    assert len(asked) == 2
