@@ -976,18 +976,29 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     transport=worker_pb2.KV_TRANSPORT_GRPC, streams=streams
                 ).SerializeToString()
             num_bytes = 0
+            first_sent = False
             async for item in self._grpc_chunks(
                 request, held, first_block, kv_streams.layer_range(num_layers, streams, 0)
             ):
+                if progress is not None and not first_sent:
+                    # A layer-wise prefill that completed while its KV is still on the way (gRPC
+                    # moves it slower than the prefill writes it): the token it sampled goes
+                    # before the next chunk, so the decode worker streams it to the client now.
+                    snap = progress.snapshot()
+                    if snap.complete:
+                        assert isinstance(snap.first, ChoiceOutput)
+                        yield worker_pb2.KVChunk(first=choice_to_pb(snap.first)).SerializeToString()
+                        first_sent = True
                 yield item
                 num_bytes += len(item)
             if streams > 1 and not await self.parallel_fetches.wait_joined(handle_id, JOIN_TIMEOUT_S):
                 log.warning("KV handle %s: a parallel fetch's further streams did not all come", handle_id)
-            if progress is not None:  # the stream's end: the token the prefill sampled
+            if progress is not None:  # the stream's end: the token the prefill sampled, if not sent
                 snap = progress.snapshot()
                 block_ids = snap.block_ids
                 assert isinstance(snap.first, ChoiceOutput)
-                yield worker_pb2.KVChunk(first=choice_to_pb(snap.first)).SerializeToString()
+                if not first_sent:
+                    yield worker_pb2.KVChunk(first=choice_to_pb(snap.first)).SerializeToString()
             num_blocks_sent = len(block_ids) - first_block
             metrics.observe_kv_transfer("send", num_bytes, time.monotonic() - started, transport="grpc")
         except LayerwiseFailed as exc:

@@ -312,3 +312,66 @@ def test_a_first_token_that_ends_the_choice_ends_the_request_at_once(
     assert_usage(stream, 1)
     assert rid not in d.engine.fetching and rid not in d.engine.requests
     wait_no_blocks(stub(p), stub(d))
+
+
+@contextlib.contextmanager
+def prefill_sends_slower_than_it_computes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """P's gRPC chunks of a layer-wise handle, after the first, wait for the prefill's end: the
+    KV moves slower than the prefill computes it (as 512 MiB over gRPC behind a 100 ms prefill)."""
+    stream_chunks = kv_transfer.stream_chunks
+
+    async def slow(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        progress = args[5]
+        assert isinstance(progress, LayerProgress)
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(done.set), per_layer=False)
+        try:
+            sent = 0
+            async with contextlib.aclosing(stream_chunks(*args, **kwargs)) as items:
+                async for item in items:
+                    yield item
+                    sent += not isinstance(item, kv_transfer.KeepAlive)
+                    if sent == 1 and not progress.done:
+                        await asyncio.wait_for(done.wait(), GATE_TIMEOUT_S)
+        finally:
+            unsubscribe()
+
+    monkeypatch.setattr(kv_transfer, "stream_chunks", slow)
+    yield
+
+
+def test_first_token_goes_before_kv_still_on_its_way(
+    workers: tuple[InProcessWorker, InProcessWorker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer-wise gRPC fetch whose KV is slower than the prefill: P sends the sampled token as
+    soon as the prefill completes, ahead of the chunks still to send (not at the stream's end, which
+    made the first token wait for the whole transfer); D's output equals the unified run."""
+    p, d = workers
+    d.servicer.kv_preferences = ("grpc",)
+    sp = sampling("greedy")
+    rid = "first-ahead"
+    expected = unified(p, f"{rid}-u", sp)
+    kinds: list[str] = []
+    fetch_kv = d.servicer._fetch_kv
+
+    async def recorded(source: KVSource, skip_tokens: int) -> AsyncIterator[Any]:
+        async with contextlib.aclosing(fetch_kv(source, skip_tokens)) as items:
+            async for item in items:
+                kinds.append("first" if isinstance(item, PrefillDone) else type(item).__name__)
+                yield item
+
+    monkeypatch.setattr(d.servicer, "_fetch_kv", recorded)
+    with prefill_sends_slower_than_it_computes(monkeypatch):
+        call, handle = prefill_stream(p, rid, sp)
+        stream = DecodeStream(d, rid, sp, handle)
+        reply = prefill_reply(call)
+        got = stream.result()
+    data = [i for i, kind in enumerate(kinds) if kind == "KVChunkData"]
+    assert kinds.count("first") == 1 and len(data) > 2, kinds
+    # at the latest right after the first chunk (the prefill may be done before P sends any), ahead of the rest
+    assert kinds.index("first") <= data[0] + 1 < data[-1], kinds
+    assert list(got[0].token_ids) == list(reply.first.token_ids)
+    assert_same(got, expected)
+    assert d.servicer.fetch_stats[-1].ok and d.servicer.fetch_stats[-1].transport == "grpc"
+    wait_no_blocks(stub(p), stub(d))
