@@ -8,8 +8,9 @@ only enqueues device work behind the step's, nothing here waits for the device.
   (`beam_tail >= 0`: the host has not read the previous step's picks yet, beam_search.py).
   Reads: those entries' `start`, `beam_tail` and place in `BeamSearch.live`; the previous step's
   `BeamSelection` on the device (`parents`, `tokens`, `slot_tables`). Writes: the KV cache only
-  (each parent's partly filled block copied into the entry's fresh block, every layer in one
-  copy). Returns the step's input ids and those entries' block tables on the device
+  (each parent's partly filled block copied into the block the entry writes, `beam_tail`: its own
+  partly filled block, so a block may be one beam's source and another's destination; every
+  source is read before any destination is written, every layer in one copy). Returns the step's input ids and those entries' block tables on the device
   (`AheadInputs`).
 - `select`, right after the sampler. Reads: the step's raw log-softmax rows, the beam requests
   whose live beams all sample in the step (`BeamSearch.group`), the block tables the step ran
@@ -130,8 +131,11 @@ class BeamStep:
     ) -> AheadInputs:
         """A beam step launched before the host read the previous one's picks: new beam j of a
         request goes in the sequence of its live beam j. On the device, each takes its parent's
-        full blocks and its own fresh block after them, the parent's partly filled block copied
-        into it first; its input id is its picked token."""
+        full blocks and its `beam_tail` after them (its own partly filled block, written in place,
+        or a fresh block where the position starts one), the parent's partly filled block copied
+        into it first: all sources gathered, then all destinations written, so a block that is
+        one beam's source and another's destination is read before it is written (a beam whose
+        parent is itself copies its block onto itself); its input id is its picked token."""
         bs = self.block_size
         width = before.parents.shape[1]
         # one pass over the entries (the lookups once per request, not a search per beam)

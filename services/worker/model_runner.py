@@ -417,7 +417,7 @@ class ModelRunner:
             else:
                 positions += range(start, end)
             blocks = seq.block_ids
-            if item.beam_tail >= 0:  # (its table is not known on the host yet: its fresh block)
+            if item.beam_tail >= 0:  # (its table is not known on the host yet: the block it writes)
                 slots.append(item.beam_tail * bs + start % bs)
             else:
                 slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]

@@ -155,3 +155,18 @@ def test_copy_block_tensors_equals_per_layer_copies(layers: int) -> None:
         cache.copy_block_tensors(src, dst)
     assert torch.equal(cache.tensor, expected)
     assert ops.counts["aten.index_put_"] == 1 and sum(ops.counts.values()) <= 6, ops.counts
+
+
+def test_copy_block_tensors_reads_every_source_before_writing() -> None:
+    """Beams launched ahead write their own partly filled block in place: one beam's source block
+    may be another's destination (beam 0 takes beam 1's block and beam 1 beam 0's), and a beam
+    whose parent is itself copies its block onto itself. Every destination gets its source's
+    content from before the copy."""
+    cache = KVCache.__new__(KVCache)
+    cache.tensor = torch.randn(2, 2, 6, 4, 2, 8)
+    before = cache.tensor.clone()
+    src, dst = torch.tensor([1, 2, 3, 1]), torch.tensor([2, 1, 3, 4])
+    cache.copy_block_tensors(src, dst)
+    for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+        assert torch.equal(cache.tensor[:, :, d], before[:, :, s]), (s, d)
+    assert torch.equal(cache.tensor[:, :, [0, 5]], before[:, :, [0, 5]])
