@@ -16,7 +16,7 @@ built by `BeamSearch.group`). Two stages, all torch ops on the logits' device:
    transformers' topk over that flat row mostly (not always: torch leaves ties unspecified)
    returns them.
 
-Only the small [groups, K] candidate table (total, beam, token, logprob, rank, valid) and, when the
+Only the small [groups, K] candidate table (total, beam, token, logprob, rank - 1, valid) and, when the
 client asked for logprobs, each group row's top alternatives go back to the host, in the step's
 one read (ModelRunner._handle). `BeamSearch.advance` does the bookkeeping on those few numbers.
 """
@@ -90,55 +90,77 @@ class BeamSelection:
         return self._index.get(request_id)
 
 
+def selection_lists(groups: list[BeamGroup]) -> list[list[int]]:
+    """The host indices `select_beams` reads on the device, in its `index` order (a caller with
+    indices of its own sends them in the same host->device copy: BeamStep.select): the groups'
+    rows (empty when they are the step's first rows in order: a view then), the [G, W_max] laid-out
+    flat rows padded with N (empty when every group has W_max rows), each row's banned stop ids
+    and each group's stop ids, padded with -1 (empty when there are none)."""
+    rows = [r for g in groups for r in g.rows]
+    width = max(len(g.rows) for g in groups)
+    num_banned = max(len(g.banned) for g in groups)
+    num_stops = max(len(g.stops) for g in groups)
+    slots: list[int] = []
+    if any(len(g.rows) != width for g in groups):
+        flat = 0
+        for g in groups:
+            slots += list(range(flat, flat + len(g.rows))) + [len(rows)] * (width - len(g.rows))
+            flat += len(g.rows)
+    return [
+        [] if rows == list(range(len(rows))) else rows,
+        slots,
+        [b for g in groups for _ in g.rows for b in _padded(g.banned, num_banned)] if num_banned else [],
+        [t for g in groups for t in _padded(g.stops, num_stops)] if num_stops else [],
+    ]
+
+
 def select_beams(
-    raw: torch.Tensor, groups: list[BeamGroup], scores: torch.Tensor | None = None
+    raw: torch.Tensor,
+    groups: list[BeamGroup],
+    scores: torch.Tensor | None = None,
+    index: list[torch.Tensor] | None = None,
 ) -> BeamSelection:
     """raw: [R, V] log-softmax of the step's fp32 logits (rows of other requests too). `scores`:
-    [N] float64 on the device, the cumulative logprob of each group row, when the host does not
-    know them yet (a step launched ahead: the previous selection's totals); else the groups'."""
+    float64 on the device, the cumulative logprob of each group row ([N], or [G, W] in row order),
+    when the host does not know them yet (a step launched ahead: the previous selection's totals);
+    else the groups'. `index`: `selection_lists(groups)` on the device, when the caller sent them
+    with its own indices (else sent here, one host->device copy)."""
     device = raw.device
-    rows = [r for g in groups for r in g.rows]
+    num_rows = sum(len(g.rows) for g in groups)
     vocab = raw.shape[1]
     per_beam = min(max(g.per_beam for g in groups), vocab)
     user_top = min(max(g.user_top for g in groups), vocab)
     width = max(len(g.rows) for g in groups)
     num_banned = max(len(g.banned) for g in groups)
     num_stops = max(len(g.stops) for g in groups)
-    # the groups' rows laid side by side: [G, width_max] flat rows, padded with row N (all -inf)
-    slots, flat = [], 0
-    for g in groups:
-        slots += list(range(flat, flat + len(g.rows))) + [len(rows)] * (width - len(g.rows))
-        flat += len(g.rows)
-    padded = len(slots) != len(rows)
     # every host index of the selection in one host->device copy (each copy is a launch, and on
     # CUDA a pinned staging buffer: a beam step is short enough on small models that they count)
-    index, slots_t, banned_t, stops_t, widths = to_device_lists(
-        [
-            rows,
-            slots,
-            [b for g in groups for _ in g.rows for b in _padded(g.banned, num_banned)] if num_banned else [],
-            [t for g in groups for t in _padded(g.stops, num_stops)] if num_stops else [],
-            [len(g.rows) - 1 for g in groups],
-        ],
-        device,
+    rows_t, slots_t, banned_t, stops_t = (
+        index if index is not None else to_device_lists(selection_lists(groups), device)
     )
+    padded = slots_t.shape[0] > 0  # (some group has fewer than W_max rows)
     # (the beam rows are often all the step's rows, in order: no [N, V] copy then)
-    picked = raw[: len(rows)] if rows == list(range(len(rows))) else raw.index_select(0, index)  # [N, V]
-    values, ids = ordered_topk(picked, max(per_beam, user_top))  # [N, k] best first
+    if rows_t.shape[0]:
+        picked = raw.index_select(0, rows_t)  # [N, V]
+    else:
+        picked = raw if raw.shape[0] == num_rows else raw[:num_rows]
+    k = max(per_beam, user_top)
+    values, ids = ordered_topk(picked, k)  # [N, k] best first
     tops = (
         torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1) if user_top else None
     )
-    values, ids = values[:, :per_beam], ids[:, :per_beam]
+    if per_beam < k:
+        values, ids = values[:, :per_beam], ids[:, :per_beam]
     if scores is None:
         base = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
         if device.type == "cuda":
             base = base.pin_memory()
         scores = base.to(device, non_blocking=True)
-    totals = values.double() + scores[:, None]
+    totals = values.double() + scores.reshape(num_rows, 1)
     # per row: the banned stop ids (padded with -1, never an id) are left out
     valid: torch.Tensor | None = None
     if num_banned:
-        banned = banned_t.view(len(rows), num_banned)
+        banned = banned_t.view(num_rows, num_banned)
         valid = ~(ids[:, :, None] == banned[:, None, :]).any(dim=-1)
         totals = totals.masked_fill(~valid, -torch.inf)
     if padded:  # [G, width_max, per_beam], the missing beams' rows all -inf
@@ -148,18 +170,15 @@ def select_beams(
     keep = min(max(g.keep for g in groups), width * per_beam)
     # stable: equal totals keep their (beam, rank) order
     best, order = laid.sort(dim=1, descending=True, stable=True)
-    best, order = best[:, :keep], order[:, :keep]  # [G, K]
-    beam = order // per_beam
+    if keep < width * per_beam:
+        best, order = best[:, :keep], order[:, :keep]  # [G, K]
+    beam = order // per_beam  # (< W_max: in range of the [G, W_max] tables a step ahead gathers)
     rank = order % per_beam
     if not padded:  # (the usual case) the rows are laid as `totals`: `order` indexes them too
         token = ids.reshape(len(groups), width * per_beam).gather(1, order)
         logprob = values.reshape(len(groups), width * per_beam).gather(1, order)
         # a candidate is valid unless it is banned
-        ok = (
-            valid.view(len(groups), width * per_beam).gather(1, order)
-            if valid is not None
-            else torch.ones_like(order, dtype=torch.bool)
-        )
+        ok = valid.view(len(groups), width * per_beam).gather(1, order) if valid is not None else None
     else:
         row = slots_t.view(len(groups), width).gather(1, beam)  # flat row (N = padding)
         ids = torch.cat([ids, torch.zeros_like(ids[:1])])  # (row N: the padding row)
@@ -170,19 +189,27 @@ def select_beams(
         if valid is not None:
             ok = torch.cat([valid, torch.zeros_like(valid[:1])])[row, rank]
         else:
-            ok = row < len(rows)
-    # (stack promotes every column to float64 as it copies: no cast op per column)
-    table = torch.stack([best, beam, token, logprob, rank + 1, ok], dim=-1)
+            ok = row < num_rows
+    # (stack promotes every column to float64 as it copies: no cast op per column; `unpack` adds
+    # 1 to the rank, the column of a candidate that is not valid is 0)
+    table = torch.stack(
+        [best, beam, token, logprob, rank, ok if ok is not None else torch.ones_like(rank)], dim=-1
+    )
     # the next beams: the first `width` valid candidates not ending in a stop id (stable: best first)
-    ends = ~ok
+    if ok is None and not num_stops:  # (every candidate goes on: the first `width`, views)
+        return BeamSelection(groups, table, tops, beam[:, :width], token[:, :width], best[:, :width])
+    ends = ~ok if ok is not None else None
     if num_stops:
         stops = stops_t.view(len(groups), num_stops)
-        ends = ends | (token[:, :, None] == stops[:, None, :]).any(dim=-1)
+        hits = (token[:, :, None] == stops[:, None, :]).any(dim=-1)
+        ends = hits if ends is None else ends | hits
+    assert ends is not None
     going = ends.to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # [G, W_max]
     # (a group with fewer live beams than W_max, or fewer going on than its width, finishes or
     # is not launched ahead: its extra columns only need to stay in range)
-    parents = torch.minimum(beam.gather(1, going), widths[:, None])
-    return BeamSelection(groups, table, tops, parents, token.gather(1, going), best.gather(1, going))
+    return BeamSelection(
+        groups, table, tops, beam.gather(1, going), token.gather(1, going), best.gather(1, going)
+    )
 
 
 def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +222,9 @@ def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     wide, ids = values.topk(min(2 * k, values.shape[1]), dim=-1)
     ids, by_id = ids.sort(dim=-1)  # token id order, then a stable sort by value
     wide, order = wide.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
-    return wide[:, :k], ids.gather(1, order)[:, :k]
+    if k < wide.shape[1]:
+        wide, order = wide[:, :k], order[:, :k]
+    return wide, ids.gather(1, order)
 
 
 def unpack(
@@ -206,7 +235,7 @@ def unpack(
     flat = 0
     for g, cands in zip(groups, table, strict=True):
         kept = [
-            BeamCandidate(total, int(beam), int(token), logprob, int(rank))
+            BeamCandidate(total, int(beam), int(token), logprob, int(rank) + 1)
             for total, beam, token, logprob, rank, valid in cands[: g.keep]
             if valid
         ]
@@ -230,16 +259,13 @@ def unpack(
 
 def to_device_lists(lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """int64 host lists on `device` with one host->device copy, without waiting for the device
-    (pinned on CUDA): views of one tensor, in `lists` order (empty lists give empty views)."""
+    (pinned on CUDA): views of one tensor made by one split, in `lists` order (empty lists give
+    empty views)."""
     host = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)
-    out, start = [], 0
-    for values in lists:
-        out.append(flat[start : start + len(values)])
-        start += len(values)
-    return out
+    return list(flat.split([len(values) for values in lists]))
 
 
 def _padded(values: tuple[int, ...], size: int) -> list[int]:
