@@ -318,7 +318,7 @@ class BeamSearch(Ranked):
         moved = [j for j, p in enumerate(parents) if p != j]
         # the moved beams' token lists from the old ones, before any beam appends in place
         copies = [live[parents[j]].token_ids[:length] for j in moved]
-        sched.bm.reseat_beams(live, parents, tails, length // bs)
+        sched.bm.reseat_beams(live, parents, tails, length // bs, in_place=not self.fresh_tails)
         for j, tokens in zip(moved, copies, strict=True):
             live[j].token_ids = tokens
         scores: dict[int, float] = {}

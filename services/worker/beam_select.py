@@ -32,8 +32,7 @@ import torch
 _TOTAL, _BEAM, _TOKEN, _LOGPROB, _RANK, _VALID = range(6)
 
 
-@dataclass(frozen=True)
-class BeamGroup:
+class BeamGroup(NamedTuple):  # (a tuple: one per request every step)
     """One beam-search request whose live beams are all sampling rows of this step."""
 
     request_id: str
@@ -54,8 +53,7 @@ class BeamCandidate(NamedTuple):  # (a tuple: K of them per request every step)
     rank: int  # 1 = its row's most likely token
 
 
-@dataclass(frozen=True)
-class BeamStepResult:
+class BeamStepResult(NamedTuple):  # (a tuple: one per request every step)
     """What the host reads of one request's selection: its K candidates best first (fewer when
     some were banned), and each live beam's top alternatives (the client's `logprobs` of them;
     empty tuples when it asked for none)."""
@@ -239,19 +237,18 @@ def unpack(
             for total, beam, token, logprob, rank, valid in cands[: g.keep]
             if valid
         ]
-        alternatives: list[tuple[tuple[int, float], ...]] = []
-        for r in range(len(g.rows)):
-            if tops is None or not g.user_top:
-                alternatives.append(())
-                continue
-            top_ids, top_values = tops[flat + r]
-            alternatives.append(
+        alternatives: list[tuple[tuple[int, float], ...]]
+        if tops is None or not g.user_top:
+            alternatives = [()] * len(g.rows)
+        else:
+            alternatives = [
                 tuple(
                     (int(t), v)
                     for t, v in zip(top_ids[: g.user_top], top_values[: g.user_top], strict=True)
                     if v > -torch.inf
                 )
-            )
+                for top_ids, top_values in tops[flat : flat + len(g.rows)]
+            ]
         flat += len(g.rows)
         out.append(BeamStepResult(kept, alternatives))
     return out

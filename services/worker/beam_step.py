@@ -30,7 +30,7 @@ import torch
 
 from services.worker.beam_select import BeamSelection, select_beams, selection_lists, to_device_lists
 from services.worker.kv_cache import KVCache
-from services.worker.request import Sequence
+from services.worker.request import Request, Sequence
 from services.worker.scheduler import SchedulerOutput
 
 
@@ -61,21 +61,31 @@ class BeamStep:
     ) -> BeamSelection | None:
         """Beam selection on the device (beam_select.py) for the beam requests whose live beams
         all sample in this step, with the tables they ran with (a next step ahead gathers them)."""
-        seqs = [s for s, _ in rows]
-        by_request: dict[str, dict[int, int]] = {}
-        for r, seq in enumerate(seqs):
-            if seq.request.beam is not None:
-                by_request.setdefault(seq.request.request_id, {})[seq.seq_id] = r
-        if not by_request:
-            return None
-        ahead = {item.seq.request.request_id for item in out.scheduled if item.beam_tail >= 0}
+        # each beam request's rows (sequence id -> row), in the order of its first row, and
+        # whether its step was launched ahead (all its beams' or none: its first row's entry)
+        by_request: dict[str, tuple[Request, dict[int, int], bool]] = {}
+        for r, (seq, entry) in enumerate(rows):
+            request = seq.request
+            if request.beam is None:
+                continue
+            found = by_request.get(request.request_id)
+            if found is None:
+                by_request[request.request_id] = (
+                    request,
+                    {seq.seq_id: r},
+                    out.scheduled[entry].beam_tail >= 0,
+                )
+            else:
+                found[1][seq.seq_id] = r
         groups = []
-        for seq in seqs:
-            mine = by_request.pop(seq.request.request_id, None)
-            if mine is not None:
-                group = seq.request.beam.group(mine, seq.request.request_id in ahead)
-                if group is not None:
-                    groups.append(group)
+        ahead: set[str] = set()
+        for request_id, (request, mine, launched_ahead) in by_request.items():
+            assert request.beam is not None
+            group = request.beam.group(mine, launched_ahead)
+            if group is not None:
+                groups.append(group)
+                if launched_ahead:
+                    ahead.add(request_id)
         if not groups:
             return None
         # the tables each group's live beams ran with, padded to W_max with its first beam's

@@ -379,7 +379,12 @@ class BlockManager:
         return block if self.ref_counts[block] == 1 and not self.pins[block] else None
 
     def reseat_beams(
-        self, seqs: list[Sequence], parents: list[int], tails: list[int], num_shared: int
+        self,
+        seqs: list[Sequence],
+        parents: list[int],
+        tails: list[int],
+        num_shared: int,
+        in_place: bool = False,
     ) -> None:
         """Beam search launched ahead (beam_search.py): `seqs[j]` takes the first `num_shared`
         blocks of `seqs[parents[j]]`'s table (full ones, shared by reference count) and `tails[j]`
@@ -390,7 +395,8 @@ class BlockManager:
         O(beams whose parent changed): a beam that continues its own sequence (`parents[j] == j`,
         most of them) keeps its table's list, untouched when its tail is its own partly filled
         block, else with its fresh block appended; only a beam moved to another parent's table is
-        rebuilt, its counts changed by the net difference."""
+        rebuilt, its counts changed by the net difference. `in_place`: every tail is its beam's own
+        partly filled block (none fresh): the beams that stay are not even visited."""
         moved = [j for j, p in enumerate(parents) if p != j]
         # the moved beams' new tables and hashes, from the old lists, before any list is changed
         new = [
@@ -408,7 +414,7 @@ class BlockManager:
             gained += blocks[same:]
             # (its own partly filled block, written in place, stays its tail)
             lost += old[same:num_shared] if old[num_shared:] == [tails[j]] else old[same:]
-        for j, seq in enumerate(seqs):
+        for j, seq in enumerate(seqs if not in_place else ()):
             assert len(seq.block_ids) >= num_shared and not seq.num_freed_blocks
             if parents[j] == j and seq.block_ids[num_shared:] != [tails[j]]:  # (a fresh tail)
                 lost += seq.block_ids[num_shared:]

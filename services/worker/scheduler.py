@@ -307,6 +307,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         decodes_left = sum(1 for item, row, _ in plan if row >= 0)
         needed = 0
+        own_tails: dict[int, int | None] = {}  # plan index of a beam -> its own partly filled block
         for i, (item, row, _) in enumerate(plan):
             done = item.start + item.num_new_tokens  # computed once `prev` completes
             if row >= 0:
@@ -319,8 +320,10 @@ class Scheduler:
             plan[i] = (item, row, num_new)
             budget -= num_new
             if item.seq.request.beam is not None:
-                # a fresh block only when its next position starts one (BeamSearch.hold_tail)
-                needed += self.bm.beam_tail(item.seq, done) is None
+                # its own partly filled block, or a fresh one where its next position starts a
+                # block (BeamSearch.hold_tail)
+                own_tails[i] = own = self.bm.beam_tail(item.seq, done)
+                needed += own is None
             else:
                 needed += self.bm.blocks_needed(item.seq, item.num_new_tokens + num_new)
         if not plan or budget < 0 or needed > self.bm.num_free_blocks:
@@ -348,12 +351,12 @@ class Scheduler:
             return None  # schedule() picks which adapters run this step
         scheduled: list[ScheduledSequence] = []
         rows: list[int] = []
-        for item, row, num_new in plan:
+        for i, (item, row, num_new) in enumerate(plan):
             seq = item.seq
             start = item.start + item.num_new_tokens
             beam = seq.request.beam
             if beam is not None:  # (always a decode: its input id is the selection's, not a row's)
-                own = self.bm.beam_tail(seq, start)  # its partly filled block, written in place
+                own = own_tails[i]  # its partly filled block, written in place
                 tail = own if own is not None else self.bm.allocate_block()
                 beam.hold_tail(seq, tail, fresh=own is None)
                 self.num_beam_steps_ahead += 1

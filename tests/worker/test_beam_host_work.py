@@ -133,10 +133,12 @@ def test_common_prefix_is_the_leading_entries_two_tables_share(a: list[int], b: 
     assert _common_prefix(a, b) == shared
 
 
-def test_reseat_keeps_each_beams_own_partly_filled_block_written_in_place() -> None:
+@pytest.mark.parametrize("in_place", [False, True])
+def test_reseat_keeps_each_beams_own_partly_filled_block_written_in_place(in_place: bool) -> None:
     """Steps launched ahead in the middle of a block: each beam's tail is its own partly filled
     block (BlockManager.beam_tail). A beam that stays changes nothing; a moved beam takes its
-    parent's full blocks and keeps its own partly filled block; no block is taken or freed."""
+    parent's full blocks and keeps its own partly filled block; no block is taken or freed
+    (`in_place`: told so, the beams that stay are not visited; else found out)."""
     bm = BlockManager(64, 4)
     beams = beams_of(22, 4, bm)  # 5 full blocks and a partial one each, none shared
     old_lists = [(s.block_ids, s.block_hashes) for s in beams]
@@ -145,7 +147,7 @@ def test_reseat_keeps_each_beams_own_partly_filled_block_written_in_place() -> N
     assert tails == [o[5] for o in old]
     free = bm.num_free_blocks
     calls = counted(bm)
-    bm.reseat_beams(beams, [0, 0, 2, 3], [t for t in tails if t is not None], 5)
+    bm.reseat_beams(beams, [0, 0, 2, 3], [t for t in tails if t is not None], 5, in_place=in_place)
     for j in (0, 2, 3):
         assert beams[j].block_ids is old_lists[j][0] and beams[j].block_ids == old[j]
         assert beams[j].block_hashes is old_lists[j][1] and len(beams[j].block_hashes) == 5
