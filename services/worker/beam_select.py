@@ -23,6 +23,7 @@ one read (ModelRunner._handle). `BeamSearch.advance` does the bookkeeping on tho
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -258,7 +259,10 @@ def to_device_lists(lists: list[list[int]], device: torch.device) -> list[torch.
     """int64 host lists on `device` with one host->device copy, without waiting for the device
     (pinned on CUDA): views of one tensor made by one split, in `lists` order (empty lists give
     empty views)."""
-    host = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
+    flat_host = array.array("q")  # (an array read in place: torch.tensor of a list costs more)
+    for values in lists:
+        flat_host.extend(values)
+    host = torch.frombuffer(flat_host, dtype=torch.int64) if flat_host else torch.empty(0, dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)

@@ -221,14 +221,13 @@ class BeamStep:
         elif tables.shape[1] > max_blocks:  # (a longer sequence of another request finished)
             tables = tables[:, :max_blocks]
         shared = shared.view(n, 1)
-        tails = tails.view(n, 1)
         if mid:  # every layer's K and V of those blocks in one copy (KVCache.copy_block_tensors)
-            src = tables.gather(1, shared).long()  # [n, 1] each parent's partly filled block
+            src = tables.gather(1, shared).view(n).long()  # each parent's partly filled block
             dst = tails
             if len(mid) < n:  # (some start a block: nothing to carry over for them)
                 src, dst = src.index_select(0, pick), tails.index_select(0, pick)
             kv_cache.copy_block_tensors(src, dst)
-        tables.scatter_(1, shared, tails.to(torch.int32))
+        tables.scatter_(1, shared, tails.view(n, 1).to(torch.int32))
         tokens = before.tokens[groups_t, beams_t]  # [n] the picked tokens
         if only_beams:
             return AheadInputs(tokens, tables, entries)
