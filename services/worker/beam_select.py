@@ -16,7 +16,7 @@ built by `BeamSearch.group`). Two stages, all torch ops on the logits' device:
    transformers' topk over that flat row mostly (not always: torch leaves ties unspecified)
    returns them.
 
-Only the small [groups, K] candidate table (total, beam, token, logprob, rank - 1, valid) and, when the
+Only the small [groups, K] candidate table (total, beam x per_beam + rank - 1, token, logprob, valid) and, when the
 client asked for logprobs, each group row's top alternatives go back to the host, in the step's
 one read (ModelRunner._handle). `BeamSearch.advance` does the bookkeeping on those few numbers.
 """
@@ -28,9 +28,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-
-# columns of the candidate table
-_TOTAL, _BEAM, _TOKEN, _LOGPROB, _RANK, _VALID = range(6)
 
 
 class BeamGroup(NamedTuple):  # (a tuple: one per request every step)
@@ -73,7 +70,10 @@ class BeamSelection:
     parent's `parents[g, j]`-th live beam with `tokens[g, j]` appended, cumulative `totals[g, j]`."""
 
     groups: list[BeamGroup]
-    table: torch.Tensor  # [G, K_max, 6] float64
+    per_beam: int  # the candidates of each beam row laid side by side (a candidate's place: beam x per_beam + rank - 1)
+    # [G, K_max, 4 or 5] float64: total, place in the laid rows, token, logprob, and valid (1/0;
+    # no such column when every candidate is valid)
+    table: torch.Tensor
     tops: torch.Tensor | None  # [N, 2, user_top_max] float64 (ids, logprobs) of the group rows
     parents: torch.Tensor  # [G, W_max] int64
     tokens: torch.Tensor  # [G, W_max] int64
@@ -155,7 +155,7 @@ def select_beams(
         if device.type == "cuda":
             base = base.pin_memory()
         scores = base.to(device, non_blocking=True)
-    totals = values.double() + scores.reshape(num_rows, 1)
+    totals = values + scores.reshape(num_rows, 1)  # (float64: the float32 values promoted)
     # per row: the banned stop ids (padded with -1, never an id) are left out
     valid: torch.Tensor | None = None
     if num_banned:
@@ -171,14 +171,13 @@ def select_beams(
     best, order = laid.sort(dim=1, descending=True, stable=True)
     if keep < width * per_beam:
         best, order = best[:, :keep], order[:, :keep]  # [G, K]
-    beam = order // per_beam  # (< W_max: in range of the [G, W_max] tables a step ahead gathers)
-    rank = order % per_beam
     if not padded:  # (the usual case) the rows are laid as `totals`: `order` indexes them too
         token = ids.reshape(len(groups), width * per_beam).gather(1, order)
         logprob = values.reshape(len(groups), width * per_beam).gather(1, order)
         # a candidate is valid unless it is banned
         ok = valid.view(len(groups), width * per_beam).gather(1, order) if valid is not None else None
     else:
+        beam, rank = order // per_beam, order % per_beam
         row = slots_t.view(len(groups), width).gather(1, beam)  # flat row (N = padding)
         ids = torch.cat([ids, torch.zeros_like(ids[:1])])  # (row N: the padding row)
         values = torch.cat([values, torch.full_like(values[:1], -torch.inf)])
@@ -189,14 +188,14 @@ def select_beams(
             ok = torch.cat([valid, torch.zeros_like(valid[:1])])[row, rank]
         else:
             ok = row < num_rows
-    # (stack promotes every column to float64 as it copies: no cast op per column; `unpack` adds
-    # 1 to the rank, the column of a candidate that is not valid is 0)
-    table = torch.stack(
-        [best, beam, token, logprob, rank, ok if ok is not None else torch.ones_like(rank)], dim=-1
-    )
+    # (stack promotes every column to float64 as it copies: no cast op per column; `unpack` splits
+    # the place into beam and rank; no valid column when every candidate is valid)
+    table = torch.stack([best, order, token, logprob] + ([ok] if ok is not None else []), dim=-1)
     # the next beams: the first `width` valid candidates not ending in a stop id (stable: best first)
+    # (a parent is < W_max: in range of the [G, W_max] tables a step ahead gathers)
     if ok is None and not num_stops:  # (every candidate goes on: the first `width`, views)
-        return BeamSelection(groups, table, tops, beam[:, :width], token[:, :width], best[:, :width])
+        parents = order[:, :width] // per_beam
+        return BeamSelection(groups, per_beam, table, tops, parents, token[:, :width], best[:, :width])
     ends = ~ok if ok is not None else None
     if num_stops:
         stops = stops_t.view(len(groups), num_stops)
@@ -206,8 +205,9 @@ def select_beams(
     going = ends.to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # [G, W_max]
     # (a group with fewer live beams than W_max, or fewer going on than its width, finishes or
     # is not launched ahead: its extra columns only need to stay in range)
+    parents = order.gather(1, going) // per_beam
     return BeamSelection(
-        groups, table, tops, beam.gather(1, going), token.gather(1, going), best.gather(1, going)
+        groups, per_beam, table, tops, parents, token.gather(1, going), best.gather(1, going)
     )
 
 
@@ -227,16 +227,20 @@ def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def unpack(
-    groups: list[BeamGroup], table: list[list[list[float]]], tops: list[list[list[float]]] | None
+    groups: list[BeamGroup],
+    per_beam: int,
+    table: list[list[list[float]]],
+    tops: list[list[list[float]]] | None,
 ) -> list[BeamStepResult]:
-    """The selection of each group, in `groups` order, from the tables read back to the host."""
+    """The selection of each group, in `groups` order, from the tables read back to the host
+    (BeamSelection.table, .per_beam, .tops)."""
     out = []
     flat = 0
     for g, cands in zip(groups, table, strict=True):
         kept = [
-            BeamCandidate(total, int(beam), int(token), logprob, int(rank) + 1)
-            for total, beam, token, logprob, rank, valid in cands[: g.keep]
-            if valid
+            BeamCandidate(c[0], int(c[1]) // per_beam, int(c[2]), c[3], int(c[1]) % per_beam + 1)
+            for c in cands[: g.keep]
+            if len(c) == 4 or c[4]
         ]
         alternatives: list[tuple[tuple[int, float], ...]]
         if tops is None or not g.user_top:

@@ -606,7 +606,7 @@ class ModelRunner:
         def read_beams() -> dict[int, BeamStepResult]:
             assert selection is not None  # (after read(): the copies are done)
             tops = beams_host[1].tolist() if len(beams_host) > 1 else None
-            picks = unpack(selection.groups, beams_host[0].tolist(), tops)
+            picks = unpack(selection.groups, selection.per_beam, beams_host[0].tolist(), tops)
             return {g.rows[0]: pick for g, pick in zip(selection.groups, picks, strict=True)}
 
         handle = StepHandle(
