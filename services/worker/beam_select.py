@@ -16,9 +16,10 @@ built by `BeamSearch.group`). Two stages, all torch ops on the logits' device:
    transformers' topk over that flat row mostly (not always: torch leaves ties unspecified)
    returns them.
 
-Only the small [groups, K] candidate table (total, beam x per_beam + rank - 1, token, logprob, valid) and, when the
-client asked for logprobs, each group row's top alternatives go back to the host, in the step's
-one read (ModelRunner._handle). `BeamSearch.advance` does the bookkeeping on those few numbers.
+Only the small [groups, K] candidate table (total, place: beam x per_beam + rank - 1, token,
+logprob, valid) and, when the client asked for logprobs, each group row's top alternatives go
+back to the host, in the step's one read (ModelRunner._handle). `BeamSearch.advance` does the
+bookkeeping on those few numbers.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class BeamSelection:
     parent's `parents[g, j]`-th live beam with `tokens[g, j]` appended, cumulative `totals[g, j]`."""
 
     groups: list[BeamGroup]
-    per_beam: int  # the candidates of each beam row laid side by side (a candidate's place: beam x per_beam + rank - 1)
+    # candidates of each beam row, laid side by side (a candidate's place: beam x per_beam + rank - 1)
+    per_beam: int
     # [G, K_max, 4 or 5] float64: total, place in the laid rows, token, logprob, and valid (1/0;
     # no such column when every candidate is valid)
     table: torch.Tensor

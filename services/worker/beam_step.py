@@ -10,8 +10,8 @@ only enqueues device work behind the step's, nothing here waits for the device.
   `BeamSelection` on the device (`parents`, `tokens`, `slot_tables`). Writes: the KV cache only
   (each parent's partly filled block copied into the block the entry writes, `beam_tail`: its own
   partly filled block, so a block may be one beam's source and another's destination; every
-  source is read before any destination is written, every layer in one copy). Returns the step's input ids and those entries' block tables on the device
-  (`AheadInputs`).
+  source is read before any destination is written, every layer in one copy). Returns the
+  step's input ids and those entries' block tables on the device (`AheadInputs`).
 - `select`, right after the sampler. Reads: the step's raw log-softmax rows, the beam requests
   whose live beams all sample in the step (`BeamSearch.group`), the block tables the step ran
   with, and for a step launched ahead the previous selection's `totals` (their cumulative
@@ -219,7 +219,7 @@ class BeamStep:
         if tables.shape[1] < max_blocks:
             tables = torch.nn.functional.pad(tables, (0, max_blocks - tables.shape[1]))
         elif tables.shape[1] > max_blocks:  # (a longer sequence of another request finished)
-            tables = tables[:, :max_blocks]
+            tables = tables[:, :max_blocks].contiguous()  # (the kernels read contiguous tables)
         shared = shared.view(n, 1)
         if mid:  # every layer's K and V of those blocks in one copy (KVCache.copy_block_tensors)
             src = tables.gather(1, shared).view(n).long()  # each parent's partly filled block

@@ -4,8 +4,8 @@ On a small model a decode step is short (a couple of ms on a GPU), and each op o
 a launch and host time that sampling's steps do not pay (docs/beam_search.md, "Host time of a beam
 step"). These tests count the aten ops that the beam-specific parts of a step dispatch
 (`BeamStep.select`, `BeamStep.ahead` of services/worker/beam_step.py, the KV block copy): one host->device copy
-of indices for each (the selection's own with the runner's), the KV copy of every beam's partly filled block one gather and one scatter
-over all layers, and no op per beam, request or layer."""
+of indices for each (the selection's own with the runner's), the KV copy of every beam's partly
+filled block one gather and one scatter over all layers, and no op per beam, request or layer."""
 
 from __future__ import annotations
 
