@@ -303,6 +303,7 @@ class BeamSearch(Ranked):
         for c, seq in zip(going_on, targets, strict=True):
             seq.token_ids.append(c.token_id)
         self.scores, self.entries, self.live = scores, entries, targets
+        _running_in_live_order(sched.running, targets)
 
     def _reseat(self, sched: Scheduler, going_on: list[BeamCandidate]) -> None:
         """The next step was launched ahead with new beam j in the sequence of live beam j (the
@@ -353,6 +354,18 @@ class BeamSearch(Ranked):
 
     def completion_tokens(self, request: Request, best: list[RankedChoice]) -> int:
         return sum(len(c.token_ids) for c in best)
+
+
+def _running_in_live_order(running: list[Sequence], live: list[Sequence]) -> None:
+    """Put a request's live beams, in the places they take in the scheduler's running list, in
+    `live` order: the step's rows are then the beams' in the order the selection reads them (no
+    [N, V] gather of the rows, and the tables a step ahead gathers from are the step's own: views,
+    beam_step.py). Called when the beams are placed anew (`_reassign`, no step in flight for
+    them); a step launched ahead keeps each beam in its place. Only the order among the request's
+    own sequences changes."""
+    places = sorted(running.index(s) for s in live)
+    for place, seq in zip(places, live, strict=True):
+        running[place] = seq
 
 
 def _trimmed(choice: RankedChoice, k: int) -> RankedChoice:

@@ -264,15 +264,24 @@ def unpack(
 def to_device_lists(lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """int64 host lists on `device` with one host->device copy, without waiting for the device
     (pinned on CUDA): views of one tensor made by one split, in `lists` order (empty lists give
-    empty views)."""
+    empty views; all of them empty: no copy, one empty tensor kept per device)."""
     flat_host = array.array("q")  # (an array read in place: torch.tensor of a list costs more)
     for values in lists:
         flat_host.extend(values)
-    host = torch.frombuffer(flat_host, dtype=torch.int64) if flat_host else torch.empty(0, dtype=torch.int64)
+    if not flat_host:  # (a step of beams in order launched ahead: the selection needs no index)
+        empty = _EMPTY.get(device)
+        if empty is None:
+            empty = _EMPTY[device] = torch.empty(0, dtype=torch.int64, device=device)
+        return [empty] * len(lists)
+    host = torch.frombuffer(flat_host, dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)
     return list(flat.split([len(values) for values in lists]))
+
+
+# an empty int64 tensor per device: the index lists of a call that has none (to_device_lists)
+_EMPTY: dict[torch.device, torch.Tensor] = {}
 
 
 def _padded(values: tuple[int, ...], size: int) -> list[int]:

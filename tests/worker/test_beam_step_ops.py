@@ -127,23 +127,22 @@ def test_beam_step_ops_do_not_grow_with_beams_requests_or_layers(tmp_path: Path)
     large = beam_step_ops(tmp_path / "b", layers=4, requests=3, width=4)
     for part in ("select", "ahead"):
         assert small[part] and large[part]
-    # step by step the same (those with a partly filled block to copy dispatch the copy's ops),
-    # but for the selection's two gathers of rows in another order than the step's (the live
-    # beams' order is the candidates', the batch's the scheduler's): one request of two beams
-    # has them in order, views then
+    # step by step the same (those with a partly filled block to copy dispatch the copy's ops)
     assert per_call(small["ahead"]) == per_call(large["ahead"])
-    # (the first two steps are synchronous)
-    extra = [b - a for a, b in zip(per_call(small["select"])[2:], per_call(large["select"])[2:], strict=True)]
-    assert set(extra) <= {0, 1, 2}, extra
+    # (the first two steps are synchronous; the beams' rows are in the order the selection reads
+    # them: BeamSearch puts them so in the running list)
+    assert per_call(small["select"])[2:] == per_call(large["select"])[2:]
     # regression guards: the ops of a step launched ahead, and of the synchronous ones
-    assert max(per_call(large["select"])[2:]) <= 27, per_call(large["select"])
-    assert max(per_call(large["select"])[:2] + per_call(small["select"])[:2]) <= 30
+    assert max(per_call(large["select"])[2:]) <= 23, per_call(large["select"])
+    assert max(per_call(large["select"])[:2] + per_call(small["select"])[:2]) <= 27
     assert max(per_call(large["ahead"])) <= 14, per_call(large["ahead"])
     for calls in small["ahead"] + large["ahead"] + small["select"][2:] + large["select"][2:]:
-        # every index in one host->device copy (`to_device_lists`: one host array read in place,
-        # no `torch.tensor` of a list), its views made by one split
-        assert calls["aten.split_with_sizes"] == 1 and calls["aten.lift_fresh"] == 0, calls
+        # every index in at most one host->device copy (`to_device_lists`: one host array read in
+        # place, no `torch.tensor` of a list; none when there is no index), its views made by one
+        # split
+        assert calls["aten.split_with_sizes"] <= 1 and calls["aten.lift_fresh"] == 0, calls
     for calls in small["ahead"] + large["ahead"]:
+        assert calls["aten.split_with_sizes"] == 1, calls
         # the partly filled blocks of every beam, all layers: one gather, one scatter
         assert calls["aten.index_copy_"] <= 1, calls
 
