@@ -21,9 +21,11 @@ transformers' `generate(num_beams=...)` does:
 Where the next beams go:
 
 - the next step was launched ahead (async scheduling: Scheduler.schedule_continuation), before
-  the host read these picks: new beam j goes in live beam j's sequence, on the fresh block it
-  took then (`hold_tail`), its table its parent's full blocks and that block, as the device
-  already gathered it (`_reseat`, BlockManager.reseat_beams);
+  the host read these picks: new beam j goes in live beam j's sequence, its table its parent's
+  full blocks and then the block it writes (`hold_tail`): its own partly filled block, into which
+  the device copied its parent's partly filled block (written in place), or a fresh block when
+  the new position starts one; as the device already gathered it (`_reseat`,
+  BlockManager.reseat_beams);
 - otherwise (`_reassign`): a parent chosen once keeps its sequence, one chosen again forks its
   block table into the sequence of a parent nobody chose (freed first): every block shared by
   reference count, the partially filled last one copied by the first of them to write into it
@@ -89,8 +91,10 @@ class BeamSearch(Ranked):
         # them), or None when the device selected over all beams at once (`selected`)
         self.rows: dict[int, TokenLogprob | None] = {}
         self.selected: BeamStepResult | None = None
-        # the next step was launched ahead: each live sequence's fresh block (hold_tail)
+        # the next step was launched ahead: the block each live sequence writes (hold_tail), and
+        # those of them that are fresh blocks (the others are its own partly filled block)
         self.pending_tails: dict[int, int] = {}
+        self.fresh_tails: list[int] = []
         # blocks the scheduler set aside at admission for forks of the prompt (parked sequences):
         # beams fork copy-on-write, so they go back, and the copy takes a block when it happens
         self.spares: list[int] = []
@@ -138,16 +142,22 @@ class BeamSearch(Ranked):
             and all(s.seq_id in sampled for s in self.live)
         )
 
-    def hold_tail(self, seq: Sequence, block: int) -> None:
-        """A fresh block for `seq`'s next position, taken when its step is launched ahead: the
-        new beam in this slot writes there (its parent's partly filled block copied into it on
-        the device first), whichever parent it turns out to have."""
+    def hold_tail(self, seq: Sequence, block: int, fresh: bool) -> None:
+        """The block `seq`'s next position goes in, chosen when its step is launched ahead: the
+        new beam in this slot writes there, whichever parent it turns out to have (its parent's
+        partly filled block copied into it on the device first). `fresh`: a block taken for it
+        (the position starts a block); else `seq`'s own partly filled block (written in place,
+        BlockManager.beam_tail), which stays in its table whatever happens."""
         self.pending_tails[seq.seq_id] = block
+        if fresh:
+            self.fresh_tails.append(block)
 
     def release_tails(self, sched: Scheduler) -> None:
-        for block in self.pending_tails.values():
+        """The step launched ahead is discarded (the search ended, or an abort): its fresh blocks
+        go back (a partly filled block written in place goes with its sequence)."""
+        for block in self.fresh_tails:
             sched.bm.release_block(block)
-        self.pending_tails = {}
+        self.pending_tails, self.fresh_tails = {}, []
 
     # ---- called by Scheduler.update ----------------------------------------------------------
     def report(self, item: ScheduledSequence, token: SampledToken) -> None:
@@ -293,11 +303,12 @@ class BeamSearch(Ranked):
         for c, seq in zip(going_on, targets, strict=True):
             seq.token_ids.append(c.token_id)
         self.scores, self.entries, self.live = scores, entries, targets
+        _running_in_live_order(sched.running, targets)
 
     def _reseat(self, sched: Scheduler, going_on: list[BeamCandidate]) -> None:
         """The next step was launched ahead with new beam j in the sequence of live beam j (the
         device gathered its block table from its parent's, beam_select.BeamSelection): the host
-        does the same with the sequences, each on its fresh block (hold_tail). A beam that
+        does the same with the sequences, each on the block it wrote (hold_tail). A beam that
         continues its own sequence (most of them) appends to its lists in place; only one moved to
         another parent copies that parent's."""
         bs = sched.bm.block_size
@@ -308,7 +319,7 @@ class BeamSearch(Ranked):
         moved = [j for j, p in enumerate(parents) if p != j]
         # the moved beams' token lists from the old ones, before any beam appends in place
         copies = [live[parents[j]].token_ids[:length] for j in moved]
-        sched.bm.reseat_beams(live, parents, tails, length // bs)
+        sched.bm.reseat_beams(live, parents, tails, length // bs, in_place=not self.fresh_tails)
         for j, tokens in zip(moved, copies, strict=True):
             live[j].token_ids = tokens
         scores: dict[int, float] = {}
@@ -318,7 +329,7 @@ class BeamSearch(Ranked):
             scores[seq.seq_id] = c.total
             if self.keeps_entries:
                 entries[seq.seq_id] = (self.entries[live[c.beam].seq_id], self._entry(c))
-        self.scores, self.entries, self.pending_tails = scores, entries, {}
+        self.scores, self.entries, self.pending_tails, self.fresh_tails = scores, entries, {}, []
         self._release_spares(sched)
         self.num_ahead += 1
 
@@ -343,6 +354,18 @@ class BeamSearch(Ranked):
 
     def completion_tokens(self, request: Request, best: list[RankedChoice]) -> int:
         return sum(len(c.token_ids) for c in best)
+
+
+def _running_in_live_order(running: list[Sequence], live: list[Sequence]) -> None:
+    """Put a request's live beams, in the places they take in the scheduler's running list, in
+    `live` order: the step's rows are then the beams' in the order the selection reads them (no
+    [N, V] gather of the rows, and the tables a step ahead gathers from are the step's own: views,
+    beam_step.py). Called when the beams are placed anew (`_reassign`, no step in flight for
+    them); a step launched ahead keeps each beam in its place. Only the order among the request's
+    own sequences changes."""
+    places = sorted(running.index(s) for s in live)
+    for place, seq in zip(places, live, strict=True):
+        running[place] = seq
 
 
 def _trimmed(choice: RankedChoice, k: int) -> RankedChoice:

@@ -16,24 +16,22 @@ built by `BeamSearch.group`). Two stages, all torch ops on the logits' device:
    transformers' topk over that flat row mostly (not always: torch leaves ties unspecified)
    returns them.
 
-Only the small [groups, K] candidate table (total, beam, token, logprob, rank, valid) and, when the
-client asked for logprobs, each group row's top alternatives go back to the host, in the step's
-one read (ModelRunner._handle). `BeamSearch.advance` does the bookkeeping on those few numbers.
+Only the small [groups, K] candidate table (total, place: beam x per_beam + rank - 1, token,
+logprob, valid) and, when the client asked for logprobs, each group row's top alternatives go
+back to the host, in the step's one read (ModelRunner._handle). `BeamSearch.advance` does the
+bookkeeping on those few numbers.
 """
 
 from __future__ import annotations
 
+import array
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-# columns of the candidate table
-_TOTAL, _BEAM, _TOKEN, _LOGPROB, _RANK, _VALID = range(6)
 
-
-@dataclass(frozen=True)
-class BeamGroup:
+class BeamGroup(NamedTuple):  # (a tuple: one per request every step)
     """One beam-search request whose live beams are all sampling rows of this step."""
 
     request_id: str
@@ -54,8 +52,7 @@ class BeamCandidate(NamedTuple):  # (a tuple: K of them per request every step)
     rank: int  # 1 = its row's most likely token
 
 
-@dataclass(frozen=True)
-class BeamStepResult:
+class BeamStepResult(NamedTuple):  # (a tuple: one per request every step)
     """What the host reads of one request's selection: its K candidates best first (fewer when
     some were banned), and each live beam's top alternatives (the client's `logprobs` of them;
     empty tuples when it asked for none)."""
@@ -74,7 +71,11 @@ class BeamSelection:
     parent's `parents[g, j]`-th live beam with `tokens[g, j]` appended, cumulative `totals[g, j]`."""
 
     groups: list[BeamGroup]
-    table: torch.Tensor  # [G, K_max, 6] float64
+    # candidates of each beam row, laid side by side (a candidate's place: beam x per_beam + rank - 1)
+    per_beam: int
+    # [G, K_max, 4 or 5] float64: total, place in the laid rows, token, logprob, and valid (1/0;
+    # no such column when every candidate is valid)
+    table: torch.Tensor
     tops: torch.Tensor | None  # [N, 2, user_top_max] float64 (ids, logprobs) of the group rows
     parents: torch.Tensor  # [G, W_max] int64
     tokens: torch.Tensor  # [G, W_max] int64
@@ -90,55 +91,77 @@ class BeamSelection:
         return self._index.get(request_id)
 
 
+def selection_lists(groups: list[BeamGroup]) -> list[list[int]]:
+    """The host indices `select_beams` reads on the device, in its `index` order (a caller with
+    indices of its own sends them in the same host->device copy: BeamStep.select): the groups'
+    rows (empty when they are the step's first rows in order: a view then), the [G, W_max] laid-out
+    flat rows padded with N (empty when every group has W_max rows), each row's banned stop ids
+    and each group's stop ids, padded with -1 (empty when there are none)."""
+    rows = [r for g in groups for r in g.rows]
+    width = max(len(g.rows) for g in groups)
+    num_banned = max(len(g.banned) for g in groups)
+    num_stops = max(len(g.stops) for g in groups)
+    slots: list[int] = []
+    if any(len(g.rows) != width for g in groups):
+        flat = 0
+        for g in groups:
+            slots += list(range(flat, flat + len(g.rows))) + [len(rows)] * (width - len(g.rows))
+            flat += len(g.rows)
+    return [
+        [] if rows == list(range(len(rows))) else rows,
+        slots,
+        [b for g in groups for _ in g.rows for b in _padded(g.banned, num_banned)] if num_banned else [],
+        [t for g in groups for t in _padded(g.stops, num_stops)] if num_stops else [],
+    ]
+
+
 def select_beams(
-    raw: torch.Tensor, groups: list[BeamGroup], scores: torch.Tensor | None = None
+    raw: torch.Tensor,
+    groups: list[BeamGroup],
+    scores: torch.Tensor | None = None,
+    index: list[torch.Tensor] | None = None,
 ) -> BeamSelection:
     """raw: [R, V] log-softmax of the step's fp32 logits (rows of other requests too). `scores`:
-    [N] float64 on the device, the cumulative logprob of each group row, when the host does not
-    know them yet (a step launched ahead: the previous selection's totals); else the groups'."""
+    float64 on the device, the cumulative logprob of each group row ([N], or [G, W] in row order),
+    when the host does not know them yet (a step launched ahead: the previous selection's totals);
+    else the groups'. `index`: `selection_lists(groups)` on the device, when the caller sent them
+    with its own indices (else sent here, one host->device copy)."""
     device = raw.device
-    rows = [r for g in groups for r in g.rows]
+    num_rows = sum(len(g.rows) for g in groups)
     vocab = raw.shape[1]
     per_beam = min(max(g.per_beam for g in groups), vocab)
     user_top = min(max(g.user_top for g in groups), vocab)
     width = max(len(g.rows) for g in groups)
     num_banned = max(len(g.banned) for g in groups)
     num_stops = max(len(g.stops) for g in groups)
-    # the groups' rows laid side by side: [G, width_max] flat rows, padded with row N (all -inf)
-    slots, flat = [], 0
-    for g in groups:
-        slots += list(range(flat, flat + len(g.rows))) + [len(rows)] * (width - len(g.rows))
-        flat += len(g.rows)
-    padded = len(slots) != len(rows)
     # every host index of the selection in one host->device copy (each copy is a launch, and on
     # CUDA a pinned staging buffer: a beam step is short enough on small models that they count)
-    index, slots_t, banned_t, stops_t, widths = to_device_lists(
-        [
-            rows,
-            slots,
-            [b for g in groups for _ in g.rows for b in _padded(g.banned, num_banned)] if num_banned else [],
-            [t for g in groups for t in _padded(g.stops, num_stops)] if num_stops else [],
-            [len(g.rows) - 1 for g in groups],
-        ],
-        device,
+    rows_t, slots_t, banned_t, stops_t = (
+        index if index is not None else to_device_lists(selection_lists(groups), device)
     )
+    padded = slots_t.shape[0] > 0  # (some group has fewer than W_max rows)
     # (the beam rows are often all the step's rows, in order: no [N, V] copy then)
-    picked = raw[: len(rows)] if rows == list(range(len(rows))) else raw.index_select(0, index)  # [N, V]
-    values, ids = ordered_topk(picked, max(per_beam, user_top))  # [N, k] best first
+    if rows_t.shape[0]:
+        picked = raw.index_select(0, rows_t)  # [N, V]
+    else:
+        picked = raw if raw.shape[0] == num_rows else raw[:num_rows]
+    k = max(per_beam, user_top)
+    values, ids = ordered_topk(picked, k)  # [N, k] best first
     tops = (
         torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1) if user_top else None
     )
-    values, ids = values[:, :per_beam], ids[:, :per_beam]
+    if per_beam < k:
+        values, ids = values[:, :per_beam], ids[:, :per_beam]
     if scores is None:
         base = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
         if device.type == "cuda":
             base = base.pin_memory()
         scores = base.to(device, non_blocking=True)
-    totals = values.double() + scores[:, None]
+    totals = values + scores.reshape(num_rows, 1)  # (float64: the float32 values promoted)
     # per row: the banned stop ids (padded with -1, never an id) are left out
     valid: torch.Tensor | None = None
     if num_banned:
-        banned = banned_t.view(len(rows), num_banned)
+        banned = banned_t.view(num_rows, num_banned)
         valid = ~(ids[:, :, None] == banned[:, None, :]).any(dim=-1)
         totals = totals.masked_fill(~valid, -torch.inf)
     if padded:  # [G, width_max, per_beam], the missing beams' rows all -inf
@@ -148,19 +171,15 @@ def select_beams(
     keep = min(max(g.keep for g in groups), width * per_beam)
     # stable: equal totals keep their (beam, rank) order
     best, order = laid.sort(dim=1, descending=True, stable=True)
-    best, order = best[:, :keep], order[:, :keep]  # [G, K]
-    beam = order // per_beam
-    rank = order % per_beam
+    if keep < width * per_beam:
+        best, order = best[:, :keep], order[:, :keep]  # [G, K]
     if not padded:  # (the usual case) the rows are laid as `totals`: `order` indexes them too
         token = ids.reshape(len(groups), width * per_beam).gather(1, order)
         logprob = values.reshape(len(groups), width * per_beam).gather(1, order)
         # a candidate is valid unless it is banned
-        ok = (
-            valid.view(len(groups), width * per_beam).gather(1, order)
-            if valid is not None
-            else torch.ones_like(order, dtype=torch.bool)
-        )
+        ok = valid.view(len(groups), width * per_beam).gather(1, order) if valid is not None else None
     else:
+        beam, rank = order // per_beam, order % per_beam
         row = slots_t.view(len(groups), width).gather(1, beam)  # flat row (N = padding)
         ids = torch.cat([ids, torch.zeros_like(ids[:1])])  # (row N: the padding row)
         values = torch.cat([values, torch.full_like(values[:1], -torch.inf)])
@@ -170,19 +189,28 @@ def select_beams(
         if valid is not None:
             ok = torch.cat([valid, torch.zeros_like(valid[:1])])[row, rank]
         else:
-            ok = row < len(rows)
-    # (stack promotes every column to float64 as it copies: no cast op per column)
-    table = torch.stack([best, beam, token, logprob, rank + 1, ok], dim=-1)
+            ok = row < num_rows
+    # (stack promotes every column to float64 as it copies: no cast op per column; `unpack` splits
+    # the place into beam and rank; no valid column when every candidate is valid)
+    table = torch.stack([best, order, token, logprob] + ([ok] if ok is not None else []), dim=-1)
     # the next beams: the first `width` valid candidates not ending in a stop id (stable: best first)
-    ends = ~ok
+    # (a parent is < W_max: in range of the [G, W_max] tables a step ahead gathers)
+    if ok is None and not num_stops:  # (every candidate goes on: the first `width`, views)
+        parents = order[:, :width] // per_beam
+        return BeamSelection(groups, per_beam, table, tops, parents, token[:, :width], best[:, :width])
+    ends = ~ok if ok is not None else None
     if num_stops:
         stops = stops_t.view(len(groups), num_stops)
-        ends = ends | (token[:, :, None] == stops[:, None, :]).any(dim=-1)
+        hits = (token[:, :, None] == stops[:, None, :]).any(dim=-1)
+        ends = hits if ends is None else ends | hits
+    assert ends is not None
     going = ends.to(torch.int8).sort(dim=1, stable=True).indices[:, :width]  # [G, W_max]
     # (a group with fewer live beams than W_max, or fewer going on than its width, finishes or
     # is not launched ahead: its extra columns only need to stay in range)
-    parents = torch.minimum(beam.gather(1, going), widths[:, None])
-    return BeamSelection(groups, table, tops, parents, token.gather(1, going), best.gather(1, going))
+    parents = order.gather(1, going) // per_beam
+    return BeamSelection(
+        groups, per_beam, table, tops, parents, token.gather(1, going), best.gather(1, going)
+    )
 
 
 def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,34 +223,39 @@ def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     wide, ids = values.topk(min(2 * k, values.shape[1]), dim=-1)
     ids, by_id = ids.sort(dim=-1)  # token id order, then a stable sort by value
     wide, order = wide.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
-    return wide[:, :k], ids.gather(1, order)[:, :k]
+    if k < wide.shape[1]:
+        wide, order = wide[:, :k], order[:, :k]
+    return wide, ids.gather(1, order)
 
 
 def unpack(
-    groups: list[BeamGroup], table: list[list[list[float]]], tops: list[list[list[float]]] | None
+    groups: list[BeamGroup],
+    per_beam: int,
+    table: list[list[list[float]]],
+    tops: list[list[list[float]]] | None,
 ) -> list[BeamStepResult]:
-    """The selection of each group, in `groups` order, from the tables read back to the host."""
+    """The selection of each group, in `groups` order, from the tables read back to the host
+    (BeamSelection.table, .per_beam, .tops)."""
     out = []
     flat = 0
     for g, cands in zip(groups, table, strict=True):
         kept = [
-            BeamCandidate(total, int(beam), int(token), logprob, int(rank))
-            for total, beam, token, logprob, rank, valid in cands[: g.keep]
-            if valid
+            BeamCandidate(c[0], int(c[1]) // per_beam, int(c[2]), c[3], int(c[1]) % per_beam + 1)
+            for c in cands[: g.keep]
+            if len(c) == 4 or c[4]
         ]
-        alternatives: list[tuple[tuple[int, float], ...]] = []
-        for r in range(len(g.rows)):
-            if tops is None or not g.user_top:
-                alternatives.append(())
-                continue
-            top_ids, top_values = tops[flat + r]
-            alternatives.append(
+        alternatives: list[tuple[tuple[int, float], ...]]
+        if tops is None or not g.user_top:
+            alternatives = [()] * len(g.rows)
+        else:
+            alternatives = [
                 tuple(
                     (int(t), v)
                     for t, v in zip(top_ids[: g.user_top], top_values[: g.user_top], strict=True)
                     if v > -torch.inf
                 )
-            )
+                for top_ids, top_values in tops[flat : flat + len(g.rows)]
+            ]
         flat += len(g.rows)
         out.append(BeamStepResult(kept, alternatives))
     return out
@@ -230,16 +263,25 @@ def unpack(
 
 def to_device_lists(lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """int64 host lists on `device` with one host->device copy, without waiting for the device
-    (pinned on CUDA): views of one tensor, in `lists` order (empty lists give empty views)."""
-    host = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
+    (pinned on CUDA): views of one tensor made by one split, in `lists` order (empty lists give
+    empty views; all of them empty: no copy, one empty tensor kept per device)."""
+    flat_host = array.array("q")  # (an array read in place: torch.tensor of a list costs more)
+    for values in lists:
+        flat_host.extend(values)
+    if not flat_host:  # (a step of beams in order launched ahead: the selection needs no index)
+        empty = _EMPTY.get(device)
+        if empty is None:
+            empty = _EMPTY[device] = torch.empty(0, dtype=torch.int64, device=device)
+        return [empty] * len(lists)
+    host = torch.frombuffer(flat_host, dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)
-    out, start = [], 0
-    for values in lists:
-        out.append(flat[start : start + len(values)])
-        start += len(values)
-    return out
+    return list(flat.split([len(values) for values in lists]))
+
+
+# an empty int64 tensor per device: the index lists of a call that has none (to_device_lists)
+_EMPTY: dict[torch.device, torch.Tensor] = {}
 
 
 def _padded(values: tuple[int, ...], size: int) -> list[int]:

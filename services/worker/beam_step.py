@@ -8,9 +8,10 @@ only enqueues device work behind the step's, nothing here waits for the device.
   (`beam_tail >= 0`: the host has not read the previous step's picks yet, beam_search.py).
   Reads: those entries' `start`, `beam_tail` and place in `BeamSearch.live`; the previous step's
   `BeamSelection` on the device (`parents`, `tokens`, `slot_tables`). Writes: the KV cache only
-  (each parent's partly filled block copied into the entry's fresh block, every layer in one
-  copy). Returns the step's input ids and those entries' block tables on the device
-  (`AheadInputs`).
+  (each parent's partly filled block copied into the block the entry writes, `beam_tail`: its own
+  partly filled block, so a block may be one beam's source and another's destination; every
+  source is read before any destination is written, every layer in one copy). Returns the
+  step's input ids and those entries' block tables on the device (`AheadInputs`).
 - `select`, right after the sampler. Reads: the step's raw log-softmax rows, the beam requests
   whose live beams all sample in the step (`BeamSearch.group`), the block tables the step ran
   with, and for a step launched ahead the previous selection's `totals` (their cumulative
@@ -27,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.beam_select import BeamSelection, select_beams, to_device_lists
+from services.worker.beam_select import BeamSelection, select_beams, selection_lists, to_device_lists
 from services.worker.kv_cache import KVCache
-from services.worker.request import Sequence
+from services.worker.request import Request, Sequence
 from services.worker.scheduler import SchedulerOutput
 
 
@@ -39,7 +40,8 @@ class AheadInputs:
 
     ids: torch.Tensor  # [T] int64: the step's input ids, each entry ahead's its picked token
     tables: torch.Tensor  # [len(ahead), max_blocks] int32: the block tables of the entries ahead
-    entries: torch.Tensor  # [len(ahead)] int64: those entries' indices in the scheduled batch
+    # [len(ahead)] int64: those entries' indices in the scheduled batch (empty when they are all of it)
+    entries: torch.Tensor
 
 
 class BeamStep:
@@ -59,31 +61,44 @@ class BeamStep:
     ) -> BeamSelection | None:
         """Beam selection on the device (beam_select.py) for the beam requests whose live beams
         all sample in this step, with the tables they ran with (a next step ahead gathers them)."""
-        seqs = [s for s, _ in rows]
-        by_request: dict[str, dict[int, int]] = {}
-        for r, seq in enumerate(seqs):
-            if seq.request.beam is not None:
-                by_request.setdefault(seq.request.request_id, {})[seq.seq_id] = r
-        if not by_request:
-            return None
-        ahead = {item.seq.request.request_id for item in out.scheduled if item.beam_tail >= 0}
+        # each beam request's rows (sequence id -> row), in the order of its first row, and
+        # whether its step was launched ahead (all its beams' or none: its first row's entry)
+        by_request: dict[str, tuple[Request, dict[int, int], bool]] = {}
+        for r, (seq, entry) in enumerate(rows):
+            request = seq.request
+            if request.beam is None:
+                continue
+            found = by_request.get(request.request_id)
+            if found is None:
+                by_request[request.request_id] = (
+                    request,
+                    {seq.seq_id: r},
+                    out.scheduled[entry].beam_tail >= 0,
+                )
+            else:
+                found[1][seq.seq_id] = r
         groups = []
-        for seq in seqs:
-            mine = by_request.pop(seq.request.request_id, None)
-            if mine is not None:
-                group = seq.request.beam.group(mine, seq.request.request_id in ahead)
-                if group is not None:
-                    groups.append(group)
+        ahead: set[str] = set()
+        for request_id, (request, mine, launched_ahead) in by_request.items():
+            assert request.beam is not None
+            group = request.beam.group(mine, launched_ahead)
+            if group is not None:
+                groups.append(group)
+                if launched_ahead:
+                    ahead.add(request_id)
         if not groups:
             return None
         # the tables each group's live beams ran with, padded to W_max with its first beam's
+        # (when they are the step's tables as they are: the usual step of beams only, a view)
         width = max(len(g.rows) for g in groups)
         entries: list[int] = []
         for g in groups:
             taken = [rows[r][1] for r in g.rows]
             entries += taken + [taken[0]] * (width - len(taken))
+        same_tables = len(entries) == block_tables.shape[0] and entries == list(range(len(entries)))
         # launched ahead: their cumulative logprobs are the previous selection's, on the device
         # (positions: their flat rows; sources: where in its totals)
+        num_rows = sum(len(g.rows) for g in groups)
         positions: list[int] = []
         sources: list[int] = []
         if ahead:
@@ -96,22 +111,41 @@ class BeamStep:
                     positions += range(flat, flat + len(g.rows))
                     sources += range(index * before_width, index * before_width + len(g.rows))
                 flat += len(g.rows)
-        on_host = block_tables.device != self.device  # (a step not ahead, on CUDA)
-        # one host->device copy for every index here
-        entries_t, positions_t, sources_t = to_device_lists(
-            [[] if on_host else entries, positions, sources], self.device
+        # (every row's, in the order of the previous selection's totals: those totals as they are)
+        same_scores = (
+            before is not None
+            and len(positions) == num_rows
+            and sources == list(range(before.totals.numel()))
         )
+        on_host = block_tables.device != self.device  # (a step not ahead, on CUDA)
+        # one host->device copy for every index here and in select_beams
+        lists = selection_lists(groups)
+        device_lists = to_device_lists(
+            [
+                *lists,
+                [] if on_host or same_tables else entries,
+                [] if same_scores else positions,
+                [] if same_scores else sources,
+            ],
+            self.device,
+        )
+        entries_t, positions_t, sources_t = device_lists[len(lists) :]
         scores = None
-        if sources:
+        if same_scores:  # (the usual case)
             assert before is not None
-            picked_scores = before.totals.view(-1).index_select(0, sources_t)
-            if len(positions) == sum(len(g.rows) for g in groups):  # (all of them: the usual case)
+            scores = before.totals
+        elif sources:
+            assert before is not None
+            picked_scores = before.totals.reshape(-1).index_select(0, sources_t)
+            if len(positions) == num_rows:
                 scores = picked_scores
             else:
                 host = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
                 scores = host.to(self.device, non_blocking=True).index_copy(0, positions_t, picked_scores)
-        selection = select_beams(raw, groups, scores)
-        if on_host:
+        selection = select_beams(raw, groups, scores, device_lists[: len(lists)])
+        if same_tables:
+            picked = block_tables if not on_host else block_tables.to(self.device, non_blocking=True)
+        elif on_host:
             picked = block_tables.index_select(0, torch.tensor(entries)).to(self.device, non_blocking=True)
         else:
             picked = block_tables.index_select(0, entries_t)
@@ -130,16 +164,20 @@ class BeamStep:
     ) -> AheadInputs:
         """A beam step launched before the host read the previous one's picks: new beam j of a
         request goes in the sequence of its live beam j. On the device, each takes its parent's
-        full blocks and its own fresh block after them, the parent's partly filled block copied
-        into it first; its input id is its picked token."""
+        full blocks and its `beam_tail` after them (its own partly filled block, written in place,
+        or a fresh block where the position starts one), the parent's partly filled block copied
+        into it first: all sources gathered, then all destinations written, so a block that is
+        one beam's source and another's destination is read before it is written (a beam whose
+        parent is itself copies its block onto itself); its input id is its picked token."""
         bs = self.block_size
-        width = before.parents.shape[1]
+        n = len(ahead)
         # one pass over the entries (the lookups once per request, not a search per beam)
-        flat = []  # (group, slot) of each entry in [G * W_max]
+        groups = []  # the group of each entry in the previous selection
+        beams = []  # its place in that group (new beam j of BeamSearch.live)
         shared_blocks = []  # full blocks taken from the parent
         tail_blocks = []
         mid = []  # entries with a partly filled block to carry over
-        slots: dict[int, int] = {}  # sequence id -> its group's first flat slot + its place in live
+        slots: dict[int, tuple[int, int]] = {}  # sequence id -> (its group, its place in live)
         for k, i in enumerate(ahead):
             item = out.scheduled[i]
             seq = item.seq
@@ -147,41 +185,51 @@ class BeamStep:
             if slot is None:
                 group = before.index(seq.request.request_id)
                 assert group is not None, "launched ahead without its selection"
-                slots.update((s.seq_id, group * width + j) for j, s in enumerate(seq.request.beam.live))
+                slots.update((s.seq_id, (group, j)) for j, s in enumerate(seq.request.beam.live))
                 slot = slots[seq.seq_id]
-            flat.append(slot)
+            groups.append(slot[0])
+            beams.append(slot[1])
             shared_blocks.append(item.start // bs)
             tail_blocks.append(item.beam_tail)
             if item.start % bs:
                 mid.append(k)
+        positions = [cu_seqlens[i] for i in ahead]
+        # (decodes of beams only, in order: the input ids are the picked tokens as they are)
+        only_beams = positions == list(range(n)) and cu_seqlens[-1] == n
         # one host->device copy for every index of the step ahead
-        where, shared, tails, positions, pick, entries, host_ids = to_device_lists(
+        groups_t, beams_t, shared, tails, positions_t, pick, entries, host_ids = to_device_lists(
             [
-                flat,
+                groups,
+                beams,
                 shared_blocks,
                 tail_blocks,
-                [cu_seqlens[i] for i in ahead],
-                mid,
-                ahead,
-                [] if isinstance(ids, torch.Tensor) else ids,
+                [] if only_beams else positions,
+                mid if len(mid) < n else [],
+                ahead if n < len(out.scheduled) else [],
+                [] if only_beams or isinstance(ids, torch.Tensor) else ids,
             ],
             self.device,
         )
-        parents = before.parents.view(-1).index_select(0, where)
+        parents = before.parents[groups_t, beams_t]  # [n]
         assert before.slot_tables is not None
-        parent_tables = before.slot_tables[where // width, parents]  # [n, w_prev]
-        if parent_tables.shape[1] < max_blocks:
-            pad = parent_tables.new_zeros(len(ahead), max_blocks - parent_tables.shape[1])
-            parent_tables = torch.cat([parent_tables, pad], dim=1)
-        columns = torch.arange(max_blocks, device=self.device)
-        tables = torch.where(columns[None, :] < shared[:, None], parent_tables[:, :max_blocks], 0)
-        tables.scatter_(1, shared[:, None], tails[:, None].to(torch.int32))
+        tables = before.slot_tables[groups_t, parents]  # [n, w_prev] (a copy)
+        # Each parent's table has its full blocks, then its partly filled block (at `shared`, in
+        # the middle of a block), then zeros: beams of a request have the same length. So the
+        # entry's table is its parent's with its tail at `shared`.
+        if tables.shape[1] < max_blocks:
+            tables = torch.nn.functional.pad(tables, (0, max_blocks - tables.shape[1]))
+        elif tables.shape[1] > max_blocks:  # (a longer sequence of another request finished)
+            tables = tables[:, :max_blocks].contiguous()  # (the kernels read contiguous tables)
+        shared = shared.view(n, 1)
         if mid:  # every layer's K and V of those blocks in one copy (KVCache.copy_block_tensors)
-            src = parent_tables.gather(1, shared[:, None]).view(-1).long()  # each parent's partial block
+            src = tables.gather(1, shared).view(n).long()  # each parent's partly filled block
             dst = tails
-            if len(mid) < len(ahead):  # (some start a block: nothing to carry over for them)
+            if len(mid) < n:  # (some start a block: nothing to carry over for them)
                 src, dst = src.index_select(0, pick), tails.index_select(0, pick)
             kv_cache.copy_block_tensors(src, dst)
-        tokens = before.tokens.view(-1).index_select(0, where)
+        tables.scatter_(1, shared, tails.view(n, 1).to(torch.int32))
+        tokens = before.tokens[groups_t, beams_t]  # [n] the picked tokens
+        if only_beams:
+            return AheadInputs(tokens, tables, entries)
         device_ids = ids if isinstance(ids, torch.Tensor) else host_ids
-        return AheadInputs(device_ids.index_copy(0, positions, tokens), tables, entries)
+        return AheadInputs(device_ids.index_copy(0, positions_t, tokens), tables, entries)

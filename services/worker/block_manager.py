@@ -366,18 +366,37 @@ class BlockManager:
     def release_block(self, block: int) -> None:
         self._unref(block)
 
+    def beam_tail(self, seq: Sequence, position: int) -> int | None:
+        """The block a beam launched ahead writes `position` into, when it is its own: its partly
+        filled last block, held by it alone (beam_search.py: the device copies its parent's partly
+        filled block into it, then the step writes `position` after the copied slots). None when
+        `position` starts a block (or that block is shared: a copy-on-write still pending): the
+        beam takes a fresh block (`allocate_block`)."""
+        index = position // self.block_size
+        if position % self.block_size == 0 or index >= len(seq.block_ids):
+            return None
+        block = seq.block_ids[index]
+        return block if self.ref_counts[block] == 1 and not self.pins[block] else None
+
     def reseat_beams(
-        self, seqs: list[Sequence], parents: list[int], tails: list[int], num_shared: int
+        self,
+        seqs: list[Sequence],
+        parents: list[int],
+        tails: list[int],
+        num_shared: int,
+        in_place: bool = False,
     ) -> None:
         """Beam search launched ahead (beam_search.py): `seqs[j]` takes the first `num_shared`
-        blocks of `seqs[parents[j]]`'s table (full ones, shared by reference count) and its own
-        fresh `tails[j]` after them; the old tables' references go (the same counts as freeing
-        them and forking anew).
+        blocks of `seqs[parents[j]]`'s table (full ones, shared by reference count) and `tails[j]`
+        after them: its own partly filled block, written in place (`beam_tail`), or a fresh block
+        it took when the step was launched. The old tables' references go (the same counts as
+        freeing them and forking anew).
 
         O(beams whose parent changed): a beam that continues its own sequence (`parents[j] == j`,
-        most of them) keeps its table's list, drops what follows its full blocks (the partly
-        filled block the device copied into its tail) and appends its tail; only a beam moved to
-        another parent's table is rebuilt, its counts changed by the net difference."""
+        most of them) keeps its table's list, untouched when its tail is its own partly filled
+        block, else with its fresh block appended; only a beam moved to another parent's table is
+        rebuilt, its counts changed by the net difference. `in_place`: every tail is its beam's own
+        partly filled block (none fresh): the beams that stay are not even visited."""
         moved = [j for j, p in enumerate(parents) if p != j]
         # the moved beams' new tables and hashes, from the old lists, before any list is changed
         new = [
@@ -393,10 +412,11 @@ class BlockManager:
             old = seqs[j].block_ids
             same = _common_prefix(blocks, old)
             gained += blocks[same:]
-            lost += old[same:]
-        for j, seq in enumerate(seqs):
+            # (its own partly filled block, written in place, stays its tail)
+            lost += old[same:num_shared] if old[num_shared:] == [tails[j]] else old[same:]
+        for j, seq in enumerate(seqs if not in_place else ()):
             assert len(seq.block_ids) >= num_shared and not seq.num_freed_blocks
-            if parents[j] == j:
+            if parents[j] == j and seq.block_ids[num_shared:] != [tails[j]]:  # (a fresh tail)
                 lost += seq.block_ids[num_shared:]
                 del seq.block_ids[num_shared:], seq.block_hashes[num_shared:]
                 seq.block_ids.append(tails[j])

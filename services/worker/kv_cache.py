@@ -85,8 +85,11 @@ class KVCache:
         self.tensor[:, :, pairs[:, 1]] = self.tensor[:, :, pairs[:, 0]]
 
     def copy_block_tensors(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """copy_blocks with the block ids already on the device ([n] int64 each; no host wait)."""
-        self.tensor[:, :, dst] = self.tensor[:, :, src]
+        """copy_blocks with the block ids already on the device ([n] int64 each; no host wait):
+        every layer's K and V of those blocks in one gather and one scatter. Every source is read
+        before any destination is written: a block may be one copy's source and another's
+        destination."""
+        self.tensor.index_copy_(2, dst, self.tensor.index_select(2, src))
 
     def read_blocks(self, layer_start: int, layer_end: int, block_ids: tuple[int, ...]) -> torch.Tensor:
         """kv[layer_start:layer_end, :, block_ids] in the model's layout, on the host (a parallel

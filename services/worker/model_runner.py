@@ -425,7 +425,7 @@ class ModelRunner:
             else:
                 positions += range(start, end)
             blocks = seq.block_ids
-            if item.beam_tail >= 0:  # (its table is not known on the host yet: its fresh block)
+            if item.beam_tail >= 0:  # (its table is not known on the host yet: the block it writes)
                 slots.append(item.beam_tail * bs + start % bs)
             else:
                 slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
@@ -614,7 +614,7 @@ class ModelRunner:
         def read_beams() -> dict[int, BeamStepResult]:
             assert selection is not None  # (after read(): the copies are done)
             tops = beams_host[1].tolist() if len(beams_host) > 1 else None
-            picks = unpack(selection.groups, beams_host[0].tolist(), tops)
+            picks = unpack(selection.groups, selection.per_beam, beams_host[0].tolist(), tops)
             return {g.rows[0]: pick for g, pick in zip(selection.groups, picks, strict=True)}
 
         handle = StepHandle(

@@ -63,8 +63,9 @@ class ScheduledSequence:
     # Speculative decoding: K proposed tokens computed after the last one (num_new_tokens = 1 + K);
     # the step appends the kept ones and one more (speculative/verify.py)
     draft: Draft | None = None
-    # Beam search launched ahead (beam_search.py): the fresh block this live beam's slot writes
-    # its next position into (-1: none); its input id, parent and table come from the previous
+    # Beam search launched ahead (beam_search.py): the block this live beam's slot writes its
+    # next position into (its own partly filled block, or a fresh one; -1: none); its input id,
+    # parent and table come from the previous
     # step's selection on the device
     beam_tail: int = -1
 
@@ -237,8 +238,9 @@ class Scheduler:
         on (its input id is the token `prev` samples, read on the device: `prev_rows`), what is in
         the middle of its prompt gets its next chunk, and waiting sequences are admitted with the
         budget left, exactly as `schedule()` would once `prev`'s tokens are applied. A beam-search
-        request whose beams all sample in `prev` goes on too: each beam's sequence takes a fresh
-        block (beam_search.py), its input id and table come from `prev`'s selection on the device.
+        request whose beams all sample in `prev` goes on too: each beam's sequence writes its own
+        partly filled block in place, or takes a fresh block when its next position starts one
+        (beam_search.py); its input id and table come from `prev`'s selection on the device.
         Returns None where that is not known without the tokens (forks, prompt logprobs, guided
         decoding, and penalties need the token values on the host) or would take a preemption (a
         KV cache that cannot take every sequence); the caller then reads `prev` first and
@@ -305,6 +307,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         decodes_left = sum(1 for item, row, _ in plan if row >= 0)
         needed = 0
+        own_tails: dict[int, int | None] = {}  # plan index of a beam -> its own partly filled block
         for i, (item, row, _) in enumerate(plan):
             done = item.start + item.num_new_tokens  # computed once `prev` completes
             if row >= 0:
@@ -317,7 +320,10 @@ class Scheduler:
             plan[i] = (item, row, num_new)
             budget -= num_new
             if item.seq.request.beam is not None:
-                needed += 1  # its fresh block (BeamSearch.hold_tail)
+                # its own partly filled block, or a fresh one where its next position starts a
+                # block (BeamSearch.hold_tail)
+                own_tails[i] = own = self.bm.beam_tail(item.seq, done)
+                needed += own is None
             else:
                 needed += self.bm.blocks_needed(item.seq, item.num_new_tokens + num_new)
         if not plan or budget < 0 or needed > self.bm.num_free_blocks:
@@ -345,13 +351,14 @@ class Scheduler:
             return None  # schedule() picks which adapters run this step
         scheduled: list[ScheduledSequence] = []
         rows: list[int] = []
-        for item, row, num_new in plan:
+        for i, (item, row, num_new) in enumerate(plan):
             seq = item.seq
             start = item.start + item.num_new_tokens
             beam = seq.request.beam
             if beam is not None:  # (always a decode: its input id is the selection's, not a row's)
-                tail = self.bm.allocate_block()
-                beam.hold_tail(seq, tail)
+                own = own_tails[i]  # its partly filled block, written in place
+                tail = own if own is not None else self.bm.allocate_block()
+                beam.hold_tail(seq, tail, fresh=own is None)
                 self.num_beam_steps_ahead += 1
                 scheduled.append(ScheduledSequence(seq, start, 1, True, pending_tokens=1, beam_tail=tail))
                 rows.append(-1)

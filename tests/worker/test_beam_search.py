@@ -296,6 +296,31 @@ def test_beam_search_with_async_scheduling_matches(refs: dict[str, RefModel]) ->
     assert engine.num_continuations > 0
 
 
+def test_beam_steps_ahead_of_different_widths_beside_sampling_match(refs: dict[str, RefModel]) -> None:
+    """Steps launched ahead whose beam requests have different widths (the selection pads the
+    narrower one's rows) beside a sampled request (the step's input ids and tables are partly the
+    host's): the synchronous engine's output."""
+    ref = refs["llama"]
+    wide = SamplingParams(
+        temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=14, ignore_eos=True
+    )
+    narrow = SamplingParams(
+        temperature=0.0, n=1, best_of=2, use_beam_search=True, max_tokens=14, ignore_eos=True
+    )
+    plain = SamplingParams(temperature=1.0, seed=5, max_tokens=18, ignore_eos=True)
+    requests = [
+        EngineRequest("wide", (1, 45, 99, 7, 13), wide),
+        EngineRequest("plain", (1, 9, 8), plain),
+        EngineRequest("narrow", (1, 9), narrow),
+    ]
+    sync = run_to_completion(ref.engine(block_size=4), requests)
+    engine = ref.engine(block_size=4, async_scheduling="on")
+    ahead = run_to_completion(engine, requests)
+    assert {r: res.token_ids for r, res in ahead.items()} == {r: res.token_ids for r, res in sync.items()}
+    assert engine.scheduler.num_beam_steps_ahead > 0
+    assert engine.block_manager.num_used_blocks == 0
+
+
 def test_prefill_and_resume_refuse_beam_search(refs: dict[str, RefModel]) -> None:
     engine = refs["stories"].engine()
     beam = SamplingParams(temperature=0.0, use_beam_search=True, max_tokens=4)

@@ -44,7 +44,7 @@ def test_device_selection_equals_the_host_merge_with_ties_and_bans(device: str) 
     # row 7 belongs to another request, sampled in the same step
     selection = select_beams(raw.to(device), groups)
     assert selection.tops is not None and selection.table.device.type == device
-    picks = unpack(groups, selection.table.tolist(), selection.tops.tolist())
+    picks = unpack(groups, selection.per_beam, selection.table.tolist(), selection.tops.tolist())
     for group, pick in zip(groups, picks, strict=True):
         expected = host_merge(raw, group)
         assert [(c.beam, c.token_id, c.rank) for c in pick.candidates] == [
@@ -64,7 +64,7 @@ def test_device_selection_with_a_vocabulary_smaller_than_k() -> None:
     raw = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]]), dim=-1)
     group = BeamGroup("a", [0, 1], [0.0, -0.1], keep=8, per_beam=10, banned=(2,), user_top=0)
     selection = select_beams(raw, [group])
-    [pick] = unpack([group], selection.table.tolist(), None)
+    [pick] = unpack([group], selection.per_beam, selection.table.tolist(), None)
     assert [(c.beam, c.token_id) for c in pick.candidates] == [
         (c.beam, c.token_id) for c in host_merge(raw, group)
     ]

@@ -4,8 +4,8 @@ On a small model a decode step is short (a couple of ms on a GPU), and each op o
 a launch and host time that sampling's steps do not pay (docs/beam_search.md, "Host time of a beam
 step"). These tests count the aten ops that the beam-specific parts of a step dispatch
 (`BeamStep.select`, `BeamStep.ahead` of services/worker/beam_step.py, the KV block copy): one host->device copy
-of indices for each, the KV copy of every beam's partly filled block one gather and one scatter
-over all layers, and no op per beam, request or layer."""
+of indices for each (the selection's own with the runner's), the KV copy of every beam's partly
+filled block one gather and one scatter over all layers, and no op per beam, request or layer."""
 
 from __future__ import annotations
 
@@ -127,20 +127,30 @@ def test_beam_step_ops_do_not_grow_with_beams_requests_or_layers(tmp_path: Path)
     large = beam_step_ops(tmp_path / "b", layers=4, requests=3, width=4)
     for part in ("select", "ahead"):
         assert small[part] and large[part]
-        # step by step the same (those with a partly filled block to copy dispatch the copy's ops)
-        assert per_call(small[part]) == per_call(large[part]), part
-    for calls in small["ahead"]:
-        # every index the step ahead needs in one host->device copy (one host tensor made)
-        assert calls["aten.lift_fresh"] == 1, calls
+    # step by step the same (those with a partly filled block to copy dispatch the copy's ops)
+    assert per_call(small["ahead"]) == per_call(large["ahead"])
+    # (the first two steps are synchronous; the beams' rows are in the order the selection reads
+    # them: BeamSearch puts them so in the running list)
+    assert per_call(small["select"])[2:] == per_call(large["select"])[2:]
+    # regression guards: the ops of a step launched ahead, and of the synchronous ones
+    assert max(per_call(large["select"])[2:]) <= 23, per_call(large["select"])
+    assert max(per_call(large["select"])[:2] + per_call(small["select"])[:2]) <= 27
+    assert max(per_call(large["ahead"])) <= 14, per_call(large["ahead"])
+    for calls in small["ahead"] + large["ahead"] + small["select"][2:] + large["select"][2:]:
+        # every index in at most one host->device copy (`to_device_lists`: one host array read in
+        # place, no `torch.tensor` of a list; none when there is no index), its views made by one
+        # split
+        assert calls["aten.split_with_sizes"] <= 1 and calls["aten.lift_fresh"] == 0, calls
+    for calls in small["ahead"] + large["ahead"]:
+        assert calls["aten.split_with_sizes"] == 1, calls
         # the partly filled blocks of every beam, all layers: one gather, one scatter
-        assert calls["aten.index_put_"] <= 1, calls
-    for calls in small["select"][2:]:  # (launched ahead: the first two steps are synchronous)
-        assert calls["aten.lift_fresh"] == 2, calls  # the runner's indices, the selection's
+        assert calls["aten.index_copy_"] <= 1, calls
 
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_copy_block_tensors_equals_per_layer_copies(layers: int) -> None:
-    """KVCache.copy_block_tensors copies every layer's K and V of each block in one op pair."""
+    """KVCache.copy_block_tensors copies every layer's K and V of each block in one op pair (a
+    gather, a scatter)."""
     cache = KVCache.__new__(KVCache)
     cache.tensor = torch.randn(layers, 2, 10, 4, 2, 8)
     expected = cache.tensor.clone()
@@ -154,4 +164,19 @@ def test_copy_block_tensors_equals_per_layer_copies(layers: int) -> None:
         ops.on = True
         cache.copy_block_tensors(src, dst)
     assert torch.equal(cache.tensor, expected)
-    assert ops.counts["aten.index_put_"] == 1 and sum(ops.counts.values()) <= 6, ops.counts
+    assert ops.counts["aten.index_copy_"] == 1 and sum(ops.counts.values()) == 2, ops.counts
+
+
+def test_copy_block_tensors_reads_every_source_before_writing() -> None:
+    """Beams launched ahead write their own partly filled block in place: one beam's source block
+    may be another's destination (beam 0 takes beam 1's block and beam 1 beam 0's), and a beam
+    whose parent is itself copies its block onto itself. Every destination gets its source's
+    content from before the copy."""
+    cache = KVCache.__new__(KVCache)
+    cache.tensor = torch.randn(2, 2, 6, 4, 2, 8)
+    before = cache.tensor.clone()
+    src, dst = torch.tensor([1, 2, 3, 1]), torch.tensor([2, 1, 3, 4])
+    cache.copy_block_tensors(src, dst)
+    for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+        assert torch.equal(cache.tensor[:, :, d], before[:, :, s]), (s, d)
+    assert torch.equal(cache.tensor[:, :, [0, 5]], before[:, :, [0, 5]])
