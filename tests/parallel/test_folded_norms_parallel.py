@@ -27,7 +27,7 @@ from tests.worker.worker_testlib import (
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 LENGTHS = [1, 3, 7, 12, 17, 29, 40, 5]  # 8 in flight; the long ones chunked (budget 16)
-MAX_TOKENS = 10
+MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
