@@ -199,7 +199,7 @@ class Scheduler:
             i += 1
 
         running_per_group = Counter(s.request.group for s in self.running)
-        slots = self._slots_taken()
+        slots = self._slots_taken() if self.waiting else 0  # (only admissions read it)
         while self.waiting and budget > 0 and not num_preempted:
             index = self._next_waiting(running_per_group)
             seq = self.waiting[index]
@@ -335,7 +335,7 @@ class Scheduler:
                 return None
         # How many waiting sequences schedule() would admit beside these (counted, nothing taken).
         admits, reserved, left = 0, needed, budget
-        slots = self._slots_taken()
+        slots = self._slots_taken() if self.waiting else 0
         for seq in self.waiting:
             if left <= 0 or slots + admits + 1 + len(seq.request.parked) > self.max_num_seqs:
                 break
@@ -388,7 +388,8 @@ class Scheduler:
 
     def _slots_taken(self) -> int:
         """Sequence slots in use (--max-num-seqs): the running sequences and the parked choices
-        that fork from them when their prompt is done."""
+        that fork from them when their prompt is done. O(running x choices per request): asked
+        only when something waits to be admitted."""
         return len(self.running) + sum(len(s.request.parked) for s in self.running)
 
     def _next_waiting(self, running_per_group: Counter[str]) -> int:
