@@ -462,10 +462,6 @@ def prefill_flops(cfg: dict[str, Any], tokens: int) -> float:
     return 2.0 * p["active_layers"] * tokens + attn
 
 
-# --tune-decode-attention: every engine of the run times the decode attention configs at start
-TUNE_DECODE_ATTENTION = False
-
-
 def make_engine(
     model_dir: Path,
     device: str,
@@ -476,6 +472,7 @@ def make_engine(
     max_num_batched_tokens: int | None = None,
     kv_cache_dtype: str = "auto",
     quantization: str = "none",
+    tune_decode_attention: bool = False,
 ) -> Engine:
     config = WorkerConfig(
         model=str(model_dir),
@@ -488,7 +485,7 @@ def make_engine(
         enable_prefix_caching=False,
         kv_cache_dtype=kv_cache_dtype,  # type: ignore[arg-type]
         quantization=quantization,  # type: ignore[arg-type]
-        tune_decode_attention=TUNE_DECODE_ATTENTION,
+        tune_decode_attention=tune_decode_attention,
         # auto is on for CUDA; the CPU smoke run forces it on so the script's async path is checked too
         async_scheduling="on" if device == "cpu" else "auto",
     )
@@ -1068,8 +1065,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default="", help="JSON path (default benchmarks/results/engine_<gpu>_<date>.json)"
     )
     args = parser.parse_args(argv)
-    global TUNE_DECODE_ATTENTION
-    TUNE_DECODE_ATTENTION = args.tune_decode_attention
+    tune = {"tune_decode_attention": args.tune_decode_attention}  # (every engine of the run)
     plan = SMOKE if args.smoke else FULL
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -1093,7 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
             max_seqs = plan.max_num_seqs if (llama or small or moe) else min(8, plan.max_num_seqs)
             max_len = plan.llama_max_model_len if llama else 4096
             t0 = time.perf_counter()
-            engine = make_engine(model_dir, device.type, plan, max_seqs, max_len)
+            engine = make_engine(model_dir, device.type, plan, max_seqs, max_len, **tune)
             graphs = engine.runner.graphs
             setup = {
                 "engine_start_s": time.perf_counter() - t0,
@@ -1141,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
                 offline_variants(plan) if llama and not (args.decode_only or args.skip_variants) else []
             ):
                 # Scenario 2 again under other engine options (a larger step budget; an fp8 KV cache).
-                engine = make_engine(model_dir, device.type, plan, max_seqs, max_len, **options)
+                engine = make_engine(model_dir, device.type, plan, max_seqs, max_len, **options, **tune)
                 rows += scenario_offline(engine, name, cfg, plan, gen, shapes, label)
                 print(rows[-len(shapes) :], flush=True)
                 free_engine(engine)
@@ -1152,7 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, (label, shapes, options) in enumerate(
                 quantized_variants(plan, args.quantization) if llama and args.quantization else []
             ):
-                engine = make_engine(model_dir, device.type, plan, max_seqs, max_len, **options)
+                engine = make_engine(model_dir, device.type, plan, max_seqs, max_len, **options, **tune)
                 linear_reports[f"{name}{label}"] = list(engine.runner.linear_report)
                 if i == 0:  # the weights alone: decode and prefill as the bf16 rows
                     rows.append(scenario_decode(engine, name, cfg, plan, ceil, gen, label))
