@@ -12,13 +12,23 @@ PIP=(python3 -m pip download -q --no-deps --python-version 3.12 --only-binary=:a
   --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
   --platform manylinux2014_x86_64)
 mkdir -p .whl
-# the versions pyproject.toml pins (llguidance, grpcio-*, OpenTelemetry) and their OpenTelemetry parts
-"${PIP[@]}" -d .whl llguidance==1.9.1 grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 \
-  grpcio-tools==1.84.0 opentelemetry-api==1.45.1 opentelemetry-sdk==1.45.1 \
-  opentelemetry-instrumentation-grpc==0.66b1 opentelemetry-instrumentation-aiohttp-server==0.66b1 \
-  opentelemetry-exporter-otlp-proto-grpc==1.45.1 opentelemetry-exporter-otlp-proto-http==1.45.1 \
-  opentelemetry-instrumentation==0.66b1 opentelemetry-semantic-conventions==0.66b1 \
-  opentelemetry-exporter-otlp-proto-common==1.45.1 opentelemetry-proto==1.45.1 opentelemetry-util-http==0.66b1
+# pyproject.toml's pins of what the image lacks (llguidance, grpcio-*, OpenTelemetry), plus the
+# OpenTelemetry parts those pull in, at the same release train's versions
+mapfile -t wheels < <(python3 - <<'PY'
+import re, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+pins = dict(re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)", d).groups() for d in deps if "==" in d)
+for name, version in pins.items():
+    if name == "llguidance" or name.startswith(("grpcio-", "opentelemetry-")):
+        print(f"{name}=={version}")
+core, contrib = pins["opentelemetry-api"], pins["opentelemetry-instrumentation-grpc"]
+for name in ("opentelemetry-proto", "opentelemetry-exporter-otlp-proto-common"):
+    print(f"{name}=={core}")
+for name in ("opentelemetry-instrumentation", "opentelemetry-semantic-conventions", "opentelemetry-util-http"):
+    print(f"{name}=={contrib}")
+PY
+)
+"${PIP[@]}" -d .whl "${wheels[@]}"
 if [ ! -d .benchmodel/shared ]; then
   mkdir -p .benchmodel/shared
   cp -r ../shared/. .benchmodel/shared/
