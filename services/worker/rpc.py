@@ -980,12 +980,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             async for item in self._grpc_chunks(
                 request, held, first_block, kv_streams.layer_range(num_layers, streams, 0)
             ):
-                if progress is not None and not first_sent:
+                if progress is not None and not first_sent and progress.done:
                     # A layer-wise prefill that completed while its KV is still on the way (gRPC
                     # moves it slower than the prefill writes it): the token it sampled goes
                     # before the next chunk, so the decode worker streams it to the client now.
                     snap = progress.snapshot()
-                    if snap.complete:
+                    if snap.complete:  # (not failed: the chunks' reader raises that)
                         assert isinstance(snap.first, ChoiceOutput)
                         yield worker_pb2.KVChunk(first=choice_to_pb(snap.first)).SerializeToString()
                         first_sent = True
