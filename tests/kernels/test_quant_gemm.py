@@ -12,6 +12,7 @@ import torch
 from kernel_cases import fp8_weight_codes, quantized_weight, triton_quant_ops
 
 from kernels import reference
+from tests.bench_testlib import run_bench
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -109,22 +110,12 @@ def test_fp8_scaled_mm_w8a8_gpu(m: int) -> None:
 
 def test_quant_bench_smoke() -> None:
     """benchmarks/quant_bench.py --smoke runs every format on the CPU and writes its JSON."""
-    import json
-    import subprocess
-    import sys
     import tempfile
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "quant.json"
-        subprocess.run(
-            [sys.executable, str(repo / "benchmarks" / "quant_bench.py"), "--smoke", "--out", str(out)],
-            check=True,
-            cwd=repo,
-            timeout=300,
-        )
-        report = json.loads(out.read_text())
+        report, _ = run_bench("quant_bench.py", "--smoke", out=out)
     formats = [r["format"] for r in report["decode"]]
     assert formats == ["bf16", "int8", "fp8", "int4"]
     weights = {r["format"]: r["weight_GB"] for r in report["decode"]}

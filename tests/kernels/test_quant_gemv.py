@@ -13,6 +13,7 @@ import torch
 
 from kernels import reference
 from kernels.ops import QuantFusion
+from tests.bench_testlib import run_bench
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -235,29 +236,9 @@ def test_every_words_config_bf16_gpu(m: int, fmt: str) -> None:
 def test_quant_bench_gemv_only_smoke(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """benchmarks/quant_bench.py --smoke --gemv-only (interpreter, one tiny shape) times bf16 and a
     config of each kind (today's kernel, a words config) per format, each checked against the twin."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "gemv.json"
-    subprocess.run(
-        [
-            sys.executable,
-            str(repo / "benchmarks" / "quant_bench.py"),
-            "--smoke",
-            "--gemv-only",
-            "--out",
-            str(out),
-        ],
-        check=True,
-        cwd=repo,
-        timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    rows = json.loads(out.read_text())["gemv"]
+    report, _ = run_bench("quant_bench.py", "--smoke", "--gemv-only", out=out, env={"TRITON_INTERPRET": "1"})
+    rows = report["gemv"]
     assert [r["kernel"] for r in rows if r["format"] == "bf16"] == ["F.linear"]
     for fmt in ("int8", "int4 g128", "fp8 weight-only"):
         kinds = [r["kernel"].split("(")[0] for r in rows if r["format"] == fmt]

@@ -4,32 +4,20 @@ as the GPU A/B runs them)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.bench_testlib import run_bench
 
 
 def test_lora_bench_smoke(tmp_path: Path) -> None:
-    repo = Path(__file__).resolve().parents[2]
-    out = tmp_path / "lora.json"
-    subprocess.run(
-        [
-            sys.executable,
-            str(repo / "benchmarks" / "lora_bench.py"),
-            "--smoke",
-            "--out",
-            str(out),
-            "--kernel-configs",
-            "k_chunk=256,expand_columns=256",
-            "--overlap-ab",
-        ],
-        check=True,
-        cwd=repo,
-        timeout=300,
+    report, _ = run_bench(
+        "lora_bench.py",
+        "--smoke",
+        "--kernel-configs",
+        "k_chunk=256,expand_columns=256",
+        "--overlap-ab",
+        out=tmp_path / "lora.json",
     )
-    report = json.loads(out.read_text())
     assert [r["batch"] for r in report["rows"]] == [1, 1, 1, 4, 4, 4, 4, 4]
     assert report["rows"][-2]["kernel_config"] == "k_chunk=256,expand_columns=256,num_warps=4"
     assert report["rows"][-1]["scenario"] == "batch 4, 2 adapters [TANDEM_LORA_OVERLAP=0]"
@@ -48,24 +36,14 @@ def test_lora_bench_smoke(tmp_path: Path) -> None:
 def test_lora_kernel_bench_smoke(tmp_path: Path) -> None:
     """benchmarks/lora_kernel_bench.py --smoke runs a config A/B on the Triton interpreter (checked
     against the reference twins, not timed) and writes its JSON."""
-    repo = Path(__file__).resolve().parents[2]
-    out = tmp_path / "lora_kernels.json"
-    subprocess.run(
-        [
-            sys.executable,
-            str(repo / "benchmarks" / "lora_kernel_bench.py"),
-            "--smoke",
-            "--out",
-            str(out),
-            "--configs",
-            "default k_chunk=32,expand_columns=256",
-        ],
-        check=True,
-        cwd=repo,
-        timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
+    report, _ = run_bench(
+        "lora_kernel_bench.py",
+        "--smoke",
+        "--configs",
+        "default k_chunk=32,expand_columns=256",
+        out=tmp_path / "lora_kernels.json",
+        env={"TRITON_INTERPRET": "1"},
     )
-    report = json.loads(out.read_text())
     assert [(r["rows"], r["config"]) for r in report["rows"]] == [
         (12, "k_chunk=512,expand_columns=128,num_warps=4"),
         (12, "k_chunk=32,expand_columns=256,num_warps=4"),

@@ -3,23 +3,16 @@ weights) and writes its JSON; the GPU run uses the Qwen2.5-VL-7B shape."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.bench_testlib import run_bench
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_mm_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "mm.json"
-    subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "mm_bench.py"), "--smoke", "--out", str(out)],
-        check=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    report = json.loads(out.read_text())
+    report, _ = run_bench("mm_bench.py", "--smoke", out=out)
     rows = {(r["kind"], r["name"]): r for r in report["rows"]}
     for size, tokens in (("112x112", 16), ("224x224", 64), ("280x168", 60)):
         row = rows[("encoder", size)]

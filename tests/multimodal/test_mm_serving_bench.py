@@ -4,13 +4,11 @@ weights), and the JSON has both, with the images encoded where each mode says.""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.bench_testlib import run_bench
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,14 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # two `tandem up` starts: ~30 
 
 def test_mm_serving_bench_smoke(tmp_path: Path, shared_dir: Path) -> None:
     out = tmp_path / "mm_serving.json"
-    subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "mm_serving_bench.py"), "--smoke", "--out", str(out)],
-        check=True,
-        cwd=REPO,
-        timeout=300,
-        env={**os.environ, "TANDEM_SHARED": str(shared_dir)},
-    )
-    report = json.loads(out.read_text())
+    report, _ = run_bench("mm_serving_bench.py", "--smoke", out=out, env={"TANDEM_SHARED": str(shared_dir)})
     assert report["smoke"] and report["image_tokens"] == 16  # 112 x 112: 4 x 4 merged patches
     assert set(report["modes"]) == {"in-worker", "encode-role"}
     for mode in report["modes"].values():

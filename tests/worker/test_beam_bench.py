@@ -2,37 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench_testlib import REPO, run_bench
+
+ENV = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def test_beam_bench_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "beam.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "beam_bench.py"),
-            "--smoke",
-            "--phases",
-            "--async-scheduling",
-            "on",  # (the CPU's default is off): beam steps launched ahead
-            "--out",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    report, stdout = run_bench(
+        "beam_bench.py",
+        "--smoke",
+        "--phases",
+        "--async-scheduling",
+        "on",  # (the CPU's default is off): beam steps launched ahead
+        out=tmp_path / "beam.json",
+        env=ENV,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "beam/sample" in proc.stdout and "wait+read" in proc.stdout
-    report = json.loads(out.read_text())
+    assert "beam/sample" in stdout and "wait+read" in stdout
     rows = report["rows"]
     assert {(r["width"], r["mode"]) for r in rows} == {(4, "beam"), (4, "sample"), (8, "beam"), (8, "sample")}
     for r in rows:
@@ -53,19 +40,19 @@ def test_beam_bench_smoke(tmp_path: Path) -> None:
 
 def test_beam_bench_host_proxy(tmp_path: Path) -> None:
     """--host: the CPU proxy of a step's host work (8 prompts, steps ahead), beam host over sampling's."""
-    out = tmp_path / "beam.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(REPO / "benchmarks" / "beam_bench.py"), "--host", "--widths", "4"]
-    proc = subprocess.run(
-        [*cmd, "--phases", "--repeat", "1", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    report, stdout = run_bench(
+        "beam_bench.py",
+        "--host",
+        "--widths",
+        "4",
+        "--phases",
+        "--repeat",
+        "1",
+        out=tmp_path / "beam.json",
+        env=ENV,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "host-topk" in proc.stdout
-    rows = json.loads(out.read_text())["rows"]
+    assert "host-topk" in stdout
+    rows = report["rows"]
     assert {(r["prompts"], r["width"], r["mode"]) for r in rows} == {(8, 4, "beam"), (8, 4, "sample")}
     beam = next(r for r in rows if r["mode"] == "beam")
     assert beam["ahead"] > 0.9  # (all but each request's first two steps and its last)
@@ -74,15 +61,7 @@ def test_beam_bench_host_proxy(tmp_path: Path) -> None:
 
 def test_beam_profile_smoke() -> None:
     """benchmarks/beam_profile.py (its --smoke mode: CPU, a tiny Llama) profiles both modes."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "beam_profile.py"), "--smoke", "--top", "3"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, stdout = run_bench("beam_profile.py", "--smoke", "--top", "3", env=ENV)
     for mode in ("beam", "sample"):
-        assert f"W=4 {mode}:" in proc.stdout
-    assert proc.stdout.count("per step: host") == 2
+        assert f"W=4 {mode}:" in stdout
+    assert stdout.count("per step: host") == 2

@@ -3,9 +3,6 @@ confident dummy target, successor table and oracle proposer."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,27 +19,14 @@ from benchmarks.spec_bench import (
     top_logprobs,
 )
 from services.worker.request import SamplingParams
+from tests.bench_testlib import run_bench
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_spec_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "spec.json"
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "spec_bench.py"),
-            "--smoke",
-            "--dtype",
-            "bfloat16",
-            "--out",
-            str(out),
-        ],
-        check=True,
-        cwd=REPO,
-        timeout=300,
-    )
-    report = json.loads(out.read_text())
+    report, _ = run_bench("spec_bench.py", "--smoke", "--dtype", "bfloat16", out=out)
     rows = {(r["name"], r["k"], r["adaptive"]): r for r in report["rows"]}
     assert rows[("baseline", 0, False)]["speedup"] == 1.0
     assert report["speculative_cuda_graphs"] is True
