@@ -1,0 +1,190 @@
+"""What grpcio itself moves over loopback TCP, with no tandem code: the ceiling of the gRPC KV path.
+
+    python benchmarks/grpc_ceiling_bench.py --connections 1,2,4,8 --servers 1,4 --out grpc_ceiling.json
+
+Server processes (grpc.aio, as the worker's server) each stream a prebuilt `bytes` message of
+--message-bytes over and over (identity serializers: no protobuf, no copy in Python); clients pull
+--total-bytes in all over N connections at once, in two layouts:
+  thread  N connections pulled by N threads of one client process (as a decode worker's parallel
+          FetchKV streams: one process, one GIL);
+  proc    N client processes, one connection each.
+Connections go round-robin over the server processes: with one server, all N streams are served by
+one process (as a prefill worker serves a fetch's streams). Each point is the median of --repeats.
+Where one process on each side caps the total whatever N is, more streams of one FetchKV cannot
+raise it; where `proc` or more servers scale, the cap is per process, not the link.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+METHOD = "/ceiling.Bench/Stream"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(port: int, message_bytes: int) -> None:
+    payload = os.urandom(message_bytes)
+
+    async def stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        for _ in range(int(request)):
+            yield payload
+
+    async def main() -> None:
+        server = grpc.aio.server(options=OPTIONS)
+        handler = grpc.method_handlers_generic_handler(
+            "ceiling.Bench", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        print("ready", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def connect(port: int) -> grpc.UnaryStreamMultiCallable:
+    """A call on a connection of its own (no subchannel shared with the process's other channels)."""
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=[*OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+    )
+    call = channel.unary_stream(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    sum(len(m) for m in call(b"2"))  # connected and warm
+    return call
+
+
+def pull(call: grpc.UnaryStreamMultiCallable, messages: int) -> int:
+    return sum(len(m) for m in call(str(messages).encode()))
+
+
+def client_process(port: int, messages: int) -> None:
+    """A `proc` client: connects, says ready, pulls on "go" and prints the bytes received."""
+    call = connect(port)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    print(pull(call, messages), flush=True)
+
+
+def run_threads(ports: list[int], messages: int) -> tuple[int, float]:
+    calls = [connect(p) for p in ports]
+    received: list[int] = []
+    barrier = threading.Barrier(len(calls) + 1)
+
+    def worker(call: grpc.UnaryStreamMultiCallable) -> None:
+        barrier.wait()
+        received.append(pull(call, messages))
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in calls]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return sum(received), time.perf_counter() - start
+
+
+def run_processes(ports: list[int], messages: int) -> tuple[int, float]:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--client", str(p), str(messages)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in ports
+    ]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    start = time.perf_counter()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    total = sum(int(p.stdout.readline()) for p in procs if p.stdout is not None)
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.wait()
+    return total, elapsed
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] in ("--serve", "--client"):
+        role, port, value = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        serve(port, value) if role == "--serve" else client_process(port, value)
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--message-bytes", type=int, default=4 << 20)
+    ap.add_argument("--total-bytes", type=int, default=512 << 20)
+    ap.add_argument("--connections", default="1,2,4,8")
+    ap.add_argument("--servers", default="1,4", help="server process counts, comma-separated")
+    ap.add_argument("--layouts", default="thread,proc")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    results = []
+    for num_servers in [int(s) for s in args.servers.split(",")]:
+        ports = [free_port() for _ in range(num_servers)]
+        servers = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--serve", str(p), str(args.message_bytes)], stdout=subprocess.PIPE
+            )
+            for p in ports
+        ]
+        try:
+            for s in servers:
+                line = s.stdout.readline() if s.stdout else b""
+                assert line.strip() == b"ready", line
+            for layout in args.layouts.split(","):
+                for n in [int(c) for c in args.connections.split(",")]:
+                    messages = max(1, args.total_bytes // args.message_bytes // n)
+                    targets = [ports[i % num_servers] for i in range(n)]
+                    speeds = []
+                    for _ in range(args.repeats):
+                        nbytes, seconds = (run_threads if layout == "thread" else run_processes)(
+                            targets, messages
+                        )
+                        speeds.append(nbytes / seconds / 1e9)
+                    point = {
+                        "servers": num_servers,
+                        "layout": layout,
+                        "connections": n,
+                        "message_bytes": args.message_bytes,
+                        "gb_per_s": statistics.median(speeds),
+                        "samples": speeds,
+                    }
+                    results.append(point)
+                    print(
+                        f"servers {num_servers}  {layout:6} x{n:<2}  {point['gb_per_s']:6.2f} GB/s  "
+                        f"({', '.join(f'{s:.2f}' for s in speeds)})",
+                        flush=True,
+                    )
+        finally:
+            for s in servers:
+                s.kill()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"cores": os.cpu_count(), "points": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
