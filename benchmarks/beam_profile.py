@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--top", type=int, default=15, help="ops listed per mode")
+    parser.add_argument(
+        "--sort",
+        choices=["device", "host"],
+        default="device",
+        help="list the ops with the most device time (default on CUDA) or the most host time",
+    )
     args = parser.parse_args(argv)
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     name, cfg = ("tiny-llama", TINY) if args.smoke else (args.model, MODELS[args.model])
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"per step: host {host:.0f} us (profiler's CPU op time), device {dev:.0f} us,"
                 f" {launches:.1f} kernel launches, {copies:.1f} memcpys"
             )
-            sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+            on_device = device == "cuda" and args.sort == "device"
+            sort_by = "self_device_time_total" if on_device else "self_cpu_time_total"
             print(events.table(sort_by=sort_by, row_limit=args.top, max_name_column_width=60))
     return 0
 

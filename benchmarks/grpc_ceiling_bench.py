@@ -9,9 +9,12 @@ Server processes (grpc.aio, as the worker's server) each stream a prebuilt `byte
           FetchKV streams: one process, one GIL);
   proc    N client processes, one connection each.
 Connections go round-robin over the server processes: with one server, all N streams are served by
-one process (as a prefill worker serves a fetch's streams). Each point is the median of --repeats.
-Where one process on each side caps the total whatever N is, more streams of one FetchKV cannot
-raise it; where `proc` or more servers scale, the cap is per process, not the link.
+one process (as a prefill worker serves a fetch's streams). --malloc runs every point with each of:
+glibc's defaults (`default`); the worker's thresholds in every process (`buffers`:
+services/common/large_buffers.py, buffers of megabytes reused, not mapped and unmapped per
+message); those and one malloc arena for all threads (`buffers+arena1`). Each point is
+the median of --repeats. Where one process on each side caps the total whatever N is, more streams
+of one FetchKV cannot raise it; where `proc` or more servers scale, the cap is per process.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from services.common.large_buffers import keep_large_buffers
 
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 METHOD = "/ceiling.Bench/Stream"
@@ -47,7 +54,7 @@ def serve(port: int, message_bytes: int) -> None:
         for _ in range(int(request)):
             yield payload
 
-    async def main() -> None:
+    async def run() -> None:
         server = grpc.aio.server(options=OPTIONS)
         handler = grpc.method_handlers_generic_handler(
             "ceiling.Bench", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
@@ -58,7 +65,7 @@ def serve(port: int, message_bytes: int) -> None:
         print("ready", flush=True)
         await server.wait_for_termination()
 
-    asyncio.run(main())
+    asyncio.run(run())
 
 
 def connect(port: int) -> grpc.UnaryStreamMultiCallable:
@@ -71,56 +78,49 @@ def connect(port: int) -> grpc.UnaryStreamMultiCallable:
     return call
 
 
-def pull(call: grpc.UnaryStreamMultiCallable, messages: int) -> int:
-    return sum(len(m) for m in call(str(messages).encode()))
-
-
-def client_process(port: int, messages: int) -> None:
-    """A `proc` client: connects, says ready, pulls on "go" and prints the bytes received."""
-    call = connect(port)
-    print("ready", flush=True)
-    sys.stdin.readline()
-    print(pull(call, messages), flush=True)
-
-
-def run_threads(ports: list[int], messages: int) -> tuple[int, float]:
+def client_process(ports: list[int], messages: int) -> None:
+    """One client process: a connection per port, each pulled by a thread of its own; says ready
+    once connected, pulls on "go" and prints the bytes received."""
     calls = [connect(p) for p in ports]
     received: list[int] = []
-    barrier = threading.Barrier(len(calls) + 1)
 
-    def worker(call: grpc.UnaryStreamMultiCallable) -> None:
-        barrier.wait()
-        received.append(pull(call, messages))
+    def pull(call: grpc.UnaryStreamMultiCallable) -> None:
+        received.append(sum(len(m) for m in call(str(messages).encode())))
 
-    threads = [threading.Thread(target=worker, args=(c,)) for c in calls]
+    print("ready", flush=True)
+    sys.stdin.readline()
+    threads = [threading.Thread(target=pull, args=(c,)) for c in calls]
     for t in threads:
         t.start()
-    barrier.wait()
-    start = time.perf_counter()
     for t in threads:
         t.join()
-    return sum(received), time.perf_counter() - start
+    print(sum(received), flush=True)
 
 
-def run_processes(ports: list[int], messages: int) -> tuple[int, float]:
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--client", str(p), str(messages)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for p in ports
-    ]
-    for p in procs:
-        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-    start = time.perf_counter()
+def start(role: str, malloc: str, value: int, ports: list[int]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, __file__, role, malloc, str(value), *map(str, ports)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.strip() == "ready", f"{role} did not start: {line!r}"
+    return proc
+
+
+def run_clients(groups: list[list[int]], messages: int, malloc: str) -> tuple[int, float]:
+    """One client process per group of ports: the bytes all of them received, and the seconds from
+    "go" to the last one's answer."""
+    procs = [start("--client", malloc, messages, ports) for ports in groups]
+    began = time.perf_counter()
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("go\n")
         p.stdin.flush()
     total = sum(int(p.stdout.readline()) for p in procs if p.stdout is not None)
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - began
     for p in procs:
         p.wait()
     return total, elapsed
@@ -128,8 +128,11 @@ def run_processes(ports: list[int], messages: int) -> tuple[int, float]:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] in ("--serve", "--client"):
-        role, port, value = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-        serve(port, value) if role == "--serve" else client_process(port, value)
+        role, malloc = sys.argv[1], sys.argv[2]
+        value, ports = int(sys.argv[3]), list(map(int, sys.argv[4:]))
+        if malloc != "default":
+            assert keep_large_buffers(arena_max=1 if malloc == "buffers+arena1" else 0)
+        serve(ports[0], value) if role == "--serve" else client_process(ports, value)
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--message-bytes", type=int, default=4 << 20)
@@ -137,49 +140,46 @@ def main() -> int:
     ap.add_argument("--connections", default="1,2,4,8")
     ap.add_argument("--servers", default="1,4", help="server process counts, comma-separated")
     ap.add_argument("--layouts", default="thread,proc")
+    ap.add_argument(
+        "--malloc", default="default,buffers,buffers+arena1", help="malloc settings, comma-separated"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     results = []
-    for num_servers in [int(s) for s in args.servers.split(",")]:
-        ports = [free_port() for _ in range(num_servers)]
-        servers = [
-            subprocess.Popen(
-                [sys.executable, __file__, "--serve", str(p), str(args.message_bytes)], stdout=subprocess.PIPE
-            )
-            for p in ports
-        ]
-        try:
-            for s in servers:
-                line = s.stdout.readline() if s.stdout else b""
-                assert line.strip() == b"ready", line
-            for layout in args.layouts.split(","):
-                for n in [int(c) for c in args.connections.split(",")]:
-                    messages = max(1, args.total_bytes // args.message_bytes // n)
-                    targets = [ports[i % num_servers] for i in range(n)]
-                    speeds = []
-                    for _ in range(args.repeats):
-                        nbytes, seconds = (run_threads if layout == "thread" else run_processes)(
-                            targets, messages
+    for malloc in args.malloc.split(","):
+        for num_servers in [int(s) for s in args.servers.split(",")]:
+            ports = [free_port() for _ in range(num_servers)]
+            servers = []
+            try:
+                servers += [start("--serve", malloc, args.message_bytes, [p]) for p in ports]
+                for layout in args.layouts.split(","):
+                    for n in [int(c) for c in args.connections.split(",")]:
+                        messages = max(1, args.total_bytes // args.message_bytes // n)
+                        targets = [ports[i % num_servers] for i in range(n)]
+                        groups = [targets] if layout == "thread" else [[t] for t in targets]
+                        speeds = []
+                        for _ in range(args.repeats):
+                            nbytes, seconds = run_clients(groups, messages, malloc)
+                            speeds.append(nbytes / seconds / 1e9)
+                        point = {
+                            "malloc": malloc,
+                            "servers": num_servers,
+                            "layout": layout,
+                            "connections": n,
+                            "message_bytes": args.message_bytes,
+                            "gb_per_s": statistics.median(speeds),
+                            "samples": speeds,
+                        }
+                        results.append(point)
+                        print(
+                            f"{malloc:15}  servers {num_servers}  {layout:6} x{n:<2}  "
+                            f"{point['gb_per_s']:6.2f} GB/s  ({', '.join(f'{s:.2f}' for s in speeds)})",
+                            flush=True,
                         )
-                        speeds.append(nbytes / seconds / 1e9)
-                    point = {
-                        "servers": num_servers,
-                        "layout": layout,
-                        "connections": n,
-                        "message_bytes": args.message_bytes,
-                        "gb_per_s": statistics.median(speeds),
-                        "samples": speeds,
-                    }
-                    results.append(point)
-                    print(
-                        f"servers {num_servers}  {layout:6} x{n:<2}  {point['gb_per_s']:6.2f} GB/s  "
-                        f"({', '.join(f'{s:.2f}' for s in speeds)})",
-                        flush=True,
-                    )
-        finally:
-            for s in servers:
-                s.kill()
+            finally:
+                for s in servers:
+                    s.kill()
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"cores": os.cpu_count(), "points": results}, f, indent=1)

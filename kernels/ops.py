@@ -93,6 +93,9 @@ class KernelOps:
     tune_linear: Callable[..., list[str]] | None = None
     # (logits [R, V]) -> [R] int64, torch.argmax(logits, -1) (greedy rows of a decode graph)
     argmax: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (values [R, V], k) -> ([R, k] fp32, [R, k] int64): each row's top k, best first, equal values
+    #   in index order (a stable descending sort's first k): beam search's pass over the vocabulary
+    row_topk: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
     # (probs [R, V] fp32, draws [R, 3] int64) -> [R] int64: the sampler's exponential race,
     #   services/worker/sampling_rng.exponential_race (its definition) in one pass
     exponential_race: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

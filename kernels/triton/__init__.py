@@ -47,6 +47,7 @@ from kernels.triton.quant_gemm import quant_linear, quant_linear_fused, tune_qua
 from kernels.triton.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.triton.rotary import rotary
 from kernels.triton.rotary_kv_write import rotary_write_kv_cache
+from kernels.triton.row_topk import row_topk
 from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import (
     linear,
@@ -82,6 +83,7 @@ TRITON_OPS = KernelOps(
     linear=linear,
     tune_linear=tune_linear,
     argmax=argmax,
+    row_topk=row_topk,
     exponential_race=exponential_race,
     # The folded-RMSNorm decode path (kernels/__init__.py): the models fold their layer norms.
     linear_rms_norm=linear_rms_norm,

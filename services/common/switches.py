@@ -147,6 +147,14 @@ GENERATE_MUX: Switch[bool] = Switch(
     "worker connection (gateway/generate_mux.py); 0 sends each request as its own Generate rpc",
     _parse_bool,
 )
+KEEP_LARGE_BUFFERS: Switch[bool] = Switch(
+    "TANDEM_KEEP_LARGE_BUFFERS",
+    "bool",
+    True,
+    "the worker's malloc thresholds for buffers of megabytes (services/common/large_buffers.py: "
+    "gRPC KV chunks reused, not mapped and unmapped per chunk); 0 keeps glibc's defaults",
+    _parse_bool,
+)
 
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
@@ -158,6 +166,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     HEAP_PROFILE,
     GIL_SWITCH_INTERVAL,
     GENERATE_MUX,
+    KEEP_LARGE_BUFFERS,
 )
 
 

@@ -6,7 +6,8 @@ rows, for every beam-search request whose live beams are all computed in the ste
 built by `BeamSearch.group`). Two stages, all torch ops on the logits' device:
 
 1. each beam row's own top `per_beam` (log-softmax values and ids, equal values in token id
-   order: `ordered_topk`); the stop ids that
+   order: `ordered_topk`, or on CUDA the kernel bundle's `row_topk`, kernels/triton/row_topk.py:
+   two launches instead of torch.topk's radix select and two sorts); the stop ids that
    `min_tokens` bans are then left out (as transformers' `min_new_tokens` does, after the
    log-softmax), which is why `per_beam` counts them on top of K;
 2. the beam's cumulative logprob added (float64, as the host merge adds them), the rows of a group
@@ -25,10 +26,14 @@ bookkeeping on those few numbers.
 from __future__ import annotations
 
 import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+
+# (values [N, V], k) -> ([N, k] values, [N, k] int64 ids): best first, equal values in id order
+RowTopk = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class BeamGroup(NamedTuple):  # (a tuple: one per request every step)
@@ -120,12 +125,14 @@ def select_beams(
     groups: list[BeamGroup],
     scores: torch.Tensor | None = None,
     index: list[torch.Tensor] | None = None,
+    row_topk: RowTopk | None = None,
 ) -> BeamSelection:
     """raw: [R, V] log-softmax of the step's fp32 logits (rows of other requests too). `scores`:
     float64 on the device, the cumulative logprob of each group row ([N], or [G, W] in row order),
     when the host does not know them yet (a step launched ahead: the previous selection's totals);
     else the groups'. `index`: `selection_lists(groups)` on the device, when the caller sent them
-    with its own indices (else sent here, one host->device copy)."""
+    with its own indices (else sent here, one host->device copy). `row_topk`: a kernel bundle's
+    exact top k per row (KernelOps.row_topk), in place of `ordered_topk`'s torch ops."""
     device = raw.device
     num_rows = sum(len(g.rows) for g in groups)
     vocab = raw.shape[1]
@@ -146,7 +153,7 @@ def select_beams(
     else:
         picked = raw if raw.shape[0] == num_rows else raw[:num_rows]
     k = max(per_beam, user_top)
-    values, ids = ordered_topk(picked, k)  # [N, k] best first
+    values, ids = (row_topk or ordered_topk)(picked, k)  # [N, k] best first
     tops = (
         torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1) if user_top else None
     )

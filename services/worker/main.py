@@ -7,6 +7,7 @@ import sys
 
 from services.common import switches
 from services.common.config import parse_config
+from services.common.large_buffers import keep_large_buffers
 from services.common.logging import setup_logging
 from services.common.server import GrpcServer, run
 from services.common.telemetry import setup_tracing
@@ -27,6 +28,8 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
         return 2
     if switches.GIL_SWITCH_INTERVAL.value > 0:
         sys.setswitchinterval(switches.GIL_SWITCH_INTERVAL.value)
+    if switches.KEEP_LARGE_BUFFERS.value:
+        keep_large_buffers(arena_max=1)
     setup_logging(config.log_level, config.log_format, "tandem.worker")
     setup_tracing("tandem-worker")  # from the OTEL_* environment; a no-op without it
     # torch is imported only now, so `tandem worker --help` and option errors stay instant

@@ -170,7 +170,8 @@ class ModelRunner:
             else []
         )
         self.sampler = Sampler(ops.exponential_race)
-        self.beams = BeamStep(device, block_size)  # beam search's device work around each step
+        # beam search's device work around each step
+        self.beams = BeamStep(device, block_size, ops.row_topk if device.type == "cuda" else None)
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
         # speculative decoding: graphs of the verification forward (K + 1 rows per sequence), or of

@@ -345,3 +345,27 @@ def test_tune_linear_on_gpu_picks_a_correct_kernel() -> None:
             rows,
             chosen(3072, 1024, torch.bfloat16, True, rows),
         )
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES)
+def test_row_topk_is_a_stable_descending_sort_s_first_k(device: str, dtype: torch.dtype) -> None:
+    """row_topk equals the first k of a stable descending sort (equal values in index order), for
+    vocabularies shorter than, equal to and not a multiple of the chunk, ties within and across
+    chunks, -inf runs longer than a chunk's share, and k from 1 to past one chunk's tail."""
+    skip_without(device)
+    pytest.importorskip("triton")
+    from kernels.triton.row_topk import BLOCK, row_topk
+
+    gen = torch.Generator().manual_seed(11)
+    for vocab, k in ((5, 5), (37, 8), (BLOCK, 3), (2 * BLOCK + 7, 16), (2 * BLOCK + 7, 1)):
+        x = torch.randn(4, vocab, generator=gen).to(dtype)
+        x[1] = 0.5  # all tied: the first k indices
+        x[2, : vocab // 2] = -torch.inf  # a masked half (banned tokens)
+        if vocab > BLOCK:  # equal values in several chunks, with the k-th place among them
+            x[3, [3, BLOCK + 1, BLOCK + 2, vocab - 1]] = 50.0
+            x[3, [7, 2 * BLOCK]] = 60.0
+        x = x.to(device)
+        values, ids = row_topk(x, k)
+        want_values, want_ids = x.float().sort(dim=-1, descending=True, stable=True)
+        assert torch.equal(ids.cpu(), want_ids[:, :k].cpu()), (vocab, k)
+        assert torch.equal(values.cpu(), want_values[:, :k].cpu()), (vocab, k)

@@ -27,7 +27,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_device_selection_equals_the_host_merge_with_ties_and_bans(device: str) -> None:
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch-topk", "row-topk-kernel"])
+def test_device_selection_equals_the_host_merge_with_ties_and_bans(device: str, kernel: bool) -> None:
+    """`select_beams` equals the host merge, with ordered_topk's torch ops and with the kernel the
+    runner passes on CUDA (kernels/triton/row_topk.py; Triton's interpreter on the CPU)."""
+    row_topk = None
+    if kernel:
+        from kernels.triton.row_topk import row_topk
     gen = torch.Generator().manual_seed(0)
     vocab = 64
     # coarse logits: exact ties inside rows (fewer than K at the K-th place: ordered_topk is exact
@@ -42,7 +48,7 @@ def test_device_selection_equals_the_host_merge_with_ties_and_bans(device: str) 
         BeamGroup("d", [8, 9, 10], [-0.25, -0.5, -0.75], keep=12, per_beam=12, banned=(1,), user_top=0),
     ]
     # row 7 belongs to another request, sampled in the same step
-    selection = select_beams(raw.to(device), groups)
+    selection = select_beams(raw.to(device), groups, row_topk=row_topk)
     assert selection.tops is not None and selection.table.device.type == device
     picks = unpack(groups, selection.per_beam, selection.table.tolist(), selection.tops.tolist())
     for group, pick in zip(groups, picks, strict=True):
