@@ -12,8 +12,9 @@ whose heaps glibc trims and regrows by its own rules; `arena_max` 1 keeps every 
 heap (a process whose threads mostly wait on the GIL loses nothing to the shared lock).
 
 `keep_large_buffers()` sets both with `mallopt` (no-op without glibc). The worker calls it at start
-unless TANDEM_KEEP_LARGE_BUFFERS=0 (switches.py); benchmarks/grpc_ceiling_bench.py measures the
-difference (`--keep-buffers off,on`).
+with TANDEM_KEEP_LARGE_BUFFERS=1 (switches.py: an A/B, off by default: grpcio alone gains from it,
+the worker-to-worker fetch measured slower, docs/disaggregation.md round 16);
+benchmarks/grpc_ceiling_bench.py measures grpcio with and without (`--malloc`).
 """
 
 from __future__ import annotations

@@ -150,9 +150,9 @@ GENERATE_MUX: Switch[bool] = Switch(
 KEEP_LARGE_BUFFERS: Switch[bool] = Switch(
     "TANDEM_KEEP_LARGE_BUFFERS",
     "bool",
-    True,
-    "the worker's malloc thresholds for buffers of megabytes (services/common/large_buffers.py: "
-    "gRPC KV chunks reused, not mapped and unmapped per chunk); 0 keeps glibc's defaults",
+    False,
+    "an A/B of the worker's malloc settings for buffers of megabytes (services/common/large_buffers.py: "
+    "gRPC KV chunks reused, not mapped and unmapped per chunk, one arena); 0 keeps glibc's defaults",
     _parse_bool,
 )
 
