@@ -21,7 +21,7 @@ def test_lora_bench_smoke(tmp_path: Path) -> None:
     assert [r["batch"] for r in report["rows"]] == [1, 1, 1, 4, 4, 4, 4, 4]
     assert report["rows"][-2]["kernel_config"] == "k_chunk=256,expand_columns=256,num_warps=4"
     assert report["rows"][-1]["scenario"] == "batch 4, 2 adapters [TANDEM_LORA_OVERLAP=0]"
-    assert report["kernel_config"] == "k_chunk=512,expand_columns=128,num_warps=4"
+    assert report["kernel_config"] == "k_chunk=1024,expand_columns=512,num_warps=4"
     assert all(r["tok_per_s"] > 0 for r in report["rows"])
     assert set(report["targets"]) == {
         "batch1_adapter_vs_base",
