@@ -8,6 +8,9 @@ run on CUDA in bf16 under the `gpu` marker, with longer contexts that exercise t
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from paged_inputs import make_paged_batch
 
 from kernels import get_ops, reference
 from kernels.triton.arrival_counters import arrival_counters
+from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -369,3 +373,32 @@ def test_row_topk_is_a_stable_descending_sort_s_first_k(device: str, dtype: torc
         want_values, want_ids = x.float().sort(dim=-1, descending=True, stable=True)
         assert torch.equal(ids.cpu(), want_ids[:, :k].cpu()), (vocab, k)
         assert torch.equal(values.cpu(), want_values[:, :k].cpu()), (vocab, k)
+
+
+def test_row_topk_compiles_for_hopper() -> None:
+    """The interpreter runs row_topk's kernels as Python; this compiles them as the GPU does (to a
+    cubin for sm_90, in a process without TRITON_INTERPRET), so a construct the compiler rejects
+    fails here and not in a beam search on the device."""
+    pytest.importorskip("triton")
+    script = """
+import importlib
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+m = importlib.import_module("kernels.triton.row_topk")
+ints = {"vocab": "i32", "num_chunks": "i32"}
+for fn, sig, consts in [
+    (m._topk_chunks_kernel, {"x_ptr": "*fp32", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32", **ints,
+     "stride_x": "i32", "K": "constexpr", "BLOCK": "constexpr"}, {"K": 8, "BLOCK": 4096}),
+    (m._topk_merge_kernel, {"part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "val_ptr": "*fp32",
+     "idx_ptr": "*i64", "vocab": "i32", "num_candidates": "i32", "K": "constexpr", "C_PAD": "constexpr"},
+     {"K": 8, "C_PAD": 512}),
+]:
+    kernel = compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+    assert kernel.asm["cubin"], fn.__name__
+print("compiled")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-2000:]
