@@ -96,6 +96,12 @@ class KernelOps:
     # (values [R, V], k) -> ([R, k] fp32, [R, k] int64): each row's top k, best first, equal values
     #   in index order (a stable descending sort's first k): beam search's pass over the vocabulary
     row_topk: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # (values [G*W, >=PB], ids, scores [G*W] fp64, stops [G, S], W, PB, keep) -> (table [G, keep, 4],
+    #   parents [G, W], tokens [G, W], totals [G, W]): beam search's candidate selection per request
+    #   (services/worker/beam_select.select_beams' second stage without bans or padding)
+    beam_candidates: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = (
+        None
+    )
     # (probs [R, V] fp32, draws [R, 3] int64) -> [R] int64: the sampler's exponential race,
     #   services/worker/sampling_rng.exponential_race (its definition) in one pass
     exponential_race: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

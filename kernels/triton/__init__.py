@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
+from kernels.triton.beam_candidates import beam_candidates
 from kernels.triton.decode_attention_tune import tune_decode_attention
 from kernels.triton.exponential_race import exponential_race
 from kernels.triton.fp8_gemm import tune_fp8_linear, w8a8_linear
@@ -84,6 +85,7 @@ TRITON_OPS = KernelOps(
     tune_linear=tune_linear,
     argmax=argmax,
     row_topk=row_topk,
+    beam_candidates=beam_candidates,
     exponential_race=exponential_race,
     # The folded-RMSNorm decode path (kernels/__init__.py): the models fold their layer norms.
     linear_rms_norm=linear_rms_norm,

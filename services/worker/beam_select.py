@@ -34,6 +34,12 @@ import torch
 
 # (values [N, V], k) -> ([N, k] values, [N, k] int64 ids): best first, equal values in id order
 RowTopk = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# (values, ids, scores, stops, width, per_beam, keep) -> (table, parents, tokens, totals):
+# kernels/triton/beam_candidates.py
+BeamCandidates = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+]
 
 
 class BeamGroup(NamedTuple):  # (a tuple: one per request every step)
@@ -126,13 +132,16 @@ def select_beams(
     scores: torch.Tensor | None = None,
     index: list[torch.Tensor] | None = None,
     row_topk: RowTopk | None = None,
+    beam_candidates: BeamCandidates | None = None,
 ) -> BeamSelection:
     """raw: [R, V] log-softmax of the step's fp32 logits (rows of other requests too). `scores`:
     float64 on the device, the cumulative logprob of each group row ([N], or [G, W] in row order),
     when the host does not know them yet (a step launched ahead: the previous selection's totals);
     else the groups'. `index`: `selection_lists(groups)` on the device, when the caller sent them
     with its own indices (else sent here, one host->device copy). `row_topk`: a kernel bundle's
-    exact top k per row (KernelOps.row_topk), in place of `ordered_topk`'s torch ops."""
+    exact top k per row (KernelOps.row_topk), in place of `ordered_topk`'s torch ops;
+    `beam_candidates`: its second stage in one launch (KernelOps.beam_candidates), used when no
+    candidate is banned and every group has the same number of rows."""
     device = raw.device
     num_rows = sum(len(g.rows) for g in groups)
     vocab = raw.shape[1]
@@ -164,6 +173,13 @@ def select_beams(
         if device.type == "cuda":
             base = base.pin_memory()
         scores = base.to(device, non_blocking=True)
+    if beam_candidates is not None and not padded and not num_banned:  # (the usual case on CUDA)
+        keep = min(max(g.keep for g in groups), width * per_beam)
+        stops = stops_t.view(len(groups), num_stops) if num_stops else stops_t
+        table, parents, tokens, best = beam_candidates(
+            values, ids, scores.reshape(num_rows), stops, width, per_beam, keep
+        )
+        return BeamSelection(groups, per_beam, table, tops, parents, tokens, best)
     totals = values + scores.reshape(num_rows, 1)  # (float64: the float32 values promoted)
     # per row: the banned stop ids (padded with -1, never an id) are left out
     valid: torch.Tensor | None = None

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.beam_select import BeamSelection, RowTopk, select_beams, selection_lists, to_device_lists
+from services.worker.beam_select import (
+    BeamCandidates,
+    BeamSelection,
+    RowTopk,
+    select_beams,
+    selection_lists,
+    to_device_lists,
+)
 from services.worker.kv_cache import KVCache
 from services.worker.request import Request, Sequence
 from services.worker.scheduler import SchedulerOutput
@@ -47,10 +54,18 @@ class AheadInputs:
 class BeamStep:
     """The beam-specific device work of the steps of one ModelRunner (module docstring)."""
 
-    def __init__(self, device: torch.device, block_size: int, row_topk: RowTopk | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        block_size: int,
+        row_topk: RowTopk | None = None,
+        beam_candidates: BeamCandidates | None = None,
+    ) -> None:
         self.device = device
         self.block_size = block_size
-        self.row_topk = row_topk  # a kernel bundle's top k over the vocabulary (else ordered_topk's ops)
+        # a kernel bundle's top k over the vocabulary and candidate selection (else torch ops)
+        self.row_topk = row_topk
+        self.beam_candidates = beam_candidates
 
     def select(
         self,
@@ -143,7 +158,9 @@ class BeamStep:
             else:
                 host = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
                 scores = host.to(self.device, non_blocking=True).index_copy(0, positions_t, picked_scores)
-        selection = select_beams(raw, groups, scores, device_lists[: len(lists)], self.row_topk)
+        selection = select_beams(
+            raw, groups, scores, device_lists[: len(lists)], self.row_topk, self.beam_candidates
+        )
         if same_tables:
             picked = block_tables if not on_host else block_tables.to(self.device, non_blocking=True)
         elif on_host:

@@ -171,7 +171,13 @@ class ModelRunner:
         )
         self.sampler = Sampler(ops.exponential_race)
         # beam search's device work around each step
-        self.beams = BeamStep(device, block_size, ops.row_topk if device.type == "cuda" else None)
+        on_cuda = device.type == "cuda"
+        self.beams = BeamStep(
+            device,
+            block_size,
+            ops.row_topk if on_cuda else None,
+            ops.beam_candidates if on_cuda else None,
+        )
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)
         # speculative decoding: graphs of the verification forward (K + 1 rows per sequence), or of

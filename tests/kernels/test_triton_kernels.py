@@ -375,8 +375,8 @@ def test_row_topk_is_a_stable_descending_sort_s_first_k(device: str, dtype: torc
         assert torch.equal(values.cpu(), want_values[:, :k].cpu()), (vocab, k)
 
 
-def test_row_topk_compiles_for_hopper() -> None:
-    """The interpreter runs row_topk's kernels as Python; this compiles them as the GPU does (to a
+def test_beam_kernels_compile_for_hopper() -> None:
+    """The interpreter runs row_topk's and beam_candidates' kernels as Python; this compiles them as the GPU does (to a
     cubin for sm_90, in a process without TRITON_INTERPRET), so a construct the compiler rejects
     fails here and not in a beam search on the device."""
     pytest.importorskip("triton")
@@ -385,6 +385,7 @@ import importlib
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 m = importlib.import_module("kernels.triton.row_topk")
+c = importlib.import_module("kernels.triton.beam_candidates")
 ints = {"vocab": "i32", "num_chunks": "i32"}
 for fn, sig, consts in [
     (m._topk_chunks_kernel, {"x_ptr": "*fp32", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32", **ints,
@@ -392,6 +393,11 @@ for fn, sig, consts in [
     (m._topk_merge_kernel, {"part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "val_ptr": "*fp32",
      "idx_ptr": "*i64", "vocab": "i32", "num_candidates": "i32", "K": "constexpr", "C_PAD": "constexpr"},
      {"K": 8, "C_PAD": 512}),
+    (c._beam_candidates_kernel, {"values_ptr": "*fp32", "ids_ptr": "*i64", "scores_ptr": "*fp64",
+     "stops_ptr": "*i64", "table_ptr": "*fp64", "parents_ptr": "*i64", "tokens_ptr": "*i64",
+     "totals_ptr": "*fp64", "stride_v": "i32", "stride_i": "i32", "num_stops": "i32", "W": "constexpr",
+     "PB": "constexpr", "KEEP": "constexpr", "C_PAD": "constexpr", "S_PAD": "constexpr",
+     "W_PAD": "constexpr"}, {"W": 4, "PB": 8, "KEEP": 8, "C_PAD": 32, "S_PAD": 16, "W_PAD": 16}),
 ]:
     kernel = compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
     assert kernel.asm["cubin"], fn.__name__

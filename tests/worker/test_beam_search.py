@@ -437,3 +437,45 @@ def test_beam_search_on_cuda_equals_transformers(refs: dict[str, RefModel]) -> N
     assert all(r.beam.num_steps > 1 and r.beam.num_host_merges == 0 for r in added)
     assert engine.scheduler.num_beam_steps_ahead > 0
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_beam_search_with_the_cuda_selection_kernels_equals_transformers(refs: dict[str, RefModel]) -> None:
+    """The runner's selection on CUDA (kernels/triton/row_topk.py and beam_candidates.py, here on
+    Triton's interpreter in place of the torch ops), steps launched ahead, stop ids met: the output
+    is transformers'."""
+    from kernels.triton.beam_candidates import beam_candidates
+    from kernels.triton.row_topk import row_topk
+
+    ref = refs["qwen2"]
+    width, n, lp, es, max_tokens = 4, 2, 0.5, True, 12
+    engine = ref.engine(block_size=4, async_scheduling="on")
+    calls = []
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return beam_candidates(*args)
+
+    engine.runner.beams.row_topk, engine.runner.beams.beam_candidates = row_topk, counted
+    prompts = [[1, 45, 99, 7, 13, 200], [1, 9]]
+    requests, expected = [], []
+    for i, prompt in enumerate(prompts):
+        stop = tuple(dict.fromkeys(first_tokens(ref, prompt, 6)[1::2]))
+        sp = SamplingParams(
+            temperature=0.0,
+            n=n,
+            best_of=width,
+            use_beam_search=True,
+            length_penalty=lp,
+            early_stopping=es,
+            max_tokens=max_tokens,
+            stop_token_ids=stop,
+        )
+        requests.append(EngineRequest(f"r{i}", tuple(prompt), sp))
+        expected.append(
+            hf_beams(ref, prompt, width=width, n=n, stop=stop, length_penalty=lp, early_stopping=es,
+                     max_new_tokens=max_tokens)[0]
+        )  # fmt: skip
+    results = run_to_completion(engine, requests)
+    assert engine.scheduler.num_beam_steps_ahead > 0 and calls
+    for i, tokens in enumerate(expected):
+        assert [results[f"r{i}"].token_ids[c] for c in range(n)] == tokens, f"prompt {i}"

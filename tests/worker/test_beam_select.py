@@ -88,3 +88,43 @@ def test_ordered_topk_puts_equal_values_in_token_id_order(device: str) -> None:
     assert values[0].tolist() == rows[0, expected].tolist()
     mirrored = row[::-1]
     assert ids[1].tolist() == sorted(range(len(row)), key=lambda t: (-mirrored[t], t))[:9]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stops", [(), (5, 9)], ids=["no-stops", "stops"])
+def test_candidate_kernel_equals_the_torch_selection(device: str, stops: tuple[int, ...]) -> None:
+    """kernels/triton/beam_candidates.py (the runner's second stage on CUDA; Triton's interpreter
+    on the CPU) gives `select_beams`' torch path's table, and the same next beams wherever some go
+    on (past the last one going on, the torch path's columns are don't-cares: kept in range)."""
+    from kernels.triton.beam_candidates import beam_candidates
+    from kernels.triton.row_topk import row_topk
+
+    gen = torch.Generator().manual_seed(3)
+    vocab, width = 48, 4
+    logits = torch.randint(0, 12, (3 * width, vocab), generator=gen).float() / 2  # ties everywhere
+    logits[:, list(stops)] += 3.0  # stop ids among the best: some candidates end
+    raw = torch.log_softmax(logits, dim=-1).to(device)
+    groups = [
+        BeamGroup(name, list(range(g * width, (g + 1) * width)), scores, keep=2 * width, per_beam=2 * width,
+                  banned=(), user_top=1 if g == 1 else 0, stops=stops)
+        for g, (name, scores) in enumerate(
+            [("a", [0.0, -0.5, -0.5, -1.0]), ("b", [-2.0] * 4), ("c", [-0.25, -3.0, -0.25, -9.0])]
+        )
+    ]  # fmt: skip
+    torch_path = select_beams(raw, groups, row_topk=row_topk)  # (the same first stage: exact with ties)
+    kernel_path = select_beams(raw, groups, row_topk=row_topk, beam_candidates=beam_candidates)
+    assert torch.equal(kernel_path.table.cpu(), torch_path.table.cpu())
+    assert kernel_path.tops is not None and torch_path.tops is not None
+    assert torch.equal(kernel_path.tops.cpu(), torch_path.tops.cpu())
+    tokens = torch_path.table[:, :, 2].long().cpu()
+    for g in range(len(groups)):
+        going = min(width, sum(int(t) not in stops for t in tokens[g]))
+        for got, want in (
+            (kernel_path.parents, torch_path.parents),
+            (kernel_path.tokens, torch_path.tokens),
+            (kernel_path.totals, torch_path.totals),
+        ):
+            assert torch.equal(got[g, :going].cpu(), want[g, :going].cpu()), g
+        assert int(kernel_path.parents[g].max()) < width
+    if stops:  # the stop ids are among the best: some group has a candidate that ends
+        assert any(int(t) in stops for t in tokens[:, :width].flatten())
