@@ -3,7 +3,8 @@
 
 The runner calls `select_beams` right after the sampler, on the raw log-softmax of the step's
 rows, for every beam-search request whose live beams are all computed in the step (a `BeamGroup`,
-built by `BeamSearch.group`). Two stages, all torch ops on the logits' device:
+built by `BeamSearch.group`). Two stages on the logits' device, torch ops (on CUDA, kernels of the
+bundle where they apply: `row_topk` for the first, `beam_candidates` for the second):
 
 1. each beam row's own top `per_beam` (log-softmax values and ids, equal values in token id
    order: `ordered_topk`, or on CUDA the kernel bundle's `row_topk`, kernels/triton/row_topk.py:
