@@ -41,6 +41,10 @@ BeamCandidates = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int],
     tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ]
+# The sizes those kernels are for (each takes its k best by k rounds over registers holding a
+# chunk's or a request's candidates); wider searches keep the torch ops.
+KERNEL_MAX_K = 64  # row_topk's k (per_beam or the client's top logprobs)
+KERNEL_MAX_CANDIDATES = 2048  # beam_candidates' W x per_beam
 
 
 class BeamGroup(NamedTuple):  # (a tuple: one per request every step)
@@ -163,7 +167,9 @@ def select_beams(
     else:
         picked = raw if raw.shape[0] == num_rows else raw[:num_rows]
     k = max(per_beam, user_top)
-    values, ids = (row_topk or ordered_topk)(picked, k)  # [N, k] best first
+    if row_topk is None or k > KERNEL_MAX_K:
+        row_topk = ordered_topk
+    values, ids = row_topk(picked, k)  # [N, k] best first
     tops = (
         torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1) if user_top else None
     )
@@ -174,7 +180,8 @@ def select_beams(
         if device.type == "cuda":
             base = base.pin_memory()
         scores = base.to(device, non_blocking=True)
-    if beam_candidates is not None and not padded and not num_banned:  # (the usual case on CUDA)
+    uniform = not padded and not num_banned and width * per_beam <= KERNEL_MAX_CANDIDATES
+    if beam_candidates is not None and uniform:  # (the usual case on CUDA)
         keep = min(max(g.keep for g in groups), width * per_beam)
         stops = stops_t.view(len(groups), num_stops) if num_stops else stops_t
         table, parents, tokens, best = beam_candidates(

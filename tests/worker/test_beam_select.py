@@ -4,6 +4,8 @@ ties, banned stop ids left out, for several requests of different widths at once
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -128,3 +130,28 @@ def test_candidate_kernel_equals_the_torch_selection(device: str, stops: tuple[i
         assert int(kernel_path.parents[g].max()) < width
     if stops:  # the stop ids are among the best: some group has a candidate that ends
         assert any(int(t) in stops for t in tokens[:, :width].flatten())
+
+
+def test_wide_searches_keep_the_torch_ops() -> None:
+    """Past the sizes the kernels are for (KERNEL_MAX_K per row, KERNEL_MAX_CANDIDATES a request),
+    the selection runs the torch ops, with the same result as without kernels."""
+    from services.worker.beam_select import KERNEL_MAX_CANDIDATES, KERNEL_MAX_K
+
+    called: list[str] = []
+
+    def kernel(name: str) -> Any:
+        def refuse(*args: Any) -> Any:
+            called.append(name)
+            raise AssertionError(f"{name} called past its sizes")
+
+        return refuse
+
+    width = KERNEL_MAX_CANDIDATES // KERNEL_MAX_K + 1
+    per_beam = KERNEL_MAX_K + 1
+    raw = torch.log_softmax(torch.randn(width, 4 * per_beam, generator=torch.Generator().manual_seed(5)), -1)
+    group = BeamGroup(
+        "w", list(range(width)), [0.0] * width, keep=2 * width, per_beam=per_beam, banned=(), user_top=0
+    )
+    want = select_beams(raw, [group])
+    got = select_beams(raw, [group], row_topk=kernel("row_topk"), beam_candidates=kernel("beam_candidates"))
+    assert not called and torch.equal(got.table, want.table) and torch.equal(got.parents, want.parents)
