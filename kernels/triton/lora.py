@@ -74,8 +74,8 @@ class LoRAKernelConfig:
 
 SMALL_ROWS = 8
 _SMALL_ROWS_CONFIG = LoRAKernelConfig()
-# launches of more than SMALL_ROWS rows: the best of the device A/B (docs/lora.md, Performance;
-# round 16's lora_kernel_bench on an H100: fastest at 16, 32 and 64 rows)
+# launches of more than SMALL_ROWS rows: the best of the device A/B (docs/lora.md, Performance:
+# lora_kernel_bench's fastest at 16, 32 and 64 rows)
 DEFAULT_CONFIG = LoRAKernelConfig(k_chunk=1024, expand_columns=512)
 _config = DEFAULT_CONFIG
 
