@@ -191,7 +191,8 @@ class BeamStep:
         n = len(ahead)
         # one pass over the entries (the lookups once per request, not a search per beam)
         groups = []  # the group of each entry in the previous selection
-        beams = []  # its place in that group (new beam j of BeamSearch.live)
+        places = []  # group x W_max + its place in that group (new beam j of BeamSearch.live)
+        width = before.parents.shape[1]
         shared_blocks = []  # full blocks taken from the parent
         tail_blocks = []
         mid = []  # entries with a partly filled block to carry over
@@ -206,7 +207,7 @@ class BeamStep:
                 slots.update((s.seq_id, (group, j)) for j, s in enumerate(seq.request.beam.live))
                 slot = slots[seq.seq_id]
             groups.append(slot[0])
-            beams.append(slot[1])
+            places.append(slot[0] * width + slot[1])
             shared_blocks.append(item.start // bs)
             tail_blocks.append(item.beam_tail)
             if item.start % bs:
@@ -215,10 +216,10 @@ class BeamStep:
         # (decodes of beams only, in order: the input ids are the picked tokens as they are)
         only_beams = positions == list(range(n)) and cu_seqlens[-1] == n
         # one host->device copy for every index of the step ahead
-        groups_t, beams_t, shared, tails, positions_t, pick, entries, host_ids = to_device_lists(
+        groups_t, places_t, shared, tails, positions_t, pick, entries, host_ids = to_device_lists(
             [
                 groups,
-                beams,
+                places,
                 shared_blocks,
                 tail_blocks,
                 [] if only_beams else positions,
@@ -228,7 +229,8 @@ class BeamStep:
             ],
             self.device,
         )
-        parents = before.parents[groups_t, beams_t]  # [n]
+        # (take: one flat index into [G, W_max], whatever the strides; cheaper than a 2-D index)
+        parents = before.parents.take(places_t)  # [n]
         assert before.slot_tables is not None
         tables = before.slot_tables[groups_t, parents]  # [n, w_prev] (a copy)
         # Each parent's table has its full blocks, then its partly filled block (at `shared`, in
@@ -246,7 +248,7 @@ class BeamStep:
                 src, dst = src.index_select(0, pick), tails.index_select(0, pick)
             kv_cache.copy_block_tensors(src, dst)
         tables.scatter_(1, shared, tails.view(n, 1).to(torch.int32))
-        tokens = before.tokens[groups_t, beams_t]  # [n] the picked tokens
+        tokens = before.tokens.take(places_t)  # [n] the picked tokens
         if only_beams:
             return AheadInputs(tokens, tables, entries)
         device_ids = ids if isinstance(ids, torch.Tensor) else host_ids
