@@ -180,9 +180,9 @@ def select_beams(
         if device.type == "cuda":
             base = base.pin_memory()
         scores = base.to(device, non_blocking=True)
+    keep = min(max(g.keep for g in groups), width * per_beam)
     uniform = not padded and not num_banned and width * per_beam <= KERNEL_MAX_CANDIDATES
     if beam_candidates is not None and uniform:  # (the usual case on CUDA)
-        keep = min(max(g.keep for g in groups), width * per_beam)
         stops = stops_t.view(len(groups), num_stops) if num_stops else stops_t
         table, parents, tokens, best = beam_candidates(
             values, ids, scores.reshape(num_rows), stops, width, per_beam, keep
@@ -199,7 +199,6 @@ def select_beams(
         pad = torch.full((1, per_beam), -torch.inf, dtype=torch.float64, device=device)
         totals = torch.cat([totals, pad]).index_select(0, slots_t)
     laid = totals.view(len(groups), width * per_beam)
-    keep = min(max(g.keep for g in groups), width * per_beam)
     # stable: equal totals keep their (beam, rank) order
     best, order = laid.sort(dim=1, descending=True, stable=True)
     if keep < width * per_beam:

@@ -64,6 +64,43 @@ def first_tokens(ref: RefModel, prompt: list[int], k: int) -> list[int]:
     return ref.greedy(prompt, k)
 
 
+def beam_requests(
+    ref: RefModel, prompts: list[list[int]], setting: tuple[Any, ...], logprobs: int | None = None
+) -> tuple[list[EngineRequest], list[tuple[list[list[int]], list[float]]]]:
+    """A beam-search request per prompt under `setting` (width, n, length_penalty, early_stopping,
+    max_tokens), with stop ids the beams meet (the greedy path's 2nd, 4th and 6th tokens:
+    hypotheses finish early), and transformers' outputs and scores for each."""
+    width, n, lp, es, max_tokens = setting
+    requests, expected = [], []
+    for i, prompt in enumerate(prompts):
+        stop = tuple(dict.fromkeys(first_tokens(ref, prompt, 6)[1::2]))
+        sp = SamplingParams(
+            temperature=0.0,
+            n=n,
+            best_of=width,
+            use_beam_search=True,
+            length_penalty=lp,
+            early_stopping=es,
+            max_tokens=max_tokens,
+            stop_token_ids=stop,
+            logprobs=logprobs,
+        )
+        requests.append(EngineRequest(f"r{i}", tuple(prompt), sp))
+        expected.append(
+            hf_beams(
+                ref,
+                prompt,
+                width=width,
+                n=n,
+                stop=stop,
+                length_penalty=lp,
+                early_stopping=es,
+                max_new_tokens=max_tokens,
+            )
+        )
+    return requests, expected
+
+
 # (width, n, length_penalty, early_stopping, max_tokens)
 SETTINGS = [
     (4, 4, 1.0, False, 24),
@@ -84,41 +121,13 @@ def test_beam_search_equals_transformers(
     """Synchronous, and with async scheduling, where each beam step is launched before the host
     reads the one before (the next beams gathered on the device: beam_select.py)."""
     ref = refs[model]
-    width, n, lp, es, max_tokens = setting
+    width, n, lp = setting[:3]
     prompts = (
         [[1, 403, 407, 315, 290], [1, 45, 99]] if model == "stories" else [[1, 45, 99, 7, 13, 200], [1, 9]]
     )
     # small blocks: forks copy partial blocks and share full ones
     engine = ref.engine(block_size=4, async_scheduling=async_scheduling)
-    requests = []
-    expected = []
-    for i, prompt in enumerate(prompts):
-        # stop ids the beams meet (the greedy path's 2nd, 4th and 6th tokens): hypotheses finish early
-        stop = tuple(dict.fromkeys(first_tokens(ref, prompt, 6)[1::2]))
-        sp = SamplingParams(
-            temperature=0.0,
-            n=n,
-            best_of=width,
-            use_beam_search=True,
-            length_penalty=lp,
-            early_stopping=es,
-            max_tokens=max_tokens,
-            stop_token_ids=stop,
-            logprobs=2,
-        )
-        requests.append(EngineRequest(f"r{i}", tuple(prompt), sp))
-        expected.append(
-            hf_beams(
-                ref,
-                prompt,
-                width=width,
-                n=n,
-                stop=stop,
-                length_penalty=lp,
-                early_stopping=es,
-                max_new_tokens=max_tokens,
-            )
-        )
+    requests, expected = beam_requests(ref, prompts, setting, logprobs=2)
     results = run_to_completion(engine, requests)  # together: beams of both in every step
     assert (engine.scheduler.num_beam_steps_ahead > 0) == (async_scheduling == "on")
     if lp <= 0.5 and width > 1:  # (longer outputs win with a larger penalty) hypotheses ended on stop ids
@@ -447,7 +456,7 @@ def test_beam_search_with_the_cuda_selection_kernels_equals_transformers(refs: d
     from kernels.triton.row_topk import row_topk
 
     ref = refs["qwen2"]
-    width, n, lp, es, max_tokens = 4, 2, 0.5, True, 12
+    n = 2
     engine = ref.engine(block_size=4, async_scheduling="on")
     calls = []
 
@@ -456,26 +465,8 @@ def test_beam_search_with_the_cuda_selection_kernels_equals_transformers(refs: d
         return beam_candidates(*args)
 
     engine.runner.beams.row_topk, engine.runner.beams.beam_candidates = row_topk, counted
-    prompts = [[1, 45, 99, 7, 13, 200], [1, 9]]
-    requests, expected = [], []
-    for i, prompt in enumerate(prompts):
-        stop = tuple(dict.fromkeys(first_tokens(ref, prompt, 6)[1::2]))
-        sp = SamplingParams(
-            temperature=0.0,
-            n=n,
-            best_of=width,
-            use_beam_search=True,
-            length_penalty=lp,
-            early_stopping=es,
-            max_tokens=max_tokens,
-            stop_token_ids=stop,
-        )
-        requests.append(EngineRequest(f"r{i}", tuple(prompt), sp))
-        expected.append(
-            hf_beams(ref, prompt, width=width, n=n, stop=stop, length_penalty=lp, early_stopping=es,
-                     max_new_tokens=max_tokens)[0]
-        )  # fmt: skip
+    requests, expected = beam_requests(ref, [[1, 45, 99, 7, 13, 200], [1, 9]], (4, n, 0.5, True, 12))
     results = run_to_completion(engine, requests)
     assert engine.scheduler.num_beam_steps_ahead > 0 and calls
-    for i, tokens in enumerate(expected):
+    for i, (tokens, _) in enumerate(expected):
         assert [results[f"r{i}"].token_ids[c] for c in range(n)] == tokens, f"prompt {i}"
