@@ -6,7 +6,10 @@
 # fused quantized GEMM kernels in bf16), engine_moe / engine_gemma (batch-1 decode with a kernel
 # profile), quant (quant_bench), beam (beam_bench Qwen2-0.5B with phases), beamprof (beam_profile),
 # qgemv / qgemvtests (the word GEMV: quant_bench --gemv-only, bf16 tests), attn / attntests (decode attention variants: bench, bf16 tests), lora (lora_bench), loratests (the LoRA kernels' and engine's bf16 tests), lorakern (lora_kernel_bench:
-# the LoRA kernel configs alone), lorab64 (lora_bench's batch-64 rows with profiles and A/Bs), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels).
+# the LoRA kernel configs alone), lorab64 (lora_bench's batch-64 rows with profiles and A/Bs), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels),
+# beamhost (beam_profile's ops by host time), beamtests (the beam and selection kernels' bf16 tests),
+# kvttft (the gRPC fetch and its layer-wise first token, with the prefill's own completion),
+# kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -54,6 +57,18 @@ for s in ${STEPS:?name the steps}; do
     attn) step attn "${ATTN_T:-150}" "$PY" benchmarks/decode_attention_bench.py --out "$OUT/decode_attention_small.json" ;;
     attntests) step attntests "${ATTNTESTS_T:-120}" "${gpu_pytest[@]}" tests/kernels/test_decode_attention_variants.py ;;
     qgemv) step qgemv "${QGEMV_T:-150}" "$PY" benchmarks/quant_bench.py --gemv-only --out "$OUT/quant_gemv.json" ;;
+    beamhost) step beamhost "${BEAMHOST_T:-70}" "$PY" benchmarks/beam_profile.py --model Qwen2-0.5B --width 4 \
+      --sort host --top 30 ;;
+    beamtests) step beamtests "${BEAMTESTS_T:-120}" "${gpu_pytest[@]}" tests/worker \
+      tests/kernels/test_triton_kernels.py -k "beam or row_topk" ;;
+    kvttft) step kvttft "${KV_T:-120}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
+      --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc --fetch-streams 4 --out "$OUT/kv_ttft.json" ;;
+    kvmalloc)
+      for keep in 1 0; do
+        TANDEM_KEEP_LARGE_BUFFERS=$keep step "kvmalloc$keep" "${KV_T:-100}" "$PY" benchmarks/kv_transfer_bench.py \
+          --shape Llama-3.1-8B --device cuda --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc \
+          --fetch-streams 1,4 --no-ttft --worker-args "--kv-chunk-bytes 4194304" --out "$OUT/kv_keep$keep.json"
+      done ;;
     qgemvtests) step qgemvtests "${QGEMVTESTS_T:-100}" "${gpu_pytest[@]}" tests/kernels/test_quant_gemv.py ;;
     *) echo "unknown step $s" ;;
   esac
