@@ -38,8 +38,9 @@ class Load:
                 async with session.post(self.url + "/v1/completions", json=BODY) as reply:
                     text = await reply.text()
                     if reply.status != 200:
-                        json.loads(text)["error"]
-                        return Outcome(started, time.monotonic(), "error", f"HTTP {reply.status}")
+                        error = json.loads(text)["error"]  # (an error envelope, whatever the status)
+                        detail = f"HTTP {reply.status}: {error.get('message', '')[:300]}"
+                        return Outcome(started, time.monotonic(), "error", detail)
                     if not text.endswith("data: [DONE]\n\n"):
                         return Outcome(started, time.monotonic(), "hung", "stream ended without [DONE]")
                     if '"error"' in text:
