@@ -38,6 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.common.large_buffers import keep_large_buffers
 
 OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+# --channel-options: grpc core's defaults, or HTTP/2 frames of up to 16 MiB (HTTP/2's default is
+# 16 KiB: a 4 MiB message is 256 DATA frames) with socket reads sized from 1 to 16 MiB, set on both
+# the server and the client.
+CHANNEL_OPTIONS: dict[str, list[tuple[str, int]]] = {
+    "default": [],
+    "large-frames": [
+        ("grpc.http2.max_frame_size", 16 << 20),
+        ("grpc.experimental.tcp_read_chunk_size", 4 << 20),
+        ("grpc.experimental.tcp_min_read_chunk_size", 1 << 20),
+        ("grpc.experimental.tcp_max_read_chunk_size", 16 << 20),
+    ],
+}
 METHOD = "/ceiling.Bench/Stream"
 
 
@@ -47,7 +59,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(port: int, message_bytes: int) -> None:
+def serve(port: int, message_bytes: int, options: list[tuple[str, int]]) -> None:
     payload = os.urandom(message_bytes)
 
     async def stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -55,7 +67,7 @@ def serve(port: int, message_bytes: int) -> None:
             yield payload
 
     async def run() -> None:
-        server = grpc.aio.server(options=OPTIONS)
+        server = grpc.aio.server(options=OPTIONS + options)
         handler = grpc.method_handlers_generic_handler(
             "ceiling.Bench", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
         )
@@ -68,20 +80,20 @@ def serve(port: int, message_bytes: int) -> None:
     asyncio.run(run())
 
 
-def connect(port: int) -> grpc.UnaryStreamMultiCallable:
+def connect(port: int, options: list[tuple[str, int]]) -> grpc.UnaryStreamMultiCallable:
     """A call on a connection of its own (no subchannel shared with the process's other channels)."""
     channel = grpc.insecure_channel(
-        f"127.0.0.1:{port}", options=[*OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        f"127.0.0.1:{port}", options=[*OPTIONS, *options, ("grpc.use_local_subchannel_pool", 1)]
     )
     call = channel.unary_stream(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     sum(len(m) for m in call(b"2"))  # connected and warm
     return call
 
 
-def client_process(ports: list[int], messages: int) -> None:
+def client_process(ports: list[int], messages: int, options: list[tuple[str, int]]) -> None:
     """One client process: a connection per port, each pulled by a thread of its own; says ready
     once connected, pulls on "go" and prints the bytes received."""
-    calls = [connect(p) for p in ports]
+    calls = [connect(p, options) for p in ports]
     received: list[int] = []
 
     def pull(call: grpc.UnaryStreamMultiCallable) -> None:
@@ -97,9 +109,9 @@ def client_process(ports: list[int], messages: int) -> None:
     print(sum(received), flush=True)
 
 
-def start(role: str, malloc: str, value: int, ports: list[int]) -> subprocess.Popen[str]:
+def start(role: str, malloc: str, options: str, value: int, ports: list[int]) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, __file__, role, malloc, str(value), *map(str, ports)],
+        [sys.executable, __file__, role, malloc, options, str(value), *map(str, ports)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -110,10 +122,10 @@ def start(role: str, malloc: str, value: int, ports: list[int]) -> subprocess.Po
     return proc
 
 
-def run_clients(groups: list[list[int]], messages: int, malloc: str) -> tuple[int, float]:
+def run_clients(groups: list[list[int]], messages: int, malloc: str, options: str) -> tuple[int, float]:
     """One client process per group of ports: the bytes all of them received, and the seconds from
     "go" to the last one's answer."""
-    procs = [start("--client", malloc, messages, ports) for ports in groups]
+    procs = [start("--client", malloc, options, messages, ports) for ports in groups]
     began = time.perf_counter()
     for p in procs:
         assert p.stdin is not None
@@ -128,11 +140,11 @@ def run_clients(groups: list[list[int]], messages: int, malloc: str) -> tuple[in
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] in ("--serve", "--client"):
-        role, malloc = sys.argv[1], sys.argv[2]
-        value, ports = int(sys.argv[3]), list(map(int, sys.argv[4:]))
+        role, malloc, options = sys.argv[1], sys.argv[2], CHANNEL_OPTIONS[sys.argv[3]]
+        value, ports = int(sys.argv[4]), list(map(int, sys.argv[5:]))
         if malloc != "default":
             assert keep_large_buffers(arena_max=1 if malloc == "buffers+arena1" else 0)
-        serve(ports[0], value) if role == "--serve" else client_process(ports, value)
+        serve(ports[0], value, options) if role == "--serve" else client_process(ports, value, options)
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--message-bytes", type=int, default=4 << 20)
@@ -143,16 +155,22 @@ def main() -> int:
     ap.add_argument(
         "--malloc", default="default,buffers,buffers+arena1", help="malloc settings, comma-separated"
     )
+    ap.add_argument(
+        "--channel-options",
+        default="default,large-frames",
+        help=f"grpc option sets, comma-separated, of: {', '.join(CHANNEL_OPTIONS)}",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     results = []
-    for malloc in args.malloc.split(","):
+    settings = [(m, o) for o in args.channel_options.split(",") for m in args.malloc.split(",")]
+    for malloc, options in settings:
         for num_servers in [int(s) for s in args.servers.split(",")]:
             ports = [free_port() for _ in range(num_servers)]
             servers = []
             try:
-                servers += [start("--serve", malloc, args.message_bytes, [p]) for p in ports]
+                servers += [start("--serve", malloc, options, args.message_bytes, [p]) for p in ports]
                 for layout in args.layouts.split(","):
                     for n in [int(c) for c in args.connections.split(",")]:
                         messages = max(1, args.total_bytes // args.message_bytes // n)
@@ -160,10 +178,11 @@ def main() -> int:
                         groups = [targets] if layout == "thread" else [[t] for t in targets]
                         speeds = []
                         for _ in range(args.repeats):
-                            nbytes, seconds = run_clients(groups, messages, malloc)
+                            nbytes, seconds = run_clients(groups, messages, malloc, options)
                             speeds.append(nbytes / seconds / 1e9)
                         point = {
                             "malloc": malloc,
+                            "channel_options": options,
                             "servers": num_servers,
                             "layout": layout,
                             "connections": n,
@@ -173,7 +192,7 @@ def main() -> int:
                         }
                         results.append(point)
                         print(
-                            f"{malloc:15}  servers {num_servers}  {layout:6} x{n:<2}  "
+                            f"{malloc:15}  {options:12}  servers {num_servers}  {layout:6} x{n:<2}  "
                             f"{point['gb_per_s']:6.2f} GB/s  ({', '.join(f'{s:.2f}' for s in speeds)})",
                             flush=True,
                         )

@@ -9,7 +9,8 @@
 # the LoRA kernel configs alone), lorab64 (lora_bench's batch-64 rows with profiles and A/Bs), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels),
 # beamhost (beam_profile's ops by host time), beamtests (the beam and selection kernels' bf16 tests),
 # kvttft (the gRPC fetch and its layer-wise first token, with the prefill's own completion),
-# kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0).
+# kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0),
+# grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -69,6 +70,8 @@ for s in ${STEPS:?name the steps}; do
           --shape Llama-3.1-8B --device cuda --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc \
           --fetch-streams 1,4 --no-ttft --worker-args "--kv-chunk-bytes 4194304" --out "$OUT/kv_keep$keep.json"
       done ;;
+    grpcopts) step grpcopts "${GRPCOPTS_T:-200}" "$PY" benchmarks/grpc_ceiling_bench.py --servers 1,4 \
+      --connections 1,4 --malloc default,buffers+arena1 --channel-options default,large-frames --out "$OUT/grpc_options.json" ;;
     qgemvtests) step qgemvtests "${QGEMVTESTS_T:-100}" "${gpu_pytest[@]}" tests/kernels/test_quant_gemv.py ;;
     *) echo "unknown step $s" ;;
   esac

@@ -15,9 +15,12 @@ def test_grpc_ceiling_bench_reports_each_layout(tmp_path: Path) -> None:
         "--message-bytes", str(1 << 16),
         "--total-bytes", str(1 << 20),
         "--repeats", "1",
+        "--malloc", "default",
         out=tmp_path / "ceiling.json",
     )  # fmt: skip
-    points = {(p["layout"], p["connections"]): p for p in report["points"]}
-    assert set(points) == {("thread", 2), ("proc", 2)}
+    points = {(p["channel_options"], p["layout"], p["connections"]): p for p in report["points"]}
+    assert set(points) == {
+        (o, layout, 2) for o in ("default", "large-frames") for layout in ("thread", "proc")
+    }
     assert all(p["gb_per_s"] > 0 and len(p["samples"]) == 1 for p in points.values())
     assert "thread x2" in stdout
