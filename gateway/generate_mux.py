@@ -11,7 +11,8 @@ A `GenerateSession` keeps the failures of a per-request Generate rpc, so the rou
 (worker_stream.py) apply unchanged: a session the worker ends with an error (INVALID_ARGUMENT
 naming the field, RESOURCE_EXHAUSTED, INTERNAL, ...) raises that status as an `AioRpcError` and
 the other sessions go on; if the stream itself breaks (the worker died: UNAVAILABLE) every session
-on it fails with the stream's status, as each one's own rpc would have, and the next call opens a
+on it fails with the stream's status, as each one's own rpc would have (UNAVAILABLE too where grpc
+reported the break as UNKNOWN or INTERNAL: `session_mux._stream_error`), and the next call opens a
 new stream. The request's deadline ends its session with DEADLINE_EXCEEDED, as it ended an rpc.
 """
 

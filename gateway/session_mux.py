@@ -58,6 +58,25 @@ def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
+# A stream's own status is never a session's: a session's failure comes as its `end`. grpc core
+# reports a connection torn down under an open stream (a peer that stopped or restarted) as
+# UNAVAILABLE, but also as UNKNOWN "Stream removed" (grpc/grpc#34076), and a peer whose stream
+# handler failed ends the stream with UNKNOWN / INTERNAL: the peer's failure either way, not one
+# request's. Its sessions fail as when the peer is gone (UNAVAILABLE), so the gateway moves them
+# instead of answering each one's client with a 500.
+_PEER_BROKE = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+
+
+def _stream_error(exc: grpc.aio.AioRpcError, peer: str, stream: str) -> grpc.aio.AioRpcError:
+    """What the sessions of a stream that failed with `exc` fail with."""
+    if exc.code() not in _PEER_BROKE:
+        return exc
+    return _error(
+        grpc.StatusCode.UNAVAILABLE,
+        f"the {peer}'s {stream} stream broke ({exc.code().name}: {exc.details()})",
+    )
+
+
 class MuxSession(Generic[ItemT]):
     """One session on a `SessionMux`: the stand-in for one rpc. Its answers come out of
     `responses` until the peer ends it; it fails as that rpc would have (see `SessionMux`)."""
@@ -128,8 +147,10 @@ class SessionMux(ABC, Generic[StartT, SessionT]):
       `AioRpcError` with the peer's code and message) from `responses`; the other sessions go on.
     - Stream failure: when the stream breaks (the peer died or restarted), ends (the peer drained
       it), or the reader hits a bug (INTERNAL), every open session fails with that status, as each
-      one's own rpc would have; the mux is then `closed`, drops what is queued, and never opens
-      again. `close()` fails the sessions with CANCELLED. No session is ever left hanging.
+      one's own rpc would have, except that a stream the peer broke with UNKNOWN or INTERNAL fails
+      them with UNAVAILABLE (`_stream_error`: the peer's failure, not theirs); the mux is then
+      `closed`, drops what is queued, and never opens again. `close()` fails the sessions with
+      CANCELLED. No session is ever left hanging.
     - Deadline: a session opened with a deadline (time.monotonic()) that the peer has not ended by
       then is cancelled on the peer and fails with DEADLINE_EXCEEDED, as the rpc's deadline would.
     - Cancellation: after `cancel()` the session's `responses` ends, and the peer's later answers
@@ -291,7 +312,7 @@ class SessionMux(ABC, Generic[StartT, SessionT]):
             # The stream ended: retired here, or the peer (draining) ended it after its last session.
             error = _error(grpc.StatusCode.UNAVAILABLE, f"the {peer} ended the {stream} stream")
         except grpc.aio.AioRpcError as exc:
-            error = exc
+            error = _stream_error(exc, peer, stream)
         except asyncio.CancelledError:  # closed here, or the channel closed under it
             self._fail(_error(grpc.StatusCode.CANCELLED, f"the {peer} stream was cancelled"))
             raise

@@ -30,7 +30,7 @@ from services.worker.async_engine import AsyncEngine
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.rpc import SERVICE_NAME, WorkerServicer, _HandlerCapture, add_to_server
-from tandem.v1 import worker_pb2_grpc
+from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 COMMON: dict[str, Any] = dict(device="cpu", kv_cache_memory="16MiB", max_model_len=512, cpu_threads=1)
 PROMPT = (1, 403, 251, 263, 93, 291)
@@ -323,3 +323,51 @@ async def test_a_stream_past_its_age_takes_no_new_session_and_ends_after_its_las
         assert len(result.tokens[0]) == 4
     await _wait_for(lambda: ended_ok() == before + 2)  # the first two streams, retired
     assert worker.servicer is not None and len(worker.servicer._muxes) == 1
+
+
+async def test_a_stream_the_worker_breaks_fails_its_sessions_as_a_worker_gone(tmp_path: Path) -> None:
+    """grpc reports a connection torn down under an open stream as UNKNOWN "Stream removed" as
+    well as UNAVAILABLE (grpc/grpc#34076): the sessions of a stream that fails with UNKNOWN or
+    INTERNAL fail with UNAVAILABLE (the router moves them), while a session the worker itself
+    ends with INTERNAL keeps it (that request's 500). A grpc server standing in for a worker whose
+    GenerateMany ends one session with INTERNAL, then breaks the stream with the status given."""
+    broke_with: list[grpc.StatusCode] = []
+
+    async def generate_many(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for message in requests:
+            for r in message.requests:
+                if r.start.request.request_id == "own":
+                    end = worker_pb2.GenerateSessionEnd(code=grpc.StatusCode.INTERNAL.value[0], message="own")
+                    answer = worker_pb2.GenerateSessionResponse(session_id=r.session_id, end=end)
+                    yield worker_pb2.GenerateManyResponse(responses=[answer])
+                else:
+                    await context.abort(broke_with[-1], "Stream removed")
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        generate_many,
+        request_deserializer=worker_pb2.GenerateManyRequest.FromString,
+        response_serializer=worker_pb2.GenerateManyResponse.SerializeToString,
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"GenerateMany": handler}),)
+    )
+    address = f"unix:{tmp_path / 'broken.sock'}"
+    server.add_insecure_port(address)
+    await server.start()
+    client = WorkerClient(address, generate_mux=True)
+    sampling = SamplingParams[Guided](temperature=0.0, max_tokens=4)
+    try:
+        for code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+            broke_with.append(code)
+            with pytest.raises(grpc.aio.AioRpcError) as own:
+                await _run(client, "own", sampling)
+            assert own.value.code() == grpc.StatusCode.INTERNAL and own.value.details() == "own"
+            with pytest.raises(grpc.aio.AioRpcError) as broken:
+                await _run(client, "broken", sampling)
+            assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert broken.value.code() in WORKER_GONE
+            assert f"{code.name}: Stream removed" in (broken.value.details() or "")
+    finally:
+        await client.close()
+        await server.stop(0)
