@@ -39,6 +39,7 @@ from gateway.downstream import (
     WorkerLoad,
 )
 from gateway.generate_mux import GenerateMux, GenerateMuxCounts, GenerateSession
+from gateway.grpc_errors import peer_gone, stream_removed
 from services.common import switches, telemetry
 from services.common.channels import make_channel
 from services.common.sampling import SamplingParams
@@ -412,10 +413,13 @@ class WorkerClient:
         lora_name: str = "",
     ) -> PrefillResult:
         """Disaggregation: compute the prompt here, get the first token and the KV handle."""
-        r = await self._stub.Prefill(
-            _prefill_request(request_id, prompt_token_ids, sampling, first_choice_index, lora_name),
-            timeout=time_left(),
-        )
+        try:
+            r = await self._stub.Prefill(
+                _prefill_request(request_id, prompt_token_ids, sampling, first_choice_index, lora_name),
+                timeout=time_left(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _worker_gone(exc) from None
         return _prefill_result(r)
 
     async def prefill_stream(
@@ -438,6 +442,8 @@ class WorkerClient:
                     yield _kv_source(event.handle)
                 elif event.HasField("response"):
                     yield _prefill_result(event.response)
+        except grpc.aio.AioRpcError as exc:
+            raise _worker_gone(exc) from None
         finally:
             call.cancel()
 
@@ -526,10 +532,18 @@ class WorkerClient:
         try:
             async for r in call:
                 yield _generate_chunk(r)
+        except grpc.aio.AioRpcError as exc:
+            raise _worker_gone(exc) from None
         finally:
             # Covers client disconnects (task cancelled) and early stops (stop strings): the worker
             # aborts a request whose stream is cancelled.
             call.cancel()
+
+
+def _worker_gone(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """A worker rpc's failure as the router reads it: `exc`, or UNAVAILABLE where grpc reported
+    the connection torn down under the rpc as UNKNOWN (grpc_errors.STREAM_REMOVED)."""
+    return peer_gone(exc, "the connection to the worker broke") if stream_removed(exc) else exc
 
 
 def hash_only_image(image: common_pb2.ImageInput, worker_hash: str) -> common_pb2.ImageInput:

@@ -41,3 +41,22 @@ def from_grpc(exc: grpc.aio.AioRpcError, service: str) -> APIError:
     if status < 500:
         return APIError(status, one_line(exc.details() or "") or exc.code().name, retry_after_s=retry_after)
     return APIError(status, f"the {service} failed: {exc.code().name}", retry_after_s=retry_after)
+
+
+# grpc core reports a connection torn down under an open rpc (a peer that stopped or restarted) as
+# UNAVAILABLE, but in some races as UNKNOWN "Stream removed" (grpc/grpc#34076): the peer is gone
+# either way, and the router must read it so (move the request) rather than as the request's 500.
+STREAM_REMOVED = "Stream removed"
+
+
+def stream_removed(exc: grpc.aio.AioRpcError) -> bool:
+    return exc.code() == grpc.StatusCode.UNKNOWN and exc.details() == STREAM_REMOVED
+
+
+def peer_gone(exc: grpc.aio.AioRpcError, what: str) -> grpc.aio.AioRpcError:
+    """UNAVAILABLE for a failure that is the peer's (`what` says which), keeping `exc`'s status in
+    the details."""
+    details = f"{what} ({exc.code().name}: {exc.details()})"
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details
+    )

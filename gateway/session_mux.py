@@ -29,6 +29,8 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from gateway.grpc_errors import peer_gone
+
 log = logging.getLogger(__name__)
 
 # A stream takes new sessions for this long; then the next session opens a new stream and the old
@@ -58,23 +60,17 @@ def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
-# A stream's own status is never a session's: a session's failure comes as its `end`. grpc core
-# reports a connection torn down under an open stream (a peer that stopped or restarted) as
-# UNAVAILABLE, but also as UNKNOWN "Stream removed" (grpc/grpc#34076), and a peer whose stream
-# handler failed ends the stream with UNKNOWN / INTERNAL: the peer's failure either way, not one
-# request's. Its sessions fail as when the peer is gone (UNAVAILABLE), so the gateway moves them
-# instead of answering each one's client with a 500.
+# A stream's own status is never a session's: a session's failure comes as its `end`. A stream
+# that fails with UNKNOWN or INTERNAL is a connection torn down under it (grpc_errors.STREAM_REMOVED)
+# or the peer's stream handler failing: the peer's failure either way, not one request's. Its
+# sessions fail as when the peer is gone (UNAVAILABLE), so the gateway moves them instead of
+# answering each one's client with a 500.
 _PEER_BROKE = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
 def _stream_error(exc: grpc.aio.AioRpcError, peer: str, stream: str) -> grpc.aio.AioRpcError:
     """What the sessions of a stream that failed with `exc` fail with."""
-    if exc.code() not in _PEER_BROKE:
-        return exc
-    return _error(
-        grpc.StatusCode.UNAVAILABLE,
-        f"the {peer}'s {stream} stream broke ({exc.code().name}: {exc.details()})",
-    )
+    return peer_gone(exc, f"the {peer}'s {stream} stream broke") if exc.code() in _PEER_BROKE else exc
 
 
 class MuxSession(Generic[ItemT]):

@@ -327,11 +327,13 @@ async def test_a_stream_past_its_age_takes_no_new_session_and_ends_after_its_las
 
 async def test_a_stream_the_worker_breaks_fails_its_sessions_as_a_worker_gone(tmp_path: Path) -> None:
     """grpc reports a connection torn down under an open stream as UNKNOWN "Stream removed" as
-    well as UNAVAILABLE (grpc/grpc#34076): the sessions of a stream that fails with UNKNOWN or
-    INTERNAL fail with UNAVAILABLE (the router moves them), while a session the worker itself
-    ends with INTERNAL keeps it (that request's 500). A grpc server standing in for a worker whose
-    GenerateMany ends one session with INTERNAL, then breaks the stream with the status given."""
-    broke_with: list[grpc.StatusCode] = []
+    well as UNAVAILABLE (grpc/grpc#34076). The sessions of a GenerateMany stream that fails with
+    UNKNOWN or INTERNAL fail with UNAVAILABLE (the router moves them), while a session the worker
+    itself ends with INTERNAL keeps it (that request's 500); a Generate rpc that fails with UNKNOWN
+    "Stream removed" fails with UNAVAILABLE, with any other UNKNOWN as it came. A grpc server
+    stands in for the worker: its GenerateMany ends the session of request "own" with INTERNAL and
+    breaks the stream at any other; its Generate fails with the status and details given."""
+    broke_with: list[tuple[grpc.StatusCode, str]] = []
 
     async def generate_many(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for message in requests:
@@ -341,33 +343,51 @@ async def test_a_stream_the_worker_breaks_fails_its_sessions_as_a_worker_gone(tm
                     answer = worker_pb2.GenerateSessionResponse(session_id=r.session_id, end=end)
                     yield worker_pb2.GenerateManyResponse(responses=[answer])
                 else:
-                    await context.abort(broke_with[-1], "Stream removed")
+                    await context.abort(*broke_with[-1])
 
-    handler = grpc.stream_stream_rpc_method_handler(
-        generate_many,
-        request_deserializer=worker_pb2.GenerateManyRequest.FromString,
-        response_serializer=worker_pb2.GenerateManyResponse.SerializeToString,
-    )
+    async def generate(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(*broke_with[-1])
+        yield  # (a stream handler)
+
+    handlers = {
+        "GenerateMany": grpc.stream_stream_rpc_method_handler(
+            generate_many,
+            request_deserializer=worker_pb2.GenerateManyRequest.FromString,
+            response_serializer=worker_pb2.GenerateManyResponse.SerializeToString,
+        ),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            generate,
+            request_deserializer=worker_pb2.GenerateRequest.FromString,
+            response_serializer=worker_pb2.GenerateResponse.SerializeToString,
+        ),
+    }
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"GenerateMany": handler}),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     address = f"unix:{tmp_path / 'broken.sock'}"
     server.add_insecure_port(address)
     await server.start()
-    client = WorkerClient(address, generate_mux=True)
+    mux = WorkerClient(address, generate_mux=True)
+    rpc = WorkerClient(address, generate_mux=False)
     sampling = SamplingParams[Guided](temperature=0.0, max_tokens=4)
+
+    async def fails(client: WorkerClient, request_id: str) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _run(client, request_id, sampling)
+        return info.value
+
     try:
         for code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-            broke_with.append(code)
-            with pytest.raises(grpc.aio.AioRpcError) as own:
-                await _run(client, "own", sampling)
-            assert own.value.code() == grpc.StatusCode.INTERNAL and own.value.details() == "own"
-            with pytest.raises(grpc.aio.AioRpcError) as broken:
-                await _run(client, "broken", sampling)
-            assert broken.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert broken.value.code() in WORKER_GONE
-            assert f"{code.name}: Stream removed" in (broken.value.details() or "")
+            broke_with.append((code, "Stream removed"))
+            own = await fails(mux, "own")
+            assert own.code() == grpc.StatusCode.INTERNAL and own.details() == "own"
+            broken = await fails(mux, "broken")
+            assert broken.code() == grpc.StatusCode.UNAVAILABLE and broken.code() in WORKER_GONE
+            assert f"{code.name}: Stream removed" in (broken.details() or "")
+        broke_with.append((grpc.StatusCode.UNKNOWN, "Stream removed"))
+        assert (await fails(rpc, "rpc")).code() == grpc.StatusCode.UNAVAILABLE
+        broke_with.append((grpc.StatusCode.UNKNOWN, "a bug"))
+        assert (await fails(rpc, "rpc")).code() == grpc.StatusCode.UNKNOWN
     finally:
-        await client.close()
+        await mux.close()
+        await rpc.close()
         await server.stop(0)
