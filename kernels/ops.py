@@ -102,6 +102,10 @@ class KernelOps:
     beam_candidates: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = (
         None
     )
+    # (parents [G, W], tokens [G, W], slot_tables [G, W, w], places [n], shared [n], tails [n],
+    #   max_blocks, ids [T] | None, positions [n] | None) -> (tables [n, max_blocks] int32, src [n],
+    #   ids): the inputs of a beam step launched ahead (services/worker/beam_step.BeamStep.ahead)
+    beam_ahead: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     # (probs [R, V] fp32, draws [R, 3] int64) -> [R] int64: the sampler's exponential race,
     #   services/worker/sampling_rng.exponential_race (its definition) in one pass
     exponential_race: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

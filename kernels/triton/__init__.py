@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
+from kernels.triton.beam_ahead import beam_ahead
 from kernels.triton.beam_candidates import beam_candidates
 from kernels.triton.decode_attention_tune import tune_decode_attention
 from kernels.triton.exponential_race import exponential_race
@@ -86,6 +87,7 @@ TRITON_OPS = KernelOps(
     argmax=argmax,
     row_topk=row_topk,
     beam_candidates=beam_candidates,
+    beam_ahead=beam_ahead,
     exponential_race=exponential_race,
     # The folded-RMSNorm decode path (kernels/__init__.py): the models fold their layer norms.
     linear_rms_norm=linear_rms_norm,

@@ -24,6 +24,7 @@ the ops of a beam step do not grow with the beams, requests or layers (tests/wor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,23 @@ from services.worker.beam_select import (
 from services.worker.kv_cache import KVCache
 from services.worker.request import Request, Sequence
 from services.worker.scheduler import SchedulerOutput
+
+# (parents, tokens, slot_tables, places, shared, tails, max_blocks, ids, positions) ->
+# (tables, src, ids): kernels/triton/beam_ahead.py
+BeamAhead = Callable[
+    [
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        torch.Tensor,
+        int,
+        torch.Tensor | None,
+        torch.Tensor | None,
+    ],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+]
 
 
 @dataclass(frozen=True)
@@ -60,12 +78,15 @@ class BeamStep:
         block_size: int,
         row_topk: RowTopk | None = None,
         beam_candidates: BeamCandidates | None = None,
+        beam_ahead: BeamAhead | None = None,
     ) -> None:
         self.device = device
         self.block_size = block_size
         # a kernel bundle's top k over the vocabulary and candidate selection (else torch ops)
         self.row_topk = row_topk
         self.beam_candidates = beam_candidates
+        # and its inputs of a step ahead in one launch (kernels/triton/beam_ahead.py; else torch ops)
+        self.beam_ahead = beam_ahead
 
     def select(
         self,
@@ -215,10 +236,11 @@ class BeamStep:
         positions = [cu_seqlens[i] for i in ahead]
         # (decodes of beams only, in order: the input ids are the picked tokens as they are)
         only_beams = positions == list(range(n)) and cu_seqlens[-1] == n
+        kernel = self.beam_ahead is not None and before.slot_tables is not None
         # one host->device copy for every index of the step ahead
         groups_t, places_t, shared, tails, positions_t, pick, entries, host_ids = to_device_lists(
             [
-                groups,
+                [] if kernel else groups,
                 places,
                 shared_blocks,
                 tail_blocks,
@@ -229,6 +251,28 @@ class BeamStep:
             ],
             self.device,
         )
+        if kernel:
+            assert self.beam_ahead is not None and before.slot_tables is not None
+            device_ids = None
+            if not only_beams:  # (the step's ids on the device, the tokens written in place)
+                device_ids = ids.clone() if isinstance(ids, torch.Tensor) else host_ids
+            tables, src, step_ids = self.beam_ahead(
+                before.parents,
+                before.tokens,
+                before.slot_tables,
+                places_t,
+                shared,
+                tails,
+                max_blocks,
+                device_ids,
+                None if only_beams else positions_t,
+            )
+            if mid:  # every layer's K and V of those blocks in one copy (KVCache.copy_block_tensors)
+                dst = tails
+                if len(mid) < n:  # (some start a block: nothing to carry over for them)
+                    src, dst = src.index_select(0, pick), tails.index_select(0, pick)
+                kv_cache.copy_block_tensors(src, dst)
+            return AheadInputs(step_ids, tables, entries)
         # (take: one flat index into [G, W_max], whatever the strides; cheaper than a 2-D index)
         parents = before.parents.take(places_t)  # [n]
         assert before.slot_tables is not None

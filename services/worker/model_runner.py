@@ -177,6 +177,7 @@ class ModelRunner:
             block_size,
             ops.row_topk if on_cuda else None,
             ops.beam_candidates if on_cuda else None,
+            ops.beam_ahead if on_cuda else None,
         )
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)

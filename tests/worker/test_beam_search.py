@@ -305,10 +305,14 @@ def test_beam_search_with_async_scheduling_matches(refs: dict[str, RefModel]) ->
     assert engine.num_continuations > 0
 
 
-def test_beam_steps_ahead_of_different_widths_beside_sampling_match(refs: dict[str, RefModel]) -> None:
+@pytest.mark.parametrize("ahead_kernel", [False, True], ids=["torch", "beam-ahead-kernel"])
+def test_beam_steps_ahead_of_different_widths_beside_sampling_match(
+    refs: dict[str, RefModel], ahead_kernel: bool
+) -> None:
     """Steps launched ahead whose beam requests have different widths (the selection pads the
     narrower one's rows) beside a sampled request (the step's input ids and tables are partly the
-    host's): the synchronous engine's output."""
+    host's): the synchronous engine's output; also with the inputs of the steps ahead made by
+    kernels/triton/beam_ahead.py (CUDA's, here on Triton's interpreter)."""
     ref = refs["llama"]
     wide = SamplingParams(
         temperature=0.0, n=2, best_of=4, use_beam_search=True, max_tokens=14, ignore_eos=True
@@ -324,10 +328,20 @@ def test_beam_steps_ahead_of_different_widths_beside_sampling_match(refs: dict[s
     ]
     sync = run_to_completion(ref.engine(block_size=4), requests)
     engine = ref.engine(block_size=4, async_scheduling="on")
+    calls = []
+    if ahead_kernel:
+        from kernels.triton.beam_ahead import beam_ahead
+
+        def counted(*args: Any) -> Any:
+            calls.append(args[-1] is not None)  # (positions: the beams among other rows)
+            return beam_ahead(*args)
+
+        engine.runner.beams.beam_ahead = counted
     ahead = run_to_completion(engine, requests)
     assert {r: res.token_ids for r, res in ahead.items()} == {r: res.token_ids for r, res in sync.items()}
     assert engine.scheduler.num_beam_steps_ahead > 0
     assert engine.block_manager.num_used_blocks == 0
+    assert not ahead_kernel or any(calls)
 
 
 def test_prefill_and_resume_refuse_beam_search(refs: dict[str, RefModel]) -> None:
@@ -450,8 +464,9 @@ def test_beam_search_on_cuda_equals_transformers(refs: dict[str, RefModel]) -> N
 
 def test_beam_search_with_the_cuda_selection_kernels_equals_transformers(refs: dict[str, RefModel]) -> None:
     """The runner's selection on CUDA (kernels/triton/row_topk.py and beam_candidates.py, here on
-    Triton's interpreter in place of the torch ops), steps launched ahead, stop ids met: the output
-    is transformers'."""
+    Triton's interpreter in place of the torch ops) and the inputs of its steps launched ahead
+    (beam_ahead.py), stop ids met: the output is transformers'."""
+    from kernels.triton.beam_ahead import beam_ahead
     from kernels.triton.beam_candidates import beam_candidates
     from kernels.triton.row_topk import row_topk
 
@@ -465,6 +480,7 @@ def test_beam_search_with_the_cuda_selection_kernels_equals_transformers(refs: d
         return beam_candidates(*args)
 
     engine.runner.beams.row_topk, engine.runner.beams.beam_candidates = row_topk, counted
+    engine.runner.beams.beam_ahead = beam_ahead
     requests, expected = beam_requests(ref, [[1, 45, 99, 7, 13, 200], [1, 9]], (4, n, 0.5, True, 12))
     results = run_to_completion(engine, requests)
     assert engine.scheduler.num_beam_steps_ahead > 0 and calls
