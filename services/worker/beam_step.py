@@ -11,7 +11,8 @@ only enqueues device work behind the step's, nothing here waits for the device.
   (each parent's partly filled block copied into the block the entry writes, `beam_tail`: its own
   partly filled block, so a block may be one beam's source and another's destination; every
   source is read before any destination is written, every layer in one copy). Returns the
-  step's input ids and those entries' block tables on the device (`AheadInputs`).
+  step's input ids and those entries' block tables on the device (`AheadInputs`). With a kernel
+  bundle's `beam_ahead` (CUDA) the tables, the copy's sources and the ids are one launch.
 - `select`, right after the sampler. Reads: the step's raw log-softmax rows, the beam requests
   whose live beams all sample in the step (`BeamSearch.group`), the block tables the step ran
   with, and for a step launched ahead the previous selection's `totals` (their cumulative
