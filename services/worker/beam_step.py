@@ -252,8 +252,10 @@ class BeamStep:
             ],
             self.device,
         )
+        assert before.slot_tables is not None
+        src: torch.Tensor | None = None  # each entry's parent's block at `shared` (mid entries only)
         if kernel:
-            assert self.beam_ahead is not None and before.slot_tables is not None
+            assert self.beam_ahead is not None
             device_ids = None
             if not only_beams:  # (the step's ids on the device, the tokens written in place)
                 device_ids = ids.clone() if isinstance(ids, torch.Tensor) else host_ids
@@ -268,33 +270,29 @@ class BeamStep:
                 device_ids,
                 None if only_beams else positions_t,
             )
-            if mid:  # every layer's K and V of those blocks in one copy (KVCache.copy_block_tensors)
-                dst = tails
-                if len(mid) < n:  # (some start a block: nothing to carry over for them)
-                    src, dst = src.index_select(0, pick), tails.index_select(0, pick)
-                kv_cache.copy_block_tensors(src, dst)
-            return AheadInputs(step_ids, tables, entries)
-        # (take: one flat index into [G, W_max], whatever the strides; cheaper than a 2-D index)
-        parents = before.parents.take(places_t)  # [n]
-        assert before.slot_tables is not None
-        tables = before.slot_tables[groups_t, parents]  # [n, w_prev] (a copy)
-        # Each parent's table has its full blocks, then its partly filled block (at `shared`, in
-        # the middle of a block), then zeros: beams of a request have the same length. So the
-        # entry's table is its parent's with its tail at `shared`.
-        if tables.shape[1] < max_blocks:
-            tables = torch.nn.functional.pad(tables, (0, max_blocks - tables.shape[1]))
-        elif tables.shape[1] > max_blocks:  # (a longer sequence of another request finished)
-            tables = tables[:, :max_blocks].contiguous()  # (the kernels read contiguous tables)
-        shared = shared.view(n, 1)
+        else:
+            # (take: one flat index into [G, W_max], whatever the strides; cheaper than a 2-D index)
+            parents = before.parents.take(places_t)  # [n]
+            tables = before.slot_tables[groups_t, parents]  # [n, w_prev] (a copy)
+            # Each parent's table has its full blocks, then its partly filled block (at `shared`, in
+            # the middle of a block), then zeros: beams of a request have the same length. So the
+            # entry's table is its parent's with its tail at `shared`.
+            if tables.shape[1] < max_blocks:
+                tables = torch.nn.functional.pad(tables, (0, max_blocks - tables.shape[1]))
+            elif tables.shape[1] > max_blocks:  # (a longer sequence of another request finished)
+                tables = tables[:, :max_blocks].contiguous()  # (the kernels read contiguous tables)
+            column = shared.view(n, 1)
+            if mid:
+                src = tables.gather(1, column).view(n).long()  # read before the tails replace them
+            tables.scatter_(1, column, tails.view(n, 1).to(torch.int32))
+            step_ids = before.tokens.take(places_t)  # [n] the picked tokens
+            if not only_beams:
+                device_ids = ids if isinstance(ids, torch.Tensor) else host_ids
+                step_ids = device_ids.index_copy(0, positions_t, step_ids)
         if mid:  # every layer's K and V of those blocks in one copy (KVCache.copy_block_tensors)
-            src = tables.gather(1, shared).view(n).long()  # each parent's partly filled block
+            assert src is not None
             dst = tails
             if len(mid) < n:  # (some start a block: nothing to carry over for them)
                 src, dst = src.index_select(0, pick), tails.index_select(0, pick)
             kv_cache.copy_block_tensors(src, dst)
-        tables.scatter_(1, shared, tails.view(n, 1).to(torch.int32))
-        tokens = before.tokens.take(places_t)  # [n] the picked tokens
-        if only_beams:
-            return AheadInputs(tokens, tables, entries)
-        device_ids = ids if isinstance(ids, torch.Tensor) else host_ids
-        return AheadInputs(device_ids.index_copy(0, positions_t, tokens), tables, entries)
+        return AheadInputs(step_ids, tables, entries)
