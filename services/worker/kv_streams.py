@@ -155,7 +155,11 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncGenerator[T, None]:
     async def pump(stream: AsyncIterator[T]) -> None:
         try:
             async for item in stream:
-                await queue.put(item)
+                try:
+                    await queue.put(item)
+                except asyncio.CancelledError:
+                    _discard(item)
+                    raise
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # (given to the reader, which ends the merge)
@@ -178,3 +182,12 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncGenerator[T, None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        while not queue.empty():  # items nobody will read: their buffers go back
+            _discard(queue.get_nowait())
+
+
+def _discard(item: object) -> None:
+    """An item dropped unread: free its buffer (a wire helper's slot, `WireChunk.release`)."""
+    release = getattr(item, "release", None)
+    if release is not None:
+        release()

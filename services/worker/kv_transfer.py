@@ -85,6 +85,13 @@ class KVChunkData:
     data: bytes | memoryview  # raw little-endian, C-contiguous (format "B" when a memoryview)
     dtype: str  # "bfloat16", ...
     shape: tuple[int, ...]  # [layers, 2, blocks, block_size, num_kv_heads, head_dim]
+    slot: int = -1  # prefill side: the wire helper's serve slot `data` is in (-1: a buffer of its own)
+    # decode side: frees the buffer `data` views once the chunk is written (a wire helper's slot)
+    release: Callable[[], None] | None = None
+
+    def release_buffer(self) -> None:
+        if self.release is not None:
+            self.release()
 
 
 @dataclass(frozen=True)
@@ -213,26 +220,46 @@ def _reader_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def read_chunk(
-    kv: torch.Tensor, block_ids: tuple[int, ...], span: Span, ready_event: Any = None
+    kv: torch.Tensor,
+    block_ids: tuple[int, ...],
+    span: Span,
+    ready_event: Any = None,
+    out: torch.Tensor | None = None,
 ) -> KVChunkData:
-    """Copy kv[l0:l1, :, block_ids[b0:b1]] into a host buffer (pinned when `kv` is on a GPU) and
-    view its bytes (no further copy). `kv` is the whole cache tensor [num_layers, 2, num_blocks,
-    block_size, num_kv_heads, head_dim]. On CUDA the copy runs on a side stream, after
-    `ready_event` (a layer-wise prefill's writes; the forward goes on meanwhile)."""
+    """Copy kv[l0:l1, :, block_ids[b0:b1]] into a host buffer (pinned when `kv` is on a GPU), or
+    into the start of `out` (uint8, big enough: a wire helper's slot), and view its bytes (no
+    further copy). `kv` is the whole cache tensor [num_layers, 2, num_blocks, block_size,
+    num_kv_heads, head_dim]. On CUDA the copy runs on a side stream, after `ready_event` (a
+    layer-wise prefill's writes; the forward goes on meanwhile)."""
     l0, l1, b0, b1 = span
     if kv.device.type == "cpu":
         part = kv_transports.gather_blocks(kv, block_ids[b0:b1], (l0, l1))
-        host = part.contiguous()  # a held block is not written meanwhile, so a view is safe
+        if out is None:
+            host = part.contiguous()  # a held block is not written meanwhile, so a view is safe
+        else:
+            host = _view_in(out, part)
+            host.copy_(part)
     else:
         stream = _reader_stream(kv.device)
         with torch.cuda.stream(stream):
             wait_ready(ready_event)
             part = kv_transports.gather_blocks(kv, block_ids[b0:b1], (l0, l1))
-            host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+            if out is None:
+                host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+            else:
+                host = _view_in(out, part)
             host.copy_(part, non_blocking=True)
         stream.synchronize()
     data = host.reshape(-1).view(torch.uint8).numpy().data
     return KVChunkData(l0, l1, b0, b1, data, KV_DTYPE_NAMES[kv.dtype], tuple(part.shape))
+
+
+def _view_in(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The start of the uint8 buffer `out` as a tensor of `like`'s dtype and shape."""
+    nbytes = like.numel() * like.element_size()
+    if nbytes > out.numel():
+        raise ValueError(f"a {nbytes}-byte chunk does not fit a {out.numel()}-byte buffer")
+    return out[:nbytes].view(like.dtype).view(like.shape)
 
 
 def read_group_chunk(cache: KVCache, block_ids: tuple[int, ...], span: Span) -> KVChunkData:
@@ -256,6 +283,7 @@ async def stream_chunks(
     progress: LayerProgress | None = None,
     run: Callable[[Callable[[], KVChunkData]], Awaitable[KVChunkData]] | None = None,
     layers: tuple[int, int] | None = None,
+    read_into: Callable[[Callable[[torch.Tensor], KVChunkData]], Awaitable[KVChunkData]] | None = None,
 ) -> AsyncIterator[T | KeepAlive]:
     """The chunks of a held prompt's blocks from `first_block` on, in the model's layout, read
     and `encode`d (into wire bytes) READ_AHEAD ahead: read from the tensor on a worker thread, or,
@@ -263,7 +291,9 @@ async def stream_chunks(
     from the group's ranks there. The blocks are held (kv_handles.py): nobody writes them
     meanwhile. With a layer-wise handle's `progress` (a single-rank worker), each span goes as soon
     as the prefill has written it, until the prefill completes (LayerwiseFailed when it fails).
-    `layers` [start, end): only those (one stream of a parallel fetch, kv_streams.py)."""
+    `layers` [start, end): only those (one stream of a parallel fetch, kv_streams.py). With
+    `read_into` (a single-rank worker's stream served by a wire helper, kv_wire_helpers.py), each
+    chunk is read by `read_into(read)`, which runs `read(out)` into a buffer of its own."""
     num_layers, _, _, block_size, num_kv_heads, head_dim = cache.model_shape
     layer_block_bytes = 2 * block_size * num_kv_heads * head_dim * cache.tensor.element_size()
     lo, hi = layers if layers is not None else (0, num_layers)
@@ -274,6 +304,8 @@ async def stream_chunks(
     unsubscribe = progress.listen(lambda: loop.call_soon_threadsafe(changed.set)) if progress else None
 
     async def produce(span: Span, ids: tuple[int, ...], event: Any) -> T:
+        if read_into is not None:
+            return encode(await read_into(lambda out: read_chunk(cache.tensor, ids, span, event, out)))
         if run is None:
             return await loop.run_in_executor(
                 None, lambda: encode(read_chunk(cache.tensor, ids, span, event))
@@ -589,14 +621,21 @@ async def receive(
                 num_bytes += copied
                 received = expected
                 break  # closing the stream (below) tells the peer it may free the blocks
-            tensor = chunk_tensor(chunk, kv, reservation)
+            try:
+                tensor = chunk_tensor(chunk, kv, reservation)
+            except Exception:
+                chunk.release_buffer()
+                raise
             span = (chunk.layer_start, chunk.layer_end, chunk.block_start, chunk.block_end)
             if device is None:
-                writes.append(call(functools.partial(engine.write_fetched_kv, request_id, span, tensor)))
+                write = call(functools.partial(engine.write_fetched_kv, request_id, span, tensor))
             else:  # staged off the engine thread first
-                writes.append(
-                    asyncio.ensure_future(_stage_and_write(call, engine, request_id, span, tensor, device))
+                write = asyncio.ensure_future(
+                    _stage_and_write(call, engine, request_id, span, tensor, device)
                 )
+            if chunk.release is not None:  # its buffer is free once the write is done (or failed)
+                write.add_done_callback(functools.partial(_release_after, chunk.release))
+            writes.append(write)
             received += (span[1] - span[0]) * (span[3] - span[2])
             num_bytes += len(chunk.data)
             if len(writes) > WRITE_WINDOW:
@@ -644,6 +683,10 @@ async def receive(
         reservation.skip_tokens,
     )
     return FetchStats(True, num_bytes, seconds, reservation.skip_tokens, transport=transport, first=done)
+
+
+def _release_after(release: Callable[[], None], _: object) -> None:
+    release()
 
 
 class _NixlReads:

@@ -9,6 +9,7 @@ hands over and views it in place (a memoryview: no copy until the write into its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.v1 import worker_pb2
@@ -43,7 +44,12 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 def encode_chunk(head: worker_pb2.KVChunk, tail: worker_pb2.KVChunk, data: memoryview | bytes) -> bytes:
     """A KVChunk's wire bytes: `head` (fields 1-4), the data as field 5, `tail` (fields 6 on);
     protobuf writes fields in number order, so this equals the whole message serialized."""
-    return b"".join((head.SerializeToString(), _DATA_TAG, _varint(len(data)), data, tail.SerializeToString()))
+    return encode_parts(head.SerializeToString(), tail.SerializeToString(), data)
+
+
+def encode_parts(head: bytes, tail: bytes, data: memoryview | bytes) -> bytes:
+    """`encode_chunk` of the head's and the tail's serialized bytes (a wire helper gets them so)."""
+    return b"".join((head, _DATA_TAG, _varint(len(data)), data, tail))
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,9 @@ class WireChunk:
 
     header: worker_pb2.KVChunk  # every field but `data`
     data: memoryview
+    # frees the buffer `data` views once the chunk is written (a wire helper's receive slot);
+    # None: the received bytes, freed with the last reference
+    release: Callable[[], None] | None = None
 
 
 def decode_chunk(raw: bytes) -> WireChunk:

@@ -76,6 +76,7 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
         async_engine.start()
         await server.start()
         servicer.advertise_address = servicer.advertise_address or server.bound_address
+        await servicer.start_wire_helpers(server.bound_address)
         log.info(
             "worker serving %s (%s, %s, %s) on %s",
             engine.served_model_name,

@@ -14,19 +14,20 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import grpc
+import torch
 
 import tandem
 from services.common import metrics, telemetry
 from services.common.channels import make_channel
 from services.common.logging import request_id_var
-from services.worker import kv_nixl, kv_streams, kv_transfer, kv_transports, kv_wire
+from services.worker import kv_nixl, kv_streams, kv_transfer, kv_transports, kv_wire, kv_wire_helpers
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
 from services.worker.errors import ImageNotCachedError, task_mismatch
@@ -92,6 +93,7 @@ _EVENT_KINDS = {
     "snapshot": worker_pb2.KV_EVENT_KIND_SNAPSHOT,
 }
 FETCH_KV_METHOD = "/tandem.v1.Worker/FetchKV"
+T = TypeVar("T")
 # What a Generate call runs against: its rpc's context, or its GenerateMany session's.
 Context: TypeAlias = "grpc.aio.ServicerContext | SessionContext"
 # Threads that compile guided grammars (llguidance releases the GIL while it builds one).
@@ -238,6 +240,10 @@ def encode_chunk(chunk: kv_transfer.KVChunkData) -> bytes:
     return kv_wire.encode_chunk(head, worker_pb2.KVChunk(dtype=chunk.dtype, shape=chunk.shape), chunk.data)
 
 
+def _same_chunk(chunk: kv_transfer.KVChunkData) -> kv_transfer.KVChunkData:
+    return chunk
+
+
 def choice_to_pb(choice: ChoiceOutput) -> worker_pb2.ChoiceDelta:
     delta = worker_pb2.ChoiceDelta(index=choice.index, token_ids=choice.token_ids)
     if choice.logprobs is not None:
@@ -288,7 +294,14 @@ def chunk_from_wire(
         shared = kv_transports.SharedTensor(ipc.tensor_id, ipc.tensor_handle)
         return kv_transfer.IpcBlocks(shared, ipc.block_start, tuple(ipc.block_ids))
     return kv_transfer.KVChunkData(
-        msg.layer_start, msg.layer_end, msg.block_start, msg.block_end, wire.data, msg.dtype, tuple(msg.shape)
+        msg.layer_start,
+        msg.layer_end,
+        msg.block_start,
+        msg.block_end,
+        wire.data,
+        msg.dtype,
+        tuple(msg.shape),
+        release=wire.release,
     )
 
 
@@ -314,6 +327,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
         # the most streams this worker serves one fetch over (1: as a worker that predates them)
         self.max_serve_streams = kv_streams.MAX_STREAMS
+        # --kv-wire-helpers: processes that carry the further streams (started with the server)
+        self.wire_helpers: kv_wire_helpers.WireHelpers | None = None
+        num_helpers = self.engine.config.kv_wire_helpers
+        if num_helpers and not self.engine.config.kv_fetch_streams:  # one stream each, and this one
+            self.kv_fetch_streams = max(self.kv_fetch_streams, min(num_helpers + 1, kv_streams.MAX_STREAMS))
         # Transports this worker serves and uses (tests may narrow or widen them), and what it asks for.
         world_size = self.engine.tp_size * self.engine.pp_size
         self.kv_transports = kv_transports.supported(
@@ -972,8 +990,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 )
             if streams > 1:  # the decode worker opens the others when it reads this
                 self.parallel_fetches.open(handle_id, held, streams)
+                addresses = self.wire_helpers.stream_addresses(streams) if self.wire_helpers else []
                 yield worker_pb2.KVChunk(
-                    transport=worker_pb2.KV_TRANSPORT_GRPC, streams=streams
+                    transport=worker_pb2.KV_TRANSPORT_GRPC, streams=streams, stream_addresses=addresses
                 ).SerializeToString()
             num_bytes = 0
             first_sent = False
@@ -1026,51 +1045,105 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self, request: worker_pb2.FetchKVRequest, held: HeldKV, first_block: int, layers: tuple[int, int]
     ) -> AsyncIterator[bytes]:
         """A gRPC fetch's (or one of its parallel streams') chunks of `layers`, as wire bytes."""
-        async for item in kv_transfer.stream_chunks(
+        async for item in self._chunks(request, held, first_block, layers, encode_chunk):
+            yield KEEP_ALIVE_BYTES if isinstance(item, kv_transfer.KeepAlive) else item
+
+    def _chunks(
+        self,
+        request: worker_pb2.FetchKVRequest,
+        held: HeldKV,
+        first_block: int,
+        layers: tuple[int, int],
+        encode: Callable[[kv_transfer.KVChunkData], T],
+        read_into: Callable[
+            [Callable[[torch.Tensor], kv_transfer.KVChunkData]], Awaitable[kv_transfer.KVChunkData]
+        ]
+        | None = None,
+    ) -> AsyncIterator[T | kv_transfer.KeepAlive]:
+        """The chunks of `layers` (kv_transfer.stream_chunks), each `encode`d; `read_into`: read
+        into a wire helper's slots (kv_wire_helpers.py)."""
+        target = request.chunk_bytes or self.engine.config.kv_chunk_bytes
+        return kv_transfer.stream_chunks(
             self.engine.kv_cache,
             held.block_ids,
             first_block,
-            request.chunk_bytes or self.engine.config.kv_chunk_bytes,
-            encode_chunk,
+            target,
+            encode,
             held.progress,
             # a group's chunks are gathered from its ranks on the engine thread (kv_reshard.py)
             run=self.async_engine.call if self.engine.driver is not None else None,
             layers=layers,
-        ):
-            yield KEEP_ALIVE_BYTES if isinstance(item, kv_transfer.KeepAlive) else item
+            read_into=read_into,
+        )
 
     async def _further_stream(
         self, request: worker_pb2.FetchKVRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         """Stream `stream_index` of a parallel gRPC fetch (kv_streams.py): its layer range."""
-        handle_id = request.handle_id
-        if request.fingerprint and request.fingerprint != self.fingerprint:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"fingerprint: the caller ({request.fingerprint}) cannot take KV from this worker ({self.fingerprint})",
-            )
         try:
-            held, streams = self.parallel_fetches.join(handle_id, request.stream_index)
+            async for item in self._further_chunks(request, encode_chunk):
+                yield KEEP_ALIVE_BYTES if isinstance(item, kv_transfer.KeepAlive) else item
         except KVHandleError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+
+    async def serve_helper_stream(self, raw_request: bytes, stream: kv_wire_helpers.ServeStream) -> None:
+        """A further stream of a parallel fetch that reached one of this worker's wire helpers
+        (kv_wire_helpers.py): checked and read here, into the helper's slots, and sent there."""
+        try:
+            request = worker_pb2.FetchKVRequest.FromString(raw_request)
+            # (a chunk at most a slot: the request's chunk size is a preference)
+            request.chunk_bytes = min(
+                request.chunk_bytes or self.engine.config.kv_chunk_bytes, stream.slot_bytes
+            )
+            async for item in self._further_chunks(request, _same_chunk, stream.read_into):
+                if isinstance(item, kv_transfer.KeepAlive):
+                    stream.keepalive()
+                else:
+                    stream.chunk(item)
+            stream.end()
+        except KVHandleError as exc:
+            stream.abort(exc.code, str(exc))
+
+    async def _further_chunks(
+        self,
+        request: worker_pb2.FetchKVRequest,
+        encode: Callable[[kv_transfer.KVChunkData], T],
+        read_into: Callable[
+            [Callable[[torch.Tensor], kv_transfer.KVChunkData]], Awaitable[kv_transfer.KVChunkData]
+        ]
+        | None = None,
+    ) -> AsyncIterator[T | kv_transfer.KeepAlive]:
+        """Stream `stream_index` of a parallel gRPC fetch: its layer range's chunks. A problem
+        with the request is a KVHandleError naming its status."""
+        handle_id = request.handle_id
+        if request.fingerprint and request.fingerprint != self.fingerprint:
+            raise KVHandleError(
+                "FAILED_PRECONDITION",
+                f"fingerprint: the caller ({request.fingerprint}) cannot take KV from this worker ({self.fingerprint})",
+            )
+        held, streams = self.parallel_fetches.join(handle_id, request.stream_index)
         started = time.monotonic()
         num_bytes = 0
         try:
             block_size = self.engine.config.block_size
             if request.skip_tokens % block_size or request.skip_tokens > held.num_tokens:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                raise KVHandleError(
+                    "INVALID_ARGUMENT",
                     f"skip_tokens: {request.skip_tokens} must be a multiple of the block size {block_size} "
                     f"and at most the handle's {held.num_tokens} tokens",
                 )
             num_layers = self.engine.kv_cache.model_shape[0]
             layers = kv_streams.layer_range(num_layers, streams, request.stream_index)
-            async for item in self._grpc_chunks(request, held, request.skip_tokens // block_size, layers):
+            first_block = request.skip_tokens // block_size
+            async for item in self._chunks(request, held, first_block, layers, encode, read_into):
                 yield item
-                num_bytes += len(item)
+                if isinstance(item, bytes):
+                    num_bytes += len(item)
+                elif isinstance(item, kv_transfer.KVChunkData):
+                    num_bytes += len(item.data)
             metrics.observe_kv_transfer("send", num_bytes, time.monotonic() - started, transport="grpc")
         except LayerwiseFailed as exc:
-            await context.abort(grpc.StatusCode.ABORTED, f"KV handle {handle_id!r}: {exc}")
+            raise KVHandleError("ABORTED", f"KV handle {handle_id!r}: {exc}") from exc
         finally:
             self._leave_fetch(handle_id, streams, 0)
 
@@ -1147,16 +1220,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             async for wire in first:
                 if wire.header.streams > 1:  # a parallel fetch: open the further streams, then merge
                     further = [
-                        self._fetch_call(
-                            source.address,
-                            index,
-                            worker_pb2.FetchKVRequest(
-                                handle_id=source.handle_id,
-                                skip_tokens=skip_tokens,
-                                fingerprint=self.fingerprint,
-                                stream_index=index,
-                            ),
-                        )
+                        self._further_call(source, wire.header, index, skip_tokens)
                         for index in range(1, wire.header.streams)
                     ]
                     merged = kv_streams.merge([first, *further])
@@ -1171,6 +1235,25 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield chunk_from_wire(wire)
         finally:
             await first.aclose()  # (CUDA IPC, NIXL: closing the stream frees the peer's blocks)
+
+    def _further_call(
+        self, source: kv_transfer.KVSource, first: worker_pb2.KVChunk, index: int, skip_tokens: int
+    ) -> AsyncGenerator[kv_wire.WireChunk, None]:
+        """Further stream `index` of a parallel fetch: from where the first message says (the
+        prefill worker's helper, else its own address), read by one of this worker's wire
+        helpers when it has any (kv_wire_helpers.py), else here."""
+        addresses = first.stream_addresses
+        address = addresses[index - 1] if len(addresses) >= index else source.address
+        request = worker_pb2.FetchKVRequest(
+            handle_id=source.handle_id,
+            skip_tokens=skip_tokens,
+            fingerprint=self.fingerprint,
+            stream_index=index,
+        )
+        if self.wire_helpers is not None and self.wire_helpers.live():
+            request.chunk_bytes = self.wire_helpers.slot_bytes  # (each chunk must fit a slot)
+            return self.wire_helpers.read(index, address, request)
+        return self._fetch_call(address, index, request)
 
     async def _fetch_call(
         self, address: str, index: int, request: worker_pb2.FetchKVRequest
@@ -1243,6 +1326,48 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             unsubscribe()
 
+    async def start_wire_helpers(self, bound_address: str) -> None:
+        """--kv-wire-helpers N: spawn the helpers (kv_wire_helpers.py) on the host the server is
+        bound to, reached where this worker is advertised; a failure leaves the worker without
+        them (its own streams carry every fetch), with a warning."""
+        config = self.engine.config
+        count = config.kv_wire_helpers
+        bind_host = kv_wire_helpers.split_host(bound_address)
+        advertise_host = kv_wire_helpers.split_host(self.advertise_address or bound_address)
+        if not count:
+            return
+        if bind_host is None or advertise_host is None or self.engine.driver is not None:
+            log.warning(
+                "--kv-wire-helpers: not started (they serve TCP addresses of single-rank workers; this one is %s%s)",
+                bound_address,
+                ", a parallel group" if self.engine.driver is not None else "",
+            )
+            return
+        shape = self.engine.kv_cache.model_shape
+        layer_block_bytes = 2 * shape[3] * shape[4] * shape[5] * self.engine.kv_cache.tensor.element_size()
+        slot_bytes = kv_wire_helpers.slot_bytes_for(config.kv_chunk_bytes, layer_block_bytes)
+        try:
+            self.wire_helpers = await kv_wire_helpers.WireHelpers.start(
+                count,
+                slot_bytes,
+                bind_host,
+                advertise_host,
+                config.tls,
+                self.serve_helper_stream,
+                pin=self.engine.device.type == "cuda",
+                timeout_s=FETCH_TIMEOUT_S,
+            )
+        except (OSError, RuntimeError) as exc:
+            log.warning("--kv-wire-helpers: not started (%s); this worker carries every stream itself", exc)
+            return
+        log.info(
+            "KV wire helpers: %d, at %s (%d slots of %d bytes a ring)",
+            count,
+            ", ".join(h.address for h in self.wire_helpers.helpers),
+            kv_wire_helpers.RING_SLOTS,
+            slot_bytes,
+        )
+
     async def close(self) -> None:
         """Stop the handle sweeper and close the channels to prefill workers."""
         if self._sweeper is not None:
@@ -1251,6 +1376,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await self._sweeper
         for channel in self._kv_channels.values():
             await channel.close()
+        if self.wire_helpers is not None:
+            await self.wire_helpers.close()
         self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         grammars = self.engine.grammars
         if grammars is not None and grammars.checker is not None:

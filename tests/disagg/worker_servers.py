@@ -55,7 +55,10 @@ class InProcessWorker:
 
 
 def start_worker(loop: LoopThread, sock_dir: Path, name: str, **options: Any) -> InProcessWorker:
-    config = WorkerConfig(address=f"unix:{sock_dir / (name + '.sock')}", **options)
+    """A worker on a unix socket in `sock_dir` (or on options["address"], e.g. 127.0.0.1:0 for
+    one with --kv-wire-helpers, which serve TCP)."""
+    options.setdefault("address", f"unix:{sock_dir / (name + '.sock')}")
+    config = WorkerConfig(**options)
     engine = Engine(config)
     async_engine = AsyncEngine(engine)
 
@@ -66,6 +69,7 @@ def start_worker(loop: LoopThread, sock_dir: Path, name: str, **options: Any) ->
         async_engine.start()
         await server.start()
         servicer.advertise_address = server.bound_address
+        await servicer.start_wire_helpers(server.bound_address)
         return InProcessWorker(name, engine, async_engine, server, servicer)
 
     return loop.run(start())

@@ -1,0 +1,197 @@
+"""Wire helper processes (`--kv-wire-helpers`, services/worker/kv_wire_helpers.py): a parallel
+gRPC fetch's further streams served and read by helper processes on each side.
+
+Real helper processes (`python -m services.worker.kv_wire_helper`) and real workers over TCP on
+127.0.0.1: every mix of a side with helpers and one without gives a unified engine's tokens, the
+helpers carry the further streams, and every block, handle and ring slot is back afterwards; a
+further stream's bad request gets its status from the helper; a helper that exits leaves the
+worker serving with the others, and with none its own streams carry every fetch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from worker_servers import InProcessWorker, LoopThread, start_worker, stop_worker
+
+from services.worker import kv_wire, kv_wire_helpers
+from services.worker.config import WorkerConfig
+from services.worker.engine import Engine
+from services.worker.request import SamplingParams
+from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+
+COMMON = dict(device="cpu", kv_cache_memory="8MiB", max_model_len=256, cpu_threads=1)
+MAX_TOKENS = 6
+FETCH_KV = "/tandem.v1.Worker/FetchKV"
+# small chunks: a fetch's streams cycle through their 4-slot rings several times
+CHUNK = dict(kv_chunk_bytes=4096)
+
+
+class Workers:
+    def __init__(self, loop: LoopThread, sock: Path, model: Path) -> None:
+        opts: dict[str, Any] = dict(model=str(model), **COMMON)
+        tcp = dict(address="127.0.0.1:0", **CHUNK)
+        self.prefill = start_worker(loop, sock, "wh-p", role="prefill", kv_wire_helpers=2, **tcp, **opts)
+        self.plain_prefill = start_worker(loop, sock, "wh-p0", role="prefill", **CHUNK, **opts)
+        self.decode = start_worker(loop, sock, "wh-d", role="decode", kv_wire_helpers=2, **tcp, **opts)
+        self.plain_decode = start_worker(loop, sock, "wh-d0", role="decode", kv_fetch_streams=3, **opts)
+        self.reference = Engine(WorkerConfig(**opts))
+        self.all = [self.prefill, self.plain_prefill, self.decode, self.plain_decode]
+
+    @staticmethod
+    def stub(w: InProcessWorker) -> worker_pb2_grpc.WorkerStub:
+        return worker_pb2_grpc.WorkerStub(grpc.insecure_channel(w.address))
+
+
+@pytest.fixture(scope="module")
+def workers(
+    loop: LoopThread, stories_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Workers]:
+    made = Workers(loop, tmp_path_factory.mktemp("helpers"), stories_dir)
+    yield made
+    for w in made.all:
+        stop_worker(loop, w)
+    for w in (made.prefill, made.decode):  # stop_worker closed the servicer: the helpers exited
+        helpers = w.servicer.wire_helpers
+        assert helpers is not None
+        assert all(h.process.poll() is not None for h in helpers.helpers)
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[1, *torch.randint(3, 500, (20 + 11 * i,), generator=gen).tolist()] for i in range(n)]
+
+
+def greedy() -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+
+
+def disaggregated(
+    prefill: InProcessWorker, decode: InProcessWorker, rid: str, prompt: list[int]
+) -> list[int]:
+    reply = Workers.stub(prefill).Prefill(
+        worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=greedy()), timeout=60
+    )
+    tokens = list(reply.first.token_ids)
+    request = worker_pb2.GenerateRequest(
+        request_id=rid,
+        prompt_token_ids=prompt,
+        sampling=greedy(),
+        generated_token_ids=tokens,
+        kv_source=reply.handle,
+    )
+    for chunk in Workers.stub(decode).Generate(request, timeout=60):
+        for choice in chunk.choices:
+            tokens += choice.token_ids
+    return tokens
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def helpers_of(w: InProcessWorker) -> kv_wire_helpers.WireHelpers:
+    assert w.servicer.wire_helpers is not None, "the worker started its helpers"
+    return w.servicer.wire_helpers
+
+
+def wait_nothing_held(workers: Workers) -> None:
+    def idle() -> bool:
+        loads = [Workers.stub(w).GetLoad(worker_pb2.GetLoadRequest()) for w in workers.all]
+        return all(lo.num_kv_blocks_used == 0 and lo.num_kv_handles == 0 for lo in loads)
+
+    wait_until(idle, "blocks or handles left behind")
+    for w in (workers.prefill, workers.decode):
+        for h in helpers_of(w).live():
+            wait_until(lambda h=h: h.serve_free.qsize() == kv_wire_helpers.RING_SLOTS, "a serve slot leaked")
+            wait_until(lambda h=h: h.receive_held == 0, "a receive slot leaked")
+    assert len(workers.prefill.servicer.parallel_fetches) == 0
+
+
+@pytest.mark.parametrize(
+    "pair", ["helpers-both", "helpers-prefill-only", "helpers-decode-only"], ids=lambda p: p
+)
+def test_helpers_carry_the_further_streams_and_tokens_equal_unified(workers: Workers, pair: str) -> None:
+    prefill = workers.plain_prefill if pair == "helpers-decode-only" else workers.prefill
+    decode = workers.plain_decode if pair == "helpers-prefill-only" else workers.decode
+    batch = prompts(6, seed=len(pair))
+    expected = workers.reference.generate(
+        batch, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), prefix=f"ref-{pair}"
+    )
+    served = helpers_of(workers.prefill).num_served
+    read = helpers_of(workers.decode).num_read
+    opened = prefill.servicer.parallel_fetches.num_opened
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda i: disaggregated(prefill, decode, f"{pair}-{i}", batch[i]), range(6)))
+    for i, (tokens, ref) in enumerate(zip(got, expected, strict=True)):
+        assert tokens == ref.token_ids[0], f"request {i}"
+    stats = decode.servicer.fetch_stats[-6:]
+    assert all(s.ok and s.transport == "grpc" and s.num_bytes > 0 for s in stats), stats
+    # 3 streams a fetch (2 helpers and the worker's own, or --kv-fetch-streams 3): 2 further each
+    assert prefill.servicer.parallel_fetches.num_opened - opened == 6
+    further = 6 * 2
+    assert helpers_of(workers.prefill).num_served - served == (further if prefill is workers.prefill else 0)
+    assert helpers_of(workers.decode).num_read - read == (further if decode is workers.decode else 0)
+    wait_nothing_held(workers)
+
+
+def test_a_further_streams_bad_request_gets_its_status_from_the_helper(workers: Workers) -> None:
+    address = helpers_of(workers.prefill).live()[0].address
+    channel = grpc.insecure_channel(address)
+    fetch = channel.unary_stream(
+        FETCH_KV,
+        request_serializer=worker_pb2.FetchKVRequest.SerializeToString,
+        response_deserializer=kv_wire.decode_chunk,
+    )
+    with pytest.raises(grpc.RpcError) as info:  # a first stream belongs on the worker's address
+        list(fetch(worker_pb2.FetchKVRequest(handle_id="h"), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stream_index" in (info.value.details() or "")
+    with pytest.raises(grpc.RpcError) as info:  # the worker's own check, relayed
+        list(fetch(worker_pb2.FetchKVRequest(handle_id="nope", stream_index=1), timeout=10))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nope" in (info.value.details() or "")
+    channel.close()
+    wait_nothing_held(workers)
+
+
+def test_a_helper_that_exits_leaves_the_others_then_the_worker_itself(workers: Workers) -> None:
+    """Runs last in the module: it kills the prefill worker's helpers."""
+    helpers = helpers_of(workers.prefill)
+    batch = prompts(2, seed=41)
+    expected = workers.reference.generate(
+        batch, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), prefix="ref-exit"
+    )
+    for killed in (1, 2):
+        victim = helpers.live()[0]
+        victim.process.kill()
+        wait_until(lambda v=victim: not v.alive, "the worker noticed its helper's exit")
+        assert len(helpers.live()) == 2 - killed
+        served = helpers.num_served
+        for i, prompt in enumerate(batch):
+            tokens = disaggregated(workers.prefill, workers.decode, f"exit{killed}-{i}", prompt)
+            assert tokens == expected[i].token_ids[0]
+        assert workers.decode.servicer.fetch_stats[-1].ok
+        # one helper left: it serves both further streams; none: the worker serves them itself
+        assert helpers.num_served - served == (4 if killed == 1 else 0)
+    wait_nothing_held(workers)
+
+
+def test_option_bounds() -> None:
+    with pytest.raises(ValueError, match="--kv-wire-helpers"):
+        WorkerConfig(model="m", kv_wire_helpers=8)
+    assert kv_wire_helpers.slot_bytes_for(4096, 100) == 4096
+    assert kv_wire_helpers.slot_bytes_for(4096, 5000) == 8192
+    assert kv_wire_helpers.split_host("127.0.0.1:5") == "127.0.0.1"
+    assert kv_wire_helpers.split_host("[::1]:5") == "[::1]"
+    assert kv_wire_helpers.split_host("unix:/tmp/x.sock") is None
