@@ -150,16 +150,15 @@ _CHANNELS: dict[tuple[str, int], grpc.Channel] = {}
 
 def loopback_fetch(address: str, handle_id: str, chunk_bytes: int, max_streams: int) -> int:
     """One FetchKV of a handle by this process over up to `max_streams` parallel streams (each on
-    its own connection, kept from fetch to fetch as a decode worker keeps them); the bytes received."""
-    channels = []
-    for index in range(max_streams):
-        if (address, index) not in _CHANNELS:
-            options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
-            _CHANNELS[address, index] = grpc.insecure_channel(address, options=options)
-        channels.append(_CHANNELS[address, index])
+    its own connection, kept from fetch to fetch as a decode worker keeps them; a further stream
+    goes where the first message says: the prefill worker's wire helpers, if it has any); the
+    bytes received."""
 
-    def stream(index: int, request: worker_pb2.FetchKVRequest) -> Any:
-        return channels[index].unary_stream(
+    def stream(at: str, index: int, request: worker_pb2.FetchKVRequest) -> Any:
+        if (at, index) not in _CHANNELS:
+            options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+            _CHANNELS[at, index] = grpc.insecure_channel(at, options=options)
+        return _CHANNELS[at, index].unary_stream(
             "/tandem.v1.Worker/FetchKV",
             request_serializer=worker_pb2.FetchKVRequest.SerializeToString,
             response_deserializer=kv_wire.decode_chunk,
@@ -169,16 +168,23 @@ def loopback_fetch(address: str, handle_id: str, chunk_bytes: int, max_streams: 
         return sum(len(chunk.data) for chunk in chunks)
 
     first = stream(
-        0, worker_pb2.FetchKVRequest(handle_id=handle_id, chunk_bytes=chunk_bytes, max_streams=max_streams)
+        address,
+        0,
+        worker_pb2.FetchKVRequest(handle_id=handle_id, chunk_bytes=chunk_bytes, max_streams=max_streams),
     )
     head = next(first)
     nbytes = len(head.data)
+    addresses = list(head.header.stream_addresses)
     further = [
-        worker_pb2.FetchKVRequest(handle_id=handle_id, chunk_bytes=chunk_bytes, stream_index=i)
+        (
+            addresses[i - 1] if len(addresses) >= i else address,
+            i,
+            worker_pb2.FetchKVRequest(handle_id=handle_id, chunk_bytes=chunk_bytes, stream_index=i),
+        )
         for i in range(1, head.header.streams)
     ]
     with ThreadPoolExecutor(max(1, len(further))) as pool:
-        futures = [pool.submit(drain, stream(i + 1, r)) for i, r in enumerate(further)]
+        futures = [pool.submit(drain, stream(*f)) for f in further]
         nbytes += drain(first) + sum(f.result() for f in futures)
     return nbytes
 

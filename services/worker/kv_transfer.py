@@ -453,9 +453,12 @@ def stage_on_device(chunk: torch.Tensor, device: torch.device) -> torch.Tensor:
     on the engine's stream."""
     stream = _writer_stream(device)
     with torch.cuda.stream(stream):
-        host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
-        host.copy_(chunk)
-        staged = host.to(device, non_blocking=True)
+        if chunk.is_pinned():  # a wire helper's slot (its ring is page-locked): straight to the device
+            staged = chunk.to(device, non_blocking=True)
+        else:
+            host = torch.empty(chunk.shape, dtype=chunk.dtype, pin_memory=True)
+            host.copy_(chunk)
+            staged = host.to(device, non_blocking=True)
     stream.synchronize()
     return staged
 
