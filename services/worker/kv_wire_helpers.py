@@ -232,6 +232,7 @@ class WireHelpers:
         except BaseException:
             for helper in helpers:
                 await _stop(helper)
+                _release_memory(helper)
             raise
         return cls(helpers, slot_bytes, on_join)
 

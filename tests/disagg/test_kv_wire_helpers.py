@@ -10,7 +10,9 @@ worker serving with the others, and with none its own streams carry every fetch.
 
 from __future__ import annotations
 
+import asyncio
 import time
+import types
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +26,7 @@ from worker_servers import InProcessWorker, LoopThread, start_worker, stop_worke
 from services.worker import kv_wire, kv_wire_helpers
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
+from services.worker.kv_transfer import KVChunkData
 from services.worker.request import SamplingParams
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
@@ -195,3 +198,40 @@ def test_option_bounds() -> None:
     assert kv_wire_helpers.split_host("127.0.0.1:5") == "127.0.0.1"
     assert kv_wire_helpers.split_host("[::1]:5") == "[::1]"
     assert kv_wire_helpers.split_host("unix:/tmp/x.sock") is None
+
+
+def test_a_streams_reads_take_slots_in_its_order() -> None:
+    """asyncio.Queue lets a newcomer take an item a woken waiter has not taken yet, and the
+    waiter then waits again behind the others: a stream's second read could take a slot while its
+    first (the one its sender waits for) waits on, and streams sharing a ring could each hold
+    slots like that, none able to send. ServeStream takes slots in each stream's order."""
+
+    async def scenario() -> list[str]:
+        free: asyncio.Queue[int] = asyncio.Queue()
+        ring = torch.zeros(2 * 16, dtype=torch.uint8)
+        helper = types.SimpleNamespace(serve_free=free, serve_ring=ring, post=lambda message: None)
+        done: list[str] = []
+        with ThreadPoolExecutor(2) as pool:
+            stream = kv_wire_helpers.ServeStream(helper, 1, 16, pool)  # type: ignore[arg-type]
+
+            def read(out: torch.Tensor) -> KVChunkData:
+                return KVChunkData(0, 1, 0, 1, out.numpy().data, "uint8", (16,))
+
+            async def reader(name: str) -> None:
+                chunk = await stream.read_into(read)
+                done.append(f"{name}:{chunk.slot}")
+
+            first = asyncio.ensure_future(reader("first"))
+            second = asyncio.ensure_future(reader("second"))
+            await asyncio.sleep(0)  # both reads wait for a slot
+            free.put_nowait(0)  # wakes the first read's wait ...
+            assert free.get_nowait() == 0  # ... but another stream's read takes the slot first
+            await asyncio.sleep(0)
+            free.put_nowait(0)  # that stream sent its chunk: the slot is free again
+            await asyncio.wait_for(first, 5)
+            assert not second.done()  # the second waits for a slot the first frees after sending
+            free.put_nowait(1)
+            await asyncio.wait_for(second, 5)
+        return done
+
+    assert asyncio.run(scenario()) == ["first:0", "second:1"]
