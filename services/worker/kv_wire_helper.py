@@ -1,6 +1,6 @@
 """A wire helper process: moves a parallel gRPC KV fetch's further streams through grpcio in a
 process of its own, so that one fetch's bytes cross grpcio in several processes a side (one
-grpcio process tops out near 3.5 GB/s, four a side carry about 10: docs/disaggregation.md).
+grpcio process per side has a ceiling that several processes a side go past: docs/disaggregation.md).
 
     prefill worker P                P's helper                   D's helper              decode worker D
     reads a chunk into a slot  ──▶  FetchKV(stream_index i):  ── KVChunk bytes ──▶  copies the data  ──▶  writes it
