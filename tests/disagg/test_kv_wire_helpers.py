@@ -11,6 +11,8 @@ worker serving with the others, and with none its own streams carry every fetch.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -165,6 +167,36 @@ def test_a_further_streams_bad_request_gets_its_status_from_the_helper(workers: 
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "nope" in (info.value.details() or "")
     channel.close()
+    wait_nothing_held(workers)
+
+
+def test_a_decode_helper_killed_mid_fetch_fails_that_fetch_only(workers: Workers) -> None:
+    """The decode worker's helper that reads a fetch's stream 1 is stopped, the fetch starts and
+    stalls on it, then the helper is killed: that fetch fails and the decode worker computes the
+    prompt itself (same tokens), the prefill worker's handle, blocks and slots all go back, and
+    the next fetch runs on the helper left."""
+    helpers = helpers_of(workers.decode)
+    victim = helpers.live()[0]  # reads stream 1 of every fetch while both live
+    prompt = prompts(1, seed=53)[0] + list(range(60, 160))
+    expected = workers.reference.generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), prefix="ref-mid"
+    )[0].token_ids[0]
+    fetches = len(workers.decode.servicer.fetch_stats)
+    os.kill(victim.process.pid, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(disaggregated, workers.prefill, workers.decode, "mid-0", prompt)
+            wait_until(lambda: len(workers.prefill.servicer.parallel_fetches) == 1, "the fetch started")
+            os.kill(victim.process.pid, signal.SIGKILL)
+            assert running.result(60) == expected
+    finally:
+        os.kill(victim.process.pid, signal.SIGKILL)  # (no-op once dead)
+    wait_until(lambda: not victim.alive, "the worker noticed its helper's exit")
+    stats = workers.decode.servicer.fetch_stats[fetches:]
+    assert len(stats) == 1 and not stats[0].ok and "helper" in stats[0].error, stats
+    wait_nothing_held(workers)
+    assert disaggregated(workers.prefill, workers.decode, "mid-1", prompt) == expected
+    assert workers.decode.servicer.fetch_stats[-1].ok
     wait_nothing_held(workers)
 
 
