@@ -14,7 +14,7 @@ and a control connection to its worker (a socket pair; the helper exits when it 
 worker keeps every decision (which fetch, which blocks, whether a chunk fits its reservation):
 the helper only relays bytes and reports how a stream ended.
 
-Control messages, each a pickled tuple behind a 4-byte length (`send_message` / `read_message`):
+Control messages, each a pickled tuple behind a 4-byte length (`frame` / `read_message`):
     helper -> worker   ("ready", port)                       serving on `port`
                        ("join", fid, request)                P: a further stream came (serialized
                                                              FetchKVRequest; fid named by the helper)
@@ -71,11 +71,6 @@ def frame(message: tuple[Any, ...]) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-async def send_message(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
-    writer.write(frame(message))
-    await writer.drain()
-
-
 async def read_message(reader: asyncio.StreamReader) -> tuple[Any, ...] | None:
     """The next control message; None when the other side closed the connection."""
     try:
@@ -117,15 +112,16 @@ class Helper:
         for slot in range(slots):
             self.free_slots.put_nowait(slot)
         self.channels: dict[str, grpc.aio.Channel] = {}
-        self._send_lock = asyncio.Lock()
 
     def view(self, ring: int, slot: int, nbytes: int) -> memoryview:
         start = ring_offset(ring, slot, self.slots, self.slot_bytes)
         return self.memory[start : start + nbytes]
 
-    async def send(self, message: tuple[Any, ...]) -> None:
-        async with self._send_lock:
-            await send_message(self.writer, message)
+    def send(self, message: tuple[Any, ...]) -> None:
+        """A control message to the worker, written at once (small; the worker always reads):
+        no await between taking a slot and reporting it, so a cancelled read leaks none."""
+        if not self.writer.is_closing():
+            self.writer.write(frame(message))
 
     # P: the further streams this helper serves
     async def fetch_kv(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -140,14 +136,14 @@ class Helper:
         self.serving[fid] = queue
         ended = False
         try:
-            await self.send(("join", fid, request))
+            self.send(("join", fid, request))
             while True:
                 message = await queue.get()
                 kind = message[0]
                 if kind == "chunk":
                     _, _, slot, nbytes, head, tail = message
                     raw = kv_wire.encode_parts(head, tail, self.view(0, slot, nbytes))
-                    await self.send(("free", slot))
+                    self.send(("free", slot))
                     yield raw
                 elif kind == "keepalive":
                     yield KEEP_ALIVE_BYTES
@@ -162,11 +158,9 @@ class Helper:
             while not queue.empty():  # chunks never sent: their slots go back
                 message = queue.get_nowait()
                 if message[0] == "chunk":
-                    with contextlib.suppress(ConnectionError):
-                        await self.send(("free", message[2]))
+                    self.send(("free", message[2]))
             if not ended:
-                with contextlib.suppress(ConnectionError):
-                    await self.send(("cancel", fid))
+                self.send(("cancel", fid))
 
     # D: the further streams this helper reads
     async def read(self, fid: int, address: str, request: bytes) -> None:
@@ -181,10 +175,10 @@ class Helper:
                 wire = kv_wire.decode_chunk(raw)
                 nbytes = len(wire.data)
                 if not nbytes:
-                    await self.send(("raw", fid, raw))
+                    self.send(("raw", fid, raw))
                     continue
                 if nbytes > self.slot_bytes:
-                    await self.send(
+                    self.send(
                         (
                             "failed",
                             fid,
@@ -195,10 +189,10 @@ class Helper:
                     return
                 slot = await self.free_slots.get()
                 self.view(1, slot, nbytes)[:] = wire.data
-                await self.send(("got", fid, slot, nbytes, wire.header.SerializeToString()))
-            await self.send(("done", fid))
+                self.send(("got", fid, slot, nbytes, wire.header.SerializeToString()))
+            self.send(("done", fid))
         except grpc.aio.AioRpcError as exc:
-            await self.send(("failed", fid, exc.code().name, exc.details() or ""))
+            self.send(("failed", fid, exc.code().name, exc.details() or ""))
         finally:
             call.cancel()
             self.reading.pop(fid, None)
@@ -212,7 +206,7 @@ class Helper:
                 if queue is not None:
                     queue.put_nowait(message)
                 elif kind == "chunk":  # the stream went meanwhile: its slot goes back unsent
-                    await self.send(("free", message[2]))
+                    self.send(("free", message[2]))
             elif kind == "read":
                 _, fid, address, request = message
                 self.reading[fid] = asyncio.ensure_future(self.read(fid, address, request))
@@ -255,7 +249,7 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     await server.start()
     try:
-        await helper.send(("ready", port))
+        helper.send(("ready", port))
         await helper.control()  # returns when the worker goes
     finally:
         for task in list(helper.reading.values()):
