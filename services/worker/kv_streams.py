@@ -50,8 +50,12 @@ def stream_count(requested: int, num_layers: int) -> int:
     return max(1, min(requested, num_layers, MAX_STREAMS))
 
 
-def layer_range(num_layers: int, streams: int, index: int) -> tuple[int, int]:
-    """Stream `index`'s layers [start, end) of a fetch over `streams` streams."""
+def layer_range(num_layers: int, streams: int, index: int, first_empty: bool = False) -> tuple[int, int]:
+    """Stream `index`'s layers [start, end) of a fetch over `streams` streams. `first_empty`: the
+    first stream carries none and the others split them all (a prefill worker whose wire helpers
+    carry the further streams, kv_wire_helpers.py, keeps the KV bytes out of its own process)."""
+    if first_empty:
+        return (0, 0) if index == 0 else layer_range(num_layers, streams - 1, index - 1)
     return index * num_layers // streams, (index + 1) * num_layers // streams
 
 
@@ -59,6 +63,7 @@ def layer_range(num_layers: int, streams: int, index: int) -> tuple[int, int]:
 class _Fetch:
     held: HeldKV
     streams: int
+    first_empty: bool
     joined: set[int] = field(default_factory=set)
     open: int = 1  # streams running (the first counts)
     closed: bool = False  # the first stream ended: no more joins
@@ -77,13 +82,15 @@ class ParallelFetches:
     def __len__(self) -> int:
         return len(self._fetches)
 
-    def open(self, handle_id: str, held: HeldKV, streams: int) -> None:
-        """The first stream took the handle and serves it over `streams` streams."""
-        self._fetches[handle_id] = _Fetch(held, streams)
+    def open(self, handle_id: str, held: HeldKV, streams: int, first_empty: bool = False) -> None:
+        """The first stream took the handle and serves it over `streams` streams (`first_empty`:
+        the first one carries no layers, `layer_range`)."""
+        self._fetches[handle_id] = _Fetch(held, streams, first_empty)
         self.num_opened += 1
 
-    def join(self, handle_id: str, index: int) -> tuple[HeldKV, int]:
-        """A further stream of an open fetch: its handle and the fetch's stream count."""
+    def join(self, handle_id: str, index: int, num_layers: int) -> tuple[HeldKV, tuple[int, int], int]:
+        """A further stream of an open fetch: its handle, its layers (of the model's
+        `num_layers`) and the fetch's stream count."""
         fetch = self._fetches.get(handle_id)
         if fetch is None:
             raise KVHandleError(
@@ -105,7 +112,7 @@ class ParallelFetches:
         fetch.open += 1
         if len(fetch.joined) == fetch.streams - 1:
             fetch.all_joined.set()
-        return fetch.held, fetch.streams
+        return fetch.held, layer_range(num_layers, fetch.streams, index, fetch.first_empty), fetch.streams
 
     async def wait_joined(self, handle_id: str, timeout_s: float) -> bool:
         """The first stream, its own layers sent: wait until every further stream joined (the

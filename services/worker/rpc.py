@@ -988,16 +988,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 streams = kv_streams.stream_count(
                     min(request.max_streams, self.max_serve_streams), num_layers
                 )
+            first_empty = False
             if streams > 1:  # the decode worker opens the others when it reads this
-                self.parallel_fetches.open(handle_id, held, streams)
                 addresses = self.wire_helpers.stream_addresses(streams) if self.wire_helpers else []
+                first_empty = bool(addresses)  # (the helpers carry every layer)
+                self.parallel_fetches.open(handle_id, held, streams, first_empty)
                 yield worker_pb2.KVChunk(
                     transport=worker_pb2.KV_TRANSPORT_GRPC, streams=streams, stream_addresses=addresses
                 ).SerializeToString()
             num_bytes = 0
             first_sent = False
             async for item in self._grpc_chunks(
-                request, held, first_block, kv_streams.layer_range(num_layers, streams, 0)
+                request, held, first_block, kv_streams.layer_range(num_layers, streams, 0, first_empty)
             ):
                 if progress is not None and not first_sent and progress.done:
                     # A layer-wise prefill that completed while its KV is still on the way (gRPC
@@ -1121,7 +1123,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 "FAILED_PRECONDITION",
                 f"fingerprint: the caller ({request.fingerprint}) cannot take KV from this worker ({self.fingerprint})",
             )
-        held, streams = self.parallel_fetches.join(handle_id, request.stream_index)
+        num_layers = self.engine.kv_cache.model_shape[0]
+        held, layers, streams = self.parallel_fetches.join(handle_id, request.stream_index, num_layers)
         started = time.monotonic()
         num_bytes = 0
         try:
@@ -1132,8 +1135,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     f"skip_tokens: {request.skip_tokens} must be a multiple of the block size {block_size} "
                     f"and at most the handle's {held.num_tokens} tokens",
                 )
-            num_layers = self.engine.kv_cache.model_shape[0]
-            layers = kv_streams.layer_range(num_layers, streams, request.stream_index)
             first_block = request.skip_tokens // block_size
             async for item in self._chunks(request, held, first_block, layers, encode, read_into):
                 yield item

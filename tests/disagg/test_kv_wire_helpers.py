@@ -25,7 +25,7 @@ import pytest
 import torch
 from worker_servers import InProcessWorker, LoopThread, start_worker, stop_worker
 
-from services.worker import kv_wire, kv_wire_helpers
+from services.worker import kv_streams, kv_wire, kv_wire_helpers
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.kv_transfer import KVChunkData
@@ -150,6 +150,78 @@ def test_helpers_carry_the_further_streams_and_tokens_equal_unified(workers: Wor
     wait_nothing_held(workers)
 
 
+def raw_fetch(
+    address: str, handle_id: str, max_streams: int
+) -> tuple[dict[tuple[int, int], bytes], list[int]]:
+    """A raw client's fetch that follows `stream_addresses`: every (layer, block) cell's bytes,
+    and the data chunks that came on each stream."""
+    channels: list[grpc.Channel] = []
+
+    def fetch(at: str, request: worker_pb2.FetchKVRequest) -> Iterator[kv_wire.WireChunk]:
+        channels.append(grpc.insecure_channel(at))
+        call = channels[-1].unary_stream(
+            FETCH_KV,
+            request_serializer=worker_pb2.FetchKVRequest.SerializeToString,
+            response_deserializer=kv_wire.decode_chunk,
+        )
+        return iter(call(request, timeout=30))
+
+    cells: dict[tuple[int, int], bytes] = {}
+
+    def take(chunks: Iterator[kv_wire.WireChunk]) -> int:
+        count = 0
+        for chunk in chunks:
+            h = chunk.header
+            part = torch.frombuffer(bytearray(chunk.data), dtype=torch.float32).view(tuple(h.shape))
+            for li in range(h.layer_end - h.layer_start):
+                for bi in range(h.block_end - h.block_start):
+                    key = (h.layer_start + li, h.block_start + bi)
+                    assert key not in cells, f"cell {key} sent twice"
+                    cells[key] = part[li, :, bi].numpy().tobytes()
+            count += 1
+        return count
+
+    first = fetch(address, worker_pb2.FetchKVRequest(handle_id=handle_id, max_streams=max_streams))
+    head = next(first)
+    if not head.header.streams:  # one stream: everything on it
+        return cells, [take(iter([head, *first]))]
+    addresses = list(head.header.stream_addresses)
+    assert len(addresses) == head.header.streams - 1
+    further = [
+        fetch(at, worker_pb2.FetchKVRequest(handle_id=handle_id, stream_index=i))
+        for i, at in enumerate(addresses, start=1)
+    ]
+    with ThreadPoolExecutor(len(further)) as pool:
+        counts = list(pool.map(take, further))
+    counts.insert(0, take(first))
+    for channel in channels:
+        channel.close()
+    return cells, counts
+
+
+def test_the_helpers_carry_every_byte_and_equal_one_stream(workers: Workers) -> None:
+    """With helpers the prefill worker's own stream carries no KV (the helpers split every
+    layer), and the cells equal a one-stream fetch's, each once."""
+    stub = Workers.stub(workers.prefill)
+    prompt = prompts(1, seed=29)[0][:16] + list(range(100, 148))  # whole blocks
+    assert len(prompt) % workers.prefill.engine.config.block_size == 0
+    handles = [
+        stub.Prefill(
+            worker_pb2.PrefillRequest(request_id=f"raw-{i}", prompt_token_ids=prompt, sampling=greedy())
+        ).handle.handle_id
+        for i in range(2)
+    ]
+    one, one_counts = raw_fetch(workers.prefill.address, handles[0], 0)
+    three, counts = raw_fetch(workers.prefill.address, handles[1], 3)
+    assert len(one_counts) == 1 and len(counts) == 3
+    assert counts[0] == 0 and all(c > 0 for c in counts[1:]), counts
+    num_layers = workers.prefill.engine.kv_cache.model_shape[0]
+    num_blocks = len(prompt) // workers.prefill.engine.config.block_size
+    assert set(one) == set(three) == {(la, b) for la in range(num_layers) for b in range(num_blocks)}
+    assert not sorted(k for k in one if one[k] != three[k])
+    wait_nothing_held(workers)
+
+
 def test_a_further_streams_bad_request_gets_its_status_from_the_helper(workers: Workers) -> None:
     address = helpers_of(workers.prefill).live()[0].address
     channel = grpc.insecure_channel(address)
@@ -230,6 +302,8 @@ def test_option_bounds() -> None:
     assert kv_wire_helpers.split_host("127.0.0.1:5") == "127.0.0.1"
     assert kv_wire_helpers.split_host("[::1]:5") == "[::1]"
     assert kv_wire_helpers.split_host("unix:/tmp/x.sock") is None
+    # a prefill worker with helpers: its own stream carries no layers, the others all of them
+    assert [kv_streams.layer_range(5, 3, i, first_empty=True) for i in range(3)] == [(0, 0), (0, 2), (2, 5)]
 
 
 def test_a_streams_reads_take_slots_in_its_order() -> None:
