@@ -44,6 +44,8 @@ PREFIX_CACHE_HITS = "tandem:prefix_cache_hits_total"
 PROMPT_PREFILLS = "tandem:prompt_prefills"
 KV_TRANSFER_BYTES = "tandem:kv_transfer_bytes_total"
 KV_TRANSFER_SECONDS = "tandem:kv_transfer_seconds"
+KV_WIRE_HELPERS = "tandem:kv_wire_helpers"
+KV_WIRE_HELPER_STREAMS = "tandem:kv_wire_helper_streams_total"
 KV_PEER_BYTES = "tandem:kv_peer_fetch_bytes_total"
 KV_PEER_SECONDS = "tandem:kv_peer_fetch_seconds_total"
 KV_PEER_GBPS = "tandem:kv_peer_fetch_gb_per_second"
@@ -322,6 +324,21 @@ METRICS: tuple[MetricSpec, ...] = (
         "Seconds one KV transfer (FetchKV stream) took.",
         ("worker",),
         TRANSFER_BUCKETS,
+    ),
+    MetricSpec(
+        KV_WIRE_HELPERS,
+        "gauge",
+        (),
+        "Wire helper processes running (--kv-wire-helpers; one that exited is not restarted: fewer than "
+        "asked for means some went, and the worker's own streams carry what they would have).",
+        ("worker",),
+    ),
+    MetricSpec(
+        KV_WIRE_HELPER_STREAMS,
+        "counter",
+        ("direction",),
+        "FetchKV streams the wire helpers carried: served (prefill side) or read (decode side).",
+        ("worker",),
     ),
     MetricSpec(
         KV_PEER_BYTES,

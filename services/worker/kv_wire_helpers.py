@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 import services
+from services.common import metrics
 from services.common.tls import TlsFiles
 from services.worker import kv_wire
 from services.worker.kv_transfer import KVChunkData
@@ -208,6 +209,7 @@ class WireHelpers:
         self.num_read = 0  # and read for it
         for helper in helpers:
             helper.control = asyncio.ensure_future(self._control(helper))
+        metrics.gauge(metrics.KV_WIRE_HELPERS).set(len(helpers))
 
     @classmethod
     async def start(
@@ -255,6 +257,7 @@ class WireHelpers:
         helper = live[(index - 1) % len(live)]
         fid = next(self._fids)
         self.num_read += 1
+        metrics.counter(metrics.KV_WIRE_HELPER_STREAMS).labels(direction="read").inc()
         queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         helper.reading[fid] = queue
         helper.post(("read", fid, address, request.SerializeToString()))
@@ -295,6 +298,7 @@ class WireHelpers:
                 _, fid, request = message
                 stream = ServeStream(helper, fid, self.slot_bytes, self.executor)
                 self.num_served += 1
+                metrics.counter(metrics.KV_WIRE_HELPER_STREAMS).labels(direction="served").inc()
                 helper.serving[fid] = asyncio.ensure_future(self._serve(helper, fid, request, stream))
             elif kind == "free":
                 helper.serve_free.put_nowait(message[1])
@@ -316,6 +320,7 @@ class WireHelpers:
                 helper.process.pid,
             )
         helper.alive = False
+        metrics.gauge(metrics.KV_WIRE_HELPERS).set(len(self.live()))
         for task in helper.serving.values():
             task.cancel()
         for queue in helper.reading.values():
