@@ -56,11 +56,13 @@ START_TIMEOUT_S = 30.0
 
 
 class WireStreamError(Exception):
-    """A further stream read through a helper ended with a gRPC status (or the helper went)."""
+    """A further stream read through a helper ended with a gRPC status from the peer
+    (`from_peer`), or the helper went."""
 
-    def __init__(self, code: str, details: str) -> None:
+    def __init__(self, code: str, details: str, from_peer: bool = True) -> None:
         super().__init__(f"{code}: {details}")
         self.code = code
+        self.from_peer = from_peer
 
 
 def slot_bytes_for(chunk_bytes: int, layer_block_bytes: int) -> int:
@@ -253,7 +255,7 @@ class WireHelpers:
         data a view of a receive slot, freed by the chunk's `release`."""
         live = self.live()
         if not live:
-            raise WireStreamError("UNAVAILABLE", "no wire helper is running")
+            raise WireStreamError("UNAVAILABLE", "no wire helper is running", from_peer=False)
         helper = live[(index - 1) % len(live)]
         fid = next(self._fids)
         self.num_read += 1
@@ -278,6 +280,9 @@ class WireHelpers:
                 elif kind == "done":
                     finished = True
                     return
+                elif kind == "gone":
+                    finished = True
+                    raise WireStreamError("UNAVAILABLE", "the KV wire helper exited", from_peer=False)
                 else:  # ("failed", fid, code, details)
                     finished = True
                     raise WireStreamError(message[2], message[3])
@@ -324,7 +329,7 @@ class WireHelpers:
         for task in helper.serving.values():
             task.cancel()
         for queue in helper.reading.values():
-            queue.put_nowait(("failed", 0, "UNAVAILABLE", "the KV wire helper exited"))
+            queue.put_nowait(("gone", 0))
 
     async def _serve(self, helper: _Helper, fid: int, request: bytes, stream: ServeStream) -> None:
         try:

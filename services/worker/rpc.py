@@ -352,6 +352,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # Prefill workers whose CUDA IPC fetch failed here (e.g. no shared /dev/shm between
         # containers): later fetches from them skip it rather than fail and recompute every time.
         self._ipc_failed: set[str] = set()
+        # Prefill workers' wire helper addresses this worker could not reach (e.g. a network that
+        # lets only the worker's own port through): their streams go to the worker's address.
+        self._helpers_unreachable: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._grammar_pool = _grammar_pool(CHECK_STACK_BYTES * WORKER_STACK_FACTOR)
         self.max_pending = self.engine.config.max_pending_requests
@@ -1245,6 +1248,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         helpers when it has any (kv_wire_helpers.py), else here."""
         addresses = first.stream_addresses
         address = addresses[index - 1] if len(addresses) >= index else source.address
+        if address in self._helpers_unreachable:
+            address = source.address  # (the prefill worker serves every stream itself too)
         request = worker_pb2.FetchKVRequest(
             handle_id=source.handle_id,
             skip_tokens=skip_tokens,
@@ -1253,8 +1258,37 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
         if self.wire_helpers is not None and self.wire_helpers.live():
             request.chunk_bytes = self.wire_helpers.slot_bytes  # (each chunk must fit a slot)
-            return self.wire_helpers.read(index, address, request)
-        return self._fetch_call(address, index, request)
+            stream = self.wire_helpers.read(index, address, request)
+        else:
+            stream = self._fetch_call(address, index, request)
+        return stream if address == source.address else self._watch_helper(stream, address, source.address)
+
+    async def _watch_helper(
+        self, stream: AsyncGenerator[kv_wire.WireChunk, None], address: str, worker: str
+    ) -> AsyncGenerator[kv_wire.WireChunk, None]:
+        """A further stream from a prefill worker's helper at `address`: when it cannot be
+        reached (UNAVAILABLE from the peer), later fetches open that stream at the worker's own
+        address instead (this fetch fails, and its prompt is computed here, as for any failed fetch)."""
+        try:
+            async for item in stream:
+                yield item
+        except (grpc.aio.AioRpcError, kv_wire_helpers.WireStreamError) as exc:
+            if isinstance(exc, grpc.aio.AioRpcError):
+                code = exc.code().name
+            else:
+                code = exc.code if exc.from_peer else ""
+            if code == "UNAVAILABLE" and address not in self._helpers_unreachable:
+                log.warning(
+                    "the KV wire helper %s of %s is unreachable (%s); its streams go to %s from now on",
+                    address,
+                    worker,
+                    exc,
+                    worker,
+                )
+                self._helpers_unreachable.add(address)
+            raise
+        finally:
+            await stream.aclose()
 
     async def _fetch_call(
         self, address: str, index: int, request: worker_pb2.FetchKVRequest

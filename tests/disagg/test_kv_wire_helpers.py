@@ -242,6 +242,29 @@ def test_a_further_streams_bad_request_gets_its_status_from_the_helper(workers: 
     wait_nothing_held(workers)
 
 
+@pytest.mark.parametrize("reader", ["decode-worker", "decode-helpers"])
+def test_unreachable_helper_addresses_fall_back_to_the_workers_own(
+    workers: Workers, reader: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network that lets only the prefill worker's own port through (here: the helpers are
+    advertised at a port nobody listens on): the first fetch fails and is computed locally, the
+    decode worker then opens those streams at the worker's address, which serves them itself."""
+    decode = workers.decode if reader == "decode-helpers" else workers.plain_decode
+    helpers = helpers_of(workers.prefill)
+    monkeypatch.setattr(helpers, "stream_addresses", lambda streams: ["127.0.0.1:1"] * (streams - 1))
+    prompt = prompts(1, seed=61)[0]
+    expected = workers.reference.generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), prefix=f"ref-{reader}"
+    )[0].token_ids[0]
+    served = helpers.num_served
+    for attempt in range(2):
+        assert disaggregated(workers.prefill, decode, f"{reader}-{attempt}", prompt) == expected
+        stats = decode.servicer.fetch_stats[-1]
+        assert stats.ok == (attempt == 1), stats
+    assert helpers.num_served == served  # the prefill worker served the second fetch's streams itself
+    wait_nothing_held(workers)
+
+
 def test_a_decode_helper_killed_mid_fetch_fails_that_fetch_only(workers: Workers) -> None:
     """The decode worker's helper that reads a fetch's stream 1 is stopped, the fetch starts and
     stalls on it, then the helper is killed: that fetch fails and the decode worker computes the
