@@ -274,6 +274,13 @@ def read_group_chunk(cache: KVCache, block_ids: tuple[int, ...], span: Span) -> 
 T = TypeVar("T")
 
 
+def block_bytes_per_layer(cache: KVCache) -> int:
+    """Bytes of one block of one layer (K and V) in the model's layout: the unit chunks are cut
+    in (`chunk_plan`), and the biggest chunk when one block over all layers exceeds the target."""
+    _, _, _, block_size, num_kv_heads, head_dim = cache.model_shape
+    return 2 * block_size * num_kv_heads * head_dim * cache.tensor.element_size()
+
+
 async def stream_chunks(
     cache: KVCache,
     block_ids: tuple[int, ...],
@@ -294,8 +301,8 @@ async def stream_chunks(
     `layers` [start, end): only those (one stream of a parallel fetch, kv_streams.py). With
     `read_into` (a single-rank worker's stream served by a wire helper, kv_wire_helpers.py), each
     chunk is read by `read_into(read)`, which runs `read(out)` into a buffer of its own."""
-    num_layers, _, _, block_size, num_kv_heads, head_dim = cache.model_shape
-    layer_block_bytes = 2 * block_size * num_kv_heads * head_dim * cache.tensor.element_size()
+    num_layers = cache.model_shape[0]
+    block_bytes = block_bytes_per_layer(cache)
     lo, hi = layers if layers is not None else (0, num_layers)
     pending: collections.deque[asyncio.Future[T]] = collections.deque()
     loop = asyncio.get_running_loop()
@@ -319,9 +326,7 @@ async def stream_chunks(
             snap = progress.snapshot() if progress is not None else _all_ready(num_layers, block_ids)
             if snap.error:
                 raise LayerwiseFailed(snap.error)
-            for l0, l1, b0, b1 in ready_spans(
-                sent, snap.ready_blocks[lo:hi], layer_block_bytes, target_bytes
-            ):
+            for l0, l1, b0, b1 in ready_spans(sent, snap.ready_blocks[lo:hi], block_bytes, target_bytes):
                 span = (lo + l0, lo + l1, b0, b1)
                 pending.append(asyncio.ensure_future(produce(span, snap.block_ids, snap.event)))
                 if len(pending) > READ_AHEAD:

@@ -1367,10 +1367,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         them (its own streams carry every fetch), with a warning."""
         config = self.engine.config
         count = config.kv_wire_helpers
-        bind_host = kv_wire_helpers.split_host(bound_address)
-        advertise_host = kv_wire_helpers.split_host(self.advertise_address or bound_address)
         if not count:
             return
+        bind_host = kv_wire_helpers.split_host(bound_address)
+        advertise_host = kv_wire_helpers.split_host(self.advertise_address or bound_address)
         if bind_host is None or advertise_host is None or self.engine.driver is not None:
             log.warning(
                 "--kv-wire-helpers: not started (they serve TCP addresses of single-rank workers; this one is %s%s)",
@@ -1378,9 +1378,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 ", a parallel group" if self.engine.driver is not None else "",
             )
             return
-        shape = self.engine.kv_cache.model_shape
-        layer_block_bytes = 2 * shape[3] * shape[4] * shape[5] * self.engine.kv_cache.tensor.element_size()
-        slot_bytes = kv_wire_helpers.slot_bytes_for(config.kv_chunk_bytes, layer_block_bytes)
+        slot_bytes = kv_wire_helpers.slot_bytes_for(
+            config.kv_chunk_bytes, kv_transfer.block_bytes_per_layer(self.engine.kv_cache)
+        )
         try:
             self.wire_helpers = await kv_wire_helpers.WireHelpers.start(
                 count,
