@@ -19,13 +19,14 @@ from typing import Any
 import grpc
 import pytest
 import torch
+import worker_servers
 from worker_servers import InProcessWorker, LoopThread, start_worker, stop_worker
 
 from services.worker import kv_streams, kv_wire
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.request import SamplingParams
-from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tandem.v1 import common_pb2, worker_pb2
 
 COMMON = dict(device="cpu", kv_cache_memory="8MiB", max_model_len=256, cpu_threads=1)
 MAX_TOKENS = 8
@@ -43,9 +44,7 @@ class Workers:
         self.reference = Engine(WorkerConfig(**opts))
         self.all = [self.prefill, self.old_prefill, self.decode]
 
-    @staticmethod
-    def stub(w: InProcessWorker) -> worker_pb2_grpc.WorkerStub:
-        return worker_pb2_grpc.WorkerStub(grpc.insecure_channel(w.address))
+    stub = staticmethod(worker_servers.stub)
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +69,7 @@ def greedy() -> common_pb2.SamplingParams:
 def disaggregated(
     prefill: InProcessWorker, decode: InProcessWorker, rid: str, prompt: list[int]
 ) -> list[int]:
-    reply = Workers.stub(prefill).Prefill(
-        worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=greedy()), timeout=60
-    )
-    tokens = list(reply.first.token_ids)
-    request = worker_pb2.GenerateRequest(
-        request_id=rid,
-        prompt_token_ids=prompt,
-        sampling=greedy(),
-        generated_token_ids=tokens,
-        kv_source=reply.handle,
-    )
-    for chunk in Workers.stub(decode).Generate(request, timeout=60):
-        for choice in chunk.choices:
-            tokens += choice.token_ids
-    return tokens
+    return worker_servers.disaggregated(prefill, decode, rid, prompt, MAX_TOKENS)
 
 
 def wait_no_blocks(workers: Workers) -> None:
@@ -135,15 +120,7 @@ def fetch_cells(
     lock = threading.Lock()
 
     def take(chunk: kv_wire.WireChunk) -> None:
-        h = chunk.header
-        assert chunk.data, "a data chunk"
-        part = torch.frombuffer(bytearray(chunk.data), dtype=torch.float32).view(tuple(h.shape))
-        with lock:
-            for li in range(h.layer_end - h.layer_start):
-                for bi in range(h.block_end - h.block_start):
-                    key = (h.layer_start + li, h.block_start + bi)
-                    assert key not in cells, f"cell {key} sent twice"
-                    cells[key] = part[li, :, bi].numpy().tobytes()
+        worker_servers.add_cells(cells, chunk, lock)
 
     first = iter(fetch(worker_pb2.FetchKVRequest(handle_id=handle_id, max_streams=max_streams), timeout=30))
     head = next(first)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+import worker_servers
 from worker_servers import InProcessWorker, LoopThread, start_worker, stop_worker
 
 from services.worker import kv_streams, kv_wire, kv_wire_helpers
@@ -30,7 +32,7 @@ from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
 from services.worker.kv_transfer import KVChunkData
 from services.worker.request import SamplingParams
-from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from tandem.v1 import common_pb2, worker_pb2
 
 COMMON = dict(device="cpu", kv_cache_memory="8MiB", max_model_len=256, cpu_threads=1)
 MAX_TOKENS = 6
@@ -50,9 +52,7 @@ class Workers:
         self.reference = Engine(WorkerConfig(**opts))
         self.all = [self.prefill, self.plain_prefill, self.decode, self.plain_decode]
 
-    @staticmethod
-    def stub(w: InProcessWorker) -> worker_pb2_grpc.WorkerStub:
-        return worker_pb2_grpc.WorkerStub(grpc.insecure_channel(w.address))
+    stub = staticmethod(worker_servers.stub)
 
 
 @pytest.fixture(scope="module")
@@ -81,21 +81,7 @@ def greedy() -> common_pb2.SamplingParams:
 def disaggregated(
     prefill: InProcessWorker, decode: InProcessWorker, rid: str, prompt: list[int]
 ) -> list[int]:
-    reply = Workers.stub(prefill).Prefill(
-        worker_pb2.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=greedy()), timeout=60
-    )
-    tokens = list(reply.first.token_ids)
-    request = worker_pb2.GenerateRequest(
-        request_id=rid,
-        prompt_token_ids=prompt,
-        sampling=greedy(),
-        generated_token_ids=tokens,
-        kv_source=reply.handle,
-    )
-    for chunk in Workers.stub(decode).Generate(request, timeout=60):
-        for choice in chunk.choices:
-            tokens += choice.token_ids
-    return tokens
+    return worker_servers.disaggregated(prefill, decode, rid, prompt, MAX_TOKENS)
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
@@ -167,17 +153,12 @@ def raw_fetch(
         return iter(call(request, timeout=30))
 
     cells: dict[tuple[int, int], bytes] = {}
+    lock = threading.Lock()
 
     def take(chunks: Iterator[kv_wire.WireChunk]) -> int:
         count = 0
         for chunk in chunks:
-            h = chunk.header
-            part = torch.frombuffer(bytearray(chunk.data), dtype=torch.float32).view(tuple(h.shape))
-            for li in range(h.layer_end - h.layer_start):
-                for bi in range(h.block_end - h.block_start):
-                    key = (h.layer_start + li, h.block_start + bi)
-                    assert key not in cells, f"cell {key} sent twice"
-                    cells[key] = part[li, :, bi].numpy().tobytes()
+            worker_servers.add_cells(cells, chunk, lock)
             count += 1
         return count
 
