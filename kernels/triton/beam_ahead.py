@@ -22,7 +22,21 @@ import triton.language as tl
 BLOCK_C = 128  # table columns per loop step
 
 
-@triton.jit
+# every size and stride varies with the step's batch and its sequences' lengths: one compiled
+# kernel for all (Triton would otherwise compile a variant per value equal to 1 or divisible by 16)
+@triton.jit(
+    do_not_specialize=[
+        "stride_pg",
+        "stride_pw",
+        "stride_tg",
+        "stride_tw",
+        "stride_sg",
+        "stride_sw",
+        "w_prev",
+        "max_blocks",
+        "W",
+    ]
+)
 def _beam_ahead_kernel(
     parents_ptr,  # [G, W] int64
     tokens_ptr,  # [G, W] int64

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# the strides and the number of stop ids vary with the step's batch: one compiled kernel for all
+@triton.jit(do_not_specialize=["stride_v", "stride_i", "num_stops"])
 def _beam_candidates_kernel(
     values_ptr,  # [G * W, >= PB] fp32, row stride stride_v
     ids_ptr,  # [G * W, >= PB] int64, row stride stride_i

@@ -20,7 +20,8 @@ import triton.language as tl
 BLOCK = 4096
 
 
-@triton.jit
+# sizes and strides: one compiled kernel per K whatever the vocabulary and layout
+@triton.jit(do_not_specialize=["vocab", "stride_x", "num_chunks"])
 def _topk_chunks_kernel(
     x_ptr,  # [R, V]
     part_val_ptr,  # [R, P, K] fp32
@@ -45,7 +46,7 @@ def _topk_chunks_kernel(
         tl.store(part_idx_ptr + out + j, idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["vocab", "num_candidates"])
 def _topk_merge_kernel(
     part_val_ptr,
     part_idx_ptr,
