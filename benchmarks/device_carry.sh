@@ -29,6 +29,7 @@ for name in ("opentelemetry-instrumentation", "opentelemetry-semantic-convention
 PY
 )
 "${PIP[@]}" -d .whl "${wheels[@]}"
+"${PIP[@]}" -d .whl py-spy==0.4.3  # split_profile_run.sh samples the services with it
 if [ ! -d .benchmodel/shared ]; then
   mkdir -p .benchmodel/shared
   cp -r ../shared/. .benchmodel/shared/

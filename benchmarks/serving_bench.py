@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -361,6 +362,15 @@ def stop_up(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
+def find_py_spy() -> str:
+    """The py-spy executable: on PATH, or beside this Python (a venv's bin that is not on PATH)."""
+    beside = Path(sys.executable).with_name("py-spy")
+    found = shutil.which("py-spy") or (str(beside) if beside.exists() else "")
+    if not found:
+        raise SystemExit("--py-spy: no py-spy executable on PATH or beside this Python (pip install py-spy)")
+    return found
+
+
 def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[subprocess.Popen[bytes]]:
     """With --py-spy DIR, sample every service process (and this one) during a closed-loop point
     of concurrency >= 8: collapsed stacks per role in DIR (`py-spy record --format raw`)."""
@@ -375,7 +385,7 @@ def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[
     for pid, role in pids.items():
         path = out / f"{mode}_{role}_{pid}_c{conc}.txt"
         cmd = [
-            "py-spy",
+            args.py_spy_exe,
             "record",
             "--pid",
             str(pid),
@@ -491,6 +501,7 @@ def main() -> int:
         path = Path(args.plot_only)
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
         return 0
+    args.py_spy_exe = find_py_spy() if args.py_spy else ""  # before any load: a missing one ends the run now
     tag = args.tag or f"{args.shape}_{args.device.split(':')[0]}"
     out = Path(args.out_dir) / f"serving_{tag}.json"
     results: dict[str, Any] = {
