@@ -11,7 +11,7 @@
 # kvttft (the gRPC fetch and its layer-wise first token, with the prefill's own completion),
 # kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0),
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
-# kvhelpers (worker -> worker over gRPC, 4 streams at 4 MiB chunks: no wire helpers, then 3 a side).
+# kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -71,11 +71,13 @@ for s in ${STEPS:?name the steps}; do
           --shape Llama-3.1-8B --device cuda --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc \
           --fetch-streams 1,4 --no-ttft --worker-args "--kv-chunk-bytes 4194304" --out "$OUT/kv_keep$keep.json"
       done ;;
-    kvhelpers)
-      for helpers in 0 3; do
+    kvhelpers)  # helpers a side: streams
+      for point in 0:1,4 3:1,4 7:4,8; do
+        helpers=${point%%:*}
         step "kvhelpers$helpers" "${KV_T:-100}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B \
-          --device cuda --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc --fetch-streams 1,4 \
-          --no-ttft --worker-args "--kv-chunk-bytes 4194304 --kv-wire-helpers $helpers" --out "$OUT/kv_helpers$helpers.json"
+          --device cuda --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc \
+          --fetch-streams "${point#*:}" --no-ttft --worker-args "--kv-chunk-bytes 4194304 --kv-wire-helpers $helpers" \
+          --out "$OUT/kv_helpers$helpers.json"
       done ;;
     grpcopts) step grpcopts "${GRPCOPTS_T:-200}" "$PY" benchmarks/grpc_ceiling_bench.py --servers 1,4 \
       --connections 1,4 --malloc default,buffers+arena1 --channel-options default,large-frames --out "$OUT/grpc_options.json" ;;
