@@ -7,7 +7,7 @@
 # profile), quant (quant_bench), beam (beam_bench Qwen2-0.5B with phases), beamprof (beam_profile),
 # qgemv / qgemvtests (the word GEMV: quant_bench --gemv-only, bf16 tests), attn / attntests (decode attention variants: bench, bf16 tests), lora (lora_bench), loratests (the LoRA kernels' and engine's bf16 tests), lorakern (lora_kernel_bench:
 # the LoRA kernel configs alone), lorab64 (lora_bench's batch-64 rows with profiles and A/Bs), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels),
-# beamhost (beam_profile's ops by host time), beamcprof (beam_bench at W = 4 with cProfile: the beam step's Python by function), beamtests (the beam and selection kernels' bf16 tests),
+# fp8dec (Llama-3.1-8B batch-1 decode, bf16 and fp8 weights, with kernel profiles), beamhost (beam_profile's ops by host time), beamcprof (beam_bench at W = 4 with cProfile: the beam step's Python by function), beamtests (the beam and selection kernels' bf16 tests),
 # kvttft (the gRPC fetch and its layer-wise first token, with the prefill's own completion),
 # kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0),
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
@@ -42,6 +42,8 @@ for s in ${STEPS:?name the steps}; do
     quanttests) step quanttests "${QT_T:-150}" "${gpu_pytest[@]}" tests/kernels/test_quant_gemm.py tests/kernels/test_quant_fused.py ;;
     engine_moe) step engine_moe "${ENGINE_T:-170}" "$PY" benchmarks/engine_bench.py --models Qwen3-30B-A3B --skip-hf \
       --decode-only --profile-decode --out "$OUT/engine_moe.json" ;;
+    fp8dec) step fp8dec "${FP8DEC_T:-150}" "$PY" benchmarks/engine_bench.py --models Llama-3.1-8B --skip-hf \
+      --decode-only --profile-decode --quantization fp8 --out "$OUT/engine_fp8_decode.json" ;;
     engine_gemma) step engine_gemma "${ENGINE_T:-120}" "$PY" benchmarks/engine_bench.py --models Gemma-3-12B --skip-hf \
       --decode-only --profile-decode --out "$OUT/engine_gemma.json" ;;
     quant) step quant "${QUANT_T:-150}" "$PY" benchmarks/quant_bench.py --out "$OUT/quant.json" ;;
