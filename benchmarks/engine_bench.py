@@ -1153,6 +1153,13 @@ def main(argv: list[str] | None = None) -> int:
                 if i == 0:  # the weights alone: decode and prefill as the bf16 rows
                     rows.append(scenario_decode(engine, name, cfg, plan, ceil, gen, label))
                     print(rows[-1], flush=True)
+                    if args.profile_decode and device.type == "cuda":
+                        try:
+                            lines = profile_decode_graph(engine, f"{name}{label}")
+                        except Exception as exc:  # a diagnostic: never costs the run its other rows
+                            lines = [f"{name}{label}: decode graph profile failed: {exc!r}"]
+                        linear_reports[f"{name}{label} decode graph profile"] = lines
+                        print("\n".join(lines), flush=True)
                     if not args.decode_only:
                         rows += scenario_prefill(engine, name, cfg, plan, ceil, gen, label)
                         print(rows[-len(plan.prefill_lens) :], flush=True)
