@@ -85,8 +85,8 @@ class WorkerConfig(ServiceConfig):
     """Target size of one FetchKV chunk (a layer range x a block range) in bytes (1 MiB was fastest, docs/disaggregation.md)."""
     kv_fetch_streams: int = 0
     """Decode side, gRPC transport: parallel FetchKV streams (each a range of layers, on its own connection) one fetch may use, so reading, sending and writing overlap across them on spare cores; a prefill worker that predates them sends one stream (docs/disaggregation.md). 0 = auto: one per 4 CPU cores, 1 to 4; 1: one stream."""
-    kv_wire_helpers: int = 0
-    """gRPC transport: helper processes (0 to 7) that carry a parallel fetch's further streams on both sides (serving them as a prefill worker, reading them as a decode worker), so that one fetch's bytes cross grpcio in several processes instead of one (docs/disaggregation.md); each holds 8 slots of --kv-chunk-bytes in shared memory (/dev/shm). With --kv-fetch-streams 0 a decode worker then asks for one stream per helper and one more. 0: off."""
+    kv_wire_helpers: int = -1
+    """gRPC transport: helper processes (0 to 7) that carry a parallel fetch's further streams on both sides (serving them as a prefill worker, reading them as a decode worker), so that one fetch's bytes cross grpcio in several processes instead of one (docs/disaggregation.md); each holds 8 slots of --kv-chunk-bytes in shared memory (/dev/shm). With --kv-fetch-streams 0 a decode worker then asks for one stream per helper and one more. They serve TCP addresses of single-rank workers. -1 = auto: a prefill or decode worker on a GPU gets one per 4 cores beyond the first 4, at most 3; other workers none. 0: off."""
     tensor_parallel_size: int = 1
     """Ranks the model is split over (Megatron-style tensor parallelism, docs/parallel.md); this process is rank 0 and starts the others itself, one per GPU (cuda:0..T-1) or all on the CPU."""
     pipeline_parallel_size: int = 1
@@ -178,8 +178,8 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--max-pending-requests must be >= 0, got {self.max_pending_requests}")
         if self.kv_chunk_bytes <= 0:
             raise ValueError(f"--kv-chunk-bytes must be > 0, got {self.kv_chunk_bytes}")
-        if not 0 <= self.kv_wire_helpers <= 7:
-            raise ValueError(f"--kv-wire-helpers must be in [0, 7], got {self.kv_wire_helpers}")
+        if not -1 <= self.kv_wire_helpers <= 7:
+            raise ValueError(f"--kv-wire-helpers must be in [0, 7] or -1 (auto), got {self.kv_wire_helpers}")
         if not 0 <= self.kv_fetch_streams <= 8:
             raise ValueError(f"--kv-fetch-streams must be in [0, 8] (0 = auto), got {self.kv_fetch_streams}")
         if self.tensor_parallel_size < 1:

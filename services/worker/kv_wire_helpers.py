@@ -53,6 +53,26 @@ RING_SLOTS = 4
 READ_THREADS = 4
 # Seconds a helper has to start and report its port.
 START_TIMEOUT_S = 30.0
+# --kv-wire-helpers -1 (auto): at most this many (round 19 measured 3 a side at 2.5x one process)
+AUTO_MAX = 3
+
+
+def auto_count(role: str, device_type: str, num_cpus: int) -> int:
+    """--kv-wire-helpers -1: helpers for a prefill or decode worker on a GPU, one per 4 cores
+    beyond the first 4, at most AUTO_MAX (none on 4 cores or fewer, where they would only take
+    turns with the worker); none for other roles and on the CPU (--kv-wire-helpers N sets any
+    worker's)."""
+    if role not in ("prefill", "decode") or device_type != "cuda":
+        return 0
+    return max(0, min(AUTO_MAX, (num_cpus - 4) // 4))
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not on Linux)
+        return os.cpu_count() or 1
 
 
 class WireStreamError(Exception):

@@ -330,6 +330,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # --kv-wire-helpers: processes that carry the further streams (started with the server)
         self.wire_helpers: kv_wire_helpers.WireHelpers | None = None
         num_helpers = self.engine.config.kv_wire_helpers
+        if num_helpers < 0:  # auto
+            num_helpers = kv_wire_helpers.auto_count(
+                self.engine.config.role, self.engine.device.type, kv_wire_helpers.available_cpus()
+            )
+        self.num_wire_helpers = num_helpers
         if num_helpers and not self.engine.config.kv_fetch_streams:  # one stream each, and this one
             self.kv_fetch_streams = max(self.kv_fetch_streams, min(num_helpers + 1, kv_streams.MAX_STREAMS))
         # Transports this worker serves and uses (tests may narrow or widen them), and what it asks for.
@@ -1366,13 +1371,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         bound to, reached where this worker is advertised; a failure leaves the worker without
         them (its own streams carry every fetch), with a warning."""
         config = self.engine.config
-        count = config.kv_wire_helpers
+        count = self.num_wire_helpers
         if not count:
             return
         bind_host = kv_wire_helpers.split_host(bound_address)
         advertise_host = kv_wire_helpers.split_host(self.advertise_address or bound_address)
         if bind_host is None or advertise_host is None or self.engine.driver is not None:
-            log.warning(
+            # (auto: quietly none, e.g. under `tandem up`, whose workers listen on unix sockets)
+            (log.info if config.kv_wire_helpers < 0 else log.warning)(
                 "--kv-wire-helpers: not started (they serve TCP addresses of single-rank workers; this one is %s%s)",
                 bound_address,
                 ", a parallel group" if self.engine.driver is not None else "",

@@ -301,6 +301,9 @@ def test_a_helper_that_exits_leaves_the_others_then_the_worker_itself(workers: W
 def test_option_bounds() -> None:
     with pytest.raises(ValueError, match="--kv-wire-helpers"):
         WorkerConfig(model="m", kv_wire_helpers=8)
+    with pytest.raises(ValueError, match="--kv-wire-helpers"):
+        WorkerConfig(model="m", kv_wire_helpers=-2)
+    assert WorkerConfig(model="m").kv_wire_helpers == -1  # auto by default
     assert kv_wire_helpers.slot_bytes_for(4096, 100) == 4096
     assert kv_wire_helpers.slot_bytes_for(4096, 5000) == 8192
     assert kv_wire_helpers.split_host("127.0.0.1:5") == "127.0.0.1"
@@ -308,6 +311,18 @@ def test_option_bounds() -> None:
     assert kv_wire_helpers.split_host("unix:/tmp/x.sock") is None
     # a prefill worker with helpers: its own stream carries no layers, the others all of them
     assert [kv_streams.layer_range(5, 3, i, first_empty=True) for i in range(3)] == [(0, 0), (0, 2), (2, 5)]
+
+
+def test_auto_helpers_for_prefill_and_decode_workers_on_a_gpu_with_spare_cores() -> None:
+    """--kv-wire-helpers -1 (the default): a GPU host's prefill or decode worker gets one per 4
+    cores beyond 4, at most 3; the CPU, other roles and small machines none."""
+    auto = kv_wire_helpers.auto_count
+    assert [auto("prefill", "cuda", n) for n in (2, 4, 7, 8, 12, 16, 128)] == [0, 0, 0, 1, 2, 3, 3]
+    assert auto("decode", "cuda", 16) == 3
+    assert auto("unified", "cuda", 16) == auto("encode", "cuda", 16) == 0
+    assert auto("prefill", "cpu", 64) == auto("decode", "cpu", 64) == 0
+    # the cores counted are the ones this process may use (a container's CPU set)
+    assert kv_wire_helpers.available_cpus() == len(os.sched_getaffinity(0))
 
 
 def test_a_streams_reads_take_slots_in_its_order() -> None:
