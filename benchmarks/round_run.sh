@@ -11,6 +11,7 @@
 # kvttft (the gRPC fetch and its layer-wise first token, with the prefill's own completion),
 # kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0),
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
+# census (compile_census: Triton variants compiled per wave of new prompt lengths, batches and sampling options),
 # kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +51,8 @@ for s in ${STEPS:?name the steps}; do
     beam) step beam "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --phases --out "$OUT/beam.json" ;;
     beamcprof) step beamcprof "${BEAMCPROF_T:-90}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --widths 4 \
       --phases --profile --out "$OUT/beam_cprof.json" ;;
+    census) step census "${CENSUS_T:-150}" "$PY" benchmarks/compile_census.py --model Qwen2-0.5B \
+      --out "$OUT/compile_census.json" ;;
     beamprof) step beamprof "${BEAMPROF_T:-70}" "$PY" benchmarks/beam_profile.py --model Qwen2-0.5B --width 4 ;;
     lora) step lora "${LORA_T:-200}" "$PY" benchmarks/lora_bench.py --out "$OUT/lora.json" ;;
     loratests) step loratests "${LORATESTS_T:-150}" "${gpu_pytest[@]}" tests/kernels/test_lora.py tests/lora/test_lora_gpu.py ;;
