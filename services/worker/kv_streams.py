@@ -40,7 +40,7 @@ T = TypeVar("T")
 
 
 def default_streams(cpu_count: int | None) -> int:
-    """--kv-fetch-streams 0: one stream per 4 cores, 1 to 4 (each stream keeps a sender thread and
+    """--kv-fetch-streams 0: one stream per 4 cores (the process's CPU set), 1 to 4 (each stream keeps a sender thread and
     the receiver busy: on a machine without spare cores they only take turns)."""
     return max(1, min(4, (cpu_count or 1) // 4))
 

@@ -322,18 +322,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self._kv_channels: dict[tuple[str, int], grpc.aio.Channel] = {}
         # gRPC fetches this worker serves over several streams (kv_streams.py), and how many it asks for
         self.parallel_fetches = kv_streams.ParallelFetches()
-        self.kv_fetch_streams = self.engine.config.kv_fetch_streams or kv_streams.default_streams(
-            os.cpu_count()
-        )
+        # the auto stream and helper counts both read the cores this process may run on
+        cpus = kv_wire_helpers.available_cpus()
+        self.kv_fetch_streams = self.engine.config.kv_fetch_streams or kv_streams.default_streams(cpus)
         # the most streams this worker serves one fetch over (1: as a worker that predates them)
         self.max_serve_streams = kv_streams.MAX_STREAMS
         # --kv-wire-helpers: processes that carry the further streams (started with the server)
         self.wire_helpers: kv_wire_helpers.WireHelpers | None = None
         num_helpers = self.engine.config.kv_wire_helpers
         if num_helpers < 0:  # auto
-            num_helpers = kv_wire_helpers.auto_count(
-                self.engine.config.role, self.engine.device.type, kv_wire_helpers.available_cpus()
-            )
+            num_helpers = kv_wire_helpers.auto_count(self.engine.config.role, self.engine.device.type, cpus)
         self.num_wire_helpers = num_helpers
         if num_helpers and not self.engine.config.kv_fetch_streams:  # one stream each, and this one
             self.kv_fetch_streams = max(self.kv_fetch_streams, min(num_helpers + 1, kv_streams.MAX_STREAMS))

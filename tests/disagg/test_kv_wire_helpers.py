@@ -325,6 +325,23 @@ def test_auto_helpers_for_prefill_and_decode_workers_on_a_gpu_with_spare_cores()
     assert kv_wire_helpers.available_cpus() == len(os.sched_getaffinity(0))
 
 
+def test_auto_streams_count_the_same_cores_as_the_auto_helpers(
+    workers: Workers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--kv-fetch-streams 0 reads the process's CPU set as --kv-wire-helpers -1 does (not the
+    host's core count): a worker limited to 8 of a host's cores asks for 2 streams."""
+    from services.worker.async_engine import AsyncEngine
+    from services.worker.rpc import WorkerServicer
+
+    counts = []
+    for cpus in (1, 8, 16):
+        monkeypatch.setattr(kv_wire_helpers, "available_cpus", lambda n=cpus: n)
+        servicer = WorkerServicer(AsyncEngine(workers.reference))
+        counts.append((servicer.kv_fetch_streams, servicer.num_wire_helpers))
+        asyncio.run(servicer.close())
+    assert counts == [(1, 0), (2, 0), (4, 0)]  # (a CPU worker: no helpers, whatever its cores)
+
+
 def test_a_streams_reads_take_slots_in_its_order() -> None:
     """asyncio.Queue lets a newcomer take an item a woken waiter has not taken yet, and the
     waiter then waits again behind the others: a stream's second read could take a slot while its
