@@ -304,8 +304,11 @@ def to_device_lists(lists: list[list[int]], device: torch.device) -> list[torch.
             empty = _EMPTY[device] = torch.empty(0, dtype=torch.int64, device=device)
         return [empty] * len(lists)
     host = torch.frombuffer(flat_host, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory()
+    if device.type == "cuda":  # (torch's pinned allocator: an empty tensor and one host memcpy,
+        # not pin_memory's is_pinned check and copy op; the copy below keeps it until it is done)
+        staged = torch.empty(len(flat_host), dtype=torch.int64, pin_memory=True)
+        staged.numpy()[:] = host.numpy()
+        host = staged
     flat = host.to(device, non_blocking=True)
     return list(flat.split([len(values) for values in lists]))
 
