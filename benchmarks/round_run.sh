@@ -78,8 +78,8 @@ for s in ${STEPS:?name the steps}; do
           --shape Llama-3.1-8B --device cuda --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc \
           --fetch-streams 1,4 --no-ttft --worker-args "--kv-chunk-bytes 4194304" --out "$OUT/kv_keep$keep.json"
       done ;;
-    kvhelpers)  # helpers a side: streams
-      for point in 0:1,4 3:1,4 7:4,8; do
+    kvhelpers)  # helpers a side: streams (KVH_POINTS narrows them)
+      for point in ${KVH_POINTS:-0:1,4 3:1,4 7:4,8}; do  # helpers:streams
         helpers=${point%%:*}
         step "kvhelpers$helpers" "${KV_T:-100}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B \
           --device cuda --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc \
