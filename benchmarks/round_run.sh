@@ -12,6 +12,7 @@
 # kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0),
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
 # census (compile_census: Triton variants compiled per wave of new prompt lengths, batches and sampling options),
+# decodeprof (step_profile: the kernels of decode steps of 256 sequences, bf16 and fp8 weights + fp8 KV),
 # kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +52,11 @@ for s in ${STEPS:?name the steps}; do
     beam) step beam "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --phases --out "$OUT/beam.json" ;;
     beamcprof) step beamcprof "${BEAMCPROF_T:-90}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --widths 4 \
       --phases --profile --out "$OUT/beam_cprof.json" ;;
+    decodeprof)  # decode steps of 256 sequences at contexts ~1,050 by kernel: bf16, then fp8 weights + fp8 KV
+      step decodeprof_bf16 "${DECODEPROF_T:-150}" "$PY" benchmarks/step_profile.py --decode-batch 256 --decode-only \
+        --out "$OUT/step_profile_bf16_256.json"
+      step decodeprof_fp8 "${DECODEPROF_T:-150}" "$PY" benchmarks/step_profile.py --decode-batch 256 --decode-only \
+        --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/step_profile_fp8_256.json" ;;
     census) step census "${CENSUS_T:-150}" "$PY" benchmarks/compile_census.py --model Qwen2-0.5B \
       --out "$OUT/compile_census.json" ;;
     beamprof) step beamprof "${BEAMPROF_T:-70}" "$PY" benchmarks/beam_profile.py --model Qwen2-0.5B --width 4 ;;

@@ -5,6 +5,16 @@ such a mixed step with and without the decode kernel for its decode rows; Llama-
 dummy weights (the offline scenario 2 of engine_bench).
 
     python benchmarks/step_profile.py [--model Llama-3.1-8B] [--out benchmarks/results/step_profile_<gpu>.json]
+
+The weights' and the KV cache's formats and the decode batch are options: the decode steps of
+engine_bench's offline 128/2048 run with fp8 weights and an fp8 KV cache (256 sequences, contexts
+~1,100 on average) are
+
+    python benchmarks/step_profile.py --quantization fp8 --kv-cache-dtype fp8 --decode-batch 256 --decode-only
+
+(`--decode-only`: no prefill or mixed table; a decode batch of more than 248 leaves no room for the
+mixed step's 8 prompts, which is then left out.) `--smoke` runs the same steps on the CPU with a
+tiny Llama (its tables list CPU ops): a check of the script, no figure.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -22,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_bench import FULL, MODELS, kernel_totals, make_engine, random_prompt, write_model
+from engine_bench import FULL, MODELS, kernel_totals, make_engine, random_prompt, tiny, write_model
 
 from services.worker.engine import Engine
 from services.worker.request import EngineRequest, SamplingParams
@@ -31,8 +42,8 @@ DECODE_BATCH = 192  # leaves room (--max-num-seqs 256) for the mixed step's 8 ne
 
 
 def kernel_table(prof: profile, steps: int, top: int = 24) -> tuple[float, list[dict[str, float | str]]]:
-    """(device-busy us per step, the top kernels by time per step)."""
-    totals = kernel_totals(prof, 70)
+    """(device-busy us per step, the top kernels by time per step); on the CPU (--smoke), ops."""
+    totals = kernel_totals(prof, 70) if torch.cuda.is_available() else cpu_op_totals(prof, 70)
     busy = sum(v[1] for v in totals.values()) / steps
     rows = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
     return busy, [
@@ -41,14 +52,28 @@ def kernel_table(prof: profile, steps: int, top: int = 24) -> tuple[float, list[
     ]
 
 
+def cpu_op_totals(prof: profile, name_len: int) -> dict[str, list[float]]:
+    """[calls, CPU us] per op name of a CPU-only torch.profiler run (--smoke)."""
+    totals: dict[str, list[float]] = {}
+    for ev in prof.key_averages():
+        totals[ev.key[:name_len]] = [float(ev.count), float(ev.self_cpu_time_total)]
+    return totals
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def profiled_steps(engine: Engine, steps: int) -> tuple[float, profile]:
     """Wall seconds per step over `steps` engine steps, and their profile."""
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    synchronize()
+    cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
+        synchronize()
         wall = (time.perf_counter() - t0) / steps
     return wall, prof
 
@@ -79,6 +104,8 @@ def mixed_attention_ab(engine: Engine) -> dict[str, float]:
         start += n
     dev, dtype = engine.device, engine.dtype
     cache = torch.randn(2, start, bs, cfg.num_kv_heads, cfg.head_dim, device=dev, dtype=dtype)
+    if engine.kv_cache is not None and engine.kv_cache.tensor.dtype != dtype:  # (an fp8 cache)
+        cache = cache.to(engine.kv_cache.tensor.dtype)
     q = torch.randn(sum(q_lens), cfg.num_heads, cfg.head_dim, device=dev, dtype=dtype)
     cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
@@ -88,68 +115,114 @@ def mixed_attention_ab(engine: Engine) -> dict[str, float]:
     for label, k in (("prefill_kernel_only_us", 0), ("decode_plus_prefill_us", decodes)):
         for _ in range(3):
             attend(*args, num_decode_rows=k)
-        torch.cuda.synchronize()
+        synchronize()
         t0 = time.perf_counter()
         for _ in range(20):
             attend(*args, num_decode_rows=k)
-        torch.cuda.synchronize()
+        synchronize()
         out[label] = (time.perf_counter() - t0) / 20 * 1e6
     print(f"\nmixed-step attention, one layer ({decodes} decodes + {prompts} x {plen}): {out}")
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="Llama-3.1-8B")
+    parser.add_argument("--quantization", default="none", help="the weights: none (bf16), int8, fp8, ...")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype) or fp8")
+    parser.add_argument("--decode-batch", type=int, default=DECODE_BATCH, help="decode steps' sequences")
+    parser.add_argument("--decode-only", action="store_true", help="the decode table alone")
+    parser.add_argument("--smoke", action="store_true", help="CPU, a tiny Llama: checks the script")
     parser.add_argument("--out", default="")
-    args = parser.parse_args()
-    cfg = MODELS[args.model]
+    args = parser.parse_args(argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("no CUDA device: use --smoke for the CPU check", file=sys.stderr)
+        return 2
+    cfg = tiny(MODELS[args.model]) if args.smoke else MODELS[args.model]
+    device = "cpu" if args.smoke else "cuda"
+    # --smoke: the same steps at toy sizes (prompt, decode batch, prefill prompts, steps)
+    plen, batch, prompts = (16, 4, 2) if args.smoke else (1024, args.decode_batch, 8)
+    max_seqs = max(FULL.max_num_seqs, batch)
     gen = torch.Generator().manual_seed(0)
-    report: dict[str, object] = {"gpu": torch.cuda.get_device_name(), "model": args.model}
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    report: dict[str, object] = {
+        "gpu": gpu,
+        "model": args.model,
+        "quantization": args.quantization,
+        "kv_cache_dtype": args.kv_cache_dtype,
+        "decode_batch": batch,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model(Path(tmp), args.model, cfg)
-        engine = make_engine(model_dir, "cuda", FULL, FULL.max_num_seqs, FULL.llama_max_model_len)
+        engine = make_engine(
+            model_dir,
+            device,
+            FULL,
+            max_seqs,
+            plen + 512 if args.smoke else FULL.llama_max_model_len,
+            kv_cache_dtype=args.kv_cache_dtype,
+            quantization=args.quantization,
+        )
         vocab = cfg["vocab_size"]
-        once = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        for rep in range(2):  # warm-up, then the profiled prefill step
-            for i in range(8):
-                engine.add_request(EngineRequest(f"p{rep}-{i}", tuple(random_prompt(gen, 1024, vocab)), once))
-            if rep == 0:
-                while engine.has_unfinished():
-                    engine.step()
-        wall, prof = profiled_steps(engine, 1)
-        while engine.has_unfinished():
-            engine.step()
-        busy, rows = kernel_table(prof, 1)
-        print_table("prefill step, 8 x 1024 tokens", wall, busy, rows)
-        report["prefill"] = {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "kernels": rows}
+        assert engine.kv_cache is not None
+        # what the engine made of the options (the cache's element type, the weights' bytes)
+        report["kv_cache_tensor_dtype"] = str(engine.kv_cache.tensor.dtype)
+        report["weight_bytes"] = engine.weight_bytes
+        if not args.decode_only:
+            once: SamplingParams[Any] = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+            for rep in range(2):  # warm-up, then the profiled prefill step
+                for i in range(prompts):
+                    engine.add_request(
+                        EngineRequest(f"p{rep}-{i}", tuple(random_prompt(gen, plen, vocab)), once)
+                    )
+                if rep == 0:
+                    while engine.has_unfinished():
+                        engine.step()
+            wall, prof = profiled_steps(engine, 1)
+            while engine.has_unfinished():
+                engine.step()
+            busy, rows = kernel_table(prof, 1)
+            print_table(f"prefill step, {prompts} x {plen} tokens", wall, busy, rows)
+            report["prefill"] = {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "kernels": rows}
 
-        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
-        for i in range(DECODE_BATCH):
-            engine.add_request(EngineRequest(f"d{i}", tuple(random_prompt(gen, 1024, vocab)), params))
+        params: SamplingParams[Any] = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        for i in range(batch):
+            engine.add_request(EngineRequest(f"d{i}", tuple(random_prompt(gen, plen, vocab)), params))
         while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running) or (
             engine.scheduler.waiting
         ):
             engine.step()
         for _ in range(20):  # into steady decode
             engine.step()
+        running = len(engine.scheduler.running)
         wall, prof = profiled_steps(engine, 10)
         busy, rows = kernel_table(prof, 10)
-        print_table(f"decode steps, batch {len(engine.scheduler.running)}, context ~1,100", wall, busy, rows)
-        report["decode"] = {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "kernels": rows}
-        # Mixed steps: the running decodes plus 8 new 1,024-token prompts (one budget of 8,192).
-        for i in range(8):
-            engine.add_request(EngineRequest(f"m{i}", tuple(random_prompt(gen, 1024, vocab)), params))
-        wall, prof = profiled_steps(engine, 3)
-        busy, rows = kernel_table(prof, 3)
-        print_table(f"3 steps after adding 8 x 1024 prompts to {DECODE_BATCH} decodes", wall, busy, rows)
-        report["mixed"] = {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "kernels": rows}
-        report["mixed_attention"] = mixed_attention_ab(engine)
+        print_table(f"decode steps, batch {running}, context ~{plen + 25}", wall, busy, rows)
+        report["decode"] = {
+            "batch": running,
+            "wall_ms": wall * 1e3,
+            "busy_ms": busy / 1e3,
+            "tokens_per_s": running / wall,
+            "kernels": rows,
+        }
+        if not args.decode_only and batch + prompts <= max_seqs:
+            # Mixed steps: the running decodes plus 8 new 1,024-token prompts (one budget of 8,192).
+            for i in range(prompts):
+                engine.add_request(EngineRequest(f"m{i}", tuple(random_prompt(gen, plen, vocab)), params))
+            wall, prof = profiled_steps(engine, 3)
+            busy, rows = kernel_table(prof, 3)
+            print_table(
+                f"3 steps after adding {prompts} x {plen} prompts to {batch} decodes", wall, busy, rows
+            )
+            report["mixed"] = {"wall_ms": wall * 1e3, "busy_ms": busy / 1e3, "kernels": rows}
+            if not args.smoke:
+                report["mixed_attention"] = mixed_attention_ab(engine)
         for rid in list(engine.requests):
             engine.abort(rid)
-    name = torch.cuda.get_device_name().lower().replace(" ", "-")
-    out = args.out or f"benchmarks/results/step_profile_{name}.json"
-    Path(out).write_text(json.dumps(report, indent=1))
+    name = gpu.lower().replace(" ", "-")
+    results = Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results"
+    out = Path(args.out or results / f"step_profile_{name}.json")
+    out.write_text(json.dumps(report, indent=1))
     print("wrote", out)
     return 0
 
