@@ -268,12 +268,17 @@ def unpack(
     (BeamSelection.table, .per_beam, .tops)."""
     out = []
     flat = 0
+    # (a table has its valid column for every candidate or for none; tuple.__new__ makes each
+    # candidate without the namedtuple's Python-level __new__: K of them a request every step)
+    valid_column = bool(table) and bool(table[0]) and len(table[0][0]) == 5
+    new = tuple.__new__
     for g, cands in zip(groups, table, strict=True):
-        kept = [
-            BeamCandidate(c[0], int(c[1]) // per_beam, int(c[2]), c[3], int(c[1]) % per_beam + 1)
-            for c in cands[: g.keep]
-            if len(c) == 4 or c[4]
-        ]
+        kept = []
+        for c in cands[: g.keep]:
+            if valid_column and not c[4]:
+                continue
+            beam, rank = divmod(int(c[1]), per_beam)
+            kept.append(new(BeamCandidate, (c[0], beam, int(c[2]), c[3], rank + 1)))
         alternatives: list[tuple[tuple[int, float], ...]]
         if tops is None or not g.user_top:
             alternatives = [()] * len(g.rows)
