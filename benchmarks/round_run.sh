@@ -75,7 +75,7 @@ for s in ${STEPS:?name the steps}; do
     beamhost) step beamhost "${BEAMHOST_T:-70}" "$PY" benchmarks/beam_profile.py --model Qwen2-0.5B --width 4 \
       --sort host --top 30 ;;
     beamtests) step beamtests "${BEAMTESTS_T:-120}" "${gpu_pytest[@]}" tests/worker \
-      tests/kernels/test_triton_kernels.py tests/kernels/test_beam_kernel_variants.py -k "beam or row_topk" ;;
+      tests/kernels/test_triton_kernels.py tests/kernels/test_beam_kernel_variants.py -k "beam or row_topk or staged" ;;
     kvttft) step kvttft "${KV_T:-120}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
       --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports grpc --fetch-streams 4 --out "$OUT/kv_ttft.json" ;;
     kvmalloc)

@@ -33,6 +33,8 @@ from typing import NamedTuple
 
 import torch
 
+from services.worker.host_staging import stage
+
 # (values [N, V], k) -> ([N, k] values, [N, k] int64 ids): best first, equal values in id order
 RowTopk = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 # (values, ids, scores, stops, width, per_beam, keep) -> (table, parents, tokens, totals):
@@ -308,13 +310,7 @@ def to_device_lists(lists: list[list[int]], device: torch.device) -> list[torch.
         if empty is None:
             empty = _EMPTY[device] = torch.empty(0, dtype=torch.int64, device=device)
         return [empty] * len(lists)
-    host = torch.frombuffer(flat_host, dtype=torch.int64)
-    if device.type == "cuda":  # (torch's pinned allocator: an empty tensor and one host memcpy,
-        # not pin_memory's is_pinned check and copy op; the copy below keeps it until it is done)
-        staged = torch.empty(len(flat_host), dtype=torch.int64, pin_memory=True)
-        staged.numpy()[:] = host.numpy()
-        host = staged
-    flat = host.to(device, non_blocking=True)
+    flat = stage(flat_host, device)
     return list(flat.split([len(values) for values in lists]))
 
 

@@ -25,6 +25,7 @@ from services.worker.beam_select import BeamSelection, BeamStepResult, unpack
 from services.worker.beam_step import BeamStep
 from services.worker.cuda_graph import NO_VARIANTS, CudaGraphRunner, DecodeOutputs, GraphVariants
 from services.worker.guided import apply_token_mask, guided_rows
+from services.worker.host_staging import stage
 from services.worker.kernel_tuning import tune_kernels
 from services.worker.kv_cache import KVCache
 from services.worker.kv_layerwise import LayerSignal
@@ -568,11 +569,8 @@ class ModelRunner:
         return ids.index_copy_(0, flat, token_ids.index_select(0, self._to_device([r for _, r in pending])))
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
-        """An int64 host list on the device without waiting for the device (pinned on CUDA)."""
-        host = torch.tensor(values, dtype=torch.int64)
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        """An int64 host list on the device without waiting for the device (host_staging.py)."""
+        return stage(values, self.device)
 
     def _gather_rows(self, token_ids: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """token_ids[rows] on the device ([R] int64), without waiting for the step that fills them."""
