@@ -12,7 +12,7 @@
 # kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0),
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
 # census (compile_census: Triton variants compiled per wave of new prompt lengths, batches and sampling options),
-# decodeprof (step_profile: the kernels of decode steps of 256 sequences, bf16 and fp8 weights + fp8 KV),
+# decodeprof (step_profile: the kernels of decode steps of 256 sequences, fp8 weights with a bf16 / fp8 KV cache, fp16 / bf16 dots),
 # kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,11 +52,15 @@ for s in ${STEPS:?name the steps}; do
     beam) step beam "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --phases --out "$OUT/beam.json" ;;
     beamcprof) step beamcprof "${BEAMCPROF_T:-90}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --widths 4 \
       --phases --profile --out "$OUT/beam_cprof.json" ;;
-    decodeprof)  # decode steps of 256 sequences at contexts ~1,050 by kernel: bf16, then fp8 weights + fp8 KV
-      step decodeprof_bf16 "${DECODEPROF_T:-150}" "$PY" benchmarks/step_profile.py --decode-batch 256 --decode-only \
-        --out "$OUT/step_profile_bf16_256.json"
-      step decodeprof_fp8 "${DECODEPROF_T:-150}" "$PY" benchmarks/step_profile.py --decode-batch 256 --decode-only \
-        --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/step_profile_fp8_256.json" ;;
+    decodeprof)  # decode steps of 256 sequences at contexts ~1,050 by kernel: fp8 weights with a bf16 KV
+      # cache, then with an fp8 one (its dots in fp16, the default), then fp8 with bf16 dots (the A/B)
+      step decodeprof_bf16kv "${DECODEPROF_T:-120}" "$PY" benchmarks/step_profile.py --decode-batch 256 \
+        --decode-only --quantization fp8 --out "$OUT/step_profile_fp8w_bf16kv_256.json"
+      step decodeprof_fp8kv "${DECODEPROF_T:-120}" "$PY" benchmarks/step_profile.py --decode-batch 256 \
+        --decode-only --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/step_profile_fp8_256.json"
+      TANDEM_FP8_KV_DOTS=bf16 step decodeprof_fp8kv_bf16dots "${DECODEPROF_T:-120}" "$PY" benchmarks/step_profile.py \
+        --decode-batch 256 --decode-only --quantization fp8 --kv-cache-dtype fp8 \
+        --out "$OUT/step_profile_fp8_256_bf16dots.json" ;;
     census) step census "${CENSUS_T:-150}" "$PY" benchmarks/compile_census.py --model Qwen2-0.5B \
       --out "$OUT/compile_census.json" ;;
     beamprof) step beamprof "${BEAMPROF_T:-70}" "$PY" benchmarks/beam_profile.py --model Qwen2-0.5B --width 4 ;;

@@ -277,3 +277,38 @@ def test_engine_start_tunes_each_distinct_attention_shape(tmp_path: Path) -> Non
         "2 shapes"
     ]
     assert len(asked) == 2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_cache_with_bf16_queries_dots_in_fp16(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fp8 cache read by bf16 queries (decode_attention.fp16_dots): the kernel converts q to fp16
+    and the cache's codes to fp16 for its dots (on the CPU the interpreter runs those fp16 dots,
+    which it does right, unlike bf16 ones). The scores are those of bf16 q over the fp8 values, so
+    the output is the fp32 reference's within fp16 rounding of P; queries beyond fp16's range are
+    clamped, not turned into inf / NaN. (TANDEM_FP8_KV_DOTS=bf16 keeps bf16 dots: the A/B.)"""
+    skip_without(device)
+    pytest.importorskip("triton")
+    from kernels.triton import decode_attention as da
+
+    assert da.fp16_dots(torch.bfloat16, FP8) and not da.fp16_dots(torch.float16, FP8)
+    assert not da.fp16_dots(torch.bfloat16, torch.bfloat16)
+    with monkeypatch.context() as patch:
+        patch.setattr(da, "FP8_KV_FP16_DOTS", False)
+        assert not da.fp16_dots(torch.bfloat16, FP8)
+    gen = torch.Generator().manual_seed(33)
+    lens = [1, 17, 70] if device == "cpu" else [1, 640, 4096]
+    for num_q_heads, num_kv_heads, head_dim in ((8, 2, 64), (32, 8, 128)):
+        batch = make_paged_batch(
+            [(n - 1, 1) for n in lens], num_q_heads, num_kv_heads, head_dim, 16, torch.float32, device, gen
+        )
+        tail = (batch.block_tables, batch.cu_seqlens_q, batch.seq_lens)
+        scale = 1.0 / math.sqrt(head_dim)
+        fp8 = batch.kv_cache.to(FP8)
+        q = batch.q.to(torch.bfloat16)
+        ref = reference.paged_attention(q.float(), fp8.float(), *tail, scale, 1)
+        out = da.decode_attention(q, fp8, *tail, scale)
+        assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2, rel_err(out, ref)
+        # a query row past fp16's range stays finite (clamped)
+        huge = q.clone()
+        huge[0, 0, 0] = 1e6
+        assert torch.isfinite(da.decode_attention(huge, fp8, *tail, scale)).all()
