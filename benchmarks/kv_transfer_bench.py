@@ -211,6 +211,12 @@ def wait_fetch_lines(log: Path, count: int, timeout_s: float = 10.0) -> list[tup
         time.sleep(0.1)
 
 
+def copy_times(log: Path) -> list[tuple[str, str]]:
+    """(request id, ms) of each CUDA IPC fetch's "the copy alone N ms" in the decode worker's log."""
+    pattern = re.compile(r"fetched KV of (w2w-\d+) over cuda-ipc.*?the copy alone ([\d.]+) ms")
+    return pattern.findall(log.read_text())
+
+
 def token_times(
     p_stub: worker_pb2_grpc.WorkerStub,
     d_stub: worker_pb2_grpc.WorkerStub | None,
@@ -447,6 +453,10 @@ def main() -> int:
                 lines = wait_fetch_lines(log, args.repeats + 1)
                 speeds = [int(b) / (float(ms) / 1e3) / 1e9 for rid, _, b, ms in lines if rid != "w2w-0"]
                 used = sorted({used for _, used, _, _ in lines})
+                # CUDA IPC: the device copy alone (its line's "the copy alone N ms"), and its share
+                # of the device copy rate measured above (the issue's >= 50%)
+                copies = [float(c) for rid, c in copy_times(log) if rid != "w2w-0"]
+                copy_speeds = [int(lines[-1][2]) / (c / 1e3) / 1e9 for c in copies if c > 0] if lines else []
                 results["worker_to_worker"][key] = {
                     "transport_used": used,
                     "streams": streams,
@@ -454,9 +464,19 @@ def main() -> int:
                     "gb_per_s": statistics.median(speeds) if speeds else None,
                     "samples": speeds,
                 }
+                if copy_speeds:
+                    entry = results["worker_to_worker"][key]
+                    entry["copy_alone_gb_per_s"] = statistics.median(copy_speeds)
+                    if results.get("device_copy_gb_per_s"):
+                        entry["copy_vs_device_copy"] = (
+                            entry["copy_alone_gb_per_s"] / results["device_copy_gb_per_s"]
+                        )
+                copy_note = ""
+                if copy_speeds:
+                    copy_note = f"; the device copy alone {statistics.median(copy_speeds):.1f} GB/s"
                 print(
                     f"worker -> worker, --kv-transport {transport} x{streams} streams (used {','.join(used)}): "
-                    f"{results['worker_to_worker'][key]['gb_per_s']} GB/s",
+                    f"{results['worker_to_worker'][key]['gb_per_s']} GB/s{copy_note}",
                     flush=True,
                 )
                 if args.ttft and key == transport:

@@ -546,6 +546,17 @@ class Engine:
         self.kv_cache.write_blocks(l0, l1, request.sequences[0].block_ids[b0:b1], tensor)
         return True
 
+    def copy_peer_kv(self, request_id: str, span: Span, remote: torch.Tensor, src_ids: list[int]) -> bool:
+        """Copy a CUDA IPC fetch's blocks (layers [l0, l1) of the prompt's blocks [b0, b1), at
+        `src_ids` in the peer's cache `remote`) into the request's blocks, device to device; False
+        when the request is gone (aborted meanwhile)."""
+        request = self.fetching.get(request_id)
+        if request is None:
+            return False
+        l0, l1, b0, b1 = span
+        self.kv_cache.copy_blocks_from(remote, src_ids, request.sequences[0].block_ids[b0:b1], (l0, l1))
+        return True
+
     def kv_first_token(self, request_id: str, first: ChoiceOutput) -> bool:
         """A layer-wise fetch brought the prefill's first token (`KVChunk.first`), which may come
         before the rest of the fetch has landed (the writes in flight, the CUDA IPC copy, NIXL

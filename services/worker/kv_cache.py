@@ -97,6 +97,24 @@ class KVCache:
         index = torch.tensor(block_ids, device=self.tensor.device)
         return self.tensor[layer_start:layer_end].index_select(2, index).cpu()
 
+    def copy_blocks_from(
+        self, src: torch.Tensor, src_ids: list[int], dst_ids: list[int], layers: tuple[int, int]
+    ) -> None:
+        """kv[l0:l1, :, dst_ids] = src[l0:l1, :, src_ids] for `src` another cache of this layout on
+        this device (a prefill worker's, mapped over CUDA IPC): each run of blocks consecutive on
+        both sides is one strided slice copy, every byte read and written once; ids in more than
+        MAX_COPY_RUNS runs are gathered into a temporary and scattered (twice the traffic)."""
+        assert len(src_ids) == len(dst_ids), (len(src_ids), len(dst_ids))
+        l0, l1 = layers
+        runs = block_runs(src_ids, dst_ids)
+        kv = self.tensor
+        if len(runs) <= MAX_COPY_RUNS:
+            for s0, d0, n in runs:
+                kv[l0:l1, :, d0 : d0 + n].copy_(src[l0:l1, :, s0 : s0 + n])
+            return
+        index = torch.tensor(src_ids, device=src.device)
+        kv[l0:l1, :, torch.tensor(dst_ids, device=kv.device)] = src[l0:l1].index_select(2, index)
+
     def write_blocks(self, layer_start: int, layer_end: int, block_ids: list[int], src: torch.Tensor) -> None:
         """kv[layer_start:layer_end, :, block_ids] = src, src [layers, 2, blocks, block_size,
         num_kv_heads, head_dim] in the model's layout on any device (a KV chunk fetched from a
@@ -111,3 +129,19 @@ class KVCache:
         if src.is_cuda:
             # a chunk staged on a side stream (kv_transfer.stage_on_device): not reused before this write
             src.record_stream(torch.cuda.current_stream(kv.device))
+
+
+# A peer copy of blocks in at most this many runs goes as slice copies (one launch each)
+MAX_COPY_RUNS = 16
+
+
+def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(src start, dst start, length) of each run of blocks consecutive in both id lists."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src_ids, dst_ids, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            s0, d0, n = runs[-1]
+            runs[-1] = (s0, d0, n + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs

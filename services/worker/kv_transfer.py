@@ -157,6 +157,8 @@ class KVReceiver(Protocol):
 
     def write_fetched_kv(self, request_id: str, span: Span, tensor: torch.Tensor) -> bool: ...
 
+    def copy_peer_kv(self, request_id: str, span: Span, remote: torch.Tensor, src_ids: list[int]) -> bool: ...
+
     def kv_first_token(self, request_id: str, first: ChoiceOutput) -> bool: ...
 
     def kv_fetched(self, request_id: str) -> None: ...
@@ -504,6 +506,7 @@ class FetchStats:
     transport: kv_transports.Transport = "grpc"
     # a layer-wise fetch: the prefill's first token (None otherwise, and when the fetch failed)
     first: PrefillDone | None = None
+    copy_seconds: float = 0.0  # CUDA IPC: the device copy alone (in `seconds`)
 
 
 class FetchStalled(Exception):
@@ -524,10 +527,12 @@ def copy_ipc_blocks(
     ipc: IpcBlocks,
     reservation: KVReservation,
     target_bytes: int,
-) -> int:
+) -> tuple[int, float]:
     """Engine thread: copy a CUDA IPC fetch's blocks from the peer's cache tensor into the
-    reservation, device to device, layer ranges of about `target_bytes` (bounds the temporary);
-    waits for the copies (the peer frees the blocks once we close the stream). Returns the bytes."""
+    reservation, device to device (KVCache.copy_blocks_from: one pass per run of consecutive
+    blocks), layer ranges of about `target_bytes` (bounds a scattered copy's temporary); waits for
+    the copies (the peer frees the blocks once we close the stream). Returns (the bytes, the
+    seconds from the first copy to their end: the copy alone, without the fetch's rpc)."""
     remote = kv_transports.import_tensor(ipc.tensor)
     if remote.dtype != kv.dtype or remote.shape[0] != kv.shape[0] or remote.shape[3:] != kv.shape[3:]:
         raise ValueError(f"peer cache {tuple(remote.shape)} {remote.dtype} != this cache's layout {kv.dtype}")
@@ -541,16 +546,17 @@ def copy_ipc_blocks(
     num_layers = kv.shape[0]
     layer_block_bytes = kv[0, :, 0].numel() * kv.element_size()
     num_bytes = 0
+    kv_transports.synchronize(kv.device)  # (the step in flight is not the copy's time)
+    started = time.monotonic()
     for l0, l1, b0, b1 in chunk_plan(
         num_layers, reservation.num_blocks, skip_blocks, layer_block_bytes, target_bytes
     ):
-        ids = ipc.block_ids[b0 - skip_blocks : b1 - skip_blocks]
-        part = kv_transports.gather_blocks(remote, ids, (l0, l1))
-        if not engine.write_fetched_kv(request_id, (l0, l1, b0, b1), part):
+        ids = list(ipc.block_ids[b0 - skip_blocks : b1 - skip_blocks])
+        if not engine.copy_peer_kv(request_id, (l0, l1, b0, b1), remote, ids):
             break  # aborted meanwhile
-        num_bytes += part.numel() * part.element_size()
+        num_bytes += (l1 - l0) * (b1 - b0) * layer_block_bytes
     kv_transports.synchronize(kv.device)
-    return num_bytes
+    return num_bytes, time.monotonic() - started
 
 
 async def receive(
@@ -583,6 +589,7 @@ async def receive(
     received = 0
     num_bytes = 0
     transport: kv_transports.Transport = "grpc"
+    copy_seconds = 0.0  # CUDA IPC: the device copy alone
     done: PrefillDone | None = None
     first_taken = False  # the engine took the prefill's token as the request's first output
     nixl_reads = _NixlReads(call, engine, request_id, nixl)
@@ -625,8 +632,9 @@ async def receive(
                         copy_ipc_blocks, engine, tensor, request_id, chunk, reservation, ipc_chunk_bytes
                     )
                 )
-                assert isinstance(copied, int)
-                num_bytes += copied
+                assert isinstance(copied, tuple)
+                num_bytes += copied[0]
+                copy_seconds = copied[1]
                 received = expected
                 break  # closing the stream (below) tells the peer it may free the blocks
             try:
@@ -681,7 +689,7 @@ async def receive(
     await call(lambda: engine.kv_fetched(request_id))
     seconds = time.monotonic() - started
     log.info(
-        "fetched KV of %s over %s%s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache",
+        "fetched KV of %s over %s%s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache%s",
         request_id,
         transport,
         " (layer-wise, from the prefill's admission)" if source.layerwise else "",
@@ -689,8 +697,19 @@ async def receive(
         seconds * 1e3,
         num_bytes / max(seconds, 1e-9) / 1e9,
         reservation.skip_tokens,
+        f"; the copy alone {copy_seconds * 1e3:.3f} ms ({num_bytes / max(copy_seconds, 1e-9) / 1e9:.1f} GB/s)"
+        if copy_seconds
+        else "",
     )
-    return FetchStats(True, num_bytes, seconds, reservation.skip_tokens, transport=transport, first=done)
+    return FetchStats(
+        True,
+        num_bytes,
+        seconds,
+        reservation.skip_tokens,
+        transport=transport,
+        first=done,
+        copy_seconds=copy_seconds,
+    )
 
 
 def _release_after(release: Callable[[], None], _: object) -> None:

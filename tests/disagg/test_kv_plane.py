@@ -209,6 +209,8 @@ def test_cuda_ipc_protocol_equals_unified_and_leaks_nothing(ipc_pair: Pair) -> N
         assert tokens == expected[i].token_ids[0], f"request {i}"
     stats = pair.decode.servicer.fetch_stats[-len(prompts) :]
     assert all(s.ok and s.transport == "cuda-ipc" for s in stats), stats
+    # (the device copy alone is timed too, within the fetch's time)
+    assert all(0 < s.copy_seconds <= s.seconds for s in stats if s.num_bytes), stats
     wait_no_blocks(pair.stub(pair.prefill), pair.stub(pair.decode))
     # the decode worker asks for gRPC only: the same prefill worker streams chunks
     pair.decode.servicer.kv_preferences = ("grpc",)
