@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import logging
 import socket
+import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,9 +99,12 @@ def prefix_keys(token_ids: Sequence[int], lora_name: str = "") -> list[bytes]:
     if lora_name:
         h.update(lora_name.encode())
     num_chunks = min(len(token_ids) // PREFIX_CHUNK, MAX_PREFIX_CHUNKS)
+    # every id as 4 little-endian bytes, packed once (a Python call per id cost ~0.5 us each)
+    size = num_chunks * PREFIX_CHUNK
+    packed = struct.pack(f"<{size}I", *token_ids[:size])
+    step = PREFIX_CHUNK * 4
     for i in range(num_chunks):
-        chunk = token_ids[i * PREFIX_CHUNK : (i + 1) * PREFIX_CHUNK]
-        h.update(b"".join(int(t).to_bytes(4, "little") for t in chunk))
+        h.update(packed[i * step : (i + 1) * step])
         keys.append(h.copy().digest())
     return keys
 

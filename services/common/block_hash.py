@@ -47,7 +47,11 @@ def block_hashes(
         num = min(num, max_blocks)
     hashes: list[int] = []
     parent = root
+    # chain_hash's payload, the ids packed once for all the blocks (int64 each)
+    packed = struct.pack(f"<{num * block_size}q", *token_ids[: num * block_size])
+    step = block_size * 8
     for i in range(num):
-        parent = chain_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
+        payload = parent.to_bytes(8, "little") + packed[i * step : (i + 1) * step]
+        parent = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
         hashes.append(parent)
     return hashes
