@@ -58,7 +58,7 @@ for s in ${STEPS:?name the steps}; do
         --decode-only --quantization fp8 --out "$OUT/step_profile_fp8w_bf16kv_256.json"
       step decodeprof_fp8kv "${DECODEPROF_T:-120}" "$PY" benchmarks/step_profile.py --decode-batch 256 \
         --decode-only --quantization fp8 --kv-cache-dtype fp8 --out "$OUT/step_profile_fp8_256.json"
-      TANDEM_FP8_KV_DOTS=bf16 step decodeprof_fp8kv_bf16dots "${DECODEPROF_T:-120}" "$PY" benchmarks/step_profile.py \
+      TANDEM_FP8_KV_FP16_DOTS=0 step decodeprof_fp8kv_bf16dots "${DECODEPROF_T:-120}" "$PY" benchmarks/step_profile.py \
         --decode-batch 256 --decode-only --quantization fp8 --kv-cache-dtype fp8 \
         --out "$OUT/step_profile_fp8_256_bf16dots.json" ;;
     census) step census "${CENSUS_T:-150}" "$PY" benchmarks/compile_census.py --model Qwen2-0.5B \

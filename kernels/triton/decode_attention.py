@@ -35,7 +35,6 @@ merge (the sink is a column of no split; the merge weighs it against the splits'
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +44,7 @@ import triton.language as tl
 from kernels.triton import pdl
 from kernels.triton.arrival_counters import arrival_counters
 from kernels.triton.prefill_attention import soft_cap, with_sink
+from services.common import switches
 
 LOG2E = 1.4426950408889634
 FP8 = torch.float8_e4m3fn  # the fp8 KV cache (--kv-cache-dtype fp8): plain casts, no scales
@@ -442,18 +442,17 @@ def max_splits_for(batch: int, num_kv_heads: int, num_sms: int) -> int:
 _SM_COUNT: dict[int, int] = {}
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-# TANDEM_FP8_KV_DOTS=bf16 keeps bf16 dots over an fp8 cache (to compare; see `fp16_dots`)
-FP8_KV_FP16_DOTS = os.environ.get("TANDEM_FP8_KV_DOTS", "fp16") != "bf16"
 
 
 def fp16_dots(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
     """An fp8 cache read by bf16 queries: the dots run in fp16. Hopper converts two e4m3 codes to
-    two fp16 values in one instruction, but to bf16 only through fp16 (three instructions per
-    two codes), and at a large batch those conversions, not the bytes, bounded the kernel: 1.62 TB/s
-    of fp8 KV against 3.87 TB/s of bf16 KV (256 sequences, round 20). e4m3 values are exact in
-    either type, q (bf16) is exact in fp16 within its range (|q| <= 65504; the kernel clamps), so
-    the scores are the same; P is rounded to fp16 (10 bits) instead of bf16 (7) for P @ V."""
-    return FP8_KV_FP16_DOTS and cache_dtype == FP8 and q_dtype == torch.bfloat16
+    two fp16 values in one instruction, but to bf16 only through fp16 (three instructions per two
+    codes), and at a large batch those conversions, not the bytes, bounded the kernel: over an fp8
+    cache it streamed well below its rate over a bf16 one (docs/benchmarks.md, round 20). e4m3
+    values are exact in either type, q (bf16) is exact in fp16 within its range (|q| <= 65504; the
+    kernel clamps), so the scores are the same; P is rounded to fp16 (10 bits) instead of bf16 (7)
+    for P @ V. TANDEM_FP8_KV_FP16_DOTS=0 keeps bf16 dots (the A/B)."""
+    return switches.FP8_KV_FP16_DOTS.value and cache_dtype == FP8 and q_dtype == torch.bfloat16
 
 
 def _sm_count(device: torch.device) -> int:

@@ -155,6 +155,14 @@ KEEP_LARGE_BUFFERS: Switch[bool] = Switch(
     "gRPC KV chunks reused, not mapped and unmapped per chunk, one arena); 0 keeps glibc's defaults",
     _parse_bool,
 )
+FP8_KV_FP16_DOTS: Switch[bool] = Switch(
+    "TANDEM_FP8_KV_FP16_DOTS",
+    "bool",
+    True,
+    "the A/B baseline of decode attention's fp16 dots over an fp8 KV cache with bf16 queries "
+    "(kernels/triton/decode_attention.py `fp16_dots`); 0 widens the cache to bf16 as before",
+    _parse_bool,
+)
 
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
@@ -167,6 +175,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     GIL_SWITCH_INTERVAL,
     GENERATE_MUX,
     KEEP_LARGE_BUFFERS,
+    FP8_KV_FP16_DOTS,
 )
 
 

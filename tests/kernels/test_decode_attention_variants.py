@@ -21,6 +21,7 @@ from paged_inputs import make_paged_batch
 
 from kernels import reference
 from kernels.ops import AttentionShape
+from services.common import switches
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
@@ -285,15 +286,15 @@ def test_fp8_cache_with_bf16_queries_dots_in_fp16(device: str, monkeypatch: pyte
     and the cache's codes to fp16 for its dots (on the CPU the interpreter runs those fp16 dots,
     which it does right, unlike bf16 ones). The scores are those of bf16 q over the fp8 values, so
     the output is the fp32 reference's within fp16 rounding of P; queries beyond fp16's range are
-    clamped, not turned into inf / NaN. (TANDEM_FP8_KV_DOTS=bf16 keeps bf16 dots: the A/B.)"""
+    clamped, not turned into inf / NaN. (TANDEM_FP8_KV_FP16_DOTS=0 keeps bf16 dots: the A/B.)"""
     skip_without(device)
     pytest.importorskip("triton")
     from kernels.triton import decode_attention as da
 
     assert da.fp16_dots(torch.bfloat16, FP8) and not da.fp16_dots(torch.float16, FP8)
     assert not da.fp16_dots(torch.bfloat16, torch.bfloat16)
-    with monkeypatch.context() as patch:
-        patch.setattr(da, "FP8_KV_FP16_DOTS", False)
+    with monkeypatch.context() as patch:  # (TANDEM_FP8_KV_FP16_DOTS=0: the switch's cached value)
+        patch.setitem(vars(switches.FP8_KV_FP16_DOTS), "value", False)
         assert not da.fp16_dots(torch.bfloat16, FP8)
     gen = torch.Generator().manual_seed(33)
     lens = [1, 17, 70] if device == "cpu" else [1, 640, 4096]

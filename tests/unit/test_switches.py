@@ -128,5 +128,5 @@ def test_a_bad_switch_is_one_line_at_start_up() -> None:
 def test_docs_table_lists_exactly_the_switches() -> None:
     text = (REPO / "docs/worker.md").read_text()
     section = text.split("### Environment switches", 1)[1].split("\n#", 1)[0]
-    documented = re.findall(r"^\| `(TANDEM_[A-Z_]+)` \|", section, flags=re.M)
+    documented = re.findall(r"^\| `(TANDEM_[A-Z0-9_]+)` \|", section, flags=re.M)
     assert documented == [s.name for s in switches.SWITCHES]
