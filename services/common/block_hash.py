@@ -24,7 +24,12 @@ def chain_hash(parent: int, tokens: Sequence[int]) -> int:
     an unsigned 64-bit integer (a uint64 on the wire)."""
     # int64 per position: token ids, and the negative keys that stand for image positions
     # (a multimodal prompt's image rows are keyed by the image's hash, Sequence.key_tokens)
-    payload = struct.pack(f"<Q{len(tokens)}q", parent, *tokens)
+    return _chain(parent, struct.pack(f"<{len(tokens)}q", *tokens))
+
+
+def _chain(parent: int, packed_tokens: bytes) -> int:
+    """chain_hash of a block whose ids are already packed (int64 little-endian each)."""
+    payload = struct.pack("<Q", parent) + packed_tokens
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
@@ -51,7 +56,6 @@ def block_hashes(
     packed = struct.pack(f"<{num * block_size}q", *token_ids[: num * block_size])
     step = block_size * 8
     for i in range(num):
-        payload = parent.to_bytes(8, "little") + packed[i * step : (i + 1) * step]
-        parent = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+        parent = _chain(parent, packed[i * step : (i + 1) * step])
         hashes.append(parent)
     return hashes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -107,13 +108,13 @@ class KVCache:
         assert len(src_ids) == len(dst_ids), (len(src_ids), len(dst_ids))
         l0, l1 = layers
         runs = block_runs(src_ids, dst_ids)
-        kv = self.tensor
-        if len(runs) <= MAX_COPY_RUNS:
-            for s0, d0, n in runs:
-                kv[l0:l1, :, d0 : d0 + n].copy_(src[l0:l1, :, s0 : s0 + n])
+        if len(runs) > MAX_COPY_RUNS:
+            index = torch.tensor(src_ids, device=src.device)
+            self.write_blocks(l0, l1, dst_ids, src[l0:l1].index_select(2, index))
             return
-        index = torch.tensor(src_ids, device=src.device)
-        kv[l0:l1, :, torch.tensor(dst_ids, device=kv.device)] = src[l0:l1].index_select(2, index)
+        for start, count in runs:
+            s0, d0 = src_ids[start], dst_ids[start]
+            self.tensor[l0:l1, :, d0 : d0 + count].copy_(src[l0:l1, :, s0 : s0 + count])
 
     def write_blocks(self, layer_start: int, layer_end: int, block_ids: list[int], src: torch.Tensor) -> None:
         """kv[layer_start:layer_end, :, block_ids] = src, src [layers, 2, blocks, block_size,
@@ -135,13 +136,13 @@ class KVCache:
 MAX_COPY_RUNS = 16
 
 
-def block_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
-    """(src start, dst start, length) of each run of blocks consecutive in both id lists."""
-    runs: list[tuple[int, int, int]] = []
-    for s, d in zip(src_ids, dst_ids, strict=True):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            s0, d0, n = runs[-1]
-            runs[-1] = (s0, d0, n + 1)
-        else:
-            runs.append((s, d, 1))
+def block_runs(a: Sequence[int], b: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, count) of the runs where both block lists go up by one at a time (a copy between
+    two caches of this layout moves each run as one region: KVCache.copy_blocks_from, kv_nixl)."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(a) + 1):
+        if i == len(a) or a[i] != a[i - 1] + 1 or b[i] != b[i - 1] + 1:
+            runs.append((start, i - start))
+            start = i
     return runs

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.worker.kv_cache import block_runs
+
 log = logging.getLogger(__name__)
 
 # Seconds one span's READ may take before the fetch fails (the decode worker then recomputes).
@@ -105,7 +107,7 @@ class NixlEndpoint:
         size = self.block_bytes
         for layer in range(*layers):
             for half in (0, 1):
-                for start, count in _runs(remote_blocks, local_blocks):
+                for start, count in block_runs(remote_blocks, local_blocks):
                     r_block, l_block = remote_blocks[start], local_blocks[start]
                     r_addr = remote.base_address + ((layer * 2 + half) * remote.num_blocks + r_block) * size
                     l_addr = local_base + ((layer * 2 + half) * self.num_blocks + l_block) * size
@@ -136,17 +138,6 @@ class NixlEndpoint:
             if name is None:
                 name = self._peers[remote.agent_name] = self.agent.add_remote_agent(remote.agent_metadata)
             return name
-
-
-def _runs(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(start, count) of the runs where both block lists go up by one at a time."""
-    runs: list[tuple[int, int]] = []
-    start = 0
-    for i in range(1, len(a) + 1):
-        if i == len(a) or a[i] != a[i - 1] + 1 or b[i] != b[i - 1] + 1:
-            runs.append((start, i - start))
-            start = i
-    return runs
 
 
 def create(kv: torch.Tensor) -> tuple[NixlEndpoint | None, str]:

@@ -13,10 +13,10 @@ from services.worker.kv_cache import KVCache, block_runs
 
 def test_block_runs_follow_both_id_lists() -> None:
     assert block_runs([], []) == []
-    assert block_runs([5, 6, 7], [0, 1, 2]) == [(5, 0, 3)]
+    assert block_runs([5, 6, 7], [0, 1, 2]) == [(0, 3)]
     # a break on either side starts a run
-    assert block_runs([5, 6, 9, 10], [0, 1, 2, 3]) == [(5, 0, 2), (9, 2, 2)]
-    assert block_runs([5, 6, 7], [0, 2, 3]) == [(5, 0, 1), (6, 2, 2)]
+    assert block_runs([5, 6, 9, 10], [0, 1, 2, 3]) == [(0, 2), (2, 2)]
+    assert block_runs([5, 6, 7], [0, 2, 3]) == [(0, 1), (1, 2)]
 
 
 def _cache(num_blocks: int, gen: torch.Generator) -> KVCache:
