@@ -4,6 +4,10 @@ The engine thread owns every torch call. The event loop talks to it only through
 command queue (add, abort) and receives each request's outputs on an asyncio.Queue, filled with
 `loop.call_soon_threadsafe`, one item per engine step that touched the request. The thread
 sleeps on the command queue while there is no work, so an idle worker uses no CPU.
+
+A stream may have a `Sink`: called on the event loop with each output before it is queued, it may
+take the output itself (True) instead, so the task reading the queue is not woken for it (the
+GenerateMany sessions' mid-stream chunks: rpc.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from services.worker.tp_group import group_failed
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# On the event loop, each output of a stream before it is queued: True if it took the output.
+Sink = Callable[[RequestOutput], bool]
 
 
 @dataclass(frozen=True)
@@ -43,20 +49,24 @@ class LoadSnapshot:
 
 
 class _Stream:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sink: Sink | None) -> None:
         self.loop = loop
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.sink = sink
 
     def put(self, item: RequestOutput | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # RuntimeError: the loop is closed, nobody listens
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.deliver, item)
+
+    def deliver(self, item: RequestOutput | BaseException) -> None:
+        """On the event loop: to the sink, or (not taken) onto the queue."""
+        if self.sink is None or isinstance(item, BaseException) or not self.sink(item):
+            self.queue.put_nowait(item)
 
 
-def _put_all(
-    deliveries: list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]],
-) -> None:
-    for q, out in deliveries:
-        q.put_nowait(out)
+def _put_all(deliveries: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in deliveries:
+        stream.deliver(out)
 
 
 class AsyncEngine:
@@ -81,11 +91,14 @@ class AsyncEngine:
 
     # ---- called from the event loop ------------------------------------------------------------
     def submit(
-        self, req: EngineRequest, add: Callable[[EngineRequest], object] | None = None
+        self,
+        req: EngineRequest,
+        add: Callable[[EngineRequest], object] | None = None,
+        sink: Sink | None = None,
     ) -> asyncio.Queue[RequestOutput | BaseException]:
         """Queue `req` (through `add`, default `engine.add_request`, on the engine thread); its
-        outputs (or an exception) arrive on the returned queue."""
-        stream = _Stream(asyncio.get_running_loop())
+        outputs (or an exception) arrive on the returned queue, those `sink` takes excepted."""
+        stream = _Stream(asyncio.get_running_loop(), sink)
         add_fn = add or self.engine.add_request
 
         def add_request() -> None:
@@ -190,16 +203,13 @@ class AsyncEngine:
         """A step's outputs, handed to the event loop in one call: one wake-up of the loop per
         step, not one per request (each `call_soon_threadsafe` takes the loop's lock and writes
         its self-pipe, time the engine thread would otherwise spend on every request)."""
-        by_loop: dict[
-            asyncio.AbstractEventLoop,
-            list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput]],
-        ] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         for out in outputs:
             stream = (
                 self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
             )
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, deliveries in by_loop.items():  # one loop (the rpc server's), but be general
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
                 loop.call_soon_threadsafe(_put_all, deliveries)

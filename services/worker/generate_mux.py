@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -60,10 +61,13 @@ class SessionAbort(Exception):
 
 
 class SessionContext:
-    """What the Generate body uses of an rpc's ServicerContext: `abort` and `time_remaining`."""
+    """What the Generate body uses of an rpc's ServicerContext: `abort` and `time_remaining`;
+    and `emit`, which sends one of the session's chunks from outside its task (in order with
+    what the task yields: the caller makes sure of that, rpc.py's `take`)."""
 
-    def __init__(self, deadline: float | None) -> None:
+    def __init__(self, deadline: float | None, emit: Callable[[worker_pb2.GenerateResponse], None]) -> None:
         self.deadline = deadline  # time.monotonic(), None: no deadline
+        self.emit = emit
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         raise SessionAbort(code, details)
@@ -93,6 +97,7 @@ class GenerateMux:
         self._draining = False
         self._reading = True  # the caller may still send sessions
         self.messages_sent = 0
+        self.chunks_emitted = 0  # chunks sent from outside their sessions' tasks (`_emit`)
 
     @property
     def num_sessions(self) -> int:
@@ -157,9 +162,8 @@ class GenerateMux:
         start = request.start
         deadline = time.monotonic() + start.timeout_ms / 1000 if start.timeout_ms else None
         # Each session in a context of its own: its request id (logs) is its own.
-        task = asyncio.create_task(
-            self._run(sid, start.request, SessionContext(deadline)), context=contextvars.Context()
-        )
+        context = SessionContext(deadline, functools.partial(self._emit, sid))
+        task = asyncio.create_task(self._run(sid, start.request, context), context=contextvars.Context())
         session = _Session(sid, task)
         self._sessions[sid] = session
         if deadline is not None:
@@ -207,6 +211,14 @@ class GenerateMux:
             log.exception("GenerateMany session %d failed", sid)
             return grpc.StatusCode.INTERNAL, f"the worker failed this request: {exc}"
         return grpc.StatusCode.OK, ""
+
+    def _emit(self, sid: int, chunk: worker_pb2.GenerateResponse) -> None:
+        """A chunk sent from outside the session's task (SessionContext.emit): dropped once the
+        session was cancelled or its deadline passed, as the task's would be."""
+        session = self._sessions.get(sid)
+        if session is not None and not session.expired:
+            self.chunks_emitted += 1
+            self._queue(worker_pb2.GenerateSessionResponse(session_id=sid, chunk=chunk))
 
     def _forget(self, session: _Session) -> None:
         self._sessions.pop(session.session_id, None)

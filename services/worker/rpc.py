@@ -363,6 +363,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.max_pending = self.engine.config.max_pending_requests
         self.num_pending = 0  # Generate / Prefill calls held now (admission, `_admit`)
         self._muxes: set[GenerateMux] = set()  # the open GenerateMany streams
+        self._chunks_emitted = 0  # by GenerateMany streams that have ended (num_chunks_emitted)
         self._draining = False
         _export_load_gauges(engine)
 
@@ -511,12 +512,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await mux.serve(request_iterator)
         finally:
             self._muxes.discard(mux)
+            self._chunks_emitted += mux.chunks_emitted
 
     async def drain(self) -> None:
         """The server drains: GenerateMany streams refuse new sessions and end after their last."""
         self._draining = True
         for mux in self._muxes:
             mux.drain()
+
+    def num_chunks_emitted(self) -> int:
+        """GenerateMany chunks that went out from the engine step's callback, not their session's
+        task (`_generate`'s `take`), over this servicer's streams so far."""
+        return self._chunks_emitted + sum(mux.chunks_emitted for mux in self._muxes)
 
     def num_generate_sessions(self) -> int:
         """Sessions open on this servicer's GenerateMany streams."""
@@ -552,8 +559,28 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         first_token: float | None = None
         finished = False
         fetch: asyncio.Task[None] | None = None
+        # True while the loop below waits on an empty queue, every earlier output sent
+        parked = False
+        emit = context.emit if isinstance(context, SessionContext) else None
+
+        def take(item: RequestOutput) -> bool:
+            """A GenerateMany session's mid-stream output that arrives while the loop is parked
+            goes out here, in the callback that delivers the engine step (AsyncEngine's sink), so
+            the session's task is not woken once per step. The loop below still takes the last
+            output, errors, handles and whatever arrives while it is not parked, in order."""
+            nonlocal first_token
+            if not parked or item.finished or item.error is not None or item.kv_handle is not None:
+                return False
+            if not outputs.empty():  # (an earlier output is still to be read by the loop)
+                return False
+            if first_token is None and any(c.token_ids for c in item.choices):
+                first_token = time.monotonic()
+            assert emit is not None
+            emit(output_to_pb(item))
+            return True
+
         if source is None:
-            outputs = self.async_engine.submit(req)
+            outputs = self.async_engine.submit(req, sink=take if emit is not None else None)
         else:
             outputs = self.async_engine.submit(req, add=self.engine.add_fetching_request)
             # The fetch runs beside the output loop: a layer-wise prefill's first token is this
@@ -563,8 +590,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             leftover: RequestOutput | BaseException | None = None
             while not finished:
-                item = leftover if leftover is not None else await outputs.get()
-                leftover = None
+                if leftover is None:
+                    parked = True
+                    item = await outputs.get()
+                    parked = False
+                else:
+                    item, leftover = leftover, None
                 if isinstance(item, ImageNotCachedError):  # the caller resends the pixels
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(item))
                 if isinstance(item, InvalidRequestError):
@@ -598,6 +629,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     )
                 yield output_to_pb(item)
         finally:
+            parked = False  # (nothing more goes out through `take`)
             self.async_engine.scheduled_at.pop(req.request_id, None)
             if not finished:  # the client went away (or we failed): free the request's blocks now
                 self.async_engine.abort_nowait(req.request_id)

@@ -133,7 +133,7 @@ async def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> N
 
 
 async def test_concurrent_sessions_stream_the_tokens_of_their_own_rpcs(
-    mux: WorkerClient, rpc: WorkerClient
+    mux: WorkerClient, rpc: WorkerClient, worker: Worker
 ) -> None:
     n = 32
     over_mux = await asyncio.gather(*(_run(mux, f"m{i}", _sampling(i)) for i in range(n)))
@@ -154,6 +154,10 @@ async def test_concurrent_sessions_stream_the_tokens_of_their_own_rpcs(
     assert counts.messages_received < counts.session_messages_received / 4, counts
     assert counts.messages_sent <= n + 1  # one start each at most (they batch when they queue)
     assert rpc.generate_counts.messages_received == 0  # (the rpc client never used a stream)
+    # most mid-stream chunks went out from the engine step's callback, without waking their
+    # session's task (rpc.py's `take`); a session's first and last chunks come from its task
+    assert worker.servicer is not None
+    assert worker.servicer.num_chunks_emitted() > counts.session_messages_received / 2, counts
 
 
 async def test_cancelling_a_session_aborts_its_request_only(mux: WorkerClient, worker: Worker) -> None:
