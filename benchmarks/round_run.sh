@@ -7,7 +7,7 @@
 # profile), quant (quant_bench), beam (beam_bench Qwen2-0.5B with phases), beamprof (beam_profile),
 # qgemv / qgemvtests (the word GEMV: quant_bench --gemv-only, bf16 tests), attn / attntests (decode attention variants: bench, bf16 tests), lora (lora_bench), loratests (the LoRA kernels' and engine's bf16 tests), lorakern (lora_kernel_bench:
 # the LoRA kernel configs alone), lorab64 (lora_bench's batch-64 rows with profiles and A/Bs), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels),
-# fp8dec (Llama-3.1-8B batch-1 decode, bf16 and fp8 weights, with kernel profiles), beamhost (beam_profile's ops by host time), beamcprof (beam_bench at W = 4 with cProfile: the beam step's Python by function), beamtests (the beam and selection kernels' bf16 tests),
+# fp8dec (Llama-3.1-8B batch-1 decode, bf16 and fp8 weights, with kernel profiles), beamhost (beam_profile's ops by host time), beamcprof (beam_bench at W = 4 with cProfile: the beam step's Python by function), beamtests (the beam and selection kernels' bf16 tests), beamab (beam_bench with the selection in one launch, then in three: TANDEM_BEAM_ONE_LAUNCH=1 / 0),
 # kvttft (the gRPC fetch and its layer-wise first token, with the prefill's own completion),
 # kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0),
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
@@ -50,6 +50,11 @@ for s in ${STEPS:?name the steps}; do
       --decode-only --profile-decode --out "$OUT/engine_gemma.json" ;;
     quant) step quant "${QUANT_T:-150}" "$PY" benchmarks/quant_bench.py --out "$OUT/quant.json" ;;
     beam) step beam "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --phases --out "$OUT/beam.json" ;;
+    beamab)  # the one-launch selection (the default) against its three launches, same run
+      for one in 1 0; do
+        TANDEM_BEAM_ONE_LAUNCH=$one step "beam_one$one" "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py \
+          --models Qwen2-0.5B --phases --out "$OUT/beam_one$one.json"
+      done ;;
     beamcprof) step beamcprof "${BEAMCPROF_T:-90}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --widths 4 \
       --phases --profile --out "$OUT/beam_cprof.json" ;;
     decodeprof)  # decode steps of 256 sequences at contexts ~1,050 by kernel: fp8 weights with a bf16 KV

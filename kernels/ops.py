@@ -102,6 +102,14 @@ class KernelOps:
     beam_candidates: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] | None = (
         None
     )
+    # (rows [G*W, V] fp32, scores [G*W] fp64, stops [G, S], W, k, PB, keep) -> (values [G*W, k],
+    #   ids [G*W, k], table, parents, tokens, totals): row_topk and beam_candidates in one launch
+    beam_topk_candidates: (
+        Callable[
+            ..., tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+        ]
+        | None
+    ) = None
     # (parents [G, W], tokens [G, W], slot_tables [G, W, w], places [n], shared [n], tails [n],
     #   max_blocks, ids [T] | None, positions [n] | None) -> (tables [n, max_blocks] int32, src [n],
     #   ids): the inputs of a beam step launched ahead (services/worker/beam_step.BeamStep.ahead)

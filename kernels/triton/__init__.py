@@ -28,6 +28,7 @@ from kernels.ops import KernelOps
 from kernels.triton.argmax import argmax
 from kernels.triton.beam_ahead import beam_ahead
 from kernels.triton.beam_candidates import beam_candidates
+from kernels.triton.beam_topk_candidates import beam_topk_candidates
 from kernels.triton.decode_attention_tune import tune_decode_attention
 from kernels.triton.exponential_race import exponential_race
 from kernels.triton.fp8_gemm import tune_fp8_linear, w8a8_linear
@@ -87,6 +88,7 @@ TRITON_OPS = KernelOps(
     argmax=argmax,
     row_topk=row_topk,
     beam_candidates=beam_candidates,
+    beam_topk_candidates=beam_topk_candidates,
     beam_ahead=beam_ahead,
     exponential_race=exponential_race,
     # The folded-RMSNorm decode path (kernels/__init__.py): the models fold their layer norms.

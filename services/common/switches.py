@@ -163,6 +163,14 @@ FP8_KV_FP16_DOTS: Switch[bool] = Switch(
     "(kernels/triton/decode_attention.py `fp16_dots`); 0 widens the cache to bf16 as before",
     _parse_bool,
 )
+BEAM_ONE_LAUNCH: Switch[bool] = Switch(
+    "TANDEM_BEAM_ONE_LAUNCH",
+    "bool",
+    True,
+    "the A/B baseline of beam search's selection in one launch on CUDA "
+    "(kernels/triton/beam_topk_candidates.py); 0 runs row_topk and beam_candidates as two",
+    _parse_bool,
+)
 
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
@@ -176,6 +184,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     GENERATE_MUX,
     KEEP_LARGE_BUFFERS,
     FP8_KV_FP16_DOTS,
+    BEAM_ONE_LAUNCH,
 )
 
 

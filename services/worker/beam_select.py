@@ -4,7 +4,8 @@
 The runner calls `select_beams` right after the sampler, on the raw log-softmax of the step's
 rows, for every beam-search request whose live beams are all computed in the step (a `BeamGroup`,
 built by `BeamSearch.group`). Two stages on the logits' device, torch ops (on CUDA, kernels of the
-bundle where they apply: `row_topk` for the first, `beam_candidates` for the second):
+bundle where they apply: `row_topk` for the first, `beam_candidates` for the second, or
+`beam_topk_candidates` for both in one launch):
 
 1. each beam row's own top `per_beam` (log-softmax values and ids, equal values in token id
    order: `ordered_topk`, or on CUDA the kernel bundle's `row_topk`, kernels/triton/row_topk.py:
@@ -42,6 +43,12 @@ RowTopk = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 BeamCandidates = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int, int],
     tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+]
+# (rows [G*W, V] fp32, scores, stops, W, k, per_beam, keep) -> (values, ids, table, parents,
+# tokens, totals): both stages in one launch, kernels/triton/beam_topk_candidates.py
+BeamTopkCandidates = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, int],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
 ]
 # The sizes those kernels are for (each takes its k best by k rounds over registers holding a
 # chunk's or a request's candidates); wider searches keep the torch ops.
@@ -140,6 +147,7 @@ def select_beams(
     index: list[torch.Tensor] | None = None,
     row_topk: RowTopk | None = None,
     beam_candidates: BeamCandidates | None = None,
+    topk_candidates: BeamTopkCandidates | None = None,
 ) -> BeamSelection:
     """raw: [R, V] log-softmax of the step's fp32 logits (rows of other requests too). `scores`:
     float64 on the device, the cumulative logprob of each group row ([N], or [G, W] in row order),
@@ -148,7 +156,8 @@ def select_beams(
     with its own indices (else sent here, one host->device copy). `row_topk`: a kernel bundle's
     exact top k per row (KernelOps.row_topk), in place of `ordered_topk`'s torch ops;
     `beam_candidates`: its second stage in one launch (KernelOps.beam_candidates), used when no
-    candidate is banned and every group has the same number of rows."""
+    candidate is banned and every group has the same number of rows; `topk_candidates`: both
+    stages in one launch (KernelOps.beam_topk_candidates), used in that case instead of the two."""
     device = raw.device
     num_rows = sum(len(g.rows) for g in groups)
     vocab = raw.shape[1]
@@ -169,14 +178,6 @@ def select_beams(
     else:
         picked = raw if raw.shape[0] == num_rows else raw[:num_rows]
     k = max(per_beam, user_top)
-    if row_topk is None or k > KERNEL_MAX_K:
-        row_topk = ordered_topk
-    values, ids = row_topk(picked, k)  # [N, k] best first
-    tops = (
-        torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1) if user_top else None
-    )
-    if per_beam < k:
-        values, ids = values[:, :per_beam], ids[:, :per_beam]
     if scores is None:
         base = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
         if device.type == "cuda":
@@ -184,8 +185,19 @@ def select_beams(
         scores = base.to(device, non_blocking=True)
     keep = min(max(g.keep for g in groups), width * per_beam)
     uniform = not padded and not num_banned and width * per_beam <= KERNEL_MAX_CANDIDATES
-    if beam_candidates is not None and uniform:  # (the usual case on CUDA)
-        stops = stops_t.view(len(groups), num_stops) if num_stops else stops_t
+    stops = stops_t.view(len(groups), num_stops) if num_stops else stops_t
+    if topk_candidates is not None and uniform and k <= KERNEL_MAX_K:  # (the usual case on CUDA)
+        values, ids, table, parents, tokens, best = topk_candidates(
+            picked, scores.reshape(num_rows), stops, width, k, per_beam, keep
+        )
+        return BeamSelection(groups, per_beam, table, _tops(values, ids, user_top), parents, tokens, best)
+    if row_topk is None or k > KERNEL_MAX_K:
+        row_topk = ordered_topk
+    values, ids = row_topk(picked, k)  # [N, k] best first
+    tops = _tops(values, ids, user_top)
+    if per_beam < k:
+        values, ids = values[:, :per_beam], ids[:, :per_beam]
+    if beam_candidates is not None and uniform:
         table, parents, tokens, best = beam_candidates(
             values, ids, scores.reshape(num_rows), stops, width, per_beam, keep
         )
@@ -243,6 +255,13 @@ def select_beams(
     return BeamSelection(
         groups, per_beam, table, tops, parents, token.gather(1, going), best.gather(1, going)
     )
+
+
+def _tops(values: torch.Tensor, ids: torch.Tensor, user_top: int) -> torch.Tensor | None:
+    """[N, 2, user_top] float64 (ids, logprobs) of each row's first `user_top`; None for none."""
+    if not user_top:
+        return None
+    return torch.stack([ids[:, :user_top].double(), values[:, :user_top].double()], dim=1)
 
 
 def ordered_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ import torch
 from services.worker.beam_select import (
     BeamCandidates,
     BeamSelection,
+    BeamTopkCandidates,
     RowTopk,
     select_beams,
     selection_lists,
@@ -80,12 +81,15 @@ class BeamStep:
         row_topk: RowTopk | None = None,
         beam_candidates: BeamCandidates | None = None,
         beam_ahead: BeamAhead | None = None,
+        topk_candidates: BeamTopkCandidates | None = None,
     ) -> None:
         self.device = device
         self.block_size = block_size
-        # a kernel bundle's top k over the vocabulary and candidate selection (else torch ops)
+        # a kernel bundle's top k over the vocabulary and candidate selection (else torch ops),
+        # and both in one launch
         self.row_topk = row_topk
         self.beam_candidates = beam_candidates
+        self.topk_candidates = topk_candidates
         # and its inputs of a step ahead in one launch (kernels/triton/beam_ahead.py; else torch ops)
         self.beam_ahead = beam_ahead
 
@@ -181,7 +185,13 @@ class BeamStep:
                 host = torch.tensor([s for g in groups for s in g.scores], dtype=torch.float64)
                 scores = host.to(self.device, non_blocking=True).index_copy(0, positions_t, picked_scores)
         selection = select_beams(
-            raw, groups, scores, device_lists[: len(lists)], self.row_topk, self.beam_candidates
+            raw,
+            groups,
+            scores,
+            device_lists[: len(lists)],
+            self.row_topk,
+            self.beam_candidates,
+            self.topk_candidates,
         )
         if same_tables:
             picked = block_tables if not on_host else block_tables.to(self.device, non_blocking=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import KernelOps
+from services.common import switches
 from services.worker import parallel
 from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.beam_select import BeamSelection, BeamStepResult, unpack
@@ -179,6 +180,7 @@ class ModelRunner:
             ops.row_topk if on_cuda else None,
             ops.beam_candidates if on_cuda else None,
             ops.beam_ahead if on_cuda else None,
+            ops.beam_topk_candidates if on_cuda and switches.BEAM_ONE_LAUNCH.value else None,
         )
         self.kv_cache: KVCache | None = None
         self.graphs: CudaGraphRunner | None = None  # decode-step CUDA graphs (capture_cuda_graphs)

@@ -376,7 +376,7 @@ def test_row_topk_is_a_stable_descending_sort_s_first_k(device: str, dtype: torc
 
 
 def test_beam_kernels_compile_for_hopper() -> None:
-    """The interpreter runs row_topk's, beam_candidates' and beam_ahead's kernels as Python; this compiles them as the GPU does (to a
+    """The interpreter runs row_topk's, beam_candidates', beam_topk_candidates' and beam_ahead's kernels as Python; this compiles them as the GPU does (to a
     cubin for sm_90, in a process without TRITON_INTERPRET), so a construct the compiler rejects
     fails here and not in a beam search on the device."""
     pytest.importorskip("triton")
@@ -387,6 +387,7 @@ from triton.compiler import ASTSource, compile
 m = importlib.import_module("kernels.triton.row_topk")
 c = importlib.import_module("kernels.triton.beam_candidates")
 a = importlib.import_module("kernels.triton.beam_ahead")
+o = importlib.import_module("kernels.triton.beam_topk_candidates")
 ints = {"vocab": "i32", "num_chunks": "i32"}
 for fn, sig, consts in [
     (m._topk_chunks_kernel, {"x_ptr": "*fp32", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32", **ints,
@@ -399,6 +400,13 @@ for fn, sig, consts in [
      "totals_ptr": "*fp64", "stride_v": "i32", "stride_i": "i32", "num_stops": "i32", "W": "constexpr",
      "PB": "constexpr", "KEEP": "constexpr", "C_PAD": "constexpr", "S_PAD": "constexpr",
      "W_PAD": "constexpr"}, {"W": 4, "PB": 8, "KEEP": 8, "C_PAD": 32, "S_PAD": 16, "W_PAD": 16}),
+    (o._beam_topk_candidates_kernel, {"x_ptr": "*fp32", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32",
+     "row_counter_ptr": "*i32", "group_counter_ptr": "*i32", "val_ptr": "*fp32", "idx_ptr": "*i64",
+     "scores_ptr": "*fp64", "stops_ptr": "*i64", "table_ptr": "*fp64", "parents_ptr": "*i64",
+     "tokens_ptr": "*i64", "totals_ptr": "*fp64", "vocab": "i32", "stride_x": "i32", "num_chunks": "i32",
+     "num_stops": "i32", **{c: "constexpr" for c in ("W", "K", "PB", "KEEP", "BLOCK", "M_PAD", "C_PAD",
+     "S_PAD", "W_PAD")}}, {"W": 4, "K": 9, "PB": 9, "KEEP": 8, "BLOCK": 4096, "M_PAD": 512, "C_PAD": 64,
+     "S_PAD": 16, "W_PAD": 16}),
     (a._beam_ahead_kernel, {**{p: "*i64" for p in ("parents_ptr", "tokens_ptr")}, "slot_ptr": "*i32",
      **{p: "*i64" for p in ("places_ptr", "shared_ptr", "tails_ptr", "positions_ptr")}, "tables_ptr": "*i32",
      "src_ptr": "*i64", "ids_ptr": "*i64", **{p: "i32" for p in ("stride_pg", "stride_pw", "stride_tg",

@@ -462,12 +462,17 @@ def test_beam_search_on_cuda_equals_transformers(refs: dict[str, RefModel]) -> N
     assert engine.block_manager.num_used_blocks == 0
 
 
-def test_beam_search_with_the_cuda_selection_kernels_equals_transformers(refs: dict[str, RefModel]) -> None:
-    """The runner's selection on CUDA (kernels/triton/row_topk.py and beam_candidates.py, here on
-    Triton's interpreter in place of the torch ops) and the inputs of its steps launched ahead
-    (beam_ahead.py), stop ids met: the output is transformers'."""
+@pytest.mark.parametrize("one_launch", [False, True], ids=["three-launches", "one-launch"])
+def test_beam_search_with_the_cuda_selection_kernels_equals_transformers(
+    refs: dict[str, RefModel], one_launch: bool
+) -> None:
+    """The runner's selection on CUDA (kernels/triton/row_topk.py and beam_candidates.py, or both
+    in one launch: beam_topk_candidates.py; here on Triton's interpreter in place of the torch ops)
+    and the inputs of its steps launched ahead (beam_ahead.py), stop ids met: the output is
+    transformers'."""
     from kernels.triton.beam_ahead import beam_ahead
     from kernels.triton.beam_candidates import beam_candidates
+    from kernels.triton.beam_topk_candidates import beam_topk_candidates
     from kernels.triton.row_topk import row_topk
 
     ref = refs["qwen2"]
@@ -475,12 +480,20 @@ def test_beam_search_with_the_cuda_selection_kernels_equals_transformers(refs: d
     engine = ref.engine(block_size=4, async_scheduling="on")
     calls = []
 
-    def counted(*args: Any) -> Any:
-        calls.append(1)
-        return beam_candidates(*args)
+    def counted(fn: Any) -> Any:
+        def call(*args: Any) -> Any:
+            calls.append(1)
+            return fn(*args)
 
-    engine.runner.beams.row_topk, engine.runner.beams.beam_candidates = row_topk, counted
-    engine.runner.beams.beam_ahead = beam_ahead
+        return call
+
+    beams = engine.runner.beams
+    beams.row_topk, beams.beam_candidates = row_topk, beam_candidates
+    if one_launch:
+        beams.topk_candidates = counted(beam_topk_candidates)
+    else:
+        beams.beam_candidates = counted(beam_candidates)
+    beams.beam_ahead = beam_ahead
     requests, expected = beam_requests(ref, [[1, 45, 99, 7, 13, 200], [1, 9]], (4, n, 0.5, True, 12))
     results = run_to_completion(engine, requests)
     assert engine.scheduler.num_beam_steps_ahead > 0 and calls

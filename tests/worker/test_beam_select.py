@@ -155,3 +155,57 @@ def test_wide_searches_keep_the_torch_ops() -> None:
     want = select_beams(raw, [group])
     got = select_beams(raw, [group], row_topk=kernel("row_topk"), beam_candidates=kernel("beam_candidates"))
     assert not called and torch.equal(got.table, want.table) and torch.equal(got.parents, want.parents)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("width", "vocab", "per_beam", "k", "stops"),
+    [
+        (4, 48, 8, 8, ()),
+        (4, 48, 8, 10, (5, 9)),  # the client's logprobs: each row's top k past per_beam
+        (1, 37, 2, 2, (3,)),
+        (8, 2 * 4096 + 7, 17, 17, (1,)),  # three chunks a row, ties across them
+        (2, 4096, 5, 12, ()),
+    ],
+)
+def test_one_launch_selection_equals_the_two_kernels(
+    device: str, width: int, vocab: int, per_beam: int, k: int, stops: tuple[int, ...]
+) -> None:
+    """kernels/triton/beam_topk_candidates.py (both stages in one launch, each later stage run by
+    the last program of the earlier one to finish) gives, bit for bit, row_topk's rows and
+    beam_candidates' table and next beams, through `select_beams` as the runner calls it."""
+    from kernels.triton.beam_candidates import beam_candidates
+    from kernels.triton.beam_topk_candidates import beam_topk_candidates
+    from kernels.triton.row_topk import row_topk
+
+    gen = torch.Generator().manual_seed(vocab + width)
+    num_groups = 3
+    logits = torch.randint(0, 12, (num_groups * width, vocab), generator=gen).float() / 2  # ties everywhere
+    if vocab > 4096:  # equal best values in every chunk: the merge must keep index order
+        logits[:, [7, 4096 + 1, 2 * 4096 + 3]] = 9.0
+    logits[:, list(stops)] += 3.0  # stop ids among the best: some candidates end
+    raw = torch.log_softmax(logits, dim=-1).to(device)
+    user_top = k if k > per_beam else 0
+    groups = [
+        BeamGroup(
+            str(g),
+            list(range(g * width, (g + 1) * width)),
+            [-0.5 * ((g + b) % 3) for b in range(width)],
+            keep=min(2 * width, width * per_beam),
+            per_beam=per_beam,
+            banned=(),
+            user_top=user_top,
+            stops=stops,
+        )
+        for g in range(num_groups)
+    ]
+    two = select_beams(raw, groups, row_topk=row_topk, beam_candidates=beam_candidates)
+    one = select_beams(raw, groups, row_topk=row_topk, topk_candidates=beam_topk_candidates)
+    for name in ("table", "parents", "tokens", "totals", "tops"):
+        got, want = getattr(one, name), getattr(two, name)
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert got.shape == want.shape and torch.equal(got.cpu(), want.cpu()), name
+    # the counters are zeros again: a second launch gives the same
+    again = select_beams(raw, groups, row_topk=row_topk, topk_candidates=beam_topk_candidates)
+    assert torch.equal(again.table.cpu(), one.table.cpu())
