@@ -40,6 +40,7 @@ import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import ttft_timeline  # noqa: E402
 from kv_transfer_bench import SHAPES, write_model  # noqa: E402
 
 TTFT_SLO_S = 0.200
@@ -311,8 +312,9 @@ def _worker_args(args: argparse.Namespace) -> str:
 
 
 def start_up(
-    model_dir: Path, mode: str, args: argparse.Namespace, log: Path
+    model_dir: Path, mode: str, args: argparse.Namespace, log: Path, spans: Path | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """`tandem up` for `mode`; with `spans`, its services trace every request to that file."""
     port = free_port()
     worker_args = _worker_args(args)
     argv = [sys.executable, "-m", "tandem", "up", "--model", str(model_dir), "--port", str(port)]
@@ -321,15 +323,19 @@ def start_up(
         argv.append("--disaggregate")
     else:
         argv += ["--workers", str(args.unified_workers)]
-    return launch_up(argv, port, log, 600)
+    env = {"TANDEM_TRACE_FILE": str(spans), "OTEL_TRACES_EXPORTER": "none"} if spans is not None else {}
+    return launch_up(argv, port, log, 600, env)
 
 
-def launch_up(argv: list[str], port: int, log: Path, timeout_s: float) -> tuple[subprocess.Popen[bytes], str]:
+def launch_up(
+    argv: list[str], port: int, log: Path, timeout_s: float, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start `tandem up` (argv, serving on port) with its output in log, and wait until its /health
     answers 200: (the process, its URL). Stopped again if it exits or is not healthy in time."""
     import urllib.request
 
     env = {
+        **(extra_env or {}),
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
         "PYTHONUNBUFFERED": "1",
@@ -493,6 +499,12 @@ def main() -> int:
     ap.add_argument(
         "--py-spy", default="", help="directory: sample the services with py-spy at concurrency >= 8"
     )
+    ap.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace every request through tandem up (TANDEM_TRACE_FILE) and print where the first "
+        "token's time goes between the services (ttft_timeline.py; run at --concurrency 1)",
+    )
     ap.add_argument("--tag", default="")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--plot-only", default="", help="redraw the PNG of an existing JSON")
@@ -519,7 +531,8 @@ def main() -> int:
         for mode in args.modes.split(","):
             log = Path(tmp) / f"up-{mode}.log"
             inprocess = InProcessTarget(model_dir, args) if mode == "inprocess" else None
-            proc, url = (None, "") if inprocess else start_up(model_dir, mode, args, log)
+            spans = Path(tmp) / f"spans-{mode}.jsonl" if args.trace and not inprocess else None
+            proc, url = (None, "") if inprocess else start_up(model_dir, mode, args, log, spans)
             args.up_pid = proc.pid if proc is not None else None
             target: str | InProcessTarget = inprocess or url + "/v1/completions"
             points = []
@@ -562,6 +575,15 @@ def main() -> int:
                     fetch_lines = [ln for ln in log.read_text().splitlines() if "fetched KV" in ln]
                     results.setdefault("fetch_samples", {})[mode] = fetch_lines[-3:]
             results["modes"][mode] = points
+            if spans is not None and spans.exists():
+                lines = ttft_timeline.timelines(
+                    [json.loads(line) for line in spans.read_text().splitlines() if line.strip()]
+                )
+                if lines:
+                    ttft_timeline.print_summary(lines)
+                    results.setdefault("first_token_timeline_us", {})[mode] = dict(
+                        ttft_timeline.summary(lines)
+                    )
     split_cost(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -45,6 +45,7 @@ from gateway.merge import merge_streams
 from gateway.protocol import ChatRequest, CompletionRequest, GenerationParams
 from gateway.styler_pool import NoStylerAvailable
 from gateway.worker_stream import PromptStream
+from services.common import telemetry
 from services.common.reasoning import prompt_opens_reasoning
 from services.common.sampling import SamplingError, SamplingParams, check_logit_bias, check_token_ids
 
@@ -399,6 +400,7 @@ class Executor:
             num_new = sum(len(c.token_ids) for c in chunk.choices)
             if num_new:
                 if run.first_token_at is None:
+                    telemetry.event("first_token_from_worker")
                     run.first_token_at = now
                     metrics.ttft.observe(now - run.arrived)
                     admission.started()

@@ -26,6 +26,7 @@ from gateway.execution import ChoiceUpdate, DetokenizeOptions, Executor, Request
 from gateway.protocol import ChatRequest, CompletionRequest
 from gateway.responses import ChatResult, CompletionResult, usage
 from gateway.strict_tools import strict_tool_grammar
+from services.common import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,16 @@ class Job:
         """OpenAI stream chunks (the usage chunk last when asked; with continuous usage stats, as
         vLLM does, every chunk carries the usage up to it), those one update makes (a chat's
         role chunk and its first text) in one list: an SSE stream writes each list at once."""
+        first = True
         async for update in self.updates:
             chunks = self.result.add(update)
             if self.continuous_usage:
                 for chunk in chunks:
                     chunk["usage"] = usage(self.run, so_far=True)
             if chunks:
+                if first:
+                    telemetry.event("first_chunk")
+                    first = False
                 yield chunks
         if self.include_usage:
             yield [self.result.usage_chunk(self.run)]

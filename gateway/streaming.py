@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import APIError
+from services.common import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ async def sse(
     try:
         if first is not None:
             await response.write(b"".join(map(encode, first)))
+            telemetry.event("first_chunk_written")
         async for batch in batches:
             await response.write(b"".join(map(encode, batch)))
     except APIError as err:

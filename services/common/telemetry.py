@@ -177,6 +177,7 @@ def span_to_dict(span: ReadableSpan) -> dict[str, Any]:
         "start_time_ns": span.start_time,
         "end_time_ns": span.end_time,
         "status": span.status.status_code.name,
+        "events": [{"name": e.name, "time_ns": e.timestamp} for e in span.events],
         "attributes": {
             k: (
                 v
@@ -379,6 +380,16 @@ def span(name: str, attributes: Mapping[str, Any] | None = None) -> Iterator[tra
         return
     with tracer().start_as_current_span(name, attributes=dict(attributes or {})) as current:
         yield current
+
+
+def event(name: str) -> None:
+    """A timestamped event on the current span (no-op when tracing is off or no span is current):
+    the moments inside a span that a timeline needs, such as a request's first token."""
+    if _provider is None:
+        return
+    current = trace.get_current_span()
+    if current.is_recording():
+        current.add_event(name)
 
 
 def capture_context() -> otel_context.Context | None:

@@ -622,6 +622,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     item = merge_outputs(batch)
                 if first_token is None and any(c.token_ids for c in item.choices):
                     first_token = time.monotonic()
+                    telemetry.event("first_token_sent")
                 finished = item.finished
                 if finished and item.usage is not None:
                     _observe_finished(

@@ -142,6 +142,42 @@ def test_one_trace_across_gateway_styler_and_worker(stack: Stack) -> None:
     )
 
 
+def test_a_streamed_request_s_first_token_is_a_timeline_across_the_services(stack: Stack) -> None:
+    """The first token's moments are span events (the worker's `first_token_sent`, the gateway's
+    `first_token_from_worker`, `first_chunk`, `first_chunk_written`), in that order on the wall
+    clock the processes share, and benchmarks/ttft_timeline.py lines the request up from request
+    in to written."""
+    trace_id = "1bf7651916cd43dd8448eb211c80319d"
+    raw = stack.chat(
+        "Once upon a time", stream=True, headers={"traceparent": f"00-{trace_id}-{PARENT_SPAN_ID}-01"}
+    )
+    assert raw.count("data: ") > 2
+    # (the HTTP span ends after the body's last byte, the worker's after its last chunk: wait for both)
+    names = {"POST /v1/chat/completions", "/tandem.v1.Worker/Generate", "engine.prefill", "engine.decode"}
+    spans = _wait_for_spans(stack, trace_id, names)
+    (http,) = [s for s in spans if s["service"] == "tandem-gateway" and s["kind"] == "SERVER"]
+    (rpc,) = [s for s in spans if s["kind"] == "SERVER" and s["name"] == "/tandem.v1.Worker/Generate"]
+    sent = [e["time_ns"] for e in rpc["events"] if e["name"] == "first_token_sent"]
+    gateway = {e["name"]: e["time_ns"] for e in http["events"]}
+    assert len(sent) == 1, rpc["events"]
+    assert (
+        sent[0]
+        <= gateway["first_token_from_worker"]
+        <= gateway["first_chunk"]
+        <= gateway["first_chunk_written"]
+    )
+    assert http["start_time_ns"] <= sent[0] and gateway["first_chunk_written"] <= http["end_time_ns"]
+
+    from benchmarks.ttft_timeline import STAGES, timelines
+
+    (line,) = timelines(spans)
+    assert list(line) == list(STAGES)
+    # the stages read off the wall clock in order (the engine's two come from its monotonic
+    # clock, converted once per process: not compared here at microseconds)
+    wall = [line[stage] for stage in STAGES if stage not in ("scheduled", "first token")]
+    assert wall == sorted(wall), line
+
+
 def test_a_request_without_traceparent_starts_its_own_trace(stack: Stack) -> None:
     before = {s["trace_id"] for s in stack.spans()}
     stack.chat("Once upon a time")
