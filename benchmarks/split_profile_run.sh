@@ -3,7 +3,8 @@
 # the Qwen2-0.5B shape against the in-process engine and through `tandem up`, the cores each
 # service keeps busy per load point, py-spy samples of every process at concurrency >= 8, and
 # the worker's GIL hand-off A/B (TANDEM_GIL_SWITCH_INTERVAL) and the GenerateMany A/B
-# (TANDEM_GENERATE_MUX=0: one Generate rpc per request). Output in $OUT (docs/benchmarks.md).
+# (TANDEM_GENERATE_MUX=0: one Generate rpc per request), then a traced run at concurrency 1 for
+# the first token's timeline (serving_bench.py --trace). Output in $OUT (docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -23,6 +24,10 @@ if [ -n "${GIL_AB:-0.0005}" ]; then
 fi
 if [ "${MUX_AB:-1}" = 1 ]; then  # the baseline of GenerateMany: one Generate rpc per request
   TANDEM_GENERATE_MUX=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_mux_off 2>&1 | tail -6
+fi
+if [ "${TRACE:-1}" = 1 ]; then  # where the first token's time goes at concurrency 1 (traced: one rpc a request)
+  "$PY" benchmarks/serving_bench.py "${common[@]}" --concurrency 1 --num-requests 48 --modes unified --trace \
+    --tag split_trace 2>&1 | tail -12
 fi
 "$PY" benchmarks/spy_top.py "$OUT/spy" --top 30 > "$OUT/spy_top.txt"
 tar czf "$OUT/spy.tgz" -C "$OUT" spy && rm -rf "$OUT/spy"
