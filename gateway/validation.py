@@ -128,9 +128,10 @@ class Fields:
         value = self.raw(key)
         if value is None:
             return ()
-        if not isinstance(value, list) or not all(_is_token_id(v) for v in value):
+        ids = _token_ids(value) if isinstance(value, list) else None
+        if ids is None:
             raise invalid(f"'{self._name(key)}' must be a list of non-negative integers", self._name(key))
-        return _ids(value)
+        return ids
 
     def reject_rest(self, allowed_extra: frozenset[str] = frozenset()) -> None:
         """Refuse fields not consumed: known ones not supported yet, then unknown ones."""
@@ -160,6 +161,15 @@ def _is_token_id(value: Any) -> bool:
 
 def _ids(values: list[Any]) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
+
+
+def _token_ids(values: list[Any]) -> tuple[int, ...] | None:
+    """`values` as token ids, or None if one is not a token id. A prompt of ids is thousands of
+    JSON integers: checked by type and range in C first (`_is_token_id` per value only when some
+    value is not a plain int, such as 7.0)."""
+    if values and set(map(type, values)) == {int}:
+        return tuple(values) if min(values) >= 0 and max(values) <= MAX_UINT32 else None
+    return _ids(values) if all(_is_token_id(v) for v in values) else None
 
 
 def _stop(f: Fields, max_stop_strings: int) -> tuple[str, ...]:
@@ -541,10 +551,12 @@ def _prompts(value: Any) -> tuple[Prompt, ...]:
     if isinstance(value, list) and value:
         if all(isinstance(v, str) for v in value):
             return tuple(value)
-        if all(_is_token_id(v) for v in value):
-            return (_ids(value),)
-        if all(isinstance(v, list) and v and all(_is_token_id(t) for t in v) for v in value):
-            return tuple(_ids(v) for v in value)
+        ids = _token_ids(value)
+        if ids is not None:
+            return (ids,)
+        lists = [_token_ids(v) if isinstance(v, list) and v else None for v in value]
+        if all(ids is not None for ids in lists):
+            return tuple(ids for ids in lists if ids is not None)
     raise invalid(
         "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists "
         "(non-empty)",

@@ -94,7 +94,11 @@ def test_completion_prompt_forms() -> None:
     assert parse_completion({"prompt": [1, 2]}).prompts == ((1, 2),)
     assert parse_completion({"prompt": [[1], [2, 3]]}).prompts == ((1,), (2, 3))
     assert parse_completion({"prompt": "a", "logprobs": 0}).params.sampling.logprobs == 0
-    for bad in ([], [1, "a"], [[1], []], 5, ""):
+    assert parse_completion({"prompt": [7.0, 2**32 - 1]}).prompts == ((7, 2**32 - 1),)  # JSON Schema integers
+    assert parse_completion({"prompt": [[1.0], [0]]}).prompts == ((1,), (0,))
+    ids = list(range(5000))
+    assert parse_completion({"prompt": ids}).prompts == (tuple(ids),)
+    for bad in ([], [1, "a"], [[1], []], 5, "", [1, True], [-1], [2**32], [1.5], [[1], [True]], [[1], -1]):
         with pytest.raises(APIError):
             parse_completion({"prompt": bad})
 
