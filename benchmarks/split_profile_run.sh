@@ -19,8 +19,8 @@ CONC=${CONC:-1,8,32,64}
 N=${N:-192}
 common=(--shape "${SHAPE:-Qwen2-0.5B}" --tokenizer "$TOK" --device cuda --rates "" --concurrency "$CONC" --num-requests "$N" --out-dir "$OUT")
 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --py-spy "$OUT/spy" --tag split_profile 2>&1 | tail -14
-if [ -n "${GIL_AB:-0.0005}" ]; then
-  TANDEM_GIL_SWITCH_INTERVAL=${GIL_AB:-0.0005} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_gil_ab 2>&1 | tail -6
+if [ -n "${GIL_AB-0.0005}" ]; then  # (GIL_AB= skips it)
+  TANDEM_GIL_SWITCH_INTERVAL=${GIL_AB-0.0005} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_gil_ab 2>&1 | tail -6
 fi
 if [ "${MUX_AB:-1}" = 1 ]; then  # the baseline of GenerateMany: one Generate rpc per request
   TANDEM_GENERATE_MUX=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_mux_off 2>&1 | tail -6
