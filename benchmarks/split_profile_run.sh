@@ -2,7 +2,8 @@
 # The cost of the split under load, with where the time goes: serving_bench.py (scenario 4) on
 # the Qwen2-0.5B shape against the in-process engine and through `tandem up`, the cores each
 # service keeps busy per load point, py-spy samples of every process at concurrency >= 8, and
-# the worker's GIL hand-off A/B (TANDEM_GIL_SWITCH_INTERVAL) and the GenerateMany A/B
+# the worker's GIL hand-off A/B (TANDEM_GIL_SWITCH_INTERVAL), the engine's hand-off of each step's
+# outputs to the event loop (TANDEM_ENGINE_HANDOFF) and the GenerateMany A/B
 # (TANDEM_GENERATE_MUX=0: one Generate rpc per request), then a traced run at concurrency 1 for
 # the first token's timeline (serving_bench.py --trace). Output in $OUT (docs/benchmarks.md).
 set -uo pipefail
@@ -21,6 +22,10 @@ common=(--shape "${SHAPE:-Qwen2-0.5B}" --tokenizer "$TOK" --device cuda --rates 
 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --py-spy "$OUT/spy" --tag split_profile 2>&1 | tail -14
 if [ -n "${GIL_AB-0.0005}" ]; then  # (GIL_AB= skips it)
   TANDEM_GIL_SWITCH_INTERVAL=${GIL_AB-0.0005} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_gil_ab 2>&1 | tail -6
+fi
+if [ -n "${HANDOFF_AB-0.002}" ]; then  # the engine thread waits for the loop to take each step's outputs
+  TANDEM_ENGINE_HANDOFF=${HANDOFF_AB-0.002} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified \
+    --tag split_handoff_ab 2>&1 | tail -6
 fi
 if [ "${MUX_AB:-1}" = 1 ]; then  # the baseline of GenerateMany: one Generate rpc per request
   TANDEM_GENERATE_MUX=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_mux_off 2>&1 | tail -6

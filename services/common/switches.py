@@ -163,6 +163,14 @@ FP8_KV_FP16_DOTS: Switch[bool] = Switch(
     "(kernels/triton/decode_attention.py `fp16_dots`); 0 widens the cache to bf16 as before",
     _parse_bool,
 )
+ENGINE_HANDOFF: Switch[float] = Switch(
+    "TANDEM_ENGINE_HANDOFF",
+    "seconds",
+    0.0,
+    "how long the worker's engine thread waits, after each step, for the event loop to take the "
+    "step's outputs before it goes on (services/worker/async_engine.py); 0 does not wait",
+    _parse_nonnegative_seconds,
+)
 BEAM_ONE_LAUNCH: Switch[bool] = Switch(
     "TANDEM_BEAM_ONE_LAUNCH",
     "bool",
@@ -185,6 +193,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     KEEP_LARGE_BUFFERS,
     FP8_KV_FP16_DOTS,
     BEAM_ONE_LAUNCH,
+    ENGINE_HANDOFF,
 )
 
 

@@ -5,6 +5,11 @@ command queue (add, abort) and receives each request's outputs on an asyncio.Que
 `loop.call_soon_threadsafe`, one item per engine step that touched the request. The thread
 sleeps on the command queue while there is no work, so an idle worker uses no CPU.
 
+After a step the engine thread goes on to the next one at once, holding the GIL for its Python
+work, and the event loop, woken for the outputs, waits for the GIL meanwhile. With
+TANDEM_ENGINE_HANDOFF > 0 the engine thread waits (that long at most) until the loop has taken
+the step's outputs, so they go out before the next step's host work instead of in its gaps.
+
 A stream may have a `Sink`: called on the event loop with each output before it is queued, it may
 take the output itself (True) instead, so the task reading the queue is not woken for it (the
 GenerateMany sessions' mid-stream chunks: rpc.py).
@@ -23,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from services.common import switches
 from services.worker.engine import Engine
 from services.worker.outputs import RequestOutput
 from services.worker.request import EngineRequest
@@ -64,13 +70,15 @@ class _Stream:
             self.queue.put_nowait(item)
 
 
-def _put_all(deliveries: list[tuple[_Stream, RequestOutput]]) -> None:
+def _put_all(deliveries: list[tuple[_Stream, RequestOutput]], taken: threading.Event | None = None) -> None:
     for stream, out in deliveries:
         stream.deliver(out)
+    if taken is not None:  # (TANDEM_ENGINE_HANDOFF: the engine thread waits for this)
+        taken.set()
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, handoff: float | None = None) -> None:
         self.engine = engine
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -79,6 +87,9 @@ class AsyncEngine:
         # written by the engine thread, popped by the rpc when the request ends (telemetry).
         self.scheduled_at: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        # seconds the engine thread waits for the loop to take a step's outputs (0: none;
+        # default TANDEM_ENGINE_HANDOFF)
+        self._handoff = switches.ENGINE_HANDOFF.value if handoff is None else handoff
         self.load = self._snapshot()
 
     def start(self) -> None:
@@ -211,8 +222,11 @@ class AsyncEngine:
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, deliveries in by_loop.items():  # one loop (the rpc server's), but be general
+            taken = threading.Event() if self._handoff else None
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
-                loop.call_soon_threadsafe(_put_all, deliveries)
+                loop.call_soon_threadsafe(_put_all, deliveries, taken)
+                if taken is not None:
+                    taken.wait(self._handoff)
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = (
