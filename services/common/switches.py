@@ -189,11 +189,11 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     HEALTHCHECK_TIMEOUT,
     HEAP_PROFILE,
     GIL_SWITCH_INTERVAL,
+    ENGINE_HANDOFF,
     GENERATE_MUX,
     KEEP_LARGE_BUFFERS,
     FP8_KV_FP16_DOTS,
     BEAM_ONE_LAUNCH,
-    ENGINE_HANDOFF,
 )
 
 
