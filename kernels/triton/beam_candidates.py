@@ -20,17 +20,17 @@ import triton
 import triton.language as tl
 
 
-# the strides and the number of stop ids vary with the step's batch: one compiled kernel for all
-@triton.jit(do_not_specialize=["stride_v", "stride_i", "num_stops"])
-def _beam_candidates_kernel(
-    values_ptr,  # [G * W, >= PB] fp32, row stride stride_v
-    ids_ptr,  # [G * W, >= PB] int64, row stride stride_i
-    scores_ptr,  # [G * W] fp64
-    stops_ptr,  # [G, num_stops] int64 (-1: none)
-    table_ptr,  # [G, KEEP, 4] fp64
-    parents_ptr,  # [G, W] int64
-    tokens_ptr,  # [G, W] int64
-    totals_ptr,  # [G, W] fp64
+@triton.jit
+def select_candidates(
+    values_ptr,
+    ids_ptr,
+    scores_ptr,
+    stops_ptr,
+    table_ptr,
+    parents_ptr,
+    tokens_ptr,
+    totals_ptr,
+    g,
     stride_v,
     stride_i,
     num_stops,
@@ -40,14 +40,16 @@ def _beam_candidates_kernel(
     C_PAD: tl.constexpr,
     S_PAD: tl.constexpr,
     W_PAD: tl.constexpr,
+    CACHE: tl.constexpr,
 ):
-    g = tl.program_id(0).to(tl.int64)
+    """Request g's selection (the module docstring), also beam_topk_candidates.py's, which reads
+    rows other programs wrote past L1: CACHE ".cg" for the values and ids."""
     place = tl.arange(0, C_PAD)
     alive = place < W * PB
     row = g * W + place // PB
     rank = place % PB
-    value = tl.load(values_ptr + row * stride_v + rank, mask=alive, other=float("-inf"))
-    token = tl.load(ids_ptr + row * stride_i + rank, mask=alive, other=0)
+    value = tl.load(values_ptr + row * stride_v + rank, mask=alive, other=float("-inf"), cache_modifier=CACHE)
+    token = tl.load(ids_ptr + row * stride_i + rank, mask=alive, other=0, cache_modifier=CACHE)
     total = tl.load(scores_ptr + row, mask=alive, other=0.0) + value.to(tl.float64)
     s = tl.arange(0, S_PAD)
     stops = tl.load(stops_ptr + g * num_stops + s, mask=s < num_stops, other=-1)
@@ -74,6 +76,51 @@ def _beam_candidates_kernel(
     tl.store(parents_ptr + g * W + w, tl.zeros([W_PAD], tl.int64), mask=rest)
     tl.store(tokens_ptr + g * W + w, tl.zeros([W_PAD], tl.int64), mask=rest)
     tl.store(totals_ptr + g * W + w, tl.zeros([W_PAD], tl.float64), mask=rest)
+
+
+# the strides and the number of stop ids vary with the step's batch: one compiled kernel for all
+@triton.jit(do_not_specialize=["stride_v", "stride_i", "num_stops"])
+def _beam_candidates_kernel(
+    values_ptr,  # [G * W, >= PB] fp32, row stride stride_v
+    ids_ptr,  # [G * W, >= PB] int64, row stride stride_i
+    scores_ptr,  # [G * W] fp64
+    stops_ptr,  # [G, num_stops] int64 (-1: none)
+    table_ptr,  # [G, KEEP, 4] fp64
+    parents_ptr,  # [G, W] int64
+    tokens_ptr,  # [G, W] int64
+    totals_ptr,  # [G, W] fp64
+    stride_v,
+    stride_i,
+    num_stops,
+    W: tl.constexpr,
+    PB: tl.constexpr,
+    KEEP: tl.constexpr,
+    C_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
+    W_PAD: tl.constexpr,
+):
+    g = tl.program_id(0).to(tl.int64)
+    select_candidates(
+        values_ptr,
+        ids_ptr,
+        scores_ptr,
+        stops_ptr,
+        table_ptr,
+        parents_ptr,
+        tokens_ptr,
+        totals_ptr,
+        g,
+        stride_v,
+        stride_i,
+        num_stops,
+        W,
+        PB,
+        KEEP,
+        C_PAD,
+        S_PAD,
+        W_PAD,
+        "",
+    )
 
 
 def beam_candidates(

@@ -3,13 +3,12 @@ candidate selection, each later stage done by the last program of the earlier on
 (arrival counters, as decode_attention.py's split merge), so a beam step pays one launch for it
 instead of three, and none of the intermediate outputs.
 
-Program (row, chunk) takes its BLOCK values' top K by K rounds of (max, lowest index holding it)
-and stores them in a scratch of [rows, chunks, K]; the last chunk of a row to finish merges the
-row's chunks the same way (row_topk's merge: the row's top K, equal values in index order) and
-stores them (the `values`, `ids` outputs); the last row of a request to finish runs
-beam_candidates' selection over its W rows' first PB values. Each stage's stores are ordered
-before its counter's release by a barrier, and the next stage reads them past L1 (.cg). The
-results are those of row_topk followed by beam_candidates, bit for bit.
+Program (row, chunk) runs row_topk's `chunk_topk` into a scratch of [rows, chunks, K]; the last
+chunk of a row to finish runs its `merge_row` (the row's top K, equal values in index order: the
+`values`, `ids` outputs); the last row of a request to finish runs beam_candidates'
+`select_candidates` over its W rows' first PB values: those modules' own code. Each stage's stores
+are ordered before its counter's release by a barrier, and the next stage reads them past L1
+(.cg). The results are those of row_topk followed by beam_candidates, bit for bit.
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ import triton
 import triton.language as tl
 
 from kernels.triton.arrival_counters import arrival_counters
-from kernels.triton.row_topk import BLOCK
+from kernels.triton.beam_candidates import select_candidates
+from kernels.triton.row_topk import BLOCK, chunk_topk, merge_row
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
 
@@ -56,80 +56,37 @@ def _beam_topk_candidates_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    # stage 1: the chunk's top K (row_topk's _topk_chunks_kernel)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    alive = offs < vocab
-    x = tl.load(x_ptr + row * stride_x + offs, mask=alive, other=float("-inf")).to(tl.float32)
-    out = (row * num_chunks + chunk) * K
-    for j in range(K):
-        best = tl.max(tl.where(alive, x, float("-inf")), axis=0)
-        idx = tl.min(tl.where(alive & (x == best), offs, vocab), axis=0)
-        alive = alive & (offs != idx)
-        tl.store(part_val_ptr + out + j, best)
-        tl.store(part_idx_ptr + out + j, idx)
+    chunk_topk(x_ptr, part_val_ptr, part_idx_ptr, row, chunk, vocab, stride_x, num_chunks, K, BLOCK)
     tl.debug_barrier()
     arrived = tl.atomic_add(row_counter_ptr + row, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_chunks - 1:
-        # stage 2: the row's chunks merged (row_topk's _topk_merge_kernel)
-        place = tl.arange(0, M_PAD)
-        num_candidates = num_chunks * K
-        base = row * num_candidates
-        idxs = tl.load(
-            part_idx_ptr + base + place, mask=place < num_candidates, other=vocab, cache_modifier=".cg"
-        )
-        vals = tl.load(
-            part_val_ptr + base + place,
-            mask=place < num_candidates,
-            other=float("-inf"),
-            cache_modifier=".cg",
-        )
-        kept = idxs < vocab
-        for j in range(K):
-            best = tl.max(tl.where(kept, vals, float("-inf")), axis=0)
-            at = tl.min(tl.where(kept & (vals == best), place, M_PAD), axis=0)
-            kept = kept & (place != at)
-            tl.store(val_ptr + row * K + j, best)
-            tl.store(idx_ptr + row * K + j, tl.sum(tl.where(place == at, idxs, 0), axis=0).to(tl.int64))
+    if arrived == num_chunks - 1:  # the row's last chunk: the row's top K
+        merge_row(part_val_ptr, part_idx_ptr, val_ptr, idx_ptr, row, vocab, num_chunks * K, K, M_PAD, ".cg")
         tl.atomic_xchg(row_counter_ptr + row, 0)  # ready for the next launch
         tl.debug_barrier()
         g = row // W
         rows_done = tl.atomic_add(group_counter_ptr + g, 1, sem="acq_rel", scope="gpu")
-        if rows_done == W - 1:
-            # stage 3: the request's candidates (beam_candidates' _beam_candidates_kernel)
-            cand = tl.arange(0, C_PAD)
-            live = cand < W * PB
-            beam_row = g * W + cand // PB
-            rank = cand % PB
-            value = tl.load(
-                val_ptr + beam_row * K + rank, mask=live, other=float("-inf"), cache_modifier=".cg"
+        if rows_done == W - 1:  # the request's last row: its candidates
+            select_candidates(
+                val_ptr,
+                idx_ptr,
+                scores_ptr,
+                stops_ptr,
+                table_ptr,
+                parents_ptr,
+                tokens_ptr,
+                totals_ptr,
+                g,
+                K,
+                K,
+                num_stops,
+                W,
+                PB,
+                KEEP,
+                C_PAD,
+                S_PAD,
+                W_PAD,
+                ".cg",
             )
-            token = tl.load(idx_ptr + beam_row * K + rank, mask=live, other=0, cache_modifier=".cg")
-            total = tl.load(scores_ptr + beam_row, mask=live, other=0.0) + value.to(tl.float64)
-            s = tl.arange(0, S_PAD)
-            stops = tl.load(stops_ptr + g * num_stops + s, mask=s < num_stops, other=-1)
-            going = tl.zeros([], tl.int32)
-            for j in range(KEEP):
-                best = tl.max(tl.where(live, total, float("-inf")), axis=0)
-                at = tl.min(tl.where(live & (total == best), cand, C_PAD), axis=0)
-                live = live & (cand != at)
-                picked = cand == at
-                tok = tl.sum(tl.where(picked, token, 0), axis=0)
-                logprob = tl.sum(tl.where(picked, value, 0.0), axis=0)
-                entry = table_ptr + (g * KEEP + j) * 4
-                tl.store(entry, best)
-                tl.store(entry + 1, at.to(tl.float64))
-                tl.store(entry + 2, tok.to(tl.float64))
-                tl.store(entry + 3, logprob.to(tl.float64))
-                goes = (tl.sum((stops == tok).to(tl.int32), axis=0) == 0) & (going < W)
-                tl.store(parents_ptr + g * W + going, (at // PB).to(tl.int64), mask=goes)
-                tl.store(tokens_ptr + g * W + going, tok, mask=goes)
-                tl.store(totals_ptr + g * W + going, best, mask=goes)
-                going += goes.to(tl.int32)
-            w = tl.arange(0, W_PAD)
-            rest = (w >= going) & (w < W)
-            tl.store(parents_ptr + g * W + w, tl.zeros([W_PAD], tl.int64), mask=rest)
-            tl.store(tokens_ptr + g * W + w, tl.zeros([W_PAD], tl.int64), mask=rest)
-            tl.store(totals_ptr + g * W + w, tl.zeros([W_PAD], tl.float64), mask=rest)
             tl.atomic_xchg(group_counter_ptr + g, 0)
 
 

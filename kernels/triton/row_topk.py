@@ -20,6 +20,65 @@ import triton.language as tl
 BLOCK = 4096
 
 
+@triton.jit
+def chunk_topk(
+    x_ptr,
+    part_val_ptr,
+    part_idx_ptr,
+    row,
+    chunk,
+    vocab,
+    stride_x,
+    num_chunks,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Program (row, chunk)'s part: its BLOCK values' top K into the [R, P, K] partials (stage 1,
+    also beam_topk_candidates.py's)."""
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    alive = offs < vocab
+    x = tl.load(x_ptr + row * stride_x + offs, mask=alive, other=float("-inf")).to(tl.float32)
+    out = (row * num_chunks + chunk) * K
+    for j in range(K):
+        best = tl.max(tl.where(alive, x, float("-inf")), axis=0)
+        idx = tl.min(tl.where(alive & (x == best), offs, vocab), axis=0)
+        alive = alive & (offs != idx)
+        tl.store(part_val_ptr + out + j, best)
+        tl.store(part_idx_ptr + out + j, idx)
+
+
+@triton.jit
+def merge_row(
+    part_val_ptr,
+    part_idx_ptr,
+    val_ptr,
+    idx_ptr,
+    row,
+    vocab,
+    num_candidates,
+    K: tl.constexpr,
+    C_PAD: tl.constexpr,
+    CACHE: tl.constexpr,
+):
+    """Row `row`'s P x K partials merged into its top K (stage 2, also beam_topk_candidates.py's,
+    which reads other programs' partials past L1: CACHE ".cg")."""
+    place = tl.arange(0, C_PAD)
+    base = row * num_candidates
+    idxs = tl.load(
+        part_idx_ptr + base + place, mask=place < num_candidates, other=vocab, cache_modifier=CACHE
+    )
+    vals = tl.load(
+        part_val_ptr + base + place, mask=place < num_candidates, other=float("-inf"), cache_modifier=CACHE
+    )
+    alive = idxs < vocab
+    for j in range(K):
+        best = tl.max(tl.where(alive, vals, float("-inf")), axis=0)
+        at = tl.min(tl.where(alive & (vals == best), place, C_PAD), axis=0)
+        alive = alive & (place != at)
+        tl.store(val_ptr + row * K + j, best)
+        tl.store(idx_ptr + row * K + j, tl.sum(tl.where(place == at, idxs, 0), axis=0).to(tl.int64))
+
+
 # sizes and strides: one compiled kernel per K whatever the vocabulary and layout
 @triton.jit(do_not_specialize=["vocab", "stride_x", "num_chunks"])
 def _topk_chunks_kernel(
@@ -34,16 +93,7 @@ def _topk_chunks_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    alive = offs < vocab
-    x = tl.load(x_ptr + row * stride_x + offs, mask=alive, other=float("-inf")).to(tl.float32)
-    out = (row * num_chunks + chunk) * K
-    for j in range(K):
-        best = tl.max(tl.where(alive, x, float("-inf")), axis=0)
-        idx = tl.min(tl.where(alive & (x == best), offs, vocab), axis=0)
-        alive = alive & (offs != idx)
-        tl.store(part_val_ptr + out + j, best)
-        tl.store(part_idx_ptr + out + j, idx)
+    chunk_topk(x_ptr, part_val_ptr, part_idx_ptr, row, chunk, vocab, stride_x, num_chunks, K, BLOCK)
 
 
 @triton.jit(do_not_specialize=["vocab", "num_candidates"])
@@ -58,18 +108,7 @@ def _topk_merge_kernel(
     C_PAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    place = tl.arange(0, C_PAD)
-    idxs = tl.load(part_idx_ptr + row * num_candidates + place, mask=place < num_candidates, other=vocab)
-    vals = tl.load(
-        part_val_ptr + row * num_candidates + place, mask=place < num_candidates, other=float("-inf")
-    )
-    alive = idxs < vocab
-    for j in range(K):
-        best = tl.max(tl.where(alive, vals, float("-inf")), axis=0)
-        at = tl.min(tl.where(alive & (vals == best), place, C_PAD), axis=0)
-        alive = alive & (place != at)
-        tl.store(val_ptr + row * K + j, best)
-        tl.store(idx_ptr + row * K + j, tl.sum(tl.where(place == at, idxs, 0), axis=0).to(tl.int64))
+    merge_row(part_val_ptr, part_idx_ptr, val_ptr, idx_ptr, row, vocab, num_candidates, K, C_PAD, "")
 
 
 def row_topk(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
