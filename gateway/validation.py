@@ -159,17 +159,13 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_UINT32
 
 
-def _ids(values: list[Any]) -> tuple[int, ...]:
-    return tuple(int(v) for v in values)
-
-
 def _token_ids(values: list[Any]) -> tuple[int, ...] | None:
     """`values` as token ids, or None if one is not a token id. A prompt of ids is thousands of
     JSON integers: checked by type and range in C first (`_is_token_id` per value only when some
     value is not a plain int, such as 7.0)."""
     if values and set(map(type, values)) == {int}:
         return tuple(values) if min(values) >= 0 and max(values) <= MAX_UINT32 else None
-    return _ids(values) if all(_is_token_id(v) for v in values) else None
+    return tuple(int(v) for v in values) if all(_is_token_id(v) for v in values) else None
 
 
 def _stop(f: Fields, max_stop_strings: int) -> tuple[str, ...]:
