@@ -32,7 +32,7 @@ from gateway.grpc_errors import from_grpc
 from gateway.limits import Limits
 from gateway.router import NoWorkerAvailable, NoWorkerForTask, WorkerState
 from gateway.styler_pool import NoStylerAvailable
-from gateway.validation import Fields, _ids, _is_token_id
+from gateway.validation import Fields, text_or_token_ids
 
 ENCODING_FORMATS = ("float", "base64")
 # A worker that goes away mid-call (UNAVAILABLE) or is full: the inputs go to another worker, at most
@@ -53,16 +53,7 @@ class EmbeddingRequest:
 
 def _inputs(value: Any, max_inputs: int) -> tuple[Input, ...]:
     """OpenAI's four input forms: a string, a list of strings, token ids, a list of token-id lists."""
-    inputs: tuple[Input, ...] | None = None
-    if isinstance(value, str):
-        inputs = (value,)
-    elif isinstance(value, list) and value:
-        if all(isinstance(v, str) for v in value):
-            inputs = tuple(value)
-        elif all(_is_token_id(v) for v in value):
-            inputs = (_ids(value),)
-        elif all(isinstance(v, list) and v and all(_is_token_id(t) for t in v) for v in value):
-            inputs = tuple(_ids(v) for v in value)
+    inputs = text_or_token_ids(value)
     if inputs is None:
         raise invalid(
             "'input' must be a string, a list of strings, a list of token ids or a list of token-id lists "

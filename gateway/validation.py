@@ -540,8 +540,9 @@ def parse_chat(body: dict[str, Any], limits: Limits = DEFAULT_LIMITS) -> ChatReq
     )
 
 
-def _prompts(value: Any) -> tuple[Prompt, ...]:
-    """OpenAI's four prompt forms: string, list of strings, token ids, list of token-id lists."""
+def text_or_token_ids(value: Any) -> tuple[str | tuple[int, ...], ...] | None:
+    """OpenAI's four forms of a prompt (or an embeddings input): a string, a list of strings,
+    token ids, a list of token-id lists (non-empty); None for anything else."""
     if isinstance(value, str):
         return (value,)
     if isinstance(value, list) and value:
@@ -553,6 +554,13 @@ def _prompts(value: Any) -> tuple[Prompt, ...]:
         lists = [_token_ids(v) if isinstance(v, list) and v else None for v in value]
         if all(ids is not None for ids in lists):
             return tuple(ids for ids in lists if ids is not None)
+    return None
+
+
+def _prompts(value: Any) -> tuple[Prompt, ...]:
+    forms = text_or_token_ids(value)
+    if forms is not None:
+        return forms
     raise invalid(
         "'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists "
         "(non-empty)",
