@@ -1,7 +1,8 @@
 """Beam search against independent sampling of the same run: tokens/s per beam.
 
-For each model shape (dummy weights) and width W in (4, 8): the same prompts run once with beam
-search of W beams and once with n = W independently sampled choices, every sequence to
+For each model shape (dummy weights) and width W in (4, 8): the same prompts run with beam
+search of W beams and with n = W independently sampled choices (--runs times each,
+alternating; the median), every sequence to
 max_tokens (ignore_eos, so both generate the same number of tokens). The figure is tokens/s per
 beam (or choice): beam search's extra work is the per-step top-K over beams x vocab, the forks
 (block-table copies and one partial KV block per extra child) and one host merge per step. Target
@@ -38,6 +39,7 @@ import gc
 import io
 import json
 import pstats
+import statistics
 import sys
 import tempfile
 import time
@@ -102,6 +104,7 @@ class Row:
     ratio_to_sampling: float | None = None
     ahead: float | None = None  # beam rows launched before the step before them was read
     phases_us_per_step: dict[str, float] = field(default_factory=dict)  # --phases
+    runs: list[float] = field(default_factory=list)  # each timed run's seconds (`seconds`: their median)
 
 
 @contextmanager
@@ -208,11 +211,20 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
         sample = SamplingParams(temperature=1.0, n=width, seed=1, **common)
         for sp in (beam, sample):  # warm-up (CUDA graphs, Triton autotuning), at the measured batch
             run_once(engine, prompts, SamplingParams(**{**asdict_sp(sp), "max_tokens": 4}))
+        # --runs timed runs of each mode, beam and sampling alternating (a drift of the machine
+        # reaches both), the median of each; "ahead" over all of beam's runs
+        timed: dict[str, list[float]] = {"beam": [], "sample": []}
+        tokens_of: dict[str, int] = {}
+        ahead_rows = 0
+        for _ in range(args.runs):
+            for mode, sp in (("beam", beam), ("sample", sample)):
+                ahead_before = engine.scheduler.num_beam_steps_ahead
+                seconds, tokens_of[mode] = run_once(engine, prompts, sp)
+                timed[mode].append(seconds)
+                ahead_rows += engine.scheduler.num_beam_steps_ahead - ahead_before
         measured = {}
         for mode, sp in (("beam", beam), ("sample", sample)):
-            ahead_before = engine.scheduler.num_beam_steps_ahead
-            seconds, tokens = run_once(engine, prompts, sp)
-            beam_rows = engine.scheduler.num_beam_steps_ahead - ahead_before
+            seconds, tokens = statistics.median(timed[mode]), tokens_of[mode]
             measured[mode] = Row(
                 name,
                 width,
@@ -223,7 +235,8 @@ def bench_model(name: str, model_dir: Path, args: argparse.Namespace, device: st
                 seconds,
                 tokens,
                 tokens / seconds / (args.prompts * width),
-                ahead=beam_rows / tokens if mode == "beam" else None,
+                ahead=ahead_rows / (tokens * args.runs) if mode == "beam" else None,
+                runs=[round(t, 4) for t in timed[mode]],
             )
             if args.phases:  # more runs, timed by phase (the timers cost a little: not the figure)
                 best: dict[str, float] = {}
@@ -319,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="CPU proxy of the host work: 8 prompts, W = 4 / 8, steps ahead, a minuscule Llama",
     )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=0,
+        help="timed runs per mode, beam and sampling alternating; the median (default: 5 on CUDA, 1 on the CPU)",
+    )
     parser.add_argument("--profile", action="store_true", help="one more run per mode under cProfile")
     parser.add_argument(
         "--repeat",
@@ -355,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         shapes = {name: MODELS[name] for name in args.models.split(",")}
+    args.runs = args.runs or (5 if device == "cuda" else 1)
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:

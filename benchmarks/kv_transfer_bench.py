@@ -217,6 +217,13 @@ def copy_times(log: Path) -> list[tuple[str, str]]:
     return pattern.findall(log.read_text())
 
 
+def fetch_moments(log: Path) -> list[tuple[str, str]]:
+    """(request id, "reserved 0.31, first item 1.20, ...") of each fetch in the decode worker's
+    log: when each stage of the fetch ended, in ms from its start."""
+    pattern = re.compile(r"fetched KV of (w2w-\d+) over .*?\(ms from the start: ([^)]*)\)")
+    return pattern.findall(log.read_text())
+
+
 def token_times(
     p_stub: worker_pb2_grpc.WorkerStub,
     d_stub: worker_pb2_grpc.WorkerStub | None,
@@ -479,6 +486,10 @@ def main() -> int:
                     f"{results['worker_to_worker'][key]['gb_per_s']} GB/s{copy_note}",
                     flush=True,
                 )
+                moments = [m for rid, m in fetch_moments(log) if rid != "w2w-0"]
+                results["worker_to_worker"][key]["moments_ms"] = moments
+                for m in moments:
+                    print(f"    its stages, ms from the fetch's start: {m}", flush=True)
                 if args.ttft and key == transport:
                     modes = ["layerwise-off", "layerwise-on"]
                     case = ttft_case(p_stub, d_stub, modes, prompt, args.repeats, transport)

@@ -13,6 +13,7 @@
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
 # census (compile_census: Triton variants compiled per wave of new prompt lengths, batches and sampling options),
 # decodeprof (step_profile: the kernels of decode steps of 256 sequences, fp8 weights with a bf16 / fp8 KV cache, fp16 / bf16 dots),
+# kvcopy (kv_block_copy_bench: a CUDA IPC fetch's device copy, torch's and the kernel's, and the kernel's GPU tests), kvipc (kv_transfer_bench over CUDA IPC alone, each fetch's stages),
 # kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,9 +52,11 @@ for s in ${STEPS:?name the steps}; do
     quant) step quant "${QUANT_T:-150}" "$PY" benchmarks/quant_bench.py --out "$OUT/quant.json" ;;
     beam) step beam "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --phases --out "$OUT/beam.json" ;;
     beamab)  # the one-launch selection (the default) against its three launches, same run
-      for one in 1 0; do
-        TANDEM_BEAM_ONE_LAUNCH=$one step "beam_one$one" "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py \
-          --models Qwen2-0.5B --phases --out "$OUT/beam_one$one.json"
+      for run in 1 2; do  # twice each, alternating (a drift of the host reaches both)
+        for one in 1 0; do
+          TANDEM_BEAM_ONE_LAUNCH=$one step "beam_one${one}_$run" "${BEAM_T:-120}" "$PY" benchmarks/beam_bench.py \
+            --models Qwen2-0.5B --phases --runs 9 --repeat 3 --out "$OUT/beam_one${one}_$run.json"
+        done
       done ;;
     beamcprof) step beamcprof "${BEAMCPROF_T:-90}" "$PY" benchmarks/beam_bench.py --models Qwen2-0.5B --widths 4 \
       --phases --profile --out "$OUT/beam_cprof.json" ;;
@@ -78,6 +81,11 @@ for s in ${STEPS:?name the steps}; do
         --kernel-configs "${LORA_CONFIGS:-expand_columns=512 $fastest}" --out "$OUT/lora_b64.json" ;;
     kvnixl) step kvnixl "${KV_T:-200}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
       --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports nixl,cuda-ipc,grpc --out "$OUT/kv_nixl.json" ;;
+    kvcopy)  # the CUDA IPC fetch's device copy alone (kv_block_copy_bench) and the kernel's bf16 / fp8 tests
+      step kvcopytests "${KVCOPY_T:-150}" "${gpu_pytest[@]}" tests/kernels/test_kv_block_copy.py tests/disagg
+      step kvcopy "${KVCOPY_T:-90}" "$PY" benchmarks/kv_block_copy_bench.py --out "$OUT/kv_block_copy.json" ;;
+    kvipc) step kvipc "${KV_T:-200}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
+      --prompt-tokens 4096 --repeats 5 --chunk-sizes 4194304 --transports cuda-ipc --out "$OUT/kv_ipc.json" ;;
     attn) step attn "${ATTN_T:-150}" "$PY" benchmarks/decode_attention_bench.py --out "$OUT/decode_attention_small.json" ;;
     attntests) step attntests "${ATTNTESTS_T:-120}" "${gpu_pytest[@]}" tests/kernels/test_decode_attention_variants.py ;;
     qgemv) step qgemv "${QGEMV_T:-150}" "$PY" benchmarks/quant_bench.py --gemv-only --out "$OUT/quant_gemv.json" ;;

@@ -102,11 +102,17 @@ class KVCache:
         self, src: torch.Tensor, src_ids: list[int], dst_ids: list[int], layers: tuple[int, int]
     ) -> None:
         """kv[l0:l1, :, dst_ids] = src[l0:l1, :, src_ids] for `src` another cache of this layout on
-        this device (a prefill worker's, mapped over CUDA IPC): each run of blocks consecutive on
-        both sides is one strided slice copy, every byte read and written once; ids in more than
-        MAX_COPY_RUNS runs are gathered into a temporary and scattered (twice the traffic)."""
+        this device (a prefill worker's, mapped over CUDA IPC). On CUDA one kernel launch whatever
+        the ids' order (kernels/triton/kv_block_copy.py), every byte read and written once. On the
+        CPU each run of blocks consecutive on both sides is one strided slice copy; ids in more
+        than MAX_COPY_RUNS runs are gathered into a temporary and scattered (twice the traffic)."""
         assert len(src_ids) == len(dst_ids), (len(src_ids), len(dst_ids))
         l0, l1 = layers
+        if self.tensor.is_cuda:
+            from kernels.triton.kv_block_copy import copy_kv_blocks
+
+            copy_kv_blocks(src, self.tensor, src_ids, dst_ids, layers)
+            return
         runs = block_runs(src_ids, dst_ids)
         if len(runs) > MAX_COPY_RUNS:
             index = torch.tensor(src_ids, device=src.device)

@@ -529,10 +529,11 @@ def copy_ipc_blocks(
     target_bytes: int,
 ) -> tuple[int, float]:
     """Engine thread: copy a CUDA IPC fetch's blocks from the peer's cache tensor into the
-    reservation, device to device (KVCache.copy_blocks_from: one pass per run of consecutive
-    blocks), layer ranges of about `target_bytes` (bounds a scattered copy's temporary); waits for
-    the copies (the peer frees the blocks once we close the stream). Returns (the bytes, the
-    seconds from the first copy to their end: the copy alone, without the fetch's rpc)."""
+    reservation, device to device (KVCache.copy_blocks_from): on CUDA all of them in one kernel
+    launch; a CPU cache (tests: two workers in one process) in pieces of about `target_bytes`
+    (bounds a scattered copy's temporary). Waits for the copies (the peer frees the blocks once
+    we close the stream). Returns (the bytes, the seconds from the first copy to their end: the
+    copy alone, without the fetch's rpc)."""
     remote = kv_transports.import_tensor(ipc.tensor)
     if remote.dtype != kv.dtype or remote.shape[0] != kv.shape[0] or remote.shape[3:] != kv.shape[3:]:
         raise ValueError(f"peer cache {tuple(remote.shape)} {remote.dtype} != this cache's layout {kv.dtype}")
@@ -548,6 +549,8 @@ def copy_ipc_blocks(
     num_bytes = 0
     kv_transports.synchronize(kv.device)  # (the step in flight is not the copy's time)
     started = time.monotonic()
+    if kv.is_cuda:  # no temporary: one launch (kernels/triton/kv_block_copy.py)
+        target_bytes = max(target_bytes, num_layers * reservation.num_blocks * layer_block_bytes)
     for l0, l1, b0, b1 in chunk_plan(
         num_layers, reservation.num_blocks, skip_blocks, layer_block_bytes, target_bytes
     ):
@@ -579,6 +582,8 @@ async def receive(
     group's cache scatters to its ranks (kv_reshard.py)."""
     started = time.monotonic()
     reservation = await call(lambda: engine.fetch_reservation(request_id))
+    # when each stage ended, from `started` (the log line's breakdown: where a fetch's time goes)
+    moments: dict[str, float] = {"reserved": time.monotonic()}
     if reservation is None:  # no room for it: it is already scheduled to compute the prompt
         return FetchStats(False, 0, 0.0, 0, "no free blocks; computing the prompt here")
     assert isinstance(reservation, KVReservation)
@@ -605,6 +610,7 @@ async def receive(
                 break
             if isinstance(chunk, KeepAlive):
                 continue
+            moments.setdefault("first item", time.monotonic())
             if isinstance(chunk, PrefillDone):
                 done = chunk
                 if reservation.wants_first:
@@ -635,6 +641,7 @@ async def receive(
                 assert isinstance(copied, tuple)
                 num_bytes += copied[0]
                 copy_seconds = copied[1]
+                moments["copied"] = time.monotonic()
                 received = expected
                 break  # closing the stream (below) tells the peer it may free the blocks
             try:
@@ -686,10 +693,12 @@ async def receive(
     finally:
         await nixl_reads.close()  # (before the stream: the peer frees the blocks when it closes)
         await _close(items)
+        moments["closed"] = time.monotonic()
     await call(lambda: engine.kv_fetched(request_id))
     seconds = time.monotonic() - started
     log.info(
-        "fetched KV of %s over %s%s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache%s",
+        "fetched KV of %s over %s%s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache%s"
+        " (ms from the start: %s)",
         request_id,
         transport,
         " (layer-wise, from the prefill's admission)" if source.layerwise else "",
@@ -700,6 +709,7 @@ async def receive(
         f"; the copy alone {copy_seconds * 1e3:.3f} ms ({num_bytes / max(copy_seconds, 1e-9) / 1e9:.1f} GB/s)"
         if copy_seconds
         else "",
+        ", ".join(f"{name} {(at - started) * 1e3:.2f}" for name, at in moments.items()),
     )
     return FetchStats(
         True,
