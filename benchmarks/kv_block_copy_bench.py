@@ -59,6 +59,7 @@ def bench_dtype(
     ids: dict[str, tuple[list[int], list[int]]],
     repeats: int,
     device: str,
+    tune: bool = False,
 ) -> list[dict[str, object]]:
     """The table's rows for caches of `dtype` (module docstring), each printed as it is measured."""
     from kernels.triton.kv_block_copy import copy_kv_blocks
@@ -88,6 +89,18 @@ def bench_dtype(
         ),
         ("kernel (scattered)", lambda: copy_kv_blocks(src, dst, scattered_src, scattered_dst, (0, layers))),
     ]
+    if tune:  # the kernel's launch parameters (piece words, warps, cache modifier)
+        for piece in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                for cache in ("", ".cg"):
+                    cases.append(
+                        (
+                            f"kernel p{piece} w{warps} {cache or 'ca'}",
+                            lambda p=piece, w=warps, c=cache: copy_kv_blocks(
+                                src, dst, scattered_src, scattered_dst, (0, layers), p, w, c
+                            ),
+                        )
+                    )
     rows: list[dict[str, object]] = []
     base = 0.0
     name_of_dtype = str(dtype).removeprefix("torch.")
@@ -119,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-blocks", type=int, default=2048, help="blocks of each cache")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="the CPU, a tiny cache")
+    ap.add_argument("--tune", action="store_true", help="also the kernel's launch parameters (scattered ids)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -142,9 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'dtype':<14} {'copy':<26} {'us':>9} {'GB/s':>8} {'x device copy':>14}")
     ids = {"consecutive": (consecutive_src, consecutive_dst), "scattered": (scattered_src, scattered_dst)}
     for dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        rows += bench_dtype(
-            dtype, (layers, 2, args.cache_blocks, block_size, heads, head_dim), ids, args.repeats, device
-        )
+        shape6 = (layers, 2, args.cache_blocks, block_size, heads, head_dim)
+        rows += bench_dtype(dtype, shape6, ids, args.repeats, device, args.tune)
     results = Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results"
     out = Path(args.out or results / f"kv_block_copy_{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 # the Qwen2-0.5B shape against the in-process engine and through `tandem up`, the cores each
 # service keeps busy per load point, py-spy samples of every process at concurrency >= 8, and
 # the worker's GIL hand-off A/B (TANDEM_GIL_SWITCH_INTERVAL), the engine's hand-off of each step's
-# outputs to the event loop (TANDEM_ENGINE_HANDOFF) and the GenerateMany A/B
+# outputs to the event loop (TANDEM_ENGINE_HANDOFF), GenerateMany's sink (TANDEM_GENERATE_SINK=0:
+# the session's task woken each step) and the GenerateMany A/B
 # (TANDEM_GENERATE_MUX=0: one Generate rpc per request), then a traced run at concurrency 1 for
 # the first token's timeline (serving_bench.py --trace). Output in $OUT (docs/benchmarks.md).
 set -uo pipefail
@@ -26,6 +27,9 @@ fi
 if [ -n "${HANDOFF_AB-0.002}" ]; then  # the engine thread waits for the loop to take each step's outputs
   TANDEM_ENGINE_HANDOFF=${HANDOFF_AB-0.002} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified \
     --tag split_handoff_ab 2>&1 | tail -6
+fi
+if [ "${SINK_AB:-1}" = 1 ]; then  # the baseline of GenerateMany's sink: the session's task woken each step
+  TANDEM_GENERATE_SINK=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_sink_off 2>&1 | tail -6
 fi
 if [ "${MUX_AB:-1}" = 1 ]; then  # the baseline of GenerateMany: one Generate rpc per request
   TANDEM_GENERATE_MUX=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_mux_off 2>&1 | tail -6

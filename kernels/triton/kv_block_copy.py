@@ -23,7 +23,7 @@ import triton.language as tl
 PIECE = 2048  # words a program moves (8 KiB of 32-bit words)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "layer_start"])  # (one variant for every fetch's size)
 def _kv_block_copy_kernel(
     src_ptr,
     dst_ptr,
@@ -34,6 +34,7 @@ def _kv_block_copy_kernel(
     dst_half_stride,
     BLOCK_WORDS: tl.constexpr,  # words of one block of one layer's K (or V)
     PIECE: tl.constexpr,
+    CACHE: tl.constexpr,  # the loads' and stores' cache modifier ("" or ".cg")
 ):
     pair = tl.program_id(0)
     layer_half = tl.program_id(1)
@@ -46,8 +47,8 @@ def _kv_block_copy_kernel(
     mask = offs < BLOCK_WORDS
     src_at = (layer * 2 + half) * src_half_stride + src_block * BLOCK_WORDS
     dst_at = (layer * 2 + half) * dst_half_stride + dst_block * BLOCK_WORDS
-    words = tl.load(src_ptr + src_at + offs, mask=mask, cache_modifier=".cg")
-    tl.store(dst_ptr + dst_at + offs, words, mask=mask, cache_modifier=".cg")
+    words = tl.load(src_ptr + src_at + offs, mask=mask, cache_modifier=CACHE)
+    tl.store(dst_ptr + dst_at + offs, words, mask=mask, cache_modifier=CACHE)
 
 
 def _words(cache: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,9 @@ def copy_kv_blocks(
     src_ids: list[int],
     dst_ids: list[int],
     layers: tuple[int, int],
+    piece: int = PIECE,
+    num_warps: int = 4,
+    cache: str = ".cg",
 ) -> None:
     """dst[l0:l1, :, dst_ids] = src[l0:l1, :, src_ids], in place, one launch (plus one host ->
     device copy of the ids). The ids in `dst_ids` must be distinct (no two copies to one block);
@@ -81,7 +85,7 @@ def copy_kv_blocks(
     src_words, dst_words = _words(src), _words(dst)
     block_words = src_words[0, 0, 0].numel()
     ids = torch.tensor([src_ids, dst_ids], dtype=torch.int64).to(src.device)
-    grid = (len(src_ids), (l1 - l0) * 2, triton.cdiv(block_words, PIECE))
+    grid = (len(src_ids), (l1 - l0) * 2, triton.cdiv(block_words, piece))
     _kv_block_copy_kernel[grid](
         src_words,
         dst_words,
@@ -91,6 +95,7 @@ def copy_kv_blocks(
         src_words.stride(1),
         dst_words.stride(1),
         BLOCK_WORDS=block_words,
-        PIECE=PIECE,
-        num_warps=4,
+        PIECE=piece,
+        CACHE=cache,
+        num_warps=num_warps,
     )

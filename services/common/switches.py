@@ -179,6 +179,14 @@ BEAM_ONE_LAUNCH: Switch[bool] = Switch(
     "(kernels/triton/beam_topk_candidates.py); 0 runs row_topk and beam_candidates as two",
     _parse_bool,
 )
+GENERATE_SINK: Switch[bool] = Switch(
+    "TANDEM_GENERATE_SINK",
+    "bool",
+    True,
+    "the A/B baseline of a GenerateMany session's mid-stream outputs sent from the callback that "
+    "delivers the engine step (services/worker/rpc.py `take`); 0 wakes the session's task for each",
+    _parse_bool,
+)
 
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
@@ -194,6 +202,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     KEEP_LARGE_BUFFERS,
     FP8_KV_FP16_DOTS,
     BEAM_ONE_LAUNCH,
+    GENERATE_SINK,
 )
 
 

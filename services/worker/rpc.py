@@ -24,7 +24,7 @@ import grpc
 import torch
 
 import tandem
-from services.common import metrics, telemetry
+from services.common import metrics, switches, telemetry
 from services.common.channels import make_channel
 from services.common.logging import request_id_var
 from services.worker import kv_nixl, kv_streams, kv_transfer, kv_transports, kv_wire, kv_wire_helpers
@@ -580,7 +580,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             return True
 
         if source is None:
-            outputs = self.async_engine.submit(req, sink=take if emit is not None else None)
+            sink = take if emit is not None and switches.GENERATE_SINK.value else None
+            outputs = self.async_engine.submit(req, sink=sink)
         else:
             outputs = self.async_engine.submit(req, add=self.engine.add_fetching_request)
             # The fetch runs beside the output loop: a layer-wise prefill's first token is this

@@ -23,6 +23,7 @@ from gateway import deadline
 from gateway.clients import WorkerClient
 from gateway.downstream import GenerateChunk, Guided
 from gateway.worker_stream import WORKER_GONE, WORKER_STOPPED
+from services.common import switches
 from services.common.metrics import RPC_ERRORS
 from services.common.sampling import SamplingParams
 from services.common.server import GrpcServer
@@ -158,6 +159,21 @@ async def test_concurrent_sessions_stream_the_tokens_of_their_own_rpcs(
     # session's task (rpc.py's `take`); a session's first and last chunks come from its task
     assert worker.servicer is not None
     assert worker.servicer.num_chunks_emitted() > counts.session_messages_received / 2, counts
+
+
+async def test_sessions_without_the_sink_stream_the_same_tokens(
+    mux: WorkerClient, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TANDEM_GENERATE_SINK=0 (the A/B baseline): every chunk goes out from its session's task."""
+    n = 8
+    with_sink = await asyncio.gather(*(_run(mux, f"s{i}", _sampling(i)) for i in range(n)))
+    assert worker.servicer is not None
+    emitted = worker.servicer.num_chunks_emitted()
+    monkeypatch.setitem(switches.GENERATE_SINK.__dict__, "value", False)  # (the cached value)
+    without = await asyncio.gather(*(_run(mux, f"t{i}", _sampling(i)) for i in range(n)))
+    assert [r.tokens for r in without] == [r.tokens for r in with_sink]
+    assert [r.finish for r in without] == [r.finish for r in with_sink]
+    assert worker.servicer.num_chunks_emitted() == emitted  # none from the step's callback
 
 
 async def test_cancelling_a_session_aborts_its_request_only(mux: WorkerClient, worker: Worker) -> None:

@@ -81,3 +81,21 @@ def test_nothing_to_copy_changes_nothing(kv_block_copy) -> None:  # type: ignore
     kv_block_copy.copy_kv_blocks(src, dst, [], [], (0, 2))
     kv_block_copy.copy_kv_blocks(src, dst, [1], [2], (1, 1))
     assert torch.equal(dst, before)
+
+
+@pytest.mark.gpu
+def test_compiles_once_over_fetch_sizes_and_layer_ranges(kv_block_copy) -> None:  # type: ignore[no-untyped-def]
+    """A fetch's block count and first layer vary from request to request: Triton's default
+    specialization (a value of 1, multiples of 16, the rest) would compile a variant for each
+    class mid-serving, on the engine thread."""
+    skip_without("cuda")
+    gen = torch.Generator().manual_seed(3)
+    src = _cache(4, 40, (16, 2, 64), torch.bfloat16, "cuda", gen)
+    dst = _cache(4, 40, (16, 2, 64), torch.bfloat16, "cuda", gen)
+    kernel = kv_block_copy._kv_block_copy_kernel
+    first = None
+    for n, span in [(1, (0, 4)), (16, (1, 3)), (7, (3, 4)), (32, (0, 1)), (17, (2, 4))]:
+        kv_block_copy.copy_kv_blocks(src, dst, list(range(n)), list(range(40 - n, 40)), span)
+        count = len(kernel.device_caches[torch.cuda.current_device()][0])
+        first = first or count
+        assert count == first, (n, span)
