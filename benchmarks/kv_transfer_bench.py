@@ -217,6 +217,48 @@ def copy_times(log: Path) -> list[tuple[str, str]]:
     return pattern.findall(log.read_text())
 
 
+def start_py_spy(out_dir: str, tag: str, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """--py-spy DIR: sample each process (collapsed stacks per thread, `--format raw`) until
+    stop_py_spy; nothing without DIR."""
+    if not out_dir:
+        return []
+    import shutil
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "2000",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--threads",
+                "--output",
+                str(Path(out_dir) / f"{tag}_{role}_{pid}.txt"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for role, pid in pids.items()
+    ]
+
+
+def stop_py_spy(spies: list[subprocess.Popen[bytes]]) -> None:
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for spy in spies:
+        try:
+            spy.wait(30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+
+
 def fetch_moments(log: Path) -> list[tuple[str, str]]:
     """(request id, "reserved 0.31, first item 1.20, ...") of each fetch in the decode worker's
     log: when each stage of the fetch ended, in ms from its start."""
@@ -353,6 +395,12 @@ def main() -> int:
         default=True,
         help="also time the first and second token: unified vs disaggregated, layer-wise push on and off",
     )
+    ap.add_argument(
+        "--py-spy",
+        default="",
+        help="directory: sample both workers with py-spy (2,000 Hz, idle time left out) during each "
+        "transport's worker -> worker fetches; a summary per process in DIR/spy_top.txt",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     extra = args.worker_args.split()
@@ -445,6 +493,7 @@ def main() -> int:
                 procs.append(d_proc)
                 wait_serving(d_addr, d_proc, log)
                 d_stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(d_addr, options=list(GRPC_OPTIONS)))
+                spies = start_py_spy(args.py_spy, key, {"prefill": p_proc.pid, "decode": d_proc.pid})
                 for r in range(args.repeats + 1):
                     p = prompt()
                     reply = prefill(p_stub, f"w2w-{r}", p)
@@ -457,6 +506,7 @@ def main() -> int:
                     )
                     for _ in d_stub.Generate(request):
                         pass
+                stop_py_spy(spies)
                 lines = wait_fetch_lines(log, args.repeats + 1)
                 speeds = [int(b) / (float(ms) / 1e3) / 1e9 for rid, _, b, ms in lines if rid != "w2w-0"]
                 used = sorted({used for _, used, _, _ in lines})
@@ -507,6 +557,14 @@ def main() -> int:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(results, indent=2))
     print(f"wrote {out}")
+    if args.py_spy:  # where each worker's time went during the fetches
+        summary = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "spy_top.py"), args.py_spy, "--top", "40"],
+            capture_output=True,
+            text=True,
+        ).stdout
+        (Path(args.py_spy) / "spy_top.txt").write_text(summary)
+        print(f"wrote {Path(args.py_spy) / 'spy_top.txt'}")
     return 0
 
 
