@@ -403,6 +403,8 @@ def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[
             str(path),
         ]
         cmd += ["--nonblocking", "--threads"]
+        if args.py_spy_native:  # C / Cython frames too (grpc's core, torch's dispatch)
+            cmd += ["--native"]
         spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return spies
 
@@ -498,6 +500,9 @@ def main() -> int:
     )
     ap.add_argument(
         "--py-spy", default="", help="directory: sample the services with py-spy at concurrency >= 8"
+    )
+    ap.add_argument(
+        "--py-spy-native", action="store_true", help="--py-spy: native frames too (py-spy record --native)"
     )
     ap.add_argument(
         "--trace",
