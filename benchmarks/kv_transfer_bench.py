@@ -259,6 +259,12 @@ def stop_py_spy(spies: list[subprocess.Popen[bytes]]) -> None:
             spy.kill()
 
 
+def kernel_times(log: Path) -> list[tuple[str, str]]:
+    """(request id, ms) of each CUDA IPC fetch's copy as the device timed it ("on the device N ms")."""
+    pattern = re.compile(r"fetched KV of (w2w-\d+) over cuda-ipc.*?on the device ([\d.]+) ms")
+    return pattern.findall(log.read_text())
+
+
 def fetch_moments(log: Path) -> list[tuple[str, str]]:
     """(request id, "reserved 0.31, first item 1.20, ...") of each fetch in the decode worker's
     log: when each stage of the fetch ended, in ms from its start."""
@@ -531,6 +537,20 @@ def main() -> int:
                 copy_note = ""
                 if copy_speeds:
                     copy_note = f"; the device copy alone {statistics.median(copy_speeds):.1f} GB/s"
+                kernels = [float(c) for rid, c in kernel_times(log) if rid != "w2w-0"]
+                kernel_speeds = (
+                    [int(lines[-1][2]) / (c / 1e3) / 1e9 for c in kernels if c > 0] if lines else []
+                )
+                if kernel_speeds:
+                    entry = results["worker_to_worker"][key]
+                    entry["copy_kernel_gb_per_s"] = statistics.median(kernel_speeds)
+                    if results.get("device_copy_gb_per_s"):
+                        entry["copy_kernel_vs_device_copy"] = (
+                            entry["copy_kernel_gb_per_s"] / results["device_copy_gb_per_s"]
+                        )
+                    copy_note += (
+                        f" (its kernel, timed on the device: {entry['copy_kernel_gb_per_s']:.1f} GB/s)"
+                    )
                 print(
                     f"worker -> worker, --kv-transport {transport} x{streams} streams (used {','.join(used)}): "
                     f"{results['worker_to_worker'][key]['gb_per_s']} GB/s{copy_note}",

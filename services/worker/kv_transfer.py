@@ -527,13 +527,13 @@ def copy_ipc_blocks(
     ipc: IpcBlocks,
     reservation: KVReservation,
     target_bytes: int,
-) -> tuple[int, float]:
+) -> tuple[int, float, float]:
     """Engine thread: copy a CUDA IPC fetch's blocks from the peer's cache tensor into the
     reservation, device to device (KVCache.copy_blocks_from): on CUDA all of them in one kernel
     launch; a CPU cache (tests: two workers in one process) in pieces of about `target_bytes`
     (bounds a scattered copy's temporary). Waits for the copies (the peer frees the blocks once
     we close the stream). Returns (the bytes, the seconds from the first copy to their end: the
-    copy alone, without the fetch's rpc)."""
+    copy alone, without the fetch's rpc; on CUDA the copy's own device time, else 0)."""
     remote = kv_transports.import_tensor(ipc.tensor)
     if remote.dtype != kv.dtype or remote.shape[0] != kv.shape[0] or remote.shape[3:] != kv.shape[3:]:
         raise ValueError(f"peer cache {tuple(remote.shape)} {remote.dtype} != this cache's layout {kv.dtype}")
@@ -549,8 +549,11 @@ def copy_ipc_blocks(
     num_bytes = 0
     kv_transports.synchronize(kv.device)  # (the step in flight is not the copy's time)
     started = time.monotonic()
+    events = None
     if kv.is_cuda:  # no temporary: one launch (kernels/triton/kv_block_copy.py)
         target_bytes = max(target_bytes, num_layers * reservation.num_blocks * layer_block_bytes)
+        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events[0].record()
     for l0, l1, b0, b1 in chunk_plan(
         num_layers, reservation.num_blocks, skip_blocks, layer_block_bytes, target_bytes
     ):
@@ -558,8 +561,11 @@ def copy_ipc_blocks(
         if not engine.copy_peer_kv(request_id, (l0, l1, b0, b1), remote, ids):
             break  # aborted meanwhile
         num_bytes += (l1 - l0) * (b1 - b0) * layer_block_bytes
+    if events is not None:
+        events[1].record()
     kv_transports.synchronize(kv.device)
-    return num_bytes, time.monotonic() - started
+    seconds = time.monotonic() - started
+    return num_bytes, seconds, events[0].elapsed_time(events[1]) / 1e3 if events is not None else 0.0
 
 
 async def receive(
@@ -595,6 +601,7 @@ async def receive(
     num_bytes = 0
     transport: kv_transports.Transport = "grpc"
     copy_seconds = 0.0  # CUDA IPC: the device copy alone
+    copy_device_seconds = 0.0  # ... its kernel's own time (CUDA events)
     done: PrefillDone | None = None
     first_taken = False  # the engine took the prefill's token as the request's first output
     nixl_reads = _NixlReads(call, engine, request_id, nixl)
@@ -640,7 +647,7 @@ async def receive(
                 )
                 assert isinstance(copied, tuple)
                 num_bytes += copied[0]
-                copy_seconds = copied[1]
+                copy_seconds, copy_device_seconds = copied[1], copied[2]
                 moments["copied"] = time.monotonic()
                 received = expected
                 break  # closing the stream (below) tells the peer it may free the blocks
@@ -706,7 +713,8 @@ async def receive(
         seconds * 1e3,
         num_bytes / max(seconds, 1e-9) / 1e9,
         reservation.skip_tokens,
-        f"; the copy alone {copy_seconds * 1e3:.3f} ms ({num_bytes / max(copy_seconds, 1e-9) / 1e9:.1f} GB/s)"
+        f"; the copy alone {copy_seconds * 1e3:.3f} ms ({num_bytes / max(copy_seconds, 1e-9) / 1e9:.1f} GB/s"
+        f"; on the device {copy_device_seconds * 1e3:.3f} ms)"
         if copy_seconds
         else "",
         ", ".join(f"{name} {(at - started) * 1e3:.2f}" for name, at in moments.items()),
