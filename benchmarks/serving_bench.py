@@ -402,9 +402,9 @@ def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[
             "--output",
             str(path),
         ]
-        cmd += ["--nonblocking", "--threads"]
-        if args.py_spy_native:  # C / Cython frames too (grpc's core, torch's dispatch)
-            cmd += ["--native"]
+        # --native: C / Cython frames too (grpc's core, torch's dispatch); py-spy then pauses the
+        # process for each sample (it cannot unwind native stacks without stopping the threads)
+        cmd += ["--threads", "--native"] if args.py_spy_native else ["--threads", "--nonblocking"]
         spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return spies
 
@@ -502,7 +502,9 @@ def main() -> int:
         "--py-spy", default="", help="directory: sample the services with py-spy at concurrency >= 8"
     )
     ap.add_argument(
-        "--py-spy-native", action="store_true", help="--py-spy: native frames too (py-spy record --native)"
+        "--py-spy-native",
+        action="store_true",
+        help="--py-spy: native frames too (py-spy record --native; the processes pause per sample)",
     )
     ap.add_argument(
         "--trace",
