@@ -532,8 +532,10 @@ def copy_ipc_blocks(
     reservation, device to device (KVCache.copy_blocks_from): on CUDA all of them in one kernel
     launch; a CPU cache (tests: two workers in one process) in pieces of about `target_bytes`
     (bounds a scattered copy's temporary). Waits for the copies (the peer frees the blocks once
-    we close the stream). Returns (the bytes, the seconds from the first copy to their end: the
-    copy alone, without the fetch's rpc; on CUDA the copy's own device time, else 0)."""
+    we close the stream), then hands the request to the scheduler (`kv_fetched`) in the same
+    call: its decode starts in this wake of the engine thread, not one hop later. Returns (the
+    bytes, the seconds from the first copy to their end: the copy alone, without the fetch's rpc;
+    on CUDA the copy's own device time, else 0)."""
     remote = kv_transports.import_tensor(ipc.tensor)
     if remote.dtype != kv.dtype or remote.shape[0] != kv.shape[0] or remote.shape[3:] != kv.shape[3:]:
         raise ValueError(f"peer cache {tuple(remote.shape)} {remote.dtype} != this cache's layout {kv.dtype}")
@@ -554,17 +556,21 @@ def copy_ipc_blocks(
         target_bytes = max(target_bytes, num_layers * reservation.num_blocks * layer_block_bytes)
         events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         events[0].record()
+    aborted = False
     for l0, l1, b0, b1 in chunk_plan(
         num_layers, reservation.num_blocks, skip_blocks, layer_block_bytes, target_bytes
     ):
         ids = list(ipc.block_ids[b0 - skip_blocks : b1 - skip_blocks])
         if not engine.copy_peer_kv(request_id, (l0, l1, b0, b1), remote, ids):
-            break  # aborted meanwhile
+            aborted = True  # (meanwhile)
+            break
         num_bytes += (l1 - l0) * (b1 - b0) * layer_block_bytes
     if events is not None:
         events[1].record()
     kv_transports.synchronize(kv.device)
     seconds = time.monotonic() - started
+    if not aborted:
+        engine.kv_fetched(request_id)
     return num_bytes, seconds, events[0].elapsed_time(events[1]) / 1e3 if events is not None else 0.0
 
 
@@ -604,6 +610,7 @@ async def receive(
     copy_device_seconds = 0.0  # ... its kernel's own time (CUDA events)
     done: PrefillDone | None = None
     first_taken = False  # the engine took the prefill's token as the request's first output
+    fetched = False  # the engine has the whole prompt (a CUDA IPC copy says so itself)
     nixl_reads = _NixlReads(call, engine, request_id, nixl)
     writes: collections.deque[asyncio.Future[object]] = collections.deque()
     device = staging_device(kv)
@@ -648,6 +655,7 @@ async def receive(
                 assert isinstance(copied, tuple)
                 num_bytes += copied[0]
                 copy_seconds, copy_device_seconds = copied[1], copied[2]
+                fetched = True
                 moments["copied"] = time.monotonic()
                 received = expected
                 break  # closing the stream (below) tells the peer it may free the blocks
@@ -701,7 +709,8 @@ async def receive(
         await nixl_reads.close()  # (before the stream: the peer frees the blocks when it closes)
         await _close(items)
         moments["closed"] = time.monotonic()
-    await call(lambda: engine.kv_fetched(request_id))
+    if not fetched:
+        await call(lambda: engine.kv_fetched(request_id))
     seconds = time.monotonic() - started
     log.info(
         "fetched KV of %s over %s%s: %d bytes in %.2f ms (%.2f GB/s), %d prompt tokens from the local prefix cache%s"

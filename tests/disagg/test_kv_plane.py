@@ -264,6 +264,42 @@ def test_stalled_transfer_recomputes_locally_and_frees_every_block(loop: LoopThr
     wait_no_blocks(ipc_pair.stub(decode))
 
 
+def test_a_cuda_ipc_copy_schedules_the_request_before_the_stream_closes(
+    loop: LoopThread, ipc_pair: Pair
+) -> None:
+    """The engine call that copies a CUDA IPC fetch's blocks also hands the request to the
+    scheduler: its decode does not wait for the stream's close and another engine-thread hop."""
+    decode = ipc_pair.decode
+    engine = decode.engine
+    prompt = make_prompts(ipc_pair.vocab_size)[1][4]
+    sp = SamplingParams(temperature=0.0, max_tokens=4)
+    kv = engine.kv_cache.tensor
+    peer = kv_transports.export_tensor(kv)  # (this process's own cache, as the same-process path maps it)
+    at_close: list[bool] = []
+
+    async def ipc_peer(source: kv_transfer.KVSource, skip_tokens: int) -> AsyncIterator[Any]:
+        first, last = skip_tokens // 16, -(-len(prompt) // 16)
+        try:
+            yield kv_transfer.IpcBlocks(peer, first, tuple(range(first, last)))
+            await asyncio.sleep(30)  # (until the reader closes the stream)
+        finally:
+            at_close.append("ipc-sched" not in engine.fetching)
+
+    async def run() -> kv_transfer.FetchStats:
+        req = EngineRequest("ipc-sched", tuple(prompt), sp, generated_token_ids=(7,))
+        outputs = decode.async_engine.submit(req, add=engine.add_fetching_request)
+        source = kv_transfer.KVSource("h", "nowhere", len(prompt), "")
+        stats = await kv_transfer.receive(decode.async_engine.call, engine, kv, "ipc-sched", source, ipc_peer)
+        while not (await outputs.get()).finished:
+            pass
+        return stats
+
+    stats = loop.run(run())
+    assert stats.ok and stats.transport == "cuda-ipc", stats
+    assert at_close == [True]  # scheduled by the copy's own call, before the close
+    wait_no_blocks(ipc_pair.stub(decode))
+
+
 def test_fetch_of_a_dead_peer_fails_fast_and_recomputes(ipc_pair: Pair) -> None:
     """A kv_source naming a worker that is not there: FetchKV fails, the prompt is computed."""
     pair = ipc_pair
