@@ -43,7 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -108,11 +108,13 @@ class Row:
 
 
 @contextmanager
-def phase_timers(engine: Engine, clock: Callable[[], float] = time.perf_counter) -> Iterator[Counter[str]]:
+def phase_timers(
+    engine: Engine, clock: Callable[[], float] = time.perf_counter
+) -> Iterator[defaultdict[str, float]]:
     """Seconds spent in each phase of the engine's steps (and the number of steps), while inside.
     `clock`: wall time, or (--host) the thread's CPU time, which other processes on a loaded
     machine do not inflate."""
-    spent: Counter[str] = Counter()
+    spent: defaultdict[str, float] = defaultdict(float)
 
     def timed(fn: Callable[..., Any], phase: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -296,8 +298,8 @@ def print_table(rows: list[Row], device_name: str) -> None:
             f" {ratio:>12}  {met}"
         )
     if any(r.phases_us_per_step for r in rows):
-        names = ("step", "forward", "host", "host-topk", "schedule", "launch", "inputs", "select")
-        names += ("topk", "ahead", "wait+read", "apply", "update")
+        names: tuple[str, ...] = ("step", "forward", "host", "host-topk", "schedule", "launch", "inputs")
+        names += ("select", "topk", "ahead", "wait+read", "apply", "update")
         print(
             "\nper step, us (launch: input preparation and enqueueing, forward included; wait+read:"
             " device time not hidden; host: step but forward; topk: the selection's pass over the"

@@ -527,7 +527,9 @@ def scenario_decode(
     label: str = "",
 ) -> Row:
     """Scenario 1: one sequence, prompt 128, output 1024; median decode step time."""
-    params = SamplingParams(temperature=0.0, max_tokens=plan.decode_output, ignore_eos=True)
+    params: SamplingParams[Any] = SamplingParams(
+        temperature=0.0, max_tokens=plan.decode_output, ignore_eos=True
+    )
     engine.add_request(
         EngineRequest(f"s1-{name}", tuple(random_prompt(gen, plan.decode_prompt, cfg["vocab_size"])), params)
     )
@@ -718,11 +720,11 @@ def profile_decode_graph(
             by_name.setdefault(ev.name[:60], []).append(ev)
         for kname, evs in sorted(by_name.items()):
             for pos in range(period):
-                us = [ev.device_time for i, ev in enumerate(evs) if i % period == pos]
-                if us:
+                times = [ev.device_time for i, ev in enumerate(evs) if i % period == pos]
+                if times:
                     lines.append(
-                        f"  {kname:<52} [{pos + 1}/{period}] {len(us) / replays:5.0f}/replay"
-                        f" {sum(us) / len(us):7.2f} us/call {sum(us) / replays:8.1f} us/replay"
+                        f"  {kname:<52} [{pos + 1}/{period}] {len(times) / replays:5.0f}/replay"
+                        f" {sum(times) / len(times):7.2f} us/call {sum(times) / replays:8.1f} us/replay"
                     )
     return lines
 
@@ -770,10 +772,14 @@ def scenario_offline(
     for in_len, out_len, count in shapes or plan.offline:
         warm = min(count, 16)
         warm_prompts = [random_prompt(gen, in_len, cfg["vocab_size"]) for _ in range(warm)]
-        warm_params = [SamplingParams(temperature=0.0, max_tokens=min(out_len, 16), ignore_eos=True)] * warm
+        warm_params: list[SamplingParams[Any]] = [
+            SamplingParams(temperature=0.0, max_tokens=min(out_len, 16), ignore_eos=True)
+        ] * warm
         engine.generate(warm_prompts, warm_params, prefix=f"warm{time.monotonic_ns()}")
         prompts = [random_prompt(gen, in_len, cfg["vocab_size"]) for _ in range(count)]
-        params = [SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)] * count
+        params: list[SamplingParams[Any]] = [
+            SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+        ] * count
         elapsed, out_tokens, preempted, phases = run_offline(engine, prompts, params)
         rows.append(
             Row(
@@ -798,7 +804,9 @@ def scenario_small(engine: Engine, name: str, cfg: dict[str, Any], plan: Plan) -
     in_lens = torch.randint(lo, hi + 1, (plan.small_seqs,), generator=gen).tolist()
     out_lens = torch.randint(lo, hi + 1, (plan.small_seqs,), generator=gen).tolist()
     prompts = [random_prompt(gen, n, cfg["vocab_size"]) for n in in_lens]
-    params = [SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in out_lens]
+    params: list[SamplingParams[Any]] = [
+        SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True) for n in out_lens
+    ]
     elapsed, out_tokens, preempted, phases = run_offline(engine, prompts, params)
     return Row(
         name,
@@ -818,7 +826,7 @@ def scenario_prefill(
 ) -> list[Row]:
     """Scenario 5: one long prompt, 1 output token; TTFT (median of 2 after a warm-up) and MFU."""
     rows = []
-    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    params: SamplingParams[Any] = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     for length in plan.prefill_lens:
         times = []
         for rep in range(3):

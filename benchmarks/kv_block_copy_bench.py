@@ -20,6 +20,7 @@ transfer's bytes), and its share of the device copy's rate. bf16, then fp8 (--kv
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -93,14 +94,18 @@ def bench_dtype(
         for piece in (1024, 2048, 4096, 8192):
             for warps in (4, 8, 16):
                 for cache in ("", ".cg"):
-                    cases.append(
-                        (
-                            f"kernel p{piece} w{warps} {cache or 'ca'}",
-                            lambda p=piece, w=warps, c=cache: copy_kv_blocks(
-                                src, dst, scattered_src, scattered_dst, (0, layers), p, w, c
-                            ),
-                        )
+                    launch = functools.partial(
+                        copy_kv_blocks,
+                        src,
+                        dst,
+                        scattered_src,
+                        scattered_dst,
+                        (0, layers),
+                        piece,
+                        warps,
+                        cache,
                     )
+                    cases.append((f"kernel p{piece} w{warps} {cache or 'ca'}", launch))
     rows: list[dict[str, object]] = []
     base = 0.0
     name_of_dtype = str(dtype).removeprefix("torch.")

@@ -34,6 +34,10 @@ from benchmarks.bench_report import device_label, write_report  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels.triton import lora  # noqa: E402
 
+# a batch's adapter mapping (kernels/reference.py lora_segments): sorted token ids, segment starts,
+# segment lengths
+Mapping = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 # (name, in features, part widths): Llama-3.1-8B's fused projections
 PROJECTIONS = {
     "qkv": (4096, (4096, 1024, 1024)),
@@ -81,12 +85,12 @@ class Projection:
         self.x = torch.randn(rows, k, generator=gen).to(dev, dt)
         self.y = torch.randn(rows, n, generator=gen).to(dev, dt)
 
-    def step(self, mapping: tuple[torch.Tensor, ...]) -> None:
+    def step(self, mapping: Mapping) -> None:
         for a, b in zip(self.a, self.b, strict=True):
             t = lora.lora_shrink(self.x, a, *mapping)
             lora.lora_expand(self.y, t, b, *mapping, self.starts, self.rank)
 
-    def check(self, mapping: tuple[torch.Tensor, ...]) -> float:
+    def check(self, mapping: Mapping) -> float:
         """Relative error of layer 0's output against the reference twins'."""
         y, y_ref = self.y.clone(), self.y.clone()
         lora.lora_expand(
@@ -160,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         gen = torch.Generator().manual_seed(rows)
         projections = {name: Projection(k, parts, args, rows, gen) for name, (k, parts) in shapes.items()}
         token_slots = [i % args.adapters for i in range(rows)]  # interleaved, as lora_bench mixes them
-        mapping = tuple(
+        ids, starts, lens = (
             torch.tensor(v, dtype=torch.int32, device=args.device)
             for v in reference.lora_segments(token_slots, args.adapters)
         )
+        mapping: Mapping = (ids, starts, lens)
         for config in configs:
             lora.set_config(config)
             try:

@@ -251,12 +251,12 @@ def bench_engine(
         image = image_input(pre, *size, seed=1000 + k, offset=head)  # a new image: no cache hits
         text = torch.randint(3, vocab, (text_tokens,), generator=gen).tolist()
         prompt = (*text[:head], *[IMAGE_PAD] * image.length, *text[head:])
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params: SamplingParams[Any] = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         return EngineRequest(f"img{k}-{max_tokens}", prompt, params, images=(image,)), len(prompt)
 
     def text_request(k: int, length: int, max_tokens: int) -> EngineRequest:
         prompt = tuple(torch.randint(3, vocab, (length,), generator=gen).tolist())
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params: SamplingParams[Any] = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         return EngineRequest(f"txt{k}-{max_tokens}", prompt, params)
 
     with torch.inference_mode():

@@ -95,7 +95,7 @@ def decode_row(
         )
     )
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
+    params: SamplingParams[Any] = SamplingParams(temperature=0.0, max_tokens=args.output, ignore_eos=True)
     prompt = tuple(random_prompt(gen, args.prompt, cfg["vocab_size"]))
     step_times = step_until_done(engine, [EngineRequest("d", prompt, params)])
     tpot = statistics.median(step_times[1:])
@@ -388,9 +388,9 @@ def print_gemv(rows: list[dict[str, Any]]) -> None:
         )
         new = min((r for r in timed if r["kernel"].startswith("words")), key=lambda r: r["us"], default=None)
         line = f"  {shape:<36} {fmt:<16}"
-        for tag, r in (("old", old), ("words", new)):
-            if r is not None:
-                line += f"  {tag} {r['kernel']} {r['us']:.1f} us {r['GBps']:.0f} GB/s x{r['vs_bf16']:.2f}"
+        for tag, best in (("old", old), ("words", new)):
+            if best is not None:
+                line += f"  {tag} {best['kernel']} {best['us']:.1f} us {best['GBps']:.0f} GB/s x{best['vs_bf16']:.2f}"
         print(line)
 
 

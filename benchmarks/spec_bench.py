@@ -50,6 +50,7 @@ import gc
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,7 @@ class OracleThroughEagle:
     def may_propose(self, seqs: list[Sequence]) -> bool:
         return True
 
-    def release(self, seqs: list[Sequence]) -> None:
+    def release(self, seqs: Iterable[Sequence]) -> None:
         self.eagle.release(seqs)
 
     def after_step(self, speculating: bool) -> None:
@@ -203,8 +204,15 @@ class OracleThroughEagle:
 
 def eagle_head(root: Path, cfg: dict[str, Any], eagle3: bool) -> Path:
     """config.json of a one-layer EAGLE head for the shape `cfg` (dummy weights)."""
-    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
-    keys += ("vocab_size", "rope_theta", "rope_scaling", "max_position_embeddings", "rms_norm_eps")
+    keys: tuple[str, ...] = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    keys += (
+        "head_dim",
+        "vocab_size",
+        "rope_theta",
+        "rope_scaling",
+        "max_position_embeddings",
+        "rms_norm_eps",
+    )
     head: dict[str, Any] = {k: cfg[k] for k in keys if k in cfg}
     head |= {
         "model_type": "llama",

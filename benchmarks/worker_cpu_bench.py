@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -36,7 +37,7 @@ DEFAULT_MODEL = Path(os.environ.get("TANDEM_SHARED", REPO.parent / "shared")) / 
 def run_batch(engine: Engine, batch: int, prompt_len: int, max_tokens: int, seed: int) -> dict[str, float]:
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.model_config.vocab_size
-    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    sp: SamplingParams[Any] = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for i in range(batch):
         prompt = (1, *torch.randint(3, vocab, (prompt_len - 1,), generator=gen).tolist())
         engine.add_request(EngineRequest(f"b{batch}-{seed}-{i}", prompt, sp))
