@@ -50,6 +50,7 @@ ITL_SLO_S = 0.050
 @dataclass
 class Result:
     ok: bool = False
+    start: float = 0.0  # time.perf_counter() when the request was sent
     ttft: float = 0.0
     itls: list[float] = field(default_factory=list)
     num_chunks: int = 0
@@ -136,7 +137,7 @@ class CpuMeter:
 
 async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Result:
     res = Result()
-    start = time.perf_counter()
+    start = res.start = time.perf_counter()
     last = start
     try:
         async with session.post(url, json=body) as resp:
@@ -168,7 +169,30 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
     return res
 
 
-def summarize(results: list[Result], duration: float) -> dict[str, Any]:
+def steady_tok_per_s(results: list[Result]) -> float | None:
+    """Output tokens/s while a closed loop is full: between the first request's end (every slot
+    was busy since the start) and the last request's start (after it the slots empty one by one).
+    A short run's whole-run rate is mostly its ramp up and drain, where the split's first-token
+    cost weighs; this is the rate a long run converges to. None when the window is empty."""
+    ok = [r for r in results if r.ok and r.num_chunks]
+    if len(ok) < 2:
+        return None
+    ends = [r.start + r.ttft + sum(r.itls) for r in ok]
+    t0, t1 = min(ends), max(r.start for r in ok)
+    if t1 <= t0:
+        return None
+    tokens = 0.0
+    for r in ok:
+        per_chunk = r.tokens / r.num_chunks  # (a chunk may carry several tokens)
+        at = r.start + r.ttft
+        tokens += per_chunk * (t0 <= at < t1)
+        for gap in r.itls:
+            at += gap
+            tokens += per_chunk * (t0 <= at < t1)
+    return tokens / (t1 - t0)
+
+
+def summarize(results: list[Result], duration: float, closed_loop: bool = False) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft for r in ok]
     itls = [x for r in ok for x in r.itls]
@@ -183,6 +207,8 @@ def summarize(results: list[Result], duration: float) -> dict[str, Any]:
         "itl_p50_ms": (pct(itls, 0.5) or 0) * 1e3,
         "itl_p99_ms": (pct(itls, 0.99) or 0) * 1e3,
         "output_tok_per_s": sum(r.tokens for r in ok) / duration,
+        # a closed loop's rate while full (steady_tok_per_s); None for Poisson arrivals
+        "steady_tok_per_s": steady_tok_per_s(results) if closed_loop else None,
         "goodput_req_per_s": len(good) / duration,
         "slo_attainment": len(good) / max(len(results), 1),
     }
@@ -240,7 +266,7 @@ async def run_load(
 
             await asyncio.gather(*(loop() for _ in range(concurrency)))
         duration = time.perf_counter() - start
-    point = summarize(results, duration)
+    point = summarize(results, duration, closed_loop=rate is None)
     point["cores_busy"] = meter.cores_busy(duration)
     # CPU time per output token, per role: the services' cost per token, which sharing the machine
     # with other load changes less than throughput
@@ -280,7 +306,7 @@ class InProcessTarget:
             prompt_token_ids=tuple(body["prompt"]),
             sampling=SamplingParams(temperature=0.0, max_tokens=body["max_tokens"], ignore_eos=True),
         )
-        start = last = time.perf_counter()
+        start = last = res.start = time.perf_counter()
         outputs = self.engine.submit(req)
         while True:
             out = await outputs.get()
@@ -424,7 +450,9 @@ def split_cost(results: dict[str, Any]) -> None:
     base = {(p["rate"], p["concurrency"]): p for p in results["modes"].get("inprocess", [])}
     if not base:
         return
-    print(f"{'mode':>13} {'load':>10} {'tok/s ratio':>11} {'+TTFT p50/p99 ms':>17} {'+ITL p50/p99 ms':>16}")
+    print(
+        f"{'mode':>13} {'load':>10} {'tok/s ratio':>11} {'steady':>7} {'+TTFT p50/p99 ms':>17} {'+ITL p50/p99 ms':>16}"
+    )
     for mode, points in results["modes"].items():
         if mode == "inprocess":
             continue
@@ -432,8 +460,12 @@ def split_cost(results: dict[str, Any]) -> None:
             b = base.get((p["rate"], p["concurrency"]))
             if b is None or not b["output_tok_per_s"]:
                 continue
+            steady = None
+            if p.get("steady_tok_per_s") and b.get("steady_tok_per_s"):
+                steady = p["steady_tok_per_s"] / b["steady_tok_per_s"]
             cost = {
                 "throughput_ratio": p["output_tok_per_s"] / b["output_tok_per_s"],
+                "steady_throughput_ratio": steady,
                 **{
                     f"added_{k}": p[k] - b[k]
                     for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
@@ -443,6 +475,7 @@ def split_cost(results: dict[str, Any]) -> None:
             load = f"rate {p['rate']}" if p["rate"] is not None else f"conc {p['concurrency']}"
             print(
                 f"{mode:>13} {load:>10} {cost['throughput_ratio']:>11.3f} "
+                f"{'-' if steady is None else f'{steady:.3f}':>7} "
                 f"{cost['added_ttft_p50_ms']:>8.2f}/{cost['added_ttft_p99_ms']:<8.2f} "
                 f"{cost['added_itl_p50_ms']:>7.2f}/{cost['added_itl_p99_ms']:<8.2f}"
             )
@@ -567,7 +600,9 @@ def main() -> int:
                     print(
                         f"{mode:>13} rate={rate!s:>5} conc={conc!s:>4}: TTFT p50/p99 {point['ttft_p50_ms']:.1f}/"
                         f"{point['ttft_p99_ms']:.1f} ms, ITL p50/p99 {point['itl_p50_ms']:.1f}/{point['itl_p99_ms']:.1f} ms, "
-                        f"{point['output_tok_per_s']:.0f} tok/s, goodput {point['goodput_req_per_s']:.2f} req/s, "
+                        f"{point['output_tok_per_s']:.0f} tok/s"
+                        + (f" ({point['steady_tok_per_s']:.0f} full)" if point["steady_tok_per_s"] else "")
+                        + f", goodput {point['goodput_req_per_s']:.2f} req/s, "
                         f"failed {point['num_failed']}, cores busy {point['cores_busy']}, "
                         f"CPU us/token {point['cpu_us_per_token']}",
                         flush=True,

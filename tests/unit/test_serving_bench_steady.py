@@ -1,0 +1,50 @@
+"""benchmarks/serving_bench.py's closed-loop rate while full (`steady_tok_per_s`): the output
+tokens between the first request's end and the last request's start, over that window."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+serving_bench = pytest.importorskip("serving_bench")
+Result = serving_bench.Result
+
+
+def _request(start: float, chunk_times: list[float], tokens_per_chunk: int = 1) -> object:
+    first, *rest = chunk_times
+    itls = [b - a for a, b in zip(chunk_times, rest, strict=False)]
+    return Result(
+        ok=True,
+        start=start,
+        ttft=first - start,
+        itls=itls,
+        num_chunks=len(chunk_times),
+        tokens=tokens_per_chunk * len(chunk_times),
+    )
+
+
+def test_two_slots_each_at_one_token_a_second_give_two() -> None:
+    # a closed loop of 2 slots, each request 4 tokens a second apart; the window is [4, 6)
+    results = [
+        _request(0.0, [1.0, 2.0, 3.0, 4.0]),
+        _request(2.0, [3.0, 4.0, 5.0, 6.0]),
+        _request(4.0, [5.0, 6.0, 7.0, 8.0]),
+        _request(6.0, [7.0, 8.0, 9.0, 10.0]),
+    ]
+    assert serving_bench.steady_tok_per_s(results) == pytest.approx(2.0)
+    # chunks of 3 tokens count 3 each
+    triple = [_request(r.start, [r.start + r.ttft + sum(r.itls[:i]) for i in range(4)], 3) for r in results]
+    assert serving_bench.steady_tok_per_s(triple) == pytest.approx(6.0)
+
+
+def test_a_run_that_never_fills_has_no_steady_rate() -> None:
+    # every request starts before the first one ends: no window where the loop is full and fed
+    results = [_request(0.0, [1.0, 2.0]), _request(0.0, [1.5, 2.5])]
+    assert serving_bench.steady_tok_per_s(results) is None
+    assert serving_bench.steady_tok_per_s(results[:1]) is None
+    failed = Result(ok=False, start=5.0)
+    assert serving_bench.steady_tok_per_s([*results, failed]) is None
