@@ -14,6 +14,7 @@
 # census (compile_census: Triton variants compiled per wave of new prompt lengths, batches and sampling options),
 # decodeprof (step_profile: the kernels of decode steps of 256 sequences, fp8 weights with a bf16 / fp8 KV cache, fp16 / bf16 dots),
 # kvcopy (kv_block_copy_bench: a CUDA IPC fetch's device copy, torch's and the kernel's, and the kernel's GPU tests), kvipc (kv_transfer_bench over CUDA IPC alone, each fetch's stages),
+# grpcrtt (grpc_rtt_bench: one small grpc.aio round trip between two processes, back to back and after idle pauses),
 # kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +87,7 @@ for s in ${STEPS:?name the steps}; do
       step kvcopy "${KVCOPY_T:-90}" "$PY" benchmarks/kv_block_copy_bench.py --out "$OUT/kv_block_copy.json" ;;
     kvipc) step kvipc "${KV_T:-200}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
       --prompt-tokens 4096 --repeats 5 --chunk-sizes 4194304 --transports cuda-ipc --out "$OUT/kv_ipc.json" ;;
+    grpcrtt) step grpcrtt "${GRPCRTT_T:-60}" "$PY" benchmarks/grpc_rtt_bench.py --out "$OUT/grpc_rtt.json" ;;
     attn) step attn "${ATTN_T:-150}" "$PY" benchmarks/decode_attention_bench.py --out "$OUT/decode_attention_small.json" ;;
     attntests) step attntests "${ATTNTESTS_T:-120}" "${gpu_pytest[@]}" tests/kernels/test_decode_attention_variants.py ;;
     qgemv) step qgemv "${QGEMV_T:-150}" "$PY" benchmarks/quant_bench.py --gemv-only --out "$OUT/quant_gemv.json" ;;
