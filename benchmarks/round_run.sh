@@ -13,7 +13,7 @@
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
 # census (compile_census: Triton variants compiled per wave of new prompt lengths, batches and sampling options),
 # decodeprof (step_profile: the kernels of decode steps of 256 sequences, fp8 weights with a bf16 / fp8 KV cache, fp16 / bf16 dots),
-# kvcopy (kv_block_copy_bench: a CUDA IPC fetch's device copy, torch's and the kernel's, and the kernel's GPU tests), kvipc (kv_transfer_bench over CUDA IPC alone, each fetch's stages),
+# kvcopy (kv_block_copy_bench: a CUDA IPC fetch's device copy, torch's and the kernel's, and the kernel's GPU tests), kvipc (kv_transfer_bench over CUDA IPC alone: each fetch's stages, the copy's kernel time, both workers under py-spy),
 # grpcrtt (grpc_rtt_bench: one small grpc.aio round trip between two processes, back to back and after idle pauses),
 # kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7).
 set -uo pipefail
@@ -86,7 +86,8 @@ for s in ${STEPS:?name the steps}; do
       step kvcopytests "${KVCOPY_T:-150}" "${gpu_pytest[@]}" tests/kernels/test_kv_block_copy.py tests/disagg
       step kvcopy "${KVCOPY_T:-90}" "$PY" benchmarks/kv_block_copy_bench.py --out "$OUT/kv_block_copy.json" ;;
     kvipc) step kvipc "${KV_T:-200}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
-      --prompt-tokens 4096 --repeats 5 --chunk-sizes 4194304 --transports cuda-ipc --out "$OUT/kv_ipc.json" ;;
+      --prompt-tokens 4096 --repeats 20 --chunk-sizes 4194304 --transports cuda-ipc --py-spy "$OUT/kvspy" \
+      --out "$OUT/kv_ipc.json" ;;
     grpcrtt) step grpcrtt "${GRPCRTT_T:-60}" "$PY" benchmarks/grpc_rtt_bench.py --out "$OUT/grpc_rtt.json" ;;
     attn) step attn "${ATTN_T:-150}" "$PY" benchmarks/decode_attention_bench.py --out "$OUT/decode_attention_small.json" ;;
     attntests) step attntests "${ATTNTESTS_T:-120}" "${gpu_pytest[@]}" tests/kernels/test_decode_attention_variants.py ;;
