@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,9 +46,9 @@ async def serve(address: str) -> None:
     )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(address)
+    port = server.add_insecure_port(address)  # (TCP: "127.0.0.1:0" binds a free port)
     await server.start()
-    print("serving", flush=True)
+    print("serving", address.replace(":0", f":{port}") if address.endswith(":0") else address, flush=True)
     await server.wait_for_termination()
 
 
@@ -87,15 +86,14 @@ def main() -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        with socket.socket() as s:  # a free port for the TCP server
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for transport, address in (("tcp", f"127.0.0.1:{port}"), ("unix", f"unix:{tmp}/rtt.sock")):
+        for transport, bind in (("tcp", "127.0.0.1:0"), ("unix", f"unix:{tmp}/rtt.sock")):
             server = subprocess.Popen(
-                [sys.executable, __file__, "--serve", address], stdout=subprocess.PIPE, text=True
+                [sys.executable, __file__, "--serve", bind], stdout=subprocess.PIPE, text=True
             )
             try:
-                assert server.stdout is not None and server.stdout.readline().strip() == "serving"
+                assert server.stdout is not None
+                word, _, address = server.stdout.readline().strip().partition(" ")
+                assert word == "serving", f"the server did not start on {bind}"
                 for idle_ms in (float(x) for x in args.idle_ms.split(",")):
                     us = [t * 1e6 for t in asyncio.run(measure(address, args.calls, idle_ms / 1e3))]
                     row = {
