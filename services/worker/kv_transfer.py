@@ -20,7 +20,8 @@ chunk from its ranks and scatters a received one to them (kv_reshard.py, on its 
 The transport is negotiated per fetch (kv_transports.py): over gRPC the chunks carry the bytes
 (kv_wire.py splices them in and out of the messages without protobuf copies); over CUDA IPC the
 first and only chunk names the prefill worker's cache tensor and blocks (`IpcBlocks`), which
-`receive` copies device to device.
+`receive` copies device to device in one engine-thread call (`copy_ipc_blocks`: one kernel launch
+on CUDA, then `Engine.kv_fetched` in the same call).
 
 Layer-wise push (kv_layerwise.py): a handle issued when the prefill was admitted is streamed while
 the prefill runs: `stream_chunks` sends each (layers, blocks) span as soon as the forward has
