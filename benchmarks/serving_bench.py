@@ -214,6 +214,17 @@ def summarize(results: list[Result], duration: float, closed_loop: bool = False)
     }
 
 
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of a point's repeated runs, the one with the median output tokens/s (the lower middle of
+    an even count), with every run's rates beside it."""
+    ordered = sorted(runs, key=lambda r: r["output_tok_per_s"])
+    point = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        point["repeats_tok_per_s"] = [r["output_tok_per_s"] for r in runs]
+        point["repeats_steady_tok_per_s"] = [r["steady_tok_per_s"] for r in runs]
+    return point
+
+
 async def run_load(
     target: str | InProcessTarget,
     model: str,
@@ -221,11 +232,13 @@ async def run_load(
     rate: float | None,
     concurrency: int | None,
     vocab: int,
+    repeat: int = 0,
 ) -> dict[str, Any]:
     """One load point against a URL (through the gateway) or the in-process engine."""
-    # Fresh prompts for every load point (no prefix-cache hit from an earlier point or the
-    # warm-up), the same ones in both modes.
-    rng = random.Random(f"{args.input_len}-{rate}-{concurrency}-{args.num_requests}")
+    # Fresh prompts for every load point and repeat (no prefix-cache hit from an earlier point,
+    # run or the warm-up), the same ones in both modes.
+    seed = f"{args.input_len}-{rate}-{concurrency}-{args.num_requests}" + (f"-{repeat}" if repeat else "")
+    rng = random.Random(seed)
 
     def body() -> dict[str, Any]:
         prompt = [rng.randrange(3, min(vocab, 150_000)) for _ in range(args.input_len)]
@@ -524,6 +537,12 @@ def main() -> int:
     ap.add_argument("--rates", default="2,8,16,32")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of each load point (fresh prompts each); the one with the median tok/s is reported",
+    )
     ap.add_argument("--worker-args", default="")
     ap.add_argument(
         "--unified-workers",
@@ -594,8 +613,13 @@ def main() -> int:
                 loads += [(None, int(c)) for c in args.concurrency.split(",") if c]
                 for rate, conc in loads:
                     spies = start_py_spy(args, mode, conc)
-                    point = asyncio.run(run_load(target, model, args, rate, conc, vocab))
+                    # --repeats runs of the point (fresh prompts each), the median by tok/s kept
+                    runs = [
+                        asyncio.run(run_load(target, model, args, rate, conc, vocab, repeat))
+                        for repeat in range(args.repeats)
+                    ]
                     stop_py_spy(spies)
+                    point = median_run(runs)
                     points.append(point)
                     print(
                         f"{mode:>13} rate={rate!s:>5} conc={conc!s:>4}: TTFT p50/p99 {point['ttft_p50_ms']:.1f}/"

@@ -1,5 +1,6 @@
-"""benchmarks/serving_bench.py's closed-loop rate while full (`steady_tok_per_s`): the output
-tokens between the first request's end and the last request's start, over that window."""
+"""benchmarks/serving_bench.py's closed-loop rate while full (`steady_tok_per_s`: the output
+tokens between the first request's end and the last request's start, over that window) and its
+repeated points (`median_run`)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def test_a_run_that_never_fills_has_no_steady_rate() -> None:
     assert serving_bench.steady_tok_per_s(results[:1]) is None
     failed = Result(ok=False, start=5.0)
     assert serving_bench.steady_tok_per_s([*results, failed]) is None
+
+
+def test_repeated_runs_report_the_median_one_with_every_rate() -> None:
+    runs = [
+        {"output_tok_per_s": 90.0, "steady_tok_per_s": 95.0, "ttft_p50_ms": 9.0},
+        {"output_tok_per_s": 110.0, "steady_tok_per_s": 111.0, "ttft_p50_ms": 7.0},
+        {"output_tok_per_s": 100.0, "steady_tok_per_s": None, "ttft_p50_ms": 8.0},
+    ]
+    point = serving_bench.median_run(runs)
+    assert point["output_tok_per_s"] == 100.0 and point["ttft_p50_ms"] == 8.0  # one run's figures, whole
+    assert point["repeats_tok_per_s"] == [90.0, 110.0, 100.0]
+    assert point["repeats_steady_tok_per_s"] == [95.0, 111.0, None]
+    assert serving_bench.median_run(runs[:2])["output_tok_per_s"] == 90.0  # the lower middle
+    assert "repeats_tok_per_s" not in serving_bench.median_run(runs[:1])
