@@ -535,8 +535,9 @@ def copy_ipc_blocks(
     (bounds a scattered copy's temporary). Waits for the copies (the peer frees the blocks once
     we close the stream), then hands the request to the scheduler (`kv_fetched`) in the same
     call: its decode starts in this wake of the engine thread, not one hop later. Returns (the
-    bytes, the seconds from the first copy to their end: the copy alone, without the fetch's rpc;
-    on CUDA the copy's own device time, else 0)."""
+    bytes, the seconds from the first copy to their end, without the fetch's rpc (on CUDA a step
+    still in flight on the engine's stream finishes first and counts); on CUDA the copy kernel's
+    own device time, else 0)."""
     remote = kv_transports.import_tensor(ipc.tensor)
     if remote.dtype != kv.dtype or remote.shape[0] != kv.shape[0] or remote.shape[3:] != kv.shape[3:]:
         raise ValueError(f"peer cache {tuple(remote.shape)} {remote.dtype} != this cache's layout {kv.dtype}")
@@ -550,11 +551,11 @@ def copy_ipc_blocks(
     num_layers = kv.shape[0]
     layer_block_bytes = kv[0, :, 0].numel() * kv.element_size()
     num_bytes = 0
-    kv_transports.synchronize(kv.device)  # (the step in flight is not the copy's time)
     started = time.monotonic()
     events = None
     if kv.is_cuda:  # no temporary: one launch (kernels/triton/kv_block_copy.py)
         target_bytes = max(target_bytes, num_layers * reservation.num_blocks * layer_block_bytes)
+        # (on the engine's stream, after a step in flight: no device-wide wait before it)
         events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         events[0].record()
     aborted = False
@@ -568,7 +569,7 @@ def copy_ipc_blocks(
         num_bytes += (l1 - l0) * (b1 - b0) * layer_block_bytes
     if events is not None:
         events[1].record()
-    kv_transports.synchronize(kv.device)
+        events[1].synchronize()  # the copy is done (and whatever this stream ran before it)
     seconds = time.monotonic() - started
     if not aborted:
         engine.kv_fetched(request_id)

@@ -204,9 +204,3 @@ def gather_blocks(remote: torch.Tensor, block_ids: Sequence[int], layers: tuple[
     if list(block_ids) == list(range(first, first + len(block_ids))):
         return remote[l0:l1, :, first : first + len(block_ids)]
     return remote[l0:l1].index_select(2, torch.tensor(list(block_ids), device=remote.device))
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the copies out of a peer's blocks: the peer frees them when we say we are done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
