@@ -2,6 +2,7 @@
 # One device call of named steps (a round's checks and benchmarks), each with its own time budget;
 # a failure of one does not stop the rest. Logs and JSON go to $OUT (default benchmarks/results).
 #   STEPS="agree engine_moe beamprof" bash benchmarks/round_run.sh
+# PACK=1 packs $OUT into round.tgz (and round.log) at the end: the device returns at most 8 files.
 # Steps (moequant needs a call of its own: 74 tests, the quantized engines tuning their GEMMs): agree (bf16 agreement of the MoE / Gemma 3 / Qwen3 families; AGREE_FAMILIES="mixtral or gemma3" narrows it), moequant (fused MoE and
 # fused quantized GEMM kernels in bf16), engine_moe / engine_gemma (batch-1 decode with a kernel
 # profile), quant (quant_bench), beam (beam_bench Qwen2-0.5B with phases), beamprof (beam_profile),
@@ -119,3 +120,7 @@ for s in ${STEPS:?name the steps}; do
     *) echo "unknown step $s" ;;
   esac
 done
+if [ "${PACK:-0}" = 1 ]; then  # the device returns at most 8 files: everything but round.log in one archive
+  (cd "$OUT" && find . -type f ! -name round.log ! -name round.tgz -print0 | tar czf round.tgz --null -T - \
+    && find . -type f ! -name round.log ! -name round.tgz -delete && find . -mindepth 1 -type d -empty -delete)
+fi
