@@ -23,35 +23,14 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def timed(fn: Callable[[], object], repeats: int, device: str) -> float:
-    """Median seconds of `fn` over `repeats` runs (after one warm-up)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_dtype(
@@ -63,6 +42,8 @@ def bench_dtype(
     tune: bool = False,
 ) -> list[dict[str, object]]:
     """The table's rows for caches of `dtype` (module docstring), each printed as it is measured."""
+    # (imported here: the smoke run sets TRITON_INTERPRET before any kernel module loads)
+    from benchmarks.engine_bench import median_time
     from kernels.triton.kv_block_copy import copy_kv_blocks
 
     layers = cache_shape[0]
@@ -110,7 +91,7 @@ def bench_dtype(
     base = 0.0
     name_of_dtype = str(dtype).removeprefix("torch.")
     for name, fn in cases:
-        seconds = timed(fn, repeats, device)
+        seconds = median_time(fn, torch.device(device), warmup=1, iters=repeats)
         rate = num_bytes / seconds / 1e9
         base = base or rate
         rows.append(

@@ -54,6 +54,7 @@ sys.path.insert(0, str(REPO))
 
 
 import grpc  # noqa: E402
+import spy_record  # noqa: E402
 from engine_bench import MODELS  # noqa: E402  (the benchmark shapes, BENCHMARKS.md)
 
 from services.common.server import GRPC_OPTIONS  # noqa: E402
@@ -211,58 +212,34 @@ def wait_fetch_lines(log: Path, count: int, timeout_s: float = 10.0) -> list[tup
         time.sleep(0.1)
 
 
-def copy_times(log: Path) -> list[tuple[str, str]]:
-    """(request id, ms) of each CUDA IPC fetch's "the copy alone N ms" in the decode worker's log."""
-    pattern = re.compile(r"fetched KV of (w2w-\d+) over cuda-ipc.*?the copy alone ([\d.]+) ms")
-    return pattern.findall(log.read_text())
-
-
 def start_py_spy(out_dir: str, tag: str, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
-    """--py-spy DIR: sample each process (collapsed stacks per thread, `--format raw`) until
-    stop_py_spy; nothing without DIR."""
+    """--py-spy DIR: sample each process at 2,000 Hz until spy_record.stop; nothing without DIR."""
     if not out_dir:
         return []
-    import shutil
-
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    exe = spy_record.find_py_spy()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return [
-        subprocess.Popen(
-            [
-                exe,
-                "record",
-                "--pid",
-                str(pid),
-                "--rate",
-                "2000",
-                "--format",
-                "raw",
-                "--nonblocking",
-                "--threads",
-                "--output",
-                str(Path(out_dir) / f"{tag}_{role}_{pid}.txt"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        spy_record.record(exe, pid, Path(out_dir) / f"{tag}_{role}_{pid}.txt", 2000)
         for role, pid in pids.items()
     ]
 
 
-def stop_py_spy(spies: list[subprocess.Popen[bytes]]) -> None:
-    for spy in spies:
-        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-    for spy in spies:
-        try:
-            spy.wait(30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
+def ipc_copy_rates(log: Path, label: str, num_bytes: int) -> list[float]:
+    """GB/s of each measured CUDA IPC fetch's copy in the decode worker's log (the warm-up's left
+    out): `label` "the copy alone" (from the launch to the copy's end, host-timed) or "on the
+    device" (the kernel, CUDA events), each followed by "N ms" on the fetch's line."""
+    pattern = re.compile(rf"fetched KV of (w2w-\d+) over cuda-ipc.*?{label} ([\d.]+) ms")
+    times = [float(ms) for rid, ms in pattern.findall(log.read_text()) if rid != "w2w-0"]
+    return [num_bytes / (ms / 1e3) / 1e9 for ms in times if ms > 0]
 
 
-def kernel_times(log: Path) -> list[tuple[str, str]]:
-    """(request id, ms) of each CUDA IPC fetch's copy as the device timed it ("on the device N ms")."""
-    pattern = re.compile(r"fetched KV of (w2w-\d+) over cuda-ipc.*?on the device ([\d.]+) ms")
-    return pattern.findall(log.read_text())
+def add_rate(
+    results: dict[str, Any], entry: dict[str, Any], key: str, ratio_key: str, rates: list[float]
+) -> None:
+    """entry[key] = the median of `rates`, and entry[ratio_key] its share of the device copy rate."""
+    entry[key] = statistics.median(rates)
+    if results.get("device_copy_gb_per_s"):
+        entry[ratio_key] = entry[key] / results["device_copy_gb_per_s"]
 
 
 def fetch_moments(log: Path) -> list[tuple[str, str]]:
@@ -512,52 +489,40 @@ def main() -> int:
                     )
                     for _ in d_stub.Generate(request):
                         pass
-                stop_py_spy(spies)
+                spy_record.stop(spies)
                 lines = wait_fetch_lines(log, args.repeats + 1)
                 speeds = [int(b) / (float(ms) / 1e3) / 1e9 for rid, _, b, ms in lines if rid != "w2w-0"]
                 used = sorted({used for _, used, _, _ in lines})
-                # CUDA IPC: the device copy alone (its line's "the copy alone N ms"), and its share
-                # of the device copy rate measured above (the issue's >= 50%)
-                copies = [float(c) for rid, c in copy_times(log) if rid != "w2w-0"]
-                copy_speeds = [int(lines[-1][2]) / (c / 1e3) / 1e9 for c in copies if c > 0] if lines else []
-                results["worker_to_worker"][key] = {
+                num_bytes = int(lines[-1][2]) if lines else 0
+                entry: dict[str, Any] = {
                     "transport_used": used,
                     "streams": streams,
-                    "bytes": int(lines[-1][2]) if lines else 0,
+                    "bytes": num_bytes,
                     "gb_per_s": statistics.median(speeds) if speeds else None,
                     "samples": speeds,
                 }
-                if copy_speeds:
-                    entry = results["worker_to_worker"][key]
-                    entry["copy_alone_gb_per_s"] = statistics.median(copy_speeds)
-                    if results.get("device_copy_gb_per_s"):
-                        entry["copy_vs_device_copy"] = (
-                            entry["copy_alone_gb_per_s"] / results["device_copy_gb_per_s"]
-                        )
+                results["worker_to_worker"][key] = entry
+                # CUDA IPC: the device copy alone (its line's "the copy alone N ms") and its kernel
+                # ("on the device N ms"), and their shares of the device copy rate measured above
+                # (the issue's >= 50%)
                 copy_note = ""
-                if copy_speeds:
-                    copy_note = f"; the device copy alone {statistics.median(copy_speeds):.1f} GB/s"
-                kernels = [float(c) for rid, c in kernel_times(log) if rid != "w2w-0"]
-                kernel_speeds = (
-                    [int(lines[-1][2]) / (c / 1e3) / 1e9 for c in kernels if c > 0] if lines else []
-                )
-                if kernel_speeds:
-                    entry = results["worker_to_worker"][key]
-                    entry["copy_kernel_gb_per_s"] = statistics.median(kernel_speeds)
-                    if results.get("device_copy_gb_per_s"):
-                        entry["copy_kernel_vs_device_copy"] = (
-                            entry["copy_kernel_gb_per_s"] / results["device_copy_gb_per_s"]
-                        )
+                if copy_speeds := ipc_copy_rates(log, "the copy alone", num_bytes):
+                    add_rate(results, entry, "copy_alone_gb_per_s", "copy_vs_device_copy", copy_speeds)
+                    copy_note = f"; the device copy alone {entry['copy_alone_gb_per_s']:.1f} GB/s"
+                if kernel_speeds := ipc_copy_rates(log, "on the device", num_bytes):
+                    add_rate(
+                        results, entry, "copy_kernel_gb_per_s", "copy_kernel_vs_device_copy", kernel_speeds
+                    )
                     copy_note += (
                         f" (its kernel, timed on the device: {entry['copy_kernel_gb_per_s']:.1f} GB/s)"
                     )
                 print(
                     f"worker -> worker, --kv-transport {transport} x{streams} streams (used {','.join(used)}): "
-                    f"{results['worker_to_worker'][key]['gb_per_s']} GB/s{copy_note}",
+                    f"{entry['gb_per_s']} GB/s{copy_note}",
                     flush=True,
                 )
                 moments = [m for rid, m in fetch_moments(log) if rid != "w2w-0"]
-                results["worker_to_worker"][key]["moments_ms"] = moments
+                entry["moments_ms"] = moments
                 for m in moments:
                     print(f"    its stages, ms from the fetch's start: {m}", flush=True)
                 if args.ttft and key == transport:

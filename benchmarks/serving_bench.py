@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import statistics
@@ -40,6 +39,7 @@ import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import spy_record  # noqa: E402
 import ttft_timeline  # noqa: E402
 from kv_transfer_bench import SHAPES, write_model  # noqa: E402
 
@@ -407,15 +407,6 @@ def stop_up(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(10)
 
 
-def find_py_spy() -> str:
-    """The py-spy executable: on PATH, or beside this Python (a venv's bin that is not on PATH)."""
-    beside = Path(sys.executable).with_name("py-spy")
-    found = shutil.which("py-spy") or (str(beside) if beside.exists() else "")
-    if not found:
-        raise SystemExit("--py-spy: no py-spy executable on PATH or beside this Python (pip install py-spy)")
-    return found
-
-
 def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[subprocess.Popen[bytes]]:
     """With --py-spy DIR, sample every service process (and this one) during a closed-loop point
     of concurrency >= 8: collapsed stacks per role in DIR (`py-spy record --format raw`)."""
@@ -426,36 +417,12 @@ def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[
     pids = {os.getpid(): "bench"}
     if args.up_pid is not None:
         pids |= {pid: role for pid in _children(args.up_pid) if (role := _role(pid))}
-    spies = []
-    for pid, role in pids.items():
-        path = out / f"{mode}_{role}_{pid}_c{conc}.txt"
-        cmd = [
-            args.py_spy_exe,
-            "record",
-            "--pid",
-            str(pid),
-            "--rate",
-            "250",
-            "--format",
-            "raw",
-            "--output",
-            str(path),
-        ]
-        # --native: C / Cython frames too (grpc's core, torch's dispatch); py-spy then pauses the
-        # process for each sample (it cannot unwind native stacks without stopping the threads)
-        cmd += ["--threads", "--native"] if args.py_spy_native else ["--threads", "--nonblocking"]
-        spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    return spies
-
-
-def stop_py_spy(spies: list[subprocess.Popen[bytes]]) -> None:
-    for spy in spies:
-        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-    for spy in spies:
-        try:
-            spy.wait(30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
+    return [
+        spy_record.record(
+            args.py_spy_exe, pid, out / f"{mode}_{role}_{pid}_c{conc}.txt", 250, args.py_spy_native
+        )
+        for pid, role in pids.items()
+    ]
 
 
 def split_cost(results: dict[str, Any]) -> None:
@@ -572,7 +539,9 @@ def main() -> int:
         path = Path(args.plot_only)
         plot(json.loads(path.read_text()), path.with_suffix(".png"))
         return 0
-    args.py_spy_exe = find_py_spy() if args.py_spy else ""  # before any load: a missing one ends the run now
+    args.py_spy_exe = (
+        spy_record.find_py_spy() if args.py_spy else ""
+    )  # before any load: a missing one ends the run now
     tag = args.tag or f"{args.shape}_{args.device.split(':')[0]}"
     out = Path(args.out_dir) / f"serving_{tag}.json"
     results: dict[str, Any] = {
@@ -618,7 +587,7 @@ def main() -> int:
                         asyncio.run(run_load(target, model, args, rate, conc, vocab, repeat))
                         for repeat in range(args.repeats)
                     ]
-                    stop_py_spy(spies)
+                    spy_record.stop(spies)
                     point = median_run(runs)
                     points.append(point)
                     print(
