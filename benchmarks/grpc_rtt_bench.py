@@ -29,6 +29,8 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serving_bench import pct
+
 from services.common.server import install_event_loop_policy
 
 METHOD = "/rtt.Rtt/Offer"
@@ -66,11 +68,6 @@ async def measure(address: str, calls: int, idle_s: float) -> list[float]:
             latencies.append(time.perf_counter() - start)
             call.cancel()
         return latencies
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> int:
