@@ -282,10 +282,13 @@ def gemv_rows(
     smoke: bool = False,
     shapes_wanted: list[str] | None = None,
     progress: Any = None,  # called with the rows so far after each shape (a timed-out call keeps them)
+    wide: bool = False,
+    formats_wanted: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Every candidate config of each format on each projection shape at each row count, and bf16
     F.linear (see the module docstring, `--gemv-only`). smoke: one shape, the first config of each
-    kind (the interpreter takes seconds a call)."""
+    kind (the interpreter takes seconds a call). wide: the word GEMV's configs of `wide_words`
+    instead of the tuner's candidates. formats_wanted: a subset of int8, int4, fp8."""
     from kernels import reference
     from kernels.triton import quant_gemm
     from services.worker.layers.quantization.fp8 import quantize_fp8
@@ -318,6 +321,8 @@ def gemv_rows(
         q4, s4 = quantize_int4(w, 128 if k % 128 == 0 else k)
         f8, sf8 = quantize_fp8(w)
         formats = [("int8", q8, s8, 8), ("int4 g128", q4, s4, 4), ("fp8 weight-only", f8, sf8, 8)]
+        if formats_wanted:
+            formats = [f for f in formats if f[0].split()[0] in formats_wanted]
         del w
         for m in rows:
             x = torch.randn(m, k, device=device, dtype=dtype)
@@ -339,8 +344,10 @@ def gemv_rows(
                     ref = reference.fp8_linear(x.float(), q, s).double()
                 else:
                     ref = reference.quant_linear(x.float(), q, s, bits).double()
-                configs = quant_gemm.candidates(m, bits)
-                if smoke:
+                configs = wide_words(m, bits) if wide else quant_gemm.candidates(m, bits)
+                if smoke and wide:
+                    configs = configs[:1]
+                elif smoke:
                     configs = tuple(
                         dict.fromkeys(next(c for c in configs if c.words == w) for w in (False, True))
                     )
@@ -363,6 +370,26 @@ def gemv_rows(
         if progress is not None:
             progress(out)
     return out
+
+
+def wide_words(rows: int, bits: int) -> tuple[Any, ...]:
+    """A wider grid of the word GEMV's configs than the tuner's (`--wide`): rows a program 2 to 8,
+    tiles of 512 to 4,096 codes' bytes (twice the codes for 4-bit), 4 or 8 warps, one or two tiles
+    in flight; every thread holds at least a word a row and at most 32 accumulators."""
+    from kernels.triton import quant_gemm, quant_gemv
+
+    cpw = quant_gemv.codes_per_word(bits)
+    grid = []
+    for block_n in (2, 4, 8):
+        for tile_bytes in (512, 1024, 2048, 4096):
+            block_k = tile_bytes * 8 // bits
+            for warps in (4, 8):
+                words_a_thread = block_k // cpw // (32 * warps)
+                if words_a_thread < 1 or words_a_thread * block_n * rows > 32:
+                    continue
+                for tiles in (1, 2):
+                    grid.append(quant_gemm._words(block_n, block_k, warps, tiles))
+    return tuple(grid)
 
 
 def print_gemv(rows: list[dict[str, Any]]) -> None:
@@ -421,8 +448,11 @@ def gemv_only(args: argparse.Namespace, device: torch.device) -> int:
         print(f"  ... {rows[-1]['shape'].split()[0]} done ({len(rows)} rows)", flush=True)
 
     shapes = args.shapes.split(",") if args.shapes else None
-    rows = gemv_rows(cfg, device, (1,) if args.smoke else (1, 4), args.smoke, shapes, progress)
-    print(f"\n{device_label(device)}: {args.model} decode GEMVs, every candidate config")
+    row_counts = (1,) if args.smoke or args.wide else (1, 4)
+    formats = [f for f in args.formats.split(",") if f != "none"]
+    rows = gemv_rows(cfg, device, row_counts, args.smoke, shapes, progress, args.wide, formats)
+    what = "the wide grid of word configs" if args.wide else "every candidate config"
+    print(f"\n{device_label(device)}: {args.model} decode GEMVs, {what}")
     print_gemv(rows)
     print(f"wrote {write(rows)}", flush=True)
     return 0
@@ -441,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         "--gemv-only",
         action="store_true",
         help="only the M=1 / M=4 GEMVs of the projection shapes, every candidate config (no engine)",
+    )
+    parser.add_argument(
+        "--wide",
+        action="store_true",
+        help="(--gemv-only) one row, a wider grid of the word GEMV's configs than the tuner's candidates",
     )
     parser.add_argument(
         "--shapes",

@@ -6,7 +6,7 @@
 # Steps (moequant needs a call of its own: 74 tests, the quantized engines tuning their GEMMs): agree (bf16 agreement of the MoE / Gemma 3 / Qwen3 families; AGREE_FAMILIES="mixtral or gemma3" narrows it), moequant (fused MoE and
 # fused quantized GEMM kernels in bf16), engine_moe / engine_gemma (batch-1 decode with a kernel
 # profile), quant (quant_bench), beam (beam_bench Qwen2-0.5B with phases), beamprof (beam_profile),
-# qgemv / qgemvtests (the word GEMV: quant_bench --gemv-only, bf16 tests), attn / attntests (decode attention variants: bench, bf16 tests), lora (lora_bench), loratests (the LoRA kernels' and engine's bf16 tests), lorakern (lora_kernel_bench:
+# qgemv / qgemvtests (the word GEMV: quant_bench --gemv-only, bf16 tests), qgemvwide (--gemv-only --wide: a wider grid of word configs, fp8 and int4), attn / attntests (decode attention variants: bench, bf16 tests), lora (lora_bench), loratests (the LoRA kernels' and engine's bf16 tests), lorakern (lora_kernel_bench:
 # the LoRA kernel configs alone), lorab64 (lora_bench's batch-64 rows with profiles and A/Bs), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels),
 # fp8dec (Llama-3.1-8B batch-1 decode, bf16 and fp8 weights, with kernel profiles), beamhost (beam_profile's ops by host time), beamcprof (beam_bench at W = 4 with cProfile: the beam step's Python by function), beamtests (the beam and selection kernels' bf16 tests), beamab (beam_bench with the selection in one launch, then in three: TANDEM_BEAM_ONE_LAUNCH=1 / 0),
 # kvttft (the gRPC fetch and its layer-wise first token, with the prefill's own completion),
@@ -94,6 +94,8 @@ for s in ${STEPS:?name the steps}; do
     attn) step attn "${ATTN_T:-150}" "$PY" benchmarks/decode_attention_bench.py --out "$OUT/decode_attention_small.json" ;;
     attntests) step attntests "${ATTNTESTS_T:-120}" "${gpu_pytest[@]}" tests/kernels/test_decode_attention_variants.py ;;
     qgemv) step qgemv "${QGEMV_T:-150}" "$PY" benchmarks/quant_bench.py --gemv-only --out "$OUT/quant_gemv.json" ;;
+    qgemvwide) step qgemvwide "${QGEMVWIDE_T:-240}" "$PY" benchmarks/quant_bench.py --gemv-only --wide --formats fp8,int4 \
+      --out "$OUT/quant_gemv_wide.json" ;;
     beamhost) step beamhost "${BEAMHOST_T:-70}" "$PY" benchmarks/beam_profile.py --model Qwen2-0.5B --width 4 \
       --sort host --top 30 ;;
     beamtests) step beamtests "${BEAMTESTS_T:-120}" "${gpu_pytest[@]}" tests/worker \

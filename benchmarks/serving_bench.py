@@ -419,7 +419,12 @@ def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[
         pids |= {pid: role for pid in _children(args.up_pid) if (role := _role(pid))}
     return [
         spy_record.record(
-            args.py_spy_exe, pid, out / f"{mode}_{role}_{pid}_c{conc}.txt", 250, args.py_spy_native
+            args.py_spy_exe,
+            pid,
+            out / f"{mode}_{role}_{pid}_c{conc}{'_gil' if args.py_spy_gil else ''}.txt",
+            250,
+            args.py_spy_native,
+            args.py_spy_gil,
         )
         for pid, role in pids.items()
     ]
@@ -524,6 +529,12 @@ def main() -> int:
         "--py-spy-native",
         action="store_true",
         help="--py-spy: native frames too (py-spy record --native; the processes pause per sample)",
+    )
+    ap.add_argument(
+        "--py-spy-gil",
+        action="store_true",
+        help="--py-spy: only the thread holding the GIL at each sample (py-spy record --gil): which "
+        "thread holds each process's GIL, the worker's engine thread against its event loop",
     )
     ap.add_argument(
         "--trace",

@@ -7,6 +7,7 @@
 # the session's task woken each step) and the GenerateMany A/B
 # (TANDEM_GENERATE_MUX=0: one Generate rpc per request), then a traced run at concurrency 1 for
 # the first token's timeline (serving_bench.py --trace). Output in $OUT (docs/benchmarks.md).
+# SPY_NATIVE=1: the py-spy samples with native frames; SPY_GIL=1: only the thread holding each GIL.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -20,7 +21,7 @@ TOK=${TOK:-.benchmodel/shared/tokenizers/qwen3}
 CONC=${CONC:-1,8,32,64}
 N=${N:-192}
 common=(--shape "${SHAPE:-Qwen2-0.5B}" --tokenizer "$TOK" --device cuda --rates "" --concurrency "$CONC" --num-requests "$N" --repeats "${REPEATS:-1}" --out-dir "$OUT")
-"$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --py-spy "$OUT/spy" ${SPY_NATIVE:+--py-spy-native} --tag split_profile 2>&1 | tail -14
+"$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --py-spy "$OUT/spy" ${SPY_NATIVE:+--py-spy-native} ${SPY_GIL:+--py-spy-gil} --tag split_profile 2>&1 | tail -14
 if [ -n "${GIL_AB-0.0005}" ]; then  # (GIL_AB= skips it)
   TANDEM_GIL_SWITCH_INTERVAL=${GIL_AB-0.0005} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_gil_ab 2>&1 | tail -6
 fi

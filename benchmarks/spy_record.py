@@ -20,12 +20,18 @@ def find_py_spy() -> str:
     return found
 
 
-def record(exe: str, pid: int, path: Path, rate: int, native: bool = False) -> subprocess.Popen[bytes]:
+def record(
+    exe: str, pid: int, path: Path, rate: int, native: bool = False, gil: bool = False
+) -> subprocess.Popen[bytes]:
     """Sample `pid` at `rate` Hz into `path` (collapsed stacks per thread, `--format raw`) until
     `stop`. `native`: C / Cython frames too (grpc's core, torch's dispatch); py-spy then pauses the
-    process for each sample (it cannot unwind native stacks without stopping the threads)."""
+    process for each sample (it cannot unwind native stacks without stopping the threads). `gil`:
+    only the thread holding the GIL at each sample (`--gil`): each thread's share of the samples is
+    its share of the GIL, and the samples against rate x seconds say how long no thread held it."""
     cmd = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", "--output", str(path)]
     cmd += ["--threads", "--native"] if native else ["--threads", "--nonblocking"]
+    if gil:
+        cmd.append("--gil")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
