@@ -60,12 +60,17 @@ class SessionAbort(Exception):
         self.details = details
 
 
+# Writes one chunk's fields into the (empty) GenerateResponse it is given.
+FillFn = Callable[[worker_pb2.GenerateResponse], object]
+
+
 class SessionContext:
     """What the Generate body uses of an rpc's ServicerContext: `abort` and `time_remaining`;
     and `emit`, which sends one of the session's chunks from outside its task (in order with
-    what the task yields: the caller makes sure of that, rpc.py's `take`)."""
+    what the task yields: the caller makes sure of that, rpc.py's `take`): the chunk is written
+    in place in the next message, by the function `emit` is given."""
 
-    def __init__(self, deadline: float | None, emit: Callable[[worker_pb2.GenerateResponse], None]) -> None:
+    def __init__(self, deadline: float | None, emit: Callable[[FillFn], None]) -> None:
         self.deadline = deadline  # time.monotonic(), None: no deadline
         self.emit = emit
 
@@ -92,7 +97,9 @@ class GenerateMux:
         self._generate = generate
         self._write = write
         self._sessions: dict[int, _Session] = {}
-        self._queued: list[worker_pb2.GenerateSessionResponse] = []
+        # the next message, its session answers built in place as they come (a chunk built on its
+        # own, wrapped in a session answer and the batch, was copied into each)
+        self._pending = worker_pb2.GenerateManyResponse()
         self._wake = asyncio.Event()
         self._draining = False
         self._reading = True  # the caller may still send sessions
@@ -199,7 +206,8 @@ class GenerateMux:
         """Stream the session's chunks; its final status."""
         try:
             async for chunk in self._generate(request, context):
-                self._queue(worker_pb2.GenerateSessionResponse(session_id=sid, chunk=chunk))
+                self._pending.responses.add(session_id=sid).chunk.CopyFrom(chunk)
+                self._wake.set()
         except SessionAbort as exc:
             return exc.code, exc.details
         except asyncio.CancelledError:
@@ -212,13 +220,15 @@ class GenerateMux:
             return grpc.StatusCode.INTERNAL, f"the worker failed this request: {exc}"
         return grpc.StatusCode.OK, ""
 
-    def _emit(self, sid: int, chunk: worker_pb2.GenerateResponse) -> None:
-        """A chunk sent from outside the session's task (SessionContext.emit): dropped once the
-        session was cancelled or its deadline passed, as the task's would be."""
+    def _emit(self, sid: int, fill: FillFn) -> None:
+        """A chunk sent from outside the session's task (SessionContext.emit), written in place in
+        the next message: dropped once the session was cancelled or its deadline passed, as the
+        task's would be."""
         session = self._sessions.get(sid)
         if session is not None and not session.expired:
             self.chunks_emitted += 1
-            self._queue(worker_pb2.GenerateSessionResponse(session_id=sid, chunk=chunk))
+            fill(self._pending.responses.add(session_id=sid).chunk)
+            self._wake.set()
 
     def _forget(self, session: _Session) -> None:
         self._sessions.pop(session.session_id, None)
@@ -232,7 +242,7 @@ class GenerateMux:
         self._queue(worker_pb2.GenerateSessionResponse(session_id=sid, end=end))
 
     def _queue(self, answer: worker_pb2.GenerateSessionResponse) -> None:
-        self._queued.append(answer)
+        self._pending.responses.append(answer)
         self._wake.set()
 
     # ---- writing -------------------------------------------------------------------------------
@@ -242,16 +252,16 @@ class GenerateMux:
 
     async def _run_writer(self) -> None:
         while True:
-            if not self._queued:
+            if not self._pending.responses:
                 if self._over():
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch, self._queued = self._queued, []
+            message, self._pending = self._pending, worker_pb2.GenerateManyResponse()
             self.messages_sent += 1
             with contextlib.suppress(asyncio.InvalidStateError):
-                await self._write(worker_pb2.GenerateManyResponse(responses=batch))
+                await self._write(message)
 
 
 def _record_call(code: grpc.StatusCode, started: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -194,18 +195,23 @@ def logprob_from_pb(lp: common_pb2.TokenLogprob) -> TokenLogprob:
 
 
 def output_to_pb(out: RequestOutput) -> worker_pb2.GenerateResponse:
-    msg = worker_pb2.GenerateResponse(request_id=out.request_id)
-    msg.choices.extend(choice_to_pb(choice) for choice in out.choices)
+    return fill_output_pb(worker_pb2.GenerateResponse(), out)
+
+
+def fill_output_pb(msg: worker_pb2.GenerateResponse, out: RequestOutput) -> worker_pb2.GenerateResponse:
+    """Write `out` into the empty `msg` (in place: a GenerateMany session's chunk is built inside
+    the stream's next message). Returns msg."""
+    msg.request_id = out.request_id
+    for choice in out.choices:
+        fill_choice_pb(msg.choices.add(), choice)
     if out.prompt_logprobs is not None:
         msg.prompt_logprobs.extend(logprob_to_pb(lp) for lp in out.prompt_logprobs)
     if out.usage is not None:
-        msg.usage.CopyFrom(
-            common_pb2.Usage(
-                prompt_tokens=out.usage.prompt_tokens,
-                completion_tokens=out.usage.completion_tokens,
-                cached_prompt_tokens=out.usage.cached_prompt_tokens,
-            )
-        )
+        usage = msg.usage
+        usage.SetInParent()  # (present even when every count is zero)
+        usage.prompt_tokens = out.usage.prompt_tokens
+        usage.completion_tokens = out.usage.completion_tokens
+        usage.cached_prompt_tokens = out.usage.cached_prompt_tokens
     return msg
 
 
@@ -245,7 +251,13 @@ def _same_chunk(chunk: kv_transfer.KVChunkData) -> kv_transfer.KVChunkData:
 
 
 def choice_to_pb(choice: ChoiceOutput) -> worker_pb2.ChoiceDelta:
-    delta = worker_pb2.ChoiceDelta(index=choice.index, token_ids=choice.token_ids)
+    return fill_choice_pb(worker_pb2.ChoiceDelta(), choice)
+
+
+def fill_choice_pb(delta: worker_pb2.ChoiceDelta, choice: ChoiceOutput) -> worker_pb2.ChoiceDelta:
+    """Write `choice` into the empty `delta` (in place). Returns delta."""
+    delta.index = choice.index
+    delta.token_ids.extend(choice.token_ids)
     if choice.logprobs is not None:
         delta.logprobs.extend(logprob_to_pb(lp) for lp in choice.logprobs)
     if choice.finish_reason is not None:
@@ -576,7 +588,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if first_token is None and any(c.token_ids for c in item.choices):
                 first_token = time.monotonic()
             assert emit is not None
-            emit(output_to_pb(item))
+            emit(functools.partial(fill_output_pb, out=item))
             return True
 
         if source is None:
