@@ -31,21 +31,18 @@ and timed as the tuner times them (CUDA graph replays, L2 flushed before each ca
 F.linear timed the same way as the baseline; per row us, GB/s of the quantized bytes (codes and
 scales) and the speed-up over bf16; per shape and format the best config of each kind. On the CPU
 (`--smoke --gemv-only` under TRITON_INTERPRET=1) tiny shapes and eager timing check the script.
-`--gemv-only --wide` (one row) times a wider grid of the word GEMV's configs than the tuner's, and
-on CUDA the tuner's word configs for fp8 once more with Triton's bytewise e4m3 conversion (the
-`TANDEM_FP8_PAIRED_CVT=0` baseline: rows "bytewise ..."), e.g. `--gemv-only --wide --formats fp8,int4`.
+`--gemv-only --wide` (one row) times a wider grid of the word GEMV's configs than the tuner's (and
+the tuner's word configs), e.g. `--gemv-only --wide --formats fp8,int4`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -349,30 +346,25 @@ def gemv_rows(
                     ref = reference.fp8_linear(x.float(), q, s).double()
                 else:
                     ref = reference.quant_linear(x.float(), q, s, bits).double()
-                tuner_words = tuple(c for c in quant_gemm.candidates(m, bits) if c.words)
-                runs = [(c, False) for c in quant_gemm.candidates(m, bits)]
+                configs = quant_gemm.candidates(m, bits)
                 if wide:
-                    runs = [(c, False) for c in dict.fromkeys(wide_words(m, bits) + tuner_words)]
-                    if q.dtype == torch.float8_e4m3fn and cuda:  # the A/B of the paired conversion
-                        runs += [(c, True) for c in tuner_words]
+                    configs = tuple(dict.fromkeys(wide_words(m, bits) + tuple(c for c in configs if c.words)))
                 if smoke and wide:
-                    runs = runs[:1]
+                    configs = configs[:1]
                 elif smoke:
-                    runs = list(
-                        dict.fromkeys(next(r for r in runs if r[0].words == w) for w in (False, True))
+                    configs = tuple(
+                        dict.fromkeys(next(c for c in configs if c.words == w) for w in (False, True))
                     )
-                for config, bytewise in runs:
-                    name = f"bytewise {config}" if bytewise else str(config)
-                    row: dict[str, Any] = {"shape": shape, "format": label, "kernel": name}
+                for config in configs:
+                    row: dict[str, Any] = {"shape": shape, "format": label, "kernel": str(config)}
                     try:
-                        with bytewise_fp8(bytewise):
-                            y = quant_gemm.quant_gemm(x, q, s, bits, None, None, config)
-                            row["rel_err"] = float((y.double() - ref).norm() / ref.norm())
-                            t = timed(
-                                lambda x=x, q=q, s=s, bits=bits, c=config: quant_gemm.quant_gemm(
-                                    x, q, s, bits, None, None, c
-                                )
+                        y = quant_gemm.quant_gemm(x, q, s, bits, None, None, config)
+                        row["rel_err"] = float((y.double() - ref).norm() / ref.norm())
+                        t = timed(
+                            lambda x=x, q=q, s=s, bits=bits, c=config: quant_gemm.quant_gemm(
+                                x, q, s, bits, None, None, c
                             )
+                        )
                         row.update(us=t * 1e6, GBps=nbytes / t / 1e9, vs_bf16=t_bf16 / t)
                     except Exception as exc:  # a config this device cannot run is reported, not fatal
                         row["failed"] = f"{type(exc).__name__}: {exc}"[:200]
@@ -382,23 +374,6 @@ def gemv_rows(
         if progress is not None:
             progress(out)
     return out
-
-
-@contextlib.contextmanager
-def bytewise_fp8(on: bool) -> Iterator[None]:
-    """With `on`, the word GEMV converts e4m3 codes with Triton's conversion of each byte (what
-    TANDEM_FP8_PAIRED_CVT=0 gives a worker) instead of the paired PTX conversion."""
-    from kernels.triton import quant_gemv
-
-    if not on:
-        yield
-        return
-    paired = quant_gemv.fp8_paired
-    quant_gemv.fp8_paired = lambda device: False  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        quant_gemv.fp8_paired = paired  # type: ignore[assignment]
 
 
 def wide_words(rows: int, bits: int) -> tuple[Any, ...]:
@@ -431,10 +406,7 @@ def print_gemv(rows: list[dict[str, Any]]) -> None:
             )
         else:
             print(f"  {r['shape']:<36} {r['format']:<16} {r['kernel']:<34} failed: {r.get('failed')}")
-    print(
-        "\nbest per shape and format (old: the gemv / dot configs, or with --wide the word GEMV with "
-        "Triton's bytewise e4m3 conversion; words: quant_gemv.py)"
-    )
+    print("\nbest per shape and format (gemv / dot configs: today's kernel; words: quant_gemv.py)")
     keys = dict.fromkeys((r["shape"], r["format"]) for r in rows if r["format"] != "bf16")
     for shape, fmt in keys:
         timed = [

@@ -21,10 +21,9 @@ column CPW * w + j, the little-endian order of the bytes and nibbles); nothing i
   codes of a word are shifted down once a word) meets x: x's column of code j is loaded once a
   tile as its own strided vector and scaled by 2^-s (exact), amortized over the tile's rows. No
   int -> float conversion instruction (a quarter-rate pipe), no `tl.interleave` / reshape;
-- e4m3 codes on CUDA: each 16-bit half of the word goes through one paired hardware conversion
-  (PTX `cvt.rn.f16x2.e4m3x2`, inline assembly), then each half to fp32 (exact both); Triton's own
-  conversion of the code bytes (the interpreter's path, and TANDEM_FP8_PAIRED_CVT=0) first
-  re-pairs bytes of different rows' words, several instructions a code;
+- e4m3 codes are bytes of the word converted by Triton (hardware e4m3 conversions; a paired
+  conversion of each 16-bit half by inline PTX took 40% fewer instructions in the loop and no time
+  off the decode step, round 23 in docs/benchmarks.md: the loop is not bound by its instructions);
 - where N is a multiple of the rows a program takes and K of a tile (`EVEN`: every model shape
   with the tuned configs) the loop's loads carry no masks: no predicate per load, and the loads'
   L2 hint (evict first) is built once before the loop instead of per load;
@@ -47,16 +46,9 @@ import triton
 import triton.language as tl
 
 from kernels.triton import pdl
-from services.common import switches
 
 MAX_ROWS = 4  # the rows one launch takes (BLOCK_M, a power of two >= M)
 _MAGIC = tl.constexpr(8388608.0)  # 2^23: an integer below 2^23 or'ed into its mantissa is exact
-
-
-def fp8_paired(device: torch.device) -> bool:
-    """Whether e4m3 codes take the paired conversion: on CUDA (the interpreter has no inline
-    assembly) unless TANDEM_FP8_PAIRED_CVT=0 (the A/B baseline: Triton's conversion of each byte)."""
-    return device.type == "cuda" and switches.FP8_PAIRED_CVT.value
 
 
 def codes_per_word(bits: int) -> int:
@@ -115,7 +107,6 @@ def _quant_gemv_kernel(
     BLOCK_W: tl.constexpr,  # words a row a tile
     PREFETCH: tl.constexpr,  # load the next tile's words before summing this one's
     EVEN: tl.constexpr,  # N a multiple of the rows a program takes and K of SPAN: no masks in the loop
-    FP8_PAIRED: tl.constexpr,  # (FP8) the codes of a word converted by inline PTX, two at a time
     PDL: tl.constexpr,
 ):
     CPW: tl.constexpr = 32 // BITS  # codes a word
@@ -191,31 +182,6 @@ def _quant_gemv_kernel(
             part = tl.zeros((BLOCK_W, BLOCK_N, BLOCK_M), dtype=tl.float32)
         if HAS_ZEROS:
             x_word = tl.zeros((BLOCK_W, 1, BLOCK_M), dtype=tl.float32)  # sum of x over each word
-        if FP8 and FP8_PAIRED:
-            # the word's four codes as fp32 (low half: codes 0 and 1, high half: codes 2 and 3)
-            f0, f1, f2, f3 = tl.inline_asm_elementwise(
-                """
-                {
-                .reg .b16 lo, hi;
-                .reg .b32 p01, p23;
-                .reg .b16 h0, h1, h2, h3;
-                mov.b32 {lo, hi}, $4;
-                cvt.rn.f16x2.e4m3x2 p01, lo;
-                cvt.rn.f16x2.e4m3x2 p23, hi;
-                mov.b32 {h0, h1}, p01;
-                mov.b32 {h2, h3}, p23;
-                cvt.f32.f16 $0, h0;
-                cvt.f32.f16 $1, h1;
-                cvt.f32.f16 $2, h2;
-                cvt.f32.f16 $3, h3;
-                }
-                """,
-                "=r,=r,=r,=r,r",
-                [words],
-                dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
-                is_pure=True,
-                pack=1,
-            )
         for j in tl.static_range(CPW):
             if EVEN:
                 xj = tl.load(x_rows + kx + j, mask=mask_m3, other=0.0)  # [BW, 1, BM]: code j's columns
@@ -230,16 +196,7 @@ def _quant_gemv_kernel(
             xf = xj.to(tl.float32)
             if HAS_ZEROS:
                 x_word += xf
-            if FP8 and FP8_PAIRED:
-                if j == 0:
-                    wv = f0
-                elif j == 1:
-                    wv = f1
-                elif j == 2:
-                    wv = f2
-                else:
-                    wv = f3
-            elif FP8:
+            if FP8:
                 code = ((words >> (8 * j)) & 0xFF).to(tl.uint8)
                 wv = code.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             else:
@@ -374,7 +331,6 @@ def quant_gemv(
         BLOCK_W=block_k // cpw,
         PREFETCH=tiles_in_flight > 1,
         EVEN=even,
-        FP8_PAIRED=fp8_paired(x.device) if fp8 else False,
         num_warps=num_warps,
         num_stages=1,
         **pdl.launch_options(x.device),

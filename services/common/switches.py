@@ -187,15 +187,6 @@ GENERATE_SINK: Switch[bool] = Switch(
     "delivers the engine step (services/worker/rpc.py `take`); 0 wakes the session's task for each",
     _parse_bool,
 )
-FP8_PAIRED_CVT: Switch[bool] = Switch(
-    "TANDEM_FP8_PAIRED_CVT",
-    "bool",
-    True,
-    "the A/B baseline of the word GEMV's e4m3 codes converted two at a time by inline PTX on CUDA "
-    "(kernels/triton/quant_gemv.py); 0 takes Triton's conversion of each code byte as before",
-    _parse_bool,
-)
-
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
     FOLD_NORMS,
@@ -211,7 +202,6 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     FP8_KV_FP16_DOTS,
     BEAM_ONE_LAUNCH,
     GENERATE_SINK,
-    FP8_PAIRED_CVT,
 )
 
 

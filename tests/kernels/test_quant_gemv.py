@@ -257,38 +257,6 @@ def test_every_words_config_bf16_gpu(m: int, fmt: str) -> None:
             assert torch.equal(replayed, out), config
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("n", [4096, 3 * 1024 + 2])
-def test_fp8_paired_conversion_equals_triton_gpu(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """e4m3 codes through the paired PTX conversion (the default on CUDA) and through Triton's
-    conversion of each byte (TANDEM_FP8_PAIRED_CVT=0) give bitwise the same outputs (both convert
-    exactly and sum in the same order), for every words config, plain and fused, on an unmasked
-    (N = 4096) and a masked shape."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from kernels.triton import quant_gemv
-    from kernels.triton.quant_gemm import candidates, quant_gemm
-
-    k = 4096
-    gen = torch.Generator().manual_seed(n)
-    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).cuda()
-    g = (1.0 + 0.1 * torch.randn(k, generator=gen)).to(torch.bfloat16).cuda()
-    qweight = (torch.randn(n, k, generator=gen) * 100).clamp(-448, 448).to(torch.float8_e4m3fn).cuda()
-    scales = (torch.rand(n, 1, generator=gen) * 1e-3).cuda()
-    exact = x.float() @ (qweight.float() * scales).t()
-    assert quant_gemv.fp8_paired(x.device)
-    for fused in ({}, {"norm_weight": g, "rms_eps": EPS, "gated": True}):
-        for config in (c for c in candidates(1, 8, bool(fused)) if c.words):
-            paired = quant_gemm(x, qweight, scales, 8, None, None, config, **fused)
-            with monkeypatch.context() as patch:
-                patch.setattr(quant_gemv, "fp8_paired", lambda device: False)
-                bytewise = quant_gemm(x, qweight, scales, 8, None, None, config, **fused)
-            assert torch.equal(paired, bytewise), (config, fused.keys())
-            if not fused:
-                err = float((paired.float() - exact).norm() / exact.norm())
-                assert err < 1e-2, (config, err)
-
-
 def test_quant_bench_gemv_only_smoke(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """benchmarks/quant_bench.py --smoke --gemv-only (interpreter, one tiny shape) times bf16 and a
     config of each kind (today's kernel, a words config) per format, each checked against the twin."""
@@ -302,16 +270,15 @@ def test_quant_bench_gemv_only_smoke(tmp_path) -> None:  # type: ignore[no-untyp
     assert all(r["rel_err"] < 1e-5 and r["us"] > 0 for r in rows if r["format"] != "bf16"), rows
 
 
-# (bits, e4m3, zero points, scale mode, BLOCK_M, fused gate/up, EVEN, paired e4m3 conversion): int8
-# per channel one row; int4 g128 with zeros and the fused gate/up (norm, 1/rms, SiLU), unmasked;
-# e4m3 four rows fused, paired; e4m3 one row unmasked, Triton's conversion; int4 with a group
-# holding whole tiles, four rows
+# (bits, e4m3, zero points, scale mode, BLOCK_M, fused gate/up, EVEN): int8 per channel one row;
+# int4 g128 with zeros and the fused gate/up (norm, 1/rms, SiLU), unmasked; e4m3 four rows fused;
+# e4m3 one row unmasked; int4 with a group holding whole tiles, four rows, unmasked
 SM90_CASES = [
-    (8, False, False, 0, 1, False, False, True),
-    (4, False, True, 2, 1, True, True, True),
-    (8, True, False, 0, 4, True, False, True),
-    (8, True, False, 0, 1, False, True, False),
-    (4, False, False, 1, 4, False, True, False),
+    (8, False, False, 0, 1, False, False),
+    (4, False, True, 2, 1, True, True),
+    (8, True, False, 0, 4, True, False),
+    (8, True, False, 0, 1, False, True),
+    (4, False, False, 1, 4, False, True),
 ]
 _SM90_SCRIPT = """
 import json, sys
@@ -321,11 +288,11 @@ from triton.compiler import ASTSource
 from kernels.triton.quant_gemv import _quant_gemv_kernel
 
 out = []
-for bits, fp8, zeros, scales, block_m, fused, even, paired in json.loads(sys.argv[1]):
+for bits, fp8, zeros, scales, block_m, fused, even in json.loads(sys.argv[1]):
     consts = dict(BITS=bits, FP8=fp8, HAS_ZEROS=zeros, HAS_BIAS=not fused, SCALES=scales, NORM=fused,
                   RMS_EPS=1e-5 if fused else None, GATED=fused, HAS_RESIDUAL=False, EARLY_SIGNAL=fused,
                   BLOCK_M=block_m, BLOCK_N=16, BLOCK_W=128, PREFETCH=block_m > 1, PDL=True,
-                  EVEN=even, FP8_PAIRED=fp8 and paired)
+                  EVEN=even)
     pointers = {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*fp32"}
     signature = {n: "constexpr" if n in consts else pointers.get(n, "*bf16" if n.endswith("_ptr") else "i32")
                  for n in _quant_gemv_kernel.arg_names}
