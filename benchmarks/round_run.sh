@@ -16,7 +16,9 @@
 # decodeprof (step_profile: the kernels of decode steps of 256 sequences, fp8 weights with a bf16 / fp8 KV cache, fp16 / bf16 dots),
 # kvcopy (kv_block_copy_bench: a CUDA IPC fetch's device copy, torch's and the kernel's, and the kernel's GPU tests), kvipc (kv_transfer_bench over CUDA IPC alone: each fetch's stages, the copy's kernel time, both workers under py-spy),
 # grpcrtt (grpc_rtt_bench: one small grpc.aio round trip between two processes, back to back and after idle pauses),
-# kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7).
+# kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7),
+# kvcache (kv_cache_bench on Qwen2-0.5B multi-turn chat: 2 workers with --routing exact then affinity, one worker with a small
+# device KV cache without and with --kv-offload-memory; hit rates and TTFT; a call of its own).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -118,6 +120,8 @@ for s in ${STEPS:?name the steps}; do
       done ;;
     grpcopts) step grpcopts "${GRPCOPTS_T:-200}" "$PY" benchmarks/grpc_ceiling_bench.py --servers 1,4 \
       --connections 1,4 --malloc default,buffers+arena1 --channel-options default,large-frames --out "$OUT/grpc_options.json" ;;
+    kvcache) step kvcache "${KVCACHE_T:-540}" "$PY" benchmarks/kv_cache_bench.py --shape Qwen2-0.5B --device cuda \
+      --tokenizer "${TANDEM_SHARED:-../shared}/tokenizers/qwen2.5" --out-dir "$OUT" ;;
     qgemvtests) step qgemvtests "${QGEMVTESTS_T:-100}" "${gpu_pytest[@]}" tests/kernels/test_quant_gemv.py ;;
     *) echo "unknown step $s" ;;
   esac

@@ -29,6 +29,8 @@ class GatewayConfig:
     """Disaggregated mode: gRPC address of a decode worker (--role decode); repeatable."""
     encode_worker: list[str] = field(default_factory=list)
     """gRPC address of an encode worker (--role encode: an image-in model's vision encoder); repeatable. With any, each image prompt's images are encoded there before its Generate (docs/multimodal.md)."""
+    routing: Literal["exact", "affinity"] = "exact"
+    """How a worker is chosen for a prompt: exact = by each worker's prefix cache as its KV events tell (the fewest blocks to prefill plus load), falling back to affinity where the events are not known; affinity = least load, preferring the worker that served the same prefix before (a guess from this gateway's history; no KV event subscriptions). docs/disaggregation.md, "KV events and exact prefix routing"."""
     kv_layerwise_push: bool = True
     """Disaggregated mode: start the decode worker as soon as the prefill worker admitted the prompt, so that it fetches each layer's KV while the later layers are computed (when both workers offer it; prompt logprobs and n > 1 prefill first as before)."""
     api_key: list[str] = field(default_factory=list)

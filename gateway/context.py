@@ -44,9 +44,18 @@ class GatewayContext:
         return cls(
             config=config,
             # decode workers serve Generate like unified ones; prefill workers form their own pool
-            router=Router([*config.worker, *config.decode_worker], config.health_interval, credentials),
+            router=Router(
+                [*config.worker, *config.decode_worker],
+                config.health_interval,
+                credentials,
+                exact=config.routing == "exact",
+            ),
             disagg=Disaggregation(
-                config.prefill_worker, config.health_interval, credentials, config.kv_layerwise_push
+                config.prefill_worker,
+                config.health_interval,
+                credentials,
+                config.kv_layerwise_push,
+                exact=config.routing == "exact",
             )
             if config.prefill_worker
             else None,
@@ -65,6 +74,14 @@ class GatewayContext:
         self.metrics.track_queues(lambda: self.gate.num_running, lambda: self.gate.num_waiting)
         self.metrics.track_styler_streams(self.stylers.detokenize_counts)
         self.metrics.track_worker_streams(lambda: self.router.generate_counts)
+        self.metrics.track_exact_routes(self._exact_routes)
+
+    def _exact_routes(self) -> dict[str, int]:
+        """Picks the KV index decided, by pool: `worker` (unified or decode), `prefill_worker`."""
+        routes = {"worker": self.router.num_exact_routes}
+        if self.disagg is not None:
+            routes["prefill_worker"] = self.disagg.prefill.num_exact_routes
+        return routes
 
     async def start(self) -> None:
         await asyncio.gather(self.router.start(), self.stylers.start())

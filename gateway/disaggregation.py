@@ -58,8 +58,11 @@ class Disaggregation:
         poll_interval_s: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
         layerwise: bool = True,
+        exact: bool = True,
     ) -> None:
-        self.prefill = Router(prefill_addresses, poll_interval_s, credentials, kind="prefill_worker")
+        self.prefill = Router(
+            prefill_addresses, poll_interval_s, credentials, kind="prefill_worker", exact=exact
+        )
         self.layerwise = layerwise  # --kv-layerwise-push
         self._reported: set[tuple[str, str]] = set()  # (prefill, decode) pairs already explained
         self._resharded: set[tuple[str, str]] = set()  # pairs of different parallel layouts, logged

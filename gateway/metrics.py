@@ -75,6 +75,10 @@ class Metrics:
         """Read the workers' GenerateMany streams' message counts at each scrape."""
         self.registry.register(_WorkerStreamCollector(counts))
 
+    def track_exact_routes(self, routes: Callable[[], dict[str, int]]) -> None:
+        """Read the routers' exact picks (by the workers' KV events) by pool at each scrape."""
+        self.registry.register(_ExactRouteCollector(routes))
+
     def count_request(self, route: str, status: int, finish_reason: str = "") -> None:
         self.requests.labels(route=route, status=str(status), finish_reason=finish_reason).inc()
 
@@ -134,3 +138,21 @@ class _WorkerStreamCollector(Collector):
         sessions.add_metric(["sent"], counts.session_messages_sent)
         sessions.add_metric(["received"], counts.session_messages_received)
         yield sessions
+
+
+class _ExactRouteCollector(Collector):
+    """Worker picks the KV index decided (--routing exact with live event streams), by pool; the
+    other picks of `tandem:gateway_worker_requests_total` were least load with prefix affinity."""
+
+    def __init__(self, routes: Callable[[], dict[str, int]]) -> None:
+        self._routes = routes
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "tandem:gateway_exact_routes",
+            "Worker picks decided by the workers' KV events (exact prefix routing), by pool.",
+            labels=["pool"],
+        )
+        for pool, count in self._routes().items():
+            family.add_metric([pool], count)
+        yield family

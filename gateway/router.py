@@ -1,6 +1,7 @@
 """Which worker serves a request: the fewest new prefill blocks plus load, by exact knowledge of
 each worker's prefix cache where the workers stream KV events (kv_index.py); otherwise least load,
-preferring the worker that served the same prefix (a guess from this gateway's own history).
+preferring the worker that served the same prefix (a guess from this gateway's own history),
+which is all that `--routing affinity` uses.
 
 A background task polls every worker's health and `GetLoad`; a worker that stops answering (or
 whose stream fails with UNAVAILABLE) leaves the rotation and comes back once its health check
@@ -140,8 +141,12 @@ class Router:
         poll_interval_s: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
         kind: str = "worker",
+        exact: bool = True,
     ) -> None:
+        """`exact`: route by the workers' KV events where they stream them (--routing exact);
+        False: by the prefix-affinity guess alone, without subscribing (--routing affinity)."""
         self._credentials = credentials
+        self.exact = exact
         # Names are never reused, so a metric labelled by name counts one worker (DNS members come and go).
         self._names = (f"{kind}-{i}" for i in itertools.count())
         self._dns_names = [a.removeprefix(DNS_PREFIX) for a in addresses if a.startswith(DNS_PREFIX)]
@@ -159,7 +164,7 @@ class Router:
         self._poller = Poller(self.poll_once, poll_interval_s, "worker")
         self.kv_index = KvIndex()
         self._followers: dict[str, KvEventFollower] = {}
-        self.num_exact_routes = 0  # picks decided by the KV index (tests, logs)
+        self.num_exact_routes = 0  # picks decided by the KV index (tests, /metrics)
 
     def healthy_workers(self) -> list[WorkerState]:
         return [w for w in self.workers if w.healthy]
@@ -270,6 +275,7 @@ class Router:
         w.healthy = healthy
         if (
             healthy
+            and self.exact
             # tandem's own proto, and OpenEngine's event stream; SMG's proto carries none here
             and isinstance(w.client, WorkerClient | OpenEngineWorkerClient)
             and w.info is not None
@@ -326,7 +332,9 @@ class Router:
         min_load = min(w.load for w in candidates)
         keys = prefix_keys(prompt_token_ids, lora_name)
         digest = next((w.loras[lora_name] for w in candidates if lora_name in w.loras), "")
-        chosen = self._pick_exact(prompt_token_ids, candidates, lora_root_hash(digest))
+        chosen = (
+            self._pick_exact(prompt_token_ids, candidates, lora_root_hash(digest)) if self.exact else None
+        )
         by_address = {w.address: w for w in candidates}
         for key in reversed(keys if chosen is None else []):  # longest shared prefix first
             owner = by_address.get(self._prefix_owner.get(key, ""))

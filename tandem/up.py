@@ -117,6 +117,8 @@ class UpConfig:
     """Extra options passed to the gateway, as one shell-quoted string (e.g. "--api-key sk-1")."""
     strict_tools: Literal["auto", "always", "never"] = "auto"
     """The gateway's --strict-tools: grammar-enforced tool calls in tool_choice "auto" (auto = for functions with "strict": true; always; never)."""
+    routing: Literal["exact", "affinity"] = "exact"
+    """The gateway's --routing: exact = by the workers' prefix caches as their KV events tell; affinity = least load with the prefix-affinity guess alone."""
     run_dir: str = ""
     """Folder for the unix sockets between the services ("" = a new temporary folder)."""
     startup_timeout: float = 300.0
@@ -453,6 +455,8 @@ def forwarded_gateway_args(config: UpConfig) -> list[str]:
         args += ["--served-model-name", config.served_model_name]
     if config.strict_tools != "auto":
         args += ["--strict-tools", config.strict_tools]
+    if config.routing != "exact":
+        args += ["--routing", config.routing]
     return args
 
 

@@ -30,6 +30,7 @@ def test_vllm_serve_options_reach_the_right_children(tmp_path: Path) -> None:
         quantization="int8",
         speculative="prompt-lookup",
         num_speculative_tokens=6,
+        routing="affinity",
         worker_args="--block-size 32",
     )
     styler, *workers, gateway = build_children(config, tmp_path, instance_id="start-1")
@@ -48,6 +49,7 @@ def test_vllm_serve_options_reach_the_right_children(tmp_path: Path) -> None:
     )
     assert options.api_key == ["sk-a", "sk-b"]
     assert options.served_model_name == "tiny" and options.instance_id == "start-1"
+    assert options.routing == "affinity"
     assert gateway.instance_id == "start-1"
     assert not {"--api-key", "--max-model-len", "--max-num-seqs", "--kv-cache-dtype", "--quantization"} & set(
         styler.argv
@@ -84,6 +86,7 @@ def test_defaults_forward_nothing(tmp_path: Path) -> None:
     ):
         assert flag not in worker.argv
     assert "--api-key" not in gateway.argv and "--instance-id" not in gateway.argv
+    assert "--routing" not in gateway.argv
 
 
 def test_a_busy_port_is_named_with_its_flag() -> None:
