@@ -121,7 +121,7 @@ for s in ${STEPS:?name the steps}; do
     grpcopts) step grpcopts "${GRPCOPTS_T:-200}" "$PY" benchmarks/grpc_ceiling_bench.py --servers 1,4 \
       --connections 1,4 --malloc default,buffers+arena1 --channel-options default,large-frames --out "$OUT/grpc_options.json" ;;
     kvcache) step kvcache "${KVCACHE_T:-540}" "$PY" benchmarks/kv_cache_bench.py --shape Qwen2-0.5B --device cuda \
-      --tokenizer "${TANDEM_SHARED:-../shared}/tokenizers/qwen2.5" --out-dir "$OUT" ;;
+      --tokenizer "${TANDEM_SHARED:-../shared}/tokenizers/${KVCACHE_TOK:-qwen3}" --out-dir "$OUT" ;;
     qgemvtests) step qgemvtests "${QGEMVTESTS_T:-100}" "${gpu_pytest[@]}" tests/kernels/test_quant_gemv.py ;;
     *) echo "unknown step $s" ;;
   esac
