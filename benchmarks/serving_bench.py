@@ -192,7 +192,18 @@ def steady_tok_per_s(results: list[Result]) -> float | None:
     return tokens / (t1 - t0)
 
 
-def summarize(results: list[Result], duration: float, closed_loop: bool = False) -> dict[str, Any]:
+def burst_ttfts(results: list[Result], concurrency: int) -> tuple[list[float], list[float]]:
+    """A closed loop's TTFTs split in two: its first `concurrency` requests (sent at once: the
+    burst) and the rest (each sent as an earlier one ended, into a running batch)."""
+    ok = sorted((r for r in results if r.ok and r.num_chunks), key=lambda r: r.start)
+    first = sorted(results, key=lambda r: r.start)[:concurrency]
+    cut = max((r.start for r in first), default=0.0)
+    return [r.ttft for r in ok if r.start <= cut], [r.ttft for r in ok if r.start > cut]
+
+
+def summarize(
+    results: list[Result], duration: float, closed_loop: bool = False, concurrency: int | None = None
+) -> dict[str, Any]:
     ok = [r for r in results if r.ok]
     ttfts = [r.ttft for r in ok]
     itls = [x for r in ok for x in r.itls]
@@ -209,8 +220,21 @@ def summarize(results: list[Result], duration: float, closed_loop: bool = False)
         "output_tok_per_s": sum(r.tokens for r in ok) / duration,
         # a closed loop's rate while full (steady_tok_per_s); None for Poisson arrivals
         "steady_tok_per_s": steady_tok_per_s(results) if closed_loop else None,
+        # a closed loop's TTFT p50 of its first wave (sent at once) and of the requests after it
+        **_burst_points(results, concurrency if closed_loop else None),
         "goodput_req_per_s": len(good) / duration,
         "slo_attainment": len(good) / max(len(results), 1),
+    }
+
+
+def _burst_points(results: list[Result], concurrency: int | None) -> dict[str, float | None]:
+    if concurrency is None:
+        return {"ttft_burst_p50_ms": None, "ttft_after_p50_ms": None}
+    burst, after = burst_ttfts(results, concurrency)
+    p_burst, p_after = pct(burst, 0.5), pct(after, 0.5)
+    return {
+        "ttft_burst_p50_ms": p_burst * 1e3 if p_burst is not None else None,
+        "ttft_after_p50_ms": p_after * 1e3 if p_after is not None else None,
     }
 
 
@@ -279,7 +303,7 @@ async def run_load(
 
             await asyncio.gather(*(loop() for _ in range(concurrency)))
         duration = time.perf_counter() - start
-    point = summarize(results, duration, closed_loop=rate is None)
+    point = summarize(results, duration, closed_loop=rate is None, concurrency=concurrency)
     point["cores_busy"] = meter.cores_busy(duration)
     # CPU time per output token, per role: the services' cost per token, which sharing the machine
     # with other load changes less than throughput
@@ -603,7 +627,14 @@ def main() -> int:
                     points.append(point)
                     print(
                         f"{mode:>13} rate={rate!s:>5} conc={conc!s:>4}: TTFT p50/p99 {point['ttft_p50_ms']:.1f}/"
-                        f"{point['ttft_p99_ms']:.1f} ms, ITL p50/p99 {point['itl_p50_ms']:.1f}/{point['itl_p99_ms']:.1f} ms, "
+                        f"{point['ttft_p99_ms']:.1f} ms"
+                        + (
+                            f" (first wave / after: {point['ttft_burst_p50_ms']:.1f} / {point['ttft_after_p50_ms']:.1f})"
+                            if point.get("ttft_burst_p50_ms") is not None
+                            and point.get("ttft_after_p50_ms") is not None
+                            else ""
+                        )
+                        + f", ITL p50/p99 {point['itl_p50_ms']:.1f}/{point['itl_p99_ms']:.1f} ms, "
                         f"{point['output_tok_per_s']:.0f} tok/s"
                         + (f" ({point['steady_tok_per_s']:.0f} full)" if point["steady_tok_per_s"] else "")
                         + f", goodput {point['goodput_req_per_s']:.2f} req/s, "

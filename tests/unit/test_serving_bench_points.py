@@ -63,3 +63,19 @@ def test_repeated_runs_report_the_median_one_with_every_rate() -> None:
     assert point["repeats_steady_tok_per_s"] == [95.0, 111.0, None]
     assert serving_bench.median_run(runs[:2])["output_tok_per_s"] == 90.0  # the lower middle
     assert "repeats_tok_per_s" not in serving_bench.median_run(runs[:1])
+
+
+def test_burst_ttfts_split_the_first_wave_from_the_rest() -> None:
+    # two slots: the first two requests start together (the burst), the next two as slots free
+    results = [
+        _request(0.0, [0.5, 1.0]),
+        _request(0.0, [0.9, 1.2]),
+        _request(1.0, [1.1, 1.5]),
+        _request(1.2, [1.3, 1.6]),
+    ]
+    burst, after = serving_bench.burst_ttfts(results, 2)
+    assert burst == pytest.approx([0.5, 0.9]) and after == pytest.approx([0.1, 0.1])
+    point = serving_bench.summarize(results, 2.0, closed_loop=True, concurrency=2)
+    assert point["ttft_burst_p50_ms"] == pytest.approx(900.0)  # (pct: the upper of two)
+    assert point["ttft_after_p50_ms"] == pytest.approx(100.0)
+    assert serving_bench.summarize(results, 2.0)["ttft_burst_p50_ms"] is None
