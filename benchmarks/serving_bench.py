@@ -304,6 +304,16 @@ async def run_load(
             await asyncio.gather(*(loop() for _ in range(concurrency)))
         duration = time.perf_counter() - start
     point = summarize(results, duration, closed_loop=rate is None, concurrency=concurrency)
+    if args.per_request:  # each request's moments: (sent, first token, last token) in ms from the start
+        point["requests_ms"] = [
+            [
+                round((r.start - start) * 1e3, 2),
+                round(r.ttft * 1e3, 2),
+                round((r.ttft + sum(r.itls)) * 1e3, 2),
+            ]
+            for r in sorted(results, key=lambda r: r.start)
+            if r.ok
+        ]
     point["cores_busy"] = meter.cores_busy(duration)
     # CPU time per output token, per role: the services' cost per token, which sharing the machine
     # with other load changes less than throughput
@@ -553,6 +563,11 @@ def main() -> int:
         "--py-spy-native",
         action="store_true",
         help="--py-spy: native frames too (py-spy record --native; the processes pause per sample)",
+    )
+    ap.add_argument(
+        "--per-request",
+        action="store_true",
+        help="each load point's JSON also lists every request's send time, TTFT and end (requests_ms)",
     )
     ap.add_argument(
         "--py-spy-gil",

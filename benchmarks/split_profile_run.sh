@@ -21,7 +21,7 @@ TOK=${TOK:-.benchmodel/shared/tokenizers/qwen3}
 CONC=${CONC:-1,8,32,64}
 N=${N:-192}
 common=(--shape "${SHAPE:-Qwen2-0.5B}" --tokenizer "$TOK" --device cuda --rates "" --concurrency "$CONC" --num-requests "$N" --repeats "${REPEATS:-1}" --out-dir "$OUT")
-"$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --py-spy "$OUT/spy" ${SPY_NATIVE:+--py-spy-native} ${SPY_GIL:+--py-spy-gil} --tag split_profile 2>&1 | tail -14
+"$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --py-spy "$OUT/spy" ${SPY_NATIVE:+--py-spy-native} ${SPY_GIL:+--py-spy-gil} --per-request --tag split_profile 2>&1 | tail -14
 if [ -n "${GIL_AB-0.0005}" ]; then  # (GIL_AB= skips it)
   TANDEM_GIL_SWITCH_INTERVAL=${GIL_AB-0.0005} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_gil_ab 2>&1 | tail -6
 fi
