@@ -238,6 +238,33 @@ def _burst_points(results: list[Result], concurrency: int | None) -> dict[str, f
     }
 
 
+# the gateway's counters of its shared streams (gateway/metrics.py), as "name{labels}" lines
+STREAM_COUNTERS = (
+    "tandem:gateway_worker_stream_messages_total",
+    "tandem:gateway_worker_session_messages_total",
+    "tandem:gateway_styler_stream_messages_total",
+    "tandem:gateway_styler_session_messages_total",
+)
+
+
+async def stream_counts(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """The gateway's GenerateMany / DetokenizeMany message counters from its /metrics (url: the
+    gateway's, or its /v1/completions; empty when it does not answer):
+    "worker_stream_messages{direction=sent}" and so on."""
+    try:
+        async with session.get(url.split("/v1/")[0] + "/metrics") as reply:
+            text = await reply.text()
+    except aiohttp.ClientError:
+        return {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith(STREAM_COUNTERS):
+            key = name.removeprefix("tandem:gateway_").replace("_total", "").replace('"', "")
+            counts[key] = float(value)
+    return counts
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Of a point's repeated runs, the one with the median output tokens/s (the lower middle of
     an even count), with every run's rates beside it."""
@@ -279,6 +306,7 @@ async def run_load(
     timeout = aiohttp.ClientTimeout(total=600)
     meter = CpuMeter(args.up_pid)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        streams_before = None if isinstance(target, InProcessTarget) else await stream_counts(session, target)
 
         async def one(body: dict[str, Any]) -> Result:
             if isinstance(target, InProcessTarget):
@@ -303,7 +331,13 @@ async def run_load(
 
             await asyncio.gather(*(loop() for _ in range(concurrency)))
         duration = time.perf_counter() - start
+        streams = None
+        if streams_before is not None:
+            after = await stream_counts(session, target)  # type: ignore[arg-type]
+            streams = {k: after.get(k, 0.0) - v for k, v in streams_before.items()}
     point = summarize(results, duration, closed_loop=rate is None, concurrency=concurrency)
+    if streams:  # the gateway's shared streams over the point: how much each message carried
+        point["streams"] = streams
     if args.per_request:  # each request's moments: (sent, first token, last token) in ms from the start
         point["requests_ms"] = [
             [
