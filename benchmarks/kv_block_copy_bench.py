@@ -13,6 +13,12 @@ For a Llama-3.1-8B-shaped cache (32 layers, 8 KV heads of 128, blocks of 16 toke
 Each row: the median of --repeats timed copies (CUDA events), GB/s counting the bytes once (a
 transfer's bytes), and its share of the device copy's rate. bf16, then fp8 (--kv-cache-dtype fp8).
 
+`--ipc-source` (CUDA) adds the kernel's copy from a source cache that another process allocated
+and shared over CUDA IPC, as the decode worker reads the prefill worker's cache: idle, then while
+that process keeps the GPU busy with matmuls (two processes' CUDA contexts time-slice one GPU).
+In the decode worker the kernel ran at 0.39 of the device copy against 0.67 in one process
+(round 23); these rows tell the mapped memory from the sharing of the GPU.
+
     python benchmarks/kv_block_copy_bench.py [--blocks 256] [--out benchmarks/results/kv_block_copy.json]
     python benchmarks/kv_block_copy_bench.py --smoke   # the CPU (Triton's interpreter): checks the script
 """
@@ -112,6 +118,98 @@ def bench_dtype(
     return rows
 
 
+def _ipc_peer(shape: tuple[int, ...], itemsize: int, shared: object, commands: object) -> None:
+    """The other process (spawned): allocate the source cache, share it over CUDA IPC (torch's
+    queue reduction), then on "busy" run matmuls until the next command, on "stop" exit."""
+    import contextlib
+    import queue
+
+    cache = torch.empty(shape, dtype=torch.uint8 if itemsize == 1 else torch.int16, device="cuda")
+    cache.random_(0, 100)
+    shared.put(cache)  # type: ignore[attr-defined]
+    a = torch.randn(4096, 4096, device="cuda")
+    while True:
+        command = commands.get()  # type: ignore[attr-defined]
+        while command == "busy":
+            for _ in range(8):
+                a = (a @ a).clamp_(-1, 1)
+            torch.cuda.synchronize()
+            with contextlib.suppress(queue.Empty):
+                command = commands.get_nowait()  # type: ignore[attr-defined]
+        if command == "stop":
+            return
+
+
+def bench_ipc_source(
+    dtype: torch.dtype,
+    cache_shape: tuple[int, ...],
+    ids: dict[str, tuple[list[int], list[int]]],
+    repeats: int,
+    device_copy_rate: float,
+) -> list[dict[str, object]]:
+    """The kernel's copy (scattered ids) from a cache another process shares over CUDA IPC, with
+    that process idle and then busy (module docstring); the rows as bench_dtype's."""
+    import torch.multiprocessing as mp
+
+    from benchmarks.engine_bench import median_time
+    from kernels.triton.kv_block_copy import copy_kv_blocks
+
+    context = mp.get_context("spawn")
+    shared, commands = context.Queue(), context.Queue()
+    peer = context.Process(
+        target=_ipc_peer, args=(cache_shape, dtype.itemsize, shared, commands), daemon=True
+    )
+    peer.start()
+
+    def measure() -> list[dict[str, object]]:
+        # (the mapped tensors live in here: released before the peer is stopped)
+        src = shared.get(timeout=120).view(dtype)  # mapped from the peer's memory
+        dst = torch.zeros_like(src)
+        src_ids, dst_ids = ids["scattered"]
+        layers = cache_shape[0]
+        num_bytes = src[:, :, : len(src_ids)].numel() * src.element_size()
+        name_of_dtype = str(dtype).removeprefix("torch.")
+        rows: list[dict[str, object]] = []
+        for name, busy in (
+            ("kernel (scattered, IPC source)", False),
+            ("kernel (IPC source, peer busy)", True),
+        ):
+            if busy:
+                commands.put("busy")
+            seconds = median_time(
+                lambda: copy_kv_blocks(src, dst, src_ids, dst_ids, (0, layers)),
+                torch.device("cuda"),
+                warmup=1,
+                iters=repeats,
+            )
+            rate = num_bytes / seconds / 1e9
+            rows.append(
+                {
+                    "dtype": name_of_dtype,
+                    "copy": name,
+                    "bytes": num_bytes,
+                    "us": seconds * 1e6,
+                    "gb_per_s": rate,
+                    "vs_device_copy": rate / device_copy_rate,
+                }
+            )
+            print(
+                f"{name_of_dtype:<14} {name:<26} {seconds * 1e6:>9.1f} {rate:>8.1f} {rate / device_copy_rate:>14.2f}"
+            )
+        got = dst[:, :, dst_ids].view(torch.uint8)
+        assert torch.equal(got, src[:, :, src_ids].view(torch.uint8)), "the kernel's copy from IPC differs"
+        torch.cuda.synchronize()
+        return rows
+
+    try:
+        return measure()
+    finally:
+        commands.put("stop")
+        peer.join(30)
+        if peer.is_alive():
+            peer.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=256, help="the prompt's blocks (256: 4,096 tokens)")
@@ -119,8 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="the CPU, a tiny cache")
     ap.add_argument("--tune", action="store_true", help="also the kernel's launch parameters (scattered ids)")
+    ap.add_argument(
+        "--ipc-source",
+        action="store_true",
+        help="(CUDA) also the kernel from a cache another process shares over CUDA IPC, idle and busy",
+    )
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    if args.ipc_source and args.smoke:
+        ap.error("--ipc-source needs CUDA (no --smoke)")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         device, shape = "cpu", (2, 16, 2, 16)  # layers, block size, KV heads, head dim
@@ -143,7 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     ids = {"consecutive": (consecutive_src, consecutive_dst), "scattered": (scattered_src, scattered_dst)}
     for dtype in (torch.bfloat16, torch.float8_e4m3fn):
         shape6 = (layers, 2, args.cache_blocks, block_size, heads, head_dim)
-        rows += bench_dtype(dtype, shape6, ids, args.repeats, device, args.tune)
+        dtype_rows = bench_dtype(dtype, shape6, ids, args.repeats, device, args.tune)
+        rows += dtype_rows
+        if args.ipc_source:
+            rows += bench_ipc_source(dtype, shape6, ids, args.repeats, float(dtype_rows[0]["gb_per_s"]))  # type: ignore[arg-type]
     results = Path(tempfile.gettempdir()) if args.smoke else Path(__file__).parent / "results"
     out = Path(args.out or results / f"kv_block_copy_{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
 # census (compile_census: Triton variants compiled per wave of new prompt lengths, batches and sampling options),
 # decodeprof (step_profile: the kernels of decode steps of 256 sequences, fp8 weights with a bf16 / fp8 KV cache, fp16 / bf16 dots),
-# kvcopy (kv_block_copy_bench: a CUDA IPC fetch's device copy, torch's and the kernel's, and the kernel's GPU tests), kvipc (kv_transfer_bench over CUDA IPC alone: each fetch's stages, the copy's kernel time, both workers under py-spy),
+# kvcopyipc (kv_block_copy_bench --ipc-source: the copy from another process's cache over CUDA IPC, that process idle and busy), kvcopy (kv_block_copy_bench: a CUDA IPC fetch's device copy, torch's and the kernel's, and the kernel's GPU tests), kvipc (kv_transfer_bench over CUDA IPC alone: each fetch's stages, the copy's kernel time, both workers under py-spy),
 # grpcrtt (grpc_rtt_bench: one small grpc.aio round trip between two processes, back to back and after idle pauses),
 # kvhelpers (worker -> worker over gRPC at 4 MiB chunks: 1 and 4 streams with no wire helpers and with 3 a side, 4 and 8 streams with 7),
 # kvcache (kv_cache_bench on Qwen2-0.5B multi-turn chat: 2 workers with --routing exact then affinity, one worker with a small
@@ -85,6 +85,8 @@ for s in ${STEPS:?name the steps}; do
         --kernel-configs "${LORA_CONFIGS:-expand_columns=512 $fastest}" --out "$OUT/lora_b64.json" ;;
     kvnixl) step kvnixl "${KV_T:-200}" "$PY" benchmarks/kv_transfer_bench.py --shape Llama-3.1-8B --device cuda \
       --prompt-tokens 4096 --repeats 3 --chunk-sizes 4194304 --transports nixl,cuda-ipc,grpc --out "$OUT/kv_nixl.json" ;;
+    kvcopyipc) step kvcopyipc "${KVCOPYIPC_T:-120}" "$PY" benchmarks/kv_block_copy_bench.py --ipc-source \
+      --out "$OUT/kv_block_copy_ipc.json" ;;
     kvcopy)  # the CUDA IPC fetch's device copy alone (kv_block_copy_bench) and the kernel's bf16 / fp8 tests
       step kvcopytests "${KVCOPY_T:-150}" "${gpu_pytest[@]}" tests/kernels/test_kv_block_copy.py \
         tests/disagg/test_kv_first_token.py tests/disagg/test_kv_layerwise.py  # (the rest of tests/disagg needs openai)
