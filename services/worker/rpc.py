@@ -36,6 +36,7 @@ from services.worker.generate_mux import GenerateMux, SessionContext
 from services.worker.grammar_check import CHECK_NICENESS, CHECK_STACK_BYTES, WORKER_STACK_FACTOR
 from services.worker.guided import GUIDED_KINDS, GuidedSpec, GuidedUnavailableError, choice_spec
 from services.worker.kv_cache import KV_DTYPE_NAMES, KV_LAYOUT
+from services.worker.kv_events import EventKind, KvEvent
 from services.worker.kv_handles import HeldKV, KVHandleError
 from services.worker.kv_layerwise import LayerProgress, LayerwiseFailed
 from services.worker.kv_peers import PeerTransferLog
@@ -226,6 +227,22 @@ def fingerprint(engine: Engine) -> str:
     if engine.quantization != "none":  # quantized weights compute a different KV
         parts.append(f"weights:{engine.quantization}{engine.config.quantization_group_size or ''}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def merge_kv_events(events: list[KvEvent]) -> list[tuple[int, EventKind, list[int]]]:
+    """Consecutive events of one kind as one message (sequence, kind, hashes): a step's stores (or
+    evictions) of many requests go out together. Its sequence is the last merged event's, so a
+    subscriber resumes after all of them; applying it is applying them in order (a set updated by
+    each). A snapshot is never merged."""
+    merged: list[tuple[int, EventKind, list[int]]] = []
+    for event in events:
+        if merged and event.kind == merged[-1][1] and event.kind != "snapshot":
+            hashes = merged[-1][2]
+            hashes.extend(event.hashes)
+            merged[-1] = (event.sequence, event.kind, hashes)
+        else:
+            merged.append((event.sequence, event.kind, list(event.hashes)))
+    return merged
 
 
 def kv_source_from_pb(msg: worker_pb2.GenerateRequest) -> kv_transfer.KVSource | None:
@@ -1384,9 +1401,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         assert events is not None
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
+        scheduled = False  # a wake-up is on its way to the loop (one for a step's many events)
 
-        def notify() -> None:
-            loop.call_soon_threadsafe(wake.set)
+        def woken() -> None:
+            nonlocal scheduled
+            scheduled = False
+            wake.set()
+
+        def notify() -> None:  # (the engine thread, after each event)
+            nonlocal scheduled
+            if not scheduled:
+                scheduled = True
+                loop.call_soon_threadsafe(woken)
 
         unsubscribe = events.listen(notify)
         after, epoch = request.after_sequence, request.epoch
@@ -1396,15 +1422,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             while True:
                 wake.clear()
                 batch = events.since(after, epoch)
-                for event in batch:
+                for sequence, kind, hashes in merge_kv_events(batch):
                     yield worker_pb2.KvEvent(
-                        sequence=event.sequence,
-                        kind=_EVENT_KINDS[event.kind],
-                        block_hashes=event.hashes,
+                        sequence=sequence,
+                        kind=_EVENT_KINDS[kind],
+                        block_hashes=hashes,
                         block_size=block_size,
                         epoch=events.epoch,
                     )
-                    after, epoch = event.sequence, events.epoch
+                    after, epoch = sequence, events.epoch
                 if not batch:
                     await wake.wait()
         finally:

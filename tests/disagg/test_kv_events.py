@@ -105,6 +105,32 @@ def test_event_log_resumes_or_snapshots() -> None:
     assert log.since(99, log.epoch)[0].kind == "snapshot"
 
 
+def test_consecutive_events_of_one_kind_go_out_as_one() -> None:
+    """SubscribeKvEvents merges a batch's consecutive stores (or evictions) into one message numbered
+    as the last; applying the merged messages leaves the index as applying every event would."""
+    from gateway.kv_index import CacheEvent, KvIndex
+    from services.worker.rpc import merge_kv_events
+
+    log = KvEventLog(capacity=16)
+    log.stored([1, 2])
+    log.stored([3])
+    log.evicted([1])
+    log.evicted([3])
+    log.stored([1, 4])
+    events = log.since(0, log.epoch)
+    merged = merge_kv_events(events)
+    assert merged == [(2, "stored", [1, 2, 3]), (4, "evicted", [1, 3]), (5, "stored", [1, 4])]
+    one_by_one, together = KvIndex(), KvIndex()
+    for e in events:
+        one_by_one.apply("w", CacheEvent(e.sequence, e.kind, e.hashes, BLOCK, log.epoch))
+    for sequence, kind, hashes in merged:
+        together.apply("w", CacheEvent(sequence, kind, tuple(hashes), BLOCK, log.epoch))
+    assert together.workers["w"].hashes == one_by_one.workers["w"].hashes == {1, 2, 4}
+    assert together.workers["w"].sequence == one_by_one.workers["w"].sequence == 5
+    snapshot = log.since(0, "another-epoch")
+    assert merge_kv_events(snapshot + snapshot) == [(5, "snapshot", [1, 2, 4])] * 2  # never merged
+
+
 # ---- over gRPC, and the gateway's index -------------------------------------------------------------
 
 
@@ -151,11 +177,11 @@ def test_subscription_streams_stores_and_resumes_by_sequence(
     resumed = stub.SubscribeKvEvents(
         worker_pb2.SubscribeKvEventsRequest(after_sequence=event.sequence, epoch=event.epoch), timeout=30
     )
-    got = [next(resumed), next(resumed)]
+    # (the two stores, consecutive and of one kind, come as one message numbered as the second)
+    got = next(resumed)
     resumed.cancel()
-    assert [e.kind for e in got] == [worker_pb2.KV_EVENT_KIND_STORED] * 2
-    assert [e.sequence for e in got] == [event.sequence + 1, event.sequence + 2]
-    assert [list(e.block_hashes) for e in got] == [block_hashes(second, BLOCK), block_hashes(third, BLOCK)]
+    assert got.kind == worker_pb2.KV_EVENT_KIND_STORED and got.sequence == event.sequence + 2
+    assert list(got.block_hashes) == block_hashes(second, BLOCK) + block_hashes(third, BLOCK)
 
     # resuming with another epoch (as after a worker restart): a snapshot of everything cached
     other = stub.SubscribeKvEvents(
