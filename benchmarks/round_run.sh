@@ -124,7 +124,7 @@ for s in ${STEPS:?name the steps}; do
       --connections 1,4 --malloc default,buffers+arena1 --channel-options default,large-frames --out "$OUT/grpc_options.json" ;;
     kvcache) step kvcache "${KVCACHE_T:-540}" "$PY" benchmarks/kv_cache_bench.py --shape Qwen2-0.5B --device cuda \
       --tokenizer "${TANDEM_SHARED:-../shared}/tokenizers/${KVCACHE_TOK:-qwen3}" --out-dir "$OUT" ;;
-    qgemvtests) step qgemvtests "${QGEMVTESTS_T:-100}" "${gpu_pytest[@]}" tests/kernels/test_quant_gemv.py ;;
+    qgemvtests) step qgemvtests "${QGEMVTESTS_T:-240}" "${gpu_pytest[@]}" tests/kernels/test_quant_gemv.py ;;
     *) echo "unknown step $s" ;;
   esac
 done
