@@ -7,9 +7,10 @@
               (on the stream all requests share, DetokenizeMany: detokenize_mux.py)
     yield     `ChoiceUpdate`s; when every choice is done the worker stream is cancelled (= abort)
 
-Two tasks run per prompt: the writer pumps worker chunks into the styler stream, the reader pulls
-text deltas; both feed one queue the caller consumes, so an error on either side ends the
-request at once, and cancelling the caller (client disconnect) cancels both and the worker call.
+Per prompt, a writer task pumps worker chunks into the styler session, and the session hands its
+text deltas (its end, its failure) to the same queue as they arrive (`MuxSession.forward`); the
+caller consumes that queue, so an error on either side ends the request at once, and cancelling
+the caller (client disconnect) cancels the writer, the worker call and the styler session.
 """
 
 from __future__ import annotations
@@ -448,20 +449,20 @@ class Executor:
             except BaseException as exc:
                 events.put_nowait(exc)
 
-        async def read() -> None:
-            try:
-                async for deltas in session.responses():
-                    events.put_nowait(deltas)
-                events.put_nowait(None)
-            except asyncio.CancelledError:
-                raise
-            except grpc.aio.AioRpcError as exc:
-                events.put_nowait(_grpc_error(exc, "styler"))
-            except BaseException as exc:
-                events.put_nowait(exc)
+        # The styler's answers go straight into `events` as they arrive (no task of their own
+        # woken per token); `styler_done` resolves when its session has ended.
+        styler_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def from_styler(item: list[TextDelta] | grpc.aio.AioRpcError | None) -> None:
+            if isinstance(item, list):
+                events.put_nowait(item)
+                return
+            events.put_nowait(None if item is None else _grpc_error(item, "styler"))
+            if not styler_done.done():
+                styler_done.set_result(None)
 
         writer = asyncio.create_task(write())
-        reader = asyncio.create_task(read())
+        session.forward(from_styler)
         consumed: dict[int, int] = dict.fromkeys(indices, 0)
         done: set[int] = set()
         stopped_early = False  # a stop string ended a choice the worker was still generating
@@ -505,19 +506,17 @@ class Executor:
             if all(i in worker_finish for i in indices):
                 # The worker closes its stream, the writer then half-closes the styler's, and
                 # the styler ends it.
-                await asyncio.wait([writer, reader], timeout=STREAM_END_TIMEOUT_S)
+                await asyncio.wait([writer, styler_done], timeout=STREAM_END_TIMEOUT_S)
             else:
                 stopped_early = True
                 if await stream.abort():
                     # A stop string ended them: the worker aborts the request and ends its
                     # stream, then the writer half-closes the styler's as above.
-                    await asyncio.wait([writer, reader], timeout=STREAM_END_TIMEOUT_S)
+                    await asyncio.wait([writer, styler_done], timeout=STREAM_END_TIMEOUT_S)
         finally:
             writer.cancel()
-            reader.cancel()
-            for task in (writer, reader):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
             session.cancel()
             stopped_early = stopped_early or any(worker_finish.get(i) is None for i in indices)
             if worker_usage and not stopped_early:

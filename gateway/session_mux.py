@@ -86,6 +86,16 @@ class MuxSession(Generic[ItemT]):
         self._open = True  # the peer still holds it (no end answered, no failure, no cancel)
         self._closing = False  # the caller sent its last message: the peer ends the session itself
         self._deadline_timer: asyncio.TimerHandle | None = None
+        self._forward: Callable[[ItemT | grpc.aio.AioRpcError | None], None] | None = None
+
+    def forward(self, put: Callable[[ItemT | grpc.aio.AioRpcError | None], None]) -> None:
+        """Hand each answer to `put` as it comes, instead of keeping it for `responses`: None when
+        the session ended (OK, or cancelled), the `AioRpcError` when it failed, last. For a caller
+        that gathers several sources in one queue: no task of its own woken per answer. Answers
+        already kept go to `put` first, in order; `responses` is not used after this."""
+        while not self._answers.empty():
+            put(self._answers.get_nowait())
+        self._forward = put
 
     async def responses(self) -> AsyncIterator[ItemT]:
         while True:
@@ -106,7 +116,10 @@ class MuxSession(Generic[ItemT]):
     # ---- called by the mux ----------------------------------------------------------------------
 
     def _deliver(self, item: ItemT) -> None:
-        self._answers.put_nowait(item)
+        if self._forward is not None:
+            self._forward(item)
+        else:
+            self._answers.put_nowait(item)
 
     def _end(self, error: grpc.aio.AioRpcError | None) -> None:
         if not self._open:
@@ -117,7 +130,10 @@ class MuxSession(Generic[ItemT]):
         self._mux.forget(self.session_id)
         if error is not None:
             self._error = error
-        self._answers.put_nowait(error)
+        if self._forward is not None:
+            self._forward(error)
+        else:
+            self._answers.put_nowait(error)
 
     def _expire(self) -> None:
         """The request's deadline passed before the peer ended the session."""

@@ -203,6 +203,38 @@ async def test_interleaved_sessions_answer_what_their_own_streams_answer(
     assert styler.servicer is not None and styler.servicer.num_detokenize_sessions() == 0
 
 
+async def test_forwarded_sessions_hand_over_what_responses_would_yield(
+    styler: Styler, client: StylerClient
+) -> None:
+    """`forward`: a session's answers go to the given function as they arrive, then None at its
+    end; a session that ended before `forward` hands over everything it kept, in order, then
+    None; a failed session its AioRpcError."""
+    rng = random.Random(4)
+    cases = _cases(rng)[:4]
+    got: list[list[object]] = [[] for _ in cases]
+    sessions = [await client.detokenize_stream(c.start) for c in cases]
+    for i, session in enumerate(sessions):
+        if i % 2 == 0:  # forwarded from the start
+            session.forward(got[i].append)
+    for case, session in zip(cases, sessions, strict=True):
+        for delta in case.deltas:
+            await session.send([delta])
+        await session.done_writing()
+    for i, session in enumerate(sessions):
+        if i % 2:  # forwarded only once the session has ended: all it kept
+            await _wait_for(lambda s=session: not s._open, "the session's end")
+            session.forward(got[i].append)
+    await _wait_for(lambda: all(g and g[-1] is None for g in got), "every session's end")
+    for case, answers in zip(cases, got, strict=True):
+        assert _same_ids(answers[:-1]) == await _reference(styler.address, case)  # type: ignore[arg-type]
+    bad = await client.detokenize_stream(replace(START, tool_parser="no-such-parser"))
+    failed: list[object] = []
+    bad.forward(failed.append)
+    await _wait_for(lambda: bool(failed), "the bad session's failure")
+    assert isinstance(failed[-1], grpc.aio.AioRpcError)
+    assert failed[-1].code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_a_bad_session_ends_alone(styler: Styler, client: StylerClient) -> None:
     rng = random.Random(1)
     good = _cases(rng)[:3]
