@@ -39,6 +39,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def _row(dtype: str, name: str, num_bytes: int, seconds: float, device_copy_rate: float) -> dict[str, object]:
+    """One table row (GB/s counting the bytes once, against the device copy's rate), printed."""
+    rate = num_bytes / seconds / 1e9
+    print(f"{dtype:<14} {name:<26} {seconds * 1e6:>9.1f} {rate:>8.1f} {rate / device_copy_rate:>14.2f}")
+    return {
+        "dtype": dtype,
+        "copy": name,
+        "bytes": num_bytes,
+        "us": seconds * 1e6,
+        "gb_per_s": rate,
+        "vs_device_copy": rate / device_copy_rate,
+    }
+
+
 def bench_dtype(
     dtype: torch.dtype,
     cache_shape: tuple[int, ...],
@@ -98,19 +112,8 @@ def bench_dtype(
     name_of_dtype = str(dtype).removeprefix("torch.")
     for name, fn in cases:
         seconds = median_time(fn, torch.device(device), warmup=1, iters=repeats)
-        rate = num_bytes / seconds / 1e9
-        base = base or rate
-        rows.append(
-            {
-                "dtype": name_of_dtype,
-                "copy": name,
-                "bytes": num_bytes,
-                "us": seconds * 1e6,
-                "gb_per_s": rate,
-                "vs_device_copy": rate / base,
-            }
-        )
-        print(f"{name_of_dtype:<14} {name:<26} {seconds * 1e6:>9.1f} {rate:>8.1f} {rate / base:>14.2f}")
+        base = base or num_bytes / seconds / 1e9
+        rows.append(_row(name_of_dtype, name, num_bytes, seconds, base))
     want = src[:, :, scattered_src]
     assert torch.equal(dst[:, :, scattered_dst].view(torch.uint8), want.view(torch.uint8)), (
         "the kernel's copy differs"
@@ -182,20 +185,7 @@ def bench_ipc_source(
                 warmup=1,
                 iters=repeats,
             )
-            rate = num_bytes / seconds / 1e9
-            rows.append(
-                {
-                    "dtype": name_of_dtype,
-                    "copy": name,
-                    "bytes": num_bytes,
-                    "us": seconds * 1e6,
-                    "gb_per_s": rate,
-                    "vs_device_copy": rate / device_copy_rate,
-                }
-            )
-            print(
-                f"{name_of_dtype:<14} {name:<26} {seconds * 1e6:>9.1f} {rate:>8.1f} {rate / device_copy_rate:>14.2f}"
-            )
+            rows.append(_row(name_of_dtype, name, num_bytes, seconds, device_copy_rate))
         got = dst[:, :, dst_ids].view(torch.uint8)
         assert torch.equal(got, src[:, :, src_ids].view(torch.uint8)), "the kernel's copy from IPC differs"
         torch.cuda.synchronize()

@@ -53,7 +53,7 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from kv_transfer_bench import SHAPES, write_model  # noqa: E402
-from serving_bench import free_port, launch_up, pct, stop_up  # noqa: E402
+from serving_bench import free_port, launch_up, pct, sse_chunks, stop_up  # noqa: E402
 
 BLOCK_SIZE = 16  # the worker's default --block-size
 # Common English words, each one token (with its leading space) in the Qwen2 and Llama 3 tokenizers.
@@ -153,11 +153,7 @@ async def chat_turn(
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(resp):
                 if "error" in chunk:
                     result.error = str(chunk["error"])[:200]
                     return

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO / "tests" / "multimodal"))
 from llava_testlib import data_url, png  # noqa: E402
 from mm_bench import QWEN2_5_VL_7B, TINY, write_model  # noqa: E402
 from qwen_testlib import write_tokenizer  # noqa: E402
-from serving_bench import CpuMeter, free_port, launch_up, pct, stop_up  # noqa: E402
+from serving_bench import CpuMeter, free_port, launch_up, pct, sse_chunks, stop_up  # noqa: E402
 
 from benchmarks.bench_report import device_label, write_report  # noqa: E402
 
@@ -160,11 +160,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, req: Request) ->
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return res
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(resp):
                 if "error" in chunk:
                     res.error = str(chunk["error"])[:200]
                     return res

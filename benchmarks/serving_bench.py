@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,14 @@ class CpuMeter:
         return {role: round((end[role] - self.start.get(role, 0.0)) / wall_s, 3) for role in end}
 
 
+async def sse_chunks(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON chunks of a streamed OpenAI response (its `data:` lines, `[DONE]` left out)."""
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line[6:])
+
+
 async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Result:
     res = Result()
     start = res.start = time.perf_counter()
@@ -144,11 +153,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return res
-            async for raw in resp.content:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+            async for chunk in sse_chunks(resp):
                 if "error" in chunk:
                     res.error = str(chunk["error"])
                     return res
