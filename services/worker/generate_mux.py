@@ -206,8 +206,7 @@ class GenerateMux:
         """Stream the session's chunks; its final status."""
         try:
             async for chunk in self._generate(request, context):
-                self._pending.responses.add(session_id=sid).chunk.CopyFrom(chunk)
-                self._wake.set()
+                self._answer(sid).chunk.CopyFrom(chunk)
         except SessionAbort as exc:
             return exc.code, exc.details
         except asyncio.CancelledError:
@@ -227,8 +226,7 @@ class GenerateMux:
         session = self._sessions.get(sid)
         if session is not None and not session.expired:
             self.chunks_emitted += 1
-            fill(self._pending.responses.add(session_id=sid).chunk)
-            self._wake.set()
+            fill(self._answer(sid).chunk)
 
     def _forget(self, session: _Session) -> None:
         self._sessions.pop(session.session_id, None)
@@ -238,12 +236,14 @@ class GenerateMux:
             self._wake.set()  # the writer checks whether the stream is over
 
     def _answer_end(self, sid: int, code: grpc.StatusCode, details: str) -> None:
-        end = worker_pb2.GenerateSessionEnd(code=code.value[0], message=details)
-        self._queue(worker_pb2.GenerateSessionResponse(session_id=sid, end=end))
+        end = self._answer(sid).end
+        end.SetInParent()  # (an OK end sets only defaults: present all the same)
+        end.code, end.message = code.value[0], details
 
-    def _queue(self, answer: worker_pb2.GenerateSessionResponse) -> None:
-        self._pending.responses.append(answer)
+    def _answer(self, sid: int) -> worker_pb2.GenerateSessionResponse:
+        """A new (empty) answer of session `sid` in the next message, for the caller to fill."""
         self._wake.set()
+        return self._pending.responses.add(session_id=sid)
 
     # ---- writing -------------------------------------------------------------------------------
 
