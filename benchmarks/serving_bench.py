@@ -252,6 +252,52 @@ STREAM_COUNTERS = (
 )
 
 
+# the worker's own request histograms (services/common/metrics.py), from its --metrics-port: from
+# the request's arrival in the worker to its first scheduling, and to its first token sent
+WORKER_HISTOGRAMS = {"queue": "tandem:request_queue_seconds", "ttft": "tandem:time_to_first_token_seconds"}
+
+
+async def worker_sums(session: aiohttp.ClientSession, url: str | None) -> dict[str, float]:
+    """The worker's histogram sums and counts ("queue_sum", "queue_count", "ttft_sum", ...) from
+    its /metrics at `url`; empty without a url or an answer."""
+    if url is None:
+        return {}
+    try:
+        async with session.get(url) as reply:
+            return histogram_sums(await reply.text())
+    except aiohttp.ClientError:
+        return {}
+
+
+def histogram_sums(text: str) -> dict[str, float]:
+    """WORKER_HISTOGRAMS' sums and counts in a Prometheus text exposition."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        for key, metric in WORKER_HISTOGRAMS.items():
+            if name in (f"{metric}_sum", f"{metric}_count"):
+                sums[f"{key}_{name.rsplit('_', 1)[1]}"] = float(value)
+    return sums
+
+
+def worker_split(
+    before: dict[str, float], after: dict[str, float], results: list[Result]
+) -> dict[str, float]:
+    """Where a point's mean TTFT went (ms): in the worker (`queue`: arrival to first scheduled;
+    `ttft`: arrival to first token sent) and outside it (`outside`: the client's mean TTFT less
+    the worker's: the gateway, the styler, the streams and the client)."""
+    means: dict[str, float] = {}
+    for key in WORKER_HISTOGRAMS:
+        count = after.get(f"{key}_count", 0.0) - before.get(f"{key}_count", 0.0)
+        if count > 0:
+            means[key] = (after[f"{key}_sum"] - before.get(f"{key}_sum", 0.0)) / count * 1e3
+    ok = [r.ttft for r in results if r.ok]
+    if "ttft" in means and ok:
+        means["client_ttft"] = statistics.mean(ok) * 1e3
+        means["outside"] = means["client_ttft"] - means["ttft"]
+    return {k: round(v, 2) for k, v in means.items()}
+
+
 async def stream_counts(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     """The gateway's GenerateMany / DetokenizeMany message counters from its /metrics (url: the
     gateway's, or its /v1/completions; empty when it does not answer):
@@ -312,6 +358,8 @@ async def run_load(
     meter = CpuMeter(args.up_pid)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         streams_before = None if isinstance(target, InProcessTarget) else await stream_counts(session, target)
+        worker_url = None if isinstance(target, InProcessTarget) else getattr(args, "worker_metrics", None)
+        worker_before = await worker_sums(session, worker_url)
 
         async def one(body: dict[str, Any]) -> Result:
             if isinstance(target, InProcessTarget):
@@ -340,9 +388,12 @@ async def run_load(
         if streams_before is not None:
             after = await stream_counts(session, target)  # type: ignore[arg-type]
             streams = {k: after.get(k, 0.0) - v for k, v in streams_before.items()}
+        worker_after = await worker_sums(session, worker_url)
     point = summarize(results, duration, closed_loop=rate is None, concurrency=concurrency)
     if streams:  # the gateway's shared streams over the point: how much each message carried
         point["streams"] = streams
+    if worker_after:  # the mean TTFT split at the worker's door (one unified worker)
+        point["worker_ms"] = worker_split(worker_before, worker_after, results)
     if args.per_request:  # each request's moments: (sent, first token, last token) in ms from the start
         point["requests_ms"] = [
             [
@@ -429,6 +480,11 @@ def start_up(
     """`tandem up` for `mode`; with `spans`, its services trace every request to that file."""
     port = free_port()
     worker_args = _worker_args(args)
+    args.worker_metrics = None
+    if mode != "disaggregated" and args.unified_workers == 1 and "--metrics-port" not in worker_args:
+        metrics_port = free_port()  # the worker's own histograms (worker_split)
+        worker_args += f" --metrics-port {metrics_port}"
+        args.worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     argv = [sys.executable, "-m", "tandem", "up", "--model", str(model_dir), "--port", str(port)]
     argv += ["--device", args.device, "--worker-args", worker_args, "--startup-timeout", "600"]
     if mode == "disaggregated":
@@ -693,7 +749,12 @@ def main() -> int:
                         + (f" ({point['steady_tok_per_s']:.0f} full)" if point["steady_tok_per_s"] else "")
                         + f", goodput {point['goodput_req_per_s']:.2f} req/s, "
                         f"failed {point['num_failed']}, cores busy {point['cores_busy']}, "
-                        f"CPU us/token {point['cpu_us_per_token']}",
+                        f"CPU us/token {point['cpu_us_per_token']}"
+                        + (
+                            f", mean TTFT at the worker (ms) {point['worker_ms']}"
+                            if point.get("worker_ms")
+                            else ""
+                        ),
                         flush=True,
                     )
             finally:

@@ -1,6 +1,6 @@
 """benchmarks/serving_bench.py's closed-loop rate while full (`steady_tok_per_s`: the output
 tokens between the first request's end and the last request's start, over that window) and its
-repeated points (`median_run`)."""
+repeated points (`median_run`), and the split of the mean TTFT at the worker's door (`worker_split`)."""
 
 from __future__ import annotations
 
@@ -79,3 +79,25 @@ def test_burst_ttfts_split_the_first_wave_from_the_rest() -> None:
     assert point["ttft_burst_p50_ms"] == pytest.approx(900.0)  # (pct: the upper of two)
     assert point["ttft_after_p50_ms"] == pytest.approx(100.0)
     assert serving_bench.summarize(results, 2.0)["ttft_burst_p50_ms"] is None
+
+
+def test_worker_split_takes_the_point_from_the_histograms_and_the_client() -> None:
+    text = "\n".join(
+        [
+            "# TYPE tandem:request_queue_seconds histogram",
+            'tandem:request_queue_seconds_bucket{le="0.1"} 3.0',
+            "tandem:request_queue_seconds_sum 0.5",
+            "tandem:request_queue_seconds_count 5.0",
+            "tandem:time_to_first_token_seconds_sum 1.0",
+            "tandem:time_to_first_token_seconds_count 5.0",
+            "tandem:e2e_request_latency_seconds_sum 9.0",
+        ]
+    )
+    before = serving_bench.histogram_sums(text)
+    assert before == {"queue_sum": 0.5, "queue_count": 5.0, "ttft_sum": 1.0, "ttft_count": 5.0}
+    # two requests over the point: queued 0.1 s and 0.3 s, first tokens 0.2 s and 0.4 s after arrival
+    after = {"queue_sum": 0.9, "queue_count": 7.0, "ttft_sum": 1.6, "ttft_count": 7.0}
+    results = [_request(0.0, [0.25, 0.5]), _request(0.0, [0.55, 0.6])]  # the client's TTFT: 0.25, 0.55
+    split = serving_bench.worker_split(before, after, results)
+    assert split == pytest.approx({"queue": 200.0, "ttft": 300.0, "client_ttft": 400.0, "outside": 100.0})
+    assert serving_bench.worker_split({}, {}, results) == {}  # no worker metrics: nothing claimed
