@@ -187,6 +187,14 @@ GENERATE_SINK: Switch[bool] = Switch(
     "delivers the engine step (services/worker/rpc.py `take`); 0 wakes the session's task for each",
     _parse_bool,
 )
+ADMISSION_WAIT: Switch[float] = Switch(
+    "TANDEM_ADMISSION_WAIT",
+    "seconds",
+    0.02,
+    "how long the worker's engine thread waits, before its next step, for the GenerateMany sessions "
+    "just read off a stream to reach the engine (services/worker/async_engine.py); 0 does not wait",
+    _parse_nonnegative_seconds,
+)
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
     FOLD_NORMS,
@@ -202,6 +210,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     FP8_KV_FP16_DOTS,
     BEAM_ONE_LAUNCH,
     GENERATE_SINK,
+    ADMISSION_WAIT,
 )
 
 

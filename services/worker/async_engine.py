@@ -10,6 +10,15 @@ work, and the event loop, woken for the outputs, waits for the GIL meanwhile. Wi
 TANDEM_ENGINE_HANDOFF > 0 the engine thread waits (that long at most) until the loop has taken
 the step's outputs, so they go out before the next step's host work instead of in its gaps.
 
+Admission: a burst of requests arrives in the worker as GenerateMany messages of many sessions,
+each of which the event loop reads, checks and submits in turn. If the engine thread steps as soon
+as the first is submitted, the rest are admitted only in the loop's turns at the GIL between the
+engine thread's steps, and the first request runs alone meanwhile. So the loop declares each
+session it reads (`expect`) and the engine thread, before its next step, waits until every declared
+session's request is submitted or its session has ended (TANDEM_ADMISSION_WAIT at most, and once
+per batch of declarations: a session that takes long, e.g. compiling its grammar, holds no later
+step).
+
 A stream may have a `Sink`: called on the event loop with each output before it is queued, it may
 take the output itself (True) instead, so the task reading the queue is not woken for it (the
 GenerateMany sessions' mid-stream chunks: rpc.py).
@@ -78,7 +87,9 @@ def _put_all(deliveries: list[tuple[_Stream, RequestOutput]], taken: threading.E
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, handoff: float | None = None) -> None:
+    def __init__(
+        self, engine: Engine, handoff: float | None = None, admission_wait: float | None = None
+    ) -> None:
         self.engine = engine
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # engine thread only
@@ -90,6 +101,13 @@ class AsyncEngine:
         # seconds the engine thread waits for the loop to take a step's outputs (0: none;
         # default TANDEM_ENGINE_HANDOFF)
         self._handoff = switches.ENGINE_HANDOFF.value if handoff is None else handoff
+        # Admission (above): sessions declared and not yet admitted, how many were ever declared,
+        # and how many of those the engine thread has already waited for
+        self._admission_wait = switches.ADMISSION_WAIT.value if admission_wait is None else admission_wait
+        self._arrivals = threading.Condition()
+        self._arriving = 0
+        self._declared = 0
+        self._waited_for = 0
         self.load = self._snapshot()
 
     def start(self) -> None:
@@ -157,6 +175,27 @@ class AsyncEngine:
         self._commands.put(run)
         return asyncio.wrap_future(done)
 
+    def expect(self) -> Callable[[], None]:
+        """Declare a session read whose request is yet to be submitted; the engine thread's next
+        step waits (Admission above) until the returned function has been called (once the request
+        is submitted, or its session ended without one; calls after the first do nothing)."""
+        with self._arrivals:
+            self._arriving += 1
+            self._declared += 1
+        done = False
+
+        def admitted() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            with self._arrivals:
+                self._arriving -= 1
+                if self._arriving == 0:
+                    self._arrivals.notify_all()
+
+        return admitted
+
     def abort_nowait(self, request_id: str) -> None:
         """Abort without waiting (a cancelled stream); the stream is dropped at once."""
 
@@ -171,6 +210,8 @@ class AsyncEngine:
         self.engine.bind_device()
         while not self._stop.is_set():
             self._drain_commands(block=not self.engine.has_unfinished())
+            if self._await_admissions():
+                self._drain_commands(block=False)
             if self._stop.is_set():
                 break
             if self.engine.has_unfinished():
@@ -186,6 +227,16 @@ class AsyncEngine:
                 self._note_scheduled(step_start, outputs)
                 self._deliver_step(outputs)
             self.load = self._snapshot()
+
+    def _await_admissions(self) -> bool:
+        """Wait (TANDEM_ADMISSION_WAIT at most) until every declared session is admitted, unless
+        this thread already waited for each declared so far; whether it waited."""
+        if self._admission_wait <= 0 or self._arriving == 0 or self._waited_for == self._declared:
+            return False
+        with self._arrivals:
+            self._waited_for = self._declared
+            self._arrivals.wait_for(lambda: self._arriving == 0, timeout=self._admission_wait)
+        return True
 
     def _note_scheduled(self, step_start: float, outputs: list[RequestOutput]) -> None:
         """Remember when each request was first scheduled (its prompt-cache lookup is done then)."""

@@ -70,15 +70,28 @@ class SessionContext:
     what the task yields: the caller makes sure of that, rpc.py's `take`): the chunk is written
     in place in the next message, by the function `emit` is given."""
 
-    def __init__(self, deadline: float | None, emit: Callable[[FillFn], None]) -> None:
+    def __init__(
+        self,
+        deadline: float | None,
+        emit: Callable[[FillFn], None],
+        admitted: Callable[[], None] = lambda: None,
+    ) -> None:
         self.deadline = deadline  # time.monotonic(), None: no deadline
         self.emit = emit
+        self.arrived = time.monotonic()  # read off the stream (its queue time starts here)
+        # the body calls it once its request is submitted (AsyncEngine.expect: the engine's next
+        # step waits for the sessions read with this one); the session's end calls it too
+        self.admitted = admitted
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         raise SessionAbort(code, details)
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Session:
@@ -93,9 +106,12 @@ class GenerateMux:
     """The sessions of one GenerateMany stream; `serve` runs the stream until the caller has
     half-closed it (or it drained) and its last session has ended."""
 
-    def __init__(self, generate: GenerateFn, write: WriteFn) -> None:
+    def __init__(
+        self, generate: GenerateFn, write: WriteFn, expect: Callable[[], Callable[[], None]] | None = None
+    ) -> None:
         self._generate = generate
         self._write = write
+        self._expect = expect  # AsyncEngine.expect: a session read, its request not yet submitted
         self._sessions: dict[int, _Session] = {}
         # the next message, its session answers built in place as they come (a chunk built on its
         # own, wrapped in a session answer and the batch, was copied into each)
@@ -168,9 +184,11 @@ class GenerateMux:
             return
         start = request.start
         deadline = time.monotonic() + start.timeout_ms / 1000 if start.timeout_ms else None
+        admitted = self._expect() if self._expect is not None else _nothing
         # Each session in a context of its own: its request id (logs) is its own.
-        context = SessionContext(deadline, functools.partial(self._emit, sid))
+        context = SessionContext(deadline, functools.partial(self._emit, sid), admitted)
         task = asyncio.create_task(self._run(sid, start.request, context), context=contextvars.Context())
+        task.add_done_callback(lambda _: admitted())  # refused, failed or cancelled before its submit
         session = _Session(sid, task)
         self._sessions[sid] = session
         if deadline is not None:

@@ -533,7 +533,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         request_iterator: AsyncIterator[worker_pb2.GenerateManyRequest],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        mux = GenerateMux(self._generate_call, context.write)
+        mux = GenerateMux(self._generate_call, context.write, self.async_engine.expect)
         self._muxes.add(mux)
         if self._draining:
             mux.drain()
@@ -583,7 +583,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # Expired before it started: drop it. A deadline passing later cancels this rpc, and
             # the `finally` below aborts the request, which frees its KV blocks.
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline has passed")
-        arrival = time.monotonic()
+        arrival = context.arrived if isinstance(context, SessionContext) else time.monotonic()
         trace_parent = telemetry.capture_context()  # the rpc span: parent of the engine-phase spans
         first_token: float | None = None
         finished = False
@@ -617,6 +617,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # stream's first output as soon as it arrives (Engine.kv_first_token), before the
             # rest of the fetch has landed.
             fetch = asyncio.create_task(self._fetch_into(req.request_id, source, outputs))
+        if isinstance(context, SessionContext):
+            context.admitted()  # the request is in the engine's queue: its next step may go
         try:
             leftover: RequestOutput | BaseException | None = None
             while not finished:
