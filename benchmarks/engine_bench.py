@@ -22,6 +22,9 @@ less an untied input embedding, plus the KV), prefill (TTFT against the bf16 row
 against the FP8 matmul ceiling measured in the run, `torch._scaled_mm`), offline 1024/128, and
 128/2048 and 1000/1000 with an fp8 KV cache. Targets (fp8): 128/2048 >= 20,000 and 1000/1000 >=
 12,000 output tokens/s, 1024/128 >= 1.5x the bf16 row; batch-1 decode >= 1.7x bf16 (int4: 2.6x).
+The quantized decode row also carries `fused_gemms`: for each fused decode variant the tuner timed,
+the fused launch, the gated pair and the unfused sequence in microseconds and which one runs
+(TANDEM_QUANT_FUSE forces one: benchmarks/round_run.sh step fp8fuse).
 """
 
 from __future__ import annotations
@@ -329,6 +332,8 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)
     target: str = ""
     met: bool | None = None
+    # a quantized decode row: the quantized GEMM tuner's fused-variant decisions (fused_gemm_decisions)
+    fused_gemms: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
 
 def sync(device: torch.device) -> None:
@@ -562,6 +567,16 @@ def scenario_decode(
         # the same values); the rest of a step is the LM head, sampling and host work.
         metrics["graph_ms"] = median_time(graph.replay, engine.device, warmup=5, iters=50) * 1e3
     return Row(name, f"1 batch-1 decode{label}", metrics)
+
+
+def fused_gemm_decisions() -> list[dict[str, Any]]:
+    """What the quantized GEMM's tuner measured for each fused decode variant so far in this process
+    (kernels/triton/quant_gemm.py `fused_decisions`: the fused launch, the gated pair and the unfused
+    sequence in microseconds, and which one runs); each key is tuned once a process, so after the
+    first quantized engine these are its decisions. Empty where nothing was tuned (the CPU)."""
+    from kernels.triton import quant_gemm
+
+    return [d.summary() for d in quant_gemm.fused_decisions()]
 
 
 class StepTimer:
@@ -1160,6 +1175,7 @@ def main(argv: list[str] | None = None) -> int:
                 linear_reports[f"{name}{label}"] = list(engine.runner.linear_report)
                 if i == 0:  # the weights alone: decode and prefill as the bf16 rows
                     rows.append(scenario_decode(engine, name, cfg, plan, ceil, gen, label))
+                    rows[-1].fused_gemms = fused_gemm_decisions()
                     print(rows[-1], flush=True)
                     if args.profile_decode and device.type == "cuda":
                         try:

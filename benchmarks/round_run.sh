@@ -8,7 +8,10 @@
 # profile), quant (quant_bench), beam (beam_bench Qwen2-0.5B with phases), beamprof (beam_profile),
 # qgemv / qgemvtests (the word GEMV: quant_bench --gemv-only, bf16 tests), qgemvwide (--gemv-only --wide: a wider grid of word configs, fp8 and int4), attn / attntests (decode attention variants: bench, bf16 tests), lora (lora_bench), loratests (the LoRA kernels' and engine's bf16 tests), lorakern (lora_kernel_bench:
 # the LoRA kernel configs alone), lorab64 (lora_bench's batch-64 rows with profiles and A/Bs), kvnixl (kv_transfer_bench with NIXL, CUDA IPC and gRPC; needs the nixl wheels),
-# fp8dec (Llama-3.1-8B batch-1 decode, bf16 and fp8 weights, with kernel profiles), beamhost (beam_profile's ops by host time), beamcprof (beam_bench at W = 4 with cProfile: the beam step's Python by function), beamtests (the beam and selection kernels' bf16 tests), beamab (beam_bench with the selection in one launch, then in three: TANDEM_BEAM_ONE_LAUNCH=1 / 0),
+# fp8dec (Llama-3.1-8B batch-1 decode, bf16 and fp8 weights, with kernel profiles), fp8fuse (fp8dec once a
+# TANDEM_QUANT_FUSE mode, FP8FUSE_MODES="auto always" by default: the tuner's fused / unfused choice, then the one
+# fused launch for every fused variant; "never" adds the unfused sequence; then each run's ms/token and the tuner's
+# fused, gated-pair and unfused times at one row), beamhost (beam_profile's ops by host time), beamcprof (beam_bench at W = 4 with cProfile: the beam step's Python by function), beamtests (the beam and selection kernels' bf16 tests), beamab (beam_bench with the selection in one launch, then in three: TANDEM_BEAM_ONE_LAUNCH=1 / 0),
 # kvttft (the gRPC fetch and its layer-wise first token, with the prefill's own completion),
 # kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0),
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
@@ -51,6 +54,39 @@ for s in ${STEPS:?name the steps}; do
       --decode-only --profile-decode --out "$OUT/engine_moe.json" ;;
     fp8dec) step fp8dec "${FP8DEC_T:-150}" "$PY" benchmarks/engine_bench.py --models Llama-3.1-8B --skip-hf \
       --decode-only --profile-decode --quantization fp8 --out "$OUT/engine_fp8_decode.json" ;;
+    fp8fuse)  # fp8dec under each TANDEM_QUANT_FUSE mode (one engine_bench process each), then a summary
+      for mode in ${FP8FUSE_MODES:-auto always}; do
+        TANDEM_QUANT_FUSE=$mode step "fp8fuse_$mode" "${FP8DEC_T:-150}" "$PY" benchmarks/engine_bench.py \
+          --models Llama-3.1-8B --skip-hf --decode-only --profile-decode --quantization fp8 \
+          --out "$OUT/engine_fp8fuse_$mode.json"
+      done
+      "$PY" - "$OUT" ${FP8FUSE_MODES:-auto always} <<'EOF' 2>&1 | tee -a "$OUT/round.log"
+import json, sys
+
+def us(value):
+    return "-" if value is None else f"{value:.1f}"
+
+for mode in sys.argv[2:]:
+    try:
+        with open(f"{sys.argv[1]}/engine_fp8fuse_{mode}.json") as f:
+            report = json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"fp8fuse {mode}: no report ({exc})")
+        continue
+    row = next((r for r in report["rows"] if r["scenario"] == "1 batch-1 decode fp8 weights"), None)
+    if row is None:
+        print(f"fp8fuse {mode}: no fp8 decode row")
+        continue
+    m = row["metrics"]
+    graph = report["linear_tuning"].get("Llama-3.1-8B fp8 weights decode graph profile", [""])[0]
+    print(f"fp8fuse {mode}: {m['ms_per_token']:.3f} ms/token, x_bf16 {m.get('x_bf16', 0):.3f}, "
+          f"graph {m.get('graph_ms', 0):.3f} ms; {graph}")
+    for d in row.get("fused_gemms", []):
+        if d["rows"] == 1:
+            print(f"  {d['label']}: fused {us(d['fused_us'])} us, pair {us(d['pair_us'])}, "
+                  f"unfused {us(d['unfused_us'])} -> {d['verdict']}")
+EOF
+      ;;
     engine_gemma) step engine_gemma "${ENGINE_T:-120}" "$PY" benchmarks/engine_bench.py --models Gemma-3-12B --skip-hf \
       --decode-only --profile-decode --out "$OUT/engine_gemma.json" ;;
     quant) step quant "${QUANT_T:-150}" "$PY" benchmarks/quant_bench.py --out "$OUT/quant.json" ;;

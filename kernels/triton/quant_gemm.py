@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import torch
 import triton
@@ -50,6 +50,7 @@ from kernels.triton import pdl, quant_gemv
 from kernels.triton.rms_norm import rms_norm
 from kernels.triton.silu_and_mul import silu_and_mul, silu_and_mul_rms
 from kernels.triton.skinny_gemm import _graph_seconds, _time_calls, l2_flush
+from services.common import switches
 
 SKINNY_MAX_ROWS = 16
 # Row counts timed per weight shape; a call with M rows takes the choice of the smallest bucket >= M
@@ -137,6 +138,7 @@ WORDS_CANDIDATES = {
         _words(16, 2048, 4, 1),
         _words(8, 2048, 4, 2),
         _words(4, 2048, 4, 1),
+        _words(8, 2048, 4, 1),
         _words(32, 2048, 8, 1),
     ),
 }
@@ -649,6 +651,123 @@ _GATED_SPLIT: set[tuple] = set()  # type: ignore[type-arg]
 # unfused GEMM in the config kept here, then the SiLU kernel or the residual add) faster than the
 # fused launch (and than the gated pair): `quant_linear_fused` runs that sequence.
 _UNFUSED: dict[tuple, QuantConfig] = {}  # type: ignore[type-arg]
+# A sequence of more launches (the gated pair, the unfused sequence) replaces the choice with fewer
+# only where it measured more than this factor faster (`keep_fused`).
+FUSE_MIN_GAIN = 1.03
+Kept = Literal["fused", "pair", "unfused"]
+
+
+@dataclass(frozen=True)
+class FusedDecision:
+    """What `tune_quant_linear(fusion=...)` measured for one key of _FUSED_CHOICE (device seconds a
+    call on a cold L2, as `time_candidates`; None: not timed, rejected or failed) and what
+    `quant_linear_fused` runs for it: `kept`, decided by `keep_fused` under `mode` (the
+    TANDEM_QUANT_FUSE value)."""
+
+    label: str  # the report line's head: "quant gate_up_proj 8-bit 28672x4096 norm+rms+silu"
+    rows: int  # the row bucket
+    config: QuantConfig  # the fastest fused candidate (the gated pair's GEMM runs it too)
+    fused_s: float
+    pair_s: float | None  # the GEMM then the SiLU kernel (gated variants only)
+    unfused: QuantConfig  # the plain GEMM's config in the unfused sequence
+    unfused_s: float | None
+    kept: Kept
+    mode: str
+
+    def verdict(self) -> str:
+        """What runs, as the report line names it."""
+        if self.kept == "unfused":
+            return f"unfused {self.unfused}"
+        return f"{self.config} + SiLU" if self.kept == "pair" else str(self.config)
+
+    def summary(self) -> dict[str, object]:
+        """The decision as JSON values: configs by name, times in microseconds."""
+
+        def micro(seconds: float | None) -> float | None:
+            return None if seconds is None else seconds * 1e6
+
+        return {
+            "label": self.label,
+            "rows": self.rows,
+            "config": str(self.config),
+            "fused_us": micro(self.fused_s),
+            "pair_us": micro(self.pair_s),
+            "unfused_config": str(self.unfused),
+            "unfused_us": micro(self.unfused_s),
+            "kept": self.kept,
+            "verdict": self.verdict(),
+            "mode": self.mode,
+        }
+
+
+# The decision behind each key of _FUSED_CHOICE that the tuner measured, in tuning order
+_FUSED_DECISIONS: dict[tuple, FusedDecision] = {}  # type: ignore[type-arg]
+
+
+def fused_decisions() -> list[FusedDecision]:
+    """Every fused variant's decision this process's tuner made (`FusedDecision`), in tuning order."""
+    return list(_FUSED_DECISIONS.values())
+
+
+def keep_fused(
+    fused_s: float,
+    pair_s: float | None,
+    unfused_s: float | None,
+    mode: str = "auto",
+    min_gain: float = FUSE_MIN_GAIN,
+) -> Kept:
+    """Which of the one fused launch, the gated pair (two launches) and the unfused sequence (two
+    or three) `quant_linear_fused` runs, from their measured seconds (None: not measured, or not
+    within tolerance). `mode` (TANDEM_QUANT_FUSE): "always" the fused launch; "never" the unfused
+    sequence where it was measured (else the fused launch); "auto" takes them in that order of
+    launches, each replacing the choice so far only where it is more than `min_gain` times faster
+    (a tie keeps the fewer launches).
+
+    Why the margin leans towards fewer launches: the tuner times each in isolation, a CUDA graph of
+    (L2 flush, call) pairs, where the norm and SiLU kernels of the sequence start after a flush and
+    cost little more than their own runtime; in the decode graph each further launch also costs
+    its gap and ramp-up between the step's other kernels, which the isolated timing charges only in
+    part. And where the sequence and the fused launch differ by a few percent the difference is
+    within the tuner's run-to-run noise (two rounds chose differently for the same shape on the
+    same GPU kind: docs/quantization.md). So a gap under `min_gain` keeps the choice with fewer
+    launches; a larger one is a measured loss of the fusion and the tuner takes the sequence."""
+    if mode == "always":
+        return "fused"
+    if mode == "never":
+        return "unfused" if unfused_s is not None else "fused"
+    kept: Kept = "fused"
+    best = fused_s
+    more: tuple[tuple[Kept, float | None], ...] = (("pair", pair_s), ("unfused", unfused_s))
+    for name, seconds in more:
+        if seconds is not None and seconds * min_gain < best:
+            kept, best = name, seconds
+    return kept
+
+
+def _record_fused(
+    key: tuple,  # type: ignore[type-arg]
+    label: str,
+    rows: int,
+    config: QuantConfig,
+    fused_s: float,
+    pair_s: float | None,
+    unfused: QuantConfig,
+    unfused_s: float | None,
+    mode: str,
+) -> FusedDecision:
+    """Keep `keep_fused`'s decision for `key`: the fused config in _FUSED_CHOICE, the key in
+    _GATED_SPLIT or _UNFUSED where the gated pair or the unfused sequence runs, and the record."""
+    kept = keep_fused(fused_s, pair_s, unfused_s, mode)
+    _FUSED_CHOICE[key] = config
+    _GATED_SPLIT.discard(key)
+    _UNFUSED.pop(key, None)
+    if kept == "pair":
+        _GATED_SPLIT.add(key)
+    elif kept == "unfused":
+        _UNFUSED[key] = unfused
+    decision = FusedDecision(label, rows, config, fused_s, pair_s, unfused, unfused_s, kept, mode)
+    _FUSED_DECISIONS[key] = decision
+    return decision
 
 
 def chosen_fused(
@@ -680,7 +799,8 @@ def quant_linear_fused(
     early_signal: bool = False,
 ) -> torch.Tensor:
     """Same contract as `kernels.reference.quant_linear_fused`: one launch, in the config that
-    `tune_quant_linear(fusion=...)` measured fastest for the variant."""
+    `tune_quant_linear(fusion=...)` measured fastest for the variant, or the gated pair or the
+    unfused sequence where the tuner kept those (`keep_fused`)."""
     fusion = QuantFusion(norm_weight is not None, rms_eps is not None, gated, residual is not None)
     key = (*_call_key(x, qweight, scales, bits, zeros is not None, bias is not None), fusion)
     config = _usable(_FUSED_CHOICE.get(key), x.shape[0])
@@ -833,8 +953,10 @@ def tune_quant_linear(
     """Time each candidate config for each row count of `rows` (buckets of ROW_BUCKETS; default
     all of them, FUSED_ROWS for a fusion) and keep the fastest within tolerance of the twin for
     `quant_linear`, or with `fusion` for `quant_linear_fused` calls of that variant (timed on a
-    random norm weight and residual, the twin `reference.quant_linear_fused`). One report line per
-    row count. CUDA only (else [] and the defaults stay)."""
+    random norm weight and residual, the twin `reference.quant_linear_fused`); a fusion's fastest
+    config is then timed as the gated pair (gate/up) and against the unfused sequence, and
+    `keep_fused` decides which runs (`fused_decisions` keeps the times and the decision). One
+    report line per row count. CUDA only (else [] and the defaults stay)."""
     w0 = weights[0]
     if not w0.is_cuda:
         return []
@@ -893,13 +1015,18 @@ def tune_quant_linear(
             run, ref, x, weights, candidates(m, bits, gated), flush, flush_s, iters
         )
         best = choose(timed)
-        if best is not None:
-            choices[key] = best
         verdict = str(best or default_config(m))
-        fused_s = next((t.seconds for t in timed if t.config == best), None)
-        if gated and best is not None and (bias is None or eps is None):
+        if fusion is None or best is None:
+            if best is not None:
+                choices[key] = best
+            lines.append(f"{label} rows={m}: " + ", ".join(results) + f" -> {verdict}")
+            continue
+        fused_s = next(t.seconds for t in timed if t.config == best)
+        assert fused_s is not None
+        pair_s = None
+        if gated and (bias is None or eps is None):
             # The one launch against the two it replaces (that GEMM, then the SiLU kernel), as the
-            # bf16 path measures its SiLU epilogue: kept only where it is not slower.
+            # bf16 path measures its SiLU epilogue.
             def pair(x: torch.Tensor, w: torch.Tensor, c: QuantConfig) -> torch.Tensor:
                 i = index[w.data_ptr()]
                 z = zeros[i] if zeros else None
@@ -907,29 +1034,28 @@ def tune_quant_linear(
 
             split, split_results = time_candidates(pair, ref, x, weights, [best], flush, flush_s, iters)
             results.append("GEMM + SiLU " + split_results[0])
-            if split[0].seconds is not None and fused_s is not None and split[0].seconds < fused_s:
-                _GATED_SPLIT.add(key)
-                verdict = f"{best} + SiLU"
-                fused_s = split[0].seconds
-        if fusion is not None and best is not None:
-            # The safety net: the fused launch (or the gated pair) against what it replaces, the
-            # norm kernel, the plain GEMM in its own tuned config and the SiLU kernel or the
-            # residual add; checked against the same twin before it is timed (time_candidates).
-            # The fusion is kept only where it measured faster.
-            plain = _unfused_config(key[:-1], _is_fp8(w0), best)
+            pair_s = split[0].seconds
+        # The safety net: the fused launch (and the gated pair) against what it replaces, the norm
+        # kernel, the plain GEMM in its own tuned config and the SiLU kernel or the residual add;
+        # checked against the same twin before it is timed (time_candidates). `keep_fused` keeps
+        # the fusion unless a sequence of more launches measured faster by its margin.
+        plain = _unfused_config(key[:-1], _is_fp8(w0), best)
 
-            def sequence(
-                x: torch.Tensor, w: torch.Tensor, c: QuantConfig, r: torch.Tensor | None = residual
-            ) -> torch.Tensor:
-                i = index[w.data_ptr()]
-                z = zeros[i] if zeros else None
-                return _unfused_sequence(x, w, scales[i], bits, z, bias, c, norm_weight, eps, gated, r)
+        def sequence(
+            x: torch.Tensor, w: torch.Tensor, c: QuantConfig, r: torch.Tensor | None = residual
+        ) -> torch.Tensor:
+            i = index[w.data_ptr()]
+            z = zeros[i] if zeros else None
+            return _unfused_sequence(x, w, scales[i], bits, z, bias, c, norm_weight, eps, gated, r)
 
-            apart, apart_results = time_candidates(sequence, ref, x, weights, [plain], flush, flush_s, iters)
-            results.append("unfused " + apart_results[0])
-            if apart[0].seconds is not None and (fused_s is None or apart[0].seconds < fused_s):
-                _UNFUSED[key] = plain
-                verdict = f"unfused {plain}"
+        apart, apart_results = time_candidates(sequence, ref, x, weights, [plain], flush, flush_s, iters)
+        results.append("unfused " + apart_results[0])
+        decision = _record_fused(
+            key, label, m, best, fused_s, pair_s, plain, apart[0].seconds, switches.QUANT_FUSE.value
+        )
+        verdict = decision.verdict()
+        if decision.mode != "auto":
+            verdict += f" (TANDEM_QUANT_FUSE={decision.mode})"
         lines.append(f"{label} rows={m}: " + ", ".join(results) + f" -> {verdict}")
     del dense
     return lines

@@ -22,6 +22,8 @@ T = TypeVar("T")
 
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
+# TANDEM_QUANT_FUSE: the tuner's measured choice, the one fused launch always, the unfused sequence
+QUANT_FUSE_MODES = ("auto", "always", "never")
 
 
 class SwitchError(ValueError):
@@ -41,6 +43,13 @@ def _parse_seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def _parse_quant_fuse(text: str) -> str:
+    value = text.strip().lower()
+    if value not in QUANT_FUSE_MODES:
+        raise ValueError(f"expected one of {', '.join(QUANT_FUSE_MODES)}")
     return value
 
 
@@ -195,6 +204,15 @@ ADMISSION_WAIT: Switch[float] = Switch(
     "just read off a stream to reach the engine (services/worker/async_engine.py); 0 does not wait",
     _parse_nonnegative_seconds,
 )
+QUANT_FUSE: Switch[str] = Switch(
+    "TANDEM_QUANT_FUSE",
+    "mode",
+    "auto",
+    "the A/B of the quantized GEMM's fused decode variants (kernels/triton/quant_gemm.py "
+    "`keep_fused`): auto keeps what the tuner measured faster, always the one fused launch, never "
+    "the unfused sequence (norm kernel, GEMM, SiLU kernel or residual add)",
+    _parse_quant_fuse,
+)
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
     FOLD_NORMS,
@@ -211,6 +229,7 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     BEAM_ONE_LAUNCH,
     GENERATE_SINK,
     ADMISSION_WAIT,
+    QUANT_FUSE,
 )
 
 

@@ -250,6 +250,90 @@ def test_runs_unfused_where_the_tuner_measured_it_faster(
         assert configs == [plain]
 
 
+def test_keep_fused_rule() -> None:
+    """`keep_fused`: in the order of their launches (fused, gated pair, unfused sequence) each
+    replaces the choice so far only where more than FUSE_MIN_GAIN faster; TANDEM_QUANT_FUSE=always
+    keeps the fused launch, never the unfused sequence wherever it was measured."""
+    from kernels.triton.quant_gemm import FUSE_MIN_GAIN, keep_fused
+
+    gain = FUSE_MIN_GAIN
+    assert gain > 1.0
+    assert keep_fused(10.0, None, None) == "fused"
+    assert keep_fused(10.0, None, 10.0 / gain * 1.001) == "fused"  # within the margin: one launch
+    assert keep_fused(10.0, None, 10.0 / gain * 0.999) == "unfused"
+    assert keep_fused(10.0, 10.0 / gain * 0.999, None) == "pair"
+    assert keep_fused(10.0, 9.9, 9.8) == "fused"  # both within the margin of the fused launch
+    assert keep_fused(10.0, 8.0, 8.0 / gain * 1.001) == "pair"  # the sequence within the pair's margin
+    assert keep_fused(10.0, 8.0, 7.0) == "unfused"
+    assert keep_fused(10.0, 5.0, 9.0) == "pair"
+    assert keep_fused(10.0, 5.0, 5.0, min_gain=1.0) == "pair"  # equal: the fewer launches
+    for pair_s, unfused_s in ((None, None), (5.0, None), (5.0, 4.0), (None, 4.0)):
+        assert keep_fused(10.0, pair_s, unfused_s, "always") == "fused"
+    assert keep_fused(10.0, 5.0, 20.0, "never") == "unfused"
+    assert keep_fused(10.0, 5.0, None, "never") == "fused"  # (no sequence within tolerance)
+
+
+def test_tuner_decision_is_recorded_and_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_record_fused` (the tuner's last step for a fused key) keeps `keep_fused`'s choice under the
+    TANDEM_QUANT_FUSE mode for `quant_linear_fused` and records the measured times beside it
+    (`fused_decisions`, `FusedDecision.summary` in microseconds); a later decision for the key
+    replaces the gated pair or the unfused sequence kept before."""
+    from kernels.triton import quant_gemm as qg
+    from services.common import switches
+
+    for name in ("_FUSED_CHOICE", "_UNFUSED", "_FUSED_DECISIONS"):
+        monkeypatch.setattr(qg, name, {})
+    monkeypatch.setattr(qg, "_GATED_SPLIT", set())
+    gen = torch.Generator().manual_seed(12)
+    n, k, m = 64, 256, 1
+    qweight, scales, bits, zeros = _operands("int8", n, k, gen)
+    key = (*qg._key(n, k, bits, 1, False, False, m), GATED)
+    fused, plain = qg.GEMV_CANDIDATES[0], qg.GEMV_CANDIDATES[2]
+    launches: list[str] = []
+    sequence, pair = qg._unfused_sequence, qg._gated_pair
+    monkeypatch.setattr(
+        qg, "_unfused_sequence", lambda *a, **kw: launches.append("unfused") or sequence(*a, **kw)
+    )
+    monkeypatch.setattr(qg, "_gated_pair", lambda *a, **kw: launches.append("pair") or pair(*a, **kw))
+    x = torch.randn(m, k, generator=gen) * 3
+    args = _fused_args(GATED, m, n, k, gen)
+    expected = reference.quant_linear_fused(x, qweight, scales, bits, zeros, None, **args)
+
+    def decide(mode: str, fused_s: float, pair_s: float | None, unfused_s: float | None) -> str:
+        decision = qg._record_fused(key, "quant p", m, fused, fused_s, pair_s, plain, unfused_s, mode)
+        launches.clear()
+        out = qg.quant_linear_fused(x, qweight, scales, bits, None, None, **args)
+        torch.testing.assert_close(out, expected, atol=2e-4, rtol=2e-4)
+        assert qg.chosen_fused(x, qweight, scales, bits, False, False, GATED) == fused
+        assert qg.fused_decisions() == [decision]  # one record a key, the latest
+        return launches[0] if launches else "fused"
+
+    auto = switches.QUANT_FUSE.read({})
+    assert decide(auto, 10e-6, 12e-6, 9.9e-6) == "fused"  # the sequence within the margin
+    summary = qg.fused_decisions()[0].summary()
+    assert summary == {
+        "label": "quant p",
+        "rows": 1,
+        "config": str(fused),
+        "fused_us": pytest.approx(10.0),
+        "pair_us": pytest.approx(12.0),
+        "unfused_config": str(plain),
+        "unfused_us": pytest.approx(9.9),
+        "kept": "fused",
+        "verdict": str(fused),
+        "mode": "auto",
+    }
+    assert decide(auto, 10e-6, 8e-6, None) == "pair"
+    assert qg.fused_decisions()[0].verdict() == f"{fused} + SiLU"
+    assert decide(auto, 10e-6, 8e-6, 6e-6) == "unfused" and key not in qg._GATED_SPLIT
+    assert qg.fused_decisions()[0].verdict() == f"unfused {plain}"
+    always = switches.QUANT_FUSE.read({"TANDEM_QUANT_FUSE": "always"})
+    assert decide(always, 10e-6, 5e-6, 4e-6) == "fused" and key not in qg._UNFUSED
+    assert qg.fused_decisions()[0].summary()["mode"] == "always"
+    never = switches.QUANT_FUSE.read({"TANDEM_QUANT_FUSE": "never"})
+    assert decide(never, 5e-6, 6e-6, 20e-6) == "unfused"
+
+
 def test_gated_refuses_a_residual_and_odd_rows() -> None:
     from kernels.triton.quant_gemm import default_config, quant_gemm
 

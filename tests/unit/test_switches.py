@@ -82,6 +82,10 @@ def test_switch_values() -> None:
         switches.PDL.read({"TANDEM_PDL": "maybe"})
     with pytest.raises(switches.SwitchError, match="TANDEM_HEALTHCHECK_TIMEOUT='-1'"):
         switches.HEALTHCHECK_TIMEOUT.read({"TANDEM_HEALTHCHECK_TIMEOUT": "-1"})
+    assert switches.QUANT_FUSE.read({}) == "auto"
+    assert switches.QUANT_FUSE.read({"TANDEM_QUANT_FUSE": " Always"}) == "always"
+    with pytest.raises(switches.SwitchError, match="expected one of auto, always, never"):
+        switches.QUANT_FUSE.read({"TANDEM_QUANT_FUSE": "1"})
     names = [s.name for s in switches.SWITCHES]
     assert len(names) == len(set(names)) and all(s.reason for s in switches.SWITCHES)
     assert not set(names) & option_env_names()  # a switch never shadows an option's variable

@@ -1,5 +1,6 @@
 """benchmarks/engine_bench.py --smoke with `--quantization`: the quantized Llama-3.1-8B rows are
-run beside the bf16 ones and carry their ratio to them (the issue-19 targets' inputs)."""
+run beside the bf16 ones and carry their ratio to them (the issue-19 targets' inputs), and the
+quantized decode row the quantized GEMM tuner's fused-variant decisions."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from benchmarks.engine_bench import main
 
 
 @pytest.mark.parametrize("quantization", ["int8", "fp8"])
-def test_smoke_with_quantization(quantization: str, tmp_path: Path) -> None:
+def test_smoke_with_quantization(quantization: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels.ops import QuantFusion
+    from kernels.triton import quant_gemm as qg
+
+    # (the CPU tunes nothing: one decision as the tuner records it on a GPU)
+    config = qg.WORDS_CANDIDATES[8][0]
+    decision = qg.FusedDecision("quant p", 1, config, 2e-5, 3e-5, config, 1e-5, "unfused", "auto")
+    monkeypatch.setattr(qg, "_FUSED_DECISIONS", {(1, QuantFusion(gated=True)): decision})
     out = tmp_path / "engine.json"
     args = ["--smoke", "--models", "Llama-3.1-8B", "--skip-hf", "--skip-variants"]
     assert main([*args, "--quantization", quantization, "--out", str(out)]) == 0
@@ -29,3 +37,4 @@ def test_smoke_with_quantization(quantization: str, tmp_path: Path) -> None:
     assert any(s.startswith("5 prefill") and s.endswith(label) for s in rows)
     assert any(s.startswith("2 offline") and s.endswith(f"{label} kv fp8") for s in rows)
     assert f"Llama-3.1-8B{label}" in report["linear_tuning"]
+    assert decode["fused_gemms"] == [decision.summary()] and not rows["1 batch-1 decode"]["fused_gemms"]
