@@ -7,11 +7,15 @@ and copies it with an aten op, which costs more host time than the copy itself o
 small model. `stage` takes an empty tensor from torch's pinned allocator and fills it with one
 host memcpy instead. The allocator keeps the block until the copy reading it has finished (the
 non-blocking copy records an event on it), so the block may be dropped at once.
+
+`padded_rows` builds a step's block table on the host: rows of different lengths padded into one
+int32 tensor through one flat array, since `torch.tensor` of nested lists checks every element.
 """
 
 from __future__ import annotations
 
 import array
+from collections.abc import Sequence
 
 import torch
 
@@ -26,3 +30,15 @@ def stage(values: array.array[int] | list[int], device: torch.device) -> torch.T
         staged.numpy()[:] = host.numpy()
         return staged.to(device, non_blocking=True)
     return host.to(device)
+
+
+def padded_rows(rows: Sequence[Sequence[int]], width: int, pad: int = 0) -> torch.Tensor:
+    """int32 [len(rows), width] on the host: each row, then `pad` up to `width` (>= every row's
+    length)."""
+    flat: list[int] = []
+    for row in rows:
+        flat += row
+        flat += [pad] * (width - len(row))
+    if not flat:
+        return torch.empty(len(rows), width, dtype=torch.int32)
+    return torch.frombuffer(array.array("i", flat), dtype=torch.int32).view(len(rows), width)

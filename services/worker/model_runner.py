@@ -26,7 +26,7 @@ from services.worker.beam_select import BeamSelection, BeamStepResult, unpack
 from services.worker.beam_step import BeamStep
 from services.worker.cuda_graph import NO_VARIANTS, CudaGraphRunner, DecodeOutputs, GraphVariants
 from services.worker.guided import apply_token_mask, guided_rows
-from services.worker.host_staging import stage
+from services.worker.host_staging import padded_rows, stage
 from services.worker.kernel_tuning import tune_kernels
 from services.worker.kv_cache import KVCache
 from services.worker.kv_layerwise import LayerSignal
@@ -411,16 +411,13 @@ class ModelRunner:
         ahead = [i for i, item in enumerate(out.scheduled) if item.beam_tail >= 0]
         if ahead:
             max_blocks = max(max_blocks, *(out.scheduled[i].start // bs + 1 for i in ahead))
-        # One tensor from padded lists: a torch call per sequence adds up at large batches. When
+        # One tensor of padded rows (a torch call per sequence adds up at large batches). When
         # every entry is a beam launched ahead, all tables are gathered on the device: none here.
         all_ahead = len(ahead) == len(out.scheduled)
-        block_tables = torch.tensor(
-            []
+        block_tables = (
+            torch.empty(0, dtype=torch.int32)
             if all_ahead
-            else [
-                item.seq.block_ids + [0] * (max_blocks - len(item.seq.block_ids)) for item in out.scheduled
-            ],
-            dtype=torch.int32,
+            else padded_rows([item.seq.block_ids for item in out.scheduled], max_blocks)
         )
         for i, item in enumerate(out.scheduled):
             seq, start, end = item.seq, item.start, item.start + item.num_new_tokens

@@ -1,4 +1,5 @@
-"""host_staging.stage: int64 index lists on the device, queued behind the device's work."""
+"""host_staging.stage: int64 index lists on the device, queued behind the device's work; and
+`padded_rows`: a step's block table, rows padded into one int32 tensor as `torch.tensor` makes it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import array
 import pytest
 import torch
 
-from services.worker.host_staging import stage
+from services.worker.host_staging import padded_rows, stage
 
 
 def test_stage_on_the_cpu_keeps_the_values() -> None:
@@ -15,6 +16,22 @@ def test_stage_on_the_cpu_keeps_the_values() -> None:
     assert stage([3, -1, 2**40], cpu).tolist() == [3, -1, 2**40]
     assert stage(array.array("q", [7, 8]), cpu).dtype == torch.int64
     assert stage([], cpu).shape == (0,)
+
+
+def test_padded_rows_equal_torch_tensor_of_the_padded_lists() -> None:
+    import gc
+    import random
+
+    rng = random.Random(0)
+    for n in (1, 3, 64):
+        rows = [[rng.randrange(2**31 - 1) for _ in range(rng.randrange(0, 40))] for _ in range(n)]
+        width = max(len(r) for r in rows) + rng.randrange(3)
+        table = padded_rows(rows, width)
+        gc.collect()  # (the flat array behind the tensor lives as long as the tensor)
+        expected = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+        assert table.dtype == torch.int32 and torch.equal(table, expected)
+    assert padded_rows([], 4).shape == (0, 4)
+    assert padded_rows([[], []], 0).shape == (2, 0)
 
 
 @pytest.mark.gpu
