@@ -226,8 +226,9 @@ def start_py_spy(out_dir: str, tag: str, pids: dict[str, int]) -> list[subproces
 
 def ipc_copy_rates(log: Path, label: str, num_bytes: int) -> list[float]:
     """GB/s of each measured CUDA IPC fetch's copy in the decode worker's log (the warm-up's left
-    out): `label` "the copy alone" (from the launch to the copy's end, host-timed) or "on the
-    device" (the kernel, CUDA events), each followed by "N ms" on the fetch's line."""
+    out): `label` "the copy call" (the engine thread's copy_ipc_blocks, host-timed from its start
+    to the copy's end) or "on the device" (the launch, CUDA events), each followed by "N ms" on
+    the fetch's line."""
     pattern = re.compile(rf"fetched KV of (w2w-\d+) over cuda-ipc.*?{label} ([\d.]+) ms")
     times = [float(ms) for rid, ms in pattern.findall(log.read_text()) if rid != "w2w-0"]
     return [num_bytes / (ms / 1e3) / 1e9 for ms in times if ms > 0]
@@ -247,6 +248,20 @@ def fetch_moments(log: Path) -> list[tuple[str, str]]:
     log: when each stage of the fetch ended, in ms from its start."""
     pattern = re.compile(r"fetched KV of (w2w-\d+) over .*?\(ms from the start: ([^)]*)\)")
     return pattern.findall(log.read_text())
+
+
+def stage_medians(moments: list[str]) -> dict[str, float]:
+    """The median ms each stage took (from the stage before it; the first from the fetch's
+    start), over fetches' moment strings ("reserved 0.31, first item 1.20, ..."), stages in the
+    order of the first fetch."""
+    per_stage: dict[str, list[float]] = {}
+    for line in moments:
+        before = 0.0
+        for part in line.split(", "):
+            name, _, at = part.rpartition(" ")
+            per_stage.setdefault(name, []).append(float(at) - before)
+            before = float(at)
+    return {name: statistics.median(times) for name, times in per_stage.items()}
 
 
 def token_times(
@@ -502,13 +517,13 @@ def main() -> int:
                     "samples": speeds,
                 }
                 results["worker_to_worker"][key] = entry
-                # CUDA IPC: the device copy alone (its line's "the copy alone N ms") and its kernel
-                # ("on the device N ms"), and their shares of the device copy rate measured above
-                # (the issue's >= 50%)
+                # CUDA IPC: the engine thread's copy call (its line's "the copy call N ms") and the
+                # copy on the device ("on the device N ms"), and their shares of the device copy
+                # rate measured above (the issue's >= 50%)
                 copy_note = ""
-                if copy_speeds := ipc_copy_rates(log, "the copy alone", num_bytes):
-                    add_rate(results, entry, "copy_alone_gb_per_s", "copy_vs_device_copy", copy_speeds)
-                    copy_note = f"; the device copy alone {entry['copy_alone_gb_per_s']:.1f} GB/s"
+                if copy_speeds := ipc_copy_rates(log, "the copy call", num_bytes):
+                    add_rate(results, entry, "copy_call_gb_per_s", "copy_call_vs_device_copy", copy_speeds)
+                    copy_note = f"; the engine thread's copy call {entry['copy_call_gb_per_s']:.1f} GB/s"
                 if kernel_speeds := ipc_copy_rates(log, "on the device", num_bytes):
                     add_rate(
                         results, entry, "copy_kernel_gb_per_s", "copy_kernel_vs_device_copy", kernel_speeds
@@ -525,6 +540,10 @@ def main() -> int:
                 entry["moments_ms"] = moments
                 for m in moments:
                     print(f"    its stages, ms from the fetch's start: {m}", flush=True)
+                if moments:  # where the fetch's time goes (docs/disaggregation.md names the stages)
+                    entry["stage_ms"] = stage_medians(moments)
+                    stages = ", ".join(f"{name} {ms:.3f}" for name, ms in entry["stage_ms"].items())
+                    print(f"    median ms per stage (each from the one before): {stages}", flush=True)
                 if args.ttft and key == transport:
                     modes = ["layerwise-off", "layerwise-on"]
                     case = ttft_case(p_stub, d_stub, modes, prompt, args.repeats, transport)

@@ -70,8 +70,9 @@ def copy_kv_blocks(
     cache: str = ".cg",
 ) -> None:
     """dst[l0:l1, :, dst_ids] = src[l0:l1, :, src_ids], in place, one launch (plus one host ->
-    device copy of the ids). The ids in `dst_ids` must be distinct (no two copies to one block);
-    src and dst are different tensors."""
+    device copy of the ids, from pinned memory on CUDA: queued on the current stream, no host
+    wait). The ids in `dst_ids` must be distinct (no two copies to one block); src and dst are
+    different tensors."""
     assert len(src_ids) == len(dst_ids), (len(src_ids), len(dst_ids))
     assert src.dtype == dst.dtype and src.device == dst.device, (src.dtype, dst.dtype, src.device, dst.device)
     assert src.dim() == 6 and src.shape[0] == dst.shape[0] and src.shape[3:] == dst.shape[3:], (
@@ -84,7 +85,10 @@ def copy_kv_blocks(
         return
     src_words, dst_words = _words(src), _words(dst)
     block_words = src_words[0, 0, 0].numel()
-    ids = torch.tensor([src_ids, dst_ids], dtype=torch.int64).to(src.device)
+    # (a pageable copy would wait for the device before the launch; the pinned buffer is kept
+    # from reuse until the copy has read it: torch's pinned allocator records it on the stream)
+    ids = torch.tensor([src_ids, dst_ids], dtype=torch.int64, pin_memory=src.is_cuda)
+    ids = ids.to(src.device, non_blocking=True)
     grid = (len(src_ids), (l1 - l0) * 2, triton.cdiv(block_words, piece))
     _kv_block_copy_kernel[grid](
         src_words,

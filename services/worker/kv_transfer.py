@@ -21,7 +21,7 @@ The transport is negotiated per fetch (kv_transports.py): over gRPC the chunks c
 (kv_wire.py splices them in and out of the messages without protobuf copies); over CUDA IPC the
 first and only chunk names the prefill worker's cache tensor and blocks (`IpcBlocks`), which
 `receive` copies device to device in one engine-thread call (`copy_ipc_blocks`: one kernel launch
-on CUDA, then `Engine.kv_fetched` in the same call).
+on CUDA, `Engine.kv_fetched` while it runs, then the wait for it).
 
 Layer-wise push (kv_layerwise.py): a handle issued when the prefill was admitted is streamed while
 the prefill runs: `stream_chunks` sends each (layers, blocks) span as soon as the forward has
@@ -44,7 +44,7 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -507,7 +507,7 @@ class FetchStats:
     transport: kv_transports.Transport = "grpc"
     # a layer-wise fetch: the prefill's first token (None otherwise, and when the fetch failed)
     first: PrefillDone | None = None
-    copy_seconds: float = 0.0  # CUDA IPC: the device copy alone (in `seconds`)
+    copy_seconds: float = 0.0  # CUDA IPC: the engine thread's copy call (copy_ipc_blocks; in `seconds`)
 
 
 class FetchStalled(Exception):
@@ -521,6 +521,50 @@ async def _next_item(items: AsyncIterator[T], stall_timeout_s: float) -> T:
         raise FetchStalled(f"no KV arrived for {stall_timeout_s:g} s (--kv-fetch-stall-timeout)") from None
 
 
+def ipc_copy_spans(
+    kv_shape: Sequence[int],
+    layer_block_bytes: int,
+    ipc: IpcBlocks,
+    reservation: KVReservation,
+    target_bytes: int,
+    one_launch: bool,
+) -> list[tuple[Span, list[int]]]:
+    """The copies of a CUDA IPC fetch, each (span, the peer's block ids for its blocks): with
+    `one_launch` (a CUDA cache: kernels/triton/kv_block_copy.py needs no temporary) one span of
+    every layer and block, else spans of about `target_bytes` (`chunk_plan`; bounds a CPU
+    cache's scattered copy's temporary). Raises ValueError when the peer's blocks are not the
+    reservation's [skip, num_blocks)."""
+    num_layers, block_size = kv_shape[0], kv_shape[3]
+    skip_blocks = reservation.skip_tokens // block_size
+    if ipc.block_start != skip_blocks or ipc.block_start + len(ipc.block_ids) != reservation.num_blocks:
+        raise ValueError(
+            f"peer offered blocks [{ipc.block_start}, {ipc.block_start + len(ipc.block_ids)}), "
+            f"expected [{skip_blocks}, {reservation.num_blocks})"
+        )
+    if one_launch:
+        target_bytes = max(target_bytes, num_layers * reservation.num_blocks * layer_block_bytes)
+    return [
+        ((l0, l1, b0, b1), list(ipc.block_ids[b0 - skip_blocks : b1 - skip_blocks]))
+        for l0, l1, b0, b1 in chunk_plan(
+            num_layers, reservation.num_blocks, skip_blocks, layer_block_bytes, target_bytes
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class IpcCopied:
+    """What `copy_ipc_blocks` did: the bytes copied (none when the request was gone), when each of
+    its stages ended on the engine thread (time.monotonic(): "on engine" its start, "mapped" the
+    peer's tensor found and the copy planned, "launched" the copies enqueued, "handed over"
+    `kv_fetched` done, "synced" the copies done), and on CUDA the copy's time on the device
+    (CUDA events from "mapped" to "launched": with the host's launch work, which the device
+    waits for), else 0."""
+
+    num_bytes: int
+    moments: dict[str, float]
+    device_seconds: float
+
+
 def copy_ipc_blocks(
     engine: KVReceiver,
     kv: torch.Tensor,
@@ -528,52 +572,49 @@ def copy_ipc_blocks(
     ipc: IpcBlocks,
     reservation: KVReservation,
     target_bytes: int,
-) -> tuple[int, float, float]:
+) -> IpcCopied:
     """Engine thread: copy a CUDA IPC fetch's blocks from the peer's cache tensor into the
-    reservation, device to device (KVCache.copy_blocks_from): on CUDA all of them in one kernel
-    launch; a CPU cache (tests: two workers in one process) in pieces of about `target_bytes`
-    (bounds a scattered copy's temporary). Waits for the copies (the peer frees the blocks once
-    we close the stream), then hands the request to the scheduler (`kv_fetched`) in the same
-    call: its decode starts in this wake of the engine thread, not one hop later. Returns (the
-    bytes, the seconds from the first copy to their end, without the fetch's rpc (on CUDA a step
-    still in flight on the engine's stream finishes first and counts); on CUDA the copy kernel's
-    own device time, else 0)."""
+    reservation, device to device (KVCache.copy_blocks_from; `ipc_copy_spans`: on CUDA all of
+    them in one kernel launch), and hand the request to the scheduler (`kv_fetched`) in the same
+    call, so that its decode starts in this wake of the engine thread, not one hop later. On
+    CUDA the copy runs on the engine's stream, behind a step in flight and ahead of every later
+    step, so `kv_fetched` (the blocks' prefix-cache hashing, host work) runs while the device
+    copies; then the call waits for the copy, which must be done before it returns: the peer
+    frees its blocks once the stream closes, and an abort may hand ours to another request."""
+    moments = {"on engine": time.monotonic()}
     remote = kv_transports.import_tensor(ipc.tensor)
     if remote.dtype != kv.dtype or remote.shape[0] != kv.shape[0] or remote.shape[3:] != kv.shape[3:]:
         raise ValueError(f"peer cache {tuple(remote.shape)} {remote.dtype} != this cache's layout {kv.dtype}")
-    block_size = kv.shape[3]
-    skip_blocks = reservation.skip_tokens // block_size
-    if ipc.block_start != skip_blocks or ipc.block_start + len(ipc.block_ids) != reservation.num_blocks:
-        raise ValueError(
-            f"peer offered blocks [{ipc.block_start}, {ipc.block_start + len(ipc.block_ids)}), "
-            f"expected [{skip_blocks}, {reservation.num_blocks})"
-        )
-    num_layers = kv.shape[0]
     layer_block_bytes = kv[0, :, 0].numel() * kv.element_size()
+    spans = ipc_copy_spans(kv.shape, layer_block_bytes, ipc, reservation, target_bytes, kv.is_cuda)
     num_bytes = 0
-    started = time.monotonic()
     events = None
-    if kv.is_cuda:  # no temporary: one launch (kernels/triton/kv_block_copy.py)
-        target_bytes = max(target_bytes, num_layers * reservation.num_blocks * layer_block_bytes)
-        # (on the engine's stream, after a step in flight: no device-wide wait before it)
+    if kv.is_cuda:  # (on the engine's stream: no device-wide wait)
         events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         events[0].record()
-    aborted = False
-    for l0, l1, b0, b1 in chunk_plan(
-        num_layers, reservation.num_blocks, skip_blocks, layer_block_bytes, target_bytes
-    ):
-        ids = list(ipc.block_ids[b0 - skip_blocks : b1 - skip_blocks])
-        if not engine.copy_peer_kv(request_id, (l0, l1, b0, b1), remote, ids):
-            aborted = True  # (meanwhile)
-            break
-        num_bytes += (l1 - l0) * (b1 - b0) * layer_block_bytes
-    if events is not None:
-        events[1].record()
-        events[1].synchronize()  # the copy is done (and whatever this stream ran before it)
-    seconds = time.monotonic() - started
-    if not aborted:
-        engine.kv_fetched(request_id)
-    return num_bytes, seconds, events[0].elapsed_time(events[1]) / 1e3 if events is not None else 0.0
+    moments["mapped"] = time.monotonic()  # (to "launched": the host's share of the device time)
+    aborted = ended = False
+    try:
+        for (l0, l1, b0, b1), src_ids in spans:
+            if not engine.copy_peer_kv(request_id, (l0, l1, b0, b1), remote, src_ids):
+                aborted = True  # the request is gone (aborted meanwhile): nothing to hand over
+                break
+            num_bytes += (l1 - l0) * (b1 - b0) * layer_block_bytes
+        if events is not None:
+            events[1].record()
+            ended = True
+        moments["launched"] = time.monotonic()
+        if not aborted:
+            engine.kv_fetched(request_id)
+        moments["handed over"] = time.monotonic()
+    finally:  # (also when it failed: nothing may still read the peer's blocks or write ours)
+        if events is not None:
+            if not ended:  # (a launch failed: after whatever it enqueued)
+                events[1].record()
+            events[1].synchronize()
+        moments["synced"] = time.monotonic()
+    device_seconds = events[0].elapsed_time(events[1]) / 1e3 if events is not None else 0.0
+    return IpcCopied(num_bytes, moments, device_seconds)
 
 
 async def receive(
@@ -596,7 +637,9 @@ async def receive(
     group's cache scatters to its ranks (kv_reshard.py)."""
     started = time.monotonic()
     reservation = await call(lambda: engine.fetch_reservation(request_id))
-    # when each stage ended, from `started` (the log line's breakdown: where a fetch's time goes)
+    # when each stage ended, from `started` (the log line's breakdown: where a fetch's time goes):
+    # reserved, first item (the FetchKV's first message), for CUDA IPC the engine thread's stages
+    # (IpcCopied) and copied (back here), closed (the stream: the peer frees its blocks)
     moments: dict[str, float] = {"reserved": time.monotonic()}
     if reservation is None:  # no room for it: it is already scheduled to compute the prompt
         return FetchStats(False, 0, 0.0, 0, "no free blocks; computing the prompt here")
@@ -608,8 +651,8 @@ async def receive(
     received = 0
     num_bytes = 0
     transport: kv_transports.Transport = "grpc"
-    copy_seconds = 0.0  # CUDA IPC: the device copy alone
-    copy_device_seconds = 0.0  # ... its kernel's own time (CUDA events)
+    copy_seconds = 0.0  # CUDA IPC: the engine thread's copy call, from its start to the copy's end
+    copy_device_seconds = 0.0  # ... the copy's own time on the device (CUDA events)
     done: PrefillDone | None = None
     first_taken = False  # the engine took the prefill's token as the request's first output
     fetched = False  # the engine has the whole prompt (a CUDA IPC copy says so itself)
@@ -654,11 +697,14 @@ async def receive(
                         copy_ipc_blocks, engine, tensor, request_id, chunk, reservation, ipc_chunk_bytes
                     )
                 )
-                assert isinstance(copied, tuple)
-                num_bytes += copied[0]
-                copy_seconds, copy_device_seconds = copied[1], copied[2]
+                moments_back = time.monotonic()
+                assert isinstance(copied, IpcCopied)
+                num_bytes += copied.num_bytes
+                copy_seconds = copied.moments["synced"] - copied.moments["on engine"]
+                copy_device_seconds = copied.device_seconds
                 fetched = True
-                moments["copied"] = time.monotonic()
+                moments.update(copied.moments)  # (the engine thread's stages, on the same clock)
+                moments["copied"] = moments_back
                 received = expected
                 break  # closing the stream (below) tells the peer it may free the blocks
             try:
@@ -724,7 +770,7 @@ async def receive(
         seconds * 1e3,
         num_bytes / max(seconds, 1e-9) / 1e9,
         reservation.skip_tokens,
-        f"; the copy alone {copy_seconds * 1e3:.3f} ms ({num_bytes / max(copy_seconds, 1e-9) / 1e9:.1f} GB/s"
+        f"; the copy call {copy_seconds * 1e3:.3f} ms ({num_bytes / max(copy_seconds, 1e-9) / 1e9:.1f} GB/s"
         f"; on the device {copy_device_seconds * 1e3:.3f} ms)"
         if copy_seconds
         else "",
