@@ -15,6 +15,7 @@
 # kvttft (the gRPC fetch and its layer-wise first token, with the prefill's own completion),
 # kvmalloc (worker -> worker over gRPC at 4 MiB chunks, TANDEM_KEEP_LARGE_BUFFERS=1 then =0),
 # grpcopts (grpc_ceiling_bench: grpc core's channel defaults against large HTTP/2 frames and reads),
+# split (split_profile_run.sh into $OUT/split, with its own variables: CONC, N, REPEATS, the _AB switches; SPLIT_T its budget),
 # census (compile_census: Triton variants compiled per wave of new prompt lengths, batches and sampling options),
 # decodeprof (step_profile: the kernels of decode steps of 256 sequences, fp8 weights with a bf16 / fp8 KV cache, fp16 / bf16 dots),
 # kvcopyipc (kv_block_copy_bench --ipc-source: the copy from another process's cache over CUDA IPC, that process idle and busy), kvcopy (kv_block_copy_bench: a CUDA IPC fetch's device copy, torch's and the kernel's, and the kernel's GPU tests), kvipc (kv_transfer_bench over CUDA IPC alone: each fetch's stages, the copy's kernel time, both workers under py-spy),
@@ -109,6 +110,8 @@ EOF
       TANDEM_FP8_KV_FP16_DOTS=0 step decodeprof_fp8kv_bf16dots "${DECODEPROF_T:-120}" "$PY" benchmarks/step_profile.py \
         --decode-batch 256 --decode-only --quantization fp8 --kv-cache-dtype fp8 \
         --out "$OUT/step_profile_fp8_256_bf16dots.json" ;;
+    split) mkdir -p "$OUT/split"  # (split_profile_run.sh reads its own variables: CONC, N, the _AB switches)
+      step split "${SPLIT_T:-300}" env OUT="$OUT/split" bash benchmarks/split_profile_run.sh ;;
     census) step census "${CENSUS_T:-150}" "$PY" benchmarks/compile_census.py --model Qwen2-0.5B \
       --out "$OUT/compile_census.json" ;;
     beamprof) step beamprof "${BEAMPROF_T:-70}" "$PY" benchmarks/beam_profile.py --model Qwen2-0.5B --width 4 ;;
