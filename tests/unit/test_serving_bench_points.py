@@ -99,5 +99,7 @@ def test_worker_split_takes_the_point_from_the_histograms_and_the_client() -> No
     after = {"queue_sum": 0.9, "queue_count": 7.0, "ttft_sum": 1.6, "ttft_count": 7.0}
     results = [_request(0.0, [0.25, 0.5]), _request(0.0, [0.55, 0.6])]  # the client's TTFT: 0.25, 0.55
     split = serving_bench.worker_split(before, after, results)
-    assert split == pytest.approx({"queue": 200.0, "ttft": 300.0, "client_ttft": 400.0, "outside": 100.0})
+    assert split == pytest.approx(
+        {"queue": 200.0, "ttft": 300.0, "client_ttft": 400.0, "outside": 100.0, "client_ttft_p50": 400.0}
+    )
     assert serving_bench.worker_split({}, {}, results) == {}  # no worker metrics: nothing claimed
