@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from services.worker.host_staging import host_tensor
 from services.worker.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class CudaGraphRunner:
         stage_event.synchronize()  # its last copy (two steps ago) is done: returns at once in practice
         max_bs = self.max_bs
         device_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
-        host_ids = [0] * num_seqs if device_ids is not None else input_ids
+        host_ids: list[int] = [0] * num_seqs if isinstance(input_ids, torch.Tensor) else input_ids
         for field_index, values, pad in (
             (0, host_ids, 0),
             (1, positions, 0),
@@ -208,7 +209,7 @@ class CudaGraphRunner:
             (3, seq_lens, 0),
         ):
             base = field_index * max_bs
-            stage[base : base + num_seqs] = torch.tensor(values, dtype=torch.int32)
+            stage[base : base + num_seqs] = host_tensor(values, torch.int32)
             stage[base + num_seqs : base + bs] = pad
         cu = stage[4 * max_bs : 4 * max_bs + bs + 1]
         cu[: num_seqs + 1] = torch.arange(num_seqs + 1, dtype=torch.int32)

@@ -8,8 +8,9 @@ small model. `stage` takes an empty tensor from torch's pinned allocator and fil
 host memcpy instead. The allocator keeps the block until the copy reading it has finished (the
 non-blocking copy records an event on it), so the block may be dropped at once.
 
-`padded_rows` builds a step's block table on the host: rows of different lengths padded into one
-int32 tensor through one flat array, since `torch.tensor` of nested lists checks every element.
+`host_tensor` and `padded_rows` make a step's host inputs (positions, slots, lengths, block
+tables) through a flat `array.array` read in place: `torch.tensor` of a list converts and checks
+each element in Python's object model, several times slower at every size.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def stage(values: array.array[int] | list[int], device: torch.device) -> torch.T
         staged.numpy()[:] = host.numpy()
         return staged.to(device, non_blocking=True)
     return host.to(device)
+
+
+_TYPECODES = {torch.int64: "q", torch.int32: "i"}
+
+
+def host_tensor(values: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """`torch.tensor(values, dtype=dtype)` for int64 / int32 `values`, on the host ([len(values)])."""
+    if not values:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(array.array(_TYPECODES[dtype], values), dtype=dtype)
 
 
 def padded_rows(rows: Sequence[Sequence[int]], width: int, pad: int = 0) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""host_staging.stage: int64 index lists on the device, queued behind the device's work; and
-`padded_rows`: a step's block table, rows padded into one int32 tensor as `torch.tensor` makes it."""
+"""host_staging.stage: int64 index lists on the device, queued behind the device's work; and a
+step's host inputs (`host_tensor`) and block table (`padded_rows`) equal to `torch.tensor`'s."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import array
 import pytest
 import torch
 
-from services.worker.host_staging import padded_rows, stage
+from services.worker.host_staging import host_tensor, padded_rows, stage
 
 
 def test_stage_on_the_cpu_keeps_the_values() -> None:
@@ -16,6 +16,13 @@ def test_stage_on_the_cpu_keeps_the_values() -> None:
     assert stage([3, -1, 2**40], cpu).tolist() == [3, -1, 2**40]
     assert stage(array.array("q", [7, 8]), cpu).dtype == torch.int64
     assert stage([], cpu).shape == (0,)
+
+
+def test_host_tensor_equals_torch_tensor_of_the_list() -> None:
+    for dtype in (torch.int64, torch.int32):
+        for values in ([], [7], [0, -1, 2**31 - 1, 5], list(range(3000))):
+            made = host_tensor(values, dtype)
+            assert made.dtype == dtype and torch.equal(made, torch.tensor(values, dtype=dtype))
 
 
 def test_padded_rows_equal_torch_tensor_of_the_padded_lists() -> None:
