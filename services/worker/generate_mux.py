@@ -17,6 +17,10 @@ INTERNAL when the engine failed it. That status ends this session only. A `cance
 its deadline passing, or the stream breaking aborts the session's request in the engine (the
 output loop's `finally`).
 
+Admission: each session read is declared to the engine (`AsyncEngine.expect`) until its request
+is submitted or the session ends, so the engine thread's next step waits for a message's sessions
+to be in its queue instead of starting on the first of them (async_engine.py, "Admission").
+
 Drain: once the server drains, new sessions are refused with UNAVAILABLE ("draining": the gateway
 moves them elsewhere at no cost) and the stream ends after its last session, so a drain never
 waits on an idle stream.
