@@ -1,6 +1,6 @@
 """The host cost of a step's inputs: `torch.tensor` of Python lists against the flat arrays of
 services/worker/host_staging.py (`host_tensor`, `padded_rows`), and a prefill chunk's slot list
-built a token at a time against a range a block (model_runner.py `_step_inputs`). CPU only: this is
+built a token at a time against a range a block (`block_slots`, used by model_runner.py). CPU only: this is
 the engine thread's Python work before a step, the same on any machine with a GPU.
 
     python benchmarks/host_inputs_bench.py --out benchmarks/results/host_inputs.json
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from services.worker.host_staging import host_tensor, padded_rows
+from services.worker.host_staging import block_slots, host_tensor, padded_rows
 
 
 def _us(fn: Callable[[], object], calls: int, repeats: int) -> float:
@@ -39,17 +39,6 @@ def _us(fn: Callable[[], object], calls: int, repeats: int) -> float:
 
 def _slots_per_token(blocks: list[int], bs: int, start: int, end: int) -> list[int]:
     return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-
-
-def _slots_per_block(blocks: list[int], bs: int, start: int, end: int) -> list[int]:
-    slots: list[int] = []
-    p = start
-    while p < end:
-        first = blocks[p // bs] * bs + p % bs
-        n = min(bs - p % bs, end - p)
-        slots += range(first, first + n)
-        p += n
-    return slots
 
 
 def _padded_lists(tables: list[list[int]], width: int) -> torch.Tensor:
@@ -82,12 +71,12 @@ def run(calls: int, repeats: int) -> list[dict[str, Any]]:
     bs = 16
     blocks = [rng.randrange(1 << 16) for _ in range(256)]
     for start, end in ((0, 1024), (37, 2085)):
-        assert _slots_per_token(blocks, bs, start, end) == _slots_per_block(blocks, bs, start, end)
+        assert _slots_per_token(blocks, bs, start, end) == block_slots(blocks, bs, start, end)
         row(
             "slots",
             f"{end - start} tokens",
             functools.partial(_slots_per_token, blocks, bs, start, end),
-            functools.partial(_slots_per_block, blocks, bs, start, end),
+            functools.partial(block_slots, blocks, bs, start, end),
         )
     return rows
 

@@ -200,8 +200,10 @@ class CudaGraphRunner:
         stage, stage_event = self.stages[turn], self.stage_events[turn]
         stage_event.synchronize()  # its last copy (two steps ago) is done: returns at once in practice
         max_bs = self.max_bs
-        device_ids = input_ids if isinstance(input_ids, torch.Tensor) else None
-        host_ids: list[int] = [0] * num_seqs if isinstance(input_ids, torch.Tensor) else input_ids
+        if isinstance(input_ids, torch.Tensor):  # async scheduling: the ids are on the device
+            device_ids, host_ids = input_ids, [0] * num_seqs
+        else:
+            device_ids, host_ids = None, input_ids
         for field_index, values, pad in (
             (0, host_ids, 0),
             (1, positions, 0),

@@ -68,6 +68,10 @@ class SessionAbort(Exception):
 FillFn = Callable[[worker_pb2.GenerateResponse], object]
 
 
+def _nothing() -> None:
+    pass
+
+
 class SessionContext:
     """What the Generate body uses of an rpc's ServicerContext: `abort` and `time_remaining`;
     and `emit`, which sends one of the session's chunks from outside its task (in order with
@@ -78,7 +82,7 @@ class SessionContext:
         self,
         deadline: float | None,
         emit: Callable[[FillFn], None],
-        admitted: Callable[[], None] = lambda: None,
+        admitted: Callable[[], None] = _nothing,
     ) -> None:
         self.deadline = deadline  # time.monotonic(), None: no deadline
         self.emit = emit
@@ -92,10 +96,6 @@ class SessionContext:
 
     def time_remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
-
-
-def _nothing() -> None:
-    pass
 
 
 class _Session:

@@ -26,7 +26,7 @@ from services.worker.beam_select import BeamSelection, BeamStepResult, unpack
 from services.worker.beam_step import BeamStep
 from services.worker.cuda_graph import NO_VARIANTS, CudaGraphRunner, DecodeOutputs, GraphVariants
 from services.worker.guided import apply_token_mask, guided_rows
-from services.worker.host_staging import host_tensor, padded_rows, stage
+from services.worker.host_staging import block_slots, host_tensor, padded_rows, stage
 from services.worker.kernel_tuning import tune_kernels
 from services.worker.kv_cache import KVCache
 from services.worker.kv_layerwise import LayerSignal
@@ -435,15 +435,8 @@ class ModelRunner:
             blocks = seq.block_ids
             if item.beam_tail >= 0:  # (its table is not known on the host yet: the block it writes)
                 slots.append(item.beam_tail * bs + start % bs)
-            elif end - start == 1:
-                slots.append(blocks[start // bs] * bs + start % bs)
-            else:  # a range a block: positions [start, end) are consecutive slots within each block
-                p = start
-                while p < end:
-                    first = blocks[p // bs] * bs + p % bs
-                    n = min(bs - p % bs, end - p)
-                    slots += range(first, first + n)
-                    p += n
+            else:
+                slots += block_slots(blocks, bs, start, end)
             cu_seqlens.append(cu_seqlens[-1] + end - start)
             seq_lens.append(end)
             if item.sample and seq.request.req.pooling:

@@ -1,5 +1,6 @@
 """host_staging.stage: int64 index lists on the device, queued behind the device's work; and a
-step's host inputs (`host_tensor`) and block table (`padded_rows`) equal to `torch.tensor`'s."""
+step's host inputs (`host_tensor`, the slots of `block_slots`) and block table (`padded_rows`)
+equal to `torch.tensor`'s."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import array
 import pytest
 import torch
 
-from services.worker.host_staging import host_tensor, padded_rows, stage
+from services.worker.host_staging import block_slots, host_tensor, padded_rows, stage
 
 
 def test_stage_on_the_cpu_keeps_the_values() -> None:
@@ -16,6 +17,7 @@ def test_stage_on_the_cpu_keeps_the_values() -> None:
     assert stage([3, -1, 2**40], cpu).tolist() == [3, -1, 2**40]
     assert stage(array.array("q", [7, 8]), cpu).dtype == torch.int64
     assert stage([], cpu).shape == (0,)
+    assert host_tensor(array.array("i", [4, 5]), torch.int32).tolist() == [4, 5]  # (read in place)
 
 
 def test_host_tensor_equals_torch_tensor_of_the_list() -> None:
@@ -23,6 +25,14 @@ def test_host_tensor_equals_torch_tensor_of_the_list() -> None:
         for values in ([], [7], [0, -1, 2**31 - 1, 5], list(range(3000))):
             made = host_tensor(values, dtype)
             assert made.dtype == dtype and torch.equal(made, torch.tensor(values, dtype=dtype))
+
+
+def test_block_slots_are_each_position_s_slot() -> None:
+    blocks, bs = [7, 3, 12, 0, 5], 4
+    for start, end in ((0, 1), (6, 7), (0, 20), (3, 4), (3, 9), (5, 17), (8, 12)):
+        assert block_slots(blocks, bs, start, end) == [
+            blocks[p // bs] * bs + p % bs for p in range(start, end)
+        ]
 
 
 def test_padded_rows_equal_torch_tensor_of_the_padded_lists() -> None:
