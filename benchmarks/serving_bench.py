@@ -254,7 +254,11 @@ STREAM_COUNTERS = (
 
 # the worker's own request histograms (services/common/metrics.py), from its --metrics-port: from
 # the request's arrival in the worker to its first scheduling, and to its first token sent
-WORKER_HISTOGRAMS = {"queue": "tandem:request_queue_seconds", "ttft": "tandem:time_to_first_token_seconds"}
+WORKER_HISTOGRAMS = {
+    "queue": "tandem:request_queue_seconds",
+    "ttft": "tandem:time_to_first_token_seconds",
+    "itl": "tandem:inter_token_latency_seconds",
+}
 
 
 async def worker_sums(session: aiohttp.ClientSession, url: str | None) -> dict[str, float]:
@@ -285,9 +289,12 @@ def worker_split(
 ) -> dict[str, float]:
     """Where a point's mean TTFT went (ms): in the worker (`queue`: arrival to first scheduled;
     `ttft`: arrival to first token sent) and outside it (`outside`: the client's mean TTFT less
-    the worker's: the gateway, the styler, the streams and the client). The client's TTFT is its
-    first chunk with text: random token ids whose text stays incomplete UTF-8 until a late token
-    (held back by the detokenizer) raise its mean, so its p50 is given beside it."""
+    the worker's: the gateway, the styler, the streams and the client); and the mean gap between
+    tokens as the worker saw them (`itl`) beside the client's mean gap between chunks
+    (`client_itl`): equal when the split only delays the tokens, larger when the path falls
+    behind the engine. The client's TTFT is its first chunk: random token ids whose text stays
+    incomplete UTF-8 until a late token (held back by the detokenizer) raise its mean, so its
+    p50 is given beside it."""
     means: dict[str, float] = {}
     for key in WORKER_HISTOGRAMS:
         count = after.get(f"{key}_count", 0.0) - before.get(f"{key}_count", 0.0)
@@ -298,6 +305,9 @@ def worker_split(
         means["client_ttft"] = statistics.mean(ok) * 1e3
         means["outside"] = means["client_ttft"] - means["ttft"]
         means["client_ttft_p50"] = statistics.median(ok) * 1e3
+    gaps = [gap for r in results if r.ok for gap in r.itls]
+    if "itl" in means and gaps:
+        means["client_itl"] = statistics.mean(gaps) * 1e3
     return {k: round(v, 2) for k, v in means.items()}
 
 

@@ -103,3 +103,8 @@ def test_worker_split_takes_the_point_from_the_histograms_and_the_client() -> No
         {"queue": 200.0, "ttft": 300.0, "client_ttft": 400.0, "outside": 100.0, "client_ttft_p50": 400.0}
     )
     assert serving_bench.worker_split({}, {}, results) == {}  # no worker metrics: nothing claimed
+    # the worker's gaps between tokens beside the client's between chunks: 0.25 and 0.05 s
+    after_itl = after | {"itl_sum": 0.2, "itl_count": 4.0}
+    split = serving_bench.worker_split(before, after_itl, results)
+    assert split["itl"] == pytest.approx(50.0)
+    assert split["client_itl"] == pytest.approx(150.0)
