@@ -105,6 +105,11 @@ class ChoiceUpdate:
     logprobs: tuple[LogprobItem, ...] = ()
     finish_reason: str | None = None  # "stop" | "length" | "tool_calls" | "abort" | None
     matched_stop: str = ""  # the stop string that ended the choice (finish_reason "stop")
+    # Token ids of the choice the styler took since the last update. An update may carry only
+    # these, with no text: the styler holds their text back (an incomplete character, a parser's
+    # undecided marker). The OpenAI streams send it as an empty chunk, as vLLM does, so clients
+    # time tokens; the other APIs send nothing for it.
+    num_new_tokens: int = 0
 
 
 @dataclass
@@ -477,7 +482,8 @@ class Executor:
                     if d.index in done:
                         continue
                     logprobs: tuple[LogprobItem, ...] = ()
-                    if sampling.logprobs is not None and d.num_tokens > consumed.get(d.index, 0):
+                    num_new_tokens = max(d.num_tokens - consumed.get(d.index, 0), 0)
+                    if sampling.logprobs is not None and num_new_tokens:
                         entries = worker_logprobs.get(d.index, [])[consumed.get(d.index, 0) : d.num_tokens]
                         logprobs = await self._logprob_items(entries)
                     if d.num_tokens:
@@ -486,7 +492,7 @@ class Executor:
                     if d.finished or d.stopped:
                         done.add(d.index)
                         finish = "stop" if d.stopped else worker_finish.get(d.index, "stop")
-                    if d.text or d.reasoning_text or d.tool_calls or logprobs or finish:
+                    if d.text or d.reasoning_text or d.tool_calls or logprobs or finish or num_new_tokens:
                         yield ChoiceUpdate(
                             index=d.index,
                             prompt=prompt,
@@ -496,6 +502,7 @@ class Executor:
                             logprobs=logprobs,
                             finish_reason=finish,
                             matched_stop=d.matched_stop if d.stopped else "",
+                            num_new_tokens=num_new_tokens,
                         )
             for i in indices:  # the styler closed without finishing a choice (should not happen)
                 if i not in done:

@@ -84,6 +84,7 @@ class _ChatChoice:
     logprobs: list[LogprobItem] = field(default_factory=list)
     finish_reason: str | None = None
     started: bool = False  # stream: role chunk sent
+    in_reasoning: bool = False  # its latest text was reasoning: held-back text is empty reasoning
     forced: ForcedCalls | None = None  # a forced tool choice: the text becomes tool calls
 
 
@@ -191,6 +192,12 @@ class ChatResult:
             delta["content"] = update.text
         if tool_deltas:
             delta["tool_calls"] = tool_deltas
+        if update.text or update.reasoning:
+            choice.in_reasoning = not update.text
+        if not delta and update.num_new_tokens and self.forced is None:
+            # New tokens whose text is held back: an empty chunk all the same, as vLLM sends
+            # (a forced tool choice's `delta: {}`, its content being null).
+            delta["reasoning_content" if choice.in_reasoning else "content"] = ""
         finish = _finish(choice, update.finish_reason)
         choice.finish_reason = finish
         logprobs = (
@@ -198,7 +205,7 @@ class ChatResult:
             if self.logprobs
             else None
         )
-        if delta or finish or update.logprobs:
+        if delta or finish or update.logprobs or update.num_new_tokens:
             chunks.append(self._chunk(update.index, delta, finish, logprobs))
         return chunks
 
@@ -347,7 +354,8 @@ class CompletionResult:
         ]
         if self.include_usage:
             chunk["usage"] = None
-        return [chunk] if text or update.finish_reason or items else []
+        # (new tokens whose text is held back make a chunk of "" text, as vLLM sends)
+        return [chunk] if text or update.finish_reason or items or update.num_new_tokens else []
 
     def usage_chunk(self, run: RequestRun) -> dict[str, Any]:
         chunk = self._envelope()

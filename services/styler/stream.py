@@ -64,10 +64,22 @@ class StreamDelta:
     stopped: bool = False
     matched_stop: str = ""
     finished: bool = False
-    num_tokens: int = 0
+    num_tokens: int = 0  # token ids of the choice taken so far
+    num_new_tokens: int = 0  # of which this delta took (0 once the choice is done)
 
     def is_empty(self) -> bool:
-        return not (self.text or self.reasoning_text or self.tool_calls or self.stopped or self.finished)
+        """Nothing to send. A delta that took new ids is sent even when all their text is held
+        back (an incomplete character, a run of byte tokens, a parser's undecided marker): as
+        vLLM does, the client gets a chunk per token, and so times first token and inter-token
+        latency by tokens rather than characters."""
+        return not (
+            self.text
+            or self.reasoning_text
+            or self.tool_calls
+            or self.stopped
+            or self.finished
+            or self.num_new_tokens
+        )
 
 
 class ChoiceStream:
@@ -110,6 +122,7 @@ class ChoiceStream:
                 merged.tool_calls.extend(d.tool_calls)
                 merged.stopped, merged.matched_stop = d.stopped, d.matched_stop
                 merged.finished, merged.num_tokens = d.finished, d.num_tokens
+                merged.num_new_tokens += d.num_new_tokens
                 if self.done:
                     break
             return merged
@@ -120,6 +133,7 @@ class ChoiceStream:
         if self.done:  # after a stop string or `finished`, further tokens are ignored
             delta.num_tokens = self._detok.num_tokens
             return delta
+        num_before = self._detok.num_tokens
         text = self._detok.add(token_ids)
         if finished:
             text += self._detok.finish()
@@ -133,6 +147,7 @@ class ChoiceStream:
         self._parse(delta, text, finished)
         delta.finished = finished
         delta.num_tokens = self._detok.num_tokens
+        delta.num_new_tokens = delta.num_tokens - num_before
         self.done = finished
         return delta
 
@@ -204,7 +219,8 @@ class DetokenizeSession:
         return choice
 
     def add(self, index: int, token_ids: Sequence[int], finished: bool) -> StreamDelta:
-        """Feed one choice's new ids; the result may be empty (everything held back).
+        """Feed one choice's new ids; the result may have no text (everything held back), and is
+        empty only when it took no new ids either (none given, or the choice was already done).
 
         Ids the tokenizer does not know add no text (as `transformers`' decode and vLLM do): a
         model's embedding table is often padded past its tokenizer (Qwen2: 151,936 rows for

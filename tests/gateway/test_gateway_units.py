@@ -357,3 +357,66 @@ async def test_router_keeps_a_worker_whose_load_answer_is_late() -> None:
     finally:
         await router.close()
         await server.stop(None)
+
+
+async def test_tokens_whose_text_is_held_back_make_empty_openai_chunks_only() -> None:
+    """An update with new tokens and no text (the styler holds back an incomplete character) is
+    a chunk of empty text in the OpenAI streams, as vLLM sends one per token: `content` "", or
+    `reasoning_content` "" inside reasoning, `delta: {}` under a forced tool choice (its content
+    is null), completions' `text` "". The Anthropic and Responses streams send no empty text
+    event for it, and a whole response is as before."""
+    from gateway.anthropic import MessageBuilder
+    from gateway.pipeline import Job
+    from gateway.responses_api import ResponseBuilder
+    from gateway.tool_schema import ForcedToolChoice
+
+    run, prompt = _run()
+    held = ChoiceUpdate(0, prompt, num_new_tokens=2)
+
+    def deltas(chunks: list[dict[str, Any]]) -> list[Any]:
+        return [c["choices"][0]["delta"] for c in chunks]
+
+    chat = ChatResult("r1", "m", 0, 1, logprobs=False, parallel_tool_calls=True)
+    assert deltas(chat.add(held)) == [{"role": "assistant", "content": ""}, {"content": ""}]
+    assert deltas(chat.add(ChoiceUpdate(0, prompt, reasoning="hmm", num_new_tokens=1))) == [
+        {"reasoning_content": "hmm"}
+    ]
+    assert deltas(chat.add(held)) == [{"reasoning_content": ""}]
+    assert deltas(chat.add(ChoiceUpdate(0, prompt, text="Hi", num_new_tokens=1))) == [{"content": "Hi"}]
+    assert deltas(chat.add(held)) == [{"content": ""}]
+    assert chat.add(ChoiceUpdate(0, prompt)) == []  # no tokens, no text: nothing, as before
+    last = chat.add(ChoiceUpdate(0, prompt, text="\ufffd", finish_reason="length", num_new_tokens=1))
+    assert deltas(last) == [{"content": "\ufffd"}] and last[0]["choices"][0]["finish_reason"] == "length"
+    message = chat.response(run)["choices"][0]["message"]
+    assert (message["content"], message["reasoning_content"]) == ("Hi\ufffd", "hmm")
+
+    forced = ChatResult(
+        "r1", "m", 0, 1, logprobs=False, parallel_tool_calls=True, forced=ForcedToolChoice("named", "f")
+    )
+    assert deltas(forced.add(held)) == [{"role": "assistant", "content": None}, {}]
+
+    text = CompletionResult("r1", "m", 0, 1, logprobs=None, echo=False)
+    chunks = text.add(held)
+    assert [c["choices"][0]["text"] for c in chunks] == [""]
+    assert text.add(ChoiceUpdate(0, prompt)) == []
+
+    # Continuous usage stats: every chunk, the empty ones too, carries the usage so far.
+    async def updates() -> Any:
+        for update in (held, held, ChoiceUpdate(0, prompt, text="\ufffd", finish_reason="stop")):
+            yield update
+
+    job = Job(run, CompletionResult("r1", "m", 0, 1, None, False, include_usage=True), updates(), True, True)
+    streamed = [c async for c in job.chunks()]
+    assert [c["choices"][0]["text"] for c in streamed[:-1]] == ["", "", "\ufffd"]
+    assert all(c["usage"] is not None for c in streamed) and streamed[-1]["choices"] == []
+
+    anthropic = MessageBuilder("r1", "m", ChatResult("r1", "m", 0, 1, False, True))
+    assert anthropic.add(held) == []
+    events = anthropic.add(ChoiceUpdate(0, prompt, text="Hi", num_new_tokens=1))
+    assert [e["type"] for e in events] == ["content_block_start", "content_block_delta"]
+    assert anthropic.add(held) == []
+    responses = ResponseBuilder({}, {}, "m", ChatResult("r1", "m", 0, 1, False, True))
+    assert responses.add(held) == []
+    events = responses.add(ChoiceUpdate(0, prompt, text="Hi", num_new_tokens=1))
+    assert [e["type"] for e in events][-1] == "response.output_text.delta"
+    assert responses.add(held) == []

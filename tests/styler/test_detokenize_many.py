@@ -328,3 +328,41 @@ async def test_a_closed_session_id_may_be_reused_even_behind_the_pool(served: Se
     assert got == [load.detokenize(large), (0, ""), "Hello there", (0, "")]
     await call.done_writing()
     assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_ids_whose_text_is_held_back_are_answered_with_empty_text(served: Served) -> None:
+    """Ids that never complete a character (a repeated lone lead byte 0xE4, "ä" in byte-level
+    BPE) are answered all the same, per message: empty text and the count of ids taken, inline
+    and from the thread pool alike, and DetokenizeStream answers the same. The finish releases the
+    full decode."""
+    stub = served.stub
+    styler = load_styler(str(QWEN3))
+    byte = styler.tokenizer.token_to_id("ä")
+    assert byte is not None and styler.detokenize([byte]) == "\ufffd"
+    large = INLINE_MAX_NEW_TOKENS + 1
+    batches = [([byte], False), ([byte] * 2, False), ([byte] * large, False), ([byte], True)]
+    call = stub.DetokenizeMany()
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_start(1)]))
+    for ids, finished in batches:
+        await call.write(styler_pb2.DetokenizeManyRequest(requests=[_deltas(1, ids, finished)]))
+    await call.write(styler_pb2.DetokenizeManyRequest(requests=[_close(1)]))
+    got = await _answers(call, {1})
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.OK
+    total = 4 + large
+    assert got[1] == [
+        (0, "", False, False, 1),
+        (0, "", False, False, 3),
+        (0, "", False, False, 3 + large),
+        (0, "\ufffd" * total, False, True, total),
+        (0, ""),
+    ]
+    assert styler.detokenize([byte] * total) == "\ufffd" * total
+    messages = [styler_pb2.DetokenizeStreamRequest(start=styler_pb2.DetokenizeStreamStart())]
+    messages += [
+        styler_pb2.DetokenizeStreamRequest(
+            deltas=styler_pb2.TokenDeltas(deltas=[styler_pb2.TokenDelta(index=0, token_ids=i, finished=f)])
+        )
+        for i, f in batches
+    ]
+    assert await _one_stream(stub, messages) == got[1]

@@ -216,3 +216,46 @@ def test_a_stop_string_inside_a_merged_delta_ends_at_its_own_token() -> None:
     assert merged.stopped and merged.matched_stop == "."
     assert merged.text == "".join(d.text for d in steps) == "Once upon a time"
     assert merged.num_tokens == steps[stopped_at].num_tokens == stopped_at + 1 < len(ids)
+
+
+def _lead_byte_token(styler: Styler) -> int:
+    """The token of the lone UTF-8 lead byte 0xE4: byte-level BPE spells it "ä", SentencePiece's
+    byte fallback "<0xE4>". Repeated, it never completes a character."""
+    for piece in ("ä", "<0xE4>"):
+        token_id = styler.tokenizer.token_to_id(piece)
+        if token_id is not None and styler.detokenize([token_id]) == "\ufffd":
+            return token_id
+    raise AssertionError("no token for the lone byte 0xE4")
+
+
+def _held_text_dirs() -> list[Path]:
+    stories = shared_dir() / "models" / "stories260K"
+    dirs = [shared_dir() / "tokenizers" / "qwen3", stories]
+    return [d for d in dirs if (d / "tokenizer.json").is_file()]
+
+
+@needs_shared
+@pytest.mark.parametrize("tok_dir", _held_text_dirs(), ids=lambda p: p.name)
+@pytest.mark.parametrize("stop", [(), ("stop",)], ids=["plain", "stop-strings"])
+def test_ids_whose_text_is_held_back_still_make_a_delta(tok_dir: Path, stop: tuple[str, ...]) -> None:
+    """A model repeating a lone lead byte (greedy decoding of random weights does) gets no text
+    until it finishes, but each batch of ids is a delta to send, with empty text and the ids it
+    took: the gateway streams one chunk per token, as vLLM does. At the finish the text is the
+    full decode, a U+FFFD per byte. With stop strings the ids go through one by one: the same."""
+    styler = load_styler(str(tok_dir))
+    byte = _lead_byte_token(styler)
+    session = styler.open_stream(StreamOptions(stop=stop))
+    batches = [[byte], [byte, byte], [byte, byte, byte], [byte]]
+    deltas = [session.add(0, b, finished=i == len(batches) - 1) for i, b in enumerate(batches)]
+    assert [(d.text, d.num_new_tokens, d.num_tokens, d.is_empty()) for d in deltas[:-1]] == [
+        ("", 1, 1, False),
+        ("", 2, 3, False),
+        ("", 3, 6, False),
+    ]
+    assert deltas[-1].finished and (deltas[-1].num_new_tokens, deltas[-1].num_tokens) == (1, 7)
+    full = styler.detokenize([byte] * 7)
+    assert full == "\ufffd" * 7
+    assert "".join(d.text for d in deltas) == full
+    # A done choice ignores further ids: nothing to send for them.
+    late = session.add(0, [byte], finished=False)
+    assert late.is_empty() and late.num_new_tokens == 0
