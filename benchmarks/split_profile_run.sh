@@ -5,8 +5,8 @@
 # the worker's GIL hand-off A/B (TANDEM_GIL_SWITCH_INTERVAL), the engine's hand-off of each step's
 # outputs to the event loop (TANDEM_ENGINE_HANDOFF), GenerateMany's sink (TANDEM_GENERATE_SINK=0:
 # the session's task woken each step) and the GenerateMany A/B
-# (TANDEM_GENERATE_MUX=0: one Generate rpc per request), Admission's (TANDEM_ADMISSION_WAIT=0: the engine
-# steps as soon as a burst's first request is in; ADMIT_AB=0 skips it), then a traced run at concurrency 1 for
+# (TANDEM_GENERATE_MUX=0: one Generate rpc per request), Admission's (TANDEM_ADMISSION_WAIT=$ADMIT_WAIT, 0.02 s:
+# the engine waits for a burst's sessions before it steps; ADMIT_AB=0 skips it), then a traced run at concurrency 1 for
 # the first token's timeline (serving_bench.py --trace). Output in $OUT (docs/benchmarks.md).
 # SPY_NATIVE=1: the py-spy samples with native frames; SPY_GIL=1: only the thread holding each GIL.
 set -uo pipefail
@@ -30,8 +30,8 @@ if [ -n "${HANDOFF_AB-0.002}" ]; then  # the engine thread waits for the loop to
   TANDEM_ENGINE_HANDOFF=${HANDOFF_AB-0.002} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified \
     --tag split_handoff_ab 2>&1 | tail -6
 fi
-if [ "${ADMIT_AB:-1}" = 1 ]; then  # the baseline of Admission: the engine steps as soon as a burst's first request is in
-  TANDEM_ADMISSION_WAIT=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --per-request --tag split_admit_off 2>&1 | tail -6
+if [ "${ADMIT_AB:-1}" = 1 ]; then  # Admission on (off by default: the engine steps as soon as a burst's first request is in)
+  TANDEM_ADMISSION_WAIT=${ADMIT_WAIT:-0.02} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --per-request --tag split_admit_on 2>&1 | tail -6
 fi
 if [ "${SINK_AB:-1}" = 1 ]; then  # the baseline of GenerateMany's sink: the session's task woken each step
   TANDEM_GENERATE_SINK=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_sink_off 2>&1 | tail -6

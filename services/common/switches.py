@@ -199,9 +199,10 @@ GENERATE_SINK: Switch[bool] = Switch(
 ADMISSION_WAIT: Switch[float] = Switch(
     "TANDEM_ADMISSION_WAIT",
     "seconds",
-    0.02,
+    0.0,
     "how long the worker's engine thread waits, before its next step, for the GenerateMany sessions "
-    "just read off a stream to reach the engine (services/worker/async_engine.py); 0 does not wait",
+    "just read off a stream to reach the engine (services/worker/async_engine.py); 0 (the default) "
+    "does not wait",
     _parse_nonnegative_seconds,
 )
 QUANT_FUSE: Switch[str] = Switch(

@@ -17,7 +17,7 @@ engine thread's steps, and the first request runs alone meanwhile. So the loop d
 session it reads (`expect`) and the engine thread, before its next step, waits until every declared
 session's request is submitted or its session has ended (TANDEM_ADMISSION_WAIT at most, and once
 per batch of declarations: a session that takes long, e.g. compiling its grammar, holds no later
-step).
+step). Off unless TANDEM_ADMISSION_WAIT is set (docs/worker.md says why).
 
 A stream may have a `Sink`: called on the event loop with each output before it is queued, it may
 take the output itself (True) instead, so the task reading the queue is not woken for it (the
