@@ -513,7 +513,7 @@ class WorkerClient:
             session = self._generate_session(message)
             try:
                 async for r in session.responses():
-                    yield _generate_chunk(r)
+                    yield r if isinstance(r, GenerateChunk) else _generate_chunk(r)
                 return
             except grpc.aio.AioRpcError as exc:
                 # A worker without GenerateMany (an older version): one rpc per request from now on.

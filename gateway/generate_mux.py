@@ -14,24 +14,33 @@ the other sessions go on; if the stream itself breaks (the worker died: UNAVAILA
 on it fails with the stream's status, as each one's own rpc would have (UNAVAILABLE too where grpc
 reported the break as UNKNOWN or INTERNAL: `session_mux._stream_error`), and the next call opens a
 new stream. The request's deadline ends its session with DEADLINE_EXCEEDED, as it ended an rpc.
+
+Packed tokens: the gateway sets `accepts_packed_tokens` on its messages, so the worker sends a
+chunk that is one new token of a session's first choice and nothing else as two numbers in the
+message's `token_sessions` / `token_ids` (worker.proto). Each becomes that chunk, a `GenerateChunk`
+made here (the other chunks stay protobuf for clients.py to convert), handed to its session
+before the message's `responses`.
 """
 
 from __future__ import annotations
 
 import time
 
+from gateway.downstream import ChoiceDelta, GenerateChunk
 from gateway.session_mux import MuxCounts, MuxSession, SessionMux
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 GenerateMuxCounts = MuxCounts  # the workers' GenerateMany streams' traffic (/metrics)
 
 
-class GenerateSession(MuxSession[worker_pb2.GenerateResponse]):
-    """One Generate call on a shared stream: its chunks (`responses`) until it ends."""
+class GenerateSession(MuxSession[worker_pb2.GenerateResponse | GenerateChunk]):
+    """One Generate call on a shared stream: its chunks (`responses`) until it ends, each the
+    worker's GenerateResponse, or a GenerateChunk made from a packed token."""
 
     num_chunks: int = 0  # chunks received (tests: falling back before the first one)
+    choice_index: int = 0  # the request's first_choice_index: the choice of its packed tokens
 
-    def _deliver(self, item: worker_pb2.GenerateResponse) -> None:
+    def _deliver(self, item: worker_pb2.GenerateResponse | GenerateChunk) -> None:
         self.num_chunks += 1
         super()._deliver(item)
 
@@ -42,6 +51,11 @@ class GenerateMux(SessionMux[worker_pb2.GenerateRequest, GenerateSession]):
 
     def __init__(self, stub: worker_pb2_grpc.WorkerStub, counts: MuxCounts) -> None:
         super().__init__(stub.GenerateMany, GenerateSession, counts, "worker", "generate")
+
+    def open(self, start: worker_pb2.GenerateRequest, deadline: float | None) -> GenerateSession:
+        session = super().open(start, deadline)
+        session.choice_index = start.first_choice_index
+        return session
 
     def _start(
         self, session_id: int, start: worker_pb2.GenerateRequest, deadline: float | None
@@ -55,7 +69,18 @@ class GenerateMux(SessionMux[worker_pb2.GenerateRequest, GenerateSession]):
         return worker_pb2.GenerateSessionRequest(session_id=session_id, cancel=True)
 
     def _batch(self, messages: list[worker_pb2.GenerateSessionRequest]) -> worker_pb2.GenerateManyRequest:
-        return worker_pb2.GenerateManyRequest(requests=messages)
+        return worker_pb2.GenerateManyRequest(requests=messages, accepts_packed_tokens=True)
 
     def _item(self, answer: worker_pb2.GenerateSessionResponse) -> worker_pb2.GenerateResponse | None:
         return answer.chunk if answer.HasField("chunk") else None
+
+    def _deliver_packed(self, message: worker_pb2.GenerateManyResponse) -> int:
+        token_sessions = message.token_sessions
+        if not token_sessions:
+            return 0
+        sessions = self._sessions
+        for session_id, token_id in zip(token_sessions, message.token_ids, strict=True):
+            session = sessions.get(session_id)
+            if session is not None:  # (else cancelled or expired meanwhile)
+                session._deliver(GenerateChunk((ChoiceDelta(session.choice_index, (token_id,), (), None),)))
+        return len(token_sessions)

@@ -176,7 +176,8 @@ class SessionMux(ABC, Generic[StartT, SessionT]):
 
     Subclasses supply the protocol: `_start` (a session's first message), `_cancel` (the message
     that drops a session), `_batch` (the stream message carrying several session messages) and
-    `_item` (what an answer hands to its session's `responses`, if anything).
+    `_item` (what an answer hands to its session's `responses`, if anything); and, where a
+    stream message carries answers in another form too, `_deliver_packed`.
 
     Args:
         open_stream: opens the bidi stream (the stub's method, called with no arguments).
@@ -230,6 +231,11 @@ class SessionMux(ABC, Generic[StartT, SessionT]):
     @abstractmethod
     def _item(self, answer: Any) -> Any | None:
         """What `answer` (one session answer) hands to its session; None: nothing (an end only)."""
+
+    def _deliver_packed(self, message: Any) -> int:
+        """Hand what `message` carries besides its `responses` to the sessions (before those),
+        skipping sessions no longer open; how many session answers that was. None here."""
+        return 0
 
     # ---- the clients' side ----------------------------------------------------------------------
 
@@ -308,19 +314,7 @@ class SessionMux(ABC, Generic[StartT, SessionT]):
         peer, stream = self._peer, self._stream
         try:
             async for message in self._call:
-                counts = self._counts
-                counts.messages_received += 1
-                counts.session_messages_received += len(message.responses)
-                for answer in message.responses:
-                    session = self._sessions.get(answer.session_id)
-                    if session is None:
-                        continue  # cancelled or expired meanwhile
-                    item = self._item(answer)
-                    if item is not None:
-                        session._deliver(item)
-                    if answer.HasField("end"):
-                        code = _CODES.get(answer.end.code, grpc.StatusCode.UNKNOWN)
-                        session._end(None if code == grpc.StatusCode.OK else _error(code, answer.end.message))
+                self._receive(message)
             # The stream ended: retired here, or the peer (draining) ended it after its last session.
             error = _error(grpc.StatusCode.UNAVAILABLE, f"the {peer} ended the {stream} stream")
         except grpc.aio.AioRpcError as exc:
@@ -332,6 +326,23 @@ class SessionMux(ABC, Generic[StartT, SessionT]):
             log.exception("the %s's %s stream failed", peer, stream)
             error = _error(grpc.StatusCode.INTERNAL, f"the gateway's {peer} stream failed: {exc}")
         self._fail(error)
+
+    def _receive(self, message: Any) -> None:
+        """Hand one stream message's answers to their sessions (what `_deliver_packed` finds
+        first), skipping sessions no longer open."""
+        counts = self._counts
+        counts.messages_received += 1
+        counts.session_messages_received += self._deliver_packed(message) + len(message.responses)
+        for answer in message.responses:
+            session = self._sessions.get(answer.session_id)
+            if session is None:
+                continue  # cancelled or expired meanwhile
+            item = self._item(answer)
+            if item is not None:
+                session._deliver(item)
+            if answer.HasField("end"):
+                code = _CODES.get(answer.end.code, grpc.StatusCode.UNKNOWN)
+                session._end(None if code == grpc.StatusCode.OK else _error(code, answer.end.message))
 
     def _fail(self, error: grpc.aio.AioRpcError) -> None:
         if not self.closed and self._sessions:

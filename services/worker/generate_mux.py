@@ -9,6 +9,15 @@ session's task turns its output into a chunk and queues it, and the writer task,
 them, sends what queued while its previous write was in flight (no timer: an idle stream sends a
 chunk at once; under load a message carries one step's chunks for every session).
 
+Packed tokens: most chunks of a decode step are one new token of a session's first choice and
+nothing else. For a caller that set `accepts_packed_tokens` (the gateway does), such a chunk is
+two numbers appended to the message's parallel lists `token_sessions` / `token_ids` instead of a
+session answer with a chunk and a choice built in it: per session and step, two list appends on
+the event loop instead of several protobuf calls. A session's packed tokens come before its
+answers in the same message, so once a session has an answer in the next message, its later
+chunks there go as answers too (`_answered`). A caller that never set the flag gets every chunk
+as an answer.
+
 A session runs exactly what a Generate rpc runs (`generate`: the servicer's admission,
 validation, grammar compilation, KV fetch and output loop) against a `SessionContext` instead of
 the rpc's context, so it answers the same chunks and ends with the same status: INVALID_ARGUMENT
@@ -72,20 +81,30 @@ def _nothing() -> None:
     pass
 
 
+def _no_packing(token_id: int) -> bool:
+    return False
+
+
 class SessionContext:
     """What the Generate body uses of an rpc's ServicerContext: `abort` and `time_remaining`;
     and `emit`, which sends one of the session's chunks from outside its task (in order with
     what the task yields: the caller makes sure of that, rpc.py's `take`): the chunk is written
-    in place in the next message, by the function `emit` is given."""
+    in place in the next message, by the function `emit` is given. `emit_token` sends, the same
+    way, a chunk that is exactly one new token of the request's first choice (`first_choice_index`)
+    and nothing else (outputs.single_token) as a packed token; it returns False where the stream
+    cannot pack it (its caller reads no packed tokens, or the session already has an answer in
+    the next message): the caller then `emit`s the chunk instead."""
 
     def __init__(
         self,
         deadline: float | None,
         emit: Callable[[FillFn], None],
         admitted: Callable[[], None] = _nothing,
+        emit_token: Callable[[int], bool] = _no_packing,
     ) -> None:
         self.deadline = deadline  # time.monotonic(), None: no deadline
         self.emit = emit
+        self.emit_token = emit_token
         self.arrived = time.monotonic()  # read off the stream (its queue time starts here)
         # the body calls it once its request is submitted (AsyncEngine.expect: the engine's next
         # step waits for the sessions read with this one); the session's end calls it too
@@ -120,11 +139,18 @@ class GenerateMux:
         # the next message, its session answers built in place as they come (a chunk built on its
         # own, wrapped in a session answer and the batch, was copied into each)
         self._pending = worker_pb2.GenerateManyResponse()
+        # its packed tokens, parallel (extended into it when it is sent), and the sessions that
+        # have an answer in it (their later chunks there are answers too: packed ones come first)
+        self._token_sessions: list[int] = []
+        self._token_ids: list[int] = []
+        self._answered: set[int] = set()
+        self._packs = False  # the caller set accepts_packed_tokens
         self._wake = asyncio.Event()
         self._draining = False
         self._reading = True  # the caller may still send sessions
         self.messages_sent = 0
-        self.chunks_emitted = 0  # chunks sent from outside their sessions' tasks (`_emit`)
+        self.chunks_emitted = 0  # chunks sent from outside their sessions' tasks (`_emit`, `_emit_token`)
+        self.tokens_packed = 0  # of those, chunks sent as packed tokens
 
     @property
     def num_sessions(self) -> int:
@@ -159,6 +185,8 @@ class GenerateMux:
     async def _read(self, requests: AsyncIterator[worker_pb2.GenerateManyRequest]) -> None:
         try:
             async for message in requests:
+                if message.accepts_packed_tokens:
+                    self._packs = True
                 for request in message.requests:
                     self._handle(request)
         finally:
@@ -190,7 +218,12 @@ class GenerateMux:
         deadline = time.monotonic() + start.timeout_ms / 1000 if start.timeout_ms else None
         admitted = self._expect() if self._expect is not None else _nothing
         # Each session in a context of its own: its request id (logs) is its own.
-        context = SessionContext(deadline, functools.partial(self._emit, sid), admitted)
+        context = SessionContext(
+            deadline,
+            functools.partial(self._emit, sid),
+            admitted,
+            functools.partial(self._emit_token, sid),
+        )
         task = asyncio.create_task(self._run(sid, start.request, context), context=contextvars.Context())
         task.add_done_callback(lambda _: admitted())  # refused, failed or cancelled before its submit
         session = _Session(sid, task)
@@ -250,6 +283,21 @@ class GenerateMux:
             self.chunks_emitted += 1
             fill(self._answer(sid).chunk)
 
+    def _emit_token(self, sid: int, token_id: int) -> bool:
+        """A chunk of one token of the session's first choice (SessionContext.emit_token), as a
+        packed token of the next message: dropped (True) once the session was cancelled or its
+        deadline passed; False where it cannot go packed (see the module docstring)."""
+        if not self._packs or sid in self._answered:
+            return False
+        session = self._sessions.get(sid)
+        if session is not None and not session.expired:
+            self.chunks_emitted += 1
+            self.tokens_packed += 1
+            self._token_sessions.append(sid)
+            self._token_ids.append(token_id)
+            self._wake.set()
+        return True
+
     def _forget(self, session: _Session) -> None:
         self._sessions.pop(session.session_id, None)
         if session.deadline_timer is not None:
@@ -265,6 +313,7 @@ class GenerateMux:
     def _answer(self, sid: int) -> worker_pb2.GenerateSessionResponse:
         """A new (empty) answer of session `sid` in the next message, for the caller to fill."""
         self._wake.set()
+        self._answered.add(sid)
         return self._pending.responses.add(session_id=sid)
 
     # ---- writing -------------------------------------------------------------------------------
@@ -272,15 +321,25 @@ class GenerateMux:
     def _over(self) -> bool:
         return not self._sessions and (self._draining or not self._reading)
 
+    def _take_pending(self) -> worker_pb2.GenerateManyResponse:
+        """The next message, its packed tokens in it; a new one is pending from now on."""
+        message, self._pending = self._pending, worker_pb2.GenerateManyResponse()
+        if self._token_sessions:
+            message.token_sessions.extend(self._token_sessions)
+            message.token_ids.extend(self._token_ids)
+            self._token_sessions, self._token_ids = [], []
+        self._answered.clear()
+        return message
+
     async def _run_writer(self) -> None:
         while True:
-            if not self._pending.responses:
+            if not self._pending.responses and not self._token_sessions:
                 if self._over():
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            message, self._pending = self._pending, worker_pb2.GenerateManyResponse()
+            message = self._take_pending()
             self.messages_sent += 1
             with contextlib.suppress(asyncio.InvalidStateError):
                 await self._write(message)

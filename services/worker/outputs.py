@@ -80,3 +80,32 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         last.kv_handle,
         last.embedding,
     )
+
+
+def single_token(out: RequestOutput, index: int) -> int | None:
+    """The one new token of choice `index` when that is all `out` says, else None: a mid-stream
+    output of that choice alone, one token, and nothing else set (logprobs, finish reason, stop
+    id, cumulative logprob, prompt logprobs, usage, error, KV handle, embedding). GenerateMany
+    sends such an output packed (GenerateManyResponse.token_ids): the reader rebuilds the chunk
+    from the token alone, so every other field must be unset."""
+    if (
+        len(out.choices) != 1
+        or out.finished
+        or out.usage is not None
+        or out.error is not None
+        or out.prompt_logprobs is not None
+        or out.kv_handle is not None
+        or out.embedding is not None
+    ):
+        return None
+    choice = out.choices[0]
+    if (
+        choice.index != index
+        or len(choice.token_ids) != 1
+        or choice.logprobs is not None
+        or choice.finish_reason is not None
+        or choice.stop_token_id is not None
+        or choice.cumulative_logprob is not None
+    ):
+        return None
+    return choice.token_ids[0]

@@ -43,7 +43,7 @@ from services.worker.kv_peers import PeerTransferLog
 from services.worker.lora.adapter import LoRAAdapterError
 from services.worker.lora.registry import LoRAInfo, LoRANotFoundError
 from services.worker.mm_inputs import images_from_pb
-from services.worker.outputs import ChoiceOutput, RequestOutput, merge_outputs
+from services.worker.outputs import ChoiceOutput, RequestOutput, merge_outputs, single_token
 from services.worker.request import (
     EngineRequest,
     InvalidRequestError,
@@ -214,6 +214,15 @@ def fill_output_pb(msg: worker_pb2.GenerateResponse, out: RequestOutput) -> work
         usage.completion_tokens = out.usage.completion_tokens
         usage.cached_prompt_tokens = out.usage.cached_prompt_tokens
     return msg
+
+
+def emit_output(context: SessionContext, out: RequestOutput, first_choice_index: int) -> None:
+    """Send `out`, a GenerateMany session's mid-stream output, from outside the session's task
+    (`take`): as a packed token where it is one token of the request's first choice and nothing
+    else and the stream takes one (generate_mux.py), else as a chunk built in the next message."""
+    token_id = single_token(out, first_choice_index)
+    if token_id is None or not context.emit_token(token_id):
+        context.emit(functools.partial(fill_output_pb, out=out))
 
 
 def fingerprint(engine: Engine) -> str:
@@ -393,6 +402,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.num_pending = 0  # Generate / Prefill calls held now (admission, `_admit`)
         self._muxes: set[GenerateMux] = set()  # the open GenerateMany streams
         self._chunks_emitted = 0  # by GenerateMany streams that have ended (num_chunks_emitted)
+        self._tokens_packed = 0  # likewise (num_tokens_packed)
         self._draining = False
         _export_load_gauges(engine)
 
@@ -542,6 +552,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         finally:
             self._muxes.discard(mux)
             self._chunks_emitted += mux.chunks_emitted
+            self._tokens_packed += mux.tokens_packed
 
     async def drain(self) -> None:
         """The server drains: GenerateMany streams refuse new sessions and end after their last."""
@@ -553,6 +564,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         """GenerateMany chunks that went out from the engine step's callback, not their session's
         task (`_generate`'s `take`), over this servicer's streams so far."""
         return self._chunks_emitted + sum(mux.chunks_emitted for mux in self._muxes)
+
+    def num_tokens_packed(self) -> int:
+        """Of those, the chunks sent as packed tokens (GenerateManyResponse.token_ids)."""
+        return self._tokens_packed + sum(mux.tokens_packed for mux in self._muxes)
 
     def num_generate_sessions(self) -> int:
         """Sessions open on this servicer's GenerateMany streams."""
@@ -590,7 +605,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         fetch: asyncio.Task[None] | None = None
         # True while the loop below waits on an empty queue, every earlier output sent
         parked = False
-        emit = context.emit if isinstance(context, SessionContext) else None
+        session = context if isinstance(context, SessionContext) else None
+        first_index = req.first_choice_index
 
         def take(item: RequestOutput) -> bool:
             """A GenerateMany session's mid-stream output that arrives while the loop is parked
@@ -604,12 +620,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 return False
             if first_token is None and any(c.token_ids for c in item.choices):
                 first_token = time.monotonic()
-            assert emit is not None
-            emit(functools.partial(fill_output_pb, out=item))
+            assert session is not None
+            emit_output(session, item, first_index)
             return True
 
         if source is None:
-            sink = take if emit is not None and switches.GENERATE_SINK.value else None
+            sink = take if session is not None and switches.GENERATE_SINK.value else None
             outputs = self.async_engine.submit(req, sink=sink)
         else:
             outputs = self.async_engine.submit(req, add=self.engine.add_fetching_request)

@@ -125,6 +125,65 @@ async def test_worker_stream_messages_batch_a_steps_tokens_at_concurrency_32(sto
     assert messages - messages_before < tokens / 4, (messages - messages_before, tokens)
 
 
+async def test_packed_tokens_give_the_text_of_one_rpc_per_request(
+    stories_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stack's gateway reads the worker's single-token chunks packed (its GenerateMany stream
+    accepts them); a gateway with TANDEM_GENERATE_MUX=0 sends one Generate rpc per request, which
+    has no packed form. Both give every choice the same text: chat, a batch of prompts (choice
+    indexes past 0), n = 2 and logprobs, streamed, at once."""
+    monkeypatch.setenv("TANDEM_GENERATE_MUX", "0")
+    with stories_stack.extra_gateway("gateway-rpc") as rpc_url:
+        packed = openai.AsyncOpenAI(
+            base_url=stories_stack.base_url, api_key="unused", max_retries=0, timeout=120
+        )
+        rpc = openai.AsyncOpenAI(base_url=rpc_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        async def completion(client: openai.AsyncOpenAI, seed: int, **kw: object) -> dict[int, str]:
+            stream = await client.completions.create(
+                model="stories260K",
+                max_tokens=32,
+                seed=seed,
+                stream=True,
+                extra_body={"ignore_eos": True},
+                **kw,
+            )
+            text: dict[int, str] = {}
+            async for chunk in stream:
+                for c in chunk.choices:
+                    text[c.index] = text.get(c.index, "") + c.text
+            return text
+
+        async def chat(client: openai.AsyncOpenAI, seed: int) -> str:
+            stream = await client.chat.completions.create(
+                model="stories260K",
+                messages=[{"role": "user", "content": f"Tell a story {seed}"}],
+                max_tokens=32,
+                seed=seed,
+                stream=True,
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        async def run(client: openai.AsyncOpenAI) -> tuple[list[dict[int, str]], list[str]]:
+            completions = asyncio.gather(
+                *(completion(client, i, prompt=f"Once upon a time {i}") for i in range(8)),
+                completion(client, 20, prompt=["Once", "The dog", "A girl"]),
+                completion(client, 21, prompt="Once upon a time", n=2),
+                completion(client, 22, prompt="Once upon a time", logprobs=2),
+            )
+            chats = asyncio.gather(*(chat(client, 30 + i) for i in range(4)))
+            return list(await completions), list(await chats)
+
+        over_packed, over_rpc = await run(packed), await run(rpc)
+        await packed.close()
+        await rpc.close()
+    assert over_packed == over_rpc
+    completions, chats = over_packed
+    assert set(completions[8]) == {0, 1, 2} and set(completions[9]) == {0, 1}
+    assert len({str(t) for t in completions}) == len(completions)  # the seeds really differ
+    assert len(set(chats)) == len(chats) and all(chats)
+
+
 @pytest.fixture(scope="module", params=["mux", "rpc"])
 def two_workers(
     request: pytest.FixtureRequest, stories_dir: Path, tmp_path_factory: pytest.TempPathFactory

@@ -3,7 +3,10 @@
 the tokens of their own Generate rpcs, in fewer messages than chunks; cancelling one session
 aborts its request only; a bad request ends its own session with the status its rpc gets; a
 worker that goes away fails every session with its rpc's status, and the next call opens a new
-stream; a draining worker refuses new sessions as its server refuses new rpcs."""
+stream; a draining worker refuses new sessions as its server refuses new rpcs. Packed tokens: the
+worker sends a mid-stream chunk of one token of the first choice packed, only to a caller that
+accepts them, and the gateway reads them as the chunks they stand for, before the message's
+answers, dropping those of sessions it no longer holds."""
 
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway import deadline
-from gateway.clients import WorkerClient
-from gateway.downstream import GenerateChunk, Guided
+from gateway.clients import WorkerClient, _generate_chunk
+from gateway.downstream import ChoiceDelta, GenerateChunk, Guided
 from gateway.worker_stream import WORKER_GONE, WORKER_STOPPED
 from services.common import switches
 from services.common.metrics import RPC_ERRORS
@@ -30,8 +33,9 @@ from services.common.server import GrpcServer
 from services.worker.async_engine import AsyncEngine
 from services.worker.config import WorkerConfig
 from services.worker.engine import Engine
-from services.worker.rpc import SERVICE_NAME, WorkerServicer, _HandlerCapture, add_to_server
-from tandem.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.outputs import ChoiceOutput, RequestOutput
+from services.worker.rpc import SERVICE_NAME, WorkerServicer, _HandlerCapture, add_to_server, fill_output_pb
+from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 COMMON: dict[str, Any] = dict(device="cpu", kv_cache_memory="16MiB", max_model_len=512, cpu_threads=1)
 PROMPT = (1, 403, 251, 263, 93, 291)
@@ -159,6 +163,8 @@ async def test_concurrent_sessions_stream_the_tokens_of_their_own_rpcs(
     # session's task (rpc.py's `take`); a session's first and last chunks come from its task
     assert worker.servicer is not None
     assert worker.servicer.num_chunks_emitted() > counts.session_messages_received / 2, counts
+    # and most of those went packed (the sessions with n = 2 or logprobs never do)
+    assert worker.servicer.num_tokens_packed() > counts.session_messages_received / 4, counts
 
 
 async def test_sessions_without_the_sink_stream_the_same_tokens(
@@ -411,3 +417,170 @@ async def test_a_stream_the_worker_breaks_fails_its_sessions_as_a_worker_gone(tm
         await mux.close()
         await rpc.close()
         await server.stop(0)
+
+
+# ---- packed tokens ------------------------------------------------------------------------------
+
+# (first_choice_index, sampling): a chat request's prompt, a batch's fourth prompt, one with
+# logprobs (never packed), n = 2, one that ends on a stop token id
+PACKED_CASES: list[tuple[int, common_pb2.SamplingParams]] = [
+    (0, common_pb2.SamplingParams(temperature=1.0, seed=1, max_tokens=24, ignore_eos=True)),
+    (3, common_pb2.SamplingParams(temperature=1.0, seed=2, max_tokens=24, ignore_eos=True)),
+    (0, common_pb2.SamplingParams(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True, logprobs=1)),
+    (4, common_pb2.SamplingParams(temperature=1.0, seed=4, max_tokens=20, ignore_eos=True, n=2)),
+    (0, common_pb2.SamplingParams(temperature=1.0, seed=5, max_tokens=40, stop_token_ids=[13])),
+]
+
+
+def _packed_request(i: int) -> worker_pb2.GenerateRequest:
+    first, sampling = PACKED_CASES[i % len(PACKED_CASES)]
+    return worker_pb2.GenerateRequest(
+        request_id=f"p{i}", prompt_token_ids=PROMPT, sampling=sampling, first_choice_index=first
+    )
+
+
+async def test_the_worker_packs_mid_stream_single_tokens_for_a_caller_that_accepts_them(
+    worker: Worker,
+) -> None:
+    """Raw GenerateMany streams against the real worker, with and without accepts_packed_tokens:
+    read by the contract, both give every session the tokens of its own Generate rpc; only the
+    first carries packed tokens, never for a session with logprobs, and every session's last chunk
+    (finish reason, usage) is an answer."""
+    n = 15
+    requests = [_packed_request(i) for i in range(n)]
+    async with grpc.aio.insecure_channel(worker.address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+
+        async def by_rpc(request: worker_pb2.GenerateRequest) -> dict[int, list[int]]:
+            tokens: dict[int, list[int]] = {}
+            async for chunk in stub.Generate(request):
+                for c in chunk.choices:
+                    tokens.setdefault(c.index, []).extend(c.token_ids)
+            return tokens
+
+        async def by_stream(accepts: bool) -> tuple[list[dict[int, list[int]]], list[int], list[bool]]:
+            """Each session's tokens by choice, the sessions of the packed tokens, and whether
+            each session's last answer had a chunk with usage."""
+            tokens: list[dict[int, list[int]]] = [{} for _ in range(n)]
+            packed_sessions: list[int] = []
+            last_has_usage = [False] * n
+            call = stub.GenerateMany()
+            starts = [
+                worker_pb2.GenerateSessionRequest(
+                    session_id=i, start=worker_pb2.GenerateSessionStart(request=request)
+                )
+                for i, request in enumerate(requests)
+            ]
+            await call.write(worker_pb2.GenerateManyRequest(requests=starts, accepts_packed_tokens=accepts))
+            await call.done_writing()
+            async for message in call:
+                for sid, token_id in zip(message.token_sessions, message.token_ids, strict=True):
+                    packed_sessions.append(sid)
+                    tokens[sid].setdefault(requests[sid].first_choice_index, []).append(token_id)
+                for answer in message.responses:
+                    for c in answer.chunk.choices:
+                        tokens[answer.session_id].setdefault(c.index, []).extend(c.token_ids)
+                    if answer.HasField("end"):
+                        assert answer.end.code == 0, answer.end.message
+                    if answer.HasField("chunk"):
+                        last_has_usage[answer.session_id] = answer.chunk.HasField("usage")
+            return tokens, packed_sessions, last_has_usage
+
+        expected = list(await asyncio.gather(*(by_rpc(r) for r in requests)))
+        packed, packed_sessions, packed_last = await by_stream(True)
+        plain, plain_sessions, plain_last = await by_stream(False)
+    assert packed == expected and plain == expected
+    assert plain_sessions == []  # an older caller: every chunk an answer
+    assert len(packed_sessions) > n * 8
+    assert {sid % len(PACKED_CASES) for sid in packed_sessions} >= {0, 1, 4}
+    assert not any(sid % len(PACKED_CASES) == 2 for sid in packed_sessions)  # logprobs: answers
+    assert all(packed_last) and all(plain_last)  # the last chunk (usage) is an answer
+
+
+def test_a_packed_token_stands_for_the_chunk_the_worker_would_send() -> None:
+    """The proto's contract on both sides: what the gateway makes of a packed token is what it
+    makes of the GenerateResponse the worker builds for that output."""
+    out = RequestOutput("r", (ChoiceOutput(3, (42,), None),))
+    chunk = fill_output_pb(worker_pb2.GenerateResponse(), out)
+    assert chunk == worker_pb2.GenerateResponse(
+        request_id="r", choices=[worker_pb2.ChoiceDelta(index=3, token_ids=[42])]
+    )
+    assert _generate_chunk(chunk) == GenerateChunk((ChoiceDelta(3, (42,), (), None),))
+
+
+async def test_the_gateway_reads_packed_tokens_before_the_answers_and_drops_a_cancelled_sessions(
+    tmp_path: Path,
+) -> None:
+    """A stand-in worker answers, once the gateway cancelled one of two sessions, one message:
+    packed tokens of the kept session, of the cancelled one and of an unknown one, then an answer
+    of the kept session (its last chunk and end) and the cancelled one's end. The kept session
+    yields its packed tokens (its first_choice_index's choice), then the answer's chunk; the
+    others' are dropped."""
+    starts: dict[str, int] = {}  # request id -> session id
+    flags: list[bool] = []
+    cancelled = asyncio.Event()
+
+    async def generate_many(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for message in requests:
+            flags.append(message.accepts_packed_tokens)
+            for r in message.requests:
+                if r.WhichOneof("kind") == "start":
+                    starts[r.start.request.request_id] = r.session_id
+                elif r.cancel:
+                    cancelled.set()
+            if cancelled.is_set() and "keep" in starts:
+                break
+        keep, gone = starts["keep"], starts["gone"]
+        last = worker_pb2.GenerateResponse(
+            request_id="keep",
+            choices=[
+                worker_pb2.ChoiceDelta(index=2, token_ids=[14], finish_reason=common_pb2.FINISH_REASON_LENGTH)
+            ],
+            usage=common_pb2.Usage(prompt_tokens=6, completion_tokens=3),
+        )
+        yield worker_pb2.GenerateManyResponse(
+            token_sessions=[keep, gone, keep, 999],
+            token_ids=[10, 11, 12, 13],
+            responses=[
+                worker_pb2.GenerateSessionResponse(
+                    session_id=keep, chunk=last, end=worker_pb2.GenerateSessionEnd()
+                ),
+                worker_pb2.GenerateSessionResponse(session_id=gone, end=worker_pb2.GenerateSessionEnd()),
+            ],
+        )
+        await asyncio.Event().wait()  # (the stream stays open)
+
+    handlers = {
+        "GenerateMany": grpc.stream_stream_rpc_method_handler(
+            generate_many,
+            request_deserializer=worker_pb2.GenerateManyRequest.FromString,
+            response_serializer=worker_pb2.GenerateManyResponse.SerializeToString,
+        ),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    address = f"unix:{tmp_path / 'packed.sock'}"
+    server.add_insecure_port(address)
+    await server.start()
+    client = WorkerClient(address, generate_mux=True)
+    sampling = SamplingParams[Guided](temperature=0.0, max_tokens=3)
+    try:
+        gone = client.generate("gone", PROMPT, sampling)
+        waiting = asyncio.create_task(gone.__anext__())
+        await _wait_for(lambda: "gone" in starts)
+        waiting.cancel()  # the client went away: the session is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        chunks = [c async for c in client.generate("keep", PROMPT, sampling, first_choice_index=2)]
+    finally:
+        await client.close()
+        await server.stop(0)
+    assert flags and all(flags)  # the gateway accepts packed tokens on every message
+    assert [(c.choices[0].index, c.choices[0].token_ids, c.choices[0].finish_reason) for c in chunks] == [
+        (2, (10,), None),
+        (2, (12,), None),
+        (2, (14,), "length"),
+    ]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+    counts = client.generate_counts
+    assert counts.messages_received == 1 and counts.session_messages_received == 4 + 2
