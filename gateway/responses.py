@@ -194,9 +194,10 @@ class ChatResult:
             delta["tool_calls"] = tool_deltas
         if update.text or update.reasoning:
             choice.in_reasoning = not update.text
-        if not delta and update.num_new_tokens and self.forced is None:
+        if not delta and update.num_new_tokens and self.forced is None and not choice.tool_calls:
             # New tokens whose text is held back: an empty chunk all the same, as vLLM sends
-            # (a forced tool choice's `delta: {}`, its content being null).
+            # (`delta: {}` under a forced tool choice, whose content is null, and once a tool
+            # call has begun, where the parser holds the call's text).
             delta["reasoning_content" if choice.in_reasoning else "content"] = ""
         finish = _finish(choice, update.finish_reason)
         choice.finish_reason = finish

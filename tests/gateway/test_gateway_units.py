@@ -395,6 +395,13 @@ async def test_tokens_whose_text_is_held_back_make_empty_openai_chunks_only() ->
     )
     assert deltas(forced.add(held)) == [{"role": "assistant", "content": None}, {}]
 
+    # Once a tool call has begun, held-back tokens (the parser holds the call's text) add no
+    # content to the message: `delta: {}`.
+    tools = ChatResult("r1", "m", 0, 1, logprobs=False, parallel_tool_calls=True)
+    call = ChoiceUpdate(0, prompt, tool_calls=(ToolCallDelta(0, "call_1", "f", ""),), num_new_tokens=1)
+    assert deltas(tools.add(call))[-1]["tool_calls"][0]["function"]["name"] == "f"
+    assert deltas(tools.add(held)) == [{}]
+
     text = CompletionResult("r1", "m", 0, 1, logprobs=None, echo=False)
     chunks = text.add(held)
     assert [c["choices"][0]["text"] for c in chunks] == [""]
