@@ -14,9 +14,7 @@ import argparse
 import functools
 import json
 import random
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,17 +22,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.host_timing import median_us
 from services.worker.host_staging import block_slots, host_tensor, padded_rows
-
-
-def _us(fn: Callable[[], object], calls: int, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
 
 
 def _slots_per_token(blocks: list[int], bs: int, start: int, end: int) -> list[int]:
@@ -50,7 +39,7 @@ def run(calls: int, repeats: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(what: str, size: str, before: Callable[[], object], after: Callable[[], object]) -> None:
-        b, a = _us(before, calls, repeats), _us(after, calls, repeats)
+        b, a = median_us(before, calls, repeats), median_us(after, calls, repeats)
         rows.append({"what": what, "size": size, "before_us": round(b, 2), "after_us": round(a, 2)})
 
     for n in (64, 2048, 8192):  # a decode step's rows; prefill chunks' tokens

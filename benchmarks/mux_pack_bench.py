@@ -31,14 +31,13 @@ import functools
 import json
 import logging
 import platform
-import statistics
 import sys
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.host_timing import median_us
 from gateway.clients import _generate_chunk
 from gateway.downstream import GenerateChunk
 from gateway.generate_mux import GenerateMux as GatewayMux
@@ -51,16 +50,6 @@ from tandem.v1 import worker_pb2
 
 SESSIONS = (1, 8, 64)
 FORMS = ("before", "answers", "packed")
-
-
-def _us(fn: Callable[[], object], calls: int, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
 
 
 async def _worker_mux(num_sessions: int, packed: bool) -> tuple[WorkerMux, list[SessionContext], Any]:
@@ -162,9 +151,9 @@ async def _case(num_sessions: int, form: str, calls: int, repeats: int) -> dict[
 
     chunks = gateway_step()
     assert [c.choices[0].token_ids for c in chunks] == [(100 + sid,) for sid in range(1, num_sessions + 1)]
-    worker_us = _us(worker_step, calls, repeats)
-    serialize_us = _us(message.SerializeToString, calls, repeats)
-    gateway_us = _us(gateway_step, calls, repeats)
+    worker_us = median_us(worker_step, calls, repeats)
+    serialize_us = median_us(message.SerializeToString, calls, repeats)
+    gateway_us = median_us(gateway_step, calls, repeats)
     reader.cancel()
     mux.close()
     await gateway.close()

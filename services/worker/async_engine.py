@@ -79,6 +79,10 @@ class _Stream:
             self.queue.put_nowait(item)
 
 
+def _admitted_already() -> None:
+    """What `expect` returns when the engine thread waits for no admission."""
+
+
 def _put_all(deliveries: list[tuple[_Stream, RequestOutput]], taken: threading.Event | None = None) -> None:
     for stream, out in deliveries:
         stream.deliver(out)
@@ -178,7 +182,10 @@ class AsyncEngine:
     def expect(self) -> Callable[[], None]:
         """Declare a session read whose request is yet to be submitted; the engine thread's next
         step waits (Admission above) until the returned function has been called (once the request
-        is submitted, or its session ended without one; calls after the first do nothing)."""
+        is submitted, or its session ended without one; calls after the first do nothing). With
+        no wait (TANDEM_ADMISSION_WAIT=0, the default) nothing is counted: a no-op comes back."""
+        if self._admission_wait <= 0:
+            return _admitted_already
         with self._arrivals:
             self._arriving += 1
             self._declared += 1

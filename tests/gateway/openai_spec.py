@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import httpx
 from openapi_schema_validator import OAS31Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -94,3 +95,21 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
         assert block.startswith("data: "), block
         out.append(json.loads(block.removeprefix("data: ")))
     return out
+
+
+def checked_stream(url: str, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST `body` with `stream: true` to `url + path` (/v1/chat/completions or /v1/completions):
+    its chunks, each valid under its OpenAI schema (the completion chunk with a nullable
+    finish_reason, `x-tandem-CompletionStreamChunk`)."""
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=120) as reply:
+        text = reply.read().decode()
+    assert reply.status_code == 200, text
+    name = (
+        "CreateChatCompletionStreamResponse"
+        if path == "/v1/chat/completions"
+        else "x-tandem-CompletionStreamChunk"
+    )
+    chunks = parse_sse(text)
+    for chunk in chunks:
+        check(name, chunk)
+    return chunks

@@ -137,6 +137,32 @@ async def _wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> N
         await asyncio.sleep(0.01)
 
 
+async def _stand_in_worker(
+    socket: Path, generate_many: Callable[..., Any], generate: Callable[..., Any] | None = None
+) -> tuple[grpc.aio.Server, str]:
+    """A started gRPC server on a unix socket answering the Worker service's GenerateMany (and
+    Generate) with the given handlers: a worker that misbehaves in a chosen way. (server, address)"""
+    handlers = {
+        "GenerateMany": grpc.stream_stream_rpc_method_handler(
+            generate_many,
+            request_deserializer=worker_pb2.GenerateManyRequest.FromString,
+            response_serializer=worker_pb2.GenerateManyResponse.SerializeToString,
+        ),
+    }
+    if generate is not None:
+        handlers["Generate"] = grpc.unary_stream_rpc_method_handler(
+            generate,
+            request_deserializer=worker_pb2.GenerateRequest.FromString,
+            response_serializer=worker_pb2.GenerateResponse.SerializeToString,
+        )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    address = f"unix:{socket}"
+    server.add_insecure_port(address)
+    await server.start()
+    return server, address
+
+
 async def test_concurrent_sessions_stream_the_tokens_of_their_own_rpcs(
     mux: WorkerClient, rpc: WorkerClient, worker: Worker
 ) -> None:
@@ -375,23 +401,7 @@ async def test_a_stream_the_worker_breaks_fails_its_sessions_as_a_worker_gone(tm
         await context.abort(*broke_with[-1])
         yield  # (a stream handler)
 
-    handlers = {
-        "GenerateMany": grpc.stream_stream_rpc_method_handler(
-            generate_many,
-            request_deserializer=worker_pb2.GenerateManyRequest.FromString,
-            response_serializer=worker_pb2.GenerateManyResponse.SerializeToString,
-        ),
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            generate,
-            request_deserializer=worker_pb2.GenerateRequest.FromString,
-            response_serializer=worker_pb2.GenerateResponse.SerializeToString,
-        ),
-    }
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    address = f"unix:{tmp_path / 'broken.sock'}"
-    server.add_insecure_port(address)
-    await server.start()
+    server, address = await _stand_in_worker(tmp_path / "broken.sock", generate_many, generate)
     mux = WorkerClient(address, generate_mux=True)
     rpc = WorkerClient(address, generate_mux=False)
     sampling = SamplingParams[Guided](temperature=0.0, max_tokens=4)
@@ -550,18 +560,7 @@ async def test_the_gateway_reads_packed_tokens_before_the_answers_and_drops_a_ca
         )
         await asyncio.Event().wait()  # (the stream stays open)
 
-    handlers = {
-        "GenerateMany": grpc.stream_stream_rpc_method_handler(
-            generate_many,
-            request_deserializer=worker_pb2.GenerateManyRequest.FromString,
-            response_serializer=worker_pb2.GenerateManyResponse.SerializeToString,
-        ),
-    }
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    address = f"unix:{tmp_path / 'packed.sock'}"
-    server.add_insecure_port(address)
-    await server.start()
+    server, address = await _stand_in_worker(tmp_path / "packed.sock", generate_many)
     client = WorkerClient(address, generate_mux=True)
     sampling = SamplingParams[Guided](temperature=0.0, max_tokens=3)
     try:

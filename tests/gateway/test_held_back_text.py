@@ -41,15 +41,7 @@ def _body(stack: Stack, path: str) -> dict[str, Any]:
 
 
 def _stream(stack: Stack, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    with httpx.stream("POST", stack.url + path, json={**body, "stream": True}, timeout=120) as reply:
-        text = reply.read().decode()
-    assert reply.status_code == 200, text
-    chunks = spec.parse_sse(text)
-    for chunk in chunks:
-        spec.check(
-            "CreateChatCompletionStreamResponse" if path == CHAT else "x-tandem-CompletionStreamChunk", chunk
-        )
-    return chunks
+    return spec.checked_stream(stack.url, path, body)
 
 
 def test_held_back_text_streams_a_chunk_of_empty_text_per_token_batch(stories_stack: Stack) -> None:

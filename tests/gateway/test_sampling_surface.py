@@ -42,15 +42,7 @@ def _ok(stack: Stack, path: str, body: dict[str, Any], schema: bool = True) -> d
 
 
 def _stream(stack: Stack, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    with httpx.stream("POST", stack.url + path, json={**body, "stream": True}, timeout=120) as reply:
-        text = reply.read().decode()
-    assert reply.status_code == 200, text
-    chunks = spec.parse_sse(text)
-    for chunk in chunks:
-        spec.check(
-            "CreateChatCompletionStreamResponse" if path == CHAT else "x-tandem-CompletionStreamChunk", chunk
-        )
-    return chunks
+    return spec.checked_stream(stack.url, path, body)
 
 
 def _refused(stack: Stack, path: str, body: dict[str, Any], param: str, words: str) -> None:
