@@ -273,15 +273,46 @@ async def worker_sums(session: aiohttp.ClientSession, url: str | None) -> dict[s
         return {}
 
 
+GC_PAUSE = "tandem:gc_pause_seconds"  # the worker's garbage collections, by generation
+
+
 def histogram_sums(text: str) -> dict[str, float]:
-    """WORKER_HISTOGRAMS' sums and counts in a Prometheus text exposition."""
+    """WORKER_HISTOGRAMS' sums and counts in a Prometheus text exposition, and the garbage
+    collections' ("gc2_sum", "gc2_count": generation 2's)."""
     sums: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
+        if name.startswith((f"{GC_PAUSE}_sum{{", f"{GC_PAUSE}_count{{")):
+            generation = name.split('generation="', 1)[1].split('"', 1)[0]
+            sums[f"gc{generation}_{name.split('{', 1)[0].rsplit('_', 1)[1]}"] = float(value)
         for key, metric in WORKER_HISTOGRAMS.items():
             if name in (f"{metric}_sum", f"{metric}_count"):
                 sums[f"{key}_{name.rsplit('_', 1)[1]}"] = float(value)
     return sums
+
+
+def gc_split(before: dict[str, float], after: dict[str, float]) -> dict[str, list[float]]:
+    """A point's garbage collections by generation ("gen2": [collections, ms paused]) from two
+    readings of `histogram_sums` (the worker's) or of `gc_readings` (this process's)."""
+    split: dict[str, list[float]] = {}
+    for key in sorted(after):
+        if key.startswith("gc") and key.endswith("_count"):
+            gen = key.removeprefix("gc").removesuffix("_count")
+            count = after[key] - before.get(key, 0.0)
+            paused = after[f"gc{gen}_sum"] - before.get(f"gc{gen}_sum", 0.0)
+            if count > 0:
+                split[f"gen{gen}"] = [int(count), round(paused * 1e3, 2)]
+    return split
+
+
+def gc_readings() -> dict[str, float]:
+    """This process's garbage collections so far, keyed as `histogram_sums` keys the worker's."""
+    from services.common import gc_heap
+
+    readings: dict[str, float] = {}
+    for gen, (count, seconds) in gc_heap.pause_totals().items():
+        readings[f"gc{gen}_count"], readings[f"gc{gen}_sum"] = float(count), seconds
+    return readings
 
 
 def worker_split(
@@ -373,6 +404,7 @@ async def run_load(
         streams_before = None if isinstance(target, InProcessTarget) else await stream_counts(session, target)
         worker_url = None if isinstance(target, InProcessTarget) else getattr(args, "worker_metrics", None)
         worker_before = await worker_sums(session, worker_url)
+        gc_before = gc_readings() if isinstance(target, InProcessTarget) else worker_before
 
         async def one(body: dict[str, Any]) -> Result:
             if isinstance(target, InProcessTarget):
@@ -402,9 +434,12 @@ async def run_load(
             after = await stream_counts(session, target)  # type: ignore[arg-type]
             streams = {k: after.get(k, 0.0) - v for k, v in streams_before.items()}
         worker_after = await worker_sums(session, worker_url)
+        gc_after = gc_readings() if isinstance(target, InProcessTarget) else worker_after
     point = summarize(results, duration, closed_loop=rate is None, concurrency=concurrency)
     if streams:  # the gateway's shared streams over the point: how much each message carried
         point["streams"] = streams
+    if gc_after:  # the engine's process's garbage collections over the point (the worker's, or this one's)
+        point["gc"] = gc_split(gc_before, gc_after)
     if worker_after:  # the mean TTFT split at the worker's door (one unified worker)
         point["worker_ms"] = worker_split(worker_before, worker_after, results)
     if args.per_request:  # each request's moments: (sent, first token, last token) in ms from the start
@@ -444,6 +479,9 @@ class InProcessTarget:
         argv = ["--model", str(model_dir), "--device", args.device, *shlex.split(_worker_args(args))]
         self.engine = AsyncEngine(Engine(parse_config(WorkerConfig, argv, "serving_bench")))
         self.engine.start()
+        from services.common import gc_heap
+
+        gc_heap.freeze_startup_heap()  # as the worker does once ready (TANDEM_GC_FREEZE)
         self.count = 0
 
     async def one_request(self, body: dict[str, Any]) -> Result:
@@ -551,8 +589,8 @@ def stop_up(proc: subprocess.Popen[bytes]) -> None:
 
 def start_py_spy(args: argparse.Namespace, mode: str, conc: int | None) -> list[subprocess.Popen[bytes]]:
     """With --py-spy DIR, sample every service process (and this one) during a closed-loop point
-    of concurrency >= 8: collapsed stacks per role in DIR (`py-spy record --format raw`)."""
-    if not args.py_spy or conc is None or conc < 8:
+    of concurrency >= --py-spy-from (8): collapsed stacks per role in DIR (`py-spy record --format raw`)."""
+    if not args.py_spy or conc is None or conc < args.py_spy_from:
         return []
     out = Path(args.py_spy)
     out.mkdir(parents=True, exist_ok=True)
@@ -668,6 +706,9 @@ def main() -> int:
         "--py-spy", default="", help="directory: sample the services with py-spy at concurrency >= 8"
     )
     ap.add_argument(
+        "--py-spy-from", type=int, default=8, help="--py-spy: the lowest concurrency sampled (default 8)"
+    )
+    ap.add_argument(
         "--py-spy-native",
         action="store_true",
         help="--py-spy: native frames too (py-spy record --native; the processes pause per sample)",
@@ -767,7 +808,8 @@ def main() -> int:
                             f", mean TTFT at the worker (ms) {point['worker_ms']}"
                             if point.get("worker_ms")
                             else ""
-                        ),
+                        )
+                        + (f", engine process gc [count, ms] {point['gc']}" if point.get("gc") else ""),
                         flush=True,
                     )
             finally:

@@ -8,7 +8,9 @@
 # (TANDEM_GENERATE_MUX=0: one Generate rpc per request), Admission's (TANDEM_ADMISSION_WAIT=$ADMIT_WAIT, 0.02 s:
 # the engine waits for a burst's sessions before it steps; ADMIT_AB=0 skips it), then a traced run at concurrency 1 for
 # the first token's timeline (serving_bench.py --trace). Output in $OUT (docs/benchmarks.md).
-# SPY_NATIVE=1: the py-spy samples with native frames; SPY_GIL=1: only the thread holding each GIL.
+# SPY_NATIVE=1: the py-spy samples with native frames; SPY_GIL=1: only the thread holding each GIL;
+# SPY_FROM=1: sample from concurrency 1 (default 8). GC_AB=0 skips the run with TANDEM_GC_FREEZE=0;
+# PACK_AB=1 adds one with TANDEM_PACKED_TOKENS=0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -22,7 +24,14 @@ TOK=${TOK:-.benchmodel/shared/tokenizers/qwen3}
 CONC=${CONC:-1,8,32,64}
 N=${N:-192}
 common=(--shape "${SHAPE:-Qwen2-0.5B}" --tokenizer "$TOK" --device cuda --rates "" --concurrency "$CONC" --num-requests "$N" --repeats "${REPEATS:-1}" --out-dir "$OUT")
-"$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --py-spy "$OUT/spy" ${SPY_NATIVE:+--py-spy-native} ${SPY_GIL:+--py-spy-gil} --per-request --tag split_profile 2>&1 | tail -14
+"$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --py-spy "$OUT/spy" --py-spy-from "${SPY_FROM:-8}" ${SPY_NATIVE:+--py-spy-native} ${SPY_GIL:+--py-spy-gil} --per-request --tag split_profile 2>&1 | tail -14
+if [ "${GC_AB:-1}" = 1 ]; then  # the baseline of the frozen start-up heap: Python's collector as it is, both modes
+  TANDEM_GC_FREEZE=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified,inprocess --per-request \
+    --tag split_gc_off 2>&1 | tail -6
+fi
+if [ "${PACK_AB:-0}" = 1 ]; then  # the baseline of packed tokens: every chunk a session response
+  TANDEM_PACKED_TOKENS=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_pack_off 2>&1 | tail -6
+fi
 if [ -n "${GIL_AB-0.0005}" ]; then  # (GIL_AB= skips it)
   TANDEM_GIL_SWITCH_INTERVAL=${GIL_AB-0.0005} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_gil_ab 2>&1 | tail -6
 fi

@@ -15,7 +15,7 @@ on it fails with the stream's status, as each one's own rpc would have (UNAVAILA
 reported the break as UNKNOWN or INTERNAL: `session_mux._stream_error`), and the next call opens a
 new stream. The request's deadline ends its session with DEADLINE_EXCEEDED, as it ended an rpc.
 
-Packed tokens: the gateway sets `accepts_packed_tokens` on its messages, so the worker sends a
+Packed tokens: the gateway sets `accepts_packed_tokens` on its messages (unless TANDEM_PACKED_TOKENS=0), so the worker sends a
 chunk that is one new token of a session's first choice and nothing else as two numbers in the
 message's `token_sessions` / `token_ids` (worker.proto). Each becomes that chunk, a `GenerateChunk`
 made here (the other chunks stay protobuf for clients.py to convert), handed to its session
@@ -28,6 +28,7 @@ import time
 
 from gateway.downstream import ChoiceDelta, GenerateChunk
 from gateway.session_mux import MuxCounts, MuxSession, SessionMux
+from services.common import switches
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 GenerateMuxCounts = MuxCounts  # the workers' GenerateMany streams' traffic (/metrics)
@@ -69,7 +70,9 @@ class GenerateMux(SessionMux[worker_pb2.GenerateRequest, GenerateSession]):
         return worker_pb2.GenerateSessionRequest(session_id=session_id, cancel=True)
 
     def _batch(self, messages: list[worker_pb2.GenerateSessionRequest]) -> worker_pb2.GenerateManyRequest:
-        return worker_pb2.GenerateManyRequest(requests=messages, accepts_packed_tokens=True)
+        return worker_pb2.GenerateManyRequest(
+            requests=messages, accepts_packed_tokens=switches.PACKED_TOKENS.value
+        )
 
     def _item(self, answer: worker_pb2.GenerateSessionResponse) -> worker_pb2.GenerateResponse | None:
         return answer.chunk if answer.HasField("chunk") else None

@@ -15,6 +15,7 @@ from gateway.app import build_app
 from gateway.appkeys import CONTEXT
 from gateway.config import GatewayConfig
 from gateway.connections import BoundedRunner, connection_cap
+from services.common import gc_heap
 from services.common.config import parse_config
 from services.common.logging import setup_logging
 from services.common.server import run
@@ -58,6 +59,7 @@ async def serve(config: GatewayConfig) -> None:
         from gateway.rpc import start_grpc_server
 
         grpc_server = await start_grpc_server(app, config)
+    gc_heap.freeze_startup_heap()  # ready: what start-up left stays out of every collection
     scheme = "https" if config.ssl_certfile else "http"
     for sock in site._server.sockets if site._server is not None else []:  # type: ignore[attr-defined,union-attr]
         host, port = sock.getsockname()[:2]

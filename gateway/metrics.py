@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from gateway.detokenize_mux import MuxCounts
 from gateway.generate_mux import GenerateMuxCounts
+from services.common import gc_heap
 from services.common import metrics as names
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -61,6 +62,7 @@ class Metrics:
             ["worker"],
             registry=r,
         )
+        r.register(gc_heap.pause_histogram())  # the process's garbage collections, timed
 
     def track_queues(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the running / waiting gauges from the admission gate at each scrape."""

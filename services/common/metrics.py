@@ -66,6 +66,7 @@ ENCODER_CACHE_HITS = "tandem:encoder_cache_hits"
 IMAGES_BY_HASH = "tandem:images_by_hash"
 IMAGE_HASH_MISSES = "tandem:image_hash_misses"
 IMAGE_BYTES_RECEIVED = "tandem:image_bytes_received"
+GC_PAUSE = "tandem:gc_pause_seconds"
 
 # Bucket edges: latency from a millisecond (tiny models on a GPU) to minutes (long generations on a CPU).
 TTFT_BUCKETS = (
@@ -133,6 +134,7 @@ E2E_BUCKETS = (
     120.0,
     300.0,
 )
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 RPC_BUCKETS = (
     0.0005,
@@ -417,6 +419,14 @@ METRICS: tuple[MetricSpec, ...] = (
         ("kind",),
         "Guided (structured-output) requests admitted, by constraint kind.",
         ("worker",),
+    ),
+    MetricSpec(
+        GC_PAUSE,
+        "histogram",
+        ("generation",),
+        "Seconds each of Python's garbage collections held the process (services/common/gc_heap.py).",
+        ("gateway", "styler", "worker"),
+        GC_BUCKETS,
     ),
 )
 SPECS = {spec.name: spec for spec in METRICS}

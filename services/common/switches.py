@@ -214,6 +214,22 @@ QUANT_FUSE: Switch[str] = Switch(
     "the unfused sequence (norm kernel, GEMM, SiLU kernel or residual add)",
     _parse_quant_fuse,
 )
+GC_FREEZE: Switch[bool] = Switch(
+    "TANDEM_GC_FREEZE",
+    "bool",
+    True,
+    "the A/B baseline of freezing each service's start-up heap once it is ready "
+    "(services/common/gc_heap.py: the collector no longer walks it); 0 leaves Python's collector as it is",
+    _parse_bool,
+)
+PACKED_TOKENS: Switch[bool] = Switch(
+    "TANDEM_PACKED_TOKENS",
+    "bool",
+    True,
+    "the A/B baseline of GenerateMany's packed tokens (gateway/generate_mux.py): 0 makes the gateway "
+    "leave accepts_packed_tokens unset, so the worker sends every chunk as a GenerateSessionResponse",
+    _parse_bool,
+)
 SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     PDL,
     FOLD_NORMS,
@@ -231,6 +247,8 @@ SWITCHES: tuple[Switch[bool] | Switch[str] | Switch[float], ...] = (
     GENERATE_SINK,
     ADMISSION_WAIT,
     QUANT_FUSE,
+    GC_FREEZE,
+    PACKED_TOKENS,
 )
 
 

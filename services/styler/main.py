@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from services.common import gc_heap
 from services.common.config import parse_config
 from services.common.logging import setup_logging
 from services.common.server import GrpcServer, run
@@ -40,6 +41,7 @@ async def serve(config: StylerConfig, styler: Styler) -> None:
         server.add_service_name(SERVICE_NAME)
         server.on_drain(servicer.drain)
         await server.start()
+        gc_heap.freeze_startup_heap()  # ready: what start-up left stays out of every collection
         await server.serve_until_signal()
 
 

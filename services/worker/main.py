@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from services.common import switches
+from services.common import gc_heap, switches
 from services.common.config import parse_config
 from services.common.large_buffers import keep_large_buffers
 from services.common.logging import setup_logging
@@ -77,6 +77,7 @@ def main(argv: list[str], prog: str = "tandem worker") -> int:
         await server.start()
         servicer.advertise_address = servicer.advertise_address or server.bound_address
         await servicer.start_wire_helpers(server.bound_address)
+        gc_heap.freeze_startup_heap()  # ready: the model and torch stay out of every collection
         log.info(
             "worker serving %s (%s, %s, %s) on %s",
             engine.served_model_name,
@@ -116,6 +117,7 @@ def _serve_encoder(config: WorkerConfig, prog: str) -> int:
         servicer = encode_rpc.add_to_server(server.server, encoder, name)
         server.add_service_name(encode_rpc.SERVICE_NAME)
         await server.start()
+        gc_heap.freeze_startup_heap()
         log.info("encode worker serving %s on %s", name, server.bound_address)
         try:
             await server.serve_until_signal()

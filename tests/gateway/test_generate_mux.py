@@ -208,6 +208,27 @@ async def test_sessions_without_the_sink_stream_the_same_tokens(
     assert worker.servicer.num_chunks_emitted() == emitted  # none from the step's callback
 
 
+async def test_without_packed_tokens_the_sessions_stream_the_same_tokens(
+    mux: WorkerClient, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TANDEM_PACKED_TOKENS=0 (the A/B baseline): a stream whose gateway never set
+    accepts_packed_tokens gets every chunk as a session response, with the same tokens."""
+    n = 8
+    packed = await asyncio.gather(*(_run(mux, f"p{i}", _sampling(i)) for i in range(n)))
+    assert worker.servicer is not None
+    num_packed = worker.servicer.num_tokens_packed()
+    assert num_packed > 0
+    monkeypatch.setitem(switches.PACKED_TOKENS.__dict__, "value", False)  # (the cached value)
+    plain = WorkerClient(worker.address, generate_mux=True)  # a new stream (packing is per stream)
+    try:
+        unpacked = await asyncio.gather(*(_run(plain, f"u{i}", _sampling(i)) for i in range(n)))
+    finally:
+        await plain.close()
+    assert [r.tokens for r in unpacked] == [r.tokens for r in packed]
+    assert [r.finish for r in unpacked] == [r.finish for r in packed]
+    assert worker.servicer.num_tokens_packed() == num_packed  # none packed on the new stream
+
+
 async def test_cancelling_a_session_aborts_its_request_only(mux: WorkerClient, worker: Worker) -> None:
     long = SamplingParams[Guided](temperature=1.0, seed=1, max_tokens=400, ignore_eos=True)
     streams = [mux.generate(f"long{i}", PROMPT, long) for i in range(3)]

@@ -282,6 +282,11 @@ def test_metrics_move_under_load(stack: Stack) -> None:
         for service in ("worker", "gateway"):
             if service in spec.services:
                 assert spec.name in declared[service], f"{service} does not export {spec.name}"
+    # Each service froze its start-up heap once ready, and times every garbage collection since
+    # (the freeze's own collection among them).
+    for service, values in (("gateway", gateway), ("worker", worker), ("styler", styler)):
+        assert values.get(metrics.GC_PAUSE + '_count{generation="2"}', 0) >= 1, service
+    assert stack.up.output().count("froze the start-up heap") == 3, stack.up.output()[-3000:]
     # The styler counts its rpcs by method and code.
     assert _total(styler, metrics.RPCS) > 0
     assert any(k.startswith(metrics.RPCS + '{code="OK"') for k in styler)

@@ -108,3 +108,21 @@ def test_worker_split_takes_the_point_from_the_histograms_and_the_client() -> No
     split = serving_bench.worker_split(before, after_itl, results)
     assert split["itl"] == pytest.approx(50.0)
     assert split["client_itl"] == pytest.approx(150.0)
+
+
+def test_gc_split_reads_the_worker_s_collections_by_generation() -> None:
+    text = "\n".join(
+        [
+            "# TYPE tandem:gc_pause_seconds histogram",
+            'tandem:gc_pause_seconds_bucket{generation="0",le="0.001"} 40.0',
+            'tandem:gc_pause_seconds_sum{generation="0"} 0.004',
+            'tandem:gc_pause_seconds_count{generation="0"} 40.0',
+            'tandem:gc_pause_seconds_sum{generation="2"} 0.05',
+            'tandem:gc_pause_seconds_count{generation="2"} 1.0',
+        ]
+    )
+    before = serving_bench.histogram_sums(text)
+    assert before == {"gc0_sum": 0.004, "gc0_count": 40.0, "gc2_sum": 0.05, "gc2_count": 1.0}
+    after = before | {"gc0_sum": 0.006, "gc0_count": 50.0, "gc2_sum": 0.08, "gc2_count": 2.0}
+    assert serving_bench.gc_split(before, after) == {"gen0": [10, 2.0], "gen2": [1, 30.0]}
+    assert serving_bench.gc_split(after, after) == {}  # nothing collected over the point
