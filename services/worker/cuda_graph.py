@@ -29,9 +29,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
-from services.worker.host_staging import host_tensor
 from services.worker.layers.attention import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,10 @@ class CudaGraphRunner:
         # while the copy out of the previous staging buffer may still wait behind the running
         # step. The event recorded after each copy guards the buffer's reuse.
         self.stages = [torch.zeros(pack_len, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        # The same buffers as numpy arrays: a step fills them with numpy slice assignments, each a
+        # memcpy or a C loop, where a torch slice assignment is an op through the dispatcher.
+        self.stage_arrays = [stage.numpy() for stage in self.stages]
+        self._row_numbers = np.arange(max_bs + 1, dtype=np.int32)  # cu_seqlens_q of one token a row
         self.stage_events = [torch.cuda.Event() for _ in range(2)]
         self._stage_turn = 0
         self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32, device=device)
@@ -198,10 +202,11 @@ class CudaGraphRunner:
         width = block_tables.shape[1]
         turn, self._stage_turn = self._stage_turn, self._stage_turn ^ 1
         stage, stage_event = self.stages[turn], self.stage_events[turn]
+        packed = self.stage_arrays[turn]  # (the same memory as `stage`)
         stage_event.synchronize()  # its last copy (two steps ago) is done: returns at once in practice
         max_bs = self.max_bs
         if isinstance(input_ids, torch.Tensor):  # async scheduling: the ids are on the device
-            device_ids, host_ids = input_ids, [0] * num_seqs
+            device_ids, host_ids = input_ids, None
         else:
             device_ids, host_ids = None, input_ids
         for field_index, values, pad in (
@@ -211,15 +216,15 @@ class CudaGraphRunner:
             (3, seq_lens, 0),
         ):
             base = field_index * max_bs
-            stage[base : base + num_seqs] = host_tensor(values, torch.int32)
-            stage[base + num_seqs : base + bs] = pad
-        cu = stage[4 * max_bs : 4 * max_bs + bs + 1]
-        cu[: num_seqs + 1] = torch.arange(num_seqs + 1, dtype=torch.int32)
-        cu[num_seqs + 1 :] = num_seqs  # padding entries: empty query ranges
+            packed[base : base + num_seqs] = 0 if values is None else values
+            packed[base + num_seqs : base + bs] = pad
+        cu = 4 * max_bs
+        packed[cu : cu + num_seqs + 1] = self._row_numbers[: num_seqs + 1]
+        packed[cu + num_seqs + 1 : cu + bs + 1] = num_seqs  # padding entries: empty query ranges
         on_host = block_tables.device.type == "cpu"
         end = self.block_offset + num_seqs * width if on_host else self.block_offset
         if on_host:
-            stage[self.block_offset : end] = block_tables.reshape(-1)
+            packed[self.block_offset : end] = block_tables.numpy().reshape(-1)
         self.pack[:end].copy_(stage[:end], non_blocking=True)
         stage_event.record()
         if device_ids is not None:  # async scheduling: the previous step's sampled tokens, device to device

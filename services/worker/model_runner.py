@@ -187,7 +187,7 @@ class ModelRunner:
         # speculative decoding: graphs of the verification forward (K + 1 rows per sequence), or of
         # a draft model's catch-up forward (speculative/verify_graph.py)
         self.verify_graphs: VerifyGraphRunner | None = None
-        self._greedy_columns: dict[int, torch.Tensor] = {}  # [8, S] placeholders for all-greedy steps
+        self._greedy_columns: dict[int, _ColumnRows] = {}  # placeholders for all-greedy steps, by S
         self._readback: TokenReadback | None = None  # CUDA: pinned buffers the sampled ids come back through
         # EAGLE heads (speculative/eagle.py): called after each forward with the step, the rows the
         # head reads (the final hidden states, or the residual streams of LlamaModel.aux_layers)
@@ -781,39 +781,44 @@ class ModelRunner:
         all_greedy = all(p.is_greedy for p in params)
         if all_greedy and not need_penalties and dev.type == "cuda":
             # Greedy rows without penalties read none of the per-row columns: skip the host->device
-            # copy (it is a visible part of a batch-1 decode step on a GPU).
+            # copy (it is a visible part of a batch-1 decode step on a GPU), and the two launches
+            # that derive the greedy mask and the int64 top-k from it (made once per batch size).
             columns = self._greedy_columns.get(len(params))
             if columns is None:
-                columns = self._greedy_columns[len(params)] = torch.ones(8, len(params), device=dev)
+                columns = self._greedy_columns[len(params)] = _column_rows(
+                    torch.ones(8, len(params), device=dev)
+                )
         else:
             # All per-row parameters in one host->device copy: each copy is a synchronising launch.
-            columns = torch.tensor(
-                [
-                    [float(p.is_greedy) for p in params],
-                    [1.0 if p.is_greedy else p.temperature for p in params],
-                    [max(p.top_k, 0) for p in params],  # exact in float32 (< 2**24)
-                    [p.top_p for p in params],
-                    [p.min_p for p in params],
-                    [p.repetition_penalty for p in params],
-                    [p.presence_penalty for p in params],
-                    [p.frequency_penalty for p in params],
-                ],
-                dtype=torch.float32,
-            ).to(dev, non_blocking=True)  # pageable: staged at once, no wait for the device
+            columns = _column_rows(
+                torch.tensor(
+                    [
+                        [float(p.is_greedy) for p in params],
+                        [1.0 if p.is_greedy else p.temperature for p in params],
+                        [max(p.top_k, 0) for p in params],  # exact in float32 (< 2**24)
+                        [p.top_p for p in params],
+                        [p.min_p for p in params],
+                        [p.repetition_penalty for p in params],
+                        [p.presence_penalty for p in params],
+                        [p.frequency_penalty for p in params],
+                    ],
+                    dtype=torch.float32,
+                ).to(dev, non_blocking=True)  # pageable: staged at once, no wait for the device
+            )
         draws = None
         if not all_greedy:  # the draws of choice c at output position n (sampling_rng.py)
             rows = [(_seed(p.seed), s.choice_index, n) for s, p, n in zip(seqs, params, lengths, strict=True)]
             draws = draw_table(rows).to(dev, non_blocking=True)
 
         return SamplingMetadata(
-            greedy=columns[0] != 0,
-            temperature=columns[1],
-            top_k=columns[2].to(torch.int64),
-            top_p=columns[3],
-            min_p=columns[4],
-            repetition_penalty=columns[5],
-            presence_penalty=columns[6],
-            frequency_penalty=columns[7],
+            greedy=columns.greedy,
+            temperature=columns.temperature,
+            top_k=columns.top_k,
+            top_p=columns.top_p,
+            min_p=columns.min_p,
+            repetition_penalty=columns.repetition_penalty,
+            presence_penalty=columns.presence_penalty,
+            frequency_penalty=columns.frequency_penalty,
             output_ids=outputs if need_penalties else [[] for _ in seqs],
             prompt_ids=[list(s.request.req.prompt_token_ids) for s in seqs]
             if need_penalties
@@ -826,6 +831,33 @@ class ModelRunner:
             need_penalties=need_penalties,
             logit_bias=[p.logit_bias for p in params],
         )
+
+
+@dataclass(frozen=True)
+class _ColumnRows:
+    """A step's per-row sampling parameters on the device, each [S], as SamplingMetadata takes them."""
+
+    greedy: torch.Tensor  # bool
+    temperature: torch.Tensor
+    top_k: torch.Tensor  # int64
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+
+
+def _column_rows(columns: torch.Tensor) -> _ColumnRows:  # columns: [8, S] float32, rows as packed above
+    return _ColumnRows(
+        greedy=columns[0] != 0,
+        temperature=columns[1],
+        top_k=columns[2].to(torch.int64),
+        top_p=columns[3],
+        min_p=columns[4],
+        repetition_penalty=columns[5],
+        presence_penalty=columns[6],
+        frequency_penalty=columns[7],
+    )
 
 
 def _seed(seed: int | None) -> int:
