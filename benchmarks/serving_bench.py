@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import statistics
@@ -469,8 +470,6 @@ class InProcessTarget:
     """The engine behind its asyncio bridge in this process: the same requests, no services."""
 
     def __init__(self, model_dir: Path, args: argparse.Namespace) -> None:
-        import shlex
-
         from services.common.config import parse_config
         from services.worker.async_engine import AsyncEngine
         from services.worker.config import WorkerConfig
@@ -538,6 +537,7 @@ def start_up(
         args.worker_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
     argv = [sys.executable, "-m", "tandem", "up", "--model", str(model_dir), "--port", str(port)]
     argv += ["--device", args.device, "--worker-args", worker_args, "--startup-timeout", "600"]
+    argv += shlex.split(args.up_args)
     if mode == "disaggregated":
         argv.append("--disaggregate")
     else:
@@ -696,6 +696,9 @@ def main() -> int:
         help="runs of each load point (fresh prompts each); the one with the median tok/s is reported",
     )
     ap.add_argument("--worker-args", default="")
+    ap.add_argument(
+        "--up-args", default="", help="more options of `tandem up` (e.g. '--routing affinity': no KV events)"
+    )
     ap.add_argument(
         "--unified-workers",
         type=int,

@@ -10,7 +10,8 @@
 # the first token's timeline (serving_bench.py --trace). Output in $OUT (docs/benchmarks.md).
 # SPY_NATIVE=1: the py-spy samples with native frames; SPY_GIL=1: only the thread holding each GIL;
 # SPY_FROM=1: sample from concurrency 1 (default 8). GC_AB=0 skips the run with TANDEM_GC_FREEZE=0;
-# PACK_AB=1 adds one with TANDEM_PACKED_TOKENS=0.
+# PACK_AB=1 adds one with TANDEM_PACKED_TOKENS=0; ROUTING_AB=1 one with `tandem up --routing affinity`
+# (the worker streams no KV events to the gateway).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -31,6 +32,10 @@ if [ "${GC_AB:-1}" = 1 ]; then  # the baseline of the frozen start-up heap: Pyth
 fi
 if [ "${PACK_AB:-0}" = 1 ]; then  # the baseline of packed tokens: every chunk a session response
   TANDEM_PACKED_TOKENS=0 "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_pack_off 2>&1 | tail -6
+fi
+if [ "${ROUTING_AB:-0}" = 1 ]; then  # the gateway routing by affinity: no KV-event stream from the worker
+  "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --up-args "--routing affinity" \
+    --per-request --tag split_affinity 2>&1 | tail -6
 fi
 if [ -n "${GIL_AB-0.0005}" ]; then  # (GIL_AB= skips it)
   TANDEM_GIL_SWITCH_INTERVAL=${GIL_AB-0.0005} "$PY" benchmarks/serving_bench.py "${common[@]}" --modes unified --tag split_gil_ab 2>&1 | tail -6
