@@ -83,6 +83,9 @@ class BlockManager:
         self.sliding_window = sliding_window
         self.num_window_freed_blocks = 0  # blocks freed by free_out_of_window (a metric)
         self.copies: list[tuple[int, int]] = []  # copy-on-write block copies not handed out yet
+        # Evictions of one allocation (or one prefix lookup's host loads) go out as one `evicted`
+        # event: an event per block woke each subscriber's event loop once per block.
+        self._evicting: list[int] | None = None
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -128,6 +131,13 @@ class BlockManager:
         """Block ids holding the longest cached prefix of `seq` (not referenced yet)."""
         if not self.enable_prefix_caching:
             return []
+        self._evicting = []
+        try:
+            return self._find_cached_prefix(seq)
+        finally:
+            self._report_evicted()
+
+    def _find_cached_prefix(self, seq: Sequence) -> list[int]:
         bs = self.block_size
         hits: list[int] = []
         free_hits = 0  # hits in the free pool, moved to its end so that a host load cannot take them
@@ -208,15 +218,19 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self.free):
             raise RuntimeError("allocate without can_allocate")
-        if self._copy_on_write(seq, num_new_tokens):
-            index = seq.num_computed_tokens // self.block_size
-            shared = seq.block_ids[index]
-            seq.block_ids[index] = self._take_free()
-            self.copies.append((shared, seq.block_ids[index]))
-            self._unref(shared)
-            needed -= 1
-        for _ in range(needed):
-            seq.block_ids.append(self._take_free())
+        self._evicting = []
+        try:
+            if self._copy_on_write(seq, num_new_tokens):
+                index = seq.num_computed_tokens // self.block_size
+                shared = seq.block_ids[index]
+                seq.block_ids[index] = self._take_free()
+                self.copies.append((shared, seq.block_ids[index]))
+                self._unref(shared)
+                needed -= 1
+            for _ in range(needed):
+                seq.block_ids.append(self._take_free())
+        finally:
+            self._report_evicted()
 
     def allocate_block(self) -> int:
         if not self.free:
@@ -286,7 +300,11 @@ class BlockManager:
         if len(seq.swapped) > len(self.free):
             raise RuntimeError("swap_in without free blocks")
         slots, seq.swapped = seq.swapped, None
-        seq.block_ids = [self._take_free() for _ in slots]
+        self._evicting = []
+        try:
+            seq.block_ids = [self._take_free() for _ in slots]
+        finally:
+            self._report_evicted()
         self.swap_space.swap_in(slots, seq.block_ids)
         self.swap_space.release(slots)
         self.num_swapped_in += 1
@@ -469,10 +487,18 @@ class BlockManager:
                 # still cached, on the host; what the host tier dropped (this key itself when every
                 # host slot holds swapped KV) is gone unless on the device
                 gone = [dropped[1]] if dropped is not None and dropped[0] not in self.cached else []
-            if gone and self.events is not None:
+            if gone and self._evicting is not None:
+                self._evicting += gone
+            elif gone and self.events is not None:
                 self.events.evicted(gone)
         self.ref_counts[block] = 1
         return block
+
+    def _report_evicted(self) -> None:
+        """One `evicted` event for the evictions gathered since `_evicting` was set; stop gathering."""
+        gone, self._evicting = self._evicting, None
+        if gone and self.events is not None:
+            self.events.evicted(gone)
 
     def _ref(self, block: int) -> None:
         if self._in_free_list(block):

@@ -1,7 +1,8 @@
 """The prefix cache's change log, for SubscribeKvEvents (the gateway's exact prefix routing).
 
 The block manager reports every block it starts caching (`stored`) and every cached block it
-evicts (`evicted`) by its chain hash (services/common/block_hash.py). Each event gets the next
+evicts (`evicted`) by its chain hash (services/common/block_hash.py), an event per batch: the
+blocks one prefill step registers, the evictions one allocation or one prefix lookup makes. Each event gets the next
 sequence number and goes into a bounded ring buffer; a subscriber reads the events after the last
 number it saw (`since`). One that fell behind the ring buffer, comes from another epoch (the
 worker restarted) or starts fresh gets a snapshot of every cached hash first.

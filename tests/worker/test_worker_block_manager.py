@@ -82,3 +82,22 @@ def test_hit_rate_counts_prompt_tokens() -> None:
     bm.record_lookup(10, 0)
     bm.record_lookup(10, 8)
     assert bm.hit_rate == 0.4
+
+
+def test_one_allocation_s_evictions_are_one_event() -> None:
+    """A prompt that takes over several cached blocks reports them in one `evicted` event (an event
+    per block woke every SubscribeKvEvents reader once per block), after the blocks it stored."""
+    from services.worker.kv_events import KvEventLog
+
+    log = KvEventLog(64)
+    bm = BlockManager(4, 2, events=log)
+    a = seq_of([1, 2, 3, 4, 5, 6, 7, 8])
+    compute(bm, a, 8)  # four blocks, full and cached
+    bm.free_sequence(a)
+    stored = log.since(0, log.epoch)
+    assert [e.kind for e in stored] == ["stored"] and len(stored[0].hashes) == 4
+    big = seq_of([8] * 7)
+    compute(bm, big, 7)  # all four blocks again: evicts every cached one, in one event
+    evicted = [e for e in log.since(stored[-1].sequence, log.epoch) if e.kind == "evicted"]
+    assert len(evicted) == 1
+    assert sorted(evicted[0].hashes) == sorted(stored[0].hashes)
