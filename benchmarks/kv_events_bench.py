@@ -1,10 +1,11 @@
 """The engine thread's cost of an allocation that evicts cached blocks while a SubscribeKvEvents
-reader listens: the real BlockManager and KvEventLog, a listener that wakes an event loop running
-in another thread (`loop.call_soon_threadsafe`, as rpc.py's subscription does). CPU only.
+reader listens: the real BlockManager and KvEventLog, and a listener that wakes an event loop
+running in another thread as rpc.py's SubscribeKvEvents does (`loop.call_soon_threadsafe`, at most
+one wake-up on its way at a time). CPU only.
 
 For each size: a sequence of N blocks is computed and freed (N cached blocks), then a sequence of
 N other blocks is allocated, which evicts every one of them. Timed: that `allocate` call alone.
-`events`: the events it logged, each a wake-up of the reader's loop.
+`events`: the events it logged.
 
     python benchmarks/kv_events_bench.py --out benchmarks/results/kv_events.json
 
@@ -37,13 +38,21 @@ def _sequence(first_token: int, num_tokens: int) -> Sequence:
 
 
 def one_allocation(num_blocks: int, loop: asyncio.AbstractEventLoop) -> tuple[float, int]:
-    """Seconds of the evicting `allocate`, and the events (each a wake-up of the reader's loop)."""
+    """Seconds of the evicting `allocate`, and the events it logged."""
     log = KvEventLog(1_000_000)
+    scheduled = False  # as rpc.py's SubscribeKvEvents: one wake-up on its way at a time
 
-    def wake() -> None:
-        loop.call_soon_threadsafe(lambda: None)
+    def woken() -> None:
+        nonlocal scheduled
+        scheduled = False
 
-    log.listen(wake)
+    def notify() -> None:
+        nonlocal scheduled
+        if not scheduled:
+            scheduled = True
+            loop.call_soon_threadsafe(woken)
+
+    log.listen(notify)
     bm = BlockManager(num_blocks, BLOCK, events=log)
     num_tokens = num_blocks * BLOCK
     cached = _sequence(10, num_tokens)
