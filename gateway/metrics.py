@@ -62,7 +62,7 @@ class Metrics:
             ["worker"],
             registry=r,
         )
-        r.register(gc_heap.pause_histogram())  # the process's garbage collections, timed
+        r.register(gc_heap.PAUSE_COLLECTOR)  # the process's garbage collections, timed
 
     def track_queues(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Read the running / waiting gauges from the admission gate at each scrape."""

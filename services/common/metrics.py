@@ -512,6 +512,8 @@ def declare(service: str, registry: CollectorRegistry = REGISTRY) -> None:
     """Create every documented metric of `service` ("gateway", "styler", "worker") now, so a
     scrape lists each family (HELP / TYPE) before its first observation."""
     for spec in METRICS:
+        if spec.name == GC_PAUSE:  # read at each scrape by gc_heap.PAUSE_COLLECTOR, not created here
+            continue
         if service in spec.services:
             if spec.kind == "counter":
                 counter(spec.name, registry=registry)

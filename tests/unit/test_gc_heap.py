@@ -7,6 +7,7 @@ import gc
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from prometheus_client import REGISTRY
@@ -53,3 +54,20 @@ def test_each_collection_is_timed_by_generation() -> None:
     count, seconds = gc_heap.pause_totals()[1]
     assert count == before[0] + 1 and seconds > before[1]
     assert REGISTRY.get_sample_value(f"{GC_PAUSE}_count", {"generation": "1"}) == sample_before + 1
+
+
+def test_a_collection_inside_a_metrics_lock_does_not_deadlock() -> None:
+    """The interpreter may collect wherever a thread allocates, holding any lock of its own (the
+    metrics registry's, a metric's): the timing callback must take none of them."""
+    from services.common import metrics
+
+    gc_heap.time_collections()
+    done = threading.Event()
+
+    def collect_under_the_registry_lock() -> None:
+        with metrics._create_lock:
+            gc.collect(0)
+        done.set()
+
+    threading.Thread(target=collect_under_the_registry_lock, daemon=True).start()
+    assert done.wait(timeout=30), "the collection's callback waited for the registry's lock"
