@@ -45,6 +45,8 @@ import spy_record  # noqa: E402
 import ttft_timeline  # noqa: E402
 from kv_transfer_bench import SHAPES, write_model  # noqa: E402
 
+from services.common import gc_heap, metrics  # noqa: E402
+
 TTFT_SLO_S = 0.200
 ITL_SLO_S = 0.050
 
@@ -256,9 +258,9 @@ STREAM_COUNTERS = (
 # the worker's own request histograms (services/common/metrics.py), from its --metrics-port: from
 # the request's arrival in the worker to its first scheduling, and to its first token sent
 WORKER_HISTOGRAMS = {
-    "queue": "tandem:request_queue_seconds",
-    "ttft": "tandem:time_to_first_token_seconds",
-    "itl": "tandem:inter_token_latency_seconds",
+    "queue": metrics.QUEUE_WAIT,
+    "ttft": metrics.TIME_TO_FIRST_TOKEN,
+    "itl": metrics.INTER_TOKEN_LATENCY,
 }
 
 
@@ -274,16 +276,13 @@ async def worker_sums(session: aiohttp.ClientSession, url: str | None) -> dict[s
         return {}
 
 
-GC_PAUSE = "tandem:gc_pause_seconds"  # the worker's garbage collections, by generation
-
-
 def histogram_sums(text: str) -> dict[str, float]:
     """WORKER_HISTOGRAMS' sums and counts in a Prometheus text exposition, and the garbage
     collections' ("gc2_sum", "gc2_count": generation 2's)."""
     sums: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.rpartition(" ")
-        if name.startswith((f"{GC_PAUSE}_sum{{", f"{GC_PAUSE}_count{{")):
+        if name.startswith((f"{metrics.GC_PAUSE}_sum{{", f"{metrics.GC_PAUSE}_count{{")):
             generation = name.split('generation="', 1)[1].split('"', 1)[0]
             sums[f"gc{generation}_{name.split('{', 1)[0].rsplit('_', 1)[1]}"] = float(value)
         for key, metric in WORKER_HISTOGRAMS.items():
@@ -308,8 +307,6 @@ def gc_split(before: dict[str, float], after: dict[str, float]) -> dict[str, lis
 
 def gc_readings() -> dict[str, float]:
     """This process's garbage collections so far, keyed as `histogram_sums` keys the worker's."""
-    from services.common import gc_heap
-
     readings: dict[str, float] = {}
     for gen, (count, seconds) in gc_heap.pause_totals().items():
         readings[f"gc{gen}_count"], readings[f"gc{gen}_sum"] = float(count), seconds
@@ -478,8 +475,6 @@ class InProcessTarget:
         argv = ["--model", str(model_dir), "--device", args.device, *shlex.split(_worker_args(args))]
         self.engine = AsyncEngine(Engine(parse_config(WorkerConfig, argv, "serving_bench")))
         self.engine.start()
-        from services.common import gc_heap
-
         gc_heap.freeze_startup_heap()  # as the worker does once ready (TANDEM_GC_FREEZE)
         self.count = 0
 

@@ -38,7 +38,7 @@ from services.common.metrics import GC_BUCKETS, GC_PAUSE, SPECS
 log = logging.getLogger(__name__)
 
 GENERATIONS = 3
-_lock = threading.Lock()  # (install and read only: never taken by the callback)
+_lock = threading.Lock()  # (installing only: the callback takes no lock)
 _installed = False
 _started = 0.0  # perf_counter at the running collection's start (one collection at a time)
 # per generation: collections in each bucket of GC_BUCKETS (the last one: above them), seconds

@@ -38,7 +38,9 @@ sequence that ends while swapped out. A sequence with freed out-of-window blocks
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from services.common.block_hash import chain_hash
 from services.worker.kv_events import KvEventLog
@@ -131,11 +133,8 @@ class BlockManager:
         """Block ids holding the longest cached prefix of `seq` (not referenced yet)."""
         if not self.enable_prefix_caching:
             return []
-        self._evicting = []
-        try:
+        with self._evictions_as_one_event():  # (a host-tier load may evict)
             return self._find_cached_prefix(seq)
-        finally:
-            self._report_evicted()
 
     def _find_cached_prefix(self, seq: Sequence) -> list[int]:
         bs = self.block_size
@@ -218,8 +217,9 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self.free):
             raise RuntimeError("allocate without can_allocate")
-        self._evicting = []
-        try:
+        if needed == 0:  # (most decode steps: the last block has room, and no copy-on-write)
+            return
+        with self._evictions_as_one_event():
             if self._copy_on_write(seq, num_new_tokens):
                 index = seq.num_computed_tokens // self.block_size
                 shared = seq.block_ids[index]
@@ -229,8 +229,6 @@ class BlockManager:
                 needed -= 1
             for _ in range(needed):
                 seq.block_ids.append(self._take_free())
-        finally:
-            self._report_evicted()
 
     def allocate_block(self) -> int:
         if not self.free:
@@ -300,11 +298,8 @@ class BlockManager:
         if len(seq.swapped) > len(self.free):
             raise RuntimeError("swap_in without free blocks")
         slots, seq.swapped = seq.swapped, None
-        self._evicting = []
-        try:
+        with self._evictions_as_one_event():
             seq.block_ids = [self._take_free() for _ in slots]
-        finally:
-            self._report_evicted()
         self.swap_space.swap_in(slots, seq.block_ids)
         self.swap_space.release(slots)
         self.num_swapped_in += 1
@@ -494,11 +489,16 @@ class BlockManager:
         self.ref_counts[block] = 1
         return block
 
-    def _report_evicted(self) -> None:
-        """One `evicted` event for the evictions gathered since `_evicting` was set; stop gathering."""
-        gone, self._evicting = self._evicting, None
-        if gone and self.events is not None:
-            self.events.evicted(gone)
+    @contextlib.contextmanager
+    def _evictions_as_one_event(self) -> Iterator[None]:
+        """The evictions `_take_free` makes meanwhile go out as one `evicted` event, at the end."""
+        self._evicting = []
+        try:
+            yield
+        finally:
+            gone, self._evicting = self._evicting, None
+            if gone and self.events is not None:
+                self.events.evicted(gone)
 
     def _ref(self, block: int) -> None:
         if self._in_free_list(block):
