@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,6 +91,21 @@ def http_status(url: str) -> int:
         return 0
 
 
+# Lowers the open-file soft limit, then execs the rest of argv: the limit is set in a fresh child,
+# not in a `preexec_fn`, which runs in the fork of this (multi-threaded, gRPC-using) test process,
+# where gRPC's fork handlers may abort the child before its exec.
+_SOFT_LIMIT_EXEC = (
+    "import os, resource, sys; "
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def with_open_file_soft_limit(argv: list[str], soft: int | None) -> list[str]:
+    """`argv` run with the open-file soft limit lowered to `soft` (None: as it is)."""
+    return argv if soft is None else [sys.executable, "-c", _SOFT_LIMIT_EXEC, str(soft), *argv]
+
+
 class UpProcess:
     """`tandem up` in a subprocess; `wait_healthy` polls the gateway's /health."""
 
@@ -101,18 +115,18 @@ class UpProcess:
         *args: str,
         port: int | None = None,
         env: dict[str, str] | None = None,
-        preexec_fn: Callable[[], None] | None = None,
+        open_files_soft: int | None = None,
     ):
         self.port = port or free_port()
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tandem-up-{self.port}.log"
         self.log = self.log_path.open("wb")
+        argv = [sys.executable, "-m", "tandem", "up", "--model", str(model), "--port", str(self.port), *args]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tandem", "up", "--model", str(model), "--port", str(self.port), *args],
+            with_open_file_soft_limit(argv, open_files_soft),
             cwd=REPO,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
-            preexec_fn=preexec_fn,
         )
         self.url = f"http://127.0.0.1:{self.port}"
 

@@ -85,15 +85,12 @@ def _open_files_limit(pid: int) -> tuple[str, str]:
 
 def test_vllm_serve_options_health_run_dir_and_descriptor_limit(stories_dir: Path) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-
-    def lower_soft_limit() -> None:  # a distribution's default soft limit, inherited by the children
-        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-
     up = UpProcess(
         stories_dir,
         *("--served-model-name", "tiny", "--max-model-len", "64", "--max-num-seqs", "4"),
         *("--api-key", "sk-one", "--api-key", "sk-two"),
-        preexec_fn=lower_soft_limit if hard == resource.RLIM_INFINITY or hard > 256 else None,
+        # a distribution's default soft limit, inherited by the children
+        open_files_soft=256 if hard == resource.RLIM_INFINITY or hard > 256 else None,
     )
     try:
         up.wait_healthy()

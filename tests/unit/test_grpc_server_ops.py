@@ -18,6 +18,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
 from services.common.server import GrpcServer, metrics_host
+from tests.e2e.stack import with_open_file_soft_limit
 
 REPO = Path(__file__).resolve().parents[2]
 GRPCURL = Path(sys.executable).parent / "grpcurl"
@@ -119,16 +120,11 @@ def test_services_raise_the_open_file_soft_limit() -> None:
         "    print(json.dumps(resource.getrlimit(resource.RLIMIT_NOFILE)))\n"
         "run(main)\n"
     )
-
-    def lower_soft_limit() -> None:  # as a distribution's default of 1024 would
-        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
-
     result = subprocess.run(
-        [sys.executable, "-c", script],
+        with_open_file_soft_limit([sys.executable, "-c", script], 64),  # as a distribution's 1024 would
         capture_output=True,
         text=True,
         cwd=REPO,
-        preexec_fn=lower_soft_limit,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
