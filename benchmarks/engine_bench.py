@@ -478,7 +478,9 @@ def make_engine(
     kv_cache_dtype: str = "auto",
     quantization: str = "none",
     tune_decode_attention: bool = False,
+    prefill_graph_max_tokens: int | None = None,  # None: the worker's default
 ) -> Engine:
+    extra = {} if prefill_graph_max_tokens is None else {"prefill_graph_max_tokens": prefill_graph_max_tokens}
     config = WorkerConfig(
         model=str(model_dir),
         load_format="dummy",
@@ -493,6 +495,7 @@ def make_engine(
         tune_decode_attention=tune_decode_attention,
         # auto is on for CUDA; the CPU smoke run forces it on so the script's async path is checked too
         async_scheduling="on" if device == "cpu" else "auto",
+        **extra,  # type: ignore[arg-type]
     )
     return Engine(config)
 

@@ -63,6 +63,7 @@ def paged_attention(
     sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - sliding_window
     soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap) (Gemma 2)
     sinks: torch.Tensor | None = None,  # [Hq]: a learned logit per head in the softmax (gpt-oss)
+    out: torch.Tensor | None = None,  # [T, Hq, D] to write into (default: a new tensor)
 ) -> torch.Tensor:  # [T, Hq, D]
     """Causal attention of each sequence's new queries over its whole (paged) context.
 
@@ -78,7 +79,7 @@ def paged_attention(
     num_kv_heads = kv_cache_layer.shape[3]
     assert num_q_heads % num_kv_heads == 0, (num_q_heads, num_kv_heads)
     group = num_q_heads // num_kv_heads
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     for b, seq_len in enumerate(lens):

@@ -41,6 +41,7 @@ def paged_attention(
     sliding_window: int = 0,  # > 0: a query at position p sees keys at positions > p - sliding_window
     soft_cap: float = 0.0,  # > 0: scores := soft_cap * tanh(scores / soft_cap)
     sinks: torch.Tensor | None = None,  # [Hq]: each head's sink logit in the softmax (gpt-oss)
+    out: torch.Tensor | None = None,  # [T, Hq, D] to write into (default: a new tensor)
 ) -> torch.Tensor:  # [T, Hq, D]
     if not supports_head_dim(q.shape[-1]) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return reference.paged_attention(
@@ -54,6 +55,7 @@ def paged_attention(
             sliding_window=sliding_window,
             soft_cap=soft_cap,
             sinks=sinks,
+            out=out,
         )
     if max_seqlen_q == 1:
         return decode_attention(
@@ -66,6 +68,7 @@ def paged_attention(
             sliding_window=sliding_window,
             soft_cap=soft_cap,
             sinks=sinks,
+            out=out,
         )
     # A mixed step's decode rows go to the decode kernel (split-K over their contexts) and the
     # prompts' chunks to the prefill kernel: faster than the prefill kernel for all (docs/gpu.md).
@@ -82,11 +85,12 @@ def paged_attention(
             sliding_window=sliding_window,
             soft_cap=soft_cap,
             sinks=sinks,
+            out=out,
         )
     # Both over the whole batch's metadata (no sliced pointers: each alignment would compile kernel
     # variants of its own, seconds inside a serving step), one split per decode (one kernel variant
     # whatever the number of decodes; the prompts' attention dominates such a step).
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     meta = (kv_cache_layer, block_tables, cu_seqlens_q, seq_lens, scale)
     decode_attention(
         q, *meta, max_splits=1, out=out, num_seqs=k,

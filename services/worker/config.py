@@ -61,6 +61,8 @@ class WorkerConfig(ServiceConfig):
     """Kernel implementations: triton on CUDA when supported, reference (PyTorch) otherwise."""
     enforce_eager: bool = False
     """Never capture CUDA graphs; by default decode steps replay graphs captured at start-up on CUDA."""
+    prefill_graph_max_tokens: int = 2048
+    """CUDA: steps that carry prompt tokens (prefill chunks, mixed with decodes or not), of 17 up to this many tokens (at most --max-num-batched-tokens), replay piecewise CUDA graphs captured at start-up for a ladder of token counts: every op but attention in graphs, attention eager between them (docs/worker.md); it takes most of a short step's host launch work away. 0 (or --enforce-eager): they run eagerly."""
     tune_decode_attention: bool = False
     """CUDA: time the paged decode attention kernel's launch configs per attention shape and decode batch at start-up and keep the fastest (docs/gpu.md); costs start-up time (a compile per candidate and shape: up to a minute for a model with two attention shapes), gains a few percent of the attention at most where measured. Off: each shape runs the kernel's default config."""
     async_scheduling: Literal["auto", "on", "off"] = "auto"
@@ -154,6 +156,8 @@ class WorkerConfig(ServiceConfig):
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if not 0.0 < self.cpu_kv_cache_fraction <= 1.0:
             raise ValueError(f"--cpu-kv-cache-fraction must be in (0, 1], got {self.cpu_kv_cache_fraction}")
+        if self.prefill_graph_max_tokens < 0:
+            raise ValueError(f"--prefill-graph-max-tokens must be >= 0, got {self.prefill_graph_max_tokens}")
         if self.max_num_batched_tokens <= 0:
             raise ValueError(f"--max-num-batched-tokens must be > 0, got {self.max_num_batched_tokens}")
         if self.encoder_cache_size < 0:

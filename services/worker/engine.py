@@ -281,6 +281,14 @@ class Engine:
             self.runner.capture_cuda_graphs(
                 config.max_num_seqs, self.max_model_len, spec_k, config.max_num_batched_tokens
             )
+        if graphs and self.driver is None and config.prefill_graph_max_tokens > 0:
+            # prompt-carrying steps: piecewise graphs, attention eager between them (prefill_graph.py)
+            why = self.runner.capture_prefill_graphs(
+                min(config.prefill_graph_max_tokens, config.max_num_batched_tokens)
+            )
+            if why:
+                log.warning("piecewise CUDA graphs for prompt-carrying steps off: %s", why)
+            self.runner.prefill_graphs_off = why
         self.kv_events = KvEventLog(config.kv_events_buffer) if config.enable_prefix_caching else None
         replay = self.driver.stage_host_kv if self.driver is not None else None  # the ranks copy too
         self.kv_offload = HostKVTier(self.kv_cache.tensor, host_blocks, replay) if host_blocks > 0 else None

@@ -20,7 +20,7 @@ import torch
 
 from kernels import KernelOps
 from services.common import switches
-from services.worker import parallel
+from services.worker import parallel, prefill_graph
 from services.worker.async_step import StepHandle, TokenReadback
 from services.worker.beam_select import BeamSelection, BeamStepResult, unpack
 from services.worker.beam_step import BeamStep
@@ -41,6 +41,7 @@ from services.worker.models.llava import ImageEmbeddingRows
 from services.worker.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from services.worker.mrope import image_positions, rope_images, text_positions
 from services.worker.pipeline import StageTrace
+from services.worker.prefill_graph import PrefillGraphs
 from services.worker.request import Sequence, TokenLogprob
 from services.worker.sampler import (
     Sampler,
@@ -187,6 +188,9 @@ class ModelRunner:
         # speculative decoding: graphs of the verification forward (K + 1 rows per sequence), or of
         # a draft model's catch-up forward (speculative/verify_graph.py)
         self.verify_graphs: VerifyGraphRunner | None = None
+        # steps that carry prompt tokens: piecewise graphs, attention eager (capture_prefill_graphs)
+        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill_graphs_off = "not captured"  # why they are off ("" when on)
         self._greedy_columns: dict[int, _ColumnRows] = {}  # placeholders for all-greedy steps, by S
         self._readback: TokenReadback | None = None  # CUDA: pinned buffers the sampled ids come back through
         # EAGLE heads (speculative/eagle.py): called after each forward with the step, the rows the
@@ -266,6 +270,31 @@ class ModelRunner:
             )
             self.verify_graphs.capture()
         return True
+
+    def capture_prefill_graphs(self, max_tokens: int) -> str:
+        """Capture the piecewise graphs of prompt-carrying steps of up to `max_tokens` tokens
+        (prefill_graph.py); "" when captured, else why not (they then run eagerly)."""
+        if self.device.type != "cuda" or not self.ops.graph_capturable(self.cfg.head_dim):
+            return f"kernels {self.ops.name!r} cannot be captured for head_dim {self.cfg.head_dim}"
+        if self.lora is not None:
+            return "adapters (LoRA) are on"
+        if self.model.driver is not None:
+            return "a parallel group's forwards are driven step by step"
+        if self.model.model.aux_layers:
+            return "an EAGLE head reads hidden states of inner layers"
+        if max_tokens <= prefill_graph.MIN_TOKENS:
+            return f"--prefill-graph-max-tokens {max_tokens} <= {prefill_graph.MIN_TOKENS}"
+        assert self.kv_cache is not None, "bind the KV cache before capturing"
+        graphs = PrefillGraphs(
+            self.model, self.ops.paged_attention, self.cos_sin_cache, max_tokens, self.device
+        )
+        try:
+            graphs.capture()
+        except RuntimeError as exc:  # (a forward that synchronises with the host, an unsupported op)
+            torch.cuda.synchronize(self.device)
+            return f"its forward could not be captured ({exc})"
+        self.prefill_graphs = graphs
+        return ""
 
     def _graph_variants(self) -> GraphVariants:
         """With LoRA on, decode (and verification) graphs without the LoRA kernels ("base":
@@ -360,6 +389,17 @@ class ModelRunner:
         ):  # (drafted steps are synchronous)
             decoded = verify.run(ids, positions, slots, step.cu_seqlens, step.seq_lens, block_tables)
             hidden = decoded.hidden
+        elif (
+            step.mm is None
+            and not step.drafted
+            and self.prefill_graphs is not None
+            and self.prefill_graphs.can_run(len(positions))
+        ):
+            graphs = self.prefill_graphs
+            meta = self._attention_meta(
+                graphs.positions, graphs.slots, block_tables, step.cu_seqlens, step.seq_lens, max_seqlen_q
+            )
+            hidden = graphs.run(ids, positions, slots, meta)
         else:
             hidden = self._forward_eager(
                 ids, positions, slots, block_tables, step.cu_seqlens, step.seq_lens, max_seqlen_q, step.mm
@@ -691,25 +731,41 @@ class ModelRunner:
         max_seqlen_q: int,
     ) -> tuple[torch.Tensor, AttentionMetadata]:
         """A forward's input ids and attention metadata on the device."""
-        dev = self.device
+        meta = self._attention_meta(
+            self._put(positions, torch.int64),
+            self._put(slots, torch.int64),
+            block_tables,
+            cu_seqlens,
+            seq_lens,
+            max_seqlen_q,
+        )
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else self._put(input_ids, torch.int64)
+        return ids, meta
 
-        def put(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            # non_blocking: a pageable host->device copy is staged at once and does not wait for
-            # the device, where `torch.tensor(..., device=)` would wait for the step ahead of it.
-            return host_tensor(values, dtype).to(dev, non_blocking=True)
+    def _put(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        # non_blocking: a pageable host->device copy is staged at once and does not wait for
+        # the device, where `torch.tensor(..., device=)` would wait for the step ahead of it.
+        return host_tensor(values, dtype).to(self.device, non_blocking=True)
 
-        meta = AttentionMetadata(
-            positions=put(positions, torch.int64),
-            slot_mapping=put(slots, torch.int64),
-            block_tables=block_tables.to(dev, non_blocking=True),
-            cu_seqlens_q=put(cu_seqlens, torch.int32),
-            seq_lens=put(seq_lens, torch.int32),
+    def _attention_meta(
+        self,
+        positions: torch.Tensor,  # [T] int64 on the device
+        slots: torch.Tensor,  # [T] int64 on the device
+        block_tables: torch.Tensor,
+        cu_seqlens: list[int],
+        seq_lens: list[int],
+        max_seqlen_q: int,
+    ) -> AttentionMetadata:
+        return AttentionMetadata(
+            positions=positions,
+            slot_mapping=slots,
+            block_tables=block_tables.to(self.device, non_blocking=True),
+            cu_seqlens_q=self._put(cu_seqlens, torch.int32),
+            seq_lens=self._put(seq_lens, torch.int32),
             max_seqlen_q=max_seqlen_q,
             cos_sin_cache=self.cos_sin_cache,
             num_decode_rows=leading_single_tokens(cu_seqlens),
         )
-        ids = input_ids if isinstance(input_ids, torch.Tensor) else put(input_ids, torch.int64)
-        return ids, meta
 
     def _image_rows(self, out: SchedulerOutput, cu_seqlens: list[int]) -> ImageEmbeddingRows | None:
         """The image embedding rows of this step: for each scheduled prompt chunk, the part of

@@ -338,6 +338,52 @@ def test_cuda_graphs_on_and_off_identical(model_dir: Path) -> None:
     assert alone == out_eager[1]
 
 
+def test_prefill_graphs_on_and_off_agree(model_dir: Path) -> None:
+    """Prompt-carrying steps replaying piecewise graphs (prefill_graph.py) give the eager forward's
+    tokens and logprobs: 8 requests in flight, prompts chunked by a 96-token step budget into
+    steps mixed with decodes, padded to the ladder's buckets (and under 17 tokens, eager), a
+    prefix-cache hit, with layer-wise KV signals off. Logprobs within 2e-2 (a padded bucket may take
+    another cuBLAS kernel than the eager step's row count: the same math, summed in another order)."""
+    from services.worker.request import SamplingParams
+
+    def engine(max_tokens: int) -> Any:
+        from services.worker.config import WorkerConfig
+        from services.worker.engine import Engine
+
+        return Engine(
+            WorkerConfig(
+                model=str(model_dir),
+                device="cuda",
+                dtype="bfloat16",
+                max_num_seqs=8,
+                max_model_len=512,
+                max_num_batched_tokens=96,
+                kv_cache_memory="256MiB",
+                prefill_graph_max_tokens=max_tokens,
+            )
+        )
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    eager = engine(0)
+    assert eager.runner.prefill_graphs is None and eager.runner.graphs is not None
+    base = _prompts(eager.model_config.vocab_size)  # 5, 17, 33, 64, 100 tokens
+    # + a prompt that starts with another's 64 tokens (a prefix hit once that one is cached), one
+    # of 40 and one of 197 (three chunks)
+    prompts = [*base, base[3] + base[1], base[4][:40], base[4] + base[3] + base[2]]
+    ref = eager.generate(prompts, params)
+    del eager
+    graphs = engine(96)
+    assert graphs.runner.prefill_graphs is not None
+    assert graphs.runner.prefill_graphs.sizes[-1] == 96
+    out = graphs.generate(prompts, params)
+    assert graphs.runner.prefill_graphs.num_replays > 0
+    for a, b in zip(ref, out, strict=True):
+        assert a.token_ids[0] == b.token_ids[0]
+        la = [lp.logprob for lp in a.logprobs[0]]
+        lb = [lp.logprob for lp in b.logprobs[0]]
+        assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < 2e-2
+
+
 def _drive(engine: Any, requests: list[Any], aborts: dict[int, list[str]]) -> tuple[list[Any], list[float]]:
     """Every step's outputs (request id, choices, finished) and all logprobs, aborting between steps."""
     for req in requests:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kernels import KernelOps
+from services.worker import prefill_graph
 
 if TYPE_CHECKING:
     from services.worker.kv_layerwise import LayerSignal
@@ -91,7 +92,10 @@ class PagedAttention(nn.Module):
         decode step on the GPU does all of it in the attention kernel (`ops.rotary_write_attention`).
         `rms_input` only with `ops.rotary_write_attention` (folded models, `ops.attention_scales_rms`)."""
         assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
-        if self.ops.rotary_write_attention is not None:  # a decode step: all in the attention kernel
+        capturing = prefill_graph.active_capture() is not None  # (the attention runs between pieces)
+        if (
+            self.ops.rotary_write_attention is not None and not capturing
+        ):  # a decode step: all in the attention kernel
             out = self.ops.rotary_write_attention(
                 q,
                 k,
@@ -108,7 +112,7 @@ class PagedAttention(nn.Module):
                 rms_input,
                 rms_eps,
                 num_decode_rows=meta.num_decode_rows,
-                **self._options(),
+                **self.attention_options(),
             )
             if self.layer_signal is not None:
                 self.layer_signal.written(self.layer_index)
@@ -123,6 +127,9 @@ class PagedAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         assert self.kv_cache is not None
+        capture = prefill_graph.active_capture()
+        if capture is not None:  # capturing a prefill step's pieces: the attention runs at replay
+            return capture.cut(self, q)
         return self.ops.paged_attention(
             q,
             self.kv_cache,
@@ -132,10 +139,10 @@ class PagedAttention(nn.Module):
             self.scale,
             meta.max_seqlen_q,
             num_decode_rows=meta.num_decode_rows,
-            **self._options(),
+            **self.attention_options(),
         )
 
-    def _options(self) -> dict[str, Any]:
+    def attention_options(self) -> dict[str, Any]:
         """The optional keyword arguments of the attention ops: only those this layer uses, so a
         plain layer calls them exactly as before."""
         if self.sinks is None:
