@@ -156,11 +156,12 @@ def rotary_write_kv_cache(
     slot_mapping: torch.Tensor,  # [T] int64; -1 = skip
     positions: torch.Tensor,  # [T] int64
     cos_sin_cache: torch.Tensor,  # [max_pos, D]
+    out: torch.Tensor | None = None,  # [T, Hq, D] to write the rotated q into (default: a new tensor)
 ) -> torch.Tensor:  # [T, Hq, D] rotated q
     """`rotary` then `write_kv_cache` of the rotated K and V, returning the rotated q."""
     q_rot, k_rot = rotary(q, k, positions, cos_sin_cache)
     write_kv_cache(k_rot, v, kv_cache_layer, slot_mapping)
-    return q_rot
+    return q_rot if out is None else out.copy_(q_rot)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -98,6 +98,7 @@ def rotary_write_kv_cache(
     slot_mapping: torch.Tensor,  # [T] int32/int64; -1 = skip
     positions: torch.Tensor,  # [T] int32/int64
     cos_sin_cache: torch.Tensor,  # [max_pos, D]: cos in [:, :D/2], sin in [:, D/2:]
+    out: torch.Tensor | None = None,  # [T, Hq, D] contiguous, to write the rotated q into
 ) -> torch.Tensor:  # [T, Hq, D] rotated q, contiguous
     """Rotate q and k (NeoX rotate_half), write rotated K and V to their slots; returns rotated q."""
     num_tokens, num_q_heads, head_dim = q.shape
@@ -117,7 +118,9 @@ def rotary_write_kv_cache(
         and k_cache.stride(1) == num_kv_heads * head_dim
         and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1)
     ), "cache blocks must be contiguous [BS, Hkv, D]"
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is not None:
+        assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (out.shape, out.dtype)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     if num_tokens == 0:
         return q_out
     half = head_dim // 2

@@ -286,7 +286,13 @@ class ModelRunner:
             return f"--prefill-graph-max-tokens {max_tokens} <= {prefill_graph.MIN_TOKENS}"
         assert self.kv_cache is not None, "bind the KV cache before capturing"
         graphs = PrefillGraphs(
-            self.model, self.ops.paged_attention, self.cos_sin_cache, max_tokens, self.device
+            self.model,
+            self.ops.paged_attention,
+            self.cos_sin_cache,
+            max_tokens,
+            self.cfg.hidden_size,
+            self.dtype,
+            self.device,
         )
         try:
             graphs.capture()

@@ -16,10 +16,13 @@ uses the first T. A step of T tokens replays the smallest bucket >= T: one copy 
 positions and slots (padding rows: slot -1, no KV written), the pieces and the attention calls.
 
 How a piece is cut: while capturing, `PagedAttention._attend` hands its query to `PieceCapture.cut`,
-which ends the running capture, records the cut (the layer, the query the piece left in the graph
-pool, the output buffer the next piece reads), and begins the next piece in the same pool. The
-attention outputs share one buffer per attention shape: layer i's output is read by piece i + 1
-before attention i + 1 writes it (one stream). Layer-wise KV push (kv_layerwise.py) is told each
+which has the piece leave the query in a static query buffer (the rotary kernel writes it there
+directly: `rotate_write_attend`), ends the running capture, records the cut (the layer, the query
+and output buffers), and begins the next piece in the same pool. The queries and the attention
+outputs live outside the pool, one buffer each per attention shape, shared by every layer and
+bucket: layer i's are used by attention i and piece i + 1 before layer i + 1's are written (one
+stream). So no pool memory outlives its piece, and the pool is one piece's peak, not the sum of
+every layer's queries over every bucket. Layer-wise KV push (kv_layerwise.py) is told each
 layer's KV is written after the piece that wrote it.
 
 Not used for: steps with image rows, speculative (drafted) steps, adapters (LoRA), parallel
@@ -89,15 +92,16 @@ class PiecewiseGraph:
     tokens: int
     pieces: list[torch.cuda.CUDAGraph]
     cuts: list[Cut]
-    hidden: torch.Tensor  # [tokens, hidden]
+    hidden: torch.Tensor  # [tokens, hidden]: rows of the output buffer all buckets share
 
 
 class PieceCapture:
     """One bucket's capture in progress: `cut` ends a piece at an attention call and begins the next."""
 
-    def __init__(self, pool: Any, out_buffer: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, pool: Any, buffer: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
         self.pool = pool
-        self.out_buffer = out_buffer  # a query -> the attention output buffer of its shape, sliced
+        # ("query" or "out", a query) -> the static buffer of that role and the query's shape, sliced
+        self.buffer = buffer
         self.pieces: list[torch.cuda.CUDAGraph] = []
         self.cuts: list[Cut] = []
         self.current: torch.cuda.CUDAGraph | None = None
@@ -113,12 +117,21 @@ class PieceCapture:
         graph.capture_end()
         self.pieces.append(graph)
 
+    def query_buffer(self, query: torch.Tensor) -> torch.Tensor:
+        """Where a piece may write its attention's query directly (`rotate_write_attend`)."""
+        return self.buffer("query", query)
+
     def cut(self, layer: PagedAttention, query: torch.Tensor) -> torch.Tensor:
-        """At an attention call while capturing: the piece so far ends; the attention runs at
-        replay (`PrefillGraphs.run`); its output buffer is what the next piece reads."""
+        """At an attention call while capturing: the query goes to the static query buffer (a copy
+        in the piece, unless the piece wrote it there), the piece ends; the attention runs at
+        replay (`PrefillGraphs.run`); its output buffer is what the next piece reads. (Nothing of
+        the pool is held past its piece: the pool's memory serves every piece and bucket in turn.)"""
+        static = self.buffer("query", query)
+        if query.data_ptr() != static.data_ptr():
+            static.copy_(query)
         self.end()
-        out = self.out_buffer(query)
-        self.cuts.append(Cut(layer, query, out))
+        out = self.buffer("out", query)
+        self.cuts.append(Cut(layer, static, out))
         self.begin()
         return out
 
@@ -132,6 +145,8 @@ class PrefillGraphs:
         paged_attention: Callable[..., torch.Tensor],
         cos_sin_cache: torch.Tensor,  # [max_pos, D]
         max_tokens: int,
+        hidden_size: int,
+        dtype: torch.dtype,
         device: torch.device,
     ) -> None:
         self.forward = forward
@@ -152,18 +167,26 @@ class PrefillGraphs:
         self.positions = self.pack[max_tokens : 2 * max_tokens]
         self.slots = self.pack[2 * max_tokens :]
         self.cos_sin_cache = cos_sin_cache
-        self.outputs: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}  # attention outputs by shape
+        self.hidden = torch.empty(
+            max_tokens, hidden_size, dtype=dtype, device=device
+        )  # every bucket's output
+        # attention queries and outputs by role and shape (`_buffer`)
+        self.buffers: dict[tuple[str, int, int, torch.dtype], torch.Tensor] = {}
         self.graphs: dict[int, PiecewiseGraph] = {}
         self.capture_seconds = 0.0
         self.capture_bytes = 0
         self.num_replays = 0  # steps that replayed (tests)
 
-    def _out_buffer(self, query: torch.Tensor) -> torch.Tensor:
-        key = (query.shape[1], query.shape[2], query.dtype)
-        buffer = self.outputs.get(key)
+    def _buffer(self, role: str, query: torch.Tensor) -> torch.Tensor:
+        """The static buffer of `role` ("query", "out") for queries of this shape, its first rows:
+        outside the graph pool, shared by every layer and bucket (module docstring)."""
+        key = (role, query.shape[1], query.shape[2], query.dtype)
+        buffer = self.buffers.get(key)
         if buffer is None:
-            buffer = torch.empty(self.max_tokens, *key[:2], dtype=query.dtype, device=self.device)
-            self.outputs[key] = buffer
+            buffer = torch.empty(
+                self.max_tokens, query.shape[1], query.shape[2], dtype=query.dtype, device=self.device
+            )
+            self.buffers[key] = buffer
         return buffer[: query.shape[0]]
 
     def _meta(self, tokens: int) -> AttentionMetadata:
@@ -200,11 +223,12 @@ class PrefillGraphs:
             with torch.cuda.stream(stream):  # warm-up: compiles kernels, creates cuBLAS workspaces
                 self.forward(ids, meta)
                 stream.synchronize()
-                capture = PieceCapture(pool, self._out_buffer)
+                capture = PieceCapture(pool, self._buffer)
                 _capture = capture
                 try:
                     capture.begin()
-                    hidden = self.forward(ids, meta)
+                    hidden = self.hidden[:tokens]  # (the last piece leaves the output outside the pool)
+                    hidden.copy_(self.forward(ids, meta))
                     capture.end()
                 except BaseException:
                     if capture.current is not None:  # (end the broken capture before giving up)

@@ -424,11 +424,14 @@ def test_async_scheduling_on_and_off_identical(model_dir: Path) -> None:
     seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=33, ignore_eos=True, logprobs=1)
     # A token first drawn at output position >= 10 of a seeded run: stopping on it ends "stop" mid-run.
     # (A tiny random model may cycle through a few tokens from the start, as Gemma 3's soft-capped
-    # one does for seed 3: the first seed whose run draws a new token that late.)
-    stop = None
-    for seed in range(3, 35):
-        drawn = SamplingParams(temperature=1.0, seed=seed, max_tokens=40, ignore_eos=True)
-        tokens = reference.generate([prompts[0]], drawn, prefix=f"ref{seed}")[0].token_ids[0]
+    # one does at temperatures 1 and 2 from its 5-token prompt: the first prompt, seed and
+    # temperature whose run draws a new token that late.)
+    stop, stop_prompt = None, prompts[0]
+    for temperature, stop_prompt, seed in (
+        (t, p, s) for t in (1.0, 2.0) for p in prompts for s in range(3, 11)
+    ):
+        drawn = SamplingParams(temperature=temperature, seed=seed, max_tokens=40, ignore_eos=True)
+        tokens = reference.generate([stop_prompt], drawn, prefix=f"ref{temperature}-{seed}")[0].token_ids[0]
         stop = next((t for i, t in enumerate(tokens) if i >= 10 and t not in tokens[:i]), None)
         if stop is not None:
             break
@@ -437,7 +440,7 @@ def test_async_scheduling_on_and_off_identical(model_dir: Path) -> None:
     def requests() -> list[Any]:
         return [
             EngineRequest("greedy", tuple(prompts[0]), greedy),
-            EngineRequest("stop", tuple(prompts[0]), replace(drawn, stop_token_ids=(stop,))),
+            EngineRequest("stop", tuple(stop_prompt), replace(drawn, stop_token_ids=(stop,))),
             EngineRequest("seeded", tuple(prompts[1]), seeded),
             EngineRequest(
                 "short", tuple(prompts[2]), SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)

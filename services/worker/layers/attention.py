@@ -118,8 +118,16 @@ class PagedAttention(nn.Module):
                 self.layer_signal.written(self.layer_index)
             return out
         assert self.ops.rotary_write_kv_cache is not None and rms_input is None
+        capture = prefill_graph.active_capture()
         q = self.ops.rotary_write_kv_cache(
-            q, k, v, self.kv_cache, meta.slot_mapping, meta.positions, meta.cos_sin_cache
+            q,
+            k,
+            v,
+            self.kv_cache,
+            meta.slot_mapping,
+            meta.positions,
+            meta.cos_sin_cache,
+            **({} if capture is None else {"out": capture.query_buffer(q)}),
         )
         if self.layer_signal is not None:
             self.layer_signal.written(self.layer_index)
