@@ -86,6 +86,15 @@ def test_mixed_step_decode_rows_take_the_decode_kernel(triton_ops, device: str, 
         # decode rows and prompt rows each match the other kernel's answer for them
         assert rel_err(out[: len(decodes)], whole[: len(decodes)]) < tol_for(dtype)
         torch.testing.assert_close(out[len(decodes) :], whole[len(decodes) :], rtol=0, atol=0)
+        # into a given buffer's first rows (the prefill graphs' output buffer, prefill_graph.py): the
+        # same values, and rows past the step's untouched
+        buffer = torch.full((batch.q.shape[0] + 3, *batch.q.shape[1:]), 7.0, dtype=dtype, device=device)
+        into = triton_ops.paged_attention(
+            *args, scale, batch.max_seqlen_q, num_decode_rows=len(decodes), out=buffer[: batch.q.shape[0]]
+        )
+        assert into.data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(buffer[: batch.q.shape[0]], out, rtol=0, atol=0)
+        assert bool((buffer[batch.q.shape[0] :] == 7.0).all())
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASES)
@@ -162,6 +171,14 @@ def test_rotary_write_kv_cache(triton_ops, device: str, dtype: torch.dtype) -> N
         q_out = triton_ops.rotary_write_kv_cache(q, k, v, cache, slots, positions, cos_sin)
         tol = tol_for(dtype)
         torch.testing.assert_close(q_out, q_ref, atol=tol * 4, rtol=tol)
+        # the rotated q into a given buffer (the prefill graphs' query buffer): the same values
+        buffer = torch.zeros(tokens + 4, num_q_heads, head_dim, dtype=dtype, device=device)
+        again = cache.clone()
+        into = triton_ops.rotary_write_kv_cache(
+            q, k, v, again, slots, positions, cos_sin, out=buffer[:tokens]
+        )
+        assert into.data_ptr() == buffer.data_ptr() and bool((buffer[tokens:] == 0).all())
+        torch.testing.assert_close(buffer[:tokens], q_out, rtol=0, atol=0)
         torch.testing.assert_close(cache, expected, atol=tol * 4, rtol=tol)
         untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
         untouched[slots[slots >= 0].cpu()] = False
