@@ -92,10 +92,10 @@ class PagedAttention(nn.Module):
         decode step on the GPU does all of it in the attention kernel (`ops.rotary_write_attention`).
         `rms_input` only with `ops.rotary_write_attention` (folded models, `ops.attention_scales_rms`)."""
         assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
-        capturing = prefill_graph.active_capture() is not None  # (the attention runs between pieces)
-        if (
-            self.ops.rotary_write_attention is not None and not capturing
-        ):  # a decode step: all in the attention kernel
+        # A decode step does all of it in the attention kernel. (Not while capturing a prefill
+        # step's pieces: their attention runs between the pieces, prefill_graph.py.)
+        capture = prefill_graph.active_capture()
+        if self.ops.rotary_write_attention is not None and capture is None:
             out = self.ops.rotary_write_attention(
                 q,
                 k,
@@ -118,7 +118,6 @@ class PagedAttention(nn.Module):
                 self.layer_signal.written(self.layer_index)
             return out
         assert self.ops.rotary_write_kv_cache is not None and rms_input is None
-        capture = prefill_graph.active_capture()
         q = self.ops.rotary_write_kv_cache(
             q,
             k,
