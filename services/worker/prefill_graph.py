@@ -15,10 +15,10 @@ not hold); every other op is row-independent, so the graphs run T_bucket rows of
 uses the first T. A step of T tokens replays the smallest bucket >= T: one copy of its ids,
 positions and slots (padding rows: slot -1, no KV written), the pieces and the attention calls.
 
-How a piece is cut: while capturing, `PagedAttention._attend` hands its query to `PieceCapture.cut`,
-which has the piece leave the query in a static query buffer (the rotary kernel writes it there
-directly: `rotate_write_attend`), ends the running capture, records the cut (the layer, the query
-and output buffers), and begins the next piece in the same pool. The queries and the attention
+How a piece is cut: while capturing (`attention.cutting_pieces`), `PagedAttention._attend` hands
+its query to `PieceCapture.cut`, which has the piece leave the query in a static query buffer (the
+rotary kernel writes it there directly: `rotate_write_attend`), ends the running capture, records
+the cut (the layer, the query and output buffers), and begins the next piece in the same pool. The queries and the attention
 outputs live outside the pool, one buffer each per attention shape, shared by every layer and
 bucket: layer i's are used by attention i and piece i + 1 before layer i + 1's are written (one
 stream). So no pool memory outlives its piece, and the pool is one piece's peak, not the sum of
@@ -39,25 +39,17 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:  # (attention.py imports this module: its hook asks for the capture in progress)
-    from services.worker.layers.attention import AttentionMetadata, PagedAttention
+from services.worker.layers.attention import AttentionMetadata, PagedAttention, cutting_pieces
 
 log = logging.getLogger(__name__)
 
 # Steps of at most this many tokens run eagerly: kernels choose decode-sized paths up to 16 rows
 # (skinny GEMMs, quantized GEMVs, routers), which a bucket of more rows would not take.
 MIN_TOKENS = 16
-
-_capture: PieceCapture | None = None  # the capture in progress (engine thread, start-up only)
-
-
-def active_capture() -> PieceCapture | None:
-    """The piecewise capture in progress, if any (PagedAttention asks at each attention call)."""
-    return _capture
 
 
 def token_ladder(max_tokens: int) -> list[int]:
@@ -192,8 +184,6 @@ class PrefillGraphs:
     def _meta(self, tokens: int) -> AttentionMetadata:
         """Capture-time metadata: one sequence of `tokens` new tokens at positions 0.., no KV
         written (slots -1), its block table all block 0 (the warm-up's attention reads it)."""
-        from services.worker.layers.attention import AttentionMetadata
-
         return AttentionMetadata(
             positions=self.positions[:tokens],
             slot_mapping=self.slots[:tokens],
@@ -208,7 +198,6 @@ class PrefillGraphs:
     def capture(self) -> None:
         """Capture every bucket, largest first so the smaller ones reuse its memory pool. Raises
         what the capture raised (a forward that synchronises with the host cannot be captured)."""
-        global _capture
         start = time.perf_counter()
         torch.cuda.synchronize(self.device)
         free_before, _ = torch.cuda.mem_get_info(self.device)
@@ -224,19 +213,17 @@ class PrefillGraphs:
                 self.forward(ids, meta)
                 stream.synchronize()
                 capture = PieceCapture(pool, self._buffer)
-                _capture = capture
                 try:
-                    capture.begin()
-                    hidden = self.hidden[:tokens]  # (the last piece leaves the output outside the pool)
-                    hidden.copy_(self.forward(ids, meta))
-                    capture.end()
+                    with cutting_pieces(capture):
+                        capture.begin()
+                        hidden = self.hidden[:tokens]  # (the last piece leaves the output outside the pool)
+                        hidden.copy_(self.forward(ids, meta))
+                        capture.end()
                 except BaseException:
                     if capture.current is not None:  # (end the broken capture before giving up)
                         with contextlib.suppress(RuntimeError):
                             capture.current.capture_end()
                     raise
-                finally:
-                    _capture = None
             torch.cuda.current_stream(self.device).wait_stream(stream)
             self.graphs[tokens] = PiecewiseGraph(tokens, capture.pieces, capture.cuts, hidden)
         torch.cuda.synchronize(self.device)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.worker import prefill_graph
 from services.worker.config import WorkerConfig
+from services.worker.layers import attention
 from services.worker.prefill_graph import MIN_TOKENS, token_ladder
 
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -32,7 +32,7 @@ def test_no_ladder_at_or_below_the_decode_sized_steps() -> None:
 
 
 def test_no_capture_is_in_progress_outside_start_up() -> None:
-    assert prefill_graph.active_capture() is None
+    assert attention.piece_cut() is None
 
 
 def test_the_flag_refuses_a_negative_size() -> None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from kernels import KernelOps
-from services.worker import prefill_graph
 
 if TYPE_CHECKING:
     from services.worker.kv_layerwise import LayerSignal
@@ -29,6 +30,38 @@ class AttentionMetadata:
     # Sequences [0, k) have one new token each (token i is sequence i): in a step that also carries
     # prompt chunks, the GPU attends them with the decode kernel (paged_attention.py).
     num_decode_rows: int = 0
+
+
+class PieceCut(Protocol):
+    """While a prefill step's piecewise graphs are captured (services/worker/prefill_graph.py):
+    where each attention call goes instead of its kernels."""
+
+    def query_buffer(self, query: torch.Tensor) -> torch.Tensor:
+        """The static buffer the piece may write the attention's query into."""
+        ...
+
+    def cut(self, layer: PagedAttention, query: torch.Tensor) -> torch.Tensor:
+        """End the piece at this attention; its output buffer, which the next piece reads."""
+        ...
+
+
+_piece_cut: PieceCut | None = None  # the capture in progress (the engine thread, at start-up only)
+
+
+@contextlib.contextmanager
+def cutting_pieces(cut: PieceCut) -> Iterator[None]:
+    """Attention calls go to `cut` for as long as the context lasts (a piecewise capture)."""
+    global _piece_cut
+    _piece_cut = cut
+    try:
+        yield
+    finally:
+        _piece_cut = None
+
+
+def piece_cut() -> PieceCut | None:
+    """The piecewise capture in progress, if any."""
+    return _piece_cut
 
 
 class PagedAttention(nn.Module):
@@ -94,7 +127,7 @@ class PagedAttention(nn.Module):
         assert self.kv_cache is not None, "KV cache not bound (ModelRunner binds it at start)"
         # A decode step does all of it in the attention kernel. (Not while capturing a prefill
         # step's pieces: their attention runs between the pieces, prefill_graph.py.)
-        capture = prefill_graph.active_capture()
+        capture = _piece_cut
         if self.ops.rotary_write_attention is not None and capture is None:
             out = self.ops.rotary_write_attention(
                 q,
@@ -134,7 +167,7 @@ class PagedAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         assert self.kv_cache is not None
-        capture = prefill_graph.active_capture()
+        capture = _piece_cut
         if capture is not None:  # capturing a prefill step's pieces: the attention runs at replay
             return capture.cut(self, q)
         return self.ops.paged_attention(
