@@ -30,6 +30,56 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_triton_language_once_per_launch() -> None:
+    """Triton's CPU interpreter (3.6) patches triton.language (`_patch_lang`: every builtin of
+    `tl`, `tl.core`, `tl.math` and tensor) once when a kernel launches, undoing it when the launch
+    ends, and again on every call of a `@triton.jit` helper inside the kernel, in every program of
+    the grid, never undoing those. Within a launch, a helper's patch of the modules the launch (or
+    an earlier helper) already patched sets the same functions again: here it is made once per
+    launch and set of modules, the rest skipped. The kernels run as before; the interpreter spent
+    most of some tests' time re-patching (beam selection kernels: tens of thousands of calls)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if triton.__version__ != "3.6.0":  # (the version pinned in pyproject.toml; another may differ)
+        return
+    import threading
+
+    patch_lang = interpreter._patch_lang
+    launch_call = interpreter.GridExecutor.__call__
+    state = threading.local()
+
+    def patch_once(fn: Any) -> Any:
+        done = getattr(state, "done", None)
+        if done is None:  # outside a launch: as Triton does
+            return patch_lang(fn)
+        langs = frozenset(
+            id(v) for v in fn.__globals__.values() if v is triton.language or v is triton.language.core
+        )
+        if langs in done:  # a helper's call: these modules are patched for this launch
+            return interpreter._LangPatchScope()
+        done.add(langs)
+        return patch_lang(fn)
+
+    def launch(self: Any, *args: Any, **kwargs: Any) -> Any:
+        outer = getattr(state, "done", None)
+        state.done = set()
+        try:
+            return launch_call(self, *args, **kwargs)
+        finally:
+            state.done = outer
+
+    interpreter._patch_lang = patch_once
+    interpreter.GridExecutor.__call__ = launch
+
+
+_patch_triton_language_once_per_launch()
+
 # Property tests draw the same examples on every run: a failure is a bug that reproduces, not a
 # flake that comes and goes with the random seed (a test's own `@settings` only adds to this).
 # `--hypothesis-profile explore` draws new examples each run, to look for bugs on purpose (with

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.parallel import forkserver
+from tests.parallel.forkserver import start_script
 from tests.worker.worker_testlib import TINY, RefModel, _tiny_gpt_oss, load_ref
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,6 +82,15 @@ def tp_refs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RefModel]:
     return refs
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fork_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The fork server of this pytest process (tests/parallel/forkserver.py): started by the first
+    run that can use it, stopped with the session."""
+    forkserver.SHARED.log_dir = tmp_path_factory.mktemp("forkserver")
+    yield
+    forkserver.SHARED.stop()
+
+
 class GroupRun:
     """tests/parallel/tp_generate.py (one worker group's engine over `spec`'s prompts) running in
     the background while the test computes its references; `result()` waits for its JSON."""
@@ -90,16 +98,10 @@ class GroupRun:
     def __init__(self, tmp_path: Path, spec: dict[str, Any], *worker_args: str, timeout_s: float = 240):
         prompts, self.out, self.log = tmp_path / "prompts.json", tmp_path / "out.json", tmp_path / "group.log"
         prompts.write_text(json.dumps(spec))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        script = str(REPO / "tests" / "parallel" / "tp_generate.py")
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, script, str(self.out), str(prompts), "--", *worker_args],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.log.write_bytes(b"")
+        self.proc = start_script(
+            "tp_generate.py", [str(self.out), str(prompts), "--", *worker_args], self.log
+        )
         self.timeout_s = timeout_s
 
     def result(self) -> dict[str, Any]:

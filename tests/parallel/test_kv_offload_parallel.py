@@ -9,9 +9,6 @@ copy and a KV read too, not only with a forward (tp_host_kv.py)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ from services.worker.engine import GenerateResult
 from services.worker.model_config import load_model_config
 from services.worker.parallel import ParallelState, shard_layout
 from services.worker.request import SamplingParams
-from tests.parallel.conftest import REPO, GroupRun
+from tests.parallel.conftest import GroupRun, start_script
 from tests.parallel.tp_generate import host_tier_counters
 from tests.worker.worker_testlib import RefModel, prompts_of_lengths
 
@@ -112,14 +109,13 @@ def test_host_copies_reach_the_ranks_before_a_block_copy_and_a_kv_read(
     out = tmp_path / "out.json"
     options = ["--model", str(ref.path), "--device", "cpu", "--cpu-threads", "1", "--max-model-len", "32"]
     options += ["--kv-cache-memory", "1MiB", "--tensor-parallel-size", "2"]
-    script = str(REPO / "tests" / "parallel" / "tp_host_kv.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, script, str(out), "--", *options],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-4000:]
+    log = tmp_path / "group.log"
+    proc = start_script("tp_host_kv.py", [str(out), "--", *options], log)
+    try:
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text(errors="replace")[-4000:]
     assert json.loads(out.read_text()) == {"hits": 2, "saved": 2, "loaded": 2, "equal": True}

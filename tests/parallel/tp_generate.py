@@ -38,7 +38,9 @@ def main(argv: list[str]) -> int:
     from services.worker.engine import Engine, GenerateResult, collect
     from services.worker.request import EngineRequest, SamplingParams
     from services.worker.tp_launch import start_group
+    from tests.parallel.forkserver import fork_ranks
 
+    fork_ranks()  # the group's other ranks as forks of this process (tests/parallel/forkserver.py)
     torch.set_num_threads(1)
     spec = json.loads(Path(prompts_path).read_text())
     config = parse_config(WorkerConfig, worker_argv, "tp_generate")

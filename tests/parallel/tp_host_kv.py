@@ -30,7 +30,9 @@ def main(argv: list[str]) -> int:
     from services.worker.request import EngineRequest, Request, SamplingParams
     from services.worker.tp_group import BindKV, DrivenKVCache, StepDriver
     from services.worker.tp_launch import start_group
+    from tests.parallel.forkserver import fork_ranks
 
+    fork_ranks()  # the group's other ranks as forks of this process (tests/parallel/forkserver.py)
     config = parse_config(WorkerConfig, worker_argv, "tp_host_kv")
     group = start_group(config, worker_argv).local
     driver = StepDriver(config.distributed_timeout)
